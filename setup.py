@@ -1,0 +1,29 @@
+"""Packaging for w2s. `make install` (or `pip install -e ".[dev]"`) installs it; see the README."""
+from setuptools import setup
+
+setup(
+    name="w2s",
+    version="0.1.0",
+    description="Weak-to-strong reasoning (Yang, Ma, Liu 2024) from scratch in PyTorch",
+    packages=["w2s", "w2s.tasks", "w2s.stages", "kernels"],
+    python_requires=">=3.10",
+    # torch is left unpinned on purpose: a GPU node keeps the CUDA build it already has
+    # (`make install` installs the pinned CPU wheel only when no torch is importable).
+    install_requires=[
+        "torch>=2.6",
+        "triton; platform_system=='Linux'",
+        "safetensors",
+        "tokenizers",
+        "sentencepiece",
+        "numpy",
+        "click",
+        "sympy",  # MATH answer equivalence (PAPER.md: sympy-simplified difference == 0)
+        "tqdm",  # progress bars on every long stage
+    ],
+    extras_require={
+        # transformers is a test-only dependency: the parity tests compare logits against it.
+        "dev": ["pytest", "transformers", "mistral-common", "ruff"],
+        "plot": ["matplotlib"],
+    },
+    entry_points={"console_scripts": ["w2s=w2s.cli:main"]},
+)

@@ -1,0 +1,152 @@
+"""Model and checkpoint parity with transformers for every family, both directions, plus bad-input errors.
+
+    python -m pytest -q tests/test_model.py
+"""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from hf_tiny import FAMILIES, right_padded_batch, save_hf
+
+import w2s
+from w2s.config import ModelConfig
+
+LENGTHS = [12, 7, 1]  # right-padded batch; 12 > the sliding windows (5) of mistral and gemma2
+
+
+def hf_logits(model, tokens, mask):
+    with torch.no_grad():
+        return model(input_ids=tokens, attention_mask=mask).logits
+
+
+def w2s_logits(model, tokens):
+    with torch.no_grad():
+        return model(tokens)
+
+
+def assert_valid_close(ours, ref, mask, tol=1e-4):
+    valid = mask.bool()
+    diff = (ours[valid] - ref[valid]).abs().max().item()
+    assert diff <= tol, f"max abs logit diff {diff:.2e} > {tol}"
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("sharded", [False, True])
+def test_load_hf_checkpoint_matches_transformers(family, sharded, tmp_path):
+    hf = save_hf(family, tmp_path, max_shard_size="40KB" if sharded else None)
+    if sharded:
+        assert (tmp_path / "model.safetensors.index.json").is_file()
+    model = w2s.load_model(tmp_path, dtype=torch.float32)
+    tokens, mask = right_padded_batch(LENGTHS)
+    assert_valid_close(w2s_logits(model, tokens), hf_logits(hf, tokens, mask), mask)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_saved_model_loads_in_transformers(family, tmp_path):
+    import transformers
+
+    save_hf(family, tmp_path / "src")
+    model = w2s.load_model(tmp_path / "src", dtype=torch.float32)
+    w2s.save_model(model, tmp_path / "out", max_shard_bytes=30_000)  # forces several shards + index
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32,
+                                                           attn_implementation="eager").eval()
+    tokens, mask = right_padded_batch(LENGTHS, seed=1)
+    assert_valid_close(hf_logits(hf, tokens, mask), w2s_logits(model, tokens), mask)
+    again = w2s.load_model(tmp_path / "out", dtype=torch.float32)
+    assert torch.equal(w2s_logits(again, tokens), w2s_logits(model, tokens))
+
+
+def test_family_deltas_are_read_from_config(tmp_path):
+    save_hf("gemma2", tmp_path)
+    cfg = ModelConfig.from_pretrained(tmp_path)
+    assert (cfg.family, cfg.norm_unit_offset, cfg.embed_scale, cfg.sandwich_norms, cfg.tie_embeddings) == \
+        ("gemma2", True, True, True, True)
+    assert [cfg.layer_window(i) for i in range(3)] == [5, None, 5]
+    assert cfg.attn_scale == pytest.approx(24 ** -0.5)
+
+
+def test_dtype_conversion_is_explicit(tmp_path):
+    save_hf("llama2", tmp_path)
+    model = w2s.load_model(tmp_path, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.inv_freq.dtype == torch.float32  # rope frequencies stay fp32 whatever the weights' dtype
+
+
+def test_hidden_states_feed_the_lm_head(tmp_path):
+    save_hf("gemma2", tmp_path)
+    model = w2s.load_model(tmp_path, dtype=torch.float32)
+    tokens, _ = right_padded_batch([6, 6])
+    with torch.no_grad():
+        hidden = model(tokens, return_hidden=True)
+        logits = hidden @ model.lm_head_weight().t()
+        logits = 3.0 * torch.tanh(logits / 3.0)  # gemma2's final soft-cap from hf_tiny
+    torch.testing.assert_close(logits, w2s_logits(model, tokens))
+
+
+# ---------------------------------------------------------------- bad input: one clear error naming the file
+
+
+def test_missing_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        w2s.load_model(tmp_path)
+
+
+def test_unknown_architecture(tmp_path):
+    save_hf("llama2", tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"config\.json: architectures=\['GPT2LMHeadModel'\] is not supported"):
+        w2s.load_model(tmp_path)
+
+
+def test_missing_shard(tmp_path):
+    save_hf("llama2", tmp_path, max_shard_size="40KB")
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=shard.name + ".*is missing"):
+        w2s.load_model(tmp_path)
+
+
+def test_wrong_tensor_shape(tmp_path):
+    save_hf("llama2", tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["intermediate_size"] = 80
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"model\.safetensors: tensor 'model\.layers\.0\.mlp\..*' has shape"):
+        w2s.load_model(tmp_path)
+
+
+def test_tokenizer_larger_than_embedding(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    save_hf("llama2", tmp_path)
+    vocab = {f"t{i}": i for i in range(200)}  # 200 > the checkpoint's 128 embeddings
+    Tokenizer(models.WordLevel(vocab, unk_token="t0")).save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ValueError, match="tokenizer has 200 tokens but config.json vocab_size is 128"):
+        w2s.load_model(tmp_path)
+
+
+def test_peak_memory_while_loading_stays_near_checkpoint_size(tmp_path):
+    """Meta-device build + assign: loading an fp32 checkpoint into fp32 costs ~1x its size, not 2x."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+                                   num_attention_heads=8, num_key_value_heads=8)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    size = (tmp_path / "model.safetensors").stat().st_size
+    script = textwrap.dedent(f"""
+        import resource, torch, w2s
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        model = w2s.load_model({str(tmp_path)!r}, dtype=torch.float32)
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print((after - before) * 1024)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    growth = int(out.stdout.strip().splitlines()[-1])
+    assert growth <= 1.3 * size, f"peak RSS grew {growth / 2**20:.0f} MiB for a {size / 2**20:.0f} MiB checkpoint"

@@ -1,0 +1,195 @@
+"""Hugging Face checkpoint I/O: safetensors in (single or sharded), HF-format directories out.
+
+Loading builds the model on the meta device (no memory), then reads each tensor from disk straight into its final
+dtype/device buffer and assigns it (`load_state_dict(assign=True)`): there is never a second copy of the model,
+so peak host memory stays near one checkpoint plus one tensor. The safetensors format is simple enough to read by
+hand: 8 bytes little-endian header length, a JSON header {name: {dtype, shape, data_offsets}}, then raw bytes.
+
+Saving writes config.json, generation_config.json, model-0000k-of-0000n.safetensors + model.safetensors.index.json,
+and the tokenizer files, which transformers' from_pretrained and vLLM load unchanged.
+
+    python -m pytest tests/test_model.py tests/test_checkpoint.py
+"""
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from w2s.config import ModelConfig
+from w2s.model import Transformer
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+def read_safetensors_header(path):
+    """(header dict, byte offset where tensor data starts) of one .safetensors file."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{path}: not a safetensors file (truncated header)")
+        (n,) = struct.unpack("<Q", raw)
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ValueError(f"{path}: not a safetensors file (bad JSON header)") from None
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def checkpoint_files(path):
+    """{tensor name: shard file} for a checkpoint directory, single-file or sharded."""
+    path = Path(path)
+    index = path / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = {name: path / shard for name, shard in weight_map.items()}
+        for shard in sorted(set(shards.values())):
+            if not shard.is_file():
+                raise FileNotFoundError(f"{shard}: shard listed in {index} is missing")
+        return shards
+    single = path / SINGLE_FILE
+    if single.is_file():
+        return {name: single for name in read_safetensors_header(single)[0]}
+    found = sorted(p.name for p in path.glob("*.safetensors"))
+    if len(found) == 1:  # a lone shard under another name
+        return {name: path / found[0] for name in read_safetensors_header(path / found[0])[0]}
+    raise FileNotFoundError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE} (found {found or 'no .safetensors files'})")
+
+
+def read_tensor(file, info, data_start, dtype, device):
+    """Read one tensor's bytes into a fresh buffer; convert dtype/device explicitly (never silently)."""
+    src_dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+    if src_dtype is None:
+        raise ValueError(f"{file}: unsupported safetensors dtype {info['dtype']!r}")
+    begin, end = info["data_offsets"]
+    buf = torch.empty(end - begin, dtype=torch.uint8)
+    with open(file, "rb") as f:
+        f.seek(data_start + begin)
+        if f.readinto(buf.numpy()) != end - begin:
+            raise ValueError(f"{file}: truncated tensor data")
+    t = buf.view(src_dtype).reshape(info["shape"])
+    if dtype is not None and t.is_floating_point():
+        t = t.to(dtype)
+    return t.to(device)
+
+
+def load_state_dict(path, expected: dict, dtype=None, device="cpu"):
+    """Read every tensor `expected` names (HF name -> meta tensor with the expected shape) from a checkpoint dir."""
+    files = checkpoint_files(path)
+    missing = [n for n in expected if n not in files]
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensor(s) the config implies, e.g. {missing[0]!r}")
+    headers = {f: read_safetensors_header(f) for f in set(files.values())}
+    state = {}
+    for name, meta in expected.items():
+        file = files[name]
+        header, data_start = headers[file]
+        info = header[name]
+        if list(info["shape"]) != list(meta.shape):
+            raise ValueError(f"{file}: tensor {name!r} has shape {info['shape']}, expected {list(meta.shape)} "
+                             f"from config.json")
+        state[name] = read_tensor(file, info, data_start, dtype, device)
+    return state
+
+
+def hf_name(name):
+    """Our parameter name -> the checkpoint's (Llama-style HF checkpoints prefix the body with 'model.')."""
+    return name if name.startswith("lm_head.") else "model." + name
+
+
+def load_model(path, dtype=torch.bfloat16, device="cpu"):
+    """Load an HF checkpoint directory (config.json + safetensors) of a supported family as a w2s Transformer."""
+    cfg = ModelConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = {hf_name(n): p for n, p in model.state_dict().items()}
+    state = load_state_dict(path, expected, dtype=dtype, device=device)
+    model.load_state_dict({n: state[hf_name(n)] for n in model.state_dict()}, assign=True)
+    model.reset_buffers(torch.device(device))
+    check_tokenizer_fits(path, cfg)
+    return model.eval()
+
+
+def check_tokenizer_fits(path, cfg):
+    """A tokenizer that can emit ids past the embedding table would index out of range later: refuse it now."""
+    path = Path(path)
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+        return
+    from w2s.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(path)
+    if tok.vocab_size > cfg.vocab_size:
+        raise ValueError(f"{path}: tokenizer has {tok.vocab_size} tokens but config.json vocab_size is "
+                         f"{cfg.vocab_size} (the embedding table must cover every token id)")
+
+
+def _atomic_write_text(path, text):
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def save_model(model, path, tokenizer=None, dtype=None, max_shard_bytes=5 * 2**30, state_dict=None):
+    """Write an HF-format directory that transformers and vLLM load unchanged.
+
+    `state_dict` overrides model.state_dict() (FSDP or LoRA callers pass a gathered / merged full state dict).
+    Shards are written first and the index + config last, so a directory with a config.json is complete.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = model.cfg
+    state = state_dict if state_dict is not None else model.state_dict()
+    tensors = {}
+    for name, t in state.items():
+        t = t.detach()
+        t = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        tensors[hf_name(name)] = t.to("cpu").contiguous()
+    # Greedy sharding by bytes, in name order, as HF does.
+    shards, current, size = [], {}, 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].numel() * tensors[name].element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name], size = tensors[name], size + nbytes
+    shards.append(current)
+    for old in list(path.glob("model*.safetensors")) + [path / INDEX_FILE]:
+        old.unlink(missing_ok=True)  # a stale shard from an earlier save would shadow the new ones
+    if len(shards) == 1:
+        save_file(shards[0], str(path / SINGLE_FILE), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(path / fname), metadata={"format": "pt"})
+            weight_map.update({name: fname for name in shard})
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        _atomic_write_text(path / INDEX_FILE, json.dumps(index, indent=2))
+    if tokenizer is not None:
+        tokenizer.save(path)
+    gen = {k: v for k, v in (("bos_token_id", cfg.bos_token_id), ("eos_token_id", cfg.eos_token_id),
+                             ("pad_token_id", cfg.pad_token_id)) if v is not None}
+    _atomic_write_text(path / "generation_config.json", json.dumps(gen, indent=2))
+    hf = cfg.to_hf()
+    first = next(iter(tensors.values()))
+    hf["torch_dtype"] = DTYPE_NAMES.get(first.dtype, "float32")
+    hf.pop("dtype", None)
+    _atomic_write_text(path / "config.json", json.dumps(hf, indent=2))
+    return path

@@ -1,0 +1,195 @@
+"""One readable decoder-only Transformer for Llama-2/3/3.1, Mistral, Gemma and Gemma-2.
+
+The families differ in a handful of places, each an explicit field of ModelConfig and commented where it acts:
+
+    family    norm                 embed       MLP      attention                     logits
+    llama     w * norm(x)          -           SwiGLU   GQA, rope (3.1: llama3 scale)  -
+    mistral   w * norm(x)          -           SwiGLU   GQA, sliding window            -
+    gemma     (1+w) * norm(x) fp32 * sqrt(D)   GeGLU    MQA/GQA, head_dim 256          tied
+    gemma2    (1+w) ... + sandwich * sqrt(D)   GeGLU    scale 1/sqrt(qpas), softcap,   tied, final softcap
+              norms around attn/MLP                     local/global alternating
+
+Module and parameter names mirror the Hugging Face checkpoints (minus the leading "model."), so loading and saving
+is a rename of one prefix, not a converter. Every hot op goes through w2s/ops.py (Triton on GPU, reference on CPU).
+There is no torch.distributed in here: FSDP2 and tensor parallelism are applied from outside (w2s/parallel.py).
+
+The forward pass takes token ids with explicit positions:
+  * training / scoring: right-padded (B, T) batches; padding sits after every real token, so plain causal attention
+    never lets a real token see a pad, and the loss masks the pads;
+  * sampling: a KVCache; each layer writes its keys/values at their positions and queries attend by position.
+
+    python -m pytest tests/test_model.py   # parity with transformers for every family
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from w2s import ops
+from w2s.config import ModelConfig, rope_inv_freq
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps, unit_offset):
+        super().__init__()
+        self.eps, self.unit_offset = eps, unit_offset
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x):
+        return ops.rms_norm(x, self.weight, self.eps, unit_offset=self.unit_offset)
+
+    def reset_parameters(self):
+        # Gemma stores w with the scale applied as (1 + w): zeros is the identity there, ones everywhere else.
+        nn.init.zeros_(self.weight) if self.unit_offset else nn.init.ones_(self.weight)
+
+
+class KVCache:
+    """Static key/value cache: one (slots, max_len, K, D) buffer per layer; row = sequence slot, column = position.
+
+    `rows` maps the batch being run onto cache rows (None: batch row i is cache row i, all slots); `limit` bounds
+    the positions attended over (the sampler lowers it to the longest live sequence so decode reads less).
+    Entries at positions beyond a sequence's current position may hold stale values: attention is causal by
+    position, so they are never read before being overwritten.
+    """
+
+    def __init__(self, cfg: ModelConfig, slots, max_len, dtype=torch.float32, device="cpu"):
+        shape = (cfg.n_layers, slots, max_len, cfg.n_kv_heads, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len, self.rows, self.limit = max_len, None, max_len
+
+    def update(self, layer, k, v, positions):
+        """Write k, v (B, T, K, D) at (B, T) positions; return this layer's keys/values (B, limit, K, D)."""
+        if self.rows is None:
+            rows = torch.arange(k.shape[0], device=k.device)
+            self.k[layer][rows[:, None], positions] = k
+            self.v[layer][rows[:, None], positions] = v
+            if k.shape[0] == self.k.shape[1]:
+                return self.k[layer, :, : self.limit], self.v[layer, :, : self.limit]  # views, no copy
+            return self.k[layer, : k.shape[0], : self.limit], self.v[layer, : k.shape[0], : self.limit]
+        self.k[layer][self.rows[:, None], positions] = k
+        self.v[layer][self.rows[:, None], positions] = v
+        return self.k[layer][self.rows, : self.limit], self.v[layer][self.rows, : self.limit]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.cfg, self.layer_idx = cfg, layer_idx
+        self.window = cfg.layer_window(layer_idx)  # None for global layers
+        H, K, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, H * D, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.dim, K * D, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.dim, K * D, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(H * D, cfg.dim, bias=cfg.attention_bias)
+
+    def forward(self, x, positions, inv_freq, cache=None):
+        B, T, _ = x.shape
+        cfg = self.cfg
+        q = self.q_proj(x).view(B, T, cfg.n_heads, cfg.head_dim)  # (B, T, H, D)
+        k = self.k_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim)  # (B, T, K, D)
+        v = self.v_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim)
+        q, k = ops.rope(q, positions, inv_freq), ops.rope(k, positions, inv_freq)
+        if cache is None:
+            q_positions = None  # keys are this batch's tokens: causal by index (right padding is harmless)
+        else:
+            k, v = cache.update(self.layer_idx, k, v, positions)  # (B, S, K, D), key index == position
+            q_positions = positions
+        out = ops.attention(q, k, v, q_positions=q_positions, sliding_window=self.window,
+                            softcap=cfg.attn_logit_softcap, scale=cfg.attn_scale)  # (B, T, H, D)
+        return self.o_proj(out.reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=cfg.mlp_bias)
+        # Gemma: GeGLU with the tanh GELU; Llama/Mistral: SwiGLU.
+        self.act = ops.geglu if cfg.activation == "gelu_pytorch_tanh" else ops.swiglu
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_proj(x), self.up_proj(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        norm = lambda: RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_unit_offset)  # noqa: E731
+        self.self_attn = Attention(cfg, layer_idx)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = norm()
+        # HF naming trap: in Llama/Mistral/Gemma "post_attention_layernorm" is the norm BEFORE the MLP. In Gemma-2 it
+        # really is applied to the attention output, and pre_/post_feedforward_layernorm wrap the MLP ("sandwich").
+        self.post_attention_layernorm = norm()
+        self.sandwich = cfg.sandwich_norms
+        if self.sandwich:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
+
+    def forward(self, x, positions, inv_freq, cache=None):
+        if self.sandwich:  # Gemma-2
+            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), positions, inv_freq, cache))
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + self.self_attn(self.input_layernorm(x), positions, inv_freq, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_unit_offset)
+        # Gemma ties the output matrix to the embeddings: no lm_head parameter at all, so nothing can drift apart.
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        # Rotary inverse frequencies: derived from the config, never stored in checkpoints (non-persistent).
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def lm_head_weight(self):
+        """The (V, D) output matrix (the embeddings when tied); the fused losses take it with the hidden states."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(self, tokens, positions=None, cache=None, return_hidden=False):
+        """tokens (B, T) int64, positions (B, T) or None for 0..T-1 -> logits (B, T, V), or hidden (B, T, D)."""
+        B, T = tokens.shape
+        if positions is None:
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
+        h = self.embed_tokens(tokens)  # (B, T, D)
+        if self.cfg.embed_scale:
+            # Gemma: scale by sqrt(D), with the constant rounded to the activation dtype as the reference does.
+            h = h * torch.tensor(math.sqrt(self.cfg.dim), dtype=h.dtype, device=h.device)
+        for layer in self.layers:
+            h = layer(h, positions, self.inv_freq, cache)
+        h = self.norm(h)
+        if return_hidden:
+            return h
+        logits = F.linear(h, self.lm_head_weight())  # (B, T, V)
+        if self.cfg.final_logit_softcap is not None:  # Gemma-2
+            cap = self.cfg.final_logit_softcap
+            logits = cap * torch.tanh(logits / cap)
+        return logits
+
+    @torch.no_grad()
+    def init_weights(self, std=0.02, generator=None):
+        """Fresh random weights (for models the project pretrains itself and for tests)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.normal_(0.0, std, generator=generator)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.Embedding):
+                module.weight.normal_(0.0, std, generator=generator)
+            elif isinstance(module, RMSNorm):
+                module.reset_parameters()
+        self.reset_buffers()
+        return self
+
+    def reset_buffers(self, device=None):
+        """Recompute non-persistent buffers (after building on the meta device and assigning real weights)."""
+        device = device or self.embed_tokens.weight.device
+        self.inv_freq = rope_inv_freq(self.cfg).to(device)

@@ -1,0 +1,89 @@
+"""The one switch between the Triton kernels (kernels/*.py) and their pure-PyTorch spec (kernels/reference.py).
+
+Every hot op of the model and the losses goes through a function here. The backend is chosen per call:
+
+    W2S_KERNELS=auto       (default) Triton for CUDA tensors, the reference for anything else (CPU)
+    W2S_KERNELS=triton     Triton always (on CPU only under TRITON_INTERPRET=1, which is how the tests run it)
+    W2S_KERNELS=reference  the reference always (debugging, parity checks on GPU)
+
+`set_backend(name)` does the same from Python. There is no silent fallback: asking for Triton where it cannot run
+raises an error instead of quietly running the slow path.
+"""
+
+import importlib
+import os
+
+from kernels import reference
+
+BACKENDS = ("auto", "triton", "reference")
+_backend = os.environ.get("W2S_KERNELS", "auto")
+if _backend not in BACKENDS:
+    raise ValueError(f"W2S_KERNELS={_backend!r}: expected one of {', '.join(BACKENDS)}")
+
+
+def set_backend(name):
+    """Select 'auto', 'triton' or 'reference' for every later call."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"kernel backend {name!r}: expected one of {', '.join(BACKENDS)}")
+    _backend = name
+
+
+def get_backend():
+    return _backend
+
+
+def _triton(module_name, tensor):
+    """The Triton module to use for this call, or None for the reference."""
+    if _backend == "reference" or (_backend == "auto" and not tensor.is_cuda):
+        return None
+    if not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("W2S_KERNELS=triton on a CPU tensor needs TRITON_INTERPRET=1 (set before importing triton)")
+    try:
+        return importlib.import_module(f"kernels.{module_name}")
+    except ImportError as e:
+        raise RuntimeError(f"Triton kernel kernels/{module_name}.py is unavailable ({e}); "
+                           "set W2S_KERNELS=reference to run the PyTorch reference instead") from e
+
+
+def attention(q, k, v, q_positions=None, kv_lengths=None, sliding_window=None, softcap=None, scale=None):
+    """Causal GQA attention; see kernels.reference.attention for the exact contract. (B, T, H, D) -> (B, T, H, D)."""
+    impl = _triton("attention", q) or reference
+    return impl.attention(q, k, v, q_positions=q_positions, kv_lengths=kv_lengths, sliding_window=sliding_window,
+                          softcap=softcap, scale=scale)
+
+
+def rms_norm(x, weight, eps, unit_offset=False):
+    """RMSNorm over the last dim; unit_offset=True is Gemma's fp32 (1 + w) variant."""
+    impl = _triton("rms_norm", x) or reference
+    return impl.rms_norm(x, weight, eps, unit_offset=unit_offset)
+
+
+def rope(x, positions, inv_freq):
+    """Rotary embedding of (B, T, H, D) at (B, T) positions."""
+    impl = _triton("rope", x) or reference
+    return impl.rope(x, positions, inv_freq)
+
+
+def swiglu(gate, up):
+    """silu(gate) * up."""
+    impl = _triton("glu", gate) or reference
+    return impl.swiglu(gate, up)
+
+
+def geglu(gate, up):
+    """gelu_tanh(gate) * up."""
+    impl = _triton("glu", gate) or reference
+    return impl.geglu(gate, up)
+
+
+def linear_cross_entropy(hidden, weight, targets, softcap=None, ignore_index=-100):
+    """(loss_sum, n_valid) of hidden (N, D) @ weight (V, D).T against targets (N,), never building (N, V) on GPU."""
+    impl = _triton("fused_linear", hidden) or reference
+    return impl.linear_cross_entropy(hidden, weight, targets, softcap=softcap, ignore_index=ignore_index)
+
+
+def linear_logprobs(hidden, weight, targets, softcap=None, ignore_index=-100):
+    """Per-token target log-probs (N,), 0 at ignore_index, never building (N, V) on GPU."""
+    impl = _triton("fused_linear", hidden) or reference
+    return impl.linear_logprobs(hidden, weight, targets, softcap=softcap, ignore_index=ignore_index)
