@@ -1,0 +1,37 @@
+"""`w2s --help` and `w2s inspect` on tiny checkpoints.
+
+    python -m pytest -q tests/test_cli.py
+"""
+
+import pytest
+from click.testing import CliRunner
+from hf_tiny import FAMILIES, save_hf
+
+from w2s.cli import main
+from w2s.config import ModelConfig
+
+
+def test_help_lists_commands():
+    out = CliRunner().invoke(main, ["--help"])
+    assert out.exit_code == 0 and "inspect" in out.output
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_parameter_count_matches_transformers(family, tmp_path):
+    hf = save_hf(family, tmp_path)
+    assert ModelConfig.from_pretrained(tmp_path).n_params() == sum(p.numel() for p in hf.parameters())
+
+
+def test_inspect_prints_shapes_and_memory(tmp_path):
+    hf = save_hf("gemma2", tmp_path)
+    out = CliRunner().invoke(main, ["inspect", str(tmp_path)])
+    assert out.exit_code == 0, out.output
+    n = sum(p.numel() for p in hf.parameters())
+    assert "gemma2" in out.output and f"{n:,}" in out.output
+    assert "F32 (100%)" in out.output and "5, None" in out.output
+
+
+def test_inspect_bad_dir_is_one_clear_error(tmp_path):
+    out = CliRunner().invoke(main, ["inspect", str(tmp_path)])
+    assert out.exit_code == 1
+    assert out.output.startswith("Error: ") and "no config.json" in out.output and len(out.output.splitlines()) == 1
