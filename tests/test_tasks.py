@@ -1,0 +1,280 @@
+"""Task records, SFT targets, prompts, demos, the train_1/train_2 split and `w2s data` (w2s/tasks/).
+
+Data-dependent tests read ../shared/data and are skipped without it; nothing here touches the network.
+
+Run: python -m pytest -q tests/test_tasks.py
+"""
+
+import io
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from w2s.tasks import (
+    STOP_STRINGS,
+    extract_answer,
+    fetch_data,
+    few_shot_prompt,
+    load_records,
+    load_split,
+    save_split,
+    select_demos,
+    split_train,
+    training_text,
+    zero_shot_prompt,
+)
+from w2s.tasks import data as data_module
+from w2s.tasks.data import DATA_FILES
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+needs_data = pytest.mark.skipif(not (DATA / "gsm8k" / "train.jsonl").is_file(), reason="../shared/data not present")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Records and targets
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@needs_data
+def test_gsm8k_records_and_targets():
+    records = load_records("gsm8k", DATA / "gsm8k" / "train.jsonl")
+    assert len(records) == 7473
+    first = records[0]
+    assert first["id"] == "gsm8k-train-00000"
+    assert first["question"].startswith("Natalia sold clips to 48 of her friends")
+    # PAPER.md: the gold solution with calculator annotations removed, final line "#### N".
+    assert first["solution"] == (
+        "Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips altogether in April and May.\n#### 72"
+    )
+    assert first["answer"] == "72"
+    assert all("<<" not in r["solution"] and ">>" not in r["solution"] for r in records)
+    assert all(r["solution"].rsplit("\n", 1)[-1] == f"#### {r['answer']}" for r in records)
+    assert records[42]["id"] == "gsm8k-train-00042"
+    assert load_records("gsm8k", DATA / "gsm8k" / "test.jsonl")[-1]["id"] == "gsm8k-test-01318"
+
+
+@needs_data
+def test_math500_records_and_targets():
+    rows = [json.loads(line) for line in open(DATA / "math" / "test.jsonl", encoding="utf-8")]
+    records = load_records("math", DATA / "math" / "test.jsonl")
+    assert len(records) == 500
+    for row, record in zip(rows, records):
+        assert record["id"] == row["unique_id"]
+        assert record["question"] == row["problem"]
+        assert record["answer"] == row["answer"]
+        # PAPER.md: the gold solution + " The answer is: {answer}".
+        assert record["solution"] == row["solution"] + " The answer is: " + row["answer"]
+        assert record["level"] == row["level"] and record["subject"] == row["subject"]
+
+
+@needs_data
+def test_original_math_records_take_the_boxed_answer_and_parse_the_level():
+    records = load_records("math", DATA / "math_hendrycks_test" / "test.jsonl")
+    assert len(records) == 5000
+    first = records[0]
+    assert first["id"] == "math-test-00000"
+    assert first["answer"] == "2"  # "... the graph has $\boxed{2}$ vertical asymptotes."
+    assert first["level"] == 3 and first["subject"] == "Algebra"
+    assert first["solution"].endswith("vertical asymptotes. The answer is: 2")
+    assert {r["level"] for r in records} == {1, 2, 3, 4, 5}
+    assert records[2]["answer"] == "\\dfrac{9}{7}"
+
+
+def _write(path, lines):
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def test_malformed_jsonl_line_names_file_and_line(tmp_path):
+    path = _write(tmp_path / "train.jsonl", ['{"question": "q", "answer": "#### 1"}', "", '{"question": "q2", '])
+    with pytest.raises(ValueError, match=r"train\.jsonl:3: not valid JSON"):
+        load_records("gsm8k", path)
+
+
+@pytest.mark.parametrize(
+    "task,line,key",
+    [
+        ("gsm8k", '{"answer": "#### 1"}', "question"),
+        ("gsm8k", '{"question": "q"}', "answer"),
+        ("gsm8k", '{"question": "q", "answer": ""}', "answer"),
+        ("math", '{"solution": "\\\\boxed{1}"}', "problem"),
+        ("math", '{"problem": "p", "answer": "1"}', "solution"),
+    ],
+)
+def test_missing_field_names_file_line_and_key(tmp_path, task, line, key):
+    path = _write(tmp_path / "data.jsonl", ['{"question": "ok", "answer": "#### 1", "problem": "p", "solution": "x"}',
+                                            line])  # fmt: skip
+    with pytest.raises(ValueError, match=rf"data\.jsonl:2: expected key '{key}'"):
+        load_records(task, path)
+
+
+def test_answer_that_cannot_be_found_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match=r"g\.jsonl:1: key 'answer' should end with a line '#### N'"):
+        load_records("gsm8k", _write(tmp_path / "g.jsonl", ['{"question": "q", "answer": "it is 5"}']))
+    with pytest.raises(ValueError, match=r"m\.jsonl:1: expected key 'answer' or a \\boxed"):
+        load_records("math", _write(tmp_path / "m.jsonl", ['{"problem": "p", "solution": "it is 5"}']))
+
+
+def test_other_bad_inputs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.jsonl: no such file"):
+        load_records("gsm8k", tmp_path / "nowhere.jsonl")
+    with pytest.raises(ValueError, match="expected a JSON object"):
+        load_records("gsm8k", _write(tmp_path / "a.jsonl", ["[1, 2]"]))
+    with pytest.raises(ValueError, match="duplicate id 'x'"):
+        load_records("math", _write(tmp_path / "d.jsonl", ['{"problem": "p", "solution": "s", "answer": "1", '
+                                                           '"unique_id": "x"}'] * 2))  # fmt: skip
+    with pytest.raises(ValueError, match="unknown task"):
+        load_records("olympiad", tmp_path / "a.jsonl")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompts and demos (PAPER.md "Prompt and targets")
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_zero_shot_prompt_and_training_text():
+    prompt = zero_shot_prompt("What is 2+3?")
+    assert prompt == "Question: What is 2+3?\nAnswer:"
+    assert training_text(prompt, "2+3 = 5\n#### 5") == "Question: What is 2+3?\nAnswer: 2+3 = 5\n#### 5"
+
+
+def test_few_shot_prompt_format():
+    demos = [{"question": f"q{i}", "response": f" r{i}\n#### {i}\n"} for i in range(4)]
+    expected = (
+        "Question: q0\nAnswer: r0\n#### 0\n\n"
+        "Question: q1\nAnswer: r1\n#### 1\n\n"
+        "Question: q2\nAnswer: r2\n#### 2\n\n"
+        "Question: q3\nAnswer: r3\n#### 3\n\n"
+        "Question: new\nAnswer:"
+    )
+    assert few_shot_prompt(demos, "new") == expected
+
+
+def test_stop_strings():
+    assert STOP_STRINGS == ["Question", "Answer"]
+
+
+def test_select_demos_is_seeded_and_not_filtered_for_correctness():
+    # Weak responses: half with an extractable answer (some of them wrong), half without any.
+    weak = [{"id": i, "question": f"q{i}", "response": f"so #### {i % 3}", "answer": "0"} for i in range(10)]
+    weak += [{"id": 10 + i, "question": "q", "response": "I do not know"} for i in range(10)]
+    demos = select_demos(weak, "gsm8k", k=4, seed=1)
+    assert len(demos) == 4 and len({d["id"] for d in demos}) == 4
+    assert all(extract_answer(d["response"], "gsm8k") for d in demos)
+    assert demos == select_demos(weak, "gsm8k", k=4, seed=1)
+    picks = {tuple(d["id"] for d in select_demos(weak, "gsm8k", k=4, seed=s)) for s in range(20)}
+    assert len(picks) > 1  # the seed matters
+    everything = select_demos(weak, "gsm8k", k=10, seed=0)  # all eligible: wrong answers are kept
+    assert {d["id"] for d in everything} == set(range(10))
+    with pytest.raises(ValueError, match="need 11 weak responses"):
+        select_demos(weak, "gsm8k", k=11, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# train_1 / train_2
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _fake_records(n):
+    return [{"id": f"r{i}", "question": f"q{i}", "solution": "s", "answer": "1"} for i in range(n)]
+
+
+def test_split_train_default_is_seeded_half_and_half():
+    records = _fake_records(11)
+    train_1, train_2 = split_train(records, seed=0)
+    assert (len(train_1), len(train_2)) == (5, 6)
+    ids_1, ids_2 = [r["id"] for r in train_1], [r["id"] for r in train_2]
+    assert set(ids_1).isdisjoint(ids_2) and set(ids_1) | set(ids_2) == {r["id"] for r in records}
+    assert ids_1 == sorted(ids_1, key=lambda i: int(i[1:]))  # file order kept inside each half
+    assert split_train(records, seed=0) == (train_1, train_2)
+    assert split_train(records, seed=1) != (train_1, train_2)
+
+
+def test_split_train_sizes():
+    train_1, train_2 = split_train(_fake_records(20), seed=3, sizes=(7, 4))
+    assert (len(train_1), len(train_2)) == (7, 4)
+    assert {r["id"] for r in train_1}.isdisjoint(r["id"] for r in train_2)
+    with pytest.raises(ValueError, match="do not fit in 20 records"):
+        split_train(_fake_records(20), sizes=(15, 6))
+
+
+def test_split_file_round_trip_and_errors(tmp_path):
+    records = _fake_records(8)
+    train_1, train_2 = split_train(records, seed=5)
+    path = tmp_path / "split.json"
+    save_split(path, train_1, train_2)
+    assert load_split(path, records) == (train_1, train_2)
+
+    path.write_text(json.dumps({"train_1": ["r0", "nope"], "train_2": ["r1"]}))
+    with pytest.raises(ValueError, match=r"split\.json: 1 unknown ids in 'train_1', e\.g\. \['nope'\]"):
+        load_split(path, records)
+    path.write_text(json.dumps({"train_1": ["r0", "r1"], "train_2": ["r1"]}))
+    with pytest.raises(ValueError, match="in both train_1 and train_2"):
+        load_split(path, records)
+    path.write_text(json.dumps({"train_1": ["r0"]}))
+    with pytest.raises(ValueError, match="expected key 'train_2'"):
+        load_split(path, records)
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_split(path, records)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `w2s data`
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a test tried to use the network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+
+
+def test_fetch_data_offline_says_which_file_to_put_where(tmp_path, no_network):
+    lines = []
+    missing = fetch_data(tmp_path, offline=True, log=lines.append)
+    assert missing == [tmp_path / f.relpath for f in DATA_FILES]
+    for file in DATA_FILES:
+        dest = tmp_path / file.relpath
+        assert any(f"download {file.url} and save it as {dest}" in line for line in lines)
+    assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+@needs_data
+def test_fetch_data_keeps_existing_files(tmp_path, no_network):
+    (tmp_path / "gsm8k").mkdir()
+    for name in ("train.jsonl", "test.jsonl"):
+        (tmp_path / "gsm8k" / name).write_bytes((DATA / "gsm8k" / name).read_bytes())
+    lines = []
+    assert fetch_data(tmp_path, tasks=("gsm8k",), offline=True, log=lines.append) == []
+    assert lines == [f"ok       {tmp_path / 'gsm8k' / n}" for n in ("train.jsonl", "test.jsonl")]
+
+
+def test_fetch_data_failure_falls_back_to_the_instructions(tmp_path, monkeypatch):
+    def unreachable(url, timeout):
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr(data_module.urllib.request, "urlopen", unreachable)
+    lines = []
+    missing = fetch_data(tmp_path, tasks=("math",), log=lines.append)
+    assert missing == [tmp_path / "math" / "test.jsonl", tmp_path / "math" / "train.jsonl"]
+    assert any("failed" in line and "no route to host" in line for line in lines)
+    assert any(f"download {data_module.MATH500_TEST_URL} and save it as" in line for line in lines)
+    assert not list(tmp_path.rglob("*.jsonl*"))
+
+
+def test_fetch_data_writes_only_valid_downloads(tmp_path, monkeypatch):
+    good = b'{"question": "q", "answer": "1 + 1 = 2\\n#### 2"}\n'
+    served = {data_module.GSM8K_TRAIN_URL: good, data_module.GSM8K_TEST_URL: b"<html>rate limited</html>\n"}
+    monkeypatch.setattr(data_module.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(served[url]))
+    lines = []
+    missing = fetch_data(tmp_path, tasks=("gsm8k",), log=lines.append)
+    assert (tmp_path / "gsm8k" / "train.jsonl").read_bytes() == good
+    assert missing == [tmp_path / "gsm8k" / "test.jsonl"]
+    assert not (tmp_path / "gsm8k" / "test.jsonl").exists()
+    assert not list(tmp_path.rglob("*.part"))

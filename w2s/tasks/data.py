@@ -1,0 +1,202 @@
+"""Task data on disk: jsonl reading with clear errors, the train_1/train_2 split, and `w2s data` (download / explain).
+
+Layout of a data directory (the same as ../shared/data):
+
+    <data_dir>/gsm8k/train.jsonl, gsm8k/test.jsonl     openai/grade-school-math
+    <data_dir>/math/test.jsonl                         MATH-500 (PRM800K test split)
+    <data_dir>/math/train.jsonl                        PRM800K 12k MATH train split (for the MATH pipeline)
+
+PAPER.md: the gold train set is split in two halves; train_1 (questions + gold) trains the weak model, train_2 is
+seen by the strong model as questions only. `split_train` makes a seeded split; `load_split` reads a user's own
+split file {"train_1": [ids], "train_2": [ids]} (e.g. the paper's released split) and `save_split` writes one.
+
+    records = load_records("gsm8k", "data/gsm8k/train.jsonl")
+    train_1, train_2 = split_train(records, seed=0)            # default half / half
+    fetch_data("data")                                         # what `w2s data` runs; offline=True only explains
+
+Test: python -m pytest -q tests/test_tasks.py   (never touches the network)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """Yield (1-based line number, object) for each non-blank line; a bad line is a one-line ValueError."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (run `w2s data` to download it, or see its message)")
+    with path.open(encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_number}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
+            yield line_number, row
+
+
+def require(row: dict, key: str, where: str) -> str:
+    """row[key] as a non-empty string, else a ValueError naming the place and the key."""
+    value = row.get(key)
+    if not isinstance(value, str) or not value.strip():
+        got = "missing" if key not in row else f"got {value!r}"[:80]
+        raise ValueError(f"{where}: expected key {key!r} with a non-empty string ({got})")
+    return value
+
+
+def load_records(task: str, path: str | Path) -> list[dict]:
+    """Records of a task file: {"id", "question", "solution", "answer"} (+ "level", "subject" for math)."""
+    from w2s.tasks import gsm8k, math  # local import: those modules import this one
+
+    loaders = {"gsm8k": gsm8k.load, "math": math.load}
+    if task not in loaders:
+        raise ValueError(f"unknown task {task!r}: expected one of {', '.join(loaders)}")
+    records = loaders[task](path)
+    seen = set()
+    for record in records:
+        if record["id"] in seen:
+            raise ValueError(f"{path}: duplicate id {record['id']!r}; ids must be unique")
+        seen.add(record["id"])
+    return records
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# train_1 / train_2
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def split_train(records: list[dict], seed: int = 0, sizes: tuple[int, int] | None = None) -> tuple[list, list]:
+    """Seeded split into (train_1, train_2), each kept in file order. Default: half / half (train_2 gets the odd one).
+
+    sizes=(n1, n2) takes n1 and n2 disjoint records (paper GSM8K: 7000 / 7000 from a train set extended with extra
+    questions); n1 + n2 may be less than len(records), never more.
+    """
+    n = len(records)
+    n1, n2 = sizes if sizes is not None else (n // 2, n - n // 2)
+    if n1 < 0 or n2 < 0 or n1 + n2 > n:
+        raise ValueError(f"split sizes {n1} + {n2} do not fit in {n} records")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    first, second = sorted(order[:n1]), sorted(order[n1 : n1 + n2])
+    return [records[i] for i in first], [records[i] for i in second]
+
+
+def load_split(path: str | Path, records: list[dict]) -> tuple[list, list]:
+    """A user's split file {"train_1": [ids], "train_2": [ids]} applied to records; every id must exist, once."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: split file not found (expected JSON {{'train_1': [ids], 'train_2': [ids]}})")
+    try:
+        split = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    by_id = {record["id"]: record for record in records}
+    halves = []
+    for key in ("train_1", "train_2"):
+        ids = split.get(key) if isinstance(split, dict) else None
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise ValueError(f"{path}: expected key {key!r} with a list of record ids (strings)")
+        unknown = [i for i in ids if i not in by_id]
+        if unknown:
+            raise ValueError(f"{path}: {len(unknown)} unknown ids in {key!r}, e.g. {unknown[:3]} (ids look like "
+                             f"{next(iter(by_id), '?')!r})")  # fmt: skip
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"{path}: {key!r} lists some ids more than once")
+        halves.append(ids)
+    overlap = set(halves[0]) & set(halves[1])
+    if overlap:
+        raise ValueError(f"{path}: {len(overlap)} ids are in both train_1 and train_2, e.g. {sorted(overlap)[:3]}")
+    return [by_id[i] for i in halves[0]], [by_id[i] for i in halves[1]]
+
+
+def save_split(path: str | Path, train_1: list[dict], train_2: list[dict]) -> None:
+    """Write the split as ids, so a run can be reproduced or compared (load_split reads it back)."""
+    split = {"train_1": [r["id"] for r in train_1], "train_2": [r["id"] for r in train_2]}
+    Path(path).write_text(json.dumps(split, indent=1) + "\n", encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# `w2s data`: download the public files, or say exactly which file to put where
+# ----------------------------------------------------------------------------------------------------------------
+
+GSM8K_TRAIN_URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/train.jsonl"
+GSM8K_TEST_URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/test.jsonl"
+MATH500_TEST_URL = "https://huggingface.co/datasets/HuggingFaceH4/MATH-500/resolve/main/test.jsonl"
+# PRM800K keeps its 12k MATH train split in Git LFS; GitHub serves LFS content from media.githubusercontent.com.
+MATH_TRAIN_URL = "https://media.githubusercontent.com/media/openai/prm800k/main/prm800k/math_splits/train.jsonl"
+
+
+@dataclass(frozen=True)
+class DataFile:
+    task: str
+    relpath: str  # under the data directory
+    url: str
+    what: str
+
+
+DATA_FILES = (
+    DataFile("gsm8k", "gsm8k/train.jsonl", GSM8K_TRAIN_URL, "GSM8K train (7,473 problems)"),
+    DataFile("gsm8k", "gsm8k/test.jsonl", GSM8K_TEST_URL, "GSM8K test (1,319 problems)"),
+    DataFile("math", "math/test.jsonl", MATH500_TEST_URL, "MATH-500 test (500 problems)"),
+    DataFile("math", "math/train.jsonl", MATH_TRAIN_URL, "PRM800K MATH train split (12,000 problems)"),
+)
+
+
+def _download(file: DataFile, dest: Path, timeout: float) -> None:
+    """Fetch to a temporary file, check it loads as the task's records, then rename into place (never half-written)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".part")
+    with urllib.request.urlopen(file.url, timeout=timeout) as response, tmp.open("wb") as out:
+        while chunk := response.read(1 << 20):
+            out.write(chunk)
+    try:
+        load_records(file.task, tmp)
+    except ValueError as e:
+        tmp.unlink()
+        raise ValueError(f"downloaded file is not valid {file.task} jsonl: {e}") from None
+    os.replace(tmp, dest)
+
+
+def fetch_data(
+    data_dir: str | Path,
+    tasks: tuple[str, ...] = ("gsm8k", "math"),
+    offline: bool = False,
+    timeout: float = 60.0,
+    log: Callable[[str], None] = print,
+) -> list[Path]:
+    """What `w2s data` does: download every missing file of `tasks` into data_dir (unless offline) and, for each
+    file still missing, log exactly which URL to save where. Returns the paths that are still missing."""
+    data_dir = Path(data_dir)
+    missing = []
+    for file in DATA_FILES:
+        if file.task not in tasks:
+            continue
+        dest = data_dir / file.relpath
+        if dest.is_file():
+            log(f"ok       {dest}")
+            continue
+        if not offline:
+            try:
+                _download(file, dest, timeout)
+                log(f"fetched  {dest}  ({file.what})")
+                continue
+            except Exception as e:  # no network, HTTP error, bad content: fall through to the instructions
+                log(f"failed   {dest}: {type(e).__name__}: {e}")
+        log(f"missing  {dest}  ({file.what}): download {file.url} and save it as {dest}")
+        missing.append(dest)
+    return missing

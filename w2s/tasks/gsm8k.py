@@ -1,0 +1,47 @@
+"""GSM8K (grade-school math word problems): loading the jsonl files and building SFT targets.
+
+Each line of openai/grade-school-math's train.jsonl / test.jsonl is {"question": ..., "answer": ...}, where "answer"
+is a worked solution with calculator annotations like "48/2 = <<48/2=24>>24" and a final line "#### 72".
+PAPER.md: the SFT target is that solution with the annotations removed, keeping the final "#### N" line.
+
+    records = load("../shared/data/gsm8k/train.jsonl")   # [{"id", "question", "solution", "answer"}, ...]
+
+Test: python -m pytest -q tests/test_tasks.py
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from w2s.tasks.data import read_jsonl, require
+
+NAME = "gsm8k"
+_CALCULATOR = re.compile(r"<<[^<>]*>>")
+
+
+def strip_calculator(solution: str) -> str:
+    """'48/2 = <<48/2=24>>24 clips' -> '48/2 = 24 clips' (the annotations are a tool-use artifact, not reasoning)."""
+    return _CALCULATOR.sub("", solution)
+
+
+def make_record(row: dict, record_id: str, where: str) -> dict:
+    """One raw GSM8K row -> {"id", "question", "solution" (SFT target), "answer" (gold final answer)}."""
+    question = require(row, "question", where)
+    raw_solution = require(row, "answer", where)
+    if "####" not in raw_solution:
+        raise ValueError(f"{where}: key 'answer' should end with a line '#### N' (the final answer)")
+    answer = raw_solution.rsplit("####", 1)[1].strip()
+    if not answer:
+        raise ValueError(f"{where}: key 'answer' has an empty final answer after '####'")
+    return {"id": record_id, "question": question, "solution": strip_calculator(raw_solution), "answer": answer}
+
+
+def load(path: str | Path, split: str | None = None) -> list[dict]:
+    """Records of a GSM8K jsonl file; ids are "gsm8k-{split}-{line index:05d}", split defaulting to the file stem."""
+    path = Path(path)
+    split = split or path.stem
+    return [
+        make_record(row, f"{NAME}-{split}-{index:05d}", f"{path}:{line_number}")
+        for index, (line_number, row) in enumerate(read_jsonl(path))
+    ]

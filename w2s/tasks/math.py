@@ -1,0 +1,70 @@
+"""MATH (competition mathematics): loading the jsonl files and building SFT targets.
+
+Two local formats are accepted, one record schema comes out:
+- PRM800K / MATH-500 (math/test.jsonl): {"problem", "solution", "answer", "subject", "level": 1-5, "unique_id"}
+- original Hendrycks MATH (math_hendrycks_test/test.jsonl): {"problem", "solution", "level": "Level 3", "type",
+  "idx"}; no "answer" field, so the gold answer is the last \\boxed{...} of the solution.
+PAPER.md: the SFT target is the gold solution + " The answer is: {answer}".
+
+    records = load("../shared/data/math/test.jsonl")   # [{"id", "question", "solution", "answer", "level", ...}]
+
+Test: python -m pytest -q tests/test_tasks.py
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from w2s.tasks.data import read_jsonl, require
+from w2s.tasks.grading import last_boxed
+
+NAME = "math"
+ANSWER_PREFIX = " The answer is: "
+
+
+def make_target(solution: str, answer: str) -> str:
+    return solution + ANSWER_PREFIX + answer
+
+
+def _level(value, where: str) -> int | None:
+    """1..5 from 5 or "Level 5"; None for the few "Level ?" rows of the original MATH."""
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and (m := re.fullmatch(r"(?:Level\s*)?(\d+)", value.strip())):
+        return int(m.group(1))
+    if isinstance(value, str) and value.strip() in ("Level ?", "?"):
+        return None
+    raise ValueError(f"{where}: key 'level' should be an integer or 'Level N', got {value!r}")
+
+
+def make_record(row: dict, default_id: str, where: str) -> dict:
+    """One raw MATH row -> {"id", "question", "solution" (SFT target), "answer", "level", "subject"}."""
+    question = require(row, "problem", where)
+    solution = require(row, "solution", where)
+    if "answer" in row:
+        answer = require(row, "answer", where)
+    else:
+        answer = last_boxed(solution)
+        if not answer:
+            raise ValueError(f"{where}: expected key 'answer' or a \\boxed{{...}} answer in key 'solution'")
+    return {
+        "id": str(row.get("unique_id", default_id)),
+        "question": question,
+        "solution": make_target(solution, answer),
+        "answer": answer,
+        "level": _level(row["level"], where) if "level" in row else None,
+        "subject": row.get("subject", row.get("type")),
+    }
+
+
+def load(path: str | Path, split: str | None = None) -> list[dict]:
+    """Records of a MATH jsonl file. Ids: the file's "unique_id" if present, else "math-{split}-{idx:05d}"."""
+    path = Path(path)
+    split = split or path.stem
+    records = []
+    for index, (line_number, row) in enumerate(read_jsonl(path)):
+        idx = row.get("idx") if isinstance(row, dict) else None
+        idx = idx if isinstance(idx, int) else index
+        records.append(make_record(row, f"{NAME}-{split}-{idx:05d}", f"{path}:{line_number}"))
+    return records
