@@ -1,14 +1,17 @@
 # w2s: the two commands a new user needs are `make demo` and `make test`.
 PY ?= python3
 TORCH_CPU ?= torch==2.13.0
+NPROC ?= 1
+# One process: plain python. Several: torchrun (sampling shards prompts, training uses FSDP2).
+LAUNCH = $(if $(filter 1,$(NPROC)),$(PY),$(PY) -m torch.distributed.run --nproc_per_node=$(NPROC))
 
-.PHONY: install test test-gpu lint bench-kernels bench-sampling bench-train
+.PHONY: install test test-gpu lint gsm8k math bench-kernels bench-sampling bench-train
 
 # Installs torch only when none is importable (a GPU node keeps its own CUDA build); the pinned
 # version resolves to the local CPU wheel on the development machines and in CI.
 install:
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(TORCH_CPU)
-	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install -e ".[dev,plot]"
 
 test:
 	$(PY) -m pytest -q tests
@@ -18,3 +21,19 @@ test-gpu:
 
 lint:
 	$(PY) -m ruff check w2s kernels scripts tests
+
+# The paper's experiments: make gsm8k NPROC=8 [RECIPE=recipes/gsm8k.toml]
+gsm8k:
+	$(LAUNCH) scripts/pipeline.py $(or $(RECIPE),recipes/gsm8k.toml)
+
+math:
+	$(LAUNCH) scripts/pipeline.py $(or $(RECIPE),recipes/math.toml)
+
+bench-kernels:
+	$(PY) -m kernels.bench
+
+bench-sampling:
+	$(PY) scripts/bench_sampling.py
+
+bench-train:
+	$(PY) scripts/bench_train.py

@@ -6,7 +6,7 @@ setup(
     version="0.1.0",
     description="Weak-to-strong reasoning (Yang, Ma, Liu 2024) from scratch in PyTorch",
     packages=["w2s", "w2s.tasks", "w2s.stages", "kernels"],
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     # torch is left unpinned on purpose: a GPU node keeps the CUDA build it already has
     # (`make install` installs the pinned CPU wheel only when no torch is importable).
     install_requires=[

@@ -2,6 +2,9 @@
 
     w2s --help
     w2s inspect CKPT_DIR          family, shapes, parameters, dtype and memory of an HF checkpoint (no weights read)
+    w2s run RECIPE                the whole weak-to-strong pipeline (skips finished stages, resumes killed ones)
+    w2s report RUN_DIR            the paper-style table and plot of a run
+    w2s data                      download GSM8K / MATH, or say which file to put where when offline
 """
 
 from collections import Counter
@@ -82,6 +85,45 @@ def inspect(ckpt_dir):
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         click.echo(f"{k:<{width}}  {v}")
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--runs", default="runs", show_default=True, help="Directory holding runs/<recipe name>/.")
+@click.option("--no-progress", is_flag=True, help="No progress bars (logs only).")
+def run(recipe, runs, no_progress):
+    """Run every stage of RECIPE (a TOML file, see recipes/) that is not already done.
+
+    Each stage writes runs/<name>/<NN_stage>/ with its data and a meta.json written last; a finished stage is
+    skipped, a killed one resumes, and changing an option reruns exactly the stages that depend on it.
+    """
+    from w2s.pipeline import run_pipeline
+
+    _, _, text = run_pipeline(recipe, runs_dir=runs, progress=not no_progress)
+    click.echo(text)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--no-plot", is_flag=True, help="Skip report.png.")
+def report(run_dir, no_plot):
+    """Print the paper-style table of RUN_DIR (accuracy, PGR, filtered sets, stage costs) and write report.png."""
+    from w2s.report import report as make_report
+
+    click.echo(make_report(run_dir, plot=not no_plot))
+
+
+@main.command()
+@click.option("--dest", default="data", show_default=True, type=click.Path(path_type=Path),
+              help="Where to put gsm8k/ and math/ jsonl files.")
+@click.option("--offline", is_flag=True, help="Do not try the network; only list what is missing and where from.")
+def data(dest, offline):
+    """Download the public GSM8K and MATH files into DEST; offline, print exactly which file to put where."""
+    from w2s.tasks import fetch_data
+
+    missing = fetch_data(dest, offline=offline, log=click.echo)
+    if missing:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

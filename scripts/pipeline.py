@@ -1,0 +1,12 @@
+"""Run the weak-to-strong pipeline of a recipe (same as `w2s run RECIPE`).
+
+    python scripts/pipeline.py recipes/demo.toml
+    torchrun --nproc_per_node=8 scripts/pipeline.py recipes/gsm8k.toml     # sampling and training use all ranks
+
+Finished stages are skipped; a killed run picks up where it stopped. `--help` lists the options.
+"""
+
+from w2s.cli import run
+
+if __name__ == "__main__":
+    run()
