@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import sympy
 
-from w2s.tasks import extract_answer, grade, is_equiv, load_records, normalize_answer
+from w2s.tasks import answer_key, extract_answer, grade, is_equiv, load_records, normalize_answer
 from w2s.tasks.grading import LatexParseError, last_boxed, latex_to_sympy
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -138,6 +138,8 @@ def test_math_gold_answers_respelled_as_model_outputs_grade_correct():
         ):
             if not grade(response, answer, "math"):
                 wrong.append((record["id"], response))
+            if answer_key(extract_answer(response, "math"), "math") != answer_key(answer, "math"):
+                wrong.append((record["id"], "vote key differs", response))
     assert wrong == []
 
 
@@ -210,6 +212,10 @@ def test_extract_answer(text, task, expected):
         ("1,\\!000", "1000"),
         ("\\text{Devon}", "Devon"),
         ("$\\$5$.", "5"),
+        ("x \\in [-2, 7]", "[-2,7]"),
+        ("90{,}900", "90900"),
+        ("\\sin x \\cdot \\pi", "\\sin x\\cdot\\pi"),  # the space ending "\\sin" survives
+        ("\\boxed{90\\text{ square", "90"),  # an answer cut at a line end inside its braces
     ],
 )
 def test_normalize_answer(raw, normalized):
@@ -235,6 +241,7 @@ def test_normalize_answer(raw, normalized):
         ("(3, \\frac{\\pi}{2})", "\\left( 3, \\frac{\\pi}{2} \\right)"),
         ("(0.5, 2)", "(\\frac{1}{2}, 2)"),
         ("\\sqrt[3]{8}", "2"),
+        ("\\sin x\\cdot 2", "2\\sin(x)"),
     ],
 )
 def test_known_equivalences(pred, gold):
@@ -255,6 +262,7 @@ def test_known_equivalences(pred, gold):
         ("0.333333", "\\frac{1}{3}"),  # close is not equal
         ("10^{10^{10}}", "10"),  # must not hang: the exponent guard refuses it, exact match says no
         ("\\text{A}", "\\text{B}"),
+        ("\\text{Devon}", "\\text{Noved}"),  # words are not products of letters
     ],
 )
 def test_known_non_equivalences(pred, gold):
@@ -268,6 +276,16 @@ def test_empty_answers_never_match(task):
     assert not is_equiv("\\text{}", "$ $", task)  # both normalize to ""
     assert not is_equiv("", "5", task)
     assert not grade("no answer here", "", task)
+
+
+def test_answer_key_groups_equal_answers_for_voting():
+    assert answer_key("0.5", "math") == answer_key("\\frac{1}{2}", "math") == answer_key("\\boxed{\\tfrac12}", "math")
+    assert answer_key("\\frac{\\sqrt{2}}{2}", "math") == answer_key("\\frac{1}{\\sqrt2}", "math")
+    assert answer_key("(0.5, 2)", "math") == answer_key("\\left(\\frac{1}{2},2\\right)", "math")
+    assert answer_key("0.5", "math") != answer_key("0.05", "math")
+    assert answer_key("\\text{Devon}", "math") != answer_key("\\text{Noved}", "math")
+    assert answer_key("1,080", "gsm8k") == answer_key("$1080", "gsm8k") == "1080"
+    assert answer_key("", "math") == answer_key("\\text{}", "gsm8k") == ""
 
 
 def test_gsm8k_compares_strings_only():

@@ -183,9 +183,12 @@ def normalize_answer(answer: str) -> str:
     s = re.sub(r"\\(?:left|right)(?![A-Za-z])", "", s)  # \left( -> (, but \rightarrow stays
     for old, new in _NOISE:
         s = s.replace(old, new)
+    s = re.sub(r"^\s*[A-Za-z]\s*\\in(?![A-Za-z])", "", s)  # "x \in [2, 5)" -> "[2, 5)"
     s = re.sub(r"(?<![A-Za-z\\])and(?![A-Za-z])", ",", s)  # "1 and 2" -> "1,2"
     s = _UNIT_RE.sub("", s)
-    s = re.sub(r"\s+", "", s)
+    # Drop whitespace, except the one space that ends a command before a letter ("\sin x" must not become "\sinx").
+    s = re.sub(r"(\\[A-Za-z]+)\s+(?=[A-Za-z])", "\\1\0", s)
+    s = re.sub(r"\s+", "", s).replace("\0", " ")
     s = re.sub(r",+", ",", s).strip(",")
     s = _brace_frac_sqrt(s)
     s = s.rstrip(".")
@@ -366,6 +369,8 @@ def latex_to_sympy(s: str) -> sympy.Expr:
     """Parse a normalized LaTeX answer into a sympy expression; raises LatexParseError when it cannot."""
     if not s or len(s) > 200:
         raise LatexParseError("empty or too long")
+    if re.search(r"[A-Za-z]{3}", re.sub(r"\\[A-Za-z]+", " ", s)):  # words, not products: "Devon" != D*e*v*o*n
+        raise LatexParseError("looks like text")
     return _Parser(_tokenize(s)).parse()
 
 
@@ -439,6 +444,26 @@ def is_equiv(pred: str, gold: str, task: str) -> bool:
     if a == b:
         return True
     return task == "math" and _math_equal(a, b)
+
+
+def answer_key(answer: str, task: str) -> str:
+    """A hashable canonical form for grouping answers (majority vote): normalized, and for MATH each part rewritten
+    by sympy when it parses (0.5 and \\frac{1}{2} both give "1/2"). Equal keys imply is_equiv (keys are never ""
+    unless the answer is empty); is_equiv can still hold across keys, e.g. (x+1)^2 vs x^2+2x+1."""
+    _check_task(task)
+    s = normalize_answer(answer)
+    if task != "math" or not s:
+        return s
+    opener, parts, closer = _split_top_level(s)
+    return opener + ",".join(_expression_key(part) for part in parts) + closer
+
+
+@lru_cache(maxsize=1 << 16)
+def _expression_key(s: str) -> str:
+    try:
+        return str(latex_to_sympy(s))
+    except Exception:  # not parseable: the normalized string is the key
+        return s
 
 
 def grade(response: str, gold_answer: str, task: str) -> bool:
