@@ -1,0 +1,145 @@
+"""RMSNorm in Triton: forward and backward, with both numerics of kernels/reference.py.
+
+    unit_offset=False (Llama, Mistral): y = w * cast(x * rstd)        the normalized row is rounded to x.dtype first
+    unit_offset=True  (Gemma, Gemma-2): y = cast(x * rstd * (1 + w))  all in fp32, one rounding at the end
+
+One program normalizes one row (the whole row fits in registers: D <= 16k). The forward keeps rstd (M,) fp32 for
+the backward, which recomputes the normalized row instead of storing it. The weight gradient is a sum over rows:
+each backward program walks a strided set of rows, accumulates its partial dw in fp32, and torch sums the
+(programs, D) partials — no atomics, deterministic.
+
+    python -m pytest -q tests/test_kernels.py -k rms_norm    # CPU, TRITON_INTERPRET=1, against the reference
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, D, eps, x_stride, y_stride,
+                         UNIT_OFFSET: tl.constexpr, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
+    xf = x.to(tl.float32)
+    rstd = tl.math.rsqrt(tl.sum(xf * xf, axis=0) / D + eps)
+    tl.store(rstd_ptr + row, rstd)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    normed = xf * rstd
+    if UNIT_OFFSET:
+        y = normed * (1.0 + w)
+    else:
+        # Llama rounds the normalized row to the input dtype before the weight multiply; so do we.
+        y = normed.to(x.dtype).to(tl.float32) * w
+    tl.store(y_ptr + row * y_stride + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, M, D, dy_stride, x_stride,
+                         dx_stride, rows_per_program, UNIT_OFFSET: tl.constexpr, BLOCK_D: tl.constexpr):
+    # y = n * s with n = x * rstd and s = w (or 1 + w). Then dn = dy * s and
+    # dx = rstd * (dn - n * mean(dn * n)),   dw = sum_rows dy * n   (n rounded as in the forward for Llama).
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    scale = 1.0 + w if UNIT_OFFSET else w
+    dw_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    # walk the rows by advancing pointers (int64 arithmetic: M * D may exceed 2^31)
+    first = row_start.to(tl.int64)
+    x_ptr += first * x_stride
+    dy_ptr += first * dy_stride
+    dx_ptr += first * dx_stride
+    rstd_ptr += first
+    for _ in range(row_start, row_end):
+        x = tl.load(x_ptr + cols, mask=mask, other=0.0)
+        xf = x.to(tl.float32)
+        dy = tl.load(dy_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr)
+        n = xf * rstd
+        dn = dy * scale
+        dx = rstd * (dn - n * (tl.sum(dn * n, axis=0) / D))
+        tl.store(dx_ptr + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if UNIT_OFFSET:
+            dw_acc += dy * n
+        else:
+            dw_acc += dy * n.to(x.dtype).to(tl.float32)
+        x_ptr += x_stride
+        dy_ptr += dy_stride
+        dx_ptr += dx_stride
+        rstd_ptr += 1
+    tl.store(dw_partial_ptr + pid * D + cols, dw_acc, mask=mask)
+
+
+def _launch_config(D):
+    block = triton.next_power_of_2(D)
+    if block > 16384:
+        raise ValueError(f"rms_norm: hidden size {D} too large for one row per program (max 16384)")
+    num_warps = min(max(block // 256, 1), 16)  # ~8 elements per thread
+    return block, num_warps
+
+
+def _num_programs(device, M):
+    if device.type == "cuda":
+        return min(M, 2 * torch.cuda.get_device_properties(device).multi_processor_count)
+    return min(M, 4)  # the CPU interpreter: a few programs still exercise the strided row split
+
+
+def rms_norm_forward(x2d, weight, eps, unit_offset):
+    """x2d (M, D) with unit stride on D -> (y (M, D), rstd (M,) fp32)."""
+    M, D = x2d.shape
+    out_dtype = x2d.dtype if unit_offset else torch.promote_types(x2d.dtype, weight.dtype)
+    y = torch.empty((M, D), dtype=out_dtype, device=x2d.device)
+    rstd = torch.empty(M, dtype=torch.float32, device=x2d.device)
+    block, num_warps = _launch_config(D)
+    _rms_norm_fwd_kernel[(M,)](x2d, weight, y, rstd, D, eps, x2d.stride(0), y.stride(0),
+                               UNIT_OFFSET=unit_offset, BLOCK_D=block, num_warps=num_warps)
+    return y, rstd
+
+
+def rms_norm_backward(dy2d, x2d, weight, rstd, unit_offset):
+    """-> (dx (M, D) in x.dtype, dweight (D,) in weight.dtype)."""
+    M, D = x2d.shape
+    dx = torch.empty_like(x2d)
+    programs = _num_programs(x2d.device, M)
+    rows_per_program = triton.cdiv(M, programs)
+    programs = triton.cdiv(M, rows_per_program)
+    dw_partial = torch.empty((programs, D), dtype=torch.float32, device=x2d.device)
+    block, num_warps = _launch_config(D)
+    _rms_norm_bwd_kernel[(programs,)](dy2d, x2d, weight, rstd, dx, dw_partial, M, D, dy2d.stride(0),
+                                      x2d.stride(0), dx.stride(0), rows_per_program,
+                                      UNIT_OFFSET=unit_offset, BLOCK_D=block, num_warps=num_warps)
+    return dx, dw_partial.sum(0).to(weight.dtype)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps, unit_offset):
+        shape = x.shape
+        x2d = x.reshape(-1, shape[-1])
+        if x2d.stride(-1) != 1:
+            x2d = x2d.contiguous()
+        y, rstd = rms_norm_forward(x2d, weight, eps, unit_offset)
+        ctx.save_for_backward(x2d, weight, rstd)
+        ctx.unit_offset = unit_offset
+        return y.view(shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2d, weight, rstd = ctx.saved_tensors
+        dy2d = dy.reshape(-1, dy.shape[-1])
+        if dy2d.stride(-1) != 1:
+            dy2d = dy2d.contiguous()
+        dx, dw = rms_norm_backward(dy2d, x2d, weight, rstd, ctx.unit_offset)
+        return dx.view(dy.shape), (dw if ctx.needs_input_grad[1] else None), None, None
+
+
+def rms_norm(x, weight, eps, unit_offset=False):
+    """RMSNorm over the last dim of x (..., D) with weight (D,); same contract as kernels.reference.rms_norm."""
+    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"rms_norm: weight shape {tuple(weight.shape)} does not match x's last dim {x.shape[-1]}")
+    return RMSNormFunction.apply(x, weight, eps, unit_offset)

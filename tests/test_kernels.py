@@ -1,0 +1,340 @@
+"""Triton kernels (rms_norm, rope, swiglu/geglu, fused linear losses) against kernels/reference.py.
+
+On CPU the kernels run under TRITON_INTERPRET=1 (set here before triton is imported) in fp32 and fp16 at tiny odd
+shapes; tests marked `gpu` run the compiled kernels in bf16 at realistic shapes and are skipped without CUDA.
+Attention has its own tests beside kernels/attention.py.
+
+Tolerances. fp32: the kernel and the reference do the same math with different reduction orders, so they agree to
+~1e-5. Low precision: the reference itself is only as exact as its dtype, so the kernel must be *as accurate as
+eager PyTorch*: its max error against the reference computed in fp32 on the same inputs may be at most twice the
+reference's own low-precision error, plus one ulp of the output's magnitude (the floor for when the low-precision
+reference happens to be exact).
+
+    python -m pytest -q tests/test_kernels.py            # CPU, ~30 s
+    python -m pytest -q -m gpu tests/test_kernels.py     # GPU
+"""
+
+import math
+import os
+
+import pytest
+import torch
+
+# On a machine without CUDA every kernel runs in Triton's interpreter, which must be switched on before triton is
+# imported. With CUDA the same tests run the compiled kernels on the GPU.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from kernels import fused_linear, glu, reference, rms_norm, rope  # noqa: E402
+
+FP32_TOL = dict(atol=1e-5, rtol=1e-5)
+requires_cuda = pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA")
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_device():
+    torch.manual_seed(0)
+    torch.set_default_device(DEVICE)
+    yield
+    torch.set_default_device(None)
+
+
+def assert_as_accurate(out, ref_low, ref_high, name=""):
+    """out (low precision) is within 2x the error of the low-precision reference vs the fp32 reference, + 1 ulp."""
+    ulp = torch.finfo(ref_low.dtype).eps
+    out, ref_low, ref_high = out.double(), ref_low.double(), ref_high.double()
+    ref_err = (ref_low - ref_high).abs().max().item()
+    err = (out - ref_high).abs().max().item()
+    allowed = 2 * ref_err + ulp * ref_high.abs().max().item()
+    assert err <= allowed, f"{name}: max error {err:.3e} > allowed {allowed:.3e} (reference's own: {ref_err:.3e})"
+
+
+def run_with_grads(fn, inputs):
+    """Forward fn(*inputs) and backward of a fixed random linear function of its output -> [out, *grads]."""
+    inputs = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+    out = fn(*inputs)
+    gen = torch.Generator(device=out.device).manual_seed(1)  # the same upstream gradient for every run
+    out.backward(torch.randn(out.shape, generator=gen, device=out.device).to(out.dtype))
+    return [out.detach()] + [t.grad for t in inputs if t.requires_grad]
+
+
+def check_against_reference(kernel_fn, reference_fn, inputs, dtype, names):
+    """fp32: tight. fp16: kernel in fp16 must be as accurate as the reference in fp16 (both vs the fp32 reference)."""
+    cast = [t.to(dtype) if t.is_floating_point() else t for t in inputs]
+    got = run_with_grads(kernel_fn, cast)
+    ref = run_with_grads(reference_fn, cast)
+    assert len(got) == len(ref) == len(names)
+    if dtype == torch.float32:
+        for name, g, r in zip(names, got, ref):
+            assert g.dtype == r.dtype, f"{name}: dtype {g.dtype} != reference {r.dtype}"
+            torch.testing.assert_close(g, r, **FP32_TOL, msg=lambda m: f"{name}: {m}")
+        return
+    # the fp32 reference on the same (already rounded) inputs
+    high = run_with_grads(reference_fn, [t.float() if t.is_floating_point() else t for t in cast])
+    for name, g, r, h in zip(names, got, ref, high):
+        assert g.dtype == r.dtype, f"{name}: dtype {g.dtype} != reference {r.dtype}"
+        assert_as_accurate(g, r, h, name)
+
+
+# ----------------------------------------------------------------------------------------------------- rms_norm
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("unit_offset", [False, True])
+@pytest.mark.parametrize("shape", [(3, 5, 48), (7, 80)])
+def test_rms_norm_matches_reference(dtype, unit_offset, shape):
+    x = torch.randn(shape) * 3 + 0.5
+    w = torch.randn(shape[-1]) * 0.5 + (0.0 if unit_offset else 1.0)
+    eps = 1e-6
+
+    def kernel(x, w):
+        return rms_norm.rms_norm(x, w, eps, unit_offset=unit_offset)
+
+    def ref(x, w):
+        return reference.rms_norm(x, w, eps, unit_offset=unit_offset)
+
+    check_against_reference(kernel, ref, [x, w], dtype, ["y", "dx", "dweight"])
+
+
+def test_rms_norm_fp32_weight_on_fp16_activations_and_strided_rows():
+    # Llama keeps fp32 norm weights under some mixed-precision setups: output promotes to fp32 like the reference.
+    x = (torch.randn(4, 9, 64) * 2)[:, ::2]  # rows with a gap between them (row stride 128, not 64)
+    w = torch.randn(64)
+    got = run_with_grads(lambda x, w: rms_norm.rms_norm(x, w, 1e-5), [x.half(), w])
+    ref = run_with_grads(lambda x, w: reference.rms_norm(x, w, 1e-5), [x.half(), w])
+    assert got[0].dtype == ref[0].dtype == torch.float32
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g.float(), r.float(), atol=2e-3, rtol=2e-3)
+
+
+def test_rms_norm_rejects_mismatched_weight():
+    with pytest.raises(ValueError, match="weight shape"):
+        rms_norm.rms_norm(torch.randn(2, 8), torch.ones(7), 1e-6)
+
+
+# --------------------------------------------------------------------------------------------------------- rope
+
+def _inv_freq(D, base=10000.0):
+    return 1.0 / base ** (torch.arange(0, D, 2, dtype=torch.float32) / D)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("B,T,H,D", [(2, 5, 3, 48), (1, 3, 5, 80)])
+def test_rope_matches_reference_at_arbitrary_positions(dtype, B, T, H, D):
+    x = torch.randn(B, T, H, D)
+    positions = torch.randint(0, 9000, (B, T))  # non-monotonic, large: sampler slots at any position
+    inv_freq = _inv_freq(D)
+    check_against_reference(lambda x: rope.rope(x, positions, inv_freq),
+                            lambda x: reference.rope(x, positions, inv_freq), [x], dtype, ["y", "dx"])
+
+
+def test_rope_strided_input_and_expanded_positions():
+    # q from a (B, H, T, D) layout viewed as (B, T, H, D); positions broadcast over the batch (stride 0)
+    B, T, H, D = 2, 6, 4, 32
+    x = torch.randn(B, H, T, D).transpose(1, 2)
+    positions = torch.arange(10, 10 + T).expand(B, T)
+    inv_freq = _inv_freq(D, base=500000.0)
+    got = run_with_grads(lambda x: rope.rope(x, positions, inv_freq), [x])
+    ref = run_with_grads(lambda x: reference.rope(x, positions, inv_freq), [x])
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, **FP32_TOL)
+
+
+def test_rope_is_a_rotation():
+    # independent of the reference: rotation preserves the norm of each (x1_i, x2_i) pair, and position 0 is identity
+    x = torch.randn(1, 4, 2, 16)
+    inv_freq = _inv_freq(16)
+    y = rope.rope(x, torch.tensor([[0, 7, 3, 1000]]), inv_freq)
+    torch.testing.assert_close(y[:, 0], x[:, 0])
+    pair_norm = lambda t: t[..., :8] ** 2 + t[..., 8:] ** 2
+    torch.testing.assert_close(pair_norm(y), pair_norm(x), **FP32_TOL)
+
+
+# ---------------------------------------------------------------------------------------------------------- glu
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("name", ["swiglu", "geglu"])
+def test_glu_matches_reference(dtype, name):
+    gate = torch.randn(3, 7, 80) * 4  # wide range: the tails of silu / tanh saturate
+    up = torch.randn(3, 7, 80)
+    check_against_reference(getattr(glu, name), getattr(reference, name), [gate, up], dtype, ["out", "dgate", "dup"])
+
+
+def test_glu_non_contiguous_halves_of_a_fused_projection():
+    gate_up = torch.randn(5, 2 * 33)
+    gate, up = gate_up[:, :33], gate_up[:, 33:]  # views with row stride 66
+    got = run_with_grads(glu.geglu, [gate, up])
+    ref = run_with_grads(reference.geglu, [gate, up])
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, **FP32_TOL)
+
+
+def test_geglu_hand_values():
+    # gelu_tanh(1) = 0.5 * (1 + tanh(sqrt(2/pi) * 1.044715)) = 0.8411919906
+    out = glu.geglu(torch.tensor([1.0, 0.0, -30.0]), torch.tensor([2.0, 5.0, 1.0]))
+    torch.testing.assert_close(out, torch.tensor([2 * 0.8411919906, 0.0, 0.0]), atol=1e-6, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------- fused linear
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Tiny shapes still take the multi-chunk, multi-block paths: 8-row chunks, 64-column vocabulary blocks."""
+    monkeypatch.setattr(fused_linear, "MAX_BLOCK_V", 64)
+
+    def set_rows(rows, V, elem):
+        monkeypatch.setattr(fused_linear, "CHUNK_BYTES", rows * V * elem)
+
+    return set_rows
+
+
+def _fused_inputs(N=37, D=48, V=131, ignore_index=-100, logit_scale=1.0):
+    hidden = torch.randn(N, D)
+    weight = torch.randn(V, D) * (logit_scale / math.sqrt(D))
+    targets = torch.randint(0, V, (N,))
+    targets[torch.randperm(N)[: N // 4]] = ignore_index  # prompt / padding tokens
+    return hidden, weight, targets
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_linear_cross_entropy_matches_reference(small_chunks, dtype, softcap):
+    hidden, weight, targets = _fused_inputs(logit_scale=8.0)  # logits of +-10s: the soft-cap bends them hard
+    small_chunks(8, weight.shape[0], torch.finfo(dtype).bits // 8)
+
+    def loss(fn):
+        # upstream grad 0.37: checks that the precomputed gradients are scaled in the backward
+        return lambda h, w: fn(h, w, targets, softcap=softcap)[0] * 0.37
+
+    check_against_reference(loss(fused_linear.linear_cross_entropy), loss(reference.linear_cross_entropy),
+                            [hidden, weight], dtype, ["loss", "dhidden", "dweight"])
+    n_valid = fused_linear.linear_cross_entropy(hidden.to(dtype), weight.to(dtype), targets, softcap)[1]
+    assert n_valid.dtype == torch.int64 and n_valid.item() == (targets != -100).sum().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_linear_logprobs_matches_reference_under_any_upstream_gradient(small_chunks, dtype, softcap):
+    hidden, weight, targets = _fused_inputs(N=29, V=131, ignore_index=7, logit_scale=8.0)  # a real id as ignore
+    small_chunks(8, weight.shape[0], torch.finfo(dtype).bits // 8)
+
+    def dpo_like(fn):
+        # a nonlinear function of per-sequence sums, like DPO: every token gets a different upstream gradient
+        def f(h, w):
+            logp = fn(h, w, targets, softcap=softcap, ignore_index=7)
+            seq = torch.stack([logp[:10].sum(), logp[10:20].sum(), logp[20:].sum()])
+            return torch.cat([logp, torch.nn.functional.logsigmoid(seq[:1] - seq[1:2]) + seq[2:] ** 2 * 0.01])
+        return f
+
+    check_against_reference(dpo_like(fused_linear.linear_logprobs), dpo_like(reference.linear_logprobs),
+                            [hidden, weight], dtype, ["logprobs", "dhidden", "dweight"])
+    logp = fused_linear.linear_logprobs(hidden, weight, targets, softcap=softcap, ignore_index=7)
+    assert logp.dtype == torch.float32 and (logp[targets == 7] == 0).all() and (logp[targets != 7] < 0).all()
+
+
+def test_fused_linear_frozen_weight_and_no_grad(small_chunks):
+    hidden, weight, targets = _fused_inputs(N=20, V=70)
+    small_chunks(6, 70, 4)
+    h = hidden.clone().requires_grad_()
+    loss, _ = fused_linear.linear_cross_entropy(h, weight, targets)  # frozen lm_head: only d hidden
+    loss.backward()
+    h_ref = hidden.clone().requires_grad_()
+    reference.linear_cross_entropy(h_ref, weight, targets)[0].backward()
+    torch.testing.assert_close(h.grad, h_ref.grad, **FP32_TOL)
+    with torch.no_grad():
+        torch.testing.assert_close(fused_linear.linear_logprobs(h, weight, targets),
+                                   reference.linear_logprobs(hidden, weight, targets), **FP32_TOL)
+        torch.testing.assert_close(fused_linear.linear_cross_entropy(h, weight, targets)[0], loss.detach(),
+                                   **FP32_TOL)
+
+
+def test_fused_linear_all_ignored_and_hand_value():
+    hidden, weight = torch.randn(4, 8), torch.randn(5, 8)
+    targets = torch.full((4,), -100)
+    loss, n_valid = fused_linear.linear_cross_entropy(hidden, weight, targets)
+    assert loss.item() == 0.0 and n_valid.item() == 0
+    # zero weight: uniform softmax over V=5, so every valid token costs log(5)
+    loss, n_valid = fused_linear.linear_cross_entropy(hidden, torch.zeros(5, 8), torch.tensor([0, 4, -100, 2]))
+    assert n_valid.item() == 3
+    torch.testing.assert_close(loss, torch.tensor(3 * math.log(5.0)))
+
+
+def test_fused_linear_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="hidden"):
+        fused_linear.linear_cross_entropy(torch.randn(2, 3, 8), torch.randn(5, 8), torch.zeros(6, dtype=torch.long))
+    with pytest.raises(ValueError, match="targets"):
+        fused_linear.linear_logprobs(torch.randn(6, 8), torch.randn(5, 8), torch.zeros(5, dtype=torch.long))
+
+
+def test_ops_switch_routes_to_triton(monkeypatch):
+    from w2s import ops
+
+    monkeypatch.setattr(ops, "_backend", "triton")
+    x, w = torch.randn(3, 16), torch.randn(16)
+    torch.testing.assert_close(ops.rms_norm(x, w, 1e-6), reference.rms_norm(x, w, 1e-6), **FP32_TOL)
+    torch.testing.assert_close(ops.swiglu(x, x.flip(0)), reference.swiglu(x, x.flip(0)), **FP32_TOL)
+
+
+# ------------------------------------------------------------------------------------------------- GPU, bf16
+
+
+def _gpu_check(kernel_fn, reference_fn, inputs, names):
+    """bf16 on CUDA at realistic shapes: as accurate as the bf16 reference, both against the fp32 reference."""
+    torch.cuda.empty_cache()
+    check_against_reference(kernel_fn, reference_fn, inputs, torch.bfloat16, names)
+
+
+@pytest.mark.parametrize("unit_offset", [False, True])
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_rms_norm_bf16(unit_offset):
+    x = torch.randn(4096, 4096, device="cuda")
+    w = torch.rand(4096, device="cuda") + 0.5
+    _gpu_check(lambda x, w: rms_norm.rms_norm(x, w, 1e-5, unit_offset),
+               lambda x, w: reference.rms_norm(x, w, 1e-5, unit_offset), [x, w], ["y", "dx", "dweight"])
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_rope_bf16():
+    B, T, H, D = 2, 4096, 32, 128
+    x = torch.randn(B, T, H, D, device="cuda")
+    positions = torch.randint(0, 131072, (B, T), device="cuda")
+    inv_freq = _inv_freq(D, 500000.0).cuda()
+    _gpu_check(lambda x: rope.rope(x, positions, inv_freq), lambda x: reference.rope(x, positions, inv_freq), [x],
+               ["y", "dx"])
+
+
+@pytest.mark.parametrize("name", ["swiglu", "geglu"])
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_glu_bf16(name):
+    gate, up = torch.randn(2, 4096, 14336, device="cuda") * 3, torch.randn(2, 4096, 14336, device="cuda")
+    _gpu_check(getattr(glu, name), getattr(reference, name), [gate, up], ["out", "dgate", "dup"])
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_linear_cross_entropy_bf16(softcap):
+    N, D, V = 4096, 2048, 128256
+    hidden = torch.randn(N, D, device="cuda")
+    weight = torch.randn(V, D, device="cuda") * (4.0 / math.sqrt(D))
+    targets = torch.randint(0, V, (N,), device="cuda")
+    targets[::5] = -100
+    _gpu_check(lambda h, w: fused_linear.linear_cross_entropy(h, w, targets, softcap)[0],
+               lambda h, w: reference.linear_cross_entropy(h, w, targets, softcap)[0], [hidden, weight],
+               ["loss", "dhidden", "dweight"])
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_linear_logprobs_bf16():
+    N, D, V = 4096, 2048, 128256
+    hidden = torch.randn(N, D, device="cuda")
+    weight = torch.randn(V, D, device="cuda") * (4.0 / math.sqrt(D))
+    targets = torch.randint(0, V, (N,), device="cuda")
+    targets[::7] = -100
+    _gpu_check(lambda h, w: fused_linear.linear_logprobs(h, w, targets),
+               lambda h, w: reference.linear_logprobs(h, w, targets), [hidden, weight],
+               ["logprobs", "dhidden", "dweight"])
