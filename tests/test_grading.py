@@ -242,6 +242,9 @@ def test_normalize_answer(raw, normalized):
         ("(0.5, 2)", "(\\frac{1}{2}, 2)"),
         ("\\sqrt[3]{8}", "2"),
         ("\\sin x\\cdot 2", "2\\sin(x)"),
+        ("2\\frac{1}{2}", "2.5"),  # a mixed number
+        ("15\\frac{39}{40}", "\\frac{639}{40}"),
+        ("\u22125", "-5"),  # unicode minus
     ],
 )
 def test_known_equivalences(pred, gold):
@@ -301,6 +304,9 @@ def test_latex_parser():
     assert latex_to_sympy("3\\sqrt{2}\\cdot\\pi") == 3 * sympy.sqrt(2) * sympy.pi
     assert latex_to_sympy("-(x+1)") == -x - 1
     assert latex_to_sympy("0.25") == sympy.Rational(1, 4)  # decimals are exact
+    assert latex_to_sympy("-2\\frac{1}{2}") == sympy.Rational(-5, 2)  # mixed numbers ...
+    assert latex_to_sympy("2\\frac{x}{3}") == 2 * x / 3  # ... only with a proper numeric fraction
+    assert latex_to_sympy("x\\frac{1}{2}") == x / 2
     for bad in ("\\begin{pmatrix}1\\end{pmatrix}", "(1", "1+", "\\unknown{2}", "2^{10000}"):
         with pytest.raises(LatexParseError):
             latex_to_sympy(bad)

@@ -5,6 +5,7 @@ Three steps, used by every stage that compares answers (consistency filter, majo
     extract_answer(response, task)  ->  the final answer the response commits to ("" when there is none)
     normalize_answer(answer)        ->  a canonical string (Minerva-style: units, $, \\text{}, \\boxed{} ... removed)
     is_equiv(pred, gold, task)      ->  normalized strings equal, or (MATH) sympy shows the difference is 0
+    answer_key(answer, task)        ->  a hashable canonical form for grouping votes (0.5 and \\frac{1}{2} agree)
 
 sympy's own LaTeX parser needs antlr4, which we do not depend on, so `latex_to_sympy` below is a small
 recursive-descent parser for the LaTeX that final answers actually use (numbers, \\frac, \\sqrt, ^, \\cdot, \\pi,
@@ -111,7 +112,7 @@ _NOISE = (
     ("\\displaystyle", ""), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"),
     ("^{\\circ}", ""), ("^\\circ", ""), ("\\circ", ""), ("\\degree", ""), ("°", ""),
     ("\\%", ""), ("%", ""), ("\\$", ""), ("$", ""), ("{,}", ","), ("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\:", ""),
-    ("\\ ", " "), ("~", " "), ("\\dots", ""), ("\\ldots", ""), ("\\cdots", ""),
+    ("\\ ", " "), ("~", " "), ("\u2212", "-"), ("\\dots", ""), ("\\ldots", ""), ("\\cdots", ""),
 )  # fmt: skip
 _GROUPED_NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _DECIMAL = re.compile(r"-?\d*\.\d+")
@@ -279,6 +280,13 @@ class _Parser:
 
     def term(self) -> sympy.Expr:
         value = self.unary()
+        if value.is_Integer and self.tokens[self.i - 1].isdigit() and self.peek() == "\\frac":
+            # A mixed number, as MATH writes them: 2\frac{1}{2} is 2 + 1/2 (and -2\frac{1}{2} is -2.5), not 2 * 1/2.
+            fraction = self.power()
+            if fraction.is_Rational and 0 < fraction < 1:
+                value = value + fraction if value >= 0 else value - fraction
+            else:
+                value = value * fraction
         while True:
             tok = self.peek()
             if tok in _MULTIPLY:
