@@ -1,0 +1,393 @@
+"""The demo's miniature world: multi-step arithmetic word problems in GSM8K format, and the unlabeled text that
+the tiny "weak" and "strong" base models are pretrained on (design and rationale: docs/DEMO_WORLD.md).
+
+    problems = sample_problems(seed=0, n=100)             # structured Problems; .question, .solution(), .answer
+    splits = make_splits(seed=0, n_train_1=500, n_train_2=500, n_test=200)   # {"train_1"|"train_2"|"test": records}
+    docs = pretrain_corpus(seed=0, n=20_000, model="strong", exclude=questions_of(splits))
+    train_world_tokenizer(docs, "out/tokenizer")          # tokenizer.json + tokenizer_config.json, digits = 1 token
+    python -m w2s.world OUT_DIR                           # writes all of the above as files
+
+A record is {"id", "question", "answer"} exactly like a GSM8K line: "answer" is a worked solution with calculator
+annotations ("5+3=<<5+3=8>>8") and a last line "#### N", so w2s.tasks.gsm8k loads and strips it like the real thing.
+Every number is an integer and is computed from the structured Problem, never typed into a template by hand.
+
+Test: python -m pytest -q tests/test_world.py
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from w2s.tasks.gsm8k import strip_calculator
+
+# ----------------------------------------------------------------------------------------------------------------
+# The problems
+# ----------------------------------------------------------------------------------------------------------------
+
+NAMES = (("Ann", "she"), ("Ben", "he"), ("Cara", "she"), ("Dan", "he"), ("Eva", "she"), ("Finn", "he"),
+         ("Gia", "she"), ("Hal", "he"))
+ITEMS = ("apples", "pens", "coins", "cards", "books", "eggs", "shells", "stamps")
+# One sentence per step; several verbs per operation so that the model must read the verb, not its position.
+STEP_TEMPLATES = {
+    "+": ("{P} buys {n} more.", "{P} finds {n} more.", "{P} gets {n} more."),
+    "-": ("{P} sells {n}.", "{P} gives away {n}.", "{P} loses {n}."),
+    "*": ("{P} now has {n} times as many.",),
+    "/": ("{P} keeps one of {n} equal piles.",),
+}
+OPS = tuple(STEP_TEMPLATES)
+
+
+def apply_op(a: int, op: str, b: int) -> int:
+    """The exact integer result of one step (division is always exact by construction)."""
+    if op == "+":
+        return a + b
+    if op == "-":
+        return a - b
+    if op == "*":
+        return a * b
+    if op == "/":
+        if b == 0 or a % b:
+            raise ValueError(f"apply_op: {a}/{b} is not an exact integer division")
+        return a // b
+    raise ValueError(f"apply_op: unknown operation {op!r}; expected one of {' '.join(OPS)}")
+
+
+@dataclass(frozen=True)
+class Difficulty:
+    """How hard a problem is: its number of steps and the size of its numbers."""
+
+    min_steps: int = 2
+    max_steps: int = 4
+    max_start: int = 20    # the starting amount is 1..max_start
+    max_addend: int = 20   # amounts bought / sold are 1..max_addend
+    max_factor: int = 4    # "times as many" and "equal piles" use 2..max_factor
+    max_value: int = 99    # no amount, start to answer, ever exceeds this (two digits: learnable by a tiny model)
+
+    def __post_init__(self):
+        if not 1 <= self.min_steps <= self.max_steps:
+            raise ValueError(f"Difficulty: need 1 <= min_steps <= max_steps, got {self.min_steps}, {self.max_steps}")
+        if min(self.max_start, self.max_addend) < 1 or self.max_factor < 2 or self.max_value < self.max_start:
+            raise ValueError(f"Difficulty: sizes out of range: {self}")
+
+
+@dataclass(frozen=True)
+class Step:
+    op: str        # "+", "-", "*", "/"
+    operand: int
+    verb: int      # index into STEP_TEMPLATES[op]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A chain: a person starts with `start` items and each step changes the amount; the answer is the last amount."""
+
+    name: str
+    pronoun: str
+    item: str
+    start: int
+    steps: tuple[Step, ...]
+
+    def amounts(self, arithmetic=apply_op) -> list[int]:
+        """[start, after step 1, ..., after the last step]; `arithmetic` lets the weak corpus compute wrongly."""
+        values = [self.start]
+        for step in self.steps:
+            values.append(arithmetic(values[-1], step.op, step.operand))
+        return values
+
+    @property
+    def answer(self) -> int:
+        return self.amounts()[-1]
+
+    @property
+    def question(self) -> str:
+        subject = self.pronoun.capitalize()
+        sentences = [f"{self.name} has {self.start} {self.item}."]
+        sentences += [STEP_TEMPLATES[s.op][s.verb].format(P=subject, n=s.operand) for s in self.steps]
+        sentences.append(f"How many {self.item} now?")
+        return " ".join(sentences)
+
+    def lines(self, arithmetic=apply_op) -> list[str]:
+        """One "a op b=c" line per step, chained: each line starts from the previous line's result."""
+        values = self.amounts(arithmetic)
+        return [f"{values[i]}{s.op}{s.operand}={values[i + 1]}" for i, s in enumerate(self.steps)]
+
+    def solution(self, annotate: bool = True) -> str:
+        """The GSM8K-style worked solution: "5+3=<<5+3=8>>8" lines (annotations optional), then "#### N"."""
+        values = self.amounts()
+        lines = []
+        for i, s in enumerate(self.steps):
+            expression = f"{values[i]}{s.op}{s.operand}"
+            note = f"<<{expression}={values[i + 1]}>>" if annotate else ""
+            lines.append(f"{expression}={note}{values[i + 1]}")
+        return "\n".join(lines + [f"#### {values[-1]}"])
+
+
+def sample_problem(rng: random.Random, difficulty: Difficulty = Difficulty()) -> Problem:
+    """One random problem whose every amount stays in 0..max_value (operations that would leave it are redrawn)."""
+    d = difficulty
+    name, pronoun = rng.choice(NAMES)
+    item = rng.choice(ITEMS)
+    start = rng.randint(1, d.max_start)
+    amount, steps = start, []
+    for _ in range(rng.randint(d.min_steps, d.max_steps)):
+        # Only the operations that keep the amount an integer in range; "+" is always possible unless at the cap.
+        candidates = []
+        if amount < d.max_value:
+            candidates.append(("+", rng.randint(1, min(d.max_addend, d.max_value - amount))))
+        if amount >= 1:
+            candidates.append(("-", rng.randint(1, min(d.max_addend, amount))))
+        factors = [k for k in range(2, d.max_factor + 1) if 1 <= amount * k <= d.max_value]
+        if factors:
+            candidates.append(("*", rng.choice(factors)))
+        divisors = [k for k in range(2, d.max_factor + 1) if amount % k == 0 and amount >= k]
+        if divisors:
+            candidates.append(("/", rng.choice(divisors)))
+        op, operand = rng.choice(candidates)
+        steps.append(Step(op, operand, rng.randrange(len(STEP_TEMPLATES[op]))))
+        amount = apply_op(amount, op, operand)
+    return Problem(name, pronoun, item, start, tuple(steps))
+
+
+def sample_problems(seed: int, n: int, difficulty: Difficulty = Difficulty()) -> list[Problem]:
+    """n problems with distinct question texts, reproducible from seed."""
+    rng = random.Random(seed)
+    problems, seen = [], set()
+    attempts = 0
+    while len(problems) < n:
+        attempts += 1
+        if attempts > 50 * n + 1000:
+            raise ValueError(f"sample_problems: could not find {n} distinct questions at {difficulty}")
+        problem = sample_problem(rng, difficulty)
+        if problem.question not in seen:
+            seen.add(problem.question)
+            problems.append(problem)
+    return problems
+
+
+def to_record(problem: Problem, record_id: str) -> dict:
+    """A GSM8K-format line: {"id", "question", "answer" (worked solution with <<>> annotations, "#### N")}."""
+    return {"id": record_id, "question": problem.question, "answer": problem.solution(annotate=True)}
+
+
+SPLITS = ("train_1", "train_2", "test")
+
+
+def make_split_problems(seed: int, n_train_1: int, n_train_2: int, n_test: int,
+                        difficulty: Difficulty = Difficulty()) -> dict[str, list[Problem]]:
+    """Disjoint splits: the problems are drawn distinct by question text, then cut in order (no text is shared)."""
+    sizes = {"train_1": n_train_1, "train_2": n_train_2, "test": n_test}
+    if min(sizes.values()) < 0:
+        raise ValueError(f"make_splits: split sizes must be >= 0, got {sizes}")
+    problems = sample_problems(seed, sum(sizes.values()), difficulty)
+    out, begin = {}, 0
+    for split in SPLITS:
+        out[split] = problems[begin:begin + sizes[split]]
+        begin += sizes[split]
+    return out
+
+
+def make_splits(seed: int, n_train_1: int, n_train_2: int, n_test: int,
+                difficulty: Difficulty = Difficulty()) -> dict[str, list[dict]]:
+    """{"train_1", "train_2", "test"} -> GSM8K-format records with ids "world-{split}-{index:05d}"."""
+    problems = make_split_problems(seed, n_train_1, n_train_2, n_test, difficulty)
+    return {split: [to_record(p, f"world-{split}-{i:05d}") for i, p in enumerate(ps)] for split, ps in problems.items()}
+
+
+def questions_of(splits: dict[str, list[dict]]) -> set[str]:
+    """Every question text of the splits: pass it as `exclude` so no pretraining document contains one."""
+    return {record["question"] for records in splits.values() for record in records}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pretraining corpora (why each choice: docs/DEMO_WORLD.md)
+# ----------------------------------------------------------------------------------------------------------------
+
+QUESTION_LABELS = ("Question", "Problem", "Task", "Exercise", "Puzzle")
+SOLUTION_LABELS = ("Answer", "Solution", "Work", "Steps", "Reasoning")
+FINAL_LINES = ("#### {n}", "Result: {n}", "Total: {n}", "The answer is {n}.")
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    """What one base model reads. Fractions are of documents; the rest of the documents are worked worksheets."""
+
+    difficulty: Difficulty
+    answer_key_fraction: float   # worksheets that give only the final number after the label, no work
+    qa_answer_key_share: float   # of those, the share labelled exactly "Question:" / "Answer:"
+    drill_fraction: float        # documents of bare arithmetic facts "17+8=25"
+    fact_error_rate: float       # share of arithmetic facts this corpus always gets wrong (the same way)
+    fixed_format: bool           # True: every worksheet is "Problem:/Solution:" ending "#### N"
+    max_per_doc: int             # problems per worksheet: 1..max_per_doc
+
+
+CORPUS_SPECS = {
+    # Strong: the whole task range, correct arithmetic, many layouts. Under "Question:/Answer:" it has mostly seen
+    # answer keys (a bare number), so zero-shot it answers without working; worked solutions live under other
+    # labels, and every label pair appears in both modes, so 4 worked demonstrations in context switch it over.
+    "strong": CorpusSpec(difficulty=Difficulty(min_steps=1, max_steps=4), answer_key_fraction=0.3,
+                         qa_answer_key_share=0.5, drill_fraction=0.2, fact_error_rate=0.0, fixed_format=False,
+                         max_per_doc=5),
+    # Weak: short chains of small numbers in one fixed layout, and a fifth of all arithmetic facts consistently
+    # wrong (misconceptions, not noise: greedy decoding reproduces them, so its labels carry systematic errors).
+    "weak": CorpusSpec(difficulty=Difficulty(min_steps=1, max_steps=2, max_start=12, max_addend=10, max_value=60),
+                       answer_key_fraction=0.0, qa_answer_key_share=0.0, drill_fraction=0.3, fact_error_rate=0.2,
+                       fixed_format=True, max_per_doc=2),
+}
+
+
+def _unit_hash(*parts) -> float:
+    """A stable number in [0, 1) per key (Python's hash() is salted per process for strings)."""
+    digest = hashlib.sha256("|".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def misconceived_arithmetic(error_rate: float):
+    """apply_op, except that a fixed `error_rate` share of facts (a, op, b) always gives the same wrong result."""
+    deltas = (-10, -2, -1, 1, 2, 10)
+
+    def arithmetic(a: int, op: str, b: int) -> int:
+        # After an earlier wrong step the chain can leave the integers: floor the division, clip at zero.
+        right = max(a // b if op == "/" else apply_op(a, op, b), 0)
+        if _unit_hash("fact", a, op, b) >= error_rate:
+            return right
+        wrong = right + deltas[int(_unit_hash("delta", a, op, b) * len(deltas))]
+        return wrong if wrong >= 0 else right + 1
+
+    return arithmetic
+
+
+def _worksheet(rng: random.Random, spec: CorpusSpec, exclude: set[str], arithmetic) -> str:
+    """1..max_per_doc problems in ONE layout (labels, final line, worked or answer-only): layout is learnable in
+    context, which is what lets 4 demonstrations override the model's default for a label pair."""
+    if spec.fixed_format:
+        q_label, s_label, final, worked = "Problem", "Solution", FINAL_LINES[0], True
+    else:
+        worked = rng.random() >= spec.answer_key_fraction
+        if not worked and rng.random() < spec.qa_answer_key_share:
+            q_label, s_label = "Question", "Answer"
+        else:
+            q_label, s_label = rng.choice(QUESTION_LABELS), rng.choice(SOLUTION_LABELS)
+        final = rng.choice(FINAL_LINES)
+    blocks = []
+    for _ in range(rng.randint(1, spec.max_per_doc)):
+        problem = sample_problem(rng, spec.difficulty)
+        while problem.question in exclude:
+            problem = sample_problem(rng, spec.difficulty)
+        result = problem.amounts(arithmetic)[-1]
+        if worked:
+            body = "\n".join(problem.lines(arithmetic) + [final.format(n=result)])
+        else:
+            body = str(result)
+        blocks.append(f"{q_label}: {problem.question}\n{s_label}: {body}")
+    return "\n\n".join(blocks)
+
+
+def _drill(rng: random.Random, spec: CorpusSpec, arithmetic) -> str:
+    """Bare facts "a op b=c" over the operand ranges of the corpus's difficulty, one per line."""
+    d = spec.difficulty
+    lines, count = [], rng.randint(8, 16)
+    while len(lines) < count:
+        a, op = rng.randint(0, d.max_value), rng.choice(OPS)
+        b = rng.randint(1, d.max_addend) if op in "+-" else rng.randint(2, d.max_factor)
+        in_range = {"+": a + b <= d.max_value, "-": b <= a, "*": a * b <= d.max_value, "/": a % b == 0}[op]
+        if in_range:  # the same facts the problems can produce, so drills and worked steps teach one table
+            lines.append(f"{a}{op}{b}={arithmetic(a, op, b)}")
+    return "\n".join(lines)
+
+
+def pretrain_corpus(seed: int, n: int, model: str = "strong", exclude: set[str] | None = None,
+                    spec: CorpusSpec | None = None) -> list[str]:
+    """n unlabeled documents of the world for the "weak" or "strong" base model (or a custom CorpusSpec).
+    No problem whose question is in `exclude` (pass questions_of(splits)) appears in any document."""
+    if spec is None:
+        if model not in CORPUS_SPECS:
+            raise ValueError(f"pretrain_corpus: unknown model {model!r}; expected one of {', '.join(CORPUS_SPECS)}")
+        spec = CORPUS_SPECS[model]
+    rng = random.Random(f"{model}-{seed}")
+    exclude = exclude or set()
+    arithmetic = misconceived_arithmetic(spec.fact_error_rate) if spec.fact_error_rate > 0 else apply_op
+    return [_drill(rng, spec, arithmetic) if rng.random() < spec.drill_fraction
+            else _worksheet(rng, spec, exclude, arithmetic) for _ in range(n)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizer
+# ----------------------------------------------------------------------------------------------------------------
+
+SPECIAL_TOKENS = ("<s>", "</s>", "<pad>")
+
+
+def train_world_tokenizer(texts, path: str | Path, vocab_size: int = 512):
+    """Byte-level BPE where every digit is its own token (so "47" is "4","7": arithmetic a tiny model can learn).
+    Writes path/tokenizer.json and path/tokenizer_config.json (BOS <s>, EOS </s>, pad <pad>, ids 0, 1, 2) so both
+    w2s.load_tokenizer and transformers' AutoTokenizer load the directory. Returns the tokenizers.Tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(alphabet) + len(SPECIAL_TOKENS):
+        raise ValueError(f"train_world_tokenizer: vocab_size {vocab_size} < {len(alphabet) + len(SPECIAL_TOKENS)} "
+                         f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
+    tokenizer = Tokenizer(models.BPE())
+    # Digits first (each digit its own pre-token, so no merge can join two), then GPT-2 style byte-level words.
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=alphabet, show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    bos, eos, pad = SPECIAL_TOKENS
+    # Llama convention: BOS first. transformers reads it from the post-processor; w2s from add_bos_token.
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.token_to_id(bos))])
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(path / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos, "pad_token": pad,
+              "add_bos_token": True, "add_eos_token": False, "model_max_length": 1024}
+    (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def write_world(out_dir: str | Path, seed: int = 0, n_train_1: int = 1000, n_train_2: int = 1000, n_test: int = 300,
+                n_docs: dict[str, int] | None = None) -> Path:
+    """out_dir/{train_1,train_2,test}.jsonl, out_dir/pretrain_{weak,strong}.jsonl ({"text"} per line) and
+    out_dir/tokenizer/ trained on all of it."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    splits = make_splits(seed, n_train_1, n_train_2, n_test)
+    exclude = questions_of(splits)
+    corpora = {model: pretrain_corpus(seed, count, model, exclude)
+               for model, count in (n_docs or {"weak": 5000, "strong": 20000}).items()}
+    for split, records in splits.items():
+        _write_jsonl(out_dir / f"{split}.jsonl", records)
+    for model, docs in corpora.items():
+        _write_jsonl(out_dir / f"pretrain_{model}.jsonl", [{"text": doc} for doc in docs])
+    # The tokenizer sees the prompt format too (gold solutions), so "Question"/"Answer"/"####" are single tokens.
+    sft_texts = [f"Question: {r['question']}\nAnswer: {strip_calculator(r['answer'])}"
+                 for records in splits.values() for r in records]
+    train_world_tokenizer([doc for docs in corpora.values() for doc in docs] + sft_texts, out_dir / "tokenizer")
+    return out_dir
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m w2s.world OUT_DIR")
+    print(write_world(sys.argv[1]))
