@@ -99,6 +99,19 @@ def test_math500_answers_match_the_original_math_solutions_of_the_same_problems(
     assert wrong == []
 
 
+@needs_data
+def test_normalize_is_idempotent_on_every_gold_answer_and_solution_tail():
+    # The pipeline stores normalized answers and compares them again later with is_equiv (which normalizes).
+    changed = []
+    for task, relpath in FILES:
+        for record in _records(task, relpath):
+            for text in (record["answer"], record["solution"][-200:]):
+                once = normalize_answer(text)
+                if normalize_answer(once) != once:
+                    changed.append((record["id"], text, once))
+    assert changed == []
+
+
 def _gsm8k_respellings(answer):
     plain = answer.replace(",", "")
     return [
