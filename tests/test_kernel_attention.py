@@ -1,0 +1,217 @@
+"""Triton flash attention (kernels/attention.py) against the PyTorch spec (kernels/reference.py): forward and every
+gradient, GQA/MQA, ragged lengths, sliding window, soft-cap, explicit positions and the decode path.
+
+Without CUDA the kernels run under TRITON_INTERPRET=1 on CPU (set below, before triton is imported); the shapes are
+tiny and odd so that every block edge and loop segment is hit. GPU-marked tests use bf16 at realistic shapes.
+
+    python -m pytest -q tests/test_kernel_attention.py
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from kernels import attention as flash  # noqa: E402
+from kernels import reference  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FP32_TOL = 1e-5  # max abs error relative to the tensor's largest entry; observed ~2e-7 in fp32
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def naive_low_precision(q, k, v, q_positions=None, kv_lengths=None, sliding_window=None, softcap=None, scale=None):
+    """Textbook attention computed entirely in the inputs' dtype (no fp32 upcast): the error yardstick for fp16/bf16.
+
+    As in FlashAttention's own tests, a half-precision kernel passes if its error against the fp32 reference is at
+    most twice the error of this plain half-precision implementation.
+    """
+    B, T, H, D = q.shape
+    S, K = k.shape[1], k.shape[2]
+    if q_positions is None:
+        q_positions = torch.arange(T, device=q.device).expand(B, T)
+    qh = q.transpose(1, 2)
+    kh, vh = (x.transpose(1, 2).repeat_interleave(H // K, dim=1) for x in (k, v))
+    scores = (qh @ kh.transpose(-1, -2)) * (D ** -0.5 if scale is None else scale)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    mask = reference.attention_mask(q_positions, S, kv_lengths, sliding_window)[:, None]
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)
+    return (probs @ vh).transpose(1, 2)
+
+
+def random_qkv(B, T, S, H, K, D, dtype):
+    seed = torch.seed()  # fresh inputs every run; the seed goes into failure messages
+    q, k, v = (torch.randn(shape, device=DEVICE).to(dtype) for shape in ((B, T, H, D), (B, S, K, D), (B, S, K, D)))
+    return seed, q, k, v
+
+
+def output_and_grads(fn, inputs, dtype, grad_out):
+    """fn's output and (dq, dk, dv) for fresh leaf copies of inputs cast to dtype."""
+    leaves = [x.to(dtype).clone().requires_grad_(True) for x in inputs]
+    out = fn(*leaves)
+    out.backward(grad_out.to(dtype))
+    return [out.detach()] + [x.grad for x in leaves]
+
+
+def max_err(actual, expected):
+    return (actual.float() - expected.float()).abs().max().item()
+
+
+def check_fp32(actual, expected, seed):
+    for name, a, e in zip(("out", "dq", "dk", "dv"), actual, expected):
+        bound = FP32_TOL * max(1.0, e.abs().max().item())
+        assert max_err(a, e) <= bound, f"{name}: max err {max_err(a, e):.2e} > {bound:.2e} (seed {seed})"
+
+
+def check_low_precision(actual, low_precision, expected, seed):
+    for name, a, lp, e in zip(("out", "dq", "dk", "dv"), actual, low_precision, expected):
+        bound = 2 * max_err(lp, e) + 1e-5
+        assert max_err(a, e) <= bound, f"{name}: max err {max_err(a, e):.2e} > 2 x naive {bound:.2e} (seed {seed})"
+
+
+def lengths(*values):
+    return torch.tensor(values, device=DEVICE)
+
+
+def compare(B, T, S, H, K, D, dtype=torch.float32, q_positions=None, **options):
+    """Forward + dq, dk, dv of the kernel vs the reference (fp32 maths on the same rounded inputs)."""
+    seed, q, k, v = random_qkv(B, T, S, H, K, D, dtype)
+    grad_out = torch.randn(B, T, H, D, device=DEVICE)
+    expected = output_and_grads(lambda *x: reference.attention(*x, q_positions=q_positions, **options),
+                                (q, k, v), torch.float32, grad_out)
+    actual = output_and_grads(lambda *x: flash.attention(*x, q_positions=q_positions, **options), (q, k, v), dtype,
+                              grad_out)
+    assert actual[0].dtype == dtype
+    if dtype == torch.float32:
+        check_fp32(actual, expected, seed)
+    else:
+        low = output_and_grads(lambda *x: naive_low_precision(*x, q_positions=q_positions, **options), (q, k, v),
+                               dtype, grad_out)
+        check_low_precision(actual, low, expected, seed)
+
+
+# --- training path (forward + backward), fp32 ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("B, T, H, K, D, options", [
+    (2, 33, 4, 2, 32, {}),  # GQA, T not a block multiple
+    (1, 1, 2, 1, 16, {}),  # a single token
+    (2, 7, 2, 2, 16, {"kv_lengths": (7, 4)}),  # right padding
+    (2, 5, 2, 2, 16, {"kv_lengths": (5, 0)}),  # a row with no visible key: zeros, zero gradients
+    (2, 33, 4, 1, 32, {"sliding_window": 5, "softcap": 5.0}),  # MQA, window much smaller than T, Gemma-2 cap
+    (2, 40, 2, 1, 64, {"sliding_window": 9, "softcap": 3.0, "kv_lengths": (30, 40), "scale": 0.2}),
+], ids=["gqa", "one-token", "padding", "empty-row", "mqa-window-softcap", "d64-everything"])
+def test_forward_and_grads_fp32(B, T, H, K, D, options):
+    if "kv_lengths" in options:
+        options = {**options, "kv_lengths": lengths(*options["kv_lengths"])}
+    compare(B, T, T, H, K, D, **options)
+
+
+def test_explicit_positions_with_grads_fp32():
+    # Queries continuing a cached prefix (S != T): the backward must handle arbitrary positions too.
+    positions = torch.stack([torch.arange(13, 20), torch.arange(5, 12)]).to(DEVICE)
+    compare(2, 7, 20, 4, 2, 16, q_positions=positions, kv_lengths=lengths(20, 12), sliding_window=6)
+
+
+def test_non_contiguous_inputs():
+    seed, q, k, v = random_qkv(2, 19, 19, 4, 2, 32, torch.float32)
+    q_view = q.transpose(1, 2).contiguous().transpose(1, 2)  # (B, T, H, D) view of a (B, H, T, D) buffer
+    cache = torch.randn(2, 30, 2, 32, device=DEVICE)
+    cache[:, :19] = k
+    k_view = cache[:, :19]  # a slice of a longer KV cache
+    assert not q_view.is_contiguous() and not k_view.is_contiguous()
+    out = flash.attention(q_view, k_view, v.transpose(1, 2).contiguous().transpose(1, 2), sliding_window=4)
+    check_fp32([out], [reference.attention(q, k, v, sliding_window=4)], seed)
+
+
+# --- training path, fp16 -------------------------------------------------------------------------------------------
+
+
+def test_forward_and_grads_fp16_gqa():
+    compare(2, 33, 33, 4, 2, 32, dtype=torch.float16)
+
+
+def test_forward_and_grads_fp16_window_softcap_padding():
+    compare(2, 40, 40, 4, 2, 64, dtype=torch.float16, sliding_window=7, softcap=5.0, kv_lengths=lengths(40, 22))
+
+
+# --- decode path (no grad, few tokens, long cache) -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype, T, H, options", [
+    (torch.float32, 3, 4, {}),
+    (torch.float32, 1, 8, {"sliding_window": 6, "softcap": 2.0}),  # one token, GQA group of 4 packed into rows
+    (torch.float16, 2, 4, {"sliding_window": 20, "softcap": 30.0}),
+], ids=["fp32", "fp32-window-softcap", "fp16"])
+def test_decode_matches_reference(dtype, T, H, options):
+    B, S, K, D = 2, 45, 2, 32
+    seed, q, k, v = random_qkv(B, T, S, H, K, D, dtype)
+    start = torch.tensor([[40], [10]], device=DEVICE)  # rows at different depths of the cache
+    positions = start + torch.arange(T, device=DEVICE)
+    kv_lengths = start[:, 0] + T
+    args = dict(q_positions=positions, kv_lengths=kv_lengths, **options)
+    with torch.no_grad():
+        assert flash._use_decode_path(q, k, v)
+        out = flash.attention(q, k, v, **args)
+    expected = reference.attention(q.float(), k.float(), v.float(), **args)
+    assert out.dtype == dtype
+    if dtype == torch.float32:
+        check_fp32([out], [expected], seed)
+    else:
+        check_low_precision([out], [naive_low_precision(q, k, v, **args)], [expected], seed)
+
+
+def test_grad_mode_with_few_tokens_uses_flash_path():
+    q, k, v = (torch.randn(1, 2, 2, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    assert not flash._use_decode_path(q, k, v)
+    with torch.no_grad():
+        assert flash._use_decode_path(q, k, v)
+
+
+# --- bad input -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("q_shape, kv_shape, kwargs, message", [
+    ((1, 4, 3, 16), (1, 4, 2, 16), {}, "multiple of K"),
+    ((1, 4, 2, 24), (1, 4, 2, 24), {}, "head dim 24"),
+    ((1, 4, 2, 16), (1, 4, 2, 16), {"q_positions": torch.zeros(1, 3, dtype=torch.long)}, "q_positions"),
+    ((1, 4, 2, 16), (1, 4, 2, 16), {"softcap": 0.0}, "softcap"),
+])
+def test_bad_input_is_a_clear_error(q_shape, kv_shape, kwargs, message):
+    q, k = torch.zeros(q_shape, device=DEVICE), torch.zeros(kv_shape, device=DEVICE)
+    with pytest.raises(ValueError, match=message):
+        flash.attention(q, k, k, **kwargs)
+
+
+# --- GPU, bf16, realistic shapes -----------------------------------------------------------------------------------
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_bf16_gqa_training_shape():
+    compare(2, 1024, 1024, 16, 4, 128, dtype=torch.bfloat16)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_bf16_head_dim_256_window_softcap_padding():
+    compare(2, 1024, 1024, 8, 4, 256, dtype=torch.bfloat16, sliding_window=256, softcap=50.0,
+            kv_lengths=lengths(1024, 700))
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_bf16_decode_long_cache():
+    B, S, H, K, D = 4, 4096, 32, 8, 128
+    seed, q, k, v = random_qkv(B, 1, S, H, K, D, torch.bfloat16)
+    positions = torch.tensor([[4095], [100], [2048], [0]], device=DEVICE)
+    args = dict(q_positions=positions, kv_lengths=positions[:, 0] + 1)
+    with torch.no_grad():
+        out = flash.attention(q, k, v, **args)
+    expected = reference.attention(q.float(), k.float(), v.float(), **args)
+    check_low_precision([out], [naive_low_precision(q, k, v, **args)], [expected], seed)
