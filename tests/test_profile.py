@@ -1,0 +1,165 @@
+"""Tests for w2s/profile.py: the FLOPs formula, MFU arithmetic, the log line, the timers, the trace (all on CPU).
+
+    python -m pytest -q tests/test_profile.py
+
+The FLOPs formula is checked twice: against a count by hand for a tiny config, and against torch's own
+FlopCounterMode on w2s's Transformer (every matmul of a forward, and of forward+backward, on a 1 x T batch).
+"""
+
+import json
+import time
+
+import pytest
+import torch
+
+from w2s.config import ModelConfig
+from w2s.profile import (
+    StageProfiler,
+    Timer,
+    flops_per_token,
+    fmt_log_line,
+    mfu,
+    peak_flops,
+)
+
+
+def tiny_cfg(**overrides):
+    fields = dict(family="llama", vocab_size=100, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=4,
+                  hidden_dim=32)
+    return ModelConfig(**{**fields, **overrides})
+
+
+def test_flops_per_token_by_hand():
+    # Per layer: q 16x16 + k 16x8 + v 16x8 + o 16x16 = 768, MLP 3 x 16x32 = 1536, two norms 2x16 = 32 -> 2336.
+    # N = 2 layers x 2336 + final norm 16 + output projection 100x16 = 6288 (the embedding table is a lookup).
+    n = 2 * 2336 + 16 + 1600
+    T = 10
+    attention_fwd = 4 * 2 * 4 * 4 * T  # 4 * L * H * D * T
+    assert flops_per_token(tiny_cfg(), seq_len=T, training=False) == 2 * n + attention_fwd
+    assert flops_per_token(tiny_cfg(), seq_len=T, training=True) == 6 * n + 3 * attention_fwd
+    # Tied embeddings: the output projection still multiplies, so N does not change.
+    assert flops_per_token(tiny_cfg(tie_embeddings=True), seq_len=T) == 6 * n + 3 * attention_fwd
+    # The same from plain numbers, and without the attention term.
+    assert flops_per_token(n_params=n, n_layers=2, n_heads=4, head_dim=4, seq_len=T) == 6 * n + 12 * 2 * 4 * 4 * T
+    assert flops_per_token(n_params=n, training=False) == 2 * n
+    # Sliding window 4 on layer 0 only: that layer attends to min(T, 4) keys.
+    windowed = flops_per_token(n_params=n, n_layers=2, n_heads=4, head_dim=4, seq_len=T, windows=[4, None],
+                               training=False)
+    assert windowed == 2 * n + 4 * 4 * 4 * (4 + T)
+
+
+def test_flops_per_token_matches_torch_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from w2s.model import Transformer
+
+    cfg = tiny_cfg()
+    torch.manual_seed(0)
+    model = Transformer(cfg).float()
+    norm_params = sum(p.numel() for name, p in model.named_parameters() if "norm" in name)
+    T = 12
+    tokens = torch.randint(0, cfg.vocab_size, (1, T))
+
+    with FlopCounterMode(display=False) as counter:
+        model(tokens)
+    # FlopCounterMode counts matmuls only: the formula's N includes the (tiny) norm weights, so remove them.
+    expected_fwd = T * (flops_per_token(cfg, seq_len=T, training=False) - 2 * norm_params)
+    assert counter.get_total_flops() == expected_fwd
+
+    with FlopCounterMode(display=False) as counter:
+        model(tokens).float().sum().backward()
+    assert counter.get_total_flops() == 3 * expected_fwd
+
+
+def test_peak_flops_table_and_mfu(monkeypatch):
+    monkeypatch.delenv("W2S_PEAK_FLOPS", raising=False)
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12  # how an H100 SXM names itself
+    assert peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops("NVIDIA H200") == 989e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_flops("NVIDIA L40S") == 362e12
+    assert peak_flops("NVIDIA L4") == 121e12
+    assert peak_flops("NVIDIA GeForce RTX 4090") == 165e12
+    assert peak_flops("cpu") is None and peak_flops("Some Future GPU") is None
+    monkeypatch.setenv("W2S_PEAK_FLOPS", "1e12")
+    assert peak_flops("Some Future GPU") == 1e12
+    monkeypatch.setenv("W2S_PEAK_FLOPS", "fast")
+    with pytest.raises(ValueError, match="W2S_PEAK_FLOPS='fast'"):
+        peak_flops("x")
+
+    # 10k tok/s x 6e9 FLOPs/token = 6e13 FLOP/s: 6e13 / 989e12 of one H100, half that on two.
+    assert mfu(10_000, 6e9, 989e12) == pytest.approx(6e13 / 989e12)
+    assert mfu(10_000, 6e9, 989e12, n_devices=2) == pytest.approx(3e13 / 989e12)
+    assert mfu(10_000, 6e9, None) is None
+
+
+def test_fmt_log_line():
+    line = fmt_log_line(step=12, total_steps=500, loss=1.23456, lr=2e-5, dt=0.1234, tok_s=12345.6, mfu=0.4123,
+                        mem=12.34)
+    assert line == "step 12/500 | loss 1.2346 | lr 2.00e-05 | dt 0.1234 | tok/s 12,346 | mfu 41.2% | mem 12.3GiB"
+    assert fmt_log_line(step=3, loss=0.5, tok_s=100.0, mfu=None) == "step 3 | loss 0.5000 | tok/s 100 | mfu -"
+    assert fmt_log_line() == "mfu -"
+    assert fmt_log_line(loss=torch.tensor(2.0), n_pairs=8, grad_norm=None) == "loss 2.0000 | n_pairs 8 | mfu -"
+
+
+def test_timer_measures_wall_time():
+    with Timer() as t:
+        time.sleep(0.05)
+    assert 0.05 <= t.seconds < 1.0
+
+
+def test_stage_profiler_counts_and_skips_warmup():
+    cfg = tiny_cfg()
+    prof = StageProfiler(cfg, mode="training", seq_len=8, warmup_steps=2, device="cpu")
+    with prof:
+        for i in range(6):
+            time.sleep(0.3 if i < 2 else 0.02)  # two slow warm-up steps
+            prof.step(tokens=100, sync=i % 2 == 1)  # windows close at steps 2 (end of warm-up), 4 and 6
+    summary = prof.summary()
+    assert summary["steps"] == 6 and summary["tokens"] == 600
+    assert summary["flops_per_token"] == flops_per_token(cfg, seq_len=8)
+    assert summary["device"] == "cpu" and summary["mfu"] is None and summary["cuda_peak_gib"] is None
+    assert summary["host_peak_rss_gib"] > 0.01
+    # Overall rate includes warm-up; the median (windows of 2 steps x 100 tokens in ~0.04 s) does not.
+    assert summary["wall_s"] >= 0.6 + 4 * 0.02
+    assert summary["tok_s"] == pytest.approx(600 / summary["wall_s"])
+    assert 200 / 0.3 < summary["tok_s_median"] <= 200 / 0.04
+    assert 0.02 <= summary["step_s_median"] < 0.15
+    assert len(prof._windows) == 2
+    json.dumps(summary)  # meta.json-ready
+    assert prof.log_line(step=5).startswith("step 5 | tok/s ")
+
+
+def test_stage_profiler_add_tokens_and_bad_mode():
+    with StageProfiler(n_params=1000, mode="inference", device="cpu") as prof:
+        prof.add_tokens(50)
+        prof.add_tokens(10)
+        with pytest.raises(ValueError, match="attention term needs n_layers"):
+            prof.add_tokens(10, seq_len=4)
+    assert prof.tokens == 70 and prof.flops == 60 * 2000
+    with pytest.raises(ValueError, match="mode 'eval'"):
+        StageProfiler(mode="eval")
+
+
+def test_trace_written_when_enabled(tmp_path, monkeypatch):
+    monkeypatch.setenv("W2S_PROFILE", "1")
+    monkeypatch.setenv("W2S_PROFILE_DIR", str(tmp_path / "whole"))
+    with StageProfiler(name="demo", device="cpu") as prof:
+        torch.randn(64, 64) @ torch.randn(64, 64)
+    trace = json.loads(prof.trace_path.read_text())
+    assert prof.trace_path.parent == tmp_path / "whole" and "aten::mm" in {e.get("name") for e in trace["traceEvents"]}
+    assert prof.summary()["trace"] == str(prof.trace_path)
+
+    # trace_steps: only steps after warm-up are recorded.
+    with StageProfiler(name="steps", device="cpu", warmup_steps=2, trace_steps=2, trace_dir=tmp_path / "s") as prof:
+        for i in range(6):
+            with torch.profiler.record_function(f"step{i}"):
+                torch.randn(8, 8) @ torch.randn(8, 8)
+            prof.step(tokens=1)
+    names = {e.get("name") for e in json.loads(prof.trace_path.read_text())["traceEvents"]}
+    assert {"step2", "step3"} <= names and not names & {"step0", "step1", "step4", "step5"}
+
+    monkeypatch.setenv("W2S_PROFILE", "0")
+    with StageProfiler(device="cpu", trace_dir=tmp_path / "off") as prof:
+        pass
+    assert prof.trace_path is None and not (tmp_path / "off").exists()

@@ -1,0 +1,369 @@
+"""Profiling every stage uses: wall time, tokens/s, model FLOPs and MFU, peak memory, an opt-in torch.profiler trace,
+and the one standard log line.
+
+    prof = StageProfiler(model.cfg, mode="training", seq_len=2048, name="sft")
+    with prof:
+        for step in range(n_steps):
+            loss = train_step(...)
+            log = step % 10 == 0
+            prof.step(tokens=n_tokens_this_step, sync=log)   # host sync (and a clock read that means something)
+            if log:                                          # only on log steps: no sync in the hot loop
+                print(fmt_log_line(step=step, loss=loss.item(), lr=lr, **prof.window_metrics()))
+    meta.update(prof.summary())   # wall_s, tokens, tok_s, tok_s_median, flops_per_token, mfu, peak memory, device
+
+Stages without steps just do `with StageProfiler(cfg, mode="inference") as prof: ...; prof.add_tokens(n)`.
+
+Honest clocks: CUDA work is asynchronous, so the clock is read only after `torch.cuda.synchronize()` (at enter, exit
+and every `step(sync=True)`). Medians are taken over the windows between synced steps, skipping the first
+`warmup_steps` steps (compilation, autotuning, allocator growth).
+
+Trace: W2S_PROFILE=1 (or trace=True) records a torch.profiler chrome trace (open in chrome://tracing or
+ui.perfetto.dev) into W2S_PROFILE_DIR (default ./profile_traces): the whole `with` block, or, with trace_steps=k
+(env W2S_PROFILE_STEPS), k steps right after warm-up.
+
+Test: python -m pytest -q tests/test_profile.py
+"""
+
+import math
+import os
+import re
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# Dense (no sparsity) bf16 tensor-core peak FLOP/s per device, from the vendors' data sheets. Matched in order
+# against the lowercased device name (torch.cuda.get_device_name), so the specific variants come first; the H100
+# SXM reports itself as "NVIDIA H100 80GB HBM3". Unknown devices: set W2S_PEAK_FLOPS (FLOP/s), else MFU is None.
+PEAK_BF16_FLOPS = (
+    (r"gh200|h200", "H200", 989e12),
+    (r"h100.*nvl", "H100 NVL", 835e12),
+    (r"h100.*pcie", "H100 PCIe", 756e12),
+    (r"h100|h800", "H100 SXM", 989e12),
+    (r"b200", "B200", 2250e12),
+    (r"a100|a800", "A100", 312e12),
+    (r"l40s", "L40S", 362e12),
+    (r"\bl40\b", "L40", 181e12),
+    (r"\bl4\b", "L4", 121e12),
+    (r"rtx 4090", "RTX 4090", 165e12),
+    (r"rtx 3090", "RTX 3090", 71e12),
+    (r"rtx a6000", "RTX A6000", 155e12),
+    (r"mi300x", "MI300X", 1307e12),
+)
+GiB = 2**30
+
+
+# ---- device, peak FLOPs, memory ----------------------------------------------------------------------------------
+def resolve_device(device=None):
+    """torch.device: the given one, else the current CUDA device if there is one, else CPU."""
+    if device is None:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def device_name(device=None):
+    device = resolve_device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def peak_flops(name):
+    """Peak dense bf16 FLOP/s for a device name; W2S_PEAK_FLOPS overrides; None for CPUs and unknown devices."""
+    override = os.environ.get("W2S_PEAK_FLOPS")
+    if override:
+        try:
+            return float(override)
+        except ValueError:
+            raise ValueError(f"W2S_PEAK_FLOPS={override!r}: expected a number of FLOP/s such as 989e12") from None
+    lowered = name.lower()
+    for pattern, _, flops in PEAK_BF16_FLOPS:
+        if re.search(pattern, lowered):
+            return flops
+    return None
+
+
+def mfu(tokens_per_s, flops_per_token, peak, n_devices=1):
+    """Model FLOPs utilization: achieved model FLOP/s over the peak of n_devices; None when the peak is unknown."""
+    if peak is None or tokens_per_s is None or flops_per_token is None:
+        return None
+    return tokens_per_s * flops_per_token / (peak * n_devices)
+
+
+def host_peak_rss_bytes():
+    """Peak resident memory of this process over its whole life (ru_maxrss cannot be reset)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---- model FLOPs ----------------------------------------------------------------------------------------------------
+def flops_per_token(cfg=None, seq_len=None, training=True, *, n_params=None, n_layers=None, n_heads=None,
+                    head_dim=None, windows=None):
+    """Model FLOPs for one token at context length seq_len (the convention of PaLM's MFU, also torchtitan's):
+
+        training:   6 * N + 12 * L * H * D * T        inference (forward only): 2 * N + 4 * L * H * D * T
+
+    N: parameters that take part in a matrix multiply, i.e. every parameter but the input embedding table (a lookup),
+       with the output projection counted even when it is tied to the embeddings. A weight does one multiply-add
+       (2 FLOPs) per token forward; backward costs twice the forward (gradients of inputs and of weights): 6N.
+    4 * H * D * T per layer forward: each of the H query heads scores T keys (T dot products of length D, 2*D*T FLOPs)
+       and sums T values (2*D*T). T is the full context, not halved for the causal mask, as in PaLM and torchtitan,
+       so MFU numbers compare with theirs; a sliding-window layer uses min(T, window). For decoding with a KV cache,
+       T is the current cache length. seq_len None or 0 leaves the attention term out.
+
+    Give either a ModelConfig `cfg` (w2s.config) or n_params, n_layers, n_heads, head_dim (and optionally `windows`,
+    one sliding window or None per layer).
+    """
+    if cfg is not None:
+        n_params = cfg.n_params(embeddings=False) + cfg.vocab_size * cfg.dim  # + output projection
+        n_layers, n_heads, head_dim = cfg.n_layers, cfg.n_heads, cfg.head_dim
+        windows = [cfg.layer_window(i) for i in range(n_layers)]
+    if n_params is None:
+        raise ValueError("flops_per_token: give a ModelConfig or n_params (with n_layers, n_heads, head_dim)")
+    attention = 0
+    if seq_len:
+        if None in (n_layers, n_heads, head_dim):
+            raise ValueError("flops_per_token: the attention term needs n_layers, n_heads and head_dim")
+        windows = windows if windows is not None else [None] * n_layers
+        if len(windows) != n_layers:
+            raise ValueError(f"flops_per_token: {len(windows)} windows for {n_layers} layers")
+        context = sum(seq_len if w is None else min(seq_len, w) for w in windows)  # sum over layers of T_eff
+        attention = 4 * n_heads * head_dim * context
+    forward = 2 * n_params + attention
+    return 3 * forward if training else forward
+
+
+# ---- the standard log line ---------------------------------------------------------------------------------------
+def _fmt_value(value):
+    if isinstance(value, bool) or isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def fmt_log_line(step=None, loss=None, lr=None, tok_s=None, mfu=None, mem=None, total_steps=None, **extra):
+    """The one log line of every loop and stage, fields in a fixed order, absent ones left out; MFU is always
+    shown and is "-" where unknown (CPU). mem is in GiB; extra fields (dt=0.12, grad_norm=1.3) go before tok/s.
+
+        step 12/500 | loss 1.2346 | lr 2.00e-05 | dt 0.12 | tok/s 12,345 | mfu 41.2% | mem 12.3GiB
+    """
+    parts = []
+    if step is not None:
+        parts.append(f"step {step}" + (f"/{total_steps}" if total_steps is not None else ""))
+    if loss is not None:
+        parts.append(f"loss {float(loss):.4f}")
+    if lr is not None:
+        parts.append(f"lr {float(lr):.2e}")
+    parts.extend(f"{key} {_fmt_value(value)}" for key, value in extra.items() if value is not None)
+    if tok_s is not None:
+        parts.append(f"tok/s {tok_s:,.0f}")
+    parts.append("mfu -" if mfu is None or (isinstance(mfu, float) and math.isnan(mfu)) else f"mfu {100 * mfu:.1f}%")
+    if mem is not None:
+        parts.append(f"mem {mem:.1f}GiB")
+    return " | ".join(parts)
+
+
+# ---- timers --------------------------------------------------------------------------------------------------------
+class Timer:
+    """Wall time of a block, the device synchronized before each clock read: `with Timer() as t: ...; t.seconds`."""
+
+    def __init__(self, device=None):
+        self.device = resolve_device(device)
+        self.seconds = None
+
+    def __enter__(self):
+        _sync(self.device)
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        _sync(self.device)
+        self.seconds = time.perf_counter() - self._start
+        return False
+
+
+def _env_flag(name):
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
+
+
+class StageProfiler:
+    """Wall time, tokens, tokens/s (overall and median over post-warm-up windows), FLOPs, MFU, peak memory and an
+    optional trace for one stage or loop. See the module docstring for use.
+
+    cfg: a ModelConfig, or None (then pass n_params= etc. through flops_kwargs, or get no FLOPs/MFU).
+    mode: "training" (6N + ...) or "inference" (2N + ...). seq_len: context length T for the attention term.
+    n_devices: how many devices the counted tokens ran on (tokens summed over ranks -> n_devices = world size).
+    """
+
+    def __init__(self, cfg=None, mode="training", seq_len=None, name="stage", device=None, warmup_steps=1,
+                 n_devices=1, trace=None, trace_dir=None, trace_steps=None, **flops_kwargs):
+        if mode not in ("training", "inference"):
+            raise ValueError(f"StageProfiler mode {mode!r}: expected 'training' or 'inference'")
+        self.name, self.mode, self.seq_len = name, mode, seq_len
+        self.device = resolve_device(device)
+        self.device_name = device_name(self.device)
+        self.peak_flops = peak_flops(self.device_name) if self.device.type == "cuda" else None
+        self.n_devices = n_devices
+        self.warmup_steps = warmup_steps
+        self._flops_args = (cfg, flops_kwargs)
+        self.flops_per_token = self._flops(seq_len) if cfg is not None or flops_kwargs else None
+
+        self.trace = _env_flag("W2S_PROFILE") if trace is None else bool(trace)
+        self.trace_dir = Path(trace_dir or os.environ.get("W2S_PROFILE_DIR", "profile_traces"))
+        env_steps = os.environ.get("W2S_PROFILE_STEPS")
+        self.trace_steps = trace_steps if trace_steps is not None else (int(env_steps) if env_steps else None)
+        self.trace_path = None
+        self._torch_profiler = None
+
+        self.tokens = 0
+        self.flops = 0.0
+        self.steps = 0
+        self.wall_s = None
+        self._start = None
+        self._windows = []  # (seconds, tokens, flops, steps) between consecutive synced steps after warm-up
+        self._window = [0, 0.0, 0]  # tokens, flops, steps since the last synced step
+
+    def _flops(self, seq_len):
+        cfg, kwargs = self._flops_args
+        return flops_per_token(cfg, seq_len=seq_len, training=self.mode == "training", **kwargs)
+
+    # -- context -------------------------------------------------------------------------------------------------
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        if self.trace:
+            self._start_trace()
+        _sync(self.device)
+        self._start = self._last_sync = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        _sync(self.device)
+        self.wall_s = time.perf_counter() - self._start
+        if self._torch_profiler is not None:
+            self._torch_profiler.stop()  # a schedule still in its active steps writes its trace here
+            if self.trace_steps is None:
+                self._export_trace(self._torch_profiler)
+            self._torch_profiler = None
+        return False
+
+    # -- trace ---------------------------------------------------------------------------------------------------
+    def _start_trace(self):
+        from torch.profiler import ProfilerActivity, profile, schedule
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        kwargs = {}
+        if self.trace_steps is not None:  # skip warm-up, one step of profiler warm-up, then record trace_steps steps
+            kwargs["schedule"] = schedule(wait=max(self.warmup_steps - 1, 0), warmup=1, active=self.trace_steps,
+                                          repeat=1)
+            kwargs["on_trace_ready"] = self._export_trace
+        self._torch_profiler = profile(activities=activities, record_shapes=True, **kwargs)
+        self._torch_profiler.start()
+
+    def _export_trace(self, torch_profiler):
+        self.trace_dir.mkdir(parents=True, exist_ok=True)
+        rank = os.environ.get("RANK", "0")
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.trace_path = self.trace_dir / f"{self.name}-rank{rank}-{stamp}.json"
+        torch_profiler.export_chrome_trace(str(self.trace_path))
+
+    # -- counting ------------------------------------------------------------------------------------------------
+    def add_tokens(self, n, seq_len=None):
+        """Count n processed tokens (their FLOPs at seq_len, default the profiler's seq_len)."""
+        self.tokens += n
+        fpt = self.flops_per_token if seq_len is None else self._flops(seq_len)
+        flops = n * fpt if fpt is not None else 0.0
+        self.flops += flops
+        self._window[0] += n
+        self._window[1] += flops
+
+    def step(self, tokens=0, seq_len=None, sync=True):
+        """End of one step that processed `tokens` tokens. sync=True (only on log steps in a hot loop) synchronizes
+        and closes a timing window; the step that ends warm-up always syncs, so windows never include warm-up."""
+        self.add_tokens(tokens, seq_len)
+        self.steps += 1
+        self._window[2] += 1
+        if self._torch_profiler is not None and self.trace_steps is not None:
+            self._torch_profiler.step()
+        if sync or self.steps == self.warmup_steps:
+            _sync(self.device)
+            now = time.perf_counter()
+            if self.steps > self.warmup_steps:
+                self._windows.append((now - self._last_sync, *self._window))
+            self._last_sync = now
+            self._window = [0, 0.0, 0]
+
+    # -- results -------------------------------------------------------------------------------------------------
+    def _rate(self, seconds, tokens, flops, steps=None):
+        if not seconds or seconds <= 0:
+            return None, None
+        tok_s = tokens / seconds
+        achieved = flops / seconds if self.flops_per_token is not None else None
+        peak = self.peak_flops * self.n_devices if self.peak_flops is not None else None
+        return tok_s, (achieved / peak if achieved is not None and peak else None)
+
+    def peak_memory(self):
+        """{'cuda_peak_gib': max allocated since enter (None on CPU), 'cuda_reserved_gib', 'host_peak_rss_gib'}."""
+        cuda = self.device.type == "cuda"
+        return {
+            "cuda_peak_gib": torch.cuda.max_memory_allocated(self.device) / GiB if cuda else None,
+            "cuda_reserved_gib": torch.cuda.max_memory_reserved(self.device) / GiB if cuda else None,
+            "host_peak_rss_gib": host_peak_rss_bytes() / GiB,
+        }
+
+    def window_metrics(self):
+        """tok_s, mfu and mem of the last timing window, as keyword arguments for fmt_log_line."""
+        tok_s, utilization = self._rate(*self._windows[-1]) if self._windows else (None, None)
+        memory = self.peak_memory()
+        mem = memory["cuda_peak_gib"] if memory["cuda_peak_gib"] is not None else memory["host_peak_rss_gib"]
+        return {"tok_s": tok_s, "mfu": utilization, "mem": mem}
+
+    def summary(self):
+        """Everything meta.json records about the run of this stage (plain JSON types)."""
+        if self._start is None:
+            raise RuntimeError("StageProfiler.summary() before the profiler was entered (use `with prof:`)")
+        elapsed = self.wall_s if self.wall_s is not None else time.perf_counter() - self._start
+        tok_s, utilization = self._rate(elapsed, self.tokens, self.flops)
+        median_tok_s = median_mfu = median_step_s = None
+        if self._windows:
+            # Each window's rate, then the median: robust to one slow step (a checkpoint save, a GC pause).
+            rates = [self._rate(*w) for w in self._windows]
+            median_tok_s = statistics.median(r[0] for r in rates if r[0] is not None)
+            mfus = [r[1] for r in rates if r[1] is not None]
+            median_mfu = statistics.median(mfus) if mfus else None
+            median_step_s = statistics.median(seconds / steps for seconds, _, _, steps in self._windows)
+        result = {
+            "name": self.name,
+            "mode": self.mode,
+            "device": self.device_name,
+            "n_devices": self.n_devices,
+            "wall_s": elapsed,
+            "steps": self.steps,
+            "warmup_steps": self.warmup_steps,
+            "tokens": self.tokens,
+            "tok_s": tok_s,
+            "tok_s_median": median_tok_s,
+            "step_s_median": median_step_s,
+            "flops_per_token": self.flops_per_token,
+            "peak_flops": self.peak_flops,
+            "mfu": utilization,
+            "mfu_median": median_mfu,
+            **self.peak_memory(),
+        }
+        if self.trace_path is not None:
+            result["trace"] = str(self.trace_path)
+        return result
+
+    def log_line(self, **fields):
+        """fmt_log_line with this profiler's last window (tok/s, MFU, memory) filled in."""
+        return fmt_log_line(**{**self.window_metrics(), **fields})
