@@ -1,0 +1,186 @@
+"""Stage II data: majority vote over M_plus's samples, then preference pairs against the weak response (PAPER.md).
+
+For each train_2 question M_plus draws n samples (paper: 10, T=1.0). Their extracted answers vote:
+
+    a_plus, confidence = majority_vote(answers)      # most frequent non-empty answer, count(a_plus) / n
+
+and the rules of PAPER.md Stage II step 3 turn the weak response into one side of up to `max_pairs_per_question`
+pairs (1 for GSM8K, 3 for MATH):
+
+    confidence < min_confidence (0.6) or no a_plus     -> skip the question
+    weak answer == a_plus                              -> chosen = weak, rejected = samples whose answer differs
+                                                          (an empty answer differs too); none differ -> skip
+    weak answer != a_plus, confidence >= flip (0.8)    -> chosen = samples with answer a_plus, rejected = weak
+    weak answer != a_plus, confidence < flip           -> skip (the vote is not sure enough to overrule the weak label)
+
+The other side of each pair is drawn at random among the distinct candidate responses (distinct texts), without
+replacement, from an RNG seeded by (seed, question id): the pairs of a question do not depend on which other
+questions are present or in which order they come.
+
+    pairs, counts = build_pairs(weak_records, group_samples(sample_records), seed=0, max_pairs_per_question=1)
+
+A pair is {"id", "prompt", "chosen", "rejected", "kind": "weak_chosen" | "weak_rejected", "confidence",
+"chosen_answer", "rejected_answer"}; the answers are kept for analysis (pair precision), never for training.
+
+Test: python -m pytest -q tests/test_stages.py
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+from w2s.stages.consistency import check_same_ids, index_by_id
+from w2s.stages.metrics import SameAnswer, answers_agree, exact_match
+from w2s.tasks import zero_shot_prompt
+
+# confidence is count / n; compare with a little slack so 0.6 given as 6/10 or 3/5 or 0.6 all pass the 0.6 bar.
+_EPS = 1e-9
+
+
+def majority_vote(answers: list[str], same_answer: SameAnswer = exact_match) -> tuple[str, float]:
+    """(a_plus, confidence): the most frequent non-empty answer and its count over ALL len(answers) samples.
+
+    Answers are grouped into equivalence classes with `same_answer` (so "0.5" and "\\frac{1}{2}" vote together
+    under the MATH matcher): each answer joins the first class whose representative (its first member) it equals.
+    a_plus is that representative. Ties go to the class that appeared first in sample order, which is
+    deterministic since the samples are stored in order. Empty answers count in the denominator but never win;
+    with no non-empty answer the result is ("", 0.0).
+    """
+    if not answers:
+        raise ValueError("majority_vote needs at least one answer")
+    representatives: list[str] = []
+    counts: list[int] = []
+    for answer in answers:
+        if answer == "":
+            continue
+        for c, representative in enumerate(representatives):
+            if answers_agree(representative, answer, same_answer):
+                counts[c] += 1
+                break
+        else:
+            representatives.append(answer)
+            counts.append(1)
+    if not counts:
+        return "", 0.0
+    best = max(range(len(counts)), key=lambda c: (counts[c], -c))  # highest count, then earliest class
+    return representatives[best], counts[best] / len(answers)
+
+
+def question_rng(seed: int, qid) -> random.Random:
+    """An RNG for one question, from sha256(seed, id): independent of the other questions and of Python's hash seed."""
+    digest = hashlib.sha256(f"{seed}\x00{qid}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+def group_samples(sample_records: list[dict]) -> dict:
+    """Flat sample records (several per id, in sample order) -> {id: [records]} keeping that order."""
+    grouped: dict = {}
+    for i, record in enumerate(sample_records):
+        for key in ("id", "response", "answer"):
+            if key not in record:
+                raise ValueError(f"samples[{i}]: missing key {key!r} (expected 'id', 'response', 'answer')")
+        grouped.setdefault(record["id"], []).append(record)
+    return grouped
+
+
+def _distinct(samples: list[dict], exclude: str) -> list[dict]:
+    """Samples with distinct response texts, first occurrence kept, never the text `exclude` (the weak response)."""
+    seen = {exclude}
+    out = []
+    for sample in samples:
+        if sample["response"] not in seen:
+            seen.add(sample["response"])
+            out.append(sample)
+    return out
+
+
+COUNT_KEYS = (
+    "questions",  # weak records considered
+    "pairs",
+    "questions_with_pairs",
+    "weak_chosen",  # pairs where the weak response is chosen
+    "weak_rejected",  # pairs where the weak response is rejected
+    "skipped_no_answer",  # no sample has a non-empty answer: no a_plus
+    "skipped_low_confidence",  # confidence < min_confidence
+    "skipped_no_differing_sample",  # weak == a_plus but every sample agrees with it
+    "skipped_below_flip",  # weak != a_plus and min_confidence <= confidence < flip_confidence
+    "skipped_no_other_side",  # weak != a_plus but every a_plus sample repeats the weak text (degenerate)
+)
+
+
+def build_pairs(
+    weak_records: list[dict],
+    samples_by_id: dict,
+    seed: int,
+    max_pairs_per_question: int = 1,
+    min_confidence: float = 0.6,
+    flip_confidence: float = 0.8,
+    same_answer: SameAnswer = exact_match,
+) -> tuple[list[dict], dict]:
+    """Preference pairs by PAPER.md Stage II step 3 and the counts for the stage's meta.json.
+
+    weak_records: labelled weak records {"id", "question", "response", "answer"} (D_weak).
+    samples_by_id: {id: [{"response", "answer"}, ...]} from M_plus, the same ids as weak_records.
+    Pairs come in weak_records order; per question, in the order drawn.
+    """
+    if max_pairs_per_question < 1:
+        raise ValueError(f"max_pairs_per_question must be >= 1, got {max_pairs_per_question}")
+    if not 0.0 <= min_confidence <= flip_confidence <= 1.0:
+        raise ValueError(f"need 0 <= min_confidence <= flip_confidence <= 1, got {min_confidence}, {flip_confidence}")
+    weak = index_by_id(weak_records, "weak_records")
+    check_same_ids(weak, samples_by_id, "weak_records", "samples_by_id")
+
+    counts = dict.fromkeys(COUNT_KEYS, 0)
+    pairs = []
+    for qid, record in weak.items():
+        counts["questions"] += 1
+        samples = samples_by_id[qid]
+        if not samples:
+            raise ValueError(f"samples_by_id[{qid!r}]: no samples")
+        for j, sample in enumerate(samples):
+            if "response" not in sample or "answer" not in sample:
+                raise ValueError(f"samples_by_id[{qid!r}][{j}]: expected keys 'response' and 'answer'")
+        a_plus, confidence = majority_vote([s["answer"] for s in samples], same_answer)
+        if a_plus == "":
+            counts["skipped_no_answer"] += 1
+            continue
+        if confidence + _EPS < min_confidence:
+            counts["skipped_low_confidence"] += 1
+            continue
+
+        weak_is_majority = answers_agree(record["answer"], a_plus, same_answer)
+        if weak_is_majority:
+            kind = "weak_chosen"
+            # Samples whose answer differs from the weak one (= a_plus), including those with no answer at all.
+            # Checked against both, so a non-transitive `same_answer` can never reject an equal answer.
+            candidates = [s for s in samples if not answers_agree(s["answer"], a_plus, same_answer)]
+        elif confidence + _EPS >= flip_confidence:
+            kind = "weak_rejected"
+            candidates = [s for s in samples if answers_agree(s["answer"], a_plus, same_answer)]
+        else:
+            counts["skipped_below_flip"] += 1
+            continue
+
+        candidates = _distinct(candidates, exclude=record["response"])
+        if not candidates:
+            counts["skipped_no_differing_sample" if weak_is_majority else "skipped_no_other_side"] += 1
+            continue
+        rng = question_rng(seed, qid)
+        others = rng.sample(candidates, min(max_pairs_per_question, len(candidates)))
+
+        prompt = zero_shot_prompt(record["question"])
+        weak_side = (record["response"], record["answer"])
+        for other in others:
+            other_side = (other["response"], other["answer"])
+            (chosen, chosen_answer), (rejected, rejected_answer) = (
+                (weak_side, other_side) if weak_is_majority else (other_side, weak_side)
+            )
+            pairs.append({
+                "id": qid, "prompt": prompt, "chosen": chosen, "rejected": rejected, "kind": kind,
+                "confidence": confidence, "chosen_answer": chosen_answer, "rejected_answer": rejected_answer,
+            })  # fmt: skip
+        counts[kind] += len(others)
+        counts["pairs"] += len(others)
+        counts["questions_with_pairs"] += 1
+    return pairs, counts
