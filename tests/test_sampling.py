@@ -1,0 +1,228 @@
+"""Sampler tests: greedy parity with transformers, KV-cache logits vs full recompute, continuous batching, n samples
+and shared prefixes, sampling distributions (chi-square), stop strings / EOS / length, errors, tensor and data
+parallel under torchrun (gloo), and jsonl resume.
+
+    python -m pytest -q tests/test_sampling.py
+"""
+
+
+import numpy as np
+import pytest
+import torch
+from hf_tiny import FAMILIES, VOCAB, save_hf
+
+import w2s
+from w2s.sampling import Engine, generate, sample_from_logits, stream_keys, stream_uniforms
+
+CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;:!?+-*/=()[]{}<>#@$%&_'\"\n"
+
+
+class CharTokenizer:
+    """One character per token (ids 3..), with pad 0, BOS 1, EOS 2: the interface of w2s.tokenizer in 15 lines."""
+
+    def __init__(self, stop_ids=(2,)):
+        self.pad_id, self.bos_id, self.eos_id = 0, 1, 2
+        self.stop_ids = frozenset(stop_ids)
+        self.vocab_size = VOCAB
+
+    def encode(self, text, bos=True):
+        return ([self.bos_id] if bos else []) + [3 + CHARS.index(c) for c in text]
+
+    def decode(self, ids):
+        return "".join(CHARS[i - 3] for i in ids if 3 <= i < 3 + len(CHARS))
+
+
+def random_prompts(lengths, seed=0, prefix=()):
+    g = torch.Generator().manual_seed(seed)
+    return [list(prefix) + torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """family -> (checkpoint dir, transformers model) for the tiny checkpoints, written once per module."""
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            path = tmp_path_factory.mktemp(family)
+            cache[family] = (path, save_hf(family, path))
+        return cache[family]
+
+    return get
+
+
+def load(ckpt, family):
+    path, hf = ckpt(family)
+    return w2s.load_model(path, dtype=torch.float32), hf
+
+
+# ------------------------------------------------------------------------------------------------ parity
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_greedy_matches_transformers(family, ckpt):
+    """Ragged prompts with a shared 6-token prefix, 2 slots for 3 prompts (continuous batching): every completion
+    equals transformers' greedy generate of that prompt alone (which stops after the EOS it emits)."""
+    model, hf = load(ckpt, family)
+    prompts = random_prompts([3, 7, 1], seed=1, prefix=[1, 40, 41, 42, 43, 44])
+    outs = generate(model, None, prompts, max_new_tokens=12, max_batch=2, progress=False)
+    for prompt, (out,) in zip(prompts, outs):
+        ref = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                          max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=2)
+        expected = ref[0, len(prompt):].tolist()
+        assert out["token_ids"] == expected
+        assert out["finish_reason"] == ("eos" if expected[-1] == 2 else "length")
+        assert out["num_tokens"] == len(expected) and out["text"] is None
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+def test_kv_cache_decode_logits_equal_full_recompute(family, ckpt):
+    """Drive the engine by hand (shared prefix copied into slots, a sibling copying a prompt's rows, ragged rows);
+    the logits of every decode step equal a full forward over prompt + generated tokens. Sequences run past the
+    sliding window (5) of both families."""
+    model, _ = load(ckpt, family)
+    prompts = random_prompts([4, 9], seed=2, prefix=[1, 7, 8])
+    engine = Engine(model, prompts, 2, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=8, seed=0, eos_ids=[],
+                    slots=3, cache_len=24)
+    assert engine.prefix_len == 3
+    engine.prefill_shared_prefix()
+    engine.admit([(0, 0), (0, 1), (1, 0)], [0, 1, 2])  # (0, 1) copies prompt 0's rows after its prefill
+    for _ in range(6):
+        engine.step(limit=24)
+        n_gen = engine.n_gen.tolist()
+        for s, (p, _) in enumerate(engine.work):
+            seq = prompts[p] + engine.out[s, : n_gen[s] - 1].tolist()
+            with torch.no_grad():
+                full = model(torch.tensor([seq]))[0, -1]
+            torch.testing.assert_close(engine.logits[s], full, atol=1e-4, rtol=1e-4)
+
+
+def test_samples_do_not_depend_on_batching_or_prefix_sharing(ckpt):
+    """Temperature-1 samples (n=3) are identical whether sequences run together (one prefill per prompt, siblings
+    copy it), through 2 slots (later siblings copy a live sibling's rows) or one at a time without prefix sharing
+    (every sequence prefilled on its own): the RNG is keyed by (seed, prompt, sample, step)."""
+    model, _ = load(ckpt, "llama2")
+    prompts = random_prompts([5, 2, 8, 3], seed=3, prefix=[1, 9, 10, 11])
+    kw = dict(n=3, temperature=1.0, top_p=0.9, max_new_tokens=10, seed=7, progress=False)
+    together = generate(model, None, prompts, max_batch=12, **kw)
+    two_slots = generate(model, None, prompts, max_batch=2, sync_every=3, **kw)
+    alone = generate(model, None, prompts, max_batch=1, shared_prefix=False, **kw)
+    assert together == two_slots == alone
+    flat = [tuple(c["token_ids"]) for cs in together for c in cs]
+    assert len(set(flat)) == len(flat)  # samples of a prompt differ from each other
+    other_seed = generate(model, None, prompts, max_batch=12, **{**kw, "seed": 8})
+    assert other_seed != together
+
+
+def test_greedy_batching_equals_one_prompt_at_a_time(ckpt):
+    model, _ = load(ckpt, "gemma")
+    prompts = random_prompts([6, 1, 11, 3, 9], seed=4)
+    batched = generate(model, None, prompts, max_new_tokens=9, max_batch=3, sync_every=4, progress=False)
+    single = [generate(model, None, [p], max_new_tokens=9, progress=False)[0] for p in prompts]
+    assert batched == single
+
+
+# ------------------------------------------------------------------------------------------------ distributions
+
+
+def expected_probs(logits, temperature, top_k, top_p):
+    """Target distribution by the definitions, in numpy (independent of the torch implementation)."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")
+    keep = np.zeros_like(p, dtype=bool)
+    mass = 0.0
+    for rank, i in enumerate(order):
+        if (top_k and rank >= top_k) or mass >= top_p:
+            break
+        keep[i] = True
+        mass += p[i]
+    q = np.where(keep, p, 0.0)
+    return q / q.sum()
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.3, 3, 1.0), (1.0, 0, 0.8),
+                                                     (2.0, 4, 0.9)])
+def test_sampling_frequencies_match_target(temperature, top_k, top_p):
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -1.0])
+    draws = 20000
+    keys = stream_keys(123, torch.arange(draws), torch.zeros(draws, dtype=torch.long))
+    u = stream_uniforms(keys, torch.full((draws,), 5))
+    tokens = sample_from_logits(logits.expand(draws, -1), u, temperature=temperature, top_k=top_k, top_p=top_p)
+    counts = np.bincount(tokens.numpy(), minlength=6)
+    p = expected_probs(logits.tolist(), temperature, top_k, top_p)
+    assert counts[p == 0].sum() == 0, "a token outside top-k / top-p was drawn"
+    exp = p[p > 0] * draws
+    chi2 = float(((counts[p > 0] - exp) ** 2 / exp).sum())
+    critical = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52}[int((p > 0).sum()) - 1]  # p = 0.001
+    assert chi2 < critical, f"chi2 {chi2:.1f} >= {critical} for counts {counts} vs expected {exp.round()}"
+
+
+def test_uniforms_are_uniform_and_step_dependent():
+    keys = stream_keys(0, torch.arange(4000), torch.arange(4000) % 7)
+    u = torch.cat([stream_uniforms(keys, torch.full((4000,), t)) for t in range(5)])
+    assert 0 <= u.min() and u.max() < 1
+    counts = torch.histc(u, bins=20, min=0, max=1)
+    exp = len(u) / 20
+    assert float(((counts - exp) ** 2 / exp).sum()) < 43.82  # chi-square, 19 dof, p = 0.001
+    assert not torch.equal(stream_uniforms(keys, torch.zeros(4000)), stream_uniforms(keys, torch.ones(4000)))
+
+
+def test_greedy_is_argmax_and_top_k_1_is_greedy():
+    logits = torch.randn(50, 30, generator=torch.Generator().manual_seed(0))
+    u = torch.rand(50)
+    assert torch.equal(sample_from_logits(logits, u, temperature=0.0), logits.argmax(-1))
+    assert torch.equal(sample_from_logits(logits, u, temperature=1.0, top_k=1), logits.argmax(-1))
+
+
+# ------------------------------------------------------------------------------------------------ finishing
+
+
+def test_eos_stop_strings_and_length(ckpt):
+    model, _ = load(ckpt, "llama2")
+    never = CharTokenizer(stop_ids=())
+    prompts = ["abc", "hello world"]
+    free = generate(model, never, prompts, max_new_tokens=16, progress=False)
+    for out in free:
+        out = out[0]
+        assert out["finish_reason"] == "length" and out["num_tokens"] == 16
+        assert out["text"] == never.decode(out["token_ids"])
+
+    # EOS: declare the token greedy emits 4th to be the EOS; generation ends there, the text excludes it.
+    ids = free[1][0]["token_ids"]
+    eos = ids[3]
+    first = ids.index(eos)
+    out = generate(model, CharTokenizer(stop_ids=(eos,)), prompts[1:], max_new_tokens=16, progress=False)[0][0]
+    assert out["finish_reason"] == "eos"
+    assert out["token_ids"] == ids[: first + 1]
+    assert out["text"] == never.decode(ids[:first])
+
+    # Stop string: a 2-character piece of the free-running text; the text is cut just before it.
+    text = free[0][0]["text"]
+    stop = next(text[i : i + 2] for i in range(4, len(text) - 1) if len(never.encode(text[i : i + 2], bos=False)) == 2)
+    cut = text.index(stop)
+    out = generate(model, never, prompts[:1], max_new_tokens=16, stop=["@@never", stop], sync_every=5,
+                   progress=False)[0][0]
+    assert out["finish_reason"] == "stop"
+    assert out["text"] == text[:cut]
+    ids = free[0][0]["token_ids"]
+    assert out["token_ids"] == ids[: out["num_tokens"]]
+    assert stop in never.decode(out["token_ids"]) and stop not in never.decode(out["token_ids"][:-1])
+
+    # Length from the cache end: 3 positions past the prompt leave room for 3 tokens.
+    n_prompt = len(never.encode(prompts[0]))
+    out = generate(model, never, prompts[:1], max_new_tokens=16, cache_len=n_prompt + 3, progress=False)[0][0]
+    assert out["finish_reason"] == "length" and out["token_ids"] == free[0][0]["token_ids"][:3]
+
+
+def test_bad_input_errors(ckpt):
+    model, _ = load(ckpt, "llama2")
+    with pytest.raises(ValueError, match="prompt 1 has 9 tokens but the KV cache holds 8 positions"):
+        generate(model, None, [[1, 2, 3], list(range(3, 12))], cache_len=8, progress=False)
+    with pytest.raises(ValueError, match="stop strings need a tokenizer"):
+        generate(model, None, [[1, 5]], stop=["\n"], progress=False)
+    with pytest.raises(ValueError, match="prompt 0 is a string but no tokenizer"):
+        generate(model, None, ["hi"], progress=False)
+    with pytest.raises(ValueError, match="top_p=0"):
+        generate(model, None, [[1, 5]], temperature=1.0, top_p=0.0, progress=False)

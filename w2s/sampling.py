@@ -1,0 +1,610 @@
+"""The sampler: batched generation with a static KV cache, continuous batching and shared prefixes.
+
+    outs = generate(model, tok, ["Q: 1+1?\\nA:", ...], n=4, temperature=1.0, top_p=0.95, stop=["\\n\\n"])
+    outs[i][j] == {"text": str, "token_ids": [int], "num_tokens": int, "finish_reason": "eos" | "stop" | "length"}
+
+    generate_to_jsonl(model, tok, records, "out.jsonl", n=10, temperature=1.0)  # streamed, resumable, in order
+
+How it works (one engine, `Engine`, driven by `iter_generate`):
+  * The cache has `slots` rows (the decode batch) plus one spare row that holds a prefix shared by every prompt
+    (the 4 few-shot demonstrations of the ICL stage). That prefix is prefilled once; each new sequence copies its
+    keys/values and prefills only its own suffix.
+  * A work item is (prompt, sample j). The n samples of a prompt share one prefill: the first is prefilled, the
+    others copy its cache row. A sample admitted later, while a sibling is still running, copies the sibling's
+    prompt rows (all but the last token) and re-runs only the last prompt token to get the next-token logits.
+  * Decode runs every slot every step (fixed shapes, so the step can be a CUDA graph) and keeps all state on device:
+    the sampled token, position, count, a done flag (EOS or budget reached) and an output buffer. The host looks
+    only every `sync_every` steps: it checks stop strings on the decoded text, harvests finished slots and refills
+    them with waiting work (continuous batching). A finished slot idles at most sync_every - 1 steps.
+  * Randomness is counter-based: the uniform for token t of sample j of prompt i is a hash of (seed, i, j, t), with
+    i the prompt's index in the caller's list. A completion therefore does not depend on batch size, scheduling,
+    shared-prefix use or data-parallel sharding: the same seed gives the same samples in every configuration (up to
+    float rounding differences of batched matmuls, which can flip a draw that lands within ~1e-7 of a boundary).
+
+Conventions: `token_ids` include the EOS token that ended a sequence; `text` never contains it. A stop string ends
+the sequence at the first token whose text completes it; `token_ids` keep that token, `text` is cut just BEFORE the
+stop string (the stop string itself is not included). "length" means max_new_tokens (or the cache end) was reached.
+
+Data parallel (torchrun, or any initialised process group): each data-parallel rank takes a strided shard of the
+prompts; `generate` gathers results in input order on every rank. Tensor parallel models (w2s/tensor_parallel.py)
+are used unchanged: ranks of one tensor-parallel group run the same prompts in lockstep.
+
+    python -m pytest -q tests/test_sampling.py
+"""
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from w2s.model import KVCache
+
+# ------------------------------------------------------------------------------------------------ randomness
+# A counter-based generator: uniforms are a pure function of (seed, prompt, sample, step), computed on device
+# without a host sync. The hash is the "lowbias32" integer mixer; all arithmetic stays below 2**49 in int64, so it
+# is exact on every backend (no reliance on signed overflow).
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x, c):
+    """(x * c) mod 2**32 for an int64 tensor x in [0, 2**32) and a 32-bit constant c, without overflow."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _hash32(x):
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def stream_keys(seed, prompt_idx, sample_idx):
+    """Per-sequence RNG keys (B,) int64 from a seed and (B,) prompt / sample indices."""
+    h = _hash32(torch.full_like(prompt_idx, (seed * 0x9E3779B1 + 0x632BE5AB) & _M32))
+    h = _hash32(h ^ (prompt_idx & _M32))
+    return _hash32(h ^ _hash32((sample_idx + 0x5BD1E995) & _M32))
+
+
+def stream_uniforms(keys, step):
+    """Uniforms in [0, 1) (B,) fp32 for the given (B,) keys at (B,) step counters (24 random bits each)."""
+    step = step.long()  # counters may arrive as floats (torch.zeros); the hash needs exact integers
+    h = _hash32(keys ^ _hash32((step * 0x27D4EB2F + 0x165667B1) & _M32))
+    return (h >> 8).float() * (1.0 / (1 << 24))
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+
+
+def sample_from_logits(logits, uniforms, temperature=1.0, top_k=0, top_p=1.0):
+    """Next tokens (B,) from logits (B, V): greedy at temperature 0, else temperature -> top-k -> top-p (nucleus).
+
+    Sampling is by inverse CDF with one uniform per row (B,): the token whose cumulative probability interval
+    contains u * total. Top-k keeps the k largest logits; top-p keeps the smallest set of most probable tokens whose
+    probability reaches top_p (the token that crosses the threshold is kept). Everything stays on device.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    order = None  # (B, V') vocabulary ids of the columns kept, when they were reordered
+    if 0 < top_k < logits.shape[-1]:
+        logits, order = logits.topk(top_k, dim=-1)  # sorted, largest first
+    elif top_p < 1.0:
+        logits, order = logits.sort(dim=-1, descending=True)
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        mass_before = probs.cumsum(dim=-1) - probs  # probability of the strictly more likely tokens
+        probs = probs.masked_fill(mass_before >= top_p, 0.0)
+    cdf = probs.cumsum(dim=-1)  # (B, V')
+    target = uniforms[:, None].float() * cdf[:, -1:]
+    col = torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[-1] - 1)  # (B, 1)
+    return col.squeeze(-1) if order is None else order.gather(-1, col).squeeze(-1)
+
+
+def logits_from_hidden(model, hidden):
+    """(N, D) final-normed hidden -> (N, V) fp32 logits, as the model's own forward computes them."""
+    logits = F.linear(hidden, model.lm_head_weight()).float()
+    cap = model.cfg.final_logit_softcap
+    return cap * torch.tanh(logits / cap) if cap is not None else logits
+
+
+def kv_config(model):
+    """The config the attention layers actually run with (tensor parallelism gives each rank a share of heads)."""
+    return model.layers[0].self_attn.cfg
+
+
+def _round_up(x, m):
+    return -(-x // m) * m
+
+
+def _find_stop(text, stops, start=0):
+    """Index of the earliest occurrence of any stop string in text[start:], or -1."""
+    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+    return min(hits) if hits else -1
+
+
+# ------------------------------------------------------------------------------------------------ the engine
+
+
+class Engine:
+    """Slots, cache and device state for one generation run. Drive it with `run()` (a generator of results).
+
+    prompts: list of token-id lists; keys_of: the global prompt index of each (for the RNG, data parallel);
+    eos_ids: ids that end a sequence; stop: stop strings (need `decode`).
+    """
+
+    def __init__(self, model, prompts, n, *, temperature, top_k, top_p, max_new_tokens, seed, eos_ids, stop=(),
+                 decode=None, slots, cache_len, global_index=None, shared_prefix=True, sync_every=8,
+                 cuda_graphs=False, prefill_tokens=8192):
+        self.model, self.prompts, self.n = model, prompts, n
+        self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+        self.max_new, self.seed, self.stop, self.decode = max_new_tokens, seed, tuple(stop), decode
+        self.eos_set = set(eos_ids)
+        self.slots, self.cache_len, self.sync_every = slots, cache_len, sync_every
+        self.prefill_tokens, self.cuda_graphs = prefill_tokens, cuda_graphs
+        self.global_index = list(range(len(prompts))) if global_index is None else list(global_index)
+        weight = model.embed_tokens.weight
+        dev = self.device = weight.device
+
+        # One spare cache row (index `slots`) holds the shared prefix; decode only ever touches rows [0, slots).
+        self.prefix_len = self._shared_prefix_len() if shared_prefix else 0
+        self.cache = KVCache(kv_config(model), slots + 1, cache_len, dtype=weight.dtype, device=dev)
+
+        long = dict(dtype=torch.long, device=dev)
+        self.tokens = torch.zeros(slots, **long)  # last sampled token of each slot (fed next step)
+        self.positions = torch.zeros(slots, **long)  # its position
+        self.n_gen = torch.zeros(slots, **long)  # tokens generated so far
+        self.budget = torch.ones(slots, **long)  # max tokens this slot may generate
+        self.keys = torch.zeros(slots, **long)  # RNG stream key
+        self.done = torch.ones(slots, dtype=torch.bool, device=dev)  # empty slots count as done
+        self.out = torch.zeros(slots, max_new_tokens + 1, **long)  # generated ids; the last column is a trash can
+        self.eos = torch.tensor(sorted(self.eos_set) or [-1], **long)
+        self.logits = None  # (slots, V) logits of the last decode step (tests read it)
+
+        # Host bookkeeping.
+        self.work = [None] * slots  # (prompt, sample) each slot runs, or None
+        self.checked_chars = [0] * slots  # text already searched for stop strings
+        self.graphs, self.graph_pool = {}, None
+        self.tokens_generated = 0
+
+    # ---- prefix sharing ---------------------------------------------------------------------------------------
+    def _shared_prefix_len(self):
+        """Longest token prefix common to all prompts, leaving every prompt at least one token of its own."""
+        if len(self.prompts) < 2:
+            return 0
+        first, length = self.prompts[0], min(len(p) for p in self.prompts) - 1
+        for p in self.prompts[1:]:
+            i = 0
+            while i < length and p[i] == first[i]:
+                i += 1
+            length = i
+        return max(length, 0)
+
+    def _copy_rows(self, src, dst, length):
+        """Copy cache positions [0, length) of row src into rows dst (list), every layer."""
+        if length <= 0 or not dst:
+            return
+        dst = torch.tensor(dst, device=self.device)
+        for buf in (self.cache.k, self.cache.v):  # (layers, rows, max_len, K, D)
+            buf[:, dst, :length] = buf[:, src : src + 1, :length]
+
+    # ---- prefill ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _forward_rows(self, rows):
+        """Prefill rows [(slot, token list, start position)] into the cache; return last-token logits (R, V)."""
+        out = []
+        i = 0
+        while i < len(rows):  # chunk so that (rows x longest) stays under the prefill token budget
+            j, longest = i, 0
+            while j < len(rows) and (j == i or max(longest, len(rows[j][1])) * (j - i + 1) <= self.prefill_tokens):
+                longest = max(longest, len(rows[j][1]))
+                j += 1
+            chunk = rows[i:j]
+            T = longest
+            tokens = torch.zeros(len(chunk), T, dtype=torch.long)
+            positions = torch.zeros(len(chunk), T, dtype=torch.long)
+            for r, (_, ids, start) in enumerate(chunk):
+                tokens[r, : len(ids)] = torch.tensor(ids)
+                # Right padding: pads sit after the real tokens, at positions clamped into the cache; they write
+                # garbage at positions beyond the prompt, which decode overwrites before any query can read them.
+                positions[r] = (start + torch.arange(T)).clamp(max=self.cache_len - 1)
+            last = torch.tensor([len(ids) - 1 for _, ids, _ in chunk])
+            self.cache.rows = torch.tensor([s for s, _, _ in chunk], device=self.device)
+            self.cache.limit = max(start + len(ids) for _, ids, start in chunk)
+            try:
+                hidden = self.model(tokens.to(self.device), positions.to(self.device), cache=self.cache,
+                                    return_hidden=True)  # (R, T, D)
+            finally:
+                self.cache.rows, self.cache.limit = None, self.cache_len
+            out.append(logits_from_hidden(self.model, hidden[torch.arange(len(chunk)), last.to(self.device)]))
+            i = j
+        return torch.cat(out)
+
+    def prefill_shared_prefix(self):
+        if self.prefix_len:
+            self._forward_rows([(self.slots, self.prompts[0][: self.prefix_len], 0)])
+
+    @torch.no_grad()
+    def admit(self, items, free):
+        """Start work items [(prompt, sample)] in the free slots (same length lists): prefill, sample token 0."""
+        live = {self.work[s][0]: s for s in range(self.slots) if self.work[s] is not None}  # prompt -> a live slot
+        rows, row_of, copies = [], {}, []  # copies: (source row index, slots) filled after the forward
+        slot_row = []  # for each admitted slot, the index of the prefill row whose logits it samples from
+        for s, (p, j) in zip(free, items):
+            ids = self.prompts[p]
+            if p in row_of:  # a sibling prefilled in this same batch: copy its rows after the forward
+                copies.append((row_of[p], s))
+                slot_row.append(row_of[p])
+            elif p in live:  # a sibling is still running: its rows [0, L-1) are this prompt; re-run the last token
+                self._copy_rows(live[p], [s], len(ids) - 1)
+                slot_row.append(len(rows))
+                rows.append((s, ids[-1:], len(ids) - 1))
+            else:  # prefill from the shared prefix on
+                self._copy_rows(self.slots, [s], self.prefix_len)
+                row_of[p] = len(rows)
+                slot_row.append(len(rows))
+                rows.append((s, ids[self.prefix_len :], self.prefix_len))
+            self.work[s] = (p, j)
+            self.checked_chars[s] = 0
+        logits = self._forward_rows(rows)  # (R, V)
+        for r, s in copies:
+            src_slot, _, _ = rows[r]
+            self._copy_rows(src_slot, [s], len(self.prompts[self.work[s][0]]))
+
+        dev = self.device
+        slot_t = torch.tensor(free, device=dev)
+        prompt_len = torch.tensor([len(self.prompts[p]) for p, _ in items], device=dev)
+        keys = stream_keys(self.seed, torch.tensor([self.global_index[p] for p, _ in items], device=dev),
+                           torch.tensor([j for _, j in items], device=dev))
+        first = sample_from_logits(logits[torch.tensor(slot_row, device=dev)],
+                                   stream_uniforms(keys, torch.zeros_like(keys)), **self.sampling)
+        budget = (self.cache_len - prompt_len).clamp(max=self.max_new)
+        self.tokens[slot_t] = first
+        self.positions[slot_t] = prompt_len
+        self.n_gen[slot_t] = 1
+        self.budget[slot_t] = budget
+        self.keys[slot_t] = keys
+        self.out[slot_t, 0] = first
+        self.done[slot_t] = torch.isin(first, self.eos) | (budget <= 1)
+
+    # ---- decode -----------------------------------------------------------------------------------------------
+    def _step_eager(self):
+        """One decode step for every slot, all on device, updating the state tensors in place."""
+        logits = self.model(self.tokens[:, None], self.positions[:, None], cache=self.cache)[:, -1].float()
+        nxt = sample_from_logits(logits, stream_uniforms(self.keys, self.n_gen), **self.sampling)  # (S,)
+        live = ~self.done
+        col = torch.where(live, self.n_gen, self.max_new)  # finished rows write into the trash column
+        self.out.scatter_(1, col[:, None], nxt[:, None])
+        self.n_gen.add_(live.long())
+        self.positions.add_(live.long())
+        self.tokens.copy_(torch.where(live, nxt, self.tokens))
+        self.done.logical_or_(live & (torch.isin(nxt, self.eos) | (self.n_gen >= self.budget)))
+        if self.logits is None:
+            self.logits = logits
+        else:
+            self.logits.copy_(logits)
+
+    @torch.no_grad()
+    def step(self, limit):
+        """One decode step attending over cache positions [0, limit); replays a CUDA graph per limit if enabled."""
+        self.cache.limit = limit
+        if not self.cuda_graphs:
+            return self._step_eager()
+        graph = self.graphs.get(limit)
+        if graph is not None:
+            return graph.replay()
+        # First step at this limit: run it eagerly on a side stream (warm-up, a real step), then capture.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._step_eager()
+        torch.cuda.current_stream().wait_stream(side)
+        if self.graph_pool is None:
+            self.graph_pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self.graph_pool):
+                self._step_eager()  # recorded, not executed
+        except Exception as e:
+            raise RuntimeError(f"capturing the decode step as a CUDA graph failed ({e}); pass cuda_graphs=False "
+                               "(scripts/sample.py --no-cuda-graphs) to run it eagerly") from e
+        self.graphs[limit] = graph
+
+    # ---- the loop ---------------------------------------------------------------------------------------------
+    def _finish(self, s, ids, done):
+        """The completion dict of slot s from its generated ids (host list); checks stop strings."""
+        reason = None
+        if self.stop:
+            text = self.decode(ids)
+            if _find_stop(text, self.stop) >= 0:
+                m = len(ids)  # shortest prefix of tokens whose text contains a stop string
+                while m > 1 and _find_stop(self.decode(ids[: m - 1]), self.stop) >= 0:
+                    m -= 1
+                ids, reason = ids[:m], "stop"
+        if reason is None:
+            if not done:
+                return None  # still running, no stop string yet
+            reason = "eos" if ids and ids[-1] in self.eos_set else "length"
+        text = None
+        if self.decode is not None:
+            text = self.decode(ids[:-1] if reason == "eos" else ids)
+            if reason == "stop":
+                text = text[: _find_stop(text, self.stop)]
+        return {"text": text, "token_ids": ids, "num_tokens": len(ids), "finish_reason": reason}
+
+    def _sync(self):
+        """Host look at the state: finished slots' completions [(slot, dict)] (their slots are freed)."""
+        done, n_gen = torch.stack([self.done.long(), self.n_gen]).tolist()
+        busy = [s for s in range(self.slots) if self.work[s] is not None]
+        check = [s for s in busy if done[s] or self.stop]
+        finished = []
+        if check:
+            rows = self.out[torch.tensor(check, device=self.device)].tolist()
+            newly_stopped = []
+            for s, row in zip(check, rows):
+                ids = row[: n_gen[s]]
+                if not done[s]:  # only search text that is new since the last look (plus a stop string's length)
+                    text = self.decode(ids)
+                    start = max(0, self.checked_chars[s] - max(len(x) for x in self.stop))
+                    self.checked_chars[s] = len(text)
+                    if _find_stop(text, self.stop, start) < 0:
+                        continue
+                    newly_stopped.append(s)
+                finished.append((s, self._finish(s, ids, True)))
+            if newly_stopped:
+                self.done[torch.tensor(newly_stopped, device=self.device)] = True
+        return finished
+
+    def run(self):
+        """Yield (prompt index, [n completion dicts]) as prompts finish (all n samples), until all are done."""
+        queue = [(p, j) for p in range(len(self.prompts)) for j in range(self.n)]
+        queue.reverse()  # pop() from the end = input order
+        pending = {}  # prompt -> {sample: completion}
+        self.prefill_shared_prefix()
+        free = list(range(self.slots))
+        while True:
+            if free and queue:
+                take = min(len(free), len(queue))
+                items = [queue.pop() for _ in range(take)]
+                self.admit(items, free[:take])
+            if all(w is None for w in self.work):
+                return
+            positions = self.positions.tolist()
+            live_max = max(positions[s] for s in range(self.slots) if self.work[s] is not None)
+            # Attend over the positions the next sync_every steps can reach, rounded to limit distinct shapes.
+            limit = min(self.cache_len, _round_up(live_max + self.sync_every, 64))
+            for _ in range(self.sync_every):
+                self.step(limit)
+            free = []
+            for s, completion in self._sync():
+                p, j = self.work[s]
+                self.work[s] = None
+                free.append(s)
+                self.tokens_generated += completion["num_tokens"]
+                pending.setdefault(p, {})[j] = completion
+                if len(pending[p]) == self.n:
+                    done = pending.pop(p)
+                    yield p, [done[k] for k in range(self.n)]
+            free.sort()
+
+
+# ------------------------------------------------------------------------------------------------ public API
+
+
+def _dp_layout(model):
+    """(data-parallel rank, data-parallel size, is_writer) from the process group and the model's tensor parallel."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1, True
+    tp = getattr(model, "tp_size", 1)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world % tp:
+        raise ValueError(f"world size {world} is not a multiple of the tensor-parallel size {tp}")
+    return rank // tp, world // tp, rank % tp == 0
+
+
+def _eos_ids(model, tokenizer):
+    if tokenizer is not None:
+        ids = getattr(tokenizer, "stop_ids", None) or {tokenizer.eos_id}
+        return {i for i in ids if i is not None}
+    eos = model.cfg.eos_token_id
+    return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+
+
+def _encode(tokenizer, prompts):
+    """Token-id lists of the prompts (strings need a tokenizer; id lists pass through)."""
+    strings = [i for i, p in enumerate(prompts) if isinstance(p, str)]
+    if strings and tokenizer is None:
+        raise ValueError(f"prompt {strings[0]} is a string but no tokenizer was given (pass token-id lists instead)")
+    encoded = {}
+    if strings:
+        texts = [prompts[i] for i in strings]
+        batch = tokenizer.encode_batch(texts) if hasattr(tokenizer, "encode_batch") else map(tokenizer.encode, texts)
+        encoded = dict(zip(strings, batch))
+    out = []
+    for i, p in enumerate(prompts):
+        ids = encoded[i] if i in encoded else p
+        if not isinstance(ids, (list, tuple)) or not ids or not all(isinstance(t, int) for t in ids):
+            raise ValueError(f"prompt {i}: expected a non-empty string or list of token ids, got {type(p).__name__}")
+        out.append(list(ids))
+    return out
+
+
+def iter_generate(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=256, stop=(),
+                  seed=0, max_batch=256, cache_len=None, shared_prefix=True, sync_every=8, cuda_graphs=None,
+                  prompt_indices=None):
+    """Yield (index into `prompts`, [n completions]) as prompts finish, in completion order. Arguments as
+    `generate`; `prompt_indices` are the indices the RNG uses (default: 0..len-1). No data-parallel split here."""
+    if isinstance(stop, str):
+        stop = (stop,)
+    stop = tuple(s for s in stop if s)
+    if stop and tokenizer is None:
+        raise ValueError("stop strings need a tokenizer to decode the generated text (pass tokenizer=...)")
+    if n < 1 or max_new_tokens < 1:
+        raise ValueError(f"n={n} and max_new_tokens={max_new_tokens} must both be >= 1")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0, top_p={top_p} in (0, 1], top_k={top_k} >= 0")
+    ids = _encode(tokenizer, prompts)
+    if not ids:
+        return
+    cache_len = cache_len or max(len(p) for p in ids) + max_new_tokens
+    for i, p in enumerate(ids):
+        if len(p) >= cache_len:
+            raise ValueError(f"prompt {i} has {len(p)} tokens but the KV cache holds {cache_len} positions "
+                             f"(raise cache_len or shorten the prompt)")
+    device = model.embed_tokens.weight.device
+    if cuda_graphs is None:
+        cuda_graphs = device.type == "cuda"
+    engine = Engine(
+        model, ids, n, temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
+        eos_ids=_eos_ids(model, tokenizer), stop=stop, decode=tokenizer.decode if tokenizer is not None else None,
+        slots=max(1, min(max_batch, len(ids) * n)), cache_len=cache_len, global_index=prompt_indices,
+        shared_prefix=shared_prefix, sync_every=sync_every, cuda_graphs=cuda_graphs)
+    yield from engine.run()
+
+
+def _progress(total, enabled):
+    from tqdm import tqdm
+
+    return tqdm(total=total, disable=not enabled, unit="prompt", dynamic_ncols=True, desc="sampling")
+
+
+def generate(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=256, stop=(),
+             seed=0, max_batch=256, cache_len=None, shared_prefix=True, sync_every=8, cuda_graphs=None,
+             progress=True):
+    """Complete every prompt n times; returns, per prompt in input order, a list of n completion dicts.
+
+    prompts: strings (tokenizer required) or lists of token ids (tokenizer may be None; then `text` is None and
+    EOS ids come from model.cfg). temperature 0 is greedy. stop: strings that end a completion (needs a tokenizer).
+    max_batch: decode slots (sequences in flight). cache_len: KV positions per slot (default: longest prompt +
+    max_new_tokens); a longer prompt is an error. shared_prefix: prefill the longest common token prefix once.
+    sync_every: decode steps between host looks. cuda_graphs: replay the decode step as a CUDA graph (default on
+    for CUDA). Under an initialised process group each data-parallel rank runs a shard and every rank returns the
+    full, input-ordered result, identical to a one-process run with the same seed.
+    """
+    import torch.distributed as dist
+
+    dp_rank, dp_size, _ = _dp_layout(model)
+    mine = list(range(dp_rank, len(prompts), dp_size))
+    results = {}
+    bar = _progress(len(prompts), progress and (not dist.is_initialized() or dist.get_rank() == 0))
+    start, tokens = time.perf_counter(), 0
+    for local, completions in iter_generate(
+            model, tokenizer, [prompts[i] for i in mine], n=n, temperature=temperature, top_p=top_p, top_k=top_k,
+            max_new_tokens=max_new_tokens, stop=stop, seed=seed, max_batch=max_batch, cache_len=cache_len,
+            shared_prefix=shared_prefix, sync_every=sync_every, cuda_graphs=cuda_graphs, prompt_indices=mine):
+        results[mine[local]] = completions
+        tokens += sum(c["num_tokens"] for c in completions)
+        bar.update(dp_size)  # approximate across ranks: each rank advances at about the same rate
+        bar.set_postfix_str(f"{tokens * dp_size / (time.perf_counter() - start):.0f} tok/s", refresh=False)
+    bar.close()
+    if dp_size > 1:
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, results)
+        for part in gathered:
+            results.update(part)
+    return [results[i] for i in range(len(prompts))]
+
+
+# ------------------------------------------------------------------------------------------------ jsonl streaming
+
+
+def _read_done(path):
+    """{id: line dict} of the complete lines of a (possibly interrupted) jsonl file; a torn last line is ignored."""
+    done = {}
+    if not Path(path).is_file():
+        return done
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.endswith("\n"):
+                break  # the writer died mid-line
+            record = json.loads(line)
+            done[record["id"]] = record
+    return done
+
+
+def _part_path(out_path, rank):
+    return Path(f"{out_path}.part{rank}")
+
+
+def generate_to_jsonl(model, tokenizer, records, out_path, prompt_key="prompt", id_key="id", progress=True,
+                      **generate_kwargs):
+    """Sample every record's prompt and write {"id", "prompt", "completions": [n dicts]} lines to out_path.
+
+    Lines are appended (and flushed) to `out_path.part<rank>` as prompts finish; a rerun skips the ids found in
+    out_path and the part files, so an interrupted run resumes without redoing finished prompts. At the end the
+    lines are merged in input order into out_path atomically (temp file, fsync, rename) and the parts removed, so
+    the final file equals an uninterrupted run's (same seed: the RNG is keyed by the record's input index).
+    Returns out_path. Records need a unique `id_key` (default "id") and a `prompt_key` (string or token ids).
+    """
+    import torch.distributed as dist
+
+    out_path = Path(out_path)
+    ids = []
+    for i, r in enumerate(records):
+        if prompt_key not in r or id_key not in r:
+            raise ValueError(f"record {i}: missing key {prompt_key!r} or {id_key!r} (keys: {sorted(r)})")
+        ids.append(r[id_key])
+    if len(set(map(json.dumps, ids))) != len(ids):
+        raise ValueError(f"records: {id_key!r} values are not unique")
+    distributed = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if distributed else 0
+    dp_rank, dp_size, writer = _dp_layout(model)
+
+    def load_all():
+        done = _read_done(out_path)
+        for part in sorted(out_path.parent.glob(out_path.name + ".part*")):
+            done.update(_read_done(part))
+        return done
+
+    done = load_all()
+    todo = [i for i, r in enumerate(records) if r[id_key] not in done]
+    mine = todo[dp_rank::dp_size]
+    part = _part_path(out_path, rank)
+    if writer and part.exists():  # drop a torn last line before appending
+        kept = _read_done(part)
+        part.write_text("".join(json.dumps(v) + "\n" for v in kept.values()))
+    bar = _progress(len(records), progress and rank == 0)
+    bar.update(len(records) - len(todo))
+    start, tokens = time.perf_counter(), 0
+    gen_kwargs = {k: v for k, v in generate_kwargs.items() if k != "prompt_indices"}
+    f = open(part, "a", encoding="utf-8") if writer else None
+    try:
+        for local, completions in iter_generate(model, tokenizer, [records[i][prompt_key] for i in mine],
+                                                prompt_indices=mine, **gen_kwargs):
+            r = records[mine[local]]
+            if f is not None:
+                f.write(json.dumps({"id": r[id_key], "prompt": r[prompt_key], "completions": completions}) + "\n")
+                f.flush()
+            tokens += sum(c["num_tokens"] for c in completions)
+            bar.update(dp_size)
+            bar.set_postfix_str(f"{tokens * dp_size / (time.perf_counter() - start):.0f} tok/s", refresh=False)
+    finally:
+        if f is not None:
+            f.close()
+        bar.close()
+    if distributed:
+        dist.barrier()
+    if rank == 0:
+        done = load_all()
+        missing = [r[id_key] for r in records if r[id_key] not in done]
+        if missing:
+            raise RuntimeError(f"{out_path}: {len(missing)} record(s) have no output after sampling, e.g. id "
+                               f"{missing[0]!r}")
+        tmp = Path(f"{out_path}.tmp")
+        with open(tmp, "w", encoding="utf-8") as out:
+            for r in records:
+                out.write(json.dumps(done[r[id_key]]) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, out_path)
+        for p in out_path.parent.glob(out_path.name + ".part*"):
+            p.unlink()
+    if distributed:
+        dist.barrier()
+    return out_path
