@@ -1,0 +1,100 @@
+"""Data parallel training from outside the model: process-group setup and FSDP2 sharding.
+
+    torchrun --nproc_per_node=8 scripts/sft.py ...   # each rank holds 1/8 of params, grads and optimizer state
+
+FSDP2 (`torch.distributed.fsdp.fully_shard`) is applied per transformer block, then to the root, which owns the
+embeddings, the final norm and the output matrix (one group, so Gemma's tied embedding is gathered once and used
+at both ends). Parameters are stored sharded in fp32 (the optimizer's master weights) and all-gathered in bf16 for
+compute; gradients are reduce-scattered in fp32. Before each block's forward/backward its full parameters are
+gathered, and freed again right after, so only ~one block is ever unsharded.
+
+The training loop normalizes the loss by the GLOBAL number of tokens (or pairs) itself, so the gradient reduction
+must SUM over ranks, not average: `set_gradient_divide_factor(1.0)`.
+
+Tensor parallelism for sampling lives in w2s/tensor_parallel.py. No torch.distributed call is made inside the model.
+
+    python -m pytest -q tests/test_fsdp.py   # 2 CPU processes over gloo == 1 process
+"""
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Dist:
+    rank: int
+    world_size: int
+    device: torch.device
+    sharded: bool  # FSDP2 applied (every CUDA run, and any multi-process run)
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def init_distributed():
+    """Join the torchrun process group if launched by torchrun; on a single CUDA device create a 1-rank group so the
+    same FSDP2 mixed-precision path runs there too. A single CPU process stays plain (fp32, no FSDP)."""
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if not dist.is_initialized():
+        if "WORLD_SIZE" in os.environ:  # torchrun: rank, world size and rendezvous come from the environment
+            dist.init_process_group("nccl" if cuda else "gloo")
+        elif cuda:
+            dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+        else:
+            return Dist(0, 1, torch.device("cpu"), sharded=False)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    return Dist(rank, world, device, sharded=True)
+
+
+def all_reduce_sum(tensor, d: Dist):
+    """Sum a tensor over ranks (in place; returns it). A no-op in a single plain process."""
+    if d.sharded and d.world_size > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier(d: Dist):
+    if d.sharded and d.world_size > 1:
+        dist.barrier()
+
+
+def shard_model(root, blocks, d: Dist, bf16=True, cpu_offload=False):
+    """fully_shard each block, then the root. bf16=True: bf16 compute / fp32 reduce (GPU); False: fp32 (CPU tests).
+
+    cpu_offload keeps the sharded parameters, gradients and optimizer state in host memory (FSDP2 OffloadPolicy);
+    the optimizer step then runs on the CPU. Use it when the fp32 optimizer state does not fit on the GPUs.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    mesh = init_device_mesh(d.device.type, (d.world_size,))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
+        MixedPrecisionPolicy()
+    kwargs = dict(mesh=mesh, mp_policy=mp, offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
+    for block in blocks:
+        fully_shard(block, **kwargs)
+    # The root's parameters are needed again right at the start of backward (the loss head): keep them gathered.
+    fully_shard(root, reshard_after_forward=False, **kwargs)
+    for module in [*blocks, root]:
+        module.set_gradient_divide_factor(1.0)
+    return root
+
+
+def full_tensor(t):
+    """The whole tensor of a possibly sharded (DTensor) parameter; a collective when sharded: call on every rank."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def local_tensor(t):
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t

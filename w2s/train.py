@@ -1,0 +1,611 @@
+"""The one training loop: SFT, DPO, IPO and ORPO plug in as a loss step; FSDP2, LoRA, resumable checkpoints.
+
+    model = train_sft(model, tokenizer, [{"prompt": ..., "response": ...}], TrainConfig(lr=1e-5), out_dir="runs/x")
+    model = train_preference(model, tokenizer, [{"prompt", "chosen", "rejected"}], cfg, out_dir, loss="dpo")
+
+Both run in-process (the pipeline keeps weights resident between stages) and under torchrun (each rank calls the
+same function). What one optimizer step does:
+
+  1. take the step's global batch (cfg.batch_size rows, length-grouped, w2s/data.py) and cut it into
+     world_size * grad_accum micro-batches; this rank runs its grad_accum of them;
+  2. count the valid target tokens (and pairs) of ALL micro-batches on all ranks: one all-reduce of 3 numbers;
+  3. for each micro-batch: hidden = model(tokens, return_hidden=True); the fused linear loss/log-prob op turns
+     hidden states + the output matrix into per-token quantities without building (N, V) logits on GPU; the loss
+     step returns sum / GLOBAL count, and backward accumulates. FSDP2 SUMS gradients over ranks, so the result
+     equals one big batch on one device, whatever the micro-batch size or world size;
+  4. clip the global gradient norm, AdamW step at the warmup + cosine learning rate;
+  5. log one line (loss, lr, grad norm, tokens/s, MFU, peak memory) + metrics.jsonl; every cfg.ckpt_every steps,
+     write model/optimizer/RNG/step atomically (torch.distributed.checkpoint into a temp dir, then rename).
+
+DPO/IPO need log ref(y|x) of the initial weights: one no-grad pass before training computes them for every pair,
+cached in out_dir/ref_logps.pt under a hash of the tokenized pairs and the model weights, so the reference model
+is never resident during training and a rerun or resume reuses them. At the end the (LoRA-merged) weights are
+gathered, exported in HF format to out_dir, and returned as a plain unsharded Transformer in the input dtype (the
+model passed in is consumed: use the returned one).
+
+Precision: master weights and optimizer state are fp32. On GPU, FSDP2 computes in bf16 and reduces gradients in
+fp32 (also on a single GPU, through a 1-rank group); a single CPU process runs plain fp32 without FSDP.
+
+    python -m pytest -q tests/test_train.py tests/test_fsdp.py
+"""
+
+import hashlib
+import json
+import math
+import os
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from w2s import data, losses, ops
+from w2s.data import IGNORE_INDEX
+from w2s.lora import TARGETS, inject_lora, lora_scale, merge_lora_state_dict
+from w2s.parallel import Dist, all_reduce_sum, barrier, full_tensor, init_distributed, shard_model
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-5
+    min_lr: float = 0.0  # cosine decays lr -> min_lr over the steps after warmup
+    warmup_steps: int = 0
+    epochs: int = 1
+    max_steps: int | None = None  # overrides epochs when set
+    batch_size: int = 32  # rows (SFT) or pairs (preference) per optimizer step, over all ranks and micro-batches
+    micro_batch_size: int = 4  # rows (pairs) per forward/backward on one rank; grad_accum is derived
+    max_seq_len: int = 2048
+    weight_decay: float = 0.0  # AdamW decoupled decay, on matrices only (not norms or biases)
+    adam_betas: tuple = (0.9, 0.95)
+    clip: float | None = 1.0  # global gradient-norm clip; None: no clipping
+    beta: float = 0.1  # DPO/IPO beta; ORPO's lambda
+    seed: int = 0
+    lora_rank: int | None = None  # None: full fine-tuning
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple = TARGETS
+    activation_checkpointing: bool = False  # recompute each block in backward: activations of one block at a time
+    cpu_offload: bool = False  # FSDP2 OffloadPolicy: sharded params/grads/optimizer state in host memory
+    ckpt_every: int = 0  # steps between training-state checkpoints; 0: none
+    log_every: int = 1
+    bad_rows: str = "skip"  # "skip": report and drop bad rows; "error": stop at the first (see w2s/data.py)
+    resume: bool = True  # continue from the newest checkpoint in out_dir/ckpt when there is one
+    progress: bool = True  # tqdm bar on rank 0
+
+    def grad_accum(self, world_size):
+        return max(1, math.ceil(self.batch_size / (self.micro_batch_size * world_size)))
+
+
+# ---------------------------------------------------------------------------------------------- model + loss head
+
+
+class TrainModule(nn.Module):
+    """The model and its output-layer loss in one forward, so FSDP2 gathers the output matrix around the loss."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens, targets, per_token):
+        """tokens, targets (B, T) -> per-token target log-probs (B, T) if per_token else the summed token NLL."""
+        hidden = self.model(tokens, return_hidden=True)  # (B, T, D)
+        weight, cap = self.model.lm_head_weight(), self.model.cfg.final_logit_softcap
+        h, t = hidden.flatten(0, 1), targets.flatten()  # (N, D), (N,)
+        if per_token:
+            return ops.linear_logprobs(h, weight, t, softcap=cap, ignore_index=IGNORE_INDEX).view_as(targets)
+        loss_sum, _ = ops.linear_cross_entropy(h, weight, t, softcap=cap, ignore_index=IGNORE_INDEX)
+        return loss_sum
+
+
+def enable_activation_checkpointing(blocks):
+    """Wrap each block's forward in non-reentrant checkpointing (RNG state preserved: same dropout on recompute)."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in blocks:
+        inner = block.forward
+        block.forward = lambda *args, _f=inner, **kw: checkpoint(_f, *args, use_reentrant=False, **kw)
+
+
+# ---------------------------------------------------------------------------------------------- loss steps
+# A loss step gets (module, batch on device, norm) where norm = global [valid tokens, pairs, chosen tokens] of the
+# whole optimizer step; it returns (loss to backward, {metric: tensor}) with every metric already divided by its
+# global normalizer, so summing metrics over micro-batches and ranks gives the step's value.
+
+COUNT_NAMES = ("tokens", "pairs", "chosen_tokens")
+
+
+def sft_counts(batch):
+    return [int((batch["targets"] != IGNORE_INDEX).sum()), 0, 0]
+
+
+def sft_step(module, batch, norm):
+    loss = module(batch["tokens"], batch["targets"], per_token=False) / norm[0]
+    return loss, {"loss": loss.detach()}
+
+
+def pair_counts(batch):
+    P = batch["n_pairs"]
+    valid = batch["targets"] != IGNORE_INDEX
+    return [int(valid.sum()), P, int(valid[:P].sum()) if P else 0]
+
+
+class PreferenceStep:
+    """DPO / IPO (with cached reference log-probs) or ORPO; formulas in w2s/losses.py."""
+
+    def __init__(self, kind, beta):
+        if kind not in ("dpo", "ipo", "orpo"):
+            raise ValueError(f"loss={kind!r}: expected 'dpo', 'ipo' or 'orpo'")
+        self.kind, self.beta = kind, beta
+
+    @property
+    def needs_reference(self):
+        return self.kind != "orpo"
+
+    def __call__(self, module, batch, norm):
+        logps = module(batch["tokens"], batch["targets"], per_token=True)  # (2P, T), 0 at ignored targets
+        P = batch["n_pairs"]
+        names = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                 "logps/chosen", "logps/rejected"] + (["nll", "or_loss", "log_odds"] if self.kind == "orpo" else [])
+        if P == 0:  # a rank's empty slot in a short last batch: still backward (FSDP needs every rank), adds 0
+            zero = logps.sum() * 0.0
+            return zero, {n: zero.detach() for n in names}
+        n_tokens = (batch["targets"] != IGNORE_INDEX).sum(-1)  # (2P,)
+        seq = logps.sum(-1)  # (2P,) summed response log-probs
+        chosen, rejected = seq[:P], seq[P:]
+        pairs = norm[1]
+        if self.kind == "orpo":
+            mean_c, mean_r = chosen / n_tokens[:P], rejected / n_tokens[P:]
+            or_losses, log_odds = losses.orpo_odds_ratio_losses(mean_c, mean_r)
+            nll = -chosen.sum() / norm[2]  # token-mean NLL of the chosen responses over the global batch
+            loss = nll + self.beta * or_losses.sum() / pairs
+            rc, rr = self.beta * mean_c.detach(), self.beta * mean_r.detach()  # ORPO's rewards, as TRL logs them
+            extra = {"nll": nll.detach(), "or_loss": or_losses.detach().sum() / pairs,
+                     "log_odds": log_odds.sum() / pairs}
+        else:
+            ref = batch["ref"]  # (2P,)
+            fn = losses.dpo_losses if self.kind == "dpo" else losses.ipo_losses
+            per_pair, rc, rr = fn(chosen, rejected, ref[:P], ref[P:], self.beta)
+            loss = per_pair.sum() / pairs
+            extra = {}
+        stats = {"loss": loss.detach(), "rewards/chosen": rc.sum() / pairs, "rewards/rejected": rr.sum() / pairs,
+                 "rewards/accuracies": (rc > rr).float().sum() / pairs, "rewards/margins": (rc - rr).sum() / pairs,
+                 "logps/chosen": chosen.detach().sum() / pairs, "logps/rejected": rejected.detach().sum() / pairs,
+                 **extra}
+        return loss, stats
+
+
+# ---------------------------------------------------------------------------------------------- schedule, flops
+
+
+def lr_at(step, total_steps, cfg: TrainConfig):
+    """Learning rate of 0-based optimizer step `step`: linear warmup to cfg.lr, then cosine to cfg.min_lr."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, total_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+# TODO(lead): switch to w2s.profile (flops_per_token / peak FLOPs table / fmt_log_line) once it lands.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+
+
+def peak_flops(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def step_flops(model_cfg, seq_lens, lora):
+    """Model FLOPs of one training step over sequences of these lengths (activation recompute not counted).
+
+    Matmuls: 6 N per token (2 forward + 4 backward), 4 N with frozen LoRA base weights (no weight gradients);
+    N counts the blocks and the output matrix (the embedding lookup is free). Causal attention: QK^T and PV are
+    2 * 2 * H * hd * L^2 / 2 FLOPs forward per layer for a sequence of length L, times 3 with backward.
+    """
+    c = model_cfg
+    n = c.n_params(embeddings=False) + c.vocab_size * c.dim
+    per_token = (4 if lora else 6) * n
+    attn = 6 * c.n_layers * c.n_heads * c.head_dim * sum(L * L for L in seq_lens)
+    return per_token * sum(seq_lens) + attn
+
+
+def peak_memory_gib(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def fmt_log_line(step, total, rec):
+    mfu = f"{100 * rec['mfu']:.1f}%" if rec.get("mfu") is not None else "n/a"
+    return (f"step {step}/{total} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | gnorm {rec['grad_norm']:.3f} | "
+            f"tok/s {rec['tok_per_s']:,.0f} | mfu {mfu} | mem {rec['peak_mem_gib']:.2f} GiB")
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def _state_dict_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True, strict=False)  # LoRA: only the adapters change
+
+
+def _fsync_write(path, text):
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_training_state(ckpt_root, step, module, optimizer, d: Dist, meta):
+    """Write <ckpt_root>/step<N>: sharded model + optimizer (DCP), per-rank RNG, train_state.json; atomically.
+
+    Everything goes into a hidden temp directory first; rank 0 renames it into place only after every rank has
+    finished writing, then deletes older checkpoints. A crash at any moment leaves the previous checkpoint intact.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    ckpt_root = Path(ckpt_root)
+    tmp, final = ckpt_root / f".tmp-step{step:08d}", ckpt_root / f"step{step:08d}"
+    if d.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(d)
+    model_sd, optim_sd = get_state_dict(module, optimizer, options=_state_dict_options())
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    rng = {"cpu": torch.get_rng_state()}
+    if d.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(d.device)
+    torch.save(rng, tmp / f"rng_rank{d.rank}.pt")
+    barrier(d)
+    if d.is_main:
+        _fsync_write(tmp / "train_state.json", json.dumps({"step": step, **meta}, indent=2))
+        os.replace(tmp, final)
+        for old in ckpt_root.glob("step*"):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier(d)
+
+
+def latest_checkpoint(ckpt_root):
+    """The newest complete checkpoint directory (renamed into place, so complete by construction), or None."""
+    found = sorted(p for p in Path(ckpt_root).glob("step*") if (p / "train_state.json").is_file())
+    return found[-1] if found else None
+
+
+def load_training_state(path, module, optimizer, d: Dist):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(module, optimizer, options=_state_dict_options())
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=_state_dict_options())
+    rng_file = Path(path) / f"rng_rank{d.rank}.pt"
+    if rng_file.is_file():  # absent when resuming on more ranks than were saved: those keep the seeded state
+        rng = torch.load(rng_file, weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and d.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], d.device)
+    return json.loads((Path(path) / "train_state.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------- hashing
+
+
+def examples_hash(examples):
+    """sha256 over the token ids and prompt lengths (so it covers the tokenizer and the bad-row filtering)."""
+    h = hashlib.sha256()
+    for ex in examples:
+        for e in (ex.chosen, ex.rejected) if isinstance(ex, data.Pair) else (ex,):
+            h.update(json.dumps([e.n_prompt, e.tokens]).encode())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def model_fingerprint(model):
+    """sha256 of every parameter's name, shape, sum and sum of squares (one cheap pass over the weights)."""
+    h = hashlib.sha256()
+    for name, p in model.state_dict().items():
+        t = p.detach().double()
+        h.update(f"{name}{tuple(p.shape)}{p.dtype}{t.sum().item():.10e}{t.square().sum().item():.10e}".encode())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- reference pass
+
+
+def _to(batch, device):
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def compute_reference_logps(module, pairs, pad_id, micro_batch_size, d: Dist):
+    """Summed response log-probs (n, 2) [chosen, rejected] of every pair under the current (initial) weights.
+
+    Pairs are sorted by length and cut into micro-batches dealt round-robin to the ranks; every rank runs the same
+    number of forwards (FSDP gathers are collective), then one all-reduce assembles the table.
+    """
+    was_training = module.training
+    module.eval()  # no LoRA dropout in the reference
+    order = sorted(range(len(pairs)), key=lambda i: -max(len(pairs[i].chosen.tokens), len(pairs[i].rejected.tokens)))
+    chunks = [order[i:i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
+    table = torch.zeros(len(pairs), 2, dtype=torch.float32, device=d.device)
+    for start in range(0, len(chunks), d.world_size):
+        mine = chunks[start + d.rank] if start + d.rank < len(chunks) else []
+        tokens, targets = data.collate_pairs([pairs[i] for i in mine], pad_id)
+        logps = module(tokens.to(d.device), targets.to(d.device), per_token=True).sum(-1).float()  # (2P,)
+        if mine:
+            P = len(mine)
+            idx = torch.tensor(mine, device=d.device)
+            table[idx, 0], table[idx, 1] = logps[:P], logps[P:]
+    module.train(was_training)
+    return all_reduce_sum(table, d).cpu()
+
+
+def reference_logps(module, pairs, pad_id, cfg, d: Dist, out_dir, key):
+    """The reference table, from out_dir/ref_logps.pt when its key matches, else computed once and cached there."""
+    cache = Path(out_dir) / "ref_logps.pt" if out_dir is not None else None
+    if cache is not None and cache.is_file():
+        saved = torch.load(cache, weights_only=True)
+        if saved.get("key") == key and saved["logps"].shape == (len(pairs), 2):
+            return saved["logps"]
+    table = compute_reference_logps(module, pairs, pad_id, cfg.micro_batch_size, d)
+    if cache is not None and d.is_main:
+        tmp = cache.with_suffix(".tmp")
+        torch.save({"key": key, "logps": table}, tmp)
+        os.replace(tmp, cache)
+    barrier(d)
+    return table
+
+
+# ---------------------------------------------------------------------------------------------- public API
+
+
+def train_sft(model, tokenizer, rows, cfg: TrainConfig, out_dir=None, on_step=None):
+    """Supervised fine-tuning on [{"prompt", "response"}] (or id rows); loss on response tokens only. -> model."""
+    d = init_distributed()
+    examples, _, _ = data.encode_sft_rows(tokenizer, rows, cfg.max_seq_len, cfg.bad_rows, verbose=d.is_main)
+    if not examples:
+        raise ValueError(f"train_sft: none of the {len(rows)} rows is usable (see the skipped-row report above)")
+    pad_id = _pad_id(tokenizer, model)
+
+    def make_batch(indices):
+        tokens, targets = data.collate([examples[i] for i in indices], pad_id)
+        return {"tokens": tokens, "targets": targets}
+
+    lengths = [len(ex.tokens) for ex in examples]
+    return _run(model, tokenizer, lengths, make_batch, sft_counts, sft_step, cfg, out_dir, d, on_step,
+                data_key=examples_hash(examples))
+
+
+def train_preference(model, tokenizer, pairs, cfg: TrainConfig, out_dir=None, loss="dpo", on_step=None):
+    """DPO / IPO / ORPO on [{"prompt", "chosen", "rejected"}] (or id rows). -> model."""
+    d = init_distributed()
+    step_fn = PreferenceStep(loss, cfg.beta)
+    encoded, _, _ = data.encode_pair_rows(tokenizer, pairs, cfg.max_seq_len, cfg.bad_rows, verbose=d.is_main)
+    if not encoded:
+        raise ValueError(f"train_preference: none of the {len(pairs)} pairs is usable (see the report above)")
+    pad_id = _pad_id(tokenizer, model)
+    key = examples_hash(encoded)
+    ref = {}
+
+    def prepare(module, fingerprint):
+        if step_fn.needs_reference:
+            cache_key = hashlib.sha256(f"{key}|{fingerprint}|{d.device.type}|{d.sharded}".encode()).hexdigest()
+            ref["table"] = reference_logps(module, encoded, pad_id, cfg, d, out_dir, cache_key)
+
+    def make_batch(indices):
+        tokens, targets = data.collate_pairs([encoded[i] for i in indices], pad_id)
+        batch = {"tokens": tokens, "targets": targets, "n_pairs": len(indices)}
+        if "table" in ref:
+            t = ref["table"][torch.tensor(indices, dtype=torch.long)] if indices else torch.zeros(0, 2)
+            batch["ref"] = torch.cat([t[:, 0], t[:, 1]])  # (2P,) chosen then rejected, like the rows
+        return batch
+
+    lengths = [len(p.chosen.tokens) + len(p.rejected.tokens) for p in encoded]
+    return _run(model, tokenizer, lengths, make_batch, pair_counts, step_fn, cfg, out_dir, d, on_step,
+                data_key=f"{loss}:{key}", prepare=prepare)
+
+
+def _pad_id(tokenizer, model):
+    for pad in (getattr(tokenizer, "pad_id", None), model.cfg.pad_token_id, getattr(tokenizer, "eos_id", None)):
+        if pad is not None:
+            return pad
+    return 0  # padding positions are masked out of the loss; any valid id works
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+
+def _run(model, tokenizer, lengths, make_batch, count_fn, loss_step, cfg, out_dir, d: Dist, on_step,
+         data_key, prepare=None):
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir) if out_dir is not None else None
+    if out_dir is not None and d.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    orig_dtype, orig_device = model.embed_tokens.weight.dtype, model.embed_tokens.weight.device
+    model_cfg = model.cfg
+    fingerprint = model_fingerprint(model) if prepare is not None else None
+    torch.manual_seed(cfg.seed + d.rank)  # dropout streams differ per rank; init below uses its own generator
+
+    # Precision: trainable weights are fp32 master copies. A frozen LoRA base keeps its dtype under FSDP (it is
+    # gathered in bf16 anyway); the plain CPU path computes in fp32 throughout.
+    lora = cfg.lora_rank is not None
+    if not lora or not d.sharded:
+        model.float()
+    if lora:
+        inject_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, seed=cfg.seed)
+    if cfg.activation_checkpointing:
+        enable_activation_checkpointing(model.layers)
+    module = TrainModule(model)
+    if d.sharded:
+        shard_model(module, list(model.layers), d, bf16=d.device.type == "cuda", cpu_offload=cfg.cpu_offload)
+        model.reset_buffers(d.device)
+    module.train()
+    if prepare is not None:
+        prepare(module, fingerprint)
+
+    params = [p for p in module.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.adam_betas),
+                                  eps=1e-8)
+
+    steps_per_epoch = math.ceil(len(lengths) / cfg.batch_size)
+    total = cfg.max_steps or cfg.epochs * steps_per_epoch
+    accum = cfg.grad_accum(d.world_size)
+    run_key = hashlib.sha256(json.dumps([data_key, _trajectory_config(cfg), d.world_size]).encode()).hexdigest()
+
+    start = 0
+    ckpt_root = out_dir / "ckpt" if out_dir is not None else None
+    if ckpt_root is not None and cfg.resume and (latest := latest_checkpoint(ckpt_root)) is not None:
+        saved = json.loads((latest / "train_state.json").read_text())
+        if saved.get("run_key") != run_key:
+            raise ValueError(f"{latest}: checkpoint is from a different run (data, config or world size changed); "
+                             f"use a fresh --out directory or resume=False")
+        start = load_training_state(latest, module, optimizer, d)["step"]
+    metrics_file = out_dir / "metrics.jsonl" if out_dir is not None else None
+    if metrics_file is not None and d.is_main:
+        _trim_metrics(metrics_file, start)
+
+    peak = peak_flops(d.device)
+    bar = tqdm(total=total, initial=start, disable=not (cfg.progress and d.is_main), dynamic_ncols=True)
+    epoch_cache = {}
+    window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
+    for step in range(start, total):
+        epoch, i = divmod(step, steps_per_epoch)
+        if epoch not in epoch_cache:
+            epoch_cache = {epoch: data.epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch)}
+        global_batch = epoch_cache[epoch][i]
+        slots = data.split_slots(global_batch, d.world_size * accum)
+        micro = [make_batch(slots[d.rank * accum + m]) for m in range(accum)]
+
+        counts = torch.tensor([sum(c) for c in zip(*(count_fn(b) for b in micro))], dtype=torch.float32)
+        norm = all_reduce_sum(counts.to(d.device), d).clamp(min=1.0)  # global [tokens, pairs, chosen tokens]
+        lr = lr_at(step, total, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        stats = {}
+        for batch in micro:
+            loss, s = loss_step(module, _to(batch, d.device), norm)
+            loss.backward()
+            for k, v in s.items():
+                stats[k] = stats.get(k, 0.0) + v.float()
+        grad_norm = _clip_grad_norm(params, cfg.clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        seq_lens = [lengths_i - 1 for lengths_i in _input_lengths(global_batch, lengths, micro, count_fn)]
+        window_tokens += sum(seq_lens)
+        window_flops += step_flops(model_cfg, seq_lens, lora)
+        bar.update(1)
+        last = step + 1 == total
+        if (step + 1) % cfg.log_every == 0 or last:
+            names = sorted(stats)
+            values = all_reduce_sum(torch.stack([stats[n] for n in names]), d).tolist()
+            if d.device.type == "cuda":
+                torch.cuda.synchronize(d.device)
+            elapsed = time.perf_counter() - window_start
+            rec = {"step": step + 1, **dict(zip(names, values)), "lr": lr, "grad_norm": float(grad_norm),
+                   "tokens": window_tokens, "tok_per_s": window_tokens / elapsed,
+                   "mfu": window_flops / elapsed / (peak * d.world_size) if peak else None,
+                   "peak_mem_gib": peak_memory_gib(d.device), "epoch": epoch}
+            if d.is_main:
+                bar.write(fmt_log_line(step + 1, total, rec))
+                if metrics_file is not None:
+                    with open(metrics_file, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+            if on_step is not None:
+                on_step(rec)
+            window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
+        if ckpt_root is not None and cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and not last:
+            save_training_state(ckpt_root, step + 1, module, optimizer, d, {"run_key": run_key})
+    bar.close()
+
+    del optimizer
+    trained = _export(module, model_cfg, orig_dtype, orig_device, d, out_dir, tokenizer)
+    if ckpt_root is not None and d.is_main:
+        shutil.rmtree(ckpt_root, ignore_errors=True)  # the export supersedes the training state
+    barrier(d)
+    return trained
+
+
+def _input_lengths(global_batch, lengths, micro, count_fn):
+    """Sequence lengths of the step's rows (for tokens/s and FLOPs); pairs count both sequences."""
+    return [lengths[j] for j in global_batch]
+
+
+def _trajectory_config(cfg):
+    """The config fields that change the loss trajectory (a checkpoint only resumes under the same ones)."""
+    skip = {"ckpt_every", "log_every", "resume", "progress", "bad_rows", "cpu_offload", "activation_checkpointing"}
+    return {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in skip}
+
+
+def _trim_metrics(path, step):
+    """On resume keep the metrics up to the checkpoint; on a fresh start begin a new file."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    _fsync_write(path, "".join(line + "\n" for line in keep))
+
+
+def _clip_grad_norm(params, max_norm):
+    """Global L2 norm of all gradients (a DTensor collective under FSDP2), clipped to max_norm when set."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    if max_norm is not None:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
+    return norm
+
+
+@torch.no_grad()
+def _export(module, model_cfg, dtype, device, d: Dist, out_dir, tokenizer):
+    """Gather the full weights (LoRA merged), rebuild a plain Transformer in the input dtype, export HF to out_dir."""
+    from w2s.checkpoint import save_model
+    from w2s.model import Transformer
+
+    scale = lora_scale(module.model)
+    state = {}
+    for name, t in module.model.state_dict().items():
+        full = _gather(t, d)
+        state[name] = full if name.endswith((".lora_A", ".lora_B")) else full.to(dtype)
+    if scale is not None:
+        state = merge_lora_state_dict(state, scale)
+    state = {k: v.to(device) for k, v in state.items()}
+    with torch.device("meta"):
+        trained = Transformer(model_cfg)
+    trained.load_state_dict(state, assign=True)
+    trained.reset_buffers(torch.device(device))
+    trained.eval()
+    if out_dir is not None and d.is_main:
+        save_model(trained, out_dir, tokenizer=tokenizer)
+    barrier(d)
+    return trained
+
+
+def _gather(t, d: Dist):
+    """Full tensor of a parameter; an offloaded (CPU) shard is moved to the device first for the collective."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(t, DTensor) and t.device.type != d.device.type:
+        local = t.to_local().to(d.device)
+        t = DTensor.from_local(local, t.device_mesh, t.placements, shape=t.shape, stride=t.stride())
+    return full_tensor(t).detach()
+
+
+__all__ = ["TrainConfig", "train_sft", "train_preference", "lr_at", "asdict"]
