@@ -1,0 +1,186 @@
+"""Experiment recipes: one TOML file says everything about a weak-to-strong run.
+
+A recipe names the task and data, the weak and strong checkpoints, and the options of every stage. Everything PAPER.md
+marks unknown is an option here with a stated default. A recipe is validated completely (unknown keys, missing
+files, impossible values) before any model is loaded, and every error names the recipe file and the key.
+
+    [data]      task, train/test files, split sizes or a split file, seed
+    [models]    weak / strong checkpoint dirs, dtype, device
+    [sampling]  max_new_tokens, batch size, cache length for every generation stage
+    [weak_sft] [strong_sft] [preference]   training options (w2s.train.TrainConfig fields)
+    [stage1]    rounds, round-2 init ("base" or "continue"), which SFT sets to train
+    [stage2]    samples, temperature, top_p, confidence thresholds, pairs per question, losses
+    [eval]      pass@k samples, which baselines to run
+
+    python -c "from w2s.recipe import load_recipe; print(load_recipe('recipes/gsm8k.toml'))"
+"""
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TASKS = ("gsm8k", "math")
+
+
+@dataclass
+class DataOptions:
+    task: str = "gsm8k"
+    train: str = ""  # jsonl with gold solutions; split into train_1 (weak SFT) and train_2 (strong, questions only)
+    test: str = ""
+    n_train_1: int = 0  # 0: half of the train file
+    n_train_2: int = 0  # 0: the other half
+    n_test: int = 0  # 0: the whole test file (smaller for quick runs)
+    split_file: str = ""  # optional json {"train_1": [ids], "train_2": [ids]} instead of a seeded split
+    seed: int = 0
+
+
+@dataclass
+class ModelOptions:
+    weak: str = ""  # the weak base checkpoint (fine-tuned on train_1 gold by the first stage)
+    strong: str = ""  # the strong base checkpoint
+    dtype: str = "bfloat16"
+    device: str = "auto"  # auto: cuda if available, else cpu
+
+
+@dataclass
+class SamplingOptions:
+    max_new_tokens: int = 400  # PAPER: 1024 (GSM8K) / 2048 (MATH) for the 10-sample stage; greedy answers are short
+    sample_max_new_tokens: int = 1024
+    max_batch: int = 64
+    cache_len: int = 0  # 0: prompt + max_new_tokens
+
+
+@dataclass
+class Stage1Options:
+    rounds: int = 2  # PAPER: 2 for GSM8K and OlympicArena, 1 for MATH
+    round2_init: str = "base"  # "base": retrain from the strong base; "continue": continue the round-1 models
+    n_demos: int = 4
+
+
+@dataclass
+class Stage2Options:
+    n_samples: int = 10
+    temperature: float = 1.0
+    top_p: float = 1.0
+    min_confidence: float = 0.6
+    flip_confidence: float = 0.8
+    max_pairs: int = 1  # PAPER: 1 for GSM8K, up to 3 for MATH
+    losses: list = field(default_factory=lambda: ["dpo", "orpo"])
+
+
+@dataclass
+class EvalOptions:
+    pass_k_samples: int = 0  # >0: sample this many test answers of M_plus and M_pro for pass@k (PAPER: 10)
+    baselines: list = field(default_factory=lambda: ["full_weak_ft", "strong_icl", "ceiling"])
+
+
+@dataclass
+class Recipe:
+    name: str
+    path: str
+    data: DataOptions
+    models: ModelOptions
+    sampling: SamplingOptions
+    stage1: Stage1Options
+    stage2: Stage2Options
+    eval: EvalOptions
+    weak_sft: dict  # TrainConfig overrides, validated against w2s.train.TrainConfig
+    strong_sft: dict
+    preference: dict
+
+
+SECTIONS = {"data": DataOptions, "models": ModelOptions, "sampling": SamplingOptions, "stage1": Stage1Options,
+            "stage2": Stage2Options, "eval": EvalOptions}
+TRAIN_SECTIONS = ("weak_sft", "strong_sft", "preference")
+BASELINES = ("full_weak_ft", "strong_icl", "ceiling")
+
+
+def _build(cls, values, where):
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        if key not in known:
+            raise ValueError(f"{where}: unknown key {key!r}; expected one of {', '.join(known)}")
+        default = getattr(cls(), key)
+        if isinstance(default, bool) != isinstance(value, bool) or (
+                not isinstance(value, type(default)) and not (isinstance(default, float) and isinstance(value, int))):
+            raise ValueError(f"{where}.{key}: expected {type(default).__name__}, got {value!r}")
+    return cls(**values)
+
+
+def train_config_fields():
+    from w2s.train import TrainConfig
+
+    return {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def load_recipe(path, check_files=True):
+    """Parse and validate a recipe; relative paths are resolved against the recipe's own directory."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: recipe file not found")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: not valid TOML ({e})") from None
+    allowed = {"name", *SECTIONS, *TRAIN_SECTIONS}
+    for key in raw:
+        if key not in allowed:
+            raise ValueError(f"{path}: unknown key {key!r}; expected one of {', '.join(sorted(allowed))}")
+    sections = {name: _build(cls, raw.get(name, {}), f"{path}: [{name}]") for name, cls in SECTIONS.items()}
+    train_fields = train_config_fields()
+    train = {}
+    for name in TRAIN_SECTIONS:
+        values = raw.get(name, {})
+        for key in values:
+            if key not in train_fields:
+                raise ValueError(f"{path}: [{name}] unknown key {key!r}; expected TrainConfig fields: "
+                                 f"{', '.join(sorted(train_fields))}")
+        train[name] = values
+    recipe = Recipe(name=raw.get("name") or path.stem, path=str(path), **sections, **train)
+    _resolve_paths(recipe, path.parent)
+    _validate(recipe, path, check_files)
+    return recipe
+
+
+def _resolve_paths(recipe, base):
+    def resolve(p):
+        return str((base / p).resolve()) if p and not Path(p).is_absolute() else p
+
+    d, m = recipe.data, recipe.models
+    d.train, d.test, d.split_file = resolve(d.train), resolve(d.test), resolve(d.split_file)
+    m.weak, m.strong = resolve(m.weak), resolve(m.strong)
+
+
+def _validate(r, path, check_files):
+    def bad(key, msg):
+        raise ValueError(f"{path}: {key}: {msg}")
+
+    if r.data.task not in TASKS:
+        bad("[data] task", f"expected one of {', '.join(TASKS)}, got {r.data.task!r}")
+    if r.stage1.rounds not in (1, 2):
+        bad("[stage1] rounds", f"expected 1 or 2, got {r.stage1.rounds}")
+    if r.stage1.round2_init not in ("base", "continue"):
+        bad("[stage1] round2_init", f"expected 'base' or 'continue', got {r.stage1.round2_init!r}")
+    if not 0 <= r.stage2.min_confidence <= r.stage2.flip_confidence <= 1:
+        bad("[stage2]", "expected 0 <= min_confidence <= flip_confidence <= 1")
+    if r.stage2.n_samples < 1 or r.stage2.max_pairs < 1:
+        bad("[stage2]", "n_samples and max_pairs must be >= 1")
+    for loss in r.stage2.losses:
+        if loss not in ("dpo", "orpo", "ipo"):
+            bad("[stage2] losses", f"unknown loss {loss!r}; expected dpo, orpo or ipo")
+    for b in r.eval.baselines:
+        if b not in BASELINES:
+            bad("[eval] baselines", f"unknown baseline {b!r}; expected {', '.join(BASELINES)}")
+    if r.models.dtype not in ("bfloat16", "float16", "float32"):
+        bad("[models] dtype", f"expected bfloat16, float16 or float32, got {r.models.dtype!r}")
+    if not check_files:
+        return
+    for key, p in (("[data] train", r.data.train), ("[data] test", r.data.test)):
+        if not p or not Path(p).is_file():
+            bad(key, f"file not found: {p or '(empty)'}")
+    if r.data.split_file and not Path(r.data.split_file).is_file():
+        bad("[data] split_file", f"file not found: {r.data.split_file}")
+    for key, p in (("[models] weak", r.models.weak), ("[models] strong", r.models.strong)):
+        if not p or not (Path(p) / "config.json").is_file():
+            bad(key, f"no checkpoint (config.json) at {p or '(empty)'}")

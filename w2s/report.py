@@ -1,0 +1,139 @@
+"""`w2s report runs/<name>`: the paper-style table of a pipeline run, from its stages' meta.json files alone.
+
+Three tables: methods (test accuracy and PGR, as in the paper), the filtered training sets (size and, for analysis
+only, selection precision against train_2 gold), and the cost of every stage (time, tokens, tokens/s, MFU, memory).
+A bar plot of accuracy per method goes to report.png (needs matplotlib, the `plot` extra; the table does not).
+
+    w2s report runs/demo
+"""
+
+import json
+from pathlib import Path
+
+# Display order and labels of the methods (the eval stages are named NN_eval_<method>).
+METHODS = [
+    ("weak_floor", "weak floor (weak model)"),
+    ("full_weak_ft", "full weak fine-tuning"),
+    ("strong_icl", "strong ICL (4-shot weak demos)"),
+    ("stage1_r1_weak", "Stage I r1: weak-ft"),
+    ("stage1_r1_icl", "Stage I r1: icl-ft"),
+    ("stage1_r1_hybrid", "Stage I r1: hybrid-ft"),
+    ("stage1_r2_weak", "Stage I r2: weak-ft"),
+    ("stage1_r2_icl", "Stage I r2: icl-ft"),
+    ("stage1_r2_hybrid", "Stage I r2: hybrid-ft (M_plus)"),
+    ("stage2_dpo", "Stage II: DPO (M_pro)"),
+    ("stage2_orpo", "Stage II: ORPO"),
+    ("stage2_ipo", "Stage II: IPO"),
+    ("ceiling", "strong ceiling (gold train_2)"),
+]
+
+
+def load_metas(run_dir):
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run directory")
+    metas = {}
+    for meta_file in sorted(run_dir.glob("*/meta.json")):
+        metas[meta_file.parent.name] = json.loads(meta_file.read_text())
+    if not metas:
+        raise FileNotFoundError(f"{run_dir}: no finished stage (no */meta.json)")
+    return metas
+
+
+def pgr(acc, floor, ceiling):
+    """Performance gap recovered: (acc - weak floor) / (ceiling - weak floor); None when the gap is empty."""
+    if acc is None or floor is None or ceiling is None or ceiling == floor:
+        return None
+    return (acc - floor) / (ceiling - floor)
+
+
+def method_accuracies(metas):
+    """{method: accuracy} from the NN_eval_<method> stages."""
+    acc = {}
+    for name, meta in metas.items():
+        if "_eval_" in name and "accuracy" in meta:
+            acc[name.split("_eval_", 1)[1]] = meta["accuracy"]
+    return acc
+
+
+def _fmt(x, pct=False, digits=2):
+    if x is None:
+        return "-"
+    if pct:
+        return f"{100 * x:.{digits}f}"
+    if isinstance(x, float):
+        return f"{x:,.{digits}f}"
+    return f"{x:,}" if isinstance(x, int) else str(x)
+
+
+def _table(header, rows):
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
+
+
+def report(run_dir, plot=True):
+    """The report as markdown text; writes report.md (and report.png when plotting is possible) in run_dir."""
+    run_dir = Path(run_dir)
+    metas = load_metas(run_dir)
+    acc = method_accuracies(metas)
+    floor, ceiling = acc.get("weak_floor"), acc.get("ceiling")
+    method_rows = [(label, _fmt(acc[m], pct=True), _fmt(pgr(acc[m], floor, ceiling), digits=3))
+                   for m, label in METHODS if m in acc]
+    passk = [(name.split("_passk_", 1)[1], ", ".join(f"{k} {100 * v:.1f}" for k, v in meta.items()
+                                                     if k.startswith("pass@")))
+             for name, meta in metas.items() if "_passk_" in name]
+    sets = []
+    for name, meta in metas.items():
+        if name.endswith("_filter"):
+            sets.append((name, _fmt(meta.get("n_kept")), _fmt(meta.get("kept_fraction"), pct=True, digits=1),
+                         _fmt(meta.get("precision"), pct=True, digits=1)))
+        elif name.endswith("_pairs"):
+            sets.append((name, _fmt(meta.get("n_pairs")), "-", _fmt(meta.get("pair_precision"), pct=True, digits=1)))
+    costs = [(name, _fmt(meta.get("wall_s"), digits=1), _fmt(meta.get("tokens")), _fmt(meta.get("tok_s"), digits=0),
+              _fmt(meta.get("mfu"), pct=True, digits=1), _fmt(meta.get("peak_mem_gb"), digits=2))
+             for name, meta in metas.items()]
+    total = sum(m.get("wall_s", 0) for m in metas.values())
+    out = [f"# w2s report: {run_dir.name}", "", "## Test accuracy (greedy) and PGR", "",
+           _table(["method", "accuracy %", "PGR"], method_rows or [("(no evaluated model yet)", "-", "-")])]
+    if passk:
+        out += ["", "## pass@k (samples at T=1)", "", _table(["model", "pass@k %"], passk)]
+    level_rows = [(m, ", ".join(f"L{lv} {100 * a:.0f}" for lv, a in sorted(metas[n]["accuracy_by_level"].items())))
+                  for n in metas if "_eval_" in n and (m := n.split("_eval_", 1)[1]) and
+                  metas[n].get("accuracy_by_level")]
+    if level_rows:
+        out += ["", "## MATH accuracy by level", "", _table(["method", "by level %"], level_rows)]
+    if sets:
+        out += ["", "## Filtered training data (precision vs train_2 gold: analysis only)", "",
+                _table(["stage", "kept", "kept %", "precision %"], sets)]
+    out += ["", f"## Cost per stage (total {total / 60:.1f} min)", "",
+            _table(["stage", "wall s", "tokens", "tok/s", "MFU %", "peak mem GB"], costs)]
+    text = "\n".join(out) + "\n"
+    (run_dir / "report.md").write_text(text)
+    if plot and method_rows:
+        _plot(run_dir / "report.png", [(label, acc[m]) for m, label in METHODS if m in acc], run_dir.name)
+    return text
+
+
+def _plot(path, bars, title):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"(no plot: pip install matplotlib to get {path})")
+        return None
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(bars) + 1.2))
+    labels, values = zip(*bars)
+    ax.barh(range(len(bars)), [100 * v for v in values], color="#4C72B0")
+    ax.set_yticks(range(len(bars)), labels)
+    ax.invert_yaxis()
+    for i, v in enumerate(values):
+        ax.text(100 * v + 0.5, i, f"{100 * v:.1f}", va="center", fontsize=8)
+    ax.set_xlabel("test accuracy (%)")
+    ax.set_title(f"weak-to-strong: {title}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
