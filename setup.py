@@ -21,8 +21,9 @@ setup(
         "tqdm",  # progress bars on every long stage
     ],
     extras_require={
-        # transformers is a test-only dependency: the parity tests compare logits against it.
-        "dev": ["pytest", "transformers", "mistral-common", "ruff"],
+        # transformers is a test-only dependency: the parity tests compare logits against it (protobuf: its
+        # SentencePiece -> tokenizer.json converter, which the tokenizer tests use on the real Mistral-7B model).
+        "dev": ["pytest", "transformers", "protobuf", "mistral-common", "ruff"],
         "plot": ["matplotlib"],
     },
     entry_points={"console_scripts": ["w2s=w2s.cli:main"]},
