@@ -58,6 +58,11 @@ def common_prefix_len(a, b):
     return n
 
 
+def n_targets(ex):
+    """Response tokens that carry loss: every token after the prompt except a sequence's very first (no context)."""
+    return len(ex.tokens) - max(ex.n_prompt, 1)
+
+
 def encode_response(tokenizer, prompt, response):
     """Example for prompt + " " + response + EOS with the prompt masked (see module docstring)."""
     prompt_ids, full = tokenizer.encode_batch([prompt, prompt + " " + response], bos=True)
@@ -125,6 +130,9 @@ def encode_sft_rows(tokenizer, rows, max_seq_len, bad_rows="skip", verbose=True)
         if len(ex.tokens) > max_seq_len:
             bad.add(loc, f"sequence of {len(ex.tokens)} tokens is longer than max_seq_len={max_seq_len}")
             continue
+        if n_targets(ex) == 0:
+            bad.add(loc, "no response token to predict (an empty prompt's first token has no context)")
+            continue
         examples.append(ex)
         kept.append(i)
     bad.report(len(rows), verbose)
@@ -166,6 +174,9 @@ def encode_pair_rows(tokenizer, rows, max_seq_len, bad_rows="skip", verbose=True
         longest = max(len(pair.chosen.tokens), len(pair.rejected.tokens))
         if longest > max_seq_len:
             bad.add(loc, f"sequence of {longest} tokens is longer than max_seq_len={max_seq_len}")
+            continue
+        if n_targets(pair.chosen) == 0 or n_targets(pair.rejected) == 0:
+            bad.add(loc, "no response token to predict (an empty prompt's first token has no context)")
             continue
         pairs.append(pair)
         kept.append(i)

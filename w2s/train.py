@@ -33,16 +33,15 @@ import hashlib
 import json
 import math
 import os
-import resource
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from w2s import data, losses, ops
+from w2s import data, losses, ops, profile
 from w2s.data import IGNORE_INDEX
 from w2s.lora import TARGETS, inject_lora, lora_scale, merge_lora_state_dict
 from w2s.parallel import Dist, all_reduce_sum, barrier, full_tensor, init_distributed, shard_model
@@ -189,41 +188,23 @@ def lr_at(step, total_steps, cfg: TrainConfig):
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-# TODO(lead): switch to w2s.profile (flops_per_token / peak FLOPs table / fmt_log_line) once it lands.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
-
-
-def peak_flops(device):
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-
-
 def step_flops(model_cfg, seq_lens, lora):
-    """Model FLOPs of one training step over sequences of these lengths (activation recompute not counted).
+    """Model FLOPs of one training step over sequences of these lengths, in w2s/profile.py's convention.
 
-    Matmuls: 6 N per token (2 forward + 4 backward), 4 N with frozen LoRA base weights (no weight gradients);
-    N counts the blocks and the output matrix (the embedding lookup is free). Causal attention: QK^T and PV are
-    2 * 2 * H * hd * L^2 / 2 FLOPs forward per layer for a sequence of length L, times 3 with backward.
+    Every token of a length-L sequence costs flops_per_token(cfg, L) = 6 N + 12 * layers * H * hd * L (forward 2 N,
+    backward 4 N; attention over the full context). With a frozen LoRA base there are no weight gradients, so the
+    backward skips 2 N per token: we subtract one forward's worth of matmuls (flops_per_token at inference, no
+    attention term = exactly 2 N). Activation recompute is not counted (it is overhead, not model FLOPs).
     """
-    c = model_cfg
-    n = c.n_params(embeddings=False) + c.vocab_size * c.dim
-    per_token = (4 if lora else 6) * n
-    attn = 6 * c.n_layers * c.n_heads * c.head_dim * sum(L * L for L in seq_lens)
-    return per_token * sum(seq_lens) + attn
+    frozen = profile.flops_per_token(model_cfg, seq_len=None, training=False) if lora else 0
+    return sum(L * (profile.flops_per_token(model_cfg, seq_len=L) - frozen) for L in seq_lens)
 
 
 def peak_memory_gib(device):
+    """Peak allocated device memory (CUDA), else the process's peak resident host memory, in GiB."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def fmt_log_line(step, total, rec):
-    mfu = f"{100 * rec['mfu']:.1f}%" if rec.get("mfu") is not None else "n/a"
-    return (f"step {step}/{total} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | gnorm {rec['grad_norm']:.3f} | "
-            f"tok/s {rec['tok_per_s']:,.0f} | mfu {mfu} | mem {rec['peak_mem_gib']:.2f} GiB")
+        return torch.cuda.max_memory_allocated(device) / profile.GiB
+    return profile.host_peak_rss_bytes() / profile.GiB
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -371,8 +352,12 @@ def reference_logps(module, pairs, pad_id, cfg, d: Dist, out_dir, key):
 # ---------------------------------------------------------------------------------------------- public API
 
 
-def train_sft(model, tokenizer, rows, cfg: TrainConfig, out_dir=None, on_step=None):
-    """Supervised fine-tuning on [{"prompt", "response"}] (or id rows); loss on response tokens only. -> model."""
+def train_sft(model, tokenizer, rows, cfg: TrainConfig, out_dir=None, on_step=None, progress=None):
+    """Supervised fine-tuning on [{"prompt", "response"}] (or id rows); loss on response tokens only. -> model.
+
+    on_step(rec) gets every log step's record (the metrics.jsonl line); progress, when given, overrides cfg.progress.
+    """
+    cfg = cfg if progress is None else replace(cfg, progress=progress)
     d = init_distributed()
     examples, _, _ = data.encode_sft_rows(tokenizer, rows, cfg.max_seq_len, cfg.bad_rows, verbose=d.is_main)
     if not examples:
@@ -383,13 +368,15 @@ def train_sft(model, tokenizer, rows, cfg: TrainConfig, out_dir=None, on_step=No
         tokens, targets = data.collate([examples[i] for i in indices], pad_id)
         return {"tokens": tokens, "targets": targets}
 
-    lengths = [len(ex.tokens) for ex in examples]
-    return _run(model, tokenizer, lengths, make_batch, sft_counts, sft_step, cfg, out_dir, d, on_step,
+    row_seq_lens = [(len(ex.tokens),) for ex in examples]
+    return _run(model, tokenizer, row_seq_lens, make_batch, sft_counts, sft_step, cfg, out_dir, d, on_step,
                 data_key=examples_hash(examples))
 
 
-def train_preference(model, tokenizer, pairs, cfg: TrainConfig, out_dir=None, loss="dpo", on_step=None):
-    """DPO / IPO / ORPO on [{"prompt", "chosen", "rejected"}] (or id rows). -> model."""
+def train_preference(model, tokenizer, pairs, cfg: TrainConfig, out_dir=None, loss="dpo", on_step=None,
+                     progress=None):
+    """DPO / IPO / ORPO on [{"prompt", "chosen", "rejected"}] (or id rows). -> model. on_step, progress: train_sft."""
+    cfg = cfg if progress is None else replace(cfg, progress=progress)
     d = init_distributed()
     step_fn = PreferenceStep(loss, cfg.beta)
     encoded, _, _ = data.encode_pair_rows(tokenizer, pairs, cfg.max_seq_len, cfg.bad_rows, verbose=d.is_main)
@@ -412,8 +399,8 @@ def train_preference(model, tokenizer, pairs, cfg: TrainConfig, out_dir=None, lo
             batch["ref"] = torch.cat([t[:, 0], t[:, 1]])  # (2P,) chosen then rejected, like the rows
         return batch
 
-    lengths = [len(p.chosen.tokens) + len(p.rejected.tokens) for p in encoded]
-    return _run(model, tokenizer, lengths, make_batch, pair_counts, step_fn, cfg, out_dir, d, on_step,
+    row_seq_lens = [(len(p.chosen.tokens), len(p.rejected.tokens)) for p in encoded]
+    return _run(model, tokenizer, row_seq_lens, make_batch, pair_counts, step_fn, cfg, out_dir, d, on_step,
                 data_key=f"{loss}:{key}", prepare=prepare)
 
 
@@ -427,10 +414,12 @@ def _pad_id(tokenizer, model):
 # ---------------------------------------------------------------------------------------------- the loop
 
 
-def _run(model, tokenizer, lengths, make_batch, count_fn, loss_step, cfg, out_dir, d: Dist, on_step,
+def _run(model, tokenizer, row_seq_lens, make_batch, count_fn, loss_step, cfg, out_dir, d: Dist, on_step,
          data_key, prepare=None):
+    """The loop (module docstring). row_seq_lens[i]: the token lengths of row i's sequences ((n,) SFT, (c, r) pairs)."""
     from tqdm.auto import tqdm
 
+    lengths = [sum(ns) for ns in row_seq_lens]  # what length grouping sorts by
     out_dir = Path(out_dir) if out_dir is not None else None
     if out_dir is not None and d.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -479,7 +468,7 @@ def _run(model, tokenizer, lengths, make_batch, count_fn, loss_step, cfg, out_di
     if metrics_file is not None and d.is_main:
         _trim_metrics(metrics_file, start)
 
-    peak = peak_flops(d.device)
+    peak = profile.peak_flops(profile.device_name(d.device))  # None on CPU (unless W2S_PEAK_FLOPS is set)
     bar = tqdm(total=total, initial=start, disable=not (cfg.progress and d.is_main), dynamic_ncols=True)
     epoch_cache = {}
     window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
@@ -506,7 +495,7 @@ def _run(model, tokenizer, lengths, make_batch, count_fn, loss_step, cfg, out_di
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-        seq_lens = [lengths_i - 1 for lengths_i in _input_lengths(global_batch, lengths, micro, count_fn)]
+        seq_lens = [n - 1 for j in global_batch for n in row_seq_lens[j]]  # model inputs drop the last token
         window_tokens += sum(seq_lens)
         window_flops += step_flops(model_cfg, seq_lens, lora)
         bar.update(1)
@@ -517,12 +506,15 @@ def _run(model, tokenizer, lengths, make_batch, count_fn, loss_step, cfg, out_di
             if d.device.type == "cuda":
                 torch.cuda.synchronize(d.device)
             elapsed = time.perf_counter() - window_start
+            tok_s = window_tokens / elapsed
             rec = {"step": step + 1, **dict(zip(names, values)), "lr": lr, "grad_norm": float(grad_norm),
-                   "tokens": window_tokens, "tok_per_s": window_tokens / elapsed,
-                   "mfu": window_flops / elapsed / (peak * d.world_size) if peak else None,
+                   "tokens": window_tokens, "tok_per_s": tok_s,
+                   "mfu": profile.mfu(tok_s, window_flops / max(window_tokens, 1), peak, d.world_size),
                    "peak_mem_gib": peak_memory_gib(d.device), "epoch": epoch}
             if d.is_main:
-                bar.write(fmt_log_line(step + 1, total, rec))
+                bar.write(profile.fmt_log_line(step=step + 1, total_steps=total, loss=rec["loss"], lr=lr,
+                                               grad_norm=rec["grad_norm"], tok_s=tok_s, mfu=rec["mfu"],
+                                               mem=rec["peak_mem_gib"]))
                 if metrics_file is not None:
                     with open(metrics_file, "a") as f:
                         f.write(json.dumps(rec) + "\n")
@@ -539,11 +531,6 @@ def _run(model, tokenizer, lengths, make_batch, count_fn, loss_step, cfg, out_di
         shutil.rmtree(ckpt_root, ignore_errors=True)  # the export supersedes the training state
     barrier(d)
     return trained
-
-
-def _input_lengths(global_batch, lengths, micro, count_fn):
-    """Sequence lengths of the step's rows (for tokens/s and FLOPs); pairs count both sequences."""
-    return [lengths[j] for j in global_batch]
 
 
 def _trajectory_config(cfg):
