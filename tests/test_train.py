@@ -1,0 +1,409 @@
+"""Tests for the training loop (w2s/train.py, w2s/data.py, w2s/lora.py) on a tiny random Llama, one CPU process.
+
+References are independent of the code under test: transformers' LlamaForCausalLM on the same weights for masked
+SFT losses, gradients and exported checkpoints; the papers' formulas in plain `math` over full-logit log-probs for
+DPO / IPO / ORPO; hand-written token layouts for masking; two runs of the loop for invariances (micro-batch size,
+resume). The FSDP (2 processes) equivalence lives in tests/test_fsdp.py.
+
+    python -m pytest -q tests/test_train.py
+"""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from hf_tiny import hf_model  # noqa: E402
+
+import w2s  # noqa: E402
+from w2s import data, train  # noqa: E402
+from w2s.lora import TARGETS, LoRALinear, inject_lora, lora_scale, merge_lora_state_dict  # noqa: E402
+from w2s.train import TrainConfig, train_preference, train_sft  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls on a shared 2-core machine: one thread is ~10x faster than two threads fighting over cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """(checkpoint dir, the transformers model it holds) of a tiny random Llama (vocab 128, dim 64, 2 layers)."""
+    path = tmp_path_factory.mktemp("llama")
+    hf = hf_model("llama2")
+    hf.save_pretrained(path)
+    return path, hf
+
+
+def load(path):
+    return w2s.load_model(path, dtype=torch.float32)
+
+
+def id_rows(n, seed=0):
+    """SFT rows of token ids with prompts of 2..5 and responses of 1..6 tokens (ids 3.. avoid pad/BOS/EOS)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        prompt = torch.randint(3, 128, (2 + i % 4,), generator=g).tolist()
+        response = torch.randint(3, 128, (1 + (i * 5) % 6,), generator=g).tolist()
+        rows.append({"prompt_ids": prompt, "response_ids": response})
+    return rows
+
+
+def id_pairs(n, seed=0):
+    rows = id_rows(2 * n, seed)
+    return [{"prompt_ids": rows[i]["prompt_ids"], "chosen_ids": rows[i]["response_ids"],
+             "rejected_ids": rows[n + i]["response_ids"] + [7]} for i in range(n)]
+
+
+def records(fn, *args, **kwargs):
+    """Run a train_* function; -> (trained model, [per-step metrics records])."""
+    recs = []
+    model = fn(*args, on_step=recs.append, **kwargs)
+    return model, recs
+
+
+def cfg(**overrides):
+    base = dict(lr=1e-3, batch_size=4, micro_batch_size=2, max_steps=2, clip=None, progress=False, seed=3)
+    return TrainConfig(**{**base, **overrides})
+
+
+def response_logps(logits_fn, prompt, response):
+    """Per-token log p(response token) under full logits of the unpadded sequence prompt + response. (R',)
+
+    The first token of a sequence has no context, so with an empty prompt the response's first token is skipped.
+    """
+    ids = torch.tensor([prompt + response])
+    logp = torch.log_softmax(logits_fn(ids)[0].double(), dim=-1)  # (T, V)
+    first = max(len(prompt), 1)
+    return torch.stack([logp[t - 1, ids[0, t]] for t in range(first, ids.shape[1])])
+
+
+def hf_logits(hf):
+    return lambda ids: hf(ids).logits
+
+
+def w2s_logits(model):
+    return lambda ids: model(ids)
+
+
+def assert_same_weights(a, b, atol):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        torch.testing.assert_close(sa[name], sb[name], atol=atol, rtol=0, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------- SFT masking, loss
+
+
+def test_collate_masks_the_prompt_and_padding_by_hand():
+    a = data.Example([10, 11, 12, 13, 14], n_prompt=2)  # response 12 13 14: predicted at positions 1, 2, 3
+    b = data.Example([20, 21, 22], n_prompt=1)  # response 21 22
+    tokens, targets = data.collate([a, b], pad_id=0)
+    X = data.IGNORE_INDEX
+    assert tokens.tolist() == [[10, 11, 12, 13], [20, 21, 0, 0]]
+    assert targets.tolist() == [[X, 12, 13, 14], [21, 22, X, X]]
+    tokens, targets = data.collate_pairs([data.Pair(a, b)], pad_id=0)  # chosen rows first, then rejected
+    assert targets.tolist() == [[X, 12, 13, 14], [21, 22, X, X]]
+
+
+def test_sft_loss_is_the_global_masked_token_mean(ckpt, tmp_path):
+    """Step 1's loss = sum of response-token NLLs / number of response tokens over ALL micro-batches (transformers)."""
+    path, hf = ckpt
+    rows = id_rows(6)
+    _, recs = records(train_sft, load(path), None, rows, cfg(batch_size=6, micro_batch_size=2, max_steps=1))
+    with torch.no_grad():
+        per_row = [-response_logps(hf_logits(hf), r["prompt_ids"], r["response_ids"]) for r in rows]
+    token_mean = torch.cat(per_row).mean().item()
+    assert recs[0]["loss"] == pytest.approx(token_mean, rel=1e-5)
+    row_mean = sum(x.mean().item() for x in per_row) / len(per_row)  # the wrong normalisation differs here
+    assert abs(row_mean - token_mean) > 1e-3
+
+
+def test_sft_gradient_equals_transformers_masked_gradient(ckpt):
+    """Prompt targets carry no gradient: our loss + backward == transformers with labels -100 on the prompt."""
+    path, hf = ckpt
+    rows = id_rows(3, seed=1)
+    examples, _, _ = data.encode_sft_rows(None, rows, max_seq_len=64)
+    tokens, targets = data.collate(examples, pad_id=0)
+    model = load(path).float()
+    module = train.TrainModule(model)
+    n_valid = (targets != data.IGNORE_INDEX).sum()
+    loss, _ = train.sft_step(module, {"tokens": tokens, "targets": targets}, torch.tensor([float(n_valid), 0, 0]))
+    loss.backward()
+
+    hf.zero_grad()
+    total, count = 0.0, 0
+    for r in rows:  # one unpadded sequence at a time, labels -100 on the prompt (HF shifts them itself)
+        ids = torch.tensor([r["prompt_ids"] + r["response_ids"]])
+        labels = ids.clone()
+        labels[0, : len(r["prompt_ids"])] = -100
+        logits = hf(ids).logits
+        total = total + F.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100, reduction="sum")
+        count += len(r["response_ids"])
+    (total / count).backward()
+    assert loss.item() == pytest.approx(total.item() / count, rel=1e-5)
+    hf_grads = dict(hf.named_parameters())
+    for name, p in model.named_parameters():
+        ref = hf_grads[w2s.checkpoint.hf_name(name)].grad
+        torch.testing.assert_close(p.grad, ref, atol=1e-6, rtol=1e-4, msg=name)
+    hf.zero_grad()
+
+
+def test_sft_loss_goes_down_and_export_loads_in_transformers(ckpt, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    path, _ = ckpt
+    rows = id_rows(4, seed=2)
+    out = tmp_path / "sft"
+    model, recs = records(train_sft, load(path), None, rows, cfg(lr=1e-2, max_steps=12, batch_size=4), out_dir=out)
+    losses = [r["loss"] for r in recs]
+    assert len(losses) == 12 and losses[-1] < 0.5 * losses[0], losses
+    assert [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()] == losses
+    assert not (out / "ckpt").exists()  # the export supersedes the training state
+
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.tensor([rows[0]["prompt_ids"] + rows[0]["response_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids), atol=1e-5, rtol=1e-5)
+        base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)(ids).logits
+    assert (base - model(ids)).abs().max() > 1e-2  # the export really holds the trained weights
+
+
+def test_micro_batch_size_does_not_change_losses_or_weights(ckpt):
+    path, _ = ckpt
+    rows = id_rows(8, seed=4)  # 2 steps per epoch: the 3 steps cross an epoch boundary
+    m1, r1 = records(train_sft, load(path), None, rows, cfg(batch_size=4, micro_batch_size=1, max_steps=3))
+    m4, r4 = records(train_sft, load(path), None, rows, cfg(batch_size=4, micro_batch_size=4, max_steps=3))
+    for a, b in zip(r1, r4, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    assert_same_weights(m1, m4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- resume
+
+
+class Killed(Exception):
+    pass
+
+
+def _kill_at(step, log):
+    def on_step(rec):
+        log.append(rec)
+        if rec["step"] == step:
+            raise Killed
+
+    return on_step
+
+
+@pytest.mark.parametrize("kind", ["sft_full", "dpo_lora"])
+def test_resume_gives_the_same_losses_and_weights(ckpt, tmp_path, kind):
+    """Checkpoint every 2 steps, die after step 5, resume: steps 5-6 and the weights match an uninterrupted run."""
+    path, _ = ckpt
+    if kind == "sft_full":
+        rows, c = id_rows(8, seed=5), cfg(max_steps=6, ckpt_every=2, weight_decay=0.1, warmup_steps=2, clip=0.5)
+
+        def run(out, on_step):
+            return train_sft(load(path), None, rows, c, out_dir=out, on_step=on_step)
+    else:
+        rows = id_pairs(8, seed=5)
+        c = cfg(max_steps=6, ckpt_every=2, lora_rank=4, lora_alpha=8, lora_dropout=0.1, lr=1e-2)
+
+        def run(out, on_step):
+            return train_preference(load(path), None, rows, c, out_dir=out, loss="dpo", on_step=on_step)
+
+    straight = []
+    reference = run(tmp_path / "straight", straight.append)
+    first, second = [], []
+    with pytest.raises(Killed):
+        run(tmp_path / "resumed", _kill_at(5, first))
+    assert (tmp_path / "resumed" / "ckpt" / "step00000004").is_dir()
+    resumed = run(tmp_path / "resumed", second.append)
+    assert [r["step"] for r in second] == [5, 6]
+    for a, b in zip(straight[4:], second, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+    assert_same_weights(reference, resumed, atol=1e-6)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]  # the killed run's step 5 was dropped, not duplicated
+
+
+def test_resume_refuses_a_checkpoint_of_a_different_run(ckpt, tmp_path):
+    path, _ = ckpt
+    rows = id_rows(8, seed=6)
+    with pytest.raises(Killed):
+        train_sft(load(path), None, rows, cfg(max_steps=4, ckpt_every=2), out_dir=tmp_path, on_step=_kill_at(3, []))
+    with pytest.raises(ValueError, match="different run"):
+        train_sft(load(path), None, rows, cfg(max_steps=4, ckpt_every=2, lr=5e-4), out_dir=tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- preference losses
+
+
+def _hand_preference_loss(kind, beta, policy, reference, pairs):
+    """The step's loss from the papers' formulas over full-logit log-probs (math floats, no w2s loss code)."""
+    total_pair_loss, chosen_nll, chosen_tokens = 0.0, 0.0, 0
+    for p in pairs:
+        c = response_logps(policy, p["prompt_ids"], p["chosen_ids"])
+        r = response_logps(policy, p["prompt_ids"], p["rejected_ids"])
+        if kind == "orpo":
+            pc, pr = math.exp(c.mean().item()), math.exp(r.mean().item())
+            log_odds_ratio = math.log(pc / (1 - pc)) - math.log(pr / (1 - pr))
+            total_pair_loss += math.log1p(math.exp(-log_odds_ratio))  # -log sigmoid
+            chosen_nll -= c.sum().item()
+            chosen_tokens += len(c)
+            continue
+        rc = response_logps(reference, p["prompt_ids"], p["chosen_ids"]).sum().item()
+        rr = response_logps(reference, p["prompt_ids"], p["rejected_ids"]).sum().item()
+        h = (c.sum().item() - rc) - (r.sum().item() - rr)
+        total_pair_loss += math.log1p(math.exp(-beta * h)) if kind == "dpo" else (h - 1 / (2 * beta)) ** 2
+    if kind == "orpo":
+        return chosen_nll / chosen_tokens + beta * total_pair_loss / len(pairs)
+    return total_pair_loss / len(pairs)
+
+
+@pytest.mark.parametrize("kind", ["dpo", "ipo", "orpo"])
+def test_preference_losses_equal_the_formulas_by_hand(ckpt, kind):
+    """Steps 1 and 2 of a run (all pairs in every batch) against the formula at the initial / once-updated weights."""
+    path, _ = ckpt
+    pairs = id_pairs(5, seed=7)
+    c = cfg(batch_size=5, micro_batch_size=2, beta=0.5, lr=1e-2, max_steps=2)
+    _, recs = records(train_preference, load(path), None, pairs, c, loss=kind)
+    once = train_preference(load(path), None, pairs, cfg(**{**c.__dict__, "max_steps": 1}), loss=kind)
+    initial = load(path)
+    with torch.no_grad():
+        for rec, policy in zip(recs, (initial, once), strict=True):
+            expected = _hand_preference_loss(kind, c.beta, w2s_logits(policy), w2s_logits(initial), pairs)
+            assert rec["loss"] == pytest.approx(expected, rel=1e-5), rec["step"]
+    if kind == "dpo":
+        assert recs[0]["loss"] == pytest.approx(math.log(2), rel=1e-6)  # the policy starts AT the reference
+        assert recs[1]["rewards/accuracies"] > 0.5  # one step already separates chosen from rejected
+
+
+def test_reference_logps_are_cached_and_reused(ckpt, tmp_path, monkeypatch):
+    path, _ = ckpt
+    pairs = id_pairs(4, seed=8)
+    calls = []
+    compute = train.compute_reference_logps
+    monkeypatch.setattr(train, "compute_reference_logps", lambda *a, **k: calls.append(1) or compute(*a, **k))
+    c = cfg(max_steps=1)
+    _, first = records(train_preference, load(path), None, pairs, c, out_dir=tmp_path, loss="dpo")
+    assert len(calls) == 1 and (tmp_path / "ref_logps.pt").is_file()
+    _, second = records(train_preference, load(path), None, pairs, c, out_dir=tmp_path, loss="dpo")
+    assert len(calls) == 1  # reused: no second reference pass
+    assert first[0]["loss"] == second[0]["loss"]
+    other = load(path)
+    with torch.no_grad():
+        other.norm.weight.mul_(1.5)  # different initial weights: the cached table must not be used
+    train_preference(other, None, pairs, c, out_dir=tmp_path, loss="dpo")
+    assert len(calls) == 2
+
+
+# ---------------------------------------------------------------------------------------------- LoRA
+
+
+def test_lora_targets_scale_and_merged_export(ckpt):
+    path, _ = ckpt
+    model = load(path)
+    n = inject_lora(model, rank=4, alpha=12.0, dropout=0.0, seed=1)
+    assert n == len(TARGETS) * model.cfg.n_layers
+    wrapped = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    assert wrapped == set(TARGETS)
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(name.endswith((".lora_A", ".lora_B")) for name in trainable)
+    assert lora_scale(model) == 3.0  # alpha / rank
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.normal_(0, 0.5, generator=g)
+
+    q = model.layers[0].self_attn.q_proj  # the update by hand: W x + (alpha / r) B A x
+    x = torch.randn(3, model.cfg.dim, generator=g)
+    expected = x @ q.weight.T + 3.0 * (x @ q.lora_A.T @ q.lora_B.T)
+    torch.testing.assert_close(q(x), expected, atol=1e-5, rtol=1e-5)
+
+    merged = w2s.Transformer(model.cfg)
+    merged.load_state_dict(merge_lora_state_dict(model.state_dict(), lora_scale(model)))
+    merged.reset_buffers()
+    ids = torch.randint(3, 128, (2, 9), generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids), model(ids), atol=1e-5, rtol=1e-5)
+        assert (merged(ids) - load(path)(ids)).abs().max() > 1e-2  # the adapters really changed the model
+
+
+def test_lora_dropout_applies_only_in_training_mode():
+    base = torch.nn.Linear(16, 8, bias=False)
+    layer = LoRALinear(base, rank=2, alpha=2.0, dropout=0.5, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        layer.lora_B.fill_(1.0)
+    x = torch.randn(4, 16)
+    no_dropout = base(x) + x @ layer.lora_A.T @ layer.lora_B.T
+    layer.eval()
+    torch.testing.assert_close(layer(x), no_dropout)
+    layer.train()
+    assert not torch.allclose(layer(x), no_dropout)
+
+
+def test_lora_training_changes_only_the_target_matrices(ckpt, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    path, _ = ckpt
+    c = cfg(lora_rank=4, lora_alpha=8, lr=5e-2, max_steps=2, lora_targets=("q_proj", "down_proj"))
+    trained = train_sft(load(path), None, id_rows(4, seed=9), c, out_dir=tmp_path)
+    base = load(path).state_dict()
+    changed = {name for name, t in trained.state_dict().items() if not torch.equal(t, base[name])}
+    assert changed == {f"layers.{i}.{m}.weight" for i in range(2) for m in ("self_attn.q_proj", "mlp.down_proj")}
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    ids = torch.tensor([[1, 5, 9, 33, 70]])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, trained(ids), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- bad data
+
+
+def test_bad_rows_are_skipped_with_their_location_or_stop_the_run(capsys):
+    rows = [{"prompt_ids": [5, 6], "response_ids": [7, 8]},
+            {"prompt": "q", "response": "", "_where": "sft.jsonl:2"},
+            {"prompt_ids": [5] * 10, "response_ids": [7] * 10, "_where": "sft.jsonl:3"},
+            {"prompt_ids": [5, 6], "response_ids": [9]}]
+    examples, kept, bad = data.encode_sft_rows(None, rows, max_seq_len=16)
+    assert kept == [0, 3] and len(examples) == 2
+    assert [loc for loc, _ in bad] == ["sft.jsonl:2", "sft.jsonl:3"]
+    err = capsys.readouterr().err
+    assert "skipped sft.jsonl:2: empty or missing 'response'" in err
+    assert "skipped sft.jsonl:3: sequence of 20 tokens is longer than max_seq_len=16" in err
+    assert "skipped 2 of 4 rows" in err
+    with pytest.raises(ValueError, match=r"^sft\.jsonl:2: empty or missing 'response'"):
+        data.encode_sft_rows(None, rows, max_seq_len=16, bad_rows="error")
+
+    pairs = [{"prompt_ids": [5], "chosen_ids": [7, 8], "rejected_ids": [7, 8], "_where": "pairs.jsonl:1"},
+             {"prompt_ids": [5], "chosen_ids": [7, 8], "rejected_ids": [9]}]
+    encoded, kept, bad = data.encode_pair_rows(None, pairs, max_seq_len=16)
+    assert kept == [1] and bad == [("pairs.jsonl:1", "chosen == rejected (the pair carries no preference)")]
+    with pytest.raises(ValueError, match=r"^pairs\.jsonl:1: chosen == rejected"):
+        data.encode_pair_rows(None, pairs, max_seq_len=16, bad_rows="error")
+
+
+def test_no_usable_rows_is_one_clear_error(ckpt):
+    path, _ = ckpt
+    with pytest.raises(ValueError, match="none of the 1 rows is usable"):
+        train_sft(load(path), None, [{"prompt_ids": [5], "response_ids": [6] * 50}], cfg(max_seq_len=8))
+
+
+def test_lr_schedule_warmup_then_cosine():
+    c = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=2)
+    got = [train.lr_at(s, 6, c) for s in range(6)]
+    cosine = [0.1 + 0.45 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
+    assert got == pytest.approx([0.5, 1.0] + cosine)
