@@ -53,8 +53,28 @@ def stable_hash(obj):
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def rank():
+    """This process's rank under torchrun (0 in a plain python run). Only rank 0 writes shared artifacts."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main():
+    return rank() == 0
+
+
+def barrier():
+    """Wait for every rank (no-op without a process group): readers must not run ahead of rank 0's writes."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
 def write_json_atomic(path, obj):
-    """Write to a temp file, fsync, rename: readers see the old file or the whole new one, never half of it."""
+    """Write to a temp file, fsync, rename: readers see the old file or the whole new one, never half of it.
+    Rank 0 only (other ranks return at once; a barrier() must come before anyone reads the file)."""
+    if not is_main():
+        return
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
@@ -65,6 +85,9 @@ def write_json_atomic(path, obj):
 
 
 def write_jsonl_atomic(path, rows):
+    """write_json_atomic for a list of rows, one JSON object per line."""
+    if not is_main():
+        return
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
@@ -92,7 +115,7 @@ def read_jsonl(path):
 class Stage:
     name: str  # "NN_what": the directory name
     deps: list  # names of the stages whose outputs it reads
-    options: dict  # everything else that changes its output (hashed into the key)
+    options: dict  # everything else that changes its output (hashed into the key, recorded in meta.json)
     run: Callable  # (ctx, out_dir) -> dict of counts/metrics for meta.json
     kind: str = "other"  # data | train | generate | filter | eval (for the report)
 
@@ -104,6 +127,8 @@ class Context:
     keys: dict = field(default_factory=dict)
     log: Callable = print
     progress: bool = True  # progress bars inside stages (sampling, training)
+    resident: tuple | None = None  # (checkpoint dir, model, tokenizer) kept in memory between stages
+    stage: str | None = None  # the stage now running (for logs and for tests that watch who reads what)
 
     def dir(self, stage_name):
         return self.run_dir / stage_name
@@ -123,57 +148,72 @@ def read_meta(stage_dir):
         return None  # a torn write cannot happen (atomic rename); treat anything unreadable as not done
 
 
-def run_stages(stages, ctx, only=None):
-    """Run every stage not already done with the current key; return {stage name: 'ran' | 'skipped'}."""
+def run_stages(stages, ctx):
+    """Run every stage not already done with the current key; return {stage name: 'ran' | 'skipped'}.
+
+    A stage that raises leaves no meta.json (its partial outputs stay for the resume) and stops the run; every
+    stage finished before it keeps its meta.json and is skipped next time.
+    """
     status = {}
     for i, stage in enumerate(stages):
         key = stage_key(stage, ctx.keys)
         ctx.keys[stage.name] = key
         out = ctx.dir(stage.name)
         meta = read_meta(out)
+        tag = f"[{i + 1}/{len(stages)}] {stage.name}"
         if meta is not None and meta.get("key") == key:
             status[stage.name] = "skipped"
-            ctx.log(f"[{i + 1}/{len(stages)}] {stage.name}: done (key {key}), skipped")
+            ctx.log(f"{tag}: done (key {key}), skipped")
             continue
-        if only and stage.name not in only:
-            raise RuntimeError(f"{stage.name} is not done but was not selected to run")
         _prepare_dir(out, key)
-        ctx.log(f"[{i + 1}/{len(stages)}] {stage.name}: running")
+        ctx.stage = stage.name
+        ctx.log(f"{tag}: running")
         t0 = time.perf_counter()
         counts = stage.run(ctx, out) or {}
+        barrier()  # every rank has finished the stage's writes before anyone records it done or reads it
         wall = time.perf_counter() - t0
         meta = {"stage": stage.name, "kind": stage.kind, "key": key, "options": stage.options,
-                "inputs": {d: ctx.keys[d] for d in stage.deps}, "wall_s": round(wall, 3), **counts}
+                "inputs": {d: ctx.keys[d] for d in stage.deps}, **counts, "wall_s": round(wall, 3)}
         write_json_atomic(out / "meta.json", meta)
+        barrier()
         status[stage.name] = "ran"
-        ctx.log(f"[{i + 1}/{len(stages)}] {stage.name}: finished in {wall:.1f}s")
+        ctx.log(f"{tag}: finished in {wall:.1f}s")
     return status
 
 
 def _prepare_dir(out, key):
     """Keep a killed run's partial outputs only if they were made under the same key; wipe anything else."""
-    key_file = out / "key.txt"
-    if out.exists() and (not key_file.is_file() or key_file.read_text().strip() != key):
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "meta.json").unlink(missing_ok=True)
-    key_file.write_text(key + "\n")
+    if is_main():
+        key_file = out / "key.txt"
+        if out.exists() and (not key_file.is_file() or key_file.read_text().strip() != key):
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "meta.json").unlink(missing_ok=True)
+        key_file.write_text(key + "\n")
+    barrier()
 
 
-def recipe_options(recipe):
-    return {k: v for k, v in asdict(recipe).items() if k not in ("name", "path")}
+def run_pipeline(recipe_path, runs_dir="runs", progress=True, log=print, plot=True):
+    """Validate the recipe (before any model is loaded), run every stage not yet done, write the report.
 
-
-def run_pipeline(recipe_path, runs_dir="runs", progress=True, log=print):
-    """Validate the recipe (before any model is loaded), run every stage not yet done, write the report."""
+    Returns (run dir, {stage: 'ran' | 'skipped'}, report text).
+    """
     from w2s.plan import build_stages
     from w2s.recipe import load_recipe
     from w2s.report import report
 
     recipe = load_recipe(recipe_path)
+    if "WORLD_SIZE" in os.environ:  # torchrun: join the process group before the first collective (barrier)
+        from w2s.parallel import init_distributed
+
+        init_distributed()
     run_dir = Path(runs_dir) / recipe.name
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_dir / "recipe.json", asdict(recipe))
+    barrier()
     stages = build_stages(recipe)
-    ctx = Context(recipe, run_dir, log=log, progress=progress)
+    ctx = Context(recipe, run_dir, log=log if is_main() else (lambda *a: None), progress=progress and is_main())
     status = run_stages(stages, ctx)
-    return run_dir, status, report(run_dir)
+    text = report(run_dir, plot=plot) if is_main() else ""
+    return run_dir, status, text

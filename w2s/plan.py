@@ -3,18 +3,28 @@
 Each runner loads what it needs, calls the pure stage logic (w2s/stages), the sampler (w2s/sampling.py) or the
 trainer (w2s/train.py), and writes its artifacts. The order, numbering and contract are described in w2s/pipeline.py.
 
-Gold answers of train_2 live in 00_data/train_2_gold.jsonl and are read ONLY by `_precision` (selection precision of
-filtered sets and pairs, reported for analysis) and by the strong-ceiling baseline; no other stage opens that file.
+Gold answers of train_2 live in 00_data/train_2_gold.jsonl. `read_train_2_gold` is the ONE function that opens it,
+and only two kinds of caller use it: the selection-precision analysis of filtered sets and pairs (reported, never
+trained on) and the strong-ceiling baseline (19_ceiling). tests/test_pipeline.py checks both facts.
+
+Weights stay resident between stages where that is free: a model just trained (or loaded for generation) is kept in
+memory, so the next stage that generates with it does not reload it. Training always starts from a fresh load,
+because the trainer consumes the model it is given.
+
+    python -m pytest -q tests/test_pipeline.py
 """
 
-import functools
-import random
+import gc
+from dataclasses import asdict
 from pathlib import Path
 
-from w2s.pipeline import Stage, read_jsonl, sha256_file, stable_hash, write_json_atomic, write_jsonl_atomic
+from w2s.pipeline import Stage, is_main, read_jsonl, sha256_file, stable_hash, write_json_atomic, write_jsonl_atomic
 
 ROUND_STAGES = {1: ("04_r1_filter", "05_r1_sft_weak", "06_r1_sft_icl", "07_r1_sft_hybrid"),
                 2: ("10_r2_filter", "11_r2_sft_weak", "12_r2_sft_icl", "13_r2_sft_hybrid")}
+R2_LABEL_STAGES = ("08_r2_labels_weak", "09_r2_labels_icl")
+PREFERENCE_STAGES = {"dpo": "16_dpo", "orpo": "17_orpo", "ipo": "16_ipo"}
+GOLD_FILE = "train_2_gold.jsonl"  # analysis + ceiling only; see read_train_2_gold
 
 
 # ------------------------------------------------------------------------------------------------ model handling
@@ -29,7 +39,7 @@ def _torch_setup(recipe):
     return device, getattr(torch, recipe.models.dtype)
 
 
-def load(recipe, model_dir):
+def load_fresh(recipe, model_dir):
     """(model, tokenizer) of a checkpoint dir, in the recipe's dtype on its device."""
     from w2s.checkpoint import load_model
     from w2s.tokenizer import load_tokenizer
@@ -38,20 +48,77 @@ def load(recipe, model_dir):
     return load_model(model_dir, dtype=dtype, device=device), load_tokenizer(model_dir)
 
 
+def drop_resident(ctx):
+    """Free the resident model before loading another (a 70B checkpoint does not fit twice)."""
+    import torch
+
+    ctx.resident = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def load_for_inference(ctx, model_dir):
+    """The resident model when it is this checkpoint, else a fresh load that becomes the resident one."""
+    model_dir = str(Path(model_dir).resolve())
+    if ctx.resident is not None and ctx.resident[0] == model_dir:
+        return ctx.resident[1], ctx.resident[2]
+    drop_resident(ctx)
+    model, tok = load_fresh(ctx.recipe, model_dir)
+    ctx.resident = (model_dir, model, tok)
+    return model, tok
+
+
 def ckpt_fingerprint(path):
-    """Identity of a checkpoint dir for stage keys: its config and the names/sizes/mtimes of its weight files."""
+    """Identity of a checkpoint dir for stage keys: the names, sizes and mtimes of its weight, config and tokenizer
+    files (cheap: no 140 GB hash); copying or rewriting a checkpoint reruns the stages that read it."""
     path = Path(path)
     files = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.json")) + sorted(path.glob("tokenizer.model"))
     return stable_hash([(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in files])
 
 
+def model_of(ctx, stage_name):
+    return ctx.dir(stage_name) / "model"
+
+
+# ------------------------------------------------------------------------------------------------ cost summaries
+
+
+def _cost_of(prof):
+    """The cost fields of meta.json from a StageProfiler: tokens, tokens/s, MFU, peak memory, device."""
+    s = prof.summary()
+    mem = s["cuda_peak_gib"] if s["cuda_peak_gib"] is not None else s["host_peak_rss_gib"]
+    return {"tokens": s["tokens"], "tok_s": s["tok_s"], "mfu": s["mfu"], "peak_mem_gib": mem, "device": s["device"],
+            "stage_s": s["wall_s"]}
+
+
+def _train_cost(prof, steps):
+    """Training cost from the trainer's own step records (exact sequence lengths and LoRA in its FLOPs count):
+    tok/s over the training steps only, MFU as the time-weighted mean of the logged windows."""
+    cost = _cost_of(prof)
+    tokens = sum(r["tokens"] for r in steps)
+    seconds = sum(r["tokens"] / r["tok_per_s"] for r in steps if r["tok_per_s"])
+    mfus = [(r["mfu"], r["tokens"] / r["tok_per_s"]) for r in steps if r.get("mfu") is not None and r["tok_per_s"]]
+    cost.update(tokens=tokens, tok_s=tokens / seconds if seconds else None, steps=len(steps),
+                mfu=sum(m * t for m, t in mfus) / sum(t for _, t in mfus) if mfus else None,
+                final_loss=steps[-1]["loss"] if steps else None)
+    return cost
+
+
 # ------------------------------------------------------------------------------------------------ shared runners
 
 
-def _same_answer(task):
-    from w2s.tasks import is_equiv
+def same_answer_fn(task):
+    from w2s.stages.metrics import answer_matcher
 
-    return functools.partial(lambda a, b, t: is_equiv(a, b, t), t=task)
+    return answer_matcher(task)
+
+
+def extract(text, task):
+    """The extracted, normalized final answer of a response ("" if none): what filtering and voting compare."""
+    from w2s.tasks import extract_answer, normalize_answer
+
+    return normalize_answer(extract_answer(text, task))
 
 
 def generate_stage(ctx, out, model_dir, records, prompt_fn, n=1, temperature=0.0, top_p=1.0, max_new_tokens=None,
@@ -60,58 +127,102 @@ def generate_stage(ctx, out, model_dir, records, prompt_fn, n=1, temperature=0.0
 
     labels.jsonl rows: {"id", "question", "response", "answer"} for n == 1, or {"id", "question", "samples":
     [{"response", "answer"}, ...]} for n > 1; "answer" is the extracted, normalized final answer ("" if none).
+    Returns (rows, counts for meta.json).
     """
     from w2s.profile import StageProfiler
     from w2s.sampling import generate_to_jsonl
-    from w2s.tasks import STOP_STRINGS, extract_answer, normalize_answer
+    from w2s.tasks import STOP_STRINGS
 
     r, task = ctx.recipe, ctx.recipe.data.task
-    model, tok = load(r, model_dir)
+    model, tok = load_for_inference(ctx, model_dir)
     prompts = [{"id": rec["id"], "prompt": prompt_fn(rec)} for rec in records]
-    with StageProfiler(model.cfg, mode="inference") as prof:
-        results = generate_to_jsonl(
-            model, tok, prompts, out / "generations.jsonl", n=n, temperature=temperature, top_p=top_p,
-            max_new_tokens=max_new_tokens or r.sampling.max_new_tokens, stop=STOP_STRINGS, seed=seed,
-            max_batch=r.sampling.max_batch, cache_len=r.sampling.cache_len or None, progress=ctx.progress)
+    max_new_tokens = max_new_tokens or r.sampling.max_new_tokens
+    with StageProfiler(model.cfg, mode="inference", name=out.name) as prof:
+        path = generate_to_jsonl(model, tok, prompts, out / "generations.jsonl", n=n, temperature=temperature,
+                                 top_p=top_p, max_new_tokens=max_new_tokens, stop=tuple(STOP_STRINGS), seed=seed,
+                                 max_batch=r.sampling.max_batch, cache_len=r.sampling.cache_len or None,
+                                 progress=ctx.progress)
+        results = read_jsonl(path)
         prof.add_tokens(sum(c["num_tokens"] for res in results for c in res["completions"]))
-    answer = lambda text: normalize_answer(extract_answer(text, task))  # noqa: E731
     rows = []
-    for rec, res in zip(records, results):
-        assert res["id"] == rec["id"], "sampler must return results in input order"
+    for rec, res in zip(records, results, strict=True):
+        if res["id"] != rec["id"]:
+            raise RuntimeError(f"{path}: id {res['id']!r} where {rec['id']!r} was expected (sampler order)")
         comps = res["completions"]
         if n == 1:
             rows.append({"id": rec["id"], "question": rec["question"], "response": comps[0]["text"],
-                         "answer": answer(comps[0]["text"])})
+                         "answer": extract(comps[0]["text"], task)})
         else:
             rows.append({"id": rec["id"], "question": rec["question"],
-                         "samples": [{"response": c["text"], "answer": answer(c["text"])} for c in comps]})
+                         "samples": [{"response": c["text"], "answer": extract(c["text"], task)} for c in comps]})
     write_jsonl_atomic(out / "labels.jsonl", rows)
-    with_answer = sum(bool(row.get("answer")) for row in rows) if n == 1 else None
-    return {"n_prompts": len(rows), "n_with_answer": with_answer, **prof.summary()}
+    with_answer = sum(bool(row["answer"]) for row in rows) if n == 1 else sum(
+        bool(s["answer"]) for row in rows for s in row["samples"])
+    counts = {"n_prompts": len(rows), "n_completions": len(rows) * n, "n_with_answer": with_answer,
+              "finish_reasons": _finish_reasons(results), **_cost_of(prof)}
+    return rows, counts
+
+
+def _finish_reasons(results):
+    reasons = {}
+    for res in results:
+        for c in res["completions"]:
+            reasons[c["finish_reason"]] = reasons.get(c["finish_reason"], 0) + 1
+    return reasons
+
+
+def train_config(recipe, section, progress):
+    """The resolved TrainConfig of a recipe section ([weak_sft], [strong_sft] or [preference])."""
+    from w2s.train import TrainConfig
+
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in getattr(recipe, section).items()}
+    return TrainConfig(**{**values, "progress": progress})
+
+
+def train_options(recipe, section):
+    """The options of a training stage as hashed into its key: the resolved TrainConfig minus display fields."""
+    cfg = asdict(train_config(recipe, section, progress=False))
+    return {k: v for k, v in cfg.items() if k not in ("progress", "log_every")}
+
+
+def _check_rows(ctx, out, rows, what):
+    if not rows:
+        raise ValueError(f"{out.name}: the {what} is empty, nothing to train on (see the meta.json of the stage "
+                         f"that built it, e.g. its kept/pairs counts)")
 
 
 def sft_stage(ctx, out, base_dir, rows, section):
-    """SFT `base_dir` on rows {"prompt", "response"}; the trained model is exported to out/model (HF format)."""
-    from w2s.checkpoint import save_model
-    from w2s.train import TrainConfig, train_sft
+    """SFT `base_dir` on rows {"prompt", "response"}; the trained model goes to out/model (HF format, with the
+    trainer's metrics.jsonl and, while it runs, its resumable checkpoints in out/model/ckpt)."""
+    from w2s.profile import StageProfiler
+    from w2s.train import train_sft
 
-    model, tok = load(ctx.recipe, base_dir)
-    cfg = TrainConfig(**getattr(ctx.recipe, section))
+    _check_rows(ctx, out, rows, "SFT set")
     write_jsonl_atomic(out / "train.jsonl", rows)
-    model, stats = train_sft(model, tok, rows, cfg, out_dir=out / "train", progress=ctx.progress)
-    save_model(model, out / "model", tokenizer=tok, state_dict=stats.pop("state_dict", None))
-    return {"n_rows": len(rows), **stats}
+    drop_resident(ctx)
+    model, tok = load_fresh(ctx.recipe, base_dir)
+    steps = []
+    with StageProfiler(model.cfg, mode="training", name=out.name) as prof:
+        model = train_sft(model, tok, rows, train_config(ctx.recipe, section, ctx.progress), out_dir=out / "model",
+                          on_step=steps.append)
+    ctx.resident = (str((out / "model").resolve()), model, tok)
+    return {"n_rows": len(rows), **_train_cost(prof, steps)}
 
 
 def preference_stage(ctx, out, base_dir, pairs, loss):
-    from w2s.checkpoint import save_model
-    from w2s.train import TrainConfig, train_preference
+    from w2s.profile import StageProfiler
+    from w2s.train import train_preference
 
-    model, tok = load(ctx.recipe, base_dir)
-    cfg = TrainConfig(**ctx.recipe.preference)
-    model, stats = train_preference(model, tok, pairs, cfg, out_dir=out / "train", loss=loss, progress=ctx.progress)
-    save_model(model, out / "model", tokenizer=tok, state_dict=stats.pop("state_dict", None))
-    return {"n_pairs": len(pairs), "loss": loss, **stats}
+    _check_rows(ctx, out, pairs, "preference pair set")
+    write_jsonl_atomic(out / "train.jsonl", pairs)
+    drop_resident(ctx)
+    model, tok = load_fresh(ctx.recipe, base_dir)
+    steps = []
+    with StageProfiler(model.cfg, mode="training", name=out.name) as prof:
+        model = train_preference(model, tok, pairs, train_config(ctx.recipe, "preference", ctx.progress),
+                                 out_dir=out / "model", loss=loss, on_step=steps.append)
+    ctx.resident = (str((out / "model").resolve()), model, tok)
+    return {"n_pairs": len(pairs), "loss": loss, **_train_cost(prof, steps)}
 
 
 def zero_shot(rec):
@@ -120,13 +231,25 @@ def zero_shot(rec):
     return zero_shot_prompt(rec["question"])
 
 
-def _precision(ctx, answers_by_id):
-    """Fraction of given answers that are gold-correct. ANALYSIS ONLY: the one reader of train_2 gold."""
-    if not answers_by_id:
-        return None
-    same = _same_answer(ctx.recipe.data.task)
-    gold = {row["id"]: row["answer"] for row in read_jsonl(ctx.dir("00_data") / "train_2_gold.jsonl")}
-    return sum(same(a, gold[i]) for i, a in answers_by_id.items()) / len(answers_by_id)
+def read_train_2_gold(ctx):
+    """{id: {"answer", "solution"}} of train_2. The ONE reader of train_2 gold: its callers are the precision
+    analysis (`gold_precision`, `run_pairs`) and the strong-ceiling rows (`ceiling_rows`), nothing else."""
+    return {row["id"]: row for row in read_jsonl(ctx.dir("00_data") / GOLD_FILE)}
+
+
+def gold_precision(ctx, records):
+    """Analysis only: the fraction of labelled records {"id", "answer"} whose answer is gold-correct."""
+    from w2s.stages.consistency import precision
+
+    gold = {i: g["answer"] for i, g in read_train_2_gold(ctx).items()}
+    return precision(records, gold, same_answer_fn(ctx.recipe.data.task))
+
+
+def ceiling_rows(ctx):
+    """The strong ceiling's SFT set: train_2 questions with their gold solutions (PAPER.md: the upper bound)."""
+    gold = read_train_2_gold(ctx)
+    return [{"id": q["id"], "prompt": zero_shot(q), "response": gold[q["id"]]["solution"]}
+            for q in data_rows(ctx, "train_2")]
 
 
 # ------------------------------------------------------------------------------------------------ stage runners
@@ -140,16 +263,21 @@ def run_data(ctx, out):
     if d.split_file:
         train_1, train_2 = load_split(d.split_file, train)
     else:
-        sizes = (d.n_train_1, d.n_train_2) if d.n_train_1 or d.n_train_2 else None
+        sizes = (d.n_train_1 or len(train) // 2, d.n_train_2 or len(train) - len(train) // 2) \
+            if d.n_train_1 or d.n_train_2 else None
         train_1, train_2 = split_train(train, seed=d.seed, sizes=sizes)
     test = load_records(d.task, d.test)
     test = test[: d.n_test] if d.n_test else test
-    save_split(out / "split.json", train_1, train_2)
+    if len(train_1) == 0 or len(train_2) == 0 or len(test) == 0:
+        raise ValueError(f"{ctx.recipe.path}: [data] gives {len(train_1)} train_1, {len(train_2)} train_2 and "
+                         f"{len(test)} test records; every part must be non-empty")
+    if is_main():
+        save_split(out / "split.json", train_1, train_2)
     write_jsonl_atomic(out / "train_1.jsonl", train_1)
     # train_2 is seen by the strong model as questions only; its gold goes to a separate analysis-only file.
     write_jsonl_atomic(out / "train_2.jsonl", [{"id": r["id"], "question": r["question"]} for r in train_2])
-    write_jsonl_atomic(out / "train_2_gold.jsonl", [{"id": r["id"], "answer": r["answer"],
-                                                     "solution": r["solution"]} for r in train_2])
+    write_jsonl_atomic(out / GOLD_FILE, [{"id": r["id"], "answer": r["answer"], "solution": r["solution"]}
+                                         for r in train_2])
     write_jsonl_atomic(out / "test.jsonl", test)
     return {"n_train_1": len(train_1), "n_train_2": len(train_2), "n_test": len(test)}
 
@@ -163,10 +291,12 @@ def labels(ctx, stage):
 
 
 def demos(ctx):
+    """The ICL demonstrations: k weak responses on train_2 with an extractable answer, seeded, never filtered for
+    correctness (PAPER.md). The same demos serve 03_icl_labels and the strong-ICL evaluation."""
     from w2s.tasks import select_demos
 
     r = ctx.recipe
-    return select_demos(labels(ctx, "02_weak_labels"), r.data.task, k=r.stage1.n_demos, seed=r.data.seed)
+    return select_demos(labels(ctx, "02_weak_labels"), r.data.task, k=r.stage1.n_demos, seed=r.stage1.demo_seed)
 
 
 def icl_prompt_fn(ctx):
@@ -176,69 +306,81 @@ def icl_prompt_fn(ctx):
     return lambda rec: few_shot_prompt(shots, rec["question"])
 
 
+def run_labels(ctx, out, model_dir, prompt_fn):
+    """Greedy zero-shot (or few-shot) labels of every train_2 question."""
+    rows, counts = generate_stage(ctx, out, model_dir, data_rows(ctx, "train_2"), prompt_fn,
+                                  seed=ctx.recipe.data.seed)
+    return counts
+
+
 def run_filter(ctx, out, weak_stage, icl_stage):
     """Final-answer consistency between two labellings of train_2 -> weak / icl / hybrid SFT sets."""
+    from w2s.interchange import export_sft
     from w2s.stages.consistency import consistent, sft_sets
 
     weak, other = labels(ctx, weak_stage), labels(ctx, icl_stage)
-    kept = consistent(weak, other, same_answer=_same_answer(ctx.recipe.data.task))
+    kept = consistent(weak, other, same_answer=same_answer_fn(ctx.recipe.data.task))
     sets = sft_sets(weak, other, kept)
     for name, rows in sets.items():
         write_jsonl_atomic(out / f"{name}.jsonl", rows)
-    kept_ids = {r["id"] for r in sets["weak"]}
-    answers = {r["id"]: r["answer"] for r in weak if r["id"] in kept_ids}
-    return {"n_questions": len(weak), "n_kept": len(kept_ids),
-            "kept_fraction": len(kept_ids) / max(len(weak), 1), "precision": _precision(ctx, answers)}
+        if is_main():
+            export_sft(rows, out / f"{name}.llamafactory.json")  # the paper's released-data format, for comparison
+    kept_set = set(kept)
+    return {"n_questions": len(weak), "n_kept": len(kept), "kept_fraction": len(kept) / max(len(weak), 1),
+            "n_rows": {name: len(rows) for name, rows in sets.items()},
+            "precision": gold_precision(ctx, [w for w in weak if w["id"] in kept_set]),
+            "precision_weak_all": gold_precision(ctx, weak)}
 
 
 def run_pairs(ctx, out):
+    """Majority vote over M_plus's samples, then preference pairs with the weak response on one side."""
+    from w2s.interchange import export_pairs
+    from w2s.stages.metrics import pair_precision
     from w2s.stages.preference_pairs import build_pairs
 
     r = ctx.recipe
     samples = {row["id"]: row["samples"] for row in labels(ctx, "14_samples")}
-    pairs, counts = build_pairs(labels(ctx, "02_weak_labels"), samples, seed=r.data.seed,
+    same = same_answer_fn(r.data.task)
+    pairs, counts = build_pairs(labels(ctx, "02_weak_labels"), samples, seed=r.stage2.pair_seed,
                                 max_pairs_per_question=r.stage2.max_pairs, min_confidence=r.stage2.min_confidence,
-                                flip_confidence=r.stage2.flip_confidence,
-                                same_answer=_same_answer(r.data.task))
+                                flip_confidence=r.stage2.flip_confidence, same_answer=same)
     write_jsonl_atomic(out / "pairs.jsonl", pairs)
-    chosen = {f"{p['id']}#{i}": p["chosen_answer"] for i, p in enumerate(pairs)} if pairs and \
-        "chosen_answer" in pairs[0] else {}
-    gold_ids = {k: v for k, v in chosen.items()}
-    precision = None
-    if gold_ids:
-        same = _same_answer(r.data.task)
-        gold = {row["id"]: row["answer"] for row in read_jsonl(ctx.dir("00_data") / "train_2_gold.jsonl")}
-        precision = sum(same(p["chosen_answer"], gold[p["id"]]) for p in pairs) / len(pairs)
-    return {"n_pairs": len(pairs), "pair_precision": precision, **counts}
+    if is_main():
+        export_pairs(pairs, out / "pairs.llamafactory.json")
+    gold = {i: g["answer"] for i, g in read_train_2_gold(ctx).items()}  # analysis only
+    precision = {kind: pair_precision(pairs, gold, same, kind=kind) for kind in (None, "weak_chosen", "weak_rejected")}
+    return {"n_pairs": len(pairs), "pair_precision": precision[None],
+            "pair_precision_weak_chosen": precision["weak_chosen"],
+            "pair_precision_weak_rejected": precision["weak_rejected"], "counts": counts}
 
 
-def run_eval(ctx, out, model_dir, prompt_fn, n=1, temperature=0.0):
-    """Greedy test accuracy (n == 1) or pass@k from n samples; MATH also by level."""
-    from w2s.stages.metrics import accuracy_by_level, pass_at_k
-    from w2s.tasks import is_equiv
+def preference_rows(ctx):
+    return [{"id": p["id"], "prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]}
+            for p in read_jsonl(ctx.dir("15_pairs") / "pairs.jsonl")]
+
+
+def run_eval(ctx, out, model_dir, prompt_fn, n=1, temperature=0.0, max_new_tokens=None):
+    """Greedy test accuracy (n == 1) or pass@k from n samples at `temperature`; MATH also by level."""
+    from w2s.stages.metrics import accuracy, accuracy_by_level, mean_pass_at_k
 
     r, task = ctx.recipe, ctx.recipe.data.task
     test = data_rows(ctx, "test")
-    counts = generate_stage(ctx, out, model_dir, test, prompt_fn, n=n, temperature=temperature,
-                            max_new_tokens=r.sampling.max_new_tokens, seed=r.data.seed)
-    rows = labels_at(out)
-    gold = {rec["id"]: rec for rec in test}
+    rows, counts = generate_stage(ctx, out, model_dir, test, prompt_fn, n=n, temperature=temperature,
+                                  max_new_tokens=max_new_tokens, seed=r.data.seed)
+    gold = {rec["id"]: rec["answer"] for rec in test}
+    same = same_answer_fn(task)
     if n == 1:
-        correct = [is_equiv(row["answer"], gold[row["id"]]["answer"], task) for row in rows]
-        result = {"accuracy": sum(correct) / max(len(rows), 1), "n_correct": sum(correct)}
+        result = {"accuracy": accuracy(rows, gold, same)}
+        result["n_correct"] = round(result["accuracy"] * len(rows))
+        levels = {rec["id"]: rec.get("level") for rec in test}
         if task == "math":
-            result["accuracy_by_level"] = accuracy_by_level(
-                [{"level": gold[row["id"]].get("level"), "correct": c} for row, c in zip(rows, correct)])
+            result["accuracy_by_level"] = {str(lv): v["accuracy"] for lv, v in
+                                           accuracy_by_level(rows, gold, levels, same).items()}
     else:
-        per_q = [sum(is_equiv(s["answer"], gold[row["id"]]["answer"], task) for s in row["samples"]) for row in rows]
-        result = {f"pass@{k}": sum(pass_at_k(n, c, k) for c in per_q) / max(len(per_q), 1)
-                  for k in sorted({1, min(5, n), n})}
+        samples = {row["id"]: row["samples"] for row in rows}
+        result = {f"pass@{k}": mean_pass_at_k(samples, gold, k, same) for k in sorted({1, n})}
     write_json_atomic(out / "result.json", result)
     return {**counts, **result}
-
-
-def labels_at(out):
-    return read_jsonl(Path(out) / "labels.jsonl")
 
 
 # ------------------------------------------------------------------------------------------------ the plan
@@ -247,125 +389,114 @@ def labels_at(out):
 def build_stages(recipe):
     """The ordered stage list of a recipe (fixed numbers; disabled stages are simply absent)."""
     r = recipe
-    strong, weak = r.models.strong, r.models.weak
-    s1, s2, samp = r.stage1, r.stage2, r.sampling
+    strong, weak, task = r.models.strong, r.models.weak, r.data.task
+    s1, s2, samp, d = r.stage1, r.stage2, r.sampling, r.data
     stages = []
 
     def add(name, deps, options, run, kind):
         stages.append(Stage(name, deps, options, run, kind))
 
-    d = r.data
-    add("00_data", [], {"task": d.task, "train": sha256_file(d.train), "test": sha256_file(d.test),
+    def greedy(max_new_tokens=samp.max_new_tokens):
+        return {"task": task, "n": 1, "temperature": 0.0, "max_new_tokens": max_new_tokens, "seed": d.seed,
+                "cache_len": samp.cache_len}
+
+    add("00_data", [], {"task": task, "train": sha256_file(d.train), "test": sha256_file(d.test),
                         "split": sha256_file(d.split_file) if d.split_file else None,
                         "sizes": [d.n_train_1, d.n_train_2, d.n_test], "seed": d.seed},
         run_data, "data")
-    sft_opts = lambda section, base: {"train": getattr(r, section), "base": ckpt_fingerprint(base)}  # noqa: E731
+    sft_opts = lambda section, base: {"train": train_options(r, section), "base": ckpt_fingerprint(base)}  # noqa: E731
     add("01_weak_sft", ["00_data"], sft_opts("weak_sft", weak),
-        lambda ctx, out: sft_stage(ctx, out, weak, [{"prompt": zero_shot(x), "response": x["solution"]}
+        lambda ctx, out: sft_stage(ctx, out, weak, [{"id": x["id"], "prompt": zero_shot(x), "response": x["solution"]}
                                                     for x in data_rows(ctx, "train_1")], "weak_sft"), "train")
-    gen_opts = {"max_new_tokens": samp.max_new_tokens, "seed": d.seed}
-    add("02_weak_labels", ["00_data", "01_weak_sft"], gen_opts,
-        lambda ctx, out: generate_stage(ctx, out, ctx.dir("01_weak_sft") / "model", data_rows(ctx, "train_2"),
-                                        zero_shot, seed=d.seed), "generate")
-    add("03_icl_labels", ["00_data", "02_weak_labels"], {**gen_opts, "strong": ckpt_fingerprint(strong),
-                                                         "n_demos": s1.n_demos},
-        lambda ctx, out: generate_stage(ctx, out, strong, data_rows(ctx, "train_2"), icl_prompt_fn(ctx),
-                                        seed=d.seed), "generate")
+    add("02_weak_labels", ["00_data", "01_weak_sft"], {**greedy(), "prompt": "zero_shot"},
+        lambda ctx, out: run_labels(ctx, out, model_of(ctx, "01_weak_sft"), zero_shot), "generate")
+    icl_opts = {"prompt": "few_shot", "strong": ckpt_fingerprint(strong), "n_demos": s1.n_demos,
+                "demo_seed": s1.demo_seed}
+    add("03_icl_labels", ["00_data", "02_weak_labels"], {**greedy(), **icl_opts},
+        lambda ctx, out: run_labels(ctx, out, strong, icl_prompt_fn(ctx)), "generate")
     for rnd in range(1, s1.rounds + 1):
-        filt, sft_weak, sft_icl, sft_hybrid = ROUND_STAGES[rnd]
+        filt, *sft_names = ROUND_STAGES[rnd]
         if rnd == 1:
             label_stages = ("02_weak_labels", "03_icl_labels")
         else:
-            label_stages = ("08_r2_labels_weak", "09_r2_labels_icl")
-            for lab, src in zip(label_stages, ROUND_STAGES[1][1:3]):
-                add(lab, ["00_data", src], gen_opts,
-                    lambda ctx, out, src=src: generate_stage(ctx, out, ctx.dir(src) / "model",
-                                                             data_rows(ctx, "train_2"), zero_shot, seed=d.seed),
-                    "generate")
-        add(filt, list(label_stages), {"task": d.task},
+            label_stages = R2_LABEL_STAGES
+            for lab, src in zip(R2_LABEL_STAGES, ROUND_STAGES[1][1:3]):
+                add(lab, ["00_data", src], {**greedy(), "prompt": "zero_shot"},
+                    lambda ctx, out, src=src: run_labels(ctx, out, model_of(ctx, src), zero_shot), "generate")
+        add(filt, ["00_data", *label_stages], {"task": task},
             lambda ctx, out, ls=label_stages: run_filter(ctx, out, *ls), "filter")
-        for sft_name, set_name, prev in zip((sft_weak, sft_icl, sft_hybrid), ("weak", "icl", "hybrid"),
-                                            ROUND_STAGES[1][1:]):
+        for sft_name, set_name, prev in zip(sft_names, ("weak", "icl", "hybrid"), ROUND_STAGES[1][1:]):
             base_stage = prev if (rnd == 2 and s1.round2_init == "continue") else None
             deps = [filt] + ([base_stage] if base_stage else [])
-            add(sft_name, deps, sft_opts("strong_sft", strong) | {"round2_init": s1.round2_init if rnd == 2 else None},
+            opts = sft_opts("strong_sft", strong) | {"set": set_name, "init": base_stage or "strong_base"}
+            add(sft_name, deps, opts,
                 lambda ctx, out, f=filt, s=set_name, b=base_stage: sft_stage(
-                    ctx, out, ctx.dir(b) / "model" if b else strong, read_jsonl(ctx.dir(f) / f"{s}.jsonl"),
+                    ctx, out, model_of(ctx, b) if b else strong, read_jsonl(ctx.dir(f) / f"{s}.jsonl"),
                     "strong_sft"), "train")
     m_plus = ROUND_STAGES[s1.rounds][3]
-    add("14_samples", ["00_data", m_plus], {"n": s2.n_samples, "temperature": s2.temperature, "top_p": s2.top_p,
-                                            "max_new_tokens": samp.sample_max_new_tokens, "seed": d.seed},
-        lambda ctx, out: generate_stage(ctx, out, ctx.dir(m_plus) / "model", data_rows(ctx, "train_2"), zero_shot,
+    sample_opts = {"task": task, "n": s2.n_samples, "temperature": s2.temperature, "top_p": s2.top_p,
+                   "max_new_tokens": samp.sample_max_new_tokens, "seed": d.seed, "cache_len": samp.cache_len,
+                   "prompt": "zero_shot"}
+    add("14_samples", ["00_data", m_plus], sample_opts,
+        lambda ctx, out: generate_stage(ctx, out, model_of(ctx, m_plus), data_rows(ctx, "train_2"), zero_shot,
                                         n=s2.n_samples, temperature=s2.temperature, top_p=s2.top_p,
-                                        max_new_tokens=samp.sample_max_new_tokens, seed=d.seed), "generate")
+                                        max_new_tokens=samp.sample_max_new_tokens, seed=d.seed)[1], "generate")
     add("15_pairs", ["00_data", "02_weak_labels", "14_samples"],
-        {"min_confidence": s2.min_confidence, "flip_confidence": s2.flip_confidence, "max_pairs": s2.max_pairs,
-         "seed": d.seed}, run_pairs, "filter")
-    pref_stage_names = {"dpo": "16_dpo", "orpo": "17_orpo", "ipo": "16_ipo"}
+        {"task": task, "min_confidence": s2.min_confidence, "flip_confidence": s2.flip_confidence,
+         "max_pairs": s2.max_pairs, "pair_seed": s2.pair_seed}, run_pairs, "filter")
     for loss in s2.losses:
-        add(pref_stage_names[loss], ["15_pairs", m_plus], {"train": r.preference, "loss": loss},
-            lambda ctx, out, loss=loss: preference_stage(ctx, out, ctx.dir(m_plus) / "model",
-                                                         _pref_rows(ctx), loss), "train")
+        add(PREFERENCE_STAGES[loss], ["15_pairs", m_plus], {"train": train_options(r, "preference"), "loss": loss},
+            lambda ctx, out, loss=loss: preference_stage(ctx, out, model_of(ctx, m_plus), preference_rows(ctx), loss),
+            "train")
     if "full_weak_ft" in r.eval.baselines:
-        add("18_full_weak_ft", ["02_weak_labels"], sft_opts("strong_sft", strong),
-            lambda ctx, out: sft_stage(ctx, out, strong, [{"prompt": zero_shot(x), "response": x["response"]}
+        add("18_full_weak_ft", ["02_weak_labels"], sft_opts("strong_sft", strong) | {"set": "all_weak_labels"},
+            lambda ctx, out: sft_stage(ctx, out, strong, [{"id": x["id"], "prompt": zero_shot(x),
+                                                           "response": x["response"]}
                                                           for x in labels(ctx, "02_weak_labels")], "strong_sft"),
             "train")
     if "ceiling" in r.eval.baselines:
-        # The strong ceiling is the one training set built from train_2 gold (PAPER.md: analysis / upper bound).
-        add("19_ceiling", ["00_data"], sft_opts("strong_sft", strong),
-            lambda ctx, out: sft_stage(ctx, out, strong, _gold_rows(ctx), "strong_sft"), "train")
-    _add_evals(recipe, stages, add, m_plus, pref_stage_names)
+        add("19_ceiling", ["00_data"], sft_opts("strong_sft", strong) | {"set": "train_2_gold"},
+            lambda ctx, out: sft_stage(ctx, out, strong, ceiling_rows(ctx), "strong_sft"), "train")
+    _add_evals(recipe, stages, add, m_plus, greedy)
     return stages
 
 
-def _pref_rows(ctx):
-    from w2s.tasks import zero_shot_prompt
-
-    rows = read_jsonl(ctx.dir("15_pairs") / "pairs.jsonl")
-    return [{"prompt": zero_shot_prompt(p["question"]) if "question" in p else p["prompt"],
-             "chosen": p["chosen"], "rejected": p["rejected"]} for p in rows]
-
-
-def _gold_rows(ctx):
-    questions = {row["id"]: row["question"] for row in data_rows(ctx, "train_2")}
-    return [{"prompt": zero_shot(dict(question=questions[g["id"]])), "response": g["solution"]}
-            for g in data_rows(ctx, "train_2_gold")]
-
-
-# method name in the report -> the stage whose model it evaluates
-def _add_evals(recipe, stages, add, m_plus, pref_stage_names):
+def eval_methods(recipe, m_plus):
+    """(method name in the report, stage whose model it evaluates), in report order."""
     r = recipe
-    have = {s.name for s in stages}
     methods = [("weak_floor", "01_weak_sft"), ("full_weak_ft", "18_full_weak_ft")]
     for rnd in range(1, r.stage1.rounds + 1):
         for kind, stage in zip(("weak", "icl", "hybrid"), ROUND_STAGES[rnd][1:]):
             methods.append((f"stage1_r{rnd}_{kind}", stage))
-    methods += [(f"stage2_{loss}", pref_stage_names[loss]) for loss in r.stage2.losses]
+    methods += [(f"stage2_{loss}", PREFERENCE_STAGES[loss]) for loss in r.stage2.losses]
     methods.append(("ceiling", "19_ceiling"))
+    return methods
+
+
+def _add_evals(recipe, stages, add, m_plus, greedy):
+    """20 + i: one greedy test evaluation per trained model, then strong ICL, then pass@k (numbers never shift)."""
+    r = recipe
+    have = {s.name for s in stages}
     number = 20
-    for method, stage in methods:
+    for method, stage in eval_methods(r, m_plus):
         if stage in have:
-            add(f"{number}_eval_{method}", ["00_data", stage], {"method": method, "max_new_tokens":
-                                                                  r.sampling.max_new_tokens},
-                lambda ctx, out, s=stage: run_eval(ctx, out, ctx.dir(s) / "model", zero_shot), "eval")
+            add(f"{number}_eval_{method}", ["00_data", stage], {**greedy(), "method": method, "prompt": "zero_shot"},
+                lambda ctx, out, s=stage: run_eval(ctx, out, model_of(ctx, s), zero_shot), "eval")
         number += 1
     if "strong_icl" in r.eval.baselines:
         add(f"{number}_eval_strong_icl", ["00_data", "02_weak_labels"],
-            {"method": "strong_icl", "strong": ckpt_fingerprint(r.models.strong),
-             "max_new_tokens": r.sampling.max_new_tokens},
+            {**greedy(), "method": "strong_icl", "prompt": "few_shot", "strong": ckpt_fingerprint(r.models.strong),
+             "n_demos": r.stage1.n_demos, "demo_seed": r.stage1.demo_seed},
             lambda ctx, out: run_eval(ctx, out, r.models.strong, icl_prompt_fn(ctx)), "eval")
     number += 1
     if r.eval.pass_k_samples:
-        for method, stage in [("stage1_plus", m_plus)] + [(f"stage2_{x}", pref_stage_names[x])
+        k = r.eval.pass_k_samples
+        for method, stage in [("stage1_plus", m_plus)] + [(f"stage2_{x}", PREFERENCE_STAGES[x])
                                                            for x in r.stage2.losses]:
-            add(f"{number}_passk_{method}", ["00_data", stage], {"n": r.eval.pass_k_samples},
-                lambda ctx, out, s=stage: run_eval(ctx, out, ctx.dir(s) / "model", zero_shot,
-                                                   n=r.eval.pass_k_samples, temperature=1.0), "eval")
+            add(f"{number}_passk_{method}", ["00_data", stage],
+                {"task": r.data.task, "n": k, "temperature": r.eval.pass_k_temperature, "seed": r.data.seed,
+                 "max_new_tokens": r.sampling.sample_max_new_tokens, "cache_len": r.sampling.cache_len},
+                lambda ctx, out, s=stage: run_eval(ctx, out, model_of(ctx, s), zero_shot, n=k,
+                                                   temperature=r.eval.pass_k_temperature,
+                                                   max_new_tokens=r.sampling.sample_max_new_tokens), "eval")
             number += 1
-
-
-def shuffle_seeded(items, seed):
-    items = list(items)
-    random.Random(seed).shuffle(items)
-    return items

@@ -56,6 +56,7 @@ class Stage1Options:
     rounds: int = 2  # PAPER: 2 for GSM8K and OlympicArena, 1 for MATH
     round2_init: str = "base"  # "base": retrain from the strong base; "continue": continue the round-1 models
     n_demos: int = 4
+    demo_seed: int = 0  # which weak responses become the ICL demos (seeded draw, PAPER.md)
 
 
 @dataclass
@@ -67,11 +68,13 @@ class Stage2Options:
     flip_confidence: float = 0.8
     max_pairs: int = 1  # PAPER: 1 for GSM8K, up to 3 for MATH
     losses: list = field(default_factory=lambda: ["dpo", "orpo"])
+    pair_seed: int = 0  # the RNG that picks the other side of each pair (per question, see preference_pairs.py)
 
 
 @dataclass
 class EvalOptions:
     pass_k_samples: int = 0  # >0: sample this many test answers of M_plus and M_pro for pass@k (PAPER: 10)
+    pass_k_temperature: float = 1.0  # PAPER: T = 1.0
     baselines: list = field(default_factory=lambda: ["full_weak_ft", "strong_icl", "ceiling"])
 
 
@@ -97,6 +100,8 @@ BASELINES = ("full_weak_ft", "strong_icl", "ceiling")
 
 
 def _build(cls, values, where):
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}: expected a table of options, got {values!r}")
     known = {f.name: f for f in dataclasses.fields(cls)}
     for key, value in values.items():
         if key not in known:
@@ -108,10 +113,31 @@ def _build(cls, values, where):
     return cls(**values)
 
 
-def train_config_fields():
+def train_config_defaults():
+    """{field: default} of w2s.train.TrainConfig, the schema of the [weak_sft] [strong_sft] [preference] sections."""
     from w2s.train import TrainConfig
 
-    return {f.name for f in dataclasses.fields(TrainConfig)}
+    return {f.name: getattr(TrainConfig(), f.name) for f in dataclasses.fields(TrainConfig)}
+
+
+def _check_train_value(key, value, default, where):
+    """A TOML value must fit the TrainConfig field: numbers for numbers, lists for tuples, a string for a string."""
+    number = (int, float)
+    if isinstance(default, bool) or isinstance(value, bool):
+        ok = isinstance(default, bool) and isinstance(value, bool)
+    elif isinstance(default, tuple):
+        ok = isinstance(value, list)
+    elif isinstance(default, int):
+        ok = isinstance(value, int)
+    elif default is None or isinstance(default, float):
+        ok = isinstance(value, number)  # None defaults: max_steps, clip, lora_rank all take a number
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ValueError(f"{where}.{key}: expected {type(default).__name__ if default is not None else 'a number'}, "
+                         f"got {value!r}")
+    if isinstance(value, number) and not isinstance(value, bool) and value < 0:
+        raise ValueError(f"{where}.{key}: expected a value >= 0, got {value!r}")
 
 
 def load_recipe(path, check_files=True):
@@ -128,14 +154,17 @@ def load_recipe(path, check_files=True):
         if key not in allowed:
             raise ValueError(f"{path}: unknown key {key!r}; expected one of {', '.join(sorted(allowed))}")
     sections = {name: _build(cls, raw.get(name, {}), f"{path}: [{name}]") for name, cls in SECTIONS.items()}
-    train_fields = train_config_fields()
+    train_defaults = train_config_defaults()
     train = {}
     for name in TRAIN_SECTIONS:
         values = raw.get(name, {})
-        for key in values:
-            if key not in train_fields:
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: [{name}]: expected a table of TrainConfig options, got {values!r}")
+        for key, value in values.items():
+            if key not in train_defaults or key == "progress":
                 raise ValueError(f"{path}: [{name}] unknown key {key!r}; expected TrainConfig fields: "
-                                 f"{', '.join(sorted(train_fields))}")
+                                 f"{', '.join(sorted(set(train_defaults) - {'progress'}))}")
+            _check_train_value(key, value, train_defaults[key], f"{path}: [{name}]")
         train[name] = values
     recipe = Recipe(name=raw.get("name") or path.stem, path=str(path), **sections, **train)
     _resolve_paths(recipe, path.parent)
@@ -172,6 +201,17 @@ def _validate(r, path, check_files):
     for b in r.eval.baselines:
         if b not in BASELINES:
             bad("[eval] baselines", f"unknown baseline {b!r}; expected {', '.join(BASELINES)}")
+    for key in ("max_new_tokens", "sample_max_new_tokens", "max_batch"):
+        if getattr(r.sampling, key) < 1:
+            bad(f"[sampling] {key}", f"expected >= 1, got {getattr(r.sampling, key)}")
+    if r.stage1.n_demos < 1:
+        bad("[stage1] n_demos", f"expected >= 1, got {r.stage1.n_demos}")
+    if r.eval.pass_k_samples < 0:
+        bad("[eval] pass_k_samples", f"expected >= 0 (0: no pass@k), got {r.eval.pass_k_samples}")
+    if min(r.data.n_train_1, r.data.n_train_2, r.data.n_test) < 0:
+        bad("[data]", "n_train_1, n_train_2 and n_test must be >= 0 (0: the default size)")
+    if r.models.device not in ("auto", "cpu", "cuda") and not r.models.device.startswith("cuda:"):
+        bad("[models] device", f"expected auto, cpu, cuda or cuda:N, got {r.models.device!r}")
     if r.models.dtype not in ("bfloat16", "float16", "float32"):
         bad("[models] dtype", f"expected bfloat16, float16 or float32, got {r.models.dtype!r}")
     if not check_files:

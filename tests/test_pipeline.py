@@ -1,0 +1,500 @@
+"""The whole weak-to-strong pipeline end to end on tiny models, on CPU: every stage of PAPER.md (two Stage I rounds,
+DPO and ORPO, every baseline, every evaluation, pass@k, the report and its plot), then the runner's contract: a
+finished run is skipped, a run killed inside a sampling stage and inside a training stage resumes and gives the same
+artifacts as the uninterrupted run, changing one option reruns exactly the stages that depend on it, bad input stops
+with one clear line before any model is loaded, and train_2 gold has one reader.
+
+The tiny world: GSM8K-format problems from w2s/world.py (32 train questions split 16 / 16, 8 test), a digit-level
+tokenizer, and two random Llama-shaped models (dim 48, 2 layers) first taught a "habit": answer "#### 3" (70 %) or
+"#### 5" (30 %) whatever the question. That makes every stage non-trivial without learning arithmetic: the weak and
+ICL labels agree (Stage I keeps questions), M_plus's samples at T=1 disagree now and then (Stage II finds pairs).
+
+    python -m pytest -q tests/test_pipeline.py
+"""
+
+import ast
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from w2s.tasks import grade, zero_shot_prompt
+
+torch.set_num_threads(1)  # tiny matmuls on a shared 2-core box: more threads only fight each other
+
+N_SAMPLES, PASS_K = 5, 3
+ALL_STAGES = [
+    "00_data", "01_weak_sft", "02_weak_labels", "03_icl_labels",
+    "04_r1_filter", "05_r1_sft_weak", "06_r1_sft_icl", "07_r1_sft_hybrid",
+    "08_r2_labels_weak", "09_r2_labels_icl", "10_r2_filter", "11_r2_sft_weak", "12_r2_sft_icl", "13_r2_sft_hybrid",
+    "14_samples", "15_pairs", "16_dpo", "17_orpo", "18_full_weak_ft", "19_ceiling",
+    "20_eval_weak_floor", "21_eval_full_weak_ft", "22_eval_stage1_r1_weak", "23_eval_stage1_r1_icl",
+    "24_eval_stage1_r1_hybrid", "25_eval_stage1_r2_weak", "26_eval_stage1_r2_icl", "27_eval_stage1_r2_hybrid",
+    "28_eval_stage2_dpo", "29_eval_stage2_orpo", "30_eval_ceiling", "31_eval_strong_icl",
+    "32_passk_stage1_plus", "33_passk_stage2_dpo", "34_passk_stage2_orpo",
+]  # fmt: skip
+GENERATE_STAGES = ["02_weak_labels", "03_icl_labels", "08_r2_labels_weak", "09_r2_labels_icl", "14_samples"]
+
+RECIPE = """
+name = "{name}"
+
+[data]
+task = "gsm8k"
+train = "train.jsonl"
+test = "test.jsonl"
+seed = 0
+
+[models]
+weak = "weak"
+strong = "strong"
+dtype = "float32"
+device = "cpu"
+
+[sampling]
+max_new_tokens = 8
+sample_max_new_tokens = 8
+
+[weak_sft]
+lr = 1e-3
+max_steps = 2
+batch_size = 8
+micro_batch_size = 8
+
+[strong_sft]
+lr = 1e-3
+max_steps = 2
+batch_size = 8
+micro_batch_size = 8
+ckpt_every = 1
+
+[stage1]
+rounds = 2
+
+[stage2]
+n_samples = {n_samples}
+min_confidence = {min_confidence}
+losses = ["dpo", "orpo"]
+
+[preference]
+lr = 1e-3
+max_steps = 2
+batch_size = 4
+micro_batch_size = 4
+ckpt_every = 1
+
+[eval]
+pass_k_samples = {pass_k}
+"""
+
+
+def write_recipe(world_dir, name, min_confidence=0.6):
+    path = Path(world_dir) / f"{name}.toml"
+    path.write_text(RECIPE.format(name=name, n_samples=N_SAMPLES, min_confidence=min_confidence, pass_k=PASS_K))
+    return path
+
+
+def _habit_model(path, tokenizer, questions, seed):
+    """A random dim-48 Llama taught to answer "#### 3" or "#### 5" (7:3) to any question, saved in HF format."""
+    from w2s.checkpoint import save_model
+    from w2s.config import ModelConfig
+    from w2s.model import Transformer
+    from w2s.train import TrainConfig, train_sft
+
+    cfg = ModelConfig(family="llama", vocab_size=300, dim=48, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=12,
+                      hidden_dim=96, max_seq_len=512, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    model = Transformer(cfg).init_weights(generator=torch.Generator().manual_seed(seed))
+    rng = random.Random(seed)
+    rows = [{"prompt": zero_shot_prompt(q), "response": f"#### {3 if rng.random() < 0.7 else 5}"}
+            for q in questions for _ in range(2)]
+    cfg = TrainConfig(lr=1e-2, max_steps=80, batch_size=32, micro_batch_size=32, progress=False, log_every=1000)
+    save_model(train_sft(model, tokenizer, rows, cfg), path, tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """train.jsonl / test.jsonl in GSM8K format, and the weak and strong checkpoints, in one directory."""
+    from w2s.tasks.gsm8k import strip_calculator
+    from w2s.tokenizer import load_tokenizer
+    from w2s.world import make_splits, train_world_tokenizer
+
+    root = tmp_path_factory.mktemp("world")
+    splits = make_splits(seed=0, n_train_1=16, n_train_2=16, n_test=8)
+    for name, records in (("train", splits["train_1"] + splits["train_2"]), ("test", splits["test"])):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    texts = [f"Question: {r['question']}\nAnswer: {strip_calculator(r['answer'])}"
+             for records in splits.values() for r in records]
+    train_world_tokenizer(texts, root / "tokenizer", vocab_size=300)
+    tokenizer = load_tokenizer(root / "tokenizer")
+    questions = [r["question"] for records in splits.values() for r in records]
+    _habit_model(root / "weak", tokenizer, questions, seed=0)
+    _habit_model(root / "strong", tokenizer, questions, seed=1)
+    return root
+
+
+@pytest.fixture(scope="session")
+def full_run(world, tmp_path_factory):
+    """One uninterrupted run of every stage, recording which stage read train_2 gold."""
+    import w2s.plan as plan
+    from w2s.pipeline import run_pipeline
+
+    runs = tmp_path_factory.mktemp("runs")
+    gold_readers = []
+    real_reader = plan.read_train_2_gold
+
+    def spy(ctx):
+        gold_readers.append(ctx.stage)
+        return real_reader(ctx)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(plan, "read_train_2_gold", spy)
+        run_dir, status, text = run_pipeline(write_recipe(world, "tiny"), runs_dir=runs, progress=False,
+                                             log=lambda *a: None)
+    return {"run_dir": run_dir, "status": status, "report": text, "gold_readers": gold_readers, "world": world}
+
+
+def jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def meta(run_dir, stage):
+    return json.loads((Path(run_dir) / stage / "meta.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------------- end to end
+
+
+def test_every_stage_runs_and_writes_meta(full_run):
+    run_dir = full_run["run_dir"]
+    assert full_run["status"] == {name: "ran" for name in ALL_STAGES}
+    for name in ALL_STAGES:
+        m = meta(run_dir, name)
+        assert m["stage"] == name and len(m["key"]) == 16 and m["wall_s"] > 0
+        assert set(m["inputs"]) <= set(ALL_STAGES[: ALL_STAGES.index(name)])  # reads only earlier stages
+        if m["kind"] in ("train", "generate", "eval"):
+            assert m["tokens"] > 0 and m["tok_s"] > 0 and m["peak_mem_gib"] > 0, name
+    for name in ALL_STAGES:
+        if meta(run_dir, name)["kind"] == "train":
+            model = run_dir / name / "model"
+            assert (model / "config.json").is_file() and (model / "metrics.jsonl").is_file()
+            assert not (model / "ckpt").exists()  # the trainer removes its training state once the export is done
+    # The resolved training options are recorded: the recipe's overrides on top of TrainConfig's defaults.
+    opts = meta(run_dir, "05_r1_sft_weak")["options"]["train"]
+    assert opts["lr"] == 1e-3 and opts["max_steps"] == 2 and opts["weight_decay"] == 0.0
+
+
+def test_data_split_hides_train_2_gold(full_run):
+    d = full_run["run_dir"] / "00_data"
+    train_1, train_2, gold = jsonl(d / "train_1.jsonl"), jsonl(d / "train_2.jsonl"), jsonl(d / "train_2_gold.jsonl")
+    assert len(train_1) == len(train_2) == 16 and len(jsonl(d / "test.jsonl")) == 8
+    assert all(set(r) == {"id", "question"} for r in train_2)  # the strong side sees questions only
+    assert [g["id"] for g in gold] == [r["id"] for r in train_2]
+    assert not {r["id"] for r in train_1} & {r["id"] for r in train_2}
+
+
+def test_train_2_gold_has_one_reader(full_run):
+    # At run time: only the precision analysis (filters, pairs) and the strong ceiling read train_2 gold.
+    assert set(full_run["gold_readers"]) == {"04_r1_filter", "10_r2_filter", "15_pairs", "19_ceiling"}
+    # In the source: only plan.py names the file, and read_train_2_gold is called from those three places only.
+    root = Path(__file__).resolve().parents[1] / "w2s"
+    naming = sorted({p.name for p in root.rglob("*.py") if "train_2_gold" in p.read_text()})
+    assert naming == ["plan.py"]
+    tree = ast.parse((root / "plan.py").read_text())
+    callers = set()
+    for fn in ast.walk(tree):
+        if isinstance(fn, ast.FunctionDef):
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Name) and node.id in ("read_train_2_gold", "GOLD_FILE"):
+                    callers.add((fn.name, node.id))
+    assert callers == {("gold_precision", "read_train_2_gold"), ("run_pairs", "read_train_2_gold"),
+                       ("ceiling_rows", "read_train_2_gold"), ("read_train_2_gold", "GOLD_FILE"),
+                       ("run_data", "GOLD_FILE")}
+    # No training set of a non-ceiling stage contains a gold solution.
+    gold_solutions = {g["solution"] for g in jsonl(full_run["run_dir"] / "00_data" / "train_2_gold.jsonl")}
+    for name in ALL_STAGES:
+        train = full_run["run_dir"] / name / "train.jsonl"
+        if train.is_file() and name != "19_ceiling":
+            rows = jsonl(train)
+            assert not {r.get("response") for r in rows} & gold_solutions
+            assert not {r.get("chosen") for r in rows} & gold_solutions
+
+
+def test_labels_follow_the_generations_and_the_paper_prompts(full_run):
+    run_dir = full_run["run_dir"]
+    questions = {r["id"]: r["question"] for r in jsonl(run_dir / "00_data" / "train_2.jsonl")}
+    for name in GENERATE_STAGES:
+        gens, labels = jsonl(run_dir / name / "generations.jsonl"), jsonl(run_dir / name / "labels.jsonl")
+        assert [g["id"] for g in gens] == [lab["id"] for lab in labels] == list(questions)  # train_2 order
+        n = N_SAMPLES if name == "14_samples" else 1
+        assert all(len(g["completions"]) == n for g in gens)
+        for g in gens:
+            for c in g["completions"]:  # generation stops before a new "Question" / "Answer"
+                assert "Question" not in c["text"] and "Answer" not in c["text"]
+    # Zero-shot prompts everywhere but the ICL labels, whose prompt is 4 weak demos then the zero-shot prompt.
+    weak = jsonl(run_dir / "02_weak_labels" / "generations.jsonl")
+    assert all(g["prompt"] == zero_shot_prompt(questions[g["id"]]) for g in weak)
+    icl = jsonl(run_dir / "03_icl_labels" / "generations.jsonl")
+    weak_labels = {lab["id"]: lab for lab in jsonl(run_dir / "02_weak_labels" / "labels.jsonl")}
+    for g in icl:
+        blocks = g["prompt"].split("\n\n")
+        assert len(blocks) == 5 and blocks[-1] == zero_shot_prompt(questions[g["id"]])
+        for block in blocks[:4]:  # each demo is a weak response to a train_2 question, verbatim
+            q, a = block.removeprefix("Question: ").split("\nAnswer: ")
+            assert any(w["question"] == q and w["response"].strip() == a for w in weak_labels.values())
+    assert len({g["prompt"].rsplit("\n\n", 1)[0] for g in icl}) == 1  # the same demos for every question
+
+
+def test_consistency_filter_matches_an_independent_recount(full_run):
+    run_dir = full_run["run_dir"]
+    for filt, (a, b) in (("04_r1_filter", ("02_weak_labels", "03_icl_labels")),
+                         ("10_r2_filter", ("08_r2_labels_weak", "09_r2_labels_icl"))):
+        first, second = jsonl(run_dir / a / "labels.jsonl"), jsonl(run_dir / b / "labels.jsonl")
+        kept = [x["id"] for x, y in zip(first, second) if x["answer"] and x["answer"] == y["answer"]]
+        assert kept, f"{filt}: the habit models should agree on some questions"
+        assert [r["id"] for r in jsonl(run_dir / filt / "weak.jsonl")] == kept
+        assert [r["response"] for r in jsonl(run_dir / filt / "icl.jsonl")] == \
+            [y["response"] for y in second if y["id"] in set(kept)]
+        assert len(jsonl(run_dir / filt / "hybrid.jsonl")) == 2 * len(kept)
+        assert meta(run_dir, filt)["n_kept"] == len(kept)
+    # Round 2 trains from the round-2 sets; each SFT stage's train.jsonl is exactly its set.
+    assert jsonl(run_dir / "13_r2_sft_hybrid" / "train.jsonl") == jsonl(run_dir / "10_r2_filter" / "hybrid.jsonl")
+    assert jsonl(run_dir / "05_r1_sft_weak" / "train.jsonl") == jsonl(run_dir / "04_r1_filter" / "weak.jsonl")
+
+
+def test_pairs_follow_the_paper_rules(full_run):
+    run_dir = full_run["run_dir"]
+    weak = {w["id"]: w for w in jsonl(run_dir / "02_weak_labels" / "labels.jsonl")}
+    samples = {s["id"]: s["samples"] for s in jsonl(run_dir / "14_samples" / "labels.jsonl")}
+    pairs = jsonl(run_dir / "15_pairs" / "pairs.jsonl")
+    assert pairs, "the habit models' samples should disagree sometimes"
+    assert len({p["id"] for p in pairs}) == len(pairs)  # GSM8K: at most one pair per question
+    for p in pairs:
+        answers = [s["answer"] for s in samples[p["id"]]]
+        top = max(set(a for a in answers if a), key=lambda a: (answers.count(a), -answers.index(a)))
+        confidence = answers.count(top) / N_SAMPLES
+        assert confidence >= 0.6 and p["confidence"] == pytest.approx(confidence)
+        w = weak[p["id"]]
+        if w["answer"] == top:  # weak chosen, a differing sample rejected
+            assert p["chosen"] == w["response"] and p["rejected_answer"] != top
+        else:  # weak rejected, a majority sample chosen, only when confidence >= 0.8
+            assert confidence >= 0.8 and p["rejected"] == w["response"] and p["chosen_answer"] == top
+        assert p["prompt"] == zero_shot_prompt(w["question"])
+    m = meta(run_dir, "15_pairs")
+    assert m["n_pairs"] == len(pairs) == m["counts"]["pairs"]
+    assert [p["id"] for p in jsonl(run_dir / "16_dpo" / "train.jsonl")] == [p["id"] for p in pairs]
+    # LLaMA-Factory copies of the sets, for comparison with the paper's released data.
+    lf = json.loads((run_dir / "15_pairs" / "pairs.llamafactory.json").read_text())
+    assert [e["output"] for e in lf] == [[p["chosen"], p["rejected"]] for p in pairs]
+
+
+def test_accuracies_match_an_independent_grading(full_run):
+    run_dir = full_run["run_dir"]
+    gold = {r["id"]: r["answer"] for r in jsonl(run_dir / "00_data" / "test.jsonl")}
+    for name in ALL_STAGES:
+        if "_eval_" in name:
+            gens = jsonl(run_dir / name / "generations.jsonl")
+            assert [g["id"] for g in gens] == list(gold)
+            expected = sum(grade(g["completions"][0]["text"], gold[g["id"]], "gsm8k") for g in gens) / len(gold)
+            assert meta(run_dir, name)["accuracy"] == pytest.approx(expected)
+        if "_passk_" in name:
+            gens = jsonl(run_dir / name / "generations.jsonl")
+            correct = [sum(grade(c["text"], gold[g["id"]], "gsm8k") for c in g["completions"]) for g in gens]
+            # pass@1 is the mean fraction correct; pass@n is the fraction of questions with any correct sample.
+            assert meta(run_dir, name)["pass@1"] == pytest.approx(sum(correct) / (PASS_K * len(gens)))
+            assert meta(run_dir, name)[f"pass@{PASS_K}"] == pytest.approx(sum(c > 0 for c in correct) / len(gens))
+
+
+def test_report_table_and_plot(full_run):
+    run_dir, text = full_run["run_dir"], full_run["report"]
+    for label in ("weak floor", "full weak fine-tuning", "strong ICL", "Stage I r2: hybrid-ft (M_plus)",
+                  "Stage II: DPO", "Stage II: ORPO", "strong ceiling"):
+        assert label in text
+    floor = meta(run_dir, "20_eval_weak_floor")["accuracy"]
+    assert f"{100 * floor:.2f}" in text
+    for name in ALL_STAGES:
+        assert name in text  # the cost table lists every stage
+    assert "04_r1_filter" in text and "15_pairs" in text
+    assert (run_dir / "report.md").read_text() == text
+    png = (run_dir / "report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_finished_run_is_skipped(full_run):
+    from w2s.pipeline import run_pipeline
+
+    _, status, _ = run_pipeline(write_recipe(full_run["world"], "tiny"), runs_dir=full_run["run_dir"].parent,
+                                progress=False, log=lambda *a: None, plot=False)
+    assert status == {name: "skipped" for name in ALL_STAGES}
+
+
+# ---------------------------------------------------------------------------------------------------- kill / resume
+
+
+class Injected(RuntimeError):
+    pass
+
+
+def test_killed_run_resumes_to_the_same_artifacts(full_run, tmp_path, monkeypatch):
+    import w2s.sampling as sampling
+    import w2s.train as train
+    from w2s.pipeline import run_pipeline
+
+    recipe = write_recipe(full_run["world"], "tiny")
+    run = lambda: run_pipeline(recipe, runs_dir=tmp_path, progress=False, log=lambda *a: None, plot=False)  # noqa
+
+    # 1. Killed inside the sampling of 14_samples after 3 of 16 prompts.
+    real_iter = sampling.iter_generate
+    real_to_jsonl = sampling.generate_to_jsonl
+
+    def dying_iter(*args, **kwargs):
+        for i, item in enumerate(real_iter(*args, **kwargs)):
+            if i == 3:
+                raise Injected("killed while sampling")
+            yield item
+
+    def to_jsonl(model, tokenizer, records, out_path, **kwargs):
+        if "14_samples" in str(out_path):
+            monkeypatch.setattr(sampling, "iter_generate", dying_iter)
+        try:
+            return real_to_jsonl(model, tokenizer, records, out_path, **kwargs)
+        finally:
+            monkeypatch.setattr(sampling, "iter_generate", real_iter)
+
+    monkeypatch.setattr(sampling, "generate_to_jsonl", to_jsonl)
+    with pytest.raises(Injected):
+        run()
+    stage = tmp_path / "tiny" / "14_samples"
+    assert not (stage / "meta.json").exists() and (meta(tmp_path / "tiny", "13_r2_sft_hybrid"))
+    assert len((stage / "generations.jsonl.part0").read_text().splitlines()) == 3
+    monkeypatch.setattr(sampling, "generate_to_jsonl", real_to_jsonl)
+
+    # 2. Killed inside the training of 16_dpo, right after its first checkpoint.
+    real_save = train.save_training_state
+
+    def dying_save(ckpt_root, *args, **kwargs):
+        real_save(ckpt_root, *args, **kwargs)
+        if "16_dpo" in str(ckpt_root):
+            raise Injected("killed while training")
+
+    monkeypatch.setattr(train, "save_training_state", dying_save)
+    resumed_from = []
+    real_load = train.load_training_state
+    monkeypatch.setattr(train, "load_training_state", lambda path, *a, **k: resumed_from.append(str(path)) or
+                        real_load(path, *a, **k))
+    with pytest.raises(Injected):
+        run()
+    assert (tmp_path / "tiny" / "16_dpo" / "model" / "ckpt").is_dir()
+    assert not (tmp_path / "tiny" / "16_dpo" / "meta.json").exists()
+    monkeypatch.setattr(train, "save_training_state", real_save)
+
+    # 3. Rerun: only the unfinished stages run, training resumes from its checkpoint, the artifacts are the same.
+    run_dir, status, _ = run()
+    assert [s for s in ALL_STAGES if status[s] == "ran"] == ALL_STAGES[ALL_STAGES.index("16_dpo"):]
+    assert any("16_dpo" in p for p in resumed_from)
+    ref = full_run["run_dir"]
+    for name in ALL_STAGES:
+        assert meta(run_dir, name)["key"] == meta(ref, name)["key"], name
+    for name in GENERATE_STAGES + [s for s in ALL_STAGES if "_eval_" in s or "_passk_" in s]:
+        assert (run_dir / name / "labels.jsonl").read_text() == (ref / name / "labels.jsonl").read_text(), name
+    assert (run_dir / "15_pairs" / "pairs.jsonl").read_text() == (ref / "15_pairs" / "pairs.jsonl").read_text()
+    for name in ALL_STAGES:
+        for key in ("accuracy", "pass@1", "n_kept", "n_pairs"):
+            assert meta(run_dir, name).get(key) == meta(ref, name).get(key), (name, key)
+
+
+def test_changing_one_option_reruns_exactly_its_dependents(full_run, tmp_path):
+    from w2s.pipeline import run_pipeline
+
+    shutil.copytree(full_run["run_dir"], tmp_path / "tiny")
+    recipe = write_recipe(full_run["world"], "tiny", min_confidence=0.8)
+    _, status, _ = run_pipeline(recipe, runs_dir=tmp_path, progress=False, log=lambda *a: None, plot=False)
+    # min_confidence changes the pairs, hence both preference models and everything that evaluates them.
+    expected = {"15_pairs", "16_dpo", "17_orpo", "28_eval_stage2_dpo", "29_eval_stage2_orpo", "33_passk_stage2_dpo",
+                "34_passk_stage2_orpo"}
+    assert {s for s, v in status.items() if v == "ran"} == expected
+    assert meta(tmp_path / "tiny", "15_pairs")["options"]["min_confidence"] == 0.8
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture
+def fake_world(tmp_path, monkeypatch):
+    """Data files and checkpoint dirs that hold only a config.json: enough for validation, and any attempt to load a
+    model fails the test, which proves every error below comes before a model is loaded."""
+    import w2s.checkpoint as checkpoint
+    import w2s.plan as plan
+    from w2s.world import make_splits
+
+    splits = make_splits(seed=0, n_train_1=4, n_train_2=4, n_test=2)
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in splits["train_1"] + splits["train_2"]))
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in splits["test"]))
+    for name in ("weak", "strong"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad input was reported")
+
+    monkeypatch.setattr(checkpoint, "load_model", no_model)
+    monkeypatch.setattr(plan, "load_fresh", no_model)
+    return tmp_path
+
+
+def _run(world, text=None):
+    from w2s.pipeline import run_pipeline
+
+    recipe = world / "r.toml"
+    if text is not None:
+        recipe.write_text(text)
+    elif not recipe.exists():
+        recipe.write_text(RECIPE.format(name="bad", n_samples=N_SAMPLES, min_confidence=0.6, pass_k=PASS_K))
+    return run_pipeline(recipe, runs_dir=world / "runs", progress=False, log=lambda *a: None, plot=False)
+
+
+def test_malformed_jsonl_line_is_one_clear_error(fake_world):
+    lines = (fake_world / "train.jsonl").read_text().splitlines()
+    lines[2] = lines[2][:-1]  # a truncated line
+    (fake_world / "train.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"train\.jsonl:3: not valid JSON"):
+        _run(fake_world)
+    assert not (fake_world / "runs" / "bad" / "00_data" / "meta.json").exists()
+
+
+def test_missing_field_is_one_clear_error(fake_world):
+    rows = [json.loads(line) for line in (fake_world / "test.jsonl").read_text().splitlines()]
+    del rows[1]["question"]
+    (fake_world / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"test\.jsonl:2: expected key 'question'"):
+        _run(fake_world)
+
+
+def test_unknown_recipe_key_is_one_clear_error(fake_world):
+    text = RECIPE.format(name="bad", n_samples=N_SAMPLES, min_confidence=0.6, pass_k=PASS_K)
+    with pytest.raises(ValueError, match=r"r\.toml: \[stage2\]: unknown key 'n_sample'"):
+        _run(fake_world, text.replace("n_samples =", "n_sample ="))
+    with pytest.raises(ValueError, match=r"r\.toml: \[strong_sft\] unknown key 'learning_rate'"):
+        _run(fake_world, text.replace("[strong_sft]\nlr =", "[strong_sft]\nlearning_rate ="))
+
+
+def test_missing_checkpoint_is_one_clear_error(fake_world):
+    shutil.rmtree(fake_world / "strong")
+    with pytest.raises(ValueError, match=r"\[models\] strong: no checkpoint \(config\.json\) at .*strong"):
+        _run(fake_world)
+    assert not (fake_world / "runs").exists()  # nothing was started
+
+
+def test_cli_prints_one_error_line(fake_world):
+    from click.testing import CliRunner
+
+    from w2s.cli import main
+
+    shutil.rmtree(fake_world / "weak")
+    (fake_world / "r.toml").write_text(RECIPE.format(name="bad", n_samples=N_SAMPLES, min_confidence=0.6,
+                                                     pass_k=PASS_K))
+    result = CliRunner().invoke(main, ["run", str(fake_world / "r.toml"), "--runs", str(fake_world / "runs")])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and "[models] weak" in lines[0]
