@@ -498,3 +498,34 @@ def test_cli_prints_one_error_line(fake_world):
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and "[models] weak" in lines[0]
+
+
+def test_report_from_hand_written_metas(tmp_path):
+    """PGR and every table cell from meta.json files written by hand (no pipeline run)."""
+    from w2s.report import report
+
+    def stage(name, **meta):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "meta.json").write_text(json.dumps({"stage": name, "wall_s": 6.0, **meta}))
+
+    stage("20_eval_weak_floor", accuracy=0.25, tokens=1000, tok_s=500.0, mfu=0.123, peak_mem_gib=1.5, device="H100")
+    stage("27_eval_stage1_r2_hybrid", accuracy=0.5)
+    stage("28_eval_stage2_dpo", accuracy=0.6)
+    stage("30_eval_ceiling", accuracy=0.75)
+    stage("04_r1_filter", n_questions=100, n_kept=40, kept_fraction=0.4, precision=0.9)
+    stage("15_pairs", n_pairs=30, pair_precision=0.8, counts={"questions": 100, "weak_chosen": 20, "weak_rejected": 10})
+    text = report(tmp_path, plot=False)
+    rows = {}  # first cell -> the other cells of its FIRST row (a stage also has a row in the cost table, later)
+    for line in text.splitlines():
+        if line.startswith("| "):
+            rows.setdefault(line.split("|")[1].strip(), [c.strip() for c in line.split("|")[2:-1]])
+    assert rows["weak floor (weak model)"] == ["25.00", "0.000"]
+    assert rows["Stage I r2: hybrid-ft (M_plus)"] == ["50.00", "0.500"]  # (0.5 - 0.25) / (0.75 - 0.25)
+    assert rows["Stage II: DPO (M_pro)"] == ["60.00", "0.700"]
+    assert rows["strong ceiling (gold train_2)"] == ["75.00", "1.000"]
+    assert rows["04_r1_filter"] == ["100", "40", "40.0", "90.0", "-"]
+    assert rows["15_pairs"] == ["100", "30", "-", "80.0", "20 weak chosen / 10 weak rejected"]
+    assert rows["20_eval_weak_floor"] == ["6.0", "1,000", "500", "12.3", "1.50"]
+    assert "total 0.6 min on H100" in text
+    with pytest.raises(FileNotFoundError, match="no such run directory"):
+        report(tmp_path / "missing")

@@ -1,10 +1,12 @@
 """`w2s report runs/<name>`: the paper-style table of a pipeline run, from its stages' meta.json files alone.
 
-Three tables: methods (test accuracy and PGR, as in the paper), the filtered training sets (size and, for analysis
-only, selection precision against train_2 gold), and the cost of every stage (time, tokens, tokens/s, MFU, memory).
-A bar plot of accuracy per method goes to report.png (needs matplotlib, the `plot` extra; the table does not).
+Tables: methods (greedy test accuracy and PGR, as in the paper; pass@k and MATH levels when run), the training data
+selected from train_2 (filtered-set sizes and pairs, with their selection precision against train_2 gold, for
+analysis only), and the cost of every stage (time, tokens, tokens/s, MFU, peak memory). A bar plot of accuracy per
+method goes to report.png (needs matplotlib, the `plot` extra; the tables do not).
 
     w2s report runs/demo
+    python -m pytest -q tests/test_pipeline.py -k report
 """
 
 import json
@@ -41,10 +43,12 @@ def load_metas(run_dir):
 
 
 def pgr(acc, floor, ceiling):
-    """Performance gap recovered: (acc - weak floor) / (ceiling - weak floor); None when the gap is empty."""
-    if acc is None or floor is None or ceiling is None or ceiling == floor:
+    """Performance gap recovered (w2s.stages.metrics.pgr); None when a number is missing or the gap is empty."""
+    from w2s.stages.metrics import pgr as gap_recovered
+
+    if acc is None or floor is None or ceiling is None:
         return None
-    return (acc - floor) / (ceiling - floor)
+    return gap_recovered(acc, floor, ceiling)
 
 
 def method_accuracies(metas):
@@ -72,6 +76,28 @@ def _table(header, rows):
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
 
 
+def _data_rows(metas):
+    """Filtered sets (kept questions, precision of the kept weak answers) and the preference pairs."""
+    rows = []
+    for name, meta in metas.items():
+        if name.endswith("_filter"):
+            rows.append((name, _fmt(meta.get("n_questions")), _fmt(meta.get("n_kept")),
+                         _fmt(meta.get("kept_fraction"), pct=True, digits=1),
+                         _fmt(meta.get("precision"), pct=True, digits=1), "-"))
+        elif name.endswith("_pairs"):
+            counts = meta.get("counts", {})
+            split = f"{counts.get('weak_chosen', '-')} weak chosen / {counts.get('weak_rejected', '-')} weak rejected"
+            rows.append((name, _fmt(counts.get("questions")), _fmt(meta.get("n_pairs")), "-",
+                         _fmt(meta.get("pair_precision"), pct=True, digits=1), split))
+    return rows
+
+
+def _cost_rows(metas):
+    return [(name, _fmt(meta.get("wall_s"), digits=1), _fmt(meta.get("tokens")), _fmt(meta.get("tok_s"), digits=0),
+             _fmt(meta.get("mfu"), pct=True, digits=1), _fmt(meta.get("peak_mem_gib"), digits=2))
+            for name, meta in metas.items()]
+
+
 def report(run_dir, plot=True):
     """The report as markdown text; writes report.md (and report.png when plotting is possible) in run_dir."""
     run_dir = Path(run_dir)
@@ -83,31 +109,23 @@ def report(run_dir, plot=True):
     passk = [(name.split("_passk_", 1)[1], ", ".join(f"{k} {100 * v:.1f}" for k, v in meta.items()
                                                      if k.startswith("pass@")))
              for name, meta in metas.items() if "_passk_" in name]
-    sets = []
-    for name, meta in metas.items():
-        if name.endswith("_filter"):
-            sets.append((name, _fmt(meta.get("n_kept")), _fmt(meta.get("kept_fraction"), pct=True, digits=1),
-                         _fmt(meta.get("precision"), pct=True, digits=1)))
-        elif name.endswith("_pairs"):
-            sets.append((name, _fmt(meta.get("n_pairs")), "-", _fmt(meta.get("pair_precision"), pct=True, digits=1)))
-    costs = [(name, _fmt(meta.get("wall_s"), digits=1), _fmt(meta.get("tokens")), _fmt(meta.get("tok_s"), digits=0),
-              _fmt(meta.get("mfu"), pct=True, digits=1), _fmt(meta.get("peak_mem_gb"), digits=2))
-             for name, meta in metas.items()]
+    devices = sorted({m["device"] for m in metas.values() if m.get("device")})
     total = sum(m.get("wall_s", 0) for m in metas.values())
     out = [f"# w2s report: {run_dir.name}", "", "## Test accuracy (greedy) and PGR", "",
+           "PGR = (accuracy - weak floor) / (strong ceiling - weak floor); '-' where the gap is empty or missing.", "",
            _table(["method", "accuracy %", "PGR"], method_rows or [("(no evaluated model yet)", "-", "-")])]
     if passk:
         out += ["", "## pass@k (samples at T=1)", "", _table(["model", "pass@k %"], passk)]
-    level_rows = [(m, ", ".join(f"L{lv} {100 * a:.0f}" for lv, a in sorted(metas[n]["accuracy_by_level"].items())))
+    level_rows = [(m, ", ".join(f"L{lv} {100 * a:.0f}" for lv, a in metas[n]["accuracy_by_level"].items()))
                   for n in metas if "_eval_" in n and (m := n.split("_eval_", 1)[1]) and
                   metas[n].get("accuracy_by_level")]
     if level_rows:
         out += ["", "## MATH accuracy by level", "", _table(["method", "by level %"], level_rows)]
-    if sets:
-        out += ["", "## Filtered training data (precision vs train_2 gold: analysis only)", "",
-                _table(["stage", "kept", "kept %", "precision %"], sets)]
-    out += ["", f"## Cost per stage (total {total / 60:.1f} min)", "",
-            _table(["stage", "wall s", "tokens", "tok/s", "MFU %", "peak mem GB"], costs)]
+    if data_rows := _data_rows(metas):
+        out += ["", "## Training data selected from train_2 (precision vs train_2 gold: analysis only)", "",
+                _table(["stage", "questions", "kept / pairs", "kept %", "precision %", "pairs"], data_rows)]
+    out += ["", f"## Cost per stage (total {total / 60:.1f} min on {', '.join(devices) or 'unknown device'})", "",
+            _table(["stage", "wall s", "tokens", "tok/s", "MFU %", "peak mem GiB"], _cost_rows(metas))]
     text = "\n".join(out) + "\n"
     (run_dir / "report.md").write_text(text)
     if plot and method_rows:
@@ -124,7 +142,7 @@ def _plot(path, bars, title):
     except ImportError:
         print(f"(no plot: pip install matplotlib to get {path})")
         return None
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(bars) + 1.2))
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(bars) + 1.5))
     labels, values = zip(*bars)
     ax.barh(range(len(bars)), [100 * v for v in values], color="#4C72B0")
     ax.set_yticks(range(len(bars)), labels)
@@ -133,7 +151,7 @@ def _plot(path, bars, title):
         ax.text(100 * v + 0.5, i, f"{100 * v:.1f}", va="center", fontsize=8)
     ax.set_xlabel("test accuracy (%)")
     ax.set_title(f"weak-to-strong: {title}")
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.32, right=0.95)  # room for the method labels on the left
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
