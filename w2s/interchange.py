@@ -31,13 +31,15 @@ PAIR_EXTRA_KEYS = ("kind", "confidence", "chosen_answer", "rejected_answer")
 
 
 def _write_json(path: str | Path, obj) -> None:
-    """Write to a temp file and rename, so a killed export never leaves a half-written file behind."""
+    """Write to a temp file, fsync and rename, so a killed export never leaves a half-written file behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as f:
         json.dump(obj, f, ensure_ascii=False, indent=2)
         f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
