@@ -461,42 +461,49 @@ def build_stages(recipe):
     return stages
 
 
-def eval_methods(recipe, m_plus):
-    """(method name in the report, stage whose model it evaluates), in report order."""
-    r = recipe
+# Fixed stage numbers of the evaluations, so that a run directory's names never shift when a recipe turns a stage off
+# (one Stage I round, no DPO, no baselines): 20-31 greedy test accuracy, 32-36 pass@k and the IPO extra.
+EVAL_NUMBERS = {"weak_floor": 20, "full_weak_ft": 21, "stage1_r1_weak": 22, "stage1_r1_icl": 23,
+                "stage1_r1_hybrid": 24, "stage1_r2_weak": 25, "stage1_r2_icl": 26, "stage1_r2_hybrid": 27,
+                "stage2_dpo": 28, "stage2_orpo": 29, "ceiling": 30, "strong_icl": 31, "stage2_ipo": 35}
+PASSK_NUMBERS = {"stage1_plus": 32, "stage2_dpo": 33, "stage2_orpo": 34, "stage2_ipo": 36}
+
+
+def eval_methods(recipe):
+    """(method name in the report, stage whose model it evaluates) for every greedy zero-shot evaluation."""
     methods = [("weak_floor", "01_weak_sft"), ("full_weak_ft", "18_full_weak_ft")]
-    for rnd in range(1, r.stage1.rounds + 1):
+    for rnd in range(1, recipe.stage1.rounds + 1):
         for kind, stage in zip(("weak", "icl", "hybrid"), ROUND_STAGES[rnd][1:]):
             methods.append((f"stage1_r{rnd}_{kind}", stage))
-    methods += [(f"stage2_{loss}", PREFERENCE_STAGES[loss]) for loss in r.stage2.losses]
+    methods += [(f"stage2_{loss}", PREFERENCE_STAGES[loss]) for loss in recipe.stage2.losses]
     methods.append(("ceiling", "19_ceiling"))
     return methods
 
 
 def _add_evals(recipe, stages, add, m_plus, greedy):
-    """20 + i: one greedy test evaluation per trained model, then strong ICL, then pass@k (numbers never shift)."""
+    """Greedy test accuracy of every trained model, strong ICL, then pass@k of M_plus and M_pro (EVAL_NUMBERS)."""
     r = recipe
     have = {s.name for s in stages}
-    number = 20
-    for method, stage in eval_methods(r, m_plus):
+    evals = []
+    for method, stage in eval_methods(r):
         if stage in have:
-            add(f"{number}_eval_{method}", ["00_data", stage], {**greedy(), "method": method, "prompt": "zero_shot"},
-                lambda ctx, out, s=stage: run_eval(ctx, out, model_of(ctx, s), zero_shot), "eval")
-        number += 1
+            evals.append((EVAL_NUMBERS[method], f"eval_{method}", ["00_data", stage],
+                          {**greedy(), "method": method, "prompt": "zero_shot"},
+                          lambda ctx, out, s=stage: run_eval(ctx, out, model_of(ctx, s), zero_shot)))
     if "strong_icl" in r.eval.baselines:
-        add(f"{number}_eval_strong_icl", ["00_data", "02_weak_labels"],
-            {**greedy(), "method": "strong_icl", "prompt": "few_shot", "strong": ckpt_fingerprint(r.models.strong),
-             "n_demos": r.stage1.n_demos, "demo_seed": r.stage1.demo_seed},
-            lambda ctx, out: run_eval(ctx, out, r.models.strong, icl_prompt_fn(ctx)), "eval")
-    number += 1
-    if r.eval.pass_k_samples:
-        k = r.eval.pass_k_samples
+        evals.append((EVAL_NUMBERS["strong_icl"], "eval_strong_icl", ["00_data", "02_weak_labels"],
+                      {**greedy(), "method": "strong_icl", "prompt": "few_shot",
+                       "strong": ckpt_fingerprint(r.models.strong), "n_demos": r.stage1.n_demos,
+                       "demo_seed": r.stage1.demo_seed},
+                      lambda ctx, out: run_eval(ctx, out, r.models.strong, icl_prompt_fn(ctx))))
+    if k := r.eval.pass_k_samples:
         for method, stage in [("stage1_plus", m_plus)] + [(f"stage2_{x}", PREFERENCE_STAGES[x])
                                                            for x in r.stage2.losses]:
-            add(f"{number}_passk_{method}", ["00_data", stage],
-                {"task": r.data.task, "n": k, "temperature": r.eval.pass_k_temperature, "seed": r.data.seed,
-                 "max_new_tokens": r.sampling.sample_max_new_tokens, "cache_len": r.sampling.cache_len},
-                lambda ctx, out, s=stage: run_eval(ctx, out, model_of(ctx, s), zero_shot, n=k,
-                                                   temperature=r.eval.pass_k_temperature,
-                                                   max_new_tokens=r.sampling.sample_max_new_tokens), "eval")
-            number += 1
+            evals.append((PASSK_NUMBERS[method], f"passk_{method}", ["00_data", stage],
+                          {"task": r.data.task, "n": k, "temperature": r.eval.pass_k_temperature, "seed": r.data.seed,
+                           "max_new_tokens": r.sampling.sample_max_new_tokens, "cache_len": r.sampling.cache_len},
+                          lambda ctx, out, s=stage: run_eval(ctx, out, model_of(ctx, s), zero_shot, n=k,
+                                                             temperature=r.eval.pass_k_temperature,
+                                                             max_new_tokens=r.sampling.sample_max_new_tokens)))
+    for number, what, deps, options, run in sorted(evals, key=lambda e: e[0]):
+        add(f"{number}_{what}", deps, options, run, "eval")

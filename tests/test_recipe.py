@@ -1,0 +1,170 @@
+"""Recipes (w2s/recipe.py): the shipped GSM8K / MATH recipes say what PAPER.md says, defaults follow the paper, paths
+resolve against the recipe's directory, and every bad recipe stops with one line naming the file and the key.
+Also the stage plan a recipe implies (w2s/plan.py build_stages), without loading any model.
+
+    python -m pytest -q tests/test_recipe.py
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from w2s.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_recipes_follow_the_paper():
+    gsm8k = load_recipe(ROOT / "recipes" / "gsm8k.toml", check_files=False)
+    math = load_recipe(ROOT / "recipes" / "math.toml", check_files=False)
+    for r in (gsm8k, math):
+        assert r.stage2.n_samples == 10 and r.stage2.temperature == 1.0 and r.stage2.top_p == 1.0
+        assert (r.stage2.min_confidence, r.stage2.flip_confidence) == (0.6, 0.8)
+        assert r.stage2.losses == ["dpo", "orpo"] and r.stage1.n_demos == 4 and r.eval.pass_k_samples == 10
+        assert r.strong_sft["lora_rank"] == 8 and r.preference["beta"] == 0.1
+    assert (gsm8k.data.task, gsm8k.stage1.rounds, gsm8k.stage2.max_pairs, gsm8k.sampling.sample_max_new_tokens) == \
+        ("gsm8k", 2, 1, 1024)
+    assert (math.data.task, math.stage1.rounds, math.stage2.max_pairs, math.sampling.sample_max_new_tokens) == \
+        ("math", 1, 3, 2048)
+    # Relative paths are resolved against the recipe's directory, not the working directory.
+    assert gsm8k.data.train == str((ROOT / "data" / "gsm8k" / "train.jsonl").resolve())
+
+
+def _world(tmp_path):
+    for name in ("train.jsonl", "test.jsonl"):
+        if not (tmp_path / name).exists():
+            (tmp_path / name).write_text("{}\n")
+    for name in ("weak", "strong"):
+        (tmp_path / name).mkdir(exist_ok=True)
+        (tmp_path / name / "config.json").write_text("{}")
+    return tmp_path
+
+
+BASE = """
+[data]
+train = "train.jsonl"
+test = "test.jsonl"
+[models]
+weak = "weak"
+strong = "strong"
+"""
+
+
+def _load(tmp_path, text):
+    path = _world(tmp_path) / "r.toml"
+    path.write_text(text)
+    return load_recipe(path)
+
+
+def test_defaults_and_train_config(tmp_path):
+    from w2s.plan import train_config
+
+    r = _load(tmp_path, BASE + '[strong_sft]\nlr = 2e-5\nadam_betas = [0.9, 0.99]\nlora_targets = ["q_proj"]\n')
+    assert r.name == "r" and r.stage1.rounds == 2 and r.stage1.round2_init == "base"
+    assert r.eval.baselines == ["full_weak_ft", "strong_icl", "ceiling"]
+    cfg = train_config(r, "strong_sft", progress=False)
+    assert cfg.lr == 2e-5 and cfg.adam_betas == (0.9, 0.99) and cfg.lora_targets == ("q_proj",)
+    assert cfg.progress is False and cfg.epochs == 1  # untouched fields keep TrainConfig's defaults
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("bogus = 1\n", r"r\.toml: unknown key 'bogus'"),
+    ("[stage2]\nn_sample = 4\n", r"r\.toml: \[stage2\]: unknown key 'n_sample'; expected one of n_samples"),
+    ("[stage2]\nn_samples = \"ten\"\n", r"\[stage2\]\.n_samples: expected int, got 'ten'"),
+    ("[stage2]\ntemperature = true\n", r"\[stage2\]\.temperature: expected float, got True"),
+    ("[stage2]\nmin_confidence = 0.9\n", r"\[stage2\]: expected 0 <= min_confidence <= flip_confidence <= 1"),
+    ("[stage2]\nlosses = [\"kto\"]\n", r"\[stage2\] losses: unknown loss 'kto'"),
+    ("[stage1]\nrounds = 3\n", r"\[stage1\] rounds: expected 1 or 2, got 3"),
+    ("[stage1]\nround2_init = \"warm\"\n", r"\[stage1\] round2_init: expected 'base' or 'continue'"),
+    ("[eval]\nbaselines = [\"oracle\"]\n", r"\[eval\] baselines: unknown baseline 'oracle'"),
+    ("[sampling]\nmax_new_tokens = 0\n", r"\[sampling\] max_new_tokens: expected >= 1, got 0"),
+    ("[models2]\n", r"unknown key 'models2'"),
+    ("[weak_sft]\nlearning_rate = 1e-5\n", r"\[weak_sft\] unknown key 'learning_rate'; expected TrainConfig fields"),
+    ("[weak_sft]\nprogress = false\n", r"\[weak_sft\] unknown key 'progress'"),
+    ("[weak_sft]\nlr = \"fast\"\n", r"\[weak_sft\]\.lr: expected float, got 'fast'"),
+    ("[weak_sft]\nepochs = 1.5\n", r"\[weak_sft\]\.epochs: expected int, got 1\.5"),
+    ("[weak_sft]\nlora_rank = -8\n", r"\[weak_sft\]\.lora_rank: expected a value >= 0"),
+    ("[preference]\nadam_betas = 0.9\n", r"\[preference\]\.adam_betas: expected tuple, got 0\.9"),
+])  # fmt: skip
+def test_bad_recipes_are_one_clear_error(tmp_path, extra, message):
+    text = BASE + extra if not extra.startswith(("bogus", "[models2]")) else extra + BASE
+    with pytest.raises(ValueError, match=message) as info:
+        _load(tmp_path, text)
+    assert "\n" not in str(info.value) and "r.toml" in str(info.value)
+
+
+def test_bad_files_are_one_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nope\.toml: recipe file not found"):
+        load_recipe(tmp_path / "nope.toml")
+    with pytest.raises(ValueError, match=r"r\.toml: not valid TOML"):
+        _load(tmp_path, "[data\n")
+    with pytest.raises(ValueError, match=r"\[data\] train: file not found: .*missing\.jsonl"):
+        _load(tmp_path, BASE.replace('train = "train.jsonl"', 'train = "missing.jsonl"'))
+    with pytest.raises(ValueError, match=r"\[models\] weak: no checkpoint \(config\.json\) at .*nowhere"):
+        _load(tmp_path, BASE.replace('weak = "weak"', 'weak = "nowhere"'))
+    with pytest.raises(ValueError, match=r"\[data\] task: expected one of gsm8k, math, got 'olympiad'"):
+        _load(tmp_path, BASE.replace("[data]", "[data]\ntask = \"olympiad\""))
+
+
+# ---------------------------------------------------------------------------------------------------- the plan
+
+
+def _stages(tmp_path, extra=""):
+    from w2s.plan import build_stages
+
+    return {s.name: s for s in build_stages(_load(tmp_path, BASE + extra))}
+
+
+def test_paper_plan_gsm8k(tmp_path):
+    stages = _stages(tmp_path, "[eval]\npass_k_samples = 10\n")
+    names = list(stages)
+    assert names[:20] == ["00_data", "01_weak_sft", "02_weak_labels", "03_icl_labels", "04_r1_filter",
+                          "05_r1_sft_weak", "06_r1_sft_icl", "07_r1_sft_hybrid", "08_r2_labels_weak",
+                          "09_r2_labels_icl", "10_r2_filter", "11_r2_sft_weak", "12_r2_sft_icl", "13_r2_sft_hybrid",
+                          "14_samples", "15_pairs", "16_dpo", "17_orpo", "18_full_weak_ft", "19_ceiling"]
+    assert len([n for n in names if "_eval_" in n]) == 12 and len([n for n in names if "_passk_" in n]) == 3
+    # Who reads what (PAPER.md): ICL labels need the weak labels (demos); round 2 relabels with the round-1 weak-ft
+    # and icl-ft models; pairs compare the weak labels with M_plus's samples; Stage II starts from M_plus.
+    assert stages["03_icl_labels"].deps == ["00_data", "02_weak_labels"]
+    assert stages["08_r2_labels_weak"].deps == ["00_data", "05_r1_sft_weak"]
+    assert stages["09_r2_labels_icl"].deps == ["00_data", "06_r1_sft_icl"]
+    assert stages["10_r2_filter"].deps == ["00_data", "08_r2_labels_weak", "09_r2_labels_icl"]
+    assert stages["11_r2_sft_weak"].deps == ["10_r2_filter"]  # round2_init = "base": no round-1 model
+    assert stages["14_samples"].deps == ["00_data", "13_r2_sft_hybrid"]
+    assert stages["15_pairs"].deps == ["00_data", "02_weak_labels", "14_samples"]
+    assert stages["16_dpo"].deps == ["15_pairs", "13_r2_sft_hybrid"]
+    assert stages["18_full_weak_ft"].deps == ["02_weak_labels"]
+    assert stages["31_eval_strong_icl"].deps == ["00_data", "02_weak_labels"]
+    assert stages["14_samples"].options["n"] == 10 and stages["14_samples"].options["temperature"] == 1.0
+
+
+def test_plan_variants(tmp_path):
+    one_round = _stages(tmp_path, "[stage1]\nrounds = 1\n[stage2]\nlosses = [\"orpo\"]\n[eval]\nbaselines = []\n")
+    assert "08_r2_labels_weak" not in one_round and "18_full_weak_ft" not in one_round
+    assert one_round["14_samples"].deps == ["00_data", "07_r1_sft_hybrid"]  # M_plus is the round-1 hybrid model
+    assert "16_dpo" not in one_round and one_round["17_orpo"].deps == ["15_pairs", "07_r1_sft_hybrid"]
+    # Evaluation numbers never shift when stages are turned off, so run directories stay comparable.
+    assert "24_eval_stage1_r1_hybrid" in one_round and "29_eval_stage2_orpo" in one_round
+    assert not [n for n in one_round if "ceiling" in n or "strong_icl" in n or "passk" in n]
+    cont = _stages(tmp_path, "[stage1]\nround2_init = \"continue\"\n")
+    assert cont["11_r2_sft_weak"].deps == ["10_r2_filter", "05_r1_sft_weak"]
+    assert cont["13_r2_sft_hybrid"].deps == ["10_r2_filter", "07_r1_sft_hybrid"]
+
+
+def test_options_enter_the_keys(tmp_path):
+    """A stage's key changes with its own options and with its inputs' keys, and with nothing else."""
+    from w2s.pipeline import stage_key
+
+    def keys(extra=""):
+        out = {}
+        for stage in _stages(tmp_path, extra).values():
+            out[stage.name] = stage_key(stage, out)
+        return out
+
+    base, changed = keys(), keys("[preference]\nbeta = 0.2\n")
+    differ = {n for n in base if base[n] != changed[n]}
+    assert differ == {"16_dpo", "17_orpo", "28_eval_stage2_dpo", "29_eval_stage2_orpo"}
+    (tmp_path / "train.jsonl").write_text("{\"changed\": 1}\n")  # new train data: everything reruns
+    assert all(keys()[n] != base[n] for n in base)
+    json.dumps(base)  # keys are plain strings, written into meta.json
