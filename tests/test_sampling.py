@@ -5,6 +5,7 @@ parallel under torchrun (gloo), and jsonl resume.
     python -m pytest -q tests/test_sampling.py
 """
 
+import json
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import torch
 from hf_tiny import FAMILIES, VOCAB, save_hf
 
 import w2s
+from w2s import sampling
 from w2s.sampling import Engine, generate, sample_from_logits, stream_keys, stream_uniforms
 
 CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;:!?+-*/=()[]{}<>#@$%&_'\"\n"
@@ -126,15 +128,18 @@ def test_greedy_batching_equals_one_prompt_at_a_time(ckpt):
 
 
 def expected_probs(logits, temperature, top_k, top_p):
-    """Target distribution by the definitions, in numpy (independent of the torch implementation)."""
+    """Target distribution by the definitions, in numpy (independent of the torch implementation): top-k first,
+    then top-p on the RENORMALIZED top-k distribution (as transformers' warpers chain them)."""
     z = np.asarray(logits, dtype=np.float64) / temperature
+    order = np.argsort(-z, kind="stable")
+    if top_k:
+        z = np.where(np.isin(np.arange(len(z)), order[:top_k]), z, -np.inf)
     p = np.exp(z - z.max())
     p /= p.sum()
-    order = np.argsort(-p, kind="stable")
     keep = np.zeros_like(p, dtype=bool)
     mass = 0.0
-    for rank, i in enumerate(order):
-        if (top_k and rank >= top_k) or mass >= top_p:
+    for i in order:
+        if p[i] == 0 or mass >= top_p:
             break
         keep[i] = True
         mass += p[i]
@@ -143,7 +148,7 @@ def expected_probs(logits, temperature, top_k, top_p):
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.3, 3, 1.0), (1.0, 0, 0.8),
-                                                     (2.0, 4, 0.9)])
+                                                     (2.0, 4, 0.9), (1.0, 3, 0.7)])
 def test_sampling_frequencies_match_target(temperature, top_k, top_p):
     logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -1.0])
     draws = 20000
@@ -226,3 +231,92 @@ def test_bad_input_errors(ckpt):
         generate(model, None, ["hi"], progress=False)
     with pytest.raises(ValueError, match="top_p=0"):
         generate(model, None, [[1, 5]], temperature=1.0, top_p=0.0, progress=False)
+
+
+# ------------------------------------------------------------------------------------------------ jsonl resume
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_jsonl_resume_is_byte_identical_and_redoes_nothing(ckpt, tmp_path, monkeypatch):
+    """Kill generate_to_jsonl after 2 finished prompts, tear a half-written line onto its part file, rerun: the final
+    file is byte-identical to an uninterrupted run, and the rerun prefills only the prompts that were not done."""
+    model, _ = load(ckpt, "llama2")
+    tok = CharTokenizer(stop_ids=())
+    texts = ["abc", "hello", "x", "1+1=", "what?", "zz top"]
+    records = [{"id": f"q{i}", "prompt": t} for i, t in enumerate(texts)]
+    kw = dict(n=2, temperature=1.0, top_k=20, max_new_tokens=6, seed=3, max_batch=3, sync_every=2, progress=False)
+    full = sampling.generate_to_jsonl(model, tok, records, tmp_path / "full.jsonl", **kw).read_bytes()
+    assert full.count(b"\n") == len(records)
+
+    admitted = []  # (global prompt index, sample) of every sequence started, i.e. every prefill
+    real_admit = Engine.admit
+
+    def counting_admit(self, items, free):
+        admitted.extend((self.global_index[p], j) for p, j in items)
+        return real_admit(self, items, free)
+
+    monkeypatch.setattr(Engine, "admit", counting_admit)
+    real_iter = sampling.iter_generate
+
+    def dies_after_two(*args, **kwargs):
+        for i, item in enumerate(real_iter(*args, **kwargs)):
+            if i == 2:
+                raise Interrupted
+            yield item
+
+    out = tmp_path / "out.jsonl"
+    monkeypatch.setattr(sampling, "iter_generate", dies_after_two)
+    with pytest.raises(Interrupted):
+        sampling.generate_to_jsonl(model, tok, records, out, **kw)
+    monkeypatch.setattr(sampling, "iter_generate", real_iter)
+    part = tmp_path / "out.jsonl.part0"
+    finished = [json.loads(line)["id"] for line in part.read_text().splitlines()]
+    assert len(finished) == 2 and not out.exists()
+    with open(part, "a") as f:  # a writer killed mid-line
+        f.write('{"id": "q5", "prompt": "zz top", "completions": [{"te')
+
+    admitted.clear()
+    sampling.generate_to_jsonl(model, tok, records, out, **kw)
+    assert out.read_bytes() == full
+    assert not part.exists()
+    redone = {f"q{p}" for p, _ in admitted}
+    assert redone == {r["id"] for r in records} - set(finished)
+    assert sorted(admitted) == sorted(set(admitted))  # each (prompt, sample) started once
+
+    admitted.clear()  # a finished file: nothing to do, file unchanged
+    sampling.generate_to_jsonl(model, tok, records, out, **kw)
+    assert admitted == [] and out.read_bytes() == full
+
+
+def test_jsonl_bad_lines_are_one_line_errors(ckpt, tmp_path):
+    model, _ = load(ckpt, "llama2")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"id": 1, "prompt": "ab"}\n\n{"id": 2, "prompt": "cd"\n')
+    with pytest.raises(ValueError, match=r"prompts.jsonl:3: not valid JSON"):
+        sampling.read_prompts_jsonl(prompts)
+    prompts.write_text('{"id": 1, "prompt": "ab"}\n{"id": 2, "question": "cd"}\n')
+    with pytest.raises(ValueError, match=r"prompts.jsonl:2: expected key 'prompt'"):
+        sampling.read_prompts_jsonl(prompts)
+    prompts.write_text('{"q": "ab"}\n{"q": "cd"}\n')
+    with pytest.raises(ValueError, match=r"prompts.jsonl:1: missing id key 'id'"):
+        sampling.read_prompts_jsonl(prompts, prompt_key="q")
+    assert [r["id"] for r in sampling.read_prompts_jsonl(prompts, prompt_key="q", id_key="")] == [0, 1]
+    prompts.write_text('{"id": 7, "prompt": "ab"}\n{"id": 7, "prompt": "cd"}\n')
+    with pytest.raises(ValueError, match=r"prompts.jsonl:2: id 7 repeats line 1"):
+        sampling.read_prompts_jsonl(prompts)
+
+    # A corrupt complete line in an output file is named, not silently skipped or redone.
+    out = tmp_path / "out.jsonl"
+    (tmp_path / "out.jsonl.part0").write_text('{"id": "a", "completions": []}\nnot json\n')
+    records = [{"id": "a", "prompt": [1, 5]}]
+    with pytest.raises(ValueError, match=r"out.jsonl.part0:2: not a completion line"):
+        sampling.generate_to_jsonl(model, None, records, out, progress=False)
+    # A prompt longer than the cache names its record; nothing is written.
+    (tmp_path / "out.jsonl.part0").unlink()
+    with pytest.raises(ValueError, match=r'record "b" has 9 tokens but the KV cache holds 8 positions'):
+        sampling.generate_to_jsonl(model, None, [*records, {"id": "b", "prompt": list(range(3, 12))}], out,
+                                   cache_len=8, progress=False)
+    assert not list(tmp_path.glob("out.jsonl*"))

@@ -32,6 +32,7 @@ are used unchanged: ranks of one tensor-parallel group run the same prompts in l
     python -m pytest -q tests/test_sampling.py
 """
 
+import glob
 import json
 import os
 import time
@@ -435,11 +436,8 @@ def _encode(tokenizer, prompts):
     return out
 
 
-def iter_generate(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=256, stop=(),
-                  seed=0, max_batch=256, cache_len=None, shared_prefix=True, sync_every=8, cuda_graphs=None,
-                  prompt_indices=None):
-    """Yield (index into `prompts`, [n completions]) as prompts finish, in completion order. Arguments as
-    `generate`; `prompt_indices` are the indices the RNG uses (default: 0..len-1). No data-parallel split here."""
+def _check_options(tokenizer, n, temperature, top_p, top_k, max_new_tokens, stop):
+    """Normalized stop strings; a clear ValueError for impossible options."""
     if isinstance(stop, str):
         stop = (stop,)
     stop = tuple(s for s in stop if s)
@@ -449,17 +447,40 @@ def iter_generate(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, to
         raise ValueError(f"n={n} and max_new_tokens={max_new_tokens} must both be >= 1")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
         raise ValueError(f"temperature={temperature} must be >= 0, top_p={top_p} in (0, 1], top_k={top_k} >= 0")
-    ids = _encode(tokenizer, prompts)
+    return stop
+
+
+def _cache_len_for(ids, max_new_tokens, cache_len, names=None):
+    """The KV positions per slot (default: longest prompt + max_new_tokens); a prompt that does not fit is an error.
+
+    Computed over ALL prompts before any data-parallel split, so every rank uses the same cache (same shapes, same
+    numerics) and a bad prompt fails on every rank alike instead of hanging the others at a collective."""
     if not ids:
-        return
+        return cache_len or 1
     cache_len = cache_len or max(len(p) for p in ids) + max_new_tokens
     for i, p in enumerate(ids):
         if len(p) >= cache_len:
-            raise ValueError(f"prompt {i} has {len(p)} tokens but the KV cache holds {cache_len} positions "
+            name = f"prompt {i}" if names is None else names[i]
+            raise ValueError(f"{name} has {len(p)} tokens but the KV cache holds {cache_len} positions "
                              f"(raise cache_len or shorten the prompt)")
+    return cache_len
+
+
+def iter_generate(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=256, stop=(),
+                  seed=0, max_batch=256, cache_len=None, shared_prefix=True, sync_every=8, cuda_graphs=None,
+                  prompt_indices=None):
+    """Yield (index into `prompts`, [n completions]) as prompts finish, in completion order. Arguments as
+    `generate`; `prompt_indices` are the indices the RNG uses (default: 0..len-1). No data-parallel split here."""
+    stop = _check_options(tokenizer, n, temperature, top_p, top_k, max_new_tokens, stop)
+    ids = _encode(tokenizer, prompts)
+    if not ids:
+        return
+    cache_len = _cache_len_for(ids, max_new_tokens, cache_len)
     device = model.embed_tokens.weight.device
     if cuda_graphs is None:
         cuda_graphs = device.type == "cuda"
+    if cuda_graphs and device.type != "cuda":
+        raise ValueError(f"cuda_graphs=True needs a CUDA model (this one is on {device})")
     engine = Engine(
         model, ids, n, temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
         eos_ids=_eos_ids(model, tokenizer), stop=stop, decode=tokenizer.decode if tokenizer is not None else None,
@@ -489,13 +510,18 @@ def generate(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, top_k=0
     """
     import torch.distributed as dist
 
+    # Encode and check every prompt on every rank before splitting (cheap next to sampling): errors are raised
+    # everywhere alike and all ranks size their cache the same.
+    _check_options(tokenizer, n, temperature, top_p, top_k, max_new_tokens, stop)
+    ids = _encode(tokenizer, prompts)
+    cache_len = _cache_len_for(ids, max_new_tokens, cache_len)
     dp_rank, dp_size, _ = _dp_layout(model)
     mine = list(range(dp_rank, len(prompts), dp_size))
     results = {}
     bar = _progress(len(prompts), progress and (not dist.is_initialized() or dist.get_rank() == 0))
     start, tokens = time.perf_counter(), 0
     for local, completions in iter_generate(
-            model, tokenizer, [prompts[i] for i in mine], n=n, temperature=temperature, top_p=top_p, top_k=top_k,
+            model, tokenizer, [ids[i] for i in mine], n=n, temperature=temperature, top_p=top_p, top_k=top_k,
             max_new_tokens=max_new_tokens, stop=stop, seed=seed, max_batch=max_batch, cache_len=cache_len,
             shared_prefix=shared_prefix, sync_every=sync_every, cuda_graphs=cuda_graphs, prompt_indices=mine):
         results[mine[local]] = completions
@@ -514,22 +540,68 @@ def generate(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, top_k=0
 # ------------------------------------------------------------------------------------------------ jsonl streaming
 
 
-def _read_done(path):
-    """{id: line dict} of the complete lines of a (possibly interrupted) jsonl file; a torn last line is ignored."""
-    done = {}
-    if not Path(path).is_file():
-        return done
+def read_prompts_jsonl(path, prompt_key="prompt", id_key="id"):
+    """The records of a prompts file, one JSON object per line, each with a prompt (a string or a list of token ids)
+    under `prompt_key` and a unique id under `id_key` (id_key "" or None: the record's 0-based index). Blank lines
+    are skipped; a bad line is a one-line ValueError naming path:line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such prompts file (expected jsonl, one {{{prompt_key!r}: ...}} per line)")
+    records, seen = [], {}
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            if not line.endswith("\n"):
-                break  # the writer died mid-line
-            record = json.loads(line)
-            done[record["id"]] = record
-    return done
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            prompt = record.get(prompt_key)
+            is_ids = isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt)
+            if not (isinstance(prompt, str) and prompt) and not is_ids:
+                got = "missing" if prompt_key not in record else f"got {prompt!r}"[:80]
+                raise ValueError(f"{where}: expected key {prompt_key!r} with a non-empty string or list of token ids "
+                                 f"({got})")
+            if id_key:
+                if id_key not in record:
+                    raise ValueError(f"{where}: missing id key {id_key!r} (choose another with --id-key, or pass "
+                                     f"--id-key '' to number the records)")
+            else:
+                record = {**record, "id": len(records)}
+            key = json.dumps(record[id_key or "id"])
+            if key in seen:
+                raise ValueError(f"{where}: id {key} repeats line {seen[key]} (ids must be unique)")
+            seen[key] = line_number
+            records.append(record)
+    return records
 
 
-def _part_path(out_path, rank):
-    return Path(f"{out_path}.part{rank}")
+def _complete_lines(path):
+    """({json id: record} of the complete lines, byte length of those lines) of an output jsonl. A last line without
+    its newline was torn by a killed writer and is ignored; any other bad line is a one-line error."""
+    done, size = {}, 0
+    if not Path(path).is_file():
+        return done, size
+    with open(path, "rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            if not raw.endswith(b"\n"):
+                break  # the writer died mid-line: everything before it is intact
+            try:
+                record = json.loads(raw)
+                key = json.dumps(record["id"])
+            except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError) as e:
+                raise ValueError(f"{path}:{line_number}: not a completion line with an 'id' ({type(e).__name__}); "
+                                 f"was it written by another program? Move it away to start over") from None
+            done[key] = record
+            size += len(raw)
+    return done, size
+
+
+def _part_paths(out_path):
+    return sorted(out_path.parent.glob(glob.escape(out_path.name) + ".part*"))
 
 
 def generate_to_jsonl(model, tokenizer, records, out_path, prompt_key="prompt", id_key="id", progress=True,
@@ -537,46 +609,58 @@ def generate_to_jsonl(model, tokenizer, records, out_path, prompt_key="prompt", 
     """Sample every record's prompt and write {"id", "prompt", "completions": [n dicts]} lines to out_path.
 
     Lines are appended (and flushed) to `out_path.part<rank>` as prompts finish; a rerun skips the ids found in
-    out_path and the part files, so an interrupted run resumes without redoing finished prompts. At the end the
-    lines are merged in input order into out_path atomically (temp file, fsync, rename) and the parts removed, so
-    the final file equals an uninterrupted run's (same seed: the RNG is keyed by the record's input index).
-    Returns out_path. Records need a unique `id_key` (default "id") and a `prompt_key` (string or token ids).
+    out_path and the part files, so an interrupted run resumes without redoing finished prompts (a line torn by the
+    kill is dropped and redone). At the end the lines are merged in input order into out_path atomically (temp file,
+    fsync, rename) and the parts removed, so the final file equals an uninterrupted run's (same seed: the RNG is
+    keyed by the record's input index). Returns out_path. Records need a unique `id_key` (default "id") and a
+    `prompt_key` (string or token ids). The other keyword arguments are those of `generate`.
     """
     import torch.distributed as dist
 
     out_path = Path(out_path)
-    ids = []
+    keys = []
     for i, r in enumerate(records):
         if prompt_key not in r or id_key not in r:
             raise ValueError(f"record {i}: missing key {prompt_key!r} or {id_key!r} (keys: {sorted(r)})")
-        ids.append(r[id_key])
-    if len(set(map(json.dumps, ids))) != len(ids):
+        keys.append(json.dumps(r[id_key]))
+    if len(set(keys)) != len(keys):
         raise ValueError(f"records: {id_key!r} values are not unique")
+    opts = {k: v for k, v in generate_kwargs.items() if k != "prompt_indices"}
+    stop = _check_options(tokenizer, opts.get("n", 1), opts.get("temperature", 0.0), opts.get("top_p", 1.0),
+                          opts.get("top_k", 0), opts.get("max_new_tokens", 256), opts.get("stop", ()))
+    # Encode and size the cache over ALL records on every rank: identical shapes in a resumed run and on every rank.
+    ids = _encode(tokenizer, [r[prompt_key] for r in records])
+    opts["cache_len"] = _cache_len_for(ids, opts.get("max_new_tokens", 256), opts.get("cache_len"),
+                                       names=[f"record {k}" for k in keys])
+    opts["stop"] = stop
     distributed = dist.is_available() and dist.is_initialized()
     rank = dist.get_rank() if distributed else 0
     dp_rank, dp_size, writer = _dp_layout(model)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
 
     def load_all():
-        done = _read_done(out_path)
-        for part in sorted(out_path.parent.glob(out_path.name + ".part*")):
-            done.update(_read_done(part))
+        done = _complete_lines(out_path)[0]
+        for part in _part_paths(out_path):
+            done.update(_complete_lines(part)[0])
         return done
 
     done = load_all()
-    todo = [i for i, r in enumerate(records) if r[id_key] not in done]
+    todo = [i for i, k in enumerate(keys) if k not in done]
     mine = todo[dp_rank::dp_size]
-    part = _part_path(out_path, rank)
-    if writer and part.exists():  # drop a torn last line before appending
-        kept = _read_done(part)
-        part.write_text("".join(json.dumps(v) + "\n" for v in kept.values()))
+    if distributed:
+        dist.barrier()  # every rank has read the files before a writer touches its part
+    part = Path(f"{out_path}.part{rank}")
+    if writer and part.exists():  # cut a torn last line (in place: never a moment without the finished lines)
+        size = _complete_lines(part)[1]
+        if part.stat().st_size != size:
+            os.truncate(part, size)
     bar = _progress(len(records), progress and rank == 0)
     bar.update(len(records) - len(todo))
     start, tokens = time.perf_counter(), 0
-    gen_kwargs = {k: v for k, v in generate_kwargs.items() if k != "prompt_indices"}
     f = open(part, "a", encoding="utf-8") if writer else None
     try:
-        for local, completions in iter_generate(model, tokenizer, [records[i][prompt_key] for i in mine],
-                                                prompt_indices=mine, **gen_kwargs):
+        for local, completions in iter_generate(model, tokenizer, [ids[i] for i in mine], prompt_indices=mine,
+                                                **opts):
             r = records[mine[local]]
             if f is not None:
                 f.write(json.dumps({"id": r[id_key], "prompt": r[prompt_key], "completions": completions}) + "\n")
@@ -592,18 +676,18 @@ def generate_to_jsonl(model, tokenizer, records, out_path, prompt_key="prompt", 
         dist.barrier()
     if rank == 0:
         done = load_all()
-        missing = [r[id_key] for r in records if r[id_key] not in done]
+        missing = [r[id_key] for r, k in zip(records, keys) if k not in done]
         if missing:
             raise RuntimeError(f"{out_path}: {len(missing)} record(s) have no output after sampling, e.g. id "
                                f"{missing[0]!r}")
         tmp = Path(f"{out_path}.tmp")
         with open(tmp, "w", encoding="utf-8") as out:
-            for r in records:
-                out.write(json.dumps(done[r[id_key]]) + "\n")
+            for k in keys:
+                out.write(json.dumps(done[k]) + "\n")
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, out_path)
-        for p in out_path.parent.glob(out_path.name + ".part*"):
+        for p in _part_paths(out_path):
             p.unlink()
     if distributed:
         dist.barrier()

@@ -1,0 +1,51 @@
+"""Worker for tests/test_sampling_dist.py: sampling under torchrun, 2 CPU processes (gloo), tensor AND data parallel.
+
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/dist_sample_worker.py WORK_DIR
+
+WORK_DIR/job.json holds {"prompts": [[ids]], "families": {name: ckpt_dir}, "options", "sampled_options"}. For each
+family this runs, in one process group of 2 ranks:
+  * tp=2, dp=1: load_model_tp (each rank reads only its slices), greedy generate, generate_to_jsonl;
+  * tp=1, dp=2: the full model on each rank, greedy and sampled (n=2) generate, generate_to_jsonl;
+and rank 0 writes WORK_DIR/result.json; the jsonl files go to WORK_DIR/<family>_{tp,dp}.jsonl. The test compares
+all of it with a one-process run.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import w2s
+from w2s.sampling import generate, generate_to_jsonl
+from w2s.tensor_parallel import load_model_tp
+
+
+def main(work):
+    work = Path(work)
+    job = json.loads((work / "job.json").read_text())
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    prompts, opts, sampled = job["prompts"], job["options"], job["sampled_options"]
+    records = [{"id": f"r{i}", "prompt": p} for i, p in enumerate(prompts)]
+    result = {}
+    for family, ckpt in job["families"].items():
+        tp_model = load_model_tp(ckpt, tp=2, dtype=torch.float32)
+        assert tp_model.layers[0].self_attn.q_proj.weight.shape[0] * 2 == tp_model.cfg.n_heads * tp_model.cfg.head_dim
+        result[f"{family}/tp/greedy"] = generate(tp_model, None, prompts, progress=False, **opts)
+        generate_to_jsonl(tp_model, None, records, work / f"{family}_tp.jsonl", progress=False, **opts)
+        del tp_model
+
+        dp_model = w2s.load_model(ckpt, dtype=torch.float32)
+        result[f"{family}/dp/greedy"] = generate(dp_model, None, prompts, progress=False, **opts)
+        result[f"{family}/dp/sampled"] = generate(dp_model, None, prompts, progress=False, **sampled)
+        generate_to_jsonl(dp_model, None, records, work / f"{family}_dp.jsonl", progress=False, **opts)
+    if rank == 0:
+        (work / "result.json").write_text(json.dumps(result))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

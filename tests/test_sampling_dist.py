@@ -1,0 +1,96 @@
+"""Tensor parallel (tp=2) and data parallel (dp=2) sampling under torchrun, 2 CPU processes over gloo, against one
+process: greedy completions, seeded samples and the jsonl files must be identical. One torchrun launch covers every
+family (startup costs seconds); the worker is tests/dist_sample_worker.py.
+
+    python -m pytest -q tests/test_sampling_dist.py
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hf_tiny import FAMILIES, VOCAB, save_hf
+
+import w2s
+from w2s.sampling import generate, generate_to_jsonl
+from w2s.tensor_parallel import check_divisible, kv_heads_of_rank, shard_slice
+
+ROOT = Path(__file__).resolve().parents[1]
+# Ragged prompts with a shared prefix; 5 prompts so the dp shards are uneven (3 + 2) and slots get refilled.
+PROMPTS_SEED = 11
+
+
+def make_prompts():
+    g = torch.Generator().manual_seed(PROMPTS_SEED)
+    prefix = [1, 17, 18, 19]
+    return [prefix + torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (3, 9, 1, 6, 4)]
+
+
+OPTIONS = dict(max_new_tokens=10, max_batch=2, sync_every=3)
+SAMPLED = dict(n=2, temperature=1.0, top_p=0.9, seed=5, max_new_tokens=8, max_batch=3)
+
+
+def test_tp2_and_dp2_equal_one_process(tmp_path):
+    prompts = make_prompts()
+    families = {}
+    for family in FAMILIES:
+        families[family] = str(tmp_path / family)
+        save_hf(family, tmp_path / family)
+    (tmp_path / "job.json").write_text(json.dumps({"prompts": prompts, "families": families, "options": OPTIONS,
+                                                   "sampled_options": SAMPLED}))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "dist_sample_worker.py"), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+
+    records = [{"id": f"r{i}", "prompt": p} for i, p in enumerate(prompts)]
+    for family, ckpt in families.items():
+        model = w2s.load_model(ckpt, dtype=torch.float32)
+        greedy = generate(model, None, prompts, progress=False, **OPTIONS)
+        assert any(c["finish_reason"] == "length" for (c,) in greedy)  # the comparison covers real decoding
+        assert result[f"{family}/tp/greedy"] == greedy, family
+        assert result[f"{family}/dp/greedy"] == greedy, family
+        assert result[f"{family}/dp/sampled"] == generate(model, None, prompts, progress=False, **SAMPLED), family
+        one = generate_to_jsonl(model, None, records, tmp_path / f"{family}_one.jsonl", progress=False, **OPTIONS)
+        for mode in ("tp", "dp"):
+            assert (tmp_path / f"{family}_{mode}.jsonl").read_bytes() == one.read_bytes(), (family, mode)
+    assert not list(tmp_path.glob("*.part*")), "part files must be merged and removed"
+
+
+@pytest.mark.parametrize("n_kv_heads,tp", [(4, 2), (2, 2), (1, 2), (2, 4)])
+def test_shards_tile_the_weights(n_kv_heads, tp):
+    """Hand check of the split rules: over the tp ranks the slices of q/gate (rows) and o/down (columns) tile the
+    full tensors exactly once, and every rank's kv heads are exactly the ones its query heads use (GQA group H / K;
+    replicated on tp / K ranks when K < tp)."""
+    cfg = w2s.ModelConfig(family="llama", vocab_size=VOCAB, dim=64, n_layers=1, n_heads=8, n_kv_heads=n_kv_heads,
+                          head_dim=8, hidden_dim=96)
+    H, K, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    for name, dim, size in (("self_attn.q_proj.weight", 0, H * hd), ("mlp.gate_proj.weight", 0, cfg.hidden_dim),
+                            ("self_attn.o_proj.weight", 1, H * hd), ("mlp.down_proj.weight", 1, cfg.hidden_dim)):
+        covered = []
+        for r in range(tp):
+            d, start, length = shard_slice(f"layers.0.{name}", cfg, r, tp)
+            assert d == dim
+            covered += list(range(start, start + length))
+        assert covered == list(range(size)), name
+    assert shard_slice("embed_tokens.weight", cfg, 1, tp) is None
+    assert shard_slice("layers.0.self_attn.o_proj.bias", cfg, 1, tp) is None
+    for r in range(tp):
+        first, count = kv_heads_of_rank(cfg, r, tp)
+        q_heads = range(r * H // tp, (r + 1) * H // tp)
+        assert {h // (H // K) for h in q_heads} == set(range(first, first + count))
+        assert shard_slice("layers.0.self_attn.k_proj.weight", cfg, r, tp) == (0, first * hd, count * hd)
+
+
+def test_indivisible_split_is_a_clear_error():
+    cfg = w2s.ModelConfig(family="llama", vocab_size=VOCAB, dim=64, n_layers=1, n_heads=6, n_kv_heads=3,
+                          head_dim=8, hidden_dim=96)
+    with pytest.raises(ValueError, match="tensor parallel size 4 must divide num_attention_heads=6"):
+        check_divisible(cfg, 4)
