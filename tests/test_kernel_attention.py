@@ -118,6 +118,39 @@ def test_explicit_positions_with_grads_fp32():
     compare(2, 7, 20, 4, 2, 16, q_positions=positions, kv_lengths=lengths(20, 12), sliding_window=6)
 
 
+def test_explicit_positions_over_several_blocks_with_softcap_fp32():
+    # Every query block and key block takes the HAS_POS paths (the backward visits all query blocks masked); rows at
+    # different cache depths, T and S not block multiples, GQA, and the soft-cap derivative through positions.
+    positions = torch.stack([torch.arange(13, 50), torch.arange(0, 37)]).to(DEVICE)
+    compare(2, 37, 50, 4, 2, 16, q_positions=positions, kv_lengths=lengths(50, 37), softcap=4.0)
+
+
+def test_full_attention_through_positions_matches_sdpa():
+    # The contract is causal, but queries placed at the last key position see every key: non-causal attention (how
+    # kernels/bench.py measures the non-causal case). Checked against torch's own SDPA with is_causal=False, an
+    # implementation independent of kernels/reference.py, forward and all gradients.
+    B, T, S, H, K, D = 2, 20, 37, 4, 2, 32
+    seed, q, k, v = random_qkv(B, T, S, H, K, D, torch.float32)
+    grad_out = torch.randn(B, T, H, D, device=DEVICE)
+    last = torch.full((B, T), S - 1, device=DEVICE)
+
+    def sdpa(q, k, v):
+        k, v = (x.repeat_interleave(H // K, dim=2) for x in (k, v))  # GQA -> one kv head per query head
+        out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                               v.transpose(1, 2), is_causal=False)
+        return out.transpose(1, 2)
+
+    expected = output_and_grads(sdpa, (q, k, v), torch.float32, grad_out)
+    actual = output_and_grads(lambda *x: flash.attention(*x, q_positions=last), (q, k, v), torch.float32, grad_out)
+    check_fp32(actual, expected, seed)
+
+
+@pytest.mark.parametrize("D", [128, 256])
+def test_large_head_dims_fp32(D):
+    # The head dims of Llama/Mistral (128) and Gemma (256) through the interpreter, with padding and a window.
+    compare(1, 19, 19, 2, 1, D, kv_lengths=lengths(15), sliding_window=8)
+
+
 def test_non_contiguous_inputs():
     seed, q, k, v = random_qkv(2, 19, 19, 4, 2, 32, torch.float32)
     q_view = q.transpose(1, 2).contiguous().transpose(1, 2)  # (B, T, H, D) view of a (B, H, T, D) buffer
@@ -202,6 +235,21 @@ def test_gpu_bf16_gqa_training_shape():
 def test_gpu_bf16_head_dim_256_window_softcap_padding():
     compare(2, 1024, 1024, 8, 4, 256, dtype=torch.bfloat16, sliding_window=256, softcap=50.0,
             kv_lengths=lengths(1024, 700))
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_bf16_head_dim_64_ragged_length_window_padding():
+    # Head dim 64 with a length that is no block multiple (1000 = 7 x 128 + 104) and Mistral's sliding window.
+    compare(2, 1000, 1000, 16, 4, 64, dtype=torch.bfloat16, sliding_window=300, kv_lengths=lengths(1000, 613))
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_bf16_head_dim_128_explicit_positions_ragged():
+    # Prefill continuing a cache (S != T, explicit positions) at a realistic size: the HAS_POS backward on GPU.
+    positions = torch.stack([torch.arange(300, 1077), torch.arange(0, 777)]).to(DEVICE)
+    compare(2, 777, 1077, 32, 8, 128, dtype=torch.bfloat16, q_positions=positions, kv_lengths=lengths(1077, 777))
 
 
 @gpu

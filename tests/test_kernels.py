@@ -285,19 +285,21 @@ def _gpu_check(kernel_fn, reference_fn, inputs, names):
 
 
 @pytest.mark.parametrize("unit_offset", [False, True])
+@pytest.mark.parametrize("D", [4096, 2304])  # Llama-3-8B; Gemma-2-2B (not a power of two: a masked row tail)
 @pytest.mark.gpu
 @requires_cuda
-def test_gpu_rms_norm_bf16(unit_offset):
-    x = torch.randn(4096, 4096, device="cuda")
-    w = torch.rand(4096, device="cuda") + 0.5
+def test_gpu_rms_norm_bf16(unit_offset, D):
+    x = torch.randn(4096, D, device="cuda")
+    w = torch.rand(D, device="cuda") + 0.5
     _gpu_check(lambda x, w: rms_norm.rms_norm(x, w, 1e-5, unit_offset),
                lambda x, w: reference.rms_norm(x, w, 1e-5, unit_offset), [x, w], ["y", "dx", "dweight"])
 
 
+@pytest.mark.parametrize("D", [64, 128, 256])  # the head dims of the supported families
 @pytest.mark.gpu
 @requires_cuda
-def test_gpu_rope_bf16():
-    B, T, H, D = 2, 4096, 32, 128
+def test_gpu_rope_bf16(D):
+    B, T, H = 2, 4096, 32
     x = torch.randn(B, T, H, D, device="cuda")
     positions = torch.randint(0, 131072, (B, T), device="cuda")
     inv_freq = _inv_freq(D, 500000.0).cuda()
@@ -338,3 +340,23 @@ def test_gpu_linear_logprobs_bf16():
     _gpu_check(lambda h, w: fused_linear.linear_logprobs(h, w, targets),
                lambda h, w: reference.linear_logprobs(h, w, targets), [hidden, weight],
                ["logprobs", "dhidden", "dweight"])
+
+
+# ------------------------------------------------------------------------------------------- kernels/bench.py
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="checks the message printed when there is no GPU")
+def test_bench_without_cuda_says_it_needs_one(capsys):
+    from kernels import bench
+
+    assert bench.main(["--no-smoke"]) == 0
+    out = capsys.readouterr().out
+    assert "needs a CUDA GPU" in out and "no timings measured" in out
+
+
+def test_bench_rejects_an_unknown_kernel_in_one_line(capsys):
+    from kernels import bench
+
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--only", "attention,flash"])
+    assert "--only: unknown kernel(s) flash" in capsys.readouterr().err.strip().splitlines()[-1]
