@@ -290,7 +290,15 @@ def smoke_cases():
     inv_freq = 1.0 / 10000.0 ** (torch.arange(0, 48, 2, dtype=torch.float32) / 48)
     targets = torch.randint(0, 131, (37,), generator=g)
     targets[::4] = -100
+    last = torch.full((1, 19), 18)  # every query at the last key position: non-causal, as the GPU rows measure
+    wide = dict(kv_lengths=torch.tensor([15]), sliding_window=8)
     return [
+        ("attention B1 T19 H2 K1 D128 non-causal", lambda q, k, v: attention.attention(q, k, v, q_positions=last),
+         lambda q, k, v: reference.attention(q, k, v, q_positions=last),
+         [randn(1, 19, 2, 128), randn(1, 19, 1, 128), randn(1, 19, 1, 128)], ["out", "dq", "dk", "dv"]),
+        ("attention B1 T19 H2 K1 D256 pad+window8", lambda q, k, v: attention.attention(q, k, v, **wide),
+         lambda q, k, v: reference.attention(q, k, v, **wide),
+         [randn(1, 19, 2, 256), randn(1, 19, 1, 256), randn(1, 19, 1, 256)], ["out", "dq", "dk", "dv"]),
         (f"attention B{B} T{T} H{H} K{K} D{D} causal", attention.attention, reference.attention,
          [randn(B, T, H, D), randn(B, T, K, D), randn(B, T, K, D)], ["out", "dq", "dk", "dv"]),
         (f"attention B{B} T{T} H{H} K{K} D{D} pad+window9+softcap5",
