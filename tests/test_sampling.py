@@ -6,6 +6,9 @@ parallel under torchrun (gloo), and jsonl resume.
 """
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -319,4 +322,63 @@ def test_jsonl_bad_lines_are_one_line_errors(ckpt, tmp_path):
     with pytest.raises(ValueError, match=r'record "b" has 9 tokens but the KV cache holds 8 positions'):
         sampling.generate_to_jsonl(model, None, [*records, {"id": "b", "prompt": list(range(3, 12))}], out,
                                    cache_len=8, progress=False)
+    assert not list(tmp_path.glob("out.jsonl*"))
+
+
+# ------------------------------------------------------------------------------------------------ scripts/sample.py
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bpe_ckpt(tmp_path_factory):
+    """A tiny w2s-built Llama checkpoint with a real (trained BPE) tokenizer: text prompts, stop strings, EOS."""
+    from w2s.config import ModelConfig
+    from w2s.model import Transformer
+    from w2s.tokenizer import train_bpe
+
+    tok = train_bpe(["Question: what is 1+1?\nAnswer: 2", "Question: name a colour.\nAnswer: red"] * 20,
+                    vocab_size=300)
+    cfg = ModelConfig(family="llama", vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                      head_dim=8, hidden_dim=64, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    model = Transformer(cfg).init_weights(std=0.2, generator=torch.Generator().manual_seed(0))
+    path = tmp_path_factory.mktemp("bpe_ckpt")
+    w2s.save_model(model, path, tokenizer=tok)
+    return path
+
+
+def run_script(*args):
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "sample.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_sample_script_equals_generate_to_jsonl(bpe_ckpt, tmp_path):
+    """`python scripts/sample.py` (what `w2s sample` runs) writes exactly what generate_to_jsonl writes in-process
+    with the same options, with text prompts under a custom key, line-number ids, and an escaped stop string."""
+    prompts = tmp_path / "prompts.jsonl"
+    texts = ["Question: what is 2+3?\nAnswer:", "Question: name a fruit.\nAnswer:", "Question: 7?\nAnswer:"]
+    prompts.write_text("".join(json.dumps({"q": t}) + "\n" for t in texts))
+    out = tmp_path / "out.jsonl"
+    proc = run_script(bpe_ckpt, "--input", prompts, "--output", out, "--prompt-key", "q", "--id-key", "", "-n", 2,
+                      "--temperature", 1.0, "--top-p", 0.95, "--max-new-tokens", 12, "--stop", "\\n", "--seed", 4,
+                      "--max-batch", 3, "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    model, tok = w2s.load_model(bpe_ckpt, dtype=torch.float32), w2s.load_tokenizer(bpe_ckpt)
+    records = [{"q": t, "id": i} for i, t in enumerate(texts)]
+    expected = sampling.generate_to_jsonl(model, tok, records, tmp_path / "ref.jsonl", prompt_key="q", n=2,
+                                          temperature=1.0, top_p=0.95, max_new_tokens=12, stop=["\n"], seed=4,
+                                          max_batch=3, progress=False)
+    assert out.read_bytes() == expected.read_bytes()
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in lines] == [0, 1, 2] and all(len(r["completions"]) == 2 for r in lines)
+    assert all("\n" not in c["text"] for r in lines for c in r["completions"])
+
+
+def test_sample_script_bad_line_is_one_line_error(bpe_ckpt, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "Question: 1?\\nAnswer:"}\n{"id": "b", "prompt": \n')
+    proc = run_script(bpe_ckpt, "--input", prompts, "--output", tmp_path / "out.jsonl")
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [f"Error: {prompts}:2: not valid JSON (Expecting value at column 23)"]
     assert not list(tmp_path.glob("out.jsonl*"))

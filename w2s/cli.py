@@ -5,6 +5,7 @@
     w2s run RECIPE                the whole weak-to-strong pipeline (skips finished stages, resumes killed ones)
     w2s report RUN_DIR            the paper-style table and plot of a run
     w2s data                      download GSM8K / MATH, or say which file to put where when offline
+    w2s sample CKPT --input q.jsonl --output out.jsonl [-n 10 --temperature 1 --tp 2]   complete prompts (resumable)
 """
 
 from collections import Counter
@@ -124,6 +125,95 @@ def data(dest, offline):
     missing = fetch_data(dest, offline=offline, log=click.echo)
     if missing:
         raise SystemExit(1)
+
+
+def _unescape(text):
+    """Shell-friendly stop strings: backslash-n / backslash-t in an option value mean a newline / tab."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
+@click.command()
+@click.argument("ckpt_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--input", "input_path", required=True, type=click.Path(path_type=Path),
+              help="Prompts: jsonl, one JSON object per line with a prompt (string or list of token ids) and an id.")
+@click.option("--output", "output_path", required=True, type=click.Path(path_type=Path),
+              help='Completions: jsonl, one {"id", "prompt", "completions": [n dicts]} per input line, in input order.'
+                   " Streamed to OUTPUT.part<rank> as prompts finish; a rerun resumes where a killed run stopped.")
+@click.option("--prompt-key", default="prompt", show_default=True, help="Key of the prompt in each input line.")
+@click.option("--id-key", default="id", show_default=True,
+              help="Key of the unique id in each input line ('' numbers the lines 0, 1, ... instead).")
+@click.option("-n", "--n", "n", default=1, show_default=True, help="Completions per prompt.")
+@click.option("--temperature", default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass (1 keeps every token).")
+@click.option("--top-k", default=0, show_default=True, help="Keep the k most likely tokens (0: no limit).")
+@click.option("--max-new-tokens", default=256, show_default=True, help="Generated tokens per completion at most.")
+@click.option("--stop", multiple=True, help="A string that ends a completion (repeatable; \\n means a newline).")
+@click.option("--seed", default=0, show_default=True,
+              help="Sampling seed; a completion depends only on (seed, line index, sample index).")
+@click.option("--max-batch", default=256, show_default=True, help="Sequences decoded together (cache slots).")
+@click.option("--cache-len", default=None, type=int,
+              help="KV positions per sequence [default: longest prompt + max-new-tokens]; longer prompts are an error.")
+@click.option("--tp", default=1, show_default=True,
+              help="Tensor-parallel size (under torchrun; ranks in groups of tp, the groups split the prompts).")
+@click.option("--dtype", default="auto", show_default=True,
+              type=click.Choice(["auto", "bfloat16", "float16", "float32"]), help="auto: bfloat16 on CUDA, else fp32.")
+@click.option("--no-cuda-graphs", is_flag=True,
+              help="Run the decode step eagerly on CUDA (CUDA graphs are the default there; never used on CPU).")
+@click.option("--no-shared-prefix", is_flag=True, help="Do not prefill the prompts' common prefix once and share it.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def sample(ckpt_dir, input_path, output_path, prompt_key, id_key, n, temperature, top_p, top_k, max_new_tokens, stop,
+           seed, max_batch, cache_len, tp, dtype, no_cuda_graphs, no_shared_prefix, no_progress):
+    """Complete every prompt of INPUT with the HF checkpoint in CKPT_DIR; write OUTPUT (resumable).
+
+    One process: `w2s sample CKPT --input q.jsonl --output out.jsonl -n 10 --temperature 1`. Several GPUs:
+    `torchrun --nproc_per_node=8 scripts/sample.py CKPT ... --tp 2` (4 data-parallel groups of 2 tensor-parallel
+    ranks). The output is the same for any number of processes and any --max-batch (same seed).
+    """
+    import time
+
+    import torch
+
+    from w2s.parallel import init_distributed
+    from w2s.sampling import generate_to_jsonl, read_prompts_jsonl
+
+    try:
+        records = read_prompts_jsonl(input_path, prompt_key=prompt_key, id_key=id_key)
+        d = init_distributed()
+        torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+                       "auto": torch.bfloat16 if d.device.type == "cuda" else torch.float32}[dtype]
+        tokenizer = None
+        if any((ckpt_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+            from w2s.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(ckpt_dir)
+        elif any(isinstance(r[prompt_key], str) for r in records):
+            raise ValueError(f"{ckpt_dir}: no tokenizer.json or tokenizer.model, so prompts must be token-id lists")
+        if tp > 1:
+            from w2s.tensor_parallel import load_model_tp
+
+            model = load_model_tp(ckpt_dir, tp, dtype=torch_dtype, device=d.device)
+        else:
+            from w2s.checkpoint import load_model
+
+            model = load_model(ckpt_dir, dtype=torch_dtype, device=d.device)
+        start = time.perf_counter()
+        generate_to_jsonl(model, tokenizer, records, output_path, prompt_key=prompt_key, id_key=id_key or "id",
+                          progress=not no_progress, n=n, temperature=temperature, top_p=top_p, top_k=top_k,
+                          max_new_tokens=max_new_tokens, stop=[_unescape(s) for s in stop], seed=seed,
+                          max_batch=max_batch, cache_len=cache_len, shared_prefix=not no_shared_prefix,
+                          cuda_graphs=False if no_cuda_graphs else None)
+    except (FileNotFoundError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    if d.is_main:
+        click.echo(f"wrote {output_path}: {len(records)} prompts x {n} completions in "
+                   f"{time.perf_counter() - start:.1f} s", err=True)
+    if d.sharded:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+main.add_command(sample)
 
 
 if __name__ == "__main__":

@@ -554,7 +554,7 @@ def read_prompts_jsonl(path, prompt_key="prompt", id_key="id"):
                 continue
             where = f"{path}:{line_number}"
             try:
-                record = json.loads(line)
+                record = json.loads(line.rstrip("\r\n"))  # so an error's column is on this line
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(record, dict):
