@@ -529,3 +529,79 @@ def test_report_from_hand_written_metas(tmp_path):
     assert "total 0.6 min on H100" in text
     with pytest.raises(FileNotFoundError, match="no such run directory"):
         report(tmp_path / "missing")
+
+
+# ---------------------------------------------------------------------------------------------------- torchrun
+
+
+def test_torchrun_two_processes_match_one(full_run, tmp_path):
+    """scripts/pipeline.py under torchrun (2 gloo processes: FSDP2 training, data-parallel sampling) gives the same
+    stage keys and artifacts as the single-process run, for every stage the two recipes share."""
+    import os
+    import subprocess
+    import sys
+
+    recipe = write_recipe(full_run["world"], "tiny_torchrun")
+    text = recipe.read_text().replace("rounds = 2", "rounds = 1").replace('["dpo", "orpo"]', '["dpo"]')
+    recipe.write_text(text.replace(f"pass_k_samples = {PASS_K}", "pass_k_samples = 0\nbaselines = []"))
+    script = Path(__file__).resolve().parents[1] / "scripts" / "pipeline.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", str(script),
+           str(recipe), "--runs", str(tmp_path), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir, ref = tmp_path / "tiny_torchrun", full_run["run_dir"]
+    shared = ["00_data", "01_weak_sft", "02_weak_labels", "03_icl_labels", "04_r1_filter", "05_r1_sft_weak",
+              "06_r1_sft_icl", "07_r1_sft_hybrid", "20_eval_weak_floor", "22_eval_stage1_r1_weak",
+              "23_eval_stage1_r1_icl", "24_eval_stage1_r1_hybrid"]
+    for name in shared:
+        assert meta(run_dir, name)["key"] == meta(ref, name)["key"], name
+        for f in ("labels.jsonl", "hybrid.jsonl", "train_2.jsonl"):
+            if (ref / name / f).is_file():
+                assert (run_dir / name / f).read_text() == (ref / name / f).read_text(), (name, f)
+        if meta(ref, name)["kind"] == "train":  # FSDP2 sums gradients over ranks: the same loss as one process
+            assert meta(run_dir, name)["final_loss"] == pytest.approx(meta(ref, name)["final_loss"], rel=1e-4)
+    assert (run_dir / "16_dpo" / "model" / "config.json").is_file() and "Stage II: DPO" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------------- evaluate.py
+
+
+def _evaluate_script():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "evaluate.py"
+    spec = importlib.util.spec_from_file_location("evaluate_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_evaluate_script_matches_the_pipeline(full_run, tmp_path, capsys):
+    evaluate = _evaluate_script()
+    run_dir, test_file = full_run["run_dir"], str(full_run["world"] / "test.jsonl")
+    common = [test_file, "--dtype", "float32", "--device", "cpu", "--max-new-tokens", "8", "--no-progress"]
+    greedy = evaluate.main([str(run_dir / "01_weak_sft" / "model"), *common, "--out", str(tmp_path / "g.jsonl")])
+    assert greedy["accuracy"] == meta(run_dir, "20_eval_weak_floor")["accuracy"] and greedy["n_questions"] == 8
+    texts = [g["completions"][0]["text"] for g in jsonl(tmp_path / "g.jsonl")]
+    assert texts == [g["completions"][0]["text"] for g in jsonl(run_dir / "20_eval_weak_floor" / "generations.jsonl")]
+    sampled = evaluate.main([str(run_dir / "13_r2_sft_hybrid" / "model"), *common, "--samples", str(PASS_K),
+                             "--out", str(tmp_path / "s.jsonl")])
+    ref = meta(run_dir, "32_passk_stage1_plus")
+    assert sampled["pass@1"] == ref["pass@1"] and sampled[f"pass@{PASS_K}"] == ref[f"pass@{PASS_K}"]
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == sampled
+    assert json.loads((tmp_path / "s.jsonl.result.json").read_text()) == sampled
+
+
+def test_evaluate_script_help_and_bad_input(tmp_path, monkeypatch, capsys):
+    import w2s.checkpoint as checkpoint
+
+    evaluate = _evaluate_script()
+    with pytest.raises(SystemExit) as info:
+        evaluate.parse_args(["--help"])
+    assert info.value.code == 0 and "pass@k" in capsys.readouterr().out
+    bad = tmp_path / "test.jsonl"
+    bad.write_text('{"question": "q", "answer": "#### 1"}\n{"question": "q2"}\n')
+    monkeypatch.setattr(checkpoint, "load_model", lambda *a, **k: pytest.fail("model loaded before the data check"))
+    with pytest.raises(ValueError, match=r"test\.jsonl:2: expected key 'answer'"):
+        evaluate.main([str(tmp_path), str(bad)])

@@ -361,24 +361,13 @@ def preference_rows(ctx):
 
 def run_eval(ctx, out, model_dir, prompt_fn, n=1, temperature=0.0, max_new_tokens=None):
     """Greedy test accuracy (n == 1) or pass@k from n samples at `temperature`; MATH also by level."""
-    from w2s.stages.metrics import accuracy, accuracy_by_level, mean_pass_at_k
+    from w2s.stages.metrics import evaluation_result
 
-    r, task = ctx.recipe, ctx.recipe.data.task
+    r = ctx.recipe
     test = data_rows(ctx, "test")
     rows, counts = generate_stage(ctx, out, model_dir, test, prompt_fn, n=n, temperature=temperature,
                                   max_new_tokens=max_new_tokens, seed=r.data.seed)
-    gold = {rec["id"]: rec["answer"] for rec in test}
-    same = same_answer_fn(task)
-    if n == 1:
-        result = {"accuracy": accuracy(rows, gold, same)}
-        result["n_correct"] = round(result["accuracy"] * len(rows))
-        levels = {rec["id"]: rec.get("level") for rec in test}
-        if task == "math":
-            result["accuracy_by_level"] = {str(lv): v["accuracy"] for lv, v in
-                                           accuracy_by_level(rows, gold, levels, same).items()}
-    else:
-        samples = {row["id"]: row["samples"] for row in rows}
-        result = {f"pass@{k}": mean_pass_at_k(samples, gold, k, same) for k in sorted({1, n})}
+    result = evaluation_result(rows, test, r.data.task)
     write_json_atomic(out / "result.json", result)
     return {**counts, **result}
 

@@ -11,6 +11,7 @@ How answers are compared lives here too, since every stage and metric must agree
     accuracy_by_level(records, gold, levels)    MATH: {level: {"accuracy", "n"}}
     pgr(acc, weak_floor, ceiling)               (acc - floor) / (ceiling - floor); None when ceiling == floor
     pair_precision(pairs, gold)                 analysis only: fraction of pairs whose chosen answer is correct
+    evaluation_result(rows, test, task)         what an evaluation reports: accuracy (+ by level) or pass@k
 
 `gold` is {id: gold answer} or a list of gold records {"id", "answer"}. Every function takes an optional
 `same_answer(pred, gold) -> bool`. Empty inputs where a metric is undefined give None (JSON null in meta.json).
@@ -139,3 +140,25 @@ def pair_precision(pairs: list[dict], gold, same_answer: SameAnswer = exact_matc
         return None
     rows = [{"id": p["id"], "answer": p["chosen_answer"]} for p in pairs]
     return accuracy(rows, gold, same_answer)
+
+
+def evaluation_result(rows: list[dict], test: list[dict], task: str) -> dict:
+    """The result of one evaluation on the test records {"id", "answer", "level"?}.
+
+    rows: labelled records {"id", "answer"} (one greedy answer each) -> {"accuracy", "n_correct"} and, for MATH,
+    "accuracy_by_level" {level: accuracy}; or {"id", "samples": [{"answer"}, ...]} (n samples each) ->
+    {"pass@1", "pass@n"}. Used by the pipeline's eval stages and by scripts/evaluate.py.
+    """
+    gold = gold_answers(test)
+    same = answer_matcher(task)
+    if rows and "samples" in rows[0]:
+        samples = {row["id"]: row["samples"] for row in rows}
+        n = min(len(s) for s in samples.values())
+        return {f"pass@{k}": mean_pass_at_k(samples, gold, k, same) for k in sorted({1, n})}
+    result = {"accuracy": accuracy(rows, gold, same)}
+    result["n_correct"] = round(result["accuracy"] * len(rows))
+    if task == "math":
+        levels = {record["id"]: record.get("level") for record in test}
+        result["accuracy_by_level"] = {str(level): v["accuracy"] for level, v in
+                                       accuracy_by_level(rows, gold, levels, same).items()}
+    return result

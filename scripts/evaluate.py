@@ -1,0 +1,90 @@
+"""Greedy test accuracy (and pass@k from n samples at T=1) of one checkpoint on a GSM8K / MATH test file.
+
+The same prompts, stop strings, answer extraction and grading as the pipeline's evaluation stages (PAPER.md):
+zero-shot "Question: ...\\nAnswer:", generation stops at EOS or a new "Question" / "Answer", answers compared after
+Minerva normalization (MATH: also sympy equivalence). Generations stream to --out (resumable: rerun the same command
+after a kill); the result is printed as one JSON line and written next to --out as <out>.result.json.
+
+    python scripts/evaluate.py CKPT_DIR data/gsm8k/test.jsonl --task gsm8k
+    python scripts/evaluate.py CKPT_DIR data/math/test.jsonl --task math --samples 10 --limit 100
+    torchrun --nproc_per_node=8 scripts/evaluate.py CKPT_DIR data/gsm8k/test.jsonl    # prompts split over ranks
+"""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
+                                epilog=__doc__.split("\n\n", 2)[2])
+    p.add_argument("checkpoint", help="HF-format checkpoint directory (config.json, safetensors, tokenizer)")
+    p.add_argument("test_file", help="test jsonl in the task's format (GSM8K: question/answer; MATH: problem/...)")
+    p.add_argument("--task", choices=("gsm8k", "math"), default="gsm8k")
+    p.add_argument("--samples", type=int, default=1,
+                   help="1: greedy accuracy; n > 1: n samples per question at --temperature, pass@1 and pass@n")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature when --samples > 1")
+    p.add_argument("--max-new-tokens", type=int, default=400)
+    p.add_argument("--limit", type=int, default=0, help="evaluate the first N questions only (0: all)")
+    p.add_argument("--max-batch", type=int, default=64, help="sequences decoded at once")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="generations jsonl (default: <checkpoint>/eval_<test stem>.jsonl)")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.samples < 1 or args.max_new_tokens < 1:
+        sys.exit("error: --samples and --max-new-tokens must be >= 1")
+    import torch
+
+    import w2s
+    from w2s.plan import extract
+    from w2s.sampling import generate_to_jsonl
+    from w2s.stages.metrics import evaluation_result
+    from w2s.tasks import STOP_STRINGS, load_records, zero_shot_prompt
+
+    # Read the data (and fail on a bad line) before the model is loaded.
+    test = load_records(args.task, args.test_file)
+    test = test[: args.limit] if args.limit else test
+    if not (Path(args.checkpoint) / "config.json").is_file():
+        sys.exit(f"error: {args.checkpoint}: no checkpoint (config.json)")
+    if "WORLD_SIZE" in os.environ:
+        from w2s.parallel import init_distributed
+
+        init_distributed()
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model = w2s.load_model(args.checkpoint, dtype=getattr(torch, args.dtype), device=device)
+    tokenizer = w2s.load_tokenizer(args.checkpoint)
+    suffix = "greedy" if args.samples == 1 else f"n{args.samples}_t{args.temperature:g}"
+    out = Path(args.out or Path(args.checkpoint) / f"eval_{Path(args.test_file).stem}_{suffix}.jsonl")
+    prompts = [{"id": r["id"], "prompt": zero_shot_prompt(r["question"])} for r in test]
+    generate_to_jsonl(model, tokenizer, prompts, out, n=args.samples,
+                      temperature=0.0 if args.samples == 1 else args.temperature, max_new_tokens=args.max_new_tokens,
+                      stop=tuple(STOP_STRINGS), seed=args.seed, max_batch=args.max_batch,
+                      progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    results = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    if args.samples == 1:
+        rows = [{"id": r["id"], "answer": extract(r["completions"][0]["text"], args.task)} for r in results]
+    else:
+        rows = [{"id": r["id"], "samples": [{"answer": extract(c["text"], args.task)} for c in r["completions"]]}
+                for r in results]
+    result = {"checkpoint": str(args.checkpoint), "test_file": str(args.test_file), "n_questions": len(rows),
+              **evaluation_result(rows, test, args.task)}
+    Path(f"{out}.result.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
