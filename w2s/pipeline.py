@@ -5,10 +5,11 @@ writes its outputs into `runs/<name>/<NN_stage>/`. The runner around it gives ev
 
   * a stage's key hashes its own options and the keys of the stages it reads, so changing an input or option
     reruns exactly the stages downstream of it;
-  * a stage is done iff its meta.json exists with the current key; meta.json (options, input keys, counts, wall
-    time, tokens/s, peak memory) is written last and atomically, so a killed stage never looks finished;
+  * a stage is done iff its meta.json exists with the current key; meta.json (resolved options, input keys, counts,
+    wall time, tokens, tokens/s, MFU, peak memory) is written last and atomically, so a killed stage never looks
+    finished;
   * a killed stage restarts in the same directory: sampling resumes from its streamed jsonl, training from its
-    last checkpoint; a directory left by a different key is wiped first.
+    last checkpoint (TrainConfig.ckpt_every); a directory left by a different key is wiped first.
 
 Stages (numbers are fixed so that directory names never shift when a recipe turns stages off):
 
@@ -23,12 +24,18 @@ Stages (numbers are fixed so that directory names never shift when a recipe turn
     11-13_r2_sft_*    SFT again (from base or continued)                     -> r2 hybrid = M_plus
     14_samples        M_plus: n samples per train_2 question at T=1
     15_pairs          majority vote, confidence, preference pairs (weak response always one side)
-    16_dpo, 17_orpo   preference optimization of M_plus                                   -> M_pro
+    16_dpo, 17_orpo   preference optimization of M_plus (16_ipo on request)                   -> M_pro
     18_full_weak_ft   baseline: SFT the strong base on all of D_weak
     19_ceiling        baseline: SFT the strong base on gold train_2
-    2x_eval_*         greedy test accuracy of every model (strong ICL: 4-shot), pass@k on request
+    20-30_eval_*      greedy test accuracy of every trained model (w2s/plan.py EVAL_NUMBERS)
+    31_eval_strong_icl  baseline: the strong base, 4-shot with the same weak demos, on test
+    32-34_passk_*     pass@k of M_plus and M_pro from n samples at T=1 ([eval] pass_k_samples)
 
-    python scripts/pipeline.py recipes/demo.toml           # or: torchrun --nproc_per_node=8 scripts/pipeline.py ...
+Under torchrun every rank runs every stage (training is FSDP2-sharded, sampling splits prompts over ranks); only
+rank 0 writes shared files, and a barrier closes every stage.
+
+    python scripts/pipeline.py recipes/gsm8k.toml          # or: torchrun --nproc_per_node=8 scripts/pipeline.py ...
+    python -m pytest -q tests/test_pipeline.py
 """
 
 import hashlib
