@@ -399,3 +399,19 @@ def test_pair_precision_counts_chosen_answers_against_gold():
     assert pair_precision(pairs, gold) == pytest.approx(3 / 4)
     assert pair_precision(pairs, gold, kind="weak_rejected") == pytest.approx(1 / 2)
     assert pair_precision([], gold) is None
+
+
+def test_evaluation_result_greedy_levels_and_pass_at_k():
+    from w2s.stages.metrics import evaluation_result
+
+    test = [{"id": "a", "answer": "\\frac{1}{2}", "level": 1}, {"id": "b", "answer": "3", "level": 5},
+            {"id": "c", "answer": "7", "level": 5}]
+    greedy = [{"id": "a", "answer": "0.5"}, {"id": "b", "answer": "3"}, {"id": "c", "answer": ""}]
+    result = evaluation_result(greedy, test, "math")  # 0.5 == 1/2 by sympy; an empty answer is wrong
+    assert result == {"accuracy": pytest.approx(2 / 3), "n_correct": 2,
+                      "accuracy_by_level": {"1": 1.0, "5": 0.5}}
+    assert "accuracy_by_level" not in evaluation_result(greedy[1:], test, "gsm8k")
+    sampled = [{"id": "a", "samples": [{"answer": "1/2"}, {"answer": "2"}, {"answer": ""}]},
+               {"id": "b", "samples": [{"answer": "4"}, {"answer": "4"}, {"answer": "4"}]}]
+    # a: 1 of 3 correct -> pass@1 = 1/3, pass@3 = 1; b: none correct. Means over the two questions.
+    assert evaluation_result(sampled, test, "math") == {"pass@1": pytest.approx(1 / 6), "pass@3": pytest.approx(0.5)}
