@@ -90,7 +90,7 @@ def _chunk_rows(N, V, element_size):
     rows = max(1, CHUNK_BYTES // (V * element_size))
     if rows >= 128:
         rows = rows // 128 * 128  # whole matmul tiles
-    return min(N, rows)
+    return max(1, min(N, rows))  # at least 1: N = 0 (an empty micro-batch) is a loop over nothing, not a zero step
 
 
 def _chunk_nll(hidden_chunk, weight, targets_chunk, softcap, ignore_index, row_scale=None, write_grad=False):

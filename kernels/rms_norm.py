@@ -96,6 +96,8 @@ def rms_norm_forward(x2d, weight, eps, unit_offset):
     y = torch.empty((M, D), dtype=out_dtype, device=x2d.device)
     rstd = torch.empty(M, dtype=torch.float32, device=x2d.device)
     block, num_warps = _launch_config(D)
+    if M == 0:  # no rows (an empty batch): nothing to launch
+        return y, rstd
     _rms_norm_fwd_kernel[(M,)](x2d, weight, y, rstd, D, eps, x2d.stride(0), y.stride(0),
                                UNIT_OFFSET=unit_offset, BLOCK_D=block, num_warps=num_warps)
     return y, rstd
@@ -105,6 +107,8 @@ def rms_norm_backward(dy2d, x2d, weight, rstd, unit_offset):
     """-> (dx (M, D) in x.dtype, dweight (D,) in weight.dtype)."""
     M, D = x2d.shape
     dx = torch.empty_like(x2d)
+    if M == 0:  # no rows: no input gradient to write, and the weight gradient is a sum over nothing
+        return dx, torch.zeros_like(weight)
     programs = _num_programs(x2d.device, M)
     rows_per_program = triton.cdiv(M, programs)
     programs = triton.cdiv(M, rows_per_program)

@@ -107,6 +107,14 @@ def test_rms_norm_fp32_weight_on_fp16_activations_and_strided_rows():
         torch.testing.assert_close(g.float(), r.float(), atol=2e-3, rtol=2e-3)
 
 
+def test_rms_norm_of_no_rows():
+    # an empty batch: empty output, empty input gradient, zero weight gradient (as the reference's autograd gives)
+    x, w = torch.randn(0, 16, requires_grad=True), torch.randn(16, requires_grad=True)
+    y = rms_norm.rms_norm(x, w, 1e-6)
+    y.sum().backward()
+    assert y.shape == (0, 16) and x.grad.shape == (0, 16) and (w.grad == 0).all()
+
+
 def test_rms_norm_rejects_mismatched_weight():
     with pytest.raises(ValueError, match="weight shape"):
         rms_norm.rms_norm(torch.randn(2, 8), torch.ones(7), 1e-6)
@@ -257,6 +265,11 @@ def test_fused_linear_all_ignored_and_hand_value():
     loss, n_valid = fused_linear.linear_cross_entropy(hidden, torch.zeros(5, 8), torch.tensor([0, 4, -100, 2]))
     assert n_valid.item() == 3
     torch.testing.assert_close(loss, torch.tensor(3 * math.log(5.0)))
+    # no tokens at all (an empty micro-batch): zero loss, zero gradients, like the reference
+    hidden, weight = torch.randn(0, 8, requires_grad=True), torch.randn(5, 8, requires_grad=True)
+    loss, n_valid = fused_linear.linear_cross_entropy(hidden, weight, torch.zeros(0, dtype=torch.long))
+    loss.backward()
+    assert loss.item() == 0.0 and n_valid.item() == 0 and hidden.grad.shape == (0, 8) and (weight.grad == 0).all()
 
 
 def test_fused_linear_rejects_bad_shapes():
