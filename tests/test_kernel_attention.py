@@ -151,6 +151,18 @@ def test_large_head_dims_fp32(D):
     compare(1, 19, 19, 2, 1, D, kv_lengths=lengths(15), sliding_window=8)
 
 
+@pytest.mark.parametrize("D, options", [
+    (64, {"sliding_window": 70, "kv_lengths": (97,)}),
+    (256, {"softcap": 5.0, "kv_lengths": (150,)}),
+], ids=["d64-window-padding", "d256-softcap"])
+def test_gpu_block_sizes_fp32(monkeypatch, D, options):
+    # The GPU launch tables use other tiles than the interpreter's (e.g. 128-query forward blocks, 32 x 128 dk/dv
+    # blocks): run them here too, so the block-range arithmetic is checked for the sizes the GPU actually uses.
+    monkeypatch.setattr(flash, "_interpreting", lambda: False)
+    assert flash._config(flash._GPU_FWD, flash._INTERPRET_FWD, D) == flash._GPU_FWD[D]
+    compare(1, 150, 150, 2, 1, D, **{**options, "kv_lengths": lengths(*options["kv_lengths"])})
+
+
 def test_non_contiguous_inputs():
     seed, q, k, v = random_qkv(2, 19, 19, 4, 2, 32, torch.float32)
     q_view = q.transpose(1, 2).contiguous().transpose(1, 2)  # (B, T, H, D) view of a (B, H, T, D) buffer
