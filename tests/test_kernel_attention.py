@@ -211,6 +211,19 @@ def test_decode_matches_reference(dtype, T, H, options):
         check_low_precision([out], [naive_low_precision(q, k, v, **args)], [expected], seed)
 
 
+def test_decode_with_gpu_block_sizes(monkeypatch):
+    # The GPU's 64-key tiles and its split count (3 here in place of the SM-count formula) on a 200-slot cache.
+    monkeypatch.setattr(flash, "_interpreting", lambda: False)
+    monkeypatch.setattr(flash, "_num_splits", lambda batch_heads, S, block_n, device: 3)
+    B, T, S, H, K, D = 2, 2, 200, 8, 2, 64
+    seed, q, k, v = random_qkv(B, T, S, H, K, D, torch.float32)
+    positions = torch.tensor([[150], [7]], device=DEVICE) + torch.arange(T, device=DEVICE)
+    args = dict(q_positions=positions, kv_lengths=positions[:, -1] + 1, sliding_window=100, softcap=20.0)
+    with torch.no_grad():
+        out = flash.attention(q, k, v, **args)
+    check_fp32([out], [reference.attention(q, k, v, **args)], seed)
+
+
 def test_grad_mode_with_few_tokens_uses_flash_path():
     q, k, v = (torch.randn(1, 2, 2, 16, device=DEVICE, requires_grad=True) for _ in range(3))
     assert not flash._use_decode_path(q, k, v)
