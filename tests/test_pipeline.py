@@ -148,11 +148,20 @@ def full_run(world, tmp_path_factory):
         gold_readers.append(ctx.stage)
         return real_reader(ctx)
 
+    loads = []  # every checkpoint read from disk
+    real_load = plan.load_fresh
+
+    def load_spy(recipe, model_dir):
+        loads.append(str(model_dir))
+        return real_load(recipe, model_dir)
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(plan, "read_train_2_gold", spy)
+        mp.setattr(plan, "load_fresh", load_spy)
         run_dir, status, text = run_pipeline(write_recipe(world, "tiny"), runs_dir=runs, progress=False,
                                              log=lambda *a: None)
-    return {"run_dir": run_dir, "status": status, "report": text, "gold_readers": gold_readers, "world": world}
+    return {"run_dir": run_dir, "status": status, "report": text, "gold_readers": gold_readers, "world": world,
+            "loads": loads}
 
 
 def jsonl(path):
@@ -183,6 +192,26 @@ def test_every_stage_runs_and_writes_meta(full_run):
     # The resolved training options are recorded: the recipe's overrides on top of TrainConfig's defaults.
     opts = meta(run_dir, "05_r1_sft_weak")["options"]["train"]
     assert opts["lr"] == 1e-3 and opts["max_steps"] == 2 and opts["weight_decay"] == 0.0
+
+
+def test_weights_stay_resident_between_stages(full_run):
+    """A model just trained generates next without a reload: the weak SFT model is read from disk only by its
+    evaluation (20), not by 02_weak_labels; M_plus by the two preference trainings (which consume their model), its
+    evaluation (27) and its pass@k (32), but not by 14_samples, which follows its training."""
+    loads = full_run["loads"]
+    assert sum(p.endswith("01_weak_sft/model") for p in loads) == 1
+    assert sum(p.endswith("13_r2_sft_hybrid/model") for p in loads) == 4
+    assert len(loads) < len([s for s in ALL_STAGES if meta(full_run["run_dir"], s)["kind"] in
+                             ("train", "generate", "eval")])
+
+
+def test_empty_training_set_is_one_clear_error(tmp_path):
+    from w2s.pipeline import Context
+    from w2s.plan import sft_stage
+
+    ctx = Context(recipe=None, run_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"05_r1_sft_weak: the SFT set is empty, nothing to train on"):
+        sft_stage(ctx, tmp_path / "05_r1_sft_weak", "unused", [], "strong_sft")
 
 
 def test_data_split_hides_train_2_gold(full_run):
