@@ -83,7 +83,10 @@ def shard_model(root, blocks, d: Dist, bf16=True, cpu_offload=False):
     # The root's parameters are needed again right at the start of backward (the loss head): keep them gathered.
     fully_shard(root, reshard_after_forward=False, **kwargs)
     for module in [*blocks, root]:
+        # Plain SUM: a divide factor of 1 would otherwise become NCCL's PREMUL_SUM(1.0), which gloo lacks and which
+        # buys nothing when the factor is 1 (FSDP skips the division by 1 after a SUM).
         module.set_gradient_divide_factor(1.0)
+        module.set_force_sum_reduction_for_comms(True)
     return root
 
 

@@ -89,12 +89,16 @@ class TrainModule(nn.Module):
         self.model = model
 
     def forward(self, tokens, targets, per_token):
-        """tokens, targets (B, T) -> per-token target log-probs (B, T) if per_token else the summed token NLL."""
+        """tokens, targets (B, T) -> per-token target log-probs (B*T,) if per_token else the summed token NLL.
+
+        The log-probs come back flat: the caller reshapes them, because FSDP2 hooks this module's outputs for
+        backward and warns about (and cannot protect) outputs that are views.
+        """
         hidden = self.model(tokens, return_hidden=True)  # (B, T, D)
         weight, cap = self.model.lm_head_weight(), self.model.cfg.final_logit_softcap
         h, t = hidden.flatten(0, 1), targets.flatten()  # (N, D), (N,)
         if per_token:
-            return ops.linear_logprobs(h, weight, t, softcap=cap, ignore_index=IGNORE_INDEX).view_as(targets)
+            return ops.linear_logprobs(h, weight, t, softcap=cap, ignore_index=IGNORE_INDEX)  # (N,)
         loss_sum, _ = ops.linear_cross_entropy(h, weight, t, softcap=cap, ignore_index=IGNORE_INDEX)
         return loss_sum
 
@@ -144,7 +148,7 @@ class PreferenceStep:
         return self.kind != "orpo"
 
     def __call__(self, module, batch, norm):
-        logps = module(batch["tokens"], batch["targets"], per_token=True)  # (2P, T), 0 at ignored targets
+        logps = module(batch["tokens"], batch["targets"], per_token=True).view_as(batch["targets"])  # (2P, T)
         P = batch["n_pairs"]
         names = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                  "logps/chosen", "logps/rejected"] + (["nll", "or_loss", "log_odds"] if self.kind == "orpo" else [])
@@ -324,7 +328,8 @@ def compute_reference_logps(module, pairs, pad_id, micro_batch_size, d: Dist):
     for start in range(0, len(chunks), d.world_size):
         mine = chunks[start + d.rank] if start + d.rank < len(chunks) else []
         tokens, targets = data.collate_pairs([pairs[i] for i in mine], pad_id)
-        logps = module(tokens.to(d.device), targets.to(d.device), per_token=True).sum(-1).float()  # (2P,)
+        logps = module(tokens.to(d.device), targets.to(d.device), per_token=True)  # (2P * T,), 0 where ignored
+        logps = logps.view_as(targets).sum(-1).float()  # (2P,)
         if mine:
             P = len(mine)
             idx = torch.tensor(mine, device=d.device)
@@ -444,6 +449,11 @@ def _run(model, tokenizer, row_seq_lens, make_batch, count_fn, loss_step, cfg, o
     module.train()
     if prepare is not None:
         prepare(module, fingerprint)
+        if d.sharded:
+            # The root keeps its parameters gathered after a forward (reshard_after_forward=False), and while they
+            # are, module.parameters() yields the temporary unsharded tensors: reshard so the optimizer (and the
+            # checkpoint state dict) get the real sharded fp32 parameters.
+            module.reshard()
 
     params = [p for p in module.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},

@@ -1,0 +1,79 @@
+"""torchrun worker for tests/test_fsdp.py: the same four training runs under FSDP2 as the test runs in one process.
+
+    OMP_NUM_THREADS=1 python -m torch.distributed.run --nproc_per_node=2 tests/dist_train_worker.py CKPT OUT
+
+Each run of RUNS trains the tiny checkpoint CKPT and exports to OUT/<name> (rank 0 writes metrics.jsonl and the
+HF weights). The data (7 rows, batch 4) ends on a short batch, so with 2 ranks one micro-batch slot is empty and a
+rank runs the all-ignored dummy row; clipping is on so the DTensor clip path runs. "sft_full" is killed after step 3
+and resumed from its step-2 checkpoint, so sharded (DCP) checkpoints are saved and loaded too.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+import w2s
+from w2s.train import TrainConfig, train_preference, train_sft
+
+STEPS = 4
+COMMON = dict(lr=1e-2, batch_size=4, micro_batch_size=1, max_steps=STEPS, clip=0.5, weight_decay=0.1, seed=1,
+              progress=False, ckpt_every=2)
+LORA = dict(lora_rank=4, lora_alpha=8.0, lora_dropout=0.0)  # dropout streams differ per rank: keep it off here
+RUNS = {  # name: (loss, config)
+    "sft_full": ("sft", TrainConfig(**COMMON)),
+    "sft_lora": ("sft", TrainConfig(**COMMON, **LORA)),
+    "dpo_full": ("dpo", TrainConfig(**COMMON, beta=0.5)),
+    "dpo_lora": ("dpo", TrainConfig(**COMMON, **LORA, beta=0.5)),
+}
+KILL_AT = {"sft_full": 3}  # run dies after this step, then resumes
+
+
+def rows_for(loss):
+    """7 SFT rows or 7 preference pairs of token ids (prompts 2..4, responses 1..5 tokens), the same on every rank."""
+    g = torch.Generator().manual_seed(11)
+    seqs = [torch.randint(3, 128, (n,), generator=g).tolist() for n in (2, 3, 4, 1, 5, 2, 3) * 3]
+    if loss == "sft":
+        return [{"prompt_ids": seqs[i], "response_ids": seqs[7 + i]} for i in range(7)]
+    return [{"prompt_ids": seqs[i], "chosen_ids": seqs[7 + i], "rejected_ids": seqs[14 + i] + [9]} for i in range(7)]
+
+
+class Killed(Exception):
+    pass
+
+
+def run(name, ckpt, out_dir):
+    """Train run `name` from the checkpoint into out_dir (dying and resuming if KILL_AT says so). -> model."""
+    loss, cfg = RUNS[name]
+
+    def once(on_step=None):
+        model = w2s.load_model(ckpt, dtype=torch.float32)
+        if loss == "sft":
+            return train_sft(model, None, rows_for(loss), cfg, out_dir=out_dir, on_step=on_step)
+        return train_preference(model, None, rows_for(loss), cfg, out_dir=out_dir, loss=loss, on_step=on_step)
+
+    if name in KILL_AT:
+        def die(rec):
+            if rec["step"] == KILL_AT[name]:
+                raise Killed
+
+        try:
+            once(die)
+            raise RuntimeError(f"{name}: the run was meant to die at step {KILL_AT[name]}")
+        except Killed:
+            pass
+    return once()
+
+
+def main(ckpt, out_root):
+    torch.set_num_threads(1)
+    for name in RUNS:
+        run(name, ckpt, Path(out_root) / name)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
