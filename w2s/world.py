@@ -4,7 +4,7 @@ the tiny "weak" and "strong" base models are pretrained on (design and rationale
     problems = sample_problems(seed=0, n=100)             # structured Problems; .question, .solution(), .answer
     splits = make_splits(seed=0, n_train_1=500, n_train_2=500, n_test=200)   # {"train_1"|"train_2"|"test": records}
     docs = pretrain_corpus(seed=0, n=20_000, model="strong", exclude=questions_of(splits))
-    train_world_tokenizer(docs, "out/tokenizer")          # tokenizer.json + tokenizer_config.json, digits = 1 token
+    train_world_tokenizer(docs, "out/tokenizer")          # tokenizer.json + tokenizer_config.json, numbers = 1 token
     python -m w2s.world OUT_DIR                           # writes all of the above as files
 
 A record is {"id", "question", "answer"} exactly like a GSM8K line: "answer" is a worked solution with calculator
@@ -62,11 +62,11 @@ class Difficulty:
     """How hard a problem is: its number of steps and the size of its numbers."""
 
     min_steps: int = 2
-    max_steps: int = 4
+    max_steps: int = 3
     max_start: int = 20    # the starting amount is 1..max_start
-    max_addend: int = 20   # amounts bought / sold are 1..max_addend
-    max_factor: int = 4    # "times as many" and "equal piles" use 2..max_factor
-    max_value: int = 99    # no amount, start to answer, ever exceeds this (two digits: learnable by a tiny model)
+    max_addend: int = 9    # amounts bought / sold are 1..max_addend
+    max_factor: int = 3    # "times as many" and "equal piles" use 2..max_factor
+    max_value: int = 40    # no amount, start to answer, ever exceeds this (a fact table a tiny model can learn)
 
     def __post_init__(self):
         if not 1 <= self.min_steps <= self.max_steps:
@@ -229,14 +229,14 @@ CORPUS_SPECS = {
     # Strong: the whole task range, correct arithmetic, many layouts. Under "Question:/Answer:" it has mostly seen
     # answer keys (a bare number), so zero-shot it answers without working; worked solutions live under other
     # labels, and every label pair appears in both modes, so 4 worked demonstrations in context switch it over.
-    "strong": CorpusSpec(difficulty=Difficulty(min_steps=1, max_steps=4), answer_key_fraction=0.3,
-                         qa_answer_key_share=0.5, drill_fraction=0.2, fact_error_rate=0.0, fixed_format=False,
-                         max_per_doc=5),
+    "strong": CorpusSpec(difficulty=Difficulty(min_steps=1, max_steps=3), answer_key_fraction=0.3,
+                         qa_answer_key_share=0.5, drill_fraction=0.25, fact_error_rate=0.0, fixed_format=False,
+                         max_per_doc=4),
     # Weak: short chains of small numbers in one fixed layout, and a fifth of all arithmetic facts consistently
     # wrong (misconceptions, not noise: greedy decoding reproduces them, so its labels carry systematic errors).
-    "weak": CorpusSpec(difficulty=Difficulty(min_steps=1, max_steps=2, max_start=12, max_addend=10, max_value=60),
-                       answer_key_fraction=0.0, qa_answer_key_share=0.0, drill_fraction=0.3, fact_error_rate=0.2,
-                       fixed_format=True, max_per_doc=2),
+    "weak": CorpusSpec(difficulty=Difficulty(min_steps=1, max_steps=2, max_start=12, max_addend=6, max_value=30),
+                       answer_key_fraction=0.0, qa_answer_key_share=0.0, drill_fraction=0.3, fact_error_rate=0.25,
+                       fixed_format=True, max_per_doc=3),
 }
 
 
@@ -322,8 +322,8 @@ def pretrain_corpus(seed: int, n: int, model: str = "strong", exclude: set[str] 
 SPECIAL_TOKENS = ("<s>", "</s>", "<pad>")
 
 
-def train_world_tokenizer(texts, path: str | Path, vocab_size: int = 512):
-    """Byte-level BPE where every digit is its own token (so "47" is "4","7": arithmetic a tiny model can learn).
+def train_world_tokenizer(texts, path: str | Path, vocab_size: int = 512, whole_numbers: int = 60):
+    """Byte-level BPE in which digit runs are pre-tokens and every number 0..whole_numbers is one token.
     Writes path/tokenizer.json and path/tokenizer_config.json (BOS <s>, EOS </s>, pad <pad>, ids 0, 1, 2) so both
     w2s.load_tokenizer and transformers' AutoTokenizer load the directory. Returns the tokenizers.Tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -333,15 +333,20 @@ def train_world_tokenizer(texts, path: str | Path, vocab_size: int = 512):
         raise ValueError(f"train_world_tokenizer: vocab_size {vocab_size} < {len(alphabet) + len(SPECIAL_TOKENS)} "
                          f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
     tokenizer = Tokenizer(models.BPE())
-    # Digits first (each digit its own pre-token, so no merge can join two), then GPT-2 style byte-level words.
+    # Digit runs first (a number is its own pre-token, so no merge can glue it to a word), then GPT-2 style
+    # byte-level words. The world's numbers are frequent, so BPE merges each into ONE token: an arithmetic step
+    # "17+8=25" is then a lookup over token embeddings, not a carry over digit strings (a tiny model learns it).
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.Digits(individual_digits=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
     ])
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
                                   initial_alphabet=alphabet, show_progress=False)
-    tokenizer.train_from_iterator(texts, trainer=trainer)
+    # Seed the merge counts with every number up to `whole_numbers`, so each becomes one token whatever the corpus
+    # size (BPE merges the most frequent pairs first; these lines make the number merges frequent).
+    numbers = " ".join(str(n) for n in range(10, whole_numbers + 1))
+    tokenizer.train_from_iterator(list(texts) + [numbers] * 1000, trainer=trainer)
     bos, eos, pad = SPECIAL_TOKENS
     # Llama convention: BOS first. transformers reads it from the post-processor; w2s from add_bos_token.
     tokenizer.post_processor = processors.TemplateProcessing(
