@@ -261,6 +261,11 @@ def test_labels_follow_the_generations_and_the_paper_prompts(full_run):
         for g in gens:
             for c in g["completions"]:  # generation stops before a new "Question" / "Answer"
                 assert "Question" not in c["text"] and "Answer" not in c["text"]
+        # The labels keep the completion without its leading space (the trainer adds prompt + " " + response).
+        texts = [c["text"] for g in gens for c in g["completions"]]
+        responses = [lab["response"] for lab in labels] if n == 1 else \
+            [s["response"] for lab in labels for s in lab["samples"]]
+        assert responses == [t.strip() for t in texts] and any(t.startswith(" ") for t in texts)
     # Zero-shot prompts everywhere but the ICL labels, whose prompt is 4 weak demos then the zero-shot prompt.
     weak = jsonl(run_dir / "02_weak_labels" / "generations.jsonl")
     assert all(g["prompt"] == zero_shot_prompt(questions[g["id"]]) for g in weak)

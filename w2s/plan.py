@@ -127,7 +127,9 @@ def generate_stage(ctx, out, model_dir, records, prompt_fn, n=1, temperature=0.0
 
     labels.jsonl rows: {"id", "question", "response", "answer"} for n == 1, or {"id", "question", "samples":
     [{"response", "answer"}, ...]} for n > 1; "answer" is the extracted, normalized final answer ("" if none).
-    Returns (rows, counts for meta.json).
+    A response is the completion stripped of surrounding whitespace: the model continues "Answer:" with a space, and
+    the trainer joins prompt + " " + response, so a kept space would teach a double one (the raw text stays in
+    generations.jsonl). Returns (rows, counts for meta.json).
     """
     from w2s.profile import StageProfiler
     from w2s.sampling import generate_to_jsonl
@@ -150,11 +152,12 @@ def generate_stage(ctx, out, model_dir, records, prompt_fn, n=1, temperature=0.0
             raise RuntimeError(f"{path}: id {res['id']!r} where {rec['id']!r} was expected (sampler order)")
         comps = res["completions"]
         if n == 1:
-            rows.append({"id": rec["id"], "question": rec["question"], "response": comps[0]["text"],
+            rows.append({"id": rec["id"], "question": rec["question"], "response": comps[0]["text"].strip(),
                          "answer": extract(comps[0]["text"], task)})
         else:
             rows.append({"id": rec["id"], "question": rec["question"],
-                         "samples": [{"response": c["text"], "answer": extract(c["text"], task)} for c in comps]})
+                         "samples": [{"response": c["text"].strip(), "answer": extract(c["text"], task)}
+                                     for c in comps]})
     write_jsonl_atomic(out / "labels.jsonl", rows)
     with_answer = sum(bool(row["answer"]) for row in rows) if n == 1 else sum(
         bool(s["answer"]) for row in rows for s in row["samples"])
