@@ -3,7 +3,9 @@
     python scripts/pipeline.py recipes/demo.toml
     torchrun --nproc_per_node=8 scripts/pipeline.py recipes/gsm8k.toml     # sampling and training use all ranks
 
-Finished stages are skipped; a killed run picks up where it stopped. `--help` lists the options.
+Finished stages are skipped; a killed run picks up where it stopped. `--help` lists the options. Under torchrun
+every rank runs every stage (FSDP2 training, prompts split over ranks); rank 0 writes the artifacts and the report.
+One checkpoint alone: scripts/evaluate.py. Test: python -m pytest -q tests/test_pipeline.py -k torchrun
 """
 
 from w2s.cli import run
