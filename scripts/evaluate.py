@@ -22,18 +22,19 @@ def parse_args(argv=None):
                                 epilog=__doc__.split("\n\n", 2)[2])
     p.add_argument("checkpoint", help="HF-format checkpoint directory (config.json, safetensors, tokenizer)")
     p.add_argument("test_file", help="test jsonl in the task's format (GSM8K: question/answer; MATH: problem/...)")
-    p.add_argument("--task", choices=("gsm8k", "math"), default="gsm8k")
+    p.add_argument("--task", choices=("gsm8k", "math"), default="gsm8k",
+                   help="answer extraction and grading: GSM8K '#### N', MATH 'The answer is:' + sympy equivalence")
     p.add_argument("--samples", type=int, default=1,
                    help="1: greedy accuracy; n > 1: n samples per question at --temperature, pass@1 and pass@n")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature when --samples > 1")
-    p.add_argument("--max-new-tokens", type=int, default=400)
+    p.add_argument("--max-new-tokens", type=int, default=400, help="per completion (PAPER: 1024 GSM8K samples)")
     p.add_argument("--limit", type=int, default=0, help="evaluate the first N questions only (0: all)")
     p.add_argument("--max-batch", type=int, default=64, help="sequences decoded at once")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (the RNG is keyed by question index)")
     p.add_argument("--out", default=None, help="generations jsonl (default: <checkpoint>/eval_<test stem>.jsonl)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     return p.parse_args(argv)
 
 

@@ -188,7 +188,7 @@ def train_options(recipe, section):
     return {k: v for k, v in cfg.items() if k not in ("progress", "log_every")}
 
 
-def _check_rows(ctx, out, rows, what):
+def _check_rows(out, rows, what):
     if not rows:
         raise ValueError(f"{out.name}: the {what} is empty, nothing to train on (see the meta.json of the stage "
                          f"that built it, e.g. its kept/pairs counts)")
@@ -200,7 +200,7 @@ def sft_stage(ctx, out, base_dir, rows, section):
     from w2s.profile import StageProfiler
     from w2s.train import train_sft
 
-    _check_rows(ctx, out, rows, "SFT set")
+    _check_rows(out, rows, "SFT set")
     write_jsonl_atomic(out / "train.jsonl", rows)
     drop_resident(ctx)
     model, tok = load_fresh(ctx.recipe, base_dir)
@@ -216,7 +216,7 @@ def preference_stage(ctx, out, base_dir, pairs, loss):
     from w2s.profile import StageProfiler
     from w2s.train import train_preference
 
-    _check_rows(ctx, out, pairs, "preference pair set")
+    _check_rows(out, pairs, "preference pair set")
     write_jsonl_atomic(out / "train.jsonl", pairs)
     drop_resident(ctx)
     model, tok = load_fresh(ctx.recipe, base_dir)
