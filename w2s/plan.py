@@ -213,6 +213,7 @@ def sft_stage(ctx, out, base_dir, rows, section):
 
 
 def preference_stage(ctx, out, base_dir, pairs, loss):
+    """DPO / ORPO / IPO of `base_dir` (M_plus) on pairs {"prompt", "chosen", "rejected"} -> out/model (M_pro)."""
     from w2s.profile import StageProfiler
     from w2s.train import train_preference
 
