@@ -382,3 +382,35 @@ def test_sample_script_bad_line_is_one_line_error(bpe_ckpt, tmp_path):
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines() == [f"Error: {prompts}:2: not valid JSON (Expecting value at column 23)"]
     assert not list(tmp_path.glob("out.jsonl*"))
+
+
+# ------------------------------------------------------------------------------------------------ CUDA graphs
+
+
+def test_cpu_never_captures_cuda_graphs(ckpt, monkeypatch):
+    """The graph path is on by default for CUDA only: on CPU the decode step runs eagerly (no CUDAGraph is built),
+    and asking for graphs on CPU is a clear error, not a silent fallback."""
+    model, _ = load(ckpt, "llama2")
+
+    def no_graphs(*args, **kwargs):
+        raise AssertionError("a CUDA graph was requested on CPU")
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", no_graphs)
+    outs = generate(model, None, [[1, 5, 6]], max_new_tokens=5, progress=False)
+    assert outs[0][0]["num_tokens"] == 5
+    with pytest.raises(ValueError, match="cuda_graphs=True needs a CUDA model"):
+        generate(model, None, [[1, 5, 6]], cuda_graphs=True, progress=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family", ["llama2", "gemma", "gemma2"])
+def test_cuda_graph_decode_equals_eager(family, ckpt):
+    """Replaying the captured decode step gives the same greedy and seeded samples as running it eagerly (fp32,
+    Triton kernels), across several attention limits (sequences grow past 64 positions)."""
+    model = w2s.load_model(ckpt(family)[0], dtype=torch.float32, device="cuda")
+    prompts = random_prompts([5, 30, 2], seed=5, prefix=[1, 7])
+    for kw in (dict(temperature=0.0), dict(n=2, temperature=1.0, top_p=0.9, seed=3)):
+        eager = generate(model, None, prompts, max_new_tokens=80, max_batch=4, cuda_graphs=False, progress=False, **kw)
+        graphs = generate(model, None, prompts, max_new_tokens=80, max_batch=4, cuda_graphs=True, progress=False, **kw)
+        assert graphs == eager

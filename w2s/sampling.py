@@ -118,6 +118,12 @@ def kv_config(model):
     return model.layers[0].self_attn.cfg
 
 
+def _is_eos(tokens, eos):
+    """(B,) bool: tokens (B,) that are one of the eos ids (E,). A broadcast compare, not torch.isin, whose CUDA path
+    for more than ~10 elements calls unique() (a host sync that breaks CUDA-graph capture)."""
+    return (tokens[:, None] == eos[None, :]).any(dim=-1)
+
+
 def _round_up(x, m):
     return -(-x // m) * m
 
@@ -270,7 +276,7 @@ class Engine:
         self.budget[slot_t] = budget
         self.keys[slot_t] = keys
         self.out[slot_t, 0] = first
-        self.done[slot_t] = torch.isin(first, self.eos) | (budget <= 1)
+        self.done[slot_t] = _is_eos(first, self.eos) | (budget <= 1)
 
     # ---- decode -----------------------------------------------------------------------------------------------
     def _step_eager(self):
@@ -283,7 +289,7 @@ class Engine:
         self.n_gen.add_(live.long())
         self.positions.add_(live.long())
         self.tokens.copy_(torch.where(live, nxt, self.tokens))
-        self.done.logical_or_(live & (torch.isin(nxt, self.eos) | (self.n_gen >= self.budget)))
+        self.done.logical_or_(live & (_is_eos(nxt, self.eos) | (self.n_gen >= self.budget)))
         if self.logits is None:
             self.logits = logits
         else:

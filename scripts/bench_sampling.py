@@ -1,0 +1,154 @@
+"""Sampler benchmark: output tokens/s and time per decode step on a fixed workload, random weights, no EOS (every
+sequence runs the full budget, so the work is exactly prompts x samples x new tokens).
+
+    python scripts/bench_sampling.py                      # CPU: small Llama-shaped model, 32 prompts x 4 x 64 tokens,
+                                                          #      and transformers' generate on the same weights
+    python scripts/bench_sampling.py --device cuda        # GPU: Llama-3-8B-shaped bf16, 256 prompts x 8 x 256 tokens
+    make bench-sampling
+
+On CPU the number that matters is the ratio to transformers' `generate` run in the same process on the same weights
+and the same workload (target >= 3x); on an H100 the target is >= 13k output tokens/s for the 8B shape (DESIGN.md).
+Timings are medians over --repeats runs after one warm-up run, with the device synchronized before every clock read.
+"""
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from w2s.config import ModelConfig  # noqa: E402
+from w2s.model import Transformer  # noqa: E402
+from w2s.sampling import generate  # noqa: E402
+
+# Llama-architecture shapes: "small" is what 2 CPU cores can run in seconds; "8b" is Llama-3-8B.
+SHAPES = {
+    "small": dict(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=64, hidden_dim=688, vocab_size=2048),
+    "8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336, vocab_size=128256),
+}
+WORKLOADS = {"cpu": dict(prompts=32, samples=4, new_tokens=64, prompt_len=32),
+             "cuda": dict(prompts=256, samples=8, new_tokens=256, prompt_len=128)}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, repeats):
+    """Median wall time of fn() over `repeats` runs after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def random_model(shape, dtype, device, seed=0):
+    """A w2s Llama-shaped model with random weights and no EOS token (so nothing stops early)."""
+    cfg = ModelConfig(family="llama", max_seq_len=8192, **SHAPES[shape])
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device=device)
+    model.init_weights(generator=torch.Generator(device).manual_seed(seed))
+    return model.to(dtype).eval()
+
+
+def hf_twin(model, path):
+    """transformers' LlamaForCausalLM with exactly the weights of `model` (through an HF checkpoint on disk)."""
+    import transformers
+
+    from w2s.checkpoint import save_model
+
+    save_model(model, path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    hf.generation_config.eos_token_id = None  # as in the w2s run: every sequence generates the full budget
+    return hf.eval()
+
+
+def commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--shape", choices=sorted(SHAPES), help="model shape [default: small on CPU, 8b on CUDA]")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="[default: float32 on CPU, bf16 on CUDA]")
+    parser.add_argument("--prompts", type=int, help="number of prompts [CPU 32, CUDA 256]")
+    parser.add_argument("--samples", type=int, help="completions per prompt [CPU 4, CUDA 8]")
+    parser.add_argument("--new-tokens", type=int, help="tokens generated per completion [CPU 64, CUDA 256]")
+    parser.add_argument("--prompt-len", type=int, help="tokens per prompt [CPU 32, CUDA 128]")
+    parser.add_argument("--max-batch", type=int, default=512, help="sequences decoded together (cache slots)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs (the median is reported)")
+    parser.add_argument("--no-hf", action="store_true", help="skip transformers' generate (default on CUDA)")
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on CUDA")
+    parser.add_argument("--threads", type=int, help="torch CPU threads [default: torch's choice]")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    device = torch.device(args.device)
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    work = {k: getattr(args, k) or v for k, v in WORKLOADS[kind].items()}
+    shape = args.shape or ("8b" if kind == "cuda" else "small")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if kind == "cuda" else "float32"))
+    run_hf = not args.no_hf and kind == "cpu"
+
+    model = random_model(shape, dtype, device)
+    g = torch.Generator().manual_seed(1)
+    prompts = torch.randint(3, SHAPES[shape]["vocab_size"], (work["prompts"], work["prompt_len"]), generator=g)
+    n_tokens = work["prompts"] * work["samples"] * work["new_tokens"]
+    options = dict(n=work["samples"], temperature=1.0, max_new_tokens=work["new_tokens"], max_batch=args.max_batch,
+                   cuda_graphs=False if args.no_cuda_graphs else None, progress=False)
+
+    def ours():
+        outs = generate(model, None, prompts.tolist(), **options)
+        assert sum(c["num_tokens"] for cs in outs for c in cs) == n_tokens  # no early stop: the work is fixed
+
+    name = torch.cuda.get_device_name(device) if kind == "cuda" else "cpu"
+    print(f"device {name} ({torch.get_num_threads()} threads), dtype {dtype}, torch {torch.__version__}, commit "
+          f"{commit()}")
+    print(f"model: Llama-shaped '{shape}' {SHAPES[shape]} ({model.cfg.n_params() / 1e6:.1f} M params, random)")
+    print(f"workload: {work['prompts']} prompts x {work['samples']} samples x {work['new_tokens']} new tokens, "
+          f"prompt length {work['prompt_len']}, temperature 1.0, max_batch {args.max_batch}")
+    t_ours = timed(ours, device, args.repeats)
+    print(f"w2s generate          {n_tokens / t_ours:10.0f} output tok/s   {t_ours * 1e3 / work['new_tokens']:8.2f} ms"
+          f"/step   ({t_ours:.2f} s, median of {args.repeats})")
+    if kind == "cuda":
+        print(f"target (H100, 8B shape): >= 13000 output tok/s: {'met' if n_tokens / t_ours >= 13000 else 'NOT met'}")
+    if not run_hf:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = hf_twin(model, tmp)
+
+    def theirs():
+        with torch.no_grad():
+            out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True, temperature=1.0,
+                              top_p=1.0, top_k=0, num_return_sequences=work["samples"],
+                              max_new_tokens=work["new_tokens"], min_new_tokens=work["new_tokens"], pad_token_id=0)
+        assert out.shape == (work["prompts"] * work["samples"], work["prompt_len"] + work["new_tokens"])
+
+    t_hf = timed(theirs, device, args.repeats)
+    print(f"transformers generate {n_tokens / t_hf:10.0f} output tok/s   {t_hf * 1e3 / work['new_tokens']:8.2f} ms/step"
+          f"   ({t_hf:.2f} s, median of {args.repeats})")
+    ratio = t_hf / t_ours
+    print(f"speed-up over transformers: {ratio:.2f}x (target >= 3x: {'met' if ratio >= 3 else 'NOT met'})")
+
+
+if __name__ == "__main__":
+    main()
