@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hf_tiny import hf_model  # noqa: E402
+from hf_tiny import COMMON, hf_model  # noqa: E402
 
 import w2s  # noqa: E402
 from w2s import data, train  # noqa: E402
@@ -407,3 +407,98 @@ def test_lr_schedule_warmup_then_cosine():
     got = [train.lr_at(s, 6, c) for s in range(6)]
     cosine = [0.1 + 0.45 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
     assert got == pytest.approx([0.5, 1.0] + cosine)
+
+
+# ---------------------------------------------------------------------------------------------- scripts
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def text_ckpt(tmp_path_factory):
+    """A tiny random Llama with a real (byte-level BPE) tokenizer in the same directory, as the scripts expect."""
+    import transformers
+
+    from w2s import world
+
+    path = tmp_path_factory.mktemp("text_llama")
+    texts = ["Question: 3 apples and 4 pears? Answer: 7", "Tom has 12 marbles and gives 5 away: 7 are left"] * 20
+    world.train_world_tokenizer(texts, path, vocab_size=300)  # <s>, </s>, <pad> = 0, 1, 2
+    config = transformers.LlamaConfig(**{**COMMON, "vocab_size": 300, "bos_token_id": 0, "eos_token_id": 1,
+                                         "pad_token_id": 2})
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def _script(name, *args):
+    import subprocess
+
+    cmd = [sys.executable, str(ROOT / "scripts" / name), *map(str, args)]
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+
+
+def _write_jsonl(path, lines):
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+def test_sft_script_trains_exports_and_reports_bad_lines(text_ckpt, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    good = [{"prompt": f"Question: {a} apples and {b} pears?", "response": f"Answer: {a + b}"}
+            for a, b in [(1, 2), (3, 4), (5, 1), (2, 2)]]
+    data_file = _write_jsonl(tmp_path / "sft.jsonl", [good[0], good[1], {"prompt": "Question: 1?"}, "", *good[2:]])
+    out = tmp_path / "out"
+    common = ["--model", text_ckpt, "--out", out, "--dtype", "float32", "--batch-size", 2, "--micro-batch-size", 1,
+              "--max-steps", 2, "--lr", 1e-3, "--no-progress"]
+    proc = _script("sft.py", "--data", data_file, *common)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"skipped {data_file}:3: empty or missing 'response'" in proc.stderr
+    assert "skipped 1 of 5 rows" in proc.stderr
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    hf = AutoModelForCausalLM.from_pretrained(out)
+    assert hf.config.vocab_size == 300 and (out / "tokenizer.json").is_file()
+
+    broken = _write_jsonl(tmp_path / "broken.jsonl", [good[0], '{"prompt": "x", "response": '])
+    proc = _script("sft.py", "--data", broken, *common, "--micro-batch-size", 2)
+    assert proc.returncode == 2  # the whole of stderr is one line naming file:line
+    assert proc.stderr.strip().splitlines() == [f"error: {broken}:2: not valid JSON (Expecting value at column 29)"]
+
+
+def test_jsonl_rows_and_impossible_configs_get_one_line_errors(tmp_path):
+    good = _write_jsonl(tmp_path / "good.jsonl", [{"prompt": "p", "response": "r"}, "", {"prompt": "q"}])
+    assert data.read_jsonl(good) == [{"prompt": "p", "response": "r", "_where": f"{good}:1"},
+                                     {"prompt": "q", "_where": f"{good}:3"}]  # blank line 2 skipped
+    not_object = _write_jsonl(tmp_path / "list.jsonl", [{"prompt": "p", "response": "r"}, "[1, 2]"])
+    with pytest.raises(ValueError, match=rf"^{not_object}:2: expected a JSON object per line, got list$"):
+        data.read_jsonl(not_object)
+    with pytest.raises(ValueError, match=r"missing\.jsonl: cannot read the data file \(No such file"):
+        data.read_jsonl(tmp_path / "missing.jsonl")
+    with pytest.raises(ValueError, match=r"^TrainConfig\.micro_batch_size=0: expected a number > 0$"):
+        TrainConfig(micro_batch_size=0)
+    with pytest.raises(ValueError, match=r"^TrainConfig\.lora_targets: unknown \['qproj'\]"):
+        TrainConfig(lora_targets=("qproj",))
+    with pytest.raises(ValueError, match=r"^TrainConfig\.bad_rows='drop': expected 'skip' or 'error'$"):
+        TrainConfig(bad_rows="drop")
+
+
+def test_dpo_script_trains_and_explains_its_rules(text_ckpt, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    help_text = _script("dpo.py", "--help").stdout
+    assert "chosen equals its\nrejected response" in help_text and "--bad-rows error" in help_text
+    pairs = [{"prompt": f"Question: {a} apples and {b} pears?", "chosen": f"Answer: {a + b}",
+              "rejected": f"Answer: {a + b + 1}"} for a, b in [(1, 2), (3, 4), (5, 1)]]
+    pairs.append({"prompt": "Question: 2 and 2?", "chosen": "Answer: 4", "rejected": " Answer: 4 "})
+    data_file = _write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    out = tmp_path / "out"
+    proc = _script("dpo.py", "--model", text_ckpt, "--data", data_file, "--out", out, "--dtype", "float32",
+                   "--loss", "dpo", "--batch-size", 3, "--max-steps", 2, "--lora-rank", 2, "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"skipped {data_file}:4: chosen == rejected" in proc.stderr
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert recs[0]["loss"] == pytest.approx(math.log(2), rel=1e-5) and (out / "ref_logps.pt").is_file()
+    AutoModelForCausalLM.from_pretrained(out)

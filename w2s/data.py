@@ -184,6 +184,34 @@ def encode_pair_rows(tokenizer, rows, max_seq_len, bad_rows="skip", verbose=True
     return pairs, kept, bad.found
 
 
+def read_jsonl(path):
+    """Rows of a jsonl file, each tagged with `_where` = "file:line" for error messages; blank lines are skipped.
+
+    A line that is not a JSON object stops with a one-line error naming file:line (a row-level problem, like a
+    missing key, is left to the bad-row policy of encode_*_rows instead).
+    """
+    import json
+
+    rows = []
+    try:
+        f = open(path, encoding="utf-8")
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read the data file ({e.strerror})") from None
+    with f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line.rstrip("\r\n"))  # so the column refers to this line
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
+            row["_where"] = f"{path}:{lineno}"
+            rows.append(row)
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------- batching
 
 
