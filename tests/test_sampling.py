@@ -414,3 +414,18 @@ def test_cuda_graph_decode_equals_eager(family, ckpt):
         eager = generate(model, None, prompts, max_new_tokens=80, max_batch=4, cuda_graphs=False, progress=False, **kw)
         graphs = generate(model, None, prompts, max_new_tokens=80, max_batch=4, cuda_graphs=True, progress=False, **kw)
         assert graphs == eager
+
+
+def test_stop_string_ends_decoding_early(ckpt, monkeypatch):
+    """A stop string is found at the next host look (every sync_every steps), not only when the budget runs out:
+    the number of decode steps is bounded by where the stop string appears, not by max_new_tokens."""
+    model, _ = load(ckpt, "llama2")
+    tok = CharTokenizer(stop_ids=())
+    free = generate(model, tok, ["hello world"], max_new_tokens=12, progress=False)[0][0]["text"]
+    stop = free[6:8]
+    steps = []
+    real_step = Engine.step
+    monkeypatch.setattr(Engine, "step", lambda self, limit: steps.append(limit) or real_step(self, limit))
+    out = generate(model, tok, ["hello world"], max_new_tokens=200, stop=[stop], sync_every=3, progress=False)[0][0]
+    assert out["finish_reason"] == "stop" and out["text"] == free[: free.index(stop)]
+    assert len(steps) <= out["num_tokens"] + 3

@@ -4,6 +4,7 @@
     outs[i][j] == {"text": str, "token_ids": [int], "num_tokens": int, "finish_reason": "eos" | "stop" | "length"}
 
     generate_to_jsonl(model, tok, records, "out.jsonl", n=10, temperature=1.0)  # streamed, resumable, in order
+    w2s sample CKPT --input prompts.jsonl --output out.jsonl -n 10 --temperature 1   # the same from the shell
 
 How it works (one engine, `Engine`, driven by `iter_generate`):
   * The cache has `slots` rows (the decode batch) plus one spare row that holds a prefix shared by every prompt
@@ -16,6 +17,8 @@ How it works (one engine, `Engine`, driven by `iter_generate`):
     the sampled token, position, count, a done flag (EOS or budget reached) and an output buffer. The host looks
     only every `sync_every` steps: it checks stop strings on the decoded text, harvests finished slots and refills
     them with waiting work (continuous batching). A finished slot idles at most sync_every - 1 steps.
+  * On CUDA the decode step is captured once per attention length as a CUDA graph and replayed (cuda_graphs,
+    default on for CUDA, never used on CPU); nothing in the step may sync with the host.
   * Randomness is counter-based: the uniform for token t of sample j of prompt i is a hash of (seed, i, j, t), with
     i the prompt's index in the caller's list. A completion therefore does not depend on batch size, scheduling,
     shared-prefix use or data-parallel sharding: the same seed gives the same samples in every configuration (up to
@@ -27,9 +30,12 @@ stop string (the stop string itself is not included). "length" means max_new_tok
 
 Data parallel (torchrun, or any initialised process group): each data-parallel rank takes a strided shard of the
 prompts; `generate` gathers results in input order on every rank. Tensor parallel models (w2s/tensor_parallel.py)
-are used unchanged: ranks of one tensor-parallel group run the same prompts in lockstep.
+are used unchanged: ranks of one tensor-parallel group run the same prompts in lockstep (they see identical
+all-reduced logits, so they make identical host decisions). Every rank encodes and checks ALL prompts before the
+split, so bad input fails on every rank alike and all ranks size their caches the same.
 
-    python -m pytest -q tests/test_sampling.py
+    python -m pytest -q tests/test_sampling.py tests/test_sampling_dist.py   # the second: torchrun, tp=2 and dp=2
+    python scripts/bench_sampling.py                                         # tokens/s, vs transformers on CPU
 """
 
 import glob
@@ -174,7 +180,8 @@ class Engine:
 
         # Host bookkeeping.
         self.work = [None] * slots  # (prompt, sample) each slot runs, or None
-        self.checked_chars = [0] * slots  # text already searched for stop strings
+        self.checked_tokens = [0] * slots  # generated tokens already searched for stop strings
+        self.stop_window = max((len(x.encode()) for x in self.stop), default=0) + 2  # tokens of overlap
         self.graphs, self.graph_pool = {}, None
         self.tokens_generated = 0
 
@@ -256,7 +263,7 @@ class Engine:
                 slot_row.append(len(rows))
                 rows.append((s, ids[self.prefix_len :], self.prefix_len))
             self.work[s] = (p, j)
-            self.checked_chars[s] = 0
+            self.checked_tokens[s] = 0
         logits = self._forward_rows(rows)  # (R, V)
         for r, s in copies:
             src_slot, _, _ = rows[r]
@@ -350,15 +357,19 @@ class Engine:
         check = [s for s in busy if done[s] or self.stop]
         finished = []
         if check:
-            rows = self.out[torch.tensor(check, device=self.device)].tolist()
+            width = max(n_gen[s] for s in check)
+            rows = self.out[torch.tensor(check, device=self.device), :width].tolist()
             newly_stopped = []
             for s, row in zip(check, rows):
                 ids = row[: n_gen[s]]
-                if not done[s]:  # only search text that is new since the last look (plus a stop string's length)
-                    text = self.decode(ids)
-                    start = max(0, self.checked_chars[s] - max(len(x) for x in self.stop))
-                    self.checked_chars[s] = len(text)
-                    if _find_stop(text, self.stop, start) < 0:
+                if not done[s]:
+                    # Decode only the tokens new since the last look, plus enough earlier ones to hold any stop
+                    # string (each token is >= 1 byte), so a long sequence costs O(length) decoding, not O(length^2).
+                    # A stop string this misses (tokenizer quirks at the window's edge) is still found by the full
+                    # decode in _finish when the sequence ends: it only costs the steps until then.
+                    start = max(0, self.checked_tokens[s] - self.stop_window)
+                    self.checked_tokens[s] = len(ids)
+                    if _find_stop(self.decode(ids[start:]), self.stop) < 0:
                         continue
                     newly_stopped.append(s)
                 finished.append((s, self._finish(s, ids, True)))
