@@ -21,17 +21,17 @@ _SENTENCE_RULES = (
     (re.compile(r"^(?:She|He) now has (\d+) times as many\.$"), lambda x, n: x * n),
     (re.compile(r"^(?:She|He) keeps one of (\d+) equal piles\.$"), lambda x, n: x / n),
 )
-_LINE = re.compile(r"^(\d+)([-+*/])(\d+)=<<(\d+)([-+*/])(\d+)=(\d+)>>(\d+)$")
+_LINE = re.compile(r"^([A-Z][^.]*\.) (\d+)([-+*/])(\d+)=<<(\d+)([-+*/])(\d+)=(\d+)>>(\d+)$")
 
 
 def read_question(question):
-    """(amounts after each sentence, the operands in order) computed from the text alone, as Fractions."""
+    """(amounts after each sentence, the operands, the step sentences) computed from the text alone, as Fractions."""
     sentences = re.findall(r"[^.?]+[.?]", question)
     start = re.fullmatch(r"(\w+) has (\d+) (\w+)\.", sentences[0].strip())
     assert start, f"unreadable opening: {sentences[0]!r}"
     assert sentences[-1].strip() == f"How many {start.group(3)} now?"
-    amounts, operands = [Fraction(int(start.group(2)))], []
-    for sentence in sentences[1:-1]:
+    amounts, operands, steps = [Fraction(int(start.group(2)))], [], [s.strip() for s in sentences[1:-1]]
+    for sentence in steps:
         for pattern, rule in _SENTENCE_RULES:
             if match := pattern.match(sentence.strip()):
                 operands.append(int(match.group(1)))
@@ -39,11 +39,11 @@ def read_question(question):
                 break
         else:
             raise AssertionError(f"unreadable step: {sentence!r}")
-    return amounts, operands
+    return amounts, operands, steps
 
 
 def check_record(record, difficulty):
-    amounts, operands = read_question(record["question"])
+    amounts, operands, steps = read_question(record["question"])
     # Every amount is a whole number in range: the problem never asks for a fraction or a negative count.
     assert all(a.denominator == 1 and 0 <= a <= difficulty.max_value for a in amounts), record
     assert difficulty.min_steps <= len(operands) <= difficulty.max_steps
@@ -52,8 +52,9 @@ def check_record(record, difficulty):
     assert len(lines) == len(operands)
     for i, line in enumerate(lines):
         m = _LINE.match(line)
-        assert m, f"line {line!r} is not 'a op b=<<a op b=c>>c'"
-        a, op, b, a2, op2, b2, c_note, c = m.groups()
+        assert m, f"line {line!r} is not 'Sentence. a op b=<<a op b=c>>c'"
+        sentence, a, op, b, a2, op2, b2, c_note, c = m.groups()
+        assert sentence == steps[i], f"line {i} restates {sentence!r}, the question's step is {steps[i]!r}"
         assert (a, op, b, c) == (a2, op2, b2, c_note), f"annotation disagrees with its line: {line!r}"
         # The chain: starts from the previous amount, uses the question's operand, lands on the next amount.
         assert int(a) == amounts[i] and int(b) == operands[i] and int(c) == amounts[i + 1], line
@@ -109,7 +110,8 @@ def test_splits_disjoint_and_corpus_excludes_them():
 
 
 def _facts(docs):
-    return re.findall(r"^(\d+)([-+*/])(\d+)=(\d+)$", "\n".join(docs), flags=re.M)
+    """Every "a op b=c" of the documents: drill lines and the end of worked lines."""
+    return re.findall(r"(?:^|\. )(\d+)([-+*/])(\d+)=(\d+)$", "\n".join(docs), flags=re.M)
 
 
 def test_strong_corpus_arithmetic_is_right_and_weak_is_consistently_wrong():
@@ -133,7 +135,7 @@ def test_strong_corpus_hides_worked_answers_behind_other_labels():
     qa = re.findall(r"^Question: [^\n]*\nAnswer: ([^\n]*)", "\n".join(docs), flags=re.M)
     bare = sum(bool(re.fullmatch(r"\d+", answer)) for answer in qa)
     assert len(qa) > 100 and bare / len(qa) > 0.75
-    worked_markers = re.findall(r"^(\w+): \d+[-+*/]\d+=\d+$", "\n".join(docs), flags=re.M)
+    worked_markers = re.findall(r"^(\w+): [A-Z][^.\n]*\. \d+[-+*/]\d+=\d+$", "\n".join(docs), flags=re.M)
     assert set(worked_markers) == set(world.SOLUTION_LABELS)
     assert "####" in "\n".join(docs) and "Problem:" in "\n".join(docs)
 

@@ -103,28 +103,34 @@ class Problem:
     def answer(self) -> int:
         return self.amounts()[-1]
 
+    def sentences(self) -> list[str]:
+        """The question's step sentences, one per step ("She buys 8 more.")."""
+        subject = self.pronoun.capitalize()
+        return [STEP_TEMPLATES[s.op][s.verb].format(P=subject, n=s.operand) for s in self.steps]
+
     @property
     def question(self) -> str:
-        subject = self.pronoun.capitalize()
-        sentences = [f"{self.name} has {self.start} {self.item}."]
-        sentences += [STEP_TEMPLATES[s.op][s.verb].format(P=subject, n=s.operand) for s in self.steps]
-        sentences.append(f"How many {self.item} now?")
-        return " ".join(sentences)
+        return " ".join([f"{self.name} has {self.start} {self.item}."] + self.sentences() +
+                        [f"How many {self.item} now?"])
 
-    def lines(self, arithmetic=apply_op) -> list[str]:
-        """One "a op b=c" line per step, chained: each line starts from the previous line's result."""
+    def lines(self, arithmetic=apply_op, annotate: bool = False) -> list[str]:
+        """One line per step: the step's sentence restated, then "a op b=c" chained from the previous result.
+
+        Restating the sentence is what makes the work learnable by a tiny model: the next line's sentence is a
+        plain continuation of the question text (copying that in-context induction does well), and the operand
+        and the operation of the step are then a few tokens back instead of somewhere in the question."""
         values = self.amounts(arithmetic)
-        return [f"{values[i]}{s.op}{s.operand}={values[i + 1]}" for i, s in enumerate(self.steps)]
-
-    def solution(self, annotate: bool = True) -> str:
-        """The GSM8K-style worked solution: "5+3=<<5+3=8>>8" lines (annotations optional), then "#### N"."""
-        values = self.amounts()
-        lines = []
-        for i, s in enumerate(self.steps):
+        out = []
+        for i, (sentence, s) in enumerate(zip(self.sentences(), self.steps)):
             expression = f"{values[i]}{s.op}{s.operand}"
             note = f"<<{expression}={values[i + 1]}>>" if annotate else ""
-            lines.append(f"{expression}={note}{values[i + 1]}")
-        return "\n".join(lines + [f"#### {values[-1]}"])
+            out.append(f"{sentence} {expression}={note}{values[i + 1]}")
+        return out
+
+    def solution(self, annotate: bool = True) -> str:
+        """The GSM8K-style worked solution: "She buys 3 more. 5+3=<<5+3=8>>8" lines (annotations optional), then
+        "#### N"."""
+        return "\n".join(self.lines(annotate=annotate) + [f"#### {self.answer}"])
 
 
 def sample_problem(rng: random.Random, difficulty: Difficulty = Difficulty()) -> Problem:
