@@ -1,0 +1,136 @@
+"""Training-step benchmark: tokens/s and MFU of w2s's SFT loop, against transformers on the same weights and batches.
+
+    python scripts/bench_train.py                          # `make bench-train`; CPU: a small Llama, fp32
+    python scripts/bench_train.py --dim 2048 --layers 16 --heads 16 --kv-heads 8 --hidden 5632 --vocab 32000 \\
+        --batch 8 --seq 2048                               # GPU: a ~1B Llama (w2s: FSDP2 bf16 compute, fp32 master)
+
+Both sides run the same random Llama (built by transformers, loaded into w2s from the saved checkpoint) on the same
+(batch, seq) token batches, with AdamW at the same settings; one step = forward, backward, optimizer step.
+  * w2s:          the real loop, w2s.train.train_sft (collate, fused linear cross-entropy, clipping, logging);
+  * transformers: LlamaForCausalLM(input_ids, labels=input_ids).loss, backward, clip, fused AdamW step (the
+                  Trainer's default optimizer); its default SDPA attention; on CUDA under bf16 autocast.
+Reported per side: median tokens/s over the steps after --warmup (tokens = model inputs, batch * (seq - 1)), MFU
+from w2s/profile.py (FLOPs 6N + 12 L H D T per token; peak bf16 FLOP/s by device name, "-" on CPU unless
+W2S_PEAK_FLOPS is set), and the speed ratio w2s / transformers (target >= 1.2x). All rows have the same length, so
+the loop's shuffling changes which rows form a step but not the work per step.
+"""
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--dim", type=int, default=256, help="hidden size")
+    p.add_argument("--layers", type=int, default=4, help="transformer blocks")
+    p.add_argument("--heads", type=int, default=8, help="query heads")
+    p.add_argument("--kv-heads", type=int, default=4, help="key/value heads (GQA)")
+    p.add_argument("--hidden", type=int, default=768, help="MLP intermediate size")
+    p.add_argument("--vocab", type=int, default=8192, help="vocabulary size")
+    p.add_argument("--batch", type=int, default=4, help="sequences per step")
+    p.add_argument("--seq", type=int, default=256, help="tokens per sequence")
+    p.add_argument("--steps", type=int, default=8, help="measured steps per side")
+    p.add_argument("--warmup", type=int, default=2, help="steps run first and not measured")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_checkpoint(args, path):
+    """A random transformers Llama of the requested shape, saved to path; -> (hf model, its config)."""
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=args.vocab, hidden_size=args.dim, intermediate_size=args.hidden,
+                                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                                      num_key_value_heads=args.kv_heads, max_position_embeddings=args.seq,
+                                      bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    torch.manual_seed(args.seed)
+    model = transformers.LlamaForCausalLM(config).float()
+    model.save_pretrained(path)
+    return model
+
+
+def batches(args):
+    """Every step's (batch, seq) token ids; ids 3.. so no pad/BOS/EOS. The same list feeds both sides."""
+    g = torch.Generator().manual_seed(args.seed + 1)
+    return [torch.randint(3, args.vocab, (args.batch, args.seq), generator=g) for _ in range(args.warmup + args.steps)]
+
+
+def bench_w2s(path, steps, args, device):
+    """The real loop on all steps' rows (batch_size = micro_batch_size = batch; it shuffles them) -> step records."""
+    import w2s
+    from w2s.train import TrainConfig, train_sft
+
+    rows = [{"prompt_ids": seq[:1], "response_ids": seq[1:]} for ids in steps for seq in ids.tolist()]  # all valid
+    cfg = TrainConfig(lr=1e-4, batch_size=args.batch, micro_batch_size=args.batch, max_steps=len(steps), clip=1.0,
+                      max_seq_len=args.seq, progress=False, seed=args.seed)
+    records = []
+    train_sft(w2s.load_model(path, dtype=torch.float32), None, rows, cfg, on_step=records.append)
+    return records
+
+
+def bench_transformers(hf, steps, device):
+    """LlamaForCausalLM training steps -> ([(seconds, tokens, loss)] per step)."""
+    hf = hf.to(device).train()
+    # fused AdamW: what transformers' Trainer uses by default with torch >= 2.8 (optim="adamw_torch_fused")
+    opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, fused=True)
+    out = []
+    for ids in steps:
+        ids = ids.to(device)
+        sync(device)
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = hf(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss_value = loss.item()  # a host sync, like the w2s loop's log step
+        sync(device)
+        out.append((time.perf_counter() - t0, ids.shape[0] * (ids.shape[1] - 1), loss_value))
+    return out
+
+
+def main():
+    from w2s import profile
+    from w2s.config import ModelConfig
+
+    args = parse_args()
+    device = profile.resolve_device()
+    steps = batches(args)
+    with tempfile.TemporaryDirectory() as path:
+        hf = make_checkpoint(args, path)
+        model_cfg = ModelConfig.from_pretrained(path)
+        print(f"# device {profile.device_name(device)} | torch threads {torch.get_num_threads()} | params "
+              f"{model_cfg.n_params() / 1e6:.1f}M | batch {args.batch} x seq {args.seq} | "
+              f"{'bf16 compute, fp32 master' if device.type == 'cuda' else 'fp32'}")
+        print("# w2s (w2s.train.train_sft):")
+        records = bench_w2s(path, steps, args, device)
+        print("# transformers (LlamaForCausalLM, same weights and batches):")
+        hf_steps = bench_transformers(hf, steps, device)
+    fpt = profile.flops_per_token(model_cfg, seq_len=args.seq - 1)
+    peak = profile.peak_flops(profile.device_name(device))
+    for i, (seconds, tokens, loss) in enumerate(hf_steps):
+        print(profile.fmt_log_line(step=i + 1, total_steps=len(hf_steps), loss=loss, tok_s=tokens / seconds,
+                                   mfu=profile.mfu(tokens / seconds, fpt, peak)))
+
+    w2s_tok_s = statistics.median(r["tok_per_s"] for r in records[args.warmup:])
+    hf_tok_s = statistics.median(tokens / seconds for seconds, tokens, _ in hf_steps[args.warmup:])
+    print(f"\n{'impl':<14}{'tok/s (median)':>16}{'MFU':>8}")
+    for name, tok_s in (("w2s", w2s_tok_s), ("transformers", hf_tok_s)):
+        utilization = profile.mfu(tok_s, fpt, peak)
+        print(f"{name:<14}{tok_s:>16,.0f}{'-' if utilization is None else f'{100 * utilization:.1f}%':>8}")
+    ratio = w2s_tok_s / hf_tok_s
+    print(f"speed ratio w2s / transformers: {ratio:.2f}x (target >= 1.2x: {'met' if ratio >= 1.2 else 'NOT met'})")
+
+
+if __name__ == "__main__":
+    main()
