@@ -4,7 +4,8 @@
 
 WORK_DIR/job.json holds {"prompts": [[ids]], "families": {name: ckpt_dir}, "options", "sampled_options"}. For each
 family this runs, in one process group of 2 ranks:
-  * tp=2, dp=1: load_model_tp (each rank reads only its slices), greedy generate, generate_to_jsonl;
+  * tp=2, dp=1: load_model_tp (each rank reads only its slices), greedy generate, generate_to_jsonl (and for llama2
+    also apply_tensor_parallel on a fully loaded model);
   * tp=1, dp=2: the full model on each rank, greedy and sampled (n=2) generate, generate_to_jsonl;
 and rank 0 writes WORK_DIR/result.json; the jsonl files go to WORK_DIR/<family>_{tp,dp}.jsonl. The test compares
 all of it with a one-process run.
@@ -19,7 +20,7 @@ import torch.distributed as dist
 
 import w2s
 from w2s.sampling import generate, generate_to_jsonl
-from w2s.tensor_parallel import load_model_tp
+from w2s.tensor_parallel import apply_tensor_parallel, load_model_tp, tp_group_for
 
 
 def main(work):
@@ -38,6 +39,11 @@ def main(work):
         del tp_model
 
         dp_model = w2s.load_model(ckpt, dtype=torch.float32)
+        if family == "llama2":  # the other entry point: split a model that is already loaded in full
+            group, tp_rank = tp_group_for(2)
+            split = apply_tensor_parallel(w2s.load_model(ckpt, dtype=torch.float32), group, tp_rank, 2)
+            result[f"{family}/tp_in_memory/greedy"] = generate(split, None, prompts, progress=False, **opts)
+            del split
         result[f"{family}/dp/greedy"] = generate(dp_model, None, prompts, progress=False, **opts)
         result[f"{family}/dp/sampled"] = generate(dp_model, None, prompts, progress=False, **sampled)
         generate_to_jsonl(dp_model, None, records, work / f"{family}_dp.jsonl", progress=False, **opts)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_tiny import FAMILIES, VOCAB, save_hf
+from hf_tiny import COMMON, FAMILIES, VOCAB, save_hf
 
 import w2s
 from w2s.sampling import generate, generate_to_jsonl
@@ -34,12 +34,31 @@ OPTIONS = dict(max_new_tokens=10, max_batch=2, sync_every=3)
 SAMPLED = dict(n=2, temperature=1.0, top_p=0.9, seed=5, max_new_tokens=8, max_batch=3)
 
 
+def save_llama_with_biases(path):
+    """Llama with q/k/v/o and MLP biases (Qwen-style attention_bias / mlp_bias): the column-split biases are sliced,
+    the row-split (o_proj, down_proj) biases must be added once, not tp times."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(**COMMON, attention_bias=True, mlp_bias=True)
+    torch.manual_seed(1)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(path)
+
+
 def test_tp2_and_dp2_equal_one_process(tmp_path):
+    """Every family (GQA split, Gemma's single kv head replicated, sliding windows, soft-caps, tied embeddings) and
+    a Llama with biases: tp=2 and dp=2 give exactly the one-process greedy completions, samples and jsonl bytes; an
+    in-memory split of an already loaded model (apply_tensor_parallel) agrees too."""
     prompts = make_prompts()
     families = {}
     for family in FAMILIES:
         families[family] = str(tmp_path / family)
         save_hf(family, tmp_path / family)
+    families["llama_bias"] = str(tmp_path / "llama_bias")
+    save_llama_with_biases(tmp_path / "llama_bias")
     (tmp_path / "job.json").write_text(json.dumps({"prompts": prompts, "families": families, "options": OPTIONS,
                                                    "sampled_options": SAMPLED}))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
@@ -56,12 +75,15 @@ def test_tp2_and_dp2_equal_one_process(tmp_path):
         greedy = generate(model, None, prompts, progress=False, **OPTIONS)
         assert any(c["finish_reason"] == "length" for (c,) in greedy)  # the comparison covers real decoding
         assert result[f"{family}/tp/greedy"] == greedy, family
+        if f"{family}/tp_in_memory/greedy" in result:
+            assert result[f"{family}/tp_in_memory/greedy"] == greedy, family
         assert result[f"{family}/dp/greedy"] == greedy, family
         assert result[f"{family}/dp/sampled"] == generate(model, None, prompts, progress=False, **SAMPLED), family
         one = generate_to_jsonl(model, None, records, tmp_path / f"{family}_one.jsonl", progress=False, **OPTIONS)
         for mode in ("tp", "dp"):
             assert (tmp_path / f"{family}_{mode}.jsonl").read_bytes() == one.read_bytes(), (family, mode)
     assert not list(tmp_path.glob("*.part*")), "part files must be merged and removed"
+    assert "llama2/tp_in_memory/greedy" in result
 
 
 @pytest.mark.parametrize("n_kv_heads,tp", [(4, 2), (2, 2), (1, 2), (2, 4)])
