@@ -502,3 +502,12 @@ def test_dpo_script_trains_and_explains_its_rules(text_ckpt, tmp_path):
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert recs[0]["loss"] == pytest.approx(math.log(2), rel=1e-5) and (out / "ref_logps.pt").is_file()
     AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_activation_checkpointing_changes_nothing_but_memory(ckpt):
+    path, _ = ckpt
+    rows = id_rows(4, seed=10)
+    plain, r1 = records(train_sft, load(path), None, rows, cfg(max_steps=2))
+    recomputed, r2 = records(train_sft, load(path), None, rows, cfg(max_steps=2, activation_checkpointing=True))
+    assert [r["loss"] for r in r1] == pytest.approx([r["loss"] for r in r2], rel=1e-6)
+    assert_same_weights(plain, recomputed, atol=1e-6)

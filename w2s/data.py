@@ -13,7 +13,9 @@ Id rows are used as given (add EOS to response_ids yourself if you want it learn
 
 Bad rows, under `bad_rows="skip"` (report each with its location and count them) or `"error"` (stop at the first):
     missing/empty response (SFT) or chosen/rejected (preference); chosen == rejected; a sequence longer than
-    max_seq_len. A row's location is its `_where` key ("file.jsonl:12", set by the scripts) or "row <index>".
+    max_seq_len; no response token to predict. A row's location is its `_where` key ("file.jsonl:12", set by
+    read_jsonl) or "row <index>". A jsonl line that is not a JSON object is not a bad row but a broken file:
+    read_jsonl stops there with file:line.
 
 Batches: every optimizer step takes `batch_size` rows (globally, over all ranks and accumulation steps). Rows are
 shuffled per epoch, then sorted by length inside windows of `group` batches, so each batch holds rows of similar

@@ -14,8 +14,9 @@ same function). What one optimizer step does:
      step returns sum / GLOBAL count, and backward accumulates. FSDP2 SUMS gradients over ranks, so the result
      equals one big batch on one device, whatever the micro-batch size or world size;
   4. clip the global gradient norm, AdamW step at the warmup + cosine learning rate;
-  5. log one line (loss, lr, grad norm, tokens/s, MFU, peak memory) + metrics.jsonl; every cfg.ckpt_every steps,
-     write model/optimizer/RNG/step atomically (torch.distributed.checkpoint into a temp dir, then rename).
+  5. log w2s/profile.py's one line (loss, lr, grad norm, tokens/s, MFU, peak memory) + metrics.jsonl; every
+     cfg.ckpt_every steps, write model/optimizer/RNG/step atomically (torch.distributed.checkpoint into a temp dir,
+     then rename). A rerun with the same data and config resumes from the newest checkpoint.
 
 DPO/IPO need log ref(y|x) of the initial weights: one no-grad pass before training computes them for every pair,
 cached in out_dir/ref_logps.pt under a hash of the tokenized pairs and the model weights, so the reference model
