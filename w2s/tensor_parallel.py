@@ -139,6 +139,12 @@ def load_model_tp(path, tp, dtype=torch.bfloat16, device="cpu"):
     replicated embeddings and head; never the full model)."""
     from safetensors import safe_open
 
+    if tp == 1:  # nothing to split (and no process group needed)
+        from w2s.checkpoint import load_model
+
+        model = load_model(path, dtype=dtype, device=device)
+        model.tp_size = 1
+        return model
     cfg = ModelConfig.from_pretrained(path)
     check_divisible(cfg, tp)
     group, rank = tp_group_for(tp)
