@@ -160,15 +160,22 @@ def test_sft_gradient_equals_transformers_masked_gradient(ckpt):
     hf.zero_grad()
 
 
-def test_sft_loss_goes_down_and_export_loads_in_transformers(ckpt, tmp_path):
+def test_sft_loss_goes_down_and_export_loads_in_transformers(ckpt, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
+
+    monkeypatch.delenv("W2S_PEAK_FLOPS", raising=False)
 
     path, _ = ckpt
     rows = id_rows(4, seed=2)
     out = tmp_path / "sft"
-    model, recs = records(train_sft, load(path), None, rows, cfg(lr=1e-2, max_steps=12, batch_size=4), out_dir=out)
+    recs = []
+    model, stats = train_sft(load(path), None, rows, cfg(lr=1e-2, max_steps=12, batch_size=4), out_dir=out,
+                             on_step=recs.append, return_stats=True)
     losses = [r["loss"] for r in recs]
     assert len(losses) == 12 and losses[-1] < 0.5 * losses[0], losses
+    input_tokens = sum(len(r["prompt_ids"]) + len(r["response_ids"]) - 1 for r in rows)  # every row, every step
+    assert (stats["steps"], stats["tokens"], stats["final_loss"]) == (12, 12 * input_tokens, losses[-1])
+    assert stats["n_skipped"] == 0 and stats["tok_s"] > 0 and stats["mfu"] is None  # no peak FLOPs for a CPU
     assert [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()] == losses
     assert not (out / "ckpt").exists()  # the export supersedes the training state
 

@@ -439,14 +439,16 @@ def reference_logps(module, pairs, pad_id, cfg, d: Dist, out_dir, key):
 # ---------------------------------------------------------------------------------------------- public API
 
 
-def train_sft(model, tokenizer, rows, cfg: TrainConfig, out_dir=None, on_step=None, progress=None):
+def train_sft(model, tokenizer, rows, cfg: TrainConfig, out_dir=None, on_step=None, progress=None,
+              return_stats=False):
     """Supervised fine-tuning on [{"prompt", "response"}] (or id rows); loss on response tokens only. -> model.
 
-    on_step(rec) gets every log step's record (the metrics.jsonl line); progress, when given, overrides cfg.progress.
+    on_step(rec) gets every log step's record (the metrics.jsonl line); progress, when given, overrides cfg.progress;
+    return_stats=True returns (model, stats) with the run's totals for a stage's meta.json (see _run_stats).
     """
     cfg = cfg if progress is None else replace(cfg, progress=progress)
     d = init_distributed()
-    examples, _, _ = data.encode_sft_rows(tokenizer, rows, cfg.max_seq_len, cfg.bad_rows, verbose=d.is_main)
+    examples, _, skipped = data.encode_sft_rows(tokenizer, rows, cfg.max_seq_len, cfg.bad_rows, verbose=d.is_main)
     if not examples:
         raise ValueError(f"train_sft: none of the {len(rows)} rows is usable (see the skipped-row report above)")
     pad_id = _pad_id(tokenizer, model)
@@ -456,17 +458,22 @@ def train_sft(model, tokenizer, rows, cfg: TrainConfig, out_dir=None, on_step=No
         return {"tokens": tokens, "targets": targets}
 
     row_seq_lens = [(len(ex.tokens),) for ex in examples]
-    return _run(model, tokenizer, row_seq_lens, make_batch, sft_counts, sft_step, cfg, out_dir, d, on_step,
-                data_key=examples_hash(examples))
+    trained, stats = _run(model, tokenizer, row_seq_lens, make_batch, sft_counts, sft_step, cfg, out_dir, d,
+                          on_step, data_key=examples_hash(examples))
+    stats.update(n_rows=len(rows), n_skipped=len(skipped))
+    return (trained, stats) if return_stats else trained
 
 
 def train_preference(model, tokenizer, pairs, cfg: TrainConfig, out_dir=None, loss="dpo", on_step=None,
-                     progress=None):
-    """DPO / IPO / ORPO on [{"prompt", "chosen", "rejected"}] (or id rows). -> model. on_step, progress: train_sft."""
+                     progress=None, return_stats=False):
+    """DPO / IPO / ORPO on [{"prompt", "chosen", "rejected"}] (or id rows). -> model.
+
+    on_step, progress, return_stats: as in train_sft.
+    """
     cfg = cfg if progress is None else replace(cfg, progress=progress)
     d = init_distributed()
     step_fn = PreferenceStep(loss, cfg.beta)
-    encoded, _, _ = data.encode_pair_rows(tokenizer, pairs, cfg.max_seq_len, cfg.bad_rows, verbose=d.is_main)
+    encoded, _, skipped = data.encode_pair_rows(tokenizer, pairs, cfg.max_seq_len, cfg.bad_rows, verbose=d.is_main)
     if not encoded:
         raise ValueError(f"train_preference: none of the {len(pairs)} pairs is usable (see the report above)")
     pad_id = _pad_id(tokenizer, model)
@@ -487,8 +494,10 @@ def train_preference(model, tokenizer, pairs, cfg: TrainConfig, out_dir=None, lo
         return batch
 
     row_seq_lens = [(len(p.chosen.tokens), len(p.rejected.tokens)) for p in encoded]
-    return _run(model, tokenizer, row_seq_lens, make_batch, pair_counts, step_fn, cfg, out_dir, d, on_step,
-                data_key=f"{loss}:{key}", prepare=prepare)
+    trained, stats = _run(model, tokenizer, row_seq_lens, make_batch, pair_counts, step_fn, cfg, out_dir, d,
+                          on_step, data_key=f"{loss}:{key}", prepare=prepare)
+    stats.update(n_rows=len(pairs), n_skipped=len(skipped))
+    return (trained, stats) if return_stats else trained
 
 
 def _pad_id(tokenizer, model):
@@ -503,7 +512,9 @@ def _pad_id(tokenizer, model):
 
 def _run(model, tokenizer, row_seq_lens, make_batch, count_fn, loss_step, cfg, out_dir, d: Dist, on_step,
          data_key, prepare=None):
-    """The loop (module docstring). row_seq_lens[i]: the token lengths of row i's sequences ((n,) SFT, (c, r) pairs)."""
+    """The loop (module docstring). row_seq_lens[i]: the token lengths of row i's sequences ((n,) SFT, (c, r) pairs).
+
+    -> (trained model, _run_stats of the steps this call ran)."""
     from tqdm.auto import tqdm
 
     lengths = [sum(ns) for ns in row_seq_lens]  # what length grouping sorts by
@@ -565,6 +576,7 @@ def _run(model, tokenizer, row_seq_lens, make_batch, count_fn, loss_step, cfg, o
     bar = tqdm(total=total, initial=start, disable=not (cfg.progress and d.is_main), dynamic_ncols=True)
     epoch_cache = {}
     window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
+    run_tokens, run_flops, run_start, rec = 0, 0.0, window_start, None
     for step in range(start, total):
         epoch, i = divmod(step, steps_per_epoch)
         if epoch not in epoch_cache:
@@ -591,6 +603,7 @@ def _run(model, tokenizer, row_seq_lens, make_batch, count_fn, loss_step, cfg, o
         seq_lens = [n - 1 for j in global_batch for n in row_seq_lens[j]]  # model inputs drop the last token
         window_tokens += sum(seq_lens)
         window_flops += step_flops(model_cfg, seq_lens, lora)
+        run_tokens, run_flops = run_tokens + sum(seq_lens), run_flops + step_flops(model_cfg, seq_lens, lora)
         bar.update(1)
         last = step + 1 == total
         if (step + 1) % cfg.log_every == 0 or last:
@@ -616,14 +629,23 @@ def _run(model, tokenizer, row_seq_lens, make_batch, count_fn, loss_step, cfg, o
             window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
         if ckpt_root is not None and cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and not last:
             save_training_state(ckpt_root, step + 1, module, optimizer, d, {"run_key": run_key})
+            if window_tokens == 0:  # a checkpoint right after a log line: keep its I/O out of the next tok/s
+                window_start = time.perf_counter()
     bar.close()
+    if d.device.type == "cuda":
+        torch.cuda.synchronize(d.device)
+    wall = time.perf_counter() - run_start
+    stats = {"steps": total - start, "resumed_from_step": start, "tokens": run_tokens, "wall_s": wall,
+             "tok_s": run_tokens / wall if wall > 0 else None,
+             "mfu": profile.mfu(run_tokens / wall, run_flops / max(run_tokens, 1), peak, d.world_size) if wall > 0
+             else None, "peak_mem_gib": peak_memory_gib(d.device), "final_loss": rec["loss"] if rec else None}
 
     del optimizer
     trained = _export(module, model_cfg, orig_dtype, orig_device, d, out_dir, tokenizer)
     if ckpt_root is not None and d.is_main:
         shutil.rmtree(ckpt_root, ignore_errors=True)  # the export supersedes the training state
     barrier(d)
-    return trained
+    return trained, stats
 
 
 def _trajectory_config(cfg):
