@@ -1,11 +1,12 @@
-"""torchrun worker for tests/test_fsdp.py: the same four training runs under FSDP2 as the test runs in one process.
+"""torchrun worker for tests/test_fsdp.py: the same training runs under FSDP2 as the test runs in one process.
 
     OMP_NUM_THREADS=1 python -m torch.distributed.run --nproc_per_node=2 tests/dist_train_worker.py CKPT OUT
 
-Each run of RUNS trains the tiny checkpoint CKPT and exports to OUT/<name> (rank 0 writes metrics.jsonl and the
-HF weights). The data (7 rows, batch 4) ends on a short batch, so with 2 ranks one micro-batch slot is empty and a
-rank runs the all-ignored dummy row; clipping is on so the DTensor clip path runs. "sft_full" is killed after step 3
-and resumed from its step-2 checkpoint, so sharded (DCP) checkpoints are saved and loaded too.
+Each run of RUNS (SFT and DPO, full and LoRA; ORPO full) trains the tiny checkpoint CKPT and exports to
+OUT/<name> (rank 0 writes metrics.jsonl and the HF weights). The data (7 rows, batch 4) ends on a short batch, so
+with 2 ranks one micro-batch slot is empty and a rank runs the all-ignored dummy row; clipping is on so the DTensor
+clip path runs. "sft_full" is killed after step 3 and resumed from its step-2 checkpoint, so sharded (DCP)
+checkpoints are saved and loaded too.
 """
 
 import sys
@@ -17,7 +18,9 @@ import w2s
 from w2s.train import TrainConfig, train_preference, train_sft
 
 STEPS = 4
-COMMON = dict(lr=1e-2, batch_size=4, micro_batch_size=1, max_steps=STEPS, clip=0.5, weight_decay=0.1, seed=1,
+# lr 1e-3: Adam divides each gradient element by its running RMS, so an element whose gradient is ~0 turns the fp32
+# summation-order noise of 2 ranks vs 1 into a step of up to lr; at 1e-2 that noise alone reaches ~1e-5 in a weight.
+COMMON = dict(lr=1e-3, batch_size=4, micro_batch_size=1, max_steps=STEPS, clip=0.5, weight_decay=0.1, seed=1,
               progress=False, ckpt_every=2)
 LORA = dict(lora_rank=4, lora_alpha=8.0, lora_dropout=0.0)  # dropout streams differ per rank: keep it off here
 RUNS = {  # name: (loss, config)
@@ -25,6 +28,7 @@ RUNS = {  # name: (loss, config)
     "sft_lora": ("sft", TrainConfig(**COMMON, **LORA)),
     "dpo_full": ("dpo", TrainConfig(**COMMON, beta=0.5)),
     "dpo_lora": ("dpo", TrainConfig(**COMMON, **LORA, beta=0.5)),
+    "orpo_full": ("orpo", TrainConfig(**COMMON, beta=0.5)),
 }
 KILL_AT = {"sft_full": 3}  # run dies after this step, then resumes
 

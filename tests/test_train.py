@@ -130,6 +130,18 @@ def test_sft_loss_is_the_global_masked_token_mean(ckpt, tmp_path):
     assert abs(row_mean - token_mean) > 1e-3
 
 
+@pytest.mark.parametrize("family", ["gemma", "gemma2"])
+def test_sft_loss_with_tied_embeddings_and_softcap(tmp_path, family):
+    """Gemma (tied output matrix, sqrt(D) scale) and Gemma-2 (final logit soft-cap): the loss head sees both."""
+    hf = hf_model(family)
+    hf.save_pretrained(tmp_path)
+    rows = id_rows(4, seed=12)
+    _, recs = records(train_sft, load(tmp_path), None, rows, cfg(batch_size=4, micro_batch_size=2, max_steps=1))
+    with torch.no_grad():
+        nll = torch.cat([-response_logps(hf_logits(hf), r["prompt_ids"], r["response_ids"]) for r in rows])
+    assert recs[0]["loss"] == pytest.approx(nll.mean().item(), rel=1e-5)
+
+
 def test_sft_gradient_equals_transformers_masked_gradient(ckpt):
     """Prompt targets carry no gradient: our loss + backward == transformers with labels -100 on the prompt."""
     path, hf = ckpt
