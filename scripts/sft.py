@@ -47,6 +47,11 @@ def run(train, args, **kwargs):
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():  # under torchrun: leave the process group cleanly
+            dist.destroy_process_group()
 
 
 def main():
