@@ -146,7 +146,7 @@ def _find_stop(text, stops, start=0):
 class Engine:
     """Slots, cache and device state for one generation run. Drive it with `run()` (a generator of results).
 
-    prompts: list of token-id lists; keys_of: the global prompt index of each (for the RNG, data parallel);
+    prompts: list of token-id lists; global_index: the caller's index of each (keys the RNG; data parallel);
     eos_ids: ids that end a sequence; stop: stop strings (need `decode`).
     """
 
