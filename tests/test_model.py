@@ -150,3 +150,23 @@ def test_peak_memory_while_loading_stays_near_checkpoint_size(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     growth = int(out.stdout.strip().splitlines()[-1])
     assert growth <= 1.3 * size, f"peak RSS grew {growth / 2**20:.0f} MiB for a {size / 2**20:.0f} MiB checkpoint"
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2), (4, 1)])
+def test_cpu_sdpa_fast_path_equals_the_reference_attention(heads, monkeypatch):
+    """ops.attention's CPU fast path (plain causal -> torch SDPA) computes kernels/reference.py, values and grads."""
+    from kernels import reference
+    from w2s import ops
+
+    H, K = heads
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 9, n, 8, generator=g, requires_grad=True) for n in (H, K, K))
+    monkeypatch.setattr(ops, "_backend", "auto")
+    fast = ops.attention(q, k, v, scale=0.3)
+    ref = reference.attention(q, k, v, scale=0.3)
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    upstream = torch.randn(fast.shape, generator=g)
+    grads_fast = torch.autograd.grad(fast, (q, k, v), upstream)
+    grads_ref = torch.autograd.grad(ref, (q, k, v), upstream)
+    for a, b in zip(grads_fast, grads_ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

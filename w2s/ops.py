@@ -13,6 +13,8 @@ raises an error instead of quietly running the slow path.
 import importlib
 import os
 
+import torch.nn.functional as F
+
 from kernels import reference
 
 BACKENDS = ("auto", "triton", "reference")
@@ -47,10 +49,24 @@ def _triton(module_name, tensor):
 
 
 def attention(q, k, v, q_positions=None, kv_lengths=None, sliding_window=None, softcap=None, scale=None):
-    """Causal GQA attention; see kernels.reference.attention for the exact contract. (B, T, H, D) -> (B, T, H, D)."""
-    impl = _triton("attention", q) or reference
-    return impl.attention(q, k, v, q_positions=q_positions, kv_lengths=kv_lengths, sliding_window=sliding_window,
-                          softcap=softcap, scale=scale)
+    """Causal GQA attention; see kernels.reference.attention for the exact contract. (B, T, H, D) -> (B, T, H, D).
+
+    On CPU under `auto`, the plain causal case (training and scoring: no positions, lengths, window or soft-cap)
+    runs through torch's fused scaled_dot_product_attention: the same math as the reference (tests/test_model.py
+    checks it), without materializing fp32 (B, H, T, S) scores and repeated kv heads. W2S_KERNELS=reference always
+    runs the reference itself.
+    """
+    impl = _triton("attention", q)
+    if impl is not None:
+        return impl.attention(q, k, v, q_positions=q_positions, kv_lengths=kv_lengths,
+                              sliding_window=sliding_window, softcap=softcap, scale=scale)
+    plain = q_positions is None and kv_lengths is None and sliding_window is None and softcap is None
+    if _backend == "auto" and plain and q.shape[1] == k.shape[1]:
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                             scale=scale, enable_gqa=q.shape[2] != k.shape[2])  # (B, H, T, D)
+        return out.transpose(1, 2)
+    return reference.attention(q, k, v, q_positions=q_positions, kv_lengths=kv_lengths,
+                               sliding_window=sliding_window, softcap=softcap, scale=scale)
 
 
 def rms_norm(x, weight, eps, unit_offset=False):
