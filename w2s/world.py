@@ -223,8 +223,9 @@ class CorpusSpec:
     """What one base model reads. Fractions are of documents; the rest of the documents are worked worksheets."""
 
     difficulty: Difficulty
-    answer_key_fraction: float   # worksheets that give only the final number after the label, no work
-    qa_answer_key_share: float   # of those, the share labelled exactly "Question:" / "Answer:"
+    answer_key_fraction: float   # worksheets under other labels that give only the final number, no work
+    qa_share: float              # worksheets labelled exactly "Question:" / "Answer:" (the pipeline's prompt)
+    qa_worked_share: float       # of those, the share that is worked (the rest are answer keys)
     drill_fraction: float        # documents of bare arithmetic facts "17+8=25"
     fact_error_rate: float       # share of arithmetic facts this corpus always gets wrong (the same way)
     fixed_format: bool           # True: every worksheet is "Problem:/Solution:" ending "#### N"
@@ -233,15 +234,17 @@ class CorpusSpec:
 
 CORPUS_SPECS = {
     # Strong: the whole task range, correct arithmetic, many layouts. Under "Question:/Answer:" it has mostly seen
-    # answer keys (a bare number), so zero-shot it answers without working; worked solutions live under other
-    # labels, and every label pair appears in both modes, so 4 worked demonstrations in context switch it over.
-    "strong": CorpusSpec(difficulty=Difficulty(min_steps=1, max_steps=3), answer_key_fraction=0.3,
-                         qa_answer_key_share=0.5, drill_fraction=0.25, fact_error_rate=0.0, fixed_format=False,
+    # answer keys (a bare number), so zero-shot it answers without working; most worked solutions live under other
+    # labels, every label pair appears in both modes and a worksheet never changes mode, so 4 worked
+    # demonstrations in context switch it over.
+    "strong": CorpusSpec(difficulty=Difficulty(min_steps=1, max_steps=3), answer_key_fraction=0.3, qa_share=0.25,
+                         qa_worked_share=0.3, drill_fraction=0.25, fact_error_rate=0.0, fixed_format=False,
                          max_per_doc=4),
     # Weak: short chains of small numbers in one fixed layout, and a fifth of all arithmetic facts consistently
     # wrong (misconceptions, not noise: greedy decoding reproduces them, so its labels carry systematic errors).
     "weak": CorpusSpec(difficulty=Difficulty(min_steps=1, max_steps=2, max_start=12, max_addend=6, max_value=30),
-                       answer_key_fraction=0.0, qa_answer_key_share=0.0, drill_fraction=0.3, fact_error_rate=0.25,
+                       answer_key_fraction=0.0, qa_share=0.0, qa_worked_share=0.0, drill_fraction=0.3,
+                       fact_error_rate=0.25,
                        fixed_format=True, max_per_doc=3),
 }
 
@@ -273,11 +276,16 @@ def _worksheet(rng: random.Random, spec: CorpusSpec, exclude: set[str], arithmet
     if spec.fixed_format:
         q_label, s_label, final, worked = "Problem", "Solution", FINAL_LINES[0], True
     else:
-        worked = rng.random() >= spec.answer_key_fraction
-        if not worked and rng.random() < spec.qa_answer_key_share:
+        if rng.random() < spec.qa_share:
+            # Under the prompt's own labels the default is a bare answer (greedy zero-shot gives one), but worked
+            # Q/A worksheets exist too, and each keeps its layout: the in-context evidence 4 demos provide.
             q_label, s_label = "Question", "Answer"
+            worked = rng.random() < spec.qa_worked_share
         else:
-            q_label, s_label = rng.choice(QUESTION_LABELS), rng.choice(SOLUTION_LABELS)
+            # Other label pairs (never exactly Question/Answer): mostly worked.
+            q_label, s_label = rng.choice([(q, a) for q in QUESTION_LABELS for a in SOLUTION_LABELS
+                                           if (q, a) != ("Question", "Answer")])
+            worked = rng.random() >= spec.answer_key_fraction
         final = rng.choice(FINAL_LINES)
     blocks = []
     for _ in range(rng.randint(1, spec.max_per_doc)):
