@@ -170,3 +170,20 @@ def test_cpu_sdpa_fast_path_equals_the_reference_attention(heads, monkeypatch):
     grads_ref = torch.autograd.grad(ref, (q, k, v), upstream)
     for a, b in zip(grads_fast, grads_ref):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_cpu_sdpa_masked_path_equals_the_reference_attention(window, monkeypatch):
+    """The no-grad path with positions over a cache (sampling), incl. kv_lengths, GQA and an empty row -> zeros."""
+    from kernels import reference
+    from w2s import ops
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(3, 2, 4, 8, generator=g), torch.randn(3, 11, 2, 8, generator=g), torch.randn(3, 11, 2, 8)
+    positions = torch.tensor([[4, 5], [9, 10], [0, 1]])
+    kv_lengths = torch.tensor([11, 6, 0])  # row 2 sees no key at all
+    monkeypatch.setattr(ops, "_backend", "auto")
+    fast = ops.attention(q, k, v, q_positions=positions, kv_lengths=kv_lengths, sliding_window=window)
+    ref = reference.attention(q, k, v, q_positions=positions, kv_lengths=kv_lengths, sliding_window=window)
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    assert fast[2].abs().max() == 0

@@ -161,8 +161,9 @@ class Transformer(nn.Module):
             positions = torch.arange(T, device=tokens.device).expand(B, T)
         h = self.embed_tokens(tokens)  # (B, T, D)
         if self.cfg.embed_scale:
-            # Gemma: scale by sqrt(D), with the constant rounded to the activation dtype as the reference does.
-            h = h * torch.tensor(math.sqrt(self.cfg.dim), dtype=h.dtype, device=h.device)
+            # Gemma: scale by sqrt(D), with the constant rounded to the activation dtype as the reference does. A
+            # Python float, not a device tensor: no host-to-device copy, so the decode step can be a CUDA graph.
+            h = h * float(torch.tensor(math.sqrt(self.cfg.dim), dtype=h.dtype))
         for layer in self.layers:
             h = layer(h, positions, self.inv_freq, cache)
         h = self.norm(h)

@@ -13,6 +13,7 @@ raises an error instead of quietly running the slow path.
 import importlib
 import os
 
+import torch
 import torch.nn.functional as F
 
 from kernels import reference
@@ -51,20 +52,28 @@ def _triton(module_name, tensor):
 def attention(q, k, v, q_positions=None, kv_lengths=None, sliding_window=None, softcap=None, scale=None):
     """Causal GQA attention; see kernels.reference.attention for the exact contract. (B, T, H, D) -> (B, T, H, D).
 
-    On CPU under `auto`, the plain causal case (training and scoring: no positions, lengths, window or soft-cap)
-    runs through torch's fused scaled_dot_product_attention: the same math as the reference (tests/test_model.py
-    checks it), without materializing fp32 (B, H, T, S) scores and repeated kv heads. W2S_KERNELS=reference always
+    On CPU under `auto`, attention without a soft-cap runs through torch's fused scaled_dot_product_attention: the
+    plain causal case (training, scoring) with is_causal, and no-grad calls with positions over a KV cache
+    (sampling) with the reference's boolean mask. Same math as the reference (tests/test_model.py checks values
+    and grads), without materializing fp32 (B, H, T, S) scores and repeated kv heads. W2S_KERNELS=reference always
     runs the reference itself.
     """
     impl = _triton("attention", q)
     if impl is not None:
         return impl.attention(q, k, v, q_positions=q_positions, kv_lengths=kv_lengths,
                               sliding_window=sliding_window, softcap=softcap, scale=scale)
-    plain = q_positions is None and kv_lengths is None and sliding_window is None and softcap is None
-    if _backend == "auto" and plain and q.shape[1] == k.shape[1]:
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                                             scale=scale, enable_gqa=q.shape[2] != k.shape[2])  # (B, H, T, D)
-        return out.transpose(1, 2)
+    if _backend == "auto" and softcap is None:  # SDPA has no soft-cap: Gemma-2 stays on the reference
+        sdpa = dict(scale=scale, enable_gqa=q.shape[2] != k.shape[2])
+        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|K, T|S, D)
+        plain = q_positions is None and kv_lengths is None and sliding_window is None
+        if plain and q.shape[1] == k.shape[1]:
+            return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, **sdpa).transpose(1, 2)
+        if not (q.requires_grad or k.requires_grad or v.requires_grad):  # sampling: positions over a KV cache
+            if q_positions is None:
+                q_positions = torch.arange(q.shape[1], device=q.device).expand(q.shape[0], -1)
+            mask = reference.attention_mask(q_positions, k.shape[1], kv_lengths, sliding_window)[:, None]
+            out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, **sdpa)  # (B, H, T, D)
+            return out.transpose(1, 2).nan_to_num(0.0)  # a query with no visible key -> zeros, as the reference
     return reference.attention(q, k, v, q_positions=q_positions, kv_lengths=kv_lengths,
                                sliding_window=sliding_window, softcap=softcap, scale=scale)
 
