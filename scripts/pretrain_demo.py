@@ -35,16 +35,18 @@ from w2s import world
 from w2s.tasks.gsm8k import strip_calculator
 
 # The two bases. Llama-shaped (RMSNorm, RoPE, SwiGLU), fp32 on disk: tiny enough to pretrain on a laptop CPU in
-# minutes and to run the whole pipeline in a few more. The strong one has ~10x the weak one's non-embedding
-# parameters and reads a richer corpus (world.CORPUS_SPECS); the weak one is small AND misinformed.
+# minutes and to run the whole pipeline in a few more. The strong one has ~3x the weak one's non-embedding
+# parameters, reads a richer corpus (world.CORPUS_SPECS) and 4x as many documents; the weak one is small,
+# narrowly read AND misinformed (a quarter of its arithmetic facts are consistently wrong).
 SHAPES = {
-    "strong": dict(dim=96, n_layers=3, n_heads=4, hidden_dim=256),
-    "weak": dict(dim=64, n_layers=3, n_heads=2, hidden_dim=192),
+    "strong": dict(dim=64, n_layers=3, n_heads=2, hidden_dim=192),
+    "weak": dict(dim=48, n_layers=2, n_heads=2, hidden_dim=128),
 }
-# Pretraining schedule per model: documents read (one pass), AdamW peak lr, batch of documents per step.
+# Pretraining schedule per model: documents read (one pass), AdamW peak lr, documents per step. Small batches:
+# at this scale the number of updates, not the tokens per update, is what lets in-context copying form.
 SCHEDULE = {
-    "strong": dict(n_docs=12_000, lr=3e-3, batch_size=32),
-    "weak": dict(n_docs=12_000, lr=3e-3, batch_size=32),
+    "strong": dict(n_docs=40_000, lr=2e-3, batch_size=8),
+    "weak": dict(n_docs=10_000, lr=2e-3, batch_size=8),
 }
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "demo.toml"
 SPLIT_SIZES = dict(n_train_1=1000, n_train_2=1000, n_test=500)  # the pipeline takes its subsets of these
@@ -186,7 +188,6 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     record_path = out / "PRETRAIN.json"
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     if not args.probe_only:
         from w2s.checkpoint import save_model
         from w2s.tokenizer import load_tokenizer
@@ -201,18 +202,21 @@ def main(argv=None):
                          for split in ("train_1", "train_2") for r in splits[split]]
             world.train_world_tokenizer(corpora["strong"] + corpora["weak"] + sft_texts, out / "tokenizer")
         tok = load_tokenizer(out / "tokenizer")
-        record["seed"], record["torch"] = args.seed, torch.__version__
         for name in [args.only] if args.only else ["weak", "strong"]:
             torch.manual_seed(args.seed)
             model, stats = pretrain(name, tok, corpora[name], args.seed)
             save_model(model, out / name, tokenizer=tok)
-            record[name] = stats
             print(f"{name}: {stats}")
-            record_path.write_text(json.dumps(record, indent=2) + "\n")
+            update_record(record_path, seed=args.seed, torch=torch.__version__, **{name: stats})
     if args.probe or args.probe_only:
-        record["probe"] = probe(out, args.probe or 200, args.seed)
-        record_path.write_text(json.dumps(record, indent=2) + "\n")
+        update_record(record_path, probe=probe(out, args.probe or 200, args.seed))
     return 0
+
+
+def update_record(path, **entries):
+    """Merge entries into PRETRAIN.json, re-read first (a --only run beside another must not drop its entry)."""
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps({**record, **entries}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
