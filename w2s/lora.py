@@ -78,14 +78,15 @@ def lora_scale(model):
 
 @torch.no_grad()
 def merge_lora_state_dict(state, scale):
-    """{name: tensor} with every `X.lora_A` / `X.lora_B` folded into `X.weight` (in fp32, cast back) and removed."""
+    """{name: tensor} with every `X.lora_A` / `X.lora_B` folded into `X.weight` (in >= fp32, cast back) and removed."""
     out = {}
     for name, t in state.items():
         if name.endswith((".lora_A", ".lora_B")):
             continue
         prefix = name[: -len(".weight")] if name.endswith(".weight") else None
         if prefix is not None and prefix + ".lora_A" in state:
-            a, b = state[prefix + ".lora_A"].float(), state[prefix + ".lora_B"].float()
-            t = (t.float() + scale * (b @ a)).to(t.dtype)
+            work = torch.promote_types(t.dtype, torch.float32)  # at least fp32; fp64 weights stay fp64
+            a, b = state[prefix + ".lora_A"].to(work), state[prefix + ".lora_B"].to(work)
+            t = (t.to(work) + scale * (b @ a)).to(t.dtype)
         out[name] = t
     return out
