@@ -415,3 +415,30 @@ def test_evaluation_result_greedy_levels_and_pass_at_k():
                {"id": "b", "samples": [{"answer": "4"}, {"answer": "4"}, {"answer": "4"}]}]
     # a: 1 of 3 correct -> pass@1 = 1/3, pass@3 = 1; b: none correct. Means over the two questions.
     assert evaluation_result(sampled, test, "math") == {"pass@1": pytest.approx(1 / 6), "pass@3": pytest.approx(0.5)}
+
+
+def test_gsm8k_grading_normalizes_the_gold_too():
+    """PAPER.md: normalize both prediction and gold. 14 GSM8K test golds carry thousands separators ("2,125")."""
+    from w2s.stages.metrics import evaluation_result
+
+    same = answer_matcher("gsm8k")
+    assert same("2125", "2,125") and same("2,125", "2125") and same("5", "5.0")
+    assert not same("2125", "2,126") and not same("", "")
+    result = evaluation_result([{"id": "a", "answer": "2125"}, {"id": "b", "answer": "7"}],
+                               [{"id": "a", "answer": "2,125"}, {"id": "b", "answer": "8"}], "gsm8k")
+    assert result == {"accuracy": 0.5, "n_correct": 1}
+
+
+def test_other_side_never_shares_the_weak_answer_under_a_non_transitive_matcher():
+    """"x" equals the weak answer "w" but not a+ "p" (w ~ p): it must not be rejected against the weak response."""
+    links = ({"w", "p"}, {"w", "x"})
+    lax = lambda a, b: a == b or {a, b} in links  # noqa: E731
+    pairs, counts = pairs_for(labelled("q", "w"), sampled("q", ["p"] * 7 + ["x"] * 3), same_answer=lax)
+    assert pairs == [] and counts["skipped_no_differing_sample"] == 1
+    pairs, counts = pairs_for(labelled("q", "w"), sampled("q", ["p"] * 7 + ["y"] * 3), same_answer=lax)
+    assert [(p["kind"], p["rejected_answer"]) for p in pairs] == [("weak_chosen", "y")]
+    # Flip side: "v" is in a+'s class ("w") but also equals the weak "x" (x !~ w): it is never the chosen side.
+    flip = lambda a, b: a == b or {a, b} in ({"w", "v"}, {"x", "v"})  # noqa: E731
+    pairs, counts = pairs_for(labelled("q", "x"), sampled("q", ["w"] * 8 + ["v"] * 2), same_answer=flip,
+                              max_pairs_per_question=10)
+    assert counts["weak_rejected"] == 8 and {p["chosen_answer"] for p in pairs} == {"w"}

@@ -33,9 +33,9 @@ def exact_match(a: str, b: str) -> bool:
 
 
 def answer_matcher(task: str) -> SameAnswer:
-    """The comparison a task grades with: exact match for GSM8K, exact or sympy-equal for MATH (w2s.tasks.grading)."""
-    if task == "gsm8k":
-        return exact_match
+    """The comparison a task grades with (w2s.tasks.grading.is_equiv): both sides Minerva-normalized (PAPER.md:
+    "normalize both prediction and gold", so a gold "2,125" equals a prediction "2125"), then equal strings, or for
+    MATH sympy-equal expressions."""
     from w2s.tasks.grading import is_equiv
 
     is_equiv("", "", task)  # an unknown task raises its clear ValueError now, not at the first comparison

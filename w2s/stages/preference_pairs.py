@@ -154,10 +154,14 @@ def build_pairs(
             kind = "weak_chosen"
             # Samples whose answer differs from the weak one (= a_plus), including those with no answer at all.
             # Checked against both, so a non-transitive `same_answer` can never reject an equal answer.
-            candidates = [s for s in samples if not answers_agree(s["answer"], a_plus, same_answer)]
+            candidates = [s for s in samples if not answers_agree(s["answer"], a_plus, same_answer)
+                          and not answers_agree(s["answer"], record["answer"], same_answer)]
         elif confidence + _EPS >= flip_confidence:
             kind = "weak_rejected"
-            candidates = [s for s in samples if answers_agree(s["answer"], a_plus, same_answer)]
+            # The chosen side answers a+ and, checked separately (equivalence may not be transitive), not the weak
+            # answer: a pair never prefers one response over another with the same answer.
+            candidates = [s for s in samples if answers_agree(s["answer"], a_plus, same_answer)
+                          and not answers_agree(s["answer"], record["answer"], same_answer)]
         else:
             counts["skipped_below_flip"] += 1
             continue

@@ -51,7 +51,8 @@ def select_demos(weak_records: list[dict], task: str, k: int = N_DEMOS, seed: in
 
     PAPER.md: chosen at random among responses with an extractable answer, NOT filtered for correctness.
     """
-    candidates = [r for r in weak_records if extract_answer(r["response"], task)]
+    # "Extractable" = a non-empty normalized answer: the same test the consistency filter and the vote apply.
+    candidates = [r for r in weak_records if normalize_answer(extract_answer(r["response"], task))]
     if len(candidates) < k:
         raise ValueError(f"need {k} weak responses with an extractable answer for ICL demos, found {len(candidates)}")
     return random.Random(seed).sample(candidates, k)
