@@ -234,6 +234,9 @@ def test_bad_input_errors(ckpt):
         generate(model, None, ["hi"], progress=False)
     with pytest.raises(ValueError, match="top_p=0"):
         generate(model, None, [[1, 5]], temperature=1.0, top_p=0.0, progress=False)
+    assert model.cfg.max_seq_len == 256  # hf_tiny's max_position_embeddings
+    with pytest.warns(UserWarning, match="holds 300 positions but the model was trained on 256"):
+        generate(model, None, [[1, 5]], max_new_tokens=2, cache_len=300, progress=False)
 
 
 # ------------------------------------------------------------------------------------------------ jsonl resume

@@ -42,6 +42,7 @@ import glob
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -493,6 +494,10 @@ def iter_generate(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, to
     if not ids:
         return
     cache_len = _cache_len_for(ids, max_new_tokens, cache_len)
+    trained = model.cfg.max_seq_len
+    if trained and cache_len > trained:  # RoPE past the trained context runs, but the model never saw it
+        warnings.warn(f"the KV cache holds {cache_len} positions but the model was trained on {trained} "
+                      f"(config.json max_position_embeddings): completions past it are unreliable", stacklevel=2)
     device = model.embed_tokens.weight.device
     if cuda_graphs is None:
         cuda_graphs = device.type == "cuda"
