@@ -101,7 +101,8 @@ def run(recipe, runs, no_progress):
     from w2s.pipeline import run_pipeline
 
     _, _, text = run_pipeline(recipe, runs_dir=runs, progress=not no_progress)
-    click.echo(text)
+    if text:  # under torchrun only rank 0 builds the report; the other ranks print nothing
+        click.echo(text)
 
 
 @main.command()
