@@ -35,17 +35,17 @@ from w2s import world
 from w2s.tasks.gsm8k import strip_calculator
 
 # The two bases. Llama-shaped (RMSNorm, RoPE, SwiGLU), fp32 on disk: tiny enough to pretrain on a laptop CPU in
-# minutes and to run the whole pipeline in a few more. The strong one has ~3x the weak one's non-embedding
-# parameters, reads a richer corpus (world.CORPUS_SPECS) and 4x as many documents; the weak one is small,
+# minutes and to run the whole pipeline in a few more. The strong one has ~8x the weak one's non-embedding
+# parameters, reads a richer corpus (world.CORPUS_SPECS) and ~5x as many documents; the weak one is small,
 # narrowly read AND misinformed (a quarter of its arithmetic facts are consistently wrong).
 SHAPES = {
-    "strong": dict(dim=64, n_layers=3, n_heads=2, hidden_dim=192),
+    "strong": dict(dim=96, n_layers=4, n_heads=4, hidden_dim=256),
     "weak": dict(dim=48, n_layers=2, n_heads=2, hidden_dim=128),
 }
 # Pretraining schedule per model: documents read (one pass), AdamW peak lr, documents per step. Small batches:
 # at this scale the number of updates, not the tokens per update, is what lets in-context copying form.
 SCHEDULE = {
-    "strong": dict(n_docs=40_000, lr=2e-3, batch_size=8),
+    "strong": dict(n_docs=48_000, lr=2e-3, batch_size=8),
     "weak": dict(n_docs=10_000, lr=2e-3, batch_size=8),
 }
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "demo.toml"
