@@ -5,7 +5,7 @@ NPROC ?= 1
 # One process: plain python. Several: torchrun (sampling shards prompts, training uses FSDP2).
 LAUNCH = $(if $(filter 1,$(NPROC)),$(PY),$(PY) -m torch.distributed.run --nproc_per_node=$(NPROC))
 
-.PHONY: install test test-gpu lint gsm8k math bench-kernels bench-sampling bench-train
+.PHONY: install test test-gpu lint demo demo-pretrain demo-seeds gsm8k math bench-kernels bench-sampling bench-train
 
 # Installs torch only when none is importable (a GPU node keeps its own CUDA build); the pinned
 # version resolves to the local CPU wheel on the development machines and in CI.
@@ -21,6 +21,21 @@ test-gpu:
 
 lint:
 	$(PY) -m ruff check w2s kernels scripts tests
+
+# The demo: every stage of the paper on the miniature world (w2s/world.py) with the tiny bases shipped in demo/, on
+# CPU. One thread: for models this small, a second thread costs more in synchronization than it gains.
+DEMO_THREADS ?= 1
+
+demo:
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) scripts/pipeline.py recipes/demo.toml
+
+# Rebuild demo/ (world data, tokenizer, weak + strong bases, PRETRAIN.json with the probe); ~20 min on 2 cores.
+demo-pretrain:
+	$(PY) scripts/pretrain_demo.py --threads 1 --probe 200
+
+# The demo over seeds 0, 1, 2 (split, demos, pairs, batch order): runs/demo-seed{0,1,2}/ and a mean/spread table.
+demo-seeds:
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) scripts/demo_seeds.py --recipe recipes/demo.toml --seeds 0 1 2
 
 # The paper's experiments: make gsm8k NPROC=8 [RECIPE=recipes/gsm8k.toml]
 gsm8k:

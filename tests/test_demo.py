@@ -146,3 +146,26 @@ def test_shortened_demo_runs_end_to_end_and_reports(tmp_path):
         accuracy = meta.get("accuracy", meta.get("result", {}).get("accuracy"))
         assert accuracy == pytest.approx(regraded), stage.name
     assert (run_dir / "report.png").is_file()
+
+
+def test_demo_seeds_rewrites_every_seed_and_the_name_and_tabulates_mean_and_spread():
+    import demo_seeds  # scripts/demo_seeds.py (make demo-seeds)
+
+    text = RECIPE.read_text()
+    seeded = tomllib.loads(demo_seeds.seeded_recipe(text, 7))
+    original = tomllib.loads(text)
+    assert seeded["name"] == original["name"] + "-seed7"
+    changed = []
+    for section, values in original.items():
+        if isinstance(values, dict):
+            for key, value in values.items():
+                if key.endswith("seed"):
+                    assert seeded[section][key] == 7
+                    changed.append(f"{section}.{key}")
+                else:
+                    assert seeded[section][key] == value  # nothing else moves
+    assert {"data.seed", "stage1.demo_seed", "stage2.pair_seed"} <= set(changed)
+    table = demo_seeds.seeds_table({0: {"weak_floor": 0.1, "ceiling": 0.9}, 1: {"weak_floor": 0.3, "ceiling": 0.8}})
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines()[2:]}
+    assert rows["weak floor (weak model)"].endswith("| 10.0 | 30.0 | 20.0 | 14.1 |")  # stdev(10, 30) = 14.14
+    assert rows["strong ceiling (gold train_2)"].endswith("| 90.0 | 80.0 | 85.0 | 7.1 |")
