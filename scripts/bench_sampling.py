@@ -3,7 +3,8 @@ sequence runs the full budget, so the work is exactly prompts x samples x new to
 
     python scripts/bench_sampling.py                      # CPU: small Llama-shaped model, 32 prompts x 4 x 64 tokens,
                                                           #      and transformers' generate on the same weights
-    python scripts/bench_sampling.py --device cuda        # GPU: Llama-3-8B-shaped bf16, 256 prompts x 8 x 256 tokens
+    python scripts/bench_sampling.py --device cuda        # GPU: Llama-3-8B-shaped bf16, 256 prompts x 8 x 256 tokens,
+                                                          #      then batch-1 greedy decode (--batch1 on CPU too)
     make bench-sampling
 
 On CPU the number that matters is the ratio to transformers' `generate` run in the same process on the same weights
@@ -98,6 +99,8 @@ def main():
     parser.add_argument("--no-hf", action="store_true", help="skip transformers' generate (default on CUDA)")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on CUDA")
     parser.add_argument("--threads", type=int, help="torch CPU threads [default: torch's choice]")
+    parser.add_argument("--batch1", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time batch-1 greedy decode [default: on CUDA only]")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -131,6 +134,15 @@ def main():
           f"/step   ({t_ours:.2f} s, median of {args.repeats})")
     if kind == "cuda":
         print(f"target (H100, 8B shape): >= 13000 output tok/s: {'met' if n_tokens / t_ours >= 13000 else 'NOT met'}")
+    if args.batch1 or (args.batch1 is None and kind == "cuda"):
+        # Latency: one sequence, greedy, the same number of new tokens; bandwidth-bound (every step reads all weights).
+        one = prompts[:1].tolist()
+        t_one = timed(lambda: generate(model, None, one, max_new_tokens=work["new_tokens"], progress=False,
+                                       cuda_graphs=options["cuda_graphs"]), device, args.repeats)
+        rate = work["new_tokens"] / t_one
+        target = f" (target H100 8B: >= 150: {'met' if rate >= 150 else 'NOT met'})" if kind == "cuda" else ""
+        print(f"w2s batch-1 decode    {rate:10.0f} tok/s          {t_one * 1e3 / work['new_tokens']:8.2f} ms/step"
+              f"{target}")
     if not run_hf:
         return
     with tempfile.TemporaryDirectory() as tmp:
