@@ -133,7 +133,8 @@ def check_tokenizer_fits(path, cfg):
                          f"{cfg.vocab_size} (the embedding table must cover every token id)")
 
 
-def _atomic_write_text(path, text):
+def atomic_write_text(path, text):
+    """Temp file, fsync, rename: a reader sees the old file or the whole new one, never half of it."""
     tmp = Path(str(path) + ".tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -181,15 +182,15 @@ def save_model(model, path, tokenizer=None, dtype=None, max_shard_bytes=5 * 2**3
             weight_map.update({name: fname for name in shard})
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        _atomic_write_text(path / INDEX_FILE, json.dumps(index, indent=2))
+        atomic_write_text(path / INDEX_FILE, json.dumps(index, indent=2))
     if tokenizer is not None:
         tokenizer.save(path)
     gen = {k: v for k, v in (("bos_token_id", cfg.bos_token_id), ("eos_token_id", cfg.eos_token_id),
                              ("pad_token_id", cfg.pad_token_id)) if v is not None}
-    _atomic_write_text(path / "generation_config.json", json.dumps(gen, indent=2))
+    atomic_write_text(path / "generation_config.json", json.dumps(gen, indent=2))
     hf = cfg.to_hf()
     first = next(iter(tensors.values()))
     hf["torch_dtype"] = DTYPE_NAMES.get(first.dtype, "float32")
     hf.pop("dtype", None)
-    _atomic_write_text(path / "config.json", json.dumps(hf, indent=2))
+    atomic_write_text(path / "config.json", json.dumps(hf, indent=2))
     return path

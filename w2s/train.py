@@ -43,6 +43,7 @@ import torch
 import torch.nn as nn
 
 from w2s import data, losses, ops, profile
+from w2s.checkpoint import atomic_write_text
 from w2s.data import IGNORE_INDEX
 from w2s.lora import TARGETS, inject_lora, lora_scale, merge_lora_state_dict
 from w2s.parallel import Dist, all_reduce_sum, barrier, full_tensor, init_distributed, shard_model
@@ -302,15 +303,6 @@ def _state_dict_options():
     return StateDictOptions(ignore_frozen_params=True, strict=False)  # LoRA: only the adapters change
 
 
-def _fsync_write(path, text):
-    tmp = Path(str(path) + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_training_state(ckpt_root, step, module, optimizer, d: Dist, meta):
     """Write <ckpt_root>/step<N>: sharded model + optimizer (DCP), per-rank RNG, train_state.json; atomically.
 
@@ -334,7 +326,7 @@ def save_training_state(ckpt_root, step, module, optimizer, d: Dist, meta):
     torch.save(rng, tmp / f"rng_rank{d.rank}.pt")
     barrier(d)
     if d.is_main:
-        _fsync_write(tmp / "train_state.json", json.dumps({"step": step, **meta}, indent=2))
+        atomic_write_text(tmp / "train_state.json", json.dumps({"step": step, **meta}, indent=2))
         os.replace(tmp, final)
         for old in ckpt_root.glob("step*"):
             if old != final:
@@ -659,7 +651,7 @@ def _trim_metrics(path, step):
     if not path.is_file():
         return
     keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    _fsync_write(path, "".join(line + "\n" for line in keep))
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 def _clip_grad_norm(params, max_norm):
