@@ -8,11 +8,14 @@ hand: 8 bytes little-endian header length, a JSON header {name: {dtype, shape, d
 Saving writes config.json, generation_config.json, model-0000k-of-0000n.safetensors + model.safetensors.index.json,
 and the tokenizer files, which transformers' from_pretrained and vLLM load unchanged.
 
-    python -m pytest tests/test_model.py tests/test_checkpoint.py
+Training-state checkpoints (resume) live here too: save_training_state / load_training_state / latest_checkpoint.
+
+    python -m pytest tests/test_model.py tests/test_train.py -k resume
 """
 
 import json
 import os
+import shutil
 import struct
 from pathlib import Path
 
@@ -21,6 +24,7 @@ from safetensors.torch import save_file
 
 from w2s.config import ModelConfig
 from w2s.model import Transformer
+from w2s.parallel import Dist, barrier
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -194,3 +198,69 @@ def save_model(model, path, tokenizer=None, dtype=None, max_shard_bytes=5 * 2**3
     hf.pop("dtype", None)
     atomic_write_text(path / "config.json", json.dumps(hf, indent=2))
     return path
+
+
+# ---------------------------------------------------------------------------------------------- training state
+# Resumable training checkpoints (w2s/train.py writes them every ckpt_every steps): sharded model + optimizer via
+# torch.distributed.checkpoint, per-rank RNG, and train_state.json, renamed into place only when complete.
+
+
+def _state_dict_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True, strict=False)  # LoRA: only the adapters change
+
+
+def save_training_state(ckpt_root, step, module, optimizer, d: Dist, meta):
+    """Write <ckpt_root>/step<N>: sharded model + optimizer (DCP), per-rank RNG, train_state.json; atomically.
+
+    Everything goes into a hidden temp directory first; rank 0 renames it into place only after every rank has
+    finished writing, then deletes older checkpoints. A crash at any moment leaves the previous checkpoint intact.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    ckpt_root = Path(ckpt_root)
+    tmp, final = ckpt_root / f".tmp-step{step:08d}", ckpt_root / f"step{step:08d}"
+    if d.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(d)
+    model_sd, optim_sd = get_state_dict(module, optimizer, options=_state_dict_options())
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    rng = {"cpu": torch.get_rng_state()}
+    if d.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(d.device)
+    torch.save(rng, tmp / f"rng_rank{d.rank}.pt")
+    barrier(d)
+    if d.is_main:
+        atomic_write_text(tmp / "train_state.json", json.dumps({"step": step, **meta}, indent=2))
+        os.replace(tmp, final)
+        for old in ckpt_root.glob("step*"):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier(d)
+
+
+def latest_checkpoint(ckpt_root):
+    """The newest complete checkpoint directory (renamed into place, so complete by construction), or None."""
+    found = sorted(p for p in Path(ckpt_root).glob("step*") if (p / "train_state.json").is_file())
+    return found[-1] if found else None
+
+
+def load_training_state(path, module, optimizer, d: Dist):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(module, optimizer, options=_state_dict_options())
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=_state_dict_options())
+    rng_file = Path(path) / f"rng_rank{d.rank}.pt"
+    if rng_file.is_file():  # absent when resuming on more ranks than were saved: those keep the seeded state
+        rng = torch.load(rng_file, weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and d.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], d.device)
+    return json.loads((Path(path) / "train_state.json").read_text())

@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 
 from w2s import data, losses, ops, profile
-from w2s.checkpoint import atomic_write_text
+from w2s.checkpoint import atomic_write_text, latest_checkpoint, load_training_state, save_training_state
 from w2s.data import IGNORE_INDEX
 from w2s.lora import TARGETS, inject_lora, lora_scale, merge_lora_state_dict
 from w2s.parallel import Dist, all_reduce_sum, barrier, full_tensor, init_distributed, shard_model
@@ -292,70 +292,6 @@ def peak_memory_gib(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / profile.GiB
     return profile.host_peak_rss_bytes() / profile.GiB
-
-
-# ---------------------------------------------------------------------------------------------- checkpoints
-
-
-def _state_dict_options():
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(ignore_frozen_params=True, strict=False)  # LoRA: only the adapters change
-
-
-def save_training_state(ckpt_root, step, module, optimizer, d: Dist, meta):
-    """Write <ckpt_root>/step<N>: sharded model + optimizer (DCP), per-rank RNG, train_state.json; atomically.
-
-    Everything goes into a hidden temp directory first; rank 0 renames it into place only after every rank has
-    finished writing, then deletes older checkpoints. A crash at any moment leaves the previous checkpoint intact.
-    """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    ckpt_root = Path(ckpt_root)
-    tmp, final = ckpt_root / f".tmp-step{step:08d}", ckpt_root / f"step{step:08d}"
-    if d.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier(d)
-    model_sd, optim_sd = get_state_dict(module, optimizer, options=_state_dict_options())
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    rng = {"cpu": torch.get_rng_state()}
-    if d.device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(d.device)
-    torch.save(rng, tmp / f"rng_rank{d.rank}.pt")
-    barrier(d)
-    if d.is_main:
-        atomic_write_text(tmp / "train_state.json", json.dumps({"step": step, **meta}, indent=2))
-        os.replace(tmp, final)
-        for old in ckpt_root.glob("step*"):
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
-    barrier(d)
-
-
-def latest_checkpoint(ckpt_root):
-    """The newest complete checkpoint directory (renamed into place, so complete by construction), or None."""
-    found = sorted(p for p in Path(ckpt_root).glob("step*") if (p / "train_state.json").is_file())
-    return found[-1] if found else None
-
-
-def load_training_state(path, module, optimizer, d: Dist):
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    model_sd, optim_sd = get_state_dict(module, optimizer, options=_state_dict_options())
-    state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                   options=_state_dict_options())
-    rng_file = Path(path) / f"rng_rank{d.rank}.pt"
-    if rng_file.is_file():  # absent when resuming on more ranks than were saved: those keep the seeded state
-        rng = torch.load(rng_file, weights_only=True)
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and d.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], d.device)
-    return json.loads((Path(path) / "train_state.json").read_text())
 
 
 # ---------------------------------------------------------------------------------------------- hashing
