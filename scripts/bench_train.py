@@ -1,6 +1,7 @@
 """Training-step benchmark: tokens/s and MFU of w2s's SFT loop, against transformers on the same weights and batches.
 
     python scripts/bench_train.py                          # `make bench-train`; CPU: a small Llama, fp32
+    python scripts/bench_train.py --dpo-memory            # peak memory of DPO with vs without the fused log-probs
     python scripts/bench_train.py --dim 2048 --layers 16 --heads 16 --kv-heads 8 --hidden 5632 --vocab 32000 \\
         --batch 8 --seq 2048                               # GPU: a ~1B Llama (w2s: FSDP2 bf16 compute, fp32 master)
 
@@ -36,6 +37,9 @@ def parse_args():
     p.add_argument("--steps", type=int, default=8, help="measured steps per side")
     p.add_argument("--warmup", type=int, default=2, help="steps run first and not measured")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dpo-memory", action="store_true",
+                   help="instead: peak memory of DPO training (reference pass + --steps steps, --batch pairs each)\n"
+                        "with the fused linear log-probs (W2S_KERNELS=auto) vs the unfused reference")
     return p.parse_args()
 
 
@@ -99,12 +103,64 @@ def bench_transformers(hf, steps, device):
     return out
 
 
+def bench_dpo_memory(path, args, device):
+    """Peak memory above the loaded model of train_preference(loss="dpo") per kernel backend -> {backend: bytes}.
+
+    Each run: the reference log-prob pass over all pairs, then --steps optimizer steps of --batch pairs (chosen and
+    rejected rows of --seq tokens; the response is all but the first token). The fused path never builds the
+    (tokens, vocab) logits; the reference builds them in fp32 and keeps them (and the log-softmax) for backward.
+    """
+    import gc
+
+    import w2s
+    from w2s import ops, profile
+    from w2s.train import TrainConfig, train_preference
+
+    g = torch.Generator().manual_seed(args.seed + 2)
+    ids = torch.randint(3, args.vocab, (args.steps * args.batch, 2, args.seq), generator=g).tolist()
+    pairs = [{"prompt_ids": c[:1], "chosen_ids": c[1:], "rejected_ids": r[1:]} for c, r in ids]
+    cfg = TrainConfig(lr=1e-6, batch_size=args.batch, micro_batch_size=args.batch, max_steps=args.steps,
+                      max_seq_len=args.seq, progress=False, seed=args.seed, beta=0.1)
+    peaks, previous = {}, ops.get_backend()
+    try:
+        for backend in ("auto", "reference"):
+            ops.set_backend(backend)
+            model = w2s.load_model(path, dtype=torch.float32)  # the loop moves it (and on CUDA computes in bf16)
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                base = torch.cuda.memory_allocated(device)
+            elif not profile.reset_host_peak_rss():
+                raise SystemExit("--dpo-memory on CPU needs Linux (/proc/self/clear_refs resets the peak RSS)")
+            else:
+                base = profile.host_peak_rss_bytes()
+            train_preference(model, None, pairs, cfg, loss="dpo")
+            peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else profile.host_peak_rss_bytes()
+            peaks[backend] = peak - base
+            del model
+    finally:
+        ops.set_backend(previous)
+    return peaks
+
+
 def main():
     from w2s import profile
     from w2s.config import ModelConfig
 
     args = parse_args()
     device = profile.resolve_device()
+    if args.dpo_memory:
+        with tempfile.TemporaryDirectory() as path:
+            make_checkpoint(args, path)
+            peaks = bench_dpo_memory(path, args, device)
+        what = "CUDA max allocated" if device.type == "cuda" else "peak RSS"
+        print(f"# device {profile.device_name(device)} | DPO, {args.steps} steps x {args.batch} pairs x seq "
+              f"{args.seq} | vocab {args.vocab} | {what} above the loaded model")
+        for backend, name in (("auto", "fused linear log-probs"), ("reference", "unfused (reference)")):
+            print(f"{name:<26}{peaks[backend] / 2**20:>10,.0f} MiB")
+        print(f"fused / unfused: {peaks['auto'] / peaks['reference']:.2f}")
+        return
     steps = batches(args)
     with tempfile.TemporaryDirectory() as path:
         hf = make_checkpoint(args, path)

@@ -26,7 +26,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"
 
-from kernels import fused_linear, glu, reference, rms_norm, rope  # noqa: E402
+from kernels import chunked_linear, fused_linear, glu, reference, rms_norm, rope  # noqa: E402
 
 FP32_TOL = dict(atol=1e-5, rtol=1e-5)
 requires_cuda = pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA")
@@ -185,6 +185,10 @@ def test_geglu_hand_values():
 
 # ------------------------------------------------------------------------------------------------- fused linear
 
+# Both row steps of the chunk loop (kernels/chunked_linear.py): the Triton kernel (GPU) and the torch one (CPU path).
+LINEAR_IMPLS = pytest.mark.parametrize("impl", [fused_linear, chunked_linear], ids=["triton", "torch"])
+
+
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Tiny shapes still take the multi-chunk, multi-block paths: 8-row chunks, 64-column vocabulary blocks."""
@@ -192,6 +196,7 @@ def small_chunks(monkeypatch):
 
     def set_rows(rows, V, elem):
         monkeypatch.setattr(fused_linear, "CHUNK_BYTES", rows * V * elem)
+        monkeypatch.setattr(chunked_linear, "CPU_CHUNK_BYTES", rows * V * elem)
 
     return set_rows
 
@@ -204,9 +209,10 @@ def _fused_inputs(N=37, D=48, V=131, ignore_index=-100, logit_scale=1.0):
     return hidden, weight, targets
 
 
+@LINEAR_IMPLS
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("softcap", [None, 3.0])
-def test_linear_cross_entropy_matches_reference(small_chunks, dtype, softcap):
+def test_linear_cross_entropy_matches_reference(impl, small_chunks, dtype, softcap):
     hidden, weight, targets = _fused_inputs(logit_scale=8.0)  # logits of +-10s: the soft-cap bends them hard
     small_chunks(8, weight.shape[0], torch.finfo(dtype).bits // 8)
 
@@ -214,15 +220,16 @@ def test_linear_cross_entropy_matches_reference(small_chunks, dtype, softcap):
         # upstream grad 0.37: checks that the precomputed gradients are scaled in the backward
         return lambda h, w: fn(h, w, targets, softcap=softcap)[0] * 0.37
 
-    check_against_reference(loss(fused_linear.linear_cross_entropy), loss(reference.linear_cross_entropy),
+    check_against_reference(loss(impl.linear_cross_entropy), loss(reference.linear_cross_entropy),
                             [hidden, weight], dtype, ["loss", "dhidden", "dweight"])
-    n_valid = fused_linear.linear_cross_entropy(hidden.to(dtype), weight.to(dtype), targets, softcap)[1]
+    n_valid = impl.linear_cross_entropy(hidden.to(dtype), weight.to(dtype), targets, softcap)[1]
     assert n_valid.dtype == torch.int64 and n_valid.item() == (targets != -100).sum().item()
 
 
+@LINEAR_IMPLS
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("softcap", [None, 3.0])
-def test_linear_logprobs_matches_reference_under_any_upstream_gradient(small_chunks, dtype, softcap):
+def test_linear_logprobs_matches_reference_under_any_upstream_gradient(impl, small_chunks, dtype, softcap):
     hidden, weight, targets = _fused_inputs(N=29, V=131, ignore_index=7, logit_scale=8.0)  # a real id as ignore
     small_chunks(8, weight.shape[0], torch.finfo(dtype).bits // 8)
 
@@ -234,49 +241,52 @@ def test_linear_logprobs_matches_reference_under_any_upstream_gradient(small_chu
             return torch.cat([logp, torch.nn.functional.logsigmoid(seq[:1] - seq[1:2]) + seq[2:] ** 2 * 0.01])
         return f
 
-    check_against_reference(dpo_like(fused_linear.linear_logprobs), dpo_like(reference.linear_logprobs),
+    check_against_reference(dpo_like(impl.linear_logprobs), dpo_like(reference.linear_logprobs),
                             [hidden, weight], dtype, ["logprobs", "dhidden", "dweight"])
-    logp = fused_linear.linear_logprobs(hidden, weight, targets, softcap=softcap, ignore_index=7)
+    logp = impl.linear_logprobs(hidden, weight, targets, softcap=softcap, ignore_index=7)
     assert logp.dtype == torch.float32 and (logp[targets == 7] == 0).all() and (logp[targets != 7] < 0).all()
 
 
-def test_fused_linear_frozen_weight_and_no_grad(small_chunks):
+@LINEAR_IMPLS
+def test_fused_linear_frozen_weight_and_no_grad(impl, small_chunks):
     hidden, weight, targets = _fused_inputs(N=20, V=70)
     small_chunks(6, 70, 4)
     h = hidden.clone().requires_grad_()
-    loss, _ = fused_linear.linear_cross_entropy(h, weight, targets)  # frozen lm_head: only d hidden
+    loss, _ = impl.linear_cross_entropy(h, weight, targets)  # frozen lm_head: only d hidden
     loss.backward()
     h_ref = hidden.clone().requires_grad_()
     reference.linear_cross_entropy(h_ref, weight, targets)[0].backward()
     torch.testing.assert_close(h.grad, h_ref.grad, **FP32_TOL)
     with torch.no_grad():
-        torch.testing.assert_close(fused_linear.linear_logprobs(h, weight, targets),
+        torch.testing.assert_close(impl.linear_logprobs(h, weight, targets),
                                    reference.linear_logprobs(hidden, weight, targets), **FP32_TOL)
-        torch.testing.assert_close(fused_linear.linear_cross_entropy(h, weight, targets)[0], loss.detach(),
+        torch.testing.assert_close(impl.linear_cross_entropy(h, weight, targets)[0], loss.detach(),
                                    **FP32_TOL)
 
 
-def test_fused_linear_all_ignored_and_hand_value():
+@LINEAR_IMPLS
+def test_fused_linear_all_ignored_and_hand_value(impl):
     hidden, weight = torch.randn(4, 8), torch.randn(5, 8)
     targets = torch.full((4,), -100)
-    loss, n_valid = fused_linear.linear_cross_entropy(hidden, weight, targets)
+    loss, n_valid = impl.linear_cross_entropy(hidden, weight, targets)
     assert loss.item() == 0.0 and n_valid.item() == 0
     # zero weight: uniform softmax over V=5, so every valid token costs log(5)
-    loss, n_valid = fused_linear.linear_cross_entropy(hidden, torch.zeros(5, 8), torch.tensor([0, 4, -100, 2]))
+    loss, n_valid = impl.linear_cross_entropy(hidden, torch.zeros(5, 8), torch.tensor([0, 4, -100, 2]))
     assert n_valid.item() == 3
     torch.testing.assert_close(loss, torch.tensor(3 * math.log(5.0)))
     # no tokens at all (an empty micro-batch): zero loss, zero gradients, like the reference
     hidden, weight = torch.randn(0, 8, requires_grad=True), torch.randn(5, 8, requires_grad=True)
-    loss, n_valid = fused_linear.linear_cross_entropy(hidden, weight, torch.zeros(0, dtype=torch.long))
+    loss, n_valid = impl.linear_cross_entropy(hidden, weight, torch.zeros(0, dtype=torch.long))
     loss.backward()
     assert loss.item() == 0.0 and n_valid.item() == 0 and hidden.grad.shape == (0, 8) and (weight.grad == 0).all()
 
 
-def test_fused_linear_rejects_bad_shapes():
+@LINEAR_IMPLS
+def test_fused_linear_rejects_bad_shapes(impl):
     with pytest.raises(ValueError, match="hidden"):
-        fused_linear.linear_cross_entropy(torch.randn(2, 3, 8), torch.randn(5, 8), torch.zeros(6, dtype=torch.long))
+        impl.linear_cross_entropy(torch.randn(2, 3, 8), torch.randn(5, 8), torch.zeros(6, dtype=torch.long))
     with pytest.raises(ValueError, match="targets"):
-        fused_linear.linear_logprobs(torch.randn(6, 8), torch.randn(5, 8), torch.zeros(5, dtype=torch.long))
+        impl.linear_logprobs(torch.randn(6, 8), torch.randn(5, 8), torch.zeros(5, dtype=torch.long))
 
 
 def test_ops_switch_routes_to_triton(monkeypatch):
@@ -287,6 +297,24 @@ def test_ops_switch_routes_to_triton(monkeypatch):
     torch.testing.assert_close(ops.rms_norm(x, w, 1e-6), reference.rms_norm(x, w, 1e-6), **FP32_TOL)
     torch.testing.assert_close(ops.swiglu(x, x.flip(0)), reference.swiglu(x, x.flip(0)), **FP32_TOL)
 
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the CPU routing of the fused linear losses")
+def test_ops_cpu_auto_routes_linear_losses_to_the_chunk_loop(monkeypatch):
+    from w2s import ops
+
+    calls = []
+    real = chunked_linear.nll_and_grads
+    monkeypatch.setattr(chunked_linear, "nll_and_grads", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    hidden, weight, targets = _fused_inputs()
+    for backend, expected_calls in (("auto", 2), ("reference", 0)):
+        monkeypatch.setattr(ops, "_backend", backend)
+        calls.clear()
+        loss, _ = ops.linear_cross_entropy(hidden, weight, targets)
+        logp = ops.linear_logprobs(hidden, weight, targets)
+        assert len(calls) == expected_calls, backend
+        torch.testing.assert_close(loss, reference.linear_cross_entropy(hidden, weight, targets)[0], **FP32_TOL)
+        torch.testing.assert_close(logp, reference.linear_logprobs(hidden, weight, targets), **FP32_TOL)
 
 # ------------------------------------------------------------------------------------------------- GPU, bf16
 

@@ -2,7 +2,9 @@
 
 Every hot op of the model and the losses goes through a function here. The backend is chosen per call:
 
-    W2S_KERNELS=auto       (default) Triton for CUDA tensors, the reference for anything else (CPU)
+    W2S_KERNELS=auto       (default) Triton for CUDA tensors, the reference for anything else (CPU), except two
+                           CPU paths with the reference's math and less memory traffic: torch SDPA for attention
+                           and the chunked fused linear losses (kernels/chunked_linear.py)
     W2S_KERNELS=triton     Triton always (on CPU only under TRITON_INTERPRET=1, which is how the tests run it)
     W2S_KERNELS=reference  the reference always (debugging, parity checks on GPU)
 
@@ -16,7 +18,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from kernels import reference
+from kernels import chunked_linear, reference
 
 BACKENDS = ("auto", "triton", "reference")
 _backend = os.environ.get("W2S_KERNELS", "auto")
@@ -103,12 +105,20 @@ def geglu(gate, up):
 
 
 def linear_cross_entropy(hidden, weight, targets, softcap=None, ignore_index=-100):
-    """(loss_sum, n_valid) of hidden (N, D) @ weight (V, D).T against targets (N,), never building (N, V) on GPU."""
-    impl = _triton("fused_linear", hidden) or reference
-    return impl.linear_cross_entropy(hidden, weight, targets, softcap=softcap, ignore_index=ignore_index)
+    """(loss_sum, n_valid) of hidden (N, D) @ weight (V, D).T against targets (N,), never building the (N, V) logits (but for the reference)."""
+    return _linear_losses(hidden).linear_cross_entropy(hidden, weight, targets, softcap=softcap,
+                                                       ignore_index=ignore_index)
 
 
 def linear_logprobs(hidden, weight, targets, softcap=None, ignore_index=-100):
-    """Per-token target log-probs (N,), 0 at ignore_index, never building (N, V) on GPU."""
-    impl = _triton("fused_linear", hidden) or reference
-    return impl.linear_logprobs(hidden, weight, targets, softcap=softcap, ignore_index=ignore_index)
+    """Per-token target log-probs (N,), 0 at ignore_index, never building the (N, V) logits (but for the reference)."""
+    return _linear_losses(hidden).linear_logprobs(hidden, weight, targets, softcap=softcap, ignore_index=ignore_index)
+
+
+def _linear_losses(hidden):
+    """Triton on CUDA; on CPU under `auto` the same chunk loop with a torch row step (kernels/chunked_linear.py:
+    no (N, V) logits, loss and gradients in one pass); the reference under W2S_KERNELS=reference."""
+    impl = _triton("fused_linear", hidden)
+    if impl is not None:
+        return impl
+    return chunked_linear if _backend == "auto" else reference

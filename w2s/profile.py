@@ -95,9 +95,23 @@ def mfu(tokens_per_s, flops_per_token, peak, n_devices=1):
 
 
 def host_peak_rss_bytes():
-    """Peak resident memory of this process over its whole life (ru_maxrss cannot be reset)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+    """Peak resident memory of this process since it started, or since reset_host_peak_rss() on Linux."""
+    try:  # Linux: the resettable high-water mark (VmHWM, in KiB)
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # cannot be reset
+        return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+def reset_host_peak_rss():
+    """Linux: restart the peak-RSS high-water mark at the current RSS (-> True); elsewhere a no-op (-> False)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def _sync(device):
