@@ -105,13 +105,14 @@ def geglu(gate, up):
 
 
 def linear_cross_entropy(hidden, weight, targets, softcap=None, ignore_index=-100):
-    """(loss_sum, n_valid) of hidden (N, D) @ weight (V, D).T against targets (N,), never building the (N, V) logits (but for the reference)."""
+    """(loss_sum, n_valid) of hidden (N, D) @ weight (V, D).T against targets (N,); no (N, V) logits but in the
+    reference."""
     return _linear_losses(hidden).linear_cross_entropy(hidden, weight, targets, softcap=softcap,
                                                        ignore_index=ignore_index)
 
 
 def linear_logprobs(hidden, weight, targets, softcap=None, ignore_index=-100):
-    """Per-token target log-probs (N,), 0 at ignore_index, never building the (N, V) logits (but for the reference)."""
+    """Per-token target log-probs (N,), 0 at ignore_index; no (N, V) logits but in the reference."""
     return _linear_losses(hidden).linear_logprobs(hidden, weight, targets, softcap=softcap, ignore_index=ignore_index)
 
 
