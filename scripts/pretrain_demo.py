@@ -1,10 +1,10 @@
 """Pretrain the demo's two tiny base models, "weak" and "strong", on unlabeled text of the miniature world.
 
-    python scripts/pretrain_demo.py                 # = make demo-pretrain: writes demo/ (data, tokenizer, weak, strong)
-    python scripts/pretrain_demo.py --probe 200     # also measure what the bases can do (numbers in demo/PRETRAIN.json)
+    python scripts/pretrain_demo.py --threads 1 --probe 200   # = make demo-pretrain: rewrites demo/ (data, tokenizer,
+                                                    # weak, strong) and measures what the bases can do (PRETRAIN.json)
     python scripts/pretrain_demo.py --only weak --out /tmp/demo   # one model, elsewhere
 
-What it writes (everything seeded, so a rerun on the same torch build reproduces the files):
+What it writes (everything seeded: a rerun on the same torch build and thread count reproduces the files):
     demo/data/train.jsonl, test.jsonl   GSM8K-format records of the world (the pipeline splits train into
                                         train_1 / train_2 itself); no question of these is in any pretraining doc
     demo/tokenizer/                     digit-level byte BPE trained on the corpora and the questions
@@ -48,6 +48,10 @@ SCHEDULE = {
     "strong": dict(n_docs=48_000, lr=2e-3, batch_size=8),
     "weak": dict(n_docs=10_000, lr=2e-3, batch_size=8),
 }
+# The seed of the shipped demo/: seeds 0, 1 and 2 were pretrained with this schedule and probed (--probe 200), and
+# the one whose strong base did best 4-shot with the weak model's demos was kept; the pipeline was not run to choose
+# (docs/DEMO_WORLD.md, "Choosing the pretraining seed"). At this scale that ability varies a lot between seeds.
+SHIPPED_SEED = 1
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "demo.toml"
 SPLIT_SIZES = dict(n_train_1=1000, n_train_2=1000, n_test=500)  # the pipeline takes its subsets of these
 MAX_SEQ_LEN = 1024  # RoPE positions the configs declare; pretraining documents are <= ~450 tokens
@@ -175,7 +179,8 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Writes data/, tokenizer/, weak/, strong/ and PRETRAIN.json under --out.")
     parser.add_argument("--out", default="demo", help="output directory (default: demo)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the world, the corpora and the init (default 0)")
+    parser.add_argument("--seed", type=int, default=SHIPPED_SEED,
+                        help=f"seed of the world, the corpora and the init (default {SHIPPED_SEED}: the shipped demo/)")
     parser.add_argument("--only", choices=sorted(SHAPES), help="pretrain one model (data/tokenizer must exist)")
     parser.add_argument("--probe", type=int, default=0, metavar="N",
                         help="after pretraining, measure zero-/few-shot and weak-SFT accuracy on N test questions")
