@@ -3,6 +3,7 @@ sequence runs the full budget, so the work is exactly prompts x samples x new to
 
     python scripts/bench_sampling.py                      # CPU: small Llama-shaped model, 32 prompts x 4 x 64 tokens,
                                                           #      and transformers' generate on the same weights
+    python scripts/bench_sampling.py --shared-prefix 384 --samples 1   # ICL-shaped: 4-shot demos common to all prompts
     python scripts/bench_sampling.py --device cuda        # GPU: Llama-3-8B-shaped bf16, 256 prompts x 8 x 256 tokens,
                                                           #      then batch-1 greedy decode (--batch1 on CPU too)
     make bench-sampling
@@ -94,6 +95,9 @@ def main():
     parser.add_argument("--samples", type=int, help="completions per prompt [CPU 4, CUDA 8]")
     parser.add_argument("--new-tokens", type=int, help="tokens generated per completion [CPU 64, CUDA 256]")
     parser.add_argument("--prompt-len", type=int, help="tokens per prompt [CPU 32, CUDA 128]")
+    parser.add_argument("--shared-prefix", type=int, default=0,
+                        help="tokens of a prefix common to every prompt, before its own --prompt-len tokens (the\n"
+                             "ICL stage's 4 demonstrations; w2s prefills it once, transformers once per sequence)")
     parser.add_argument("--max-batch", type=int, default=512, help="sequences decoded together (cache slots)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs (the median is reported)")
     parser.add_argument("--no-hf", action="store_true", help="skip transformers' generate (default on CUDA)")
@@ -115,6 +119,9 @@ def main():
     model = random_model(shape, dtype, device)
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(3, SHAPES[shape]["vocab_size"], (work["prompts"], work["prompt_len"]), generator=g)
+    if args.shared_prefix:
+        prefix = torch.randint(3, SHAPES[shape]["vocab_size"], (1, args.shared_prefix), generator=g)
+        prompts = torch.cat([prefix.expand(work["prompts"], -1), prompts], dim=1)  # (P, prefix + prompt_len)
     n_tokens = work["prompts"] * work["samples"] * work["new_tokens"]
     options = dict(n=work["samples"], temperature=1.0, max_new_tokens=work["new_tokens"], max_batch=args.max_batch,
                    cuda_graphs=False if args.no_cuda_graphs else None, progress=False)
@@ -128,7 +135,9 @@ def main():
           f"{commit()}")
     print(f"model: Llama-shaped '{shape}' {SHAPES[shape]} ({model.cfg.n_params() / 1e6:.1f} M params, random)")
     print(f"workload: {work['prompts']} prompts x {work['samples']} samples x {work['new_tokens']} new tokens, "
-          f"prompt length {work['prompt_len']}, temperature 1.0, max_batch {args.max_batch}")
+          f"prompt length {work['prompt_len']}" + (f" after a shared prefix of {args.shared_prefix}"
+                                                   if args.shared_prefix else "") +
+          f", temperature 1.0, max_batch {args.max_batch}")
     t_ours = timed(ours, device, args.repeats)
     print(f"w2s generate          {n_tokens / t_ours:10.0f} output tok/s   {t_ours * 1e3 / work['new_tokens']:8.2f} ms"
           f"/step   ({t_ours:.2f} s, median of {args.repeats})")
@@ -153,7 +162,7 @@ def main():
             out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True, temperature=1.0,
                               top_p=1.0, top_k=0, num_return_sequences=work["samples"],
                               max_new_tokens=work["new_tokens"], min_new_tokens=work["new_tokens"], pad_token_id=0)
-        assert out.shape == (work["prompts"] * work["samples"], work["prompt_len"] + work["new_tokens"])
+        assert out.shape == (work["prompts"] * work["samples"], prompts.shape[1] + work["new_tokens"])
 
     t_hf = timed(theirs, device, args.repeats)
     print(f"transformers generate {n_tokens / t_hf:10.0f} output tok/s   {t_hf * 1e3 / work['new_tokens']:8.2f} ms/step"

@@ -159,7 +159,8 @@ def main():
               f"{args.seq} | vocab {args.vocab} | {what} above the loaded model")
         for backend, name in (("auto", "fused linear log-probs"), ("reference", "unfused (reference)")):
             print(f"{name:<26}{peaks[backend] / 2**20:>10,.0f} MiB")
-        print(f"fused / unfused: {peaks['auto'] / peaks['reference']:.2f}")
+        ratio = f"{peaks['auto'] / peaks['reference']:.2f}" if peaks["reference"] > 0 else "n/a (no growth measured)"
+        print(f"fused / unfused: {ratio}")
         return
     steps = batches(args)
     with tempfile.TemporaryDirectory() as path:
