@@ -36,12 +36,14 @@ def run(train, args, **kwargs):
     """Load model, tokenizer and rows, train (exports to --out); bad input ends in one line on stderr, exit 2."""
     import w2s
     from w2s.data import read_jsonl
+    from w2s.parallel import load_for_training
     from w2s.train import config_from_args
 
     try:
         cfg = config_from_args(args)
         rows = read_jsonl(args.data)
-        model = w2s.load_model(args.model, dtype=getattr(torch, args.dtype))
+        # under torchrun only rank 0 reads the weights; the others get their FSDP shards from it
+        model = load_for_training(args.model, dtype=getattr(torch, args.dtype))
         tokenizer = w2s.load_tokenizer(args.model)
         train(model, tokenizer, rows, cfg, out_dir=args.out, **kwargs)
     except (ValueError, FileNotFoundError) as e:

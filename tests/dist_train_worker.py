@@ -6,15 +6,18 @@ Each run of RUNS (SFT and DPO, full and LoRA; ORPO full) trains the tiny checkpo
 OUT/<name> (rank 0 writes metrics.jsonl and the HF weights). The data (7 rows, batch 4) ends on a short batch, so
 with 2 ranks one micro-batch slot is empty and a rank runs the all-ignored dummy row; clipping is on so the DTensor
 clip path runs. "sft_full" is killed after step 3 and resumed from its step-2 checkpoint, so sharded (DCP)
-checkpoints are saved and loaded too.
+checkpoints are saved and loaded too. In the RANK0_LOAD runs only rank 0 reads the checkpoint (rank 1 starts on the
+meta device), so filling the shards from rank 0 is checked against the same one-process run.
 """
 
+import os
 import sys
 from pathlib import Path
 
 import torch
 
 import w2s
+from w2s.parallel import load_for_training
 from w2s.train import TrainConfig, train_preference, train_sft
 
 STEPS = 4
@@ -31,6 +34,9 @@ RUNS = {  # name: (loss, config)
     "orpo_full": ("orpo", TrainConfig(**COMMON, beta=0.5)),
 }
 KILL_AT = {"sft_full": 3}  # run dies after this step, then resumes
+# Runs whose checkpoint only rank 0 reads (w2s.parallel.load_for_training: rank 1 starts on the meta device and gets
+# its shards from rank 0); the others load it on every rank. In one process both are the plain load.
+RANK0_LOAD = {"sft_full", "dpo_full", "dpo_lora"}
 
 
 def rows_for(loss):
@@ -51,7 +57,9 @@ def run(name, ckpt, out_dir):
     loss, cfg = RUNS[name]
 
     def once(on_step=None):
-        model = w2s.load_model(ckpt, dtype=torch.float32)
+        model = load_for_training(ckpt, torch.float32) if name in RANK0_LOAD else w2s.load_model(ckpt, torch.float32)
+        if name in RANK0_LOAD and os.environ.get("RANK", "0") != "0":
+            assert model.embed_tokens.weight.is_meta  # this rank really read nothing
         if loss == "sft":
             return train_sft(model, None, rows_for(loss), cfg, out_dir=out_dir, on_step=on_step)
         return train_preference(model, None, rows_for(loss), cfg, out_dir=out_dir, loss=loss, on_step=on_step)

@@ -148,16 +148,18 @@ def full_run(world, tmp_path_factory):
         gold_readers.append(ctx.stage)
         return real_reader(ctx)
 
-    loads = []  # every checkpoint read from disk
-    real_load = plan.load_fresh
+    loads = []  # every checkpoint read from disk (for sampling or for training)
 
-    def load_spy(recipe, model_dir):
-        loads.append(str(model_dir))
-        return real_load(recipe, model_dir)
+    def load_spy(real):
+        def spy(recipe, model_dir):
+            loads.append(str(model_dir))
+            return real(recipe, model_dir)
+        return spy
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(plan, "read_train_2_gold", spy)
-        mp.setattr(plan, "load_fresh", load_spy)
+        mp.setattr(plan, "load_fresh", load_spy(plan.load_fresh))
+        mp.setattr(plan, "load_for_training_stage", load_spy(plan.load_for_training_stage))
         run_dir, status, text = run_pipeline(write_recipe(world, "tiny"), runs_dir=runs, progress=False,
                                              log=lambda *a: None)
     return {"run_dir": run_dir, "status": status, "report": text, "gold_readers": gold_readers, "world": world,

@@ -532,3 +532,21 @@ def test_activation_checkpointing_changes_nothing_but_memory(ckpt):
     recomputed, r2 = records(train_sft, load(path), None, rows, cfg(max_steps=2, activation_checkpointing=True))
     assert [r["loss"] for r in r1] == pytest.approx([r["loss"] for r in r2], rel=1e-6)
     assert_same_weights(plain, recomputed, atol=1e-6)
+
+
+def test_meta_model_loads_nothing_and_a_plain_process_refuses_to_train_it(ckpt, monkeypatch):
+    """load_for_training on a rank > 0 builds the model on the meta device; without FSDP there is no rank 0 to fill
+    it from, so training says so instead of failing deep inside a matmul."""
+    from w2s.parallel import load_for_training
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    path, _ = ckpt
+    model = load_for_training(path)
+    assert all(p.is_meta for p in model.parameters())
+    monkeypatch.setenv("RANK", "0")
+    assert not any(p.is_meta for p in load_for_training(path).parameters())
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("RANK")
+    with pytest.raises(ValueError, match="meta device"):
+        train_sft(model, None, id_rows(4), cfg(max_steps=1))

@@ -112,10 +112,16 @@ def hf_name(name):
 
 
 def load_model(path, dtype=torch.bfloat16, device="cpu"):
-    """Load an HF checkpoint directory (config.json + safetensors) of a supported family as a w2s Transformer."""
+    """Load an HF checkpoint directory (config.json + safetensors) of a supported family as a w2s Transformer.
+
+    device="meta" reads only config.json: the model's structure without weights (FSDP ranks > 0, which get their
+    shards from rank 0 when training shards the model; see w2s.parallel.load_for_training).
+    """
     cfg = ModelConfig.from_pretrained(path)
     with torch.device("meta"):
         model = Transformer(cfg)
+    if torch.device(device).type == "meta":
+        return model.to(dtype).eval()
     expected = {hf_name(n): p for n, p in model.state_dict().items()}
     state = load_state_dict(path, expected, dtype=dtype, device=device)
     model.load_state_dict({n: state[hf_name(n)] for n in model.state_dict()}, assign=True)

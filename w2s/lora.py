@@ -63,7 +63,7 @@ def inject_lora(model, rank=16, alpha=32, dropout=0.0, targets=TARGETS, seed=0):
 
 def _generator_for(layer, cpu_generator):
     """Generators are device-bound: draw on CPU for CPU layers, else seed a device generator from the CPU one."""
-    if layer.weight.device.type == "cpu":
+    if layer.weight.device.type in ("cpu", "meta"):  # meta (an FSDP rank > 0): filled from rank 0 later
         return cpu_generator
     seed = int(torch.randint(0, 2**62, (1,), generator=cpu_generator))
     return torch.Generator(device=layer.weight.device).manual_seed(seed)

@@ -65,6 +65,37 @@ def barrier(d: Dist):
         dist.barrier()
 
 
+def load_for_training(path, dtype=torch.float32):
+    """Load a checkpoint to train under FSDP2 without every rank reading all of it.
+
+    Rank 0 (or a plain single process) reads the weights into host memory; under torchrun every other rank builds the
+    model on the meta device (no memory, no disk) and receives its shards from rank 0 when the training loop shards
+    the model (fill_from_rank0). A 70B checkpoint is then read once (~140 GB of host memory in bf16) instead of once
+    per rank (8 x 140 GB). Only for w2s.train: the meta ranks' model is unusable until the loop has filled it.
+    """
+    from w2s.checkpoint import load_model
+
+    rank = int(os.environ.get("RANK", 0)) if "WORLD_SIZE" in os.environ else 0
+    return load_model(path, dtype=dtype, device="cpu" if rank == 0 else "meta")
+
+
+def fill_from_rank0(module, full_state, d: Dist):
+    """After shard_model: give every rank its shards of rank 0's weights (ranks > 0 may hold meta parameters).
+
+    full_state: on rank 0 the module's state_dict() taken before sharding (plain full tensors); ignored elsewhere.
+    A collective: call it on every rank. Each rank allocates only its own shards (to_empty), then rank 0 broadcasts
+    one tensor at a time and every rank keeps its slice (torch.distributed.checkpoint's broadcast_from_rank0).
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if any(p.is_meta for p in module.parameters()):
+        if d.rank == 0:
+            raise ValueError("fill_from_rank0: rank 0 holds meta parameters; it must load the real checkpoint")
+        module.to_empty(device=d.device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(module, full_state if d.rank == 0 else {}, options=options)
+
+
 def shard_model(root, blocks, d: Dist, bf16=True, cpu_offload=False):
     """fully_shard each block, then the root. bf16=True: bf16 compute / fp32 reduce (GPU); False: fp32 (CPU tests).
 

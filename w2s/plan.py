@@ -58,6 +58,16 @@ def drop_resident(ctx):
         torch.cuda.empty_cache()
 
 
+def load_for_training_stage(recipe, model_dir):
+    """(model, tokenizer) to hand to the trainer: rank 0 reads the weights into host memory in the recipe's dtype,
+    other torchrun ranks build the model on the meta device and get their FSDP shards from rank 0 (w2s.parallel)."""
+    from w2s.parallel import load_for_training
+    from w2s.tokenizer import load_tokenizer
+
+    _, dtype = _torch_setup(recipe)
+    return load_for_training(model_dir, dtype=dtype), load_tokenizer(model_dir)
+
+
 def load_for_inference(ctx, model_dir):
     """The resident model when it is this checkpoint, else a fresh load that becomes the resident one."""
     model_dir = str(Path(model_dir).resolve())
@@ -203,12 +213,12 @@ def sft_stage(ctx, out, base_dir, rows, section):
     _check_rows(out, rows, "SFT set")
     write_jsonl_atomic(out / "train.jsonl", rows)
     drop_resident(ctx)
-    model, tok = load_fresh(ctx.recipe, base_dir)
+    model, tok = load_for_training_stage(ctx.recipe, base_dir)
     steps = []
     with StageProfiler(model.cfg, mode="training", name=out.name) as prof:
         model = train_sft(model, tok, rows, train_config(ctx.recipe, section, ctx.progress), out_dir=out / "model",
                           on_step=steps.append)
-    ctx.resident = (str((out / "model").resolve()), model, tok)
+    ctx.resident = (str((out / "model").resolve()), model.to(_torch_setup(ctx.recipe)[0]), tok)  # for sampling next
     return {"n_rows": len(rows), **_train_cost(prof, steps)}
 
 
@@ -220,12 +230,12 @@ def preference_stage(ctx, out, base_dir, pairs, loss):
     _check_rows(out, pairs, "preference pair set")
     write_jsonl_atomic(out / "train.jsonl", pairs)
     drop_resident(ctx)
-    model, tok = load_fresh(ctx.recipe, base_dir)
+    model, tok = load_for_training_stage(ctx.recipe, base_dir)
     steps = []
     with StageProfiler(model.cfg, mode="training", name=out.name) as prof:
         model = train_preference(model, tok, pairs, train_config(ctx.recipe, "preference", ctx.progress),
                                  out_dir=out / "model", loss=loss, on_step=steps.append)
-    ctx.resident = (str((out / "model").resolve()), model, tok)
+    ctx.resident = (str((out / "model").resolve()), model.to(_torch_setup(ctx.recipe)[0]), tok)
     return {"n_pairs": len(pairs), "loss": loss, **_train_cost(prof, steps)}
 
 
