@@ -515,6 +515,13 @@ def test_unknown_recipe_key_is_one_clear_error(fake_world):
         _run(fake_world, text.replace("[strong_sft]\nlr =", "[strong_sft]\nlearning_rate ="))
 
 
+def test_tensor_parallel_that_does_not_divide_the_processes_is_one_clear_error(fake_world):
+    text = RECIPE.format(name="bad", n_samples=N_SAMPLES, min_confidence=0.6, pass_k=PASS_K)
+    with pytest.raises(ValueError, match=r"r\.toml: \[sampling\] tp = 2 must divide the number of processes \(1\)"):
+        _run(fake_world, text.replace("sample_max_new_tokens = 8\n", "sample_max_new_tokens = 8\ntp = 2\n"))
+    assert not (fake_world / "runs").exists()  # nothing was started
+
+
 def test_missing_checkpoint_is_one_clear_error(fake_world):
     shutil.rmtree(fake_world / "strong")
     with pytest.raises(ValueError, match=r"\[models\] strong: no checkpoint \(config\.json\) at .*strong"):
@@ -570,23 +577,27 @@ def test_report_from_hand_written_metas(tmp_path):
 # ---------------------------------------------------------------------------------------------------- torchrun
 
 
-def test_torchrun_two_processes_match_one(full_run, tmp_path):
-    """scripts/pipeline.py under torchrun (2 gloo processes: FSDP2 training, data-parallel sampling) gives the same
-    stage keys and artifacts as the single-process run, for every stage the two recipes share."""
+@pytest.mark.parametrize("tp", [1, 2])
+def test_torchrun_two_processes_match_one(full_run, tmp_path, tp):
+    """scripts/pipeline.py under torchrun (2 gloo processes: FSDP2 training with the checkpoint read by rank 0 only;
+    sampling data-parallel (tp 1) or tensor-parallel (tp 2: each rank reads half of every block, and a trained model
+    is reloaded sharded instead of kept resident)) gives the same stage keys and artifacts as the single-process run,
+    for every stage the two recipes share."""
     import os
     import subprocess
     import sys
 
-    recipe = write_recipe(full_run["world"], "tiny_torchrun")
+    recipe = write_recipe(full_run["world"], f"tiny_torchrun_tp{tp}")
     text = recipe.read_text().replace("rounds = 2", "rounds = 1").replace('["dpo", "orpo"]', '["dpo"]')
+    text = text.replace("sample_max_new_tokens = 8\n", f"sample_max_new_tokens = 8\ntp = {tp}\n")
     recipe.write_text(text.replace(f"pass_k_samples = {PASS_K}", "pass_k_samples = 0\nbaselines = []"))
     script = Path(__file__).resolve().parents[1] / "scripts" / "pipeline.py"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", str(script),
-           str(recipe), "--runs", str(tmp_path), "--no-progress"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={29517 + tp}",
+           str(script), str(recipe), "--runs", str(tmp_path), "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run_dir, ref = tmp_path / "tiny_torchrun", full_run["run_dir"]
+    run_dir, ref = tmp_path / f"tiny_torchrun_tp{tp}", full_run["run_dir"]
     shared = ["00_data", "01_weak_sft", "02_weak_labels", "03_icl_labels", "04_r1_filter", "05_r1_sft_weak",
               "06_r1_sft_icl", "07_r1_sft_hybrid", "20_eval_weak_floor", "22_eval_stage1_r1_weak",
               "23_eval_stage1_r1_icl", "24_eval_stage1_r1_hybrid"]
@@ -598,6 +609,7 @@ def test_torchrun_two_processes_match_one(full_run, tmp_path):
         if meta(ref, name)["kind"] == "train":  # FSDP2 sums gradients over ranks: the same loss as one process
             assert meta(run_dir, name)["final_loss"] == pytest.approx(meta(ref, name)["final_loss"], rel=1e-4)
     assert (run_dir / "16_dpo" / "model" / "config.json").is_file() and "Stage II: DPO" in proc.stdout
+    assert meta(run_dir, "02_weak_labels")["tp"] == meta(run_dir, "28_eval_stage2_dpo")["tp"] == tp
 
 
 # ---------------------------------------------------------------------------------------------------- evaluate.py

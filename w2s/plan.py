@@ -40,12 +40,13 @@ def _torch_setup(recipe):
 
 
 def load_fresh(recipe, model_dir):
-    """(model, tokenizer) of a checkpoint dir, in the recipe's dtype on its device."""
-    from w2s.checkpoint import load_model
+    """(model, tokenizer) of a checkpoint dir for sampling, in the recipe's dtype on its device; with [sampling] tp > 1
+    each rank reads only its tensor-parallel slice (groups of tp consecutive ranks; data parallel across groups)."""
+    from w2s.tensor_parallel import load_model_tp
     from w2s.tokenizer import load_tokenizer
 
     device, dtype = _torch_setup(recipe)
-    return load_model(model_dir, dtype=dtype, device=device), load_tokenizer(model_dir)
+    return load_model_tp(model_dir, recipe.sampling.tp, dtype=dtype, device=device), load_tokenizer(model_dir)
 
 
 def drop_resident(ctx):
@@ -66,6 +67,13 @@ def load_for_training_stage(recipe, model_dir):
 
     _, dtype = _torch_setup(recipe)
     return load_for_training(model_dir, dtype=dtype), load_tokenizer(model_dir)
+
+
+def keep_resident(ctx, out, model, tok):
+    """A just-trained model stays resident for the sampling stage that usually follows. Not under tensor-parallel
+    sampling (model is None then): the trainer returns whole models, and the next stage reads its slices from disk."""
+    if model is not None:
+        ctx.resident = (str((out / "model").resolve()), model.to(_torch_setup(ctx.recipe)[0]), tok)
 
 
 def load_for_inference(ctx, model_dir):
@@ -172,7 +180,7 @@ def generate_stage(ctx, out, model_dir, records, prompt_fn, n=1, temperature=0.0
     with_answer = sum(bool(row["answer"]) for row in rows) if n == 1 else sum(
         bool(s["answer"]) for row in rows for s in row["samples"])
     counts = {"n_prompts": len(rows), "n_completions": len(rows) * n, "n_with_answer": with_answer,
-              "finish_reasons": _finish_reasons(results), **_cost_of(prof)}
+              "finish_reasons": _finish_reasons(results), "tp": getattr(model, "tp_size", 1), **_cost_of(prof)}
     return rows, counts
 
 
@@ -217,8 +225,8 @@ def sft_stage(ctx, out, base_dir, rows, section):
     steps = []
     with StageProfiler(model.cfg, mode="training", name=out.name) as prof:
         model = train_sft(model, tok, rows, train_config(ctx.recipe, section, ctx.progress), out_dir=out / "model",
-                          on_step=steps.append)
-    ctx.resident = (str((out / "model").resolve()), model.to(_torch_setup(ctx.recipe)[0]), tok)  # for sampling next
+                          on_step=steps.append, return_model=ctx.recipe.sampling.tp == 1)
+    keep_resident(ctx, out, model, tok)
     return {"n_rows": len(rows), **_train_cost(prof, steps)}
 
 
@@ -234,8 +242,9 @@ def preference_stage(ctx, out, base_dir, pairs, loss):
     steps = []
     with StageProfiler(model.cfg, mode="training", name=out.name) as prof:
         model = train_preference(model, tok, pairs, train_config(ctx.recipe, "preference", ctx.progress),
-                                 out_dir=out / "model", loss=loss, on_step=steps.append)
-    ctx.resident = (str((out / "model").resolve()), model.to(_torch_setup(ctx.recipe)[0]), tok)
+                                 out_dir=out / "model", loss=loss, on_step=steps.append,
+                                 return_model=ctx.recipe.sampling.tp == 1)
+    keep_resident(ctx, out, model, tok)
     return {"n_pairs": len(pairs), "loss": loss, **_train_cost(prof, steps)}
 
 

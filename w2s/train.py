@@ -368,11 +368,13 @@ def reference_logps(module, pairs, pad_id, cfg, d: Dist, out_dir, key):
 
 
 def train_sft(model, tokenizer, rows, cfg: TrainConfig, out_dir=None, on_step=None, progress=None,
-              return_stats=False):
+              return_stats=False, return_model=True):
     """Supervised fine-tuning on [{"prompt", "response"}] (or id rows); loss on response tokens only. -> model.
 
     on_step(rec) gets every log step's record (the metrics.jsonl line); progress, when given, overrides cfg.progress;
     return_stats=True returns (model, stats) with the run's totals for a stage's meta.json (see _run_stats).
+    return_model=False returns None for the model: only out_dir gets it (under FSDP every rank would otherwise hold
+    a whole copy of the trained model, 140 GB each for a 70B one).
     """
     cfg = cfg if progress is None else replace(cfg, progress=progress)
     d = init_distributed()
@@ -387,16 +389,16 @@ def train_sft(model, tokenizer, rows, cfg: TrainConfig, out_dir=None, on_step=No
 
     row_seq_lens = [(len(ex.tokens),) for ex in examples]
     trained, stats = _run(model, tokenizer, row_seq_lens, make_batch, sft_counts, sft_step, cfg, out_dir, d,
-                          on_step, data_key=examples_hash(examples))
+                          on_step, data_key=examples_hash(examples), return_model=return_model)
     stats.update(n_rows=len(rows), n_skipped=len(skipped))
     return (trained, stats) if return_stats else trained
 
 
 def train_preference(model, tokenizer, pairs, cfg: TrainConfig, out_dir=None, loss="dpo", on_step=None,
-                     progress=None, return_stats=False):
+                     progress=None, return_stats=False, return_model=True):
     """DPO / IPO / ORPO on [{"prompt", "chosen", "rejected"}] (or id rows). -> model.
 
-    on_step, progress, return_stats: as in train_sft.
+    on_step, progress, return_stats, return_model: as in train_sft.
     """
     cfg = cfg if progress is None else replace(cfg, progress=progress)
     d = init_distributed()
@@ -423,7 +425,7 @@ def train_preference(model, tokenizer, pairs, cfg: TrainConfig, out_dir=None, lo
 
     row_seq_lens = [(len(p.chosen.tokens), len(p.rejected.tokens)) for p in encoded]
     trained, stats = _run(model, tokenizer, row_seq_lens, make_batch, pair_counts, step_fn, cfg, out_dir, d,
-                          on_step, data_key=f"{loss}:{key}", prepare=prepare)
+                          on_step, data_key=f"{loss}:{key}", prepare=prepare, return_model=return_model)
     stats.update(n_rows=len(pairs), n_skipped=len(skipped))
     return (trained, stats) if return_stats else trained
 
@@ -439,7 +441,7 @@ def _pad_id(tokenizer, model):
 
 
 def _run(model, tokenizer, row_seq_lens, make_batch, count_fn, loss_step, cfg, out_dir, d: Dist, on_step,
-         data_key, prepare=None):
+         data_key, prepare=None, return_model=True):
     """The loop (module docstring). row_seq_lens[i]: the token lengths of row i's sequences ((n,) SFT, (c, r) pairs).
 
     -> (trained model, _run_stats of the steps this call ran)."""
@@ -584,7 +586,7 @@ def _run(model, tokenizer, row_seq_lens, make_batch, count_fn, loss_step, cfg, o
              else None, "peak_mem_gib": peak_memory_gib(d.device), "final_loss": rec["loss"] if rec else None}
 
     del optimizer
-    trained = _export(module, model_cfg, orig_dtype, orig_device, d, out_dir, tokenizer)
+    trained = _export(module, model_cfg, orig_dtype, orig_device, d, out_dir, tokenizer, return_model)
     if ckpt_root is not None and d.is_main:
         shutil.rmtree(ckpt_root, ignore_errors=True)  # the export supersedes the training state
     barrier(d)
@@ -619,16 +621,23 @@ def _clip_grad_norm(params, max_norm):
 
 
 @torch.no_grad()
-def _export(module, model_cfg, dtype, device, d: Dist, out_dir, tokenizer):
-    """Gather the full weights (LoRA merged), rebuild a plain Transformer in the input dtype, export HF to out_dir."""
+def _export(module, model_cfg, dtype, device, d: Dist, out_dir, tokenizer, return_model=True):
+    """Gather the full weights (LoRA merged), rebuild a plain Transformer in the input dtype, export HF to out_dir.
+
+    -> the Transformer, or None with return_model=False (then only rank 0 keeps the gathered tensors, to save them)."""
     from w2s.checkpoint import save_model
     from w2s.model import Transformer
 
     scale = lora_scale(module.model)
+    keep = return_model or (out_dir is not None and d.is_main)
     state = {}
     for name, t in module.model.state_dict().items():
-        full = _gather(t, d)
-        state[name] = full if name.endswith((".lora_A", ".lora_B")) else full.to(dtype)
+        full = _gather(t, d)  # a collective: every rank gathers every tensor, in the same order
+        if keep:
+            state[name] = full if name.endswith((".lora_A", ".lora_B")) else full.to(dtype)
+    if not keep:
+        barrier(d)
+        return None
     if scale is not None:
         state = merge_lora_state_dict(state, scale)
     state = {k: v.to(device) for k, v in state.items()}
@@ -640,7 +649,7 @@ def _export(module, model_cfg, dtype, device, d: Dist, out_dir, tokenizer):
     if out_dir is not None and d.is_main:
         save_model(trained, out_dir, tokenizer=tokenizer)
     barrier(d)
-    return trained
+    return trained if return_model else None
 
 
 def _broadcast_object(obj, d: Dist):
