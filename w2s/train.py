@@ -633,14 +633,13 @@ def _export(module, model_cfg, dtype, device, d: Dist, out_dir, tokenizer, retur
     state = {}
     for name, t in module.model.state_dict().items():
         full = _gather(t, d)  # a collective: every rank gathers every tensor, in the same order
-        if keep:
-            state[name] = full if name.endswith((".lora_A", ".lora_B")) else full.to(dtype)
+        if keep:  # straight to the output device: a 70B model gathered on one GPU would not fit
+            state[name] = full.to(device) if name.endswith((".lora_A", ".lora_B")) else full.to(device, dtype)
     if not keep:
         barrier(d)
         return None
     if scale is not None:
         state = merge_lora_state_dict(state, scale)
-    state = {k: v.to(device) for k, v in state.items()}
     with torch.device("meta"):
         trained = Transformer(model_cfg)
     trained.load_state_dict(state, assign=True)
