@@ -79,7 +79,7 @@ def load_for_training(path, dtype=torch.float32):
     return load_model(path, dtype=dtype, device="cpu" if rank == 0 else "meta")
 
 
-def fill_from_rank0(module, full_state, d: Dist):
+def fill_from_rank0(module, full_state, d: Dist, cpu_offload=False):
     """After shard_model: give every rank its shards of rank 0's weights (ranks > 0 may hold meta parameters).
 
     full_state: on rank 0 the module's state_dict() taken before sharding (plain full tensors); ignored elsewhere.
@@ -91,7 +91,7 @@ def fill_from_rank0(module, full_state, d: Dist):
     if any(p.is_meta for p in module.parameters()):
         if d.rank == 0:
             raise ValueError("fill_from_rank0: rank 0 holds meta parameters; it must load the real checkpoint")
-        module.to_empty(device=d.device)
+        module.to_empty(device="cpu" if cpu_offload else d.device)  # where shard_model keeps the shards
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(module, full_state if d.rank == 0 else {}, options=options)
 

@@ -481,7 +481,7 @@ def _run(model, tokenizer, row_seq_lens, make_batch, count_fn, loss_step, cfg, o
         full_state = module.state_dict() if fill and d.rank == 0 else None  # the full tensors, before sharding
         shard_model(module, list(model.layers), d, bf16=d.device.type == "cuda", cpu_offload=cfg.cpu_offload)
         if fill:
-            fill_from_rank0(module, full_state, d)
+            fill_from_rank0(module, full_state, d, cpu_offload=cfg.cpu_offload)
             del full_state
         model.reset_buffers(d.device)
     module.train()
