@@ -79,6 +79,24 @@ def load_for_training(path, dtype=torch.float32):
     return load_model(path, dtype=dtype, device="cpu" if rank == 0 else "meta")
 
 
+def needs_fill_from_rank0(model, d: Dist):
+    """True on every rank when any rank holds the model on the meta device (a collective when sharded)."""
+    on_meta = model.embed_tokens.weight.is_meta
+    if on_meta and not d.sharded:
+        raise ValueError("train: the model is on the meta device (no weights); only a sharded run (torchrun or CUDA) "
+                         "fills it from rank 0; load it with w2s.load_model instead")
+    return d.sharded and bool(all_reduce_sum(torch.tensor([float(on_meta)], device=d.device), d).item())
+
+
+def broadcast_object(obj, d: Dist):
+    """Rank 0's picklable obj on every rank (obj itself in a single process)."""
+    if not d.sharded or not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def fill_from_rank0(module, full_state, d: Dist, cpu_offload=False):
     """After shard_model: give every rank its shards of rank 0's weights (ranks > 0 may hold meta parameters).
 

@@ -46,7 +46,17 @@ from w2s import data, losses, ops, profile
 from w2s.checkpoint import atomic_write_text, latest_checkpoint, load_training_state, save_training_state
 from w2s.data import IGNORE_INDEX
 from w2s.lora import TARGETS, inject_lora, lora_scale, merge_lora_state_dict
-from w2s.parallel import Dist, all_reduce_sum, barrier, fill_from_rank0, full_tensor, init_distributed, shard_model
+from w2s.parallel import (
+    Dist,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    fill_from_rank0,
+    full_tensor,
+    init_distributed,
+    needs_fill_from_rank0,
+    shard_model,
+)
 
 
 @dataclass
@@ -454,17 +464,14 @@ def _run(model, tokenizer, row_seq_lens, make_batch, count_fn, loss_step, cfg, o
     orig_dtype, orig_device = model.embed_tokens.weight.dtype, model.embed_tokens.weight.device
     model_cfg = model.cfg
     # Ranks > 0 may hold the model on the meta device (w2s.parallel.load_for_training): rank 0's weights reach them
-    # when the model is sharded below. Whether any rank did is agreed on first (the fill is a collective).
+    # when the model is sharded below, and so does rank 0's fingerprint (the reference-cache key).
     on_meta = model.embed_tokens.weight.is_meta
-    if on_meta and not d.sharded:
-        raise ValueError("train: the model is on the meta device (no weights); only a sharded run (torchrun or CUDA) "
-                         "fills it from rank 0; load it with w2s.load_model instead")
-    fill = d.sharded and bool(all_reduce_sum(torch.tensor([float(on_meta)], device=d.device), d).item())
+    fill = needs_fill_from_rank0(model, d)
     if on_meta:
         orig_device = torch.device("cpu")  # where this rank's exported copy goes
     fingerprint = model_fingerprint(model) if prepare is not None and not on_meta else None
-    if prepare is not None and fill:  # the reference-cache key must be the same on every rank: rank 0's
-        fingerprint = _broadcast_object(fingerprint, d)
+    if prepare is not None and fill:
+        fingerprint = broadcast_object(fingerprint, d)
     torch.manual_seed(cfg.seed + d.rank)  # dropout streams differ per rank; init below uses its own generator
 
     # Precision: trainable weights are fp32 master copies. A frozen LoRA base keeps its dtype under FSDP (it is
@@ -649,15 +656,6 @@ def _export(module, model_cfg, dtype, device, d: Dist, out_dir, tokenizer, retur
         save_model(trained, out_dir, tokenizer=tokenizer)
     barrier(d)
     return trained if return_model else None
-
-
-def _broadcast_object(obj, d: Dist):
-    """Rank 0's picklable obj on every rank."""
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def _gather(t, d: Dist):
