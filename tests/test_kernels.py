@@ -197,6 +197,7 @@ def small_chunks(monkeypatch):
     def set_rows(rows, V, elem):
         monkeypatch.setattr(fused_linear, "CHUNK_BYTES", rows * V * elem)
         monkeypatch.setattr(chunked_linear, "CPU_CHUNK_BYTES", rows * V * elem)
+        monkeypatch.setattr(chunked_linear, "MIN_CHUNK_ROWS", 1)
 
     return set_rows
 
