@@ -6,14 +6,20 @@
         --batch 8 --seq 2048                               # GPU: a ~1B Llama (w2s: FSDP2 bf16 compute, fp32 master)
 
 Both sides run the same random Llama (built by transformers, loaded into w2s from the saved checkpoint) on the same
-(batch, seq) token batches, with AdamW at the same settings; one step = forward, backward, optimizer step.
-  * w2s:          the real loop, w2s.train.train_sft (collate, fused linear cross-entropy, clipping, logging);
-  * transformers: LlamaForCausalLM(input_ids, labels=input_ids).loss, backward, clip, fused AdamW step (the
-                  Trainer's default optimizer); its default SDPA attention; on CUDA under bf16 autocast.
+(batch, seq) token batches, with AdamW at the same settings; one step = forward, backward, optimizer step. The first
+--prompt-frac of every row is prompt: no loss on it, on either side.
+  * w2s:          the real loop, w2s.train.train_sft (collate, fused linear cross-entropy on the target positions
+                  only, clipping, logging);
+  * transformers: LlamaForCausalLM(input_ids, labels=input_ids with -100 on the prompt).loss, backward, clip, fused
+                  AdamW step (the Trainer's default optimizer); its default SDPA attention; on CUDA under bf16
+                  autocast.
+The two sides alternate step by step (a transformers step runs between two w2s steps, outside w2s's clock), so a
+change in the load of a shared machine reaches both alike.
 Reported per side: median tokens/s over the steps after --warmup (tokens = model inputs, batch * (seq - 1)), MFU
-from w2s/profile.py (FLOPs 6N + 12 L H D T per token; peak bf16 FLOP/s by device name, "-" on CPU unless
-W2S_PEAK_FLOPS is set), and the speed ratio w2s / transformers (target >= 1.2x). All rows have the same length, so
-the loop's shuffling changes which rows form a step but not the work per step.
+from w2s/profile.py (model FLOPs 6N + 12 L H D T per token, less the output layer for prompt tokens, as in
+w2s.train.step_flops; peak bf16 FLOP/s by device name, "-" on CPU unless W2S_PEAK_FLOPS is set), and the speed
+ratio w2s / transformers (target >= 1.2x). All rows have the same length, so the loop's shuffling changes which rows
+form a step but not the work per step.
 """
 
 import argparse
@@ -36,6 +42,9 @@ def parse_args():
     p.add_argument("--seq", type=int, default=256, help="tokens per sequence")
     p.add_argument("--steps", type=int, default=8, help="measured steps per side")
     p.add_argument("--warmup", type=int, default=2, help="steps run first and not measured")
+    p.add_argument("--prompt-frac", type=float, default=0.0,
+                   help="share of every row that is prompt, masked out of the loss (default 0: only the first\n"
+                        "token; 0.5 is GSM8K-shaped: half of a question + solution row is the question)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dpo-memory", action="store_true",
                    help="instead: peak memory of DPO training (reference pass + --steps steps, --batch pairs each)\n"
@@ -68,31 +77,51 @@ def batches(args):
     return [torch.randint(3, args.vocab, (args.batch, args.seq), generator=g) for _ in range(args.warmup + args.steps)]
 
 
-def bench_w2s(path, steps, args, device):
-    """The real loop on all steps' rows (batch_size = micro_batch_size = batch; it shuffles them) -> step records."""
+def prompt_len(args):
+    """Tokens at the start of every row that are prompt (no loss): --prompt-frac of the sequence, at least 1."""
+    return max(1, round(args.prompt_frac * args.seq))
+
+
+def bench_w2s(path, steps, args, device, between=None):
+    """The real loop on all steps' rows (batch_size = micro_batch_size = batch; it shuffles them) -> step records.
+
+    between(i), when given, runs after w2s's step i is logged and outside its clock (the loop restarts its timer
+    after on_step): the two sides alternate step by step, so a change in machine load hits both alike.
+    """
     import w2s
     from w2s.train import TrainConfig, train_sft
 
-    rows = [{"prompt_ids": seq[:1], "response_ids": seq[1:]} for ids in steps for seq in ids.tolist()]  # all valid
+    n_prompt = prompt_len(args)
+    rows = [{"prompt_ids": seq[:n_prompt], "response_ids": seq[n_prompt:]} for ids in steps for seq in ids.tolist()]
     cfg = TrainConfig(lr=1e-4, batch_size=args.batch, micro_batch_size=args.batch, max_steps=len(steps), clip=1.0,
                       max_seq_len=args.seq, progress=False, seed=args.seed)
     records = []
-    train_sft(w2s.load_model(path, dtype=torch.float32), None, rows, cfg, on_step=records.append)
+
+    def on_step(rec):
+        records.append(rec)
+        if between is not None:
+            between(len(records) - 1)
+
+    train_sft(w2s.load_model(path, dtype=torch.float32), None, rows, cfg, on_step=on_step)
     return records
 
 
-def bench_transformers(hf, steps, device):
-    """LlamaForCausalLM training steps -> ([(seconds, tokens, loss)] per step)."""
+def transformers_stepper(hf, steps, args, device):
+    """-> (step(i): one LlamaForCausalLM training step on steps[i], [(seconds, tokens, loss)] filled per step)."""
     hf = hf.to(device).train()
     # fused AdamW: what transformers' Trainer uses by default with torch >= 2.8 (optim="adamw_torch_fused")
     opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, fused=True)
+    n_prompt = prompt_len(args)
     out = []
-    for ids in steps:
-        ids = ids.to(device)
+
+    def step(i):
+        ids = steps[i].to(device)
+        labels = ids.clone()
+        labels[:, :n_prompt] = -100  # the prompt carries no loss, as in w2s (transformers shifts labels itself)
         sync(device)
         t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = hf(input_ids=ids, labels=ids).loss
+            loss = hf(input_ids=ids, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
         opt.step()
@@ -100,7 +129,8 @@ def bench_transformers(hf, steps, device):
         loss_value = loss.item()  # a host sync, like the w2s loop's log step
         sync(device)
         out.append((time.perf_counter() - t0, ids.shape[0] * (ids.shape[1] - 1), loss_value))
-    return out
+
+    return step, out
 
 
 def bench_dpo_memory(path, args, device):
@@ -147,6 +177,7 @@ def bench_dpo_memory(path, args, device):
 def main():
     from w2s import profile
     from w2s.config import ModelConfig
+    from w2s.train import step_flops
 
     args = parse_args()
     device = profile.resolve_device()
@@ -169,11 +200,13 @@ def main():
         print(f"# device {profile.device_name(device)} | torch threads {torch.get_num_threads()} | params "
               f"{model_cfg.n_params() / 1e6:.1f}M | batch {args.batch} x seq {args.seq} | "
               f"{'bf16 compute, fp32 master' if device.type == 'cuda' else 'fp32'}")
-        print("# w2s (w2s.train.train_sft):")
-        records = bench_w2s(path, steps, args, device)
-        print("# transformers (LlamaForCausalLM, same weights and batches):")
-        hf_steps = bench_transformers(hf, steps, device)
-    fpt = profile.flops_per_token(model_cfg, seq_len=args.seq - 1)
+        print(f"# w2s (w2s.train.train_sft), alternating step by step with transformers (LlamaForCausalLM, same "
+              f"weights and batches); prompt {prompt_len(args)} of {args.seq} tokens per row:")
+        hf_step, hf_steps = transformers_stepper(hf, steps, args, device)
+        records = bench_w2s(path, steps, args, device, between=hf_step)
+        print("# transformers:")
+    # model FLOPs per input token, the same for both sides (work transformers spends on prompt logits is not counted)
+    fpt = step_flops(model_cfg, [(args.seq - 1, args.seq - prompt_len(args))], lora=False) / (args.seq - 1)
     peak = profile.peak_flops(profile.device_name(device))
     for i, (seconds, tokens, loss) in enumerate(hf_steps):
         print(profile.fmt_log_line(step=i + 1, total_steps=len(hf_steps), loss=loss, tok_s=tokens / seconds,

@@ -172,6 +172,36 @@ def test_sft_gradient_equals_transformers_masked_gradient(ckpt):
     hf.zero_grad()
 
 
+def test_output_layer_runs_on_target_positions_only(ckpt, monkeypatch):
+    """Prompt and padding positions never reach the output layer, and dropping them changes no value or gradient:
+    per-token log-probs and their gradients equal log_softmax over the model's full logits."""
+    path, _ = ckpt
+    pairs = id_pairs(3, seed=3)
+    examples, _, _ = data.encode_pair_rows(None, pairs, max_seq_len=64)
+    tokens, targets = data.collate_pairs(examples, pad_id=0)  # (6, T): ragged, so padded as well as prompt-masked
+    valid = targets != data.IGNORE_INDEX
+    seen = []
+    linear_logprobs = train.ops.linear_logprobs
+    monkeypatch.setattr(train.ops, "linear_logprobs", lambda h, *a, **k: seen.append(h.shape[0]) or
+                        linear_logprobs(h, *a, **k))
+    weights = torch.randn(targets.shape, generator=torch.Generator().manual_seed(0))  # a loss mixing every position
+
+    model = load(path).float()
+    logps = train.TrainModule(model)(tokens, targets, per_token=True).view_as(targets)  # (6, T)
+    (logps * weights).sum().backward()
+    assert seen == [int(valid.sum())] and 0 < valid.sum() <= valid.numel() // 2  # half the rows never computed
+
+    reference = load(path).float()
+    full = torch.log_softmax(reference(tokens).float(), -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    full = torch.where(valid, full, 0.0)
+    (full * weights).sum().backward()
+    torch.testing.assert_close(logps, full, atol=1e-5, rtol=1e-5)
+    assert (logps[~valid] == 0).all()
+    grads = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
 def test_sft_loss_goes_down_and_export_loads_in_transformers(ckpt, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
@@ -428,6 +458,21 @@ def test_lr_schedule_warmup_then_cosine():
     got = [train.lr_at(s, 6, c) for s in range(6)]
     cosine = [0.1 + 0.45 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
     assert got == pytest.approx([0.5, 1.0] + cosine)
+
+
+def test_step_flops_leave_the_output_layer_out_for_prompt_tokens():
+    from w2s.config import ModelConfig
+    from w2s.profile import flops_per_token
+
+    cfg = ModelConfig(family="llama", vocab_size=100, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=4,
+                      hidden_dim=32)
+    n = 2 * 2336 + 16 + 1600  # matmul parameters, counted by hand in tests/test_profile.py
+    full = 10 * flops_per_token(cfg, seq_len=10)
+    assert train.step_flops(cfg, [(10, 10)], lora=False) == full
+    # 4 prompt tokens skip the output layer (100 x 16) forward and backward: 6 FLOPs per weight each
+    assert train.step_flops(cfg, [(10, 6), (10, 10)], lora=False) == 2 * full - 4 * 6 * 1600
+    # LoRA: no weight gradients anywhere (2 N less per token), and the prompt skips 4 of the output layer's 6
+    assert train.step_flops(cfg, [(10, 6)], lora=True) == full - 10 * 2 * n - 4 * 4 * 1600
 
 
 # ---------------------------------------------------------------------------------------------- scripts

@@ -189,10 +189,16 @@ class TrainModule(nn.Module):
         """
         hidden = self.model(tokens, return_hidden=True)  # (B, T, D)
         weight, cap = self.model.lm_head_weight(), self.model.cfg.final_logit_softcap
-        h, t = hidden.flatten(0, 1), targets.flatten()  # (N, D), (N,)
+        t = targets.flatten()  # (N,)
+        # Only positions with a target reach the output layer: prompt and padding positions would cost the (N, V)
+        # matmuls forward and backward (a fifth of a 256k-vocabulary 2B model's FLOPs; half the tokens of a GSM8K
+        # row are its prompt) to produce zeros. On CUDA nonzero() waits for the forward: one sync per micro-batch.
+        rows = (t != IGNORE_INDEX).nonzero().squeeze(1)  # (n,)
+        h = hidden.flatten(0, 1).index_select(0, rows)  # (n, D)
         if per_token:
-            return ops.linear_logprobs(h, weight, t, softcap=cap, ignore_index=IGNORE_INDEX)  # (N,)
-        loss_sum, _ = ops.linear_cross_entropy(h, weight, t, softcap=cap, ignore_index=IGNORE_INDEX)
+            logps = ops.linear_logprobs(h, weight, t[rows], softcap=cap, ignore_index=IGNORE_INDEX)  # (n,)
+            return logps.new_zeros(t.shape).index_copy(0, rows, logps)  # (N,), 0 where ignored
+        loss_sum, _ = ops.linear_cross_entropy(h, weight, t[rows], softcap=cap, ignore_index=IGNORE_INDEX)
         return loss_sum
 
 
@@ -285,16 +291,20 @@ def lr_at(step, total_steps, cfg: TrainConfig):
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-def step_flops(model_cfg, seq_lens, lora):
-    """Model FLOPs of one training step over sequences of these lengths, in w2s/profile.py's convention.
+def step_flops(model_cfg, seqs, lora):
+    """Model FLOPs of one training step over seqs = [(input length L, target tokens)], in w2s/profile.py's convention.
 
     Every token of a length-L sequence costs flops_per_token(cfg, L) = 6 N + 12 * layers * H * hd * L (forward 2 N,
     backward 4 N; attention over the full context). With a frozen LoRA base there are no weight gradients, so the
     backward skips 2 N per token: we subtract one forward's worth of matmuls (flops_per_token at inference, no
-    attention term = exactly 2 N). Activation recompute is not counted (it is overhead, not model FLOPs).
+    attention term = exactly 2 N). A token without a target (prompt) never reaches the output layer (TrainModule),
+    so it costs the output layer's share of that less: 6 V D, or 4 V D under LoRA (the output layer gets no LoRA,
+    so it too is frozen). Activation recompute is not counted (it is overhead, not model FLOPs).
     """
     frozen = profile.flops_per_token(model_cfg, seq_len=None, training=False) if lora else 0
-    return sum(L * (profile.flops_per_token(model_cfg, seq_len=L) - frozen) for L in seq_lens)
+    output_layer = (4 if lora else 6) * model_cfg.vocab_size * model_cfg.dim  # per token
+    return sum(L * (profile.flops_per_token(model_cfg, seq_len=L) - frozen) - (L - n_targets) * output_layer
+               for L, n_targets in seqs)
 
 
 def peak_memory_gib(device):
@@ -397,8 +407,8 @@ def train_sft(model, tokenizer, rows, cfg: TrainConfig, out_dir=None, on_step=No
         tokens, targets = data.collate([examples[i] for i in indices], pad_id)
         return {"tokens": tokens, "targets": targets}
 
-    row_seq_lens = [(len(ex.tokens),) for ex in examples]
-    trained, stats = _run(model, tokenizer, row_seq_lens, make_batch, sft_counts, sft_step, cfg, out_dir, d,
+    row_seqs = [((len(ex.tokens), data.n_targets(ex)),) for ex in examples]
+    trained, stats = _run(model, tokenizer, row_seqs, make_batch, sft_counts, sft_step, cfg, out_dir, d,
                           on_step, data_key=examples_hash(examples), return_model=return_model)
     stats.update(n_rows=len(rows), n_skipped=len(skipped))
     return (trained, stats) if return_stats else trained
@@ -433,8 +443,8 @@ def train_preference(model, tokenizer, pairs, cfg: TrainConfig, out_dir=None, lo
             batch["ref"] = torch.cat([t[:, 0], t[:, 1]])  # (2P,) chosen then rejected, like the rows
         return batch
 
-    row_seq_lens = [(len(p.chosen.tokens), len(p.rejected.tokens)) for p in encoded]
-    trained, stats = _run(model, tokenizer, row_seq_lens, make_batch, pair_counts, step_fn, cfg, out_dir, d,
+    row_seqs = [tuple((len(ex.tokens), data.n_targets(ex)) for ex in (p.chosen, p.rejected)) for p in encoded]
+    trained, stats = _run(model, tokenizer, row_seqs, make_batch, pair_counts, step_fn, cfg, out_dir, d,
                           on_step, data_key=f"{loss}:{key}", prepare=prepare, return_model=return_model)
     stats.update(n_rows=len(pairs), n_skipped=len(skipped))
     return (trained, stats) if return_stats else trained
@@ -450,14 +460,15 @@ def _pad_id(tokenizer, model):
 # ---------------------------------------------------------------------------------------------- the loop
 
 
-def _run(model, tokenizer, row_seq_lens, make_batch, count_fn, loss_step, cfg, out_dir, d: Dist, on_step,
+def _run(model, tokenizer, row_seqs, make_batch, count_fn, loss_step, cfg, out_dir, d: Dist, on_step,
          data_key, prepare=None, return_model=True):
-    """The loop (module docstring). row_seq_lens[i]: the token lengths of row i's sequences ((n,) SFT, (c, r) pairs).
+    """The loop (module docstring). row_seqs[i]: (token length, target tokens) of each of row i's sequences (one for
+    SFT; chosen and rejected for pairs).
 
     -> (trained model, _run_stats of the steps this call ran)."""
     from tqdm.auto import tqdm
 
-    lengths = [sum(ns) for ns in row_seq_lens]  # what length grouping sorts by
+    lengths = [sum(n for n, _ in seqs) for seqs in row_seqs]  # what length grouping sorts by
     out_dir = Path(out_dir) if out_dir is not None else None
     if out_dir is not None and d.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -552,10 +563,10 @@ def _run(model, tokenizer, row_seq_lens, make_batch, count_fn, loss_step, cfg, o
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-        seq_lens = [n - 1 for j in global_batch for n in row_seq_lens[j]]  # model inputs drop the last token
-        window_tokens += sum(seq_lens)
-        window_flops += step_flops(model_cfg, seq_lens, lora)
-        run_tokens, run_flops = run_tokens + sum(seq_lens), run_flops + step_flops(model_cfg, seq_lens, lora)
+        seqs = [(n - 1, t) for j in global_batch for n, t in row_seqs[j]]  # model inputs drop the last token
+        tokens, flops = sum(n for n, _ in seqs), step_flops(model_cfg, seqs, lora)
+        window_tokens, window_flops = window_tokens + tokens, window_flops + flops
+        run_tokens, run_flops = run_tokens + tokens, run_flops + flops
         bar.update(1)
         last = step + 1 == total
         if (step + 1) % cfg.log_every == 0 or last:
