@@ -43,17 +43,23 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device, repeats):
-    """Median wall time of fn() over `repeats` runs after one warm-up run."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
+def timed(fns, device, repeats):
+    """Median wall time of each fn() over `repeats` runs after one warm-up run each -> [seconds] per fn.
+
+    The functions take turns within every repeat (a, b, a, b, ...), so a change in the load of a shared machine
+    reaches all of them alike instead of whichever happened to run during it.
+    """
+    for fn in fns:
         fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times):
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            ts.append(time.perf_counter() - start)
+    return [statistics.median(ts) for ts in times]
 
 
 def random_model(shape, dtype, device, seed=0):
@@ -138,7 +144,20 @@ def main():
           f"prompt length {work['prompt_len']}" + (f" after a shared prefix of {args.shared_prefix}"
                                                    if args.shared_prefix else "") +
           f", temperature 1.0, max_batch {args.max_batch}")
-    t_ours = timed(ours, device, args.repeats)
+    theirs = None
+    if run_hf:
+        with tempfile.TemporaryDirectory() as tmp:
+            hf = hf_twin(model, tmp)
+
+        def theirs():
+            with torch.no_grad():
+                out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True, temperature=1.0,
+                                  top_p=1.0, top_k=0, num_return_sequences=work["samples"],
+                                  max_new_tokens=work["new_tokens"], min_new_tokens=work["new_tokens"],
+                                  pad_token_id=0)
+            assert out.shape == (work["prompts"] * work["samples"], prompts.shape[1] + work["new_tokens"])
+
+    t_ours, *t_theirs = timed([ours] + ([theirs] if run_hf else []), device, args.repeats)
     print(f"w2s generate          {n_tokens / t_ours:10.0f} output tok/s   {t_ours * 1e3 / work['new_tokens']:8.2f} ms"
           f"/step   ({t_ours:.2f} s, median of {args.repeats})")
     if kind == "cuda":
@@ -146,27 +165,17 @@ def main():
     if args.batch1 or (args.batch1 is None and kind == "cuda"):
         # Latency: one sequence, greedy, the same number of new tokens; bandwidth-bound (every step reads all weights).
         one = prompts[:1].tolist()
-        t_one = timed(lambda: generate(model, None, one, max_new_tokens=work["new_tokens"], progress=False,
-                                       cuda_graphs=options["cuda_graphs"]), device, args.repeats)
+        t_one, = timed([lambda: generate(model, None, one, max_new_tokens=work["new_tokens"], progress=False,
+                                         cuda_graphs=options["cuda_graphs"])], device, args.repeats)
         rate = work["new_tokens"] / t_one
         target = f" (target H100 8B: >= 150: {'met' if rate >= 150 else 'NOT met'})" if kind == "cuda" else ""
         print(f"w2s batch-1 decode    {rate:10.0f} tok/s          {t_one * 1e3 / work['new_tokens']:8.2f} ms/step"
               f"{target}")
     if not run_hf:
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        hf = hf_twin(model, tmp)
-
-    def theirs():
-        with torch.no_grad():
-            out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True, temperature=1.0,
-                              top_p=1.0, top_k=0, num_return_sequences=work["samples"],
-                              max_new_tokens=work["new_tokens"], min_new_tokens=work["new_tokens"], pad_token_id=0)
-        assert out.shape == (work["prompts"] * work["samples"], prompts.shape[1] + work["new_tokens"])
-
-    t_hf = timed(theirs, device, args.repeats)
+    t_hf = t_theirs[0]
     print(f"transformers generate {n_tokens / t_hf:10.0f} output tok/s   {t_hf * 1e3 / work['new_tokens']:8.2f} ms/step"
-          f"   ({t_hf:.2f} s, median of {args.repeats})")
+          f"   ({t_hf:.2f} s, median of {args.repeats}, runs alternating with w2s's)")
     ratio = t_hf / t_ours
     print(f"speed-up over transformers: {ratio:.2f}x (target >= 3x: {'met' if ratio >= 3 else 'NOT met'})")
 

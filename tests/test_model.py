@@ -187,3 +187,28 @@ def test_cpu_sdpa_masked_path_equals_the_reference_attention(window, monkeypatch
     ref = reference.attention(q, k, v, q_positions=positions, kv_lengths=kv_lengths, sliding_window=window)
     torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
     assert fast[2].abs().max() == 0
+
+
+@pytest.mark.parametrize("heads, T", [((4, 2), 1), ((4, 4), 2), ((6, 1), 1)])
+def test_cpu_shared_prefix_hint_changes_no_value(heads, T, monkeypatch):
+    """Keys [0, P) equal in every row: the cascade path (prefix attended once, merged by log-sum-exp) computes
+    kernels/reference.py's attention over the whole rows; queries inside the prefix fall back to the masked path."""
+    from kernels import reference
+    from w2s import ops
+
+    H, K = heads
+    B, S, P, D = 3, 13, 5, 8
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(B, T, H, D, generator=g)
+    k, v = torch.randn(B, S, K, D, generator=g), torch.randn(B, S, K, D, generator=g)
+    k_p, v_p = torch.randn(P, K, D, generator=g), torch.randn(P, K, D, generator=g)
+    k[:, :P], v[:, :P] = k_p, v_p
+    monkeypatch.setattr(ops, "_backend", "auto")
+    calls = []
+    cascade = ops._attention_after_shared_prefix
+    monkeypatch.setattr(ops, "_attention_after_shared_prefix", lambda *a: calls.append(1) or cascade(*a))
+    for positions in (torch.tensor([[5, 6], [9, 10], [11, 12]])[:, :T], torch.tensor([[3, 4], [9, 10], [7, 8]])[:, :T]):
+        fast = ops.attention(q, k, v, q_positions=positions, scale=0.4, shared_prefix=(k_p, v_p))
+        ref = reference.attention(q, k, v, q_positions=positions, scale=0.4)
+        torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    assert calls == [1]  # the first positions are all >= P; the second has a query inside the prefix

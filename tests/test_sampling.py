@@ -80,11 +80,17 @@ def test_greedy_matches_transformers(family, ckpt):
         assert out["num_tokens"] == len(expected) and out["text"] is None
 
 
-@pytest.mark.parametrize("family", ["mistral", "gemma2"])
-def test_kv_cache_decode_logits_equal_full_recompute(family, ckpt):
+@pytest.mark.parametrize("family", ["llama2", "mistral", "gemma2"])
+def test_kv_cache_decode_logits_equal_full_recompute(family, ckpt, monkeypatch):
     """Drive the engine by hand (shared prefix copied into slots, a sibling copying a prompt's rows, ragged rows);
     the logits of every decode step equal a full forward over prompt + generated tokens. Sequences run past the
-    sliding window (5) of both families."""
+    sliding window (5) of mistral and gemma2; llama2 (no window, no soft-cap) decodes through the CPU cascade
+    attention that reads the shared prefix from its own cache row."""
+    from w2s import ops
+
+    calls = []
+    cascade = ops._attention_after_shared_prefix
+    monkeypatch.setattr(ops, "_attention_after_shared_prefix", lambda *a: calls.append(1) or cascade(*a))
     model, _ = load(ckpt, family)
     prompts = random_prompts([4, 9], seed=2, prefix=[1, 7, 8])
     engine = Engine(model, prompts, 2, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=8, seed=0, eos_ids=[],
@@ -100,6 +106,7 @@ def test_kv_cache_decode_logits_equal_full_recompute(family, ckpt):
             with torch.no_grad():
                 full = model(torch.tensor([seq]))[0, -1]
             torch.testing.assert_close(engine.logits[s], full, atol=1e-4, rtol=1e-4)
+    assert (len(calls) == 6 * model.cfg.n_layers) == (family == "llama2")  # every decode step of every layer
 
 
 def test_samples_do_not_depend_on_batching_or_prefix_sharing(ckpt):

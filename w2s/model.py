@@ -52,13 +52,15 @@ class KVCache:
     the positions attended over (the sampler lowers it to the longest live sequence so decode reads less).
     Entries at positions beyond a sequence's current position may hold stale values: attention is causal by
     position, so they are never read before being overwritten.
+    `shared = (row, P)`, set by the sampler, declares that positions [0, P) of every row hold the same keys and
+    values as that row (a prompt prefix common to all); decode then passes them to attention as a hint.
     """
 
     def __init__(self, cfg: ModelConfig, slots, max_len, dtype=torch.float32, device="cpu"):
         shape = (cfg.n_layers, slots, max_len, cfg.n_kv_heads, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.max_len, self.rows, self.limit = max_len, None, max_len
+        self.max_len, self.rows, self.limit, self.shared = max_len, None, max_len, None
 
     def update(self, layer, k, v, positions):
         """Write k, v (B, T, K, D) at (B, T) positions; return this layer's keys/values (B, limit, K, D)."""
@@ -72,6 +74,13 @@ class KVCache:
         self.k[layer][self.rows[:, None], positions] = k
         self.v[layer][self.rows[:, None], positions] = v
         return self.k[layer][self.rows, : self.limit], self.v[layer][self.rows, : self.limit]
+
+    def shared_prefix(self, layer):
+        """This layer's shared prefix keys/values ((P, K, D), (P, K, D)) during decode (all rows), else None."""
+        if self.shared is None or self.rows is not None:
+            return None
+        row, P = self.shared
+        return self.k[layer, row, :P], self.v[layer, row, :P]
 
 
 class Attention(nn.Module):
@@ -93,12 +102,12 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim)
         q, k = ops.rope(q, positions, inv_freq), ops.rope(k, positions, inv_freq)
         if cache is None:
-            q_positions = None  # keys are this batch's tokens: causal by index (right padding is harmless)
+            q_positions, shared = None, None  # keys are this batch's tokens: causal by index (right padding is fine)
         else:
             k, v = cache.update(self.layer_idx, k, v, positions)  # (B, S, K, D), key index == position
-            q_positions = positions
+            q_positions, shared = positions, cache.shared_prefix(self.layer_idx)
         out = ops.attention(q, k, v, q_positions=q_positions, sliding_window=self.window,
-                            softcap=cfg.attn_logit_softcap, scale=cfg.attn_scale)  # (B, T, H, D)
+                            softcap=cfg.attn_logit_softcap, scale=cfg.attn_scale, shared_prefix=shared)  # (B,T,H,D)
         return self.o_proj(out.reshape(B, T, -1))
 
 

@@ -51,7 +51,8 @@ def _triton(module_name, tensor):
                            "set W2S_KERNELS=reference to run the PyTorch reference instead") from e
 
 
-def attention(q, k, v, q_positions=None, kv_lengths=None, sliding_window=None, softcap=None, scale=None):
+def attention(q, k, v, q_positions=None, kv_lengths=None, sliding_window=None, softcap=None, scale=None,
+              shared_prefix=None):
     """Causal GQA attention; see kernels.reference.attention for the exact contract. (B, T, H, D) -> (B, T, H, D).
 
     On CPU under `auto`, attention without a soft-cap runs through torch's fused scaled_dot_product_attention: the
@@ -59,6 +60,10 @@ def attention(q, k, v, q_positions=None, kv_lengths=None, sliding_window=None, s
     (sampling) with the reference's boolean mask. Same math as the reference (tests/test_model.py checks values
     and grads), without materializing fp32 (B, H, T, S) scores and repeated kv heads. W2S_KERNELS=reference always
     runs the reference itself.
+
+    shared_prefix: optional (k_p, v_p), each (P, K, D), a promise that k[b, :P] == k_p and v[b, :P] == v_p for every
+    row b (the sampler's prompts all start with the same few-shot demonstrations). It changes no value; the CPU
+    path uses it to read those keys once per step instead of once per row (_attention_after_shared_prefix).
     """
     impl = _triton("attention", q)
     if impl is not None:
@@ -73,11 +78,47 @@ def attention(q, k, v, q_positions=None, kv_lengths=None, sliding_window=None, s
         if not (q.requires_grad or k.requires_grad or v.requires_grad):  # sampling: positions over a KV cache
             if q_positions is None:
                 q_positions = torch.arange(q.shape[1], device=q.device).expand(q.shape[0], -1)
+            P = shared_prefix[0].shape[0] if shared_prefix is not None else 0
+            if (0 < P and q.device.type == "cpu" and kv_lengths is None and sliding_window is None
+                    and bool((q_positions >= P).all())):
+                return _attention_after_shared_prefix(q, k, v, q_positions, shared_prefix, scale)
             mask = reference.attention_mask(q_positions, k.shape[1], kv_lengths, sliding_window)[:, None]
             out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, **sdpa)  # (B, H, T, D)
             return out.transpose(1, 2).nan_to_num(0.0)  # a query with no visible key -> zeros, as the reference
     return reference.attention(q, k, v, q_positions=q_positions, kv_lengths=kv_lengths,
                                sliding_window=sliding_window, softcap=softcap, scale=scale)
+
+
+def _attention_after_shared_prefix(q, k, v, q_positions, shared_prefix, scale):
+    """Cascade attention for queries at positions >= P whose keys [0, P) are the same in every row.
+
+    Softmax over keys [0, S) splits into two softmaxes, over the prefix [0, P) and over each row's own keys [P, S),
+    merged by their log-sum-exps: out = (e^lse_p out_p + e^lse_o out_o) / (e^lse_p + e^lse_o). The prefix part runs
+    once for all B*T*G queries of a kv head (one long query block against P keys, which are read once instead of B
+    times); the own part is per row. torch's CPU flash kernel returns the log-sum-exp the merge needs.
+    """
+    B, T, H, D = q.shape
+    k_p, v_p = shared_prefix  # (P, K, D)
+    P, K = k_p.shape[0], k_p.shape[1]
+    G = H // K
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # (B, H, T, D) in -> (out, lse (B, H, T))
+    # prefix: every query of kv head j against the P shared keys, as one batch row (no mask: all positions >= P)
+    q_by_head = q.view(B, T, K, G, D).permute(2, 0, 1, 3, 4).reshape(1, K, B * T * G, D)
+    out_p, lse_p = flash(q_by_head, k_p.transpose(0, 1)[None], v_p.transpose(0, 1)[None], scale=scale)
+    out_p = out_p.view(K, B, T, G, D).permute(1, 2, 0, 3, 4)  # (B, T, K, G, D)
+    lse_p = lse_p.view(K, B, T, G).permute(1, 2, 0, 3)  # (B, T, K, G)
+    # own keys: per row, the T*G queries of each kv head as its query block; key i sits at position P + i
+    q_rows = q.view(B, T, K, G, D).permute(0, 2, 1, 3, 4).reshape(B, K, T * G, D)
+    visible = reference.attention_mask(q_positions - P, k.shape[1] - P)  # (B, T, S - P)
+    bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf"))
+    bias = bias.repeat_interleave(G, dim=1)[:, None]  # (B, 1, T*G, S - P), query t*G + g
+    out_o, lse_o = flash(q_rows, k[:, P:].transpose(1, 2), v[:, P:].transpose(1, 2), attn_mask=bias, scale=scale)
+    out_o = out_o.view(B, K, T, G, D).transpose(1, 2)  # (B, T, K, G, D)
+    lse_o = lse_o.view(B, K, T, G).transpose(1, 2)  # (B, T, K, G)
+    top = torch.maximum(lse_p, lse_o)
+    w_p, w_o = (lse_p - top).exp()[..., None], (lse_o - top).exp()[..., None]  # (B, T, K, G, 1) fp32
+    out = (out_p.float() * w_p + out_o.float() * w_o) / (w_p + w_o)
+    return out.reshape(B, T, H, D).to(q.dtype)
 
 
 def rms_norm(x, weight, eps, unit_offset=False):
