@@ -204,6 +204,7 @@ def test_cpu_shared_prefix_hint_changes_no_value(heads, T, monkeypatch):
     k_p, v_p = torch.randn(P, K, D, generator=g), torch.randn(P, K, D, generator=g)
     k[:, :P], v[:, :P] = k_p, v_p
     monkeypatch.setattr(ops, "_backend", "auto")
+    monkeypatch.setattr(ops, "CASCADE_MIN_PREFIX", P)  # tiny shapes: take the path at this prefix length
     calls = []
     cascade = ops._attention_after_shared_prefix
     monkeypatch.setattr(ops, "_attention_after_shared_prefix", lambda *a: calls.append(1) or cascade(*a))

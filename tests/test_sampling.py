@@ -91,6 +91,7 @@ def test_kv_cache_decode_logits_equal_full_recompute(family, ckpt, monkeypatch):
     calls = []
     cascade = ops._attention_after_shared_prefix
     monkeypatch.setattr(ops, "_attention_after_shared_prefix", lambda *a: calls.append(1) or cascade(*a))
+    monkeypatch.setattr(ops, "CASCADE_MIN_PREFIX", 3)  # the 3-token prefix below takes the cascade path
     model, _ = load(ckpt, family)
     prompts = random_prompts([4, 9], seed=2, prefix=[1, 7, 8])
     engine = Engine(model, prompts, 2, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=8, seed=0, eos_ids=[],
