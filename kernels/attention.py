@@ -9,7 +9,8 @@ Anatomy, top to bottom:
   2. the forward kernel (online softmax over key blocks; saves the base-2 log-sum-exp per row),
   3. the backward kernels (one program per key block for dk/dv, looping over the query heads of its GQA group so no
      atomics are needed; one program per query block for dq),
-  4. the decode kernel for the sampler (a few new tokens against a long KV cache, split over keys),
+  4. the decode kernel for the sampler (a few new tokens against a long KV cache, split over keys), and cascade
+     decoding over a prefix shared by every row (the prefix as one more key split, attended once for all rows),
   5. launchers that pick block sizes by head dim, the autograd Function and the functional `attention`.
 
 Why the key loop runs in three segments: for a block of queries, the key blocks in the middle are visible to every
@@ -516,18 +517,11 @@ def _num_splits(batch_heads, S, block_n, device):
     return max(1, min(triton.cdiv(2 * sms, batch_heads), triton.cdiv(S, 4 * block_n)))
 
 
-def attention_decode(q, k, v, q_positions=None, kv_lengths=None, sliding_window=None, softcap=None, scale=None):
-    """Forward-only attention for a few query tokens against a KV cache (the sampler's hot loop).
-
-    Same contract as `attention`; `attention` calls this itself when T is small and no gradient is needed. For the
-    best speed pass k/v sliced to the longest live cache row, since the key splits cover all S slots.
-    """
+def _decode_partials(q, k, v, q_positions, kv_lengths, sliding_window, softcap, scale):
+    """Launch the split-key decode kernel -> per-split (o_part (B, splits, T, H, D) fp32, lse_part (B, splits, T, H)
+    base 2), for _combine_splits. q_positions / kv_lengths already int32 (or None), scale a float."""
     B, T, H, D = q.shape
     S, KH = k.shape[1], k.shape[2]
-    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    q_positions = _optional_int32(q_positions, q.device)
-    kv_lengths = _optional_int32(kv_lengths, q.device)
     group = H // KH
     block_m = max(16, triton.next_power_of_2(T * group))
     block_n = 16 if _interpreting() else (64 if D <= 128 else 32)
@@ -541,6 +535,46 @@ def attention_decode(q, k, v, q_positions=None, kv_lengths=None, sliding_window=
         *_pos_strides(q_positions), T, S, H, KH, group, keys_per_split, scale, softcap or 1.0, sliding_window or 0,
         HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q.dtype),
         **_flags(q_positions, kv_lengths, sliding_window, softcap), num_warps=4, num_stages=2)
+    return o_part, lse_part
+
+
+def attention_decode(q, k, v, q_positions=None, kv_lengths=None, sliding_window=None, softcap=None, scale=None):
+    """Forward-only attention for a few query tokens against a KV cache (the sampler's hot loop).
+
+    Same contract as `attention`; `attention` calls this itself when T is small and no gradient is needed. For the
+    best speed pass k/v sliced to the longest live cache row, since the key splits cover all S slots.
+    """
+    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    o_part, lse_part = _decode_partials(q, k, v, _optional_int32(q_positions, q.device),
+                                        _optional_int32(kv_lengths, q.device), sliding_window, softcap, scale)
+    return _combine_splits(o_part, lse_part, q.dtype)
+
+
+def attention_after_shared_prefix(q, k, v, prefix_k, prefix_v, q_positions, sliding_window=None, softcap=None,
+                                  scale=None):
+    """Decode attention when keys [0, P) of every row are the same, prefix_k / prefix_v (P, K, D): cascade attention.
+
+    Same result as attention_decode(q, k, v, q_positions, ...). The row's own keys [P, S) go through the decode
+    kernel (positions shifted by P, so windows and causality are unchanged); the prefix goes through the flash
+    forward kernel once, with all B*T queries as one long row against the P shared keys, so those keys are read
+    once per step instead of once per row. The prefix result joins the decode kernel's key splits as one more
+    split, and _combine_splits merges them all by their log-sum-exps. No host sync: CUDA-graph safe.
+    """
+    B, T, H, D = q.shape
+    P = prefix_k.shape[0]
+    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    positions = _optional_int32(q_positions, q.device)  # (B, T)
+    o_part, lse_part = _decode_partials(q, k[:, P:], v[:, P:], positions - P, None, sliding_window, softcap, scale)
+    out_p, lse_p = _forward(q.reshape(1, B * T, H, D), _last_dim_contiguous(prefix_k)[None],
+                            _last_dim_contiguous(prefix_v)[None], positions.reshape(1, B * T), None, sliding_window,
+                            softcap, scale)  # (1, B*T, H, D), (1, H, B*T)
+    # a query that sees no prefix key (inside a sliding window past it) has lse +inf from the forward kernel (its
+    # backward convention); as a split it must weigh 0, the decode kernel's -inf
+    lse_p = lse_p.masked_fill(lse_p == float("inf"), float("-inf"))
+    o_part = torch.cat([o_part, out_p.view(B, 1, T, H, D).float()], dim=1)
+    lse_part = torch.cat([lse_part, lse_p.view(H, B, T).permute(1, 2, 0)[:, None]], dim=1)  # (B, splits + 1, T, H)
     return _combine_splits(o_part, lse_part, q.dtype)
 
 

@@ -224,6 +224,47 @@ def test_decode_with_gpu_block_sizes(monkeypatch):
     check_fp32([out], [reference.attention(q, k, v, **args)], seed)
 
 
+def shared_prefix_case(B, T, S, P, H, K, D, dtype, start):
+    """q, k, v with keys [0, P) equal in every row, the prefix itself, and queries from the given start positions."""
+    seed, q, k, v = random_qkv(B, T, S, H, K, D, dtype)
+    prefix_k, prefix_v = k[0, :P].clone(), v[0, :P].clone()
+    k[:, :P], v[:, :P] = prefix_k, prefix_v
+    positions = torch.tensor(start, device=DEVICE)[:, None] + torch.arange(T, device=DEVICE)
+    return seed, q, k, v, prefix_k, prefix_v, positions
+
+
+@pytest.mark.parametrize("dtype, T, H, options", [
+    (torch.float32, 1, 4, {}),
+    (torch.float32, 2, 8, {"sliding_window": 12, "softcap": 2.0}),  # the window also cuts into the prefix
+    (torch.float16, 1, 4, {"softcap": 30.0}),
+], ids=["fp32", "fp32-window-softcap", "fp16"])
+def test_cascade_decode_over_a_shared_prefix_matches_reference(dtype, T, H, options):
+    """The prefix attended once for all rows (flash forward) + each row's own keys (decode kernel), merged: the
+    reference over whole rows. One row's queries sit inside the prefix: causality holds there too."""
+    B, S, P, K, D = 3, 45, 21, 2, 32
+    seed, q, k, v, prefix_k, prefix_v, positions = shared_prefix_case(B, T, S, P, H, K, D, dtype, [40, 21, 9])
+    with torch.no_grad():
+        out = flash.attention_after_shared_prefix(q, k, v, prefix_k, prefix_v, positions, **options)
+    args = dict(q_positions=positions, **options)
+    expected = reference.attention(q.float(), k.float(), v.float(), **args)
+    assert out.dtype == dtype
+    if dtype == torch.float32:
+        check_fp32([out], [expected], seed)
+    else:
+        check_low_precision([out], [naive_low_precision(q, k, v, **args)], [expected], seed)
+
+
+def test_cascade_decode_with_gpu_block_sizes(monkeypatch):
+    # The GPU's tiles (128-query forward blocks, 64-key decode splits, 3 of them) on a 130-token prefix of 200 slots.
+    monkeypatch.setattr(flash, "_interpreting", lambda: False)
+    monkeypatch.setattr(flash, "_num_splits", lambda batch_heads, S, block_n, device: 3)
+    seed, q, k, v, prefix_k, prefix_v, positions = shared_prefix_case(3, 1, 200, 130, 8, 2, 64, torch.float32,
+                                                                      [199, 130, 160])
+    with torch.no_grad():
+        out = flash.attention_after_shared_prefix(q, k, v, prefix_k, prefix_v, positions, sliding_window=150)
+    check_fp32([out], [reference.attention(q, k, v, q_positions=positions, sliding_window=150)], seed)
+
+
 def test_grad_mode_with_few_tokens_uses_flash_path():
     q, k, v = (torch.randn(1, 2, 2, 16, device=DEVICE, requires_grad=True) for _ in range(3))
     assert not flash._use_decode_path(q, k, v)
@@ -288,3 +329,47 @@ def test_gpu_bf16_decode_long_cache():
         out = flash.attention(q, k, v, **args)
     expected = reference.attention(q.float(), k.float(), v.float(), **args)
     check_low_precision([out], [naive_low_precision(q, k, v, **args)], [expected], seed)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_bf16_cascade_decode_long_shared_prefix():
+    B, S, P, H, K, D = 64, 1400, 1024, 32, 8, 128  # ICL-shaped: 1024 shared tokens, rows at different depths
+    start = torch.randint(P, S, (B,)).tolist()
+    seed, q, k, v, prefix_k, prefix_v, positions = shared_prefix_case(B, 1, S, P, H, K, D, torch.bfloat16, start)
+    with torch.no_grad():
+        out = flash.attention_after_shared_prefix(q, k, v, prefix_k, prefix_v, positions)
+    expected = reference.attention(q.float(), k.float(), v.float(), q_positions=positions)
+    check_low_precision([out], [naive_low_precision(q, k, v, q_positions=positions)], [expected], seed)
+
+
+# --- the switch and the sampler on the Triton path -------------------------------------------------------------
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="CPU: the interpreter and a lowered cascade threshold")
+@pytest.mark.parametrize("options", [{}, {"sliding_window": 12, "attn_logit_softcap": 5.0}], ids=["llama", "window"])
+def test_sampler_decodes_through_the_triton_cascade(monkeypatch, options):
+    """w2s.generate with W2S_KERNELS=triton and a 16-token shared prefix: decode takes the cascade path (ops ->
+    attention_after_shared_prefix) and gives the reference backend's greedy tokens."""
+    from w2s import ops
+    from w2s.config import ModelConfig
+    from w2s.model import Transformer
+    from w2s.sampling import generate
+
+    cfg = ModelConfig(family="llama", vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                      hidden_dim=48, **options)
+    model = Transformer(cfg).init_weights(std=0.2, generator=torch.Generator().manual_seed(0)).eval()
+    g = torch.Generator().manual_seed(1)
+    prefix = torch.randint(3, 61, (16,), generator=g).tolist()
+    prompts = [prefix + torch.randint(3, 61, (n,), generator=g).tolist() for n in (2, 5, 1)]
+    calls = []
+    cascade = flash.attention_after_shared_prefix
+    monkeypatch.setattr(flash, "attention_after_shared_prefix", lambda *a, **k: calls.append(1) or cascade(*a, **k))
+    monkeypatch.setattr(ops, "CASCADE_MIN_PREFIX", 16)
+    outs = {}
+    for backend in ("triton", "reference"):
+        monkeypatch.setattr(ops, "_backend", backend)
+        outs[backend] = generate(model, None, prompts, max_new_tokens=6, max_batch=3, progress=False)
+    assert outs["triton"] == outs["reference"]
+    # 6 tokens: the first from the prefill, then at least 5 decode steps (the engine steps in blocks), every layer
+    assert len(calls) >= 5 * cfg.n_layers and len(calls) % cfg.n_layers == 0

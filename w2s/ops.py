@@ -3,8 +3,9 @@
 Every hot op of the model and the losses goes through a function here. The backend is chosen per call:
 
     W2S_KERNELS=auto       (default) Triton for CUDA tensors, the reference for anything else (CPU), except two
-                           CPU paths with the reference's math and less memory traffic: torch SDPA for attention
-                           and the chunked fused linear losses (kernels/chunked_linear.py)
+                           CPU paths with the reference's math and less memory traffic: torch SDPA / flash
+                           attention (with cascade decoding over a shared prefix) and the chunked fused linear
+                           losses (kernels/chunked_linear.py)
     W2S_KERNELS=triton     Triton always (on CPU only under TRITON_INTERPRET=1, which is how the tests run it)
     W2S_KERNELS=reference  the reference always (debugging, parity checks on GPU)
 
@@ -62,11 +63,18 @@ def attention(q, k, v, q_positions=None, kv_lengths=None, sliding_window=None, s
     runs the reference itself.
 
     shared_prefix: optional (k_p, v_p), each (P, K, D), a promise that k[b, :P] == k_p and v[b, :P] == v_p for every
-    row b (the sampler's prompts all start with the same few-shot demonstrations). It changes no value; the CPU
-    path uses it to read those keys once per step instead of once per row (_attention_after_shared_prefix).
+    row b (the sampler's prompts all start with the same few-shot demonstrations). It changes no value; decode
+    uses it to read those keys once per step instead of once per row (cascade attention): on CUDA through the
+    Triton kernels (kernels.attention.attention_after_shared_prefix, any window or soft-cap), on CPU through
+    torch's flash kernel (_attention_after_shared_prefix, no window or soft-cap).
     """
     impl = _triton("attention", q)
+    P = shared_prefix[0].shape[0] if shared_prefix is not None else 0
     if impl is not None:
+        if (P >= CASCADE_MIN_PREFIX and q_positions is not None and kv_lengths is None
+                and impl._use_decode_path(q, k, v)):
+            return impl.attention_after_shared_prefix(q, k, v, *shared_prefix, q_positions,
+                                                      sliding_window=sliding_window, softcap=softcap, scale=scale)
         return impl.attention(q, k, v, q_positions=q_positions, kv_lengths=kv_lengths,
                               sliding_window=sliding_window, softcap=softcap, scale=scale)
     if _backend == "auto" and softcap is None:  # SDPA has no soft-cap: Gemma-2 stays on the reference
@@ -78,7 +86,6 @@ def attention(q, k, v, q_positions=None, kv_lengths=None, sliding_window=None, s
         if not (q.requires_grad or k.requires_grad or v.requires_grad):  # sampling: positions over a KV cache
             if q_positions is None:
                 q_positions = torch.arange(q.shape[1], device=q.device).expand(q.shape[0], -1)
-            P = shared_prefix[0].shape[0] if shared_prefix is not None else 0
             if (P >= CASCADE_MIN_PREFIX and q.device.type == "cpu" and kv_lengths is None
                     and sliding_window is None and bool((q_positions >= P).all())):
                 return _attention_after_shared_prefix(q, k, v, q_positions, shared_prefix, scale)
@@ -92,6 +99,7 @@ def attention(q, k, v, q_positions=None, kv_lengths=None, sliding_window=None, s
 # Below this many shared tokens the cascade's second kernel call and merge cost more than reading the prefix from
 # every row (2 CPU cores, fp32, batch 32-128: a 16-token prefix is 1.4-2x slower, 64+ tokens break even or win,
 # a 384-token prefix before 66 own tokens is 3.3x faster). Zero-shot prompts share only a few template tokens.
+# The same threshold serves CUDA, where it is not yet measured.
 CASCADE_MIN_PREFIX = 64
 
 
