@@ -95,6 +95,16 @@ def compare(B, T, S, H, K, D, dtype=torch.float32, q_positions=None, **options):
         check_low_precision(actual, low, expected, seed)
 
 
+def check_output(out, q, k, v, seed, **args):
+    """A forward-only result (decode) against the fp32 reference: FP32_TOL in fp32, the "twice naive" rule below."""
+    expected = reference.attention(q.float(), k.float(), v.float(), **args)
+    assert out.dtype == q.dtype
+    if q.dtype == torch.float32:
+        check_fp32([out], [expected], seed)
+    else:
+        check_low_precision([out], [naive_low_precision(q, k, v, **args)], [expected], seed)
+
+
 # --- training path (forward + backward), fp32 ---------------------------------------------------------------------
 
 
@@ -203,12 +213,7 @@ def test_decode_matches_reference(dtype, T, H, options):
     with torch.no_grad():
         assert flash._use_decode_path(q, k, v)
         out = flash.attention(q, k, v, **args)
-    expected = reference.attention(q.float(), k.float(), v.float(), **args)
-    assert out.dtype == dtype
-    if dtype == torch.float32:
-        check_fp32([out], [expected], seed)
-    else:
-        check_low_precision([out], [naive_low_precision(q, k, v, **args)], [expected], seed)
+    check_output(out, q, k, v, seed, **args)
 
 
 def test_decode_with_gpu_block_sizes(monkeypatch):
@@ -245,13 +250,7 @@ def test_cascade_decode_over_a_shared_prefix_matches_reference(dtype, T, H, opti
     seed, q, k, v, prefix_k, prefix_v, positions = shared_prefix_case(B, T, S, P, H, K, D, dtype, [40, 21, 9])
     with torch.no_grad():
         out = flash.attention_after_shared_prefix(q, k, v, prefix_k, prefix_v, positions, **options)
-    args = dict(q_positions=positions, **options)
-    expected = reference.attention(q.float(), k.float(), v.float(), **args)
-    assert out.dtype == dtype
-    if dtype == torch.float32:
-        check_fp32([out], [expected], seed)
-    else:
-        check_low_precision([out], [naive_low_precision(q, k, v, **args)], [expected], seed)
+    check_output(out, q, k, v, seed, q_positions=positions, **options)
 
 
 def test_cascade_decode_with_gpu_block_sizes(monkeypatch):
@@ -327,8 +326,7 @@ def test_gpu_bf16_decode_long_cache():
     args = dict(q_positions=positions, kv_lengths=positions[:, 0] + 1)
     with torch.no_grad():
         out = flash.attention(q, k, v, **args)
-    expected = reference.attention(q.float(), k.float(), v.float(), **args)
-    check_low_precision([out], [naive_low_precision(q, k, v, **args)], [expected], seed)
+    check_output(out, q, k, v, seed, **args)
 
 
 @gpu
@@ -339,8 +337,7 @@ def test_gpu_bf16_cascade_decode_long_shared_prefix():
     seed, q, k, v, prefix_k, prefix_v, positions = shared_prefix_case(B, 1, S, P, H, K, D, torch.bfloat16, start)
     with torch.no_grad():
         out = flash.attention_after_shared_prefix(q, k, v, prefix_k, prefix_v, positions)
-    expected = reference.attention(q.float(), k.float(), v.float(), q_positions=positions)
-    check_low_precision([out], [naive_low_precision(q, k, v, q_positions=positions)], [expected], seed)
+    check_output(out, q, k, v, seed, q_positions=positions)
 
 
 # --- the switch and the sampler on the Triton path -------------------------------------------------------------
