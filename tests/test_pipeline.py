@@ -151,9 +151,9 @@ def full_run(world, tmp_path_factory):
     loads = []  # every checkpoint read from disk (for sampling or for training)
 
     def load_spy(real):
-        def spy(recipe, model_dir):
+        def spy(recipe, model_dir, *args):
             loads.append(str(model_dir))
-            return real(recipe, model_dir)
+            return real(recipe, model_dir, *args)
         return spy
 
     with pytest.MonkeyPatch.context() as mp:
@@ -517,9 +517,11 @@ def test_unknown_recipe_key_is_one_clear_error(fake_world):
 
 def test_tensor_parallel_that_does_not_divide_the_processes_is_one_clear_error(fake_world):
     text = RECIPE.format(name="bad", n_samples=N_SAMPLES, min_confidence=0.6, pass_k=PASS_K)
-    with pytest.raises(ValueError, match=r"r\.toml: \[sampling\] tp = 2 must divide the number of processes \(1\)"):
-        _run(fake_world, text.replace("sample_max_new_tokens = 8\n", "sample_max_new_tokens = 8\ntp = 2\n"))
-    assert not (fake_world / "runs").exists()  # nothing was started
+    for key in ("tp", "weak_tp"):
+        with pytest.raises(ValueError, match=rf"r\.toml: \[sampling\] {key} = 2 must divide the number of processes "
+                                             rf"\(1\); .* or set {key} = 1"):
+            _run(fake_world, text.replace("sample_max_new_tokens = 8\n", f"sample_max_new_tokens = 8\n{key} = 2\n"))
+        assert not (fake_world / "runs").exists()  # nothing was started
 
 
 def test_missing_checkpoint_is_one_clear_error(fake_world):
@@ -581,8 +583,8 @@ def test_report_from_hand_written_metas(tmp_path):
 def test_torchrun_two_processes_match_one(full_run, tmp_path, tp):
     """scripts/pipeline.py under torchrun (2 gloo processes: FSDP2 training with the checkpoint read by rank 0 only;
     sampling data-parallel (tp 1) or tensor-parallel (tp 2: each rank reads half of every block, and a trained model
-    is reloaded sharded instead of kept resident)) gives the same stage keys and artifacts as the single-process run,
-    for every stage the two recipes share."""
+    is reloaded sharded instead of kept resident; the weak model stays data-parallel, weak_tp 1) gives the same stage
+    keys and artifacts as the single-process run, for every stage the two recipes share."""
     import os
     import subprocess
     import sys
@@ -609,7 +611,8 @@ def test_torchrun_two_processes_match_one(full_run, tmp_path, tp):
         if meta(ref, name)["kind"] == "train":  # FSDP2 sums gradients over ranks: the same loss as one process
             assert meta(run_dir, name)["final_loss"] == pytest.approx(meta(ref, name)["final_loss"], rel=1e-4)
     assert (run_dir / "16_dpo" / "model" / "config.json").is_file() and "Stage II: DPO" in proc.stdout
-    assert meta(run_dir, "02_weak_labels")["tp"] == meta(run_dir, "28_eval_stage2_dpo")["tp"] == tp
+    assert meta(run_dir, "02_weak_labels")["tp"] == meta(run_dir, "20_eval_weak_floor")["tp"] == 1  # weak_tp
+    assert meta(run_dir, "03_icl_labels")["tp"] == meta(run_dir, "28_eval_stage2_dpo")["tp"] == tp
 
 
 # ---------------------------------------------------------------------------------------------------- evaluate.py

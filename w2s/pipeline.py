@@ -211,10 +211,12 @@ def run_pipeline(recipe_path, runs_dir="runs", progress=True, log=print, plot=Tr
 
     recipe = load_recipe(recipe_path)
     world = int(os.environ.get("WORLD_SIZE", 1))
-    if world % recipe.sampling.tp:  # say so now, not after the first training stage
-        raise ValueError(f"{recipe_path}: [sampling] tp = {recipe.sampling.tp} must divide the number of processes "
-                         f"({world}); launch with torchrun --nproc_per_node a multiple of it (make ... NPROC=N), "
-                         f"or set tp = 1")
+    for key in ("tp", "weak_tp"):  # say so now, not after the first training stage
+        tp = getattr(recipe.sampling, key)
+        if world % tp:
+            raise ValueError(f"{recipe_path}: [sampling] {key} = {tp} must divide the number of processes ({world}); "
+                             f"launch with torchrun --nproc_per_node a multiple of it (make ... NPROC=N), or set "
+                             f"{key} = 1")
     if "WORLD_SIZE" in os.environ:  # torchrun: join the process group before the first collective (barrier)
         from w2s.parallel import init_distributed
 

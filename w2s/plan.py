@@ -39,14 +39,21 @@ def _torch_setup(recipe):
     return device, getattr(torch, recipe.models.dtype)
 
 
-def load_fresh(recipe, model_dir):
-    """(model, tokenizer) of a checkpoint dir for sampling, in the recipe's dtype on its device; with [sampling] tp > 1
-    each rank reads only its tensor-parallel slice (groups of tp consecutive ranks; data parallel across groups)."""
+def load_fresh(recipe, model_dir, tp):
+    """(model, tokenizer) of a checkpoint dir for sampling, in the recipe's dtype on its device; with tp > 1 each
+    rank reads only its tensor-parallel slice (groups of tp consecutive ranks; data parallel across groups)."""
     from w2s.tensor_parallel import load_model_tp
     from w2s.tokenizer import load_tokenizer
 
     device, dtype = _torch_setup(recipe)
-    return load_model_tp(model_dir, recipe.sampling.tp, dtype=dtype, device=device), load_tokenizer(model_dir)
+    return load_model_tp(model_dir, tp, dtype=dtype, device=device), load_tokenizer(model_dir)
+
+
+def sampling_tp(ctx, model_dir):
+    """Tensor-parallel degree for sampling a checkpoint: [sampling] weak_tp for the weak model (stage 01's output),
+    tp for every strong one."""
+    weak = model_of(ctx, "01_weak_sft").resolve()
+    return ctx.recipe.sampling.weak_tp if Path(model_dir).resolve() == weak else ctx.recipe.sampling.tp
 
 
 def drop_resident(ctx):
@@ -70,8 +77,9 @@ def load_for_training_stage(recipe, model_dir):
 
 
 def keep_resident(ctx, out, model, tok):
-    """A just-trained model stays resident for the sampling stage that usually follows. Not under tensor-parallel
-    sampling (model is None then): the trainer returns whole models, and the next stage reads its slices from disk."""
+    """A just-trained model stays resident for the sampling stage that usually follows. Not when it is sampled
+    tensor-parallel (model is None then): the trainer returns whole models, and the next stage reads its slices from
+    disk."""
     if model is not None:
         ctx.resident = (str((out / "model").resolve()), model.to(_torch_setup(ctx.recipe)[0]), tok)
 
@@ -82,7 +90,7 @@ def load_for_inference(ctx, model_dir):
     if ctx.resident is not None and ctx.resident[0] == model_dir:
         return ctx.resident[1], ctx.resident[2]
     drop_resident(ctx)
-    model, tok = load_fresh(ctx.recipe, model_dir)
+    model, tok = load_fresh(ctx.recipe, model_dir, sampling_tp(ctx, model_dir))
     ctx.resident = (model_dir, model, tok)
     return model, tok
 
@@ -225,7 +233,7 @@ def sft_stage(ctx, out, base_dir, rows, section):
     steps = []
     with StageProfiler(model.cfg, mode="training", name=out.name) as prof:
         model = train_sft(model, tok, rows, train_config(ctx.recipe, section, ctx.progress), out_dir=out / "model",
-                          on_step=steps.append, return_model=ctx.recipe.sampling.tp == 1)
+                          on_step=steps.append, return_model=sampling_tp(ctx, out / "model") == 1)
     keep_resident(ctx, out, model, tok)
     return {"n_rows": len(rows), **_train_cost(prof, steps)}
 
@@ -243,7 +251,7 @@ def preference_stage(ctx, out, base_dir, pairs, loss):
     with StageProfiler(model.cfg, mode="training", name=out.name) as prof:
         model = train_preference(model, tok, pairs, train_config(ctx.recipe, "preference", ctx.progress),
                                  out_dir=out / "model", loss=loss, on_step=steps.append,
-                                 return_model=ctx.recipe.sampling.tp == 1)
+                                 return_model=sampling_tp(ctx, out / "model") == 1)
     keep_resident(ctx, out, model, tok)
     return {"n_pairs": len(pairs), "loss": loss, **_train_cost(prof, steps)}
 

@@ -49,7 +49,8 @@ class SamplingOptions:
     sample_max_new_tokens: int = 1024
     max_batch: int = 64
     cache_len: int = 0  # 0: prompt + max_new_tokens
-    tp: int = 1  # tensor-parallel degree of every sampling stage under torchrun (8: a 70B model on 8x80 GB GPUs)
+    tp: int = 1  # tensor-parallel degree of the strong models' sampling stages under torchrun (8: 70B on 8x80 GB)
+    weak_tp: int = 1  # the same for the weak model (a 2B model fits one GPU: data parallel beats an 8-way split)
 
 
 @dataclass
@@ -202,7 +203,7 @@ def _validate(r, path, check_files):
     for b in r.eval.baselines:
         if b not in BASELINES:
             bad("[eval] baselines", f"unknown baseline {b!r}; expected {', '.join(BASELINES)}")
-    for key in ("max_new_tokens", "sample_max_new_tokens", "max_batch", "tp"):
+    for key in ("max_new_tokens", "sample_max_new_tokens", "max_batch", "tp", "weak_tp"):
         if getattr(r.sampling, key) < 1:
             bad(f"[sampling] {key}", f"expected >= 1, got {getattr(r.sampling, key)}")
     if r.stage1.n_demos < 1:
