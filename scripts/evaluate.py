@@ -46,7 +46,7 @@ def main(argv=None):
 
     import w2s
     from w2s.plan import extract
-    from w2s.sampling import generate_to_jsonl
+    from w2s.sampling_jsonl import generate_to_jsonl
     from w2s.stages.metrics import evaluation_result
     from w2s.tasks import STOP_STRINGS, load_records, zero_shot_prompt
 

@@ -20,7 +20,7 @@ as FILE:LINE and the reason, counted, and skipped (--bad-rows skip, the default)
 
 
 def parser(description, epilog):
-    from w2s.train import add_config_args
+    from w2s.train_config import add_config_args
 
     p = argparse.ArgumentParser(description=description, epilog=epilog,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,7 +37,7 @@ def run(train, args, **kwargs):
     import w2s
     from w2s.data import read_jsonl
     from w2s.parallel import load_for_training
-    from w2s.train import config_from_args
+    from w2s.train_config import config_from_args
 
     try:
         cfg = config_from_args(args)

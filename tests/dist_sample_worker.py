@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 
 import w2s
-from w2s.sampling import generate, generate_to_jsonl
+from w2s.sampling import generate
+from w2s.sampling_jsonl import generate_to_jsonl
 from w2s.tensor_parallel import apply_tensor_parallel, load_model_tp, tp_group_for
 
 

@@ -374,6 +374,7 @@ class Injected(RuntimeError):
 
 def test_killed_run_resumes_to_the_same_artifacts(full_run, tmp_path, monkeypatch):
     import w2s.sampling as sampling
+    import w2s.sampling_jsonl as sampling_jsonl
     import w2s.train as train
     from w2s.pipeline import run_pipeline
 
@@ -382,7 +383,7 @@ def test_killed_run_resumes_to_the_same_artifacts(full_run, tmp_path, monkeypatc
 
     # 1. Killed inside the sampling of 14_samples after 3 of 16 prompts.
     real_iter = sampling.iter_generate
-    real_to_jsonl = sampling.generate_to_jsonl
+    real_to_jsonl = sampling_jsonl.generate_to_jsonl
 
     def dying_iter(*args, **kwargs):
         for i, item in enumerate(real_iter(*args, **kwargs)):
@@ -398,13 +399,13 @@ def test_killed_run_resumes_to_the_same_artifacts(full_run, tmp_path, monkeypatc
         finally:
             monkeypatch.setattr(sampling, "iter_generate", real_iter)
 
-    monkeypatch.setattr(sampling, "generate_to_jsonl", to_jsonl)
+    monkeypatch.setattr(sampling_jsonl, "generate_to_jsonl", to_jsonl)
     with pytest.raises(Injected):
         run()
     stage = tmp_path / "tiny" / "14_samples"
     assert not (stage / "meta.json").exists() and (meta(tmp_path / "tiny", "13_r2_sft_hybrid"))
     assert len((stage / "generations.jsonl.part0").read_text().splitlines()) == 3
-    monkeypatch.setattr(sampling, "generate_to_jsonl", real_to_jsonl)
+    monkeypatch.setattr(sampling_jsonl, "generate_to_jsonl", real_to_jsonl)
 
     # 2. Killed inside the training of 16_dpo, right after its first checkpoint.
     real_save = train.save_training_state

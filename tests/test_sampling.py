@@ -16,7 +16,7 @@ import torch
 from hf_tiny import FAMILIES, VOCAB, save_hf
 
 import w2s
-from w2s import sampling
+from w2s import sampling, sampling_jsonl
 from w2s.sampling import Engine, generate, sample_from_logits, stream_keys, stream_uniforms
 
 CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;:!?+-*/=()[]{}<>#@$%&_'\"\n"
@@ -262,7 +262,7 @@ def test_jsonl_resume_is_byte_identical_and_redoes_nothing(ckpt, tmp_path, monke
     texts = ["abc", "hello", "x", "1+1=", "what?", "zz top"]
     records = [{"id": f"q{i}", "prompt": t} for i, t in enumerate(texts)]
     kw = dict(n=2, temperature=1.0, top_k=20, max_new_tokens=6, seed=3, max_batch=3, sync_every=2, progress=False)
-    full = sampling.generate_to_jsonl(model, tok, records, tmp_path / "full.jsonl", **kw).read_bytes()
+    full = sampling_jsonl.generate_to_jsonl(model, tok, records, tmp_path / "full.jsonl", **kw).read_bytes()
     assert full.count(b"\n") == len(records)
 
     admitted = []  # (global prompt index, sample) of every sequence started, i.e. every prefill
@@ -284,7 +284,7 @@ def test_jsonl_resume_is_byte_identical_and_redoes_nothing(ckpt, tmp_path, monke
     out = tmp_path / "out.jsonl"
     monkeypatch.setattr(sampling, "iter_generate", dies_after_two)
     with pytest.raises(Interrupted):
-        sampling.generate_to_jsonl(model, tok, records, out, **kw)
+        sampling_jsonl.generate_to_jsonl(model, tok, records, out, **kw)
     monkeypatch.setattr(sampling, "iter_generate", real_iter)
     part = tmp_path / "out.jsonl.part0"
     finished = [json.loads(line)["id"] for line in part.read_text().splitlines()]
@@ -293,7 +293,7 @@ def test_jsonl_resume_is_byte_identical_and_redoes_nothing(ckpt, tmp_path, monke
         f.write('{"id": "q5", "prompt": "zz top", "completions": [{"te')
 
     admitted.clear()
-    sampling.generate_to_jsonl(model, tok, records, out, **kw)
+    sampling_jsonl.generate_to_jsonl(model, tok, records, out, **kw)
     assert out.read_bytes() == full
     assert not part.exists()
     redone = {f"q{p}" for p, _ in admitted}
@@ -301,7 +301,7 @@ def test_jsonl_resume_is_byte_identical_and_redoes_nothing(ckpt, tmp_path, monke
     assert sorted(admitted) == sorted(set(admitted))  # each (prompt, sample) started once
 
     admitted.clear()  # a finished file: nothing to do, file unchanged
-    sampling.generate_to_jsonl(model, tok, records, out, **kw)
+    sampling_jsonl.generate_to_jsonl(model, tok, records, out, **kw)
     assert admitted == [] and out.read_bytes() == full
 
 
@@ -310,28 +310,28 @@ def test_jsonl_bad_lines_are_one_line_errors(ckpt, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"id": 1, "prompt": "ab"}\n\n{"id": 2, "prompt": "cd"\n')
     with pytest.raises(ValueError, match=r"prompts.jsonl:3: not valid JSON"):
-        sampling.read_prompts_jsonl(prompts)
+        sampling_jsonl.read_prompts_jsonl(prompts)
     prompts.write_text('{"id": 1, "prompt": "ab"}\n{"id": 2, "question": "cd"}\n')
     with pytest.raises(ValueError, match=r"prompts.jsonl:2: expected key 'prompt'"):
-        sampling.read_prompts_jsonl(prompts)
+        sampling_jsonl.read_prompts_jsonl(prompts)
     prompts.write_text('{"q": "ab"}\n{"q": "cd"}\n')
     with pytest.raises(ValueError, match=r"prompts.jsonl:1: missing id key 'id'"):
-        sampling.read_prompts_jsonl(prompts, prompt_key="q")
-    assert [r["id"] for r in sampling.read_prompts_jsonl(prompts, prompt_key="q", id_key="")] == [0, 1]
+        sampling_jsonl.read_prompts_jsonl(prompts, prompt_key="q")
+    assert [r["id"] for r in sampling_jsonl.read_prompts_jsonl(prompts, prompt_key="q", id_key="")] == [0, 1]
     prompts.write_text('{"id": 7, "prompt": "ab"}\n{"id": 7, "prompt": "cd"}\n')
     with pytest.raises(ValueError, match=r"prompts.jsonl:2: id 7 repeats line 1"):
-        sampling.read_prompts_jsonl(prompts)
+        sampling_jsonl.read_prompts_jsonl(prompts)
 
     # A corrupt complete line in an output file is named, not silently skipped or redone.
     out = tmp_path / "out.jsonl"
     (tmp_path / "out.jsonl.part0").write_text('{"id": "a", "completions": []}\nnot json\n')
     records = [{"id": "a", "prompt": [1, 5]}]
     with pytest.raises(ValueError, match=r"out.jsonl.part0:2: not a completion line"):
-        sampling.generate_to_jsonl(model, None, records, out, progress=False)
+        sampling_jsonl.generate_to_jsonl(model, None, records, out, progress=False)
     # A prompt longer than the cache names its record; nothing is written.
     (tmp_path / "out.jsonl.part0").unlink()
     with pytest.raises(ValueError, match=r'record "b" has 9 tokens but the KV cache holds 8 positions'):
-        sampling.generate_to_jsonl(model, None, [*records, {"id": "b", "prompt": list(range(3, 12))}], out,
+        sampling_jsonl.generate_to_jsonl(model, None, [*records, {"id": "b", "prompt": list(range(3, 12))}], out,
                                    cache_len=8, progress=False)
     assert not list(tmp_path.glob("out.jsonl*"))
 
@@ -377,7 +377,7 @@ def test_sample_script_equals_generate_to_jsonl(bpe_ckpt, tmp_path):
 
     model, tok = w2s.load_model(bpe_ckpt, dtype=torch.float32), w2s.load_tokenizer(bpe_ckpt)
     records = [{"q": t, "id": i} for i, t in enumerate(texts)]
-    expected = sampling.generate_to_jsonl(model, tok, records, tmp_path / "ref.jsonl", prompt_key="q", n=2,
+    expected = sampling_jsonl.generate_to_jsonl(model, tok, records, tmp_path / "ref.jsonl", prompt_key="q", n=2,
                                           temperature=1.0, top_p=0.95, max_new_tokens=12, stop=["\n"], seed=4,
                                           max_batch=3, progress=False)
     assert out.read_bytes() == expected.read_bytes()

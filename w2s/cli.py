@@ -175,7 +175,7 @@ def sample(ckpt_dir, input_path, output_path, prompt_key, id_key, n, temperature
     import torch
 
     from w2s.parallel import init_distributed
-    from w2s.sampling import generate_to_jsonl, read_prompts_jsonl
+    from w2s.sampling_jsonl import generate_to_jsonl, read_prompts_jsonl
 
     try:
         records = read_prompts_jsonl(input_path, prompt_key=prompt_key, id_key=id_key)

@@ -158,7 +158,7 @@ def generate_stage(ctx, out, model_dir, records, prompt_fn, n=1, temperature=0.0
     generations.jsonl). Returns (rows, counts for meta.json).
     """
     from w2s.profile import StageProfiler
-    from w2s.sampling import generate_to_jsonl
+    from w2s.sampling_jsonl import generate_to_jsonl
     from w2s.tasks import STOP_STRINGS
 
     r, task = ctx.recipe, ctx.recipe.data.task
@@ -202,7 +202,7 @@ def _finish_reasons(results):
 
 def train_config(recipe, section, progress):
     """The resolved TrainConfig of a recipe section ([weak_sft], [strong_sft] or [preference])."""
-    from w2s.train import TrainConfig
+    from w2s.train_config import TrainConfig
 
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in getattr(recipe, section).items()}
     return TrainConfig(**{**values, "progress": progress})

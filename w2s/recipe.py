@@ -7,7 +7,7 @@ files, impossible values) before any model is loaded, and every error names the 
     [data]      task, train/test files, split sizes or a split file, seed
     [models]    weak / strong checkpoint dirs, dtype, device
     [sampling]  max_new_tokens, batch size, cache length for every generation stage
-    [weak_sft] [strong_sft] [preference]   training options (w2s.train.TrainConfig fields)
+    [weak_sft] [strong_sft] [preference]   training options (w2s.train_config.TrainConfig fields)
     [stage1]    rounds, round-2 init ("base" or "continue"), which SFT sets to train
     [stage2]    samples, temperature, top_p, confidence thresholds, pairs per question, losses
     [eval]      pass@k samples, which baselines to run
@@ -90,7 +90,7 @@ class Recipe:
     stage1: Stage1Options
     stage2: Stage2Options
     eval: EvalOptions
-    weak_sft: dict  # TrainConfig overrides, validated against w2s.train.TrainConfig
+    weak_sft: dict  # TrainConfig overrides, validated against w2s.train_config.TrainConfig
     strong_sft: dict
     preference: dict
 
@@ -116,8 +116,9 @@ def _build(cls, values, where):
 
 
 def train_config_defaults():
-    """{field: default} of w2s.train.TrainConfig, the schema of the [weak_sft] [strong_sft] [preference] sections."""
-    from w2s.train import TrainConfig
+    """{field: default} of w2s.train_config.TrainConfig: the schema of the [weak_sft] [strong_sft] [preference]
+    sections."""
+    from w2s.train_config import TrainConfig
 
     return {f.name: getattr(TrainConfig(), f.name) for f in dataclasses.fields(TrainConfig)}
 

@@ -3,8 +3,7 @@
     outs = generate(model, tok, ["Q: 1+1?\\nA:", ...], n=4, temperature=1.0, top_p=0.95, stop=["\\n\\n"])
     outs[i][j] == {"text": str, "token_ids": [int], "num_tokens": int, "finish_reason": "eos" | "stop" | "length"}
 
-    generate_to_jsonl(model, tok, records, "out.jsonl", n=10, temperature=1.0)  # streamed, resumable, in order
-    w2s sample CKPT --input prompts.jsonl --output out.jsonl -n 10 --temperature 1   # the same from the shell
+    Streamed to a resumable jsonl file instead: w2s/sampling_jsonl.py (generate_to_jsonl, `w2s sample`).
 
 How it works (one engine, `Engine`, driven by `iter_generate`):
   * The cache has `slots` rows (the decode batch) plus one spare row that holds a prefix shared by every prompt
@@ -30,26 +29,24 @@ the sequence at the first token whose text completes it; `token_ids` keep that t
 stop string (the stop string itself is not included). "length" means max_new_tokens (or the cache end) was reached.
 
 Data parallel (torchrun, or any initialised process group): each data-parallel rank takes a strided shard of the
-prompts; `generate` gathers results in input order on every rank. Tensor parallel models (w2s/tensor_parallel.py)
-are used unchanged: ranks of one tensor-parallel group run the same prompts in lockstep (they see identical
-all-reduced logits, so they make identical host decisions). Every rank encodes and checks ALL prompts before the
-split, so bad input fails on every rank alike and all ranks size their caches the same.
+prompts (`generate_shard`); `generate` gathers results in input order on every rank. Tensor parallel models
+(w2s/tensor_parallel.py) are used unchanged: ranks of one tensor-parallel group run the same prompts in lockstep
+(they see identical all-reduced logits, so they make identical host decisions). Every rank encodes and checks ALL
+prompts before the split, so bad input fails on every rank alike and all ranks size their caches the same.
 
     python -m pytest -q tests/test_sampling.py tests/test_sampling_dist.py   # the second: torchrun, tp=2 and dp=2
     python scripts/bench_sampling.py                                         # tokens/s, vs transformers on CPU
 """
 
-import glob
-import json
-import os
 import time
 import warnings
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from w2s.model import KVCache
+
+MAX_NEW_TOKENS = 256  # the default completion budget of every entry point
 
 # ------------------------------------------------------------------------------------------------ randomness
 # A counter-based generator: uniforms are a pure function of (seed, prompt, sample, step), computed on device
@@ -417,7 +414,7 @@ class Engine:
 # ------------------------------------------------------------------------------------------------ public API
 
 
-def _dp_layout(model):
+def dp_layout(model):
     """(data-parallel rank, data-parallel size, is_writer) from the process group and the model's tensor parallel."""
     import torch.distributed as dist
 
@@ -457,8 +454,8 @@ def _encode(tokenizer, prompts):
     return out
 
 
-def _check_options(tokenizer, n, temperature, top_p, top_k, max_new_tokens, stop):
-    """Normalized stop strings; a clear ValueError for impossible options."""
+def _check_options(tokenizer, n=1, temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=MAX_NEW_TOKENS, stop=(), **_):
+    """Normalized stop strings; a clear ValueError for impossible options (the other options pass through)."""
     if isinstance(stop, str):
         stop = (stop,)
     stop = tuple(s for s in stop if s)
@@ -487,7 +484,8 @@ def _cache_len_for(ids, max_new_tokens, cache_len, names=None):
     return cache_len
 
 
-def iter_generate(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=256, stop=(),
+def iter_generate(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=MAX_NEW_TOKENS,
+                  stop=(),
                   seed=0, max_batch=256, cache_len=None, shared_prefix=True, sync_every=8, cuda_graphs=None,
                   prompt_indices=None):
     """Yield (index into `prompts`, [n completions]) as prompts finish, in completion order. Arguments as
@@ -520,8 +518,43 @@ def _progress(total, enabled):
     return tqdm(total=total, disable=not enabled, unit="prompt", dynamic_ncols=True, desc="sampling")
 
 
-def generate(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=256, stop=(),
-             seed=0, max_batch=256, cache_len=None, shared_prefix=True, sync_every=8, cuda_graphs=None,
+def generate_shard(model, tokenizer, prompts, todo=None, names=None, progress=True, **options):
+    """An iterator of (index into prompts, [n completions]) over this data-parallel rank's share of `todo` (indices
+    into prompts; default all), in completion order. options: those of `generate`.
+
+    Every prompt is encoded and checked, and the cache sized, over ALL prompts on every rank before the split and
+    before this returns (cheap next to sampling): errors are raised here, everywhere alike, and all ranks run the
+    same shapes. names[i] is how an error calls prompt i. The progress bar (rank 0) counts the prompts outside
+    `todo` as done."""
+    options["stop"] = _check_options(tokenizer, **options)
+    ids = _encode(tokenizer, prompts)
+    options["cache_len"] = _cache_len_for(ids, options.get("max_new_tokens", MAX_NEW_TOKENS), options.get("cache_len"),
+                                          names)
+    todo = list(range(len(prompts))) if todo is None else todo
+    dp_rank, dp_size, _ = dp_layout(model)
+    mine = todo[dp_rank::dp_size]
+    return _run_shard(model, tokenizer, ids, mine, dp_size, len(prompts) - len(todo), progress, options)
+
+
+def _run_shard(model, tokenizer, ids, mine, dp_size, n_done, progress, options):
+    import torch.distributed as dist
+
+    bar = _progress(len(ids), progress and (not dist.is_initialized() or dist.get_rank() == 0))
+    bar.update(n_done)
+    start, tokens = time.perf_counter(), 0
+    try:
+        for local, completions in iter_generate(model, tokenizer, [ids[i] for i in mine], prompt_indices=mine,
+                                                **options):
+            yield mine[local], completions
+            tokens += sum(c["num_tokens"] for c in completions)
+            bar.update(dp_size)  # approximate across ranks: each rank advances at about the same rate
+            bar.set_postfix_str(f"{tokens * dp_size / (time.perf_counter() - start):.0f} tok/s", refresh=False)
+    finally:
+        bar.close()
+
+
+def generate(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=MAX_NEW_TOKENS,
+             stop=(), seed=0, max_batch=256, cache_len=None, shared_prefix=True, sync_every=8, cuda_graphs=None,
              progress=True):
     """Complete every prompt n times; returns, per prompt in input order, a list of n completion dicts.
 
@@ -535,185 +568,13 @@ def generate(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, top_k=0
     """
     import torch.distributed as dist
 
-    # Encode and check every prompt on every rank before splitting (cheap next to sampling): errors are raised
-    # everywhere alike and all ranks size their cache the same.
-    _check_options(tokenizer, n, temperature, top_p, top_k, max_new_tokens, stop)
-    ids = _encode(tokenizer, prompts)
-    cache_len = _cache_len_for(ids, max_new_tokens, cache_len)
-    dp_rank, dp_size, _ = _dp_layout(model)
-    mine = list(range(dp_rank, len(prompts), dp_size))
-    results = {}
-    bar = _progress(len(prompts), progress and (not dist.is_initialized() or dist.get_rank() == 0))
-    start, tokens = time.perf_counter(), 0
-    for local, completions in iter_generate(
-            model, tokenizer, [ids[i] for i in mine], n=n, temperature=temperature, top_p=top_p, top_k=top_k,
-            max_new_tokens=max_new_tokens, stop=stop, seed=seed, max_batch=max_batch, cache_len=cache_len,
-            shared_prefix=shared_prefix, sync_every=sync_every, cuda_graphs=cuda_graphs, prompt_indices=mine):
-        results[mine[local]] = completions
-        tokens += sum(c["num_tokens"] for c in completions)
-        bar.update(dp_size)  # approximate across ranks: each rank advances at about the same rate
-        bar.set_postfix_str(f"{tokens * dp_size / (time.perf_counter() - start):.0f} tok/s", refresh=False)
-    bar.close()
-    if dp_size > 1:
+    results = dict(generate_shard(
+        model, tokenizer, prompts, progress=progress, n=n, temperature=temperature, top_p=top_p, top_k=top_k,
+        max_new_tokens=max_new_tokens, stop=stop, seed=seed, max_batch=max_batch, cache_len=cache_len,
+        shared_prefix=shared_prefix, sync_every=sync_every, cuda_graphs=cuda_graphs))
+    if dp_layout(model)[1] > 1:
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, results)
         for part in gathered:
             results.update(part)
     return [results[i] for i in range(len(prompts))]
-
-
-# ------------------------------------------------------------------------------------------------ jsonl streaming
-
-
-def read_prompts_jsonl(path, prompt_key="prompt", id_key="id"):
-    """The records of a prompts file, one JSON object per line, each with a prompt (a string or a list of token ids)
-    under `prompt_key` and a unique id under `id_key` (id_key "" or None: the record's 0-based index). Blank lines
-    are skipped; a bad line is a one-line ValueError naming path:line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such prompts file (expected jsonl, one {{{prompt_key!r}: ...}} per line)")
-    records, seen = [], {}
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_number}"
-            try:
-                record = json.loads(line.rstrip("\r\n"))  # so an error's column is on this line
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            prompt = record.get(prompt_key)
-            is_ids = isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt)
-            if not (isinstance(prompt, str) and prompt) and not is_ids:
-                got = "missing" if prompt_key not in record else f"got {prompt!r}"[:80]
-                raise ValueError(f"{where}: expected key {prompt_key!r} with a non-empty string or list of token ids "
-                                 f"({got})")
-            if id_key:
-                if id_key not in record:
-                    raise ValueError(f"{where}: missing id key {id_key!r} (choose another with --id-key, or pass "
-                                     f"--id-key '' to number the records)")
-            else:
-                record = {**record, "id": len(records)}
-            key = json.dumps(record[id_key or "id"])
-            if key in seen:
-                raise ValueError(f"{where}: id {key} repeats line {seen[key]} (ids must be unique)")
-            seen[key] = line_number
-            records.append(record)
-    return records
-
-
-def _complete_lines(path):
-    """({json id: record} of the complete lines, byte length of those lines) of an output jsonl. A last line without
-    its newline was torn by a killed writer and is ignored; any other bad line is a one-line error."""
-    done, size = {}, 0
-    if not Path(path).is_file():
-        return done, size
-    with open(path, "rb") as f:
-        for line_number, raw in enumerate(f, start=1):
-            if not raw.endswith(b"\n"):
-                break  # the writer died mid-line: everything before it is intact
-            try:
-                record = json.loads(raw)
-                key = json.dumps(record["id"])
-            except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError) as e:
-                raise ValueError(f"{path}:{line_number}: not a completion line with an 'id' ({type(e).__name__}); "
-                                 f"was it written by another program? Move it away to start over") from None
-            done[key] = record
-            size += len(raw)
-    return done, size
-
-
-def _part_paths(out_path):
-    return sorted(out_path.parent.glob(glob.escape(out_path.name) + ".part*"))
-
-
-def generate_to_jsonl(model, tokenizer, records, out_path, prompt_key="prompt", id_key="id", progress=True,
-                      **generate_kwargs):
-    """Sample every record's prompt and write {"id", "prompt", "completions": [n dicts]} lines to out_path.
-
-    Lines are appended (and flushed) to `out_path.part<rank>` as prompts finish; a rerun skips the ids found in
-    out_path and the part files, so an interrupted run resumes without redoing finished prompts (a line torn by the
-    kill is dropped and redone). At the end the lines are merged in input order into out_path atomically (temp file,
-    fsync, rename) and the parts removed, so the final file equals an uninterrupted run's (same seed: the RNG is
-    keyed by the record's input index). Returns out_path. Records need a unique `id_key` (default "id") and a
-    `prompt_key` (string or token ids). The other keyword arguments are those of `generate`.
-    """
-    import torch.distributed as dist
-
-    out_path = Path(out_path)
-    keys = []
-    for i, r in enumerate(records):
-        if prompt_key not in r or id_key not in r:
-            raise ValueError(f"record {i}: missing key {prompt_key!r} or {id_key!r} (keys: {sorted(r)})")
-        keys.append(json.dumps(r[id_key]))
-    if len(set(keys)) != len(keys):
-        raise ValueError(f"records: {id_key!r} values are not unique")
-    opts = {k: v for k, v in generate_kwargs.items() if k != "prompt_indices"}
-    stop = _check_options(tokenizer, opts.get("n", 1), opts.get("temperature", 0.0), opts.get("top_p", 1.0),
-                          opts.get("top_k", 0), opts.get("max_new_tokens", 256), opts.get("stop", ()))
-    # Encode and size the cache over ALL records on every rank: identical shapes in a resumed run and on every rank.
-    ids = _encode(tokenizer, [r[prompt_key] for r in records])
-    opts["cache_len"] = _cache_len_for(ids, opts.get("max_new_tokens", 256), opts.get("cache_len"),
-                                       names=[f"record {k}" for k in keys])
-    opts["stop"] = stop
-    distributed = dist.is_available() and dist.is_initialized()
-    rank = dist.get_rank() if distributed else 0
-    dp_rank, dp_size, writer = _dp_layout(model)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-
-    def load_all():
-        done = _complete_lines(out_path)[0]
-        for part in _part_paths(out_path):
-            done.update(_complete_lines(part)[0])
-        return done
-
-    done = load_all()
-    todo = [i for i, k in enumerate(keys) if k not in done]
-    mine = todo[dp_rank::dp_size]
-    if distributed:
-        dist.barrier()  # every rank has read the files before a writer touches its part
-    part = Path(f"{out_path}.part{rank}")
-    if writer and part.exists():  # cut a torn last line (in place: never a moment without the finished lines)
-        size = _complete_lines(part)[1]
-        if part.stat().st_size != size:
-            os.truncate(part, size)
-    bar = _progress(len(records), progress and rank == 0)
-    bar.update(len(records) - len(todo))
-    start, tokens = time.perf_counter(), 0
-    f = open(part, "a", encoding="utf-8") if writer else None
-    try:
-        for local, completions in iter_generate(model, tokenizer, [ids[i] for i in mine], prompt_indices=mine,
-                                                **opts):
-            r = records[mine[local]]
-            if f is not None:
-                f.write(json.dumps({"id": r[id_key], "prompt": r[prompt_key], "completions": completions}) + "\n")
-                f.flush()
-            tokens += sum(c["num_tokens"] for c in completions)
-            bar.update(dp_size)
-            bar.set_postfix_str(f"{tokens * dp_size / (time.perf_counter() - start):.0f} tok/s", refresh=False)
-    finally:
-        if f is not None:
-            f.close()
-        bar.close()
-    if distributed:
-        dist.barrier()
-    if rank == 0:
-        done = load_all()
-        missing = [r[id_key] for r, k in zip(records, keys) if k not in done]
-        if missing:
-            raise RuntimeError(f"{out_path}: {len(missing)} record(s) have no output after sampling, e.g. id "
-                               f"{missing[0]!r}")
-        tmp = Path(f"{out_path}.tmp")
-        with open(tmp, "w", encoding="utf-8") as out:
-            for k in keys:
-                out.write(json.dumps(done[k]) + "\n")
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, out_path)
-        for p in _part_paths(out_path):
-            p.unlink()
-    if distributed:
-        dist.barrier()
-    return out_path

@@ -85,7 +85,7 @@ def _all_reduce_hook(group):
 
 
 def tp_group_for(tp):
-    """This rank's tensor-parallel group: consecutive ranks [d*tp, (d+1)*tp) (the layout sampling._dp_layout assumes).
+    """This rank's tensor-parallel group: consecutive ranks [d*tp, (d+1)*tp) (the layout sampling.dp_layout assumes).
 
     Every rank must call this (new_group is collective); returns (group, rank within the group)."""
     if not (dist.is_available() and dist.is_initialized()):

@@ -3,6 +3,8 @@
     model = train_sft(model, tokenizer, [{"prompt": ..., "response": ...}], TrainConfig(lr=1e-5), out_dir="runs/x")
     model = train_preference(model, tokenizer, [{"prompt", "chosen", "rejected"}], cfg, out_dir, loss="dpo")
 
+(TrainConfig, the options, lives in w2s/train_config.py.)
+
 Both run in-process (the pipeline keeps weights resident between stages) and under torchrun (each rank calls the
 same function). What one optimizer step does:
 
@@ -36,7 +38,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import torch
@@ -45,7 +47,7 @@ import torch.nn as nn
 from w2s import data, losses, ops, profile
 from w2s.checkpoint import atomic_write_text, latest_checkpoint, load_training_state, save_training_state
 from w2s.data import IGNORE_INDEX
-from w2s.lora import TARGETS, inject_lora, lora_scale, merge_lora_state_dict
+from w2s.lora import inject_lora, lora_scale, merge_lora_state_dict
 from w2s.parallel import (
     Dist,
     all_reduce_sum,
@@ -57,119 +59,7 @@ from w2s.parallel import (
     needs_fill_from_rank0,
     shard_model,
 )
-
-
-@dataclass
-class TrainConfig:
-    lr: float = 1e-5
-    min_lr: float = 0.0  # cosine decays lr -> min_lr over the steps after warmup
-    warmup_steps: int = 0
-    epochs: int = 1
-    max_steps: int | None = None  # overrides epochs when set
-    batch_size: int = 32  # rows (SFT) or pairs (preference) per optimizer step, over all ranks and micro-batches
-    micro_batch_size: int = 4  # rows (pairs) per forward/backward on one rank; grad_accum is derived
-    max_seq_len: int = 2048
-    weight_decay: float = 0.0  # AdamW decoupled decay, on matrices only (not norms or biases)
-    adam_betas: tuple = (0.9, 0.95)
-    clip: float | None = 1.0  # global gradient-norm clip; None: no clipping
-    beta: float = 0.1  # DPO/IPO beta; ORPO's lambda
-    seed: int = 0
-    lora_rank: int | None = None  # None: full fine-tuning
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.0
-    lora_targets: tuple = TARGETS
-    activation_checkpointing: bool = False  # recompute each block in backward: activations of one block at a time
-    cpu_offload: bool = False  # FSDP2 OffloadPolicy: sharded params/grads/optimizer state in host memory
-    ckpt_every: int = 0  # steps between training-state checkpoints; 0: none
-    log_every: int = 1
-    bad_rows: str = "skip"  # "skip": report and drop bad rows; "error": stop at the first (see w2s/data.py)
-    resume: bool = True  # continue from the newest checkpoint in out_dir/ckpt when there is one
-    progress: bool = True  # tqdm bar on rank 0
-
-    def __post_init__(self):
-        """Impossible settings fail here, with the field's name, not steps later deep inside the loop."""
-        positive = ["lr", "epochs", "batch_size", "micro_batch_size", "max_seq_len", "log_every"]
-        positive += [name for name in ("max_steps", "clip", "lora_rank") if getattr(self, name) is not None]
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}: expected a number > 0")
-        for name in ("min_lr", "warmup_steps", "weight_decay", "ckpt_every", "beta"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}: expected a number >= 0")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"TrainConfig.lora_dropout={self.lora_dropout!r}: expected 0 <= p < 1")
-        if self.bad_rows not in ("skip", "error"):
-            raise ValueError(f"TrainConfig.bad_rows={self.bad_rows!r}: expected 'skip' or 'error'")
-        unknown = sorted(set(self.lora_targets) - set(TARGETS))
-        if unknown:
-            raise ValueError(f"TrainConfig.lora_targets: unknown {unknown}; expected names from {list(TARGETS)}")
-
-    def grad_accum(self, world_size):
-        return max(1, math.ceil(self.batch_size / (self.micro_batch_size * world_size)))
-
-
-# Help text of every TrainConfig field, for the scripts' --help (scripts/sft.py, scripts/dpo.py).
-CONFIG_HELP = {
-    "lr": "peak learning rate (AdamW)",
-    "min_lr": "learning rate at the end of the cosine decay",
-    "warmup_steps": "linear warmup steps before the cosine decay",
-    "epochs": "passes over the data (ignored when --max-steps is given)",
-    "max_steps": "optimizer steps to run; None: epochs * ceil(rows / batch size)",
-    "batch_size": "rows (pairs) per optimizer step, summed over all ranks and accumulation steps",
-    "micro_batch_size": "rows (pairs) per forward/backward on one rank; gradient accumulation makes up the rest",
-    "max_seq_len": "longest sequence in tokens (prompt + response); longer rows are bad rows",
-    "weight_decay": "AdamW decoupled weight decay, on matrices only",
-    "adam_betas": "AdamW betas (two numbers)",
-    "clip": "global gradient-norm clip ('none' to disable)",
-    "beta": "DPO/IPO beta, or ORPO's lambda (weight of the odds-ratio term)",
-    "seed": "seed of the data order and of the LoRA init",
-    "lora_rank": "LoRA rank r; None: full fine-tuning",
-    "lora_alpha": "LoRA alpha; the update is scaled by alpha / r",
-    "lora_dropout": "dropout on the LoRA branch's input",
-    "lora_targets": "linear layers that get LoRA adapters",
-    "activation_checkpointing": "recompute each block in backward (less memory, ~1/3 more compute)",
-    "cpu_offload": "FSDP2: keep sharded params, grads and optimizer state in host memory",
-    "ckpt_every": "steps between resumable training-state checkpoints in OUT/ckpt (0: none)",
-    "log_every": "steps between log lines / metrics.jsonl records",
-    "bad_rows": "'skip': report every bad row (file:line, reason) and train on the rest; 'error': stop at the first",
-    "resume": "continue from the newest checkpoint in OUT/ckpt if there is one (--no-resume: start over)",
-    "progress": "show a progress bar on rank 0",
-}
-
-
-def add_config_args(parser, skip=()):
-    """Add one --option per TrainConfig field (defaults and help from the dataclass) to an argparse parser."""
-    import argparse
-
-    defaults = TrainConfig()
-    for f in fields(TrainConfig):
-        if f.name in skip:
-            continue
-        flag, default, help_text = "--" + f.name.replace("_", "-"), getattr(defaults, f.name), CONFIG_HELP[f.name]
-        help_text += f" (default: {default})"
-        if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
-        elif isinstance(default, tuple):
-            kind = float if f.name == "adam_betas" else str
-            parser.add_argument(flag, nargs=len(default) if kind is float else "+", type=kind, default=default,
-                                help=help_text)
-        elif f.name == "clip":
-            parser.add_argument(flag, type=lambda v: None if v.lower() == "none" else float(v), default=default,
-                                help=help_text)
-        elif f.name == "bad_rows":
-            parser.add_argument(flag, choices=("skip", "error"), default=default, help=help_text)
-        else:
-            kind = {"max_steps": int, "lora_rank": int}.get(f.name, type(default))
-            parser.add_argument(flag, type=kind, default=default, help=help_text)
-    return parser
-
-
-def config_from_args(args, **overrides):
-    """TrainConfig from parsed add_config_args options (fields not on the command line keep their defaults)."""
-    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
-    given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
-    return TrainConfig(**{**given, **overrides})
-
+from w2s.train_config import TrainConfig
 
 # ---------------------------------------------------------------------------------------------- model + loss head
 
