@@ -196,6 +196,8 @@ def test_math_gold_answers_equal_sympys_own_latex_of_them_and_differ_from_it_plu
         ("The answer is $\\sqrt{2}$.", "math", "$\\sqrt{2}$"),
         ("3 apples and 1,000 pears", "gsm8k", "1,000"),  # fallback: the last number
         ("we get -2.5", "math", "-2.5"),
+        ("so 10-5", "gsm8k", "5"),  # a subtraction, not a negative number
+        ("(-3) + 1 gives -2", "gsm8k", "-2"),
         ("no digits at all", "math", ""),
         ("", "gsm8k", ""),
     ],

@@ -577,6 +577,23 @@ def test_report_from_hand_written_metas(tmp_path):
         report(tmp_path / "missing")
 
 
+def test_report_marks_the_last_rounds_hybrid_as_m_plus(tmp_path):
+    """M_plus is the last Stage I round's hybrid model: round 2 when two rounds ran, round 1 under a one-round recipe
+    (MATH), and only that row carries the label."""
+    from w2s.report import report
+
+    def row_labels(methods):
+        run = tmp_path / "_".join(methods)
+        for i, method in enumerate(methods):
+            (run / f"{20 + i}_eval_{method}").mkdir(parents=True)
+            (run / f"{20 + i}_eval_{method}" / "meta.json").write_text(json.dumps({"accuracy": 0.5}))
+        return [line.split("|")[1].strip() for line in report(run, plot=False).splitlines() if "hybrid-ft" in line]
+
+    assert row_labels(["stage1_r1_hybrid", "stage2_dpo"]) == ["Stage I r1: hybrid-ft (M_plus)"]
+    assert row_labels(["stage1_r1_hybrid", "stage1_r2_hybrid"]) == ["Stage I r1: hybrid-ft",
+                                                                    "Stage I r2: hybrid-ft (M_plus)"]
+
+
 # ---------------------------------------------------------------------------------------------------- torchrun
 
 

@@ -22,12 +22,19 @@ METHODS = [
     ("stage1_r1_hybrid", "Stage I r1: hybrid-ft"),
     ("stage1_r2_weak", "Stage I r2: weak-ft"),
     ("stage1_r2_icl", "Stage I r2: icl-ft"),
-    ("stage1_r2_hybrid", "Stage I r2: hybrid-ft (M_plus)"),
+    ("stage1_r2_hybrid", "Stage I r2: hybrid-ft"),
     ("stage2_dpo", "Stage II: DPO (M_pro)"),
     ("stage2_orpo", "Stage II: ORPO"),
     ("stage2_ipo", "Stage II: IPO"),
     ("ceiling", "strong ceiling (gold train_2)"),
 ]
+
+
+def method_labels(acc):
+    """[(method, label)] of the evaluated methods in display order. M_plus, the model Stage II starts from, is the
+    hybrid-ft model of the LAST Stage I round: round 2 on GSM8K, round 1 under MATH's one-round recipe."""
+    hybrids = [m for m, _ in METHODS if m.startswith("stage1_") and m.endswith("_hybrid") and m in acc]
+    return [(m, label + (" (M_plus)" if m == hybrids[-1] else "")) for m, label in METHODS if m in acc]
 
 
 def load_metas(run_dir):
@@ -104,8 +111,8 @@ def report(run_dir, plot=True):
     metas = load_metas(run_dir)
     acc = method_accuracies(metas)
     floor, ceiling = acc.get("weak_floor"), acc.get("ceiling")
-    method_rows = [(label, _fmt(acc[m], pct=True), _fmt(pgr(acc[m], floor, ceiling), digits=3))
-                   for m, label in METHODS if m in acc]
+    labels = method_labels(acc)
+    method_rows = [(label, _fmt(acc[m], pct=True), _fmt(pgr(acc[m], floor, ceiling), digits=3)) for m, label in labels]
     passk = [(name.split("_passk_", 1)[1], ", ".join(f"{k} {100 * v:.1f}" for k, v in meta.items()
                                                      if k.startswith("pass@")))
              for name, meta in metas.items() if "_passk_" in name]
@@ -129,7 +136,7 @@ def report(run_dir, plot=True):
     text = "\n".join(out) + "\n"
     (run_dir / "report.md").write_text(text)
     if plot and method_rows:
-        _plot(run_dir / "report.png", [(label, acc[m]) for m, label in METHODS if m in acc], run_dir.name)
+        _plot(run_dir / "report.png", [(label, acc[m]) for m, label in labels], run_dir.name)
     return text
 
 

@@ -31,8 +31,10 @@ ANSWER_MARKERS = {"gsm8k": "####", "math": "The answer is:"}
 # A response that starts a new "Question" has finished its answer; everything after it is a hallucinated example.
 CUT_AT = "Question"
 _FALLBACK_ANSWER_IS = re.compile(r"The answer is (.*)")
-# Comma-grouped thousands first so "1,000" stays one number; then plain integers/decimals.
-_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")
+# Comma-grouped thousands first so "1,000" stays one number; then plain integers/decimals. A "-" is a sign only
+# where it cannot be a subtraction: "we get -2" -> -2, but "10-5" -> 5 (not -5).
+_SIGN = r"(?:(?<![\w).])-)?"
+_NUMBER = re.compile(_SIGN + r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|" + _SIGN + r"\.\d+")
 
 
 def _check_task(task: str) -> None:
