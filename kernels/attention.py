@@ -432,6 +432,9 @@ def _combine_splits(o_part, lse_part, dtype):
 # smaller ones where the (M, D) and (N, D) tiles of D=256 would overflow shared memory. Under TRITON_INTERPRET=1
 # small tiles keep CPU tests fast and still exercise several blocks, ragged edges and every loop segment.
 _GPU_FWD = {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 64, 8, 2)}
+# fp32 tiles take twice the bytes: the bf16 config at D=128 would leave 1.5 KB of the H100's 227 KB of shared memory
+# (compiled for sm_90a), so fp32 (parity checks, tiny test models) halves the query tile and the pipeline depth.
+_GPU_FWD_FP32 = {64: (64, 64, 4, 2), 128: (64, 64, 8, 2), 256: (32, 64, 8, 1)}
 _GPU_BWD_DKDV = {64: (32, 128, 4, 3), 128: (32, 128, 8, 2), 256: (32, 64, 8, 1)}  # (BLOCK_M queries, BLOCK_N keys)
 _GPU_BWD_DQ = {64: (128, 32, 4, 3), 128: (128, 32, 8, 2), 256: (64, 32, 8, 1)}
 _INTERPRET_FWD, _INTERPRET_BWD_DKDV, _INTERPRET_BWD_DQ = (32, 16, 4, 1), (16, 32, 4, 1), (32, 16, 4, 1)
@@ -441,6 +444,18 @@ def _config(table, interpret_config, head_dim):
     if _interpreting():
         return interpret_config
     return table[max(64, head_dim)]
+
+
+_MAX_GRID_ROWS = 65535  # CUDA's limit on grid axis 1 (axis 0 may reach 2**31 - 1); the interpreter checks neither
+
+
+def _grid(blocks, rows):
+    """Launch grid (blocks, rows): blocks along the sequence on axis 0, so that neighbouring programs share one
+    (batch, head) and its keys stay in L2; rows = batch x heads on axis 1."""
+    if rows > _MAX_GRID_ROWS:
+        raise ValueError(f"attention: batch x heads = {rows} exceeds CUDA's {_MAX_GRID_ROWS} grid rows; "
+                         "call it on smaller batches")
+    return (blocks, rows)
 
 
 def _precision(dtype):
@@ -471,9 +486,9 @@ def _forward(q, k, v, q_positions, kv_lengths, sliding_window, softcap, scale):
     S, KH = k.shape[1], k.shape[2]
     out = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
-    block_m, block_n, warps, stages = _config(_GPU_FWD, _INTERPRET_FWD, D)
-    grid = (triton.cdiv(T, block_m), B * H)
-    _attn_fwd_kernel[grid](
+    block_m, block_n, warps, stages = _config(_GPU_FWD_FP32 if q.dtype == torch.float32 else _GPU_FWD,
+                                              _INTERPRET_FWD, D)
+    _attn_fwd_kernel[_grid(triton.cdiv(T, block_m), B * H)](
         q, k, v, out, lse, q_positions, kv_lengths, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         *out.stride()[:3], *_pos_strides(q_positions), T, S, H, H // KH, scale, softcap or 1.0, sliding_window or 0,
         HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q.dtype),
@@ -495,14 +510,14 @@ def _backward(do, q, k, v, out, lse, q_positions, kv_lengths, sliding_window, so
     cap, window = softcap or 1.0, sliding_window or 0
 
     block_m, block_n, warps, stages = _config(_GPU_BWD_DKDV, _INTERPRET_BWD_DKDV, D)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(S, block_n), B * KH)](
+    _attn_bwd_dkdv_kernel[_grid(triton.cdiv(S, block_n), B * KH)](
         q, k, v, do, lse, delta, dk, dv, q_positions, kv_lengths, *q.stride()[:3], *k.stride()[:3],
         *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], *_pos_strides(q_positions),
         T, S, H, KH, H // KH, scale, cap, window, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
         num_stages=stages, **common)
 
     block_m, block_n, warps, stages = _config(_GPU_BWD_DQ, _INTERPRET_BWD_DQ, D)
-    _attn_bwd_dq_kernel[(triton.cdiv(T, block_m), B * H)](
+    _attn_bwd_dq_kernel[_grid(triton.cdiv(T, block_m), B * H)](
         q, k, v, do, lse, delta, dq, q_positions, kv_lengths, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         *do.stride()[:3], *dq.stride()[:3], *_pos_strides(q_positions), T, S, H, H // KH, scale, cap, window,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common)
@@ -523,6 +538,9 @@ def _decode_partials(q, k, v, q_positions, kv_lengths, sliding_window, softcap, 
     B, T, H, D = q.shape
     S, KH = k.shape[1], k.shape[2]
     group = H // KH
+    if T * group > 128:  # the T*G query rows of a kv head are one tile: beyond 128 it spills (the flash path is for that)
+        raise ValueError(f"attention decode: {T} queries x {group} heads per kv head = {T * group} rows, at most 128; "
+                         "use attention(), which sends longer queries to the flash kernel")
     block_m = max(16, triton.next_power_of_2(T * group))
     block_n = 16 if _interpreting() else (64 if D <= 128 else 32)
     splits = _num_splits(B * KH, S, block_n, q.device)
@@ -530,7 +548,7 @@ def _decode_partials(q, k, v, q_positions, kv_lengths, sliding_window, softcap, 
     splits = triton.cdiv(S, keys_per_split) if S > 0 else 1
     o_part = torch.empty((B, splits, T, H, D), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((B, splits, T, H), dtype=torch.float32, device=q.device)
-    _attn_decode_kernel[(splits, B * KH)](
+    _attn_decode_kernel[_grid(splits, B * KH)](
         q, k, v, o_part, lse_part, q_positions, kv_lengths, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         *_pos_strides(q_positions), T, S, H, KH, group, keys_per_split, scale, softcap or 1.0, sliding_window or 0,
         HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q.dtype),

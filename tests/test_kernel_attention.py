@@ -286,6 +286,21 @@ def test_bad_input_is_a_clear_error(q_shape, kv_shape, kwargs, message):
         flash.attention(q, k, k, **kwargs)
 
 
+def test_launches_beyond_cuda_limits_are_clear_errors():
+    """What a GPU would refuse and the interpreter would run: more than 65535 (batch x head) rows on CUDA grid axis 1,
+    and a decode tile of more than 128 query rows per kv head (both public entry points that skip attention()'s
+    routing). Each is a one-line ValueError before any launch."""
+    q = torch.zeros(65536, 1, 1, 16, device=DEVICE)
+    with torch.no_grad(), pytest.raises(ValueError, match="65536 exceeds CUDA's 65535 grid rows"):
+        flash.attention(q, q, q)
+    q, k = torch.zeros(1, 16, 16, 16, device=DEVICE), torch.zeros(1, 20, 1, 16, device=DEVICE)  # 16 x 16 rows
+    with pytest.raises(ValueError, match="256 rows, at most 128"):
+        flash.attention_decode(q, k, k)
+    positions = torch.arange(4, 20, device=DEVICE)[None]
+    with pytest.raises(ValueError, match="256 rows, at most 128"):
+        flash.attention_after_shared_prefix(q, k, k, k[0, :4], k[0, :4], positions)
+
+
 # --- GPU, bf16, realistic shapes -----------------------------------------------------------------------------------
 
 
