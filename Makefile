@@ -5,7 +5,7 @@ NPROC ?= 1
 # One process: plain python. Several: torchrun (sampling shards prompts, training uses FSDP2).
 LAUNCH = $(if $(filter 1,$(NPROC)),$(PY),$(PY) -m torch.distributed.run --nproc_per_node=$(NPROC))
 
-.PHONY: install test test-gpu lint demo demo-pretrain demo-seeds gsm8k math bench-kernels bench-sampling bench-train
+.PHONY: install test test-gpu check-sm90 lint demo demo-pretrain demo-seeds gsm8k math bench-kernels bench-sampling bench-train
 
 # Installs torch only when none is importable (a GPU node keeps its own CUDA build); the pinned
 # version resolves to the local CPU wheel on the development machines and in CI.
@@ -18,6 +18,10 @@ test:
 
 test-gpu:
 	$(PY) -m pytest -q -m gpu tests
+
+# Compile every Triton kernel for an H100 (sm_90a) without a GPU: shared memory, registers, spills per variant.
+check-sm90:
+	env -u TRITON_INTERPRET $(PY) -m kernels.compile_check
 
 lint:
 	$(PY) -m ruff check w2s kernels scripts tests

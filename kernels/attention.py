@@ -528,8 +528,11 @@ def _num_splits(batch_heads, S, block_n, device):
     """Enough key splits to give every SM ~2 programs, but at least 4 key blocks per split."""
     if _interpreting():
         return max(1, min(3, triton.cdiv(S, block_n)))  # several splits so the tests exercise the merge
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(2 * sms, batch_heads), triton.cdiv(S, 4 * block_n)))
+    return max(1, min(triton.cdiv(2 * _sm_count(device), batch_heads), triton.cdiv(S, 4 * block_n)))
+
+
+def _sm_count(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count  # kernels/compile_check.py: an H100's 132
 
 
 def _decode_partials(q, k, v, q_positions, kv_lengths, sliding_window, softcap, scale):
@@ -538,7 +541,7 @@ def _decode_partials(q, k, v, q_positions, kv_lengths, sliding_window, softcap, 
     B, T, H, D = q.shape
     S, KH = k.shape[1], k.shape[2]
     group = H // KH
-    if T * group > 128:  # the T*G query rows of a kv head are one tile: beyond 128 it spills (the flash path is for that)
+    if T * group > 128:  # the T*G query rows of a kv head form one tile; beyond 128 it spills (use the flash path)
         raise ValueError(f"attention decode: {T} queries x {group} heads per kv head = {T * group} rows, at most 128; "
                          "use attention(), which sends longer queries to the flash kernel")
     block_m = max(16, triton.next_power_of_2(T * group))

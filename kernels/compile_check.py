@@ -1,0 +1,181 @@
+"""Compile every Triton kernel for an H100 (sm_90a) on a machine WITHOUT a GPU, at the launch configs the GPU would
+use, and report each variant's shared memory, registers and spilled bytes. It catches what the CPU interpreter cannot:
+tiles that overflow shared memory, tl.dot shapes or dtypes the hardware rejects, heavy register spills.
+
+    python -m kernels.compile_check                 # bf16 everything, fp32 forward and decode; minutes on 2 cores
+    python -m kernels.compile_check --only attention --dtype bf16
+
+How: Triton's active driver is replaced by a stand-in that reports an sm_90 target, and every `kernel[grid](...)`
+launch becomes a compile-only warm-up (JITFunction.run(..., warmup=True)). So the real launchers pick their real GPU
+configs while operating on small CPU tensors (only the arguments' dtypes, divisibility and constexprs matter to the
+compiler). Registers and spills come from `ptxas -v` on the generated PTX (ptxas ships with Triton's NVIDIA backend).
+This leans on Triton internals (checked with Triton 3.9); a Triton that moved them fails here with a clear message.
+Exit status 1 when a variant fails to compile or needs more shared memory than an H100 thread block may use.
+"""
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("kernels.compile_check compiles for the GPU: unset TRITON_INTERPRET")
+
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns unless set; 1 is its (and 3.6's) default
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+H100_SMS = 132
+H100_SHARED_PER_BLOCK = 232448  # bytes of shared memory one thread block may opt in to on sm_90 (227 KB)
+ROWS = []  # (kernel, constexprs, shared bytes, registers, spilled bytes, error)
+
+
+def _install_compile_only_launches():
+    """Point Triton at an sm_90 target and turn `kernel[grid](...)` into compile-and-record."""
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.driver import driver
+    from triton.runtime.jit import JITFunction
+
+    class H100Target:  # just enough of a driver for JITFunction.run(warmup=True)
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_active_torch_device(self):
+            return torch.device("cpu")
+
+        def is_active(self):
+            return True
+
+    driver.set_active(H100Target())
+
+    def compile_only(self, grid):
+        def launch(*args, **kwargs):
+            shown = {k: v for k, v in kwargs.items() if k.isupper() or k.startswith("num_")}
+            try:
+                kernel = self.run(*args, grid=grid, warmup=True, **kwargs)
+            except Exception as e:  # a compile error is the finding, not a crash of this script
+                ROWS.append((self.fn.__name__, shown, None, None, None, str(e).strip().splitlines()[-1][:200]))
+                return None
+            regs, spills = _ptxas_usage(kernel.asm["ptx"])
+            ROWS.append((self.fn.__name__, shown, kernel.metadata.shared, regs, spills, None))
+            return kernel
+
+        return launch
+
+    JITFunction.__getitem__ = compile_only
+
+
+def _ptxas_usage(ptx, _cache={}):
+    """(registers, spill-store bytes) of one kernel's PTX, from `ptxas -v`."""
+    if ptx not in _cache:
+        try:  # the ptxas Triton itself runs for sm_90 (newer Tritons ship a second, newer one)
+            from triton.backends.nvidia.compiler import get_ptxas
+            ptxas = get_ptxas(90).path
+        except (ImportError, AttributeError, TypeError):
+            ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+            f.write(ptx)
+        info = subprocess.run([str(ptxas), "-v", "-arch=sm_90a", f.name, "-o", os.devnull],
+                              capture_output=True, text=True).stderr
+        os.unlink(f.name)
+        regs, spills = re.findall(r"Used (\d+) registers", info), re.findall(r"(\d+) bytes spill stores", info)
+        _cache[ptx] = (int(regs[-1]) if regs else None, int(spills[-1]) if spills else None)
+    return _cache[ptx]
+
+
+def check_attention(dtypes):
+    """Forward and backward (bf16) at every head dim and masking mode; decode and the cascade at real model shapes."""
+    from kernels import attention
+
+    attention._sm_count = lambda device: H100_SMS
+    modes = [dict(), dict(q_positions=torch.arange(64, dtype=torch.int32)[None]),
+             dict(kv_lengths=torch.tensor([40], dtype=torch.int32), sliding_window=32, softcap=50.0)]
+    for dtype in dtypes:
+        for D in (64, 128, 256):
+            q, k = torch.zeros(1, 64, 32, D, dtype=dtype), torch.zeros(1, 64, 8, D, dtype=dtype)
+            for m in modes:
+                args = (m.get("q_positions"), m.get("kv_lengths"), m.get("sliding_window"), m.get("softcap"), 0.1)
+                attention._forward(q, k, k, *args)
+                if dtype != torch.float32:  # fp32 backward (no GPU path trains in fp32) compiles slowly, all spills
+                    attention._backward(q, q, k, k, q, torch.zeros(1, 32, 64), *args)
+        # decode: Llama-3-8B (32 q / 8 kv heads, D 128), Gemma-2B (8 / 1, D 256), Gemma-2-9B (16 / 8, D 256)
+        for H, K, D, window, cap in [(32, 8, 128, None, None), (8, 1, 256, None, None), (16, 8, 256, 4096, 50.0)]:
+            for T in (1, 2, 16):
+                if T * H // K <= 128:
+                    q, k = torch.zeros(4, T, H, D, dtype=dtype), torch.zeros(4, 256, K, D, dtype=dtype)
+                    attention._decode_partials(q, k, k, torch.zeros(4, T, dtype=torch.int32), None, window, cap, 0.1)
+
+
+def check_fused_linear(dtypes):
+    from kernels import fused_linear
+
+    for V in (32000, 128256, 256000):
+        for softcap in (None, 30.0):
+            for write_grad in (False, True):
+                logits = torch.zeros(2, V, dtype=dtypes[0])
+                fused_linear.rows_nll_triton(logits, torch.zeros(2, dtype=torch.long), softcap, -100,
+                                             torch.zeros(2) if write_grad else None, write_grad)
+
+
+def check_elementwise(dtypes):
+    from kernels import glu, rms_norm, rope
+
+    dtype = dtypes[0]
+    for D in (2048, 2304, 4096, 8192):  # Gemma-2B, Gemma-2-2B, Llama-3-8B, Llama-2-70B hidden sizes
+        for unit_offset in (False, True):
+            x, w = torch.zeros(8, D, dtype=dtype), torch.zeros(D, dtype=dtype)
+            _, rstd = rms_norm.rms_norm_forward(x, w, 1e-5, unit_offset)
+            rms_norm.rms_norm_backward(x, x, w, rstd, unit_offset)
+    for D in (64, 128, 256):
+        rope.rope_apply(torch.zeros(2, 4, 32, D, dtype=dtype), torch.zeros(2, 4, dtype=torch.long), torch.zeros(D // 2))
+    gate = torch.zeros(4, 1024, dtype=dtype)
+    for gelu in (False, True):
+        glu.glu_forward(gate, gate, gelu)
+        glu.glu_backward(gate, gate, gate, gelu)
+
+
+CHECKS = dict(attention=check_attention, fused_linear=check_fused_linear, elementwise=check_elementwise)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--only", default=",".join(CHECKS), help=f"comma-separated subset of {', '.join(CHECKS)}")
+    p.add_argument("--dtype", choices=["bf16", "both"], default="both",
+                   help="both: bf16, plus fp32 attention forward and decode (tiny test models run those on GPU)")
+    args = p.parse_args(argv)
+    unknown = set(args.only.split(",")) - set(CHECKS)
+    if unknown:
+        p.error(f"--only: unknown {', '.join(sorted(unknown))}; expected some of {', '.join(CHECKS)}")
+    try:
+        _install_compile_only_launches()
+    except (ImportError, AttributeError) as e:
+        sys.exit(f"kernels.compile_check: this Triton ({triton.__version__}) lacks an internal it uses ({e})")
+    dtypes = [torch.bfloat16] + ([torch.float32] if args.dtype == "both" else [])
+    print(f"# Triton {triton.__version__}, target sm_90a (H100), shared memory limit {H100_SHARED_PER_BLOCK} B/block")
+    print(f"{'kernel':<24}{'shared B':>10}{'regs':>6}{'spill B':>9}  constexprs / launch config")
+    failed = False
+    for name in args.only.split(","):
+        CHECKS[name](dtypes)
+        for kernel, config, shared, regs, spills, error in ROWS:
+            over = shared is not None and shared > H100_SHARED_PER_BLOCK
+            failed |= error is not None or over
+            flags = " ".join(f"{k}={v}" for k, v in config.items() if v not in (False, None))
+            status = f"  COMPILE ERROR: {error}" if error else ("  OVER THE SHARED-MEMORY LIMIT" if over else "")
+            print(f"{kernel:<24}{shared if shared is not None else '-':>10}{regs or '-':>6}{spills or 0:>9}  "
+                  f"{flags}{status}")
+        ROWS.clear()
+    print("compile check: " + ("FAILED" if failed else "every variant compiled within the H100's shared memory"))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
