@@ -31,6 +31,7 @@ import triton  # noqa: E402
 H100_SMS = 132
 H100_SHARED_PER_BLOCK = 232448  # bytes of shared memory one thread block may opt in to on sm_90 (227 KB)
 ROWS = []  # (kernel, constexprs, shared bytes, registers, spilled bytes, error)
+_PTXAS_USAGE = {}  # PTX text -> (registers, spilled bytes): variants that compile to the same PTX run ptxas once
 
 
 def _install_compile_only_launches():
@@ -74,9 +75,9 @@ def _install_compile_only_launches():
     JITFunction.__getitem__ = compile_only
 
 
-def _ptxas_usage(ptx, _cache={}):
+def _ptxas_usage(ptx):
     """(registers, spill-store bytes) of one kernel's PTX, from `ptxas -v`."""
-    if ptx not in _cache:
+    if ptx not in _PTXAS_USAGE:
         try:  # the ptxas Triton itself runs for sm_90 (newer Tritons ship a second, newer one)
             from triton.backends.nvidia.compiler import get_ptxas
             ptxas = get_ptxas(90).path
@@ -88,12 +89,13 @@ def _ptxas_usage(ptx, _cache={}):
                               capture_output=True, text=True).stderr
         os.unlink(f.name)
         regs, spills = re.findall(r"Used (\d+) registers", info), re.findall(r"(\d+) bytes spill stores", info)
-        _cache[ptx] = (int(regs[-1]) if regs else None, int(spills[-1]) if spills else None)
-    return _cache[ptx]
+        _PTXAS_USAGE[ptx] = (int(regs[-1]) if regs else None, int(spills[-1]) if spills else None)
+    return _PTXAS_USAGE[ptx]
 
 
 def check_attention(dtypes):
-    """Forward and backward (bf16) at every head dim and masking mode; decode and the cascade at real model shapes."""
+    """Forward and backward (bf16) at every head dim and masking mode; decode at real model shapes (the cascade over a
+    shared prefix launches these same two kernels)."""
     from kernels import attention
 
     attention._sm_count = lambda device: H100_SMS

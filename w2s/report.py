@@ -34,7 +34,8 @@ def method_labels(acc):
     """[(method, label)] of the evaluated methods in display order. M_plus, the model Stage II starts from, is the
     hybrid-ft model of the LAST Stage I round: round 2 on GSM8K, round 1 under MATH's one-round recipe."""
     hybrids = [m for m, _ in METHODS if m.startswith("stage1_") and m.endswith("_hybrid") and m in acc]
-    return [(m, label + (" (M_plus)" if m == hybrids[-1] else "")) for m, label in METHODS if m in acc]
+    m_plus = hybrids[-1] if hybrids else None
+    return [(m, label + (" (M_plus)" if m == m_plus else "")) for m, label in METHODS if m in acc]
 
 
 def load_metas(run_dir):
