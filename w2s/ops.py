@@ -89,9 +89,11 @@ def attention(q, k, v, q_positions=None, kv_lengths=None, sliding_window=None, s
             if (P >= CASCADE_MIN_PREFIX and q.device.type == "cpu" and kv_lengths is None
                     and sliding_window is None and bool((q_positions >= P).all())):
                 return _attention_after_shared_prefix(q, k, v, q_positions, shared_prefix, scale)
-            mask = reference.attention_mask(q_positions, k.shape[1], kv_lengths, sliding_window)[:, None]
-            out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, **sdpa)  # (B, H, T, D)
-            return out.transpose(1, 2).nan_to_num(0.0)  # a query with no visible key -> zeros, as the reference
+            visible = reference.attention_mask(q_positions, k.shape[1], kv_lengths, sliding_window)  # (B, T, S)
+            K = k.shape[2]
+            out = F.scaled_dot_product_attention(_by_kv_head(q, K), kt, vt, attn_mask=_by_kv_head_mask(visible, q, K),
+                                                 scale=scale)  # (B, K, T*G, D)
+            return _from_kv_head(out, q.shape).nan_to_num(0.0)  # a query with no visible key -> zeros, as the reference
     return reference.attention(q, k, v, q_positions=q_positions, kv_lengths=kv_lengths,
                                sliding_window=sliding_window, softcap=softcap, scale=scale)
 
@@ -101,6 +103,28 @@ def attention(q, k, v, q_positions=None, kv_lengths=None, sliding_window=None, s
 # a 384-token prefix before 66 own tokens is 3.3x faster). Zero-shot prompts share only a few template tokens.
 # The same threshold serves CUDA, where it is not yet measured.
 CASCADE_MIN_PREFIX = 64
+
+
+def _by_kv_head(q, K):
+    """(B, T, H, D) -> (B, K, T*G, D): the G query heads sharing kv head j become rows t*G + g of one query block.
+
+    SDPA then reads each kv head once for its whole group; with enable_gqa the CPU kernel repeats the cache's keys
+    G times instead (on 2 cores, fp32, 128 rows, the folded decode call took ~0.75x the time).
+    """
+    B, T, H, D = q.shape
+    return q.view(B, T, K, H // K, D).permute(0, 2, 1, 3, 4).reshape(B, K, T * (H // K), D)
+
+
+def _by_kv_head_mask(visible, q, K):
+    """The (B, T, S) mask for _by_kv_head's query rows: (B, 1, T*G, S), row t*G + g sees what query t sees."""
+    G = q.shape[2] // K
+    return (visible if G == 1 else visible.repeat_interleave(G, dim=1))[:, None]
+
+
+def _from_kv_head(out, q_shape):
+    """(B, K, T*G, D) back to q's (B, T, H, D), head h = j*G + g (kv head h // G, as GQA pairs them)."""
+    B, T, H, D = q_shape
+    return out.view(B, out.shape[1], T, -1, D).transpose(1, 2).reshape(B, T, H, D)
 
 
 def _attention_after_shared_prefix(q, k, v, q_positions, shared_prefix, scale):
@@ -114,25 +138,20 @@ def _attention_after_shared_prefix(q, k, v, q_positions, shared_prefix, scale):
     B, T, H, D = q.shape
     k_p, v_p = shared_prefix  # (P, K, D)
     P, K = k_p.shape[0], k_p.shape[1]
-    G = H // K
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # (B, H, T, D) in -> (out, lse (B, H, T))
-    # prefix: every query of kv head j against the P shared keys, as one batch row (no mask: all positions >= P)
-    q_by_head = q.view(B, T, K, G, D).permute(2, 0, 1, 3, 4).reshape(1, K, B * T * G, D)
-    out_p, lse_p = flash(q_by_head, k_p.transpose(0, 1)[None], v_p.transpose(0, 1)[None], scale=scale)
-    out_p = out_p.view(K, B, T, G, D).permute(1, 2, 0, 3, 4)  # (B, T, K, G, D)
-    lse_p = lse_p.view(K, B, T, G).permute(1, 2, 0, 3)  # (B, T, K, G)
     # own keys: per row, the T*G queries of each kv head as its query block; key i sits at position P + i
-    q_rows = q.view(B, T, K, G, D).permute(0, 2, 1, 3, 4).reshape(B, K, T * G, D)
-    visible = reference.attention_mask(q_positions - P, k.shape[1] - P)  # (B, T, S - P)
+    q_rows = _by_kv_head(q, K)  # (B, K, T*G, D)
+    visible = _by_kv_head_mask(reference.attention_mask(q_positions - P, k.shape[1] - P), q, K)  # (B, 1, T*G, S-P)
     bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf"))
-    bias = bias.repeat_interleave(G, dim=1)[:, None]  # (B, 1, T*G, S - P), query t*G + g
     out_o, lse_o = flash(q_rows, k[:, P:].transpose(1, 2), v[:, P:].transpose(1, 2), attn_mask=bias, scale=scale)
-    out_o = out_o.view(B, K, T, G, D).transpose(1, 2)  # (B, T, K, G, D)
-    lse_o = lse_o.view(B, K, T, G).transpose(1, 2)  # (B, T, K, G)
+    # prefix: every query of kv head j against the P shared keys, as one batch row (no mask: all positions >= P)
+    q_by_head = q_rows.transpose(0, 1).reshape(1, K, B * q_rows.shape[2], D)  # (1, K, B*T*G, D)
+    out_p, lse_p = flash(q_by_head, k_p.transpose(0, 1)[None], v_p.transpose(0, 1)[None], scale=scale)
+    out_p, lse_p = out_p.view(K, B, -1, D).transpose(0, 1), lse_p.view(K, B, -1).transpose(0, 1)  # (B, K, T*G, .)
     top = torch.maximum(lse_p, lse_o)
-    w_p, w_o = (lse_p - top).exp()[..., None], (lse_o - top).exp()[..., None]  # (B, T, K, G, 1) fp32
+    w_p, w_o = (lse_p - top).exp()[..., None], (lse_o - top).exp()[..., None]  # (B, K, T*G, 1) fp32
     out = (out_p.float() * w_p + out_o.float() * w_o) / (w_p + w_o)
-    return out.reshape(B, T, H, D).to(q.dtype)
+    return _from_kv_head(out, q.shape).to(q.dtype)
 
 
 def rms_norm(x, weight, eps, unit_offset=False):

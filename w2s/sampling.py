@@ -202,8 +202,8 @@ class Engine:
         if length <= 0 or not dst:
             return
         dst = torch.tensor(dst, device=self.device)
-        for buf in (self.cache.k, self.cache.v):  # (layers, rows, max_len, K, D)
-            buf[:, dst, :length] = buf[:, src : src + 1, :length]
+        for buf in (self.cache.k, self.cache.v):  # (layers, rows, K, max_len, D)
+            buf[:, dst, :, :length] = buf[:, src : src + 1, :, :length]
 
     # ---- prefill ----------------------------------------------------------------------------------------------
     @torch.no_grad()
