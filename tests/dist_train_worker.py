@@ -7,7 +7,9 @@ OUT/<name> (rank 0 writes metrics.jsonl and the HF weights). The data (7 rows, b
 with 2 ranks one micro-batch slot is empty and a rank runs the all-ignored dummy row; clipping is on so the DTensor
 clip path runs. "sft_full" is killed after step 3 and resumed from its step-2 checkpoint, so sharded (DCP)
 checkpoints are saved and loaded too. In the RANK0_LOAD runs only rank 0 reads the checkpoint (rank 1 starts on the
-meta device), so filling the shards from rank 0 is checked against the same one-process run.
+meta device), so filling the shards from rank 0 is checked against the same one-process run. The LoRA runs
+use FSDP2's CPU offload (unpinned on CPU), "sft_lora" through a kill and resume as well, "dpo_lora" with the
+shards filled from rank 0; in one process cpu_offload does nothing, so they compare against plain training.
 """
 
 import os
@@ -28,12 +30,12 @@ COMMON = dict(lr=1e-3, batch_size=4, micro_batch_size=1, max_steps=STEPS, clip=0
 LORA = dict(lora_rank=4, lora_alpha=8.0, lora_dropout=0.0)  # dropout streams differ per rank: keep it off here
 RUNS = {  # name: (loss, config)
     "sft_full": ("sft", TrainConfig(**COMMON)),
-    "sft_lora": ("sft", TrainConfig(**COMMON, **LORA)),
+    "sft_lora": ("sft", TrainConfig(**COMMON, **LORA, cpu_offload=True)),
     "dpo_full": ("dpo", TrainConfig(**COMMON, beta=0.5)),
-    "dpo_lora": ("dpo", TrainConfig(**COMMON, **LORA, beta=0.5)),
+    "dpo_lora": ("dpo", TrainConfig(**COMMON, **LORA, beta=0.5, cpu_offload=True)),
     "orpo_full": ("orpo", TrainConfig(**COMMON, beta=0.5)),
 }
-KILL_AT = {"sft_full": 3}  # run dies after this step, then resumes
+KILL_AT = {"sft_full": 3, "sft_lora": 3}  # run dies after this step, then resumes
 # Runs whose checkpoint only rank 0 reads (w2s.parallel.load_for_training: rank 1 starts on the meta device and gets
 # its shards from rank 0); the others load it on every rank. In one process both are the plain load.
 RANK0_LOAD = {"sft_full", "dpo_full", "dpo_lora"}

@@ -1,7 +1,8 @@
 """FSDP2 on 2 CPU processes (gloo, torchrun) == one plain process: same per-step losses and final weights (<= 1e-5).
 
 One torchrun launch runs the runs of tests/dist_train_worker.py (SFT and DPO, full and LoRA, ORPO; a short last batch
-leaves one rank an empty micro-batch; SFT full is killed and resumed from a sharded checkpoint); the test then runs
+leaves one rank an empty micro-batch; SFT full and LoRA are killed and resumed from a sharded checkpoint; the LoRA
+runs keep their shards and optimizer state in host memory through FSDP2's CPU offload); the test then runs
 the same runs in this process without FSDP and compares metrics.jsonl and the exported safetensors.
 
     python -m pytest -q tests/test_fsdp.py

@@ -126,7 +126,10 @@ def shard_model(root, blocks, d: Dist, bf16=True, cpu_offload=False):
     mesh = init_device_mesh(d.device.type, (d.world_size,))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
         MixedPrecisionPolicy()
-    kwargs = dict(mesh=mesh, mp_policy=mp, offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
+    # Pinned host memory makes the host<->GPU copies asynchronous; without a GPU there is nothing to pin for (and
+    # pinning raises), so the CPU tests run the same offload code unpinned.
+    offload = CPUOffloadPolicy(pin_memory=d.device.type == "cuda") if cpu_offload else OffloadPolicy()
+    kwargs = dict(mesh=mesh, mp_policy=mp, offload_policy=offload)
     for block in blocks:
         fully_shard(block, **kwargs)
     # The root's parameters are needed again right at the start of backward (the loss head): keep them gathered.
