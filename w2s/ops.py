@@ -58,9 +58,9 @@ def attention(q, k, v, q_positions=None, kv_lengths=None, sliding_window=None, s
 
     On CPU under `auto`, attention without a soft-cap runs through torch's fused scaled_dot_product_attention: the
     plain causal case (training, scoring) with is_causal, and no-grad calls with positions over a KV cache
-    (sampling) with the reference's boolean mask. Same math as the reference (tests/test_model.py checks values
-    and grads), without materializing fp32 (B, H, T, S) scores and repeated kv heads. W2S_KERNELS=reference always
-    runs the reference itself.
+    (sampling) with the reference's boolean mask, each kv head's query heads folded into one query block. Same
+    math as the reference (tests/test_model.py checks values and grads), without materializing fp32 (B, H, T, S)
+    scores and repeated kv heads. W2S_KERNELS=reference always runs the reference itself.
 
     shared_prefix: optional (k_p, v_p), each (P, K, D), a promise that k[b, :P] == k_p and v[b, :P] == v_p for every
     row b (the sampler's prompts all start with the same few-shot demonstrations). It changes no value; decode
@@ -108,8 +108,8 @@ CASCADE_MIN_PREFIX = 64
 def _by_kv_head(q, K):
     """(B, T, H, D) -> (B, K, T*G, D): the G query heads sharing kv head j become rows t*G + g of one query block.
 
-    SDPA then reads each kv head once for its whole group; with enable_gqa the CPU kernel repeats the cache's keys
-    G times instead (on 2 cores, fp32, 128 rows, the folded decode call took ~0.75x the time).
+    SDPA then attends each kv head's keys with its whole group of queries at once, the same math as enable_gqa
+    (on 2 cores, fp32, 128 decode rows at T = 1, the folded call took ~0.75x the time of the enable_gqa call).
     """
     B, T, H, D = q.shape
     return q.view(B, T, K, H // K, D).permute(0, 2, 1, 3, 4).reshape(B, K, T * (H // K), D)
