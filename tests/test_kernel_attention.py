@@ -362,7 +362,8 @@ def test_gpu_bf16_cascade_decode_long_shared_prefix():
 @pytest.mark.parametrize("options", [{}, {"sliding_window": 12, "attn_logit_softcap": 5.0}], ids=["llama", "window"])
 def test_sampler_decodes_through_the_triton_cascade(monkeypatch, options):
     """w2s.generate with W2S_KERNELS=triton and a 16-token shared prefix: decode takes the cascade path (ops ->
-    attention_after_shared_prefix) and gives the reference backend's greedy tokens."""
+    attention_after_shared_prefix) and gives the reference backend's greedy tokens; with the prefix not shared it
+    takes the plain decode kernel over the strided (head-major) cache and gives them too."""
     from w2s import ops
     from w2s.config import ModelConfig
     from w2s.model import Transformer
@@ -383,5 +384,12 @@ def test_sampler_decodes_through_the_triton_cascade(monkeypatch, options):
         monkeypatch.setattr(ops, "_backend", backend)
         outs[backend] = generate(model, None, prompts, max_new_tokens=6, max_batch=3, progress=False)
     assert outs["triton"] == outs["reference"]
+    n_cascade, decode_calls = len(calls), []
+    decode = flash.attention_decode
+    monkeypatch.setattr(flash, "attention_decode", lambda *a, **k: decode_calls.append(1) or decode(*a, **k))
+    monkeypatch.setattr(ops, "_backend", "triton")
+    unshared = generate(model, None, prompts, max_new_tokens=6, max_batch=3, progress=False, shared_prefix=False)
+    assert unshared == outs["reference"]
+    assert len(calls) == n_cascade and len(decode_calls) >= 5 * cfg.n_layers  # plain decode kernel, no cascade
     # 6 tokens: the first from the prefill, then at least 5 decode steps (the engine steps in blocks), every layer
     assert len(calls) >= 5 * cfg.n_layers and len(calls) % cfg.n_layers == 0
