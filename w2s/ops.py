@@ -78,11 +78,11 @@ def attention(q, k, v, q_positions=None, kv_lengths=None, sliding_window=None, s
         return impl.attention(q, k, v, q_positions=q_positions, kv_lengths=kv_lengths,
                               sliding_window=sliding_window, softcap=softcap, scale=scale)
     if _backend == "auto" and softcap is None:  # SDPA has no soft-cap: Gemma-2 stays on the reference
-        sdpa = dict(scale=scale, enable_gqa=q.shape[2] != k.shape[2])
-        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|K, T|S, D)
+        kt, vt = k.transpose(1, 2), v.transpose(1, 2)  # (B, K, S, D)
         plain = q_positions is None and kv_lengths is None and sliding_window is None
         if plain and q.shape[1] == k.shape[1]:
-            return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, **sdpa).transpose(1, 2)
+            return F.scaled_dot_product_attention(q.transpose(1, 2), kt, vt, is_causal=True, scale=scale,
+                                                  enable_gqa=q.shape[2] != k.shape[2]).transpose(1, 2)
         if not (q.requires_grad or k.requires_grad or v.requires_grad):  # sampling: positions over a KV cache
             if q_positions is None:
                 q_positions = torch.arange(q.shape[1], device=q.device).expand(q.shape[0], -1)
