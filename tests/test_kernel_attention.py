@@ -384,6 +384,8 @@ def test_sampler_decodes_through_the_triton_cascade(monkeypatch, options):
         monkeypatch.setattr(ops, "_backend", backend)
         outs[backend] = generate(model, None, prompts, max_new_tokens=6, max_batch=3, progress=False)
     assert outs["triton"] == outs["reference"]
+    # 6 tokens: the first from the prefill, then at least 5 decode steps (the engine steps in blocks), every layer
+    assert len(calls) >= 5 * cfg.n_layers and len(calls) % cfg.n_layers == 0
     n_cascade, decode_calls = len(calls), []
     decode = flash.attention_decode
     monkeypatch.setattr(flash, "attention_decode", lambda *a, **k: decode_calls.append(1) or decode(*a, **k))
@@ -391,5 +393,3 @@ def test_sampler_decodes_through_the_triton_cascade(monkeypatch, options):
     unshared = generate(model, None, prompts, max_new_tokens=6, max_batch=3, progress=False, shared_prefix=False)
     assert unshared == outs["reference"]
     assert len(calls) == n_cascade and len(decode_calls) >= 5 * cfg.n_layers  # plain decode kernel, no cascade
-    # 6 tokens: the first from the prefill, then at least 5 decode steps (the engine steps in blocks), every layer
-    assert len(calls) >= 5 * cfg.n_layers and len(calls) % cfg.n_layers == 0
