@@ -4,6 +4,8 @@
     python scripts/bench_train.py --dpo-memory            # peak memory of DPO with vs without the fused log-probs
     python scripts/bench_train.py --dim 2048 --layers 16 --heads 16 --kv-heads 8 --hidden 5632 --vocab 32000 \\
         --batch 8 --seq 2048                               # GPU: a ~1B Llama (w2s: FSDP2 bf16 compute, fp32 master)
+    python scripts/bench_train.py --dim 2048 --layers 16 --heads 32 --kv-heads 8 --hidden 8192 --vocab 128256 \\
+        --batch 8 --seq 2048 --no-hf                       # GPU: Llama-3.2-1B-shaped, w2s alone (MFU)
 
 Both sides run the same random Llama (built by transformers, loaded into w2s from the saved checkpoint) on the same
 (batch, seq) token batches, with AdamW at the same settings; one step = forward, backward, optimizer step. The first
@@ -46,6 +48,9 @@ def parse_args():
                    help="share of every row that is prompt, masked out of the loss (default 0: only the first\n"
                         "token; 0.5 is GSM8K-shaped: half of a question + solution row is the question)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-hf", action="store_true",
+                   help="time w2s alone (transformers only builds the random checkpoint): for shapes where two\n"
+                        "models with their optimizer states would not fit on one GPU together")
     p.add_argument("--dpo-memory", action="store_true",
                    help="instead: peak memory of DPO training (reference pass + --steps steps, --batch pairs each)\n"
                         "with the fused linear log-probs (W2S_KERNELS=auto) vs the unfused reference")
@@ -200,11 +205,14 @@ def main():
         print(f"# device {profile.device_name(device)} | torch threads {torch.get_num_threads()} | params "
               f"{model_cfg.n_params() / 1e6:.1f}M | batch {args.batch} x seq {args.seq} | "
               f"{'bf16 compute, fp32 master' if device.type == 'cuda' else 'fp32'}")
-        print(f"# w2s (w2s.train.train_sft), alternating step by step with transformers (LlamaForCausalLM, same "
-              f"weights and batches); prompt {prompt_len(args)} of {args.seq} tokens per row:")
-        hf_step, hf_steps = transformers_stepper(hf, steps, args, device)
+        against = "alone" if args.no_hf else ("alternating step by step with transformers (LlamaForCausalLM, same "
+                                              "weights and batches)")
+        print(f"# w2s (w2s.train.train_sft), {against}; prompt {prompt_len(args)} of {args.seq} tokens per row:")
+        hf_step, hf_steps = (None, []) if args.no_hf else transformers_stepper(hf, steps, args, device)
+        del hf  # with --no-hf nothing else holds it
         records = bench_w2s(path, steps, args, device, between=hf_step)
-        print("# transformers:")
+        if hf_steps:
+            print("# transformers:")
     # model FLOPs per input token, the same for both sides (work transformers spends on prompt logits is not counted)
     fpt = step_flops(model_cfg, [(args.seq - 1, args.seq - prompt_len(args))], lora=False) / (args.seq - 1)
     peak = profile.peak_flops(profile.device_name(device))
@@ -212,12 +220,16 @@ def main():
         print(profile.fmt_log_line(step=i + 1, total_steps=len(hf_steps), loss=loss, tok_s=tokens / seconds,
                                    mfu=profile.mfu(tokens / seconds, fpt, peak)))
 
-    w2s_tok_s = statistics.median(r["tok_per_s"] for r in records[args.warmup:])
-    hf_tok_s = statistics.median(tokens / seconds for seconds, tokens, _ in hf_steps[args.warmup:])
+    medians = {"w2s": statistics.median(r["tok_per_s"] for r in records[args.warmup:])}
+    if hf_steps:
+        medians["transformers"] = statistics.median(tokens / seconds for seconds, tokens, _ in hf_steps[args.warmup:])
     print(f"\n{'impl':<14}{'tok/s (median)':>16}{'MFU':>8}")
-    for name, tok_s in (("w2s", w2s_tok_s), ("transformers", hf_tok_s)):
+    for name, tok_s in medians.items():
         utilization = profile.mfu(tok_s, fpt, peak)
         print(f"{name:<14}{tok_s:>16,.0f}{'-' if utilization is None else f'{100 * utilization:.1f}%':>8}")
+    if not hf_steps:
+        return
+    w2s_tok_s, hf_tok_s = medians["w2s"], medians["transformers"]
     ratio = w2s_tok_s / hf_tok_s
     print(f"speed ratio w2s / transformers: {ratio:.2f}x (target >= 1.2x: {'met' if ratio >= 1.2 else 'NOT met'})")
 

@@ -2,10 +2,10 @@
 # Every GPU-only check of BENCHMARKS.md in one run, for a session lent a GPU for a few minutes: the bf16 GPU-marked
 # tests, then the kernel, sampling and training benchmarks at the shapes BENCHMARKS.md reports. Each step has its own
 # time limit, so one slow step cannot eat the others' time; every log and a summary land in $OUT (default gpu_out/).
-# The limits add up to 9 minutes, so the whole run fits one 10-minute device call with its start-up; to fit, the
-# kernel benchmark skips its torch.compile baselines and the sampling benchmark times one run after its warm-up
-# (at the 13k tok/s target one run of 256 x 8 x 256 tokens is ~40 s). Output is unbuffered, so a step stopped at
-# its limit still leaves what it printed.
+# The limits add up to 9 minutes, so the whole run fits one 10-minute device call; to fit, the training benchmark
+# times w2s alone, the kernel benchmark skips its torch.compile baselines, and the sampling benchmark decodes 64
+# prompts x 8 samples (one full batch of 512 sequences) once after its warm-up. Output is unbuffered, so a step
+# stopped at its limit still leaves what it printed.
 #
 #     OUT=gpu_out bash scripts/gpu_check.sh        # <= 9 minutes on one H100; then copy the numbers into BENCHMARKS.md
 #
@@ -30,11 +30,12 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $out/NAM
   { echo; echo "## $name (rc $rc, $((SECONDS - start)) s): $*"; tail -n 12 "$out/$name.txt"; } >> "$summary"
 }
 
-step test_gpu 150 "$py" -m pytest -q -m gpu tests
-step bench_kernels 110 "$py" -m kernels.bench --no-compile --warmup 3 --repeats 10
-step bench_sampling 170 "$py" scripts/bench_sampling.py --repeats 1    # 8B shape, 256 x 8 x 256, then batch 1
-step bench_train_1b 70 "$py" scripts/bench_train.py --dim 2048 --layers 16 --heads 16 --kv-heads 8 --hidden 5632 \
-  --vocab 32000 --batch 8 --seq 2048 --steps 5 --warmup 2
-step dpo_memory 40 "$py" scripts/bench_train.py --dpo-memory --dim 2048 --layers 4 --heads 16 --kv-heads 8 \
+# Ordered by what an open issue waits on: training MFU and DPO memory first, then the kernel and sampler checks.
+step train_llama32_1b 110 "$py" scripts/bench_train.py --dim 2048 --layers 16 --heads 32 --kv-heads 8 \
+  --hidden 8192 --vocab 128256 --batch 8 --seq 2048 --steps 5 --warmup 2 --no-hf     # Llama-3.2-1B shape, MFU
+step dpo_memory 45 "$py" scripts/bench_train.py --dpo-memory --dim 2048 --layers 4 --heads 16 --kv-heads 8 \
   --hidden 5632 --vocab 128256 --batch 4 --seq 1024 --steps 1
+step test_gpu 130 "$py" -m pytest -q -m gpu tests
+step bench_kernels 95 "$py" -m kernels.bench --no-compile --warmup 3 --repeats 10
+step bench_sampling 150 "$py" scripts/bench_sampling.py --prompts 64 --repeats 1   # 8B shape, 64 x 8 x 256; batch 1
 cat "$summary"
