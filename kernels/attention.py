@@ -189,6 +189,25 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, POS, KV_LEN,
 
 
 @triton.jit
+def _attn_bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_ot, stride_oh, stride_dob, stride_dot, stride_doh, T, H,
+                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta = rowsum(dO * O) in fp32, (B, H, T), reading each once (the torch expression it replaces made fp32
+    copies of both and ~7 passes over them)."""
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < T
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + pid_bh.to(tl.int64) * T + offs_m, delta, mask=row_ok)
+
+
+@triton.jit
 def _bwd_dkdv_query_loop(dk, dv, k, v, offs_n, Q_head, DO_head, LSE_head, DELTA_head, POS, b, stride_pb, stride_pt,
                          stride_qt, stride_dot, offs_d, start, end, T, kv_len, scale, softcap, window,
                          BLOCK_M: tl.constexpr, MASKED: tl.constexpr, HAS_POS: tl.constexpr,
@@ -501,7 +520,10 @@ def _backward(do, q, k, v, out, lse, q_positions, kv_lengths, sliding_window, so
     B, T, H, D = q.shape
     S, KH = k.shape[1], k.shape[2]
     do = _last_dim_contiguous(do)
-    delta = (do.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # (B, H, T)
+    delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    block_delta = 16 if _interpreting() else 64
+    _attn_bwd_delta_kernel[_grid(triton.cdiv(T, block_delta), B * H)](
+        out, do, delta, *out.stride()[:3], *do.stride()[:3], T, H, HEAD_DIM=D, BLOCK_M=block_delta)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)

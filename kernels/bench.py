@@ -4,14 +4,14 @@
     python -m kernels.bench --only attention --repeats 50
     python -m kernels.bench --help
 
-For every kernel, shape and implementation it prints the median time of --repeats runs (after --warmup runs that
-are not counted; CUDA events around each run, the L2 cache flushed before each), the achieved rate and the peak
-memory the call adds on top of its inputs. The rate is TFLOP/s for attention (matmul FLOPs of the visible
-(query, key) pairs: 4*B*H*T*S*D forward, halved when causal; backward 2.5x the forward, FlashAttention's convention)
-and effective GB/s for RMSNorm / RoPE / SwiGLU (the minimum bytes the op must move: read inputs, write outputs, the
-same count for every implementation). The fused linear cross-entropy is compared with the unfused path (logits
-materialized, then F.cross_entropy) by time and peak memory of forward + backward. Each Triton row carries the
-DESIGN.md target for H100 bf16 and whether it was met.
+For every kernel, shape and implementation it prints the median device time of --repeats runs (after --warmup runs
+that are not counted; CUDA events around each run, the L2 cache flushed and the launches queued before each), the
+achieved rate and the peak memory the call adds on top of its inputs. The rate is TFLOP/s for attention (matmul
+FLOPs of the visible (query, key) pairs: 4*B*H*T*S*D forward, halved when causal; backward 2.5x the forward,
+FlashAttention's convention) and effective GB/s for RMSNorm / RoPE / SwiGLU (the minimum bytes the op must move:
+read inputs, write outputs, the same count for every implementation). The fused linear cross-entropy is compared
+with the unfused path (logits materialized, then F.cross_entropy) by time and peak memory of forward + backward.
+Each Triton row carries the DESIGN.md target for H100 bf16 and whether it was met.
 
 The attention kernel's contract is causal by position (kernels/reference.py); the non-causal rows place every
 query at the last key position (q_positions = S - 1), which makes every key visible (tests/test_kernel_attention.py
@@ -47,6 +47,7 @@ TARGET_CE_MEMORY_RATIO = 1 / 8
 TARGET_CE_TIME_RATIO = 1.15
 
 DEVICE = "cuda"  # one name for where the benchmark tensors live
+SPIN_CYCLES = 2_000_000  # ~1 ms of GPU clock (H100 SMs run at up to 1.98 GHz): longer than any op's host-side launch
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -57,12 +58,19 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def median_ms(fn, warmup, repeats):
-    """Median wall time of fn() on the GPU in milliseconds: warm-up runs discarded, CUDA events around each run."""
+    """Median device time of fn() in milliseconds: warm-up runs discarded, CUDA events around each run.
+
+    Before each run the GPU spins for ~1 ms (torch.cuda._sleep) while the host queues the L2 flush, the events and
+    fn's launches behind it, so the time between the events is the device's, not the host's: without it a 0.1 ms
+    kernel reached through autograd (Python backward, grad bookkeeping) measured ~2x its device time. A training
+    step, where the host runs ahead of the GPU, sees the device time.
+    """
     for _ in range(warmup):
         fn()
     flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")  # larger than any L2: every run reads HBM
     events = []
     for _ in range(repeats):
+        torch.cuda._sleep(SPIN_CYCLES)
         flush.zero_()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()

@@ -73,10 +73,13 @@ def nll_and_grads(hidden, weight, targets, softcap, ignore_index, need_hidden_gr
     grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_hidden_grad else None
     grad_weight = torch.zeros_like(weight, memory_format=torch.contiguous_format) if need_weight_grad else None
     rows = _chunk_rows(N, V, hidden.element_size(), chunk_bytes)
+    # One (rows, V) buffer serves every chunk: `logits = h @ weight.t()` would hold the previous chunk's logits
+    # until the next one is computed, two chunks at the peak.
+    buffer = torch.empty(rows, V, dtype=hidden.dtype, device=hidden.device)
     for start in range(0, N, rows):
         end = min(N, start + rows)
         h = hidden[start:end]
-        logits = h @ weight.t()  # (rows, V) in the input dtype
+        logits = torch.mm(h, weight.t(), out=buffer[: end - start])  # (rows, V) in the input dtype
         scale = row_scale[start:end] if row_scale is not None else None
         nll[start:end] = rows_nll(logits, targets[start:end], softcap, ignore_index, scale, write_grad)
         if need_hidden_grad:

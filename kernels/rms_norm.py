@@ -83,9 +83,16 @@ def _launch_config(D):
     return block, num_warps
 
 
+# Backward launch: programs per SM (each walks its rows one at a time, so more programs keep more rows in flight,
+# at the price of more (programs, D) partial weight-gradient rows to sum) and warps per program (None: by D, as
+# the forward). kernels/sweep.py times the alternatives on a GPU.
+BWD_PROGRAMS_PER_SM = 2
+BWD_NUM_WARPS = None
+
+
 def _num_programs(device, M):
     if device.type == "cuda":
-        return min(M, 2 * torch.cuda.get_device_properties(device).multi_processor_count)
+        return min(M, BWD_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count)
     return min(M, 4)  # the CPU interpreter: a few programs still exercise the strided row split
 
 
@@ -114,6 +121,7 @@ def rms_norm_backward(dy2d, x2d, weight, rstd, unit_offset):
     programs = triton.cdiv(M, rows_per_program)
     dw_partial = torch.empty((programs, D), dtype=torch.float32, device=x2d.device)
     block, num_warps = _launch_config(D)
+    num_warps = BWD_NUM_WARPS or num_warps
     _rms_norm_bwd_kernel[(programs,)](dy2d, x2d, weight, rstd, dx, dw_partial, M, D, dy2d.stride(0),
                                       x2d.stride(0), dx.stride(0), rows_per_program,
                                       UNIT_OFFSET=unit_offset, BLOCK_D=block, num_warps=num_warps)

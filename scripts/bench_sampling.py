@@ -97,6 +97,30 @@ def commit():
         return "unknown"
 
 
+def profile_batch1(model, prompt, device, new_tokens=64):
+    """Eager (no CUDA graph) greedy decode of one sequence under torch.profiler: the top kernels by device time, the
+    ops by input shape, and the device time per generated token, i.e. what a graph replay of the step cannot go
+    below."""
+    from torch.profiler import ProfilerActivity, profile
+
+    run = lambda: generate(model, None, prompt, max_new_tokens=new_tokens, progress=False, cuda_graphs=False)  # noqa
+    run()  # warm-up: Triton compiles, allocator
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, record_shapes=True) as prof:
+        run()
+        sync(device)
+    events = prof.key_averages()
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"  # kernels, or ops on CPU
+    total_us = sum(getattr(e, key) for e in events)
+    print(f"\nprofile: eager batch-1 greedy decode, {new_tokens} new tokens (prefill included): "
+          f"{'device' if device.type == 'cuda' else 'CPU'} time {total_us / 1e3:.1f} ms, "
+          f"{total_us / 1e3 / new_tokens:.2f} ms per token")
+    print(events.table(sort_by=key, row_limit=15, max_name_column_width=60))
+    by_shape = prof.key_averages(group_by_input_shape=True)  # the same ops per input shape (which matmul is slow)
+    print(by_shape.table(sort_by=key.removeprefix("self_"), row_limit=12, max_name_column_width=30,
+                         max_shapes_column_width=60))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -116,6 +140,9 @@ def main():
     parser.add_argument("--threads", type=int, help="torch CPU threads [default: torch's choice]")
     parser.add_argument("--batch1", action=argparse.BooleanOptionalAction, default=None,
                         help="also time batch-1 greedy decode [default: on CUDA only]")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile eager batch-1 decode (torch.profiler): the kernels a decode step spends\n"
+                             "its device time in, and that time per step")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -176,6 +203,8 @@ def main():
         target = f" (target H100 8B: >= 150: {'met' if rate >= 150 else 'NOT met'})" if kind == "cuda" else ""
         print(f"w2s batch-1 decode    {rate:10.0f} tok/s          {t_one * 1e3 / work['new_tokens']:8.2f} ms/step"
               f"{target}")
+    if args.profile:
+        profile_batch1(model, prompts[:1].tolist(), device)
     if not run_hf:
         return
     t_hf = t_theirs[0]

@@ -8,6 +8,7 @@
 # stopped at its limit still leaves what it printed.
 #
 #     OUT=gpu_out bash scripts/gpu_check.sh        # <= 9 minutes on one H100; then copy the numbers into BENCHMARKS.md
+#     OUT=gpu_out bash scripts/gpu_check.sh sweep profile_sampling    # named steps only (see run_step below)
 #
 # Not run by `make test` (no GPU there). Needs torch with CUDA and triton; run from the repository root.
 set -u
@@ -30,12 +31,22 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $out/NAM
   { echo; echo "## $name (rc $rc, $((SECONDS - start)) s): $*"; tail -n 12 "$out/$name.txt"; } >> "$summary"
 }
 
-# Ordered by what an open issue waits on: training MFU and DPO memory first, then the kernel and sampler checks.
-step train_llama32_1b 110 "$py" scripts/bench_train.py --dim 2048 --layers 16 --heads 32 --kv-heads 8 \
-  --hidden 8192 --vocab 128256 --batch 8 --seq 2048 --steps 5 --warmup 2 --no-hf     # Llama-3.2-1B shape, MFU
-step dpo_memory 45 "$py" scripts/bench_train.py --dpo-memory --dim 2048 --layers 4 --heads 16 --kv-heads 8 \
-  --hidden 5632 --vocab 128256 --batch 4 --seq 1024 --steps 1
-step test_gpu 130 "$py" -m pytest -q -m gpu tests
-step bench_kernels 95 "$py" -m kernels.bench --no-compile --warmup 3 --repeats 10
-step bench_sampling 150 "$py" scripts/bench_sampling.py --prompts 64 --repeats 1   # 8B shape, 64 x 8 x 256; batch 1
+run_step() {  # the checks by name; ordered by what an open issue waits on: training first, then kernels, sampler
+  case $1 in
+    train_llama32_1b) step "$1" 110 "$py" scripts/bench_train.py --dim 2048 --layers 16 --heads 32 --kv-heads 8 \
+      --hidden 8192 --vocab 128256 --batch 8 --seq 2048 --steps 5 --warmup 2 --no-hf ;;  # Llama-3.2-1B shape, MFU
+    dpo_memory) step "$1" 45 "$py" scripts/bench_train.py --dpo-memory --dim 2048 --layers 4 --heads 16 \
+      --kv-heads 8 --hidden 5632 --vocab 128256 --batch 4 --seq 1024 --steps 1 ;;
+    test_gpu) step "$1" 130 "$py" -m pytest -q -m gpu tests ;;
+    test_kernels) step "$1" 100 "$py" -m pytest -q -m gpu tests/test_kernel_attention.py tests/test_kernels.py ;;
+    bench_kernels) step "$1" 95 "$py" -m kernels.bench --no-compile --warmup 3 --repeats 10 ;;
+    sweep) step "$1" 170 "$py" -m kernels.sweep ;;  # backward launch configs (not in the default run)
+    bench_sampling) step "$1" 150 "$py" scripts/bench_sampling.py --prompts 64 --repeats 1 ;;  # 8B, 64 x 8 x 256
+    profile_sampling) step "$1" 150 "$py" scripts/bench_sampling.py --prompts 64 --repeats 1 --profile ;;
+    *) echo "gpu_check.sh: unknown step $1" >> "$summary" ;;
+  esac
+}
+for name in "${@:-train_llama32_1b dpo_memory test_gpu bench_kernels bench_sampling}"; do
+  for one in $name; do run_step "$one"; done
+done
 cat "$summary"

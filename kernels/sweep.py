@@ -1,0 +1,118 @@
+"""Launch-config sweep for the backward kernels on a GPU: which tile sizes, warps and pipeline depths to put in the
+fixed tables of kernels/attention.py (_GPU_BWD_DKDV, _GPU_BWD_DQ) and kernels/rms_norm.py (BWD_PROGRAMS_PER_SM,
+BWD_NUM_WARPS). Run it on new hardware, copy the fastest rows into the tables, and record the table it printed.
+
+    python -m kernels.sweep                      # needs CUDA; ~2 minutes on one H100, most of it Triton compiles
+    python -m kernels.sweep --only rms_norm
+
+For each candidate it times the whole backward (kernels/bench.py's median_ms: device time, L2 flushed) with the
+other kernel at its table config, and checks the gradients against the table config's on the same inputs
+(max |diff| / max |ref|; tiles only change the summation order, so bf16 stays near 1e-3). A candidate that does not
+compile (shared memory, registers) prints its error and the sweep goes on. No tables are changed by running it.
+"""
+
+import argparse
+import math
+import sys
+
+import torch
+
+from kernels import attention, bench, rms_norm
+
+# (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages) per head dim; the first of each list is the current table
+# entry (kernels/attention.py), the rest what the sweep tries against it.
+DKDV_CANDIDATES = {
+    128: [(32, 128, 8, 2), (64, 128, 8, 2), (32, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 2), (32, 64, 4, 3)],
+    64: [(32, 128, 4, 3), (64, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3)],
+}
+DQ_CANDIDATES = {
+    128: [(128, 32, 8, 2), (128, 64, 8, 2), (128, 32, 8, 3), (128, 32, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3)],
+    64: [(128, 32, 4, 3), (128, 64, 4, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
+}
+# (B, T, H, KH) per head dim: kernels/bench.py's attention shape at D = 128, Llama-3.2-1B's training shape at 64.
+SHAPES = {128: (4, 4096, 16, 16), 64: (8, 2048, 32, 8)}
+DEVICE = "cuda"
+
+
+def rel_err(out, ref):
+    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
+def sweep_attention(head_dim, warmup, repeats):
+    B, T, H, KH = SHAPES[head_dim]
+    q = torch.randn(B, T, H, head_dim, device=DEVICE, dtype=torch.bfloat16)
+    k, v = (torch.randn(B, T, KH, head_dim, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
+    do = torch.randn_like(q)
+    scale = 1.0 / math.sqrt(head_dim)
+    with torch.no_grad():
+        out, lse = attention._forward(q, k, v, None, None, None, None, scale)
+    backward = lambda: attention._backward(do, q, k, v, out, lse, None, None, None, None, scale)  # noqa: E731
+    flops = 2.5 * 4 * B * H * T * T * head_dim / 2  # causal, FlashAttention's convention (kernels/bench.py)
+    print(f"\nattention bwd, causal, B{B} T{T} H{H} KH{KH} D{head_dim}, bf16")
+    print(f"{'kernel':<6} {'(BLOCK_M, BLOCK_N, warps, stages)':<36} {'ms':>8} {'TF/s':>8} {'max rel diff':>13}")
+    reference = backward()
+    for name, table, candidates in (("dkdv", attention._GPU_BWD_DKDV, DKDV_CANDIDATES),
+                                    ("dq", attention._GPU_BWD_DQ, DQ_CANDIDATES)):
+        current = table[head_dim]
+        for config in candidates[head_dim]:
+            table[head_dim] = config
+            try:
+                grads = backward()
+                err = max(rel_err(g, r) for g, r in zip(grads, reference))
+                ms = bench.median_ms(backward, warmup, repeats)
+                print(f"{name:<6} {str(config):<36} {ms:>8.3f} {flops / ms / 1e9:>8.1f} {err:>13.1e}"
+                      + ("   (table)" if config == current else ""))
+            except Exception as e:  # noqa: BLE001 (report and go on: out of resources is expected for some)
+                print(f"{name:<6} {str(config):<36} n/a: {type(e).__name__}: {str(e).splitlines()[0][:70]}")
+            finally:
+                table[head_dim] = current
+            torch.cuda.empty_cache()
+
+
+def sweep_rms_norm(warmup, repeats, M=16384, D=4096):
+    x = torch.randn(M, D, device=DEVICE, dtype=torch.bfloat16)
+    w = torch.rand(D, device=DEVICE, dtype=torch.bfloat16) + 0.5
+    dy = torch.randn_like(x)
+    _, rstd = rms_norm.rms_norm_forward(x, w, 1e-5, False)
+    backward = lambda: rms_norm.rms_norm_backward(dy, x, w, rstd, False)  # noqa: E731
+    table = (rms_norm.BWD_PROGRAMS_PER_SM, rms_norm.BWD_NUM_WARPS)
+    reference = backward()
+    print(f"\nrms_norm bwd ({M}, {D}), bf16 (GB/s: read dy, x; write dx)")
+    print(f"{'programs/SM':>12} {'warps':>6} {'ms':>8} {'GB/s':>8} {'max rel diff':>13}")
+    try:
+        for per_sm in (2, 4, 8, 16):
+            for warps in (None, 8, 4):
+                rms_norm.BWD_PROGRAMS_PER_SM, rms_norm.BWD_NUM_WARPS = per_sm, warps
+                grads = backward()
+                err = max(rel_err(g, r) for g, r in zip(grads, reference))
+                ms = bench.median_ms(backward, warmup, repeats)
+                label = str(warps or rms_norm._launch_config(D)[1])
+                print(f"{per_sm:>12} {label:>6} {ms:>8.3f} {3 * M * D * 2 / ms / 1e6:>8.0f} {err:>13.1e}"
+                      + ("   (table)" if (per_sm, warps) == table else ""))
+    finally:
+        rms_norm.BWD_PROGRAMS_PER_SM, rms_norm.BWD_NUM_WARPS = table
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--only", default="attention128,attention64,rms_norm",
+                   help="comma-separated: attention128, attention64, rms_norm")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=10)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("kernels.sweep times GPU launch configs and needs a CUDA GPU: nothing to do here")
+        return 0
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, median of {args.repeats}")
+    for part in args.only.split(","):
+        if part.startswith("attention"):
+            sweep_attention(int(part.removeprefix("attention")), args.warmup, args.repeats)
+        elif part == "rms_norm":
+            sweep_rms_norm(args.warmup, args.repeats)
+        else:
+            raise SystemExit(f"kernels.sweep: unknown part {part!r} (attention128, attention64, rms_norm)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
