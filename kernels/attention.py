@@ -454,8 +454,10 @@ _GPU_FWD = {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 64, 8, 2)}
 # fp32 tiles take twice the bytes: the bf16 config at D=128 would leave 1.5 KB of the H100's 227 KB of shared memory
 # (compiled for sm_90a), so fp32 (parity checks, tiny test models) halves the query tile and the pipeline depth.
 _GPU_FWD_FP32 = {64: (64, 64, 4, 2), 128: (64, 64, 8, 2), 256: (32, 64, 8, 1)}
-_GPU_BWD_DKDV = {64: (32, 128, 4, 3), 128: (32, 128, 8, 2), 256: (32, 64, 8, 1)}  # (BLOCK_M queries, BLOCK_N keys)
-_GPU_BWD_DQ = {64: (128, 32, 4, 3), 128: (128, 32, 8, 2), 256: (64, 32, 8, 1)}
+# Backward (BLOCK_M queries, BLOCK_N keys, warps, stages): D = 64 and 128 chosen by kernels/sweep.py on an H100
+# (BENCHMARKS.md); D = 256 not swept.
+_GPU_BWD_DKDV = {64: (32, 128, 4, 3), 128: (64, 64, 4, 2), 256: (32, 64, 8, 1)}
+_GPU_BWD_DQ = {64: (64, 64, 4, 3), 128: (64, 64, 4, 2), 256: (64, 32, 8, 1)}
 _INTERPRET_FWD, _INTERPRET_BWD_DKDV, _INTERPRET_BWD_DQ = (32, 16, 4, 1), (16, 32, 4, 1), (32, 16, 4, 1)
 
 

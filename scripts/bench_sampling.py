@@ -97,6 +97,26 @@ def commit():
         return "unknown"
 
 
+def steady_decode_step_ms(model, prompt, new_tokens, device, replays=100):
+    """Batch-1 greedy decode step time once its CUDA graph exists: what a long-running server that captured its
+    graphs at start-up pays per token. generate() captures anew on every call (a graph per attention limit, each
+    after an eager warm-up step) and prefills, which the end-to-end batch-1 number above includes."""
+    from w2s.sampling import Engine
+
+    engine = Engine(model, prompt, 1, temperature=0.0, top_k=0, top_p=1.0, max_new_tokens=new_tokens, seed=0,
+                    eos_ids=(), slots=1, cache_len=len(prompt[0]) + new_tokens, cuda_graphs=True)
+    for _ in engine.run():  # one full generation: captures the graphs
+        pass
+    limit = max(engine.graphs)  # the longest attention span the run reached
+    engine.step(limit)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(replays):
+        engine.step(limit)
+    sync(device)
+    return (time.perf_counter() - start) * 1e3 / replays
+
+
 def profile_batch1(model, prompt, device, new_tokens=64):
     """Eager (no CUDA graph) greedy decode of one sequence under torch.profiler: the top kernels by device time, the
     ops by input shape, and the device time per generated token, i.e. what a graph replay of the step cannot go
@@ -203,6 +223,10 @@ def main():
         target = f" (target H100 8B: >= 150: {'met' if rate >= 150 else 'NOT met'})" if kind == "cuda" else ""
         print(f"w2s batch-1 decode    {rate:10.0f} tok/s          {t_one * 1e3 / work['new_tokens']:8.2f} ms/step"
               f"{target}")
+        if kind == "cuda" and not args.no_cuda_graphs:
+            step_ms = steady_decode_step_ms(model, one, work["new_tokens"], device)
+            print(f"  steady state (graph replay) {1e3 / step_ms:6.0f} tok/s          {step_ms:8.2f} ms/step   (the "
+                  f"decode step alone: no prefill, no per-call graph capture)")
     if args.profile:
         profile_batch1(model, prompts[:1].tolist(), device)
     if not run_hf:

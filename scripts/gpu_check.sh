@@ -40,6 +40,9 @@ run_step() {  # the checks by name; ordered by what an open issue waits on: trai
     test_gpu) step "$1" 130 "$py" -m pytest -q -m gpu tests ;;
     test_kernels) step "$1" 100 "$py" -m pytest -q -m gpu tests/test_kernel_attention.py tests/test_kernels.py ;;
     bench_kernels) step "$1" 95 "$py" -m kernels.bench --no-compile --warmup 3 --repeats 10 ;;
+    bench_attention) step "$1" 60 "$py" -m kernels.bench --only attention --no-compile --warmup 3 --repeats 10 ;;
+    test_attention) step "$1" 120 "$py" -m pytest -q tests/test_kernel_attention.py ;;  # fp32 + bf16, GPU tables
+    batch1) step "$1" 100 "$py" scripts/bench_sampling.py --prompts 1 --samples 1 ;;  # 8B batch 1, steady state
     sweep) step "$1" 170 "$py" -m kernels.sweep ;;  # backward launch configs (not in the default run)
     bench_sampling) step "$1" 150 "$py" scripts/bench_sampling.py --prompts 64 --repeats 1 ;;  # 8B, 64 x 8 x 256
     profile_sampling) step "$1" 150 "$py" scripts/bench_sampling.py --prompts 64 --repeats 1 --profile ;;
