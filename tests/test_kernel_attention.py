@@ -163,11 +163,13 @@ def test_large_head_dims_fp32(D):
 
 @pytest.mark.parametrize("D, options", [
     (64, {"sliding_window": 70, "kv_lengths": (97,)}),
+    (128, {"sliding_window": 90, "softcap": 20.0, "kv_lengths": (131,)}),
     (256, {"softcap": 5.0, "kv_lengths": (150,)}),
-], ids=["d64-window-padding", "d256-softcap"])
+], ids=["d64-window-padding", "d128-window-softcap-padding", "d256-softcap"])
 def test_gpu_block_sizes_fp32(monkeypatch, D, options):
-    # The GPU launch tables use other tiles than the interpreter's (e.g. 128-query forward blocks, 32 x 128 dk/dv
-    # blocks): run them here too, so the block-range arithmetic is checked for the sizes the GPU actually uses.
+    # The GPU launch tables use other tiles than the interpreter's (e.g. 128-query forward blocks, 64 x 64 dk/dv
+    # and dq blocks at D = 128, chosen by kernels/sweep.py): run them here too, so the block-range arithmetic is
+    # checked for the sizes the GPU actually uses.
     monkeypatch.setattr(flash, "_interpreting", lambda: False)
     assert flash._config(flash._GPU_FWD, flash._INTERPRET_FWD, D) == flash._GPU_FWD[D]
     compare(1, 150, 150, 2, 1, D, **{**options, "kv_lengths": lengths(*options["kv_lengths"])})
