@@ -1,4 +1,5 @@
-"""Flash attention in Triton: causal GQA with explicit positions, ragged lengths, sliding window and soft-cap.
+"""Flash attention in Triton, forward and backward: causal GQA with explicit positions, ragged lengths, sliding
+window and soft-cap.
 
 Same contract as kernels.reference.attention (read it first): q (B, T, H, D), k/v (B, S, K, D), a query at absolute
 position p sees key s iff s <= p, s < kv_lengths[b] and p - s < sliding_window; Gemma-2 soft-caps the scores with
@@ -9,9 +10,9 @@ Anatomy, top to bottom:
   2. the forward kernel (online softmax over key blocks; saves the base-2 log-sum-exp per row),
   3. the backward kernels (one program per key block for dk/dv, looping over the query heads of its GQA group so no
      atomics are needed; one program per query block for dq),
-  4. the decode kernel for the sampler (a few new tokens against a long KV cache, split over keys), and cascade
-     decoding over a prefix shared by every row (the prefix as one more key split, attended once for all rows),
-  5. launchers that pick block sizes by head dim, the autograd Function and the functional `attention`.
+  4. launchers that pick block sizes by head dim, the autograd Function and the functional `attention`.
+The sampler's decode kernel (a few new tokens against a long KV cache, split over keys) and cascade decoding over a
+shared prefix are kernels/decode_attention.py, built on the helpers and the key loop here.
 
 Why the key loop runs in three segments: for a block of queries, the key blocks in the middle are visible to every
 row (no mask needed), the ones at the edges (causal diagonal, window start, kv_lengths end) need the per-element
@@ -383,68 +384,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, POS, KV_LEN,
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 4. decode: few query tokens, long KV cache
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _attn_decode_kernel(Q, K, V, O_PART, LSE_PART, POS, KV_LEN,
-                        stride_qb, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh,
-                        stride_vb, stride_vs, stride_vh, stride_pb, stride_pt,
-                        T, S, H, KH, GROUP, keys_per_split, scale, softcap, window,
-                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_POS: tl.constexpr,
-                        HAS_KV_LEN: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                        PRECISION: tl.constexpr):
-    """One program = one (batch row, kv head, key split). Its rows are every (token t, query head of the group)
-    pair, so each key/value tile is read once for the whole GQA group. Writes a normalized partial output and its
-    base-2 log-sum-exp per split; `_combine_splits` merges them."""
-    split = tl.program_id(0)
-    pid_bk = tl.program_id(1)
-    b = (pid_bk // KH).to(tl.int64)
-    kv_h = pid_bk % KH
-    rows = tl.arange(0, BLOCK_M)
-    row_ok = rows < T * GROUP
-    t = rows // GROUP
-    h = kv_h * GROUP + rows % GROUP
-    offs_d = tl.arange(0, HEAD_DIM)
-    pos = _query_positions(POS, b, t, row_ok, stride_pb, stride_pt, HAS_POS)
-    kv_len = _kv_length(KV_LEN, b, S, HAS_KV_LEN)
-    lo, full_lo, full_hi, hi = _key_segments(pos, row_ok, kv_len, window, BLOCK_N, HAS_WINDOW)
-    lo = tl.maximum(lo, split * keys_per_split)  # keys_per_split is a multiple of BLOCK_N: lo stays aligned
-    hi = tl.maximum(tl.minimum(hi, (split + 1) * keys_per_split), lo)
-
-    q = tl.load(Q + b * stride_qb + t[:, None] * stride_qt + h[:, None] * stride_qh + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)  # (M, D)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    # Memory-bound: the per-element mask costs nothing here, so one masked loop covers the split.
-    acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, pos, K + b * stride_kb + kv_h * stride_kh,
-                                  V + b * stride_vb + kv_h * stride_vh, stride_ks, stride_vs, offs_d, lo, hi, kv_len,
-                                  scale, softcap, window, BLOCK_N, True, HAS_WINDOW, HAS_SOFTCAP, PRECISION)
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))  # -inf: weight 0 in the merge
-    # O_PART (B, splits, T, H, D) and LSE_PART (B, splits, T, H), both contiguous fp32.
-    part = (b * tl.num_programs(0) + split) * T * H + t * H + h
-    tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None])
-    tl.store(LSE_PART + part, lse, mask=row_ok)
-
-
-def _combine_splits(o_part, lse_part, dtype):
-    """Merge per-split softmax results: weights 2^(lse_split - lse_max). (B, splits, T, H, D) -> (B, T, H, D)."""
-    if o_part.shape[1] == 1:
-        return o_part[:, 0].to(dtype)
-    lse_max = lse_part.amax(dim=1, keepdim=True)
-    lse_max = torch.where(torch.isinf(lse_max), torch.zeros_like(lse_max), lse_max)  # rows that see nothing
-    weight = torch.exp2(lse_part - lse_max)  # (B, splits, T, H); empty splits get 0
-    total = weight.sum(dim=1)
-    out = (weight[..., None] * o_part).sum(dim=1) / torch.where(total > 0, total, 1.0)[..., None]
-    return out.to(dtype)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 5. launchers, autograd, functional API
+# 4. launchers, autograd, functional API
 # ----------------------------------------------------------------------------------------------------------------
 
 # Fixed launch configs by head dim (BLOCK_M, BLOCK_N, num_warps, num_stages): large tiles for H100 tensor cores,
@@ -548,81 +488,6 @@ def _backward(do, q, k, v, out, lse, q_positions, kv_lengths, sliding_window, so
     return dq, dk, dv
 
 
-def _num_splits(batch_heads, S, block_n, device):
-    """Enough key splits to give every SM ~2 programs, but at least 4 key blocks per split."""
-    if _interpreting():
-        return max(1, min(3, triton.cdiv(S, block_n)))  # several splits so the tests exercise the merge
-    return max(1, min(triton.cdiv(2 * _sm_count(device), batch_heads), triton.cdiv(S, 4 * block_n)))
-
-
-def _sm_count(device):
-    return torch.cuda.get_device_properties(device).multi_processor_count  # kernels/compile_check.py: an H100's 132
-
-
-def _decode_partials(q, k, v, q_positions, kv_lengths, sliding_window, softcap, scale):
-    """Launch the split-key decode kernel -> per-split (o_part (B, splits, T, H, D) fp32, lse_part (B, splits, T, H)
-    base 2), for _combine_splits. q_positions / kv_lengths already int32 (or None), scale a float."""
-    B, T, H, D = q.shape
-    S, KH = k.shape[1], k.shape[2]
-    group = H // KH
-    if T * group > 128:  # the T*G query rows of a kv head form one tile; beyond 128 it spills (use the flash path)
-        raise ValueError(f"attention decode: {T} queries x {group} heads per kv head = {T * group} rows, at most 128; "
-                         "use attention(), which sends longer queries to the flash kernel")
-    block_m = max(16, triton.next_power_of_2(T * group))
-    block_n = 16 if _interpreting() else (64 if D <= 128 else 32)
-    splits = _num_splits(B * KH, S, block_n, q.device)
-    keys_per_split = triton.cdiv(triton.cdiv(S, splits), block_n) * block_n
-    splits = triton.cdiv(S, keys_per_split) if S > 0 else 1
-    o_part = torch.empty((B, splits, T, H, D), dtype=torch.float32, device=q.device)
-    lse_part = torch.empty((B, splits, T, H), dtype=torch.float32, device=q.device)
-    _attn_decode_kernel[_grid(splits, B * KH)](
-        q, k, v, o_part, lse_part, q_positions, kv_lengths, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        *_pos_strides(q_positions), T, S, H, KH, group, keys_per_split, scale, softcap or 1.0, sliding_window or 0,
-        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q.dtype),
-        **_flags(q_positions, kv_lengths, sliding_window, softcap), num_warps=4, num_stages=2)
-    return o_part, lse_part
-
-
-def attention_decode(q, k, v, q_positions=None, kv_lengths=None, sliding_window=None, softcap=None, scale=None):
-    """Forward-only attention for a few query tokens against a KV cache (the sampler's hot loop).
-
-    Same contract as `attention`; `attention` calls this itself when T is small and no gradient is needed. For the
-    best speed pass k/v sliced to the longest live cache row, since the key splits cover all S slots.
-    """
-    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    o_part, lse_part = _decode_partials(q, k, v, _optional_int32(q_positions, q.device),
-                                        _optional_int32(kv_lengths, q.device), sliding_window, softcap, scale)
-    return _combine_splits(o_part, lse_part, q.dtype)
-
-
-def attention_after_shared_prefix(q, k, v, prefix_k, prefix_v, q_positions, sliding_window=None, softcap=None,
-                                  scale=None):
-    """Decode attention when keys [0, P) of every row are the same, prefix_k / prefix_v (P, K, D): cascade attention.
-
-    Same result as attention_decode(q, k, v, q_positions, ...). The row's own keys [P, S) go through the decode
-    kernel (positions shifted by P, so windows and causality are unchanged); the prefix goes through the flash
-    forward kernel once, with all B*T queries as one long row against the P shared keys, so those keys are read
-    once per step instead of once per row. The prefix result joins the decode kernel's key splits as one more
-    split, and _combine_splits merges them all by their log-sum-exps. No host sync: CUDA-graph safe.
-    """
-    B, T, H, D = q.shape
-    P = prefix_k.shape[0]
-    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    positions = _optional_int32(q_positions, q.device)  # (B, T)
-    o_part, lse_part = _decode_partials(q, k[:, P:], v[:, P:], positions - P, None, sliding_window, softcap, scale)
-    out_p, lse_p = _forward(q.reshape(1, B * T, H, D), _last_dim_contiguous(prefix_k)[None],
-                            _last_dim_contiguous(prefix_v)[None], positions.reshape(1, B * T), None, sliding_window,
-                            softcap, scale)  # (1, B*T, H, D), (1, H, B*T)
-    # a query that sees no prefix key (inside a sliding window past it) has lse +inf from the forward kernel (its
-    # backward convention); as a split it must weigh 0, the decode kernel's -inf
-    lse_p = lse_p.masked_fill(lse_p == float("inf"), float("-inf"))
-    o_part = torch.cat([o_part, out_p.view(B, 1, T, H, D).float()], dim=1)
-    lse_part = torch.cat([lse_part, lse_p.view(H, B, T).permute(1, 2, 0)[:, None]], dim=1)  # (B, splits + 1, T, H)
-    return _combine_splits(o_part, lse_part, q.dtype)
-
-
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, q_positions, kv_lengths, sliding_window, softcap, scale):
@@ -673,7 +538,9 @@ def attention(q, k, v, q_positions=None, kv_lengths=None, sliding_window=None, s
     """
     _check_inputs(q, k, v, q_positions, kv_lengths, sliding_window, softcap)
     if _use_decode_path(q, k, v):
-        return attention_decode(q, k, v, q_positions, kv_lengths, sliding_window, softcap, scale)
+        from kernels import decode_attention  # imported here: it builds on this module's helpers
+
+        return decode_attention.attention_decode(q, k, v, q_positions, kv_lengths, sliding_window, softcap, scale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     q_positions = _optional_int32(q_positions, q.device)

@@ -96,9 +96,9 @@ def _ptxas_usage(ptx):
 def check_attention(dtypes):
     """Forward and backward (bf16) at every head dim and masking mode; decode at real model shapes (the cascade over a
     shared prefix launches these same two kernels)."""
-    from kernels import attention
+    from kernels import attention, decode_attention
 
-    attention._sm_count = lambda device: H100_SMS
+    decode_attention._sm_count = lambda device: H100_SMS
     modes = [dict(), dict(q_positions=torch.arange(64, dtype=torch.int32)[None]),
              dict(kv_lengths=torch.tensor([40], dtype=torch.int32), sliding_window=32, softcap=50.0)]
     for dtype in dtypes:
@@ -114,7 +114,8 @@ def check_attention(dtypes):
             for T in (1, 2, 16):
                 if T * H // K <= 128:
                     q, k = torch.zeros(4, T, H, D, dtype=dtype), torch.zeros(4, 256, K, D, dtype=dtype)
-                    attention._decode_partials(q, k, k, torch.zeros(4, T, dtype=torch.int32), None, window, cap, 0.1)
+                    positions = torch.zeros(4, T, dtype=torch.int32)
+                    decode_attention._decode_partials(q, k, k, positions, None, window, cap, 0.1)
 
 
 def check_fused_linear(dtypes):

@@ -1,5 +1,6 @@
-"""Triton flash attention (kernels/attention.py) against the PyTorch spec (kernels/reference.py): forward and every
-gradient, GQA/MQA, ragged lengths, sliding window, soft-cap, explicit positions and the decode path.
+"""Triton flash attention (kernels/attention.py) and decode attention (kernels/decode_attention.py) against the
+PyTorch spec (kernels/reference.py): forward and every gradient, GQA/MQA, ragged lengths, sliding window, soft-cap,
+explicit positions, the split-key decode path and cascade decoding over a shared prefix.
 
 Without CUDA the kernels run under TRITON_INTERPRET=1 on CPU (set below, before triton is imported); the shapes are
 tiny and odd so that every block edge and loop segment is hit. GPU-marked tests use bf16 at realistic shapes.
@@ -17,6 +18,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from kernels import attention as flash  # noqa: E402
+from kernels import decode_attention as decode  # noqa: E402
 from kernels import reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -221,7 +223,7 @@ def test_decode_matches_reference(dtype, T, H, options):
 def test_decode_with_gpu_block_sizes(monkeypatch):
     # The GPU's 64-key tiles and its split count (3 here in place of the SM-count formula) on a 200-slot cache.
     monkeypatch.setattr(flash, "_interpreting", lambda: False)
-    monkeypatch.setattr(flash, "_num_splits", lambda batch_heads, S, block_n, device: 3)
+    monkeypatch.setattr(decode, "_num_splits", lambda batch_heads, S, block_n, device: 3)
     B, T, S, H, K, D = 2, 2, 200, 8, 2, 64
     seed, q, k, v = random_qkv(B, T, S, H, K, D, torch.float32)
     positions = torch.tensor([[150], [7]], device=DEVICE) + torch.arange(T, device=DEVICE)
@@ -251,18 +253,18 @@ def test_cascade_decode_over_a_shared_prefix_matches_reference(dtype, T, H, opti
     B, S, P, K, D = 3, 45, 21, 2, 32
     seed, q, k, v, prefix_k, prefix_v, positions = shared_prefix_case(B, T, S, P, H, K, D, dtype, [40, 21, 9])
     with torch.no_grad():
-        out = flash.attention_after_shared_prefix(q, k, v, prefix_k, prefix_v, positions, **options)
+        out = decode.attention_after_shared_prefix(q, k, v, prefix_k, prefix_v, positions, **options)
     check_output(out, q, k, v, seed, q_positions=positions, **options)
 
 
 def test_cascade_decode_with_gpu_block_sizes(monkeypatch):
     # The GPU's tiles (128-query forward blocks, 64-key decode splits, 3 of them) on a 130-token prefix of 200 slots.
     monkeypatch.setattr(flash, "_interpreting", lambda: False)
-    monkeypatch.setattr(flash, "_num_splits", lambda batch_heads, S, block_n, device: 3)
+    monkeypatch.setattr(decode, "_num_splits", lambda batch_heads, S, block_n, device: 3)
     seed, q, k, v, prefix_k, prefix_v, positions = shared_prefix_case(3, 1, 200, 130, 8, 2, 64, torch.float32,
                                                                       [199, 130, 160])
     with torch.no_grad():
-        out = flash.attention_after_shared_prefix(q, k, v, prefix_k, prefix_v, positions, sliding_window=150)
+        out = decode.attention_after_shared_prefix(q, k, v, prefix_k, prefix_v, positions, sliding_window=150)
     check_fp32([out], [reference.attention(q, k, v, q_positions=positions, sliding_window=150)], seed)
 
 
@@ -297,10 +299,10 @@ def test_launches_beyond_cuda_limits_are_clear_errors():
         flash.attention(q, q, q)
     q, k = torch.zeros(1, 16, 16, 16, device=DEVICE), torch.zeros(1, 20, 1, 16, device=DEVICE)  # 16 x 16 rows
     with pytest.raises(ValueError, match="256 rows, at most 128"):
-        flash.attention_decode(q, k, k)
+        decode.attention_decode(q, k, k)
     positions = torch.arange(4, 20, device=DEVICE)[None]
     with pytest.raises(ValueError, match="256 rows, at most 128"):
-        flash.attention_after_shared_prefix(q, k, k, k[0, :4], k[0, :4], positions)
+        decode.attention_after_shared_prefix(q, k, k, k[0, :4], k[0, :4], positions)
 
 
 # --- GPU, bf16, realistic shapes -----------------------------------------------------------------------------------
@@ -353,7 +355,7 @@ def test_gpu_bf16_cascade_decode_long_shared_prefix():
     start = torch.randint(P, S, (B,)).tolist()
     seed, q, k, v, prefix_k, prefix_v, positions = shared_prefix_case(B, 1, S, P, H, K, D, torch.bfloat16, start)
     with torch.no_grad():
-        out = flash.attention_after_shared_prefix(q, k, v, prefix_k, prefix_v, positions)
+        out = decode.attention_after_shared_prefix(q, k, v, prefix_k, prefix_v, positions)
     check_output(out, q, k, v, seed, q_positions=positions)
 
 
@@ -378,8 +380,8 @@ def test_sampler_decodes_through_the_triton_cascade(monkeypatch, options):
     prefix = torch.randint(3, 61, (16,), generator=g).tolist()
     prompts = [prefix + torch.randint(3, 61, (n,), generator=g).tolist() for n in (2, 5, 1)]
     calls = []
-    cascade = flash.attention_after_shared_prefix
-    monkeypatch.setattr(flash, "attention_after_shared_prefix", lambda *a, **k: calls.append(1) or cascade(*a, **k))
+    cascade = decode.attention_after_shared_prefix
+    monkeypatch.setattr(decode, "attention_after_shared_prefix", lambda *a, **k: calls.append(1) or cascade(*a, **k))
     monkeypatch.setattr(ops, "CASCADE_MIN_PREFIX", 16)
     outs = {}
     for backend in ("triton", "reference"):
@@ -389,8 +391,8 @@ def test_sampler_decodes_through_the_triton_cascade(monkeypatch, options):
     # 6 tokens: the first from the prefill, then at least 5 decode steps (the engine steps in blocks), every layer
     assert len(calls) >= 5 * cfg.n_layers and len(calls) % cfg.n_layers == 0
     n_cascade, decode_calls = len(calls), []
-    decode = flash.attention_decode
-    monkeypatch.setattr(flash, "attention_decode", lambda *a, **k: decode_calls.append(1) or decode(*a, **k))
+    plain = decode.attention_decode
+    monkeypatch.setattr(decode, "attention_decode", lambda *a, **k: decode_calls.append(1) or plain(*a, **k))
     monkeypatch.setattr(ops, "_backend", "triton")
     unshared = generate(model, None, prompts, max_new_tokens=6, max_batch=3, progress=False, shared_prefix=False)
     assert unshared == outs["reference"]

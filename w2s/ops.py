@@ -65,7 +65,7 @@ def attention(q, k, v, q_positions=None, kv_lengths=None, sliding_window=None, s
     shared_prefix: optional (k_p, v_p), each (P, K, D), a promise that k[b, :P] == k_p and v[b, :P] == v_p for every
     row b (the sampler's prompts all start with the same few-shot demonstrations). It changes no value; decode
     uses it to read those keys once per step instead of once per row (cascade attention): on CUDA through the
-    Triton kernels (kernels.attention.attention_after_shared_prefix, any window or soft-cap), on CPU through
+    Triton kernels (kernels.decode_attention.attention_after_shared_prefix, any window or soft-cap), on CPU through
     torch's flash kernel (_attention_after_shared_prefix, no window or soft-cap).
     """
     impl = _triton("attention", q)
@@ -73,8 +73,8 @@ def attention(q, k, v, q_positions=None, kv_lengths=None, sliding_window=None, s
     if impl is not None:
         if (P >= CASCADE_MIN_PREFIX and q_positions is not None and kv_lengths is None
                 and impl._use_decode_path(q, k, v)):
-            return impl.attention_after_shared_prefix(q, k, v, *shared_prefix, q_positions,
-                                                      sliding_window=sliding_window, softcap=softcap, scale=scale)
+            return _triton("decode_attention", q).attention_after_shared_prefix(
+                q, k, v, *shared_prefix, q_positions, sliding_window=sliding_window, softcap=softcap, scale=scale)
         return impl.attention(q, k, v, q_positions=q_positions, kv_lengths=kv_lengths,
                               sliding_window=sliding_window, softcap=softcap, scale=scale)
     if _backend == "auto" and softcap is None:  # SDPA has no soft-cap: Gemma-2 stays on the reference

@@ -9,7 +9,7 @@ How it works (one engine, `Engine`, driven by `iter_generate`):
   * The cache has `slots` rows (the decode batch) plus one spare row that holds a prefix shared by every prompt
     (the 4 few-shot demonstrations of the ICL stage). That prefix is prefilled once; each new sequence copies its
     keys/values and prefills only its own suffix. Decode attends a long prefix (64+ tokens) once per step for
-    all rows, from the spare row, instead of once per row (cascade attention: w2s/ops.py, kernels/attention.py).
+    all rows, from the spare row, instead of once per row (cascade attention: w2s/ops.py, kernels/decode_attention.py).
   * A work item is (prompt, sample j). The n samples of a prompt share one prefill: the first is prefilled, the
     others copy its cache row. A sample admitted later, while a sibling is still running, copies the sibling's
     prompt rows (all but the last token) and re-runs only the last prompt token to get the next-token logits.
