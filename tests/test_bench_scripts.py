@@ -32,3 +32,20 @@ def test_bench_sampling_runs_with_a_shared_prefix():
     out = run_script("scripts/bench_sampling.py", "--prompts", "2", "--samples", "2", "--new-tokens", "4",
                      "--prompt-len", "4", "--shared-prefix", "8", "--repeats", "1", "--threads", "1")
     assert "after a shared prefix of 8" in out and "speed-up over transformers:" in out
+
+
+def test_bench_train_without_transformers_times_w2s_alone():
+    out = run_script("scripts/bench_train.py", "--no-hf", *TINY_LLAMA)
+    assert "alone" in out and "\nw2s " in out
+    assert "transformers" not in out.split("alone")[1]  # no transformers rows, no ratio
+
+
+def test_bench_sampling_profile_lists_the_decode_ops():
+    out = run_script("scripts/bench_sampling.py", "--prompts", "1", "--samples", "1", "--new-tokens", "4",
+                     "--prompt-len", "4", "--repeats", "1", "--threads", "1", "--no-hf", "--profile")
+    assert "profile: eager batch-1 greedy decode" in out and "aten::mm" in out
+
+
+def test_sweep_without_cuda_says_it_needs_one():
+    out = run_script("-m", "kernels.sweep")
+    assert "needs a CUDA GPU" in out
