@@ -46,6 +46,12 @@ run_step() {  # the checks by name; ordered by what an open issue waits on: trai
     sweep) step "$1" 170 "$py" -m kernels.sweep ;;  # backward launch configs (not in the default run)
     bench_sampling) step "$1" 150 "$py" scripts/bench_sampling.py --prompts 64 --repeats 1 ;;  # 8B, 64 x 8 x 256
     profile_sampling) step "$1" 150 "$py" scripts/bench_sampling.py --prompts 64 --repeats 1 --profile ;;
+    cascade)  # ICL-shaped decode with the cascade over a 1024-token shared prefix, then with it turned off
+      args="--shared-prefix 1024 --samples 1 --prompts 256 --new-tokens 64 --repeats 1 --no-batch1"
+      step cascade_on 90 "$py" scripts/bench_sampling.py $args
+      step cascade_off 90 "$py" -c "import runpy, sys; import w2s.ops as o; o.CASCADE_MIN_PREFIX = 10**9; \
+sys.argv = ['bench_sampling.py'] + sys.argv[1:]; runpy.run_path('scripts/bench_sampling.py', run_name='__main__')" \
+        $args ;;
     *) echo "gpu_check.sh: unknown step $1" >> "$summary" ;;
   esac
 }
