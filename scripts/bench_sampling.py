@@ -121,6 +121,7 @@ def profile_batch1(model, prompt, device, new_tokens=64):
     """Eager (no CUDA graph) greedy decode of one sequence under torch.profiler: the top kernels by device time, the
     ops by input shape, and the device time per generated token, i.e. what a graph replay of the step cannot go
     below."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     run = lambda: generate(model, None, prompt, max_new_tokens=new_tokens, progress=False, cuda_graphs=False)  # noqa
@@ -131,7 +132,10 @@ def profile_batch1(model, prompt, device, new_tokens=64):
         sync(device)
     events = prof.key_averages()
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"  # kernels, or ops on CPU
-    total_us = sum(getattr(e, key) for e in events)
+    # On CUDA count the kernels' rows only: an op's row (aten::mm) also carries the time of the kernels it launched.
+    counted = [e for e in events if device.type != "cuda" or (e.device_type == DeviceType.CUDA
+                                                                 and not e.is_user_annotation)]
+    total_us = sum(getattr(e, key) for e in counted)
     print(f"\nprofile: eager batch-1 greedy decode, {new_tokens} new tokens (prefill included): "
           f"{'device' if device.type == 'cuda' else 'CPU'} time {total_us / 1e3:.1f} ms, "
           f"{total_us / 1e3 / new_tokens:.2f} ms per token")
