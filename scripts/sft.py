@@ -35,8 +35,8 @@ def parser(description, epilog):
 def run(train, args, **kwargs):
     """Load model, tokenizer and rows, train (exports to --out); bad input ends in one line on stderr, exit 2."""
     import w2s
+    from w2s.checkpoint import load_for_training
     from w2s.data import read_jsonl
-    from w2s.parallel import load_for_training
     from w2s.train_config import config_from_args
 
     try:

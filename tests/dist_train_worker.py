@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import w2s
-from w2s.parallel import load_for_training
+from w2s.checkpoint import load_for_training
 from w2s.train import TrainConfig, train_preference, train_sft
 
 STEPS = 4
@@ -36,7 +36,7 @@ RUNS = {  # name: (loss, config)
     "orpo_full": ("orpo", TrainConfig(**COMMON, beta=0.5)),
 }
 KILL_AT = {"sft_full": 3, "sft_lora": 3}  # run dies after this step, then resumes
-# Runs whose checkpoint only rank 0 reads (w2s.parallel.load_for_training: rank 1 starts on the meta device and gets
+# Runs whose checkpoint only rank 0 reads (w2s.checkpoint.load_for_training: rank 1 starts on the meta device and gets
 # its shards from rank 0); the others load it on every rank. In one process both are the plain load.
 RANK0_LOAD = {"sft_full", "dpo_full", "dpo_lora"}
 

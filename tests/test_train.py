@@ -582,7 +582,7 @@ def test_activation_checkpointing_changes_nothing_but_memory(ckpt):
 def test_meta_model_loads_nothing_and_a_plain_process_refuses_to_train_it(ckpt, monkeypatch):
     """load_for_training on a rank > 0 builds the model on the meta device; without FSDP there is no rank 0 to fill
     it from, so training says so instead of failing deep inside a matmul."""
-    from w2s.parallel import load_for_training
+    from w2s.checkpoint import load_for_training
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")

@@ -23,8 +23,9 @@ import torch
 from safetensors.torch import save_file
 
 from w2s.config import ModelConfig
+from w2s.files import write_atomic
 from w2s.model import Transformer
-from w2s.parallel import Dist, barrier
+from w2s.parallel import Dist, barrier, rank
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -115,7 +116,7 @@ def load_model(path, dtype=torch.bfloat16, device="cpu"):
     """Load an HF checkpoint directory (config.json + safetensors) of a supported family as a w2s Transformer.
 
     device="meta" reads only config.json: the model's structure without weights (FSDP ranks > 0, which get their
-    shards from rank 0 when training shards the model; see w2s.parallel.load_for_training).
+    shards from rank 0 when training shards the model; see load_for_training).
     """
     cfg = ModelConfig.from_pretrained(path)
     with torch.device("meta"):
@@ -130,6 +131,18 @@ def load_model(path, dtype=torch.bfloat16, device="cpu"):
     return model.eval()
 
 
+def load_for_training(path, dtype=torch.float32):
+    """Load a checkpoint to train under FSDP2 without every rank reading all of it.
+
+    Rank 0 (or a plain single process) reads the weights into host memory; under torchrun every other rank builds the
+    model on the meta device (no memory, no disk) and receives its shards from rank 0 when the training loop shards
+    the model (w2s.parallel.fill_from_rank0). A 70B checkpoint is then read once (~140 GB of host memory in bf16)
+    instead of once per rank (8 x 140 GB). Only for w2s.train: the meta ranks' model is unusable until the loop has
+    filled it.
+    """
+    return load_model(path, dtype=dtype, device="cpu" if rank() == 0 else "meta")
+
+
 def check_tokenizer_fits(path, cfg):
     """A tokenizer that can emit ids past the embedding table would index out of range later: refuse it now."""
     path = Path(path)
@@ -141,16 +154,6 @@ def check_tokenizer_fits(path, cfg):
     if tok.vocab_size > cfg.vocab_size:
         raise ValueError(f"{path}: tokenizer has {tok.vocab_size} tokens but config.json vocab_size is "
                          f"{cfg.vocab_size} (the embedding table must cover every token id)")
-
-
-def atomic_write_text(path, text):
-    """Temp file, fsync, rename: a reader sees the old file or the whole new one, never half of it."""
-    tmp = Path(str(path) + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -192,17 +195,17 @@ def save_model(model, path, tokenizer=None, dtype=None, max_shard_bytes=5 * 2**3
             weight_map.update({name: fname for name in shard})
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        atomic_write_text(path / INDEX_FILE, json.dumps(index, indent=2))
+        write_atomic(path / INDEX_FILE, json.dumps(index, indent=2))
     if tokenizer is not None:
         tokenizer.save(path)
     gen = {k: v for k, v in (("bos_token_id", cfg.bos_token_id), ("eos_token_id", cfg.eos_token_id),
                              ("pad_token_id", cfg.pad_token_id)) if v is not None}
-    atomic_write_text(path / "generation_config.json", json.dumps(gen, indent=2))
+    write_atomic(path / "generation_config.json", json.dumps(gen, indent=2))
     hf = cfg.to_hf()
     first = next(iter(tensors.values()))
     hf["torch_dtype"] = DTYPE_NAMES.get(first.dtype, "float32")
     hf.pop("dtype", None)
-    atomic_write_text(path / "config.json", json.dumps(hf, indent=2))
+    write_atomic(path / "config.json", json.dumps(hf, indent=2))
     return path
 
 
@@ -240,7 +243,7 @@ def save_training_state(ckpt_root, step, module, optimizer, d: Dist, meta):
     torch.save(rng, tmp / f"rng_rank{d.rank}.pt")
     barrier(d)
     if d.is_main:
-        atomic_write_text(tmp / "train_state.json", json.dumps({"step": step, **meta}, indent=2))
+        write_atomic(tmp / "train_state.json", json.dumps({"step": step, **meta}, indent=2))
         os.replace(tmp, final)
         for old in ckpt_root.glob("step*"):
             if old != final:

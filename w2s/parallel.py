@@ -53,6 +53,18 @@ def init_distributed():
     return Dist(rank, world, device, sharded=True)
 
 
+def rank():
+    """This process's rank: the process group's once joined, else torchrun's RANK, else 0 (a plain run).
+    Rank 0 alone writes shared files (run artifacts, exported models, the report)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main():
+    return rank() == 0
+
+
 def all_reduce_sum(tensor, d: Dist):
     """Sum a tensor over ranks (in place; returns it). A no-op in a single plain process."""
     if d.sharded and d.world_size > 1:
@@ -60,23 +72,12 @@ def all_reduce_sum(tensor, d: Dist):
     return tensor
 
 
-def barrier(d: Dist):
-    if d.sharded and d.world_size > 1:
+def barrier(d: Dist | None = None):
+    """Wait for every rank; a no-op in a single process. Readers must not run ahead of rank 0's writes."""
+    if d is not None and not d.sharded:
+        return
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
-
-
-def load_for_training(path, dtype=torch.float32):
-    """Load a checkpoint to train under FSDP2 without every rank reading all of it.
-
-    Rank 0 (or a plain single process) reads the weights into host memory; under torchrun every other rank builds the
-    model on the meta device (no memory, no disk) and receives its shards from rank 0 when the training loop shards
-    the model (fill_from_rank0). A 70B checkpoint is then read once (~140 GB of host memory in bf16) instead of once
-    per rank (8 x 140 GB). Only for w2s.train: the meta ranks' model is unusable until the loop has filled it.
-    """
-    from w2s.checkpoint import load_model
-
-    rank = int(os.environ.get("RANK", 0)) if "WORLD_SIZE" in os.environ else 0
-    return load_model(path, dtype=dtype, device="cpu" if rank == 0 else "meta")
 
 
 def needs_fill_from_rank0(model, d: Dist):

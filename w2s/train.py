@@ -45,8 +45,9 @@ import torch
 import torch.nn as nn
 
 from w2s import data, losses, ops, profile
-from w2s.checkpoint import atomic_write_text, latest_checkpoint, load_training_state, save_training_state
+from w2s.checkpoint import latest_checkpoint, load_training_state, save_training_state
 from w2s.data import IGNORE_INDEX
+from w2s.files import write_atomic
 from w2s.lora import inject_lora, lora_scale, merge_lora_state_dict
 from w2s.parallel import (
     Dist,
@@ -364,7 +365,7 @@ def _run(model, tokenizer, row_seqs, make_batch, count_fn, loss_step, cfg, out_d
         out_dir.mkdir(parents=True, exist_ok=True)
     orig_dtype, orig_device = model.embed_tokens.weight.dtype, model.embed_tokens.weight.device
     model_cfg = model.cfg
-    # Ranks > 0 may hold the model on the meta device (w2s.parallel.load_for_training): rank 0's weights reach them
+    # Ranks > 0 may hold the model on the meta device (w2s.checkpoint.load_for_training): rank 0's weights reach them
     # when the model is sharded below, and so does rank 0's fingerprint (the reference-cache key).
     on_meta = model.embed_tokens.weight.is_meta
     fill = needs_fill_from_rank0(model, d)
@@ -512,7 +513,7 @@ def _trim_metrics(path, step):
     if not path.is_file():
         return
     keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    atomic_write_text(path, "".join(line + "\n" for line in keep))
+    write_atomic(path, "".join(line + "\n" for line in keep))
 
 
 def _clip_grad_norm(params, max_norm):

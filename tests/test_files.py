@@ -1,0 +1,78 @@
+"""w2s/files.py: the one jsonl reader, the one atomic writer, the hashes.
+
+    python -m pytest -q tests/test_files.py
+"""
+
+import hashlib
+import json
+import os
+import stat
+
+import pytest
+
+from w2s.files import read_jsonl, sha256_file, stable_hash, unique_temp_path, write_atomic, write_jsonl_atomic
+
+
+def test_read_jsonl_rows_blank_lines_and_tags(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"a": 1}\n\n{"a": 2}\r\n')
+    assert read_jsonl(path) == [{"a": 1}, {"a": 2}]
+    assert read_jsonl(path, tag_lines=True) == [{"a": 1, "_where": f"{path}:1"}, {"a": 2, "_where": f"{path}:3"}]
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"a": 1}\n{"a": \n', r"rows\.jsonl:2: not valid JSON \(Expecting value at column 7\)"),
+    ('{"a": 1}\n[1, 2]\n', r"rows\.jsonl:2: expected a JSON object per line, got list"),
+])
+def test_read_jsonl_broken_line_is_one_error_naming_file_and_line(tmp_path, content, message):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        read_jsonl(path)
+
+
+def test_read_jsonl_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nope\.jsonl: no such file"):
+        read_jsonl(tmp_path / "nope.jsonl")
+
+
+def test_write_atomic_text_bytes_and_chunks(tmp_path):
+    path = tmp_path / "out.txt"
+    write_atomic(path, "héllo")
+    assert path.read_bytes() == "héllo".encode()
+    write_atomic(path, b"\x00\x01")
+    assert path.read_bytes() == b"\x00\x01"
+    write_jsonl_atomic(path, ({"i": i} for i in range(3)))
+    assert path.read_text() == '{"i": 0}\n{"i": 1}\n{"i": 2}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]  # no temp file left behind
+    # The usual permissions (the umask's), not mkstemp's owner-only 0600.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+
+def test_write_atomic_failure_keeps_the_old_file_and_no_temp(tmp_path):
+    path = tmp_path / "out.txt"
+    path.write_text("old")
+
+    def chunks():
+        yield "new, half"
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        write_atomic(path, chunks())
+    assert path.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+
+
+def test_temp_names_are_unique_per_writer(tmp_path):
+    names = {unique_temp_path(tmp_path / "meta.json").name for _ in range(100)}
+    assert len(names) == 100 and all(n.startswith(f"meta.json.{os.getpid()}.") for n in names)
+
+
+def test_hashes(tmp_path):
+    path = tmp_path / "blob"
+    path.write_bytes(b"x" * (3 << 20))
+    assert sha256_file(path, chunk=1 << 20) == hashlib.sha256(b"x" * (3 << 20)).hexdigest()
+    assert stable_hash({"b": 1, "a": [1, 2]}) == stable_hash({"a": [1, 2], "b": 1})
+    assert stable_hash({"a": 1}) == hashlib.sha256(json.dumps({"a": 1}).encode()).hexdigest()[:16]

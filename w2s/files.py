@@ -1,0 +1,88 @@
+"""Files: jsonl in, atomic writes out, content hashes. The one owner of each, for every module of the package.
+
+    rows = read_jsonl("data/train.jsonl")                    # [dict]; a broken line is one error naming file:line
+    rows = read_jsonl(path, tag_lines=True)                  # each row also gets "_where": "path:line"
+    write_atomic(path, text_or_bytes)                        # temp file, fsync, rename: never half a file
+    write_json_atomic(path, obj); write_jsonl_atomic(path, rows)
+    sha256_file(path); stable_hash(obj)                      # content hash of a file; short hash of JSON data
+
+A reader of a file written here sees the old file or the whole new one. The temp file has a name of its own
+(pid and a random part), so two writers of one path never share a temp file.
+
+    python -m pytest -q tests/test_files.py
+"""
+
+import hashlib
+import json
+import os
+import uuid
+from pathlib import Path
+
+
+def read_jsonl(path, tag_lines=False):
+    """Rows of a jsonl file, blank lines skipped. Every line must be a JSON object: anything else is a ValueError
+    naming file:line (and column). tag_lines=True adds "_where": "file:line" to each row, for later row errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line.rstrip("\r\n"))  # so the column counts from this line's start
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_number}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{line_number}: expected a JSON object per line, got {type(row).__name__}")
+            if tag_lines:
+                row["_where"] = f"{path}:{line_number}"
+            rows.append(row)
+    return rows
+
+
+def write_atomic(path, data):
+    """Write `data` to `path` through a unique temp file in the same directory, fsync, rename. data: str (utf-8),
+    bytes, or an iterable of str chunks (streamed: a large jsonl never sits in memory as one string)."""
+    path = Path(path)
+    tmp = unique_temp_path(path)
+    try:
+        with open(tmp, "xb") as f:
+            for chunk in [data] if isinstance(data, (str, bytes)) else data:
+                f.write(chunk.encode("utf-8") if isinstance(chunk, str) else chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def unique_temp_path(path):
+    """A sibling of `path` no other process or thread picks: "<name>.<pid>.<random>.tmp" (created with the usual
+    permissions, unlike mkstemp's owner-only ones, so a run directory stays readable by a group)."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def write_json_atomic(path, obj):
+    write_atomic(path, json.dumps(obj, indent=2, default=str))
+
+
+def write_jsonl_atomic(path, rows):
+    write_atomic(path, (json.dumps(row) + "\n" for row in rows))
+
+
+def sha256_file(path, chunk=1 << 20):
+    """Hex sha256 of a file's bytes, read in chunks (a checkpoint shard never sits in memory whole)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def stable_hash(obj, length=16):
+    """Short hex sha256 of obj as canonical JSON (sorted keys): the same data gives the same hash in every run."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]
