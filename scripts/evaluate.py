@@ -45,10 +45,9 @@ def main(argv=None):
     import torch
 
     import w2s
-    from w2s.plan import extract
     from w2s.sampling_jsonl import generate_to_jsonl
     from w2s.stages.metrics import evaluation_result
-    from w2s.tasks import STOP_STRINGS, load_records, zero_shot_prompt
+    from w2s.tasks import STOP_STRINGS, final_answer, load_records, zero_shot_prompt
 
     # Read the data (and fail on a bad line) before the model is loaded.
     test = load_records(args.task, args.test_file)
@@ -73,9 +72,9 @@ def main(argv=None):
         return None
     results = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
     if args.samples == 1:
-        rows = [{"id": r["id"], "answer": extract(r["completions"][0]["text"], args.task)} for r in results]
+        rows = [{"id": r["id"], "answer": final_answer(r["completions"][0]["text"], args.task)} for r in results]
     else:
-        rows = [{"id": r["id"], "samples": [{"answer": extract(c["text"], args.task)} for c in r["completions"]]}
+        rows = [{"id": r["id"], "samples": [{"answer": final_answer(c["text"], args.task)} for c in r["completions"]]}
                 for r in results]
     result = {"checkpoint": str(args.checkpoint), "test_file": str(args.test_file), "n_questions": len(rows),
               **evaluation_result(rows, test, args.task)}

@@ -82,7 +82,7 @@ def test_pretraining_is_seeded_and_excludes_the_splits(tmp_path, monkeypatch):
 def _pipeline_blocker():
     """Why the demo recipe cannot run yet (None when it can): the recipe must validate and its stage plan build."""
     try:
-        from w2s.plan import build_stages
+        from w2s.pipeline import build_stages
         from w2s.recipe import load_recipe
 
         build_stages(load_recipe(RECIPE))
@@ -114,7 +114,8 @@ def test_shortened_demo_runs_end_to_end_and_reports(tmp_path):
     has the paper's rows, each accuracy equals a regrading of that stage's own generations, and the plot exists."""
     if (reason := _pipeline_blocker()) is not None:
         pytest.skip(reason)
-    from w2s.pipeline import read_jsonl, run_pipeline
+    from w2s.files import read_jsonl
+    from w2s.pipeline import run_pipeline
     from w2s.report import METHODS
     from w2s.tasks import grade
 

@@ -137,12 +137,12 @@ def world(tmp_path_factory):
 @pytest.fixture(scope="session")
 def full_run(world, tmp_path_factory):
     """One uninterrupted run of every stage, recording which stage read train_2 gold."""
-    import w2s.plan as plan
+    import w2s.runners as runners
     from w2s.pipeline import run_pipeline
 
     runs = tmp_path_factory.mktemp("runs")
     gold_readers = []
-    real_reader = plan.read_train_2_gold
+    real_reader = runners.read_train_2_gold
 
     def spy(ctx):
         gold_readers.append(ctx.stage)
@@ -157,9 +157,9 @@ def full_run(world, tmp_path_factory):
         return spy
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(plan, "read_train_2_gold", spy)
-        mp.setattr(plan, "load_fresh", load_spy(plan.load_fresh))
-        mp.setattr(plan, "load_for_training_stage", load_spy(plan.load_for_training_stage))
+        mp.setattr(runners, "read_train_2_gold", spy)
+        mp.setattr(runners, "load_fresh", load_spy(runners.load_fresh))
+        mp.setattr(runners, "load_for_training_stage", load_spy(runners.load_for_training_stage))
         run_dir, status, text = run_pipeline(write_recipe(world, "tiny"), runs_dir=runs, progress=False,
                                              log=lambda *a: None)
     return {"run_dir": run_dir, "status": status, "report": text, "gold_readers": gold_readers, "world": world,
@@ -208,12 +208,14 @@ def test_weights_stay_resident_between_stages(full_run):
 
 
 def test_empty_training_set_is_one_clear_error(tmp_path):
-    from w2s.pipeline import Context
-    from w2s.plan import sft_stage
+    from w2s.engine import Context
+    from w2s.runners import train_stage
 
     ctx = Context(recipe=None, run_dir=tmp_path)
     with pytest.raises(ValueError, match=r"05_r1_sft_weak: the SFT set is empty, nothing to train on"):
-        sft_stage(ctx, tmp_path / "05_r1_sft_weak", "unused", [], "strong_sft")
+        train_stage(ctx, tmp_path / "05_r1_sft_weak", "unused", [], "strong_sft")
+    with pytest.raises(ValueError, match=r"16_dpo: the preference pair set is empty, nothing to train on"):
+        train_stage(ctx, tmp_path / "16_dpo", "unused", [], "preference", loss="dpo")
 
 
 def test_data_split_hides_train_2_gold(full_run):
@@ -228,11 +230,11 @@ def test_data_split_hides_train_2_gold(full_run):
 def test_train_2_gold_has_one_reader(full_run):
     # At run time: only the precision analysis (filters, pairs) and the strong ceiling read train_2 gold.
     assert set(full_run["gold_readers"]) == {"04_r1_filter", "10_r2_filter", "15_pairs", "19_ceiling"}
-    # In the source: only plan.py names the file, and read_train_2_gold is called from those three places only.
+    # In the source: only runners.py names the file, and read_train_2_gold is called from those three places only.
     root = Path(__file__).resolve().parents[1] / "w2s"
-    naming = sorted({p.name for p in root.rglob("*.py") if "train_2_gold" in p.read_text()})
-    assert naming == ["plan.py"]
-    tree = ast.parse((root / "plan.py").read_text())
+    naming = sorted({p.name for p in root.rglob("*.py") if "train_2_gold.jsonl" in p.read_text()})
+    assert naming == ["runners.py"]
+    tree = ast.parse((root / "runners.py").read_text())
     callers = set()
     for fn in ast.walk(tree):
         if isinstance(fn, ast.FunctionDef):
@@ -240,7 +242,7 @@ def test_train_2_gold_has_one_reader(full_run):
                 if isinstance(node, ast.Name) and node.id in ("read_train_2_gold", "GOLD_FILE"):
                     callers.add((fn.name, node.id))
     assert callers == {("gold_precision", "read_train_2_gold"), ("run_pairs", "read_train_2_gold"),
-                       ("ceiling_rows", "read_train_2_gold"), ("read_train_2_gold", "GOLD_FILE"),
+                       ("run_ceiling", "read_train_2_gold"), ("read_train_2_gold", "GOLD_FILE"),
                        ("run_data", "GOLD_FILE")}
     # No training set of a non-ceiling stage contains a gold solution.
     gold_solutions = {g["solution"] for g in jsonl(full_run["run_dir"] / "00_data" / "train_2_gold.jsonl")}
@@ -373,6 +375,7 @@ class Injected(RuntimeError):
 
 
 def test_killed_run_resumes_to_the_same_artifacts(full_run, tmp_path, monkeypatch):
+    import w2s.runners as runners
     import w2s.sampling as sampling
     import w2s.sampling_jsonl as sampling_jsonl
     import w2s.train as train
@@ -399,13 +402,13 @@ def test_killed_run_resumes_to_the_same_artifacts(full_run, tmp_path, monkeypatc
         finally:
             monkeypatch.setattr(sampling, "iter_generate", real_iter)
 
-    monkeypatch.setattr(sampling_jsonl, "generate_to_jsonl", to_jsonl)
+    monkeypatch.setattr(runners, "generate_to_jsonl", to_jsonl)
     with pytest.raises(Injected):
         run()
     stage = tmp_path / "tiny" / "14_samples"
     assert not (stage / "meta.json").exists() and (meta(tmp_path / "tiny", "13_r2_sft_hybrid"))
     assert len((stage / "generations.jsonl.part0").read_text().splitlines()) == 3
-    monkeypatch.setattr(sampling_jsonl, "generate_to_jsonl", real_to_jsonl)
+    monkeypatch.setattr(runners, "generate_to_jsonl", real_to_jsonl)
 
     # 2. Killed inside the training of 16_dpo, right after its first checkpoint.
     real_save = train.save_training_state
@@ -462,7 +465,7 @@ def fake_world(tmp_path, monkeypatch):
     """Data files and checkpoint dirs that hold only a config.json: enough for validation, and any attempt to load a
     model fails the test, which proves every error below comes before a model is loaded."""
     import w2s.checkpoint as checkpoint
-    import w2s.plan as plan
+    import w2s.runners as runners
     from w2s.world import make_splits
 
     splits = make_splits(seed=0, n_train_1=4, n_train_2=4, n_test=2)
@@ -476,7 +479,7 @@ def fake_world(tmp_path, monkeypatch):
         raise AssertionError("a model was loaded before the bad input was reported")
 
     monkeypatch.setattr(checkpoint, "load_model", no_model)
-    monkeypatch.setattr(plan, "load_fresh", no_model)
+    monkeypatch.setattr(runners, "load_fresh", no_model)
     return tmp_path
 
 

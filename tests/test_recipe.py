@@ -1,6 +1,6 @@
 """Recipes (w2s/recipe.py): the shipped GSM8K / MATH recipes say what PAPER.md says, defaults follow the paper, paths
 resolve against the recipe's directory, and every bad recipe stops with one line naming the file and the key.
-Also the stage plan a recipe implies (w2s/plan.py build_stages), without loading any model.
+Also the stage plan a recipe implies (w2s/pipeline.py build_stages), without loading any model.
 
     python -m pytest -q tests/test_recipe.py
 """
@@ -58,7 +58,7 @@ def _load(tmp_path, text):
 
 
 def test_defaults_and_train_config(tmp_path):
-    from w2s.plan import train_config
+    from w2s.recipe import train_config
 
     r = _load(tmp_path, BASE + '[strong_sft]\nlr = 2e-5\nadam_betas = [0.9, 0.99]\nlora_targets = ["q_proj"]\n')
     assert r.name == "r" and r.stage1.rounds == 2 and r.stage1.round2_init == "base"
@@ -111,7 +111,7 @@ def test_bad_files_are_one_clear_error(tmp_path):
 
 
 def _stages(tmp_path, extra=""):
-    from w2s.plan import build_stages
+    from w2s.pipeline import build_stages
 
     return {s.name: s for s in build_stages(_load(tmp_path, BASE + extra))}
 
@@ -126,35 +126,35 @@ def test_paper_plan_gsm8k(tmp_path):
     assert len([n for n in names if "_eval_" in n]) == 12 and len([n for n in names if "_passk_" in n]) == 3
     # Who reads what (PAPER.md): ICL labels need the weak labels (demos); round 2 relabels with the round-1 weak-ft
     # and icl-ft models; pairs compare the weak labels with M_plus's samples; Stage II starts from M_plus.
-    assert stages["03_icl_labels"].deps == ["00_data", "02_weak_labels"]
-    assert stages["08_r2_labels_weak"].deps == ["00_data", "05_r1_sft_weak"]
-    assert stages["09_r2_labels_icl"].deps == ["00_data", "06_r1_sft_icl"]
-    assert stages["10_r2_filter"].deps == ["00_data", "08_r2_labels_weak", "09_r2_labels_icl"]
-    assert stages["11_r2_sft_weak"].deps == ["10_r2_filter"]  # round2_init = "base": no round-1 model
-    assert stages["14_samples"].deps == ["00_data", "13_r2_sft_hybrid"]
-    assert stages["15_pairs"].deps == ["00_data", "02_weak_labels", "14_samples"]
-    assert stages["16_dpo"].deps == ["15_pairs", "13_r2_sft_hybrid"]
-    assert stages["18_full_weak_ft"].deps == ["02_weak_labels"]
-    assert stages["31_eval_strong_icl"].deps == ["00_data", "02_weak_labels"]
+    assert stages["03_icl_labels"].reads == ["00_data", "02_weak_labels"]
+    assert stages["08_r2_labels_weak"].reads == ["00_data", "05_r1_sft_weak"]
+    assert stages["09_r2_labels_icl"].reads == ["00_data", "06_r1_sft_icl"]
+    assert stages["10_r2_filter"].reads == ["00_data", "08_r2_labels_weak", "09_r2_labels_icl"]
+    assert stages["11_r2_sft_weak"].reads == ["10_r2_filter"]  # round2_init = "base": no round-1 model
+    assert stages["14_samples"].reads == ["00_data", "13_r2_sft_hybrid"]
+    assert stages["15_pairs"].reads == ["00_data", "02_weak_labels", "14_samples"]
+    assert stages["16_dpo"].reads == ["15_pairs", "13_r2_sft_hybrid"]
+    assert stages["18_full_weak_ft"].reads == ["02_weak_labels"]
+    assert stages["31_eval_strong_icl"].reads == ["00_data", "02_weak_labels"]
     assert stages["14_samples"].options["n"] == 10 and stages["14_samples"].options["temperature"] == 1.0
 
 
 def test_plan_variants(tmp_path):
     one_round = _stages(tmp_path, "[stage1]\nrounds = 1\n[stage2]\nlosses = [\"orpo\"]\n[eval]\nbaselines = []\n")
     assert "08_r2_labels_weak" not in one_round and "18_full_weak_ft" not in one_round
-    assert one_round["14_samples"].deps == ["00_data", "07_r1_sft_hybrid"]  # M_plus is the round-1 hybrid model
-    assert "16_dpo" not in one_round and one_round["17_orpo"].deps == ["15_pairs", "07_r1_sft_hybrid"]
+    assert one_round["14_samples"].reads == ["00_data", "07_r1_sft_hybrid"]  # M_plus is the round-1 hybrid model
+    assert "16_dpo" not in one_round and one_round["17_orpo"].reads == ["15_pairs", "07_r1_sft_hybrid"]
     # Evaluation numbers never shift when stages are turned off, so run directories stay comparable.
     assert "24_eval_stage1_r1_hybrid" in one_round and "29_eval_stage2_orpo" in one_round
     assert not [n for n in one_round if "ceiling" in n or "strong_icl" in n or "passk" in n]
     cont = _stages(tmp_path, "[stage1]\nround2_init = \"continue\"\n")
-    assert cont["11_r2_sft_weak"].deps == ["10_r2_filter", "05_r1_sft_weak"]
-    assert cont["13_r2_sft_hybrid"].deps == ["10_r2_filter", "07_r1_sft_hybrid"]
+    assert cont["11_r2_sft_weak"].reads == ["10_r2_filter", "05_r1_sft_weak"]
+    assert cont["13_r2_sft_hybrid"].reads == ["10_r2_filter", "07_r1_sft_hybrid"]
 
 
 def test_options_enter_the_keys(tmp_path):
     """A stage's key changes with its own options and with its inputs' keys, and with nothing else."""
-    from w2s.pipeline import stage_key
+    from w2s.engine import stage_key
 
     def keys(extra=""):
         out = {}

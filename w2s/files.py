@@ -2,6 +2,7 @@
 
     rows = read_jsonl("data/train.jsonl")                    # [dict]; a broken line is one error naming file:line
     rows = read_jsonl(path, tag_lines=True)                  # each row also gets "_where": "path:line"
+    require(row, "question", row["_where"])                  # a non-empty string, or one error naming file:line
     write_atomic(path, text_or_bytes)                        # temp file, fsync, rename: never half a file
     write_json_atomic(path, obj); write_jsonl_atomic(path, rows)
     sha256_file(path); stable_hash(obj)                      # content hash of a file; short hash of JSON data
@@ -40,6 +41,15 @@ def read_jsonl(path, tag_lines=False):
                 row["_where"] = f"{path}:{line_number}"
             rows.append(row)
     return rows
+
+
+def require(row, key, where):
+    """row[key] as a non-empty string, else a ValueError naming the place ("file:line") and the key."""
+    value = row.get(key)
+    if not isinstance(value, str) or not value.strip():
+        got = "missing" if key not in row else f"got {value!r}"[:80]
+        raise ValueError(f"{where}: expected key {key!r} with a non-empty string ({got})")
+    return value
 
 
 def write_atomic(path, data):

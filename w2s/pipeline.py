@@ -1,17 +1,9 @@
-"""The weak-to-strong pipeline: every stage of PAPER.md, in order, with artifacts, skip and resume.
+"""The weak-to-strong pipeline: the paper's stages as one table, and `run_pipeline`, which runs a recipe through it.
 
-Each stage is a small function `(ctx, out_dir) -> counts` that reads its inputs from earlier stage directories and
-writes its outputs into `runs/<name>/<NN_stage>/`. The runner around it gives every stage the same contract:
-
-  * a stage's key hashes its own options and the keys of the stages it reads, so changing an input or option
-    reruns exactly the stages downstream of it;
-  * a stage is done iff its meta.json exists with the current key; meta.json (resolved options, input keys, counts,
-    wall time, tokens, tokens/s, MFU, peak memory) is written last and atomically, so a killed stage never looks
-    finished;
-  * a killed stage restarts in the same directory: sampling resumes from its streamed jsonl, training from its
-    last checkpoint (TrainConfig.ckpt_every); a directory left by a different key is wiped first.
-
-Stages (numbers are fixed so that directory names never shift when a recipe turns stages off):
+Each row of `build_stages` is one stage of docs/PAPER.md: its directory name (numbers are fixed, so names never
+shift when a recipe turns stages off), its runner in w2s/runners.py with the arguments it gets, the stages whose
+outputs it reads, and the options hashed into its key. w2s/engine.py runs the table: a stage whose key is
+unchanged is skipped, a killed one resumes, a changed option reruns exactly what depends on it.
 
     00_data           split train into train_1 (gold, weak SFT) and train_2 (questions only); test
     01_weak_sft       SFT the weak model on train_1 gold                                     -> weak model
@@ -27,177 +19,213 @@ Stages (numbers are fixed so that directory names never shift when a recipe turn
     16_dpo, 17_orpo   preference optimization of M_plus (16_ipo on request)                   -> M_pro
     18_full_weak_ft   baseline: SFT the strong base on all of D_weak
     19_ceiling        baseline: SFT the strong base on gold train_2
-    20-30_eval_*      greedy test accuracy of every trained model (w2s/plan.py EVAL_NUMBERS)
+    20-30_eval_*      greedy test accuracy of every trained model (EVAL_NUMBERS)
     31_eval_strong_icl  baseline: the strong base, 4-shot with the same weak demos, on test
-    32-34_passk_*     pass@k of M_plus and M_pro from n samples at T=1 ([eval] pass_k_samples)
+    32-36_passk_*     pass@k of M_plus and M_pro from n samples at T=1 ([eval] pass_k_samples)
 
 Under torchrun every rank runs every stage (training is FSDP2-sharded, sampling splits prompts over ranks); only
-rank 0 writes shared files, and a barrier closes every stage.
+rank 0 writes shared files.
 
     python scripts/pipeline.py recipes/gsm8k.toml          # or: torchrun --nproc_per_node=8 scripts/pipeline.py ...
-    python -m pytest -q tests/test_pipeline.py
+    python -m pytest -q tests/test_pipeline.py tests/test_recipe.py
 """
 
-import hashlib
-import json
 import os
-import shutil
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
+
+from w2s.engine import Context, Stage, run_stages
+from w2s.files import sha256_file, stable_hash, write_json_atomic
+from w2s.parallel import barrier, init_distributed, is_main
+from w2s.recipe import load_recipe, train_config
+from w2s.report import report
+from w2s.runners import (
+    run_ceiling,
+    run_data,
+    run_eval,
+    run_filter,
+    run_full_weak_ft,
+    run_labels,
+    run_pairs,
+    run_preference,
+    run_samples,
+    run_stage1_sft,
+    run_weak_sft,
+)
+
+KINDS = {run_data: "data", run_weak_sft: "train", run_labels: "generate", run_filter: "filter",
+         run_stage1_sft: "train", run_samples: "generate", run_pairs: "filter", run_preference: "train",
+         run_full_weak_ft: "train", run_ceiling: "train", run_eval: "eval"}
+PREFERENCE_STAGES = {"dpo": "16_dpo", "orpo": "17_orpo", "ipo": "16_ipo"}
+# Fixed numbers of the evaluations: 20-31 greedy test accuracy, 32-36 pass@k and the IPO extra.
+EVAL_NUMBERS = {"weak_floor": 20, "full_weak_ft": 21, "stage1_r1_weak": 22, "stage1_r1_icl": 23,
+                "stage1_r1_hybrid": 24, "stage1_r2_weak": 25, "stage1_r2_icl": 26, "stage1_r2_hybrid": 27,
+                "stage2_dpo": 28, "stage2_orpo": 29, "ceiling": 30, "strong_icl": 31, "stage2_ipo": 35}
+PASSK_NUMBERS = {"stage1_plus": 32, "stage2_dpo": 33, "stage2_orpo": 34, "stage2_ipo": 36}
 
 
-def sha256_file(path, chunk=1 << 20):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def stage(name, run, reads, options, when=True, **args):
+    """One row of the table: None when `when` is false (the recipe turned the stage off)."""
+    return Stage(name, run, reads, options, args, KINDS[run]) if when else None
 
 
-def stable_hash(obj):
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def build_stages(recipe):
+    """The paper as a table, in run order."""
+    r, s1, losses, baselines = recipe, recipe.stage1, recipe.stage2.losses, recipe.eval.baselines
+    two_rounds = s1.rounds == 2
+    m_plus = "13_r2_sft_hybrid" if two_rounds else "07_r1_sft_hybrid"
+    zero_shot, few_shot, strong_sft = greedy_key(r, "zero_shot"), greedy_key(r, "few_shot"), strong_sft_key(r)
+
+    def sft_on_set(name, filter, sft_set, init="strong", when=True):  # init: the strong base or a round-1 model
+        reads = [filter] + ([init] if init != "strong" else [])
+        return stage(name, run_stage1_sft, reads, strong_sft(sft_set, init), when, filter=filter, sft_set=sft_set,
+                     init=init)
+
+    def r2_init(r1_stage):  # [stage1] round2_init: retrain from the base, or continue round 1's model of the set
+        return r1_stage if s1.round2_init == "continue" else "strong"
+
+    table = [
+        # Stage 0: the weak supervisor
+        stage("00_data", run_data, [], data_key(r)),
+        stage("01_weak_sft", run_weak_sft, ["00_data"], sft_key(r, "weak_sft", r.models.weak)),
+        stage("02_weak_labels", run_labels, ["00_data", "01_weak_sft"], zero_shot, model="01_weak_sft",
+              prompt="zero_shot"),
+        # Stage I, round 1: the strong base's 4-shot labels, final-answer consistency, SFT on three sets
+        stage("03_icl_labels", run_labels, ["00_data", "02_weak_labels"], few_shot, model="strong",
+              prompt="few_shot"),
+        stage("04_r1_filter", run_filter, ["00_data", "02_weak_labels", "03_icl_labels"], task_key(r),
+              weak="02_weak_labels", other="03_icl_labels"),
+        sft_on_set("05_r1_sft_weak", "04_r1_filter", "weak"),
+        sft_on_set("06_r1_sft_icl", "04_r1_filter", "icl"),
+        sft_on_set("07_r1_sft_hybrid", "04_r1_filter", "hybrid"),
+        # Stage I, round 2: the round-1 weak-ft and icl-ft models relabel train_2; filter and SFT again -> M_plus
+        stage("08_r2_labels_weak", run_labels, ["00_data", "05_r1_sft_weak"], zero_shot, two_rounds,
+              model="05_r1_sft_weak", prompt="zero_shot"),
+        stage("09_r2_labels_icl", run_labels, ["00_data", "06_r1_sft_icl"], zero_shot, two_rounds,
+              model="06_r1_sft_icl", prompt="zero_shot"),
+        stage("10_r2_filter", run_filter, ["00_data", "08_r2_labels_weak", "09_r2_labels_icl"], task_key(r),
+              two_rounds, weak="08_r2_labels_weak", other="09_r2_labels_icl"),
+        sft_on_set("11_r2_sft_weak", "10_r2_filter", "weak", r2_init("05_r1_sft_weak"), two_rounds),
+        sft_on_set("12_r2_sft_icl", "10_r2_filter", "icl", r2_init("06_r1_sft_icl"), two_rounds),
+        sft_on_set("13_r2_sft_hybrid", "10_r2_filter", "hybrid", r2_init("07_r1_sft_hybrid"), two_rounds),
+        # Stage II: M_plus samples and votes; pairs against the weak labels; preference training -> M_pro
+        stage("14_samples", run_samples, ["00_data", m_plus], samples_key(r), model=m_plus),
+        stage("15_pairs", run_pairs, ["00_data", "02_weak_labels", "14_samples"], pairs_key(r),
+              samples="14_samples"),
+        *[stage(PREFERENCE_STAGES[loss], run_preference, ["15_pairs", m_plus], preference_key(r, loss),
+                pairs="15_pairs", init=m_plus, loss=loss) for loss in losses],
+        # Baselines: the strong base fine-tuned on every weak label, and on train_2 gold (the ceiling)
+        stage("18_full_weak_ft", run_full_weak_ft, ["02_weak_labels"], strong_sft("all_weak_labels", None),
+              "full_weak_ft" in baselines),
+        stage("19_ceiling", run_ceiling, ["00_data"], strong_sft("train_2_gold", None), "ceiling" in baselines),
+    ]
+    table = [row for row in table if row is not None]
+    return table + evaluations(r, {row.name for row in table}, m_plus)
 
 
-def rank():
-    """This process's rank under torchrun (0 in a plain python run). Only rank 0 writes shared artifacts."""
-    return int(os.environ.get("RANK", "0"))
+def eval_methods(recipe):
+    """(method name in the report, stage whose model it evaluates) for every greedy zero-shot evaluation."""
+    methods = [("weak_floor", "01_weak_sft"), ("full_weak_ft", "18_full_weak_ft")]
+    for rnd, numbers in ((1, ("05", "06", "07")), (2, ("11", "12", "13")))[:recipe.stage1.rounds]:
+        methods += [(f"stage1_r{rnd}_{s}", f"{n}_r{rnd}_sft_{s}") for n, s in zip(numbers, ("weak", "icl", "hybrid"))]
+    methods += [(f"stage2_{loss}", PREFERENCE_STAGES[loss]) for loss in recipe.stage2.losses]
+    return methods + [("ceiling", "19_ceiling")]
 
 
-def is_main():
-    return rank() == 0
+def evaluations(r, present, m_plus):
+    """Greedy test accuracy of every trained model present, strong ICL, then pass@k of M_plus and M_pro, in the
+    order of their fixed numbers."""
+    greedy = greedy_key(r, "zero_shot")
+    evals = [stage(f"{EVAL_NUMBERS[method]}_eval_{method}", run_eval, ["00_data", model], greedy | {"method": method},
+                   model=model, prompt="zero_shot")
+             for method, model in eval_methods(r) if model in present]
+    evals.append(stage(f"{EVAL_NUMBERS['strong_icl']}_eval_strong_icl", run_eval, ["00_data", "02_weak_labels"],
+                       greedy_key(r, "few_shot") | {"method": "strong_icl"}, "strong_icl" in r.eval.baselines,
+                       model="strong", prompt="few_shot"))
+    if k := r.eval.pass_k_samples:
+        for method, model in [("stage1_plus", m_plus)] + [(f"stage2_{x}", PREFERENCE_STAGES[x])
+                                                           for x in r.stage2.losses]:
+            evals.append(stage(f"{PASSK_NUMBERS[method]}_passk_{method}", run_eval, ["00_data", model],
+                               passk_key(r), model=model, prompt="zero_shot", n=k,
+                               temperature=r.eval.pass_k_temperature))
+    return sorted((row for row in evals if row is not None), key=lambda row: int(row.name.split("_")[0]))
 
 
-def barrier():
-    """Wait for every rank (no-op without a process group): readers must not run ahead of rank 0's writes."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+# ------------------------------------------------------------------------------------------------ the keys
 
 
-def write_json_atomic(path, obj):
-    """Write to a temp file, fsync, rename: readers see the old file or the whole new one, never half of it.
-    Rank 0 only (other ranks return at once; a barrier() must come before anyone reads the file)."""
-    if not is_main():
-        return
+def ckpt_fingerprint(path):
+    """Identity of a checkpoint dir for stage keys: the names, sizes and mtimes of its weight, config and tokenizer
+    files (cheap: no 140 GB hash); copying or rewriting a checkpoint reruns the stages that read it."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    files = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.json")) + sorted(path.glob("tokenizer.model"))
+    return stable_hash([(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in files])
 
 
-def write_jsonl_atomic(path, rows):
-    """write_json_atomic for a list of rows, one JSON object per line."""
-    if not is_main():
-        return
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def train_options(recipe, section):
+    """The options of a training stage as hashed into its key: the resolved TrainConfig minus display fields."""
+    cfg = asdict(train_config(recipe, section, progress=False))
+    return {k: v for k, v in cfg.items() if k not in ("progress", "log_every")}
 
 
-def read_jsonl(path):
-    """Rows of a jsonl file; a malformed line is an error naming the file and line."""
-    rows = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i}: malformed JSON line ({e.msg})") from None
-    return rows
+def data_key(r):
+    d = r.data
+    return {"task": d.task, "train": sha256_file(d.train), "test": sha256_file(d.test),
+            "split": sha256_file(d.split_file) if d.split_file else None,
+            "sizes": [d.n_train_1, d.n_train_2, d.n_test], "seed": d.seed}
 
 
-@dataclass
-class Stage:
-    name: str  # "NN_what": the directory name
-    deps: list  # names of the stages whose outputs it reads
-    options: dict  # everything else that changes its output (hashed into the key, recorded in meta.json)
-    run: Callable  # (ctx, out_dir) -> dict of counts/metrics for meta.json
-    kind: str = "other"  # data | train | generate | filter | eval (for the report)
+def task_key(r):
+    return {"task": r.data.task}
 
 
-@dataclass
-class Context:
-    recipe: object
-    run_dir: Path
-    keys: dict = field(default_factory=dict)
-    log: Callable = print
-    progress: bool = True  # progress bars inside stages (sampling, training)
-    resident: tuple | None = None  # (checkpoint dir, model, tokenizer) kept in memory between stages
-    stage: str | None = None  # the stage now running (for logs and for tests that watch who reads what)
-
-    def dir(self, stage_name):
-        return self.run_dir / stage_name
+def sft_key(r, section, base):
+    return {"train": train_options(r, section), "base": ckpt_fingerprint(base)}
 
 
-def stage_key(stage, keys):
-    return stable_hash({"stage": stage.name, "options": stage.options, "deps": {d: keys[d] for d in stage.deps}})
+def strong_sft_key(r):
+    """key(set, init) of a strong SFT stage: which set it trains on, and from which model ("strong" = the base)."""
+    base = sft_key(r, "strong_sft", r.models.strong)
+
+    def key(sft_set, init="strong"):
+        return base | {"set": sft_set} | ({"init": "strong_base" if init == "strong" else init} if init else {})
+
+    return key
 
 
-def read_meta(stage_dir):
-    meta_file = Path(stage_dir) / "meta.json"
-    if not meta_file.is_file():
-        return None
-    try:
-        return json.loads(meta_file.read_text())
-    except json.JSONDecodeError:
-        return None  # a torn write cannot happen (atomic rename); treat anything unreadable as not done
+def greedy_key(r, prompt):
+    """Greedy generation on a task; few-shot prompts add the strong base and the demonstrations they are built of."""
+    key = {"task": r.data.task, "n": 1, "temperature": 0.0, "max_new_tokens": r.sampling.max_new_tokens,
+           "seed": r.data.seed, "cache_len": r.sampling.cache_len, "prompt": prompt}
+    if prompt == "few_shot":
+        key |= {"strong": ckpt_fingerprint(r.models.strong), "n_demos": r.stage1.n_demos,
+                "demo_seed": r.stage1.demo_seed}
+    return key
 
 
-def run_stages(stages, ctx):
-    """Run every stage not already done with the current key; return {stage name: 'ran' | 'skipped'}.
-
-    A stage that raises leaves no meta.json (its partial outputs stay for the resume) and stops the run; every
-    stage finished before it keeps its meta.json and is skipped next time.
-    """
-    status = {}
-    for i, stage in enumerate(stages):
-        key = stage_key(stage, ctx.keys)
-        ctx.keys[stage.name] = key
-        out = ctx.dir(stage.name)
-        meta = read_meta(out)
-        tag = f"[{i + 1}/{len(stages)}] {stage.name}"
-        if meta is not None and meta.get("key") == key:
-            status[stage.name] = "skipped"
-            ctx.log(f"{tag}: done (key {key}), skipped")
-            continue
-        _prepare_dir(out, key)
-        ctx.stage = stage.name
-        ctx.log(f"{tag}: running")
-        t0 = time.perf_counter()
-        counts = stage.run(ctx, out) or {}
-        barrier()  # every rank has finished the stage's writes before anyone records it done or reads it
-        wall = time.perf_counter() - t0
-        meta = {"stage": stage.name, "kind": stage.kind, "key": key, "options": stage.options,
-                "inputs": {d: ctx.keys[d] for d in stage.deps}, **counts, "wall_s": round(wall, 3)}
-        write_json_atomic(out / "meta.json", meta)
-        barrier()
-        status[stage.name] = "ran"
-        ctx.log(f"{tag}: finished in {wall:.1f}s")
-    return status
+def samples_key(r):
+    s2 = r.stage2
+    return {"task": r.data.task, "n": s2.n_samples, "temperature": s2.temperature, "top_p": s2.top_p,
+            "max_new_tokens": r.sampling.sample_max_new_tokens, "seed": r.data.seed,
+            "cache_len": r.sampling.cache_len, "prompt": "zero_shot"}
 
 
-def _prepare_dir(out, key):
-    """Keep a killed run's partial outputs only if they were made under the same key; wipe anything else."""
-    if is_main():
-        key_file = out / "key.txt"
-        if out.exists() and (not key_file.is_file() or key_file.read_text().strip() != key):
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "meta.json").unlink(missing_ok=True)
-        key_file.write_text(key + "\n")
-    barrier()
+def pairs_key(r):
+    s2 = r.stage2
+    return {"task": r.data.task, "min_confidence": s2.min_confidence, "flip_confidence": s2.flip_confidence,
+            "max_pairs": s2.max_pairs, "pair_seed": s2.pair_seed}
+
+
+def preference_key(r, loss):
+    return {"train": train_options(r, "preference"), "loss": loss}
+
+
+def passk_key(r):
+    return {"task": r.data.task, "n": r.eval.pass_k_samples, "temperature": r.eval.pass_k_temperature,
+            "seed": r.data.seed, "max_new_tokens": r.sampling.sample_max_new_tokens, "cache_len": r.sampling.cache_len}
+
+
+# ------------------------------------------------------------------------------------------------ running a recipe
 
 
 def run_pipeline(recipe_path, runs_dir="runs", progress=True, log=print, plot=True):
@@ -205,10 +233,6 @@ def run_pipeline(recipe_path, runs_dir="runs", progress=True, log=print, plot=Tr
 
     Returns (run dir, {stage: 'ran' | 'skipped'}, report text).
     """
-    from w2s.plan import build_stages
-    from w2s.recipe import load_recipe
-    from w2s.report import report
-
     recipe = load_recipe(recipe_path)
     world = int(os.environ.get("WORLD_SIZE", 1))
     for key in ("tp", "weak_tp"):  # say so now, not after the first training stage
@@ -218,8 +242,6 @@ def run_pipeline(recipe_path, runs_dir="runs", progress=True, log=print, plot=Tr
                              f"launch with torchrun --nproc_per_node a multiple of it (make ... NPROC=N), or set "
                              f"{key} = 1")
     if "WORLD_SIZE" in os.environ:  # torchrun: join the process group before the first collective (barrier)
-        from w2s.parallel import init_distributed
-
         init_distributed()
     run_dir = Path(runs_dir) / recipe.name
     if is_main():

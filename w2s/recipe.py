@@ -20,6 +20,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from w2s.train_config import TrainConfig
+
 TASKS = ("gsm8k", "math")
 
 
@@ -118,9 +120,13 @@ def _build(cls, values, where):
 def train_config_defaults():
     """{field: default} of w2s.train_config.TrainConfig: the schema of the [weak_sft] [strong_sft] [preference]
     sections."""
-    from w2s.train_config import TrainConfig
-
     return {f.name: getattr(TrainConfig(), f.name) for f in dataclasses.fields(TrainConfig)}
+
+
+def train_config(recipe, section, progress=True):
+    """The resolved TrainConfig of a recipe section ([weak_sft], [strong_sft] or [preference])."""
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in getattr(recipe, section).items()}
+    return TrainConfig(**{**values, "progress": progress})
 
 
 def _check_train_value(key, value, default, where):

@@ -16,12 +16,12 @@ from __future__ import annotations
 import random
 
 from w2s.tasks.data import fetch_data, load_records, load_split, save_split, split_train
-from w2s.tasks.grading import TASKS, answer_key, extract_answer, grade, is_equiv, normalize_answer
+from w2s.tasks.grading import TASKS, answer_key, extract_answer, final_answer, grade, is_equiv, normalize_answer
 
 __all__ = [
     "TASKS", "STOP_STRINGS", "zero_shot_prompt", "few_shot_prompt", "training_text", "select_demos",
     "load_records", "split_train", "load_split", "save_split", "fetch_data",
-    "extract_answer", "normalize_answer", "is_equiv", "grade", "answer_key",
+    "extract_answer", "normalize_answer", "final_answer", "is_equiv", "grade", "answer_key",
 ]  # fmt: skip
 
 STOP_STRINGS = ["Question", "Answer"]

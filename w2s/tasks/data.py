@@ -25,47 +25,19 @@ import random
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
-# ----------------------------------------------------------------------------------------------------------------
-# Reading
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """Yield (1-based line number, object) for each non-blank line; a bad line is a one-line ValueError."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file (run `w2s data` to download it, or see its message)")
-    with path.open(encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_number}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
-            yield line_number, row
-
-
-def require(row: dict, key: str, where: str) -> str:
-    """row[key] as a non-empty string, else a ValueError naming the place and the key."""
-    value = row.get(key)
-    if not isinstance(value, str) or not value.strip():
-        got = "missing" if key not in row else f"got {value!r}"[:80]
-        raise ValueError(f"{where}: expected key {key!r} with a non-empty string ({got})")
-    return value
+from w2s.files import write_atomic
+from w2s.tasks import gsm8k, math
 
 
 def load_records(task: str, path: str | Path) -> list[dict]:
     """Records of a task file: {"id", "question", "solution", "answer"} (+ "level", "subject" for math)."""
-    from w2s.tasks import gsm8k, math  # local import: those modules import this one
-
     loaders = {"gsm8k": gsm8k.load, "math": math.load}
     if task not in loaders:
         raise ValueError(f"unknown task {task!r}: expected one of {', '.join(loaders)}")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such file (run `w2s data` to download it, or see its message)")
     records = loaders[task](path)
     seen = set()
     for record in records:
@@ -127,7 +99,7 @@ def load_split(path: str | Path, records: list[dict]) -> tuple[list, list]:
 def save_split(path: str | Path, train_1: list[dict], train_2: list[dict]) -> None:
     """Write the split as ids, so a run can be reproduced or compared (load_split reads it back)."""
     split = {"train_1": [r["id"] for r in train_1], "train_2": [r["id"] for r in train_2]}
-    Path(path).write_text(json.dumps(split, indent=1) + "\n", encoding="utf-8")
+    write_atomic(path, json.dumps(split, indent=1) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -476,6 +476,11 @@ def _expression_key(s: str) -> str:
         return s
 
 
+def final_answer(response: str, task: str) -> str:
+    """The extracted, normalized final answer of a response ("" if none): what filtering and voting compare."""
+    return normalize_answer(extract_answer(response, task))
+
+
 def grade(response: str, gold_answer: str, task: str) -> bool:
     """Extract the answer of a full response and compare it with the gold answer."""
     return is_equiv(extract_answer(response, task), gold_answer, task)

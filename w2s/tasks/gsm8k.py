@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from w2s.tasks.data import read_jsonl, require
+from w2s.files import read_jsonl, require
 
 NAME = "gsm8k"
 _CALCULATOR = re.compile(r"<<[^<>]*>>")
@@ -42,6 +42,6 @@ def load(path: str | Path, split: str | None = None) -> list[dict]:
     path = Path(path)
     split = split or path.stem
     return [
-        make_record(row, f"{NAME}-{split}-{index:05d}", f"{path}:{line_number}")
-        for index, (line_number, row) in enumerate(read_jsonl(path))
+        make_record(row, f"{NAME}-{split}-{index:05d}", row["_where"])
+        for index, row in enumerate(read_jsonl(path, tag_lines=True))
     ]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from w2s.tasks.data import read_jsonl, require
+from w2s.files import read_jsonl, require
 from w2s.tasks.grading import last_boxed
 
 NAME = "math"
@@ -63,8 +63,8 @@ def load(path: str | Path, split: str | None = None) -> list[dict]:
     path = Path(path)
     split = split or path.stem
     records = []
-    for index, (line_number, row) in enumerate(read_jsonl(path)):
-        idx = row.get("idx") if isinstance(row, dict) else None
+    for index, row in enumerate(read_jsonl(path, tag_lines=True)):
+        idx = row.get("idx")
         idx = idx if isinstance(idx, int) else index
-        records.append(make_record(row, f"{NAME}-{split}-{idx:05d}", f"{path}:{line_number}"))
+        records.append(make_record(row, f"{NAME}-{split}-{idx:05d}", row["_where"]))
     return records

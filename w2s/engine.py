@@ -1,0 +1,115 @@
+"""The engine that runs a table of stages: keys, skip and resume, meta.json. It knows nothing of the paper.
+
+A Stage is one row of a table (w2s/pipeline.py holds the paper's): a directory name, a runner function
+`run(ctx, out_dir, **args) -> counts`, the names of the stages whose outputs it reads, and the options that change
+its result. `run_stages` gives every stage the same contract:
+
+  * its key hashes its options and the keys of the stages it reads, so changing an input or an option reruns
+    exactly the stages downstream of it;
+  * it is done iff its meta.json exists with the current key; meta.json (options, input keys, the runner's counts,
+    wall time) is written last and atomically, so a killed stage never looks finished;
+  * a killed stage restarts in the same directory (sampling resumes from its streamed jsonl, training from its last
+    checkpoint); a directory left by a different key is wiped first.
+
+Under torchrun every rank runs every stage; rank 0 alone writes shared files, and a barrier closes every stage.
+
+    python -m pytest -q tests/test_pipeline.py tests/test_recipe.py
+"""
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from w2s.files import stable_hash, write_json_atomic
+from w2s.parallel import barrier, is_main
+
+
+@dataclass
+class Stage:
+    name: str  # "NN_what": its directory under the run directory
+    run: Callable  # run(ctx, out_dir, **args) -> {count: value} for meta.json
+    reads: list  # names of the stages whose outputs it reads (their keys enter its key)
+    options: dict  # everything else that changes its result (hashed into the key, recorded in meta.json)
+    args: dict = field(default_factory=dict)  # keyword arguments of `run`
+    kind: str = "other"  # data | train | generate | filter | eval (for the report)
+
+
+@dataclass
+class Context:
+    """What a runner gets besides its output directory: the recipe, where the run lives, and room to keep state
+    between stages (the model resident in memory, so the next stage that samples from it need not reload it)."""
+
+    recipe: object
+    run_dir: Path
+    keys: dict = field(default_factory=dict)
+    log: Callable = print
+    progress: bool = True  # progress bars inside stages (sampling, training)
+    resident: tuple | None = None  # (checkpoint dir, model, tokenizer) kept in memory between stages
+    stage: str | None = None  # the stage now running (for logs and for tests that watch who reads what)
+
+    def dir(self, stage_name):
+        return self.run_dir / stage_name
+
+
+def stage_key(stage, keys):
+    return stable_hash({"stage": stage.name, "options": stage.options, "deps": {d: keys[d] for d in stage.reads}})
+
+
+def read_meta(stage_dir):
+    """A stage's meta.json, or None when it is absent or unreadable (not done)."""
+    meta_file = Path(stage_dir) / "meta.json"
+    if not meta_file.is_file():
+        return None
+    try:
+        return json.loads(meta_file.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def run_stages(stages, ctx):
+    """Run every stage not already done with the current key; return {stage name: 'ran' | 'skipped'}.
+
+    A stage that raises leaves no meta.json (its partial outputs stay for the resume) and stops the run; every
+    stage finished before it keeps its meta.json and is skipped next time.
+    """
+    status = {}
+    for i, stage in enumerate(stages):
+        key = stage_key(stage, ctx.keys)
+        ctx.keys[stage.name] = key
+        out = ctx.dir(stage.name)
+        meta = read_meta(out)
+        tag = f"[{i + 1}/{len(stages)}] {stage.name}"
+        if meta is not None and meta.get("key") == key:
+            status[stage.name] = "skipped"
+            ctx.log(f"{tag}: done (key {key}), skipped")
+            continue
+        _prepare_dir(out, key)
+        ctx.stage = stage.name
+        ctx.log(f"{tag}: running")
+        t0 = time.perf_counter()
+        counts = stage.run(ctx, out, **stage.args) or {}
+        barrier()  # every rank has finished the stage's writes before anyone records it done or reads it
+        wall = time.perf_counter() - t0
+        meta = {"stage": stage.name, "kind": stage.kind, "key": key, "options": stage.options,
+                "inputs": {d: ctx.keys[d] for d in stage.reads}, **counts, "wall_s": round(wall, 3)}
+        if is_main():
+            write_json_atomic(out / "meta.json", meta)
+        barrier()
+        status[stage.name] = "ran"
+        ctx.log(f"{tag}: finished in {wall:.1f}s")
+    return status
+
+
+def _prepare_dir(out, key):
+    """Keep a killed run's partial outputs only if they were made under the same key; wipe anything else."""
+    if is_main():
+        key_file = out / "key.txt"
+        if out.exists() and (not key_file.is_file() or key_file.read_text().strip() != key):
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "meta.json").unlink(missing_ok=True)
+        key_file.write_text(key + "\n")
+    barrier()

@@ -1,0 +1,364 @@
+"""The runners of the paper's stages: each a small function `run_x(ctx, out, **args) -> counts for meta.json`.
+
+A runner reads what earlier stages wrote (under ctx.run_dir), calls the pure stage logic (w2s/stages), the sampler
+(w2s/sampling.py) or the trainer (w2s/train.py), and writes its artifacts into `out`. Which runner runs when, with
+which arguments, is the table in w2s/pipeline.py; keys, skipping and meta.json are w2s/engine.py's.
+
+A model argument names a checkpoint: "weak" or "strong" (the recipe's base checkpoints) or a stage whose model it
+is (e.g. "01_weak_sft" -> runs/<name>/01_weak_sft/model).
+
+Gold answers of train_2 live in 00_data/train_2_gold.jsonl. `read_train_2_gold` is the ONE function that opens it,
+and only two kinds of caller use it: the selection-precision analysis of filtered sets and pairs (reported, never
+trained on) and the strong-ceiling baseline (19_ceiling). tests/test_pipeline.py checks both facts.
+
+Weights stay resident between stages where that is free: a model just trained (or loaded for generation) is kept in
+memory, so the next stage that generates with it does not reload it. Training always starts from a fresh load,
+because the trainer consumes the model it is given.
+
+    python -m pytest -q tests/test_pipeline.py
+"""
+
+import gc
+from pathlib import Path
+
+import torch
+
+from w2s.checkpoint import load_for_training
+from w2s.files import read_jsonl, write_json_atomic, write_jsonl_atomic
+from w2s.interchange import export_pairs, export_sft
+from w2s.parallel import is_main
+from w2s.profile import StageProfiler
+from w2s.recipe import train_config
+from w2s.sampling_jsonl import generate_to_jsonl
+from w2s.stages.consistency import consistent, precision, sft_sets
+from w2s.stages.metrics import answer_matcher, evaluation_result, pair_precision
+from w2s.stages.preference_pairs import build_pairs
+from w2s.tasks import (
+    STOP_STRINGS,
+    few_shot_prompt,
+    final_answer,
+    load_records,
+    load_split,
+    save_split,
+    select_demos,
+    split_train,
+    zero_shot_prompt,
+)
+from w2s.tensor_parallel import load_model_tp
+from w2s.tokenizer import load_tokenizer
+from w2s.train import train_preference, train_sft
+
+GOLD_FILE = "train_2_gold.jsonl"  # analysis + ceiling only; see read_train_2_gold
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+
+def checkpoint(ctx, model):
+    """The checkpoint directory a model argument names: the recipe's "weak" / "strong" base, or a stage's model."""
+    if model in ("weak", "strong"):
+        return Path(getattr(ctx.recipe.models, model))
+    return ctx.dir(model) / "model"
+
+
+def _device_and_dtype(recipe):
+    device = recipe.models.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return device, getattr(torch, recipe.models.dtype)
+
+
+def sampling_tp(ctx, model_dir):
+    """Tensor-parallel degree for sampling a checkpoint: [sampling] weak_tp for the weak model (stage 01's output),
+    tp for every strong one."""
+    weak = checkpoint(ctx, "01_weak_sft").resolve()
+    return ctx.recipe.sampling.weak_tp if Path(model_dir).resolve() == weak else ctx.recipe.sampling.tp
+
+
+def drop_resident(ctx):
+    """Free the resident model before loading another (a 70B checkpoint does not fit twice)."""
+    ctx.resident = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def load_fresh(recipe, model_dir, tp):
+    """(model, tokenizer) of a checkpoint dir for sampling, in the recipe's dtype on its device; with tp > 1 each
+    rank reads only its tensor-parallel slice (groups of tp consecutive ranks; data parallel across groups)."""
+    device, dtype = _device_and_dtype(recipe)
+    return load_model_tp(model_dir, tp, dtype=dtype, device=device), load_tokenizer(model_dir)
+
+
+def load_for_inference(ctx, model_dir):
+    """The resident model when it is this checkpoint, else a fresh load that becomes the resident one."""
+    model_dir = str(Path(model_dir).resolve())
+    if ctx.resident is not None and ctx.resident[0] == model_dir:
+        return ctx.resident[1], ctx.resident[2]
+    drop_resident(ctx)
+    model, tok = load_fresh(ctx.recipe, model_dir, sampling_tp(ctx, model_dir))
+    ctx.resident = (model_dir, model, tok)
+    return model, tok
+
+
+def load_for_training_stage(recipe, model_dir):
+    """(model, tokenizer) to hand to the trainer: rank 0 reads the weights into host memory in the recipe's dtype,
+    other torchrun ranks build the model on the meta device and get their FSDP shards from rank 0."""
+    return load_for_training(model_dir, dtype=_device_and_dtype(recipe)[1]), load_tokenizer(model_dir)
+
+
+def keep_resident(ctx, out, model, tok):
+    """A just-trained model stays resident for the sampling stage that usually follows. Not when it is sampled
+    tensor-parallel (model is None then): the trainer returns whole models, and the next stage reads its slices from
+    disk."""
+    if model is not None:
+        ctx.resident = (str((out / "model").resolve()), model.to(_device_and_dtype(ctx.recipe)[0]), tok)
+
+
+# ------------------------------------------------------------------------------------------------ reading stages
+
+
+def data_rows(ctx, name):
+    """00_data's records: "train_1" (with gold), "train_2" (questions only) or "test"."""
+    return read_jsonl(ctx.dir("00_data") / f"{name}.jsonl")
+
+
+def labels(ctx, stage):
+    return read_jsonl(ctx.dir(stage) / "labels.jsonl")
+
+
+def read_train_2_gold(ctx):
+    """{id: {"answer", "solution"}} of train_2. The ONE reader of train_2 gold: its callers are the precision
+    analysis (`gold_precision`, `run_pairs`) and the strong-ceiling rows (`run_ceiling`), nothing else."""
+    return {row["id"]: row for row in read_jsonl(ctx.dir("00_data") / GOLD_FILE)}
+
+
+def same_answer_fn(ctx):
+    return answer_matcher(ctx.recipe.data.task)
+
+
+def gold_precision(ctx, records):
+    """Analysis only: the fraction of labelled records {"id", "answer"} whose answer is gold-correct."""
+    gold = {i: g["answer"] for i, g in read_train_2_gold(ctx).items()}
+    return precision(records, gold, same_answer_fn(ctx))
+
+
+def zero_shot(rec):
+    return zero_shot_prompt(rec["question"])
+
+
+def demos(ctx):
+    """The ICL demonstrations: k weak responses on train_2 with an extractable answer, seeded, never filtered for
+    correctness (docs/PAPER.md). The same demos serve 03_icl_labels and the strong-ICL evaluation."""
+    r = ctx.recipe
+    return select_demos(labels(ctx, "02_weak_labels"), r.data.task, k=r.stage1.n_demos, seed=r.stage1.demo_seed)
+
+
+def prompt_fn(ctx, prompt):
+    """record -> prompt text: "zero_shot", or "few_shot" with the weak demonstrations."""
+    if prompt == "zero_shot":
+        return zero_shot
+    shots = demos(ctx)
+    return lambda rec: few_shot_prompt(shots, rec["question"])
+
+
+# ------------------------------------------------------------------------------------------------ the two model runs
+
+
+def generate_stage(ctx, out, model_dir, records, prompt, n=1, temperature=0.0, top_p=1.0, max_new_tokens=None,
+                   seed=0):
+    """Generate for every record, stream to generations.jsonl (resumable), then write labels.jsonl with answers.
+
+    labels.jsonl rows: {"id", "question", "response", "answer"} for n == 1, or {"id", "question", "samples":
+    [{"response", "answer"}, ...]} for n > 1; "answer" is the extracted, normalized final answer ("" if none).
+    A response is the completion stripped of surrounding whitespace: the model continues "Answer:" with a space, and
+    the trainer joins prompt + " " + response, so a kept space would teach a double one (the raw text stays in
+    generations.jsonl). Returns (rows, counts for meta.json).
+    """
+    r, task = ctx.recipe, ctx.recipe.data.task
+    model, tok = load_for_inference(ctx, model_dir)
+    make_prompt = prompt_fn(ctx, prompt)
+    prompts = [{"id": rec["id"], "prompt": make_prompt(rec)} for rec in records]
+    with StageProfiler(model.cfg, mode="inference", name=out.name) as prof:
+        path = generate_to_jsonl(model, tok, prompts, out / "generations.jsonl", n=n, temperature=temperature,
+                                 top_p=top_p, max_new_tokens=max_new_tokens or r.sampling.max_new_tokens,
+                                 stop=tuple(STOP_STRINGS), seed=seed, max_batch=r.sampling.max_batch,
+                                 cache_len=r.sampling.cache_len or None, progress=ctx.progress)
+        results = read_jsonl(path)
+        prof.add_tokens(sum(c["num_tokens"] for res in results for c in res["completions"]))
+    rows = []
+    for rec, res in zip(records, results, strict=True):
+        if res["id"] != rec["id"]:
+            raise RuntimeError(f"{path}: id {res['id']!r} where {rec['id']!r} was expected (sampler order)")
+        samples = [{"response": c["text"].strip(), "answer": final_answer(c["text"], task)} for c in res["completions"]]
+        rows.append({"id": rec["id"], "question": rec["question"], **samples[0]} if n == 1 else
+                    {"id": rec["id"], "question": rec["question"], "samples": samples})
+    if is_main():
+        write_jsonl_atomic(out / "labels.jsonl", rows)
+    answers = [row["answer"] for row in rows] if n == 1 else [s["answer"] for row in rows for s in row["samples"]]
+    counts = {"n_prompts": len(rows), "n_completions": len(rows) * n, "n_with_answer": sum(map(bool, answers)),
+              "finish_reasons": _finish_reasons(results), "tp": getattr(model, "tp_size", 1), **_cost(prof)}
+    return rows, counts
+
+
+def _finish_reasons(results):
+    reasons = {}
+    for res in results:
+        for c in res["completions"]:
+            reasons[c["finish_reason"]] = reasons.get(c["finish_reason"], 0) + 1
+    return reasons
+
+
+def _cost(prof):
+    """The cost fields of meta.json from a sampling stage's StageProfiler: tokens, tokens/s, peak memory, device."""
+    s = prof.summary()
+    mem = s["cuda_peak_gib"] if s["cuda_peak_gib"] is not None else s["host_peak_rss_gib"]
+    return {"tokens": s["tokens"], "tok_s": s["tok_s"], "mfu": s["mfu"], "peak_mem_gib": mem, "device": s["device"],
+            "stage_s": s["wall_s"]}
+
+
+def train_stage(ctx, out, base_dir, rows, section, loss=None):
+    """SFT (loss None) on rows {"prompt", "response"}, or preference training with `loss` on pairs {"prompt",
+    "chosen", "rejected"}, of the checkpoint in base_dir -> out/model (HF format, the trainer's metrics.jsonl and,
+    while it runs, its resumable checkpoints in out/model/ckpt)."""
+    if not rows:
+        raise ValueError(f"{out.name}: the {'preference pair' if loss else 'SFT'} set is empty, nothing to train on "
+                         f"(see the meta.json of the stage that built it, e.g. its kept/pairs counts)")
+    if is_main():
+        write_jsonl_atomic(out / "train.jsonl", rows)
+    drop_resident(ctx)
+    model, tok = load_for_training_stage(ctx.recipe, base_dir)
+    cfg = train_config(ctx.recipe, section, progress=ctx.progress)
+    options = dict(out_dir=out / "model", return_stats=True, return_model=sampling_tp(ctx, out / "model") == 1)
+    if loss is None:
+        model, stats = train_sft(model, tok, rows, cfg, **options)
+    else:
+        model, stats = train_preference(model, tok, rows, cfg, loss=loss, **options)
+    keep_resident(ctx, out, model, tok)
+    return stats
+
+
+# ------------------------------------------------------------------------------------------------ the runners
+
+
+def run_data(ctx, out):
+    """Split train into train_1 (gold, for the weak model) and train_2 (questions only); the test set."""
+    d = ctx.recipe.data
+    train = load_records(d.task, d.train)
+    if d.split_file:
+        train_1, train_2 = load_split(d.split_file, train)
+    else:
+        sizes = (d.n_train_1 or len(train) // 2, d.n_train_2 or len(train) - len(train) // 2) \
+            if d.n_train_1 or d.n_train_2 else None
+        train_1, train_2 = split_train(train, seed=d.seed, sizes=sizes)
+    test = load_records(d.task, d.test)
+    test = test[: d.n_test] if d.n_test else test
+    if len(train_1) == 0 or len(train_2) == 0 or len(test) == 0:
+        raise ValueError(f"{ctx.recipe.path}: [data] gives {len(train_1)} train_1, {len(train_2)} train_2 and "
+                         f"{len(test)} test records; every part must be non-empty")
+    if is_main():
+        save_split(out / "split.json", train_1, train_2)
+        write_jsonl_atomic(out / "train_1.jsonl", train_1)
+        # train_2 is seen by the strong model as questions only; its gold goes to a separate analysis-only file.
+        write_jsonl_atomic(out / "train_2.jsonl", [{"id": r["id"], "question": r["question"]} for r in train_2])
+        write_jsonl_atomic(out / GOLD_FILE, [{"id": r["id"], "answer": r["answer"], "solution": r["solution"]}
+                                             for r in train_2])
+        write_jsonl_atomic(out / "test.jsonl", test)
+    return {"n_train_1": len(train_1), "n_train_2": len(train_2), "n_test": len(test)}
+
+
+def run_weak_sft(ctx, out):
+    """SFT the weak base on train_1 gold solutions."""
+    rows = [{"id": x["id"], "prompt": zero_shot(x), "response": x["solution"]} for x in data_rows(ctx, "train_1")]
+    return {"n_rows": len(rows), **train_stage(ctx, out, checkpoint(ctx, "weak"), rows, "weak_sft")}
+
+
+def run_labels(ctx, out, model, prompt):
+    """Greedy labels of every train_2 question by `model`, zero-shot or few-shot."""
+    r = ctx.recipe
+    _, counts = generate_stage(ctx, out, checkpoint(ctx, model), data_rows(ctx, "train_2"), prompt, seed=r.data.seed)
+    return counts
+
+
+def run_filter(ctx, out, weak, other):
+    """Final-answer consistency between two labellings of train_2 -> weak / icl / hybrid SFT sets."""
+    weak_rows, other_rows = labels(ctx, weak), labels(ctx, other)
+    kept = consistent(weak_rows, other_rows, same_answer=same_answer_fn(ctx))
+    sets = sft_sets(weak_rows, other_rows, kept)
+    if is_main():
+        for name, rows in sets.items():
+            write_jsonl_atomic(out / f"{name}.jsonl", rows)
+            export_sft(rows, out / f"{name}.llamafactory.json")  # the paper's released-data format, to compare
+    kept_set = set(kept)
+    return {"n_questions": len(weak_rows), "n_kept": len(kept), "kept_fraction": len(kept) / max(len(weak_rows), 1),
+            "n_rows": {name: len(rows) for name, rows in sets.items()},
+            "precision": gold_precision(ctx, [w for w in weak_rows if w["id"] in kept_set]),
+            "precision_weak_all": gold_precision(ctx, weak_rows)}
+
+
+def run_stage1_sft(ctx, out, filter, sft_set, init):
+    """SFT `init` (the strong base, or a round-1 model under round2_init = "continue") on one filtered set."""
+    rows = read_jsonl(ctx.dir(filter) / f"{sft_set}.jsonl")
+    return {"n_rows": len(rows), **train_stage(ctx, out, checkpoint(ctx, init), rows, "strong_sft")}
+
+
+def run_full_weak_ft(ctx, out):
+    """Baseline: SFT the strong base on every weak label, unfiltered."""
+    rows = [{"id": x["id"], "prompt": zero_shot(x), "response": x["response"]} for x in labels(ctx, "02_weak_labels")]
+    return {"n_rows": len(rows), **train_stage(ctx, out, checkpoint(ctx, "strong"), rows, "strong_sft")}
+
+
+def run_ceiling(ctx, out):
+    """Baseline: SFT the strong base on train_2 with its gold solutions (the upper bound)."""
+    gold = read_train_2_gold(ctx)
+    rows = [{"id": q["id"], "prompt": zero_shot(q), "response": gold[q["id"]]["solution"]}
+            for q in data_rows(ctx, "train_2")]
+    return {"n_rows": len(rows), **train_stage(ctx, out, checkpoint(ctx, "strong"), rows, "strong_sft")}
+
+
+def run_samples(ctx, out, model):
+    """n samples per train_2 question from `model` (M_plus) at the recipe's temperature."""
+    r, s2 = ctx.recipe, ctx.recipe.stage2
+    _, counts = generate_stage(ctx, out, checkpoint(ctx, model), data_rows(ctx, "train_2"), "zero_shot",
+                               n=s2.n_samples, temperature=s2.temperature, top_p=s2.top_p,
+                               max_new_tokens=r.sampling.sample_max_new_tokens, seed=r.data.seed)
+    return counts
+
+
+def run_pairs(ctx, out, samples):
+    """Majority vote over M_plus's samples, then preference pairs with the weak response on one side."""
+    s2 = ctx.recipe.stage2
+    by_id = {row["id"]: row["samples"] for row in labels(ctx, samples)}
+    same = same_answer_fn(ctx)
+    pairs, counts = build_pairs(labels(ctx, "02_weak_labels"), by_id, seed=s2.pair_seed,
+                                max_pairs_per_question=s2.max_pairs, min_confidence=s2.min_confidence,
+                                flip_confidence=s2.flip_confidence, same_answer=same)
+    if is_main():
+        write_jsonl_atomic(out / "pairs.jsonl", pairs)
+        export_pairs(pairs, out / "pairs.llamafactory.json")
+    gold = {i: g["answer"] for i, g in read_train_2_gold(ctx).items()}  # analysis only
+    precision = {kind: pair_precision(pairs, gold, same, kind=kind) for kind in (None, "weak_chosen", "weak_rejected")}
+    return {"n_pairs": len(pairs), "pair_precision": precision[None],
+            "pair_precision_weak_chosen": precision["weak_chosen"],
+            "pair_precision_weak_rejected": precision["weak_rejected"], "counts": counts}
+
+
+def run_preference(ctx, out, pairs, init, loss):
+    """DPO / ORPO / IPO of `init` (M_plus) on the pairs -> out/model (M_pro)."""
+    rows = [{"id": p["id"], "prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]}
+            for p in read_jsonl(ctx.dir(pairs) / "pairs.jsonl")]
+    return {"n_pairs": len(rows), "loss": loss,
+            **train_stage(ctx, out, checkpoint(ctx, init), rows, "preference", loss=loss)}
+
+
+def run_eval(ctx, out, model, prompt, n=1, temperature=0.0):
+    """Greedy test accuracy (n == 1) or pass@k from n samples at `temperature`; MATH also by level."""
+    r = ctx.recipe
+    test = data_rows(ctx, "test")
+    max_new_tokens = r.sampling.max_new_tokens if n == 1 else r.sampling.sample_max_new_tokens
+    rows, counts = generate_stage(ctx, out, checkpoint(ctx, model), test, prompt, n=n, temperature=temperature,
+                                  max_new_tokens=max_new_tokens, seed=r.data.seed)
+    result = evaluation_result(rows, test, r.data.task)
+    if is_main():
+        write_json_atomic(out / "result.json", result)
+    return {**counts, **result}
