@@ -22,8 +22,9 @@ Test: python -m pytest -q tests/test_interchange.py
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from w2s.files import write_atomic
 
 PROMPT_KEYS = ("instruction", "content")  # preferred name first; "content" is what the paper's SFT files use
 # Pair keys beyond prompt/chosen/rejected that we write and read back, so a round trip keeps analysis data.
@@ -34,13 +35,7 @@ def _write_json(path: str | Path, obj) -> None:
     """Write to a temp file, fsync and rename, so a killed export never leaves a half-written file behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
 
 
 def _read_entries(path: str | Path) -> list[dict]:

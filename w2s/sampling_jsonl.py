@@ -17,6 +17,7 @@ import json
 import os
 from pathlib import Path
 
+from w2s.files import read_jsonl, write_atomic
 from w2s.sampling import dp_layout, generate_shard
 
 
@@ -28,34 +29,25 @@ def read_prompts_jsonl(path, prompt_key="prompt", id_key="id"):
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such prompts file (expected jsonl, one {{{prompt_key!r}: ...}} per line)")
     records, seen = [], {}
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_number}"
-            try:
-                record = json.loads(line.rstrip("\r\n"))  # so an error's column is on this line
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            prompt = record.get(prompt_key)
-            is_ids = isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt)
-            if not (isinstance(prompt, str) and prompt) and not is_ids:
-                got = "missing" if prompt_key not in record else f"got {prompt!r}"[:80]
-                raise ValueError(f"{where}: expected key {prompt_key!r} with a non-empty string or list of token ids "
-                                 f"({got})")
-            if id_key:
-                if id_key not in record:
-                    raise ValueError(f"{where}: missing id key {id_key!r} (choose another with --id-key, or pass "
-                                     f"--id-key '' to number the records)")
-            else:
-                record = {**record, "id": len(records)}
-            key = json.dumps(record[id_key or "id"])
-            if key in seen:
-                raise ValueError(f"{where}: id {key} repeats line {seen[key]} (ids must be unique)")
-            seen[key] = line_number
-            records.append(record)
+    for record in read_jsonl(path, tag_lines=True):
+        where = record.pop("_where")
+        prompt = record.get(prompt_key)
+        is_ids = isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt)
+        if not (isinstance(prompt, str) and prompt) and not is_ids:
+            got = "missing" if prompt_key not in record else f"got {prompt!r}"[:80]
+            raise ValueError(f"{where}: expected key {prompt_key!r} with a non-empty string or list of token ids "
+                             f"({got})")
+        if id_key:
+            if id_key not in record:
+                raise ValueError(f"{where}: missing id key {id_key!r} (choose another with --id-key, or pass "
+                                 f"--id-key '' to number the records)")
+        else:
+            record = {**record, "id": len(records)}
+        key = json.dumps(record[id_key or "id"])
+        if key in seen:
+            raise ValueError(f"{where}: id {key} repeats line {seen[key]} (ids must be unique)")
+        seen[key] = where.rsplit(":", 1)[1]
+        records.append(record)
     return records
 
 
@@ -148,13 +140,7 @@ def generate_to_jsonl(model, tokenizer, records, out_path, prompt_key="prompt", 
         if missing:
             raise RuntimeError(f"{out_path}: {len(missing)} record(s) have no output after sampling, e.g. id "
                                f"{missing[0]!r}")
-        tmp = Path(f"{out_path}.tmp")
-        with open(tmp, "w", encoding="utf-8") as out:
-            for k in keys:
-                out.write(json.dumps(done[k]) + "\n")
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, out_path)
+        write_atomic(out_path, (json.dumps(done[k]) + "\n" for k in keys))
         for p in _part_paths(out_path):
             p.unlink()
     if distributed:

@@ -1,7 +1,7 @@
 """The pure data steps between the pipeline's model runs, as plain functions over plain-dict records.
 
-Stages in pipeline order (PAPER.md); the model runs (SFT, sampling, DPO/ORPO) happen in w2s.pipeline, and these
-modules decide what goes into and comes out of them:
+Stages in pipeline order (docs/PAPER.md); the model runs (SFT, sampling, DPO/ORPO) happen in w2s/runners.py, and
+these modules decide what goes into and comes out of them:
 
     0  split train into train_1 / train_2                       w2s.tasks.split_train
     1  weak SFT on train_1 gold; weak labels on train_2         (models) -> D_weak
