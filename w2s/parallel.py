@@ -89,9 +89,9 @@ def needs_fill_from_rank0(model, d: Dist):
     return d.sharded and bool(all_reduce_sum(torch.tensor([float(on_meta)], device=d.device), d).item())
 
 
-def broadcast_object(obj, d: Dist):
+def broadcast_object(obj, d: Dist | None = None):
     """Rank 0's picklable obj on every rank (obj itself in a single process)."""
-    if not d.sharded or not dist.is_initialized():
+    if (d is not None and not d.sharded) or not dist.is_initialized():
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=0)
