@@ -311,10 +311,11 @@ class StageProfiler:
         StageProfiler._tracing = self
 
     def _export_trace(self, torch_profiler):
+        from w2s.parallel import rank
+
         self.trace_dir.mkdir(parents=True, exist_ok=True)
-        rank = os.environ.get("RANK", "0")
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        self.trace_path = self.trace_dir / f"{self.name}-rank{rank}-{stamp}.json"
+        self.trace_path = self.trace_dir / f"{self.name}-rank{rank()}-{stamp}.json"
         torch_profiler.export_chrome_trace(str(self.trace_path))
 
     # -- counting ------------------------------------------------------------------------------------------------

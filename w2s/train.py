@@ -408,7 +408,7 @@ class Trainer:
             enable_activation_checkpointing(model.layers)
         module = TrainModule(model)
         if d.sharded:
-            full_state = module.state_dict() if fill and d.rank == 0 else None  # the full tensors, before sharding
+            full_state = module.state_dict() if fill and d.is_main else None  # the full tensors, before sharding
             shard_model(module, list(model.layers), d, bf16=d.device.type == "cuda", cpu_offload=cfg.cpu_offload)
             if fill:
                 fill_from_rank0(module, full_state, d, cpu_offload=cfg.cpu_offload)
