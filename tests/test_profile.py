@@ -134,7 +134,7 @@ def test_stage_profiler_counts_and_skips_warmup():
     assert 0.02 <= summary["step_s_median"] < 0.15
     assert len(prof._windows) == 2
     json.dumps(summary)  # meta.json-ready
-    assert prof.log_line(step=5).startswith("step 5 | tok/s ")
+    assert fmt_log_line(step=5, **prof.window_metrics()).startswith("step 5 | tok/s ")
 
 
 class FakeClock:

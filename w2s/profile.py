@@ -8,7 +8,7 @@ torch.profiler trace.
             log = step % 10 == 0
             prof.step(tokens=n_tokens_this_step, sync=log)   # host sync (and a clock read that means something)
             if log:                                          # only on log steps: no sync in the hot loop
-                print(prof.log_line(step=step, loss=loss.item(), lr=lr))
+                print(fmt_log_line(step=step, loss=loss.item(), lr=lr, **prof.window_metrics()))
     meta.update(prof.cost())      # tokens, tok_s, mfu, peak_mem_gib, device, wall_s (summary() has the rest)
 
 A caller that counts its FLOPs exactly passes them: `prof.step(tokens=n, flops=f)` (w2s/train.py does, with each
@@ -433,7 +433,3 @@ class StageProfiler:
         if self.trace_path is not None:
             result["trace"] = str(self.trace_path)
         return result
-
-    def log_line(self, **fields):
-        """fmt_log_line with this profiler's last window (tok/s, MFU, memory) filled in."""
-        return fmt_log_line(**{**self.window_metrics(), **fields})
