@@ -136,7 +136,7 @@ def test_shortened_demo_runs_end_to_end_and_reports(tmp_path):
     for method in ("weak_floor", "full_weak_ft", "strong_icl", "stage1_r2_hybrid", "stage2_dpo", "stage2_orpo",
                    "ceiling"):
         assert labels[method] in text, f"report lacks {method}:\n{text}"
-    tests = {r["id"]: r["answer"] for r in read_jsonl(run_dir / "00_data" / "test.jsonl")}
+    tests = {r["id"]: r["answer"] for r in read_jsonl(run_dir / "00_test" / "test.jsonl")}
     evals = sorted(run_dir.glob("*_eval_*"))
     assert len(evals) >= 10
     for stage in evals:

@@ -27,7 +27,7 @@ torch.set_num_threads(1)  # tiny matmuls on a shared 2-core box: more threads on
 
 N_SAMPLES, PASS_K = 5, 3
 ALL_STAGES = [
-    "00_data", "01_weak_sft", "02_weak_labels", "03_icl_labels",
+    "00_data", "00_test", "01_weak_sft", "02_weak_labels", "03_icl_labels",
     "04_r1_filter", "05_r1_sft_weak", "06_r1_sft_icl", "07_r1_sft_hybrid",
     "08_r2_labels_weak", "09_r2_labels_icl", "10_r2_filter", "11_r2_sft_weak", "12_r2_sft_icl", "13_r2_sft_hybrid",
     "14_samples", "15_pairs", "16_dpo", "17_orpo", "18_full_weak_ft", "19_ceiling",
@@ -221,7 +221,7 @@ def test_empty_training_set_is_one_clear_error(tmp_path):
 def test_data_split_hides_train_2_gold(full_run):
     d = full_run["run_dir"] / "00_data"
     train_1, train_2, gold = jsonl(d / "train_1.jsonl"), jsonl(d / "train_2.jsonl"), jsonl(d / "train_2_gold.jsonl")
-    assert len(train_1) == len(train_2) == 16 and len(jsonl(d / "test.jsonl")) == 8
+    assert len(train_1) == len(train_2) == 16 and len(jsonl(d.parent / "00_test" / "test.jsonl")) == 8
     assert all(set(r) == {"id", "question"} for r in train_2)  # the strong side sees questions only
     assert [g["id"] for g in gold] == [r["id"] for r in train_2]
     assert not {r["id"] for r in train_1} & {r["id"] for r in train_2}
@@ -329,7 +329,7 @@ def test_pairs_follow_the_paper_rules(full_run):
 
 def test_accuracies_match_an_independent_grading(full_run):
     run_dir = full_run["run_dir"]
-    gold = {r["id"]: r["answer"] for r in jsonl(run_dir / "00_data" / "test.jsonl")}
+    gold = {r["id"]: r["answer"] for r in jsonl(run_dir / "00_test" / "test.jsonl")}
     for name in ALL_STAGES:
         if "_eval_" in name:
             gens = jsonl(run_dir / name / "generations.jsonl")

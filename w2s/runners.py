@@ -119,8 +119,8 @@ def keep_resident(ctx, out, model, tok):
 
 
 def data_rows(ctx, name):
-    """00_data's records: "train_1" (with gold), "train_2" (questions only) or "test"."""
-    return read_jsonl(ctx.dir("00_data") / f"{name}.jsonl")
+    """00_data's records: "train_1" (with gold) or "train_2" (questions only); "test": 00_test's."""
+    return read_jsonl(ctx.dir("00_test" if name == "test" else "00_data") / f"{name}.jsonl")
 
 
 def labels(ctx, stage):
@@ -240,7 +240,7 @@ def train_stage(ctx, out, base_dir, rows, section, loss=None):
 
 
 def run_data(ctx, out):
-    """Split train into train_1 (gold, for the weak model) and train_2 (questions only); the test set."""
+    """Split train into train_1 (gold, for the weak model) and train_2 (questions only)."""
     d = ctx.recipe.data
     train = load_records(d.task, d.train)
     if d.split_file:
@@ -249,11 +249,9 @@ def run_data(ctx, out):
         sizes = (d.n_train_1 or len(train) // 2, d.n_train_2 or len(train) - len(train) // 2) \
             if d.n_train_1 or d.n_train_2 else None
         train_1, train_2 = split_train(train, seed=d.seed, sizes=sizes)
-    test = load_records(d.task, d.test)
-    test = test[: d.n_test] if d.n_test else test
-    if len(train_1) == 0 or len(train_2) == 0 or len(test) == 0:
-        raise ValueError(f"{ctx.recipe.path}: [data] gives {len(train_1)} train_1, {len(train_2)} train_2 and "
-                         f"{len(test)} test records; every part must be non-empty")
+    if len(train_1) == 0 or len(train_2) == 0:
+        raise ValueError(f"{ctx.recipe.path}: [data] gives {len(train_1)} train_1 and {len(train_2)} train_2 "
+                         f"records; both must be non-empty")
     if is_main():
         save_split(out / "split.json", train_1, train_2)
         write_jsonl_atomic(out / "train_1.jsonl", train_1)
@@ -261,8 +259,19 @@ def run_data(ctx, out):
         write_jsonl_atomic(out / "train_2.jsonl", [{"id": r["id"], "question": r["question"]} for r in train_2])
         write_jsonl_atomic(out / GOLD_FILE, [{"id": r["id"], "answer": r["answer"], "solution": r["solution"]}
                                              for r in train_2])
+    return {"n_train_1": len(train_1), "n_train_2": len(train_2)}
+
+
+def run_test_set(ctx, out):
+    """The test set: the first n_test records of the test file (all of them when n_test is 0)."""
+    d = ctx.recipe.data
+    test = load_records(d.task, d.test)
+    test = test[: d.n_test] if d.n_test else test
+    if not test:
+        raise ValueError(f"{ctx.recipe.path}: [data] test = {d.test} gives no test records")
+    if is_main():
         write_jsonl_atomic(out / "test.jsonl", test)
-    return {"n_train_1": len(train_1), "n_train_2": len(train_2), "n_test": len(test)}
+    return {"n_test": len(test)}
 
 
 def run_weak_sft(ctx, out):
