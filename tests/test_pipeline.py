@@ -457,6 +457,36 @@ def test_changing_one_option_reruns_exactly_its_dependents(full_run, tmp_path):
     assert meta(tmp_path / "tiny", "15_pairs")["options"]["min_confidence"] == 0.8
 
 
+def _dry_run_rows(text):
+    """{stage: (status, why)} of a dry run's table."""
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| ") and len(cells) == 8 and cells[0] not in ("stage", "to do"):
+            rows[cells[0]] = (cells[1], cells[2])
+    return rows
+
+
+def test_dry_run_says_what_a_rerun_will_do_and_why(full_run, tmp_path):
+    from w2s.pipeline import dry_run, run_pipeline
+
+    fresh = _dry_run_rows(dry_run(write_recipe(full_run["world"], "tiny"), runs_dir=tmp_path))
+    assert fresh == {name: ("will run", "not run yet") for name in ALL_STAGES}
+    shutil.copytree(full_run["run_dir"], tmp_path / "tiny")
+    before = sorted((p, p.stat().st_mtime_ns) for p in (tmp_path / "tiny").rglob("*"))
+    assert set(_dry_run_rows(dry_run(write_recipe(full_run["world"], "tiny"), runs_dir=tmp_path)).values()) == {
+        ("done", "-")}
+    recipe = write_recipe(full_run["world"], "tiny", min_confidence=0.8)
+    rows = _dry_run_rows(dry_run(recipe, runs_dir=tmp_path))
+    assert sorted((p, p.stat().st_mtime_ns) for p in (tmp_path / "tiny").rglob("*")) == before  # wrote nothing
+    assert rows["15_pairs"] == ("will rerun", "min_confidence: 0.6 -> 0.8")
+    assert rows["16_dpo"] == ("will rerun", "input 15_pairs changed")
+    assert rows["14_samples"] == ("done", "-")
+    # The real rerun runs exactly the stages the dry run listed.
+    _, status, _ = run_pipeline(recipe, runs_dir=tmp_path, progress=False, log=lambda *a: None, plot=False)
+    assert {s for s, v in status.items() if v == "ran"} == {s for s, (v, _) in rows.items() if v != "done"}
+
+
 # ---------------------------------------------------------------------------------------------------- bad input
 
 

@@ -92,14 +92,29 @@ def inspect(ckpt_dir):
 @click.argument("recipe", type=click.Path(path_type=Path))
 @click.option("--runs", default="runs", show_default=True, help="Directory holding runs/<recipe name>/.")
 @click.option("--no-progress", is_flag=True, help="No progress bars (logs only).")
-def run(recipe, runs, no_progress):
+@click.option("--dry-run", is_flag=True,
+              help="Run nothing: list every stage as done / will run / will rerun and why, with its estimated tokens, "
+                   "disk, peak memory per device and time.")
+@click.option("--world-size", type=int, default=None,
+              help="--dry-run: processes of the run it plans for [default: this launch's, 1 under plain python].")
+@click.option("--gpu", "gpu", default=None,
+              help="--dry-run: the GPU the time estimate is for, e.g. 'H100 SXM' [default: this machine's].")
+def run(recipe, runs, no_progress, dry_run, world_size, gpu):
     """Run every stage of RECIPE (a TOML file, see recipes/) that is not already done.
 
     Each stage writes runs/<name>/<NN_stage>/ with its data and a meta.json written last; a finished stage is
     skipped, a killed one resumes, and changing an option reruns exactly the stages that depend on it.
+
+    \b
+    w2s run recipes/demo.toml
+    w2s run recipes/gsm8k.toml --dry-run --world-size 8 --gpu "H100 SXM"
     """
+    from w2s.pipeline import dry_run as plan_run
     from w2s.pipeline import run_pipeline
 
+    if dry_run:
+        click.echo(plan_run(recipe, runs_dir=runs, world=world_size, device=gpu))
+        return
     _, _, text = run_pipeline(recipe, runs_dir=runs, progress=not no_progress)
     if text:  # under torchrun only rank 0 builds the report; the other ranks print nothing
         click.echo(text)

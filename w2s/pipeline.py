@@ -35,11 +35,27 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-from w2s.engine import Context, Stage, run_lock, run_stages
+import torch
+
+from w2s import profile
+from w2s.engine import Context, Stage, plan, run_lock, run_stages
+from w2s.estimate import (
+    KEPT_FRACTION,
+    MEASURED_ON,
+    PAIRED_FRACTION,
+    SAMPLING_MFU,
+    TRAIN_MFU,
+    Cost,
+    human_bytes,
+    human_seconds,
+    model_configs,
+    stage_cost,
+    workload,
+)
 from w2s.files import sha256_file, stable_hash, write_json_atomic
 from w2s.parallel import barrier, init_distributed, is_main
 from w2s.recipe import load_recipe, train_config
-from w2s.report import report
+from w2s.report import _table, report
 from w2s.runners import (
     run_ceiling,
     run_data,
@@ -239,6 +255,43 @@ def passk_key(r):
 
 
 # ------------------------------------------------------------------------------------------------ running a recipe
+
+
+def dry_run(recipe_path, runs_dir="runs", world=None, device=None):
+    """What `run_pipeline` would do, and its estimated cost (w2s/estimate.py), as markdown; reads no weights and
+    writes nothing. world: processes of the run (default: this launch's); device: a GPU name for the time estimate
+    (default: this machine's CUDA device; none on a CPU-only machine)."""
+    recipe = load_recipe(recipe_path)
+    world = world or int(os.environ.get("WORLD_SIZE", 1))
+    device = device or (profile.device_name() if torch.cuda.is_available() else "cpu")
+    stages = build_stages(recipe)
+    work, configs = workload(recipe), model_configs(recipe)
+    rows, todo = [], Cost(seconds=0.0)
+    for stage, status, reasons in plan(stages, Path(runs_dir) / recipe.name):
+        cost = stage_cost(stage, recipe, work, configs, world, device)
+        if status != "done":
+            for field in ("generated", "trained", "disk"):
+                setattr(todo, field, getattr(todo, field) + getattr(cost, field))
+            todo.memory = max(todo.memory, cost.memory)
+            todo.seconds = None if todo.seconds is None or cost.seconds is None else todo.seconds + cost.seconds
+        why = "; ".join(reasons[:3]) + (f"; and {len(reasons) - 3} more" if len(reasons) > 3 else "")
+        rows.append((stage.name, status, why or "-", f"{cost.generated:,}", f"{cost.trained:,}",
+                     human_bytes(cost.disk), human_bytes(cost.memory), human_seconds(cost.seconds)))
+    rows.append(("to do", "", "", f"{todo.generated:,}", f"{todo.trained:,}", human_bytes(todo.disk),
+                 human_bytes(todo.memory), human_seconds(todo.seconds)))
+    header = ["stage", "status", "why", "tokens generated", "tokens trained", "disk written", "peak memory / device",
+              "time"]
+    return (f"# Dry run: {recipe.name} on {world} x {device}\n\nThe estimate starts from:\n\n" +
+            "\n".join(_workload_lines(work)) + "\n\n" + _table(header, rows) + "\n")
+
+
+def _workload_lines(work):
+    return [f"- train_1 / train_2 / test: {work.n_train_1:,} / {work.n_train_2:,} / {work.n_test:,} questions",
+            f"- mean tokens: zero-shot prompt {work.prompt_tokens:.0f}, 4-shot prompt {work.few_shot_tokens:.0f}, "
+            f"gold solution {work.response_tokens:.0f} (a response is assumed as long, capped at max_new_tokens)",
+            f"- Stage I keeps {KEPT_FRACTION:.0%} of train_2 per round; pairs for {PAIRED_FRACTION:.0%} of it",
+            f"- training at {TRAIN_MFU:.1%} MFU, sampling at {SAMPLING_MFU:.1%} of peak (measured on an "
+            f"{MEASURED_ON}, BENCHMARKS.md): lower bounds for a multi-GPU 70B run"]
 
 
 def run_pipeline(recipe_path, runs_dir="runs", progress=True, log=print, plot=True):
