@@ -15,7 +15,6 @@ import pytest
 
 from w2s.tasks import (
     STOP_STRINGS,
-    extract_answer,
     fetch_data,
     few_shot_prompt,
     load_records,
@@ -158,19 +157,33 @@ def test_stop_strings():
 
 
 def test_select_demos_is_seeded_and_not_filtered_for_correctness():
-    # Weak responses: half with an extractable answer (some of them wrong), half without any.
+    # Weak responses: ten with the marker (some answers wrong), ten without it, half of those with a number that the
+    # lenient grader's last-number fall-back would read as an answer: never eligible (docs/PAPER.md).
     weak = [{"id": i, "question": f"q{i}", "response": f"so #### {i % 3}", "answer": "0"} for i in range(10)]
-    weak += [{"id": 10 + i, "question": "q", "response": "I do not know"} for i in range(10)]
+    weak += [{"id": 10 + i, "question": "q", "response": "I do not know" if i % 2 else f"it is {i}"} for i in range(10)]
     demos = select_demos(weak, "gsm8k", k=4, seed=1)
     assert len(demos) == 4 and len({d["id"] for d in demos}) == 4
-    assert all(extract_answer(d["response"], "gsm8k") for d in demos)
+    assert all("####" in d["response"] for d in demos)
     assert demos == select_demos(weak, "gsm8k", k=4, seed=1)
     picks = {tuple(d["id"] for d in select_demos(weak, "gsm8k", k=4, seed=s)) for s in range(20)}
     assert len(picks) > 1  # the seed matters
     everything = select_demos(weak, "gsm8k", k=10, seed=0)  # all eligible: wrong answers are kept
     assert {d["id"] for d in everything} == set(range(10))
-    with pytest.raises(ValueError, match="need 11 weak responses"):
+    with pytest.raises(ValueError, match="need 11 weak responses containing the answer marker '####'"):
         select_demos(weak, "gsm8k", k=11, seed=0)
+
+
+@pytest.mark.parametrize("task,marker", [("gsm8k", "####"), ("math", "The answer is:")])
+def test_select_demos_never_picks_a_response_without_the_marker(task, marker):
+    # Unmarked responses that every grader but `paper` could read an answer from ("The answer is 5", a boxed value,
+    # a bare number), and marked ones whose marker is not on the last line (no answer under `paper`): only the
+    # marker decides.
+    unmarked = ["The answer is 5.", "so $\\boxed{7}$", "3 + 4 = 7", "#### 9" if task == "math" else "The answer: 9"]
+    marked = [f"{marker} 4", f"work\n{marker} 12", f"{marker} 3\nbut I kept talking", f"a {marker} b"]
+    weak = [{"question": f"q{i}", "response": r} for i, r in enumerate(unmarked * 5 + marked * 2)]
+    for seed in range(200):
+        assert all(marker in d["response"] for d in select_demos(weak, task, k=4, seed=seed))
+    assert {d["response"] for seed in range(200) for d in select_demos(weak, task, k=4, seed=seed)} == set(marked)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ A recipe names the task and data, the weak and strong checkpoints, and the optio
 marks unknown is an option here with a stated default. A recipe is validated completely (unknown keys, missing
 files, impossible values) before any model is loaded, and every error names the recipe file and the key.
 
-    [data]      task, train/test files, split sizes or a split file, seed
+    [data]      task, train/test files, split sizes or a split file, seed, the grader
     [models]    weak / strong checkpoint dirs, dtype, device
     [sampling]  max_new_tokens, batch size, cache length for every generation stage
     [weak_sft] [strong_sft] [preference]   training options (w2s.train_config.TrainConfig fields)
@@ -20,6 +20,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from w2s.tasks.graders import DEFAULT_GRADER, GRADER_NAMES, is_available
 from w2s.train_config import TrainConfig
 
 TASKS = ("gsm8k", "math")
@@ -35,6 +36,7 @@ class DataOptions:
     n_test: int = 0  # 0: the whole test file (smaller for quick runs)
     split_file: str = ""  # optional json {"train_1": [ids], "train_2": [ids]} instead of a seeded split
     seed: int = 0
+    grader: str = DEFAULT_GRADER  # reads and compares answers for the filter, vote, pairs and the headline accuracy
 
 
 @dataclass
@@ -196,6 +198,10 @@ def _validate(r, path, check_files):
 
     if r.data.task not in TASKS:
         bad("[data] task", f"expected one of {', '.join(TASKS)}, got {r.data.task!r}")
+    if r.data.grader not in GRADER_NAMES:
+        bad("[data] grader", f"expected one of {', '.join(GRADER_NAMES)}, got {r.data.grader!r}")
+    if not is_available(r.data.grader):
+        bad("[data] grader", f"{r.data.grader!r} needs the math-verify package: pip install math-verify")
     if r.stage1.rounds not in (1, 2):
         bad("[stage1] rounds", f"expected 1 or 2, got {r.stage1.rounds}")
     if r.stage1.round2_init not in ("base", "continue"):

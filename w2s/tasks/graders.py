@@ -20,7 +20,7 @@ Question context. A judge may compare answers by the question's answer type (Oly
 units, sets, intervals ...), so `same` takes the question's record as an optional third argument; the three graders
 here ignore it. The stage functions (consistency filter, vote, pairs, accuracy, pass@k) take a plain
 `same_answer(a, b)` and, for comparisons that depend on the question, `same_for(question_id) -> same_answer`;
-`same_for(grader, records)` below builds the latter from a grader and the records the stage can see (train_2
+`per_question(grader, records)` below builds the latter from a grader and the records the stage can see (train_2
 questions for the filter and the pairs, the test records for evaluation).
 
 Answers are computed where they are consumed (filter, pairs, evaluation), never stored by the generation stages, so
@@ -45,6 +45,7 @@ DEFAULT_GRADER = "paper"
 
 def has_marker(response: str, task: str) -> bool:
     """Whether a response contains the task's answer marker anywhere (the demonstration rule of docs/PAPER.md)."""
+    grading.check_task(task)
     return MARKERS[task] in response
 
 
@@ -110,7 +111,7 @@ class MathVerifyGrader:
         from math_verify import verify
 
         gold, pred = _mv_parse(f"${b}$"), _mv_parse(f"${a}$")
-        return bool(gold and pred and verify(gold, pred, timeout_seconds=_mv_timeout()))
+        return bool(gold and pred and verify(list(gold), list(pred), timeout_seconds=_mv_timeout()))
 
 
 def _mv_timeout():
@@ -156,7 +157,7 @@ def get_grader(task: str, name: str = DEFAULT_GRADER):
     return _CLASSES[name](task)
 
 
-def same_for(grader, records: dict | None = None):
+def per_question(grader, records: dict | None = None):
     """question id -> same_answer(a, b) with the question's record bound (None for an id not in records)."""
     records = records or {}
     return lambda qid: (lambda a, b: grader.same(a, b, records.get(qid)))
