@@ -44,10 +44,10 @@ def majority_vote(answers: list[str], same_answer: SameAnswer = exact_match) -> 
     """(a_plus, confidence): the most frequent non-empty answer and its count over ALL len(answers) samples.
 
     Answers are grouped into equivalence classes with `same_answer` (so "0.5" and "\\frac{1}{2}" vote together
-    under the equivalence grader for MATH; under `paper` only equal strings do): each answer joins the first class whose representative (its first member) it equals.
-    a_plus is that representative. Ties go to the class that appeared first in sample order, which is
-    deterministic since the samples are stored in order. Empty answers count in the denominator but never win;
-    with no non-empty answer the result is ("", 0.0).
+    under the equivalence grader for MATH; under `paper` only equal strings do): each answer joins the first class
+    whose representative (its first member) it equals. a_plus is that representative. Ties go to the class that
+    appeared first in sample order, which is deterministic since the samples are stored in order. Empty answers
+    count in the denominator but never win; with no non-empty answer the result is ("", 0.0).
     """
     if not answers:
         raise ValueError("majority_vote needs at least one answer")

@@ -89,7 +89,11 @@ class EquivalenceGrader:
 
 class MathVerifyGrader:
     """Math-Verify on the response cut at the first "Question" (the model starting a new example, as every grader
-    reads it). An answer is the string Math-Verify matched; two answers are compared by parsing both as LaTeX."""
+    reads it). Our prompt format ends a solution with the marker and an undelimited answer ("The answer is:
+    \\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}"), which Math-Verify's extractor, made for $...$ and \\boxed{}, reads
+    only in part; so the text after the last marker (to the end of its line) is handed to it as LaTeX first, and
+    the whole response when that gives nothing. An answer is the string Math-Verify matched; two answers are
+    compared by parsing both as LaTeX and calling its verify."""
 
     name = "math-verify"
 
@@ -97,7 +101,12 @@ class MathVerifyGrader:
         self.task = task
 
     def answer(self, response: str) -> str:
-        return _matched_string(_mv_parse(response.split("Question", 1)[0]))
+        text, marker = response.split("Question", 1)[0], MARKERS[self.task]
+        if marker in text:
+            line = text.rsplit(marker, 1)[1].strip().split("\n", 1)[0].strip().rstrip(".").strip()
+            if line and (found := _matched_string(_mv_parse(f"${line}$"))):
+                return found
+        return _matched_string(_mv_parse(text))
 
     def gold(self, answer_text: str) -> str:
         text = gold_text(answer_text, self.task)
