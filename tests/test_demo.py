@@ -111,13 +111,14 @@ def _toml(tables):
 
 def test_shortened_demo_runs_end_to_end_and_reports(tmp_path):
     """The real pipeline on recipes/demo.toml with fewer questions and steps: every stage finishes, the report
-    has the paper's rows, each accuracy equals a regrading of that stage's own generations, and the plot exists."""
+    has the paper's rows, each accuracy equals a regrading of that stage's own generations under the recipe's grader
+    (the authors' protocol), the other graders stand beside it, and the plot exists."""
     if (reason := _pipeline_blocker()) is not None:
         pytest.skip(reason)
     from w2s.files import read_jsonl
     from w2s.pipeline import run_pipeline
     from w2s.report import METHODS
-    from w2s.tasks import grade
+    from w2s.tasks import get_grader
 
     raw = tomllib.loads(RECIPE.read_text())
     raw["name"] = "demo-short"
@@ -136,16 +137,18 @@ def test_shortened_demo_runs_end_to_end_and_reports(tmp_path):
     for method in ("weak_floor", "full_weak_ft", "strong_icl", "stage1_r2_hybrid", "stage2_dpo", "stage2_orpo",
                    "ceiling"):
         assert labels[method] in text, f"report lacks {method}:\n{text}"
-    tests = {r["id"]: r["answer"] for r in read_jsonl(run_dir / "00_data" / "test.jsonl")}
+    paper = get_grader("gsm8k", "paper")  # the demo recipe's grader: the authors' protocol
+    tests = {r["id"]: paper.gold(r["answer"]) for r in read_jsonl(run_dir / "00_data" / "test.jsonl")}
     evals = sorted(run_dir.glob("*_eval_*"))
     assert len(evals) >= 10
     for stage in evals:
         meta = json.loads((stage / "meta.json").read_text())
         rows = read_jsonl(stage / "labels.jsonl")
         assert len(rows) == len(tests) == 20
-        regraded = sum(grade(r["response"], tests[r["id"]], "gsm8k") for r in rows) / len(rows)
+        regraded = sum(paper.same(paper.answer(r["response"]), tests[r["id"]]) for r in rows) / len(rows)
         accuracy = meta.get("accuracy", meta.get("result", {}).get("accuracy"))
         assert accuracy == pytest.approx(regraded), stage.name
+    assert "## The same accuracies under every grader" in text
     assert (run_dir / "report.png").is_file()
 
 

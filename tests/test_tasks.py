@@ -291,3 +291,51 @@ def test_fetch_data_writes_only_valid_downloads(tmp_path, monkeypatch):
     assert missing == [tmp_path / "gsm8k" / "test.jsonl"]
     assert not (tmp_path / "gsm8k" / "test.jsonl").exists()
     assert not list(tmp_path.rglob("*.part"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The authors' split (their released data/raw/gsm8k/train_{1,2}.jsonl layout)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _authors_row(qid, n):
+    """A row as the authors released them: GSM8K's question / answer plus their id (gsm8k_<n> for GSM8K's own
+    training questions, aug_<n> for the questions added from their Abel project)."""
+    return {"id": qid, "question": f"Ann has {n} pens and buys {n} more. How many pens?",
+            "answer": f"She has {n} + {n} = <<{n}+{n}={2 * n}>>{2 * n} pens.\n#### {2 * n}"}
+
+
+def test_the_authors_split_runs_as_released(tmp_path):
+    """import_split turns the two released files into a train file and a split file; a recipe naming them gets
+    exactly those halves, with the authors' ids, from the pipeline's data stage."""
+    from w2s.engine import Context
+    from w2s.recipe import load_recipe
+    from w2s.runners import run_data
+    from w2s.tasks.data import import_split
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    halves = {"train_1": ["gsm8k_2", "gsm8k_3", "aug_62152"], "train_2": ["gsm8k_9", "aug_62153", "aug_62172", "aug_7"]}
+    for name, ids in halves.items():
+        rows = [_authors_row(q, i + 1) for i, q in enumerate(ids)]
+        (raw / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (tmp_path / "test.jsonl").write_text(json.dumps({"question": "q", "answer": "1 + 1 = 2\n#### 2"}) + "\n")
+    train, split = import_split("gsm8k", raw / "train_1.jsonl", raw / "train_2.jsonl", tmp_path / "authors")
+    assert json.loads(split.read_text()) == halves
+    for name in ("weak", "strong"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+    (tmp_path / "r.toml").write_text('[data]\ntask = "gsm8k"\ntrain = "authors/train.jsonl"\ntest = "test.jsonl"\n'
+                                     'split_file = "authors/split.json"\n[models]\nweak = "weak"\nstrong = "strong"\n')
+    out = tmp_path / "runs" / "00_data"
+    out.mkdir(parents=True)
+    counts = run_data(Context(load_recipe(tmp_path / "r.toml"), tmp_path / "runs"), out)
+    assert counts == {"n_train_1": 3, "n_train_2": 4, "n_test": 1}
+    read = lambda f: [json.loads(line) for line in (out / f).read_text().splitlines()]  # noqa: E731
+    assert [r["id"] for r in read("train_1.jsonl")] == halves["train_1"]
+    assert [r["id"] for r in read("train_2.jsonl")] == halves["train_2"]
+    assert read("train_1.jsonl")[0]["solution"] == "She has 1 + 1 = 2 pens.\n#### 2"  # annotations stripped
+    assert [g["answer"] for g in read("train_2_gold.jsonl")] == ["2", "4", "6", "8"]
+    with pytest.raises(ValueError, match="share 1 ids, e.g. \\['gsm8k_9'\\]"):
+        (raw / "dup.jsonl").write_text(json.dumps(_authors_row("gsm8k_9", 5)) + "\n")
+        import_split("gsm8k", raw / "train_2.jsonl", raw / "dup.jsonl", tmp_path / "bad")
