@@ -19,6 +19,7 @@ setup(
         "click",
         "sympy",  # the `equivalence` grader's MATH comparison (w2s's lenient grader, not the paper's protocol)
         "tqdm",  # progress bars on every long stage
+        "jinja2>=3.1.6",  # instruct models' chat templates (tokenizer_config.json), rendered as transformers does
     ],
     extras_require={
         # transformers is a test-only dependency: the parity tests compare logits against it (protobuf: its

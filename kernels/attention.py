@@ -12,7 +12,8 @@ Anatomy, top to bottom:
      atomics are needed; one program per query block for dq),
   4. launchers that pick block sizes by head dim, the autograd Function and the functional `attention`.
 The sampler's decode kernel (a few new tokens against a long KV cache, split over keys) and cascade decoding over a
-shared prefix are kernels/decode_attention.py, built on the helpers and the key loop here.
+shared prefix are kernels/decode_attention.py, built on the helpers and the key loop here (it imports this module;
+this module imports nothing of it). Which of the two runs a call is decided in w2s/ops.py.
 
 Why the key loop runs in three segments: for a block of queries, the key blocks in the middle are visible to every
 row (no mask needed), the ones at the edges (causal diagonal, window start, kv_lengths end) need the per-element
@@ -192,8 +193,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, POS, KV_LEN,
 @triton.jit
 def _attn_bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_ot, stride_oh, stride_dob, stride_dot, stride_doh, T, H,
                            HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-    """delta = rowsum(dO * O) in fp32, (B, H, T), reading each once (the torch expression it replaces made fp32
-    copies of both and ~7 passes over them)."""
+    """delta = rowsum(dO * O) in fp32, (B, H, T), reading each of dO and O once, without fp32 copies of them."""
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
@@ -391,8 +391,8 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, POS, KV_LEN,
 # smaller ones where the (M, D) and (N, D) tiles of D=256 would overflow shared memory. Under TRITON_INTERPRET=1
 # small tiles keep CPU tests fast and still exercise several blocks, ragged edges and every loop segment.
 _GPU_FWD = {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 64, 8, 2)}
-# fp32 tiles take twice the bytes: the bf16 config at D=128 would leave 1.5 KB of the H100's 227 KB of shared memory
-# (compiled for sm_90a), so fp32 (parity checks, tiny test models) halves the query tile and the pipeline depth.
+# fp32 tiles take twice the bytes: the bf16 config at D=128 would all but fill the H100's shared memory
+# (kernels/compile_check.py), so fp32 (parity checks, tiny test models) halves the query tile and the pipeline depth.
 _GPU_FWD_FP32 = {64: (64, 64, 4, 2), 128: (64, 64, 8, 2), 256: (32, 64, 8, 1)}
 # Backward (BLOCK_M queries, BLOCK_N keys, warps, stages): D = 64 and 128 chosen by kernels/sweep.py on an H100
 # (BENCHMARKS.md); D = 256 not swept.
@@ -523,24 +523,14 @@ def _check_inputs(q, k, v, q_positions, kv_lengths, sliding_window, softcap):
         raise ValueError(f"attention: softcap {softcap} must be positive (or None)")
 
 
-def _use_decode_path(q, k, v):
-    """Small T without autograd: the split-key decode kernel (GQA group packed into rows) beats the flash grid."""
-    T, H, KH = q.shape[1], q.shape[2], k.shape[2]
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    return not needs_grad and T <= 16 and T * (H // KH) <= 128
-
-
 def attention(q, k, v, q_positions=None, kv_lengths=None, sliding_window=None, softcap=None, scale=None):
     """Causal GQA attention with explicit positions, ragged lengths, sliding window and soft-cap, differentiable.
 
-    q (B, T, H, D), k/v (B, S, K, D) -> (B, T, H, D) in q.dtype. Exactly kernels.reference.attention; the few-token
-    no-grad case (sampling) goes to the decode kernel.
+    q (B, T, H, D), k/v (B, S, K, D) -> (B, T, H, D) in q.dtype. Exactly kernels.reference.attention, through the
+    flash kernels at any shape. w2s/ops.py sends the few-token no-grad calls of sampling to
+    kernels/decode_attention.py instead.
     """
     _check_inputs(q, k, v, q_positions, kv_lengths, sliding_window, softcap)
-    if _use_decode_path(q, k, v):
-        from kernels import decode_attention  # imported here: it builds on this module's helpers
-
-        return decode_attention.attention_decode(q, k, v, q_positions, kv_lengths, sliding_window, softcap, scale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     q_positions = _optional_int32(q_positions, q.device)

@@ -61,9 +61,9 @@ def median_ms(fn, warmup, repeats):
     """Median device time of fn() in milliseconds: warm-up runs discarded, CUDA events around each run.
 
     Before each run the GPU spins for ~1 ms (torch.cuda._sleep) while the host queues the L2 flush, the events and
-    fn's launches behind it, so the time between the events is the device's, not the host's: without it the
-    RoPE / RMSNorm backward (0.1-0.17 ms kernels reached through autograd) measured 1.9x / 3.1x their device time
-    on an H100 (BENCHMARKS.md). A training step, where the host runs ahead of the GPU, sees the device time.
+    fn's launches behind it, so the time between the events is the device's, not the host's: without it a short
+    kernel reached through autograd (the RoPE / RMSNorm backward) measures the host's launch time (BENCHMARKS.md).
+    A training step, where the host runs ahead of the GPU, sees the device time.
     """
     for _ in range(warmup):
         fn()

@@ -13,7 +13,9 @@ Anatomy, top to bottom:
   3. launchers: how many splits fill the GPU, `attention_decode`, and `attention_after_shared_prefix`, which runs
      the shared prefix once for all rows through the flash forward kernel and merges it as one more split.
 
-kernels.attention.attention sends small no-grad calls here itself; w2s/ops.py calls the cascade directly.
+w2s/ops.py decides which calls come here (`ops.use_decode_kernel`: few query rows, no gradient) and calls
+`attention_decode` or, over a long shared prefix, `attention_after_shared_prefix`; every other call goes to the flash
+kernel. The dependency runs one way: this file imports kernels/attention.py, never the reverse.
 
     python -m pytest -q tests/test_kernel_attention.py -k "decode or cascade"   # CPU, TRITON_INTERPRET=1
 """
@@ -25,6 +27,7 @@ import triton
 import triton.language as tl
 
 from kernels.attention import (
+    _check_inputs,
     _flags,
     _forward,
     _fwd_key_loop,
@@ -143,9 +146,10 @@ def _decode_partials(q, k, v, q_positions, kv_lengths, sliding_window, softcap, 
 def attention_decode(q, k, v, q_positions=None, kv_lengths=None, sliding_window=None, softcap=None, scale=None):
     """Forward-only attention for a few query tokens against a KV cache (the sampler's hot loop).
 
-    Same contract as `attention`; `attention` calls this itself when T is small and no gradient is needed. For the
-    best speed pass k/v sliced to the longest live cache row, since the key splits cover all S slots.
+    Same contract as kernels.attention.attention, forward only; at most 128 query rows (T x the GQA group) per kv
+    head. For the best speed pass k/v sliced to the longest live cache row, since the key splits cover all S slots.
     """
+    _check_inputs(q, k, v, q_positions, kv_lengths, sliding_window, softcap)
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     o_part, lse_part = _decode_partials(q, k, v, _optional_int32(q_positions, q.device),
@@ -163,6 +167,7 @@ def attention_after_shared_prefix(q, k, v, prefix_k, prefix_v, q_positions, slid
     once per step instead of once per row. The prefix result joins the decode kernel's key splits as one more
     split, and _combine_splits merges them all by their log-sum-exps. No host sync: CUDA-graph safe.
     """
+    _check_inputs(q, k, v, q_positions, None, sliding_window, softcap)
     B, T, H, D = q.shape
     P = prefix_k.shape[0]
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))

@@ -2,7 +2,7 @@
 fixed tables of kernels/attention.py (_GPU_BWD_DKDV, _GPU_BWD_DQ) and kernels/rms_norm.py (BWD_PROGRAMS_PER_SM,
 BWD_NUM_WARPS). Run it on new hardware, copy the fastest rows into the tables, and record the table it printed.
 
-    python -m kernels.sweep                      # needs CUDA; ~2 minutes on one H100, most of it Triton compiles
+    python -m kernels.sweep                      # needs CUDA; most of its time is Triton compiles
     python -m kernels.sweep --only rms_norm
 
 For each candidate it times the whole backward (kernels/bench.py's median_ms: device time, L2 flushed) with the

@@ -19,18 +19,15 @@ Timings are medians over --repeats runs after one warm-up run, with the device s
 import argparse
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from w2s.config import ModelConfig  # noqa: E402
-from w2s.model import Transformer  # noqa: E402
-from w2s.sampling import generate  # noqa: E402
+from w2s.config import ModelConfig
+from w2s.model import Transformer
+from w2s.sampling import generate
 
 # Llama-architecture shapes: "small" is what 2 CPU cores can run in seconds; "8b" is Llama-3-8B.
 SHAPES = {

@@ -9,12 +9,7 @@ input order: {"id", "prompt", "completions": [{"text", "token_ids", "num_tokens"
 run resumes on rerun without redoing finished prompts. Tested by tests/test_sampling.py (test_sample_script_*).
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from w2s.cli import sample  # noqa: E402
+from w2s.cli import sample
 
 if __name__ == "__main__":
     sample(prog_name="scripts/sample.py")

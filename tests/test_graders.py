@@ -98,7 +98,7 @@ def test_the_normalizer_is_the_authors_substring_list():
 def test_graders_by_name_and_their_errors():
     assert available_graders("gsm8k")[:2] == ("paper", "equivalence")
     assert get_grader("math", "paper") is get_grader("math", "paper")
-    with pytest.raises(ValueError, match="unknown grader 'lenient': expected one of paper, equivalence, math-verify"):
+    with pytest.raises(ValueError, match="unknown grader 'lenient' for gsm8k: expected one of paper, equivalence, "):
         get_grader("gsm8k", "lenient")
     with pytest.raises(ValueError, match="unknown task 'mmlu'"):
         get_grader("mmlu", "paper")
@@ -249,3 +249,18 @@ def test_the_bound_holds_outside_the_main_thread_too():
     thread.start()
     thread.join(timeout=30)
     assert out == {"r": False} and time.perf_counter() - start < 5  # the size bound needs no alarm
+
+
+def test_olympicarena_has_its_judge_under_the_same_interface():
+    """OlympicArena's judge compares by the question (several answers, in order or not): per_question binds it."""
+    from w2s.tasks.graders import available_graders as graders_of
+
+    assert graders_of("olympicarena") == ("olympicarena",)
+    judge = get_grader("olympicarena")
+    records = {"one": {"answer": ["3"], "answer_type": "NV"}, "two": {"answer": ["1", "2"], "answer_type": "SET"}}
+    same_for = per_question(judge, records)
+    assert same_for("one")(judge.answer("so $\\boxed{3.000001}$"), judge.gold(["3"]))
+    assert same_for("two")(judge.answer("$\\boxed{2, 1}$"), judge.gold(["1", "2"]))
+    assert not same_for("one")("", judge.gold(["3"]))
+    with pytest.raises(ValueError, match="unknown grader 'paper' for olympicarena: expected one of olympicarena"):
+        get_grader("olympicarena", "paper")

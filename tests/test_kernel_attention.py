@@ -20,6 +20,7 @@ import pytest  # noqa: E402
 from kernels import attention as flash  # noqa: E402
 from kernels import decode_attention as decode  # noqa: E402
 from kernels import reference  # noqa: E402
+from w2s import ops  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP32_TOL = 1e-5  # max abs error relative to the tensor's largest entry; observed ~2e-7 in fp32
@@ -215,21 +216,23 @@ def test_decode_matches_reference(dtype, T, H, options):
     kv_lengths = start[:, 0] + T
     args = dict(q_positions=positions, kv_lengths=kv_lengths, **options)
     with torch.no_grad():
-        assert flash._use_decode_path(q, k, v)
-        out = flash.attention(q, k, v, **args)
+        assert ops.use_decode_kernel(q, k, v)
+        out = decode.attention_decode(q, k, v, **args)
     check_output(out, q, k, v, seed, **args)
 
 
 def test_decode_with_gpu_block_sizes(monkeypatch):
-    # The GPU's 64-key tiles and its split count (3 here in place of the SM-count formula) on a 200-slot cache.
+    # The GPU's 64-key tiles on a 200-slot cache, the split count formula replaced by 3 (rounded to whole tiles: 2
+    # splits of 128 keys).
     monkeypatch.setattr(flash, "_interpreting", lambda: False)
+    monkeypatch.setattr(decode, "_interpreting", lambda: False)  # decode imported its own reference to it
     monkeypatch.setattr(decode, "_num_splits", lambda batch_heads, S, block_n, device: 3)
     B, T, S, H, K, D = 2, 2, 200, 8, 2, 64
     seed, q, k, v = random_qkv(B, T, S, H, K, D, torch.float32)
     positions = torch.tensor([[150], [7]], device=DEVICE) + torch.arange(T, device=DEVICE)
     args = dict(q_positions=positions, kv_lengths=positions[:, -1] + 1, sliding_window=100, softcap=20.0)
     with torch.no_grad():
-        out = flash.attention(q, k, v, **args)
+        out = decode.attention_decode(q, k, v, **args)
     check_fp32([out], [reference.attention(q, k, v, **args)], seed)
 
 
@@ -258,8 +261,10 @@ def test_cascade_decode_over_a_shared_prefix_matches_reference(dtype, T, H, opti
 
 
 def test_cascade_decode_with_gpu_block_sizes(monkeypatch):
-    # The GPU's tiles (128-query forward blocks, 64-key decode splits, 3 of them) on a 130-token prefix of 200 slots.
+    # The GPU's tiles (128-query forward blocks, 64-key decode tiles, 2 splits of the 70 own keys) on a 130-token
+    # prefix of 200 slots.
     monkeypatch.setattr(flash, "_interpreting", lambda: False)
+    monkeypatch.setattr(decode, "_interpreting", lambda: False)
     monkeypatch.setattr(decode, "_num_splits", lambda batch_heads, S, block_n, device: 3)
     seed, q, k, v, prefix_k, prefix_v, positions = shared_prefix_case(3, 1, 200, 130, 8, 2, 64, torch.float32,
                                                                       [199, 130, 160])
@@ -270,9 +275,56 @@ def test_cascade_decode_with_gpu_block_sizes(monkeypatch):
 
 def test_grad_mode_with_few_tokens_uses_flash_path():
     q, k, v = (torch.randn(1, 2, 2, 16, device=DEVICE, requires_grad=True) for _ in range(3))
-    assert not flash._use_decode_path(q, k, v)
+    assert not ops.use_decode_kernel(q, k, v)
     with torch.no_grad():
-        assert flash._use_decode_path(q, k, v)
+        assert ops.use_decode_kernel(q, k, v)
+
+
+def old_decode_rule(T, G, grad):
+    """Where kernels/attention.py sent a call to the decode kernel before the choice moved to w2s/ops.py."""
+    return not grad and T <= 16 and T * G <= 128
+
+
+@pytest.mark.parametrize("grad", ["requires_grad", "requires_grad-under-no_grad", "no-requires_grad"])
+def test_ops_picks_decode_or_flash_where_it_did_before(monkeypatch, grad):
+    """ops.attention on Triton, over a grid of query lengths and GQA groups: the decode kernel exactly where the old
+    rule sent it (few rows, no gradient), the flash kernel everywhere else. Kernels stubbed: only the choice runs."""
+    monkeypatch.setattr(ops, "_backend", "triton")
+    monkeypatch.setattr(flash, "attention", lambda *a, **k: "flash")
+    monkeypatch.setattr(decode, "attention_decode", lambda *a, **k: "decode")
+    monkeypatch.setattr(decode, "attention_after_shared_prefix", lambda *a, **k: "cascade")
+    for T in (1, 2, 8, 16, 17, 33):
+        for H, K in ((4, 4), (8, 2), (16, 2), (16, 1), (32, 1)):
+            q = torch.zeros(2, T, H, 16, device=DEVICE, requires_grad=grad != "no-requires_grad")
+            k = torch.zeros(2, 40, K, 16, device=DEVICE)
+            positions = torch.arange(T, device=DEVICE).expand(2, T) + 20
+            with torch.set_grad_enabled(grad != "requires_grad-under-no_grad"):
+                got = ops.attention(q, k, k, q_positions=positions)
+            expected = "decode" if old_decode_rule(T, H // K, grad == "requires_grad") else "flash"
+            assert got == expected, (T, H, K, grad)
+
+
+@pytest.mark.parametrize("T, prefix, options, expected", [
+    (1, 64, {}, "cascade"),  # positions given, no kv_lengths, CASCADE_MIN_PREFIX shared tokens
+    (4, 100, {"sliding_window": 8, "softcap": 5.0}, "cascade"),  # any window and soft-cap
+    (1, 63, {}, "decode"),  # prefix below the threshold
+    (1, 64, {"kv_lengths": True}, "decode"),  # ragged lengths: no cascade
+    (1, 64, {"q_positions": None}, "decode"),  # no positions: no cascade
+    (17, 64, {}, "flash"),  # too many queries for the decode kernel
+], ids=["cascade", "cascade-window-softcap", "short-prefix", "kv-lengths", "no-positions", "long-query"])
+def test_ops_picks_the_cascade_where_it_did_before(monkeypatch, T, prefix, options, expected):
+    monkeypatch.setattr(ops, "_backend", "triton")
+    monkeypatch.setattr(flash, "attention", lambda *a, **k: "flash")
+    monkeypatch.setattr(decode, "attention_decode", lambda *a, **k: "decode")
+    monkeypatch.setattr(decode, "attention_after_shared_prefix", lambda *a, **k: "cascade")
+    assert ops.CASCADE_MIN_PREFIX == 64
+    q, k = torch.zeros(2, T, 4, 16, device=DEVICE), torch.zeros(2, 120, 2, 16, device=DEVICE)
+    args = {"q_positions": torch.arange(T, device=DEVICE).expand(2, T) + 100, **options}
+    if args.pop("kv_lengths", None):
+        args["kv_lengths"] = torch.tensor([120, 110], device=DEVICE)
+    with torch.no_grad():
+        got = ops.attention(q, k, k, shared_prefix=(k[0, :prefix], k[0, :prefix]), **args)
+    assert got == expected
 
 
 # --- bad input -----------------------------------------------------------------------------------------------------
@@ -291,12 +343,14 @@ def test_bad_input_is_a_clear_error(q_shape, kv_shape, kwargs, message):
 
 
 def test_launches_beyond_cuda_limits_are_clear_errors():
-    """What a GPU would refuse and the interpreter would run: more than 65535 (batch x head) rows on CUDA grid axis 1,
-    and a decode tile of more than 128 query rows per kv head (both public entry points that skip attention()'s
-    routing). Each is a one-line ValueError before any launch."""
+    """What a GPU would refuse and the interpreter would run: more than 65535 (batch x head) rows on CUDA grid axis 1
+    (flash and decode kernels), and a decode tile of more than 128 query rows per kv head (the decode entry points,
+    which w2s/ops.py never sends such a call). Each is a one-line ValueError before any launch."""
     q = torch.zeros(65536, 1, 1, 16, device=DEVICE)
     with torch.no_grad(), pytest.raises(ValueError, match="65536 exceeds CUDA's 65535 grid rows"):
         flash.attention(q, q, q)
+    with torch.no_grad(), pytest.raises(ValueError, match="65536 exceeds CUDA's 65535 grid rows"):
+        decode.attention_decode(q, q, q)
     q, k = torch.zeros(1, 16, 16, 16, device=DEVICE), torch.zeros(1, 20, 1, 16, device=DEVICE)  # 16 x 16 rows
     with pytest.raises(ValueError, match="256 rows, at most 128"):
         decode.attention_decode(q, k, k)
@@ -344,7 +398,8 @@ def test_gpu_bf16_decode_long_cache():
     positions = torch.tensor([[4095], [100], [2048], [0]], device=DEVICE)
     args = dict(q_positions=positions, kv_lengths=positions[:, 0] + 1)
     with torch.no_grad():
-        out = flash.attention(q, k, v, **args)
+        assert ops.use_decode_kernel(q, k, v)
+        out = decode.attention_decode(q, k, v, **args)
     check_output(out, q, k, v, seed, **args)
 
 
@@ -366,9 +421,8 @@ def test_gpu_bf16_cascade_decode_long_shared_prefix():
 @pytest.mark.parametrize("options", [{}, {"sliding_window": 12, "attn_logit_softcap": 5.0}], ids=["llama", "window"])
 def test_sampler_decodes_through_the_triton_cascade(monkeypatch, options):
     """w2s.generate with W2S_KERNELS=triton and a 16-token shared prefix: decode takes the cascade path (ops ->
-    attention_after_shared_prefix) and gives the reference backend's greedy tokens; with the prefix not shared it
-    takes the plain decode kernel over the strided (head-major) cache and gives them too."""
-    from w2s import ops
+    decode_attention.attention_after_shared_prefix) and gives the reference backend's greedy tokens; with the prefix
+    not shared it takes the plain decode kernel over the strided (head-major) cache and gives them too."""
     from w2s.config import ModelConfig
     from w2s.model import Transformer
     from w2s.sampling import generate

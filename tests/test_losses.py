@@ -89,6 +89,38 @@ def test_log1mexp_is_accurate_at_both_ends(x):
     assert losses.log1mexp(torch.tensor(x, dtype=torch.float32)).item() == pytest.approx(expected, rel=1e-5)
 
 
-def test_sft_token_losses_are_negative_logprobs():
-    logps = torch.tensor([[-0.5, -2.0, 0.0]])
-    assert torch.equal(losses.sft_token_losses(logps), torch.tensor([[0.5, 2.0, -0.0]]))
+def _log_odds(mean_logp):
+    p = math.exp(mean_logp)
+    return math.log(p / (1.0 - p))
+
+
+def test_orpo_loss_by_hand_with_global_normalizers():
+    """Two pairs: summed log-probs and token counts in, the loss L = NLL / chosen tokens + beta * mean L_OR out, with
+    the gradient of its closed form; split into two micro-batches with the same global normalizers, it sums back."""
+    beta, chosen, rejected, n_chosen, n_rejected = 0.25, [-3.0, -1.2], [-4.0, -0.9], [3, 2], [2, 1]
+    mean_c, mean_r = [-1.0, -0.6], [-2.0, -0.9]  # summed log-probs / token counts
+    margins = [_log_odds(mean_c[i]) - _log_odds(mean_r[i]) for i in range(2)]
+    or_losses = [math.log1p(math.exp(-m)) for m in margins]  # -log sigmoid(margin)
+    nll = 4.2 / 5  # -(-3.0 - 1.2) over the 3 + 2 chosen tokens
+    expected = nll + beta * sum(or_losses) / 2
+
+    pc = _t(chosen)
+    loss, rewards_c, rewards_r, stats = losses.orpo_loss(
+        pc, _t(rejected), torch.tensor(n_chosen), torch.tensor(n_rejected), beta, n_pairs=2, n_chosen_tokens=5)
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    assert stats["nll"].item() == pytest.approx(nll, rel=1e-12)
+    assert stats["or_loss"].item() == pytest.approx(sum(or_losses) / 2, rel=1e-12)
+    assert stats["log_odds"].item() == pytest.approx(sum(margins) / 2, rel=1e-12)
+    assert rewards_c.tolist() == pytest.approx([beta * m for m in mean_c], rel=1e-12)
+    assert rewards_r.tolist() == pytest.approx([beta * m for m in mean_r], rel=1e-12)
+    loss.backward()
+    for i in range(2):
+        # d/d chosen_i: -1/5 from the NLL; through the mean m = chosen_i / n_i, d log odds / dm = 1 / (1 - e^m),
+        # and d(-log sigmoid(margin)) / d margin = -sigmoid(-margin)
+        d_or = -1.0 / (1.0 + math.exp(margins[i])) / (1.0 - math.exp(mean_c[i])) / n_chosen[i]
+        assert pc.grad[i].item() == pytest.approx(-1.0 / 5 + beta * d_or / 2, rel=1e-10)
+
+    parts = [losses.orpo_loss(_t(chosen[i:i + 1]), _t(rejected[i:i + 1]), torch.tensor(n_chosen[i:i + 1]),
+                              torch.tensor(n_rejected[i:i + 1]), beta, n_pairs=2, n_chosen_tokens=5)[0]
+             for i in range(2)]
+    assert sum(p.item() for p in parts) == pytest.approx(expected, rel=1e-12)

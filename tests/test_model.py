@@ -189,11 +189,57 @@ def test_cpu_sdpa_masked_path_equals_the_reference_attention(window, monkeypatch
     assert fast[2].abs().max() == 0
 
 
+@pytest.mark.parametrize("case, expected", [
+    (dict(), "sdpa"),  # plain causal, differentiable
+    (dict(softcap=5.0), "reference"),  # SDPA has no soft-cap
+    (dict(window=3), "reference"),  # not plain, and a gradient is wanted
+    (dict(window=3, grad=False), "sdpa"),
+    (dict(positions=True), "reference"),
+    (dict(positions=True, grad=False), "sdpa"),
+    (dict(positions=True, grad=False, softcap=5.0), "reference"),
+    (dict(positions=True, no_grad_mode=True), "reference"),  # the rule reads requires_grad, not the grad mode
+    (dict(S=12, grad=False), "sdpa"),  # T != S without positions: the masked path
+    (dict(S=12), "reference"),
+    (dict(backend="reference"), "reference"),
+    (dict(backend="reference", positions=True, grad=False), "reference"),
+])
+def test_cpu_attention_takes_sdpa_exactly_where_it_did(case, expected, monkeypatch):
+    """ops.attention on CPU: SDPA (kernels/sdpa_attention.py) under `auto` for plain causal calls and for calls
+    that want no gradient, none with a soft-cap; the reference everywhere else. Implementations stubbed."""
+    from kernels import reference, sdpa_attention
+    from w2s import ops
+
+    monkeypatch.setattr(ops, "_backend", case.get("backend", "auto"))
+    monkeypatch.setattr(sdpa_attention, "attention", lambda *a, **k: "sdpa")
+    monkeypatch.setattr(reference, "attention", lambda *a, **k: "reference")
+    T, S = 9, case.get("S", 9)
+    q, k = torch.zeros(2, T, 4, 8, requires_grad=case.get("grad", True)), torch.zeros(2, S, 2, 8)
+    positions = torch.arange(T).expand(2, T) if case.get("positions") else None
+    with torch.set_grad_enabled(not case.get("no_grad_mode", False)):
+        got = ops.attention(q, k, k, q_positions=positions, sliding_window=case.get("window"),
+                            softcap=case.get("softcap"))
+    assert got == expected
+
+
+@pytest.mark.parametrize("P, cascade", [(63, False), (64, True)])
+def test_cpu_shared_prefix_reaches_sdpa_from_the_threshold_on(P, cascade, monkeypatch):
+    from kernels import sdpa_attention
+    from w2s import ops
+
+    monkeypatch.setattr(ops, "_backend", "auto")
+    seen = []
+    monkeypatch.setattr(sdpa_attention, "attention", lambda *a, shared_prefix, **k: seen.append(shared_prefix))
+    q, k = torch.zeros(2, 1, 4, 8), torch.zeros(2, 80, 2, 8)
+    prefix = (k[0, :P], k[0, :P])
+    ops.attention(q, k, k, q_positions=torch.full((2, 1), 70), shared_prefix=prefix)
+    assert ops.CASCADE_MIN_PREFIX == 64 and seen == [prefix if cascade else None]
+
+
 @pytest.mark.parametrize("heads, T", [((4, 2), 1), ((4, 4), 2), ((6, 1), 1)])
 def test_cpu_shared_prefix_hint_changes_no_value(heads, T, monkeypatch):
     """Keys [0, P) equal in every row: the cascade path (prefix attended once, merged by log-sum-exp) computes
     kernels/reference.py's attention over the whole rows; queries inside the prefix fall back to the masked path."""
-    from kernels import reference
+    from kernels import reference, sdpa_attention
     from w2s import ops
 
     H, K = heads
@@ -206,8 +252,8 @@ def test_cpu_shared_prefix_hint_changes_no_value(heads, T, monkeypatch):
     monkeypatch.setattr(ops, "_backend", "auto")
     monkeypatch.setattr(ops, "CASCADE_MIN_PREFIX", P)  # tiny shapes: take the path at this prefix length
     calls = []
-    cascade = ops._attention_after_shared_prefix
-    monkeypatch.setattr(ops, "_attention_after_shared_prefix", lambda *a: calls.append(1) or cascade(*a))
+    cascade = sdpa_attention.attention_after_shared_prefix
+    monkeypatch.setattr(sdpa_attention, "attention_after_shared_prefix", lambda *a: calls.append(1) or cascade(*a))
     for positions in (torch.tensor([[5, 6], [9, 10], [11, 12]])[:, :T], torch.tensor([[3, 4], [9, 10], [7, 8]])[:, :T]):
         fast = ops.attention(q, k, v, q_positions=positions, scale=0.4, shared_prefix=(k_p, v_p))
         ref = reference.attention(q, k, v, q_positions=positions, scale=0.4)

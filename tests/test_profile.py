@@ -12,8 +12,10 @@ import time
 import pytest
 import torch
 
+from w2s import profile
 from w2s.config import ModelConfig
 from w2s.profile import (
+    GiB,
     StageProfiler,
     Timer,
     flops_per_token,
@@ -132,7 +134,61 @@ def test_stage_profiler_counts_and_skips_warmup():
     assert 0.02 <= summary["step_s_median"] < 0.15
     assert len(prof._windows) == 2
     json.dumps(summary)  # meta.json-ready
-    assert prof.log_line(step=5).startswith("step 5 | tok/s ")
+    assert fmt_log_line(step=5, **prof.window_metrics()).startswith("step 5 | tok/s ")
+
+
+class FakeClock:
+    """time.perf_counter under test control: every reading is the value last set."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_stage_profiler_with_given_flops_windows_and_cost(monkeypatch):
+    """The training loop's use: exact FLOPs per step, a window per log interval, callback time between windows left
+    out of tokens/s but not out of the totals. Every value by hand on a fake clock and a 1e6 FLOP/s peak."""
+    clock = FakeClock()
+    monkeypatch.setattr(profile.time, "perf_counter", clock)
+    monkeypatch.setenv("W2S_PEAK_FLOPS", "1e6")  # applies on CPU too
+    prof = StageProfiler(name="train", device="cpu", n_devices=2, warmup_steps=0, reset_peak_memory=False)
+    assert prof.last_window() is None
+    with prof:  # enters at t = 0
+        clock.now = 1.0
+        prof.step(tokens=100, flops=1e6, sync=False)
+        clock.now = 2.0
+        prof.step(tokens=50, flops=5e5, sync=True)  # window 1: 150 tokens, 1.5e6 FLOPs in 2 s
+        assert prof.last_window() == {"seconds": 2.0, "tokens": 150, "flops": 1.5e6, "steps": 2, "tok_s": 75.0,
+                                      "mfu": 1.5e6 / 2.0 / (1e6 * 2)}
+        clock.now = 5.0  # 3 s of logging and checkpointing
+        prof.restart_window()
+        clock.now = 6.0
+        prof.step(tokens=10, flops=2e5, sync=True)  # window 2: 1 s, not 4
+        window = prof.window_metrics()
+        assert (window["tok_s"], window["mfu"]) == (10.0, 2e5 / 1.0 / 2e6)
+        assert window["mem"] == profile.host_peak_rss_bytes() / GiB  # CPU: the process's peak resident memory
+        clock.now = 7.0
+        prof.step(tokens=5, flops=1e5, sync=False)
+        prof.restart_window()  # a step ran since the last window closed: nothing to restart
+        clock.now = 8.0
+        prof.step(tokens=5, flops=1e5, sync=True)
+        assert prof.last_window()["seconds"] == 2.0
+        clock.now = 10.0
+    cost = prof.cost()  # the whole block: 170 tokens, 1.9e6 FLOPs in 10 s
+    assert {k: cost[k] for k in ("tokens", "tok_s", "mfu", "wall_s", "device")} == {
+        "tokens": 170, "tok_s": 17.0, "mfu": 1.9e6 / 10.0 / 2e6, "wall_s": 10.0, "device": "cpu"}
+    assert cost["peak_mem_gib"] > 0.01
+    summary = prof.summary()
+    assert summary["steps"] == 5 and summary["flops_per_token"] == 1.9e6 / 170
+    assert summary["tok_s_median"] == 10.0  # the median of windows of 75, 10 and 5 tok/s
+
+    monkeypatch.delenv("W2S_PEAK_FLOPS")
+    with StageProfiler(device="cpu", warmup_steps=0) as cpu:
+        clock.now = 11.0
+        cpu.step(tokens=4, flops=8.0)
+    assert cpu.cost()["mfu"] is None and cpu.window_metrics()["mfu"] is None  # no peak known for a CPU
 
 
 def test_stage_profiler_add_tokens_and_bad_mode():
@@ -163,6 +219,14 @@ def test_trace_written_when_enabled(tmp_path, monkeypatch):
             prof.step(tokens=1)
     names = {e.get("name") for e in json.loads(prof.trace_path.read_text())["traceEvents"]}
     assert {"step2", "step3"} <= names and not names & {"step0", "step1", "step4", "step5"}
+
+    # A profiler inside a tracing one (a training run inside a traced stage) leaves the trace to the outer one.
+    with StageProfiler(name="outer", device="cpu", trace_dir=tmp_path / "outer") as outer:
+        with StageProfiler(name="inner", device="cpu", trace_dir=tmp_path / "inner") as inner:
+            torch.randn(8, 8) @ torch.randn(8, 8)
+        assert inner.trace_path is None and not (tmp_path / "inner").exists()
+    assert outer.trace_path.parent == tmp_path / "outer"
+    assert "aten::mm" in {e.get("name") for e in json.loads(outer.trace_path.read_text())["traceEvents"]}
 
     monkeypatch.setenv("W2S_PROFILE", "0")
     with StageProfiler(device="cpu", trace_dir=tmp_path / "off") as prof:

@@ -39,7 +39,8 @@ def _world(tmp_path):
             (tmp_path / name).write_text("{}\n")
     for name in ("weak", "strong"):
         (tmp_path / name).mkdir(exist_ok=True)
-        (tmp_path / name / "config.json").write_text("{}")
+        if not (tmp_path / name / "config.json").exists():  # rewriting it would move its mtime, hence the keys
+            (tmp_path / name / "config.json").write_text("{}")
     return tmp_path
 
 

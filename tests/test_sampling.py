@@ -86,11 +86,12 @@ def test_kv_cache_decode_logits_equal_full_recompute(family, ckpt, monkeypatch):
     the logits of every decode step equal a full forward over prompt + generated tokens. Sequences run past the
     sliding window (5) of mistral and gemma2; llama2 (no window, no soft-cap) decodes through the CPU cascade
     attention that reads the shared prefix from its own cache row."""
+    from kernels import sdpa_attention
     from w2s import ops
 
     calls = []
-    cascade = ops._attention_after_shared_prefix
-    monkeypatch.setattr(ops, "_attention_after_shared_prefix", lambda *a: calls.append(1) or cascade(*a))
+    cascade = sdpa_attention.attention_after_shared_prefix
+    monkeypatch.setattr(sdpa_attention, "attention_after_shared_prefix", lambda *a: calls.append(1) or cascade(*a))
     monkeypatch.setattr(ops, "CASCADE_MIN_PREFIX", 3)  # the 3-token prefix below takes the cascade path
     model, _ = load(ckpt, family)
     prompts = random_prompts([4, 9], seed=2, prefix=[1, 7, 8])

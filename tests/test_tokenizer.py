@@ -213,3 +213,96 @@ def test_bad_inputs(tmp_path, trained):
 def _touch(path):
     path.write_text("x")
     return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Chat templates: rendered by w2s and by transformers from the same tokenizer_config.json
+# ---------------------------------------------------------------------------------------------------------------
+
+# The chat_template strings published in the tokenizer_config.json of meta-llama/Meta-Llama-3-8B-Instruct and
+# google/gemma-2b-it ("\\n" is a backslash-n inside the template's string literals, as in the JSON files).
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 "
+    "%}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ "
+    "'<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+    "{% endif %}{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\\n'}}{% endif %}"
+)
+CHAT_TOKENS = {
+    "llama3": ("<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", "<|start_header_id|>",
+               "<|end_header_id|>", "<|eot_id|>"),
+    "gemma": ("<bos>", "<eos>", "<pad>", "<start_of_turn>", "<end_of_turn>"),
+}  # fmt: skip
+USER = {"role": "user", "content": "  A train leaves at 3 pm.\nWhen does it arrive?  "}
+REPLY = {"role": "assistant", "content": "At 5 pm. The final answer is $\\boxed{5}$"}
+FOLLOW_UP = {"role": "user", "content": "And é 日本 🙂 {braces} <tags>?"}
+SYSTEM = {"role": "system", "content": "You are participating in an international Math competition."}
+
+
+def _chat_dir(tmp_path, family, template):
+    """A small trained BPE with the family's special tokens and a tokenizer_config.json holding the template."""
+    tokens = CHAT_TOKENS[family]
+    tok = train_bpe(["A train leaves at 3 pm. When does it arrive? At 5 pm."] * 20, vocab_size=300,
+                    special_tokens=tokens)  # fmt: skip
+    directory = tok.save(tmp_path / family)
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    config["chat_template"] = template
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return directory
+
+
+@pytest.mark.parametrize("family, template", [("llama3", LLAMA3_TEMPLATE), ("gemma", GEMMA_TEMPLATE)])
+def test_chat_template_renders_as_transformers(tmp_path, family, template):
+    from transformers import PreTrainedTokenizerFast
+
+    directory = _chat_dir(tmp_path, family, template)
+    ours, theirs = load_tokenizer(directory), PreTrainedTokenizerFast.from_pretrained(str(directory))
+    conversations = [[USER], [USER, REPLY, FOLLOW_UP]] + ([[SYSTEM, USER]] if family == "llama3" else [])
+    for messages in conversations:
+        for add in (True, False):
+            expected = theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=add)
+            assert ours.apply_chat_template(messages, add_generation_prompt=add) == expected, (messages, add)
+    text = ours.apply_chat_template([USER])
+    assert text.startswith(CHAT_TOKENS[family][0])  # the template writes BOS: encode with bos=False
+    assert ours.encode(text, bos=False)[0] == ours.bos_id
+
+
+def test_chat_template_errors_and_helpers(tmp_path):
+    import jinja2
+    from transformers import PreTrainedTokenizerFast
+
+    gemma = load_tokenizer(_chat_dir(tmp_path, "gemma", GEMMA_TEMPLATE))
+    with pytest.raises(jinja2.exceptions.TemplateError, match="System role not supported"):
+        gemma.apply_chat_template([SYSTEM, USER])
+    helpers = ("{{ strftime_now('%Y') }}|{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}"
+               "{{ m | tojson }}\n  {% endfor %}{{ eos_token }}")  # fmt: skip
+    directory = _chat_dir(tmp_path / "h", "llama3", helpers)
+    expected = PreTrainedTokenizerFast.from_pretrained(str(directory)).apply_chat_template(
+        [FOLLOW_UP, USER], tokenize=False)  # fmt: skip
+    assert load_tokenizer(directory).apply_chat_template([FOLLOW_UP, USER], add_generation_prompt=False) == expected
+
+    base = train_bpe(["plain text"] * 5, vocab_size=270).save(tmp_path / "base")
+    with pytest.raises(ValueError, match=r"tokenizer_config.json: no chat_template") as err:
+        load_tokenizer(base).apply_chat_template([USER])
+    assert len(str(err.value).splitlines()) == 1
+
+
+def test_instruct_model_stops_on_its_end_of_turn_token(tmp_path):
+    """Llama-3-Instruct's generation_config.json lists <|end_of_text|> and <|eot_id|>; the sampler stops on both."""
+    from w2s.sampling import _eos_ids
+
+    directory = _chat_dir(tmp_path, "llama3", LLAMA3_TEMPLATE)
+    tok = load_tokenizer(directory)
+    eot, end = tok.token_to_id("<|eot_id|>"), tok.token_to_id("<|end_of_text|>")
+    assert tok.eos_id == end and eot in tok.stop_ids
+    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [end, eot]}))
+    assert _eos_ids(None, load_tokenizer(directory)) == {end, eot}
+    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": eot}))
+    assert _eos_ids(None, load_tokenizer(directory)) == {end, eot}

@@ -28,7 +28,7 @@ from w2s.train import TrainConfig, train_preference, train_sft  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """Tiny matmuls on a shared 2-core machine: one thread is ~10x faster than two threads fighting over cores."""
+    """Tiny matmuls on a shared 2-core machine: a second thread costs more in synchronization than it gains."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -218,6 +218,12 @@ def test_sft_loss_goes_down_and_export_loads_in_transformers(ckpt, tmp_path, mon
     input_tokens = sum(len(r["prompt_ids"]) + len(r["response_ids"]) - 1 for r in rows)  # every row, every step
     assert (stats["steps"], stats["tokens"], stats["final_loss"]) == (12, 12 * input_tokens, losses[-1])
     assert stats["n_skipped"] == 0 and stats["tok_s"] > 0 and stats["mfu"] is None  # no peak FLOPs for a CPU
+    # the contract a pipeline stage records (w2s/plan.py)
+    assert {"tokens", "tok_s", "mfu", "peak_mem_gib", "steps", "final_loss", "resumed_from_step", "n_rows",
+            "n_skipped", "device", "wall_s"} <= set(stats)
+    assert (stats["device"], stats["resumed_from_step"], stats["n_rows"]) == ("cpu", 0, 4)
+    assert stats["tok_s"] == pytest.approx(stats["tokens"] / stats["wall_s"]) and stats["peak_mem_gib"] > 0.01
+    assert sum(r["tokens"] for r in recs) == stats["tokens"]  # the log windows add up to the run
     assert [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()] == losses
     assert not (out / "ckpt").exists()  # the export supersedes the training state
 
@@ -337,6 +343,12 @@ def test_preference_losses_equal_the_formulas_by_hand(ckpt, kind):
     if kind == "dpo":
         assert recs[0]["loss"] == pytest.approx(math.log(2), rel=1e-6)  # the policy starts AT the reference
         assert recs[1]["rewards/accuracies"] > 0.5  # one step already separates chosen from rejected
+
+
+def test_an_unknown_preference_loss_names_the_known_ones(ckpt):
+    path, _ = ckpt
+    with pytest.raises(ValueError, match=r"^loss='kto': expected 'dpo', 'ipo' or 'orpo'$"):
+        train_preference(load(path), None, id_pairs(2), cfg(), loss="kto")
 
 
 def test_reference_logps_are_cached_and_reused(ckpt, tmp_path, monkeypatch):
@@ -502,7 +514,7 @@ def _script(name, *args):
     import subprocess
 
     cmd = [sys.executable, str(ROOT / "scripts" / name), *map(str, args)]
-    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())}
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home()), "PYTHONPATH": str(ROOT)}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
 
 
@@ -556,6 +568,7 @@ def test_dpo_script_trains_and_explains_its_rules(text_ckpt, tmp_path):
 
     help_text = _script("dpo.py", "--help").stdout
     assert "chosen equals its\nrejected response" in help_text and "--bad-rows error" in help_text
+    assert "--loss {dpo,ipo,orpo}" in help_text  # losses.PREFERENCE_LOSSES
     pairs = [{"prompt": f"Question: {a} apples and {b} pears?", "chosen": f"Answer: {a + b}",
               "rejected": f"Answer: {a + b + 1}"} for a, b in [(1, 2), (3, 4), (5, 1)]]
     pairs.append({"prompt": "Question: 2 and 2?", "chosen": "Answer: 4", "rejected": " Answer: 4 "})
@@ -568,6 +581,36 @@ def test_dpo_script_trains_and_explains_its_rules(text_ckpt, tmp_path):
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert recs[0]["loss"] == pytest.approx(math.log(2), rel=1e-5) and (out / "ref_logps.pt").is_file()
     AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_activation_checkpointing_recomputes_blocks_with_the_same_gradients(ckpt):
+    """parallel.enable_activation_checkpointing: each block runs again in backward, with the RNG replayed (LoRA
+    dropout draws the same masks), and the gradients and parameter names are exactly those of the plain model."""
+    from w2s.parallel import enable_activation_checkpointing
+
+    path, _ = ckpt
+    tokens = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    runs = []
+    for checkpointed in (False, True):
+        model = load(path).float()
+        inject_lora(model, rank=2, alpha=4.0, dropout=0.5, seed=1)
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, LoRALinear):
+                    m.lora_B.fill_(0.1)  # so the dropped-out LoRA input reaches the gradients of A
+        if checkpointed:
+            enable_activation_checkpointing(model.layers)
+        calls = []
+        model.layers[0].self_attn.register_forward_hook(lambda *args: calls.append(1))
+        model.train()
+        torch.manual_seed(5)
+        model(tokens).float().logsumexp(-1).sum().backward()
+        runs.append((len(calls), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (plain_calls, plain), (ckpt_calls, recomputed) = runs
+    assert (plain_calls, ckpt_calls) == (1, 2)  # forward, then once more in backward
+    assert plain.keys() == recomputed.keys() and plain
+    for name in plain:
+        assert torch.equal(plain[name], recomputed[name]), name
 
 
 def test_activation_checkpointing_changes_nothing_but_memory(ckpt):

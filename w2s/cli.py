@@ -4,7 +4,7 @@
     w2s inspect CKPT_DIR          family, shapes, parameters, dtype and memory of an HF checkpoint (no weights read)
     w2s run RECIPE                the whole weak-to-strong pipeline (skips finished stages, resumes killed ones)
     w2s report RUN_DIR            the paper-style table and plot of a run
-    w2s data                      download GSM8K / MATH, or say which file to put where when offline
+    w2s data [olympicarena]       download GSM8K / MATH (or the tasks named), or say which file to put where offline
     w2s sample CKPT --input q.jsonl --output out.jsonl [-n 10 --temperature 1 --tp 2]   complete prompts (resumable)
 """
 
@@ -116,14 +116,16 @@ def report(run_dir, no_plot):
 
 
 @main.command()
+@click.argument("tasks", nargs=-1, type=click.Choice(["gsm8k", "math", "olympicarena"]))
 @click.option("--dest", default="data", show_default=True, type=click.Path(path_type=Path),
-              help="Where to put gsm8k/ and math/ jsonl files.")
+              help="Where to put the gsm8k/, math/ and olympicarena/ jsonl files.")
 @click.option("--offline", is_flag=True, help="Do not try the network; only list what is missing and where from.")
-def data(dest, offline):
-    """Download the public GSM8K and MATH files into DEST; offline, print exactly which file to put where."""
+def data(tasks, dest, offline):
+    """Download the public files of TASKS (default: gsm8k math) into DEST; offline, print exactly which file to put
+    where. `w2s data olympicarena` writes olympicarena/test.jsonl (train_2) and val.jsonl (the test set)."""
     from w2s.tasks import fetch_data
 
-    missing = fetch_data(dest, offline=offline, log=click.echo)
+    missing = fetch_data(dest, tasks=tasks or ("gsm8k", "math"), offline=offline, log=click.echo)
     if missing:
         raise SystemExit(1)
 

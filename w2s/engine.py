@@ -13,18 +13,27 @@ its result. `run_stages` gives every stage the same contract:
 
 Under torchrun every rank runs every stage; rank 0 alone writes shared files, and a barrier closes every stage.
 
+One run per directory: `run_lock` holds an exclusive lock on <run dir>/lock (an flock, so the kernel releases it
+when the owner dies, even by kill -9) and writes the owner's pid and host into it. A second pipeline on the same
+directory refuses with one line naming the owner; a lock file left by a process that is gone is taken over with a
+warning.
+
     python -m pytest -q tests/test_pipeline.py tests/test_recipe.py
 """
 
+import contextlib
+import fcntl
 import json
+import os
 import shutil
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from w2s.files import stable_hash, write_json_atomic
-from w2s.parallel import barrier, is_main
+from w2s.parallel import barrier, broadcast_object, is_main
 
 
 @dataclass
@@ -52,6 +61,49 @@ class Context:
 
     def dir(self, stage_name):
         return self.run_dir / stage_name
+
+
+class RunLocked(RuntimeError):
+    """Another live process runs a pipeline in this run directory."""
+
+
+@contextlib.contextmanager
+def run_lock(run_dir, log=print):
+    """Hold <run_dir>/lock for the duration of a run (rank 0 takes it; every rank learns whether it got it)."""
+    handle, refusal = None, None
+    if is_main():
+        handle, refusal = _take_lock(Path(run_dir) / "lock", log)
+    refusal = broadcast_object(refusal)
+    if refusal:
+        raise RunLocked(refusal)
+    try:
+        yield
+    finally:
+        if handle is not None:  # a clean exit empties the file: a name left in it means its owner was killed
+            handle.truncate(0)
+            handle.close()
+
+
+def _take_lock(path, log):
+    """(open lock file, None) when this process now owns `path`, else (None, the one-line refusal)."""
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "another process"
+        handle.close()
+        return None, (f"{path.parent}: another pipeline is running in this run directory ({owner}); wait for it, "
+                      f"or use another run name")
+    handle.seek(0)
+    previous = handle.read().strip()
+    if previous:  # the flock was free, so the process named here is gone without releasing the lock cleanly
+        log(f"warning: {path}: taking over a stale lock ({previous}; that process is gone)")
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on host {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    return handle, None
 
 
 def stage_key(stage, keys):

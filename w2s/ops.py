@@ -3,23 +3,26 @@
 Every hot op of the model and the losses goes through a function here. The backend is chosen per call:
 
     W2S_KERNELS=auto       (default) Triton for CUDA tensors, the reference for anything else (CPU), except two
-                           CPU paths with the reference's math and less memory traffic: torch SDPA / flash
-                           attention (with cascade decoding over a shared prefix) and the chunked fused linear
-                           losses (kernels/chunked_linear.py)
+                           CPU implementations with the reference's math and less memory traffic: attention
+                           through torch SDPA (kernels/sdpa_attention.py, with cascade decoding over a shared
+                           prefix) and the chunked fused linear losses (kernels/chunked_linear.py)
     W2S_KERNELS=triton     Triton always (on CPU only under TRITON_INTERPRET=1, which is how the tests run it)
     W2S_KERNELS=reference  the reference always (debugging, parity checks on GPU)
 
 `set_backend(name)` does the same from Python. There is no silent fallback: asking for Triton where it cannot run
 raises an error instead of quietly running the slow path.
+
+Only the choice lives here; every implementation is a module of kernels/. Attention has a second choice on each
+side: on Triton `use_decode_kernel` picks the decode kernel or the flash kernel (and CASCADE_MIN_PREFIX the
+cascade over a shared prefix), on CPU `kernels.sdpa_attention.supports` says where SDPA stands in for the reference.
 """
 
 import importlib
 import os
 
 import torch
-import torch.nn.functional as F
 
-from kernels import chunked_linear, reference
+from kernels import chunked_linear, reference, sdpa_attention
 
 BACKENDS = ("auto", "triton", "reference")
 _backend = os.environ.get("W2S_KERNELS", "auto")
@@ -39,12 +42,17 @@ def get_backend():
     return _backend
 
 
-def _triton(module_name, tensor):
-    """The Triton module to use for this call, or None for the reference."""
+def _use_triton(tensor):
+    """Whether this call runs the Triton kernels (else the PyTorch side: the reference or a CPU path)."""
     if _backend == "reference" or (_backend == "auto" and not tensor.is_cuda):
-        return None
+        return False
     if not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("W2S_KERNELS=triton on a CPU tensor needs TRITON_INTERPRET=1 (set before importing triton)")
+    return True
+
+
+def _kernel(module_name):
+    """kernels/<module_name>.py, a Triton module, imported on first use (importing it imports triton)."""
     try:
         return importlib.import_module(f"kernels.{module_name}")
     except ImportError as e:
@@ -52,106 +60,70 @@ def _triton(module_name, tensor):
                            "set W2S_KERNELS=reference to run the PyTorch reference instead") from e
 
 
+def _triton(module_name, tensor):
+    """The Triton module to use for this call, or None for the PyTorch side."""
+    return _kernel(module_name) if _use_triton(tensor) else None
+
+
 def attention(q, k, v, q_positions=None, kv_lengths=None, sliding_window=None, softcap=None, scale=None,
               shared_prefix=None):
     """Causal GQA attention; see kernels.reference.attention for the exact contract. (B, T, H, D) -> (B, T, H, D).
 
-    On CPU under `auto`, attention without a soft-cap runs through torch's fused scaled_dot_product_attention: the
-    plain causal case (training, scoring) with is_causal, and no-grad calls with positions over a KV cache
-    (sampling) with the reference's boolean mask, each kv head's query heads folded into one query block. Same
-    math as the reference (tests/test_model.py checks values and grads), without materializing fp32 (B, H, T, S)
-    scores and repeated kv heads. W2S_KERNELS=reference always runs the reference itself.
+    Triton: the split-key decode kernel (kernels/decode_attention.py) where `use_decode_kernel` says so, else the
+    flash kernel (kernels/attention.py). CPU under `auto`: torch SDPA (kernels/sdpa_attention.py) where it applies
+    (no soft-cap; plain causal, or no gradient), else the reference.
 
     shared_prefix: optional (k_p, v_p), each (P, K, D), a promise that k[b, :P] == k_p and v[b, :P] == v_p for every
-    row b (the sampler's prompts all start with the same few-shot demonstrations). It changes no value; decode
-    uses it to read those keys once per step instead of once per row (cascade attention): on CUDA through the
-    Triton kernels (kernels.decode_attention.attention_after_shared_prefix, any window or soft-cap), on CPU through
-    torch's flash kernel (_attention_after_shared_prefix, no window or soft-cap).
+    row b (the sampler's prompts all start with the same few-shot demonstrations). It changes no value; from
+    CASCADE_MIN_PREFIX shared tokens on, decode uses it to read those keys once per step instead of once per row
+    (cascade attention): kernels.decode_attention.attention_after_shared_prefix on Triton (any window or soft-cap),
+    kernels.sdpa_attention.attention_after_shared_prefix on CPU (no window or soft-cap).
     """
-    impl = _triton("attention", q)
-    P = shared_prefix[0].shape[0] if shared_prefix is not None else 0
-    if impl is not None:
-        if (P >= CASCADE_MIN_PREFIX and q_positions is not None and kv_lengths is None
-                and impl._use_decode_path(q, k, v)):
-            return _triton("decode_attention", q).attention_after_shared_prefix(
-                q, k, v, *shared_prefix, q_positions, sliding_window=sliding_window, softcap=softcap, scale=scale)
-        return impl.attention(q, k, v, q_positions=q_positions, kv_lengths=kv_lengths,
-                              sliding_window=sliding_window, softcap=softcap, scale=scale)
-    if _backend == "auto" and softcap is None:  # SDPA has no soft-cap: Gemma-2 stays on the reference
-        kt, vt = k.transpose(1, 2), v.transpose(1, 2)  # (B, K, S, D)
-        plain = q_positions is None and kv_lengths is None and sliding_window is None
-        if plain and q.shape[1] == k.shape[1]:
-            return F.scaled_dot_product_attention(q.transpose(1, 2), kt, vt, is_causal=True, scale=scale,
-                                                  enable_gqa=q.shape[2] != k.shape[2]).transpose(1, 2)
-        if not (q.requires_grad or k.requires_grad or v.requires_grad):  # sampling: positions over a KV cache
-            if q_positions is None:
-                q_positions = torch.arange(q.shape[1], device=q.device).expand(q.shape[0], -1)
-            if (P >= CASCADE_MIN_PREFIX and q.device.type == "cpu" and kv_lengths is None
-                    and sliding_window is None and bool((q_positions >= P).all())):
-                return _attention_after_shared_prefix(q, k, v, q_positions, shared_prefix, scale)
-            visible = reference.attention_mask(q_positions, k.shape[1], kv_lengths, sliding_window)  # (B, T, S)
-            K = k.shape[2]
-            out = F.scaled_dot_product_attention(_by_kv_head(q, K), kt, vt, attn_mask=_by_kv_head_mask(visible, q, K),
-                                                 scale=scale)  # (B, K, T*G, D)
-            return _from_kv_head(out, q.shape).nan_to_num(0.0)  # a query with no visible key -> zeros, as the reference
+    if _use_triton(q):
+        return _triton_attention(q, k, v, q_positions, kv_lengths, sliding_window, softcap, scale,
+                                 _cascade_prefix(shared_prefix))
+    if _backend == "auto" and sdpa_attention.supports(q, k, v, q_positions, kv_lengths, sliding_window, softcap):
+        return sdpa_attention.attention(q, k, v, q_positions=q_positions, kv_lengths=kv_lengths,
+                                        sliding_window=sliding_window, scale=scale,
+                                        shared_prefix=_cascade_prefix(shared_prefix))
     return reference.attention(q, k, v, q_positions=q_positions, kv_lengths=kv_lengths,
                                sliding_window=sliding_window, softcap=softcap, scale=scale)
 
 
 # Below this many shared tokens the cascade's second kernel call and merge cost more than reading the prefix from
-# every row (2 CPU cores, fp32, batch 32-128: a 16-token prefix is 1.4-2x slower, 64+ tokens break even or win,
-# a 384-token prefix before 66 own tokens is 3.3x faster). Zero-shot prompts share only a few template tokens.
-# The same threshold serves CUDA, where it is not yet measured.
+# every row (measured on CPU, BENCHMARKS.md); zero-shot prompts share only a few template tokens. CUDA uses the same
+# value, not yet tuned there.
 CASCADE_MIN_PREFIX = 64
 
 
-def _by_kv_head(q, K):
-    """(B, T, H, D) -> (B, K, T*G, D): the G query heads sharing kv head j become rows t*G + g of one query block.
-
-    SDPA then attends each kv head's keys with its whole group of queries at once, the same math as enable_gqa
-    (on 2 cores, fp32, 128 decode rows at T = 1, the folded call took ~0.75x the time of the enable_gqa call).
-    """
-    B, T, H, D = q.shape
-    return q.view(B, T, K, H // K, D).permute(0, 2, 1, 3, 4).reshape(B, K, T * (H // K), D)
+def _cascade_prefix(shared_prefix):
+    """shared_prefix when it is long enough for cascade attention to pay, else None."""
+    if shared_prefix is not None and shared_prefix[0].shape[0] >= CASCADE_MIN_PREFIX:
+        return shared_prefix
+    return None
 
 
-def _by_kv_head_mask(visible, q, K):
-    """The (B, T, S) mask for _by_kv_head's query rows: (B, 1, T*G, S), row t*G + g sees what query t sees."""
-    G = q.shape[2] // K
-    return (visible if G == 1 else visible.repeat_interleave(G, dim=1))[:, None]
+def use_decode_kernel(q, k, v):
+    """Whether a Triton attention call runs the split-key decode kernel rather than the flash kernel: few query
+    tokens (T <= 16) and no gradient. The decode kernel packs a kv head's T x G query rows into one tile (G query
+    heads per kv head), at most 128 of them; with many queries the flash grid has enough parallel work."""
+    T, H, KH = q.shape[1], q.shape[2], k.shape[2]
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    return not needs_grad and T <= 16 and T * (H // KH) <= 128
 
 
-def _from_kv_head(out, q_shape):
-    """(B, K, T*G, D) back to q's (B, T, H, D), head h = j*G + g (kv head h // G, as GQA pairs them)."""
-    B, T, H, D = q_shape
-    return out.view(B, out.shape[1], T, -1, D).transpose(1, 2).reshape(B, T, H, D)
-
-
-def _attention_after_shared_prefix(q, k, v, q_positions, shared_prefix, scale):
-    """Cascade attention for queries at positions >= P whose keys [0, P) are the same in every row.
-
-    Softmax over keys [0, S) splits into two softmaxes, over the prefix [0, P) and over each row's own keys [P, S),
-    merged by their log-sum-exps: out = (e^lse_p out_p + e^lse_o out_o) / (e^lse_p + e^lse_o). The prefix part runs
-    once for all B*T*G queries of a kv head (one long query block against P keys, which are read once instead of B
-    times); the own part is per row. torch's CPU flash kernel returns the log-sum-exp the merge needs.
-    """
-    B, T, H, D = q.shape
-    k_p, v_p = shared_prefix  # (P, K, D)
-    P, K = k_p.shape[0], k_p.shape[1]
-    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # (B, H, T, D) in -> (out, lse (B, H, T))
-    # own keys: per row, the T*G queries of each kv head as its query block; key i sits at position P + i
-    q_rows = _by_kv_head(q, K)  # (B, K, T*G, D)
-    visible = _by_kv_head_mask(reference.attention_mask(q_positions - P, k.shape[1] - P), q, K)  # (B, 1, T*G, S-P)
-    bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf"))
-    out_o, lse_o = flash(q_rows, k[:, P:].transpose(1, 2), v[:, P:].transpose(1, 2), attn_mask=bias, scale=scale)
-    # prefix: every query of kv head j against the P shared keys, as one batch row (no mask: all positions >= P)
-    q_by_head = q_rows.transpose(0, 1).reshape(1, K, B * q_rows.shape[2], D)  # (1, K, B*T*G, D)
-    out_p, lse_p = flash(q_by_head, k_p.transpose(0, 1)[None], v_p.transpose(0, 1)[None], scale=scale)
-    out_p, lse_p = out_p.view(K, B, -1, D).transpose(0, 1), lse_p.view(K, B, -1).transpose(0, 1)  # (B, K, T*G, .)
-    top = torch.maximum(lse_p, lse_o)
-    w_p, w_o = (lse_p - top).exp()[..., None], (lse_o - top).exp()[..., None]  # (B, K, T*G, 1) fp32
-    out = (out_p.float() * w_p + out_o.float() * w_o) / (w_p + w_o)
-    return _from_kv_head(out, q.shape).to(q.dtype)
+def _triton_attention(q, k, v, q_positions, kv_lengths, sliding_window, softcap, scale, cascade_prefix):
+    """The Triton path of `attention`: the flash kernel, the decode kernel, or the decode kernel's cascade over
+    cascade_prefix (which needs explicit positions and no ragged kv_lengths)."""
+    if not use_decode_kernel(q, k, v):
+        return _kernel("attention").attention(q, k, v, q_positions=q_positions, kv_lengths=kv_lengths,
+                                              sliding_window=sliding_window, softcap=softcap, scale=scale)
+    decode = _kernel("decode_attention")
+    if cascade_prefix is not None and q_positions is not None and kv_lengths is None:
+        return decode.attention_after_shared_prefix(q, k, v, *cascade_prefix, q_positions,
+                                                    sliding_window=sliding_window, softcap=softcap, scale=scale)
+    return decode.attention_decode(q, k, v, q_positions=q_positions, kv_lengths=kv_lengths,
+                                   sliding_window=sliding_window, softcap=softcap, scale=scale)
 
 
 def rms_norm(x, weight, eps, unit_offset=False):

@@ -1,4 +1,4 @@
-"""Data parallel training from outside the model: process-group setup and FSDP2 sharding.
+"""Training wrappers applied from outside the model: process-group setup, FSDP2 sharding, activation checkpointing.
 
     torchrun --nproc_per_node=8 scripts/sft.py ...   # each rank holds 1/8 of params, grads and optimizer state
 
@@ -11,7 +11,9 @@ gathered, and freed again right after, so only ~one block is ever unsharded.
 The training loop normalizes the loss by the GLOBAL number of tokens (or pairs) itself, so the gradient reduction
 must SUM over ranks, not average: `set_gradient_divide_factor(1.0)`.
 
-Tensor parallelism for sampling lives in w2s/tensor_parallel.py. No torch.distributed call is made inside the model.
+Activation checkpointing (`enable_activation_checkpointing`) wraps each block's forward the same way: the model code
+knows nothing about it. Tensor parallelism for sampling lives in w2s/tensor_parallel.py. No torch.distributed call is
+made inside the model.
 
     python -m pytest -q tests/test_fsdp.py   # 2 CPU processes over gloo == 1 process
 """
@@ -89,9 +91,9 @@ def needs_fill_from_rank0(model, d: Dist):
     return d.sharded and bool(all_reduce_sum(torch.tensor([float(on_meta)], device=d.device), d).item())
 
 
-def broadcast_object(obj, d: Dist):
+def broadcast_object(obj, d: Dist | None = None):
     """Rank 0's picklable obj on every rank (obj itself in a single process)."""
-    if not d.sharded or not dist.is_initialized():
+    if (d is not None and not d.sharded) or not dist.is_initialized():
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=0)
@@ -141,6 +143,18 @@ def shard_model(root, blocks, d: Dist, bf16=True, cpu_offload=False):
         module.set_gradient_divide_factor(1.0)
         module.set_force_sum_reduction_for_comms(True)
     return root
+
+
+def enable_activation_checkpointing(blocks):
+    """Recompute each block's forward in backward instead of keeping its activations (non-reentrant checkpointing;
+    the RNG state is replayed, so dropout draws the same mask on recompute). The training loop applies it before
+    shard_model. It replaces each block's forward rather than wrapping the module (torch's checkpoint_wrapper), so
+    parameter names, and with them checkpoints and exports, stay the same."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in blocks:
+        inner = block.forward  # bound now: the default argument keeps each block's own forward
+        block.forward = lambda *args, _f=inner, **kw: checkpoint(_f, *args, use_reentrant=False, **kw)
 
 
 def full_tensor(t):

@@ -34,7 +34,7 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-from w2s.engine import Context, Stage, run_stages
+from w2s.engine import Context, Stage, run_lock, run_stages
 from w2s.files import sha256_file, stable_hash, write_json_atomic
 from w2s.parallel import barrier, init_distributed, is_main
 from w2s.recipe import load_recipe, train_config
@@ -252,10 +252,12 @@ def run_pipeline(recipe_path, runs_dir="runs", progress=True, log=print, plot=Tr
     run_dir = Path(runs_dir) / recipe.name
     if is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run_dir / "recipe.json", asdict(recipe))
     barrier()
     stages = build_stages(recipe)
     ctx = Context(recipe, run_dir, log=log if is_main() else (lambda *a: None), progress=progress and is_main())
-    status = run_stages(stages, ctx)
-    text = report(run_dir, plot=plot) if is_main() else ""
+    with run_lock(run_dir, log=ctx.log):
+        if is_main():
+            write_json_atomic(run_dir / "recipe.json", asdict(recipe))
+        status = run_stages(stages, ctx)
+        text = report(run_dir, plot=plot) if is_main() else ""
     return run_dir, status, text

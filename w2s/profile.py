@@ -1,5 +1,5 @@
-"""Profiling every stage uses: wall time, tokens/s, model FLOPs and MFU, peak memory, an opt-in torch.profiler trace,
-and the one standard log line.
+"""Throughput, MFU, peak memory and the log line: the one meter of every loop and stage, and an opt-in
+torch.profiler trace.
 
     prof = StageProfiler(model.cfg, mode="training", seq_len=2048, name="sft")
     with prof:
@@ -9,9 +9,11 @@ and the one standard log line.
             prof.step(tokens=n_tokens_this_step, sync=log)   # host sync (and a clock read that means something)
             if log:                                          # only on log steps: no sync in the hot loop
                 print(fmt_log_line(step=step, loss=loss.item(), lr=lr, **prof.window_metrics()))
-    meta.update(prof.summary())   # wall_s, tokens, tok_s, tok_s_median, flops_per_token, mfu, peak memory, device
+    meta.update(prof.cost())      # tokens, tok_s, mfu, peak_mem_gib, device, wall_s (summary() has the rest)
 
-Stages without steps just do `with StageProfiler(cfg, mode="inference") as prof: ...; prof.add_tokens(n)`.
+A caller that counts its FLOPs exactly passes them: `prof.step(tokens=n, flops=f)` (w2s/train.py does, with each
+sequence's own length and LoRA's frozen base, from train.step_flops); then no cfg is needed. Stages without steps
+just do `with StageProfiler(cfg, mode="inference") as prof: ...; prof.add_tokens(n)`.
 
 Honest clocks: CUDA work is asynchronous, so the clock is read only after `torch.cuda.synchronize()` (at enter, exit
 and every `step(sync=True)`). Medians are taken over the windows between synced steps, skipping the first
@@ -19,7 +21,8 @@ and every `step(sync=True)`). Medians are taken over the windows between synced 
 
 Trace: W2S_PROFILE=1 (or trace=True) records a torch.profiler chrome trace (open in chrome://tracing or
 ui.perfetto.dev) into W2S_PROFILE_DIR (default ./profile_traces): the whole `with` block, or, with trace_steps=k
-(env W2S_PROFILE_STEPS), k steps right after warm-up.
+(env W2S_PROFILE_STEPS), k steps right after warm-up. A profiler entered while another one traces (a training run
+inside a traced pipeline stage) leaves the trace to the outer one.
 
 Test: python -m pytest -q tests/test_profile.py
 """
@@ -112,6 +115,20 @@ def reset_host_peak_rss():
         return True
     except OSError:
         return False
+
+
+def peak_memory_gib(device):
+    """Peak allocated CUDA memory of `device` since the last reset_peak_memory, else (CPU) the process's peak
+    resident host memory, in GiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / GiB
+    return host_peak_rss_bytes() / GiB
+
+
+def reset_peak_memory(device):
+    """Restart the CUDA peak-memory counter of `device` (a no-op on CPU, whose peak RSS covers the whole process)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def _sync(device):
@@ -214,23 +231,30 @@ class StageProfiler:
     """Wall time, tokens, tokens/s (overall and median over post-warm-up windows), FLOPs, MFU, peak memory and an
     optional trace for one stage or loop. See the module docstring for use.
 
-    cfg: a ModelConfig, or None (then pass n_params= etc. through flops_kwargs, or get no FLOPs/MFU).
-    mode: "training" (6N + ...) or "inference" (2N + ...). seq_len: context length T for the attention term.
-    n_devices: how many devices the counted tokens ran on (tokens summed over ranks -> n_devices = world size).
+    cfg: a ModelConfig, or None (then pass n_params= etc. through flops_kwargs, or FLOPs to step/add_tokens, or get
+    no FLOPs/MFU). mode: "training" (6N + ...) or "inference" (2N + ...). seq_len: context length T for the attention
+    term. n_devices: how many devices the counted tokens ran on (tokens summed over ranks -> n_devices = world size).
+    warmup_steps: steps whose windows the medians skip (0: every window counts, and window_metrics has one from the
+    first synced step on). reset_peak_memory=False keeps the CUDA peak counting from an earlier reset_peak_memory
+    (the training loop resets it before its setup, and times only its steps).
     """
 
+    _tracing = None  # the profiler whose trace is recording: a nested one leaves the trace to it
+
     def __init__(self, cfg=None, mode="training", seq_len=None, name="stage", device=None, warmup_steps=1,
-                 n_devices=1, trace=None, trace_dir=None, trace_steps=None, **flops_kwargs):
+                 n_devices=1, trace=None, trace_dir=None, trace_steps=None, reset_peak_memory=True, **flops_kwargs):
         if mode not in ("training", "inference"):
             raise ValueError(f"StageProfiler mode {mode!r}: expected 'training' or 'inference'")
         self.name, self.mode, self.seq_len = name, mode, seq_len
         self.device = resolve_device(device)
         self.device_name = device_name(self.device)
-        self.peak_flops = peak_flops(self.device_name) if self.device.type == "cuda" else None
+        self.peak_flops = peak_flops(self.device_name)  # None on CPU unless W2S_PEAK_FLOPS is set
         self.n_devices = n_devices
         self.warmup_steps = warmup_steps
+        self._reset_memory = reset_peak_memory
         self._flops_args = (cfg, flops_kwargs)
         self.flops_per_token = self._flops(seq_len) if cfg is not None or flops_kwargs else None
+        self._counts_flops = self.flops_per_token is not None  # else only once a caller passes flops
 
         self.trace = _env_flag("W2S_PROFILE") if trace is None else bool(trace)
         self.trace_dir = Path(trace_dir or os.environ.get("W2S_PROFILE_DIR", "profile_traces"))
@@ -253,9 +277,9 @@ class StageProfiler:
 
     # -- context -------------------------------------------------------------------------------------------------
     def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        if self.trace:
+        if self._reset_memory:
+            reset_peak_memory(self.device)
+        if self.trace and StageProfiler._tracing is None:
             self._start_trace()
         _sync(self.device)
         self._start = self._last_sync = time.perf_counter()
@@ -269,6 +293,7 @@ class StageProfiler:
             if self.trace_steps is None:
                 self._export_trace(self._torch_profiler)
             self._torch_profiler = None
+            StageProfiler._tracing = None
         return False
 
     # -- trace ---------------------------------------------------------------------------------------------------
@@ -283,28 +308,35 @@ class StageProfiler:
             kwargs["on_trace_ready"] = self._export_trace
         self._torch_profiler = profile(activities=activities, record_shapes=True, **kwargs)
         self._torch_profiler.start()
+        StageProfiler._tracing = self
 
     def _export_trace(self, torch_profiler):
+        from w2s.parallel import rank
+
         self.trace_dir.mkdir(parents=True, exist_ok=True)
-        rank = os.environ.get("RANK", "0")
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        self.trace_path = self.trace_dir / f"{self.name}-rank{rank}-{stamp}.json"
+        self.trace_path = self.trace_dir / f"{self.name}-rank{rank()}-{stamp}.json"
         torch_profiler.export_chrome_trace(str(self.trace_path))
 
     # -- counting ------------------------------------------------------------------------------------------------
-    def add_tokens(self, n, seq_len=None):
-        """Count n processed tokens (their FLOPs at seq_len, default the profiler's seq_len)."""
+    def add_tokens(self, n, seq_len=None, flops=None):
+        """Count n processed tokens and their model FLOPs: `flops` when given (the caller's exact count), else n times
+        the per-token FLOPs at seq_len (default the profiler's seq_len)."""
         self.tokens += n
-        fpt = self.flops_per_token if seq_len is None else self._flops(seq_len)
-        flops = n * fpt if fpt is not None else 0.0
+        if flops is None:
+            fpt = self.flops_per_token if seq_len is None else self._flops(seq_len)
+            flops = n * fpt if fpt is not None else 0.0
+        else:
+            self._counts_flops = True
         self.flops += flops
         self._window[0] += n
         self._window[1] += flops
 
-    def step(self, tokens=0, seq_len=None, sync=True):
-        """End of one step that processed `tokens` tokens. sync=True (only on log steps in a hot loop) synchronizes
-        and closes a timing window; the step that ends warm-up always syncs, so windows never include warm-up."""
-        self.add_tokens(tokens, seq_len)
+    def step(self, tokens=0, seq_len=None, sync=True, flops=None):
+        """End of one step that processed `tokens` tokens (of `flops` model FLOPs, if the caller counts them; see
+        add_tokens). sync=True (only on log steps in a hot loop) synchronizes and closes a timing window; the step that
+        ends warm-up always syncs, so windows never include warm-up."""
+        self.add_tokens(tokens, seq_len, flops)
         self.steps += 1
         self._window[2] += 1
         if self._torch_profiler is not None and self.trace_steps is not None:
@@ -317,17 +349,25 @@ class StageProfiler:
             self._last_sync = now
             self._window = [0, 0.0, 0]
 
+    def restart_window(self):
+        """Start the next timing window now, if no step has run since the last window closed: time spent between
+        steps right after a log line (writing it, a callback, a checkpoint save) stays out of tokens/s. The totals
+        (summary, cost) still count it."""
+        if self._window[2] == 0:
+            self._last_sync = time.perf_counter()
+
     # -- results -------------------------------------------------------------------------------------------------
     def _rate(self, seconds, tokens, flops, steps=None):
+        """(tokens/s, MFU) over `seconds`; MFU is None without a peak or a FLOPs count."""
         if not seconds or seconds <= 0:
             return None, None
         tok_s = tokens / seconds
-        achieved = flops / seconds if self.flops_per_token is not None else None
-        peak = self.peak_flops * self.n_devices if self.peak_flops is not None else None
-        return tok_s, (achieved / peak if achieved is not None and peak else None)
+        fpt = flops / max(tokens, 1) if self._counts_flops else None
+        return tok_s, mfu(tok_s, fpt, self.peak_flops, self.n_devices)
 
     def peak_memory(self):
-        """{'cuda_peak_gib': max allocated since enter (None on CPU), 'cuda_reserved_gib', 'host_peak_rss_gib'}."""
+        """{'cuda_peak_gib': max allocated since the last reset (enter, unless reset_peak_memory=False; None on CPU),
+        'cuda_reserved_gib', 'host_peak_rss_gib'}."""
         cuda = self.device.type == "cuda"
         return {
             "cuda_peak_gib": torch.cuda.max_memory_allocated(self.device) / GiB if cuda else None,
@@ -335,12 +375,26 @@ class StageProfiler:
             "host_peak_rss_gib": host_peak_rss_bytes() / GiB,
         }
 
+    def last_window(self):
+        """The last timing window after warm-up: {"seconds", "tokens", "flops", "steps", "tok_s", "mfu"}, or None."""
+        if not self._windows:
+            return None
+        seconds, tokens, flops, steps = self._windows[-1]
+        tok_s, utilization = self._rate(seconds, tokens, flops)
+        return {"seconds": seconds, "tokens": tokens, "flops": flops, "steps": steps, "tok_s": tok_s,
+                "mfu": utilization}
+
     def window_metrics(self):
-        """tok_s, mfu and mem of the last timing window, as keyword arguments for fmt_log_line."""
-        tok_s, utilization = self._rate(*self._windows[-1]) if self._windows else (None, None)
-        memory = self.peak_memory()
-        mem = memory["cuda_peak_gib"] if memory["cuda_peak_gib"] is not None else memory["host_peak_rss_gib"]
-        return {"tok_s": tok_s, "mfu": utilization, "mem": mem}
+        """tok_s, mfu and mem (peak_memory_gib) of the last timing window, as keyword arguments for fmt_log_line."""
+        window = self.last_window() or {"tok_s": None, "mfu": None}
+        return {"tok_s": window["tok_s"], "mfu": window["mfu"], "mem": peak_memory_gib(self.device)}
+
+    def cost(self):
+        """What a stage records about its cost: tokens, tok_s, mfu and wall_s over the whole `with` block so far,
+        peak_mem_gib (peak_memory_gib) and the device name."""
+        s = self.summary()
+        return {"tokens": s["tokens"], "tok_s": s["tok_s"], "mfu": s["mfu"],
+                "peak_mem_gib": peak_memory_gib(self.device), "device": s["device"], "wall_s": s["wall_s"]}
 
     def summary(self):
         """Everything meta.json records about the run of this stage (plain JSON types)."""
@@ -352,7 +406,8 @@ class StageProfiler:
         if self._windows:
             # Each window's rate, then the median: robust to one slow step (a checkpoint save, a GC pause).
             rates = [self._rate(*w) for w in self._windows]
-            median_tok_s = statistics.median(r[0] for r in rates if r[0] is not None)
+            tok_s_values = [r[0] for r in rates if r[0] is not None]  # a window of 0 s (a coarse clock) has none
+            median_tok_s = statistics.median(tok_s_values) if tok_s_values else None
             mfus = [r[1] for r in rates if r[1] is not None]
             median_mfu = statistics.median(mfus) if mfus else None
             median_step_s = statistics.median(seconds / steps for seconds, _, _, steps in self._windows)
@@ -368,7 +423,8 @@ class StageProfiler:
             "tok_s": tok_s,
             "tok_s_median": median_tok_s,
             "step_s_median": median_step_s,
-            "flops_per_token": self.flops_per_token,
+            "flops_per_token": self.flops_per_token if self.flops_per_token is not None else (
+                self.flops / self.tokens if self._counts_flops and self.tokens else None),  # given FLOPs: the mean
             "peak_flops": self.peak_flops,
             "mfu": utilization,
             "mfu_median": median_mfu,
@@ -377,7 +433,3 @@ class StageProfiler:
         if self.trace_path is not None:
             result["trace"] = str(self.trace_path)
         return result
-
-    def log_line(self, **fields):
-        """fmt_log_line with this profiler's last window (tok/s, MFU, memory) filled in."""
-        return fmt_log_line(**{**self.window_metrics(), **fields})

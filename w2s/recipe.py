@@ -20,7 +20,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from w2s.tasks.graders import DEFAULT_GRADER, GRADER_NAMES, is_available
+from w2s.tasks.graders import default_grader, is_available, task_graders
 from w2s.train_config import TrainConfig
 
 TASKS = ("gsm8k", "math")
@@ -36,7 +36,7 @@ class DataOptions:
     n_test: int = 0  # 0: the whole test file (smaller for quick runs)
     split_file: str = ""  # optional json {"train_1": [ids], "train_2": [ids]} instead of a seeded split
     seed: int = 0
-    grader: str = DEFAULT_GRADER  # reads and compares answers for the filter, vote, pairs and the headline accuracy
+    grader: str = ""  # reads and compares answers for the filter, vote, pairs, headline; "": the task's ("paper")
 
 
 @dataclass
@@ -198,8 +198,9 @@ def _validate(r, path, check_files):
 
     if r.data.task not in TASKS:
         bad("[data] task", f"expected one of {', '.join(TASKS)}, got {r.data.task!r}")
-    if r.data.grader not in GRADER_NAMES:
-        bad("[data] grader", f"expected one of {', '.join(GRADER_NAMES)}, got {r.data.grader!r}")
+    r.data.grader = r.data.grader or default_grader(r.data.task)
+    if r.data.grader not in task_graders(r.data.task):
+        bad("[data] grader", f"expected one of {', '.join(task_graders(r.data.task))}, got {r.data.grader!r}")
     if not is_available(r.data.grader):
         bad("[data] grader", f"{r.data.grader!r} needs the math-verify package: pip install math-verify")
     if r.stage1.rounds not in (1, 2):

@@ -9,7 +9,8 @@ How it works (one engine, `Engine`, driven by `iter_generate`):
   * The cache has `slots` rows (the decode batch) plus one spare row that holds a prefix shared by every prompt
     (the 4 few-shot demonstrations of the ICL stage). That prefix is prefilled once; each new sequence copies its
     keys/values and prefills only its own suffix. Decode attends a long prefix (64+ tokens) once per step for
-    all rows, from the spare row, instead of once per row (cascade attention: w2s/ops.py, kernels/decode_attention.py).
+    all rows, from the spare row, instead of once per row (cascade attention, chosen in w2s/ops.py: on CPU
+    kernels/sdpa_attention.py, on GPU kernels/decode_attention.py).
   * A work item is (prompt, sample j). The n samples of a prompt share one prefill: the first is prefilled, the
     others copy its cache row. A sample admitted later, while a sibling is still running, copies the sibling's
     prompt rows (all but the last token) and re-runs only the last prompt token to get the next-token logits.
@@ -396,7 +397,7 @@ class Engine:
             live_max = max(positions[s] for s in range(self.slots) if self.work[s] is not None)
             # Attend over the positions the next sync_every steps can reach. With CUDA graphs, rounded up to 64 so
             # that few distinct shapes are captured; without, exact (on CPU, decode attention reads every key up to
-            # the limit: rounding to 64 made the default benchmark ~6 % slower).
+            # the limit, so a rounded-up limit reads keys for nothing).
             limit = min(self.cache_len, _round_up(live_max + self.sync_every, 64 if self.cuda_graphs else 1))
             for _ in range(self.sync_every):
                 self.step(limit)

@@ -5,6 +5,7 @@
     text = tok.decode(ids)                          # special tokens dropped: decode(encode(x)) == x
     tok.bos_id, tok.eos_id, tok.stop_ids, tok.pad_id, tok.vocab_size
     tok.save("out_dir")                             # w2s and transformers' AutoTokenizer both reload it
+    tok.apply_chat_template([{"role": "user", "content": "Hi"}])   # instruct models: the checkpoint's chat template
 
 Which file is used: a directory holding both files is read through tokenizer.json. It is the file transformers
 itself loads first, it is the only one Llama-3 ships, and its Rust encoder batches in parallel. The test checks that
@@ -19,12 +20,20 @@ Special tokens are handled by w2s, not by the backend, so both backends behave t
 - Special-token strings that appear in the text ("<s>", "<|eot_id|>") become their ids in both backends, as
   transformers does; SentencePiece alone would spell them out piece by piece.
 
+Chat templates (instruct models such as Llama-3-8B-Instruct): `apply_chat_template` renders the jinja2 template of
+tokenizer_config.json ("chat_template") as transformers does: a sandboxed environment with trim_blocks and
+lstrip_blocks, `raise_exception`, `strftime_now`, a `tojson` that does not escape HTML, the loop controls, and the
+special tokens (bos_token, eos_token, ...) as variables. The result is text; encode it with bos=False when the
+template writes the BOS token itself (both templates of tests/test_tokenizer.py do).
+
 `train_bpe` trains a small byte-level BPE (special tokens <s>, </s>, <pad>) for demos and tests.
 """
 
 import json
 import re
 import shutil
+from datetime import datetime
+from functools import lru_cache
 from pathlib import Path
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
@@ -263,6 +272,27 @@ class Tokenizer:
     def decode_batch(self, batch, skip_special=True):
         return [self.decode(ids, skip_special=skip_special) for ids in batch]
 
+    # ---- chat template ----------------------------------------------------------------------------------------
+    def apply_chat_template(self, messages, add_generation_prompt=True):
+        """The text of `messages` ([{"role", "content"}, ...]) in the checkpoint's chat template; with
+        add_generation_prompt the header that opens the assistant's turn follows."""
+        template = self._config.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...] (several named templates)
+            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        if not isinstance(template, str) or not template:
+            where = self._source.parent / CONFIG_FILE if self._source else CONFIG_FILE
+            raise ValueError(f"{where}: no chat_template (a base model; prompt it with plain text instead)")
+        # The special tokens tokenizer_config.json names (as transformers passes them); BOS / EOS found otherwise
+        # (a tokenizer.json post-processor, a well-known name) fill in when the config does not name them.
+        keys = ("bos_token", "eos_token", "unk_token", "pad_token")
+        special = {key: _token_text(self._config.get(key)) for key in keys}
+        special["bos_token"] = special["bos_token"] or self._id_to_token(self.bos_id)
+        special["eos_token"] = special["eos_token"] or self._id_to_token(self.eos_id)
+        special = {k: v for k, v in special.items() if v is not None}
+        return _compile_chat_template(template).render(
+            messages=list(messages), add_generation_prompt=add_generation_prompt, tools=None, documents=None,
+            **special)  # fmt: skip
+
     def __len__(self):
         return self.vocab_size
 
@@ -355,6 +385,40 @@ class Tokenizer:
         config = {"bos_token": bos, "eos_token": eos, "pad_token": pad, "add_bos_token": True,
                   "add_eos_token": False}
         return cls(_HFBackend(tk), config=config)
+
+
+@lru_cache(maxsize=8)
+def _compile_chat_template(template):
+    """A jinja2 template in the environment transformers renders chat templates in (templates are untrusted code:
+    sandboxed, immutable)."""
+    import jinja2
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(Extension):
+        """{% generation %}...{% endgeneration %} marks assistant text for training masks; rendering keeps it."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_keep"), [], [], body).set_lineno(lineno)
+
+        def _keep(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(template)
 
 
 def _write_json(path, value):

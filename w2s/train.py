@@ -2,29 +2,35 @@
 
     model = train_sft(model, tokenizer, [{"prompt": ..., "response": ...}], TrainConfig(lr=1e-5), out_dir="runs/x")
     model = train_preference(model, tokenizer, [{"prompt", "chosen", "rejected"}], cfg, out_dir, loss="dpo")
+    model, stats = train_sft(..., return_stats=True)   # stats: the run's cost and outcome (Trainer.run_stats)
 
-(TrainConfig, the options, lives in w2s/train_config.py.)
+(TrainConfig, the options, lives in w2s/train_config.py; the loss formulas in w2s/losses.py.)
 
 Both run in-process (the pipeline keeps weights resident between stages) and under torchrun (each rank calls the
-same function). What one optimizer step does:
+same function). A run is a Trainer, in three parts as in torchtitan's train.py:
 
-  1. take the step's global batch (cfg.batch_size rows, length-grouped, w2s/data.py) and cut it into
-     world_size * grad_accum micro-batches; this rank runs its grad_accum of them;
-  2. count the valid target tokens (and pairs) of ALL micro-batches on all ranks: one all-reduce of 3 numbers;
-  3. for each micro-batch: hidden = model(tokens, return_hidden=True); the fused linear loss/log-prob op turns
-     hidden states + the output matrix into per-token quantities without building (N, V) logits on GPU; the loss
-     step returns sum / GLOBAL count, and backward accumulates. FSDP2 SUMS gradients over ranks, so the result
-     equals one big batch on one device, whatever the micro-batch size or world size;
-  4. clip the global gradient norm, AdamW step at the warmup + cosine learning rate;
-  5. log w2s/profile.py's one line (loss, lr, grad norm, tokens/s, MFU, peak memory) + metrics.jsonl; every
-     cfg.ckpt_every steps, write model/optimizer/RNG/step atomically (torch.distributed.checkpoint into a temp dir,
-     then rename). A rerun with the same data and config resumes from the newest checkpoint.
+  setup (Trainer.__init__): fp32 master weights, LoRA, activation checkpointing and FSDP2 sharding (w2s/parallel.py,
+     applied from outside the model; ranks holding no weights are filled from rank 0), the task's reference pass,
+     AdamW, and resume from the newest checkpoint in out_dir/ckpt;
+  the step loop (Trainer.train), where one optimizer step (Trainer.train_step) does:
+     1. take the step's global batch (cfg.batch_size rows, length-grouped, w2s/data.py) and cut it into
+        world_size * grad_accum micro-batches; this rank runs its grad_accum of them;
+     2. count the valid target tokens (and pairs) of ALL micro-batches on all ranks: one all-reduce of 3 numbers;
+     3. for each micro-batch: hidden = model(tokens, return_hidden=True); the fused linear loss/log-prob op turns
+        hidden states + the output matrix into per-token quantities without building (N, V) logits on GPU; the loss
+        step returns sum / GLOBAL count, and backward accumulates. FSDP2 SUMS gradients over ranks, so the result
+        equals one big batch on one device, whatever the micro-batch size or world size;
+     4. clip the global gradient norm, AdamW step at the warmup + cosine learning rate;
+     then w2s/profile.py's meter counts the step's tokens and exact FLOPs (step_flops); every cfg.log_every steps
+     the loop writes the one log line (loss, lr, grad norm, tokens/s, MFU, peak memory) and a metrics.jsonl record,
+     and every cfg.ckpt_every steps model/optimizer/RNG/step atomically (torch.distributed.checkpoint into a temp
+     dir, then rename). A rerun with the same data and config resumes from the newest checkpoint;
+  export (Trainer.export): the (LoRA-merged) weights are gathered, exported in HF format to out_dir, and returned as
+     a plain unsharded Transformer in the input dtype (the model passed in is consumed: use the returned one).
 
 DPO/IPO need log ref(y|x) of the initial weights: one no-grad pass before training computes them for every pair,
 cached in out_dir/ref_logps.pt under a hash of the tokenized pairs and the model weights, so the reference model
-is never resident during training and a rerun or resume reuses them. At the end the (LoRA-merged) weights are
-gathered, exported in HF format to out_dir, and returned as a plain unsharded Transformer in the input dtype (the
-model passed in is consumed: use the returned one).
+is never resident during training and a rerun or resume reuses them.
 
 Precision: master weights and optimizer state are fp32. On GPU, FSDP2 computes in bf16 and reduces gradients in
 fp32 (also on a single GPU, through a 1-rank group); a single CPU process runs plain fp32 without FSDP.
@@ -33,12 +39,12 @@ fp32 (also on a single GPU, through a 1-rank group); a single CPU process runs p
 """
 
 import hashlib
+import io
 import json
 import math
-import os
 import shutil
-import time
-from dataclasses import asdict, fields, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -47,13 +53,14 @@ import torch.nn as nn
 from w2s import data, losses, ops, profile
 from w2s.checkpoint import latest_checkpoint, load_training_state, save_training_state
 from w2s.data import IGNORE_INDEX
-from w2s.files import write_atomic
+from w2s.files import stable_hash, write_atomic
 from w2s.lora import inject_lora, lora_scale, merge_lora_state_dict
 from w2s.parallel import (
     Dist,
     all_reduce_sum,
     barrier,
     broadcast_object,
+    enable_activation_checkpointing,
     fill_from_rank0,
     full_tensor,
     init_distributed,
@@ -82,8 +89,8 @@ class TrainModule(nn.Module):
         weight, cap = self.model.lm_head_weight(), self.model.cfg.final_logit_softcap
         t = targets.flatten()  # (N,)
         # Only positions with a target reach the output layer: prompt and padding positions would cost the (N, V)
-        # matmuls forward and backward (a fifth of a 256k-vocabulary 2B model's FLOPs; half the tokens of a GSM8K
-        # row are its prompt) to produce zeros. On CUDA nonzero() waits for the forward: one sync per micro-batch.
+        # matmuls forward and backward to produce zeros (a large share of a big-vocabulary model's FLOPs, and of a
+        # row's tokens when its prompt is long). On CUDA nonzero() waits for the forward: one sync per micro-batch.
         rows = (t != IGNORE_INDEX).nonzero().squeeze(1)  # (n,)
         h = hidden.flatten(0, 1).index_select(0, rows)  # (n, D)
         if per_token:
@@ -93,21 +100,11 @@ class TrainModule(nn.Module):
         return loss_sum
 
 
-def enable_activation_checkpointing(blocks):
-    """Wrap each block's forward in non-reentrant checkpointing (RNG state preserved: same dropout on recompute)."""
-    from torch.utils.checkpoint import checkpoint
-
-    for block in blocks:
-        inner = block.forward
-        block.forward = lambda *args, _f=inner, **kw: checkpoint(_f, *args, use_reentrant=False, **kw)
-
-
 # ---------------------------------------------------------------------------------------------- loss steps
 # A loss step gets (module, batch on device, norm) where norm = global [valid tokens, pairs, chosen tokens] of the
 # whole optimizer step; it returns (loss to backward, {metric: tensor}) with every metric already divided by its
-# global normalizer, so summing metrics over micro-batches and ranks gives the step's value.
-
-COUNT_NAMES = ("tokens", "pairs", "chosen_tokens")
+# global normalizer, so summing metrics over micro-batches and ranks gives the step's value. The counts functions
+# give a batch's share of norm.
 
 
 def sft_counts(batch):
@@ -115,6 +112,7 @@ def sft_counts(batch):
 
 
 def sft_step(module, batch, norm):
+    """Token-mean NLL of the response tokens: the fused cross-entropy's sum over the global target-token count."""
     loss = module(batch["tokens"], batch["targets"], per_token=False) / norm[0]
     return loss, {"loss": loss.detach()}
 
@@ -126,11 +124,12 @@ def pair_counts(batch):
 
 
 class PreferenceStep:
-    """DPO / IPO (with cached reference log-probs) or ORPO; formulas in w2s/losses.py."""
+    """DPO / IPO (with cached reference log-probs) or ORPO; the formulas are w2s/losses.py's."""
 
     def __init__(self, kind, beta):
-        if kind not in ("dpo", "ipo", "orpo"):
-            raise ValueError(f"loss={kind!r}: expected 'dpo', 'ipo' or 'orpo'")
+        if kind not in losses.PREFERENCE_LOSSES:
+            *rest, last = losses.PREFERENCE_LOSSES
+            raise ValueError(f"loss={kind!r}: expected {', '.join(map(repr, rest))} or {last!r}")
         self.kind, self.beta = kind, beta
 
     @property
@@ -146,17 +145,12 @@ class PreferenceStep:
             zero = logps.sum() * 0.0
             return zero, {n: zero.detach() for n in names}
         n_tokens = (batch["targets"] != IGNORE_INDEX).sum(-1)  # (2P,)
-        seq = logps.sum(-1)  # (2P,) summed response log-probs
+        seq = logps.sum(-1)  # (2P,) summed response log-probs, chosen rows first
         chosen, rejected = seq[:P], seq[P:]
         pairs = norm[1]
         if self.kind == "orpo":
-            mean_c, mean_r = chosen / n_tokens[:P], rejected / n_tokens[P:]
-            or_losses, log_odds = losses.orpo_odds_ratio_losses(mean_c, mean_r)
-            nll = -chosen.sum() / norm[2]  # token-mean NLL of the chosen responses over the global batch
-            loss = nll + self.beta * or_losses.sum() / pairs
-            rc, rr = self.beta * mean_c.detach(), self.beta * mean_r.detach()  # ORPO's rewards, as TRL logs them
-            extra = {"nll": nll.detach(), "or_loss": or_losses.detach().sum() / pairs,
-                     "log_odds": log_odds.sum() / pairs}
+            loss, rc, rr, extra = losses.orpo_loss(chosen, rejected, n_tokens[:P], n_tokens[P:], self.beta,
+                                                   n_pairs=pairs, n_chosen_tokens=norm[2])
         else:
             ref = batch["ref"]  # (2P,)
             fn = losses.dpo_losses if self.kind == "dpo" else losses.ipo_losses
@@ -196,13 +190,6 @@ def step_flops(model_cfg, seqs, lora):
     output_layer = (4 if lora else 6) * model_cfg.vocab_size * model_cfg.dim  # per token
     return sum(L * (profile.flops_per_token(model_cfg, seq_len=L) - frozen) - (L - n_targets) * output_layer
                for L, n_targets in seqs)
-
-
-def peak_memory_gib(device):
-    """Peak allocated device memory (CUDA), else the process's peak resident host memory, in GiB."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / profile.GiB
-    return profile.host_peak_rss_bytes() / profile.GiB
 
 
 # ---------------------------------------------------------------------------------------------- hashing
@@ -268,9 +255,9 @@ def reference_logps(module, pairs, pad_id, cfg, d: Dist, out_dir, key):
             return saved["logps"]
     table = compute_reference_logps(module, pairs, pad_id, cfg.micro_batch_size, d)
     if cache is not None and d.is_main:
-        tmp = cache.with_suffix(".tmp")
-        torch.save({"key": key, "logps": table}, tmp)
-        os.replace(tmp, cache)
+        buffer = io.BytesIO()  # (n, 2) floats: small enough to write in one piece
+        torch.save({"key": key, "logps": table}, buffer)
+        write_atomic(cache, buffer.getvalue())
     barrier(d)
     return table
 
@@ -283,9 +270,9 @@ def train_sft(model, tokenizer, rows, cfg: TrainConfig, out_dir=None, on_step=No
     """Supervised fine-tuning on [{"prompt", "response"}] (or id rows); loss on response tokens only. -> model.
 
     on_step(rec) gets every log step's record (the metrics.jsonl line); progress, when given, overrides cfg.progress;
-    return_stats=True returns (model, stats) with the run's totals for a stage's meta.json (see _run_stats).
-    return_model=False returns None for the model: only out_dir gets it (under FSDP every rank would otherwise hold
-    a whole copy of the trained model, 140 GB each for a 70B one).
+    return_stats=True returns (model, stats) with the run's cost and outcome for a stage's meta.json (Trainer.run_stats,
+    plus n_rows and n_skipped). return_model=False returns None for the model: only out_dir gets it (under FSDP every
+    rank would otherwise hold a whole copy of the trained model, 140 GB each for a 70B one).
     """
     cfg = cfg if progress is None else replace(cfg, progress=progress)
     d = init_distributed()
@@ -298,16 +285,16 @@ def train_sft(model, tokenizer, rows, cfg: TrainConfig, out_dir=None, on_step=No
         tokens, targets = data.collate([examples[i] for i in indices], pad_id)
         return {"tokens": tokens, "targets": targets}
 
-    row_seqs = [((len(ex.tokens), data.n_targets(ex)),) for ex in examples]
-    trained, stats = _run(model, tokenizer, row_seqs, make_batch, sft_counts, sft_step, cfg, out_dir, d,
-                          on_step, data_key=examples_hash(examples), return_model=return_model)
+    task = Task(row_seqs=[((len(ex.tokens), data.n_targets(ex)),) for ex in examples], make_batch=make_batch,
+                count_fn=sft_counts, loss_step=sft_step, data_key=examples_hash(examples))
+    trained, stats = _run(model, tokenizer, task, cfg, out_dir, d, on_step, return_model)
     stats.update(n_rows=len(rows), n_skipped=len(skipped))
     return (trained, stats) if return_stats else trained
 
 
 def train_preference(model, tokenizer, pairs, cfg: TrainConfig, out_dir=None, loss="dpo", on_step=None,
                      progress=None, return_stats=False, return_model=True):
-    """DPO / IPO / ORPO on [{"prompt", "chosen", "rejected"}] (or id rows). -> model.
+    """DPO / IPO / ORPO (losses.PREFERENCE_LOSSES) on [{"prompt", "chosen", "rejected"}] (or id rows). -> model.
 
     on_step, progress, return_stats, return_model: as in train_sft.
     """
@@ -335,8 +322,9 @@ def train_preference(model, tokenizer, pairs, cfg: TrainConfig, out_dir=None, lo
         return batch
 
     row_seqs = [tuple((len(ex.tokens), data.n_targets(ex)) for ex in (p.chosen, p.rejected)) for p in encoded]
-    trained, stats = _run(model, tokenizer, row_seqs, make_batch, pair_counts, step_fn, cfg, out_dir, d,
-                          on_step, data_key=f"{loss}:{key}", prepare=prepare, return_model=return_model)
+    task = Task(row_seqs=row_seqs, make_batch=make_batch, count_fn=pair_counts, loss_step=step_fn,
+                data_key=f"{loss}:{key}", prepare=prepare)
+    trained, stats = _run(model, tokenizer, task, cfg, out_dir, d, on_step, return_model)
     stats.update(n_rows=len(pairs), n_skipped=len(skipped))
     return (trained, stats) if return_stats else trained
 
@@ -348,158 +336,216 @@ def _pad_id(tokenizer, model):
     return 0  # padding positions are masked out of the loss; any valid id works
 
 
-# ---------------------------------------------------------------------------------------------- the loop
+def _run(model, tokenizer, task, cfg, out_dir, d: Dist, on_step, return_model):
+    """Setup, the step loop, export. -> (trained model or None, Trainer.run_stats of the steps this call ran)."""
+    profile.reset_peak_memory(d.device)  # this run's peak, not that of what ran before it in the process
+    trainer = Trainer(model, task, cfg, d, out_dir)
+    stats = trainer.train(on_step)
+    return trainer.export(tokenizer, return_model), stats
 
 
-def _run(model, tokenizer, row_seqs, make_batch, count_fn, loss_step, cfg, out_dir, d: Dist, on_step,
-         data_key, prepare=None, return_model=True):
-    """The loop (module docstring). row_seqs[i]: (token length, target tokens) of each of row i's sequences (one for
-    SFT; chosen and rejected for pairs).
+# ---------------------------------------------------------------------------------------------- the trainer
 
-    -> (trained model, _run_stats of the steps this call ran)."""
-    from tqdm.auto import tqdm
 
-    lengths = [sum(n for n, _ in seqs) for seqs in row_seqs]  # what length grouping sorts by
-    out_dir = Path(out_dir) if out_dir is not None else None
-    if out_dir is not None and d.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    orig_dtype, orig_device = model.embed_tokens.weight.dtype, model.embed_tokens.weight.device
-    model_cfg = model.cfg
-    # Ranks > 0 may hold the model on the meta device (w2s.checkpoint.load_for_training): rank 0's weights reach them
-    # when the model is sharded below, and so does rank 0's fingerprint (the reference-cache key).
-    on_meta = model.embed_tokens.weight.is_meta
-    fill = needs_fill_from_rank0(model, d)
-    if on_meta:
-        orig_device = torch.device("cpu")  # where this rank's exported copy goes
-    fingerprint = model_fingerprint(model) if prepare is not None and not on_meta else None
-    if prepare is not None and fill:
-        fingerprint = broadcast_object(fingerprint, d)
-    torch.manual_seed(cfg.seed + d.rank)  # dropout streams differ per rank; init below uses its own generator
+@dataclass
+class Task:
+    """What a kind of training plugs into the loop (train_sft and train_preference build one)."""
 
-    # Precision: trainable weights are fp32 master copies. A frozen LoRA base keeps its dtype under FSDP (it is
-    # gathered in bf16 anyway); the plain CPU path computes in fp32 throughout.
-    lora = cfg.lora_rank is not None
-    if not lora or not d.sharded:
-        model.float()
-    if lora:
-        inject_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, seed=cfg.seed)
-    if cfg.activation_checkpointing:
-        enable_activation_checkpointing(model.layers)
-    module = TrainModule(model)
-    if d.sharded:
-        full_state = module.state_dict() if fill and d.rank == 0 else None  # the full tensors, before sharding
-        shard_model(module, list(model.layers), d, bf16=d.device.type == "cuda", cpu_offload=cfg.cpu_offload)
-        if fill:
-            fill_from_rank0(module, full_state, d, cpu_offload=cfg.cpu_offload)
-            del full_state
-        model.reset_buffers(d.device)
-    module.train()
-    if prepare is not None:
-        prepare(module, fingerprint)
+    row_seqs: list  # row_seqs[i]: (token length, target tokens) of each of row i's sequences (SFT: 1; pairs: 2)
+    make_batch: Callable  # row indices -> {"tokens", "targets", ...} CPU tensors
+    count_fn: Callable  # batch -> its share of norm: [valid tokens, pairs, chosen tokens]
+    loss_step: Callable  # (module, batch on device, norm) -> (loss, {metric: tensor}); see "loss steps"
+    data_key: str  # identifies the data (and loss) in the checkpoints' run key
+    prepare: Callable | None = None  # (module, weights fingerprint) after sharding: the reference pass
+
+
+class Trainer:
+    """One training run: __init__ sets up, train() runs the steps, export() hands back the weights."""
+
+    def __init__(self, model, task: Task, cfg: TrainConfig, d: Dist, out_dir):
+        self.task, self.cfg, self.d = task, cfg, d
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        if self.out_dir is not None and d.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.model_cfg = model.cfg
+        self.lora = cfg.lora_rank is not None
+        self.module = self._build_module(model)
+        self.params, self.optimizer = self._build_optimizer()
+        self.lengths = [sum(n for n, _ in seqs) for seqs in task.row_seqs]  # what length grouping sorts by
+        self.steps_per_epoch = math.ceil(len(self.lengths) / cfg.batch_size)
+        self.total = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+        self.accum = cfg.grad_accum(d.world_size)
+        self.run_key = stable_hash([task.data_key, _trajectory_config(cfg), d.world_size], length=64)
+        self.ckpt_root = self.out_dir / "ckpt" if self.out_dir is not None else None
+        self.metrics_file = self.out_dir / "metrics.jsonl" if self.out_dir is not None else None
+        self.start = self._resume()
+        self._epoch = (None, None)  # (epoch, its global batches)
+
+    # -- setup -------------------------------------------------------------------------------------------------
+    def _build_module(self, model):
+        """fp32 master weights, LoRA, activation checkpointing, FSDP2 sharding (ranks that hold no weights are filled
+        from rank 0), then the task's reference pass. -> the TrainModule. Records the dtype and device to export to."""
+        cfg, d, prepare = self.cfg, self.d, self.task.prepare
+        self.export_dtype, self.export_device = model.embed_tokens.weight.dtype, model.embed_tokens.weight.device
+        # Ranks > 0 may hold the model on the meta device (w2s.checkpoint.load_for_training): rank 0's weights reach
+        # them when the model is sharded below, and so does rank 0's fingerprint (the reference-cache key).
+        on_meta = model.embed_tokens.weight.is_meta
+        fill = needs_fill_from_rank0(model, d)
+        if on_meta:
+            self.export_device = torch.device("cpu")  # where this rank's exported copy goes
+        fingerprint = model_fingerprint(model) if prepare is not None and not on_meta else None
+        if prepare is not None and fill:
+            fingerprint = broadcast_object(fingerprint, d)
+        torch.manual_seed(cfg.seed + d.rank)  # dropout streams differ per rank; LoRA's init uses its own generator
+
+        # Trainable weights are fp32 master copies. A frozen LoRA base keeps its dtype under FSDP (it is gathered in
+        # bf16 anyway); the plain CPU path computes in fp32 throughout.
+        if not self.lora or not d.sharded:
+            model.float()
+        if self.lora:
+            inject_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, seed=cfg.seed)
+        if cfg.activation_checkpointing:
+            enable_activation_checkpointing(model.layers)
+        module = TrainModule(model)
         if d.sharded:
-            # The root keeps its parameters gathered after a forward (reshard_after_forward=False), and while they
-            # are, module.parameters() yields the temporary unsharded tensors: reshard so the optimizer (and the
-            # checkpoint state dict) get the real sharded fp32 parameters.
-            module.reshard()
+            full_state = module.state_dict() if fill and d.is_main else None  # the full tensors, before sharding
+            shard_model(module, list(model.layers), d, bf16=d.device.type == "cuda", cpu_offload=cfg.cpu_offload)
+            if fill:
+                fill_from_rank0(module, full_state, d, cpu_offload=cfg.cpu_offload)
+                del full_state
+            model.reset_buffers(d.device)
+        module.train()
+        if prepare is not None:
+            prepare(module, fingerprint)
+            if d.sharded:
+                # The root keeps its parameters gathered after a forward (reshard_after_forward=False), and while
+                # they are, module.parameters() yields the temporary unsharded tensors: reshard so the optimizer (and
+                # the checkpoint state dict) get the real sharded fp32 parameters.
+                module.reshard()
+        return module
 
-    params = [p for p in module.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    # fused: one kernel over all parameters (CPU and CUDA); on CPU it is ~30x faster than the per-tensor default.
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.adam_betas),
-                                  eps=1e-8, fused=True)
+    def _build_optimizer(self):
+        """AdamW over the trainable parameters, weight decay on matrices only. -> (parameters, optimizer)."""
+        cfg = self.cfg
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+        # fused: one kernel over all parameters (CPU and CUDA) instead of a loop of small per-tensor kernels.
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.adam_betas),
+                                      eps=1e-8, fused=True)
+        return params, optimizer
 
-    steps_per_epoch = math.ceil(len(lengths) / cfg.batch_size)
-    total = cfg.max_steps or cfg.epochs * steps_per_epoch
-    accum = cfg.grad_accum(d.world_size)
-    run_key = hashlib.sha256(json.dumps([data_key, _trajectory_config(cfg), d.world_size]).encode()).hexdigest()
+    def _resume(self):
+        """The first step to run: the newest checkpoint's in out_dir/ckpt (its state loaded) or 0. Trims
+        metrics.jsonl to the steps before it."""
+        start = 0
+        if self.ckpt_root is not None and self.cfg.resume and (latest := latest_checkpoint(self.ckpt_root)) is not None:
+            saved = json.loads((latest / "train_state.json").read_text())
+            if saved.get("run_key") != self.run_key:
+                raise ValueError(f"{latest}: checkpoint is from a different run (data, config or world size "
+                                 f"changed); use a fresh --out directory or resume=False")
+            start = load_training_state(latest, self.module, self.optimizer, self.d)["step"]
+        if self.metrics_file is not None and self.d.is_main:
+            _trim_metrics(self.metrics_file, start)
+        return start
 
-    start = 0
-    ckpt_root = out_dir / "ckpt" if out_dir is not None else None
-    if ckpt_root is not None and cfg.resume and (latest := latest_checkpoint(ckpt_root)) is not None:
-        saved = json.loads((latest / "train_state.json").read_text())
-        if saved.get("run_key") != run_key:
-            raise ValueError(f"{latest}: checkpoint is from a different run (data, config or world size changed); "
-                             f"use a fresh --out directory or resume=False")
-        start = load_training_state(latest, module, optimizer, d)["step"]
-    metrics_file = out_dir / "metrics.jsonl" if out_dir is not None else None
-    if metrics_file is not None and d.is_main:
-        _trim_metrics(metrics_file, start)
+    # -- the step loop -----------------------------------------------------------------------------------------
+    def global_batch(self, step):
+        """(row indices of step `step`'s global batch, its epoch)."""
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if self._epoch[0] != epoch:
+            self._epoch = (epoch, data.epoch_batches(self.lengths, self.cfg.batch_size, self.cfg.seed, epoch))
+        return self._epoch[1][i], epoch
 
-    peak = profile.peak_flops(profile.device_name(d.device))  # None on CPU (unless W2S_PEAK_FLOPS is set)
-    bar = tqdm(total=total, initial=start, disable=not (cfg.progress and d.is_main), dynamic_ncols=True)
-    epoch_cache = {}
-    window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
-    run_tokens, run_flops, run_start, rec = 0, 0.0, window_start, None
-    for step in range(start, total):
-        epoch, i = divmod(step, steps_per_epoch)
-        if epoch not in epoch_cache:
-            epoch_cache = {epoch: data.epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch)}
-        global_batch = epoch_cache[epoch][i]
+    def train_step(self, step, global_batch):
+        """One optimizer step (module docstring, 1-4). -> ({metric: this rank's sum}, global grad norm, lr)."""
+        d, task, accum = self.d, self.task, self.accum
         slots = data.split_slots(global_batch, d.world_size * accum)
-        micro = [make_batch(slots[d.rank * accum + m]) for m in range(accum)]
-
-        counts = torch.tensor([sum(c) for c in zip(*(count_fn(b) for b in micro))], dtype=torch.float32)
+        micro = [task.make_batch(slots[d.rank * accum + m]) for m in range(accum)]
+        counts = torch.tensor([sum(c) for c in zip(*(task.count_fn(b) for b in micro))], dtype=torch.float32)
         norm = all_reduce_sum(counts.to(d.device), d).clamp(min=1.0)  # global [tokens, pairs, chosen tokens]
-        lr = lr_at(step, total, cfg)
-        for group in optimizer.param_groups:
+        lr = lr_at(step, self.total, self.cfg)
+        for group in self.optimizer.param_groups:
             group["lr"] = lr
         stats = {}
         for batch in micro:
-            loss, s = loss_step(module, _to(batch, d.device), norm)
+            loss, s = task.loss_step(self.module, _to(batch, d.device), norm)
             loss.backward()
             for k, v in s.items():
                 stats[k] = stats.get(k, 0.0) + v.float()
-        grad_norm = _clip_grad_norm(params, cfg.clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = _clip_grad_norm(self.params, self.cfg.clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return stats, grad_norm, lr
 
-        seqs = [(n - 1, t) for j in global_batch for n, t in row_seqs[j]]  # model inputs drop the last token
-        tokens, flops = sum(n for n, _ in seqs), step_flops(model_cfg, seqs, lora)
-        window_tokens, window_flops = window_tokens + tokens, window_flops + flops
-        run_tokens, run_flops = run_tokens + tokens, run_flops + flops
-        bar.update(1)
-        last = step + 1 == total
-        if (step + 1) % cfg.log_every == 0 or last:
-            names = sorted(stats)
-            values = all_reduce_sum(torch.stack([stats[n] for n in names]), d).tolist()
-            if d.device.type == "cuda":
-                torch.cuda.synchronize(d.device)
-            elapsed = time.perf_counter() - window_start
-            tok_s = window_tokens / elapsed
-            rec = {"step": step + 1, **dict(zip(names, values)), "lr": lr, "grad_norm": float(grad_norm),
-                   "tokens": window_tokens, "tok_per_s": tok_s,
-                   "mfu": profile.mfu(tok_s, window_flops / max(window_tokens, 1), peak, d.world_size),
-                   "peak_mem_gib": peak_memory_gib(d.device), "epoch": epoch}
-            if d.is_main:
-                bar.write(profile.fmt_log_line(step=step + 1, total_steps=total, loss=rec["loss"], lr=lr,
-                                               grad_norm=rec["grad_norm"], tok_s=tok_s, mfu=rec["mfu"],
-                                               mem=rec["peak_mem_gib"]))
-                if metrics_file is not None:
-                    with open(metrics_file, "a") as f:
-                        f.write(json.dumps(rec) + "\n")
-            if on_step is not None:
-                on_step(rec)
-            window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
-        if ckpt_root is not None and cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and not last:
-            save_training_state(ckpt_root, step + 1, module, optimizer, d, {"run_key": run_key})
-            if window_tokens == 0:  # a checkpoint right after a log line: keep its I/O out of the next tok/s
-                window_start = time.perf_counter()
-    bar.close()
-    if d.device.type == "cuda":
-        torch.cuda.synchronize(d.device)
-    wall = time.perf_counter() - run_start
-    stats = {"steps": total - start, "resumed_from_step": start, "tokens": run_tokens, "wall_s": wall,
-             "tok_s": run_tokens / wall if wall > 0 else None,
-             "mfu": profile.mfu(run_tokens / wall, run_flops / max(run_tokens, 1), peak, d.world_size) if wall > 0
-             else None, "peak_mem_gib": peak_memory_gib(d.device), "final_loss": rec["loss"] if rec else None}
+    def train(self, on_step=None):
+        """Run the steps from self.start; on_step(rec) gets every log step's record. -> self.run_stats(...)."""
+        from tqdm.auto import tqdm
 
-    del optimizer
-    trained = _export(module, model_cfg, orig_dtype, orig_device, d, out_dir, tokenizer, return_model)
-    if ckpt_root is not None and d.is_main:
-        shutil.rmtree(ckpt_root, ignore_errors=True)  # the export supersedes the training state
-    barrier(d)
-    return trained, stats
+        cfg, d = self.cfg, self.d
+        # Tokens are summed over ranks, so MFU is over world_size devices. Every window is a log interval (no
+        # warm-up windows); the CUDA peak counts from _run's reset, so it covers setup and the reference pass too.
+        meter = profile.StageProfiler(name="train", device=d.device, n_devices=d.world_size, warmup_steps=0,
+                                      reset_peak_memory=False)
+        bar = tqdm(total=self.total, initial=self.start, disable=not (cfg.progress and d.is_main), dynamic_ncols=True)
+        rec = None
+        with meter:
+            for step in range(self.start, self.total):
+                global_batch, epoch = self.global_batch(step)
+                stats, grad_norm, lr = self.train_step(step, global_batch)
+                # (input length, target tokens) of every sequence: model inputs drop the last token
+                seqs = [(n - 1, t) for j in global_batch for n, t in self.task.row_seqs[j]]
+                last = step + 1 == self.total
+                log = (step + 1) % cfg.log_every == 0 or last
+                meter.step(tokens=sum(n for n, _ in seqs), flops=step_flops(self.model_cfg, seqs, self.lora), sync=log)
+                bar.update(1)
+                if log:
+                    rec = self.log(step, epoch, stats, grad_norm, lr, meter, bar)
+                    if on_step is not None:
+                        on_step(rec)
+                    meter.restart_window()  # the callback's time is not the next window's
+                if self.ckpt_root is not None and cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and not last:
+                    save_training_state(self.ckpt_root, step + 1, self.module, self.optimizer, d,
+                                        {"run_key": self.run_key})
+                    meter.restart_window()  # right after a log line: keep the checkpoint's I/O out of tokens/s
+        bar.close()
+        return self.run_stats(meter, rec)
+
+    def log(self, step, epoch, stats, grad_norm, lr, meter, bar):
+        """The log step's record (metrics summed over ranks, lr, grad norm, the meter's window); rank 0 writes the
+        log line and appends the record to metrics.jsonl. -> the record."""
+        names = sorted(stats)
+        values = all_reduce_sum(torch.stack([stats[n] for n in names]), self.d).tolist()
+        window = meter.last_window()
+        rec = {"step": step + 1, **dict(zip(names, values)), "lr": lr, "grad_norm": float(grad_norm),
+               "tokens": window["tokens"], "tok_per_s": window["tok_s"], "mfu": window["mfu"],
+               "peak_mem_gib": profile.peak_memory_gib(self.d.device), "epoch": epoch}
+        if self.d.is_main:
+            bar.write(profile.fmt_log_line(step=step + 1, total_steps=self.total, loss=rec["loss"], lr=lr,
+                                           grad_norm=rec["grad_norm"], tok_s=rec["tok_per_s"], mfu=rec["mfu"],
+                                           mem=rec["peak_mem_gib"]))
+            if self.metrics_file is not None:
+                with open(self.metrics_file, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+        return rec
+
+    def run_stats(self, meter, rec):
+        """The run's cost and outcome, what a pipeline stage records: the meter's tokens (every training token of the
+        steps this call ran, all ranks), tok_s, mfu (None without a known peak: CPU), peak_mem_gib, device and
+        wall_s (the steps' wall time), plus steps, resumed_from_step and final_loss (the last logged loss)."""
+        return {**meter.cost(), "steps": self.total - self.start, "resumed_from_step": self.start,
+                "final_loss": rec["loss"] if rec else None}
+
+    # -- export ------------------------------------------------------------------------------------------------
+    def export(self, tokenizer, return_model=True):
+        """Free the optimizer, export the weights (_export), drop the training checkpoints the export supersedes."""
+        self.optimizer = None
+        trained = _export(self.module, self.model_cfg, self.export_dtype, self.export_device, self.d, self.out_dir,
+                          tokenizer, return_model)
+        if self.ckpt_root is not None and self.d.is_main:
+            shutil.rmtree(self.ckpt_root, ignore_errors=True)
+        barrier(self.d)
+        return trained
 
 
 def _trajectory_config(cfg):

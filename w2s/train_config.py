@@ -1,7 +1,7 @@
 """TrainConfig: every option of the training loop (w2s/train.py), its checks, and its command-line form.
 
     cfg = TrainConfig(lr=1e-5, batch_size=64, lora_rank=16)   # impossible values fail here, naming the field
-    add_config_args(parser); cfg = config_from_args(parser.parse_args())   # one --flag per field (scripts/sft.py)
+    add_config_args(parser); cfg = config_from_args(parser.parse_args())   # one --flag per field (w2s/train_cli.py)
 
 Recipes ([weak_sft], [strong_sft], [preference] in recipes/*.toml) are checked against these fields too
 (w2s/recipe.py). Tested in tests/test_train.py and tests/test_recipe.py.
@@ -62,7 +62,7 @@ class TrainConfig:
         return max(1, math.ceil(self.batch_size / (self.micro_batch_size * world_size)))
 
 
-# Help text of every TrainConfig field, for the scripts' --help (scripts/sft.py, scripts/dpo.py).
+# Help text of every TrainConfig field, for the scripts' --help (w2s/train_cli.py: scripts/sft.py, scripts/dpo.py).
 CONFIG_HELP = {
     "lr": "peak learning rate (AdamW)",
     "min_lr": "learning rate at the end of the cosine decay",

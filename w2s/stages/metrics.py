@@ -28,7 +28,7 @@ import math
 from itertools import combinations
 from typing import Callable, Hashable
 
-from w2s.tasks.graders import DEFAULT_GRADER, available_graders, get_grader, per_question
+from w2s.tasks.graders import available_graders, default_grader, get_grader, per_question
 from w2s.tasks.grading import BOUNDED
 
 SameAnswer = Callable[[str, str], bool]
@@ -41,8 +41,9 @@ def exact_match(a: str, b: str) -> bool:
     return a != "" and a == b
 
 
-def answer_matcher(task: str, grader: str = DEFAULT_GRADER) -> SameAnswer:
-    """The comparison of a task's grader (w2s/tasks/graders.py) as a same_answer(a, b) on normalized answers."""
+def answer_matcher(task: str, grader: str | None = None) -> SameAnswer:
+    """The comparison of a task's grader (w2s/tasks/graders.py; None: the task's default, `paper` for GSM8K and
+    MATH) as a same_answer(a, b) on normalized answers. A question-dependent judge needs same_for instead."""
     return get_grader(task, grader).same
 
 
@@ -165,7 +166,7 @@ def pair_precision(pairs: list[dict], gold, same_answer: SameAnswer = exact_matc
     return accuracy(rows, gold, same_answer, same_for)
 
 
-def evaluation_result(rows: list[dict], test: list[dict], task: str, grader: str = DEFAULT_GRADER) -> dict:
+def evaluation_result(rows: list[dict], test: list[dict], task: str, grader: str | None = None) -> dict:
     """The result of one evaluation on the test records {"id", "answer", "level"?}, under every available grader.
 
     rows: {"id", "response"} (one greedy response each) or {"id", "samples": [{"response"}, ...]} (n samples each).
@@ -176,6 +177,7 @@ def evaluation_result(rows: list[dict], test: list[dict], task: str, grader: str
     as the headline, the same numbers under `grader` ("accuracy", "n_correct", "accuracy_by_level" or "pass@k")
     with "grader" naming it. Used by the pipeline's eval stages and by scripts/evaluate.py.
     """
+    grader = grader or default_grader(task)
     names = tuple(dict.fromkeys((grader, *available_graders(task))))  # the headline grader first
     bounded = dict(BOUNDED)
     graded = {name: _graded(rows, test, get_grader(task, name)) for name in names}

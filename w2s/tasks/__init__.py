@@ -1,4 +1,5 @@
-"""Tasks: GSM8K and MATH records, the prompts of PAPER.md, the few-shot demonstrations, and answer grading.
+"""Tasks: GSM8K, MATH and OlympicArena records, the prompts of PAPER.md, the few-shot demonstrations, and answer
+grading.
 
 A record is a plain dict: {"id", "question", "solution" (the gold SFT target), "answer" (gold final answer)},
 plus "level" and "subject" for MATH. Prompts use no chat template (PAPER.md "Prompt and targets"):
@@ -12,23 +13,33 @@ plus "level" and "subject" for MATH. Prompts use no chat template (PAPER.md "Pro
 Graders (how answers are read and compared: `paper`, `equivalence`, `math-verify`) are w2s/tasks/graders.py;
 `extract_answer`, `normalize_answer`, `is_equiv`, `grade` and `final_answer` below are the `equivalence` grader's.
 
-Test: python -m pytest -q tests/test_tasks.py tests/test_grading.py
+OlympicArena (no gold for training; its own prompt, stop strings and judge) lives in w2s/tasks/olympicarena.py and
+w2s/tasks/olympic_judge.py; TASKS lists it with the two above.
+
+Test: python -m pytest -q tests/test_tasks.py tests/test_grading.py tests/test_olympicarena.py
 """
 
 from __future__ import annotations
 
 import random
 
+from w2s.tasks import olympic_judge, olympicarena
 from w2s.tasks.data import fetch_data, load_records, load_split, save_split, split_train
 from w2s.tasks.graders import GRADER_NAMES, MARKERS, available_graders, get_grader, has_marker
-from w2s.tasks.grading import TASKS, answer_key, extract_answer, final_answer, grade, is_equiv, normalize_answer
+from w2s.tasks.grading import TASKS as GRADED_TASKS
+from w2s.tasks.grading import answer_key, extract_answer, final_answer, grade, is_equiv, normalize_answer
 
 __all__ = [
     "TASKS", "STOP_STRINGS", "zero_shot_prompt", "few_shot_prompt", "training_text", "select_demos",
     "load_records", "split_train", "load_split", "save_split", "fetch_data",
     "extract_answer", "normalize_answer", "final_answer", "is_equiv", "grade", "answer_key",
+    "GRADED_TASKS", "olympicarena", "olympic_judge",
     "GRADER_NAMES", "available_graders", "get_grader", "has_marker",
 ]  # fmt: skip
+
+# Every task with records and a grader: gsm8k / math grade through w2s/tasks/grading.py, olympicarena through
+# w2s/tasks/olympic_judge.py.
+TASKS = GRADED_TASKS + (olympicarena.NAME,)
 
 STOP_STRINGS = ["Question", "Answer"]
 N_DEMOS = 4

@@ -5,6 +5,8 @@ Layout of a data directory (the same as ../shared/data):
     <data_dir>/gsm8k/train.jsonl, gsm8k/test.jsonl     openai/grade-school-math
     <data_dir>/math/test.jsonl                         MATH-500 (PRM800K test split)
     <data_dir>/math/train.jsonl                        PRM800K 12k MATH train split (for the MATH pipeline)
+    <data_dir>/olympicarena/test.jsonl, val.jsonl      GAIR/OlympicArena rows of the six subjects (test = train_2,
+                                                       answers hidden; val = the test set)
 
 PAPER.md: the gold train set is split in two halves; train_1 (questions + gold) trains the weak model, train_2 is
 seen by the strong model as questions only. `split_train` makes a seeded split; `load_split` reads a user's own
@@ -16,6 +18,7 @@ as two files (the authors' GSM8K `data/raw/gsm8k/train_1.jsonl` / `train_2.jsonl
     train_1, train_2 = split_train(records, seed=0)            # default half / half
     import_split("gsm8k", "raw/train_1.jsonl", "raw/train_2.jsonl", "data/gsm8k-authors")  # -> train.jsonl, split.json
     fetch_data("data")                                         # what `w2s data` runs; offline=True only explains
+    fetch_data("data", tasks=("olympicarena",))                # `w2s data olympicarena`
 
 Test: python -m pytest -q tests/test_tasks.py   (never touches the network)
 """
@@ -25,18 +28,20 @@ from __future__ import annotations
 import json
 import os
 import random
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from w2s.files import write_atomic
-from w2s.tasks import gsm8k, math
+from w2s.tasks import gsm8k, math, olympicarena
 
 
 def load_records(task: str, path: str | Path) -> list[dict]:
-    """Records of a task file: {"id", "question", "solution", "answer"} (+ "level", "subject" for math)."""
-    loaders = {"gsm8k": gsm8k.load, "math": math.load}
+    """Records of a task file: {"id", "question", "solution", "answer"} (+ "level", "subject" for math; olympicarena:
+    see w2s/tasks/olympicarena.py, no "solution", "answer" a list or None)."""
+    loaders = {"gsm8k": gsm8k.load, "math": math.load, "olympicarena": olympicarena.load}
     if task not in loaders:
         raise ValueError(f"unknown task {task!r}: expected one of {', '.join(loaders)}")
     if not Path(path).is_file():
@@ -150,6 +155,72 @@ DATA_FILES = (
 )
 
 
+# OlympicArena is published as parquet files (one folder per subject config, splits test and val). The Hugging Face
+# dataset viewer serves the same rows as JSON pages, which urllib reads without a parquet library; w2s writes them as
+# jsonl, the dataset's own fields unchanged, the six subjects concatenated in the authors' order.
+OLYMPIC_ROWS_URL = "https://datasets-server.huggingface.co/rows"
+OLYMPIC_PAGE = 100  # the largest page the rows endpoint serves
+OLYMPIC_FILES = (
+    DataFile("olympicarena", "olympicarena/test.jsonl", OLYMPIC_ROWS_URL,
+             "OlympicArena test split, answers hidden: train_2"),
+    DataFile("olympicarena", "olympicarena/val.jsonl", OLYMPIC_ROWS_URL, "OlympicArena val split: the test set"),
+)  # fmt: skip
+
+
+def _olympic_page(subject: str, split: str, offset: int, length: int, timeout: float) -> dict:
+    query = urllib.parse.urlencode({"dataset": olympicarena.HF_DATASET, "config": subject, "split": split,
+                                    "offset": offset, "length": length})  # fmt: skip
+    with urllib.request.urlopen(f"{OLYMPIC_ROWS_URL}?{query}", timeout=timeout) as response:
+        page = json.loads(response.read())
+    if not isinstance(page, dict) or not isinstance(page.get("rows"), list) or page.get("partial"):
+        raise ValueError(f"{subject}/{split} offset {offset}: not a complete page of rows ({str(page)[:100]})")
+    return page
+
+
+def _olympic_rows(subject: str, split: str, timeout: float) -> list[dict]:
+    """Every row of one subject config and split, page by page. The server cuts long cells in a large page
+    (truncated_cells): such a page is fetched again in smaller pages, down to one row."""
+    rows, offset, length, total = [], 0, OLYMPIC_PAGE, None
+    while total is None or offset < total:
+        page = _olympic_page(subject, split, offset, length, timeout)
+        total = int(page["num_rows_total"])
+        if any(item.get("truncated_cells") for item in page["rows"]):
+            if length == 1:
+                raise ValueError(f"{subject}/{split} row {offset}: the server cuts its long cells")
+            length = max(1, length // 10)
+            continue
+        if not page["rows"] and offset < total:
+            raise ValueError(f"{subject}/{split}: empty page at row {offset} of {total}")
+        rows.extend(item["row"] for item in page["rows"])
+        offset, length = offset + len(page["rows"]), OLYMPIC_PAGE
+    return rows
+
+
+def _download_olympic(file: DataFile, dest: Path, timeout: float) -> None:
+    split = Path(file.relpath).stem
+    rows = [row for subject in olympicarena.SUBJECTS for row in _olympic_rows(subject, split, timeout)]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".part")
+    tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    try:
+        olympicarena.load(tmp, split=split)
+    except ValueError as e:
+        tmp.unlink()
+        raise ValueError(f"fetched rows are not valid olympicarena records: {e}") from None
+    os.replace(tmp, dest)
+
+
+def _olympic_instructions(file: DataFile, dest: Path) -> str:
+    split = Path(file.relpath).stem
+    subjects = ", ".join(repr(s) for s in olympicarena.SUBJECTS)
+    return (
+        f"`w2s data olympicarena` builds it from {OLYMPIC_ROWS_URL}?dataset={olympicarena.HF_DATASET} "
+        f'(JSON pages); or, where the `datasets` library reaches the hub, run python -c "from datasets import '
+        f"load_dataset, concatenate_datasets as cat; cat([load_dataset('{olympicarena.HF_DATASET}', s, "
+        f"split='{split}') for s in ({subjects})]).to_json('{split}.jsonl')\" and copy {split}.jsonl to {dest}"
+    )
+
+
 def _download(file: DataFile, dest: Path, timeout: float) -> None:
     """Fetch to a temporary file, check it loads as the task's records, then rename into place (never half-written)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -176,7 +247,7 @@ def fetch_data(
     file still missing, log exactly which URL to save where. Returns the paths that are still missing."""
     data_dir = Path(data_dir)
     missing = []
-    for file in DATA_FILES:
+    for file in DATA_FILES + OLYMPIC_FILES:
         if file.task not in tasks:
             continue
         dest = data_dir / file.relpath
@@ -185,11 +256,14 @@ def fetch_data(
             continue
         if not offline:
             try:
-                _download(file, dest, timeout)
+                (_download_olympic if file.task == "olympicarena" else _download)(file, dest, timeout)
                 log(f"fetched  {dest}  ({file.what})")
                 continue
             except Exception as e:  # no network, HTTP error, bad content: fall through to the instructions
                 log(f"failed   {dest}: {type(e).__name__}: {e}")
-        log(f"missing  {dest}  ({file.what}): download {file.url} and save it as {dest}")
+        if file.task == "olympicarena":
+            log(f"missing  {dest}  ({file.what}): {_olympic_instructions(file, dest)}")
+        else:
+            log(f"missing  {dest}  ({file.what}): download {file.url} and save it as {dest}")
         missing.append(dest)
     return missing

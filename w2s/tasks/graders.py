@@ -1,5 +1,8 @@
 """Graders: how a final answer is read from a response and compared, by name (the recipe's `[data] grader`).
 
+GSM8K and MATH have three (`paper` the default); OlympicArena has one, its own judge (w2s/tasks/olympic_judge.py,
+named `olympicarena` here), whose comparison depends on the question's answer type.
+
     paper         the authors' protocol exactly (w2s/tasks/paper_protocol.py): last-line marker, the "The answer is"
                   first-number fall-back, no last-number fall-back, Minerva normalization, exact string equality
     equivalence   w2s's lenient grader (w2s/tasks/grading.py): last marker anywhere, last-number fall-back, a broader
@@ -39,8 +42,8 @@ from w2s.tasks import grading
 from w2s.tasks.paper_protocol import minerva_normalize, paper_extract
 
 MARKERS = grading.ANSWER_MARKERS  # {"gsm8k": "####", "math": "The answer is:"}
-GRADER_NAMES = ("paper", "equivalence", "math-verify")
-DEFAULT_GRADER = "paper"
+GRADER_NAMES = ("paper", "equivalence", "math-verify")  # GSM8K's and MATH's
+TASK_GRADERS = {"gsm8k": GRADER_NAMES, "math": GRADER_NAMES, "olympicarena": ("olympicarena",)}
 
 
 def has_marker(response: str, task: str) -> bool:
@@ -141,7 +144,40 @@ def _matched_string(parsed: tuple) -> str:
     return next((x for x in reversed(parsed) if isinstance(x, str)), "").strip()
 
 
-_CLASSES = {"paper": PaperGrader, "equivalence": EquivalenceGrader, "math-verify": MathVerifyGrader}
+class OlympicJudgeGrader:
+    """OlympicArena's judge (w2s/tasks/olympic_judge.py) under this interface: its comparison needs the question's
+    record (answer type, type sequence), which `per_question` binds; without one it judges as a single answer."""
+
+    name = "olympicarena"
+
+    def __init__(self, task: str):
+        from w2s.tasks import olympic_judge
+
+        self.task, self.judge = task, olympic_judge
+
+    def answer(self, response: str) -> str:
+        return self.judge.answer(response)
+
+    def gold(self, answer_text) -> str:
+        return self.judge.gold(answer_text)
+
+    def same(self, a: str, b: str, record=None) -> bool:
+        return self.judge.same(a, b, record or {})
+
+
+_CLASSES = {"paper": PaperGrader, "equivalence": EquivalenceGrader, "math-verify": MathVerifyGrader,
+            "olympicarena": OlympicJudgeGrader}
+
+
+def task_graders(task: str) -> tuple[str, ...]:
+    """Every grader a task has, its default first."""
+    if task not in TASK_GRADERS:
+        raise ValueError(f"unknown task {task!r}: expected one of {', '.join(TASK_GRADERS)}")
+    return TASK_GRADERS[task]
+
+
+def default_grader(task: str) -> str:
+    return task_graders(task)[0]
 
 
 def is_available(name: str) -> bool:
@@ -149,17 +185,16 @@ def is_available(name: str) -> bool:
 
 
 def available_graders(task: str) -> tuple[str, ...]:
-    """The graders that can run here for a task, in GRADER_NAMES order (every task has the three)."""
-    grading.check_task(task)
-    return tuple(name for name in GRADER_NAMES if is_available(name))
+    """The graders of a task that can run here (math-verify only when installed), in task_graders order."""
+    return tuple(name for name in task_graders(task) if is_available(name))
 
 
 @lru_cache(maxsize=None)
-def get_grader(task: str, name: str = DEFAULT_GRADER):
-    """The grader `name` of a task; a clear error for an unknown or uninstalled one."""
-    grading.check_task(task)
-    if name not in _CLASSES:
-        raise ValueError(f"unknown grader {name!r}: expected one of {', '.join(GRADER_NAMES)}")
+def get_grader(task: str, name: str | None = None):
+    """The grader `name` of a task (None: its default); a clear error for an unknown or uninstalled one."""
+    name = name or default_grader(task)
+    if name not in task_graders(task):
+        raise ValueError(f"unknown grader {name!r} for {task}: expected one of {', '.join(task_graders(task))}")
     if not is_available(name):
         raise ValueError(f"grader {name!r} needs the math-verify package: pip install math-verify "
                          f"(or pip install -e '.[math-verify]')")

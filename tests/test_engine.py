@@ -1,0 +1,81 @@
+"""w2s/engine.py on toy stages (no models): keys, skip, rerun, a killed stage, and the one-run-per-directory lock.
+
+    python -m pytest -q tests/test_engine.py
+"""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from w2s.engine import Context, RunLocked, Stage, run_lock, run_stages
+
+
+def _write(ctx, out, text, fail=False):
+    (out / "out.txt").write_text(text)
+    if fail:
+        raise RuntimeError("killed")
+    return {"n": len(text)}
+
+
+def _read(ctx, out):
+    return {"upstream": (ctx.dir("a") / "out.txt").read_text()}
+
+
+def _table(text="x", fail=False):
+    return [Stage("a", _write, [], {"text": text}, {"text": text, "fail": fail}),
+            Stage("b", _read, ["a"], {})]
+
+
+def test_stages_run_skip_and_rerun_downstream(tmp_path):
+    logs = []
+    ctx = Context(recipe=None, run_dir=tmp_path, log=logs.append)
+    assert run_stages(_table(), ctx) == {"a": "ran", "b": "ran"}
+    meta = json.loads((tmp_path / "b" / "meta.json").read_text())
+    assert meta["upstream"] == "x" and meta["inputs"] == {"a": ctx.keys["a"]} and meta["key"] == ctx.keys["b"]
+    assert run_stages(_table(), Context(None, tmp_path, log=logs.append)) == {"a": "skipped", "b": "skipped"}
+    # A changed option reruns its stage and every stage that reads it.
+    assert run_stages(_table("y"), Context(None, tmp_path, log=logs.append)) == {"a": "ran", "b": "ran"}
+    assert json.loads((tmp_path / "b" / "meta.json").read_text())["upstream"] == "y"
+
+
+def test_a_failing_stage_is_not_done(tmp_path):
+    with pytest.raises(RuntimeError, match="killed"):
+        run_stages(_table("z", fail=True), Context(None, tmp_path, log=lambda *a: None))
+    assert (tmp_path / "a" / "out.txt").read_text() == "z"  # partial output kept for a resume under the same key
+    assert not (tmp_path / "a" / "meta.json").exists() and not (tmp_path / "b").exists()
+
+
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from w2s.engine import run_lock
+    with run_lock(sys.argv[1]):
+        print("locked", flush=True)
+        time.sleep(60)
+""")
+
+
+def test_a_second_run_on_a_locked_directory_refuses(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunLocked, match=rf"another pipeline is running in this run directory \(pid {holder.pid} on "
+                                            r"host .*\); wait for it, or use another run name"):
+            with run_lock(tmp_path):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder was killed (-9): its name stays in the file, and the next run takes the lock over with a warning.
+    logs = []
+    with run_lock(tmp_path, log=logs.append):
+        assert f"pid {holder.pid} on host" not in (tmp_path / "lock").read_text()
+    assert len(logs) == 1 and logs[0].startswith(f"warning: {tmp_path / 'lock'}: taking over a stale lock (pid "
+                                                 f"{holder.pid} on host")
+    assert (tmp_path / "lock").read_text() == ""  # a clean exit leaves an empty lock file: no warning next time
+    logs.clear()
+    with run_lock(tmp_path, log=logs.append):
+        pass
+    assert logs == []

@@ -1,0 +1,292 @@
+"""OlympicArena: loading and filtering rows in the dataset's layout, the authors' prompt, `w2s data olympicarena`, and
+the judge (w2s/tasks/olympicarena.py, olympic_judge.py, olympic_latex.py). No network: fetches are served locally.
+
+Run: python -m pytest -q tests/test_olympicarena.py
+"""
+
+import io
+import json
+import logging
+import time
+import urllib.parse
+import urllib.request
+
+import pytest
+from click.testing import CliRunner
+
+from w2s.cli import main
+from w2s.tasks import TASKS, fetch_data, load_records
+from w2s.tasks import data as data_module
+from w2s.tasks import olympic_judge as judge
+from w2s.tasks.olympic_latex import LatexError, parse_latex
+from w2s.tasks.olympicarena import STOP_STRINGS, few_shot_prompt, make_prompt
+
+PROMPT = (
+    "You are participating in an international Physics competition and need to solve the following question.\n"
+    "The answer to this question is a numerical value.\n\nproblem:\nA ball falls from $h=5 \\mathrm{~m}$. "
+    "How long does it fall?\n\nAll mathematical formulas and symbols you output should be represented with LaTeX!\n"
+    "You can solve it step by step.\nPlease end your response with: \"The final answer is $\\boxed{ANSWER}$\", "
+    "where ANSWER is the numerical value without any units."
+)
+
+
+def _row(i, subject="Physics", language="EN", answer_type="NV", answer=("1.01",), **extra):
+    """A row with every field of the published layout (GAIR/OlympicArena's dataset card)."""
+    row = {
+        "id": f"{subject}_{i}", "problem": f"Problem {i} of {subject}.", "prompt": PROMPT.replace("Physics", subject),
+        "figure_urls": None, "answer": list(answer) if answer is not None else None, "solution": None,
+        "answer_type": answer_type, "unit": ["s"], "answer_sequence": None, "type_sequence": None,
+        "test_cases": None, "subject": subject, "language": language, "modality": "text-only",
+    }  # fmt: skip
+    row.update(extra)
+    return row
+
+
+ROWS = [
+    _row(1),
+    _row(2, subject="Math", modality="multi-modal", figure_urls=["https://x/1.png"]),  # kept: no modality filter
+    _row(3, language="ZH"),  # Chinese: dropped
+    _row(4, answer_type="OT"),  # open text: dropped
+    _row(5, subject="CS", answer_type="CODE"),  # Computer Science (code): dropped
+    _row(6, subject="CS", answer_type="NV"),  # not one of the six subjects: dropped
+    _row(7, subject="Chemistry", answer_type="MPV", answer=("2", "x+1"), type_sequence=["NV", "EX"], unit=[None, "m"]),
+    _row(8, subject="Biology", answer_type="MC", answer=("A", "C")),
+]
+
+
+def _write(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Records, filter, prompt
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_load_filters_as_the_authors_and_builds_their_prompt(tmp_path):
+    records = load_records("olympicarena", _write(tmp_path / "val.jsonl", ROWS))
+    assert [r["id"] for r in records] == ["Physics_1", "Math_2", "Chemistry_7", "Biology_8"]
+    first = records[0]
+    assert first == {
+        "id": "Physics_1", "question": "Problem 1 of Physics.", "prompt": make_prompt(PROMPT), "answer": ["1.01"],
+        "answer_type": "NV", "type_sequence": [], "unit": ["s"], "subject": "Physics", "language": "EN",
+        "modality": "text-only",
+    }  # fmt: skip
+    # src/inference_olympic.py: "\n\nproblem:\n" -> "\n\nQuestion: ", then "\n\nAnswer:".
+    assert first["prompt"].startswith("You are participating in an international Physics competition")
+    assert "\n\nQuestion: A ball falls from" in first["prompt"] and "problem:" not in first["prompt"]
+    assert first["prompt"].endswith("where ANSWER is the numerical value without any units.\n\nAnswer:")
+    assert records[1]["modality"] == "multi-modal"
+    assert records[2]["type_sequence"] == ["NV", "EX"] and records[2]["unit"] == [None, "m"]
+    assert STOP_STRINGS == ["Question", "Answer"] and "olympicarena" in TASKS
+
+
+def test_test_split_has_no_answers(tmp_path):
+    rows = [_row(1, answer=None), _row(2, answer=()), _row(3, subject="Math", answer=None)]
+    records = load_records("olympicarena", _write(tmp_path / "test.jsonl", rows))
+    assert [r["answer"] for r in records] == [None, None, None]
+    # The same rows are an error in the val split (the test set must have its gold answers).
+    with pytest.raises(ValueError, match=r"val\.jsonl:1: expected key 'answer' with a non-empty list"):
+        load_records("olympicarena", _write(tmp_path / "val.jsonl", rows))
+
+
+def test_few_shot_prompt_layout():
+    demos = [{"prompt": "P1\n\nAnswer:", "response": " R1\n"}, {"prompt": "P2\n\nAnswer:", "response": "R2"}]
+    expected = "P1\n\nAnswer: R1\n\n\nP2\n\nAnswer: R2\n\n\nP3\n\nAnswer:"
+    assert few_shot_prompt(demos, {"prompt": "P3\n\nAnswer:"}) == expected
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"prompt": None}, r"val\.jsonl:2: expected key 'prompt' with a non-empty string \(missing\)"),
+        ({"language": ""}, r"val\.jsonl:2: expected key 'language'"),
+        ({"answer_type": "XYZ"}, r"val\.jsonl:2: key 'answer_type' has unknown answer type 'XYZ'"),
+        ({"type_sequence": ["NV", "??"]}, r"val\.jsonl:2: key 'type_sequence' has an unknown answer type"),
+        ({"answer": "not a list", "unit": 5}, r"val\.jsonl:2: key 'unit' should be a list of strings"),
+    ],
+)
+def test_bad_rows_are_one_line_errors_naming_file_line_and_key(tmp_path, change, message):
+    row = _row(2)
+    for key, value in change.items():
+        if value is None:
+            del row[key]
+        else:
+            row[key] = value
+    path = _write(tmp_path / "val.jsonl", [_row(1), row])
+    with pytest.raises(ValueError, match=message) as err:
+        load_records("olympicarena", path)
+    assert len(str(err.value).splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `w2s data olympicarena`
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a test tried to use the network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+
+
+def test_w2s_data_olympicarena_offline_says_which_files_to_put_where(tmp_path, no_network):
+    out = CliRunner().invoke(main, ["data", "olympicarena", "--offline", "--dest", str(tmp_path)])
+    assert out.exit_code == 1
+    lines = out.output.splitlines()
+    assert len(lines) == 2
+    for split, line in zip(("test", "val"), lines):
+        dest = tmp_path / "olympicarena" / f"{split}.jsonl"
+        assert line.startswith(f"missing  {dest}")
+        assert f"load_dataset('GAIR/OlympicArena', s, split='{split}')" in line
+        assert f"copy {split}.jsonl to {dest}" in line
+        assert data_module.OLYMPIC_ROWS_URL in line
+    assert not any(tmp_path.iterdir())
+    # The default is still GSM8K and MATH only.
+    out = CliRunner().invoke(main, ["data", "--offline", "--dest", str(tmp_path)])
+    assert "olympicarena/" not in out.output and "gsm8k/train.jsonl" in out.output
+
+
+def test_fetch_builds_each_split_from_the_rows_pages(tmp_path, monkeypatch):
+    """The rows endpoint's JSON pages, six subject configs concatenated; a page with cut cells is fetched again in
+    smaller pages."""
+    monkeypatch.setattr(data_module, "OLYMPIC_PAGE", 2)
+    subjects = ("Math", "Physics", "Chemistry", "Biology", "Geography", "Astronomy")
+    served = {(s, split): [_row(i, subject=s, answer=None if split == "test" else ("1",)) for i in range(3)]
+              for s in subjects for split in ("test", "val")}  # fmt: skip
+    served[("Math", "val")][2]["language"] = "ZH"  # stored as published, dropped only when loaded
+
+    def serve(url, timeout):
+        query = dict(urllib.parse.parse_qsl(urllib.parse.urlparse(url).query))
+        rows = served[(query["config"], query["split"])]
+        offset, length = int(query["offset"]), int(query["length"])
+        page = [{"row_idx": offset + k, "row": r, "truncated_cells": []} for k, r in enumerate(rows[offset:][:length])]
+        if query["config"] == "Physics" and length > 1:
+            page[0]["truncated_cells"] = ["prompt"]
+        return io.BytesIO(json.dumps({"rows": page, "num_rows_total": len(rows), "partial": False}).encode())
+
+    monkeypatch.setattr(data_module.urllib.request, "urlopen", serve)
+    lines = []
+    assert fetch_data(tmp_path, tasks=("olympicarena",), log=lines.append) == []
+    val = [json.loads(line) for line in (tmp_path / "olympicarena" / "val.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in val] == [f"{s}_{i}" for s in subjects for i in range(3)]
+    assert val == [r for s in subjects for r in served[(s, "val")]]  # the dataset's rows, unchanged
+    assert len(load_records("olympicarena", tmp_path / "olympicarena" / "val.jsonl")) == 17
+    assert load_records("olympicarena", tmp_path / "olympicarena" / "test.jsonl")[0]["answer"] is None
+    assert not list(tmp_path.rglob("*.part"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The judge
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_answer_reads_the_first_box_and_normalizes():
+    text = "so $\\boxed{\\frac12}$ and later \\boxed{7}. The final answer is $\\boxed{3}$"
+    assert judge.answer(text) == "\\frac{1}{2}"
+    assert judge.answer("The final answer is $\\boxed{\\text{True}}$.") == "True"
+    assert judge.answer("The final answer is $\\boxed{5 \\mathrm{~m}}$") == "5 m"  # units are kept (and then fail)
+    assert judge.answer("The final answer is $\\boxed{90^\\circ}$") == "90"
+    assert judge.answer("The final answer is $\\boxed{x \\approx 2}$") == "x = 2"
+    assert judge.answer("The final answers are $\\boxed{2, \\left(1, 3\\right]}$") == "2, (1, 3]"
+    # OlympicArena judges the whole text when there is no usable box; w2s says "no answer".
+    for text in ("The answer is 5", "\\boxed{}", "\\boxed{5", ""):
+        assert judge.answer(text) == ""
+    assert judge.gold(["A", "C"]) == "A, C" and judge.gold(["$\\frac{1}{2}$"]) == "\\frac{1}{2}"
+    assert judge.gold(None) == "" and judge.gold([]) == ""
+
+
+# (pred, gold, expected): judge.verdict, i.e. OlympicArena's auto_judge for a question without a type_sequence.
+# A gold tuple is the dataset's list of several gold answers.
+SINGLE = [
+    # single choice: equal, or "B: text" whose letter is the gold
+    ("B", "B", True), ("B: 5 m/s", "B", True), ("[B]", "B", True), ("C", "B", False), ("b", "B", False),
+    # multiple choice: comma-separated letters, any order; "AC" is one item, so not two answers
+    ("C, A", ("A", "C"), True), ("[A, C]", ("A", "C"), True), ("A: x, C: y", ("A", "C"), True),
+    ("AC", ("A", "C"), False), ("A", ("A", "C"), False), ("A, B", ("A", "C"), False),
+    # true / false
+    ("True", "True", True), ("False", "True", False), ("true", "True", False),
+    # numerical value: ABSOLUTE tolerance 1e-5 * 1.01, not relative (judge.py judge_single_numerical_value)
+    ("1.00001", "1", True), ("1.00002", "1", False), ("100000.00001", "100000", True), ("1e-7", "1.2e-7", True),
+    ("0.5", "\\frac{1}{2}", True), ("\\sqrt{2}", "1.414214", True), ("\\sqrt{2}", "1.4142", False),
+    ("2^{5}", "32", True), ("\\log_2 8", "3", True), ("1,000", "1000", True),
+    # scientific notation: equal exponents and mantissas within 0.1 * 1.01; a plain number is rewritten d.dd x 10^k
+    ("2.998\\times 10^{8}", "3.0\\times 10^{8}", True), ("3.1\\times 10^{8}", "3\\times 10^{8}", True),
+    ("3.2\\times 10^{8}", "3.0\\times 10^{8}", False), ("299800000", "3.0\\times 10^{8}", True),
+    ("3.0\\times 10^{8}", "3.0\\times 10^{9}", False), ("6.63\\cdot 10^{-34}", "6.626\\times 10^{-34}", True),
+    ("5 m", "5", False), ("5 \\mathrm{~m/s}", "5", False),  # a unit left in the answer is not a number
+    # set: as many elements, each gold element equal to a distinct one as a number; the gold must be a list
+    ("3, 1, 2", ("1", "2", "3"), True), ("1, 2", ("1", "2", "3"), False), ("1, 1, 2", ("1", "2", "2"), False),
+    # interval: same kinds of ends, bounds equal as expressions; unions in any order
+    ("(1, 3]", "(1,3]", True), ("[1, 3)", "(1,3]", False), ("(-\\infty, 2]", "(-\\infty,2]", True),
+    ("[2,3]\\cup(-\\infty,0)", "(-\\infty,0)\\cup[2,3]", True), ("(1, \\frac{6}{2}]", "(1,3]", True),
+    # expression: after "=", equal trees; numbers within 1e-5. Symbolic ones are never simplified into agreement
+    # (OlympicArena's simplify branch returns a sympy boolean, which fails its `type(flag) == bool` check) ...
+    ("v = \\sqrt{2gh}", "\\sqrt{2gh}", True), ("2 m g", "2mg", True), ("(x+1)^2", "x^2+2x+1", False),
+    # ... but the numerical judge, tried before it, subtracts the two, and sympy cancels reordered terms itself.
+    ("1+x", "x+1", True), ("\\frac{mg}{2}", "\\frac{gm}{2}", True),
+    # equation: lhs - rhs equal after simplify, or a nonzero integer multiple of each other
+    ("y=2x+1", "2x-y+1=0", True), ("x+y=1", "2x+2y=2", True), ("x^2+y^2=1", "x^2+y^2=2", False),
+    # tuple: elementwise numbers, in order. (1, 2, 3) passes as the INTERVAL (1, 2): the interval judge reads only
+    # the first two bounds of each part.
+    ("(1, 2)", "(1,2)", True), ("(2, 1)", "(1,2)", False), ("(1, 2, 3)", "(1,2)", True), ("(1, 3)", "(1,2)", False),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("pred, gold, expected", SINGLE)
+def test_judge_table(pred, gold, expected):
+    assert judge.verdict(judge.normalize(pred), gold) is expected
+
+
+def test_several_answers_in_order_or_any_order():
+    """type_sequence given: MPV (parts in order, each with its own type's judge), then MA (any order)."""
+    golds, types = ("2", "x+1"), ("NV", "EX")
+    assert judge.verdict("2.000001, x+1", golds, types)
+    assert judge.verdict("x+1, 2", golds, types)  # MA: any order
+    assert not judge.verdict("2, x+2", golds, types)
+    assert not judge.verdict("2", golds, types)
+    assert not judge.verdict("2, x+1, 3", golds, types)
+    assert not judge.verdict("2, x+1", "2, x+1", types)  # the gold of several answers is a list
+
+
+def test_same_for_a_question(tmp_path):
+    nv = {"answer_type": "NV", "type_sequence": [], "answer": ["1.01"]}
+    response = "... so $t = 1.0100001$ s.\n\nThe final answer is $\\boxed{1.0100001}$"
+    assert judge.same(judge.answer(response), judge.gold(nv["answer"]), nv)
+    assert judge.grade(response, nv) and not judge.grade("The final answer is $\\boxed{1.1}$", nv)
+    assert not judge.same("", "", nv) and not judge.same("1.01", "", nv) and not judge.same("", "1.01", nv)
+    # Two responses to a question with hidden answers (train_2): the second plays the gold, split as the
+    # question's type wants.
+    hidden_set = {"answer_type": "SET", "type_sequence": [], "answer": None}
+    assert judge.same("1, 2, 3", "3, 2, 1", hidden_set) and not judge.same("1, 2", "1, 2, 3", hidden_set)
+    hidden_mc = {"answer_type": "MC", "type_sequence": [], "answer": None}
+    assert judge.same("A, C", "C, A", hidden_mc)
+    hidden_mpv = {"answer_type": "MPV", "type_sequence": ["NV", "EX"], "answer": None}
+    assert judge.same("2, x+1", "2.0, x+1", hidden_mpv) and not judge.same("2, x", "2, x+1", hidden_mpv)
+    mc = {"answer_type": "MC", "type_sequence": [], "answer": ["A", "C"]}
+    assert judge.grade("The final answer is $\\boxed{C, A}$", mc)
+    assert not judge.grade("The final answer is $\\boxed{AC}$", mc)
+
+
+def test_judge_is_bounded_in_time_and_size(monkeypatch, caplog):
+    with pytest.raises(LatexError, match="exponent too large"):
+        parse_latex("10^{100000}")
+    with pytest.raises(LatexError, match="longer than"):
+        parse_latex("1+" * 600 + "1")
+    assert not judge.verdict("10^{10^{10}}", "1") and not judge.verdict("9^{100000}", "1")
+
+    def slow(pred, gold):
+        time.sleep(5)
+        return True
+
+    monkeypatch.setattr(judge, "TIME_LIMIT_S", 0.2)
+    monkeypatch.setitem(judge.JUDGES, "SC", slow)
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="w2s.tasks.olympic_judge"):
+        assert not judge.verdict("slow-answer", "other")
+    assert time.monotonic() - start < 3
+    assert "over 0 s, counted as not equal" in caplog.text
