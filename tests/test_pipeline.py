@@ -106,7 +106,8 @@ def write_recipe(world_dir, name, min_confidence=0.6):
 
 
 def _habit_model(path, tokenizer, questions, seed):
-    """A random dim-48 Llama taught to answer "#### 3" or "#### 5" (7:3) to any question, saved in HF format."""
+    """A random dim-48 Llama taught to answer "#### 3" or "#### 5" (7:3) to any question, zero-shot or after four
+    demonstrations of the same habit, saved in HF format."""
     from w2s.checkpoint import save_model
     from w2s.config import ModelConfig
     from w2s.model import Transformer
@@ -115,9 +116,15 @@ def _habit_model(path, tokenizer, questions, seed):
     cfg = ModelConfig(family="llama", vocab_size=300, dim=48, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=12,
                       hidden_dim=96, max_seq_len=512, bos_token_id=0, eos_token_id=1, pad_token_id=2)
     model = Transformer(cfg).init_weights(generator=torch.Generator().manual_seed(seed))
+    from w2s.tasks import few_shot_prompt
+
     rng = random.Random(seed)
-    rows = [{"prompt": zero_shot_prompt(q), "response": f"#### {3 if rng.random() < 0.7 else 5}"}
-            for q in questions for _ in range(2)]
+    habit = lambda: f"#### {3 if rng.random() < 0.7 else 5}"  # noqa: E731
+    rows = [{"prompt": zero_shot_prompt(q), "response": habit()} for q in questions for _ in range(2)]
+    # The habit under 4-shot prompts too: the ICL labels keep the marker, where an untaught model drifts to a bare
+    # number or a run of "#", which the paper grader reads as no answer (no last-number fall-back).
+    rows += [{"prompt": few_shot_prompt([{"question": rng.choice(questions), "response": habit()} for _ in range(4)],
+                                        q), "response": habit()} for q in questions]
     cfg = TrainConfig(lr=1e-2, max_steps=80, batch_size=32, micro_batch_size=32, progress=False, log_every=1000)
     save_model(train_sft(model, tokenizer, rows, cfg), path, tokenizer=tokenizer)
 
