@@ -196,3 +196,10 @@ def test_options_enter_the_keys(tmp_path):
     (tmp_path / "train.jsonl").write_text("{\"changed\": 1}\n")  # new train data: everything reruns
     assert all(keys()[n] != base[n] for n in base)
     json.dumps(base)  # keys are plain strings, written into meta.json
+
+
+def test_every_preference_loss_has_its_stage():
+    from w2s.losses import PREFERENCE_LOSSES
+    from w2s.pipeline import PREFERENCE_STAGES
+
+    assert set(PREFERENCE_STAGES) == set(PREFERENCE_LOSSES)

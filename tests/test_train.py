@@ -22,6 +22,7 @@ from hf_tiny import COMMON, hf_model  # noqa: E402
 
 import w2s  # noqa: E402
 from w2s import data, train  # noqa: E402
+from w2s.files import read_jsonl  # noqa: E402
 from w2s.lora import TARGETS, LoRALinear, inject_lora, lora_scale, merge_lora_state_dict  # noqa: E402
 from w2s.train import TrainConfig, train_preference, train_sft  # noqa: E402
 
@@ -191,15 +192,22 @@ def test_output_layer_runs_on_target_positions_only(ckpt, monkeypatch):
     (logps * weights).sum().backward()
     assert seen == [int(valid.sum())] and 0 < valid.sum() <= valid.numel() // 2  # half the rows never computed
 
-    reference = load(path).float()
-    full = torch.log_softmax(reference(tokens).float(), -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
-    full = torch.where(valid, full, 0.0)
-    (full * weights).sum().backward()
+    def full_logits_reference(dtype):  # log_softmax over the full (B, T, V) logits, every position computed
+        reference = load(path).to(dtype)
+        full = torch.log_softmax(reference(tokens), -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+        (torch.where(valid, full, 0.0) * weights.to(dtype)).sum().backward()
+        return torch.where(valid, full, 0.0), {name: p.grad for name, p in reference.named_parameters()}
+
+    full, grads = full_logits_reference(torch.float32)
     torch.testing.assert_close(logps, full, atol=1e-5, rtol=1e-5)
     assert (logps[~valid] == 0).all()
-    grads = dict(reference.named_parameters())
+    # Gradients: both fp32 paths carry rounding error of the same size (~1e-6 on gradients of magnitude ~3), so each
+    # is held against the fp64 truth: the fused path must be as accurate as the full-logits path, within 2x.
+    _, truth = full_logits_reference(torch.float64)
     for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, grads[name].grad, atol=1e-6, rtol=1e-4, msg=name)
+        fused_error = (p.grad.double() - truth[name]).abs().max().item()
+        full_error = (grads[name].double() - truth[name]).abs().max().item()
+        assert fused_error <= 2 * full_error + 1e-7, (name, fused_error, full_error)
 
 
 def test_sft_loss_goes_down_and_export_loads_in_transformers(ckpt, tmp_path, monkeypatch):
@@ -548,13 +556,13 @@ def test_sft_script_trains_exports_and_reports_bad_lines(text_ckpt, tmp_path):
 
 def test_jsonl_rows_and_impossible_configs_get_one_line_errors(tmp_path):
     good = _write_jsonl(tmp_path / "good.jsonl", [{"prompt": "p", "response": "r"}, "", {"prompt": "q"}])
-    assert data.read_jsonl(good) == [{"prompt": "p", "response": "r", "_where": f"{good}:1"},
+    assert read_jsonl(good, tag_lines=True) == [{"prompt": "p", "response": "r", "_where": f"{good}:1"},
                                      {"prompt": "q", "_where": f"{good}:3"}]  # blank line 2 skipped
     not_object = _write_jsonl(tmp_path / "list.jsonl", [{"prompt": "p", "response": "r"}, "[1, 2]"])
     with pytest.raises(ValueError, match=rf"^{not_object}:2: expected a JSON object per line, got list$"):
-        data.read_jsonl(not_object)
-    with pytest.raises(ValueError, match=r"missing\.jsonl: cannot read the data file \(No such file"):
-        data.read_jsonl(tmp_path / "missing.jsonl")
+        read_jsonl(not_object)
+    with pytest.raises(FileNotFoundError, match=r"missing\.jsonl: no such file"):
+        read_jsonl(tmp_path / "missing.jsonl")
     with pytest.raises(ValueError, match=r"^TrainConfig\.micro_batch_size=0: expected a number > 0$"):
         TrainConfig(micro_batch_size=0)
     with pytest.raises(ValueError, match=r"^TrainConfig\.lora_targets: unknown \['qproj'\]"):

@@ -14,8 +14,8 @@ Id rows are used as given (add EOS to response_ids yourself if you want it learn
 Bad rows, under `bad_rows="skip"` (report each with its location and count them) or `"error"` (stop at the first):
     missing/empty response (SFT) or chosen/rejected (preference); chosen == rejected; a sequence longer than
     max_seq_len; no response token to predict. A row's location is its `_where` key ("file.jsonl:12", set by
-    read_jsonl) or "row <index>". A jsonl line that is not a JSON object is not a bad row but a broken file:
-    read_jsonl stops there with file:line.
+    w2s.files.read_jsonl(path, tag_lines=True)) or "row <index>". A jsonl line that is not a JSON object is not a
+    bad row but a broken file: read_jsonl stops there with file:line.
 
 Batches: every optimizer step takes `batch_size` rows (globally, over all ranks and accumulation steps). Rows are
 shuffled per epoch, then sorted by length inside windows of `group` batches, so each batch holds rows of similar
@@ -184,34 +184,6 @@ def encode_pair_rows(tokenizer, rows, max_seq_len, bad_rows="skip", verbose=True
         kept.append(i)
     bad.report(len(rows), verbose)
     return pairs, kept, bad.found
-
-
-def read_jsonl(path):
-    """Rows of a jsonl file, each tagged with `_where` = "file:line" for error messages; blank lines are skipped.
-
-    A line that is not a JSON object stops with a one-line error naming file:line (a row-level problem, like a
-    missing key, is left to the bad-row policy of encode_*_rows instead).
-    """
-    import json
-
-    rows = []
-    try:
-        f = open(path, encoding="utf-8")
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read the data file ({e.strerror})") from None
-    with f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line.rstrip("\r\n"))  # so the column refers to this line
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
-            row["_where"] = f"{path}:{lineno}"
-            rows.append(row)
-    return rows
 
 
 # ---------------------------------------------------------------------------------------------- batching

@@ -56,7 +56,7 @@ from w2s.runners import (
 KINDS = {run_data: "data", run_weak_sft: "train", run_labels: "generate", run_filter: "filter",
          run_stage1_sft: "train", run_samples: "generate", run_pairs: "filter", run_preference: "train",
          run_full_weak_ft: "train", run_ceiling: "train", run_eval: "eval"}
-PREFERENCE_STAGES = {"dpo": "16_dpo", "orpo": "17_orpo", "ipo": "16_ipo"}
+PREFERENCE_STAGES = {"dpo": "16_dpo", "orpo": "17_orpo", "ipo": "16_ipo"}  # one per losses.PREFERENCE_LOSSES
 # Fixed numbers of the evaluations: 20-31 greedy test accuracy, 32-36 pass@k and the IPO extra.
 EVAL_NUMBERS = {"weak_floor": 20, "full_weak_ft": 21, "stage1_r1_weak": 22, "stage1_r1_icl": 23,
                 "stage1_r1_hybrid": 24, "stage1_r2_weak": 25, "stage1_r2_icl": 26, "stage1_r2_hybrid": 27,

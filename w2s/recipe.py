@@ -20,6 +20,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from w2s.losses import PREFERENCE_LOSSES
 from w2s.tasks.graders import default_grader, is_available, task_graders
 from w2s.train_config import TrainConfig
 
@@ -212,8 +213,8 @@ def _validate(r, path, check_files):
     if r.stage2.n_samples < 1 or r.stage2.max_pairs < 1:
         bad("[stage2]", "n_samples and max_pairs must be >= 1")
     for loss in r.stage2.losses:
-        if loss not in ("dpo", "orpo", "ipo"):
-            bad("[stage2] losses", f"unknown loss {loss!r}; expected dpo, orpo or ipo")
+        if loss not in PREFERENCE_LOSSES:
+            bad("[stage2] losses", f"unknown loss {loss!r}; expected one of {', '.join(PREFERENCE_LOSSES)}")
     for b in r.eval.baselines:
         if b not in BASELINES:
             bad("[eval] baselines", f"unknown baseline {b!r}; expected {', '.join(BASELINES)}")

@@ -219,7 +219,7 @@ def generate_stage(ctx, out, model_dir, records, prompt, n=1, temperature=0.0, t
         write_jsonl_atomic(out / "labels.jsonl", rows)
     reasons = _finish_reasons(results)
     counts = {"n_prompts": len(rows), "n_completions": len(rows) * n, "n_truncated": reasons.get("length", 0),
-              "finish_reasons": reasons, "tp": getattr(model, "tp_size", 1), **_cost(prof)}
+              "finish_reasons": reasons, "tp": getattr(model, "tp_size", 1), **_cost(prof.cost())}
     return rows, counts
 
 
@@ -231,12 +231,10 @@ def _finish_reasons(results):
     return reasons
 
 
-def _cost(prof):
-    """The cost fields of meta.json from a sampling stage's StageProfiler: tokens, tokens/s, peak memory, device."""
-    s = prof.summary()
-    mem = s["cuda_peak_gib"] if s["cuda_peak_gib"] is not None else s["host_peak_rss_gib"]
-    return {"tokens": s["tokens"], "tok_s": s["tok_s"], "mfu": s["mfu"], "peak_mem_gib": mem, "device": s["device"],
-            "stage_s": s["wall_s"]}
+def _cost(cost):
+    """A run's cost for meta.json, its own time as "run_s": the stage's "wall_s" is the engine's, load and export
+    included."""
+    return {("run_s" if k == "wall_s" else k): v for k, v in cost.items()}
 
 
 def train_stage(ctx, out, base_dir, rows, section, loss=None):
@@ -257,7 +255,7 @@ def train_stage(ctx, out, base_dir, rows, section, loss=None):
     else:
         model, stats = train_preference(model, tok, rows, cfg, loss=loss, **options)
     keep_resident(ctx, out, model, tok)
-    return stats
+    return _cost(stats)
 
 
 # ------------------------------------------------------------------------------------------------ the runners

@@ -42,12 +42,12 @@ def run(train, args, **kwargs):
 
     import w2s
     from w2s.checkpoint import load_for_training
-    from w2s.data import read_jsonl
+    from w2s.files import read_jsonl
     from w2s.train_config import config_from_args
 
     try:
         cfg = config_from_args(args)
-        rows = read_jsonl(args.data)
+        rows = read_jsonl(args.data, tag_lines=True)
         # under torchrun only rank 0 reads the weights; the others get their FSDP shards from it
         model = load_for_training(args.model, dtype=getattr(torch, args.dtype))
         tokenizer = w2s.load_tokenizer(args.model)
