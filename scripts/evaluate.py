@@ -1,9 +1,10 @@
 """Greedy test accuracy (and pass@k from n samples at T=1) of one checkpoint on a GSM8K / MATH test file.
 
-The same prompts, stop strings, answer extraction and grading as the pipeline's evaluation stages (PAPER.md):
-zero-shot "Question: ...\\nAnswer:", generation stops at EOS or a new "Question" / "Answer", answers compared after
-Minerva normalization (MATH: also sympy equivalence). Generations stream to --out (resumable: rerun the same command
-after a kill); the result is printed as one JSON line and written next to --out as <out>.result.json.
+The same prompts, stop strings and grading as the pipeline's evaluation stages (PAPER.md): zero-shot
+"Question: ...\\nAnswer:", generation stops at EOS or a new "Question" / "Answer", and the responses are scored under
+every available grader (w2s/tasks/graders.py: paper, equivalence, math-verify), --grader naming the headline.
+Generations stream to --out (resumable: rerun the same command after a kill); the result is printed as one JSON line
+and written next to --out as <out>.result.json.
 
     python scripts/evaluate.py CKPT_DIR data/gsm8k/test.jsonl --task gsm8k
     python scripts/evaluate.py CKPT_DIR data/math/test.jsonl --task math --samples 10 --limit 100
@@ -23,7 +24,9 @@ def parse_args(argv=None):
     p.add_argument("checkpoint", help="HF-format checkpoint directory (config.json, safetensors, tokenizer)")
     p.add_argument("test_file", help="test jsonl in the task's format (GSM8K: question/answer; MATH: problem/...)")
     p.add_argument("--task", choices=("gsm8k", "math"), default="gsm8k",
-                   help="answer extraction and grading: GSM8K '#### N', MATH 'The answer is:' + sympy equivalence")
+                   help="the answer marker: GSM8K '#### N', MATH 'The answer is: ...'")
+    p.add_argument("--grader", choices=("paper", "equivalence", "math-verify"), default="paper",
+                   help="the headline grader (every available one is reported): paper = the authors' protocol")
     p.add_argument("--samples", type=int, default=1,
                    help="1: greedy accuracy; n > 1: n samples per question at --temperature, pass@1 and pass@n")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature when --samples > 1")
@@ -47,9 +50,10 @@ def main(argv=None):
     import w2s
     from w2s.sampling_jsonl import generate_to_jsonl
     from w2s.stages.metrics import evaluation_result
-    from w2s.tasks import STOP_STRINGS, final_answer, load_records, zero_shot_prompt
+    from w2s.tasks import STOP_STRINGS, get_grader, load_records, zero_shot_prompt
 
-    # Read the data (and fail on a bad line) before the model is loaded.
+    # Read the data (and fail on a bad line or an uninstalled grader) before the model is loaded.
+    get_grader(args.task, args.grader)
     test = load_records(args.task, args.test_file)
     test = test[: args.limit] if args.limit else test
     if not (Path(args.checkpoint) / "config.json").is_file():
@@ -72,12 +76,12 @@ def main(argv=None):
         return None
     results = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
     if args.samples == 1:
-        rows = [{"id": r["id"], "answer": final_answer(r["completions"][0]["text"], args.task)} for r in results]
+        rows = [{"id": r["id"], "response": r["completions"][0]["text"]} for r in results]
     else:
-        rows = [{"id": r["id"], "samples": [{"answer": final_answer(c["text"], args.task)} for c in r["completions"]]}
-                for r in results]
+        rows = [{"id": r["id"], "samples": [{"response": c["text"]} for c in r["completions"]]} for r in results]
+    truncated = sum(c["finish_reason"] == "length" for r in results for c in r["completions"])
     result = {"checkpoint": str(args.checkpoint), "test_file": str(args.test_file), "n_questions": len(rows),
-              **evaluation_result(rows, test, args.task)}
+              "n_truncated": truncated, **evaluation_result(rows, test, args.task, grader=args.grader)}
     Path(f"{out}.result.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
     return result

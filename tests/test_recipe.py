@@ -27,6 +27,8 @@ def test_shipped_recipes_follow_the_paper():
         ("gsm8k", 2, 1, 1024)
     assert (math.data.task, math.stage1.rounds, math.stage2.max_pairs, math.sampling.sample_max_new_tokens) == \
         ("math", 1, 3, 2048)
+    demo = load_recipe(ROOT / "recipes" / "demo.toml", check_files=False)
+    assert gsm8k.data.grader == math.data.grader == demo.data.grader == "paper"  # the authors' answer protocol
     # Relative paths are resolved against the recipe's directory, not the working directory.
     assert gsm8k.data.train == str((ROOT / "data" / "gsm8k" / "train.jsonl").resolve())
 
@@ -87,12 +89,27 @@ def test_defaults_and_train_config(tmp_path):
     ("[weak_sft]\nepochs = 1.5\n", r"\[weak_sft\]\.epochs: expected int, got 1\.5"),
     ("[weak_sft]\nlora_rank = -8\n", r"\[weak_sft\]\.lora_rank: expected a value >= 0"),
     ("[preference]\nadam_betas = 0.9\n", r"\[preference\]\.adam_betas: expected tuple, got 0\.9"),
+    ("[data2]\ngrader = \"exact\"\n", r"unknown key 'data2'"),
 ])  # fmt: skip
 def test_bad_recipes_are_one_clear_error(tmp_path, extra, message):
     text = BASE + extra if not extra.startswith(("bogus", "[models2]")) else extra + BASE
     with pytest.raises(ValueError, match=message) as info:
         _load(tmp_path, text)
     assert "\n" not in str(info.value) and "r.toml" in str(info.value)
+
+
+def test_grader_option(tmp_path, monkeypatch):
+    import w2s.recipe as recipe
+
+    assert _load(tmp_path, BASE).data.grader == "paper"  # the default: the authors' protocol
+    assert _load(tmp_path, BASE.replace("[data]", "[data]\ngrader = \"equivalence\"")).data.grader == "equivalence"
+    with pytest.raises(ValueError, match=r"r\.toml: \[data\] grader: expected one of paper, equivalence, math-verify, "
+                                         r"got 'exact'") as info:
+        _load(tmp_path, BASE.replace("[data]", "[data]\ngrader = \"exact\""))
+    assert "\n" not in str(info.value)
+    monkeypatch.setattr(recipe, "is_available", lambda name: name != "math-verify")  # as without the package
+    with pytest.raises(ValueError, match=r"\[data\] grader: 'math-verify' needs the math-verify package: pip install"):
+        _load(tmp_path, BASE.replace("[data]", "[data]\ngrader = \"math-verify\""))
 
 
 def test_bad_files_are_one_clear_error(tmp_path):
@@ -111,10 +128,10 @@ def test_bad_files_are_one_clear_error(tmp_path):
 # ---------------------------------------------------------------------------------------------------- the plan
 
 
-def _stages(tmp_path, extra=""):
+def _stages(tmp_path, extra="", data=""):
     from w2s.pipeline import build_stages
 
-    return {s.name: s for s in build_stages(_load(tmp_path, BASE + extra))}
+    return {s.name: s for s in build_stages(_load(tmp_path, BASE.replace("[data]\n", f"[data]\n{data}") + extra))}
 
 
 def test_paper_plan_gsm8k(tmp_path):
@@ -158,15 +175,25 @@ def test_options_enter_the_keys(tmp_path):
     """A stage's key changes with its own options and with its inputs' keys, and with nothing else."""
     from w2s.engine import stage_key
 
-    def keys(extra=""):
+    def keys(extra="", data=""):
         out = {}
-        for stage in _stages(tmp_path, extra).values():
+        for stage in _stages(tmp_path, extra, data).values():
             out[stage.name] = stage_key(stage, out)
         return out
 
     base, changed = keys(), keys("[preference]\nbeta = 0.2\n")
     differ = {n for n in base if base[n] != changed[n]}
     assert differ == {"16_dpo", "17_orpo", "28_eval_stage2_dpo", "29_eval_stage2_orpo"}
+    # The grader: only what compares answers reruns (the filters, the pairs) and what is downstream of them; never
+    # the weak labels, the ICL labels (the demos contain the marker, whatever the grader) nor the evaluations of
+    # models trained without a filter (an evaluation scores every grader; the report picks the recipe's).
+    changed = keys(data='grader = "equivalence"\n')
+    differ = {n for n in base if base[n] != changed[n]}
+    assert {"04_r1_filter", "10_r2_filter", "15_pairs"} <= differ
+    assert not differ & {"00_data", "01_weak_sft", "02_weak_labels", "03_icl_labels", "18_full_weak_ft",
+                         "19_ceiling", "20_eval_weak_floor", "21_eval_full_weak_ft", "30_eval_ceiling",
+                         "31_eval_strong_icl"}
+    assert all(n in differ for n in base if n >= "04" and n < "18")  # everything fed by the round-1 filter
     (tmp_path / "train.jsonl").write_text("{\"changed\": 1}\n")  # new train data: everything but the test set
     assert {n for n, key in keys().items() if key != base[n]} == set(base) - {"00_test"}
     json.dumps(base)  # keys are plain strings, written into meta.json

@@ -196,15 +196,22 @@ def train_options(recipe, section):
 def data_key(r):
     d = r.data
     return {"task": d.task, "train": sha256_file(d.train), "split": sha256_file(d.split_file) if d.split_file else None,
-            "sizes": [d.n_train_1, d.n_train_2], "seed": d.seed}
+            "sizes": [d.n_train_1, d.n_train_2], "seed": d.seed,
+            "record_ids": "the row's id field, else its position"}  # the GSM8K loader keeps ids of files that have them
 
 
 def test_key(r):
-    return {"task": r.data.task, "test": sha256_file(r.data.test), "n_test": r.data.n_test}
+    return {"task": r.data.task, "test": sha256_file(r.data.test), "n_test": r.data.n_test,
+            "record_ids": "the row's id field, else its position"}
 
 
+# Where the grader enters the keys. Generation never depends on it (labels.jsonl holds responses, not answers), and
+# neither does the demo choice (the demos are the weak responses that contain the marker). The stages that compare
+# answers do: the filters and the pairs, whose keys include it. An evaluation scores its responses under EVERY
+# available grader and the report picks the recipe's, so its key leaves the grader out: changing the grader never
+# resamples the test set.
 def task_key(r):
-    return {"task": r.data.task}
+    return {"task": r.data.task, "grader": r.data.grader}
 
 
 def sft_key(r, section, base):
@@ -227,7 +234,7 @@ def greedy_key(r, prompt):
            "seed": r.data.seed, "cache_len": r.sampling.cache_len, "prompt": prompt, "dtype": r.models.dtype}
     if prompt == "few_shot":
         key |= {"strong": ckpt_fingerprint(r.models.strong), "n_demos": r.stage1.n_demos,
-                "demo_seed": r.stage1.demo_seed}
+                "demo_seed": r.stage1.demo_seed, "demos": "weak responses that contain the answer marker"}
     return key
 
 
@@ -240,8 +247,8 @@ def samples_key(r):
 
 def pairs_key(r):
     s2 = r.stage2
-    return {"task": r.data.task, "min_confidence": s2.min_confidence, "flip_confidence": s2.flip_confidence,
-            "max_pairs": s2.max_pairs, "pair_seed": s2.pair_seed}
+    return {"task": r.data.task, "grader": r.data.grader, "min_confidence": s2.min_confidence,
+            "flip_confidence": s2.flip_confidence, "max_pairs": s2.max_pairs, "pair_seed": s2.pair_seed}
 
 
 def preference_key(r, loss):
