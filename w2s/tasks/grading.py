@@ -19,9 +19,9 @@ LaTeX parser on purpose: it rebuilds the unevaluated float trees of sympy's own 
 compares by structure.
 
 sympy is bounded: a power whose exact value would exceed MAX_DIGITS digits is not built (size), and a comparison
-that runs past SYMPY_SECONDS is interrupted by an alarm (w2s/tasks/time_bound.py; main thread only, which is where the pipeline grades,
-under torchrun too: each rank is its own process). A comparison given up counts as "not equal", logs one warning
-line and is counted in BOUNDED, so grading a whole test set cannot hang.
+that runs past SYMPY_SECONDS is interrupted by an alarm (w2s/tasks/time_bound.py; main thread only, which is where
+the pipeline grades, under torchrun too: each rank is its own process). A comparison given up counts as "not
+equal", logs one warning line and is counted in BOUNDED, so grading a whole test set cannot hang.
 
 Test: python -m pytest -q tests/test_grading.py   (grades every gold answer in ../shared/data against itself)
 """
