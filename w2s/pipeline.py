@@ -37,7 +37,7 @@ from pathlib import Path
 from w2s.engine import Context, Stage, run_lock, run_stages
 from w2s.files import sha256_file, stable_hash, write_json_atomic
 from w2s.parallel import barrier, init_distributed, is_main
-from w2s.recipe import load_recipe, train_config
+from w2s.recipe import load_recipe, train_config, validate_inputs
 from w2s.report import report
 from w2s.runners import (
     run_ceiling,
@@ -163,9 +163,10 @@ def ckpt_fingerprint(path):
 
 
 def train_options(recipe, section):
-    """The options of a training stage as hashed into its key: the resolved TrainConfig minus display fields."""
+    """The options of a training stage as hashed into its key: the resolved TrainConfig minus display and output-only
+    fields (export_merged adds a merged copy beside the adapter and changes no result)."""
     cfg = asdict(train_config(recipe, section, progress=False))
-    return {k: v for k, v in cfg.items() if k not in ("progress", "log_every")}
+    return {k: v for k, v in cfg.items() if k not in ("progress", "log_every", "export_merged")}
 
 
 def data_key(r):
@@ -241,6 +242,7 @@ def run_pipeline(recipe_path, runs_dir="runs", progress=True, log=print, plot=Tr
             raise ValueError(f"{recipe_path}: [sampling] {key} = {tp} must divide the number of processes ({world}); "
                              f"launch with torchrun --nproc_per_node a multiple of it (make ... NPROC=N), or set "
                              f"{key} = 1")
+    validate_inputs(recipe)  # data records and checkpoints (headers, tokenizer), read as the stages will read them
     if "WORLD_SIZE" in os.environ:  # torchrun: join the process group before the first collective (barrier)
         init_distributed()
     run_dir = Path(runs_dir) / recipe.name
