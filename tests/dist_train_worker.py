@@ -3,7 +3,8 @@
     OMP_NUM_THREADS=1 python -m torch.distributed.run --nproc_per_node=2 tests/dist_train_worker.py CKPT OUT
 
 Each run of RUNS (SFT and DPO, full and LoRA; ORPO full) trains the tiny checkpoint CKPT and exports to
-OUT/<name> (rank 0 writes metrics.jsonl and the HF weights). The data (7 rows, batch 4) ends on a short batch, so
+OUT/<name> (rank 0 writes metrics.jsonl and the HF weights; a LoRA run the adapter, and the merged weights in
+OUT/<name>/merged). The data (7 rows, batch 4) ends on a short batch, so
 with 2 ranks one micro-batch slot is empty and a rank runs the all-ignored dummy row; clipping is on so the DTensor
 clip path runs. "sft_full" is killed after step 3 and resumed from its step-2 checkpoint, so sharded (DCP)
 checkpoints are saved and loaded too. In the RANK0_LOAD runs only rank 0 reads the checkpoint (rank 1 starts on the
@@ -28,7 +29,8 @@ STEPS = 4
 # 1e-5 tolerance on the weights.
 COMMON = dict(lr=1e-3, batch_size=4, micro_batch_size=1, max_steps=STEPS, clip=0.5, weight_decay=0.1, seed=1,
               progress=False, ckpt_every=2)
-LORA = dict(lora_rank=4, lora_alpha=8.0, lora_dropout=0.0)  # dropout streams differ per rank: keep it off here
+# dropout streams differ per rank: keep it off here. export_merged: besides the adapter, the merged model under FSDP
+LORA = dict(lora_rank=4, lora_alpha=8.0, lora_dropout=0.0, export_merged=True)
 RUNS = {  # name: (loss, config)
     "sft_full": ("sft", TrainConfig(**COMMON)),
     "sft_lora": ("sft", TrainConfig(**COMMON, **LORA, cpu_offload=True)),
