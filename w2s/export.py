@@ -15,7 +15,7 @@ gathered only when that copy or a returned model needs it.
 
 import torch
 
-from w2s.lora import adapter_from_state, lora_scale, merge_lora_state_dict, save_adapter
+from w2s.lora import adapter_from_state, lora_scale, merge_lora_state_dict, merged_weight, save_adapter
 from w2s.parallel import Dist, barrier, full_tensor
 
 MERGED_DIR = "merged"  # out_dir/merged: the merged HF export of a LoRA run, on request
@@ -85,13 +85,24 @@ def _export_lora(module, model_cfg, dtype, device, d: Dist, out_dir, tokenizer, 
         save_adapter(out_dir, adapter_from_state(state, rank, scale * rank, lora_base, lora_dropout), tokenizer)
     merged = None
     if return_model is True or (merged_out and d.is_main):
-        merged = _build(model_cfg, merge_lora_state_dict(state, scale), device)
+        # in place unless the base is returned too: one merged matrix at a time, so host memory stays one model
+        weights = merge_lora_state_dict(state, scale) if return_model == "base" else _merge_in_place(state, scale)
+        merged = _build(model_cfg, weights, device)
         if merged_out and d.is_main:
             save_model(merged, out_dir / MERGED_DIR, tokenizer=tokenizer)
     barrier(d)
     if return_model == "base":
         return _build(model_cfg, {n: t for n, t in state.items() if not _is_lora(n)}, device)
     return merged if return_model else None
+
+
+def _merge_in_place(state, scale):
+    """merge_lora_state_dict without a second copy: each weight is replaced by its merged self, A and B dropped."""
+    for name in [n for n in state if n.endswith(".lora_A")]:
+        prefix = name[: -len(".lora_A")]
+        state[prefix + ".weight"] = merged_weight(state[prefix + ".weight"], state.pop(name),
+                                                  state.pop(prefix + ".lora_B"), scale)
+    return state
 
 
 def _build(model_cfg, state, device):
