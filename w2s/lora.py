@@ -314,9 +314,10 @@ def adapter_base_dir(path, adapter: Adapter):
 
 
 def _check_fits(name, linear, a, b):
-    if a.shape[1] != linear.in_features or b.shape[0] != linear.out_features:
+    out_features, in_features = linear.weight.shape  # the weight's own shape: a tensor-parallel slice's too
+    if a.shape[1] != in_features or b.shape[0] != out_features:
         raise ValueError(f"adapter tensor {name}: lora_A {list(a.shape)} / lora_B {list(b.shape)} do not fit the "
-                         f"model's layer ({linear.out_features} x {linear.in_features}): another base model?")
+                         f"model's layer ({out_features} x {in_features}): another base model?")
 
 
 @torch.no_grad()
