@@ -263,6 +263,26 @@ def test_sample_refuses_to_resume_onto_other_options(world, tmp_path):
     assert unknown.exit_code == 1 and "exists without out.jsonl.meta.json" in unknown.output
 
 
+def test_write_errors_name_their_path(tmp_path):
+    """A write() or fsync() error carries no file name (a full disk): naming_path adds the file being written."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    from w2s.checkpoint import naming_path
+
+    with pytest.raises(OSError, match=r"No space left on device \(writing .*x\.jsonl\)") as info:
+        with naming_path(tmp_path / "x.jsonl"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "x.jsonl")
+    with pytest.raises(OSError, match=r"model\.safetensors: writing failed"):
+        with naming_path(tmp_path / "model.safetensors"):
+            raise SafetensorError("Error while serializing: IoError(StorageFull)")
+    with pytest.raises(PermissionError, match="denied: '/somewhere'"):  # a name it already has is kept
+        with naming_path(tmp_path / "y"):
+            raise PermissionError(errno.EACCES, "Permission denied", "/somewhere")
+
+
 # ---------------------------------------------------------------------------------------------------- the script
 
 

@@ -63,7 +63,7 @@ def _export_full(module, model_cfg, dtype, device, d: Dist, out_dir, tokenizer, 
 def _export_lora(module, model_cfg, dtype, device, d: Dist, out_dir, tokenizer, return_model, export_merged,
                  lora_base, lora_dropout):
     """Save the adapter (and on request the merged model); gather the base only when something needs it."""
-    from w2s.checkpoint import save_model
+    from w2s.checkpoint import naming_path, save_model
 
     scale = lora_scale(module.model)
     merged_out = out_dir is not None and export_merged
@@ -82,7 +82,8 @@ def _export_lora(module, model_cfg, dtype, device, d: Dist, out_dir, tokenizer, 
             state[name] = full.to(device, dtype)
     if out_dir is not None and d.is_main:
         rank = next(t.shape[0] for n, t in state.items() if n.endswith(".lora_A"))
-        save_adapter(out_dir, adapter_from_state(state, rank, scale * rank, lora_base, lora_dropout), tokenizer)
+        with naming_path(out_dir):  # a full disk names the directory
+            save_adapter(out_dir, adapter_from_state(state, rank, scale * rank, lora_base, lora_dropout), tokenizer)
     merged = None
     if return_model is True or (merged_out and d.is_main):
         # in place unless the base is returned too: one merged matrix at a time, so host memory stays one model
