@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from w2s.checkpoint import load_for_training
+from w2s.checkpoint import load_for_training, tokenizer_dir
 from w2s.files import read_jsonl, write_json_atomic, write_jsonl_atomic
 from w2s.interchange import export_pairs, export_sft
 from w2s.lora import adapter_applied, adapter_base_dir, read_adapter
@@ -119,7 +119,7 @@ def load_for_inference(ctx, model_dir):
 def load_for_training_stage(recipe, model_dir):
     """(model, tokenizer) to hand to the trainer: rank 0 reads the weights into host memory in the recipe's dtype,
     other torchrun ranks build the model on the meta device and get their FSDP shards from rank 0."""
-    return load_for_training(model_dir, dtype=_device_and_dtype(recipe)[1]), load_tokenizer(model_dir)
+    return load_for_training(model_dir, dtype=_device_and_dtype(recipe)[1]), load_tokenizer(tokenizer_dir(model_dir))
 
 
 def keep_resident(ctx, model_dir, model, tok):
