@@ -9,6 +9,12 @@
 #
 #     OUT=gpu_out bash scripts/gpu_check.sh        # <= 9 minutes on one H100; then copy the numbers into BENCHMARKS.md
 #     OUT=gpu_out bash scripts/gpu_check.sh sweep profile_sampling    # named steps only (see run_step below)
+#     OUT=gpu_out bash scripts/gpu_check.sh pipeline    # the demo recipe end to end on CUDA, bf16 (<= 7 min, own call)
+#
+# The pipeline step runs recipes/demo.toml as a derived recipe ($out/demo_cuda.toml: dtype bfloat16, device cuda,
+# absolute paths) through scripts/pipeline.py: Triton kernels, CUDA-graph decoding and FSDP2 training on a 1-GPU
+# process group, every stage of the paper. It writes the run to $RUNS (default /tmp/w2s-gpu-runs, fresh each time)
+# and the report with every stage's cost (wall time, tokens, tokens/s, MFU, peak memory) to $out/pipeline_report.md.
 #
 # Not run by `make test` (no GPU there). Needs torch with CUDA and triton; run from the repository root.
 set -u
@@ -21,6 +27,20 @@ summary="$out/SUMMARY.md"
   echo "# gpu_check $(date -u +%Y-%m-%dT%H:%MZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
   "$py" -c "import torch; print('device', torch.cuda.get_device_name(0), '| torch', torch.__version__)" 2>&1
 } > "$summary"
+
+demo_cuda_recipe() {  # demo_cuda_recipe PATH: recipes/demo.toml in bf16 on CUDA, its relative paths made absolute
+  "$py" - "$1" <<'PY'
+import re, sys
+from pathlib import Path
+
+src = Path("recipes/demo.toml").resolve()
+text = src.read_text().replace('name = "demo"', 'name = "demo-cuda"', 1)
+text = re.sub(r'(?m)^dtype = .*$', 'dtype = "bfloat16"', text)
+text = re.sub(r'(?m)^device = .*$', 'device = "cuda"', text)
+text = text.replace('"../demo/', f'"{src.parent.parent / "demo"}/')
+Path(sys.argv[1]).write_text(text)
+PY
+}
 
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $out/NAME.txt, record status and last lines
   local name=$1 limit=$2
@@ -53,6 +73,13 @@ run_step() {  # the checks by name; ordered by what an open issue waits on: trai
       step cascade_off 90 "$py" -c "import runpy, sys; import w2s.ops as o; o.CASCADE_MIN_PREFIX = 10**9; \
 sys.argv = ['bench_sampling.py'] + sys.argv[1:]; runpy.run_path('scripts/bench_sampling.py', run_name='__main__')" \
         $args ;;
+    pipeline)  # the whole demo on CUDA in bf16, then the report's table of per-stage costs
+      runs="${RUNS:-/tmp/w2s-gpu-runs}"
+      rm -rf "$runs/demo-cuda"
+      demo_cuda_recipe "$out/demo_cuda.toml"
+      step "$1" 420 "$py" scripts/pipeline.py "$out/demo_cuda.toml" --runs "$runs" --no-progress
+      step pipeline_report 30 "$py" -m w2s.cli report "$runs/demo-cuda" --no-plot
+      cp "$out/pipeline_report.txt" "$out/pipeline_report.md" 2>/dev/null ;;
     *) echo "gpu_check.sh: unknown step $1" >> "$summary" ;;
   esac
 }

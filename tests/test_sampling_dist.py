@@ -49,10 +49,31 @@ def save_llama_with_biases(path):
     model.save_pretrained(path)
 
 
+def save_lora_adapter(base, path):
+    """A PEFT LoRA adapter on every projection of `base`, with random A and B (a real update), pointing at base."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(2)
+    model = get_peft_model(transformers_model(base), LoraConfig(
+        r=2, lora_alpha=4, init_lora_weights=False,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    model.save_pretrained(path)
+    config = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(base)}))
+    return path
+
+
+def transformers_model(path):
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
 def test_tp2_and_dp2_equal_one_process(tmp_path):
     """Every family (GQA split, Gemma's single kv head replicated, sliding windows, soft-caps, tied embeddings) and
-    a Llama with biases: tp=2 and dp=2 give exactly the one-process greedy completions, samples and jsonl bytes; an
-    in-memory split of an already loaded model (apply_tensor_parallel) agrees too."""
+    a Llama with biases, LoRA adapters (a tp rank merges its slice of the adapter): tp=2 and dp=2 give exactly the
+    one-process greedy completions, samples and jsonl bytes; an in-memory split of an already loaded model
+    (apply_tensor_parallel) agrees too."""
     prompts = make_prompts()
     families = {}
     for family in FAMILIES:
@@ -60,6 +81,8 @@ def test_tp2_and_dp2_equal_one_process(tmp_path):
         save_hf(family, tmp_path / family)
     families["llama_bias"] = str(tmp_path / "llama_bias")
     save_llama_with_biases(tmp_path / "llama_bias")
+    for family in ("llama2", "gemma"):  # LoRA adapter directories: each rank merges its slice of the adapter
+        families[f"{family}_lora"] = str(save_lora_adapter(tmp_path / family, tmp_path / f"{family}_lora"))
     (tmp_path / "job.json").write_text(json.dumps({"prompts": prompts, "families": families, "options": OPTIONS,
                                                    "sampled_options": SAMPLED}))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),

@@ -8,6 +8,7 @@
     w2s sample CKPT --input q.jsonl --output out.jsonl [-n 10 --temperature 1 --tp 2]   complete prompts (resumable)
 """
 
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -16,14 +17,29 @@ import click
 BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
+def _one_line(invoke, ctx):
+    """Bad input (missing file, malformed config, unknown key, a truncated shard), a diverged training (nan loss), a
+    full disk or a denied permission (OSError: it names the path), a run directory locked by another run become one
+    `Error: ...` line, not a traceback."""
+    try:
+        return invoke(ctx)
+    except Exception as e:
+        engine = sys.modules.get("w2s.engine")  # loaded whenever its RunLocked (another run holds the lock) is raised
+        if isinstance(e, (ValueError, OSError)) or (engine is not None and isinstance(e, engine.RunLocked)):
+            raise click.ClickException(str(e)) from None
+        raise
+
+
 class _Group(click.Group):
-    """Bad input (missing file, malformed config, unknown key) becomes one `Error: ...` line, not a traceback."""
+    def invoke(self, ctx):
+        return _one_line(super().invoke, ctx)
+
+
+class _Command(click.Command):
+    """The same one-line errors for a command run on its own (scripts/pipeline.py runs `run`)."""
 
     def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except (FileNotFoundError, ValueError) as e:
-            raise click.ClickException(str(e)) from None
+        return _one_line(super().invoke, ctx)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -46,13 +62,24 @@ def _human(n, unit="B"):
 @main.command()
 @click.argument("ckpt_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def inspect(ckpt_dir):
-    """Print family, layers, heads, vocab, parameter count, dtype and memory of the checkpoint in CKPT_DIR.
+    """Print family, layers, heads, vocab, parameter count, dtype and memory of the checkpoint in CKPT_DIR, then
+    check that it loads: tokenizer, every shard the index lists, every tensor's bytes within its file (a truncated
+    copy), names and shapes against config.json. Exit status 1 with a problem per line when it would not load.
 
-    Reads config.json and the safetensors headers only, so it is instant even for a 70B checkpoint.
+    Reads config.json and the safetensors headers only, so it is instant even for a 70B checkpoint. A LoRA adapter
+    directory (PEFT layout) prints the adapter, then its base checkpoint.
     """
-    from w2s.checkpoint import checkpoint_files, read_safetensors_header
+    from w2s.checkpoint import TOKENIZER_FILES, checkpoint_files, checkpoint_problems, read_safetensors_header
     from w2s.config import ModelConfig
+    from w2s.lora import adapter_base_dir, read_adapter
 
+    adapter = read_adapter(ckpt_dir)
+    if adapter is not None:
+        n = sum(a.numel() + b.numel() for a, b in adapter.tensors.values())
+        _echo_rows([("adapter", f"LoRA rank {adapter.rank}, alpha {adapter.alpha:g}, {len(adapter.tensors)} layers "
+                                 f"({', '.join(adapter.targets)})"),
+                    ("adapter parameters", f"{n:,} ({_human(4 * n)} in fp32)"), ("base", adapter.base)])
+        ckpt_dir = adapter_base_dir(ckpt_dir, adapter)
     cfg = ModelConfig.from_pretrained(ckpt_dir)
     files = sorted(set(checkpoint_files(ckpt_dir).values()))
     dtypes, stored_bytes, stored_params = Counter(), 0, 0
@@ -83,12 +110,24 @@ def inspect(ckpt_dir):
         ("memory in bf16 / fp32", f"{_human(2 * n)} / {_human(4 * n)}"),
         ("full fine-tune, AdamW fp32 states", _human(16 * n) + " (bf16 weights+grads, fp32 master+m+v)"),
     ]
+    has_tokenizer = any((Path(ckpt_dir) / f).is_file() for f in TOKENIZER_FILES)
+    problems = checkpoint_problems(ckpt_dir, tokenizer=has_tokenizer)
+    ok = "loads" + ("" if has_tokenizer else " (no tokenizer: token-id prompts only)")
+    rows.append(("check", ok if not problems else f"{len(problems)} problem(s):"))
+    _echo_rows(rows)
+    for problem in problems:
+        click.echo(f"  {problem}")
+    if problems:
+        raise SystemExit(1)
+
+
+def _echo_rows(rows):
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         click.echo(f"{k:<{width}}  {v}")
 
 
-@main.command()
+@main.command(cls=_Command)
 @click.argument("recipe", type=click.Path(path_type=Path))
 @click.option("--runs", default="runs", show_default=True, help="Directory holding runs/<recipe name>/.")
 @click.option("--no-progress", is_flag=True, help="No progress bars (logs only).")
@@ -191,36 +230,33 @@ def sample(ckpt_dir, input_path, output_path, prompt_key, id_key, n, temperature
 
     import torch
 
-    from w2s.parallel import init_distributed
-    from w2s.sampling_jsonl import generate_to_jsonl, read_prompts_jsonl
+    from w2s.checkpoint import fingerprint
+    from w2s.parallel import barrier, init_distributed
+    from w2s.sampling_jsonl import check_run_meta, generate_to_jsonl, read_prompts_jsonl, write_run_meta
 
     try:
         records = read_prompts_jsonl(input_path, prompt_key=prompt_key, id_key=id_key)
         d = init_distributed()
         torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
                        "auto": torch.bfloat16 if d.device.type == "cuda" else torch.float32}[dtype]
-        tokenizer = None
-        if any((ckpt_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
-            from w2s.tokenizer import load_tokenizer
-
-            tokenizer = load_tokenizer(ckpt_dir)
-        elif any(isinstance(r[prompt_key], str) for r in records):
-            raise ValueError(f"{ckpt_dir}: no tokenizer.json or tokenizer.model, so prompts must be token-id lists")
-        if tp > 1:
-            from w2s.tensor_parallel import load_model_tp
-
-            model = load_model_tp(ckpt_dir, tp, dtype=torch_dtype, device=d.device)
-        else:
-            from w2s.checkpoint import load_model
-
-            model = load_model(ckpt_dir, dtype=torch_dtype, device=d.device)
+        stop = [_unescape(s) for s in stop]
+        # what the samples depend on (not batch size, tp, graphs or prefix sharing: w2s/sampling.py)
+        meta = {"checkpoint": str(ckpt_dir.resolve()), "checkpoint_files": fingerprint(ckpt_dir), "n": n,
+                "temperature": temperature, "top_p": top_p, "top_k": top_k, "max_new_tokens": max_new_tokens,
+                "stop": stop, "seed": seed, "dtype": str(torch_dtype).removeprefix("torch."),
+                "prompt_key": prompt_key, "id_key": id_key}
+        fresh = check_run_meta(output_path, meta)  # before loading 140 GB: a mismatch is refused at once
+        model, tokenizer = _load_for_sampling(ckpt_dir, records, prompt_key, tp, torch_dtype, d.device)
+        barrier()  # every rank has checked the record before rank 0 writes it
+        if fresh and d.is_main:
+            write_run_meta(output_path, meta)
         start = time.perf_counter()
         generate_to_jsonl(model, tokenizer, records, output_path, prompt_key=prompt_key, id_key=id_key or "id",
                           progress=not no_progress, n=n, temperature=temperature, top_p=top_p, top_k=top_k,
-                          max_new_tokens=max_new_tokens, stop=[_unescape(s) for s in stop], seed=seed,
+                          max_new_tokens=max_new_tokens, stop=stop, seed=seed,
                           max_batch=max_batch, cache_len=cache_len, shared_prefix=not no_shared_prefix,
                           cuda_graphs=False if no_cuda_graphs else None)
-    except (FileNotFoundError, ValueError) as e:
+    except (ValueError, OSError) as e:
         raise click.ClickException(str(e)) from None
     if d.is_main:
         click.echo(f"wrote {output_path}: {len(records)} prompts x {n} completions in "
@@ -229,6 +265,26 @@ def sample(ckpt_dir, input_path, output_path, prompt_key, id_key, n, temperature
         import torch.distributed as dist
 
         dist.destroy_process_group()
+
+
+def _load_for_sampling(ckpt_dir, records, prompt_key, tp, dtype, device):
+    """(model, tokenizer or None) of a checkpoint or adapter directory, tensor-parallel when tp > 1."""
+    from w2s.checkpoint import TOKENIZER_FILES, tokenizer_dir
+
+    tokenizer = None
+    if any((tokenizer_dir(ckpt_dir) / f).is_file() for f in TOKENIZER_FILES):
+        from w2s.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer_dir(ckpt_dir))
+    elif any(isinstance(r[prompt_key], str) for r in records):
+        raise ValueError(f"{ckpt_dir}: no tokenizer.json or tokenizer.model, so prompts must be token-id lists")
+    if tp > 1:
+        from w2s.tensor_parallel import load_model_tp
+
+        return load_model_tp(ckpt_dir, tp, dtype=dtype, device=device), tokenizer
+    from w2s.checkpoint import load_model
+
+    return load_model(ckpt_dir, dtype=dtype, device=device), tokenizer
 
 
 main.add_command(sample)

@@ -15,8 +15,8 @@ says how it is made:
   * memory per device: training under FSDP2 over every process (fp32 master weights, gradients and two AdamW moments
     for trainable parameters, the frozen LoRA base in its dtype, one gathered block, activations); sampling holds
     1/tp of the weights and the KV cache of max_batch sequences;
-  * disk: an exported model (LoRA adapters alone when the stage trains LoRA and exports no merged copy) and the
-    generations written as text and token ids.
+  * disk: an exported model (a LoRA stage writes its fp32 adapter, and a merged copy only where the recipe asks:
+    `export_merged`) and the generations written as text and token ids.
 
     python -m pytest -q tests/test_estimate.py
 """
@@ -156,14 +156,17 @@ def _training_cost(stage, recipe, work, cfg, world, device):
     if tc.activation_checkpointing:  # the forward runs again in backward
         flops += sequences * length * profile.flops_per_token(cfg, seq_len=int(length), training=False)
     rate = _peak(device) and TRAIN_MFU * _peak(device) * world
-    return Cost(trained=int(sequences * length), disk=_export_bytes(cfg, tc, recipe),
+    merged = tc.export_merged or stage.args.get("loss") in recipe.stage2.export_merged
+    return Cost(trained=int(sequences * length), disk=_export_bytes(cfg, tc, recipe, merged),
                 memory=int(_training_memory(cfg, tc, recipe, length, world)), seconds=flops / rate if rate else None)
 
 
-def _export_bytes(cfg, tc, recipe):
-    if tc.lora_rank is not None and not getattr(tc, "export_merged", True):
-        return lora_parameters(cfg, tc.lora_rank, tc.lora_targets) * 2
-    return cfg.n_params() * DTYPE_BYTES[recipe.models.dtype]
+def _export_bytes(cfg, tc, recipe, merged):
+    """A full model in the recipe's dtype; a LoRA stage writes its fp32 adapter, and a merged model only on request."""
+    model = cfg.n_params() * DTYPE_BYTES[recipe.models.dtype]
+    if tc.lora_rank is None:
+        return model
+    return lora_parameters(cfg, tc.lora_rank, tc.lora_targets) * 4 + (model if merged else 0)
 
 
 def _training_memory(cfg, tc, recipe, length, world):

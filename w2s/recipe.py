@@ -9,8 +9,12 @@ files, impossible values) before any model is loaded, and every error names the 
     [sampling]  max_new_tokens, batch size, cache length for every generation stage
     [weak_sft] [strong_sft] [preference]   training options (w2s.train_config.TrainConfig fields)
     [stage1]    rounds, round-2 init ("base" or "continue"), which SFT sets to train
-    [stage2]    samples, temperature, top_p, confidence thresholds, pairs per question, losses
+    [stage2]    samples, temperature, top_p, confidence thresholds, pairs per question, losses, merged M_pro exports
     [eval]      pass@k samples, which baselines to run
+
+`validate_inputs(recipe)` then reads what the run will read, the way it will read it (every data record, both
+checkpoints' configs, tokenizers and safetensors headers: w2s.checkpoint.validate_checkpoint), so a truncated shard
+or a bad gold answer stops the run before its first stage with one line naming the file.
 
     python -c "from w2s.recipe import load_recipe; print(load_recipe('recipes/gsm8k.toml'))"
 """
@@ -76,6 +80,10 @@ class Stage2Options:
     max_pairs: int = 1  # PAPER: 1 for GSM8K, up to 3 for MATH
     losses: list = field(default_factory=lambda: ["dpo", "orpo"])
     pair_seed: int = 0  # the RNG that picks the other side of each pair (per question, see preference_pairs.py)
+    # losses whose M_pro is also written as a merged HF model (16_dpo/model/merged): the run's final models. A LoRA
+    # stage's model/ is otherwise the adapter alone; merged, a 70B model is 138 GB on disk per loss. Not in any key:
+    # changing it reruns nothing (merge a finished adapter with w2s.save_model(w2s.load_model(ADAPTER_DIR), OUT)).
+    export_merged: list = field(default_factory=list)
 
 
 @dataclass
@@ -184,6 +192,41 @@ def load_recipe(path, check_files=True):
     return recipe
 
 
+def _check_lora_continues(r, bad):
+    """Stage II trains M_plus's adapter further (w2s/lora.py prepare_lora): under LoRA in both sections the
+    adapter's shape must be the same."""
+    defaults = train_config_defaults()
+
+    def value(section, key):
+        v = getattr(r, section).get(key, defaults[key])
+        return tuple(v) if isinstance(v, list) else v
+
+    if value("strong_sft", "lora_rank") is None or value("preference", "lora_rank") is None:
+        return
+    for key in ("lora_rank", "lora_alpha", "lora_targets"):
+        if value("strong_sft", key) != value("preference", key):
+            bad(f"[preference] {key}", f"{value('preference', key)!r} differs from [strong_sft] {key} = "
+                f"{value('strong_sft', key)!r}; Stage II continues M_plus's LoRA adapter: its shape must be the same")
+
+
+def validate_inputs(recipe):
+    """Read every input of a run as the run will (data records, the split file, both checkpoints' configs,
+    tokenizers and safetensors headers): the first problem is one ValueError naming the recipe key and the file."""
+    from w2s.checkpoint import validate_checkpoint
+    from w2s.tasks import load_records, load_split
+
+    d = recipe.data
+    train = load_records(d.task, d.train)
+    load_records(d.task, d.test)
+    if d.split_file:
+        load_split(d.split_file, train)
+    for key in ("weak", "strong"):
+        try:
+            validate_checkpoint(getattr(recipe.models, key))
+        except (ValueError, OSError) as e:
+            raise ValueError(f"{recipe.path}: [models] {key}: {e}") from None
+
+
 def _resolve_paths(recipe, base):
     def resolve(p):
         return str((base / p).resolve()) if p and not Path(p).is_absolute() else p
@@ -215,6 +258,10 @@ def _validate(r, path, check_files):
     for loss in r.stage2.losses:
         if loss not in PREFERENCE_LOSSES:
             bad("[stage2] losses", f"unknown loss {loss!r}; expected one of {', '.join(PREFERENCE_LOSSES)}")
+    for loss in r.stage2.export_merged:
+        if loss not in r.stage2.losses:
+            bad("[stage2] export_merged", f"{loss!r} is not one of the run's losses ({', '.join(r.stage2.losses)})")
+    _check_lora_continues(r, bad)
     for b in r.eval.baselines:
         if b not in BASELINES:
             bad("[eval] baselines", f"unknown baseline {b!r}; expected {', '.join(BASELINES)}")

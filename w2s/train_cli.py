@@ -28,9 +28,12 @@ def parser(description, epilog):
 
     p = argparse.ArgumentParser(description=description, epilog=epilog,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="HF checkpoint directory (config.json, safetensors, tokenizer)")
+    p.add_argument("--model", required=True, help="HF checkpoint directory (config.json, safetensors, tokenizer), or a "
+                   "LoRA adapter directory: with the adapter's --lora-rank/--lora-alpha training continues it, "
+                   "without --lora-rank it is merged into its base first")
     p.add_argument("--data", required=True, help="training data, one JSON object per line")
-    p.add_argument("--out", required=True, help="output directory: trained model, metrics.jsonl, checkpoints")
+    p.add_argument("--out", required=True, help="output directory: trained model (with --lora-rank: the adapter in "
+                   "PEFT's layout; --export-merged adds OUT/merged), metrics.jsonl, checkpoints")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
                    help="dtype to load the model in and to export (training keeps fp32 master weights)")
     return add_config_args(p)
@@ -41,7 +44,7 @@ def run(train, args, **kwargs):
     import torch.distributed as dist
 
     import w2s
-    from w2s.checkpoint import load_for_training
+    from w2s.checkpoint import load_for_training, tokenizer_dir
     from w2s.files import read_jsonl
     from w2s.train_config import config_from_args
 
@@ -50,9 +53,9 @@ def run(train, args, **kwargs):
         rows = read_jsonl(args.data, tag_lines=True)
         # under torchrun only rank 0 reads the weights; the others get their FSDP shards from it
         model = load_for_training(args.model, dtype=getattr(torch, args.dtype))
-        tokenizer = w2s.load_tokenizer(args.model)
+        tokenizer = w2s.load_tokenizer(tokenizer_dir(args.model))
         train(model, tokenizer, rows, cfg, out_dir=args.out, **kwargs)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # bad input, a nan loss, a full disk or a permission error: one line
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:

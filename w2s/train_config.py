@@ -32,6 +32,7 @@ class TrainConfig:
     lora_alpha: float = 32.0
     lora_dropout: float = 0.0
     lora_targets: tuple = TARGETS
+    export_merged: bool = False  # LoRA: also write the merged HF model to OUT/merged (as large as the base)
     activation_checkpointing: bool = False  # recompute each block in backward: activations of one block at a time
     cpu_offload: bool = False  # FSDP2 OffloadPolicy: sharded params/grads/optimizer state in host memory
     ckpt_every: int = 0  # steps between training-state checkpoints; 0: none
@@ -81,6 +82,7 @@ CONFIG_HELP = {
     "lora_alpha": "LoRA alpha; the update is scaled by alpha / r",
     "lora_dropout": "dropout on the LoRA branch's input",
     "lora_targets": "linear layers that get LoRA adapters",
+    "export_merged": "LoRA: besides the adapter (PEFT layout) in OUT, write the merged HF model to OUT/merged",
     "activation_checkpointing": "recompute each block in backward (less memory, ~1/3 more compute)",
     "cpu_offload": "FSDP2: keep sharded params, grads and optimizer state in host memory",
     "ckpt_every": "steps between resumable training-state checkpoints in OUT/ckpt (0: none)",
