@@ -14,11 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_tiny import COMMON, FAMILIES, VOCAB, right_padded_batch, save_hf
 
-import w2s
-from w2s.fused import fuse_projections, is_fused, project, unfuse_projections
-from w2s.sampling import generate
+if not torch.cuda.is_available():  # the Triton-path test below runs the kernels in the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from hf_tiny import COMMON, FAMILIES, VOCAB, right_padded_batch, save_hf  # noqa: E402
+
+import w2s  # noqa: E402
+from w2s.fused import fuse_projections, is_fused, project, unfuse_projections  # noqa: E402
+from w2s.sampling import generate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TIGHT = dict(atol=1e-5, rtol=1e-5)  # fp32: the same dot products, blocked differently by the BLAS
@@ -188,3 +192,40 @@ def test_fsdp2_training_of_a_fused_model_equals_unfused(ckpts, tmp_path):
     env.pop("WORLD_SIZE", None)
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_sampler_on_the_triton_path_with_fused_projections(family, monkeypatch):
+    """The CUDA decode path on CPU (W2S_KERNELS=triton, interpreter): fused q/k/v and gate/up, RoPE + cache write as
+    one kernel (prefill into scattered rows, decode into every slot), the GLU reading the fused halves in place.
+    Greedy tokens equal the reference backend's on the unfused model."""
+    from kernels import glu, rope_cache
+    from w2s import ops
+    from w2s.config import ModelConfig
+    from w2s.model import Transformer
+
+    shape = dict(vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=48)
+    if family == "gemma":  # MQA, head dim 32, GeGLU
+        shape.update(n_kv_heads=1, head_dim=32, activation="gelu_pytorch_tanh")
+    cfg = ModelConfig(family=family, **shape)
+    model = Transformer(cfg).init_weights(std=0.2, generator=torch.Generator().manual_seed(0)).eval()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 61, (n,), generator=g).tolist() for n in (3, 7, 1, 5)]
+    options = dict(max_new_tokens=6, max_batch=3, n=1, progress=False)
+    monkeypatch.setattr(ops, "_backend", "reference")
+    expected = generate(model, None, prompts, fused_projections=False, **options)
+    calls = {"rope_cache": 0, "glu_rows": 0}
+    real_write, real_glu = rope_cache.rope_cache_write, glu._glu_fwd_rows_kernel
+    monkeypatch.setattr(rope_cache, "rope_cache_write",
+                        lambda *a: calls.__setitem__("rope_cache", calls["rope_cache"] + 1) or real_write(*a))
+
+    class CountingRows:  # the row kernel's launches (kernel[grid](...))
+        def __getitem__(self, grid):
+            calls["glu_rows"] += 1
+            return real_glu[grid]
+
+    monkeypatch.setattr(glu, "_glu_fwd_rows_kernel", CountingRows())
+    monkeypatch.setattr(ops, "_backend", "triton")
+    assert generate(model, None, prompts, fused_projections=True, **options) == expected
+    assert all(is_fused(b.self_attn) and is_fused(b.mlp) for b in model.layers)
+    assert calls["rope_cache"] >= 5 * cfg.n_layers and calls["glu_rows"] >= 5 * cfg.n_layers
