@@ -4,6 +4,7 @@ tiles that overflow shared memory, tl.dot shapes or dtypes the hardware rejects,
 
     python -m kernels.compile_check                 # bf16 everything, fp32 forward and decode; minutes on 2 cores
     python -m kernels.compile_check --only attention --dtype bf16
+    python -m kernels.compile_check --only sweep    # the launch configs kernels/sweep.py tries (bf16)
 
 How: Triton's active driver is replaced by a stand-in that reports an sm_90 target, and every `kernel[grid](...)`
 launch becomes a compile-only warm-up (JITFunction.run(..., warmup=True)). So the real launchers pick their real GPU
@@ -157,7 +158,31 @@ def check_elementwise(dtypes):
         glu.glu_backward(gate, gate, gate, gelu)
 
 
-CHECKS = dict(attention=check_attention, fused_linear=check_fused_linear, elementwise=check_elementwise)
+def check_sweep(dtypes):
+    """Every attention launch config kernels/sweep.py tries (bf16, causal), forward and backward: a candidate the
+    GPU sweep would time must at least compile and fit."""
+    from kernels import attention, sweep
+
+    for D in sorted(set(sweep.FWD_CANDIDATES) | set(sweep.DKDV_CANDIDATES)):
+        q, k = torch.zeros(1, 64, 16, D, dtype=torch.bfloat16), torch.zeros(1, 64, 8, D, dtype=torch.bfloat16)
+        tables = [(attention._GPU_FWD, sweep.FWD_CANDIDATES.get(D, []), lambda: attention._forward(
+                      q, k, k, None, None, None, None, 0.1)),
+                  (attention._GPU_BWD_DKDV, sweep.DKDV_CANDIDATES[D], None),
+                  (attention._GPU_BWD_DQ, sweep.DQ_CANDIDATES[D], None)]
+        for table, candidates, launch in tables:
+            launch = launch or (lambda: attention._backward(q, q, k, k, q, torch.zeros(1, 16, 64), None, None, None,
+                                                            None, 0.1))
+            current = table[D]
+            try:
+                for config in candidates[1:]:  # the first is the table's, which the attention check compiles
+                    table[D] = config
+                    launch()
+            finally:
+                table[D] = current
+
+
+CHECKS = dict(attention=check_attention, fused_linear=check_fused_linear, elementwise=check_elementwise,
+              sweep=check_sweep)
 
 
 def main(argv=None):

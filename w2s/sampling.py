@@ -154,7 +154,8 @@ class Engine:
     """Slots, cache and device state for one generation run. Drive it with `run()` (a generator of results).
 
     prompts: list of token-id lists; global_index: the caller's index of each (keys the RNG; data parallel);
-    eos_ids: ids that end a sequence; stop: stop strings (need `decode`).
+    eos_ids: ids that end a sequence; stop: stop strings (need `decode`); keep_state: take the device state from,
+    and leave it in, w2s/decode_state.py's per-model store.
     """
 
     def __init__(self, model, prompts, n, *, temperature, top_k, top_p, max_new_tokens, seed, eos_ids, stop=(),
@@ -189,15 +190,8 @@ class Engine:
         self.tokens_generated = 0
         self.decode_steps = 0  # steps run (every slot, live or not): slot occupancy = live slot-steps / (steps x slots)
 
-    @property
-    def logits(self):
-        """(slots, V) fp32 logits of the last decode step (tests read them)."""
-        return self.state.logits
-
-    @property
-    def graphs(self):
-        """{attention limit: captured CUDA graph} of the decode step."""
-        return self.state.graphs
+    logits = property(lambda self: self.state.logits, doc="(slots, V) fp32 logits of the last decode step")
+    graphs = property(lambda self: self.state.graphs, doc="{attention limit: captured CUDA graph of the step}")
 
     # ---- prefix sharing ---------------------------------------------------------------------------------------
     def _shared_prefix_len(self):
@@ -584,7 +578,8 @@ def generate(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, top_k=0
     max_new_tokens); a longer prompt is an error. shared_prefix: prefill the longest common token prefix once.
     sync_every: decode steps between host looks. cuda_graphs: replay the decode step as a CUDA graph (default on
     for CUDA). keep_state: keep the KV cache and captured graphs for the next call on this model (default: with
-    CUDA graphs; w2s/decode_state.py; then the default cache_len is rounded up to a multiple of CACHE_LEN_QUANTUM).
+    CUDA graphs; then the default cache_len is rounded up to a multiple of CACHE_LEN_QUANTUM); they are freed with
+    the model or by w2s.decode_state.release(model).
     fused_projections: run q/k/v and gate/up as one matmul each (default on CUDA; w2s/fused.py). Under an
     initialised process group each data-parallel rank runs a shard and every rank returns the full, input-ordered
     result, identical to a one-process run with the same seed.
