@@ -36,10 +36,10 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $out/NAM
 
 run_step() {  # the checks by name; the default run is ordered: tests first, then training, kernels, sampler
   case $1 in
-    test_gpu) step "$1" 100 "$py" -m pytest -q -m gpu tests ;;  # every bf16 GPU-marked test (sampler, kernels)
+    test_gpu) step "$1" 120 "$py" -m pytest -q -m gpu tests ;;  # every bf16 GPU-marked test (sampler, kernels)
     train_llama32_1b) step "$1" 90 "$py" scripts/bench_train.py --dim 2048 --layers 16 --heads 32 --kv-heads 8 \
       --hidden 8192 --vocab 128256 --batch 8 --seq 2048 --steps 5 --warmup 2 --no-hf ;;  # Llama-3.2-1B shape, MFU
-    train_llama32_3b) step "$1" 100 "$py" scripts/bench_train.py --dim 3072 --layers 28 --heads 24 --kv-heads 8 \
+    train_llama32_3b) step "$1" 90 "$py" scripts/bench_train.py --dim 3072 --layers 28 --heads 24 --kv-heads 8 \
       --hidden 8192 --vocab 128256 --batch 2 --seq 2048 --steps 5 --warmup 2 --no-hf ;;  # Llama-3.2-3B shape, MFU
     dpo_mfu) step "$1" 70 "$py" scripts/bench_train.py --dpo --dim 2048 --layers 16 --heads 32 --kv-heads 8 \
       --hidden 8192 --vocab 128256 --batch 4 --seq 1024 --steps 5 --warmup 2 ;;  # DPO step MFU, 1B shape
@@ -51,9 +51,9 @@ run_step() {  # the checks by name; the default run is ordered: tests first, the
     # the whole attention file on CUDA (fp32 + bf16 at the GPU tables): Triton compiles took over 120 s on an H100
     test_attention) step "$1" 300 "$py" -m pytest -q tests/test_kernel_attention.py ;;
     batch1) step "$1" 100 "$py" scripts/bench_sampling.py --prompts 1 --samples 1 ;;  # 8B batch 1, MBU, steady state
-    sweep) step "$1" 170 "$py" -m kernels.sweep ;;  # backward launch configs (not in the default run)
+    sweep) step "$1" 400 "$py" -m kernels.sweep ;;  # launch configs, fwd D 128/256, bwd D 64/128/256 (alone)
     # 8B, 64 prompts x 8 samples = 512 sequences x (128 -> 256), then batch-1 decode with its MBU and steady state
-    bench_sampling) step "$1" 90 "$py" scripts/bench_sampling.py --prompts 64 --repeats 1 ;;
+    bench_sampling) step "$1" 80 "$py" scripts/bench_sampling.py --prompts 64 --repeats 1 ;;
     gsm8k) step "$1" 60 "$py" scripts/bench_sampling.py --gsm8k --repeats 1 --no-batch1 ;;  # 256 x 8, EOS lengths
     profile_sampling) step "$1" 150 "$py" scripts/bench_sampling.py --prompts 64 --repeats 1 --profile ;;
     cascade)  # ICL-shaped decode with the cascade over a 1024-token shared prefix, then with it turned off
@@ -65,7 +65,7 @@ sys.argv = ['bench_sampling.py'] + sys.argv[1:]; runpy.run_path('scripts/bench_s
     *) echo "gpu_check.sh: unknown step $1" >> "$summary" ;;
   esac
 }
-if [ $# -eq 0 ]; then  # the default run: 100 + 90 + 100 + 70 + 50 + 90 + 60 = 560 s of limits
+if [ $# -eq 0 ]; then  # the default run: 120 + 90 + 90 + 70 + 50 + 80 + 60 = 560 s of limits
   set -- test_gpu train_llama32_1b train_llama32_3b dpo_mfu bench_attention bench_sampling gsm8k
 fi
 for name in "$@"; do run_step "$name"; done

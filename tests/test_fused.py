@@ -148,6 +148,18 @@ def test_gradients_lora_and_dtype_changes_take_the_separate_layers(ckpts):
     assert not is_fused(model.layers[0].mlp)
 
 
+def test_fusing_under_inference_mode_leaves_trainable_parameters(ckpts):
+    """A caller that samples under torch.inference_mode: the fused views are ordinary tensors, so the model still
+    trains afterwards (inference tensors cannot be saved for backward)."""
+    model = load(ckpts["llama2"])
+    with torch.inference_mode():
+        fuse_projections(model)
+    assert not any(p.is_inference() for p in model.parameters())
+    tokens, _ = right_padded_batch([5, 2])
+    model(tokens).sum().backward()
+    assert model.layers[0].self_attn.k_proj.weight.grad is not None
+
+
 def test_fused_model_exports_and_unfuses(ckpts, tmp_path):
     """save_model of a fused model writes the checkpoint format unchanged (transformers-loadable, same tensors);
     unfuse_projections gives every parameter its own storage back."""

@@ -73,6 +73,7 @@ def _fusable(layers):
     return len({layer.bias is None for layer in layers}) == 1
 
 
+@torch.inference_mode(False)  # called under inference_mode, the parameters would become inference tensors
 @torch.no_grad()
 def _fuse(module, names):
     fused = module.__dict__.get("_fused")
@@ -104,6 +105,7 @@ def fuse_projections(model):
     return count
 
 
+@torch.inference_mode(False)
 @torch.no_grad()
 def unfuse_projections(model):
     """Give every fused parameter its own storage again and drop the fused views."""
