@@ -24,8 +24,12 @@ setup(
     extras_require={
         # transformers is a test-only dependency: the parity tests compare logits against it (protobuf: its
         # SentencePiece -> tokenizer.json converter, which the tokenizer tests use on the real Mistral-7B model).
-        "dev": ["pytest", "transformers", "protobuf", "mistral-common", "ruff"],
+        # tensorboard: the tracking test reads the event files back with tensorboard's own reader.
+        "dev": ["pytest", "transformers", "protobuf", "mistral-common", "ruff", "tensorboard"],
         "plot": ["matplotlib"],
+        # Experiment trackers for --report-to / [logging] report_to (w2s/tracking.py imports them only when asked).
+        "tensorboard": ["tensorboard"],
+        "wandb": ["wandb"],
     },
     entry_points={"console_scripts": ["w2s=w2s.cli:main"]},
 )
