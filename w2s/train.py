@@ -196,11 +196,12 @@ def step_flops(model_cfg, seqs, lora):
 
 
 def examples_hash(examples):
-    """sha256 over the token ids and prompt lengths (so it covers the tokenizer and the bad-row filtering)."""
+    """sha256 over the token ids and loss masks (so it covers the tokenizer and the bad-row filtering)."""
     h = hashlib.sha256()
     for ex in examples:
         for e in (ex.chosen, ex.rejected) if isinstance(ex, data.Pair) else (ex,):
-            h.update(json.dumps([e.n_prompt, e.tokens]).encode())
+            # chat rows' spans only when present, so the hash of a prompt/response row stays what it was
+            h.update(json.dumps([e.n_prompt, e.tokens] + ([e.spans] if e.spans is not None else [])).encode())
     return h.hexdigest()
 
 
