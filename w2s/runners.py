@@ -217,8 +217,9 @@ def _cost(cost):
 
 def train_stage(ctx, out, base_dir, rows, section, loss=None):
     """SFT (loss None) on rows {"prompt", "response"}, or preference training with `loss` on pairs {"prompt",
-    "chosen", "rejected"}, of the checkpoint in base_dir -> out/model (HF format, the trainer's metrics.jsonl and,
-    while it runs, its resumable checkpoints in out/model/ckpt)."""
+    "chosen", "rejected"}, of the checkpoint in base_dir -> out/model (HF format, the trainer's metrics.jsonl and
+    train_config.json and, while it runs, its resumable checkpoints in out/model/ckpt). With [logging] report_to the
+    records also go to the trackers, under runs/<name>/tb/<stage>."""
     if not rows:
         raise ValueError(f"{out.name}: the {'preference pair' if loss else 'SFT'} set is empty, nothing to train on "
                          f"(see the meta.json of the stage that built it, e.g. its kept/pairs counts)")
@@ -227,7 +228,9 @@ def train_stage(ctx, out, base_dir, rows, section, loss=None):
     drop_resident(ctx)
     model, tok = load_for_training_stage(ctx.recipe, base_dir)
     cfg = train_config(ctx.recipe, section, progress=ctx.progress)
-    options = dict(out_dir=out / "model", return_stats=True, return_model=sampling_tp(ctx, out / "model") == 1)
+    options = dict(out_dir=out / "model", return_stats=True, return_model=sampling_tp(ctx, out / "model") == 1,
+                   report_to=ctx.recipe.logging.report_to, log_dir=ctx.run_dir / "tb" / out.name,
+                   run_name=f"{ctx.recipe.name}/{out.name}")  # one tracker run per stage, named after it
     if loss is None:
         model, stats = train_sft(model, tok, rows, cfg, **options)
     else:
