@@ -208,6 +208,24 @@ def test_scripts_help_shows_examples_data_keys_and_defaults_but_not_ignored_opti
     assert "(default: unset)" in sft and "(default: 0.9 0.95)" in sft
 
 
+def test_every_command_help_has_an_example_its_data_and_defaults():
+    """scripts/sample.py, pipeline.py, evaluate.py and `w2s COMMAND --help`: an example, the data read, defaults."""
+    from click.testing import CliRunner
+
+    from w2s.cli import main
+
+    texts = {name: _script(name, "--help") for name in ("sample.py", "pipeline.py", "evaluate.py")}
+    for name, proc in texts.items():
+        assert proc.returncode == 0, (name, proc.stderr)
+    assert 'INPUT lines: {"id": ...' in texts["sample.py"].stdout and "[default: 256]" in texts["sample.py"].stdout
+    assert "[logging] report_to" in texts["pipeline.py"].stdout and "[default: runs]" in texts["pipeline.py"].stdout
+    assert "per_question.jsonl" in texts["evaluate.py"].stdout and "(default: auto)" in texts["evaluate.py"].stdout
+    for command in ("inspect", "run", "report", "data", "sample"):
+        out = CliRunner().invoke(main, [command, "--help"]).output
+        assert "Example" in out and f"w2s {command}" in out, command
+    assert "Examples:" in CliRunner().invoke(main, ["--help"]).output
+
+
 def test_a_pipeline_training_stage_logs_under_its_own_name(text_ckpt, tmp_path):
     pytest.importorskip("tensorboard")
     from w2s.engine import Context
