@@ -49,12 +49,15 @@ demo-pretrain: $(STAMP)
 demo-seeds: $(STAMP)
 	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) scripts/demo_seeds.py --recipe recipes/demo.toml --seeds 0 1 2
 
-# The paper's experiments: make gsm8k NPROC=8 [RECIPE=recipes/gsm8k.toml]
+# The paper's experiments: make gsm8k NPROC=8 [RECIPE=recipes/gsm8k.toml] [DRY=1: list the stages and estimate the
+# run's tokens, disk, memory and time for NPROC processes, running nothing]
+RUN_RECIPE = $(if $(DRY),$(PY) scripts/pipeline.py $(1) --dry-run --world-size $(NPROC),$(LAUNCH) scripts/pipeline.py $(1))
+
 gsm8k: $(STAMP)
-	$(LAUNCH) scripts/pipeline.py $(or $(RECIPE),recipes/gsm8k.toml)
+	$(call RUN_RECIPE,$(or $(RECIPE),recipes/gsm8k.toml))
 
 math: $(STAMP)
-	$(LAUNCH) scripts/pipeline.py $(or $(RECIPE),recipes/math.toml)
+	$(call RUN_RECIPE,$(or $(RECIPE),recipes/math.toml))
 
 bench-kernels: $(STAMP)
 	$(PY) -m kernels.bench

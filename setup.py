@@ -17,7 +17,7 @@ setup(
         "sentencepiece",
         "numpy",
         "click",
-        "sympy",  # MATH answer equivalence (PAPER.md: sympy-simplified difference == 0)
+        "sympy",  # the `equivalence` grader's MATH comparison (w2s's lenient grader, not the paper's protocol)
         "tqdm",  # progress bars on every long stage
         "jinja2>=3.1.6",  # instruct models' chat templates (tokenizer_config.json), rendered as transformers does
     ],
@@ -30,6 +30,9 @@ setup(
         # Experiment trackers for --report-to / [logging] report_to (w2s/tracking.py imports them only when asked).
         "tensorboard": ["tensorboard"],
         "wandb": ["wandb"],
+        # Hugging Face's answer verifier: the `math-verify` grader (w2s/tasks/graders.py); without it that grader is
+        # simply not available and every other one works.
+        "math-verify": ["math-verify"],
     },
     entry_points={"console_scripts": ["w2s=w2s.cli:main"]},
 )

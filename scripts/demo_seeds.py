@@ -20,7 +20,7 @@ from pathlib import Path
 
 from w2s.pipeline import run_pipeline
 from w2s.plot import plot_report
-from w2s.report import METHODS, load_metas, method_accuracies
+from w2s.report import METHODS, load_metas, method_accuracies, run_grader
 
 SEED_LINE = re.compile(r"^(\s*\w*seed\s*=\s*)\d+", re.MULTILINE)  # seed, demo_seed, pair_seed (any section)
 NAME_LINE = re.compile(r'^name\s*=\s*"([^"]+)"', re.MULTILINE)
@@ -57,7 +57,7 @@ def write_seeds_report(run_dirs, out_dir, title):
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metas = {seed: load_metas(run_dir) for seed, run_dir in run_dirs.items()}
-    accuracies = {seed: method_accuracies(m) for seed, m in metas.items()}
+    accuracies = {seed: method_accuracies(metas[seed], run_grader(run_dir)) for seed, run_dir in run_dirs.items()}
     table = seeds_table(accuracies)
     (out_dir / "report.md").write_text(f"# w2s report: {title}\n\nGreedy test accuracy (%) per seed.\n\n{table}\n")
     seeds = sorted(metas)

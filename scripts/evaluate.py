@@ -1,10 +1,11 @@
 """Greedy test accuracy (and pass@k from n samples at T=1) of one checkpoint on a GSM8K / MATH test file.
 
-The same prompts, stop strings, answer extraction and grading as the pipeline's evaluation stages (PAPER.md):
-zero-shot "Question: ...\\nAnswer:", generation stops at EOS or a new "Question" / "Answer", answers compared after
-Minerva normalization (MATH: also sympy equivalence). Generations stream to --out (resumable: rerun the same command
-after a kill); the result is printed as one JSON line and written next to --out as <out>.result.json, and every
-question's prediction, gold answer and correctness, under the test file's ids, as <out>.per_question.jsonl.
+The same prompts, stop strings and grading as the pipeline's evaluation stages (PAPER.md): zero-shot
+"Question: ...\\nAnswer:", generation stops at EOS or a new "Question" / "Answer", and the responses are scored under
+every available grader (w2s/tasks/graders.py: paper, equivalence, math-verify), --grader naming the headline.
+Generations stream to --out (resumable: rerun the same command after a kill); the result is printed as one JSON line
+and written next to --out as <out>.result.json, and every question's prediction, gold answer and correctness under
+the headline grader, with the test file's ids, as <out>.per_question.jsonl.
 
 example:
     python scripts/evaluate.py CKPT_DIR data/gsm8k/test.jsonl --task gsm8k
@@ -39,7 +40,9 @@ def parse_args(argv=None):
     p.add_argument("checkpoint", help="HF-format checkpoint directory (config.json, safetensors, tokenizer)")
     p.add_argument("test_file", help="test jsonl in the task's format (GSM8K: question/answer; MATH: problem/...)")
     p.add_argument("--task", choices=("gsm8k", "math"), default="gsm8k",
-                   help="answer extraction and grading: GSM8K '#### N', MATH 'The answer is:' + sympy equivalence")
+                   help="the answer marker: GSM8K '#### N', MATH 'The answer is: ...'")
+    p.add_argument("--grader", choices=("paper", "equivalence", "math-verify"), default="paper",
+                   help="the headline grader (every available one is reported): paper = the authors' protocol")
     p.add_argument("--samples", type=int, default=1,
                    help="1: greedy accuracy; n > 1: n samples per question at --temperature, pass@1 and pass@n")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature when --samples > 1")
@@ -66,9 +69,10 @@ def main(argv=None):
     import w2s
     from w2s.sampling_jsonl import generate_to_jsonl
     from w2s.stages.metrics import evaluation_result
-    from w2s.tasks import STOP_STRINGS, final_answer, load_records, zero_shot_prompt
+    from w2s.tasks import STOP_STRINGS, get_grader, load_records, zero_shot_prompt
 
-    # Read the data (and fail on a bad line) before the model is loaded.
+    # Read the data (and fail on a bad line or an uninstalled grader) before the model is loaded.
+    get_grader(args.task, args.grader)
     test = load_records(args.task, args.test_file)
     test = test[: args.limit] if args.limit else test
     if not (Path(args.checkpoint) / "config.json").is_file():
@@ -92,38 +96,40 @@ def main(argv=None):
         return None
     results = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
     if args.samples == 1:
-        rows = [{"id": r["id"], "answer": final_answer(r["completions"][0]["text"], args.task)} for r in results]
+        rows = [{"id": r["id"], "response": r["completions"][0]["text"]} for r in results]
     else:
-        rows = [{"id": r["id"], "samples": [{"answer": final_answer(c["text"], args.task)} for c in r["completions"]]}
-                for r in results]
+        rows = [{"id": r["id"], "samples": [{"response": c["text"]} for c in r["completions"]]} for r in results]
+    truncated = sum(c["finish_reason"] == "length" for r in results for c in r["completions"])
     result = {"checkpoint": str(args.checkpoint), "test_file": str(args.test_file), "n_questions": len(rows),
-              **evaluation_result(rows, test, args.task)}
+              "n_truncated": truncated, **evaluation_result(rows, test, args.task, grader=args.grader)}
     Path(f"{out}.result.json").write_text(json.dumps(result, indent=2) + "\n")
-    write_per_question(Path(f"{out}.per_question.jsonl"), rows, test, args.task)
+    write_per_question(Path(f"{out}.per_question.jsonl"), rows, test, args.task, result["grader"])
     print(json.dumps(result))
     return result
 
 
-def write_per_question(path, rows, test, task):
-    """One line per question, in test-file order: its id and index there, the gold answer, and the prediction and
-    whether it is correct (greedy), or every sample's prediction and correctness and their count (--samples n)."""
-    from w2s.stages.metrics import answer_matcher, answers_agree
+def write_per_question(path, rows, test, task, grader_name):
+    """One line per question, in test-file order, under the headline grader: its id and index there, the gold answer
+    as the file has it and as the grader reads it, the prediction (the grader's reading of the response) and whether
+    they agree (greedy), or every sample's prediction and verdict and their count (--samples n)."""
+    from w2s.tasks import get_grader
 
-    same = answer_matcher(task)
+    grader = get_grader(task, grader_name)
     by_id = {row["id"]: row for row in rows}
     lines = []
     for index, record in enumerate(test):
-        row, gold = by_id[record["id"]], record["answer"]
-        line = {"id": record["id"], "index": index, "gold": gold}
+        row, gold = by_id[record["id"]], grader.gold(record["answer"])
+        line = {"id": record["id"], "index": index, "gold": record["answer"], "gold_normalized": gold,
+                "grader": grader.name}
         if "samples" in row:
-            predictions = [s["answer"] for s in row["samples"]]
-            correct = [answers_agree(a, gold, same) for a in predictions]
+            predictions = [grader.answer(s["response"]) for s in row["samples"]]
+            correct = [grader.same(a, gold, record) for a in predictions]
             line |= {"predictions": predictions, "correct": correct, "n_correct": sum(correct)}
         else:
-            line |= {"prediction": row["answer"], "correct": answers_agree(row["answer"], gold, same)}
+            prediction = grader.answer(row["response"])
+            line |= {"prediction": prediction, "correct": grader.same(prediction, gold, record)}
         lines.append(json.dumps(line) + "\n")
     path.write_text("".join(lines))
-
 
 if __name__ == "__main__":
     try:

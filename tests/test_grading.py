@@ -1,4 +1,4 @@
-"""Answer extraction, normalization and equivalence (w2s/tasks/grading.py) against PAPER.md's rules and real data.
+"""The `equivalence` grader's extraction, normalization and equivalence (w2s/tasks/grading.py) on real data.
 
 The whole-dataset checks grade every gold answer in ../shared/data (GSM8K train+test, MATH-500, original MATH test)
 from its own gold target text, and re-spell each answer in the ways model outputs do. Skipped when the data is absent.
@@ -25,9 +25,10 @@ FILES = [
     ("math", "math_hendrycks_test/test.jsonl"),
 ]
 
-# Gold targets whose answer PAPER.md's extraction cannot recover, by design: the rule "cut the response at the
+# Gold targets whose answer the RESPONSE extraction cannot recover, by design: the rule "cut the response at the
 # first `Question`" (the model starting a new example) also cuts these gold solutions, which use the word
-# themselves. Generation stops at "Question" too, so the pipeline treats such text the same way everywhere.
+# themselves. Gold is never read that way: a grader's gold() takes the text after the last marker without the cut
+# (tests/test_graders.py checks both records).
 UNEXTRACTABLE_GOLD = {
     "gsm8k-test-00138": "solution lines start with 'Questions Mark completed ...'",
     "math-test-03883": "solution is organised as 'Question 1: ...', 'Question 2: ...'",

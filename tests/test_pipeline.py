@@ -21,13 +21,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from w2s.tasks import grade, zero_shot_prompt
+from w2s.tasks import get_grader, zero_shot_prompt
 
 torch.set_num_threads(1)  # tiny matmuls on a shared 2-core box: more threads only fight each other
 
 N_SAMPLES, PASS_K = 5, 3
 ALL_STAGES = [
-    "00_data", "01_weak_sft", "02_weak_labels", "03_icl_labels",
+    "00_data", "00_test", "01_weak_sft", "02_weak_labels", "03_icl_labels",
     "04_r1_filter", "05_r1_sft_weak", "06_r1_sft_icl", "07_r1_sft_hybrid",
     "08_r2_labels_weak", "09_r2_labels_icl", "10_r2_filter", "11_r2_sft_weak", "12_r2_sft_icl", "13_r2_sft_hybrid",
     "14_samples", "15_pairs", "16_dpo", "17_orpo", "18_full_weak_ft", "19_ceiling",
@@ -37,6 +37,15 @@ ALL_STAGES = [
     "32_passk_stage1_plus", "33_passk_stage2_dpo", "34_passk_stage2_orpo",
 ]  # fmt: skip
 GENERATE_STAGES = ["02_weak_labels", "03_icl_labels", "08_r2_labels_weak", "09_r2_labels_icl", "14_samples"]
+PAPER = get_grader("gsm8k", "paper")  # the recipes' default grader: the authors' answer protocol
+
+
+def answer(response):
+    return PAPER.answer(response)
+
+
+def correct(response, gold):
+    return PAPER.same(PAPER.answer(response), PAPER.gold(gold))
 
 RECIPE = """
 name = "{name}"
@@ -97,7 +106,8 @@ def write_recipe(world_dir, name, min_confidence=0.6):
 
 
 def _habit_model(path, tokenizer, questions, seed):
-    """A random dim-48 Llama taught to answer "#### 3" or "#### 5" (7:3) to any question, saved in HF format."""
+    """A random dim-48 Llama taught to answer "#### 3" or "#### 5" (7:3) to any question, zero-shot or after four
+    demonstrations of the same habit, saved in HF format."""
     from w2s.checkpoint import save_model
     from w2s.config import ModelConfig
     from w2s.model import Transformer
@@ -106,9 +116,15 @@ def _habit_model(path, tokenizer, questions, seed):
     cfg = ModelConfig(family="llama", vocab_size=300, dim=48, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=12,
                       hidden_dim=96, max_seq_len=512, bos_token_id=0, eos_token_id=1, pad_token_id=2)
     model = Transformer(cfg).init_weights(generator=torch.Generator().manual_seed(seed))
+    from w2s.tasks import few_shot_prompt
+
     rng = random.Random(seed)
-    rows = [{"prompt": zero_shot_prompt(q), "response": f"#### {3 if rng.random() < 0.7 else 5}"}
-            for q in questions for _ in range(2)]
+    habit = lambda: f"#### {3 if rng.random() < 0.7 else 5}"  # noqa: E731
+    rows = [{"prompt": zero_shot_prompt(q), "response": habit()} for q in questions for _ in range(2)]
+    # The habit under 4-shot prompts too: the ICL labels keep the marker, where an untaught model drifts to a bare
+    # number or a run of "#", which the paper grader reads as no answer (no last-number fall-back).
+    rows += [{"prompt": few_shot_prompt([{"question": rng.choice(questions), "response": habit()} for _ in range(4)],
+                                        q), "response": habit()} for q in questions]
     cfg = TrainConfig(lr=1e-2, max_steps=80, batch_size=32, micro_batch_size=32, progress=False, log_every=1000)
     save_model(train_sft(model, tokenizer, rows, cfg), path, tokenizer=tokenizer)
 
@@ -221,7 +237,7 @@ def test_empty_training_set_is_one_clear_error(tmp_path):
 def test_data_split_hides_train_2_gold(full_run):
     d = full_run["run_dir"] / "00_data"
     train_1, train_2, gold = jsonl(d / "train_1.jsonl"), jsonl(d / "train_2.jsonl"), jsonl(d / "train_2_gold.jsonl")
-    assert len(train_1) == len(train_2) == 16 and len(jsonl(d / "test.jsonl")) == 8
+    assert len(train_1) == len(train_2) == 16 and len(jsonl(d.parent / "00_test" / "test.jsonl")) == 8
     assert all(set(r) == {"id", "question"} for r in train_2)  # the strong side sees questions only
     assert [g["id"] for g in gold] == [r["id"] for r in train_2]
     assert not {r["id"] for r in train_1} & {r["id"] for r in train_2}
@@ -270,6 +286,13 @@ def test_labels_follow_the_generations_and_the_paper_prompts(full_run):
         responses = [lab["response"] for lab in labels] if n == 1 else \
             [s["response"] for lab in labels for s in lab["samples"]]
         assert responses == [t.strip() for t in texts] and any(t.startswith(" ") for t in texts)
+        # Labels hold responses, never answers (a grader reads them where they are compared), and say which ones
+        # stopped at the token limit.
+        rows = labels if n == 1 else [s for lab in labels for s in lab["samples"]]
+        assert not any("answer" in row for row in rows)
+        assert [row["truncated"] for row in rows] == [c["finish_reason"] == "length" for g in gens
+                                                      for c in g["completions"]]
+        assert meta(run_dir, name)["n_truncated"] == sum(row["truncated"] for row in rows)
     # Zero-shot prompts everywhere but the ICL labels, whose prompt is 4 weak demos then the zero-shot prompt.
     weak = jsonl(run_dir / "02_weak_labels" / "generations.jsonl")
     assert all(g["prompt"] == zero_shot_prompt(questions[g["id"]]) for g in weak)
@@ -289,13 +312,14 @@ def test_consistency_filter_matches_an_independent_recount(full_run):
     for filt, (a, b) in (("04_r1_filter", ("02_weak_labels", "03_icl_labels")),
                          ("10_r2_filter", ("08_r2_labels_weak", "09_r2_labels_icl"))):
         first, second = jsonl(run_dir / a / "labels.jsonl"), jsonl(run_dir / b / "labels.jsonl")
-        kept = [x["id"] for x, y in zip(first, second) if x["answer"] and x["answer"] == y["answer"]]
+        kept = [x["id"] for x, y in zip(first, second)
+                if answer(x["response"]) and answer(x["response"]) == answer(y["response"])]
         assert kept, f"{filt}: the habit models should agree on some questions"
         assert [r["id"] for r in jsonl(run_dir / filt / "weak.jsonl")] == kept
         assert [r["response"] for r in jsonl(run_dir / filt / "icl.jsonl")] == \
             [y["response"] for y in second if y["id"] in set(kept)]
         assert len(jsonl(run_dir / filt / "hybrid.jsonl")) == 2 * len(kept)
-        assert meta(run_dir, filt)["n_kept"] == len(kept)
+        assert meta(run_dir, filt)["n_kept"] == len(kept) and meta(run_dir, filt)["grader"] == "paper"
     # Round 2 trains from the round-2 sets; each SFT stage's train.jsonl is exactly its set.
     assert jsonl(run_dir / "13_r2_sft_hybrid" / "train.jsonl") == jsonl(run_dir / "10_r2_filter" / "hybrid.jsonl")
     assert jsonl(run_dir / "05_r1_sft_weak" / "train.jsonl") == jsonl(run_dir / "04_r1_filter" / "weak.jsonl")
@@ -309,12 +333,12 @@ def test_pairs_follow_the_paper_rules(full_run):
     assert pairs, "the habit models' samples should disagree sometimes"
     assert len({p["id"] for p in pairs}) == len(pairs)  # GSM8K: at most one pair per question
     for p in pairs:
-        answers = [s["answer"] for s in samples[p["id"]]]
+        answers = [answer(s["response"]) for s in samples[p["id"]]]
         top = max(set(a for a in answers if a), key=lambda a: (answers.count(a), -answers.index(a)))
         confidence = answers.count(top) / N_SAMPLES
         assert confidence >= 0.6 and p["confidence"] == pytest.approx(confidence)
         w = weak[p["id"]]
-        if w["answer"] == top:  # weak chosen, a differing sample rejected
+        if answer(w["response"]) == top:  # weak chosen, a differing sample rejected
             assert p["chosen"] == w["response"] and p["rejected_answer"] != top
         else:  # weak rejected, a majority sample chosen, only when confidence >= 0.8
             assert confidence >= 0.8 and p["rejected"] == w["response"] and p["chosen_answer"] == top
@@ -329,19 +353,22 @@ def test_pairs_follow_the_paper_rules(full_run):
 
 def test_accuracies_match_an_independent_grading(full_run):
     run_dir = full_run["run_dir"]
-    gold = {r["id"]: r["answer"] for r in jsonl(run_dir / "00_data" / "test.jsonl")}
+    gold = {r["id"]: r["answer"] for r in jsonl(run_dir / "00_test" / "test.jsonl")}
     for name in ALL_STAGES:
         if "_eval_" in name:
             gens = jsonl(run_dir / name / "generations.jsonl")
             assert [g["id"] for g in gens] == list(gold)
-            expected = sum(grade(g["completions"][0]["text"], gold[g["id"]], "gsm8k") for g in gens) / len(gold)
+            expected = sum(correct(g["completions"][0]["text"], gold[g["id"]]) for g in gens) / len(gold)
             assert meta(run_dir, name)["accuracy"] == pytest.approx(expected)
+            assert meta(run_dir, name)["accuracy_by_grader"]["paper"] == pytest.approx(expected)
+            result = json.loads((run_dir / name / "result.json").read_text())
+            assert result["accuracy_by_grader"] == meta(run_dir, name)["accuracy_by_grader"]
         if "_passk_" in name:
             gens = jsonl(run_dir / name / "generations.jsonl")
-            correct = [sum(grade(c["text"], gold[g["id"]], "gsm8k") for c in g["completions"]) for g in gens]
+            hits = [sum(correct(c["text"], gold[g["id"]]) for c in g["completions"]) for g in gens]
             # pass@1 is the mean fraction correct; pass@n is the fraction of questions with any correct sample.
-            assert meta(run_dir, name)["pass@1"] == pytest.approx(sum(correct) / (PASS_K * len(gens)))
-            assert meta(run_dir, name)[f"pass@{PASS_K}"] == pytest.approx(sum(c > 0 for c in correct) / len(gens))
+            assert meta(run_dir, name)["pass@1"] == pytest.approx(sum(hits) / (PASS_K * len(gens)))
+            assert meta(run_dir, name)[f"pass@{PASS_K}"] == pytest.approx(sum(c > 0 for c in hits) / len(gens))
 
 
 def test_report_table_and_plot(full_run):
@@ -355,6 +382,8 @@ def test_report_table_and_plot(full_run):
         assert name in text  # the cost table lists every stage
     assert "04_r1_filter" in text and "15_pairs" in text
     assert (run_dir / "report.md").read_text() == text
+    assert "## The same accuracies under every grader" in text and "Grader: paper" in text
+    assert "## Truncated responses (stopped at the token limit)" in text
     png = (run_dir / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -455,6 +484,36 @@ def test_changing_one_option_reruns_exactly_its_dependents(full_run, tmp_path):
                 "34_passk_stage2_orpo"}
     assert {s for s, v in status.items() if v == "ran"} == expected
     assert meta(tmp_path / "tiny", "15_pairs")["options"]["min_confidence"] == 0.8
+
+
+def _dry_run_rows(text):
+    """{stage: (status, why)} of a dry run's table."""
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| ") and len(cells) == 8 and cells[0] not in ("stage", "to do"):
+            rows[cells[0]] = (cells[1], cells[2])
+    return rows
+
+
+def test_dry_run_says_what_a_rerun_will_do_and_why(full_run, tmp_path):
+    from w2s.pipeline import dry_run, run_pipeline
+
+    fresh = _dry_run_rows(dry_run(write_recipe(full_run["world"], "tiny"), runs_dir=tmp_path))
+    assert fresh == {name: ("will run", "not run yet") for name in ALL_STAGES}
+    shutil.copytree(full_run["run_dir"], tmp_path / "tiny")
+    before = sorted((p, p.stat().st_mtime_ns) for p in (tmp_path / "tiny").rglob("*"))
+    assert set(_dry_run_rows(dry_run(write_recipe(full_run["world"], "tiny"), runs_dir=tmp_path)).values()) == {
+        ("done", "-")}
+    recipe = write_recipe(full_run["world"], "tiny", min_confidence=0.8)
+    rows = _dry_run_rows(dry_run(recipe, runs_dir=tmp_path))
+    assert sorted((p, p.stat().st_mtime_ns) for p in (tmp_path / "tiny").rglob("*")) == before  # wrote nothing
+    assert rows["15_pairs"] == ("will rerun", "min_confidence: 0.6 -> 0.8")
+    assert rows["16_dpo"] == ("will rerun", "input 15_pairs changed")
+    assert rows["14_samples"] == ("done", "-")
+    # The real rerun runs exactly the stages the dry run listed.
+    _, status, _ = run_pipeline(recipe, runs_dir=tmp_path, progress=False, log=lambda *a: None, plot=False)
+    assert {s for s, v in status.items() if v == "ran"} == {s for s, (v, _) in rows.items() if v != "done"}
 
 
 # ---------------------------------------------------------------------------------------------------- bad input
@@ -578,6 +637,48 @@ def test_report_from_hand_written_metas(tmp_path):
     assert "total 0.6 min on H100" in text
     with pytest.raises(FileNotFoundError, match="no such run directory"):
         report(tmp_path / "missing")
+
+
+def test_report_shows_every_grader_their_disagreements_and_truncation(tmp_path):
+    """From hand-written meta.json files: the headline follows the recipe's grader, every grader gets a column, and
+    the pairs of graders that judge test questions differently are counted; truncated responses per stage."""
+    from w2s.report import method_accuracies, report
+
+    def stage(name, **meta):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "meta.json").write_text(json.dumps({"stage": name, "wall_s": 1.0, **meta}))
+
+    graded = dict(grader="paper", accuracy=0.2, no_answer_by_grader={"paper": 30, "equivalence": 2},
+                  grader_disagreements={"paper/equivalence": 15})
+    stage("20_eval_weak_floor", accuracy_by_grader={"paper": 0.2, "equivalence": 0.35}, n_completions=100,
+          n_truncated=7, **graded)
+    stage("30_eval_ceiling", accuracy_by_grader={"paper": 0.8, "equivalence": 0.8}, n_completions=100,
+          n_truncated=0, **{**graded, "accuracy": 0.8, "grader_disagreements": {"paper/equivalence": 0}})
+    stage("04_r1_filter", n_questions=100, n_kept=40, kept_fraction=0.4, precision=0.9,
+          n_truncated={"weak": 3, "other": 5, "kept": 1})
+    stage("32_passk_stage1_plus", **{"pass@1": 0.5, "pass@10": 0.9},
+          pass_by_grader={"paper": {"pass@1": 0.5, "pass@10": 0.9}, "equivalence": {"pass@1": 0.6, "pass@10": 0.95}})
+    (tmp_path / "recipe.json").write_text(json.dumps({"data": {"grader": "equivalence"}}))
+    def table_rows(text):  # first cell -> the other cells of each of its rows, in order
+        rows = {}
+        for line in text.splitlines():
+            if line.startswith("| "):
+                rows.setdefault(line.split("|")[1].strip(), []).append([c.strip() for c in line.split("|")[2:-1]])
+        return rows
+
+    text = report(tmp_path, plot=False)
+    rows = table_rows(text)
+    assert "Grader: equivalence" in text
+    assert rows["weak floor (weak model)"][0] == ["35.00", "0.000"]  # the headline: the recipe's grader
+    assert rows["weak floor (weak model)"][1] == ["20.00", "35.00", "30 / 2", "paper/equivalence 15"]
+    assert rows["strong ceiling (gold train_2)"][1] == ["80.00", "80.00", "30 / 2", "paper/equivalence 0"]
+    assert rows["20_eval_weak_floor"][0] == ["100", "7", "7.0"]
+    assert rows["04_r1_filter"][1] == ["-", "weak 3, other 5, kept 1", "-"]
+    assert rows["stage1_plus"][0] == ["pass@1 60.0, pass@10 95.0",
+                                      "paper: pass@1 50.0, pass@10 90.0; equivalence: pass@1 60.0, pass@10 95.0"]
+    assert method_accuracies({}) == {}
+    (tmp_path / "recipe.json").unlink()  # no recipe: each stage's own headline
+    assert table_rows(report(tmp_path, plot=False))["weak floor (weak model)"][0][0] == "20.00"
 
 
 def test_report_marks_the_last_rounds_hybrid_as_m_plus(tmp_path):

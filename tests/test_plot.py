@@ -205,6 +205,7 @@ def test_evaluate_writes_each_question_with_its_id_gold_and_correctness(tmp_path
         result = evaluate.main(args + (["--samples", "2"] if n == 2 else []))
         lines = [json.loads(x) for x in (tmp_path / f"{name}.per_question.jsonl").read_text().splitlines()]
         assert [(x["id"], x["index"], x["gold"]) for x in lines] == list(zip(ids, range(3), golds))
+        assert [x["gold_normalized"] for x in lines] == ["7", "12", "1000"] and lines[0]["grader"] == "paper"
         if n == 1:
             assert [(x["prediction"], x["correct"]) for x in lines] == [("7", True), ("", False), ("1000", True)]
             assert result["accuracy"] == pytest.approx(2 / 3)

@@ -27,6 +27,8 @@ def test_shipped_recipes_follow_the_paper():
         ("gsm8k", 2, 1, 1024)
     assert (math.data.task, math.stage1.rounds, math.stage2.max_pairs, math.sampling.sample_max_new_tokens) == \
         ("math", 1, 3, 2048)
+    demo = load_recipe(ROOT / "recipes" / "demo.toml", check_files=False)
+    assert gsm8k.data.grader == math.data.grader == demo.data.grader == "paper"  # the authors' answer protocol
     # Relative paths are resolved against the recipe's directory, not the working directory.
     assert gsm8k.data.train == str((ROOT / "data" / "gsm8k" / "train.jsonl").resolve())
 
@@ -37,7 +39,8 @@ def _world(tmp_path):
             (tmp_path / name).write_text("{}\n")
     for name in ("weak", "strong"):
         (tmp_path / name).mkdir(exist_ok=True)
-        (tmp_path / name / "config.json").write_text("{}")
+        if not (tmp_path / name / "config.json").exists():  # rewriting it would change its mtime, hence the keys
+            (tmp_path / name / "config.json").write_text("{}")
     return tmp_path
 
 
@@ -86,12 +89,27 @@ def test_defaults_and_train_config(tmp_path):
     ("[weak_sft]\nepochs = 1.5\n", r"\[weak_sft\]\.epochs: expected int, got 1\.5"),
     ("[weak_sft]\nlora_rank = -8\n", r"\[weak_sft\]\.lora_rank: expected a value >= 0"),
     ("[preference]\nadam_betas = 0.9\n", r"\[preference\]\.adam_betas: expected tuple, got 0\.9"),
+    ("[data2]\ngrader = \"exact\"\n", r"unknown key 'data2'"),
 ])  # fmt: skip
 def test_bad_recipes_are_one_clear_error(tmp_path, extra, message):
     text = BASE + extra if not extra.startswith(("bogus", "[models2]")) else extra + BASE
     with pytest.raises(ValueError, match=message) as info:
         _load(tmp_path, text)
     assert "\n" not in str(info.value) and "r.toml" in str(info.value)
+
+
+def test_grader_option(tmp_path, monkeypatch):
+    import w2s.recipe as recipe
+
+    assert _load(tmp_path, BASE).data.grader == "paper"  # the default: the authors' protocol
+    assert _load(tmp_path, BASE.replace("[data]", "[data]\ngrader = \"equivalence\"")).data.grader == "equivalence"
+    with pytest.raises(ValueError, match=r"r\.toml: \[data\] grader: expected one of paper, equivalence, math-verify, "
+                                         r"got 'exact'") as info:
+        _load(tmp_path, BASE.replace("[data]", "[data]\ngrader = \"exact\""))
+    assert "\n" not in str(info.value)
+    monkeypatch.setattr(recipe, "is_available", lambda name: name != "math-verify")  # as without the package
+    with pytest.raises(ValueError, match=r"\[data\] grader: 'math-verify' needs the math-verify package: pip install"):
+        _load(tmp_path, BASE.replace("[data]", "[data]\ngrader = \"math-verify\""))
 
 
 def test_bad_files_are_one_clear_error(tmp_path):
@@ -110,16 +128,16 @@ def test_bad_files_are_one_clear_error(tmp_path):
 # ---------------------------------------------------------------------------------------------------- the plan
 
 
-def _stages(tmp_path, extra=""):
+def _stages(tmp_path, extra="", data=""):
     from w2s.pipeline import build_stages
 
-    return {s.name: s for s in build_stages(_load(tmp_path, BASE + extra))}
+    return {s.name: s for s in build_stages(_load(tmp_path, BASE.replace("[data]\n", f"[data]\n{data}") + extra))}
 
 
 def test_paper_plan_gsm8k(tmp_path):
     stages = _stages(tmp_path, "[eval]\npass_k_samples = 10\n")
     names = list(stages)
-    assert names[:20] == ["00_data", "01_weak_sft", "02_weak_labels", "03_icl_labels", "04_r1_filter",
+    assert names[:21] == ["00_data", "00_test", "01_weak_sft", "02_weak_labels", "03_icl_labels", "04_r1_filter",
                           "05_r1_sft_weak", "06_r1_sft_icl", "07_r1_sft_hybrid", "08_r2_labels_weak",
                           "09_r2_labels_icl", "10_r2_filter", "11_r2_sft_weak", "12_r2_sft_icl", "13_r2_sft_hybrid",
                           "14_samples", "15_pairs", "16_dpo", "17_orpo", "18_full_weak_ft", "19_ceiling"]
@@ -135,7 +153,8 @@ def test_paper_plan_gsm8k(tmp_path):
     assert stages["15_pairs"].reads == ["00_data", "02_weak_labels", "14_samples"]
     assert stages["16_dpo"].reads == ["15_pairs", "13_r2_sft_hybrid"]
     assert stages["18_full_weak_ft"].reads == ["02_weak_labels"]
-    assert stages["31_eval_strong_icl"].reads == ["00_data", "02_weak_labels"]
+    assert stages["31_eval_strong_icl"].reads == ["00_test", "02_weak_labels"]
+    assert stages["20_eval_weak_floor"].reads == ["00_test", "01_weak_sft"]  # the test set: an input of evals only
     assert stages["14_samples"].options["n"] == 10 and stages["14_samples"].options["temperature"] == 1.0
 
 
@@ -156,18 +175,88 @@ def test_options_enter_the_keys(tmp_path):
     """A stage's key changes with its own options and with its inputs' keys, and with nothing else."""
     from w2s.engine import stage_key
 
-    def keys(extra=""):
+    def keys(extra="", data=""):
         out = {}
-        for stage in _stages(tmp_path, extra).values():
+        for stage in _stages(tmp_path, extra, data).values():
             out[stage.name] = stage_key(stage, out)
         return out
 
     base, changed = keys(), keys("[preference]\nbeta = 0.2\n")
     differ = {n for n in base if base[n] != changed[n]}
     assert differ == {"16_dpo", "17_orpo", "28_eval_stage2_dpo", "29_eval_stage2_orpo"}
-    (tmp_path / "train.jsonl").write_text("{\"changed\": 1}\n")  # new train data: everything reruns
-    assert all(keys()[n] != base[n] for n in base)
+    # The grader: only what compares answers reruns (the filters, the pairs) and what is downstream of them; never
+    # the weak labels, the ICL labels (the demos contain the marker, whatever the grader) nor the evaluations of
+    # models trained without a filter (an evaluation scores every grader; the report picks the recipe's).
+    changed = keys(data='grader = "equivalence"\n')
+    differ = {n for n in base if base[n] != changed[n]}
+    assert {"04_r1_filter", "10_r2_filter", "15_pairs"} <= differ
+    assert not differ & {"00_data", "01_weak_sft", "02_weak_labels", "03_icl_labels", "18_full_weak_ft",
+                         "19_ceiling", "20_eval_weak_floor", "21_eval_full_weak_ft", "30_eval_ceiling",
+                         "31_eval_strong_icl"}
+    assert all(n in differ for n in base if n >= "04" and n < "18")  # everything fed by the round-1 filter
+    (tmp_path / "train.jsonl").write_text("{\"changed\": 1}\n")  # new train data: everything but the test set
+    assert {n for n, key in keys().items() if key != base[n]} == set(base) - {"00_test"}
     json.dumps(base)  # keys are plain strings, written into meta.json
+
+
+def _changed(tmp_path, extra, edit=None):
+    """The stages whose key differs between BASE and BASE with `extra` (new sections, or "[data]"/"[models]" lines
+    merged into BASE's own), or after edit(tmp_path) changes a file."""
+    from w2s.engine import stage_key
+    from w2s.pipeline import build_stages
+
+    def keys(text):
+        out = {}
+        for stage in build_stages(_load(tmp_path, text)):
+            out[stage.name] = stage_key(stage, out)
+        return out
+
+    before = keys(BASE)
+    if edit is not None:
+        edit(tmp_path)
+    for section in ("[data]", "[models]"):
+        if extra.startswith(section):
+            return {n for n, key in keys(BASE.replace(section, extra.rstrip("\n"))).items() if key != before[n]}
+    return {name for name, key in keys(BASE + extra).items() if key != before[name]}
+
+
+EVALS = {f"{n}_eval_{m}" for n, m in [(20, "weak_floor"), (21, "full_weak_ft"), (22, "stage1_r1_weak"),
+                                       (23, "stage1_r1_icl"), (24, "stage1_r1_hybrid"), (25, "stage1_r2_weak"),
+                                       (26, "stage1_r2_icl"), (27, "stage1_r2_hybrid"), (28, "stage2_dpo"),
+                                       (29, "stage2_orpo"), (30, "ceiling"), (31, "strong_icl")]}
+ROUND_1 = {"04_r1_filter", "05_r1_sft_weak", "06_r1_sft_icl", "07_r1_sft_hybrid"}
+ROUND_2 = {"08_r2_labels_weak", "09_r2_labels_icl", "10_r2_filter", "11_r2_sft_weak", "12_r2_sft_icl",
+           "13_r2_sft_hybrid"}
+STAGE_2 = {"14_samples", "15_pairs", "16_dpo", "17_orpo"}
+
+
+@pytest.mark.parametrize("option", ["activation_checkpointing = true", "cpu_offload = true", "ckpt_every = 5",
+                                    "resume = false", 'bad_rows = "error"', "log_every = 7"])
+def test_runtime_only_options_rerun_nothing(tmp_path, option):
+    """Turning on activation checkpointing after an out-of-memory error (or any option that changes how a run goes,
+    not what it gives) costs nothing: no key changes."""
+    assert _changed(tmp_path, f"[weak_sft]\n{option}\n[strong_sft]\n{option}\n[preference]\n{option}\n") == set()
+
+
+def test_option_by_option_which_stages_rerun(tmp_path):
+    everything_but_data = {"01_weak_sft", "02_weak_labels", "03_icl_labels", "18_full_weak_ft", "19_ceiling"} | \
+        ROUND_1 | ROUND_2 | STAGE_2 | EVALS
+    assert _changed(tmp_path, "[models]\ndtype = \"float32\"\n") == everything_but_data
+    assert _changed(tmp_path, "[weak_sft]\nlr = 1e-3\n") == everything_but_data - {"19_ceiling", "30_eval_ceiling"}
+    assert _changed(tmp_path, "[strong_sft]\nlr = 1e-3\n") == (
+        ROUND_1 - {"04_r1_filter"}) | ROUND_2 | STAGE_2 | {"18_full_weak_ft", "19_ceiling"} | EVALS - {
+        "20_eval_weak_floor", "31_eval_strong_icl"}
+    # The demonstrations change the strong model's labels and everything after them, and strong ICL; not the
+    # weak model, its labels, or the baselines trained on them.
+    assert _changed(tmp_path, "[stage1]\ndemo_seed = 1\n") == {"03_icl_labels"} | ROUND_1 | ROUND_2 | STAGE_2 | (
+        EVALS - {"20_eval_weak_floor", "21_eval_full_weak_ft", "30_eval_ceiling"})
+    assert _changed(tmp_path, "[stage2]\nmin_confidence = 0.7\n") == {"15_pairs", "16_dpo", "17_orpo",
+                                                                       "28_eval_stage2_dpo", "29_eval_stage2_orpo"}
+    assert _changed(tmp_path, "[preference]\nbeta = 0.2\n") == {"16_dpo", "17_orpo", "28_eval_stage2_dpo",
+                                                                  "29_eval_stage2_orpo"}
+    # The test set is an input of the evaluations only: a new test file or size retrains nothing.
+    assert _changed(tmp_path, "[data]\nn_test = 3\n") == {"00_test"} | EVALS
+    assert _changed(tmp_path, "", edit=lambda p: (p / "test.jsonl").write_text('{"new": 1}\n')) == {"00_test"} | EVALS
 
 
 def test_every_preference_loss_has_its_stage():

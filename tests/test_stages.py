@@ -68,7 +68,27 @@ def test_consistent_uses_math_equivalence_when_given():
     weak = [labelled("a", "\\frac{1}{2}"), labelled("b", "3")]
     icl = [labelled("a", "0.5"), labelled("b", "4")]
     assert consistent(weak, icl) == []
-    assert consistent(weak, icl, same_answer=answer_matcher("math")) == ["a"]
+    assert consistent(weak, icl, same_answer=answer_matcher("math")) == []  # the default grader: the paper's
+    assert consistent(weak, icl, same_answer=answer_matcher("math", "equivalence")) == ["a"]
+
+
+def test_a_comparison_per_question_reaches_every_stage_function():
+    """same_for(id) binds a comparison per question (a judge that reads the question's answer type): the filter,
+    the vote and pairs, accuracy, pass@k and pair precision all use the one for the question at hand."""
+    loose = {"a"}  # question "a" compares numbers; every other question compares strings
+    same_for = lambda qid: numeric_equal if qid in loose else exact_match  # noqa: E731
+    weak = [labelled("a", "2"), labelled("b", "2")]
+    other = [labelled("a", "2.0"), labelled("b", "2.0")]
+    assert consistent(weak, other, same_for=same_for) == ["a"]
+    assert precision(weak, {"a": "2.00", "b": "2.00"}, same_for=same_for) == 0.5
+    assert accuracy(other, {"a": "2", "b": "2"}, same_for=same_for) == 0.5
+    samples = {"a": [{"answer": "2.0"}, {"answer": "3"}], "b": [{"answer": "2.0"}, {"answer": "3"}]}
+    assert mean_pass_at_k(samples, {"a": "2", "b": "2"}, k=1, same_for=same_for) == pytest.approx(0.25)
+    votes = {q: sampled(q, ["2.0", "2", "2.00", "2", "9"]) for q in ("a", "b")}
+    pairs, counts = build_pairs(weak, votes, seed=0, same_for=same_for)
+    assert [p["confidence"] for p in pairs] == [0.8]  # "a": one class of 4 numbers; "b": "2" has 2 of 5
+    assert counts["skipped_low_confidence"] == 1
+    assert pair_precision(pairs, {"a": "2.0"}, same_for=same_for) == 1.0
 
 
 def test_consistent_rejects_mismatched_or_duplicated_ids_and_missing_answers():
@@ -406,27 +426,41 @@ def test_evaluation_result_greedy_levels_and_pass_at_k():
 
     test = [{"id": "a", "answer": "\\frac{1}{2}", "level": 1}, {"id": "b", "answer": "3", "level": 5},
             {"id": "c", "answer": "7", "level": 5}]
-    greedy = [{"id": "a", "answer": "0.5"}, {"id": "b", "answer": "3"}, {"id": "c", "answer": ""}]
-    result = evaluation_result(greedy, test, "math")  # 0.5 == 1/2 by sympy; an empty answer is wrong
-    assert result == {"accuracy": pytest.approx(2 / 3), "n_correct": 2,
-                      "accuracy_by_level": {"1": 1.0, "5": 0.5}}
+    greedy = [{"id": "a", "response": "so The answer is: 0.5"}, {"id": "b", "response": "The answer is: 3"},
+              {"id": "c", "response": "no idea"}]
+    result = evaluation_result(greedy, test, "math", grader="equivalence")  # 0.5 == 1/2 by sympy; no answer: wrong
+    assert (result["grader"], result["accuracy"], result["n_correct"]) == ("equivalence", pytest.approx(2 / 3), 2)
+    assert result["accuracy_by_level"] == {"1": 1.0, "5": 0.5}
+    assert result["accuracy_by_grader"]["paper"] == pytest.approx(1 / 3)  # the paper compares strings: 0.5 != 1/2
+    assert result["accuracy_by_level_by_grader"]["paper"] == {"1": 0.0, "5": 0.5}
+    assert result["grader_disagreements"]["equivalence/paper"] == 1
+    assert result["no_answer_by_grader"]["paper"] == result["no_answer_by_grader"]["equivalence"] == 1
+    assert evaluation_result(greedy, test, "math")["grader"] == "paper"  # the default
     assert "accuracy_by_level" not in evaluation_result(greedy[1:], test, "gsm8k")
-    sampled = [{"id": "a", "samples": [{"answer": "1/2"}, {"answer": "2"}, {"answer": ""}]},
-               {"id": "b", "samples": [{"answer": "4"}, {"answer": "4"}, {"answer": "4"}]}]
-    # a: 1 of 3 correct -> pass@1 = 1/3, pass@3 = 1; b: none correct. Means over the two questions.
-    assert evaluation_result(sampled, test, "math") == {"pass@1": pytest.approx(1 / 6), "pass@3": pytest.approx(0.5)}
+    sampled = [{"id": "a", "samples": [{"response": "The answer is: 1/2"}, {"response": "The answer is: 2"},
+                                       {"response": "hm"}]},
+               {"id": "b", "samples": [{"response": "The answer is: 4"}] * 3}]
+    # a: 1 of 3 correct under equivalence (1/2 == \frac{1}{2} by sympy) -> pass@1 = 1/3, pass@3 = 1; b: none correct.
+    result = evaluation_result(sampled, test, "math", grader="equivalence")
+    assert (result["pass@1"], result["pass@3"]) == (pytest.approx(1 / 6), pytest.approx(0.5))
+    assert result["pass_by_grader"]["paper"] == {"pass@1": 0.0, "pass@3": 0.0}
+    assert result["grader_disagreements"]["equivalence/paper"] == 1
 
 
 def test_gsm8k_grading_normalizes_the_gold_too():
-    """PAPER.md: normalize both prediction and gold. 14 GSM8K test golds carry thousands separators ("2,125")."""
+    """Both prediction and gold are normalized (the authors' rule). 14 GSM8K test golds carry thousands separators
+    ("2,125"); under the paper's normalizer "5.0" is "5" but "4.20" is not "4.2"."""
     from w2s.stages.metrics import evaluation_result
+    from w2s.tasks import get_grader
 
-    same = answer_matcher("gsm8k")
-    assert same("2125", "2,125") and same("2,125", "2125") and same("5", "5.0")
-    assert not same("2125", "2,126") and not same("", "")
-    result = evaluation_result([{"id": "a", "answer": "2125"}, {"id": "b", "answer": "7"}],
+    paper = get_grader("gsm8k", "paper")
+    assert paper.same(paper.answer("#### 2125"), paper.gold("2,125")) and paper.gold("2,125") == "2125"
+    assert paper.same(paper.answer("#### 5.0"), paper.gold("5"))
+    assert not paper.same(paper.answer("#### 2125"), paper.gold("2,126")) and not paper.same("", "")
+    result = evaluation_result([{"id": "a", "response": "#### 2125"}, {"id": "b", "response": "#### 7"}],
                                [{"id": "a", "answer": "2,125"}, {"id": "b", "answer": "8"}], "gsm8k")
-    assert result == {"accuracy": 0.5, "n_correct": 1}
+    assert (result["accuracy"], result["n_correct"]) == (0.5, 1)
+    assert set(result["accuracy_by_grader"].values()) == {0.5}
 
 
 def test_other_side_never_shares_the_weak_answer_under_a_non_transitive_matcher():

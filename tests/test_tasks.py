@@ -15,7 +15,6 @@ import pytest
 
 from w2s.tasks import (
     STOP_STRINGS,
-    extract_answer,
     fetch_data,
     few_shot_prompt,
     load_records,
@@ -158,19 +157,33 @@ def test_stop_strings():
 
 
 def test_select_demos_is_seeded_and_not_filtered_for_correctness():
-    # Weak responses: half with an extractable answer (some of them wrong), half without any.
+    # Weak responses: ten with the marker (some answers wrong), ten without it, half of those with a number that the
+    # lenient grader's last-number fall-back would read as an answer: never eligible (docs/PAPER.md).
     weak = [{"id": i, "question": f"q{i}", "response": f"so #### {i % 3}", "answer": "0"} for i in range(10)]
-    weak += [{"id": 10 + i, "question": "q", "response": "I do not know"} for i in range(10)]
+    weak += [{"id": 10 + i, "question": "q", "response": "I do not know" if i % 2 else f"it is {i}"} for i in range(10)]
     demos = select_demos(weak, "gsm8k", k=4, seed=1)
     assert len(demos) == 4 and len({d["id"] for d in demos}) == 4
-    assert all(extract_answer(d["response"], "gsm8k") for d in demos)
+    assert all("####" in d["response"] for d in demos)
     assert demos == select_demos(weak, "gsm8k", k=4, seed=1)
     picks = {tuple(d["id"] for d in select_demos(weak, "gsm8k", k=4, seed=s)) for s in range(20)}
     assert len(picks) > 1  # the seed matters
     everything = select_demos(weak, "gsm8k", k=10, seed=0)  # all eligible: wrong answers are kept
     assert {d["id"] for d in everything} == set(range(10))
-    with pytest.raises(ValueError, match="need 11 weak responses"):
+    with pytest.raises(ValueError, match="need 11 weak responses containing the answer marker '####'"):
         select_demos(weak, "gsm8k", k=11, seed=0)
+
+
+@pytest.mark.parametrize("task,marker", [("gsm8k", "####"), ("math", "The answer is:")])
+def test_select_demos_never_picks_a_response_without_the_marker(task, marker):
+    # Unmarked responses that every grader but `paper` could read an answer from ("The answer is 5", a boxed value,
+    # a bare number), and marked ones whose marker is not on the last line (no answer under `paper`): only the
+    # marker decides.
+    unmarked = ["The answer is 5.", "so $\\boxed{7}$", "3 + 4 = 7", "#### 9" if task == "math" else "The answer: 9"]
+    marked = [f"{marker} 4", f"work\n{marker} 12", f"{marker} 3\nbut I kept talking", f"a {marker} b"]
+    weak = [{"question": f"q{i}", "response": r} for i, r in enumerate(unmarked * 5 + marked * 2)]
+    for seed in range(200):
+        assert all(marker in d["response"] for d in select_demos(weak, task, k=4, seed=seed))
+    assert {d["response"] for seed in range(200) for d in select_demos(weak, task, k=4, seed=seed)} == set(marked)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -278,3 +291,51 @@ def test_fetch_data_writes_only_valid_downloads(tmp_path, monkeypatch):
     assert missing == [tmp_path / "gsm8k" / "test.jsonl"]
     assert not (tmp_path / "gsm8k" / "test.jsonl").exists()
     assert not list(tmp_path.rglob("*.part"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The authors' split (their released data/raw/gsm8k/train_{1,2}.jsonl layout)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _authors_row(qid, n):
+    """A row as the authors released them: GSM8K's question / answer plus their id (gsm8k_<n> for GSM8K's own
+    training questions, aug_<n> for the questions added from their Abel project)."""
+    return {"id": qid, "question": f"Ann has {n} pens and buys {n} more. How many pens?",
+            "answer": f"She has {n} + {n} = <<{n}+{n}={2 * n}>>{2 * n} pens.\n#### {2 * n}"}
+
+
+def test_the_authors_split_runs_as_released(tmp_path):
+    """import_split turns the two released files into a train file and a split file; a recipe naming them gets
+    exactly those halves, with the authors' ids, from the pipeline's data stage."""
+    from w2s.engine import Context
+    from w2s.recipe import load_recipe
+    from w2s.runners import run_data
+    from w2s.tasks.data import import_split
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    halves = {"train_1": ["gsm8k_2", "gsm8k_3", "aug_62152"], "train_2": ["gsm8k_9", "aug_62153", "aug_62172", "aug_7"]}
+    for name, ids in halves.items():
+        rows = [_authors_row(q, i + 1) for i, q in enumerate(ids)]
+        (raw / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (tmp_path / "test.jsonl").write_text(json.dumps({"question": "q", "answer": "1 + 1 = 2\n#### 2"}) + "\n")
+    train, split = import_split("gsm8k", raw / "train_1.jsonl", raw / "train_2.jsonl", tmp_path / "authors")
+    assert json.loads(split.read_text()) == halves
+    for name in ("weak", "strong"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+    (tmp_path / "r.toml").write_text('[data]\ntask = "gsm8k"\ntrain = "authors/train.jsonl"\ntest = "test.jsonl"\n'
+                                     'split_file = "authors/split.json"\n[models]\nweak = "weak"\nstrong = "strong"\n')
+    out = tmp_path / "runs" / "00_data"
+    out.mkdir(parents=True)
+    counts = run_data(Context(load_recipe(tmp_path / "r.toml"), tmp_path / "runs"), out)
+    assert counts == {"n_train_1": 3, "n_train_2": 4, "n_test": 1}
+    read = lambda f: [json.loads(line) for line in (out / f).read_text().splitlines()]  # noqa: E731
+    assert [r["id"] for r in read("train_1.jsonl")] == halves["train_1"]
+    assert [r["id"] for r in read("train_2.jsonl")] == halves["train_2"]
+    assert read("train_1.jsonl")[0]["solution"] == "She has 1 + 1 = 2 pens.\n#### 2"  # annotations stripped
+    assert [g["answer"] for g in read("train_2_gold.jsonl")] == ["2", "4", "6", "8"]
+    with pytest.raises(ValueError, match="share 1 ids, e.g. \\['gsm8k_9'\\]"):
+        (raw / "dup.jsonl").write_text(json.dumps(_authors_row("gsm8k_9", 5)) + "\n")
+        import_split("gsm8k", raw / "train_2.jsonl", raw / "dup.jsonl", tmp_path / "bad")

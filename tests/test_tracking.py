@@ -214,12 +214,13 @@ def test_every_command_help_has_an_example_its_data_and_defaults():
 
     from w2s.cli import main
 
-    texts = {name: _script(name, "--help") for name in ("sample.py", "pipeline.py", "evaluate.py")}
-    for name, proc in texts.items():
+    procs = {name: _script(name, "--help") for name in ("sample.py", "pipeline.py", "evaluate.py")}
+    for name, proc in procs.items():
         assert proc.returncode == 0, (name, proc.stderr)
-    assert 'INPUT lines: {"id": ...' in texts["sample.py"].stdout and "[default: 256]" in texts["sample.py"].stdout
-    assert "[logging] report_to" in texts["pipeline.py"].stdout and "[default: runs]" in texts["pipeline.py"].stdout
-    assert "per_question.jsonl" in texts["evaluate.py"].stdout and "(default: auto)" in texts["evaluate.py"].stdout
+    texts = {name: " ".join(proc.stdout.split()) for name, proc in procs.items()}  # as read, not as wrapped
+    assert 'INPUT lines: {"id": ...' in texts["sample.py"] and "[default: 256]" in texts["sample.py"]
+    assert "[logging] report_to" in texts["pipeline.py"] and "[default: runs]" in texts["pipeline.py"]
+    assert "per_question.jsonl" in texts["evaluate.py"] and "(default: auto)" in texts["evaluate.py"]
     for command in ("inspect", "run", "report", "data", "sample"):
         out = CliRunner().invoke(main, [command, "--help"]).output
         assert "Example" in out and f"w2s {command}" in out, command

@@ -106,7 +106,14 @@ def inspect(ckpt_dir):
 @click.argument("recipe", type=click.Path(path_type=Path))
 @click.option("--runs", default="runs", show_default=True, help="Directory holding runs/<recipe name>/.")
 @click.option("--no-progress", is_flag=True, help="No progress bars (logs only)  [default: bars shown]")
-def run(recipe, runs, no_progress):
+@click.option("--dry-run", is_flag=True,
+              help="Run nothing: list every stage as done / will run / will rerun and why, with its estimated tokens, "
+                   "disk, peak memory per device and time.")
+@click.option("--world-size", type=int, default=None,
+              help="--dry-run: processes of the run it plans for [default: this launch's, 1 under plain python].")
+@click.option("--gpu", "gpu", default=None,
+              help="--dry-run: the GPU the time estimate is for, e.g. 'H100 SXM' [default: this machine's].")
+def run(recipe, runs, no_progress, dry_run, world_size, gpu):
     """Run every stage of RECIPE (a TOML file, see recipes/) that is not already done.
 
     Each stage writes runs/<name>/<NN_stage>/ with its data and a meta.json written last; a finished stage is
@@ -117,15 +124,20 @@ def run(recipe, runs, no_progress):
     Examples:
       w2s run recipes/demo.toml                                      (= make demo)
       torchrun --nproc_per_node=8 scripts/pipeline.py recipes/gsm8k.toml
+      w2s run recipes/gsm8k.toml --dry-run --world-size 8 --gpu "H100 SXM"
     \b
     What it reads: the recipe's sections (w2s/recipe.py lists every key and default): [data] task, train, test,
-    split sizes or split_file, seed; [models] weak, strong (HF checkpoint dirs), dtype, device; [sampling];
+    split sizes or split_file, seed, grader; [models] weak, strong (HF checkpoint dirs), dtype, device; [sampling];
     [weak_sft] [strong_sft] [preference] (TrainConfig fields, as scripts/sft.py --help); [stage1]; [stage2]; [eval];
     [logging] report_to = ["tensorboard"] (-> runs/<name>/tb/<stage>) or ["wandb"]. The train and test files are
     jsonl in the task's format: GSM8K {"question", "answer": "... #### N"}; MATH {"problem", "solution", ...}.
     """
+    from w2s.pipeline import dry_run as plan_run
     from w2s.pipeline import run_pipeline
 
+    if dry_run:
+        click.echo(plan_run(recipe, runs_dir=runs, world=world_size, device=gpu))
+        return
     _, _, text = run_pipeline(recipe, runs_dir=runs, progress=not no_progress)
     if text:  # under torchrun only rank 0 builds the report; the other ranks print nothing
         click.echo(text)

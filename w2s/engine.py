@@ -155,6 +155,50 @@ def run_stages(stages, ctx):
     return status
 
 
+def plan(stages, run_dir):
+    """What run_stages would do, running nothing: [(stage, "done" | "will run" | "will rerun", [reasons])], the
+    reasons naming each option whose value changed (old -> new) and each input whose key changed."""
+    keys, rows = {}, []
+    for stage in stages:
+        key = keys[stage.name] = stage_key(stage, keys)
+        out = Path(run_dir) / stage.name
+        meta = read_meta(out)
+        if meta is not None and meta.get("key") == key:
+            rows.append((stage, "done", []))
+        elif meta is None:
+            started = (out / "key.txt").is_file()
+            resumes = started and (out / "key.txt").read_text().strip() == key
+            rows.append((stage, "will run", ["killed before it finished: resumes" if resumes else
+                                             "started under other options: starts over" if started else "not run yet"]))
+        else:
+            current = json.loads(json.dumps(stage.options, default=str))  # as meta.json holds it (tuples -> lists)
+            reasons = [_change(path, old, new) for path, old, new in _diff(meta.get("options", {}), current)]
+            reasons += [f"input {d} changed" for d in stage.reads if meta.get("inputs", {}).get(d) != keys[d]]
+            rows.append((stage, "will rerun", reasons or ["its key changed"]))
+    return rows
+
+
+def _change(path, old, new):
+    if new is _ABSENT:
+        return f"{path} left the key"
+    return f"{path} is new in the key ({new!r})" if old is _ABSENT else f"{path}: {old!r} -> {new!r}"
+
+
+_ABSENT = object()
+
+
+def _diff(old, new, prefix=""):
+    """[(dotted path, old value, new value)] of the leaves that differ between two option dicts."""
+    changed = []
+    for name in sorted(set(old) | set(new)):
+        a, b = old.get(name, _ABSENT), new.get(name, _ABSENT)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += _diff(a, b, f"{prefix}{name}.")
+        elif a != b:
+            changed.append((prefix + name, a, b))
+    return changed
+
+
 def _prepare_dir(out, key):
     """Keep a killed run's partial outputs only if they were made under the same key; wipe anything else."""
     if is_main():

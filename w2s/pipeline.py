@@ -5,7 +5,8 @@ shift when a recipe turns stages off), its runner in w2s/runners.py with the arg
 outputs it reads, and the options hashed into its key. w2s/engine.py runs the table: a stage whose key is
 unchanged is skipped, a killed one resumes, a changed option reruns exactly what depends on it.
 
-    00_data           split train into train_1 (gold, weak SFT) and train_2 (questions only); test
+    00_data           split train into train_1 (gold, weak SFT) and train_2 (questions only)
+    00_test           the test set (an input of the evaluations only)
     01_weak_sft       SFT the weak model on train_1 gold                                     -> weak model
     02_weak_labels    weak model, zero-shot greedy on train_2                                 -> D_weak
     03_icl_labels     strong base, 4-shot with weak demos, greedy on train_2                  -> D_icl
@@ -34,11 +35,27 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-from w2s.engine import Context, Stage, run_lock, run_stages
+import torch
+
+from w2s import profile
+from w2s.engine import Context, Stage, plan, run_lock, run_stages
+from w2s.estimate import (
+    KEPT_FRACTION,
+    MEASURED_ON,
+    PAIRED_FRACTION,
+    SAMPLING_MFU,
+    TRAIN_MFU,
+    Cost,
+    human_bytes,
+    human_seconds,
+    model_configs,
+    stage_cost,
+    workload,
+)
 from w2s.files import sha256_file, stable_hash, write_json_atomic
 from w2s.parallel import barrier, init_distributed, is_main
 from w2s.recipe import load_recipe, train_config
-from w2s.report import report
+from w2s.report import _table, report
 from w2s.runners import (
     run_ceiling,
     run_data,
@@ -50,10 +67,11 @@ from w2s.runners import (
     run_preference,
     run_samples,
     run_stage1_sft,
+    run_test_set,
     run_weak_sft,
 )
 
-KINDS = {run_data: "data", run_weak_sft: "train", run_labels: "generate", run_filter: "filter",
+KINDS = {run_data: "data", run_test_set: "data", run_weak_sft: "train", run_labels: "generate", run_filter: "filter",
          run_stage1_sft: "train", run_samples: "generate", run_pairs: "filter", run_preference: "train",
          run_full_weak_ft: "train", run_ceiling: "train", run_eval: "eval"}
 PREFERENCE_STAGES = {"dpo": "16_dpo", "orpo": "17_orpo", "ipo": "16_ipo"}  # one per losses.PREFERENCE_LOSSES
@@ -87,6 +105,7 @@ def build_stages(recipe):
     table = [
         # Stage 0: the weak supervisor
         stage("00_data", run_data, [], data_key(r)),
+        stage("00_test", run_test_set, [], test_key(r)),
         stage("01_weak_sft", run_weak_sft, ["00_data"], sft_key(r, "weak_sft", r.models.weak)),
         stage("02_weak_labels", run_labels, ["00_data", "01_weak_sft"], zero_shot, model="01_weak_sft",
               prompt="zero_shot"),
@@ -136,16 +155,16 @@ def evaluations(r, present, m_plus):
     """Greedy test accuracy of every trained model present, strong ICL, then pass@k of M_plus and M_pro, in the
     order of their fixed numbers."""
     greedy = greedy_key(r, "zero_shot")
-    evals = [stage(f"{EVAL_NUMBERS[method]}_eval_{method}", run_eval, ["00_data", model], greedy | {"method": method},
+    evals = [stage(f"{EVAL_NUMBERS[method]}_eval_{method}", run_eval, ["00_test", model], greedy | {"method": method},
                    model=model, prompt="zero_shot")
              for method, model in eval_methods(r) if model in present]
-    evals.append(stage(f"{EVAL_NUMBERS['strong_icl']}_eval_strong_icl", run_eval, ["00_data", "02_weak_labels"],
+    evals.append(stage(f"{EVAL_NUMBERS['strong_icl']}_eval_strong_icl", run_eval, ["00_test", "02_weak_labels"],
                        greedy_key(r, "few_shot") | {"method": "strong_icl"}, "strong_icl" in r.eval.baselines,
                        model="strong", prompt="few_shot"))
     if k := r.eval.pass_k_samples:
         for method, model in [("stage1_plus", m_plus)] + [(f"stage2_{x}", PREFERENCE_STAGES[x])
                                                            for x in r.stage2.losses]:
-            evals.append(stage(f"{PASSK_NUMBERS[method]}_passk_{method}", run_eval, ["00_data", model],
+            evals.append(stage(f"{PASSK_NUMBERS[method]}_passk_{method}", run_eval, ["00_test", model],
                                passk_key(r), model=model, prompt="zero_shot", n=k,
                                temperature=r.eval.pass_k_temperature))
     return sorted((row for row in evals if row is not None), key=lambda row: int(row.name.split("_")[0]))
@@ -162,25 +181,41 @@ def ckpt_fingerprint(path):
     return stable_hash([(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in files])
 
 
+# TrainConfig fields that change how a run goes, not what it produces: a run that finishes gives the same model
+# whatever they are (bad_rows = "error" either stops the run or trains on exactly the rows "skip" keeps).
+RUNTIME_ONLY = ("progress", "log_every", "activation_checkpointing", "cpu_offload", "ckpt_every", "resume", "bad_rows")
+
+
 def train_options(recipe, section):
-    """The options of a training stage as hashed into its key: the resolved TrainConfig minus display fields."""
+    """The options of a training stage as hashed into its key: the resolved TrainConfig minus the runtime-only
+    fields, so turning on activation checkpointing after an out-of-memory error reruns nothing."""
     cfg = asdict(train_config(recipe, section, progress=False))
-    return {k: v for k, v in cfg.items() if k not in ("progress", "log_every")}
+    return {k: v for k, v in cfg.items() if k not in RUNTIME_ONLY}
 
 
 def data_key(r):
     d = r.data
-    return {"task": d.task, "train": sha256_file(d.train), "test": sha256_file(d.test),
-            "split": sha256_file(d.split_file) if d.split_file else None,
-            "sizes": [d.n_train_1, d.n_train_2, d.n_test], "seed": d.seed}
+    return {"task": d.task, "train": sha256_file(d.train), "split": sha256_file(d.split_file) if d.split_file else None,
+            "sizes": [d.n_train_1, d.n_train_2], "seed": d.seed,
+            "record_ids": "the row's id field, else its position"}  # the GSM8K loader keeps ids of files that have them
 
 
+def test_key(r):
+    return {"task": r.data.task, "test": sha256_file(r.data.test), "n_test": r.data.n_test,
+            "record_ids": "the row's id field, else its position"}
+
+
+# Where the grader enters the keys. Generation never depends on it (labels.jsonl holds responses, not answers), and
+# neither does the demo choice (the demos are the weak responses that contain the marker). The stages that compare
+# answers do: the filters and the pairs, whose keys include it. An evaluation scores its responses under EVERY
+# available grader and the report picks the recipe's, so its key leaves the grader out: changing the grader never
+# resamples the test set.
 def task_key(r):
-    return {"task": r.data.task}
+    return {"task": r.data.task, "grader": r.data.grader}
 
 
 def sft_key(r, section, base):
-    return {"train": train_options(r, section), "base": ckpt_fingerprint(base)}
+    return {"train": train_options(r, section), "base": ckpt_fingerprint(base), "dtype": r.models.dtype}
 
 
 def strong_sft_key(r):
@@ -196,10 +231,10 @@ def strong_sft_key(r):
 def greedy_key(r, prompt):
     """Greedy generation on a task; few-shot prompts add the strong base and the demonstrations they are built of."""
     key = {"task": r.data.task, "n": 1, "temperature": 0.0, "max_new_tokens": r.sampling.max_new_tokens,
-           "seed": r.data.seed, "cache_len": r.sampling.cache_len, "prompt": prompt}
+           "seed": r.data.seed, "cache_len": r.sampling.cache_len, "prompt": prompt, "dtype": r.models.dtype}
     if prompt == "few_shot":
         key |= {"strong": ckpt_fingerprint(r.models.strong), "n_demos": r.stage1.n_demos,
-                "demo_seed": r.stage1.demo_seed}
+                "demo_seed": r.stage1.demo_seed, "demos": "weak responses that contain the answer marker"}
     return key
 
 
@@ -207,25 +242,63 @@ def samples_key(r):
     s2 = r.stage2
     return {"task": r.data.task, "n": s2.n_samples, "temperature": s2.temperature, "top_p": s2.top_p,
             "max_new_tokens": r.sampling.sample_max_new_tokens, "seed": r.data.seed,
-            "cache_len": r.sampling.cache_len, "prompt": "zero_shot"}
+            "cache_len": r.sampling.cache_len, "prompt": "zero_shot", "dtype": r.models.dtype}
 
 
 def pairs_key(r):
     s2 = r.stage2
-    return {"task": r.data.task, "min_confidence": s2.min_confidence, "flip_confidence": s2.flip_confidence,
-            "max_pairs": s2.max_pairs, "pair_seed": s2.pair_seed}
+    return {"task": r.data.task, "grader": r.data.grader, "min_confidence": s2.min_confidence,
+            "flip_confidence": s2.flip_confidence, "max_pairs": s2.max_pairs, "pair_seed": s2.pair_seed}
 
 
 def preference_key(r, loss):
-    return {"train": train_options(r, "preference"), "loss": loss}
+    return {"train": train_options(r, "preference"), "loss": loss, "dtype": r.models.dtype}
 
 
 def passk_key(r):
     return {"task": r.data.task, "n": r.eval.pass_k_samples, "temperature": r.eval.pass_k_temperature,
-            "seed": r.data.seed, "max_new_tokens": r.sampling.sample_max_new_tokens, "cache_len": r.sampling.cache_len}
+            "seed": r.data.seed, "max_new_tokens": r.sampling.sample_max_new_tokens, "cache_len": r.sampling.cache_len,
+            "dtype": r.models.dtype}
 
 
 # ------------------------------------------------------------------------------------------------ running a recipe
+
+
+def dry_run(recipe_path, runs_dir="runs", world=None, device=None):
+    """What `run_pipeline` would do, and its estimated cost (w2s/estimate.py), as markdown; reads no weights and
+    writes nothing. world: processes of the run (default: this launch's); device: a GPU name for the time estimate
+    (default: this machine's CUDA device; none on a CPU-only machine)."""
+    recipe = load_recipe(recipe_path)
+    world = world or int(os.environ.get("WORLD_SIZE", 1))
+    device = device or (profile.device_name() if torch.cuda.is_available() else "cpu")
+    stages = build_stages(recipe)
+    work, configs = workload(recipe), model_configs(recipe)
+    rows, todo = [], Cost(seconds=0.0)
+    for stage, status, reasons in plan(stages, Path(runs_dir) / recipe.name):
+        cost = stage_cost(stage, recipe, work, configs, world, device)
+        if status != "done":
+            for field in ("generated", "trained", "disk"):
+                setattr(todo, field, getattr(todo, field) + getattr(cost, field))
+            todo.memory = max(todo.memory, cost.memory)
+            todo.seconds = None if todo.seconds is None or cost.seconds is None else todo.seconds + cost.seconds
+        why = "; ".join(reasons[:3]) + (f"; and {len(reasons) - 3} more" if len(reasons) > 3 else "")
+        rows.append((stage.name, status, why or "-", f"{cost.generated:,}", f"{cost.trained:,}",
+                     human_bytes(cost.disk), human_bytes(cost.memory), human_seconds(cost.seconds)))
+    rows.append(("to do", "", "", f"{todo.generated:,}", f"{todo.trained:,}", human_bytes(todo.disk),
+                 human_bytes(todo.memory), human_seconds(todo.seconds)))
+    header = ["stage", "status", "why", "tokens generated", "tokens trained", "disk written", "peak memory / device",
+              "time"]
+    return (f"# Dry run: {recipe.name} on {world} x {device}\n\nThe estimate starts from:\n\n" +
+            "\n".join(_workload_lines(work)) + "\n\n" + _table(header, rows) + "\n")
+
+
+def _workload_lines(work):
+    return [f"- train_1 / train_2 / test: {work.n_train_1:,} / {work.n_train_2:,} / {work.n_test:,} questions",
+            f"- mean tokens: zero-shot prompt {work.prompt_tokens:.0f}, 4-shot prompt {work.few_shot_tokens:.0f}, "
+            f"gold solution {work.response_tokens:.0f} (a response is assumed as long, capped at max_new_tokens)",
+            f"- Stage I keeps {KEPT_FRACTION:.0%} of train_2 per round; pairs for {PAIRED_FRACTION:.0%} of it",
+            f"- training at {TRAIN_MFU:.1%} MFU, sampling at {SAMPLING_MFU:.1%} of peak (measured on an "
+            f"{MEASURED_ON}, BENCHMARKS.md): lower bounds for a multi-GPU 70B run"]
 
 
 def run_pipeline(recipe_path, runs_dir="runs", progress=True, log=print, plot=True):

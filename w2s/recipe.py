@@ -4,7 +4,7 @@ A recipe names the task and data, the weak and strong checkpoints, and the optio
 marks unknown is an option here with a stated default. A recipe is validated completely (unknown keys, missing
 files, impossible values) before any model is loaded, and every error names the recipe file and the key.
 
-    [data]      task, train/test files, split sizes or a split file, seed
+    [data]      task, train/test files, split sizes or a split file, seed, the grader
     [models]    weak / strong checkpoint dirs, dtype, device
     [sampling]  max_new_tokens, batch size, cache length for every generation stage
     [weak_sft] [strong_sft] [preference]   training options (w2s.train_config.TrainConfig fields)
@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from w2s.losses import PREFERENCE_LOSSES
+from w2s.tasks.graders import default_grader, is_available, task_graders
 from w2s.tracking import check_trackers
 from w2s.train_config import TrainConfig
 
@@ -39,6 +40,7 @@ class DataOptions:
     n_test: int = 0  # 0: the whole test file (smaller for quick runs)
     split_file: str = ""  # optional json {"train_1": [ids], "train_2": [ids]} instead of a seeded split
     seed: int = 0
+    grader: str = ""  # reads and compares answers for the filter, vote, pairs, headline; "": the task's ("paper")
 
 
 @dataclass
@@ -206,6 +208,11 @@ def _validate(r, path, check_files):
 
     if r.data.task not in TASKS:
         bad("[data] task", f"expected one of {', '.join(TASKS)}, got {r.data.task!r}")
+    r.data.grader = r.data.grader or default_grader(r.data.task)
+    if r.data.grader not in task_graders(r.data.task):
+        bad("[data] grader", f"expected one of {', '.join(task_graders(r.data.task))}, got {r.data.grader!r}")
+    if not is_available(r.data.grader):
+        bad("[data] grader", f"{r.data.grader!r} needs the math-verify package: pip install math-verify")
     if r.stage1.rounds not in (1, 2):
         bad("[stage1] rounds", f"expected 1 or 2, got {r.stage1.rounds}")
     if r.stage1.round2_init not in ("base", "continue"):

@@ -1,10 +1,12 @@
 """`w2s report runs/<name>`: the paper-style table of a pipeline run, from its stages' meta.json files alone.
 
-Tables: methods (greedy test accuracy and PGR, as in the paper; pass@k and MATH levels when run), the training data
-selected from train_2 (filtered-set sizes and pairs, with their selection precision against train_2 gold, for
-analysis only), the cost of every stage (time, tokens, tokens/s, MFU, peak memory) and its roll-up by kind of work
-(sampling, training, evaluation, data and filtering). The figure (w2s/plot.py) goes to report.png (needs
-matplotlib, the `plot` extra; the tables do not).
+Tables: methods (greedy test accuracy and PGR, as in the paper, under the recipe's grader; pass@k and MATH levels
+when run), the same accuracies under every grader side by side with the number of test questions on which two
+graders disagree (so the choice of grader has a visible price), the training data selected from train_2
+(filtered-set sizes and pairs, with their selection precision against train_2 gold, for analysis only), the
+responses that stopped at the token limit (truncated) per stage, the cost of every stage (time, tokens, tokens/s,
+MFU, peak memory) and its roll-up by kind of work (sampling, training, evaluation, data and filtering). The figure
+(w2s/plot.py) goes to report.png (needs matplotlib, the `plot` extra; the tables do not).
 
     w2s report runs/demo
     python -m pytest -q tests/test_pipeline.py -k report
@@ -60,13 +62,38 @@ def pgr(acc, floor, ceiling):
     return gap_recovered(acc, floor, ceiling)
 
 
-def method_accuracies(metas):
-    """{method: accuracy} from the NN_eval_<method> stages."""
+def run_grader(run_dir):
+    """The grader the run's recipe names (recipe.json, [data] grader), or None (no recipe.json: hand-made metas)."""
+    recipe = Path(run_dir) / "recipe.json"
+    return json.loads(recipe.read_text()).get("data", {}).get("grader") if recipe.is_file() else None
+
+
+def method_accuracies(metas, grader=None):
+    """{method: accuracy} from the NN_eval_<method> stages: under `grader` when the stage scored it (an evaluation
+    scores every available grader, so a changed grader needs no new sampling), else the stage's own "accuracy"."""
     acc = {}
     for name, meta in metas.items():
-        if "_eval_" in name and "accuracy" in meta:
-            acc[name.split("_eval_", 1)[1]] = meta["accuracy"]
+        by_grader = meta.get("accuracy_by_grader", {})
+        if "_eval_" in name and (grader in by_grader or "accuracy" in meta):
+            acc[name.split("_eval_", 1)[1]] = by_grader[grader] if grader in by_grader else meta["accuracy"]
     return acc
+
+
+def _grader_rows(metas, labels):
+    """(header, rows): each evaluated method's accuracy under every grader, its answer-less responses per grader,
+    and how many test questions each pair of graders judges differently."""
+    graders = list(dict.fromkeys(g for m in metas.values() for g in m.get("accuracy_by_grader", {})))
+    if not graders:
+        return None, []
+    rows = []
+    for method, label in labels:
+        meta = next((m for n, m in metas.items() if n.endswith(f"_eval_{method}")), {})
+        by_grader, no_answer = meta.get("accuracy_by_grader", {}), meta.get("no_answer_by_grader", {})
+        disagree = ", ".join(f"{pair} {n}" for pair, n in meta.get("grader_disagreements", {}).items()) or "-"
+        rows.append((label, *(_fmt(by_grader.get(g), pct=True) for g in graders),
+                     " / ".join(_fmt(no_answer.get(g)) for g in graders), disagree))
+    header = ["method", *(f"{g} %" for g in graders), "no answer (" + " / ".join(graders) + ")", "disagreements"]
+    return header, rows
 
 
 def _fmt(x, pct=False, digits=2):
@@ -101,6 +128,30 @@ def _data_rows(metas):
     return rows
 
 
+def _under(meta, field, grader):
+    """A per-grader field of a meta.json ({grader: value}) for `grader`, or None."""
+    return meta.get(field, {}).get(grader)
+
+
+def _passes(values):
+    return ", ".join(f"{k} {100 * v:.1f}" for k, v in values.items() if k.startswith("pass@"))
+
+
+def _truncation_rows(metas):
+    """Responses that stopped at the token limit, per stage: generations (labels, samples, test answers), and
+    what the filters kept and the pairs used of them."""
+    rows = []
+    for name, meta in metas.items():
+        truncated = meta.get("n_truncated")
+        if isinstance(truncated, int):
+            rows.append((name, _fmt(meta.get("n_completions")), _fmt(truncated),
+                         _fmt(truncated / meta["n_completions"] if meta.get("n_completions") else None, pct=True,
+                              digits=1)))
+        elif isinstance(truncated, dict):
+            rows.append((name, "-", ", ".join(f"{k} {v}" for k, v in truncated.items()), "-"))
+    return rows
+
+
 def _cost_rows(metas):
     return [(name, _fmt(meta.get("wall_s"), digits=1), _fmt(meta.get("tokens")), _fmt(meta.get("tok_s"), digits=0),
              _fmt(meta.get("mfu"), pct=True, digits=1), _fmt(meta.get("peak_mem_gib"), digits=2))
@@ -130,28 +181,38 @@ def write_report(run_dir, plot=True):
     """report() and the paths it wrote: (text, [report.md, report.png when drawn])."""
     run_dir = Path(run_dir)
     metas = load_metas(run_dir)
-    acc = method_accuracies(metas)
+    grader = run_grader(run_dir)
+    acc = method_accuracies(metas, grader)
     floor, ceiling = acc.get("weak_floor"), acc.get("ceiling")
     labels = method_labels(acc)
     method_rows = [(label, _fmt(acc[m], pct=True), _fmt(pgr(acc[m], floor, ceiling), digits=3)) for m, label in labels]
-    passk = [(name.split("_passk_", 1)[1], ", ".join(f"{k} {100 * v:.1f}" for k, v in meta.items()
-                                                     if k.startswith("pass@")))
+    passk = [(name.split("_passk_", 1)[1], _passes(_under(meta, "pass_by_grader", grader) or meta),
+              "; ".join(f"{g}: {_passes(p)}" for g, p in meta.get("pass_by_grader", {}).items()) or "-")
              for name, meta in metas.items() if "_passk_" in name]
     devices = sorted({m["device"] for m in metas.values() if m.get("device")})
     total = sum(m.get("wall_s", 0) for m in metas.values())
     out = [f"# w2s report: {run_dir.name}", "", "## Test accuracy (greedy) and PGR", "",
-           "PGR = (accuracy - weak floor) / (strong ceiling - weak floor); '-' where the gap is empty or missing.", "",
+           f"Grader: {grader or 'as each stage recorded'} (the recipe's [data] grader). PGR = (accuracy - weak floor)"
+           " / (strong ceiling - weak floor); '-' where the gap is empty or missing.", "",
            _table(["method", "accuracy %", "PGR"], method_rows or [("(no evaluated model yet)", "-", "-")])]
+    header, grader_rows = _grader_rows(metas, labels)
+    if grader_rows:
+        out += ["", "## The same accuracies under every grader", "",
+                "paper = the authors' protocol; equivalence = w2s's lenient grader; math-verify = Hugging Face's. "
+                "Disagreements: test questions that two graders judge differently.", "", _table(header, grader_rows)]
     if passk:
-        out += ["", "## pass@k (samples at T=1)", "", _table(["model", "pass@k %"], passk)]
-    level_rows = [(m, ", ".join(f"L{lv} {100 * a:.0f}" for lv, a in metas[n]["accuracy_by_level"].items()))
-                  for n in metas if "_eval_" in n and (m := n.split("_eval_", 1)[1]) and
-                  metas[n].get("accuracy_by_level")]
+        out += ["", "## pass@k (samples at T=1)", "", _table(["model", "pass@k %", "by grader %"], passk)]
+    level_rows = [(n.split("_eval_", 1)[1], ", ".join(f"L{lv} {100 * a:.0f}" for lv, a in levels.items()))
+                  for n, meta in metas.items() if "_eval_" in n and
+                  (levels := _under(meta, "accuracy_by_level_by_grader", grader) or meta.get("accuracy_by_level"))]
     if level_rows:
         out += ["", "## MATH accuracy by level", "", _table(["method", "by level %"], level_rows)]
     if data_rows := _data_rows(metas):
         out += ["", "## Training data selected from train_2 (precision vs train_2 gold: analysis only)", "",
                 _table(["stage", "questions", "kept / pairs", "kept %", "precision %", "pairs"], data_rows)]
+    if truncation := _truncation_rows(metas):
+        out += ["", "## Truncated responses (stopped at the token limit)", "",
+                _table(["stage", "responses", "truncated", "truncated %"], truncation)]
     out += ["", f"## Cost per stage (total {total / 60:.1f} min on {', '.join(devices) or 'unknown device'})", "",
             _table(["stage", "wall s", "tokens", "tok/s", "MFU %", "peak mem GiB"], _cost_rows(metas)),
             "", "## Cost by kind of work (sampling: labels, samples; evaluation: test accuracy)", "",

@@ -11,6 +11,10 @@ Gold answers of train_2 live in 00_data/train_2_gold.jsonl. `read_train_2_gold` 
 and only two kinds of caller use it: the selection-precision analysis of filtered sets and pairs (reported, never
 trained on) and the strong-ceiling baseline (19_ceiling). tests/test_pipeline.py checks both facts.
 
+Answers are read where they are compared (filter, pairs, evaluation) by the recipe's grader ([data] grader,
+w2s/tasks/graders.py), never stored by a generation stage: sampling is grader-independent, and labels.jsonl keeps
+the responses with a "truncated" flag (the response stopped at the token limit).
+
 Weights stay resident between stages where that is free: a model just trained (or loaded for generation) is kept in
 memory, so the next stage that generates with it does not reload it. Training always starts from a fresh load,
 because the trainer consumes the model it is given.
@@ -31,12 +35,12 @@ from w2s.profile import StageProfiler
 from w2s.recipe import train_config
 from w2s.sampling_jsonl import generate_to_jsonl
 from w2s.stages.consistency import consistent, precision, sft_sets
-from w2s.stages.metrics import answer_matcher, evaluation_result, pair_precision
+from w2s.stages.metrics import evaluation_result, pair_precision
 from w2s.stages.preference_pairs import build_pairs
 from w2s.tasks import (
     STOP_STRINGS,
     few_shot_prompt,
-    final_answer,
+    get_grader,
     load_records,
     load_split,
     save_split,
@@ -44,6 +48,7 @@ from w2s.tasks import (
     split_train,
     zero_shot_prompt,
 )
+from w2s.tasks.graders import per_question
 from w2s.tensor_parallel import load_model_tp
 from w2s.tokenizer import load_tokenizer
 from w2s.train import train_preference, train_sft
@@ -119,8 +124,8 @@ def keep_resident(ctx, out, model, tok):
 
 
 def data_rows(ctx, name):
-    """00_data's records: "train_1" (with gold), "train_2" (questions only) or "test"."""
-    return read_jsonl(ctx.dir("00_data") / f"{name}.jsonl")
+    """00_data's records: "train_1" (with gold) or "train_2" (questions only); "test": 00_test's."""
+    return read_jsonl(ctx.dir("00_test" if name == "test" else "00_data") / f"{name}.jsonl")
 
 
 def labels(ctx, stage):
@@ -133,14 +138,28 @@ def read_train_2_gold(ctx):
     return {row["id"]: row for row in read_jsonl(ctx.dir("00_data") / GOLD_FILE)}
 
 
-def same_answer_fn(ctx):
-    return answer_matcher(ctx.recipe.data.task)
+def grader(ctx):
+    """The recipe's grader ([data] grader): it reads and compares every answer the selection stages use."""
+    return get_grader(ctx.recipe.data.task, ctx.recipe.data.grader)
+
+
+def train_2_comparisons(ctx):
+    """same_for(id) of the recipe's grader over train_2, with each question's record (questions only) bound."""
+    return per_question(grader(ctx), {r["id"]: r for r in data_rows(ctx, "train_2")})
+
+
+def with_answers(rows, grade):
+    """Label rows with the answer `grade` (a grader) reads from each response (samples too); the rows are copied."""
+    if rows and "samples" in rows[0]:
+        return [row | {"samples": [s | {"answer": grade.answer(s["response"])} for s in row["samples"]]}
+                for row in rows]
+    return [row | {"answer": grade.answer(row["response"])} for row in rows]
 
 
 def gold_precision(ctx, records):
     """Analysis only: the fraction of labelled records {"id", "answer"} whose answer is gold-correct."""
-    gold = {i: g["answer"] for i, g in read_train_2_gold(ctx).items()}
-    return precision(records, gold, same_answer_fn(ctx))
+    gold = {i: grader(ctx).gold(g["answer"]) for i, g in read_train_2_gold(ctx).items()}
+    return precision(records, gold, same_for=train_2_comparisons(ctx))
 
 
 def zero_shot(rec):
@@ -148,8 +167,9 @@ def zero_shot(rec):
 
 
 def demos(ctx):
-    """The ICL demonstrations: k weak responses on train_2 with an extractable answer, seeded, never filtered for
-    correctness (docs/PAPER.md). The same demos serve 03_icl_labels and the strong-ICL evaluation."""
+    """The ICL demonstrations: k weak responses on train_2 that contain the answer marker, seeded, never filtered
+    for correctness nor by any grader (docs/PAPER.md). The same demos serve 03_icl_labels and the strong-ICL
+    evaluation."""
     r = ctx.recipe
     return select_demos(labels(ctx, "02_weak_labels"), r.data.task, k=r.stage1.n_demos, seed=r.stage1.demo_seed)
 
@@ -167,15 +187,16 @@ def prompt_fn(ctx, prompt):
 
 def generate_stage(ctx, out, model_dir, records, prompt, n=1, temperature=0.0, top_p=1.0, max_new_tokens=None,
                    seed=0):
-    """Generate for every record, stream to generations.jsonl (resumable), then write labels.jsonl with answers.
+    """Generate for every record, stream to generations.jsonl (resumable), then write labels.jsonl.
 
-    labels.jsonl rows: {"id", "question", "response", "answer"} for n == 1, or {"id", "question", "samples":
-    [{"response", "answer"}, ...]} for n > 1; "answer" is the extracted, normalized final answer ("" if none).
+    labels.jsonl rows: {"id", "question", "response", "truncated"} for n == 1, or {"id", "question", "samples":
+    [{"response", "truncated"}, ...]} for n > 1; "truncated": the completion stopped at the token limit
+    (finish_reason "length"). No answers: the stages that compare them read them with the recipe's grader.
     A response is the completion stripped of surrounding whitespace: the model continues "Answer:" with a space, and
     the trainer joins prompt + " " + response, so a kept space would teach a double one (the raw text stays in
     generations.jsonl). Returns (rows, counts for meta.json).
     """
-    r, task = ctx.recipe, ctx.recipe.data.task
+    r = ctx.recipe
     model, tok = load_for_inference(ctx, model_dir)
     make_prompt = prompt_fn(ctx, prompt)
     prompts = [{"id": rec["id"], "prompt": make_prompt(rec)} for rec in records]
@@ -190,14 +211,15 @@ def generate_stage(ctx, out, model_dir, records, prompt, n=1, temperature=0.0, t
     for rec, res in zip(records, results, strict=True):
         if res["id"] != rec["id"]:
             raise RuntimeError(f"{path}: id {res['id']!r} where {rec['id']!r} was expected (sampler order)")
-        samples = [{"response": c["text"].strip(), "answer": final_answer(c["text"], task)} for c in res["completions"]]
+        samples = [{"response": c["text"].strip(), "truncated": c["finish_reason"] == "length"}
+                   for c in res["completions"]]
         rows.append({"id": rec["id"], "question": rec["question"], **samples[0]} if n == 1 else
                     {"id": rec["id"], "question": rec["question"], "samples": samples})
     if is_main():
         write_jsonl_atomic(out / "labels.jsonl", rows)
-    answers = [row["answer"] for row in rows] if n == 1 else [s["answer"] for row in rows for s in row["samples"]]
-    counts = {"n_prompts": len(rows), "n_completions": len(rows) * n, "n_with_answer": sum(map(bool, answers)),
-              "finish_reasons": _finish_reasons(results), "tp": getattr(model, "tp_size", 1), **_cost(prof.cost())}
+    reasons = _finish_reasons(results)
+    counts = {"n_prompts": len(rows), "n_completions": len(rows) * n, "n_truncated": reasons.get("length", 0),
+              "finish_reasons": reasons, "tp": getattr(model, "tp_size", 1), **_cost(prof.cost())}
     return rows, counts
 
 
@@ -243,7 +265,7 @@ def train_stage(ctx, out, base_dir, rows, section, loss=None):
 
 
 def run_data(ctx, out):
-    """Split train into train_1 (gold, for the weak model) and train_2 (questions only); the test set."""
+    """Split train into train_1 (gold, for the weak model) and train_2 (questions only)."""
     d = ctx.recipe.data
     train = load_records(d.task, d.train)
     if d.split_file:
@@ -252,11 +274,9 @@ def run_data(ctx, out):
         sizes = (d.n_train_1 or len(train) // 2, d.n_train_2 or len(train) - len(train) // 2) \
             if d.n_train_1 or d.n_train_2 else None
         train_1, train_2 = split_train(train, seed=d.seed, sizes=sizes)
-    test = load_records(d.task, d.test)
-    test = test[: d.n_test] if d.n_test else test
-    if len(train_1) == 0 or len(train_2) == 0 or len(test) == 0:
-        raise ValueError(f"{ctx.recipe.path}: [data] gives {len(train_1)} train_1, {len(train_2)} train_2 and "
-                         f"{len(test)} test records; every part must be non-empty")
+    if len(train_1) == 0 or len(train_2) == 0:
+        raise ValueError(f"{ctx.recipe.path}: [data] gives {len(train_1)} train_1 and {len(train_2)} train_2 "
+                         f"records; both must be non-empty")
     if is_main():
         save_split(out / "split.json", train_1, train_2)
         write_jsonl_atomic(out / "train_1.jsonl", train_1)
@@ -264,8 +284,19 @@ def run_data(ctx, out):
         write_jsonl_atomic(out / "train_2.jsonl", [{"id": r["id"], "question": r["question"]} for r in train_2])
         write_jsonl_atomic(out / GOLD_FILE, [{"id": r["id"], "answer": r["answer"], "solution": r["solution"]}
                                              for r in train_2])
+    return {"n_train_1": len(train_1), "n_train_2": len(train_2)}
+
+
+def run_test_set(ctx, out):
+    """The test set: the first n_test records of the test file (all of them when n_test is 0)."""
+    d = ctx.recipe.data
+    test = load_records(d.task, d.test)
+    test = test[: d.n_test] if d.n_test else test
+    if not test:
+        raise ValueError(f"{ctx.recipe.path}: [data] test = {d.test} gives no test records")
+    if is_main():
         write_jsonl_atomic(out / "test.jsonl", test)
-    return {"n_train_1": len(train_1), "n_train_2": len(train_2), "n_test": len(test)}
+    return {"n_test": len(test)}
 
 
 def run_weak_sft(ctx, out):
@@ -282,19 +313,34 @@ def run_labels(ctx, out, model, prompt):
 
 
 def run_filter(ctx, out, weak, other):
-    """Final-answer consistency between two labellings of train_2 -> weak / icl / hybrid SFT sets."""
-    weak_rows, other_rows = labels(ctx, weak), labels(ctx, other)
-    kept = consistent(weak_rows, other_rows, same_answer=same_answer_fn(ctx))
+    """Final-answer consistency between two labellings of train_2 (answers read by the recipe's grader) -> weak /
+    icl / hybrid SFT sets."""
+    grade = grader(ctx)
+    weak_rows, other_rows = with_answers(labels(ctx, weak), grade), with_answers(labels(ctx, other), grade)
+    kept = consistent(weak_rows, other_rows, same_for=train_2_comparisons(ctx))
     sets = sft_sets(weak_rows, other_rows, kept)
     if is_main():
         for name, rows in sets.items():
             write_jsonl_atomic(out / f"{name}.jsonl", rows)
             export_sft(rows, out / f"{name}.llamafactory.json")  # the paper's released-data format, to compare
     kept_set = set(kept)
-    return {"n_questions": len(weak_rows), "n_kept": len(kept), "kept_fraction": len(kept) / max(len(weak_rows), 1),
+    return {"grader": grade.name, "n_questions": len(weak_rows), "n_kept": len(kept),
+            "kept_fraction": len(kept) / max(len(weak_rows), 1),
+            "n_with_answer": {"weak": sum(bool(w["answer"]) for w in weak_rows),
+                              "other": sum(bool(o["answer"]) for o in other_rows)},
+            "n_truncated": {"weak": _truncated(weak_rows), "other": _truncated(other_rows),
+                            "kept": sum(any(row.get("truncated", False) for row in pair)
+                                        for pair in zip(sets["weak"], sets["icl"]))},
             "n_rows": {name: len(rows) for name, rows in sets.items()},
             "precision": gold_precision(ctx, [w for w in weak_rows if w["id"] in kept_set]),
             "precision_weak_all": gold_precision(ctx, weak_rows)}
+
+
+def _truncated(rows):
+    """How many label rows (or samples) stopped at the token limit."""
+    if rows and "samples" in rows[0]:
+        return sum(s.get("truncated", False) for row in rows for s in row["samples"])
+    return sum(row.get("truncated", False) for row in rows)
 
 
 def run_stage1_sft(ctx, out, filter, sft_set, init):
@@ -328,18 +374,20 @@ def run_samples(ctx, out, model):
 
 def run_pairs(ctx, out, samples):
     """Majority vote over M_plus's samples, then preference pairs with the weak response on one side."""
-    s2 = ctx.recipe.stage2
-    by_id = {row["id"]: row["samples"] for row in labels(ctx, samples)}
-    same = same_answer_fn(ctx)
-    pairs, counts = build_pairs(labels(ctx, "02_weak_labels"), by_id, seed=s2.pair_seed,
+    s2, grade, same_for = ctx.recipe.stage2, grader(ctx), train_2_comparisons(ctx)
+    by_id = {row["id"]: row["samples"] for row in with_answers(labels(ctx, samples), grade)}
+    pairs, counts = build_pairs(with_answers(labels(ctx, "02_weak_labels"), grade), by_id, seed=s2.pair_seed,
                                 max_pairs_per_question=s2.max_pairs, min_confidence=s2.min_confidence,
-                                flip_confidence=s2.flip_confidence, same_answer=same)
+                                flip_confidence=s2.flip_confidence, same_for=same_for)
     if is_main():
         write_jsonl_atomic(out / "pairs.jsonl", pairs)
         export_pairs(pairs, out / "pairs.llamafactory.json")
-    gold = {i: g["answer"] for i, g in read_train_2_gold(ctx).items()}  # analysis only
-    precision = {kind: pair_precision(pairs, gold, same, kind=kind) for kind in (None, "weak_chosen", "weak_rejected")}
-    return {"n_pairs": len(pairs), "pair_precision": precision[None],
+    gold = {i: grade.gold(g["answer"]) for i, g in read_train_2_gold(ctx).items()}  # analysis only
+    precision = {kind: pair_precision(pairs, gold, kind=kind, same_for=same_for)
+                 for kind in (None, "weak_chosen", "weak_rejected")}
+    truncated = {"weak": _truncated(labels(ctx, "02_weak_labels")), "samples": _truncated(labels(ctx, samples)),
+                 "pairs": sum(p["chosen_truncated"] or p["rejected_truncated"] for p in pairs)}
+    return {"grader": grade.name, "n_pairs": len(pairs), "n_truncated": truncated, "pair_precision": precision[None],
             "pair_precision_weak_chosen": precision["weak_chosen"],
             "pair_precision_weak_rejected": precision["weak_rejected"], "counts": counts}
 
@@ -359,7 +407,7 @@ def run_eval(ctx, out, model, prompt, n=1, temperature=0.0):
     max_new_tokens = r.sampling.max_new_tokens if n == 1 else r.sampling.sample_max_new_tokens
     rows, counts = generate_stage(ctx, out, checkpoint(ctx, model), test, prompt, n=n, temperature=temperature,
                                   max_new_tokens=max_new_tokens, seed=r.data.seed)
-    result = evaluation_result(rows, test, r.data.task)
+    result = evaluation_result(rows, test, r.data.task, grader=r.data.grader)
     if is_main():
         write_json_atomic(out / "result.json", result)
     return {**counts, **result}

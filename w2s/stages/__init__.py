@@ -14,8 +14,10 @@ these modules decide what goes into and comes out of them:
     *  evaluation: accuracy, pass@k, by level, PGR, precision   metrics
     *  LLaMA-Factory json in and out (the paper's released sets) w2s.interchange
 
-Record shapes: labelled {"id", "question", "response", "answer"} ("answer" extracted and normalized, "" if none);
-SFT row {"id", "prompt", "response"}; pair {"id", "prompt", "chosen", "rejected", "kind", "confidence", ...}.
+Record shapes: labelled {"id", "question", "response", "answer"} ("answer" read by the recipe's grader,
+w2s/tasks/graders.py, "" if none; "truncated" when the response stopped at the token limit); SFT row {"id", "prompt",
+"response"}; pair {"id", "prompt", "chosen", "rejected", "kind", "confidence", ...}. Comparisons are
+`same_answer(a, b)` or, when they depend on the question, `same_for(id)`.
 
 Test: python -m pytest -q tests/test_stages.py tests/test_interchange.py
 """

@@ -7,17 +7,18 @@ the zero-shot labels of M_weak-ft and M_icl-ft. Both rounds are the same two cal
     sets = sft_sets(weak_records, icl_records, kept)        # {"weak": rows, "icl": rows, "hybrid": rows}
     precision(kept_records, gold_answers)                   # analysis only: gold never enters a training set
 
-A labelled record is {"id", "question", "response", "answer"}; "answer" is the extracted, normalized final answer
-("" when none). An SFT row is {"id", "prompt", "response"}, prompt = the zero-shot "Question: ...\\nAnswer:".
-Answers are compared by a `same_answer(a, b) -> bool` callable: `exact_match` by default (GSM8K), or
-`w2s.stages.metrics.answer_matcher("math")` for sympy equivalence.
+A labelled record is {"id", "question", "response", "answer"} (+ "truncated" when the response stopped at the token
+limit); "answer" is the final answer the recipe's grader read from the response ("" when none), added by the runner
+where it filters (w2s/tasks/graders.py). An SFT row is {"id", "prompt", "response"} (+ "truncated"), prompt = the
+zero-shot "Question: ...\\nAnswer:". Answers are compared by a `same_answer(a, b) -> bool` callable (`exact_match`
+by default, the `paper` grader's comparison), or per question by `same_for(id) -> same_answer`.
 
 Test: python -m pytest -q tests/test_stages.py
 """
 
 from __future__ import annotations
 
-from w2s.stages.metrics import SameAnswer, accuracy, answers_agree, exact_match
+from w2s.stages.metrics import SameAnswer, SameFor, accuracy, answers_agree, comparator, exact_match
 from w2s.tasks import zero_shot_prompt
 
 LABELLED_KEYS = ("id", "question", "response", "answer")
@@ -47,7 +48,8 @@ def check_same_ids(a: dict, b: dict, name_a: str, name_b: str) -> None:
         )
 
 
-def consistent(weak_records: list[dict], other_records: list[dict], same_answer: SameAnswer = exact_match) -> list:
+def consistent(weak_records: list[dict], other_records: list[dict], same_answer: SameAnswer = exact_match,
+               same_for: SameFor | None = None) -> list:
     """Ids (in weak_records order) whose weak and other answers are both non-empty and equal.
 
     The two lists must label exactly the same set of ids (order may differ): a missing question would silently
@@ -55,12 +57,15 @@ def consistent(weak_records: list[dict], other_records: list[dict], same_answer:
     """
     weak, other = index_by_id(weak_records, "weak_records"), index_by_id(other_records, "other_records")
     check_same_ids(weak, other, "weak_records", "other_records")
-    return [i for i in weak if answers_agree(weak[i]["answer"], other[i]["answer"], same_answer)]
+    return [i for i in weak
+            if answers_agree(weak[i]["answer"], other[i]["answer"], comparator(same_answer, same_for, i))]
 
 
 def sft_row(record: dict) -> dict:
-    """A labelled record -> the SFT row the trainer reads: zero-shot prompt, the record's response as target."""
-    return {"id": record["id"], "prompt": zero_shot_prompt(record["question"]), "response": record["response"]}
+    """A labelled record -> the SFT row the trainer reads: zero-shot prompt, the record's response as target (and
+    whether that response stopped at the token limit, when the record says)."""
+    row = {"id": record["id"], "prompt": zero_shot_prompt(record["question"]), "response": record["response"]}
+    return row | ({"truncated": record["truncated"]} if "truncated" in record else {})
 
 
 def sft_sets(weak_records: list[dict], icl_records: list[dict], kept: list) -> dict[str, list[dict]]:
@@ -81,11 +86,12 @@ def sft_sets(weak_records: list[dict], icl_records: list[dict], kept: list) -> d
     return {"weak": weak_rows, "icl": icl_rows, "hybrid": hybrid_rows}
 
 
-def precision(records: list[dict], gold_answers: dict, same_answer: SameAnswer = exact_match) -> float | None:
+def precision(records: list[dict], gold_answers: dict, same_answer: SameAnswer = exact_match,
+              same_for: SameFor | None = None) -> float | None:
     """Analysis only: the fraction of selected labelled records whose answer is gold-correct; None if none selected.
 
     gold_answers: {id: gold answer}. Pass the kept records of one labeler (their answers agree with the other's).
     """
     if not records:
         return None
-    return accuracy(records, gold_answers, same_answer)
+    return accuracy(records, gold_answers, same_answer, same_for)

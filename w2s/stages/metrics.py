@@ -1,9 +1,12 @@
 """Evaluation metrics: accuracy, pass@k, MATH accuracy by level, PGR, and the precision of filtered data and pairs.
 
-How answers are compared lives here too, since every stage and metric must agree on it:
+How two answers are compared is a grader's business (w2s/tasks/graders.py: `paper`, the authors' protocol and the
+default; `equivalence`; `math-verify`). The functions here take the comparison as arguments:
 
-    exact_match(a, b)          equal normalized strings; "" (no answer) never matches anything (GSM8K)
-    answer_matcher(task)       exact_match for gsm8k; is_equiv(a, b, "math") (exact or sympy-equal) for math
+    same_answer(a, b) -> bool     one comparison for every question (default: exact_match)
+    same_for(qid) -> same_answer  a comparison per question, when it depends on the question (a judge that reads the
+                                  question's answer type); given, it wins over same_answer
+    answer_matcher(task, grader)  a grader's `same`, as a same_answer
 
     accuracy(records, gold)                     fraction of {"id", "answer"} records equal to gold[id]
     pass_at_k(n, c, k)                          unbiased pass@k from n samples of which c are correct
@@ -11,10 +14,10 @@ How answers are compared lives here too, since every stage and metric must agree
     accuracy_by_level(records, gold, levels)    MATH: {level: {"accuracy", "n"}}
     pgr(acc, weak_floor, ceiling)               (acc - floor) / (ceiling - floor); None when ceiling == floor
     pair_precision(pairs, gold)                 analysis only: fraction of pairs whose chosen answer is correct
-    evaluation_result(rows, test, task)         what an evaluation reports: accuracy (+ by level) or pass@k
+    evaluation_result(rows, test, task)         what an evaluation reports, under every available grader
 
-`gold` is {id: gold answer} or a list of gold records {"id", "answer"}. Every function takes an optional
-`same_answer(pred, gold) -> bool`. Empty inputs where a metric is undefined give None (JSON null in meta.json).
+`gold` is {id: gold answer} or a list of gold records {"id", "answer"}, answers already normalized by the grader
+that compares them. Empty inputs where a metric is undefined give None (JSON null in meta.json).
 
 Test: python -m pytest -q tests/test_stages.py
 """
@@ -22,33 +25,36 @@ Test: python -m pytest -q tests/test_stages.py
 from __future__ import annotations
 
 import math
-from typing import Callable
+from itertools import combinations
+from typing import Callable, Hashable
+
+from w2s.tasks.graders import available_graders, default_grader, get_grader, per_question
+from w2s.tasks.grading import BOUNDED
 
 SameAnswer = Callable[[str, str], bool]
+SameFor = Callable[[Hashable], SameAnswer]
 
 
 def exact_match(a: str, b: str) -> bool:
-    """Default answer comparison: equal normalized strings. An empty answer ("no answer found") never matches."""
+    """Equal normalized strings (the `paper` grader's comparison). An empty answer ("no answer found") never
+    matches."""
     return a != "" and a == b
 
 
-def answer_matcher(task: str) -> SameAnswer:
-    """The comparison a task grades with (w2s.tasks.grading.is_equiv): both sides Minerva-normalized (PAPER.md:
-    "normalize both prediction and gold", so a gold "2,125" equals a prediction "2125"), then equal strings, or for
-    MATH sympy-equal expressions."""
-    from w2s.tasks.grading import is_equiv
-
-    is_equiv("", "", task)  # an unknown task raises its clear ValueError now, not at the first comparison
-
-    def same_answer(a: str, b: str) -> bool:
-        return is_equiv(a, b, task)
-
-    return same_answer
+def answer_matcher(task: str, grader: str | None = None) -> SameAnswer:
+    """The comparison of a task's grader (w2s/tasks/graders.py; None: the task's default, `paper` for GSM8K and
+    MATH) as a same_answer(a, b) on normalized answers. A question-dependent judge needs same_for instead."""
+    return get_grader(task, grader).same
 
 
 def answers_agree(a: str, b: str, same_answer: SameAnswer = exact_match) -> bool:
     """Both answers present and equal. The emptiness check is ours, so a lax `same_answer` cannot match "" with ""."""
     return a != "" and b != "" and bool(same_answer(a, b))
+
+
+def comparator(same_answer: SameAnswer, same_for: SameFor | None, qid) -> SameAnswer:
+    """The comparison for one question: same_for(qid) when given, else the one same_answer."""
+    return same_for(qid) if same_for is not None else same_answer
 
 
 def gold_answers(gold) -> dict:
@@ -63,21 +69,28 @@ def gold_answers(gold) -> dict:
     return answers
 
 
-def _correct(record: dict, gold: dict, same_answer: SameAnswer, where: str) -> bool:
+def _correct(record: dict, gold: dict, same: SameAnswer, where: str) -> bool:
     for key in ("id", "answer"):
         if key not in record:
             raise ValueError(f"{where}: missing key {key!r}")
     if record["id"] not in gold:
         raise ValueError(f"{where}: id {record['id']!r} has no gold answer")
-    return answers_agree(record["answer"], gold[record["id"]], same_answer)
+    return answers_agree(record["answer"], gold[record["id"]], same)
 
 
-def accuracy(records: list[dict], gold, same_answer: SameAnswer = exact_match) -> float:
+def verdicts(records: list[dict], gold, same_answer: SameAnswer = exact_match, same_for: SameFor | None = None) -> list:
+    """Per record {"id", "answer"}: whether its answer equals the gold answer of its id (empty answers are wrong)."""
+    gold = gold_answers(gold)
+    return [_correct(r, gold, comparator(same_answer, same_for, r.get("id")), f"records[{i}]")
+            for i, r in enumerate(records)]
+
+
+def accuracy(records: list[dict], gold, same_answer: SameAnswer = exact_match,
+             same_for: SameFor | None = None) -> float:
     """Fraction of records {"id", "answer"} whose answer equals the gold answer of their id. Empty answers are wrong."""
     if not records:
         raise ValueError("accuracy of an empty list of records is undefined")
-    gold = gold_answers(gold)
-    return sum(_correct(r, gold, same_answer, f"records[{i}]") for i, r in enumerate(records)) / len(records)
+    return sum(verdicts(records, gold, same_answer, same_for)) / len(records)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -91,21 +104,30 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
-def mean_pass_at_k(samples_by_id: dict, gold, k: int, same_answer: SameAnswer = exact_match) -> float:
-    """pass@k averaged over questions; samples_by_id = {id: [sample records {"answer", ...}]} (n per question)."""
-    if not samples_by_id:
-        raise ValueError("pass@k of no questions is undefined")
+def sample_verdicts(samples_by_id: dict, gold, same_answer: SameAnswer = exact_match,
+                    same_for: SameFor | None = None) -> dict:
+    """{id: [whether each sample {"answer", ...} equals the gold answer of the id]}."""
     gold = gold_answers(gold)
-    total = 0.0
+    out = {}
     for qid, samples in samples_by_id.items():
         if qid not in gold:
             raise ValueError(f"samples id {qid!r} has no gold answer")
-        c = sum(answers_agree(s["answer"], gold[qid], same_answer) for s in samples)
-        total += pass_at_k(len(samples), c, k)
-    return total / len(samples_by_id)
+        same = comparator(same_answer, same_for, qid)
+        out[qid] = [answers_agree(s["answer"], gold[qid], same) for s in samples]
+    return out
 
 
-def accuracy_by_level(records: list[dict], gold, levels: dict, same_answer: SameAnswer = exact_match) -> dict:
+def mean_pass_at_k(samples_by_id: dict, gold, k: int, same_answer: SameAnswer = exact_match,
+                   same_for: SameFor | None = None) -> float:
+    """pass@k averaged over questions; samples_by_id = {id: [sample records {"answer", ...}]} (n per question)."""
+    if not samples_by_id:
+        raise ValueError("pass@k of no questions is undefined")
+    correct = sample_verdicts(samples_by_id, gold, same_answer, same_for)
+    return sum(pass_at_k(len(v), sum(v), k) for v in correct.values()) / len(correct)
+
+
+def accuracy_by_level(records: list[dict], gold, levels: dict, same_answer: SameAnswer = exact_match,
+                      same_for: SameFor | None = None) -> dict:
     """MATH: {level: {"accuracy", "n"}} with levels = {id: level} (1-5, None for unknown); sorted, None last."""
     gold = gold_answers(gold)
     groups: dict = {}
@@ -114,7 +136,8 @@ def accuracy_by_level(records: list[dict], gold, levels: dict, same_answer: Same
             raise ValueError(f"records[{i}]: id {record.get('id')!r} has no level")
         groups.setdefault(levels[record["id"]], []).append(record)
     order = sorted(groups, key=lambda level: (level is None, level if level is not None else 0))
-    return {level: {"accuracy": accuracy(groups[level], gold, same_answer), "n": len(groups[level])} for level in order}
+    return {level: {"accuracy": accuracy(groups[level], gold, same_answer, same_for), "n": len(groups[level])}
+            for level in order}
 
 
 def pgr(acc: float, weak_floor: float, ceiling: float) -> float | None:
@@ -129,7 +152,8 @@ def pgr(acc: float, weak_floor: float, ceiling: float) -> float | None:
     return (acc - weak_floor) / gap
 
 
-def pair_precision(pairs: list[dict], gold, same_answer: SameAnswer = exact_match, kind: str | None = None):
+def pair_precision(pairs: list[dict], gold, same_answer: SameAnswer = exact_match, kind: str | None = None,
+                   same_for: SameFor | None = None):
     """Analysis only: fraction of preference pairs whose chosen answer ("chosen_answer") is gold-correct.
 
     kind: restrict to "weak_chosen" or "weak_rejected" pairs. None when there is no such pair.
@@ -139,26 +163,59 @@ def pair_precision(pairs: list[dict], gold, same_answer: SameAnswer = exact_matc
     if not pairs:
         return None
     rows = [{"id": p["id"], "answer": p["chosen_answer"]} for p in pairs]
-    return accuracy(rows, gold, same_answer)
+    return accuracy(rows, gold, same_answer, same_for)
 
 
-def evaluation_result(rows: list[dict], test: list[dict], task: str) -> dict:
-    """The result of one evaluation on the test records {"id", "answer", "level"?}.
+def evaluation_result(rows: list[dict], test: list[dict], task: str, grader: str | None = None) -> dict:
+    """The result of one evaluation on the test records {"id", "answer", "level"?}, under every available grader.
 
-    rows: labelled records {"id", "answer"} (one greedy answer each) -> {"accuracy", "n_correct"} and, for MATH,
-    "accuracy_by_level" {level: accuracy}; or {"id", "samples": [{"answer"}, ...]} (n samples each) ->
-    {"pass@1", "pass@n"}. Used by the pipeline's eval stages and by scripts/evaluate.py.
+    rows: {"id", "response"} (one greedy response each) or {"id", "samples": [{"response"}, ...]} (n samples each).
+    Each grader reads the answers and gold itself. The result holds, per grader, "accuracy_by_grader" (greedy; MATH
+    also "accuracy_by_level_by_grader") or "pass_by_grader" {"pass@1", "pass@n"} (samples), "no_answer_by_grader"
+    (responses it reads no answer from), "grader_disagreements" {"a/b": responses whose verdicts differ} and
+    "equivalence_gave_up" (comparisons past the equivalence grader's sympy bounds, by bound); and,
+    as the headline, the same numbers under `grader` ("accuracy", "n_correct", "accuracy_by_level" or "pass@k")
+    with "grader" naming it. Used by the pipeline's eval stages and by scripts/evaluate.py.
     """
-    gold = gold_answers(test)
-    same = answer_matcher(task)
+    grader = grader or default_grader(task)
+    names = tuple(dict.fromkeys((grader, *available_graders(task))))  # the headline grader first
+    bounded = dict(BOUNDED)
+    graded = {name: _graded(rows, test, get_grader(task, name)) for name in names}
+    flat = {name: [v for vs in g["verdicts"].values() for v in vs] for name, g in graded.items()}
+    result = {"grader": grader,
+              "no_answer_by_grader": {name: g["no_answer"] for name, g in graded.items()},
+              "equivalence_gave_up": {bound: BOUNDED[bound] - n for bound, n in bounded.items()},
+              "grader_disagreements": {f"{a}/{b}": sum(x != y for x, y in zip(flat[a], flat[b]))
+                                       for a, b in combinations(names, 2)}}
     if rows and "samples" in rows[0]:
-        samples = {row["id"]: row["samples"] for row in rows}
-        n = min(len(s) for s in samples.values())
-        return {f"pass@{k}": mean_pass_at_k(samples, gold, k, same) for k in sorted({1, n})}
-    result = {"accuracy": accuracy(rows, gold, same)}
-    result["n_correct"] = round(result["accuracy"] * len(rows))
+        n = min(len(v) for v in graded[grader]["verdicts"].values())
+        passes = {name: {f"pass@{k}": sum(pass_at_k(len(v), sum(v), k) for v in g["verdicts"].values()) / len(rows)
+                         for k in sorted({1, n})} for name, g in graded.items()}
+        return {**passes[grader], **result, "pass_by_grader": passes}
+    acc = {name: sum(v) / len(v) for name, v in flat.items()}
+    result |= {"accuracy": acc[grader], "n_correct": sum(flat[grader]), "accuracy_by_grader": acc,
+               "n_correct_by_grader": {name: sum(v) for name, v in flat.items()}}
     if task == "math":
         levels = {record["id"]: record.get("level") for record in test}
-        result["accuracy_by_level"] = {str(level): v["accuracy"] for level, v in
-                                       accuracy_by_level(rows, gold, levels, same).items()}
+        by_level = {name: {str(level): v["accuracy"] for level, v in
+                           accuracy_by_level(g["records"], g["gold"], levels, same_for=g["same_for"]).items()}
+                    for name, g in graded.items()}
+        result |= {"accuracy_by_level": by_level[grader], "accuracy_by_level_by_grader": by_level}
     return result
+
+
+def _graded(rows: list[dict], test: list[dict], grader) -> dict:
+    """One grader's reading of an evaluation: answer records, normalized gold, per-question verdicts [bool, ...]."""
+    if not rows:
+        raise ValueError("an evaluation of no responses is undefined")
+    gold = {record["id"]: grader.gold(record["answer"]) for record in test}
+    same = per_question(grader, {record["id"]: record for record in test})
+    if "samples" in rows[0]:
+        samples = {row["id"]: [{"answer": grader.answer(s["response"])} for s in row["samples"]] for row in rows}
+        records = [s for ss in samples.values() for s in ss]
+        correct = sample_verdicts(samples, gold, same_for=same)
+    else:
+        records = [{"id": row["id"], "answer": grader.answer(row["response"])} for row in rows]
+        correct = {r["id"]: [v] for r, v in zip(records, verdicts(records, gold, same_for=same))}
+    return {"records": records, "gold": gold, "same_for": same, "verdicts": correct,
+            "no_answer": sum(r["answer"] == "" for r in records)}

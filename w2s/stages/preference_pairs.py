@@ -20,7 +20,9 @@ questions are present or in which order they come.
     pairs, counts = build_pairs(weak_records, group_samples(sample_records), seed=0, max_pairs_per_question=1)
 
 A pair is {"id", "prompt", "chosen", "rejected", "kind": "weak_chosen" | "weak_rejected", "confidence",
-"chosen_answer", "rejected_answer"}; the answers are kept for analysis (pair precision), never for training.
+"chosen_answer", "rejected_answer", "chosen_truncated", "rejected_truncated"}; the answers (read by the recipe's
+grader) and the truncation flags (a side that stopped at the token limit) are kept for analysis, never for training.
+Comparisons use `same_answer(a, b)`, or `same_for(id)` for a comparison that depends on the question.
 
 Test: python -m pytest -q tests/test_stages.py
 """
@@ -31,7 +33,7 @@ import hashlib
 import random
 
 from w2s.stages.consistency import check_same_ids, index_by_id
-from w2s.stages.metrics import SameAnswer, answers_agree, exact_match
+from w2s.stages.metrics import SameAnswer, SameFor, answers_agree, comparator, exact_match
 from w2s.tasks import zero_shot_prompt
 
 # confidence is count / n; compare with a little slack so 0.6 given as 6/10 or 3/5 or 0.6 all pass the 0.6 bar.
@@ -42,10 +44,10 @@ def majority_vote(answers: list[str], same_answer: SameAnswer = exact_match) -> 
     """(a_plus, confidence): the most frequent non-empty answer and its count over ALL len(answers) samples.
 
     Answers are grouped into equivalence classes with `same_answer` (so "0.5" and "\\frac{1}{2}" vote together
-    under the MATH matcher): each answer joins the first class whose representative (its first member) it equals.
-    a_plus is that representative. Ties go to the class that appeared first in sample order, which is
-    deterministic since the samples are stored in order. Empty answers count in the denominator but never win;
-    with no non-empty answer the result is ("", 0.0).
+    under the equivalence grader for MATH; under `paper` only equal strings do): each answer joins the first class
+    whose representative (its first member) it equals. a_plus is that representative. Ties go to the class that
+    appeared first in sample order, which is deterministic since the samples are stored in order. Empty answers
+    count in the denominator but never win; with no non-empty answer the result is ("", 0.0).
     """
     if not answers:
         raise ValueError("majority_vote needs at least one answer")
@@ -117,6 +119,7 @@ def build_pairs(
     min_confidence: float = 0.6,
     flip_confidence: float = 0.8,
     same_answer: SameAnswer = exact_match,
+    same_for: SameFor | None = None,
 ) -> tuple[list[dict], dict]:
     """Preference pairs by PAPER.md Stage II step 3 and the counts for the stage's meta.json.
 
@@ -141,7 +144,8 @@ def build_pairs(
         for j, sample in enumerate(samples):
             if "response" not in sample or "answer" not in sample:
                 raise ValueError(f"samples_by_id[{qid!r}][{j}]: expected keys 'response' and 'answer'")
-        a_plus, confidence = majority_vote([s["answer"] for s in samples], same_answer)
+        same = comparator(same_answer, same_for, qid)
+        a_plus, confidence = majority_vote([s["answer"] for s in samples], same)
         if a_plus == "":
             counts["skipped_no_answer"] += 1
             continue
@@ -149,19 +153,19 @@ def build_pairs(
             counts["skipped_low_confidence"] += 1
             continue
 
-        weak_is_majority = answers_agree(record["answer"], a_plus, same_answer)
+        weak_is_majority = answers_agree(record["answer"], a_plus, same)
         if weak_is_majority:
             kind = "weak_chosen"
             # Samples whose answer differs from the weak one (= a_plus), including those with no answer at all.
             # Checked against both, so a non-transitive `same_answer` can never reject an equal answer.
-            candidates = [s for s in samples if not answers_agree(s["answer"], a_plus, same_answer)
-                          and not answers_agree(s["answer"], record["answer"], same_answer)]
+            candidates = [s for s in samples if not answers_agree(s["answer"], a_plus, same)
+                          and not answers_agree(s["answer"], record["answer"], same)]
         elif confidence + _EPS >= flip_confidence:
             kind = "weak_rejected"
             # The chosen side answers a+ and, checked separately (equivalence may not be transitive), not the weak
             # answer: a pair never prefers one response over another with the same answer.
-            candidates = [s for s in samples if answers_agree(s["answer"], a_plus, same_answer)
-                          and not answers_agree(s["answer"], record["answer"], same_answer)]
+            candidates = [s for s in samples if answers_agree(s["answer"], a_plus, same)
+                          and not answers_agree(s["answer"], record["answer"], same)]
         else:
             counts["skipped_below_flip"] += 1
             continue
@@ -174,15 +178,13 @@ def build_pairs(
         others = rng.sample(candidates, min(max_pairs_per_question, len(candidates)))
 
         prompt = zero_shot_prompt(record["question"])
-        weak_side = (record["response"], record["answer"])
         for other in others:
-            other_side = (other["response"], other["answer"])
-            (chosen, chosen_answer), (rejected, rejected_answer) = (
-                (weak_side, other_side) if weak_is_majority else (other_side, weak_side)
-            )
+            chosen, rejected = (record, other) if weak_is_majority else (other, record)
             pairs.append({
-                "id": qid, "prompt": prompt, "chosen": chosen, "rejected": rejected, "kind": kind,
-                "confidence": confidence, "chosen_answer": chosen_answer, "rejected_answer": rejected_answer,
+                "id": qid, "prompt": prompt, "chosen": chosen["response"], "rejected": rejected["response"],
+                "kind": kind, "confidence": confidence, "chosen_answer": chosen["answer"],
+                "rejected_answer": rejected["answer"], "chosen_truncated": bool(chosen.get("truncated", False)),
+                "rejected_truncated": bool(rejected.get("truncated", False)),
             })  # fmt: skip
         counts[kind] += len(others)
         counts["pairs"] += len(others)

@@ -1,4 +1,5 @@
-"""Tasks: GSM8K, MATH and OlympicArena records, the prompts of PAPER.md, and answer grading.
+"""Tasks: GSM8K, MATH and OlympicArena records, the prompts of PAPER.md, the few-shot demonstrations, and answer
+grading.
 
 A record is a plain dict: {"id", "question", "solution" (the gold SFT target), "answer" (gold final answer)},
 plus "level" and "subject" for MATH. Prompts use no chat template (PAPER.md "Prompt and targets"):
@@ -7,6 +8,10 @@ plus "level" and "subject" for MATH. Prompts use no chat template (PAPER.md "Pro
     training_text(prompt, resp)    prompt + " " + resp            (the trainer appends EOS; loss on resp only)
     few_shot_prompt(demos, q)      4 x "Question: ...\\nAnswer: ..." joined by a blank line, then the zero-shot prompt
     STOP_STRINGS                   generation also stops when the model starts a new "Question" / "Answer"
+    select_demos(weak, task)       the weak responses shown as demonstrations (those containing the answer marker)
+
+Graders (how answers are read and compared: `paper`, `equivalence`, `math-verify`) are w2s/tasks/graders.py;
+`extract_answer`, `normalize_answer`, `is_equiv`, `grade` and `final_answer` below are the `equivalence` grader's.
 
 OlympicArena (no gold for training; its own prompt, stop strings and judge) lives in w2s/tasks/olympicarena.py and
 w2s/tasks/olympic_judge.py; TASKS lists it with the two above.
@@ -20,6 +25,7 @@ import random
 
 from w2s.tasks import olympic_judge, olympicarena
 from w2s.tasks.data import fetch_data, load_records, load_split, save_split, split_train
+from w2s.tasks.graders import GRADER_NAMES, MARKERS, available_graders, get_grader, has_marker
 from w2s.tasks.grading import TASKS as GRADED_TASKS
 from w2s.tasks.grading import answer_key, extract_answer, final_answer, grade, is_equiv, normalize_answer
 
@@ -28,6 +34,7 @@ __all__ = [
     "load_records", "split_train", "load_split", "save_split", "fetch_data",
     "extract_answer", "normalize_answer", "final_answer", "is_equiv", "grade", "answer_key",
     "GRADED_TASKS", "olympicarena", "olympic_judge",
+    "GRADER_NAMES", "available_graders", "get_grader", "has_marker",
 ]  # fmt: skip
 
 # Every task with records and a grader: gsm8k / math grade through w2s/tasks/grading.py, olympicarena through
@@ -59,10 +66,15 @@ def few_shot_prompt(demos: list[dict], question: str) -> str:
 def select_demos(weak_records: list[dict], task: str, k: int = N_DEMOS, seed: int = 0) -> list[dict]:
     """k demonstrations drawn (seeded) from the weak model's own responses {"question", "response", ...}.
 
-    PAPER.md: chosen at random among responses with an extractable answer, NOT filtered for correctness.
+    docs/PAPER.md: the only requirement is that the response CONTAINS the task's answer marker ("####" / "The answer
+    is:"); demonstrations are not checked for correctness, nor for an answer any grader can read, so no grader
+    changes the choice. Procedure: a seeded draw of k among the marked responses (random.sample over them, in
+    file order). Drawing among the marked ones rather than shuffling all and taking the first k marked gives the
+    same uniform choice, and keeps it unchanged when only unmarked responses change; fewer than k marked ones is
+    an error, never a silent fall-back to unmarked ones.
     """
-    # "Extractable" = a non-empty normalized answer: the same test the consistency filter and the vote apply.
-    candidates = [r for r in weak_records if normalize_answer(extract_answer(r["response"], task))]
+    candidates = [r for r in weak_records if has_marker(r["response"], task)]
     if len(candidates) < k:
-        raise ValueError(f"need {k} weak responses with an extractable answer for ICL demos, found {len(candidates)}")
+        raise ValueError(f"need {k} weak responses containing the answer marker {MARKERS[task]!r} for ICL demos, "
+                         f"found {len(candidates)} of {len(weak_records)}")
     return random.Random(seed).sample(candidates, k)

@@ -10,10 +10,13 @@ Layout of a data directory (the same as ../shared/data):
 
 PAPER.md: the gold train set is split in two halves; train_1 (questions + gold) trains the weak model, train_2 is
 seen by the strong model as questions only. `split_train` makes a seeded split; `load_split` reads a user's own
-split file {"train_1": [ids], "train_2": [ids]} (e.g. the paper's released split) and `save_split` writes one.
+split file {"train_1": [ids], "train_2": [ids]} and `save_split` writes one. `import_split` turns a split released
+as two files (the authors' GSM8K `data/raw/gsm8k/train_1.jsonl` / `train_2.jsonl`, 7,000 questions each, ids
+"gsm8k_<n>" / "aug_<n>") into the one train file and split file a recipe names ([data] train, split_file).
 
     records = load_records("gsm8k", "data/gsm8k/train.jsonl")
     train_1, train_2 = split_train(records, seed=0)            # default half / half
+    import_split("gsm8k", "raw/train_1.jsonl", "raw/train_2.jsonl", "data/gsm8k-authors")  # -> train.jsonl, split.json
     fetch_data("data")                                         # what `w2s data` runs; offline=True only explains
     fetch_data("data", tasks=("olympicarena",))                # `w2s data olympicarena`
 
@@ -105,6 +108,24 @@ def save_split(path: str | Path, train_1: list[dict], train_2: list[dict]) -> No
     """Write the split as ids, so a run can be reproduced or compared (load_split reads it back)."""
     split = {"train_1": [r["id"] for r in train_1], "train_2": [r["id"] for r in train_2]}
     write_atomic(path, json.dumps(split, indent=1) + "\n")
+
+
+def import_split(task: str, train_1_path: str | Path, train_2_path: str | Path, out_dir: str | Path) -> tuple:
+    """A split released as two files -> (out_dir/train.jsonl, out_dir/split.json) for a recipe's [data] train and
+    split_file. The rows are copied verbatim (train_1's, then train_2's), so record ids are the files' own; both
+    files must load as the task's records and share no id. Returns the two paths."""
+    halves = [load_records(task, p) for p in (train_1_path, train_2_path)]
+    overlap = {r["id"] for r in halves[0]} & {r["id"] for r in halves[1]}
+    if overlap:
+        raise ValueError(f"{train_1_path} and {train_2_path} share {len(overlap)} ids, e.g. {sorted(overlap)[:3]}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = [line for p in (train_1_path, train_2_path) for line in Path(p).read_text(encoding="utf-8").splitlines()
+             if line.strip()]
+    write_atomic(out_dir / "train.jsonl", "\n".join(lines) + "\n")
+    save_split(out_dir / "split.json", *halves)
+    load_split(out_dir / "split.json", load_records(task, out_dir / "train.jsonl"))  # the recipe's path, checked now
+    return out_dir / "train.jsonl", out_dir / "split.json"
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,25 +1,42 @@
-"""Answer extraction, normalization and equivalence for GSM8K and MATH (PAPER.md, "Answer extraction and comparison").
+"""The `equivalence` grader: w2s's lenient answer extraction, normalization and equivalence for GSM8K and MATH.
 
-Three steps, used by every stage that compares answers (consistency filter, majority vote, accuracy):
+These rules are w2s's own, NOT the paper's: the authors' protocol (docs/PAPER.md, "Answer extraction and
+comparison") is the `paper` grader in w2s/tasks/paper_protocol.py, and w2s/tasks/graders.py names both (and
+Math-Verify). This grader is more lenient than the paper's, so its accuracies are on a different scale:
 
-    extract_answer(response, task)  ->  the final answer the response commits to ("" when there is none)
-    normalize_answer(answer)        ->  a canonical string (Minerva-style: units, $, \\text{}, \\boxed{} ... removed)
+    extract_answer(response, task)  ->  text after the LAST marker anywhere (to the end of that line), else
+                                        "The answer is (.*)", else the last number of the text ("" if none)
+    normalize_answer(answer)        ->  a canonical string (Minerva-style but broader: unit words, $, \\text{},
+                                        \\boxed{}, \\dfrac, 3.50 -> 3.5, Unicode symbols, choice letters ...)
     is_equiv(pred, gold, task)      ->  normalized strings equal, or (MATH) sympy shows the difference is 0
     answer_key(answer, task)        ->  a hashable canonical form for grouping votes (0.5 and \\frac{1}{2} agree)
 
 sympy's own LaTeX parser needs antlr4, which we do not depend on, so `latex_to_sympy` below is a small
 recursive-descent parser for the LaTeX that final answers actually use (numbers, \\frac, \\sqrt, ^, \\cdot, \\pi,
-implicit products). Anything it does not understand falls back to exact string match, never to an error.
+implicit products). Anything it does not understand falls back to exact string match, never to an error. It builds
+exact values (0.5 is 1/2, 2\\frac{1}{2} is 5/2) for a lenient comparison; w2s/tasks/olympic_latex.py is the other
+LaTeX parser on purpose: it rebuilds the unevaluated float trees of sympy's own parser, which OlympicArena's judge
+compares by structure.
+
+sympy is bounded: a power whose exact value would exceed MAX_DIGITS digits is not built (size), and a comparison
+that runs past SYMPY_SECONDS is interrupted by an alarm (w2s/tasks/time_bound.py; main thread only, which is where
+the pipeline grades, under torchrun too: each rank is its own process). A comparison given up counts as "not
+equal", logs one warning line and is counted in BOUNDED, so grading a whole test set cannot hang.
 
 Test: python -m pytest -q tests/test_grading.py   (grades every gold answer in ../shared/data against itself)
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from functools import lru_cache
 
 import sympy
+
+from w2s.tasks.time_bound import TimeBoundReached, time_bound
+
+log = logging.getLogger(__name__)
 
 TASKS = ("gsm8k", "math")
 
@@ -37,7 +54,7 @@ _SIGN = r"(?:(?<![\w).])-)?"
 _NUMBER = re.compile(_SIGN + r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|" + _SIGN + r"\.\d+")
 
 
-def _check_task(task: str) -> None:
+def check_task(task: str) -> None:
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}: expected one of {', '.join(TASKS)}")
 
@@ -45,11 +62,11 @@ def _check_task(task: str) -> None:
 def extract_answer(text: str, task: str) -> str:
     """The final answer of a model response or gold target, "" if none can be found.
 
-    PAPER.md rules, in order: cut at the first "Question"; text after the LAST "####" (gsm8k) or "The answer is:"
-    (math), up to the end of that line; else "The answer is (.*)"; else the last number in the text. A trailing "."
-    (end of sentence) is stripped.
+    The equivalence grader's rules (lenient, not the paper's), in order: cut at the first "Question"; text after the
+    LAST "####" (gsm8k) or "The answer is:" (math), up to the end of that line; else "The answer is (.*)"; else the
+    last number in the text. A trailing "." (end of sentence) is stripped.
     """
-    _check_task(task)
+    check_task(task)
     text = text.split(CUT_AT, 1)[0]
     marker = ANSWER_MARKERS[task]
     if marker in text:
@@ -114,8 +131,19 @@ _NOISE = (
     ("\\displaystyle", ""), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"),
     ("^{\\circ}", ""), ("^\\circ", ""), ("\\circ", ""), ("\\degree", ""), ("°", ""),
     ("\\%", ""), ("%", ""), ("\\$", ""), ("$", ""), ("{,}", ","), ("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\:", ""),
-    ("\\ ", " "), ("~", " "), ("\u2212", "-"), ("\\dots", ""), ("\\ldots", ""), ("\\cdots", ""),
+    ("\\ ", " "), ("~", " "), ("\\dots", ""), ("\\ldots", ""), ("\\cdots", ""),
 )  # fmt: skip
+# Unicode symbols models and datasets write for TeX ones; a trailing space ends the command before a letter ("2πr").
+_UNICODE = (
+    ("\u03c0", "\\pi "), ("\u221e", "\\infty "), ("\u221a", "\\sqrt"), ("\u00d7", "\\times "),
+    ("\u22c5", "\\cdot "), ("\u00b7", "\\cdot "), ("\u00f7", "\\div "), ("\u2264", "\\le "),
+    ("\u2265", "\\ge "), ("\u03b8", "\\theta "), ("\u03b1", "\\alpha "), ("\u03b2", "\\beta "),
+    ("\u2212", "-"),
+)  # fmt: skip
+# A one-letter metric unit written as text after the value ("5\text{ m}^3", "2\,\mathrm{g}"): letters that are
+# variables when bare, so they are dropped only in this text form and never at the start of the answer.
+_TEXT_UNIT = re.compile(r"(?<=.)\s*\\(?:text|textrm|mathrm|mbox)\s*\{\s*(?:m|g|s|l|L)\s*\}(?:\^\{?[23]\}?)?")
+_ROW_BREAK = "\x01"  # holds the matrix row separator (two backslashes) while spaces and TeX spaces are cleaned
 _GROUPED_NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _DECIMAL = re.compile(r"-?\d*\.\d+")
 
@@ -178,9 +206,12 @@ def normalize_answer(answer: str) -> str:
 
     "x = \boxed{\dfrac{1}{2}}\text{ cm}." -> "\frac{1}{2}";  "\$1,000" -> "1000";  "50\%" -> "50";  "3.0" -> "3".
     """
-    s = answer.strip()
+    s = answer.strip().replace("\\\\", _ROW_BREAK)
+    for symbol, tex in _UNICODE:
+        s = s.replace(symbol, tex)
     if (boxed := last_boxed(s)) is not None:
         s = boxed
+    s = _TEXT_UNIT.sub("", s)
     s = _unwrap_commands(s, _TEXT_COMMANDS)
     s = s.split("=")[-1]  # "x = 5" -> "5"; gold and prediction both keep only the right-hand side
     s = re.sub(r"\\(?:left|right)(?![A-Za-z])", "", s)  # \left( -> (, but \rightarrow stays
@@ -206,7 +237,9 @@ def normalize_answer(answer: str) -> str:
             s = "0"
     if m := re.fullmatch(r"\(([A-Za-z])\)", s):  # multiple choice "(C)" -> "C"
         s = m.group(1)
-    return s
+    if re.fullmatch(r"[a-g]", s):  # a choice letter, case-insensitive: "b" == "B"
+        s = s.upper()
+    return s.replace(_ROW_BREAK, "\\\\")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -216,6 +249,22 @@ def normalize_answer(answer: str) -> str:
 
 class LatexParseError(ValueError):
     pass
+
+
+class TooLarge(LatexParseError):
+    """An exact number past the size bound: never built, since one big power can take minutes and gigabytes."""
+
+
+SYMPY_SECONDS = 1.0  # per comparison (parse, numeric probe, simplify); real answers take milliseconds
+MAX_DIGITS = 2000  # an exact power may have at most this many digits (|exponent| x digits of its base)
+BOUNDED = {"time": 0, "size": 0}  # comparisons given up since start, by bound (an eval stage records its share)
+
+
+def _give_up(bound: str, a: str, b: str) -> bool:
+    """Count a comparison past a bound and log it in one line; it counts as not equal."""
+    BOUNDED[bound] += 1
+    log.warning("equivalence: %s bound reached comparing %.60r with %.60r; counted as not equal", bound, a, b)
+    return False
 
 
 _TOKEN = re.compile(r"\s*(\d+\.\d*|\.\d+|\d+|\\[A-Za-z]+|[A-Za-z]|[-+*/^(){}\[\]!|])")
@@ -326,7 +375,9 @@ class _Parser:
             self.tokens[self.i : self.i + 1] = [tok[0], tok[1:]]
         exponent = self.unary() if tok == "-" else self.atom()
         if exponent.is_Number and abs(exponent) > _MAX_EXPONENT:
-            raise LatexParseError("exponent too large")
+            raise TooLarge("exponent too large")
+        if exponent.is_Number and not base.free_symbols and abs(exponent) * len(str(base)) > MAX_DIGITS:
+            raise TooLarge("power too large")  # (2^{512})^{512} would be built digit by digit
         return base**exponent
 
     def group(self) -> sympy.Expr:
@@ -413,6 +464,17 @@ _PROBE_POINTS = (
 
 @lru_cache(maxsize=1 << 16)
 def _sympy_equal(a: str, b: str) -> bool:
+    """sympy shows a - b == 0, within the time and size bounds (a give-up is logged once per pair: cached)."""
+    try:
+        with time_bound(SYMPY_SECONDS):
+            return _sympy_difference_is_zero(a, b)
+    except TimeBoundReached:
+        return _give_up("time", a, b)
+    except TooLarge:
+        return _give_up("size", a, b)
+
+
+def _sympy_difference_is_zero(a: str, b: str) -> bool:
     try:
         x, y = latex_to_sympy(a), latex_to_sympy(b)
         difference = x - y
@@ -428,6 +490,8 @@ def _sympy_equal(a: str, b: str) -> bool:
             if abs(value) > 1e-9 * scale:
                 return False
         return sympy.simplify(difference) == 0
+    except TooLarge:
+        raise
     except Exception:  # parse failure, or sympy could not decide (zoo, nan, TypeError ...): not shown equal
         return False
 
@@ -447,7 +511,7 @@ def _math_equal(a: str, b: str) -> bool:
 
 def is_equiv(pred: str, gold: str, task: str) -> bool:
     """Whether an extracted answer equals the gold answer. Empty answers (after normalization) never match."""
-    _check_task(task)
+    check_task(task)
     a, b = normalize_answer(pred), normalize_answer(gold)
     if not a or not b:
         return False
@@ -460,7 +524,7 @@ def answer_key(answer: str, task: str) -> str:
     """A hashable canonical form for grouping answers (majority vote): normalized, and for MATH each part rewritten
     by sympy when it parses (0.5 and \\frac{1}{2} both give "1/2"). Equal keys imply is_equiv (keys are never ""
     unless the answer is empty); is_equiv can still hold across keys, e.g. (x+1)^2 vs x^2+2x+1."""
-    _check_task(task)
+    check_task(task)
     s = normalize_answer(answer)
     if task != "math" or not s:
         return s
@@ -471,8 +535,9 @@ def answer_key(answer: str, task: str) -> str:
 @lru_cache(maxsize=1 << 16)
 def _expression_key(s: str) -> str:
     try:
-        return str(latex_to_sympy(s))
-    except Exception:  # not parseable: the normalized string is the key
+        with time_bound(SYMPY_SECONDS):
+            return str(latex_to_sympy(s))
+    except (Exception, TimeBoundReached):  # not parseable, too large or too slow: the normalized string is the key
         return s
 
 

@@ -38,10 +38,12 @@ def make_record(row: dict, record_id: str, where: str) -> dict:
 
 
 def load(path: str | Path, split: str | None = None) -> list[dict]:
-    """Records of a GSM8K jsonl file; ids are "gsm8k-{split}-{line index:05d}", split defaulting to the file stem."""
+    """Records of a GSM8K jsonl file. Ids: the row's "id" when it has one (the authors' released split files use
+    "gsm8k_<n>" / "aug_<n>"; the demo world's rows carry theirs), else "gsm8k-{split}-{line index:05d}", split
+    defaulting to the file stem."""
     path = Path(path)
     split = split or path.stem
     return [
-        make_record(row, f"{NAME}-{split}-{index:05d}", row["_where"])
+        make_record(row, str(row["id"]) if "id" in row else f"{NAME}-{split}-{index:05d}", row["_where"])
         for index, row in enumerate(read_jsonl(path, tag_lines=True))
     ]
