@@ -49,6 +49,15 @@ def main():
     A weak model fine-tuned on gold supervises a stronger base model on math word problems: Stage I fine-tunes the
     strong model where the weak answer and the strong model's few-shot answer agree; Stage II runs DPO/ORPO on the
     strong model's confident disagreements with the weak model. See README.md.
+
+    \b
+    Examples:
+      w2s run recipes/demo.toml          the whole method on the miniature world, on CPU (= make demo)
+      w2s report runs/demo               its tables and figure again
+      w2s inspect ckpts/Llama-3.1-8B     what a checkpoint holds, from its headers
+      w2s sample CKPT --input q.jsonl --output out.jsonl -n 10 --temperature 1
+      w2s COMMAND --help                 each command's options, defaults and the data it reads
+    Training alone: python scripts/sft.py --help, python scripts/dpo.py --help; evaluation: scripts/evaluate.py.
     """
 
 
@@ -66,8 +75,13 @@ def inspect(ckpt_dir):
     check that it loads: tokenizer, every shard the index lists, every tensor's bytes within its file (a truncated
     copy), names and shapes against config.json. Exit status 1 with a problem per line when it would not load.
 
-    Reads config.json and the safetensors headers only, so it is instant even for a 70B checkpoint. A LoRA adapter
-    directory (PEFT layout) prints the adapter, then its base checkpoint.
+    Reads config.json and the safetensors headers only (model.safetensors or the shards of
+    model.safetensors.index.json), so it is instant even for a 70B checkpoint. A LoRA adapter directory (PEFT layout)
+    prints the adapter, then its base checkpoint.
+
+    \b
+    Example:
+      w2s inspect demo/strong
     """
     from w2s.checkpoint import TOKENIZER_FILES, checkpoint_files, checkpoint_problems, read_safetensors_header
     from w2s.config import ModelConfig
@@ -130,7 +144,7 @@ def _echo_rows(rows):
 @main.command(cls=_Command)
 @click.argument("recipe", type=click.Path(path_type=Path))
 @click.option("--runs", default="runs", show_default=True, help="Directory holding runs/<recipe name>/.")
-@click.option("--no-progress", is_flag=True, help="No progress bars (logs only).")
+@click.option("--no-progress", is_flag=True, help="No progress bars (logs only)  [default: bars shown]")
 @click.option("--dry-run", is_flag=True,
               help="Run nothing: list every stage as done / will run / will rerun and why, with its estimated tokens, "
                    "disk, peak memory per device and time.")
@@ -142,11 +156,20 @@ def run(recipe, runs, no_progress, dry_run, world_size, gpu):
     """Run every stage of RECIPE (a TOML file, see recipes/) that is not already done.
 
     Each stage writes runs/<name>/<NN_stage>/ with its data and a meta.json written last; a finished stage is
-    skipped, a killed one resumes, and changing an option reruns exactly the stages that depend on it.
+    skipped, a killed one resumes, and changing an option reruns exactly the stages that depend on it. At the end
+    the report (tables, report.md, report.png) of `w2s report` is printed.
 
     \b
-    w2s run recipes/demo.toml
-    w2s run recipes/gsm8k.toml --dry-run --world-size 8 --gpu "H100 SXM"
+    Examples:
+      w2s run recipes/demo.toml                                      (= make demo)
+      torchrun --nproc_per_node=8 scripts/pipeline.py recipes/gsm8k.toml
+      w2s run recipes/gsm8k.toml --dry-run --world-size 8 --gpu "H100 SXM"
+    \b
+    What it reads: the recipe's sections (w2s/recipe.py lists every key and default): [data] task, train, test,
+    split sizes or split_file, seed, grader; [models] weak, strong (HF checkpoint dirs), dtype, device; [sampling];
+    [weak_sft] [strong_sft] [preference] (TrainConfig fields, as scripts/sft.py --help); [stage1]; [stage2]; [eval];
+    [logging] report_to = ["tensorboard"] (-> runs/<name>/tb/<stage>) or ["wandb"]. The train and test files are
+    jsonl in the task's format: GSM8K {"question", "answer": "... #### N"}; MATH {"problem", "solution", ...}.
     """
     from w2s.pipeline import dry_run as plan_run
     from w2s.pipeline import run_pipeline
@@ -161,12 +184,22 @@ def run(recipe, runs, no_progress, dry_run, world_size, gpu):
 
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--no-plot", is_flag=True, help="Skip report.png.")
+@click.option("--no-plot", is_flag=True, help="Skip report.png  [default: drawn when matplotlib is installed]")
 def report(run_dir, no_plot):
-    """Print the paper-style table of RUN_DIR (accuracy, PGR, filtered sets, stage costs) and write report.png."""
-    from w2s.report import report as make_report
+    """Print the paper-style tables of RUN_DIR (accuracy, PGR, selected data and its precision, cost per stage and
+    per kind of work) and write report.md and report.png (accuracy by method group with the weak-floor and ceiling
+    lines and PGR; selection precision and set sizes per round) in RUN_DIR; the last line names the files written.
 
-    click.echo(make_report(run_dir, plot=not no_plot))
+    \b
+    Example:
+      w2s report runs/demo
+    What it reads: RUN_DIR/<NN_stage>/meta.json of every finished stage (nothing else).
+    """
+    from w2s.report import write_report
+
+    text, written = write_report(run_dir, plot=not no_plot)
+    click.echo(text)
+    click.echo("wrote " + ", ".join(str(p) for p in written))
 
 
 @main.command()
@@ -176,7 +209,13 @@ def report(run_dir, no_plot):
 @click.option("--offline", is_flag=True, help="Do not try the network; only list what is missing and where from.")
 def data(tasks, dest, offline):
     """Download the public files of TASKS (default: gsm8k math) into DEST; offline, print exactly which file to put
-    where. `w2s data olympicarena` writes olympicarena/test.jsonl (train_2) and val.jsonl (the test set)."""
+    where. `w2s data olympicarena` writes olympicarena/test.jsonl (train_2) and val.jsonl (the test set).
+
+    \b
+    Examples:
+      w2s data                      data/gsm8k/{train,test}.jsonl and data/math/...
+      w2s data gsm8k --offline      only say what is missing and where to get it
+    """
     from w2s.tasks import fetch_data
 
     missing = fetch_data(dest, tasks=tasks or ("gsm8k", "math"), offline=offline, log=click.echo)
@@ -204,7 +243,8 @@ def _unescape(text):
 @click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass (1 keeps every token).")
 @click.option("--top-k", default=0, show_default=True, help="Keep the k most likely tokens (0: no limit).")
 @click.option("--max-new-tokens", default=256, show_default=True, help="Generated tokens per completion at most.")
-@click.option("--stop", multiple=True, help="A string that ends a completion (repeatable; \\n means a newline).")
+@click.option("--stop", multiple=True,
+              help="A string that ends a completion (repeatable; \\n means a newline)  [default: EOS only]")
 @click.option("--seed", default=0, show_default=True,
               help="Sampling seed; a completion depends only on (seed, line index, sample index).")
 @click.option("--max-batch", default=256, show_default=True, help="Sequences decoded together (cache slots).")
@@ -216,15 +256,23 @@ def _unescape(text):
               type=click.Choice(["auto", "bfloat16", "float16", "float32"]), help="auto: bfloat16 on CUDA, else fp32.")
 @click.option("--no-cuda-graphs", is_flag=True,
               help="Run the decode step eagerly on CUDA (CUDA graphs are the default there; never used on CPU).")
-@click.option("--no-shared-prefix", is_flag=True, help="Do not prefill the prompts' common prefix once and share it.")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--no-shared-prefix", is_flag=True,
+              help="Do not prefill the prompts' common prefix once and share it  [default: shared]")
+@click.option("--no-progress", is_flag=True, help="No progress bar  [default: shown]")
 def sample(ckpt_dir, input_path, output_path, prompt_key, id_key, n, temperature, top_p, top_k, max_new_tokens, stop,
            seed, max_batch, cache_len, tp, dtype, no_cuda_graphs, no_shared_prefix, no_progress):
     """Complete every prompt of INPUT with the HF checkpoint in CKPT_DIR; write OUTPUT (resumable).
 
-    One process: `w2s sample CKPT --input q.jsonl --output out.jsonl -n 10 --temperature 1`. Several GPUs:
-    `torchrun --nproc_per_node=8 scripts/sample.py CKPT ... --tp 2` (4 data-parallel groups of 2 tensor-parallel
-    ranks). The output is the same for any number of processes and any --max-batch (same seed).
+    \b
+    Examples:
+      w2s sample CKPT --input q.jsonl --output out.jsonl -n 10 --temperature 1 --stop Question
+      torchrun --nproc_per_node=8 scripts/sample.py CKPT --input q.jsonl --output out.jsonl --tp 2
+    \b
+    INPUT lines: {"id": ..., "prompt": "Question: ...\\nAnswer:"} (a string, or a list of token ids; keys set by
+    --id-key / --prompt-key). OUTPUT lines, in input order: {"id", "prompt", "completions": [{"text", "token_ids",
+    "num_tokens", "finish_reason": "eos" | "stop" | "length"}, ...]}. With --tp 2 under 8 processes: 4
+    data-parallel groups of 2 tensor-parallel ranks. The output is the same for any number of processes and any
+    --max-batch (same seed).
     """
     import time
 

@@ -11,6 +11,8 @@ files, impossible values) before any model is loaded, and every error names the 
     [stage1]    rounds, round-2 init ("base" or "continue"), which SFT sets to train
     [stage2]    samples, temperature, top_p, confidence thresholds, pairs per question, losses, merged M_pro exports
     [eval]      pass@k samples, which baselines to run
+    [logging]   report_to: experiment trackers of the training stages ("tensorboard" -> runs/<name>/tb/<stage>,
+                "wandb"); not part of any stage's key, so turning them on reruns nothing
 
 `validate_inputs(recipe)` then reads what the run will read, the way it will read it (every data record, both
 checkpoints' configs, tokenizers and safetensors headers: w2s.checkpoint.validate_checkpoint), so a truncated shard
@@ -26,6 +28,7 @@ from pathlib import Path
 
 from w2s.losses import PREFERENCE_LOSSES
 from w2s.tasks.graders import default_grader, is_available, task_graders
+from w2s.tracking import check_trackers
 from w2s.train_config import TrainConfig
 
 TASKS = ("gsm8k", "math")
@@ -94,6 +97,11 @@ class EvalOptions:
 
 
 @dataclass
+class LoggingOptions:
+    report_to: list = field(default_factory=list)  # "tensorboard" and/or "wandb" (w2s/tracking.py)
+
+
+@dataclass
 class Recipe:
     name: str
     path: str
@@ -106,10 +114,11 @@ class Recipe:
     weak_sft: dict  # TrainConfig overrides, validated against w2s.train_config.TrainConfig
     strong_sft: dict
     preference: dict
+    logging: LoggingOptions = field(default_factory=LoggingOptions)
 
 
 SECTIONS = {"data": DataOptions, "models": ModelOptions, "sampling": SamplingOptions, "stage1": Stage1Options,
-            "stage2": Stage2Options, "eval": EvalOptions}
+            "stage2": Stage2Options, "eval": EvalOptions, "logging": LoggingOptions}
 TRAIN_SECTIONS = ("weak_sft", "strong_sft", "preference")
 BASELINES = ("full_weak_ft", "strong_icl", "ceiling")
 
@@ -278,6 +287,7 @@ def _validate(r, path, check_files):
         bad("[models] device", f"expected auto, cpu, cuda or cuda:N, got {r.models.device!r}")
     if r.models.dtype not in ("bfloat16", "float16", "float32"):
         bad("[models] dtype", f"expected bfloat16, float16 or float32, got {r.models.dtype!r}")
+    check_trackers(r.logging.report_to, where=f"{path}: [logging] report_to")
     if not check_files:
         return
     for key, p in (("[data] train", r.data.train), ("[data] test", r.data.test)):

@@ -255,8 +255,9 @@ def _cost(cost):
 def train_stage(ctx, out, base_dir, rows, section, loss=None, export_merged=False):
     """SFT (loss None) on rows {"prompt", "response"}, or preference training with `loss` on pairs {"prompt",
     "chosen", "rejected"}, of the checkpoint in base_dir -> out/model (HF format, or with LoRA the adapter pointing
-    at its base, plus out/model/merged with export_merged; the trainer's metrics.jsonl; its resumable checkpoints in
-    out/model/ckpt, deleted by the engine once the stage's meta.json is written)."""
+    at its base, plus out/model/merged with export_merged; the trainer's metrics.jsonl and train_config.json; its
+    resumable checkpoints in out/model/ckpt, deleted by the engine once the stage's meta.json is written). With
+    [logging] report_to the records also go to the trackers, under runs/<name>/tb/<stage>."""
     if not rows:
         raise ValueError(f"{out.name}: the {'preference pair' if loss else 'SFT'} set is empty, nothing to train on "
                          f"(see the meta.json of the stage that built it, e.g. its kept/pairs counts)")
@@ -271,7 +272,9 @@ def train_stage(ctx, out, base_dir, rows, section, loss=None, export_merged=Fals
     # (the adapter is applied from disk like on a resumed run); tensor-parallel stages reread their slices
     resident = (getattr(model, "name_or_path", None) if lora else out / "model")
     return_model = ("base" if lora else True) if sampling_tp(ctx, out / "model") == 1 else False
-    options = dict(out_dir=out / "model", return_stats=True, return_model=return_model, keep_ckpt=True)
+    options = dict(out_dir=out / "model", return_stats=True, return_model=return_model, keep_ckpt=True,
+                   report_to=ctx.recipe.logging.report_to, log_dir=ctx.run_dir / "tb" / out.name,
+                   run_name=f"{ctx.recipe.name}/{out.name}")  # one tracker run per stage, named after it
     ctx.cleanup.append(out / "model" / "ckpt")
     if loss is None:
         model, stats = train_sft(model, tok, rows, cfg, **options)

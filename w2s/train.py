@@ -3,6 +3,7 @@
     model = train_sft(model, tokenizer, [{"prompt": ..., "response": ...}], TrainConfig(lr=1e-5), out_dir="runs/x")
     model = train_preference(model, tokenizer, [{"prompt", "chosen", "rejected"}], cfg, out_dir, loss="dpo")
     model, stats = train_sft(..., return_stats=True)   # stats: the run's cost and outcome (Trainer.run_stats)
+    train_sft(..., on_step=print, report_to=["tensorboard"])  # each metrics record; TensorBoard in out_dir/tb
 
 (TrainConfig, the options, lives in w2s/train_config.py; the loss formulas in w2s/losses.py.)
 
@@ -56,7 +57,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from w2s import data, losses, ops, profile
+from w2s import data, losses, ops, profile, tracking
 from w2s.checkpoint import latest_checkpoint, load_training_state, save_training_state
 from w2s.data import IGNORE_INDEX
 from w2s.export import export_trained
@@ -202,11 +203,12 @@ def step_flops(model_cfg, seqs, lora):
 
 
 def examples_hash(examples):
-    """sha256 over the token ids and prompt lengths (so it covers the tokenizer and the bad-row filtering)."""
+    """sha256 over the token ids and loss masks (so it covers the tokenizer and the bad-row filtering)."""
     h = hashlib.sha256()
     for ex in examples:
         for e in (ex.chosen, ex.rejected) if isinstance(ex, data.Pair) else (ex,):
-            h.update(json.dumps([e.n_prompt, e.tokens]).encode())
+            # chat rows' spans only when present, so the hash of a prompt/response row stays what it was
+            h.update(json.dumps([e.n_prompt, e.tokens] + ([e.spans] if e.spans is not None else [])).encode())
     return h.hexdigest()
 
 
@@ -272,17 +274,24 @@ def reference_logps(module, pairs, pad_id, cfg, d: Dist, out_dir, key):
 
 
 def train_sft(model, tokenizer, rows, cfg: TrainConfig, out_dir=None, on_step=None, progress=None,
-              return_stats=False, return_model=True, keep_ckpt=False):
-    """Supervised fine-tuning on [{"prompt", "response"}] (or id rows); loss on response tokens only. -> model.
+              return_stats=False, return_model=True, keep_ckpt=False, report_to=(), log_dir=None, run_name=None):
+    """Supervised fine-tuning on rows in any of w2s/data.py's formats ({"prompt", "response"}, {"prompt",
+    "completion"}, {"messages"}, id rows); loss on the response (assistant) tokens only. -> model.
 
-    on_step(rec) gets every log step's record (the metrics.jsonl line); progress, when given, overrides cfg.progress;
-    return_stats=True returns (model, stats) with the run's cost and outcome for a stage's meta.json (Trainer.run_stats,
-    plus n_rows and n_skipped). return_model=False returns None for the model: only out_dir gets it (under FSDP every
-    rank would otherwise hold a whole copy of the trained model, 140 GB each for a 70B one); with LoRA,
-    return_model="base" returns the untouched base weights (w2s/export.py). With LoRA out_dir gets the adapter
-    (PEFT layout), plus out_dir/merged with cfg.export_merged. keep_ckpt=True leaves the training state in
-    out_dir/ckpt for the caller to delete once it has recorded the run (a pipeline stage: after its meta.json).
-    A non-finite gradient norm or loss stops the run with NonFiniteError (Trainer.check_finite).
+    on_step(rec) is called on every rank at every log step (every cfg.log_every steps and the last) with the record
+    that goes to metrics.jsonl: {"step", "loss", "lr", "grad_norm", "tokens", "tok_per_s", "mfu" (None without a
+    known peak, e.g. CPU), "peak_mem_gib", "epoch"}, plus the preference losses' "rewards/chosen", "rewards/rejected",
+    "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected" (ORPO: "nll", "or_loss", "log_odds");
+    metrics are already summed over ranks. Use it to log elsewhere, early-stop (raise) or watch a run in a notebook.
+    report_to: trackers that get the same records ("tensorboard", "wandb"; w2s/tracking.py), writing under log_dir
+    (default out_dir/tb) as run_name (default out_dir's name). out_dir also gets train_config.json, the resolved config.
+    progress, when given, overrides cfg.progress; return_stats=True returns (model, stats) with the run's cost and
+    outcome for a stage's meta.json (Trainer.run_stats, plus n_rows and n_skipped). return_model=False returns None for
+    the model: only out_dir gets it (under FSDP every rank would otherwise hold a whole copy of the trained model,
+    140 GB each for a 70B one); with LoRA, return_model="base" returns the untouched base weights (w2s/export.py).
+    With LoRA out_dir gets the adapter (PEFT layout), plus out_dir/merged with cfg.export_merged. keep_ckpt=True
+    leaves the training state in out_dir/ckpt for the caller to delete once it has recorded the run (a pipeline
+    stage: after its meta.json). A non-finite gradient norm or loss stops the run with NonFiniteError.
     """
     cfg = cfg if progress is None else replace(cfg, progress=progress)
     d = init_distributed()
@@ -297,16 +306,19 @@ def train_sft(model, tokenizer, rows, cfg: TrainConfig, out_dir=None, on_step=No
 
     task = Task(row_seqs=[((len(ex.tokens), data.n_targets(ex)),) for ex in examples], make_batch=make_batch,
                 count_fn=sft_counts, loss_step=sft_step, data_key=examples_hash(examples))
-    trained, stats = _run(model, tokenizer, task, cfg, out_dir, d, on_step, return_model, keep_ckpt)
+    report = tracking.Report(tuple(report_to), log_dir, run_name)
+    trained, stats = _run(model, tokenizer, task, cfg, out_dir, d, on_step, return_model, keep_ckpt, report, "sft")
     stats.update(n_rows=len(rows), n_skipped=len(skipped))
     return (trained, stats) if return_stats else trained
 
 
 def train_preference(model, tokenizer, pairs, cfg: TrainConfig, out_dir=None, loss="dpo", on_step=None,
-                     progress=None, return_stats=False, return_model=True, keep_ckpt=False):
-    """DPO / IPO / ORPO (losses.PREFERENCE_LOSSES) on [{"prompt", "chosen", "rejected"}] (or id rows). -> model.
+                     progress=None, return_stats=False, return_model=True, keep_ckpt=False, report_to=(), log_dir=None,
+                     run_name=None):
+    """DPO / IPO / ORPO (losses.PREFERENCE_LOSSES) on [{"prompt", "chosen", "rejected"}] as text or as TRL's
+    conversational lists of messages (or id rows). -> model.
 
-    on_step, progress, return_stats, return_model, keep_ckpt: as in train_sft.
+    on_step, progress, return_stats, return_model, keep_ckpt, report_to, log_dir, run_name: as in train_sft.
     """
     cfg = cfg if progress is None else replace(cfg, progress=progress)
     d = init_distributed()
@@ -334,7 +346,8 @@ def train_preference(model, tokenizer, pairs, cfg: TrainConfig, out_dir=None, lo
     row_seqs = [tuple((len(ex.tokens), data.n_targets(ex)) for ex in (p.chosen, p.rejected)) for p in encoded]
     task = Task(row_seqs=row_seqs, make_batch=make_batch, count_fn=pair_counts, loss_step=step_fn,
                 data_key=f"{loss}:{key}", prepare=prepare)
-    trained, stats = _run(model, tokenizer, task, cfg, out_dir, d, on_step, return_model, keep_ckpt)
+    report = tracking.Report(tuple(report_to), log_dir, run_name)
+    trained, stats = _run(model, tokenizer, task, cfg, out_dir, d, on_step, return_model, keep_ckpt, report, loss)
     stats.update(n_rows=len(pairs), n_skipped=len(skipped))
     return (trained, stats) if return_stats else trained
 
@@ -346,12 +359,19 @@ def _pad_id(tokenizer, model):
     return 0  # padding positions are masked out of the loss; any valid id works
 
 
-def _run(model, tokenizer, task, cfg, out_dir, d: Dist, on_step, return_model, keep_ckpt):
-    """Setup, the step loop, export. -> (trained model or None, Trainer.run_stats)."""
+def _run(model, tokenizer, task, cfg, out_dir, d: Dist, on_step, return_model, keep_ckpt, report, loss):
+    """Setup, the step loop, export. -> (trained model or None, Trainer.run_stats of the steps this call ran).
+    report (w2s/tracking.py) writes train_config.json, says where a resumed run picks up and feeds the trackers."""
+    report.check(out_dir)  # a missing tracker package fails before the model is set up
     profile.reset_peak_memory(d.device)  # this run's peak, not that of what ran before it in the process
     trainer = Trainer(model, task, cfg, d, out_dir)
-    stats = trainer.train(on_step)
-    return trainer.export(tokenizer, return_model, keep_ckpt), stats
+    info = {"loss": loss, "steps": trainer.total, "world_size": d.world_size, "grad_accum": trainer.accum}
+    with report.start(cfg, out_dir, d.is_main, trainer.start, info) as trackers:
+        stats = trainer.train(trackers if on_step is None else lambda rec: (trackers(rec), on_step(rec)))
+    trained = trainer.export(tokenizer, return_model, keep_ckpt)
+    if out_dir is not None and d.is_main:
+        print(f"exported to {out_dir}", flush=True)
+    return trained, stats
 
 
 class NonFiniteError(ValueError):

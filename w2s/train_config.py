@@ -69,7 +69,7 @@ CONFIG_HELP = {
     "min_lr": "learning rate at the end of the cosine decay",
     "warmup_steps": "linear warmup steps before the cosine decay",
     "epochs": "passes over the data (ignored when --max-steps is given)",
-    "max_steps": "optimizer steps to run; None: epochs * ceil(rows / batch size)",
+    "max_steps": "optimizer steps to run; unset: epochs * ceil(rows / batch size)",
     "batch_size": "rows (pairs) per optimizer step, summed over all ranks and accumulation steps",
     "micro_batch_size": "rows (pairs) per forward/backward on one rank; gradient accumulation makes up the rest",
     "max_seq_len": "longest sequence in tokens (prompt + response); longer rows are bad rows",
@@ -78,7 +78,7 @@ CONFIG_HELP = {
     "clip": "global gradient-norm clip ('none' to disable)",
     "beta": "DPO/IPO beta, or ORPO's lambda (weight of the odds-ratio term)",
     "seed": "seed of the data order and of the LoRA init",
-    "lora_rank": "LoRA rank r; None: full fine-tuning",
+    "lora_rank": "LoRA rank r; unset: full fine-tuning",
     "lora_alpha": "LoRA alpha; the update is scaled by alpha / r",
     "lora_dropout": "dropout on the LoRA branch's input",
     "lora_targets": "linear layers that get LoRA adapters",
@@ -102,7 +102,8 @@ def add_config_args(parser, skip=()):
         if f.name in skip:
             continue
         flag, default, help_text = "--" + f.name.replace("_", "-"), getattr(defaults, f.name), CONFIG_HELP[f.name]
-        help_text += f" (default: {default})"
+        shown = "unset" if default is None else " ".join(map(str, default)) if isinstance(default, tuple) else default
+        help_text += f" (default: {shown})"
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         elif isinstance(default, tuple):
