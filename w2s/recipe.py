@@ -8,8 +8,9 @@ files, impossible values) before any model is loaded, and every error names the 
     [models]    weak / strong checkpoint dirs, dtype, device
     [sampling]  max_new_tokens, batch size, cache length for every generation stage
     [weak_sft] [strong_sft] [preference]   training options (w2s.train_config.TrainConfig fields)
+    [grpo]      GRPO's training: TrainConfig fields and GRPOConfig's (group size, rollout tokens, reward, ...)
     [stage1]    rounds, round-2 init ("base" or "continue"), which SFT sets to train
-    [stage2]    samples, temperature, top_p, confidence thresholds, pairs per question, losses
+    [stage2]    samples, temperature, top_p, confidence thresholds, pairs per question, losses (pairs and/or GRPO)
     [eval]      pass@k samples, which baselines to run
 
     python -c "from w2s.recipe import load_recipe; print(load_recipe('recipes/gsm8k.toml'))"
@@ -20,9 +21,9 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from w2s.losses import PREFERENCE_LOSSES
+from w2s.losses import STAGE2_LOSSES
 from w2s.tasks.graders import default_grader, is_available, task_graders
-from w2s.train_config import TrainConfig
+from w2s.train_config import GRPOConfig, TrainConfig
 
 TASKS = ("gsm8k", "math")
 
@@ -74,7 +75,7 @@ class Stage2Options:
     min_confidence: float = 0.6
     flip_confidence: float = 0.8
     max_pairs: int = 1  # PAPER: 1 for GSM8K, up to 3 for MATH
-    losses: list = field(default_factory=lambda: ["dpo", "orpo"])
+    losses: list = field(default_factory=lambda: ["dpo", "orpo"])  # of losses.STAGE2_LOSSES ("grpo": no pairs)
     pair_seed: int = 0  # the RNG that picks the other side of each pair (per question, see preference_pairs.py)
 
 
@@ -98,11 +99,12 @@ class Recipe:
     weak_sft: dict  # TrainConfig overrides, validated against w2s.train_config.TrainConfig
     strong_sft: dict
     preference: dict
+    grpo: dict  # TrainConfig and GRPOConfig overrides (train_config(recipe, "grpo"), grpo_config(recipe))
 
 
 SECTIONS = {"data": DataOptions, "models": ModelOptions, "sampling": SamplingOptions, "stage1": Stage1Options,
             "stage2": Stage2Options, "eval": EvalOptions}
-TRAIN_SECTIONS = ("weak_sft", "strong_sft", "preference")
+TRAIN_SECTIONS = ("weak_sft", "strong_sft", "preference", "grpo")
 BASELINES = ("full_weak_ft", "strong_icl", "ceiling")
 
 
@@ -127,9 +129,18 @@ def train_config_defaults():
 
 
 def train_config(recipe, section, progress=True):
-    """The resolved TrainConfig of a recipe section ([weak_sft], [strong_sft] or [preference])."""
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in getattr(recipe, section).items()}
+    """The resolved TrainConfig of a recipe section ([weak_sft], [strong_sft], [preference] or [grpo])."""
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in getattr(recipe, section).items()
+              if k not in GRPO_FIELDS}
     return TrainConfig(**{**values, "progress": progress})
+
+
+GRPO_FIELDS = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}
+
+
+def grpo_config(recipe):
+    """The resolved GRPOConfig of the recipe's [grpo] section (its GRPOConfig keys; the rest are TrainConfig's)."""
+    return GRPOConfig(**{k: v for k, v in recipe.grpo.items() if k in GRPO_FIELDS})
 
 
 def _check_train_value(key, value, default, where):
@@ -172,10 +183,15 @@ def load_recipe(path, check_files=True):
         values = raw.get(name, {})
         if not isinstance(values, dict):
             raise ValueError(f"{path}: [{name}]: expected a table of TrainConfig options, got {values!r}")
+        own = GRPO_FIELDS if name == "grpo" else {}
         for key, value in values.items():
+            if key in own:
+                _check_train_value(key, value, own[key], f"{path}: [{name}]")
+                continue
             if key not in train_defaults or key == "progress":
-                raise ValueError(f"{path}: [{name}] unknown key {key!r}; expected TrainConfig fields: "
-                                 f"{', '.join(sorted(set(train_defaults) - {'progress'}))}")
+                raise ValueError(f"{path}: [{name}] unknown key {key!r}; expected TrainConfig fields"
+                                 f"{' or GRPOConfig fields' if own else ''}: "
+                                 f"{', '.join(sorted((set(train_defaults) | set(own)) - {'progress'}))}")
             _check_train_value(key, value, train_defaults[key], f"{path}: [{name}]")
         train[name] = values
     recipe = Recipe(name=raw.get("name") or path.stem, path=str(path), **sections, **train)
@@ -213,8 +229,12 @@ def _validate(r, path, check_files):
     if r.stage2.n_samples < 1 or r.stage2.max_pairs < 1:
         bad("[stage2]", "n_samples and max_pairs must be >= 1")
     for loss in r.stage2.losses:
-        if loss not in PREFERENCE_LOSSES:
-            bad("[stage2] losses", f"unknown loss {loss!r}; expected one of {', '.join(PREFERENCE_LOSSES)}")
+        if loss not in STAGE2_LOSSES:
+            bad("[stage2] losses", f"unknown loss {loss!r}; expected one of {', '.join(STAGE2_LOSSES)}")
+    try:
+        grpo_config(r)
+    except ValueError as e:
+        bad("[grpo]", str(e))
     for b in r.eval.baselines:
         if b not in BASELINES:
             bad("[eval] baselines", f"unknown baseline {b!r}; expected {', '.join(BASELINES)}")

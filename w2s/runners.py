@@ -29,10 +29,11 @@ import torch
 
 from w2s.checkpoint import load_for_training
 from w2s.files import read_jsonl, write_json_atomic, write_jsonl_atomic
+from w2s.grpo import train_grpo
 from w2s.interchange import export_pairs, export_sft
 from w2s.parallel import is_main
 from w2s.profile import StageProfiler
-from w2s.recipe import train_config
+from w2s.recipe import grpo_config, train_config
 from w2s.sampling_jsonl import generate_to_jsonl
 from w2s.stages.consistency import consistent, precision, sft_sets
 from w2s.stages.metrics import evaluation_result, pair_precision
@@ -395,6 +396,25 @@ def run_preference(ctx, out, pairs, init, loss):
             for p in read_jsonl(ctx.dir(pairs) / "pairs.jsonl")]
     return {"n_pairs": len(rows), "loss": loss,
             **train_stage(ctx, out, checkpoint(ctx, init), rows, "preference", loss=loss)}
+
+
+def run_grpo(ctx, out, init):
+    """GRPO of `init` (M_plus) on the train_2 questions, rewarded by its own vote (and the weak labels under
+    "vote_or_weak"; w2s/grpo.py) -> out/model. Reads questions and weak responses, never train_2 gold."""
+    r, grade = ctx.recipe, grader(ctx)
+    questions = [{"id": q["id"], "prompt": zero_shot(q)} for q in data_rows(ctx, "train_2")]
+    weak = {w["id"]: grade.answer(w["response"]) for w in labels(ctx, "02_weak_labels")}
+    drop_resident(ctx)
+    model, tok = load_for_training_stage(r, checkpoint(ctx, init))
+    last = {}  # the last logged record: the final reward and its spread
+    model, stats = train_grpo(model, tok, questions, train_config(r, "grpo", progress=ctx.progress), grpo_config(r),
+                              grade, weak_answers=weak, same_for=train_2_comparisons(ctx), out_dir=out / "model",
+                              stop=tuple(STOP_STRINGS), max_batch=r.sampling.max_batch, on_step=last.update,
+                              return_stats=True, return_model=sampling_tp(ctx, out / "model") == 1)
+    keep_resident(ctx, out, model, tok)
+    return {"n_questions": len(questions), "loss": "grpo", "grader": grade.name,
+            "final": {k: last.get(k) for k in ("reward", "reward_std", "vote_confidence", "kl", "completion_len")},
+            **_cost(stats)}
 
 
 def run_eval(ctx, out, model, prompt, n=1, temperature=0.0):
