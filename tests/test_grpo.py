@@ -300,3 +300,83 @@ def test_two_fsdp_processes_equal_one_process(fsdp_runs, name):
         torch.testing.assert_close(w2[key], w1[key], atol=1e-5, rtol=0, msg=key)
     initial = {hf_name(k): v for k, v in toy.toy_model().state_dict().items()}
     assert max((w1[k] - initial[k]).abs().max().item() for k in w1) > 1e-3  # training really moved the weights
+
+
+# ---------------------------------------------------------------------------------------------- recipe, table, runner
+GRPO_RECIPE = """
+[stage2]
+losses = ["grpo"]
+[grpo]
+lr = 1e-3
+max_steps = 2
+batch_size = 2
+micro_batch_size = 1
+group_size = 2
+max_new_tokens = 4
+reward = "vote_or_weak"
+"""
+
+
+def _recipe(tmp_path, extra=GRPO_RECIPE):
+    from test_recipe import BASE, _load
+
+    return _load(tmp_path, BASE.replace("[models]\n", '[models]\ndtype = "float32"\ndevice = "cpu"\n') + extra)
+
+
+def test_recipe_grpo_section_and_the_stage_rows(tmp_path):
+    from w2s.pipeline import build_stages
+    from w2s.recipe import grpo_config, train_config
+
+    r = _recipe(tmp_path)
+    cfg, gcfg = train_config(r, "grpo"), grpo_config(r)
+    assert (cfg.lr, cfg.max_steps, cfg.batch_size) == (1e-3, 2, 2) and cfg.beta == TrainConfig().beta
+    assert (gcfg.group_size, gcfg.max_new_tokens, gcfg.reward) == (2, 4, "vote_or_weak")
+    stages = {s.name: s for s in build_stages(r)}
+    # GRPO starts from M_plus, reads the questions and the weak labels; without a pair loss nothing samples or pairs
+    assert stages["16_grpo"].reads == ["00_data", "02_weak_labels", "13_r2_sft_hybrid"]
+    assert stages["16_grpo"].args == {"init": "13_r2_sft_hybrid"} and stages["16_grpo"].kind == "train"
+    assert not {"14_samples", "15_pairs", "16_dpo", "17_orpo"} & set(stages)
+    assert stages["40_eval_stage2_grpo"].reads == ["00_test", "16_grpo"]
+    both = {s.name for s in build_stages(_recipe(tmp_path, '[stage2]\nlosses = ["dpo", "grpo"]\n'
+                                                          '[eval]\npass_k_samples = 2\n'))}
+    assert {"14_samples", "15_pairs", "16_dpo", "16_grpo", "28_eval_stage2_dpo", "40_eval_stage2_grpo",
+            "41_passk_stage2_grpo"} <= both
+    for extra, message in [("[grpo]\ngroup_size = 1\n", r"\[grpo\].*group_size"),
+                           ("[grpo]\nreward = 2\n", r"\[grpo\]\.reward: expected str"),
+                           ("[grpo]\nvotes = 2\n", "unknown key 'votes'"),
+                           ('[stage2]\nlosses = ["ppo"]\n', "unknown loss 'ppo'")]:
+        with pytest.raises(ValueError, match=message):
+            _recipe(tmp_path, extra)
+
+
+def test_runner_trains_m_plus_and_never_reads_train_2_gold(tmp_path, monkeypatch):
+    import w2s.runners as runners
+    from w2s.checkpoint import save_model
+    from w2s.config import ModelConfig
+    from w2s.engine import Context
+    from w2s.model import Transformer
+    from w2s.tokenizer import load_tokenizer
+
+    run = tmp_path / "run"
+    questions = [{"id": f"q{i}", "question": f"Ann has {i} pens. How many pens now?"} for i in range(3)]
+    for stage, name, rows in [("00_data", "train_2.jsonl", questions),
+                              ("00_data", runners.GOLD_FILE, [{"id": "q0", "answer": "0", "solution": "#### 0"}]),
+                              ("02_weak_labels", "labels.jsonl", [q | {"response": "#### 1"} for q in questions])]:
+        (run / stage).mkdir(parents=True, exist_ok=True)
+        (run / stage / name).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    tok = load_tokenizer(ROOT / "demo" / "tokenizer")
+    cfg = ModelConfig(family="llama", vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                      head_dim=8, hidden_dim=64, max_seq_len=256, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    m_plus = Transformer(cfg).init_weights(generator=torch.Generator().manual_seed(0))
+    save_model(m_plus, run / "13_r2_sft_hybrid" / "model", tokenizer=tok)
+
+    def no_gold(ctx):
+        raise AssertionError("GRPO read train_2 gold")
+
+    monkeypatch.setattr(runners, "read_train_2_gold", no_gold)
+    ctx = Context(_recipe(tmp_path), run, progress=False)
+    counts = runners.run_grpo(ctx, run / "16_grpo", init="13_r2_sft_hybrid")
+    assert (run / "16_grpo" / "model" / "config.json").is_file()
+    assert counts["n_questions"] == 3 and counts["steps"] == 2 and counts["grader"] == "paper"
+    assert set(counts["final"]) >= {"reward", "reward_std", "kl"}
+    assert len(_metrics(run / "16_grpo" / "model")) == 2

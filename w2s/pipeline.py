@@ -15,7 +15,7 @@ unchanged is skipped, a killed one resumes, a changed option reruns exactly what
     08-09_r2_labels_* round-1 weak-ft / icl-ft models relabel train_2 zero-shot
     10_r2_filter      consistency again
     11-13_r2_sft_*    SFT again (from base or continued)                     -> r2 hybrid = M_plus
-    14_samples        M_plus: n samples per train_2 question at T=1
+    14_samples        M_plus: n samples per train_2 question at T=1 (14 and 15: when a pair loss is on)
     15_pairs          majority vote, confidence, preference pairs (weak response always one side)
     16_dpo, 17_orpo   preference optimization of M_plus (16_ipo on request)                   -> M_pro
     16_grpo           on request, instead of or beside the pairs: GRPO of M_plus on train_2 questions with the vote
@@ -99,6 +99,7 @@ def build_stages(recipe):
     two_rounds = s1.rounds == 2
     m_plus = "13_r2_sft_hybrid" if two_rounds else "07_r1_sft_hybrid"
     zero_shot, few_shot, strong_sft = greedy_key(r, "zero_shot"), greedy_key(r, "few_shot"), strong_sft_key(r)
+    pair_losses = [loss for loss in losses if loss in PREFERENCE_STAGES]  # GRPO alone needs no samples nor pairs
 
     def sft_on_set(name, filter, sft_set, init="strong", when=True):  # init: the strong base or a round-1 model
         reads = [filter] + ([init] if init != "strong" else [])
@@ -134,11 +135,11 @@ def build_stages(recipe):
         sft_on_set("12_r2_sft_icl", "10_r2_filter", "icl", r2_init("06_r1_sft_icl"), two_rounds),
         sft_on_set("13_r2_sft_hybrid", "10_r2_filter", "hybrid", r2_init("07_r1_sft_hybrid"), two_rounds),
         # Stage II: M_plus samples and votes; pairs against the weak labels; preference training -> M_pro
-        stage("14_samples", run_samples, ["00_data", m_plus], samples_key(r), model=m_plus),
-        stage("15_pairs", run_pairs, ["00_data", "02_weak_labels", "14_samples"], pairs_key(r),
+        stage("14_samples", run_samples, ["00_data", m_plus], samples_key(r), bool(pair_losses), model=m_plus),
+        stage("15_pairs", run_pairs, ["00_data", "02_weak_labels", "14_samples"], pairs_key(r), bool(pair_losses),
               samples="14_samples"),
         *[stage(PREFERENCE_STAGES[loss], run_preference, ["15_pairs", m_plus], preference_key(r, loss),
-                pairs="15_pairs", init=m_plus, loss=loss) for loss in losses if loss in PREFERENCE_STAGES],
+                pairs="15_pairs", init=m_plus, loss=loss) for loss in pair_losses],
         # GRPO: M_plus samples on-policy and learns from its own vote (the weak labels only for "vote_or_weak")
         stage("16_grpo", run_grpo, ["00_data", "02_weak_labels", m_plus], grpo_key(r), "grpo" in losses,
               init=m_plus),
