@@ -24,7 +24,8 @@ setup(
     extras_require={
         # transformers is a test-only dependency: the parity tests compare logits against it (protobuf: its
         # SentencePiece -> tokenizer.json converter, which the tokenizer tests use on the real Mistral-7B model).
-        "dev": ["pytest", "transformers", "protobuf", "mistral-common", "ruff"],
+        # trl: tests/test_grpo.py checks GRPO's loss against TRL's GRPOTrainer (>= 1.16: use_bias_correction_kl).
+        "dev": ["pytest", "transformers", "protobuf", "mistral-common", "ruff", "trl>=1.16"],
         "plot": ["matplotlib"],
         # Hugging Face's answer verifier: the `math-verify` grader (w2s/tasks/graders.py); without it that grader is
         # simply not available and every other one works.
