@@ -349,7 +349,7 @@ def _run(model, tokenizer, task, cfg, out_dir, d: Dist, on_step, return_model):
 
 @dataclass
 class Task:
-    """What a kind of training plugs into the loop (train_sft and train_preference build one)."""
+    """What a kind of training plugs into the loop (train_sft, train_preference and w2s.grpo.train_grpo build one)."""
 
     row_seqs: list  # row_seqs[i]: (token length, target tokens) of each of row i's sequences (SFT: 1; pairs: 2;
     # a sampling task rewrites the entries of the rows it samples, in make_batches, before the step is metered)
