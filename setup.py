@@ -25,8 +25,9 @@ setup(
         # transformers is a test-only dependency: the parity tests compare logits against it (protobuf: its
         # SentencePiece -> tokenizer.json converter, which the tokenizer tests use on the real Mistral-7B model;
         # peft: the reference loader of the LoRA adapters the training stages write, tests/test_adapters.py;
-        # tensorboard: the tracking test reads the event files back with tensorboard's own reader).
-        "dev": ["pytest", "transformers", "protobuf", "mistral-common", "peft", "ruff", "tensorboard"],
+        # tensorboard: the tracking test reads the event files back with tensorboard's own reader;
+        # trl: tests/test_grpo.py checks GRPO's loss against TRL's GRPOTrainer (>= 1.16: use_bias_correction_kl).
+        "dev": ["pytest", "transformers", "protobuf", "mistral-common", "peft", "ruff", "tensorboard", "trl>=1.16"],
         "plot": ["matplotlib"],
         # Experiment trackers for --report-to / [logging] report_to (w2s/tracking.py imports them only when asked).
         "tensorboard": ["tensorboard"],

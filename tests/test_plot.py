@@ -198,9 +198,11 @@ def test_evaluate_writes_each_question_with_its_id_gold_and_correctness(tmp_path
     evaluate = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(evaluate)
     for n, name in ((1, "greedy.jsonl"), (2, "samples.jsonl")):
-        (tmp_path / name).write_text("".join(json.dumps({"id": i, "prompt": "p", "completions": [
+        # a finished run's output, with the prompts evaluate.py builds
+        (tmp_path / name).write_text("".join(json.dumps({"id": i, "prompt": f"Question: q{k}?\nAnswer:",
+                                                          "completions": [
             {"text": t, "token_ids": [], "num_tokens": 1, "finish_reason": "eos"} for t in ts[:n]]}) + "\n"
-            for i, ts in zip(ids, texts)))
+            for k, (i, ts) in enumerate(zip(ids, texts))))
         args = [str(ckpt), str(test), "--device", "cpu", "--no-progress", "--out", str(tmp_path / name)]
         result = evaluate.main(args + (["--samples", "2"] if n == 2 else []))
         lines = [json.loads(x) for x in (tmp_path / f"{name}.per_question.jsonl").read_text().splitlines()]

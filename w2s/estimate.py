@@ -28,7 +28,7 @@ from w2s import profile
 from w2s.config import ModelConfig
 from w2s.lora import TARGETS
 from w2s.losses import PREFERENCE_LOSSES
-from w2s.recipe import train_config
+from w2s.recipe import grpo_config, train_config
 from w2s.tasks import few_shot_prompt, load_records, zero_shot_prompt
 from w2s.train import step_flops
 
@@ -110,6 +110,8 @@ def stage_cost(stage, recipe, work, configs, world=1, device=MEASURED_ON):
         return Cost(seconds=0.0)
     if name in ("run_labels", "run_samples", "run_eval"):
         return _generation_cost(stage, recipe, work, cfg, world, device)
+    if name == "run_grpo":
+        return _grpo_cost(recipe, work, cfg, world, device)
     return _training_cost(stage, recipe, work, cfg, world, device)
 
 
@@ -175,6 +177,24 @@ def _training_cost(stage, recipe, work, cfg, world, device):
     merged = tc.export_merged or stage.args.get("loss") in recipe.stage2.export_merged
     return Cost(trained=int(sequences * length), disk=_export_bytes(cfg, tc, recipe, merged),
                 memory=int(_training_memory(cfg, tc, recipe, length, world)), seconds=flops / rate if rate else None)
+
+
+def _grpo_cost(recipe, work, cfg, world, device):
+    """GRPO: each step samples group_size responses to batch_size train_2 questions, then trains on all of them."""
+    tc, gc = train_config(recipe, "grpo", progress=False), grpo_config(recipe)
+    steps = tc.max_steps or tc.epochs * max(1, -(-work.n_train_2 // tc.batch_size))
+    length = min(work.response_tokens, gc.max_new_tokens)
+    sequences = steps * min(tc.batch_size, work.n_train_2) * gc.group_size
+    sampled = sequences * length * profile.flops_per_token(cfg, seq_len=int(work.prompt_tokens + length / 2),
+                                                            training=False)
+    trained = sequences * step_flops(cfg, [(int(work.prompt_tokens + length), int(length))], tc.lora_rank is not None)
+    peak = _peak(device)
+    seconds = peak and sampled / (SAMPLING_MFU * peak * world) + trained / (TRAIN_MFU * peak * world)
+    return Cost(generated=int(sequences * length), trained=int(sequences * (work.prompt_tokens + length)),
+                disk=_export_bytes(cfg, tc, recipe, tc.export_merged),
+                memory=int(_training_memory(cfg, tc, recipe, work.prompt_tokens + length, world) +
+                           cfg.n_params() * 2),  # + the gathered bf16 copy the rollouts sample from
+                seconds=seconds or None)
 
 
 def _export_bytes(cfg, tc, recipe, merged):

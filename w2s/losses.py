@@ -1,5 +1,6 @@
-"""Training losses as pure functions of log-probabilities: SFT, DPO, IPO and ORPO. The one owner of the formulas
-and of the list of preference losses (PREFERENCE_LOSSES) that the trainer, the scripts and recipes accept.
+"""Training losses as pure functions of log-probabilities: SFT, DPO, IPO, ORPO and GRPO. The one owner of the formulas,
+of the list of preference losses (PREFERENCE_LOSSES) that the trainer and the scripts accept, and of the Stage II
+losses a recipe may name (STAGE2_LOSSES: those, and GRPO, whose rollouts and rewards live in w2s/grpo.py).
 
 Every function takes per-sequence quantities that the training loop gets from the fused linear log-prob /
 cross-entropy ops (w2s/ops.py). DPO and IPO return PER-PAIR losses, and the loop divides their sum by the global
@@ -21,6 +22,14 @@ rejected response, log pi(y|x) = sum of the response's token log-probs.
           odds(y|x) = P / (1 - P)
           L_OR = -log sigmoid( log odds(y_w|x) - log odds(y_l|x) )
           L = L_SFT(y_w) + lambda * L_OR                        (lambda is `beta` here, as in TRL)
+    GRPO  Shao et al. 2024 (DeepSeekMath), eq. 3 as a loss, outcome rewards (section 4.1.2), KL of eq. 4:
+          G samples o_1..o_G of one question q from pi_old, rewards r_1..r_G;
+          A_i     = (r_i - mean(r)) / (std(r) + 1e-4)          (group-normalized; std with Bessel's correction)
+          rho_it  = pi(o_it | q, o_i<t) / pi_old(o_it | q, o_i<t)
+          D_it    = ref/pi - log(ref/pi) - 1                   (the k3 estimator of KL(pi || ref), per token)
+          l_it    = -min(rho_it A_i, clip(rho_it, 1 - eps, 1 + eps) A_i) + beta D_it
+          L       = 1/N_seq sum_i 1/|o_i| sum_t l_it           (aggregation "sequence": the paper's)
+          L       = 1/N_tok sum_i sum_t l_it                   (aggregation "token": DAPO, Yu et al. 2025)
 
 Conventions (they decide which beta carries over from another codebase):
     DPO, IPO  log pi(y|x) is the SUM of the response's token log-probs, as in LLaMA-Factory v0.5.0 and the DPO
@@ -28,8 +37,26 @@ Conventions (they decide which beta carries over from another codebase):
               with TRL's IPO does not carry over.
     ORPO      L_SFT(y_w) is the token-mean NLL of the chosen responses over the global batch: the summed NLL of every
               chosen response of the optimizer step divided by their total number of tokens.
+    GRPO      N_seq / N_tok count the sequences / response tokens of the whole optimizer step (all micro-batches and
+              ranks). Where TRL's GRPOTrainer (1.x) differs:
+              - aggregation: our default is the paper's per-sequence mean; TRL's default loss_type is "dapo", our
+                "token" (both over the global token count). TRL's "grpo" averages per-sequence means over each
+                micro-batch and divides by the accumulation steps: ours only when every micro-batch holds as many
+                sequences. TRL's "bnpo" (token mean of each micro-batch) and "dr_grpo" (Liu et al. 2025: the token
+                sum over N_seq * max_completion_length, with scale_rewards off) are not offered.
+              - beta (the KL weight) defaults to 0.0 in both (no reference pass); DeepSeekMath trained with 0.04.
+                The KL term is DeepSeekMath's plain k3, TRL's use_bias_correction_kl=False; TRL's default (True)
+                multiplies it by rho (DeepSeek-V3.2's unbiased reverse-KL gradient): the same value at rho = 1, but
+                a gradient larger by D_it * grad log pi.
+              - scale_rewards: True divides by the group's std as TRL's "group" (the default) does; False is
+                TRL's "none" (Dr. GRPO). TRL's "batch" (the std over the whole batch) is not offered.
+              - one policy update per rollout batch (TRL's num_iterations = 1, both defaults): pi_old is pi itself,
+                detached, so rho = 1 at the update: the loss value is the mean of -A (plus beta D) and the gradient
+                the plain policy gradient A grad log pi; the clip gates gradients only from a second update on.
+              - epsilon_high (DAPO's asymmetric clip), delta, importance sampling at the sequence level (GSPO) and
+                vLLM importance-sampling corrections are TRL options with no counterpart here.
 
-    python -m pytest -q tests/test_losses.py
+    python -m pytest -q tests/test_losses.py tests/test_grpo.py
 """
 
 import math
@@ -39,6 +66,9 @@ import torch.nn.functional as F
 
 # The preference losses by name: what train_preference, scripts/dpo.py and recipes accept.
 PREFERENCE_LOSSES = ("dpo", "ipo", "orpo")
+# What a recipe's [stage2] losses accepts: the pair losses (trained on 15_pairs) and GRPO (on-policy, w2s/grpo.py).
+STAGE2_LOSSES = (*PREFERENCE_LOSSES, "grpo")
+GRPO_AGGREGATIONS = ("sequence", "token")
 
 
 def dpo_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
@@ -101,3 +131,47 @@ def orpo_loss(chosen_logps, rejected_logps, chosen_tokens, rejected_tokens, beta
     loss = nll + beta * or_losses.sum() / n_pairs
     stats = {"nll": nll.detach(), "or_loss": or_losses.detach().sum() / n_pairs, "log_odds": log_odds.sum() / n_pairs}
     return loss, beta * mean_chosen.detach(), beta * mean_rejected.detach(), stats
+
+
+def group_advantages(rewards, scale=True, eps=1e-4):
+    """GRPO's advantages (Q, G) from rewards (Q, G): each reward minus its group's mean, divided by the group's std
+    (Bessel-corrected, + eps, as TRL's scale_rewards="group") when `scale`. A group whose rewards are all equal gets
+    advantages 0: it carries no learning signal."""
+    if rewards.shape[-1] < 2:
+        raise ValueError(f"group_advantages: a group needs >= 2 samples for its std, got {rewards.shape[-1]}")
+    centered = rewards - rewards.mean(-1, keepdim=True)
+    return centered / (rewards.std(-1, keepdim=True) + eps) if scale else centered
+
+
+def grpo_loss(logps, old_logps, advantages, mask, clip_eps=0.2, beta=0.0, ref_logps=None, aggregation="sequence",
+              n_sequences=None, n_tokens=None):
+    """GRPO's clipped surrogate (+ beta * k3 KL) of a micro-batch, as its share of the optimizer step's loss.
+
+    logps, old_logps, ref_logps (S, T): per-token log-probs of the S sampled responses under the policy (with grad),
+    the sampling policy pi_old and the reference (ref_logps only needed when beta > 0); advantages (S,); mask (S, T)
+    True on response tokens. n_sequences / n_tokens: the GLOBAL counts of the optimizer step (default: this
+    micro-batch's), so that summing the returned loss over micro-batches and ranks gives the whole batch's loss.
+    -> (loss (), {"kl": mean k3 per token, "clip_ratio": share of tokens whose gradient the clip stops}, each
+    already divided by the global token count).
+    """
+    if aggregation not in GRPO_AGGREGATIONS:
+        raise ValueError(f"aggregation={aggregation!r}: expected one of {GRPO_AGGREGATIONS}")
+    maskf = mask.to(logps.dtype)
+    n_sequences = logps.shape[0] if n_sequences is None else n_sequences
+    n_tokens = maskf.sum() if n_tokens is None else n_tokens
+    ratio = torch.exp(logps - old_logps)  # (S, T)
+    adv = advantages[:, None].to(logps.dtype)  # (S, 1)
+    per_token = -torch.min(ratio * adv, ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * adv)
+    kl = torch.zeros_like(logps)
+    if beta != 0.0:
+        log_ref_ratio = ref_logps - logps  # log(ref / pi)
+        kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1.0
+        per_token = per_token + beta * kl
+    if aggregation == "sequence":
+        loss = ((per_token * maskf).sum(-1) / maskf.sum(-1).clamp(min=1.0)).sum() / n_sequences
+    else:
+        loss = (per_token * maskf).sum() / n_tokens
+    # The clip stops a token's gradient where the ratio has left [1 - eps, 1 + eps] on the side the advantage pushes.
+    clipped = ((ratio < 1.0 - clip_eps) & (adv < 0)) | ((ratio > 1.0 + clip_eps) & (adv > 0))
+    stats = {"kl": (kl.detach() * maskf).sum() / n_tokens, "clip_ratio": (clipped & mask).sum() / n_tokens}
+    return loss, stats

@@ -15,14 +15,17 @@ unchanged is skipped, a killed one resumes, a changed option reruns exactly what
     08-09_r2_labels_* round-1 weak-ft / icl-ft models relabel train_2 zero-shot
     10_r2_filter      consistency again
     11-13_r2_sft_*    SFT again (from base or continued)                     -> r2 hybrid = M_plus
-    14_samples        M_plus: n samples per train_2 question at T=1
+    14_samples        M_plus: n samples per train_2 question at T=1 (14 and 15: when a pair loss is on)
     15_pairs          majority vote, confidence, preference pairs (weak response always one side)
     16_dpo, 17_orpo   preference optimization of M_plus (16_ipo on request)                   -> M_pro
+    16_grpo           on request, instead of or beside the pairs: GRPO of M_plus on train_2 questions with the vote
+                      reward (w2s/grpo.py); reads the weak labels, never train_2 gold
     18_full_weak_ft   baseline: SFT the strong base on all of D_weak
     19_ceiling        baseline: SFT the strong base on gold train_2
     20-30_eval_*      greedy test accuracy of every trained model (EVAL_NUMBERS)
     31_eval_strong_icl  baseline: the strong base, 4-shot with the same weak demos, on test
     32-36_passk_*     pass@k of M_plus and M_pro from n samples at T=1 ([eval] pass_k_samples)
+    40_eval_stage2_grpo, 41_passk_stage2_grpo   the same for 16_grpo's model
 
 Under torchrun every rank runs every stage (training is FSDP2-sharded, sampling splits prompts over ranks); only
 rank 0 writes shared files.
@@ -54,7 +57,7 @@ from w2s.estimate import (
 )
 from w2s.files import sha256_file, stable_hash, write_json_atomic
 from w2s.parallel import barrier, init_distributed, is_main
-from w2s.recipe import load_recipe, train_config, validate_inputs
+from w2s.recipe import grpo_config, load_recipe, train_config, validate_inputs
 from w2s.report import _table, report
 from w2s.runners import (
     run_ceiling,
@@ -62,6 +65,7 @@ from w2s.runners import (
     run_eval,
     run_filter,
     run_full_weak_ft,
+    run_grpo,
     run_labels,
     run_pairs,
     run_preference,
@@ -73,13 +77,15 @@ from w2s.runners import (
 
 KINDS = {run_data: "data", run_test_set: "data", run_weak_sft: "train", run_labels: "generate", run_filter: "filter",
          run_stage1_sft: "train", run_samples: "generate", run_pairs: "filter", run_preference: "train",
-         run_full_weak_ft: "train", run_ceiling: "train", run_eval: "eval"}
+         run_full_weak_ft: "train", run_ceiling: "train", run_eval: "eval", run_grpo: "train"}
 PREFERENCE_STAGES = {"dpo": "16_dpo", "orpo": "17_orpo", "ipo": "16_ipo"}  # one per losses.PREFERENCE_LOSSES
-# Fixed numbers of the evaluations: 20-31 greedy test accuracy, 32-36 pass@k and the IPO extra.
+STAGE2_STAGES = {**PREFERENCE_STAGES, "grpo": "16_grpo"}  # one per losses.STAGE2_LOSSES
+# Fixed numbers of the evaluations: 20-31 greedy test accuracy, 32-36 pass@k and the IPO extra, 40-41 GRPO's.
 EVAL_NUMBERS = {"weak_floor": 20, "full_weak_ft": 21, "stage1_r1_weak": 22, "stage1_r1_icl": 23,
                 "stage1_r1_hybrid": 24, "stage1_r2_weak": 25, "stage1_r2_icl": 26, "stage1_r2_hybrid": 27,
-                "stage2_dpo": 28, "stage2_orpo": 29, "ceiling": 30, "strong_icl": 31, "stage2_ipo": 35}
-PASSK_NUMBERS = {"stage1_plus": 32, "stage2_dpo": 33, "stage2_orpo": 34, "stage2_ipo": 36}
+                "stage2_dpo": 28, "stage2_orpo": 29, "ceiling": 30, "strong_icl": 31, "stage2_ipo": 35,
+                "stage2_grpo": 40}
+PASSK_NUMBERS = {"stage1_plus": 32, "stage2_dpo": 33, "stage2_orpo": 34, "stage2_ipo": 36, "stage2_grpo": 41}
 
 
 def stage(name, run, reads, options, when=True, **args):
@@ -93,6 +99,7 @@ def build_stages(recipe):
     two_rounds = s1.rounds == 2
     m_plus = "13_r2_sft_hybrid" if two_rounds else "07_r1_sft_hybrid"
     zero_shot, few_shot, strong_sft = greedy_key(r, "zero_shot"), greedy_key(r, "few_shot"), strong_sft_key(r)
+    pair_losses = [loss for loss in losses if loss in PREFERENCE_STAGES]  # GRPO alone needs no samples nor pairs
 
     def sft_on_set(name, filter, sft_set, init="strong", when=True):  # init: the strong base or a round-1 model
         reads = [filter] + ([init] if init != "strong" else [])
@@ -128,11 +135,14 @@ def build_stages(recipe):
         sft_on_set("12_r2_sft_icl", "10_r2_filter", "icl", r2_init("06_r1_sft_icl"), two_rounds),
         sft_on_set("13_r2_sft_hybrid", "10_r2_filter", "hybrid", r2_init("07_r1_sft_hybrid"), two_rounds),
         # Stage II: M_plus samples and votes; pairs against the weak labels; preference training -> M_pro
-        stage("14_samples", run_samples, ["00_data", m_plus], samples_key(r), model=m_plus),
-        stage("15_pairs", run_pairs, ["00_data", "02_weak_labels", "14_samples"], pairs_key(r),
+        stage("14_samples", run_samples, ["00_data", m_plus], samples_key(r), bool(pair_losses), model=m_plus),
+        stage("15_pairs", run_pairs, ["00_data", "02_weak_labels", "14_samples"], pairs_key(r), bool(pair_losses),
               samples="14_samples"),
         *[stage(PREFERENCE_STAGES[loss], run_preference, ["15_pairs", m_plus], preference_key(r, loss),
-                pairs="15_pairs", init=m_plus, loss=loss) for loss in losses],
+                pairs="15_pairs", init=m_plus, loss=loss) for loss in pair_losses],
+        # GRPO: M_plus samples on-policy and learns from its own vote (the weak labels only for "vote_or_weak")
+        stage("16_grpo", run_grpo, ["00_data", "02_weak_labels", m_plus], grpo_key(r), "grpo" in losses,
+              init=m_plus),
         # Baselines: the strong base fine-tuned on every weak label, and on train_2 gold (the ceiling)
         stage("18_full_weak_ft", run_full_weak_ft, ["02_weak_labels"], strong_sft("all_weak_labels", None),
               "full_weak_ft" in baselines),
@@ -147,7 +157,7 @@ def eval_methods(recipe):
     methods = [("weak_floor", "01_weak_sft"), ("full_weak_ft", "18_full_weak_ft")]
     for rnd, numbers in ((1, ("05", "06", "07")), (2, ("11", "12", "13")))[:recipe.stage1.rounds]:
         methods += [(f"stage1_r{rnd}_{s}", f"{n}_r{rnd}_sft_{s}") for n, s in zip(numbers, ("weak", "icl", "hybrid"))]
-    methods += [(f"stage2_{loss}", PREFERENCE_STAGES[loss]) for loss in recipe.stage2.losses]
+    methods += [(f"stage2_{loss}", STAGE2_STAGES[loss]) for loss in recipe.stage2.losses]
     return methods + [("ceiling", "19_ceiling")]
 
 
@@ -162,7 +172,7 @@ def evaluations(r, present, m_plus):
                        greedy_key(r, "few_shot") | {"method": "strong_icl"}, "strong_icl" in r.eval.baselines,
                        model="strong", prompt="few_shot"))
     if k := r.eval.pass_k_samples:
-        for method, model in [("stage1_plus", m_plus)] + [(f"stage2_{x}", PREFERENCE_STAGES[x])
+        for method, model in [("stage1_plus", m_plus)] + [(f"stage2_{x}", STAGE2_STAGES[x])
                                                            for x in r.stage2.losses]:
             evals.append(stage(f"{PASSK_NUMBERS[method]}_passk_{method}", run_eval, ["00_test", model],
                                passk_key(r), model=model, prompt="zero_shot", n=k,
@@ -255,6 +265,12 @@ def pairs_key(r):
 
 def preference_key(r, loss):
     return {"train": train_options(r, "preference"), "loss": loss, "dtype": r.models.dtype}
+
+
+def grpo_key(r):
+    """GRPO's options: its training section, its own options, and the grader (it reads the rewards)."""
+    return {"train": train_options(r, "grpo"), "grpo": asdict(grpo_config(r)), "task": r.data.task,
+            "grader": r.data.grader, "dtype": r.models.dtype, "prompt": "zero_shot"}
 
 
 def passk_key(r):

@@ -8,8 +8,10 @@ files, impossible values) before any model is loaded, and every error names the 
     [models]    weak / strong checkpoint dirs, dtype, device
     [sampling]  max_new_tokens, batch size, cache length for every generation stage
     [weak_sft] [strong_sft] [preference]   training options (w2s.train_config.TrainConfig fields)
+    [grpo]      GRPO's training: TrainConfig fields and GRPOConfig's (group size, rollout tokens, reward, ...)
     [stage1]    rounds, round-2 init ("base" or "continue"), which SFT sets to train
-    [stage2]    samples, temperature, top_p, confidence thresholds, pairs per question, losses, merged M_pro exports
+    [stage2]    samples, temperature, top_p, confidence thresholds, pairs per question, losses (pairs and/or GRPO),
+                merged M_pro exports
     [eval]      pass@k samples, which baselines to run
     [logging]   report_to: experiment trackers of the training stages ("tensorboard" -> runs/<name>/tb/<stage>,
                 "wandb"); not part of any stage's key, so turning them on reruns nothing
@@ -26,10 +28,10 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from w2s.losses import PREFERENCE_LOSSES
+from w2s.losses import STAGE2_LOSSES
 from w2s.tasks.graders import default_grader, is_available, task_graders
 from w2s.tracking import check_trackers
-from w2s.train_config import TrainConfig
+from w2s.train_config import GRPOConfig, TrainConfig
 
 TASKS = ("gsm8k", "math")
 
@@ -81,7 +83,7 @@ class Stage2Options:
     min_confidence: float = 0.6
     flip_confidence: float = 0.8
     max_pairs: int = 1  # PAPER: 1 for GSM8K, up to 3 for MATH
-    losses: list = field(default_factory=lambda: ["dpo", "orpo"])
+    losses: list = field(default_factory=lambda: ["dpo", "orpo"])  # of losses.STAGE2_LOSSES ("grpo": no pairs)
     pair_seed: int = 0  # the RNG that picks the other side of each pair (per question, see preference_pairs.py)
     # losses whose M_pro is also written as a merged HF model (16_dpo/model/merged): the run's final models. A LoRA
     # stage's model/ is otherwise the adapter alone; merged, a 70B model is 138 GB on disk per loss. Not in any key:
@@ -114,12 +116,13 @@ class Recipe:
     weak_sft: dict  # TrainConfig overrides, validated against w2s.train_config.TrainConfig
     strong_sft: dict
     preference: dict
+    grpo: dict  # TrainConfig and GRPOConfig overrides (train_config(recipe, "grpo"), grpo_config(recipe))
     logging: LoggingOptions = field(default_factory=LoggingOptions)
 
 
 SECTIONS = {"data": DataOptions, "models": ModelOptions, "sampling": SamplingOptions, "stage1": Stage1Options,
             "stage2": Stage2Options, "eval": EvalOptions, "logging": LoggingOptions}
-TRAIN_SECTIONS = ("weak_sft", "strong_sft", "preference")
+TRAIN_SECTIONS = ("weak_sft", "strong_sft", "preference", "grpo")
 BASELINES = ("full_weak_ft", "strong_icl", "ceiling")
 
 
@@ -144,9 +147,18 @@ def train_config_defaults():
 
 
 def train_config(recipe, section, progress=True):
-    """The resolved TrainConfig of a recipe section ([weak_sft], [strong_sft] or [preference])."""
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in getattr(recipe, section).items()}
+    """The resolved TrainConfig of a recipe section ([weak_sft], [strong_sft], [preference] or [grpo])."""
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in getattr(recipe, section).items()
+              if k not in GRPO_FIELDS}
     return TrainConfig(**{**values, "progress": progress})
+
+
+GRPO_FIELDS = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}
+
+
+def grpo_config(recipe):
+    """The resolved GRPOConfig of the recipe's [grpo] section (its GRPOConfig keys; the rest are TrainConfig's)."""
+    return GRPOConfig(**{k: v for k, v in recipe.grpo.items() if k in GRPO_FIELDS})
 
 
 def _check_train_value(key, value, default, where):
@@ -189,10 +201,15 @@ def load_recipe(path, check_files=True):
         values = raw.get(name, {})
         if not isinstance(values, dict):
             raise ValueError(f"{path}: [{name}]: expected a table of TrainConfig options, got {values!r}")
+        own = GRPO_FIELDS if name == "grpo" else {}
         for key, value in values.items():
+            if key in own:
+                _check_train_value(key, value, own[key], f"{path}: [{name}]")
+                continue
             if key not in train_defaults or key == "progress":
-                raise ValueError(f"{path}: [{name}] unknown key {key!r}; expected TrainConfig fields: "
-                                 f"{', '.join(sorted(set(train_defaults) - {'progress'}))}")
+                raise ValueError(f"{path}: [{name}] unknown key {key!r}; expected TrainConfig fields"
+                                 f"{' or GRPOConfig fields' if own else ''}: "
+                                 f"{', '.join(sorted((set(train_defaults) | set(own)) - {'progress'}))}")
             _check_train_value(key, value, train_defaults[key], f"{path}: [{name}]")
         train[name] = values
     recipe = Recipe(name=raw.get("name") or path.stem, path=str(path), **sections, **train)
@@ -265,12 +282,16 @@ def _validate(r, path, check_files):
     if r.stage2.n_samples < 1 or r.stage2.max_pairs < 1:
         bad("[stage2]", "n_samples and max_pairs must be >= 1")
     for loss in r.stage2.losses:
-        if loss not in PREFERENCE_LOSSES:
-            bad("[stage2] losses", f"unknown loss {loss!r}; expected one of {', '.join(PREFERENCE_LOSSES)}")
+        if loss not in STAGE2_LOSSES:
+            bad("[stage2] losses", f"unknown loss {loss!r}; expected one of {', '.join(STAGE2_LOSSES)}")
     for loss in r.stage2.export_merged:
         if loss not in r.stage2.losses:
             bad("[stage2] export_merged", f"{loss!r} is not one of the run's losses ({', '.join(r.stage2.losses)})")
     _check_lora_continues(r, bad)
+    try:
+        grpo_config(r)
+    except ValueError as e:
+        bad("[grpo]", str(e))
     for b in r.eval.baselines:
         if b not in BASELINES:
             bad("[eval] baselines", f"unknown baseline {b!r}; expected {', '.join(BASELINES)}")

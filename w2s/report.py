@@ -29,6 +29,7 @@ METHODS = [
     ("stage2_dpo", "Stage II: DPO (M_pro)"),
     ("stage2_orpo", "Stage II: ORPO"),
     ("stage2_ipo", "Stage II: IPO"),
+    ("stage2_grpo", "Stage II: GRPO (vote reward)"),
     ("ceiling", "strong ceiling (gold train_2)"),
 ]
 

@@ -39,11 +39,12 @@ import torch
 
 from w2s.checkpoint import load_for_training, tokenizer_dir
 from w2s.files import read_jsonl, write_json_atomic, write_jsonl_atomic
+from w2s.grpo import train_grpo
 from w2s.interchange import export_pairs, export_sft
 from w2s.lora import adapter_applied, adapter_base_dir, read_adapter
 from w2s.parallel import is_main
 from w2s.profile import StageProfiler
-from w2s.recipe import train_config
+from w2s.recipe import grpo_config, train_config
 from w2s.sampling_jsonl import generate_to_jsonl
 from w2s.stages.consistency import consistent, precision, sft_sets
 from w2s.stages.metrics import evaluation_result, pair_precision
@@ -263,6 +264,18 @@ def train_stage(ctx, out, base_dir, rows, section, loss=None, export_merged=Fals
                          f"(see the meta.json of the stage that built it, e.g. its kept/pairs counts)")
     if is_main():
         write_jsonl_atomic(out / "train.jsonl", rows)
+
+    def train(model, tok, cfg, **options):
+        if loss is None:
+            return train_sft(model, tok, rows, cfg, **options)
+        return train_preference(model, tok, rows, cfg, loss=loss, **options)
+
+    return _cost(_train(ctx, out, base_dir, section, train, export_merged))
+
+
+def _train(ctx, out, base_dir, section, train, export_merged=False):
+    """Load base_dir for training, run train(model, tok, cfg, **options) -> (model, stats) with the stage's options,
+    keep what the next stage samples resident; -> stats."""
     drop_resident(ctx)
     model, tok = load_for_training_stage(ctx.recipe, base_dir)
     cfg = train_config(ctx.recipe, section, progress=ctx.progress)
@@ -276,13 +289,10 @@ def train_stage(ctx, out, base_dir, rows, section, loss=None, export_merged=Fals
                    report_to=ctx.recipe.logging.report_to, log_dir=ctx.run_dir / "tb" / out.name,
                    run_name=f"{ctx.recipe.name}/{out.name}")  # one tracker run per stage, named after it
     ctx.cleanup.append(out / "model" / "ckpt")
-    if loss is None:
-        model, stats = train_sft(model, tok, rows, cfg, **options)
-    else:
-        model, stats = train_preference(model, tok, rows, cfg, loss=loss, **options)
+    model, stats = train(model, tok, cfg, **options)
     if resident is not None:
         keep_resident(ctx, resident, model, tok)
-    return _cost(stats)
+    return stats
 
 
 # ------------------------------------------------------------------------------------------------ the runners
@@ -423,6 +433,25 @@ def run_preference(ctx, out, pairs, init, loss):
     merged = loss in ctx.recipe.stage2.export_merged  # M_pro as a plain HF model too (the run's final models)
     return {"n_pairs": len(rows), "loss": loss,
             **train_stage(ctx, out, checkpoint(ctx, init), rows, "preference", loss=loss, export_merged=merged)}
+
+
+def run_grpo(ctx, out, init):
+    """GRPO of `init` (M_plus) on the train_2 questions, rewarded by its own vote (and the weak labels under
+    "vote_or_weak"; w2s/grpo.py) -> out/model. Reads questions and weak responses, never train_2 gold."""
+    r, grade = ctx.recipe, grader(ctx)
+    questions = [{"id": q["id"], "prompt": zero_shot(q)} for q in data_rows(ctx, "train_2")]
+    weak = {w["id"]: grade.answer(w["response"]) for w in labels(ctx, "02_weak_labels")}
+    last = {}  # the last logged record: the final reward and its spread
+
+    def train(model, tok, cfg, **options):
+        return train_grpo(model, tok, questions, cfg, grpo_config(r), grade, weak_answers=weak,
+                          same_for=train_2_comparisons(ctx), stop=tuple(STOP_STRINGS), max_batch=r.sampling.max_batch,
+                          on_step=last.update, **options)
+
+    stats = _train(ctx, out, checkpoint(ctx, init), "grpo", train)
+    return {"n_questions": len(questions), "loss": "grpo", "grader": grade.name,
+            "final": {k: last.get(k) for k in ("reward", "reward_std", "vote_confidence", "kl", "completion_len")},
+            **_cost(stats)}
 
 
 def run_eval(ctx, out, model, prompt, n=1, temperature=0.0):

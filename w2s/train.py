@@ -1,4 +1,4 @@
-"""The one training loop: SFT, DPO, IPO and ORPO plug in as a loss step; FSDP2, LoRA, resumable checkpoints.
+"""The one training loop: SFT, DPO, IPO, ORPO and GRPO (w2s/grpo.py) plug in as a Task; FSDP2, LoRA, checkpoints.
 
     model = train_sft(model, tokenizer, [{"prompt": ..., "response": ...}], TrainConfig(lr=1e-5), out_dir="runs/x")
     model = train_preference(model, tokenizer, [{"prompt", "chosen", "rejected"}], cfg, out_dir, loss="dpo")
@@ -384,14 +384,17 @@ class NonFiniteError(ValueError):
 
 @dataclass
 class Task:
-    """What a kind of training plugs into the loop (train_sft and train_preference build one)."""
+    """What a kind of training plugs into the loop (train_sft, train_preference and w2s.grpo.train_grpo build one)."""
 
-    row_seqs: list  # row_seqs[i]: (token length, target tokens) of each of row i's sequences (SFT: 1; pairs: 2)
-    make_batch: Callable  # row indices -> {"tokens", "targets", ...} CPU tensors
+    row_seqs: list  # row_seqs[i]: (token length, target tokens) of each of row i's sequences (SFT: 1; pairs: 2;
+    # a sampling task rewrites the entries of the rows it samples, in make_batches, before the step is metered)
+    make_batch: Callable | None  # row indices -> {"tokens", "targets", ...} CPU tensors
     count_fn: Callable  # batch -> its share of norm: [valid tokens, pairs, chosen tokens]
     loss_step: Callable  # (module, batch on device, norm) -> (loss, {metric: tensor}); see "loss steps"
     data_key: str  # identifies the data (and loss) in the checkpoints' run key
     prepare: Callable | None = None  # (module, weights fingerprint) after sharding: the reference pass
+    make_batches: Callable | None = None  # instead of make_batch: (step, this rank's micro-batch rows) -> batches
+    repeat: int = 1  # optimizer steps on each global batch (GRPO's policy updates per rollout batch)
 
 
 class Trainer:
@@ -409,7 +412,7 @@ class Trainer:
         self.params, self.optimizer = self._build_optimizer()
         self.lengths = [sum(n for n, _ in seqs) for seqs in task.row_seqs]  # what length grouping sorts by
         self.steps_per_epoch = math.ceil(len(self.lengths) / cfg.batch_size)
-        self.total = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+        self.total = cfg.max_steps or cfg.epochs * self.steps_per_epoch * task.repeat
         self.accum = cfg.grad_accum(d.world_size)
         self.run_key = stable_hash([task.data_key, _trajectory_config(cfg), d.world_size], length=64)
         self.ckpt_root = self.out_dir / "ckpt" if self.out_dir is not None else None
@@ -488,7 +491,7 @@ class Trainer:
     # -- the step loop -----------------------------------------------------------------------------------------
     def global_batch(self, step):
         """(row indices of step `step`'s global batch, its epoch)."""
-        epoch, i = divmod(step, self.steps_per_epoch)
+        epoch, i = divmod(step // self.task.repeat, self.steps_per_epoch)
         if self._epoch[0] != epoch:
             self._epoch = (epoch, data.epoch_batches(self.lengths, self.cfg.batch_size, self.cfg.seed, epoch))
         return self._epoch[1][i], epoch
@@ -497,7 +500,8 @@ class Trainer:
         """One optimizer step (module docstring, 1-4). -> ({metric: this rank's sum}, global grad norm, lr)."""
         d, task, accum = self.d, self.task, self.accum
         slots = data.split_slots(global_batch, d.world_size * accum)
-        micro = [task.make_batch(slots[d.rank * accum + m]) for m in range(accum)]
+        mine = slots[d.rank * accum:(d.rank + 1) * accum]
+        micro = task.make_batches(step, mine) if task.make_batches else [task.make_batch(rows) for rows in mine]
         counts = torch.tensor([sum(c) for c in zip(*(task.count_fn(b) for b in micro))], dtype=torch.float32)
         norm = all_reduce_sum(counts.to(d.device), d).clamp(min=1.0)  # global [tokens, pairs, chosen tokens]
         lr = lr_at(step, self.total, self.cfg)

@@ -1,16 +1,19 @@
-"""TrainConfig: every option of the training loop (w2s/train.py), its checks, and its command-line form.
+"""TrainConfig: every option of the training loop (w2s/train.py), its checks, and its command-line form; GRPOConfig:
+the options of the GRPO task (w2s/grpo.py) that the loop's own fields do not cover.
 
     cfg = TrainConfig(lr=1e-5, batch_size=64, lora_rank=16)   # impossible values fail here, naming the field
     add_config_args(parser); cfg = config_from_args(parser.parse_args())   # one --flag per field (w2s/train_cli.py)
 
-Recipes ([weak_sft], [strong_sft], [preference] in recipes/*.toml) are checked against these fields too
-(w2s/recipe.py). Tested in tests/test_train.py and tests/test_recipe.py.
+Recipes ([weak_sft], [strong_sft], [preference], [grpo] in recipes/*.toml) are checked against these fields too
+(w2s/recipe.py; [grpo] takes both classes' fields). Tested in tests/test_train.py, tests/test_recipe.py and
+tests/test_grpo.py.
 """
 
 import math
 from dataclasses import dataclass, fields
 
 from w2s.lora import TARGETS
+from w2s.losses import GRPO_AGGREGATIONS
 
 
 @dataclass
@@ -61,6 +64,39 @@ class TrainConfig:
 
     def grad_accum(self, world_size):
         return max(1, math.ceil(self.batch_size / (self.micro_batch_size * world_size)))
+
+
+GRPO_REWARDS = ("vote", "vote_or_weak")  # w2s/grpo.py's docstring defines both
+
+
+@dataclass
+class GRPOConfig:
+    """GRPO's own options. Questions per optimizer step are TrainConfig.batch_size (questions per forward/backward:
+    micro_batch_size, each with its group_size samples); TrainConfig.beta is not used (kl_beta is GRPO's)."""
+
+    group_size: int = 8  # G: samples per question per rollout, the voters of its majority answer
+    max_new_tokens: int = 512  # per sample
+    temperature: float = 1.0  # of the rollouts (top-p 1, as the paper's Stage II samples)
+    clip_eps: float = 0.2  # the ratio is clipped to [1 - eps, 1 + eps]
+    kl_beta: float = 0.0  # weight of the k3 KL to the reference (0: no reference pass, as TRL's default)
+    reward: str = "vote"  # "vote": agree with the group's majority; "vote_or_weak": only where it is the weak label
+    updates_per_batch: int = 1  # optimizer steps on each rollout batch (mu); 1: pi_old = pi, the ratio is 1
+    aggregation: str = "sequence"  # "sequence": mean over samples of token means (GRPO); "token": DAPO's token mean
+    scale_rewards: bool = True  # divide advantages by the group's reward std (False: Dr. GRPO)
+
+    def __post_init__(self):
+        for name in ("group_size", "max_new_tokens", "updates_per_batch"):
+            if getattr(self, name) < (2 if name == "group_size" else 1):
+                raise ValueError(f"GRPOConfig.{name}={getattr(self, name)!r}: expected an integer >= "
+                                 f"{2 if name == 'group_size' else 1}")
+        for name in ("temperature", "clip_eps"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"GRPOConfig.{name}={getattr(self, name)!r}: expected a number > 0")
+        if self.kl_beta < 0:
+            raise ValueError(f"GRPOConfig.kl_beta={self.kl_beta!r}: expected a number >= 0")
+        for name, allowed in (("reward", GRPO_REWARDS), ("aggregation", GRPO_AGGREGATIONS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"GRPOConfig.{name}={getattr(self, name)!r}: expected one of {allowed}")
 
 
 # Help text of every TrainConfig field, for the scripts' --help (w2s/train_cli.py: scripts/sft.py, scripts/dpo.py).
