@@ -24,7 +24,8 @@ GROUPS = [
                                      ("stage1_r1_hybrid", "hybrid-ft")]),
     ("Stage I, round 2", "#55a868", [("stage1_r2_weak", "weak-ft"), ("stage1_r2_icl", "icl-ft"),
                                      ("stage1_r2_hybrid", "hybrid-ft")]),
-    ("Stage II", "#c44e52", [("stage2_dpo", "DPO (M_pro)"), ("stage2_orpo", "ORPO"), ("stage2_ipo", "IPO")]),
+    ("Stage II", "#c44e52", [("stage2_dpo", "DPO (M_pro)"), ("stage2_orpo", "ORPO"), ("stage2_ipo", "IPO"),
+                             ("stage2_grpo", "GRPO")]),
 ]
 FLOOR_COLOUR, CEILING_COLOUR, BEFORE_COLOUR = "#dd8452", "#8172b3", "#d0d0d0"
 
