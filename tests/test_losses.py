@@ -107,7 +107,8 @@ def test_orpo_loss_by_hand_with_global_normalizers():
 
     pc = _t(chosen)
     loss, rewards_c, rewards_r, stats = losses.orpo_loss(
-        pc, _t(rejected), torch.tensor(n_chosen), torch.tensor(n_rejected), beta, n_pairs=2, n_chosen_tokens=5, nll="token_mean")
+        pc, _t(rejected), torch.tensor(n_chosen), torch.tensor(n_rejected), beta, n_pairs=2, n_chosen_tokens=5,
+        nll="token_mean")
     assert loss.item() == pytest.approx(expected, rel=1e-12)
     assert stats["nll"].item() == pytest.approx(nll, rel=1e-12)
     assert stats["or_loss"].item() == pytest.approx(sum(or_losses) / 2, rel=1e-12)

@@ -10,8 +10,8 @@ Recipes ([weak_sft], [strong_sft], [preference] in recipes/*.toml) are checked a
 import math
 from dataclasses import dataclass, fields
 
-from w2s.losses import ORPO_NLL
 from w2s.lora import TARGETS
+from w2s.losses import ORPO_NLL
 
 
 @dataclass
