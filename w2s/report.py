@@ -134,7 +134,7 @@ def _under(meta, field, grader):
 
 
 def _passes(values):
-    return ", ".join(f"{k} {100 * v:.1f}" for k, v in values.items() if k.startswith("pass@"))
+    return ", ".join(f"{k} {100 * v:.1f}" for k, v in values.items() if k.startswith(("pass@", "maj@")))
 
 
 def _truncation_rows(metas):
@@ -182,7 +182,8 @@ def report(run_dir, plot=True):
                 "paper = the authors' protocol; equivalence = w2s's lenient grader; math-verify = Hugging Face's. "
                 "Disagreements: test questions that two graders judge differently.", "", _table(header, grader_rows)]
     if passk:
-        out += ["", "## pass@k (samples at T=1)", "", _table(["model", "pass@k %", "by grader %"], passk)]
+        out += ["", "## pass@k and maj@k (samples at T=1; maj@k: the majority answer is correct)", "",
+                _table(["model", "pass@k, maj@k %", "by grader %"], passk)]
     level_rows = [(n.split("_eval_", 1)[1], ", ".join(f"L{lv} {100 * a:.0f}" for lv, a in levels.items()))
                   for n, meta in metas.items() if "_eval_" in n and
                   (levels := _under(meta, "accuracy_by_level_by_grader", grader) or meta.get("accuracy_by_level"))]

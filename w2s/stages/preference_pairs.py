@@ -33,40 +33,11 @@ import hashlib
 import random
 
 from w2s.stages.consistency import check_same_ids, index_by_id
-from w2s.stages.metrics import SameAnswer, SameFor, answers_agree, comparator, exact_match
+from w2s.stages.metrics import SameAnswer, SameFor, answers_agree, comparator, exact_match, majority_vote
 from w2s.tasks import zero_shot_prompt
 
 # confidence is count / n; compare with a little slack so 0.6 given as 6/10 or 3/5 or 0.6 all pass the 0.6 bar.
 _EPS = 1e-9
-
-
-def majority_vote(answers: list[str], same_answer: SameAnswer = exact_match) -> tuple[str, float]:
-    """(a_plus, confidence): the most frequent non-empty answer and its count over ALL len(answers) samples.
-
-    Answers are grouped into equivalence classes with `same_answer` (so "0.5" and "\\frac{1}{2}" vote together
-    under the equivalence grader for MATH; under `paper` only equal strings do): each answer joins the first class
-    whose representative (its first member) it equals. a_plus is that representative. Ties go to the class that
-    appeared first in sample order, which is deterministic since the samples are stored in order. Empty answers
-    count in the denominator but never win; with no non-empty answer the result is ("", 0.0).
-    """
-    if not answers:
-        raise ValueError("majority_vote needs at least one answer")
-    representatives: list[str] = []
-    counts: list[int] = []
-    for answer in answers:
-        if answer == "":
-            continue
-        for c, representative in enumerate(representatives):
-            if answers_agree(representative, answer, same_answer):
-                counts[c] += 1
-                break
-        else:
-            representatives.append(answer)
-            counts.append(1)
-    if not counts:
-        return "", 0.0
-    best = max(range(len(counts)), key=lambda c: (counts[c], -c))  # highest count, then earliest class
-    return representatives[best], counts[best] / len(answers)
 
 
 def question_rng(seed: int, qid) -> random.Random:
