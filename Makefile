@@ -1,4 +1,4 @@
-# w2s: the two commands a new user needs are `make demo` and `make test`.
+# w2s: the two commands a new user needs are `make demo` and `make test`; each installs what it needs first.
 PY ?= python3
 TORCH_CPU ?= torch==2.13.0
 NPROC ?= 1
@@ -7,38 +7,46 @@ LAUNCH = $(if $(filter 1,$(NPROC)),$(PY),$(PY) -m torch.distributed.run --nproc_
 
 .PHONY: install test test-gpu check-sm90 lint demo demo-pretrain demo-seeds demo-compare gsm8k math bench-kernels bench-sampling bench-train
 
+# Every target that runs code depends on the install stamp, so a fresh clone needs no separate `make install`. The
+# stamp is named after the interpreter's environment (sys.prefix): another virtual environment installs again, and so
+# does any change to setup.py. Git ignores it (.gitignore: .install-*).
+STAMP := .install-$(shell $(PY) -c "import hashlib, sys; print(hashlib.sha1(sys.prefix.encode()).hexdigest()[:10])")
+
+install: $(STAMP)
+
 # Installs torch only when none is importable (a GPU node keeps its own CUDA build); the pinned
 # version resolves to the local CPU wheel on the development machines and in CI.
-install:
+$(STAMP): setup.py
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(TORCH_CPU)
 	$(PY) -m pip install -e ".[dev,plot]"
+	@touch $@
 
-test:
+test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-test-gpu:
+test-gpu: $(STAMP)
 	$(PY) -m pytest -q -m gpu tests
 
 # Compile every Triton kernel for an H100 (sm_90a) without a GPU: shared memory, registers, spills per variant.
-check-sm90:
+check-sm90: $(STAMP)
 	env -u TRITON_INTERPRET $(PY) -m kernels.compile_check
 
-lint:
+lint: $(STAMP)
 	$(PY) -m ruff check w2s kernels scripts tests
 
 # The demo: every stage of the paper on the miniature world (w2s/world.py) with the tiny bases shipped in demo/, on
 # CPU. One thread: for models this small, a second thread costs more in synchronization than it gains.
 DEMO_THREADS ?= 1
 
-demo:
+demo: $(STAMP)
 	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) scripts/pipeline.py recipes/demo.toml
 
 # Rebuild demo/ (world data, tokenizer, weak + strong bases, PRETRAIN.json with the probe); ~20 min on 2 cores.
-demo-pretrain:
+demo-pretrain: $(STAMP)
 	$(PY) scripts/pretrain_demo.py --threads 1 --probe 200
 
 # The demo over seeds 0, 1, 2 (split, demos, pairs, batch order): runs/demo-seed{0,1,2}/ and a mean/spread table.
-demo-seeds:
+demo-seeds: $(STAMP)
 	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) scripts/demo_seeds.py --recipe recipes/demo.toml --seeds 0 1 2
 
 # The paper's Stage II (DPO) beside the options beyond it (docs/PAPER.md) over seeds 0, 1, 2, Stage I shared between
@@ -50,17 +58,17 @@ demo-compare:
 # run's tokens, disk, memory and time for NPROC processes, running nothing]
 RUN_RECIPE = $(if $(DRY),$(PY) scripts/pipeline.py $(1) --dry-run --world-size $(NPROC),$(LAUNCH) scripts/pipeline.py $(1))
 
-gsm8k:
+gsm8k: $(STAMP)
 	$(call RUN_RECIPE,$(or $(RECIPE),recipes/gsm8k.toml))
 
-math:
+math: $(STAMP)
 	$(call RUN_RECIPE,$(or $(RECIPE),recipes/math.toml))
 
-bench-kernels:
+bench-kernels: $(STAMP)
 	$(PY) -m kernels.bench
 
-bench-sampling:
+bench-sampling: $(STAMP)
 	$(PY) scripts/bench_sampling.py
 
-bench-train:
+bench-train: $(STAMP)
 	$(PY) scripts/bench_train.py

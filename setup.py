@@ -23,9 +23,14 @@ setup(
     ],
     extras_require={
         # transformers is a test-only dependency: the parity tests compare logits against it (protobuf: its
-        # SentencePiece -> tokenizer.json converter, which the tokenizer tests use on the real Mistral-7B model).
-        "dev": ["pytest", "transformers", "protobuf", "mistral-common", "ruff"],
+        # SentencePiece -> tokenizer.json converter, which the tokenizer tests use on the real Mistral-7B model;
+        # peft: the reference loader of the LoRA adapters the training stages write, tests/test_adapters.py;
+        # tensorboard: the tracking test reads the event files back with tensorboard's own reader).
+        "dev": ["pytest", "transformers", "protobuf", "mistral-common", "peft", "ruff", "tensorboard"],
         "plot": ["matplotlib"],
+        # Experiment trackers for --report-to / [logging] report_to (w2s/tracking.py imports them only when asked).
+        "tensorboard": ["tensorboard"],
+        "wandb": ["wandb"],
         # Hugging Face's answer verifier: the `math-verify` grader (w2s/tasks/graders.py); without it that grader is
         # simply not available and every other one works.
         "math-verify": ["math-verify"],

@@ -4,6 +4,7 @@ tiles that overflow shared memory, tl.dot shapes or dtypes the hardware rejects,
 
     python -m kernels.compile_check                 # bf16 everything, fp32 forward and decode; minutes on 2 cores
     python -m kernels.compile_check --only attention --dtype bf16
+    python -m kernels.compile_check --only sweep    # the launch configs kernels/sweep.py tries (bf16)
 
 How: Triton's active driver is replaced by a stand-in that reports an sm_90 target, and every `kernel[grid](...)`
 launch becomes a compile-only warm-up (JITFunction.run(..., warmup=True)). So the real launchers pick their real GPU
@@ -130,7 +131,7 @@ def check_fused_linear(dtypes):
 
 
 def check_elementwise(dtypes):
-    from kernels import glu, rms_norm, rope
+    from kernels import glu, rms_norm, rope, rope_cache
 
     dtype = dtypes[0]
     for D in (2048, 2304, 4096, 8192):  # Gemma-2B, Gemma-2-2B, Llama-3-8B, Llama-2-70B hidden sizes
@@ -140,13 +141,48 @@ def check_elementwise(dtypes):
             rms_norm.rms_norm_backward(x, x, w, rstd, unit_offset)
     for D in (64, 128, 256):
         rope.rope_apply(torch.zeros(2, 4, 32, D, dtype=dtype), torch.zeros(2, 4, dtype=torch.long), torch.zeros(D // 2))
+    # RoPE + KV-cache write: Llama-3-8B (32 q / 8 kv heads, D 128), Llama-3.2-1B (D 64), Gemma-2B (8 / 1, D 256); a
+    # decode step (one token, q/k/v strided views of one fused projection) and a prefill into scattered rows
+    for H, K, D in ((32, 8, 128), (32, 8, 64), (8, 1, 256)):
+        qkv = torch.zeros(4, 1, (H + 2 * K) * D, dtype=dtype)
+        q, k, v = (t.unflatten(-1, (-1, D)) for t in qkv.split([H * D, K * D, K * D], dim=-1))
+        cache = torch.zeros(4, K, 64, D, dtype=dtype)
+        for rows in (None, torch.zeros(4, dtype=torch.long)):
+            rope_cache.rope_cache_write(q, k, v, torch.zeros(4, 1, dtype=torch.long), torch.zeros(D // 2), cache,
+                                        cache, rows)
     gate = torch.zeros(4, 1024, dtype=dtype)
+    gate_up = torch.zeros(4, 2048, dtype=dtype)  # the halves of a fused gate/up projection: the row kernel
     for gelu in (False, True):
         glu.glu_forward(gate, gate, gelu)
+        glu.glu_forward(gate_up[:, :1024], gate_up[:, 1024:], gelu)
         glu.glu_backward(gate, gate, gate, gelu)
 
 
-CHECKS = dict(attention=check_attention, fused_linear=check_fused_linear, elementwise=check_elementwise)
+def check_sweep(dtypes):
+    """Every attention launch config kernels/sweep.py tries (bf16, causal), forward and backward: a candidate the
+    GPU sweep would time must at least compile and fit."""
+    from kernels import attention, sweep
+
+    for D in sorted(set(sweep.FWD_CANDIDATES) | set(sweep.DKDV_CANDIDATES)):
+        q, k = torch.zeros(1, 64, 16, D, dtype=torch.bfloat16), torch.zeros(1, 64, 8, D, dtype=torch.bfloat16)
+        tables = [(attention._GPU_FWD, sweep.FWD_CANDIDATES.get(D, []), lambda: attention._forward(
+                      q, k, k, None, None, None, None, 0.1)),
+                  (attention._GPU_BWD_DKDV, sweep.DKDV_CANDIDATES[D], None),
+                  (attention._GPU_BWD_DQ, sweep.DQ_CANDIDATES[D], None)]
+        for table, candidates, launch in tables:
+            launch = launch or (lambda: attention._backward(q, q, k, k, q, torch.zeros(1, 16, 64), None, None, None,
+                                                            None, 0.1))
+            current = table[D]
+            try:
+                for config in candidates[1:]:  # the first is the table's, which the attention check compiles
+                    table[D] = config
+                    launch()
+            finally:
+                table[D] = current
+
+
+CHECKS = dict(attention=check_attention, fused_linear=check_fused_linear, elementwise=check_elementwise,
+              sweep=check_sweep)
 
 
 def main(argv=None):

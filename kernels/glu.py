@@ -4,7 +4,9 @@
     geglu(gate, up)  = gelu_tanh(gate) * up   gelu_tanh(g) = g/2 * (1 + tanh(c * (g + 0.044715 g^3))), c = sqrt(2/pi)
 
 Elementwise over (..., F) in fp32 registers; like eager PyTorch, the activation is rounded to the input dtype before
-the multiply by `up`. The backward recomputes the activation from the saved inputs (cheaper than storing it):
+the multiply by `up`. gate and up may be the two column halves of one fused gate/up projection (the sampler's): the
+forward then reads them in place, row by row, instead of copying them. The backward recomputes the activation from
+the saved inputs (cheaper than storing it):
 
     d gate = d out * up * act'(gate)        d up = d out * act(gate)
 
@@ -66,13 +68,46 @@ def _glu_bwd_kernel(dout_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, n, GELU: tl.
     tl.store(dup_ptr + offs, (dout * act.to(gate.dtype).to(tl.float32)).to(dup_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _glu_fwd_rows_kernel(gate_ptr, up_ptr, out_ptr, F, gate_rs, up_rs, GELU: tl.constexpr, BLOCK: tl.constexpr):
+    """The forward over (N, F) rows with row strides: gate and up as the two column halves of one fused gate/up
+    projection output (N, 2F), read in place."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < F
+    gate = tl.load(gate_ptr + row * gate_rs + cols, mask=mask, other=0.0)
+    up = tl.load(up_ptr + row * up_rs + cols, mask=mask, other=0.0).to(tl.float32)
+    act, _ = _act_and_grad(gate.to(tl.float32), GELU)
+    out = act.to(gate.dtype).to(tl.float32) * up
+    tl.store(out_ptr + row * F + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 def _flat(t):
     return t.contiguous().view(-1)
+
+
+def _rows(t):
+    """t (..., F) as (N, F) rows without a copy when its last dim is contiguous and its rows evenly spaced (the
+    halves of a fused projection), else None."""
+    if t.dim() == 0 or t.stride(-1) != 1:
+        return None
+    try:
+        return t.view(-1, t.shape[-1])
+    except RuntimeError:  # rows not evenly spaced
+        return None
 
 
 def glu_forward(gate, up, gelu):
     out = torch.empty(gate.shape, dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
     n = gate.numel()
+    if n and not (gate.is_contiguous() and up.is_contiguous()):
+        g_rows, u_rows = _rows(gate), _rows(up)
+        if g_rows is not None and u_rows is not None:
+            F = gate.shape[-1]
+            grid = (g_rows.shape[0], triton.cdiv(F, BLOCK))
+            _glu_fwd_rows_kernel[grid](g_rows, u_rows, out.view(-1), F, g_rows.stride(0), u_rows.stride(0),
+                                       GELU=gelu, BLOCK=BLOCK, num_warps=4)
+            return out
     _glu_fwd_kernel[(triton.cdiv(n, BLOCK),)](_flat(gate), _flat(up), out.view(-1), n, GELU=gelu, BLOCK=BLOCK,
                                               num_warps=4)
     return out

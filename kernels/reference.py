@@ -88,6 +88,21 @@ def rope(x, positions, inv_freq):
     return x * cos + rotated * sin
 
 
+def rope_cache_write(q, k, v, positions, inv_freq, k_cache, v_cache, rows=None):
+    """RoPE of q and k at their positions, with k and v written into a head-major KV cache (one sampler step).
+
+    q: (B, T, H, D); k, v: (B, T, K, D); positions: (B, T); k_cache, v_cache: (slots, K, S, D) of k's dtype, written
+    in place at [rows[b], :, positions[b, t]]; rows: (B,) cache rows of the batch rows (None: row b is b).
+    Returns rope(q) (B, T, H, D). Where two tokens of a row share a position (the sampler's right padding, clamped to
+    the cache's last position), which one the cache keeps is unspecified.
+    """
+    rows = torch.arange(k.shape[0], device=k.device) if rows is None else rows
+    # cache[rows, :, positions] is (B, T, K, D): the two index tensors broadcast to (B, T) and go first
+    k_cache[rows[:, None], :, positions] = rope(k, positions, inv_freq)
+    v_cache[rows[:, None], :, positions] = v
+    return rope(q, positions, inv_freq)
+
+
 def swiglu(gate, up):
     """Llama/Mistral MLP activation: silu(gate) * up."""
     return F.silu(gate) * up

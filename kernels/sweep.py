@@ -1,14 +1,17 @@
-"""Launch-config sweep for the backward kernels on a GPU: which tile sizes, warps and pipeline depths to put in the
-fixed tables of kernels/attention.py (_GPU_BWD_DKDV, _GPU_BWD_DQ) and kernels/rms_norm.py (BWD_PROGRAMS_PER_SM,
+"""Launch-config sweep on a GPU: which tile sizes, warps and pipeline depths to put in the fixed tables of
+kernels/attention.py (_GPU_FWD, _GPU_BWD_DKDV, _GPU_BWD_DQ) and kernels/rms_norm.py (BWD_PROGRAMS_PER_SM,
 BWD_NUM_WARPS). Run it on new hardware, copy the fastest rows into the tables, and record the table it printed.
 
     python -m kernels.sweep                      # needs CUDA; most of its time is Triton compiles
+    python -m kernels.sweep --only attention256,forward256
     python -m kernels.sweep --only rms_norm
 
-For each candidate it times the whole backward (kernels/bench.py's median_ms: device time, L2 flushed) with the
-other kernel at its table config, and checks the gradients against the table config's on the same inputs
-(max |diff| / max |ref|; tiles only change the summation order, so bf16 stays near 1e-3). A candidate that does not
-compile (shared memory, registers) prints its error and the sweep goes on. No tables are changed by running it.
+For each backward candidate it times the whole backward (kernels/bench.py's median_ms: device time, L2 flushed) with
+the other kernel at its table config, and checks the gradients against the table config's on the same inputs
+(max |diff| / max |ref|; tiles only change the summation order, so bf16 stays near 1e-3); forward candidates the
+same with the output. A candidate that does not compile (shared memory, registers) prints its error and the sweep
+goes on. No tables are changed by running it. Every candidate compiles for sm_90a within the shared-memory limit
+(`make check-sm90`, whose `sweep` part compiles them all without a GPU).
 """
 
 import argparse
@@ -17,7 +20,7 @@ import sys
 
 import torch
 
-from kernels import attention, bench, rms_norm
+from kernels import attention, rms_norm
 
 # (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages) per head dim; the first of each list is the current table
 # entry (kernels/attention.py), the rest what the sweep tries against it.
@@ -29,9 +32,30 @@ DQ_CANDIDATES = {
     128: [(64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2), (128, 32, 8, 3), (128, 32, 4, 3), (64, 32, 4, 3)],
     64: [(64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 4, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 32, 4, 3)],
 }
-# (B, T, H, KH) per head dim: kernels/bench.py's attention shape at D = 128, Llama-3.2-1B's training shape at 64.
-SHAPES = {128: (4, 4096, 16, 16), 64: (8, 2048, 32, 8)}
+# D = 256 (Gemma, Gemma-2): (M, 256) and (N, 256) tiles fill shared memory twice as fast as at D = 128, so smaller
+# tiles and shallower pipelines than there; the first entry is the (unswept) table config.
+DKDV_CANDIDATES[256] = [(32, 64, 8, 1), (32, 64, 4, 2), (64, 64, 8, 1), (32, 32, 4, 2), (16, 64, 4, 2),
+                        (64, 32, 8, 1)]
+DQ_CANDIDATES[256] = [(64, 32, 8, 1), (64, 32, 4, 2), (64, 64, 8, 1), (32, 32, 4, 2), (32, 64, 4, 2), (128, 32, 8, 1)]
+# Forward (BLOCK_M, BLOCK_N, num_warps, num_stages), bf16; first the table entry. At D = 128 wider key tiles and
+# deeper pipelines (the FA3-class target); at D = 256 the same trade as the backward.
+FWD_CANDIDATES = {
+    128: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 128, 4, 3), (128, 32, 8, 4), (128, 64, 8, 4)],
+    256: [(64, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 1), (32, 64, 4, 3)],
+}
+# (B, T, H, KH) per head dim: kernels/bench.py's attention shape at D = 128, Llama-3.2-1B's training shape at 64,
+# Gemma-2-9B's heads at 256.
+SHAPES = {128: (4, 4096, 16, 16), 64: (8, 2048, 32, 8), 256: (2, 4096, 16, 8)}
+PARTS = ("attention128", "attention64", "attention256", "forward128", "forward256", "rms_norm")
 DEVICE = "cuda"
+
+
+def _median_ms(fn, warmup, repeats):
+    # kernels.bench imported here, not at the top: on a machine without CUDA importing it turns on the interpreter,
+    # and kernels/compile_check.py imports this module for its candidate lists
+    from kernels import bench
+
+    return bench.median_ms(fn, warmup, repeats)
 
 
 def rel_err(out, ref):
@@ -59,7 +83,7 @@ def sweep_attention(head_dim, warmup, repeats):
             try:
                 grads = backward()
                 err = max(rel_err(g, r) for g, r in zip(grads, reference))
-                ms = bench.median_ms(backward, warmup, repeats)
+                ms = _median_ms(backward, warmup, repeats)
                 print(f"{name:<6} {str(config):<36} {ms:>8.3f} {flops / ms / 1e9:>8.1f} {err:>13.1e}"
                       + ("   (table)" if config == current else ""))
             except Exception as e:  # noqa: BLE001 (report and go on: out of resources is expected for some)
@@ -67,6 +91,32 @@ def sweep_attention(head_dim, warmup, repeats):
             finally:
                 table[head_dim] = current
             torch.cuda.empty_cache()
+
+
+def sweep_forward(head_dim, warmup, repeats):
+    B, T, H, KH = SHAPES[head_dim]
+    q = torch.randn(B, T, H, head_dim, device=DEVICE, dtype=torch.bfloat16)
+    k, v = (torch.randn(B, T, KH, head_dim, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
+    scale = 1.0 / math.sqrt(head_dim)
+    forward = lambda: attention._forward(q, k, v, None, None, None, None, scale)[0]  # noqa: E731
+    flops = 4 * B * H * T * T * head_dim / 2  # causal (kernels/bench.py)
+    print(f"\nattention fwd, causal, B{B} T{T} H{H} KH{KH} D{head_dim}, bf16")
+    print(f"{'(BLOCK_M, BLOCK_N, warps, stages)':<36} {'ms':>8} {'TF/s':>8} {'max rel diff':>13}")
+    table = attention._GPU_FWD
+    current = table[head_dim]
+    reference = forward()
+    for config in FWD_CANDIDATES[head_dim]:
+        table[head_dim] = config
+        try:
+            err = rel_err(forward(), reference)
+            ms = _median_ms(forward, warmup, repeats)
+            print(f"{str(config):<36} {ms:>8.3f} {flops / ms / 1e9:>8.1f} {err:>13.1e}"
+                  + ("   (table)" if config == current else ""))
+        except Exception as e:  # noqa: BLE001 (report and go on: out of resources is expected for some)
+            print(f"{str(config):<36} n/a: {type(e).__name__}: {str(e).splitlines()[0][:70]}")
+        finally:
+            table[head_dim] = current
+        torch.cuda.empty_cache()
 
 
 def sweep_rms_norm(warmup, repeats, M=16384, D=4096):
@@ -85,7 +135,7 @@ def sweep_rms_norm(warmup, repeats, M=16384, D=4096):
                 rms_norm.BWD_PROGRAMS_PER_SM, rms_norm.BWD_NUM_WARPS = per_sm, warps
                 grads = backward()
                 err = max(rel_err(g, r) for g, r in zip(grads, reference))
-                ms = bench.median_ms(backward, warmup, repeats)
+                ms = _median_ms(backward, warmup, repeats)
                 label = str(warps or rms_norm._launch_config(D)[1])
                 print(f"{per_sm:>12} {label:>6} {ms:>8.3f} {3 * M * D * 2 / ms / 1e6:>8.0f} {err:>13.1e}"
                       + ("   (table)" if (per_sm, warps) == table else ""))
@@ -95,8 +145,7 @@ def sweep_rms_norm(warmup, repeats, M=16384, D=4096):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--only", default="attention128,attention64,rms_norm",
-                   help="comma-separated: attention128, attention64, rms_norm")
+    p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=10)
     args = p.parse_args(argv)
@@ -105,12 +154,14 @@ def main(argv=None):
         return 0
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, median of {args.repeats}")
     for part in args.only.split(","):
+        if part not in PARTS:
+            raise SystemExit(f"kernels.sweep: unknown part {part!r} ({', '.join(PARTS)})")
         if part.startswith("attention"):
             sweep_attention(int(part.removeprefix("attention")), args.warmup, args.repeats)
-        elif part == "rms_norm":
-            sweep_rms_norm(args.warmup, args.repeats)
+        elif part.startswith("forward"):
+            sweep_forward(int(part.removeprefix("forward")), args.warmup, args.repeats)
         else:
-            raise SystemExit(f"kernels.sweep: unknown part {part!r} (attention128, attention64, rms_norm)")
+            sweep_rms_norm(args.warmup, args.repeats)
     return 0
 
 

@@ -1,5 +1,5 @@
-"""Sampler benchmark: output tokens/s and time per decode step on a fixed workload, random weights, no EOS (every
-sequence runs the full budget, so the work is exactly prompts x samples x new tokens).
+"""Sampler benchmark: output tokens/s, time per decode step and memory-bandwidth utilization (MBU) on a fixed
+workload, random weights.
 
     python scripts/bench_sampling.py                      # CPU: small Llama-shaped model, 32 prompts x 8 x 256 tokens
                                                           #      after 128-token prompts, and transformers' generate on
@@ -9,10 +9,26 @@ sequence runs the full budget, so the work is exactly prompts x samples x new to
                                                           # ICL-shaped: 4-shot demos common to all prompts
     python scripts/bench_sampling.py --device cuda        # GPU: Llama-3-8B-shaped bf16, 256 prompts x 8 x 256 tokens,
                                                           #      then batch-1 greedy decode (--batch1 on CPU too)
+    python scripts/bench_sampling.py --gsm8k              # GSM8K-like: 256 prompts (CPU 32) x 8 samples, prompts of
+                                                          #      60-200 tokens, EOS-terminated completions (mean ~150,
+                                                          #      at most 400): continuous batching refills slots
     make bench-sampling
 
+Without --gsm8k there is no EOS: every sequence runs the full budget, so the work is exactly prompts x samples x new
+tokens. With --gsm8k the model's EOS ids are a random set of V / 150 vocabulary ids: a random model at temperature 1
+draws nearly uniformly, so completions end after a geometric number of tokens with mean ~150 (a shape like GSM8K
+chain-of-thought answers, not their text); the script prints the mean length and the slot occupancy (generated
+tokens / (decode steps x slots): how full continuous batching keeps the batch).
+
+MBU: the bytes a decode step must read (every weight once, the input embedding table excepted unless it is also the
+output matrix, plus the keys and values each live sequence attends over, counted per sequence) / the time / the
+device's copy bandwidth, which the script measures first (a device-to-device copy: read + write bytes / time). For
+the batch runs it is over the whole run (prefill time included). For batch-1 greedy decode the roofline is copy
+bandwidth / bytes per token, and the target is >= 80 % of it.
+
 On CPU the number that matters is the ratio to transformers' `generate` run in the same process on the same weights
-and the same workload (target >= 3x); on an H100 the target is >= 13k output tokens/s for the 8B shape (DESIGN.md).
+and the same workload (target >= 3x). On the GPU (bf16, 8B shape): >= 26k output tokens/s on an H100, >= 30k on an
+H200, for 512 sequences x (128 -> 256 tokens) (`--prompts 64`); batch-1 MBU >= 80 % (BENCHMARKS.md, Targets).
 Timings are medians over --repeats runs after one warm-up run, with the device synchronized before every clock read.
 """
 
@@ -27,7 +43,7 @@ import torch
 
 from w2s.config import ModelConfig
 from w2s.model import Transformer
-from w2s.sampling import generate
+from w2s.sampling import generate, make_engine
 
 # Llama-architecture shapes: "small" is what 2 CPU cores can run in seconds; "8b" is Llama-3-8B.
 SHAPES = {
@@ -38,6 +54,11 @@ SHAPES = {
 # that both sides finish in minutes on 2 cores.
 WORKLOADS = {"cpu": dict(prompts=32, samples=8, new_tokens=256, prompt_len=128),
              "cuda": dict(prompts=256, samples=8, new_tokens=256, prompt_len=128)}
+# --gsm8k: prompt lengths drawn uniformly from this range; EOS after a geometric number of tokens of this mean;
+# new_tokens is the budget (a few sequences reach it).
+GSM8K = dict(prompt_lens=(60, 200), mean_new=150, new_tokens=400)
+BATCH_TARGETS = {"H200": 30000, "H100": 26000}  # output tok/s, 8B shape, 512 x (128 -> 256)
+MBU_TARGET = 0.80  # batch-1 decode
 
 
 def sync(device):
@@ -64,9 +85,46 @@ def timed(fns, device, repeats):
     return [statistics.median(ts) for ts in times]
 
 
-def random_model(shape, dtype, device, seed=0):
-    """A w2s Llama-shaped model with random weights and no EOS token (so nothing stops early)."""
-    cfg = ModelConfig(family="llama", max_seq_len=8192, **SHAPES[shape])
+def copy_bandwidth(device, nbytes=None, repeats=10):
+    """Bytes/s of a device-to-device copy of nbytes (read + write both counted), median of `repeats`."""
+    nbytes = nbytes or (2**30 if device.type == "cuda" else 2**28)
+    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return 2 * nbytes / statistics.median(times)
+
+
+def weight_bytes(model):
+    """Bytes of the weights a decode step reads: all of them, except the input embedding table (a step gathers a
+    few rows) when it is not also the output matrix."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    if model.lm_head is not None:
+        total -= model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
+    return total
+
+
+def kv_bytes_per_position(model):
+    cfg = model.cfg
+    return cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * model.embed_tokens.weight.element_size()
+
+
+def decode_kv_bytes(model, prompt_len, n_tokens):
+    """Keys and values one sequence reads over its decode steps: the step that feeds generated token i (1-based)
+    attends prompt_len + i positions, for i = 1 .. n_tokens - 1 (token 0 comes from the prefill)."""
+    steps = max(n_tokens - 1, 0)
+    return kv_bytes_per_position(model) * (steps * prompt_len + steps * (steps + 1) // 2)
+
+
+def random_model(shape, dtype, device, seed=0, eos_ids=None):
+    """A w2s Llama-shaped model with random weights; no EOS token (so nothing stops early) unless eos_ids."""
+    cfg = ModelConfig(family="llama", max_seq_len=8192, eos_token_id=eos_ids, **SHAPES[shape])
     with torch.device("meta"):
         model = Transformer(cfg)
     model.to_empty(device=device)
@@ -82,7 +140,7 @@ def hf_twin(model, path):
 
     save_model(model, path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
-    hf.generation_config.eos_token_id = None  # as in the w2s run: every sequence generates the full budget
+    hf.generation_config.eos_token_id = model.cfg.eos_token_id  # None: every sequence generates the full budget
     return hf.eval()
 
 
@@ -95,14 +153,10 @@ def commit():
 
 
 def steady_decode_step_ms(model, prompt, new_tokens, device, replays=100):
-    """Batch-1 greedy decode step time once its CUDA graph exists: what a long-running server that captured its
-    graphs at start-up pays per token. generate() captures anew on every call (a graph per attention limit, each
-    after an eager warm-up step) and prefills, which the end-to-end batch-1 number above includes."""
-    from w2s.sampling import Engine
-
-    engine = Engine(model, prompt, 1, temperature=0.0, top_k=0, top_p=1.0, max_new_tokens=new_tokens, seed=0,
-                    eos_ids=(), slots=1, cache_len=len(prompt[0]) + new_tokens, cuda_graphs=True)
-    for _ in engine.run():  # one full generation: captures the graphs
+    """Batch-1 greedy decode step time once its CUDA graph exists: the step alone, without the prefill and the
+    host's looks between steps that the end-to-end number includes."""
+    engine = make_engine(model, None, prompt, max_new_tokens=new_tokens, cuda_graphs=True)
+    for _ in engine.run():  # one full generation: captures the graphs (or finds them kept from earlier calls)
         pass
     limit = max(engine.graphs)  # the longest attention span the run reached
     engine.step(limit)
@@ -142,15 +196,17 @@ def profile_batch1(model, prompt, device, new_tokens=64):
                          max_shapes_column_width=60))
 
 
-def main():
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--shape", choices=sorted(SHAPES), help="model shape [default: small on CPU, 8b on CUDA]")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="[default: float32 on CPU, bf16 on CUDA]")
     parser.add_argument("--prompts", type=int, help="number of prompts [CPU 32, CUDA 256]")
     parser.add_argument("--samples", type=int, help="completions per prompt [8]")
-    parser.add_argument("--new-tokens", type=int, help="tokens generated per completion [256]")
-    parser.add_argument("--prompt-len", type=int, help="tokens per prompt [128]")
+    parser.add_argument("--new-tokens", type=int, help="tokens generated per completion [256; --gsm8k: at most 400]")
+    parser.add_argument("--prompt-len", type=int, help="tokens per prompt [128; --gsm8k: 60-200]")
+    parser.add_argument("--gsm8k", action="store_true",
+                        help="GSM8K-like lengths: prompts of 60-200 tokens, EOS-terminated completions (mean ~150)")
     parser.add_argument("--shared-prefix", type=int, default=0,
                         help="tokens of a prefix common to every prompt, before its own --prompt-len tokens (the\n"
                              "ICL stage's 4 demonstrations; w2s prefills it once, transformers once per sequence)")
@@ -164,79 +220,175 @@ def main():
     parser.add_argument("--profile", action="store_true",
                         help="also profile eager batch-1 decode (torch.profiler): the kernels a decode step spends\n"
                              "its device time in, and that time per step")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def make_prompts(args, work, vocab):
+    """[prompt ids (L,)]: work["prompt_len"] tokens each, or (--gsm8k) 60-200 tokens; after --shared-prefix ones."""
+    g = torch.Generator().manual_seed(1)
+    low, high = GSM8K["prompt_lens"] if args.gsm8k and not args.prompt_len else (work["prompt_len"],) * 2
+    lengths = torch.randint(low, high + 1, (work["prompts"],), generator=g).tolist()
+    prompts = [torch.randint(3, vocab, (n,), generator=g) for n in lengths]
+    if args.shared_prefix:
+        prefix = torch.randint(3, vocab, (args.shared_prefix,), generator=g)
+        prompts = [torch.cat([prefix, p]) for p in prompts]
+    return prompts
+
+
+def eos_ids(vocab, mean_new):
+    """A random set of about vocab / mean_new ids (never 0..2): with near-uniform draws, EOS after ~mean_new tokens."""
+    g = torch.Generator().manual_seed(2)
+    return sorted((3 + torch.randperm(vocab - 3, generator=g)[: max(1, round(vocab / mean_new))]).tolist())
+
+
+def hf_runner(model, prompts, work, eos):
+    """transformers' generate on the same workload (padded on the left when prompt lengths differ) -> a function
+    returning the output tokens it generated (up to and including each row's first EOS)."""
+    tmp = tempfile.TemporaryDirectory()
+    hf = hf_twin(model, tmp.name)
+    tmp.cleanup()
+    rows = [p.tolist() for p in prompts]
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    fixed = {} if eos else {"min_new_tokens": work["new_tokens"]}
+
+    def run():
+        with torch.no_grad():
+            out = hf.generate(ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                              num_return_sequences=work["samples"], max_new_tokens=work["new_tokens"],
+                              pad_token_id=0, **fixed)
+        new = out[:, width:]
+        if not eos:
+            return new.numel()
+        ends = torch.isin(new, torch.tensor(eos))
+        first = torch.where(ends.any(1), ends.float().argmax(1) + 1, torch.full((new.shape[0],), new.shape[1]))
+        return int(first.sum())
+
+    return run
+
+
+def run_w2s(model, prompts, options):
+    """One w2s run of the workload -> (output tokens, decode steps, slots, KV bytes read, seconds of admission).
+
+    Admission (the prefill of the sequences that enter free slots, between decode steps) is timed on the device
+    (CUDA events, no extra sync) or the host clock on CPU: the share of the run a prefill overlapped with decode
+    could save at most."""
+    engine = make_engine(model, None, prompts, **options)
+    cuda = model.embed_tokens.weight.is_cuda
+    spans, admit = [], engine.admit
+
+    def timed_admit(items, free):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            admit(items, free)
+            end.record()
+            spans.append((start, end))
+        else:
+            t0 = time.perf_counter()
+            admit(items, free)
+            spans.append(time.perf_counter() - t0)
+
+    engine.admit = timed_admit
+    kv = 0
+    for p, completions in engine.run():
+        kv += sum(decode_kv_bytes(model, len(prompts[p]), c["num_tokens"]) for c in completions)
+    if cuda:
+        torch.cuda.synchronize()
+        spans = [start.elapsed_time(end) / 1e3 for start, end in spans]
+    return engine.tokens_generated, engine.decode_steps, engine.slots, kv, sum(spans)
+
+
+def report_batch(model, prompts, work, options, bandwidth, device, repeats, hf_run):
+    """Time the batch workload (alternating with transformers' run when given); print tok/s, ms/step, occupancy and
+    MBU. -> w2s seconds."""
+    stats = {}
+    ours = lambda: stats.update(w2s=run_w2s(model, prompts, options))  # noqa: E731
+    theirs = (lambda: stats.update(hf=hf_run())) if hf_run else None  # noqa: E731
+    t_ours, *t_theirs = timed([ours] + ([theirs] if theirs else []), device, repeats)
+    tokens, steps, slots, kv, admit_s = stats["w2s"]
+    n_seq = len(prompts) * work["samples"]
+    mbu = (steps * weight_bytes(model) + kv) / t_ours / bandwidth
+    print(f"w2s generate          {tokens / t_ours:10.0f} output tok/s   {t_ours * 1e3 / steps:8.2f} ms/step   "
+          f"({t_ours:.2f} s, median of {repeats}; MBU {100 * mbu:.1f}%)")
+    print(f"  {tokens} tokens in {n_seq} sequences (mean {tokens / n_seq:.1f}), {steps} decode steps of {slots} "
+          f"slots: occupancy {100 * (tokens - n_seq) / (steps * slots):.1f}%; admission (prefill) "
+          f"{100 * admit_s / t_ours:.1f}% of the last run")
+    if hf_run:
+        t_hf = t_theirs[0]
+        print(f"transformers generate {stats['hf'] / t_hf:10.0f} output tok/s   ({t_hf:.2f} s, median of {repeats}, "
+              f"runs alternating with w2s's)")
+        ratio = (tokens / t_ours) / (stats["hf"] / t_hf)
+        print(f"speed-up over transformers: {ratio:.2f}x (target >= 3x: {'met' if ratio >= 3 else 'NOT met'})")
+    return t_ours
+
+
+def report_batch1(model, prompt, new_tokens, bandwidth, device, repeats, cuda_graphs):
+    """Batch-1 greedy decode: end to end (generate) and, with CUDA graphs, the replayed step alone; tok/s and MBU
+    against the bandwidth roofline."""
+    per_token = weight_bytes(model) + decode_kv_bytes(model, len(prompt), new_tokens) / max(new_tokens - 1, 1)
+    roofline = bandwidth / per_token
+    t_one, = timed([lambda: generate(model, None, [prompt], max_new_tokens=new_tokens, progress=False,
+                                     cuda_graphs=cuda_graphs)], device, repeats)
+    print(f"batch-1 roofline      {roofline:10.0f} tok/s          ({per_token / 1e9:.2f} GB per token at "
+          f"{bandwidth / 1e9:.0f} GB/s)")
+    rows = [("w2s batch-1 decode", new_tokens / t_one, "end to end: generate, prefill included")]
+    if device.type == "cuda" and cuda_graphs is not False:
+        step_ms = steady_decode_step_ms(model, [prompt], new_tokens, device)
+        rows.append(("  steady state", 1e3 / step_ms, "the replayed decode step alone"))
+    for name, rate, what in rows:
+        mbu = rate / roofline
+        target = (f", target >= {100 * MBU_TARGET:.0f}%: {'met' if mbu >= MBU_TARGET else 'NOT met'}"
+                  if device.type == "cuda" else "")
+        print(f"{name:<22}{rate:10.0f} tok/s          {1e3 / rate:8.2f} ms/step   MBU {100 * mbu:.1f}%{target} "
+              f"({what})")
+
+
+def main():
+    args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-
     device = torch.device(args.device)
     kind = "cuda" if device.type == "cuda" else "cpu"
     work = {k: getattr(args, k) or v for k, v in WORKLOADS[kind].items()}
+    if args.gsm8k:
+        work["new_tokens"] = args.new_tokens or GSM8K["new_tokens"]
     shape = args.shape or ("8b" if kind == "cuda" else "small")
     dtype = getattr(torch, args.dtype or ("bfloat16" if kind == "cuda" else "float32"))
-    run_hf = not args.no_hf and kind == "cpu"
-
-    model = random_model(shape, dtype, device)
-    g = torch.Generator().manual_seed(1)
-    prompts = torch.randint(3, SHAPES[shape]["vocab_size"], (work["prompts"], work["prompt_len"]), generator=g)
-    if args.shared_prefix:
-        prefix = torch.randint(3, SHAPES[shape]["vocab_size"], (1, args.shared_prefix), generator=g)
-        prompts = torch.cat([prefix.expand(work["prompts"], -1), prompts], dim=1)  # (P, prefix + prompt_len)
-    n_tokens = work["prompts"] * work["samples"] * work["new_tokens"]
+    vocab = SHAPES[shape]["vocab_size"]
+    eos = eos_ids(vocab, GSM8K["mean_new"]) if args.gsm8k else None
+    model = random_model(shape, dtype, device, eos_ids=eos)
+    prompts = make_prompts(args, work, vocab)
+    ids = [p.tolist() for p in prompts]
     options = dict(n=work["samples"], temperature=1.0, max_new_tokens=work["new_tokens"], max_batch=args.max_batch,
-                   cuda_graphs=False if args.no_cuda_graphs else None, progress=False)
-
-    def ours():
-        outs = generate(model, None, prompts.tolist(), **options)
-        assert sum(c["num_tokens"] for cs in outs for c in cs) == n_tokens  # no early stop: the work is fixed
+                   cuda_graphs=False if args.no_cuda_graphs else None)
 
     name = torch.cuda.get_device_name(device) if kind == "cuda" else "cpu"
     print(f"device {name} ({torch.get_num_threads()} threads), dtype {dtype}, torch {torch.__version__}, commit "
           f"{commit()}")
     print(f"model: Llama-shaped '{shape}' {SHAPES[shape]} ({model.cfg.n_params() / 1e6:.1f} M params, random)")
-    print(f"workload: {work['prompts']} prompts x {work['samples']} samples x {work['new_tokens']} new tokens, "
-          f"prompt length {work['prompt_len']}" + (f" after a shared prefix of {args.shared_prefix}"
-                                                   if args.shared_prefix else "") +
+    lengths = f"prompt length {work['prompt_len']}" if not args.gsm8k or args.prompt_len else \
+        f"prompt lengths {min(map(len, ids))}-{max(map(len, ids))}"
+    ending = (f"EOS-terminated (mean ~{GSM8K['mean_new']}, {len(eos)} EOS ids) within {work['new_tokens']}"
+              if args.gsm8k else f"x {work['new_tokens']}")
+    print(f"workload: {work['prompts']} prompts x {work['samples']} samples {ending} new tokens, {lengths}"
+          + (f" after a shared prefix of {args.shared_prefix}" if args.shared_prefix else "") +
           f", temperature 1.0, max_batch {args.max_batch}")
-    theirs = None
-    if run_hf:
-        with tempfile.TemporaryDirectory() as tmp:
-            hf = hf_twin(model, tmp)
-
-        def theirs():
-            with torch.no_grad():
-                out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True, temperature=1.0,
-                                  top_p=1.0, top_k=0, num_return_sequences=work["samples"],
-                                  max_new_tokens=work["new_tokens"], min_new_tokens=work["new_tokens"],
-                                  pad_token_id=0)
-            assert out.shape == (work["prompts"] * work["samples"], prompts.shape[1] + work["new_tokens"])
-
-    t_ours, *t_theirs = timed([ours] + ([theirs] if run_hf else []), device, args.repeats)
-    print(f"w2s generate          {n_tokens / t_ours:10.0f} output tok/s   {t_ours * 1e3 / work['new_tokens']:8.2f} ms"
-          f"/step   ({t_ours:.2f} s, median of {args.repeats})")
-    if kind == "cuda":
-        print(f"target (H100, 8B shape): >= 13000 output tok/s: {'met' if n_tokens / t_ours >= 13000 else 'NOT met'}")
+    bandwidth = copy_bandwidth(device)
+    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (device-to-device, read + write); weights read per decode step "
+          f"{weight_bytes(model) / 1e9:.2f} GB, KV {kv_bytes_per_position(model) / 1e3:.1f} kB per position")
+    hf_run = hf_runner(model, prompts, work, eos) if not args.no_hf and kind == "cpu" else None
+    t_ours = report_batch(model, ids, work, options, bandwidth, device, args.repeats, hf_run)
+    if kind == "cuda" and not args.gsm8k:
+        n_tokens = len(ids) * work["samples"] * work["new_tokens"]
+        target = next((t for key, t in BATCH_TARGETS.items() if key in name), BATCH_TARGETS["H100"])
+        print(f"target ({name}, 8B shape, 512 x (128 -> 256)): >= {target} output tok/s: "
+              f"{'met' if n_tokens / t_ours >= target else 'NOT met'}")
     if args.batch1 or (args.batch1 is None and kind == "cuda"):
-        # Latency: one sequence, greedy, the same number of new tokens; bandwidth-bound (every step reads all weights).
-        one = prompts[:1].tolist()
-        t_one, = timed([lambda: generate(model, None, one, max_new_tokens=work["new_tokens"], progress=False,
-                                         cuda_graphs=options["cuda_graphs"])], device, args.repeats)
-        rate = work["new_tokens"] / t_one
-        target = f" (target H100 8B: >= 150: {'met' if rate >= 150 else 'NOT met'})" if kind == "cuda" else ""
-        print(f"w2s batch-1 decode    {rate:10.0f} tok/s          {t_one * 1e3 / work['new_tokens']:8.2f} ms/step"
-              f"{target}")
-        if kind == "cuda" and not args.no_cuda_graphs:
-            step_ms = steady_decode_step_ms(model, one, work["new_tokens"], device)
-            print(f"  steady state (graph replay) {1e3 / step_ms:6.0f} tok/s          {step_ms:8.2f} ms/step   (the "
-                  f"decode step alone: no prefill, no per-call graph capture)")
+        report_batch1(model, ids[0], work["new_tokens"], bandwidth, device, args.repeats, options["cuda_graphs"])
     if args.profile:
-        profile_batch1(model, prompts[:1].tolist(), device)
-    if not run_hf:
-        return
-    t_hf = t_theirs[0]
-    print(f"transformers generate {n_tokens / t_hf:10.0f} output tok/s   {t_hf * 1e3 / work['new_tokens']:8.2f} ms/step"
-          f"   ({t_hf:.2f} s, median of {args.repeats}, runs alternating with w2s's)")
-    ratio = t_hf / t_ours
-    print(f"speed-up over transformers: {ratio:.2f}x (target >= 3x: {'met' if ratio >= 3 else 'NOT met'})")
+        profile_batch1(model, ids[:1], device)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python scripts/bench_train.py                          # `make bench-train`; CPU: a small Llama, fp32
     python scripts/bench_train.py --dpo-memory            # peak memory of DPO with vs without the fused log-probs
+    python scripts/bench_train.py --dpo [shape options]   # DPO step tokens/s and MFU (w2s alone; target >= 35 %)
     python scripts/bench_train.py --dim 2048 --layers 16 --heads 16 --kv-heads 8 --hidden 5632 --vocab 32000 \\
         --batch 8 --seq 2048                               # GPU: a ~1B Llama (w2s: FSDP2 bf16 compute, fp32 master)
     python scripts/bench_train.py --dim 2048 --layers 16 --heads 32 --kv-heads 8 --hidden 8192 --vocab 128256 \\
@@ -51,6 +52,10 @@ def parse_args():
     p.add_argument("--no-hf", action="store_true",
                    help="time w2s alone (transformers only builds the random checkpoint): for shapes where two\n"
                         "models with their optimizer states would not fit on one GPU together")
+    p.add_argument("--dpo", action="store_true",
+                   help="instead: tokens/s and MFU of DPO steps (w2s.train.train_preference, w2s alone): --batch\n"
+                        "pairs of --seq-token chosen and rejected rows per step; the reference pass runs first and\n"
+                        "is not timed (what the loop's meter counts: policy forward + backward + optimizer step)")
     p.add_argument("--dpo-memory", action="store_true",
                    help="instead: peak memory of DPO training (reference pass + --steps steps, --batch pairs each)\n"
                         "with the fused linear log-probs (W2S_KERNELS=auto) vs the unfused reference")
@@ -138,6 +143,28 @@ def transformers_stepper(hf, steps, args, device):
     return step, out
 
 
+def random_pairs(args, n_pairs):
+    """n_pairs DPO pairs: a one-token prompt, then chosen and rejected responses of seq - 1 random tokens."""
+    g = torch.Generator().manual_seed(args.seed + 2)
+    ids = torch.randint(3, args.vocab, (n_pairs, 2, args.seq), generator=g).tolist()
+    return [{"prompt_ids": c[:1], "chosen_ids": c[1:], "rejected_ids": r[1:]} for c, r in ids]
+
+
+def bench_dpo(path, args):
+    """The real DPO loop (reference pass, then --warmup + --steps steps of --batch pairs) -> the step records (the
+    loop's meter: tokens/s and MFU of each step, chosen and rejected rows counted)."""
+    import w2s
+    from w2s.train import TrainConfig, train_preference
+
+    steps = args.warmup + args.steps
+    cfg = TrainConfig(lr=1e-6, batch_size=args.batch, micro_batch_size=args.batch, max_steps=steps,
+                      max_seq_len=args.seq, progress=False, seed=args.seed, beta=0.1)
+    records = []
+    train_preference(w2s.load_model(path, dtype=torch.float32), None, random_pairs(args, steps * args.batch), cfg,
+                     loss="dpo", on_step=records.append)
+    return records
+
+
 def bench_dpo_memory(path, args, device):
     """Peak memory above the loaded model of train_preference(loss="dpo") per kernel backend -> {backend: bytes}.
 
@@ -151,9 +178,7 @@ def bench_dpo_memory(path, args, device):
     from w2s import ops, profile
     from w2s.train import TrainConfig, train_preference
 
-    g = torch.Generator().manual_seed(args.seed + 2)
-    ids = torch.randint(3, args.vocab, (args.steps * args.batch, 2, args.seq), generator=g).tolist()
-    pairs = [{"prompt_ids": c[:1], "chosen_ids": c[1:], "rejected_ids": r[1:]} for c, r in ids]
+    pairs = random_pairs(args, args.steps * args.batch)
     cfg = TrainConfig(lr=1e-6, batch_size=args.batch, micro_batch_size=args.batch, max_steps=args.steps,
                       max_seq_len=args.seq, progress=False, seed=args.seed, beta=0.1)
     peaks, previous = {}, ops.get_backend()
@@ -197,6 +222,21 @@ def main():
             print(f"{name:<26}{peaks[backend] / 2**20:>10,.0f} MiB")
         ratio = f"{peaks['auto'] / peaks['reference']:.2f}" if peaks["reference"] > 0 else "n/a (no growth measured)"
         print(f"fused / unfused: {ratio}")
+        return
+    if args.dpo:
+        with tempfile.TemporaryDirectory() as path:
+            make_checkpoint(args, path)
+            params = ModelConfig.from_pretrained(path).n_params()
+            records = bench_dpo(path, args)
+        timed = records[args.warmup:]
+        tok_s = statistics.median(r["tok_per_s"] for r in timed)
+        mfus = [r["mfu"] for r in timed if r["mfu"] is not None]
+        print(f"# device {profile.device_name(device)} | params {params / 1e6:.1f}M | DPO, {args.batch} pairs x 2 "
+              f"rows x seq {args.seq} per step | median of {len(timed)} steps after {args.warmup}")
+        mfu_text = f"{100 * statistics.median(mfus):.1f}%" if mfus else "-"
+        target = f" (target >= 35 %: {'met' if statistics.median(mfus) >= 0.35 else 'NOT met'})" if mfus else ""
+        print(f"w2s DPO step: {tok_s:,.0f} tok/s, MFU {mfu_text}{target}, peak "
+              f"{max(r['peak_mem_gib'] or 0 for r in records):.1f} GiB")
         return
     steps = batches(args)
     with tempfile.TemporaryDirectory() as path:

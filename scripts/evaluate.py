@@ -4,11 +4,18 @@ The same prompts, stop strings and grading as the pipeline's evaluation stages (
 "Question: ...\\nAnswer:", generation stops at EOS or a new "Question" / "Answer", and the responses are scored under
 every available grader (w2s/tasks/graders.py: paper, equivalence, math-verify), --grader naming the headline.
 Generations stream to --out (resumable: rerun the same command after a kill); the result is printed as one JSON line
-and written next to --out as <out>.result.json.
+and written next to --out as <out>.result.json, and every question's prediction, gold answer and correctness under
+the headline grader, with the test file's ids, as <out>.per_question.jsonl.
 
+example:
     python scripts/evaluate.py CKPT_DIR data/gsm8k/test.jsonl --task gsm8k
     python scripts/evaluate.py CKPT_DIR data/math/test.jsonl --task math --samples 10 --limit 100
     torchrun --nproc_per_node=8 scripts/evaluate.py CKPT_DIR data/gsm8k/test.jsonl    # prompts split over ranks
+
+data (TEST_FILE, one JSON object per line): GSM8K {"question", "answer": "... #### N"}; MATH {"problem", "solution",
+"answer" (or the solution's last \\boxed{}), "level", "unique_id" (the id, else the line index)} (w2s/tasks).
+
+Test: python -m pytest -q tests/test_pipeline.py -k evaluate
 """
 
 import argparse
@@ -18,9 +25,18 @@ import sys
 from pathlib import Path
 
 
+class HelpFormatter(argparse.RawTextHelpFormatter):
+    """The docstring's layout kept as written, and every option's default shown (unless its help says it)."""
+
+    def _get_help_string(self, action):
+        if "(default:" in action.help or any(action.default is v for v in (None, False, argparse.SUPPRESS)):
+            return action.help
+        return action.help + " (default: %(default)s)"
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
-                                epilog=__doc__.split("\n\n", 2)[2])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
+                                epilog=__doc__.split("\n\n", 2)[2].rsplit("\n\nTest:", 1)[0])
     p.add_argument("checkpoint", help="HF-format checkpoint directory (config.json, safetensors, tokenizer)")
     p.add_argument("test_file", help="test jsonl in the task's format (GSM8K: question/answer; MATH: problem/...)")
     p.add_argument("--task", choices=("gsm8k", "math"), default="gsm8k",
@@ -33,11 +49,14 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=400, help="per completion (PAPER: 1024 GSM8K samples)")
     p.add_argument("--limit", type=int, default=0, help="evaluate the first N questions only (0: all)")
     p.add_argument("--max-batch", type=int, default=64, help="sequences decoded at once")
-    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    p.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
+                   help="auto: bfloat16 on CUDA, float32 on CPU (as `w2s sample`)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (the RNG is keyed by question index)")
-    p.add_argument("--out", default=None, help="generations jsonl (default: <checkpoint>/eval_<test stem>.jsonl)")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.add_argument("--out", default=None,
+                   help="generations jsonl (default: <checkpoint>/eval_<test stem>_<greedy|nN_tT>.jsonl); the\n"
+                        "summary goes to <out>.result.json, each question to <out>.per_question.jsonl")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar (default: shown)")
     return p.parse_args(argv)
 
 
@@ -63,7 +82,8 @@ def main(argv=None):
 
         init_distributed()
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model = w2s.load_model(args.checkpoint, dtype=getattr(torch, args.dtype), device=device)
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if torch.device(device).type == "cuda" else "float32")
+    model = w2s.load_model(args.checkpoint, dtype=getattr(torch, dtype), device=device)
     tokenizer = w2s.load_tokenizer(args.checkpoint)
     suffix = "greedy" if args.samples == 1 else f"n{args.samples}_t{args.temperature:g}"
     out = Path(args.out or Path(args.checkpoint) / f"eval_{Path(args.test_file).stem}_{suffix}.jsonl")
@@ -83,9 +103,33 @@ def main(argv=None):
     result = {"checkpoint": str(args.checkpoint), "test_file": str(args.test_file), "n_questions": len(rows),
               "n_truncated": truncated, **evaluation_result(rows, test, args.task, grader=args.grader)}
     Path(f"{out}.result.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_per_question(Path(f"{out}.per_question.jsonl"), rows, test, args.task, result["grader"])
     print(json.dumps(result))
     return result
 
+
+def write_per_question(path, rows, test, task, grader_name):
+    """One line per question, in test-file order, under the headline grader: its id and index there, the gold answer
+    as the file has it and as the grader reads it, the prediction (the grader's reading of the response) and whether
+    they agree (greedy), or every sample's prediction and verdict and their count (--samples n)."""
+    from w2s.tasks import get_grader
+
+    grader = get_grader(task, grader_name)
+    by_id = {row["id"]: row for row in rows}
+    lines = []
+    for index, record in enumerate(test):
+        row, gold = by_id[record["id"]], grader.gold(record["answer"])
+        line = {"id": record["id"], "index": index, "gold": record["answer"], "gold_normalized": gold,
+                "grader": grader.name}
+        if "samples" in row:
+            predictions = [grader.answer(s["response"]) for s in row["samples"]]
+            correct = [grader.same(a, gold, record) for a in predictions]
+            line |= {"predictions": predictions, "correct": correct, "n_correct": sum(correct)}
+        else:
+            prediction = grader.answer(row["response"])
+            line |= {"prediction": prediction, "correct": grader.same(prediction, gold, record)}
+        lines.append(json.dumps(line) + "\n")
+    path.write_text("".join(lines))
 
 if __name__ == "__main__":
     try:

@@ -1,14 +1,23 @@
 #!/usr/bin/env bash
 # Every GPU-only check of BENCHMARKS.md in one run, for a session lent a GPU for a few minutes: the bf16 GPU-marked
-# tests, then the kernel, sampling and training benchmarks at the shapes BENCHMARKS.md reports. Each step has its own
-# time limit, so one slow step cannot eat the others' time; every log and a summary land in $OUT (default gpu_out/).
-# The limits add up to 9 minutes, so the whole run fits one 10-minute device call; to fit, the training benchmark
-# times w2s alone, the kernel benchmark skips its torch.compile baselines, and the sampling benchmark decodes 64
-# prompts x 8 samples (one full batch of 512 sequences) once after its warm-up. Output is unbuffered, so a step
-# stopped at its limit still leaves what it printed.
+# tests, then the training, attention and sampling benchmarks at the shapes of the issue's targets (SFT MFU at the
+# Llama-3.2-1B and -3B shapes, DPO step MFU, attention fwd/bwd, 8B batch sampling 512 x (128 -> 256) with batch-1
+# decode and its MBU, the 256 x 8 GSM8K-like EOS workload). Each step has its own time limit, so one slow step cannot
+# eat the others' time; every log and a summary land in $OUT (default gpu_out/). The default steps' limits add up to
+# 9 1/3 minutes, so the whole run fits one 10-minute device call (the steps usually end well before their limits);
+# to fit, the training benchmarks time w2s alone, the kernel benchmark runs attention only without torch.compile
+# baselines, and the sampling benchmarks time one run after their warm-up. Output is unbuffered, so a step stopped
+# at its limit still leaves what it printed.
 #
-#     OUT=gpu_out bash scripts/gpu_check.sh        # <= 9 minutes on one H100; then copy the numbers into BENCHMARKS.md
+#     OUT=gpu_out bash scripts/gpu_check.sh        # <= 9.5 minutes on one H100/H200; then copy the numbers into
+#                                                  # BENCHMARKS.md (each with the device, date and commit)
 #     OUT=gpu_out bash scripts/gpu_check.sh sweep profile_sampling    # named steps only (see run_step below)
+#     OUT=gpu_out bash scripts/gpu_check.sh pipeline    # the demo recipe end to end on CUDA, bf16 (<= 7 min, own call)
+#
+# The pipeline step runs recipes/demo.toml as a derived recipe ($out/demo_cuda.toml: dtype bfloat16, device cuda,
+# absolute paths) through scripts/pipeline.py: Triton kernels, CUDA-graph decoding and FSDP2 training on a 1-GPU
+# process group, every stage of the paper. It writes the run to $RUNS (default /tmp/w2s-gpu-runs, fresh each time)
+# and the report with every stage's cost (wall time, tokens, tokens/s, MFU, peak memory) to $out/pipeline_report.md.
 #
 # Not run by `make test` (no GPU there). Needs torch with CUDA and triton; run from the repository root.
 set -u
@@ -22,6 +31,20 @@ summary="$out/SUMMARY.md"
   "$py" -c "import torch; print('device', torch.cuda.get_device_name(0), '| torch', torch.__version__)" 2>&1
 } > "$summary"
 
+demo_cuda_recipe() {  # demo_cuda_recipe PATH: recipes/demo.toml in bf16 on CUDA, its relative paths made absolute
+  "$py" - "$1" <<'PY'
+import re, sys
+from pathlib import Path
+
+src = Path("recipes/demo.toml").resolve()
+text = src.read_text().replace('name = "demo"', 'name = "demo-cuda"', 1)
+text = re.sub(r'(?m)^dtype = .*$', 'dtype = "bfloat16"', text)
+text = re.sub(r'(?m)^device = .*$', 'device = "cuda"', text)
+text = text.replace('"../demo/', f'"{src.parent.parent / "demo"}/')
+Path(sys.argv[1]).write_text(text)
+PY
+}
+
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $out/NAME.txt, record status and last lines
   local name=$1 limit=$2
   shift 2
@@ -31,21 +54,27 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $out/NAM
   { echo; echo "## $name (rc $rc, $((SECONDS - start)) s): $*"; tail -n 12 "$out/$name.txt"; } >> "$summary"
 }
 
-run_step() {  # the checks by name; ordered by what an open issue waits on: training first, then kernels, sampler
+run_step() {  # the checks by name; the default run is ordered: tests first, then training, kernels, sampler
   case $1 in
-    train_llama32_1b) step "$1" 110 "$py" scripts/bench_train.py --dim 2048 --layers 16 --heads 32 --kv-heads 8 \
+    test_gpu) step "$1" 120 "$py" -m pytest -q -m gpu tests ;;  # every bf16 GPU-marked test (sampler, kernels)
+    train_llama32_1b) step "$1" 90 "$py" scripts/bench_train.py --dim 2048 --layers 16 --heads 32 --kv-heads 8 \
       --hidden 8192 --vocab 128256 --batch 8 --seq 2048 --steps 5 --warmup 2 --no-hf ;;  # Llama-3.2-1B shape, MFU
+    train_llama32_3b) step "$1" 90 "$py" scripts/bench_train.py --dim 3072 --layers 28 --heads 24 --kv-heads 8 \
+      --hidden 8192 --vocab 128256 --batch 2 --seq 2048 --steps 5 --warmup 2 --no-hf ;;  # Llama-3.2-3B shape, MFU
+    dpo_mfu) step "$1" 70 "$py" scripts/bench_train.py --dpo --dim 2048 --layers 16 --heads 32 --kv-heads 8 \
+      --hidden 8192 --vocab 128256 --batch 4 --seq 1024 --steps 5 --warmup 2 ;;  # DPO step MFU, 1B shape
     dpo_memory) step "$1" 45 "$py" scripts/bench_train.py --dpo-memory --dim 2048 --layers 4 --heads 16 \
       --kv-heads 8 --hidden 5632 --vocab 128256 --batch 4 --seq 1024 --steps 1 ;;
-    test_gpu) step "$1" 130 "$py" -m pytest -q -m gpu tests ;;
     test_kernels) step "$1" 100 "$py" -m pytest -q -m gpu tests/test_kernel_attention.py tests/test_kernels.py ;;
     bench_kernels) step "$1" 95 "$py" -m kernels.bench --no-compile --warmup 3 --repeats 10 ;;
-    bench_attention) step "$1" 60 "$py" -m kernels.bench --only attention --no-compile --warmup 3 --repeats 10 ;;
+    bench_attention) step "$1" 50 "$py" -m kernels.bench --only attention --no-compile --warmup 3 --repeats 10 ;;
     # the whole attention file on CUDA (fp32 + bf16 at the GPU tables): Triton compiles took over 120 s on an H100
     test_attention) step "$1" 300 "$py" -m pytest -q tests/test_kernel_attention.py ;;
-    batch1) step "$1" 100 "$py" scripts/bench_sampling.py --prompts 1 --samples 1 ;;  # 8B batch 1, steady state
-    sweep) step "$1" 170 "$py" -m kernels.sweep ;;  # backward launch configs (not in the default run)
-    bench_sampling) step "$1" 150 "$py" scripts/bench_sampling.py --prompts 64 --repeats 1 ;;  # 8B, 64 x 8 x 256
+    batch1) step "$1" 100 "$py" scripts/bench_sampling.py --prompts 1 --samples 1 ;;  # 8B batch 1, MBU, steady state
+    sweep) step "$1" 400 "$py" -m kernels.sweep ;;  # launch configs, fwd D 128/256, bwd D 64/128/256 (alone)
+    # 8B, 64 prompts x 8 samples = 512 sequences x (128 -> 256), then batch-1 decode with its MBU and steady state
+    bench_sampling) step "$1" 80 "$py" scripts/bench_sampling.py --prompts 64 --repeats 1 ;;
+    gsm8k) step "$1" 60 "$py" scripts/bench_sampling.py --gsm8k --repeats 1 --no-batch1 ;;  # 256 x 8, EOS lengths
     profile_sampling) step "$1" 150 "$py" scripts/bench_sampling.py --prompts 64 --repeats 1 --profile ;;
     cascade)  # ICL-shaped decode with the cascade over a 1024-token shared prefix, then with it turned off
       args="--shared-prefix 1024 --samples 1 --prompts 256 --new-tokens 64 --repeats 1 --no-batch1"
@@ -53,9 +82,18 @@ run_step() {  # the checks by name; ordered by what an open issue waits on: trai
       step cascade_off 90 "$py" -c "import runpy, sys; import w2s.ops as o; o.CASCADE_MIN_PREFIX = 10**9; \
 sys.argv = ['bench_sampling.py'] + sys.argv[1:]; runpy.run_path('scripts/bench_sampling.py', run_name='__main__')" \
         $args ;;
+    pipeline)  # the whole demo on CUDA in bf16, then the report's table of per-stage costs
+      runs="${RUNS:-/tmp/w2s-gpu-runs}"
+      rm -rf "$runs/demo-cuda"
+      demo_cuda_recipe "$out/demo_cuda.toml"
+      step "$1" 420 "$py" scripts/pipeline.py "$out/demo_cuda.toml" --runs "$runs" --no-progress
+      step pipeline_report 30 "$py" -m w2s.cli report "$runs/demo-cuda" --no-plot
+      cp "$out/pipeline_report.txt" "$out/pipeline_report.md" 2>/dev/null ;;
     *) echo "gpu_check.sh: unknown step $1" >> "$summary" ;;
   esac
 }
-if [ $# -eq 0 ]; then set -- train_llama32_1b dpo_memory test_gpu bench_kernels bench_sampling; fi  # the default run
+if [ $# -eq 0 ]; then  # the default run: 120 + 90 + 90 + 70 + 50 + 80 + 60 = 560 s of limits
+  set -- test_gpu train_llama32_1b train_llama32_3b dpo_mfu bench_attention bench_sampling gsm8k
+fi
 for name in "$@"; do run_step "$name"; done
 cat "$summary"

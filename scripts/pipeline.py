@@ -5,7 +5,11 @@
 
 Finished stages are skipped; a killed run picks up where it stopped. `--help` lists the options. Under torchrun
 every rank runs every stage (FSDP2 training, prompts split over ranks); rank 0 writes the artifacts and the report.
-One checkpoint alone: scripts/evaluate.py. Test: python -m pytest -q tests/test_pipeline.py -k torchrun
+Bad input (the recipe, its data files or checkpoints), a nan loss, a full disk or a denied permission end in one
+`Error: ...` line naming the file, exit status 1, as with `w2s run`. One checkpoint alone: scripts/evaluate.py.
+
+    python -m pytest -q tests/test_pipeline.py -k torchrun
+    python -m pytest -q tests/test_realrun.py -k script
 """
 
 from w2s.cli import run

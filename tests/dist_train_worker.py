@@ -3,13 +3,15 @@
     OMP_NUM_THREADS=1 python -m torch.distributed.run --nproc_per_node=2 tests/dist_train_worker.py CKPT OUT
 
 Each run of RUNS (SFT and DPO, full and LoRA; ORPO full) trains the tiny checkpoint CKPT and exports to
-OUT/<name> (rank 0 writes metrics.jsonl and the HF weights). The data (7 rows, batch 4) ends on a short batch, so
+OUT/<name> (rank 0 writes metrics.jsonl and the HF weights; a LoRA run the adapter, and the merged weights in
+OUT/<name>/merged). The data (7 rows, batch 4) ends on a short batch, so
 with 2 ranks one micro-batch slot is empty and a rank runs the all-ignored dummy row; clipping is on so the DTensor
 clip path runs. "sft_full" is killed after step 3 and resumed from its step-2 checkpoint, so sharded (DCP)
 checkpoints are saved and loaded too. In the RANK0_LOAD runs only rank 0 reads the checkpoint (rank 1 starts on the
 meta device), so filling the shards from rank 0 is checked against the same one-process run. The LoRA runs
 use FSDP2's CPU offload (unpinned on CPU), "sft_lora" through a kill and resume as well, "dpo_lora" with the
 shards filled from rank 0; in one process cpu_offload does nothing, so they compare against plain training.
+"sft_lora_continue" trains further the adapter "sft_lora" wrote (rank 0 reads it, rank 1 gets it from rank 0).
 """
 
 import os
@@ -28,18 +30,23 @@ STEPS = 4
 # 1e-5 tolerance on the weights.
 COMMON = dict(lr=1e-3, batch_size=4, micro_batch_size=1, max_steps=STEPS, clip=0.5, weight_decay=0.1, seed=1,
               progress=False, ckpt_every=2)
-LORA = dict(lora_rank=4, lora_alpha=8.0, lora_dropout=0.0)  # dropout streams differ per rank: keep it off here
+# dropout streams differ per rank: keep it off here. export_merged: besides the adapter, the merged model under FSDP
+LORA = dict(lora_rank=4, lora_alpha=8.0, lora_dropout=0.0, export_merged=True)
 RUNS = {  # name: (loss, config)
     "sft_full": ("sft", TrainConfig(**COMMON)),
     "sft_lora": ("sft", TrainConfig(**COMMON, **LORA, cpu_offload=True)),
     "dpo_full": ("dpo", TrainConfig(**COMMON, beta=0.5)),
     "dpo_lora": ("dpo", TrainConfig(**COMMON, **LORA, beta=0.5, cpu_offload=True)),
     "orpo_full": ("orpo", TrainConfig(**COMMON, beta=0.5)),
+    "sft_lora_continue": ("sft", TrainConfig(**COMMON, **LORA)),
 }
+# Runs that start from another run's output, an adapter directory: LoRA training continues that adapter (rank 1 gets
+# the adapter's values from rank 0 with the base).
+CONTINUE = {"sft_lora_continue": "sft_lora"}
 KILL_AT = {"sft_full": 3, "sft_lora": 3}  # run dies after this step, then resumes
 # Runs whose checkpoint only rank 0 reads (w2s.checkpoint.load_for_training: rank 1 starts on the meta device and gets
 # its shards from rank 0); the others load it on every rank. In one process both are the plain load.
-RANK0_LOAD = {"sft_full", "dpo_full", "dpo_lora"}
+RANK0_LOAD = {"sft_full", "dpo_full", "dpo_lora", "sft_lora_continue"}
 
 
 def rows_for(loss):
@@ -58,6 +65,7 @@ class Killed(Exception):
 def run(name, ckpt, out_dir):
     """Train run `name` from the checkpoint into out_dir (dying and resuming if KILL_AT says so). -> model."""
     loss, cfg = RUNS[name]
+    ckpt = Path(out_dir).parent / CONTINUE[name] if name in CONTINUE else ckpt
 
     def once(on_step=None):
         model = load_for_training(ckpt, torch.float32) if name in RANK0_LOAD else w2s.load_model(ckpt, torch.float32)

@@ -1,4 +1,5 @@
-"""Triton kernels (rms_norm, rope, swiglu/geglu, fused linear losses) against kernels/reference.py.
+"""Triton kernels (rms_norm, rope, rope + KV-cache write, swiglu/geglu, fused linear losses) against
+kernels/reference.py.
 
 On CPU the kernels run under TRITON_INTERPRET=1 (set here before triton is imported) in fp32 and fp16 at tiny odd
 shapes; tests marked `gpu` run the compiled kernels in bf16 at realistic shapes and are skipped without CUDA.
@@ -26,7 +27,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"
 
-from kernels import chunked_linear, fused_linear, glu, reference, rms_norm, rope  # noqa: E402
+from kernels import chunked_linear, fused_linear, glu, reference, rms_norm, rope, rope_cache  # noqa: E402
 
 FP32_TOL = dict(atol=1e-5, rtol=1e-5)
 requires_cuda = pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA")
@@ -158,6 +159,82 @@ def test_rope_is_a_rotation():
     torch.testing.assert_close(pair_norm(y), pair_norm(x), **FP32_TOL)
 
 
+# --------------------------------------------------------------------------------------- rope + KV-cache write
+
+
+def _rope_cache_case(B, T, H, K, D, slots, S, dtype, fused_layout, rows):
+    """Inputs of one sampler step: q, k, v (views of one fused projection when fused_layout), positions anywhere
+    in the cache, rows (a permutation of slots, or None), and caches already holding other values."""
+    if fused_layout:  # columns [q | k | v] of one (B, T, (H + 2K) D) matmul output: strided views
+        qkv = torch.randn(B, T, (H + 2 * K) * D).to(dtype)
+        q, k, v = (t.unflatten(-1, (-1, D)) for t in qkv.split([H * D, K * D, K * D], dim=-1))
+    else:
+        q, k, v = (torch.randn(B, T, n, D).to(dtype) for n in (H, K, K))
+    positions = torch.stack([torch.randperm(S)[:T] for _ in range(B)])  # distinct within a row, any order
+    row_ids = torch.randperm(slots)[:B] if rows else None
+    k_cache, v_cache = torch.randn(slots, K, S, D).to(dtype), torch.randn(slots, K, S, D).to(dtype)
+    return q, k, v, positions, row_ids, k_cache, v_cache
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("B,T,H,K,D,rows,fused_layout", [
+    (3, 1, 8, 2, 64, False, True),  # a decode step: one token per slot, GQA, q/k/v from the fused projection
+    (2, 5, 6, 3, 40, True, False),  # a prefill chunk into scattered cache rows; head dim 40: masked half-columns
+    (1, 7, 5, 1, 80, True, True),  # MQA, odd head count
+])
+def test_rope_cache_write_matches_reference(dtype, B, T, H, K, D, rows, fused_layout):
+    """The rotated q, and the whole k and v caches after the write (written entries and untouched ones), against
+    the reference's rope + index_put on copies of the same caches. fp32 tight; fp16 as accurate as the fp16
+    reference (both against fp32); v is a copy, so it must be exact in every dtype."""
+    q, k, v, positions, row_ids, k_cache, v_cache = _rope_cache_case(B, T, H, K, D, 9, 23, dtype, fused_layout, rows)
+    inv_freq = _inv_freq(D)
+    kc, vc = k_cache.clone(), v_cache.clone()
+    out = rope_cache.rope_cache_write(q, k, v, positions, inv_freq, kc, vc, row_ids)
+    rkc, rvc = k_cache.clone(), v_cache.clone()
+    ref = reference.rope_cache_write(q, k, v, positions, inv_freq, rkc, rvc, row_ids)
+    assert out.shape == (B, T, H, D) and out.dtype == dtype
+    assert torch.equal(vc, rvc)
+    written = torch.zeros(k_cache.shape[0], K, k_cache.shape[2], dtype=torch.bool)
+    written[(torch.arange(B) if row_ids is None else row_ids)[:, None], :, positions] = True
+    assert torch.equal(kc[~written], k_cache[~written])  # nothing else in the cache moved
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, **FP32_TOL)
+        torch.testing.assert_close(kc, rkc, **FP32_TOL)
+        return
+    hkc = k_cache.float()
+    high = reference.rope_cache_write(q.float(), k.float(), v.float(), positions, inv_freq, hkc, v_cache.float(),
+                                      row_ids)
+    assert_as_accurate(out, ref, high, "q")
+    assert_as_accurate(kc[written], rkc[written], hkc[written], "k cache")
+
+
+def test_rope_cache_write_rotates_like_rope():
+    """Independent of the reference's index_put: the cached k equals kernels/rope.py's rotation of k read back at
+    (row, position), and positions 0 leave q unchanged."""
+    B, T, H, K, D = 2, 3, 4, 2, 32
+    q, k, v = torch.randn(B, T, H, D), torch.randn(B, T, K, D), torch.randn(B, T, K, D)
+    positions = torch.tensor([[0, 5, 9], [0, 1, 2]])
+    inv_freq = _inv_freq(D, base=500000.0)
+    kc, vc = torch.zeros(4, K, 12, D), torch.zeros(4, K, 12, D)
+    rows = torch.tensor([3, 1])
+    out = rope_cache.rope_cache_write(q, k, v, positions, inv_freq, kc, vc, rows)
+    torch.testing.assert_close(out[:, 0], q[:, 0])
+    torch.testing.assert_close(out, rope.rope(q, positions, inv_freq), **FP32_TOL)
+    got_k = kc[rows[:, None], :, positions]  # (B, T, K, D)
+    torch.testing.assert_close(got_k, rope.rope(k, positions, inv_freq), **FP32_TOL)
+    assert torch.equal(vc[rows[:, None], :, positions], v)
+
+
+def test_rope_cache_write_rejects_mixed_dtypes_and_shapes():
+    q, k = torch.randn(1, 2, 4, 16), torch.randn(1, 2, 2, 16)
+    cache = torch.zeros(2, 2, 8, 16)
+    positions, inv_freq = torch.zeros(1, 2, dtype=torch.long), _inv_freq(16)
+    with pytest.raises(ValueError, match="one dtype"):
+        rope_cache.rope_cache_write(q, k, k, positions, inv_freq, cache.half(), cache.half())
+    with pytest.raises(ValueError, match="caches"):
+        rope_cache.rope_cache_write(q, k, k, positions, inv_freq, torch.zeros(2, 3, 8, 16), torch.zeros(2, 3, 8, 16))
+
+
 # ---------------------------------------------------------------------------------------------------------- glu
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -168,13 +245,16 @@ def test_glu_matches_reference(dtype, name):
     check_against_reference(getattr(glu, name), getattr(reference, name), [gate, up], dtype, ["out", "dgate", "dup"])
 
 
-def test_glu_non_contiguous_halves_of_a_fused_projection():
-    gate_up = torch.randn(5, 2 * 33)
-    gate, up = gate_up[:, :33], gate_up[:, 33:]  # views with row stride 66
+@pytest.mark.parametrize("lead", [(5,), (2, 3)])
+def test_glu_non_contiguous_halves_of_a_fused_projection(lead):
+    gate_up = torch.randn(*lead, 2 * 33)
+    gate, up = gate_up[..., :33], gate_up[..., 33:]  # views with row stride 66, read in place by the row kernel
     got = run_with_grads(glu.geglu, [gate, up])
     ref = run_with_grads(reference.geglu, [gate, up])
     for g, r in zip(got, ref):
         torch.testing.assert_close(g, r, **FP32_TOL)
+    with torch.no_grad():
+        torch.testing.assert_close(glu.swiglu(gate, up), reference.swiglu(gate, up), **FP32_TOL)
 
 
 def test_geglu_hand_values():
@@ -347,6 +427,29 @@ def test_gpu_rope_bf16(D):
     inv_freq = _inv_freq(D, 500000.0).cuda()
     _gpu_check(lambda x: rope.rope(x, positions, inv_freq), lambda x: reference.rope(x, positions, inv_freq), [x],
                ["y", "dx"])
+
+
+@pytest.mark.parametrize("D,H,K", [(128, 32, 8), (256, 8, 1)])  # Llama-3-8B; Gemma-2B (MQA, head dim 256)
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_rope_cache_write_bf16(D, H, K):
+    """A 512-slot decode step into a 512-position cache and a 2 x 1000-token prefill into rows of a 4096-position
+    cache, in bf16."""
+    torch.cuda.empty_cache()
+    inv_freq = _inv_freq(D, 500000.0).cuda()
+    for B, T, slots, S, rows in ((512, 1, 512, 512, False), (2, 1000, 8, 4096, True)):
+        q, k, v, positions, row_ids, k_cache, v_cache = _rope_cache_case(B, T, H, K, D, slots, S, torch.bfloat16,
+                                                                         True, rows)
+        kc, vc = k_cache.clone(), v_cache.clone()
+        out = rope_cache.rope_cache_write(q, k, v, positions, inv_freq, kc, vc, row_ids)
+        rkc, rvc = k_cache.clone(), v_cache.clone()
+        ref = reference.rope_cache_write(q, k, v, positions, inv_freq, rkc, rvc, row_ids)
+        hkc = k_cache.float()
+        high = reference.rope_cache_write(q.float(), k.float(), v.float(), positions, inv_freq, hkc,
+                                          v_cache.float(), row_ids)
+        assert torch.equal(vc, rvc)
+        assert_as_accurate(out, ref, high, "q")
+        assert_as_accurate(kc, rkc, hkc, "k cache")
 
 
 @pytest.mark.parametrize("name", ["swiglu", "geglu"])

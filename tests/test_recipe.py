@@ -23,6 +23,7 @@ def test_shipped_recipes_follow_the_paper():
         assert (r.stage2.min_confidence, r.stage2.flip_confidence) == (0.6, 0.8)
         assert r.stage2.losses == ["dpo", "orpo"] and r.stage1.n_demos == 4 and r.eval.pass_k_samples == 10
         assert r.strong_sft["lora_rank"] == 8 and r.preference["beta"] == 0.1
+        assert r.stage2.export_merged == ["dpo"]  # the one merged 70B copy: M_pro (README: disk per recipe)
     assert (gsm8k.data.task, gsm8k.stage1.rounds, gsm8k.stage2.max_pairs, gsm8k.sampling.sample_max_new_tokens) == \
         ("gsm8k", 2, 1, 1024)
     assert (math.data.task, math.stage1.rounds, math.stage2.max_pairs, math.sampling.sample_max_new_tokens) == \

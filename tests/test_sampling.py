@@ -233,6 +233,36 @@ def test_eos_stop_strings_and_length(ckpt):
     assert out["finish_reason"] == "length" and out["token_ids"] == free[0][0]["token_ids"][:3]
 
 
+def test_continuous_batching_refills_freed_slots_at_every_host_look(ckpt, monkeypatch):
+    """EOS-terminated completions of different lengths (a third of the vocabulary ends a sequence), 18 sequences
+    through 4 slots: until the last sequence is admitted, every decode step runs with all 4 slots assigned (a slot
+    freed at a host look is refilled before the next step), and the completions are those of one slot at a time."""
+    model, _ = load(ckpt, "llama2")
+    tok = CharTokenizer(stop_ids=range(3, VOCAB, 3))
+    prompts = random_prompts([5, 2, 8, 3, 6, 1], seed=6)
+    kw = dict(n=3, temperature=1.0, seed=2, max_new_tokens=12, sync_every=2, progress=False)
+    admitted, busy = [0], []
+    real_admit, real_step = Engine.admit, Engine.step
+
+    def admit(self, items, free):
+        admitted[0] += len(items)
+        return real_admit(self, items, free)
+
+    def step(self, limit):
+        busy.append((admitted[0], sum(w is not None for w in self.work)))
+        return real_step(self, limit)
+
+    monkeypatch.setattr(Engine, "admit", admit)
+    monkeypatch.setattr(Engine, "step", step)
+    outs = generate(model, tok, prompts, max_batch=4, **kw)
+    waiting = [n_busy for n_admitted, n_busy in busy if n_admitted < 18]
+    assert len(waiting) >= 4 and all(n == 4 for n in waiting)
+    lengths = [c["num_tokens"] for cs in outs for c in cs]
+    assert len(set(lengths)) > 2 and sum(c["finish_reason"] == "eos" for cs in outs for c in cs) >= 12
+    monkeypatch.setattr(Engine, "step", real_step)
+    assert outs == generate(model, tok, prompts, max_batch=1, **kw)
+
+
 def test_bad_input_errors(ckpt):
     model, _ = load(ckpt, "llama2")
     with pytest.raises(ValueError, match="prompt 1 has 9 tokens but the KV cache holds 8 positions"):

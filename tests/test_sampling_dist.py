@@ -49,42 +49,91 @@ def save_llama_with_biases(path):
     model.save_pretrained(path)
 
 
-def test_tp2_and_dp2_equal_one_process(tmp_path):
-    """Every family (GQA split, Gemma's single kv head replicated, sliding windows, soft-caps, tied embeddings) and
-    a Llama with biases: tp=2 and dp=2 give exactly the one-process greedy completions, samples and jsonl bytes; an
-    in-memory split of an already loaded model (apply_tensor_parallel) agrees too."""
-    prompts = make_prompts()
-    families = {}
-    for family in FAMILIES:
-        families[family] = str(tmp_path / family)
-        save_hf(family, tmp_path / family)
-    families["llama_bias"] = str(tmp_path / "llama_bias")
-    save_llama_with_biases(tmp_path / "llama_bias")
-    (tmp_path / "job.json").write_text(json.dumps({"prompts": prompts, "families": families, "options": OPTIONS,
-                                                   "sampled_options": SAMPLED}))
+def save_lora_adapter(base, path):
+    """A PEFT LoRA adapter on every projection of `base`, with random A and B (a real update), pointing at base."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(2)
+    model = get_peft_model(transformers_model(base), LoraConfig(
+        r=2, lora_alpha=4, init_lora_weights=False,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    model.save_pretrained(path)
+    config = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(base)}))
+    return path
+
+
+def transformers_model(path):
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def run_worker(tmp_path, families, options, sampled):
+    """Run tests/dist_sample_worker.py on 2 gloo processes over `families` {name: ckpt}; its result.json."""
+    (tmp_path / "job.json").write_text(json.dumps({"prompts": make_prompts(), "families": families,
+                                                   "options": options, "sampled_options": sampled}))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "tests" / "dist_sample_worker.py"), str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads((tmp_path / "result.json").read_text())
+    return json.loads((tmp_path / "result.json").read_text())
 
+
+def check_against_one_process(tmp_path, result, families, options, sampled):
+    """Every tp / dp result of the worker equals this process's run of the same options (jsonl bytes too)."""
+    prompts = make_prompts()
     records = [{"id": f"r{i}", "prompt": p} for i, p in enumerate(prompts)]
     for family, ckpt in families.items():
         model = w2s.load_model(ckpt, dtype=torch.float32)
-        greedy = generate(model, None, prompts, progress=False, **OPTIONS)
+        greedy = generate(model, None, prompts, progress=False, **options)
         assert any(c["finish_reason"] == "length" for (c,) in greedy)  # the comparison covers real decoding
         assert result[f"{family}/tp/greedy"] == greedy, family
         if f"{family}/tp_in_memory/greedy" in result:
             assert result[f"{family}/tp_in_memory/greedy"] == greedy, family
         assert result[f"{family}/dp/greedy"] == greedy, family
-        assert result[f"{family}/dp/sampled"] == generate(model, None, prompts, progress=False, **SAMPLED), family
-        one = generate_to_jsonl(model, None, records, tmp_path / f"{family}_one.jsonl", progress=False, **OPTIONS)
+        assert result[f"{family}/dp/sampled"] == generate(model, None, prompts, progress=False, **sampled), family
+        one = generate_to_jsonl(model, None, records, tmp_path / f"{family}_one.jsonl", progress=False, **options)
         for mode in ("tp", "dp"):
             assert (tmp_path / f"{family}_{mode}.jsonl").read_bytes() == one.read_bytes(), (family, mode)
     assert not list(tmp_path.glob("*.part*")), "part files must be merged and removed"
+
+
+def test_tp2_and_dp2_equal_one_process(tmp_path):
+    """Every family (GQA split, Gemma's single kv head replicated, sliding windows, soft-caps, tied embeddings) and
+    a Llama with biases, LoRA adapters (a tp rank merges its slice of the adapter): tp=2 and dp=2 give exactly the
+    one-process greedy completions, samples and jsonl bytes; an in-memory split of an already loaded model
+    (apply_tensor_parallel) agrees too."""
+    families = {}
+    for family in FAMILIES:
+        families[family] = str(tmp_path / family)
+        save_hf(family, tmp_path / family)
+    families["llama_bias"] = str(tmp_path / "llama_bias")
+    save_llama_with_biases(tmp_path / "llama_bias")
+    for family in ("llama2", "gemma"):  # LoRA adapter directories: each rank merges its slice of the adapter
+        families[f"{family}_lora"] = str(save_lora_adapter(tmp_path / family, tmp_path / f"{family}_lora"))
+    result = run_worker(tmp_path, families, OPTIONS, SAMPLED)
+    check_against_one_process(tmp_path, result, families, OPTIONS, SAMPLED)
     assert "llama2/tp_in_memory/greedy" in result
+
+
+def test_tp2_with_fused_projections_equals_one_process(tmp_path):
+    """The same with q/k/v and gate/up fused (w2s/fused.py; the CUDA default): each tp rank fuses its own slices
+    (GQA heads, Gemma's replicated kv head, sliced biases) and gives the one-process completions, which equal the
+    unfused ones."""
+    families = {"llama2": str(tmp_path / "llama2"), "gemma": str(tmp_path / "gemma"),
+                "llama_bias": str(tmp_path / "llama_bias")}
+    save_hf("llama2", tmp_path / "llama2")
+    save_hf("gemma", tmp_path / "gemma")
+    save_llama_with_biases(tmp_path / "llama_bias")
+    fused, fused_sampled = {**OPTIONS, "fused_projections": True}, {**SAMPLED, "fused_projections": True}
+    result = run_worker(tmp_path, families, fused, fused_sampled)
+    check_against_one_process(tmp_path, result, families, fused, fused_sampled)
+    for family, ckpt in families.items():
+        unfused = generate(w2s.load_model(ckpt, dtype=torch.float32), None, make_prompts(), progress=False, **OPTIONS)
+        assert result[f"{family}/tp/greedy"] == unfused, family
 
 
 @pytest.mark.parametrize("n_kv_heads,tp", [(4, 2), (2, 2), (1, 2), (2, 4)])

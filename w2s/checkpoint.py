@@ -8,12 +8,23 @@ hand: 8 bytes little-endian header length, a JSON header {name: {dtype, shape, d
 Saving writes config.json, generation_config.json, model-0000k-of-0000n.safetensors + model.safetensors.index.json,
 and the tokenizer files, which transformers' from_pretrained and vLLM load unchanged.
 
+A directory holding a LoRA adapter (w2s/lora.py: adapter_config.json + adapter_model.safetensors, the PEFT layout)
+loads as its base checkpoint (base_model_name_or_path) with the adapter merged; load_for_training keeps the adapter
+as live LoRA layers instead, so training can continue it.
+
+`checkpoint_problems` / `validate_checkpoint` find, from config.json, the tokenizer and the safetensors headers alone,
+every problem loading would hit (unsupported architecture, no or too large a tokenizer, a shard the index lists
+but that is missing, a tensor whose bytes run past the end of its file, a missing tensor or a wrong shape): a
+pipeline checks its checkpoints before its first stage, not an hour into it.
+
 Training-state checkpoints (resume) live here too: save_training_state / load_training_state / latest_checkpoint.
 
-    python -m pytest tests/test_model.py tests/test_train.py -k resume
+    python -m pytest tests/test_model.py tests/test_train.py -k resume tests/test_realrun.py tests/test_adapters.py
 """
 
+import contextlib
 import json
+import math
 import os
 import shutil
 import struct
@@ -24,6 +35,7 @@ from safetensors.torch import save_file
 
 from w2s.config import ModelConfig
 from w2s.files import write_atomic
+from w2s.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_base_dir, attach_adapter, merge_adapter, read_adapter
 from w2s.model import Transformer
 from w2s.parallel import Dist, barrier, rank
 
@@ -56,7 +68,10 @@ def checkpoint_files(path):
     path = Path(path)
     index = path / INDEX_FILE
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(f"{index}: not a safetensors index (expected JSON with a 'weight_map')") from None
         shards = {name: path / shard for name, shard in weight_map.items()}
         for shard in sorted(set(shards.values())):
             if not shard.is_file():
@@ -116,8 +131,23 @@ def load_model(path, dtype=torch.bfloat16, device="cpu"):
     """Load an HF checkpoint directory (config.json + safetensors) of a supported family as a w2s Transformer.
 
     device="meta" reads only config.json: the model's structure without weights (FSDP ranks > 0, which get their
-    shards from rank 0 when training shards the model; see load_for_training).
+    shards from rank 0 when training shards the model; see load_for_training). An adapter directory loads its base
+    with the adapter merged. `model.name_or_path` records the directory (as transformers does): a LoRA adapter
+    trained from the model points back at it.
     """
+    adapter = read_adapter(path)
+    if adapter is not None:
+        model = load_model(adapter_base_dir(path, adapter), dtype=dtype, device=device)
+        if torch.device(device).type != "meta":
+            merge_adapter(model, adapter)
+        model.name_or_path = str(Path(path).resolve())
+        return model
+    model = _load_plain(path, dtype, device)
+    model.name_or_path = str(Path(path).resolve())
+    return model
+
+
+def _load_plain(path, dtype, device):
     cfg = ModelConfig.from_pretrained(path)
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -139,8 +169,39 @@ def load_for_training(path, dtype=torch.float32):
     the model (w2s.parallel.fill_from_rank0). A 70B checkpoint is then read once (~140 GB of host memory in bf16)
     instead of once per rank (8 x 140 GB). Only for w2s.train: the meta ranks' model is unusable until the loop has
     filled it.
+
+    An adapter directory gives its base with the adapter as live LoRA layers (rank 0 loads A and B): a LoRA run
+    continues that adapter, a full fine-tune merges it first (w2s/train.py).
     """
-    return load_model(path, dtype=dtype, device="cpu" if rank() == 0 else "meta")
+    device = "cpu" if rank() == 0 else "meta"
+    adapter = read_adapter(path)
+    if adapter is None:
+        return load_model(path, dtype=dtype, device=device)
+    model = load_model(adapter_base_dir(path, adapter), dtype=dtype, device=device)
+    return attach_adapter(model, adapter, load_tensors=device != "meta")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
+def tokenizer_dir(path):
+    """Where the tokenizer of the checkpoint in `path` lives: `path`, or for an adapter without tokenizer files of its
+    own, its base's."""
+    path = Path(path)
+    if any((path / f).is_file() for f in TOKENIZER_FILES):
+        return path
+    adapter = read_adapter(path, tensors=False)
+    return tokenizer_dir(adapter_base_dir(path, adapter)) if adapter is not None else path
+
+
+def fingerprint(path):
+    """Identity of a checkpoint directory without reading its weights: name, size and mtime of its weight, config and
+    tokenizer files, and for an adapter its base's fingerprint too (a copied or rewritten file changes it)."""
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.json")) + sorted(path.glob("tokenizer.model"))
+    found = [[f.name, f.stat().st_size, int(f.stat().st_mtime)] for f in files]
+    adapter = read_adapter(path, tensors=False)
+    return {"files": found, "base": fingerprint(adapter_base_dir(path, adapter)) if adapter is not None else None}
 
 
 def check_tokenizer_fits(path, cfg):
@@ -154,6 +215,97 @@ def check_tokenizer_fits(path, cfg):
     if tok.vocab_size > cfg.vocab_size:
         raise ValueError(f"{path}: tokenizer has {tok.vocab_size} tokens but config.json vocab_size is "
                          f"{cfg.vocab_size} (the embedding table must cover every token id)")
+
+
+def checkpoint_problems(path, tokenizer=True):
+    """Every problem loading the checkpoint in `path` would hit, one line each, from config.json, the tokenizer and
+    the safetensors headers only (no tensor data is read: instant for 70B); [] when it loads. tokenizer=False skips
+    the tokenizer (a checkpoint sampled from token ids)."""
+    path = Path(path)
+    try:
+        cfg = ModelConfig.from_pretrained(path)  # a supported architecture and a readable config
+    except (FileNotFoundError, ValueError) as e:
+        return [str(e)]
+    problems = []
+    if tokenizer and not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+        problems.append(f"{path}: no tokenizer.json or tokenizer.model (expected the model's tokenizer beside its "
+                        f"config.json)")
+    elif tokenizer:
+        try:
+            check_tokenizer_fits(path, cfg)
+        except (ValueError, OSError) as e:
+            problems.append(str(e))
+    try:
+        files = checkpoint_files(path)
+    except (FileNotFoundError, ValueError) as e:
+        return problems + [str(e)]
+    headers = {}
+    for file in sorted(set(files.values())):
+        try:
+            headers[file] = read_safetensors_header(file)[0]
+        except ValueError as e:
+            problems.append(str(e))
+            continue
+        problems += _byte_range_problems(file)
+    with torch.device("meta"):
+        expected = {hf_name(n): list(p.shape) for n, p in Transformer(cfg).state_dict().items()}
+    for name, shape in expected.items():
+        header = headers.get(files.get(name), {})
+        if name not in files or (files[name] in headers and name not in header):
+            problems.append(f"{files.get(name, path)}: no tensor {name!r}, which config.json implies")
+        elif name in header and list(header[name]["shape"]) != shape:
+            problems.append(f"{files[name]}: tensor {name!r} has shape {header[name]['shape']}, expected {shape} "
+                            f"from config.json")
+    return problems
+
+
+def _byte_range_problems(file):
+    """Tensors of one safetensors file whose dtype is unknown, whose byte count does not match their shape, or whose
+    bytes lie past the end of the file (a truncated copy)."""
+    header, data_start = read_safetensors_header(file)
+    size, problems = file.stat().st_size, []
+    for name, info in header.items():
+        dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
+        begin, end = info.get("data_offsets", (0, -1))
+        if dtype is None:
+            problems.append(f"{file}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
+            continue
+        need = math.prod(info.get("shape", ())) * torch.empty(0, dtype=dtype).element_size()
+        if end - begin != need:
+            problems.append(f"{file}: tensor {name!r} spans {end - begin} bytes, expected {need} for shape "
+                            f"{info.get('shape')} in {info['dtype']}")
+        elif data_start + end > size:
+            problems.append(f"{file}: tensor {name!r} ends at byte {data_start + end} but the file has {size} bytes "
+                            f"(truncated: copy the shard again)")
+    return problems
+
+
+def validate_checkpoint(path, tokenizer=True):
+    """Raise one ValueError line (the first problem, and how many more) when checkpoint_problems finds any.
+    An adapter directory is checked as its adapter (readable, complete) and its base."""
+    adapter = read_adapter(path)
+    if adapter is not None:
+        return validate_checkpoint(adapter_base_dir(path, adapter), tokenizer)
+    problems = checkpoint_problems(path, tokenizer)
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s): w2s inspect {path})" if len(problems) > 1 else ""
+        raise ValueError(problems[0] + more)
+
+
+@contextlib.contextmanager
+def naming_path(path):
+    """A disk-full or I/O error raised while writing `path` names it (write() and fsync() errors carry no file
+    name, and safetensors' own error type is not an OSError)."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except OSError as e:
+        if e.filename:
+            raise
+        raise OSError(e.errno, f"{e.strerror or e} (writing {path})", str(path)) from e
+    except SafetensorError as e:
+        raise OSError(f"{path}: writing failed ({e})") from e
 
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -183,15 +335,18 @@ def save_model(model, path, tokenizer=None, dtype=None, max_shard_bytes=5 * 2**3
             current, size = {}, 0
         current[name], size = tensors[name], size + nbytes
     shards.append(current)
-    for old in list(path.glob("model*.safetensors")) + [path / INDEX_FILE]:
-        old.unlink(missing_ok=True)  # a stale shard from an earlier save would shadow the new ones
+    stale = [*path.glob("model*.safetensors"), path / INDEX_FILE, path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS]
+    for old in stale:  # a stale shard from an earlier save would shadow the new ones; an adapter would win over them
+        old.unlink(missing_ok=True)
     if len(shards) == 1:
-        save_file(shards[0], str(path / SINGLE_FILE), metadata={"format": "pt"})
+        with naming_path(path / SINGLE_FILE):
+            save_file(shards[0], str(path / SINGLE_FILE), metadata={"format": "pt"})
     else:
         weight_map = {}
         for i, shard in enumerate(shards):
             fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(path / fname), metadata={"format": "pt"})
+            with naming_path(path / fname):
+                save_file(shard, str(path / fname), metadata={"format": "pt"})
             weight_map.update({name: fname for name in shard})
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -236,7 +391,14 @@ def save_training_state(ckpt_root, step, module, optimizer, d: Dist, meta):
         tmp.mkdir(parents=True)
     barrier(d)
     model_sd, optim_sd = get_state_dict(module, optimizer, options=_state_dict_options())
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    try:
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    except Exception as e:  # DCP wraps each rank's failure; a disk-full or permission error should name the path
+        cause = _first_os_error(e)
+        if cause is None:
+            raise
+        raise OSError(cause.errno, f"{cause.strerror or cause} (writing the training checkpoint {tmp})",
+                      str(tmp)) from e
     rng = {"cpu": torch.get_rng_state()}
     if d.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(d.device)
@@ -249,6 +411,19 @@ def save_training_state(ckpt_root, step, module, optimizer, d: Dist, meta):
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
     barrier(d)
+
+
+def _first_os_error(e, depth=0):
+    """The OSError at the root of an exception (DCP's CheckpointException keeps each rank's failure in .failures)."""
+    if isinstance(e, OSError) or depth > 5:
+        return e if isinstance(e, OSError) else None
+    inner = [*getattr(e, "failures", {}).values(), e.__cause__, e.__context__]
+    for x in inner:
+        if isinstance(x, tuple):  # (exception, traceback) pairs
+            x = x[0]
+        if isinstance(x, BaseException) and (found := _first_os_error(x, depth + 1)) is not None:
+            return found
+    return None
 
 
 def latest_checkpoint(ckpt_root):

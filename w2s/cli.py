@@ -8,6 +8,7 @@
     w2s sample CKPT --input q.jsonl --output out.jsonl [-n 10 --temperature 1 --tp 2]   complete prompts (resumable)
 """
 
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -16,14 +17,29 @@ import click
 BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
+def _one_line(invoke, ctx):
+    """Bad input (missing file, malformed config, unknown key, a truncated shard), a diverged training (nan loss), a
+    full disk or a denied permission (OSError: it names the path), a run directory locked by another run become one
+    `Error: ...` line, not a traceback."""
+    try:
+        return invoke(ctx)
+    except Exception as e:
+        engine = sys.modules.get("w2s.engine")  # loaded whenever its RunLocked (another run holds the lock) is raised
+        if isinstance(e, (ValueError, OSError)) or (engine is not None and isinstance(e, engine.RunLocked)):
+            raise click.ClickException(str(e)) from None
+        raise
+
+
 class _Group(click.Group):
-    """Bad input (missing file, malformed config, unknown key) becomes one `Error: ...` line, not a traceback."""
+    def invoke(self, ctx):
+        return _one_line(super().invoke, ctx)
+
+
+class _Command(click.Command):
+    """The same one-line errors for a command run on its own (scripts/pipeline.py runs `run`)."""
 
     def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except (FileNotFoundError, ValueError) as e:
-            raise click.ClickException(str(e)) from None
+        return _one_line(super().invoke, ctx)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -33,6 +49,15 @@ def main():
     A weak model fine-tuned on gold supervises a stronger base model on math word problems: Stage I fine-tunes the
     strong model where the weak answer and the strong model's few-shot answer agree; Stage II runs DPO/ORPO on the
     strong model's confident disagreements with the weak model. See README.md.
+
+    \b
+    Examples:
+      w2s run recipes/demo.toml          the whole method on the miniature world, on CPU (= make demo)
+      w2s report runs/demo               its tables and figure again
+      w2s inspect ckpts/Llama-3.1-8B     what a checkpoint holds, from its headers
+      w2s sample CKPT --input q.jsonl --output out.jsonl -n 10 --temperature 1
+      w2s COMMAND --help                 each command's options, defaults and the data it reads
+    Training alone: python scripts/sft.py --help, python scripts/dpo.py --help; evaluation: scripts/evaluate.py.
     """
 
 
@@ -46,13 +71,29 @@ def _human(n, unit="B"):
 @main.command()
 @click.argument("ckpt_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def inspect(ckpt_dir):
-    """Print family, layers, heads, vocab, parameter count, dtype and memory of the checkpoint in CKPT_DIR.
+    """Print family, layers, heads, vocab, parameter count, dtype and memory of the checkpoint in CKPT_DIR, then
+    check that it loads: tokenizer, every shard the index lists, every tensor's bytes within its file (a truncated
+    copy), names and shapes against config.json. Exit status 1 with a problem per line when it would not load.
 
-    Reads config.json and the safetensors headers only, so it is instant even for a 70B checkpoint.
+    Reads config.json and the safetensors headers only (model.safetensors or the shards of
+    model.safetensors.index.json), so it is instant even for a 70B checkpoint. A LoRA adapter directory (PEFT layout)
+    prints the adapter, then its base checkpoint.
+
+    \b
+    Example:
+      w2s inspect demo/strong
     """
-    from w2s.checkpoint import checkpoint_files, read_safetensors_header
+    from w2s.checkpoint import TOKENIZER_FILES, checkpoint_files, checkpoint_problems, read_safetensors_header
     from w2s.config import ModelConfig
+    from w2s.lora import adapter_base_dir, read_adapter
 
+    adapter = read_adapter(ckpt_dir)
+    if adapter is not None:
+        n = sum(a.numel() + b.numel() for a, b in adapter.tensors.values())
+        _echo_rows([("adapter", f"LoRA rank {adapter.rank}, alpha {adapter.alpha:g}, {len(adapter.tensors)} layers "
+                                 f"({', '.join(adapter.targets)})"),
+                    ("adapter parameters", f"{n:,} ({_human(4 * n)} in fp32)"), ("base", adapter.base)])
+        ckpt_dir = adapter_base_dir(ckpt_dir, adapter)
     cfg = ModelConfig.from_pretrained(ckpt_dir)
     files = sorted(set(checkpoint_files(ckpt_dir).values()))
     dtypes, stored_bytes, stored_params = Counter(), 0, 0
@@ -83,15 +124,27 @@ def inspect(ckpt_dir):
         ("memory in bf16 / fp32", f"{_human(2 * n)} / {_human(4 * n)}"),
         ("full fine-tune, AdamW fp32 states", _human(16 * n) + " (bf16 weights+grads, fp32 master+m+v)"),
     ]
+    has_tokenizer = any((Path(ckpt_dir) / f).is_file() for f in TOKENIZER_FILES)
+    problems = checkpoint_problems(ckpt_dir, tokenizer=has_tokenizer)
+    ok = "loads" + ("" if has_tokenizer else " (no tokenizer: token-id prompts only)")
+    rows.append(("check", ok if not problems else f"{len(problems)} problem(s):"))
+    _echo_rows(rows)
+    for problem in problems:
+        click.echo(f"  {problem}")
+    if problems:
+        raise SystemExit(1)
+
+
+def _echo_rows(rows):
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         click.echo(f"{k:<{width}}  {v}")
 
 
-@main.command()
+@main.command(cls=_Command)
 @click.argument("recipe", type=click.Path(path_type=Path))
 @click.option("--runs", default="runs", show_default=True, help="Directory holding runs/<recipe name>/.")
-@click.option("--no-progress", is_flag=True, help="No progress bars (logs only).")
+@click.option("--no-progress", is_flag=True, help="No progress bars (logs only)  [default: bars shown]")
 @click.option("--dry-run", is_flag=True,
               help="Run nothing: list every stage as done / will run / will rerun and why, with its estimated tokens, "
                    "disk, peak memory per device and time.")
@@ -103,11 +156,20 @@ def run(recipe, runs, no_progress, dry_run, world_size, gpu):
     """Run every stage of RECIPE (a TOML file, see recipes/) that is not already done.
 
     Each stage writes runs/<name>/<NN_stage>/ with its data and a meta.json written last; a finished stage is
-    skipped, a killed one resumes, and changing an option reruns exactly the stages that depend on it.
+    skipped, a killed one resumes, and changing an option reruns exactly the stages that depend on it. At the end
+    the report (tables, report.md, report.png) of `w2s report` is printed.
 
     \b
-    w2s run recipes/demo.toml
-    w2s run recipes/gsm8k.toml --dry-run --world-size 8 --gpu "H100 SXM"
+    Examples:
+      w2s run recipes/demo.toml                                      (= make demo)
+      torchrun --nproc_per_node=8 scripts/pipeline.py recipes/gsm8k.toml
+      w2s run recipes/gsm8k.toml --dry-run --world-size 8 --gpu "H100 SXM"
+    \b
+    What it reads: the recipe's sections (w2s/recipe.py lists every key and default): [data] task, train, test,
+    split sizes or split_file, seed, grader; [models] weak, strong (HF checkpoint dirs), dtype, device; [sampling];
+    [weak_sft] [strong_sft] [preference] (TrainConfig fields, as scripts/sft.py --help); [stage1]; [stage2]; [eval];
+    [logging] report_to = ["tensorboard"] (-> runs/<name>/tb/<stage>) or ["wandb"]. The train and test files are
+    jsonl in the task's format: GSM8K {"question", "answer": "... #### N"}; MATH {"problem", "solution", ...}.
     """
     from w2s.pipeline import dry_run as plan_run
     from w2s.pipeline import run_pipeline
@@ -122,12 +184,22 @@ def run(recipe, runs, no_progress, dry_run, world_size, gpu):
 
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--no-plot", is_flag=True, help="Skip report.png.")
+@click.option("--no-plot", is_flag=True, help="Skip report.png  [default: drawn when matplotlib is installed]")
 def report(run_dir, no_plot):
-    """Print the paper-style table of RUN_DIR (accuracy, PGR, filtered sets, stage costs) and write report.png."""
-    from w2s.report import report as make_report
+    """Print the paper-style tables of RUN_DIR (accuracy, PGR, selected data and its precision, cost per stage and
+    per kind of work) and write report.md and report.png (accuracy by method group with the weak-floor and ceiling
+    lines and PGR; selection precision and set sizes per round) in RUN_DIR; the last line names the files written.
 
-    click.echo(make_report(run_dir, plot=not no_plot))
+    \b
+    Example:
+      w2s report runs/demo
+    What it reads: RUN_DIR/<NN_stage>/meta.json of every finished stage (nothing else).
+    """
+    from w2s.report import write_report
+
+    text, written = write_report(run_dir, plot=not no_plot)
+    click.echo(text)
+    click.echo("wrote " + ", ".join(str(p) for p in written))
 
 
 @main.command()
@@ -137,7 +209,13 @@ def report(run_dir, no_plot):
 @click.option("--offline", is_flag=True, help="Do not try the network; only list what is missing and where from.")
 def data(tasks, dest, offline):
     """Download the public files of TASKS (default: gsm8k math) into DEST; offline, print exactly which file to put
-    where. `w2s data olympicarena` writes olympicarena/test.jsonl (train_2) and val.jsonl (the test set)."""
+    where. `w2s data olympicarena` writes olympicarena/test.jsonl (train_2) and val.jsonl (the test set).
+
+    \b
+    Examples:
+      w2s data                      data/gsm8k/{train,test}.jsonl and data/math/...
+      w2s data gsm8k --offline      only say what is missing and where to get it
+    """
     from w2s.tasks import fetch_data
 
     missing = fetch_data(dest, tasks=tasks or ("gsm8k", "math"), offline=offline, log=click.echo)
@@ -165,7 +243,8 @@ def _unescape(text):
 @click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass (1 keeps every token).")
 @click.option("--top-k", default=0, show_default=True, help="Keep the k most likely tokens (0: no limit).")
 @click.option("--max-new-tokens", default=256, show_default=True, help="Generated tokens per completion at most.")
-@click.option("--stop", multiple=True, help="A string that ends a completion (repeatable; \\n means a newline).")
+@click.option("--stop", multiple=True,
+              help="A string that ends a completion (repeatable; \\n means a newline)  [default: EOS only]")
 @click.option("--seed", default=0, show_default=True,
               help="Sampling seed; a completion depends only on (seed, line index, sample index).")
 @click.option("--max-batch", default=256, show_default=True, help="Sequences decoded together (cache slots).")
@@ -177,50 +256,55 @@ def _unescape(text):
               type=click.Choice(["auto", "bfloat16", "float16", "float32"]), help="auto: bfloat16 on CUDA, else fp32.")
 @click.option("--no-cuda-graphs", is_flag=True,
               help="Run the decode step eagerly on CUDA (CUDA graphs are the default there; never used on CPU).")
-@click.option("--no-shared-prefix", is_flag=True, help="Do not prefill the prompts' common prefix once and share it.")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--no-shared-prefix", is_flag=True,
+              help="Do not prefill the prompts' common prefix once and share it  [default: shared]")
+@click.option("--no-progress", is_flag=True, help="No progress bar  [default: shown]")
 def sample(ckpt_dir, input_path, output_path, prompt_key, id_key, n, temperature, top_p, top_k, max_new_tokens, stop,
            seed, max_batch, cache_len, tp, dtype, no_cuda_graphs, no_shared_prefix, no_progress):
     """Complete every prompt of INPUT with the HF checkpoint in CKPT_DIR; write OUTPUT (resumable).
 
-    One process: `w2s sample CKPT --input q.jsonl --output out.jsonl -n 10 --temperature 1`. Several GPUs:
-    `torchrun --nproc_per_node=8 scripts/sample.py CKPT ... --tp 2` (4 data-parallel groups of 2 tensor-parallel
-    ranks). The output is the same for any number of processes and any --max-batch (same seed).
+    \b
+    Examples:
+      w2s sample CKPT --input q.jsonl --output out.jsonl -n 10 --temperature 1 --stop Question
+      torchrun --nproc_per_node=8 scripts/sample.py CKPT --input q.jsonl --output out.jsonl --tp 2
+    \b
+    INPUT lines: {"id": ..., "prompt": "Question: ...\\nAnswer:"} (a string, or a list of token ids; keys set by
+    --id-key / --prompt-key). OUTPUT lines, in input order: {"id", "prompt", "completions": [{"text", "token_ids",
+    "num_tokens", "finish_reason": "eos" | "stop" | "length"}, ...]}. With --tp 2 under 8 processes: 4
+    data-parallel groups of 2 tensor-parallel ranks. The output is the same for any number of processes and any
+    --max-batch (same seed).
     """
     import time
 
     import torch
 
-    from w2s.parallel import init_distributed
-    from w2s.sampling_jsonl import generate_to_jsonl, read_prompts_jsonl
+    from w2s.checkpoint import fingerprint
+    from w2s.parallel import barrier, init_distributed
+    from w2s.sampling_jsonl import check_run_meta, generate_to_jsonl, read_prompts_jsonl, write_run_meta
 
     try:
         records = read_prompts_jsonl(input_path, prompt_key=prompt_key, id_key=id_key)
         d = init_distributed()
         torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
                        "auto": torch.bfloat16 if d.device.type == "cuda" else torch.float32}[dtype]
-        tokenizer = None
-        if any((ckpt_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
-            from w2s.tokenizer import load_tokenizer
-
-            tokenizer = load_tokenizer(ckpt_dir)
-        elif any(isinstance(r[prompt_key], str) for r in records):
-            raise ValueError(f"{ckpt_dir}: no tokenizer.json or tokenizer.model, so prompts must be token-id lists")
-        if tp > 1:
-            from w2s.tensor_parallel import load_model_tp
-
-            model = load_model_tp(ckpt_dir, tp, dtype=torch_dtype, device=d.device)
-        else:
-            from w2s.checkpoint import load_model
-
-            model = load_model(ckpt_dir, dtype=torch_dtype, device=d.device)
+        stop = [_unescape(s) for s in stop]
+        # what the samples depend on (not batch size, tp, graphs or prefix sharing: w2s/sampling.py)
+        meta = {"checkpoint": str(ckpt_dir.resolve()), "checkpoint_files": fingerprint(ckpt_dir), "n": n,
+                "temperature": temperature, "top_p": top_p, "top_k": top_k, "max_new_tokens": max_new_tokens,
+                "stop": stop, "seed": seed, "dtype": str(torch_dtype).removeprefix("torch."),
+                "prompt_key": prompt_key, "id_key": id_key}
+        fresh = check_run_meta(output_path, meta)  # before loading 140 GB: a mismatch is refused at once
+        model, tokenizer = _load_for_sampling(ckpt_dir, records, prompt_key, tp, torch_dtype, d.device)
+        barrier()  # every rank has checked the record before rank 0 writes it
+        if fresh and d.is_main:
+            write_run_meta(output_path, meta)
         start = time.perf_counter()
         generate_to_jsonl(model, tokenizer, records, output_path, prompt_key=prompt_key, id_key=id_key or "id",
                           progress=not no_progress, n=n, temperature=temperature, top_p=top_p, top_k=top_k,
-                          max_new_tokens=max_new_tokens, stop=[_unescape(s) for s in stop], seed=seed,
+                          max_new_tokens=max_new_tokens, stop=stop, seed=seed,
                           max_batch=max_batch, cache_len=cache_len, shared_prefix=not no_shared_prefix,
                           cuda_graphs=False if no_cuda_graphs else None)
-    except (FileNotFoundError, ValueError) as e:
+    except (ValueError, OSError) as e:
         raise click.ClickException(str(e)) from None
     if d.is_main:
         click.echo(f"wrote {output_path}: {len(records)} prompts x {n} completions in "
@@ -229,6 +313,26 @@ def sample(ckpt_dir, input_path, output_path, prompt_key, id_key, n, temperature
         import torch.distributed as dist
 
         dist.destroy_process_group()
+
+
+def _load_for_sampling(ckpt_dir, records, prompt_key, tp, dtype, device):
+    """(model, tokenizer or None) of a checkpoint or adapter directory, tensor-parallel when tp > 1."""
+    from w2s.checkpoint import TOKENIZER_FILES, tokenizer_dir
+
+    tokenizer = None
+    if any((tokenizer_dir(ckpt_dir) / f).is_file() for f in TOKENIZER_FILES):
+        from w2s.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer_dir(ckpt_dir))
+    elif any(isinstance(r[prompt_key], str) for r in records):
+        raise ValueError(f"{ckpt_dir}: no tokenizer.json or tokenizer.model, so prompts must be token-id lists")
+    if tp > 1:
+        from w2s.tensor_parallel import load_model_tp
+
+        return load_model_tp(ckpt_dir, tp, dtype=dtype, device=device), tokenizer
+    from w2s.checkpoint import load_model
+
+    return load_model(ckpt_dir, dtype=dtype, device=device), tokenizer
 
 
 main.add_command(sample)

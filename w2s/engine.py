@@ -9,7 +9,9 @@ its result. `run_stages` gives every stage the same contract:
   * it is done iff its meta.json exists with the current key; meta.json (options, input keys, the runner's counts,
     wall time) is written last and atomically, so a killed stage never looks finished;
   * a killed stage restarts in the same directory (sampling resumes from its streamed jsonl, training from its last
-    checkpoint); a directory left by a different key is wiped first.
+    checkpoint); a directory left by a different key is wiped first;
+  * what a runner lists in ctx.cleanup (a training stage's resume state) is deleted only after meta.json is written,
+    so a kill between the end of the run and the record of it still finds the state to resume from.
 
 Under torchrun every rank runs every stage; rank 0 alone writes shared files, and a barrier closes every stage.
 
@@ -58,6 +60,7 @@ class Context:
     progress: bool = True  # progress bars inside stages (sampling, training)
     resident: tuple | None = None  # (checkpoint dir, model, tokenizer) kept in memory between stages
     stage: str | None = None  # the stage now running (for logs and for tests that watch who reads what)
+    cleanup: list = field(default_factory=list)  # paths the running stage no longer needs once it is recorded done
 
     def dir(self, stage_name):
         return self.run_dir / stage_name
@@ -139,7 +142,7 @@ def run_stages(stages, ctx):
             ctx.log(f"{tag}: done (key {key}), skipped")
             continue
         _prepare_dir(out, key)
-        ctx.stage = stage.name
+        ctx.stage, ctx.cleanup = stage.name, []
         ctx.log(f"{tag}: running")
         t0 = time.perf_counter()
         counts = stage.run(ctx, out, **stage.args) or {}
@@ -149,6 +152,8 @@ def run_stages(stages, ctx):
                 "inputs": {d: ctx.keys[d] for d in stage.reads}, **counts, "wall_s": round(wall, 3)}
         if is_main():
             write_json_atomic(out / "meta.json", meta)
+            for path in ctx.cleanup:
+                shutil.rmtree(path, ignore_errors=True)
         barrier()
         status[stage.name] = "ran"
         ctx.log(f"{tag}: finished in {wall:.1f}s")

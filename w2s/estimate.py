@@ -14,9 +14,10 @@ says how it is made:
     8 GPUs will not reach them (tensor-parallel all-reduces, FSDP gathers), so read the times as lower bounds;
   * memory per device: training under FSDP2 over every process (fp32 master weights, gradients and two AdamW moments
     for trainable parameters, the frozen LoRA base in its dtype, one gathered block, activations); sampling holds
-    1/tp of the weights and the KV cache of max_batch sequences;
-  * disk: an exported model (LoRA adapters alone when the stage trains LoRA and exports no merged copy) and the
-    generations written as text and token ids.
+    1/tp of the weights (and, for a LoRA model, of a merged copy of the adapted matrices) and the KV cache of
+    max_batch sequences;
+  * disk: an exported model (a LoRA stage writes its fp32 adapter, and a merged copy only where the recipe asks:
+    `export_merged`) and the generations written as text and token ids.
 
     python -m pytest -q tests/test_estimate.py
 """
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from w2s import profile
 from w2s.config import ModelConfig
 from w2s.lora import TARGETS
+from w2s.losses import PREFERENCE_LOSSES
 from w2s.recipe import train_config
 from w2s.tasks import few_shot_prompt, load_records, zero_shot_prompt
 from w2s.train import step_flops
@@ -105,10 +107,20 @@ def stage_cost(stage, recipe, work, configs, world=1, device=MEASURED_ON):
     name = stage.run.__name__
     cfg = configs["weak" if _uses_weak(stage) else "strong"]
     if name in ("run_data", "run_test_set", "run_filter", "run_pairs"):
-        return Cost()
+        return Cost(seconds=0.0)
     if name in ("run_labels", "run_samples", "run_eval"):
         return _generation_cost(stage, recipe, work, cfg, world, device)
     return _training_cost(stage, recipe, work, cfg, world, device)
+
+
+def _lora_rank(recipe, model):
+    """The LoRA rank a model argument ("strong", "01_weak_sft", "16_dpo", ...) was trained with; None for a base
+    checkpoint or full fine-tuning."""
+    if model in (None, "weak", "strong"):
+        return None
+    section = "weak_sft" if model == "01_weak_sft" else \
+        "preference" if model.split("_", 1)[1] in PREFERENCE_LOSSES else "strong_sft"
+    return train_config(recipe, section, progress=False).lora_rank
 
 
 def _uses_weak(stage):
@@ -129,7 +141,11 @@ def _generation_cost(stage, recipe, work, cfg, world, device):
     dtype_bytes = DTYPE_BYTES[recipe.models.dtype]
     kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * dtype_bytes * min(s.max_batch, prompts * n) * (
         prompt + limit)  # k and v of every layer, for the sequences decoded at once
-    memory = (cfg.n_params() * dtype_bytes + kv) / tp
+    weights = cfg.n_params() * dtype_bytes
+    if _lora_rank(recipe, stage.args.get("model")) is not None:  # a merged copy of the adapted matrices, for the stage
+        weights += (cfg.n_params(embeddings=False) - cfg.n_layers * cfg.dim * (4 if cfg.sandwich_norms else 2)) * \
+            dtype_bytes
+    memory = (weights + kv) / tp
     disk = int(generated * (BYTES_PER_TOKEN["text"] * 2 + BYTES_PER_TOKEN["ids"]) +
                prompts * prompt * BYTES_PER_TOKEN["text"])  # generations (text + ids), labels (text), the prompts
     per_token = profile.flops_per_token(cfg, seq_len=int(prompt + length / 2), training=False)
@@ -156,14 +172,17 @@ def _training_cost(stage, recipe, work, cfg, world, device):
     if tc.activation_checkpointing:  # the forward runs again in backward
         flops += sequences * length * profile.flops_per_token(cfg, seq_len=int(length), training=False)
     rate = _peak(device) and TRAIN_MFU * _peak(device) * world
-    return Cost(trained=int(sequences * length), disk=_export_bytes(cfg, tc, recipe),
+    merged = tc.export_merged or stage.args.get("loss") in recipe.stage2.export_merged
+    return Cost(trained=int(sequences * length), disk=_export_bytes(cfg, tc, recipe, merged),
                 memory=int(_training_memory(cfg, tc, recipe, length, world)), seconds=flops / rate if rate else None)
 
 
-def _export_bytes(cfg, tc, recipe):
-    if tc.lora_rank is not None and not getattr(tc, "export_merged", True):
-        return lora_parameters(cfg, tc.lora_rank, tc.lora_targets) * 2
-    return cfg.n_params() * DTYPE_BYTES[recipe.models.dtype]
+def _export_bytes(cfg, tc, recipe, merged):
+    """A full model in the recipe's dtype; a LoRA stage writes its fp32 adapter, and a merged model only on request."""
+    model = cfg.n_params() * DTYPE_BYTES[recipe.models.dtype]
+    if tc.lora_rank is None:
+        return model
+    return lora_parameters(cfg, tc.lora_rank, tc.lora_targets) * 4 + (model if merged else 0)
 
 
 def _training_memory(cfg, tc, recipe, length, world):

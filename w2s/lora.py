@@ -1,23 +1,44 @@
-"""LoRA (Hu et al. 2021): train a low-rank update W + (alpha / r) * B @ A of frozen linear weights, merge on export.
+"""LoRA (Hu et al. 2021): train a low-rank update W + (alpha / r) * B @ A of frozen linear weights; adapters on disk.
 
     inject_lora(model, rank=16, alpha=32, dropout=0.05)        # q,k,v,o,gate,up,down by default; freezes the rest
     merged = merge_lora_state_dict(model.state_dict(), scale)  # plain HF names, LoRA folded into the weights
+    save_adapter("out/model", adapter, tokenizer)              # PEFT layout: transformers + peft and vLLM load it
+    adapter = read_adapter("out/model")                        # None when the directory holds no adapter
+    with adapter_applied(model, adapter): ...                  # base + adapter for a while; the base is exact after
 
 `LoRALinear` keeps the wrapped layer's parameter names (`weight`, `bias`) and adds `lora_A` (r, in) and `lora_B`
 (out, r), so `layers.0.self_attn.q_proj.weight` is still the base weight and merging is a pure function over a
 state dict (it works equally on a gathered FSDP state dict). B starts at zero, so the injected model computes
 exactly what the base model did; A starts like nn.Linear's default (Kaiming-uniform), as in the paper's code.
 
-    python -m pytest -q tests/test_train.py -k lora
+An adapter directory is what PEFT's `save_pretrained` writes: adapter_config.json (peft_type "LORA", r, lora_alpha,
+lora_dropout, target_modules, bias "none", task_type "CAUSAL_LM", base_model_name_or_path = the base checkpoint's
+directory: the pointer every loader follows) and adapter_model.safetensors with PEFT's tensor names
+`base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight` (r, in) / `...lora_B.weight` (out, r). The tensors
+are the trained fp32 values (not rounded to bf16), so merging them on load gives the same weights as merging them
+in memory right after training. Features PEFT has and w2s does not (DoRA, rsLoRA, per-layer ranks, bias training,
+modules_to_save) are refused with one line when reading a foreign adapter.
+
+    python -m pytest -q tests/test_train.py -k lora tests/test_adapters.py
 """
 
+import contextlib
+import json
 import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from w2s.files import unique_temp_path, write_atomic
+
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model.model."  # PeftModel -> LlamaForCausalLM -> LlamaModel: "layers.N...." follows
 
 
 class LoRALinear(nn.Module):
@@ -76,6 +97,19 @@ def lora_scale(model):
     return scales.pop() if scales else None
 
 
+def lora_layers(model):
+    """{module name: LoRALinear} of a model with LoRA injected (empty without)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@torch.no_grad()
+def merged_weight(weight, a, b, scale):
+    """W + scale * B @ A computed in >= fp32 (fp64 weights stay fp64) on W's device, cast back to W's dtype."""
+    work = torch.promote_types(weight.dtype, torch.float32)
+    a, b = a.to(weight.device, work), b.to(weight.device, work)
+    return (weight.to(work) + scale * (b @ a)).to(weight.dtype)
+
+
 @torch.no_grad()
 def merge_lora_state_dict(state, scale):
     """{name: tensor} with every `X.lora_A` / `X.lora_B` folded into `X.weight` (in >= fp32, cast back) and removed."""
@@ -85,8 +119,252 @@ def merge_lora_state_dict(state, scale):
             continue
         prefix = name[: -len(".weight")] if name.endswith(".weight") else None
         if prefix is not None and prefix + ".lora_A" in state:
-            work = torch.promote_types(t.dtype, torch.float32)  # at least fp32; fp64 weights stay fp64
-            a, b = state[prefix + ".lora_A"].to(work), state[prefix + ".lora_B"].to(work)
-            t = (t.to(work) + scale * (b @ a)).to(t.dtype)
+            t = merged_weight(t, state[prefix + ".lora_A"], state[prefix + ".lora_B"], scale)
         out[name] = t
     return out
+
+
+@torch.no_grad()
+def unwrap_lora(model, merge=True):
+    """Replace every LoRALinear by a plain nn.Linear (its weight merged with the adapter, or the untouched base);
+    every parameter becomes trainable again. In place; returns the model."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                with torch.device("meta"):
+                    plain = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
+                w = merged_weight(child.weight, child.lora_A, child.lora_B, child.scale) if merge else child.weight
+                plain.weight = nn.Parameter(w)
+                plain.bias = child.bias
+                setattr(module, name, plain)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def prepare_lora(model, rank, alpha, dropout, targets, seed, where="train"):
+    """Get a model ready for training. rank None (full fine-tuning): LoRA layers the model arrived with (loaded from
+    an adapter directory) are merged in. Otherwise fresh LoRA layers are injected, or the arrived ones continue
+    training when they have this run's rank, alpha and targets: the result is then still one adapter on the same
+    base (w2s/checkpoint.py load_for_training)."""
+    attached = lora_layers(model)
+    if rank is None:
+        if attached:
+            unwrap_lora(model, merge=True)
+        return model
+    if not attached:
+        inject_lora(model, rank, alpha, dropout, targets, seed=seed)
+        return model
+    have_rank, have_scale = next(iter(attached.values())).lora_A.shape[0], lora_scale(model)
+    have_targets = {name.rsplit(".", 1)[-1] for name in attached}
+    if have_rank != rank or not math.isclose(have_scale, alpha / rank) or have_targets != set(targets):
+        raise ValueError(f"{where}: the model's adapter (rank {have_rank}, alpha {have_scale * have_rank:g}, targets "
+                         f"{sorted(have_targets)}) cannot continue as lora_rank {rank}, lora_alpha {alpha:g}, "
+                         f"lora_targets {sorted(targets)}; use its values (or full fine-tuning, which merges it)")
+    for layer in attached.values():
+        layer.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        layer.lora_A.requires_grad_(True)
+        layer.lora_B.requires_grad_(True)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- adapters on disk
+
+
+@dataclass
+class Adapter:
+    """A LoRA adapter: its shape, the base checkpoint it applies to, and {module name: (A (r, in), B (out, r))}."""
+
+    rank: int
+    alpha: float
+    base: str | None  # directory of the base checkpoint (PEFT's base_model_name_or_path)
+    tensors: dict = field(default_factory=dict)  # "layers.0.self_attn.q_proj" -> (A, B), fp32
+    dropout: float = 0.0
+    targets: tuple = ()
+
+    @property
+    def scale(self):
+        return self.alpha / self.rank
+
+
+def adapter_from_state(state, rank, alpha, base, dropout=0.0):
+    """An Adapter from a (gathered) state dict holding `X.lora_A` / `X.lora_B` entries."""
+    tensors = {name[: -len(".lora_A")]: (t, state[name[: -len(".lora_A")] + ".lora_B"])
+               for name, t in state.items() if name.endswith(".lora_A")}
+    targets = tuple(t for t in TARGETS if any(n.endswith("." + t) for n in tensors))
+    return Adapter(rank=rank, alpha=alpha, base=base, tensors=tensors, dropout=dropout, targets=targets)
+
+
+def is_adapter_dir(path):
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def save_adapter(path, adapter: Adapter, tokenizer=None):
+    """Write `adapter` in PEFT's layout to `path` (weights first, adapter_config.json last, each atomically: a
+    directory with an adapter_config.json is complete). A full model left there by an earlier export is removed, so
+    no loader sees both."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    for stale in [*path.glob("model*.safetensors"), path / "model.safetensors.index.json", path / "config.json",
+                  path / "generation_config.json"]:
+        stale.unlink(missing_ok=True)
+    tensors = {}
+    for name, (a, b) in sorted(adapter.tensors.items()):
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a.detach().to("cpu", torch.float32).contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b.detach().to("cpu", torch.float32).contiguous()
+    tmp = unique_temp_path(path / ADAPTER_WEIGHTS)
+    try:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, path / ADAPTER_WEIGHTS)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if tokenizer is not None:
+        tokenizer.save(path)
+    alpha = int(adapter.alpha) if float(adapter.alpha).is_integer() else adapter.alpha
+    config = {  # PEFT's LoraConfig fields (the ones every PEFT release since 0.9 knows), in its defaults
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": adapter.base, "revision": None,
+        "r": adapter.rank, "lora_alpha": alpha, "lora_dropout": adapter.dropout,
+        "target_modules": list(adapter.targets), "bias": "none", "fan_in_fan_out": False, "modules_to_save": None,
+        "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
+        "alpha_pattern": {}, "use_rslora": False, "use_dora": False, "inference_mode": True, "auto_mapping": None,
+    }
+    write_atomic(path / ADAPTER_CONFIG, json.dumps(config, indent=2))
+    return path
+
+
+def read_adapter_config(path):
+    """adapter_config.json of `path` checked for what w2s can apply, or None when there is none."""
+    cfg_file = Path(path) / ADAPTER_CONFIG
+    if not cfg_file.is_file():
+        return None
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
+    if cfg.get("peft_type") != "LORA" or not isinstance(cfg.get("r"), int) or cfg["r"] < 1:
+        raise ValueError(f"{cfg_file}: expected a PEFT LoRA adapter (peft_type 'LORA' and an integer r >= 1), got "
+                         f"peft_type {cfg.get('peft_type')!r}, r {cfg.get('r')!r}")
+    unsupported = {"use_dora": False, "use_rslora": False, "fan_in_fan_out": False, "bias": "none",
+                   "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None}
+    for key, plain in unsupported.items():
+        if cfg.get(key, plain) not in (plain, None, {}, []):
+            raise ValueError(f"{cfg_file}: {key} = {cfg[key]!r} is not supported (expected {plain!r}: plain LoRA on "
+                             f"whole linear layers)")
+    return cfg
+
+
+def read_adapter(path, tensors=True):
+    """The Adapter saved in `path` (tensors in fp32 on CPU; tensors=False reads the config only), or None."""
+    cfg = read_adapter_config(path)
+    if cfg is None:
+        return None
+    path = Path(path)
+    targets = cfg.get("target_modules")  # PEFT also allows a pattern string: the tensors' names say which layers
+    adapter = Adapter(rank=cfg["r"], alpha=float(cfg.get("lora_alpha", 8)), base=cfg.get("base_model_name_or_path"),
+                      dropout=float(cfg.get("lora_dropout") or 0.0),
+                      targets=tuple(targets) if isinstance(targets, list) else ())
+    if tensors:
+        adapter.tensors = _read_adapter_tensors(path, adapter.rank)
+        found = {name.rsplit(".", 1)[-1] for name in adapter.tensors}
+        adapter.targets = tuple(t for t in TARGETS if t in found)
+    return adapter
+
+
+def _read_adapter_tensors(path, rank):
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights = path / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: missing (an adapter directory needs {ADAPTER_WEIGHTS}; .bin adapters "
+                                f"are not read)")
+    try:
+        raw = load_file(str(weights))
+    except SafetensorError as e:
+        raise ValueError(f"{weights}: not a readable safetensors file ({e})") from None
+    pairs = {}
+    for key, t in raw.items():
+        name = key.removeprefix(PEFT_PREFIX).replace(".default.", ".")
+        for part, index in ((".lora_A.weight", 0), (".lora_B.weight", 1)):
+            if name.endswith(part) and key.startswith(PEFT_PREFIX) and name.rsplit(".", 3)[-3] in TARGETS:
+                pairs.setdefault(name[: -len(part)], [None, None])[index] = t.float()
+                break
+        else:
+            raise ValueError(f"{weights}: unexpected tensor {key!r} (expected {PEFT_PREFIX}layers.N.<proj>.lora_A"
+                             f".weight / lora_B.weight with <proj> one of {', '.join(TARGETS)})")
+    for name, (a, b) in pairs.items():
+        if a is None or b is None or a.shape[0] != rank or b.shape[1] != rank:
+            raise ValueError(f"{weights}: {name} needs lora_A (r, in) and lora_B (out, r) with r = {rank}, got "
+                             f"{None if a is None else list(a.shape)} and {None if b is None else list(b.shape)}")
+    return {name: (a, b) for name, (a, b) in pairs.items()}
+
+
+def adapter_base_dir(path, adapter: Adapter):
+    """The base checkpoint directory an adapter points at (relative pointers are relative to the adapter)."""
+    if not adapter.base:
+        raise ValueError(f"{Path(path) / ADAPTER_CONFIG}: base_model_name_or_path is empty; set it to the directory "
+                         f"of the base checkpoint the adapter was trained on")
+    base = Path(path) / adapter.base if not Path(adapter.base).is_absolute() else Path(adapter.base)
+    if not base.is_dir():
+        raise FileNotFoundError(f"{Path(path) / ADAPTER_CONFIG}: base_model_name_or_path {adapter.base!r} is not a "
+                                f"directory here; point it at the base checkpoint (a local HF directory)")
+    return base
+
+
+def _check_fits(name, linear, a, b):
+    out_features, in_features = linear.weight.shape  # the weight's own shape: a tensor-parallel slice's too
+    if a.shape[1] != in_features or b.shape[0] != out_features:
+        raise ValueError(f"adapter tensor {name}: lora_A {list(a.shape)} / lora_B {list(b.shape)} do not fit the "
+                         f"model's layer ({out_features} x {in_features}): another base model?")
+
+
+@torch.no_grad()
+def merge_adapter(model, adapter: Adapter):
+    """Fold the adapter into the model's weights for good (in place; each merged matrix replaces its original)."""
+    for name, (a, b) in adapter.tensors.items():
+        linear = model.get_submodule(name)
+        _check_fits(name, linear, a, b)
+        linear.weight = nn.Parameter(merged_weight(linear.weight, a, b, adapter.scale), requires_grad=False)
+    return model
+
+
+@contextlib.contextmanager
+def adapter_applied(model, adapter: Adapter | None):
+    """Inside the block the model computes base + adapter: each adapted layer's weight is swapped for a merged copy
+    (so sampling runs at the speed of a plain model); on exit the original tensors are put back, so a resident base
+    is bit-exact afterwards and never reread from disk. Extra memory: one copy of the adapted matrices."""
+    originals = []
+    try:
+        if adapter is not None:
+            with torch.no_grad():
+                for name, (a, b) in adapter.tensors.items():
+                    linear = model.get_submodule(name)
+                    _check_fits(name, linear, a, b)
+                    originals.append((linear, linear.weight))
+                    linear.weight = nn.Parameter(merged_weight(linear.weight, a, b, adapter.scale),
+                                                 requires_grad=False)
+        yield model
+    finally:
+        for linear, weight in originals:
+            linear.weight = weight
+
+
+@torch.no_grad()
+def attach_adapter(model, adapter: Adapter, load_tensors=True):
+    """Inject LoRA layers shaped like `adapter` and load its A / B (training continues it). load_tensors=False on a
+    meta-device model (FSDP ranks > 0: they receive rank 0's values when the trainer shards the model)."""
+    inject_lora(model, adapter.rank, adapter.alpha, adapter.dropout, adapter.targets)
+    if not load_tensors:
+        return model
+    layers = lora_layers(model)
+    missing = sorted(set(layers) - set(adapter.tensors))
+    if missing:
+        raise ValueError(f"adapter lacks {len(missing)} of the layers its target_modules name, e.g. {missing[0]}")
+    for name, layer in layers.items():
+        a, b = adapter.tensors[name]
+        _check_fits(name, layer, a, b)
+        layer.lora_A.copy_(a)
+        layer.lora_B.copy_(b)
+    return model

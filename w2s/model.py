@@ -12,6 +12,7 @@ The families differ in a handful of places, each an explicit field of ModelConfi
 Module and parameter names mirror the Hugging Face checkpoints (minus the leading "model."), so loading and saving
 is a rename of one prefix, not a converter. Every hot op goes through w2s/ops.py (Triton on GPU, reference on CPU).
 There is no torch.distributed in here: FSDP2 and tensor parallelism are applied from outside (w2s/parallel.py).
+Inference may fuse q/k/v and gate/up into one matmul each without changing the layers (w2s/fused.py).
 
 The forward pass takes token ids with explicit positions:
   * training / scoring: right-padded (B, T) batches; padding sits after every real token, so plain causal attention
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 
 from w2s import ops
 from w2s.config import ModelConfig, rope_inv_freq
+from w2s.fused import GATE_UP, QKV, project
 
 
 class RMSNorm(nn.Module):
@@ -50,7 +52,8 @@ class KVCache:
 
     Head-major, so each (slot, kv head) holds its keys as one contiguous (max_len, D) block: decode attention reads
     a row's keys in one sweep.
-    `update` hands them out as (B, S, K, D) views, the layout the rest of the model speaks.
+    `write` stores a step's keys/values; `read` hands them out as (B, S, K, D) views, the layout the rest of the
+    model speaks.
     `rows` maps the batch being run onto cache rows (None: batch row i is cache row i, all slots); `limit` bounds
     the positions attended over (the sampler lowers it to the longest live sequence so decode reads less).
     Entries at positions beyond a sequence's current position may hold stale values: attention is causal by
@@ -65,14 +68,15 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len, self.rows, self.limit, self.shared = max_len, None, max_len, None
 
-    def update(self, layer, k, v, positions):
-        """Write k, v (B, T, K, D) at (B, T) positions; return this layer's keys/values (B, limit, K, D)."""
-        # buf[rows, :, positions] is (B, T, K, D): the two index tensors broadcast to (B, T) and go first.
-        rows = torch.arange(k.shape[0], device=k.device) if self.rows is None else self.rows
-        self.k[layer][rows[:, None], :, positions] = k
-        self.v[layer][rows[:, None], :, positions] = v
+    def write(self, layer, q, k, v, positions, inv_freq):
+        """Rotate q (B, T, H, D) and k (B, T, K, D) to their (B, T) positions and write k and v into this layer's
+        cache rows at those positions, in one kernel on GPU (ops.rope_cache_write); return the rotated q."""
+        return ops.rope_cache_write(q, k, v, positions, inv_freq, self.k[layer], self.v[layer], self.rows)
+
+    def read(self, layer, batch):
+        """This layer's keys/values for the `batch` rows being run, each (B, limit, K, D)."""
         if self.rows is None:  # decode: views, no copy
-            keys, values = self.k[layer, : k.shape[0], :, : self.limit], self.v[layer, : k.shape[0], :, : self.limit]
+            keys, values = self.k[layer, :batch, :, : self.limit], self.v[layer, :batch, :, : self.limit]
         else:  # prefill of some slots: gathered
             keys, values = self.k[layer][self.rows, :, : self.limit], self.v[layer][self.rows, :, : self.limit]
         return keys.transpose(1, 2), values.transpose(1, 2)
@@ -99,14 +103,15 @@ class Attention(nn.Module):
     def forward(self, x, positions, inv_freq, cache=None):
         B, T, _ = x.shape
         cfg = self.cfg
-        q = self.q_proj(x).view(B, T, cfg.n_heads, cfg.head_dim)  # (B, T, H, D)
-        k = self.k_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim)  # (B, T, K, D)
-        v = self.v_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim)
-        q, k = ops.rope(q, positions, inv_freq), ops.rope(k, positions, inv_freq)
+        q, k, v = project(self, x, QKV)  # (B, T, H*D), (B, T, K*D), (B, T, K*D): one matmul when fused for inference
+        q = q.unflatten(-1, (cfg.n_heads, cfg.head_dim))  # (B, T, H, D)
+        k, v = k.unflatten(-1, (cfg.n_kv_heads, cfg.head_dim)), v.unflatten(-1, (cfg.n_kv_heads, cfg.head_dim))
         if cache is None:
+            q, k = ops.rope(q, positions, inv_freq), ops.rope(k, positions, inv_freq)
             q_positions, shared = None, None  # keys are this batch's tokens: causal by index (right padding is fine)
         else:
-            k, v = cache.update(self.layer_idx, k, v, positions)  # (B, S, K, D), key index == position
+            q = cache.write(self.layer_idx, q, k, v, positions, inv_freq)  # rotates q and k, caches k and v
+            k, v = cache.read(self.layer_idx, B)  # (B, S, K, D), key index == position
             q_positions, shared = positions, cache.shared_prefix(self.layer_idx)
         out = ops.attention(q, k, v, q_positions=q_positions, sliding_window=self.window,
                             softcap=cfg.attn_logit_softcap, scale=cfg.attn_scale, shared_prefix=shared)  # (B,T,H,D)
@@ -123,7 +128,8 @@ class MLP(nn.Module):
         self.act = ops.geglu if cfg.activation == "gelu_pytorch_tanh" else ops.swiglu
 
     def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x), self.up_proj(x)))
+        gate, up = project(self, x, GATE_UP)  # (B, T, F) each: one matmul when fused for inference
+        return self.down_proj(self.act(gate, up))
 
 
 class Block(nn.Module):

@@ -138,6 +138,14 @@ def rope(x, positions, inv_freq):
     return impl.rope(x, positions, inv_freq)
 
 
+def rope_cache_write(q, k, v, positions, inv_freq, k_cache, v_cache, rows=None):
+    """Rotate q and k (B, T, H|K, D) to their (B, T) positions and write k, v into the head-major cache buffers
+    (slots, K, S, D) at [rows[b], :, positions[b, t]]; returns the rotated q. Triton: one kernel for all of it
+    (kernels/rope_cache.py); else the reference's two rotations and two index writes."""
+    impl = _triton("rope_cache", q) or reference
+    return impl.rope_cache_write(q, k, v, positions, inv_freq, k_cache, v_cache, rows)
+
+
 def swiglu(gate, up):
     """silu(gate) * up."""
     impl = _triton("glu", gate) or reference

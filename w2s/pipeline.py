@@ -64,7 +64,7 @@ from w2s.estimate import (
 )
 from w2s.files import sha256_file, stable_hash, write_json_atomic
 from w2s.parallel import barrier, init_distributed, is_main
-from w2s.recipe import load_recipe, train_config
+from w2s.recipe import load_recipe, train_config, validate_inputs
 from w2s.report import _table, report
 from w2s.runners import (
     run_ceiling,
@@ -236,8 +236,10 @@ def ckpt_fingerprint(path):
 
 
 # TrainConfig fields that change how a run goes, not what it produces: a run that finishes gives the same model
-# whatever they are (bad_rows = "error" either stops the run or trains on exactly the rows "skip" keeps).
-RUNTIME_ONLY = ("progress", "log_every", "activation_checkpointing", "cpu_offload", "ckpt_every", "resume", "bad_rows")
+# whatever they are (bad_rows = "error" either stops the run or trains on exactly the rows "skip" keeps;
+# export_merged adds a merged copy beside the adapter).
+RUNTIME_ONLY = ("progress", "log_every", "activation_checkpointing", "cpu_offload", "ckpt_every", "resume", "bad_rows",
+                "export_merged")
 # TrainConfig fields that only the preference losses read: preference_key adds them to the stages they act on (the
 # NLL weight to DPO / IPO when set, ORPO's NLL convention to ORPO), so SFT keys never see them.
 PREFERENCE_ONLY = ("nll_weight", "orpo_nll")
@@ -387,6 +389,7 @@ def run_pipeline(recipe_path, runs_dir="runs", progress=True, log=print, plot=Tr
             raise ValueError(f"{recipe_path}: [sampling] {key} = {tp} must divide the number of processes ({world}); "
                              f"launch with torchrun --nproc_per_node a multiple of it (make ... NPROC=N), or set "
                              f"{key} = 1")
+    validate_inputs(recipe)  # data records and checkpoints (headers, tokenizer), read as the stages will read them
     if "WORLD_SIZE" in os.environ:  # torchrun: join the process group before the first collective (barrier)
         init_distributed()
     run_dir = Path(runs_dir) / recipe.name

@@ -9,9 +9,15 @@ files, impossible values) before any model is loaded, and every error names the 
     [sampling]  max_new_tokens, batch size, cache length for every generation stage
     [weak_sft] [strong_sft] [preference]   training options (w2s.train_config.TrainConfig fields)
     [stage1]    rounds, round-2 init ("base" or "continue"), demos; the weak self-consistency filter (beyond the paper)
-    [stage2]    samples, temperature, top_p, confidence thresholds, pairs per question, losses; iterative rounds, pair
-                weighting and self-consistency pairs (beyond the paper)
+    [stage2]    samples, temperature, top_p, confidence thresholds, pairs per question, losses, merged M_pro exports;
+                iterative rounds, pair weighting and self-consistency pairs (beyond the paper)
     [eval]      pass@k samples, which baselines to run
+    [logging]   report_to: experiment trackers of the training stages ("tensorboard" -> runs/<name>/tb/<stage>,
+                "wandb"); not part of any stage's key, so turning them on reruns nothing
+
+`validate_inputs(recipe)` then reads what the run will read, the way it will read it (every data record, both
+checkpoints' configs, tokenizers and safetensors headers: w2s.checkpoint.validate_checkpoint), so a truncated shard
+or a bad gold answer stops the run before its first stage with one line naming the file.
 
     python -c "from w2s.recipe import load_recipe; print(load_recipe('recipes/gsm8k.toml'))"
 """
@@ -24,6 +30,7 @@ from pathlib import Path
 from w2s.losses import PREFERENCE_LOSSES
 from w2s.stages.preference_pairs import PAIR_WEIGHTING
 from w2s.tasks.graders import default_grader, is_available, task_graders
+from w2s.tracking import check_trackers
 from w2s.train_config import TrainConfig
 
 TASKS = ("gsm8k", "math")
@@ -82,6 +89,10 @@ class Stage2Options:
     max_pairs: int = 1  # PAPER: 1 for GSM8K, up to 3 for MATH
     losses: list = field(default_factory=lambda: ["dpo", "orpo"])
     pair_seed: int = 0  # the RNG that picks the other side of each pair (per question, see preference_pairs.py)
+    # losses whose M_pro is also written as a merged HF model (16_dpo/model/merged): the run's final models. A LoRA
+    # stage's model/ is otherwise the adapter alone; merged, a 70B model is 138 GB on disk per loss. Not in any key:
+    # changing it reruns nothing (merge a finished adapter with w2s.save_model(w2s.load_model(ADAPTER_DIR), OUT)).
+    export_merged: list = field(default_factory=list)
     # Beyond the paper (off by default; docs/PAPER.md):
     rounds: int = 1  # > 1: Iterative RPO (Pang et al. 2024): Stage II again from each round's model, R rounds in all
     pair_weighting: str = "none"  # "margin": weight each pair's loss by its vote margin (ScPO, Prasad et al. 2025)
@@ -93,6 +104,11 @@ class EvalOptions:
     pass_k_samples: int = 0  # >0: sample this many test answers of M_plus and M_pro for pass@k (PAPER: 10)
     pass_k_temperature: float = 1.0  # PAPER: T = 1.0
     baselines: list = field(default_factory=lambda: ["full_weak_ft", "strong_icl", "ceiling"])
+
+
+@dataclass
+class LoggingOptions:
+    report_to: list = field(default_factory=list)  # "tensorboard" and/or "wandb" (w2s/tracking.py)
 
 
 @dataclass
@@ -108,10 +124,11 @@ class Recipe:
     weak_sft: dict  # TrainConfig overrides, validated against w2s.train_config.TrainConfig
     strong_sft: dict
     preference: dict
+    logging: LoggingOptions = field(default_factory=LoggingOptions)
 
 
 SECTIONS = {"data": DataOptions, "models": ModelOptions, "sampling": SamplingOptions, "stage1": Stage1Options,
-            "stage2": Stage2Options, "eval": EvalOptions}
+            "stage2": Stage2Options, "eval": EvalOptions, "logging": LoggingOptions}
 TRAIN_SECTIONS = ("weak_sft", "strong_sft", "preference")
 BASELINES = ("full_weak_ft", "strong_icl", "ceiling")
 
@@ -194,6 +211,41 @@ def load_recipe(path, check_files=True):
     return recipe
 
 
+def _check_lora_continues(r, bad):
+    """Stage II trains M_plus's adapter further (w2s/lora.py prepare_lora): under LoRA in both sections the
+    adapter's shape must be the same."""
+    defaults = train_config_defaults()
+
+    def value(section, key):
+        v = getattr(r, section).get(key, defaults[key])
+        return tuple(v) if isinstance(v, list) else v
+
+    if value("strong_sft", "lora_rank") is None or value("preference", "lora_rank") is None:
+        return
+    for key in ("lora_rank", "lora_alpha", "lora_targets"):
+        if value("strong_sft", key) != value("preference", key):
+            bad(f"[preference] {key}", f"{value('preference', key)!r} differs from [strong_sft] {key} = "
+                f"{value('strong_sft', key)!r}; Stage II continues M_plus's LoRA adapter: its shape must be the same")
+
+
+def validate_inputs(recipe):
+    """Read every input of a run as the run will (data records, the split file, both checkpoints' configs,
+    tokenizers and safetensors headers): the first problem is one ValueError naming the recipe key and the file."""
+    from w2s.checkpoint import validate_checkpoint
+    from w2s.tasks import load_records, load_split
+
+    d = recipe.data
+    train = load_records(d.task, d.train)
+    load_records(d.task, d.test)
+    if d.split_file:
+        load_split(d.split_file, train)
+    for key in ("weak", "strong"):
+        try:
+            validate_checkpoint(getattr(recipe.models, key))
+        except (ValueError, OSError) as e:
+            raise ValueError(f"{recipe.path}: [models] {key}: {e}") from None
+
+
 def _resolve_paths(recipe, base):
     def resolve(p):
         return str((base / p).resolve()) if p and not Path(p).is_absolute() else p
@@ -242,6 +294,10 @@ def _validate(r, path, check_files):
     for loss in r.stage2.losses:
         if loss not in PREFERENCE_LOSSES:
             bad("[stage2] losses", f"unknown loss {loss!r}; expected one of {', '.join(PREFERENCE_LOSSES)}")
+    for loss in r.stage2.export_merged:
+        if loss not in r.stage2.losses:
+            bad("[stage2] export_merged", f"{loss!r} is not one of the run's losses ({', '.join(r.stage2.losses)})")
+    _check_lora_continues(r, bad)
     for b in r.eval.baselines:
         if b not in BASELINES:
             bad("[eval] baselines", f"unknown baseline {b!r}; expected {', '.join(BASELINES)}")
@@ -258,6 +314,7 @@ def _validate(r, path, check_files):
         bad("[models] device", f"expected auto, cpu, cuda or cuda:N, got {r.models.device!r}")
     if r.models.dtype not in ("bfloat16", "float16", "float32"):
         bad("[models] dtype", f"expected bfloat16, float16 or float32, got {r.models.dtype!r}")
+    check_trackers(r.logging.report_to, where=f"{path}: [logging] report_to")
     if not check_files:
         return
     for key, p in (("[data] train", r.data.train), ("[data] test", r.data.test)):

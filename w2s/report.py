@@ -4,9 +4,9 @@ Tables: methods (greedy test accuracy and PGR, as in the paper, under the recipe
 when run), the same accuracies under every grader side by side with the number of test questions on which two
 graders disagree (so the choice of grader has a visible price), the training data selected from train_2
 (filtered-set sizes and pairs, with their selection precision against train_2 gold, for analysis only), the
-responses that stopped at the token limit (truncated) per stage, and the cost of every stage (time, tokens,
-tokens/s, MFU, peak memory). A bar plot of accuracy per
-method goes to report.png (needs matplotlib, the `plot` extra; the tables do not).
+responses that stopped at the token limit (truncated) per stage, the cost of every stage (time, tokens, tokens/s,
+MFU, peak memory) and its roll-up by kind of work (sampling, training, evaluation, data and filtering). The figure
+(w2s/plot.py) goes to report.png (needs matplotlib, the `plot` extra; the tables do not).
 
     w2s report runs/demo
     python -m pytest -q tests/test_pipeline.py -k report
@@ -164,8 +164,27 @@ def _cost_rows(metas):
             for name, meta in metas.items()]
 
 
+def _cost_by_kind(metas):
+    """Rows of the roll-up: stages, wall time, its share and tokens per kind of work (meta.json "kind")."""
+    names = {"generate": "sampling", "train": "training", "eval": "evaluation", "data": "data and filtering",
+             "filter": "data and filtering"}
+    kinds = {}
+    for meta in metas.values():
+        k = kinds.setdefault(names.get(meta.get("kind"), "other"), [0, 0.0, 0])
+        k[0], k[1], k[2] = k[0] + 1, k[1] + meta.get("wall_s", 0), k[2] + (meta.get("tokens") or 0)
+    total = sum(k[1] for k in kinds.values()) or 1.0
+    order = ["sampling", "training", "evaluation", "data and filtering", "other"]
+    return [(kind, kinds[kind][0], _fmt(kinds[kind][1], digits=1), _fmt(kinds[kind][1] / total, pct=True, digits=1),
+             _fmt(kinds[kind][2]) if kinds[kind][2] else "-") for kind in order if kind in kinds]
+
+
 def report(run_dir, plot=True):
     """The report as markdown text; writes report.md (and report.png when plotting is possible) in run_dir."""
+    return write_report(run_dir, plot)[0]
+
+
+def write_report(run_dir, plot=True):
+    """report() and the paths it wrote: (text, [report.md, report.png when drawn])."""
     run_dir = Path(run_dir)
     metas = load_metas(run_dir)
     grader = run_grader(run_dir)
@@ -202,33 +221,15 @@ def report(run_dir, plot=True):
         out += ["", "## Truncated responses (stopped at the token limit)", "",
                 _table(["stage", "responses", "truncated", "truncated %"], truncation)]
     out += ["", f"## Cost per stage (total {total / 60:.1f} min on {', '.join(devices) or 'unknown device'})", "",
-            _table(["stage", "wall s", "tokens", "tok/s", "MFU %", "peak mem GiB"], _cost_rows(metas))]
+            _table(["stage", "wall s", "tokens", "tok/s", "MFU %", "peak mem GiB"], _cost_rows(metas)),
+            "", "## Cost by kind of work (sampling: labels, samples; evaluation: test accuracy)", "",
+            _table(["kind", "stages", "wall s", "share %", "tokens"], _cost_by_kind(metas))]
     text = "\n".join(out) + "\n"
     (run_dir / "report.md").write_text(text)
+    written = [run_dir / "report.md"]
     if plot and method_rows:
-        _plot(run_dir / "report.png", [(label, acc[m]) for m, label in labels], run_dir.name)
-    return text
+        from w2s.plot import plot_report
 
+        written += [p for p in [plot_report(run_dir / "report.png", [acc], [metas], run_dir.name)] if p]
+    return text, written
 
-def _plot(path, bars, title):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"(no plot: pip install matplotlib to get {path})")
-        return None
-    fig, ax = plt.subplots(figsize=(10, 0.45 * len(bars) + 1.5))
-    labels, values = zip(*bars)
-    ax.barh(range(len(bars)), [100 * v for v in values], color="#4C72B0")
-    ax.set_yticks(range(len(bars)), labels)
-    ax.invert_yaxis()
-    for i, v in enumerate(values):
-        ax.text(100 * v + 0.5, i, f"{100 * v:.1f}", va="center", fontsize=8)
-    ax.set_xlabel("test accuracy (%)")
-    ax.set_title(f"weak-to-strong: {title}")
-    fig.subplots_adjust(left=0.32, right=0.95)  # room for the method labels on the left
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

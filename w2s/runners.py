@@ -19,17 +19,28 @@ Weights stay resident between stages where that is free: a model just trained (o
 memory, so the next stage that generates with it does not reload it. Training always starts from a fresh load,
 because the trainer consumes the model it is given.
 
+A LoRA training stage's model/ is an adapter (PEFT layout, w2s/lora.py) pointing at its base checkpoint. A stage
+that samples from it uses the base (resident, or loaded once and then resident) with the adapter merged into a
+copy of the adapted matrices for the duration of the stage (w2s.lora.adapter_applied), so the base stays exact and
+the next adapter on the same base (the round-2 labellers, the evaluations) is applied without rereading the base.
+After a LoRA training stage sampled at tp 1 the resident model is the base itself, never merged weights, so a
+stage sees the same weights whether the run went straight through or was resumed. A stage that trains from an
+adapter (round2_init = "continue", Stage II from M_plus) continues training it (w2s/checkpoint.py
+load_for_training): every model of a run is one adapter on the recipe's base.
+
     python -m pytest -q tests/test_pipeline.py
 """
 
 import gc
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from w2s.checkpoint import load_for_training
+from w2s.checkpoint import load_for_training, tokenizer_dir
 from w2s.files import read_jsonl, write_json_atomic, write_jsonl_atomic
 from w2s.interchange import export_pairs, export_sft
+from w2s.lora import adapter_applied, adapter_base_dir, read_adapter
 from w2s.parallel import is_main
 from w2s.profile import StageProfiler
 from w2s.recipe import train_config
@@ -49,7 +60,7 @@ from w2s.tasks import (
     zero_shot_prompt,
 )
 from w2s.tasks.graders import per_question
-from w2s.tensor_parallel import load_model_tp
+from w2s.tensor_parallel import adapter_for_rank, load_model_tp
 from w2s.tokenizer import load_tokenizer
 from w2s.train import train_preference, train_sft
 
@@ -96,28 +107,32 @@ def load_fresh(recipe, model_dir, tp):
 
 
 def load_for_inference(ctx, model_dir):
-    """The resident model when it is this checkpoint, else a fresh load that becomes the resident one."""
-    model_dir = str(Path(model_dir).resolve())
-    if ctx.resident is not None and ctx.resident[0] == model_dir:
-        return ctx.resident[1], ctx.resident[2]
-    drop_resident(ctx)
-    model, tok = load_fresh(ctx.recipe, model_dir, sampling_tp(ctx, model_dir))
-    ctx.resident = (model_dir, model, tok)
-    return model, tok
+    """(model, tokenizer, adapter or None) to sample the checkpoint in model_dir. The model is that checkpoint, or for
+    an adapter directory its base (the caller applies the adapter, this rank's slice of it, around its sampling):
+    the resident model when it is that checkpoint, else a fresh load that becomes the resident one."""
+    model_dir = Path(model_dir).resolve()
+    adapter = read_adapter(model_dir)
+    weights_dir = str(adapter_base_dir(model_dir, adapter).resolve() if adapter is not None else model_dir)
+    if ctx.resident is None or ctx.resident[0] != weights_dir:
+        drop_resident(ctx)
+        model, tok = load_fresh(ctx.recipe, weights_dir, sampling_tp(ctx, model_dir))
+        ctx.resident = (weights_dir, model, tok)
+    _, model, tok = ctx.resident
+    return model, tok, adapter_for_rank(adapter, model)
 
 
 def load_for_training_stage(recipe, model_dir):
     """(model, tokenizer) to hand to the trainer: rank 0 reads the weights into host memory in the recipe's dtype,
     other torchrun ranks build the model on the meta device and get their FSDP shards from rank 0."""
-    return load_for_training(model_dir, dtype=_device_and_dtype(recipe)[1]), load_tokenizer(model_dir)
+    return load_for_training(model_dir, dtype=_device_and_dtype(recipe)[1]), load_tokenizer(tokenizer_dir(model_dir))
 
 
-def keep_resident(ctx, out, model, tok):
-    """A just-trained model stays resident for the sampling stage that usually follows. Not when it is sampled
-    tensor-parallel (model is None then): the trainer returns whole models, and the next stage reads its slices from
-    disk."""
+def keep_resident(ctx, model_dir, model, tok):
+    """A just-trained model (or, after LoRA, its base) stays resident as the checkpoint in model_dir, for the sampling
+    stage that usually follows. Not when it is sampled tensor-parallel (model is None then): the trainer returns
+    whole models, and the next stage reads its slices from disk."""
     if model is not None:
-        ctx.resident = (str((out / "model").resolve()), model.to(_device_and_dtype(ctx.recipe)[0]), tok)
+        ctx.resident = (str(Path(model_dir).resolve()), model.to(_device_and_dtype(ctx.recipe)[0]), tok)
 
 
 # ------------------------------------------------------------------------------------------------ reading stages
@@ -197,10 +212,10 @@ def generate_stage(ctx, out, model_dir, records, prompt, n=1, temperature=0.0, t
     generations.jsonl). Returns (rows, counts for meta.json).
     """
     r = ctx.recipe
-    model, tok = load_for_inference(ctx, model_dir)
+    model, tok, adapter = load_for_inference(ctx, model_dir)
     make_prompt = prompt_fn(ctx, prompt)
     prompts = [{"id": rec["id"], "prompt": make_prompt(rec)} for rec in records]
-    with StageProfiler(model.cfg, mode="inference", name=out.name) as prof:
+    with StageProfiler(model.cfg, mode="inference", name=out.name) as prof, adapter_applied(model, adapter):
         path = generate_to_jsonl(model, tok, prompts, out / "generations.jsonl", n=n, temperature=temperature,
                                  top_p=top_p, max_new_tokens=max_new_tokens or r.sampling.max_new_tokens,
                                  stop=tuple(STOP_STRINGS), seed=seed, max_batch=r.sampling.max_batch,
@@ -237,10 +252,12 @@ def _cost(cost):
     return {("run_s" if k == "wall_s" else k): v for k, v in cost.items()}
 
 
-def train_stage(ctx, out, base_dir, rows, section, loss=None):
+def train_stage(ctx, out, base_dir, rows, section, loss=None, export_merged=False):
     """SFT (loss None) on rows {"prompt", "response"}, or preference training with `loss` on pairs {"prompt",
-    "chosen", "rejected"}, of the checkpoint in base_dir -> out/model (HF format, the trainer's metrics.jsonl and,
-    while it runs, its resumable checkpoints in out/model/ckpt)."""
+    "chosen", "rejected"}, of the checkpoint in base_dir -> out/model (HF format, or with LoRA the adapter pointing
+    at its base, plus out/model/merged with export_merged; the trainer's metrics.jsonl and train_config.json; its
+    resumable checkpoints in out/model/ckpt, deleted by the engine once the stage's meta.json is written). With
+    [logging] report_to the records also go to the trackers, under runs/<name>/tb/<stage>."""
     if not rows:
         raise ValueError(f"{out.name}: the {'preference pair' if loss else 'SFT'} set is empty, nothing to train on "
                          f"(see the meta.json of the stage that built it, e.g. its kept/pairs counts)")
@@ -249,12 +266,22 @@ def train_stage(ctx, out, base_dir, rows, section, loss=None):
     drop_resident(ctx)
     model, tok = load_for_training_stage(ctx.recipe, base_dir)
     cfg = train_config(ctx.recipe, section, progress=ctx.progress)
-    options = dict(out_dir=out / "model", return_stats=True, return_model=sampling_tp(ctx, out / "model") == 1)
+    cfg = replace(cfg, export_merged=cfg.export_merged or export_merged)
+    lora = cfg.lora_rank is not None
+    # at tp 1 the next stage samples what this one returns: the trained model, or under LoRA the untouched base
+    # (the adapter is applied from disk like on a resumed run); tensor-parallel stages reread their slices
+    resident = (getattr(model, "name_or_path", None) if lora else out / "model")
+    return_model = ("base" if lora else True) if sampling_tp(ctx, out / "model") == 1 else False
+    options = dict(out_dir=out / "model", return_stats=True, return_model=return_model, keep_ckpt=True,
+                   report_to=ctx.recipe.logging.report_to, log_dir=ctx.run_dir / "tb" / out.name,
+                   run_name=f"{ctx.recipe.name}/{out.name}")  # one tracker run per stage, named after it
+    ctx.cleanup.append(out / "model" / "ckpt")
     if loss is None:
         model, stats = train_sft(model, tok, rows, cfg, **options)
     else:
         model, stats = train_preference(model, tok, rows, cfg, loss=loss, **options)
-    keep_resident(ctx, out, model, tok)
+    if resident is not None:
+        keep_resident(ctx, resident, model, tok)
     return _cost(stats)
 
 
@@ -427,8 +454,9 @@ def run_preference(ctx, out, pairs, init, loss):
     carry weights -> out/model (M_pro). The trainer's reference is `init` itself."""
     rows = [{"id": p["id"], "prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} |
             ({"weight": p["weight"]} if "weight" in p else {}) for p in read_jsonl(ctx.dir(pairs) / "pairs.jsonl")]
+    merged = loss in ctx.recipe.stage2.export_merged  # M_pro as a plain HF model too (the run's final models)
     return {"n_pairs": len(rows), "loss": loss,
-            **train_stage(ctx, out, checkpoint(ctx, init), rows, "preference", loss=loss)}
+            **train_stage(ctx, out, checkpoint(ctx, init), rows, "preference", loss=loss, export_merged=merged)}
 
 
 def run_eval(ctx, out, model, prompt, n=1, temperature=0.0):

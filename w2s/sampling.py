@@ -19,7 +19,11 @@ How it works (one engine, `Engine`, driven by `iter_generate`):
     only every `sync_every` steps: it checks stop strings on the decoded text, harvests finished slots and refills
     them with waiting work (continuous batching). A finished slot idles at most sync_every - 1 steps.
   * On CUDA the decode step is captured once per attention length as a CUDA graph and replayed (cuda_graphs,
-    default on for CUDA, never used on CPU); nothing in the step may sync with the host.
+    default on for CUDA, never used on CPU); nothing in the step may sync with the host. The KV cache, the slots'
+    state and the graphs are kept for the next call on the same model (keep_state; w2s/decode_state.py says when a
+    kept state is reused and when it is dropped). The cache write and RoPE run as one kernel per layer
+    (ops.rope_cache_write), and q/k/v and gate/up as one matmul each (fused_projections, default on CUDA:
+    w2s/fused.py).
   * Randomness is counter-based: the uniform for token t of sample j of prompt i is a hash of (seed, i, j, t), with
     i the prompt's index in the caller's list. A completion therefore does not depend on batch size, scheduling,
     shared-prefix use or data-parallel sharding: the same seed gives the same samples in every configuration (up to
@@ -45,9 +49,12 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from w2s.model import KVCache
+from w2s import decode_state
+from w2s.decode_state import DecodeState
+from w2s.fused import fuse_projections
 
 MAX_NEW_TOKENS = 256  # the default completion budget of every entry point
+CACHE_LEN_QUANTUM = 256  # default cache lengths round up to this when the decode state is kept across calls
 
 # ------------------------------------------------------------------------------------------------ randomness
 # A counter-based generator: uniforms are a pure function of (seed, prompt, sample, step), computed on device
@@ -147,12 +154,13 @@ class Engine:
     """Slots, cache and device state for one generation run. Drive it with `run()` (a generator of results).
 
     prompts: list of token-id lists; global_index: the caller's index of each (keys the RNG; data parallel);
-    eos_ids: ids that end a sequence; stop: stop strings (need `decode`).
+    eos_ids: ids that end a sequence; stop: stop strings (need `decode`); keep_state: take the device state from,
+    and leave it in, w2s/decode_state.py's per-model store.
     """
 
     def __init__(self, model, prompts, n, *, temperature, top_k, top_p, max_new_tokens, seed, eos_ids, stop=(),
                  decode=None, slots, cache_len, global_index=None, shared_prefix=True, sync_every=8,
-                 cuda_graphs=False, prefill_tokens=8192):
+                 cuda_graphs=False, prefill_tokens=8192, keep_state=False):
         self.model, self.prompts, self.n = model, prompts, n
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
         self.max_new, self.seed, self.stop, self.decode = max_new_tokens, seed, tuple(stop), decode
@@ -162,28 +170,28 @@ class Engine:
         self.global_index = list(range(len(prompts))) if global_index is None else list(global_index)
         weight = model.embed_tokens.weight
         dev = self.device = weight.device
-
-        # One spare cache row (index `slots`) holds the shared prefix; decode only ever touches rows [0, slots).
         self.prefix_len = self._shared_prefix_len() if shared_prefix else 0
-        self.cache = KVCache(kv_config(model), slots + 1, cache_len, dtype=weight.dtype, device=dev)
 
-        long = dict(dtype=torch.long, device=dev)
-        self.tokens = torch.zeros(slots, **long)  # last sampled token of each slot (fed next step)
-        self.positions = torch.zeros(slots, **long)  # its position
-        self.n_gen = torch.zeros(slots, **long)  # tokens generated so far
-        self.budget = torch.ones(slots, **long)  # max tokens this slot may generate
-        self.keys = torch.zeros(slots, **long)  # RNG stream key
-        self.done = torch.ones(slots, dtype=torch.bool, device=dev)  # empty slots count as done
-        self.out = torch.zeros(slots, max_new_tokens + 1, **long)  # generated ids; the last column is a trash can
-        self.eos = torch.tensor(sorted(self.eos_set) or [-1], **long)
-        self.logits = None  # (slots, V) logits of the last decode step (tests read it)
+        # Device state (cache, per-slot tensors, captured graphs): kept across calls when keep_state, else fresh.
+        cfg = kv_config(model)
+        build = lambda: DecodeState(cfg, slots, cache_len, weight.dtype, dev)  # noqa: E731
+        shapes = (cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, slots, cache_len, weight.dtype, dev)
+        self.state = st = decode_state.acquire(model, shapes, build) if keep_state else build()
+        eos = sorted(self.eos_set) or [-1]
+        st.start(self, decode_state.graph_signature(self.sampling, eos, self.prefix_len), eos)
+        self.cache, self.tokens, self.positions, self.n_gen = st.cache, st.tokens, st.positions, st.n_gen
+        self.budget, self.keys, self.done, self.out, self.eos = st.budget, st.keys, st.done, st.out, st.eos
+        self.trash = self.out.shape[1] - 1  # the column finished slots write into
 
         # Host bookkeeping.
         self.work = [None] * slots  # (prompt, sample) each slot runs, or None
         self.checked_tokens = [0] * slots  # generated tokens already searched for stop strings
         self.stop_window = max((len(x.encode()) for x in self.stop), default=0) + 2  # tokens of overlap
-        self.graphs, self.graph_pool = {}, None
         self.tokens_generated = 0
+        self.decode_steps = 0  # steps run (every slot, live or not): slot occupancy = live slot-steps / (steps x slots)
+
+    logits = property(lambda self: self.state.logits, doc="(slots, V) fp32 logits of the last decode step")
+    graphs = property(lambda self: self.state.graphs, doc="{attention limit: captured CUDA graph of the step}")
 
     # ---- prefix sharing ---------------------------------------------------------------------------------------
     def _shared_prefix_len(self):
@@ -293,42 +301,18 @@ class Engine:
         logits = self.model(self.tokens[:, None], self.positions[:, None], cache=self.cache)[:, -1].float()
         nxt = sample_from_logits(logits, stream_uniforms(self.keys, self.n_gen), **self.sampling)  # (S,)
         live = ~self.done
-        col = torch.where(live, self.n_gen, self.max_new)  # finished rows write into the trash column
+        col = torch.where(live, self.n_gen, self.trash)  # finished rows write into the trash column
         self.out.scatter_(1, col[:, None], nxt[:, None])
         self.n_gen.add_(live.long())
         self.positions.add_(live.long())
         self.tokens.copy_(torch.where(live, nxt, self.tokens))
         self.done.logical_or_(live & (_is_eos(nxt, self.eos) | (self.n_gen >= self.budget)))
-        if self.logits is None:
-            self.logits = logits
-        else:
-            self.logits.copy_(logits)
+        self.state.keep_logits(logits)
 
-    @torch.no_grad()
     def step(self, limit):
         """One decode step attending over cache positions [0, limit); replays a CUDA graph per limit if enabled."""
-        self.cache.limit = limit
-        if not self.cuda_graphs:
-            return self._step_eager()
-        graph = self.graphs.get(limit)
-        if graph is not None:
-            return graph.replay()
-        # First step at this limit: run it eagerly on a side stream (warm-up, a real step), then capture.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._step_eager()
-        torch.cuda.current_stream().wait_stream(side)
-        if self.graph_pool is None:
-            self.graph_pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph, pool=self.graph_pool):
-                self._step_eager()  # recorded, not executed
-        except Exception as e:
-            raise RuntimeError(f"capturing the decode step as a CUDA graph failed ({e}); pass cuda_graphs=False "
-                               "(scripts/sample.py --no-cuda-graphs) to run it eagerly") from e
-        self.graphs[limit] = graph
+        self.decode_steps += 1
+        return self.state.step(limit, self._step_eager, self.cuda_graphs)
 
     # ---- the loop ---------------------------------------------------------------------------------------------
     def _finish(self, s, ids, done):
@@ -381,6 +365,12 @@ class Engine:
 
     def run(self):
         """Yield (prompt index, [n completion dicts]) as prompts finish (all n samples), until all are done."""
+        try:
+            yield from self._run()
+        finally:
+            self.state.finish()  # a kept state may serve the next engine
+
+    def _run(self):
         queue = [(p, j) for p in range(len(self.prompts)) for j in range(self.n)]
         queue.reverse()  # pop() from the end = input order
         pending = {}  # prompt -> {sample: completion}
@@ -471,14 +461,17 @@ def _check_options(tokenizer, n=1, temperature=0.0, top_p=1.0, top_k=0, max_new_
     return stop
 
 
-def _cache_len_for(ids, max_new_tokens, cache_len, names=None):
-    """The KV positions per slot (default: longest prompt + max_new_tokens); a prompt that does not fit is an error.
+def _cache_len_for(ids, max_new_tokens, cache_len, names=None, quantum=1, trained=None):
+    """The KV positions per slot (default: longest prompt + max_new_tokens, rounded up to a multiple of `quantum`
+    but not past `trained` positions); a prompt that does not fit is an error.
 
     Computed over ALL prompts before any data-parallel split, so every rank uses the same cache (same shapes, same
     numerics) and a bad prompt fails on every rank alike instead of hanging the others at a collective."""
     if not ids:
         return cache_len or 1
-    cache_len = cache_len or max(len(p) for p in ids) + max_new_tokens
+    if not cache_len:
+        cache_len = needed = max(len(p) for p in ids) + max_new_tokens
+        cache_len = max(needed, min(_round_up(needed, quantum), trained or float("inf")))
     for i, p in enumerate(ids):
         if len(p) >= cache_len:
             name = f"prompt {i}" if names is None else names[i]
@@ -487,32 +480,46 @@ def _cache_len_for(ids, max_new_tokens, cache_len, names=None):
     return cache_len
 
 
-def iter_generate(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=MAX_NEW_TOKENS,
-                  stop=(),
-                  seed=0, max_batch=256, cache_len=None, shared_prefix=True, sync_every=8, cuda_graphs=None,
-                  prompt_indices=None):
-    """Yield (index into `prompts`, [n completions]) as prompts finish, in completion order. Arguments as
-    `generate`; `prompt_indices` are the indices the RNG uses (default: 0..len-1). No data-parallel split here."""
+def _use_cuda_graphs(model, cuda_graphs):
+    """cuda_graphs resolved: None means on for a CUDA model; True on another device is an error."""
+    device = model.embed_tokens.weight.device
+    if cuda_graphs and device.type != "cuda":
+        raise ValueError(f"cuda_graphs=True needs a CUDA model (this one is on {device})")
+    return device.type == "cuda" if cuda_graphs is None else cuda_graphs
+
+
+def make_engine(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=MAX_NEW_TOKENS,
+                stop=(), seed=0, max_batch=256, cache_len=None, shared_prefix=True, sync_every=8, cuda_graphs=None,
+                keep_state=None, fused_projections=None, prompt_indices=None):
+    """The Engine that `iter_generate` runs (None without prompts); arguments as `generate`. Callers that want the
+    engine's counters (decode_steps, tokens_generated) drive `engine.run()` themselves."""
     stop = _check_options(tokenizer, n, temperature, top_p, top_k, max_new_tokens, stop)
     ids = _encode(tokenizer, prompts)
     if not ids:
-        return
+        return None
     cache_len = _cache_len_for(ids, max_new_tokens, cache_len)
     trained = model.cfg.max_seq_len
     if trained and cache_len > trained:  # RoPE past the trained context runs, but the model never saw it
         warnings.warn(f"the KV cache holds {cache_len} positions but the model was trained on {trained} "
-                      f"(config.json max_position_embeddings): completions past it are unreliable", stacklevel=2)
-    device = model.embed_tokens.weight.device
-    if cuda_graphs is None:
-        cuda_graphs = device.type == "cuda"
-    if cuda_graphs and device.type != "cuda":
-        raise ValueError(f"cuda_graphs=True needs a CUDA model (this one is on {device})")
-    engine = Engine(
+                      f"(config.json max_position_embeddings): completions past it are unreliable", stacklevel=3)
+    cuda_graphs = _use_cuda_graphs(model, cuda_graphs)
+    on_cuda = model.embed_tokens.weight.device.type == "cuda"
+    if on_cuda if fused_projections is None else fused_projections:
+        fuse_projections(model)  # before the state is acquired: fusing moves the weights it addresses
+    return Engine(
         model, ids, n, temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
         eos_ids=_eos_ids(model, tokenizer), stop=stop, decode=tokenizer.decode if tokenizer is not None else None,
         slots=max(1, min(max_batch, len(ids) * n)), cache_len=cache_len, global_index=prompt_indices,
-        shared_prefix=shared_prefix, sync_every=sync_every, cuda_graphs=cuda_graphs)
-    yield from engine.run()
+        shared_prefix=shared_prefix, sync_every=sync_every, cuda_graphs=cuda_graphs,
+        keep_state=cuda_graphs if keep_state is None else keep_state)
+
+
+def iter_generate(model, tokenizer, prompts, **options):
+    """Yield (index into `prompts`, [n completions]) as prompts finish, in completion order. Options as `generate`;
+    `prompt_indices` are the indices the RNG uses (default: 0..len-1). No data-parallel split here."""
+    engine = make_engine(model, tokenizer, prompts, **options)
+    if engine is not None:
+        yield from engine.run()
 
 
 def _progress(total, enabled):
@@ -531,8 +538,12 @@ def generate_shard(model, tokenizer, prompts, todo=None, names=None, progress=Tr
     `todo` as done."""
     options["stop"] = _check_options(tokenizer, **options)
     ids = _encode(tokenizer, prompts)
+    keep = options.get("keep_state")
+    keep = _use_cuda_graphs(model, options.get("cuda_graphs")) if keep is None else keep
+    # a kept decode state serves the next call when its cache length is the same: quantize the default
     options["cache_len"] = _cache_len_for(ids, options.get("max_new_tokens", MAX_NEW_TOKENS), options.get("cache_len"),
-                                          names)
+                                          names, quantum=CACHE_LEN_QUANTUM if keep else 1,
+                                          trained=model.cfg.max_seq_len)
     todo = list(range(len(prompts))) if todo is None else todo
     dp_rank, dp_size, _ = dp_layout(model)
     mine = todo[dp_rank::dp_size]
@@ -558,7 +569,7 @@ def _run_shard(model, tokenizer, ids, mine, dp_size, n_done, progress, options):
 
 def generate(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=MAX_NEW_TOKENS,
              stop=(), seed=0, max_batch=256, cache_len=None, shared_prefix=True, sync_every=8, cuda_graphs=None,
-             progress=True):
+             keep_state=None, fused_projections=None, progress=True):
     """Complete every prompt n times; returns, per prompt in input order, a list of n completion dicts.
 
     prompts: strings (tokenizer required) or lists of token ids (tokenizer may be None; then `text` is None and
@@ -566,15 +577,20 @@ def generate(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, top_k=0
     max_batch: decode slots (sequences in flight). cache_len: KV positions per slot (default: longest prompt +
     max_new_tokens); a longer prompt is an error. shared_prefix: prefill the longest common token prefix once.
     sync_every: decode steps between host looks. cuda_graphs: replay the decode step as a CUDA graph (default on
-    for CUDA). Under an initialised process group each data-parallel rank runs a shard and every rank returns the
-    full, input-ordered result, identical to a one-process run with the same seed.
+    for CUDA). keep_state: keep the KV cache and captured graphs for the next call on this model (default: with
+    CUDA graphs; then the default cache_len is rounded up to a multiple of CACHE_LEN_QUANTUM); they are freed with
+    the model or by w2s.decode_state.release(model).
+    fused_projections: run q/k/v and gate/up as one matmul each (default on CUDA; w2s/fused.py). Under an
+    initialised process group each data-parallel rank runs a shard and every rank returns the full, input-ordered
+    result, identical to a one-process run with the same seed.
     """
     import torch.distributed as dist
 
     results = dict(generate_shard(
         model, tokenizer, prompts, progress=progress, n=n, temperature=temperature, top_p=top_p, top_k=top_k,
         max_new_tokens=max_new_tokens, stop=stop, seed=seed, max_batch=max_batch, cache_len=cache_len,
-        shared_prefix=shared_prefix, sync_every=sync_every, cuda_graphs=cuda_graphs))
+        shared_prefix=shared_prefix, sync_every=sync_every, cuda_graphs=cuda_graphs, keep_state=keep_state,
+        fused_projections=fused_projections))
     if dp_layout(model)[1] > 1:
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, results)

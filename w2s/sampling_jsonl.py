@@ -6,8 +6,9 @@
 
 Each rank that writes (one per data-parallel group) appends finished prompts to out.jsonl.part<rank>; a rerun reads
 out.jsonl and every part file, skips the ids it finds and drops a line torn by the kill; when every record has its
-line, rank 0 writes out.jsonl in input order (temp file, fsync, rename) and removes the parts. The sampling itself
-is w2s/sampling.py's `generate_shard`.
+line, rank 0 writes out.jsonl in input order (temp file, fsync, rename) and removes the parts. A line found for an
+id whose prompt is not the input's is refused (another input file), and what the lines were sampled with is
+checked by `w2s sample` (OUTPUT.meta.json). The sampling itself is w2s/sampling.py's `generate_shard`.
 
     python -m pytest -q tests/test_sampling.py -k jsonl
 """
@@ -17,6 +18,7 @@ import json
 import os
 from pathlib import Path
 
+from w2s.checkpoint import naming_path
 from w2s.files import read_jsonl, write_atomic
 from w2s.sampling import dp_layout, generate_shard
 
@@ -72,6 +74,50 @@ def _complete_lines(path):
     return done, size
 
 
+def run_meta_path(out_path):
+    return Path(f"{out_path}.meta.json")
+
+
+def check_run_meta(out_path, meta):
+    """Refuse to resume out_path when it was sampled with other options than `meta` (a JSON-able dict: the model and
+    every option that changes the samples), one line naming what differs; or when partial output exists without a
+    record of its options. Returns True when meta still has to be written (a fresh output)."""
+    out_path, meta_path = Path(out_path), run_meta_path(out_path)
+    started = out_path.exists() or bool(_part_paths(out_path))
+    if not meta_path.is_file():
+        if started:
+            raise ValueError(f"{out_path}: exists without {meta_path.name}, so what it was sampled with is unknown; "
+                             f"use another --output, or delete {out_path.name} and its .part files to start over")
+        return True
+    try:
+        old = json.loads(meta_path.read_text())
+    except json.JSONDecodeError:
+        raise ValueError(f"{meta_path}: not valid JSON; delete it and {out_path.name}* to start over") from None
+    meta = json.loads(json.dumps(meta))  # as stored: tuples become lists
+    diffs = [k for k in sorted(set(old) | set(meta)) if old.get(k) != meta.get(k)]
+    if diffs:
+        said = "; ".join(f"{k} {old.get(k)!r}, now {meta.get(k)!r}" for k in diffs)
+        raise ValueError(f"{out_path}: was sampled with other options ({said})"[:400] + f"; use another --output, or "
+                         f"delete {out_path.name}* to start over")
+    return False
+
+
+def write_run_meta(out_path, meta):
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with naming_path(run_meta_path(out_path)):
+        write_atomic(run_meta_path(out_path), json.dumps(meta, indent=2) + "\n")
+
+
+def _check_prompts(out_path, records, keys, done, prompt_key):
+    """A finished line must have been sampled from the same prompt as the input record of its id."""
+    for record, key in zip(records, keys):
+        line = done.get(key)
+        if line is not None and "prompt" in line and line["prompt"] != record[prompt_key]:
+            raise ValueError(f"{out_path}: id {key} was sampled from another prompt than the input's (another input "
+                             f"file?); use another output path, or delete {out_path.name} and its .part files")
+
+
 def _part_paths(out_path):
     return sorted(out_path.parent.glob(glob.escape(out_path.name) + ".part*"))
 
@@ -109,6 +155,7 @@ def generate_to_jsonl(model, tokenizer, records, out_path, prompt_key="prompt", 
         return done
 
     done = load_all()
+    _check_prompts(out_path, records, keys, done, prompt_key)
     todo = [i for i, k in enumerate(keys) if k not in done]
     # every record is checked, encoded and sized on every rank before any file is touched (identical shapes in a
     # resumed run and on every rank)
@@ -126,9 +173,10 @@ def generate_to_jsonl(model, tokenizer, records, out_path, prompt_key="prompt", 
     try:
         for i, completions in shard:
             if f is not None:
-                f.write(json.dumps({"id": records[i][id_key], "prompt": records[i][prompt_key],
-                                    "completions": completions}) + "\n")
-                f.flush()
+                with naming_path(part):  # a full disk names the file it could not append to
+                    f.write(json.dumps({"id": records[i][id_key], "prompt": records[i][prompt_key],
+                                        "completions": completions}) + "\n")
+                    f.flush()
     finally:
         if f is not None:
             f.close()
@@ -140,7 +188,8 @@ def generate_to_jsonl(model, tokenizer, records, out_path, prompt_key="prompt", 
         if missing:
             raise RuntimeError(f"{out_path}: {len(missing)} record(s) have no output after sampling, e.g. id "
                                f"{missing[0]!r}")
-        write_atomic(out_path, (json.dumps(done[k]) + "\n" for k in keys))
+        with naming_path(out_path):
+            write_atomic(out_path, (json.dumps(done[k]) + "\n" for k in keys))
         for p in _part_paths(out_path):
             p.unlink()
     if distributed:

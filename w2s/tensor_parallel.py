@@ -19,8 +19,14 @@ is replicated on the tp/K ranks whose query heads use it.
     outs = w2s.generate(model, tok, prompts)   # under torchrun; world = dp * tp, tp groups are consecutive ranks
 
     torchrun --nproc_per_node=8 scripts/sample.py CKPT --input q.jsonl --output out.jsonl --tp 8
+A LoRA adapter directory loads as its base, sliced as above, with each rank merging its slice of the adapter
+(`adapter_for_rank`: B's rows for column-split projections, A's columns for row-split ones).
+
     python -m pytest -q tests/test_sampling_dist.py     # tp=2 and dp=2 over gloo on CPU == one process
 """
+
+import dataclasses
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -28,6 +34,7 @@ import torch.nn as nn
 
 from w2s.checkpoint import check_tokenizer_fits, checkpoint_files, hf_name
 from w2s.config import ModelConfig
+from w2s.lora import adapter_base_dir, merge_adapter, read_adapter
 from w2s.model import Transformer
 
 COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # output features split (dim 0 of weight and bias)
@@ -133,6 +140,24 @@ def apply_tensor_parallel(model: Transformer, group, rank, tp):
     return model
 
 
+def adapter_for_rank(adapter, model):
+    """The part of `adapter` that this rank's tensor-parallel slice of `model` needs (the adapter itself at tp 1).
+    The update is B @ A, so a column-split projection (rows of W) needs B's rows and all of A, a row-split one (W's
+    columns) all of B and A's columns."""
+    tp = getattr(model, "tp_size", 1)
+    if adapter is None or tp == 1:
+        return adapter
+    tensors = {}
+    for name, (a, b) in adapter.tensors.items():
+        spec = shard_slice(name + ".weight", model.cfg, model.tp_rank, tp)
+        if spec is not None and spec[0] == 0:
+            b = b.narrow(0, spec[1], spec[2])
+        elif spec is not None:
+            a = a.narrow(1, spec[1], spec[2])
+        tensors[name] = (a, b)
+    return dataclasses.replace(adapter, tensors=tensors)
+
+
 def load_model_tp(path, tp, dtype=torch.bfloat16, device="cpu"):
     """Load an HF checkpoint directly sharded for tensor parallelism under torchrun: build on the meta device, split,
     then read only this rank's slice of each tensor from the safetensors files (memory: 1/tp of the blocks plus the
@@ -144,6 +169,11 @@ def load_model_tp(path, tp, dtype=torch.bfloat16, device="cpu"):
 
         model = load_model(path, dtype=dtype, device=device)
         model.tp_size = 1
+        return model
+    if (adapter := read_adapter(path)) is not None:
+        model = load_model_tp(adapter_base_dir(path, adapter), tp, dtype=dtype, device=device)
+        merge_adapter(model, adapter_for_rank(adapter, model))
+        model.name_or_path = str(Path(path).resolve())
         return model
     cfg = ModelConfig.from_pretrained(path)
     check_divisible(cfg, tp)
@@ -187,4 +217,5 @@ def load_model_tp(path, tp, dtype=torch.bfloat16, device="cpu"):
         p.requires_grad_(False)
     model.reset_buffers(torch.device(device))
     check_tokenizer_fits(path, cfg)
+    model.name_or_path = str(Path(path).resolve())
     return model.eval()

@@ -3,6 +3,7 @@
     model = train_sft(model, tokenizer, [{"prompt": ..., "response": ...}], TrainConfig(lr=1e-5), out_dir="runs/x")
     model = train_preference(model, tokenizer, [{"prompt", "chosen", "rejected"}], cfg, out_dir, loss="dpo")
     model, stats = train_sft(..., return_stats=True)   # stats: the run's cost and outcome (Trainer.run_stats)
+    train_sft(..., on_step=print, report_to=["tensorboard"])  # each metrics record; TensorBoard in out_dir/tb
 
 (TrainConfig, the options, lives in w2s/train_config.py; the loss formulas in w2s/losses.py.)
 
@@ -25,8 +26,14 @@ same function). A run is a Trainer, in three parts as in torchtitan's train.py:
      the loop writes the one log line (loss, lr, grad norm, tokens/s, MFU, peak memory) and a metrics.jsonl record,
      and every cfg.ckpt_every steps model/optimizer/RNG/step atomically (torch.distributed.checkpoint into a temp
      dir, then rename). A rerun with the same data and config resumes from the newest checkpoint;
-  export (Trainer.export): the (LoRA-merged) weights are gathered, exported in HF format to out_dir, and returned as
-     a plain unsharded Transformer in the input dtype (the model passed in is consumed: use the returned one).
+  export (Trainer.export, w2s/export.py): full fine-tuning gathers the weights and exports them in HF format to
+     out_dir; LoRA saves the adapter alone (PEFT layout, pointing at the base checkpoint; a merged HF copy only with
+     export_merged). The model comes back as a plain unsharded Transformer in the input dtype (the model passed in is
+     consumed: use the returned one).
+
+A model loaded from an adapter directory arrives with live LoRA layers: a LoRA run with the same rank, alpha and
+targets continues training that adapter, a full fine-tune merges it first (w2s/lora.py prepare_lora). A nan or inf
+gradient norm (checked every step, before the update) or loss (log steps) stops the run with one line.
 
 DPO/IPO need log ref(y|x) of the initial weights: one no-grad pass before training computes them for every pair,
 cached in out_dir/ref_logps.pt under a hash of the tokenized pairs and the model weights, so the reference model
@@ -50,11 +57,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from w2s import data, losses, ops, profile
+from w2s import data, losses, ops, profile, tracking
 from w2s.checkpoint import latest_checkpoint, load_training_state, save_training_state
 from w2s.data import IGNORE_INDEX
+from w2s.export import export_trained
 from w2s.files import stable_hash, write_atomic
-from w2s.lora import inject_lora, lora_scale, merge_lora_state_dict
+from w2s.lora import prepare_lora
 from w2s.parallel import (
     Dist,
     all_reduce_sum,
@@ -62,7 +70,6 @@ from w2s.parallel import (
     broadcast_object,
     enable_activation_checkpointing,
     fill_from_rank0,
-    full_tensor,
     init_distributed,
     needs_fill_from_rank0,
     shard_model,
@@ -204,11 +211,12 @@ def step_flops(model_cfg, seqs, lora):
 
 
 def examples_hash(examples):
-    """sha256 over the token ids and prompt lengths (so it covers the tokenizer and the bad-row filtering)."""
+    """sha256 over the token ids and loss masks (so it covers the tokenizer and the bad-row filtering)."""
     h = hashlib.sha256()
     for ex in examples:
         for e in (ex.chosen, ex.rejected) if isinstance(ex, data.Pair) else (ex,):
-            h.update(json.dumps([e.n_prompt, e.tokens]).encode())
+            # chat rows' spans only when present, so the hash of a prompt/response row stays what it was
+            h.update(json.dumps([e.n_prompt, e.tokens] + ([e.spans] if e.spans is not None else [])).encode())
     return h.hexdigest()
 
 
@@ -274,13 +282,24 @@ def reference_logps(module, pairs, pad_id, cfg, d: Dist, out_dir, key):
 
 
 def train_sft(model, tokenizer, rows, cfg: TrainConfig, out_dir=None, on_step=None, progress=None,
-              return_stats=False, return_model=True):
-    """Supervised fine-tuning on [{"prompt", "response"}] (or id rows); loss on response tokens only. -> model.
+              return_stats=False, return_model=True, keep_ckpt=False, report_to=(), log_dir=None, run_name=None):
+    """Supervised fine-tuning on rows in any of w2s/data.py's formats ({"prompt", "response"}, {"prompt",
+    "completion"}, {"messages"}, id rows); loss on the response (assistant) tokens only. -> model.
 
-    on_step(rec) gets every log step's record (the metrics.jsonl line); progress, when given, overrides cfg.progress;
-    return_stats=True returns (model, stats) with the run's cost and outcome for a stage's meta.json (Trainer.run_stats,
-    plus n_rows and n_skipped). return_model=False returns None for the model: only out_dir gets it (under FSDP every
-    rank would otherwise hold a whole copy of the trained model, 140 GB each for a 70B one).
+    on_step(rec) is called on every rank at every log step (every cfg.log_every steps and the last) with the record
+    that goes to metrics.jsonl: {"step", "loss", "lr", "grad_norm", "tokens", "tok_per_s", "mfu" (None without a
+    known peak, e.g. CPU), "peak_mem_gib", "epoch"}, plus the preference losses' "rewards/chosen", "rewards/rejected",
+    "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected" (ORPO: "nll", "or_loss", "log_odds");
+    metrics are already summed over ranks. Use it to log elsewhere, early-stop (raise) or watch a run in a notebook.
+    report_to: trackers that get the same records ("tensorboard", "wandb"; w2s/tracking.py), writing under log_dir
+    (default out_dir/tb) as run_name (default out_dir's name). out_dir also gets train_config.json, the resolved config.
+    progress, when given, overrides cfg.progress; return_stats=True returns (model, stats) with the run's cost and
+    outcome for a stage's meta.json (Trainer.run_stats, plus n_rows and n_skipped). return_model=False returns None for
+    the model: only out_dir gets it (under FSDP every rank would otherwise hold a whole copy of the trained model,
+    140 GB each for a 70B one); with LoRA, return_model="base" returns the untouched base weights (w2s/export.py).
+    With LoRA out_dir gets the adapter (PEFT layout), plus out_dir/merged with cfg.export_merged. keep_ckpt=True
+    leaves the training state in out_dir/ckpt for the caller to delete once it has recorded the run (a pipeline
+    stage: after its meta.json). A non-finite gradient norm or loss stops the run with NonFiniteError.
     """
     cfg = cfg if progress is None else replace(cfg, progress=progress)
     d = init_distributed()
@@ -295,17 +314,19 @@ def train_sft(model, tokenizer, rows, cfg: TrainConfig, out_dir=None, on_step=No
 
     task = Task(row_seqs=[((len(ex.tokens), data.n_targets(ex)),) for ex in examples], make_batch=make_batch,
                 count_fn=sft_counts, loss_step=sft_step, data_key=examples_hash(examples))
-    trained, stats = _run(model, tokenizer, task, cfg, out_dir, d, on_step, return_model)
+    report = tracking.Report(tuple(report_to), log_dir, run_name)
+    trained, stats = _run(model, tokenizer, task, cfg, out_dir, d, on_step, return_model, keep_ckpt, report, "sft")
     stats.update(n_rows=len(rows), n_skipped=len(skipped))
     return (trained, stats) if return_stats else trained
 
 
 def train_preference(model, tokenizer, pairs, cfg: TrainConfig, out_dir=None, loss="dpo", on_step=None,
-                     progress=None, return_stats=False, return_model=True):
-    """DPO / IPO / ORPO (losses.PREFERENCE_LOSSES) on [{"prompt", "chosen", "rejected"}] (or id rows), each row
-    optionally with a "weight" on its loss terms. -> model.
+                     progress=None, return_stats=False, return_model=True, keep_ckpt=False, report_to=(), log_dir=None,
+                     run_name=None):
+    """DPO / IPO / ORPO (losses.PREFERENCE_LOSSES) on [{"prompt", "chosen", "rejected"}] as text or as TRL's
+    conversational lists of messages (or id rows), each row optionally with a "weight" on its loss terms. -> model.
 
-    on_step, progress, return_stats, return_model: as in train_sft.
+    on_step, progress, return_stats, return_model, keep_ckpt, report_to, log_dir, run_name: as in train_sft.
     """
     cfg = cfg if progress is None else replace(cfg, progress=progress)
     d = init_distributed()
@@ -337,7 +358,8 @@ def train_preference(model, tokenizer, pairs, cfg: TrainConfig, out_dir=None, lo
     task = Task(row_seqs=row_seqs, make_batch=make_batch, count_fn=pair_counts, loss_step=step_fn,
                 data_key=f"{loss}:{key}" + (f":{stable_hash(weights.tolist())}" if weights is not None else ""),
                 prepare=prepare)
-    trained, stats = _run(model, tokenizer, task, cfg, out_dir, d, on_step, return_model)
+    report = tracking.Report(tuple(report_to), log_dir, run_name)
+    trained, stats = _run(model, tokenizer, task, cfg, out_dir, d, on_step, return_model, keep_ckpt, report, loss)
     stats.update(n_rows=len(pairs), n_skipped=len(skipped))
     return (trained, stats) if return_stats else trained
 
@@ -357,12 +379,24 @@ def _pad_id(tokenizer, model):
     return 0  # padding positions are masked out of the loss; any valid id works
 
 
-def _run(model, tokenizer, task, cfg, out_dir, d: Dist, on_step, return_model):
-    """Setup, the step loop, export. -> (trained model or None, Trainer.run_stats of the steps this call ran)."""
+def _run(model, tokenizer, task, cfg, out_dir, d: Dist, on_step, return_model, keep_ckpt, report, loss):
+    """Setup, the step loop, export. -> (trained model or None, Trainer.run_stats of the steps this call ran).
+    report (w2s/tracking.py) writes train_config.json, says where a resumed run picks up and feeds the trackers."""
+    report.check(out_dir)  # a missing tracker package fails before the model is set up
     profile.reset_peak_memory(d.device)  # this run's peak, not that of what ran before it in the process
     trainer = Trainer(model, task, cfg, d, out_dir)
-    stats = trainer.train(on_step)
-    return trainer.export(tokenizer, return_model), stats
+    info = {"loss": loss, "steps": trainer.total, "world_size": d.world_size, "grad_accum": trainer.accum}
+    with report.start(cfg, out_dir, d.is_main, trainer.start, info) as trackers:
+        stats = trainer.train(trackers if on_step is None else lambda rec: (trackers(rec), on_step(rec)))
+    trained = trainer.export(tokenizer, return_model, keep_ckpt)
+    if out_dir is not None and d.is_main:
+        print(f"exported to {out_dir}", flush=True)
+    return trained, stats
+
+
+class NonFiniteError(ValueError):
+    """Training produced a nan / inf loss or gradient norm (a ValueError, so every entry point's one-line error
+    handler reports it as it does bad input)."""
 
 
 # ---------------------------------------------------------------------------------------------- the trainer
@@ -390,6 +424,7 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         self.model_cfg = model.cfg
         self.lora = cfg.lora_rank is not None
+        self.lora_base = getattr(model, "name_or_path", None)  # where a saved adapter points (w2s/checkpoint.py)
         self.module = self._build_module(model)
         self.params, self.optimizer = self._build_optimizer()
         self.lengths = [sum(n for n, _ in seqs) for seqs in task.row_seqs]  # what length grouping sorts by
@@ -423,8 +458,8 @@ class Trainer:
         # bf16 anyway); the plain CPU path computes in fp32 throughout.
         if not self.lora or not d.sharded:
             model.float()
-        if self.lora:
-            inject_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, seed=cfg.seed)
+        prepare_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.seed,
+                     where=str(self.out_dir or "train"))
         if cfg.activation_checkpointing:
             enable_activation_checkpointing(model.layers)
         module = TrainModule(model)
@@ -495,6 +530,7 @@ class Trainer:
             for k, v in s.items():
                 stats[k] = stats.get(k, 0.0) + v.float()
         grad_norm = _clip_grad_norm(self.params, self.cfg.clip)
+        self.check_finite(step, "gradient norm", float(grad_norm))  # before the update: the weights stay finite
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return stats, grad_norm, lr
@@ -532,6 +568,19 @@ class Trainer:
         bar.close()
         return self.run_stats(meter, rec)
 
+    def check_finite(self, step, what, value):
+        """Stop with one line (NonFiniteError) naming the run, the step and the value when `value` is nan or inf.
+
+        The gradient norm is checked every step, before the optimizer update, so a non-finite step never reaches the
+        weights or a checkpoint: the `float()` is one host sync per step, which costs nothing measurable, since the
+        loss head already waits for every micro-batch's forward (TrainModule). The loss is checked on log steps,
+        where it is reduced over ranks and read anyway (as torchtitan does)."""
+        if not math.isfinite(value):
+            kept = latest_checkpoint(self.ckpt_root) if self.ckpt_root is not None else None
+            raise NonFiniteError(f"{self.out_dir or 'train'}: step {step + 1}: {what} is {value}; training stopped "
+                                 f"({'the last checkpoint stays: ' + str(kept) if kept else 'no checkpoint written'};"
+                                 f" lower lr or check the data)")
+
     def log(self, step, epoch, stats, grad_norm, lr, meter, bar):
         """The log step's record (metrics summed over ranks, lr, grad norm, the meter's window); rank 0 writes the
         log line and appends the record to metrics.jsonl. -> the record."""
@@ -541,6 +590,7 @@ class Trainer:
         rec = {"step": step + 1, **dict(zip(names, values)), "lr": lr, "grad_norm": float(grad_norm),
                "tokens": window["tokens"], "tok_per_s": window["tok_s"], "mfu": window["mfu"],
                "peak_mem_gib": profile.peak_memory_gib(self.d.device), "epoch": epoch}
+        self.check_finite(step, "loss", rec["loss"])
         if self.d.is_main:
             bar.write(profile.fmt_log_line(step=step + 1, total_steps=self.total, loss=rec["loss"], lr=lr,
                                            grad_norm=rec["grad_norm"], tok_s=rec["tok_per_s"], mfu=rec["mfu"],
@@ -551,19 +601,26 @@ class Trainer:
         return rec
 
     def run_stats(self, meter, rec):
-        """The run's cost and outcome, what a pipeline stage records: the meter's tokens (every training token of the
-        steps this call ran, all ranks), tok_s, mfu (None without a known peak: CPU), peak_mem_gib, device and
-        wall_s (the steps' wall time), plus steps, resumed_from_step and final_loss (the last logged loss)."""
-        return {**meter.cost(), "steps": self.total - self.start, "resumed_from_step": self.start,
+        """The run's cost and outcome, what a pipeline stage records: steps and tokens of the WHOLE run (every
+        training token, all ranks; a resumed run adds the steps before its checkpoint, counted from the data),
+        resumed_from_step (0: not resumed), final_loss (the last logged loss); and this call's own share: run_steps,
+        run_tokens, and the meter's tok_s, mfu (None without a known peak: CPU), peak_mem_gib, device and wall_s."""
+        cost = meter.cost()
+        before = sum(n - 1 for step in range(self.start) for j in self.global_batch(step)[0]
+                     for n, _ in self.task.row_seqs[j])  # input tokens (the last token is no input), as meter.step
+        return {**cost, "tokens": cost["tokens"] + before, "steps": self.total, "resumed_from_step": self.start,
+                "run_steps": self.total - self.start, "run_tokens": cost["tokens"],
                 "final_loss": rec["loss"] if rec else None}
 
     # -- export ------------------------------------------------------------------------------------------------
-    def export(self, tokenizer, return_model=True):
-        """Free the optimizer, export the weights (_export), drop the training checkpoints the export supersedes."""
+    def export(self, tokenizer, return_model=True, keep_ckpt=False):
+        """Free the optimizer, export the weights (w2s/export.py), drop the training checkpoints the export supersedes
+        unless keep_ckpt (a pipeline stage drops them itself once the stage is recorded done)."""
         self.optimizer = None
-        trained = _export(self.module, self.model_cfg, self.export_dtype, self.export_device, self.d, self.out_dir,
-                          tokenizer, return_model)
-        if self.ckpt_root is not None and self.d.is_main:
+        trained = export_trained(self.module, self.model_cfg, self.export_dtype, self.export_device, self.d,
+                                 self.out_dir, tokenizer, return_model, export_merged=self.cfg.export_merged,
+                                 lora_base=self.lora_base, lora_dropout=self.cfg.lora_dropout)
+        if self.ckpt_root is not None and self.d.is_main and not keep_ckpt:
             shutil.rmtree(self.ckpt_root, ignore_errors=True)
         barrier(self.d)
         return trained
@@ -571,7 +628,8 @@ class Trainer:
 
 def _trajectory_config(cfg):
     """The config fields that change the loss trajectory (a checkpoint only resumes under the same ones)."""
-    skip = {"ckpt_every", "log_every", "resume", "progress", "bad_rows", "cpu_offload", "activation_checkpointing"}
+    skip = {"ckpt_every", "log_every", "resume", "progress", "bad_rows", "cpu_offload", "activation_checkpointing",
+            "export_merged"}
     return {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in skip}
 
 
@@ -594,47 +652,6 @@ def _clip_grad_norm(params, max_norm):
     if max_norm is not None:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
     return norm
-
-
-@torch.no_grad()
-def _export(module, model_cfg, dtype, device, d: Dist, out_dir, tokenizer, return_model=True):
-    """Gather the full weights (LoRA merged), rebuild a plain Transformer in the input dtype, export HF to out_dir.
-
-    -> the Transformer, or None with return_model=False (then only rank 0 keeps the gathered tensors, to save them)."""
-    from w2s.checkpoint import save_model
-    from w2s.model import Transformer
-
-    scale = lora_scale(module.model)
-    keep = return_model or (out_dir is not None and d.is_main)
-    state = {}
-    for name, t in module.model.state_dict().items():
-        full = _gather(t, d)  # a collective: every rank gathers every tensor, in the same order
-        if keep:  # straight to the output device: a 70B model gathered on one GPU would not fit
-            state[name] = full.to(device) if name.endswith((".lora_A", ".lora_B")) else full.to(device, dtype)
-    if not keep:
-        barrier(d)
-        return None
-    if scale is not None:
-        state = merge_lora_state_dict(state, scale)
-    with torch.device("meta"):
-        trained = Transformer(model_cfg)
-    trained.load_state_dict(state, assign=True)
-    trained.reset_buffers(torch.device(device))
-    trained.eval()
-    if out_dir is not None and d.is_main:
-        save_model(trained, out_dir, tokenizer=tokenizer)
-    barrier(d)
-    return trained if return_model else None
-
-
-def _gather(t, d: Dist):
-    """Full tensor of a parameter; an offloaded (CPU) shard is moved to the device first for the collective."""
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(t, DTensor) and t.device.type != d.device.type:
-        local = t.to_local().to(d.device)
-        t = DTensor.from_local(local, t.device_mesh, t.placements, shape=t.shape, stride=t.stride())
-    return full_tensor(t).detach()
 
 
 __all__ = ["TrainConfig", "train_sft", "train_preference", "lr_at", "asdict"]

@@ -1,5 +1,6 @@
-"""The command line of scripts/sft.py and scripts/dpo.py: one parser (--model, --data, --out, --dtype and one flag
-per TrainConfig field) and one run (load, train, export) whose bad input ends in one line on stderr, exit code 2.
+"""The command line of scripts/sft.py and scripts/dpo.py: one parser (--model, --data, --out, --dtype, the trackers
+and one flag per TrainConfig field the script uses) and one run (load, train, export) whose bad input ends in one
+line on stderr, exit code 2.
 
     python scripts/sft.py --model CKPT --data sft.jsonl --out runs/sft --lr 1e-5      # sft_main
     python scripts/dpo.py --model CKPT --data pairs.jsonl --out runs/dpo --loss orpo  # preference_main
@@ -12,28 +13,111 @@ import sys
 
 import torch
 
-SFT_BAD_ROWS = """bad rows: a row without a prompt or response, or longer than --max-seq-len, is reported on stderr
-as FILE:LINE and the reason, counted, and skipped (--bad-rows skip, the default) or stops the run
-(--bad-rows error). A line that is not a JSON object always stops the run with FILE:LINE."""
+SFT_HELP = """Supervised fine-tuning of a Hugging Face checkpoint: the loss covers the response (assistant) tokens only.
+
+example:
+  python scripts/sft.py --model CKPT --data sft.jsonl --out runs/sft --lr 1e-5 --epochs 2
+  torchrun --nproc_per_node=8 scripts/sft.py --model CKPT --data sft.jsonl --out runs/sft --lora-rank 8
+  python scripts/sft.py ... --report-to tensorboard && tensorboard --logdir runs/sft/tb
+
+data (--data: one JSON object per line; the first format whose keys a line has):
+  {"prompt_ids": [int], "response_ids": [int]}        tokenized already, used as given
+  {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}
+                                                      a chat in the model's chat template: loss on every
+                                                      assistant turn (its reply and end-of-turn marker)
+  {"prompt": [messages], "completion": [messages]}    TRL's conversational prompt-completion
+  {"prompt": "...", "completion": "..."}              TRL's: prompt + completion joined as they are, then EOS
+  {"prompt": "...", "response": "..."}                w2s's: prompt + " " + response, then EOS"""
+
+PREFERENCE_HELP = """Preference training of a Hugging Face checkpoint: DPO (Rafailov et al.), IPO (Azar et al.) or ORPO
+(Hong et al.). DPO and IPO score the pairs once under the initial weights (the reference model) and cache them in
+OUT/ref_logps.pt; ORPO needs no reference.
+
+example:
+  python scripts/dpo.py --model CKPT --data pairs.jsonl --out runs/dpo --loss dpo --beta 0.1 --lr 5e-7
+  torchrun --nproc_per_node=8 scripts/dpo.py --model CKPT --data pairs.jsonl --out runs/dpo --loss orpo
+
+data (--data: one JSON object per line):
+  {"prompt": "...", "chosen": "...", "rejected": "..."}   text: prompt + " " + chosen / rejected, then EOS
+  {"prompt": [messages], "chosen": [{"role": "assistant", "content": "..."}], "rejected": [...]}
+                                    TRL's conversational format, in the model's chat template; loss (log-probs)
+                                    on chosen's / rejected's assistant turns. Without "prompt", the messages
+                                    chosen and rejected share at the start are the prompt (TRL's implicit prompt)
+  {"prompt_ids": [int], "chosen_ids": [int], "rejected_ids": [int]}   tokenized already"""
+
+OUTPUT_HELP = """
+output (--out): the trained model in HF format (LoRA merged) with its tokenizer, train_config.json (the resolved
+options), metrics.jsonl (one record per log step), checkpoints in OUT/ckpt while it runs (with --ckpt-every: rerun
+the same command to resume; the log says "resumed from step N"), OUT/tb with --report-to tensorboard.
+
+"""
+
+SFT_BAD_ROWS = """bad rows: a row without the keys of a format above (the message lists them), with an empty response
+or no assistant turn, or longer than --max-seq-len is reported on stderr as FILE:LINE and the reason, counted, and
+skipped (--bad-rows skip, the default) or stops the run (--bad-rows error). A line that is not a JSON object always
+stops the run with FILE:LINE."""
 
 PREFERENCE_BAD_ROWS = """bad rows: a pair without a prompt, chosen or rejected response, a pair whose chosen equals its
 rejected response, or one longer than --max-seq-len is reported on stderr as FILE:LINE and the reason, counted, and
 skipped (--bad-rows skip, the default) or stops the run (--bad-rows error). A line that is not a JSON object always
 stops the run with FILE:LINE."""
 
+DTYPES = ("auto", "bfloat16", "float16", "float32")
 
-def parser(description, epilog):
-    """The options every training script shares: model, data, output, dtype, and every TrainConfig field."""
+
+def parser(description, epilog, skip=()):
+    """The options every training script shares: model, data, output, dtype, trackers, and the TrainConfig fields
+    (less `skip`, the ones the script ignores)."""
+    from w2s.tracking import TRACKERS
     from w2s.train_config import add_config_args
 
-    p = argparse.ArgumentParser(description=description, epilog=epilog,
+    p = argparse.ArgumentParser(description=description, epilog=OUTPUT_HELP + epilog,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="HF checkpoint directory (config.json, safetensors, tokenizer)")
-    p.add_argument("--data", required=True, help="training data, one JSON object per line")
-    p.add_argument("--out", required=True, help="output directory: trained model, metrics.jsonl, checkpoints")
-    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
-                   help="dtype to load the model in and to export (training keeps fp32 master weights)")
-    return add_config_args(p)
+    p.add_argument("--model", required=True, help="HF checkpoint directory (config.json, safetensors, tokenizer), or a "
+                   "LoRA adapter directory: with the adapter's --lora-rank/--lora-alpha training continues it, "
+                   "without --lora-rank it is merged into its base first (required)")
+    p.add_argument("--data", required=True, help="training data, one JSON object per line (formats above; required)")
+    p.add_argument("--out", required=True, help="output directory (see below; with --lora-rank the adapter in PEFT's "
+                   "layout, --export-merged adds OUT/merged; required)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="dtype to load the model in and to export it in; training keeps fp32 master weights either "
+                        "way (default: auto, the checkpoint's own dtype, so an fp32 model comes back fp32)")
+    p.add_argument("--report-to", nargs="+", choices=TRACKERS, default=[], metavar="TRACKER",
+                   help="send the metrics.jsonl records to tensorboard and/or wandb as well (optional extras: pip "
+                        "install 'w2s[tensorboard]' / 'w2s[wandb]'; WANDB_MODE=offline for no network) "
+                        "(default: none)")
+    p.add_argument("--log-dir", default=None, help="the trackers' directory (default: OUT/tb)")
+    p.add_argument("--run-name", default=None, help="the run's name in wandb (default: OUT's name)")
+    return add_config_args(p, skip=skip)
+
+
+def checkpoint_dtype(path):
+    """The floating dtype most of a checkpoint's weights are stored in (from the safetensors headers; an adapter's
+    are its base's)."""
+    from collections import Counter
+
+    from w2s.checkpoint import SAFETENSORS_DTYPES, checkpoint_files, read_safetensors_header
+    from w2s.lora import adapter_base_dir, read_adapter
+
+    adapter = read_adapter(path, tensors=False)
+    path = adapter_base_dir(path, adapter) if adapter is not None else path
+    counts = Counter()
+    for file in sorted(set(checkpoint_files(path).values())):
+        for info in read_safetensors_header(file)[0].values():
+            dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+            if dtype is not None and dtype.is_floating_point:
+                counts[dtype] += 1
+    return counts.most_common(1)[0][0] if counts else torch.float32
+
+
+def resolve_dtype(args, log=print):
+    """--dtype as a torch dtype; auto is the checkpoint's own. A dtype other than the stored one is said out loud."""
+    stored = checkpoint_dtype(args.model)
+    dtype = stored if args.dtype == "auto" else getattr(torch, args.dtype)
+    if dtype != stored:
+        log(f"note: {args.model} is stored in {str(stored).removeprefix('torch.')}; --dtype {args.dtype} loads it "
+            f"and exports the trained model in {str(dtype).removeprefix('torch.')}")
+    return dtype
 
 
 def run(train, args, **kwargs):
@@ -41,18 +125,23 @@ def run(train, args, **kwargs):
     import torch.distributed as dist
 
     import w2s
-    from w2s.checkpoint import load_for_training
+    from w2s.checkpoint import load_for_training, tokenizer_dir
     from w2s.files import read_jsonl
+    from w2s.parallel import rank
+    from w2s.tracking import check_trackers
     from w2s.train_config import config_from_args
 
     try:
         cfg = config_from_args(args)
+        check_trackers(args.report_to)
         rows = read_jsonl(args.data, tag_lines=True)
+        dtype = resolve_dtype(args, log=print if rank() == 0 else lambda *a: None)
         # under torchrun only rank 0 reads the weights; the others get their FSDP shards from it
-        model = load_for_training(args.model, dtype=getattr(torch, args.dtype))
-        tokenizer = w2s.load_tokenizer(args.model)
-        train(model, tokenizer, rows, cfg, out_dir=args.out, **kwargs)
-    except (ValueError, FileNotFoundError) as e:
+        model = load_for_training(args.model, dtype=dtype)
+        tokenizer = w2s.load_tokenizer(tokenizer_dir(args.model))
+        train(model, tokenizer, rows, cfg, out_dir=args.out, report_to=args.report_to, log_dir=args.log_dir,
+              run_name=args.run_name, **kwargs)
+    except (ValueError, OSError) as e:  # bad input, a nan loss, a full disk or a permission error: one line
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:
@@ -63,7 +152,8 @@ def run(train, args, **kwargs):
 def sft_main(argv=None):
     from w2s.train import train_sft
 
-    args = parser("Supervised fine-tuning (loss on response tokens).", SFT_BAD_ROWS).parse_args(argv)
+    # beta is the preference losses' (DPO/IPO beta, ORPO lambda): SFT ignores it, so it is not offered
+    args = parser(SFT_HELP, SFT_BAD_ROWS, skip=("beta",)).parse_args(argv)
     run(train_sft, args)
 
 
@@ -71,8 +161,7 @@ def preference_main(argv=None):
     from w2s.losses import PREFERENCE_LOSSES
     from w2s.train import train_preference
 
-    p = parser("Preference training: DPO (Rafailov et al.), IPO (Azar et al.) or ORPO (Hong et al.).",
-               PREFERENCE_BAD_ROWS)
+    p = parser(PREFERENCE_HELP, PREFERENCE_BAD_ROWS)
     p.add_argument("--loss", choices=PREFERENCE_LOSSES, default="dpo", help="preference loss (default: dpo)")
     args = p.parse_args(argv)
     run(train_preference, args, loss=args.loss)

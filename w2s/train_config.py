@@ -36,6 +36,7 @@ class TrainConfig:
     lora_alpha: float = 32.0
     lora_dropout: float = 0.0
     lora_targets: tuple = TARGETS
+    export_merged: bool = False  # LoRA: also write the merged HF model to OUT/merged (as large as the base)
     activation_checkpointing: bool = False  # recompute each block in backward: activations of one block at a time
     cpu_offload: bool = False  # FSDP2 OffloadPolicy: sharded params/grads/optimizer state in host memory
     ckpt_every: int = 0  # steps between training-state checkpoints; 0: none
@@ -74,7 +75,7 @@ CONFIG_HELP = {
     "min_lr": "learning rate at the end of the cosine decay",
     "warmup_steps": "linear warmup steps before the cosine decay",
     "epochs": "passes over the data (ignored when --max-steps is given)",
-    "max_steps": "optimizer steps to run; None: epochs * ceil(rows / batch size)",
+    "max_steps": "optimizer steps to run; unset: epochs * ceil(rows / batch size)",
     "batch_size": "rows (pairs) per optimizer step, summed over all ranks and accumulation steps",
     "micro_batch_size": "rows (pairs) per forward/backward on one rank; gradient accumulation makes up the rest",
     "max_seq_len": "longest sequence in tokens (prompt + response); longer rows are bad rows",
@@ -86,10 +87,11 @@ CONFIG_HELP = {
     "orpo_nll": "ORPO's NLL term: 'sequence_mean' (each chosen response's mean token NLL, averaged over pairs, as "
                 "LLaMA-Factory v0.6.2) or 'token_mean' (over all chosen tokens of the step)",
     "seed": "seed of the data order and of the LoRA init",
-    "lora_rank": "LoRA rank r; None: full fine-tuning",
+    "lora_rank": "LoRA rank r; unset: full fine-tuning",
     "lora_alpha": "LoRA alpha; the update is scaled by alpha / r",
     "lora_dropout": "dropout on the LoRA branch's input",
     "lora_targets": "linear layers that get LoRA adapters",
+    "export_merged": "LoRA: besides the adapter (PEFT layout) in OUT, write the merged HF model to OUT/merged",
     "activation_checkpointing": "recompute each block in backward (less memory, ~1/3 more compute)",
     "cpu_offload": "FSDP2: keep sharded params, grads and optimizer state in host memory",
     "ckpt_every": "steps between resumable training-state checkpoints in OUT/ckpt (0: none)",
@@ -109,7 +111,8 @@ def add_config_args(parser, skip=()):
         if f.name in skip:
             continue
         flag, default, help_text = "--" + f.name.replace("_", "-"), getattr(defaults, f.name), CONFIG_HELP[f.name]
-        help_text += f" (default: {default})"
+        shown = "unset" if default is None else " ".join(map(str, default)) if isinstance(default, tuple) else default
+        help_text += f" (default: {shown})"
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         elif isinstance(default, tuple):

@@ -13,12 +13,15 @@ Math-Verify). This grader is more lenient than the paper's, so its accuracies ar
 
 sympy's own LaTeX parser needs antlr4, which we do not depend on, so `latex_to_sympy` below is a small
 recursive-descent parser for the LaTeX that final answers actually use (numbers, \\frac, \\sqrt, ^, \\cdot, \\pi,
-implicit products). Anything it does not understand falls back to exact string match, never to an error.
+implicit products). Anything it does not understand falls back to exact string match, never to an error. It builds
+exact values (0.5 is 1/2, 2\\frac{1}{2} is 5/2) for a lenient comparison; w2s/tasks/olympic_latex.py is the other
+LaTeX parser on purpose: it rebuilds the unevaluated float trees of sympy's own parser, which OlympicArena's judge
+compares by structure.
 
 sympy is bounded: a power whose exact value would exceed MAX_DIGITS digits is not built (size), and a comparison
-that runs past SYMPY_SECONDS is interrupted by an alarm (time; main thread only, which is where the pipeline grades,
-under torchrun too: each rank is its own process). A comparison given up counts as "not equal", logs one warning
-line and is counted in BOUNDED, so grading a whole test set cannot hang.
+that runs past SYMPY_SECONDS is interrupted by an alarm (w2s/tasks/time_bound.py; main thread only, which is where
+the pipeline grades, under torchrun too: each rank is its own process). A comparison given up counts as "not
+equal", logs one warning line and is counted in BOUNDED, so grading a whole test set cannot hang.
 
 Test: python -m pytest -q tests/test_grading.py   (grades every gold answer in ../shared/data against itself)
 """
@@ -27,12 +30,11 @@ from __future__ import annotations
 
 import logging
 import re
-import signal
-import threading
-from contextlib import contextmanager
 from functools import lru_cache
 
 import sympy
+
+from w2s.tasks.time_bound import TimeBoundReached, time_bound
 
 log = logging.getLogger(__name__)
 
@@ -253,34 +255,9 @@ class TooLarge(LatexParseError):
     """An exact number past the size bound: never built, since one big power can take minutes and gigabytes."""
 
 
-class SympyTimeout(BaseException):
-    """Raised by the alarm of `_time_bound`; a BaseException so that sympy's own `except Exception` cannot swallow
-    it and keep computing."""
-
-
 SYMPY_SECONDS = 1.0  # per comparison (parse, numeric probe, simplify); real answers take milliseconds
 MAX_DIGITS = 2000  # an exact power may have at most this many digits (|exponent| x digits of its base)
 BOUNDED = {"time": 0, "size": 0}  # comparisons given up since start, by bound (an eval stage records its share)
-
-
-@contextmanager
-def _time_bound(seconds: float):
-    """Interrupt the body with SympyTimeout after `seconds`. Only the main thread may set an alarm; elsewhere the
-    body runs with the size bound alone."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
-        yield
-        return
-
-    def alarm(signum, frame):
-        raise SympyTimeout
-
-    previous = signal.signal(signal.SIGALRM, alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def _give_up(bound: str, a: str, b: str) -> bool:
@@ -489,9 +466,9 @@ _PROBE_POINTS = (
 def _sympy_equal(a: str, b: str) -> bool:
     """sympy shows a - b == 0, within the time and size bounds (a give-up is logged once per pair: cached)."""
     try:
-        with _time_bound(SYMPY_SECONDS):
+        with time_bound(SYMPY_SECONDS):
             return _sympy_difference_is_zero(a, b)
-    except SympyTimeout:
+    except TimeBoundReached:
         return _give_up("time", a, b)
     except TooLarge:
         return _give_up("size", a, b)
@@ -558,9 +535,9 @@ def answer_key(answer: str, task: str) -> str:
 @lru_cache(maxsize=1 << 16)
 def _expression_key(s: str) -> str:
     try:
-        with _time_bound(SYMPY_SECONDS):
+        with time_bound(SYMPY_SECONDS):
             return str(latex_to_sympy(s))
-    except (Exception, SympyTimeout):  # not parseable, too large or too slow: the normalized string is the key
+    except (Exception, TimeBoundReached):  # not parseable, too large or too slow: the normalized string is the key
         return s
 
 

@@ -18,6 +18,8 @@ from w2s.files import read_jsonl, require
 
 NAME = "gsm8k"
 _CALCULATOR = re.compile(r"<<[^<>]*>>")
+# A gold final answer is a number: an integer or decimal, optionally negative, thousands optionally comma-grouped.
+_GOLD_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
 
 
 def strip_calculator(solution: str) -> str:
@@ -34,6 +36,8 @@ def make_record(row: dict, record_id: str, where: str) -> dict:
     answer = raw_solution.rsplit("####", 1)[1].strip()
     if not answer:
         raise ValueError(f"{where}: key 'answer' has an empty final answer after '####'")
+    if not _GOLD_NUMBER.fullmatch(answer):  # every comparison (filters, accuracy) grades against a number
+        raise ValueError(f"{where}: key 'answer' should end with '#### N', N a number; got {answer!r}"[:200])
     return {"id": record_id, "question": question, "solution": strip_calculator(raw_solution), "answer": answer}
 
 

@@ -24,14 +24,12 @@ from __future__ import annotations
 
 import logging
 import re
-import signal
-import threading
-from contextlib import contextmanager
 from functools import lru_cache
 
 import sympy
 
 from w2s.tasks.olympic_latex import parse_latex
+from w2s.tasks.time_bound import TimeBoundReached, time_bound
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +163,6 @@ def judge_numerical_value(pred, gold) -> bool:
         pass
     try:
         return _numerical_latex(pred, gold)
-    except _TimeLimit:
-        raise
     except Exception:  # unparsable, or a symbolic difference whose size has no truth value
         return False
 
@@ -259,8 +255,6 @@ def judge_equation(pred: str, gold) -> bool:
             return True
         ratios = (sympy.simplify(d1 / d2), sympy.simplify(d2 / d1))
         return any(r.is_Integer and r != 0 for r in ratios)
-    except _TimeLimit:
-        raise
     except Exception:
         return False
 
@@ -301,8 +295,6 @@ def judge_any_order(pred: str, golds: list, types: list) -> bool:
 def _quietly(judge, pred, gold) -> bool:
     try:
         return judge(pred, gold)
-    except _TimeLimit:
-        raise
     except Exception:
         return False
 
@@ -312,36 +304,12 @@ def _quietly(judge, pred, gold) -> bool:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class _TimeLimit(Exception):
-    pass
-
-
-@contextmanager
-def _time_limit(seconds: float):
-    """Raise _TimeLimit in this thread after `seconds` (SIGALRM, as OlympicArena). Only the main thread can take a
-    signal; elsewhere the size bounds of olympic_latex (MAX_CHARS, MAX_EXPONENT) are the only bound."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
-        yield
-        return
-
-    def expire(signum, frame):
-        raise _TimeLimit
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 def _attempt(judge, *args) -> bool:
     """One judge under the time limit; an exception or the limit is "no" (the limit is logged)."""
     try:
-        with _time_limit(TIME_LIMIT_S):
+        with time_bound(TIME_LIMIT_S):
             return bool(judge(*args))
-    except _TimeLimit:
+    except TimeBoundReached:
         log.warning("olympicarena judge %s: over %.0f s, counted as not equal: %r vs %r",
                     judge.__name__, TIME_LIMIT_S, *args[:2])  # fmt: skip
         return False

@@ -1,0 +1,199 @@
+"""LoRA adapters on disk (w2s/lora.py, w2s/export.py): a LoRA run writes PEFT's layout, which transformers + peft load
+to the same logits as w2s; an adapter PEFT wrote loads in w2s; an adapter directory loads as its base with the
+adapter merged, or for training as live LoRA layers that a LoRA run continues; the merged copy only on request;
+tensor-parallel ranks merge their slices of the adapter. On a tiny random Llama, one CPU process, fp32.
+
+    python -m pytest -q tests/test_adapters.py
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from hf_tiny import hf_model  # noqa: E402
+
+import w2s  # noqa: E402
+from w2s.lora import (  # noqa: E402
+    PEFT_PREFIX,
+    TARGETS,
+    LoRALinear,
+    adapter_applied,
+    merged_weight,
+    read_adapter,
+)
+from w2s.train import TrainConfig, train_sft  # noqa: E402
+
+IDS = torch.tensor([[1, 5, 9, 33, 70, 4, 101], [1, 7, 7, 12, 90, 3, 64]])
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama")
+    hf_model("llama2").save_pretrained(path)
+    return path
+
+
+def rows(n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"prompt_ids": torch.randint(3, 128, (3,), generator=g).tolist(),
+             "response_ids": torch.randint(3, 128, (4,), generator=g).tolist()} for _ in range(n)]
+
+
+def cfg(**overrides):
+    return TrainConfig(**{**dict(lr=5e-2, batch_size=4, micro_batch_size=4, max_steps=3, clip=None, progress=False,
+                                 lora_rank=4, lora_alpha=8.0, seed=1), **overrides})
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(IDS)
+
+
+@pytest.fixture(scope="module")
+def trained(base, tmp_path_factory):
+    """(adapter dir, the merged model train_sft returned) of a short LoRA SFT run on the base."""
+    out = tmp_path_factory.mktemp("lora") / "model"
+    model = train_sft(w2s.load_model(base, dtype=torch.float32), None, rows(), cfg(), out_dir=out)
+    return out, model
+
+
+def test_a_lora_run_writes_the_peft_layout_and_no_merged_copy(base, trained):
+    out, _ = trained
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM" and config["bias"] == "none"
+    assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (4, 8, 0.0)
+    assert config["target_modules"] == list(TARGETS)
+    assert config["base_model_name_or_path"] == str(base.resolve())  # the pointer every loader follows
+    from safetensors import safe_open
+
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        names = set(f.keys())
+        a = f.get_tensor(f"{PEFT_PREFIX}layers.1.mlp.down_proj.lora_A.weight")
+    assert len(names) == 2 * len(TARGETS) * 2 and a.shape == (4, 96) and a.dtype == torch.float32
+    assert f"{PEFT_PREFIX}layers.0.self_attn.q_proj.lora_B.weight" in names
+    # nothing as large as the base: no config.json, no model*.safetensors, no merged/ (export_merged is off)
+    assert not (out / "config.json").exists() and not list(out.glob("model*.safetensors"))
+    assert not (out / "merged").exists() and not (out / "ckpt").exists()
+
+
+def test_transformers_and_peft_load_the_adapter_to_w2s_logits(base, trained):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out, returned = trained
+    hf_base = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(hf_base, out).eval()
+    with torch.no_grad():
+        expected = peft_model(IDS).logits  # peft computes base + unmerged LoRA branch
+    loaded = w2s.load_model(out, dtype=torch.float32)  # w2s: base + merged adapter
+    torch.testing.assert_close(logits(loaded), expected, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(logits(returned), expected, atol=2e-5, rtol=1e-5)
+    assert (logits(w2s.load_model(base, dtype=torch.float32)) - expected).abs().max() > 1e-2  # it trained
+    # transformers alone follows base_model_name_or_path (its peft integration), as vLLM's --lora-modules would
+    direct = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(direct(IDS).logits, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_an_adapter_peft_wrote_loads_in_w2s(base, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    peft_model = get_peft_model(hf, LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "v_proj", "up_proj"],
+                                               init_lora_weights=False)).eval()  # random B: a non-zero update
+    peft_model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        expected = peft_model(IDS).logits
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(base)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    adapter = read_adapter(tmp_path)
+    assert (adapter.rank, adapter.scale, adapter.targets) == (2, 3.0, ("q_proj", "v_proj", "up_proj"))
+    torch.testing.assert_close(logits(w2s.load_model(tmp_path, dtype=torch.float32)), expected, atol=2e-5,
+                               rtol=1e-5)
+
+
+def test_applying_an_adapter_to_a_resident_base_leaves_it_exact(base, trained):
+    """The pipeline's sampling path (adapter_applied on the resident base) computes exactly what loading the adapter
+    directory computes, and the base is bit-identical afterwards: the next adapter needs no reread."""
+    out, _ = trained
+    model = w2s.load_model(base, dtype=torch.float32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with adapter_applied(model, read_adapter(out)):
+        assert torch.equal(logits(model), logits(w2s.load_model(out, dtype=torch.float32)))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="do not fit the model's layer"):
+        small = read_adapter(out)
+        small.tensors = {k: (a[:, :5], b) for k, (a, b) in small.tensors.items()}
+        with adapter_applied(model, small):
+            pass
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # restored after the error too
+
+
+def test_training_from_an_adapter_continues_it(base, trained, tmp_path):
+    """load_for_training(adapter dir) gives the base with the adapter as live LoRA layers: a LoRA run of the same
+    shape starts from base + adapter and saves one adapter on the same base; another shape is one clear error; full
+    fine-tuning merges the adapter first and exports a full model."""
+    from w2s.checkpoint import load_for_training
+
+    out, _ = trained
+    model = load_for_training(out, dtype=torch.float32)
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    assert len(layers) == len(TARGETS) * 2 and layers[0].lora_B.abs().sum() > 0  # the trained B, not zeros
+    torch.testing.assert_close(logits(model), logits(w2s.load_model(out, dtype=torch.float32)), atol=1e-5, rtol=1e-5)
+    recs = []
+    continued = train_sft(model, None, rows(seed=1), cfg(max_steps=1, lr=1e-9), out_dir=tmp_path / "c",
+                          on_step=recs.append)
+    assert read_adapter(tmp_path / "c").base == str(base.resolve())  # still one adapter on the recipe's base
+    torch.testing.assert_close(logits(continued), logits(w2s.load_model(out, dtype=torch.float32)), atol=1e-4,
+                               rtol=1e-4)  # lr 1e-9: the continued adapter is the one it started from
+    with pytest.raises(ValueError, match=r"adapter \(rank 4, alpha 8, .*cannot continue as lora_rank 8"):
+        train_sft(load_for_training(out, dtype=torch.float32), None, rows(), cfg(lora_rank=8), out_dir=tmp_path / "x")
+    full = train_sft(load_for_training(out, dtype=torch.float32), None, rows(), cfg(lora_rank=None, lr=1e-9,
+                     max_steps=1), out_dir=tmp_path / "f")
+    assert (tmp_path / "f" / "config.json").is_file() and not (tmp_path / "f" / "adapter_config.json").exists()
+    torch.testing.assert_close(logits(w2s.load_model(tmp_path / "f", dtype=torch.float32)), logits(full))
+    torch.testing.assert_close(logits(full), logits(w2s.load_model(out, dtype=torch.float32)), atol=1e-4, rtol=1e-4)
+
+
+def test_export_merged_writes_a_plain_hf_copy(base, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "model"
+    train_sft(w2s.load_model(base, dtype=torch.float32), None, rows(), cfg(export_merged=True, max_steps=1),
+              out_dir=out)
+    assert (out / "adapter_config.json").is_file() and (out / "merged" / "config.json").is_file()
+    hf = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(IDS).logits, logits(w2s.load_model(out, dtype=torch.float32)), atol=1e-5,
+                                   rtol=1e-5)
+
+
+def test_tensor_parallel_ranks_merge_their_slices(base, trained):
+    """adapter_for_rank: a rank's slice of the merged weight equals the merge of its slices of W, A and B."""
+    from w2s.tensor_parallel import adapter_for_rank, shard_slice
+
+    out, _ = trained
+    adapter, model = read_adapter(out), w2s.load_model(base, dtype=torch.float32)
+    for rank in range(2):
+        model.tp_size, model.tp_rank = 2, rank
+        mine = adapter_for_rank(adapter, model)
+        for name, (a, b) in adapter.tensors.items():
+            w = model.get_submodule(name).weight
+            dim, start, length = shard_slice(name + ".weight", model.cfg, rank, 2)
+            full = merged_weight(w, a, b, adapter.scale).narrow(dim, start, length)
+            torch.testing.assert_close(merged_weight(w.narrow(dim, start, length), *mine.tensors[name],
+                                                     adapter.scale), full, atol=1e-6, rtol=1e-6)

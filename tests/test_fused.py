@@ -1,0 +1,243 @@
+"""Fused q/k/v and gate/up projections (w2s/fused.py) on CPU, fp32: the fused model computes the unfused model's
+logits (tight) and greedy tokens for every family and with biases; fusing keeps parameters, names, state dict and
+HF export; in-place weight updates reach the fused matmul; LoRA, FSDP2, a dtype change and gradients all take the
+separate layers, as before fusion. Tensor parallel with fused projections: tests/test_sampling_dist.py.
+
+    python -m pytest -q tests/test_fused.py
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # the Triton-path test below runs the kernels in the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from hf_tiny import COMMON, FAMILIES, VOCAB, right_padded_batch, save_hf  # noqa: E402
+
+import w2s  # noqa: E402
+from w2s.fused import fuse_projections, is_fused, project, unfuse_projections  # noqa: E402
+from w2s.sampling import generate  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TIGHT = dict(atol=1e-5, rtol=1e-5)  # fp32: the same dot products, blocked differently by the BLAS
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """name -> checkpoint dir: every family, and a Llama with q/k/v/o and MLP biases."""
+    import transformers
+
+    base = tmp_path_factory.mktemp("fused")
+    out = {}
+    for family in FAMILIES:
+        save_hf(family, base / family)
+        out[family] = base / family
+    cfg = transformers.LlamaConfig(**COMMON, attention_bias=True, mlp_bias=True)
+    torch.manual_seed(1)
+    hf = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    hf.save_pretrained(base / "llama_bias")
+    out["llama_bias"] = base / "llama_bias"
+    return out
+
+
+def load(path):
+    return w2s.load_model(path, dtype=torch.float32).eval()
+
+
+def logits(model, tokens):
+    with torch.no_grad():
+        return model(tokens)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES) + ["llama_bias"])
+def test_fused_logits_and_greedy_tokens_equal_unfused(name, ckpts):
+    """Logits of a right-padded batch (no cache) and of the sampler's prefill + decode (greedy, ragged prompts, a
+    shared prefix, continuous batching): fused == unfused. Parameters and state dict are untouched by fusing."""
+    model = load(ckpts[name])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    tokens, _ = right_padded_batch([12, 7, 1])
+    g = torch.Generator().manual_seed(3)
+    prompts = [[1, 40, 41] + torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (4, 9, 1)]
+    options = dict(max_new_tokens=10, max_batch=2, progress=False)
+    ref_logits, ref_tokens = logits(model, tokens), generate(model, None, prompts, fused_projections=False, **options)
+    n_params = len(list(model.parameters()))
+
+    assert fuse_projections(model) == 2 * model.cfg.n_layers
+    assert fuse_projections(model) == 0  # idempotent
+    for block in model.layers:
+        assert is_fused(block.self_attn) and is_fused(block.mlp)
+        fused = block.self_attn.__dict__["_fused"]  # q, k, v weights are rows of the one fused weight
+        assert block.self_attn.q_proj.weight.data_ptr() == fused.weight.data_ptr()
+        assert block.self_attn.v_proj.weight.data_ptr() == fused.weight[-fused.sizes[-1]:].data_ptr()
+    assert len(list(model.parameters())) == n_params
+    after = model.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+    torch.testing.assert_close(logits(model, tokens), ref_logits, **TIGHT)
+    assert generate(model, None, prompts, fused_projections=True, **options) == ref_tokens
+
+
+def test_fused_project_is_one_matmul_over_the_concatenated_weights(ckpts):
+    """Independent of the model: the fused call is F.linear over [Wq; Wk; Wv] (one call), split by output size."""
+    model = load(ckpts["llama_bias"])
+    fuse_projections(model)
+    attn = model.layers[0].self_attn
+    x = torch.randn(2, 3, model.cfg.dim)
+    calls = []
+    real = torch.nn.functional.linear
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.nn.functional, "linear", lambda *a: calls.append(a[1].shape) or real(*a))
+        q, k, v = project(attn, x, ("q_proj", "k_proj", "v_proj"))
+    assert len(calls) == 1
+    for out, layer in zip((q, k, v), (attn.q_proj, attn.k_proj, attn.v_proj)):
+        torch.testing.assert_close(out, x @ layer.weight.T + layer.bias, **TIGHT)
+
+
+def test_in_place_weight_updates_reach_the_fused_matmul(ckpts):
+    """An optimizer step or load_state_dict writes the parameters in place: the fused weight is the same memory."""
+    model, ref = load(ckpts["llama2"]), load(ckpts["llama2"])
+    fuse_projections(model)
+    with torch.no_grad():
+        for m in (model, ref):
+            m.layers[0].self_attn.k_proj.weight.mul_(1.5)
+            m.layers[1].mlp.up_proj.weight.add_(0.01)
+    tokens, _ = right_padded_batch([6, 3])
+    assert is_fused(model.layers[0].self_attn)
+    torch.testing.assert_close(logits(model, tokens), logits(ref, tokens), **TIGHT)
+    model.load_state_dict(load(ckpts["llama2"]).state_dict())  # back to the checkpoint's weights, in place
+    assert is_fused(model.layers[1].mlp)
+    torch.testing.assert_close(logits(model, tokens), logits(load(ckpts["llama2"]), tokens), **TIGHT)
+
+
+def test_gradients_lora_and_dtype_changes_take_the_separate_layers(ckpts):
+    """A weight gradient needs the separate layers (the fused tensor is no parameter): grads equal the unfused
+    model's. LoRA injection replaces the layers and model.to(dtype) the weights: the fused view is dropped and the
+    outputs are those of a never-fused model treated the same way."""
+    from w2s.lora import inject_lora
+
+    tokens, _ = right_padded_batch([6, 3])
+    model, ref = load(ckpts["llama2"]), load(ckpts["llama2"])
+    fuse_projections(model)
+    for m in (model, ref):
+        m(tokens).logsumexp(-1).sum().backward()
+    for (name, p), r in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, r.grad, **TIGHT, msg=name)
+    assert is_fused(model.layers[0].self_attn)  # still there for inference
+
+    for m in (model, ref):
+        inject_lora(m, rank=2, alpha=4, seed=0)
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if name.endswith("lora_B"):
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    torch.testing.assert_close(logits(model, tokens), logits(ref, tokens), **TIGHT)
+    assert not any("_fused" in m.__dict__ for m in model.modules())  # stale views were dropped
+
+    model, ref = load(ckpts["gemma"]), load(ckpts["gemma"])
+    fuse_projections(model)
+    model, ref = model.double(), ref.double()
+    torch.testing.assert_close(logits(model, tokens), logits(ref, tokens), atol=1e-10, rtol=1e-10)
+    assert not is_fused(model.layers[0].mlp)
+
+
+def test_fusing_under_inference_mode_leaves_trainable_parameters(ckpts):
+    """A caller that samples under torch.inference_mode: the fused views are ordinary tensors, so the model still
+    trains afterwards (inference tensors cannot be saved for backward)."""
+    model = load(ckpts["llama2"])
+    with torch.inference_mode():
+        fuse_projections(model)
+    assert not any(p.is_inference() for p in model.parameters())
+    tokens, _ = right_padded_batch([5, 2])
+    model(tokens).sum().backward()
+    assert model.layers[0].self_attn.k_proj.weight.grad is not None
+
+
+def test_fused_model_exports_and_unfuses(ckpts, tmp_path):
+    """save_model of a fused model writes the checkpoint format unchanged (transformers-loadable, same tensors);
+    unfuse_projections gives every parameter its own storage back."""
+    model = load(ckpts["gemma2"])
+    fuse_projections(model)
+    w2s.save_model(model, tmp_path / "out", max_shard_bytes=30_000)
+    again = load(tmp_path / "out")
+    state = model.state_dict()
+    assert all(torch.equal(t, state[k]) for k, t in again.state_dict().items())
+    unfuse_projections(model)
+    attn = model.layers[0].self_attn
+    assert not is_fused(attn) and attn.q_proj.weight.data_ptr() != attn.k_proj.weight.untyped_storage().data_ptr()
+    assert attn.q_proj.weight.untyped_storage().nbytes() == attn.q_proj.weight.numel() * 4
+
+
+def test_fsdp2_training_of_a_fused_model_equals_unfused(ckpts, tmp_path):
+    """FSDP2 (one gloo rank) shards the parameters of a model fused earlier: its forward and backward run on the
+    separate layers and give the unfused model's loss and gradients; under no_grad too (the fused view is stale)."""
+    script = textwrap.dedent(f"""
+        import torch, torch.distributed as dist
+        import w2s
+        from w2s.fused import fuse_projections
+        from w2s.parallel import Dist, full_tensor, shard_model
+        from hf_tiny import right_padded_batch
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        model, ref = (w2s.load_model({str(ckpts['llama2'])!r}, dtype=torch.float32) for _ in range(2))
+        fuse_projections(model)
+        shard_model(model, model.layers, Dist(0, 1, torch.device("cpu"), True), bf16=False)
+        tokens, _ = right_padded_batch([6, 3])
+        losses = [m(tokens).logsumexp(-1).sum() for m in (model, ref)]
+        for loss in losses:
+            loss.backward()
+        torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-5)
+        for (name, p), r in zip(model.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(full_tensor(p.grad), r.grad, atol=1e-5, rtol=1e-5, msg=name)
+        with torch.no_grad():
+            torch.testing.assert_close(model(tokens), ref(tokens), atol=1e-5, rtol=1e-5)
+        dist.destroy_process_group()
+        print("ok")
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_sampler_on_the_triton_path_with_fused_projections(family, monkeypatch):
+    """The CUDA decode path on CPU (W2S_KERNELS=triton, interpreter): fused q/k/v and gate/up, RoPE + cache write as
+    one kernel (prefill into scattered rows, decode into every slot), the GLU reading the fused halves in place.
+    Greedy tokens equal the reference backend's on the unfused model."""
+    from kernels import glu, rope_cache
+    from w2s import ops
+    from w2s.config import ModelConfig
+    from w2s.model import Transformer
+
+    shape = dict(vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=48)
+    if family == "gemma":  # MQA, head dim 32, GeGLU
+        shape.update(n_kv_heads=1, head_dim=32, activation="gelu_pytorch_tanh")
+    cfg = ModelConfig(family=family, **shape)
+    model = Transformer(cfg).init_weights(std=0.2, generator=torch.Generator().manual_seed(0)).eval()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 61, (n,), generator=g).tolist() for n in (3, 7, 1, 5)]
+    options = dict(max_new_tokens=6, max_batch=3, n=1, progress=False)
+    monkeypatch.setattr(ops, "_backend", "reference")
+    expected = generate(model, None, prompts, fused_projections=False, **options)
+    calls = {"rope_cache": 0, "glu_rows": 0}
+    real_write, real_glu = rope_cache.rope_cache_write, glu._glu_fwd_rows_kernel
+    monkeypatch.setattr(rope_cache, "rope_cache_write",
+                        lambda *a: calls.__setitem__("rope_cache", calls["rope_cache"] + 1) or real_write(*a))
+
+    class CountingRows:  # the row kernel's launches (kernel[grid](...))
+        def __getitem__(self, grid):
+            calls["glu_rows"] += 1
+            return real_glu[grid]
+
+    monkeypatch.setattr(glu, "_glu_fwd_rows_kernel", CountingRows())
+    monkeypatch.setattr(ops, "_backend", "triton")
+    assert generate(model, None, prompts, fused_projections=True, **options) == expected
+    assert all(is_fused(b.self_attn) and is_fused(b.mlp) for b in model.layers)
+    assert calls["rope_cache"] >= 5 * cfg.n_layers and calls["glu_rows"] >= 5 * cfg.n_layers

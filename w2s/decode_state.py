@@ -1,0 +1,147 @@
+"""The sampler's device state, kept across `generate` calls: the KV cache, the slots' state tensors and the decode
+step's captured CUDA graphs.
+
+A CUDA graph replays the decode step's kernels on the exact buffers it was captured with: the KV cache, the state
+tensors below, the logits buffer and the model's weights. Capturing costs an eager warm-up step and a capture per
+attention limit, and allocating the cache costs time as well, so the sampler (w2s/sampling.py, on CUDA by default)
+keeps one state per model between calls:
+
+    state = acquire(model, shapes, build)   # the kept state when it fits, else build() (which replaces it)
+    release(model)                           # free it now (the KV cache can take gigabytes)
+
+When a kept state is reused. `shapes` (slots, cache length, kv heads, dtype, device) must be equal, and every
+parameter and buffer of the model must still be at the address it had: a graph reads weights by address. A weight
+changed in place (an optimizer step, load_state_dict) keeps its address, so the graphs read the new values at their
+next replay and the state stays exact; a weight replaced by another tensor (model.to, LoRA injection, tensor-parallel
+slicing, fusing the projections anew) moves, and the state is dropped and rebuilt. What a step bakes in as Python
+values (sampling options, EOS ids, the shared-prefix length, the kernel backend) is the graphs' `signature`: a run
+with another signature drops the graphs and keeps the buffers. One state per model, the last used; a state still
+driven by a live engine is never handed to a second one (that one gets a fresh state of its own).
+
+    python -m pytest -q tests/test_decode_state.py    # reuse and invalidation on CPU; CUDA graphs on a GPU
+"""
+
+import itertools
+import weakref
+
+import torch
+
+from w2s import ops
+from w2s.model import KVCache
+
+_KEPT = weakref.WeakKeyDictionary()  # model -> (shapes, weight addresses, DecodeState)
+
+
+class DecodeState:
+    """Device buffers of a sampler run over `slots` sequences of up to `cache_len` positions, and the decode step's
+    graphs (one per attention limit) once captured. The engine reads and writes the tensors in place."""
+
+    def __init__(self, cfg, slots, cache_len, dtype, device):
+        # One spare cache row (index `slots`) holds the shared prefix; decode only ever touches rows [0, slots).
+        self.cache = KVCache(cfg, slots + 1, cache_len, dtype=dtype, device=device)
+        long = dict(dtype=torch.long, device=device)
+        self.tokens = torch.zeros(slots, **long)  # last sampled token of each slot (fed next step)
+        self.positions = torch.zeros(slots, **long)  # its position
+        self.n_gen = torch.zeros(slots, **long)  # tokens generated so far
+        self.budget = torch.ones(slots, **long)  # max tokens this slot may generate
+        self.keys = torch.zeros(slots, **long)  # RNG stream key
+        self.done = torch.ones(slots, dtype=torch.bool, device=device)  # empty slots count as done
+        # generated ids; at most cache_len - 1 per sequence, so the last column is a trash can for finished slots
+        self.out = torch.zeros(slots, cache_len + 1, **long)
+        self.eos = None  # (E,) ids that end a sequence
+        self.logits = None  # (slots, V) fp32 logits of the last decode step
+        self.graphs, self.graph_pool, self.signature = {}, None, None
+        self.owner = None  # weakref to the engine driving this state
+
+    def start(self, owner, signature, eos_ids):
+        """Fresh-run values in every state tensor (in place: captured graphs keep reading them); graphs are kept
+        when the run's signature is the one they were captured under."""
+        self.owner = weakref.ref(owner)
+        for t, value in ((self.tokens, 0), (self.positions, 0), (self.n_gen, 0), (self.budget, 1), (self.keys, 0),
+                         (self.done, True), (self.out, 0)):
+            t.fill_(value)
+        self.cache.rows, self.cache.limit, self.cache.shared = None, self.cache.max_len, None
+        if signature != self.signature:
+            self.graphs, self.graph_pool, self.signature = {}, None, signature
+            self.eos = torch.tensor(eos_ids, dtype=torch.long, device=self.tokens.device)
+
+    def finish(self):
+        self.owner = None
+
+    def in_use(self):
+        return self.owner is not None and self.owner() is not None
+
+    def keep_logits(self, logits):
+        """Store the step's logits (slots, V) in the one buffer tests and callers read."""
+        if self.logits is None:
+            self.logits = logits
+        else:
+            self.logits.copy_(logits)
+
+    @torch.no_grad()
+    def step(self, limit, eager_step, cuda_graphs):
+        """One decode step over cache positions [0, limit): eager_step() itself, or the replay of its CUDA graph
+        for this limit (captured on first use, after one eager warm-up step)."""
+        self.cache.limit = limit
+        if not cuda_graphs:
+            return eager_step()
+        graph = self.graphs.get(limit)
+        if graph is not None:
+            return graph.replay()
+        # First step at this limit: run it eagerly on a side stream (warm-up, a real step), then capture.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            eager_step()
+        torch.cuda.current_stream().wait_stream(side)
+        if self.graph_pool is None:
+            self.graph_pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self.graph_pool):
+                eager_step()  # recorded, not executed
+        except Exception as e:
+            raise RuntimeError(f"capturing the decode step as a CUDA graph failed ({e}); pass cuda_graphs=False "
+                               "(scripts/sample.py --no-cuda-graphs) to run it eagerly") from e
+        self.graphs[limit] = graph
+
+
+def graph_signature(sampling, eos_ids, prefix_len):
+    """What a captured step bakes in besides buffer addresses: sampling options, EOS ids, the shared-prefix length,
+    and the kernel choice (the backend, and the prefix length from which decode runs the cascade)."""
+    return (tuple(sorted(sampling.items())), tuple(eos_ids), prefix_len, ops.get_backend(), ops.CASCADE_MIN_PREFIX)
+
+
+def weight_addresses(model):
+    """(address, dtype, shape) of every parameter and buffer: what a captured graph reads the model through."""
+    return tuple((t.data_ptr(), t.dtype, tuple(t.shape)) for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+def acquire(model, shapes, build):
+    """The kept state of `model` when it was built for `shapes`, the model's tensors are where they were and no
+    live engine drives it; else build() a new one, kept in its place unless the kept one is busy."""
+    kept = _KEPT.get(model)
+    addresses = weight_addresses(model)
+    if kept is not None and kept[2].in_use():
+        return build()  # a second engine on the same model at the same time (nested generators): its own state
+    if kept is not None and kept[0] == shapes and kept[1] == addresses:
+        return kept[2]
+    kept = None
+    _KEPT.pop(model, None)  # free the old cache before allocating the new one
+    state = build()
+    _KEPT[model] = (shapes, addresses, state)
+    return state
+
+
+def kept_state(model):
+    """The state kept for `model`, or None."""
+    kept = _KEPT.get(model)
+    return None if kept is None else kept[2]
+
+
+def release(model=None):
+    """Free the state kept for `model` (every model's when None): its KV cache and graphs."""
+    if model is None:
+        _KEPT.clear()
+    else:
+        _KEPT.pop(model, None)
