@@ -5,7 +5,7 @@ NPROC ?= 1
 # One process: plain python. Several: torchrun (sampling shards prompts, training uses FSDP2).
 LAUNCH = $(if $(filter 1,$(NPROC)),$(PY),$(PY) -m torch.distributed.run --nproc_per_node=$(NPROC))
 
-.PHONY: install test test-gpu check-sm90 lint demo demo-pretrain demo-seeds gsm8k math bench-kernels bench-sampling bench-train
+.PHONY: install test test-gpu check-sm90 lint demo demo-pretrain demo-seeds demo-compare gsm8k math bench-kernels bench-sampling bench-train
 
 # Every target that runs code depends on the install stamp, so a fresh clone needs no separate `make install`. The
 # stamp is named after the interpreter's environment (sys.prefix): another virtual environment installs again, and so
@@ -48,6 +48,11 @@ demo-pretrain: $(STAMP)
 # The demo over seeds 0, 1, 2 (split, demos, pairs, batch order): runs/demo-seed{0,1,2}/ and a mean/spread table.
 demo-seeds: $(STAMP)
 	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) scripts/demo_seeds.py --recipe recipes/demo.toml --seeds 0 1 2
+
+# The paper's Stage II (DPO) beside the options beyond it (docs/PAPER.md) over seeds 0, 1, 2, Stage I shared between
+# variants: runs/demo-seed{0,1,2}-<variant>/ and one table (accuracy mean/spread, PGR, pairs, minutes).
+demo-compare:
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) scripts/demo_compare.py --recipe recipes/demo.toml --seeds 0 1 2
 
 # The paper's experiments: make gsm8k NPROC=8 [RECIPE=recipes/gsm8k.toml] [DRY=1: list the stages and estimate the
 # run's tokens, disk, memory and time for NPROC processes, running nothing]

@@ -346,11 +346,11 @@ def test_recipe_grpo_section_and_the_stage_rows(tmp_path):
     assert stages["16_grpo"].reads == ["00_data", "02_weak_labels", "13_r2_sft_hybrid"]
     assert stages["16_grpo"].args == {"init": "13_r2_sft_hybrid"} and stages["16_grpo"].kind == "train"
     assert not {"14_samples", "15_pairs", "16_dpo", "17_orpo"} & set(stages)
-    assert stages["40_eval_stage2_grpo"].reads == ["00_test", "16_grpo"]
+    assert stages["41_eval_stage2_grpo"].reads == ["00_test", "16_grpo"]
     both = {s.name for s in build_stages(_recipe(tmp_path, '[stage2]\nlosses = ["dpo", "grpo"]\n'
                                                           '[eval]\npass_k_samples = 2\n'))}
-    assert {"14_samples", "15_pairs", "16_dpo", "16_grpo", "28_eval_stage2_dpo", "40_eval_stage2_grpo",
-            "41_passk_stage2_grpo"} <= both
+    assert {"14_samples", "15_pairs", "16_dpo", "16_grpo", "28_eval_stage2_dpo", "41_eval_stage2_grpo",
+            "42_passk_stage2_grpo"} <= both
     for extra, message in [("[grpo]\ngroup_size = 1\n", r"\[grpo\].*group_size"),
                            ("[grpo]\nreward = 2\n", r"\[grpo\]\.reward: expected str"),
                            ("[grpo]\nvotes = 2\n", "unknown key 'votes'"),

@@ -95,8 +95,9 @@ def _log_odds(mean_logp):
 
 
 def test_orpo_loss_by_hand_with_global_normalizers():
-    """Two pairs: summed log-probs and token counts in, the loss L = NLL / chosen tokens + beta * mean L_OR out, with
-    the gradient of its closed form; split into two micro-batches with the same global normalizers, it sums back."""
+    """Two pairs: summed log-probs and token counts in, the loss L = NLL / chosen tokens + beta * mean L_OR out (the
+    token-mean NLL option; the default, LLaMA-Factory v0.6.2's sequence mean, is tests/test_beyond.py's), with the
+    gradient of its closed form; split into two micro-batches with the same global normalizers, it sums back."""
     beta, chosen, rejected, n_chosen, n_rejected = 0.25, [-3.0, -1.2], [-4.0, -0.9], [3, 2], [2, 1]
     mean_c, mean_r = [-1.0, -0.6], [-2.0, -0.9]  # summed log-probs / token counts
     margins = [_log_odds(mean_c[i]) - _log_odds(mean_r[i]) for i in range(2)]
@@ -106,7 +107,8 @@ def test_orpo_loss_by_hand_with_global_normalizers():
 
     pc = _t(chosen)
     loss, rewards_c, rewards_r, stats = losses.orpo_loss(
-        pc, _t(rejected), torch.tensor(n_chosen), torch.tensor(n_rejected), beta, n_pairs=2, n_chosen_tokens=5)
+        pc, _t(rejected), torch.tensor(n_chosen), torch.tensor(n_rejected), beta, n_pairs=2, n_chosen_tokens=5,
+        nll="token_mean")
     assert loss.item() == pytest.approx(expected, rel=1e-12)
     assert stats["nll"].item() == pytest.approx(nll, rel=1e-12)
     assert stats["or_loss"].item() == pytest.approx(sum(or_losses) / 2, rel=1e-12)
@@ -121,6 +123,7 @@ def test_orpo_loss_by_hand_with_global_normalizers():
         assert pc.grad[i].item() == pytest.approx(-1.0 / 5 + beta * d_or / 2, rel=1e-10)
 
     parts = [losses.orpo_loss(_t(chosen[i:i + 1]), _t(rejected[i:i + 1]), torch.tensor(n_chosen[i:i + 1]),
-                              torch.tensor(n_rejected[i:i + 1]), beta, n_pairs=2, n_chosen_tokens=5)[0]
+                              torch.tensor(n_rejected[i:i + 1]), beta, n_pairs=2, n_chosen_tokens=5,
+                              nll="token_mean")[0]
              for i in range(2)]
     assert sum(p.item() for p in parts) == pytest.approx(expected, rel=1e-12)

@@ -443,7 +443,8 @@ def test_evaluation_result_greedy_levels_and_pass_at_k():
     # a: 1 of 3 correct under equivalence (1/2 == \frac{1}{2} by sympy) -> pass@1 = 1/3, pass@3 = 1; b: none correct.
     result = evaluation_result(sampled, test, "math", grader="equivalence")
     assert (result["pass@1"], result["pass@3"]) == (pytest.approx(1 / 6), pytest.approx(0.5))
-    assert result["pass_by_grader"]["paper"] == {"pass@1": 0.0, "pass@3": 0.0}
+    assert result["pass_by_grader"]["paper"] == {"pass@1": 0.0, "pass@3": 0.0, "maj@3": 0.0}
+    assert result["maj@3"] == pytest.approx(0.5)  # a: 1/2 and 2 tie, the first wins; b: 4 is wrong
     assert result["grader_disagreements"]["equivalence/paper"] == 1
 
 

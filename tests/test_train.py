@@ -315,7 +315,7 @@ def test_resume_refuses_a_checkpoint_of_a_different_run(ckpt, tmp_path):
 
 def _hand_preference_loss(kind, beta, policy, reference, pairs):
     """The step's loss from the papers' formulas over full-logit log-probs (math floats, no w2s loss code)."""
-    total_pair_loss, chosen_nll, chosen_tokens = 0.0, 0.0, 0
+    total_pair_loss, chosen_nll = 0.0, 0.0
     for p in pairs:
         c = response_logps(policy, p["prompt_ids"], p["chosen_ids"])
         r = response_logps(policy, p["prompt_ids"], p["rejected_ids"])
@@ -323,15 +323,14 @@ def _hand_preference_loss(kind, beta, policy, reference, pairs):
             pc, pr = math.exp(c.mean().item()), math.exp(r.mean().item())
             log_odds_ratio = math.log(pc / (1 - pc)) - math.log(pr / (1 - pr))
             total_pair_loss += math.log1p(math.exp(-log_odds_ratio))  # -log sigmoid
-            chosen_nll -= c.sum().item()
-            chosen_tokens += len(c)
+            chosen_nll -= c.mean().item()  # LLaMA-Factory v0.6.2: each chosen response's mean, averaged over pairs
             continue
         rc = response_logps(reference, p["prompt_ids"], p["chosen_ids"]).sum().item()
         rr = response_logps(reference, p["prompt_ids"], p["rejected_ids"]).sum().item()
         h = (c.sum().item() - rc) - (r.sum().item() - rr)
         total_pair_loss += math.log1p(math.exp(-beta * h)) if kind == "dpo" else (h - 1 / (2 * beta)) ** 2
     if kind == "orpo":
-        return chosen_nll / chosen_tokens + beta * total_pair_loss / len(pairs)
+        return chosen_nll / len(pairs) + beta * total_pair_loss / len(pairs)
     return total_pair_loss / len(pairs)
 
 

@@ -134,7 +134,7 @@ def _generation_cost(stage, recipe, work, cfg, world, device):
     if name == "run_eval":
         prompts, n = work.n_test, stage.args.get("n", 1)
     else:
-        prompts, n = work.n_train_2, recipe.stage2.n_samples if name == "run_samples" else 1
+        prompts, n = work.n_train_2, (stage.args.get("n") or recipe.stage2.n_samples) if name == "run_samples" else 1
     limit = s.max_new_tokens if n == 1 else s.sample_max_new_tokens
     prompt = work.few_shot_tokens if stage.args.get("prompt") == "few_shot" else work.prompt_tokens
     length = min(work.response_tokens, limit)

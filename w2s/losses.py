@@ -1,22 +1,29 @@
-"""Training losses as pure functions of log-probabilities: SFT, DPO, IPO, ORPO and GRPO. The one owner of the formulas,
-of the list of preference losses (PREFERENCE_LOSSES) that the trainer and the scripts accept, and of the Stage II
-losses a recipe may name (STAGE2_LOSSES: those, and GRPO, whose rollouts and rewards live in w2s/grpo.py).
+"""Training losses as pure functions of log-probabilities: SFT, DPO, IPO, ORPO and GRPO, and the two additions the
+recipes can turn on (an NLL term on the chosen response, per-pair weights). The one owner of the formulas, of the list
+of preference losses (PREFERENCE_LOSSES) that the trainer and the scripts accept, and of the Stage II losses a recipe
+may name (STAGE2_LOSSES: those, and GRPO, whose rollouts and rewards live in w2s/grpo.py).
 
 Every function takes per-sequence quantities that the training loop gets from the fused linear log-prob /
-cross-entropy ops (w2s/ops.py). DPO and IPO return PER-PAIR losses, and the loop divides their sum by the global
-number of pairs; ORPO mixes two normalizers (chosen tokens for its NLL, pairs for its odds-ratio term), so the loop
-passes both to orpo_loss. Either way every normalizer counts all micro-batches and ranks of the optimizer step, which
-is what makes the result independent of micro-batch size and world size. (SFT's token-mean NLL is the fused
-cross-entropy's sum divided by the global target-token count, in w2s/train.py's sft_step.)
+cross-entropy ops (w2s/ops.py). DPO and IPO return PER-PAIR losses, and the loop divides their (weighted) sum by the
+global number of pairs (`weighted_pair_mean`); ORPO's token-mean NLL option mixes two normalizers (chosen tokens for
+its NLL, pairs for its odds-ratio term), so the loop passes both to orpo_loss. Either way every normalizer counts all
+micro-batches and ranks of the optimizer step, which is what makes the result independent of micro-batch size and
+world size. (SFT's token-mean NLL is the fused cross-entropy's sum divided by the global target-token count, in
+w2s/train.py's sft_step.)
 
 Notation: pi = policy, ref = frozen reference (the weights at the start of training), y_w / y_l = chosen /
-rejected response, log pi(y|x) = sum of the response's token log-probs.
+rejected response, log pi(y|x) = sum of the response's token log-probs, |y| = its token count, P = pairs in the
+optimizer step, w_i = pair i's weight (1 unless the pairs carry one).
 
     SFT   (token level)  L = -sum_t log pi(y_t | x, y_<t) / N_tokens
     DPO   Rafailov et al. 2023, eq. 7:
-          L = -log sigmoid( beta * [ (log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x)) ] )
+          l_i = -log sigmoid( beta * [ (log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x)) ] )
     IPO   Azar et al. 2023, eq. 17:
-          L = ( [ (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l)) ] - 1 / (2 beta) )^2
+          l_i = ( [ (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l)) ] - 1 / (2 beta) )^2
+    DPO + NLL (Pang et al. 2024, Iterative RPO; the "alpha" of RPO):
+          l_i = l_i(DPO) + alpha * ( -log pi(y_w|x) / |y_w| )
+    weighted (Prasad et al. 2025, ScPO: w_i = the vote margin of the pair, w2s/stages/preference_pairs.py):
+          L = sum_i w_i * l_i / P                               (unweighted: w_i = 1, the plain mean)
     ORPO  Hong et al. 2024, eqs. 4-7 (no reference model):
           P(y|x) = exp( mean_t log pi(y_t | x, y_<t) )          (length-normalized likelihood)
           odds(y|x) = P / (1 - P)
@@ -32,11 +39,17 @@ rejected response, log pi(y|x) = sum of the response's token log-probs.
           L       = 1/N_tok sum_i sum_t l_it                   (aggregation "token": DAPO, Yu et al. 2025)
 
 Conventions (they decide which beta carries over from another codebase):
-    DPO, IPO  log pi(y|x) is the SUM of the response's token log-probs, as in LLaMA-Factory v0.5.0 and the DPO
-              authors' reference trainer. TRL's IPO averages them over the response tokens instead, so a beta tuned
-              with TRL's IPO does not carry over.
-    ORPO      L_SFT(y_w) is the token-mean NLL of the chosen responses over the global batch: the summed NLL of every
-              chosen response of the optimizer step divided by their total number of tokens.
+    DPO, IPO  log pi(y|x) is the SUM of the response's token log-probs, as in LLaMA-Factory v0.5.0 (the paper's DPO
+              framework: its DPO trainer calls get_batch_logps with average_log_prob=False for every loss type) and
+              the DPO authors' reference trainer. TRL's IPO averages them over the response tokens instead (so does
+              LLaMA-Factory v0.6.2's DPO trainer, for IPO only), so a beta tuned with TRL's IPO does not carry over.
+    NLL term  per-token MEAN NLL of each chosen response, averaged over pairs: LLaMA-Factory's SFT term of its DPO
+              trainer (dpo_ftx, average_log_prob=True) and Iterative RPO's length-normalized NLL.
+    ORPO      as LLaMA-Factory v0.6.2 computes it (the paper's ORPO framework): the odds from the per-token MEAN
+              log-probs, and L_SFT(y_w) = the mean token NLL of each chosen response, averaged over the pairs
+              (nll="sequence_mean", the default). nll="token_mean" is the other reading: the summed NLL of every
+              chosen response of the step divided by their total number of tokens (long responses weigh more).
+
     GRPO      N_seq / N_tok count the sequences / response tokens of the whole optimizer step (all micro-batches and
               ranks). Where TRL's GRPOTrainer (1.x) differs:
               - aggregation: our default is the paper's per-sequence mean; TRL's default loss_type is "dapo", our
@@ -56,7 +69,8 @@ Conventions (they decide which beta carries over from another codebase):
               - epsilon_high (DAPO's asymmetric clip), delta, importance sampling at the sequence level (GSPO) and
                 vLLM importance-sampling corrections are TRL options with no counterpart here.
 
-    python -m pytest -q tests/test_losses.py tests/test_grpo.py
+
+    python -m pytest -q tests/test_losses.py tests/test_beyond.py tests/test_grpo.py
 """
 
 import math
@@ -114,22 +128,35 @@ def orpo_odds_ratio_losses(chosen_mean_logps, rejected_mean_logps):
     return -F.logsigmoid(log_odds), log_odds.detach()
 
 
-def orpo_loss(chosen_logps, rejected_logps, chosen_tokens, rejected_tokens, beta, n_pairs, n_chosen_tokens):
+ORPO_NLL = ("sequence_mean", "token_mean")  # the NLL conventions orpo_loss offers (module docstring)
+
+
+def orpo_loss(chosen_logps, rejected_logps, chosen_tokens, rejected_tokens, beta, n_pairs, n_chosen_tokens,
+              nll="sequence_mean", weights=None):
     """ORPO's loss of a micro-batch as its share of the optimizer step's loss.
 
     chosen_logps, rejected_logps (P,): summed response log-probs; chosen_tokens, rejected_tokens (P,): the responses'
     token counts; n_pairs, n_chosen_tokens: the step's GLOBAL pair and chosen-token counts (all micro-batches and
-    ranks), so summing the returned loss over micro-batches and ranks gives the loss of the whole batch.
+    ranks), so summing the returned loss over micro-batches and ranks gives the loss of the whole batch; weights (P,)
+    or None: per-pair weights on both terms.
 
-    NLL convention: token mean over the global batch, -sum(chosen_logps) / n_chosen_tokens.
+    nll: "sequence_mean" (LLaMA-Factory v0.6.2): sum_i w_i * (-chosen_logps_i / chosen_tokens_i) / n_pairs;
+    "token_mean": -sum_i w_i * chosen_logps_i / n_chosen_tokens.
     -> (loss (), chosen_rewards (P,), rejected_rewards (P,), {"nll", "or_loss", "log_odds"} each already divided by
-    its normalizer). The rewards are beta * mean log-prob, as TRL logs them for ORPO.
+    its normalizer). The rewards are beta * mean log-prob, as TRL and LLaMA-Factory log them for ORPO.
     """
+    if nll not in ORPO_NLL:
+        raise ValueError(f"orpo_loss: nll={nll!r}; expected one of {', '.join(ORPO_NLL)}")
+    w = torch.ones_like(chosen_logps) if weights is None else weights.to(chosen_logps.dtype)
     mean_chosen, mean_rejected = chosen_logps / chosen_tokens, rejected_logps / rejected_tokens  # (P,)
     or_losses, log_odds = orpo_odds_ratio_losses(mean_chosen, mean_rejected)
-    nll = -chosen_logps.sum() / n_chosen_tokens
-    loss = nll + beta * or_losses.sum() / n_pairs
-    stats = {"nll": nll.detach(), "or_loss": or_losses.detach().sum() / n_pairs, "log_odds": log_odds.sum() / n_pairs}
+    if nll == "sequence_mean":
+        nll_value = (w * -mean_chosen).sum() / n_pairs
+    else:
+        nll_value = (w * -chosen_logps).sum() / n_chosen_tokens
+    or_loss = (w * or_losses).sum() / n_pairs
+    loss = nll_value + beta * or_loss
+    stats = {"nll": nll_value.detach(), "or_loss": or_loss.detach(), "log_odds": log_odds.sum() / n_pairs}
     return loss, beta * mean_chosen.detach(), beta * mean_rejected.detach(), stats
 
 
@@ -175,3 +202,28 @@ def grpo_loss(logps, old_logps, advantages, mask, clip_eps=0.2, beta=0.0, ref_lo
     clipped = ((ratio < 1.0 - clip_eps) & (adv < 0)) | ((ratio > 1.0 + clip_eps) & (adv > 0))
     stats = {"kl": (kl.detach() * maskf).sum() / n_tokens, "clip_ratio": (clipped & mask).sum() / n_tokens}
     return loss, stats
+
+
+def chosen_nll(chosen_logps, chosen_tokens):
+    """(P,) per-token mean NLL of each chosen response: -log pi(y_w|x) / |y_w| (the NLL term's convention)."""
+    return -chosen_logps / chosen_tokens
+
+
+def dpo_nll_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_tokens, beta, alpha):
+    """DPO + NLL (Iterative RPO): per-pair DPO loss + alpha * the chosen response's per-token mean NLL.
+
+    Inputs as dpo_losses, plus chosen_tokens (P,) and alpha >= 0. -> (losses (P,), chosen_rewards, rejected_rewards).
+    """
+    losses, chosen_rewards, rejected_rewards = dpo_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+                                                          beta)
+    return losses + alpha * chosen_nll(policy_chosen, chosen_tokens), chosen_rewards, rejected_rewards
+
+
+def weighted_pair_mean(per_pair, n_pairs, weights=None):
+    """sum_i w_i * l_i / n_pairs: a micro-batch's share of the step's (weighted) mean over its GLOBAL pair count.
+
+    The weights scale each pair's loss and are not renormalized (ScPO's weighted loss), so unit weights give the plain
+    mean; a batch whose weights average 0.5 moves the model half as far."""
+    if weights is not None:
+        per_pair = per_pair * weights.to(per_pair.dtype)
+    return per_pair.sum() / n_pairs

@@ -24,8 +24,18 @@ unchanged is skipped, a killed one resumes, a changed option reruns exactly what
     19_ceiling        baseline: SFT the strong base on gold train_2
     20-30_eval_*      greedy test accuracy of every trained model (EVAL_NUMBERS)
     31_eval_strong_icl  baseline: the strong base, 4-shot with the same weak demos, on test
-    32-36_passk_*     pass@k of M_plus and M_pro from n samples at T=1 ([eval] pass_k_samples)
-    40_eval_stage2_grpo, 41_passk_stage2_grpo   the same for 16_grpo's model
+    32-36_passk_*     pass@k and maj@k of M_plus and M_pro from n samples at T=1 ([eval] pass_k_samples)
+
+Beyond the paper (recipe options, off by default; docs/PAPER.md "Beyond the paper"). Each adds rows under fixed
+numbers, so a run directory's names never shift; GRPO's evaluations are 41 and 42:
+
+    02_weak_samples   [stage1] weak_self_consistency = k: the weak model's k samples per train_2 question; the
+                      round-1 filter drops the questions whose weak majority is below weak_min_confidence, and the
+                      pairs treat their weak label as absent (08_r2_labels_weak stands in under weak_relabel)
+    37_round{r}_samples_{loss}, 38_round{r}_pairs_{loss}, 39_round{r}_{loss}, 40_eval_stage2_{loss}_round{r}
+                      [stage2] rounds = R: Stage II again for r = 2..R, each round sampling from, voting with and
+                      training (its reference = its starting weights) the previous round's model of that loss
+    41_eval_stage2_grpo, 42_passk_stage2_grpo   the evaluations of 16_grpo's model
 
 Under torchrun every rank runs every stage (training is FSDP2-sharded, sampling splits prompts over ranks); only
 rank 0 writes shared files.
@@ -84,8 +94,10 @@ STAGE2_STAGES = {**PREFERENCE_STAGES, "grpo": "16_grpo"}  # one per losses.STAGE
 EVAL_NUMBERS = {"weak_floor": 20, "full_weak_ft": 21, "stage1_r1_weak": 22, "stage1_r1_icl": 23,
                 "stage1_r1_hybrid": 24, "stage1_r2_weak": 25, "stage1_r2_icl": 26, "stage1_r2_hybrid": 27,
                 "stage2_dpo": 28, "stage2_orpo": 29, "ceiling": 30, "strong_icl": 31, "stage2_ipo": 35,
-                "stage2_grpo": 40}
-PASSK_NUMBERS = {"stage1_plus": 32, "stage2_dpo": 33, "stage2_orpo": 34, "stage2_ipo": 36, "stage2_grpo": 41}
+                "stage2_grpo": 41}
+PASSK_NUMBERS = {"stage1_plus": 32, "stage2_dpo": 33, "stage2_orpo": 34, "stage2_ipo": 36, "stage2_grpo": 42}
+# Stage II rounds 2..R ([stage2] rounds): one number per kind of row, the round and the loss in the name.
+ROUND_NUMBERS = {"samples": 37, "pairs": 38, "train": 39, "eval": 40}
 
 
 def stage(name, run, reads, options, when=True, **args):
@@ -96,7 +108,8 @@ def stage(name, run, reads, options, when=True, **args):
 def build_stages(recipe):
     """The paper as a table, in run order."""
     r, s1, losses, baselines = recipe, recipe.stage1, recipe.stage2.losses, recipe.eval.baselines
-    two_rounds = s1.rounds == 2
+    two_rounds, weak_sc = s1.rounds == 2, s1.weak_self_consistency > 0
+    weak_votes = ["02_weak_samples"] if weak_sc else []  # what the round-1 filter and the pairs also read
     m_plus = "13_r2_sft_hybrid" if two_rounds else "07_r1_sft_hybrid"
     zero_shot, few_shot, strong_sft = greedy_key(r, "zero_shot"), greedy_key(r, "few_shot"), strong_sft_key(r)
     pair_losses = [loss for loss in losses if loss in PREFERENCE_STAGES]  # GRPO alone needs no samples nor pairs
@@ -116,16 +129,19 @@ def build_stages(recipe):
         stage("01_weak_sft", run_weak_sft, ["00_data"], sft_key(r, "weak_sft", r.models.weak)),
         stage("02_weak_labels", run_labels, ["00_data", "01_weak_sft"], zero_shot, model="01_weak_sft",
               prompt="zero_shot"),
+        stage("02_weak_samples", run_samples, ["00_data", "01_weak_sft"], samples_key(r, s1.weak_self_consistency),
+              weak_sc, model="01_weak_sft", n=s1.weak_self_consistency),
         # Stage I, round 1: the strong base's 4-shot labels, final-answer consistency, SFT on three sets
         stage("03_icl_labels", run_labels, ["00_data", "02_weak_labels"], few_shot, model="strong",
               prompt="few_shot"),
-        stage("04_r1_filter", run_filter, ["00_data", "02_weak_labels", "03_icl_labels"], task_key(r),
-              weak="02_weak_labels", other="03_icl_labels"),
+        stage("04_r1_filter", run_filter, ["00_data", "02_weak_labels", "03_icl_labels"] + weak_votes,
+              task_key(r) | weak_sc_key(r), weak="02_weak_labels", other="03_icl_labels",
+              **({"weak_samples": "02_weak_samples"} if weak_sc else {})),
         sft_on_set("05_r1_sft_weak", "04_r1_filter", "weak"),
         sft_on_set("06_r1_sft_icl", "04_r1_filter", "icl"),
         sft_on_set("07_r1_sft_hybrid", "04_r1_filter", "hybrid"),
         # Stage I, round 2: the round-1 weak-ft and icl-ft models relabel train_2; filter and SFT again -> M_plus
-        stage("08_r2_labels_weak", run_labels, ["00_data", "05_r1_sft_weak"], zero_shot, two_rounds,
+        stage("08_r2_labels_weak", run_labels, ["00_data", "05_r1_sft_weak"], zero_shot, two_rounds or s1.weak_relabel,
               model="05_r1_sft_weak", prompt="zero_shot"),
         stage("09_r2_labels_icl", run_labels, ["00_data", "06_r1_sft_icl"], zero_shot, two_rounds,
               model="06_r1_sft_icl", prompt="zero_shot"),
@@ -136,10 +152,10 @@ def build_stages(recipe):
         sft_on_set("13_r2_sft_hybrid", "10_r2_filter", "hybrid", r2_init("07_r1_sft_hybrid"), two_rounds),
         # Stage II: M_plus samples and votes; pairs against the weak labels; preference training -> M_pro
         stage("14_samples", run_samples, ["00_data", m_plus], samples_key(r), bool(pair_losses), model=m_plus),
-        stage("15_pairs", run_pairs, ["00_data", "02_weak_labels", "14_samples"], pairs_key(r), bool(pair_losses),
-              samples="14_samples"),
+        pairs_stage("15_pairs", r, "14_samples", when=bool(pair_losses)),
         *[stage(PREFERENCE_STAGES[loss], run_preference, ["15_pairs", m_plus], preference_key(r, loss),
                 pairs="15_pairs", init=m_plus, loss=loss) for loss in pair_losses],
+        *[row for loss in pair_losses for rnd in range(2, r.stage2.rounds + 1) for row in stage2_round(r, loss, rnd)],
         # GRPO: M_plus samples on-policy and learns from its own vote (the weak labels only for "vote_or_weak")
         stage("16_grpo", run_grpo, ["00_data", "02_weak_labels", m_plus], grpo_key(r), "grpo" in losses,
               init=m_plus),
@@ -152,20 +168,58 @@ def build_stages(recipe):
     return table + evaluations(r, {row.name for row in table}, m_plus)
 
 
+def pairs_stage(name, r, samples, when=True):
+    """A pairs row: the vote over `samples` against the weak labels (and, with the weak self-consistency filter on,
+    its samples, and the stand-in labels of 08_r2_labels_weak under weak_relabel)."""
+    s1, extra = r.stage1, {}
+    reads = ["00_data", "02_weak_labels", samples]
+    if s1.weak_self_consistency:
+        reads.append("02_weak_samples")
+        extra["weak_samples"] = "02_weak_samples"
+        if s1.weak_relabel:
+            reads.append("08_r2_labels_weak")
+            extra["relabel"] = "08_r2_labels_weak"
+    return stage(name, run_pairs, reads, pairs_key(r), when, samples=samples, **extra)
+
+
+def round_model(loss, rnd):
+    """The stage whose model is Stage II round `rnd`'s model of `loss` (round 1: the paper's 16_dpo / 17_orpo)."""
+    return PREFERENCE_STAGES[loss] if rnd == 1 else f"{ROUND_NUMBERS['train']}_round{rnd}_{loss}"
+
+
+def stage2_round(r, loss, rnd):
+    """[stage2] rounds: Stage II round rnd >= 2 of `loss` (Pang et al. 2024's iteration): the previous round's model
+    samples train_2, votes, pairs against the weak labels by the paper's rules, and is trained on them; the trainer
+    computes the reference log-probs from the weights it starts from, i.e. the previous round's model."""
+    previous, n = round_model(loss, rnd - 1), ROUND_NUMBERS
+    samples, pairs = f"{n['samples']}_round{rnd}_samples_{loss}", f"{n['pairs']}_round{rnd}_pairs_{loss}"
+    return [stage(samples, run_samples, ["00_data", previous], samples_key(r), model=previous),
+            pairs_stage(pairs, r, samples),
+            stage(round_model(loss, rnd), run_preference, [pairs, previous], preference_key(r, loss), pairs=pairs,
+                  init=previous, loss=loss)]
+
+
 def eval_methods(recipe):
     """(method name in the report, stage whose model it evaluates) for every greedy zero-shot evaluation."""
     methods = [("weak_floor", "01_weak_sft"), ("full_weak_ft", "18_full_weak_ft")]
     for rnd, numbers in ((1, ("05", "06", "07")), (2, ("11", "12", "13")))[:recipe.stage1.rounds]:
         methods += [(f"stage1_r{rnd}_{s}", f"{n}_r{rnd}_sft_{s}") for n, s in zip(numbers, ("weak", "icl", "hybrid"))]
     methods += [(f"stage2_{loss}", STAGE2_STAGES[loss]) for loss in recipe.stage2.losses]
+    methods += [(f"stage2_{loss}_round{rnd}", round_model(loss, rnd)) for loss in recipe.stage2.losses
+                if loss in PREFERENCE_STAGES for rnd in range(2, recipe.stage2.rounds + 1)]
     return methods + [("ceiling", "19_ceiling")]
+
+
+def eval_number(method):
+    """The fixed number of a greedy evaluation (Stage II rounds >= 2 share theirs)."""
+    return ROUND_NUMBERS["eval"] if "_round" in method else EVAL_NUMBERS[method]
 
 
 def evaluations(r, present, m_plus):
     """Greedy test accuracy of every trained model present, strong ICL, then pass@k of M_plus and M_pro, in the
     order of their fixed numbers."""
     greedy = greedy_key(r, "zero_shot")
-    evals = [stage(f"{EVAL_NUMBERS[method]}_eval_{method}", run_eval, ["00_test", model], greedy | {"method": method},
+    evals = [stage(f"{eval_number(method)}_eval_{method}", run_eval, ["00_test", model], greedy | {"method": method},
                    model=model, prompt="zero_shot")
              for method, model in eval_methods(r) if model in present]
     evals.append(stage(f"{EVAL_NUMBERS['strong_icl']}_eval_strong_icl", run_eval, ["00_test", "02_weak_labels"],
@@ -196,13 +250,16 @@ def ckpt_fingerprint(path):
 # export_merged adds a merged copy beside the adapter).
 RUNTIME_ONLY = ("progress", "log_every", "activation_checkpointing", "cpu_offload", "ckpt_every", "resume", "bad_rows",
                 "export_merged")
+# TrainConfig fields that only the preference losses read: preference_key adds them to the stages they act on (the
+# NLL weight to DPO / IPO when set, ORPO's NLL convention to ORPO), so SFT keys never see them.
+PREFERENCE_ONLY = ("nll_weight", "orpo_nll")
 
 
 def train_options(recipe, section):
     """The options of a training stage as hashed into its key: the resolved TrainConfig minus the runtime-only
     fields, so turning on activation checkpointing after an out-of-memory error reruns nothing."""
     cfg = asdict(train_config(recipe, section, progress=False))
-    return {k: v for k, v in cfg.items() if k not in RUNTIME_ONLY}
+    return {k: v for k, v in cfg.items() if k not in RUNTIME_ONLY + PREFERENCE_ONLY}
 
 
 def data_key(r):
@@ -250,21 +307,37 @@ def greedy_key(r, prompt):
     return key
 
 
-def samples_key(r):
+def samples_key(r, n=None):
+    """n samples per train_2 question (default [stage2] n_samples) at Stage II's temperature and top_p."""
     s2 = r.stage2
-    return {"task": r.data.task, "n": s2.n_samples, "temperature": s2.temperature, "top_p": s2.top_p,
+    return {"task": r.data.task, "n": n or s2.n_samples, "temperature": s2.temperature, "top_p": s2.top_p,
             "max_new_tokens": r.sampling.sample_max_new_tokens, "seed": r.data.seed,
             "cache_len": r.sampling.cache_len, "prompt": "zero_shot", "dtype": r.models.dtype}
 
 
+def weak_sc_key(r):
+    """The weak self-consistency filter's options, only when it is on (off: the paper's keys, unchanged)."""
+    s1 = r.stage1
+    if not s1.weak_self_consistency:
+        return {}
+    return {"weak_self_consistency": s1.weak_self_consistency, "weak_min_confidence": s1.weak_min_confidence}
+
+
 def pairs_key(r):
     s2 = r.stage2
-    return {"task": r.data.task, "grader": r.data.grader, "min_confidence": s2.min_confidence,
-            "flip_confidence": s2.flip_confidence, "max_pairs": s2.max_pairs, "pair_seed": s2.pair_seed}
+    key = {"task": r.data.task, "grader": r.data.grader, "min_confidence": s2.min_confidence,
+           "flip_confidence": s2.flip_confidence, "max_pairs": s2.max_pairs, "pair_seed": s2.pair_seed}
+    key |= {"pair_weighting": s2.pair_weighting} if s2.pair_weighting != "none" else {}
+    key |= {"self_consistency_pairs": True} if s2.self_consistency_pairs else {}
+    return key | weak_sc_key(r) | ({"weak_relabel": True} if r.stage1.weak_relabel else {})
 
 
 def preference_key(r, loss):
-    return {"train": train_options(r, "preference"), "loss": loss, "dtype": r.models.dtype}
+    """The preference section's options, the loss and the dtype; ORPO's key names its NLL convention, DPO's and
+    IPO's the NLL weight when one is set."""
+    cfg = train_config(r, "preference", progress=False)
+    extra = {"orpo_nll": cfg.orpo_nll} if loss == "orpo" else {"nll_weight": cfg.nll_weight} if cfg.nll_weight else {}
+    return {"train": train_options(r, "preference"), "loss": loss, "dtype": r.models.dtype} | extra
 
 
 def grpo_key(r):

@@ -9,9 +9,9 @@ files, impossible values) before any model is loaded, and every error names the 
     [sampling]  max_new_tokens, batch size, cache length for every generation stage
     [weak_sft] [strong_sft] [preference]   training options (w2s.train_config.TrainConfig fields)
     [grpo]      GRPO's training: TrainConfig fields and GRPOConfig's (group size, rollout tokens, reward, ...)
-    [stage1]    rounds, round-2 init ("base" or "continue"), which SFT sets to train
+    [stage1]    rounds, round-2 init ("base" or "continue"), demos; the weak self-consistency filter (beyond the paper)
     [stage2]    samples, temperature, top_p, confidence thresholds, pairs per question, losses (pairs and/or GRPO),
-                merged M_pro exports
+                merged M_pro exports; iterative rounds, pair weighting and self-consistency pairs (beyond the paper)
     [eval]      pass@k samples, which baselines to run
     [logging]   report_to: experiment trackers of the training stages ("tensorboard" -> runs/<name>/tb/<stage>,
                 "wandb"); not part of any stage's key, so turning them on reruns nothing
@@ -28,7 +28,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from w2s.losses import STAGE2_LOSSES
+from w2s.losses import PREFERENCE_LOSSES, STAGE2_LOSSES
+from w2s.stages.preference_pairs import PAIR_WEIGHTING
 from w2s.tasks.graders import default_grader, is_available, task_graders
 from w2s.tracking import check_trackers
 from w2s.train_config import GRPOConfig, TrainConfig
@@ -73,6 +74,10 @@ class Stage1Options:
     round2_init: str = "base"  # "base": retrain from the strong base; "continue": continue the round-1 models
     n_demos: int = 4
     demo_seed: int = 0  # which weak responses become the ICL demos (seeded draw, PAPER.md)
+    # Beyond the paper (off by default; docs/PAPER.md): Shi et al. 2025's weak self-consistency filter.
+    weak_self_consistency: int = 0  # k > 0: the weak model samples k answers per train_2 question (02_weak_samples)
+    weak_min_confidence: float = 0.6  # ... and questions whose weak majority is below this leave the weak set
+    weak_relabel: bool = False  # the round-1 weak-ft model's label (08_r2_labels_weak) replaces a dropped weak label
 
 
 @dataclass
@@ -89,6 +94,10 @@ class Stage2Options:
     # stage's model/ is otherwise the adapter alone; merged, a 70B model is 138 GB on disk per loss. Not in any key:
     # changing it reruns nothing (merge a finished adapter with w2s.save_model(w2s.load_model(ADAPTER_DIR), OUT)).
     export_merged: list = field(default_factory=list)
+    # Beyond the paper (off by default; docs/PAPER.md):
+    rounds: int = 1  # > 1: Iterative RPO (Pang et al. 2024): Stage II again from each round's model, R rounds in all
+    pair_weighting: str = "none"  # "margin": weight each pair's loss by its vote margin (ScPO, Prasad et al. 2025)
+    self_consistency_pairs: bool = False  # most- vs least-voted pair for the questions the paper's rules skip (ScPO)
 
 
 @dataclass
@@ -262,6 +271,25 @@ def _resolve_paths(recipe, base):
     m.weak, m.strong = resolve(m.weak), resolve(m.strong)
 
 
+def _validate_beyond(r, bad):
+    """The options beyond the paper (docs/PAPER.md)."""
+    s1, s2 = r.stage1, r.stage2
+    if s1.weak_self_consistency < 0 or s1.weak_self_consistency == 1:
+        bad("[stage1] weak_self_consistency", f"expected 0 (off) or k >= 2 samples, got {s1.weak_self_consistency}")
+    if not 0 <= s1.weak_min_confidence <= 1:
+        bad("[stage1] weak_min_confidence", f"expected 0 <= value <= 1, got {s1.weak_min_confidence}")
+    if s1.weak_relabel and not s1.weak_self_consistency:
+        bad("[stage1] weak_relabel", "relabels the questions the weak self-consistency filter drops: set "
+                                     "weak_self_consistency = k too")
+    if s2.rounds < 1:
+        bad("[stage2] rounds", f"expected >= 1 (1: the paper's single round), got {s2.rounds}")
+    if s2.rounds > 1 and not set(s2.losses) & set(PREFERENCE_LOSSES):
+        bad("[stage2] rounds", f"iterates the pair losses ({', '.join(PREFERENCE_LOSSES)}); losses = {s2.losses} has "
+                               f"none (GRPO samples on-policy at every step already)")
+    if s2.pair_weighting not in PAIR_WEIGHTING:
+        bad("[stage2] pair_weighting", f"expected one of {', '.join(PAIR_WEIGHTING)}, got {s2.pair_weighting!r}")
+
+
 def _validate(r, path, check_files):
     def bad(key, msg):
         raise ValueError(f"{path}: {key}: {msg}")
@@ -277,6 +305,7 @@ def _validate(r, path, check_files):
         bad("[stage1] rounds", f"expected 1 or 2, got {r.stage1.rounds}")
     if r.stage1.round2_init not in ("base", "continue"):
         bad("[stage1] round2_init", f"expected 'base' or 'continue', got {r.stage1.round2_init!r}")
+    _validate_beyond(r, bad)
     if not 0 <= r.stage2.min_confidence <= r.stage2.flip_confidence <= 1:
         bad("[stage2]", "expected 0 <= min_confidence <= flip_confidence <= 1")
     if r.stage2.n_samples < 1 or r.stage2.max_pairs < 1:

@@ -39,7 +39,13 @@ def method_labels(acc):
     hybrid-ft model of the LAST Stage I round: round 2 on GSM8K, round 1 under MATH's one-round recipe."""
     hybrids = [m for m, _ in METHODS if m.startswith("stage1_") and m.endswith("_hybrid") and m in acc]
     m_plus = hybrids[-1] if hybrids else None
-    return [(m, label + (" (M_plus)" if m == m_plus else "")) for m, label in METHODS if m in acc]
+    labels = [(m, label + (" (M_plus)" if m == m_plus else "")) for m, label in METHODS if m in acc]
+    # Stage II rounds >= 2 ([stage2] rounds): stage2_<loss>_round<r>, after the paper's rows, before the ceiling
+    rounds = sorted((m for m in acc if m.startswith("stage2_") and "_round" in m),
+                    key=lambda m: (m.split("_")[1], int(m.rsplit("round", 1)[1])))
+    at = next((i for i, (m, _) in enumerate(labels) if m == "ceiling"), len(labels))
+    extra = [(m, f"Stage II round {m.rsplit('round', 1)[1]}: {m.split('_')[1].upper()}") for m in rounds]
+    return labels[:at] + extra + labels[at:]
 
 
 def load_metas(run_dir):
@@ -121,7 +127,7 @@ def _data_rows(metas):
             rows.append((name, _fmt(meta.get("n_questions")), _fmt(meta.get("n_kept")),
                          _fmt(meta.get("kept_fraction"), pct=True, digits=1),
                          _fmt(meta.get("precision"), pct=True, digits=1), "-"))
-        elif name.endswith("_pairs"):
+        elif name.endswith("_pairs") or "_pairs_" in name:  # 15_pairs, and 38_round<r>_pairs_<loss>
             counts = meta.get("counts", {})
             split = f"{counts.get('weak_chosen', '-')} weak chosen / {counts.get('weak_rejected', '-')} weak rejected"
             rows.append((name, _fmt(counts.get("questions")), _fmt(meta.get("n_pairs")), "-",
@@ -135,7 +141,7 @@ def _under(meta, field, grader):
 
 
 def _passes(values):
-    return ", ".join(f"{k} {100 * v:.1f}" for k, v in values.items() if k.startswith("pass@"))
+    return ", ".join(f"{k} {100 * v:.1f}" for k, v in values.items() if k.startswith(("pass@", "maj@")))
 
 
 def _truncation_rows(metas):
@@ -202,7 +208,8 @@ def write_report(run_dir, plot=True):
                 "paper = the authors' protocol; equivalence = w2s's lenient grader; math-verify = Hugging Face's. "
                 "Disagreements: test questions that two graders judge differently.", "", _table(header, grader_rows)]
     if passk:
-        out += ["", "## pass@k (samples at T=1)", "", _table(["model", "pass@k %", "by grader %"], passk)]
+        out += ["", "## pass@k and maj@k (samples at T=1; maj@k: the majority answer is correct)", "",
+                _table(["model", "pass@k, maj@k %", "by grader %"], passk)]
     level_rows = [(n.split("_eval_", 1)[1], ", ".join(f"L{lv} {100 * a:.0f}" for lv, a in levels.items()))
                   for n, meta in metas.items() if "_eval_" in n and
                   (levels := _under(meta, "accuracy_by_level_by_grader", grader) or meta.get("accuracy_by_level"))]

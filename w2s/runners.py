@@ -46,7 +46,7 @@ from w2s.parallel import is_main
 from w2s.profile import StageProfiler
 from w2s.recipe import grpo_config, train_config
 from w2s.sampling_jsonl import generate_to_jsonl
-from w2s.stages.consistency import consistent, precision, sft_sets
+from w2s.stages.consistency import consistent, precision, self_consistent, sft_sets
 from w2s.stages.metrics import evaluation_result, pair_precision
 from w2s.stages.preference_pairs import build_pairs
 from w2s.tasks import (
@@ -346,12 +346,24 @@ def run_labels(ctx, out, model, prompt):
     return counts
 
 
-def run_filter(ctx, out, weak, other):
+def weak_confident(ctx, weak_samples):
+    """{id: confidence} of the train_2 questions whose weak majority over the weak model's samples reaches [stage1]
+    weak_min_confidence (the weak self-consistency filter, beyond the paper)."""
+    samples = {row["id"]: row["samples"] for row in with_answers(labels(ctx, weak_samples), grader(ctx))}
+    return self_consistent(samples, ctx.recipe.stage1.weak_min_confidence, same_for=train_2_comparisons(ctx))
+
+
+def run_filter(ctx, out, weak, other, weak_samples=None):
     """Final-answer consistency between two labellings of train_2 (answers read by the recipe's grader) -> weak /
-    icl / hybrid SFT sets."""
+    icl / hybrid SFT sets; with weak_samples, only among the questions whose weak majority is confident."""
     grade = grader(ctx)
     weak_rows, other_rows = with_answers(labels(ctx, weak), grade), with_answers(labels(ctx, other), grade)
     kept = consistent(weak_rows, other_rows, same_for=train_2_comparisons(ctx))
+    extra = {}
+    if weak_samples is not None:
+        confident = weak_confident(ctx, weak_samples)
+        extra = {"n_weak_confident": len(confident), "n_consistent_before_weak_filter": len(kept)}
+        kept = [i for i in kept if i in confident]
     sets = sft_sets(weak_rows, other_rows, kept)
     if is_main():
         for name, rows in sets.items():
@@ -367,7 +379,7 @@ def run_filter(ctx, out, weak, other):
                                         for pair in zip(sets["weak"], sets["icl"]))},
             "n_rows": {name: len(rows) for name, rows in sets.items()},
             "precision": gold_precision(ctx, [w for w in weak_rows if w["id"] in kept_set]),
-            "precision_weak_all": gold_precision(ctx, weak_rows)}
+            "precision_weak_all": gold_precision(ctx, weak_rows), **extra}
 
 
 def _truncated(rows):
@@ -397,22 +409,43 @@ def run_ceiling(ctx, out):
     return {"n_rows": len(rows), **train_stage(ctx, out, checkpoint(ctx, "strong"), rows, "strong_sft")}
 
 
-def run_samples(ctx, out, model):
-    """n samples per train_2 question from `model` (M_plus) at the recipe's temperature."""
+def run_samples(ctx, out, model, n=None):
+    """n (default [stage2] n_samples) samples per train_2 question from `model` (M_plus, a Stage II round's model, or
+    the weak model for its self-consistency filter) at Stage II's temperature."""
     r, s2 = ctx.recipe, ctx.recipe.stage2
     _, counts = generate_stage(ctx, out, checkpoint(ctx, model), data_rows(ctx, "train_2"), "zero_shot",
-                               n=s2.n_samples, temperature=s2.temperature, top_p=s2.top_p,
+                               n=n or s2.n_samples, temperature=s2.temperature, top_p=s2.top_p,
                                max_new_tokens=r.sampling.sample_max_new_tokens, seed=r.data.seed)
     return counts
 
 
-def run_pairs(ctx, out, samples):
-    """Majority vote over M_plus's samples, then preference pairs with the weak response on one side."""
+def stage2_weak_labels(ctx, weak_samples=None, relabel=None):
+    """D_weak as Stage II sees it: the weak labels; with the weak self-consistency filter, those of unconfident
+    questions marked absent, or replaced by the `relabel` stage's labels (weak_relabel). -> (rows, counts)."""
+    grade = grader(ctx)
+    rows = with_answers(labels(ctx, "02_weak_labels"), grade)
+    if weak_samples is None:
+        return rows, {}
+    confident = weak_confident(ctx, weak_samples)
+    stand_in = {row["id"]: row for row in with_answers(labels(ctx, relabel), grade)} if relabel else {}
+    rows = [w if w["id"] in confident else stand_in[w["id"]] | {"relabelled": True} if relabel else w | {"absent": True}
+            for w in rows]
+    return rows, {"n_weak_dropped": len(rows) - len(confident), "weak_relabelled": relabel is not None}
+
+
+def run_pairs(ctx, out, samples, weak_samples=None, relabel=None):
+    """Majority vote over the samples (M_plus's, or a Stage II round's model's), then preference pairs with the weak
+    response on one side (and the options beyond the paper: pair weights, self-consistency pairs)."""
     s2, grade, same_for = ctx.recipe.stage2, grader(ctx), train_2_comparisons(ctx)
     by_id = {row["id"]: row["samples"] for row in with_answers(labels(ctx, samples), grade)}
-    pairs, counts = build_pairs(with_answers(labels(ctx, "02_weak_labels"), grade), by_id, seed=s2.pair_seed,
-                                max_pairs_per_question=s2.max_pairs, min_confidence=s2.min_confidence,
-                                flip_confidence=s2.flip_confidence, same_for=same_for)
+    weak_rows, weak_counts = stage2_weak_labels(ctx, weak_samples, relabel)
+    pairs, counts = build_pairs(weak_rows, by_id, seed=s2.pair_seed, max_pairs_per_question=s2.max_pairs,
+                                min_confidence=s2.min_confidence, flip_confidence=s2.flip_confidence,
+                                same_for=same_for, pair_weighting=s2.pair_weighting,
+                                self_consistency_pairs=s2.self_consistency_pairs)
+    counts |= weak_counts
+    if pairs and "margin" in pairs[0]:
+        counts["mean_margin"] = sum(p["margin"] for p in pairs) / len(pairs)
     if is_main():
         write_jsonl_atomic(out / "pairs.jsonl", pairs)
         export_pairs(pairs, out / "pairs.llamafactory.json")
@@ -427,9 +460,10 @@ def run_pairs(ctx, out, samples):
 
 
 def run_preference(ctx, out, pairs, init, loss):
-    """DPO / ORPO / IPO of `init` (M_plus) on the pairs -> out/model (M_pro)."""
-    rows = [{"id": p["id"], "prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]}
-            for p in read_jsonl(ctx.dir(pairs) / "pairs.jsonl")]
+    """DPO / ORPO / IPO of `init` (M_plus, or the previous Stage II round's model) on the pairs, weighted when they
+    carry weights -> out/model (M_pro). The trainer's reference is `init` itself."""
+    rows = [{"id": p["id"], "prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} |
+            ({"weight": p["weight"]} if "weight" in p else {}) for p in read_jsonl(ctx.dir(pairs) / "pairs.jsonl")]
     merged = loss in ctx.recipe.stage2.export_merged  # M_pro as a plain HF model too (the run's final models)
     return {"n_pairs": len(rows), "loss": loss,
             **train_stage(ctx, out, checkpoint(ctx, init), rows, "preference", loss=loss, export_merged=merged)}

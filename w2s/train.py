@@ -131,13 +131,15 @@ def pair_counts(batch):
 
 
 class PreferenceStep:
-    """DPO / IPO (with cached reference log-probs) or ORPO; the formulas are w2s/losses.py's."""
+    """DPO / IPO (with cached reference log-probs) or ORPO; the formulas are w2s/losses.py's. nll_weight adds the
+    chosen response's mean token NLL to DPO / IPO (ORPO has its own, by orpo_nll); a batch's "weights" (P,), when the
+    pairs carry them, weight every per-pair term."""
 
-    def __init__(self, kind, beta):
+    def __init__(self, kind, beta, nll_weight=0.0, orpo_nll="sequence_mean"):
         if kind not in losses.PREFERENCE_LOSSES:
             *rest, last = losses.PREFERENCE_LOSSES
             raise ValueError(f"loss={kind!r}: expected {', '.join(map(repr, rest))} or {last!r}")
-        self.kind, self.beta = kind, beta
+        self.kind, self.beta, self.nll_weight, self.orpo_nll = kind, beta, nll_weight, orpo_nll
 
     @property
     def needs_reference(self):
@@ -147,23 +149,29 @@ class PreferenceStep:
         logps = module(batch["tokens"], batch["targets"], per_token=True).view_as(batch["targets"])  # (2P, T)
         P = batch["n_pairs"]
         names = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                 "logps/chosen", "logps/rejected"] + (["nll", "or_loss", "log_odds"] if self.kind == "orpo" else [])
+                 "logps/chosen", "logps/rejected"] + (["nll", "or_loss", "log_odds"] if self.kind == "orpo" else
+                                                      ["nll"] if self.nll_weight else [])
         if P == 0:  # a rank's empty slot in a short last batch: still backward (FSDP needs every rank), adds 0
             zero = logps.sum() * 0.0
             return zero, {n: zero.detach() for n in names}
         n_tokens = (batch["targets"] != IGNORE_INDEX).sum(-1)  # (2P,)
         seq = logps.sum(-1)  # (2P,) summed response log-probs, chosen rows first
         chosen, rejected = seq[:P], seq[P:]
-        pairs = norm[1]
+        pairs, weights = norm[1], batch.get("weights")  # weights (P,) or None
         if self.kind == "orpo":
             loss, rc, rr, extra = losses.orpo_loss(chosen, rejected, n_tokens[:P], n_tokens[P:], self.beta,
-                                                   n_pairs=pairs, n_chosen_tokens=norm[2])
+                                                   n_pairs=pairs, n_chosen_tokens=norm[2], nll=self.orpo_nll,
+                                                   weights=weights)
         else:
             ref = batch["ref"]  # (2P,)
-            fn = losses.dpo_losses if self.kind == "dpo" else losses.ipo_losses
-            per_pair, rc, rr = fn(chosen, rejected, ref[:P], ref[P:], self.beta)
-            loss = per_pair.sum() / pairs
-            extra = {}
+            if self.kind == "dpo":
+                per_pair, rc, rr = losses.dpo_nll_losses(chosen, rejected, ref[:P], ref[P:], n_tokens[:P], self.beta,
+                                                         self.nll_weight)
+            else:
+                per_pair, rc, rr = losses.ipo_losses(chosen, rejected, ref[:P], ref[P:], self.beta)
+                per_pair = per_pair + self.nll_weight * losses.chosen_nll(chosen, n_tokens[:P])
+            loss = losses.weighted_pair_mean(per_pair, pairs, weights)
+            extra = {"nll": losses.chosen_nll(chosen, n_tokens[:P]).detach().sum() / pairs} if self.nll_weight else {}
         stats = {"loss": loss.detach(), "rewards/chosen": rc.sum() / pairs, "rewards/rejected": rr.sum() / pairs,
                  "rewards/accuracies": (rc > rr).float().sum() / pairs, "rewards/margins": (rc - rr).sum() / pairs,
                  "logps/chosen": chosen.detach().sum() / pairs, "logps/rejected": rejected.detach().sum() / pairs,
@@ -316,14 +324,15 @@ def train_preference(model, tokenizer, pairs, cfg: TrainConfig, out_dir=None, lo
                      progress=None, return_stats=False, return_model=True, keep_ckpt=False, report_to=(), log_dir=None,
                      run_name=None):
     """DPO / IPO / ORPO (losses.PREFERENCE_LOSSES) on [{"prompt", "chosen", "rejected"}] as text or as TRL's
-    conversational lists of messages (or id rows). -> model.
+    conversational lists of messages (or id rows), each row optionally with a "weight" on its loss terms. -> model.
 
     on_step, progress, return_stats, return_model, keep_ckpt, report_to, log_dir, run_name: as in train_sft.
     """
     cfg = cfg if progress is None else replace(cfg, progress=progress)
     d = init_distributed()
-    step_fn = PreferenceStep(loss, cfg.beta)
-    encoded, _, skipped = data.encode_pair_rows(tokenizer, pairs, cfg.max_seq_len, cfg.bad_rows, verbose=d.is_main)
+    step_fn = PreferenceStep(loss, cfg.beta, cfg.nll_weight, cfg.orpo_nll)
+    encoded, kept, skipped = data.encode_pair_rows(tokenizer, pairs, cfg.max_seq_len, cfg.bad_rows, verbose=d.is_main)
+    weights = pair_weights(pairs, kept)
     if not encoded:
         raise ValueError(f"train_preference: none of the {len(pairs)} pairs is usable (see the report above)")
     pad_id = _pad_id(tokenizer, model)
@@ -338,6 +347,8 @@ def train_preference(model, tokenizer, pairs, cfg: TrainConfig, out_dir=None, lo
     def make_batch(indices):
         tokens, targets = data.collate_pairs([encoded[i] for i in indices], pad_id)
         batch = {"tokens": tokens, "targets": targets, "n_pairs": len(indices)}
+        if weights is not None:
+            batch["weights"] = weights[torch.tensor(indices, dtype=torch.long)]  # (P,)
         if "table" in ref:
             t = ref["table"][torch.tensor(indices, dtype=torch.long)] if indices else torch.zeros(0, 2)
             batch["ref"] = torch.cat([t[:, 0], t[:, 1]])  # (2P,) chosen then rejected, like the rows
@@ -345,11 +356,20 @@ def train_preference(model, tokenizer, pairs, cfg: TrainConfig, out_dir=None, lo
 
     row_seqs = [tuple((len(ex.tokens), data.n_targets(ex)) for ex in (p.chosen, p.rejected)) for p in encoded]
     task = Task(row_seqs=row_seqs, make_batch=make_batch, count_fn=pair_counts, loss_step=step_fn,
-                data_key=f"{loss}:{key}", prepare=prepare)
+                data_key=f"{loss}:{key}" + (f":{stable_hash(weights.tolist())}" if weights is not None else ""),
+                prepare=prepare)
     report = tracking.Report(tuple(report_to), log_dir, run_name)
     trained, stats = _run(model, tokenizer, task, cfg, out_dir, d, on_step, return_model, keep_ckpt, report, loss)
     stats.update(n_rows=len(pairs), n_skipped=len(skipped))
     return (trained, stats) if return_stats else trained
+
+
+def pair_weights(rows, kept):
+    """(n,) float32 weights of the kept pair rows, from each row's "weight" (w2s/stages/preference_pairs.py writes
+    them under [stage2] pair_weighting); None when no row carries one (every pair weighs 1)."""
+    if not any(isinstance(row, dict) and "weight" in row for row in rows):
+        return None
+    return torch.tensor([float(rows[i].get("weight", 1.0)) for i in kept], dtype=torch.float32)
 
 
 def _pad_id(tokenizer, model):

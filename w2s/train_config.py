@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, fields
 
 from w2s.lora import TARGETS
-from w2s.losses import GRPO_AGGREGATIONS
+from w2s.losses import GRPO_AGGREGATIONS, ORPO_NLL
 
 
 @dataclass
@@ -30,6 +30,9 @@ class TrainConfig:
     adam_betas: tuple = (0.9, 0.95)
     clip: float | None = 1.0  # global gradient-norm clip; None: no clipping
     beta: float = 0.1  # DPO/IPO beta; ORPO's lambda
+    nll_weight: float = 0.0  # DPO/IPO + this x the chosen response's mean token NLL (Iterative RPO's alpha); 0: off
+    orpo_nll: str = "sequence_mean"  # ORPO's NLL: per-response token mean averaged over pairs (LLaMA-Factory v0.6.2),
+    # or "token_mean" over all chosen tokens of the step (w2s/losses.py)
     seed: int = 0
     lora_rank: int | None = None  # None: full fine-tuning
     lora_alpha: float = 32.0
@@ -51,11 +54,13 @@ class TrainConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}: expected a number > 0")
-        for name in ("min_lr", "warmup_steps", "weight_decay", "ckpt_every", "beta"):
+        for name in ("min_lr", "warmup_steps", "weight_decay", "ckpt_every", "beta", "nll_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}: expected a number >= 0")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"TrainConfig.lora_dropout={self.lora_dropout!r}: expected 0 <= p < 1")
+        if self.orpo_nll not in ORPO_NLL:
+            raise ValueError(f"TrainConfig.orpo_nll={self.orpo_nll!r}: expected {' or '.join(map(repr, ORPO_NLL))}")
         if self.bad_rows not in ("skip", "error"):
             raise ValueError(f"TrainConfig.bad_rows={self.bad_rows!r}: expected 'skip' or 'error'")
         unknown = sorted(set(self.lora_targets) - set(TARGETS))
@@ -113,6 +118,9 @@ CONFIG_HELP = {
     "adam_betas": "AdamW betas (two numbers)",
     "clip": "global gradient-norm clip ('none' to disable)",
     "beta": "DPO/IPO beta, or ORPO's lambda (weight of the odds-ratio term)",
+    "nll_weight": "DPO/IPO: add this times the chosen response's mean token NLL (Iterative RPO's alpha; 0: off)",
+    "orpo_nll": "ORPO's NLL term: 'sequence_mean' (each chosen response's mean token NLL, averaged over pairs, as "
+                "LLaMA-Factory v0.6.2) or 'token_mean' (over all chosen tokens of the step)",
     "seed": "seed of the data order and of the LoRA init",
     "lora_rank": "LoRA rank r; unset: full fine-tuning",
     "lora_alpha": "LoRA alpha; the update is scaled by alpha / r",
@@ -149,8 +157,9 @@ def add_config_args(parser, skip=()):
         elif f.name == "clip":
             parser.add_argument(flag, type=lambda v: None if v.lower() == "none" else float(v), default=default,
                                 help=help_text)
-        elif f.name == "bad_rows":
-            parser.add_argument(flag, choices=("skip", "error"), default=default, help=help_text)
+        elif f.name in ("bad_rows", "orpo_nll"):
+            choices = ("skip", "error") if f.name == "bad_rows" else ORPO_NLL
+            parser.add_argument(flag, choices=choices, default=default, help=help_text)
         else:
             kind = {"max_steps": int, "lora_rank": int}.get(f.name, type(default))
             parser.add_argument(flag, type=kind, default=default, help=help_text)

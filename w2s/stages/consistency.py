@@ -7,6 +7,11 @@ the zero-shot labels of M_weak-ft and M_icl-ft. Both rounds are the same two cal
     sets = sft_sets(weak_records, icl_records, kept)        # {"weak": rows, "icl": rows, "hybrid": rows}
     precision(kept_records, gold_answers)                   # analysis only: gold never enters a training set
 
+Beyond the paper ([stage1] weak_self_consistency, docs/PAPER.md): the weak model's own k samples per question vote
+first, and the questions where its majority is not confident leave the weak set before the filter:
+
+    confident = self_consistent(weak_samples_by_id, min_confidence)   # ids whose weak majority is confident enough
+
 A labelled record is {"id", "question", "response", "answer"} (+ "truncated" when the response stopped at the token
 limit); "answer" is the final answer the recipe's grader read from the response ("" when none), added by the runner
 where it filters (w2s/tasks/graders.py). An SFT row is {"id", "prompt", "response"} (+ "truncated"), prompt = the
@@ -18,7 +23,7 @@ Test: python -m pytest -q tests/test_stages.py
 
 from __future__ import annotations
 
-from w2s.stages.metrics import SameAnswer, SameFor, accuracy, answers_agree, comparator, exact_match
+from w2s.stages.metrics import SameAnswer, SameFor, accuracy, answers_agree, comparator, exact_match, majority_vote
 from w2s.tasks import zero_shot_prompt
 
 LABELLED_KEYS = ("id", "question", "response", "answer")
@@ -95,3 +100,16 @@ def precision(records: list[dict], gold_answers: dict, same_answer: SameAnswer =
     if not records:
         return None
     return accuracy(records, gold_answers, same_answer, same_for)
+
+
+def self_consistent(samples_by_id: dict, min_confidence: float, same_answer: SameAnswer = exact_match,
+                    same_for: SameFor | None = None) -> dict:
+    """{id: confidence of the weak model's majority answer over its samples} for the ids whose confidence reaches
+    min_confidence (Shi et al. 2025's weak self-consistency filter); samples_by_id = {id: [{"answer", ...}, ...]}.
+    A question with no non-empty answer has confidence 0."""
+    kept = {}
+    for qid, samples in samples_by_id.items():
+        _, confidence = majority_vote([s["answer"] for s in samples], comparator(same_answer, same_for, qid))
+        if confidence + 1e-9 >= min_confidence:  # 6/10 reaches a 0.6 bar whatever the float rounding
+            kept[qid] = confidence
+    return kept

@@ -11,6 +11,8 @@ default; `equivalence`; `math-verify`). The functions here take the comparison a
     accuracy(records, gold)                     fraction of {"id", "answer"} records equal to gold[id]
     pass_at_k(n, c, k)                          unbiased pass@k from n samples of which c are correct
     mean_pass_at_k(samples_by_id, gold, k)      pass@k averaged over questions
+    vote_counts(answers), majority_vote(answers)  answer classes and their votes; the most voted non-empty answer
+    majority_accuracy(samples_by_id, gold)      maj@k: the fraction of questions whose majority answer is correct
     accuracy_by_level(records, gold, levels)    MATH: {level: {"accuracy", "n"}}
     pgr(acc, weak_floor, ceiling)               (acc - floor) / (ceiling - floor); None when ceiling == floor
     pair_precision(pairs, gold)                 analysis only: fraction of pairs whose chosen answer is correct
@@ -126,6 +128,58 @@ def mean_pass_at_k(samples_by_id: dict, gold, k: int, same_answer: SameAnswer = 
     return sum(pass_at_k(len(v), sum(v), k) for v in correct.values()) / len(correct)
 
 
+def vote_counts(answers: list[str], same_answer: SameAnswer = exact_match) -> list[tuple[str, int]]:
+    """[(representative, votes)] of the answer classes of `answers`, in order of first appearance; the empty answer
+    ("no answer found") is a class of its own, counted like the others but never equal to a non-empty answer.
+
+    Each non-empty answer joins the first class whose representative (its first member) it equals under
+    `same_answer` (so "0.5" and "\\frac{1}{2}" vote together under the equivalence grader for MATH; under `paper`
+    only equal strings do)."""
+    representatives: list[str] = []
+    counts: list[int] = []
+    for answer in answers:
+        for c, representative in enumerate(representatives):
+            if answer == representative == "" or answers_agree(representative, answer, same_answer):
+                counts[c] += 1
+                break
+        else:
+            representatives.append(answer)
+            counts.append(1)
+    return list(zip(representatives, counts))
+
+
+def majority_vote(answers: list[str], same_answer: SameAnswer = exact_match) -> tuple[str, float]:
+    """(a_plus, confidence): the most frequent non-empty answer and its count over ALL len(answers) samples.
+
+    Classes as vote_counts. Ties go to the class that appeared first in sample order, which is deterministic since
+    the samples are stored in order. Empty answers count in the denominator but never win; with no non-empty answer
+    the result is ("", 0.0).
+    """
+    if not answers:
+        raise ValueError("majority_vote needs at least one answer")
+    classes = [(c, rep, n) for c, (rep, n) in enumerate(vote_counts(answers, same_answer)) if rep != ""]
+    if not classes:
+        return "", 0.0
+    _, best, count = max(classes, key=lambda x: (x[2], -x[0]))  # highest count, then earliest class
+    return best, count / len(answers)
+
+
+def majority_accuracy(samples_by_id: dict, gold, same_answer: SameAnswer = exact_match,
+                      same_for: SameFor | None = None) -> float:
+    """maj@k: the fraction of questions whose majority answer over their samples {"answer", ...} (majority_vote,
+    under the question's comparison) equals the gold answer; a question with no non-empty answer is wrong."""
+    if not samples_by_id:
+        raise ValueError("maj@k of no questions is undefined")
+    gold = gold_answers(gold)
+    right = 0
+    for qid, samples in samples_by_id.items():
+        if qid not in gold:
+            raise ValueError(f"samples id {qid!r} has no gold answer")
+        same = comparator(same_answer, same_for, qid)
+        right += answers_agree(majority_vote([s["answer"] for s in samples], same)[0], gold[qid], same)
+    return right / len(samples_by_id)
+
+
 def accuracy_by_level(records: list[dict], gold, levels: dict, same_answer: SameAnswer = exact_match,
                       same_for: SameFor | None = None) -> dict:
     """MATH: {level: {"accuracy", "n"}} with levels = {id: level} (1-5, None for unknown); sorted, None last."""
@@ -171,10 +225,12 @@ def evaluation_result(rows: list[dict], test: list[dict], task: str, grader: str
 
     rows: {"id", "response"} (one greedy response each) or {"id", "samples": [{"response"}, ...]} (n samples each).
     Each grader reads the answers and gold itself. The result holds, per grader, "accuracy_by_grader" (greedy; MATH
-    also "accuracy_by_level_by_grader") or "pass_by_grader" {"pass@1", "pass@n"} (samples), "no_answer_by_grader"
+    also "accuracy_by_level_by_grader") or "pass_by_grader" {"pass@1", "pass@n", "maj@n"} (samples; maj@n: the
+    majority answer of a question's n samples, voted under that grader, is correct), "no_answer_by_grader"
     (responses it reads no answer from), "grader_disagreements" {"a/b": responses whose verdicts differ} and
     "equivalence_gave_up" (comparisons past the equivalence grader's sympy bounds, by bound); and,
-    as the headline, the same numbers under `grader` ("accuracy", "n_correct", "accuracy_by_level" or "pass@k")
+    as the headline, the same numbers under `grader` ("accuracy", "n_correct", "accuracy_by_level" or "pass@k",
+    "maj@k")
     with "grader" naming it. Used by the pipeline's eval stages and by scripts/evaluate.py.
     """
     grader = grader or default_grader(task)
@@ -190,7 +246,7 @@ def evaluation_result(rows: list[dict], test: list[dict], task: str, grader: str
     if rows and "samples" in rows[0]:
         n = min(len(v) for v in graded[grader]["verdicts"].values())
         passes = {name: {f"pass@{k}": sum(pass_at_k(len(v), sum(v), k) for v in g["verdicts"].values()) / len(rows)
-                         for k in sorted({1, n})} for name, g in graded.items()}
+                         for k in sorted({1, n})} | {f"maj@{n}": g["maj"]} for name, g in graded.items()}
         return {**passes[grader], **result, "pass_by_grader": passes}
     acc = {name: sum(v) / len(v) for name, v in flat.items()}
     result |= {"accuracy": acc[grader], "n_correct": sum(flat[grader]), "accuracy_by_grader": acc,
@@ -214,8 +270,9 @@ def _graded(rows: list[dict], test: list[dict], grader) -> dict:
         samples = {row["id"]: [{"answer": grader.answer(s["response"])} for s in row["samples"]] for row in rows}
         records = [s for ss in samples.values() for s in ss]
         correct = sample_verdicts(samples, gold, same_for=same)
+        maj = majority_accuracy(samples, gold, same_for=same)
     else:
-        records = [{"id": row["id"], "answer": grader.answer(row["response"])} for row in rows]
+        records, maj = [{"id": row["id"], "answer": grader.answer(row["response"])} for row in rows], None
         correct = {r["id"]: [v] for r, v in zip(records, verdicts(records, gold, same_for=same))}
-    return {"records": records, "gold": gold, "same_for": same, "verdicts": correct,
+    return {"records": records, "gold": gold, "same_for": same, "verdicts": correct, "maj": maj,
             "no_answer": sum(r["answer"] == "" for r in records)}

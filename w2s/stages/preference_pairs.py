@@ -24,6 +24,16 @@ A pair is {"id", "prompt", "chosen", "rejected", "kind": "weak_chosen" | "weak_r
 grader) and the truncation flags (a side that stopped at the token limit) are kept for analysis, never for training.
 Comparisons use `same_answer(a, b)`, or `same_for(id)` for a comparison that depends on the question.
 
+Beyond the paper (recipe options, off by default; docs/PAPER.md "Beyond the paper"):
+
+    pair_weighting = "margin"        each pair carries "weight" = (votes(chosen answer) - votes(rejected answer)) / n,
+                                     the vote margin by which ScPO (Prasad et al. 2025) weights a pair's loss; the
+                                     trainer multiplies the pair's loss terms by it
+    self_consistency_pairs = true    a question the paper's rules skip (vote below the flip bar, weak label absent)
+                                     gets ScPO's pair instead: a sample of the most-voted answer chosen over one of
+                                     the least-voted answer, when the vote reaches min_confidence (kind
+                                     "self_consistency"); it never reads the weak label
+
 Test: python -m pytest -q tests/test_stages.py
 """
 
@@ -33,40 +43,19 @@ import hashlib
 import random
 
 from w2s.stages.consistency import check_same_ids, index_by_id
-from w2s.stages.metrics import SameAnswer, SameFor, answers_agree, comparator, exact_match
+from w2s.stages.metrics import (
+    SameAnswer,
+    SameFor,
+    answers_agree,
+    comparator,
+    exact_match,
+    majority_vote,
+    vote_counts,
+)
 from w2s.tasks import zero_shot_prompt
 
 # confidence is count / n; compare with a little slack so 0.6 given as 6/10 or 3/5 or 0.6 all pass the 0.6 bar.
 _EPS = 1e-9
-
-
-def majority_vote(answers: list[str], same_answer: SameAnswer = exact_match) -> tuple[str, float]:
-    """(a_plus, confidence): the most frequent non-empty answer and its count over ALL len(answers) samples.
-
-    Answers are grouped into equivalence classes with `same_answer` (so "0.5" and "\\frac{1}{2}" vote together
-    under the equivalence grader for MATH; under `paper` only equal strings do): each answer joins the first class
-    whose representative (its first member) it equals. a_plus is that representative. Ties go to the class that
-    appeared first in sample order, which is deterministic since the samples are stored in order. Empty answers
-    count in the denominator but never win; with no non-empty answer the result is ("", 0.0).
-    """
-    if not answers:
-        raise ValueError("majority_vote needs at least one answer")
-    representatives: list[str] = []
-    counts: list[int] = []
-    for answer in answers:
-        if answer == "":
-            continue
-        for c, representative in enumerate(representatives):
-            if answers_agree(representative, answer, same_answer):
-                counts[c] += 1
-                break
-        else:
-            representatives.append(answer)
-            counts.append(1)
-    if not counts:
-        return "", 0.0
-    best = max(range(len(counts)), key=lambda c: (counts[c], -c))  # highest count, then earliest class
-    return representatives[best], counts[best] / len(answers)
 
 
 def question_rng(seed: int, qid) -> random.Random:
@@ -88,7 +77,7 @@ def group_samples(sample_records: list[dict]) -> dict:
 
 def _distinct(samples: list[dict], exclude: str) -> list[dict]:
     """Samples with distinct response texts, first occurrence kept, never the text `exclude` (the weak response)."""
-    seen = {exclude}
+    seen = {exclude} if exclude is not None else set()
     out = []
     for sample in samples:
         if sample["response"] not in seen:
@@ -109,6 +98,87 @@ COUNT_KEYS = (
     "skipped_below_flip",  # weak != a_plus and min_confidence <= confidence < flip_confidence
     "skipped_no_other_side",  # weak != a_plus but every a_plus sample repeats the weak text (degenerate)
 )
+# Only with the options that need them: weak labels marked absent (the weak self-consistency filter dropped them) and
+# the most- vs least-voted pairs of the questions the paper's rules skip.
+OPTION_COUNT_KEYS = ("skipped_weak_absent", "self_consistency")
+PAIR_WEIGHTING = ("none", "margin")
+
+
+def vote_margin(chosen_answer: str, rejected_answer: str, answers: list[str], same: SameAnswer) -> tuple:
+    """(votes of the chosen answer, votes of the rejected answer, margin = their difference / len(answers)): ScPO's
+    weight of a pair (Prasad et al. 2025). An answer's votes are those of the first class it belongs to
+    (metrics.vote_counts); the empty answer's are the samples without an answer; an answer no sample gave has 0."""
+    classes = vote_counts(answers, same)
+
+    def votes(answer):
+        return next((n for rep, n in classes if answer == rep == "" or answers_agree(rep, answer, same)), 0)
+
+    v_chosen, v_rejected = votes(chosen_answer), votes(rejected_answer)
+    return v_chosen, v_rejected, (v_chosen - v_rejected) / len(answers)
+
+
+def _paper_side(record, samples, a_plus, confidence, same, min_confidence, flip_confidence):
+    """The paper's rules for one question with a vote: (kind, candidates for the other side, None) or (None, None,
+    the skip reason)."""
+    if record.get("absent"):
+        return None, None, "skipped_weak_absent"
+    if a_plus == "":
+        return None, None, "skipped_no_answer"
+    if confidence + _EPS < min_confidence:
+        return None, None, "skipped_low_confidence"
+    if answers_agree(record["answer"], a_plus, same):
+        # Samples whose answer differs from the weak one (= a_plus), including those with no answer at all.
+        # Checked against both, so a non-transitive `same_answer` can never reject an equal answer.
+        return "weak_chosen", [s for s in samples if not answers_agree(s["answer"], a_plus, same)
+                               and not answers_agree(s["answer"], record["answer"], same)], None
+    if confidence + _EPS >= flip_confidence:
+        # The chosen side answers a+ and, checked separately (equivalence may not be transitive), not the weak
+        # answer: a pair never prefers one response over another with the same answer.
+        return "weak_rejected", [s for s in samples if answers_agree(s["answer"], a_plus, same)
+                                 and not answers_agree(s["answer"], record["answer"], same)], None
+    return None, None, "skipped_below_flip"
+
+
+def self_consistency_pair(samples, a_plus, confidence, same, min_confidence, rng):
+    """ScPO's pair for one question: a sample of the most-voted answer (a_plus, chosen) against a sample of the
+    least-voted answer (rejected; a response without an answer is a class of its own; ties go to the class seen
+    first), each drawn among distinct texts; None when the vote is below min_confidence or has a single class."""
+    if a_plus == "" or confidence + _EPS < min_confidence:
+        return None
+    others = [(n, c, rep) for c, (rep, n) in enumerate(vote_counts([s["answer"] for s in samples], same))
+              if not answers_agree(rep, a_plus, same)]
+    if not others:
+        return None
+    _, _, least = min(others)
+
+    def members(rep):
+        return [s for s in samples if s["answer"] == rep == "" or answers_agree(s["answer"], rep, same)]
+
+    chosen = _distinct(members(a_plus), exclude=None)
+    rejected = [s for s in _distinct(members(least), exclude=None) if not answers_agree(s["answer"], a_plus, same)]
+    return (rng.choice(chosen), rng.choice(rejected)) if chosen and rejected else None
+
+
+def _pair_row(qid, record, chosen, rejected, kind, confidence, answers, same, pair_weighting):
+    row = {"id": qid, "prompt": zero_shot_prompt(record["question"]), "chosen": chosen["response"],
+           "rejected": rejected["response"], "kind": kind, "confidence": confidence,
+           "chosen_answer": chosen["answer"], "rejected_answer": rejected["answer"],
+           "chosen_truncated": bool(chosen.get("truncated", False)),
+           "rejected_truncated": bool(rejected.get("truncated", False))}
+    if pair_weighting == "margin" or kind == "self_consistency":
+        v_chosen, v_rejected, margin = vote_margin(chosen["answer"], rejected["answer"], answers, same)
+        row |= {"chosen_votes": v_chosen, "rejected_votes": v_rejected, "margin": margin}
+        if pair_weighting == "margin":
+            row["weight"] = margin  # the trainer weights this pair's loss terms by it (w2s/train.py)
+    return row
+
+
+def _check_samples(qid, samples):
+    if not samples:
+        raise ValueError(f"samples_by_id[{qid!r}]: no samples")
+    for j, sample in enumerate(samples):
+        if "response" not in sample or "answer" not in sample:
+            raise ValueError(f"samples_by_id[{qid!r}][{j}]: expected keys 'response' and 'answer'")
 
 
 def build_pairs(
@@ -120,73 +190,58 @@ def build_pairs(
     flip_confidence: float = 0.8,
     same_answer: SameAnswer = exact_match,
     same_for: SameFor | None = None,
+    pair_weighting: str = "none",
+    self_consistency_pairs: bool = False,
 ) -> tuple[list[dict], dict]:
     """Preference pairs by PAPER.md Stage II step 3 and the counts for the stage's meta.json.
 
-    weak_records: labelled weak records {"id", "question", "response", "answer"} (D_weak).
+    weak_records: labelled weak records {"id", "question", "response", "answer"} (D_weak); a record with "absent":
+    true has no weak label (the weak self-consistency filter dropped it): the paper's rules skip it.
     samples_by_id: {id: [{"response", "answer"}, ...]} from M_plus, the same ids as weak_records.
+    pair_weighting "margin": every pair carries "weight" = its vote margin (ScPO). self_consistency_pairs: a question
+    the paper's rules skip gets ScPO's most- vs least-voted pair instead (kind "self_consistency") when its vote
+    reaches min_confidence.
     Pairs come in weak_records order; per question, in the order drawn.
     """
     if max_pairs_per_question < 1:
         raise ValueError(f"max_pairs_per_question must be >= 1, got {max_pairs_per_question}")
     if not 0.0 <= min_confidence <= flip_confidence <= 1.0:
         raise ValueError(f"need 0 <= min_confidence <= flip_confidence <= 1, got {min_confidence}, {flip_confidence}")
+    if pair_weighting not in PAIR_WEIGHTING:
+        raise ValueError(f"pair_weighting={pair_weighting!r}: expected one of {', '.join(PAIR_WEIGHTING)}")
     weak = index_by_id(weak_records, "weak_records")
     check_same_ids(weak, samples_by_id, "weak_records", "samples_by_id")
 
-    counts = dict.fromkeys(COUNT_KEYS, 0)
+    options_on = self_consistency_pairs or any(r.get("absent") for r in weak_records)
+    counts = dict.fromkeys(COUNT_KEYS + (OPTION_COUNT_KEYS if options_on else ()), 0)
     pairs = []
     for qid, record in weak.items():
         counts["questions"] += 1
         samples = samples_by_id[qid]
-        if not samples:
-            raise ValueError(f"samples_by_id[{qid!r}]: no samples")
-        for j, sample in enumerate(samples):
-            if "response" not in sample or "answer" not in sample:
-                raise ValueError(f"samples_by_id[{qid!r}][{j}]: expected keys 'response' and 'answer'")
+        _check_samples(qid, samples)
         same = comparator(same_answer, same_for, qid)
-        a_plus, confidence = majority_vote([s["answer"] for s in samples], same)
-        if a_plus == "":
-            counts["skipped_no_answer"] += 1
-            continue
-        if confidence + _EPS < min_confidence:
-            counts["skipped_low_confidence"] += 1
-            continue
-
-        weak_is_majority = answers_agree(record["answer"], a_plus, same)
-        if weak_is_majority:
-            kind = "weak_chosen"
-            # Samples whose answer differs from the weak one (= a_plus), including those with no answer at all.
-            # Checked against both, so a non-transitive `same_answer` can never reject an equal answer.
-            candidates = [s for s in samples if not answers_agree(s["answer"], a_plus, same)
-                          and not answers_agree(s["answer"], record["answer"], same)]
-        elif confidence + _EPS >= flip_confidence:
-            kind = "weak_rejected"
-            # The chosen side answers a+ and, checked separately (equivalence may not be transitive), not the weak
-            # answer: a pair never prefers one response over another with the same answer.
-            candidates = [s for s in samples if answers_agree(s["answer"], a_plus, same)
-                          and not answers_agree(s["answer"], record["answer"], same)]
-        else:
-            counts["skipped_below_flip"] += 1
-            continue
-
-        candidates = _distinct(candidates, exclude=record["response"])
-        if not candidates:
-            counts["skipped_no_differing_sample" if weak_is_majority else "skipped_no_other_side"] += 1
-            continue
+        answers = [s["answer"] for s in samples]
+        a_plus, confidence = majority_vote(answers, same)
+        kind, candidates, skipped = _paper_side(record, samples, a_plus, confidence, same, min_confidence,
+                                                flip_confidence)
+        if kind is not None:
+            candidates = _distinct(candidates, exclude=record["response"])
+            if not candidates:
+                skipped = "skipped_no_differing_sample" if kind == "weak_chosen" else "skipped_no_other_side"
         rng = question_rng(seed, qid)
-        others = rng.sample(candidates, min(max_pairs_per_question, len(candidates)))
-
-        prompt = zero_shot_prompt(record["question"])
-        for other in others:
-            chosen, rejected = (record, other) if weak_is_majority else (other, record)
-            pairs.append({
-                "id": qid, "prompt": prompt, "chosen": chosen["response"], "rejected": rejected["response"],
-                "kind": kind, "confidence": confidence, "chosen_answer": chosen["answer"],
-                "rejected_answer": rejected["answer"], "chosen_truncated": bool(chosen.get("truncated", False)),
-                "rejected_truncated": bool(rejected.get("truncated", False)),
-            })  # fmt: skip
-        counts[kind] += len(others)
-        counts["pairs"] += len(others)
+        if skipped is not None:
+            counts[skipped] += 1
+            sc = self_consistency_pair(samples, a_plus, confidence, same, min_confidence, rng) \
+                if self_consistency_pairs else None
+            if sc is None:
+                continue
+            kind, drawn = "self_consistency", [sc]
+        else:
+            others = rng.sample(candidates, min(max_pairs_per_question, len(candidates)))
+            drawn = [(record, o) if kind == "weak_chosen" else (o, record) for o in others]
+        pairs += [_pair_row(qid, record, chosen, rejected, kind, confidence, answers, same, pair_weighting)
+                  for chosen, rejected in drawn]
+        counts[kind] += len(drawn)
+        counts["pairs"] += len(drawn)
         counts["questions_with_pairs"] += 1
     return pairs, counts
