@@ -22,16 +22,15 @@ import os
 import re
 import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from demo_seeds import seeded_recipe  # noqa: E402
-
 from w2s.engine import read_meta, stage_key  # noqa: E402
 from w2s.pipeline import build_stages, run_pipeline  # noqa: E402
-from w2s.recipe import load_recipe  # noqa: E402
+from w2s.recipe import (
+    load_recipe,  # noqa: E402
+    seeded_recipe,
+)
 from w2s.report import load_metas, method_accuracies, pgr  # noqa: E402
 
 # Every variant runs Stage II with DPO alone (the paper's best loss; ORPO would double the Stage II cost).
@@ -47,6 +46,10 @@ VARIANTS = {
     # filter keeps no question and Stage I has nothing to train on, so the miniature uses 0.3.
     "weak_sc": ({"stage1": {"weak_self_consistency": 10, "weak_min_confidence": 0.3}},
                 "weak self-consistency filter (k 10, conf 0.3)", "stage2_dpo"),
+    # On-policy from M_plus: 12 steps of 16 questions x 4 samples (a world solution is <= ~45 tokens).
+    "grpo": ({"stage2": {"losses": ["grpo"]}, "grpo": {"lr": 1e-4, "batch_size": 16, "micro_batch_size": 16,
+                                                       "max_steps": 12, "group_size": 4, "max_new_tokens": 64}},
+             "GRPO, vote reward (TTRL-style)", "stage2_grpo"),
 }
 # Rows shown for reference, read from the first variant's runs.
 REFERENCE = [("weak_floor", "weak floor"), ("stage1_r2_hybrid", "Stage I, M_plus"), ("ceiling", "strong ceiling")]

@@ -14,25 +14,13 @@ Test: python -m pytest -q tests/test_demo.py tests/test_plot.py -k seeds
 """
 
 import argparse
-import re
 import statistics
 from pathlib import Path
 
 from w2s.pipeline import run_pipeline
 from w2s.plot import plot_report
+from w2s.recipe import NAME_LINE, seeded_recipe
 from w2s.report import METHODS, load_metas, method_accuracies, run_grader
-
-SEED_LINE = re.compile(r"^(\s*\w*seed\s*=\s*)\d+", re.MULTILINE)  # seed, demo_seed, pair_seed (any section)
-NAME_LINE = re.compile(r'^name\s*=\s*"([^"]+)"', re.MULTILINE)
-
-
-def seeded_recipe(text, seed):
-    """The recipe text with every seed set to `seed` and the run name suffixed with -seed<seed>."""
-    name = NAME_LINE.search(text)
-    if name is None:
-        raise ValueError('recipe has no top-level `name = "..."` line')
-    text = SEED_LINE.sub(lambda m: f"{m.group(1)}{seed}", text)
-    return NAME_LINE.sub(f'name = "{name.group(1)}-seed{seed}"', text, count=1)
 
 
 def seeds_table(accuracies):

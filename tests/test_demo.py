@@ -159,8 +159,10 @@ def test_shortened_demo_runs_end_to_end_and_reports(tmp_path):
 def test_demo_seeds_rewrites_every_seed_and_the_name_and_tabulates_mean_and_spread():
     import demo_seeds  # scripts/demo_seeds.py (make demo-seeds)
 
+    from w2s.recipe import seeded_recipe
+
     text = RECIPE.read_text()
-    seeded = tomllib.loads(demo_seeds.seeded_recipe(text, 7))
+    seeded = tomllib.loads(seeded_recipe(text, 7))
     original = tomllib.loads(text)
     assert seeded["name"] == original["name"] + "-seed7"
     changed = []

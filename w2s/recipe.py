@@ -24,6 +24,7 @@ or a bad gold answer stops the run before its first stage with one line naming t
 """
 
 import dataclasses
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -348,3 +349,16 @@ def _validate(r, path, check_files):
     for key, p in (("[models] weak", r.models.weak), ("[models] strong", r.models.strong)):
         if not p or not (Path(p) / "config.json").is_file():
             bad(key, f"no checkpoint (config.json) at {p or '(empty)'}")
+
+
+SEED_LINE = re.compile(r"^(\s*\w*seed\s*=\s*)\d+", re.MULTILINE)  # seed, demo_seed, pair_seed (any section)
+NAME_LINE = re.compile(r'^name\s*=\s*"([^"]+)"', re.MULTILINE)
+
+
+def seeded_recipe(text, seed):
+    """The recipe text (TOML) with every seed set to `seed` and the run name suffixed with -seed<seed>."""
+    name = NAME_LINE.search(text)
+    if name is None:
+        raise ValueError('recipe has no top-level `name = "..."` line')
+    text = SEED_LINE.sub(lambda m: f"{m.group(1)}{seed}", text)
+    return NAME_LINE.sub(f'name = "{name.group(1)}-seed{seed}"', text, count=1)
