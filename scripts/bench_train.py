@@ -20,7 +20,7 @@ The two sides alternate step by step (a transformers step runs between two w2s s
 change in the load of a shared machine reaches both alike.
 Reported per side: median tokens/s over the steps after --warmup (tokens = model inputs, batch * (seq - 1)), MFU
 from w2s/profile.py (model FLOPs 6N + 12 L H D T per token, less the output layer for prompt tokens, as in
-w2s.train.step_flops; peak bf16 FLOP/s by device name, "-" on CPU unless W2S_PEAK_FLOPS is set), and the speed
+w2s.profile.step_flops; peak bf16 FLOP/s by device name, "-" on CPU unless W2S_PEAK_FLOPS is set), and the speed
 ratio w2s / transformers (target >= 1.2x). All rows have the same length, so the loop's shuffling changes which rows
 form a step but not the work per step.
 """
@@ -207,7 +207,7 @@ def bench_dpo_memory(path, args, device):
 def main():
     from w2s import profile
     from w2s.config import ModelConfig
-    from w2s.train import step_flops
+    from w2s.profile import step_flops
 
     args = parse_args()
     device = profile.resolve_device()

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from hf_tiny import COMMON, hf_model  # noqa: E402
 
 import w2s  # noqa: E402
-from w2s import data, train  # noqa: E402
+from w2s import data, profile, reference, train  # noqa: E402
 from w2s.files import read_jsonl  # noqa: E402
 from w2s.lora import TARGETS, LoRALinear, inject_lora, lora_scale, merge_lora_state_dict  # noqa: E402
 from w2s.train import TrainConfig, train_preference, train_sft  # noqa: E402
@@ -362,8 +362,8 @@ def test_reference_logps_are_cached_and_reused(ckpt, tmp_path, monkeypatch):
     path, _ = ckpt
     pairs = id_pairs(4, seed=8)
     calls = []
-    compute = train.compute_reference_logps
-    monkeypatch.setattr(train, "compute_reference_logps", lambda *a, **k: calls.append(1) or compute(*a, **k))
+    compute = reference.compute_reference_logps
+    monkeypatch.setattr(reference, "compute_reference_logps", lambda *a, **k: calls.append(1) or compute(*a, **k))
     c = cfg(max_steps=1)
     _, first = records(train_preference, load(path), None, pairs, c, out_dir=tmp_path, loss="dpo")
     assert len(calls) == 1 and (tmp_path / "ref_logps.pt").is_file()
@@ -487,11 +487,11 @@ def test_step_flops_leave_the_output_layer_out_for_prompt_tokens():
                       hidden_dim=32)
     n = 2 * 2336 + 16 + 1600  # matmul parameters, counted by hand in tests/test_profile.py
     full = 10 * flops_per_token(cfg, seq_len=10)
-    assert train.step_flops(cfg, [(10, 10)], lora=False) == full
+    assert profile.step_flops(cfg, [(10, 10)], lora=False) == full
     # 4 prompt tokens skip the output layer (100 x 16) forward and backward: 6 FLOPs per weight each
-    assert train.step_flops(cfg, [(10, 6), (10, 10)], lora=False) == 2 * full - 4 * 6 * 1600
+    assert profile.step_flops(cfg, [(10, 6), (10, 10)], lora=False) == 2 * full - 4 * 6 * 1600
     # LoRA: no weight gradients anywhere (2 N less per token), and the prompt skips 4 of the output layer's 6
-    assert train.step_flops(cfg, [(10, 6)], lora=True) == full - 10 * 2 * n - 4 * 4 * 1600
+    assert profile.step_flops(cfg, [(10, 6)], lora=True) == full - 10 * 2 * n - 4 * 4 * 1600
 
 
 # ---------------------------------------------------------------------------------------------- scripts

@@ -30,7 +30,6 @@ from w2s.lora import TARGETS
 from w2s.losses import PREFERENCE_LOSSES
 from w2s.recipe import grpo_config, train_config
 from w2s.tasks import few_shot_prompt, load_records, zero_shot_prompt
-from w2s.train import step_flops
 
 KEPT_FRACTION = 0.55  # GSM8K round 1 keeps 31-55 % of train_2: the upper end, so the estimate errs high
 PAIRED_FRACTION = 0.5  # questions of train_2 that get pairs
@@ -170,7 +169,7 @@ def _training_cost(stage, recipe, work, cfg, world, device):
     steps = tc.max_steps or tc.epochs * max(1, -(-int(rows) // tc.batch_size))
     sequences = steps * min(tc.batch_size, max(1, int(rows))) * per_row
     lora = tc.lora_rank is not None
-    flops = sequences * step_flops(cfg, [(int(length), int(work.response_tokens))], lora)
+    flops = sequences * profile.step_flops(cfg, [(int(length), int(work.response_tokens))], lora)
     if tc.activation_checkpointing:  # the forward runs again in backward
         flops += sequences * length * profile.flops_per_token(cfg, seq_len=int(length), training=False)
     rate = _peak(device) and TRAIN_MFU * _peak(device) * world
@@ -187,7 +186,8 @@ def _grpo_cost(recipe, work, cfg, world, device):
     sequences = steps * min(tc.batch_size, work.n_train_2) * gc.group_size
     sampled = sequences * length * profile.flops_per_token(cfg, seq_len=int(work.prompt_tokens + length / 2),
                                                             training=False)
-    trained = sequences * step_flops(cfg, [(int(work.prompt_tokens + length), int(length))], tc.lora_rank is not None)
+    lora = tc.lora_rank is not None
+    trained = sequences * profile.step_flops(cfg, [(int(work.prompt_tokens + length), int(length))], lora)
     peak = _peak(device)
     seconds = peak and sampled / (SAMPLING_MFU * peak * world) + trained / (TRAIN_MFU * peak * world)
     return Cost(generated=int(sequences * length), trained=int(sequences * (work.prompt_tokens + length)),

@@ -12,7 +12,7 @@ torch.profiler trace.
     meta.update(prof.cost())      # tokens, tok_s, mfu, peak_mem_gib, device, wall_s (summary() has the rest)
 
 A caller that counts its FLOPs exactly passes them: `prof.step(tokens=n, flops=f)` (w2s/train.py does, with each
-sequence's own length and LoRA's frozen base, from train.step_flops); then no cfg is needed. Stages without steps
+sequence's own length and LoRA's frozen base, from step_flops below); then no cfg is needed. Stages without steps
 just do `with StageProfiler(cfg, mode="inference") as prof: ...; prof.add_tokens(n)`.
 
 Honest clocks: CUDA work is asynchronous, so the clock is read only after `torch.cuda.synchronize()` (at enter, exit
@@ -433,3 +433,19 @@ class StageProfiler:
         if self.trace_path is not None:
             result["trace"] = str(self.trace_path)
         return result
+
+
+def step_flops(model_cfg, seqs, lora):
+    """Model FLOPs of one training step over seqs = [(input length L, target tokens)], in flops_per_token's convention.
+
+    Every token of a length-L sequence costs flops_per_token(cfg, L) = 6 N + 12 * layers * H * hd * L (forward 2 N,
+    backward 4 N; attention over the full context). With a frozen LoRA base there are no weight gradients, so the
+    backward skips 2 N per token: we subtract one forward's worth of matmuls (flops_per_token at inference, no
+    attention term = exactly 2 N). A token without a target (prompt) never reaches the output layer (TrainModule),
+    so it costs the output layer's share of that less: 6 V D, or 4 V D under LoRA (the output layer gets no LoRA,
+    so it too is frozen). Activation recompute is not counted (it is overhead, not model FLOPs).
+    """
+    frozen = flops_per_token(model_cfg, seq_len=None, training=False) if lora else 0
+    output_layer = (4 if lora else 6) * model_cfg.vocab_size * model_cfg.dim  # per token
+    return sum(L * (flops_per_token(model_cfg, seq_len=L) - frozen) - (L - n_targets) * output_layer
+               for L, n_targets in seqs)

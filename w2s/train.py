@@ -37,7 +37,7 @@ gradient norm (checked every step, before the update) or loss (log steps) stops 
 
 DPO/IPO need log ref(y|x) of the initial weights: one no-grad pass before training computes them for every pair,
 cached in out_dir/ref_logps.pt under a hash of the tokenized pairs and the model weights, so the reference model
-is never resident during training and a rerun or resume reuses them.
+is never resident during training and a rerun or resume reuses them (w2s/reference.py).
 
 Precision: master weights and optimizer state are fp32. On GPU, FSDP2 computes in bf16 and reduces gradients in
 fp32 (also on a single GPU, through a 1-rank group); a single CPU process runs plain fp32 without FSDP.
@@ -46,7 +46,6 @@ fp32 (also on a single GPU, through a 1-rank group); a single CPU process runs p
 """
 
 import hashlib
-import io
 import json
 import math
 import shutil
@@ -74,6 +73,7 @@ from w2s.parallel import (
     needs_fill_from_rank0,
     shard_model,
 )
+from w2s.reference import model_fingerprint, reference_logps
 from w2s.train_config import TrainConfig
 
 # ---------------------------------------------------------------------------------------------- model + loss head
@@ -191,22 +191,6 @@ def lr_at(step, total_steps, cfg: TrainConfig):
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-def step_flops(model_cfg, seqs, lora):
-    """Model FLOPs of one training step over seqs = [(input length L, target tokens)], in w2s/profile.py's convention.
-
-    Every token of a length-L sequence costs flops_per_token(cfg, L) = 6 N + 12 * layers * H * hd * L (forward 2 N,
-    backward 4 N; attention over the full context). With a frozen LoRA base there are no weight gradients, so the
-    backward skips 2 N per token: we subtract one forward's worth of matmuls (flops_per_token at inference, no
-    attention term = exactly 2 N). A token without a target (prompt) never reaches the output layer (TrainModule),
-    so it costs the output layer's share of that less: 6 V D, or 4 V D under LoRA (the output layer gets no LoRA,
-    so it too is frozen). Activation recompute is not counted (it is overhead, not model FLOPs).
-    """
-    frozen = profile.flops_per_token(model_cfg, seq_len=None, training=False) if lora else 0
-    output_layer = (4 if lora else 6) * model_cfg.vocab_size * model_cfg.dim  # per token
-    return sum(L * (profile.flops_per_token(model_cfg, seq_len=L) - frozen) - (L - n_targets) * output_layer
-               for L, n_targets in seqs)
-
-
 # ---------------------------------------------------------------------------------------------- hashing
 
 
@@ -220,62 +204,8 @@ def examples_hash(examples):
     return h.hexdigest()
 
 
-@torch.no_grad()
-def model_fingerprint(model):
-    """sha256 of every parameter's name, shape, sum and sum of squares (one cheap pass over the weights)."""
-    h = hashlib.sha256()
-    for name, p in model.state_dict().items():
-        t = p.detach().double()
-        h.update(f"{name}{tuple(p.shape)}{p.dtype}{t.sum().item():.10e}{t.square().sum().item():.10e}".encode())
-    return h.hexdigest()
-
-
-# ---------------------------------------------------------------------------------------------- reference pass
-
-
 def _to(batch, device):
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-@torch.no_grad()
-def compute_reference_logps(module, pairs, pad_id, micro_batch_size, d: Dist):
-    """Summed response log-probs (n, 2) [chosen, rejected] of every pair under the current (initial) weights.
-
-    Pairs are sorted by length and cut into micro-batches dealt round-robin to the ranks; every rank runs the same
-    number of forwards (FSDP gathers are collective), then one all-reduce assembles the table.
-    """
-    was_training = module.training
-    module.eval()  # no LoRA dropout in the reference
-    order = sorted(range(len(pairs)), key=lambda i: -max(len(pairs[i].chosen.tokens), len(pairs[i].rejected.tokens)))
-    chunks = [order[i:i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
-    table = torch.zeros(len(pairs), 2, dtype=torch.float32, device=d.device)
-    for start in range(0, len(chunks), d.world_size):
-        mine = chunks[start + d.rank] if start + d.rank < len(chunks) else []
-        tokens, targets = data.collate_pairs([pairs[i] for i in mine], pad_id)
-        logps = module(tokens.to(d.device), targets.to(d.device), per_token=True)  # (2P * T,), 0 where ignored
-        logps = logps.view_as(targets).sum(-1).float()  # (2P,)
-        if mine:
-            P = len(mine)
-            idx = torch.tensor(mine, device=d.device)
-            table[idx, 0], table[idx, 1] = logps[:P], logps[P:]
-    module.train(was_training)
-    return all_reduce_sum(table, d).cpu()
-
-
-def reference_logps(module, pairs, pad_id, cfg, d: Dist, out_dir, key):
-    """The reference table, from out_dir/ref_logps.pt when its key matches, else computed once and cached there."""
-    cache = Path(out_dir) / "ref_logps.pt" if out_dir is not None else None
-    if cache is not None and cache.is_file():
-        saved = torch.load(cache, weights_only=True)
-        if saved.get("key") == key and saved["logps"].shape == (len(pairs), 2):
-            return saved["logps"]
-    table = compute_reference_logps(module, pairs, pad_id, cfg.micro_batch_size, d)
-    if cache is not None and d.is_main:
-        buffer = io.BytesIO()  # (n, 2) floats: small enough to write in one piece
-        torch.save({"key": key, "logps": table}, buffer)
-        write_atomic(cache, buffer.getvalue())
-    barrier(d)
-    return table
 
 
 # ---------------------------------------------------------------------------------------------- public API
@@ -558,7 +488,8 @@ class Trainer:
                 seqs = [(n - 1, t) for j in global_batch for n, t in self.task.row_seqs[j]]
                 last = step + 1 == self.total
                 log = (step + 1) % cfg.log_every == 0 or last
-                meter.step(tokens=sum(n for n, _ in seqs), flops=step_flops(self.model_cfg, seqs, self.lora), sync=log)
+                flops = profile.step_flops(self.model_cfg, seqs, self.lora)
+                meter.step(tokens=sum(n for n, _ in seqs), flops=flops, sync=log)
                 bar.update(1)
                 if log:
                     rec = self.log(step, epoch, stats, grad_norm, lr, meter, bar)
