@@ -67,6 +67,7 @@ def main(argv=None):
     import torch
 
     import w2s
+    from w2s.parallel import is_main
     from w2s.sampling_jsonl import generate_to_jsonl
     from w2s.stages.metrics import evaluation_result
     from w2s.tasks import STOP_STRINGS, get_grader, load_records, zero_shot_prompt
@@ -92,7 +93,7 @@ def main(argv=None):
                       temperature=0.0 if args.samples == 1 else args.temperature, max_new_tokens=args.max_new_tokens,
                       stop=tuple(STOP_STRINGS), seed=args.seed, max_batch=args.max_batch,
                       progress=not args.no_progress)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not is_main():
         return None
     results = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
     if args.samples == 1:

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from w2s import decode_state
 from w2s.decode_state import DecodeState
 from w2s.fused import fuse_projections
+from w2s.parallel import is_main
 
 MAX_NEW_TOKENS = 256  # the default completion budget of every entry point
 CACHE_LEN_QUANTUM = 256  # default cache lengths round up to this when the decode state is kept across calls
@@ -551,9 +552,8 @@ def generate_shard(model, tokenizer, prompts, todo=None, names=None, progress=Tr
 
 
 def _run_shard(model, tokenizer, ids, mine, dp_size, n_done, progress, options):
-    import torch.distributed as dist
 
-    bar = _progress(len(ids), progress and (not dist.is_initialized() or dist.get_rank() == 0))
+    bar = _progress(len(ids), progress and is_main())
     bar.update(n_done)
     start, tokens = time.perf_counter(), 0
     try:

@@ -18,6 +18,7 @@ import json
 import os
 from pathlib import Path
 
+from w2s import parallel
 from w2s.checkpoint import naming_path
 from w2s.files import read_jsonl, write_atomic
 from w2s.sampling import dp_layout, generate_shard
@@ -145,7 +146,7 @@ def generate_to_jsonl(model, tokenizer, records, out_path, prompt_key="prompt", 
         raise ValueError(f"records: {id_key!r} values are not unique")
     opts = {k: v for k, v in generate_kwargs.items() if k != "prompt_indices"}
     distributed = dist.is_available() and dist.is_initialized()
-    rank = dist.get_rank() if distributed else 0
+    rank = parallel.rank()
     writer = dp_layout(model)[2]
 
     def load_all():
