@@ -24,6 +24,11 @@ unchanged is skipped, a killed one resumes, a changed option reruns exactly what
     31_eval_strong_icl  baseline: the strong base, 4-shot with the same weak demos, on test
     32-36_passk_*     pass@k of M_plus and M_pro from n samples at T=1 ([eval] pass_k_samples)
 
+The setting without gold ([data] train_2, OlympicArena; docs/PAPER.md) runs the same table less the rows that need
+gold: 00_data takes the questions file whole, there is no 01_weak_sft (02_weak_labels and 20_eval_weak_floor use the
+recipe's weak checkpoint as is, in its chat template under [models] weak_chat_template), no 19_ceiling, and the
+filters and pairs measure no precision.
+
 Under torchrun every rank runs every stage (training is FSDP2-sharded, sampling splits prompts over ranks); only
 rank 0 writes shared files.
 
@@ -46,6 +51,8 @@ from w2s.estimate import (
     SAMPLING_MFU,
     TRAIN_MFU,
     Cost,
+    Workload,
+    _token_counter,
     human_bytes,
     human_seconds,
     model_configs,
@@ -57,6 +64,7 @@ from w2s.parallel import barrier, init_distributed, is_main
 from w2s.recipe import load_recipe, train_config
 from w2s.report import _table, report
 from w2s.runners import (
+    load_questions,
     run_ceiling,
     run_data,
     run_eval,
@@ -69,7 +77,9 @@ from w2s.runners import (
     run_stage1_sft,
     run_test_set,
     run_weak_sft,
+    task_prompt,
 )
+from w2s.tasks import load_records
 
 KINDS = {run_data: "data", run_test_set: "data", run_weak_sft: "train", run_labels: "generate", run_filter: "filter",
          run_stage1_sft: "train", run_samples: "generate", run_pairs: "filter", run_preference: "train",
@@ -93,6 +103,10 @@ def build_stages(recipe):
     two_rounds = s1.rounds == 2
     m_plus = "13_r2_sft_hybrid" if two_rounds else "07_r1_sft_hybrid"
     zero_shot, few_shot, strong_sft = greedy_key(r, "zero_shot"), greedy_key(r, "few_shot"), strong_sft_key(r)
+    # The setting without gold ([data] train_2, OlympicArena): no train_1, so the weak model is the recipe's
+    # checkpoint as is (no 01_weak_sft), and nothing trains on or measures against train_2 gold (no 19_ceiling).
+    gold = not r.data.train_2
+    weak = "01_weak_sft" if gold else "weak"
 
     def sft_on_set(name, filter, sft_set, init="strong", when=True):  # init: the strong base or a round-1 model
         reads = [filter] + ([init] if init != "strong" else [])
@@ -106,9 +120,9 @@ def build_stages(recipe):
         # Stage 0: the weak supervisor
         stage("00_data", run_data, [], data_key(r)),
         stage("00_test", run_test_set, [], test_key(r)),
-        stage("01_weak_sft", run_weak_sft, ["00_data"], sft_key(r, "weak_sft", r.models.weak)),
-        stage("02_weak_labels", run_labels, ["00_data", "01_weak_sft"], zero_shot, model="01_weak_sft",
-              prompt="zero_shot"),
+        stage("01_weak_sft", run_weak_sft, ["00_data"], sft_key(r, "weak_sft", r.models.weak), gold),
+        stage("02_weak_labels", run_labels, ["00_data", *model_reads(weak)], zero_shot_key(r, weak), model=weak,
+              prompt=prompt_kind(r, weak)),
         # Stage I, round 1: the strong base's 4-shot labels, final-answer consistency, SFT on three sets
         stage("03_icl_labels", run_labels, ["00_data", "02_weak_labels"], few_shot, model="strong",
               prompt="few_shot"),
@@ -136,15 +150,28 @@ def build_stages(recipe):
         # Baselines: the strong base fine-tuned on every weak label, and on train_2 gold (the ceiling)
         stage("18_full_weak_ft", run_full_weak_ft, ["02_weak_labels"], strong_sft("all_weak_labels", None),
               "full_weak_ft" in baselines),
-        stage("19_ceiling", run_ceiling, ["00_data"], strong_sft("train_2_gold", None), "ceiling" in baselines),
+        stage("19_ceiling", run_ceiling, ["00_data"], strong_sft("train_2_gold", None),
+              gold and "ceiling" in baselines),
     ]
     table = [row for row in table if row is not None]
-    return table + evaluations(r, {row.name for row in table}, m_plus)
+    return table + evaluations(r, {row.name for row in table} | ({"weak"} if not gold else set()), m_plus)
+
+
+def model_reads(model):
+    """The stages a generation with `model` reads: its training stage; none for a recipe checkpoint."""
+    return [] if model in ("weak", "strong") else [model]
+
+
+def prompt_kind(r, model):
+    """How a model is prompted zero-shot: the weak model used as is in its chat template when the recipe says so
+    ([models] weak_chat_template), every other one with the task's plain-text prompt."""
+    return "chat" if model == "weak" and r.models.weak_chat_template else "zero_shot"
 
 
 def eval_methods(recipe):
-    """(method name in the report, stage whose model it evaluates) for every greedy zero-shot evaluation."""
-    methods = [("weak_floor", "01_weak_sft"), ("full_weak_ft", "18_full_weak_ft")]
+    """(method name in the report, stage whose model it evaluates) for every greedy zero-shot evaluation; the weak
+    model is the recipe's checkpoint itself ("weak") in the setting without gold."""
+    methods = [("weak_floor", "weak" if recipe.data.train_2 else "01_weak_sft"), ("full_weak_ft", "18_full_weak_ft")]
     for rnd, numbers in ((1, ("05", "06", "07")), (2, ("11", "12", "13")))[:recipe.stage1.rounds]:
         methods += [(f"stage1_r{rnd}_{s}", f"{n}_r{rnd}_sft_{s}") for n, s in zip(numbers, ("weak", "icl", "hybrid"))]
     methods += [(f"stage2_{loss}", PREFERENCE_STAGES[loss]) for loss in recipe.stage2.losses]
@@ -154,9 +181,8 @@ def eval_methods(recipe):
 def evaluations(r, present, m_plus):
     """Greedy test accuracy of every trained model present, strong ICL, then pass@k of M_plus and M_pro, in the
     order of their fixed numbers."""
-    greedy = greedy_key(r, "zero_shot")
-    evals = [stage(f"{EVAL_NUMBERS[method]}_eval_{method}", run_eval, ["00_test", model], greedy | {"method": method},
-                   model=model, prompt="zero_shot")
+    evals = [stage(f"{EVAL_NUMBERS[method]}_eval_{method}", run_eval, ["00_test", *model_reads(model)],
+                   zero_shot_key(r, model) | {"method": method}, model=model, prompt=prompt_kind(r, model))
              for method, model in eval_methods(r) if model in present]
     evals.append(stage(f"{EVAL_NUMBERS['strong_icl']}_eval_strong_icl", run_eval, ["00_test", "02_weak_labels"],
                        greedy_key(r, "few_shot") | {"method": "strong_icl"}, "strong_icl" in r.eval.baselines,
@@ -195,6 +221,8 @@ def train_options(recipe, section):
 
 def data_key(r):
     d = r.data
+    if d.train_2:  # the setting without gold: the questions file, used whole
+        return {"task": d.task, "train_2": sha256_file(d.train_2), "record_ids": "the row's id field"}
     return {"task": d.task, "train": sha256_file(d.train), "split": sha256_file(d.split_file) if d.split_file else None,
             "sizes": [d.n_train_1, d.n_train_2], "seed": d.seed,
             "record_ids": "the row's id field, else its position"}  # the GSM8K loader keeps ids of files that have them
@@ -226,6 +254,14 @@ def strong_sft_key(r):
         return base | {"set": sft_set} | ({"init": "strong_base" if init == "strong" else init} if init else {})
 
     return key
+
+
+def zero_shot_key(r, model):
+    """Greedy zero-shot generation by `model`. The recipe's weak checkpoint used as is (no stage of its own whose key
+    would say which weights) adds its fingerprint, and its prompt kind (plain or chat) replaces "zero_shot"."""
+    if model != "weak":
+        return greedy_key(r, "zero_shot")
+    return greedy_key(r, prompt_kind(r, model)) | {"weak": ckpt_fingerprint(r.models.weak)}
 
 
 def greedy_key(r, prompt):
@@ -272,7 +308,7 @@ def dry_run(recipe_path, runs_dir="runs", world=None, device=None):
     world = world or int(os.environ.get("WORLD_SIZE", 1))
     device = device or (profile.device_name() if torch.cuda.is_available() else "cpu")
     stages = build_stages(recipe)
-    work, configs = workload(recipe), model_configs(recipe)
+    work, configs = workload(recipe) if not recipe.data.train_2 else questions_workload(recipe), model_configs(recipe)
     rows, todo = [], Cost(seconds=0.0)
     for stage, status, reasons in plan(stages, Path(runs_dir) / recipe.name):
         cost = stage_cost(stage, recipe, work, configs, world, device)
@@ -289,13 +325,27 @@ def dry_run(recipe_path, runs_dir="runs", world=None, device=None):
     header = ["stage", "status", "why", "tokens generated", "tokens trained", "disk written", "peak memory / device",
               "time"]
     return (f"# Dry run: {recipe.name} on {world} x {device}\n\nThe estimate starts from:\n\n" +
-            "\n".join(_workload_lines(work)) + "\n\n" + _table(header, rows) + "\n")
+            "\n".join(_workload_lines(work, gold=not recipe.data.train_2)) + "\n\n" + _table(header, rows) + "\n")
 
 
-def _workload_lines(work):
+def questions_workload(recipe):
+    """The estimate's Workload in the setting without gold, from the train_2 and test files. No gold solution to
+    measure a response by: one is assumed half of [sampling] sample_max_new_tokens long."""
+    d, s1 = recipe.data, recipe.stage1
+    train_2, test = load_questions(d.task, d.train_2), load_records(d.task, d.test)
+    count = _token_counter(recipe.models.strong)
+    prompts = [count(task_prompt(d.task, r)) for r in train_2[:2000]]  # the mean settles long before
+    prompt, response = sum(prompts) / len(prompts), recipe.sampling.sample_max_new_tokens / 2
+    return Workload(0, len(train_2), min(d.n_test or len(test), len(test)), prompt,
+                    (s1.n_demos + 1) * prompt + s1.n_demos * response, response)
+
+
+def _workload_lines(work, gold=True):
+    response = (f"gold solution {work.response_tokens:.0f} (a response is assumed as long" if gold else
+                f"response {work.response_tokens:.0f} (no gold to measure: half of sample_max_new_tokens")
     return [f"- train_1 / train_2 / test: {work.n_train_1:,} / {work.n_train_2:,} / {work.n_test:,} questions",
             f"- mean tokens: zero-shot prompt {work.prompt_tokens:.0f}, 4-shot prompt {work.few_shot_tokens:.0f}, "
-            f"gold solution {work.response_tokens:.0f} (a response is assumed as long, capped at max_new_tokens)",
+            f"{response}, capped at max_new_tokens)",
             f"- Stage I keeps {KEPT_FRACTION:.0%} of train_2 per round; pairs for {PAIRED_FRACTION:.0%} of it",
             f"- training at {TRAIN_MFU:.1%} MFU, sampling at {SAMPLING_MFU:.1%} of peak (measured on an "
             f"{MEASURED_ON}, BENCHMARKS.md): lower bounds for a multi-GPU 70B run"]
