@@ -2,6 +2,7 @@
 
     python scripts/demo_seeds.py                      # = make demo-seeds: seeds 0, 1, 2 of recipes/demo.toml
     python scripts/demo_seeds.py --seeds 0 1 2 3 --recipe recipes/demo.toml
+    python scripts/demo_seeds.py --recipe recipes/demo_olympic.toml   # = make demo-olympic-seeds (no gold)
 
 For each seed N it writes recipes/.demo-seedN.toml (git-ignored): the recipe with every `*seed = ...` line set to N
 (the train_1/train_2 split, the ICL demos, the pair draws, the batch order and LoRA init) and the run name
@@ -15,7 +16,8 @@ import statistics
 from pathlib import Path
 
 from w2s.pipeline import run_pipeline
-from w2s.report import METHODS, load_metas, method_accuracies
+from w2s.recipe import load_recipe
+from w2s.report import METHODS, NO_GOLD_WEAK_LABEL, load_metas, method_accuracies
 
 SEED_LINE = re.compile(r"^(\s*\w*seed\s*=\s*)\d+", re.MULTILINE)  # seed, demo_seed, pair_seed (any section)
 NAME_LINE = re.compile(r'^name\s*=\s*"([^"]+)"', re.MULTILINE)
@@ -30,12 +32,14 @@ def seeded_recipe(text, seed):
     return NAME_LINE.sub(f'name = "{name.group(1)}-seed{seed}"', text, count=1)
 
 
-def seeds_table(accuracies):
-    """Markdown table from {seed: {method: accuracy}}: one row per method, accuracy in %, mean and spread."""
+def seeds_table(accuracies, gold=True):
+    """Markdown table from {seed: {method: accuracy}}: one row per method, accuracy in %, mean and spread. Without
+    gold ([data] train_2) the weak model's row is the weak model used as is."""
     seeds = sorted(accuracies)
     header = "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | std |"
     lines = [header, "|" + "---|" * (len(seeds) + 3)]
     for method, label in METHODS:
+        label = NO_GOLD_WEAK_LABEL if method == "weak_floor" and not gold else label
         values = [accuracies[s].get(method) for s in seeds]
         if any(v is None for v in values):
             continue
@@ -63,7 +67,7 @@ def main():
         print(f"== seed {seed}: {path}")
         run_dir, _, _ = run_pipeline(path, runs_dir=args.runs)
         accuracies[seed] = method_accuracies(load_metas(run_dir))
-    print(seeds_table(accuracies))
+    print(seeds_table(accuracies, gold=not load_recipe(recipe, check_files=False).data.train_2))
 
 
 if __name__ == "__main__":

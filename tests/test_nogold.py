@@ -384,3 +384,19 @@ def test_miniature_data_loads_through_the_task_loader_and_judges_right():
     assert olympic_judge.grade(f"$\\boxed{{{b}+{a}x}}$", ex)
     nv = next(r for r in val if r["answer_type"] == "NV")
     assert olympic_judge.grade(f"$\\boxed{{{nv['answer'][0]}.0}}$", nv)
+
+
+def test_olympic_splits_are_seeded_disjoint_and_kept_out_of_the_second_reading():
+    sizes = {"instruct": 30, "train_2": 30, "val": 30}
+    splits = world.make_olympic_splits(3, sizes)
+    assert splits == world.make_olympic_splits(3, sizes) and splits != world.make_olympic_splits(4, sizes)
+    questions = {name: {row["problem"].split("\n")[0] for row in rows} for name, rows in splits.items()}
+    assert all(len(q) == 30 for q in questions.values())
+    assert not (questions["instruct"] & questions["train_2"] or questions["val"] & (questions["instruct"] |
+                                                                                     questions["train_2"]))
+    for rows in splits.values():
+        assert sorted(r["answer_type"] for r in rows) == ["EX"] * 10 + ["NV"] * 10 + ["SC"] * 10
+    every = set().union(*questions.values())
+    docs = world.olympic_corpus(0, 60, exclude=every)
+    assert not any(q in doc for doc in docs for q in every)
+    assert any("$\\boxed{" in doc for doc in docs) and any("has x " in doc for doc in docs)
