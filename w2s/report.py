@@ -83,6 +83,8 @@ def without_gold(run_dir, metas):
     return bool(run_data_options(run_dir).get("train_2")) or metas.get("00_data", {}).get("n_train_1") == 0
 
 
+GRADER_NOTES = {"paper": "the authors' protocol", "equivalence": "w2s's lenient grader",
+                "math-verify": "Hugging Face's", "olympicarena": "OlympicArena's judge"}
 NO_GOLD_WEAK_LABEL = "weak model (as is)"
 NO_PGR = ("No PGR: this run has no gold for train_2 (the setting without gold, docs/PAPER.md), so there is no strong "
           "ceiling to measure the gap against. Every method is compared with the weak model used as is; 'vs weak' "
@@ -211,9 +213,10 @@ def report(run_dir, plot=True):
     out = [f"# w2s report: {run_dir.name}", "", *_method_section(acc, labels, grader, gold)]
     header, grader_rows = _grader_rows(metas, labels)
     if grader_rows:
+        legend = "; ".join(f"{g} = {GRADER_NOTES[g]}" for g in GRADER_NOTES if f"{g} %" in header)
         out += ["", "## The same accuracies under every grader", "",
-                "paper = the authors' protocol; equivalence = w2s's lenient grader; math-verify = Hugging Face's. "
-                "Disagreements: test questions that two graders judge differently.", "", _table(header, grader_rows)]
+                f"{legend}. Disagreements: test questions that two graders judge differently.", "",
+                _table(header, grader_rows)]
     if passk:
         out += ["", "## pass@k (samples at T=1)", "", _table(["model", "pass@k %", "by grader %"], passk)]
     level_rows = [(n.split("_eval_", 1)[1], ", ".join(f"L{lv} {100 * a:.0f}" for lv, a in levels.items()))
