@@ -222,7 +222,8 @@ def train_options(recipe, section):
 def data_key(r):
     d = r.data
     if d.train_2:  # the setting without gold: the questions file, used whole
-        return {"task": d.task, "train_2": sha256_file(d.train_2), "record_ids": "the row's id field"}
+        return {"task": d.task, "train_2": sha256_file(d.train_2),
+                "record_ids": "the row's id field, else its position"}
     return {"task": d.task, "train": sha256_file(d.train), "split": sha256_file(d.split_file) if d.split_file else None,
             "sizes": [d.n_train_1, d.n_train_2], "seed": d.seed,
             "record_ids": "the row's id field, else its position"}  # the GSM8K loader keeps ids of files that have them
