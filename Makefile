@@ -72,3 +72,20 @@ bench-sampling: $(STAMP)
 
 bench-train: $(STAMP)
 	$(PY) scripts/bench_train.py
+
+# The setting without gold (docs/PAPER.md, OlympicArena). make olympicarena NPROC=8 [DRY=1]: Llama-3-8B-Instruct
+# supervising Llama-3-70B, the weak model used as is, no ceiling. demo-olympic: the same on the miniature world
+# (recipes/demo_olympic.toml, docs/DEMO_WORLD.md); demo-olympic-build rebuilds its data and models from demo/.
+.PHONY: olympicarena demo-olympic demo-olympic-seeds demo-olympic-build
+
+olympicarena:
+	$(call RUN_RECIPE,$(or $(RECIPE),recipes/olympicarena.toml))
+
+demo-olympic:
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) scripts/pipeline.py recipes/demo_olympic.toml
+
+demo-olympic-seeds:
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) scripts/demo_seeds.py --recipe recipes/demo_olympic.toml --seeds 0 1 2
+
+demo-olympic-build:
+	$(PY) scripts/pretrain_demo.py --olympic --threads 1

@@ -2,6 +2,7 @@
 
     python scripts/demo_seeds.py                      # = make demo-seeds: seeds 0, 1, 2 of recipes/demo.toml
     python scripts/demo_seeds.py --seeds 0 1 2 3 --recipe recipes/demo.toml
+    python scripts/demo_seeds.py --recipe recipes/demo_olympic.toml   # = make demo-olympic-seeds (no gold)
 
 For each seed N it writes recipes/.demo-seedN.toml (git-ignored): the recipe with every `*seed = ...` line set to N
 (the train_1/train_2 split, the ICL demos, the pair draws, the batch order and LoRA init) and the run name
@@ -19,16 +20,18 @@ from pathlib import Path
 
 from w2s.pipeline import run_pipeline
 from w2s.plot import plot_report
-from w2s.recipe import NAME_LINE, seeded_recipe
-from w2s.report import METHODS, load_metas, method_accuracies, run_grader
+from w2s.recipe import NAME_LINE, load_recipe, seeded_recipe
+from w2s.report import METHODS, NO_GOLD_WEAK_LABEL, load_metas, method_accuracies, run_grader
 
 
-def seeds_table(accuracies):
-    """Markdown table from {seed: {method: accuracy}}: one row per method, accuracy in %, mean and spread."""
+def seeds_table(accuracies, gold=True):
+    """Markdown table from {seed: {method: accuracy}}: one row per method, accuracy in %, mean and spread. Without
+    gold ([data] train_2) the weak model's row is the weak model used as is."""
     seeds = sorted(accuracies)
     header = "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | std |"
     lines = [header, "|" + "---|" * (len(seeds) + 3)]
     for method, label in METHODS:
+        label = NO_GOLD_WEAK_LABEL if method == "weak_floor" and not gold else label
         values = [accuracies[s].get(method) for s in seeds]
         if any(v is None for v in values):
             continue
@@ -39,14 +42,14 @@ def seeds_table(accuracies):
     return "\n".join(lines)
 
 
-def write_seeds_report(run_dirs, out_dir, title):
+def write_seeds_report(run_dirs, out_dir, title, gold=True):
     """{seed: run dir} -> out_dir/report.md (the seeds table) and out_dir/report.png (the figure over the seeds).
     -> (table text, [paths written])."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metas = {seed: load_metas(run_dir) for seed, run_dir in run_dirs.items()}
     accuracies = {seed: method_accuracies(metas[seed], run_grader(run_dir)) for seed, run_dir in run_dirs.items()}
-    table = seeds_table(accuracies)
+    table = seeds_table(accuracies, gold)
     (out_dir / "report.md").write_text(f"# w2s report: {title}\n\nGreedy test accuracy (%) per seed.\n\n{table}\n")
     seeds = sorted(metas)
     png = plot_report(out_dir / "report.png", [accuracies[s] for s in seeds], [metas[s] for s in seeds], title)
@@ -72,7 +75,8 @@ def main():
         run_dirs[seed], _, _ = run_pipeline(path, runs_dir=args.runs)
     name = NAME_LINE.search(text).group(1)
     table, written = write_seeds_report(run_dirs, Path(args.runs) / f"{name}-seeds", f"{name}, seeds "
-                                        f"{', '.join(map(str, args.seeds))}")
+                                        f"{', '.join(map(str, args.seeds))}",
+                                        gold=not load_recipe(recipe, check_files=False).data.train_2)
     print(table)
     print("wrote " + ", ".join(map(str, written)))
 

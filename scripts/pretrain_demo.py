@@ -3,6 +3,8 @@
     python scripts/pretrain_demo.py --threads 1 --probe 200   # = make demo-pretrain: rewrites demo/ (data, tokenizer,
                                                     # weak, strong) and measures what the bases can do (PRETRAIN.json)
     python scripts/pretrain_demo.py --only weak --out /tmp/demo   # one model, elsewhere
+    python scripts/pretrain_demo.py --olympic --threads 1     # = make demo-olympic-build: demo/olympic/ and the weak
+                                                    # "instruct" model demo/weak-instruct/ (the setting without gold)
 
 What it writes (everything seeded: a rerun on the same torch build and thread count reproduces the files):
     demo/data/train.jsonl, test.jsonl   GSM8K-format records of the world (the pipeline splits train into
@@ -10,6 +12,14 @@ What it writes (everything seeded: a rerun on the same torch build and thread co
     demo/tokenizer/                     digit-level byte BPE trained on the corpora and the questions
     demo/weak/, demo/strong/            HF-format checkpoints (config.json, model.safetensors, tokenizer files)
     demo/PRETRAIN.json                  the model shapes, steps, final losses, wall time and probe numbers
+  with --olympic (from the shipped demo/weak, demo/tokenizer and the regenerated corpora; no pretraining):
+    demo/olympic/train_2.jsonl          OlympicArena-layout questions without any answer field (train_2)
+    demo/olympic/val.jsonl              the same layout with answers: the test set
+    demo/weak-instruct/                 demo/weak fine-tuned once on the "instruct" slice of the world (easier
+                                        problems, disjoint questions, the same answer formats): the weak model
+                                        recipes/demo_olympic.toml uses as is; PRETRAIN.json "olympic" says how it does
+    demo/strong-olympic/                demo/strong after a second, shorter reading of unlabeled world text that
+                                        includes the three answer types and the boxed last line (world.olympic_corpus)
 
 The models are pretrained by the project's own trainer (w2s.train.train_sft): every document is one id row
 {"prompt_ids": [bos], "response_ids": doc + [eos]}, so the loss covers the whole document. Why the world and the
@@ -161,6 +171,117 @@ def probe(out_dir, n, seed, recipe_path=RECIPE, log=print):
     return result
 
 
+# ------------------------------------------------------------------------------------------ the setting without gold
+
+OLYMPIC_SIZES = {"instruct": 450, "train_2": 450, "val": 300}  # a third of each answer type per split
+# The instruct slice: problems of the task's own range (the miniature has one kind of problem), questions disjoint
+# from train_2 and val, trained long enough to learn the boxed last line, which the weak base never read. (An easier
+# slice, 1-3 steps of small numbers, left it writing broken chains on the task's problems: docs/DEMO_WORLD.md.)
+INSTRUCT_DIFFICULTY = world.Difficulty()
+INSTRUCT_TRAINING = dict(lr=2e-3, epochs=20, batch_size=32, micro_batch_size=32, max_seq_len=512)
+# The strong base's second reading (world.olympic_corpus): one pass, the pretraining's batch, a lower peak lr.
+OLYMPIC_READING = dict(n_docs=16000, lr=1e-3, batch_size=8)
+
+
+def seen_questions(seed):
+    """Every question text the bases may have read: the GSM8K demo data and the problems of both pretraining
+    corpora (regenerated: the corpora are seeded), so no olympic question is one a base has seen."""
+    import re
+
+    splits = world.make_splits(seed, **SPLIT_SIZES)
+    seen = world.questions_of(splits)
+    for name in SHAPES:
+        for doc in world.pretrain_corpus(seed, SCHEDULE[name]["n_docs"], name, world.questions_of(splits)):
+            seen.update(re.findall(r": ([A-Z][a-z]+ has [^\n]*?now\?)", doc))
+    return seen
+
+
+def build_olympic(out_dir, seed, log=print):
+    """demo/olympic/{train_2,val}.jsonl, demo/weak-instruct/ and demo/strong-olympic/ (the module docstring);
+    returns the reading's numbers and the probe."""
+    from w2s.checkpoint import load_model, save_model
+    from w2s.tasks import olympicarena
+    from w2s.tokenizer import load_tokenizer
+    from w2s.train import TrainConfig
+
+    out_dir = Path(out_dir)
+    seen = seen_questions(seed)
+    splits = world.make_olympic_splits(seed, OLYMPIC_SIZES, {"instruct": INSTRUCT_DIFFICULTY}, seen)
+    (out_dir / "olympic").mkdir(parents=True, exist_ok=True)
+    world._write_jsonl(out_dir / "olympic" / "train_2.jsonl", world.without_gold(splits["train_2"]))
+    world._write_jsonl(out_dir / "olympic" / "val.jsonl", splits["val"])
+    tok = load_tokenizer(out_dir / "weak")
+    rows = [{"prompt": olympicarena.make_prompt(r["prompt"]), "response": r["solution"]} for r in splits["instruct"]]
+    torch.manual_seed(seed)
+    cfg = TrainConfig(**INSTRUCT_TRAINING, seed=seed, progress=False)
+    weak = _train_sft(load_model(out_dir / "weak", dtype=torch.float32), tok, rows, cfg)
+    save_model(weak, out_dir / "weak-instruct", tokenizer=tok)
+    questions = {row["problem"].split("\n")[0] for rows in splits.values() for row in rows}  # SC: without options
+    docs = world.olympic_corpus(seed, OLYMPIC_READING["n_docs"], exclude=questions | seen)
+    strong, stats = read_again(load_model(out_dir / "strong", dtype=torch.float32), tok, docs, seed)
+    save_model(strong, out_dir / "strong-olympic", tokenizer=tok)
+    log(f"strong-olympic: {stats}")
+    return {"strong_olympic_reading": stats, **probe_olympic(out_dir, seed, log)}
+
+
+def read_again(model, tokenizer, docs, seed):
+    """One more pass of pretraining (OLYMPIC_READING) over docs, as `pretrain` trains: -> (model, stats)."""
+    from w2s.train import TrainConfig
+
+    sched, rows = OLYMPIC_READING, document_rows(tokenizer, docs)
+    steps = -(-len(rows) // sched["batch_size"])
+    cfg = TrainConfig(lr=sched["lr"], min_lr=sched["lr"] / 10, warmup_steps=max(1, steps // 20), epochs=1,
+                      batch_size=sched["batch_size"], micro_batch_size=sched["batch_size"], max_seq_len=MAX_SEQ_LEN,
+                      weight_decay=0.1, seed=seed, log_every=max(1, steps // 10))
+    start, losses = time.perf_counter(), []
+    torch.manual_seed(seed)
+    model = _train_sft(model, tokenizer, rows, cfg, on_step=lambda rec: losses.append(rec["loss"]))
+    return model, {**sched, "steps": steps, "final_loss": losses[-1] if losses else None,
+                   "seconds": round(time.perf_counter() - start, 1)}
+
+
+def probe_olympic(out_dir, seed, log=print):
+    """Without the pipeline, on the val questions: the weak instruct model zero-shot, the strong base (after its
+    second reading) zero-shot and 4-shot with the weak model's own responses to train_2 as demos (the demo rule of
+    w2s/tasks/olympicarena.py), per answer type."""
+    from w2s.checkpoint import load_model
+    from w2s.sampling import generate
+    from w2s.tasks import olympic_judge, olympicarena
+    from w2s.tokenizer import load_tokenizer
+
+    out_dir = Path(out_dir)
+    val = olympicarena.load(out_dir / "olympic" / "val.jsonl")
+    train_2 = olympicarena.load_questions(out_dir / "olympic" / "train_2.jsonl")
+    tok = load_tokenizer(out_dir / "strong")
+
+    def respond(model, prompts):
+        outs = generate(model, tok, prompts, max_new_tokens=96, stop=olympicarena.STOP_STRINGS, max_batch=128,
+                        progress=False)
+        return [o[0]["text"].strip() for o in outs]
+
+    def accuracy(responses):
+        by_type = {}
+        for record, response in zip(val, responses):
+            by_type.setdefault(record["answer_type"], []).append(olympic_judge.grade(response, record))
+        return {"all": sum(sum(v) for v in by_type.values()) / len(val),
+                **{t: sum(v) / len(v) for t, v in sorted(by_type.items())}}
+
+    weak = load_model(out_dir / "weak-instruct", dtype=torch.float32)
+    strong = load_model(out_dir / "strong-olympic", dtype=torch.float32)
+    labels = [{"id": r["id"], "response": y} for r, y in zip(train_2, respond(weak, [r["prompt"] for r in train_2]))]
+    demos = olympicarena.select_demos(labels, {r["id"]: r["prompt"] for r in train_2}, k=4, seed=seed)
+    result = {"n_val": len(val), "sizes": OLYMPIC_SIZES,
+              "weak_instruct_zero_shot": accuracy(respond(weak, [r["prompt"] for r in val])),
+              "weak_base_zero_shot": accuracy(respond(load_model(out_dir / "weak", dtype=torch.float32),
+                                                      [r["prompt"] for r in val])),
+              "strong_zero_shot": accuracy(respond(strong, [r["prompt"] for r in val])),
+              "strong_4shot_weak_demos": accuracy(respond(strong, [olympicarena.few_shot_prompt(demos, r)
+                                                                   for r in val]))}
+    for key, value in result.items():
+        log(f"  {key}: {value}")
+    return result
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -188,11 +309,16 @@ def main(argv=None):
     parser.add_argument("--n-docs", type=int, default=0, metavar="N",
                         help="documents per model instead of the schedule's (quick trials and tests)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--olympic", action="store_true",
+                        help="build demo/olympic/, weak-instruct/ and strong-olympic/ from the bases in --out")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     record_path = out / "PRETRAIN.json"
+    if args.olympic:
+        update_record(record_path, olympic=build_olympic(out, args.seed))
+        return 0
     if not args.probe_only:
         from w2s.checkpoint import save_model
         from w2s.tokenizer import load_tokenizer

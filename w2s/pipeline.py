@@ -37,6 +37,11 @@ numbers, so a run directory's names never shift; GRPO's evaluations are 41 and 4
                       training (its reference = its starting weights) the previous round's model of that loss
     41_eval_stage2_grpo, 42_passk_stage2_grpo   the evaluations of 16_grpo's model
 
+The setting without gold ([data] train_2, OlympicArena; docs/PAPER.md) runs the same table less the rows that need
+gold: 00_data takes the questions file whole, there is no 01_weak_sft (02_weak_labels and 20_eval_weak_floor use the
+recipe's weak checkpoint as is, in its chat template under [models] weak_chat_template), no 19_ceiling, and the
+filters and pairs measure no precision.
+
 Under torchrun every rank runs every stage (training is FSDP2-sharded, sampling splits prompts over ranks); only
 rank 0 writes shared files.
 
@@ -59,6 +64,8 @@ from w2s.estimate import (
     SAMPLING_MFU,
     TRAIN_MFU,
     Cost,
+    Workload,
+    _token_counter,
     human_bytes,
     human_seconds,
     model_configs,
@@ -70,6 +77,7 @@ from w2s.parallel import barrier, init_distributed, is_main
 from w2s.recipe import grpo_config, load_recipe, train_config, validate_inputs
 from w2s.report import _table, report
 from w2s.runners import (
+    load_questions,
     run_ceiling,
     run_data,
     run_eval,
@@ -83,7 +91,9 @@ from w2s.runners import (
     run_stage1_sft,
     run_test_set,
     run_weak_sft,
+    task_prompt,
 )
+from w2s.tasks import load_records
 
 KINDS = {run_data: "data", run_test_set: "data", run_weak_sft: "train", run_labels: "generate", run_filter: "filter",
          run_stage1_sft: "train", run_samples: "generate", run_pairs: "filter", run_preference: "train",
@@ -113,6 +123,10 @@ def build_stages(recipe):
     m_plus = "13_r2_sft_hybrid" if two_rounds else "07_r1_sft_hybrid"
     zero_shot, few_shot, strong_sft = greedy_key(r, "zero_shot"), greedy_key(r, "few_shot"), strong_sft_key(r)
     pair_losses = [loss for loss in losses if loss in PREFERENCE_STAGES]  # GRPO alone needs no samples nor pairs
+    # The setting without gold ([data] train_2, OlympicArena): no train_1, so the weak model is the recipe's
+    # checkpoint as is (no 01_weak_sft), and nothing trains on or measures against train_2 gold (no 19_ceiling).
+    gold = not r.data.train_2
+    weak = "01_weak_sft" if gold else "weak"
 
     def sft_on_set(name, filter, sft_set, init="strong", when=True):  # init: the strong base or a round-1 model
         reads = [filter] + ([init] if init != "strong" else [])
@@ -126,11 +140,12 @@ def build_stages(recipe):
         # Stage 0: the weak supervisor
         stage("00_data", run_data, [], data_key(r)),
         stage("00_test", run_test_set, [], test_key(r)),
-        stage("01_weak_sft", run_weak_sft, ["00_data"], sft_key(r, "weak_sft", r.models.weak)),
-        stage("02_weak_labels", run_labels, ["00_data", "01_weak_sft"], zero_shot, model="01_weak_sft",
-              prompt="zero_shot"),
-        stage("02_weak_samples", run_samples, ["00_data", "01_weak_sft"], samples_key(r, s1.weak_self_consistency),
-              weak_sc, model="01_weak_sft", n=s1.weak_self_consistency),
+        stage("01_weak_sft", run_weak_sft, ["00_data"], sft_key(r, "weak_sft", r.models.weak), gold),
+        stage("02_weak_labels", run_labels, ["00_data", *model_reads(weak)], zero_shot_key(r, weak), model=weak,
+              prompt=prompt_kind(r, weak)),
+        stage("02_weak_samples", run_samples, ["00_data", *model_reads(weak)],
+              samples_key(r, s1.weak_self_consistency) | weak_id(r, weak), weak_sc, model=weak,
+              n=s1.weak_self_consistency, prompt=prompt_kind(r, weak)),
         # Stage I, round 1: the strong base's 4-shot labels, final-answer consistency, SFT on three sets
         stage("03_icl_labels", run_labels, ["00_data", "02_weak_labels"], few_shot, model="strong",
               prompt="few_shot"),
@@ -162,10 +177,22 @@ def build_stages(recipe):
         # Baselines: the strong base fine-tuned on every weak label, and on train_2 gold (the ceiling)
         stage("18_full_weak_ft", run_full_weak_ft, ["02_weak_labels"], strong_sft("all_weak_labels", None),
               "full_weak_ft" in baselines),
-        stage("19_ceiling", run_ceiling, ["00_data"], strong_sft("train_2_gold", None), "ceiling" in baselines),
+        stage("19_ceiling", run_ceiling, ["00_data"], strong_sft("train_2_gold", None),
+              gold and "ceiling" in baselines),
     ]
     table = [row for row in table if row is not None]
-    return table + evaluations(r, {row.name for row in table}, m_plus)
+    return table + evaluations(r, {row.name for row in table} | ({"weak"} if not gold else set()), m_plus)
+
+
+def model_reads(model):
+    """The stages a generation with `model` reads: its training stage; none for a recipe checkpoint."""
+    return [] if model in ("weak", "strong") else [model]
+
+
+def prompt_kind(r, model):
+    """How a model is prompted zero-shot: the weak model used as is in its chat template when the recipe says so
+    ([models] weak_chat_template), every other one with the task's plain-text prompt."""
+    return "chat" if model == "weak" and r.models.weak_chat_template else "zero_shot"
 
 
 def pairs_stage(name, r, samples, when=True):
@@ -200,8 +227,9 @@ def stage2_round(r, loss, rnd):
 
 
 def eval_methods(recipe):
-    """(method name in the report, stage whose model it evaluates) for every greedy zero-shot evaluation."""
-    methods = [("weak_floor", "01_weak_sft"), ("full_weak_ft", "18_full_weak_ft")]
+    """(method name in the report, stage whose model it evaluates) for every greedy zero-shot evaluation; the weak
+    model is the recipe's checkpoint itself ("weak") in the setting without gold."""
+    methods = [("weak_floor", "weak" if recipe.data.train_2 else "01_weak_sft"), ("full_weak_ft", "18_full_weak_ft")]
     for rnd, numbers in ((1, ("05", "06", "07")), (2, ("11", "12", "13")))[:recipe.stage1.rounds]:
         methods += [(f"stage1_r{rnd}_{s}", f"{n}_r{rnd}_sft_{s}") for n, s in zip(numbers, ("weak", "icl", "hybrid"))]
     methods += [(f"stage2_{loss}", STAGE2_STAGES[loss]) for loss in recipe.stage2.losses]
@@ -218,9 +246,8 @@ def eval_number(method):
 def evaluations(r, present, m_plus):
     """Greedy test accuracy of every trained model present, strong ICL, then pass@k of M_plus and M_pro, in the
     order of their fixed numbers."""
-    greedy = greedy_key(r, "zero_shot")
-    evals = [stage(f"{eval_number(method)}_eval_{method}", run_eval, ["00_test", model], greedy | {"method": method},
-                   model=model, prompt="zero_shot")
+    evals = [stage(f"{eval_number(method)}_eval_{method}", run_eval, ["00_test", *model_reads(model)],
+                   zero_shot_key(r, model) | {"method": method}, model=model, prompt=prompt_kind(r, model))
              for method, model in eval_methods(r) if model in present]
     evals.append(stage(f"{EVAL_NUMBERS['strong_icl']}_eval_strong_icl", run_eval, ["00_test", "02_weak_labels"],
                        greedy_key(r, "few_shot") | {"method": "strong_icl"}, "strong_icl" in r.eval.baselines,
@@ -264,6 +291,9 @@ def train_options(recipe, section):
 
 def data_key(r):
     d = r.data
+    if d.train_2:  # the setting without gold: the questions file, used whole
+        return {"task": d.task, "train_2": sha256_file(d.train_2),
+                "record_ids": "the row's id field, else its position"}
     return {"task": d.task, "train": sha256_file(d.train), "split": sha256_file(d.split_file) if d.split_file else None,
             "sizes": [d.n_train_1, d.n_train_2], "seed": d.seed,
             "record_ids": "the row's id field, else its position"}  # the GSM8K loader keeps ids of files that have them
@@ -295,6 +325,19 @@ def strong_sft_key(r):
         return base | {"set": sft_set} | ({"init": "strong_base" if init == "strong" else init} if init else {})
 
     return key
+
+
+def zero_shot_key(r, model):
+    """Greedy zero-shot generation by `model` (weak_id: which weights and prompt when it is the weak checkpoint)."""
+    return greedy_key(r, "zero_shot") | weak_id(r, model)
+
+
+def weak_id(r, model):
+    """The recipe's weak checkpoint used as is has no stage of its own whose key would say which weights: its
+    fingerprint joins the key, and its prompt kind (plain or chat) replaces "zero_shot". {} for any other model."""
+    if model != "weak":
+        return {}
+    return {"weak": ckpt_fingerprint(r.models.weak), "prompt": prompt_kind(r, model)}
 
 
 def greedy_key(r, prompt):
@@ -363,7 +406,7 @@ def dry_run(recipe_path, runs_dir="runs", world=None, device=None):
     world = world or int(os.environ.get("WORLD_SIZE", 1))
     device = device or (profile.device_name() if torch.cuda.is_available() else "cpu")
     stages = build_stages(recipe)
-    work, configs = workload(recipe), model_configs(recipe)
+    work, configs = workload(recipe) if not recipe.data.train_2 else questions_workload(recipe), model_configs(recipe)
     rows, todo = [], Cost(seconds=0.0)
     for stage, status, reasons in plan(stages, Path(runs_dir) / recipe.name):
         cost = stage_cost(stage, recipe, work, configs, world, device)
@@ -380,13 +423,27 @@ def dry_run(recipe_path, runs_dir="runs", world=None, device=None):
     header = ["stage", "status", "why", "tokens generated", "tokens trained", "disk written", "peak memory / device",
               "time"]
     return (f"# Dry run: {recipe.name} on {world} x {device}\n\nThe estimate starts from:\n\n" +
-            "\n".join(_workload_lines(work)) + "\n\n" + _table(header, rows) + "\n")
+            "\n".join(_workload_lines(work, gold=not recipe.data.train_2)) + "\n\n" + _table(header, rows) + "\n")
 
 
-def _workload_lines(work):
+def questions_workload(recipe):
+    """The estimate's Workload in the setting without gold, from the train_2 and test files. No gold solution to
+    measure a response by: one is assumed half of [sampling] sample_max_new_tokens long."""
+    d, s1 = recipe.data, recipe.stage1
+    train_2, test = load_questions(d.task, d.train_2), load_records(d.task, d.test)
+    count = _token_counter(recipe.models.strong)
+    prompts = [count(task_prompt(d.task, r)) for r in train_2[:2000]]  # the mean settles long before
+    prompt, response = sum(prompts) / len(prompts), recipe.sampling.sample_max_new_tokens / 2
+    return Workload(0, len(train_2), min(d.n_test or len(test), len(test)), prompt,
+                    (s1.n_demos + 1) * prompt + s1.n_demos * response, response)
+
+
+def _workload_lines(work, gold=True):
+    response = (f"gold solution {work.response_tokens:.0f} (a response is assumed as long" if gold else
+                f"response {work.response_tokens:.0f} (no gold to measure: half of sample_max_new_tokens")
     return [f"- train_1 / train_2 / test: {work.n_train_1:,} / {work.n_train_2:,} / {work.n_test:,} questions",
             f"- mean tokens: zero-shot prompt {work.prompt_tokens:.0f}, 4-shot prompt {work.few_shot_tokens:.0f}, "
-            f"gold solution {work.response_tokens:.0f} (a response is assumed as long, capped at max_new_tokens)",
+            f"{response}, capped at max_new_tokens)",
             f"- Stage I keeps {KEPT_FRACTION:.0%} of train_2 per round; pairs for {PAIRED_FRACTION:.0%} of it",
             f"- training at {TRAIN_MFU:.1%} MFU, sampling at {SAMPLING_MFU:.1%} of peak (measured on an "
             f"{MEASURED_ON}, BENCHMARKS.md): lower bounds for a multi-GPU 70B run"]

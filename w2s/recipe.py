@@ -4,8 +4,9 @@ A recipe names the task and data, the weak and strong checkpoints, and the optio
 marks unknown is an option here with a stated default. A recipe is validated completely (unknown keys, missing
 files, impossible values) before any model is loaded, and every error names the recipe file and the key.
 
-    [data]      task, train/test files, split sizes or a split file, seed, the grader
-    [models]    weak / strong checkpoint dirs, dtype, device
+    [data]      task, train/test files, split sizes or a split file, seed, the grader; or, in the setting without
+                gold (OlympicArena), train_2: the questions alone, no train file
+    [models]    weak / strong checkpoint dirs, dtype, device, whether the weak model is prompted in its chat template
     [sampling]  max_new_tokens, batch size, cache length for every generation stage
     [weak_sft] [strong_sft] [preference]   training options (w2s.train_config.TrainConfig fields)
     [grpo]      GRPO's training: TrainConfig fields and GRPOConfig's (group size, rollout tokens, reward, ...)
@@ -35,7 +36,8 @@ from w2s.tasks.graders import default_grader, is_available, task_graders
 from w2s.tracking import check_trackers
 from w2s.train_config import GRPOConfig, TrainConfig
 
-TASKS = ("gsm8k", "math")
+GOLD_TASKS = ("gsm8k", "math")  # tasks with gold training data: a train file split into train_1 and train_2
+TASKS = GOLD_TASKS + ("olympicarena",)  # OlympicArena has questions only: [data] train_2
 
 
 @dataclass
@@ -47,16 +49,22 @@ class DataOptions:
     n_train_2: int = 0  # 0: the other half
     n_test: int = 0  # 0: the whole test file (smaller for quick runs)
     split_file: str = ""  # optional json {"train_1": [ids], "train_2": [ids]} instead of a seeded split
+    # The setting without gold (PAPER.md, OlympicArena): a file of questions, used whole as train_2, instead of
+    # `train`. No train_1 (the weak model is used as is), no gold of train_2 (no ceiling, no precision, no PGR).
+    train_2: str = ""
     seed: int = 0
     grader: str = ""  # reads and compares answers for the filter, vote, pairs, headline; "": the task's ("paper")
 
 
 @dataclass
 class ModelOptions:
-    weak: str = ""  # the weak base checkpoint (fine-tuned on train_1 gold by the first stage)
+    weak: str = ""  # the weak base checkpoint (fine-tuned on train_1 gold by the first stage; as is with train_2)
     strong: str = ""  # the strong base checkpoint
     dtype: str = "bfloat16"
     device: str = "auto"  # auto: cuda if available, else cpu
+    # A weak instruct model used as is may be prompted in its checkpoint's chat template (tokenizer_config.json);
+    # false: the task's plain-text prompt, as the authors prompted Llama-3-8B-Instruct (PAPER.md).
+    weak_chat_template: bool = False
 
 
 @dataclass
@@ -134,6 +142,7 @@ SECTIONS = {"data": DataOptions, "models": ModelOptions, "sampling": SamplingOpt
             "stage2": Stage2Options, "eval": EvalOptions, "logging": LoggingOptions}
 TRAIN_SECTIONS = ("weak_sft", "strong_sft", "preference", "grpo")
 BASELINES = ("full_weak_ft", "strong_icl", "ceiling")
+GOLD_BASELINES = ("ceiling",)  # SFT on train_2 gold: none in the setting without gold
 
 
 def _build(cls, values, where):
@@ -222,6 +231,8 @@ def load_recipe(path, check_files=True):
                                  f"{', '.join(sorted((set(train_defaults) | set(own)) - {'progress'}))}")
             _check_train_value(key, value, train_defaults[key], f"{path}: [{name}]")
         train[name] = values
+    if sections["data"].train_2 and "baselines" not in raw.get("eval", {}):
+        sections["eval"].baselines = [b for b in BASELINES if b not in GOLD_BASELINES]  # none to compare against
     recipe = Recipe(name=raw.get("name") or path.stem, path=str(path), **sections, **train)
     _resolve_paths(recipe, path.parent)
     _validate(recipe, path, check_files)
@@ -252,7 +263,7 @@ def validate_inputs(recipe):
     from w2s.tasks import load_records, load_split
 
     d = recipe.data
-    train = load_records(d.task, d.train)
+    train = load_records(d.task, d.train_2 or d.train)  # the setting without gold: its questions file
     load_records(d.task, d.test)
     if d.split_file:
         load_split(d.split_file, train)
@@ -268,7 +279,8 @@ def _resolve_paths(recipe, base):
         return str((base / p).resolve()) if p and not Path(p).is_absolute() else p
 
     d, m = recipe.data, recipe.models
-    d.train, d.test, d.split_file = resolve(d.train), resolve(d.test), resolve(d.split_file)
+    d.train, d.test, d.split_file, d.train_2 = resolve(d.train), resolve(d.test), resolve(d.split_file), \
+        resolve(d.train_2)
     m.weak, m.strong = resolve(m.weak), resolve(m.strong)
 
 
@@ -291,12 +303,39 @@ def _validate_beyond(r, bad):
         bad("[stage2] pair_weighting", f"expected one of {', '.join(PAIR_WEIGHTING)}, got {s2.pair_weighting!r}")
 
 
+def _validate_gold(r, bad):
+    """Where gold comes from: a train file split into train_1 and train_2 (GSM8K, MATH), or, in the setting without
+    gold, [data] train_2 alone (OlympicArena: the weak model is used as is; nothing measures against gold)."""
+    d = r.data
+    if not d.train_2:
+        if d.task not in GOLD_TASKS:
+            bad("[data] train_2", f"the {d.task} task has no gold training data: give its questions as train_2 "
+                                  f"(used whole, no train_1), not as train")
+        if r.models.weak_chat_template:
+            bad("[models] weak_chat_template", "only for a weak model used as is ([data] train_2): a weak model "
+                                               "fine-tuned on train_1 learned the plain prompt")
+        return
+    if d.train:
+        bad("[data] train_2", "give either train (split into train_1 and train_2) or train_2 (questions only, no "
+                              "gold), not both")
+    if d.split_file or d.n_train_1 or d.n_train_2:
+        bad("[data] train_2", "is used whole, without a split: remove split_file, n_train_1 and n_train_2")
+    if r.weak_sft:
+        bad("[weak_sft]", "no weak SFT without train_1 ([data] train_2): the weak model is used as is; remove the "
+                          "section")
+    for b in r.eval.baselines:
+        if b in GOLD_BASELINES:
+            bad("[eval] baselines", f"{b!r} trains on train_2 gold, which a recipe with [data] train_2 does not have")
+
+
 def _validate(r, path, check_files):
     def bad(key, msg):
         raise ValueError(f"{path}: {key}: {msg}")
 
     if r.data.task not in TASKS:
-        bad("[data] task", f"expected one of {', '.join(TASKS)}, got {r.data.task!r}")
+        bad("[data] task", f"expected one of {', '.join(GOLD_TASKS)}, got {r.data.task!r} (or olympicarena, whose "
+                           f"questions come without gold: [data] train_2)")
+    _validate_gold(r, bad)
     r.data.grader = r.data.grader or default_grader(r.data.task)
     if r.data.grader not in task_graders(r.data.task):
         bad("[data] grader", f"expected one of {', '.join(task_graders(r.data.task))}, got {r.data.grader!r}")
@@ -341,7 +380,8 @@ def _validate(r, path, check_files):
     check_trackers(r.logging.report_to, where=f"{path}: [logging] report_to")
     if not check_files:
         return
-    for key, p in (("[data] train", r.data.train), ("[data] test", r.data.test)):
+    train = ("[data] train_2", r.data.train_2) if r.data.train_2 else ("[data] train", r.data.train)
+    for key, p in (train, ("[data] test", r.data.test)):
         if not p or not Path(p).is_file():
             bad(key, f"file not found: {p or '(empty)'}")
     if r.data.split_file and not Path(r.data.split_file).is_file():

@@ -8,6 +8,10 @@ responses that stopped at the token limit (truncated) per stage, the cost of eve
 MFU, peak memory) and its roll-up by kind of work (sampling, training, evaluation, data and filtering). The figure
 (w2s/plot.py) goes to report.png (needs matplotlib, the `plot` extra; the tables do not).
 
+A run of the setting without gold ([data] train_2, OlympicArena) has no strong ceiling and no train_2 gold: its
+table compares every method with the weak model used as is (the difference in points) instead of PGR, says why, and
+its selected data has no precision column.
+
     w2s report runs/demo
     python -m pytest -q tests/test_pipeline.py -k report
 """
@@ -69,10 +73,29 @@ def pgr(acc, floor, ceiling):
     return gap_recovered(acc, floor, ceiling)
 
 
+def run_data_options(run_dir):
+    """The [data] options of the run's recipe (recipe.json), or {} (no recipe.json: hand-made metas)."""
+    recipe = Path(run_dir) / "recipe.json"
+    return json.loads(recipe.read_text()).get("data", {}) if recipe.is_file() else {}
+
+
 def run_grader(run_dir):
     """The grader the run's recipe names (recipe.json, [data] grader), or None (no recipe.json: hand-made metas)."""
-    recipe = Path(run_dir) / "recipe.json"
-    return json.loads(recipe.read_text()).get("data", {}).get("grader") if recipe.is_file() else None
+    return run_data_options(run_dir).get("grader")
+
+
+def without_gold(run_dir, metas):
+    """Whether the run is the setting without gold: its recipe gives [data] train_2, or (hand-made metas) its data
+    stage recorded no train_1."""
+    return bool(run_data_options(run_dir).get("train_2")) or metas.get("00_data", {}).get("n_train_1") == 0
+
+
+GRADER_NOTES = {"paper": "the authors' protocol", "equivalence": "w2s's lenient grader",
+                "math-verify": "Hugging Face's", "olympicarena": "OlympicArena's judge"}
+NO_GOLD_WEAK_LABEL = "weak model (as is)"
+NO_PGR = ("No PGR: this run has no gold for train_2 (the setting without gold, docs/PAPER.md), so there is no strong "
+          "ceiling to measure the gap against. Every method is compared with the weak model used as is; 'vs weak' "
+          "is the difference in accuracy points.")
 
 
 def method_accuracies(metas, grader=None):
@@ -119,19 +142,20 @@ def _table(header, rows):
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
 
 
-def _data_rows(metas):
-    """Filtered sets (kept questions, precision of the kept weak answers) and the preference pairs."""
+def _data_rows(metas, gold=True):
+    """Filtered sets (kept questions, precision of the kept weak answers) and the preference pairs; without gold,
+    no precision cell."""
     rows = []
     for name, meta in metas.items():
         if name.endswith("_filter"):
+            precision = [_fmt(meta.get("precision"), pct=True, digits=1)] if gold else []
             rows.append((name, _fmt(meta.get("n_questions")), _fmt(meta.get("n_kept")),
-                         _fmt(meta.get("kept_fraction"), pct=True, digits=1),
-                         _fmt(meta.get("precision"), pct=True, digits=1), "-"))
+                         _fmt(meta.get("kept_fraction"), pct=True, digits=1), *precision, "-"))
         elif name.endswith("_pairs") or "_pairs_" in name:  # 15_pairs, and 38_round<r>_pairs_<loss>
             counts = meta.get("counts", {})
             split = f"{counts.get('weak_chosen', '-')} weak chosen / {counts.get('weak_rejected', '-')} weak rejected"
-            rows.append((name, _fmt(counts.get("questions")), _fmt(meta.get("n_pairs")), "-",
-                         _fmt(meta.get("pair_precision"), pct=True, digits=1), split))
+            precision = [_fmt(meta.get("pair_precision"), pct=True, digits=1)] if gold else []
+            rows.append((name, _fmt(counts.get("questions")), _fmt(meta.get("n_pairs")), "-", *precision, split))
     return rows
 
 
@@ -179,6 +203,21 @@ def _cost_by_kind(metas):
              _fmt(kinds[kind][2]) if kinds[kind][2] else "-") for kind in order if kind in kinds]
 
 
+def _method_section(acc, labels, grader, gold):
+    """The headline: each method's accuracy with its PGR, or, without gold, with its difference to the weak model."""
+    where = f"Grader: {grader or 'as each stage recorded'} (the recipe's [data] grader)."
+    floor, ceiling = acc.get("weak_floor"), acc.get("ceiling")
+    if gold:
+        rows = [(label, _fmt(acc[m], pct=True), _fmt(pgr(acc[m], floor, ceiling), digits=3)) for m, label in labels]
+        return ["## Test accuracy (greedy) and PGR", "", f"{where} PGR = (accuracy - weak floor) / (strong ceiling - "
+                "weak floor); '-' where the gap is empty or missing.", "",
+                _table(["method", "accuracy %", "PGR"], rows or [("(no evaluated model yet)", "-", "-")])]
+    rows = [(label, _fmt(acc[m], pct=True), "-" if floor is None else f"{100 * (acc[m] - floor):+.2f}")
+            for m, label in labels]
+    return ["## Test accuracy (greedy), compared with the weak model", "", f"{where} {NO_PGR}", "",
+            _table(["method", "accuracy %", "vs weak"], rows or [("(no evaluated model yet)", "-", "-")])]
+
+
 def report(run_dir, plot=True):
     """The report as markdown text; writes report.md (and report.png when plotting is possible) in run_dir."""
     return write_report(run_dir, plot)[0]
@@ -190,23 +229,20 @@ def write_report(run_dir, plot=True):
     metas = load_metas(run_dir)
     grader = run_grader(run_dir)
     acc = method_accuracies(metas, grader)
-    floor, ceiling = acc.get("weak_floor"), acc.get("ceiling")
-    labels = method_labels(acc)
-    method_rows = [(label, _fmt(acc[m], pct=True), _fmt(pgr(acc[m], floor, ceiling), digits=3)) for m, label in labels]
+    gold = not without_gold(run_dir, metas)
+    labels = [(m, NO_GOLD_WEAK_LABEL if m == "weak_floor" and not gold else label) for m, label in method_labels(acc)]
     passk = [(name.split("_passk_", 1)[1], _passes(_under(meta, "pass_by_grader", grader) or meta),
               "; ".join(f"{g}: {_passes(p)}" for g, p in meta.get("pass_by_grader", {}).items()) or "-")
              for name, meta in metas.items() if "_passk_" in name]
     devices = sorted({m["device"] for m in metas.values() if m.get("device")})
     total = sum(m.get("wall_s", 0) for m in metas.values())
-    out = [f"# w2s report: {run_dir.name}", "", "## Test accuracy (greedy) and PGR", "",
-           f"Grader: {grader or 'as each stage recorded'} (the recipe's [data] grader). PGR = (accuracy - weak floor)"
-           " / (strong ceiling - weak floor); '-' where the gap is empty or missing.", "",
-           _table(["method", "accuracy %", "PGR"], method_rows or [("(no evaluated model yet)", "-", "-")])]
+    out = [f"# w2s report: {run_dir.name}", "", *_method_section(acc, labels, grader, gold)]
     header, grader_rows = _grader_rows(metas, labels)
     if grader_rows:
+        legend = "; ".join(f"{g} = {GRADER_NOTES[g]}" for g in GRADER_NOTES if f"{g} %" in header)
         out += ["", "## The same accuracies under every grader", "",
-                "paper = the authors' protocol; equivalence = w2s's lenient grader; math-verify = Hugging Face's. "
-                "Disagreements: test questions that two graders judge differently.", "", _table(header, grader_rows)]
+                f"{legend}. Disagreements: test questions that two graders judge differently.", "",
+                _table(header, grader_rows)]
     if passk:
         out += ["", "## pass@k and maj@k (samples at T=1; maj@k: the majority answer is correct)", "",
                 _table(["model", "pass@k, maj@k %", "by grader %"], passk)]
@@ -215,9 +251,10 @@ def write_report(run_dir, plot=True):
                   (levels := _under(meta, "accuracy_by_level_by_grader", grader) or meta.get("accuracy_by_level"))]
     if level_rows:
         out += ["", "## MATH accuracy by level", "", _table(["method", "by level %"], level_rows)]
-    if data_rows := _data_rows(metas):
-        out += ["", "## Training data selected from train_2 (precision vs train_2 gold: analysis only)", "",
-                _table(["stage", "questions", "kept / pairs", "kept %", "precision %", "pairs"], data_rows)]
+    if data_rows := _data_rows(metas, gold):
+        title = "(precision vs train_2 gold: analysis only)" if gold else "(no gold: no precision)"
+        header = ["stage", "questions", "kept / pairs", "kept %", *(["precision %"] if gold else []), "pairs"]
+        out += ["", f"## Training data selected from train_2 {title}", "", _table(header, data_rows)]
     if truncation := _truncation_rows(metas):
         out += ["", "## Truncated responses (stopped at the token limit)", "",
                 _table(["stage", "responses", "truncated", "truncated %"], truncation)]
@@ -228,7 +265,7 @@ def write_report(run_dir, plot=True):
     text = "\n".join(out) + "\n"
     (run_dir / "report.md").write_text(text)
     written = [run_dir / "report.md"]
-    if plot and method_rows:
+    if plot and labels:
         from w2s.plot import plot_report
 
         written += [p for p in [plot_report(run_dir / "report.png", [acc], [metas], run_dir.name)] if p]

@@ -9,7 +9,14 @@ is (e.g. "01_weak_sft" -> runs/<name>/01_weak_sft/model).
 
 Gold answers of train_2 live in 00_data/train_2_gold.jsonl. `read_train_2_gold` is the ONE function that opens it,
 and only two kinds of caller use it: the selection-precision analysis of filtered sets and pairs (reported, never
-trained on) and the strong-ceiling baseline (19_ceiling). tests/test_pipeline.py checks both facts.
+trained on) and the strong-ceiling baseline (19_ceiling). tests/test_pipeline.py checks both facts. In the setting
+without gold ([data] train_2, OlympicArena) the file does not exist: 00_data keeps the questions alone (gold fields
+are dropped before a row is read), the filters and pairs skip the analysis, and there is no ceiling
+(tests/test_nogold.py).
+
+Prompts are the task's: "Question: ...\nAnswer:" for GSM8K and MATH, the dataset's own instruction prompt for
+OlympicArena (w2s/tasks/olympicarena.py), each with its few-shot layout; a weak instruct model used as is may be
+prompted in its chat template instead ("chat", [models] weak_chat_template).
 
 Answers are read where they are compared (filter, pairs, evaluation) by the recipe's grader ([data] grader,
 w2s/tasks/graders.py), never stored by a generation stage: sampling is grader-independent, and labels.jsonl keeps
@@ -38,7 +45,7 @@ from pathlib import Path
 import torch
 
 from w2s.checkpoint import load_for_training, tokenizer_dir
-from w2s.files import read_jsonl, write_json_atomic, write_jsonl_atomic
+from w2s.files import read_jsonl, require, write_json_atomic, write_jsonl_atomic
 from w2s.grpo import train_grpo
 from w2s.interchange import export_pairs, export_sft
 from w2s.lora import adapter_applied, adapter_base_dir, read_adapter
@@ -55,6 +62,7 @@ from w2s.tasks import (
     get_grader,
     load_records,
     load_split,
+    olympicarena,
     save_split,
     select_demos,
     split_train,
@@ -86,10 +94,10 @@ def _device_and_dtype(recipe):
 
 
 def sampling_tp(ctx, model_dir):
-    """Tensor-parallel degree for sampling a checkpoint: [sampling] weak_tp for the weak model (stage 01's output),
-    tp for every strong one."""
-    weak = checkpoint(ctx, "01_weak_sft").resolve()
-    return ctx.recipe.sampling.weak_tp if Path(model_dir).resolve() == weak else ctx.recipe.sampling.tp
+    """Tensor-parallel degree for sampling a checkpoint: [sampling] weak_tp for the weak model (stage 01's output,
+    or the recipe's weak checkpoint used as is), tp for every strong one."""
+    weak = {checkpoint(ctx, name).resolve() for name in ("01_weak_sft", "weak")}
+    return ctx.recipe.sampling.weak_tp if Path(model_dir).resolve() in weak else ctx.recipe.sampling.tp
 
 
 def drop_resident(ctx):
@@ -144,6 +152,26 @@ def data_rows(ctx, name):
     return read_jsonl(ctx.dir("00_test" if name == "test" else "00_data") / f"{name}.jsonl")
 
 
+def has_train_2_gold(ctx):
+    """False in the setting without gold ([data] train_2): there is no train_2 gold to analyse against."""
+    return not ctx.recipe.data.train_2
+
+
+def load_questions(task, path):
+    """The records of a train_2 file of the setting without gold, with no gold field: OlympicArena rows through the
+    task's loader (which drops any answer before reading a row), GSM8K / MATH rows {"question"} (+ "id", else
+    "<task>-train_2-<line index>")."""
+    if task == olympicarena.NAME:
+        records = olympicarena.load_questions(path)
+    else:
+        records = [{"id": str(row["id"]) if "id" in row else f"{task}-train_2-{i:05d}",
+                    "question": require(row, "question", row["_where"])}
+                   for i, row in enumerate(read_jsonl(path, tag_lines=True))]
+    if len({r["id"] for r in records}) != len(records):
+        raise ValueError(f"{path}: duplicate ids; ids must be unique")
+    return records
+
+
 def labels(ctx, stage):
     return read_jsonl(ctx.dir(stage) / "labels.jsonl")
 
@@ -178,23 +206,56 @@ def gold_precision(ctx, records):
     return precision(records, gold, same_for=train_2_comparisons(ctx))
 
 
-def zero_shot(rec):
-    return zero_shot_prompt(rec["question"])
+def task_prompt(task, rec):
+    """A record's zero-shot prompt: OlympicArena's own (its instruction, "Question: ...", "Answer:"), else
+    "Question: ...\nAnswer:" (docs/PAPER.md)."""
+    return rec["prompt"] if task == olympicarena.NAME else zero_shot_prompt(rec["question"])
+
+
+def zero_shot(ctx, rec):
+    return task_prompt(ctx.recipe.data.task, rec)
+
+
+def train_2_prompts(ctx):
+    """{id: zero-shot prompt} of train_2: the prompt of every SFT row and pair built from a labelled response."""
+    return {rec["id"]: zero_shot(ctx, rec) for rec in data_rows(ctx, "train_2")}
+
+
+def with_prompts(rows, prompts):
+    """SFT rows or pairs with their prompt replaced by the task's zero-shot prompt of their id (the stage functions
+    write GSM8K's "Question: ...\nAnswer:", which is that prompt for GSM8K and MATH)."""
+    return [row | {"prompt": prompts[row["id"]]} for row in rows]
 
 
 def demos(ctx):
     """The ICL demonstrations: k weak responses on train_2 that contain the answer marker, seeded, never filtered
     for correctness nor by any grader (docs/PAPER.md). The same demos serve 03_icl_labels and the strong-ICL
-    evaluation."""
+    evaluation. OlympicArena's are {"prompt", "response"} (its own rule and layout, w2s/tasks/olympicarena.py)."""
     r = ctx.recipe
-    return select_demos(labels(ctx, "02_weak_labels"), r.data.task, k=r.stage1.n_demos, seed=r.stage1.demo_seed)
+    weak = labels(ctx, "02_weak_labels")
+    if r.data.task == olympicarena.NAME:
+        return olympicarena.select_demos(weak, train_2_prompts(ctx), k=r.stage1.n_demos, seed=r.stage1.demo_seed)
+    return select_demos(weak, r.data.task, k=r.stage1.n_demos, seed=r.stage1.demo_seed)
 
 
-def prompt_fn(ctx, prompt):
-    """record -> prompt text: "zero_shot", or "few_shot" with the weak demonstrations."""
+def chat_prompt(tok, text):
+    """A zero-shot prompt in the checkpoint's chat template: the prompt without its closing "Answer:" cue is the
+    user's message and the assistant's turn is opened. Token ids, BOS once whether or not the template writes it."""
+    content = text.rsplit("Answer:", 1)[0].rstrip()
+    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": content}]), bos=False)
+    return ids if not tok.add_bos or ids[:1] == [tok.bos_id] else [tok.bos_id] + ids
+
+
+def prompt_fn(ctx, prompt, tok):
+    """record -> prompt: "zero_shot"; "chat", the zero-shot prompt in the model's chat template (token ids); or
+    "few_shot" with the weak demonstrations."""
     if prompt == "zero_shot":
-        return zero_shot
+        return lambda rec: zero_shot(ctx, rec)
+    if prompt == "chat":
+        return lambda rec: chat_prompt(tok, zero_shot(ctx, rec))
     shots = demos(ctx)
+    if ctx.recipe.data.task == olympicarena.NAME:
+        return lambda rec: olympicarena.few_shot_prompt(shots, rec)
     return lambda rec: few_shot_prompt(shots, rec["question"])
 
 
@@ -214,7 +275,7 @@ def generate_stage(ctx, out, model_dir, records, prompt, n=1, temperature=0.0, t
     """
     r = ctx.recipe
     model, tok, adapter = load_for_inference(ctx, model_dir)
-    make_prompt = prompt_fn(ctx, prompt)
+    make_prompt = prompt_fn(ctx, prompt, tok)
     prompts = [{"id": rec["id"], "prompt": make_prompt(rec)} for rec in records]
     with StageProfiler(model.cfg, mode="inference", name=out.name) as prof, adapter_applied(model, adapter):
         path = generate_to_jsonl(model, tok, prompts, out / "generations.jsonl", n=n, temperature=temperature,
@@ -299,8 +360,11 @@ def _train(ctx, out, base_dir, section, train, export_merged=False):
 
 
 def run_data(ctx, out):
-    """Split train into train_1 (gold, for the weak model) and train_2 (questions only)."""
+    """Split train into train_1 (gold, for the weak model) and train_2 (questions only); in the setting without gold,
+    take the train_2 file whole."""
     d = ctx.recipe.data
+    if d.train_2:
+        return _questions_only(ctx, out)
     train = load_records(d.task, d.train)
     if d.split_file:
         train_1, train_2 = load_split(d.split_file, train)
@@ -321,6 +385,19 @@ def run_data(ctx, out):
     return {"n_train_1": len(train_1), "n_train_2": len(train_2)}
 
 
+def _questions_only(ctx, out):
+    """The setting without gold: every question of [data] train_2 is train_2, read without its gold fields (the
+    records keep what the prompt and the judge need: for OlympicArena the prompt, answer types and units). No
+    train_1, no gold file."""
+    d = ctx.recipe.data
+    train_2 = load_questions(d.task, d.train_2)
+    if not train_2:
+        raise ValueError(f"{ctx.recipe.path}: [data] train_2 = {d.train_2} gives no questions")
+    if is_main():
+        write_jsonl_atomic(out / "train_2.jsonl", train_2)
+    return {"n_train_1": 0, "n_train_2": len(train_2)}
+
+
 def run_test_set(ctx, out):
     """The test set: the first n_test records of the test file (all of them when n_test is 0)."""
     d = ctx.recipe.data
@@ -335,7 +412,7 @@ def run_test_set(ctx, out):
 
 def run_weak_sft(ctx, out):
     """SFT the weak base on train_1 gold solutions."""
-    rows = [{"id": x["id"], "prompt": zero_shot(x), "response": x["solution"]} for x in data_rows(ctx, "train_1")]
+    rows = [{"id": x["id"], "prompt": zero_shot(ctx, x), "response": x["solution"]} for x in data_rows(ctx, "train_1")]
     return {"n_rows": len(rows), **train_stage(ctx, out, checkpoint(ctx, "weak"), rows, "weak_sft")}
 
 
@@ -364,12 +441,15 @@ def run_filter(ctx, out, weak, other, weak_samples=None):
         confident = weak_confident(ctx, weak_samples)
         extra = {"n_weak_confident": len(confident), "n_consistent_before_weak_filter": len(kept)}
         kept = [i for i in kept if i in confident]
-    sets = sft_sets(weak_rows, other_rows, kept)
+    prompts = train_2_prompts(ctx)
+    sets = {name: with_prompts(rows, prompts) for name, rows in sft_sets(weak_rows, other_rows, kept).items()}
     if is_main():
         for name, rows in sets.items():
             write_jsonl_atomic(out / f"{name}.jsonl", rows)
             export_sft(rows, out / f"{name}.llamafactory.json")  # the paper's released-data format, to compare
     kept_set = set(kept)
+    analysis = {"precision": gold_precision(ctx, [w for w in weak_rows if w["id"] in kept_set]),
+                "precision_weak_all": gold_precision(ctx, weak_rows)} if has_train_2_gold(ctx) else {}
     return {"grader": grade.name, "n_questions": len(weak_rows), "n_kept": len(kept),
             "kept_fraction": len(kept) / max(len(weak_rows), 1),
             "n_with_answer": {"weak": sum(bool(w["answer"]) for w in weak_rows),
@@ -377,9 +457,7 @@ def run_filter(ctx, out, weak, other, weak_samples=None):
             "n_truncated": {"weak": _truncated(weak_rows), "other": _truncated(other_rows),
                             "kept": sum(any(row.get("truncated", False) for row in pair)
                                         for pair in zip(sets["weak"], sets["icl"]))},
-            "n_rows": {name: len(rows) for name, rows in sets.items()},
-            "precision": gold_precision(ctx, [w for w in weak_rows if w["id"] in kept_set]),
-            "precision_weak_all": gold_precision(ctx, weak_rows), **extra}
+            "n_rows": {name: len(rows) for name, rows in sets.items()}, **analysis, **extra}
 
 
 def _truncated(rows):
@@ -397,23 +475,25 @@ def run_stage1_sft(ctx, out, filter, sft_set, init):
 
 def run_full_weak_ft(ctx, out):
     """Baseline: SFT the strong base on every weak label, unfiltered."""
-    rows = [{"id": x["id"], "prompt": zero_shot(x), "response": x["response"]} for x in labels(ctx, "02_weak_labels")]
+    prompts = train_2_prompts(ctx)
+    rows = [{"id": x["id"], "prompt": prompts[x["id"]], "response": x["response"]}
+            for x in labels(ctx, "02_weak_labels")]
     return {"n_rows": len(rows), **train_stage(ctx, out, checkpoint(ctx, "strong"), rows, "strong_sft")}
 
 
 def run_ceiling(ctx, out):
     """Baseline: SFT the strong base on train_2 with its gold solutions (the upper bound)."""
     gold = read_train_2_gold(ctx)
-    rows = [{"id": q["id"], "prompt": zero_shot(q), "response": gold[q["id"]]["solution"]}
+    rows = [{"id": q["id"], "prompt": zero_shot(ctx, q), "response": gold[q["id"]]["solution"]}
             for q in data_rows(ctx, "train_2")]
     return {"n_rows": len(rows), **train_stage(ctx, out, checkpoint(ctx, "strong"), rows, "strong_sft")}
 
 
-def run_samples(ctx, out, model, n=None):
+def run_samples(ctx, out, model, n=None, prompt="zero_shot"):
     """n (default [stage2] n_samples) samples per train_2 question from `model` (M_plus, a Stage II round's model, or
     the weak model for its self-consistency filter) at Stage II's temperature."""
     r, s2 = ctx.recipe, ctx.recipe.stage2
-    _, counts = generate_stage(ctx, out, checkpoint(ctx, model), data_rows(ctx, "train_2"), "zero_shot",
+    _, counts = generate_stage(ctx, out, checkpoint(ctx, model), data_rows(ctx, "train_2"), prompt,
                                n=n or s2.n_samples, temperature=s2.temperature, top_p=s2.top_p,
                                max_new_tokens=r.sampling.sample_max_new_tokens, seed=r.data.seed)
     return counts
@@ -443,20 +523,23 @@ def run_pairs(ctx, out, samples, weak_samples=None, relabel=None):
                                 min_confidence=s2.min_confidence, flip_confidence=s2.flip_confidence,
                                 same_for=same_for, pair_weighting=s2.pair_weighting,
                                 self_consistency_pairs=s2.self_consistency_pairs)
+    pairs = with_prompts(pairs, train_2_prompts(ctx))
     counts |= weak_counts
     if pairs and "margin" in pairs[0]:
         counts["mean_margin"] = sum(p["margin"] for p in pairs) / len(pairs)
     if is_main():
         write_jsonl_atomic(out / "pairs.jsonl", pairs)
         export_pairs(pairs, out / "pairs.llamafactory.json")
-    gold = {i: grade.gold(g["answer"]) for i, g in read_train_2_gold(ctx).items()}  # analysis only
-    precision = {kind: pair_precision(pairs, gold, kind=kind, same_for=same_for)
-                 for kind in (None, "weak_chosen", "weak_rejected")}
+    analysis = {}
+    if has_train_2_gold(ctx):  # analysis only
+        gold = {i: grade.gold(g["answer"]) for i, g in read_train_2_gold(ctx).items()}
+        precision = {kind: pair_precision(pairs, gold, kind=kind, same_for=same_for)
+                     for kind in (None, "weak_chosen", "weak_rejected")}
+        analysis = {"pair_precision": precision[None], "pair_precision_weak_chosen": precision["weak_chosen"],
+                    "pair_precision_weak_rejected": precision["weak_rejected"]}
     truncated = {"weak": _truncated(labels(ctx, "02_weak_labels")), "samples": _truncated(labels(ctx, samples)),
                  "pairs": sum(p["chosen_truncated"] or p["rejected_truncated"] for p in pairs)}
-    return {"grader": grade.name, "n_pairs": len(pairs), "n_truncated": truncated, "pair_precision": precision[None],
-            "pair_precision_weak_chosen": precision["weak_chosen"],
-            "pair_precision_weak_rejected": precision["weak_rejected"], "counts": counts}
+    return {"grader": grade.name, "n_pairs": len(pairs), "n_truncated": truncated, **analysis, "counts": counts}
 
 
 def run_preference(ctx, out, pairs, init, loss):

@@ -210,6 +210,134 @@ def questions_of(splits: dict[str, list[dict]]) -> set[str]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The setting without gold: the world as an OlympicArena-style benchmark (docs/DEMO_WORLD.md, "make demo-olympic")
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def linear(a: int, b: int) -> str:
+    """a*x + b written as a model writes it: "x", "3x", "x+4", "3x+12"."""
+    return ("x" if a == 1 else f"{a}x") + (f"+{b}" if b else "")
+
+
+@dataclass(frozen=True)
+class ExpressionProblem(Problem):
+    """A chain that starts from an unknown amount x ("Ann has x apples."): the amount stays a*x + b, each step
+    rewriting it. No division, so a and b stay whole; `start` is the letter "x"."""
+
+    def amounts(self, arithmetic=apply_op) -> list[tuple[int, int]]:
+        """[(a, b) of a*x + b]: (1, 0), then after each step; `arithmetic` as Problem.amounts."""
+        values = [(1, 0)]
+        for step in self.steps:
+            a, b = values[-1]
+            values.append((arithmetic(a, "*", step.operand), arithmetic(b, "*", step.operand)) if step.op == "*"
+                          else (a, arithmetic(b, step.op, step.operand)))
+        return values
+
+    @property
+    def answer(self) -> str:
+        return linear(*self.amounts()[-1])
+
+    def lines(self, arithmetic=apply_op, annotate: bool = False) -> list[str]:
+        """One line per step, as Problem.lines: the sentence, then the rewrite ("2(x+3)=2x+6", "2x+6-4=2x+2")."""
+        values, out = self.amounts(arithmetic), []
+        for i, (sentence, s) in enumerate(zip(self.sentences(), self.steps)):
+            before = linear(*values[i])
+            expression = (f"{s.operand}({before})" if values[i][1] else f"{s.operand}*{before}") if s.op == "*" \
+                else f"{before}{s.op}{s.operand}"
+            out.append(f"{sentence} {expression}={linear(*values[i + 1])}")
+        return out
+
+
+def sample_expression_problem(rng: random.Random, difficulty: Difficulty = Difficulty()) -> ExpressionProblem:
+    """One chain from x: "+" and "-" change b (kept in 0..max_value), "*" multiplies a (<= 9) and b."""
+    d = difficulty
+    name, pronoun = rng.choice(NAMES)
+    item = rng.choice(ITEMS)
+    a, b, steps = 1, 0, []
+    for _ in range(rng.randint(d.min_steps, d.max_steps)):
+        candidates = []
+        if b < d.max_value:
+            candidates.append(("+", rng.randint(1, min(d.max_addend, d.max_value - b))))
+        if b >= 1:
+            candidates.append(("-", rng.randint(1, min(d.max_addend, b))))
+        factors = [k for k in range(2, d.max_factor + 1) if a * k <= 9 and b * k <= d.max_value]
+        if factors:
+            candidates.append(("*", rng.choice(factors)))
+        op, operand = rng.choice(candidates)
+        steps.append(Step(op, operand, rng.randrange(len(STEP_TEMPLATES[op]))))
+        a, b = (a * operand, b * operand) if op == "*" else (a, apply_op(b, op, operand))
+    return ExpressionProblem(name, pronoun, item, "x", tuple(steps))
+
+
+# The miniature's answer types (OlympicArena's names) and the instruction line each prompt opens with.
+OLYMPIC_TYPES = {"NV": "Give a number.", "SC": "Give the letter of the right option.", "EX": "Give an expression in x."}
+OPTION_DELTAS = (-10, -2, -1, 1, 2, 10)  # distractors of a single-choice question: near misses of the answer
+
+
+def olympic_problem(problem: Problem, answer_type: str, rng: random.Random) -> tuple[str, list[str], str]:
+    """(problem text, worked lines, gold answer) of a problem as one of the answer types. NV: the chain's number;
+    SC: the letter of that number among four options (near misses, OPTION_DELTAS), written "23 (B)" so that the
+    worked line naming the option ("Option: 23 (B)") copies what follows the number in the list; EX: the chain
+    from x."""
+    problem_text, lines, gold = problem.question, problem.lines(), str(problem.answer)
+    if answer_type == "SC":
+        wrong = [problem.answer + d for d in rng.sample(OPTION_DELTAS, len(OPTION_DELTAS)) if problem.answer + d >= 0]
+        options = rng.sample([problem.answer] + wrong[:3], 4)
+        gold = "ABCD"[options.index(problem.answer)]
+        problem_text += "\nOptions: " + ", ".join(f"{value} ({letter})" for value, letter in zip(options, "ABCD"))
+        lines = lines + [f"Option: {problem.answer} ({gold})"]
+    return problem_text, lines, gold
+
+
+BOXED_FINAL = "The final answer is $\\boxed{{{n}}}$"  # the last line OlympicArena's prompts ask for
+
+
+def olympic_row(problem: Problem, answer_type: str, rng: random.Random, record_id: str) -> dict:
+    """A row in OlympicArena's layout (the fields w2s/tasks/olympicarena.py reads), with its worked solution ending
+    with BOXED_FINAL."""
+    problem_text, lines, gold = olympic_problem(problem, answer_type, rng)
+    solution = "\n".join(lines + [BOXED_FINAL.format(n=gold)])
+    prompt = f"{OLYMPIC_TYPES[answer_type]}\n\nproblem:\n{problem_text}"  # the dataset layout
+    return {"id": record_id, "problem": problem_text, "prompt": prompt,
+            "answer": [gold], "solution": solution, "answer_type": answer_type, "unit": None, "answer_sequence": None,
+            "type_sequence": None, "figure_urls": None, "test_cases": None, "subject": "Math", "language": "EN",
+            "modality": "text-only"}
+
+
+OLYMPIC_SPLITS = ("instruct", "train_2", "val")
+
+
+def make_olympic_splits(seed: int, sizes: dict[str, int], difficulty: dict[str, Difficulty] | None = None,
+                        exclude: set[str] | None = None) -> dict[str, list[dict]]:
+    """{"instruct", "train_2", "val"} -> OlympicArena-layout rows, each split a third of each answer type (in a
+    seeded order). No question text is shared between splits or with `exclude` (the GSM8K demo data and the
+    pretraining documents). difficulty: per split (default Difficulty()); "instruct" is the slice that makes the
+    weak model an instruct model, docs/DEMO_WORLD.md."""
+    rng, seen, out = random.Random(f"olympic-{seed}"), set(exclude or ()), {}
+    for split in OLYMPIC_SPLITS:
+        d = (difficulty or {}).get(split, Difficulty())
+        types = [list(OLYMPIC_TYPES)[i % len(OLYMPIC_TYPES)] for i in range(sizes.get(split, 0))]
+        rng.shuffle(types)
+        rows = []
+        for answer_type in types:
+            for _ in range(1000):
+                problem = (sample_expression_problem if answer_type == "EX" else sample_problem)(rng, d)
+                if problem.question not in seen:
+                    break
+            else:
+                raise ValueError(f"make_olympic_splits: no new {answer_type} question at {d}")
+            seen.add(problem.question)
+            rows.append(olympic_row(problem, answer_type, rng, f"World_{split}_{len(rows)}"))
+        out[split] = rows
+    return out
+
+
+def without_gold(rows: list[dict]) -> list[dict]:
+    """Rows as a train_2 file of the setting without gold ships them: no answer, no solution field at all."""
+    return [{k: v for k, v in row.items() if k not in ("answer", "solution")} for row in rows]
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Pretraining corpora (why each choice: docs/DEMO_WORLD.md)
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -327,6 +455,47 @@ def pretrain_corpus(seed: int, n: int, model: str = "strong", exclude: set[str] 
     arithmetic = misconceived_arithmetic(spec.fact_error_rate) if spec.fact_error_rate > 0 else apply_op
     return [_drill(rng, spec, arithmetic) if rng.random() < spec.drill_fraction
             else _worksheet(rng, spec, exclude, arithmetic) for _ in range(n)]
+
+
+# The benchmark's own layout in the strong base's second reading: its share of the typed worksheets and the worked
+# share of those (the strong corpus's Question/Answer worksheets are 25 % / 30 %; a shorter reading needs more).
+OLYMPIC_LAYOUT_SHARE, OLYMPIC_LAYOUT_WORKED = 0.4, 0.4
+
+
+def olympic_corpus(seed: int, n: int, exclude: set[str] | None = None, share: float = 0.75) -> list[str]:
+    """n documents for the strong base's second reading in the setting without gold (docs/DEMO_WORLD.md): a `share`
+    of worksheets of the three answer types, the rest more of the strong corpus (a fresh draw, so nothing is
+    forgotten). The worksheets are built as the strong corpus's, one layout each: some in the benchmark's own
+    prompt layout (OLYMPIC_LAYOUT_SHARE), mostly answer keys (the boxed last line alone: zero-shot, the habit), the
+    rest under other label pairs, mostly worked,
+    ending with one of FINAL_LINES or BOXED_FINAL (half of them). So the box, the options and the unknown x are
+    things the strong base has read about (as Llama-3-70B has), and worked solutions in the prompt's layout are rare.
+    Unlabeled text: no problem whose question is in `exclude` appears."""
+    spec, exclude = CORPUS_SPECS["strong"], exclude or set()
+    rng = random.Random(f"olympic-corpus-{seed}")
+    pairs = [(q, a) for q in QUESTION_LABELS for a in SOLUTION_LABELS if (q, a) != ("Question", "Answer")]
+    n_olympic = round(share * n)
+    docs = pretrain_corpus(1000 + seed, n - n_olympic, "strong", exclude)
+    for _ in range(n_olympic):
+        answer_type, prompt_layout = rng.choice(tuple(OLYMPIC_TYPES)), rng.random() < OLYMPIC_LAYOUT_SHARE
+        if prompt_layout:
+            final, worked = BOXED_FINAL, rng.random() < OLYMPIC_LAYOUT_WORKED
+        else:
+            final = BOXED_FINAL if rng.random() < 0.5 else rng.choice(FINAL_LINES)
+            worked, (q_label, s_label) = rng.random() >= spec.answer_key_fraction, rng.choice(pairs)
+        blocks = []
+        for _ in range(rng.randint(1, spec.max_per_doc)):
+            draw = sample_expression_problem if answer_type == "EX" else sample_problem
+            problem = draw(rng, spec.difficulty)
+            while problem.question in exclude:
+                problem = draw(rng, spec.difficulty)
+            text, lines, gold = olympic_problem(problem, answer_type, rng)
+            body = "\n".join((lines if worked else []) + [final.format(n=gold)])
+            blocks.append(f"{OLYMPIC_TYPES[answer_type]}\n\nQuestion: {text}\n\nAnswer: {body}" if prompt_layout
+                          else f"{q_label}: {text}\n{s_label}: {body if worked or final == BOXED_FINAL else gold}")
+        docs.append(("\n\n\n" if prompt_layout else "\n\n").join(blocks))
+    rng.shuffle(docs)
+    return docs
 
 
 # ----------------------------------------------------------------------------------------------------------------

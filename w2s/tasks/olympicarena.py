@@ -16,6 +16,8 @@ answer_type, unit, type_sequence, subject, language, modality. One record per ke
 
     records = load("data/olympicarena/val.jsonl")      # split from the file name: "val" must have answers
     prompt = records[0]["prompt"]                       # "...\\n\\nQuestion: <problem>...\\n\\nAnswer:"
+    questions = load_questions("data/olympicarena/test.jsonl")   # train_2: any answer field dropped unread
+    demos = select_demos(weak_labels, prompts, k=4, seed=0)     # [{"prompt", "response"}] for few_shot_prompt
 
 The grader is w2s/tasks/olympic_judge.py (answer, gold, same).
 
@@ -24,6 +26,7 @@ Test: python -m pytest -q tests/test_olympicarena.py
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 from w2s.files import read_jsonl, require
@@ -39,6 +42,10 @@ SPLITS = ("test", "val")  # test: train_2, answers hidden; val: the test set, wi
 # tokenizer (w2s.tokenizer stop_ids), not strings.
 STOP_STRINGS = ["Question", "Answer"]
 MAX_NEW_TOKENS = 2048
+# What a demonstration must contain: the box the judge reads the answer from (the prompt asks for a last line "The
+# final answer is $\\boxed{ANSWER}$"), as "####" / "The answer is:" for GSM8K / MATH (docs/PAPER.md).
+ANSWER_MARKER = "\\boxed{"
+GOLD_FIELDS = ("answer", "solution")  # what load_questions drops from a row before reading it
 
 _PROBLEM_HEADER = "\n\nproblem:\n"
 
@@ -54,6 +61,18 @@ def few_shot_prompt(demos: list[dict], record: dict) -> str:
     response, and two blank lines follow every block."""
     blocks = [f"{d['prompt']} {d['response'].strip()}" for d in demos]
     return "\n\n\n".join(blocks + [record["prompt"]])
+
+
+def select_demos(weak_labels: list[dict], prompts: dict, k: int, seed: int) -> list[dict]:
+    """k demonstrations {"prompt", "response"} drawn (seeded) from the weak model's own responses {"id", "response",
+    "truncated"?} to train_2 questions, prompts = {id: the question's prompt}. Eligible: a response that contains
+    ANSWER_MARKER and did not stop at the token limit (with 2,048-token responses, four cut-off ones would not fit
+    Llama-3's 8,192 positions beside the question). Not checked for correctness, as for GSM8K and MATH."""
+    candidates = [r for r in weak_labels if ANSWER_MARKER in r["response"] and not r.get("truncated", False)]
+    if len(candidates) < k:
+        raise ValueError(f"need {k} weak responses containing {ANSWER_MARKER!r} (and not truncated) for ICL demos, "
+                         f"found {len(candidates)} of {len(weak_labels)}")
+    return [{"prompt": prompts[r["id"]], "response": r["response"]} for r in random.Random(seed).sample(candidates, k)]
 
 
 def _answer_type(row: dict, where: str) -> str:
@@ -107,6 +126,18 @@ def make_record(row: dict, where: str, needs_answer: bool) -> dict:
         "language": row["language"],
         "modality": require(row, "modality", where),
     }
+
+
+def load_questions(path: str | Path) -> list[dict]:
+    """Records of a train_2 file of the setting without gold ([data] train_2 of a recipe), without an "answer" key:
+    the rows' gold fields (GOLD_FIELDS) are dropped before a row is read, so answers a file may hold never enter."""
+    records = []
+    for row in read_jsonl(path, tag_lines=True):
+        row = {key: value for key, value in row.items() if key not in GOLD_FIELDS}
+        if keep(row, row["_where"]):
+            record = make_record(row, row["_where"], needs_answer=False)
+            records.append({key: value for key, value in record.items() if key not in GOLD_FIELDS})
+    return records
 
 
 def load(path: str | Path, split: str | None = None) -> list[dict]:
