@@ -51,7 +51,7 @@ demo-seeds: $(STAMP)
 
 # The paper's Stage II (DPO) beside the options beyond it (docs/PAPER.md) over seeds 0, 1, 2, Stage I shared between
 # variants: runs/demo-seed{0,1,2}-<variant>/ and one table (accuracy mean/spread, PGR, pairs, minutes).
-demo-compare:
+demo-compare: $(STAMP)
 	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) scripts/demo_compare.py --recipe recipes/demo.toml --seeds 0 1 2
 
 # The paper's experiments: make gsm8k NPROC=8 [RECIPE=recipes/gsm8k.toml] [DRY=1: list the stages and estimate the
@@ -78,14 +78,14 @@ bench-train: $(STAMP)
 # (recipes/demo_olympic.toml, docs/DEMO_WORLD.md); demo-olympic-build rebuilds its data and models from demo/.
 .PHONY: olympicarena demo-olympic demo-olympic-seeds demo-olympic-build
 
-olympicarena:
+olympicarena: $(STAMP)
 	$(call RUN_RECIPE,$(or $(RECIPE),recipes/olympicarena.toml))
 
-demo-olympic:
+demo-olympic: $(STAMP)
 	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) scripts/pipeline.py recipes/demo_olympic.toml
 
-demo-olympic-seeds:
+demo-olympic-seeds: $(STAMP)
 	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) scripts/demo_seeds.py --recipe recipes/demo_olympic.toml --seeds 0 1 2
 
-demo-olympic-build:
+demo-olympic-build: $(STAMP)
 	$(PY) scripts/pretrain_demo.py --olympic --threads 1

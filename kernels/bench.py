@@ -1,6 +1,6 @@
 """Kernel benchmarks: each Triton kernel against PyTorch eager, torch.compile and (attention) SDPA's flash backend.
 
-    python -m kernels.bench                    # everything, bf16, the shapes of DESIGN.md's targets (needs CUDA)
+    python -m kernels.bench                    # everything, bf16, the shapes of BENCHMARKS.md's targets (needs CUDA)
     python -m kernels.bench --only attention --repeats 50
     python -m kernels.bench --help
 
@@ -11,7 +11,7 @@ FLOPs of the visible (query, key) pairs: 4*B*H*T*S*D forward, halved when causal
 FlashAttention's convention) and effective GB/s for RMSNorm / RoPE / SwiGLU (the minimum bytes the op must move:
 read inputs, write outputs, the same count for every implementation). The fused linear cross-entropy is compared
 with the unfused path (logits materialized, then F.cross_entropy) by time and peak memory of forward + backward.
-Each Triton row carries the DESIGN.md target for H100 bf16 and whether it was met.
+Each Triton row carries its BENCHMARKS.md target for H100 bf16 and whether it was met.
 
 The attention kernel's contract is causal by position (kernels/reference.py); the non-causal rows place every
 query at the last key position (q_positions = S - 1), which makes every key visible (tests/test_kernel_attention.py
@@ -39,7 +39,7 @@ from kernels import attention, fused_linear, glu, reference, rms_norm, rope  # n
 
 KERNELS = ("attention", "rms_norm", "rope", "swiglu", "fused_ce")
 
-# DESIGN.md targets, H100 80GB SXM, bf16.
+# The targets of BENCHMARKS.md ("Targets"), H100 80GB SXM, bf16.
 TARGET_ATTN_FWD_TFLOPS = {False: 400.0, True: 330.0}  # keyed by causal
 TARGET_ATTN_BWD_TFLOPS = 300.0
 TARGET_ELEMENTWISE_GBPS = 2400.0
@@ -373,7 +373,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="python -m kernels.bench",
         description="Time the Triton kernels against PyTorch eager, torch.compile and SDPA (flash) on a CUDA GPU: "
-                    "median ms, TFLOP/s or effective GB/s, peak extra memory, next to the DESIGN.md targets. "
+                    "median ms, TFLOP/s or effective GB/s, peak extra memory, next to the BENCHMARKS.md targets. "
                     "Without CUDA: a CPU-interpreter correctness smoke check instead.")
     p.add_argument("--only", default=",".join(KERNELS),
                    help=f"comma-separated subset of {','.join(KERNELS)} (default: all)")

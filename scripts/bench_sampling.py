@@ -50,7 +50,7 @@ SHAPES = {
     "small": dict(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=64, hidden_dim=688, vocab_size=2048),
     "8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336, vocab_size=128256),
 }
-# CPU: the GPU workload's per-prompt shape (the 256 prompts x 8 samples x 256 new tokens) on 32 prompts, so
+# CPU: the GPU workload's per-prompt shape (the target's 256 prompts x 8 samples x 256 new tokens) on 32 prompts, so
 # that both sides finish in minutes on 2 cores.
 WORKLOADS = {"cpu": dict(prompts=32, samples=8, new_tokens=256, prompt_len=128),
              "cuda": dict(prompts=256, samples=8, new_tokens=256, prompt_len=128)}

@@ -1,6 +1,6 @@
 """Greedy test accuracy (and pass@k from n samples at T=1) of one checkpoint on a GSM8K / MATH test file.
 
-The same prompts, stop strings and grading as the pipeline's evaluation stages (PAPER.md): zero-shot
+The same prompts, stop strings and grading as the pipeline's evaluation stages (docs/PAPER.md): zero-shot
 "Question: ...\\nAnswer:", generation stops at EOS or a new "Question" / "Answer", and the responses are scored under
 every available grader (w2s/tasks/graders.py: paper, equivalence, math-verify), --grader naming the headline.
 Generations stream to --out (resumable: rerun the same command after a kill); the result is printed as one JSON line

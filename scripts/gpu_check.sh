@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU-only check of BENCHMARKS.md in one run, for a session lent a GPU for a few minutes: the bf16 GPU-marked
-# tests, then the training, attention and sampling benchmarks at the shapes of the targets (SFT MFU at the
+# tests, then the training, attention and sampling benchmarks at the shapes of BENCHMARKS.md's targets (SFT MFU at the
 # Llama-3.2-1B and -3B shapes, DPO step MFU, attention fwd/bwd, 8B batch sampling 512 x (128 -> 256) with batch-1
 # decode and its MBU, the 256 x 8 GSM8K-like EOS workload). Each step has its own time limit, so one slow step cannot
 # eat the others' time; every log and a summary land in $OUT (default gpu_out/). The default steps' limits add up to

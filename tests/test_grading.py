@@ -308,7 +308,7 @@ def test_answer_key_groups_equal_answers_for_voting():
 
 
 def test_gsm8k_compares_strings_only():
-    # PAPER.md: sympy is for MATH; GSM8K answers are integers compared after normalization.
+    # docs/PAPER.md: sympy is for MATH; GSM8K answers are integers compared after normalization.
     assert is_equiv("1,080", "1080", "gsm8k")
     assert not is_equiv("1/2", "0.5", "gsm8k")
 

@@ -1,5 +1,5 @@
-"""The whole weak-to-strong pipeline end to end on tiny models, on CPU: every stage of PAPER.md (two Stage I rounds,
-DPO and ORPO, every baseline, every evaluation, pass@k, the report and its plot), then the runner's contract: a
+"""The whole weak-to-strong pipeline end to end on tiny models, on CPU: every stage of docs/PAPER.md (two Stage I
+rounds, DPO and ORPO, every baseline, every evaluation, pass@k, the report and its plot), then the runner's contract: a
 finished run is skipped, a run killed inside a sampling stage and inside a training stage resumes and gives the same
 artifacts as the uninterrupted run, changing one option reruns exactly the stages that depend on it, bad input stops
 with one clear line before any model is loaded, and train_2 gold has one reader.

@@ -1,6 +1,6 @@
-"""Recipes (w2s/recipe.py): the shipped GSM8K / MATH recipes say what PAPER.md says, defaults follow the paper, paths
-resolve against the recipe's directory, and every bad recipe stops with one line naming the file and the key.
-Also the stage plan a recipe implies (w2s/pipeline.py build_stages), without loading any model.
+"""Recipes (w2s/recipe.py): the shipped GSM8K / MATH recipes say what docs/PAPER.md says, defaults follow the paper,
+paths resolve against the recipe's directory, and every bad recipe stops with one line naming the file and the key. Also
+the stage plan a recipe implies (w2s/pipeline.py build_stages), without loading any model.
 
     python -m pytest -q tests/test_recipe.py
 """
@@ -143,7 +143,7 @@ def test_paper_plan_gsm8k(tmp_path):
                           "09_r2_labels_icl", "10_r2_filter", "11_r2_sft_weak", "12_r2_sft_icl", "13_r2_sft_hybrid",
                           "14_samples", "15_pairs", "16_dpo", "17_orpo", "18_full_weak_ft", "19_ceiling"]
     assert len([n for n in names if "_eval_" in n]) == 12 and len([n for n in names if "_passk_" in n]) == 3
-    # Who reads what (PAPER.md): ICL labels need the weak labels (demos); round 2 relabels with the round-1 weak-ft
+    # Who reads what (docs/PAPER.md): ICL labels need the weak labels (demos); round 2 relabels with the round-1 weak-ft
     # and icl-ft models; pairs compare the weak labels with M_plus's samples; Stage II starts from M_plus.
     assert stages["03_icl_labels"].reads == ["00_data", "02_weak_labels"]
     assert stages["08_r2_labels_weak"].reads == ["00_data", "05_r1_sft_weak"]

@@ -1,5 +1,5 @@
-"""Stage logic on synthetic records: consistency filter, SFT sets, majority vote, the pair rules of PAPER.md Stage II
-step 3 (every branch, both thresholds, the at-most-k rule, seeding), and the metrics (pass@k against brute-force
+"""Stage logic on synthetic records: consistency filter, SFT sets, majority vote, the pair rules of docs/PAPER.md Stage
+II step 3 (every branch, both thresholds, the at-most-k rule, seeding), and the metrics (pass@k against brute-force
 combinatorics, PGR by hand).
 
     python -m pytest -q tests/test_stages.py

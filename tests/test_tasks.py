@@ -44,7 +44,7 @@ def test_gsm8k_records_and_targets():
     first = records[0]
     assert first["id"] == "gsm8k-train-00000"
     assert first["question"].startswith("Natalia sold clips to 48 of her friends")
-    # PAPER.md: the gold solution with calculator annotations removed, final line "#### N".
+    # docs/PAPER.md: the gold solution with calculator annotations removed, final line "#### N".
     assert first["solution"] == (
         "Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips altogether in April and May.\n#### 72"
     )
@@ -64,7 +64,7 @@ def test_math500_records_and_targets():
         assert record["id"] == row["unique_id"]
         assert record["question"] == row["problem"]
         assert record["answer"] == row["answer"]
-        # PAPER.md: the gold solution + " The answer is: {answer}".
+        # docs/PAPER.md: the gold solution + " The answer is: {answer}".
         assert record["solution"] == row["solution"] + " The answer is: " + row["answer"]
         assert record["level"] == row["level"] and record["subject"] == row["subject"]
 
@@ -130,7 +130,7 @@ def test_other_bad_inputs(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Prompts and demos (PAPER.md "Prompt and targets")
+# Prompts and demos (docs/PAPER.md "Prompt and targets")
 # ---------------------------------------------------------------------------------------------------------------
 
 

@@ -1,8 +1,8 @@
 """Experiment recipes: one TOML file says everything about a weak-to-strong run.
 
-A recipe names the task and data, the weak and strong checkpoints, and the options of every stage. Everything PAPER.md
-marks unknown is an option here with a stated default. A recipe is validated completely (unknown keys, missing
-files, impossible values) before any model is loaded, and every error names the recipe file and the key.
+A recipe names the task and data, the weak and strong checkpoints, and the options of every stage. Everything
+docs/PAPER.md marks unknown is an option here with a stated default. A recipe is validated completely (unknown keys,
+missing files, impossible values) before any model is loaded, and every error names the recipe file and the key.
 
     [data]      task, train/test files, split sizes or a split file, seed, the grader; or, in the setting without
                 gold (OlympicArena), train_2: the questions alone, no train file
@@ -49,7 +49,7 @@ class DataOptions:
     n_train_2: int = 0  # 0: the other half
     n_test: int = 0  # 0: the whole test file (smaller for quick runs)
     split_file: str = ""  # optional json {"train_1": [ids], "train_2": [ids]} instead of a seeded split
-    # The setting without gold (PAPER.md, OlympicArena): a file of questions, used whole as train_2, instead of
+    # The setting without gold (docs/PAPER.md, OlympicArena): a file of questions, used whole as train_2, instead of
     # `train`. No train_1 (the weak model is used as is), no gold of train_2 (no ceiling, no precision, no PGR).
     train_2: str = ""
     seed: int = 0
@@ -63,7 +63,7 @@ class ModelOptions:
     dtype: str = "bfloat16"
     device: str = "auto"  # auto: cuda if available, else cpu
     # A weak instruct model used as is may be prompted in its checkpoint's chat template (tokenizer_config.json);
-    # false: the task's plain-text prompt, as the authors prompted Llama-3-8B-Instruct (PAPER.md).
+    # false: the task's plain-text prompt, as the authors prompted Llama-3-8B-Instruct (docs/PAPER.md).
     weak_chat_template: bool = False
 
 
@@ -82,7 +82,7 @@ class Stage1Options:
     rounds: int = 2  # PAPER: 2 for GSM8K and OlympicArena, 1 for MATH
     round2_init: str = "base"  # "base": retrain from the strong base; "continue": continue the round-1 models
     n_demos: int = 4
-    demo_seed: int = 0  # which weak responses become the ICL demos (seeded draw, PAPER.md)
+    demo_seed: int = 0  # which weak responses become the ICL demos (seeded draw, docs/PAPER.md)
     # Beyond the paper (off by default; docs/PAPER.md): Shi et al. 2025's weak self-consistency filter.
     weak_self_consistency: int = 0  # k > 0: the weak model samples k answers per train_2 question (02_weak_samples)
     weak_min_confidence: float = 0.6  # ... and questions whose weak majority is below this leave the weak set

@@ -1,4 +1,4 @@
-"""Stage I filter: final-answer consistency between two labelers, and the weak / icl / hybrid SFT sets (PAPER.md).
+"""Stage I filter: final-answer consistency between two labelers, and the weak / icl / hybrid SFT sets (docs/PAPER.md).
 
 Round 1 compares D_weak (weak model, zero-shot) with D_icl (strong base, 4-shot with weak demos); round 2 compares
 the zero-shot labels of M_weak-ft and M_icl-ft. Both rounds are the same two calls:

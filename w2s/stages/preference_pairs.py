@@ -1,10 +1,10 @@
-"""Stage II data: majority vote over M_plus's samples, then preference pairs against the weak response (PAPER.md).
+"""Stage II data: majority vote over M_plus's samples, then preference pairs against the weak response (docs/PAPER.md).
 
 For each train_2 question M_plus draws n samples (paper: 10, T=1.0). Their extracted answers vote:
 
     a_plus, confidence = majority_vote(answers)      # most frequent non-empty answer, count(a_plus) / n
 
-and the rules of PAPER.md Stage II step 3 turn the weak response into one side of up to `max_pairs_per_question`
+and the rules of docs/PAPER.md Stage II step 3 turn the weak response into one side of up to `max_pairs_per_question`
 pairs (1 for GSM8K, 3 for MATH):
 
     confidence < min_confidence (0.6) or no a_plus     -> skip the question
@@ -193,7 +193,7 @@ def build_pairs(
     pair_weighting: str = "none",
     self_consistency_pairs: bool = False,
 ) -> tuple[list[dict], dict]:
-    """Preference pairs by PAPER.md Stage II step 3 and the counts for the stage's meta.json.
+    """Preference pairs by docs/PAPER.md Stage II step 3 and the counts for the stage's meta.json.
 
     weak_records: labelled weak records {"id", "question", "response", "answer"} (D_weak); a record with "absent":
     true has no weak label (the weak self-consistency filter dropped it): the paper's rules skip it.

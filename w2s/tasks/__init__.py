@@ -1,8 +1,8 @@
-"""Tasks: GSM8K, MATH and OlympicArena records, the prompts of PAPER.md, the few-shot demonstrations, and answer
+"""Tasks: GSM8K, MATH and OlympicArena records, the prompts of docs/PAPER.md, the few-shot demonstrations, and answer
 grading.
 
 A record is a plain dict: {"id", "question", "solution" (the gold SFT target), "answer" (gold final answer)},
-plus "level" and "subject" for MATH. Prompts use no chat template (PAPER.md "Prompt and targets"):
+plus "level" and "subject" for MATH. Prompts use no chat template (docs/PAPER.md "Prompt and targets"):
 
     zero_shot_prompt(q)            "Question: {q}\\nAnswer:"
     training_text(prompt, resp)    prompt + " " + resp            (the trainer appends EOS; loss on resp only)

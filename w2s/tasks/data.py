@@ -1,6 +1,6 @@
 """Task data on disk: jsonl reading with clear errors, the train_1/train_2 split, and `w2s data` (download / explain).
 
-Layout of a data directory (the same as ../shared/data):
+Layout of a data directory (what `w2s data` writes):
 
     <data_dir>/gsm8k/train.jsonl, gsm8k/test.jsonl     openai/grade-school-math
     <data_dir>/math/test.jsonl                         MATH-500 (PRM800K test split)
@@ -8,7 +8,7 @@ Layout of a data directory (the same as ../shared/data):
     <data_dir>/olympicarena/test.jsonl, val.jsonl      GAIR/OlympicArena rows of the six subjects (test = train_2,
                                                        answers hidden; val = the test set)
 
-PAPER.md: the gold train set is split in two halves; train_1 (questions + gold) trains the weak model, train_2 is
+docs/PAPER.md: the gold train set is split in two halves; train_1 (questions + gold) trains the weak model, train_2 is
 seen by the strong model as questions only. `split_train` makes a seeded split; `load_split` reads a user's own
 split file {"train_1": [ids], "train_2": [ids]} and `save_split` writes one. `import_split` turns a split released
 as two files (the authors' GSM8K `data/raw/gsm8k/train_1.jsonl` / `train_2.jsonl`, 7,000 questions each, ids

@@ -23,7 +23,7 @@ that runs past SYMPY_SECONDS is interrupted by an alarm (w2s/tasks/time_bound.py
 the pipeline grades, under torchrun too: each rank is its own process). A comparison given up counts as "not
 equal", logs one warning line and is counted in BOUNDED, so grading a whole test set cannot hang.
 
-Test: python -m pytest -q tests/test_grading.py   (grades every gold answer in ../shared/data against itself)
+Test: python -m pytest -q tests/test_grading.py   (grades every gold answer of the data directory against itself)
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 Each line of openai/grade-school-math's train.jsonl / test.jsonl is {"question": ..., "answer": ...}, where "answer"
 is a worked solution with calculator annotations like "48/2 = <<48/2=24>>24" and a final line "#### 72".
-PAPER.md: the SFT target is that solution with the annotations removed, keeping the final "#### N" line.
+docs/PAPER.md: the SFT target is that solution with the annotations removed, keeping the final "#### N" line.
 
-    records = load("../shared/data/gsm8k/train.jsonl")   # [{"id", "question", "solution", "answer"}, ...]
+    records = load("data/gsm8k/train.jsonl")   # [{"id", "question", "solution", "answer"}, ...]
 
 Test: python -m pytest -q tests/test_tasks.py
 """

@@ -4,9 +4,9 @@ Two local formats are accepted, one record schema comes out:
 - PRM800K / MATH-500 (math/test.jsonl): {"problem", "solution", "answer", "subject", "level": 1-5, "unique_id"}
 - original Hendrycks MATH (math_hendrycks_test/test.jsonl): {"problem", "solution", "level": "Level 3", "type",
   "idx"}; no "answer" field, so the gold answer is the last \\boxed{...} of the solution.
-PAPER.md: the SFT target is the gold solution + " The answer is: {answer}".
+docs/PAPER.md: the SFT target is the gold solution + " The answer is: {answer}".
 
-    records = load("../shared/data/math/test.jsonl")   # [{"id", "question", "solution", "answer", "level", ...}]
+    records = load("data/math/test.jsonl")   # [{"id", "question", "solution", "answer", "level", ...}]
 
 Test: python -m pytest -q tests/test_tasks.py
 """

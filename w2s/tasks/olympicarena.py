@@ -1,6 +1,6 @@
 """OlympicArena (GAIR/OlympicArena): loading the benchmark's records, the paper's filter, prompt and stop strings.
 
-PAPER.md, "The forward-looking setting": no gold answer exists for any training question. The benchmark's `test`
+docs/PAPER.md, "The forward-looking setting": no gold answer exists for any training question. The benchmark's `test`
 split (answers hidden) is train_2; its `val` split (with answers) is the test set. The authors' loader
 (src/inference_olympic.py in GAIR-NLP/weak-to-strong-reasoning) keeps, from the six subject configs Math, Physics,
 Chemistry, Biology, Geography and Astronomy (never CS), the rows with language "EN" and an answer type other than
