@@ -5,18 +5,21 @@ NPROC ?= 1
 # One process: plain python. Several: torchrun (sampling shards prompts, training uses FSDP2).
 LAUNCH = $(if $(filter 1,$(NPROC)),$(PY),$(PY) -m torch.distributed.run --nproc_per_node=$(NPROC))
 
-.PHONY: install test test-gpu check-sm90 lint demo demo-pretrain demo-seeds demo-compare gsm8k math bench-kernels bench-sampling bench-train
+.PHONY: reinstall install test test-gpu check-sm90 lint demo demo-pretrain demo-seeds demo-compare gsm8k math bench-kernels bench-sampling bench-train
 
 # Every target that runs code depends on the install stamp, so a fresh clone needs no separate `make install`. The
 # stamp is named after the interpreter's environment (sys.prefix): another virtual environment installs again, and so
-# does any change to setup.py. Git ignores it (.gitignore: .install-*).
+# does any change to setup.py. Git ignores it (.gitignore: .install-*). When the environment's `w2s` is another
+# checkout's (a second clone installed into the same environment since), the stamp is stale and the install reruns.
 STAMP := .install-$(shell $(PY) -c "import hashlib, sys; print(hashlib.sha1(sys.prefix.encode()).hexdigest()[:10])")
+INSTALLED_HERE := $(shell cd / && $(PY) -I -c "import importlib.util as u, os; s = u.find_spec('w2s'); \
+	print(int(bool(s and s.origin) and os.path.realpath(s.origin).startswith(os.path.realpath('$(CURDIR)') + os.sep)))")
 
 install: $(STAMP)
 
 # Installs torch only when none is importable (a GPU node keeps its own CUDA build); the pinned
 # version resolves to the local CPU wheel on the development machines and in CI.
-$(STAMP): setup.py
+$(STAMP): setup.py $(if $(filter 1,$(INSTALLED_HERE)),,reinstall)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(TORCH_CPU)
 	$(PY) -m pip install -e ".[dev,plot]"
 	@touch $@
