@@ -4,9 +4,10 @@
     python scripts/demo_compare.py --seeds 0 --variants paper iterative
 
 A variant is a set of recipe options on top of recipes/demo.toml (VARIANTS below; adding one is one line). For each
-seed N the first variant runs in full as runs/demo-seedN-<variant>; every other variant of that seed gets its own
-run directory, into which each finished stage of the first one whose key it shares (the engine's key: options and
-inputs) is hard-linked before it runs, so the engine skips it. The Stage I stages, the baselines and the weak model
+seed N the first variant runs in full as runs/demo-seedN-<variant> (taking the finished stages of `make demo-seeds`'
+runs/demo-seedN when that run is there); every other variant of that seed gets its own run directory, into which
+each finished stage of the first one whose key it shares (the engine's key: options and inputs) is hard-linked
+before it runs, so the engine skips it. The Stage I stages, the baselines and the weak model
 run once per seed; a variant pays only for the stages its options change. The recipes are written beside the demo
 recipe as recipes/.demo-seedN-<variant>.toml (git-ignored), with every seed set to N as scripts/demo_seeds.py does.
 
@@ -25,13 +26,10 @@ import statistics
 import time
 from pathlib import Path
 
-from w2s.engine import read_meta, stage_key  # noqa: E402
-from w2s.pipeline import build_stages, run_pipeline  # noqa: E402
-from w2s.recipe import (
-    load_recipe,  # noqa: E402
-    seeded_recipe,
-)
-from w2s.report import load_metas, method_accuracies, pgr  # noqa: E402
+from w2s.engine import read_meta, stage_key
+from w2s.pipeline import build_stages, run_pipeline
+from w2s.recipe import NAME_LINE, load_recipe, seeded_recipe
+from w2s.report import load_metas, method_accuracies, pgr
 
 # Every variant runs Stage II with DPO alone (the paper's best loss; ORPO would double the Stage II cost).
 COMMON = {"stage2": {"losses": ["dpo"]}}
@@ -155,8 +153,9 @@ def main():
         raise SystemExit(f"{recipe}: no such recipe file")
     text, results, t0 = recipe.read_text(), {}, time.perf_counter()
     for seed in args.seeds:
-        donor = None
-        for variant in args.variants:
+        donor = Path(args.runs) / f"{NAME_LINE.search(text).group(1)}-seed{seed}"  # make demo-seeds' run, if any
+        donor = donor if donor.is_dir() else None
+        for i, variant in enumerate(args.variants):
             path = recipe.with_name(f".{recipe.stem}-seed{seed}-{variant}.toml")  # beside it: relative paths hold
             path.write_text(variant_recipe(text, seed, variant))
             run_dir = Path(args.runs) / load_recipe(path).name
@@ -165,7 +164,7 @@ def main():
                   f"{(time.perf_counter() - t0) / 60:.1f} min so far", flush=True)
             run_pipeline(path, runs_dir=args.runs, progress=False, plot=False)
             results[seed, variant] = summary(run_dir, VARIANTS[variant][2], set(shared))
-            donor = donor or run_dir
+            donor = run_dir if i == 0 else donor
     table = compare_table(results, args.seeds, args.variants)
     out = Path(args.runs) / "demo-compare.md"
     out.write_text(table + "\n")

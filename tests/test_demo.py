@@ -179,3 +179,41 @@ def test_demo_seeds_rewrites_every_seed_and_the_name_and_tabulates_mean_and_spre
     rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines()[2:]}
     assert rows["weak floor (weak model)"].endswith("| 10.0 | 30.0 | 20.0 | 14.1 |")  # stdev(10, 30) = 14.14
     assert rows["strong ceiling (gold train_2)"].endswith("| 90.0 | 80.0 | 85.0 | 7.1 |")
+
+
+def test_demo_compare_variants_are_valid_recipes_that_change_only_their_options(tmp_path):
+    import demo_compare  # scripts/demo_compare.py (make demo-compare)
+
+    from w2s.recipe import load_recipe
+
+    text = RECIPE.read_text()
+    base = tomllib.loads(text)
+    for variant, (options, _, _) in demo_compare.VARIANTS.items():
+        recipe_text = demo_compare.variant_recipe(text, 3, variant)
+        path = tmp_path / f"{variant}.toml"
+        path.write_text(recipe_text)
+        recipe = load_recipe(path, check_files=False)  # validated like any recipe: unknown keys, impossible values
+        assert recipe.name == f"{base['name']}-seed3-{variant}" and recipe.data.seed == 3
+        parsed = tomllib.loads(recipe_text)
+        wanted = {(section, key): value for overrides in (demo_compare.COMMON, options)
+                  for section, values in overrides.items() for key, value in values.items()}
+        for (section, key), value in wanted.items():
+            assert parsed[section][key] == value, (variant, section, key)
+        for section, values in base.items():  # every other option is the demo's (seeds aside)
+            if isinstance(values, dict):
+                for key, value in values.items():
+                    if (section, key) not in wanted and not key.endswith("seed"):
+                        assert parsed[section][key] == value, (variant, section, key)
+
+
+def test_set_option_replaces_a_line_adds_a_key_and_adds_a_section():
+    import demo_compare
+
+    text = 'name = "x"\n\n[stage2]\nn_samples = 10  # ten\nlosses = ["dpo"]\n\n[eval]\npass_k_samples = 0\n'
+    out = demo_compare.set_option(text, "stage2", "n_samples", 4)
+    out = demo_compare.set_option(out, "stage2", "rounds", 2)
+    out = demo_compare.set_option(out, "grpo", "lr", 1e-4)
+    out = demo_compare.set_option(out, "stage1", "weak_relabel", True)
+    assert tomllib.loads(out) == {"name": "x", "stage2": {"n_samples": 4, "losses": ["dpo"], "rounds": 2},
+                                  "eval": {"pass_k_samples": 0}, "grpo": {"lr": 1e-4},
+                                  "stage1": {"weak_relabel": True}}
