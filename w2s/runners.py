@@ -556,7 +556,7 @@ def run_grpo(ctx, out, init):
     """GRPO of `init` (M_plus) on the train_2 questions, rewarded by its own vote (and the weak labels under
     "vote_or_weak"; w2s/grpo.py) -> out/model. Reads questions and weak responses, never train_2 gold."""
     r, grade = ctx.recipe, grader(ctx)
-    questions = [{"id": q["id"], "prompt": zero_shot(q)} for q in data_rows(ctx, "train_2")]
+    questions = [{"id": i, "prompt": prompt} for i, prompt in train_2_prompts(ctx).items()]
     weak = {w["id"]: grade.answer(w["response"]) for w in labels(ctx, "02_weak_labels")}
     last = {}  # the last logged record: the final reward and its spread
 
