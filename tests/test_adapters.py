@@ -30,14 +30,6 @@ from w2s.train import TrainConfig, train_sft  # noqa: E402
 IDS = torch.tensor([[1, 5, 9, 33, 70, 4, 101], [1, 7, 7, 12, 90, 3, 64]])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     path = tmp_path_factory.mktemp("llama")

@@ -109,17 +109,7 @@ def kernel_calls(monkeypatch):
     return calls
 
 
-@pytest.fixture
-def one_thread():
-    # Tiny matmuls gain nothing from intra-op threads, and with other processes on the 2 cores OpenMP's spinning
-    # workers made the reference run ~50x slower. Restored afterwards for the rest of the session.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_triton_and_reference_training_curves_match(kernel_calls, one_thread):
+def test_triton_and_reference_training_curves_match(kernel_calls):
     reference, reference_grads = train_losses("reference")
     assert not any(kernel_calls.values()), f"the reference pass reached Triton: {kernel_calls}"
     triton, triton_grads = train_losses("triton")

@@ -47,14 +47,6 @@ WRONG = {"role": "assistant", "content": "3+4=8\n#### 8"}
 SYSTEM = {"role": "system", "content": "Answer with a worked solution."}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module", params=["llama3", "gemma"])
 def chat_dir(request, tmp_path_factory):
     """A small byte-level BPE with the family's special tokens and its chat template in tokenizer_config.json."""

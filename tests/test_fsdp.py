@@ -38,13 +38,8 @@ def runs(tmp_path_factory):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for name in worker.RUNS:
-            worker.run(name, ckpt, base / "one" / name)
-    finally:
-        torch.set_num_threads(threads)
+    for name in worker.RUNS:
+        worker.run(name, ckpt, base / "one" / name)
     return base / "two", base / "one"
 
 

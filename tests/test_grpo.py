@@ -31,14 +31,6 @@ from w2s.train_config import GRPOConfig, TrainConfig  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls on a shared 2-core machine: a second thread costs more in synchronization than it gains."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # ---------------------------------------------------------------------------------------------- the loss by hand
 # Three responses of up to 3 tokens: per-token log-probs under the policy, pi_old and the reference, and a mask.

@@ -379,7 +379,6 @@ def test_ops_switch_routes_to_triton(monkeypatch):
     torch.testing.assert_close(ops.swiglu(x, x.flip(0)), reference.swiglu(x, x.flip(0)), **FP32_TOL)
 
 
-
 @pytest.mark.skipif(DEVICE == "cuda", reason="the CPU routing of the fused linear losses")
 def test_ops_cpu_auto_routes_linear_losses_to_the_chunk_loop(monkeypatch):
     from w2s import ops

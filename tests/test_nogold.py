@@ -22,8 +22,6 @@ import torch
 from w2s import world
 from w2s.tasks import olympic_judge, olympicarena
 
-torch.set_num_threads(1)  # tiny matmuls on a shared 2-core box
-
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["00_data", "00_test", "02_weak_labels", "03_icl_labels", "04_r1_filter", "05_r1_sft_weak", "06_r1_sft_icl",
           "07_r1_sft_hybrid", "08_r2_labels_weak", "09_r2_labels_icl", "10_r2_filter", "11_r2_sft_weak",

@@ -23,8 +23,6 @@ import torch
 
 from w2s.tasks import get_grader, zero_shot_prompt
 
-torch.set_num_threads(1)  # tiny matmuls on a shared 2-core box: more threads only fight each other
-
 N_SAMPLES, PASS_K = 5, 3
 ALL_STAGES = [
     "00_data", "00_test", "01_weak_sft", "02_weak_labels", "03_icl_labels",

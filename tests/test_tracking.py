@@ -25,14 +25,6 @@ DPO_FIELDS = ["logps/chosen", "logps/rejected", "rewards/accuracies", "rewards/c
               "rewards/rejected"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_model(vocab_size=128):
     cfg = ModelConfig(family="llama", vocab_size=vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
                       hidden_dim=64, max_seq_len=64, bos_token_id=0, eos_token_id=1, pad_token_id=2)

@@ -27,15 +27,6 @@ from w2s.lora import TARGETS, LoRALinear, inject_lora, lora_scale, merge_lora_st
 from w2s.train import TrainConfig, train_preference, train_sft  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls on a shared 2-core machine: a second thread costs more in synchronization than it gains."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """(checkpoint dir, the transformers model it holds) of a tiny random Llama (vocab 128, dim 64, 2 layers)."""
