@@ -24,8 +24,11 @@ $(STAMP): setup.py $(if $(filter 1,$(INSTALLED_HERE)),,reinstall)
 	$(PY) -m pip install -e ".[dev,plot]"
 	@touch $@
 
+# Two pytest workers (pytest-xdist), each file on one worker so its module fixtures are built once; TEST_JOBS=1:
+# one process, in file order.
+TEST_JOBS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q $(if $(filter 1,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile) tests
 
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q -m gpu tests

@@ -27,7 +27,8 @@ setup(
         # peft: the reference loader of the LoRA adapters the training stages write, tests/test_adapters.py;
         # tensorboard: the tracking test reads the event files back with tensorboard's own reader;
         # trl: tests/test_grpo.py checks GRPO's loss against TRL's GRPOTrainer (>= 1.16: use_bias_correction_kl).
-        "dev": ["pytest", "transformers", "protobuf", "mistral-common", "peft", "ruff", "tensorboard", "trl>=1.16"],
+        "dev": ["pytest", "pytest-xdist", "transformers", "protobuf", "mistral-common", "peft", "ruff", "tensorboard",
+                "trl>=1.16"],
         "plot": ["matplotlib"],
         # Experiment trackers for --report-to / [logging] report_to (w2s/tracking.py imports them only when asked).
         "tensorboard": ["tensorboard"],
