@@ -146,7 +146,8 @@ def _draw_accuracy(ax, rows, floor, ceiling):
     if floor and ceiling and abs(ceiling[0] - floor[0]) > 1e-9:
         pgr = (lambda a: (a - floor[0]) / (ceiling[0] - floor[0]), lambda p: floor[0] + p * (ceiling[0] - floor[0]))
     _hbars(ax, [(*row, _fmt(row[3]) + (f"  ·  PGR {pgr[0](row[3][0]):.2f}" if pgr else "")) for row in rows])
-    for line, colour, name in ((floor, FLOOR_COLOUR, "weak floor"), (ceiling, CEILING_COLOUR, "strong ceiling")):
+    weak = "weak floor" if ceiling else "weak model"  # no ceiling (the setting without gold): nothing it floors
+    for line, colour, name in ((floor, FLOOR_COLOUR, weak), (ceiling, CEILING_COLOUR, "strong ceiling")):
         if line is not None:  # behind the bars: a label on a bar is never crossed
             ax.axvline(line[0], color=colour, ls="--", lw=1.5, zorder=1, label=f"{name} ({_fmt(line)} %)")
             if len(line[2]) > 1:
