@@ -132,8 +132,9 @@ def compare_table(results, seeds, variants):
         pct = [None if r["acc"] is None else 100 * r["acc"] for r in rows]
         pgrs = [r["pgr"] for r in rows if r["pgr"] is not None]
         pgr_cell = f"{statistics.mean(pgrs):.3f}" if pgrs else "-"
-        rounds = len(rows[0]["pairs"])
-        pairs = " + ".join(f"{statistics.mean(r['pairs'][i] for r in rows):.0f}" for i in range(rounds)) or "-"
+        rounds = max(len(r["pairs"]) for r in rows)
+        pairs = " + ".join(f"{statistics.mean(r['pairs'][i] for r in rows if len(r['pairs']) > i):.0f}"
+                           for i in range(rounds)) or "-"
         own, total = (statistics.mean(r[k] for r in rows) / 60 for k in ("own_s", "total_s"))
         lines.append(f"| {VARIANTS[v][1]} | " + " | ".join("-" if x is None else f"{x:.1f}" for x in pct) +
                      f" | {' | '.join(_mean_std(pct))} | {pgr_cell} | {pairs} | {own:.1f} / {total:.1f} |")
@@ -151,7 +152,7 @@ def main():
     recipe = Path(args.recipe)
     if not recipe.is_file():
         raise SystemExit(f"{recipe}: no such recipe file")
-    text, results, t0 = recipe.read_text(), {}, time.perf_counter()
+    text, results, failed, t0 = recipe.read_text(), {}, {}, time.perf_counter()
     for seed in args.seeds:
         donor = Path(args.runs) / f"{NAME_LINE.search(text).group(1)}-seed{seed}"  # make demo-seeds' run, if any
         donor = donor if donor.is_dir() else None
@@ -162,10 +163,17 @@ def main():
             shared = reuse_finished(donor, run_dir, path) if donor is not None else []
             print(f"== seed {seed}, {variant}: {path} ({len(shared)} stages shared with {donor or 'none'}); "
                   f"{(time.perf_counter() - t0) / 60:.1f} min so far", flush=True)
-            run_pipeline(path, runs_dir=args.runs, progress=False, plot=False)
+            try:
+                run_pipeline(path, runs_dir=args.runs, progress=False, plot=False)
+            except ValueError as e:  # e.g. a filter that keeps nothing: the variant has no result on this seed
+                print(f"== seed {seed}, {variant} stopped: {e}", flush=True)
+                failed[seed, variant] = str(e)
             results[seed, variant] = summary(run_dir, VARIANTS[variant][2], set(shared))
             donor = run_dir if i == 0 else donor
     table = compare_table(results, args.seeds, args.variants)
+    if failed:
+        table += "\n\n" + "\n".join(f"Stopped (no result): seed {seed}, {variant}: {error}"
+                                     for (seed, variant), error in sorted(failed.items()))
     out = Path(args.runs) / "demo-compare.md"
     out.write_text(table + "\n")
     print(f"\n{table}\n\n({(time.perf_counter() - t0) / 60:.1f} min in all; written to {out})")
