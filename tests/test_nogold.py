@@ -274,6 +274,26 @@ def test_recipe_form_without_gold(tmp_path):
     assert r.models.weak_chat_template is False and r.data.grader == "olympicarena"
 
 
+def test_plan_without_gold_with_the_options_beyond_the_paper(tmp_path):
+    """The weak model used as is also draws the weak self-consistency samples: from the recipe's checkpoint, in its
+    prompt kind, with its fingerprint in the key (no 01_weak_sft whose key would say which weights)."""
+    from w2s.pipeline import build_stages
+    from w2s.recipe import load_recipe
+
+    path = _recipe_world(tmp_path) / "r.toml"
+    path.write_text(BASE.replace("[models]", "[stage1]\nweak_self_consistency = 4\n[stage2]\nrounds = 2\n[models]"))
+    stages = {s.name: s for s in build_stages(load_recipe(path))}
+    assert "01_weak_sft" not in stages and "19_ceiling" not in stages
+    for name in ("02_weak_labels", "02_weak_samples"):
+        weak = stages[name]
+        assert weak.reads == ["00_data"] and weak.args["model"] == "weak", name
+        assert weak.options["weak"] and weak.options["prompt"] == "zero_shot", name
+    assert stages["02_weak_samples"].args["n"] == 4 and stages["02_weak_samples"].options["n"] == 4
+    assert "02_weak_samples" in stages["04_r1_filter"].reads and "02_weak_samples" in stages["15_pairs"].reads
+    assert {"37_round2_samples_dpo", "38_round2_pairs_dpo", "39_round2_dpo"} <= set(stages)
+    assert stages["20_eval_weak_floor"].args["model"] == "weak" and stages["20_eval_weak_floor"].reads == ["00_test"]
+
+
 @pytest.mark.parametrize("edit, message", [
     (("train_2 = ", 'train = "train.jsonl"\ntrain_2 = '), r"\[data\] train_2: give either train .* or train_2"),
     (("train_2 = ", "n_train_1 = 5\ntrain_2 = "), r"\[data\] train_2: is used whole, without a split"),
