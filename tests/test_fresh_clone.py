@@ -92,7 +92,7 @@ def test_make_demo_on_a_fresh_clone_installs_then_reaches_the_first_training_sta
         pytest.skip(f"python -m venv failed: {made.stderr.strip()[-300:]}")
     env = bare_env(venv)
     python = str(venv / "bin" / "python")
-    assert w2s_location(python, clone, env) != os.path.realpath(clone / "w2s")  # not this clone's before make installs it
+    assert w2s_location(python, clone, env) != os.path.realpath(clone / "w2s")  # make has not installed it yet
 
     # make demo: install (stamp), then the pipeline; stopped at the first training step of 01_weak_sft
     first_step = re.compile(r"step 1/\d+ \| loss")
