@@ -14,6 +14,7 @@ sometimes disagree (Stage II finds pairs), without learning anything.
 
 import json
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -418,3 +419,23 @@ def test_olympic_splits_are_seeded_disjoint_and_kept_out_of_the_second_reading()
     docs = world.olympic_corpus(0, 60, exclude=every)
     assert not any(q in doc for doc in docs for q in every)
     assert any("$\\boxed{" in doc for doc in docs) and any("has x " in doc for doc in docs)
+
+
+def test_audit_draws_the_shipped_train_2_again_with_answers_and_judges_by_them(tmp_path):
+    """scripts/demo_olympic_audit.py: the world's draw is the shipped questions file exactly, its answers are the
+    judge's gold (a response boxing the answer is right, one boxing another is wrong), and a file that is not the
+    draw is refused."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import demo_olympic_audit as audit_script
+
+    gold = audit_script.world_train_2()
+    shipped = [json.loads(line) for line in (ROOT / "demo" / "olympic" / "train_2.jsonl").read_text().splitlines()]
+    assert [row["id"] for row in shipped] == list(gold) and all("answer" not in row for row in shipped)
+    rows = [{"id": i, "response": f"The final answer is $\\boxed{{{g['answer'][0]}}}$"} for i, g in gold.items()]
+    assert audit_script.right(rows, gold) == (450, 450)
+    wrong = [{"id": i, "response": "The final answer is $\\boxed{E}$"} for i in gold]  # never an answer here
+    assert audit_script.right(wrong, gold) == (0, 450)
+    other = tmp_path / "train_2.jsonl"
+    other.write_text("".join(json.dumps(row) + "\n" for row in shipped[:-1]))
+    with pytest.raises(SystemExit, match="not the world's train_2 draw"):
+        audit_script.world_train_2(other)
