@@ -15,7 +15,6 @@ Test: python -m pytest -q tests/test_nogold.py -k audit
 
 import argparse
 import functools
-import json
 import sys
 from pathlib import Path
 
@@ -79,7 +78,6 @@ def main():
         cells = [results[r].get(what) for r in args.runs]
         print(f"| {what} | " + " | ".join("-" if c is None else f"{100 * c[0] / max(c[1], 1):.0f} % of {c[1]}"
                                           for c in cells) + " |")
-    print(json.dumps({r: {k: list(v) for k, v in res.items()} for r, res in results.items()}))
 
 
 if __name__ == "__main__":
