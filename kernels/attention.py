@@ -503,14 +503,16 @@ class _FlashAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None
 
 
-def _check_inputs(q, k, v, q_positions, kv_lengths, sliding_window, softcap):
+def _check_inputs(q, k, v, q_positions, kv_lengths, sliding_window, softcap, kv_rows=None):
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
         raise ValueError(f"attention: expected q (B, T, H, D) and k, v (B, S, K, D) of equal shape, got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     B, T, H, D = q.shape
-    if k.shape[0] != B or k.shape[3] != D or H % k.shape[2] != 0:
+    if kv_rows is not None and (tuple(kv_rows.shape) != (B,) or kv_rows.dtype not in (torch.int32, torch.int64)):
+        raise ValueError(f"attention: kv_rows {tuple(kv_rows.shape)} {kv_rows.dtype}, expected ({B},) integers")
+    if (kv_rows is None and k.shape[0] != B) or k.shape[3] != D or H % k.shape[2] != 0:
         raise ValueError(f"attention: k/v {tuple(k.shape)} do not match q {tuple(q.shape)} "
-                         "(same B and D, and H a multiple of K)")
+                         "(same B, or kv_rows; same D; H a multiple of K)")
     if D not in (16, 32, 64, 128, 256):
         raise ValueError(f"attention: head dim {D} unsupported by the Triton kernel (16, 32, 64, 128 or 256)")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):

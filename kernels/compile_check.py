@@ -110,13 +110,15 @@ def check_attention(dtypes):
                 attention._forward(q, k, k, *args)
                 if dtype != torch.float32:  # fp32 backward (no GPU path trains in fp32) compiles slowly, all spills
                     attention._backward(q, q, k, k, q, torch.zeros(1, 32, 64), *args)
-        # decode: Llama-3-8B (32 q / 8 kv heads, D 128), Gemma-2B (8 / 1, D 256), Gemma-2-9B (16 / 8, D 256)
+        # decode: Llama-3-8B (32 q / 8 kv heads, D 128), Gemma-2B (8 / 1, D 256), Gemma-2-9B (16 / 8, D 256); one
+        # token also through kv_rows (the sampler's mixed steps of chunked prefill)
         for H, K, D, window, cap in [(32, 8, 128, None, None), (8, 1, 256, None, None), (16, 8, 256, 4096, 50.0)]:
             for T in (1, 2, 16):
                 if T * H // K <= 128:
                     q, k = torch.zeros(4, T, H, D, dtype=dtype), torch.zeros(4, 256, K, D, dtype=dtype)
                     positions = torch.zeros(4, T, dtype=torch.int32)
-                    decode_attention._decode_partials(q, k, k, positions, None, window, cap, 0.1)
+                    for kv_rows in (None, torch.arange(4)) if T == 1 else (None,):
+                        decode_attention._decode_partials(q, k, k, positions, None, window, cap, 0.1, kv_rows)
 
 
 def check_fused_linear(dtypes):

@@ -48,19 +48,24 @@ from kernels.attention import (
 
 
 @triton.jit
-def _attn_decode_kernel(Q, K, V, O_PART, LSE_PART, POS, KV_LEN,
+def _attn_decode_kernel(Q, K, V, O_PART, LSE_PART, POS, KV_LEN, KV_ROWS,
                         stride_qb, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh,
                         stride_vb, stride_vs, stride_vh, stride_pb, stride_pt,
                         T, S, H, KH, GROUP, keys_per_split, scale, softcap, window,
                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_POS: tl.constexpr,
                         HAS_KV_LEN: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                        PRECISION: tl.constexpr):
+                        HAS_KV_ROWS: tl.constexpr, PRECISION: tl.constexpr):
     """One program = one (batch row, kv head, key split). Its rows are every (token t, query head of the group)
     pair, so each key/value tile is read once for the whole GQA group. Writes a normalized partial output and its
-    base-2 log-sum-exp per split; `_combine_splits` merges them."""
+    base-2 log-sum-exp per split; `_combine_splits` merges them. With KV_ROWS, batch row b reads the keys/values of
+    cache row KV_ROWS[b] (several batch rows may read one cache row) instead of row b."""
     split = tl.program_id(0)
     pid_bk = tl.program_id(1)
     b = (pid_bk // KH).to(tl.int64)
+    if HAS_KV_ROWS:
+        b_kv = tl.load(KV_ROWS + b).to(tl.int64)
+    else:
+        b_kv = b
     kv_h = pid_bk % KH
     rows = tl.arange(0, BLOCK_M)
     row_ok = rows < T * GROUP
@@ -79,8 +84,8 @@ def _attn_decode_kernel(Q, K, V, O_PART, LSE_PART, POS, KV_LEN,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     # Memory-bound: the per-element mask costs nothing here, so one masked loop covers the split.
-    acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, pos, K + b * stride_kb + kv_h * stride_kh,
-                                  V + b * stride_vb + kv_h * stride_vh, stride_ks, stride_vs, offs_d, lo, hi, kv_len,
+    acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, pos, K + b_kv * stride_kb + kv_h * stride_kh,
+                                  V + b_kv * stride_vb + kv_h * stride_vh, stride_ks, stride_vs, offs_d, lo, hi, kv_len,
                                   scale, softcap, window, BLOCK_N, True, HAS_WINDOW, HAS_SOFTCAP, PRECISION)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -119,9 +124,10 @@ def _sm_count(device):
     return torch.cuda.get_device_properties(device).multi_processor_count  # kernels/compile_check.py: an H100's 132
 
 
-def _decode_partials(q, k, v, q_positions, kv_lengths, sliding_window, softcap, scale):
+def _decode_partials(q, k, v, q_positions, kv_lengths, sliding_window, softcap, scale, kv_rows=None):
     """Launch the split-key decode kernel -> per-split (o_part (B, splits, T, H, D) fp32, lse_part (B, splits, T, H)
-    base 2), for _combine_splits. q_positions / kv_lengths already int32 (or None), scale a float."""
+    base 2), for _combine_splits. q_positions / kv_lengths already int32 (or None), scale a float; kv_rows (B,) or
+    None: the cache row of k/v each batch row reads."""
     B, T, H, D = q.shape
     S, KH = k.shape[1], k.shape[2]
     group = H // KH
@@ -136,44 +142,49 @@ def _decode_partials(q, k, v, q_positions, kv_lengths, sliding_window, softcap, 
     o_part = torch.empty((B, splits, T, H, D), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((B, splits, T, H), dtype=torch.float32, device=q.device)
     _attn_decode_kernel[_grid(splits, B * KH)](
-        q, k, v, o_part, lse_part, q_positions, kv_lengths, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        q, k, v, o_part, lse_part, q_positions, kv_lengths, kv_rows, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         *_pos_strides(q_positions), T, S, H, KH, group, keys_per_split, scale, softcap or 1.0, sliding_window or 0,
-        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q.dtype),
+        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, HAS_KV_ROWS=kv_rows is not None, PRECISION=_precision(q.dtype),
         **_flags(q_positions, kv_lengths, sliding_window, softcap), num_warps=4, num_stages=2)
     return o_part, lse_part
 
 
-def attention_decode(q, k, v, q_positions=None, kv_lengths=None, sliding_window=None, softcap=None, scale=None):
+def attention_decode(q, k, v, q_positions=None, kv_lengths=None, sliding_window=None, softcap=None, scale=None,
+                     kv_rows=None):
     """Forward-only attention for a few query tokens against a KV cache (the sampler's hot loop).
 
     Same contract as kernels.attention.attention, forward only; at most 128 query rows (T x the GQA group) per kv
     head. For the best speed pass k/v sliced to the longest live cache row, since the key splits cover all S slots.
+    kv_rows: optional (B,) integer cache rows: batch row b then attends k[kv_rows[b]], v[kv_rows[b]] (k and v hold
+    the cache's rows, any number), read through the index rather than gathered.
     """
-    _check_inputs(q, k, v, q_positions, kv_lengths, sliding_window, softcap)
+    _check_inputs(q, k, v, q_positions, kv_lengths, sliding_window, softcap, kv_rows)
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     o_part, lse_part = _decode_partials(q, k, v, _optional_int32(q_positions, q.device),
-                                        _optional_int32(kv_lengths, q.device), sliding_window, softcap, scale)
+                                        _optional_int32(kv_lengths, q.device), sliding_window, softcap, scale, kv_rows)
     return _combine_splits(o_part, lse_part, q.dtype)
 
 
 def attention_after_shared_prefix(q, k, v, prefix_k, prefix_v, q_positions, sliding_window=None, softcap=None,
-                                  scale=None):
+                                  scale=None, kv_rows=None):
     """Decode attention when keys [0, P) of every row are the same, prefix_k / prefix_v (P, K, D): cascade attention.
 
     Same result as attention_decode(q, k, v, q_positions, ...). The row's own keys [P, S) go through the decode
     kernel (positions shifted by P, so windows and causality are unchanged); the prefix goes through the flash
     forward kernel once, with all B*T queries as one long row against the P shared keys, so those keys are read
     once per step instead of once per row. The prefix result joins the decode kernel's key splits as one more
-    split, and _combine_splits merges them all by their log-sum-exps. No host sync: CUDA-graph safe.
+    split, and _combine_splits merges them all by their log-sum-exps. No host sync: CUDA-graph safe. kv_rows as in
+    attention_decode.
     """
-    _check_inputs(q, k, v, q_positions, None, sliding_window, softcap)
+    _check_inputs(q, k, v, q_positions, None, sliding_window, softcap, kv_rows)
     B, T, H, D = q.shape
     P = prefix_k.shape[0]
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     positions = _optional_int32(q_positions, q.device)  # (B, T)
-    o_part, lse_part = _decode_partials(q, k[:, P:], v[:, P:], positions - P, None, sliding_window, softcap, scale)
+    o_part, lse_part = _decode_partials(q, k[:, P:], v[:, P:], positions - P, None, sliding_window, softcap, scale,
+                                        kv_rows)
     out_p, lse_p = _forward(q.reshape(1, B * T, H, D), _last_dim_contiguous(prefix_k)[None],
                             _last_dim_contiguous(prefix_v)[None], positions.reshape(1, B * T), None, sliding_window,
                             softcap, scale)  # (1, B*T, H, D), (1, H, B*T)

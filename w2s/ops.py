@@ -66,7 +66,7 @@ def _triton(module_name, tensor):
 
 
 def attention(q, k, v, q_positions=None, kv_lengths=None, sliding_window=None, softcap=None, scale=None,
-              shared_prefix=None):
+              shared_prefix=None, kv_rows=None):
     """Causal GQA attention; see kernels.reference.attention for the exact contract. (B, T, H, D) -> (B, T, H, D).
 
     Triton: the split-key decode kernel (kernels/decode_attention.py) where `use_decode_kernel` says so, else the
@@ -78,10 +78,17 @@ def attention(q, k, v, q_positions=None, kv_lengths=None, sliding_window=None, s
     CASCADE_MIN_PREFIX shared tokens on, decode uses it to read those keys once per step instead of once per row
     (cascade attention): kernels.decode_attention.attention_after_shared_prefix on Triton (any window or soft-cap),
     kernels.sdpa_attention.attention_after_shared_prefix on CPU (no window or soft-cap).
+
+    kv_rows: optional (B,) integer tensor: batch row b attends k[kv_rows[b]], v[kv_rows[b]], so k and v hold cache
+    rows rather than batch rows (the sampler's mixed decode steps, where the tokens of a prompt being prefilled are
+    query rows of their own that read one cache row). The decode kernel reads through the index; every other path
+    gathers the rows first.
     """
+    if kv_rows is not None and not (_use_triton(q) and use_decode_kernel(q, k, v)):
+        k, v, kv_rows = k[kv_rows], v[kv_rows], None  # (B, S, K, D): batch rows from here on
     if _use_triton(q):
         return _triton_attention(q, k, v, q_positions, kv_lengths, sliding_window, softcap, scale,
-                                 _cascade_prefix(shared_prefix))
+                                 _cascade_prefix(shared_prefix), kv_rows)
     if _backend == "auto" and sdpa_attention.supports(q, k, v, q_positions, kv_lengths, sliding_window, softcap):
         return sdpa_attention.attention(q, k, v, q_positions=q_positions, kv_lengths=kv_lengths,
                                         sliding_window=sliding_window, scale=scale,
@@ -112,18 +119,19 @@ def use_decode_kernel(q, k, v):
     return not needs_grad and T <= 16 and T * (H // KH) <= 128
 
 
-def _triton_attention(q, k, v, q_positions, kv_lengths, sliding_window, softcap, scale, cascade_prefix):
+def _triton_attention(q, k, v, q_positions, kv_lengths, sliding_window, softcap, scale, cascade_prefix, kv_rows):
     """The Triton path of `attention`: the flash kernel, the decode kernel, or the decode kernel's cascade over
-    cascade_prefix (which needs explicit positions and no ragged kv_lengths)."""
+    cascade_prefix (which needs explicit positions and no ragged kv_lengths). kv_rows only reach the decode kernel."""
     if not use_decode_kernel(q, k, v):
         return _kernel("attention").attention(q, k, v, q_positions=q_positions, kv_lengths=kv_lengths,
                                               sliding_window=sliding_window, softcap=softcap, scale=scale)
     decode = _kernel("decode_attention")
     if cascade_prefix is not None and q_positions is not None and kv_lengths is None:
         return decode.attention_after_shared_prefix(q, k, v, *cascade_prefix, q_positions,
-                                                    sliding_window=sliding_window, softcap=softcap, scale=scale)
+                                                    sliding_window=sliding_window, softcap=softcap, scale=scale,
+                                                    kv_rows=kv_rows)
     return decode.attention_decode(q, k, v, q_positions=q_positions, kv_lengths=kv_lengths,
-                                   sliding_window=sliding_window, softcap=softcap, scale=scale)
+                                   sliding_window=sliding_window, softcap=softcap, scale=scale, kv_rows=kv_rows)
 
 
 def rms_norm(x, weight, eps, unit_offset=False):
