@@ -273,6 +273,32 @@ def test_cascade_decode_with_gpu_block_sizes(monkeypatch):
     check_fp32([out], [reference.attention(q, k, v, q_positions=positions, sliding_window=150)], seed)
 
 
+@pytest.mark.parametrize("cascade, options", [
+    (False, {}),
+    (False, {"sliding_window": 6, "softcap": 2.0}),
+    (True, {}),
+    (True, {"sliding_window": 12, "softcap": 2.0}),
+], ids=["decode", "decode-window-softcap", "cascade", "cascade-window-softcap"])
+def test_decode_reads_cache_rows_through_kv_rows(cascade, options):
+    """kv_rows (the sampler's mixed steps): 6 one-token query rows over a 3-row cache, several reading one row at
+    consecutive positions (a prompt's tokens prefilled in one step) and one reading the row a query before it also
+    reads; each equals the reference over the gathered rows k[kv_rows], plain and as a cascade over a shared prefix."""
+    R, S, P, H, K, D = 3, 45, 21, 4, 2, 32
+    seed, _, k, v, prefix_k, prefix_v, _ = shared_prefix_case(R, 1, S, P, H, K, D, torch.float32, [0] * R)
+    q = torch.randn(6, 1, H, D, device=DEVICE)
+    kv_rows = torch.tensor([2, 0, 2, 2, 1, 0], device=DEVICE)
+    positions = torch.tensor([[30], [44], [31], [32], [22], [21]], device=DEVICE)
+    with torch.no_grad():
+        if cascade:
+            out = decode.attention_after_shared_prefix(q, k, v, prefix_k, prefix_v, positions, kv_rows=kv_rows,
+                                                       **options)
+        else:
+            out = decode.attention_decode(q, k, v, q_positions=positions, kv_rows=kv_rows, **options)
+    check_fp32([out], [reference.attention(q, k[kv_rows], v[kv_rows], q_positions=positions, **options)], seed)
+    with pytest.raises(ValueError, match=r"kv_rows \(5,\) torch.int64, expected \(6,\) integers"):
+        decode.attention_decode(q, k, v, q_positions=positions, kv_rows=kv_rows[:5])
+
+
 def test_grad_mode_with_few_tokens_uses_flash_path():
     q, k, v = (torch.randn(1, 2, 2, 16, device=DEVICE, requires_grad=True) for _ in range(3))
     assert not ops.use_decode_kernel(q, k, v)
@@ -451,3 +477,31 @@ def test_sampler_decodes_through_the_triton_cascade(monkeypatch, options):
     unshared = generate(model, None, prompts, max_new_tokens=6, max_batch=3, progress=False, shared_prefix=False)
     assert unshared == outs["reference"]
     assert len(calls) == n_cascade and len(decode_calls) >= 5 * cfg.n_layers  # plain decode kernel, no cascade
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="CPU: the interpreter and a lowered cascade threshold")
+def test_sampler_chunked_prefill_through_the_triton_decode_kernel(monkeypatch):
+    """Chunked prefill on the Triton path: 5 prompts through 2 slots, prompt tokens riding in the decode steps (3
+    per step) read their cache rows through the decode kernel's kv_rows, inside the cascade over the 16-token shared
+    prefix; the samples equal the reference backend's with a prefill forward of their own."""
+    from w2s.config import ModelConfig
+    from w2s.model import Transformer
+    from w2s.sampling import generate
+
+    cfg = ModelConfig(family="llama", vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                      hidden_dim=48, eos_token_id=[5, 9, 17, 30])
+    model = Transformer(cfg).init_weights(std=0.2, generator=torch.Generator().manual_seed(0)).eval()
+    g = torch.Generator().manual_seed(2)
+    prefix = torch.randint(3, 61, (16,), generator=g).tolist()
+    prompts = [prefix + torch.randint(3, 61, (n,), generator=g).tolist() for n in (2, 7, 1, 4, 5)]
+    rows_seen = []
+    cascade = decode.attention_after_shared_prefix
+    monkeypatch.setattr(decode, "attention_after_shared_prefix",
+                        lambda *a, **k: rows_seen.append(k.get("kv_rows") is not None) or cascade(*a, **k))
+    monkeypatch.setattr(ops, "CASCADE_MIN_PREFIX", 16)
+    kw = dict(n=2, temperature=1.0, seed=4, max_new_tokens=6, max_batch=2, sync_every=2, progress=False)
+    monkeypatch.setattr(ops, "_backend", "reference")
+    expected = generate(model, None, prompts, **kw)
+    monkeypatch.setattr(ops, "_backend", "triton")
+    assert generate(model, None, prompts, prefill_chunk=3, **kw) == expected
+    assert any(rows_seen) and not all(rows_seen)  # mixed steps read through kv_rows, plain steps do not

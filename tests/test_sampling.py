@@ -136,6 +136,85 @@ def test_greedy_batching_equals_one_prompt_at_a_time(ckpt):
     assert batched == single
 
 
+# ------------------------------------------------------------------------------------------------ chunked prefill
+
+
+def count_steps(monkeypatch):
+    """{"admit": prefill forwards of their own, "mixed"/"plain": decode steps of each kind}, counted while running."""
+    counts = {"admit": 0, "mixed": 0, "plain": 0}
+    real_admit, real_step = Engine.admit, Engine.step
+
+    def admit(self, items, free):
+        counts["admit"] += 1
+        return real_admit(self, items, free)
+
+    def step(self, limit, mixed=False):
+        counts["mixed" if mixed else "plain"] += 1
+        return real_step(self, limit, mixed)
+
+    monkeypatch.setattr(Engine, "admit", admit)
+    monkeypatch.setattr(Engine, "step", step)
+    return counts
+
+
+@pytest.mark.parametrize("family", ["llama2", "mistral", "gemma2"])
+def test_chunked_prefill_samples_equal_a_prefill_of_their_own(family, ckpt, monkeypatch):
+    """EOS-terminated temperature-1 samples (n=3) of 8 prompts through 4 slots: with chunked prefill (1, 3 or 16
+    prompt tokens per decode step) the prompts entering freed slots run inside the decode steps, and the samples
+    are those of the engine that prefills them in a forward of their own. Prompts longer than a chunk span steps;
+    siblings wait for their prompt and then copy it; llama2 decodes through the CPU cascade over the shared prefix,
+    mistral and gemma2 past their 5-token sliding windows, gemma2 with soft-caps."""
+    from w2s import ops
+
+    monkeypatch.setattr(ops, "CASCADE_MIN_PREFIX", 3)
+    model, _ = load(ckpt, family)
+    model.cfg.eos_token_id = list(range(3, VOCAB, 5))
+    prompts = random_prompts([5, 2, 8, 3, 6, 1, 13, 4], seed=6, prefix=[1, 9, 10, 11])
+    kw = dict(n=3, temperature=1.0, seed=2, max_new_tokens=12, sync_every=2, max_batch=4, progress=False)
+    expected = generate(model, None, prompts, **kw)
+    lengths = [c["num_tokens"] for cs in expected for c in cs]
+    assert len(set(lengths)) > 3  # slots free at different host looks
+    for chunk in (1, 3, 16):
+        counts = count_steps(monkeypatch)
+        assert generate(model, None, prompts, prefill_chunk=chunk, **kw) == expected, chunk
+        assert counts["admit"] == 1 and counts["mixed"] > 0, (chunk, counts)  # one prefill forward: the first
+
+
+@pytest.mark.parametrize("family", ["llama2", "mistral"])
+def test_chunked_prefill_logits_equal_full_recompute(family, ckpt, monkeypatch):
+    """After every decode step, plain or mixed, each slot that sampled a token in it holds the logits of a full
+    forward over its prompt and the tokens it generated before: the first token of a slot whose prompt ended
+    inside the step included (its prompt written to the cache by chunks over several steps, or copied from a
+    sibling with only the last prompt token run again)."""
+    model, _ = load(ckpt, family)
+    model.cfg.eos_token_id = list(range(3, VOCAB, 5))  # completions of different lengths: slots free one by one
+    prompts = random_prompts([6, 2, 9, 4], seed=8, prefix=[1, 7, 8])
+    checked = {"first": 0, "later": 0}
+    real = Engine._step_eager
+
+    def step_and_check(self, mixed=False):
+        before = self.n_gen.clone()
+        real(self, mixed)
+        for s in torch.nonzero(self.n_gen > before).flatten().tolist():
+            p, _ = self.work[s]
+            seq = self.prompts[p] + self.out[s, : before[s]].tolist()
+            with torch.no_grad():
+                full = model(torch.tensor([seq]))[0, -1]
+            torch.testing.assert_close(self.logits[s], full, atol=1e-4, rtol=1e-4)
+            checked["first" if before[s] == 0 else "later"] += 1
+
+    monkeypatch.setattr(Engine, "_step_eager", step_and_check)
+    generate(model, None, prompts, n=2, temperature=1.0, max_new_tokens=8, max_batch=3, sync_every=2,
+             prefill_chunk=4, progress=False)
+    assert checked["first"] == 8 - 3 and checked["later"] >= 20  # all but the 3 first admitted start in a step
+
+
+def test_chunked_prefill_bad_option(ckpt):
+    model, _ = load(ckpt, "llama2")
+    with pytest.raises(ValueError, match=r"prefill_chunk=-1 must be >= 0 \(prompt tokens per decode step; 0 is off\)"):
+        generate(model, None, [[1, 2, 3]], prefill_chunk=-1, progress=False)
+
+
 # ------------------------------------------------------------------------------------------------ distributions
 
 
@@ -248,9 +327,9 @@ def test_continuous_batching_refills_freed_slots_at_every_host_look(ckpt, monkey
         admitted[0] += len(items)
         return real_admit(self, items, free)
 
-    def step(self, limit):
+    def step(self, limit, mixed=False):
         busy.append((admitted[0], sum(w is not None for w in self.work)))
-        return real_step(self, limit)
+        return real_step(self, limit, mixed)
 
     monkeypatch.setattr(Engine, "admit", admit)
     monkeypatch.setattr(Engine, "step", step)
@@ -455,7 +534,9 @@ def test_cuda_graph_decode_equals_eager(family, ckpt):
     for kw in (dict(temperature=0.0), dict(n=2, temperature=1.0, top_p=0.9, seed=3)):
         eager = generate(model, None, prompts, max_new_tokens=80, max_batch=4, cuda_graphs=False, progress=False, **kw)
         graphs = generate(model, None, prompts, max_new_tokens=80, max_batch=4, cuda_graphs=True, progress=False, **kw)
-        assert graphs == eager
+        chunked = generate(model, None, prompts, max_new_tokens=80, max_batch=4, cuda_graphs=True, prefill_chunk=16,
+                           progress=False, **kw)  # mixed steps captured as graphs of their own
+        assert graphs == eager == chunked
 
 
 def test_stop_string_ends_decoding_early(ckpt, monkeypatch):
@@ -467,7 +548,7 @@ def test_stop_string_ends_decoding_early(ckpt, monkeypatch):
     stop = free[6:8]
     steps = []
     real_step = Engine.step
-    monkeypatch.setattr(Engine, "step", lambda self, limit: steps.append(limit) or real_step(self, limit))
+    monkeypatch.setattr(Engine, "step", lambda self, limit, mixed=False: steps.append(limit) or real_step(self, limit))
     out = generate(model, tok, ["hello world"], max_new_tokens=200, stop=[stop], sync_every=3, progress=False)[0][0]
     assert out["finish_reason"] == "stop" and out["text"] == free[: free.index(stop)]
     assert len(steps) <= out["num_tokens"] + 3

@@ -3,20 +3,21 @@ step's captured CUDA graphs.
 
 A CUDA graph replays the decode step's kernels on the exact buffers it was captured with: the KV cache, the state
 tensors below, the logits buffer and the model's weights. Capturing costs an eager warm-up step and a capture per
-attention limit, and allocating the cache costs time as well, so the sampler (w2s/sampling.py, on CUDA by default)
-keeps one state per model between calls:
+attention limit and step kind (plain, or mixed with prompt tokens), and allocating the cache costs time as well, so
+the sampler (w2s/sampling.py, on CUDA by default) keeps one state per model between calls:
 
     state = acquire(model, shapes, build)   # the kept state when it fits, else build() (which replaces it)
     release(model)                           # free it now (the KV cache can take gigabytes)
 
-When a kept state is reused. `shapes` (slots, cache length, kv heads, dtype, device) must be equal, and every
-parameter and buffer of the model must still be at the address it had: a graph reads weights by address. A weight
-changed in place (an optimizer step, load_state_dict) keeps its address, so the graphs read the new values at their
-next replay and the state stays exact; a weight replaced by another tensor (model.to, LoRA injection, tensor-parallel
-slicing, fusing the projections anew) moves, and the state is dropped and rebuilt. What a step bakes in as Python
-values (sampling options, EOS ids, the shared-prefix length, the kernel backend) is the graphs' `signature`: a run
-with another signature drops the graphs and keeps the buffers. One state per model, the last used; a state still
-driven by a live engine is never handed to a second one (that one gets a fresh state of its own).
+When a kept state is reused. `shapes` (slots, cache length, kv heads, prefill chunk, dtype, device) must be equal,
+and every parameter and buffer of the model must still be at the address it had: a graph reads weights by address.
+A weight changed in place (an optimizer step, load_state_dict) keeps its address, so the graphs read the new values
+at their next replay and the state stays exact; a weight replaced by another tensor (model.to, LoRA injection,
+tensor-parallel slicing, fusing the projections anew) moves, and the state is dropped and rebuilt. What a step bakes
+in as Python values (sampling options, EOS ids, the shared-prefix length, the kernel backend) is the graphs'
+`signature`: a run with another signature drops the graphs and keeps the buffers. One state per model, the last
+used; a state still driven by a live engine is never handed to a second one (that one gets a fresh state of its
+own).
 
     python -m pytest -q tests/test_decode_state.py    # reuse and invalidation on CPU; CUDA graphs on a GPU
 """
@@ -36,10 +37,17 @@ class DecodeState:
     """Device buffers of a sampler run over `slots` sequences of up to `cache_len` positions, and the decode step's
     graphs (one per attention limit) once captured. The engine reads and writes the tensors in place."""
 
-    def __init__(self, cfg, slots, cache_len, dtype, device):
+    def __init__(self, cfg, slots, cache_len, dtype, device, prefill_chunk=0):
         # One spare cache row (index `slots`) holds the shared prefix; decode only ever touches rows [0, slots).
         self.cache = KVCache(cfg, slots + 1, cache_len, dtype=dtype, device=device)
         long = dict(dtype=torch.long, device=device)
+        # A mixed step's inputs besides the slots' own (w2s/sampling.py, chunked prefill), one row of the engine's
+        # plan copied in before the step: prefill_chunk prompt tokens, their positions and cache rows; for each
+        # slot the step entry its next token is sampled from, and whether its prompt ends in this step (0/1).
+        C = prefill_chunk
+        self.step_inputs = torch.zeros(3 * C + 2 * slots, **long)
+        self.chunk_tokens, self.chunk_positions, self.chunk_rows, self.pick, self.activate = self.step_inputs.split(
+            [C, C, C, slots, slots])
         self.tokens = torch.zeros(slots, **long)  # last sampled token of each slot (fed next step)
         self.positions = torch.zeros(slots, **long)  # its position
         self.n_gen = torch.zeros(slots, **long)  # tokens generated so far
@@ -50,7 +58,7 @@ class DecodeState:
         self.out = torch.zeros(slots, cache_len + 1, **long)
         self.eos = None  # (E,) ids that end a sequence
         self.logits = None  # (slots, V) fp32 logits of the last decode step
-        self.graphs, self.graph_pool, self.signature = {}, None, None
+        self.graphs, self.graph_pool, self.signature = {}, None, None  # graphs: {(limit, mixed): CUDA graph}
         self.owner = None  # weakref to the engine driving this state
 
     def start(self, owner, signature, eos_ids):
@@ -79,13 +87,13 @@ class DecodeState:
             self.logits.copy_(logits)
 
     @torch.no_grad()
-    def step(self, limit, eager_step, cuda_graphs):
+    def step(self, limit, eager_step, cuda_graphs, mixed=False):
         """One decode step over cache positions [0, limit): eager_step() itself, or the replay of its CUDA graph
-        for this limit (captured on first use, after one eager warm-up step)."""
+        for this limit and kind (plain or mixed; captured on first use, after one eager warm-up step)."""
         self.cache.limit = limit
         if not cuda_graphs:
             return eager_step()
-        graph = self.graphs.get(limit)
+        graph = self.graphs.get((limit, mixed))
         if graph is not None:
             return graph.replay()
         # First step at this limit: run it eagerly on a side stream (warm-up, a real step), then capture.
@@ -103,7 +111,7 @@ class DecodeState:
         except Exception as e:
             raise RuntimeError(f"capturing the decode step as a CUDA graph failed ({e}); pass cuda_graphs=False "
                                "(scripts/sample.py --no-cuda-graphs) to run it eagerly") from e
-        self.graphs[limit] = graph
+        self.graphs[(limit, mixed)] = graph
 
 
 def graph_signature(sampling, eos_ids, prefix_len):

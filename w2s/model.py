@@ -54,12 +54,13 @@ class KVCache:
     a row's keys in one sweep.
     `write` stores a step's keys/values; `read` hands them out as (B, S, K, D) views, the layout the rest of the
     model speaks.
-    `rows` maps the batch being run onto cache rows (None: batch row i is cache row i, all slots); `limit` bounds
-    the positions attended over (the sampler lowers it to the longest live sequence so decode reads less).
-    Entries at positions beyond a sequence's current position may hold stale values: attention is causal by
+    `rows` maps the batch being run onto cache rows (None: batch row i is cache row i, all slots); several batch
+    rows may map to one cache row (the sampler's mixed steps run each prompt token as a batch row of its own).
+    `limit` bounds the positions attended over (the sampler lowers it to the longest live sequence so decode reads
+    less). Entries at positions beyond a sequence's current position may hold stale values: attention is causal by
     position, so they are never read before being overwritten.
     `shared = (row, P)`, set by the sampler, declares that positions [0, P) of every row hold the same keys and
-    values as that row (a prompt prefix common to all); decode then passes them to attention as a hint.
+    values as that row (a prompt prefix common to all); attention then gets them as a hint (the cascade).
     """
 
     def __init__(self, cfg: ModelConfig, slots, max_len, dtype=torch.float32, device="cpu"):
@@ -74,16 +75,17 @@ class KVCache:
         return ops.rope_cache_write(q, k, v, positions, inv_freq, self.k[layer], self.v[layer], self.rows)
 
     def read(self, layer, batch):
-        """This layer's keys/values for the `batch` rows being run, each (B, limit, K, D)."""
-        if self.rows is None:  # decode: views, no copy
-            keys, values = self.k[layer, :batch, :, : self.limit], self.v[layer, :batch, :, : self.limit]
-        else:  # prefill of some slots: gathered
-            keys, values = self.k[layer][self.rows, :, : self.limit], self.v[layer][self.rows, :, : self.limit]
-        return keys.transpose(1, 2), values.transpose(1, 2)
+        """This layer's keys and values as views, no copy, and the cache row of each of the `batch` rows being run:
+        ((batch, limit, K, D) twice, None) when batch row i is cache row i, else ((rows, limit, K, D) twice, `rows`
+        (batch,)), for attention's kv_rows."""
+        keys, values = self.k[layer, :, :, : self.limit], self.v[layer, :, :, : self.limit]
+        if self.rows is None:
+            keys, values = keys[:batch], values[:batch]
+        return keys.transpose(1, 2), values.transpose(1, 2), self.rows
 
     def shared_prefix(self, layer):
-        """This layer's shared prefix keys/values ((P, K, D), (P, K, D)) during decode (all rows), else None."""
-        if self.shared is None or self.rows is not None:
+        """This layer's shared prefix keys/values ((P, K, D), (P, K, D)) while `shared` is declared, else None."""
+        if self.shared is None:
             return None
         row, P = self.shared
         return self.k[layer, row, :, :P].transpose(0, 1), self.v[layer, row, :, :P].transpose(0, 1)
@@ -108,13 +110,14 @@ class Attention(nn.Module):
         k, v = k.unflatten(-1, (cfg.n_kv_heads, cfg.head_dim)), v.unflatten(-1, (cfg.n_kv_heads, cfg.head_dim))
         if cache is None:
             q, k = ops.rope(q, positions, inv_freq), ops.rope(k, positions, inv_freq)
-            q_positions, shared = None, None  # keys are this batch's tokens: causal by index (right padding is fine)
+            q_positions, shared, kv_rows = None, None, None  # keys are this batch's tokens: causal by index
         else:
             q = cache.write(self.layer_idx, q, k, v, positions, inv_freq)  # rotates q and k, caches k and v
-            k, v = cache.read(self.layer_idx, B)  # (B, S, K, D), key index == position
+            k, v, kv_rows = cache.read(self.layer_idx, B)  # (rows, S, K, D), key index == position; (B,) | None
             q_positions, shared = positions, cache.shared_prefix(self.layer_idx)
         out = ops.attention(q, k, v, q_positions=q_positions, sliding_window=self.window,
-                            softcap=cfg.attn_logit_softcap, scale=cfg.attn_scale, shared_prefix=shared)  # (B,T,H,D)
+                            softcap=cfg.attn_logit_softcap, scale=cfg.attn_scale, shared_prefix=shared,
+                            kv_rows=kv_rows)  # (B, T, H, D)
         return self.o_proj(out.reshape(B, T, -1))
 
 

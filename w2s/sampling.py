@@ -18,6 +18,11 @@ How it works (one engine, `Engine`, driven by `iter_generate`):
     the sampled token, position, count, a done flag (EOS or budget reached) and an output buffer. The host looks
     only every `sync_every` steps: it checks stop strings on the decoded text, harvests finished slots and refills
     them with waiting work (continuous batching). A finished slot idles at most sync_every - 1 steps.
+  * Chunked prefill (prefill_chunk=C, off by default): while decode runs, a refilled slot's prompt is not prefilled
+    in a forward of its own that every other slot waits for; its tokens ride in the next decode steps instead, up
+    to C per step. Such a mixed step runs S + C query rows of one token each (every slot's next token, then the
+    prompt tokens, each writing and reading its own cache row: attention's kv_rows), and a slot whose last prompt
+    token is in it samples its token 0 there. The first admission, with no decode to join, is a prefill forward.
   * On CUDA the decode step is captured once per attention length as a CUDA graph and replayed (cuda_graphs,
     default on for CUDA, never used on CPU); nothing in the step may sync with the host. The KV cache, the slots'
     state and the graphs are kept for the next call on the same model (keep_state; w2s/decode_state.py says when a
@@ -161,13 +166,13 @@ class Engine:
 
     def __init__(self, model, prompts, n, *, temperature, top_k, top_p, max_new_tokens, seed, eos_ids, stop=(),
                  decode=None, slots, cache_len, global_index=None, shared_prefix=True, sync_every=8,
-                 cuda_graphs=False, prefill_tokens=8192, keep_state=False):
+                 cuda_graphs=False, prefill_tokens=8192, prefill_chunk=0, keep_state=False):
         self.model, self.prompts, self.n = model, prompts, n
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
         self.max_new, self.seed, self.stop, self.decode = max_new_tokens, seed, tuple(stop), decode
         self.eos_set = set(eos_ids)
         self.slots, self.cache_len, self.sync_every = slots, cache_len, sync_every
-        self.prefill_tokens, self.cuda_graphs = prefill_tokens, cuda_graphs
+        self.prefill_tokens, self.prefill_chunk, self.cuda_graphs = prefill_tokens, prefill_chunk, cuda_graphs
         self.global_index = list(range(len(prompts))) if global_index is None else list(global_index)
         weight = model.embed_tokens.weight
         dev = self.device = weight.device
@@ -175,8 +180,8 @@ class Engine:
 
         # Device state (cache, per-slot tensors, captured graphs): kept across calls when keep_state, else fresh.
         cfg = kv_config(model)
-        build = lambda: DecodeState(cfg, slots, cache_len, weight.dtype, dev)  # noqa: E731
-        shapes = (cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, slots, cache_len, weight.dtype, dev)
+        build = lambda: DecodeState(cfg, slots, cache_len, weight.dtype, dev, prefill_chunk)  # noqa: E731
+        shapes = (cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, slots, cache_len, prefill_chunk, weight.dtype, dev)
         self.state = st = decode_state.acquire(model, shapes, build) if keep_state else build()
         eos = sorted(self.eos_set) or [-1]
         st.start(self, decode_state.graph_signature(self.sampling, eos, self.prefix_len), eos)
@@ -186,13 +191,15 @@ class Engine:
 
         # Host bookkeeping.
         self.work = [None] * slots  # (prompt, sample) each slot runs, or None
+        self.prefilling = {}  # slot -> (prompt tokens not yet run, position of the first): chunked prefill's queue
         self.checked_tokens = [0] * slots  # generated tokens already searched for stop strings
         self.stop_window = max((len(x.encode()) for x in self.stop), default=0) + 2  # tokens of overlap
         self.tokens_generated = 0
         self.decode_steps = 0  # steps run (every slot, live or not): slot occupancy = live slot-steps / (steps x slots)
+        self.mixed_steps = 0  # of which carried prompt tokens (chunked prefill)
 
     logits = property(lambda self: self.state.logits, doc="(slots, V) fp32 logits of the last decode step")
-    graphs = property(lambda self: self.state.graphs, doc="{attention limit: captured CUDA graph of the step}")
+    graphs = property(lambda self: self.state.graphs, doc="{(attention limit, mixed): captured CUDA graph}")
 
     # ---- prefix sharing ---------------------------------------------------------------------------------------
     def _shared_prefix_len(self):
@@ -238,11 +245,12 @@ class Engine:
             last = torch.tensor([len(ids) - 1 for _, ids, _ in chunk])
             self.cache.rows = torch.tensor([s for s, _, _ in chunk], device=self.device)
             self.cache.limit = max(start + len(ids) for _, ids, start in chunk)
+            shared, self.cache.shared = self.cache.shared, None  # many queries per row: no cascade (flash prefill)
             try:
                 hidden = self.model(tokens.to(self.device), positions.to(self.device), cache=self.cache,
                                     return_hidden=True)  # (R, T, D)
             finally:
-                self.cache.rows, self.cache.limit = None, self.cache_len
+                self.cache.rows, self.cache.limit, self.cache.shared = None, self.cache_len, shared
             out.append(logits_from_hidden(self.model, hidden[torch.arange(len(chunk)), last.to(self.device)]))
             i = j
         return torch.cat(out)
@@ -279,41 +287,130 @@ class Engine:
         for r, s in copies:
             src_slot, _, _ = rows[r]
             self._copy_rows(src_slot, [s], len(self.prompts[self.work[s][0]]))
+        slot_t, keys, budget = self._start_slots(free, items)
+        first = sample_from_logits(logits[torch.tensor(slot_row, device=self.device)],
+                                   stream_uniforms(keys, torch.zeros_like(keys)), **self.sampling)
+        self.tokens[slot_t] = first
+        self.n_gen[slot_t] = 1
+        self.out[slot_t, 0] = first
+        self.done[slot_t] = _is_eos(first, self.eos) | (budget <= 1)
 
+    def _start_slots(self, free, items):
+        """Slot state of work items [(prompt, sample)] entering slots `free`: position after the prompt, RNG key,
+        token budget. Returns the slots, keys and budgets as device tensors."""
         dev = self.device
         slot_t = torch.tensor(free, device=dev)
         prompt_len = torch.tensor([len(self.prompts[p]) for p, _ in items], device=dev)
         keys = stream_keys(self.seed, torch.tensor([self.global_index[p] for p, _ in items], device=dev),
                            torch.tensor([j for _, j in items], device=dev))
-        first = sample_from_logits(logits[torch.tensor(slot_row, device=dev)],
-                                   stream_uniforms(keys, torch.zeros_like(keys)), **self.sampling)
         budget = (self.cache_len - prompt_len).clamp(max=self.max_new)
-        self.tokens[slot_t] = first
         self.positions[slot_t] = prompt_len
-        self.n_gen[slot_t] = 1
         self.budget[slot_t] = budget
         self.keys[slot_t] = keys
-        self.out[slot_t, 0] = first
-        self.done[slot_t] = _is_eos(first, self.eos) | (budget <= 1)
+        return slot_t, keys, budget
+
+    # ---- chunked prefill: prompts join the decode batch ----------------------------------------------------------
+    @torch.no_grad()
+    def admit_into_batch(self, queue, free):
+        """Start queued work [(prompt, sample)] (popped from the end) in the free slots without a prefill forward:
+        their prompt tokens ride in the next decode steps (_plan_mixed_steps). A sample whose prompt a sibling is
+        still prefilling waits in the queue; once the sibling generates, its rows are copied and only the last
+        prompt token is run again."""
+        generating = {self.work[s][0]: s for s in range(self.slots)
+                      if self.work[s] is not None and s not in self.prefilling}
+        in_flight = {self.work[s][0] for s in self.prefilling}
+        started, waiting = [], []
+        while queue and len(started) < len(free):
+            p, j = queue.pop()
+            if p in in_flight:
+                waiting.append((p, j))
+                continue
+            s, ids = free[len(started)], self.prompts[p]
+            if p in generating:
+                self._copy_rows(generating[p], [s], len(ids) - 1)
+                self.prefilling[s] = (ids[-1:], len(ids) - 1)
+            else:
+                self._copy_rows(self.slots, [s], self.prefix_len)
+                self.prefilling[s] = (ids[self.prefix_len :], self.prefix_len)
+                in_flight.add(p)
+            self.work[s] = (p, j)
+            self.checked_tokens[s] = 0
+            started.append((p, j))
+        queue.extend(reversed(waiting))
+        if started:
+            slot_t, _, _ = self._start_slots(free[: len(started)], started)
+            self.n_gen[slot_t] = 0  # the first token sampled (at the step that runs the last prompt token) is token 0
+            self.done[slot_t] = True  # not generating yet: the decode entries of these slots change no state
+
+    def _plan_mixed_steps(self):
+        """The prompt tokens of the next decode steps: each step carries up to prefill_chunk tokens of the slots being
+        prefilled, oldest first. A slot whose last prompt token is in a step samples its token 0 from that entry
+        (pick) in that step and generates from the next one (activate). Unused entries write into the spare row's
+        last position, which nothing reads. -> (steps, 3C + 2S) long on device, DecodeState.step_inputs' layout."""
+        C, S = self.prefill_chunk, self.slots
+        plan = []
+        while self.prefilling and len(plan) < self.sync_every:
+            tokens, positions, rows, pick, activate = [], [], [], list(range(S)), [0] * S
+            for s, (ids, start) in list(self.prefilling.items()):  # oldest first (dict order)
+                take = min(C - len(tokens), len(ids))
+                tokens += ids[:take]
+                positions += range(start, start + take)
+                rows += [s] * take
+                if take < len(ids):  # the chunk is full: the rest of this prompt goes first in the next step
+                    self.prefilling[s] = (ids[take:], start + take)
+                    break
+                del self.prefilling[s]
+                pick[s], activate[s] = S + len(tokens) - 1, 1
+                if len(tokens) == C:
+                    break
+            pad = C - len(tokens)
+            plan.append(tokens + [0] * pad + positions + [self.cache_len - 1] * pad + rows + [S] * pad + pick
+                        + activate)
+        return torch.tensor(plan, device=self.device)
 
     # ---- decode -----------------------------------------------------------------------------------------------
-    def _step_eager(self):
-        """One decode step for every slot, all on device, updating the state tensors in place."""
-        logits = self.model(self.tokens[:, None], self.positions[:, None], cache=self.cache)[:, -1].float()
+    def _step_eager(self, mixed=False):
+        """One decode step for every slot, all on device, updating the state tensors in place. A mixed step also
+        runs the prompt tokens of state.step_inputs (chunked prefill) and starts the slots whose prompts end."""
+        if mixed:
+            logits, act = self._mixed_logits()
+            live = ~self.done | act
+        else:
+            logits = self.model(self.tokens[:, None], self.positions[:, None], cache=self.cache)[:, -1].float()
+            live = ~self.done
         nxt = sample_from_logits(logits, stream_uniforms(self.keys, self.n_gen), **self.sampling)  # (S,)
-        live = ~self.done
         col = torch.where(live, self.n_gen, self.trash)  # finished rows write into the trash column
         self.out.scatter_(1, col[:, None], nxt[:, None])
         self.n_gen.add_(live.long())
-        self.positions.add_(live.long())
         self.tokens.copy_(torch.where(live, nxt, self.tokens))
+        if mixed:  # a slot starting now keeps its position (its token 0 goes there next step) and is not done yet
+            self.positions.add_((live & ~act).long())
+            self.done.logical_and_(~act)
+        else:
+            self.positions.add_(live.long())
         self.done.logical_or_(live & (_is_eos(nxt, self.eos) | (self.n_gen >= self.budget)))
         self.state.keep_logits(logits)
 
-    def step(self, limit):
-        """One decode step attending over cache positions [0, limit); replays a CUDA graph per limit if enabled."""
+    def _mixed_logits(self):
+        """The forward of a mixed step: S + C query rows of one token each, every slot's next token and then C
+        prompt tokens, each writing and reading its own cache row (several rows may share one). -> the slots'
+        logits (S, V), each from the entry state.pick names, and state.activate as bool (S,)."""
+        st = self.state
+        tokens = torch.cat([self.tokens, st.chunk_tokens])[:, None]  # (S + C, 1)
+        positions = torch.cat([self.positions, st.chunk_positions])[:, None]
+        self.cache.rows = torch.cat([torch.arange(self.slots, device=self.device), st.chunk_rows])  # (S + C,)
+        try:
+            hidden = self.model(tokens, positions, cache=self.cache, return_hidden=True)[:, 0]  # (S + C, D)
+        finally:
+            self.cache.rows = None
+        return logits_from_hidden(self.model, hidden[st.pick]), st.activate.bool()
+
+    def step(self, limit, mixed=False):
+        """One decode step attending over cache positions [0, limit); replays a CUDA graph per limit and kind if
+        enabled. mixed: state.step_inputs holds this step's prompt tokens."""
         self.decode_steps += 1
-        return self.state.step(limit, self._step_eager, self.cuda_graphs)
+        self.mixed_steps += mixed
+        return self.state.step(limit, lambda: self._step_eager(mixed), self.cuda_graphs, mixed)
 
     # ---- the loop ---------------------------------------------------------------------------------------------
     def _finish(self, s, ids, done):
@@ -340,7 +437,7 @@ class Engine:
     def _sync(self):
         """Host look at the state: finished slots' completions [(slot, dict)] (their slots are freed)."""
         done, n_gen = torch.stack([self.done.long(), self.n_gen]).tolist()
-        busy = [s for s in range(self.slots) if self.work[s] is not None]
+        busy = [s for s in range(self.slots) if self.work[s] is not None and s not in self.prefilling]
         check = [s for s in busy if done[s] or self.stop]
         finished = []
         if check:
@@ -378,7 +475,9 @@ class Engine:
         self.prefill_shared_prefix()
         free = list(range(self.slots))
         while True:
-            if free and queue:
+            if free and queue and self.prefill_chunk and any(w is not None for w in self.work):
+                self.admit_into_batch(queue, free)  # decode is running: the new prompts join its steps
+            elif free and queue:
                 take = min(len(free), len(queue))
                 items = [queue.pop() for _ in range(take)]
                 self.admit(items, free[:take])
@@ -390,8 +489,11 @@ class Engine:
             # that few distinct shapes are captured; without, exact (on CPU, decode attention reads every key up to
             # the limit, so a rounded-up limit reads keys for nothing).
             limit = min(self.cache_len, _round_up(live_max + self.sync_every, 64 if self.cuda_graphs else 1))
-            for _ in range(self.sync_every):
-                self.step(limit)
+            plan = self._plan_mixed_steps() if self.prefilling else ()
+            for k in range(self.sync_every):
+                if k < len(plan):
+                    self.state.step_inputs.copy_(plan[k])
+                self.step(limit, mixed=k < len(plan))
             free = []
             for s, completion in self._sync():
                 p, j = self.work[s]
@@ -448,7 +550,8 @@ def _encode(tokenizer, prompts):
     return out
 
 
-def _check_options(tokenizer, n=1, temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=MAX_NEW_TOKENS, stop=(), **_):
+def _check_options(tokenizer, n=1, temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=MAX_NEW_TOKENS, stop=(),
+                   prefill_chunk=0, **_):
     """Normalized stop strings; a clear ValueError for impossible options (the other options pass through)."""
     if isinstance(stop, str):
         stop = (stop,)
@@ -459,6 +562,8 @@ def _check_options(tokenizer, n=1, temperature=0.0, top_p=1.0, top_k=0, max_new_
         raise ValueError(f"n={n} and max_new_tokens={max_new_tokens} must both be >= 1")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
         raise ValueError(f"temperature={temperature} must be >= 0, top_p={top_p} in (0, 1], top_k={top_k} >= 0")
+    if prefill_chunk < 0:
+        raise ValueError(f"prefill_chunk={prefill_chunk} must be >= 0 (prompt tokens per decode step; 0 is off)")
     return stop
 
 
@@ -491,10 +596,10 @@ def _use_cuda_graphs(model, cuda_graphs):
 
 def make_engine(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=MAX_NEW_TOKENS,
                 stop=(), seed=0, max_batch=256, cache_len=None, shared_prefix=True, sync_every=8, cuda_graphs=None,
-                keep_state=None, fused_projections=None, prompt_indices=None):
+                keep_state=None, fused_projections=None, prefill_chunk=0, prompt_indices=None):
     """The Engine that `iter_generate` runs (None without prompts); arguments as `generate`. Callers that want the
     engine's counters (decode_steps, tokens_generated) drive `engine.run()` themselves."""
-    stop = _check_options(tokenizer, n, temperature, top_p, top_k, max_new_tokens, stop)
+    stop = _check_options(tokenizer, n, temperature, top_p, top_k, max_new_tokens, stop, prefill_chunk)
     ids = _encode(tokenizer, prompts)
     if not ids:
         return None
@@ -511,7 +616,7 @@ def make_engine(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, top_
         model, ids, n, temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
         eos_ids=_eos_ids(model, tokenizer), stop=stop, decode=tokenizer.decode if tokenizer is not None else None,
         slots=max(1, min(max_batch, len(ids) * n)), cache_len=cache_len, global_index=prompt_indices,
-        shared_prefix=shared_prefix, sync_every=sync_every, cuda_graphs=cuda_graphs,
+        shared_prefix=shared_prefix, sync_every=sync_every, cuda_graphs=cuda_graphs, prefill_chunk=prefill_chunk,
         keep_state=cuda_graphs if keep_state is None else keep_state)
 
 
@@ -569,7 +674,7 @@ def _run_shard(model, tokenizer, ids, mine, dp_size, n_done, progress, options):
 
 def generate(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=MAX_NEW_TOKENS,
              stop=(), seed=0, max_batch=256, cache_len=None, shared_prefix=True, sync_every=8, cuda_graphs=None,
-             keep_state=None, fused_projections=None, progress=True):
+             keep_state=None, fused_projections=None, prefill_chunk=0, progress=True):
     """Complete every prompt n times; returns, per prompt in input order, a list of n completion dicts.
 
     prompts: strings (tokenizer required) or lists of token ids (tokenizer may be None; then `text` is None and
@@ -580,7 +685,9 @@ def generate(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, top_k=0
     for CUDA). keep_state: keep the KV cache and captured graphs for the next call on this model (default: with
     CUDA graphs; then the default cache_len is rounded up to a multiple of CACHE_LEN_QUANTUM); they are freed with
     the model or by w2s.decode_state.release(model).
-    fused_projections: run q/k/v and gate/up as one matmul each (default on CUDA; w2s/fused.py). Under an
+    fused_projections: run q/k/v and gate/up as one matmul each (default on CUDA; w2s/fused.py). prefill_chunk:
+    while decode runs, the prompts entering freed slots join the decode steps, up to this many prompt tokens per
+    step, instead of a prefill forward of their own (chunked prefill; 0, the default, is off). Under an
     initialised process group each data-parallel rank runs a shard and every rank returns the full, input-ordered
     result, identical to a one-process run with the same seed.
     """
@@ -590,7 +697,7 @@ def generate(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, top_k=0
         model, tokenizer, prompts, progress=progress, n=n, temperature=temperature, top_p=top_p, top_k=top_k,
         max_new_tokens=max_new_tokens, stop=stop, seed=seed, max_batch=max_batch, cache_len=cache_len,
         shared_prefix=shared_prefix, sync_every=sync_every, cuda_graphs=cuda_graphs, keep_state=keep_state,
-        fused_projections=fused_projections))
+        fused_projections=fused_projections, prefill_chunk=prefill_chunk))
     if dp_layout(model)[1] > 1:
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, results)
