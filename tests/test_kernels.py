@@ -506,6 +506,28 @@ def test_bench_rejects_an_unknown_kernel_in_one_line(capsys):
     assert "--only: unknown kernel(s) flash" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
+def test_bench_times_flash_attention_when_installed(monkeypatch):
+    """The attention benchmark adds FlashAttention's own kernel beside SDPA's when the package is importable: FA3's
+    Hopper module first (its tuple output reduced to the attention output), else FA2's; without either, nothing."""
+    import sys
+    import types
+
+    from kernels import bench
+
+    for name in ("flash_attn_interface", "flash_attn"):
+        monkeypatch.setitem(sys.modules, name, None)  # None in sys.modules: the import raises ImportError
+    assert bench.flash_attention_impl() is None
+    calls = []
+    fa2 = types.SimpleNamespace(flash_attn_func=lambda q, k, v, causal: calls.append(("fa2", causal)) or q + k + v)
+    monkeypatch.setitem(sys.modules, "flash_attn", fa2)
+    name, run = bench.flash_attention_impl()
+    assert name == "fa2" and run(1, 2, 3, False) == 6 and calls == [("fa2", False)]
+    fa3 = types.SimpleNamespace(flash_attn_func=lambda q, k, v, causal: (q * k * v, "lse"))
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", fa3)
+    name, run = bench.flash_attention_impl()
+    assert name == "fa3" and run(2, 3, 4, True) == 24
+
+
 def test_norm_rope_glu_and_loss_kernels_compile_for_an_h100_without_a_gpu(tmp_path):
     """The kernels compiled for sm_90a (what the interpreter never does: real shared memory, register allocation),
     at the launch configs the GPU picks for real hidden sizes and vocabularies: every variant compiles and fits an
