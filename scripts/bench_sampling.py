@@ -12,6 +12,8 @@ workload, random weights.
     python scripts/bench_sampling.py --gsm8k              # GSM8K-like: 256 prompts (CPU 32) x 8 samples, prompts of
                                                           #      60-200 tokens, EOS-terminated completions (mean ~150,
                                                           #      at most 400): continuous batching refills slots
+    python scripts/bench_sampling.py --gsm8k --prefill-chunk 256   # the same, refilled slots' prompts prefilled
+                                                          #      inside the decode steps (chunked prefill)
     make bench-sampling
 
 Without --gsm8k there is no EOS: every sequence runs the full budget, so the work is exactly prompts x samples x new
@@ -214,6 +216,9 @@ def parse_args():
     parser.add_argument("--repeats", type=int, default=3, help="timed runs (the median is reported)")
     parser.add_argument("--no-hf", action="store_true", help="skip transformers' generate (default on CUDA)")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on CUDA")
+    parser.add_argument("--prefill-chunk", type=int, default=0,
+                        help="chunked prefill: prompt tokens per decode step for the prompts entering freed slots\n"
+                             "(w2s/sampling.py; 0, the default, prefills them in a forward of their own)")
     parser.add_argument("--threads", type=int, help="torch CPU threads [default: torch's choice]")
     parser.add_argument("--batch1", action=argparse.BooleanOptionalAction, default=None,
                         help="also time batch-1 greedy decode [default: on CUDA only]")
@@ -269,11 +274,13 @@ def hf_runner(model, prompts, work, eos):
 
 
 def run_w2s(model, prompts, options):
-    """One w2s run of the workload -> (output tokens, decode steps, slots, KV bytes read, seconds of admission).
+    """One w2s run of the workload -> (output tokens, decode steps, mixed steps, slots, KV bytes read, seconds of
+    admission).
 
-    Admission (the prefill of the sequences that enter free slots, between decode steps) is timed on the device
-    (CUDA events, no extra sync) or the host clock on CPU: the share of the run a prefill overlapped with decode
-    could save at most."""
+    Admission (the prefill forward of the sequences that enter free slots, between decode steps) is timed on the
+    device (CUDA events, no extra sync) or the host clock on CPU: the share of the run that chunked prefill
+    (--prefill-chunk) moves into the decode steps, where it shares their weight reads. With chunked prefill only the
+    first admission is a forward of its own; mixed steps are the decode steps that carried prompt tokens."""
     engine = make_engine(model, None, prompts, **options)
     cuda = model.embed_tokens.weight.is_cuda
     spans, admit = [], engine.admit
@@ -297,7 +304,7 @@ def run_w2s(model, prompts, options):
     if cuda:
         torch.cuda.synchronize()
         spans = [start.elapsed_time(end) / 1e3 for start, end in spans]
-    return engine.tokens_generated, engine.decode_steps, engine.slots, kv, sum(spans)
+    return engine.tokens_generated, engine.decode_steps, engine.mixed_steps, engine.slots, kv, sum(spans)
 
 
 def report_batch(model, prompts, work, options, bandwidth, device, repeats, hf_run):
@@ -307,14 +314,14 @@ def report_batch(model, prompts, work, options, bandwidth, device, repeats, hf_r
     ours = lambda: stats.update(w2s=run_w2s(model, prompts, options))  # noqa: E731
     theirs = (lambda: stats.update(hf=hf_run())) if hf_run else None  # noqa: E731
     t_ours, *t_theirs = timed([ours] + ([theirs] if theirs else []), device, repeats)
-    tokens, steps, slots, kv, admit_s = stats["w2s"]
+    tokens, steps, mixed, slots, kv, admit_s = stats["w2s"]
     n_seq = len(prompts) * work["samples"]
     mbu = (steps * weight_bytes(model) + kv) / t_ours / bandwidth
     print(f"w2s generate          {tokens / t_ours:10.0f} output tok/s   {t_ours * 1e3 / steps:8.2f} ms/step   "
           f"({t_ours:.2f} s, median of {repeats}; MBU {100 * mbu:.1f}%)")
     print(f"  {tokens} tokens in {n_seq} sequences (mean {tokens / n_seq:.1f}), {steps} decode steps of {slots} "
-          f"slots: occupancy {100 * (tokens - n_seq) / (steps * slots):.1f}%; admission (prefill) "
-          f"{100 * admit_s / t_ours:.1f}% of the last run")
+          f"slots ({mixed} mixed): occupancy {100 * (tokens - n_seq) / (steps * slots):.1f}%; admission (prefill "
+          f"forwards) {100 * admit_s / t_ours:.1f}% of the last run")
     if hf_run:
         t_hf = t_theirs[0]
         print(f"transformers generate {stats['hf'] / t_hf:10.0f} output tok/s   ({t_hf:.2f} s, median of {repeats}, "
@@ -362,7 +369,7 @@ def main():
     prompts = make_prompts(args, work, vocab)
     ids = [p.tolist() for p in prompts]
     options = dict(n=work["samples"], temperature=1.0, max_new_tokens=work["new_tokens"], max_batch=args.max_batch,
-                   cuda_graphs=False if args.no_cuda_graphs else None)
+                   cuda_graphs=False if args.no_cuda_graphs else None, prefill_chunk=args.prefill_chunk)
 
     name = torch.cuda.get_device_name(device) if kind == "cuda" else "cpu"
     print(f"device {name} ({torch.get_num_threads()} threads), dtype {dtype}, torch {torch.__version__}, commit "
@@ -374,7 +381,7 @@ def main():
               if args.gsm8k else f"x {work['new_tokens']}")
     print(f"workload: {work['prompts']} prompts x {work['samples']} samples {ending} new tokens, {lengths}"
           + (f" after a shared prefix of {args.shared_prefix}" if args.shared_prefix else "") +
-          f", temperature 1.0, max_batch {args.max_batch}")
+          f", temperature 1.0, max_batch {args.max_batch}, prefill_chunk {args.prefill_chunk}")
     bandwidth = copy_bandwidth(device)
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (device-to-device, read + write); weights read per decode step "
           f"{weight_bytes(model) / 1e9:.2f} GB, KV {kv_bytes_per_position(model) / 1e3:.1f} kB per position")

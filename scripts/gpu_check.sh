@@ -12,6 +12,7 @@
 #     OUT=gpu_out bash scripts/gpu_check.sh        # <= 9.5 minutes on one H100/H200; then copy the numbers into
 #                                                  # BENCHMARKS.md (each with the device, date and commit)
 #     OUT=gpu_out bash scripts/gpu_check.sh sweep profile_sampling    # named steps only (see run_step below)
+#     OUT=gpu_out bash scripts/gpu_check.sh gsm8k gsm8k_chunked       # chunked prefill against a prefill forward
 #     OUT=gpu_out bash scripts/gpu_check.sh pipeline    # the demo recipe end to end on CUDA, bf16 (<= 7 min, own call)
 #
 # The pipeline step runs recipes/demo.toml as a derived recipe ($out/demo_cuda.toml: dtype bfloat16, device cuda,
@@ -75,6 +76,8 @@ run_step() {  # the checks by name; the default run is ordered: tests first, the
     # 8B, 64 prompts x 8 samples = 512 sequences x (128 -> 256), then batch-1 decode with its MBU and steady state
     bench_sampling) step "$1" 80 "$py" scripts/bench_sampling.py --prompts 64 --repeats 1 ;;
     gsm8k) step "$1" 60 "$py" scripts/bench_sampling.py --gsm8k --repeats 1 --no-batch1 ;;  # 256 x 8, EOS lengths
+    # the same with chunked prefill (refilled slots' prompts inside the decode steps); compare with gsm8k's admission %
+    gsm8k_chunked) step "$1" 60 "$py" scripts/bench_sampling.py --gsm8k --repeats 1 --no-batch1 --prefill-chunk 256 ;;
     profile_sampling) step "$1" 150 "$py" scripts/bench_sampling.py --prompts 64 --repeats 1 --profile ;;
     cascade)  # ICL-shaped decode with the cascade over a 1024-token shared prefix, then with it turned off
       args="--shared-prefix 1024 --samples 1 --prompts 256 --new-tokens 64 --repeats 1 --no-batch1"

@@ -83,6 +83,7 @@ def test_defaults_and_train_config(tmp_path):
     ("[stage1]\nround2_init = \"warm\"\n", r"\[stage1\] round2_init: expected 'base' or 'continue'"),
     ("[eval]\nbaselines = [\"oracle\"]\n", r"\[eval\] baselines: unknown baseline 'oracle'"),
     ("[sampling]\nmax_new_tokens = 0\n", r"\[sampling\] max_new_tokens: expected >= 1, got 0"),
+    ("[sampling]\nprefill_chunk = -8\n", r"\[sampling\] prefill_chunk: expected >= 0 \(0: off\), got -8"),
     ("[models2]\n", r"unknown key 'models2'"),
     ("[weak_sft]\nlearning_rate = 1e-5\n", r"\[weak_sft\] unknown key 'learning_rate'; expected TrainConfig fields"),
     ("[weak_sft]\nprogress = false\n", r"\[weak_sft\] unknown key 'progress'"),

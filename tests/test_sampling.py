@@ -475,14 +475,15 @@ def run_script(*args):
 
 def test_sample_script_equals_generate_to_jsonl(bpe_ckpt, tmp_path):
     """`python scripts/sample.py` (what `w2s sample` runs) writes exactly what generate_to_jsonl writes in-process
-    with the same options, with text prompts under a custom key, line-number ids, and an escaped stop string."""
+    with the same options, with text prompts under a custom key, line-number ids, and an escaped stop string; the
+    script runs with chunked prefill, which changes no sample."""
     prompts = tmp_path / "prompts.jsonl"
     texts = ["Question: what is 2+3?\nAnswer:", "Question: name a fruit.\nAnswer:", "Question: 7?\nAnswer:"]
     prompts.write_text("".join(json.dumps({"q": t}) + "\n" for t in texts))
     out = tmp_path / "out.jsonl"
     proc = run_script(bpe_ckpt, "--input", prompts, "--output", out, "--prompt-key", "q", "--id-key", "", "-n", 2,
                       "--temperature", 1.0, "--top-p", 0.95, "--max-new-tokens", 12, "--stop", "\\n", "--seed", 4,
-                      "--max-batch", 3, "--no-progress")
+                      "--max-batch", 3, "--prefill-chunk", 5, "--no-progress")
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     model, tok = w2s.load_model(bpe_ckpt, dtype=torch.float32), w2s.load_tokenizer(bpe_ckpt)

@@ -258,9 +258,12 @@ def _unescape(text):
               help="Run the decode step eagerly on CUDA (CUDA graphs are the default there; never used on CPU).")
 @click.option("--no-shared-prefix", is_flag=True,
               help="Do not prefill the prompts' common prefix once and share it  [default: shared]")
+@click.option("--prefill-chunk", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Prompt tokens per decode step: prompts entering freed slots ride in the decode batch instead of a "
+                   "prefill forward of their own (chunked prefill; 0 is off). Changes no sample.")
 @click.option("--no-progress", is_flag=True, help="No progress bar  [default: shown]")
 def sample(ckpt_dir, input_path, output_path, prompt_key, id_key, n, temperature, top_p, top_k, max_new_tokens, stop,
-           seed, max_batch, cache_len, tp, dtype, no_cuda_graphs, no_shared_prefix, no_progress):
+           seed, max_batch, cache_len, tp, dtype, no_cuda_graphs, no_shared_prefix, prefill_chunk, no_progress):
     """Complete every prompt of INPUT with the HF checkpoint in CKPT_DIR; write OUTPUT (resumable).
 
     \b
@@ -288,7 +291,7 @@ def sample(ckpt_dir, input_path, output_path, prompt_key, id_key, n, temperature
         torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
                        "auto": torch.bfloat16 if d.device.type == "cuda" else torch.float32}[dtype]
         stop = [_unescape(s) for s in stop]
-        # what the samples depend on (not batch size, tp, graphs or prefix sharing: w2s/sampling.py)
+        # what the samples depend on (not batch size, tp, graphs, prefix sharing or chunking: w2s/sampling.py)
         meta = {"checkpoint": str(ckpt_dir.resolve()), "checkpoint_files": fingerprint(ckpt_dir), "n": n,
                 "temperature": temperature, "top_p": top_p, "top_k": top_k, "max_new_tokens": max_new_tokens,
                 "stop": stop, "seed": seed, "dtype": str(torch_dtype).removeprefix("torch."),
@@ -303,7 +306,7 @@ def sample(ckpt_dir, input_path, output_path, prompt_key, id_key, n, temperature
                           progress=not no_progress, n=n, temperature=temperature, top_p=top_p, top_k=top_k,
                           max_new_tokens=max_new_tokens, stop=stop, seed=seed,
                           max_batch=max_batch, cache_len=cache_len, shared_prefix=not no_shared_prefix,
-                          cuda_graphs=False if no_cuda_graphs else None)
+                          cuda_graphs=False if no_cuda_graphs else None, prefill_chunk=prefill_chunk)
     except (ValueError, OSError) as e:
         raise click.ClickException(str(e)) from None
     if d.is_main:

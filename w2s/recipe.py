@@ -7,7 +7,7 @@ missing files, impossible values) before any model is loaded, and every error na
     [data]      task, train/test files, split sizes or a split file, seed, the grader; or, in the setting without
                 gold (OlympicArena), train_2: the questions alone, no train file
     [models]    weak / strong checkpoint dirs, dtype, device, whether the weak model is prompted in its chat template
-    [sampling]  max_new_tokens, batch size, cache length for every generation stage
+    [sampling]  max_new_tokens, batch size, cache length, chunked prefill for every generation stage
     [weak_sft] [strong_sft] [preference]   training options (w2s.train_config.TrainConfig fields)
     [grpo]      GRPO's training: TrainConfig fields and GRPOConfig's (group size, rollout tokens, reward, ...)
     [stage1]    rounds, round-2 init ("base" or "continue"), demos; the weak self-consistency filter (beyond the paper)
@@ -75,6 +75,9 @@ class SamplingOptions:
     cache_len: int = 0  # 0: prompt + max_new_tokens
     tp: int = 1  # tensor-parallel degree of the strong models' sampling stages under torchrun (8: 70B on 8x80 GB)
     weak_tp: int = 1  # the same for the weak model (a 2B model fits one GPU: data parallel beats an 8-way split)
+    # > 0: chunked prefill, prompt tokens per decode step for the prompts entering freed slots (w2s/sampling.py);
+    # changes no sample, so no stage's key; 0 (off) until measured on a GPU (BENCHMARKS.md)
+    prefill_chunk: int = 0
 
 
 @dataclass
@@ -367,6 +370,8 @@ def _validate(r, path, check_files):
     for key in ("max_new_tokens", "sample_max_new_tokens", "max_batch", "tp", "weak_tp"):
         if getattr(r.sampling, key) < 1:
             bad(f"[sampling] {key}", f"expected >= 1, got {getattr(r.sampling, key)}")
+    if r.sampling.prefill_chunk < 0:
+        bad("[sampling] prefill_chunk", f"expected >= 0 (0: off), got {r.sampling.prefill_chunk}")
     if r.stage1.n_demos < 1:
         bad("[stage1] n_demos", f"expected >= 1, got {r.stage1.n_demos}")
     if r.eval.pass_k_samples < 0:

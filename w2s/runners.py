@@ -281,7 +281,8 @@ def generate_stage(ctx, out, model_dir, records, prompt, n=1, temperature=0.0, t
         path = generate_to_jsonl(model, tok, prompts, out / "generations.jsonl", n=n, temperature=temperature,
                                  top_p=top_p, max_new_tokens=max_new_tokens or r.sampling.max_new_tokens,
                                  stop=tuple(STOP_STRINGS), seed=seed, max_batch=r.sampling.max_batch,
-                                 cache_len=r.sampling.cache_len or None, progress=ctx.progress)
+                                 cache_len=r.sampling.cache_len or None, prefill_chunk=r.sampling.prefill_chunk,
+                                 progress=ctx.progress)
         results = read_jsonl(path)
         prof.add_tokens(sum(c["num_tokens"] for res in results for c in res["completions"]))
     rows = []
