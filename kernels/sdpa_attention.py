@@ -2,7 +2,8 @@
 (kernels/reference.py) without materializing fp32 (B, H, T, S) scores or repeated kv heads. No Triton: this is
 what w2s/ops.py runs under W2S_KERNELS=auto for tensors that are not on CUDA.
 
-Three paths, none with a soft-cap (SDPA has none; Gemma-2 stays on the reference, see `supports`):
+Three paths, none with a soft-cap (SDPA has none; Gemma-2 stays on the reference, see `supports`), and a grouping
+of query rows by the cache row they read (`attention_by_cache_row`, the sampler's mixed steps) that feeds them:
   1. plain causal self-attention (training, scoring: no positions, lengths or window, T == S): SDPA with
      is_causal, differentiable;
   2. no-grad calls with positions over a KV cache (sampling): SDPA with the reference's boolean mask, each kv head's
@@ -114,3 +115,26 @@ def attention_after_shared_prefix(q, k, v, q_positions, shared_prefix, scale):
     w_p, w_o = (lse_p - top).exp()[..., None], (lse_o - top).exp()[..., None]  # (B, K, T*G, 1) fp32
     out = (out_p.float() * w_p + out_o.float() * w_o) / (w_p + w_o)
     return _from_kv_head(out, q.shape).to(q.dtype)
+
+
+def attention_by_cache_row(attend, q, k, v, kv_rows, q_positions, shared_prefix=None, **options):
+    """attend(q, k, v, q_positions, ...) (w2s.ops.attention) for one-token query rows q (B, 1, H, D) that read the
+    cache rows kv_rows (B,) of k, v (rows, S, K, D), without a copy of a cache row per query: the leading rows that
+    read their own cache row (kv_rows[i] == i, a mixed step's decode rows) attend views of k and v as a decode step
+    does, with the shared-prefix hint; each following run of rows on one cache row (a prompt's tokens, in order)
+    attends that row as one sequence of several queries. The grouping reads kv_rows on the host: CPU tensors only."""
+    rows = kv_rows.tolist()
+    lead = next((i for i, r in enumerate(rows) if r != i), len(rows))
+    out = torch.empty_like(q)
+    if lead:
+        out[:lead] = attend(q[:lead], k[:lead], v[:lead], q_positions[:lead], shared_prefix=shared_prefix, **options)
+    start = lead
+    while start < len(rows):
+        end, r = start + 1, rows[start]
+        while end < len(rows) and rows[end] == r:
+            end += 1
+        run = attend(q[start:end].transpose(0, 1), k[r : r + 1], v[r : r + 1],
+                     q_positions[start:end].transpose(0, 1), **options)  # (1, end - start, H, D)
+        out[start:end] = run.transpose(0, 1)
+        start = end
+    return out

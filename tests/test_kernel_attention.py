@@ -299,6 +299,38 @@ def test_decode_reads_cache_rows_through_kv_rows(cascade, options):
         decode.attention_decode(q, k, v, q_positions=positions, kv_rows=kv_rows[:5])
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="the CPU paths of ops.attention")
+@pytest.mark.parametrize("options", [{}, {"sliding_window": 6}, {"softcap": 2.0}], ids=["sdpa", "window", "softcap"])
+def test_ops_attention_with_kv_rows_on_cpu(monkeypatch, options):
+    """ops.attention's kv_rows off the Triton path: one-token rows grouped by cache row (leading rows on their own
+    cache rows, then runs of rows on one row, a row met twice in separate runs) and several-token rows gathered,
+    each equal to the reference over the gathered rows; the leading rows keep the cascade hint."""
+    from kernels import sdpa_attention
+
+    monkeypatch.setattr(ops, "_backend", "auto")
+    monkeypatch.setattr(ops, "CASCADE_MIN_PREFIX", 4)
+    calls = []
+    cascade = sdpa_attention.attention_after_shared_prefix
+    monkeypatch.setattr(sdpa_attention, "attention_after_shared_prefix",
+                        lambda *a: calls.append(a[0].shape) or cascade(*a))
+    R, S, P, H, K, D = 4, 30, 6, 4, 2, 16
+    seed, _, k, v, prefix_k, prefix_v, _ = shared_prefix_case(R, 1, S, P, H, K, D, torch.float32, [0] * R)
+    kv_rows = torch.tensor([0, 1, 2, 3, 2, 2, 2, 0, 0, 2, 3])
+    positions = torch.tensor([20, 29, 15, 9, 10, 11, 12, 25, 26, 13, 8])[:, None]
+    q = torch.randn(len(kv_rows), 1, H, D)
+    expected = reference.attention(q, k[kv_rows], v[kv_rows], q_positions=positions, **options)
+    with torch.no_grad():
+        out = ops.attention(q, k, v, q_positions=positions, kv_rows=kv_rows, shared_prefix=(prefix_k, prefix_v),
+                            **options)
+    check_fp32([out], [expected], seed)
+    assert calls == ([(4, 1, H, D)] if not options else [])  # the 4 leading rows, once; SDPA has no window/softcap
+    q2, positions2 = torch.randn(3, 2, H, D), torch.tensor([[7, 8], [20, 21], [9, 10]])
+    with torch.no_grad():
+        out = ops.attention(q2, k, v, q_positions=positions2, kv_rows=torch.tensor([3, 1, 3]), **options)
+    rows = torch.tensor([3, 1, 3])
+    check_fp32([out], [reference.attention(q2, k[rows], v[rows], q_positions=positions2, **options)], seed)
+
+
 def test_grad_mode_with_few_tokens_uses_flash_path():
     q, k, v = (torch.randn(1, 2, 2, 16, device=DEVICE, requires_grad=True) for _ in range(3))
     assert not ops.use_decode_kernel(q, k, v)

@@ -1,6 +1,6 @@
 """Sampler tests: greedy parity with transformers, KV-cache logits vs full recompute, continuous batching, n samples
-and shared prefixes, sampling distributions (chi-square), stop strings / EOS / length, errors, tensor and data
-parallel under torchrun (gloo), and jsonl resume.
+and shared prefixes, chunked prefill, sampling distributions (chi-square), stop strings / EOS / length, errors,
+tensor and data parallel under torchrun (gloo), and jsonl resume.
 
     python -m pytest -q tests/test_sampling.py
 """

@@ -81,10 +81,14 @@ def attention(q, k, v, q_positions=None, kv_lengths=None, sliding_window=None, s
 
     kv_rows: optional (B,) integer tensor: batch row b attends k[kv_rows[b]], v[kv_rows[b]], so k and v hold cache
     rows rather than batch rows (the sampler's mixed decode steps, where the tokens of a prompt being prefilled are
-    query rows of their own that read one cache row). The decode kernel reads through the index; every other path
-    gathers the rows first.
+    query rows of their own that read one cache row). The decode kernel reads through the index; on CPU one-token
+    rows are grouped by cache row (kernels.sdpa_attention.attention_by_cache_row); every other path gathers the rows
+    first.
     """
     if kv_rows is not None and not (_use_triton(q) and use_decode_kernel(q, k, v)):
+        if q.device.type == "cpu" and q.shape[1] == 1 and q_positions is not None and kv_lengths is None:
+            return sdpa_attention.attention_by_cache_row(attention, q, k, v, kv_rows, q_positions, shared_prefix,
+                                                         sliding_window=sliding_window, softcap=softcap, scale=scale)
         k, v, kv_rows = k[kv_rows], v[kv_rows], None  # (B, S, K, D): batch rows from here on
     if _use_triton(q):
         return _triton_attention(q, k, v, q_positions, kv_lengths, sliding_window, softcap, scale,
