@@ -161,7 +161,8 @@ class Engine:
 
     prompts: list of token-id lists; global_index: the caller's index of each (keys the RNG; data parallel);
     eos_ids: ids that end a sequence; stop: stop strings (need `decode`); keep_state: take the device state from,
-    and leave it in, w2s/decode_state.py's per-model store.
+    and leave it in, w2s/decode_state.py's per-model store; prefill_tokens: the token budget of one prefill forward
+    (rows x longest); prefill_chunk: prompt tokens per mixed decode step (chunked prefill; 0: off).
     """
 
     def __init__(self, model, prompts, n, *, temperature, top_k, top_p, max_new_tokens, seed, eos_ids, stop=(),
