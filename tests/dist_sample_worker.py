@@ -2,10 +2,10 @@
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/dist_sample_worker.py WORK_DIR
 
-WORK_DIR/job.json holds {"prompts": [[ids]], "families": {name: ckpt_dir}, "options", "sampled_options"}. For each
-family this runs, in one process group of 2 ranks:
+WORK_DIR/job.json holds {"prompts": [[ids]], "families": {name: ckpt_dir}, "options", "sampled_options"} and
+optionally "chunked_options". For each family this runs, in one process group of 2 ranks:
   * tp=2, dp=1: load_model_tp (each rank reads only its slices), greedy generate, generate_to_jsonl (and for llama2
-    also apply_tensor_parallel on a fully loaded model);
+    also apply_tensor_parallel on a fully loaded model); with chunked_options, a generate with chunked prefill;
   * tp=1, dp=2: the full model on each rank, greedy and sampled (n=2) generate, generate_to_jsonl;
 and rank 0 writes WORK_DIR/result.json; the jsonl files go to WORK_DIR/<family>_{tp,dp}.jsonl. The test compares
 all of it with a one-process run.
@@ -36,6 +36,8 @@ def main(work):
         tp_model = load_model_tp(ckpt, tp=2, dtype=torch.float32)
         assert tp_model.layers[0].self_attn.q_proj.weight.shape[0] * 2 == tp_model.cfg.n_heads * tp_model.cfg.head_dim
         result[f"{family}/tp/greedy"] = generate(tp_model, None, prompts, progress=False, **opts)
+        if job.get("chunked_options"):  # mixed decode steps: the ranks' host plans must stay in lockstep
+            result[f"{family}/tp/chunked"] = generate(tp_model, None, prompts, progress=False, **job["chunked_options"])
         generate_to_jsonl(tp_model, None, records, work / f"{family}_tp.jsonl", progress=False, **opts)
         del tp_model
 

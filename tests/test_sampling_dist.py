@@ -16,7 +16,7 @@ import torch
 from hf_tiny import COMMON, FAMILIES, VOCAB, save_hf
 
 import w2s
-from w2s.sampling import generate
+from w2s.sampling import Engine, generate
 from w2s.sampling_jsonl import generate_to_jsonl
 from w2s.tensor_parallel import check_divisible, kv_heads_of_rank, shard_slice
 
@@ -33,6 +33,10 @@ def make_prompts():
 
 OPTIONS = dict(max_new_tokens=10, max_batch=2, sync_every=3)
 SAMPLED = dict(n=2, temperature=1.0, top_p=0.9, seed=5, max_new_tokens=8, max_batch=3)
+# cache_len 14 gives the prompts budgets of 1 to 9 tokens: slots free at different host looks and are refilled
+# while decode runs, so the chunked run has mixed steps
+CHUNKED = dict(n=2, temperature=1.0, seed=5, max_new_tokens=8, max_batch=3, cache_len=14, sync_every=2,
+               prefill_chunk=3)
 
 
 def save_llama_with_biases(path):
@@ -69,10 +73,11 @@ def transformers_model(path):
     return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
-def run_worker(tmp_path, families, options, sampled):
+def run_worker(tmp_path, families, options, sampled, chunked=None):
     """Run tests/dist_sample_worker.py on 2 gloo processes over `families` {name: ckpt}; its result.json."""
     (tmp_path / "job.json").write_text(json.dumps({"prompts": make_prompts(), "families": families,
-                                                   "options": options, "sampled_options": sampled}))
+                                                   "options": options, "sampled_options": sampled,
+                                                   "chunked_options": chunked}))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -119,21 +124,36 @@ def test_tp2_and_dp2_equal_one_process(tmp_path):
     assert "llama2/tp_in_memory/greedy" in result
 
 
-def test_tp2_with_fused_projections_equals_one_process(tmp_path):
+def test_tp2_with_fused_projections_equals_one_process(tmp_path, monkeypatch):
     """The same with q/k/v and gate/up fused (w2s/fused.py; the CUDA default): each tp rank fuses its own slices
     (GQA heads, Gemma's replicated kv head, sliced biases) and gives the one-process completions, which equal the
-    unfused ones."""
+    unfused ones. Chunked prefill at tp=2 gives the one-process samples without it."""
     families = {"llama2": str(tmp_path / "llama2"), "gemma": str(tmp_path / "gemma"),
                 "llama_bias": str(tmp_path / "llama_bias")}
     save_hf("llama2", tmp_path / "llama2")
     save_hf("gemma", tmp_path / "gemma")
     save_llama_with_biases(tmp_path / "llama_bias")
     fused, fused_sampled = {**OPTIONS, "fused_projections": True}, {**SAMPLED, "fused_projections": True}
-    result = run_worker(tmp_path, families, fused, fused_sampled)
+    chunked = {**CHUNKED, "fused_projections": True}
+    result = run_worker(tmp_path, families, fused, fused_sampled, chunked)
     check_against_one_process(tmp_path, result, families, fused, fused_sampled)
+    kinds = []  # for each decode step: mixed (it carried prompt tokens) or not
+    real_step = Engine.step
+
+    def step(self, limit, mixed=False):
+        kinds.append(mixed)
+        return real_step(self, limit, mixed)
+
+    monkeypatch.setattr(Engine, "step", step)
     for family, ckpt in families.items():
-        unfused = generate(w2s.load_model(ckpt, dtype=torch.float32), None, make_prompts(), progress=False, **OPTIONS)
+        model = w2s.load_model(ckpt, dtype=torch.float32)
+        unfused = generate(model, None, make_prompts(), progress=False, **OPTIONS)
         assert result[f"{family}/tp/greedy"] == unfused, family
+        unchunked = generate(model, None, make_prompts(), progress=False, **{**CHUNKED, "prefill_chunk": 0})
+        kinds.clear()
+        assert generate(model, None, make_prompts(), progress=False, **CHUNKED) == unchunked, family
+        assert any(kinds), family  # the options do refill slots while decode runs: there are mixed steps
+        assert result[f"{family}/tp/chunked"] == unchunked, family
 
 
 @pytest.mark.parametrize("n_kv_heads,tp", [(4, 2), (2, 2), (1, 2), (2, 4)])
