@@ -17,7 +17,8 @@ from hf_tiny import FAMILIES, VOCAB, save_hf
 
 import w2s
 from w2s import sampling, sampling_jsonl
-from w2s.sampling import Engine, generate, sample_from_logits, stream_keys, stream_uniforms
+from w2s.sampling import generate
+from w2s.sampling_engine import Engine, sample_from_logits, stream_keys, stream_uniforms
 
 CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;:!?+-*/=()[]{}<>#@$%&_'\"\n"
 

@@ -16,7 +16,8 @@ import torch
 from hf_tiny import COMMON, FAMILIES, VOCAB, save_hf
 
 import w2s
-from w2s.sampling import Engine, generate
+from w2s.sampling import generate
+from w2s.sampling_engine import Engine
 from w2s.sampling_jsonl import generate_to_jsonl
 from w2s.tensor_parallel import check_divisible, kv_heads_of_rank, shard_slice
 

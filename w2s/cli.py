@@ -291,7 +291,7 @@ def sample(ckpt_dir, input_path, output_path, prompt_key, id_key, n, temperature
         torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
                        "auto": torch.bfloat16 if d.device.type == "cuda" else torch.float32}[dtype]
         stop = [_unescape(s) for s in stop]
-        # what the samples depend on (not batch size, tp, graphs, prefix sharing or chunking: w2s/sampling.py)
+        # what the samples depend on (not batch size, tp, graphs, prefix sharing or chunking: w2s/sampling_engine.py)
         meta = {"checkpoint": str(ckpt_dir.resolve()), "checkpoint_files": fingerprint(ckpt_dir), "n": n,
                 "temperature": temperature, "top_p": top_p, "top_k": top_k, "max_new_tokens": max_new_tokens,
                 "stop": stop, "seed": seed, "dtype": str(torch_dtype).removeprefix("torch."),

@@ -4,7 +4,7 @@ step's captured CUDA graphs.
 A CUDA graph replays the decode step's kernels on the exact buffers it was captured with: the KV cache, the state
 tensors below, the logits buffer and the model's weights. Capturing costs an eager warm-up step and a capture per
 attention limit and step kind (plain, or mixed with prompt tokens), and allocating the cache costs time as well, so
-the sampler (w2s/sampling.py, on CUDA by default) keeps one state per model between calls:
+the sampler (w2s/sampling_engine.py, on CUDA by default) keeps one state per model between calls:
 
     state = acquire(model, shapes, build)   # the kept state when it fits, else build() (which replaces it)
     release(model)                           # free it now (the KV cache can take gigabytes)
@@ -38,12 +38,13 @@ class DecodeState:
     graphs (one per attention limit) once captured. The engine reads and writes the tensors in place."""
 
     def __init__(self, cfg, slots, cache_len, dtype, device, prefill_chunk=0):
-        # One spare cache row (index `slots`) holds the shared prefix; decode only ever touches rows [0, slots).
+        # One spare cache row (index `slots`) holds the shared prefix; decode touches only rows [0, slots), but for
+        # the unused entries of a mixed step, which write the spare row's last position (never read).
         self.cache = KVCache(cfg, slots + 1, cache_len, dtype=dtype, device=device)
         long = dict(dtype=torch.long, device=device)
-        # A mixed step's inputs besides the slots' own (w2s/sampling.py, chunked prefill), one row of the engine's
-        # plan copied in before the step: prefill_chunk prompt tokens, their positions and cache rows; for each
-        # slot the step entry its next token is sampled from, and whether its prompt ends in this step (0/1).
+        # A mixed step's inputs besides the slots' own (w2s/sampling_engine.py, chunked prefill), one row of the
+        # engine's plan copied in before the step: prefill_chunk prompt tokens, their positions and cache rows; for
+        # each slot the step entry its next token is sampled from, and whether its prompt ends in this step (0/1).
         C = prefill_chunk
         self.step_inputs = torch.zeros(3 * C + 2 * slots, **long)
         self.chunk_tokens, self.chunk_positions, self.chunk_rows, self.pick, self.activate = self.step_inputs.split(

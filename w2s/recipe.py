@@ -75,7 +75,7 @@ class SamplingOptions:
     cache_len: int = 0  # 0: prompt + max_new_tokens
     tp: int = 1  # tensor-parallel degree of the strong models' sampling stages under torchrun (8: 70B on 8x80 GB)
     weak_tp: int = 1  # the same for the weak model (a 2B model fits one GPU: data parallel beats an 8-way split)
-    # > 0: chunked prefill, prompt tokens per decode step for the prompts entering freed slots (w2s/sampling.py);
+    # > 0: chunked prefill, prompt tokens per decode step for the prompts entering freed slots (w2s/sampling_engine.py);
     # changes no sample, so no stage's key; 0 (off) until measured on a GPU (BENCHMARKS.md)
     prefill_chunk: int = 0
 

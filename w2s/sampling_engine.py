@@ -1,0 +1,491 @@
+"""The sampler's engine: slots, a static KV cache and the decode loop for one generation run, and how a token is
+drawn (counter-based randomness, inverse-CDF sampling). w2s/sampling.py turns a caller's prompts and options into an
+`Engine` and runs it; read this file for what happens in between.
+
+How it works (one engine, `Engine`, driven by w2s.sampling.iter_generate):
+  * The cache has `slots` rows (the decode batch) plus one spare row that holds a prefix shared by every prompt
+    (the 4 few-shot demonstrations of the ICL stage). That prefix is prefilled once; each new sequence copies its
+    keys/values and prefills only its own suffix. Decode attends a long prefix (64+ tokens) once per step for
+    all rows, from the spare row, instead of once per row (cascade attention, chosen in w2s/ops.py: on CPU
+    kernels/sdpa_attention.py, on GPU kernels/decode_attention.py).
+  * A work item is (prompt, sample j). The n samples of a prompt share one prefill: the first is prefilled, the
+    others copy its cache row. A sample admitted later, while a sibling is still running, copies the sibling's
+    prompt rows (all but the last token) and re-runs only the last prompt token to get the next-token logits.
+  * Decode runs every slot every step (fixed shapes, so the step can be a CUDA graph) and keeps all state on device:
+    the sampled token, position, count, a done flag (EOS or budget reached) and an output buffer. The host looks
+    only every `sync_every` steps: it checks stop strings on the decoded text, harvests finished slots and refills
+    them with waiting work (continuous batching). A finished slot idles at most sync_every - 1 steps.
+  * Chunked prefill (prefill_chunk=C, off by default): while decode runs, a refilled slot's prompt is not prefilled
+    in a forward of its own that every other slot waits for; its tokens ride in the next decode steps instead, up
+    to C per step. Such a mixed step runs S + C query rows of one token each (every slot's next token, then the
+    prompt tokens, each writing and reading its own cache row: attention's kv_rows), and a slot whose last prompt
+    token is in it samples its token 0 there. The first admission, with no decode to join, is a prefill forward.
+  * On CUDA the decode step is captured once per attention length as a CUDA graph and replayed (cuda_graphs,
+    default on for CUDA, never used on CPU); nothing in the step may sync with the host. The KV cache, the slots'
+    state and the graphs are kept for the next call on the same model (keep_state; w2s/decode_state.py says when a
+    kept state is reused and when it is dropped). The cache write and RoPE run as one kernel per layer
+    (ops.rope_cache_write), and q/k/v and gate/up as one matmul each (fused_projections, default on CUDA:
+    w2s/fused.py).
+  * Randomness is counter-based: the uniform for token t of sample j of prompt i is a hash of (seed, i, j, t), with
+    i the prompt's index in the caller's list. A completion therefore does not depend on batch size, scheduling,
+    chunking, shared-prefix use or data-parallel sharding: the same seed gives the same samples in every
+    configuration (up to float rounding differences of batched matmuls, which can flip a draw that lands within
+    ~1e-7 of a boundary).
+
+Conventions: `token_ids` include the EOS token that ended a sequence; `text` never contains it. A stop string ends
+the sequence at the first token whose text completes it; `token_ids` keep that token, `text` is cut just BEFORE the
+stop string (the stop string itself is not included). "length" means max_new_tokens (or the cache end) was reached.
+
+    python -m pytest -q tests/test_sampling.py    # the engine through generate, and driven by hand
+"""
+
+import torch
+import torch.nn.functional as F
+
+from w2s import decode_state
+from w2s.decode_state import DecodeState
+
+# ------------------------------------------------------------------------------------------------ randomness
+# A counter-based generator: uniforms are a pure function of (seed, prompt, sample, step), computed on device
+# without a host sync. The hash is the "lowbias32" integer mixer; all arithmetic stays below 2**49 in int64, so it
+# is exact on every backend (no reliance on signed overflow).
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x, c):
+    """(x * c) mod 2**32 for an int64 tensor x in [0, 2**32) and a 32-bit constant c, without overflow."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _hash32(x):
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def stream_keys(seed, prompt_idx, sample_idx):
+    """Per-sequence RNG keys (B,) int64 from a seed and (B,) prompt / sample indices."""
+    h = _hash32(torch.full_like(prompt_idx, (seed * 0x9E3779B1 + 0x632BE5AB) & _M32))
+    h = _hash32(h ^ (prompt_idx & _M32))
+    return _hash32(h ^ _hash32((sample_idx + 0x5BD1E995) & _M32))
+
+
+def stream_uniforms(keys, step):
+    """Uniforms in [0, 1) (B,) fp32 for the given (B,) keys at (B,) step counters (24 random bits each)."""
+    step = step.long()  # counters may arrive as floats (torch.zeros); the hash needs exact integers
+    h = _hash32(keys ^ _hash32((step * 0x27D4EB2F + 0x165667B1) & _M32))
+    return (h >> 8).float() * (1.0 / (1 << 24))
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+
+
+def sample_from_logits(logits, uniforms, temperature=1.0, top_k=0, top_p=1.0):
+    """Next tokens (B,) from logits (B, V): greedy at temperature 0, else temperature -> top-k -> top-p (nucleus).
+
+    Sampling is by inverse CDF with one uniform per row (B,): the token whose cumulative probability interval
+    contains u * total. Top-k keeps the k largest logits; top-p keeps the smallest set of most probable tokens whose
+    probability reaches top_p (the token that crosses the threshold is kept). Everything stays on device.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    order = None  # (B, V') vocabulary ids of the columns kept, when they were reordered
+    if 0 < top_k < logits.shape[-1]:
+        logits, order = logits.topk(top_k, dim=-1)  # sorted, largest first
+    elif top_p < 1.0:
+        logits, order = logits.sort(dim=-1, descending=True)
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        mass_before = probs.cumsum(dim=-1) - probs  # probability of the strictly more likely tokens
+        probs = probs.masked_fill(mass_before >= top_p, 0.0)
+    cdf = probs.cumsum(dim=-1)  # (B, V')
+    target = uniforms[:, None].float() * cdf[:, -1:]
+    col = torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[-1] - 1)  # (B, 1)
+    return col.squeeze(-1) if order is None else order.gather(-1, col).squeeze(-1)
+
+
+def logits_from_hidden(model, hidden):
+    """(N, D) final-normed hidden -> (N, V) fp32 logits, as the model's own forward computes them."""
+    logits = F.linear(hidden, model.lm_head_weight()).float()
+    cap = model.cfg.final_logit_softcap
+    return cap * torch.tanh(logits / cap) if cap is not None else logits
+
+
+def kv_config(model):
+    """The config the attention layers actually run with (tensor parallelism gives each rank a share of heads)."""
+    return model.layers[0].self_attn.cfg
+
+
+def _is_eos(tokens, eos):
+    """(B,) bool: tokens (B,) that are one of the eos ids (E,). A broadcast compare, not torch.isin, whose CUDA path
+    for more than ~10 elements calls unique() (a host sync that breaks CUDA-graph capture)."""
+    return (tokens[:, None] == eos[None, :]).any(dim=-1)
+
+
+def round_up(x, m):
+    return -(-x // m) * m
+
+
+def _find_stop(text, stops, start=0):
+    """Index of the earliest occurrence of any stop string in text[start:], or -1."""
+    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+    return min(hits) if hits else -1
+
+
+# ------------------------------------------------------------------------------------------------ the engine
+
+
+class Engine:
+    """Slots, cache and device state for one generation run. Drive it with `run()` (a generator of results).
+
+    prompts: list of token-id lists; global_index: the caller's index of each (keys the RNG; data parallel);
+    eos_ids: ids that end a sequence; stop: stop strings (need `decode`); keep_state: take the device state from,
+    and leave it in, w2s/decode_state.py's per-model store; prefill_tokens: the token budget of one prefill forward
+    (rows x longest); prefill_chunk: prompt tokens per mixed decode step (chunked prefill; 0: off).
+    """
+
+    def __init__(self, model, prompts, n, *, temperature, top_k, top_p, max_new_tokens, seed, eos_ids, stop=(),
+                 decode=None, slots, cache_len, global_index=None, shared_prefix=True, sync_every=8,
+                 cuda_graphs=False, prefill_tokens=8192, prefill_chunk=0, keep_state=False):
+        self.model, self.prompts, self.n = model, prompts, n
+        self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+        self.max_new, self.seed, self.stop, self.decode = max_new_tokens, seed, tuple(stop), decode
+        self.eos_set = set(eos_ids)
+        self.slots, self.cache_len, self.sync_every = slots, cache_len, sync_every
+        self.prefill_tokens, self.prefill_chunk, self.cuda_graphs = prefill_tokens, prefill_chunk, cuda_graphs
+        self.global_index = list(range(len(prompts))) if global_index is None else list(global_index)
+        weight = model.embed_tokens.weight
+        dev = self.device = weight.device
+        self.prefix_len = self._shared_prefix_len() if shared_prefix else 0
+
+        # Device state (cache, per-slot tensors, captured graphs): kept across calls when keep_state, else fresh.
+        cfg = kv_config(model)
+        build = lambda: DecodeState(cfg, slots, cache_len, weight.dtype, dev, prefill_chunk)  # noqa: E731
+        shapes = (cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, slots, cache_len, prefill_chunk, weight.dtype, dev)
+        self.state = st = decode_state.acquire(model, shapes, build) if keep_state else build()
+        eos = sorted(self.eos_set) or [-1]
+        st.start(self, decode_state.graph_signature(self.sampling, eos, self.prefix_len), eos)
+        self.cache, self.tokens, self.positions, self.n_gen = st.cache, st.tokens, st.positions, st.n_gen
+        self.budget, self.keys, self.done, self.out, self.eos = st.budget, st.keys, st.done, st.out, st.eos
+        self.trash = self.out.shape[1] - 1  # the column finished slots write into
+
+        # Host bookkeeping.
+        self.work = [None] * slots  # (prompt, sample) each slot runs, or None
+        self.prefilling = {}  # slot -> (prompt tokens not yet run, position of the first): chunked prefill's queue
+        self.checked_tokens = [0] * slots  # generated tokens already searched for stop strings
+        self.stop_window = max((len(x.encode()) for x in self.stop), default=0) + 2  # tokens of overlap
+        self.tokens_generated = 0
+        self.decode_steps = 0  # steps run (every slot, live or not): slot occupancy = live slot-steps / (steps x slots)
+        self.mixed_steps = 0  # of which carried prompt tokens (chunked prefill)
+
+    logits = property(lambda self: self.state.logits, doc="(slots, V) fp32 logits of the last decode step")
+    graphs = property(lambda self: self.state.graphs, doc="{(attention limit, mixed): captured CUDA graph}")
+
+    # ---- prefix sharing ---------------------------------------------------------------------------------------
+    def _shared_prefix_len(self):
+        """Longest token prefix common to all prompts, leaving every prompt at least one token of its own."""
+        if len(self.prompts) < 2:
+            return 0
+        first, length = self.prompts[0], min(len(p) for p in self.prompts) - 1
+        for p in self.prompts[1:]:
+            i = 0
+            while i < length and p[i] == first[i]:
+                i += 1
+            length = i
+        return max(length, 0)
+
+    def _copy_rows(self, src, dst, length):
+        """Copy cache positions [0, length) of row src into rows dst (list), every layer."""
+        if length <= 0 or not dst:
+            return
+        dst = torch.tensor(dst, device=self.device)
+        for buf in (self.cache.k, self.cache.v):  # (layers, rows, K, max_len, D)
+            buf[:, dst, :, :length] = buf[:, src : src + 1, :, :length]
+
+    # ---- prefill ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _forward_rows(self, rows):
+        """Prefill rows [(slot, token list, start position)] into the cache; return last-token logits (R, V)."""
+        out = []
+        i = 0
+        while i < len(rows):  # chunk so that (rows x longest) stays under the prefill token budget
+            j, longest = i, 0
+            while j < len(rows) and (j == i or max(longest, len(rows[j][1])) * (j - i + 1) <= self.prefill_tokens):
+                longest = max(longest, len(rows[j][1]))
+                j += 1
+            chunk = rows[i:j]
+            T = longest
+            tokens = torch.zeros(len(chunk), T, dtype=torch.long)
+            positions = torch.zeros(len(chunk), T, dtype=torch.long)
+            for r, (_, ids, start) in enumerate(chunk):
+                tokens[r, : len(ids)] = torch.tensor(ids)
+                # Right padding: pads sit after the real tokens, at positions clamped into the cache; they write
+                # garbage at positions beyond the prompt, which decode overwrites before any query can read them.
+                positions[r] = (start + torch.arange(T)).clamp(max=self.cache_len - 1)
+            last = torch.tensor([len(ids) - 1 for _, ids, _ in chunk])
+            self.cache.rows = torch.tensor([s for s, _, _ in chunk], device=self.device)
+            self.cache.limit = max(start + len(ids) for _, ids, start in chunk)
+            shared, self.cache.shared = self.cache.shared, None  # many queries per row: no cascade (flash prefill)
+            try:
+                hidden = self.model(tokens.to(self.device), positions.to(self.device), cache=self.cache,
+                                    return_hidden=True)  # (R, T, D)
+            finally:
+                self.cache.rows, self.cache.limit, self.cache.shared = None, self.cache_len, shared
+            out.append(logits_from_hidden(self.model, hidden[torch.arange(len(chunk)), last.to(self.device)]))
+            i = j
+        return torch.cat(out)
+
+    def prefill_shared_prefix(self):
+        if self.prefix_len:
+            self._forward_rows([(self.slots, self.prompts[0][: self.prefix_len], 0)])
+            # every sequence starts with a copy of this row, so decode may read the prefix from it once per step
+            self.cache.shared = (self.slots, self.prefix_len)
+
+    @torch.no_grad()
+    def admit(self, items, free):
+        """Start work items [(prompt, sample)] in the free slots (same length lists): prefill, sample token 0."""
+        live = {self.work[s][0]: s for s in range(self.slots) if self.work[s] is not None}  # prompt -> a live slot
+        rows, row_of, copies = [], {}, []  # copies: (source row index, slots) filled after the forward
+        slot_row = []  # for each admitted slot, the index of the prefill row whose logits it samples from
+        for s, (p, j) in zip(free, items):
+            ids = self.prompts[p]
+            if p in row_of:  # a sibling prefilled in this same batch: copy its rows after the forward
+                copies.append((row_of[p], s))
+                slot_row.append(row_of[p])
+            elif p in live:  # a sibling is still running: its rows [0, L-1) are this prompt; re-run the last token
+                self._copy_rows(live[p], [s], len(ids) - 1)
+                slot_row.append(len(rows))
+                rows.append((s, ids[-1:], len(ids) - 1))
+            else:  # prefill from the shared prefix on
+                self._copy_rows(self.slots, [s], self.prefix_len)
+                row_of[p] = len(rows)
+                slot_row.append(len(rows))
+                rows.append((s, ids[self.prefix_len :], self.prefix_len))
+            self.work[s] = (p, j)
+            self.checked_tokens[s] = 0
+        logits = self._forward_rows(rows)  # (R, V)
+        for r, s in copies:
+            src_slot, _, _ = rows[r]
+            self._copy_rows(src_slot, [s], len(self.prompts[self.work[s][0]]))
+        slot_t, keys, budget = self._start_slots(free, items)
+        first = sample_from_logits(logits[torch.tensor(slot_row, device=self.device)],
+                                   stream_uniforms(keys, torch.zeros_like(keys)), **self.sampling)
+        self.tokens[slot_t] = first
+        self.n_gen[slot_t] = 1
+        self.out[slot_t, 0] = first
+        self.done[slot_t] = _is_eos(first, self.eos) | (budget <= 1)
+
+    def _start_slots(self, free, items):
+        """Slot state of work items [(prompt, sample)] entering slots `free`: position after the prompt, RNG key,
+        token budget. Returns the slots, keys and budgets as device tensors."""
+        dev = self.device
+        slot_t = torch.tensor(free, device=dev)
+        prompt_len = torch.tensor([len(self.prompts[p]) for p, _ in items], device=dev)
+        keys = stream_keys(self.seed, torch.tensor([self.global_index[p] for p, _ in items], device=dev),
+                           torch.tensor([j for _, j in items], device=dev))
+        budget = (self.cache_len - prompt_len).clamp(max=self.max_new)
+        self.positions[slot_t] = prompt_len
+        self.budget[slot_t] = budget
+        self.keys[slot_t] = keys
+        return slot_t, keys, budget
+
+    # ---- chunked prefill: prompts join the decode batch ----------------------------------------------------------
+    @torch.no_grad()
+    def admit_into_batch(self, queue, free):
+        """Start queued work [(prompt, sample)] (popped from the end) in the free slots without a prefill forward:
+        their prompt tokens ride in the next decode steps (_plan_mixed_steps). A sample whose prompt a sibling is
+        still prefilling waits in the queue; once the sibling generates, its rows are copied and only the last
+        prompt token is run again."""
+        generating = {self.work[s][0]: s for s in range(self.slots)
+                      if self.work[s] is not None and s not in self.prefilling}
+        in_flight = {self.work[s][0] for s in self.prefilling}
+        started, waiting = [], []
+        while queue and len(started) < len(free):
+            p, j = queue.pop()
+            if p in in_flight:
+                waiting.append((p, j))
+                continue
+            s, ids = free[len(started)], self.prompts[p]
+            if p in generating:
+                self._copy_rows(generating[p], [s], len(ids) - 1)
+                self.prefilling[s] = (ids[-1:], len(ids) - 1)
+            else:
+                self._copy_rows(self.slots, [s], self.prefix_len)
+                self.prefilling[s] = (ids[self.prefix_len :], self.prefix_len)
+                in_flight.add(p)
+            self.work[s] = (p, j)
+            self.checked_tokens[s] = 0
+            started.append((p, j))
+        queue.extend(reversed(waiting))
+        if started:
+            slot_t, _, _ = self._start_slots(free[: len(started)], started)
+            self.n_gen[slot_t] = 0  # the first token sampled (at the step that runs the last prompt token) is token 0
+            self.done[slot_t] = True  # not generating yet: the decode entries of these slots change no state
+
+    def _plan_mixed_steps(self):
+        """The prompt tokens of the next decode steps: each step carries up to prefill_chunk tokens of the slots being
+        prefilled, oldest first. A slot whose last prompt token is in a step samples its token 0 from that entry
+        (pick) in that step and generates from the next one (activate). Unused entries write into the spare row's
+        last position, which nothing reads. -> (steps, 3C + 2S) long on device, DecodeState.step_inputs' layout."""
+        C, S = self.prefill_chunk, self.slots
+        plan = []
+        while self.prefilling and len(plan) < self.sync_every:
+            tokens, positions, rows, pick, activate = [], [], [], list(range(S)), [0] * S
+            for s, (ids, start) in list(self.prefilling.items()):  # oldest first (dict order)
+                take = min(C - len(tokens), len(ids))
+                tokens += ids[:take]
+                positions += range(start, start + take)
+                rows += [s] * take
+                if take < len(ids):  # the chunk is full: the rest of this prompt goes first in the next step
+                    self.prefilling[s] = (ids[take:], start + take)
+                    break
+                del self.prefilling[s]
+                pick[s], activate[s] = S + len(tokens) - 1, 1
+                if len(tokens) == C:
+                    break
+            pad = C - len(tokens)
+            plan.append(tokens + [0] * pad + positions + [self.cache_len - 1] * pad + rows + [S] * pad + pick
+                        + activate)
+        return torch.tensor(plan, device=self.device)
+
+    # ---- decode -----------------------------------------------------------------------------------------------
+    def _step_eager(self, mixed=False):
+        """One decode step for every slot, all on device, updating the state tensors in place. A mixed step also
+        runs the prompt tokens of state.step_inputs (chunked prefill) and starts the slots whose prompts end."""
+        if mixed:
+            logits, act = self._mixed_logits()
+            live = ~self.done | act
+        else:
+            logits = self.model(self.tokens[:, None], self.positions[:, None], cache=self.cache)[:, -1].float()
+            live = ~self.done
+        nxt = sample_from_logits(logits, stream_uniforms(self.keys, self.n_gen), **self.sampling)  # (S,)
+        col = torch.where(live, self.n_gen, self.trash)  # finished rows write into the trash column
+        self.out.scatter_(1, col[:, None], nxt[:, None])
+        self.n_gen.add_(live.long())
+        self.tokens.copy_(torch.where(live, nxt, self.tokens))
+        if mixed:  # a slot starting now keeps its position (its token 0 goes there next step) and is not done yet
+            self.positions.add_((live & ~act).long())
+            self.done.logical_and_(~act)
+        else:
+            self.positions.add_(live.long())
+        self.done.logical_or_(live & (_is_eos(nxt, self.eos) | (self.n_gen >= self.budget)))
+        self.state.keep_logits(logits)
+
+    def _mixed_logits(self):
+        """The forward of a mixed step: S + C query rows of one token each, every slot's next token and then C
+        prompt tokens, each writing and reading its own cache row (several rows may share one). -> the slots'
+        logits (S, V), each from the entry state.pick names, and state.activate as bool (S,)."""
+        st = self.state
+        tokens = torch.cat([self.tokens, st.chunk_tokens])[:, None]  # (S + C, 1)
+        positions = torch.cat([self.positions, st.chunk_positions])[:, None]
+        self.cache.rows = torch.cat([torch.arange(self.slots, device=self.device), st.chunk_rows])  # (S + C,)
+        try:
+            hidden = self.model(tokens, positions, cache=self.cache, return_hidden=True)[:, 0]  # (S + C, D)
+        finally:
+            self.cache.rows = None
+        return logits_from_hidden(self.model, hidden[st.pick]), st.activate.bool()
+
+    def step(self, limit, mixed=False):
+        """One decode step attending over cache positions [0, limit); replays a CUDA graph per limit and kind if
+        enabled. mixed: state.step_inputs holds this step's prompt tokens."""
+        self.decode_steps += 1
+        self.mixed_steps += mixed
+        return self.state.step(limit, lambda: self._step_eager(mixed), self.cuda_graphs, mixed)
+
+    # ---- the loop ---------------------------------------------------------------------------------------------
+    def _finish(self, s, ids, done):
+        """The completion dict of slot s from its generated ids (host list); checks stop strings."""
+        reason = None
+        if self.stop:
+            text = self.decode(ids)
+            if _find_stop(text, self.stop) >= 0:
+                m = len(ids)  # shortest prefix of tokens whose text contains a stop string
+                while m > 1 and _find_stop(self.decode(ids[: m - 1]), self.stop) >= 0:
+                    m -= 1
+                ids, reason = ids[:m], "stop"
+        if reason is None:
+            if not done:
+                return None  # still running, no stop string yet
+            reason = "eos" if ids and ids[-1] in self.eos_set else "length"
+        text = None
+        if self.decode is not None:
+            text = self.decode(ids[:-1] if reason == "eos" else ids)
+            if reason == "stop":
+                text = text[: _find_stop(text, self.stop)]
+        return {"text": text, "token_ids": ids, "num_tokens": len(ids), "finish_reason": reason}
+
+    def _sync(self):
+        """Host look at the state: finished slots' completions [(slot, dict)] (their slots are freed)."""
+        done, n_gen = torch.stack([self.done.long(), self.n_gen]).tolist()
+        busy = [s for s in range(self.slots) if self.work[s] is not None and s not in self.prefilling]
+        check = [s for s in busy if done[s] or self.stop]
+        finished = []
+        if check:
+            width = max(n_gen[s] for s in check)
+            rows = self.out[torch.tensor(check, device=self.device), :width].tolist()
+            newly_stopped = []
+            for s, row in zip(check, rows):
+                ids = row[: n_gen[s]]
+                if not done[s]:
+                    # Decode only the tokens new since the last look, plus enough earlier ones to hold any stop
+                    # string (each token is >= 1 byte), so a long sequence costs O(length) decoding, not O(length^2).
+                    # A stop string this misses (tokenizer quirks at the window's edge) is still found by the full
+                    # decode in _finish when the sequence ends: it only costs the steps until then.
+                    start = max(0, self.checked_tokens[s] - self.stop_window)
+                    self.checked_tokens[s] = len(ids)
+                    if _find_stop(self.decode(ids[start:]), self.stop) < 0:
+                        continue
+                    newly_stopped.append(s)
+                finished.append((s, self._finish(s, ids, True)))
+            if newly_stopped:
+                self.done[torch.tensor(newly_stopped, device=self.device)] = True
+        return finished
+
+    def run(self):
+        """Yield (prompt index, [n completion dicts]) as prompts finish (all n samples), until all are done."""
+        try:
+            yield from self._run()
+        finally:
+            self.state.finish()  # a kept state may serve the next engine
+
+    def _run(self):
+        queue = [(p, j) for p in range(len(self.prompts)) for j in range(self.n)]
+        queue.reverse()  # pop() from the end = input order
+        pending = {}  # prompt -> {sample: completion}
+        self.prefill_shared_prefix()
+        free = list(range(self.slots))
+        while True:
+            if free and queue and self.prefill_chunk and any(w is not None for w in self.work):
+                self.admit_into_batch(queue, free)  # decode is running: the new prompts join its steps
+            elif free and queue:
+                take = min(len(free), len(queue))
+                items = [queue.pop() for _ in range(take)]
+                self.admit(items, free[:take])
+            if all(w is None for w in self.work):
+                return
+            positions = self.positions.tolist()
+            live_max = max(positions[s] for s in range(self.slots) if self.work[s] is not None)
+            # Attend over the positions the next sync_every steps can reach. With CUDA graphs, rounded up to 64 so
+            # that few distinct shapes are captured; without, exact (on CPU, decode attention reads every key up to
+            # the limit, so a rounded-up limit reads keys for nothing).
+            limit = min(self.cache_len, round_up(live_max + self.sync_every, 64 if self.cuda_graphs else 1))
+            plan = self._plan_mixed_steps() if self.prefilling else ()
+            for k in range(self.sync_every):
+                if k < len(plan):
+                    self.state.step_inputs.copy_(plan[k])
+                self.step(limit, mixed=k < len(plan))
+            free = []
+            for s, completion in self._sync():
+                p, j = self.work[s]
+                self.work[s] = None
+                free.append(s)
+                self.tokens_generated += completion["num_tokens"]
+                pending.setdefault(p, {})[j] = completion
+                if len(pending[p]) == self.n:
+                    done = pending.pop(p)
+                    yield p, [done[k] for k in range(self.n)]
+            free.sort()
