@@ -4,8 +4,8 @@
 # Llama-3.2-1B and -3B shapes, DPO step MFU, attention fwd/bwd, 8B batch sampling 512 x (128 -> 256) with batch-1
 # decode and its MBU, the 256 x 8 GSM8K-like EOS workload). Each step has its own time limit, so one slow step cannot
 # eat the others' time; every log and a summary land in $OUT (default gpu_out/). The default steps' limits add up to
-# 9 1/3 minutes, so the whole run fits one 10-minute device call (the steps usually end well before their limits);
-# to fit, the training benchmarks time w2s alone, the kernel benchmark runs attention only without torch.compile
+# 9 1/3 minutes (plus 2 s of kill grace each), so the whole run fits one 10-minute device call (the steps usually
+# end well before their limits); to fit, the training benchmarks time w2s alone, the kernel benchmark runs attention only without torch.compile
 # baselines, and the sampling benchmarks time one run after their warm-up. Output is unbuffered, so a step stopped
 # at its limit still leaves what it printed.
 #
@@ -50,7 +50,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $out/NAM
   local name=$1 limit=$2
   shift 2
   local start=$SECONDS
-  timeout -k 10 "$limit" "$@" > "$out/$name.txt" 2>&1
+  timeout -k 2 "$limit" "$@" > "$out/$name.txt" 2>&1
   local rc=$?
   { echo; echo "## $name (rc $rc, $((SECONDS - start)) s): $*"; tail -n 12 "$out/$name.txt"; } >> "$summary"
 }

@@ -443,7 +443,7 @@ def test_round_two_starts_from_round_one_and_its_reference_is_round_one(beyond_r
     from w2s.tokenizer import load_tokenizer
 
     run_dir = beyond_run["run_dir"]
-    assert all(v == "ran" for v in beyond_run["status"].values())
+    assert beyond_run["status"] and all(v == "ran" for v in beyond_run["status"].values())
     for name in ("02_weak_samples", "08_r2_labels_weak", "37_round2_samples_dpo", "38_round2_pairs_dpo",
                  "39_round2_dpo", "40_eval_stage2_dpo_round2"):
         assert name in beyond_run["status"]
@@ -484,6 +484,7 @@ def test_no_rounds_pairs_read_train_2_gold(beyond_run):
         out.mkdir()
         meta = runners.run_pairs(ctx, out, samples, weak_samples="02_weak_samples", relabel="08_r2_labels_weak")
         assert (out / "pairs.jsonl").read_text() == (run_dir / stage / "pairs.jsonl").read_text()
-        assert meta["counts"]["n_weak_dropped"] >= 0 and meta["pair_precision"] is not None or not meta["n_pairs"]
+        assert "n_weak_dropped" in meta["counts"]  # the weak filter's count reached the pairs' meta
+        assert meta["pair_precision"] is not None or not meta["n_pairs"]
     filt = json.loads((run_dir / "04_r1_filter" / "meta.json").read_text())
     assert filt["n_kept"] <= filt["n_consistent_before_weak_filter"] and "n_weak_confident" in filt
