@@ -6,8 +6,8 @@
 # eat the others' time; every log and a summary land in $OUT (default gpu_out/). The default steps' limits add up to
 # 9 1/3 minutes (plus 2 s of kill grace each), so the whole run fits one 10-minute device call (the steps usually
 # end well before their limits); to fit, the training benchmarks time w2s alone, the kernel benchmark runs
-# attention only without torch.compile baselines, and the sampling benchmarks time one run after their warm-up. Output is unbuffered, so a step stopped
-# at its limit still leaves what it printed.
+# attention only without torch.compile baselines, and the sampling benchmarks time one run after their warm-up.
+# Output is unbuffered, so a step stopped at its limit still leaves what it printed.
 #
 #     OUT=gpu_out bash scripts/gpu_check.sh        # <= 9.5 minutes on one H100/H200; then copy the numbers into
 #                                                  # BENCHMARKS.md (each with the device, date and commit)
