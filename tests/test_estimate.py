@@ -95,3 +95,18 @@ def test_training_cost(recipe):
     flops = 24 * (33 * profile.flops_per_token(TINY, seq_len=33) - 13 * 6 * 100 * 8) + \
         24 * 33 * profile.flops_per_token(TINY, seq_len=33, training=False)  # + the forward recomputed in backward
     assert cost.seconds == pytest.approx(flops / (estimate.TRAIN_MFU * 989e12))
+
+
+
+def test_lora_rank_of_each_trained_model_comes_from_its_own_section(recipe, tmp_path):
+    """The rank a stage's model was trained with: [weak_sft] for the weak model, [preference] for every Stage II
+    pairs model (round 2 on too), [grpo] for GRPO's, [strong_sft] for Stage I's (here full fine-tuning: None)."""
+    from w2s.estimate import _lora_rank
+
+    sections = "".join(f"[{section}]\nlora_rank = {rank}\n" for section, rank in
+                       (("weak_sft", 2), ("preference", 8), ("grpo", 16)))
+    (tmp_path / "r.toml").write_text((tmp_path / "r.toml").read_text() + sections)  # the fixture's recipe + these
+    recipe = load_recipe(tmp_path / "r.toml")
+    expected = {"strong": None, "01_weak_sft": 2, "07_r1_sft_hybrid": None, "13_r2_sft_hybrid": None, "16_dpo": 8,
+                "17_orpo": 8, "39_round2_dpo": 8, "39_round3_orpo": 8, "16_grpo": 16}
+    assert {model: _lora_rank(recipe, model) for model in expected} == expected

@@ -119,8 +119,9 @@ def _lora_rank(recipe, model):
     checkpoint or full fine-tuning."""
     if model in (None, "weak", "strong"):
         return None
-    section = "weak_sft" if model == "01_weak_sft" else \
-        "preference" if model.split("_", 1)[1] in PREFERENCE_LOSSES else "strong_sft"
+    kind = model.rsplit("_", 1)[1]  # "16_dpo", "39_round2_dpo" -> "dpo"; "16_grpo" -> "grpo"; "07_r1_sft_hybrid"
+    section = "weak_sft" if model == "01_weak_sft" else "grpo" if kind == "grpo" else \
+        "preference" if kind in PREFERENCE_LOSSES else "strong_sft"
     return train_config(recipe, section, progress=False).lora_rank
 
 
