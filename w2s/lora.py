@@ -195,10 +195,6 @@ def adapter_from_state(state, rank, alpha, base, dropout=0.0):
     return Adapter(rank=rank, alpha=alpha, base=base, tensors=tensors, dropout=dropout, targets=targets)
 
 
-def is_adapter_dir(path):
-    return (Path(path) / ADAPTER_CONFIG).is_file()
-
-
 def save_adapter(path, adapter: Adapter, tokenizer=None):
     """Write `adapter` in PEFT's layout to `path` (weights first, adapter_config.json last, each atomically: a
     directory with an adapter_config.json is complete). A full model left there by an earlier export is removed, so
