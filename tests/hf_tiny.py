@@ -48,6 +48,20 @@ def save_hf(family, path, seed=0, max_shard_size=None):
     return model
 
 
+def save_llama_with_biases(path):
+    """A tiny Llama with q/k/v/o and MLP biases (Qwen-style attention_bias / mlp_bias), perturbed so that every bias
+    is nonzero: fusing and tensor-parallel slicing must carry them (row-split biases added once, not tp times)."""
+    import transformers
+
+    torch.manual_seed(1)
+    model = transformers.AutoModelForCausalLM.from_config(
+        transformers.LlamaConfig(**COMMON, attention_bias=True, mlp_bias=True), dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(path)
+
+
 def right_padded_batch(lengths, seed=0, pad_id=0):
     """(tokens (B, T), attention_mask (B, T)) with random ids (never the pad id) right-padded to max(lengths)."""
     g = torch.Generator().manual_seed(seed)

@@ -18,7 +18,7 @@ import torch
 if not torch.cuda.is_available():  # the Triton-path test below runs the kernels in the interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from hf_tiny import COMMON, FAMILIES, VOCAB, right_padded_batch, save_hf  # noqa: E402
+from hf_tiny import FAMILIES, VOCAB, right_padded_batch, save_hf, save_llama_with_biases  # noqa: E402
 
 import w2s  # noqa: E402
 from w2s.fused import fuse_projections, is_fused, project, unfuse_projections  # noqa: E402
@@ -31,20 +31,12 @@ TIGHT = dict(atol=1e-5, rtol=1e-5)  # fp32: the same dot products, blocked diffe
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     """name -> checkpoint dir: every family, and a Llama with q/k/v/o and MLP biases."""
-    import transformers
-
     base = tmp_path_factory.mktemp("fused")
     out = {}
     for family in FAMILIES:
         save_hf(family, base / family)
         out[family] = base / family
-    cfg = transformers.LlamaConfig(**COMMON, attention_bias=True, mlp_bias=True)
-    torch.manual_seed(1)
-    hf = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    hf.save_pretrained(base / "llama_bias")
+    save_llama_with_biases(base / "llama_bias")
     out["llama_bias"] = base / "llama_bias"
     return out
 

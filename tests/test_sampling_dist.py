@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_tiny import COMMON, FAMILIES, VOCAB, save_hf
+from hf_tiny import FAMILIES, VOCAB, save_hf, save_llama_with_biases
 
 import w2s
 from w2s.sampling import generate
@@ -38,20 +38,6 @@ SAMPLED = dict(n=2, temperature=1.0, top_p=0.9, seed=5, max_new_tokens=8, max_ba
 # while decode runs, so the chunked run has mixed steps
 CHUNKED = dict(n=2, temperature=1.0, seed=5, max_new_tokens=8, max_batch=3, cache_len=14, sync_every=2,
                prefill_chunk=3)
-
-
-def save_llama_with_biases(path):
-    """Llama with q/k/v/o and MLP biases (Qwen-style attention_bias / mlp_bias): the column-split biases are sliced,
-    the row-split (o_proj, down_proj) biases must be added once, not tp times."""
-    import transformers
-
-    cfg = transformers.LlamaConfig(**COMMON, attention_bias=True, mlp_bias=True)
-    torch.manual_seed(1)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(path)
 
 
 def save_lora_adapter(base, path):
