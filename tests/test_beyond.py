@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_pipeline import world  # noqa: E402, F401  (the tiny world: data and two habit models)
+from test_recipe import BASE, _load  # noqa: E402
 
 from w2s import losses  # noqa: E402
 from w2s.stages.consistency import self_consistent  # noqa: E402
@@ -265,27 +266,8 @@ def test_most_vs_least_voted_pairs_for_the_questions_the_paper_skips():
 
 # ---------------------------------------------------------------------------------------------------- recipe options
 
-BASE = """
-[data]
-train = "train.jsonl"
-test = "test.jsonl"
-[models]
-weak = "weak"
-strong = "strong"
-"""
-
-
 def _recipe(tmp_path, extra=""):
-    from w2s.recipe import load_recipe
-
-    for name in ("train.jsonl", "test.jsonl"):
-        (tmp_path / name).write_text("{}\n") if not (tmp_path / name).exists() else None
-    for name in ("weak", "strong"):
-        (tmp_path / name).mkdir(exist_ok=True)
-        if not (tmp_path / name / "config.json").exists():
-            (tmp_path / name / "config.json").write_text("{}")
-    (tmp_path / "r.toml").write_text(BASE + extra)
-    return load_recipe(tmp_path / "r.toml")
+    return _load(tmp_path, BASE + extra)  # test_recipe's minimal recipe and its stub files, plus `extra`
 
 
 def _keys(tmp_path, extra=""):
