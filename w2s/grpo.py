@@ -77,7 +77,7 @@ from w2s.export import export_trained
 from w2s.files import stable_hash
 from w2s.lora import LoRALinear
 from w2s.parallel import Dist, init_distributed
-from w2s.sampling import iter_generate
+from w2s.sampling import encode_prompts, iter_generate
 from w2s.stages.metrics import answers_agree, comparator
 from w2s.stages.preference_pairs import majority_vote
 from w2s.train import Task, TrainModule, _pad_id, _run
@@ -156,9 +156,7 @@ class GRPOTask:
         if gcfg.reward == "vote_or_weak" and (missing := [i for i in self.ids if i not in self.weak]):
             raise ValueError(f"reward 'vote_or_weak' needs the weak answer of every question; {len(missing)} have "
                              f"none (first: {missing[0]!r})")
-        texts = [q["prompt"] for q in questions]
-        encode = getattr(tokenizer, "encode_batch", None)  # as the sampler encodes string prompts
-        self.prompt_ids = [list(p) for p in (encode(texts) if encode else map(tokenizer.encode, texts))]
+        self.prompt_ids = encode_prompts(tokenizer, [q["prompt"] for q in questions])  # as the sampler does
         self.stop, self.max_batch, self.d, self.dtype, self.pad_id = tuple(stop), max_batch, d, dtype, pad_id
         G, new = gcfg.group_size, gcfg.max_new_tokens
         # Until a question is sampled its sequences are only bounded: the loop groups rows by these lengths.

@@ -55,7 +55,7 @@ def _eos_ids(model, tokenizer):
     return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
 
 
-def _encode(tokenizer, prompts):
+def encode_prompts(tokenizer, prompts):
     """Token-id lists of the prompts (strings need a tokenizer; id lists pass through)."""
     strings = [i for i, p in enumerate(prompts) if isinstance(p, str)]
     if strings and tokenizer is None:
@@ -124,7 +124,7 @@ def make_engine(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, top_
     """The Engine that `iter_generate` runs (None without prompts); arguments as `generate`. Callers that want the
     engine's counters (decode_steps, tokens_generated) drive `engine.run()` themselves."""
     stop = _check_options(tokenizer, n, temperature, top_p, top_k, max_new_tokens, stop, prefill_chunk)
-    ids = _encode(tokenizer, prompts)
+    ids = encode_prompts(tokenizer, prompts)
     if not ids:
         return None
     cache_len = _cache_len_for(ids, max_new_tokens, cache_len)
@@ -167,7 +167,7 @@ def generate_shard(model, tokenizer, prompts, todo=None, names=None, progress=Tr
     same shapes. names[i] is how an error calls prompt i. The progress bar (rank 0) counts the prompts outside
     `todo` as done."""
     options["stop"] = _check_options(tokenizer, **options)
-    ids = _encode(tokenizer, prompts)
+    ids = encode_prompts(tokenizer, prompts)
     keep = options.get("keep_state")
     keep = _use_cuda_graphs(model, options.get("cuda_graphs")) if keep is None else keep
     # a kept decode state serves the next call when its cache length is the same: quantize the default
