@@ -146,6 +146,26 @@ def test_report_says_what_it_wrote_and_rolls_cost_up_by_kind(tmp_path):
     assert written == [run / "report.md"] and (run / "report.md").read_text() == text
 
 
+def test_stage2_rounds_are_in_the_table_and_the_figure_in_the_same_order(tmp_path):
+    """[stage2] rounds: round r of each loss after the paper's Stage II rows, by loss then round (round 10 after 2),
+    in report.md and in the figure's Stage II group alike."""
+    run = write_run(tmp_path / "demo")
+    for method, acc in (("stage2_orpo_round2", 0.7), ("stage2_dpo_round10", 0.9), ("stage2_dpo_round2", 0.86)):
+        (run / f"40_eval_{method}").mkdir()
+        (run / f"40_eval_{method}" / "meta.json").write_text(json.dumps({"accuracy": acc, "kind": "eval"}))
+    text, _ = write_report(run, plot=False)
+    table = [line.split("|")[1].strip() for line in text.split("\n## ")[1].splitlines() if line.startswith("| ")]
+    assert table[table.index("Stage II: ORPO"):] == ["Stage II: ORPO", "Stage II round 2: DPO",
+                                                      "Stage II round 10: DPO", "Stage II round 2: ORPO",
+                                                      "strong ceiling (gold train_2)"]
+    pytest.importorskip("matplotlib")
+    fig = figure_of([run])
+    check_layout(fig)
+    ticks = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert ticks[ticks.index("Stage II"):] == ["Stage II", "DPO (M_pro)", "ORPO", "DPO round 2", "DPO round 10",
+                                               "ORPO round 2"]
+
+
 def _has_matplotlib():
     import importlib.util
 

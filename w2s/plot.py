@@ -30,6 +30,14 @@ GROUPS = [
 FLOOR_COLOUR, CEILING_COLOUR, BEFORE_COLOUR = "#dd8452", "#8172b3", "#d0d0d0"
 
 
+def stage2_rounds(methods):
+    """[(method, loss, round)] of the Stage II rounds >= 2 among these method names ([stage2] rounds evaluates them as
+    stage2_<loss>_round<r>), by loss then round: the table (w2s/report.py) and the figure show them in this order."""
+    rounds = [(m, m.split("_")[1], int(m.rsplit("round", 1)[1])) for m in set(methods)
+              if m.startswith("stage2_") and "_round" in m]
+    return sorted(rounds, key=lambda r: (r[1], r[2]))
+
+
 def spread(values):
     """(mean, sample standard deviation or 0, the values) of the values present (None where none is)."""
     values = [v for v in values if v is not None]
@@ -43,8 +51,9 @@ def accuracy_rows(accuracies):
     round's hybrid-ft is M_plus, the model Stage II starts from."""
     hybrids = [m for _, _, methods in GROUPS for m, _ in methods
                if m.endswith("_hybrid") and any(m in acc for acc in accuracies)]
+    rounds = [(m, f"{loss.upper()} round {r}") for m, loss, r in stage2_rounds(m for acc in accuracies for m in acc)]
     rows = []
-    for group, colour, methods in GROUPS:
+    for group, colour, methods in GROUPS[:-1] + [(*GROUPS[-1][:2], GROUPS[-1][2] + rounds)]:
         for method, label in methods:
             s = spread([100 * acc[method] if method in acc else None for acc in accuracies])
             if s is not None:

@@ -19,6 +19,8 @@ its selected data has no precision column.
 import json
 from pathlib import Path
 
+from w2s.plot import plot_report, stage2_rounds
+
 # Display order and labels of the methods (the eval stages are named NN_eval_<method>).
 METHODS = [
     ("weak_floor", "weak floor (weak model)"),
@@ -44,11 +46,9 @@ def method_labels(acc):
     hybrids = [m for m, _ in METHODS if m.startswith("stage1_") and m.endswith("_hybrid") and m in acc]
     m_plus = hybrids[-1] if hybrids else None
     labels = [(m, label + (" (M_plus)" if m == m_plus else "")) for m, label in METHODS if m in acc]
-    # Stage II rounds >= 2 ([stage2] rounds): stage2_<loss>_round<r>, after the paper's rows, before the ceiling
-    rounds = sorted((m for m in acc if m.startswith("stage2_") and "_round" in m),
-                    key=lambda m: (m.split("_")[1], int(m.rsplit("round", 1)[1])))
+    # Stage II rounds >= 2 after the paper's rows, before the ceiling
     at = next((i for i, (m, _) in enumerate(labels) if m == "ceiling"), len(labels))
-    extra = [(m, f"Stage II round {m.rsplit('round', 1)[1]}: {m.split('_')[1].upper()}") for m in rounds]
+    extra = [(m, f"Stage II round {r}: {loss.upper()}") for m, loss, r in stage2_rounds(acc)]
     return labels[:at] + extra + labels[at:]
 
 
@@ -266,8 +266,6 @@ def write_report(run_dir, plot=True):
     (run_dir / "report.md").write_text(text)
     written = [run_dir / "report.md"]
     if plot and labels:
-        from w2s.plot import plot_report
-
         written += [p for p in [plot_report(run_dir / "report.png", [acc], [metas], run_dir.name)] if p]
     return text, written
 
