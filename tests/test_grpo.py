@@ -250,6 +250,29 @@ def test_several_updates_per_rollout_batch():
     assert recs[0]["clip_ratio"] == 0.0 and recs[1]["clip_ratio"] > 0.0
 
 
+def test_a_resumed_run_counts_the_tokens_it_sampled_before_its_checkpoint(tmp_path, monkeypatch):
+    """Killed right after its step-2 checkpoint and resumed, a GRPO run's stats count the tokens of every step: the
+    sampled lengths before the checkpoint (not max_new_tokens per response) plus the resumed steps', as the per-step
+    records of metrics.jsonl (log_every = 1) sum them."""
+    import w2s.train as train
+
+    cfg = TrainConfig(lr=2e-2, batch_size=4, micro_batch_size=2, max_steps=4, ckpt_every=2, log_every=1, seed=3,
+                      progress=False)
+    gcfg = GRPOConfig(group_size=4, max_new_tokens=6)
+    real_save = train.save_training_state
+    with monkeypatch.context() as mp:
+        mp.setattr(train, "save_training_state", lambda *a, **k: real_save(*a, **k) or (_ for _ in ()).throw(
+            KeyboardInterrupt("killed after a checkpoint")))
+        with pytest.raises(KeyboardInterrupt):
+            _run(cfg, gcfg, tmp_path)
+    (_, stats), _ = _run(cfg, gcfg, tmp_path, return_stats=True)
+    steps = _metrics(tmp_path)
+    assert [r["step"] for r in steps] == [1, 2, 3, 4] and (stats["resumed_from_step"], stats["steps"]) == (2, 4)
+    assert any(r["completion_len"] < gcfg.max_new_tokens for r in steps[:2])  # an over-count would show
+    assert stats["tokens"] == sum(r["tokens"] for r in steps) and stats["run_tokens"] == steps[2]["tokens"] + \
+        steps[3]["tokens"]
+
+
 # ---------------------------------------------------------------------------------------------- FSDP2
 
 

@@ -367,8 +367,8 @@ class Trainer:
         self.run_key = stable_hash([task.data_key, _trajectory_config(cfg), d.world_size], length=64)
         self.ckpt_root = self.out_dir / "ckpt" if self.out_dir is not None else None
         self.metrics_file = self.out_dir / "metrics.jsonl" if self.out_dir is not None else None
-        self.start = self._resume()
         self._epoch = (None, None)  # (epoch, its global batches)
+        self.start = self._resume()
 
     # -- setup -------------------------------------------------------------------------------------------------
     def _build_module(self, model):
@@ -427,16 +427,23 @@ class Trainer:
     def _resume(self):
         """The first step to run: the newest checkpoint's in out_dir/ckpt (its state loaded) or 0. Trims
         metrics.jsonl to the steps before it."""
-        start = 0
+        start, self.tokens_before = 0, 0
         if self.ckpt_root is not None and self.cfg.resume and (latest := latest_checkpoint(self.ckpt_root)) is not None:
             saved = json.loads((latest / "train_state.json").read_text())
             if saved.get("run_key") != self.run_key:
                 raise ValueError(f"{latest}: checkpoint is from a different run (data, config or world size "
                                  f"changed); use a fresh --out directory or resume=False")
             start = load_training_state(latest, self.module, self.optimizer, self.d)["step"]
+            # GRPO's sequences before the checkpoint were sampled, so only the checkpoint knows their tokens; a
+            # checkpoint written without the count is recounted from the data
+            self.tokens_before = saved["tokens"] if "tokens" in saved else self._input_tokens(range(start))
         if self.metrics_file is not None and self.d.is_main:
             _trim_metrics(self.metrics_file, start)
         return start
+
+    def _input_tokens(self, steps):
+        """Model-input tokens of these steps' global batches (the last token of a sequence is no input)."""
+        return sum(n - 1 for step in steps for j in self.global_batch(step)[0] for n, _ in self.task.row_seqs[j])
 
     # -- the step loop -----------------------------------------------------------------------------------------
     def global_batch(self, step):
@@ -498,7 +505,7 @@ class Trainer:
                     meter.restart_window()  # the callback's time is not the next window's
                 if self.ckpt_root is not None and cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and not last:
                     save_training_state(self.ckpt_root, step + 1, self.module, self.optimizer, d,
-                                        {"run_key": self.run_key})
+                                        {"run_key": self.run_key, "tokens": self.tokens_before + meter.tokens})
                     meter.restart_window()  # right after a log line: keep the checkpoint's I/O out of tokens/s
         bar.close()
         return self.run_stats(meter, rec)
@@ -541,9 +548,8 @@ class Trainer:
         resumed_from_step (0: not resumed), final_loss (the last logged loss); and this call's own share: run_steps,
         run_tokens, and the meter's tok_s, mfu (None without a known peak: CPU), peak_mem_gib, device and wall_s."""
         cost = meter.cost()
-        before = sum(n - 1 for step in range(self.start) for j in self.global_batch(step)[0]
-                     for n, _ in self.task.row_seqs[j])  # input tokens (the last token is no input), as meter.step
-        return {**cost, "tokens": cost["tokens"] + before, "steps": self.total, "resumed_from_step": self.start,
+        return {**cost, "tokens": cost["tokens"] + self.tokens_before, "steps": self.total,
+                "resumed_from_step": self.start,
                 "run_steps": self.total - self.start, "run_tokens": cost["tokens"],
                 "final_loss": rec["loss"] if rec else None}
 
