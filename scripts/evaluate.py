@@ -102,35 +102,14 @@ def main(argv=None):
         rows = [{"id": r["id"], "samples": [{"response": c["text"]} for c in r["completions"]]} for r in results]
     truncated = sum(c["finish_reason"] == "length" for r in results for c in r["completions"])
     result = {"checkpoint": str(args.checkpoint), "test_file": str(args.test_file), "n_questions": len(rows),
-              "n_truncated": truncated, **evaluation_result(rows, test, args.task, grader=args.grader)}
+              "n_truncated": truncated,
+              **evaluation_result(rows, test, args.task, grader=args.grader, per_question=True)}
+    lines = result.pop("per_question")
     Path(f"{out}.result.json").write_text(json.dumps(result, indent=2) + "\n")
-    write_per_question(Path(f"{out}.per_question.jsonl"), rows, test, args.task, result["grader"])
+    Path(f"{out}.per_question.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     print(json.dumps(result))
     return result
 
-
-def write_per_question(path, rows, test, task, grader_name):
-    """One line per question, in test-file order, under the headline grader: its id and index there, the gold answer
-    as the file has it and as the grader reads it, the prediction (the grader's reading of the response) and whether
-    they agree (greedy), or every sample's prediction and verdict and their count (--samples n)."""
-    from w2s.tasks import get_grader
-
-    grader = get_grader(task, grader_name)
-    by_id = {row["id"]: row for row in rows}
-    lines = []
-    for index, record in enumerate(test):
-        row, gold = by_id[record["id"]], grader.gold(record["answer"])
-        line = {"id": record["id"], "index": index, "gold": record["answer"], "gold_normalized": gold,
-                "grader": grader.name}
-        if "samples" in row:
-            predictions = [grader.answer(s["response"]) for s in row["samples"]]
-            correct = [grader.same(a, gold, record) for a in predictions]
-            line |= {"predictions": predictions, "correct": correct, "n_correct": sum(correct)}
-        else:
-            prediction = grader.answer(row["response"])
-            line |= {"prediction": prediction, "correct": grader.same(prediction, gold, record)}
-        lines.append(json.dumps(line) + "\n")
-    path.write_text("".join(lines))
 
 if __name__ == "__main__":
     try:

@@ -190,8 +190,9 @@ def test_a_run_still_in_progress_gets_a_figure_of_what_is_there(tmp_path):
 # ---------------------------------------------------------------------------------------------- evaluate.py
 
 
-def test_evaluate_writes_each_question_with_its_id_gold_and_correctness(tmp_path):
-    """Completions already in --out (a finished run) are graded, not regenerated: the per-question lines follow."""
+def test_evaluate_writes_each_question_with_its_id_gold_and_correctness(tmp_path, monkeypatch):
+    """Completions already in --out (a finished run) are graded, not regenerated: the per-question lines follow, from
+    the one grading pass that gives the accuracy (the headline grader reads each response once)."""
     import importlib.util
 
     import torch
@@ -200,6 +201,7 @@ def test_evaluate_writes_each_question_with_its_id_gold_and_correctness(tmp_path
     from w2s.checkpoint import save_model
     from w2s.config import ModelConfig
     from w2s.model import Transformer
+    from w2s.tasks.graders import PaperGrader
     from w2s.tokenizer import load_tokenizer
 
     ckpt = tmp_path / "ckpt"
@@ -224,7 +226,12 @@ def test_evaluate_writes_each_question_with_its_id_gold_and_correctness(tmp_path
             {"text": t, "token_ids": [], "num_tokens": 1, "finish_reason": "eos"} for t in ts[:n]]}) + "\n"
             for k, (i, ts) in enumerate(zip(ids, texts))))
         args = [str(ckpt), str(test), "--device", "cpu", "--no-progress", "--out", str(tmp_path / name)]
+        read = []
+        monkeypatch.setattr(PaperGrader, "answer", lambda self, text, real=PaperGrader.answer: read.append(text) or
+                            real(self, text))
         result = evaluate.main(args + (["--samples", "2"] if n == 2 else []))
+        monkeypatch.undo()
+        assert sorted(read) == sorted(t for ts in texts for t in ts[:n])
         lines = [json.loads(x) for x in (tmp_path / f"{name}.per_question.jsonl").read_text().splitlines()]
         assert [(x["id"], x["index"], x["gold"]) for x in lines] == list(zip(ids, range(3), golds))
         assert [x["gold_normalized"] for x in lines] == ["7", "12", "1000"] and lines[0]["grader"] == "paper"

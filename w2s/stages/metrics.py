@@ -220,7 +220,8 @@ def pair_precision(pairs: list[dict], gold, same_answer: SameAnswer = exact_matc
     return accuracy(rows, gold, same_answer, same_for)
 
 
-def evaluation_result(rows: list[dict], test: list[dict], task: str, grader: str | None = None) -> dict:
+def evaluation_result(rows: list[dict], test: list[dict], task: str, grader: str | None = None,
+                      per_question: bool = False) -> dict:
     """The result of one evaluation on the test records {"id", "answer", "level"?}, under every available grader.
 
     rows: {"id", "response"} (one greedy response each) or {"id", "samples": [{"response"}, ...]} (n samples each).
@@ -231,7 +232,9 @@ def evaluation_result(rows: list[dict], test: list[dict], task: str, grader: str
     "equivalence_gave_up" (comparisons past the equivalence grader's sympy bounds, by bound); and,
     as the headline, the same numbers under `grader` ("accuracy", "n_correct", "accuracy_by_level" or "pass@k",
     "maj@k")
-    with "grader" naming it. Used by the pipeline's eval stages and by scripts/evaluate.py.
+    with "grader" naming it. per_question adds "per_question": one line per test record, in test order, under the
+    headline grader (_question_lines), from the same grading pass. Used by the pipeline's eval stages and by
+    scripts/evaluate.py.
     """
     grader = grader or default_grader(task)
     names = tuple(dict.fromkeys((grader, *available_graders(task))))  # the headline grader first
@@ -243,6 +246,8 @@ def evaluation_result(rows: list[dict], test: list[dict], task: str, grader: str
               "equivalence_gave_up": {bound: BOUNDED[bound] - n for bound, n in bounded.items()},
               "grader_disagreements": {f"{a}/{b}": sum(x != y for x, y in zip(flat[a], flat[b]))
                                        for a, b in combinations(names, 2)}}
+    if per_question:
+        result["per_question"] = _question_lines(test, graded[grader], grader, sampled="samples" in rows[0])
     if rows and "samples" in rows[0]:
         n = min(len(v) for v in graded[grader]["verdicts"].values())
         passes = {name: {f"pass@{k}": sum(pass_at_k(len(v), sum(v), k) for v in g["verdicts"].values()) / len(rows)
@@ -274,5 +279,22 @@ def _graded(rows: list[dict], test: list[dict], grader) -> dict:
     else:
         records, maj = [{"id": row["id"], "answer": grader.answer(row["response"])} for row in rows], None
         correct = {r["id"]: [v] for r, v in zip(records, verdicts(records, gold, same_for=same))}
-    return {"records": records, "gold": gold, "same_for": same, "verdicts": correct, "maj": maj,
+    answers = ({qid: [s["answer"] for s in ss] for qid, ss in samples.items()} if "samples" in rows[0]
+               else {r["id"]: [r["answer"]] for r in records})
+    return {"records": records, "answers": answers, "gold": gold, "same_for": same, "verdicts": correct, "maj": maj,
             "no_answer": sum(r["answer"] == "" for r in records)}
+
+
+def _question_lines(test: list[dict], graded: dict, grader: str, sampled: bool) -> list[dict]:
+    """Per test record, in test order: its id and index, the gold answer as the file has it and as the grader reads
+    it, and the prediction (the grader's reading of the response) with its verdict, or every sample's predictions,
+    verdicts and their count."""
+    lines = []
+    for index, record in enumerate(test):
+        qid = record["id"]
+        answers, correct = graded["answers"][qid], graded["verdicts"][qid]
+        line = {"id": qid, "index": index, "gold": record["answer"], "gold_normalized": graded["gold"][qid],
+                "grader": grader}
+        lines.append(line | ({"predictions": answers, "correct": correct, "n_correct": sum(correct)} if sampled
+                             else {"prediction": answers[0], "correct": correct[0]}))
+    return lines
