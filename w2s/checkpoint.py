@@ -242,11 +242,11 @@ def checkpoint_problems(path, tokenizer=True):
     headers = {}
     for file in sorted(set(files.values())):
         try:
-            headers[file] = read_safetensors_header(file)[0]
+            headers[file], data_start = read_safetensors_header(file)
         except ValueError as e:
             problems.append(str(e))
             continue
-        problems += _byte_range_problems(file)
+        problems += _byte_range_problems(file, headers[file], data_start)
     with torch.device("meta"):
         expected = {hf_name(n): list(p.shape) for n, p in Transformer(cfg).state_dict().items()}
     for name, shape in expected.items():
@@ -259,10 +259,9 @@ def checkpoint_problems(path, tokenizer=True):
     return problems
 
 
-def _byte_range_problems(file):
-    """Tensors of one safetensors file whose dtype is unknown, whose byte count does not match their shape, or whose
-    bytes lie past the end of the file (a truncated copy)."""
-    header, data_start = read_safetensors_header(file)
+def _byte_range_problems(file, header, data_start):
+    """Tensors of one safetensors file (its header, where its data starts) whose dtype is unknown, whose byte count
+    does not match their shape, or whose bytes lie past the end of the file (a truncated copy)."""
     size, problems = file.stat().st_size, []
     for name, info in header.items():
         dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
