@@ -228,9 +228,10 @@ def _weak(qid, answer, **extra):
 
 def test_vote_margin_weights_follow_scpo():
     votes = ["3"] * 6 + ["5"] * 3 + [""]
-    assert vote_margin("3", "5", votes, lambda a, b: a == b) == (6, 3, pytest.approx(0.3))
-    assert vote_margin("3", "", votes, lambda a, b: a == b) == (6, 1, pytest.approx(0.5))
-    assert vote_margin("3", "9", votes, lambda a, b: a == b) == (6, 0, pytest.approx(0.6))  # an answer nobody gave
+    classes = [("3", 6), ("5", 3), ("", 1)]  # vote_counts(votes)
+    assert vote_margin("3", "5", classes, lambda a, b: a == b) == (6, 3, pytest.approx(0.3))
+    assert vote_margin("3", "", classes, lambda a, b: a == b) == (6, 1, pytest.approx(0.5))
+    assert vote_margin("3", "9", classes, lambda a, b: a == b) == (6, 0, pytest.approx(0.6))  # an answer nobody gave
     weak = [_weak("chosen", "3"), _weak("rejected", "4")]
     by_id = {"chosen": _samples(votes), "rejected": _samples(["4"] + ["7"] * 9)}
     pairs, counts = build_pairs(weak, by_id, seed=0, pair_weighting="margin")
@@ -261,7 +262,26 @@ def test_most_vs_least_voted_pairs_for_the_questions_the_paper_skips():
     assert "weak" not in got["absent"]["chosen"] + got["absent"]["rejected"]  # never the weak label
     assert got["paper"]["kind"] == "weak_chosen"
     # One answer class only: no least-voted answer to reject.
-    assert self_consistency_pair(_samples(["3"] * 10), "3", 1.0, lambda a, b: a == b, 0.6, random.Random(0)) is None
+    assert self_consistency_pair(_samples(["3"] * 10), [("3", 10)], lambda a, b: a == b, 0.6, random.Random(0)) is None
+
+
+def test_each_question_s_vote_is_counted_once(monkeypatch):
+    """The vote, the margins of a question's pairs and its most- vs least-voted pair share one count of the vote (a
+    count compares answers, which under the equivalence grader is sympy's work): with margins, three pairs per question
+    and ScPO pairs on, one count per question, and the pairs are those of counting again for each."""
+    import w2s.stages.preference_pairs as preference_pairs
+    from w2s.stages.metrics import vote_counts
+
+    weak = [_weak("paper", "3"), _weak("below_flip", "5")]
+    by_id = {"paper": _samples(["3"] * 6 + ["6", "7", "8", ""]), "below_flip": _samples(["3"] * 7 + ["5"] * 2 + ["9"])}
+    options = dict(seed=0, max_pairs_per_question=3, pair_weighting="margin", self_consistency_pairs=True)
+    counted = []
+    monkeypatch.setattr(preference_pairs, "vote_counts", lambda answers, same: counted.append(answers) or
+                        vote_counts(answers, same))
+    pairs, _ = build_pairs(weak, by_id, **options)
+    assert [p["kind"] for p in pairs] == ["weak_chosen"] * 3 + ["self_consistency"] and len(counted) == 2
+    for p in pairs:  # the margins by hand: "paper" 6 votes for 3, 1 for each other answer; "below_flip" 7 vs 1
+        assert (p["chosen_votes"], p["rejected_votes"]) == ((6, 1) if p["id"] == "paper" else (7, 1))
 
 
 # ---------------------------------------------------------------------------------------------------- recipe options

@@ -16,12 +16,13 @@ from w2s.stages.metrics import (
     accuracy_by_level,
     answer_matcher,
     exact_match,
+    majority_vote,
     mean_pass_at_k,
     pair_precision,
     pass_at_k,
     pgr,
 )
-from w2s.stages.preference_pairs import build_pairs, group_samples, majority_vote
+from w2s.stages.preference_pairs import build_pairs, group_samples
 
 
 def labelled(qid, answer, response=None):

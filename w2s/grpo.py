@@ -11,7 +11,7 @@ rank's micro-batches of the step; its loss step calls grpo_loss; setup, AdamW, c
 the log line and the export are the loop's.
 
 Rewards, per question, from the answers a_1..a_G the grader reads from its G responses and their majority answer a+
-(w2s/stages/preference_pairs.majority_vote: the most frequent non-empty answer, ties to the earliest; none when no
+(w2s/stages/metrics.majority_vote: the most frequent non-empty answer, ties to the earliest; none when no
 response has an answer):
     "vote"          r_i = 1 if a_i = a+, else 0 (an empty answer never agrees): the vote is the label, as in TTRL
                     (Zuo et al. 2025), with no confidence threshold.
@@ -78,8 +78,7 @@ from w2s.files import stable_hash
 from w2s.lora import LoRALinear
 from w2s.parallel import Dist, init_distributed
 from w2s.sampling import encode_prompts, iter_generate
-from w2s.stages.metrics import answers_agree, comparator
-from w2s.stages.preference_pairs import majority_vote
+from w2s.stages.metrics import answers_agree, comparator, majority_vote
 from w2s.train import Task, TrainModule, _pad_id, _run
 from w2s.train_config import GRPOConfig, TrainConfig
 

@@ -12,6 +12,7 @@ default; `equivalence`; `math-verify`). The functions here take the comparison a
     pass_at_k(n, c, k)                          unbiased pass@k from n samples of which c are correct
     mean_pass_at_k(samples_by_id, gold, k)      pass@k averaged over questions
     vote_counts(answers), majority_vote(answers)  answer classes and their votes; the most voted non-empty answer
+    majority_of(classes)                        majority_vote from classes already counted
     majority_accuracy(samples_by_id, gold)      maj@k: the fraction of questions whose majority answer is correct
     accuracy_by_level(records, gold, levels)    MATH: {level: {"accuracy", "n"}}
     pgr(acc, weak_floor, ceiling)               (acc - floor) / (ceiling - floor); None when ceiling == floor
@@ -157,11 +158,16 @@ def majority_vote(answers: list[str], same_answer: SameAnswer = exact_match) -> 
     """
     if not answers:
         raise ValueError("majority_vote needs at least one answer")
-    classes = [(c, rep, n) for c, (rep, n) in enumerate(vote_counts(answers, same_answer)) if rep != ""]
-    if not classes:
+    return majority_of(vote_counts(answers, same_answer))
+
+
+def majority_of(classes: list[tuple[str, int]]) -> tuple[str, float]:
+    """majority_vote from the answer classes vote_counts already counted (their votes sum to the number of answers)."""
+    named = [(c, rep, n) for c, (rep, n) in enumerate(classes) if rep != ""]
+    if not named:
         return "", 0.0
-    _, best, count = max(classes, key=lambda x: (x[2], -x[0]))  # highest count, then earliest class
-    return best, count / len(answers)
+    _, best, count = max(named, key=lambda x: (x[2], -x[0]))  # highest count, then earliest class
+    return best, count / sum(n for _, n in classes)
 
 
 def majority_accuracy(samples_by_id: dict, gold, same_answer: SameAnswer = exact_match,

@@ -49,7 +49,7 @@ from w2s.stages.metrics import (
     answers_agree,
     comparator,
     exact_match,
-    majority_vote,
+    majority_of,
     vote_counts,
 )
 from w2s.tasks import zero_shot_prompt
@@ -104,17 +104,16 @@ OPTION_COUNT_KEYS = ("skipped_weak_absent", "self_consistency")
 PAIR_WEIGHTING = ("none", "margin")
 
 
-def vote_margin(chosen_answer: str, rejected_answer: str, answers: list[str], same: SameAnswer) -> tuple:
-    """(votes of the chosen answer, votes of the rejected answer, margin = their difference / len(answers)): ScPO's
-    weight of a pair (Prasad et al. 2025). An answer's votes are those of the first class it belongs to
-    (metrics.vote_counts); the empty answer's are the samples without an answer; an answer no sample gave has 0."""
-    classes = vote_counts(answers, same)
-
+def vote_margin(chosen_answer: str, rejected_answer: str, classes: list[tuple[str, int]], same: SameAnswer) -> tuple:
+    """(votes of the chosen answer, votes of the rejected answer, margin = their difference / the number of samples):
+    ScPO's weight of a pair (Prasad et al. 2025). classes: the question's vote (metrics.vote_counts); an answer's
+    votes are those of the first class it belongs to; the empty answer's are the samples without an answer; an answer
+    no sample gave has 0."""
     def votes(answer):
         return next((n for rep, n in classes if answer == rep == "" or answers_agree(rep, answer, same)), 0)
 
     v_chosen, v_rejected = votes(chosen_answer), votes(rejected_answer)
-    return v_chosen, v_rejected, (v_chosen - v_rejected) / len(answers)
+    return v_chosen, v_rejected, (v_chosen - v_rejected) / sum(n for _, n in classes)
 
 
 def _paper_side(record, samples, a_plus, confidence, same, min_confidence, flip_confidence):
@@ -139,14 +138,15 @@ def _paper_side(record, samples, a_plus, confidence, same, min_confidence, flip_
     return None, None, "skipped_below_flip"
 
 
-def self_consistency_pair(samples, a_plus, confidence, same, min_confidence, rng):
+def self_consistency_pair(samples, classes, same, min_confidence, rng):
     """ScPO's pair for one question: a sample of the most-voted answer (a_plus, chosen) against a sample of the
     least-voted answer (rejected; a response without an answer is a class of its own; ties go to the class seen
-    first), each drawn among distinct texts; None when the vote is below min_confidence or has a single class."""
+    first), each drawn among distinct texts; None when the vote is below min_confidence or has a single class.
+    classes: the vote of the samples' answers (metrics.vote_counts)."""
+    a_plus, confidence = majority_of(classes)
     if a_plus == "" or confidence + _EPS < min_confidence:
         return None
-    others = [(n, c, rep) for c, (rep, n) in enumerate(vote_counts([s["answer"] for s in samples], same))
-              if not answers_agree(rep, a_plus, same)]
+    others = [(n, c, rep) for c, (rep, n) in enumerate(classes) if not answers_agree(rep, a_plus, same)]
     if not others:
         return None
     _, _, least = min(others)
@@ -159,14 +159,14 @@ def self_consistency_pair(samples, a_plus, confidence, same, min_confidence, rng
     return (rng.choice(chosen), rng.choice(rejected)) if chosen and rejected else None
 
 
-def _pair_row(qid, record, chosen, rejected, kind, confidence, answers, same, pair_weighting):
+def _pair_row(qid, record, chosen, rejected, kind, confidence, classes, same, pair_weighting):
     row = {"id": qid, "prompt": zero_shot_prompt(record["question"]), "chosen": chosen["response"],
            "rejected": rejected["response"], "kind": kind, "confidence": confidence,
            "chosen_answer": chosen["answer"], "rejected_answer": rejected["answer"],
            "chosen_truncated": bool(chosen.get("truncated", False)),
            "rejected_truncated": bool(rejected.get("truncated", False))}
     if pair_weighting == "margin" or kind == "self_consistency":
-        v_chosen, v_rejected, margin = vote_margin(chosen["answer"], rejected["answer"], answers, same)
+        v_chosen, v_rejected, margin = vote_margin(chosen["answer"], rejected["answer"], classes, same)
         row |= {"chosen_votes": v_chosen, "rejected_votes": v_rejected, "margin": margin}
         if pair_weighting == "margin":
             row["weight"] = margin  # the trainer weights this pair's loss terms by it (w2s/train.py)
@@ -220,8 +220,8 @@ def build_pairs(
         samples = samples_by_id[qid]
         _check_samples(qid, samples)
         same = comparator(same_answer, same_for, qid)
-        answers = [s["answer"] for s in samples]
-        a_plus, confidence = majority_vote(answers, same)
+        classes = vote_counts([s["answer"] for s in samples], same)  # the one count of this question's vote
+        a_plus, confidence = majority_of(classes)
         kind, candidates, skipped = _paper_side(record, samples, a_plus, confidence, same, min_confidence,
                                                 flip_confidence)
         if kind is not None:
@@ -231,15 +231,14 @@ def build_pairs(
         rng = question_rng(seed, qid)
         if skipped is not None:
             counts[skipped] += 1
-            sc = self_consistency_pair(samples, a_plus, confidence, same, min_confidence, rng) \
-                if self_consistency_pairs else None
+            sc = self_consistency_pair(samples, classes, same, min_confidence, rng) if self_consistency_pairs else None
             if sc is None:
                 continue
             kind, drawn = "self_consistency", [sc]
         else:
             others = rng.sample(candidates, min(max_pairs_per_question, len(candidates)))
             drawn = [(record, o) if kind == "weak_chosen" else (o, record) for o in others]
-        pairs += [_pair_row(qid, record, chosen, rejected, kind, confidence, answers, same, pair_weighting)
+        pairs += [_pair_row(qid, record, chosen, rejected, kind, confidence, classes, same, pair_weighting)
                   for chosen, rejected in drawn]
         counts[kind] += len(drawn)
         counts["pairs"] += len(drawn)
