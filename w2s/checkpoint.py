@@ -38,6 +38,7 @@ from w2s.files import write_atomic
 from w2s.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_base_dir, attach_adapter, merge_adapter, read_adapter
 from w2s.model import Transformer
 from w2s.parallel import Dist, barrier, rank
+from w2s.tokenizer import load_tokenizer, tokenizer_file
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -181,14 +182,11 @@ def load_for_training(path, dtype=torch.float32):
     return attach_adapter(model, adapter, load_tensors=device != "meta")
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
-
-
 def tokenizer_dir(path):
     """Where the tokenizer of the checkpoint in `path` lives: `path`, or for an adapter without tokenizer files of its
     own, its base's."""
     path = Path(path)
-    if any((path / f).is_file() for f in TOKENIZER_FILES):
+    if tokenizer_file(path) is not None:
         return path
     adapter = read_adapter(path, tensors=False)
     return tokenizer_dir(adapter_base_dir(path, adapter)) if adapter is not None else path
@@ -207,10 +205,8 @@ def fingerprint(path):
 def check_tokenizer_fits(path, cfg):
     """A tokenizer that can emit ids past the embedding table would index out of range later: refuse it now."""
     path = Path(path)
-    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+    if tokenizer_file(path) is None:
         return
-    from w2s.tokenizer import load_tokenizer
-
     tok = load_tokenizer(path)
     if tok.vocab_size > cfg.vocab_size:
         raise ValueError(f"{path}: tokenizer has {tok.vocab_size} tokens but config.json vocab_size is "
@@ -227,7 +223,7 @@ def checkpoint_problems(path, tokenizer=True):
     except (FileNotFoundError, ValueError) as e:
         return [str(e)]
     problems = []
-    if tokenizer and not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+    if tokenizer and tokenizer_file(path) is None:
         problems.append(f"{path}: no tokenizer.json or tokenizer.model (expected the model's tokenizer beside its "
                         f"config.json)")
     elif tokenizer:

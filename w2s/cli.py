@@ -83,9 +83,10 @@ def inspect(ckpt_dir):
     Example:
       w2s inspect demo/strong
     """
-    from w2s.checkpoint import TOKENIZER_FILES, checkpoint_files, checkpoint_problems, read_safetensors_header
+    from w2s.checkpoint import checkpoint_files, checkpoint_problems, read_safetensors_header
     from w2s.config import ModelConfig
     from w2s.lora import adapter_base_dir, read_adapter
+    from w2s.tokenizer import tokenizer_file
 
     adapter = read_adapter(ckpt_dir)
     if adapter is not None:
@@ -124,7 +125,7 @@ def inspect(ckpt_dir):
         ("memory in bf16 / fp32", f"{_human(2 * n)} / {_human(4 * n)}"),
         ("full fine-tune, AdamW fp32 states", _human(16 * n) + " (bf16 weights+grads, fp32 master+m+v)"),
     ]
-    has_tokenizer = any((Path(ckpt_dir) / f).is_file() for f in TOKENIZER_FILES)
+    has_tokenizer = tokenizer_file(ckpt_dir) is not None
     problems = checkpoint_problems(ckpt_dir, tokenizer=has_tokenizer)
     ok = "loads" + ("" if has_tokenizer else " (no tokenizer: token-id prompts only)")
     rows.append(("check", ok if not problems else f"{len(problems)} problem(s):"))
@@ -320,12 +321,11 @@ def sample(ckpt_dir, input_path, output_path, prompt_key, id_key, n, temperature
 
 def _load_for_sampling(ckpt_dir, records, prompt_key, tp, dtype, device):
     """(model, tokenizer or None) of a checkpoint or adapter directory, tensor-parallel when tp > 1."""
-    from w2s.checkpoint import TOKENIZER_FILES, tokenizer_dir
+    from w2s.checkpoint import tokenizer_dir
+    from w2s.tokenizer import load_tokenizer, tokenizer_file
 
     tokenizer = None
-    if any((tokenizer_dir(ckpt_dir) / f).is_file() for f in TOKENIZER_FILES):
-        from w2s.tokenizer import load_tokenizer
-
+    if tokenizer_file(tokenizer_dir(ckpt_dir)) is not None:
         tokenizer = load_tokenizer(tokenizer_dir(ckpt_dir))
     elif any(isinstance(r[prompt_key], str) for r in records):
         raise ValueError(f"{ckpt_dir}: no tokenizer.json or tokenizer.model, so prompts must be token-id lists")

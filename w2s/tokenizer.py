@@ -432,16 +432,19 @@ def train_bpe(texts, vocab_size, **kwargs):
     return Tokenizer.train_bpe(texts, vocab_size, **kwargs)
 
 
+def tokenizer_file(directory):
+    """The tokenizer file load_tokenizer reads in a directory (tokenizer.json before tokenizer.model), or None."""
+    return next((Path(directory) / name for name in TOKENIZER_FILES if (Path(directory) / name).is_file()), None)
+
+
 def load_tokenizer(path):
     """A `Tokenizer` from a checkpoint directory (tokenizer.json preferred over tokenizer.model) or from one of the
     two files directly. tokenizer_config.json and generation_config.json beside it are read when present."""
     path = Path(path)
     if path.is_dir():
-        directory = path
-        found = [directory / name for name in TOKENIZER_FILES if (directory / name).is_file()]
-        if not found:
+        directory, file = path, tokenizer_file(path)
+        if file is None:
             raise FileNotFoundError(f"{directory}: no tokenizer file; expected one of {', '.join(TOKENIZER_FILES)}")
-        file = found[0]
     elif path.is_file():
         directory, file = path.parent, path
     else:
