@@ -317,12 +317,20 @@ def _check_fits(name, linear, a, b):
 
 
 @torch.no_grad()
+def _merge_layer(model, name, a, b, scale):
+    """Swap one adapted layer's weight for its merged copy. -> (the layer, its original weight)."""
+    linear = model.get_submodule(name)
+    _check_fits(name, linear, a, b)
+    original = linear.weight
+    linear.weight = nn.Parameter(merged_weight(original, a, b, scale), requires_grad=False)
+    return linear, original
+
+
 def merge_adapter(model, adapter: Adapter):
-    """Fold the adapter into the model's weights for good (in place; each merged matrix replaces its original)."""
+    """Fold the adapter into the model's weights for good (in place; each merged matrix replaces its original, which
+    is freed before the next is merged)."""
     for name, (a, b) in adapter.tensors.items():
-        linear = model.get_submodule(name)
-        _check_fits(name, linear, a, b)
-        linear.weight = nn.Parameter(merged_weight(linear.weight, a, b, adapter.scale), requires_grad=False)
+        _merge_layer(model, name, a, b, adapter.scale)
     return model
 
 
@@ -333,14 +341,8 @@ def adapter_applied(model, adapter: Adapter | None):
     is bit-exact afterwards and never reread from disk. Extra memory: one copy of the adapted matrices."""
     originals = []
     try:
-        if adapter is not None:
-            with torch.no_grad():
-                for name, (a, b) in adapter.tensors.items():
-                    linear = model.get_submodule(name)
-                    _check_fits(name, linear, a, b)
-                    originals.append((linear, linear.weight))
-                    linear.weight = nn.Parameter(merged_weight(linear.weight, a, b, adapter.scale),
-                                                 requires_grad=False)
+        for name, (a, b) in adapter.tensors.items() if adapter is not None else ():
+            originals.append(_merge_layer(model, name, a, b, adapter.scale))
         yield model
     finally:
         for linear, weight in originals:
