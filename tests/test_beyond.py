@@ -111,26 +111,32 @@ PC, PR, RC, RR = [-12.0, -30.5, -7.25], [-15.0, -28.0, -9.0], [-13.5, -29.0, -8.
 TOKENS = [4, 10, 3]
 
 
+@pytest.mark.parametrize("kind", ["dpo", "ipo"])
 @pytest.mark.parametrize("beta, alpha, w", [(0.1, 0.0, [0.3, 1.0, 0.6]), (0.5, 1.0, [1, 1, 1]),
                                             (0.2, 0.7, [0.9, 0.1, 0.5])])
-def test_weighted_dpo_and_dpo_plus_nll_by_hand(beta, alpha, w):
-    """L = sum_i w_i * [ -log sigmoid(beta * h_i) + alpha * (-pc_i / |y_w,i|) ] / P with its gradient, split over
-    micro-batches too."""
+def test_weighted_dpo_ipo_and_their_nll_term_by_hand(kind, beta, alpha, w):
+    """L = sum_i w_i * [ l_i + alpha * (-pc_i / |y_w,i|) ] / P with its gradient, split over micro-batches too;
+    l_i = -log sigmoid(beta * h_i) (DPO) or (h_i - 1 / (2 beta))^2 (IPO)."""
     pc, pr = _t(PC), _t(PR)
-    per_pair, _, _ = losses.dpo_nll_losses(pc, pr, torch.tensor(RC, dtype=torch.float64),
-                                           torch.tensor(RR, dtype=torch.float64), torch.tensor(TOKENS), beta, alpha)
+    per_pair, _, _, nll = losses.reference_pair_losses(kind, pc, pr, torch.tensor(RC, dtype=torch.float64),
+                                                       torch.tensor(RR, dtype=torch.float64), torch.tensor(TOKENS),
+                                                       beta, alpha)
     loss = losses.weighted_pair_mean(per_pair, 3, torch.tensor(w, dtype=torch.float64))
     expected, g_c, g_r = 0.0, [], []
     for i in range(3):
         h = (PC[i] - RC[i]) - (PR[i] - RR[i])
-        expected += w[i] * (_softplus_neg(beta * h) + alpha * -PC[i] / TOKENS[i]) / 3
-        g_c.append(w[i] * (-beta * _sigmoid(-beta * h) - alpha / TOKENS[i]) / 3)
-        g_r.append(w[i] * beta * _sigmoid(-beta * h) / 3)
+        # the pair term and its derivative in h (d h / d pc = 1, d h / d pr = -1)
+        pair, d_h = ((_softplus_neg(beta * h), -beta * _sigmoid(-beta * h)) if kind == "dpo" else
+                     ((h - 1 / (2 * beta)) ** 2, 2 * (h - 1 / (2 * beta))))
+        expected += w[i] * (pair + alpha * -PC[i] / TOKENS[i]) / 3
+        g_c.append(w[i] * (d_h - alpha / TOKENS[i]) / 3)
+        g_r.append(w[i] * -d_h / 3)
     assert loss.item() == pytest.approx(expected, rel=1e-12)
+    assert nll is None if alpha == 0 else nll.tolist() == pytest.approx([-c / n for c, n in zip(PC, TOKENS)])
     loss.backward()
     assert pc.grad.tolist() == pytest.approx(g_c, rel=1e-10) and pr.grad.tolist() == pytest.approx(g_r, rel=1e-10)
-    parts = [losses.weighted_pair_mean(losses.dpo_nll_losses(
-        _t(PC[i:i + 1]), _t(PR[i:i + 1]), torch.tensor(RC[i:i + 1], dtype=torch.float64),
+    parts = [losses.weighted_pair_mean(losses.reference_pair_losses(
+        kind, _t(PC[i:i + 1]), _t(PR[i:i + 1]), torch.tensor(RC[i:i + 1], dtype=torch.float64),
         torch.tensor(RR[i:i + 1], dtype=torch.float64), torch.tensor(TOKENS[i:i + 1]), beta, alpha)[0], 3,
         torch.tensor(w[i:i + 1], dtype=torch.float64)) for i in range(3)]
     assert sum(p.item() for p in parts) == pytest.approx(expected, rel=1e-12)

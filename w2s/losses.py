@@ -20,7 +20,7 @@ optimizer step, w_i = pair i's weight (1 unless the pairs carry one).
           l_i = -log sigmoid( beta * [ (log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x)) ] )
     IPO   Azar et al. 2023, eq. 17:
           l_i = ( [ (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l)) ] - 1 / (2 beta) )^2
-    DPO + NLL (Pang et al. 2024, Iterative RPO; the "alpha" of RPO):
+    DPO + NLL (Pang et al. 2024, Iterative RPO; the "alpha" of RPO; IPO takes the same term):
           l_i = l_i(DPO) + alpha * ( -log pi(y_w|x) / |y_w| )
     weighted (Prasad et al. 2025, ScPO: w_i = the vote margin of the pair, w2s/stages/preference_pairs.py):
           L = sum_i w_i * l_i / P                               (unweighted: w_i = 1, the plain mean)
@@ -209,14 +209,20 @@ def chosen_nll(chosen_logps, chosen_tokens):
     return -chosen_logps / chosen_tokens
 
 
-def dpo_nll_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_tokens, beta, alpha):
-    """DPO + NLL (Iterative RPO): per-pair DPO loss + alpha * the chosen response's per-token mean NLL.
+def reference_pair_losses(kind, policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_tokens, beta,
+                          alpha=0.0):
+    """DPO or IPO (kind "dpo" / "ipo") per pair, + alpha * the chosen response's per-token mean NLL when alpha > 0
+    (DPO + NLL is Iterative RPO; IPO takes the same term).
 
-    Inputs as dpo_losses, plus chosen_tokens (P,) and alpha >= 0. -> (losses (P,), chosen_rewards, rejected_rewards).
+    Inputs as dpo_losses, plus chosen_tokens (P,) and alpha >= 0. -> (losses (P,), chosen_rewards, rejected_rewards,
+    the chosen NLL (P,) detached, or None when alpha == 0).
     """
-    losses, chosen_rewards, rejected_rewards = dpo_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
-                                                          beta)
-    return losses + alpha * chosen_nll(policy_chosen, chosen_tokens), chosen_rewards, rejected_rewards
+    pair_loss = {"dpo": dpo_losses, "ipo": ipo_losses}[kind]
+    losses, chosen_rewards, rejected_rewards = pair_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+    if not alpha:
+        return losses, chosen_rewards, rejected_rewards, None
+    nll = chosen_nll(policy_chosen, chosen_tokens)
+    return losses + alpha * nll, chosen_rewards, rejected_rewards, nll.detach()
 
 
 def weighted_pair_mean(per_pair, n_pairs, weights=None):

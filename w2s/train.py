@@ -164,14 +164,10 @@ class PreferenceStep:
                                                    weights=weights)
         else:
             ref = batch["ref"]  # (2P,)
-            if self.kind == "dpo":
-                per_pair, rc, rr = losses.dpo_nll_losses(chosen, rejected, ref[:P], ref[P:], n_tokens[:P], self.beta,
-                                                         self.nll_weight)
-            else:
-                per_pair, rc, rr = losses.ipo_losses(chosen, rejected, ref[:P], ref[P:], self.beta)
-                per_pair = per_pair + self.nll_weight * losses.chosen_nll(chosen, n_tokens[:P])
+            per_pair, rc, rr, nll = losses.reference_pair_losses(self.kind, chosen, rejected, ref[:P], ref[P:],
+                                                                 n_tokens[:P], self.beta, self.nll_weight)
             loss = losses.weighted_pair_mean(per_pair, pairs, weights)
-            extra = {"nll": losses.chosen_nll(chosen, n_tokens[:P]).detach().sum() / pairs} if self.nll_weight else {}
+            extra = {"nll": nll.sum() / pairs} if nll is not None else {}
         stats = {"loss": loss.detach(), "rewards/chosen": rc.sum() / pairs, "rewards/rejected": rr.sum() / pairs,
                  "rewards/accuracies": (rc > rr).float().sum() / pairs, "rewards/margins": (rc - rr).sum() / pairs,
                  "logps/chosen": chosen.detach().sum() / pairs, "logps/rejected": rejected.detach().sum() / pairs,
