@@ -567,6 +567,9 @@ def test_dpo_script_trains_and_explains_its_rules(text_ckpt, tmp_path):
     help_text = _script("dpo.py", "--help").stdout
     assert "chosen equals its\nrejected response" in help_text and "--bad-rows error" in help_text
     assert "--loss {dpo,ipo,orpo}" in help_text  # losses.PREFERENCE_LOSSES
+    preference_only = ("--beta ", "--nll-weight ", "--orpo-nll ")  # the options SFT would ignore: sft.py lacks them
+    sft_help = _script("sft.py", "--help").stdout
+    assert all(o in help_text and o not in sft_help for o in preference_only) and "--lora-rank" in sft_help
     pairs = [{"prompt": f"Question: {a} apples and {b} pears?", "chosen": f"Answer: {a + b}",
               "rejected": f"Answer: {a + b + 1}"} for a, b in [(1, 2), (3, 4), (5, 1)]]
     pairs.append({"prompt": "Question: 2 and 2?", "chosen": "Answer: 4", "rejected": " Answer: 4 "})

@@ -94,6 +94,7 @@ from w2s.runners import (
     task_prompt,
 )
 from w2s.tasks import load_records
+from w2s.train_config import PREFERENCE_ONLY
 
 KINDS = {run_data: "data", run_test_set: "data", run_weak_sft: "train", run_labels: "generate", run_filter: "filter",
          run_stage1_sft: "train", run_samples: "generate", run_pairs: "filter", run_preference: "train",
@@ -277,16 +278,17 @@ def ckpt_fingerprint(path):
 # export_merged adds a merged copy beside the adapter).
 RUNTIME_ONLY = ("progress", "log_every", "activation_checkpointing", "cpu_offload", "ckpt_every", "resume", "bad_rows",
                 "export_merged")
-# TrainConfig fields that only the preference losses read: preference_key adds them to the stages they act on (the
-# NLL weight to DPO / IPO when set, ORPO's NLL convention to ORPO), so SFT keys never see them.
-PREFERENCE_ONLY = ("nll_weight", "orpo_nll")
+# The preference-only TrainConfig fields that preference_key adds to the stages they act on (the NLL weight to DPO /
+# IPO when set, ORPO's NLL convention to ORPO), so SFT keys never see them. beta stays in every stage's key, as it
+# always has: dropping it would change the keys of finished runs and rerun them.
+KEYED_PER_LOSS = tuple(f for f in PREFERENCE_ONLY if f != "beta")
 
 
 def train_options(recipe, section):
     """The options of a training stage as hashed into its key: the resolved TrainConfig minus the runtime-only
     fields, so turning on activation checkpointing after an out-of-memory error reruns nothing."""
     cfg = asdict(train_config(recipe, section, progress=False))
-    return {k: v for k, v in cfg.items() if k not in RUNTIME_ONLY + PREFERENCE_ONLY}
+    return {k: v for k, v in cfg.items() if k not in RUNTIME_ONLY + KEYED_PER_LOSS}
 
 
 def data_key(r):

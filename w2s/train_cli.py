@@ -151,9 +151,10 @@ def run(train, args, **kwargs):
 
 def sft_main(argv=None):
     from w2s.train import train_sft
+    from w2s.train_config import PREFERENCE_ONLY
 
-    # beta is the preference losses' (DPO/IPO beta, ORPO lambda): SFT ignores it, so it is not offered
-    args = parser(SFT_HELP, SFT_BAD_ROWS, skip=("beta",)).parse_args(argv)
+    # beta, the NLL term's weight and ORPO's NLL convention are the preference losses': SFT ignores them
+    args = parser(SFT_HELP, SFT_BAD_ROWS, skip=PREFERENCE_ONLY).parse_args(argv)
     run(train_sft, args)
 
 

@@ -104,6 +104,11 @@ class GRPOConfig:
                 raise ValueError(f"GRPOConfig.{name}={getattr(self, name)!r}: expected one of {allowed}")
 
 
+# TrainConfig fields only the preference losses read: scripts/sft.py does not offer them, and the pipeline keys them
+# to the preference stages alone (w2s/pipeline.py).
+PREFERENCE_ONLY = ("beta", "nll_weight", "orpo_nll")
+
+
 # Help text of every TrainConfig field, for the scripts' --help (w2s/train_cli.py: scripts/sft.py, scripts/dpo.py).
 CONFIG_HELP = {
     "lr": "peak learning rate (AdamW)",
