@@ -206,24 +206,31 @@ def sft_example(tokenizer, row):
 
 def encode_sft_rows(tokenizer, rows, max_seq_len, bad_rows="skip", verbose=True):
     """-> (examples, kept row indices, [(location, reason)] of skipped rows)."""
-    bad = BadRows(bad_rows, "sft")
-    examples, kept = [], []
+    return _encode_rows(rows, "sft", SFT_KEYS, lambda row: sft_example(tokenizer, row), lambda ex: [ex], max_seq_len,
+                        bad_rows, verbose)
+
+
+def _encode_rows(rows, kind, keys, encode, sequences, max_seq_len, bad_rows, verbose):
+    """Each row encoded (encode(row) -> an item whose sequences(item) are Examples), or reported as bad with its
+    location: not an object, not encodable, a sequence longer than max_seq_len, or one with no token to predict.
+    -> (items, kept row indices, [(location, reason)] of skipped rows)."""
+    bad = BadRows(bad_rows, kind)
+    items, kept = [], []
     for i, row in enumerate(rows):
-        loc = where(row, i)
         try:
             if not isinstance(row, dict):
-                raise BadRow(f"expected an object with the keys {SFT_KEYS}, got {type(row).__name__}")
-            ex = sft_example(tokenizer, row)
-            _check_length(ex.tokens, max_seq_len)
-            if n_targets(ex) == 0:
+                raise BadRow(f"expected an object with the keys {keys}, got {type(row).__name__}")
+            item = encode(row)
+            _check_length(max((ex.tokens for ex in sequences(item)), key=len), max_seq_len)
+            if any(n_targets(ex) == 0 for ex in sequences(item)):
                 raise BadRow("no response token to predict (an empty prompt's first token has no context)")
         except BadRow as e:
-            bad.add(loc, str(e))
+            bad.add(where(row, i), str(e))
             continue
-        examples.append(ex)
+        items.append(item)
         kept.append(i)
     bad.report(len(rows), verbose)
-    return examples, kept, bad.found
+    return items, kept, bad.found
 
 
 def _check_length(tokens, max_seq_len):
@@ -271,24 +278,8 @@ def pair_example(tokenizer, row):
 
 def encode_pair_rows(tokenizer, rows, max_seq_len, bad_rows="skip", verbose=True):
     """-> (pairs, kept row indices, [(location, reason)] of skipped rows)."""
-    bad = BadRows(bad_rows, "preference")
-    pairs, kept = [], []
-    for i, row in enumerate(rows):
-        loc = where(row, i)
-        try:
-            if not isinstance(row, dict):
-                raise BadRow(f"expected an object with the keys {PAIR_KEYS}, got {type(row).__name__}")
-            pair = pair_example(tokenizer, row)
-            _check_length(max(pair.chosen.tokens, pair.rejected.tokens, key=len), max_seq_len)
-            if n_targets(pair.chosen) == 0 or n_targets(pair.rejected) == 0:
-                raise BadRow("no response token to predict (an empty prompt's first token has no context)")
-        except BadRow as e:
-            bad.add(loc, str(e))
-            continue
-        pairs.append(pair)
-        kept.append(i)
-    bad.report(len(rows), verbose)
-    return pairs, kept, bad.found
+    return _encode_rows(rows, "preference", PAIR_KEYS, lambda row: pair_example(tokenizer, row),
+                        lambda pair: [pair.chosen, pair.rejected], max_seq_len, bad_rows, verbose)
 
 
 # ---------------------------------------------------------------------------------------------- batching
