@@ -115,18 +115,22 @@ def _log2_scores(qk, scale, softcap, HAS_SOFTCAP: tl.constexpr):
 @triton.jit
 def _fwd_key_loop(acc, m_i, l_i, q, pos, K_head, V_head, stride_ks, stride_vs, offs_d, start, end, kv_len,
                   scale, softcap, window, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                  HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
-    """Online softmax over key blocks [start, end): acc (M, D) unnormalized output, m_i row max, l_i row sum."""
+                  HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, KV_TMA: tl.constexpr = False):
+    """Online softmax over key blocks [start, end): acc (M, D) unnormalized output, m_i row max, l_i row sum.
+    K_head / V_head: one kv head's (S, D) rows, as pointers, or as tensor descriptors when KV_TMA."""
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kt_ptrs = K_head + offs_n[None, :] * stride_ks + offs_d[:, None]  # (D, N)
-        v_ptrs = V_head + offs_n[:, None] * stride_vs + offs_d[None, :]  # (N, D)
-        if MASKED:
-            kt = tl.load(kt_ptrs, mask=offs_n[None, :] < kv_len, other=0.0)
-            v = tl.load(v_ptrs, mask=offs_n[:, None] < kv_len, other=0.0)
+        if KV_TMA:  # the descriptors end at kv_len: the copy engine fills rows past it with zeros, no mask needed
+            kt = tl.trans(K_head.load([start_n, 0]))  # (D, N)
+            v = V_head.load([start_n, 0])  # (N, D)
+        elif MASKED:
+            kt = tl.load(K_head + offs_n[None, :] * stride_ks + offs_d[:, None], mask=offs_n[None, :] < kv_len,
+                         other=0.0)  # (D, N)
+            v = tl.load(V_head + offs_n[:, None] * stride_vs + offs_d[None, :], mask=offs_n[:, None] < kv_len,
+                        other=0.0)  # (N, D)
         else:
-            kt = tl.load(kt_ptrs)
-            v = tl.load(v_ptrs)
+            kt = tl.load(K_head + offs_n[None, :] * stride_ks + offs_d[:, None])
+            v = tl.load(V_head + offs_n[:, None] * stride_vs + offs_d[None, :])
         s = _log2_scores(tl.dot(q, kt, input_precision=PRECISION), scale, softcap, HAS_SOFTCAP)  # (M, N)
         if MASKED:
             s = tl.where(_visible(pos[:, None], offs_n[None, :], kv_len, window, HAS_WINDOW), s, float("-inf"))
@@ -148,7 +152,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, POS, KV_LEN,
                      T, S, H, GROUP, scale, softcap, window,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_POS: tl.constexpr,
                      HAS_KV_LEN: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                     PRECISION: tl.constexpr):
+                     PRECISION: tl.constexpr, KV_TMA: tl.constexpr):
     # Causal rows at the end of the sequence have the most keys: launch them first for a better tail.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -166,16 +170,27 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, POS, KV_LEN,
                 mask=row_ok[:, None], other=0.0)  # (M, D)
     K_head = K + b * stride_kb + kv_h * stride_kh
     V_head = V + b * stride_vb + kv_h * stride_vh
+    if KV_TMA:
+        # Hopper's tensor memory accelerator (TMA) copies each (BLOCK_N, D) tile to shared memory asynchronously,
+        # with no address arithmetic in the threads; the descriptors stop at kv_len (at least one row: a descriptor
+        # has no empty dimension, and a row with kv_len 0 loads nothing).
+        rows = tl.maximum(kv_len, 1)
+        K_head = tl.make_tensor_descriptor(K_head, shape=[rows, HEAD_DIM], strides=[stride_ks, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
+        V_head = tl.make_tensor_descriptor(V_head, shape=[rows, HEAD_DIM], strides=[stride_vs, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, pos, K_head, V_head, stride_ks, stride_vs, offs_d, lo, full_lo,
-                                  kv_len, scale, softcap, window, BLOCK_N, True, HAS_WINDOW, HAS_SOFTCAP, PRECISION)
+                                  kv_len, scale, softcap, window, BLOCK_N, True, HAS_WINDOW, HAS_SOFTCAP, PRECISION,
+                                  KV_TMA)
     acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, pos, K_head, V_head, stride_ks, stride_vs, offs_d, full_lo,
                                   full_hi, kv_len, scale, softcap, window, BLOCK_N, False, HAS_WINDOW, HAS_SOFTCAP,
-                                  PRECISION)
+                                  PRECISION, KV_TMA)
     acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, pos, K_head, V_head, stride_ks, stride_vs, offs_d, full_hi, hi,
-                                  kv_len, scale, softcap, window, BLOCK_N, True, HAS_WINDOW, HAS_SOFTCAP, PRECISION)
+                                  kv_len, scale, softcap, window, BLOCK_N, True, HAS_WINDOW, HAS_SOFTCAP, PRECISION,
+                                  KV_TMA)
 
     empty = l_i == 0.0  # no visible key: output 0, and lse = +inf makes every backward probability exp2(-inf) = 0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -390,15 +405,17 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, POS, KV_LEN,
 # Fixed launch configs by head dim (BLOCK_M, BLOCK_N, num_warps, num_stages): large tiles for H100 tensor cores,
 # smaller ones where the (M, D) and (N, D) tiles of D=256 would overflow shared memory. Under TRITON_INTERPRET=1
 # small tiles keep CPU tests fast and still exercise several blocks, ragged edges and every loop segment.
-_GPU_FWD = {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 64, 8, 2)}
+# The forward's fifth entry: load the key and value tiles through TMA descriptors (sm_90+; kernels/sweep.py tries it,
+# off until a GPU measures it faster).
+_GPU_FWD = {64: (128, 64, 4, 3, False), 128: (128, 64, 8, 3, False), 256: (64, 64, 8, 2, False)}
 # fp32 tiles take twice the bytes: the bf16 config at D=128 would all but fill the H100's shared memory
 # (kernels/compile_check.py), so fp32 (parity checks, tiny test models) halves the query tile and the pipeline depth.
-_GPU_FWD_FP32 = {64: (64, 64, 4, 2), 128: (64, 64, 8, 2), 256: (32, 64, 8, 1)}
+_GPU_FWD_FP32 = {64: (64, 64, 4, 2, False), 128: (64, 64, 8, 2, False), 256: (32, 64, 8, 1, False)}
 # Backward (BLOCK_M queries, BLOCK_N keys, warps, stages): D = 64 and 128 chosen by kernels/sweep.py on an H100
 # (BENCHMARKS.md); D = 256 not swept.
 _GPU_BWD_DKDV = {64: (32, 128, 4, 3), 128: (64, 64, 4, 2), 256: (32, 64, 8, 1)}
 _GPU_BWD_DQ = {64: (64, 64, 4, 3), 128: (64, 64, 4, 2), 256: (64, 32, 8, 1)}
-_INTERPRET_FWD, _INTERPRET_BWD_DKDV, _INTERPRET_BWD_DQ = (32, 16, 4, 1), (16, 32, 4, 1), (32, 16, 4, 1)
+_INTERPRET_FWD, _INTERPRET_BWD_DKDV, _INTERPRET_BWD_DQ = (32, 16, 4, 1, False), (16, 32, 4, 1), (32, 16, 4, 1)
 
 
 def _config(table, interpret_config, head_dim):
@@ -441,19 +458,36 @@ def _flags(q_positions, kv_lengths, sliding_window, softcap):
                 HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=softcap is not None)
 
 
+def _tma_ready(*tensors):
+    """Whether TMA descriptors can address these (B, S, K, D) tensors: unit stride along D, 16-byte aligned base and
+    strides; and, on a GPU, the scratch memory in which the kernel writes its descriptors."""
+    if not all(x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and all(st * x.element_size() % 16 == 0
+                                                                    for st in x.stride()[:-1]) for x in tensors):
+        return False
+    if not _interpreting():
+        triton.set_allocator(_descriptor_scratch)
+    return True
+
+
+def _descriptor_scratch(size, alignment, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")  # the current device; the caching allocator's 512-B
+    # blocks satisfy the 128-B alignment descriptors need
+
+
 def _forward(q, k, v, q_positions, kv_lengths, sliding_window, softcap, scale):
     """Launch the flash forward. Returns out (B, T, H, D) in q.dtype and lse (B, H, T) fp32 in base 2."""
     B, T, H, D = q.shape
     S, KH = k.shape[1], k.shape[2]
     out = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
-    block_m, block_n, warps, stages = _config(_GPU_FWD_FP32 if q.dtype == torch.float32 else _GPU_FWD,
-                                              _INTERPRET_FWD, D)
+    block_m, block_n, warps, stages, kv_tma = _config(_GPU_FWD_FP32 if q.dtype == torch.float32 else _GPU_FWD,
+                                                      _INTERPRET_FWD, D)
     _attn_fwd_kernel[_grid(triton.cdiv(T, block_m), B * H)](
         q, k, v, out, lse, q_positions, kv_lengths, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         *out.stride()[:3], *_pos_strides(q_positions), T, S, H, H // KH, scale, softcap or 1.0, sliding_window or 0,
         HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q.dtype),
-        **_flags(q_positions, kv_lengths, sliding_window, softcap), num_warps=warps, num_stages=stages)
+        KV_TMA=kv_tma and _tma_ready(k, v), **_flags(q_positions, kv_lengths, sliding_window, softcap),
+        num_warps=warps, num_stages=stages)
     return out, lse
 
 

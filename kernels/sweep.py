@@ -1,6 +1,7 @@
-"""Launch-config sweep on a GPU: which tile sizes, warps and pipeline depths to put in the fixed tables of
-kernels/attention.py (_GPU_FWD, _GPU_BWD_DKDV, _GPU_BWD_DQ) and kernels/rms_norm.py (BWD_PROGRAMS_PER_SM,
-BWD_NUM_WARPS). Run it on new hardware, copy the fastest rows into the tables, and record the table it printed.
+"""Launch-config sweep on a GPU: which tile sizes, warps, pipeline depths and (forward) key/value loads through TMA
+or pointers to put in the fixed tables of kernels/attention.py (_GPU_FWD, _GPU_BWD_DKDV, _GPU_BWD_DQ) and
+kernels/rms_norm.py (BWD_PROGRAMS_PER_SM, BWD_NUM_WARPS). Run it on new hardware, copy the fastest rows into the
+tables, and record the table it printed.
 
     python -m kernels.sweep                      # needs CUDA; most of its time is Triton compiles
     python -m kernels.sweep --only attention256,forward256
@@ -37,12 +38,14 @@ DQ_CANDIDATES = {
 DKDV_CANDIDATES[256] = [(32, 64, 8, 1), (32, 64, 4, 2), (64, 64, 8, 1), (32, 32, 4, 2), (16, 64, 4, 2),
                         (64, 32, 8, 1)]
 DQ_CANDIDATES[256] = [(64, 32, 8, 1), (64, 32, 4, 2), (64, 64, 8, 1), (32, 32, 4, 2), (32, 64, 4, 2), (128, 32, 8, 1)]
-# Forward (BLOCK_M, BLOCK_N, num_warps, num_stages), bf16; first the table entry. At D = 128 wider key tiles and
-# deeper pipelines (the FA3-class target); at D = 256 the same trade as the backward.
-FWD_CANDIDATES = {
+# Forward (BLOCK_M, BLOCK_N, num_warps, num_stages, key/value tiles through TMA), bf16; first the table entry. At
+# D = 128 wider key tiles and deeper pipelines (the FA3-class target), each with pointer loads and with TMA; at
+# D = 256 the same trade as the backward.
+_FWD_TILES = {
     128: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 128, 4, 3), (128, 32, 8, 4), (128, 64, 8, 4)],
     256: [(64, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 1), (32, 64, 4, 3)],
 }
+FWD_CANDIDATES = {D: [(*tile, tma) for tile in tiles for tma in (False, True)] for D, tiles in _FWD_TILES.items()}
 # (B, T, H, KH) per head dim: kernels/bench.py's attention shape at D = 128, Llama-3.2-1B's training shape at 64,
 # Gemma-2-9B's heads at 256.
 SHAPES = {128: (4, 4096, 16, 16), 64: (8, 2048, 32, 8), 256: (2, 4096, 16, 8)}
@@ -101,7 +104,7 @@ def sweep_forward(head_dim, warmup, repeats):
     forward = lambda: attention._forward(q, k, v, None, None, None, None, scale)[0]  # noqa: E731
     flops = 4 * B * H * T * T * head_dim / 2  # causal (kernels/bench.py)
     print(f"\nattention fwd, causal, B{B} T{T} H{H} KH{KH} D{head_dim}, bf16")
-    print(f"{'(BLOCK_M, BLOCK_N, warps, stages)':<36} {'ms':>8} {'TF/s':>8} {'max rel diff':>13}")
+    print(f"{'(BLOCK_M, BLOCK_N, warps, stages, TMA)':<36} {'ms':>8} {'TF/s':>8} {'max rel diff':>13}")
     table = attention._GPU_FWD
     current = table[head_dim]
     reference = forward()

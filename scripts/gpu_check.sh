@@ -4,7 +4,7 @@
 # Llama-3.2-1B and -3B shapes, DPO step MFU, attention fwd/bwd, 8B batch sampling 512 x (128 -> 256) with batch-1
 # decode and its MBU, the 256 x 8 GSM8K-like EOS workload). Each step has its own time limit, so one slow step cannot
 # eat the others' time; every log and a summary land in $OUT (default gpu_out/). The default steps' limits add up to
-# 9 1/3 minutes (plus 2 s of kill grace each), so the whole run fits one 10-minute device call (the steps usually
+# 9 1/2 minutes (plus 2 s of kill grace each), so the whole run fits one 10-minute device call (the steps usually
 # end well before their limits); to fit, the training benchmarks time w2s alone, the kernel benchmark runs
 # attention only without torch.compile baselines, and the sampling benchmarks time one run after their warm-up.
 # Output is unbuffered, so a step stopped at its limit still leaves what it printed.
@@ -68,11 +68,14 @@ run_step() {  # the checks by name; the default run is ordered: tests first, the
       --kv-heads 8 --hidden 5632 --vocab 128256 --batch 4 --seq 1024 --steps 1 ;;
     test_kernels) step "$1" 100 "$py" -m pytest -q -m gpu tests/test_kernel_attention.py tests/test_kernels.py ;;
     bench_kernels) step "$1" 95 "$py" -m kernels.bench --no-compile --warmup 3 --repeats 10 ;;
-    bench_attention) step "$1" 50 "$py" -m kernels.bench --only attention --no-compile --warmup 3 --repeats 10 ;;
+    # attention fwd (pointer loads and TMA) and bwd at the target shape, with SDPA's flash backend beside it
+    bench_attention) step "$1" 60 "$py" -m kernels.bench --only attention --no-compile --warmup 3 --repeats 10 ;;
     # the whole attention file on CUDA (fp32 + bf16 at the GPU tables): Triton compiles took over 120 s on an H100
     test_attention) step "$1" 300 "$py" -m pytest -q tests/test_kernel_attention.py ;;
     batch1) step "$1" 100 "$py" scripts/bench_sampling.py --prompts 1 --samples 1 ;;  # 8B batch 1, MBU, steady state
     sweep) step "$1" 400 "$py" -m kernels.sweep ;;  # launch configs, fwd D 128/256, bwd D 64/128/256 (alone)
+    # the forward's tiles at D 128 and 256, each with pointer loads and through TMA (24 compiles; alone)
+    sweep_forward) step "$1" 300 "$py" -m kernels.sweep --only forward128,forward256 ;;
     # 8B, 64 prompts x 8 samples = 512 sequences x (128 -> 256), then batch-1 decode with its MBU and steady state
     bench_sampling) step "$1" 80 "$py" scripts/bench_sampling.py --prompts 64 --repeats 1 ;;
     gsm8k) step "$1" 60 "$py" scripts/bench_sampling.py --gsm8k --repeats 1 --no-batch1 ;;  # 256 x 8, EOS lengths
@@ -95,7 +98,7 @@ sys.argv = ['bench_sampling.py'] + sys.argv[1:]; runpy.run_path('scripts/bench_s
     *) echo "gpu_check.sh: unknown step $1" >> "$summary" ;;
   esac
 }
-if [ $# -eq 0 ]; then  # the default run: 120 + 90 + 90 + 70 + 50 + 80 + 60 = 560 s of limits
+if [ $# -eq 0 ]; then  # the default run: 120 + 90 + 90 + 70 + 60 + 80 + 60 = 570 s of limits
   set -- test_gpu train_llama32_1b train_llama32_3b dpo_mfu bench_attention bench_sampling gsm8k
 fi
 for name in "$@"; do run_step "$name"; done

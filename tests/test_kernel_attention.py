@@ -178,6 +178,43 @@ def test_gpu_block_sizes_fp32(monkeypatch, D, options):
     compare(1, 150, 150, 2, 1, D, **{**options, "kv_lengths": lengths(*options["kv_lengths"])})
 
 
+@pytest.mark.parametrize("B, T, S, H, K, D, options", [
+    (2, 33, 33, 4, 2, 32, {}),
+    (2, 7, 7, 2, 2, 16, {"kv_lengths": (7, 4)}),
+    (2, 5, 5, 2, 2, 16, {"kv_lengths": (5, 0)}),
+    (2, 33, 33, 4, 1, 32, {"sliding_window": 5, "softcap": 5.0}),
+    (2, 7, 20, 4, 2, 16, {"q_positions": ((13, 20), (5, 12)), "kv_lengths": (20, 12), "sliding_window": 6}),
+], ids=["gqa", "padding", "empty-row", "mqa-window-softcap", "positions-ragged"])
+def test_forward_with_key_value_tiles_through_tma(monkeypatch, B, T, S, H, K, D, options):
+    """The forward's TMA variant (tensor descriptors that stop at kv_len) gives the reference's output: ragged
+    lengths, a row that sees nothing, windows, soft-caps, explicit positions. Keys and values past kv_len are NaN (a
+    cache's unwritten rows may hold anything): a tile that read them would turn the output into NaN."""
+    monkeypatch.setattr(flash, "_INTERPRET_FWD", flash._INTERPRET_FWD[:4] + (True,))
+    seed, q, k, v = random_qkv(B, T, S, H, K, D, torch.float32)
+    args = dict(options)
+    k_read, v_read = k.clone(), v.clone()
+    if "kv_lengths" in args:
+        args["kv_lengths"] = lengths(*args["kv_lengths"])
+        for b, n in enumerate(options["kv_lengths"]):
+            k_read[b, n:], v_read[b, n:] = float("nan"), float("nan")
+    if "q_positions" in args:
+        args["q_positions"] = torch.stack([torch.arange(*r) for r in args["q_positions"]]).to(DEVICE)
+    with torch.no_grad():
+        out = flash.attention(q, k_read, v_read, **args)
+    check_output(out, q, k, v, seed, **args)
+
+
+def test_tma_is_used_only_where_descriptors_can_address_the_tensors():
+    """TMA needs unit stride along D, a 16-byte aligned base and 16-byte multiples as strides; otherwise the forward
+    loads through pointers."""
+    k = torch.zeros(2, 9, 2, 16)
+    assert flash._tma_ready(k, k)
+    assert flash._tma_ready(k[:, 3:], k)  # a slice of a longer cache: strides and base stay aligned
+    assert not flash._tma_ready(k.transpose(1, 3), k)  # D not the unit-stride axis
+    assert not flash._tma_ready(torch.zeros(k.numel() + 1)[1:].view(k.shape), k)  # base 4 bytes off
+    assert not flash._tma_ready(torch.zeros(2, 9, 1, 3), torch.zeros(2, 9, 1, 3))  # 12-byte rows
+
+
 def test_non_contiguous_inputs():
     seed, q, k, v = random_qkv(2, 19, 19, 4, 2, 32, torch.float32)
     q_view = q.transpose(1, 2).contiguous().transpose(1, 2)  # (B, T, H, D) view of a (B, H, T, D) buffer
@@ -424,6 +461,15 @@ def test_launches_beyond_cuda_limits_are_clear_errors():
 @pytest.mark.gpu
 def test_gpu_bf16_gqa_training_shape():
     compare(2, 1024, 1024, 16, 4, 128, dtype=torch.bfloat16)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128, 256])
+def test_gpu_bf16_forward_through_tma(monkeypatch, D):
+    """The TMA variant kernels/sweep.py times, at every head dim, with GQA, a window and ragged lengths."""
+    monkeypatch.setitem(flash._GPU_FWD, D, flash._GPU_FWD[D][:4] + (True,))
+    compare(2, 1000, 1000, 16, 4, D, dtype=torch.bfloat16, sliding_window=300, kv_lengths=lengths(1000, 613))
 
 
 @gpu
