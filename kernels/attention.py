@@ -22,6 +22,10 @@ reasoning over query blocks.
 
 All scores are kept in base-2 units (multiplied by log2(e)) so the softmax uses exp2, the cheap instruction.
 
+The tiles a loop streams (keys and values in the forward and dq loops, queries and output gradients in the dk/dv
+loop) are loaded through pointers, or, where the launch table's TMA entry says so, through tensor descriptors that
+Hopper's copy engine (TMA) reads from: same tiles, same zeros past the end, no address arithmetic in the threads.
+
     python -m pytest -q tests/test_kernel_attention.py     # CPU, TRITON_INTERPRET=1, vs the reference
 """
 
@@ -100,6 +104,20 @@ def _visible(pos_rows, keys, kv_len, window, HAS_WINDOW: tl.constexpr):
 
 
 @triton.jit
+def _kv_descriptors(K_head, V_head, stride_ks, stride_vs, kv_len, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """TMA descriptors of one kv head's (kv_len, D) keys and values, read in (BLOCK_N, D) tiles: Hopper's tensor
+    memory accelerator copies each tile to shared memory asynchronously, with no address arithmetic or load masks in
+    the threads, and fills rows past kv_len with zeros. At least one row: a descriptor has no empty dimension, and a
+    row with kv_len 0 loads nothing."""
+    rows = tl.maximum(kv_len, 1)
+    k_desc = tl.make_tensor_descriptor(K_head, shape=[rows, HEAD_DIM], strides=[stride_ks, 1],
+                                       block_shape=[BLOCK_N, HEAD_DIM])
+    v_desc = tl.make_tensor_descriptor(V_head, shape=[rows, HEAD_DIM], strides=[stride_vs, 1],
+                                       block_shape=[BLOCK_N, HEAD_DIM])
+    return k_desc, v_desc
+
+
+@triton.jit
 def _log2_scores(qk, scale, softcap, HAS_SOFTCAP: tl.constexpr):
     """Raw q.k (fp32) -> softmax logits in base-2 units, soft-capped like Gemma-2."""
     if HAS_SOFTCAP:
@@ -115,12 +133,12 @@ def _log2_scores(qk, scale, softcap, HAS_SOFTCAP: tl.constexpr):
 @triton.jit
 def _fwd_key_loop(acc, m_i, l_i, q, pos, K_head, V_head, stride_ks, stride_vs, offs_d, start, end, kv_len,
                   scale, softcap, window, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                  HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, KV_TMA: tl.constexpr = False):
+                  HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr = False):
     """Online softmax over key blocks [start, end): acc (M, D) unnormalized output, m_i row max, l_i row sum.
-    K_head / V_head: one kv head's (S, D) rows, as pointers, or as tensor descriptors when KV_TMA."""
+    K_head / V_head: one kv head's (S, D) rows, as pointers, or as tensor descriptors when TMA."""
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        if KV_TMA:  # the descriptors end at kv_len: the copy engine fills rows past it with zeros, no mask needed
+        if TMA:  # the descriptors end at kv_len: the copy engine fills rows past it with zeros, no mask needed
             kt = tl.trans(K_head.load([start_n, 0]))  # (D, N)
             v = V_head.load([start_n, 0])  # (N, D)
         elif MASKED:
@@ -152,7 +170,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, POS, KV_LEN,
                      T, S, H, GROUP, scale, softcap, window,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_POS: tl.constexpr,
                      HAS_KV_LEN: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                     PRECISION: tl.constexpr, KV_TMA: tl.constexpr):
+                     PRECISION: tl.constexpr, TMA: tl.constexpr):
     # Causal rows at the end of the sequence have the most keys: launch them first for a better tail.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -170,27 +188,20 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, POS, KV_LEN,
                 mask=row_ok[:, None], other=0.0)  # (M, D)
     K_head = K + b * stride_kb + kv_h * stride_kh
     V_head = V + b * stride_vb + kv_h * stride_vh
-    if KV_TMA:
-        # Hopper's tensor memory accelerator (TMA) copies each (BLOCK_N, D) tile to shared memory asynchronously,
-        # with no address arithmetic in the threads; the descriptors stop at kv_len (at least one row: a descriptor
-        # has no empty dimension, and a row with kv_len 0 loads nothing).
-        rows = tl.maximum(kv_len, 1)
-        K_head = tl.make_tensor_descriptor(K_head, shape=[rows, HEAD_DIM], strides=[stride_ks, 1],
-                                           block_shape=[BLOCK_N, HEAD_DIM])
-        V_head = tl.make_tensor_descriptor(V_head, shape=[rows, HEAD_DIM], strides=[stride_vs, 1],
-                                           block_shape=[BLOCK_N, HEAD_DIM])
+    if TMA:
+        K_head, V_head = _kv_descriptors(K_head, V_head, stride_ks, stride_vs, kv_len, HEAD_DIM, BLOCK_N)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, pos, K_head, V_head, stride_ks, stride_vs, offs_d, lo, full_lo,
                                   kv_len, scale, softcap, window, BLOCK_N, True, HAS_WINDOW, HAS_SOFTCAP, PRECISION,
-                                  KV_TMA)
+                                  TMA)
     acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, pos, K_head, V_head, stride_ks, stride_vs, offs_d, full_lo,
                                   full_hi, kv_len, scale, softcap, window, BLOCK_N, False, HAS_WINDOW, HAS_SOFTCAP,
-                                  PRECISION, KV_TMA)
+                                  PRECISION, TMA)
     acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, pos, K_head, V_head, stride_ks, stride_vs, offs_d, full_hi, hi,
                                   kv_len, scale, softcap, window, BLOCK_N, True, HAS_WINDOW, HAS_SOFTCAP, PRECISION,
-                                  KV_TMA)
+                                  TMA)
 
     empty = l_i == 0.0  # no visible key: output 0, and lse = +inf makes every backward probability exp2(-inf) = 0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -227,13 +238,19 @@ def _attn_bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_ot, stride_oh, stride
 def _bwd_dkdv_query_loop(dk, dv, k, v, offs_n, Q_head, DO_head, LSE_head, DELTA_head, POS, b, stride_pb, stride_pt,
                          stride_qt, stride_dot, offs_d, start, end, T, kv_len, scale, softcap, window,
                          BLOCK_M: tl.constexpr, MASKED: tl.constexpr, HAS_POS: tl.constexpr,
-                         HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
-    """Accumulate dk, dv (N, D) of one key block over query blocks [start, end), all in transposed (N, M) tiles."""
+                         HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
+                         TMA: tl.constexpr):
+    """Accumulate dk, dv (N, D) of one key block over query blocks [start, end), all in transposed (N, M) tiles.
+    Q_head / DO_head: one query head's (T, D) rows, as pointers, or as tensor descriptors when TMA."""
     for start_m in range(start, end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < T
-        q = tl.load(Q_head + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        do = tl.load(DO_head + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        if TMA:  # rows past T arrive as zeros, as the masked loads below give them
+            q = Q_head.load([start_m, 0])
+            do = DO_head.load([start_m, 0])
+        else:
+            q = tl.load(Q_head + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            do = tl.load(DO_head + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         lse = tl.load(LSE_head + offs_m, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA_head + offs_m, mask=row_ok, other=0.0)
         qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (N, M)
@@ -264,7 +281,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, POS, KV_LEN,
                           stride_pb, stride_pt, T, S, H, KH, GROUP, scale, softcap, window,
                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           HAS_POS: tl.constexpr, HAS_KV_LEN: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                          HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
+                          HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bk = tl.program_id(1)
     b = (pid_bk // KH).to(tl.int64)
@@ -308,20 +325,25 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, POS, KV_LEN,
         h = kv_h * GROUP + g
         Q_head = Q + b * stride_qb + h * stride_qh
         DO_head = DO + b * stride_dob + h * stride_doh
+        if TMA:  # descriptors as _kv_descriptors', over this head's T query and output-gradient rows
+            Q_head = tl.make_tensor_descriptor(Q_head, shape=[T, HEAD_DIM], strides=[stride_qt, 1],
+                                               block_shape=[BLOCK_M, HEAD_DIM])
+            DO_head = tl.make_tensor_descriptor(DO_head, shape=[T, HEAD_DIM], strides=[stride_dot, 1],
+                                                block_shape=[BLOCK_M, HEAD_DIM])
         LSE_head = LSE + (b * H + h) * T
         DELTA_head = DELTA + (b * H + h) * T
         dk, dv = _bwd_dkdv_query_loop(dk, dv, k, v, offs_n, Q_head, DO_head, LSE_head, DELTA_head, POS, b,
                                       stride_pb, stride_pt, stride_qt, stride_dot, offs_d, lo, full_lo, T, kv_len,
                                       scale, softcap, window, BLOCK_M, True, HAS_POS, HAS_WINDOW, HAS_SOFTCAP,
-                                      PRECISION)
+                                      PRECISION, TMA)
         dk, dv = _bwd_dkdv_query_loop(dk, dv, k, v, offs_n, Q_head, DO_head, LSE_head, DELTA_head, POS, b,
                                       stride_pb, stride_pt, stride_qt, stride_dot, offs_d, full_lo, full_hi, T,
                                       kv_len, scale, softcap, window, BLOCK_M, False, HAS_POS, HAS_WINDOW,
-                                      HAS_SOFTCAP, PRECISION)
+                                      HAS_SOFTCAP, PRECISION, TMA)
         dk, dv = _bwd_dkdv_query_loop(dk, dv, k, v, offs_n, Q_head, DO_head, LSE_head, DELTA_head, POS, b,
                                       stride_pb, stride_pt, stride_qt, stride_dot, offs_d, full_hi, hi, T, kv_len,
                                       scale, softcap, window, BLOCK_M, True, HAS_POS, HAS_WINDOW, HAS_SOFTCAP,
-                                      PRECISION)
+                                      PRECISION, TMA)
     tl.store(DK + b * stride_dkb + kv_h * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=key_ok[:, None])
     tl.store(DV + b * stride_dvb + kv_h * stride_dvh + offs_n[:, None] * stride_dvs + offs_d[None, :],
@@ -331,18 +353,22 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, POS, KV_LEN,
 @triton.jit
 def _bwd_dq_key_loop(dq, q, do, lse, delta, pos, K_head, V_head, stride_ks, stride_vs, offs_d, start, end, kv_len,
                      scale, softcap, window, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                     HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
-    """Accumulate dq (M, D) of one query block over key blocks [start, end) (the forward's segments)."""
+                     HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
+    """Accumulate dq (M, D) of one query block over key blocks [start, end) (the forward's segments). K_head /
+    V_head as in the forward's key loop."""
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_ptrs = K_head + offs_n[:, None] * stride_ks + offs_d[None, :]  # (N, D)
-        vt_ptrs = V_head + offs_n[None, :] * stride_vs + offs_d[:, None]  # (D, N)
-        if MASKED:
-            k = tl.load(k_ptrs, mask=offs_n[:, None] < kv_len, other=0.0)
-            vt = tl.load(vt_ptrs, mask=offs_n[None, :] < kv_len, other=0.0)
+        if TMA:  # the descriptors end at kv_len: rows past it arrive as zeros
+            k = K_head.load([start_n, 0])  # (N, D)
+            vt = tl.trans(V_head.load([start_n, 0]))  # (D, N)
+        elif MASKED:
+            k = tl.load(K_head + offs_n[:, None] * stride_ks + offs_d[None, :], mask=offs_n[:, None] < kv_len,
+                        other=0.0)  # (N, D)
+            vt = tl.load(V_head + offs_n[None, :] * stride_vs + offs_d[:, None], mask=offs_n[None, :] < kv_len,
+                         other=0.0)  # (D, N)
         else:
-            k = tl.load(k_ptrs)
-            vt = tl.load(vt_ptrs)
+            k = tl.load(K_head + offs_n[:, None] * stride_ks + offs_d[None, :])
+            vt = tl.load(V_head + offs_n[None, :] * stride_vs + offs_d[:, None])
         s = _log2_scores(tl.dot(q, tl.trans(k), input_precision=PRECISION), scale, softcap, HAS_SOFTCAP)
         if HAS_SOFTCAP:
             th = s * (0.6931471805599453 / softcap)  # tanh, before masking (see the dk/dv loop)
@@ -366,7 +392,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, POS, KV_LEN,
                         T, S, H, GROUP, scale, softcap, window,
                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_POS: tl.constexpr,
                         HAS_KV_LEN: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                        PRECISION: tl.constexpr):
+                        PRECISION: tl.constexpr, TMA: tl.constexpr):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -387,13 +413,15 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, POS, KV_LEN,
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
     K_head = K + b * stride_kb + kv_h * stride_kh
     V_head = V + b * stride_vb + kv_h * stride_vh
+    if TMA:
+        K_head, V_head = _kv_descriptors(K_head, V_head, stride_ks, stride_vs, kv_len, HEAD_DIM, BLOCK_N)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     dq = _bwd_dq_key_loop(dq, q, do, lse, delta, pos, K_head, V_head, stride_ks, stride_vs, offs_d, lo, full_lo,
-                          kv_len, scale, softcap, window, BLOCK_N, True, HAS_WINDOW, HAS_SOFTCAP, PRECISION)
+                          kv_len, scale, softcap, window, BLOCK_N, True, HAS_WINDOW, HAS_SOFTCAP, PRECISION, TMA)
     dq = _bwd_dq_key_loop(dq, q, do, lse, delta, pos, K_head, V_head, stride_ks, stride_vs, offs_d, full_lo, full_hi,
-                          kv_len, scale, softcap, window, BLOCK_N, False, HAS_WINDOW, HAS_SOFTCAP, PRECISION)
+                          kv_len, scale, softcap, window, BLOCK_N, False, HAS_WINDOW, HAS_SOFTCAP, PRECISION, TMA)
     dq = _bwd_dq_key_loop(dq, q, do, lse, delta, pos, K_head, V_head, stride_ks, stride_vs, offs_d, full_hi, hi,
-                          kv_len, scale, softcap, window, BLOCK_N, True, HAS_WINDOW, HAS_SOFTCAP, PRECISION)
+                          kv_len, scale, softcap, window, BLOCK_N, True, HAS_WINDOW, HAS_SOFTCAP, PRECISION, TMA)
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
@@ -405,17 +433,18 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, POS, KV_LEN,
 # Fixed launch configs by head dim (BLOCK_M, BLOCK_N, num_warps, num_stages): large tiles for H100 tensor cores,
 # smaller ones where the (M, D) and (N, D) tiles of D=256 would overflow shared memory. Under TRITON_INTERPRET=1
 # small tiles keep CPU tests fast and still exercise several blocks, ragged edges and every loop segment.
-# The forward's fifth entry: load the key and value tiles through TMA descriptors (sm_90+; kernels/sweep.py tries it,
-# off until a GPU measures it faster).
+# The fifth entry, here and in the backward's tables: stream the loop's tiles through TMA descriptors (sm_90+;
+# kernels/sweep.py tries it; off until a GPU measures it faster).
 _GPU_FWD = {64: (128, 64, 4, 3, False), 128: (128, 64, 8, 3, False), 256: (64, 64, 8, 2, False)}
 # fp32 tiles take twice the bytes: the bf16 config at D=128 would all but fill the H100's shared memory
 # (kernels/compile_check.py), so fp32 (parity checks, tiny test models) halves the query tile and the pipeline depth.
 _GPU_FWD_FP32 = {64: (64, 64, 4, 2, False), 128: (64, 64, 8, 2, False), 256: (32, 64, 8, 1, False)}
-# Backward (BLOCK_M queries, BLOCK_N keys, warps, stages): D = 64 and 128 chosen by kernels/sweep.py on an H100
+# Backward (BLOCK_M queries, BLOCK_N keys, warps, stages, TMA): D = 64 and 128 chosen by kernels/sweep.py on an H100
 # (BENCHMARKS.md); D = 256 not swept.
-_GPU_BWD_DKDV = {64: (32, 128, 4, 3), 128: (64, 64, 4, 2), 256: (32, 64, 8, 1)}
-_GPU_BWD_DQ = {64: (64, 64, 4, 3), 128: (64, 64, 4, 2), 256: (64, 32, 8, 1)}
-_INTERPRET_FWD, _INTERPRET_BWD_DKDV, _INTERPRET_BWD_DQ = (32, 16, 4, 1, False), (16, 32, 4, 1), (32, 16, 4, 1)
+_GPU_BWD_DKDV = {64: (32, 128, 4, 3, False), 128: (64, 64, 4, 2, False), 256: (32, 64, 8, 1, False)}
+_GPU_BWD_DQ = {64: (64, 64, 4, 3, False), 128: (64, 64, 4, 2, False), 256: (64, 32, 8, 1, False)}
+_INTERPRET_FWD, _INTERPRET_BWD_DKDV, _INTERPRET_BWD_DQ = (32, 16, 4, 1, False), (16, 32, 4, 1, False), \
+    (32, 16, 4, 1, False)
 
 
 def _config(table, interpret_config, head_dim):
@@ -459,8 +488,8 @@ def _flags(q_positions, kv_lengths, sliding_window, softcap):
 
 
 def _tma_ready(*tensors):
-    """Whether TMA descriptors can address these (B, S, K, D) tensors: unit stride along D, 16-byte aligned base and
-    strides; and, on a GPU, the scratch memory in which the kernel writes its descriptors."""
+    """Whether TMA descriptors can address these (B, S or T, heads, D) tensors: unit stride along D, 16-byte aligned
+    base and strides; and, on a GPU, the scratch memory in which the kernel writes its descriptors."""
     if not all(x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and all(st * x.element_size() % 16 == 0
                                                                     for st in x.stride()[:-1]) for x in tensors):
         return False
@@ -486,7 +515,7 @@ def _forward(q, k, v, q_positions, kv_lengths, sliding_window, softcap, scale):
         q, k, v, out, lse, q_positions, kv_lengths, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         *out.stride()[:3], *_pos_strides(q_positions), T, S, H, H // KH, scale, softcap or 1.0, sliding_window or 0,
         HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q.dtype),
-        KV_TMA=kv_tma and _tma_ready(k, v), **_flags(q_positions, kv_lengths, sliding_window, softcap),
+        TMA=kv_tma and _tma_ready(k, v), **_flags(q_positions, kv_lengths, sliding_window, softcap),
         num_warps=warps, num_stages=stages)
     return out, lse
 
@@ -507,18 +536,18 @@ def _backward(do, q, k, v, out, lse, q_positions, kv_lengths, sliding_window, so
     common = dict(HEAD_DIM=D, PRECISION=_precision(q.dtype), **flags)
     cap, window = softcap or 1.0, sliding_window or 0
 
-    block_m, block_n, warps, stages = _config(_GPU_BWD_DKDV, _INTERPRET_BWD_DKDV, D)
+    block_m, block_n, warps, stages, tma = _config(_GPU_BWD_DKDV, _INTERPRET_BWD_DKDV, D)
     _attn_bwd_dkdv_kernel[_grid(triton.cdiv(S, block_n), B * KH)](
         q, k, v, do, lse, delta, dk, dv, q_positions, kv_lengths, *q.stride()[:3], *k.stride()[:3],
         *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], *_pos_strides(q_positions),
         T, S, H, KH, H // KH, scale, cap, window, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
-        num_stages=stages, **common)
+        num_stages=stages, TMA=tma and _tma_ready(q, do), **common)
 
-    block_m, block_n, warps, stages = _config(_GPU_BWD_DQ, _INTERPRET_BWD_DQ, D)
+    block_m, block_n, warps, stages, tma = _config(_GPU_BWD_DQ, _INTERPRET_BWD_DQ, D)
     _attn_bwd_dq_kernel[_grid(triton.cdiv(T, block_m), B * H)](
         q, k, v, do, lse, delta, dq, q_positions, kv_lengths, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         *do.stride()[:3], *dq.stride()[:3], *_pos_strides(q_positions), T, S, H, H // KH, scale, cap, window,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common)
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, TMA=tma and _tma_ready(k, v), **common)
     return dq, dk, dv
 
 

@@ -24,28 +24,36 @@ import torch
 from kernels import attention, rms_norm
 
 # (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages) per head dim; the first of each list is the current table
-# entry (kernels/attention.py), the rest what the sweep tries against it.
-DKDV_CANDIDATES = {
+# entry's tiles (kernels/attention.py), the rest what the sweep tries against it.
+_DKDV_TILES = {
     128: [(64, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2), (32, 128, 8, 3), (32, 128, 4, 3), (32, 64, 4, 3)],
     64: [(32, 128, 4, 3), (64, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3)],
 }
-DQ_CANDIDATES = {
+_DQ_TILES = {
     128: [(64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2), (128, 32, 8, 3), (128, 32, 4, 3), (64, 32, 4, 3)],
     64: [(64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 4, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 32, 4, 3)],
 }
 # D = 256 (Gemma, Gemma-2): (M, 256) and (N, 256) tiles fill shared memory twice as fast as at D = 128, so smaller
 # tiles and shallower pipelines than there; the first entry is the (unswept) table config.
-DKDV_CANDIDATES[256] = [(32, 64, 8, 1), (32, 64, 4, 2), (64, 64, 8, 1), (32, 32, 4, 2), (16, 64, 4, 2),
-                        (64, 32, 8, 1)]
-DQ_CANDIDATES[256] = [(64, 32, 8, 1), (64, 32, 4, 2), (64, 64, 8, 1), (32, 32, 4, 2), (32, 64, 4, 2), (128, 32, 8, 1)]
-# Forward (BLOCK_M, BLOCK_N, num_warps, num_stages, key/value tiles through TMA), bf16; first the table entry. At
-# D = 128 wider key tiles and deeper pipelines (the FA3-class target), each with pointer loads and with TMA; at
-# D = 256 the same trade as the backward.
+_DKDV_TILES[256] = [(32, 64, 8, 1), (32, 64, 4, 2), (64, 64, 8, 1), (32, 32, 4, 2), (16, 64, 4, 2), (64, 32, 8, 1)]
+_DQ_TILES[256] = [(64, 32, 8, 1), (64, 32, 4, 2), (64, 64, 8, 1), (32, 32, 4, 2), (32, 64, 4, 2), (128, 32, 8, 1)]
+# Forward: at D = 128 wider key tiles and deeper pipelines (the FA3-class target); at D = 256 the same trade as the
+# backward.
 _FWD_TILES = {
     128: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 128, 4, 3), (128, 32, 8, 4), (128, 64, 8, 4)],
     256: [(64, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 1), (32, 64, 4, 3)],
 }
-FWD_CANDIDATES = {D: [(*tile, tma) for tile in tiles for tma in (False, True)] for D, tiles in _FWD_TILES.items()}
+
+
+def _with_tma(tiles, n_tma):
+    """Launch configs (tiles..., TMA): every tile with pointer loads, then the first n_tma tiles through TMA."""
+    return {D: [(*t, False) for t in ts] + [(*t, True) for t in ts[:n_tma]] for D, ts in tiles.items()}
+
+
+# Every forward tile both ways (the forward is one kernel, quick to compile); the backward's table tiles and the next
+# two through TMA.
+FWD_CANDIDATES = _with_tma(_FWD_TILES, 6)
+DKDV_CANDIDATES, DQ_CANDIDATES = _with_tma(_DKDV_TILES, 3), _with_tma(_DQ_TILES, 3)
 # (B, T, H, KH) per head dim: kernels/bench.py's attention shape at D = 128, Llama-3.2-1B's training shape at 64,
 # Gemma-2-9B's heads at 256.
 SHAPES = {128: (4, 4096, 16, 16), 64: (8, 2048, 32, 8), 256: (2, 4096, 16, 8)}
@@ -76,7 +84,7 @@ def sweep_attention(head_dim, warmup, repeats):
     backward = lambda: attention._backward(do, q, k, v, out, lse, None, None, None, None, scale)  # noqa: E731
     flops = 2.5 * 4 * B * H * T * T * head_dim / 2  # causal, FlashAttention's convention (kernels/bench.py)
     print(f"\nattention bwd, causal, B{B} T{T} H{H} KH{KH} D{head_dim}, bf16")
-    print(f"{'kernel':<6} {'(BLOCK_M, BLOCK_N, warps, stages)':<36} {'ms':>8} {'TF/s':>8} {'max rel diff':>13}")
+    print(f"{'kernel':<6} {'(BLOCK_M, BLOCK_N, warps, stages, TMA)':<36} {'ms':>8} {'TF/s':>8} {'max rel diff':>13}")
     reference = backward()
     for name, table, candidates in (("dkdv", attention._GPU_BWD_DKDV, DKDV_CANDIDATES),
                                     ("dq", attention._GPU_BWD_DQ, DQ_CANDIDATES)):

@@ -204,6 +204,37 @@ def test_forward_with_key_value_tiles_through_tma(monkeypatch, B, T, S, H, K, D,
     check_output(out, q, k, v, seed, **args)
 
 
+@pytest.mark.parametrize("B, T, S, H, K, D, options", [
+    (2, 33, 33, 4, 2, 32, {}),
+    (2, 7, 7, 2, 2, 16, {"kv_lengths": (7, 4)}),
+    (2, 33, 33, 4, 1, 32, {"sliding_window": 5, "softcap": 5.0, "kv_lengths": (33, 20)}),
+    (2, 7, 20, 4, 2, 16, {"q_positions": ((13, 20), (5, 12)), "kv_lengths": (20, 12), "sliding_window": 6}),
+], ids=["gqa", "padding", "mqa-window-softcap-padding", "positions-ragged"])
+def test_backward_with_tiles_through_tma(monkeypatch, B, T, S, H, K, D, options):
+    """Forward, dk/dv (query and output-gradient tiles through descriptors that end at T) and dq (key and value
+    tiles through descriptors that end at kv_len) all through TMA, against the reference's output and gradients. The
+    keys and values past kv_len are NaN: dq and the output stay finite; the gradients of those keys are not compared
+    (no query sees them)."""
+    for name in ("_INTERPRET_FWD", "_INTERPRET_BWD_DKDV", "_INTERPRET_BWD_DQ"):
+        monkeypatch.setattr(flash, name, getattr(flash, name)[:4] + (True,))
+    seed, q, k, v = random_qkv(B, T, S, H, K, D, torch.float32)
+    args = dict(options)
+    k_read, v_read = k.clone(), v.clone()
+    if "kv_lengths" in args:
+        args["kv_lengths"] = lengths(*args["kv_lengths"])
+        for b, n in enumerate(options["kv_lengths"]):
+            k_read[b, n:], v_read[b, n:] = float("nan"), float("nan")
+    if "q_positions" in args:
+        args["q_positions"] = torch.stack([torch.arange(*r) for r in args["q_positions"]]).to(DEVICE)
+    grad_out = torch.randn(B, T, H, D, device=DEVICE)
+    expected = output_and_grads(lambda *x: reference.attention(*x, **args), (q, k, v), torch.float32, grad_out)
+    actual = output_and_grads(lambda *x: flash.attention(*x, **args), (q, k_read, v_read), torch.float32, grad_out)
+    for b, n in enumerate(options.get("kv_lengths", ())):
+        for grads in (actual, expected):
+            grads[2][b, n:], grads[3][b, n:] = 0.0, 0.0
+    check_fp32(actual, expected, seed)
+
+
 def test_tma_is_used_only_where_descriptors_can_address_the_tensors():
     """TMA needs unit stride along D, a 16-byte aligned base and 16-byte multiples as strides; otherwise the forward
     loads through pointers."""
@@ -466,9 +497,11 @@ def test_gpu_bf16_gqa_training_shape():
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("D", [64, 128, 256])
-def test_gpu_bf16_forward_through_tma(monkeypatch, D):
-    """The TMA variant kernels/sweep.py times, at every head dim, with GQA, a window and ragged lengths."""
-    monkeypatch.setitem(flash._GPU_FWD, D, flash._GPU_FWD[D][:4] + (True,))
+def test_gpu_bf16_through_tma(monkeypatch, D):
+    """The TMA variants kernels/sweep.py times (forward, dk/dv, dq), at every head dim, with GQA, a window and ragged
+    lengths."""
+    for table in (flash._GPU_FWD, flash._GPU_BWD_DKDV, flash._GPU_BWD_DQ):
+        monkeypatch.setitem(table, D, table[D][:4] + (True,))
     compare(2, 1000, 1000, 16, 4, D, dtype=torch.bfloat16, sliding_window=300, kv_lengths=lengths(1000, 613))
 
 
