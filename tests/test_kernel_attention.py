@@ -178,6 +178,21 @@ def test_gpu_block_sizes_fp32(monkeypatch, D, options):
     compare(1, 150, 150, 2, 1, D, **{**options, "kv_lengths": lengths(*options["kv_lengths"])})
 
 
+def nan_past_kv_lengths_case(B, T, S, H, K, D, options):
+    """(seed, q, k, v, k and v with NaN in every row past kv_lengths[b], the attention kwargs) of an fp32 case whose
+    options give kv_lengths and q_positions as tuples (positions as (start, stop) ranges per batch row)."""
+    seed, q, k, v = random_qkv(B, T, S, H, K, D, torch.float32)
+    args = dict(options)
+    k_read, v_read = k.clone(), v.clone()
+    if "kv_lengths" in args:
+        args["kv_lengths"] = lengths(*args["kv_lengths"])
+        for b, n in enumerate(options["kv_lengths"]):
+            k_read[b, n:], v_read[b, n:] = float("nan"), float("nan")
+    if "q_positions" in args:
+        args["q_positions"] = torch.stack([torch.arange(*r) for r in args["q_positions"]]).to(DEVICE)
+    return seed, q, k, v, k_read, v_read, args
+
+
 @pytest.mark.parametrize("B, T, S, H, K, D, options", [
     (2, 33, 33, 4, 2, 32, {}),
     (2, 7, 7, 2, 2, 16, {"kv_lengths": (7, 4)}),
@@ -190,15 +205,7 @@ def test_forward_with_key_value_tiles_through_tma(monkeypatch, B, T, S, H, K, D,
     lengths, a row that sees nothing, windows, soft-caps, explicit positions. Keys and values past kv_len are NaN (a
     cache's unwritten rows may hold anything): a tile that read them would turn the output into NaN."""
     monkeypatch.setattr(flash, "_INTERPRET_FWD", flash._INTERPRET_FWD[:4] + (True,))
-    seed, q, k, v = random_qkv(B, T, S, H, K, D, torch.float32)
-    args = dict(options)
-    k_read, v_read = k.clone(), v.clone()
-    if "kv_lengths" in args:
-        args["kv_lengths"] = lengths(*args["kv_lengths"])
-        for b, n in enumerate(options["kv_lengths"]):
-            k_read[b, n:], v_read[b, n:] = float("nan"), float("nan")
-    if "q_positions" in args:
-        args["q_positions"] = torch.stack([torch.arange(*r) for r in args["q_positions"]]).to(DEVICE)
+    seed, q, k, v, k_read, v_read, args = nan_past_kv_lengths_case(B, T, S, H, K, D, options)
     with torch.no_grad():
         out = flash.attention(q, k_read, v_read, **args)
     check_output(out, q, k, v, seed, **args)
@@ -217,15 +224,7 @@ def test_backward_with_tiles_through_tma(monkeypatch, B, T, S, H, K, D, options)
     (no query sees them)."""
     for name in ("_INTERPRET_FWD", "_INTERPRET_BWD_DKDV", "_INTERPRET_BWD_DQ"):
         monkeypatch.setattr(flash, name, getattr(flash, name)[:4] + (True,))
-    seed, q, k, v = random_qkv(B, T, S, H, K, D, torch.float32)
-    args = dict(options)
-    k_read, v_read = k.clone(), v.clone()
-    if "kv_lengths" in args:
-        args["kv_lengths"] = lengths(*args["kv_lengths"])
-        for b, n in enumerate(options["kv_lengths"]):
-            k_read[b, n:], v_read[b, n:] = float("nan"), float("nan")
-    if "q_positions" in args:
-        args["q_positions"] = torch.stack([torch.arange(*r) for r in args["q_positions"]]).to(DEVICE)
+    seed, q, k, v, k_read, v_read, args = nan_past_kv_lengths_case(B, T, S, H, K, D, options)
     grad_out = torch.randn(B, T, H, D, device=DEVICE)
     expected = output_and_grads(lambda *x: reference.attention(*x, **args), (q, k, v), torch.float32, grad_out)
     actual = output_and_grads(lambda *x: flash.attention(*x, **args), (q, k_read, v_read), torch.float32, grad_out)
