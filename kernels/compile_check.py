@@ -97,7 +97,7 @@ def _ptxas_usage(ptx):
 def check_attention(dtypes):
     """Forward and backward (bf16) at every head dim and masking mode; decode at real model shapes (the cascade over a
     shared prefix launches these same two kernels)."""
-    from kernels import attention, decode_attention
+    from kernels import attention, attention_backward, decode_attention
 
     decode_attention._sm_count = lambda device: H100_SMS
     modes = [dict(), dict(q_positions=torch.arange(64, dtype=torch.int32)[None]),
@@ -109,7 +109,7 @@ def check_attention(dtypes):
                 args = (m.get("q_positions"), m.get("kv_lengths"), m.get("sliding_window"), m.get("softcap"), 0.1)
                 attention._forward(q, k, k, *args)
                 if dtype != torch.float32:  # fp32 backward (no GPU path trains in fp32) compiles slowly, all spills
-                    attention._backward(q, q, k, k, q, torch.zeros(1, 32, 64), *args)
+                    attention_backward._backward(q, q, k, k, q, torch.zeros(1, 32, 64), *args)
         # decode: Llama-3-8B (32 q / 8 kv heads, D 128), Gemma-2B (8 / 1, D 256), Gemma-2-9B (16 / 8, D 256); one
         # token also through kv_rows (the sampler's mixed steps of chunked prefill)
         for H, K, D, window, cap in [(32, 8, 128, None, None), (8, 1, 256, None, None), (16, 8, 256, 4096, 50.0)]:
@@ -163,17 +163,17 @@ def check_elementwise(dtypes):
 def check_sweep(dtypes):
     """Every attention launch config kernels/sweep.py tries (bf16, causal), forward and backward: a candidate the
     GPU sweep would time must at least compile and fit."""
-    from kernels import attention, sweep
+    from kernels import attention, attention_backward, sweep
 
     for D in sorted(set(sweep.FWD_CANDIDATES) | set(sweep.DKDV_CANDIDATES)):
         q, k = torch.zeros(1, 64, 16, D, dtype=torch.bfloat16), torch.zeros(1, 64, 8, D, dtype=torch.bfloat16)
         tables = [(attention._GPU_FWD, sweep.FWD_CANDIDATES.get(D, []), lambda: attention._forward(
                       q, k, k, None, None, None, None, 0.1)),
-                  (attention._GPU_BWD_DKDV, sweep.DKDV_CANDIDATES[D], None),
-                  (attention._GPU_BWD_DQ, sweep.DQ_CANDIDATES[D], None)]
+                  (attention_backward._GPU_BWD_DKDV, sweep.DKDV_CANDIDATES[D], None),
+                  (attention_backward._GPU_BWD_DQ, sweep.DQ_CANDIDATES[D], None)]
         for table, candidates, launch in tables:
-            launch = launch or (lambda: attention._backward(q, q, k, k, q, torch.zeros(1, 16, 64), None, None, None,
-                                                            None, 0.1))
+            launch = launch or (lambda: attention_backward._backward(q, q, k, k, q, torch.zeros(1, 16, 64), None, None,
+                                                                     None, None, 0.1))
             current = table[D]
             try:
                 for config in candidates[1:]:  # the first is the table's, which the attention check compiles

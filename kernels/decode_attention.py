@@ -2,8 +2,9 @@
 and cascade decoding over a prefix every row shares.
 
 Same contract as kernels.reference.attention, forward only. Training-shaped attention (many queries, gradients) is
-kernels/attention.py, whose @triton.jit helpers and key loop this file reuses: a decode program is the flash
-forward's inner loop run over one slice ("split") of the keys, for all query heads of one GQA group at once.
+kernels/attention.py, whose key loop this file reuses with the helpers of kernels/attention_common.py: a decode
+program is the flash forward's inner loop run over one slice ("split") of the keys, for all query heads of one GQA
+group at once.
 
 Anatomy, top to bottom:
   1. the decode kernel: one program per (batch row, kv head, key split), its rows every (token, query head of the
@@ -15,7 +16,8 @@ Anatomy, top to bottom:
 
 w2s/ops.py decides which calls come here (`ops.use_decode_kernel`: few query rows, no gradient) and calls
 `attention_decode` or, over a long shared prefix, `attention_after_shared_prefix`; every other call goes to the flash
-kernel. The dependency runs one way: this file imports kernels/attention.py, never the reverse.
+kernel. The dependency runs one way: this file imports kernels/attention.py and attention_common.py, never the
+reverse.
 
     python -m pytest -q tests/test_kernel_attention.py -k "decode or cascade"   # CPU, TRITON_INTERPRET=1
 """
@@ -26,11 +28,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention import (
+from kernels.attention import _forward, _fwd_key_loop
+from kernels.attention_common import (
     _check_inputs,
     _flags,
-    _forward,
-    _fwd_key_loop,
     _grid,
     _interpreting,
     _key_segments,

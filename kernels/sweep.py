@@ -1,7 +1,7 @@
-"""Launch-config sweep on a GPU: which tile sizes, warps, pipeline depths and (forward) key/value loads through TMA
-or pointers to put in the fixed tables of kernels/attention.py (_GPU_FWD, _GPU_BWD_DKDV, _GPU_BWD_DQ) and
-kernels/rms_norm.py (BWD_PROGRAMS_PER_SM, BWD_NUM_WARPS). Run it on new hardware, copy the fastest rows into the
-tables, and record the table it printed.
+"""Launch-config sweep on a GPU: which tile sizes, warps, pipeline depths and tile loads (through TMA or pointers)
+to put in the fixed tables of kernels/attention.py (_GPU_FWD), kernels/attention_backward.py (_GPU_BWD_DKDV,
+_GPU_BWD_DQ) and kernels/rms_norm.py (BWD_PROGRAMS_PER_SM, BWD_NUM_WARPS). Run it on new hardware, copy the fastest
+rows into the tables, and record the table it printed.
 
     python -m kernels.sweep                      # needs CUDA; most of its time is Triton compiles
     python -m kernels.sweep --only attention256,forward256
@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-from kernels import attention, rms_norm
+from kernels import attention, attention_backward, rms_norm
 
 # (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages) per head dim; the first of each list is the current table
 # entry's tiles (kernels/attention.py), the rest what the sweep tries against it.
@@ -81,13 +81,13 @@ def sweep_attention(head_dim, warmup, repeats):
     scale = 1.0 / math.sqrt(head_dim)
     with torch.no_grad():
         out, lse = attention._forward(q, k, v, None, None, None, None, scale)
-    backward = lambda: attention._backward(do, q, k, v, out, lse, None, None, None, None, scale)  # noqa: E731
+    backward = lambda: attention_backward._backward(do, q, k, v, out, lse, None, None, None, None, scale)  # noqa: E731
     flops = 2.5 * 4 * B * H * T * T * head_dim / 2  # causal, FlashAttention's convention (kernels/bench.py)
     print(f"\nattention bwd, causal, B{B} T{T} H{H} KH{KH} D{head_dim}, bf16")
     print(f"{'kernel':<6} {'(BLOCK_M, BLOCK_N, warps, stages, TMA)':<36} {'ms':>8} {'TF/s':>8} {'max rel diff':>13}")
     reference = backward()
-    for name, table, candidates in (("dkdv", attention._GPU_BWD_DKDV, DKDV_CANDIDATES),
-                                    ("dq", attention._GPU_BWD_DQ, DQ_CANDIDATES)):
+    for name, table, candidates in (("dkdv", attention_backward._GPU_BWD_DKDV, DKDV_CANDIDATES),
+                                    ("dq", attention_backward._GPU_BWD_DQ, DQ_CANDIDATES)):
         current = table[head_dim]
         for config in candidates[head_dim]:
             table[head_dim] = config

@@ -18,8 +18,12 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from kernels import attention as flash  # noqa: E402
+from kernels import attention_backward as flash_backward  # noqa: E402
+from kernels import (
+    attention_common,  # noqa: E402
+    reference,  # noqa: E402
+)
 from kernels import decode_attention as decode  # noqa: E402
-from kernels import reference  # noqa: E402
 from w2s import ops  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -173,8 +177,8 @@ def test_gpu_block_sizes_fp32(monkeypatch, D, options):
     # The GPU launch tables use other tiles than the interpreter's (e.g. 128-query forward blocks, 64 x 64 dk/dv
     # and dq blocks at D = 128, chosen by kernels/sweep.py): run them here too, so the block-range arithmetic is
     # checked for the sizes the GPU actually uses.
-    monkeypatch.setattr(flash, "_interpreting", lambda: False)
-    assert flash._config(flash._GPU_FWD, flash._INTERPRET_FWD, D) == flash._GPU_FWD[D]
+    monkeypatch.setattr(attention_common, "_interpreting", lambda: False)
+    assert attention_common._config(flash._GPU_FWD, flash._INTERPRET_FWD, D) == flash._GPU_FWD[D]
     compare(1, 150, 150, 2, 1, D, **{**options, "kv_lengths": lengths(*options["kv_lengths"])})
 
 
@@ -222,8 +226,9 @@ def test_backward_with_tiles_through_tma(monkeypatch, B, T, S, H, K, D, options)
     tiles through descriptors that end at kv_len) all through TMA, against the reference's output and gradients. The
     keys and values past kv_len are NaN: dq and the output stay finite; the gradients of those keys are not compared
     (no query sees them)."""
-    for name in ("_INTERPRET_FWD", "_INTERPRET_BWD_DKDV", "_INTERPRET_BWD_DQ"):
-        monkeypatch.setattr(flash, name, getattr(flash, name)[:4] + (True,))
+    for module, name in ((flash, "_INTERPRET_FWD"), (flash_backward, "_INTERPRET_BWD_DKDV"),
+                         (flash_backward, "_INTERPRET_BWD_DQ")):
+        monkeypatch.setattr(module, name, getattr(module, name)[:4] + (True,))
     seed, q, k, v, k_read, v_read, args = nan_past_kv_lengths_case(B, T, S, H, K, D, options)
     grad_out = torch.randn(B, T, H, D, device=DEVICE)
     expected = output_and_grads(lambda *x: reference.attention(*x, **args), (q, k, v), torch.float32, grad_out)
@@ -238,11 +243,11 @@ def test_tma_is_used_only_where_descriptors_can_address_the_tensors():
     """TMA needs unit stride along D, a 16-byte aligned base and 16-byte multiples as strides; otherwise the forward
     loads through pointers."""
     k = torch.zeros(2, 9, 2, 16)
-    assert flash._tma_ready(k, k)
-    assert flash._tma_ready(k[:, 3:], k)  # a slice of a longer cache: strides and base stay aligned
-    assert not flash._tma_ready(k.transpose(1, 3), k)  # D not the unit-stride axis
-    assert not flash._tma_ready(torch.zeros(k.numel() + 1)[1:].view(k.shape), k)  # base 4 bytes off
-    assert not flash._tma_ready(torch.zeros(2, 9, 1, 3), torch.zeros(2, 9, 1, 3))  # 12-byte rows
+    assert attention_common._tma_ready(k, k)
+    assert attention_common._tma_ready(k[:, 3:], k)  # a slice of a longer cache: strides and base stay aligned
+    assert not attention_common._tma_ready(k.transpose(1, 3), k)  # D not the unit-stride axis
+    assert not attention_common._tma_ready(torch.zeros(k.numel() + 1)[1:].view(k.shape), k)  # base 4 bytes off
+    assert not attention_common._tma_ready(torch.zeros(2, 9, 1, 3), torch.zeros(2, 9, 1, 3))  # 12-byte rows
 
 
 def test_non_contiguous_inputs():
@@ -291,7 +296,7 @@ def test_decode_matches_reference(dtype, T, H, options):
 def test_decode_with_gpu_block_sizes(monkeypatch):
     # The GPU's 64-key tiles on a 200-slot cache, the split count formula replaced by 3 (rounded to whole tiles: 2
     # splits of 128 keys).
-    monkeypatch.setattr(flash, "_interpreting", lambda: False)
+    monkeypatch.setattr(attention_common, "_interpreting", lambda: False)
     monkeypatch.setattr(decode, "_interpreting", lambda: False)  # decode imported its own reference to it
     monkeypatch.setattr(decode, "_num_splits", lambda batch_heads, S, block_n, device: 3)
     B, T, S, H, K, D = 2, 2, 200, 8, 2, 64
@@ -330,7 +335,7 @@ def test_cascade_decode_over_a_shared_prefix_matches_reference(dtype, T, H, opti
 def test_cascade_decode_with_gpu_block_sizes(monkeypatch):
     # The GPU's tiles (128-query forward blocks, 64-key decode tiles, 2 splits of the 70 own keys) on a 130-token
     # prefix of 200 slots.
-    monkeypatch.setattr(flash, "_interpreting", lambda: False)
+    monkeypatch.setattr(attention_common, "_interpreting", lambda: False)
     monkeypatch.setattr(decode, "_interpreting", lambda: False)
     monkeypatch.setattr(decode, "_num_splits", lambda batch_heads, S, block_n, device: 3)
     seed, q, k, v, prefix_k, prefix_v, positions = shared_prefix_case(3, 1, 200, 130, 8, 2, 64, torch.float32,
@@ -499,7 +504,7 @@ def test_gpu_bf16_gqa_training_shape():
 def test_gpu_bf16_through_tma(monkeypatch, D):
     """The TMA variants kernels/sweep.py times (forward, dk/dv, dq), at every head dim, with GQA, a window and ragged
     lengths."""
-    for table in (flash._GPU_FWD, flash._GPU_BWD_DKDV, flash._GPU_BWD_DQ):
+    for table in (flash._GPU_FWD, flash_backward._GPU_BWD_DKDV, flash_backward._GPU_BWD_DQ):
         monkeypatch.setitem(table, D, table[D][:4] + (True,))
     compare(2, 1000, 1000, 16, 4, D, dtype=torch.bfloat16, sliding_window=300, kv_lengths=lengths(1000, 613))
 

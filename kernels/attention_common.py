@@ -1,0 +1,188 @@
+"""What the attention kernels share (kernels/attention.py, kernels/attention_backward.py,
+kernels/decode_attention.py): the @triton.jit helpers that place query rows and key blocks (positions, lengths,
+which key blocks a query block sees, the mask, soft-capped base-2 scores, TMA descriptors of one kv head), and the
+host side of every launch (launch-table lookup, grid limits, dtype precision, the TMA readiness check, the input
+checks).
+
+The contract they implement is kernels.reference.attention's (read it first); the key-segment reasoning is explained
+in kernels/attention.py.
+
+    python -m pytest -q tests/test_kernel_attention.py     # CPU, TRITON_INTERPRET=1, vs the reference
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+NO_POSITION = -1  # position given to padding rows of a block: sees no key
+
+
+def _interpreting():
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# device helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tanh(x):
+    # 1 - 2 / (e^{2x} + 1): exact limits at both ends (e^{2x} -> inf gives 1, -> 0 gives -1), no NaN.
+    return 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)  # 2 * log2(e)
+
+
+@triton.jit
+def _query_positions(POS, b, rows_t, row_ok, stride_pb, stride_pt, HAS_POS: tl.constexpr):
+    """Absolute position of each query row; NO_POSITION for rows past T (they then see nothing)."""
+    if HAS_POS:
+        pos = tl.load(POS + b * stride_pb + rows_t * stride_pt, mask=row_ok, other=-1).to(tl.int32)
+    else:
+        pos = rows_t.to(tl.int32)
+    return tl.where(row_ok, pos, -1)
+
+
+@triton.jit
+def _kv_length(KV_LEN, b, S, HAS_KV_LEN: tl.constexpr):
+    if HAS_KV_LEN:
+        n = tl.load(KV_LEN + b).to(tl.int32)
+        return tl.maximum(tl.minimum(n, S), 0)
+    return S
+
+
+@triton.jit
+def _key_segments(pos, row_ok, kv_len, window, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Key ranges for a block of query rows: [lo, full_lo) masked, [full_lo, full_hi) all visible, [full_hi, hi)
+    masked. lo, full_lo and full_hi are multiples of BLOCK_N (or equal to hi), so every loop walks whole blocks."""
+    min_pos = tl.min(tl.where(row_ok, pos, 2147483647), 0)
+    max_pos = tl.max(tl.where(row_ok, pos, -1), 0)
+    hi = tl.minimum(kv_len, max_pos + 1)  # causal: nothing past the last row's position
+    all_see_to = tl.minimum(kv_len, min_pos + 1)  # every row sees keys below this (before the window)
+    if HAS_WINDOW:
+        lo = tl.maximum(min_pos - window + 1, 0)
+        all_see_from = tl.maximum(max_pos - window + 1, 0)
+    else:
+        lo = min_pos * 0
+        all_see_from = min_pos * 0
+    lo = (lo // BLOCK_N) * BLOCK_N
+    hi = tl.maximum(hi, lo)
+    full_lo = tl.minimum(tl.maximum(tl.cdiv(all_see_from, BLOCK_N) * BLOCK_N, lo), hi)
+    full_hi = tl.minimum(tl.maximum((all_see_to // BLOCK_N) * BLOCK_N, full_lo), hi)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _visible(pos_rows, keys, kv_len, window, HAS_WINDOW: tl.constexpr):
+    """The reference mask for a (rows, keys) tile; pos_rows and keys are already broadcast against each other."""
+    ok = (keys <= pos_rows) & (keys < kv_len)
+    if HAS_WINDOW:
+        ok = ok & (pos_rows - keys < window)
+    return ok
+
+
+@triton.jit
+def _kv_descriptors(K_head, V_head, stride_ks, stride_vs, kv_len, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """TMA descriptors of one kv head's (kv_len, D) keys and values, read in (BLOCK_N, D) tiles: Hopper's tensor
+    memory accelerator copies each tile to shared memory asynchronously, with no address arithmetic or load masks in
+    the threads, and fills rows past kv_len with zeros. At least one row: a descriptor has no empty dimension, and a
+    row with kv_len 0 loads nothing."""
+    rows = tl.maximum(kv_len, 1)
+    k_desc = tl.make_tensor_descriptor(K_head, shape=[rows, HEAD_DIM], strides=[stride_ks, 1],
+                                       block_shape=[BLOCK_N, HEAD_DIM])
+    v_desc = tl.make_tensor_descriptor(V_head, shape=[rows, HEAD_DIM], strides=[stride_vs, 1],
+                                       block_shape=[BLOCK_N, HEAD_DIM])
+    return k_desc, v_desc
+
+
+@triton.jit
+def _log2_scores(qk, scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """Raw q.k (fp32) -> softmax logits in base-2 units, soft-capped like Gemma-2."""
+    if HAS_SOFTCAP:
+        return softcap * _tanh(qk * (scale / softcap)) * 1.4426950408889634
+    return qk * (scale * 1.4426950408889634)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# host side of a launch
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _config(table, interpret_config, head_dim):
+    if _interpreting():
+        return interpret_config
+    return table[max(64, head_dim)]
+
+
+_MAX_GRID_ROWS = 65535  # CUDA's limit on grid axis 1 (axis 0 may reach 2**31 - 1); the interpreter checks neither
+
+
+def _grid(blocks, rows):
+    """Launch grid (blocks, rows): blocks along the sequence on axis 0, so that neighbouring programs share one
+    (batch, head) and its keys stay in L2; rows = batch x heads on axis 1."""
+    if rows > _MAX_GRID_ROWS:
+        raise ValueError(f"attention: batch x heads = {rows} exceeds CUDA's {_MAX_GRID_ROWS} grid rows; "
+                         "call it on smaller batches")
+    return (blocks, rows)
+
+
+def _precision(dtype):
+    # fp32 inputs: true fp32 products (the tests compare at 1e-4); fp16/bf16 use tensor cores with fp32 accumulation.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _last_dim_contiguous(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _optional_int32(x, device):
+    return None if x is None else x.to(device=device, dtype=torch.int32)
+
+
+def _pos_strides(q_positions):
+    return (0, 0) if q_positions is None else (q_positions.stride(0), q_positions.stride(1))
+
+
+def _flags(q_positions, kv_lengths, sliding_window, softcap):
+    return dict(HAS_POS=q_positions is not None, HAS_KV_LEN=kv_lengths is not None,
+                HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=softcap is not None)
+
+
+def _tma_ready(*tensors):
+    """Whether TMA descriptors can address these (B, S or T, heads, D) tensors: unit stride along D, 16-byte aligned
+    base and strides; and, on a GPU, the scratch memory in which the kernel writes its descriptors."""
+    if not all(x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and all(st * x.element_size() % 16 == 0
+                                                                    for st in x.stride()[:-1]) for x in tensors):
+        return False
+    if not _interpreting():
+        triton.set_allocator(_descriptor_scratch)
+    return True
+
+
+def _descriptor_scratch(size, alignment, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")  # the current device; the caching allocator's 512-B
+    # blocks satisfy the 128-B alignment descriptors need
+
+
+def _check_inputs(q, k, v, q_positions, kv_lengths, sliding_window, softcap, kv_rows=None):
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"attention: expected q (B, T, H, D) and k, v (B, S, K, D) of equal shape, got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    B, T, H, D = q.shape
+    if kv_rows is not None and (tuple(kv_rows.shape) != (B,) or kv_rows.dtype not in (torch.int32, torch.int64)):
+        raise ValueError(f"attention: kv_rows {tuple(kv_rows.shape)} {kv_rows.dtype}, expected ({B},) integers")
+    if (kv_rows is None and k.shape[0] != B) or k.shape[3] != D or H % k.shape[2] != 0:
+        raise ValueError(f"attention: k/v {tuple(k.shape)} do not match q {tuple(q.shape)} "
+                         "(same B, or kv_rows; same D; H a multiple of K)")
+    if D not in (16, 32, 64, 128, 256):
+        raise ValueError(f"attention: head dim {D} unsupported by the Triton kernel (16, 32, 64, 128 or 256)")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"attention: q/k/v dtypes {q.dtype}, {k.dtype}, {v.dtype}: expected one of fp16/bf16/fp32")
+    if q_positions is not None and tuple(q_positions.shape) != (B, T):
+        raise ValueError(f"attention: q_positions {tuple(q_positions.shape)}, expected (B, T) = {(B, T)}")
+    if kv_lengths is not None and tuple(kv_lengths.shape) != (B,):
+        raise ValueError(f"attention: kv_lengths {tuple(kv_lengths.shape)}, expected (B,) = {(B,)}")
+    if softcap is not None and softcap <= 0:
+        raise ValueError(f"attention: softcap {softcap} must be positive (or None)")
