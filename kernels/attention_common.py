@@ -16,9 +16,6 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-NO_POSITION = -1  # position given to padding rows of a block: sees no key
-
 
 def _interpreting():
     return os.environ.get("TRITON_INTERPRET") == "1"
@@ -37,7 +34,7 @@ def _tanh(x):
 
 @triton.jit
 def _query_positions(POS, b, rows_t, row_ok, stride_pb, stride_pt, HAS_POS: tl.constexpr):
-    """Absolute position of each query row; NO_POSITION for rows past T (they then see nothing)."""
+    """Absolute position of each query row; -1 for rows past T (they then see nothing)."""
     if HAS_POS:
         pos = tl.load(POS + b * stride_pb + rows_t * stride_pt, mask=row_ok, other=-1).to(tl.int32)
     else:
