@@ -6,7 +6,8 @@ position p sees key s iff s <= p, s < kv_lengths[b] and p - s < sliding_window; 
 softcap * tanh(scores / softcap). Rows that see no key return zeros.
 
 Anatomy, top to bottom:
-  1. the forward kernel (online softmax over key blocks; saves the base-2 log-sum-exp per row),
+  1. the forward: the key loop (online softmax over key blocks), one tile (saves the base-2 log-sum-exp per row),
+     and the kernel that runs one tile or walks many,
   2. its launch tables and launcher, the autograd Function and the functional `attention`.
 The helpers every attention kernel shares (positions, which key blocks a query block can see, the mask, soft-cap,
 TMA descriptors, the launch checks) are kernels/attention_common.py; the backward kernels (dk/dv per key block,
@@ -25,6 +26,8 @@ All scores are kept in base-2 units (multiplied by log2(e)) so the softmax uses 
 The tiles a loop streams (keys and values in the forward and dq loops, queries and output gradients in the dk/dv
 loop) are loaded through pointers, or, where the launch table's TMA entry says so, through tensor descriptors that
 Hopper's copy engine (TMA) reads from: same tiles, same zeros past the end, no address arithmetic in the threads.
+The forward runs one program per (query block, batch x head) tile, or, where the table's programs_per_sm says so, a
+few programs per SM that each walk many tiles (persistent): the same per-tile body, `_fwd_tile`, either way.
 
     python -m pytest -q tests/test_kernel_attention.py     # CPU, TRITON_INTERPRET=1, vs the reference
 """
@@ -37,6 +40,7 @@ import triton.language as tl
 
 from kernels.attention_backward import _backward
 from kernels.attention_common import (
+    Launch,
     _check_inputs,
     _config,
     _flags,
@@ -50,6 +54,7 @@ from kernels.attention_common import (
     _pos_strides,
     _precision,
     _query_positions,
+    _sm_count,
     _tma_ready,
     _visible,
 )
@@ -93,16 +98,14 @@ def _fwd_key_loop(acc, m_i, l_i, q, pos, K_head, V_head, stride_ks, stride_vs, o
 
 
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, O, LSE, POS, KV_LEN,
-                     stride_qb, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh,
-                     stride_vb, stride_vs, stride_vh, stride_ob, stride_ot, stride_oh, stride_pb, stride_pt,
-                     T, S, H, GROUP, scale, softcap, window,
-                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_POS: tl.constexpr,
-                     HAS_KV_LEN: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                     PRECISION: tl.constexpr, TMA: tl.constexpr):
-    # Causal rows at the end of the sequence have the most keys: launch them first for a better tail.
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1)
+def _fwd_tile(pid_m, pid_bh, Q, K, V, O, LSE, POS, KV_LEN,
+              stride_qb, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh,
+              stride_vb, stride_vs, stride_vh, stride_ob, stride_ot, stride_oh, stride_pb, stride_pt,
+              T, S, H, GROUP, scale, softcap, window,
+              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_POS: tl.constexpr,
+              HAS_KV_LEN: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+              PRECISION: tl.constexpr, TMA: tl.constexpr):
+    """One tile: query block pid_m of (batch x head) row pid_bh -> its BLOCK_M rows of O and LSE."""
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
     kv_h = h // GROUP
@@ -140,21 +143,49 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, POS, KV_LEN,
     tl.store(LSE + pid_bh.to(tl.int64) * T + offs_m, lse, mask=row_ok)  # LSE is (B, H, T) contiguous
 
 
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, O, LSE, POS, KV_LEN,
+                     stride_qb, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh,
+                     stride_vb, stride_vs, stride_vh, stride_ob, stride_ot, stride_oh, stride_pb, stride_pt,
+                     T, S, H, GROUP, BATCH_HEADS, scale, softcap, window,
+                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_POS: tl.constexpr,
+                     HAS_KV_LEN: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                     PRECISION: tl.constexpr, TMA: tl.constexpr, PERSISTENT: tl.constexpr):
+    if PERSISTENT:
+        # Grid (programs,): a few programs per SM walk every tile, heaviest causal query blocks first across all
+        # (batch, head) rows, so the last tiles anyone runs are the shortest; neighbouring tiles share a kv head
+        # and read the same keys at about the same time.
+        n_m = tl.cdiv(T, BLOCK_M)
+        for tile in range(tl.program_id(0), n_m * BATCH_HEADS, tl.num_programs(0)):
+            _fwd_tile(n_m - 1 - tile // BATCH_HEADS, tile % BATCH_HEADS, Q, K, V, O, LSE, POS, KV_LEN,
+                      stride_qb, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
+                      stride_vh, stride_ob, stride_ot, stride_oh, stride_pb, stride_pt, T, S, H, GROUP, scale,
+                      softcap, window, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_POS, HAS_KV_LEN, HAS_WINDOW, HAS_SOFTCAP,
+                      PRECISION, TMA)
+    else:
+        # Grid (query blocks, batch x heads), one program per tile. Causal rows at the end of the sequence have the
+        # most keys: launch them first for a better tail.
+        _fwd_tile(tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1), Q, K, V, O, LSE, POS, KV_LEN,
+                  stride_qb, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                  stride_ob, stride_ot, stride_oh, stride_pb, stride_pt, T, S, H, GROUP, scale, softcap, window,
+                  HEAD_DIM, BLOCK_M, BLOCK_N, HAS_POS, HAS_KV_LEN, HAS_WINDOW, HAS_SOFTCAP, PRECISION, TMA)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 2. launch tables, launcher, autograd, functional API
 # ----------------------------------------------------------------------------------------------------------------
 
 
-# Fixed launch configs by head dim (BLOCK_M, BLOCK_N, num_warps, num_stages): large tiles for H100 tensor cores,
-# smaller ones where the (M, D) and (N, D) tiles of D=256 would overflow shared memory. Under TRITON_INTERPRET=1
-# small tiles keep CPU tests fast and still exercise several blocks, ragged edges and every loop segment.
-# The fifth entry, here and in kernels/attention_backward.py's tables: stream the loop's tiles through TMA
-# descriptors (sm_90+; kernels/sweep.py tries it; off until a GPU measures it faster).
-_GPU_FWD = {64: (128, 64, 4, 3, False), 128: (128, 64, 8, 3, False), 256: (64, 64, 8, 2, False)}
+# Fixed launch configs by head dim (kernels/attention_common.Launch: BLOCK_M, BLOCK_N, num_warps, num_stages, then
+# TMA and persistent programs per SM, both off until a GPU measures them faster; kernels/sweep.py tries them): large
+# tiles for H100 tensor cores, smaller ones where the (M, D) and (N, D) tiles of D=256 would overflow shared memory.
+# Under TRITON_INTERPRET=1 small tiles keep CPU tests fast and still exercise several blocks, ragged edges and every
+# loop segment.
+_GPU_FWD = {64: Launch(128, 64, 4, 3), 128: Launch(128, 64, 8, 3), 256: Launch(64, 64, 8, 2)}
 # fp32 tiles take twice the bytes: the bf16 config at D=128 would all but fill the H100's shared memory
 # (kernels/compile_check.py), so fp32 (parity checks, tiny test models) halves the query tile and the pipeline depth.
-_GPU_FWD_FP32 = {64: (64, 64, 4, 2, False), 128: (64, 64, 8, 2, False), 256: (32, 64, 8, 1, False)}
-_INTERPRET_FWD = (32, 16, 4, 1, False)
+_GPU_FWD_FP32 = {64: Launch(64, 64, 4, 2), 128: Launch(64, 64, 8, 2), 256: Launch(32, 64, 8, 1)}
+_INTERPRET_FWD = Launch(32, 16, 4, 1)
 
 
 def _forward(q, k, v, q_positions, kv_lengths, sliding_window, softcap, scale):
@@ -163,14 +194,18 @@ def _forward(q, k, v, q_positions, kv_lengths, sliding_window, softcap, scale):
     S, KH = k.shape[1], k.shape[2]
     out = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
-    block_m, block_n, warps, stages, kv_tma = _config(_GPU_FWD_FP32 if q.dtype == torch.float32 else _GPU_FWD,
-                                                      _INTERPRET_FWD, D)
-    _attn_fwd_kernel[_grid(triton.cdiv(T, block_m), B * H)](
+    launch = _config(_GPU_FWD_FP32 if q.dtype == torch.float32 else _GPU_FWD, _INTERPRET_FWD, D)
+    blocks = triton.cdiv(T, launch.block_m)
+    if launch.programs_per_sm:
+        grid = (min(blocks * B * H, launch.programs_per_sm * _sm_count(q.device)), 1)
+    else:
+        grid = _grid(blocks, B * H)
+    _attn_fwd_kernel[grid](
         q, k, v, out, lse, q_positions, kv_lengths, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        *out.stride()[:3], *_pos_strides(q_positions), T, S, H, H // KH, scale, softcap or 1.0, sliding_window or 0,
-        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q.dtype),
-        TMA=kv_tma and _tma_ready(k, v), **_flags(q_positions, kv_lengths, sliding_window, softcap),
-        num_warps=warps, num_stages=stages)
+        *out.stride()[:3], *_pos_strides(q_positions), T, S, H, H // KH, B * H, scale, softcap or 1.0,
+        sliding_window or 0, HEAD_DIM=D, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, PRECISION=_precision(q.dtype),
+        TMA=launch.tma and _tma_ready(k, v), PERSISTENT=launch.programs_per_sm > 0,
+        **_flags(q_positions, kv_lengths, sliding_window, softcap), num_warps=launch.warps, num_stages=launch.stages)
     return out, lse
 
 

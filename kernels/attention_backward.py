@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from kernels.attention_common import (
+    Launch,
     _config,
     _flags,
     _grid,
@@ -249,11 +250,11 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, POS, KV_LEN,
 # launch tables and launcher
 # ----------------------------------------------------------------------------------------------------------------
 
-# Backward (BLOCK_M queries, BLOCK_N keys, warps, stages, TMA): D = 64 and 128 chosen by kernels/sweep.py on an H100
-# (BENCHMARKS.md); D = 256 not swept.
-_GPU_BWD_DKDV = {64: (32, 128, 4, 3, False), 128: (64, 64, 4, 2, False), 256: (32, 64, 8, 1, False)}
-_GPU_BWD_DQ = {64: (64, 64, 4, 3, False), 128: (64, 64, 4, 2, False), 256: (64, 32, 8, 1, False)}
-_INTERPRET_BWD_DKDV, _INTERPRET_BWD_DQ = (16, 32, 4, 1, False), (32, 16, 4, 1, False)
+# Backward launch configs (kernels/attention_common.Launch; programs per SM is the forward's option, unused here):
+# D = 64 and 128 chosen by kernels/sweep.py on an H100 (BENCHMARKS.md); D = 256 not swept.
+_GPU_BWD_DKDV = {64: Launch(32, 128, 4, 3), 128: Launch(64, 64, 4, 2), 256: Launch(32, 64, 8, 1)}
+_GPU_BWD_DQ = {64: Launch(64, 64, 4, 3), 128: Launch(64, 64, 4, 2), 256: Launch(64, 32, 8, 1)}
+_INTERPRET_BWD_DKDV, _INTERPRET_BWD_DQ = Launch(16, 32, 4, 1), Launch(32, 16, 4, 1)
 
 
 def _backward(do, q, k, v, out, lse, q_positions, kv_lengths, sliding_window, softcap, scale):
@@ -272,14 +273,14 @@ def _backward(do, q, k, v, out, lse, q_positions, kv_lengths, sliding_window, so
     common = dict(HEAD_DIM=D, PRECISION=_precision(q.dtype), **flags)
     cap, window = softcap or 1.0, sliding_window or 0
 
-    block_m, block_n, warps, stages, tma = _config(_GPU_BWD_DKDV, _INTERPRET_BWD_DKDV, D)
+    block_m, block_n, warps, stages, tma, _ = _config(_GPU_BWD_DKDV, _INTERPRET_BWD_DKDV, D)
     _attn_bwd_dkdv_kernel[_grid(triton.cdiv(S, block_n), B * KH)](
         q, k, v, do, lse, delta, dk, dv, q_positions, kv_lengths, *q.stride()[:3], *k.stride()[:3],
         *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], *_pos_strides(q_positions),
         T, S, H, KH, H // KH, scale, cap, window, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
         num_stages=stages, TMA=tma and _tma_ready(q, do), **common)
 
-    block_m, block_n, warps, stages, tma = _config(_GPU_BWD_DQ, _INTERPRET_BWD_DQ, D)
+    block_m, block_n, warps, stages, tma, _ = _config(_GPU_BWD_DQ, _INTERPRET_BWD_DQ, D)
     _attn_bwd_dq_kernel[_grid(triton.cdiv(T, block_m), B * H)](
         q, k, v, do, lse, delta, dq, q_positions, kv_lengths, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         *do.stride()[:3], *dq.stride()[:3], *_pos_strides(q_positions), T, S, H, H // KH, scale, cap, window,

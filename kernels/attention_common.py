@@ -11,6 +11,7 @@ in kernels/attention.py.
 """
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -107,6 +108,19 @@ def _log2_scores(qk, scale, softcap, HAS_SOFTCAP: tl.constexpr):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class Launch(NamedTuple):
+    """One entry of an attention launch table: the tiles (BLOCK_M query rows, BLOCK_N keys), num_warps, the key
+    loop's software-pipeline depth (num_stages), and two Hopper options kernels/sweep.py times: stream the loop's
+    tiles through TMA descriptors, and (the forward only) run a fixed number of programs per SM that walk the tiles
+    instead of one program per tile (0)."""
+    block_m: int
+    block_n: int
+    warps: int
+    stages: int
+    tma: bool = False
+    programs_per_sm: int = 0
+
+
 def _config(table, interpret_config, head_dim):
     if _interpreting():
         return interpret_config
@@ -123,6 +137,14 @@ def _grid(blocks, rows):
         raise ValueError(f"attention: batch x heads = {rows} exceeds CUDA's {_MAX_GRID_ROWS} grid rows; "
                          "call it on smaller batches")
     return (blocks, rows)
+
+
+def _sm_count(device):
+    """Streaming multiprocessors of the GPU (3 in the interpreter: a handful of programs that each walk several
+    tiles); kernels/compile_check.py stands in an H100's 132."""
+    if _interpreting():
+        return 3
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _precision(dtype):

@@ -58,6 +58,9 @@ def _install_compile_only_launches():
             return True
 
     driver.set_active(H100Target())
+    from kernels import attention, decode_attention  # launchers that size their grids by the SM count: an H100's
+
+    attention._sm_count = decode_attention._sm_count = lambda device: H100_SMS
 
     def compile_only(self, grid):
         def launch(*args, **kwargs):
@@ -99,7 +102,6 @@ def check_attention(dtypes):
     shared prefix launches these same two kernels)."""
     from kernels import attention, attention_backward, decode_attention
 
-    decode_attention._sm_count = lambda device: H100_SMS
     modes = [dict(), dict(q_positions=torch.arange(64, dtype=torch.int32)[None]),
              dict(kv_lengths=torch.tensor([40], dtype=torch.int32), sliding_window=32, softcap=50.0)]
     for dtype in dtypes:

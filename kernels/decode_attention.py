@@ -41,6 +41,7 @@ from kernels.attention_common import (
     _pos_strides,
     _precision,
     _query_positions,
+    _sm_count,
 )
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -119,10 +120,6 @@ def _num_splits(batch_heads, S, block_n, device):
     if _interpreting():
         return max(1, min(3, triton.cdiv(S, block_n)))  # several splits so the tests exercise the merge
     return max(1, min(triton.cdiv(2 * _sm_count(device), batch_heads), triton.cdiv(S, 4 * block_n)))
-
-
-def _sm_count(device):
-    return torch.cuda.get_device_properties(device).multi_processor_count  # kernels/compile_check.py: an H100's 132
 
 
 def _decode_partials(q, k, v, q_positions, kv_lengths, sliding_window, softcap, scale, kv_rows=None):

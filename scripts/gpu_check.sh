@@ -74,8 +74,9 @@ run_step() {  # the checks by name; the default run is ordered: tests first, the
     test_attention) step "$1" 300 "$py" -m pytest -q tests/test_kernel_attention.py ;;
     batch1) step "$1" 100 "$py" scripts/bench_sampling.py --prompts 1 --samples 1 ;;  # 8B batch 1, MBU, steady state
     sweep) step "$1" 400 "$py" -m kernels.sweep ;;  # launch configs, fwd D 128/256, bwd D 64/128/256 (alone)
-    # the forward's tiles at D 128 and 256, each with pointer loads and through TMA (24 compiles; alone)
-    sweep_forward) step "$1" 300 "$py" -m kernels.sweep --only forward128,forward256 ;;
+    # the forward's tiles at D 128 and 256, each with pointer loads and through TMA, two of them persistent too
+    # (32 compiles; alone)
+    sweep_forward) step "$1" 360 "$py" -m kernels.sweep --only forward128,forward256 ;;
     # the backward's tiles at the benchmark's D 128: dk/dv and dq, pointer loads and (three tiles each) TMA; alone
     sweep_backward128) step "$1" 300 "$py" -m kernels.sweep --only attention128 ;;
     # 8B, 64 prompts x 8 samples = 512 sequences x (128 -> 256), then batch-1 decode with its MBU and steady state

@@ -197,6 +197,20 @@ def nan_past_kv_lengths_case(B, T, S, H, K, D, options):
     return seed, q, k, v, k_read, v_read, args
 
 
+def check_grads_with_nan_past_kv_lengths(B, T, S, H, K, D, options):
+    """Output and every gradient of flash.attention against the reference, the kernel reading keys and values that
+    are NaN past kv_len (nan_past_kv_lengths_case); the gradients of those keys are not compared (no query sees
+    them)."""
+    seed, q, k, v, k_read, v_read, args = nan_past_kv_lengths_case(B, T, S, H, K, D, options)
+    grad_out = torch.randn(B, T, H, D, device=DEVICE)
+    expected = output_and_grads(lambda *x: reference.attention(*x, **args), (q, k, v), torch.float32, grad_out)
+    actual = output_and_grads(lambda *x: flash.attention(*x, **args), (q, k_read, v_read), torch.float32, grad_out)
+    for b, n in enumerate(options.get("kv_lengths", ())):
+        for grads in (actual, expected):
+            grads[2][b, n:], grads[3][b, n:] = 0.0, 0.0
+    check_fp32(actual, expected, seed)
+
+
 @pytest.mark.parametrize("B, T, S, H, K, D, options", [
     (2, 33, 33, 4, 2, 32, {}),
     (2, 7, 7, 2, 2, 16, {"kv_lengths": (7, 4)}),
@@ -208,7 +222,7 @@ def test_forward_with_key_value_tiles_through_tma(monkeypatch, B, T, S, H, K, D,
     """The forward's TMA variant (tensor descriptors that stop at kv_len) gives the reference's output: ragged
     lengths, a row that sees nothing, windows, soft-caps, explicit positions. Keys and values past kv_len are NaN (a
     cache's unwritten rows may hold anything): a tile that read them would turn the output into NaN."""
-    monkeypatch.setattr(flash, "_INTERPRET_FWD", flash._INTERPRET_FWD[:4] + (True,))
+    monkeypatch.setattr(flash, "_INTERPRET_FWD", flash._INTERPRET_FWD._replace(tma=True))
     seed, q, k, v, k_read, v_read, args = nan_past_kv_lengths_case(B, T, S, H, K, D, options)
     with torch.no_grad():
         out = flash.attention(q, k_read, v_read, **args)
@@ -228,15 +242,27 @@ def test_backward_with_tiles_through_tma(monkeypatch, B, T, S, H, K, D, options)
     (no query sees them)."""
     for module, name in ((flash, "_INTERPRET_FWD"), (flash_backward, "_INTERPRET_BWD_DKDV"),
                          (flash_backward, "_INTERPRET_BWD_DQ")):
-        monkeypatch.setattr(module, name, getattr(module, name)[:4] + (True,))
-    seed, q, k, v, k_read, v_read, args = nan_past_kv_lengths_case(B, T, S, H, K, D, options)
-    grad_out = torch.randn(B, T, H, D, device=DEVICE)
-    expected = output_and_grads(lambda *x: reference.attention(*x, **args), (q, k, v), torch.float32, grad_out)
-    actual = output_and_grads(lambda *x: flash.attention(*x, **args), (q, k_read, v_read), torch.float32, grad_out)
-    for b, n in enumerate(options.get("kv_lengths", ())):
-        for grads in (actual, expected):
-            grads[2][b, n:], grads[3][b, n:] = 0.0, 0.0
-    check_fp32(actual, expected, seed)
+        monkeypatch.setattr(module, name, getattr(module, name)._replace(tma=True))
+    check_grads_with_nan_past_kv_lengths(B, T, S, H, K, D, options)
+
+
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+@pytest.mark.parametrize("B, T, S, H, K, D, options", [
+    (2, 33, 33, 4, 2, 32, {}),
+    (3, 70, 70, 4, 2, 16, {"kv_lengths": (70, 41, 0)}),
+    (1, 7, 7, 2, 2, 16, {}),
+    (2, 33, 33, 4, 1, 32, {"sliding_window": 5, "softcap": 5.0}),
+    (2, 7, 20, 4, 2, 16, {"q_positions": ((13, 20), (5, 12)), "kv_lengths": (20, 12), "sliding_window": 6}),
+], ids=["gqa", "padding-empty-row", "fewer-tiles-than-programs", "mqa-window-softcap", "positions-ragged"])
+def test_persistent_forward_walks_every_tile_once(monkeypatch, tma, B, T, S, H, K, D, options):
+    """The persistent forward (a few programs, here the interpreter's 3, each walking many (query block, batch x
+    head) tiles heaviest first) gives the reference's output and, through the LSE it saves, the reference's
+    gradients. The output buffer starts as NaN, so a tile no program writes fails the comparison; keys and values
+    past kv_len are NaN too, as in the TMA tests."""
+    monkeypatch.setattr(flash, "_INTERPRET_FWD", flash._INTERPRET_FWD._replace(tma=tma, programs_per_sm=1))
+    real_empty = torch.empty
+    monkeypatch.setattr(flash.torch, "empty", lambda *a, **kw: real_empty(*a, **kw).fill_(float("nan")))
+    check_grads_with_nan_past_kv_lengths(B, T, S, H, K, D, options)
 
 
 def test_tma_is_used_only_where_descriptors_can_address_the_tensors():
@@ -505,7 +531,18 @@ def test_gpu_bf16_through_tma(monkeypatch, D):
     """The TMA variants kernels/sweep.py times (forward, dk/dv, dq), at every head dim, with GQA, a window and ragged
     lengths."""
     for table in (flash._GPU_FWD, flash_backward._GPU_BWD_DKDV, flash_backward._GPU_BWD_DQ):
-        monkeypatch.setitem(table, D, table[D][:4] + (True,))
+        monkeypatch.setitem(table, D, table[D]._replace(tma=True))
+    compare(2, 1000, 1000, 16, 4, D, dtype=torch.bfloat16, sliding_window=300, kv_lengths=lengths(1000, 613))
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+@pytest.mark.parametrize("D", [64, 128, 256])
+def test_gpu_bf16_persistent_forward(monkeypatch, D, tma):
+    """The persistent forward kernels/sweep.py times (one program per SM walking the tiles), then the table's
+    backward, at every head dim, with GQA, a window and ragged lengths."""
+    monkeypatch.setitem(flash._GPU_FWD, D, flash._GPU_FWD[D]._replace(tma=tma, programs_per_sm=1))
     compare(2, 1000, 1000, 16, 4, D, dtype=torch.bfloat16, sliding_window=300, kv_lengths=lengths(1000, 613))
 
 
