@@ -15,6 +15,10 @@ with the unfused path (logits materialized, then F.cross_entropy) by time and pe
 Each Triton row carries its BENCHMARKS.md target (the "current" column: compute targets as on an H100, bandwidth
 targets 80 % of the device's copy bandwidth, which the script measures first) and whether it was met.
 
+Beside `triton` (the launch tables as they are), the attention forward prints `triton-tma` (the table tiles through
+TMA descriptors) and `triton-persist` (the same, walked by one program per SM): kernels/attention.py's Hopper
+options, off in the tables until these rows measure them faster.
+
 The attention kernel's contract is causal by position (kernels/reference.py); the non-causal rows place every
 query at the last key position (q_positions = S - 1), which makes every key visible (tests/test_kernel_attention.py
 checks this against SDPA). In the backward that takes the explicit-positions path, which masks every tile.
@@ -145,11 +149,11 @@ def bench_attention(args, dtype):
         positions = None if causal else last
         return lambda q, k, v: attention.attention(q, k, v, q_positions=positions)
 
-    def ours_through_tma(causal):  # the forward's TMA variant (kernels/attention.py), table tiles; forward only
+    def ours_with(causal, **options):  # the forward with Launch options (kernels/attention.py), table tiles
         def run(q, k, v):
             table = attention._GPU_FWD
             saved = table[D]
-            table[D] = saved._replace(tma=True)
+            table[D] = saved._replace(**options)
             try:
                 return ours(causal)(q, k, v)
             finally:
@@ -180,7 +184,10 @@ def bench_attention(args, dtype):
         if not args.no_compile:
             impls.append(("torch.compile", torch.compile(eager(causal)), (q, k, v)))
         label = "causal" if causal else "non-causal"
-        for impl, fn, inputs in impls[:1] + [("triton-tma", ours_through_tma(causal), (q, k, v))] + impls[1:]:
+        # the forward's Hopper options, forward only: tiles through TMA, and those walked by one program per SM
+        variants = [("triton-tma", ours_with(causal, tma=True), (q, k, v)),
+                    ("triton-persist", ours_with(causal, tma=True, programs_per_sm=1), (q, k, v))]
+        for impl, fn, inputs in impls[:1] + variants + impls[1:]:
             with torch.no_grad():
                 result = measure(lambda: fn(*inputs), args)
             target = (TARGET_ATTN_FWD_TFLOPS[causal], ">=") if impl.startswith("triton") else None
