@@ -176,8 +176,21 @@ def _tma_ready(*tensors):
                                                                     for st in x.stride()[:-1]) for x in tensors):
         return False
     if not _interpreting():
-        triton.set_allocator(_descriptor_scratch)
+        _keep_or_set_descriptor_allocator()
     return True
+
+
+def _keep_or_set_descriptor_allocator():
+    """Kernels that build descriptors on the device need scratch memory from Triton's allocator, which is unset (and
+    refuses) by default: point it at torch's caching allocator, unless this thread already has one (a user's own is
+    kept). The allocator is a context variable, so it is checked at every launch, from whichever thread launches."""
+    try:
+        from triton.runtime._allocation import NullAllocator, _allocator
+        if not isinstance(_allocator.get(), NullAllocator):
+            return
+    except ImportError:  # a Triton that moved its internals: set ours, as any launch needs one
+        pass
+    triton.set_allocator(_descriptor_scratch)
 
 
 def _descriptor_scratch(size, alignment, stream):

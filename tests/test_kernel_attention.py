@@ -276,6 +276,29 @@ def test_tma_is_used_only_where_descriptors_can_address_the_tensors():
     assert not attention_common._tma_ready(torch.zeros(2, 9, 1, 3), torch.zeros(2, 9, 1, 3))  # 12-byte rows
 
 
+def test_tma_launch_sets_an_allocator_for_descriptors_but_keeps_a_users_own(monkeypatch):
+    """Device-side descriptors need Triton's allocator, unset by default: a TMA launch points it at torch, but one a
+    user set stays."""
+    import triton
+    from triton.runtime import _allocation
+
+    k = torch.zeros(2, 9, 2, 16)
+    monkeypatch.setattr(attention_common, "_interpreting", lambda: False)
+    token = _allocation._allocator.set(_allocation.NullAllocator())
+    try:
+        assert attention_common._tma_ready(k, k)
+        assert _allocation._allocator.get() is attention_common._descriptor_scratch
+
+        def users_own(size, alignment, stream):
+            return torch.empty(size, dtype=torch.int8)
+
+        triton.set_allocator(users_own)
+        assert attention_common._tma_ready(k, k)
+        assert _allocation._allocator.get() is users_own
+    finally:
+        _allocation._allocator.reset(token)
+
+
 def test_non_contiguous_inputs():
     seed, q, k, v = random_qkv(2, 19, 19, 4, 2, 32, torch.float32)
     q_view = q.transpose(1, 2).contiguous().transpose(1, 2)  # (B, T, H, D) view of a (B, H, T, D) buffer
