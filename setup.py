@@ -26,9 +26,10 @@ setup(
         # SentencePiece -> tokenizer.json converter, which the tokenizer tests use on the real Mistral-7B model;
         # peft: the reference loader of the LoRA adapters the training stages write, tests/test_adapters.py;
         # tensorboard: the tracking test reads the event files back with tensorboard's own reader;
-        # trl: tests/test_grpo.py checks GRPO's loss against TRL's GRPOTrainer (>= 1.16: use_bias_correction_kl).
+        # trl: tests/test_grpo.py checks GRPO's loss against TRL's GRPOTrainer (>= 1.16: use_bias_correction_kl);
+        # math-verify: tests/test_graders.py runs the optional `math-verify` grader, which it skips without it).
         "dev": ["pytest", "pytest-xdist", "transformers", "protobuf", "mistral-common", "peft", "ruff", "tensorboard",
-                "trl>=1.16"],
+                "trl>=1.16", "math-verify"],
         "plot": ["matplotlib"],
         # Experiment trackers for --report-to / [logging] report_to (w2s/tracking.py imports them only when asked).
         "tensorboard": ["tensorboard"],
