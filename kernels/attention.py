@@ -152,12 +152,13 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, POS, KV_LEN,
                      HAS_KV_LEN: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                      PRECISION: tl.constexpr, TMA: tl.constexpr, PERSISTENT: tl.constexpr):
     if PERSISTENT:
-        # Grid (programs,): a few programs per SM walk every tile, heaviest causal query blocks first across all
-        # (batch, head) rows, so the last tiles anyone runs are the shortest; neighbouring tiles share a kv head
-        # and read the same keys at about the same time.
+        # Grid (programs,): a few programs per SM walk every tile in the order the one-program-per-tile grid
+        # launches them: (batch, head) after (batch, head), each one's heaviest causal query blocks first. The
+        # programs in flight then cover a few heads (a few kv heads' keys, read from L2 by many programs), and the
+        # grid stride deals each program a mix of heavy and light blocks.
         n_m = tl.cdiv(T, BLOCK_M)
         for tile in range(tl.program_id(0), n_m * BATCH_HEADS, tl.num_programs(0)):
-            _fwd_tile(n_m - 1 - tile // BATCH_HEADS, tile % BATCH_HEADS, Q, K, V, O, LSE, POS, KV_LEN,
+            _fwd_tile(n_m - 1 - tile % n_m, tile // n_m, Q, K, V, O, LSE, POS, KV_LEN,
                       stride_qb, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
                       stride_vh, stride_ob, stride_ot, stride_oh, stride_pb, stride_pt, T, S, H, GROUP, scale,
                       softcap, window, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_POS, HAS_KV_LEN, HAS_WINDOW, HAS_SOFTCAP,
