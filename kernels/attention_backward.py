@@ -3,7 +3,9 @@ log-sum-exp, for the same contract (causal GQA, explicit positions, ragged lengt
 
 Three kernels: delta = rowsum(dO * O) per query row; one program per key block for dk/dv, looping over the query
 heads of its GQA group so no atomics are needed (the query blocks it visits follow the forward's key segments,
-transposed); one program per query block for dq, over the forward's key segments. The launch tables here are the
+transposed); one program per query block for dq, over the forward's key segments. Where the dk/dv table entry says
+atomic_dq, the dk/dv program also adds its key block's share of dq into an fp32 buffer with atomic adds and the dq
+kernel does not run (no recomputed scores; dq's sums then land in any order). The launch tables here are the
 backward's, chosen by kernels/sweep.py; kernels/attention.py's autograd Function calls `_backward`.
 
     python -m pytest -q tests/test_kernel_attention.py     # CPU, TRITON_INTERPRET=1, vs the reference
@@ -55,13 +57,15 @@ def _attn_bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_ot, stride_oh, stride
 
 
 @triton.jit
-def _bwd_dkdv_query_loop(dk, dv, k, v, offs_n, Q_head, DO_head, LSE_head, DELTA_head, POS, b, stride_pb, stride_pt,
-                         stride_qt, stride_dot, offs_d, start, end, T, kv_len, scale, softcap, window,
-                         BLOCK_M: tl.constexpr, MASKED: tl.constexpr, HAS_POS: tl.constexpr,
-                         HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
-                         TMA: tl.constexpr):
+def _bwd_dkdv_query_loop(dk, dv, k, v, offs_n, Q_head, DO_head, LSE_head, DELTA_head, DQ_ACC_head, POS, b,
+                         stride_pb, stride_pt, stride_qt, stride_dot, stride_dqt, offs_d, start, end, T, kv_len,
+                         scale, softcap, window, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+                         HAS_POS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                         PRECISION: tl.constexpr, TMA: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     """Accumulate dk, dv (N, D) of one key block over query blocks [start, end), all in transposed (N, M) tiles.
-    Q_head / DO_head: one query head's (T, D) rows, as pointers, or as tensor descriptors when TMA."""
+    Q_head / DO_head: one query head's (T, D) rows, as pointers, or as tensor descriptors when TMA. ATOMIC_DQ: also
+    add this key block's share of dq, scale * dS K (M, D), into the head's fp32 rows DQ_ACC_head with atomic adds
+    (FlashAttention-2's backward: the dq kernel and its three recomputed products are not needed)."""
     for start_m in range(start, end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < T
@@ -90,18 +94,24 @@ def _bwd_dkdv_query_loop(dk, dv, k, v, offs_n, Q_head, DO_head, LSE_head, DELTA_
         if HAS_SOFTCAP:
             ds_t = ds_t * cap_grad_t
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+        if ATOMIC_DQ:
+            dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=PRECISION) * scale  # (M, D)
+            tl.atomic_add(DQ_ACC_head + offs_m[:, None] * stride_dqt + offs_d[None, :], dq, mask=row_ok[:, None],
+                          sem="relaxed")
     return dk, dv
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, POS, KV_LEN,
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, POS, KV_LEN,
                           stride_qb, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh,
                           stride_vb, stride_vs, stride_vh, stride_dob, stride_dot, stride_doh,
                           stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
+                          stride_dqb, stride_dqt, stride_dqh,
                           stride_pb, stride_pt, T, S, H, KH, GROUP, scale, softcap, window,
                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           HAS_POS: tl.constexpr, HAS_KV_LEN: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                          HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
+                          HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
+                          ATOMIC_DQ: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bk = tl.program_id(1)
     b = (pid_bk // KH).to(tl.int64)
@@ -111,10 +121,14 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, POS, KV_LEN,
     offs_d = tl.arange(0, HEAD_DIM)
     key_ok = offs_n < S
     kv_len = _kv_length(KV_LEN, b, S, HAS_KV_LEN)
+    if ATOMIC_DQ:  # dS K sums over every key of the block: keys past kv_len (a cache may hold NaN there) load as 0
+        key_read = offs_n < kv_len
+    else:
+        key_read = key_ok
     k = tl.load(K + b * stride_kb + kv_h * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :],
-                mask=key_ok[:, None], other=0.0)  # (N, D)
+                mask=key_read[:, None], other=0.0)  # (N, D)
     v = tl.load(V + b * stride_vb + kv_h * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :],
-                mask=key_ok[:, None], other=0.0)
+                mask=key_read[:, None], other=0.0)
 
     # Which query blocks see this key block. With explicit positions nothing is known: visit all, masked.
     # Otherwise query t sits at position t: masked diagonal blocks, then blocks that see every key here,
@@ -152,18 +166,22 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, POS, KV_LEN,
                                                 block_shape=[BLOCK_M, HEAD_DIM])
         LSE_head = LSE + (b * H + h) * T
         DELTA_head = DELTA + (b * H + h) * T
-        dk, dv = _bwd_dkdv_query_loop(dk, dv, k, v, offs_n, Q_head, DO_head, LSE_head, DELTA_head, POS, b,
-                                      stride_pb, stride_pt, stride_qt, stride_dot, offs_d, lo, full_lo, T, kv_len,
-                                      scale, softcap, window, BLOCK_M, True, HAS_POS, HAS_WINDOW, HAS_SOFTCAP,
-                                      PRECISION, TMA)
-        dk, dv = _bwd_dkdv_query_loop(dk, dv, k, v, offs_n, Q_head, DO_head, LSE_head, DELTA_head, POS, b,
-                                      stride_pb, stride_pt, stride_qt, stride_dot, offs_d, full_lo, full_hi, T,
-                                      kv_len, scale, softcap, window, BLOCK_M, False, HAS_POS, HAS_WINDOW,
-                                      HAS_SOFTCAP, PRECISION, TMA)
-        dk, dv = _bwd_dkdv_query_loop(dk, dv, k, v, offs_n, Q_head, DO_head, LSE_head, DELTA_head, POS, b,
-                                      stride_pb, stride_pt, stride_qt, stride_dot, offs_d, full_hi, hi, T, kv_len,
-                                      scale, softcap, window, BLOCK_M, True, HAS_POS, HAS_WINDOW, HAS_SOFTCAP,
-                                      PRECISION, TMA)
+        DQ_ACC_head = DQ_ACC + b * stride_dqb + h * stride_dqh
+        dk, dv = _bwd_dkdv_query_loop(dk, dv, k, v, offs_n, Q_head, DO_head, LSE_head, DELTA_head,
+                                      DQ_ACC_head, POS, b, stride_pb, stride_pt, stride_qt, stride_dot,
+                                      stride_dqt, offs_d, lo, full_lo, T, kv_len, scale, softcap, window,
+                                      BLOCK_M, True, HAS_POS, HAS_WINDOW, HAS_SOFTCAP, PRECISION, TMA,
+                                      ATOMIC_DQ)
+        dk, dv = _bwd_dkdv_query_loop(dk, dv, k, v, offs_n, Q_head, DO_head, LSE_head, DELTA_head,
+                                      DQ_ACC_head, POS, b, stride_pb, stride_pt, stride_qt, stride_dot,
+                                      stride_dqt, offs_d, full_lo, full_hi, T, kv_len, scale, softcap, window,
+                                      BLOCK_M, False, HAS_POS, HAS_WINDOW, HAS_SOFTCAP, PRECISION, TMA,
+                                      ATOMIC_DQ)
+        dk, dv = _bwd_dkdv_query_loop(dk, dv, k, v, offs_n, Q_head, DO_head, LSE_head, DELTA_head,
+                                      DQ_ACC_head, POS, b, stride_pb, stride_pt, stride_qt, stride_dot,
+                                      stride_dqt, offs_d, full_hi, hi, T, kv_len, scale, softcap, window,
+                                      BLOCK_M, True, HAS_POS, HAS_WINDOW, HAS_SOFTCAP, PRECISION, TMA,
+                                      ATOMIC_DQ)
     tl.store(DK + b * stride_dkb + kv_h * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=key_ok[:, None])
     tl.store(DV + b * stride_dvb + kv_h * stride_dvh + offs_n[:, None] * stride_dvs + offs_d[None, :],
@@ -250,7 +268,8 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, POS, KV_LEN,
 # launch tables and launcher
 # ----------------------------------------------------------------------------------------------------------------
 
-# Backward launch configs (kernels/attention_common.Launch; programs per SM is the forward's option, unused here):
+# Backward launch configs (kernels/attention_common.Launch; programs per SM is the forward's option, unused here;
+# atomic_dq the dk/dv kernel's):
 # D = 64 and 128 chosen by kernels/sweep.py on an H100 (BENCHMARKS.md); D = 256 not swept.
 _GPU_BWD_DKDV = {64: Launch(32, 128, 4, 3), 128: Launch(64, 64, 4, 2), 256: Launch(32, 64, 8, 1)}
 _GPU_BWD_DQ = {64: Launch(64, 64, 4, 3), 128: Launch(64, 64, 4, 2), 256: Launch(64, 32, 8, 1)}
@@ -258,7 +277,8 @@ _INTERPRET_BWD_DKDV, _INTERPRET_BWD_DQ = Launch(16, 32, 4, 1), Launch(32, 16, 4,
 
 
 def _backward(do, q, k, v, out, lse, q_positions, kv_lengths, sliding_window, softcap, scale):
-    """Launch dk/dv then dq. delta = rowsum(dO * O) is the softmax-backward correction, (B, H, T) fp32."""
+    """Launch dk/dv then dq (or dk/dv summing dq by atomic adds, where the table says atomic_dq). delta =
+    rowsum(dO * O) is the softmax-backward correction, (B, H, T) fp32."""
     B, T, H, D = q.shape
     S, KH = k.shape[1], k.shape[2]
     do = _last_dim_contiguous(do)
@@ -266,23 +286,29 @@ def _backward(do, q, k, v, out, lse, q_positions, kv_lengths, sliding_window, so
     block_delta = 16 if _interpreting() else 64
     _attn_bwd_delta_kernel[_grid(triton.cdiv(T, block_delta), B * H)](
         out, do, delta, *out.stride()[:3], *do.stride()[:3], T, H, HEAD_DIM=D, BLOCK_M=block_delta)
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dkdv = _config(_GPU_BWD_DKDV, _INTERPRET_BWD_DKDV, D)
+    # atomic_dq: fp32 sums the dk/dv kernel adds into (rows no key reaches stay 0); else what the dq kernel writes
+    dq = (torch.zeros((B, T, H, D), dtype=torch.float32, device=q.device) if dkdv.atomic_dq
+          else torch.empty_like(q, memory_format=torch.contiguous_format))
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     flags = _flags(q_positions, kv_lengths, sliding_window, softcap)
     common = dict(HEAD_DIM=D, PRECISION=_precision(q.dtype), **flags)
     cap, window = softcap or 1.0, sliding_window or 0
 
-    block_m, block_n, warps, stages, tma, _ = _config(_GPU_BWD_DKDV, _INTERPRET_BWD_DKDV, D)
-    _attn_bwd_dkdv_kernel[_grid(triton.cdiv(S, block_n), B * KH)](
-        q, k, v, do, lse, delta, dk, dv, q_positions, kv_lengths, *q.stride()[:3], *k.stride()[:3],
-        *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], *_pos_strides(q_positions),
-        T, S, H, KH, H // KH, scale, cap, window, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
-        num_stages=stages, TMA=tma and _tma_ready(q, do), **common)
+    _attn_bwd_dkdv_kernel[_grid(triton.cdiv(S, dkdv.block_n), B * KH)](
+        q, k, v, do, lse, delta, dk, dv, dq, q_positions, kv_lengths, *q.stride()[:3], *k.stride()[:3],
+        *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], *dq.stride()[:3],
+        *_pos_strides(q_positions), T, S, H, KH, H // KH, scale, cap, window, BLOCK_M=dkdv.block_m,
+        BLOCK_N=dkdv.block_n, num_warps=dkdv.warps, num_stages=dkdv.stages, TMA=dkdv.tma and _tma_ready(q, do),
+        ATOMIC_DQ=dkdv.atomic_dq, **common)
+    if dkdv.atomic_dq:
+        return dq.to(q.dtype), dk, dv
 
-    block_m, block_n, warps, stages, tma, _ = _config(_GPU_BWD_DQ, _INTERPRET_BWD_DQ, D)
-    _attn_bwd_dq_kernel[_grid(triton.cdiv(T, block_m), B * H)](
+    dq_launch = _config(_GPU_BWD_DQ, _INTERPRET_BWD_DQ, D)
+    _attn_bwd_dq_kernel[_grid(triton.cdiv(T, dq_launch.block_m), B * H)](
         q, k, v, do, lse, delta, dq, q_positions, kv_lengths, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         *do.stride()[:3], *dq.stride()[:3], *_pos_strides(q_positions), T, S, H, H // KH, scale, cap, window,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, TMA=tma and _tma_ready(k, v), **common)
+        BLOCK_M=dq_launch.block_m, BLOCK_N=dq_launch.block_n, num_warps=dq_launch.warps,
+        num_stages=dq_launch.stages, TMA=dq_launch.tma and _tma_ready(k, v), **common)
     return dq, dk, dv

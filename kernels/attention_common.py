@@ -110,15 +110,17 @@ def _log2_scores(qk, scale, softcap, HAS_SOFTCAP: tl.constexpr):
 
 class Launch(NamedTuple):
     """One entry of an attention launch table: the tiles (BLOCK_M query rows, BLOCK_N keys), num_warps, the key
-    loop's software-pipeline depth (num_stages), and two Hopper options kernels/sweep.py times: stream the loop's
-    tiles through TMA descriptors, and (the forward only) run a fixed number of programs per SM that walk the tiles
-    instead of one program per tile (0)."""
+    loop's software-pipeline depth (num_stages), and the options kernels/sweep.py times: stream the loop's tiles
+    through TMA descriptors; (the forward only) run a fixed number of programs per SM that walk the tiles instead of
+    one program per tile (0); (the dk/dv kernel only) also sum dq there with fp32 atomic adds, so that the dq kernel
+    does not run (dq then is not bit-reproducible from run to run: the adds land in any order)."""
     block_m: int
     block_n: int
     warps: int
     stages: int
     tma: bool = False
     programs_per_sm: int = 0
+    atomic_dq: bool = False
 
 
 def _config(table, interpret_config, head_dim):

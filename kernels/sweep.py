@@ -1,18 +1,19 @@
-"""Launch-config sweep on a GPU: which tile sizes, warps, pipeline depths, tile loads (through TMA or pointers) and
-(forward) persistent programs to put in the fixed tables of kernels/attention.py (_GPU_FWD),
-kernels/attention_backward.py (_GPU_BWD_DKDV, _GPU_BWD_DQ) and kernels/rms_norm.py (BWD_PROGRAMS_PER_SM,
-BWD_NUM_WARPS). Run it on new hardware, copy the fastest rows into the tables, and record the table it printed.
+"""Launch-config sweep on a GPU: which tile sizes, warps, pipeline depths, tile loads (through TMA or pointers),
+(forward) persistent programs and (backward) dq summed by the dk/dv kernel's atomic adds to put in the fixed tables
+of kernels/attention.py (_GPU_FWD), kernels/attention_backward.py (_GPU_BWD_DKDV, _GPU_BWD_DQ) and
+kernels/rms_norm.py (BWD_PROGRAMS_PER_SM, BWD_NUM_WARPS). Run it on new hardware, copy the fastest rows into the
+tables, and record the table it printed.
 
     python -m kernels.sweep                      # needs CUDA; most of its time is Triton compiles
     python -m kernels.sweep --only attention256,forward256
     python -m kernels.sweep --only rms_norm
 
-For each backward candidate it times the whole backward (kernels/bench.py's median_ms: device time, L2 flushed) with
-the other kernel at its table config, and checks the gradients against the table config's on the same inputs
-(max |diff| / max |ref|; tiles only change the summation order, so bf16 stays near 1e-3); forward candidates the
-same with the output. A candidate that does not compile (shared memory, registers) prints its error and the sweep
-goes on. No tables are changed by running it. Every candidate compiles for sm_90a within the shared-memory limit
-(`make check-sm90`, whose `sweep` part compiles them all without a GPU).
+For each backward candidate it times the whole backward (kernels/bench.py's median_ms: device time, L2 flushed) with the
+other kernel at its table config (a dk/dv candidate with atomic dq runs alone), and checks the gradients against the
+table config's on the same inputs (max |diff| / max |ref|; tiles only change the summation order, so bf16 stays near
+1e-3); forward candidates the same with the output. A candidate that does not compile (shared memory, registers) prints
+its error and the sweep goes on. No tables are changed by running it. Every candidate compiles for sm_90a within the
+shared-memory limit (`make check-sm90`, whose `sweep` part compiles them all without a GPU).
 """
 
 import argparse
@@ -57,16 +58,25 @@ def _persistent(tiles, n):
             for D, ts in tiles.items()}
 
 
+def _atomic_dq(tiles, n):
+    """The first n dk/dv tiles summing dq themselves by atomic adds (no dq kernel), with pointer loads and through
+    TMA."""
+    return {D: [Launch(*t, tma=tma, atomic_dq=True) for t in ts[:n] for tma in (False, True)]
+            for D, ts in tiles.items()}
+
+
 # Every forward tile both ways (the forward is one kernel, quick to compile) and the first two persistent; the
-# backward's table tiles and the next two through TMA.
+# backward's table tiles and the next two through TMA, and the same three dk/dv tiles summing dq by atomic adds.
 FWD_CANDIDATES = {D: ts + _persistent(_FWD_TILES, 2)[D] for D, ts in _with_tma(_FWD_TILES, 6).items()}
-DKDV_CANDIDATES, DQ_CANDIDATES = _with_tma(_DKDV_TILES, 3), _with_tma(_DQ_TILES, 3)
+DKDV_CANDIDATES = {D: ts + _atomic_dq(_DKDV_TILES, 3)[D] for D, ts in _with_tma(_DKDV_TILES, 3).items()}
+DQ_CANDIDATES = _with_tma(_DQ_TILES, 3)
 # (B, T, H, KH) per head dim: kernels/bench.py's attention shape at D = 128, Llama-3.2-1B's training shape at 64,
 # Gemma-2-9B's heads at 256.
 SHAPES = {128: (4, 4096, 16, 16), 64: (8, 2048, 32, 8), 256: (2, 4096, 16, 8)}
 PARTS = ("attention128", "attention64", "attention256", "forward128", "forward256", "rms_norm")
 DEVICE = "cuda"
-CONFIG_HEADER = "(BLOCK_M, BLOCK_N, warps, stages, TMA, per SM)"  # a Launch's fields; per SM 0: a program per tile
+# a Launch's fields; per SM 0: a program per tile; atomic dq: the dk/dv kernel sums dq and the dq kernel does not run
+CONFIG_HEADER = "(BLOCK_M, BLOCK_N, warps, stages, TMA, per SM, atomic dq)"
 
 
 def _median_ms(fn, warmup, repeats):
@@ -92,7 +102,7 @@ def sweep_attention(head_dim, warmup, repeats):
     backward = lambda: attention_backward._backward(do, q, k, v, out, lse, None, None, None, None, scale)  # noqa: E731
     flops = 2.5 * 4 * B * H * T * T * head_dim / 2  # causal, FlashAttention's convention (kernels/bench.py)
     print(f"\nattention bwd, causal, B{B} T{T} H{H} KH{KH} D{head_dim}, bf16")
-    print(f"{'kernel':<6} {CONFIG_HEADER:<42} {'ms':>8} {'TF/s':>8} {'max rel diff':>13}")
+    print(f"{'kernel':<6} {CONFIG_HEADER:<56} {'ms':>8} {'TF/s':>8} {'max rel diff':>13}")
     reference = backward()
     for name, table, candidates in (("dkdv", attention_backward._GPU_BWD_DKDV, DKDV_CANDIDATES),
                                     ("dq", attention_backward._GPU_BWD_DQ, DQ_CANDIDATES)):
@@ -103,10 +113,10 @@ def sweep_attention(head_dim, warmup, repeats):
                 grads = backward()
                 err = max(rel_err(g, r) for g, r in zip(grads, reference))
                 ms = _median_ms(backward, warmup, repeats)
-                print(f"{name:<6} {str(tuple(config)):<42} {ms:>8.3f} {flops / ms / 1e9:>8.1f} {err:>13.1e}"
+                print(f"{name:<6} {str(tuple(config)):<56} {ms:>8.3f} {flops / ms / 1e9:>8.1f} {err:>13.1e}"
                       + ("   (table)" if config == current else ""))
             except Exception as e:  # noqa: BLE001 (report and go on: out of resources is expected for some)
-                print(f"{name:<6} {str(tuple(config)):<42} n/a: {type(e).__name__}: {str(e).splitlines()[0][:70]}")
+                print(f"{name:<6} {str(tuple(config)):<56} n/a: {type(e).__name__}: {str(e).splitlines()[0][:70]}")
             finally:
                 table[head_dim] = current
             torch.cuda.empty_cache()
@@ -120,7 +130,7 @@ def sweep_forward(head_dim, warmup, repeats):
     forward = lambda: attention._forward(q, k, v, None, None, None, None, scale)[0]  # noqa: E731
     flops = 4 * B * H * T * T * head_dim / 2  # causal (kernels/bench.py)
     print(f"\nattention fwd, causal, B{B} T{T} H{H} KH{KH} D{head_dim}, bf16")
-    print(f"{CONFIG_HEADER:<42} {'ms':>8} {'TF/s':>8} {'max rel diff':>13}")
+    print(f"{CONFIG_HEADER:<56} {'ms':>8} {'TF/s':>8} {'max rel diff':>13}")
     table = attention._GPU_FWD
     current = table[head_dim]
     reference = forward()
@@ -129,10 +139,10 @@ def sweep_forward(head_dim, warmup, repeats):
         try:
             err = rel_err(forward(), reference)
             ms = _median_ms(forward, warmup, repeats)
-            print(f"{str(tuple(config)):<42} {ms:>8.3f} {flops / ms / 1e9:>8.1f} {err:>13.1e}"
+            print(f"{str(tuple(config)):<56} {ms:>8.3f} {flops / ms / 1e9:>8.1f} {err:>13.1e}"
                   + ("   (table)" if config == current else ""))
         except Exception as e:  # noqa: BLE001 (report and go on: out of resources is expected for some)
-            print(f"{str(tuple(config)):<42} n/a: {type(e).__name__}: {str(e).splitlines()[0][:70]}")
+            print(f"{str(tuple(config)):<56} n/a: {type(e).__name__}: {str(e).splitlines()[0][:70]}")
         finally:
             table[head_dim] = current
         torch.cuda.empty_cache()

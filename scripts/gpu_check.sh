@@ -77,8 +77,9 @@ run_step() {  # the checks by name; the default run is ordered: tests first, the
     # the forward's tiles at D 128 and 256, each with pointer loads and through TMA, two of them persistent too
     # (32 compiles; alone)
     sweep_forward) step "$1" 360 "$py" -m kernels.sweep --only forward128,forward256 ;;
-    # the backward's tiles at the benchmark's D 128: dk/dv and dq, pointer loads and (three tiles each) TMA; alone
-    sweep_backward128) step "$1" 300 "$py" -m kernels.sweep --only attention128 ;;
+    # the backward's tiles at the benchmark's D 128: dk/dv and dq, pointer loads and (three tiles each) TMA, and
+    # three dk/dv tiles summing dq by atomic adds (both loads); alone
+    sweep_backward128) step "$1" 360 "$py" -m kernels.sweep --only attention128 ;;
     # 8B, 64 prompts x 8 samples = 512 sequences x (128 -> 256), then batch-1 decode with its MBU and steady state
     bench_sampling) step "$1" 80 "$py" scripts/bench_sampling.py --prompts 64 --repeats 1 ;;
     gsm8k) step "$1" 60 "$py" scripts/bench_sampling.py --gsm8k --repeats 1 --no-batch1 ;;  # 256 x 8, EOS lengths

@@ -265,6 +265,28 @@ def test_persistent_forward_walks_every_tile_once(monkeypatch, tma, B, T, S, H, 
     check_grads_with_nan_past_kv_lengths(B, T, S, H, K, D, options)
 
 
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+@pytest.mark.parametrize("B, T, S, H, K, D, options", [
+    (2, 33, 33, 4, 2, 32, {}),
+    (3, 70, 70, 4, 2, 16, {"kv_lengths": (70, 41, 0)}),
+    (2, 33, 33, 4, 1, 32, {"sliding_window": 5, "softcap": 5.0, "kv_lengths": (33, 20)}),
+    (2, 7, 20, 4, 2, 16, {"q_positions": ((13, 20), (5, 12)), "kv_lengths": (20, 12), "sliding_window": 6}),
+], ids=["gqa", "padding-empty-row", "mqa-window-softcap-padding", "positions-ragged"])
+def test_backward_with_dq_summed_by_atomic_adds(monkeypatch, tma, B, T, S, H, K, D, options):
+    """atomic_dq: the dk/dv kernel adds each key block's share of dq into fp32 rows with atomic adds (several key
+    blocks and, with GQA, one kv head's program for every query head of its group) and the dq kernel does not run.
+    Output and every gradient against the reference, with NaN keys and values past kv_len (they load as zeros)."""
+    monkeypatch.setattr(flash_backward, "_INTERPRET_BWD_DKDV",
+                        flash_backward._INTERPRET_BWD_DKDV._replace(tma=tma, atomic_dq=True))
+
+    class NotLaunched:  # `kernel[grid]` is where a launch starts
+        def __getitem__(self, grid):
+            raise AssertionError("the dq kernel ran although the dk/dv kernel sums dq")
+
+    monkeypatch.setattr(flash_backward, "_attn_bwd_dq_kernel", NotLaunched())
+    check_grads_with_nan_past_kv_lengths(B, T, S, H, K, D, options)
+
+
 def test_tma_is_used_only_where_descriptors_can_address_the_tensors():
     """TMA needs unit stride along D, a 16-byte aligned base and 16-byte multiples as strides; otherwise the forward
     loads through pointers."""
@@ -566,6 +588,18 @@ def test_gpu_bf16_persistent_forward(monkeypatch, D, tma):
     """The persistent forward kernels/sweep.py times (one program per SM walking the tiles), then the table's
     backward, at every head dim, with GQA, a window and ragged lengths."""
     monkeypatch.setitem(flash._GPU_FWD, D, flash._GPU_FWD[D]._replace(tma=tma, programs_per_sm=1))
+    compare(2, 1000, 1000, 16, 4, D, dtype=torch.bfloat16, sliding_window=300, kv_lengths=lengths(1000, 613))
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+@pytest.mark.parametrize("D", [64, 128, 256])
+def test_gpu_bf16_backward_with_dq_summed_by_atomic_adds(monkeypatch, D, tma):
+    """The dk/dv kernel summing dq by fp32 atomic adds (kernels/sweep.py's atomic-dq candidates, table tiles), the dq
+    kernel not run, at every head dim, with GQA, a window and ragged lengths."""
+    monkeypatch.setitem(flash_backward._GPU_BWD_DKDV, D,
+                        flash_backward._GPU_BWD_DKDV[D]._replace(tma=tma, atomic_dq=True))
     compare(2, 1000, 1000, 16, 4, D, dtype=torch.bfloat16, sliding_window=300, kv_lengths=lengths(1000, 613))
 
 
