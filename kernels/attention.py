@@ -195,7 +195,8 @@ def _forward(q, k, v, q_positions, kv_lengths, sliding_window, softcap, scale):
     S, KH = k.shape[1], k.shape[2]
     out = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
-    launch = _config(_GPU_FWD_FP32 if q.dtype == torch.float32 else _GPU_FWD, _INTERPRET_FWD, D)
+    launch = _config(_GPU_FWD_FP32 if q.dtype == torch.float32 else _GPU_FWD, _INTERPRET_FWD, D, "forward",
+                     ("tma", "programs_per_sm"))
     blocks = triton.cdiv(T, launch.block_m)
     if launch.programs_per_sm:
         grid = (min(blocks * B * H, launch.programs_per_sm * _sm_count(q.device)), 1)

@@ -268,7 +268,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, POS, KV_LEN,
 # launch tables and launcher
 # ----------------------------------------------------------------------------------------------------------------
 
-# Backward launch configs (kernels/attention_common.Launch; programs per SM is the forward's option, unused here;
+# Backward launch configs (kernels/attention_common.Launch; programs per SM is the forward's option, an error here;
 # atomic_dq the dk/dv kernel's):
 # D = 64 and 128 chosen by kernels/sweep.py on an H100 (BENCHMARKS.md); D = 256 not swept.
 _GPU_BWD_DKDV = {64: Launch(32, 128, 4, 3), 128: Launch(64, 64, 4, 2), 256: Launch(32, 64, 8, 1)}
@@ -286,7 +286,7 @@ def _backward(do, q, k, v, out, lse, q_positions, kv_lengths, sliding_window, so
     block_delta = 16 if _interpreting() else 64
     _attn_bwd_delta_kernel[_grid(triton.cdiv(T, block_delta), B * H)](
         out, do, delta, *out.stride()[:3], *do.stride()[:3], T, H, HEAD_DIM=D, BLOCK_M=block_delta)
-    dkdv = _config(_GPU_BWD_DKDV, _INTERPRET_BWD_DKDV, D)
+    dkdv = _config(_GPU_BWD_DKDV, _INTERPRET_BWD_DKDV, D, "dk/dv", ("tma", "atomic_dq"))
     # atomic_dq: fp32 sums the dk/dv kernel adds into (rows no key reaches stay 0); else what the dq kernel writes
     dq = (torch.zeros((B, T, H, D), dtype=torch.float32, device=q.device) if dkdv.atomic_dq
           else torch.empty_like(q, memory_format=torch.contiguous_format))
@@ -305,7 +305,7 @@ def _backward(do, q, k, v, out, lse, q_positions, kv_lengths, sliding_window, so
     if dkdv.atomic_dq:
         return dq.to(q.dtype), dk, dv
 
-    dq_launch = _config(_GPU_BWD_DQ, _INTERPRET_BWD_DQ, D)
+    dq_launch = _config(_GPU_BWD_DQ, _INTERPRET_BWD_DQ, D, "dq")
     _attn_bwd_dq_kernel[_grid(triton.cdiv(T, dq_launch.block_m), B * H)](
         q, k, v, do, lse, delta, dq, q_positions, kv_lengths, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         *do.stride()[:3], *dq.stride()[:3], *_pos_strides(q_positions), T, S, H, H // KH, scale, cap, window,

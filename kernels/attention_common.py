@@ -113,7 +113,8 @@ class Launch(NamedTuple):
     loop's software-pipeline depth (num_stages), and the options kernels/sweep.py times: stream the loop's tiles
     through TMA descriptors; (the forward only) run a fixed number of programs per SM that walk the tiles instead of
     one program per tile (0); (the dk/dv kernel only) also sum dq there with fp32 atomic adds, so that the dq kernel
-    does not run (dq then is not bit-reproducible from run to run: the adds land in any order)."""
+    does not run (dq then is not bit-reproducible from run to run: the adds land in any order). An option set where
+    the kernel does not read it is refused at launch (`_config`)."""
     block_m: int
     block_n: int
     warps: int
@@ -123,10 +124,20 @@ class Launch(NamedTuple):
     atomic_dq: bool = False
 
 
-def _config(table, interpret_config, head_dim):
-    if _interpreting():
-        return interpret_config
-    return table[max(64, head_dim)]
+def _config(table, interpret_config, head_dim, kernel, options=("tma",)):
+    """The Launch for this head dim (the interpreter's own under TRITON_INTERPRET=1). An option the kernel does not
+    read (a persistent backward, a forward with atomic dq: a table edited by hand) is an error, not a silent no-op."""
+    launch = interpret_config if _interpreting() else table[max(64, head_dim)]
+    unread = [name for name in _OPTION_TABLES if name not in options and getattr(launch, name)]
+    if unread:
+        raise ValueError(f"attention: the {kernel} launch config {launch} (head dim {head_dim}) sets "
+                         f"{' and '.join(unread)}, which the {kernel} kernel does not read (it belongs in "
+                         f"{' and '.join(_OPTION_TABLES[name] for name in unread)})")
+    return launch
+
+
+_OPTION_TABLES = {"programs_per_sm": "kernels/attention.py's _GPU_FWD",
+                  "atomic_dq": "kernels/attention_backward.py's _GPU_BWD_DKDV"}  # the one kernel that reads each
 
 
 _MAX_GRID_ROWS = 65535  # CUDA's limit on grid axis 1 (axis 0 may reach 2**31 - 1); the interpreter checks neither

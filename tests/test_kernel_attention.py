@@ -178,7 +178,7 @@ def test_gpu_block_sizes_fp32(monkeypatch, D, options):
     # and dq blocks at D = 128, chosen by kernels/sweep.py): run them here too, so the block-range arithmetic is
     # checked for the sizes the GPU actually uses.
     monkeypatch.setattr(attention_common, "_interpreting", lambda: False)
-    assert attention_common._config(flash._GPU_FWD, flash._INTERPRET_FWD, D) == flash._GPU_FWD[D]
+    assert attention_common._config(flash._GPU_FWD, flash._INTERPRET_FWD, D, "forward") == flash._GPU_FWD[D]
     compare(1, 150, 150, 2, 1, D, **{**options, "kv_lengths": lengths(*options["kv_lengths"])})
 
 
@@ -285,6 +285,21 @@ def test_backward_with_dq_summed_by_atomic_adds(monkeypatch, tma, B, T, S, H, K,
 
     monkeypatch.setattr(flash_backward, "_attn_bwd_dq_kernel", NotLaunched())
     check_grads_with_nan_past_kv_lengths(B, T, S, H, K, D, options)
+
+
+@pytest.mark.parametrize("module, name, option, message", [
+    (flash_backward, "_INTERPRET_BWD_DKDV", {"programs_per_sm": 1}, "dk/dv launch config .* sets programs_per_sm"),
+    (flash_backward, "_INTERPRET_BWD_DQ", {"atomic_dq": True}, "dq launch config .* sets atomic_dq"),
+    (flash, "_INTERPRET_FWD", {"atomic_dq": True}, "forward launch config .* sets atomic_dq"),
+], ids=["persistent-dkdv", "atomic-dq-in-dq", "atomic-dq-in-forward"])
+def test_a_launch_option_the_kernel_does_not_read_is_refused(monkeypatch, module, name, option, message):
+    """A table entry edited by hand with an option its kernel ignores fails at launch, naming the kernel and the
+    option, instead of running as if it were not set."""
+    monkeypatch.setattr(module, name, getattr(module, name)._replace(**option))
+    seed, q, k, v = random_qkv(1, 9, 9, 2, 1, 16, torch.float32)
+    q.requires_grad_(True)
+    with pytest.raises(ValueError, match=message):
+        flash.attention(q, k, v).sum().backward()
 
 
 def test_tma_is_used_only_where_descriptors_can_address_the_tensors():
