@@ -124,6 +124,10 @@ class Launch(NamedTuple):
     atomic_dq: bool = False
 
 
+_OPTION_TABLES = {"programs_per_sm": "kernels/attention.py's _GPU_FWD",
+                  "atomic_dq": "kernels/attention_backward.py's _GPU_BWD_DKDV"}  # the one kernel that reads each
+
+
 def _config(table, interpret_config, head_dim, kernel, options=("tma",)):
     """The Launch for this head dim (the interpreter's own under TRITON_INTERPRET=1). An option the kernel does not
     read (a persistent backward, a forward with atomic dq: a table edited by hand) is an error, not a silent no-op."""
@@ -134,10 +138,6 @@ def _config(table, interpret_config, head_dim, kernel, options=("tma",)):
                          f"{' and '.join(unread)}, which the {kernel} kernel does not read (it belongs in "
                          f"{' and '.join(_OPTION_TABLES[name] for name in unread)})")
     return launch
-
-
-_OPTION_TABLES = {"programs_per_sm": "kernels/attention.py's _GPU_FWD",
-                  "atomic_dq": "kernels/attention_backward.py's _GPU_BWD_DKDV"}  # the one kernel that reads each
 
 
 _MAX_GRID_ROWS = 65535  # CUDA's limit on grid axis 1 (axis 0 may reach 2**31 - 1); the interpreter checks neither

@@ -584,37 +584,27 @@ def test_gpu_bf16_gqa_training_shape():
     compare(2, 1024, 1024, 16, 4, 128, dtype=torch.bfloat16)
 
 
-@gpu
-@pytest.mark.gpu
-@pytest.mark.parametrize("D", [64, 128, 256])
-def test_gpu_bf16_through_tma(monkeypatch, D):
-    """The TMA variants kernels/sweep.py times (forward, dk/dv, dq), at every head dim, with GQA, a window and ragged
-    lengths."""
-    for table in (flash._GPU_FWD, flash_backward._GPU_BWD_DKDV, flash_backward._GPU_BWD_DQ):
-        monkeypatch.setitem(table, D, table[D]._replace(tma=True))
-    compare(2, 1000, 1000, 16, 4, D, dtype=torch.bfloat16, sliding_window=300, kv_lengths=lengths(1000, 613))
+# The launch-table options kernels/sweep.py times, each set in the tables whose kernels read it.
+GPU_LAUNCH_OPTIONS = {
+    "tma": [(flash._GPU_FWD, dict(tma=True)), (flash_backward._GPU_BWD_DKDV, dict(tma=True)),
+            (flash_backward._GPU_BWD_DQ, dict(tma=True))],
+    "persistent-forward": [(flash._GPU_FWD, dict(programs_per_sm=1))],
+    "persistent-forward-tma": [(flash._GPU_FWD, dict(tma=True, programs_per_sm=1))],
+    "atomic-dq": [(flash_backward._GPU_BWD_DKDV, dict(atomic_dq=True))],
+    "atomic-dq-tma": [(flash_backward._GPU_BWD_DKDV, dict(tma=True, atomic_dq=True))],
+}
 
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+@pytest.mark.parametrize("option", list(GPU_LAUNCH_OPTIONS))
 @pytest.mark.parametrize("D", [64, 128, 256])
-def test_gpu_bf16_persistent_forward(monkeypatch, D, tma):
-    """The persistent forward kernels/sweep.py times (one program per SM walking the tiles), then the table's
-    backward, at every head dim, with GQA, a window and ragged lengths."""
-    monkeypatch.setitem(flash._GPU_FWD, D, flash._GPU_FWD[D]._replace(tma=tma, programs_per_sm=1))
-    compare(2, 1000, 1000, 16, 4, D, dtype=torch.bfloat16, sliding_window=300, kv_lengths=lengths(1000, 613))
-
-
-@gpu
-@pytest.mark.gpu
-@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
-@pytest.mark.parametrize("D", [64, 128, 256])
-def test_gpu_bf16_backward_with_dq_summed_by_atomic_adds(monkeypatch, D, tma):
-    """The dk/dv kernel summing dq by fp32 atomic adds (kernels/sweep.py's atomic-dq candidates, table tiles), the dq
-    kernel not run, at every head dim, with GQA, a window and ragged lengths."""
-    monkeypatch.setitem(flash_backward._GPU_BWD_DKDV, D,
-                        flash_backward._GPU_BWD_DKDV[D]._replace(tma=tma, atomic_dq=True))
+def test_gpu_bf16_launch_options(monkeypatch, D, option):
+    """Each launch option kernels/sweep.py times (TMA loads in all three kernels; the persistent forward; dq summed
+    by the dk/dv kernel's atomic adds, the dq kernel not run) on the table tiles, forward and every gradient, at
+    every head dim, with GQA, a window and ragged lengths."""
+    for table, fields in GPU_LAUNCH_OPTIONS[option]:
+        monkeypatch.setitem(table, D, table[D]._replace(**fields))
     compare(2, 1000, 1000, 16, 4, D, dtype=torch.bfloat16, sliding_window=300, kv_lengths=lengths(1000, 613))
 
 
