@@ -5,6 +5,7 @@ tiles that overflow shared memory, tl.dot shapes or dtypes the hardware rejects,
     python -m kernels.compile_check                 # bf16 everything, fp32 forward and decode; minutes on 2 cores
     python -m kernels.compile_check --only attention --dtype bf16
     python -m kernels.compile_check --only sweep    # the launch configs kernels/sweep.py tries (bf16)
+    python -m kernels.compile_check --only options  # each launch option on the table tiles, as the GPU tests run it
 
 How: Triton's active driver is replaced by a stand-in that reports an sm_90 target, and every `kernel[grid](...)`
 launch becomes a compile-only warm-up (JITFunction.run(..., warmup=True)). So the real launchers pick their real GPU
@@ -79,17 +80,22 @@ def _install_compile_only_launches():
     JITFunction.__getitem__ = compile_only
 
 
+def _ptxas():
+    """The ptxas Triton itself runs for sm_90: its own, or the one TRITON_PTXAS_PATH names (newer Tritons ship a
+    second, newer one for Blackwell)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        return str(get_ptxas(90).path)
+    except (ImportError, AttributeError, TypeError):
+        return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas")
+
+
 def _ptxas_usage(ptx):
     """(registers, spill-store bytes) of one kernel's PTX, from `ptxas -v`."""
     if ptx not in _PTXAS_USAGE:
-        try:  # the ptxas Triton itself runs for sm_90 (newer Tritons ship a second, newer one)
-            from triton.backends.nvidia.compiler import get_ptxas
-            ptxas = get_ptxas(90).path
-        except (ImportError, AttributeError, TypeError):
-            ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
         with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
             f.write(ptx)
-        info = subprocess.run([str(ptxas), "-v", "-arch=sm_90a", f.name, "-o", os.devnull],
+        info = subprocess.run([_ptxas(), "-v", "-arch=sm_90a", f.name, "-o", os.devnull],
                               capture_output=True, text=True).stderr
         os.unlink(f.name)
         regs, spills = re.findall(r"Used (\d+) registers", info), re.findall(r"(\d+) bytes spill stores", info)
@@ -185,8 +191,35 @@ def check_sweep(dtypes):
                 table[D] = current
 
 
+def check_launch_options(dtypes):
+    """Each launch option (kernels/sweep.py's LAUNCH_OPTIONS: TMA loads, the persistent forward, dq summed by atomic
+    adds) on the tables' own tiles at every head dim (bf16), causal and with the masks the GPU-marked
+    test_gpu_bf16_launch_options uses (ragged kv_lengths and a window): what that test and the benchmarks compile."""
+    from kernels import attention, attention_backward, sweep
+
+    modes = [(None, None), (torch.tensor([40], dtype=torch.int32), 32)]  # (kv_lengths, sliding_window)
+    for D in (64, 128, 256):
+        q, k = torch.zeros(1, 64, 16, D, dtype=torch.bfloat16), torch.zeros(1, 64, 8, D, dtype=torch.bfloat16)
+        for changes in sweep.LAUNCH_OPTIONS.values():
+            saved = [(table, table[D]) for table, _ in changes]
+            forward = any(table is attention._GPU_FWD for table, _ in changes)
+            backward = any(table is not attention._GPU_FWD for table, _ in changes)
+            try:
+                for table, fields in changes:
+                    table[D] = table[D]._replace(**fields)
+                for kv_lengths, window in modes:
+                    args = (None, kv_lengths, window, None, 0.1)
+                    if forward:
+                        attention._forward(q, k, k, *args)
+                    if backward:
+                        attention_backward._backward(q, q, k, k, q, torch.zeros(1, 16, 64), *args)
+            finally:
+                for table, entry in saved:
+                    table[D] = entry
+
+
 CHECKS = dict(attention=check_attention, fused_linear=check_fused_linear, elementwise=check_elementwise,
-              sweep=check_sweep)
+              sweep=check_sweep, options=check_launch_options)
 
 
 def main(argv=None):
@@ -203,7 +236,10 @@ def main(argv=None):
     except (ImportError, AttributeError) as e:
         sys.exit(f"kernels.compile_check: this Triton ({triton.__version__}) lacks an internal it uses ({e})")
     dtypes = [torch.bfloat16] + ([torch.float32] if args.dtype == "both" else [])
-    print(f"# Triton {triton.__version__}, target sm_90a (H100), shared memory limit {H100_SHARED_PER_BLOCK} B/block")
+    release = re.findall(r"release ([\d.]+)", subprocess.run([_ptxas(), "--version"], capture_output=True,
+                                                               text=True).stdout)
+    print(f"# Triton {triton.__version__}, ptxas {release[0] if release else '?'} ({_ptxas()}), target sm_90a (H100), "
+          f"shared memory limit {H100_SHARED_PER_BLOCK} B/block")
     print(f"{'kernel':<24}{'shared B':>10}{'regs':>6}{'spill B':>9}  constexprs / launch config")
     failed = False
     for name in args.only.split(","):

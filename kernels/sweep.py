@@ -70,6 +70,17 @@ def _atomic_dq(tiles, n):
 FWD_CANDIDATES = {D: ts + _persistent(_FWD_TILES, 2)[D] for D, ts in _with_tma(_FWD_TILES, 6).items()}
 DKDV_CANDIDATES = {D: ts + _atomic_dq(_DKDV_TILES, 3)[D] for D, ts in _with_tma(_DKDV_TILES, 3).items()}
 DQ_CANDIDATES = _with_tma(_DQ_TILES, 3)
+# Each launch option alone on the tables' own tiles: {name: [(table, fields it changes), ...]}. The GPU-marked
+# tests/test_kernel_attention.py::test_gpu_bf16_launch_options runs each at every head dim against the reference, and
+# `make check-sm90` compiles what that test launches.
+LAUNCH_OPTIONS = {
+    "tma": [(attention._GPU_FWD, dict(tma=True)), (attention_backward._GPU_BWD_DKDV, dict(tma=True)),
+            (attention_backward._GPU_BWD_DQ, dict(tma=True))],
+    "persistent-forward": [(attention._GPU_FWD, dict(programs_per_sm=1))],
+    "persistent-forward-tma": [(attention._GPU_FWD, dict(tma=True, programs_per_sm=1))],
+    "atomic-dq": [(attention_backward._GPU_BWD_DKDV, dict(atomic_dq=True))],
+    "atomic-dq-tma": [(attention_backward._GPU_BWD_DKDV, dict(tma=True, atomic_dq=True))],
+}
 # (B, T, H, KH) per head dim: kernels/bench.py's attention shape at D = 128, Llama-3.2-1B's training shape at 64,
 # Gemma-2-9B's heads at 256.
 SHAPES = {128: (4, 4096, 16, 16), 64: (8, 2048, 32, 8), 256: (2, 4096, 16, 8)}

@@ -22,6 +22,7 @@ from kernels import attention_backward as flash_backward  # noqa: E402
 from kernels import (
     attention_common,  # noqa: E402
     reference,  # noqa: E402
+    sweep,  # noqa: E402
 )
 from kernels import decode_attention as decode  # noqa: E402
 from w2s import ops  # noqa: E402
@@ -584,26 +585,15 @@ def test_gpu_bf16_gqa_training_shape():
     compare(2, 1024, 1024, 16, 4, 128, dtype=torch.bfloat16)
 
 
-# The launch-table options kernels/sweep.py times, each set in the tables whose kernels read it.
-GPU_LAUNCH_OPTIONS = {
-    "tma": [(flash._GPU_FWD, dict(tma=True)), (flash_backward._GPU_BWD_DKDV, dict(tma=True)),
-            (flash_backward._GPU_BWD_DQ, dict(tma=True))],
-    "persistent-forward": [(flash._GPU_FWD, dict(programs_per_sm=1))],
-    "persistent-forward-tma": [(flash._GPU_FWD, dict(tma=True, programs_per_sm=1))],
-    "atomic-dq": [(flash_backward._GPU_BWD_DKDV, dict(atomic_dq=True))],
-    "atomic-dq-tma": [(flash_backward._GPU_BWD_DKDV, dict(tma=True, atomic_dq=True))],
-}
-
-
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("option", list(GPU_LAUNCH_OPTIONS))
+@pytest.mark.parametrize("option", list(sweep.LAUNCH_OPTIONS))
 @pytest.mark.parametrize("D", [64, 128, 256])
 def test_gpu_bf16_launch_options(monkeypatch, D, option):
     """Each launch option kernels/sweep.py times (TMA loads in all three kernels; the persistent forward; dq summed
     by the dk/dv kernel's atomic adds, the dq kernel not run) on the table tiles, forward and every gradient, at
     every head dim, with GQA, a window and ragged lengths."""
-    for table, fields in GPU_LAUNCH_OPTIONS[option]:
+    for table, fields in sweep.LAUNCH_OPTIONS[option]:
         monkeypatch.setitem(table, D, table[D]._replace(**fields))
     compare(2, 1000, 1000, 16, 4, D, dtype=torch.bfloat16, sliding_window=300, kv_lengths=lengths(1000, 613))
 
