@@ -27,9 +27,29 @@ mkdir -p "$out"
 py="${PYTHON:-python3}"  # the device image has python3 (with torch) and maybe no `python`
 export PYTHONPATH="${PYTHONPATH:-.}" PYTHONUNBUFFERED=1
 summary="$out/SUMMARY.md"
+
+# Triton compiles PTX with the ptxas it ships unless TRITON_PTXAS_PATH names another. The one Triton 3.6 ships (CUDA
+# 12.8; CUDA 12.9's too) crashes on the PTX Triton 3.6 writes for some attention forwards through TMA (two pipeline
+# stages, e.g. the D = 256 table tiles) and CUDA 13.0's compiles them (BENCHMARKS.md), so a newer ptxas of the
+# machine's CUDA toolkit is used when there is one. PTXAS=triton keeps Triton's own; a TRITON_PTXAS_PATH set is kept.
+ptxas_release() { "$1" --version 2>/dev/null | sed -n 's/.*release \([0-9][0-9.]*\),.*/\1/p'; }
+bundled=$("$py" -c "import os, triton; print(os.path.dirname(triton.__file__) + '/backends/nvidia/bin/ptxas')" 2>&1)
+if [ -z "${TRITON_PTXAS_PATH:-}" ] && [ "${PTXAS:-newest}" != triton ]; then
+  for candidate in "$(command -v ptxas)" "${CUDA_HOME:-/usr/local/cuda}/bin/ptxas"; do
+    release=$(ptxas_release "$candidate")
+    newest=$(printf '%s\n%s\n' "$(ptxas_release "$bundled")" "$release" | sort -V | tail -n 1)
+    if [ -n "$release" ] && [ "$newest" = "$release" ] && [ "$release" != "$(ptxas_release "$bundled")" ]; then
+      export TRITON_PTXAS_PATH="$candidate"
+      break
+    fi
+  done
+fi
+ptxas_used="${TRITON_PTXAS_PATH:-$bundled}"
 {
   echo "# gpu_check $(date -u +%Y-%m-%dT%H:%MZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-  "$py" -c "import torch; print('device', torch.cuda.get_device_name(0), '| torch', torch.__version__)" 2>&1
+  "$py" -c "import torch, triton; print('device', torch.cuda.get_device_name(0), '| torch', torch.__version__,
+'| triton', triton.__version__)" 2>&1
+  echo "ptxas $ptxas_used, release $(ptxas_release "$ptxas_used")"
 } > "$summary"
 
 demo_cuda_recipe() {  # demo_cuda_recipe PATH: recipes/demo.toml in bf16 on CUDA, its relative paths made absolute

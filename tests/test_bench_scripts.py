@@ -49,3 +49,36 @@ def test_bench_sampling_profile_lists_the_decode_ops():
 def test_sweep_without_cuda_says_it_needs_one():
     out = run_script("-m", "kernels.sweep")
     assert "needs a CUDA GPU" in out
+
+
+def _gpu_check_ptxas(tmp_path, path_release, cuda_home_release, **env):
+    """The ptxas line of scripts/gpu_check.sh's summary, with stand-in ptxas programs of the given releases on PATH
+    and in CUDA_HOME (None: none there). The step name is unknown, so nothing runs but the summary."""
+    for name, release in (("path", path_release), ("cuda", cuda_home_release)):
+        bin_dir = tmp_path / name / "bin"
+        bin_dir.mkdir(parents=True, exist_ok=True)
+        (bin_dir / "ptxas").unlink(missing_ok=True)
+        if release is not None:  # prints the last line of a real `ptxas --version`
+            version = f"Cuda compilation tools, release {release}, V{release}.1"
+            (bin_dir / "ptxas").write_text(f"#!/bin/sh\necho '{version}'\n")
+            (bin_dir / "ptxas").chmod(0o755)
+    env = {**{k: v for k, v in os.environ.items() if k not in ("TRITON_PTXAS_PATH", "PTXAS")},
+           "PATH": f"{tmp_path / 'path' / 'bin'}:{os.environ['PATH']}", "CUDA_HOME": str(tmp_path / "cuda"),
+           "OUT": str(tmp_path / "out"), "PYTHON": sys.executable, **env}
+    out = subprocess.run(["bash", "scripts/gpu_check.sh", "no_such_step"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=120)
+    summary = (tmp_path / "out" / "SUMMARY.md").read_text()
+    assert "unknown step no_such_step" in out.stdout
+    return next(line for line in summary.splitlines() if line.startswith("ptxas "))
+
+
+def test_gpu_check_hands_triton_a_newer_ptxas_of_the_machine(tmp_path):
+    import triton
+
+    own = str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas")
+    assert _gpu_check_ptxas(tmp_path, "99.0", None) == f"ptxas {tmp_path}/path/bin/ptxas, release 99.0"
+    assert _gpu_check_ptxas(tmp_path, "1.0", "98.1") == f"ptxas {tmp_path}/cuda/bin/ptxas, release 98.1"
+    assert _gpu_check_ptxas(tmp_path, "1.0", None).startswith(f"ptxas {own}, release ")  # older: Triton's own
+    assert _gpu_check_ptxas(tmp_path, "99.0", None, PTXAS="triton").startswith(f"ptxas {own}, release ")
+    assert _gpu_check_ptxas(tmp_path, "99.0", None, TRITON_PTXAS_PATH="/opt/my/ptxas").startswith(
+        "ptxas /opt/my/ptxas, release")  # the user's own choice is kept
