@@ -52,6 +52,11 @@ ptxas_used="${TRITON_PTXAS_PATH:-$bundled}"
   echo "ptxas $ptxas_used, release $(ptxas_release "$ptxas_used")"
 } > "$summary"
 
+# The GPU-marked tests spend most of their time in Triton compiles, one CPU core each: 4 pytest-xdist workers compile
+# 4 at a time (the machine has 16 cores; the tests share the GPU). Without pytest-xdist they run in one process. -v
+# names each test as it ends, so a step stopped at its limit still says which passed.
+test_opts="-v $("$py" -c "import xdist" 2>/dev/null && echo "-n 4")"
+
 demo_cuda_recipe() {  # demo_cuda_recipe PATH: recipes/demo.toml in bf16 on CUDA, its relative paths made absolute
   "$py" - "$1" <<'PY'
 import re, sys
@@ -77,7 +82,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $out/NAM
 
 run_step() {  # the checks by name; the default run is ordered: tests first, then training, kernels, sampler
   case $1 in
-    test_gpu) step "$1" 120 "$py" -m pytest -q -m gpu tests ;;  # every bf16 GPU-marked test (sampler, kernels)
+    test_gpu) step "$1" 120 "$py" -m pytest $test_opts -m gpu tests ;;  # every bf16 GPU-marked test (sampler, kernels)
     train_llama32_1b) step "$1" 90 "$py" scripts/bench_train.py --dim 2048 --layers 16 --heads 32 --kv-heads 8 \
       --hidden 8192 --vocab 128256 --batch 8 --seq 2048 --steps 5 --warmup 2 --no-hf ;;  # Llama-3.2-1B shape, MFU
     train_llama32_3b) step "$1" 90 "$py" scripts/bench_train.py --dim 3072 --layers 28 --heads 24 --kv-heads 8 \
@@ -86,12 +91,13 @@ run_step() {  # the checks by name; the default run is ordered: tests first, the
       --hidden 8192 --vocab 128256 --batch 4 --seq 1024 --steps 5 --warmup 2 ;;  # DPO step MFU, 1B shape
     dpo_memory) step "$1" 45 "$py" scripts/bench_train.py --dpo-memory --dim 2048 --layers 4 --heads 16 \
       --kv-heads 8 --hidden 5632 --vocab 128256 --batch 4 --seq 1024 --steps 1 ;;
-    test_kernels) step "$1" 100 "$py" -m pytest -q -m gpu tests/test_kernel_attention.py tests/test_kernels.py ;;
+    test_kernels) step "$1" 100 "$py" -m pytest $test_opts -m gpu tests/test_kernel_attention.py \
+      tests/test_kernels.py ;;
     bench_kernels) step "$1" 95 "$py" -m kernels.bench --no-compile --warmup 3 --repeats 10 ;;
     # attention fwd (pointer loads, TMA, TMA + persistent) and bwd at the target shape, SDPA's flash backend beside
     bench_attention) step "$1" 60 "$py" -m kernels.bench --only attention --no-compile --warmup 3 --repeats 10 ;;
     # the whole attention file on CUDA (fp32 + bf16 at the GPU tables): Triton compiles took over 120 s on an H100
-    test_attention) step "$1" 300 "$py" -m pytest -q tests/test_kernel_attention.py ;;
+    test_attention) step "$1" 300 "$py" -m pytest $test_opts tests/test_kernel_attention.py ;;
     batch1) step "$1" 100 "$py" scripts/bench_sampling.py --prompts 1 --samples 1 ;;  # 8B batch 1, MBU, steady state
     # every launch config, fwd D 128/256, bwd D 64/128/256: over 100 compiles, the most one call allows (alone)
     sweep) step "$1" 590 "$py" -m kernels.sweep ;;
