@@ -28,8 +28,10 @@ setup(
         # tensorboard: the tracking test reads the event files back with tensorboard's own reader;
         # trl: tests/test_grpo.py checks GRPO's loss against TRL's GRPOTrainer (>= 1.16: use_bias_correction_kl);
         # math-verify: tests/test_graders.py runs the optional `math-verify` grader, which it skips without it).
-        "dev": ["pytest", "pytest-xdist", "transformers", "protobuf", "mistral-common", "peft", "ruff", "tensorboard",
-                "trl>=1.16", "math-verify"],
+        # transformers >= 5.24: 5.17 to 5.23 (each checked) convert Mistral-7B's tokenizer.model to a tokenizer.json
+        # without SentencePiece's prefix space ("Hello" -> "Hello", not "▁Hello"), tests/test_tokenizer.py's reference.
+        "dev": ["pytest", "pytest-xdist", "transformers>=5.24", "protobuf", "mistral-common", "peft", "ruff",
+                "tensorboard", "trl>=1.16", "math-verify"],
         "plot": ["matplotlib"],
         # Experiment trackers for --report-to / [logging] report_to (w2s/tracking.py imports them only when asked).
         "tensorboard": ["tensorboard"],
