@@ -28,28 +28,35 @@ py="${PYTHON:-python3}"  # the device image has python3 (with torch) and maybe n
 export PYTHONPATH="${PYTHONPATH:-.}" PYTHONUNBUFFERED=1
 summary="$out/SUMMARY.md"
 
-# Triton compiles PTX with the ptxas it ships unless TRITON_PTXAS_PATH names another. The one Triton 3.6 ships (CUDA
-# 12.8; CUDA 12.9's too) crashes on the PTX Triton 3.6 writes for some attention forwards through TMA (two pipeline
-# stages, e.g. the D = 256 table tiles) and CUDA 13.0's compiles them (BENCHMARKS.md), so a newer ptxas of the
-# machine's CUDA toolkit is used when there is one. PTXAS=triton keeps Triton's own; a TRITON_PTXAS_PATH set is kept.
+# Triton compiles PTX for Hopper with a ptxas it ships unless TRITON_<ITS NAME>_PATH names another (Triton 3.6 uses its
+# `ptxas`, CUDA 12.8, and 3.9 its `ptxas-blackwell`, CUDA 13.4). Triton 3.6's crashes on the PTX Triton 3.6 writes for
+# some attention forwards through TMA (two pipeline stages, e.g. the D = 256 table tiles) and CUDA 13.0's compiles
+# them (BENCHMARKS.md), so a newer ptxas of the machine's CUDA toolkit is used when there is one. PTXAS=triton keeps
+# Triton's own, and so does a TRITON_PTXAS_PATH or TRITON_PTXAS_BLACKWELL_PATH already set. The summary names the ptxas
+# Triton resolves in the end.
+triton_ptxas() {
+  "$py" -c "from triton.backends.nvidia.compiler import get_ptxas; print(get_ptxas(90).path)" 2>/dev/null
+}
 ptxas_release() { "$1" --version 2>/dev/null | sed -n 's/.*release \([0-9][0-9.]*\),.*/\1/p'; }
-bundled=$("$py" -c "import os, triton; print(os.path.dirname(triton.__file__) + '/backends/nvidia/bin/ptxas')" 2>&1)
-if [ -z "${TRITON_PTXAS_PATH:-}" ] && [ "${PTXAS:-newest}" != triton ]; then
+own=$(triton_ptxas)
+chosen="${TRITON_PTXAS_PATH:-}${TRITON_PTXAS_BLACKWELL_PATH:-}"
+if [ -n "$own" ] && [ -z "$chosen" ] && [ "${PTXAS:-newest}" != triton ]; then
+  own_release=$(ptxas_release "$own")
   for candidate in "$(command -v ptxas)" "${CUDA_HOME:-/usr/local/cuda}/bin/ptxas"; do
     release=$(ptxas_release "$candidate")
-    newest=$(printf '%s\n%s\n' "$(ptxas_release "$bundled")" "$release" | sort -V | tail -n 1)
-    if [ -n "$release" ] && [ "$newest" = "$release" ] && [ "$release" != "$(ptxas_release "$bundled")" ]; then
-      export TRITON_PTXAS_PATH="$candidate"
+    newest=$(printf '%s\n%s\n' "$own_release" "$release" | sort -V | tail -n 1)
+    if [ -n "$release" ] && [ "$release" != "$own_release" ] && [ "$newest" = "$release" ]; then
+      export "TRITON_$(basename "$own" | tr 'a-z-' 'A-Z_')_PATH=$candidate"
       break
     fi
   done
 fi
-ptxas_used="${TRITON_PTXAS_PATH:-$bundled}"
+ptxas_used=$(triton_ptxas)
 {
   echo "# gpu_check $(date -u +%Y-%m-%dT%H:%MZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
   "$py" -c "import torch, triton; print('device', torch.cuda.get_device_name(0), '| torch', torch.__version__,
 '| triton', triton.__version__)" 2>&1
-  echo "ptxas $ptxas_used, release $(ptxas_release "$ptxas_used")"
+  echo "ptxas ${ptxas_used:-unknown}, release $(ptxas_release "$ptxas_used")"
 } > "$summary"
 
 # The GPU-marked tests spend most of their time in Triton compiles, one CPU core each: 4 pytest-xdist workers compile

@@ -51,18 +51,24 @@ def test_sweep_without_cuda_says_it_needs_one():
     assert "needs a CUDA GPU" in out
 
 
+def _stand_in_ptxas(bin_dir, release):
+    """bin_dir/ptxas: a program that answers --version as a real ptxas of that release does (None: none there)."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    (bin_dir / "ptxas").unlink(missing_ok=True)
+    if release is not None:
+        version = f"Cuda compilation tools, release {release}, V{release}.1"
+        (bin_dir / "ptxas").write_text(f"#!/bin/sh\necho '{version}'\n")
+        (bin_dir / "ptxas").chmod(0o755)
+    return bin_dir / "ptxas"
+
+
 def _gpu_check_ptxas(tmp_path, path_release, cuda_home_release, **env):
     """The ptxas line of scripts/gpu_check.sh's summary, with stand-in ptxas programs of the given releases on PATH
-    and in CUDA_HOME (None: none there). The step name is unknown, so nothing runs but the summary."""
-    for name, release in (("path", path_release), ("cuda", cuda_home_release)):
-        bin_dir = tmp_path / name / "bin"
-        bin_dir.mkdir(parents=True, exist_ok=True)
-        (bin_dir / "ptxas").unlink(missing_ok=True)
-        if release is not None:  # prints the last line of a real `ptxas --version`
-            version = f"Cuda compilation tools, release {release}, V{release}.1"
-            (bin_dir / "ptxas").write_text(f"#!/bin/sh\necho '{version}'\n")
-            (bin_dir / "ptxas").chmod(0o755)
-    env = {**{k: v for k, v in os.environ.items() if k not in ("TRITON_PTXAS_PATH", "PTXAS")},
+    and in CUDA_HOME. The step name is unknown, so nothing runs but the summary."""
+    _stand_in_ptxas(tmp_path / "path" / "bin", path_release)
+    _stand_in_ptxas(tmp_path / "cuda" / "bin", cuda_home_release)
+    unset = ("TRITON_PTXAS_PATH", "TRITON_PTXAS_BLACKWELL_PATH", "PTXAS")
+    env = {**{k: v for k, v in os.environ.items() if k not in unset},
            "PATH": f"{tmp_path / 'path' / 'bin'}:{os.environ['PATH']}", "CUDA_HOME": str(tmp_path / "cuda"),
            "OUT": str(tmp_path / "out"), "PYTHON": sys.executable, **env}
     out = subprocess.run(["bash", "scripts/gpu_check.sh", "no_such_step"], cwd=ROOT, env=env, capture_output=True,
@@ -73,12 +79,15 @@ def _gpu_check_ptxas(tmp_path, path_release, cuda_home_release, **env):
 
 
 def test_gpu_check_hands_triton_a_newer_ptxas_of_the_machine(tmp_path):
-    import triton
+    """The summary names the ptxas Triton itself resolves for Hopper afterwards, so a choice made through the wrong
+    environment variable would show there."""
+    from triton.backends.nvidia.compiler import get_ptxas
 
-    own = str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas")
+    own = get_ptxas(90).path  # this Triton's own: conftest's environment sets no TRITON_PTXAS_*_PATH
+    own_variable = "TRITON_" + Path(own).name.upper().replace("-", "_") + "_PATH"  # how Triton names it
     assert _gpu_check_ptxas(tmp_path, "99.0", None) == f"ptxas {tmp_path}/path/bin/ptxas, release 99.0"
     assert _gpu_check_ptxas(tmp_path, "1.0", "98.1") == f"ptxas {tmp_path}/cuda/bin/ptxas, release 98.1"
     assert _gpu_check_ptxas(tmp_path, "1.0", None).startswith(f"ptxas {own}, release ")  # older: Triton's own
     assert _gpu_check_ptxas(tmp_path, "99.0", None, PTXAS="triton").startswith(f"ptxas {own}, release ")
-    assert _gpu_check_ptxas(tmp_path, "99.0", None, TRITON_PTXAS_PATH="/opt/my/ptxas").startswith(
-        "ptxas /opt/my/ptxas, release")  # the user's own choice is kept
+    users = _stand_in_ptxas(tmp_path / "user", "50.0")  # a user's own choice is kept
+    assert _gpu_check_ptxas(tmp_path, "99.0", None, **{own_variable: str(users)}) == f"ptxas {users}, release 50.0"
