@@ -81,8 +81,8 @@ def _install_compile_only_launches():
 
 
 def _ptxas():
-    """The ptxas Triton itself runs for sm_90: its own, or the one TRITON_PTXAS_PATH names (newer Tritons ship a
-    second, newer one for Blackwell)."""
+    """The ptxas Triton itself runs for sm_90, as Triton resolves it: one it ships (Triton 3.6 its `ptxas`, 3.9 its
+    `ptxas-blackwell`) or the one its TRITON_<NAME>_PATH variable names."""
     try:
         from triton.backends.nvidia.compiler import get_ptxas
         return str(get_ptxas(90).path)
