@@ -16,6 +16,7 @@ Exit status 1 when a variant fails to compile or needs more shared memory than a
 """
 
 import argparse
+import functools
 import os
 import re
 import subprocess
@@ -80,14 +81,20 @@ def _install_compile_only_launches():
     JITFunction.__getitem__ = compile_only
 
 
+@functools.cache
 def _ptxas():
-    """The ptxas Triton itself runs for sm_90, as Triton resolves it: one it ships (Triton 3.6 its `ptxas`, 3.9 its
-    `ptxas-blackwell`) or the one its TRITON_<NAME>_PATH variable names."""
+    """(path, release) of the ptxas Triton itself runs for sm_90, as Triton resolves it: one it ships (Triton 3.6 its
+    `ptxas`, 3.9 its `ptxas-blackwell`) or the one its TRITON_<NAME>_PATH variable names. Resolving it runs
+    `ptxas --version`, hence once per process."""
     try:
         from triton.backends.nvidia.compiler import get_ptxas
-        return str(get_ptxas(90).path)
+        tool = get_ptxas(90)
+        return str(tool.path), tool.version
     except (ImportError, AttributeError, TypeError):
-        return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas")
+        path = str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas")
+        release = re.findall(r"release ([\d.]+)", subprocess.run([path, "--version"], capture_output=True,
+                                                                  text=True).stdout)
+        return path, release[0] if release else "?"
 
 
 def _ptxas_usage(ptx):
@@ -95,7 +102,7 @@ def _ptxas_usage(ptx):
     if ptx not in _PTXAS_USAGE:
         with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
             f.write(ptx)
-        info = subprocess.run([_ptxas(), "-v", "-arch=sm_90a", f.name, "-o", os.devnull],
+        info = subprocess.run([_ptxas()[0], "-v", "-arch=sm_90a", f.name, "-o", os.devnull],
                               capture_output=True, text=True).stderr
         os.unlink(f.name)
         regs, spills = re.findall(r"Used (\d+) registers", info), re.findall(r"(\d+) bytes spill stores", info)
@@ -236,9 +243,8 @@ def main(argv=None):
     except (ImportError, AttributeError) as e:
         sys.exit(f"kernels.compile_check: this Triton ({triton.__version__}) lacks an internal it uses ({e})")
     dtypes = [torch.bfloat16] + ([torch.float32] if args.dtype == "both" else [])
-    release = re.findall(r"release ([\d.]+)", subprocess.run([_ptxas(), "--version"], capture_output=True,
-                                                               text=True).stdout)
-    print(f"# Triton {triton.__version__}, ptxas {release[0] if release else '?'} ({_ptxas()}), target sm_90a (H100), "
+    ptxas, release = _ptxas()
+    print(f"# Triton {triton.__version__}, ptxas {release} ({ptxas}), target sm_90a (H100), "
           f"shared memory limit {H100_SHARED_PER_BLOCK} B/block")
     print(f"{'kernel':<24}{'shared B':>10}{'regs':>6}{'spill B':>9}  constexprs / launch config")
     failed = False

@@ -78,12 +78,14 @@ def _gpu_check_ptxas(tmp_path, path_release, cuda_home_release, **env):
     return next(line for line in summary.splitlines() if line.startswith("ptxas "))
 
 
-def test_gpu_check_hands_triton_a_newer_ptxas_of_the_machine(tmp_path):
+def test_gpu_check_hands_triton_a_newer_ptxas_of_the_machine(tmp_path, monkeypatch):
     """The summary names the ptxas Triton itself resolves for Hopper afterwards, so a choice made through the wrong
     environment variable would show there."""
     from triton.backends.nvidia.compiler import get_ptxas
 
-    own = get_ptxas(90).path  # this Triton's own: conftest's environment sets no TRITON_PTXAS_*_PATH
+    for variable in ("TRITON_PTXAS_PATH", "TRITON_PTXAS_BLACKWELL_PATH"):  # Triton reads them at each call
+        monkeypatch.delenv(variable, raising=False)
+    own = get_ptxas(90).path  # this Triton's own
     own_variable = "TRITON_" + Path(own).name.upper().replace("-", "_") + "_PATH"  # how Triton names it
     assert _gpu_check_ptxas(tmp_path, "99.0", None) == f"ptxas {tmp_path}/path/bin/ptxas, release 99.0"
     assert _gpu_check_ptxas(tmp_path, "1.0", "98.1") == f"ptxas {tmp_path}/cuda/bin/ptxas, release 98.1"
