@@ -112,9 +112,11 @@ class Launch(NamedTuple):
     """One entry of an attention launch table: the tiles (BLOCK_M query rows, BLOCK_N keys), num_warps, the key
     loop's software-pipeline depth (num_stages), and the options kernels/sweep.py times: stream the loop's tiles
     through TMA descriptors; (the forward only) run a fixed number of programs per SM that walk the tiles instead of
-    one program per tile (0); (the dk/dv kernel only) also sum dq there with fp32 atomic adds, so that the dq kernel
-    does not run (dq then is not bit-reproducible from run to run: the adds land in any order). An option set where
-    the kernel does not read it is refused at launch (`_config`)."""
+    one program per tile (0); (the forward only) hand its key loop to Triton's Hopper warp specialization, which needs
+    TMA and 4 warps (one producer and two consumer warp groups of 4 warps, 12 in all, come out of it); (the dk/dv
+    kernel only) also sum dq there with fp32 atomic adds, so that the dq kernel does not run (dq then is not
+    bit-reproducible from run to run: the adds land in any order). An option set where the kernel does not read it,
+    or without what it needs, is refused at launch (`_config`)."""
     block_m: int
     block_n: int
     warps: int
@@ -122,21 +124,28 @@ class Launch(NamedTuple):
     tma: bool = False
     programs_per_sm: int = 0
     atomic_dq: bool = False
+    warp_specialize: bool = False
 
 
 _OPTION_TABLES = {"programs_per_sm": "kernels/attention.py's _GPU_FWD",
+                  "warp_specialize": "kernels/attention.py's _GPU_FWD",
                   "atomic_dq": "kernels/attention_backward.py's _GPU_BWD_DKDV"}  # the one kernel that reads each
 
 
 def _config(table, interpret_config, head_dim, kernel, options=("tma",)):
     """The Launch for this head dim (the interpreter's own under TRITON_INTERPRET=1). An option the kernel does not
-    read (a persistent backward, a forward with atomic dq: a table edited by hand) is an error, not a silent no-op."""
+    read (a persistent backward, a forward with atomic dq: a table edited by hand), or warp specialization without
+    TMA or with other than 4 warps (Triton would quietly not specialize), is an error, not a silent no-op."""
     launch = interpret_config if _interpreting() else table[max(64, head_dim)]
     unread = [name for name in _OPTION_TABLES if name not in options and getattr(launch, name)]
     if unread:
         raise ValueError(f"attention: the {kernel} launch config {launch} (head dim {head_dim}) sets "
                          f"{' and '.join(unread)}, which the {kernel} kernel does not read (it belongs in "
                          f"{' and '.join(_OPTION_TABLES[name] for name in unread)})")
+    if launch.warp_specialize and not (launch.tma and launch.warps == 4):
+        raise ValueError(f"attention: the {kernel} launch config {launch} (head dim {head_dim}) sets warp_specialize "
+                         "without tma=True and warps=4, which Triton's Hopper warp specialization needs (a producer "
+                         "warp group issues TMA copies for two consumer warp groups of 4 warps)")
     return launch
 
 

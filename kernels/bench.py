@@ -16,7 +16,8 @@ Each Triton row carries its BENCHMARKS.md target (the "current" column: compute 
 targets 80 % of the device's copy bandwidth, which the script measures first) and whether it was met.
 
 Beside `triton` (the launch tables as they are), the attention forward prints `triton-tma` (the table tiles through
-TMA descriptors) and `triton-persist` (the same, walked by one program per SM): kernels/attention.py's Hopper
+TMA descriptors), `triton-persist` (the same, walked by one program per SM) and `triton-ws` (the table tiles with 4
+warps, warp-specialized by Triton: a producer warp group and two consumer warp groups): kernels/attention.py's Hopper
 options, off in the tables until these rows measure them faster.
 
 The attention kernel's contract is causal by position (kernels/reference.py); the non-causal rows place every
@@ -184,9 +185,11 @@ def bench_attention(args, dtype):
         if not args.no_compile:
             impls.append(("torch.compile", torch.compile(eager(causal)), (q, k, v)))
         label = "causal" if causal else "non-causal"
-        # the forward's Hopper options, forward only: tiles through TMA, and those walked by one program per SM
+        # the forward's Hopper options, forward only: tiles through TMA, those walked by one program per SM, and the
+        # key loop warp-specialized
         variants = [("triton-tma", ours_with(causal, tma=True), (q, k, v)),
-                    ("triton-persist", ours_with(causal, tma=True, programs_per_sm=1), (q, k, v))]
+                    ("triton-persist", ours_with(causal, tma=True, programs_per_sm=1), (q, k, v)),
+                    ("triton-ws", ours_with(causal, warps=4, tma=True, warp_specialize=True), (q, k, v))]
         for impl, fn, inputs in impls[:1] + variants + impls[1:]:
             with torch.no_grad():
                 result = measure(lambda: fn(*inputs), args)

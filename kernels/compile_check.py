@@ -6,6 +6,7 @@ tiles that overflow shared memory, tl.dot shapes or dtypes the hardware rejects,
     python -m kernels.compile_check --only attention --dtype bf16
     python -m kernels.compile_check --only sweep    # the launch configs kernels/sweep.py tries (bf16)
     python -m kernels.compile_check --only options  # each launch option on the table tiles, as the GPU tests run it
+    python -m kernels.compile_check --only warp_specialized   # seconds: Triton still warp-specializes the forward
 
 How: Triton's active driver is replaced by a stand-in that reports an sm_90 target, and every `kernel[grid](...)`
 launch becomes a compile-only warm-up (JITFunction.run(..., warmup=True)). So the real launchers pick their real GPU
@@ -33,7 +34,7 @@ import triton  # noqa: E402
 
 H100_SMS = 132
 H100_SHARED_PER_BLOCK = 232448  # bytes of shared memory one thread block may opt in to on sm_90 (227 KB)
-ROWS = []  # (kernel, constexprs, shared bytes, registers, spilled bytes, error)
+ROWS = []  # (kernel, constexprs, shared bytes, registers, spilled bytes, warps, error)
 _PTXAS_USAGE = {}  # PTX text -> (registers, spilled bytes): variants that compile to the same PTX run ptxas once
 
 
@@ -70,10 +71,15 @@ def _install_compile_only_launches():
             try:
                 kernel = self.run(*args, grid=grid, warmup=True, **kwargs)
             except Exception as e:  # a compile error is the finding, not a crash of this script
-                ROWS.append((self.fn.__name__, shown, None, None, None, str(e).strip().splitlines()[-1][:200]))
+                ROWS.append((self.fn.__name__, shown, None, None, None, None, str(e).strip().splitlines()[-1][:200]))
                 return None
             regs, spills = _ptxas_usage(kernel.asm["ptx"])
-            ROWS.append((self.fn.__name__, shown, kernel.metadata.shared, regs, spills, None))
+            # Triton gives up on warp specialization without a word (the loop then runs unspecialized): a finding
+            error = None
+            if kwargs.get("WARP_SPECIALIZE") and "ttg.warp_specialize" not in kernel.asm["ttgir"]:
+                error = "Triton did not warp-specialize the key loop"
+            ROWS.append((self.fn.__name__, shown, kernel.metadata.shared, regs, spills, kernel.metadata.num_warps,
+                         error))
             return kernel
 
         return launch
@@ -225,8 +231,24 @@ def check_launch_options(dtypes):
                     table[D] = entry
 
 
+def check_warp_specialized(dtypes):
+    """The warp-specialized forward (the launch option, on the D = 128 table tiles with 4 warps), causal and with
+    explicit positions (read through a descriptor too): each must come out of Triton specialized, 12 warps (seconds;
+    the `options` part compiles it at every head dim with the GPU tests' masks)."""
+    from kernels import attention
+
+    D, saved = 128, attention._GPU_FWD[128]
+    q, k = torch.zeros(1, 64, 16, D, dtype=torch.bfloat16), torch.zeros(1, 64, 8, D, dtype=torch.bfloat16)
+    attention._GPU_FWD[D] = saved._replace(warps=4, tma=True, warp_specialize=True)
+    try:
+        for positions in (None, torch.arange(64, dtype=torch.int32)[None]):
+            attention._forward(q, k, k, positions, None, None, None, 0.1)
+    finally:
+        attention._GPU_FWD[D] = saved
+
+
 CHECKS = dict(attention=check_attention, fused_linear=check_fused_linear, elementwise=check_elementwise,
-              sweep=check_sweep, options=check_launch_options)
+              sweep=check_sweep, options=check_launch_options, warp_specialized=check_warp_specialized)
 
 
 def main(argv=None):
@@ -246,17 +268,17 @@ def main(argv=None):
     ptxas, release = _ptxas()
     print(f"# Triton {triton.__version__}, ptxas {release} ({ptxas}), target sm_90a (H100), "
           f"shared memory limit {H100_SHARED_PER_BLOCK} B/block")
-    print(f"{'kernel':<24}{'shared B':>10}{'regs':>6}{'spill B':>9}  constexprs / launch config")
+    print(f"{'kernel':<24}{'shared B':>10}{'regs':>6}{'spill B':>9}{'warps':>6}  constexprs / launch config")
     failed = False
     for name in args.only.split(","):
         CHECKS[name](dtypes)
-        for kernel, config, shared, regs, spills, error in ROWS:
+        for kernel, config, shared, regs, spills, warps, error in ROWS:
             over = shared is not None and shared > H100_SHARED_PER_BLOCK
             failed |= error is not None or over
             flags = " ".join(f"{k}={v}" for k, v in config.items() if v not in (False, None))
             status = f"  COMPILE ERROR: {error}" if error else ("  OVER THE SHARED-MEMORY LIMIT" if over else "")
-            print(f"{kernel:<24}{shared if shared is not None else '-':>10}{regs or '-':>6}{spills or 0:>9}  "
-                  f"{flags}{status}")
+            print(f"{kernel:<24}{shared if shared is not None else '-':>10}{regs or '-':>6}{spills or 0:>9}"
+                  f"{warps or '-':>6}  {flags}{status}")
         ROWS.clear()
     print("compile check: " + ("FAILED" if failed else "every variant compiled within the H100's shared memory"))
     return 1 if failed else 0

@@ -101,16 +101,17 @@ run_step() {  # the checks by name; the default run is ordered: tests first, the
     test_kernels) step "$1" 100 "$py" -m pytest $test_opts -m gpu tests/test_kernel_attention.py \
       tests/test_kernels.py ;;
     bench_kernels) step "$1" 95 "$py" -m kernels.bench --no-compile --warmup 3 --repeats 10 ;;
-    # attention fwd (pointer loads, TMA, TMA + persistent) and bwd at the target shape, SDPA's flash backend beside
+    # attention fwd (pointer loads, TMA, TMA + persistent, warp-specialized) and bwd at the target shape, SDPA's
+    # flash backend beside
     bench_attention) step "$1" 60 "$py" -m kernels.bench --only attention --no-compile --warmup 3 --repeats 10 ;;
     # the whole attention file on CUDA (fp32 + bf16 at the GPU tables): Triton compiles took over 120 s on an H100
     test_attention) step "$1" 300 "$py" -m pytest $test_opts tests/test_kernel_attention.py ;;
     batch1) step "$1" 100 "$py" scripts/bench_sampling.py --prompts 1 --samples 1 ;;  # 8B batch 1, MBU, steady state
     # every launch config, fwd D 128/256, bwd D 64/128/256: over 100 compiles, the most one call allows (alone)
     sweep) step "$1" 590 "$py" -m kernels.sweep ;;
-    # the forward's tiles at D 128 and 256, each with pointer loads and through TMA, two of them persistent too
-    # (32 compiles; alone)
-    sweep_forward) step "$1" 360 "$py" -m kernels.sweep --only forward128,forward256 ;;
+    # the forward's tiles at D 128 and 256, each with pointer loads and through TMA, two of them persistent too, and
+    # three warp-specialized tiles (one also persistent) (40 compiles; alone)
+    sweep_forward) step "$1" 420 "$py" -m kernels.sweep --only forward128,forward256 ;;
     # the backward's tiles at the benchmark's D 128: dk/dv and dq, pointer loads and (three tiles each) TMA, and
     # three dk/dv tiles summing dq by atomic adds (both loads); alone
     sweep_backward128) step "$1" 360 "$py" -m kernels.sweep --only attention128 ;;

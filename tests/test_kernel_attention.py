@@ -266,6 +266,52 @@ def test_persistent_forward_walks_every_tile_once(monkeypatch, tma, B, T, S, H, 
     check_grads_with_nan_past_kv_lengths(B, T, S, H, K, D, options)
 
 
+def record_forward_launches(monkeypatch):
+    """A list that each launch of the forward kernel appends its WARP_SPECIALIZE flag to, the kernel still running."""
+    flags, kernel = [], flash._attn_fwd_kernel
+
+    class Recording:  # `kernel[grid](...)` is how a launch starts
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                flags.append(kwargs["WARP_SPECIALIZE"])
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(flash, "_attn_fwd_kernel", Recording())
+    return flags
+
+
+@pytest.mark.parametrize("programs_per_sm", [0, 1], ids=["tile-per-program", "persistent"])
+@pytest.mark.parametrize("B, T, S, H, K, D, options", [
+    (2, 33, 33, 4, 2, 32, {}),
+    (3, 70, 70, 4, 2, 16, {"kv_lengths": (70, 41, 0)}),
+    (2, 33, 33, 4, 1, 32, {"sliding_window": 5, "softcap": 5.0, "kv_lengths": (33, 20)}),
+    (2, 40, 50, 4, 2, 16, {"q_positions": ((10, 50), (0, 40)), "kv_lengths": (50, 40), "sliding_window": 6}),
+    (2, 4, 40, 2, 2, 16, {"q_positions": ((36, 40), (36, 40))}),
+], ids=["gqa", "padding-empty-row", "mqa-window-softcap-padding", "positions-ragged-window", "every-key-visible"])
+def test_warp_specialized_forward(monkeypatch, programs_per_sm, B, T, S, H, K, D, options):
+    """The warp-specialized forward (q and positions through descriptors, the three key segments as one loop that
+    masks every block) gives the reference's output and, through its LSE, the reference's gradients: the middle
+    segment's blocks, unmasked elsewhere, are masked here and must keep every key, and the edge blocks must still drop
+    the keys a row cannot see. NaN keys and values past kv_len, as in the TMA tests. The interpreter runs the loop as
+    written (the warp groups are the compiler's); `make check-sm90` checks that Triton specializes it."""
+    monkeypatch.setattr(flash, "_INTERPRET_FWD", flash._INTERPRET_FWD._replace(
+        tma=True, programs_per_sm=programs_per_sm, warp_specialize=True))
+    launches = record_forward_launches(monkeypatch)
+    check_grads_with_nan_past_kv_lengths(B, T, S, H, K, D, options)
+    assert launches == [True]
+
+
+def test_warp_specialized_forward_falls_back_where_an_input_is_not_tma_addressable(monkeypatch):
+    """Positions rows of 7 int32 (28 bytes, no multiple of 16) cannot be read through a descriptor: the forward runs
+    the three-segment loop on the same tiles instead, and still gives the reference's output."""
+    monkeypatch.setattr(flash, "_INTERPRET_FWD", flash._INTERPRET_FWD._replace(tma=True, warp_specialize=True))
+    launches = record_forward_launches(monkeypatch)
+    check_grads_with_nan_past_kv_lengths(2, 7, 20, 4, 2, 16, {"q_positions": ((13, 20), (5, 12)),
+                                                               "kv_lengths": (20, 12), "sliding_window": 6})
+    assert launches == [False]
+
+
 @pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
 @pytest.mark.parametrize("B, T, S, H, K, D, options", [
     (2, 33, 33, 4, 2, 32, {}),
@@ -292,7 +338,11 @@ def test_backward_with_dq_summed_by_atomic_adds(monkeypatch, tma, B, T, S, H, K,
     (flash_backward, "_INTERPRET_BWD_DKDV", {"programs_per_sm": 1}, "dk/dv launch config .* sets programs_per_sm"),
     (flash_backward, "_INTERPRET_BWD_DQ", {"atomic_dq": True}, "dq launch config .* sets atomic_dq"),
     (flash, "_INTERPRET_FWD", {"atomic_dq": True}, "forward launch config .* sets atomic_dq"),
-], ids=["persistent-dkdv", "atomic-dq-in-dq", "atomic-dq-in-forward"])
+    (flash_backward, "_INTERPRET_BWD_DQ", {"tma": True, "warp_specialize": True}, "dq launch config .* sets warp_spec"),
+    (flash, "_INTERPRET_FWD", {"warp_specialize": True}, "sets warp_specialize without tma=True and warps=4"),
+    (flash, "_INTERPRET_FWD", {"tma": True, "warps": 8, "warp_specialize": True}, "without tma=True and warps=4"),
+], ids=["persistent-dkdv", "atomic-dq-in-dq", "atomic-dq-in-forward", "warp-specialized-dq",
+        "warp-specialized-without-tma", "warp-specialized-with-8-warps"])
 def test_a_launch_option_the_kernel_does_not_read_is_refused(monkeypatch, module, name, option, message):
     """A table entry edited by hand with an option its kernel ignores fails at launch, naming the kernel and the
     option, instead of running as if it were not set."""
