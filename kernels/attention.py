@@ -27,7 +27,9 @@ The tiles a loop streams (keys and values in the forward and dq loops, queries a
 loop) are loaded through pointers, or, where the launch table's TMA entry says so, through tensor descriptors that
 Hopper's copy engine (TMA) reads from: same tiles, same zeros past the end, no address arithmetic in the threads.
 The forward runs one program per (query block, batch x head) tile, or, where the table's programs_per_sm says so, a
-few programs per SM that each walk many tiles (persistent): the same per-tile body, `_fwd_tile`, either way.
+few programs per SM that each walk many tiles (persistent): the same per-tile body, `_fwd_tile`, either way. Where
+the table's warp_specialize says so, Triton splits the key loop among a producer warp group and two consumer warp
+groups (Hopper; `_fwd_tile` says what that asks of the loop).
 
     python -m pytest -q tests/test_kernel_attention.py     # CPU, TRITON_INTERPRET=1, vs the reference
 """
@@ -54,6 +56,7 @@ from kernels.attention_common import (
     _pos_strides,
     _precision,
     _query_positions,
+    _query_rows,
     _sm_count,
     _tma_ready,
     _visible,
@@ -121,20 +124,13 @@ def _fwd_tile(pid_m, pid_bh, Q, K, V, O, LSE, POS, KV_LEN,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < T
-    if WARP_SPECIALIZE and HAS_POS:  # the positions row through a descriptor too (T int32, unit stride)
-        pos = tl.make_tensor_descriptor(POS + b * stride_pb, shape=[T], strides=[1], block_shape=[BLOCK_M])
-        pos = tl.where(row_ok, pos.load([pid_m * BLOCK_M]), -1)
-    else:
-        pos = _query_positions(POS, b, offs_m, row_ok, stride_pb, stride_pt, HAS_POS)
+    pos = _query_positions(POS, b, offs_m, row_ok, stride_pb, stride_pt, HAS_POS, T, pid_m * BLOCK_M, BLOCK_M,
+                           WARP_SPECIALIZE)
     kv_len = _kv_length(KV_LEN, b, S, HAS_KV_LEN)
     lo, full_lo, full_hi, hi = _key_segments(pos, row_ok, kv_len, window, BLOCK_N, HAS_WINDOW)
 
-    if WARP_SPECIALIZE:  # the descriptor ends at T: rows past it arrive as zeros, as the masked load gives them
-        q = tl.make_tensor_descriptor(Q + b * stride_qb + h * stride_qh, shape=[T, HEAD_DIM], strides=[stride_qt, 1],
-                                      block_shape=[BLOCK_M, HEAD_DIM]).load([pid_m * BLOCK_M, 0])  # (M, D)
-    else:
-        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
-                    mask=row_ok[:, None], other=0.0)  # (M, D)
+    q = _query_rows(Q + b * stride_qb + h * stride_qh, stride_qt, T, pid_m * BLOCK_M, offs_m, offs_d, row_ok,
+                    BLOCK_M, HEAD_DIM, WARP_SPECIALIZE)  # (M, D)
     K_head = K + b * stride_kb + kv_h * stride_kh
     V_head = V + b * stride_vb + kv_h * stride_vh
     if TMA:

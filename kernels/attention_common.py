@@ -1,8 +1,8 @@
 """What the attention kernels share (kernels/attention.py, kernels/attention_backward.py,
 kernels/decode_attention.py): the @triton.jit helpers that place query rows and key blocks (positions, lengths,
-which key blocks a query block sees, the mask, soft-capped base-2 scores, TMA descriptors of one kv head), and the
-host side of every launch (launch-table lookup, grid limits, dtype precision, the TMA readiness check, the input
-checks).
+which key blocks a query block sees, the mask, soft-capped base-2 scores, TMA descriptors of one kv head, query rows
+and per-row values read through pointers or descriptors), and the host side of every launch (launch-table lookup,
+grid limits, dtype precision, the TMA readiness check, the input checks).
 
 The contract they implement is kernels.reference.attention's (read it first); the key-segment reasoning is explained
 in kernels/attention.py.
@@ -34,13 +34,42 @@ def _tanh(x):
 
 
 @triton.jit
-def _query_positions(POS, b, rows_t, row_ok, stride_pb, stride_pt, HAS_POS: tl.constexpr):
-    """Absolute position of each query row; -1 for rows past T (they then see nothing)."""
+def _query_positions(POS, b, rows_t, row_ok, stride_pb, stride_pt, HAS_POS: tl.constexpr, T=0, start=0,
+                     BLOCK_M: tl.constexpr = 1, TMA: tl.constexpr = False):
+    """Absolute position of each query row; -1 for rows past T (they then see nothing). TMA: the rows (start +
+    arange(BLOCK_M)) come through a descriptor of batch row b's T positions (unit stride), as warp specialization
+    needs."""
     if HAS_POS:
-        pos = tl.load(POS + b * stride_pb + rows_t * stride_pt, mask=row_ok, other=-1).to(tl.int32)
+        if TMA:
+            pos = _row_values(POS + b * stride_pb, T, start, rows_t, row_ok, -1, BLOCK_M, True)
+        else:
+            pos = tl.load(POS + b * stride_pb + rows_t * stride_pt, mask=row_ok, other=-1).to(tl.int32)
     else:
         pos = rows_t.to(tl.int32)
     return tl.where(row_ok, pos, -1)
+
+
+@triton.jit
+def _query_rows(X_head, stride_t, T, start, rows_t, offs_d, row_ok, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+                TMA: tl.constexpr):
+    """One head's (BLOCK_M, D) rows rows_t = start + arange(BLOCK_M) of a (T, D) operand (q, dO), zeros past T:
+    through masked pointer loads, or (TMA) a descriptor that ends at T, whose copy engine fills the rows past it with
+    zeros."""
+    if TMA:
+        desc = tl.make_tensor_descriptor(X_head, shape=[T, HEAD_DIM], strides=[stride_t, 1],
+                                         block_shape=[BLOCK_M, HEAD_DIM])
+        return desc.load([start, 0])
+    return tl.load(X_head + rows_t[:, None] * stride_t + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+
+
+@triton.jit
+def _row_values(X_row, T, start, rows_t, row_ok, other, BLOCK_M: tl.constexpr, TMA: tl.constexpr):
+    """The BLOCK_M values rows_t = start + arange(BLOCK_M) of a (T,) row of 4-byte values (the LSE, delta or
+    positions of one head or batch row): through masked pointer loads (`other` past T), or (TMA) a descriptor (its
+    base 16-byte aligned; 0 past T, rows the callers' masks drop)."""
+    if TMA:
+        return tl.make_tensor_descriptor(X_row, shape=[T], strides=[1], block_shape=[BLOCK_M]).load([start])
+    return tl.load(X_row + rows_t, mask=row_ok, other=other)
 
 
 @triton.jit
@@ -112,11 +141,12 @@ class Launch(NamedTuple):
     """One entry of an attention launch table: the tiles (BLOCK_M query rows, BLOCK_N keys), num_warps, the key
     loop's software-pipeline depth (num_stages), and the options kernels/sweep.py times: stream the loop's tiles
     through TMA descriptors; (the forward only) run a fixed number of programs per SM that walk the tiles instead of
-    one program per tile (0); (the forward only) hand its key loop to Triton's Hopper warp specialization, which needs
-    TMA and 4 warps (one producer and two consumer warp groups of 4 warps, 12 in all, come out of it); (the dk/dv
-    kernel only) also sum dq there with fp32 atomic adds, so that the dq kernel does not run (dq then is not
-    bit-reproducible from run to run: the adds land in any order). An option set where the kernel does not read it,
-    or without what it needs, is refused at launch (`_config`)."""
+    one program per tile (0); hand the kernel's loop to Triton's Hopper warp specialization, which needs TMA, 4
+    warps and 2 stages or more (one producer and two consumer warp groups of 4
+    warps, 12 in all, come out of it); (the dk/dv kernel only) also sum dq there with fp32 atomic adds, so that the dq
+    kernel does not run (dq then is not bit-reproducible from run to run: the adds land in any order; not with warp
+    specialization). An option set where the kernel does not read it, or without what it needs, is refused at launch
+    (`_config`)."""
     block_m: int
     block_n: int
     warps: int
@@ -128,24 +158,27 @@ class Launch(NamedTuple):
 
 
 _OPTION_TABLES = {"programs_per_sm": "kernels/attention.py's _GPU_FWD",
-                  "warp_specialize": "kernels/attention.py's _GPU_FWD",
                   "atomic_dq": "kernels/attention_backward.py's _GPU_BWD_DKDV"}  # the one kernel that reads each
 
 
 def _config(table, interpret_config, head_dim, kernel, options=("tma",)):
     """The Launch for this head dim (the interpreter's own under TRITON_INTERPRET=1). An option the kernel does not
     read (a persistent backward, a forward with atomic dq: a table edited by hand), or warp specialization without
-    TMA or with other than 4 warps (Triton would quietly not specialize), is an error, not a silent no-op."""
+    TMA, with other than 4 warps or with 1 stage (Triton would quietly not specialize) or with atomic dq, is an error,
+    not a silent no-op."""
     launch = interpret_config if _interpreting() else table[max(64, head_dim)]
     unread = [name for name in _OPTION_TABLES if name not in options and getattr(launch, name)]
     if unread:
         raise ValueError(f"attention: the {kernel} launch config {launch} (head dim {head_dim}) sets "
                          f"{' and '.join(unread)}, which the {kernel} kernel does not read (it belongs in "
                          f"{' and '.join(_OPTION_TABLES[name] for name in unread)})")
-    if launch.warp_specialize and not (launch.tma and launch.warps == 4):
+    if launch.warp_specialize and not (launch.tma and launch.warps == 4 and launch.stages >= 2
+                                       and not launch.atomic_dq):
         raise ValueError(f"attention: the {kernel} launch config {launch} (head dim {head_dim}) sets warp_specialize "
-                         "without tma=True and warps=4, which Triton's Hopper warp specialization needs (a producer "
-                         "warp group issues TMA copies for two consumer warp groups of 4 warps)")
+                         "without tma=True, warps=4 and stages >= 2, or with atomic_dq: Triton's Hopper warp "
+                         "specialization needs the first three (a producer warp group issues TMA copies, at least "
+                         "two tiles ahead, for two consumer warp groups of 4 warps) and fails to compile a loop with "
+                         "atomic adds")
     return launch
 
 

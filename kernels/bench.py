@@ -17,8 +17,9 @@ targets 80 % of the device's copy bandwidth, which the script measures first) an
 
 Beside `triton` (the launch tables as they are), the attention forward prints `triton-tma` (the table tiles through
 TMA descriptors), `triton-persist` (the same, walked by one program per SM) and `triton-ws` (the table tiles with 4
-warps, warp-specialized by Triton: a producer warp group and two consumer warp groups): kernels/attention.py's Hopper
-options, off in the tables until these rows measure them faster.
+warps, warp-specialized by Triton: a producer warp group and two consumer warp groups), and the backward a
+`triton-ws` row (the dk/dv and dq kernels warp-specialized, kernels/sweep.py's LAUNCH_OPTIONS): the attention
+kernels' Hopper options, off in the tables until these rows measure them faster.
 
 The attention kernel's contract is causal by position (kernels/reference.py); the non-causal rows place every
 query at the last key position (q_positions = S - 1), which makes every key visible (tests/test_kernel_attention.py
@@ -42,7 +43,7 @@ if not torch.cuda.is_available():
 
 import torch.nn.functional as F  # noqa: E402
 
-from kernels import attention, fused_linear, glu, reference, rms_norm, rope  # noqa: E402
+from kernels import attention, fused_linear, glu, reference, rms_norm, rope, sweep  # noqa: E402
 
 KERNELS = ("attention", "rms_norm", "rope", "swiglu", "fused_ce")
 
@@ -150,6 +151,19 @@ def bench_attention(args, dtype):
         positions = None if causal else last
         return lambda q, k, v: attention.attention(q, k, v, q_positions=positions)
 
+    def with_launch_option(option, fn):  # fn with kernels/sweep.py's LAUNCH_OPTIONS[option] in the launch tables
+        def run():
+            changes = sweep.LAUNCH_OPTIONS[option]
+            saved = [(table, table[D]) for table, _ in changes]
+            for table, fields in changes:
+                table[D] = table[D]._replace(**fields)
+            try:
+                return fn()
+            finally:
+                for table, entry in saved:
+                    table[D] = entry
+        return run
+
     def ours_with(causal, **options):  # the forward with Launch options (kernels/attention.py), table tiles
         def run(q, k, v):
             table = attention._GPU_FWD
@@ -195,15 +209,18 @@ def bench_attention(args, dtype):
                 result = measure(lambda: fn(*inputs), args)
             target = (TARGET_ATTN_FWD_TFLOPS[causal], ">=") if impl.startswith("triton") else None
             print_row(f"attention fwd {label}", shape, impl, result, lambda ms: fwd_flops / ms / 1e9, "TF/s", target)
-        for impl, fn, inputs in impls:
+        # the backward with both kernels warp-specialized (the table's forward before it)
+        backward_variants = [("triton-ws", ours(causal), (q, k, v), "warp-specialized-backward")]
+        for impl, fn, inputs, *option in impls[:1] + backward_variants + impls[1:]:
             leaves = [x.detach().requires_grad_(True) for x in inputs]
             try:
                 out = fn(*leaves)
                 grad_out = torch.randn_like(out)
-                result = measure(lambda: torch.autograd.grad(out, leaves, grad_out, retain_graph=True), args)
+                grad = lambda: torch.autograd.grad(out, leaves, grad_out, retain_graph=True)  # noqa: E731
+                result = measure(with_launch_option(option[0], grad) if option else grad, args)
             except Exception as e:
                 result = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}")
-            target = (TARGET_ATTN_BWD_TFLOPS[causal], ">=") if impl == "triton" else None
+            target = (TARGET_ATTN_BWD_TFLOPS[causal], ">=") if impl.startswith("triton") else None
             print_row(f"attention bwd {label}", shape, impl, result, lambda ms: 2.5 * fwd_flops / ms / 1e9, "TF/s",
                       target)
             out = None

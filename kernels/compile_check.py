@@ -77,7 +77,7 @@ def _install_compile_only_launches():
             # Triton gives up on warp specialization without a word (the loop then runs unspecialized): a finding
             error = None
             if kwargs.get("WARP_SPECIALIZE") and "ttg.warp_specialize" not in kernel.asm["ttgir"]:
-                error = "Triton did not warp-specialize the key loop"
+                error = "Triton did not warp-specialize the kernel's loop"
             ROWS.append((self.fn.__name__, shown, kernel.metadata.shared, regs, spills, kernel.metadata.num_warps,
                          error))
             return kernel
@@ -232,19 +232,25 @@ def check_launch_options(dtypes):
 
 
 def check_warp_specialized(dtypes):
-    """The warp-specialized forward (the launch option, on the D = 128 table tiles with 4 warps), causal and with
-    explicit positions (read through a descriptor too): each must come out of Triton specialized, 12 warps (seconds;
-    the `options` part compiles it at every head dim with the GPU tests' masks)."""
-    from kernels import attention
+    """The warp-specialized forward, dk/dv and dq kernels (the launch option, as kernels/sweep.py's LAUNCH_OPTIONS
+    sets it on the D = 128 table tiles), causal and with explicit positions (read through descriptors too): each must
+    come out of Triton specialized, 12 warps (seconds; the `options` part compiles them at every head dim with the GPU
+    tests' masks)."""
+    from kernels import attention, attention_backward, sweep
 
-    D, saved = 128, attention._GPU_FWD[128]
+    D = 128
+    changes = sweep.LAUNCH_OPTIONS["warp-specialized-forward"] + sweep.LAUNCH_OPTIONS["warp-specialized-backward"]
+    saved = [(table, table[D]) for table, _ in changes]
     q, k = torch.zeros(1, 64, 16, D, dtype=torch.bfloat16), torch.zeros(1, 64, 8, D, dtype=torch.bfloat16)
-    attention._GPU_FWD[D] = saved._replace(warps=4, tma=True, warp_specialize=True)
     try:
+        for table, fields in changes:
+            table[D] = table[D]._replace(**fields)
         for positions in (None, torch.arange(64, dtype=torch.int32)[None]):
             attention._forward(q, k, k, positions, None, None, None, 0.1)
+            attention_backward._backward(q, q, k, k, q, torch.zeros(1, 16, 64), positions, None, None, None, 0.1)
     finally:
-        attention._GPU_FWD[D] = saved
+        for table, entry in saved:
+            table[D] = entry
 
 
 CHECKS = dict(attention=check_attention, fused_linear=check_fused_linear, elementwise=check_elementwise,

@@ -550,11 +550,11 @@ def test_norm_rope_glu_and_loss_kernels_compile_for_an_h100_without_a_gpu(tmp_pa
     assert result.stdout.count("_rms_norm_bwd_kernel") == 8 and result.stdout.count("_rows_nll_kernel") == 12
 
 
-def test_attention_forward_is_warp_specialized_when_compiled_for_an_h100(tmp_path):
-    """The warp_specialize launch option hands the forward's key loop to Triton's Hopper warp specialization, which
-    gives up without a word on a loop it cannot split (a pointer load, a second loop, a branch in the loop body):
-    compiled for sm_90a, the kernel must come out with 12 warps (a producer and two consumer warp groups of the 4
-    asked for), causal and with explicit positions. The interpreter cannot see this; ~10 s."""
+def test_attention_kernels_are_warp_specialized_when_compiled_for_an_h100(tmp_path):
+    """The warp_specialize launch option hands the loops of the forward, dk/dv and dq kernels to Triton's Hopper warp
+    specialization, which gives up without a word on a loop it cannot split (a pointer load, a second loop, a branch
+    in the loop body): compiled for sm_90a, each must come out with 12 warps (a producer and two consumer warp groups
+    of the 4 asked for), causal and with explicit positions. The interpreter cannot see this; ~20 s."""
     import re
     import subprocess
     import sys
@@ -569,6 +569,8 @@ def test_attention_forward_is_warp_specialized_when_compiled_for_an_h100(tmp_pat
     result = subprocess.run([sys.executable, "-m", "kernels.compile_check", "--only", "warp_specialized", "--dtype",
                              "bf16"], capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stdout + result.stderr
-    rows = [line for line in result.stdout.splitlines() if line.startswith("_attn_fwd_kernel")]
-    assert len(rows) == 2 and all("WARP_SPECIALIZE=True" in row and "num_warps=4" in row for row in rows), rows
-    assert [int(re.split(r"\s+", row)[4]) for row in rows] == [12, 12], rows  # shared, regs, spills, then warps
+    rows = [line for line in result.stdout.splitlines() if "WARP_SPECIALIZE=True" in line]
+    kernels = ["_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel", "_attn_fwd_kernel"]
+    assert sorted(row.split()[0] for row in rows) == sorted(kernels * 2), rows
+    assert all("num_warps=4" in row for row in rows), rows
+    assert [int(re.split(r"\s+", row)[4]) for row in rows] == [12] * 6, rows  # shared, regs, spills, then warps
