@@ -322,7 +322,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, POS, KV_LEN,
 # ----------------------------------------------------------------------------------------------------------------
 
 # Backward launch configs (kernels/attention_common.Launch; programs per SM is the forward's option, an error here;
-# atomic_dq the dk/dv kernel's, warp_specialize the dk/dv kernel's and the forward's):
+# atomic_dq the dk/dv kernel's; warp_specialize any kernel's):
 # D = 64 and 128 chosen by kernels/sweep.py on an H100 (BENCHMARKS.md); D = 256 not swept.
 _GPU_BWD_DKDV = {64: Launch(32, 128, 4, 3), 128: Launch(64, 64, 4, 2), 256: Launch(32, 64, 8, 1)}
 _GPU_BWD_DQ = {64: Launch(64, 64, 4, 3), 128: Launch(64, 64, 4, 2), 256: Launch(64, 32, 8, 1)}

@@ -18,8 +18,8 @@ targets 80 % of the device's copy bandwidth, which the script measures first) an
 Beside `triton` (the launch tables as they are), the attention forward prints `triton-tma` (the table tiles through
 TMA descriptors), `triton-persist` (the same, walked by one program per SM) and `triton-ws` (the table tiles with 4
 warps, warp-specialized by Triton: a producer warp group and two consumer warp groups), and the backward a
-`triton-ws` row (the dk/dv and dq kernels warp-specialized, kernels/sweep.py's LAUNCH_OPTIONS): the attention
-kernels' Hopper options, off in the tables until these rows measure them faster.
+`triton-ws` row (the dk/dv and dq kernels warp-specialized, as kernels/sweep.py's LAUNCH_OPTIONS has them): the
+attention kernels' Hopper options, off in the tables until these rows measure them faster.
 
 The attention kernel's contract is causal by position (kernels/reference.py); the non-causal rows place every
 query at the last key position (q_positions = S - 1), which makes every key visible (tests/test_kernel_attention.py
@@ -43,7 +43,7 @@ if not torch.cuda.is_available():
 
 import torch.nn.functional as F  # noqa: E402
 
-from kernels import attention, fused_linear, glu, reference, rms_norm, rope, sweep  # noqa: E402
+from kernels import attention, attention_backward, fused_linear, glu, reference, rms_norm, rope  # noqa: E402
 
 KERNELS = ("attention", "rms_norm", "rope", "swiglu", "fused_ce")
 
@@ -151,9 +151,8 @@ def bench_attention(args, dtype):
         positions = None if causal else last
         return lambda q, k, v: attention.attention(q, k, v, q_positions=positions)
 
-    def with_launch_option(option, fn):  # fn with kernels/sweep.py's LAUNCH_OPTIONS[option] in the launch tables
+    def with_launch_changes(changes, fn):  # fn with [(launch table, Launch fields to change)] in the tables
         def run():
-            changes = sweep.LAUNCH_OPTIONS[option]
             saved = [(table, table[D]) for table, _ in changes]
             for table, fields in changes:
                 table[D] = table[D]._replace(**fields)
@@ -209,15 +208,19 @@ def bench_attention(args, dtype):
                 result = measure(lambda: fn(*inputs), args)
             target = (TARGET_ATTN_FWD_TFLOPS[causal], ">=") if impl.startswith("triton") else None
             print_row(f"attention fwd {label}", shape, impl, result, lambda ms: fwd_flops / ms / 1e9, "TF/s", target)
-        # the backward with both kernels warp-specialized (the table's forward before it)
-        backward_variants = [("triton-ws", ours(causal), (q, k, v), "warp-specialized-backward")]
-        for impl, fn, inputs, *option in impls[:1] + backward_variants + impls[1:]:
+        # the backward with both kernels warp-specialized (the table's forward before it): kernels/sweep.py's
+        # LAUNCH_OPTIONS["warp-specialized-backward"], written out because kernels.sweep imports this module
+        ws_backward = [(attention_backward._GPU_BWD_DKDV, dict(block_n=64, warps=4, stages=2, tma=True,
+                                                               warp_specialize=True)),
+                       (attention_backward._GPU_BWD_DQ, dict(warps=4, stages=2, tma=True, warp_specialize=True))]
+        backward_variants = [("triton-ws", ours(causal), (q, k, v), ws_backward)]
+        for impl, fn, inputs, *changes in impls[:1] + backward_variants + impls[1:]:
             leaves = [x.detach().requires_grad_(True) for x in inputs]
             try:
                 out = fn(*leaves)
                 grad_out = torch.randn_like(out)
                 grad = lambda: torch.autograd.grad(out, leaves, grad_out, retain_graph=True)  # noqa: E731
-                result = measure(with_launch_option(option[0], grad) if option else grad, args)
+                result = measure(with_launch_changes(changes[0], grad) if changes else grad, args)
             except Exception as e:
                 result = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}")
             target = (TARGET_ATTN_BWD_TFLOPS[causal], ">=") if impl.startswith("triton") else None
