@@ -104,6 +104,9 @@ run_step() {  # the checks by name; the default run is ordered: tests first, the
     # attention fwd (pointer loads, TMA, TMA + persistent, warp-specialized) and bwd (the tables, dk/dv
     # warp-specialized) at the target shape, SDPA's flash backend beside
     bench_attention) step "$1" 60 "$py" -m kernels.bench --only attention --no-compile --warmup 3 --repeats 10 ;;
+    # only the warp-specialized kernels against the reference (bf16, D 64 / 128 / 256; the default run's test_gpu
+    # has them too): a quick look at whether Triton's Hopper warp specialization computes them right
+    warp_specialized) step "$1" 120 "$py" -m pytest $test_opts -m gpu -k warp tests/test_kernel_attention.py ;;
     # the whole attention file on CUDA (fp32 + bf16 at the GPU tables): Triton compiles took over 120 s on an H100
     test_attention) step "$1" 300 "$py" -m pytest $test_opts tests/test_kernel_attention.py ;;
     batch1) step "$1" 100 "$py" scripts/bench_sampling.py --prompts 1 --samples 1 ;;  # 8B batch 1, MBU, steady state
