@@ -10,6 +10,7 @@ in kernels/attention.py.
     python -m pytest -q tests/test_kernel_attention.py     # CPU, TRITON_INTERPRET=1, vs the reference
 """
 
+import contextlib
 import os
 from typing import NamedTuple
 
@@ -141,12 +142,11 @@ class Launch(NamedTuple):
     """One entry of an attention launch table: the tiles (BLOCK_M query rows, BLOCK_N keys), num_warps, the key
     loop's software-pipeline depth (num_stages), and the options kernels/sweep.py times: stream the loop's tiles
     through TMA descriptors; (the forward only) run a fixed number of programs per SM that walk the tiles instead of
-    one program per tile (0); hand the kernel's loop to Triton's Hopper warp specialization, which needs TMA, 4
-    warps and 2 stages or more (one producer and two consumer warp groups of 4
-    warps, 12 in all, come out of it); (the dk/dv kernel only) also sum dq there with fp32 atomic adds, so that the dq
-    kernel does not run (dq then is not bit-reproducible from run to run: the adds land in any order; not with warp
-    specialization). An option set where the kernel does not read it, or without what it needs, is refused at launch
-    (`_config`)."""
+    one program per tile (0); hand the kernel's loop to Triton's Hopper warp specialization, which needs TMA, 4 warps
+    and 2 stages or more (one producer and two consumer warp groups of 4 warps, 12 in all, come out of it); (the dk/dv
+    kernel only) also sum dq there with fp32 atomic adds, so that the dq kernel does not run (dq then is not
+    bit-reproducible from run to run: the adds land in any order; not with warp specialization). An option set where
+    the kernel does not read it, or without what it needs, is refused at launch (`_config`)."""
     block_m: int
     block_n: int
     warps: int
@@ -159,6 +159,20 @@ class Launch(NamedTuple):
 
 _OPTION_TABLES = {"programs_per_sm": "kernels/attention.py's _GPU_FWD",
                   "atomic_dq": "kernels/attention_backward.py's _GPU_BWD_DKDV"}  # the one kernel that reads each
+
+
+@contextlib.contextmanager
+def launch_changes(changes, head_dim):
+    """Within the block, the head_dim entry of each launch table in `changes` ([(table, {Launch field: value})], as
+    kernels/sweep.py's LAUNCH_OPTIONS) has those fields changed; the entries are put back after, even on an error."""
+    saved = [(table, table[head_dim]) for table, _ in changes]
+    try:
+        for table, fields in changes:
+            table[head_dim] = table[head_dim]._replace(**fields)
+        yield
+    finally:
+        for table, entry in reversed(saved):
+            table[head_dim] = entry
 
 
 def _config(table, interpret_config, head_dim, kernel, options=("tma",)):

@@ -44,6 +44,7 @@ if not torch.cuda.is_available():
 import torch.nn.functional as F  # noqa: E402
 
 from kernels import attention, attention_backward, fused_linear, glu, reference, rms_norm, rope  # noqa: E402
+from kernels.attention_common import launch_changes  # noqa: E402
 
 KERNELS = ("attention", "rms_norm", "rope", "swiglu", "fused_ce")
 
@@ -152,27 +153,13 @@ def bench_attention(args, dtype):
         return lambda q, k, v: attention.attention(q, k, v, q_positions=positions)
 
     def with_launch_changes(changes, fn):  # fn with [(launch table, Launch fields to change)] in the tables
-        def run():
-            saved = [(table, table[D]) for table, _ in changes]
-            for table, fields in changes:
-                table[D] = table[D]._replace(**fields)
-            try:
-                return fn()
-            finally:
-                for table, entry in saved:
-                    table[D] = entry
+        def run(*inputs):
+            with launch_changes(changes, D):
+                return fn(*inputs)
         return run
 
     def ours_with(causal, **options):  # the forward with Launch options (kernels/attention.py), table tiles
-        def run(q, k, v):
-            table = attention._GPU_FWD
-            saved = table[D]
-            table[D] = saved._replace(**options)
-            try:
-                return ours(causal)(q, k, v)
-            finally:
-                table[D] = saved
-        return run
+        return with_launch_changes([(attention._GPU_FWD, options)], ours(causal))
 
     def eager(causal):
         positions = None if causal else last

@@ -6,7 +6,7 @@ tiles that overflow shared memory, tl.dot shapes or dtypes the hardware rejects,
     python -m kernels.compile_check --only attention --dtype bf16
     python -m kernels.compile_check --only sweep    # the launch configs kernels/sweep.py tries (bf16)
     python -m kernels.compile_check --only options  # each launch option on the table tiles, as the GPU tests run it
-    python -m kernels.compile_check --only warp_specialized   # seconds: Triton still warp-specializes the forward
+    python -m kernels.compile_check --only warp_specialized   # seconds: Triton still warp-specializes the attention
 
 How: Triton's active driver is replaced by a stand-in that reports an sm_90 target, and every `kernel[grid](...)`
 launch becomes a compile-only warm-up (JITFunction.run(..., warmup=True)). So the real launchers pick their real GPU
@@ -209,26 +209,21 @@ def check_launch_options(dtypes):
     adds) on the tables' own tiles at every head dim (bf16), causal and with the masks the GPU-marked
     test_gpu_bf16_launch_options uses (ragged kv_lengths and a window): what that test and the benchmarks compile."""
     from kernels import attention, attention_backward, sweep
+    from kernels.attention_common import launch_changes
 
     modes = [(None, None), (torch.tensor([40], dtype=torch.int32), 32)]  # (kv_lengths, sliding_window)
     for D in (64, 128, 256):
         q, k = torch.zeros(1, 64, 16, D, dtype=torch.bfloat16), torch.zeros(1, 64, 8, D, dtype=torch.bfloat16)
         for changes in sweep.LAUNCH_OPTIONS.values():
-            saved = [(table, table[D]) for table, _ in changes]
             forward = any(table is attention._GPU_FWD for table, _ in changes)
             backward = any(table is not attention._GPU_FWD for table, _ in changes)
-            try:
-                for table, fields in changes:
-                    table[D] = table[D]._replace(**fields)
+            with launch_changes(changes, D):
                 for kv_lengths, window in modes:
                     args = (None, kv_lengths, window, None, 0.1)
                     if forward:
                         attention._forward(q, k, k, *args)
                     if backward:
                         attention_backward._backward(q, q, k, k, q, torch.zeros(1, 16, 64), *args)
-            finally:
-                for table, entry in saved:
-                    table[D] = entry
 
 
 def check_warp_specialized(dtypes):
@@ -237,20 +232,15 @@ def check_warp_specialized(dtypes):
     come out of Triton specialized, 12 warps (seconds; the `options` part compiles them at every head dim with the GPU
     tests' masks)."""
     from kernels import attention, attention_backward, sweep
+    from kernels.attention_common import launch_changes
 
     D = 128
     changes = sweep.LAUNCH_OPTIONS["warp-specialized-forward"] + sweep.LAUNCH_OPTIONS["warp-specialized-backward"]
-    saved = [(table, table[D]) for table, _ in changes]
     q, k = torch.zeros(1, 64, 16, D, dtype=torch.bfloat16), torch.zeros(1, 64, 8, D, dtype=torch.bfloat16)
-    try:
-        for table, fields in changes:
-            table[D] = table[D]._replace(**fields)
+    with launch_changes(changes, D):
         for positions in (None, torch.arange(64, dtype=torch.int32)[None]):
             attention._forward(q, k, k, positions, None, None, None, 0.1)
             attention_backward._backward(q, q, k, k, q, torch.zeros(1, 16, 64), positions, None, None, None, 0.1)
-    finally:
-        for table, entry in saved:
-            table[D] = entry
 
 
 CHECKS = dict(attention=check_attention, fused_linear=check_fused_linear, elementwise=check_elementwise,

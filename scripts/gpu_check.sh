@@ -101,7 +101,7 @@ run_step() {  # the checks by name; the default run is ordered: tests first, the
     test_kernels) step "$1" 100 "$py" -m pytest $test_opts -m gpu tests/test_kernel_attention.py \
       tests/test_kernels.py ;;
     bench_kernels) step "$1" 95 "$py" -m kernels.bench --no-compile --warmup 3 --repeats 10 ;;
-    # attention fwd (pointer loads, TMA, TMA + persistent, warp-specialized) and bwd (the tables, dk/dv
+    # attention fwd (pointer loads, TMA, TMA + persistent, warp-specialized) and bwd (the tables; dk/dv and dq
     # warp-specialized) at the target shape, SDPA's flash backend beside
     bench_attention) step "$1" 60 "$py" -m kernels.bench --only attention --no-compile --warmup 3 --repeats 10 ;;
     # only the warp-specialized kernels against the reference (bf16, D 64 / 128 / 256; the default run's test_gpu
@@ -116,7 +116,7 @@ run_step() {  # the checks by name; the default run is ordered: tests first, the
     # three warp-specialized tiles (one also persistent) (40 compiles; alone)
     sweep_forward) step "$1" 420 "$py" -m kernels.sweep --only forward128,forward256 ;;
     # the backward's tiles at the benchmark's D 128: dk/dv and dq, pointer loads and (three tiles each) TMA,
-    # three dk/dv tiles summing dq by atomic adds (both loads), two dk/dv tiles warp-specialized; alone
+    # three dk/dv tiles summing dq by atomic adds (both loads), two dk/dv and two dq tiles warp-specialized; alone
     sweep_backward128) step "$1" 400 "$py" -m kernels.sweep --only attention128 ;;
     # 8B, 64 prompts x 8 samples = 512 sequences x (128 -> 256), then batch-1 decode with its MBU and steady state
     bench_sampling) step "$1" 80 "$py" scripts/bench_sampling.py --prompts 64 --repeats 1 ;;

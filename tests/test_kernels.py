@@ -528,34 +528,9 @@ def test_bench_times_flash_attention_when_installed(monkeypatch):
     assert name == "fa3" and run(2, 3, 4, True) == 24
 
 
-def test_norm_rope_glu_and_loss_kernels_compile_for_an_h100_without_a_gpu(tmp_path):
-    """The kernels compiled for sm_90a (what the interpreter never does: real shared memory, register allocation),
-    at the launch configs the GPU picks for real hidden sizes and vocabularies: every variant compiles and fits an
-    H100 block's shared memory. ~15 s; the attention kernels take minutes (`make check-sm90` covers them)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    import triton
-
-    if not (Path(triton.__file__).parent / "backends" / "nvidia").is_dir():
-        pytest.skip("this Triton has no NVIDIA backend to compile with")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile for real, not from an earlier run's cache
-    result = subprocess.run([sys.executable, "-m", "kernels.compile_check", "--only", "elementwise,fused_linear",
-                             "--dtype", "bf16"], capture_output=True, text=True, env=env,
-                            cwd=Path(__file__).resolve().parents[1])
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "every variant compiled within the H100's shared memory" in result.stdout
-    assert result.stdout.count("_rms_norm_bwd_kernel") == 8 and result.stdout.count("_rows_nll_kernel") == 12
-
-
-def test_attention_kernels_are_warp_specialized_when_compiled_for_an_h100(tmp_path):
-    """The warp_specialize launch option hands the loops of the forward, dk/dv and dq kernels to Triton's Hopper warp
-    specialization, which gives up without a word on a loop it cannot split (a pointer load, a second loop, a branch
-    in the loop body): compiled for sm_90a, each must come out with 12 warps (a producer and two consumer warp groups
-    of the 4 asked for), causal and with explicit positions. The interpreter cannot see this; ~20 s."""
-    import re
+def compile_check_for_sm90(tmp_path, parts):
+    """`python -m kernels.compile_check --only parts --dtype bf16` in a process of its own (it replaces Triton's
+    driver), compiling for real rather than from an earlier run's cache; its stdout, after asserting exit status 0."""
     import subprocess
     import sys
     from pathlib import Path
@@ -566,10 +541,30 @@ def test_attention_kernels_are_warp_specialized_when_compiled_for_an_h100(tmp_pa
         pytest.skip("this Triton has no NVIDIA backend to compile with")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
-    result = subprocess.run([sys.executable, "-m", "kernels.compile_check", "--only", "warp_specialized", "--dtype",
-                             "bf16"], capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1])
+    result = subprocess.run([sys.executable, "-m", "kernels.compile_check", "--only", parts, "--dtype", "bf16"],
+                            capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stdout + result.stderr
-    rows = [line for line in result.stdout.splitlines() if "WARP_SPECIALIZE=True" in line]
+    return result.stdout
+
+
+def test_norm_rope_glu_and_loss_kernels_compile_for_an_h100_without_a_gpu(tmp_path):
+    """The kernels compiled for sm_90a (what the interpreter never does: real shared memory, register allocation),
+    at the launch configs the GPU picks for real hidden sizes and vocabularies: every variant compiles and fits an
+    H100 block's shared memory. ~15 s; the attention kernels take minutes (`make check-sm90` covers them)."""
+    stdout = compile_check_for_sm90(tmp_path, "elementwise,fused_linear")
+    assert "every variant compiled within the H100's shared memory" in stdout
+    assert stdout.count("_rms_norm_bwd_kernel") == 8 and stdout.count("_rows_nll_kernel") == 12
+
+
+def test_attention_kernels_are_warp_specialized_when_compiled_for_an_h100(tmp_path):
+    """The warp_specialize launch option hands the loops of the forward, dk/dv and dq kernels to Triton's Hopper warp
+    specialization, which gives up without a word on a loop it cannot split (a pointer load, a second loop, a branch
+    in the loop body): compiled for sm_90a, each must come out with 12 warps (a producer and two consumer warp groups
+    of the 4 asked for), causal and with explicit positions. The interpreter cannot see this; ~20 s."""
+    import re
+
+    rows = [line for line in compile_check_for_sm90(tmp_path, "warp_specialized").splitlines()
+            if "WARP_SPECIALIZE=True" in line]
     kernels = ["_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel", "_attn_fwd_kernel"]
     assert sorted(row.split()[0] for row in rows) == sorted(kernels * 2), rows
     assert all("num_warps=4" in row for row in rows), rows
