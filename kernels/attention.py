@@ -88,13 +88,13 @@ def _fwd_key_loop(acc, m_i, l_i, q, pos, K_head, V_head, stride_ks, stride_vs, o
         else:
             kt = tl.load(K_head + offs_n[None, :] * stride_ks + offs_d[:, None])
             v = tl.load(V_head + offs_n[:, None] * stride_vs + offs_d[None, :])
-        s = _log2_scores(tl.dot(q, kt, input_precision=PRECISION), scale, softcap, HAS_SOFTCAP)  # (M, N)
+        s, to_log2 = _log2_scores(tl.dot(q, kt, input_precision=PRECISION), scale, softcap, HAS_SOFTCAP)
         if MASKED:
             s = tl.where(_visible(pos[:, None], offs_n[None, :], kv_len, window, HAS_WINDOW), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * to_log2)  # to_log2 > 0: the row max of s, in base-2 units
         # A row that has seen no visible key yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
+        p = tl.exp2(s * to_log2 - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
@@ -260,6 +260,8 @@ def attention(q, k, v, q_positions=None, kv_lengths=None, sliding_window=None, s
     """
     _check_inputs(q, k, v, q_positions, kv_lengths, sliding_window, softcap)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if not scale > 0:  # the kernels take each row's max before scaling (_log2_scores)
+        raise ValueError(f"attention: scale {scale} must be positive")
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     q_positions = _optional_int32(q_positions, q.device)
     kv_lengths = _optional_int32(kv_lengths, q.device)

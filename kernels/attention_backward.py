@@ -89,19 +89,19 @@ def _bwd_dkdv_query_loop(dk, dv, k, v, offs_n, Q_head, DO_head, LSE_head, DELTA_
             lse = tl.load(LSE_head + offs_m, mask=row_ok, other=float("inf"))
             delta = tl.load(DELTA_head + offs_m, mask=row_ok, other=0.0)
         qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (N, M)
-        s_t = _log2_scores(qk_t, scale, softcap, HAS_SOFTCAP)
+        s_t, to_log2 = _log2_scores(qk_t, scale, softcap, HAS_SOFTCAP)
         if HAS_SOFTCAP:
-            # d/dx [c tanh(x / c)] = 1 - tanh^2, and tanh = capped score / c (undo the log2 units). Taken before
-            # masking: masked scores are -inf and their gradient is 0 through p anyway.
+            # d/dx [c tanh(x / c)] = 1 - tanh^2, and tanh = capped score / c (undo the log2 units); a masked score's
+            # gradient is 0 through p.
             th = s_t * (0.6931471805599453 / softcap)
             cap_grad_t = 1.0 - th * th
-        if MASKED:
+        p_t = tl.exp2(s_t * to_log2 - lse[None, :])  # probabilities, (N, M)
+        if MASKED:  # after the exp2, so that its multiply and subtraction stay one fused multiply-add
             if WARP_SPECIALIZE and HAS_POS:
                 pos = tl.where(row_ok, POS.load([start_m]), -1)
             else:
                 pos = _query_positions(POS, b, offs_m, row_ok, stride_pb, stride_pt, HAS_POS)
-            s_t = tl.where(_visible(pos[None, :], offs_n[:, None], kv_len, window, HAS_WINDOW), s_t, float("-inf"))
-        p_t = tl.exp2(s_t - lse[None, :])  # probabilities, (N, M)
+            p_t = tl.where(_visible(pos[None, :], offs_n[:, None], kv_len, window, HAS_WINDOW), p_t, 0.0)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])  # d loss / d capped score
@@ -245,13 +245,13 @@ def _bwd_dq_key_loop(dq, q, do, lse, delta, pos, K_head, V_head, stride_ks, stri
         else:
             k = tl.load(K_head + offs_n[:, None] * stride_ks + offs_d[None, :])
             vt = tl.load(V_head + offs_n[None, :] * stride_vs + offs_d[:, None])
-        s = _log2_scores(tl.dot(q, tl.trans(k), input_precision=PRECISION), scale, softcap, HAS_SOFTCAP)
+        s, to_log2 = _log2_scores(tl.dot(q, tl.trans(k), input_precision=PRECISION), scale, softcap, HAS_SOFTCAP)
         if HAS_SOFTCAP:
-            th = s * (0.6931471805599453 / softcap)  # tanh, before masking (see the dk/dv loop)
+            th = s * (0.6931471805599453 / softcap)  # tanh (see the dk/dv loop)
             cap_grad = 1.0 - th * th
-        if MASKED:
-            s = tl.where(_visible(pos[:, None], offs_n[None, :], kv_len, window, HAS_WINDOW), s, float("-inf"))
-        p = tl.exp2(s - lse[:, None])  # (M, N)
+        p = tl.exp2(s * to_log2 - lse[:, None])  # (M, N)
+        if MASKED:  # after the exp2, as in the dk/dv loop
+            p = tl.where(_visible(pos[:, None], offs_n[None, :], kv_len, window, HAS_WINDOW), p, 0.0)
         dp = tl.dot(do, vt, input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         if HAS_SOFTCAP:

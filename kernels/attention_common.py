@@ -104,10 +104,12 @@ def _key_segments(pos, row_ok, kv_len, window, BLOCK_N: tl.constexpr, HAS_WINDOW
 
 @triton.jit
 def _visible(pos_rows, keys, kv_len, window, HAS_WINDOW: tl.constexpr):
-    """The reference mask for a (rows, keys) tile; pos_rows and keys are already broadcast against each other."""
-    ok = (keys <= pos_rows) & (keys < kv_len)
+    """The reference mask (key <= pos, key < kv_len, and pos - key < window) for a (rows, keys) tile; pos_rows and
+    keys are already broadcast against each other. The first two meet in one bound per query, so a score costs one
+    compare (two with a window), not two or three."""
+    ok = keys <= tl.minimum(pos_rows, kv_len - 1)
     if HAS_WINDOW:
-        ok = ok & (pos_rows - keys < window)
+        ok = ok & (keys > pos_rows - window)
     return ok
 
 
@@ -127,10 +129,13 @@ def _kv_descriptors(K_head, V_head, stride_ks, stride_vs, kv_len, HEAD_DIM: tl.c
 
 @triton.jit
 def _log2_scores(qk, scale, softcap, HAS_SOFTCAP: tl.constexpr):
-    """Raw q.k (fp32) -> softmax logits in base-2 units, soft-capped like Gemma-2."""
+    """Raw q.k (fp32) -> (scores, to_log2): the softmax logits in base-2 units are scores * to_log2. Without a soft
+    cap the scores are q.k itself and the multiply by scale * log2(e) is left to the caller, which folds it into the
+    exp2's subtraction (exp2(s * to_log2 - m): one fused multiply-add per score, not a multiply and an add). With
+    Gemma-2's soft cap the scores are the capped logits and to_log2 is 1."""
     if HAS_SOFTCAP:
-        return softcap * _tanh(qk * (scale / softcap)) * 1.4426950408889634
-    return qk * (scale * 1.4426950408889634)
+        return softcap * _tanh(qk * (scale / softcap)) * 1.4426950408889634, 1.0
+    return qk, scale * 1.4426950408889634
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ tiles that overflow shared memory, tl.dot shapes or dtypes the hardware rejects,
     python -m kernels.compile_check --only sweep    # the launch configs kernels/sweep.py tries (bf16)
     python -m kernels.compile_check --only options  # each launch option on the table tiles, as the GPU tests run it
     python -m kernels.compile_check --only warp_specialized   # seconds: Triton still warp-specializes the attention
+    python -m kernels.compile_check --only warp_specialized --sass   # and each kernel's SASS instructions by opcode
 
 How: Triton's active driver is replaced by a stand-in that reports an sm_90 target, and every `kernel[grid](...)`
 launch becomes a compile-only warm-up (JITFunction.run(..., warmup=True)). So the real launchers pick their real GPU
@@ -34,8 +35,13 @@ import triton  # noqa: E402
 
 H100_SMS = 132
 H100_SHARED_PER_BLOCK = 232448  # bytes of shared memory one thread block may opt in to on sm_90 (227 KB)
-ROWS = []  # (kernel, constexprs, shared bytes, registers, spilled bytes, warps, error)
+ROWS = []  # (kernel, constexprs, shared bytes, registers, spilled bytes, warps, error, SASS opcode counts or None)
 _PTXAS_USAGE = {}  # PTX text -> (registers, spilled bytes): variants that compile to the same PTX run ptxas once
+# --sass: the machine instructions that carry a softmax's per-score work (fp32 add, multiply, fused multiply-add,
+# select, min/max, integer compare, the exp2 unit) and the tensor-core products (HGMMA: Hopper's warp-group ones;
+# HMMA: the older warp-level ones), counted in each kernel's whole SASS
+SASS_OPS = ("HGMMA", "HMMA", "MUFU", "FFMA", "FMUL", "FADD", "FSEL", "FMNMX", "ISETP")
+COUNT_SASS = False
 
 
 def _install_compile_only_launches():
@@ -71,7 +77,8 @@ def _install_compile_only_launches():
             try:
                 kernel = self.run(*args, grid=grid, warmup=True, **kwargs)
             except Exception as e:  # a compile error is the finding, not a crash of this script
-                ROWS.append((self.fn.__name__, shown, None, None, None, None, str(e).strip().splitlines()[-1][:200]))
+                ROWS.append((self.fn.__name__, shown, None, None, None, None, str(e).strip().splitlines()[-1][:200],
+                             None))
                 return None
             regs, spills = _ptxas_usage(kernel.asm["ptx"])
             # Triton gives up on warp specialization without a word (the loop then runs unspecialized): a finding
@@ -79,7 +86,7 @@ def _install_compile_only_launches():
             if kwargs.get("WARP_SPECIALIZE") and "ttg.warp_specialize" not in kernel.asm["ttgir"]:
                 error = "Triton did not warp-specialize the kernel's loop"
             ROWS.append((self.fn.__name__, shown, kernel.metadata.shared, regs, spills, kernel.metadata.num_warps,
-                         error))
+                         error, _sass_opcodes(kernel.asm["cubin"]) if COUNT_SASS else None))
             return kernel
 
         return launch
@@ -114,6 +121,19 @@ def _ptxas_usage(ptx):
         regs, spills = re.findall(r"Used (\d+) registers", info), re.findall(r"(\d+) bytes spill stores", info)
         _PTXAS_USAGE[ptx] = (int(regs[-1]) if regs else None, int(spills[-1]) if spills else None)
     return _PTXAS_USAGE[ptx]
+
+
+def _sass_opcodes(cubin):
+    """{opcode: count} over one kernel's SASS, from the nvdisasm Triton ships (predicates and modifiers dropped)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    sass = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True).stdout
+    os.unlink(f.name)
+    opcodes = re.findall(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass, re.M)
+    counts = {op: opcodes.count(op) for op in SASS_OPS}
+    counts["all"] = len(opcodes)
+    return counts
 
 
 def check_attention(dtypes):
@@ -252,7 +272,11 @@ def main(argv=None):
     p.add_argument("--only", default=",".join(CHECKS), help=f"comma-separated subset of {', '.join(CHECKS)}")
     p.add_argument("--dtype", choices=["bf16", "both"], default="both",
                    help="both: bf16, plus fp32 attention forward and decode (tiny test models run those on GPU)")
+    p.add_argument("--sass", action="store_true",
+                   help=f"also count each kernel's SASS instructions, all and by opcode ({', '.join(SASS_OPS)})")
     args = p.parse_args(argv)
+    global COUNT_SASS
+    COUNT_SASS = args.sass
     unknown = set(args.only.split(",")) - set(CHECKS)
     if unknown:
         p.error(f"--only: unknown {', '.join(sorted(unknown))}; expected some of {', '.join(CHECKS)}")
@@ -268,13 +292,15 @@ def main(argv=None):
     failed = False
     for name in args.only.split(","):
         CHECKS[name](dtypes)
-        for kernel, config, shared, regs, spills, warps, error in ROWS:
+        for kernel, config, shared, regs, spills, warps, error, opcodes in ROWS:
             over = shared is not None and shared > H100_SHARED_PER_BLOCK
             failed |= error is not None or over
             flags = " ".join(f"{k}={v}" for k, v in config.items() if v not in (False, None))
             status = f"  COMPILE ERROR: {error}" if error else ("  OVER THE SHARED-MEMORY LIMIT" if over else "")
             print(f"{kernel:<24}{shared if shared is not None else '-':>10}{regs or '-':>6}{spills or 0:>9}"
                   f"{warps or '-':>6}  {flags}{status}")
+            if opcodes:
+                print(f"{'':<24}SASS {' '.join(f'{op}={n}' for op, n in opcodes.items())}")
         ROWS.clear()
     print("compile check: " + ("FAILED" if failed else "every variant compiled within the H100's shared memory"))
     return 1 if failed else 0

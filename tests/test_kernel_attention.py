@@ -625,6 +625,7 @@ def test_ops_picks_the_cascade_where_it_did_before(monkeypatch, T, prefix, optio
     ((1, 4, 2, 24), (1, 4, 2, 24), {}, "head dim 24"),
     ((1, 4, 2, 16), (1, 4, 2, 16), {"q_positions": torch.zeros(1, 3, dtype=torch.long)}, "q_positions"),
     ((1, 4, 2, 16), (1, 4, 2, 16), {"softcap": 0.0}, "softcap"),
+    ((1, 4, 2, 16), (1, 4, 2, 16), {"scale": -0.25}, "scale -0.25 must be positive"),
 ])
 def test_bad_input_is_a_clear_error(q_shape, kv_shape, kwargs, message):
     q, k = torch.zeros(q_shape, device=DEVICE), torch.zeros(kv_shape, device=DEVICE)

@@ -528,9 +528,10 @@ def test_bench_times_flash_attention_when_installed(monkeypatch):
     assert name == "fa3" and run(2, 3, 4, True) == 24
 
 
-def compile_check_for_sm90(tmp_path, parts):
-    """`python -m kernels.compile_check --only parts --dtype bf16` in a process of its own (it replaces Triton's
-    driver), compiling for real rather than from an earlier run's cache; its stdout, after asserting exit status 0."""
+def compile_check_for_sm90(tmp_path, parts, *options):
+    """`python -m kernels.compile_check --only parts --dtype bf16 [options]` in a process of its own (it replaces
+    Triton's driver), compiling for real rather than from an earlier run's cache; its stdout, after asserting exit
+    status 0."""
     import subprocess
     import sys
     from pathlib import Path
@@ -541,8 +542,8 @@ def compile_check_for_sm90(tmp_path, parts):
         pytest.skip("this Triton has no NVIDIA backend to compile with")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
-    result = subprocess.run([sys.executable, "-m", "kernels.compile_check", "--only", parts, "--dtype", "bf16"],
-                            capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1])
+    command = [sys.executable, "-m", "kernels.compile_check", "--only", parts, "--dtype", "bf16", *options]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 
@@ -560,12 +561,15 @@ def test_attention_kernels_are_warp_specialized_when_compiled_for_an_h100(tmp_pa
     """The warp_specialize launch option hands the loops of the forward, dk/dv and dq kernels to Triton's Hopper warp
     specialization, which gives up without a word on a loop it cannot split (a pointer load, a second loop, a branch
     in the loop body): compiled for sm_90a, each must come out with 12 warps (a producer and two consumer warp groups
-    of the 4 asked for), causal and with explicit positions. The interpreter cannot see this; ~20 s."""
+    of the 4 asked for), causal and with explicit positions; and its products must be Hopper's warp-group ones
+    (HGMMA in the SASS, not the older warp-level HMMA). The interpreter cannot see this; ~20 s."""
     import re
 
-    rows = [line for line in compile_check_for_sm90(tmp_path, "warp_specialized").splitlines()
-            if "WARP_SPECIALIZE=True" in line]
+    lines = compile_check_for_sm90(tmp_path, "warp_specialized", "--sass").splitlines()
+    rows = [(line, lines[i + 1]) for i, line in enumerate(lines) if "WARP_SPECIALIZE=True" in line]
     kernels = ["_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel", "_attn_fwd_kernel"]
-    assert sorted(row.split()[0] for row in rows) == sorted(kernels * 2), rows
-    assert all("num_warps=4" in row for row in rows), rows
-    assert [int(re.split(r"\s+", row)[4]) for row in rows] == [12] * 6, rows  # shared, regs, spills, then warps
+    assert sorted(row.split()[0] for row, _ in rows) == sorted(kernels * 2), rows
+    assert all("num_warps=4" in row for row, _ in rows), rows
+    assert [int(re.split(r"\s+", row)[4]) for row, _ in rows] == [12] * 6, rows  # shared, regs, spills, warps
+    opcodes = [dict(re.findall(r"(\w+)=(\d+)", sass.replace("SASS", ""))) for _, sass in rows]
+    assert all(int(ops["HGMMA"]) > 0 and int(ops["HMMA"]) == 0 for ops in opcodes), rows
