@@ -6,6 +6,7 @@ rows into the tables, and record the table it printed.
 
     python -m kernels.sweep                      # needs CUDA; most of its time is Triton compiles
     python -m kernels.sweep --only attention256,forward256
+    python -m kernels.sweep --only attention64,forward64     # the Llama-3.2-1B training shape's attention
     python -m kernels.sweep --only rms_norm
 
 For each backward candidate it times the whole backward (kernels/bench.py's median_ms: device time, L2 flushed) with the
@@ -39,9 +40,10 @@ _DQ_TILES = {
 # tiles and shallower pipelines than there; the first entry is the (unswept) table config.
 _DKDV_TILES[256] = [(32, 64, 8, 1), (32, 64, 4, 2), (64, 64, 8, 1), (32, 32, 4, 2), (16, 64, 4, 2), (64, 32, 8, 1)]
 _DQ_TILES[256] = [(64, 32, 8, 1), (64, 32, 4, 2), (64, 64, 8, 1), (32, 32, 4, 2), (32, 64, 4, 2), (128, 32, 8, 1)]
-# Forward: at D = 128 wider key tiles and deeper pipelines (the FA3-class target); at D = 256 the same trade as the
-# backward.
+# Forward: at D = 128 wider key tiles and deeper pipelines (the FA3-class target); at D = 64 (the Llama-3.2-1B
+# training shape) the same with half the bytes per row, so wider tiles fit; at D = 256 the same trade as the backward.
 _FWD_TILES = {
+    64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 128, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 4)],
     128: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 128, 4, 3), (128, 32, 8, 4), (128, 64, 8, 4)],
     256: [(64, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 1), (32, 64, 4, 3)],
 }
@@ -61,7 +63,8 @@ def _persistent(tiles, n):
 # Forward tiles for Triton's Hopper warp specialization: 4 warps, the query tile split between two consumer warp
 # groups (BLOCK_M / 2 rows each) fed by a producer warp group's TMA copies; a BLOCK_N 128 pipeline of 3 overflows
 # shared memory at D = 128.
-_FWD_WARP_SPECIALIZED_TILES = {128: [(128, 64, 4, 2), (128, 128, 4, 2), (128, 64, 4, 3)],
+_FWD_WARP_SPECIALIZED_TILES = {64: [(128, 64, 4, 3), (128, 128, 4, 2), (128, 128, 4, 3)],
+                               128: [(128, 64, 4, 2), (128, 128, 4, 2), (128, 64, 4, 3)],
                                256: [(64, 64, 4, 2), (128, 64, 4, 2), (64, 32, 4, 3)]}
 
 
@@ -112,7 +115,7 @@ LAUNCH_OPTIONS = {
 # (B, T, H, KH) per head dim: kernels/bench.py's attention shape at D = 128, Llama-3.2-1B's training shape at 64,
 # Gemma-2-9B's heads at 256.
 SHAPES = {128: (4, 4096, 16, 16), 64: (8, 2048, 32, 8), 256: (2, 4096, 16, 8)}
-PARTS = ("attention128", "attention64", "attention256", "forward128", "forward256", "rms_norm")
+PARTS = ("attention128", "attention64", "attention256", "forward128", "forward64", "forward256", "rms_norm")
 DEVICE = "cuda"
 # a Launch's fields; per SM 0: a program per tile; atomic dq: the dk/dv kernel sums dq and the dq kernel does not run;
 # WS: the kernel's loop warp-specialized

@@ -110,11 +110,14 @@ run_step() {  # the checks by name; the default run is ordered: tests first, the
     # the whole attention file on CUDA (fp32 + bf16 at the GPU tables): Triton compiles took over 120 s on an H100
     test_attention) step "$1" 300 "$py" -m pytest $test_opts tests/test_kernel_attention.py ;;
     batch1) step "$1" 100 "$py" scripts/bench_sampling.py --prompts 1 --samples 1 ;;  # 8B batch 1, MBU, steady state
-    # every launch config, fwd D 128/256, bwd D 64/128/256: over 100 compiles, the most one call allows (alone)
+    # every launch config, fwd and bwd at D 64/128/256: over 150 compiles, more than one call may finish (alone)
     sweep) step "$1" 590 "$py" -m kernels.sweep ;;
     # the forward's tiles at D 128 and 256, each with pointer loads and through TMA, two of them persistent too, and
     # three warp-specialized tiles (one also persistent) (40 compiles; alone)
     sweep_forward) step "$1" 420 "$py" -m kernels.sweep --only forward128,forward256 ;;
+    # the attention of the Llama-3.2-1B training shape (D 64, B8 T2048 H32 KH8), forward and backward: the tiles of
+    # the two above at D 64, for the 1B MFU target (48 compiles; alone)
+    sweep_training64) step "$1" 500 "$py" -m kernels.sweep --only forward64,attention64 ;;
     # the backward's tiles at the benchmark's D 128: dk/dv and dq, pointer loads and (three tiles each) TMA,
     # three dk/dv tiles summing dq by atomic adds (both loads), two dk/dv and two dq tiles warp-specialized; alone
     sweep_backward128) step "$1" 400 "$py" -m kernels.sweep --only attention128 ;;
