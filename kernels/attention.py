@@ -60,6 +60,7 @@ from kernels.attention_common import (
     _sm_count,
     _tma_ready,
     _visible,
+    _warp_specializable,
 )
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -218,10 +219,7 @@ def _forward(q, k, v, q_positions, kv_lengths, sliding_window, softcap, scale):
     launch = _config(_GPU_FWD_FP32 if q.dtype == torch.float32 else _GPU_FWD, _INTERPRET_FWD, D, "forward",
                      ("tma", "programs_per_sm", "warp_specialize"))
     tma = launch.tma and _tma_ready(k, v)
-    # Warp specialization reads every input through TMA: where q or the positions cannot be (a positions row of a
-    # length that is no multiple of 4), the three-segment loop runs on the same tiles.
-    warp_specialize = (launch.warp_specialize and tma and _tma_ready(q)
-                       and (q_positions is None or _tma_ready(q_positions)))
+    warp_specialize = _warp_specializable(launch, (q, k, v), q_positions)
     blocks = triton.cdiv(T, launch.block_m)
     if launch.programs_per_sm:
         grid = (min(blocks * B * H, launch.programs_per_sm * _sm_count(q.device)), 1)

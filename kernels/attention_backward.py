@@ -32,9 +32,12 @@ from kernels.attention_common import (
     _precision,
     _query_positions,
     _query_rows,
+    _row_descriptor,
     _row_values,
+    _rows_descriptor,
     _tma_ready,
     _visible,
+    _warp_specializable,
 )
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -150,7 +153,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, POS, KV_LEN,
         k = k_desc.load([start_n, 0])  # (N, D)
         v = v_desc.load([start_n, 0])
         if HAS_POS:
-            POS = tl.make_tensor_descriptor(POS + b * stride_pb, shape=[T], strides=[1], block_shape=[BLOCK_M])
+            POS = _row_descriptor(POS + b * stride_pb, T, BLOCK_M)
     else:
         k = tl.load(K + b * stride_kb + kv_h * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :],
                     mask=key_read[:, None], other=0.0)  # (N, D)
@@ -187,15 +190,13 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, POS, KV_LEN,
         Q_head = Q + b * stride_qb + h * stride_qh
         DO_head = DO + b * stride_dob + h * stride_doh
         if TMA:  # descriptors as _kv_descriptors', over this head's T query and output-gradient rows
-            Q_head = tl.make_tensor_descriptor(Q_head, shape=[T, HEAD_DIM], strides=[stride_qt, 1],
-                                               block_shape=[BLOCK_M, HEAD_DIM])
-            DO_head = tl.make_tensor_descriptor(DO_head, shape=[T, HEAD_DIM], strides=[stride_dot, 1],
-                                                block_shape=[BLOCK_M, HEAD_DIM])
+            Q_head = _rows_descriptor(Q_head, stride_qt, T, BLOCK_M, HEAD_DIM)
+            DO_head = _rows_descriptor(DO_head, stride_dot, T, BLOCK_M, HEAD_DIM)
         LSE_head = LSE + (b * H + h) * T
         DELTA_head = DELTA + (b * H + h) * T
         if WARP_SPECIALIZE:
-            LSE_head = tl.make_tensor_descriptor(LSE_head, shape=[T], strides=[1], block_shape=[BLOCK_M])
-            DELTA_head = tl.make_tensor_descriptor(DELTA_head, shape=[T], strides=[1], block_shape=[BLOCK_M])
+            LSE_head = _row_descriptor(LSE_head, T, BLOCK_M)
+            DELTA_head = _row_descriptor(DELTA_head, T, BLOCK_M)
         DQ_ACC_head = DQ_ACC + b * stride_dqb + h * stride_dqh
         if WARP_SPECIALIZE:
             dk, dv = _bwd_dkdv_query_loop(dk, dv, k, v, offs_n, Q_head, DO_head, LSE_head, DELTA_head,
@@ -341,10 +342,7 @@ def _backward(do, q, k, v, out, lse, q_positions, kv_lengths, sliding_window, so
         out, do, delta, *out.stride()[:3], *do.stride()[:3], T, H, HEAD_DIM=D, BLOCK_M=block_delta)
     dkdv = _config(_GPU_BWD_DKDV, _INTERPRET_BWD_DKDV, D, "dk/dv", ("tma", "atomic_dq", "warp_specialize"))
     tma = dkdv.tma and _tma_ready(q, do)
-    # Warp specialization reads every input through TMA: the (T,) rows of LSE and delta only where T is a multiple of
-    # 4 (16-byte aligned rows); otherwise, or where k, v or the positions cannot be read so, the three segments run.
-    warp_specialize = (dkdv.warp_specialize and tma and T % 4 == 0 and _tma_ready(k, v)
-                       and (q_positions is None or _tma_ready(q_positions)))
+    warp_specialize = _warp_specializable(dkdv, (q, k, v, do), q_positions, T)
     # atomic_dq: fp32 sums the dk/dv kernel adds into (rows no key reaches stay 0); else what the dq kernel writes
     dq = (torch.zeros((B, T, H, D), dtype=torch.float32, device=q.device) if dkdv.atomic_dq
           else torch.empty_like(q, memory_format=torch.contiguous_format))
@@ -365,8 +363,7 @@ def _backward(do, q, k, v, out, lse, q_positions, kv_lengths, sliding_window, so
 
     dq_launch = _config(_GPU_BWD_DQ, _INTERPRET_BWD_DQ, D, "dq", ("tma", "warp_specialize"))
     tma = dq_launch.tma and _tma_ready(k, v)
-    warp_specialize = (dq_launch.warp_specialize and tma and T % 4 == 0 and _tma_ready(q, do)
-                       and (q_positions is None or _tma_ready(q_positions)))  # as the dk/dv kernel's
+    warp_specialize = _warp_specializable(dq_launch, (q, k, v, do), q_positions, T)
     _attn_bwd_dq_kernel[_grid(triton.cdiv(T, dq_launch.block_m), B * H)](
         q, k, v, do, lse, delta, dq, q_positions, kv_lengths, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         *do.stride()[:3], *dq.stride()[:3], *_pos_strides(q_positions), T, S, H, H // KH, scale, cap, window,

@@ -51,25 +51,36 @@ def _query_positions(POS, b, rows_t, row_ok, stride_pb, stride_pt, HAS_POS: tl.c
 
 
 @triton.jit
+def _rows_descriptor(X_head, stride_t, T, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """A TMA descriptor of one head's (T, D) rows of a query-side operand (q, dO), read (BLOCK_M, D) at a time; the
+    copy engine fills the rows past T with zeros."""
+    return tl.make_tensor_descriptor(X_head, shape=[T, HEAD_DIM], strides=[stride_t, 1],
+                                     block_shape=[BLOCK_M, HEAD_DIM])
+
+
+@triton.jit
+def _row_descriptor(X_row, T, BLOCK_M: tl.constexpr):
+    """A TMA descriptor of a (T,) row of 4-byte values (the LSE, delta or positions of one head or batch row; its
+    base 16-byte aligned), read BLOCK_M at a time; 0 past T, rows the callers' masks drop."""
+    return tl.make_tensor_descriptor(X_row, shape=[T], strides=[1], block_shape=[BLOCK_M])
+
+
+@triton.jit
 def _query_rows(X_head, stride_t, T, start, rows_t, offs_d, row_ok, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
                 TMA: tl.constexpr):
     """One head's (BLOCK_M, D) rows rows_t = start + arange(BLOCK_M) of a (T, D) operand (q, dO), zeros past T:
-    through masked pointer loads, or (TMA) a descriptor that ends at T, whose copy engine fills the rows past it with
-    zeros."""
+    through masked pointer loads, or (TMA) a descriptor that ends at T."""
     if TMA:
-        desc = tl.make_tensor_descriptor(X_head, shape=[T, HEAD_DIM], strides=[stride_t, 1],
-                                         block_shape=[BLOCK_M, HEAD_DIM])
-        return desc.load([start, 0])
+        return _rows_descriptor(X_head, stride_t, T, BLOCK_M, HEAD_DIM).load([start, 0])
     return tl.load(X_head + rows_t[:, None] * stride_t + offs_d[None, :], mask=row_ok[:, None], other=0.0)
 
 
 @triton.jit
 def _row_values(X_row, T, start, rows_t, row_ok, other, BLOCK_M: tl.constexpr, TMA: tl.constexpr):
-    """The BLOCK_M values rows_t = start + arange(BLOCK_M) of a (T,) row of 4-byte values (the LSE, delta or
-    positions of one head or batch row): through masked pointer loads (`other` past T), or (TMA) a descriptor (its
-    base 16-byte aligned; 0 past T, rows the callers' masks drop)."""
+    """The BLOCK_M values rows_t = start + arange(BLOCK_M) of a (T,) row of 4-byte values: through masked pointer
+    loads (`other` past T), or (TMA) a descriptor (0 past T)."""
     if TMA:
-        return tl.make_tensor_descriptor(X_row, shape=[T], strides=[1], block_shape=[BLOCK_M]).load([start])
+        return _row_descriptor(X_row, T, BLOCK_M).load([start])
     return tl.load(X_row + rows_t, mask=row_ok, other=other)
 
 
@@ -252,6 +263,15 @@ def _tma_ready(*tensors):
     if not _interpreting():
         _keep_or_set_descriptor_allocator()
     return True
+
+
+def _warp_specializable(launch, tensors, q_positions, row_length=None):
+    """Whether a launch that asks for warp specialization can have it. Its one loop reads every input through TMA, so
+    each must be TMA-addressable: the (B, T or S, heads, D) operands, the (B, T) positions, and (row_length = T, the
+    backward) the (T,) fp32 rows of LSE and delta, 16-byte rows only where T is a multiple of 4. Where one is not,
+    the kernel runs its three-segment loop on the same tiles."""
+    return bool(launch.warp_specialize and launch.tma and _tma_ready(*tensors)
+                and (q_positions is None or _tma_ready(q_positions)) and (row_length is None or row_length % 4 == 0))
 
 
 def _keep_or_set_descriptor_allocator():
