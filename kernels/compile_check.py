@@ -159,7 +159,11 @@ def check_attention(dtypes):
                     q, k = torch.zeros(4, T, H, D, dtype=dtype), torch.zeros(4, 256, K, D, dtype=dtype)
                     positions = torch.zeros(4, T, dtype=torch.int32)
                     for kv_rows in (None, torch.arange(4)) if T == 1 else (None,):
-                        decode_attention._decode_partials(q, k, k, positions, None, window, cap, 0.1, kv_rows)
+                        decode_attention._decode(q, k, k, positions, None, window, cap, 0.1, kv_rows)
+                    if T == 1:  # the sampler's int64 positions; the cascade's merge with the prefix's result
+                        decode_attention._decode(q, k, k, positions.long(), None, window, cap, 0.1)
+                        decode_attention.attention_after_shared_prefix(q, k, k, k[0, :64], k[0, :64], positions,
+                                                                       window, cap, 0.1)
 
 
 def check_fused_linear(dtypes):

@@ -9,10 +9,15 @@ group at once.
 Anatomy, top to bottom:
   1. the decode kernel: one program per (batch row, kv head, key split), its rows every (token, query head of the
      group) pair, so each key/value tile is read once for the whole group; it writes a partial output and its
-     base-2 log-sum-exp per split,
-  2. the merge of the splits by their log-sum-exps (flash-decoding),
+     base-2 log-sum-exp per split (with one split, the output itself),
+  2. the merge kernel: the splits (and the cascade's prefix result) combined by their log-sum-exps
+     (flash-decoding), one launch per call,
   3. launchers: how many splits fill the GPU, `attention_decode`, and `attention_after_shared_prefix`, which runs
      the shared prefix once for all rows through the flash forward kernel and merges it as one more split.
+
+A decode step runs this once per layer, and at batch 1 each launch is a few microseconds of mostly fixed cost, so
+the launchers keep the count down: one launch when one split covers the keys, two otherwise, and no casts (positions
+are read as the caller's integers, the output is stored in its final dtype).
 
 w2s/ops.py decides which calls come here (`ops.use_decode_kernel`: few query rows, no gradient) and calls
 `attention_decode` or, over a long shared prefix, `attention_after_shared_prefix`; every other call goes to the flash
@@ -59,8 +64,10 @@ def _attn_decode_kernel(Q, K, V, O_PART, LSE_PART, POS, KV_LEN, KV_ROWS,
                         HAS_KV_ROWS: tl.constexpr, PRECISION: tl.constexpr):
     """One program = one (batch row, kv head, key split). Its rows are every (token t, query head of the group)
     pair, so each key/value tile is read once for the whole GQA group. Writes a normalized partial output and its
-    base-2 log-sum-exp per split; `_combine_splits` merges them. With KV_ROWS, batch row b reads the keys/values of
-    cache row KV_ROWS[b] (several batch rows may read one cache row) instead of row b."""
+    base-2 log-sum-exp per split, which `_merge_splits_kernel` combines; with a single split O_PART is the
+    (B, T, H, D) output itself, in its dtype (the store rounds). POS and KV_LEN may be int32 or int64. With KV_ROWS,
+    batch row b reads the keys/values of cache row KV_ROWS[b] (several batch rows may read one cache row) instead of
+    row b."""
     split = tl.program_id(0)
     pid_bk = tl.program_id(1)
     b = (pid_bk // KH).to(tl.int64)
@@ -92,22 +99,55 @@ def _attn_decode_kernel(Q, K, V, O_PART, LSE_PART, POS, KV_LEN, KV_ROWS,
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))  # -inf: weight 0 in the merge
-    # O_PART (B, splits, T, H, D) and LSE_PART (B, splits, T, H), both contiguous fp32.
+    # O_PART (B, splits, T, H, D) and LSE_PART (B, splits, T, H), both contiguous; with one split O_PART's flat row
+    # index (b, t, h) is the (B, T, H, D) output's.
     part = (b * tl.num_programs(0) + split) * T * H + t * H + h
-    tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None])
+    tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], out.to(O_PART.dtype.element_ty),
+             mask=row_ok[:, None])
     tl.store(LSE_PART + part, lse, mask=row_ok)
 
 
-def _combine_splits(o_part, lse_part, dtype):
-    """Merge per-split softmax results: weights 2^(lse_split - lse_max). (B, splits, T, H, D) -> (B, T, H, D)."""
-    if o_part.shape[1] == 1:
-        return o_part[:, 0].to(dtype)
-    lse_max = lse_part.amax(dim=1, keepdim=True)
-    lse_max = torch.where(torch.isinf(lse_max), torch.zeros_like(lse_max), lse_max)  # rows that see nothing
-    weight = torch.exp2(lse_part - lse_max)  # (B, splits, T, H); empty splits get 0
-    total = weight.sum(dim=1)
-    out = (weight[..., None] * o_part).sum(dim=1) / torch.where(total > 0, total, 1.0)[..., None]
-    return out.to(dtype)
+@triton.jit
+def _merge_splits_kernel(O_PART, LSE_PART, OUT, PREFIX_O, PREFIX_LSE, rows, TH, H, splits,
+                         stride_po_r, stride_po_h, stride_pl_h, stride_pl_r,
+                         HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, HAS_PREFIX: tl.constexpr):
+    """One program = BLOCK_R output rows r = (b, t, h), flattened. Each row's splits s, normalized outputs o_s with
+    base-2 log-sum-exps lse_s, merge into
+
+        out = sum_s 2^(lse_s - m) o_s / sum_s 2^(lse_s - m),    m = max_s lse_s
+
+    An empty split (lse -inf) adds nothing, whatever its o holds; a row whose splits are all empty gets 0.
+    O_PART (B, splits, T, H, D) and LSE_PART (B, splits, T, H) fp32, contiguous; OUT (B, T, H, D) contiguous.
+    HAS_PREFIX: the cascade's prefix result joins as one more split: PREFIX_O (B*T, H, D) in the output dtype and
+    PREFIX_LSE (H, B*T), whose +inf (the flash forward's mark of a query that sees no key) counts as empty."""
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # (R,)
+    ok = r < rows
+    b, th = r // TH, r % TH
+    cols = tl.arange(0, HEAD_DIM)
+    part = b * splits * TH + th  # split 0's row in O_PART / LSE_PART; split s is s * TH further
+    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    for s in range(splits):
+        m = tl.maximum(m, tl.load(LSE_PART + part + s * TH, mask=ok, other=float("-inf")))
+    if HAS_PREFIX:
+        prefix_lse = tl.load(PREFIX_LSE + (r % H) * stride_pl_h + (r // H) * stride_pl_r, mask=ok, other=float("inf"))
+        prefix_lse = tl.where(prefix_lse == float("inf"), float("-inf"), prefix_lse)
+        m = tl.maximum(m, prefix_lse)
+    m = tl.where(m == float("-inf"), 0.0, m)  # every split empty: all weights 0, so any finite m
+    acc = tl.zeros([BLOCK_R, HEAD_DIM], dtype=tl.float32)
+    total = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for s in range(splits):
+        weight = tl.exp2(tl.load(LSE_PART + part + s * TH, mask=ok, other=float("-inf")) - m)  # (R,)
+        o = tl.load(O_PART + (part + s * TH)[:, None] * HEAD_DIM + cols[None, :], mask=ok[:, None], other=0.0)
+        acc += tl.where(weight[:, None] > 0, weight[:, None] * o, 0.0)
+        total += weight
+    if HAS_PREFIX:
+        weight = tl.exp2(prefix_lse - m)
+        o = tl.load(PREFIX_O + (r // H)[:, None] * stride_po_r + (r % H)[:, None] * stride_po_h + cols[None, :],
+                    mask=ok[:, None], other=0.0).to(tl.float32)
+        acc += tl.where(weight[:, None] > 0, weight[:, None] * o, 0.0)
+        total += weight
+    out = acc / tl.where(total > 0, total, 1.0)[:, None]
+    tl.store(OUT + r[:, None] * HEAD_DIM + cols[None, :], out.to(OUT.dtype.element_ty), mask=ok[:, None])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -122,10 +162,19 @@ def _num_splits(batch_heads, S, block_n, device):
     return max(1, min(triton.cdiv(2 * _sm_count(device), batch_heads), triton.cdiv(S, 4 * block_n)))
 
 
-def _decode_partials(q, k, v, q_positions, kv_lengths, sliding_window, softcap, scale, kv_rows=None):
-    """Launch the split-key decode kernel -> per-split (o_part (B, splits, T, H, D) fp32, lse_part (B, splits, T, H)
-    base 2), for _combine_splits. q_positions / kv_lengths already int32 (or None), scale a float; kv_rows (B,) or
-    None: the cache row of k/v each batch row reads."""
+def _integer_rows(x, device):
+    """Positions or lengths as the kernels read them: int32 and int64 as they are (the kernels convert as they load:
+    no cast launch per call), anything else as int32; None stays None."""
+    if x is None or (x.dtype in (torch.int32, torch.int64) and x.device == device):
+        return x
+    return x.to(device=device, dtype=torch.int32)
+
+
+def _decode(q, k, v, q_positions, kv_lengths, sliding_window, softcap, scale, kv_rows=None, prefix=None):
+    """Launch the split-key decode kernel, then the merge kernel unless one split wrote the output itself ->
+    (B, T, H, D) in q's dtype. q_positions / kv_lengths integer tensors (or None), scale a float; kv_rows (B,) or
+    None: the cache row of k/v each batch row reads. prefix: (out (B*T, H, D), lse (H, B*T)) of the cascade's flash
+    forward over the shared prefix, merged as one more split."""
     B, T, H, D = q.shape
     S, KH = k.shape[1], k.shape[2]
     group = H // KH
@@ -137,14 +186,30 @@ def _decode_partials(q, k, v, q_positions, kv_lengths, sliding_window, softcap, 
     splits = _num_splits(B * KH, S, block_n, q.device)
     keys_per_split = triton.cdiv(triton.cdiv(S, splits), block_n) * block_n
     splits = triton.cdiv(S, keys_per_split) if S > 0 else 1
-    o_part = torch.empty((B, splits, T, H, D), dtype=torch.float32, device=q.device)
+    out = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)
     lse_part = torch.empty((B, splits, T, H), dtype=torch.float32, device=q.device)
+    merge = splits > 1 or prefix is not None
+    o_part = torch.empty((B, splits, T, H, D), dtype=torch.float32, device=q.device) if merge else out
     _attn_decode_kernel[_grid(splits, B * KH)](
         q, k, v, o_part, lse_part, q_positions, kv_lengths, kv_rows, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         *_pos_strides(q_positions), T, S, H, KH, group, keys_per_split, scale, softcap or 1.0, sliding_window or 0,
         HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, HAS_KV_ROWS=kv_rows is not None, PRECISION=_precision(q.dtype),
         **_flags(q_positions, kv_lengths, sliding_window, softcap), num_warps=4, num_stages=2)
-    return o_part, lse_part
+    if merge:
+        _merge_splits(o_part, lse_part, out, prefix)
+    return out
+
+
+def _merge_splits(o_part, lse_part, out, prefix=None):
+    """Write into out (B, T, H, D) the merge of the key splits o_part (B, splits, T, H, D) / lse_part (B, splits,
+    T, H), fp32 and contiguous, and of the prefix result (out (B*T, H, D), lse (H, B*T)) if given. One launch."""
+    B, splits, T, H, D = o_part.shape
+    prefix_out, prefix_lse = prefix if prefix is not None else (out[0, 0], lse_part[0, 0])  # unread without one
+    rows, block_r = B * T * H, max(1, 2048 // D)  # ~16 fp32 values of a row block per thread (4 warps)
+    _merge_splits_kernel[(triton.cdiv(rows, block_r),)](
+        o_part, lse_part, out, prefix_out, prefix_lse, rows, T * H, H, splits,
+        prefix_out.stride(0), prefix_out.stride(1), prefix_lse.stride(0), prefix_lse.stride(-1),
+        HEAD_DIM=D, BLOCK_R=block_r, HAS_PREFIX=prefix is not None, num_warps=4)
 
 
 def attention_decode(q, k, v, q_positions=None, kv_lengths=None, sliding_window=None, softcap=None, scale=None,
@@ -159,9 +224,8 @@ def attention_decode(q, k, v, q_positions=None, kv_lengths=None, sliding_window=
     _check_inputs(q, k, v, q_positions, kv_lengths, sliding_window, softcap, kv_rows)
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    o_part, lse_part = _decode_partials(q, k, v, _optional_int32(q_positions, q.device),
-                                        _optional_int32(kv_lengths, q.device), sliding_window, softcap, scale, kv_rows)
-    return _combine_splits(o_part, lse_part, q.dtype)
+    return _decode(q, k, v, _integer_rows(q_positions, q.device), _integer_rows(kv_lengths, q.device),
+                   sliding_window, softcap, scale, kv_rows)
 
 
 def attention_after_shared_prefix(q, k, v, prefix_k, prefix_v, q_positions, sliding_window=None, softcap=None,
@@ -172,23 +236,16 @@ def attention_after_shared_prefix(q, k, v, prefix_k, prefix_v, q_positions, slid
     kernel (positions shifted by P, so windows and causality are unchanged); the prefix goes through the flash
     forward kernel once, with all B*T queries as one long row against the P shared keys, so those keys are read
     once per step instead of once per row. The prefix result joins the decode kernel's key splits as one more
-    split, and _combine_splits merges them all by their log-sum-exps. No host sync: CUDA-graph safe. kv_rows as in
-    attention_decode.
+    split in the merge kernel. No host sync: CUDA-graph safe. kv_rows as in attention_decode.
     """
     _check_inputs(q, k, v, q_positions, None, sliding_window, softcap, kv_rows)
     B, T, H, D = q.shape
     P = prefix_k.shape[0]
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    positions = _optional_int32(q_positions, q.device)  # (B, T)
-    o_part, lse_part = _decode_partials(q, k[:, P:], v[:, P:], positions - P, None, sliding_window, softcap, scale,
-                                        kv_rows)
+    positions = _optional_int32(q_positions, q.device)  # (B, T), as the flash forward takes them
     out_p, lse_p = _forward(q.reshape(1, B * T, H, D), _last_dim_contiguous(prefix_k)[None],
                             _last_dim_contiguous(prefix_v)[None], positions.reshape(1, B * T), None, sliding_window,
                             softcap, scale)  # (1, B*T, H, D), (1, H, B*T)
-    # a query that sees no prefix key (inside a sliding window past it) has lse +inf from the forward kernel (its
-    # backward convention); as a split it must weigh 0, the decode kernel's -inf
-    lse_p = lse_p.masked_fill(lse_p == float("inf"), float("-inf"))
-    o_part = torch.cat([o_part, out_p.view(B, 1, T, H, D).float()], dim=1)
-    lse_part = torch.cat([lse_part, lse_p.view(H, B, T).permute(1, 2, 0)[:, None]], dim=1)  # (B, splits + 1, T, H)
-    return _combine_splits(o_part, lse_part, q.dtype)
+    return _decode(q, k[:, P:], v[:, P:], positions - P, None, sliding_window, softcap, scale, kv_rows,
+                   prefix=(out_p[0], lse_p[0]))

@@ -468,6 +468,86 @@ def test_decode_with_gpu_block_sizes(monkeypatch):
     check_fp32([out], [reference.attention(q, k, v, **args)], seed)
 
 
+@pytest.mark.parametrize("with_prefix", [False, True], ids=["splits", "splits-and-prefix"])
+def test_merge_of_key_splits_is_the_log_sum_exp_weighted_mean(with_prefix):
+    """The merge kernel against its formula in float64: out = sum_s 2^lse_s o_s / sum_s 2^lse_s over the key splits
+    (and the cascade's prefix result, whose lse +inf means empty). An empty split adds nothing even when its o holds
+    NaN, and a row whose splits are all empty gets 0."""
+    g = torch.Generator().manual_seed(0)
+    B, splits, T, H, D = 2, 3, 2, 4, 16
+    o_part = torch.randn(B, splits, T, H, D, generator=g)
+    lse_part = torch.randn(B, splits, T, H, generator=g) * 8
+    lse_part[0, 1], o_part[0, 1] = float("-inf"), float("nan")  # split 1 of batch row 0 saw no key
+    lse_part[1, :, 0, 2] = float("-inf")  # output row (b 1, t 0, h 2): no split saw a key
+    weights, values = 2.0 ** lse_part.double(), o_part.double().nan_to_num(0.0)  # (B, splits, T, H), (..., D)
+    prefix = None
+    if with_prefix:
+        prefix_out, prefix_lse = torch.randn(B * T, H, D, generator=g), torch.randn(H, B * T, generator=g) * 8
+        prefix_lse[2, 1 * T + 0], prefix_out[1 * T + 0, 2] = float("inf"), float("nan")  # that row sees no prefix key
+        prefix_lse[0, 0] = float("inf")  # nor does (b 0, t 0, h 0)
+        prefix_weights = torch.where(prefix_lse.isinf(), 0.0, 2.0 ** prefix_lse.double()).T.reshape(B, 1, T, H)
+        weights = torch.cat([weights, prefix_weights], dim=1)
+        values = torch.cat([values, prefix_out.double().nan_to_num(0.0).reshape(B, 1, T, H, D)], dim=1)
+        prefix = (prefix_out.to(DEVICE), prefix_lse.to(DEVICE))
+    total = weights.sum(dim=1)
+    expected = (weights[..., None] * values).sum(dim=1) / torch.where(total > 0, total, 1.0)[..., None]
+    out = torch.full((B, T, H, D), float("nan"), device=DEVICE)
+    decode._merge_splits(o_part.to(DEVICE), lse_part.to(DEVICE), out, prefix)
+    torch.testing.assert_close(out.cpu().double(), expected, rtol=1e-6, atol=1e-6)
+    assert (out[1, 0, 2] == 0).all()
+
+
+class CountLaunches(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts, while active, the launches of the given module's Triton kernels by name and every torch op that
+    computes (views and allocations aside) outside them: on a GPU each is a kernel of its own."""
+
+    FREE = {"empty", "empty_strided", "view", "_unsafe_view", "as_strided", "slice", "select", "unsqueeze", "squeeze",
+            "expand", "transpose", "t", "permute", "reshape", "alias", "detach", "unflatten", "lift_fresh"}
+
+    def __init__(self, monkeypatch, module, kernels):
+        super().__init__()
+        self.launches, self.ops, self.inside = [], [], False
+        for name in kernels:
+            real = getattr(module, name)
+            monkeypatch.setattr(module, name, self._counting(name, real))
+
+    def _counting(self, name, real):
+        counter = self
+
+        class Counting:  # kernel[grid](...)
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    counter.launches.append(name)
+                    counter.inside = True
+                    try:
+                        return real[grid](*args, **kwargs)
+                    finally:
+                        counter.inside = False
+                return launch
+        return Counting()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.inside and func.overloadpacket.__name__ not in self.FREE:
+            self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_decode_launches_one_kernel_per_call_and_the_merge_only_with_splits(monkeypatch, splits):
+    """A batch-1 decode step calls the decode attention once per layer, where every launch is mostly fixed cost: the
+    sampler's int64 positions are read as they are (no cast), one split stores the output itself, and several are
+    merged in one more launch (no chain of torch ops)."""
+    monkeypatch.setattr(decode, "_num_splits", lambda batch_heads, S, block_n, device: splits)
+    seed, q, k, v = random_qkv(1, 1, 64, 8, 2, 32, torch.float16)
+    positions = torch.tensor([[60]], device=DEVICE)  # int64, as the sampler keeps them
+    counter = CountLaunches(monkeypatch, decode, ["_attn_decode_kernel", "_merge_splits_kernel"])
+    with torch.no_grad(), counter:
+        out = decode.attention_decode(q, k, v, q_positions=positions)
+    assert counter.ops == []
+    assert counter.launches == ["_attn_decode_kernel"] + ["_merge_splits_kernel"] * (splits > 1)
+    check_output(out, q, k, v, seed, q_positions=positions)
+
+
 def shared_prefix_case(B, T, S, P, H, K, D, dtype, start):
     """q, k, v with keys [0, P) equal in every row, the prefix itself, and queries from the given start positions."""
     seed, q, k, v = random_qkv(B, T, S, H, K, D, dtype)
