@@ -84,7 +84,8 @@ def stream_uniforms(keys, step):
 
 
 def sample_from_logits(logits, uniforms, temperature=1.0, top_k=0, top_p=1.0):
-    """Next tokens (B,) from logits (B, V): greedy at temperature 0, else temperature -> top-k -> top-p (nucleus).
+    """Next tokens (B,) from logits (B, V): greedy at temperature 0 (uniforms unused, may be None), else temperature
+    -> top-k -> top-p (nucleus).
 
     Sampling is by inverse CDF with one uniform per row (B,): the token whose cumulative probability interval
     contains u * total. Top-k keeps the k largest logits; top-p keeps the smallest set of most probable tokens whose
@@ -272,8 +273,7 @@ class Engine:
             src_slot, _, _ = rows[r]
             self._copy_rows(src_slot, [s], len(self.prompts[self.work[s][0]]))
         slot_t, keys, budget = self._start_slots(free, items)
-        first = sample_from_logits(logits[torch.tensor(slot_row, device=self.device)],
-                                   stream_uniforms(keys, torch.zeros_like(keys)), **self.sampling)
+        first = self._draw(logits[torch.tensor(slot_row, device=self.device)], keys, torch.zeros_like(keys))
         self.tokens[slot_t] = first
         self.n_gen[slot_t] = 1
         self.out[slot_t, 0] = first
@@ -353,6 +353,12 @@ class Engine:
         return torch.tensor(plan, device=self.device)
 
     # ---- decode -----------------------------------------------------------------------------------------------
+    def _draw(self, logits, keys, steps):
+        """Tokens (rows,) from logits (rows, V), row i drawing its uniform for its step steps[i] from its stream
+        keys[i]. Greedy draws none: the hash is some 40 elementwise launches, a real share of a batch-1 decode step."""
+        uniforms = stream_uniforms(keys, steps) if self.sampling["temperature"] > 0 else None
+        return sample_from_logits(logits, uniforms, **self.sampling)
+
     def _step_eager(self, mixed=False):
         """One decode step for every slot, all on device, updating the state tensors in place. A mixed step also
         runs the prompt tokens of state.step_inputs (chunked prefill) and starts the slots whose prompts end."""
@@ -362,16 +368,16 @@ class Engine:
         else:
             logits = self.model(self.tokens[:, None], self.positions[:, None], cache=self.cache)[:, -1].float()
             live = ~self.done
-        nxt = sample_from_logits(logits, stream_uniforms(self.keys, self.n_gen), **self.sampling)  # (S,)
+        nxt = self._draw(logits, self.keys, self.n_gen)  # (S,)
         col = torch.where(live, self.n_gen, self.trash)  # finished rows write into the trash column
         self.out.scatter_(1, col[:, None], nxt[:, None])
-        self.n_gen.add_(live.long())
+        self.n_gen.add_(live)  # +1 for every running row (a bool adds as 0 / 1)
         self.tokens.copy_(torch.where(live, nxt, self.tokens))
         if mixed:  # a slot starting now keeps its position (its token 0 goes there next step) and is not done yet
-            self.positions.add_((live & ~act).long())
+            self.positions.add_(live & ~act)
             self.done.logical_and_(~act)
         else:
-            self.positions.add_(live.long())
+            self.positions.add_(live)
         self.done.logical_or_(live & (_is_eos(nxt, self.eos) | (self.n_gen >= self.budget)))
         self.state.keep_logits(logits)
 
