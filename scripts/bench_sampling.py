@@ -192,6 +192,9 @@ def profile_batch1(model, prompt, device, new_tokens=64):
     print(f"\nprofile: eager batch-1 greedy decode, {new_tokens} new tokens (prefill included): "
           f"{'device' if device.type == 'cuda' else 'CPU'} time {total_us / 1e3:.1f} ms, "
           f"{total_us / 1e3 / new_tokens:.2f} ms per token")
+    if device.type == "cuda":  # a graph replays the same launches; at batch 1 each has a few us of fixed cost
+        launches = sum(e.count for e in counted)
+        print(f"device launches (kernels, copies): {launches}, {launches / new_tokens:.0f} per token")
     print(events.table(sort_by=key, row_limit=15, max_name_column_width=60))
     by_shape = prof.key_averages(group_by_input_shape=True)  # the same ops per input shape (which matmul is slow)
     print(by_shape.table(sort_by=key.removeprefix("self_"), row_limit=12, max_name_column_width=30,

@@ -233,3 +233,41 @@ def test_sampler_on_the_triton_path_with_fused_projections(family, monkeypatch):
     assert generate(model, None, prompts, fused_projections=True, **options) == expected
     assert all(is_fused(b.self_attn) and is_fused(b.mlp) for b in model.layers)
     assert calls["rope_cache"] >= 5 * cfg.n_layers and calls["glu_rows"] >= 5 * cfg.n_layers
+
+
+def test_a_batch1_greedy_decode_step_launches_these_kernels(monkeypatch):
+    """The CUDA path's batch-1 greedy decode step, launch by launch (fp16, Triton under the interpreter, fused
+    projections, one key split): per layer the norm, the q/k/v matmul, RoPE + cache write, attention, the o matmul,
+    the residual add, the norm, the gate/up matmul, the GLU, the down matmul, the residual add; then the final norm,
+    the logits and their fp32 copy, and the step's bookkeeping on device (no uniforms: greedy draws none). At batch 1
+    each launch costs a few microseconds that hardly depend on its work, so one more here should be deliberate."""
+    from launches import LaunchCounter
+
+    from kernels import decode_attention
+    from w2s import ops
+    from w2s.config import ModelConfig
+    from w2s.model import Transformer
+    from w2s.sampling import make_engine
+
+    cfg = ModelConfig(family="llama", vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                      hidden_dim=48)
+    model = Transformer(cfg).init_weights(std=0.2, generator=torch.Generator().manual_seed(0)).eval().half()
+    monkeypatch.setattr(ops, "_backend", "triton")
+    monkeypatch.setattr(decode_attention, "_num_splits", lambda batch_heads, S, block_n, device: 1)
+    engine = make_engine(model, None, [[5, 6, 7]], max_new_tokens=3, fused_projections=True)
+    steps, real_step = [], engine._step_eager
+
+    def counted_step(mixed=False):
+        with LaunchCounter(monkeypatch) as counter:
+            real_step(mixed)
+        steps.append(counter.launches)
+
+    engine._step_eager = counted_step
+    list(engine.run())
+    layer = ["triton:_rms_norm_fwd_kernel", "mm", "triton:_rope_cache_kernel", "triton:_attn_decode_kernel", "mm",
+             "add", "triton:_rms_norm_fwd_kernel", "mm", "triton:_glu_fwd_kernel", "mm", "add"]
+    logits = ["triton:_rms_norm_fwd_kernel", "mm", "_to_copy"]
+    bookkeeping = ["bitwise_not", "argmax", "where", "scatter_", "add_", "where", "copy_", "add_",  # token, counters
+                   "eq", "any", "ge", "bitwise_or", "bitwise_and", "logical_or_",  # done: EOS or budget
+                   "copy_"]  # the logits into the buffer callers read
+    assert steps[1] == ["embedding"] + layer * cfg.n_layers + logits + bookkeeping

@@ -16,6 +16,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from launches import LaunchCounter  # noqa: E402
 
 from kernels import attention as flash  # noqa: E402
 from kernels import attention_backward as flash_backward  # noqa: E402
@@ -497,41 +498,6 @@ def test_merge_of_key_splits_is_the_log_sum_exp_weighted_mean(with_prefix):
     assert (out[1, 0, 2] == 0).all()
 
 
-class CountLaunches(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts, while active, the launches of the given module's Triton kernels by name and every torch op that
-    computes (views and allocations aside) outside them: on a GPU each is a kernel of its own."""
-
-    FREE = {"empty", "empty_strided", "view", "_unsafe_view", "as_strided", "slice", "select", "unsqueeze", "squeeze",
-            "expand", "transpose", "t", "permute", "reshape", "alias", "detach", "unflatten", "lift_fresh"}
-
-    def __init__(self, monkeypatch, module, kernels):
-        super().__init__()
-        self.launches, self.ops, self.inside = [], [], False
-        for name in kernels:
-            real = getattr(module, name)
-            monkeypatch.setattr(module, name, self._counting(name, real))
-
-    def _counting(self, name, real):
-        counter = self
-
-        class Counting:  # kernel[grid](...)
-            def __getitem__(self, grid):
-                def launch(*args, **kwargs):
-                    counter.launches.append(name)
-                    counter.inside = True
-                    try:
-                        return real[grid](*args, **kwargs)
-                    finally:
-                        counter.inside = False
-                return launch
-        return Counting()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not self.inside and func.overloadpacket.__name__ not in self.FREE:
-            self.ops.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("splits", [1, 3])
 def test_decode_launches_one_kernel_per_call_and_the_merge_only_with_splits(monkeypatch, splits):
     """A batch-1 decode step calls the decode attention once per layer, where every launch is mostly fixed cost: the
@@ -540,11 +506,9 @@ def test_decode_launches_one_kernel_per_call_and_the_merge_only_with_splits(monk
     monkeypatch.setattr(decode, "_num_splits", lambda batch_heads, S, block_n, device: splits)
     seed, q, k, v = random_qkv(1, 1, 64, 8, 2, 32, torch.float16)
     positions = torch.tensor([[60]], device=DEVICE)  # int64, as the sampler keeps them
-    counter = CountLaunches(monkeypatch, decode, ["_attn_decode_kernel", "_merge_splits_kernel"])
-    with torch.no_grad(), counter:
+    with torch.no_grad(), LaunchCounter(monkeypatch) as counter:
         out = decode.attention_decode(q, k, v, q_positions=positions)
-    assert counter.ops == []
-    assert counter.launches == ["_attn_decode_kernel"] + ["_merge_splits_kernel"] * (splits > 1)
+    assert counter.launches == ["triton:_attn_decode_kernel"] + ["triton:_merge_splits_kernel"] * (splits > 1)
     check_output(out, q, k, v, seed, q_positions=positions)
 
 
