@@ -11,7 +11,8 @@ achieved rate and the peak memory the call adds on top of its inputs. The rate i
 FLOPs of the visible (query, key) pairs: 4*B*H*T*S*D forward, halved when causal; backward 2.5x the forward,
 FlashAttention's convention) and effective GB/s for RMSNorm / RoPE / SwiGLU (the minimum bytes the op must move:
 read inputs, write outputs, the same count for every implementation). The fused linear cross-entropy is compared
-with the unfused path (logits materialized, then F.cross_entropy) by time and peak memory of forward + backward.
+with the unfused path (logits materialized, then F.cross_entropy) by time and peak memory of forward + backward,
+and the sampler's draw (`sample`: one token per row of a 512 x 128256 logits matrix) with the reference's torch chain.
 Each Triton row carries its BENCHMARKS.md target (the "current" column: compute targets as on an H100, bandwidth
 targets 80 % of the device's copy bandwidth, which the script measures first) and whether it was met.
 
@@ -43,10 +44,10 @@ if not torch.cuda.is_available():
 
 import torch.nn.functional as F  # noqa: E402
 
-from kernels import attention, attention_backward, fused_linear, glu, reference, rms_norm, rope  # noqa: E402
+from kernels import attention, attention_backward, fused_linear, glu, reference, rms_norm, rope, sample  # noqa: E402
 from kernels.attention_common import launch_changes  # noqa: E402
 
-KERNELS = ("attention", "rms_norm", "rope", "swiglu", "fused_ce")
+KERNELS = ("attention", "rms_norm", "rope", "swiglu", "fused_ce", "sample")
 
 # The current targets of BENCHMARKS.md ("Targets"), bf16: compute as on an H100 80GB SXM (an H200 has the same);
 # the memory-bound kernels' target is a share of the copy bandwidth measured on the device at hand.
@@ -301,6 +302,18 @@ def bench_swiglu(args, dtype):
         bwd_bytes=5 * M * Fdim * elem)  # read dout, gate, up; write dgate, dup
 
 
+def bench_sample(args, dtype):
+    """One token drawn per row from a 512-slot decode step's logits (Llama-3 vocabulary) at temperature 1: the one
+    kernel against the reference's torch chain (fp32 copy, softmax, cumulative sum, search), which the sampler ran
+    before. GB/s: the logits read once, the least any draw must move."""
+    B, V = 512, 128256
+    logits, uniforms = torch.randn(B, V, device=DEVICE, dtype=dtype) * 4, torch.rand(B, device=DEVICE)
+    elem = torch.finfo(dtype).bits // 8
+    for impl, fn in (("triton", sample.sample_inverse_cdf), ("eager", reference.sample_inverse_cdf)):
+        result = measure(lambda: fn(logits, uniforms, 1.0), args)
+        print_row("sample", f"({B}, {V})", impl, result, lambda ms: B * V * elem / ms / 1e6, "GB/s")
+
+
 def bench_fused_ce(args, dtype):
     N, D, V = args.ce_tokens, args.ce_dim, args.vocab
     shape = f"N{N} D{D} V{V}"
@@ -484,7 +497,7 @@ def main(argv=None):
           f"target is {100 * TARGET_ELEMENTWISE_SHARE_OF_COPY:.0f} % of it")
     print(HEADER)
     benches = dict(attention=bench_attention, rms_norm=bench_rms_norm, rope=bench_rope, swiglu=bench_swiglu,
-                   fused_ce=bench_fused_ce)
+                   fused_ce=bench_fused_ce, sample=bench_sample)
     for name in args.only:
         torch.manual_seed(0)
         benches[name](args, dtype)

@@ -178,7 +178,7 @@ def check_fused_linear(dtypes):
 
 
 def check_elementwise(dtypes):
-    from kernels import glu, rms_norm, rope, rope_cache
+    from kernels import glu, rms_norm, rope, rope_cache, sample
 
     dtype = dtypes[0]
     for D in (2048, 2304, 4096, 8192):  # Gemma-2B, Gemma-2-2B, Llama-3-8B, Llama-2-70B hidden sizes
@@ -203,6 +203,9 @@ def check_elementwise(dtypes):
         glu.glu_forward(gate, gate, gelu)
         glu.glu_forward(gate_up[:, :1024], gate_up[:, 1024:], gelu)
         glu.glu_backward(gate, gate, gate, gelu)
+    # sampling: the logits of a decode step (Llama-3 vocabulary) in the model's dtype, and top-k's fp32 columns
+    for logits in (torch.zeros(4, 128256, dtype=dtype), torch.zeros(4, 50)):
+        sample.sample_inverse_cdf(logits, torch.zeros(4), 0.7)
 
 
 def check_sweep(dtypes):

@@ -113,6 +113,17 @@ def geglu(gate, up):
     return F.gelu(gate, approximate="tanh") * up
 
 
+def sample_inverse_cdf(logits, uniforms, temperature=1.0):
+    """Tokens (B,) drawn from softmax(logits / temperature) (B, V) by inverse CDF, one uniform u in [0, 1) per row
+    (B,): the first index whose cumulative probability exceeds u times the total. A token of probability 0 is never
+    drawn: should rounding leave the total at or below the target, the row's last token of positive probability."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    cdf = probs.cumsum(dim=-1)  # (B, V)
+    first = torch.searchsorted(cdf, uniforms[:, None].float() * cdf[:, -1:], right=True).squeeze(-1)  # (B,)
+    last = torch.where(probs > 0, torch.arange(logits.shape[-1], device=logits.device), 0).amax(dim=-1)
+    return torch.where(first < logits.shape[-1], first, last)
+
+
 def linear_logits(hidden, weight, softcap=None):
     """(N, D) x (V, D) -> (N, V) fp32 logits, with Gemma-2's final soft-cap."""
     logits = (hidden @ weight.t()).float()

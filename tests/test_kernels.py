@@ -1,4 +1,4 @@
-"""Triton kernels (rms_norm, rope, rope + KV-cache write, swiglu/geglu, fused linear losses) against
+"""Triton kernels (rms_norm, rope, rope + KV-cache write, swiglu/geglu, fused linear losses, sampling) against
 kernels/reference.py.
 
 On CPU the kernels run under TRITON_INTERPRET=1 (set here before triton is imported) in fp32 and fp16 at tiny odd
@@ -27,7 +27,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"
 
-from kernels import chunked_linear, fused_linear, glu, reference, rms_norm, rope, rope_cache  # noqa: E402
+from kernels import chunked_linear, fused_linear, glu, reference, rms_norm, rope, rope_cache, sample  # noqa: E402
 
 FP32_TOL = dict(atol=1e-5, rtol=1e-5)
 requires_cuda = pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA")
@@ -370,6 +370,65 @@ def test_fused_linear_rejects_bad_shapes(impl):
         impl.linear_logprobs(torch.randn(6, 8), torch.randn(5, 8), torch.zeros(5, dtype=torch.long))
 
 
+def inverse_cdf_interval(logits, uniforms, temperature):
+    """Per row, the float64 cumulative probabilities just before and at each token, and the target u: a draw t is
+    right when before[t] <= target < at[t]."""
+    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    at = probs.cumsum(dim=-1)
+    return at - probs, at, uniforms.double()[:, None] * at[:, -1:]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("V, temperature", [(50, 1.0), (5000, 0.7)])  # 5000: two loop steps of 4096, a masked tail
+def test_sampling_kernel_draws_the_inverse_cdf_token(dtype, V, temperature):
+    """Every draw's cumulative-probability interval (float64) holds its target u x total, up to fp32 rounding, and
+    the draw is the reference's; rows of the logits a row stride apart (a view of a wider buffer)."""
+    B = 64
+    logits = (torch.randn(B, V + 3) * 3)[:, :V].to(dtype)
+    uniforms = torch.rand(B)
+    tokens = sample.sample_inverse_cdf(logits, uniforms, temperature)
+    before, at, target = inverse_cdf_interval(logits, uniforms, temperature)
+    rows = torch.arange(B)
+    slack = 1e-5 * at[:, -1]
+    assert (before[rows, tokens] <= target[:, 0] + slack).all() and (target[:, 0] < at[rows, tokens] + slack).all()
+    assert torch.equal(tokens, reference.sample_inverse_cdf(logits, uniforms, temperature))
+
+
+def test_sampling_kernel_never_draws_a_token_of_probability_zero():
+    """Logits of -inf (masked tokens: top-k / top-p, or a vocabulary padding) are never drawn: not for u = 0, not
+    for u just below 1, and not when the target is the whole row's sum (u = 1: what rounding can make of a u just
+    below 1), where no cumulative sum exceeds it and the draw falls back to the last token of positive probability."""
+    V = 300
+    logits = torch.randn(7, V)
+    logits[:, ::2] = float("-inf")
+    logits[:, -1] = float("-inf")  # the last token masked: the clamp of a search past the end would land there
+    logits[5, :-40] = float("-inf")  # a row whose mass sits at its end
+    logits[6, :] = float("-inf")
+    logits[6, 101] = 0.0  # one token of probability 1: its cumulative sum is exactly the total
+    uniforms = torch.tensor([0.0, 1 - 2 ** -24, 0.5, 1 - 2 ** -24, 0.25, 1 - 2 ** -24, 1.0])
+    for fn in (sample.sample_inverse_cdf, reference.sample_inverse_cdf):
+        tokens = fn(logits, uniforms, 1.0)
+        assert torch.isfinite(logits[torch.arange(7), tokens]).all(), fn
+        assert tokens[0] == 1 and tokens[6] == 101, fn  # u = 0: the first token of positive probability
+
+
+def test_sampler_draws_through_the_kernel_on_the_triton_path(monkeypatch):
+    """sample_from_logits sends plain, top-k and top-p draws to ops.sample_inverse_cdf: the same tokens on the
+    Triton path (the kernel) as on the reference path, each of them inside the kept set."""
+    from w2s import ops
+    from w2s.sampling_engine import sample_from_logits
+
+    logits, uniforms = torch.randn(32, 200) * 2, torch.rand(32)
+    for options in (dict(temperature=0.8), dict(temperature=1.0, top_k=20), dict(temperature=1.2, top_p=0.7)):
+        drawn = {}
+        for backend in ("reference", "triton"):
+            monkeypatch.setattr(ops, "_backend", backend)
+            drawn[backend] = sample_from_logits(logits, uniforms, **options)
+        assert torch.equal(drawn["triton"], drawn["reference"]), options
+        if "top_k" in options:
+            assert (logits.gather(-1, drawn["triton"][:, None]) >= logits.topk(20).values[:, -1:]).all()
+
+
 def test_ops_switch_routes_to_triton(monkeypatch):
     from w2s import ops
 
@@ -397,6 +456,20 @@ def test_ops_cpu_auto_routes_linear_losses_to_the_chunk_loop(monkeypatch):
         torch.testing.assert_close(logp, reference.linear_logprobs(hidden, weight, targets), **FP32_TOL)
 
 # ------------------------------------------------------------------------------------------------- GPU, bf16
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_sample_bf16():
+    """A 512-slot decode step's bf16 logits (Llama-3 vocabulary): every draw's float64 interval holds its target, up
+    to the reference's own fp32 rounding over 128k probabilities, and nearly every draw is the reference's."""
+    B, V = 512, 128256
+    logits, uniforms = (torch.randn(B, V) * 4).bfloat16(), torch.rand(B)
+    tokens = sample.sample_inverse_cdf(logits, uniforms, 1.0)
+    before, at, target = inverse_cdf_interval(logits, uniforms, 1.0)
+    rows, slack = torch.arange(B), 1e-4 * at[:, -1]
+    assert (before[rows, tokens] <= target[:, 0] + slack).all() and (target[:, 0] < at[rows, tokens] + slack).all()
+    assert (tokens == reference.sample_inverse_cdf(logits, uniforms, 1.0)).float().mean() >= 0.99
 
 
 def _gpu_check(kernel_fn, reference_fn, inputs, names):

@@ -81,9 +81,9 @@ class DecodeState:
         return self.owner is not None and self.owner() is not None
 
     def keep_logits(self, logits):
-        """Store the step's logits (slots, V) in the one buffer tests and callers read."""
+        """Store the step's logits (slots, V), in fp32, in the one buffer tests and callers read."""
         if self.logits is None:
-            self.logits = logits
+            self.logits = logits.float()
         else:
             self.logits.copy_(logits)
 

@@ -170,6 +170,13 @@ def geglu(gate, up):
     return impl.geglu(gate, up)
 
 
+def sample_inverse_cdf(logits, uniforms, temperature=1.0):
+    """Tokens (B,) from softmax(logits / temperature) (B, V), one uniform (B,) per row: one kernel on Triton
+    (kernels/sample.py), reading the logits in their dtype; else the reference's softmax, cumsum and search."""
+    impl = _triton("sample", logits) or reference
+    return impl.sample_inverse_cdf(logits, uniforms, temperature)
+
+
 def linear_cross_entropy(hidden, weight, targets, softcap=None, ignore_index=-100):
     """(loss_sum, n_valid) of hidden (N, D) @ weight (V, D).T against targets (N,); no (N, V) logits but in the
     reference."""

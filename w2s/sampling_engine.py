@@ -42,7 +42,7 @@ stop string (the stop string itself is not included). "length" means max_new_tok
 import torch
 import torch.nn.functional as F
 
-from w2s import decode_state
+from w2s import decode_state, ops
 from w2s.decode_state import DecodeState
 
 # ------------------------------------------------------------------------------------------------ randomness
@@ -88,25 +88,25 @@ def sample_from_logits(logits, uniforms, temperature=1.0, top_k=0, top_p=1.0):
     -> top-k -> top-p (nucleus).
 
     Sampling is by inverse CDF with one uniform per row (B,): the token whose cumulative probability interval
-    contains u * total. Top-k keeps the k largest logits; top-p keeps the smallest set of most probable tokens whose
-    probability reaches top_p (the token that crosses the threshold is kept). Everything stays on device.
+    contains u * total (ops.sample_inverse_cdf: one kernel on GPU). Top-k keeps the k largest logits; top-p keeps the
+    smallest set of most probable tokens whose probability reaches top_p (the token that crosses the threshold is
+    kept). Everything stays on device.
     """
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
     order = None  # (B, V') vocabulary ids of the columns kept, when they were reordered
-    if 0 < top_k < logits.shape[-1]:
-        logits, order = logits.topk(top_k, dim=-1)  # sorted, largest first
-    elif top_p < 1.0:
-        logits, order = logits.sort(dim=-1, descending=True)
-    probs = torch.softmax(logits, dim=-1)
-    if top_p < 1.0:
-        mass_before = probs.cumsum(dim=-1) - probs  # probability of the strictly more likely tokens
-        probs = probs.masked_fill(mass_before >= top_p, 0.0)
-    cdf = probs.cumsum(dim=-1)  # (B, V')
-    target = uniforms[:, None].float() * cdf[:, -1:]
-    col = torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[-1] - 1)  # (B, 1)
-    return col.squeeze(-1) if order is None else order.gather(-1, col).squeeze(-1)
+    if 0 < top_k < logits.shape[-1] or top_p < 1.0:
+        logits, temperature = logits.float() / temperature, 1.0
+        if 0 < top_k < logits.shape[-1]:
+            logits, order = logits.topk(top_k, dim=-1)  # sorted, largest first
+        else:
+            logits, order = logits.sort(dim=-1, descending=True)
+        if top_p < 1.0:
+            probs = torch.softmax(logits, dim=-1)
+            mass_before = probs.cumsum(dim=-1) - probs  # probability of the strictly more likely tokens
+            logits = logits.masked_fill(mass_before >= top_p, float("-inf"))
+    col = ops.sample_inverse_cdf(logits, uniforms, temperature)  # (B,)
+    return col if order is None else order.gather(-1, col[:, None]).squeeze(-1)
 
 
 def logits_from_hidden(model, hidden):
@@ -366,7 +366,7 @@ class Engine:
             logits, act = self._mixed_logits()
             live = ~self.done | act
         else:
-            logits = self.model(self.tokens[:, None], self.positions[:, None], cache=self.cache)[:, -1].float()
+            logits = self.model(self.tokens[:, None], self.positions[:, None], cache=self.cache)[:, -1]  # (S, V)
             live = ~self.done
         nxt = self._draw(logits, self.keys, self.n_gen)  # (S,)
         col = torch.where(live, self.n_gen, self.trash)  # finished rows write into the trash column
