@@ -186,6 +186,7 @@ def check_elementwise(dtypes):
             x, w = torch.zeros(8, D, dtype=dtype), torch.zeros(D, dtype=dtype)
             _, rstd = rms_norm.rms_norm_forward(x, w, 1e-5, unit_offset)
             rms_norm.rms_norm_backward(x, x, w, rstd, unit_offset)
+            rms_norm.add_rms_norm(x, x, w, 1e-5, unit_offset)  # a decode step's residual add with the norm
     for D in (64, 128, 256):
         rope.rope_apply(torch.zeros(2, 4, 32, D, dtype=dtype), torch.zeros(2, 4, dtype=torch.long), torch.zeros(D // 2))
     # RoPE + KV-cache write: Llama-3-8B (32 q / 8 kv heads, D 128), Llama-3.2-1B (D 64), Gemma-2B (8 / 1, D 256); a

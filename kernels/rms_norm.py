@@ -6,7 +6,8 @@
 One program normalizes one row (the whole row fits in registers: D <= 16k). The forward keeps rstd (M,) fp32 for
 the backward, which recomputes the normalized row instead of storing it. The weight gradient is a sum over rows:
 each backward program walks a strided set of rows, accumulates its partial dw in fp32, and torch sums the
-(programs, D) partials — no atomics, deterministic.
+(programs, D) partials — no atomics, deterministic. `add_rms_norm` (forward only) first adds a residual row, the
+residual stream's add before a block's second norm, and writes that sum too: one launch instead of two.
 
     python -m pytest -q tests/test_kernels.py -k rms_norm    # CPU, TRITON_INTERPRET=1, against the reference
 """
@@ -17,12 +18,15 @@ import triton.language as tl
 
 
 @triton.jit
-def _rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, D, eps, x_stride, y_stride,
-                         UNIT_OFFSET: tl.constexpr, BLOCK_D: tl.constexpr):
+def _rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, r_ptr, sum_ptr, D, eps, x_stride, y_stride, r_stride,
+                         sum_stride, UNIT_OFFSET: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_D: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
     x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:  # the residual stream's add, rounded to the input dtype as eager's `residual + x` is
+        x = (tl.load(r_ptr + row * r_stride + cols, mask=mask, other=0.0).to(tl.float32) + x.to(tl.float32)).to(x.dtype)
+        tl.store(sum_ptr + row * sum_stride + cols, x, mask=mask)
     xf = x.to(tl.float32)
     rstd = tl.math.rsqrt(tl.sum(xf * xf, axis=0) / D + eps)
     tl.store(rstd_ptr + row, rstd)
@@ -96,18 +100,21 @@ def _num_programs(device, M):
     return min(M, 4)  # the CPU interpreter: a few programs still exercise the strided row split
 
 
-def rms_norm_forward(x2d, weight, eps, unit_offset):
-    """x2d (M, D) with unit stride on D -> (y (M, D), rstd (M,) fp32)."""
+def rms_norm_forward(x2d, weight, eps, unit_offset, residual2d=None):
+    """x2d (M, D) with unit stride on D -> (y (M, D), rstd (M,) fp32). With residual2d (M, D), unit stride on D:
+    the norm of residual2d + x2d, and that sum (M, D) as a third result."""
     M, D = x2d.shape
     out_dtype = x2d.dtype if unit_offset else torch.promote_types(x2d.dtype, weight.dtype)
     y = torch.empty((M, D), dtype=out_dtype, device=x2d.device)
     rstd = torch.empty(M, dtype=torch.float32, device=x2d.device)
+    summed = torch.empty_like(x2d) if residual2d is not None else None
     block, num_warps = _launch_config(D)
-    if M == 0:  # no rows (an empty batch): nothing to launch
-        return y, rstd
-    _rms_norm_fwd_kernel[(M,)](x2d, weight, y, rstd, D, eps, x2d.stride(0), y.stride(0),
-                               UNIT_OFFSET=unit_offset, BLOCK_D=block, num_warps=num_warps)
-    return y, rstd
+    if M > 0:  # no rows (an empty batch): nothing to launch
+        r, s = (residual2d, summed) if residual2d is not None else (x2d, y)  # unread without a residual
+        _rms_norm_fwd_kernel[(M,)](x2d, weight, y, rstd, r, s, D, eps, x2d.stride(0), y.stride(0), r.stride(0),
+                                   s.stride(0), UNIT_OFFSET=unit_offset, HAS_RESIDUAL=residual2d is not None,
+                                   BLOCK_D=block, num_warps=num_warps)
+    return (y, rstd) if residual2d is None else (y, rstd, summed)
 
 
 def rms_norm_backward(dy2d, x2d, weight, rstd, unit_offset):
@@ -152,6 +159,24 @@ class RMSNormFunction(torch.autograd.Function):
 
 def rms_norm(x, weight, eps, unit_offset=False):
     """RMSNorm over the last dim of x (..., D) with weight (D,); same contract as kernels.reference.rms_norm."""
+    _check_weight(x, weight)
+    return RMSNormFunction.apply(x, weight, eps, unit_offset)
+
+
+def add_rms_norm(x, residual, weight, eps, unit_offset=False):
+    """(rms_norm(residual + x), residual + x) for x, residual (..., D), in one launch; forward only (no autograd:
+    w2s/ops.py sends calls that need gradients to the add and rms_norm)."""
+    _check_weight(x, weight)
+    if residual.shape != x.shape or residual.dtype != x.dtype:
+        raise ValueError(f"add_rms_norm: residual {tuple(residual.shape)} {residual.dtype} does not match x "
+                         f"{tuple(x.shape)} {x.dtype}")
+    shape = x.shape
+    x2d, r2d = (t.reshape(-1, shape[-1]) for t in (x, residual))
+    x2d, r2d = (t if t.stride(-1) == 1 else t.contiguous() for t in (x2d, r2d))
+    y, _, summed = rms_norm_forward(x2d, weight, eps, unit_offset, r2d)
+    return y.view(shape), summed.view(shape)
+
+
+def _check_weight(x, weight):
     if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"rms_norm: weight shape {tuple(weight.shape)} does not match x's last dim {x.shape[-1]}")
-    return RMSNormFunction.apply(x, weight, eps, unit_offset)

@@ -238,9 +238,9 @@ def test_sampler_on_the_triton_path_with_fused_projections(family, monkeypatch):
 def test_a_batch1_greedy_decode_step_launches_these_kernels(monkeypatch):
     """The CUDA path's batch-1 greedy decode step, launch by launch (fp16, Triton under the interpreter, fused
     projections, one key split): per layer the norm, the q/k/v matmul, RoPE + cache write, attention, the o matmul,
-    the residual add, the norm, the gate/up matmul, the GLU, the down matmul, the residual add; then the final norm,
-    the logits, and the step's bookkeeping on device (no uniforms: greedy draws none). At batch 1
-    each launch costs a few microseconds that hardly depend on its work, so one more here should be deliberate."""
+    the residual add with the MLP's norm, the gate/up matmul, the GLU, the down matmul, the residual add; then the
+    final norm, the logits, and the step's bookkeeping on device (no uniforms: greedy draws none). At batch 1 each
+    launch costs a few microseconds that hardly depend on its work, so one more here should be deliberate."""
     from launches import LaunchCounter
 
     from kernels import decode_attention
@@ -265,7 +265,7 @@ def test_a_batch1_greedy_decode_step_launches_these_kernels(monkeypatch):
     engine._step_eager = counted_step
     list(engine.run())
     layer = ["triton:_rms_norm_fwd_kernel", "mm", "triton:_rope_cache_kernel", "triton:_attn_decode_kernel", "mm",
-             "add", "triton:_rms_norm_fwd_kernel", "mm", "triton:_glu_fwd_kernel", "mm", "add"]
+             "triton:_rms_norm_fwd_kernel", "mm", "triton:_glu_fwd_kernel", "mm", "add"]
     logits = ["triton:_rms_norm_fwd_kernel", "mm"]
     bookkeeping = ["bitwise_not", "argmax", "where", "scatter_", "add_", "where", "copy_", "add_",  # token, counters
                    "eq", "any", "ge", "bitwise_or", "bitwise_and", "logical_or_",  # done: EOS or budget

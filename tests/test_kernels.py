@@ -121,6 +121,43 @@ def test_rms_norm_rejects_mismatched_weight():
         rms_norm.rms_norm(torch.randn(2, 8), torch.ones(7), 1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("unit_offset", [False, True])
+def test_add_rms_norm_is_the_add_then_rms_norm(dtype, unit_offset):
+    """One launch for the residual stream's add and the norm that reads it: the sum is eager's `residual + x` bit for
+    bit (rounded to the dtype once), and the norm of it is the rms_norm kernel's, also for rows a stride apart."""
+    x = (torch.randn(4, 3, 2 * 80) * 3)[..., :80].to(dtype)  # rows with a gap between them
+    residual = (torch.randn(4, 3, 80) * 20).to(dtype)
+    w = (torch.randn(80) * 0.5 + (0.0 if unit_offset else 1.0)).to(dtype)
+    y, summed = rms_norm.add_rms_norm(x, residual, w, 1e-6, unit_offset)
+    assert torch.equal(summed, residual + x)
+    assert torch.equal(y, rms_norm.rms_norm(residual + x, w, 1e-6, unit_offset))
+    torch.testing.assert_close(y.float(), reference.rms_norm(residual + x, w, 1e-6, unit_offset).float(),
+                               **(FP32_TOL if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-3)))
+    with pytest.raises(ValueError, match="residual"):
+        rms_norm.add_rms_norm(x, residual[:2], w, 1e-6)
+
+
+def test_ops_add_rms_norm_takes_the_kernel_without_gradients_and_autograd_with(monkeypatch):
+    """The kernel has no backward: ops sends a call that needs gradients to the add and rms_norm (whose backward
+    training uses), and the gradients are the reference's."""
+    from w2s import ops
+
+    monkeypatch.setattr(ops, "_backend", "triton")
+    calls = []
+    real = rms_norm.add_rms_norm
+    monkeypatch.setattr(rms_norm, "add_rms_norm", lambda *a: calls.append(1) or real(*a))
+    x, residual, w = torch.randn(5, 48), torch.randn(5, 48), torch.randn(48) + 1
+    with torch.no_grad():
+        y, summed = ops.add_rms_norm(x, residual, w, 1e-6)
+    assert calls == [1] and torch.equal(summed, residual + x)
+    got = run_with_grads(lambda x, r, w: sum(ops.add_rms_norm(x, r, w, 1e-6)), [x, residual, w])
+    ref = run_with_grads(lambda x, r, w: reference.rms_norm(r + x, w, 1e-6) + (r + x), [x, residual, w])
+    assert calls == [1]
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, **FP32_TOL)
+
+
 # --------------------------------------------------------------------------------------------------------- rope
 
 def _inv_freq(D, base=10000.0):

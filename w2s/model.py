@@ -39,8 +39,11 @@ class RMSNorm(nn.Module):
         self.eps, self.unit_offset = eps, unit_offset
         self.weight = nn.Parameter(torch.empty(dim))
 
-    def forward(self, x):
-        return ops.rms_norm(x, self.weight, self.eps, unit_offset=self.unit_offset)
+    def forward(self, x, residual=None):
+        """norm(x); with the residual stream: (norm(residual + x), residual + x), one kernel when decoding."""
+        if residual is None:
+            return ops.rms_norm(x, self.weight, self.eps, unit_offset=self.unit_offset)
+        return ops.add_rms_norm(x, residual, self.weight, self.eps, unit_offset=self.unit_offset)
 
     def reset_parameters(self):
         # Gemma stores w with the scale applied as (1 + w): zeros is the identity there, ones everywhere else.
@@ -151,11 +154,14 @@ class Block(nn.Module):
             self.post_feedforward_layernorm = norm()
 
     def forward(self, x, positions, inv_freq, cache=None):
+        # `h, x = norm(a, residual=x)` is `x = x + a; h = norm(x)`: the residual add and the MLP's input norm, one
+        # kernel when decoding
+        attention = self.self_attn(self.input_layernorm(x), positions, inv_freq, cache)
         if self.sandwich:  # Gemma-2
-            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), positions, inv_freq, cache))
-            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        x = x + self.self_attn(self.input_layernorm(x), positions, inv_freq, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+            h, x = self.pre_feedforward_layernorm(self.post_attention_layernorm(attention), residual=x)
+            return x + self.post_feedforward_layernorm(self.mlp(h))
+        h, x = self.post_attention_layernorm(attention, residual=x)
+        return x + self.mlp(h)
 
 
 class Transformer(nn.Module):

@@ -144,6 +144,17 @@ def rms_norm(x, weight, eps, unit_offset=False):
     return impl.rms_norm(x, weight, eps, unit_offset=unit_offset)
 
 
+def add_rms_norm(x, residual, weight, eps, unit_offset=False):
+    """(rms_norm(residual + x), residual + x): the residual stream's add and the norm that reads it. Triton without
+    gradients (decoding, prefill): one kernel; else the add, then rms_norm (whose backward training uses)."""
+    impl = _triton("rms_norm", x)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, residual, weight))
+    if impl is None or needs_grad:
+        summed = residual + x
+        return rms_norm(summed, weight, eps, unit_offset), summed
+    return impl.add_rms_norm(x, residual, weight, eps, unit_offset)
+
+
 def rope(x, positions, inv_freq):
     """Rotary embedding of (B, T, H, D) at (B, T) positions."""
     impl = _triton("rope", x) or reference
