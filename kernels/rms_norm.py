@@ -135,25 +135,26 @@ def rms_norm_backward(dy2d, x2d, weight, rstd, unit_offset):
     return dx, dw_partial.sum(0).to(weight.dtype)
 
 
+def _rows(t):
+    """t (..., D) as (M, D) rows with unit stride along D (the kernels' layout): a view, or a copy where D is
+    strided."""
+    rows = t.reshape(-1, t.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps, unit_offset):
-        shape = x.shape
-        x2d = x.reshape(-1, shape[-1])
-        if x2d.stride(-1) != 1:
-            x2d = x2d.contiguous()
+        x2d = _rows(x)
         y, rstd = rms_norm_forward(x2d, weight, eps, unit_offset)
         ctx.save_for_backward(x2d, weight, rstd)
         ctx.unit_offset = unit_offset
-        return y.view(shape)
+        return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
         x2d, weight, rstd = ctx.saved_tensors
-        dy2d = dy.reshape(-1, dy.shape[-1])
-        if dy2d.stride(-1) != 1:
-            dy2d = dy2d.contiguous()
-        dx, dw = rms_norm_backward(dy2d, x2d, weight, rstd, ctx.unit_offset)
+        dx, dw = rms_norm_backward(_rows(dy), x2d, weight, rstd, ctx.unit_offset)
         return dx.view(dy.shape), (dw if ctx.needs_input_grad[1] else None), None, None
 
 
@@ -170,11 +171,8 @@ def add_rms_norm(x, residual, weight, eps, unit_offset=False):
     if residual.shape != x.shape or residual.dtype != x.dtype:
         raise ValueError(f"add_rms_norm: residual {tuple(residual.shape)} {residual.dtype} does not match x "
                          f"{tuple(x.shape)} {x.dtype}")
-    shape = x.shape
-    x2d, r2d = (t.reshape(-1, shape[-1]) for t in (x, residual))
-    x2d, r2d = (t if t.stride(-1) == 1 else t.contiguous() for t in (x2d, r2d))
-    y, _, summed = rms_norm_forward(x2d, weight, eps, unit_offset, r2d)
-    return y.view(shape), summed.view(shape)
+    y, _, summed = rms_norm_forward(_rows(x), weight, eps, unit_offset, _rows(residual))
+    return y.view(x.shape), summed.view(x.shape)
 
 
 def _check_weight(x, weight):
