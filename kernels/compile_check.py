@@ -207,6 +207,8 @@ def check_elementwise(dtypes):
     # sampling: the logits of a decode step (Llama-3 vocabulary) in the model's dtype, and top-k's fp32 columns
     for logits in (torch.zeros(4, 128256, dtype=dtype), torch.zeros(4, 50)):
         sample.sample_inverse_cdf(logits, torch.zeros(4), 0.7)
+    for steps in (torch.zeros(512, dtype=torch.long), torch.zeros(512)):  # the counters as integers or floats
+        sample.stream_uniforms(torch.zeros(512, dtype=torch.long), steps)
 
 
 def check_sweep(dtypes):

@@ -113,6 +113,41 @@ def geglu(gate, up):
     return F.gelu(gate, approximate="tanh") * up
 
 
+# Counter-based randomness: uniforms are a pure function of (seed, prompt, sample, step), made on device without a
+# host sync. The mixer is "lowbias32"; in int64 all arithmetic stays below 2**49, so it is exact on every backend
+# (no reliance on signed overflow). The Triton version (kernels/sample.py) computes the same bits in uint32.
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x, c):
+    """(x * c) mod 2**32 for an int64 tensor x in [0, 2**32) and a 32-bit constant c, without overflow."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def hash32(x):
+    """The lowbias32 mixer of int64 values in [0, 2**32), elementwise."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def stream_keys(seed, prompt_idx, sample_idx):
+    """Per-sequence RNG keys (B,) int64 in [0, 2**32) from a seed and (B,) prompt / sample indices."""
+    h = hash32(torch.full_like(prompt_idx, (seed * 0x9E3779B1 + 0x632BE5AB) & _M32))
+    h = hash32(h ^ (prompt_idx & _M32))
+    return hash32(h ^ hash32((sample_idx + 0x5BD1E995) & _M32))
+
+
+def stream_uniforms(keys, steps):
+    """Uniforms in [0, 1) (B,) fp32, 24 random bits each, for (B,) keys at (B,) step counters (integers, or floats
+    holding integers: counters kept in float tensors)."""
+    steps = steps.long()
+    h = hash32(keys ^ hash32((steps * 0x27D4EB2F + 0x165667B1) & _M32))
+    return (h >> 8).float() * (1.0 / (1 << 24))
+
+
 def sample_inverse_cdf(logits, uniforms, temperature=1.0):
     """Tokens (B,) drawn from softmax(logits / temperature) (B, V) by inverse CDF, one uniform u in [0, 1) per row
     (B,): the first index whose cumulative probability exceeds u times the total. A token of probability 0 is never

@@ -9,7 +9,10 @@ finds m and the normalizer online, the second walks the row's cumulative sum blo
 0 (logit -inf) is never drawn. Same rule as kernels.reference.sample_inverse_cdf; the sums run in another order, so
 a draw that lands within rounding (~1e-7 relative) of the boundary between two tokens may pick the other one.
 
-    python -m pytest -q tests/test_kernels.py -k sample    # CPU, TRITON_INTERPRET=1, against the reference
+The uniforms come from a counter-based hash of each sequence's RNG key and step (`stream_uniforms`): one launch
+here for what takes the reference a chain of some forty elementwise ops, bit for bit the same values.
+
+    python -m pytest -q tests/test_kernels.py -k "sampl or uniforms"    # CPU, TRITON_INTERPRET=1, vs the reference
 """
 
 import math
@@ -65,3 +68,34 @@ def sample_inverse_cdf(logits, uniforms, temperature=1.0):
         _sample_kernel[(B,)](logits, uniforms, tokens, V, logits.stride(0), math.log2(math.e) / temperature,
                              BLOCK_V=block, num_warps=min(8, max(1, block // 256)))
     return tokens
+
+
+@triton.jit
+def _lowbias32(x):
+    """The lowbias32 mixer on uint32 values (products wrap mod 2**32, shifts are logical: reference.hash32)."""
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _uniforms_kernel(keys_ptr, steps_ptr, uniforms_ptr, B, BLOCK: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = rows < B
+    keys = tl.load(keys_ptr + rows, mask=inside, other=0).to(tl.uint32)  # keys < 2**32: the cast drops zero bits
+    steps = tl.load(steps_ptr + rows, mask=inside, other=0).to(tl.uint32)  # integer or float counters
+    h = _lowbias32(keys ^ _lowbias32(steps * 0x27D4EB2F + 0x165667B1))
+    tl.store(uniforms_ptr + rows, (h >> 8).to(tl.float32) * (1.0 / (1 << 24)), mask=inside)
+
+
+def stream_uniforms(keys, steps):
+    """Uniforms in [0, 1) (B,) fp32 for (B,) int64 RNG keys in [0, 2**32) at (B,) step counters (integer or float
+    holding integers): reference.stream_uniforms in one launch."""
+    B = keys.shape[0]
+    uniforms = torch.empty(B, dtype=torch.float32, device=keys.device)
+    if B:
+        block = min(1024, triton.next_power_of_2(B))
+        _uniforms_kernel[(triton.cdiv(B, block),)](keys.contiguous(), steps.contiguous(), uniforms, B, BLOCK=block)
+    return uniforms

@@ -235,12 +235,15 @@ def test_sampler_on_the_triton_path_with_fused_projections(family, monkeypatch):
     assert calls["rope_cache"] >= 5 * cfg.n_layers and calls["glu_rows"] >= 5 * cfg.n_layers
 
 
-def test_a_batch1_greedy_decode_step_launches_these_kernels(monkeypatch):
-    """The CUDA path's batch-1 greedy decode step, launch by launch (fp16, Triton under the interpreter, fused
-    projections, one key split): per layer the norm, the q/k/v matmul, RoPE + cache write, attention, the o matmul,
-    the residual add with the MLP's norm, the gate/up matmul, the GLU, the down matmul, the residual add; then the
-    final norm, the logits, and the step's bookkeeping on device (no uniforms: greedy draws none). At batch 1 each
-    launch costs a few microseconds that hardly depend on its work, so one more here should be deliberate."""
+@pytest.mark.parametrize("temperature, draw", [(0.0, ["argmax"]),
+                                               (1.0, ["triton:_uniforms_kernel", "triton:_sample_kernel"])])
+def test_a_batch1_decode_step_launches_these_kernels(monkeypatch, temperature, draw):
+    """The CUDA path's batch-1 decode step, launch by launch (fp16, Triton under the interpreter, fused projections,
+    one key split): per layer the norm, the q/k/v matmul, RoPE + cache write, attention, the o matmul, the residual
+    add with the MLP's norm, the gate/up matmul, the GLU, the down matmul, the residual add; then the final norm, the
+    logits, the draw (greedy: an argmax and no uniforms; sampling: the step's uniforms in one kernel, the draw in
+    another) and the step's bookkeeping on device. At batch 1 each launch costs a few microseconds that hardly
+    depend on its work, so one more here should be deliberate."""
     from launches import LaunchCounter
 
     from kernels import decode_attention
@@ -254,7 +257,7 @@ def test_a_batch1_greedy_decode_step_launches_these_kernels(monkeypatch):
     model = Transformer(cfg).init_weights(std=0.2, generator=torch.Generator().manual_seed(0)).eval().half()
     monkeypatch.setattr(ops, "_backend", "triton")
     monkeypatch.setattr(decode_attention, "_num_splits", lambda batch_heads, S, block_n, device: 1)
-    engine = make_engine(model, None, [[5, 6, 7]], max_new_tokens=3, fused_projections=True)
+    engine = make_engine(model, None, [[5, 6, 7]], max_new_tokens=3, fused_projections=True, temperature=temperature)
     steps, real_step = [], engine._step_eager
 
     def counted_step(mixed=False):
@@ -267,7 +270,7 @@ def test_a_batch1_greedy_decode_step_launches_these_kernels(monkeypatch):
     layer = ["triton:_rms_norm_fwd_kernel", "mm", "triton:_rope_cache_kernel", "triton:_attn_decode_kernel", "mm",
              "triton:_rms_norm_fwd_kernel", "mm", "triton:_glu_fwd_kernel", "mm", "add"]
     logits = ["triton:_rms_norm_fwd_kernel", "mm"]
-    bookkeeping = ["bitwise_not", "argmax", "where", "scatter_", "add_", "where", "copy_", "add_",  # token, counters
+    bookkeeping = ["bitwise_not", *draw, "where", "scatter_", "add_", "where", "copy_", "add_",  # token, counters
                    "eq", "any", "ge", "bitwise_or", "bitwise_and", "logical_or_",  # done: EOS or budget
                    "copy_"]  # the logits into the fp32 buffer callers read
     assert steps[1] == ["embedding"] + layer * cfg.n_layers + logits + bookkeeping

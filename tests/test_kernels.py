@@ -466,6 +466,31 @@ def test_sampler_draws_through_the_kernel_on_the_triton_path(monkeypatch):
             assert (logits.gather(-1, drawn["triton"][:, None]) >= logits.topk(20).values[:, -1:]).all()
 
 
+def _lowbias32(x):
+    """lowbias32 on a Python int, wrapping like C's uint32_t: the hash written out independently of both sides."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+@pytest.mark.parametrize("step_dtype", [torch.int64, torch.float32])
+@pytest.mark.parametrize("B", [1, 1500])  # 1500: two programs, the second one partly outside
+def test_uniforms_kernel_is_the_reference_bit_for_bit(B, step_dtype):
+    """The step's uniforms in one launch: the same fp32 bits as reference.stream_uniforms for keys over the whole
+    32-bit range (the top bit set too: unsigned products and shifts) and counters held as integers or as floats;
+    the reference's hash is the mixer written out on Python ints."""
+    keys = torch.randint(0, 2 ** 32, (B,), dtype=torch.int64)
+    keys[0] = 2 ** 32 - 1
+    steps = torch.randint(0, 5000, (B,)).to(step_dtype)
+    expected = reference.stream_uniforms(keys, steps)
+    assert torch.equal(sample.stream_uniforms(keys, steps), expected)
+    for key, step, u in list(zip(keys.tolist(), steps.long().tolist(), expected.tolist()))[:50]:
+        h = _lowbias32(key ^ _lowbias32((step * 0x27D4EB2F + 0x165667B1) & 0xFFFFFFFF))
+        assert u == (h >> 8) / 2 ** 24
+
+
 def test_ops_switch_routes_to_triton(monkeypatch):
     from w2s import ops
 

@@ -16,9 +16,10 @@ import torch
 from hf_tiny import FAMILIES, VOCAB, save_hf
 
 import w2s
+from kernels.reference import stream_keys, stream_uniforms
 from w2s import sampling, sampling_jsonl
 from w2s.sampling import generate
-from w2s.sampling_engine import Engine, sample_from_logits, stream_keys, stream_uniforms
+from w2s.sampling_engine import Engine, sample_from_logits
 
 CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;:!?+-*/=()[]{}<>#@$%&_'\"\n"
 

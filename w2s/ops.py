@@ -184,6 +184,19 @@ def geglu(gate, up):
     return impl.geglu(gate, up)
 
 
+def stream_keys(seed, prompt_idx, sample_idx):
+    """Per-sequence RNG keys (B,) from a seed and (B,) prompt / sample indices: the reference everywhere (a few
+    elementwise ops once per admitted sequence, not per step)."""
+    return reference.stream_keys(seed, prompt_idx, sample_idx)
+
+
+def stream_uniforms(keys, steps):
+    """Uniforms in [0, 1) (B,) fp32 for (B,) RNG keys at (B,) step counters, the same bits on both sides: one kernel
+    on Triton (kernels/sample.py) where the reference's integer hash is some forty elementwise ops."""
+    impl = _triton("sample", keys) or reference
+    return impl.stream_uniforms(keys, steps)
+
+
 def sample_inverse_cdf(logits, uniforms, temperature=1.0):
     """Tokens (B,) from softmax(logits / temperature) (B, V), one uniform (B,) per row: one kernel on Triton
     (kernels/sample.py), reading the logits in their dtype; else the reference's softmax, cumsum and search."""

@@ -26,7 +26,8 @@ How it works (one engine, `Engine`, driven by w2s.sampling.iter_generate):
     kept state is reused and when it is dropped). The cache write and RoPE run as one kernel per layer
     (ops.rope_cache_write), and q/k/v and gate/up as one matmul each (fused_projections, default on CUDA:
     w2s/fused.py).
-  * Randomness is counter-based: the uniform for token t of sample j of prompt i is a hash of (seed, i, j, t), with
+  * Randomness is counter-based (ops.stream_keys, ops.stream_uniforms; the hash is written out in
+    kernels/reference.py): the uniform for token t of sample j of prompt i is a hash of (seed, i, j, t), with
     i the prompt's index in the caller's list. A completion therefore does not depend on batch size, scheduling,
     chunking, shared-prefix use or data-parallel sharding: the same seed gives the same samples in every
     configuration (up to float rounding differences of batched matmuls, which can flip a draw that lands within
@@ -44,41 +45,6 @@ import torch.nn.functional as F
 
 from w2s import decode_state, ops
 from w2s.decode_state import DecodeState
-
-# ------------------------------------------------------------------------------------------------ randomness
-# A counter-based generator: uniforms are a pure function of (seed, prompt, sample, step), computed on device
-# without a host sync. The hash is the "lowbias32" integer mixer; all arithmetic stays below 2**49 in int64, so it
-# is exact on every backend (no reliance on signed overflow).
-
-_M32 = 0xFFFFFFFF
-
-
-def _mul32(x, c):
-    """(x * c) mod 2**32 for an int64 tensor x in [0, 2**32) and a 32-bit constant c, without overflow."""
-    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
-
-
-def _hash32(x):
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def stream_keys(seed, prompt_idx, sample_idx):
-    """Per-sequence RNG keys (B,) int64 from a seed and (B,) prompt / sample indices."""
-    h = _hash32(torch.full_like(prompt_idx, (seed * 0x9E3779B1 + 0x632BE5AB) & _M32))
-    h = _hash32(h ^ (prompt_idx & _M32))
-    return _hash32(h ^ _hash32((sample_idx + 0x5BD1E995) & _M32))
-
-
-def stream_uniforms(keys, step):
-    """Uniforms in [0, 1) (B,) fp32 for the given (B,) keys at (B,) step counters (24 random bits each)."""
-    step = step.long()  # counters may arrive as floats (torch.zeros); the hash needs exact integers
-    h = _hash32(keys ^ _hash32((step * 0x27D4EB2F + 0x165667B1) & _M32))
-    return (h >> 8).float() * (1.0 / (1 << 24))
-
 
 # ------------------------------------------------------------------------------------------------ sampling
 
@@ -285,8 +251,8 @@ class Engine:
         dev = self.device
         slot_t = torch.tensor(free, device=dev)
         prompt_len = torch.tensor([len(self.prompts[p]) for p, _ in items], device=dev)
-        keys = stream_keys(self.seed, torch.tensor([self.global_index[p] for p, _ in items], device=dev),
-                           torch.tensor([j for _, j in items], device=dev))
+        keys = ops.stream_keys(self.seed, torch.tensor([self.global_index[p] for p, _ in items], device=dev),
+                               torch.tensor([j for _, j in items], device=dev))
         budget = (self.cache_len - prompt_len).clamp(max=self.max_new)
         self.positions[slot_t] = prompt_len
         self.budget[slot_t] = budget
@@ -355,8 +321,8 @@ class Engine:
     # ---- decode -----------------------------------------------------------------------------------------------
     def _draw(self, logits, keys, steps):
         """Tokens (rows,) from logits (rows, V), row i drawing its uniform for its step steps[i] from its stream
-        keys[i]. Greedy draws none: the hash is about 45 elementwise launches, a real share of a batch-1 decode step."""
-        uniforms = stream_uniforms(keys, steps) if self.sampling["temperature"] > 0 else None
+        keys[i] (ops.stream_uniforms: one kernel on GPU). Greedy draws none."""
+        uniforms = ops.stream_uniforms(keys, steps) if self.sampling["temperature"] > 0 else None
         return sample_from_logits(logits, uniforms, **self.sampling)
 
     def _step_eager(self, mixed=False):
