@@ -77,6 +77,37 @@ def test_fused_logits_and_greedy_tokens_equal_unfused(name, ckpts):
     assert generate(model, None, prompts, fused_projections=True, **options) == ref_tokens
 
 
+def test_down_projection_takes_the_residual_add_into_its_matmul_while_fused(ckpts, monkeypatch):
+    """While the MLP is fused and no weight gradient is wanted, its down projection and the residual add are one
+    torch.addmm: residual + h W^T to fp32 rounding. The layer and an add (the unfused block's ops) serve otherwise:
+    an MLP not fused, a layer with a bias, a layer with a hook (tensor parallel's all-reduce must see the projection
+    alone), gradients wanted."""
+    calls = []
+    addmm = torch.addmm
+    monkeypatch.setattr(torch, "addmm", lambda *a, **kw: calls.append(1) or addmm(*a, **kw))
+    g = torch.Generator().manual_seed(0)
+    for name, fused_calls in (("llama2", 1), ("llama_bias", 0)):
+        model = load(ckpts[name])
+        mlp = model.layers[0].mlp
+        h, residual = (torch.randn(2, 3, model.cfg.dim, generator=g) for _ in range(2))
+        with torch.no_grad():
+            expected = residual + mlp(h)
+            assert torch.equal(mlp(h, residual=residual), expected) and not calls
+            fuse_projections(model)
+            torch.testing.assert_close(mlp(h, residual=residual), expected, **TIGHT)
+            assert len(calls) == fused_calls, name
+            calls.clear()
+    model = load(ckpts["llama2"])
+    fuse_projections(model)
+    mlp = model.layers[0].mlp
+    with torch.no_grad():
+        plain = mlp(h)
+        handle = mlp.down_proj.register_forward_hook(lambda module, args, out: 2 * out)
+        assert torch.equal(mlp(h, residual=residual), residual + 2 * plain) and not calls
+    handle.remove()
+    assert torch.equal(mlp(h, residual=residual), residual + mlp(h)) and not calls  # gradients wanted
+
+
 def test_fused_project_is_one_matmul_over_the_concatenated_weights(ckpts):
     """Independent of the model: the fused call is F.linear over [Wq; Wk; Wv] (one call), split by output size."""
     model = load(ckpts["llama_bias"])
@@ -240,10 +271,10 @@ def test_sampler_on_the_triton_path_with_fused_projections(family, monkeypatch):
 def test_a_batch1_decode_step_launches_these_kernels(monkeypatch, temperature, draw):
     """The CUDA path's batch-1 decode step, launch by launch (fp16, Triton under the interpreter, fused projections,
     one key split): per layer the norm, the q/k/v matmul, RoPE + cache write, attention, the o matmul, the residual
-    add with the MLP's norm, the gate/up matmul, the GLU, the down matmul, the residual add; then the final norm, the
-    logits, the draw (greedy: an argmax and no uniforms; sampling: the step's uniforms in one kernel, the draw in
-    another) and the step's bookkeeping on device. At batch 1 each launch costs a few microseconds that hardly
-    depend on its work, so one more here should be deliberate."""
+    add with the MLP's norm, the gate/up matmul, the GLU, the down matmul with the residual add in it; then the
+    final norm, the logits, the draw (greedy: an argmax and no uniforms; sampling: the step's uniforms in one
+    kernel, the draw in another) and the step's bookkeeping on device. At batch 1 each launch costs a few
+    microseconds that hardly depend on its work, so one more here should be deliberate."""
     from launches import LaunchCounter
 
     from kernels import decode_attention
@@ -268,7 +299,7 @@ def test_a_batch1_decode_step_launches_these_kernels(monkeypatch, temperature, d
     engine._step_eager = counted_step
     list(engine.run())
     layer = ["triton:_rms_norm_fwd_kernel", "mm", "triton:_rope_cache_kernel", "triton:_attn_decode_kernel", "mm",
-             "triton:_rms_norm_fwd_kernel", "mm", "triton:_glu_fwd_kernel", "mm", "add"]
+             "triton:_rms_norm_fwd_kernel", "mm", "triton:_glu_fwd_kernel", "addmm"]
     logits = ["triton:_rms_norm_fwd_kernel", "mm"]
     bookkeeping = ["bitwise_not", *draw, "where", "scatter_", "add_", "where", "copy_", "add_",  # token, counters
                    "eq", "any", "ge", "bitwise_or", "bitwise_and", "logical_or_",  # done: EOS or budget

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from w2s import ops
 from w2s.config import ModelConfig, rope_inv_freq
-from w2s.fused import GATE_UP, QKV, project
+from w2s.fused import GATE_UP, QKV, add_projection, project
 
 
 class RMSNorm(nn.Module):
@@ -133,9 +133,12 @@ class MLP(nn.Module):
         # Gemma: GeGLU with the tanh GELU; Llama/Mistral: SwiGLU.
         self.act = ops.geglu if cfg.activation == "gelu_pytorch_tanh" else ops.swiglu
 
-    def forward(self, x):
+    def forward(self, x, residual=None):
+        """The MLP of x (B, T, D); with the residual stream (B, T, D): residual + MLP(x), the add in the down
+        projection's matmul when fused for inference."""
         gate, up = project(self, x, GATE_UP)  # (B, T, F) each: one matmul when fused for inference
-        return self.down_proj(self.act(gate, up))
+        hidden = self.act(gate, up)
+        return self.down_proj(hidden) if residual is None else add_projection(residual, self, "down_proj", hidden)
 
 
 class Block(nn.Module):
@@ -161,7 +164,7 @@ class Block(nn.Module):
             h, x = self.pre_feedforward_layernorm(self.post_attention_layernorm(attention), residual=x)
             return x + self.post_feedforward_layernorm(self.mlp(h))
         h, x = self.post_attention_layernorm(attention, residual=x)
-        return x + self.mlp(h)
+        return self.mlp(h, residual=x)  # x + mlp(h)
 
 
 class Transformer(nn.Module):
