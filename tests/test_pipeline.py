@@ -196,7 +196,9 @@ def test_every_stage_runs_and_writes_meta(full_run):
     assert full_run["status"] == {name: "ran" for name in ALL_STAGES}
     for name in ALL_STAGES:
         m = meta(run_dir, name)
-        assert m["stage"] == name and len(m["key"]) == 16 and m["wall_s"] > 0
+        # wall_s is kept to the millisecond: a data stage can take less and record 0.0, a model stage cannot
+        assert m["stage"] == name and len(m["key"]) == 16 and isinstance(m["wall_s"], float) and m["wall_s"] >= 0
+        assert m["wall_s"] > 0 or m["kind"] not in ("train", "generate", "eval"), name
         assert set(m["inputs"]) <= set(ALL_STAGES[: ALL_STAGES.index(name)])  # reads only earlier stages
         if m["kind"] in ("train", "generate", "eval"):
             assert m["tokens"] > 0 and m["tok_s"] > 0 and m["peak_mem_gib"] > 0, name
