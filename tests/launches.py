@@ -1,7 +1,9 @@
 """The kernels a piece of code would launch on a GPU, counted on CPU: each Triton launch (`kernel[grid](...)`, run by
 the interpreter here) and each torch op that computes something, outside those launches. Views, allocations and
 dtype queries launch nothing. At batch 1 a decode step is a chain of tiny kernels whose cost is mostly fixed per
-launch, so tests use this to pin down how many a call makes.
+launch, so tests use this to pin down how many a call makes. A torch op counts once: kernels a CUDA op launches
+below the dispatcher (cuBLAS's split-K reductions; an out-of-place addmm's copy of its input before the GEMM) are
+not seen here, so a count is a floor for the torch ops.
 
     with LaunchCounter(monkeypatch) as counter:
         model(tokens, positions, cache=cache)

@@ -78,24 +78,33 @@ def test_fused_logits_and_greedy_tokens_equal_unfused(name, ckpts):
 
 
 def test_down_projection_takes_the_residual_add_into_its_matmul_while_fused(ckpts, monkeypatch):
-    """While the MLP is fused and no weight gradient is wanted, its down projection and the residual add are one
-    torch.addmm: residual + h W^T to fp32 rounding. The layer and an add (the unfused block's ops) serve otherwise:
-    an MLP not fused, a layer with a bias, a layer with a hook (tensor parallel's all-reduce must see the projection
-    alone), gradients wanted."""
+    """While the MLP is fused and nothing wants a gradient, its down projection and the residual add are one in-place
+    addmm_: residual + h W^T to fp32 rounding, written over the residual stream it was handed. The layer and an add
+    (the unfused block's ops, the stream left as it was) serve otherwise: an MLP not fused, a layer with a bias, a
+    layer with a hook (tensor parallel's all-reduce must see the projection alone), gradients wanted."""
     calls = []
-    addmm = torch.addmm
-    monkeypatch.setattr(torch, "addmm", lambda *a, **kw: calls.append(1) or addmm(*a, **kw))
+    addmm_ = torch.Tensor.addmm_
+    monkeypatch.setattr(torch.Tensor, "addmm_", lambda *a, **kw: calls.append(1) or addmm_(*a, **kw))
     g = torch.Generator().manual_seed(0)
+
+    def mlp_with_residual(mlp, h, residual):
+        """(output, whether it was written over the residual, whether the residual was left as it was)"""
+        stream = residual.clone()
+        out = mlp(h, residual=stream)
+        return out, out.data_ptr() == stream.data_ptr(), torch.equal(stream, residual)
+
     for name, fused_calls in (("llama2", 1), ("llama_bias", 0)):
         model = load(ckpts[name])
         mlp = model.layers[0].mlp
         h, residual = (torch.randn(2, 3, model.cfg.dim, generator=g) for _ in range(2))
         with torch.no_grad():
             expected = residual + mlp(h)
-            assert torch.equal(mlp(h, residual=residual), expected) and not calls
+            out, in_place, untouched = mlp_with_residual(mlp, h, residual)
+            assert torch.equal(out, expected) and not in_place and untouched and not calls
             fuse_projections(model)
-            torch.testing.assert_close(mlp(h, residual=residual), expected, **TIGHT)
-            assert len(calls) == fused_calls, name
+            out, in_place, untouched = mlp_with_residual(mlp, h, residual)
+            torch.testing.assert_close(out, expected, **TIGHT)
+            assert (len(calls), in_place, untouched) == (fused_calls, fused_calls == 1, fused_calls == 0), name
             calls.clear()
     model = load(ckpts["llama2"])
     fuse_projections(model)
@@ -103,9 +112,11 @@ def test_down_projection_takes_the_residual_add_into_its_matmul_while_fused(ckpt
     with torch.no_grad():
         plain = mlp(h)
         handle = mlp.down_proj.register_forward_hook(lambda module, args, out: 2 * out)
-        assert torch.equal(mlp(h, residual=residual), residual + 2 * plain) and not calls
+        out, in_place, untouched = mlp_with_residual(mlp, h, residual)
+        assert torch.equal(out, residual + 2 * plain) and untouched and not calls
     handle.remove()
-    assert torch.equal(mlp(h, residual=residual), residual + mlp(h)) and not calls  # gradients wanted
+    out, in_place, untouched = mlp_with_residual(mlp, h, residual)  # gradients wanted
+    assert torch.equal(out, residual + mlp(h)) and untouched and not calls
 
 
 def test_fused_project_is_one_matmul_over_the_concatenated_weights(ckpts):
@@ -299,7 +310,7 @@ def test_a_batch1_decode_step_launches_these_kernels(monkeypatch, temperature, d
     engine._step_eager = counted_step
     list(engine.run())
     layer = ["triton:_rms_norm_fwd_kernel", "mm", "triton:_rope_cache_kernel", "triton:_attn_decode_kernel", "mm",
-             "triton:_rms_norm_fwd_kernel", "mm", "triton:_glu_fwd_kernel", "addmm"]
+             "triton:_rms_norm_fwd_kernel", "mm", "triton:_glu_fwd_kernel", "addmm_"]
     logits = ["triton:_rms_norm_fwd_kernel", "mm"]
     bookkeeping = ["bitwise_not", *draw, "where", "scatter_", "add_", "where", "copy_", "add_",  # token, counters
                    "eq", "any", "ge", "bitwise_or", "bitwise_and", "logical_or_",  # done: EOS or budget

@@ -17,15 +17,15 @@ change of a separate weight (an optimizer step, load_state_dict) is a change of 
 gives every parameter its own storage again.
 
 `project(module, x, names)` is the one place the model asks for these projections (and `add_projection` for the
-MLP's down projection with the residual add: one addmm while the block's MLP is fused). It runs the fused matmul only
-while the fused view is still the layers' storage and no weight gradient is wanted; otherwise one matmul per layer,
-exactly as before fusion. Anything that replaces a layer or its weight (LoRA injection, FSDP2's sharding, tensor
-parallel slicing, model.to(dtype)) moves a weight off the fused storage, which the check sees (the fused view is then
-dropped; the sampler fuses again on its next call); so does a forward hook on a separate layer.
+MLP's down projection with the residual add: one in-place addmm while the block's MLP is fused). It runs the fused
+matmul only while the fused view is still the layers' storage and no weight gradient is wanted; otherwise one matmul
+per layer, exactly as before fusion. Anything that replaces a layer or its weight (LoRA injection, FSDP2's
+sharding, tensor parallel slicing, model.to(dtype)) moves a weight off the fused storage, which the check sees (the
+fused view is then dropped; the sampler fuses again on its next call); so does a forward hook on a separate layer.
 
 Numerics: one matmul over concatenated weights computes the same dot products as the separate ones, but a BLAS may
 block a wider matrix differently, so outputs can differ in the last bits (fp32: ~1e-7 relative); the down
-projection's addmm rounds residual + product once where the separate add rounds the product first. That is why the
+projection's addmm_ rounds residual + product once where the separate add rounds the product first. That is why the
 sampler fuses on CUDA only by default: CPU runs stay bit-identical to the unfused model.
 
     python -m pytest -q tests/test_fused.py     # fused == unfused (logits, greedy tokens), aliasing, invalidation
@@ -140,15 +140,18 @@ def project(module, x, names):
 
 
 def add_projection(residual, module, name, x):
-    """residual + module.<name>(x), (..., out): when module's projections are fused for inference (the sampler's
-    switch for matmuls that may differ from the separate ones in the last bits) and no weight gradient is wanted,
-    one torch.addmm that adds the residual stream in the matmul's epilogue instead of a launch of its own. The layer
-    must be a plain, unhooked nn.Linear without bias: tensor parallelism's all-reduce hook on it must see the
-    projection alone, and LoRA's layer is no nn.Linear."""
+    """residual + module.<name>(x), (..., out). While module's projections are fused for inference (the sampler's
+    switch for matmuls that may differ from the separate ones in the last bits) and nothing wants a gradient, one
+    matmul that accumulates into the residual stream in place (addmm_: the GEMM reads the stream as its C and writes
+    the sum over it; an out-of-place addmm would copy the stream first, one more kernel on CUDA). So the caller must
+    own `residual` and not read it again: the block's stream just summed by its norm. The layer must be a plain,
+    unhooked nn.Linear without bias: tensor parallelism's all-reduce hook on it must see the projection alone, and
+    LoRA's layer is no nn.Linear. Otherwise the layer and an add, leaving `residual` as it was."""
     layer = getattr(module, name)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (residual, x, layer.weight))
     if (is_fused(module) and type(layer) is nn.Linear and layer.bias is None and not layer._forward_hooks
-            and not layer._forward_pre_hooks and not (torch.is_grad_enabled() and layer.weight.requires_grad)
-            and residual.dtype == x.dtype == layer.weight.dtype):
-        out = torch.addmm(residual.reshape(-1, residual.shape[-1]), x.reshape(-1, x.shape[-1]), layer.weight.t())
-        return out.view(residual.shape)
+            and not layer._forward_pre_hooks and not grad and residual.dtype == x.dtype == layer.weight.dtype
+            and residual.is_contiguous()):
+        residual.view(-1, residual.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]), layer.weight.t())
+        return residual
     return residual + layer(x)

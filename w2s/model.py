@@ -135,7 +135,8 @@ class MLP(nn.Module):
 
     def forward(self, x, residual=None):
         """The MLP of x (B, T, D); with the residual stream (B, T, D): residual + MLP(x), the add in the down
-        projection's matmul when fused for inference."""
+        projection's matmul when fused for inference, which then writes the sum over `residual` (fused.add_projection:
+        pass a stream you do not read again)."""
         gate, up = project(self, x, GATE_UP)  # (B, T, F) each: one matmul when fused for inference
         hidden = self.act(gate, up)
         return self.down_proj(hidden) if residual is None else add_projection(residual, self, "down_proj", hidden)
@@ -164,7 +165,7 @@ class Block(nn.Module):
             h, x = self.pre_feedforward_layernorm(self.post_attention_layernorm(attention), residual=x)
             return x + self.post_feedforward_layernorm(self.mlp(h))
         h, x = self.post_attention_layernorm(attention, residual=x)
-        return self.mlp(h, residual=x)  # x + mlp(h)
+        return self.mlp(h, residual=x)  # x + mlp(h); x is this block's own sum, so it may be overwritten
 
 
 class Transformer(nn.Module):
