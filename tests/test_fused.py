@@ -114,7 +114,10 @@ def test_down_projection_takes_the_residual_add_into_its_matmul_while_fused(ckpt
         handle = mlp.down_proj.register_forward_hook(lambda module, args, out: 2 * out)
         out, in_place, untouched = mlp_with_residual(mlp, h, residual)
         assert torch.equal(out, residual + 2 * plain) and untouched and not calls
-    handle.remove()
+        handle.remove()
+        strided = residual.transpose(0, 1).contiguous().transpose(0, 1)  # the same values, not contiguous
+        out, in_place, untouched = mlp_with_residual(mlp, h, strided)
+        assert torch.equal(out, strided + plain) and untouched and not calls
     out, in_place, untouched = mlp_with_residual(mlp, h, residual)  # gradients wanted
     assert torch.equal(out, residual + mlp(h)) and untouched and not calls
 

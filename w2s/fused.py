@@ -57,11 +57,16 @@ class _Fused:
 
         An address check is exact here: the fused tensor keeps its storage alive, so no other tensor can occupy it."""
         for name, layer, (w_ptr, b_ptr) in zip(self.names, self.layers, self.addresses):
-            if getattr(module, name) is not layer or layer._forward_hooks or layer._forward_pre_hooks:
+            if getattr(module, name) is not layer or _hooked(layer):
                 return False
             if layer.weight.data_ptr() != w_ptr or (b_ptr is not None and layer.bias.data_ptr() != b_ptr):
                 return False
         return True
+
+
+def _hooked(layer):
+    """Whether a forward hook watches the layer: the fused matmuls would run without calling it."""
+    return bool(layer._forward_hooks or layer._forward_pre_hooks)
 
 
 def _fusable(layers):
@@ -149,9 +154,8 @@ def add_projection(residual, module, name, x):
     LoRA's layer is no nn.Linear. Otherwise the layer and an add, leaving `residual` as it was."""
     layer = getattr(module, name)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (residual, x, layer.weight))
-    if (is_fused(module) and type(layer) is nn.Linear and layer.bias is None and not layer._forward_hooks
-            and not layer._forward_pre_hooks and not grad and residual.dtype == x.dtype == layer.weight.dtype
-            and residual.is_contiguous()):
+    if (is_fused(module) and type(layer) is nn.Linear and layer.bias is None and not _hooked(layer) and not grad
+            and residual.dtype == x.dtype == layer.weight.dtype and residual.is_contiguous()):
         residual.view(-1, residual.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]), layer.weight.t())
         return residual
     return residual + layer(x)
