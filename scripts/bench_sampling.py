@@ -171,34 +171,26 @@ def steady_decode_step_ms(model, prompt, new_tokens, device, replays=100):
 
 
 def profile_batch1(model, prompt, device, new_tokens=64):
-    """Eager (no CUDA graph) greedy decode of one sequence under torch.profiler: the top kernels by device time, the
-    ops by input shape, and the device time per generated token, i.e. what a graph replay of the step cannot go
-    below."""
-    from torch.autograd import DeviceType
+    """Eager (no CUDA graph) greedy decode of one sequence under torch.profiler: the time and launches per generated
+    token by group of kernels and the top kernels (w2s.profile.profile_summary), then the ops by input shape. The
+    device time per token is what a graph replay of the step cannot go below."""
     from torch.profiler import ProfilerActivity, profile
+
+    from w2s.profile import profile_summary
 
     run = lambda: generate(model, None, prompt, max_new_tokens=new_tokens, progress=False, cuda_graphs=False)  # noqa
     run()  # warm-up: Triton compiles, allocator
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities, record_shapes=True) as prof:
+        start = time.perf_counter()
         run()
         sync(device)
-    events = prof.key_averages()
-    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"  # kernels, or ops on CPU
-    # On CUDA count the kernels' rows only: an op's row (aten::mm) also carries the time of the kernels it launched.
-    counted = [e for e in events if device.type != "cuda" or (e.device_type == DeviceType.CUDA
-                                                                 and not e.is_user_annotation)]
-    total_us = sum(getattr(e, key) for e in counted)
-    print(f"\nprofile: eager batch-1 greedy decode, {new_tokens} new tokens (prefill included): "
-          f"{'device' if device.type == 'cuda' else 'CPU'} time {total_us / 1e3:.1f} ms, "
-          f"{total_us / 1e3 / new_tokens:.2f} ms per token")
-    if device.type == "cuda":  # a graph replays the same launches; at batch 1 each has a few us of fixed cost
-        launches = sum(e.count for e in counted)
-        print(f"device launches (kernels, copies): {launches}, {launches / new_tokens:.0f} per token")
-    print(events.table(sort_by=key, row_limit=15, max_name_column_width=60))
+        wall_s = time.perf_counter() - start
+    print(f"\nprofile: eager batch-1 greedy decode, {new_tokens} new tokens (prefill included)")
+    print(profile_summary(prof, device, per=new_tokens, per_name="token", wall_s=wall_s))
+    key = "device_time_total" if device.type == "cuda" else "cpu_time_total"
     by_shape = prof.key_averages(group_by_input_shape=True)  # the same ops per input shape (which matmul is slow)
-    print(by_shape.table(sort_by=key.removeprefix("self_"), row_limit=12, max_name_column_width=30,
-                         max_shapes_column_width=60))
+    print(by_shape.table(sort_by=key, row_limit=12, max_name_column_width=30, max_shapes_column_width=60))
 
 
 def parse_args():

@@ -7,6 +7,7 @@
         --batch 8 --seq 2048                               # GPU: a ~1B Llama (w2s: FSDP2 bf16 compute, fp32 master)
     python scripts/bench_train.py --dim 2048 --layers 16 --heads 32 --kv-heads 8 --hidden 8192 --vocab 128256 \\
         --batch 8 --seq 2048 --no-hf                       # GPU: Llama-3.2-1B-shaped, w2s alone (MFU)
+    python scripts/bench_train.py --profile [--dpo] [shape options]   # + where a step's time goes (torch.profiler)
 
 Both sides run the same random Llama (built by transformers, loaded into w2s from the saved checkpoint) on the same
 (batch, seq) token batches, with AdamW at the same settings; one step = forward, backward, optimizer step. The first
@@ -21,8 +22,10 @@ change in the load of a shared machine reaches both alike.
 Reported per side: median tokens/s over the steps after --warmup (tokens = model inputs, batch * (seq - 1)), MFU
 from w2s/profile.py (model FLOPs 6N + 12 L H D T per token, less the output layer for prompt tokens, as in
 w2s.profile.step_flops; peak bf16 FLOP/s by device name, "-" on CPU unless W2S_PEAK_FLOPS is set), and the speed
-ratio w2s / transformers (target >= 1.2x). All rows have the same length, so the loop's shuffling changes which rows
-form a step but not the work per step.
+ratio w2s / transformers (target >= 1.2x). --profile (w2s alone) records the first two measured steps under
+torch.profiler and prints their time per group of kernels (attention, matmul, norms, optimizer, copies, ...;
+w2s.profile.profile_summary) and the top kernels; those steps' timings include the profiler's overhead. All rows
+have the same length, so the loop's shuffling changes which rows form a step but not the work per step.
 """
 
 import argparse
@@ -59,7 +62,13 @@ def parse_args():
     p.add_argument("--dpo-memory", action="store_true",
                    help="instead: peak memory of DPO training (reference pass + --steps steps, --batch pairs each)\n"
                         "with the fused linear log-probs (W2S_KERNELS=auto) vs the unfused reference")
-    return p.parse_args()
+    p.add_argument("--profile", action="store_true",
+                   help="also profile the first two measured steps (torch.profiler; w2s alone, implies --no-hf):\n"
+                        "where a step's time goes, by group of kernels, and the top kernels")
+    args = p.parse_args()
+    if args.profile and args.warmup < 1:
+        p.error("--profile needs --warmup >= 1: the profiler warms up during the last warm-up step")
+    return args
 
 
 def sync(device):
@@ -92,6 +101,53 @@ def prompt_len(args):
     return max(1, round(args.prompt_frac * args.seq))
 
 
+PROFILED_STEPS = 2
+
+
+def step_profiler(args, device):
+    """--profile: a torch.profiler that skips the warm-up steps but the last (its own warm-up) and records up to
+    PROFILED_STEPS steps after them; the loop's on_step advances it. None without --profile."""
+    if not args.profile:
+        return None
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    active = min(PROFILED_STEPS, args.steps)
+    return profile(activities=activities, schedule=schedule(wait=args.warmup - 1, warmup=1, active=active, repeat=1))
+
+
+def print_profile(profiler, records, args, device):
+    """The profiled steps' time by group of kernels and their top kernels, per step (w2s.profile.profile_summary)."""
+    from w2s.profile import profile_summary
+
+    profiled = records[args.warmup: args.warmup + min(PROFILED_STEPS, args.steps)]
+    wall_s = sum(r["tokens"] / r["tok_per_s"] for r in profiled if r["tok_per_s"])
+    print(f"\nprofile: {len(profiled)} steps after {args.warmup} warm-up (under the profiler)")
+    print(profile_summary(profiler, device, per=len(profiled), wall_s=wall_s))
+
+
+def run_loop(train, args, device, between=None):
+    """train(on_step), a training loop that calls on_step(record) after every step -> the records. between(i), when
+    given, runs after step i's record; under --profile the profiler is stepped there too, and its summary printed
+    at the end."""
+    records, profiler = [], step_profiler(args, device)
+
+    def on_step(rec):
+        records.append(rec)
+        if profiler is not None:
+            profiler.step()
+        if between is not None:
+            between(len(records) - 1)
+
+    if profiler is None:
+        train(on_step)
+        return records
+    with profiler:
+        train(on_step)
+    print_profile(profiler, records, args, device)
+    return records
+
+
 def bench_w2s(path, steps, args, device, between=None):
     """The real loop on all steps' rows (batch_size = micro_batch_size = batch; it shuffles them) -> step records.
 
@@ -105,15 +161,8 @@ def bench_w2s(path, steps, args, device, between=None):
     rows = [{"prompt_ids": seq[:n_prompt], "response_ids": seq[n_prompt:]} for ids in steps for seq in ids.tolist()]
     cfg = TrainConfig(lr=1e-4, batch_size=args.batch, micro_batch_size=args.batch, max_steps=len(steps), clip=1.0,
                       max_seq_len=args.seq, progress=False, seed=args.seed)
-    records = []
-
-    def on_step(rec):
-        records.append(rec)
-        if between is not None:
-            between(len(records) - 1)
-
-    train_sft(w2s.load_model(path, dtype=torch.float32), None, rows, cfg, on_step=on_step)
-    return records
+    return run_loop(lambda on_step: train_sft(w2s.load_model(path, dtype=torch.float32), None, rows, cfg,
+                                              on_step=on_step), args, device, between)
 
 
 def transformers_stepper(hf, steps, args, device):
@@ -150,7 +199,7 @@ def random_pairs(args, n_pairs):
     return [{"prompt_ids": c[:1], "chosen_ids": c[1:], "rejected_ids": r[1:]} for c, r in ids]
 
 
-def bench_dpo(path, args):
+def bench_dpo(path, args, device):
     """The real DPO loop (reference pass, then --warmup + --steps steps of --batch pairs) -> the step records (the
     loop's meter: tokens/s and MFU of each step, chosen and rejected rows counted)."""
     import w2s
@@ -159,10 +208,9 @@ def bench_dpo(path, args):
     steps = args.warmup + args.steps
     cfg = TrainConfig(lr=1e-6, batch_size=args.batch, micro_batch_size=args.batch, max_steps=steps,
                       max_seq_len=args.seq, progress=False, seed=args.seed, beta=0.1)
-    records = []
-    train_preference(w2s.load_model(path, dtype=torch.float32), None, random_pairs(args, steps * args.batch), cfg,
-                     loss="dpo", on_step=records.append)
-    return records
+    pairs = random_pairs(args, steps * args.batch)
+    return run_loop(lambda on_step: train_preference(w2s.load_model(path, dtype=torch.float32), None, pairs, cfg,
+                                                     loss="dpo", on_step=on_step), args, device)
 
 
 def bench_dpo_memory(path, args, device):
@@ -227,7 +275,7 @@ def main():
         with tempfile.TemporaryDirectory() as path:
             make_checkpoint(args, path)
             params = ModelConfig.from_pretrained(path).n_params()
-            records = bench_dpo(path, args)
+            records = bench_dpo(path, args, device)
         timed = records[args.warmup:]
         tok_s = statistics.median(r["tok_per_s"] for r in timed)
         mfus = [r["mfu"] for r in timed if r["mfu"] is not None]
@@ -245,10 +293,11 @@ def main():
         print(f"# device {profile.device_name(device)} | torch threads {torch.get_num_threads()} | params "
               f"{model_cfg.n_params() / 1e6:.1f}M | batch {args.batch} x seq {args.seq} | "
               f"{'bf16 compute, fp32 master' if device.type == 'cuda' else 'fp32'}")
-        against = "alone" if args.no_hf else ("alternating step by step with transformers (LlamaForCausalLM, same "
-                                              "weights and batches)")
+        alone = args.no_hf or args.profile
+        against = "alone" if alone else ("alternating step by step with transformers (LlamaForCausalLM, same "
+                                         "weights and batches)")
         print(f"# w2s (w2s.train.train_sft), {against}; prompt {prompt_len(args)} of {args.seq} tokens per row:")
-        hf_step, hf_steps = (None, []) if args.no_hf else transformers_stepper(hf, steps, args, device)
+        hf_step, hf_steps = (None, []) if alone else transformers_stepper(hf, steps, args, device)
         del hf  # with --no-hf nothing else holds it
         records = bench_w2s(path, steps, args, device, between=hf_step)
         if hf_steps:

@@ -13,6 +13,7 @@
 #                                                  # BENCHMARKS.md (each with the device, date and commit)
 #     OUT=gpu_out bash scripts/gpu_check.sh sweep profile_sampling    # named steps only (see run_step below)
 #     OUT=gpu_out bash scripts/gpu_check.sh gsm8k gsm8k_chunked       # chunked prefill against a prefill forward
+#     OUT=gpu_out bash scripts/gpu_check.sh profile_train profile_train3b profile_dpo   # where training steps go
 #     OUT=gpu_out bash scripts/gpu_check.sh pipeline    # the demo recipe end to end on CUDA, bf16 (<= 7 min, own call)
 #
 # The pipeline step runs recipes/demo.toml as a derived recipe ($out/demo_cuda.toml: dtype bfloat16, device cuda,
@@ -96,6 +97,14 @@ run_step() {  # the checks by name; the default run is ordered: tests first, the
       --hidden 8192 --vocab 128256 --batch 2 --seq 2048 --steps 5 --warmup 2 --no-hf ;;  # Llama-3.2-3B shape, MFU
     dpo_mfu) step "$1" 70 "$py" scripts/bench_train.py --dpo --dim 2048 --layers 16 --heads 32 --kv-heads 8 \
       --hidden 8192 --vocab 128256 --batch 4 --seq 1024 --steps 5 --warmup 2 ;;  # DPO step MFU, 1B shape
+    # where a training step's time goes (kernel groups, top kernels; torch.profiler over 2 steps after warm-up):
+    # the 1B and 3B SFT shapes and the DPO step, for the MFU targets (alone, or together in one call: 270 s)
+    profile_train) step "$1" 90 "$py" scripts/bench_train.py --dim 2048 --layers 16 --heads 32 --kv-heads 8 \
+      --hidden 8192 --vocab 128256 --batch 8 --seq 2048 --steps 2 --warmup 2 --profile ;;
+    profile_train3b) step "$1" 90 "$py" scripts/bench_train.py --dim 3072 --layers 28 --heads 24 --kv-heads 8 \
+      --hidden 8192 --vocab 128256 --batch 2 --seq 2048 --steps 2 --warmup 2 --profile ;;
+    profile_dpo) step "$1" 90 "$py" scripts/bench_train.py --dpo --dim 2048 --layers 16 --heads 32 --kv-heads 8 \
+      --hidden 8192 --vocab 128256 --batch 4 --seq 1024 --steps 2 --warmup 2 --profile ;;
     dpo_memory) step "$1" 45 "$py" scripts/bench_train.py --dpo-memory --dim 2048 --layers 4 --heads 16 \
       --kv-heads 8 --hidden 5632 --vocab 128256 --batch 4 --seq 1024 --steps 1 ;;
     test_kernels) step "$1" 100 "$py" -m pytest $test_opts -m gpu tests/test_kernel_attention.py \

@@ -28,6 +28,19 @@ def test_bench_train_speed_and_dpo_memory_modes_run():
     assert "fused linear log-probs" in memory and "unfused (reference)" in memory and "fused / unfused:" in memory
 
 
+def test_bench_train_profile_says_where_a_step_goes():
+    out = run_script("scripts/bench_train.py", "--profile", *TINY_LLAMA)
+    assert "alone" in out and "speed ratio" not in out  # --profile times w2s alone
+    profiled = out.split("profile: 2 steps after 1 warm-up")[1]
+    assert "CPU time per step:" in profiled and "\nmatmul " in profiled and "[matmul] aten::mm" in profiled
+    dpo = run_script("scripts/bench_train.py", "--dpo", "--profile", *TINY_LLAMA)
+    assert "profile: 2 steps after 1 warm-up" in dpo and "w2s DPO step:" in dpo
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    refused = subprocess.run([sys.executable, "scripts/bench_train.py", "--profile", "--warmup", "0"], cwd=ROOT,
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--profile needs --warmup >= 1" in refused.stderr
+
+
 def test_bench_sampling_runs_with_a_shared_prefix():
     out = run_script("scripts/bench_sampling.py", "--prompts", "2", "--samples", "2", "--new-tokens", "4",
                      "--prompt-len", "4", "--shared-prefix", "8", "--repeats", "1", "--threads", "1")

@@ -232,3 +232,77 @@ def test_trace_written_when_enabled(tmp_path, monkeypatch):
     with StageProfiler(device="cpu", trace_dir=tmp_path / "off") as prof:
         pass
     assert prof.trace_path is None and not (tmp_path / "off").exists()
+
+
+# Kernel names as a CUDA torch.profiler trace shows them (cuBLAS, torch's own kernels, NCCL, FSDP2's copy-in and
+# w2s's Triton kernels), each with the group a reader of the profile would put it in.
+CUDA_KERNEL_NAMES = {
+    "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1_execute_segment_k_off_kernel"
+    "__5x_cublas": "matmul",
+    "nvjet_tst_128x256_64x4_2x1_v_bz_coopB_TNT": "matmul",
+    "_attn_bwd_dkdv_kernel": "attention",
+    "_attn_decode_kernel": "attention",
+    "_merge_splits_kernel": "attention",
+    "_rms_norm_bwd_kernel": "norm, rope, glu",
+    "_glu_fwd_kernel": "norm, rope, glu",
+    "_rope_cache_kernel": "norm, rope, glu",
+    "_rows_nll_kernel": "fused cross-entropy rows",
+    "_sample_kernel": "sampling draw",
+    "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::"
+    "TensorListMetadata<4>, at::native::(anonymous namespace)::FusedAdamMathFunctor<float, 4, (at::native::ADAM_MODE)1,"
+    " false>, double*, double, double, double, double, double, double, bool*, float*>": "optimizer, clipping",
+    "void at::native::multi_tensor_apply_kernel<at::native::TensorListMetadata<1>, at::native::(anonymous namespace)"
+    "::LpNormFunctor<float, (at::native::(anonymous namespace)::NormType)1, float, float>, float*, int>":
+        "optimizer, clipping",
+    "ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgsStorage<4096ul>)": "communication",
+    "ncclDevKernel_ReduceScatter_Sum_f32_RING_LL(ncclDevKernelArgsStorage<4096ul>)": "communication",
+    "void at::native::(anonymous namespace)::chunk_cat_cuda_kernel<float, c10::BFloat16>(...)": "copies, casts",
+    "Memcpy HtoD (Pageable -> Device)": "copies, casts",
+    "void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::native::direct_copy_kernel_cuda"
+    "(at::TensorIteratorBase&)::{lambda()#3}::operator()() const::{lambda(float)#1}>(...)": "copies, casts",
+    "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>, ...>":
+        profile.OTHER_GROUP,
+    "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::func_wrapper_t<...>>>(...)":
+        profile.OTHER_GROUP,
+    "aten::mm": "matmul",  # CPU profiles name ops, not kernels
+    "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
+    "aten::mul": profile.OTHER_GROUP,
+}
+
+
+@pytest.mark.parametrize("name", CUDA_KERNEL_NAMES)
+def test_kernel_group_puts_each_kernel_where_a_reader_would(name):
+    assert profile.kernel_group(name) == CUDA_KERNEL_NAMES[name]
+
+
+class FakeEvent:  # a key_averages() row: the fields time_by_group and profile_summary read
+    def __init__(self, key, us, count):
+        self.key, self.self_cpu_time_total, self.count, self.is_user_annotation = key, us, count, False
+
+
+def test_time_by_group_sums_each_group_most_time_first():
+    rows = [FakeEvent("aten::mm", 300.0, 3), FakeEvent("aten::addmm", 100.0, 1), FakeEvent("aten::mul", 50.0, 5),
+            FakeEvent("aten::add", 70.0, 7), FakeEvent("_rms_norm_fwd_kernel", 200.0, 2)]
+    assert profile.time_by_group(rows, "self_cpu_time_total") == [
+        ("matmul", 400.0, 4), ("norm, rope, glu", 200.0, 2), (profile.OTHER_GROUP, 120.0, 12)]
+
+
+def test_profile_summary_of_a_real_cpu_profile_is_per_step_and_adds_up():
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    a, b = torch.randn(64, 64), torch.randn(64, 64)
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(4):
+            torch.nn.functional.silu(a @ b) * b
+    text = profile.profile_summary(prof, torch.device("cpu"), per=4, per_name="step", wall_s=1.0)
+    lines = text.splitlines()
+    assert lines[0].startswith("CPU time per step:") and "of 250.00 ms wall" in lines[0]
+    rows, key = profile.counted_events(prof, torch.device("cpu"))
+    busy_ms = sum(getattr(e, key) for e in rows) / 1e3 / 4
+    assert f"{busy_ms:.2f} ms busy" in lines[0]
+    table = lines[2:lines.index("")]
+    groups = {line[:32].strip(): line[32:].split() for line in table}
+    assert groups["matmul"][2] == "2"  # per step: aten::matmul and the aten::mm it calls
+    assert abs(sum(float(ms) for ms, _, _ in groups.values()) - busy_ms) < 0.01 * len(groups) + 1e-6
+    assert abs(sum(float(share.rstrip("%")) for _, share, _ in groups.values()) - 100) < 0.1 * len(groups)

@@ -19,6 +19,9 @@ Honest clocks: CUDA work is asynchronous, so the clock is read only after `torch
 and every `step(sync=True)`). Medians are taken over the windows between synced steps, skipping the first
 `warmup_steps` steps (compilation, autotuning, allocator growth).
 
+Where the time goes: `profile_summary(torch_profiler, device)` groups a finished torch.profiler run's kernels
+(attention, matmul, norms, optimizer, copies, ...) by name (KERNEL_GROUPS); the benchmarks' --profile prints it.
+
 Trace: W2S_PROFILE=1 (or trace=True) records a torch.profiler chrome trace (open in chrome://tracing or
 ui.perfetto.dev) into W2S_PROFILE_DIR (default ./profile_traces): the whole `with` block, or, with trace_steps=k
 (env W2S_PROFILE_STEPS), k steps right after warm-up. A profiler entered while another one traces (a training run
@@ -433,6 +436,77 @@ class StageProfiler:
         if self.trace_path is not None:
             result["trace"] = str(self.trace_path)
         return result
+
+
+# ---- where a profiled run's time goes ---------------------------------------------------------------------------
+# Each profiled kernel (CUDA) or op (CPU) falls in the first group whose pattern its lowercased name matches; the rest
+# are "other elementwise, reductions" (torch's own adds, casts of single tensors, reductions). The Triton kernels of
+# kernels/*.py are named after their op (_attn_*, _rms_norm_*, _rope_*, _glu_*, _rows_nll_*, _sample_*); cuBLAS
+# names its GEMMs gemm / nvjet / xmma; FSDP2 packs parameters for the all-gather with chunk_cat and unpacks with
+# split_with_sizes_copy.
+KERNEL_GROUPS = (
+    ("attention", r"_attn_|_merge_splits|flash|fmha|scaled_dot_product"),
+    ("fused cross-entropy rows", r"_rows_nll"),
+    ("norm, rope, glu", r"_rms_norm|_rope|_glu|rms_norm|\bsilu|\bgelu"),
+    ("sampling draw", r"_sample_kernel|_uniforms"),
+    ("matmul", r"gemm|nvjet|xmma|cutlass|cublas|aten::(mm|addmm|bmm|baddbmm|matmul)$"),
+    ("optimizer, clipping", r"adam|multi_tensor_apply|_foreach_"),
+    ("communication", r"nccl|all_gather|reduce_scatter|all_reduce|allreduce|broadcast"),
+    ("copies, casts", r"memcpy|memset|copy|chunk_cat|split_with_sizes|aten::(cat|_to_copy|clone)$"),
+)
+OTHER_GROUP = "other elementwise, reductions"
+
+
+def kernel_group(name):
+    """The KERNEL_GROUPS group of a kernel or op name, else OTHER_GROUP."""
+    lowered = name.lower()
+    return next((group for group, pattern in KERNEL_GROUPS if re.search(pattern, lowered)), OTHER_GROUP)
+
+
+def counted_events(torch_profiler, device):
+    """(rows, time key) of a finished torch.profiler run's key_averages(): on CUDA the kernels and device copies
+    only (an op's row, aten::mm, also carries the time of the kernels it launched), timed by their device time; on
+    CPU every op, timed by its own CPU time (a parent op's children are not in its self time)."""
+    from torch.autograd import DeviceType
+
+    events = torch_profiler.key_averages()
+    if device.type == "cuda":
+        rows = [e for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
+        return rows, "self_device_time_total"
+    return [e for e in events if not e.is_user_annotation], "self_cpu_time_total"
+
+
+def time_by_group(rows, key):
+    """[(group, microseconds, launches)] of counted_events' rows, the most time first."""
+    totals = {}
+    for event in rows:
+        group = totals.setdefault(kernel_group(event.key), [0.0, 0])
+        group[0] += getattr(event, key)
+        group[1] += event.count
+    return sorted(((g, us, n) for g, (us, n) in totals.items()), key=lambda row: -row[1])
+
+
+def profile_summary(torch_profiler, device, per=1, per_name="step", wall_s=None, top=15):
+    """A finished torch.profiler run as text: time and launches per group (time_by_group) and the `top` kernels
+    (CUDA) or ops (CPU), each per one of `per` repetitions (steps, tokens) of what was profiled. wall_s: the
+    profiled part's wall time, printed beside the busy time (what the device was idle for: launch gaps, host syncs;
+    kernels on two streams can also overlap)."""
+    rows, key = counted_events(torch_profiler, device)
+    where = "device" if device.type == "cuda" else "CPU"
+    busy_us = sum(getattr(e, key) for e in rows)
+    lines = [f"{where} time per {per_name}: {busy_us / 1e3 / per:.2f} ms busy"
+             + (f" of {wall_s * 1e3 / per:.2f} ms wall" if wall_s else "")
+             + f", {sum(e.count for e in rows) / per:.0f} {'launches' if device.type == 'cuda' else 'op calls'}",
+             f"{'group':<32}{'ms':>10}{'share':>8}{'count':>9}"]
+    for group, us, count in time_by_group(rows, key):
+        lines.append(f"{group:<32}{us / 1e3 / per:>10.2f}{100 * us / max(busy_us, 1e-9):>7.1f}%{count / per:>9.0f}")
+    lines.append(f"\ntop {top} {'kernels' if device.type == 'cuda' else 'ops'} (per {per_name}):")
+    for event in sorted(rows, key=lambda e: -getattr(e, key))[:top]:
+        us = getattr(event, key)
+        name = event.key if len(event.key) <= 90 else event.key[:87] + "..."
+        lines.append(f"{us / 1e3 / per:>9.3f} ms {100 * us / max(busy_us, 1e-9):>5.1f}% {event.count / per:>6.0f}x  "
+                     f"[{kernel_group(event.key)}] {name}")
+    return "\n".join(lines)
 
 
 def step_flops(model_cfg, seqs, lora):
