@@ -61,6 +61,14 @@ def test_kept_state_is_reused_and_gives_a_fresh_states_outputs(ckpt):
     assert not state.in_use()
 
 
+def test_a_graph_that_keeps_logits_is_not_replayed_by_a_run_that_does_not():
+    """Whether the step copies its logits out is baked into a captured graph, so it is part of the signature that
+    decides whether a kept state's graphs may be replayed."""
+    args = ({"temperature": 1.0, "top_k": 0, "top_p": 1.0}, [2], 3)
+    assert decode_state.graph_signature(*args, keep_logits=True) != decode_state.graph_signature(*args)
+    assert decode_state.graph_signature(*args) == decode_state.graph_signature(*args, keep_logits=False)
+
+
 def test_in_place_weight_change_keeps_the_state_and_is_seen(ckpt):
     """An in-place update (optimizer step, load_state_dict) leaves every address as it was: the state is reused and
     the completions are those of the updated model."""

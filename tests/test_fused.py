@@ -315,7 +315,6 @@ def test_a_batch1_decode_step_launches_these_kernels(monkeypatch, temperature, d
     layer = ["triton:_rms_norm_fwd_kernel", "mm", "triton:_rope_cache_kernel", "triton:_attn_decode_kernel", "mm",
              "triton:_rms_norm_fwd_kernel", "mm", "triton:_glu_fwd_kernel", "addmm_"]
     logits = ["triton:_rms_norm_fwd_kernel", "mm"]
-    bookkeeping = ["bitwise_not", *draw, "where", "scatter_", "add_", "where", "copy_", "add_",  # token, counters
-                   "eq", "any", "ge", "bitwise_or", "bitwise_and", "logical_or_",  # done: EOS or budget
-                   "copy_"]  # the logits into the fp32 buffer callers read
+    bookkeeping = ["bitwise_not", *draw, "where", "scatter_", "add_", "where", "add_",  # token, counters
+                   "eq", "any", "ge", "bitwise_or", "logical_or_"]  # done: EOS or budget
     assert steps[1] == ["embedding"] + layer * cfg.n_layers + logits + bookkeeping

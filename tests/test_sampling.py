@@ -5,6 +5,7 @@ tensor and data parallel under torchrun (gloo), and jsonl resume.
     python -m pytest -q tests/test_sampling.py
 """
 
+import functools
 import json
 import subprocess
 import sys
@@ -98,7 +99,7 @@ def test_kv_cache_decode_logits_equal_full_recompute(family, ckpt, monkeypatch):
     model, _ = load(ckpt, family)
     prompts = random_prompts([4, 9], seed=2, prefix=[1, 7, 8])
     engine = Engine(model, prompts, 2, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=8, seed=0, eos_ids=[],
-                    slots=3, cache_len=24)
+                    slots=3, cache_len=24, keep_logits=True)
     assert engine.prefix_len == 3
     engine.prefill_shared_prefix()
     engine.admit([(0, 0), (0, 1), (1, 0)], [0, 1, 2])  # (0, 1) copies prompt 0's rows after its prefill
@@ -111,6 +112,20 @@ def test_kv_cache_decode_logits_equal_full_recompute(family, ckpt, monkeypatch):
                 full = model(torch.tensor([seq]))[0, -1]
             torch.testing.assert_close(engine.logits[s], full, atol=1e-4, rtol=1e-4)
     assert (len(calls) == 6 * model.cfg.n_layers) == (family == "llama2")  # every decode step of every layer
+
+
+def test_decode_keeps_no_logits_unless_asked(ckpt):
+    """By default a decode step copies its logits nowhere (engine.logits is None, the state holds no buffer); with
+    keep_logits the copy is there and the samples are the same."""
+    model, _ = load(ckpt, "llama2")
+    prompts = random_prompts([4, 6], seed=5)
+    kw = dict(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=6, seed=3, eos_ids=[], slots=4, cache_len=16)
+    plain, kept = Engine(model, prompts, 2, **kw), Engine(model, prompts, 2, keep_logits=True, **kw)
+    plain_results, kept_results = list(plain.run()), list(kept.run())
+    assert plain.logits is None and plain.state.logits is None
+    assert kept.logits is not None and kept.logits.shape == (4, model.cfg.vocab_size)
+    assert kept.logits.dtype == torch.float32
+    assert plain_results == kept_results
 
 
 def test_samples_do_not_depend_on_batching_or_prefix_sharing(ckpt):
@@ -191,6 +206,7 @@ def test_chunked_prefill_logits_equal_full_recompute(family, ckpt, monkeypatch):
     model, _ = load(ckpt, family)
     model.cfg.eos_token_id = list(range(3, VOCAB, 5))  # completions of different lengths: slots free one by one
     prompts = random_prompts([6, 2, 9, 4], seed=8, prefix=[1, 7, 8])
+    monkeypatch.setattr(sampling, "Engine", functools.partial(Engine, keep_logits=True))  # generate's engine
     checked = {"first": 0, "later": 0}
     real = Engine._step_eager
 

@@ -81,7 +81,7 @@ class DecodeState:
         return self.owner is not None and self.owner() is not None
 
     def keep_logits(self, logits):
-        """Store the step's logits (slots, V), in fp32, in the one buffer tests and callers read."""
+        """Store the step's logits (slots, V), in fp32, in the one buffer Engine.logits reads (keep_logits)."""
         if self.logits is None:
             self.logits = logits.float()
         else:
@@ -115,10 +115,12 @@ class DecodeState:
         self.graphs[(limit, mixed)] = graph
 
 
-def graph_signature(sampling, eos_ids, prefix_len):
+def graph_signature(sampling, eos_ids, prefix_len, keep_logits=False):
     """What a captured step bakes in besides buffer addresses: sampling options, EOS ids, the shared-prefix length,
-    and the kernel choice (the backend, and the prefix length from which decode runs the cascade)."""
-    return (tuple(sorted(sampling.items())), tuple(eos_ids), prefix_len, ops.get_backend(), ops.CASCADE_MIN_PREFIX)
+    whether it copies its logits out, and the kernel choice (the backend, and the prefix length from which decode
+    runs the cascade)."""
+    return (tuple(sorted(sampling.items())), tuple(eos_ids), prefix_len, keep_logits, ops.get_backend(),
+            ops.CASCADE_MIN_PREFIX)
 
 
 def weight_addresses(model):

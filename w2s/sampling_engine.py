@@ -112,18 +112,21 @@ class Engine:
     prompts: list of token-id lists; global_index: the caller's index of each (keys the RNG; data parallel);
     eos_ids: ids that end a sequence; stop: stop strings (need `decode`); keep_state: take the device state from,
     and leave it in, w2s/decode_state.py's per-model store; prefill_tokens: the token budget of one prefill forward
-    (rows x longest); prefill_chunk: prompt tokens per mixed decode step (chunked prefill; 0: off).
+    (rows x longest); prefill_chunk: prompt tokens per mixed decode step (chunked prefill; 0: off); keep_logits:
+    keep every decode step's (slots, V) logits in fp32 for `logits` (tests, inspection; off: no copy per step).
     """
 
     def __init__(self, model, prompts, n, *, temperature, top_k, top_p, max_new_tokens, seed, eos_ids, stop=(),
                  decode=None, slots, cache_len, global_index=None, shared_prefix=True, sync_every=8,
-                 cuda_graphs=False, prefill_tokens=8192, prefill_chunk=0, keep_state=False):
+                 cuda_graphs=False, prefill_tokens=8192, prefill_chunk=0, keep_state=False,
+                 keep_logits=False):
         self.model, self.prompts, self.n = model, prompts, n
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
         self.max_new, self.seed, self.stop, self.decode = max_new_tokens, seed, tuple(stop), decode
         self.eos_set = set(eos_ids)
         self.slots, self.cache_len, self.sync_every = slots, cache_len, sync_every
         self.prefill_tokens, self.prefill_chunk, self.cuda_graphs = prefill_tokens, prefill_chunk, cuda_graphs
+        self.keep_logits = keep_logits
         self.global_index = list(range(len(prompts))) if global_index is None else list(global_index)
         weight = model.embed_tokens.weight
         dev = self.device = weight.device
@@ -135,7 +138,7 @@ class Engine:
         shapes = (cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, slots, cache_len, prefill_chunk, weight.dtype, dev)
         self.state = st = decode_state.acquire(model, shapes, build) if keep_state else build()
         eos = sorted(self.eos_set) or [-1]
-        st.start(self, decode_state.graph_signature(self.sampling, eos, self.prefix_len), eos)
+        st.start(self, decode_state.graph_signature(self.sampling, eos, self.prefix_len, keep_logits), eos)
         self.cache, self.tokens, self.positions, self.n_gen = st.cache, st.tokens, st.positions, st.n_gen
         self.budget, self.keys, self.done, self.out, self.eos = st.budget, st.keys, st.done, st.out, st.eos
         self.trash = self.out.shape[1] - 1  # the column finished slots write into
@@ -149,7 +152,8 @@ class Engine:
         self.decode_steps = 0  # steps run (every slot, live or not): slot occupancy = live slot-steps / (steps x slots)
         self.mixed_steps = 0  # of which carried prompt tokens (chunked prefill)
 
-    logits = property(lambda self: self.state.logits, doc="(slots, V) fp32 logits of the last decode step")
+    logits = property(lambda self: self.state.logits if self.keep_logits else None,
+                      doc="(slots, V) fp32 logits of the last decode step with keep_logits, else None")
     graphs = property(lambda self: self.state.graphs, doc="{(attention limit, mixed): captured CUDA graph}")
 
     # ---- prefix sharing ---------------------------------------------------------------------------------------
@@ -338,14 +342,16 @@ class Engine:
         col = torch.where(live, self.n_gen, self.trash)  # finished rows write into the trash column
         self.out.scatter_(1, col[:, None], nxt[:, None])
         self.n_gen.add_(live)  # +1 for every running row (a bool adds as 0 / 1)
-        self.tokens.copy_(torch.where(live, nxt, self.tokens))
+        torch.where(live, nxt, self.tokens, out=self.tokens)
         if mixed:  # a slot starting now keeps its position (its token 0 goes there next step) and is not done yet
             self.positions.add_(live & ~act)
             self.done.logical_and_(~act)
         else:
             self.positions.add_(live)
-        self.done.logical_or_(live & (_is_eos(nxt, self.eos) | (self.n_gen >= self.budget)))
-        self.state.keep_logits(logits)
+        # a row that is not live is done already, so every row may take the test
+        self.done.logical_or_(_is_eos(nxt, self.eos) | (self.n_gen >= self.budget))
+        if self.keep_logits:
+            self.state.keep_logits(logits)
 
     def _mixed_logits(self):
         """The forward of a mixed step: S + C query rows of one token each, every slot's next token and then C
