@@ -11,7 +11,8 @@
 
 Both sides run the same random Llama (built by transformers, loaded into w2s from the saved checkpoint) on the same
 (batch, seq) token batches, with AdamW at the same settings; one step = forward, backward, optimizer step. The first
---prompt-frac of every row is prompt: no loss on it, on either side.
+--prompt-frac of every row is prompt: no loss on it, on either side. The modes that time w2s alone (--no-hf,
+--profile, --dpo) build w2s's model right on the device with transformers' Llama init instead (no checkpoint).
   * w2s:          the real loop, w2s.train.train_sft (collate, fused linear cross-entropy on the target positions
                   only, clipping, logging);
   * transformers: LlamaForCausalLM(input_ids, labels=input_ids with -100 on the prompt).loss, backward, clip, fused
@@ -53,8 +54,8 @@ def parse_args():
                         "token; 0.5 is GSM8K-shaped: half of a question + solution row is the question)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-hf", action="store_true",
-                   help="time w2s alone (transformers only builds the random checkpoint): for shapes where two\n"
-                        "models with their optimizer states would not fit on one GPU together")
+                   help="time w2s alone (its model built on the device with random weights, no checkpoint): for\n"
+                        "shapes where two models with their optimizer states would not fit on one GPU together")
     p.add_argument("--dpo", action="store_true",
                    help="instead: tokens/s and MFU of DPO steps (w2s.train.train_preference, w2s alone): --batch\n"
                         "pairs of --seq-token chosen and rejected rows per step; the reference pass runs first and\n"
@@ -76,18 +77,46 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def make_checkpoint(args, path):
-    """A random transformers Llama of the requested shape, saved to path; -> (hf model, its config)."""
+def llama_config(args):
+    """The transformers LlamaConfig of the requested shape, its output layer untied from the embeddings (Llama-3.2
+    ties them; BENCHMARKS.md's shapes do not)."""
     import transformers
 
-    config = transformers.LlamaConfig(vocab_size=args.vocab, hidden_size=args.dim, intermediate_size=args.hidden,
-                                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                                      num_key_value_heads=args.kv_heads, max_position_embeddings=args.seq,
-                                      bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    return transformers.LlamaConfig(vocab_size=args.vocab, hidden_size=args.dim, intermediate_size=args.hidden,
+                                    num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                                    num_key_value_heads=args.kv_heads, max_position_embeddings=args.seq,
+                                    bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+                                    architectures=["LlamaForCausalLM"])
+
+
+def make_checkpoint(args, path):
+    """A random transformers Llama of the requested shape, saved to path; -> the transformers model."""
+    import transformers
+
     torch.manual_seed(args.seed)
-    model = transformers.LlamaForCausalLM(config).float()
+    model = transformers.LlamaForCausalLM(llama_config(args)).float()
     model.save_pretrained(path)
     return model
+
+
+def random_model_loader(args, device):
+    """-> (load, cfg) for the modes that time w2s alone: load() builds a w2s Llama of the requested shape right on
+    `device` with fresh N(0, 0.02) weights (transformers' Llama init; the same weights every call), and cfg is its
+    ModelConfig, read from the shape's config.json. No checkpoint is written or read: a 3B model's CPU init, save
+    and load would take a GPU run's first minute."""
+    from w2s.config import ModelConfig
+    from w2s.model import Transformer
+
+    with tempfile.TemporaryDirectory() as path:
+        llama_config(args).save_pretrained(path)
+        cfg = ModelConfig.from_pretrained(path)
+
+    def load():
+        with torch.device(device):
+            model = Transformer(cfg)
+        return model.init_weights(generator=torch.Generator(device).manual_seed(args.seed))
+
+    return load, cfg
 
 
 def batches(args):
@@ -148,21 +177,20 @@ def run_loop(train, args, device, between=None):
     return records
 
 
-def bench_w2s(path, steps, args, device, between=None):
-    """The real loop on all steps' rows (batch_size = micro_batch_size = batch; it shuffles them) -> step records.
+def bench_w2s(load, steps, args, device, between=None):
+    """The real loop on all steps' rows (batch_size = micro_batch_size = batch; it shuffles them) of the model load()
+    returns -> step records.
 
     between(i), when given, runs after w2s's step i is logged and outside its clock (the loop restarts its timer
     after on_step): the two sides alternate step by step, so a change in machine load hits both alike.
     """
-    import w2s
     from w2s.train import TrainConfig, train_sft
 
     n_prompt = prompt_len(args)
     rows = [{"prompt_ids": seq[:n_prompt], "response_ids": seq[n_prompt:]} for ids in steps for seq in ids.tolist()]
     cfg = TrainConfig(lr=1e-4, batch_size=args.batch, micro_batch_size=args.batch, max_steps=len(steps), clip=1.0,
                       max_seq_len=args.seq, progress=False, seed=args.seed)
-    return run_loop(lambda on_step: train_sft(w2s.load_model(path, dtype=torch.float32), None, rows, cfg,
-                                              on_step=on_step), args, device, between)
+    return run_loop(lambda on_step: train_sft(load(), None, rows, cfg, on_step=on_step), args, device, between)
 
 
 def transformers_stepper(hf, steps, args, device):
@@ -199,18 +227,17 @@ def random_pairs(args, n_pairs):
     return [{"prompt_ids": c[:1], "chosen_ids": c[1:], "rejected_ids": r[1:]} for c, r in ids]
 
 
-def bench_dpo(path, args, device):
-    """The real DPO loop (reference pass, then --warmup + --steps steps of --batch pairs) -> the step records (the
-    loop's meter: tokens/s and MFU of each step, chosen and rejected rows counted)."""
-    import w2s
+def bench_dpo(load, args, device):
+    """The real DPO loop on the model load() returns (reference pass, then --warmup + --steps steps of --batch pairs)
+    -> the step records (the loop's meter: tokens/s and MFU of each step, chosen and rejected rows counted)."""
     from w2s.train import TrainConfig, train_preference
 
     steps = args.warmup + args.steps
     cfg = TrainConfig(lr=1e-6, batch_size=args.batch, micro_batch_size=args.batch, max_steps=steps,
                       max_seq_len=args.seq, progress=False, seed=args.seed, beta=0.1)
     pairs = random_pairs(args, steps * args.batch)
-    return run_loop(lambda on_step: train_preference(w2s.load_model(path, dtype=torch.float32), None, pairs, cfg,
-                                                     loss="dpo", on_step=on_step), args, device)
+    return run_loop(lambda on_step: train_preference(load(), None, pairs, cfg, loss="dpo", on_step=on_step), args,
+                    device)
 
 
 def bench_dpo_memory(path, args, device):
@@ -253,6 +280,7 @@ def bench_dpo_memory(path, args, device):
 
 
 def main():
+    import w2s
     from w2s import profile
     from w2s.config import ModelConfig
     from w2s.profile import step_flops
@@ -272,10 +300,9 @@ def main():
         print(f"fused / unfused: {ratio}")
         return
     if args.dpo:
-        with tempfile.TemporaryDirectory() as path:
-            make_checkpoint(args, path)
-            params = ModelConfig.from_pretrained(path).n_params()
-            records = bench_dpo(path, args, device)
+        load, model_cfg = random_model_loader(args, device)
+        params = model_cfg.n_params()
+        records = bench_dpo(load, args, device)
         timed = records[args.warmup:]
         tok_s = statistics.median(r["tok_per_s"] for r in timed)
         mfus = [r["mfu"] for r in timed if r["mfu"] is not None]
@@ -287,19 +314,23 @@ def main():
               f"{max(r['peak_mem_gib'] or 0 for r in records):.1f} GiB")
         return
     steps = batches(args)
+    alone = args.no_hf or args.profile
     with tempfile.TemporaryDirectory() as path:
-        hf = make_checkpoint(args, path)
-        model_cfg = ModelConfig.from_pretrained(path)
+        if alone:
+            (load, model_cfg), hf = random_model_loader(args, device), None
+        else:
+            hf = make_checkpoint(args, path)
+            model_cfg = ModelConfig.from_pretrained(path)
+            load = lambda: w2s.load_model(path, dtype=torch.float32)  # noqa: E731
         print(f"# device {profile.device_name(device)} | torch threads {torch.get_num_threads()} | params "
               f"{model_cfg.n_params() / 1e6:.1f}M | batch {args.batch} x seq {args.seq} | "
               f"{'bf16 compute, fp32 master' if device.type == 'cuda' else 'fp32'}")
-        alone = args.no_hf or args.profile
         against = "alone" if alone else ("alternating step by step with transformers (LlamaForCausalLM, same "
                                          "weights and batches)")
         print(f"# w2s (w2s.train.train_sft), {against}; prompt {prompt_len(args)} of {args.seq} tokens per row:")
         hf_step, hf_steps = (None, []) if alone else transformers_stepper(hf, steps, args, device)
-        del hf  # with --no-hf nothing else holds it
-        records = bench_w2s(path, steps, args, device, between=hf_step)
+        del hf
+        records = bench_w2s(load, steps, args, device, between=hf_step)
         if hf_steps:
             print("# transformers:")
     # model FLOPs per input token, the same for both sides (work transformers spends on prompt logits is not counted)
