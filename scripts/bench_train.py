@@ -25,8 +25,9 @@ from w2s/profile.py (model FLOPs 6N + 12 L H D T per token, less the output laye
 w2s.profile.step_flops; peak bf16 FLOP/s by device name, "-" on CPU unless W2S_PEAK_FLOPS is set), and the speed
 ratio w2s / transformers (target >= 1.2x). --profile (w2s alone) records the first two measured steps under
 torch.profiler and prints their time per group of kernels (attention, matmul, norms, optimizer, copies, ...;
-w2s.profile.profile_summary) and the top kernels; those steps' timings include the profiler's overhead. All rows
-have the same length, so the loop's shuffling changes which rows form a step but not the work per step.
+w2s.profile.profile_summary) and the top kernels; the medians then count only the steps after them (give --steps
+more than 2). All rows have the same length, so the loop's shuffling changes which rows form a step but not the
+work per step.
 """
 
 import argparse
@@ -143,6 +144,13 @@ def step_profiler(args, device):
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     active = min(PROFILED_STEPS, args.steps)
     return profile(activities=activities, schedule=schedule(wait=args.warmup - 1, warmup=1, active=active, repeat=1))
+
+
+def timed_steps(records, args):
+    """The step records the medians are taken over: those after the warm-up, and under --profile those after the
+    profiled steps too while any are left (the profiler's overhead stays out of the medians)."""
+    profiled = PROFILED_STEPS if args.profile and args.steps > PROFILED_STEPS else 0
+    return records[args.warmup + profiled:]
 
 
 def print_profile(profiler, records, args, device):
@@ -303,11 +311,11 @@ def main():
         load, model_cfg = random_model_loader(args, device)
         params = model_cfg.n_params()
         records = bench_dpo(load, args, device)
-        timed = records[args.warmup:]
+        timed = timed_steps(records, args)
         tok_s = statistics.median(r["tok_per_s"] for r in timed)
         mfus = [r["mfu"] for r in timed if r["mfu"] is not None]
         print(f"# device {profile.device_name(device)} | params {params / 1e6:.1f}M | DPO, {args.batch} pairs x 2 "
-              f"rows x seq {args.seq} per step | median of {len(timed)} steps after {args.warmup}")
+              f"rows x seq {args.seq} per step | median of the last {len(timed)} of {len(records)} steps")
         mfu_text = f"{100 * statistics.median(mfus):.1f}%" if mfus else "-"
         target = f" (target >= 35 %: {'met' if statistics.median(mfus) >= 0.35 else 'NOT met'})" if mfus else ""
         print(f"w2s DPO step: {tok_s:,.0f} tok/s, MFU {mfu_text}{target}, peak "
@@ -340,10 +348,11 @@ def main():
         print(profile.fmt_log_line(step=i + 1, total_steps=len(hf_steps), loss=loss, tok_s=tokens / seconds,
                                    mfu=profile.mfu(tokens / seconds, fpt, peak)))
 
-    medians = {"w2s": statistics.median(r["tok_per_s"] for r in records[args.warmup:])}
+    timed = timed_steps(records, args)
+    medians = {"w2s": statistics.median(r["tok_per_s"] for r in timed)}
     if hf_steps:
         medians["transformers"] = statistics.median(tokens / seconds for seconds, tokens, _ in hf_steps[args.warmup:])
-    print(f"\n{'impl':<14}{'tok/s (median)':>16}{'MFU':>8}")
+    print(f"\nmedians over the last {len(timed)} of {len(records)} steps\n{'impl':<14}{'tok/s (median)':>16}{'MFU':>8}")
     for name, tok_s in medians.items():
         utilization = profile.mfu(tok_s, fpt, peak)
         print(f"{name:<14}{tok_s:>16,.0f}{'-' if utilization is None else f'{100 * utilization:.1f}%':>8}")

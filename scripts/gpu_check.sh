@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
 # Every GPU-only check of BENCHMARKS.md in one run, for a session lent a GPU for a few minutes: the bf16 GPU-marked
 # tests, then the training, attention and sampling benchmarks at the shapes of BENCHMARKS.md's targets (SFT MFU at the
-# Llama-3.2-1B and -3B shapes, DPO step MFU, attention fwd/bwd, 8B batch sampling 512 x (128 -> 256) with batch-1
-# decode and its MBU, the 256 x 8 GSM8K-like EOS workload). Each step has its own time limit, so one slow step cannot
-# eat the others' time; every log and a summary land in $OUT (default gpu_out/). The default steps' limits add up to
-# 9 1/2 minutes (plus 2 s of kill grace each), so the whole run fits one 10-minute device call (the steps usually
-# end well before their limits); to fit, the training benchmarks time w2s alone, the kernel benchmark runs
-# attention only without torch.compile baselines, and the sampling benchmarks time one run after their warm-up.
+# Llama-3.2-1B and -3B shapes and DPO step MFU, each with a profile of two steps, attention fwd/bwd, 8B batch sampling
+# 512 x (128 -> 256) with batch-1 decode and its MBU, the 256 x 8 GSM8K-like EOS workload). Each step has its own
+# time limit, so one slow step cannot eat the others' time; every log and a summary land in $OUT (default gpu_out/).
+# The default steps' limits add up to 9 1/2 minutes (plus 2 s of kill grace each), so the whole run fits one
+# 10-minute device call (the steps usually end well before their limits); to fit, the training benchmarks time w2s
+# alone (its model built on the GPU, no checkpoint), the kernel benchmark runs attention only without torch.compile
+# baselines, and the sampling benchmarks time one run after their warm-up.
 # Output is unbuffered, so a step stopped at its limit still leaves what it printed.
 #
 #     OUT=gpu_out bash scripts/gpu_check.sh        # <= 9.5 minutes on one H100/H200; then copy the numbers into
 #                                                  # BENCHMARKS.md (each with the device, date and commit)
 #     OUT=gpu_out bash scripts/gpu_check.sh sweep profile_sampling    # named steps only (see run_step below)
 #     OUT=gpu_out bash scripts/gpu_check.sh gsm8k gsm8k_chunked       # chunked prefill against a prefill forward
-#     OUT=gpu_out bash scripts/gpu_check.sh profile_train profile_train3b profile_dpo   # where training steps go
 #     OUT=gpu_out bash scripts/gpu_check.sh pipeline    # the demo recipe end to end on CUDA, bf16 (<= 7 min, own call)
 #
 # The pipeline step runs recipes/demo.toml as a derived recipe ($out/demo_cuda.toml: dtype bfloat16, device cuda,
@@ -91,22 +91,16 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $out/NAM
 run_step() {  # the checks by name; the default run is ordered: tests first, then training, kernels, sampler
   case $1 in
     test_gpu) step "$1" 120 "$py" -m pytest $test_opts -m gpu tests ;;  # every bf16 GPU-marked test (sampler, kernels)
+    # SFT MFU at the Llama-3.2-1B and -3B shapes and the DPO step's: the first 2 steps after warm-up run under
+    # torch.profiler (where the step's time goes, by group of kernels), the medians count the 5 after them.
+    # 3B: 8 x 2048 tokens a step as at 1B (the optimizer step and FSDP2's casts cost the same per step at any
+    # batch); ~100 GiB estimated, fits an H200; on an 80 GB H100 pass --batch 2
     train_llama32_1b) step "$1" 90 "$py" scripts/bench_train.py --dim 2048 --layers 16 --heads 32 --kv-heads 8 \
-      --hidden 8192 --vocab 128256 --batch 8 --seq 2048 --steps 5 --warmup 2 --no-hf ;;  # Llama-3.2-1B shape, MFU
-    # Llama-3.2-3B shape, MFU: 8 x 2048 tokens a step as at 1B (the optimizer step and FSDP2's casts cost the same
-    # per step at any batch; ~100 GiB estimated, fits an H200; on an 80 GB H100 pass --batch 2)
+      --hidden 8192 --vocab 128256 --batch 8 --seq 2048 --steps 7 --warmup 2 --no-hf --profile ;;
     train_llama32_3b) step "$1" 90 "$py" scripts/bench_train.py --dim 3072 --layers 28 --heads 24 --kv-heads 8 \
-      --hidden 8192 --vocab 128256 --batch 8 --seq 2048 --steps 5 --warmup 2 --no-hf ;;
+      --hidden 8192 --vocab 128256 --batch 8 --seq 2048 --steps 7 --warmup 2 --no-hf --profile ;;
     dpo_mfu) step "$1" 70 "$py" scripts/bench_train.py --dpo --dim 2048 --layers 16 --heads 32 --kv-heads 8 \
-      --hidden 8192 --vocab 128256 --batch 4 --seq 1024 --steps 5 --warmup 2 ;;  # DPO step MFU, 1B shape
-    # where a training step's time goes (kernel groups, top kernels; torch.profiler over 2 steps after warm-up):
-    # the 1B and 3B SFT shapes and the DPO step, for the MFU targets (alone, or together in one call: 270 s)
-    profile_train) step "$1" 90 "$py" scripts/bench_train.py --dim 2048 --layers 16 --heads 32 --kv-heads 8 \
-      --hidden 8192 --vocab 128256 --batch 8 --seq 2048 --steps 2 --warmup 2 --profile ;;
-    profile_train3b) step "$1" 90 "$py" scripts/bench_train.py --dim 3072 --layers 28 --heads 24 --kv-heads 8 \
-      --hidden 8192 --vocab 128256 --batch 8 --seq 2048 --steps 2 --warmup 2 --profile ;;
-    profile_dpo) step "$1" 90 "$py" scripts/bench_train.py --dpo --dim 2048 --layers 16 --heads 32 --kv-heads 8 \
-      --hidden 8192 --vocab 128256 --batch 4 --seq 1024 --steps 2 --warmup 2 --profile ;;
+      --hidden 8192 --vocab 128256 --batch 4 --seq 1024 --steps 7 --warmup 2 --profile ;;  # DPO step MFU, 1B shape
     dpo_memory) step "$1" 45 "$py" scripts/bench_train.py --dpo-memory --dim 2048 --layers 4 --heads 16 \
       --kv-heads 8 --hidden 5632 --vocab 128256 --batch 4 --seq 1024 --steps 1 ;;
     test_kernels) step "$1" 100 "$py" -m pytest $test_opts -m gpu tests/test_kernel_attention.py \

@@ -29,12 +29,13 @@ def test_bench_train_speed_and_dpo_memory_modes_run():
 
 
 def test_bench_train_profile_says_where_a_step_goes():
-    out = run_script("scripts/bench_train.py", "--profile", *TINY_LLAMA)
+    out = run_script("scripts/bench_train.py", "--profile", *TINY_LLAMA, "--steps", "3")
     assert "alone" in out and "speed ratio" not in out  # --profile times w2s alone
     profiled = out.split("profile: 2 steps after 1 warm-up")[1]
     assert "CPU time per step:" in profiled and "\nmatmul " in profiled and "[matmul] aten::mm" in profiled
+    assert "medians over the last 1 of 4 steps" in profiled  # the profiled steps stay out of the medians
     dpo = run_script("scripts/bench_train.py", "--dpo", "--profile", *TINY_LLAMA)
-    assert "profile: 2 steps after 1 warm-up" in dpo and "w2s DPO step:" in dpo
+    assert "profile: 2 steps after 1 warm-up" in dpo and "median of the last 2 of 3 steps" in dpo  # all profiled
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     refused = subprocess.run([sys.executable, "scripts/bench_train.py", "--profile", "--warmup", "0"], cwd=ROOT,
                              env=env, capture_output=True, text=True, timeout=120)
