@@ -17,17 +17,10 @@ import triton
 import triton.language as tl
 
 from kernels import chunked_linear
+from kernels.glu import _tanh  # the soft-cap's tanh: the GeGLU's, which cannot overflow
 
 CHUNK_BYTES = 512 << 20  # one (rows, V) logits chunk in the input dtype: 1024 rows at V=256k in bf16
 MAX_BLOCK_V = 4096  # vocabulary columns per step of the row kernel
-
-
-@triton.jit
-def _tanh(z):
-    # tl has no tanh: tanh|z| = (1 - e) / (1 + e) with e = exp(-2|z|) in (0, 1], which cannot overflow
-    e = tl.exp(-2.0 * tl.abs(z))
-    magnitude = (1.0 - e) / (1.0 + e)
-    return tl.where(z >= 0, magnitude, -magnitude)
 
 
 @triton.jit
