@@ -221,13 +221,15 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=10)
     args = p.parse_args(argv)
+    parts = args.only.split(",")
+    unknown = [part for part in parts if part not in PARTS]
+    if unknown:  # before the GPU check: a misspelt part fails here too, not only on the GPU machine
+        p.error(f"--only: unknown part(s) {', '.join(unknown)}; expected some of {', '.join(PARTS)}")
     if not torch.cuda.is_available():
         print("kernels.sweep times GPU launch configs and needs a CUDA GPU: nothing to do here")
         return 0
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, median of {args.repeats}")
-    for part in args.only.split(","):
-        if part not in PARTS:
-            raise SystemExit(f"kernels.sweep: unknown part {part!r} ({', '.join(PARTS)})")
+    for part in parts:
         if part.startswith("attention"):
             sweep_attention(int(part.removeprefix("attention")), args.warmup, args.repeats)
         elif part.startswith("forward"):

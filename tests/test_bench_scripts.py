@@ -1,10 +1,14 @@
 """The benchmark scripts still run end to end (tiny shapes, one repeat). They measure speed and memory; these tests
-only check that every mode runs and prints its result line, never a number (performance goals live in BENCHMARKS.md).
+only check that every mode runs and prints its result line, never a number (performance goals live in BENCHMARKS.md),
+and that every command line of scripts/gpu_check.sh is one its script accepts (a GPU session has no minutes for a
+misspelt option).
 
     python -m pytest -q tests/test_bench_scripts.py
 """
 
+import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -107,3 +111,63 @@ def test_gpu_check_hands_triton_a_newer_ptxas_of_the_machine(tmp_path, monkeypat
     assert _gpu_check_ptxas(tmp_path, "99.0", None, PTXAS="triton").startswith(f"ptxas {own}, release ")
     users = _stand_in_ptxas(tmp_path / "user", "50.0")  # a user's own choice is kept
     assert _gpu_check_ptxas(tmp_path, "99.0", None, **{own_variable: str(users)}) == f"ptxas {users}, release 50.0"
+
+
+def _gpu_check_commands(tmp_path):
+    """Every command line scripts/gpu_check.sh runs through $PYTHON, for every step it names (the default run's and
+    the named ones), recorded by a stand-in interpreter that runs nothing."""
+    script = (ROOT / "scripts" / "gpu_check.sh").read_text()
+    body = script[script.index("run_step() {"):script.index("\n}\n", script.index("run_step() {"))]
+    steps = [name for name in re.findall(r"^    (\w+)\)", body, flags=re.M)]
+    record = tmp_path / "commands"
+    recorder = tmp_path / "python"
+    recorder.write_text(f"#!/bin/sh\nprintf '%s\\037' \"$@\" >> '{record}'\nprintf '\\036' >> '{record}'\n")
+    recorder.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(recorder), "OUT": str(tmp_path / "out"), "RUNS": str(tmp_path / "runs"),
+           "PTXAS": "triton"}
+    subprocess.run(["bash", "scripts/gpu_check.sh", *steps], cwd=ROOT, env=env, capture_output=True, text=True,
+                   timeout=120, check=True)
+    commands = [line.split("\037")[:-1] for line in record.read_text().split("\036")[:-1]]  # args may hold newlines
+    return steps, commands
+
+
+def _module_from(path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_gpu_check_step_runs_a_command_line_its_script_accepts(tmp_path, monkeypatch):
+    """A GPU session has minutes: a misspelt option or step of scripts/gpu_check.sh must fail here, not there.
+    Each benchmark command's arguments go through its script's own parser; each pytest command collects tests."""
+    from kernels import bench, sweep
+
+    steps, commands = _gpu_check_commands(tmp_path)
+    assert {"test_gpu", "train_llama32_1b", "train_llama32_3b", "dpo_mfu", "bench_attention", "bench_sampling",
+            "gsm8k", "sweep", "pipeline"} <= set(steps)
+    scripts = {name: _module_from(ROOT / "scripts" / f"{name}.py") for name in ("bench_train", "bench_sampling")}
+    checked = {"bench_train": 0, "bench_sampling": 0, "kernels.bench": 0, "kernels.sweep": 0, "pytest": 0}
+    for argv in commands:
+        if argv[0].startswith("scripts/bench_"):
+            name = Path(argv[0]).stem
+            monkeypatch.setattr(sys, "argv", argv)
+            scripts[name].parse_args()  # exits with status 2 and the parser's message on a bad option
+            checked[name] += 1
+        elif argv[0] == "-c" and "bench_sampling.py" in argv[1]:  # cascade_off: the same script, run through runpy
+            monkeypatch.setattr(sys, "argv", ["bench_sampling.py", *argv[2:]])
+            scripts["bench_sampling"].parse_args()
+            checked["bench_sampling"] += 1
+        elif argv[:2] == ["-m", "kernels.bench"]:
+            bench.parse_args(argv[2:])
+            checked["kernels.bench"] += 1
+        elif argv[:2] == ["-m", "kernels.sweep"]:
+            assert sweep.main(argv[2:]) == 0  # no GPU here: parses and checks the parts, then says so
+            checked["kernels.sweep"] += 1
+        elif argv[:2] == ["-m", "pytest"]:
+            selection = " ".join(argv[2:]).replace("-n 4", "").replace("-v", "").split()  # no workers, quiet
+            out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", *selection], cwd=ROOT,
+                                 capture_output=True, text=True, timeout=300)
+            assert out.returncode == 0, (argv, out.stdout[-500:])  # 5: nothing selected; 4: a bad option or path
+            checked["pytest"] += 1
+    assert all(checked.values()), checked  # every kind of command was seen and checked
