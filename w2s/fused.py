@@ -35,6 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from w2s import ops
+
 QKV = ("q_proj", "k_proj", "v_proj")
 GATE_UP = ("gate_proj", "up_proj")
 
@@ -153,8 +155,8 @@ def add_projection(residual, module, name, x):
     unhooked nn.Linear without bias: tensor parallelism's all-reduce hook on it must see the projection alone, and
     LoRA's layer is no nn.Linear. Otherwise the layer and an add, leaving `residual` as it was."""
     layer = getattr(module, name)
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (residual, x, layer.weight))
-    if (is_fused(module) and type(layer) is nn.Linear and layer.bias is None and not _hooked(layer) and not grad
+    if (is_fused(module) and type(layer) is nn.Linear and layer.bias is None and not _hooked(layer)
+            and not ops.wants_grad(residual, x, layer.weight)
             and residual.dtype == x.dtype == layer.weight.dtype and residual.is_contiguous()):
         residual.view(-1, residual.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]), layer.weight.t())
         return residual

@@ -51,7 +51,7 @@ def _use_triton(tensor):
     return True
 
 
-def _wants_grad(*tensors):
+def wants_grad(*tensors):
     """Whether autograd will record a call on these tensors (forward-only kernels cannot serve it)."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
@@ -124,7 +124,7 @@ def use_decode_kernel(q, k, v):
     tokens (T <= 16) and no gradient. The decode kernel packs a kv head's T x G query rows into one tile (G query
     heads per kv head), at most 128 of them; with many queries the flash grid has enough parallel work."""
     T, H, KH = q.shape[1], q.shape[2], k.shape[2]
-    return not _wants_grad(q, k, v) and T <= 16 and T * (H // KH) <= 128
+    return not wants_grad(q, k, v) and T <= 16 and T * (H // KH) <= 128
 
 
 def _triton_attention(q, k, v, q_positions, kv_lengths, sliding_window, softcap, scale, cascade_prefix, kv_rows):
@@ -152,7 +152,7 @@ def add_rms_norm(x, residual, weight, eps, unit_offset=False):
     """(rms_norm(residual + x), residual + x): the residual stream's add and the norm that reads it. Triton without
     gradients (decoding, prefill): one kernel; else the add, then rms_norm (whose backward training uses)."""
     impl = _triton("rms_norm", x)
-    if impl is None or _wants_grad(x, residual, weight):
+    if impl is None or wants_grad(x, residual, weight):
         summed = residual + x
         return rms_norm(summed, weight, eps, unit_offset), summed
     return impl.add_rms_norm(x, residual, weight, eps, unit_offset)
