@@ -134,30 +134,35 @@ def prompt_len(args):
 PROFILED_STEPS = 2
 
 
+def profiled_steps(args):
+    """How many measured steps run under the profiler: the first PROFILED_STEPS after the warm-up (--profile)."""
+    return min(PROFILED_STEPS, args.steps) if args.profile else 0
+
+
 def step_profiler(args, device):
-    """--profile: a torch.profiler that skips the warm-up steps but the last (its own warm-up) and records up to
-    PROFILED_STEPS steps after them; the loop's on_step advances it. None without --profile."""
+    """--profile: a torch.profiler that skips the warm-up steps but the last (its own warm-up) and records the
+    profiled steps after them; the loop's on_step advances it. None without --profile."""
     if not args.profile:
         return None
     from torch.profiler import ProfilerActivity, profile, schedule
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    active = min(PROFILED_STEPS, args.steps)
-    return profile(activities=activities, schedule=schedule(wait=args.warmup - 1, warmup=1, active=active, repeat=1))
+    return profile(activities=activities,
+                   schedule=schedule(wait=args.warmup - 1, warmup=1, active=profiled_steps(args), repeat=1))
 
 
 def timed_steps(records, args):
-    """The step records the medians are taken over: those after the warm-up, and under --profile those after the
-    profiled steps too while any are left (the profiler's overhead stays out of the medians)."""
-    profiled = PROFILED_STEPS if args.profile and args.steps > PROFILED_STEPS else 0
-    return records[args.warmup + profiled:]
+    """The step records the medians are taken over: those after the warm-up, and after the profiled steps too while
+    any are left (the profiler's overhead stays out of the medians)."""
+    profiled = profiled_steps(args)
+    return records[args.warmup + (profiled if profiled < args.steps else 0):]
 
 
 def print_profile(profiler, records, args, device):
     """The profiled steps' time by group of kernels and their top kernels, per step (w2s.profile.profile_summary)."""
     from w2s.profile import profile_summary
 
-    profiled = records[args.warmup: args.warmup + min(PROFILED_STEPS, args.steps)]
+    profiled = records[args.warmup: args.warmup + profiled_steps(args)]
     wall_s = sum(r["tokens"] / r["tok_per_s"] for r in profiled if r["tok_per_s"])
     print(f"\nprofile: {len(profiled)} steps after {args.warmup} warm-up (under the profiler)")
     print(profile_summary(profiler, device, per=len(profiled), wall_s=wall_s))

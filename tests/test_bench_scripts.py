@@ -165,7 +165,8 @@ def test_every_gpu_check_step_runs_a_command_line_its_script_accepts(tmp_path, m
             assert sweep.main(argv[2:]) == 0  # no GPU here: parses and checks the parts, then says so
             checked["kernels.sweep"] += 1
         elif argv[:2] == ["-m", "pytest"]:
-            selection = " ".join(argv[2:]).replace("-n 4", "").replace("-v", "").split()  # no workers, quiet
+            # one process, quiet: -v dropped, and -n with the worker count after it
+            selection = [a for i, a in enumerate(argv[2:]) if a not in ("-v", "-n") and argv[1 + i] != "-n"]
             out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", *selection], cwd=ROOT,
                                  capture_output=True, text=True, timeout=300)
             assert out.returncode == 0, (argv, out.stdout[-500:])  # 5: nothing selected; 4: a bad option or path
