@@ -61,7 +61,7 @@ def test_kept_state_is_reused_and_gives_a_fresh_states_outputs(ckpt):
     assert not state.in_use()
 
 
-def test_a_graph_that_keeps_logits_is_not_replayed_by_a_run_that_does_not():
+def test_whether_a_step_keeps_its_logits_is_part_of_the_graph_signature():
     """Whether the step copies its logits out is baked into a captured graph, so it is part of the signature that
     decides whether a kept state's graphs may be replayed."""
     args = ({"temperature": 1.0, "top_k": 0, "top_p": 1.0}, [2], 3)
