@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,43 @@ def test_two_fsdp_processes_equal_one_process(runs, name):
         torch.testing.assert_close(w2[key], w1[key], atol=1e-5, rtol=0, msg=key)
         moved = max(moved, (w1[key] - initial[key]).abs().max().item())
     assert moved > 1e-3  # training really changed the weights, so equality is not trivial
+
+
+def test_only_the_root_and_last_block_stay_gathered_between_forward_and_backward():
+    """shard_model (one gloo rank, 3 blocks): after a forward the root and the last block hold their gathered weights
+    (backward needs them first) and the other blocks are back to shards; backward frees them all; after a no-grad
+    forward reshard_all does, and parameters() yields the sharded parameters again, the same objects as before."""
+    script = textwrap.dedent("""
+        import torch, torch.distributed as dist
+        from torch.distributed.tensor import DTensor
+        from w2s.config import ModelConfig
+        from w2s.model import Transformer
+        from w2s.parallel import Dist, reshard_all, shard_model
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        cfg = ModelConfig(family="llama", vocab_size=61, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=8,
+                          hidden_dim=48)
+        model = Transformer(cfg).init_weights(std=0.2, generator=torch.Generator().manual_seed(0))
+        shard_model(model, list(model.layers), Dist(0, 1, torch.device("cpu"), True), bf16=False)
+        sharded = [p for p in model.parameters()]
+        def gathered():  # which of (root, block 0, 1, 2) hold plain (gathered) tensors instead of DTensor shards
+            return [not isinstance(m.weight, DTensor)
+                    for m in (model.embed_tokens, *(b.self_attn.q_proj for b in model.layers))]
+        tokens = torch.randint(0, 61, (2, 5), generator=torch.Generator().manual_seed(1))
+        assert gathered() == [False] * 4, gathered()
+        loss = model(tokens).logsumexp(-1).sum()
+        assert gathered() == [True, False, False, True], gathered()
+        loss.backward()
+        assert gathered() == [False] * 4, gathered()
+        with torch.no_grad():
+            model(tokens)
+        assert gathered() == [True, False, False, True], gathered()
+        reshard_all(model)
+        assert gathered() == [False] * 4, gathered()
+        assert all(p is q for p, q in zip(model.parameters(), sharded, strict=True))
+        dist.destroy_process_group()
+        print("ok")
+    """)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]

@@ -76,7 +76,7 @@ from w2s.data import IGNORE_INDEX, Example
 from w2s.export import export_trained
 from w2s.files import stable_hash
 from w2s.lora import LoRALinear
-from w2s.parallel import Dist, init_distributed
+from w2s.parallel import Dist, init_distributed, reshard_all
 from w2s.sampling import encode_prompts, iter_generate
 from w2s.stages.metrics import answers_agree, comparator, majority_vote
 from w2s.train import Task, TrainModule, _pad_id, _run
@@ -234,7 +234,7 @@ class GRPOTask:
                 with adapters_off(module):
                     b["ref_logps"] = token_logps(module, b, device)
         if self.d.sharded and (self.g.updates_per_batch > 1 or (self.g.kl_beta > 0 and self.reference is None)):
-            module.reshard()  # the root stays gathered after a forward; the update gathers the new weights itself
+            reshard_all(module)  # the root and last block stay gathered after a forward; the update gathers anew
 
     def share_lengths(self, completions):
         """Write the sampled sequences' (length, response tokens) into row_seqs, every rank's, so that every rank

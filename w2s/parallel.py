@@ -133,9 +133,10 @@ def shard_model(root, blocks, d: Dist, bf16=True, cpu_offload=False):
     # pinning raises), so the CPU tests run the same offload code unpinned.
     offload = CPUOffloadPolicy(pin_memory=d.device.type == "cuda") if cpu_offload else OffloadPolicy()
     kwargs = dict(mesh=mesh, mp_policy=mp, offload_policy=offload)
-    for block in blocks:
-        fully_shard(block, **kwargs)
-    # The root's parameters are needed again right at the start of backward (the loss head): keep them gathered.
+    # Backward starts where the forward ends: with the root (the loss head), then the last block. Keep those two
+    # gathered after a forward rather than free their weights and gather them again at once (torchtitan's default).
+    for i, block in enumerate(blocks):
+        fully_shard(block, reshard_after_forward=i < len(blocks) - 1, **kwargs)
     fully_shard(root, reshard_after_forward=False, **kwargs)
     for module in [*blocks, root]:
         # Plain SUM: a divide factor of 1 would otherwise become NCCL's PREMUL_SUM(1.0), which gloo lacks and which
@@ -143,6 +144,17 @@ def shard_model(root, blocks, d: Dist, bf16=True, cpu_offload=False):
         module.set_gradient_divide_factor(1.0)
         module.set_force_sum_reduction_for_comms(True)
     return root
+
+
+def reshard_all(root):
+    """Free what forwards with no backward after them left gathered (the root and the last block keep their weights
+    after a forward; a backward frees them) and register the sharded parameters again, so that root.parameters()
+    yields the sharded fp32 parameters the optimizer and the checkpoint need. Not a collective; plain modules pass."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in root.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def enable_activation_checkpointing(blocks):

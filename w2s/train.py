@@ -71,6 +71,7 @@ from w2s.parallel import (
     fill_from_rank0,
     init_distributed,
     needs_fill_from_rank0,
+    reshard_all,
     shard_model,
 )
 from w2s.reference import model_fingerprint, reference_logps
@@ -403,10 +404,10 @@ class Trainer:
         if prepare is not None:
             prepare(module, fingerprint)
             if d.sharded:
-                # The root keeps its parameters gathered after a forward (reshard_after_forward=False), and while
-                # they are, module.parameters() yields the temporary unsharded tensors: reshard so the optimizer (and
-                # the checkpoint state dict) get the real sharded fp32 parameters.
-                module.reshard()
+                # The reference pass's forwards left the root and the last block gathered, and while they are,
+                # module.parameters() yields the temporary unsharded tensors: reshard so the optimizer (and the
+                # checkpoint state dict) get the real sharded fp32 parameters.
+                reshard_all(module)
         return module
 
     def _build_optimizer(self):
