@@ -470,6 +470,33 @@ def test_lr_schedule_warmup_then_cosine():
     assert got == pytest.approx([0.5, 1.0] + cosine)
 
 
+@pytest.mark.parametrize("max_norm", [None, 100.0, 0.5])
+def test_clip_grad_norm_equals_torchs_clip_and_leaves_gradients_under_the_limit_unwritten(max_norm):
+    """train.clip_grad_norm against torch.nn.utils.clip_grad_norm_ on a copy: the same norm and bit-equal gradients,
+    with no limit, a limit above the norm (~8.3) and one below it. Under the limit the gradients are not written at
+    all (their version counters stay); over it they are scaled to the limit. A NaN gradient gives a NaN norm."""
+    def with_grads():
+        g = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.zeros(shape)) for shape in [(7, 5), (5,), (3, 2, 4)]]
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        return params
+
+    params, mirror = with_grads(), with_grads()
+    versions = [p.grad._version for p in params]
+    expected = torch.nn.utils.clip_grad_norm_(mirror, float("inf") if max_norm is None else max_norm, foreach=True)
+    norm = train.clip_grad_norm(params, max_norm)
+    assert isinstance(norm, float) and norm == expected.item() and 8.0 < norm < 9.0
+    assert all(torch.equal(p.grad, m.grad) for p, m in zip(params, mirror))
+    over = max_norm is not None and norm > max_norm
+    assert [p.grad._version != v for p, v in zip(params, versions)] == [over] * len(params)
+    if over:
+        total = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in params]))
+        assert total.item() == pytest.approx(max_norm, rel=1e-5)
+    params[1].grad[0] = float("nan")
+    assert math.isnan(train.clip_grad_norm(params, max_norm))
+
+
 def test_step_flops_leave_the_output_layer_out_for_prompt_tokens():
     from w2s.config import ModelConfig
     from w2s.profile import flops_per_token

@@ -467,8 +467,8 @@ class Trainer:
             loss.backward()
             for k, v in s.items():
                 stats[k] = stats.get(k, 0.0) + v.float()
-        grad_norm = _clip_grad_norm(self.params, self.cfg.clip)
-        self.check_finite(step, "gradient norm", float(grad_norm))  # before the update: the weights stay finite
+        grad_norm = clip_grad_norm(self.params, self.cfg.clip)
+        self.check_finite(step, "gradient norm", grad_norm)  # before the update: the weights stay finite
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return stats, grad_norm, lr
@@ -511,9 +511,9 @@ class Trainer:
         """Stop with one line (NonFiniteError) naming the run, the step and the value when `value` is nan or inf.
 
         The gradient norm is checked every step, before the optimizer update, so a non-finite step never reaches the
-        weights or a checkpoint: the `float()` is one host sync per step, which costs nothing measurable, since the
-        loss head already waits for every micro-batch's forward (TrainModule). The loss is checked on log steps,
-        where it is reduced over ranks and read anyway (as torchtitan does)."""
+        weights or a checkpoint: reading it (clip_grad_norm) is one host sync per step, which costs nothing
+        measurable, since the loss head already waits for every micro-batch's forward (TrainModule). The loss is
+        checked on log steps, where it is reduced over ranks and read anyway (as torchtitan does)."""
         if not math.isfinite(value):
             kept = latest_checkpoint(self.ckpt_root) if self.ckpt_root is not None else None
             raise NonFiniteError(f"{self.out_dir or 'train'}: step {step + 1}: {what} is {value}; training stopped "
@@ -579,17 +579,23 @@ def _trim_metrics(path, step):
     write_atomic(path, "".join(line + "\n" for line in keep))
 
 
-def _clip_grad_norm(params, max_norm):
-    """Global L2 norm of all gradients (a DTensor collective under FSDP2), clipped to max_norm when set."""
+def clip_grad_norm(params, max_norm):
+    """The global L2 norm of all gradients (a DTensor collective under FSDP2) as a float, after scaling them down to
+    max_norm when it is set and the norm exceeds it (torch.nn.utils.clip_grad_norm_'s result).
+
+    Reading the norm is the step's one host sync (check_finite needs the value anyway). Knowing it on the host skips
+    the scaling on steps under the limit, where torch's clip would read and write every gradient to multiply it by 1.
+    """
     from torch.distributed.tensor import DTensor
 
     grads = [p.grad for p in params if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads, foreach=True)
     if isinstance(norm, DTensor):
         norm = norm.full_tensor()
-    if max_norm is not None:
+    value = float(norm)
+    if max_norm is not None and value > max_norm:  # a NaN norm is not: check_finite stops the run instead
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
-    return norm
+    return value
 
 
 __all__ = ["TrainConfig", "train_sft", "train_preference", "lr_at", "asdict"]
