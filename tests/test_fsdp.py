@@ -71,11 +71,12 @@ def test_two_fsdp_processes_equal_one_process(runs, name):
     assert moved > 1e-3  # training really changed the weights, so equality is not trivial
 
 
-def test_only_the_root_and_last_block_stay_gathered_between_forward_and_backward():
-    """shard_model (one gloo rank, 3 blocks): after a forward the root and the last block hold their gathered weights
-    (backward needs them first) and the other blocks are back to shards; backward frees them all; after a no-grad
-    forward reshard_all does, and parameters() yields the sharded parameters again, the same objects as before."""
-    script = textwrap.dedent("""
+
+def _on_one_gloo_rank(body):
+    """Run `body` in a fresh process that has made a 1-rank gloo group and `model`, a tiny 3-block Llama sharded by
+    shard_model (fp32), with `plain`, an unsharded copy of it, and `tokens` (2, 5); it passes by printing ok."""
+    setup = textwrap.dedent("""
+        import copy
         import torch, torch.distributed as dist
         from torch.distributed.tensor import DTensor
         from w2s.config import ModelConfig
@@ -85,12 +86,26 @@ def test_only_the_root_and_last_block_stay_gathered_between_forward_and_backward
         cfg = ModelConfig(family="llama", vocab_size=61, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=8,
                           hidden_dim=48)
         model = Transformer(cfg).init_weights(std=0.2, generator=torch.Generator().manual_seed(0))
+        plain = copy.deepcopy(model)
         shard_model(model, list(model.layers), Dist(0, 1, torch.device("cpu"), True), bf16=False)
-        sharded = [p for p in model.parameters()]
+        tokens = torch.randint(0, 61, (2, 5), generator=torch.Generator().manual_seed(1))
+    """)
+    script = setup + textwrap.dedent(body) + '\ndist.destroy_process_group()\nprint("ok")\n'
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+def test_only_the_root_and_last_block_stay_gathered_between_forward_and_backward():
+    """After a forward the root and the last block hold their gathered weights (backward needs them first) and the
+    other blocks are back to shards; backward frees them all; after a no-grad forward reshard_all does, and
+    parameters() yields the sharded parameters again, the same objects as before."""
+    _on_one_gloo_rank("""
+        sharded = list(model.parameters())
         def gathered():  # which of (root, block 0, 1, 2) hold plain (gathered) tensors instead of DTensor shards
             return [not isinstance(m.weight, DTensor)
                     for m in (model.embed_tokens, *(b.self_attn.q_proj for b in model.layers))]
-        tokens = torch.randint(0, 61, (2, 5), generator=torch.Generator().manual_seed(1))
         assert gathered() == [False] * 4, gathered()
         loss = model(tokens).logsumexp(-1).sum()
         assert gathered() == [True, False, False, True], gathered()
@@ -102,10 +117,19 @@ def test_only_the_root_and_last_block_stay_gathered_between_forward_and_backward
         reshard_all(model)
         assert gathered() == [False] * 4, gathered()
         assert all(p is q for p, q in zip(model.parameters(), sharded, strict=True))
-        dist.destroy_process_group()
-        print("ok")
     """)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    env.pop("WORLD_SIZE", None)
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+def test_one_rank_backward_sums_gradients_without_an_extra_division():
+    """On one rank the gradients equal the plain model's, and the sharded forward + backward runs exactly the plain
+    one's divisions (aten::div): no `gradient / 1` pass per block on the way to the optimizer."""
+    _on_one_gloo_rank("""
+        from torch.profiler import profile
+        def divisions(m):
+            with profile() as prof:
+                m(tokens).logsumexp(-1).sum().backward()
+            return sum(e.count for e in prof.key_averages() if e.key == "aten::div")
+        assert divisions(model) == divisions(plain)
+        for (name, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
+            torch.testing.assert_close(p.grad.full_tensor(), q.grad, rtol=1e-5, atol=1e-6, msg=name)
+    """)

@@ -6,10 +6,11 @@ FSDP2 (`torch.distributed.fsdp.fully_shard`) is applied per transformer block, t
 embeddings, the final norm and the output matrix (one group, so Gemma's tied embedding is gathered once and used
 at both ends). Parameters are stored sharded in fp32 (the optimizer's master weights) and all-gathered in bf16 for
 compute; gradients are reduce-scattered in fp32. Before each block's forward/backward its full parameters are
-gathered, and freed again right after, so only ~one block is ever unsharded.
+gathered, and freed again right after (the root and the last block, which the backward needs first, keep theirs
+from the forward to the backward), so only ~one block is ever unsharded.
 
 The training loop normalizes the loss by the GLOBAL number of tokens (or pairs) itself, so the gradient reduction
-must SUM over ranks, not average: `set_gradient_divide_factor(1.0)`.
+must SUM over ranks, not average: `set_gradient_divide_factor(1.0)` when there is more than one rank.
 
 Activation checkpointing (`enable_activation_checkpointing`) wraps each block's forward the same way: the model code
 knows nothing about it. Tensor parallelism for sampling lives in w2s/tensor_parallel.py. No torch.distributed call is
@@ -138,11 +139,15 @@ def shard_model(root, blocks, d: Dist, bf16=True, cpu_offload=False):
     for i, block in enumerate(blocks):
         fully_shard(block, reshard_after_forward=i < len(blocks) - 1, **kwargs)
     fully_shard(root, reshard_after_forward=False, **kwargs)
-    for module in [*blocks, root]:
-        # Plain SUM: a divide factor of 1 would otherwise become NCCL's PREMUL_SUM(1.0), which gloo lacks and which
-        # buys nothing when the factor is 1 (FSDP skips the division by 1 after a SUM).
-        module.set_gradient_divide_factor(1.0)
-        module.set_force_sum_reduction_for_comms(True)
+    # Sum the gradients over ranks. One rank's average is its sum, and there an explicit factor would cost a pass:
+    # FSDP2 copies one rank's gradients to the reduce output as `input / factor` (a temporary, and one more read and
+    # write of every fp32 gradient).
+    if d.world_size > 1:
+        for module in [*blocks, root]:
+            # Plain SUM: a divide factor of 1 would otherwise become NCCL's PREMUL_SUM(1.0), which gloo lacks and
+            # which buys nothing when the factor is 1 (FSDP skips the division by 1 after a SUM).
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
     return root
 
 
