@@ -1,4 +1,5 @@
-"""Tests for the training loop (w2s/train.py, w2s/data.py, w2s/lora.py) on a tiny random Llama, one CPU process.
+"""Tests for the training loop (w2s/train.py, w2s/loss_steps.py, w2s/data.py, w2s/lora.py) on a tiny random Llama,
+one CPU process.
 
 References are independent of the code under test: transformers' LlamaForCausalLM on the same weights for masked
 SFT losses, gradients and exported checkpoints; the papers' formulas in plain `math` over full-logit log-probs for
@@ -21,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from hf_tiny import COMMON, hf_model  # noqa: E402
 
 import w2s  # noqa: E402
-from w2s import data, profile, reference, train  # noqa: E402
+from w2s import data, loss_steps, profile, reference, train  # noqa: E402
 from w2s.files import read_jsonl  # noqa: E402
 from w2s.lora import TARGETS, LoRALinear, inject_lora, lora_scale, merge_lora_state_dict  # noqa: E402
 from w2s.train import TrainConfig, train_preference, train_sft  # noqa: E402
@@ -141,9 +142,9 @@ def test_sft_gradient_equals_transformers_masked_gradient(ckpt):
     examples, _, _ = data.encode_sft_rows(None, rows, max_seq_len=64)
     tokens, targets = data.collate(examples, pad_id=0)
     model = load(path).float()
-    module = train.TrainModule(model)
+    module = loss_steps.TrainModule(model)
     n_valid = (targets != data.IGNORE_INDEX).sum()
-    loss, _ = train.sft_step(module, {"tokens": tokens, "targets": targets}, torch.tensor([float(n_valid), 0, 0]))
+    loss, _ = loss_steps.sft_step(module, {"tokens": tokens, "targets": targets}, torch.tensor([float(n_valid), 0, 0]))
     loss.backward()
 
     hf.zero_grad()
@@ -173,13 +174,13 @@ def test_output_layer_runs_on_target_positions_only(ckpt, monkeypatch):
     tokens, targets = data.collate_pairs(examples, pad_id=0)  # (6, T): ragged, so padded as well as prompt-masked
     valid = targets != data.IGNORE_INDEX
     seen = []
-    linear_logprobs = train.ops.linear_logprobs
-    monkeypatch.setattr(train.ops, "linear_logprobs", lambda h, *a, **k: seen.append(h.shape[0]) or
+    linear_logprobs = loss_steps.ops.linear_logprobs
+    monkeypatch.setattr(loss_steps.ops, "linear_logprobs", lambda h, *a, **k: seen.append(h.shape[0]) or
                         linear_logprobs(h, *a, **k))
     weights = torch.randn(targets.shape, generator=torch.Generator().manual_seed(0))  # a loss mixing every position
 
     model = load(path).float()
-    logps = train.TrainModule(model)(tokens, targets, per_token=True).view_as(targets)  # (6, T)
+    logps = loss_steps.TrainModule(model)(tokens, targets, per_token=True).view_as(targets)  # (6, T)
     (logps * weights).sum().backward()
     assert seen == [int(valid.sum())] and 0 < valid.sum() <= valid.numel() // 2  # half the rows never computed
 

@@ -76,10 +76,11 @@ from w2s.data import IGNORE_INDEX, Example
 from w2s.export import export_trained
 from w2s.files import stable_hash
 from w2s.lora import LoRALinear
+from w2s.loss_steps import TrainModule
 from w2s.parallel import Dist, init_distributed, reshard_all
 from w2s.sampling import encode_prompts, iter_generate
 from w2s.stages.metrics import answers_agree, comparator, majority_vote
-from w2s.train import Task, TrainModule, _pad_id, _run
+from w2s.train import Task, _pad_id, _run
 from w2s.train_config import GRPOConfig, TrainConfig
 
 # Sums a batch carries for the metrics, per response and per question; the loss step divides them by the step's

@@ -9,7 +9,7 @@ global number of pairs (`weighted_pair_mean`); ORPO's token-mean NLL option mixe
 its NLL, pairs for its odds-ratio term), so the loop passes both to orpo_loss. Either way every normalizer counts all
 micro-batches and ranks of the optimizer step, which is what makes the result independent of micro-batch size and
 world size. (SFT's token-mean NLL is the fused cross-entropy's sum divided by the global target-token count, in
-w2s/train.py's sft_step.)
+w2s/loss_steps.py's sft_step.)
 
 Notation: pi = policy, ref = frozen reference (the weights at the start of training), y_w / y_l = chosen /
 rejected response, log pi(y|x) = sum of the response's token log-probs, |y| = its token count, P = pairs in the

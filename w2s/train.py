@@ -5,7 +5,8 @@
     model, stats = train_sft(..., return_stats=True)   # stats: the run's cost and outcome (Trainer.run_stats)
     train_sft(..., on_step=print, report_to=["tensorboard"])  # each metrics record; TensorBoard in out_dir/tb
 
-(TrainConfig, the options, lives in w2s/train_config.py; the loss formulas in w2s/losses.py.)
+(TrainConfig, the options, lives in w2s/train_config.py; what a micro-batch computes, the model with its loss head
+and the SFT and preference loss steps, in w2s/loss_steps.py; the loss formulas in w2s/losses.py.)
 
 Both run in-process (the pipeline keeps weights resident between stages) and under torchrun (each rank calls the
 same function). A run is a Trainer, in three parts as in torchtitan's train.py:
@@ -54,14 +55,13 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
-from w2s import data, losses, ops, profile, tracking
+from w2s import data, profile, tracking
 from w2s.checkpoint import latest_checkpoint, load_training_state, save_training_state
-from w2s.data import IGNORE_INDEX
 from w2s.export import export_trained
 from w2s.files import stable_hash, write_atomic
 from w2s.lora import prepare_lora
+from w2s.loss_steps import PreferenceStep, TrainModule, pair_counts, sft_counts, sft_step
 from w2s.parallel import (
     Dist,
     all_reduce_sum,
@@ -76,105 +76,6 @@ from w2s.parallel import (
 )
 from w2s.reference import model_fingerprint, reference_logps
 from w2s.train_config import TrainConfig
-
-# ---------------------------------------------------------------------------------------------- model + loss head
-
-
-class TrainModule(nn.Module):
-    """The model and its output-layer loss in one forward, so FSDP2 gathers the output matrix around the loss."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, tokens, targets, per_token):
-        """tokens, targets (B, T) -> per-token target log-probs (B*T,) if per_token else the summed token NLL.
-
-        The log-probs come back flat: the caller reshapes them, because FSDP2 hooks this module's outputs for
-        backward and warns about (and cannot protect) outputs that are views.
-        """
-        hidden = self.model(tokens, return_hidden=True)  # (B, T, D)
-        weight, cap = self.model.lm_head_weight(), self.model.cfg.final_logit_softcap
-        t = targets.flatten()  # (N,)
-        # Only positions with a target reach the output layer: prompt and padding positions would cost the (N, V)
-        # matmuls forward and backward to produce zeros (a large share of a big-vocabulary model's FLOPs, and of a
-        # row's tokens when its prompt is long). On CUDA nonzero() waits for the forward: one sync per micro-batch.
-        rows = (t != IGNORE_INDEX).nonzero().squeeze(1)  # (n,)
-        h = hidden.flatten(0, 1).index_select(0, rows)  # (n, D)
-        if per_token:
-            logps = ops.linear_logprobs(h, weight, t[rows], softcap=cap, ignore_index=IGNORE_INDEX)  # (n,)
-            return logps.new_zeros(t.shape).index_copy(0, rows, logps)  # (N,), 0 where ignored
-        loss_sum, _ = ops.linear_cross_entropy(h, weight, t[rows], softcap=cap, ignore_index=IGNORE_INDEX)
-        return loss_sum
-
-
-# ---------------------------------------------------------------------------------------------- loss steps
-# A loss step gets (module, batch on device, norm) where norm = global [valid tokens, pairs, chosen tokens] of the
-# whole optimizer step; it returns (loss to backward, {metric: tensor}) with every metric already divided by its
-# global normalizer, so summing metrics over micro-batches and ranks gives the step's value. The counts functions
-# give a batch's share of norm.
-
-
-def sft_counts(batch):
-    return [int((batch["targets"] != IGNORE_INDEX).sum()), 0, 0]
-
-
-def sft_step(module, batch, norm):
-    """Token-mean NLL of the response tokens: the fused cross-entropy's sum over the global target-token count."""
-    loss = module(batch["tokens"], batch["targets"], per_token=False) / norm[0]
-    return loss, {"loss": loss.detach()}
-
-
-def pair_counts(batch):
-    P = batch["n_pairs"]
-    valid = batch["targets"] != IGNORE_INDEX
-    return [int(valid.sum()), P, int(valid[:P].sum()) if P else 0]
-
-
-class PreferenceStep:
-    """DPO / IPO (with cached reference log-probs) or ORPO; the formulas are w2s/losses.py's. nll_weight adds the
-    chosen response's mean token NLL to DPO / IPO (ORPO has its own, by orpo_nll); a batch's "weights" (P,), when the
-    pairs carry them, weight every per-pair term."""
-
-    def __init__(self, kind, beta, nll_weight=0.0, orpo_nll="sequence_mean"):
-        if kind not in losses.PREFERENCE_LOSSES:
-            *rest, last = losses.PREFERENCE_LOSSES
-            raise ValueError(f"loss={kind!r}: expected {', '.join(map(repr, rest))} or {last!r}")
-        self.kind, self.beta, self.nll_weight, self.orpo_nll = kind, beta, nll_weight, orpo_nll
-
-    @property
-    def needs_reference(self):
-        return self.kind != "orpo"
-
-    def __call__(self, module, batch, norm):
-        logps = module(batch["tokens"], batch["targets"], per_token=True).view_as(batch["targets"])  # (2P, T)
-        P = batch["n_pairs"]
-        names = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                 "logps/chosen", "logps/rejected"] + (["nll", "or_loss", "log_odds"] if self.kind == "orpo" else
-                                                      ["nll"] if self.nll_weight else [])
-        if P == 0:  # a rank's empty slot in a short last batch: still backward (FSDP needs every rank), adds 0
-            zero = logps.sum() * 0.0
-            return zero, {n: zero.detach() for n in names}
-        n_tokens = (batch["targets"] != IGNORE_INDEX).sum(-1)  # (2P,)
-        seq = logps.sum(-1)  # (2P,) summed response log-probs, chosen rows first
-        chosen, rejected = seq[:P], seq[P:]
-        pairs, weights = norm[1], batch.get("weights")  # weights (P,) or None
-        if self.kind == "orpo":
-            loss, rc, rr, extra = losses.orpo_loss(chosen, rejected, n_tokens[:P], n_tokens[P:], self.beta,
-                                                   n_pairs=pairs, n_chosen_tokens=norm[2], nll=self.orpo_nll,
-                                                   weights=weights)
-        else:
-            ref = batch["ref"]  # (2P,)
-            per_pair, rc, rr, nll = losses.reference_pair_losses(self.kind, chosen, rejected, ref[:P], ref[P:],
-                                                                 n_tokens[:P], self.beta, self.nll_weight)
-            loss = losses.weighted_pair_mean(per_pair, pairs, weights)
-            extra = {"nll": nll.sum() / pairs} if nll is not None else {}
-        stats = {"loss": loss.detach(), "rewards/chosen": rc.sum() / pairs, "rewards/rejected": rr.sum() / pairs,
-                 "rewards/accuracies": (rc > rr).float().sum() / pairs, "rewards/margins": (rc - rr).sum() / pairs,
-                 "logps/chosen": chosen.detach().sum() / pairs, "logps/rejected": rejected.detach().sum() / pairs,
-                 **extra}
-        return loss, stats
-
 
 # ---------------------------------------------------------------------------------------------- schedule, flops
 
