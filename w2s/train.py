@@ -427,7 +427,7 @@ class Trainer:
         names = sorted(stats)
         values = all_reduce_sum(torch.stack([stats[n] for n in names]), self.d).tolist()
         window = meter.last_window()
-        rec = {"step": step + 1, **dict(zip(names, values)), "lr": lr, "grad_norm": float(grad_norm),
+        rec = {"step": step + 1, **dict(zip(names, values)), "lr": lr, "grad_norm": grad_norm,
                "tokens": window["tokens"], "tok_per_s": window["tok_s"], "mfu": window["mfu"],
                "peak_mem_gib": profile.peak_memory_gib(self.d.device), "epoch": epoch}
         self.check_finite(step, "loss", rec["loss"])
