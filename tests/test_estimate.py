@@ -97,7 +97,6 @@ def test_training_cost(recipe):
     assert cost.seconds == pytest.approx(flops / (estimate.TRAIN_MFU * 989e12))
 
 
-
 def test_lora_rank_of_each_trained_model_comes_from_its_own_section(recipe, tmp_path):
     """The rank a stage's model was trained with: [weak_sft] for the weak model, [preference] for every Stage II
     pairs model (round 2 on too), [grpo] for GRPO's, [strong_sft] for Stage I's (here full fine-tuning: None)."""

@@ -71,7 +71,6 @@ def test_two_fsdp_processes_equal_one_process(runs, name):
     assert moved > 1e-3  # training really changed the weights, so equality is not trivial
 
 
-
 def _on_one_gloo_rank(body):
     """Run `body` in a fresh process that has made a 1-rank gloo group and `model`, a tiny 3-block Llama sharded by
     shard_model (fp32), with `plain`, an unsharded copy of it, and `tokens` (2, 5); it passes by printing ok."""

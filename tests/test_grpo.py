@@ -31,7 +31,6 @@ from w2s.train_config import GRPOConfig, TrainConfig  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 
 
-
 # ---------------------------------------------------------------------------------------------- the loss by hand
 # Three responses of up to 3 tokens: per-token log-probs under the policy, pi_old and the reference, and a mask.
 LOGP = [[-1.0, -0.5, -2.0], [-0.3, -1.2, 0.0], [-0.7, -0.9, -1.5]]

@@ -45,6 +45,7 @@ def answer(response):
 def correct(response, gold):
     return PAPER.same(PAPER.answer(response), PAPER.gold(gold))
 
+
 RECIPE = """
 name = "{name}"
 
@@ -659,6 +660,7 @@ def test_report_shows_every_grader_their_disagreements_and_truncation(tmp_path):
     stage("32_passk_stage1_plus", **{"pass@1": 0.5, "pass@10": 0.9},
           pass_by_grader={"paper": {"pass@1": 0.5, "pass@10": 0.9}, "equivalence": {"pass@1": 0.6, "pass@10": 0.95}})
     (tmp_path / "recipe.json").write_text(json.dumps({"data": {"grader": "equivalence"}}))
+
     def table_rows(text):  # first cell -> the other cells of each of its rows, in order
         rows = {}
         for line in text.splitlines():

@@ -43,8 +43,6 @@ class TrainModule(nn.Module):
         return loss_sum
 
 
-
-
 def sft_counts(batch):
     return [int((batch["targets"] != IGNORE_INDEX).sum()), 0, 0]
 
