@@ -14,6 +14,8 @@ workload, random weights.
                                                           #      at most 400): continuous batching refills slots
     python scripts/bench_sampling.py --gsm8k --prefill-chunk 256   # the same, refilled slots' prompts prefilled
                                                           #      inside the decode steps (chunked prefill)
+    python scripts/bench_sampling.py --prompts 64 --top-p 0.95    # nucleus sampling: the whole vocabulary sorted
+                                                          #      every decode step (the paper samples at top_p 1)
     make bench-sampling
 
 Without --gsm8k there is no EOS: every sequence runs the full budget, so the work is exactly prompts x samples x new
@@ -207,6 +209,9 @@ def parse_args():
     parser.add_argument("--shared-prefix", type=int, default=0,
                         help="tokens of a prefix common to every prompt, before its own --prompt-len tokens (the\n"
                              "ICL stage's 4 demonstrations; w2s prefills it once, transformers once per sequence)")
+    parser.add_argument("--top-p", type=float, default=1.0,
+                        help="nucleus sampling's top_p [1.0, the paper's: no sort]; below 1 every decode step sorts "
+                             "each row's logits over the whole vocabulary")
     parser.add_argument("--max-batch", type=int, default=512, help="sequences decoded together (cache slots)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs (the median is reported)")
     parser.add_argument("--no-hf", action="store_true", help="skip transformers' generate (default on CUDA)")
@@ -255,7 +260,7 @@ def hf_runner(model, prompts, work, eos):
 
     def run():
         with torch.no_grad():
-            out = hf.generate(ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+            out = hf.generate(ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=work["top_p"], top_k=0,
                               num_return_sequences=work["samples"], max_new_tokens=work["new_tokens"],
                               pad_token_id=0, **fixed)
         new = out[:, width:]
@@ -363,8 +368,10 @@ def main():
     model = random_model(shape, dtype, device, eos_ids=eos)
     prompts = make_prompts(args, work, vocab)
     ids = [p.tolist() for p in prompts]
-    options = dict(n=work["samples"], temperature=1.0, max_new_tokens=work["new_tokens"], max_batch=args.max_batch,
-                   cuda_graphs=False if args.no_cuda_graphs else None, prefill_chunk=args.prefill_chunk)
+    work["top_p"] = args.top_p
+    options = dict(n=work["samples"], temperature=1.0, top_p=args.top_p, max_new_tokens=work["new_tokens"],
+                   max_batch=args.max_batch, cuda_graphs=False if args.no_cuda_graphs else None,
+                   prefill_chunk=args.prefill_chunk)
 
     name = torch.cuda.get_device_name(device) if kind == "cuda" else "cpu"
     print(f"device {name} ({torch.get_num_threads()} threads), dtype {dtype}, torch {torch.__version__}, commit "
@@ -376,13 +383,13 @@ def main():
               if args.gsm8k else f"x {work['new_tokens']}")
     print(f"workload: {work['prompts']} prompts x {work['samples']} samples {ending} new tokens, {lengths}"
           + (f" after a shared prefix of {args.shared_prefix}" if args.shared_prefix else "") +
-          f", temperature 1.0, max_batch {args.max_batch}, prefill_chunk {args.prefill_chunk}")
+          f", temperature 1.0, top_p {args.top_p}, max_batch {args.max_batch}, prefill_chunk {args.prefill_chunk}")
     bandwidth = copy_bandwidth(device)
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (device-to-device, read + write); weights read per decode step "
           f"{weight_bytes(model) / 1e9:.2f} GB, KV {kv_bytes_per_position(model) / 1e3:.1f} kB per position")
     hf_run = hf_runner(model, prompts, work, eos) if not args.no_hf and kind == "cpu" else None
     t_ours = report_batch(model, ids, work, options, bandwidth, device, args.repeats, hf_run)
-    if kind == "cuda" and not args.gsm8k:
+    if kind == "cuda" and not args.gsm8k and args.top_p == 1.0:  # the target's workload
         n_tokens = len(ids) * work["samples"] * work["new_tokens"]
         target = next((t for key, t in BATCH_TARGETS.items() if key in name), BATCH_TARGETS["H100"])
         print(f"target ({name}, 8B shape, 512 x (128 -> 256)): >= {target} output tok/s: "

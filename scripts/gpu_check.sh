@@ -131,6 +131,9 @@ run_step() {  # the checks by name; the default run is ordered: tests first, the
     gsm8k) step "$1" 60 "$py" scripts/bench_sampling.py --gsm8k --repeats 1 --no-batch1 ;;  # 256 x 8, EOS lengths
     # the same with chunked prefill (refilled slots' prompts inside the decode steps); compare with gsm8k's admission %
     gsm8k_chunked) step "$1" 60 "$py" scripts/bench_sampling.py --gsm8k --repeats 1 --no-batch1 --prefill-chunk 256 ;;
+    # the same with nucleus sampling (top_p 0.95: every decode step sorts 512 rows of 128k logits); against
+    # bench_sampling's tok/s it is what the sort costs (the paper samples at top_p 1, without it)
+    top_p) step "$1" 80 "$py" scripts/bench_sampling.py --prompts 64 --repeats 1 --no-batch1 --top-p 0.95 ;;
     profile_sampling) step "$1" 150 "$py" scripts/bench_sampling.py --prompts 64 --repeats 1 --profile ;;
     cascade)  # ICL-shaped decode with the cascade over a 1024-token shared prefix, then with it turned off
       args="--shared-prefix 1024 --samples 1 --prompts 256 --new-tokens 64 --repeats 1 --no-batch1"

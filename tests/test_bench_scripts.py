@@ -46,10 +46,10 @@ def test_bench_train_profile_says_where_a_step_goes():
     assert refused.returncode == 2 and "--profile needs --warmup >= 1" in refused.stderr
 
 
-def test_bench_sampling_runs_with_a_shared_prefix():
+def test_bench_sampling_runs_with_a_shared_prefix_and_top_p():
     out = run_script("scripts/bench_sampling.py", "--prompts", "2", "--samples", "2", "--new-tokens", "4",
-                     "--prompt-len", "4", "--shared-prefix", "8", "--repeats", "1", "--threads", "1")
-    assert "after a shared prefix of 8" in out and "speed-up over transformers:" in out
+                     "--prompt-len", "4", "--shared-prefix", "8", "--repeats", "1", "--threads", "1", "--top-p", "0.5")
+    assert "after a shared prefix of 8" in out and "top_p 0.5" in out and "speed-up over transformers:" in out
 
 
 def test_bench_train_without_transformers_times_w2s_alone():
