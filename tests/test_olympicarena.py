@@ -270,6 +270,10 @@ def test_same_for_a_question(tmp_path):
     mc = {"answer_type": "MC", "type_sequence": [], "answer": ["A", "C"]}
     assert judge.grade("The final answer is $\\boxed{C, A}$", mc)
     assert not judge.grade("The final answer is $\\boxed{AC}$", mc)
+    # A listed gold keeps its parts, as OlympicArena judges the record's list: "1,000" is one part, not two.
+    two = {"answer_type": "MPV", "type_sequence": ["NV", "NV"], "answer": ["1,000", "5"]}
+    assert judge.grade("The final answer is $\\boxed{1000, 5}$", two)
+    assert not judge.grade("The final answer is $\\boxed{1, 000, 5}$", two)
 
 
 def test_judge_is_bounded_in_time_and_size(monkeypatch, caplog):

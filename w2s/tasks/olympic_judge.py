@@ -341,6 +341,8 @@ def _as_gold(b: str, record: dict):
         several = bool(record.get("type_sequence")) or record.get("answer_type") in ("SET", "MC", "MPV", "MA")
     if not several:
         return normalize(b)
+    if answers and b == gold(answers):  # the record's own gold: its parts as listed (a part may hold a comma)
+        return tuple(normalize(part) for part in answers)
     return tuple(normalize(part) for part in split_by_comma(b))
 
 
