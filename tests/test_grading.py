@@ -193,6 +193,7 @@ def test_math_gold_answers_equal_sympys_own_latex_of_them_and_differ_from_it_plu
         ("so x = 3. The answer is: \\frac{1}{2}", "math", "\\frac{1}{2}"),
         ("The answer is: 4\nThe answer is: 5.", "math", "5"),
         ("The answer is: 4\nsome trailing text", "math", "4"),  # the answer is the rest of that line
+        ("so:\n#### \n12 dollars\nlater 9", "gsm8k", "12 dollars"),  # a marker ending its line: the next line
         ("The answer is 12 apples.", "gsm8k", "12 apples"),  # fallback "The answer is (.*)"
         ("The answer is $\\sqrt{2}$.", "math", "$\\sqrt{2}$"),
         ("3 apples and 1,000 pears", "gsm8k", "1,000"),  # fallback: the last number

@@ -92,8 +92,9 @@ _CHOICES = ("a", "b", "c", "d", "e", "f", "g")
 
 
 def minerva_normalize(answer: str) -> str:
-    """The authors' normalizer: '\\$1,000.' -> '1000', '\\boxed{\\frac12}' -> '\\frac{1}{2}', '3.00' -> '3',
-    '50\\%' -> '50', 'B' -> 'b'; but '4.20' stays '4.20' and '-3.0' stays '-3.0' (str.isdigit rules, kept as is)."""
+    """The authors' normalizer: '\\$1,000' -> '1000', '\\boxed{\\frac12}' -> '\\frac{1}{2}', '3.00' -> '3',
+    '50\\%' -> '50', 'B' -> 'b'; but '4.20' stays '4.20' and '-3.0' stays '-3.0' (str.isdigit rules, kept as is), and
+    so does '1,000.' (the extraction strips a final '.' before it normalizes)."""
     s = str(answer).split("=")[-1]
     for old, new in _SUBSTITUTIONS:
         s = s.replace(old, new)
