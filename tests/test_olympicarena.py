@@ -12,6 +12,7 @@ import urllib.parse
 import urllib.request
 
 import pytest
+import sympy
 from click.testing import CliRunner
 
 from w2s.cli import main
@@ -234,6 +235,23 @@ SINGLE = [
     # tuple: elementwise numbers, in order. (1, 2, 3) passes as the INTERVAL (1, 2): the interval judge reads only
     # the first two bounds of each part.
     ("(1, 2)", "(1,2)", True), ("(2, 1)", "(1,2)", False), ("(1, 2, 3)", "(1,2)", True), ("(1, 3)", "(1,2)", False),
+    # sympy 1.12's LaTeX grammar (the version OlympicArena pins), verdicts as its auto_judge gives them there:
+    # what cannot continue an answer is ignored, so a box listing several values passes on its first ...
+    ("A, B, C, D", "A", True), ("True, False", "True", True), ("5, 6, 7", "5", True), ("x+1, x+2", "x+1", True),
+    ("2", "2, 3", True), ("True.", "True", True), ("1.6\\times10^-19", "16", True),
+    # ... \\pi is a symbol, so it never equals a decimal; \\log is natural, \\lg base 10
+    ("\\frac{\\pi}{2}", "1.5707963", False), ("\\pi", "3.14159", False), ("\\frac{\\pi}{2}", "\\frac{\\pi}{2}", True),
+    ("\\log 100", "2", False), ("\\log 2", "0.693147", True), ("\\lg 100", "2", True),
+    # numbers: whole superscripts and subscripts, digits across spaces, commas before groups of three, no ".5"
+    ("6.02\\times10^23", "6.02\\times 10^{23}", True), ("2^10", "1024", True), ("x_12", "x_{12}", True),
+    ("10\\,000", "10000", True), ("1 000", "1000", True), ("2,300", "2300", True), ("\\frac{1}{2}", ".5", False),
+    ("3 x 10^8", "300000000", True),  # a lone x between numbers multiplies
+    # any other command is a symbol; inverse trigonometric powers, floor and ceiling
+    ("\\frac{\\hbar}{2}", "\\frac{1}{2}\\hbar", True), ("2\\ell", "\\ell\\cdot 2", True),
+    ("\\sin^{-1}(0.5)", "0.5235988", True), ("\\lceil 2.5\\rceil", "3", True),
+    # several gold answers without a type_sequence go to the judges as listed, not normalized ("$" kept)
+    ("\\sqrt{2}, -\\sqrt{2}", ("$\\sqrt{2}$", "$-\\sqrt{2}$"), False),
+    ("\\sqrt{2}, -\\sqrt{2}", ("\\sqrt{2}", "-\\sqrt{2}"), True),
 ]  # fmt: skip
 
 
@@ -251,6 +269,60 @@ def test_several_answers_in_order_or_any_order():
     assert not judge.verdict("2", golds, types)
     assert not judge.verdict("2, x+1, 3", golds, types)
     assert not judge.verdict("2, x+1", "2, x+1", types)  # the gold of several answers is a list
+    # OlympicArena looks up a type for every gold part (too few types: wrong), and reads a gold string (a record
+    # with one gold answer but a type_sequence) character by character
+    assert not judge.verdict("1, 3", ("1", "2"), ("NV",)) and not judge.verdict("1, 2", ("1", "2"), ("NV",))
+    assert judge.verdict("5", "5", ("NV",)) and judge.verdict("1,2", "12", ("NV", "NV"))
+
+
+def _tree(expr) -> str:
+    """An expression as nested type names with its arguments in their order (srepr sorts them)."""
+    if expr.is_Atom or not expr.args:
+        return sympy.srepr(expr)
+    return f"{type(expr).__name__}({','.join(_tree(a) for a in expr.args)})"
+
+
+# LaTeX -> the tree sympy 1.12's parse_latex builds (read off sympy 1.12 with antlr4-python3-runtime 4.11).
+TREES = [
+    ("1,000", "Integer(1000)"), ("1 000", "Integer(1000)"), ("10\\,000", "Integer(10000)"),
+    ("2 3.5", "Float('23.5', precision=53)"), ("1,0005", "Mul(Integer(1000),Integer(5))"), ("2,5", "Integer(2)"),
+    ("\\pi", "Symbol('pi')"), ("\\frac{\\pi}{2}", "Mul(Symbol('pi'),Pow(Integer(2),Integer(-1)))"),
+    ("\\log 100", "log(Integer(100),E)"), ("\\lg 100", "log(Integer(100),Integer(10))"),
+    ("\\log_2 8", "log(Integer(8),Integer(2))"), ("\\ln 2", "log(Integer(2),E)"),
+    ("x^23", "Pow(Symbol('x'),Integer(23))"), ("x_12", "Symbol('x_{12}')"),
+    ("\\frac123", "Mul(Pow(Integer(2),Integer(-1)),Integer(3))"), ("x^-1", "Symbol('x')"),
+    ("2 x 3", "Mul(Integer(2),Integer(3))"), ("x y z", "Mul(Symbol('x'),Mul(Symbol('y'),Symbol('z')))"),
+    ("-2x", "Mul(Integer(-2),Symbol('x'))"), ("1-x", "Add(Integer(1),Mul(Integer(-1),Symbol('x')))"),
+    ("1-2x", "Add(Integer(1),Mul(Integer(-1),Mul(Integer(2),Symbol('x'))))"), ("n!", "factorial(Symbol('n'))"),
+    ("\\frac{1}{2}\\hbar", "Mul(Pow(Integer(2),Integer(-1)),Symbol('hbar'))"), ("\\mathit{abc}", "Symbol('abc')"),
+    ("dx", "Symbol('dx')"), ("x(x+1)", "x(Add(Symbol('x'),Integer(1)))"), ("f_1(x)", "f_{1}(Symbol('x'))"),
+    ("\\sin x \\cos x", "Mul(sin(Symbol('x')),cos(Symbol('x')))"),
+    ("\\sin x/2", "sin(Mul(Symbol('x'),Pow(Integer(2),Integer(-1))))"), ("\\sin^{-1} x", "asin(Symbol('x'))"),
+    ("\\sin^2 x", "Pow(sin(Symbol('x')),Integer(2))"), ("\\lceil 2.5\\rceil", "ceiling(Float('2.5', precision=53))"),
+    ("\\sqrt[3]{8}", "Pow(Integer(8),Rational(1, 3))"), ("\\overline{x}", "conjugate(Symbol('x'))"),
+    ("x^{2}_{1}", "Pow(Symbol('x'),Integer(2))"), ("x''_1", "Symbol(\"x_{1}''\")"), ("\\alpha'", "Symbol('alpha')"),
+    ("True.", "Mul(Symbol('T'),Mul(Symbol('r'),Mul(Symbol('u'),Symbol('e'))))"),
+    ("x &= 2", "Equality(Symbol('x'),Integer(2))"), ("x < 3", "StrictLessThan(Symbol('x'),Integer(3))"),
+    ("\\frac{a}{b}c", "Mul(Mul(Symbol('a'),Pow(Symbol('b'),Integer(-1))),Symbol('c'))"), ("A, B % C", "Symbol('A')"),
+    ("\\operatorname{lcm}(2,3)", "Mul(Symbol('operatorname'),Mul(Symbol('l'),Mul(Symbol('c'),Symbol('m'))))"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("latex, tree", TREES)
+def test_parse_latex_builds_the_trees_of_sympy_1_12(latex, tree):
+    assert _tree(parse_latex(latex)) == tree
+
+
+@pytest.mark.parametrize("latex", [".5", "2.", "x =", "2, 3 ~", "(1, 3]", "3\\ m", "\\sin", "x_", "\\frac{1}"])
+def test_parse_latex_refuses_what_sympy_1_12_refuses(latex):
+    with pytest.raises(LatexError):
+        parse_latex(latex)
+
+
+@pytest.mark.parametrize("latex", ["\\frac{dy}{dx}", "\\int_0^1 x dx", "\\sum_{i=1}^{n} i", "\\lim_{x\\to 0} x"])
+def test_parse_latex_does_not_read_calculus(latex):
+    with pytest.raises(LatexError):  # sympy's parser builds derivatives, integrals, sums, limits; w2s does not
+        parse_latex(latex)
 
 
 def test_same_for_a_question(tmp_path):

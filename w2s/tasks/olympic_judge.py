@@ -274,14 +274,16 @@ def judge_in_order(pred: str, golds: list, types: list) -> bool:
     """MPV (several quantities): part i of the prediction against gold part i, with the judge of types[i]."""
     parts = [normalize(p) for p in split_by_comma(pred)]
     golds = [normalize(g) for g in golds]
-    return len(parts) == len(golds) and all(JUDGES[t](p, g) for p, g, t in zip(parts, golds, types))
+    if len(parts) != len(golds) or len(types) < len(golds):  # too few types: OlympicArena's lookup fails
+        return False
+    return all(JUDGES[t](p, g) for p, g, t in zip(parts, golds, types))
 
 
 def judge_any_order(pred: str, golds: list, types: list) -> bool:
     """MA (several answers): each gold part, in order, takes the first unused predicted part its judge accepts."""
     parts = [normalize(p) for p in split_by_comma(pred)]
     golds = [normalize(g) for g in golds]
-    if len(parts) != len(golds):
+    if len(parts) != len(golds) or len(types) < len(golds):
         return False
     used = [False] * len(parts)
     for g, t in zip(golds, types):
@@ -320,13 +322,13 @@ def _attempt(judge, *args) -> bool:
 @lru_cache(maxsize=1 << 16)
 def verdict(pred: str, gold_value, types: tuple = ()) -> bool:
     """auto_judge on an extracted, normalized prediction. gold_value: a string, or a tuple of parts (a list in
-    OlympicArena). types: the record's type_sequence; non-empty means several answers (MPV, then MA)."""
+    OlympicArena). types: the record's type_sequence; non-empty means several answers (MPV, then MA), whose gold
+    parts are, for a string, its characters (OlympicArena iterates over whatever gold it is given)."""
     if not pred or not gold_value:
         return False
     golds = list(gold_value) if isinstance(gold_value, tuple) else gold_value
     if types:
-        if not isinstance(golds, list):
-            return False
+        golds = list(golds)
         return _attempt(judge_in_order, pred, golds, list(types)) or _attempt(judge_any_order, pred, golds, list(types))
     return any(_attempt(JUDGES[t], pred, golds) for t in SINGLE_TYPES)
 
@@ -341,8 +343,8 @@ def _as_gold(b: str, record: dict):
         several = bool(record.get("type_sequence")) or record.get("answer_type") in ("SET", "MC", "MPV", "MA")
     if not several:
         return normalize(b)
-    if answers and b == gold(answers):  # the record's own gold: its parts as listed (a part may hold a comma)
-        return tuple(normalize(part) for part in answers)
+    if answers and b == gold(answers):  # the record's own gold: its parts as listed (a part may hold a comma),
+        return tuple(answers)  # not normalized (the judges of several parts normalize them; the others do not)
     return tuple(normalize(part) for part in split_by_comma(b))
 
 
