@@ -237,40 +237,38 @@ def test_chunked_prefill_bad_option(ckpt):
 
 
 def expected_probs(logits, temperature, top_k, top_p):
-    """Target distribution by the definitions, in numpy (independent of the torch implementation): top-k first,
-    then top-p on the RENORMALIZED top-k distribution (as transformers' warpers chain them)."""
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    order = np.argsort(-z, kind="stable")
+    """Target distribution from transformers' own warpers, chained as its sampling chains them: temperature, top-k
+    (which keeps the logits tied with the k-th largest), then top-p on what top-k left."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    scores, ids = torch.tensor([logits], dtype=torch.float64), torch.zeros(1, 1, dtype=torch.long)
+    scores = TemperatureLogitsWarper(temperature)(ids, scores)
     if top_k:
-        z = np.where(np.isin(np.arange(len(z)), order[:top_k]), z, -np.inf)
-    p = np.exp(z - z.max())
-    p /= p.sum()
-    keep = np.zeros_like(p, dtype=bool)
-    mass = 0.0
-    for i in order:
-        if p[i] == 0 or mass >= top_p:
-            break
-        keep[i] = True
-        mass += p[i]
-    q = np.where(keep, p, 0.0)
-    return q / q.sum()
+        scores = TopKLogitsWarper(top_k)(ids, scores)
+    if top_p < 1.0:
+        scores = TopPLogitsWarper(top_p)(ids, scores)
+    return torch.softmax(scores, dim=-1)[0].numpy()
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.3, 3, 1.0), (1.0, 0, 0.8),
-                                                     (2.0, 4, 0.9), (1.0, 3, 0.7)])
-def test_sampling_frequencies_match_target(temperature, top_k, top_p):
-    logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -1.0])
+DISTINCT, TIED = [2.0, 1.5, 1.0, 0.5, 0.0, -1.0], [2.0, 1.0, 1.0, 1.0, 0.0, -1.0]
+
+
+@pytest.mark.parametrize("logits,temperature,top_k,top_p", [
+    (DISTINCT, 1.0, 0, 1.0), (DISTINCT, 0.7, 0, 1.0), (DISTINCT, 1.3, 3, 1.0), (DISTINCT, 1.0, 0, 0.8),
+    (DISTINCT, 2.0, 4, 0.9), (DISTINCT, 1.0, 3, 0.7), (TIED, 1.0, 2, 1.0), (TIED, 1.0, 2, 0.9)])
+def test_sampling_frequencies_match_target(logits, temperature, top_k, top_p):
     draws = 20000
     keys = stream_keys(123, torch.arange(draws), torch.zeros(draws, dtype=torch.long))
     u = stream_uniforms(keys, torch.full((draws,), 5))
-    tokens = sample_from_logits(logits.expand(draws, -1), u, temperature=temperature, top_k=top_k, top_p=top_p)
+    tokens = sample_from_logits(torch.tensor(logits).expand(draws, -1), u, temperature=temperature, top_k=top_k,
+                                top_p=top_p)
     counts = np.bincount(tokens.numpy(), minlength=6)
-    p = expected_probs(logits.tolist(), temperature, top_k, top_p)
+    p = expected_probs(logits, temperature, top_k, top_p)
     assert counts[p == 0].sum() == 0, "a token outside top-k / top-p was drawn"
     exp = p[p > 0] * draws
     chi2 = float(((counts[p > 0] - exp) ** 2 / exp).sum())
-    critical = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52}[int((p > 0).sum()) - 1]  # p = 0.001
-    assert chi2 < critical, f"chi2 {chi2:.1f} >= {critical} for counts {counts} vs expected {exp.round()}"
+    critical = {0: 0.0, 1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52}[int((p > 0).sum()) - 1]  # p = 0.001
+    assert chi2 <= critical, f"chi2 {chi2:.1f} > {critical} for counts {counts} vs expected {exp.round()}"
 
 
 def test_uniforms_are_uniform_and_step_dependent():
@@ -370,6 +368,12 @@ def test_bad_input_errors(ckpt):
         generate(model, None, ["hi"], progress=False)
     with pytest.raises(ValueError, match="top_p=0"):
         generate(model, None, [[1, 5]], temperature=1.0, top_p=0.0, progress=False)
+    with pytest.raises(ValueError, match="sync_every=0 and max_batch=256 must all be >= 1"):
+        generate(model, None, [[1, 5]], max_new_tokens=4, sync_every=0, progress=False)  # no decode step: a hang
+    with pytest.raises(ValueError, match="temperature=nan must be >= 0"):
+        generate(model, None, [[1, 5]], temperature=float("nan"), progress=False)
+    with pytest.raises(ValueError, match=r"n=2.0, top_k=1.5: expected whole numbers"):
+        generate(model, None, [[1, 5]], n=2.0, top_k=1.5, progress=False)
     assert model.cfg.max_seq_len == 256  # hf_tiny's max_position_embeddings
     with pytest.warns(UserWarning, match="holds 300 positions but the model was trained on 256"):
         generate(model, None, [[1, 5]], max_new_tokens=2, cache_len=300, progress=False)

@@ -75,16 +75,21 @@ def encode_prompts(tokenizer, prompts):
 
 
 def _check_options(tokenizer, n=1, temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=MAX_NEW_TOKENS, stop=(),
-                   prefill_chunk=0, **_):
+                   prefill_chunk=0, sync_every=8, max_batch=256, **_):
     """Normalized stop strings; a clear ValueError for impossible options (the other options pass through)."""
     if isinstance(stop, str):
         stop = (stop,)
     stop = tuple(s for s in stop if s)
     if stop and tokenizer is None:
         raise ValueError("stop strings need a tokenizer to decode the generated text (pass tokenizer=...)")
-    if n < 1 or max_new_tokens < 1:
-        raise ValueError(f"n={n} and max_new_tokens={max_new_tokens} must both be >= 1")
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+    counts = {"n": n, "max_new_tokens": max_new_tokens, "top_k": top_k, "prefill_chunk": prefill_chunk,
+              "sync_every": sync_every, "max_batch": max_batch}
+    if not_ints := [f"{k}={v!r}" for k, v in counts.items() if not isinstance(v, int) or isinstance(v, bool)]:
+        raise ValueError(f"{', '.join(not_ints)}: expected whole numbers")
+    if min(n, max_new_tokens, sync_every, max_batch) < 1:
+        raise ValueError(f"n={n}, max_new_tokens={max_new_tokens}, sync_every={sync_every} and max_batch={max_batch} "
+                         f"must all be >= 1")
+    if not temperature >= 0 or not 0 < top_p <= 1 or top_k < 0:  # "not >=": NaN fails too
         raise ValueError(f"temperature={temperature} must be >= 0, top_p={top_p} in (0, 1], top_k={top_k} >= 0")
     if prefill_chunk < 0:
         raise ValueError(f"prefill_chunk={prefill_chunk} must be >= 0 (prompt tokens per decode step; 0 is off)")
@@ -123,7 +128,8 @@ def make_engine(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, top_
                 keep_state=None, fused_projections=None, prefill_chunk=0, prompt_indices=None):
     """The Engine that `iter_generate` runs (None without prompts); arguments as `generate`. Callers that want the
     engine's counters (decode_steps, tokens_generated) drive `engine.run()` themselves."""
-    stop = _check_options(tokenizer, n, temperature, top_p, top_k, max_new_tokens, stop, prefill_chunk)
+    stop = _check_options(tokenizer, n, temperature, top_p, top_k, max_new_tokens, stop, prefill_chunk, sync_every,
+                          max_batch)
     ids = encode_prompts(tokenizer, prompts)
     if not ids:
         return None
