@@ -54,20 +54,20 @@ def sample_from_logits(logits, uniforms, temperature=1.0, top_k=0, top_p=1.0):
     -> top-k -> top-p (nucleus).
 
     Sampling is by inverse CDF with one uniform per row (B,): the token whose cumulative probability interval
-    contains u * total (ops.sample_inverse_cdf: one kernel on GPU). Top-k keeps the k largest logits; top-p keeps the
-    smallest set of most probable tokens whose probability reaches top_p (the token that crosses the threshold is
-    kept). Everything stays on device.
+    contains u * total (ops.sample_inverse_cdf: one kernel on GPU). Top-k keeps the logits not below the k-th
+    largest (ties with it stay, as in transformers and vLLM); top-p keeps the smallest set of most probable tokens
+    whose probability reaches top_p (the token that crosses the threshold is kept). Everything stays on device.
     """
     if temperature == 0:
         return logits.argmax(dim=-1)
-    order = None  # (B, V') vocabulary ids of the columns kept, when they were reordered
+    order = None  # (B, V) vocabulary ids of the columns, when they were reordered
     if 0 < top_k < logits.shape[-1] or top_p < 1.0:
         logits, temperature = logits.float() / temperature, 1.0
         if 0 < top_k < logits.shape[-1]:
-            logits, order = logits.topk(top_k, dim=-1)  # sorted, largest first
-        else:
-            logits, order = logits.sort(dim=-1, descending=True)
+            kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
+            logits = logits.masked_fill(logits < kth, float("-inf"))
         if top_p < 1.0:
+            logits, order = logits.sort(dim=-1, descending=True)
             probs = torch.softmax(logits, dim=-1)
             mass_before = probs.cumsum(dim=-1) - probs  # probability of the strictly more likely tokens
             logits = logits.masked_fill(mass_before >= top_p, float("-inf"))
