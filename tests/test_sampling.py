@@ -575,3 +575,26 @@ def test_stop_string_ends_decoding_early(ckpt, monkeypatch):
     out = generate(model, tok, ["hello world"], max_new_tokens=200, stop=[stop], sync_every=3, progress=False)[0][0]
     assert out["finish_reason"] == "stop" and out["text"] == free[: free.index(stop)]
     assert len(steps) <= out["num_tokens"] + 3
+
+
+def test_a_vocabulary_padded_past_the_tokenizer_never_draws_the_padding():
+    """A checkpoint whose embedding has more rows than its tokenizer has tokens (padded to a round size): ids past
+    the tokenizer have no text, so the sampler never draws them (decoding one would fail the whole run)."""
+    from w2s.config import ModelConfig
+    from w2s.model import Transformer
+    from w2s.tokenizer import train_bpe
+
+    tok = train_bpe(["Question: what is 1+1?\nAnswer: 2", "Question: name a colour.\nAnswer: red"] * 20,
+                    vocab_size=300)
+    padded = tok.vocab_size + 64
+    cfg = ModelConfig(family="llama", vocab_size=padded, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+                      hidden_dim=64, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    model = Transformer(cfg).init_weights(std=0.2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model.lm_head_weight()[tok.vocab_size:] *= 50  # the padding rows would win most draws and every argmax
+    prompts = ["Question: what is 1+1?\nAnswer:", "Question: name a colour.\nAnswer:"]
+    for temperature in (0.0, 1.0):
+        outs = generate(model, tok, prompts, n=4, temperature=temperature, max_new_tokens=12, stop=["\n"],
+                        progress=False)
+        ids = [i for cs in outs for c in cs for i in c["token_ids"]]
+        assert ids and max(ids) < tok.vocab_size

@@ -26,6 +26,7 @@ import warnings
 from w2s.fused import fuse_projections
 from w2s.parallel import is_main
 from w2s.sampling_engine import Engine, round_up
+from w2s.tokenizer import Tokenizer
 
 MAX_NEW_TOKENS = 256  # the default completion budget of every entry point
 CACHE_LEN_QUANTUM = 256  # default cache lengths round up to this when the decode state is kept across calls
@@ -142,12 +143,16 @@ def make_engine(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, top_
     on_cuda = model.embed_tokens.weight.device.type == "cuda"
     if on_cuda if fused_projections is None else fused_projections:
         fuse_projections(model)  # before the state is acquired: fusing moves the weights it addresses
+    # A vocabulary padded past the tokenizer's (a multiple of 64 or 128, say) has rows with no text: never draw them,
+    # as serving engines do. Only w2s's own tokenizer counts its added tokens in vocab_size (transformers' does not).
+    text_vocab = tokenizer.vocab_size if isinstance(tokenizer, Tokenizer) else None
     return Engine(
         model, ids, n, temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
         eos_ids=_eos_ids(model, tokenizer), stop=stop, decode=tokenizer.decode if tokenizer is not None else None,
         slots=max(1, min(max_batch, len(ids) * n)), cache_len=cache_len, global_index=prompt_indices,
         shared_prefix=shared_prefix, sync_every=sync_every, cuda_graphs=cuda_graphs, prefill_chunk=prefill_chunk,
-        keep_state=cuda_graphs if keep_state is None else keep_state)
+        keep_state=cuda_graphs if keep_state is None else keep_state,
+        text_vocab=text_vocab if text_vocab is not None and text_vocab < model.cfg.vocab_size else None)
 
 
 def iter_generate(model, tokenizer, prompts, **options):

@@ -113,15 +113,17 @@ class Engine:
     eos_ids: ids that end a sequence; stop: stop strings (need `decode`); keep_state: take the device state from,
     and leave it in, w2s/decode_state.py's per-model store; prefill_tokens: the token budget of one prefill forward
     (rows x longest); prefill_chunk: prompt tokens per mixed decode step (chunked prefill; 0: off); keep_logits:
-    keep every decode step's (slots, V) logits in fp32 for `logits` (tests, inspection; off: no copy per step).
+    keep every decode step's (slots, V) logits in fp32 for `logits` (tests, inspection; off: no copy per step);
+    text_vocab: draw only ids below it (a model whose vocabulary is padded past its tokenizer's: ids without text).
     """
 
     def __init__(self, model, prompts, n, *, temperature, top_k, top_p, max_new_tokens, seed, eos_ids, stop=(),
                  decode=None, slots, cache_len, global_index=None, shared_prefix=True, sync_every=8,
                  cuda_graphs=False, prefill_tokens=8192, prefill_chunk=0, keep_state=False,
-                 keep_logits=False):
+                 keep_logits=False, text_vocab=None):
         self.model, self.prompts, self.n = model, prompts, n
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+        self.text_vocab = text_vocab
         self.max_new, self.seed, self.stop, self.decode = max_new_tokens, seed, tuple(stop), decode
         self.eos_set = set(eos_ids)
         self.slots, self.cache_len, self.sync_every = slots, cache_len, sync_every
@@ -138,7 +140,9 @@ class Engine:
         shapes = (cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, slots, cache_len, prefill_chunk, weight.dtype, dev)
         self.state = st = decode_state.acquire(model, shapes, build) if keep_state else build()
         eos = sorted(self.eos_set) or [-1]
-        st.start(self, decode_state.graph_signature(self.sampling, eos, self.prefix_len, keep_logits), eos)
+        signature = decode_state.graph_signature({**self.sampling, "text_vocab": text_vocab}, eos, self.prefix_len,
+                                                 keep_logits)
+        st.start(self, signature, eos)
         self.cache, self.tokens, self.positions, self.n_gen = st.cache, st.tokens, st.positions, st.n_gen
         self.budget, self.keys, self.done, self.out, self.eos = st.budget, st.keys, st.done, st.out, st.eos
         self.trash = self.out.shape[1] - 1  # the column finished slots write into
@@ -327,6 +331,8 @@ class Engine:
         """Tokens (rows,) from logits (rows, V), row i drawing its uniform for its step steps[i] from its stream
         keys[i] (ops.stream_uniforms: one kernel on GPU). Greedy draws none."""
         uniforms = ops.stream_uniforms(keys, steps) if self.sampling["temperature"] > 0 else None
+        if self.text_vocab is not None:  # (rows, text_vocab): the columns past it are padding, with no text
+            logits = logits[:, : self.text_vocab]
         return sample_from_logits(logits, uniforms, **self.sampling)
 
     def _step_eager(self, mixed=False):
