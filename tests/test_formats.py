@@ -113,6 +113,16 @@ def test_trl_prompt_completion_is_prompt_response_joined_verbatim(tok):
     assert first_losses(train_sft, tok, trl) == first_losses(train_sft, tok, plain)
 
 
+def test_a_text_with_its_own_bos_or_eos_token_gets_no_second_one(tok):
+    """TRL appends EOS only to a text that lacks it; w2s also adds BOS only to a prompt that lacks it."""
+    bos, eos = tok.decode([tok.bos_id], skip_special=False), tok.decode([tok.eos_id], skip_special=False)
+    plain = {"prompt": "Question: 3 apples and 4 more?\nAnswer:", "response": "3+4=7\n#### 7"}
+    marked = {"prompt": bos + plain["prompt"], "response": plain["response"] + eos}
+    (ex,) = encode(tok, [plain])
+    assert ex.tokens[0] == tok.bos_id != ex.tokens[1] and ex.tokens[-1] == tok.eos_id != ex.tokens[-2]
+    same_examples(encode(tok, [marked]), [ex])
+
+
 def test_chat_messages_equal_the_rendered_prompt_and_reply_as_ids(tok):
     """A one-turn chat is its rendered generation prompt (no loss) followed by the rest of the rendering (loss):
     tokens, targets and the training loss of the equivalent id rows."""

@@ -92,10 +92,17 @@ def n_targets(ex):
 
 
 def encode_response(tokenizer, prompt, response, sep=" "):
-    """Example for prompt + sep + response + EOS with the prompt masked (see module docstring)."""
-    prompt_ids, full = tokenizer.encode_batch([prompt, prompt + sep + response], bos=True)
-    eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    """Example for prompt + sep + response + EOS with the prompt masked (see module docstring). A text that already
+    starts with the BOS token's text or ends with the EOS token's ("<s>...", "...</s>") gets no second one, as TRL
+    appends EOS only when the text lacks it."""
+    prompt_ids, full = (_one_bos(ids, tokenizer.bos_id) for ids in
+                        tokenizer.encode_batch([prompt, prompt + sep + response], bos=True))
+    eos = [tokenizer.eos_id] if tokenizer.eos_id is not None and full[-1:] != [tokenizer.eos_id] else []
     return Example(full + eos, common_prefix_len(prompt_ids, full))
+
+
+def _one_bos(ids, bos):
+    return ids[1:] if bos is not None and ids[:2] == [bos, bos] else ids
 
 
 class BadRow(Exception):
