@@ -94,6 +94,39 @@ def test_orpo_is_llama_factory_v062_and_splitting_changes_nothing(weighted):
     assert pc2.grad.tolist() == pytest.approx(g_c, rel=1e-10) and pr2.grad.tolist() == pytest.approx(g_r, rel=1e-10)
 
 
+def _preference_batch(weights=None):
+    """The pairs above as a loss step's batch, and a stand-in for TrainModule giving each response token the
+    per-token mean log-prob of its sequence (so sums and means are CHOSEN / N_CHOSEN's)."""
+    from w2s.data import IGNORE_INDEX
+
+    sums, counts = CHOSEN + REJECTED, N_CHOSEN + N_REJECTED
+    width = max(counts) + 1
+    targets = torch.full((8, width), IGNORE_INDEX)
+    logps = torch.zeros(8, width, dtype=torch.float64)
+    for row, (total, n) in enumerate(zip(sums, counts)):
+        targets[row, :n], logps[row, :n] = 1, total / n
+    batch = {"tokens": torch.zeros_like(targets), "targets": targets, "n_pairs": 4, "ref": torch.zeros(8)}
+    if weights is not None:
+        batch["weights"] = torch.tensor(weights, dtype=torch.float64)
+    return (lambda tokens, targets, per_token: logps.flatten()), batch
+
+
+def test_preference_step_logs_what_trl_logs():
+    """TRL's DPO logs summed response log-probs, its ORPO per-token means; the DPO NLL term is weighted as its loss."""
+    from w2s.loss_steps import PreferenceStep
+
+    w = [0.5, 1.0, 0.2, 0.9]
+    module, batch = _preference_batch(weights=w)
+    norm = torch.tensor([float(sum(N_CHOSEN + N_REJECTED)), 4.0, float(sum(N_CHOSEN))])
+    _, dpo = PreferenceStep("dpo", 0.1, nll_weight=1.0)(module, batch, norm)
+    assert dpo["logps/chosen"].item() == pytest.approx(sum(CHOSEN) / 4, rel=1e-12)
+    assert dpo["nll"].item() == pytest.approx(sum(-w[i] * CHOSEN[i] / N_CHOSEN[i] for i in range(4)) / 4, rel=1e-12)
+    _, orpo = PreferenceStep("orpo", 0.1)(module, batch, norm)
+    assert orpo["logps/chosen"].item() == pytest.approx(sum(c / n for c, n in zip(CHOSEN, N_CHOSEN)) / 4, rel=1e-12)
+    assert orpo["logps/rejected"].item() == pytest.approx(sum(r / n for r, n in zip(REJECTED, N_REJECTED)) / 4,
+                                                          rel=1e-12)
+
+
 def test_orpo_token_mean_is_the_other_convention():
     """The two conventions differ exactly when chosen lengths differ: sequence mean weighs every pair alike."""
     args = (_t(CHOSEN), _t(REJECTED), torch.tensor(N_CHOSEN), torch.tensor(N_REJECTED), 0.0)

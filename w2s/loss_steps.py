@@ -96,7 +96,9 @@ class PreferenceStep:
             per_pair, rc, rr, nll = losses.reference_pair_losses(self.kind, chosen, rejected, ref[:P], ref[P:],
                                                                  n_tokens[:P], self.beta, self.nll_weight)
             loss = losses.weighted_pair_mean(per_pair, pairs, weights)
-            extra = {"nll": nll.sum() / pairs} if nll is not None else {}
+            extra = {"nll": losses.weighted_pair_mean(nll, pairs, weights)} if nll is not None else {}
+        if self.kind == "orpo":  # logged as TRL logs them: per-token means for ORPO, sums for DPO / IPO
+            chosen, rejected = chosen / n_tokens[:P], rejected / n_tokens[P:]
         stats = {"loss": loss.detach(), "rewards/chosen": rc.sum() / pairs, "rewards/rejected": rr.sum() / pairs,
                  "rewards/accuracies": (rc > rr).float().sum() / pairs, "rewards/margins": (rc - rr).sum() / pairs,
                  "logps/chosen": chosen.detach().sum() / pairs, "logps/rejected": rejected.detach().sum() / pairs,
