@@ -61,6 +61,52 @@ def test_saved_model_loads_in_transformers(family, tmp_path):
     assert torch.equal(w2s_logits(again, tokens), w2s_logits(model, tokens))
 
 
+def test_save_keeps_generation_config_and_merges_live_lora(tmp_path):
+    """save_model writes back the loaded generation_config.json (Llama-3-Instruct's list of stop ids, default
+    sampling), and merges LoRA layers still in the model: transformers would load them as unexpected keys, ignored."""
+    import transformers
+
+    from w2s.lora import inject_lora
+
+    save_hf("llama2", tmp_path / "src")
+    gen = {"bos_token_id": 1, "eos_token_id": [2, 5, 7], "do_sample": True, "temperature": 0.6, "top_p": 0.9}
+    (tmp_path / "src" / "generation_config.json").write_text(json.dumps(gen))
+    model = w2s.load_model(tmp_path / "src", dtype=torch.float32)
+    inject_lora(model, rank=4, alpha=8)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0.0, 0.5)  # B starts at zero: the adapter must change the logits to be seen
+    w2s.save_model(model, tmp_path / "out")
+    assert transformers.GenerationConfig.from_pretrained(tmp_path / "out").to_diff_dict() == \
+        transformers.GenerationConfig.from_pretrained(tmp_path / "src").to_diff_dict()
+    tokens, mask = right_padded_batch(LENGTHS, seed=1)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32,
+                                                           attn_implementation="eager").eval()
+    assert_valid_close(hf_logits(hf, tokens, mask), w2s_logits(model, tokens), mask)
+
+
+@pytest.mark.parametrize("cls_name, family", [("LlamaConfig", "llama2"), ("MistralConfig", "mistral"),
+                                              ("Gemma2Config", "gemma2")])
+def test_absent_optional_config_keys_take_transformers_defaults(cls_name, family, tmp_path):
+    """A config.json without rms_norm_eps, sliding_window or Gemma-2's scalar and soft-caps reads them as
+    transformers' config classes default them, not as w2s's own constructor does."""
+    import transformers
+
+    save_hf(family, tmp_path)
+    hf = json.loads((tmp_path / "config.json").read_text())
+    for key in ("rms_norm_eps", "sliding_window", "query_pre_attn_scalar", "attn_logit_softcapping",
+                "final_logit_softcapping"):
+        hf.pop(key, None)
+    cfg = ModelConfig.from_hf(hf)
+    ref = getattr(transformers, cls_name)(**{k: v for k, v in hf.items() if k not in ("architectures", "model_type")})
+    assert cfg.norm_eps == ref.rms_norm_eps
+    assert cfg.sliding_window == getattr(ref, "sliding_window", None)
+    if family == "gemma2":
+        assert (cfg.query_pre_attn_scalar, cfg.attn_logit_softcap, cfg.final_logit_softcap) == \
+            (ref.query_pre_attn_scalar, ref.attn_logit_softcapping, ref.final_logit_softcapping)
+
+
 def test_family_deltas_are_read_from_config(tmp_path):
     save_hf("gemma2", tmp_path)
     cfg = ModelConfig.from_pretrained(tmp_path)

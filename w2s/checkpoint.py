@@ -35,7 +35,16 @@ from safetensors.torch import save_file
 
 from w2s.config import ModelConfig
 from w2s.files import write_atomic
-from w2s.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_base_dir, attach_adapter, merge_adapter, read_adapter
+from w2s.lora import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    adapter_base_dir,
+    attach_adapter,
+    lora_scale,
+    merge_adapter,
+    merge_lora_state_dict,
+    read_adapter,
+)
 from w2s.model import Transformer
 from w2s.parallel import Dist, barrier, rank
 from w2s.tokenizer import load_tokenizer, tokenizer_file
@@ -309,13 +318,17 @@ DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat1
 def save_model(model, path, tokenizer=None, dtype=None, max_shard_bytes=5 * 2**30, state_dict=None):
     """Write an HF-format directory that transformers and vLLM load unchanged.
 
-    `state_dict` overrides model.state_dict() (FSDP or LoRA callers pass a gathered / merged full state dict).
-    Shards are written first and the index + config last, so a directory with a config.json is complete.
+    `state_dict` overrides model.state_dict() (FSDP or LoRA callers pass a gathered / merged full state dict). LoRA
+    layers still in the model (or its state dict) are merged into the weights written: transformers and vLLM would
+    ignore them. generation_config.json keeps the loaded checkpoint's (stop ids, default sampling). Shards are
+    written first and the index + config last, so a directory with a config.json is complete.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
     state = state_dict if state_dict is not None else model.state_dict()
+    if any(name.endswith(".lora_A") for name in state):
+        state = merge_lora_state_dict(state, lora_scale(model))
     tensors = {}
     for name, t in state.items():
         t = t.detach()
@@ -348,8 +361,9 @@ def save_model(model, path, tokenizer=None, dtype=None, max_shard_bytes=5 * 2**3
         write_atomic(path / INDEX_FILE, json.dumps(index, indent=2))
     if tokenizer is not None:
         tokenizer.save(path)
-    gen = {k: v for k, v in (("bos_token_id", cfg.bos_token_id), ("eos_token_id", cfg.eos_token_id),
-                             ("pad_token_id", cfg.pad_token_id)) if v is not None}
+    gen = cfg.generation_config or {k: v for k, v in (("bos_token_id", cfg.bos_token_id),
+                                                      ("eos_token_id", cfg.eos_token_id),
+                                                      ("pad_token_id", cfg.pad_token_id)) if v is not None}
     write_atomic(path / "generation_config.json", json.dumps(gen, indent=2))
     hf = cfg.to_hf()
     first = next(iter(tensors.values()))

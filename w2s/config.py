@@ -58,6 +58,8 @@ class ModelConfig:
     eos_token_id: int | list | None = None
     pad_token_id: int | None = None
     hf_config: dict = field(default_factory=dict, repr=False)  # the original config.json, written back on save
+    # the original generation_config.json (stop ids, default sampling), written back on save
+    generation_config: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def attn_scale(self):
@@ -86,7 +88,8 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf: dict, source="config.json"):
-        """Build from a parsed HF config dict; unknown architectures and missing keys get one clear error."""
+        """Build from a parsed HF config dict; unknown architectures and missing keys get one clear error. An
+        optional key that is absent takes transformers' default for the family (LlamaConfig, Gemma2Config, ...)."""
         archs = hf.get("architectures") or []
         arch = archs[0] if archs else None
         if arch not in FAMILIES:
@@ -124,15 +127,15 @@ class ModelConfig:
         return cls(
             family=family, vocab_size=need("vocab_size"), dim=dim, n_layers=n_layers, n_heads=n_heads,
             n_kv_heads=n_kv, head_dim=head_dim, hidden_dim=need("intermediate_size"),
-            norm_eps=hf.get("rms_norm_eps", 1e-6 if gemma else 1e-5), rope_theta=float(rope_theta),
+            norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(rope_theta),
             rope_scaling=scaling if scaling_type == "llama3" else None,
             max_seq_len=hf.get("max_position_embeddings", 4096),
             tie_embeddings=hf.get("tie_word_embeddings", gemma), attention_bias=hf.get("attention_bias", False),
             mlp_bias=hf.get("mlp_bias", False), activation=activation, norm_unit_offset=gemma, embed_scale=gemma,
-            sandwich_norms=gemma2, query_pre_attn_scalar=hf.get("query_pre_attn_scalar") if gemma2 else None,
-            attn_logit_softcap=hf.get("attn_logit_softcapping") if gemma2 else None,
-            final_logit_softcap=hf.get("final_logit_softcapping") if gemma2 else None,
-            sliding_window=hf.get("sliding_window") if family in ("mistral", "gemma2") else None,
+            sandwich_norms=gemma2, query_pre_attn_scalar=hf.get("query_pre_attn_scalar", 256) if gemma2 else None,
+            attn_logit_softcap=hf.get("attn_logit_softcapping", 50.0) if gemma2 else None,  # an explicit null: none
+            final_logit_softcap=hf.get("final_logit_softcapping", 30.0) if gemma2 else None,
+            sliding_window=hf.get("sliding_window", 4096) if family in ("mistral", "gemma2") else None,
             layer_types=layer_types, bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
             pad_token_id=hf.get("pad_token_id"), hf_config=hf,
         )
@@ -147,7 +150,14 @@ class ModelConfig:
             hf = json.loads(cfg_file.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
-        return cls.from_hf(hf, source=str(cfg_file))
+        cfg = cls.from_hf(hf, source=str(cfg_file))
+        gen_file = cfg_file.parent / "generation_config.json"
+        if gen_file.is_file():
+            try:
+                cfg.generation_config = json.loads(gen_file.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{gen_file}: not valid JSON ({e})") from None
+        return cfg
 
     def to_hf(self):
         """The config.json to write next to saved weights: the original one when we have it, else rebuilt."""
