@@ -293,6 +293,26 @@ def test_resume_gives_the_same_losses_and_weights(ckpt, tmp_path, kind):
     assert steps == [1, 2, 3, 4, 5, 6]  # the killed run's step 5 was dropped, not duplicated
 
 
+def test_a_fresh_start_forgets_the_old_states_and_a_torn_metrics_line_is_dropped(ckpt, tmp_path):
+    """resume=False starts over: the abandoned run's newer checkpoint must not be resumed by a later rerun. A metrics
+    line torn by a kill while it was appended does not stop the resume."""
+    path, _ = ckpt
+    rows, c = id_rows(8, seed=7), cfg(max_steps=6, ckpt_every=2)
+    with pytest.raises(Killed):
+        train_sft(load(path), None, rows, c, out_dir=tmp_path, on_step=_kill_at(5, []))  # leaves step00000004
+    with pytest.raises(Killed):
+        train_sft(load(path), None, rows, cfg(max_steps=6, ckpt_every=2, resume=False), out_dir=tmp_path,
+                  on_step=_kill_at(3, []))
+    assert [d.name for d in (tmp_path / "ckpt").iterdir()] == ["step00000002"]
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 4, "lo')  # a kill mid-append
+    log = []
+    train_sft(load(path), None, rows, c, out_dir=tmp_path, on_step=log.append)
+    assert [r["step"] for r in log] == [3, 4, 5, 6]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
 def test_resume_refuses_a_checkpoint_of_a_different_run(ckpt, tmp_path):
     path, _ = ckpt
     rows = id_rows(8, seed=6)
@@ -587,6 +607,10 @@ def test_jsonl_rows_and_impossible_configs_get_one_line_errors(tmp_path):
         TrainConfig(lora_targets=("qproj",))
     with pytest.raises(ValueError, match=r"^TrainConfig\.bad_rows='drop': expected 'skip' or 'error'$"):
         TrainConfig(bad_rows="drop")
+    with pytest.raises(ValueError, match=r"^TrainConfig\.epochs=1\.5: expected a whole number$"):
+        TrainConfig(epochs=1.5)  # it failed as a bare TypeError in range() after the model was set up
+    with pytest.raises(ValueError, match=r"^TrainConfig\.adam_betas=\(0\.9, 1\.0\): expected two numbers in \[0, 1\)$"):
+        TrainConfig(adam_betas=(0.9, 1.0))
 
 
 def test_dpo_script_trains_and_explains_its_rules(text_ckpt, tmp_path):

@@ -324,8 +324,11 @@ class Trainer:
 
     def _resume(self):
         """The first step to run: the newest checkpoint's in out_dir/ckpt (its state loaded) or 0. Trims
-        metrics.jsonl to the steps before it."""
+        metrics.jsonl to the steps before it. resume=False starts over: the old states are deleted, so that a later
+        rerun cannot resume from the abandoned run's newer ones."""
         start, self.tokens_before = 0, 0
+        if self.ckpt_root is not None and not self.cfg.resume and self.d.is_main and self.ckpt_root.exists():
+            shutil.rmtree(self.ckpt_root)
         if self.ckpt_root is not None and self.cfg.resume and (latest := latest_checkpoint(self.ckpt_root)) is not None:
             saved = json.loads((latest / "train_state.json").read_text())
             if saved.get("run_key") != self.run_key:
@@ -473,10 +476,21 @@ def _trajectory_config(cfg):
 
 
 def _trim_metrics(path, step):
-    """On resume keep the metrics up to the checkpoint; on a fresh start begin a new file."""
+    """On resume keep the metrics up to the checkpoint; on a fresh start begin a new file. A torn last line (the run
+    was killed while appending it) is dropped: it is past any checkpoint."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    lines = [line for line in path.read_text().splitlines() if line]
+    keep = []
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}:{i + 1}: not valid JSON ({e})") from None
+        if record["step"] <= step:
+            keep.append(line)
     write_atomic(path, "".join(line + "\n" for line in keep))
 
 

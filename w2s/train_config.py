@@ -54,6 +54,14 @@ class TrainConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}: expected a number > 0")
+        counts = ["epochs", "batch_size", "micro_batch_size", "max_seq_len", "log_every", "warmup_steps", "ckpt_every"]
+        for name in counts + [n for n in ("max_steps", "lora_rank") if getattr(self, n) is not None]:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"TrainConfig.{name}={value!r}: expected a whole number")
+        betas = tuple(self.adam_betas) if isinstance(self.adam_betas, (list, tuple)) else ()
+        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"TrainConfig.adam_betas={self.adam_betas!r}: expected two numbers in [0, 1)")
         for name in ("min_lr", "warmup_steps", "weight_decay", "ckpt_every", "beta", "nll_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}: expected a number >= 0")
