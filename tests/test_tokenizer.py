@@ -180,6 +180,35 @@ def test_post_processor_bos_is_not_added_twice_and_stop_ids(trained, tmp_path):
     assert eot == 600 and tok.stop_ids == {1, 2, eot}
 
 
+def test_files_are_read_as_transformers_reads_them(trained, gsm8k_questions, tmp_path):
+    """special_tokens_map.json's tokens win over tokenizer_config.json's and chat_template.jinja over the config's
+    template (as in AutoTokenizer); truncation / padding stored in tokenizer.json are never applied; save() keeps
+    the generation_config.json stop ids; a generator of texts is encoded, not consumed by the type check."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from transformers import AutoTokenizer
+
+    src = trained.save(tmp_path / "src")
+    tk = HFTokenizer.from_file(str(src / "tokenizer.json"))
+    tk.enable_truncation(max_length=8)
+    tk.enable_padding(pad_id=2, pad_token=trained.decode([2], skip_special=False))
+    tk.save(str(src / "tokenizer.json"))
+    config = json.loads((src / "tokenizer_config.json").read_text())
+    (src / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": "config's"}))
+    (src / "chat_template.jinja").write_text("{{ messages[0]['content'] }} from the jinja file")
+    pad_text = trained.decode([2], skip_special=False)
+    (src / "special_tokens_map.json").write_text(json.dumps({"eos_token": {"content": pad_text}}))
+    (src / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 2]}))
+    tok, hf = load_tokenizer(src), AutoTokenizer.from_pretrained(str(src))
+    assert tok.eos_id == hf.eos_token_id == 2
+    messages = [{"role": "user", "content": "Hi"}]
+    assert tok.apply_chat_template(messages, add_generation_prompt=False) == \
+        hf.apply_chat_template(messages, tokenize=False) == "Hi from the jinja file"
+    texts = gsm8k_questions[:4]
+    assert tok.encode_batch(texts) == [hf(t)["input_ids"] for t in texts] and len(tok.encode(texts[0])) > 8
+    assert tok.encode_batch(t for t in texts) == tok.encode_batch(texts)
+    assert load_tokenizer(tok.save(tmp_path / "copy")).stop_ids == tok.stop_ids == {1, 2}
+
+
 def test_bad_inputs(tmp_path, trained):
     with pytest.raises(FileNotFoundError, match="tokenizer.json, tokenizer.model"):
         load_tokenizer(tmp_path)
@@ -198,6 +227,11 @@ def test_bad_inputs(tmp_path, trained):
     (good / "tokenizer_config.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"tokenizer_config.json: not valid JSON \(line 1"):
         load_tokenizer(good)
+    (good / "tokenizer_config.json").write_text("{}")
+    (good / "special_tokens_map.json").write_text(json.dumps({"eos_token": {"content": "<end>"}}))
+    with pytest.raises(ValueError, match="special_tokens_map.json: eos_token '<end>' is not in the vocabulary"):
+        load_tokenizer(good)  # its tokens win over tokenizer_config.json's, as in transformers
+    (good / "special_tokens_map.json").unlink()
     (good / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<bos>"}))
     with pytest.raises(ValueError, match="tokenizer_config.json: bos_token '<bos>' is not in the vocabulary"):
         load_tokenizer(good)

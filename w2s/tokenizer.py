@@ -40,6 +40,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 # Fallback names, used only when neither tokenizer_config.json nor the model file itself names the token.
 _EOS_NAMES = ("</s>", "<|end_of_text|>", "<eos>", "<|endoftext|>")
@@ -71,6 +72,8 @@ class _HFBackend:
     """tokenizer.json through the `tokenizers` library (Rust; BPE, byte-level BPE or Unigram)."""
 
     def __init__(self, tk):
+        tk.no_truncation()  # a tokenizer.json saved after a truncated or padded call keeps those settings: as
+        tk.no_padding()  # transformers does, never apply them (they would cut or pad every encode)
         self.tk = tk
         self.vocab_size = tk.get_vocab_size(with_added_tokens=True)
         self.special_ids = {tok_id for tok_id, added in tk.get_added_tokens_decoder().items() if added.special}
@@ -187,6 +190,7 @@ class Tokenizer:
     def __init__(self, backend, config=None, source=None, generation_config=None):
         self._backend = backend
         self._config = dict(config or {})
+        self._generation_config = dict(generation_config or {})
         self._source = Path(source) if source is not None else None  # the file it was read from (save copies it)
         where = str(self._source.parent / CONFIG_FILE) if self._source else CONFIG_FILE
 
@@ -253,6 +257,7 @@ class Tokenizer:
 
     def encode_batch(self, texts, bos=True, eos=False):
         """`encode` for a list of strings (the tokenizers backend runs them in parallel)."""
+        texts = texts if isinstance(texts, str) else list(texts)  # a generator is read once, here
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise ValueError("encode_batch expects a list of str")
         if eos and self.eos_id is None:
@@ -311,8 +316,9 @@ class Tokenizer:
         return self._backend.sp.id_to_piece(token_id)
 
     def save(self, directory):
-        """Write the tokenizer file (copied byte for byte when it came from a file), tokenizer_config.json and
-        special_tokens_map.json, so that `load_tokenizer` and transformers' AutoTokenizer reload it unchanged."""
+        """Write the tokenizer file (copied byte for byte when it came from a file), tokenizer_config.json,
+        special_tokens_map.json and the generation_config.json it was loaded with (its stop ids), so that
+        `load_tokenizer` and transformers' AutoTokenizer reload it unchanged."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         name = "tokenizer.json" if isinstance(self._backend, _HFBackend) else "tokenizer.model"
@@ -347,6 +353,9 @@ class Tokenizer:
         config.setdefault("add_eos_token", False)
         _write_json(directory / CONFIG_FILE, config)
         _write_json(directory / SPECIAL_TOKENS_MAP_FILE, special)
+        if self._generation_config and not (directory / GENERATION_CONFIG_FILE).is_file():
+            # the stop ids it was loaded with (w2s.save_model writes the model's own over it afterwards)
+            _write_json(directory / GENERATION_CONFIG_FILE, self._generation_config)
         return directory
 
     def _bos_template(self):
@@ -459,6 +468,18 @@ def load_tokenizer(path):
         raise ValueError(f"{file}: unknown tokenizer file type; expected tokenizer.json or tokenizer.model")
 
     config = _read_json(directory / CONFIG_FILE) if (directory / CONFIG_FILE).is_file() else {}
+    # As transformers reads them: special_tokens_map.json's tokens over tokenizer_config.json's, and a
+    # chat_template.jinja (where newer transformers saves the template) over the config's chat_template.
+    if (directory / SPECIAL_TOKENS_MAP_FILE).is_file():
+        tokens = _read_json(directory / SPECIAL_TOKENS_MAP_FILE)
+        for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+            text = _token_text(tokens.get(key))
+            if text and backend.token_to_id(text) is None:
+                raise ValueError(f"{directory / SPECIAL_TOKENS_MAP_FILE}: {key} {text!r} is not in the vocabulary")
+            if text:
+                config[key] = text
+    if (directory / CHAT_TEMPLATE_FILE).is_file():
+        config["chat_template"] = (directory / CHAT_TEMPLATE_FILE).read_text()
     gen_path = directory / GENERATION_CONFIG_FILE
     generation_config = _read_json(gen_path) if gen_path.is_file() else {}
     return Tokenizer(backend, config=config, source=file, generation_config=generation_config)
