@@ -26,6 +26,7 @@ import dist_grpo_worker as toy  # noqa: E402
 from w2s import losses  # noqa: E402
 from w2s.checkpoint import hf_name  # noqa: E402
 from w2s.grpo import group_rewards, train_grpo  # noqa: E402
+from w2s.lora import LoRALinear, inject_lora  # noqa: E402
 from w2s.train_config import GRPOConfig, TrainConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -227,13 +228,21 @@ def test_mean_reward_rises_on_a_learnable_toy():
     assert first["kl"] == 0.0  # kl_beta = 0: no reference pass
 
 
-@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("lora", [False, "fresh", "continued"])
 def test_kl_reference_is_the_initial_policy(lora):
-    """LoRA: the base with its adapters off; full fine-tuning: a frozen copy. Either way the KL is 0 at the first
-    update (the policy is still the reference) and grows once the policy moves; the frozen copy does not move."""
+    """LoRA: the adapters as they were at the start (a fresh one: the base; a trained one GRPO continues, as M_plus's:
+    that adapter, not the base); full fine-tuning: a frozen copy. Either way the KL is 0 at the first update (the
+    policy is still the reference) and grows once the policy moves; the reference does not move."""
     extra = dict(lora_rank=4, lora_alpha=16.0) if lora else {}
     cfg = TrainConfig(lr=2e-2, batch_size=4, micro_batch_size=2, max_steps=4, seed=1, progress=False, **extra)
-    _, recs = _run(cfg, GRPOConfig(group_size=4, max_new_tokens=2, kl_beta=0.5))
+    model = toy.toy_model()
+    if lora == "continued":
+        inject_lora(model, rank=4, alpha=16.0)
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, LoRALinear):
+                    m.lora_B.normal_(0.0, 0.3)
+    _, recs = _run(cfg, GRPOConfig(group_size=4, max_new_tokens=2, kl_beta=0.5), model=model)
     assert recs[0]["kl"] == 0.0
     assert all(r["kl"] > 1e-6 for r in recs[1:]), [r["kl"] for r in recs]
 

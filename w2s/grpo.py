@@ -41,8 +41,9 @@ Reading the live weights:
     composition).
 
 The reference of the KL term (kl_beta > 0):
-  * with LoRA: the base with its adapters off (LoRALinear.scale set to 0 for one no-grad forward per micro-batch): no
-    second model.
+  * with LoRA: the adapters as they were when training started, copied into the LoRA layers for one no-grad forward
+    per micro-batch (a fresh adapter: the base alone; M_plus's adapter, continued: M_plus): no second model, one
+    more copy of the adapter.
   * full fine-tuning: a frozen copy of the initial weights (a plain Transformer, gathered under FSDP, in the model's
     input dtype), kept for the whole run: one more whole model per rank (4 bytes per parameter in fp32, 2 in bf16).
     Log-probs "computed before the step" would be pi_old's, not the initial policy's, so the copy cannot be avoided;
@@ -109,18 +110,34 @@ def live_weights(module, d: Dist, dtype):
         module.train(was_training)
 
 
+def adapter_snapshot(layers):
+    """[(LoRALinear, (A, B) copies)] of these adapters now. Taken when training starts it is the reference policy: a
+    fresh adapter (B = 0) is the base alone, a continued one (M_plus's) is M_plus."""
+    return [(m, (m.lora_A.detach().clone(), m.lora_B.detach().clone())) for m in layers]
+
+
 @contextlib.contextmanager
-def adapters_off(module):
-    """The LoRA base alone (the reference policy): every LoRALinear's update scaled by 0 inside the block."""
-    layers = [m for m in module.modules() if isinstance(m, LoRALinear)]
-    scales = [m.scale for m in layers]
-    for m in layers:
-        m.scale = 0.0
+def adapters_as(snapshot, sharded_root=None):
+    """Inside the block every adapter holds the snapshot's values, copied in place, and gets its own back after.
+    Under FSDP2 (sharded_root: the sharded module) the copies go into the shards, which the snapshot holds: every
+    module is resharded first (a forward leaves the root and the last block gathered)."""
+    if sharded_root is not None:
+        reshard_all(sharded_root)
+    current = adapter_snapshot([m for m, _ in snapshot])
     try:
+        _copy_adapters(snapshot, sharded_root)
         yield
     finally:
-        for m, scale in zip(layers, scales):
-            m.scale = scale
+        _copy_adapters(current, sharded_root)
+
+
+@torch.no_grad()
+def _copy_adapters(snapshot, sharded_root):
+    if sharded_root is not None:
+        reshard_all(sharded_root)
+    for m, (a, b) in snapshot:
+        m.lora_A.copy_(a)
+        m.lora_B.copy_(b)
 
 
 def frozen_copy(module, d: Dist, dtype):
@@ -161,7 +178,7 @@ class GRPOTask:
         G, new = gcfg.group_size, gcfg.max_new_tokens
         # Until a question is sampled its sequences are only bounded: the loop groups rows by these lengths.
         self.row_seqs = [((len(p) + new, new),) * G for p in self.prompt_ids]
-        self.module = self.reference = self.cache = None
+        self.module = self.reference = self.initial_adapters = self.cache = None
 
     def task(self):
         key = stable_hash([self.prompt_ids, asdict(self.g), self.grader.name, sorted(self.weak.items()), self.stop])
@@ -170,11 +187,15 @@ class GRPOTask:
                     repeat=self.g.updates_per_batch)
 
     def prepare(self, module, fingerprint):
-        """After sharding: keep the module to sample from, and the reference copy when it needs one."""
+        """After sharding, before any resume: keep the module to sample from, and the reference when the KL needs one
+        (the initial adapters with LoRA, else a frozen copy of the initial weights)."""
         self.module = module
-        lora = any(isinstance(m, LoRALinear) for m in module.modules())
-        if self.g.kl_beta > 0 and not lora:
-            self.reference = frozen_copy(module, self.d, self.dtype)
+        lora = [m for m in module.modules() if isinstance(m, LoRALinear)]
+        if self.g.kl_beta > 0:
+            if lora:
+                self.initial_adapters = adapter_snapshot(lora)
+            else:
+                self.reference = frozen_copy(module, self.d, self.dtype)
 
     # -- the step's batches -------------------------------------------------------------------------------------
     def make_batches(self, step, slots):
@@ -226,13 +247,15 @@ class GRPOTask:
         """pi_old's (updates_per_batch > 1) and the reference's (kl_beta > 0) per-token log-probs of each micro-batch:
         no-grad forwards of the training module, the same number on every rank (FSDP's gathers are collective)."""
         device, module = self.d.device, self.module
-        for b in batches:
-            if self.g.updates_per_batch > 1:
+        if self.g.updates_per_batch > 1:
+            for b in batches:
                 b["old_logps"] = token_logps(module, b, device)
-            if self.g.kl_beta > 0 and self.reference is not None:
+        if self.g.kl_beta > 0 and self.reference is not None:
+            for b in batches:
                 b["ref_logps"] = token_logps(self.reference, b, device)
-            elif self.g.kl_beta > 0:
-                with adapters_off(module):
+        elif self.g.kl_beta > 0:
+            with adapters_as(self.initial_adapters, module if self.d.sharded else None):
+                for b in batches:
                     b["ref_logps"] = token_logps(module, b, device)
         if self.d.sharded and (self.g.updates_per_batch > 1 or (self.g.kl_beta > 0 and self.reference is None)):
             reshard_all(module)  # the root and last block stay gathered after a forward; the update gathers anew
