@@ -92,6 +92,8 @@ def test_defaults_and_train_config(tmp_path):
     ("[weak_sft]\nlora_rank = -8\n", r"\[weak_sft\]\.lora_rank: expected a value >= 0"),
     ("[preference]\nadam_betas = 0.9\n", r"\[preference\]\.adam_betas: expected tuple, got 0\.9"),
     ("[data2]\ngrader = \"exact\"\n", r"unknown key 'data2'"),
+    ("[stage2]\nlosses = [\"grpo\"]\n[strong_sft]\nlora_rank = 4\n[grpo]\nlora_rank = 8\n",
+     r"\[grpo\] lora_rank: 8 differs from \[strong_sft\] lora_rank = 4; Stage II continues M_plus's LoRA adapter"),
 ])  # fmt: skip
 def test_bad_recipes_are_one_clear_error(tmp_path, extra, message):
     text = BASE + extra if not extra.startswith(("bogus", "[models2]")) else extra + BASE

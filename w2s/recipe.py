@@ -243,20 +243,22 @@ def load_recipe(path, check_files=True):
 
 
 def _check_lora_continues(r, bad):
-    """Stage II trains M_plus's adapter further (w2s/lora.py prepare_lora): under LoRA in both sections the
-    adapter's shape must be the same."""
+    """Stage II ([preference], and [grpo] when the run has it) trains M_plus's adapter further (w2s/lora.py
+    prepare_lora): under LoRA in both sections the adapter's shape must be the same."""
     defaults = train_config_defaults()
 
     def value(section, key):
         v = getattr(r, section).get(key, defaults[key])
         return tuple(v) if isinstance(v, list) else v
 
-    if value("strong_sft", "lora_rank") is None or value("preference", "lora_rank") is None:
-        return
-    for key in ("lora_rank", "lora_alpha", "lora_targets"):
-        if value("strong_sft", key) != value("preference", key):
-            bad(f"[preference] {key}", f"{value('preference', key)!r} differs from [strong_sft] {key} = "
-                f"{value('strong_sft', key)!r}; Stage II continues M_plus's LoRA adapter: its shape must be the same")
+    for section in ("preference", "grpo") if "grpo" in r.stage2.losses else ("preference",):
+        if value("strong_sft", "lora_rank") is None or value(section, "lora_rank") is None:
+            continue
+        for key in ("lora_rank", "lora_alpha", "lora_targets"):
+            if value("strong_sft", key) != value(section, key):
+                bad(f"[{section}] {key}", f"{value(section, key)!r} differs from [strong_sft] {key} = "
+                    f"{value('strong_sft', key)!r}; Stage II continues M_plus's LoRA adapter: its shape must be the "
+                    f"same")
 
 
 def validate_inputs(recipe):
