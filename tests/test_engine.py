@@ -48,6 +48,26 @@ def test_a_failing_stage_is_not_done(tmp_path):
     assert not (tmp_path / "a" / "meta.json").exists() and not (tmp_path / "b").exists()
 
 
+def _train(ctx, out):
+    (out / "model").mkdir(exist_ok=True)
+    (out / "ckpt" / "step00000002").mkdir(parents=True, exist_ok=True)  # the resume state, large at 70B
+    ctx.cleanup.append(out / "ckpt")
+    return {}
+
+
+def test_a_resume_state_left_by_a_kill_after_meta_json_is_removed_on_the_next_run(tmp_path, monkeypatch):
+    import w2s.engine as engine
+
+    table = [Stage("train", _train, [], {})]
+    with monkeypatch.context() as mp:  # killed between meta.json and the cleanup
+        mp.setattr(engine.shutil, "rmtree", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt("killed")))
+        with pytest.raises(KeyboardInterrupt):
+            run_stages(table, Context(None, tmp_path, log=lambda *a: None))
+    assert (tmp_path / "train" / "meta.json").is_file() and (tmp_path / "train" / "ckpt").is_dir()
+    assert run_stages(table, Context(None, tmp_path, log=lambda *a: None)) == {"train": "skipped"}
+    assert not (tmp_path / "train" / "ckpt").exists() and (tmp_path / "train" / "model").is_dir()
+
+
 HOLDER = textwrap.dedent("""
     import sys, time
     from w2s.engine import run_lock

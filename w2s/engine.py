@@ -11,7 +11,8 @@ its result. `run_stages` gives every stage the same contract:
   * a killed stage restarts in the same directory (sampling resumes from its streamed jsonl, training from its last
     checkpoint); a directory left by a different key is wiped first;
   * what a runner lists in ctx.cleanup (a training stage's resume state) is deleted only after meta.json is written,
-    so a kill between the end of the run and the record of it still finds the state to resume from.
+    so a kill between the end of the run and the record of it still finds the state to resume from; meta.json names
+    those paths, and a kill between the record and the deletion leaves them to the next run, which deletes them.
 
 Under torchrun every rank runs every stage; rank 0 alone writes shared files, and a barrier closes every stage.
 
@@ -140,6 +141,7 @@ def run_stages(stages, ctx):
         if meta is not None and meta.get("key") == key:
             status[stage.name] = "skipped"
             ctx.log(f"{tag}: done (key {key}), skipped")
+            _remove_leftovers(out, meta.get("cleanup", []))
             continue
         _prepare_dir(out, key)
         ctx.stage, ctx.cleanup = stage.name, []
@@ -150,6 +152,8 @@ def run_stages(stages, ctx):
         wall = time.perf_counter() - t0
         meta = {"stage": stage.name, "kind": stage.kind, "key": key, "options": stage.options,
                 "inputs": {d: ctx.keys[d] for d in stage.reads}, **counts, "wall_s": round(wall, 3)}
+        if ctx.cleanup:  # relative to the stage directory, so that a moved run still finds them
+            meta["cleanup"] = [os.path.relpath(path, out) for path in ctx.cleanup]
         if is_main():
             write_json_atomic(out / "meta.json", meta)
             for path in ctx.cleanup:
@@ -158,6 +162,15 @@ def run_stages(stages, ctx):
         status[stage.name] = "ran"
         ctx.log(f"{tag}: finished in {wall:.1f}s")
     return status
+
+
+def _remove_leftovers(out, cleanup):
+    """A finished stage's cleanup paths that a kill between its meta.json and their deletion left (a training
+    stage's resume state: at 70B, the optimizer state)."""
+    if is_main():
+        for path in cleanup:
+            shutil.rmtree(Path(out) / path, ignore_errors=True)
+    barrier()
 
 
 def plan(stages, run_dir):
