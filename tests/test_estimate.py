@@ -3,6 +3,7 @@
     python -m pytest -q tests/test_estimate.py
 """
 
+import dataclasses
 import json
 
 import pytest
@@ -91,10 +92,30 @@ def test_training_cost(recipe):
     n, embeddings = TINY.n_params(), TINY.n_params() - TINY.n_params(embeddings=False)
     per_block = TINY.n_params(embeddings=False) / 2
     # 16 B of state per parameter + gathered bf16 root and two blocks + checkpointed activations of 1 x 33 tokens
-    assert cost.memory == int(16 * n + 2 * (embeddings + 2 * per_block) + 2 * 8 * 33 * 2 + 34 * 8 * 33)
+    # (every block's bf16 input, one block's saved tensors: 2 (4 D + 2 H hd + 2 KV hd + 3 F) bytes a token) + the
+    # output matrix's bf16 gradient the fused loss keeps for the backward (full fine-tuning)
+    one_block = 2 * (4 * 8 + 2 * 2 * 4 + 2 * 1 * 4 + 3 * 16) * 33
+    assert cost.memory == int(16 * n + 2 * (embeddings + 2 * per_block) + 2 * 8 * 33 * 2 + one_block + 2 * 100 * 8)
     flops = 24 * (33 * profile.flops_per_token(TINY, seq_len=33) - 13 * 6 * 100 * 8) + \
         24 * 33 * profile.flops_per_token(TINY, seq_len=33, training=False)  # + the forward recomputed in backward
     assert cost.seconds == pytest.approx(flops / (estimate.TRAIN_MFU * 989e12))
+
+
+def test_pairs_hold_two_sequences_and_tensor_parallel_copies_the_embeddings_whole(recipe):
+    """A preference micro-batch of P pairs runs 2P sequences (twice an SFT row's activations); a tp-sharded sampler
+    splits the blocks over its ranks but holds the embedding and output matrices whole on each."""
+    from w2s.estimate import _training_memory, activation_bytes
+    from w2s.recipe import train_config
+
+    tc = dataclasses.replace(train_config(recipe, "preference", progress=False), activation_checkpointing=False)
+    sft, pairs = (_training_memory(TINY, tc, recipe, 33, 1, rows) for rows in (1, 2))
+    assert pairs - sft == activation_bytes(TINY) * TINY.n_layers * tc.micro_batch_size * 33  # one more sequence a row
+    work = estimate.Workload(5, 5, 4, prompt_tokens=13, few_shot_tokens=100, response_tokens=20)
+    labels = Stage("02_weak_labels", run_labels, [], {}, {"model": "01_weak_sft", "prompt": "zero_shot"})
+    recipe.sampling.weak_tp = 2
+    cost = estimate.stage_cost(labels, recipe, work, {"weak": TINY, "strong": TINY}, device="cpu")
+    embeddings = TINY.n_params() - TINY.n_params(embeddings=False)
+    assert cost.memory == int(embeddings * 4 + (TINY.n_params(embeddings=False) * 4 + 2 * 2 * 1 * 4 * 4 * 3 * 28) / 2)
 
 
 def test_lora_rank_of_each_trained_model_comes_from_its_own_section(recipe, tmp_path):

@@ -13,9 +13,11 @@ says how it is made:
     H100 (BENCHMARKS.md: the Llama-3.2-1B training step, the Llama-3-8B 512-sequence sampling run); a 70B model on
     8 GPUs will not reach them (tensor-parallel all-reduces, FSDP gathers), so read the times as lower bounds;
   * memory per device: training under FSDP2 over every process (fp32 master weights, gradients and two AdamW moments
-    for trainable parameters, the frozen LoRA base in its dtype, one gathered block, activations); sampling holds
-    1/tp of the weights (and, for a LoRA model, of a merged copy of the adapted matrices) and the KV cache of
-    max_batch sequences;
+    for trainable parameters, the frozen LoRA base in its dtype, one gathered block, the activations of a
+    micro-batch: a pair is two sequences, a GRPO question its group; in full fine-tuning the output matrix's bf16
+    gradient); sampling holds 1/tp of the blocks (and, for a LoRA model, of a merged copy of the adapted matrices),
+    the embedding and output matrices whole, and 1/tp of the KV cache of max_batch sequences. Lengths are means:
+    the longest prompts and rows need more;
   * disk: an exported model (a LoRA stage writes its fp32 adapter, and a merged copy only where the recipe asks:
     `export_merged`) and the generations written as text and token ids.
 
@@ -38,7 +40,6 @@ SAMPLING_TOK_S, SAMPLING_SHAPE = 21_470, dict(  # BENCHMARKS.md, Sampling, GPU: 
     family="llama", vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336)
 MEASURED_ON = "H100 SXM"
 BYTES_PER_TOKEN = {"text": 4, "ids": 7}  # a token as text, and as a JSON token id (", 12345")
-ACTIVATION_BYTES = 34  # per token, per layer, per unit of hidden size, for one block's saved activations in bf16
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
@@ -143,11 +144,12 @@ def _generation_cost(stage, recipe, work, cfg, world, device):
     dtype_bytes = DTYPE_BYTES[recipe.models.dtype]
     kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * dtype_bytes * min(s.max_batch, prompts * n) * (
         prompt + limit)  # k and v of every layer, for the sequences decoded at once
-    weights = cfg.n_params() * dtype_bytes
+    blocks = cfg.n_params(embeddings=False)  # split over tp ranks; the embedding and output matrices are copied whole
+    replicated = (cfg.n_params() - blocks) * dtype_bytes
+    split = blocks * dtype_bytes
     if _lora_rank(recipe, stage.args.get("model")) is not None:  # a merged copy of the adapted matrices, for the stage
-        weights += (cfg.n_params(embeddings=False) - cfg.n_layers * cfg.dim * (4 if cfg.sandwich_norms else 2)) * \
-            dtype_bytes
-    memory = (weights + kv) / tp
+        split += (blocks - cfg.n_layers * cfg.dim * (4 if cfg.sandwich_norms else 2)) * dtype_bytes
+    memory = replicated + (split + kv) / tp
     disk = int(generated * (BYTES_PER_TOKEN["text"] * 2 + BYTES_PER_TOKEN["ids"]) +
                prompts * prompt * BYTES_PER_TOKEN["text"])  # generations (text + ids), labels (text), the prompts
     per_token = profile.flops_per_token(cfg, seq_len=int(prompt + length / 2), training=False)
@@ -176,7 +178,8 @@ def _training_cost(stage, recipe, work, cfg, world, device):
     rate = _peak(device) and TRAIN_MFU * _peak(device) * world
     merged = tc.export_merged or stage.args.get("loss") in recipe.stage2.export_merged
     return Cost(trained=int(sequences * length), disk=_export_bytes(cfg, tc, recipe, merged),
-                memory=int(_training_memory(cfg, tc, recipe, length, world)), seconds=flops / rate if rate else None)
+                memory=int(_training_memory(cfg, tc, recipe, length, world, per_row)),
+                seconds=flops / rate if rate else None)
 
 
 def _grpo_cost(recipe, work, cfg, world, device):
@@ -193,7 +196,7 @@ def _grpo_cost(recipe, work, cfg, world, device):
     seconds = peak and sampled / (SAMPLING_MFU * peak * world) + trained / (TRAIN_MFU * peak * world)
     return Cost(generated=int(sequences * length), trained=int(sequences * (work.prompt_tokens + length)),
                 disk=_export_bytes(cfg, tc, recipe, tc.export_merged),
-                memory=int(_training_memory(cfg, tc, recipe, work.prompt_tokens + length, world) +
+                memory=int(_training_memory(cfg, tc, recipe, work.prompt_tokens + length, world, gc.group_size) +
                            cfg.n_params() * 2),  # + the gathered bf16 copy the rollouts sample from
                 seconds=seconds or None)
 
@@ -206,8 +209,17 @@ def _export_bytes(cfg, tc, recipe, merged):
     return lora_parameters(cfg, tc.lora_rank, tc.lora_targets) * 4 + (model if merged else 0)
 
 
-def _training_memory(cfg, tc, recipe, length, world):
-    """FSDP2 over `world` devices: sharded state, one gathered block and its neighbour, the embeddings, activations."""
+def activation_bytes(cfg):
+    """Bytes one block saves for its backward per token, in bf16: the inputs of its two norms, q / k / v, the
+    attention output, the MLP's gate, up and product (the kernels' save_for_backward): 2 (4 D + 2 H hd + 2 KV hd +
+    3 F). About 34 D for Llama and Mistral shapes, 60 D for Gemma-2B's wide MLP and single 256-wide KV head."""
+    return 2 * (4 * cfg.dim + 2 * cfg.n_heads * cfg.head_dim + 2 * cfg.n_kv_heads * cfg.head_dim + 3 * cfg.hidden_dim)
+
+
+def _training_memory(cfg, tc, recipe, length, world, sequences_per_row=1):
+    """FSDP2 over `world` devices: sharded state, one gathered block and its neighbour, the embeddings, activations
+    of a micro-batch (micro_batch_size rows of sequences_per_row sequences: a pair's 2, a GRPO question's group),
+    and, in full fine-tuning, the output matrix's bf16 gradient the fused loss keeps from forward to backward."""
     n = cfg.n_params()
     if tc.lora_rank is None:
         state = 16 * n  # fp32 master weights, gradients, two AdamW moments
@@ -215,13 +227,14 @@ def _training_memory(cfg, tc, recipe, length, world):
         state = 16 * lora_parameters(cfg, tc.lora_rank, tc.lora_targets) + DTYPE_BYTES[recipe.models.dtype] * n
     embeddings, per_block = n - cfg.n_params(embeddings=False), cfg.n_params(embeddings=False) / cfg.n_layers
     gathered = 2 * (embeddings + 2 * per_block)  # bf16: the root's tensors, the block running and the next one
-    tokens = tc.micro_batch_size * length
-    one_block = ACTIVATION_BYTES * cfg.dim * tokens
+    tokens = tc.micro_batch_size * sequences_per_row * length
+    one_block = activation_bytes(cfg) * tokens
     if tc.activation_checkpointing:  # every block's input, and one block's activations while it is recomputed
         activations = 2 * cfg.dim * tokens * cfg.n_layers + one_block
     else:
         activations = one_block * cfg.n_layers
-    return state / world + gathered + activations
+    output_grad = 2 * cfg.vocab_size * cfg.dim if tc.lora_rank is None else 0
+    return state / world + gathered + activations + output_grad
 
 
 def _peak(device):
