@@ -5,7 +5,7 @@ NPROC ?= 1
 # One process: plain python. Several: torchrun (sampling shards prompts, training uses FSDP2).
 LAUNCH = $(if $(filter 1,$(NPROC)),$(PY),$(PY) -m torch.distributed.run --nproc_per_node=$(NPROC))
 
-.PHONY: reinstall install test test-gpu check-sm90 lint demo demo-pretrain demo-seeds demo-compare gsm8k math bench-kernels bench-sampling bench-train
+.PHONY: help reinstall install test test-gpu check-sm90 lint demo demo-pretrain demo-seeds demo-compare gsm8k math bench-kernels bench-sampling bench-train
 
 # Every target that runs code depends on the install stamp, so a fresh clone needs no separate `make install`. The
 # stamp is named after the interpreter's environment (sys.prefix): another virtual environment installs again, and so
@@ -14,6 +14,14 @@ LAUNCH = $(if $(filter 1,$(NPROC)),$(PY),$(PY) -m torch.distributed.run --nproc_
 STAMP := .install-$(shell $(PY) -c "import hashlib, sys; print(hashlib.sha1(sys.prefix.encode()).hexdigest()[:10])")
 INSTALLED_HERE := $(shell cd / && $(PY) -I -c "import importlib.util as u, os; s = u.find_spec('w2s'); \
 	print(int(bool(s and s.origin) and os.path.realpath(s.origin).startswith(os.path.realpath('$(CURDIR)') + os.sep)))")
+
+help:
+	@echo "w2s: make demo (the paper's pipeline on a miniature world, CPU) and make test (the test suite) come first."
+	@echo "  make install | test | lint | test-gpu | check-sm90 (compile every Triton kernel for Hopper, no GPU needed)"
+	@echo "  make demo | demo-seeds | demo-compare | demo-olympic | demo-pretrain (rebuild demo/)"
+	@echo "  make gsm8k | math | olympicarena NPROC=8 [RECIPE=...] [DRY=1 [GPU=\"H100 SXM\"]]: the paper's runs"
+	@echo "  make bench-kernels | bench-sampling | bench-train; GPU checks: OUT=gpu_out bash scripts/gpu_check.sh"
+	@echo "  PY=python3 (the interpreter), NPROC=1 (processes: torchrun when > 1)"
 
 install: $(STAMP)
 
@@ -61,8 +69,10 @@ demo-compare: $(STAMP)
 	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) scripts/demo_compare.py --recipe recipes/demo.toml --seeds 0 1 2
 
 # The paper's experiments: make gsm8k NPROC=8 [RECIPE=recipes/gsm8k.toml] [DRY=1: list the stages and estimate the
-# run's tokens, disk, memory and time for NPROC processes, running nothing]
-RUN_RECIPE = $(if $(DRY),$(PY) scripts/pipeline.py $(1) --dry-run --world-size $(NPROC),$(LAUNCH) scripts/pipeline.py $(1))
+# run's tokens, disk, memory and time for NPROC processes, running nothing; GPU="H100 SXM": the times for that GPU
+# when the planning machine has another or none]
+RUN_RECIPE = $(if $(DRY),$(PY) scripts/pipeline.py $(1) --dry-run --world-size $(NPROC) $(if $(GPU),--gpu "$(GPU)"),\
+	$(LAUNCH) scripts/pipeline.py $(1))
 
 gsm8k: $(STAMP)
 	$(call RUN_RECIPE,$(or $(RECIPE),recipes/gsm8k.toml))

@@ -62,8 +62,14 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.samples < 1 or args.max_new_tokens < 1:
-        sys.exit("error: --samples and --max-new-tokens must be >= 1")
+    if args.samples < 1 or args.max_new_tokens < 1 or args.max_batch < 1:
+        sys.exit("error: --samples, --max-new-tokens and --max-batch must be >= 1")
+    if args.limit < 0:
+        sys.exit(f"error: --limit {args.limit}: expected >= 0 (0: every question)")
+    if args.out is not None and Path(args.out).is_dir():
+        sys.exit(f"error: --out {args.out}: is a directory, expected the path of a jsonl file")
+    if args.out is not None and any(p.exists() and not p.is_dir() for p in Path(args.out).parents):
+        sys.exit(f"error: --out {args.out}: a parent of it is a file, expected a directory")
     import torch
 
     import w2s
@@ -83,6 +89,8 @@ def main(argv=None):
 
         init_distributed()
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"error: --device {args.device}: CUDA is not available here (use --device cpu)")
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if torch.device(device).type == "cuda" else "float32")
     model = w2s.load_model(args.checkpoint, dtype=getattr(torch, dtype), device=device)
     tokenizer = w2s.load_tokenizer(args.checkpoint)

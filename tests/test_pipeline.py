@@ -781,3 +781,9 @@ def test_evaluate_script_help_and_bad_input(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(checkpoint, "load_model", lambda *a, **k: pytest.fail("model loaded before the data check"))
     with pytest.raises(ValueError, match=r"test\.jsonl:2: expected key 'answer'"):
         evaluate.main([str(tmp_path), str(bad)])
+    (tmp_path / "a_file").write_text("")
+    for args, message in ((["--limit", "-2"], "--limit -2: expected >= 0"),  # test[:-2] scored 2 of 4 silently
+                          (["--out", str(tmp_path)], "is a directory, expected the path of a jsonl file"),
+                          (["--out", str(tmp_path / "a_file" / "x.jsonl")], "a parent of it is a file")):
+        with pytest.raises(SystemExit, match=message):  # at once: before the model loads and everything is sampled
+            evaluate.main([str(tmp_path), str(bad), *args])

@@ -526,6 +526,10 @@ def test_sample_script_bad_line_is_one_line_error(bpe_ckpt, tmp_path):
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines() == [f"Error: {prompts}:2: not valid JSON (Expecting value at column 23)"]
     assert not list(tmp_path.glob("out.jsonl*"))
+    prompts.write_text('{"id": "a", "prompt": "Question: 1?\\nAnswer:"}\n')
+    proc = run_script(bpe_ckpt, "--input", prompts, "--output", tmp_path / "out.jsonl", "-n", "0")
+    assert proc.returncode == 2 and "Invalid value for '-n' / '--n': 0 is not in the range x>=1" in proc.stderr
+    assert not list(tmp_path.glob("out.jsonl*"))  # refused before the model loads and the run's options are recorded
 
 
 # ------------------------------------------------------------------------------------------------ CUDA graphs

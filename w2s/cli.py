@@ -239,16 +239,21 @@ def _unescape(text):
 @click.option("--prompt-key", default="prompt", show_default=True, help="Key of the prompt in each input line.")
 @click.option("--id-key", default="id", show_default=True,
               help="Key of the unique id in each input line ('' numbers the lines 0, 1, ... instead).")
-@click.option("-n", "--n", "n", default=1, show_default=True, help="Completions per prompt.")
-@click.option("--temperature", default=0.0, show_default=True, help="0 is greedy.")
-@click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass (1 keeps every token).")
-@click.option("--top-k", default=0, show_default=True, help="Keep the k most likely tokens (0: no limit).")
-@click.option("--max-new-tokens", default=256, show_default=True, help="Generated tokens per completion at most.")
+@click.option("-n", "--n", "n", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Completions per prompt.")
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0.0), help="0 is greedy.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(min=0.0, max=1.0, min_open=True),
+              help="Nucleus sampling mass (1 keeps every token).")
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Keep the k most likely tokens (0: no limit).")
+@click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=1),
+              help="Generated tokens per completion at most.")
 @click.option("--stop", multiple=True,
               help="A string that ends a completion (repeatable; \\n means a newline)  [default: EOS only]")
 @click.option("--seed", default=0, show_default=True,
               help="Sampling seed; a completion depends only on (seed, line index, sample index).")
-@click.option("--max-batch", default=256, show_default=True, help="Sequences decoded together (cache slots).")
+@click.option("--max-batch", default=256, show_default=True, type=click.IntRange(min=1),
+              help="Sequences decoded together (cache slots).")
 @click.option("--cache-len", default=None, type=int,
               help="KV positions per sequence [default: longest prompt + max-new-tokens]; longer prompts are an error.")
 @click.option("--tp", default=1, show_default=True,
