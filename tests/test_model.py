@@ -176,6 +176,10 @@ def test_tokenizer_larger_than_embedding(tmp_path):
     Tokenizer(models.WordLevel(vocab, unk_token="t0")).save(str(tmp_path / "tokenizer.json"))
     with pytest.raises(ValueError, match="tokenizer has 200 tokens but config.json vocab_size is 128"):
         w2s.load_model(tmp_path)
+    for shard in tmp_path.glob("*.safetensors"):
+        shard.write_bytes(b"")  # known from the small files: refused before any weight is read
+    with pytest.raises(ValueError, match="tokenizer has 200 tokens but config.json vocab_size is 128"):
+        w2s.load_model(tmp_path)
 
 
 def test_peak_memory_while_loading_stays_near_checkpoint_size(tmp_path):

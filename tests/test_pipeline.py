@@ -698,6 +698,11 @@ def test_report_marks_the_last_rounds_hybrid_as_m_plus(tmp_path):
     assert row_labels(["stage1_r1_hybrid", "stage2_dpo"]) == ["Stage I r1: hybrid-ft (M_plus)"]
     assert row_labels(["stage1_r1_hybrid", "stage1_r2_hybrid"]) == ["Stage I r1: hybrid-ft",
                                                                     "Stage I r2: hybrid-ft (M_plus)"]
+    broken = tmp_path / "broken" / "01_x" / "meta.json"
+    broken.parent.mkdir(parents=True)
+    broken.write_text('{"a":\n')
+    with pytest.raises(ValueError, match=rf"^{broken}:2: not valid JSON \(Expecting value\)$"):
+        report(broken.parent.parent, plot=False)
     assert row_labels(["weak_floor"]) == []  # a run still in Stage I: no hybrid evaluated yet, no label, no error
 
 

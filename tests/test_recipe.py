@@ -90,6 +90,7 @@ def test_defaults_and_train_config(tmp_path):
     ("[weak_sft]\nlr = \"fast\"\n", r"\[weak_sft\]\.lr: expected float, got 'fast'"),
     ("[weak_sft]\nepochs = 1.5\n", r"\[weak_sft\]\.epochs: expected int, got 1\.5"),
     ("[weak_sft]\nlora_rank = -8\n", r"\[weak_sft\]\.lora_rank: expected a value >= 0"),
+    ("[weak_sft]\nbatch_size = 0\n", r"\[weak_sft\]: TrainConfig\.batch_size=0: expected a number > 0"),
     ("[preference]\nadam_betas = 0.9\n", r"\[preference\]\.adam_betas: expected tuple, got 0\.9"),
     ("[data2]\ngrader = \"exact\"\n", r"unknown key 'data2'"),
     ("[stage2]\nlosses = [\"grpo\"]\n[strong_sft]\nlora_rank = 4\n[grpo]\nlora_rank = 8\n",
@@ -100,6 +101,19 @@ def test_bad_recipes_are_one_clear_error(tmp_path, extra, message):
     with pytest.raises(ValueError, match=message) as info:
         _load(tmp_path, text)
     assert "\n" not in str(info.value) and "r.toml" in str(info.value)
+
+
+def test_split_sizes_past_the_train_file_are_refused_before_the_run(tmp_path):
+    from w2s.recipe import validate_inputs
+
+    _world(tmp_path)
+    rows = [json.dumps({"question": f"q{i}", "answer": f"#### {i}"}) for i in range(4)]
+    for name in ("train.jsonl", "test.jsonl"):
+        (tmp_path / name).write_text("\n".join(rows) + "\n")
+    recipe = _load(tmp_path, BASE.replace("[data]", "[data]\nn_train_1 = 3\nn_train_2 = 3"))
+    with pytest.raises(ValueError, match=r"r\.toml: \[data\] n_train_1 \+ n_train_2 = 3 \+ 3 but .*train\.jsonl has 4 "
+                                         r"records$"):
+        validate_inputs(recipe)  # it was found only when 00_data ran, naming neither the recipe nor the file
 
 
 def test_grader_option(tmp_path, monkeypatch):

@@ -590,6 +590,12 @@ def test_sft_script_trains_exports_and_reports_bad_lines(text_ckpt, tmp_path):
     proc = _script("sft.py", "--data", broken, *common, "--micro-batch-size", 2)
     assert proc.returncode == 2  # the whole of stderr is one line naming file:line
     assert proc.stderr.strip().splitlines() == [f"error: {broken}:2: not valid JSON (Expecting value at column 29)"]
+    empty = _write_jsonl(tmp_path / "empty.jsonl", [])
+    proc = _script("sft.py", "--data", empty, *common)
+    assert (proc.returncode, proc.stderr.strip()) == (2, f"error: {empty}: no rows (an empty file)")
+    (tmp_path / "a_file").write_text("")
+    proc = _script("sft.py", "--data", data_file, *[tmp_path / "a_file" if a is out else a for a in common])
+    assert proc.returncode == 2 and "is a file; expected a directory" in proc.stderr
 
 
 def test_jsonl_rows_and_impossible_configs_get_one_line_errors(tmp_path):

@@ -163,11 +163,11 @@ def _load_plain(path, dtype, device):
         model = Transformer(cfg)
     if torch.device(device).type == "meta":
         return model.to(dtype).eval()
+    check_tokenizer_fits(path, cfg)  # before the weights: a mismatch is known from the small files alone
     expected = {hf_name(n): p for n, p in model.state_dict().items()}
     state = load_state_dict(path, expected, dtype=dtype, device=device)
     model.load_state_dict({n: state[hf_name(n)] for n in model.state_dict()}, assign=True)
     model.reset_buffers(torch.device(device))
-    check_tokenizer_fits(path, cfg)
     return model.eval()
 
 

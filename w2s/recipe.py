@@ -272,6 +272,11 @@ def validate_inputs(recipe):
     load_records(d.task, d.test)
     if d.split_file:
         load_split(d.split_file, train)
+    elif not d.train_2 and (d.n_train_1 or d.n_train_2):  # the sizes 00_data takes (w2s/runners.py run_data)
+        n1, n2 = d.n_train_1 or len(train) // 2, d.n_train_2 or len(train) - len(train) // 2
+        if n1 + n2 > len(train):
+            raise ValueError(f"{recipe.path}: [data] n_train_1 + n_train_2 = {n1} + {n2} but {d.train} has "
+                             f"{len(train)} records")
     for key in ("weak", "strong"):
         try:
             validate_checkpoint(getattr(recipe.models, key))
@@ -362,6 +367,11 @@ def _validate(r, path, check_files):
         if loss not in r.stage2.losses:
             bad("[stage2] export_merged", f"{loss!r} is not one of the run's losses ({', '.join(r.stage2.losses)})")
     _check_lora_continues(r, bad)
+    for section in TRAIN_SECTIONS:  # TrainConfig's own checks (batch_size 0, adam_betas, ...), naming the section
+        try:
+            train_config(r, section, progress=False)
+        except ValueError as e:
+            bad(f"[{section}]", str(e))
     try:
         grpo_config(r)
     except ValueError as e:

@@ -58,7 +58,10 @@ def load_metas(run_dir):
         raise FileNotFoundError(f"{run_dir}: no such run directory")
     metas = {}
     for meta_file in sorted(run_dir.glob("*/meta.json")):
-        metas[meta_file.parent.name] = json.loads(meta_file.read_text())
+        try:
+            metas[meta_file.parent.name] = json.loads(meta_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{meta_file}:{e.lineno}: not valid JSON ({e.msg})") from None
     if not metas:
         raise FileNotFoundError(f"{run_dir}: no finished stage (no */meta.json)")
     return metas

@@ -10,6 +10,7 @@ line on stderr, exit code 2.
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -135,6 +136,11 @@ def run(train, args, **kwargs):
         cfg = config_from_args(args)
         check_trackers(args.report_to)
         rows = read_jsonl(args.data, tag_lines=True)
+        if not rows:
+            raise ValueError(f"{args.data}: no rows (an empty file)")
+        out = Path(args.out)
+        if out.exists() and not out.is_dir() or any(p.exists() and not p.is_dir() for p in out.parents):
+            raise ValueError(f"--out {args.out}: it, or a directory above it, is a file; expected a directory")
         dtype = resolve_dtype(args, log=print if rank() == 0 else lambda *a: None)
         # under torchrun only rank 0 reads the weights; the others get their FSDP shards from it
         model = load_for_training(args.model, dtype=dtype)
