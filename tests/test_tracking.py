@@ -210,7 +210,7 @@ def test_every_command_help_has_an_example_its_data_and_defaults():
     for name, proc in procs.items():
         assert proc.returncode == 0, (name, proc.stderr)
     texts = {name: " ".join(proc.stdout.split()) for name, proc in procs.items()}  # as read, not as wrapped
-    assert 'INPUT lines: {"id": ...' in texts["sample.py"] and "[default: 256]" in texts["sample.py"]
+    assert 'INPUT lines: {"id": ...' in texts["sample.py"] and "[default: 256; x>=1]" in texts["sample.py"]
     assert "[logging] report_to" in texts["pipeline.py"] and "[default: runs]" in texts["pipeline.py"]
     assert "per_question.jsonl" in texts["evaluate.py"] and "(default: auto)" in texts["evaluate.py"]
     for command in ("inspect", "run", "report", "data", "sample"):
