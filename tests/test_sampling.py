@@ -530,6 +530,11 @@ def test_sample_script_bad_line_is_one_line_error(bpe_ckpt, tmp_path):
     proc = run_script(bpe_ckpt, "--input", prompts, "--output", tmp_path / "out.jsonl", "-n", "0")
     assert proc.returncode == 2 and "Invalid value for '-n' / '--n': 0 is not in the range x>=1" in proc.stderr
     assert not list(tmp_path.glob("out.jsonl*"))  # refused before the model loads and the run's options are recorded
+    # a run that failed before writing anything (its prompt does not fit the cache) binds no rerun to its options
+    proc = run_script(bpe_ckpt, "--input", prompts, "--output", tmp_path / "out.jsonl", "--cache-len", "4")
+    assert proc.returncode != 0 and "KV cache holds 4 positions" in proc.stderr
+    proc = run_script(bpe_ckpt, "--input", prompts, "--output", tmp_path / "out.jsonl", "--max-new-tokens", "4")
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 # ------------------------------------------------------------------------------------------------ CUDA graphs

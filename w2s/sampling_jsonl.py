@@ -84,9 +84,9 @@ def check_run_meta(out_path, meta):
     every option that changes the samples), one line naming what differs; or when partial output exists without a
     record of its options. Returns True when meta still has to be written (a fresh output)."""
     out_path, meta_path = Path(out_path), run_meta_path(out_path)
-    started = out_path.exists() or bool(_part_paths(out_path))
-    if not meta_path.is_file():
-        if started:
+    started = out_path.exists() or any(part.stat().st_size for part in _part_paths(out_path))
+    if not meta_path.is_file() or not started:  # a record of a run that wrote nothing (it failed or was killed
+        if started:  # before its first prompt finished) binds nothing: a fresh run replaces it
             raise ValueError(f"{out_path}: exists without {meta_path.name}, so what it was sampled with is unknown; "
                              f"use another --output, or delete {out_path.name} and its .part files to start over")
         return True
