@@ -52,6 +52,25 @@ def test_reads_the_papers_spelling(tmp_path):
                                 {"id": 1, "prompt": "Solve:\n2+2", "response": "4"}]
 
 
+def test_llama_factory_prompt_joining_extra_keys_and_the_authors_ids(tmp_path):
+    """An empty or null instruction / input adds no newline (LLaMA-Factory joins only the non-empty parts); every
+    pair key beyond the four survives a round trip (the training weight too); the authors' ids are positions in
+    train_2; a repeated id is an error."""
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps([{"instruction": "", "input": "Q", "output": "4"},
+                                {"instruction": "P", "input": None, "output": "5"}]))
+    assert [r["prompt"] for r in import_sft(path)] == ["Q", "P"]
+    pairs = [{**PAIRS[1], "weight": 0.5, "chosen_votes": 7, "margin": 0.4}]
+    export_pairs(pairs, tmp_path / "p.json")
+    assert import_pairs(tmp_path / "p.json") == pairs
+    records = [{"id": "gsm8k_0"}, {"id": "gsm8k_1"}, {"id": "gsm8k_5"}, {"id": "gsm8k_6"}]
+    path.write_text(json.dumps([{"id": 3, "content": "Question: Albert?", "output": "r"}]))
+    assert import_sft(path, records=records)[0]["id"] == "gsm8k_6"  # data/process.py numbers train_2's rows
+    path.write_text(json.dumps([{"id": 1, "content": "a", "output": "r"}, {"content": "b", "output": "s"}]))
+    with pytest.raises(ValueError, match=r"a\.json\[1\]: id 1 repeats entry 0"):
+        import_sft(path)
+
+
 @pytest.mark.parametrize("content, reader, message", [
     ("[{\"instruction\": \"a\", ", import_sft, r"bad\.json: invalid json at line 1"),
     ("{\"instruction\": \"a\"}", import_sft, r"bad\.json: expected a json list of entries, got dict"),
