@@ -339,3 +339,12 @@ def test_the_authors_split_runs_as_released(tmp_path):
     with pytest.raises(ValueError, match="share 1 ids, e.g. \\['gsm8k_9'\\]"):
         (raw / "dup.jsonl").write_text(json.dumps(_authors_row("gsm8k_9", 5)) + "\n")
         import_split("gsm8k", raw / "train_2.jsonl", raw / "dup.jsonl", tmp_path / "bad")
+    # Files without ids (openai's layout) keep the ids their rows were loaded with, and a U+2028 inside a string is
+    # no line break: the merged file loads with the same records.
+    for name, questions in (("a", ["Ann\u2028has 2?", "Bo?"]), ("b", ["Cy?"])):
+        (raw / f"{name}.jsonl").write_text("".join(json.dumps({"question": q, "answer": "1 + 1 = 2\n#### 2"},
+                                                              ensure_ascii=False) + "\n" for q in questions))
+    train, split = import_split("gsm8k", raw / "a.jsonl", raw / "b.jsonl", tmp_path / "plain")
+    merged = load_records("gsm8k", train)
+    assert [r["question"] for r in merged] == ["Ann\u2028has 2?", "Bo?", "Cy?"]
+    assert [r["id"] for r in merged] == [r["id"] for f in ("a", "b") for r in load_records("gsm8k", raw / f"{f}.jsonl")]

@@ -120,12 +120,25 @@ def import_split(task: str, train_1_path: str | Path, train_2_path: str | Path, 
         raise ValueError(f"{train_1_path} and {train_2_path} share {len(overlap)} ids, e.g. {sorted(overlap)[:3]}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    lines = [line for p in (train_1_path, train_2_path) for line in Path(p).read_text(encoding="utf-8").splitlines()
-             if line.strip()]
-    write_atomic(out_dir / "train.jsonl", "\n".join(lines) + "\n")
-    save_split(out_dir / "split.json", *halves)
-    load_split(out_dir / "split.json", load_records(task, out_dir / "train.jsonl"))  # the recipe's path, checked now
-    return out_dir / "train.jsonl", out_dir / "split.json"
+    lines = []
+    for path, records in zip((train_1_path, train_2_path), halves):
+        # "\n" only: a U+2028 inside a JSON string is not a line break (str.splitlines would split the row there)
+        rows = [line for line in Path(path).read_text(encoding="utf-8").split("\n") if line.strip()]
+        for line, record in zip(rows, records, strict=True):
+            row = json.loads(line)
+            # a row without an id got one from its file's name; write it, so the merged file keeps it
+            lines.append(line.rstrip("\r") if "id" in row else json.dumps({"id": record["id"], **row},
+                                                                         ensure_ascii=False))
+    files = (out_dir / "train.jsonl", out_dir / "split.json")
+    try:
+        write_atomic(files[0], "\n".join(lines) + "\n")
+        save_split(files[1], *halves)
+        load_split(files[1], load_records(task, files[0]))  # the recipe's path, checked now
+    except Exception:
+        for f in files:  # no half-made pair of files for a recipe to pick up
+            f.unlink(missing_ok=True)
+        raise
+    return files
 
 
 # ----------------------------------------------------------------------------------------------------------------
