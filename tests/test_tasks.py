@@ -127,6 +127,15 @@ def test_other_bad_inputs(tmp_path):
                                                            '"unique_id": "x"}'] * 2))  # fmt: skip
     with pytest.raises(ValueError, match="unknown task"):
         load_records("olympiad", tmp_path / "a.jsonl")
+    gsm8k_row = {"question": "q", "answer": "1 + 1 = 2\n#### 2"}
+    with pytest.raises(ValueError, match=r"n\.jsonl:1: key 'id' must be a non-empty string or an integer, got None"):
+        load_records("gsm8k", _write(tmp_path / "n.jsonl", [json.dumps({**gsm8k_row, "id": None})]))  # was "None"
+    math_row = {"problem": "p", "solution": "s", "answer": "1"}
+    with pytest.raises(ValueError, match=r"l\.jsonl:1: key 'level' should be 1 to 5 or 'Level N', got 9"):
+        load_records("math", _write(tmp_path / "l.jsonl", [json.dumps({**math_row, "level": 9})]))
+    bom = tmp_path / "bom.jsonl"  # an editor's byte-order mark is not part of the first line
+    bom.write_bytes(b"\xef\xbb\xbf" + (json.dumps(gsm8k_row) + "\n").encode())
+    assert load_records("gsm8k", bom)[0]["answer"] == "2"
 
 
 # ---------------------------------------------------------------------------------------------------------------

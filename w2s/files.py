@@ -27,7 +27,7 @@ def read_jsonl(path, tag_lines=False):
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     rows = []
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8-sig") as f:  # -sig: a byte-order mark (an editor's) is not part of line 1
         for line_number, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -41,6 +41,17 @@ def read_jsonl(path, tag_lines=False):
                 row["_where"] = f"{path}:{line_number}"
             rows.append(row)
     return rows
+
+
+def row_id(row, key, default, where):
+    """row[key] as a string when the row has the key (a non-empty string or an integer), else `default`; a null,
+    empty or other value is a ValueError naming the place and the key."""
+    if key not in row:
+        return default
+    value = row[key]
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
+        raise ValueError(f"{where}: key {key!r} must be a non-empty string or an integer, got {value!r}")
+    return str(value)
 
 
 def require(row, key, where):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from w2s.files import read_jsonl, require
+from w2s.files import read_jsonl, require, row_id
 
 NAME = "gsm8k"
 _CALCULATOR = re.compile(r"<<[^<>]*>>")
@@ -48,6 +48,6 @@ def load(path: str | Path, split: str | None = None) -> list[dict]:
     path = Path(path)
     split = split or path.stem
     return [
-        make_record(row, str(row["id"]) if "id" in row else f"{NAME}-{split}-{index:05d}", row["_where"])
+        make_record(row, row_id(row, "id", f"{NAME}-{split}-{index:05d}", row["_where"]), row["_where"])
         for index, row in enumerate(read_jsonl(path, tag_lines=True))
     ]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from w2s.files import read_jsonl, require
+from w2s.files import read_jsonl, require, row_id
 from w2s.tasks.grading import last_boxed
 
 NAME = "math"
@@ -29,13 +29,16 @@ def make_target(solution: str, answer: str) -> str:
 
 def _level(value, where: str) -> int | None:
     """1..5 from 5 or "Level 5"; None for the few "Level ?" rows of the original MATH."""
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and (m := re.fullmatch(r"(?:Level\s*)?(\d+)", value.strip())):
-        return int(m.group(1))
-    if isinstance(value, str) and value.strip() in ("Level ?", "?"):
+    level = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        level = value
+    elif isinstance(value, str) and (m := re.fullmatch(r"(?:Level\s*)?(\d+)", value.strip())):
+        level = int(m.group(1))
+    elif isinstance(value, str) and value.strip() in ("Level ?", "?"):
         return None
-    raise ValueError(f"{where}: key 'level' should be an integer or 'Level N', got {value!r}")
+    if level is None or not 1 <= level <= 5:
+        raise ValueError(f"{where}: key 'level' should be 1 to 5 or 'Level N', got {value!r}")
+    return level
 
 
 def make_record(row: dict, default_id: str, where: str) -> dict:
@@ -49,7 +52,7 @@ def make_record(row: dict, default_id: str, where: str) -> dict:
         if not answer:
             raise ValueError(f"{where}: expected key 'answer' or a \\boxed{{...}} answer in key 'solution'")
     return {
-        "id": str(row.get("unique_id", default_id)),
+        "id": row_id(row, "unique_id", default_id, where),
         "question": question,
         "solution": make_target(solution, answer),
         "answer": answer,
