@@ -517,6 +517,22 @@ def test_dry_run_says_what_a_rerun_will_do_and_why(full_run, tmp_path):
     assert {s for s, v in status.items() if v == "ran"} == {s for s, (v, _) in rows.items() if v != "done"}
 
 
+def test_dry_run_warns_when_it_plans_for_fewer_processes_than_the_tensor_parallelism(full_run, tmp_path, monkeypatch):
+    import w2s.pipeline as pipeline
+
+    real = pipeline.load_recipe
+
+    def with_tp_2(path):
+        recipe = real(path)
+        recipe.sampling.tp = 2
+        return recipe
+
+    monkeypatch.setattr(pipeline, "load_recipe", with_tp_2)
+    recipe = write_recipe(full_run["world"], "tiny")
+    assert "tp = 2) needs a multiple of 2 processes; this plans for 1" in pipeline.dry_run(recipe, runs_dir=tmp_path)
+    assert "needs a multiple" not in pipeline.dry_run(recipe, runs_dir=tmp_path, world=2)
+
+
 # ---------------------------------------------------------------------------------------------------- bad input
 
 

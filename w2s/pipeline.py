@@ -424,7 +424,10 @@ def dry_run(recipe_path, runs_dir="runs", world=None, device=None):
                  human_bytes(todo.memory), human_seconds(todo.seconds)))
     header = ["stage", "status", "why", "tokens generated", "tokens trained", "disk written", "peak memory / device",
               "time"]
-    return (f"# Dry run: {recipe.name} on {world} x {device}\n\nThe estimate starts from:\n\n" +
+    tp = max(recipe.sampling.tp, recipe.sampling.weak_tp)
+    warning = (f"**The recipe's tensor parallelism (tp = {tp}) needs a multiple of {tp} processes; this plans for "
+               f"{world}**: pass --world-size {tp} (make ... NPROC={tp}).\n\n" if world % tp else "")
+    return (f"# Dry run: {recipe.name} on {world} x {device}\n\n{warning}The estimate starts from:\n\n" +
             "\n".join(_workload_lines(work, gold=not recipe.data.train_2)) + "\n\n" + _table(header, rows) + "\n")
 
 
