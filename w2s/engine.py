@@ -166,7 +166,9 @@ def run_stages(stages, ctx):
 
 def _remove_leftovers(out, cleanup):
     """A finished stage's cleanup paths that a kill between its meta.json and their deletion left (a training
-    stage's resume state: at 70B, the optimizer state)."""
+    stage's resume state: at 70B, the optimizer state). Every rank reads the same meta.json: all or none return here."""
+    if not cleanup:
+        return
     if is_main():
         for path in cleanup:
             shutil.rmtree(Path(out) / path, ignore_errors=True)

@@ -120,21 +120,23 @@ def adapter_snapshot(layers):
 def adapters_as(snapshot, sharded_root=None):
     """Inside the block every adapter holds the snapshot's values, copied in place, and gets its own back after.
     Under FSDP2 (sharded_root: the sharded module) the copies go into the shards, which the snapshot holds: every
-    module is resharded first (a forward leaves the root and the last block gathered)."""
-    if sharded_root is not None:
-        reshard_all(sharded_root)
+    module is resharded before each copy (a forward leaves the root and the last block gathered)."""
+    def reshard():
+        if sharded_root is not None:
+            reshard_all(sharded_root)
+
+    reshard()
     current = adapter_snapshot([m for m, _ in snapshot])
     try:
-        _copy_adapters(snapshot, sharded_root)
+        _copy_adapters(snapshot)
         yield
     finally:
-        _copy_adapters(current, sharded_root)
+        reshard()
+        _copy_adapters(current)
 
 
 @torch.no_grad()
-def _copy_adapters(snapshot, sharded_root):
-    if sharded_root is not None:
-        reshard_all(sharded_root)
+def _copy_adapters(snapshot):
     for m, (a, b) in snapshot:
         m.lora_A.copy_(a)
         m.lora_B.copy_(b)
