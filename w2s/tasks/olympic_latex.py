@@ -70,6 +70,7 @@ _GRAMMAR_COMMANDS = _FUNCTIONS | {
     "rangle",
 }  # fmt: skip
 _PUNCTUATION = set("+-*/(){}[]|_^:!<>=,.")
+_CLOSERS = {"(": ")", "[": "]", "{": "}", "\\{": "\\}"}  # a group's opening token -> its closing one
 _COMMAND = re.compile(r"\\([A-Za-z]+)")
 _DIFFERENTIAL = re.compile(r"d\s*([A-Za-z]|\\[A-Za-z]+)")
 
@@ -289,11 +290,10 @@ class _Parser:
     # comp := group | abs_group | func | atom | floor | ceil   (comp_nofunc: no func)
     def comp(self, functions=True):
         kind, text = self.peek()
-        closers = {"(": ")", "[": "]", "{": "}", "\\{": "\\}"}
-        if kind in closers:
+        if kind in _CLOSERS:
             self.take()
             value = self.expr()
-            self.take(closers[kind])
+            self.take(_CLOSERS[kind])
             return value
         if kind == "|":
             self.take()
