@@ -617,6 +617,9 @@ def test_jsonl_rows_and_impossible_configs_get_one_line_errors(tmp_path):
         TrainConfig(epochs=1.5)  # it failed as a bare TypeError in range() after the model was set up
     with pytest.raises(ValueError, match=r"^TrainConfig\.adam_betas=\(0\.9, 1\.0\): expected two numbers in \[0, 1\)$"):
         TrainConfig(adam_betas=(0.9, 1.0))
+    with pytest.raises(ValueError, match=r"^TrainConfig\.min_lr=0\.001: expected a number <= lr \(1e-05\)$"):
+        TrainConfig(lr=1e-5, min_lr=1e-3)
+    assert train.lr_at(3, 4, TrainConfig(lr=1e-5, min_lr=1e-5)) == 1e-5  # a constant schedule stays allowed
 
 
 def test_dpo_script_trains_and_explains_its_rules(text_ckpt, tmp_path):

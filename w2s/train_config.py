@@ -65,6 +65,8 @@ class TrainConfig:
         for name in ("min_lr", "warmup_steps", "weight_decay", "ckpt_every", "beta", "nll_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}: expected a number >= 0")
+        if self.min_lr > self.lr:  # the cosine would climb from lr to min_lr: a swapped pair, not a schedule
+            raise ValueError(f"TrainConfig.min_lr={self.min_lr!r}: expected a number <= lr ({self.lr!r})")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"TrainConfig.lora_dropout={self.lora_dropout!r}: expected 0 <= p < 1")
         if self.orpo_nll not in ORPO_NLL:
