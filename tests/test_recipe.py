@@ -135,7 +135,8 @@ def test_bad_files_are_one_clear_error(tmp_path):
         load_recipe(tmp_path / "nope.toml")
     with pytest.raises(ValueError, match=r"r\.toml: not valid TOML"):
         _load(tmp_path, "[data\n")
-    with pytest.raises(ValueError, match=r"\[data\] train: file not found: .*missing\.jsonl"):
+    missing_train = r"\[data\] train: file not found: .*missing\.jsonl \(`w2s data gsm8k` downloads"
+    with pytest.raises(ValueError, match=missing_train):
         _load(tmp_path, BASE.replace('train = "train.jsonl"', 'train = "missing.jsonl"'))
     with pytest.raises(ValueError, match=r"\[models\] weak: no checkpoint \(config\.json\) at .*nowhere"):
         _load(tmp_path, BASE.replace('weak = "weak"', 'weak = "nowhere"'))

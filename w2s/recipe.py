@@ -400,7 +400,8 @@ def _validate(r, path, check_files):
     train = ("[data] train_2", r.data.train_2) if r.data.train_2 else ("[data] train", r.data.train)
     for key, p in (train, ("[data] test", r.data.test)):
         if not p or not Path(p).is_file():
-            bad(key, f"file not found: {p or '(empty)'}")
+            bad(key, f"file not found: {p or '(empty)'} (`w2s data {r.data.task}` downloads the task's files, or "
+                     f"says where to put them offline)")
     if r.data.split_file and not Path(r.data.split_file).is_file():
         bad("[data] split_file", f"file not found: {r.data.split_file}")
     for key, p in (("[models] weak", r.models.weak), ("[models] strong", r.models.strong)):
