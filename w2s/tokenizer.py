@@ -17,6 +17,9 @@ Special tokens are handled by w2s, not by the backend, so both backends behave t
 - Whether BOS is prepended (the model's convention) comes from, in order: tokenizer_config.json "add_bos_token";
   a tokenizer.json post-processor whose template starts with a special token (Llama-3's <|begin_of_text|>);
   otherwise "yes if the model has a BOS token" (Llama-2, Mistral and Gemma all prepend it).
+- EOS is appended only where the caller asks (eos=True: the end of a training row). A tokenizer_config.json
+  "add_eos_token": true is not followed: it would end every prompt with EOS, and a sampled answer must follow the
+  prompt, not a finished sequence.
 - Special-token strings that appear in the text ("<s>", "<|eot_id|>") become their ids in both backends, as
   transformers does; SentencePiece alone would spell them out piece by piece.
 
