@@ -1,5 +1,7 @@
-"""LLaMA-Factory json import/export (w2s/interchange.py): round trips of SFT rows and preference pairs, the paper's
-"content" spelling and the "input" field as LLaMA-Factory reads them, and one clear error per malformed file.
+"""LLaMA-Factory json import/export (w2s/interchange.py): round trips of SFT rows and preference pairs (in the authors'
+[chosen, rejected] layout and LLaMA-Factory's current alpaca and sharegpt chosen/rejected layouts), hand-written files
+in each published layout, the paper's "content" spelling and the "input" field as LLaMA-Factory reads them, and one
+clear error per malformed file.
 
     python -m pytest -q tests/test_interchange.py
 """
@@ -8,7 +10,7 @@ import json
 
 import pytest
 
-from w2s.interchange import export_pairs, export_sft, import_pairs, import_sft
+from w2s.interchange import PAIR_LAYOUTS, dataset_info_entry, export_pairs, export_sft, import_pairs, import_sft
 
 SFT_ROWS = [
     {"id": "gsm8k-train-00001", "prompt": "Question: Ann has 3 pens.\nAnswer:", "response": "3 + 2 = 5\n#### 5"},
@@ -79,6 +81,8 @@ def test_llama_factory_prompt_joining_extra_keys_and_the_authors_ids(tmp_path):
      r"bad\.json\[1\]: missing key 'instruction' \(or 'content'\)"),
     ("[{\"instruction\": \"a\"}]", import_sft, r"bad\.json\[0\]: missing key 'output'"),
     ("[{\"instruction\": \"a\", \"output\": [\"c\", \"r\"]}]", import_sft, r"a list means a pairs file"),
+    ("[{\"instruction\": \"a\", \"output\": \"b\", \"history\": [[\"q\", \"r\"]]}]", import_sft,
+     r"bad\.json\[0\]: key 'history' holds earlier turns \(a multi-turn prompt\)"),
     ("[{\"instruction\": \"a\", \"output\": [\"only one\"]}]", import_pairs,
      r"bad\.json\[0\]: key 'output' must be a list of two strings"),
     ("[{\"instruction\": \"a\", \"output\": \"c\"}]", import_pairs, r"must be a list of two strings"),
@@ -100,3 +104,133 @@ def test_missing_file_and_missing_row_keys(tmp_path):
     with pytest.raises(ValueError, match=r"pairs\[0\]: missing key 'rejected'"):
         export_pairs([{"id": 1, "prompt": "p", "chosen": "c"}], tmp_path / "y.json")
     assert not (tmp_path / "x.json").exists() and not (tmp_path / "y.json").exists()  # nothing half-written
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The three preference layouts
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", PAIR_LAYOUTS)
+def test_pairs_round_trip_in_every_layout(tmp_path, layout):
+    path = tmp_path / f"{layout}.json"
+    export_pairs(PAIRS, path, layout=layout)
+    assert import_pairs(path) == PAIRS  # the layout is found from the file itself
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_the_current_layouts_on_disk(tmp_path):
+    """What LLaMA-Factory's data/README.md documents for a preference set, alpaca and sharegpt; the default stays the
+    authors' layout."""
+    export_pairs(PAIRS, tmp_path / "alpaca.json", layout="alpaca")
+    export_pairs(PAIRS, tmp_path / "sharegpt.json", layout="sharegpt")
+    export_pairs(PAIRS, tmp_path / "default.json")
+    alpaca = json.loads((tmp_path / "alpaca.json").read_text())
+    sharegpt = json.loads((tmp_path / "sharegpt.json").read_text())
+    assert alpaca[1] == {"id": "q2", "instruction": "Question: b?\nAnswer:", "input": "", "chosen": "x #### 1",
+                         "rejected": "y #### 2"}
+    assert sharegpt[1] == {"id": "q2", "conversations": [{"from": "human", "value": "Question: b?\nAnswer:"}],
+                           "chosen": {"from": "gpt", "value": "x #### 1"},
+                           "rejected": {"from": "gpt", "value": "y #### 2"}}
+    assert sharegpt[0]["kind"] == "weak_chosen" and alpaca[0]["confidence"] == 0.7  # analysis keys ride along
+    assert json.loads((tmp_path / "default.json").read_text())[1]["output"] == ["x #### 1", "y #### 2"]
+
+
+def test_dataset_info_entries_name_the_columns_each_layout_uses():
+    assert dataset_info_entry("pairs.json", "alpaca") == {
+        "file_name": "pairs.json", "ranking": True,
+        "columns": {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected"}}
+    assert dataset_info_entry("pairs.json", "sharegpt") == {
+        "file_name": "pairs.json", "formatting": "sharegpt", "ranking": True,
+        "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"}}
+    # as the authors' data/llama_factory/dataset_info.json registers their *_paired.json files
+    assert dataset_info_entry("pairs.json") == {
+        "file_name": "pairs.json", "ranking": True,
+        "columns": {"prompt": "instruction", "query": "input", "response": "output"}}
+    with pytest.raises(ValueError, match=r"layout 'openai': expected one of authors, alpaca, sharegpt"):
+        dataset_info_entry("pairs.json", "openai")
+
+
+# Written by hand from each published layout: the authors' *_paired.json files, and LLaMA-Factory's data/README.md
+# preference examples (alpaca with a non-empty "input", which joins the instruction after a newline; sharegpt with one
+# human turn). No ids: an entry's id is its index.
+PUBLISHED = {
+    "authors": [{"id": 13, "instruction": "Question: 8 sprinters, 3 medals: how many ways?\nAnswer:", "input": "",
+                 "output": ["8*7*6 = 336. The answer is: 336", "3*2*1 = 6. The answer is: 6"]}],
+    "alpaca": [{"instruction": "Solve for x.", "input": "2x + 3 = 7",
+                "chosen": "2x = 4, so x = 2.", "rejected": "x = 5."}],
+    "sharegpt": [{"conversations": [{"from": "human", "value": "What is 12 / 4?"}],
+                  "chosen": {"from": "gpt", "value": "12 / 4 = 3."}, "rejected": {"from": "gpt", "value": "4."}}],
+}
+EXPECTED = {
+    "authors": {"id": 13, "prompt": "Question: 8 sprinters, 3 medals: how many ways?\nAnswer:",
+                "chosen": "8*7*6 = 336. The answer is: 336", "rejected": "3*2*1 = 6. The answer is: 6"},
+    "alpaca": {"id": 0, "prompt": "Solve for x.\n2x + 3 = 7", "chosen": "2x = 4, so x = 2.", "rejected": "x = 5."},
+    "sharegpt": {"id": 0, "prompt": "What is 12 / 4?", "chosen": "12 / 4 = 3.", "rejected": "4."},
+}
+
+
+@pytest.mark.parametrize("layout", PAIR_LAYOUTS)
+def test_reads_a_hand_written_file_in_each_published_layout(tmp_path, layout):
+    path = tmp_path / "published.json"
+    path.write_text(json.dumps(PUBLISHED[layout], indent=2))
+    assert import_pairs(path) == [EXPECTED[layout]]
+
+
+# The multi-turn sharegpt example of LLaMA-Factory's data/README.md (human, gpt, human; then chosen / rejected)
+MULTI_TURN = {"conversations": [{"from": "human", "value": "What is 2 + 2?"}, {"from": "gpt", "value": "4."},
+                                {"from": "human", "value": "And times 3?"}],
+              "chosen": {"from": "gpt", "value": "12."}, "rejected": {"from": "gpt", "value": "10."}}
+ONE_TURN = PUBLISHED["sharegpt"][0]
+ALPACA = PUBLISHED["alpaca"][0]
+
+
+@pytest.mark.parametrize("entries, message", [
+    # what a one-string prompt cannot carry is refused, never dropped
+    ([ONE_TURN, MULTI_TURN], r"pairs\.json\[1\]: key 'conversations' holds 3 messages; only a single-turn prompt"),
+    ([{**ALPACA, "history": [["What is 2 + 2?", "4."]]}], r"pairs\.json\[0\]: key 'history' holds earlier turns"),
+    ([{**ALPACA, "system": "You are a tutor."}], r"\[0\]: key 'system' holds a system prompt"),
+    ([{**ONE_TURN, "conversations": [{"from": "system", "value": "Be brief."}, *ONE_TURN["conversations"]]}],
+     r"\[0\]: key 'conversations' opens with a system message"),
+    ([{**ONE_TURN, "conversations": [{"from": "gpt", "value": "hi"}]}], r"must hold a 'human' message, got 'gpt'"),
+    ([{**ONE_TURN, "conversations": [{"from": "human"}]}], r"\[0\]: key 'conversations' must be a list of messages"),
+    # malformed entries of the current layouts
+    ([{**ALPACA, "chosen": ["a", "b"]}], r"pairs\.json\[0\]: key 'chosen' must be a string \(alpaca layout\)"),
+    ([{"instruction": "p", "chosen": "c"}], r"\[0\]: missing key 'rejected' \(key 'chosen' makes it the alpaca"),
+    ([{**ONE_TURN, "rejected": "4."}], r"\[0\]: key 'rejected' must be a message \{\"from\": \"gpt\""),
+    ([{**ONE_TURN, "chosen": {"from": "human", "value": "3"}}], r"\[0\]: key 'chosen' must be a message"),
+    ([{"conversations": ONE_TURN["conversations"]}], r"\[0\]: missing key 'chosen' \(key 'conversations' makes"),
+    ([{"instruction": "p", "input": ""}], r"\[0\]: missing key 'output', 'chosen' or 'conversations'"),
+    # one file, one layout: the first entry decides
+    ([ALPACA, ONE_TURN], r"\[1\]: key 'conversations' makes it the sharegpt layout, but the file is in the alpaca"),
+    ([PUBLISHED["authors"][0], ALPACA], r"\[1\]: key 'chosen' makes it the alpaca layout, but the file is in the auth"),
+])  # fmt: skip
+def test_current_layouts_refuse_what_they_cannot_read_in_one_line(tmp_path, entries, message):
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps(entries))
+    with pytest.raises(ValueError, match=message) as info:
+        import_pairs(path)
+    assert "\n" not in str(info.value)
+
+
+def test_export_refuses_an_unknown_layout_and_a_key_llama_factory_would_read(tmp_path):
+    with pytest.raises(ValueError, match=r"layout 'openai': expected one of"):
+        export_pairs(PAIRS, tmp_path / "a.json", layout="openai")
+    with pytest.raises(ValueError, match=r"pairs\[0\]: key 'system' is a LLaMA-Factory column name"):
+        export_pairs([{**PAIRS[1], "system": "Be brief."}], tmp_path / "b.json", layout="alpaca")
+    assert not (tmp_path / "a.json").exists() and not (tmp_path / "b.json").exists()
+
+
+def test_pairs_of_one_question_share_its_id(tmp_path):
+    """Up to 3 pairs per question (MATH, OlympicArena) carry the question's id, in build_pairs and in the authors'
+    *_paired.json files alike (their ids repeat: 0, 0, 0, 13, ...): a pairs file may repeat an id; an SFT file may
+    not (test_llama_factory_prompt_joining_extra_keys_and_the_authors_ids)."""
+    three = [{**PAIRS[1], "chosen": f"x{k} #### 1"} for k in range(3)]
+    for layout in PAIR_LAYOUTS:
+        export_pairs(three, tmp_path / f"{layout}.json", layout=layout)
+        assert import_pairs(tmp_path / f"{layout}.json") == three
+    path = tmp_path / "paired.json"
+    path.write_text(json.dumps([{**PUBLISHED["authors"][0], "id": 1}, {**PUBLISHED["authors"][0], "id": 1},
+                                {**PUBLISHED["authors"][0], "id": 0}]))
+    records = [{"id": "math_4"}, {"id": "math_9"}]
+    assert [p["id"] for p in import_pairs(path, records=records)] == ["math_9", "math_9", "math_4"]

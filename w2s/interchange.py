@@ -3,18 +3,37 @@
 The released files are one json list per set (alpaca style in LLaMA-Factory's terms):
 
     SFT    [{"id", "instruction" | "content": prompt, "input": "", "output": response}, ...]
-    pairs  [{"id", "instruction": prompt, "input": "", "output": [chosen, rejected]}, ...]   ("ranking": true)
 
 The paper's SFT files name the prompt "content"; we write the standard "instruction" and read either. A non-empty
-"input" is appended to the instruction after a newline, as LLaMA-Factory does. Our side of the exchange:
+"input" is appended to the instruction after a newline, as LLaMA-Factory does (an empty part adds no newline).
+
+Preference pairs come in three layouts; import_pairs tells them apart per file (one file, one layout, as one
+dataset_info.json entry describes one file), export_pairs(..., layout=) writes any of them:
+
+    "authors"   [{"id", "instruction", "input": "", "output": [chosen, rejected]}, ...]
+                the paper's *_paired.json files (GAIR-NLP/weak-to-strong-reasoning data/llama_factory/), read as pairs
+                by LLaMA-Factory's old llmtuner converter (src/llmtuner/data/aligner.py); the current converter
+                (src/llamafactory/data/converter.py) takes pairs only from "chosen"/"rejected", so not from these
+    "alpaca"    [{"id", "instruction", "input": "", "chosen": chosen, "rejected": rejected}, ...]
+                current LLaMA-Factory, data/README.md "Alpaca Format / Preference Dataset"
+    "sharegpt"  [{"id", "conversations": [{"from": "human", "value": prompt}],
+                  "chosen": {"from": "gpt", "value": chosen}, "rejected": {"from": "gpt", "value": rejected}}, ...]
+                current LLaMA-Factory, data/README.md "Sharegpt Format / Preference Dataset"
+
+dataset_info_entry(file_name, layout) gives the dataset_info.json entry (ranking, formatting, columns) for each.
+
+A row's or pair's prompt is one string, so what LLaMA-Factory would put elsewhere in the chat is refused, one line,
+never dropped: a multi-turn sharegpt prompt (more than one message in "conversations"), an alpaca "history", a
+system prompt ("system", or a leading "system" message), tools and media. Our side of the exchange:
 
     export_sft(rows, path)     rows {"id", "prompt", "response"}          (w2s.stages.consistency.sft_sets)
     import_sft(path)           -> the same rows
-    export_pairs(pairs, path)  pairs {"id", "prompt", "chosen", "rejected", ...}  (preference_pairs.build_pairs)
-    import_pairs(path)         -> the same pairs (every other key, "kind", "weight", ..., survives)
+    export_pairs(pairs, path, layout="authors")  pairs {"id", "prompt", "chosen", "rejected", ...}  (build_pairs)
+    import_pairs(path)         -> the same pairs (every other key, "kind", "weight", ..., survives), any layout
     import_sft(path, records=train_2)   the authors' files: their ids are positions in train_2, mapped to its ids
 
-A file without ids gets its list index as id; a repeated id is an error. Malformed files stop with one line naming
+A file without ids gets its list index as id; a repeated id is an error in an SFT file, and in a pairs file
+the question's id shared by its pairs (up to 3 per question in MATH). Malformed files stop with one line naming
 the file, the entry index and the missing or bad key.
 
 Test: python -m pytest -q tests/test_interchange.py
@@ -28,9 +47,26 @@ from pathlib import Path
 from w2s.files import write_atomic
 
 PROMPT_KEYS = ("instruction", "content")  # preferred name first; "content" is what the paper's SFT files use
-# A pair's keys beyond id/prompt/chosen/rejected (kind, confidence, weight, votes, ...) are written as they are and
-# read back, so a round trip keeps the analysis data and the training weight; these are LLaMA-Factory's own.
-LLAMA_FACTORY_KEYS = ("id", "instruction", "content", "input", "output", "system", "history")
+PAIR_LAYOUTS = ("authors", "alpaca", "sharegpt")
+PAIR_KEYS = ("id", "prompt", "chosen", "rejected")
+# Column names LLaMA-Factory reads itself (data/README.md). A pair's other keys (kind, confidence, weight, votes, ...)
+# are written as they are and read back, so a round trip keeps the analysis data and the training weight; one of these
+# names as such a key would be taken for the column, so export refuses it and import does not copy it.
+LLAMA_FACTORY_KEYS = ("id", "instruction", "content", "input", "output", "chosen", "rejected", "conversations",
+                      "system", "history", "tools", "images", "videos", "audios")
+# What LLaMA-Factory hands to the chat template or a media plugin, besides the one prompt string a row or pair holds
+# here: a set value is refused, since dropping it would train on a different example than the file describes.
+UNREAD_KEYS = {"system": "a system prompt", "history": "earlier turns (a multi-turn prompt)", "tools": "tools",
+               "images": "images", "videos": "videos", "audios": "audio"}
+# The dataset_info.json entry for each pair layout: "authors" as in the authors' data/llama_factory/dataset_info.json,
+# the other two as data/README.md of LLaMA-Factory documents them.
+DATASET_INFO = {
+    "authors": {"ranking": True, "columns": {"prompt": "instruction", "query": "input", "response": "output"}},
+    "alpaca": {"ranking": True,
+               "columns": {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected"}},
+    "sharegpt": {"formatting": "sharegpt", "ranking": True,
+                 "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"}},
+}
 
 
 def _write_json(path: str | Path, obj) -> None:
@@ -56,7 +92,15 @@ def _read_entries(path: str | Path) -> list[dict]:
     return data
 
 
+def _check_unread(entry: dict, where: str) -> None:
+    for key, what in UNREAD_KEYS.items():
+        if entry.get(key) not in (None, "", [], {}):
+            raise ValueError(f"{where}: key {key!r} holds {what}, which a one-string prompt cannot carry; not read")
+
+
 def _prompt(entry: dict, where: str) -> str:
+    """The prompt of an alpaca-style entry (SFT, or pairs in the authors' or the alpaca layout)."""
+    _check_unread(entry, where)
     key = next((k for k in PROMPT_KEYS if k in entry), None)
     if key is None:
         raise ValueError(f"{where}: missing key 'instruction' (or 'content'), the prompt")
@@ -86,10 +130,10 @@ def export_sft(rows: list[dict], path: str | Path) -> None:
     _write_json(path, entries)
 
 
-def _entry_ids(path, entries, records):
+def _entry_ids(path, entries, records, unique=True):
     """Each entry's id: its "id" (its index when it has none). The authors' released files number their entries by
     position in the train_2 file they were made from (data/process.py): with those records given, in file order, an
-    integer id i is records[i]["id"]. A repeated id is an error."""
+    integer id i is records[i]["id"]. A repeated id is an error when unique (SFT: one row per question)."""
     ids, seen = [], {}
     for i, entry in enumerate(entries):
         key = entry.get("id", i)
@@ -97,7 +141,7 @@ def _entry_ids(path, entries, records):
             if not isinstance(key, int) or not 0 <= key < len(records):
                 raise ValueError(f"{path}[{i}]: id {key!r} is not a position in the {len(records)} records given")
             key = records[key]["id"]
-        if key in seen:
+        if unique and key in seen:
             raise ValueError(f"{path}[{i}]: id {key!r} repeats entry {seen[key]}")
         seen[key] = i
         ids.append(key)
@@ -124,32 +168,137 @@ def import_sft(path: str | Path, records: list[dict] | None = None) -> list[dict
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def export_pairs(pairs: list[dict], path: str | Path) -> None:
-    """Pairs {"id", "prompt", "chosen", "rejected", ...} -> [{"id", "instruction", "input": "", "output": [c, r]}]."""
+def _is_message(message) -> bool:
+    return isinstance(message, dict) and isinstance(message.get("from"), str) and isinstance(message.get("value"), str)
+
+
+def _sharegpt_prompt(entry: dict, where: str) -> str:
+    """LLaMA-Factory takes every message of "conversations" as the prompt turns (human first, an odd count; a leading
+    "system" message is the system prompt). A pair's prompt is one string, so one human message is read; more turns
+    are refused rather than flattened into a chat format that no model here was trained on."""
+    _check_unread(entry, where)
+    messages = entry["conversations"]
+    if not isinstance(messages, list) or not all(_is_message(m) for m in messages):
+        raise ValueError(f"{where}: key 'conversations' must be a list of messages {{\"from\", \"value\": text}}")
+    if messages and messages[0]["from"] == "system":
+        raise ValueError(f"{where}: key 'conversations' opens with a system message, which a one-string prompt "
+                         "cannot carry; not read")
+    if len(messages) != 1:
+        raise ValueError(f"{where}: key 'conversations' holds {len(messages)} messages; only a single-turn prompt "
+                         "(one 'human' message) is read, as a pair's prompt is one string")
+    if messages[0]["from"] != "human":
+        raise ValueError(f"{where}: key 'conversations' must hold a 'human' message, got {messages[0]['from']!r}")
+    return messages[0]["value"]
+
+
+def _sharegpt_answer(entry: dict, key: str, where: str) -> str:
+    # LLaMA-Factory also takes a "function_call" message here; that is a tool call, not an answer to compare
+    if not (_is_message(entry[key]) and entry[key]["from"] == "gpt"):
+        raise ValueError(f"{where}: key {key!r} must be a message {{\"from\": \"gpt\", \"value\": text}}")
+    return entry[key]["value"]
+
+
+def _read_authors(entry: dict, where: str) -> tuple[str, str, str]:
+    output = entry["output"]
+    if not (isinstance(output, list) and len(output) == 2 and all(isinstance(s, str) for s in output)):
+        raise ValueError(f"{where}: key 'output' must be a list of two strings [chosen, rejected]")
+    return _prompt(entry, where), output[0], output[1]
+
+
+def _read_alpaca(entry: dict, where: str) -> tuple[str, str, str]:
+    for key in ("chosen", "rejected"):
+        if not isinstance(entry[key], str):
+            raise ValueError(f"{where}: key {key!r} must be a string (alpaca layout)")
+    return _prompt(entry, where), entry["chosen"], entry["rejected"]
+
+
+def _read_sharegpt(entry: dict, where: str) -> tuple[str, str, str]:
+    prompt = _sharegpt_prompt(entry, where)
+    return prompt, _sharegpt_answer(entry, "chosen", where), _sharegpt_answer(entry, "rejected", where)
+
+
+def _write_authors(pair: dict) -> dict:
+    return {"instruction": pair["prompt"], "input": "", "output": [pair["chosen"], pair["rejected"]]}
+
+
+def _write_alpaca(pair: dict) -> dict:
+    return {"instruction": pair["prompt"], "input": "", "chosen": pair["chosen"], "rejected": pair["rejected"]}
+
+
+def _write_sharegpt(pair: dict) -> dict:
+    return {"conversations": [{"from": "human", "value": pair["prompt"]}],
+            "chosen": {"from": "gpt", "value": pair["chosen"]}, "rejected": {"from": "gpt", "value": pair["rejected"]}}
+
+
+# layout -> (the keys that mark an entry as in it, the keys it needs, reader, writer). Checked in this order, since a
+# sharegpt entry has "chosen" too; an entry with "chosen" and "output" is alpaca, as current LLaMA-Factory reads it.
+LAYOUTS = {
+    "sharegpt": (("conversations",), ("conversations", "chosen", "rejected"), _read_sharegpt, _write_sharegpt),
+    "alpaca": (("chosen", "rejected"), ("chosen", "rejected"), _read_alpaca, _write_alpaca),
+    "authors": (("output",), ("output",), _read_authors, _write_authors),
+}
+
+
+def _check_layout(layout: str) -> None:
+    if layout not in PAIR_LAYOUTS:
+        raise ValueError(f"layout {layout!r}: expected one of {', '.join(PAIR_LAYOUTS)}")
+
+
+def _layout_of(entry: dict, where: str) -> tuple[str, str]:
+    """The layout an entry is in and the key that says so; the layout's other keys must be there too."""
+    for layout, (marks, needs, _, _) in LAYOUTS.items():
+        mark = next((k for k in marks if k in entry), None)
+        if mark is not None:
+            missing = next((k for k in needs if k not in entry), None)
+            if missing is not None:
+                raise ValueError(f"{where}: missing key {missing!r} (key {mark!r} makes it the {layout} layout)")
+            return layout, mark
+    raise ValueError(f"{where}: missing key 'output', 'chosen' or 'conversations': not a preference pair in any "
+                     "LLaMA-Factory layout")
+
+
+def dataset_info_entry(file_name: str, layout: str = "authors") -> dict:
+    """The dataset_info.json entry that tells LLaMA-Factory how to read a pairs file written in this layout."""
+    _check_layout(layout)
+    info = DATASET_INFO[layout]
+    return {"file_name": file_name, **info, "columns": dict(info["columns"])}
+
+
+def export_pairs(pairs: list[dict], path: str | Path, layout: str = "authors") -> None:
+    """Pairs {"id", "prompt", "chosen", "rejected", ...} -> a LLaMA-Factory ranking file in `layout` (see the module
+    docstring); the default is the authors' [chosen, rejected] "output", so their files and ours compare as they are."""
+    _check_layout(layout)
+    write = LAYOUTS[layout][3]
     entries = []
     for i, pair in enumerate(pairs):
-        _check_keys(pair, ("id", "prompt", "chosen", "rejected"), f"pairs[{i}]")
-        output = [pair["chosen"], pair["rejected"]]
-        entry = {"id": pair["id"], "instruction": pair["prompt"], "input": "", "output": output}
-        entry.update({k: v for k, v in pair.items() if k not in ("id", "prompt", "chosen", "rejected")})
-        entries.append(entry)
+        _check_keys(pair, PAIR_KEYS, f"pairs[{i}]")
+        extras = {k: v for k, v in pair.items() if k not in PAIR_KEYS}
+        clash = next((k for k in extras if k in LLAMA_FACTORY_KEYS), None)
+        if clash is not None:
+            raise ValueError(f"pairs[{i}]: key {clash!r} is a LLaMA-Factory column name; it would be read as one")
+        entries.append({"id": pair["id"], **write(pair), **extras})
     _write_json(path, entries)
 
 
 def import_pairs(path: str | Path, records: list[dict] | None = None) -> list[dict]:
-    """A LLaMA-Factory ranking file (output = [chosen, rejected]) -> pairs {"id", "prompt", "chosen", "rejected",
-    and every other key the entry has}; records: see _entry_ids."""
+    """A LLaMA-Factory ranking file in any of the three layouts -> pairs {"id", "prompt", "chosen", "rejected", and
+    every other key the entry has}; records: see _entry_ids. The first entry fixes the file's layout: LLaMA-Factory
+    reads a file with one dataset_info.json entry, so an entry in another layout is an error, not a second reading."""
     pairs = []
     entries = _read_entries(path)
-    ids = _entry_ids(path, entries, records)
+    # a pair's id is its question's: build_pairs (max_pairs > 1) and the authors' MATH / OlympicArena *_paired.json
+    # files hold up to 3 pairs per question under one id
+    ids = _entry_ids(path, entries, records, unique=False)
+    layout = _layout_of(entries[0], f"{path}[0]")[0] if entries else "authors"
+    read = LAYOUTS[layout][2]
     for i, entry in enumerate(entries):
         where = f"{path}[{i}]"
-        if "output" not in entry:
-            raise ValueError(f"{where}: missing key 'output', the [chosen, rejected] list")
-        output = entry["output"]
-        if not (isinstance(output, list) and len(output) == 2 and all(isinstance(s, str) for s in output)):
-            raise ValueError(f"{where}: key 'output' must be a list of two strings [chosen, rejected]")
-        pair = {"id": ids[i], "prompt": _prompt(entry, where), "chosen": output[0], "rejected": output[1]}
+        found, mark = _layout_of(entry, where)
+        if found != layout:
+            raise ValueError(f"{where}: key {mark!r} makes it the {found} layout, but the file is in the {layout} "
+                             "layout (entry 0)")
+        prompt, chosen, rejected = read(entry, where)
+        pair = {"id": ids[i], "prompt": prompt, "chosen": chosen, "rejected": rejected}
         pair.update({k: v for k, v in entry.items() if k not in LLAMA_FACTORY_KEYS})
         pairs.append(pair)
     return pairs
