@@ -282,11 +282,12 @@ def test_labels_follow_the_generations_and_the_paper_prompts(full_run):
         for g in gens:
             for c in g["completions"]:  # generation stops before a new "Question" / "Answer"
                 assert "Question" not in c["text"] and "Answer" not in c["text"]
-        # The labels keep the completion without its leading space (the trainer adds prompt + " " + response).
+        # The labels keep the completion without its leading space (the trainer adds prompt + " " + response), and
+        # without "." at its ends, as the authors' src/inference.py stores a response: text.strip().strip(".").
         texts = [c["text"] for g in gens for c in g["completions"]]
         responses = [lab["response"] for lab in labels] if n == 1 else \
             [s["response"] for lab in labels for s in lab["samples"]]
-        assert responses == [t.strip() for t in texts] and any(t.startswith(" ") for t in texts)
+        assert responses == [t.strip().strip(".") for t in texts] and any(t.startswith(" ") for t in texts)
         # Labels hold responses, never answers (a grader reads them where they are compared), and say which ones
         # stopped at the token limit.
         rows = labels if n == 1 else [s for lab in labels for s in lab["samples"]]

@@ -7,6 +7,7 @@ Run: python -m pytest -q tests/test_tasks.py
 
 import io
 import json
+import random
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -22,6 +23,7 @@ from w2s.tasks import (
     save_split,
     select_demos,
     split_train,
+    stored_response,
     training_text,
     zero_shot_prompt,
 )
@@ -180,6 +182,33 @@ def test_select_demos_is_seeded_and_not_filtered_for_correctness():
     assert {d["id"] for d in everything} == set(range(10))
     with pytest.raises(ValueError, match="need 11 weak responses containing the answer marker '####'"):
         select_demos(weak, "gsm8k", k=11, seed=0)
+
+
+def test_stored_response_cleans_as_the_authors_inference_script():
+    # src/inference.py: output.outputs[0].text.strip().strip(".") for GSM8K and MATH; src/inference_olympic.py keeps
+    # the text (w2s strips its surrounding whitespace, for the prompt + " " + response join).
+    assert stored_response(" She earned 10 dollars.\n#### 10.\n", "gsm8k") == "She earned 10 dollars.\n#### 10"
+    assert stored_response("..5 is half of 10. The answer is: 5..", "math") == "5 is half of 10. The answer is: 5"
+    assert stored_response(" 3.5. ", "gsm8k") == "3.5"  # only the ends: the decimal point stays
+    assert stored_response(" So $\\boxed{3}$. \n", "olympicarena") == "So $\\boxed{3}$."
+
+
+def test_select_demos_is_the_authors_draw():
+    # get_few_shot_prompts (src/prompt/demonstrations.py): random.seed(42), random.shuffle over every weak response of
+    # train_2 (marked or not), then the first 4 whose output contains the marker, in shuffled order.
+    weak = [{"id": i, "question": f"q{i}", "response": f"#### {i}" if i % 3 else "no marker"} for i in range(50)]
+    authors = list(weak)
+    random.seed(42)
+    random.shuffle(authors)
+    expected = [d for d in authors if "####" in d["response"]][:4]
+    assert select_demos(weak, "gsm8k") == expected  # seed 42 by default, as the recipes
+    # The released Gemma-2B GSM8K demonstrations ("randomly selected") come from the 7,000 entries of
+    # data/llama_factory/gsm8k/train_gsm8k_gemma_2b_full_weak.json: the shuffle puts entries 434 and 2772 first, whose
+    # outputs are cut off before a "####", then 3401, 173, 354, 6272; the second and third released demonstrations
+    # are entries 173 and 354, word for word.
+    released = [{"id": i, "question": "q", "response": "cut off" if i in (434, 2772) else "#### 1"}
+                for i in range(7000)]
+    assert [d["id"] for d in select_demos(released, "gsm8k", k=4, seed=42)] == [3401, 173, 354, 6272]
 
 
 @pytest.mark.parametrize("task,marker", [("gsm8k", "####"), ("math", "The answer is:")])

@@ -85,7 +85,7 @@ class Stage1Options:
     rounds: int = 2  # PAPER: 2 for GSM8K and OlympicArena, 1 for MATH
     round2_init: str = "base"  # "base": retrain from the strong base; "continue": continue the round-1 models
     n_demos: int = 4
-    demo_seed: int = 0  # which weak responses become the ICL demos (seeded draw, docs/PAPER.md)
+    demo_seed: int = 42  # which weak responses become the ICL demos (the authors' seeded draw, docs/PAPER.md)
     # Beyond the paper (off by default; docs/PAPER.md): Shi et al. 2025's weak self-consistency filter.
     weak_self_consistency: int = 0  # k > 0: the weak model samples k answers per train_2 question (02_weak_samples)
     weak_min_confidence: float = 0.6  # ... and questions whose weak majority is below this leave the weak set

@@ -66,6 +66,7 @@ from w2s.tasks import (
     save_split,
     select_demos,
     split_train,
+    stored_response,
     zero_shot_prompt,
 )
 from w2s.tasks.graders import per_question
@@ -269,9 +270,10 @@ def generate_stage(ctx, out, model_dir, records, prompt, n=1, temperature=0.0, t
     labels.jsonl rows: {"id", "question", "response", "truncated"} for n == 1, or {"id", "question", "samples":
     [{"response", "truncated"}, ...]} for n > 1; "truncated": the completion stopped at the token limit
     (finish_reason "length"). No answers: the stages that compare them read them with the recipe's grader.
-    A response is the completion stripped of surrounding whitespace: the model continues "Answer:" with a space, and
-    the trainer joins prompt + " " + response, so a kept space would teach a double one (the raw text stays in
-    generations.jsonl). Returns (rows, counts for meta.json).
+    A response is the completion as tasks.stored_response keeps it: stripped of surrounding whitespace (the model
+    continues "Answer:" with a space, and the trainer joins prompt + " " + response, so a kept space would teach a
+    double one) and, for GSM8K and MATH, of "." at both ends, as the authors store it; the raw text stays in
+    generations.jsonl. Returns (rows, counts for meta.json).
     """
     r = ctx.recipe
     model, tok, adapter = load_for_inference(ctx, model_dir)
@@ -289,7 +291,7 @@ def generate_stage(ctx, out, model_dir, records, prompt, n=1, temperature=0.0, t
     for rec, res in zip(records, results, strict=True):
         if res["id"] != rec["id"]:
             raise RuntimeError(f"{path}: id {res['id']!r} where {rec['id']!r} was expected (sampler order)")
-        samples = [{"response": c["text"].strip(), "truncated": c["finish_reason"] == "length"}
+        samples = [{"response": stored_response(c["text"], r.data.task), "truncated": c["finish_reason"] == "length"}
                    for c in res["completions"]]
         rows.append({"id": rec["id"], "question": rec["question"], **samples[0]} if n == 1 else
                     {"id": rec["id"], "question": rec["question"], "samples": samples})

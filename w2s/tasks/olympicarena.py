@@ -26,10 +26,10 @@ Test: python -m pytest -q tests/test_olympicarena.py
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 from w2s.files import read_jsonl, require
+from w2s.tasks.paper_protocol import draw_demos
 
 NAME = "olympicarena"
 HF_DATASET = "GAIR/OlympicArena"
@@ -68,11 +68,14 @@ def select_demos(weak_labels: list[dict], prompts: dict, k: int, seed: int) -> l
     "truncated"?} to train_2 questions, prompts = {id: the question's prompt}. Eligible: a response that contains
     ANSWER_MARKER and did not stop at the token limit (with 2,048-token responses, four cut-off ones would not fit
     Llama-3's 8,192 positions beside the question). Not checked for correctness, as for GSM8K and MATH."""
-    candidates = [r for r in weak_labels if ANSWER_MARKER in r["response"] and not r.get("truncated", False)]
-    if len(candidates) < k:
+    def eligible(r):
+        return ANSWER_MARKER in r["response"] and not r.get("truncated", False)
+
+    demos = draw_demos(weak_labels, eligible, k, seed)  # the authors' draw, as for GSM8K and MATH
+    if len(demos) < k:
         raise ValueError(f"need {k} weak responses containing {ANSWER_MARKER!r} (and not truncated) for ICL demos, "
-                         f"found {len(candidates)} of {len(weak_labels)}")
-    return [{"prompt": prompts[r["id"]], "response": r["response"]} for r in random.Random(seed).sample(candidates, k)]
+                         f"found {sum(map(eligible, weak_labels))} of {len(weak_labels)}")
+    return [{"prompt": prompts[r["id"]], "response": r["response"]} for r in demos]
 
 
 def _answer_type(row: dict, where: str) -> str:

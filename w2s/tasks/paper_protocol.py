@@ -6,6 +6,7 @@ purpose: its accuracies, kept fractions and pair counts are on the paper's scale
 
     paper_extract(response, marker)   the raw final answer of a model response ("" when there is none)
     minerva_normalize(answer)         the authors' Minerva-style normalizer, for prediction and gold alike
+    draw_demos(records, eligible, k, seed)   the authors' draw of the few-shot demonstrations (all three tasks)
 
 Comparison is exact equality of the normalized strings, and "" (no answer) equals nothing (w2s/tasks/graders.py).
 
@@ -14,6 +15,7 @@ Test: python -m pytest -q tests/test_graders.py
 
 from __future__ import annotations
 
+import random
 import re
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -113,3 +115,14 @@ def minerva_normalize(answer: str) -> str:
     if s.lower() in _CHOICES:
         s = s.lower()
     return s
+
+
+def draw_demos(records: list, eligible, k: int, seed: int) -> list:
+    """The authors' demonstration draw (`get_few_shot_prompts` in src/prompt/demonstrations.py of
+    GAIR-NLP/weak-to-strong-reasoning): shuffle ALL the weak model's responses, in train_2 order, with Python's
+    random.shuffle seeded `seed` (theirs: 42), then keep the first k for which `eligible(record)` holds, in shuffled
+    order. On the authors' split and weak outputs it gives their released demonstrations (docs/PAPER.md). Fewer than k
+    eligible: the caller's error."""
+    order = list(records)
+    random.Random(seed).shuffle(order)  # = random.seed(seed); random.shuffle(order)
+    return [r for r in order if eligible(r)][:k]
