@@ -4,6 +4,7 @@
 """
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -107,6 +108,32 @@ def test_absent_optional_config_keys_take_transformers_defaults(cls_name, family
             (ref.query_pre_attn_scalar, ref.attn_logit_softcapping, ref.final_logit_softcapping)
 
 
+@pytest.mark.parametrize("cls_name, family", [("GemmaConfig", "gemma"), ("Gemma2Config", "gemma2")])
+def test_gemma_configs_without_head_dim_or_kv_heads_take_transformers_defaults(cls_name, family, tmp_path):
+    """Gemma's config classes default head_dim to 256 (not hidden / heads) and keep their own kv-head counts."""
+    import transformers
+
+    save_hf(family, tmp_path)
+    hf = json.loads((tmp_path / "config.json").read_text())
+    hf.pop("head_dim"), hf.pop("num_key_value_heads")
+    hf["num_attention_heads"] = 16  # a multiple of either family's default kv heads
+    cfg = ModelConfig.from_hf(hf)
+    ref = getattr(transformers, cls_name)(**{k: v for k, v in hf.items() if k not in ("architectures", "model_type")})
+    assert (cfg.head_dim, cfg.n_kv_heads) == (ref.head_dim, ref.num_key_value_heads) != (64 // 16, 16)
+
+
+def test_gelu_is_the_tanh_form_for_gemma_only(tmp_path):
+    """transformers reads Gemma's legacy hidden_act "gelu" as the tanh approximation; Gemma-2's "gelu" is the exact
+    GELU, which w2s has no kernel for: refused, never computed as the tanh form."""
+    save_hf("gemma", tmp_path)
+    hf = json.loads((tmp_path / "config.json").read_text())
+    hf.pop("hidden_activation", None)
+    assert ModelConfig.from_hf({**hf, "hidden_act": "gelu"}).activation == "gelu_pytorch_tanh"
+    hf2 = json.loads((save_hf("gemma2", tmp_path / "g2") and tmp_path / "g2" / "config.json").read_text())
+    with pytest.raises(ValueError, match=r"activation 'gelu' is not supported"):
+        ModelConfig.from_hf({**hf2, "hidden_activation": "gelu"})
+
+
 def test_family_deltas_are_read_from_config(tmp_path):
     save_hf("gemma2", tmp_path)
     cfg = ModelConfig.from_pretrained(tmp_path)
@@ -156,6 +183,34 @@ def test_missing_shard(tmp_path):
     shard = sorted(tmp_path.glob("model-*.safetensors"))[1]
     shard.unlink()
     with pytest.raises(FileNotFoundError, match=shard.name + ".*is missing"):
+        w2s.load_model(tmp_path)
+
+
+def test_single_file_wins_over_a_stale_index_as_in_transformers(tmp_path):
+    """save_pretrained re-saving a sharded directory as one file leaves the old index: transformers loads
+    model.safetensors first, and so must w2s (it refused the directory, or read other weights when shards remained)."""
+    from transformers import AutoModelForCausalLM
+
+    save_hf("llama2", tmp_path, seed=0, max_shard_size="40KB")  # index + shards of seed 0
+    save_hf("llama2", tmp_path / "other", seed=1)
+    (tmp_path / "other" / "model.safetensors").rename(tmp_path / "model.safetensors")  # seed 1 as one file beside
+    tokens, mask = right_padded_batch([7])
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation="eager").eval()
+    assert_valid_close(hf_logits(hf, tokens, mask), w2s_logits(w2s.load_model(tmp_path, dtype=torch.float32), tokens), mask)
+    for shard in tmp_path.glob("model-*.safetensors"):
+        shard.unlink()  # only the stale index is left beside the file
+    assert_valid_close(hf_logits(hf, tokens, mask), w2s_logits(w2s.load_model(tmp_path, dtype=torch.float32), tokens), mask)
+
+
+def test_index_pointing_at_a_shard_without_the_tensor(tmp_path):
+    save_hf("llama2", tmp_path, max_shard_size="40KB")
+    index_file = tmp_path / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    name = "model.layers.1.mlp.up_proj.weight"
+    shards = sorted(set(index["weight_map"].values()))
+    index["weight_map"][name] = next(f for f in shards if f != index["weight_map"][name])
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=rf"model-.*\.safetensors: no tensor '{re.escape(name)}', which config"):
         w2s.load_model(tmp_path)
 
 

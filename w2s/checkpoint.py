@@ -74,9 +74,12 @@ def read_safetensors_header(path):
 
 
 def checkpoint_files(path):
-    """{tensor name: shard file} for a checkpoint directory, single-file or sharded."""
+    """{tensor name: shard file} for a checkpoint directory, single-file or sharded. model.safetensors wins over an
+    index, as in transformers: save_pretrained re-saving a sharded directory as one file leaves the old index."""
     path = Path(path)
-    index = path / INDEX_FILE
+    index, single = path / INDEX_FILE, path / SINGLE_FILE
+    if single.is_file():
+        return {name: single for name in read_safetensors_header(single)[0]}
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -87,9 +90,6 @@ def checkpoint_files(path):
             if not shard.is_file():
                 raise FileNotFoundError(f"{shard}: shard listed in {index} is missing")
         return shards
-    single = path / SINGLE_FILE
-    if single.is_file():
-        return {name: single for name in read_safetensors_header(single)[0]}
     found = sorted(p.name for p in path.glob("*.safetensors"))
     if len(found) == 1:  # a lone shard under another name
         return {name: path / found[0] for name in read_safetensors_header(path / found[0])[0]}
@@ -124,7 +124,9 @@ def load_state_dict(path, expected: dict, dtype=None, device="cpu"):
     for name, meta in expected.items():
         file = files[name]
         header, data_start = headers[file]
-        info = header[name]
+        info = header.get(name)
+        if info is None:  # the index names a shard that does not hold the tensor
+            raise ValueError(f"{file}: no tensor {name!r}, which config.json implies")
         if list(info["shape"]) != list(meta.shape):
             raise ValueError(f"{file}: tensor {name!r} has shape {info['shape']}, expected {list(meta.shape)} "
                              f"from config.json")

@@ -103,8 +103,10 @@ class ModelConfig:
             return hf[key]
 
         dim, n_heads = need("hidden_size"), need("num_attention_heads")
-        n_kv = hf.get("num_key_value_heads") or n_heads
-        head_dim = hf.get("head_dim") or dim // n_heads
+        gemma, gemma2 = family in ("gemma", "gemma2"), family == "gemma2"
+        # absent keys take transformers' family defaults: Gemma's configs fix head_dim 256 and their own kv heads
+        n_kv = hf.get("num_key_value_heads") or ({"gemma": 16, "gemma2": 4}.get(family) or n_heads)
+        head_dim = hf.get("head_dim") or (256 if gemma else dim // n_heads)
         if n_heads % n_kv:
             raise ValueError(f"{source}: num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}")
         # transformers >= 5 folds rope_theta/rope_scaling into rope_parameters; real checkpoints use the old keys.
@@ -114,14 +116,14 @@ class ModelConfig:
         scaling_type = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
         if scaling_type not in ("default", "llama3"):
             raise ValueError(f"{source}: rope scaling type {scaling_type!r} is not supported (default, llama3)")
-        gemma, gemma2 = family in ("gemma", "gemma2"), family == "gemma2"
         n_layers = need("num_hidden_layers")
         layer_types = list(hf.get("layer_types") or [])
         if gemma2 and not layer_types:  # older Gemma-2 configs: even layers local, odd layers global
             layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)]
         activation = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
-        if gemma and activation in ("gelu", "gelu_pytorch_tanh"):
-            activation = "gelu_pytorch_tanh"  # Gemma checkpoints say "gelu" but were trained with the tanh form
+        if family == "gemma" and activation == "gelu":
+            activation = "gelu_pytorch_tanh"  # Gemma (1) says "gelu" but was trained with the tanh form; transformers
+            # maps it there for Gemma alone (Gemma-2's "gelu" is the exact one, which w2s has no kernel for)
         if activation not in ("silu", "gelu_pytorch_tanh"):
             raise ValueError(f"{source}: activation {activation!r} is not supported (silu, gelu_pytorch_tanh)")
         return cls(
