@@ -281,6 +281,23 @@ def test_uniforms_are_uniform_and_step_dependent():
     assert not torch.equal(stream_uniforms(keys, torch.zeros(4000)), stream_uniforms(keys, torch.ones(4000)))
 
 
+def test_token_id_prompts_stop_at_the_generation_configs_eos_as_transformers(ckpt):
+    """Without a tokenizer the stop ids are config.json's and generation_config.json's (Llama-3-Instruct lists
+    <|eot_id|> only there); transformers' generate stops at the generation config's."""
+    from transformers import GenerationConfig
+
+    model, hf = load(ckpt, "llama2")
+    prompt = [1, 5, 9, 13]
+    free = generate(model, None, [prompt], max_new_tokens=12, progress=False)[0][0]["token_ids"]
+    j = next(i for i in range(1, len(free)) if free[i] not in free[:i] and free[i] != model.cfg.eos_token_id)
+    eos = free[j]  # a token greedy emits first at step j + 1, j >= 1
+    model.cfg.generation_config = {"eos_token_id": [model.cfg.eos_token_id, eos]}
+    ours = generate(model, None, [prompt], max_new_tokens=12, progress=False)[0][0]
+    hf_out = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                         generation_config=GenerationConfig(eos_token_id=[model.cfg.eos_token_id, eos], pad_token_id=0))
+    assert ours["finish_reason"] == "eos" and ours["token_ids"] == hf_out[0, len(prompt):].tolist() == free[:j + 1]
+
+
 def test_greedy_is_argmax_and_top_k_1_is_greedy():
     logits = torch.randn(50, 30, generator=torch.Generator().manual_seed(0))
     u = torch.rand(50)

@@ -52,8 +52,12 @@ def _eos_ids(model, tokenizer):
     if tokenizer is not None:
         ids = getattr(tokenizer, "stop_ids", None) or {tokenizer.eos_id}
         return {i for i in ids if i is not None}
-    eos = model.cfg.eos_token_id
-    return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    # no tokenizer: config.json's eos ids and generation_config.json's (Llama-3-Instruct's <|eot_id|> is only there),
+    # as transformers' generate stops at the generation config's
+    ids = set()
+    for eos in (model.cfg.eos_token_id, model.cfg.generation_config.get("eos_token_id")):
+        ids |= set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    return ids
 
 
 def encode_prompts(tokenizer, prompts):
