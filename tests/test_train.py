@@ -389,6 +389,19 @@ def test_reference_logps_are_cached_and_reused(ckpt, tmp_path, monkeypatch):
     assert len(calls) == 2
 
 
+def test_only_a_loss_with_a_reference_pass_reads_the_weights_fingerprint(ckpt, tmp_path, monkeypatch):
+    """The fingerprint (an fp64 pass over every weight on rank 0) keys the reference cache: DPO computes it, ORPO,
+    which has no reference, does not; ORPO also writes no reference table."""
+    path, _ = ckpt
+    calls = []
+    fingerprint = train.model_fingerprint
+    monkeypatch.setattr(train, "model_fingerprint", lambda m: calls.append(1) or fingerprint(m))
+    train_preference(load(path), None, id_pairs(4, seed=8), cfg(max_steps=1), out_dir=tmp_path / "orpo", loss="orpo")
+    assert calls == [] and not (tmp_path / "orpo" / "ref_logps.pt").exists()
+    train_preference(load(path), None, id_pairs(4, seed=8), cfg(max_steps=1), out_dir=tmp_path / "dpo", loss="dpo")
+    assert calls == [1] and (tmp_path / "dpo" / "ref_logps.pt").is_file()
+
+
 # ---------------------------------------------------------------------------------------------- LoRA
 
 

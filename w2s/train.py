@@ -167,10 +167,9 @@ def train_preference(model, tokenizer, pairs, cfg: TrainConfig, out_dir=None, lo
     key = examples_hash(encoded)
     ref = {}
 
-    def prepare(module, fingerprint):
-        if step_fn.needs_reference:
-            cache_key = hashlib.sha256(f"{key}|{fingerprint}|{d.device.type}|{d.sharded}".encode()).hexdigest()
-            ref["table"] = reference_logps(module, encoded, pad_id, cfg, d, out_dir, cache_key)
+    def prepare(module, fingerprint):  # DPO / IPO: the reference log-probs, cached under the weights' fingerprint
+        cache_key = hashlib.sha256(f"{key}|{fingerprint}|{d.device.type}|{d.sharded}".encode()).hexdigest()
+        ref["table"] = reference_logps(module, encoded, pad_id, cfg, d, out_dir, cache_key)
 
     def make_batch(indices):
         tokens, targets = data.collate_pairs([encoded[i] for i in indices], pad_id)
@@ -185,7 +184,7 @@ def train_preference(model, tokenizer, pairs, cfg: TrainConfig, out_dir=None, lo
     row_seqs = [tuple((len(ex.tokens), data.n_targets(ex)) for ex in (p.chosen, p.rejected)) for p in encoded]
     task = Task(row_seqs=row_seqs, make_batch=make_batch, count_fn=pair_counts, loss_step=step_fn,
                 data_key=f"{loss}:{key}" + (f":{stable_hash(weights.tolist())}" if weights is not None else ""),
-                prepare=prepare)
+                prepare=prepare if step_fn.needs_reference else None, fingerprint=step_fn.needs_reference)
     report = tracking.Report(tuple(report_to), log_dir, run_name)
     trained, stats = _run(model, tokenizer, task, cfg, out_dir, d, on_step, return_model, keep_ckpt, report, loss)
     stats.update(n_rows=len(pairs), n_skipped=len(skipped))
@@ -241,6 +240,7 @@ class Task:
     loss_step: Callable  # (module, batch on device, norm) -> (loss, {metric: tensor}); see "loss steps"
     data_key: str  # identifies the data (and loss) in the checkpoints' run key
     prepare: Callable | None = None  # (module, weights fingerprint) after sharding: the reference pass
+    fingerprint: bool = False  # prepare reads the weights' fingerprint (an fp64 pass over them on rank 0)
     make_batches: Callable | None = None  # instead of make_batch: (step, this rank's micro-batch rows) -> batches
     repeat: int = 1  # optimizer steps on each global batch (GRPO's policy updates per rollout batch)
 
@@ -280,8 +280,8 @@ class Trainer:
         fill = needs_fill_from_rank0(model, d)
         if on_meta:
             self.export_device = torch.device("cpu")  # where this rank's exported copy goes
-        fingerprint = model_fingerprint(model) if prepare is not None and not on_meta else None
-        if prepare is not None and fill:
+        fingerprint = model_fingerprint(model) if self.task.fingerprint and not on_meta else None
+        if self.task.fingerprint and fill:
             fingerprint = broadcast_object(fingerprint, d)
         torch.manual_seed(cfg.seed + d.rank)  # dropout streams differ per rank; LoRA's init uses its own generator
 
