@@ -130,3 +130,115 @@ def test_lora_rank_of_each_trained_model_comes_from_its_own_section(recipe, tmp_
     expected = {"strong": None, "01_weak_sft": 2, "07_r1_sft_hybrid": None, "13_r2_sft_hybrid": None, "16_dpo": 8,
                 "17_orpo": 8, "39_round2_dpo": 8, "39_round3_orpo": 8, "16_grpo": 16}
     assert {model: _lora_rank(recipe, model) for model in expected} == expected
+
+
+# TINY by hand: 2 blocks of attention 8 x 4 x (2 x 2 + 2 x 1) = 192, MLP 3 x 8 x 16 = 384 and two norms of 8, the
+# final norm, and untied embedding and output matrices of 100 x 8 each.
+TINY_PARAMS = 2 * (192 + 384 + 16) + 8 + 2 * 100 * 8  # 2,792
+# Rank-2 adapters on q, k, v, o, gate, up, down: 2 x (in + out) = 2 x (16 + 12 + 12 + 16 + 24 + 24 + 24) per block
+TINY_LORA_2 = 2 * 2 * 128  # 512
+TINY_ADAPTED = 2 * (64 + 32 + 32 + 64 + 128 + 128 + 128)  # elements of the adapted matrices: 1,152
+TINY_WORK = estimate.Workload(5, 10, 4, prompt_tokens=13, few_shot_tokens=100, response_tokens=20)
+
+
+def _costs(recipe, stages, runs=None):
+    return estimate.stage_costs(stages, recipe, TINY_WORK, {"weak": TINY, "strong": TINY}, runs=runs)
+
+
+def test_full_fine_tuning_host_memory_resume_state_and_reads(recipe):
+    """Rank 0 reads the bf16 checkpoint (2 bytes a parameter) and casts it to fp32 (4) before sharding; a checkpoint
+    holds 12 bytes per parameter (fp32 weight + two moments), two of them on disk while the second is written, none
+    at the last step."""
+    assert TINY.n_params() == TINY_PARAMS
+    recipe.models.dtype = "bfloat16"
+    sft = Stage("07_r1_sft_hybrid", run_stage1_sft, [], {}, {"filter": "04_r1_filter", "sft_set": "hybrid",
+                                                             "init": "strong"})
+    costs = {}
+    for every in (5, 6, 12):  # 12 steps (6 per epoch, 2 epochs): saves after 5 and 10 / after 6 / none
+        recipe.strong_sft["ckpt_every"] = every
+        costs[every] = _costs(recipe, [sft])[0]
+    assert [costs[every].resume for every in (5, 6, 12)] == [2 * 12 * 2792, 12 * 2792, 0]
+    assert costs[5].host == 4 * 2792  # the fp32 copy; the read (2 x 2,792) and the bf16 export are smaller
+    assert costs[5].read == 2 * 2792
+    assert costs[5].read_seconds == 2 * 2792 / estimate.DISK_READ_BYTES_S
+
+
+def test_a_70b_full_fine_tune_needs_a_terabyte_of_resume_state():
+    from w2s.train_config import TrainConfig
+
+    # 80 blocks of attention 8,192 x 128 x (2 x 64 + 2 x 8), MLP 3 x 8,192 x 28,672, two norms; final norm; embedding
+    # and output matrices of 32,000 x 8,192: the 68,976,648,192 parameters of Llama-2-70B
+    n = 80 * (8192 * 128 * 144 + 3 * 8192 * 28672 + 2 * 8192) + 8192 + 2 * 32000 * 8192
+    assert LLAMA2_70B.n_params() == n == 68_976_648_192
+    tc = TrainConfig(ckpt_every=50)
+    assert estimate.resume_bytes(LLAMA2_70B, tc, steps=101) == 2 * 12 * n  # 1.66 TB while the second is written
+    assert estimate.resume_bytes(LLAMA2_70B, tc, steps=100) == 12 * n  # 828 GB
+    assert estimate.host_memory(LLAMA2_70B, tc, 2, world=8) == 4 * n  # 276 GB on rank 0: the fp32 cast
+    # with cpu_offload rank 0 also keeps its eighth of the fp32 weights while it still holds the whole model, and
+    # its eighth of weights, gradients and moments (16 bytes) while training
+    offload = TrainConfig(cpu_offload=True)
+    assert estimate.host_memory(LLAMA2_70B, offload, 2, world=8) == 4 * n + 4 * n / 8
+    assert estimate.host_memory(LLAMA2_70B, offload, 2, world=2) == 16 * n / 2
+
+
+@pytest.fixture
+def lora_recipe(recipe, tmp_path):
+    """The fixture's recipe with rank-2 LoRA for Stage I and Stage II, DPO's model merged, in bf16."""
+    text = (tmp_path / "r.toml").read_text().replace("[strong_sft]\n", "[strong_sft]\nlora_rank = 2\n")
+    (tmp_path / "r.toml").write_text(text + 'losses = ["dpo"]\nexport_merged = ["dpo"]\n'
+                                            "[preference]\nlora_rank = 2\nckpt_every = 1\nmax_steps = 3\n")
+    lora = load_recipe(tmp_path / "r.toml")
+    lora.models.dtype = "bfloat16"
+    return lora
+
+
+def test_lora_stages_host_memory_fingerprint_and_merged_export(lora_recipe):
+    """A LoRA stage keeps the bf16 base and fp32 adapters. DPO continuing M_plus's adapter reads base and adapter;
+    its reference fingerprint takes two fp64 copies of the largest tensor (the 100 x 8 output matrix: 16 bytes an
+    element); its merged export gathers the base and computes each adapted matrix in fp32 (12 bytes an element of
+    the largest, 8 x 16), in place at tp > 1, beside the base at tp 1."""
+    from w2s.recipe import train_config
+    from w2s.runners import run_preference
+
+    base, adapter = 2 * TINY_PARAMS, 4 * TINY_LORA_2
+    dpo = Stage("16_dpo", run_preference, [], {}, {"pairs": "15_pairs", "init": "07_r1_sft_hybrid", "loss": "dpo"})
+    lora_recipe.sampling.tp = 2
+    cost = _costs(lora_recipe, [dpo])[0]
+    assert cost.read == base + adapter
+    assert cost.host == base + adapter + 16 * 800  # the fingerprint; the export needs base + adapter + 12 x 128
+    assert cost.resume == 2 * 12 * TINY_LORA_2  # 3 steps, a checkpoint every step: two on disk at the third
+    assert estimate.host_memory(TINY, train_config(lora_recipe, "preference"), 2, 1, merged=True,
+                                tp_out=2) == adapter + base + 12 * 128
+    sft = Stage("05_r1_sft_weak", run_stage1_sft, [], {}, {"filter": "04_r1_filter", "sft_set": "weak",
+                                                           "init": "strong"})
+    lora_recipe.strong_sft["export_merged"] = True
+    assert _costs(lora_recipe, [sft])[0].host == adapter + base + 12 * 128  # merged in place at tp 2
+    lora_recipe.sampling.tp = 1  # the runner keeps the base: the merged matrices are a second copy (bf16)
+    assert _costs(lora_recipe, [sft])[0].host == adapter + base + 12 * 128 + 2 * TINY_ADAPTED
+    assert _costs(lora_recipe, [sft])[0].read == base  # a fresh adapter: the base alone
+
+
+def test_sampling_reads_only_what_the_stage_before_did_not_leave_in_memory(lora_recipe):
+    """Weak SFT at weak_tp 1 leaves its model resident for the weak labels; the strong base stays resident between
+    sampling stages of adapters on it (each reads its fp32 adapter); a training stage drops it, and at tp 1 keeps
+    the base it trained a LoRA adapter on. A load holds one tensor at a time in host memory: here the 100 x 8
+    embedding, whole on every tensor-parallel rank."""
+    from w2s.runners import run_weak_sft
+
+    base, adapter = 2 * TINY_PARAMS, 4 * TINY_LORA_2
+    stages = [Stage("01_weak_sft", run_weak_sft, [], {}, {}),
+              Stage("02_weak_labels", run_labels, [], {}, {"model": "01_weak_sft", "prompt": "zero_shot"}),
+              Stage("03_icl_labels", run_labels, [], {}, {"model": "strong", "prompt": "few_shot"}),
+              Stage("05_r1_sft_weak", run_stage1_sft, [], {}, {"filter": "04", "sft_set": "weak", "init": "strong"}),
+              Stage("08_r2_labels_weak", run_labels, [], {}, {"model": "05_r1_sft_weak", "prompt": "zero_shot"}),
+              Stage("09_r2_labels_icl", run_labels, [], {}, {"model": "06_r1_sft_icl", "prompt": "zero_shot"})]
+    lora_recipe.sampling.tp = 2
+    costs = _costs(lora_recipe, stages)
+    assert [c.read for c in costs] == [base, 0, base, base, base + adapter, adapter]
+    assert [c.host for c in costs[1:3]] == [0, 2 * 800]
+    assert [c.host for c in costs[4:]] == [2 * 800 + adapter, adapter]
+    assert _costs(lora_recipe, stages, runs=[True] * 4 + [False, True])[5].read == base + adapter  # 08 was done
+    lora_recipe.sampling.tp = 1
+    assert _costs(lora_recipe, stages)[4].read == adapter
+    total = estimate.total_cost(costs)
+    assert (total.read, total.host, total.resume) == (4 * base + 2 * adapter, max(c.host for c in costs), 0)

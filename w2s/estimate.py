@@ -1,5 +1,6 @@
 """What a recipe will cost before it runs: per stage, tokens generated and trained, disk written, peak memory per
-device and time, from the recipe, the data files and the models' config.json (no weights are read).
+device and time, and rank 0's peak host memory, the checkpoints read and the resume state written while it runs,
+from the recipe, the data files and the models' config.json (no weights are read).
 
 `w2s run RECIPE --dry-run` prints it beside each stage's status (w2s/pipeline.py `dry_run`). It is an estimate, and
 says how it is made:
@@ -19,7 +20,19 @@ says how it is made:
     the embedding and output matrices whole, and 1/tp of the KV cache of max_batch sequences. Lengths are means:
     the longest prompts and rows need more;
   * disk: an exported model (a LoRA stage writes its fp32 adapter, and a merged copy only where the recipe asks:
-    `export_merged`) and the generations written as text and token ids.
+    `export_merged`) and the generations written as text and token ids;
+  * resume state: the training-state checkpoints a stage with ckpt_every > 0 writes to OUT/ckpt while it runs (12
+    bytes per trainable parameter: the fp32 master weight and two fp32 AdamW moments; the newest is kept, two while
+    one is written; the engine deletes them once the stage is done);
+  * host memory, rank 0 of a GPU run (`host_memory` says which function holds what): a training stage reads its
+    whole checkpoint there in the recipe's dtype, a full fine-tune casts it to fp32, a stage with a reference pass
+    (DPO, IPO) fingerprints it in fp64 one tensor at a time, and the export gathers the trained model (or
+    the adapter, and the base it is merged into) there; a sampling stage holds one tensor at a time on its way to
+    the GPU, and the fp32 adapter it applies. The other ranks of a training stage hold the model on the meta device;
+  * checkpoint reads: what a stage reads from disk at DISK_READ_BYTES_S (checkpoints stored in the recipe's dtype):
+    a training stage its whole initial model, a sampling stage its weights unless the stage before left them in
+    memory (w2s/runners.py: a sampled base stays resident, and after a training stage sampled at tp 1 its model)
+    and its adapter. `stage_costs` follows that through the table; a resumed stage's training state is not counted.
 
     python -m pytest -q tests/test_estimate.py
 """
@@ -41,6 +54,9 @@ SAMPLING_TOK_S, SAMPLING_SHAPE = 21_470, dict(  # BENCHMARKS.md, Sampling, GPU: 
 MEASURED_ON = "H100 SXM"
 BYTES_PER_TOKEN = {"text": 4, "ids": 7}  # a token as text, and as a JSON token id (", 12345")
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+# An assumption, printed with every dry run: a local NVMe SSD streams several GB/s, a shared file system often less
+DISK_READ_BYTES_S = 2e9
+RESUME_BYTES = 12  # per trainable parameter in a training-state checkpoint: fp32 weight, AdamW's two fp32 moments
 
 
 @dataclass
@@ -62,6 +78,26 @@ class Cost:
     disk: int = 0  # bytes written and kept
     memory: int = 0  # peak bytes per device
     seconds: float | None = None  # None where the device's peak FLOP/s is unknown
+    host: int = 0  # peak bytes of host memory on rank 0
+    resume: int = 0  # peak bytes of training state on disk while the stage runs (deleted once it is done)
+    read: int = 0  # bytes of checkpoints read from disk
+
+    @property
+    def read_seconds(self):
+        return self.read / DISK_READ_BYTES_S
+
+
+def total_cost(costs):
+    """Stages run one after another: tokens, bytes written and read and seconds add up; memory and the resume state
+    (deleted after each stage) peak."""
+    total = Cost(seconds=0.0)
+    for cost in costs:
+        for field in ("generated", "trained", "disk", "read"):
+            setattr(total, field, getattr(total, field) + getattr(cost, field))
+        for field in ("memory", "host", "resume"):
+            setattr(total, field, max(getattr(total, field), getattr(cost, field)))
+        total.seconds = None if total.seconds is None or cost.seconds is None else total.seconds + cost.seconds
+    return total
 
 
 def workload(recipe):
@@ -90,48 +126,128 @@ def _token_counter(checkpoint):
     return lambda text: len(tokenizer.encode(text, bos=False))
 
 
+def projection_shapes(cfg):
+    """(in, out) features of each linear layer of a block."""
+    D, F, hd = cfg.dim, cfg.hidden_dim, cfg.head_dim
+    return {"q_proj": (D, cfg.n_heads * hd), "k_proj": (D, cfg.n_kv_heads * hd), "v_proj": (D, cfg.n_kv_heads * hd),
+            "o_proj": (cfg.n_heads * hd, D), "gate_proj": (D, F), "up_proj": (D, F), "down_proj": (F, D)}
+
+
 def lora_parameters(cfg, rank, targets=TARGETS):
     """Trainable parameters of rank-r adapters on `targets` of every block: r * (in + out) per matrix."""
-    D, F, hd = cfg.dim, cfg.hidden_dim, cfg.head_dim
-    shapes = {"q_proj": (D, cfg.n_heads * hd), "k_proj": (D, cfg.n_kv_heads * hd), "v_proj": (D, cfg.n_kv_heads * hd),
-              "o_proj": (cfg.n_heads * hd, D), "gate_proj": (D, F), "up_proj": (D, F), "down_proj": (F, D)}
+    shapes = projection_shapes(cfg)
     return cfg.n_layers * sum(rank * sum(shapes[t]) for t in targets)
+
+
+def largest_tensor(cfg, tp=1):
+    """Elements of the largest tensor of a checkpoint one rank reads: the embedding or output matrix (whole on every
+    tensor-parallel rank) or a block's projection (1/tp of it)."""
+    return max(cfg.vocab_size * cfg.dim, max(i * o for i, o in projection_shapes(cfg).values()) // tp)
 
 
 def model_configs(recipe):
     return {name: ModelConfig.from_pretrained(getattr(recipe.models, name)) for name in ("weak", "strong")}
 
 
-def stage_cost(stage, recipe, work, configs, world=1, device=MEASURED_ON):
-    """The Cost of one stage (w2s/engine.Stage) of the paper's table."""
+GENERATION = ("run_labels", "run_samples", "run_eval")
+NO_MODEL = ("run_data", "run_test_set", "run_filter", "run_pairs")
+
+
+def stage_cost(stage, recipe, work, configs, world=1, device=MEASURED_ON, resident=None):
+    """The Cost of one stage (w2s/engine.Stage) of the paper's table. resident: the weights the stage before left in
+    memory (`weights_key`; None: none, as in a fresh process)."""
     name = stage.run.__name__
     cfg = configs["weak" if _uses_weak(stage) else "strong"]
-    if name in ("run_data", "run_test_set", "run_filter", "run_pairs"):
+    if name in NO_MODEL:
         return Cost(seconds=0.0)
-    if name in ("run_labels", "run_samples", "run_eval"):
-        return _generation_cost(stage, recipe, work, cfg, world, device)
+    if name in GENERATION:
+        return _generation_cost(stage, recipe, work, cfg, world, device, resident)
     if name == "run_grpo":
-        return _grpo_cost(recipe, work, cfg, world, device)
+        return _grpo_cost(stage, recipe, work, cfg, world, device)
     return _training_cost(stage, recipe, work, cfg, world, device)
 
 
-def _lora_rank(recipe, model):
-    """The LoRA rank a model argument ("strong", "01_weak_sft", "16_dpo", ...) was trained with; None for a base
-    checkpoint or full fine-tuning."""
-    if model in (None, "weak", "strong"):
+def stage_costs(stages, recipe, work, configs, world=1, device=MEASURED_ON, runs=None):
+    """The Cost of every stage in table order, run in one process as `w2s run` runs them, so that a sampling stage
+    finds in memory what the stage before left there (w2s/runners.py load_for_inference, keep_resident). runs[i]
+    False: stage i is done, so it is skipped, loads nothing and leaves nothing."""
+    resident, costs = None, []
+    for i, stage in enumerate(stages):
+        costs.append(stage_cost(stage, recipe, work, configs, world, device, resident))
+        if runs is None or runs[i]:
+            resident = _resident_after(stage, recipe, resident)
+    return costs
+
+
+def _resident_after(stage, recipe, resident):
+    """What w2s/runners.py keeps in memory after `stage`: a sampling stage its weights (load_for_inference); a
+    training stage drops them (drop_resident) and, when its model is sampled at tp 1, keeps what it returns: the
+    trained model, or under LoRA the base it loaded (_train)."""
+    name = stage.run.__name__
+    if name in NO_MODEL:
+        return resident
+    if name in GENERATION:
+        return weights_key(recipe, stage.args.get("model"))
+    if (recipe.sampling.weak_tp if _uses_weak(stage) else recipe.sampling.tp) != 1:
         return None
+    lora = train_config(recipe, _stage_section(stage), progress=False).lora_rank is not None
+    return weights_key(recipe, _init(stage)) if lora else stage.name
+
+
+def weights_key(recipe, model):
+    """The weights a stage sampling `model` holds: an adapter's base, else the model's own. An adapter's base is the
+    recipe's checkpoint unless it was trained on a fully fine-tuned model ("<model>:base", never resident)."""
+    if _lora_rank(recipe, model) is None:
+        return model
+    if model == "01_weak_sft":
+        return "weak"
+    if _section(model) == "strong_sft" or train_config(recipe, "strong_sft", progress=False).lora_rank is not None:
+        return "strong"  # Stage I's adapters are on the strong base, and Stage II's continue M_plus's
+    return f"{model}:base"
+
+
+def _stage_section(stage):
+    """The recipe section a training stage trains with."""
+    return {"run_weak_sft": "weak_sft", "run_preference": "preference", "run_grpo": "grpo"}.get(stage.run.__name__,
+                                                                                                "strong_sft")
+
+
+def _init(stage):
+    """The model a training stage starts from (a model argument)."""
+    return {"run_weak_sft": "weak", "run_full_weak_ft": "strong", "run_ceiling": "strong"}.get(
+        stage.run.__name__) or stage.args.get("init", "strong")
+
+
+def _section(model):
     kind = model.rsplit("_", 1)[1]  # "16_dpo", "39_round2_dpo" -> "dpo"; "16_grpo" -> "grpo"; "07_r1_sft_hybrid"
-    section = "weak_sft" if model == "01_weak_sft" else "grpo" if kind == "grpo" else \
+    return "weak_sft" if model == "01_weak_sft" else "grpo" if kind == "grpo" else \
         "preference" if kind in PREFERENCE_LOSSES else "strong_sft"
-    return train_config(recipe, section, progress=False).lora_rank
+
+
+def _trained_config(recipe, model):
+    """The TrainConfig a model argument ("strong", "01_weak_sft", "16_dpo", ...) was trained with; None for a base
+    checkpoint."""
+    return None if model in (None, "weak", "strong") else train_config(recipe, _section(model), progress=False)
+
+
+def _lora_rank(recipe, model):
+    """The LoRA rank a model argument was trained with; None for a base checkpoint or full fine-tuning."""
+    tc = _trained_config(recipe, model)
+    return None if tc is None else tc.lora_rank
+
+
+def _adapter_parameters(recipe, model, cfg):
+    """Parameters of the adapter a model argument names (0: a base checkpoint or a fully fine-tuned model)."""
+    tc = _trained_config(recipe, model)
+    return 0 if tc is None or tc.lora_rank is None else lora_parameters(cfg, tc.lora_rank, tc.lora_targets)
 
 
 def _uses_weak(stage):
     return stage.run.__name__ == "run_weak_sft" or stage.args.get("model") in ("weak", "01_weak_sft")
 
 
-def _generation_cost(stage, recipe, work, cfg, world, device):
-    s, name = recipe.sampling, stage.run.__name__
+def _generation_cost(stage, recipe, work, cfg, world, device, resident):
+    s, name, model = recipe.sampling, stage.run.__name__, stage.args.get("model")
     if name == "run_eval":
         prompts, n = work.n_test, stage.args.get("n", 1)
     else:
@@ -147,20 +263,28 @@ def _generation_cost(stage, recipe, work, cfg, world, device):
     blocks = cfg.n_params(embeddings=False)  # split over tp ranks; the embedding and output matrices are copied whole
     replicated = (cfg.n_params() - blocks) * dtype_bytes
     split = blocks * dtype_bytes
-    if _lora_rank(recipe, stage.args.get("model")) is not None:  # a merged copy of the adapted matrices, for the stage
+    if _lora_rank(recipe, model) is not None:  # a merged copy of the adapted matrices, for the stage
         split += (blocks - cfg.n_layers * cfg.dim * (4 if cfg.sandwich_norms else 2)) * dtype_bytes
     memory = replicated + (split + kv) / tp
+    # Host memory: runners.load_for_inference reads the fp32 adapter whole on every rank (lora.read_adapter; the
+    # tensor-parallel slices of tensor_parallel.adapter_for_rank are views of it) and keeps it for the stage; a load
+    # goes one tensor at a time through host memory to the GPU (checkpoint.read_tensor at tp 1, load_model_tp's
+    # slices at tp > 1). Weights resident from the stage before are not read again.
+    adapter = 4 * _adapter_parameters(recipe, model, cfg)
+    loads = resident is None or resident != weights_key(recipe, model)
+    host = adapter + (dtype_bytes * largest_tensor(cfg, tp) if loads else 0)
+    read = adapter + (cfg.n_params() * dtype_bytes if loads else 0)
     disk = int(generated * (BYTES_PER_TOKEN["text"] * 2 + BYTES_PER_TOKEN["ids"]) +
                prompts * prompt * BYTES_PER_TOKEN["text"])  # generations (text + ids), labels (text), the prompts
     per_token = profile.flops_per_token(cfg, seq_len=int(prompt + length / 2), training=False)
     rate = _peak(device) and SAMPLING_MFU * _peak(device) * world / per_token
-    return Cost(generated=generated, disk=disk, memory=int(memory), seconds=generated / rate if rate else None)
+    return Cost(generated=generated, disk=disk, memory=int(memory), seconds=generated / rate if rate else None,
+                host=host, read=read)
 
 
 def _training_cost(stage, recipe, work, cfg, world, device):
     name, s2 = stage.run.__name__, recipe.stage2
-    section = {"run_weak_sft": "weak_sft", "run_preference": "preference"}.get(name, "strong_sft")
-    tc = train_config(recipe, section, progress=False)
+    tc = train_config(recipe, _stage_section(stage), progress=False)
     rows, per_row = {
         "run_weak_sft": (work.n_train_1, 1),
         "run_stage1_sft": (KEPT_FRACTION * work.n_train_2 * (2 if stage.args.get("sft_set") == "hybrid" else 1), 1),
@@ -179,10 +303,12 @@ def _training_cost(stage, recipe, work, cfg, world, device):
     merged = tc.export_merged or stage.args.get("loss") in recipe.stage2.export_merged
     return Cost(trained=int(sequences * length), disk=_export_bytes(cfg, tc, recipe, merged),
                 memory=int(_training_memory(cfg, tc, recipe, length, world, per_row)),
-                seconds=flops / rate if rate else None)
+                seconds=flops / rate if rate else None,
+                **_training_io(stage, recipe, cfg, tc, world, steps, merged,
+                                 name == "run_preference" and stage.args.get("loss") != "orpo"))
 
 
-def _grpo_cost(recipe, work, cfg, world, device):
+def _grpo_cost(stage, recipe, work, cfg, world, device):
     """GRPO: each step samples group_size responses to batch_size train_2 questions, then trains on all of them."""
     tc, gc = train_config(recipe, "grpo", progress=False), grpo_config(recipe)
     steps = tc.max_steps or tc.epochs * max(1, -(-work.n_train_2 // tc.batch_size))
@@ -198,7 +324,9 @@ def _grpo_cost(recipe, work, cfg, world, device):
                 disk=_export_bytes(cfg, tc, recipe, tc.export_merged),
                 memory=int(_training_memory(cfg, tc, recipe, work.prompt_tokens + length, world, gc.group_size) +
                            cfg.n_params() * 2),  # + the gathered bf16 copy the rollouts sample from
-                seconds=seconds or None)
+                seconds=seconds or None,
+                **_training_io(stage, recipe, cfg, tc, world, tc.max_steps or steps * gc.updates_per_batch,
+                               tc.export_merged, False))
 
 
 def _export_bytes(cfg, tc, recipe, merged):
@@ -207,6 +335,74 @@ def _export_bytes(cfg, tc, recipe, merged):
     if tc.lora_rank is None:
         return model
     return lora_parameters(cfg, tc.lora_rank, tc.lora_targets) * 4 + (model if merged else 0)
+
+
+def _training_io(stage, recipe, cfg, tc, world, steps, merged, fingerprint):
+    """Host memory on rank 0, resume state and checkpoint reads of a training stage of `steps` optimizer steps."""
+    n, dtype_bytes = cfg.n_params(), DTYPE_BYTES[recipe.models.dtype]
+    adapter = _adapter_parameters(recipe, _init(stage), cfg)  # the adapter it starts from (lora.read_adapter)
+    tp_out = recipe.sampling.weak_tp if _uses_weak(stage) else recipe.sampling.tp
+    host = host_memory(cfg, tc, dtype_bytes, world, adapter, tp_out, merged, fingerprint)
+    return dict(host=int(host), resume=resume_bytes(cfg, tc, steps), read=n * dtype_bytes + 4 * adapter)
+
+
+def trainable_parameters(cfg, tc):
+    return cfg.n_params() if tc.lora_rank is None else lora_parameters(cfg, tc.lora_rank, tc.lora_targets)
+
+
+def resume_bytes(cfg, tc, steps):
+    """Peak bytes in OUT/ckpt: checkpoint.save_training_state writes the trainable parameters (fp32 master weights)
+    and the AdamW state (two fp32 moments each; frozen parameters are left out) every ckpt_every steps but the last
+    (train.Trainer.train), into a temporary directory renamed into place before the older one is deleted: two
+    checkpoints at once from the second on."""
+    saves = (steps - 1) // tc.ckpt_every if tc.ckpt_every else 0
+    return min(saves, 2) * RESUME_BYTES * trainable_parameters(cfg, tc)
+
+
+def host_memory(cfg, tc, dtype_bytes, world, adapter=0, tp_out=1, merged=False, fingerprint=False):
+    """Peak bytes of host memory on rank 0 of a training stage on GPUs: the largest of its three phases, as each
+    frees what the one before held. adapter: parameters of the adapter it starts from; tp_out: the tensor
+    parallelism its model is sampled at; fingerprint: a task with a cached reference pass (DPO, IPO).
+
+    setup: checkpoint.load_for_training reads the whole model on rank 0 in the recipe's dtype (the other ranks
+      build it on the meta device); an adapter arrives in fp32 (lora.read_adapter) and is copied into fp32 LoRA
+      layers (lora.attach_adapter), both alive for a moment. train.Trainer._build_module fingerprints the weights
+      for the reference cache (reference.model_fingerprint: .double() and .square() of each tensor, two fp64 copies
+      of the largest), casts a fully fine-tuned model to fp32 (model.float(): 4 bytes a parameter; LoRA keeps the
+      base's dtype and adds fp32 adapters) and holds that state_dict until parallel.fill_from_rank0 has broadcast
+      it, one tensor at a time through the GPU (torch's _broadcast_state_dict); fully_shard moves the weights block
+      by block to the GPU, or with cpu_offload keeps this rank's shards in host memory.
+    training: with cpu_offload the rank's shards of the weights, gradients and AdamW moments.
+    export: export.export_trained gathers onto rank 0's host (where it loaded the model) the full model in the
+      recipe's dtype, or the fp32 adapter, plus the base where a merged copy is written (export_merged) or the
+      model is sampled at tp 1 (the runner keeps it resident); a merge computes each adapted matrix in fp32
+      (lora.merged_weight: 12 bytes an element of bf16 weights), in place, except at tp 1, where
+      merge_lora_state_dict keeps the base and writes the merged matrices beside it. save_model writes the shards
+      from the tensors' own memory with the safetensors installed here (0.8); a release whose save_file goes
+      through _flatten copies each shard (up to 5 GiB) first, which is not counted.
+    """
+    n, lora = cfg.n_params(), tc.lora_rank is not None
+    trained = trainable_parameters(cfg, tc)
+    shapes = projection_shapes(cfg)
+    # merged_weight's fp32 temporaries per element of a matrix: B @ A, its scaled copy, then the sum (and the weight
+    # cast to fp32 unless it is fp32 already)
+    merging = 8 + (4 if dtype_bytes < 4 else 0)
+    loaded = dtype_bytes * n + 4 * adapter
+    if lora:
+        master = dtype_bytes * n + 4 * trained
+    else:  # an adapter it arrived with is merged into the fp32 weights (lora.prepare_lora -> unwrap_lora)
+        master = 4 * n + (4 * adapter + 8 * max(i * o for i, o in shapes.values()) if adapter else 0)
+    setup = max(loaded + 4 * adapter, loaded + 16 * largest_tensor(cfg) if fingerprint else 0, master)
+    shards = master / world if tc.cpu_offload else 0
+    state = 16 * trained + (dtype_bytes * n if lora else 0)  # sharded weights, gradients, moments
+    if not lora:
+        export = dtype_bytes * n
+    else:
+        matrices = [i * o for t, (i, o) in shapes.items() if t in tc.lora_targets]
+        base = dtype_bytes * n if merged or tp_out == 1 else 0
+        merge = merging * max(matrices) + (dtype_bytes * cfg.n_layers * sum(matrices) if tp_out == 1 else 0)
+        export = 4 * trained + base + (merge if merged else 0)
+    return max(setup + shards, state / world if tc.cpu_offload else 0, export + shards)
 
 
 def activation_bytes(cfg):
@@ -234,7 +430,8 @@ def _training_memory(cfg, tc, recipe, length, world, sequences_per_row=1):
     else:
         activations = one_block * cfg.n_layers
     output_grad = 2 * cfg.vocab_size * cfg.dim if tc.lora_rank is None else 0
-    return state / world + gathered + activations + output_grad
+    device_state = 0 if tc.cpu_offload else state / world  # cpu_offload keeps it in host memory (host_memory)
+    return device_state + gathered + activations + output_grad
 
 
 def _peak(device):

@@ -58,18 +58,19 @@ import torch
 from w2s import profile
 from w2s.engine import Context, Stage, plan, run_lock, run_stages
 from w2s.estimate import (
+    DISK_READ_BYTES_S,
     KEPT_FRACTION,
     MEASURED_ON,
     PAIRED_FRACTION,
     SAMPLING_MFU,
     TRAIN_MFU,
-    Cost,
     Workload,
     _token_counter,
     human_bytes,
     human_seconds,
     model_configs,
-    stage_cost,
+    stage_costs,
+    total_cost,
     workload,
 )
 from w2s.files import sha256_file, stable_hash, write_json_atomic
@@ -409,26 +410,37 @@ def dry_run(recipe_path, runs_dir="runs", world=None, device=None):
     device = device or (profile.device_name() if torch.cuda.is_available() else "cpu")
     stages = build_stages(recipe)
     work, configs = workload(recipe) if not recipe.data.train_2 else questions_workload(recipe), model_configs(recipe)
-    rows, todo = [], Cost(seconds=0.0)
-    for stage, status, reasons in plan(stages, Path(runs_dir) / recipe.name):
-        cost = stage_cost(stage, recipe, work, configs, world, device)
-        if status != "done":
-            for field in ("generated", "trained", "disk"):
-                setattr(todo, field, getattr(todo, field) + getattr(cost, field))
-            todo.memory = max(todo.memory, cost.memory)
-            todo.seconds = None if todo.seconds is None or cost.seconds is None else todo.seconds + cost.seconds
+    planned = list(plan(stages, Path(runs_dir) / recipe.name))
+    costs = stage_costs([stage for stage, _, _ in planned], recipe, work, configs, world, device,
+                        runs=[status != "done" for _, status, _ in planned])
+    rows, io_rows = [], []
+    for (stage, status, reasons), cost in zip(planned, costs):
         why = "; ".join(reasons[:3]) + (f"; and {len(reasons) - 3} more" if len(reasons) > 3 else "")
         rows.append((stage.name, status, why or "-", f"{cost.generated:,}", f"{cost.trained:,}",
                      human_bytes(cost.disk), human_bytes(cost.memory), human_seconds(cost.seconds)))
+        if cost.generated or cost.trained:  # a stage that runs a model
+            io_rows.append((stage.name, *_io_cells(cost)))
+    todo = total_cost(cost for (_, status, _), cost in zip(planned, costs) if status != "done")
     rows.append(("to do", "", "", f"{todo.generated:,}", f"{todo.trained:,}", human_bytes(todo.disk),
                  human_bytes(todo.memory), human_seconds(todo.seconds)))
+    io_rows.append(("to do", *_io_cells(todo)))
     header = ["stage", "status", "why", "tokens generated", "tokens trained", "disk written", "peak memory / device",
               "time"]
+    io_header = ["stage", "host memory, rank 0", "checkpoints read", "resume state on disk"]
     tp = max(recipe.sampling.tp, recipe.sampling.weak_tp)
     warning = (f"**The recipe's tensor parallelism (tp = {tp}) needs a multiple of {tp} processes; this plans for "
                f"{world}**: pass --world-size {tp} (make ... NPROC={tp}).\n\n" if world % tp else "")
     return (f"# Dry run: {recipe.name} on {world} x {device}\n\n{warning}The estimate starts from:\n\n" +
-            "\n".join(_workload_lines(work, gold=not recipe.data.train_2)) + "\n\n" + _table(header, rows) + "\n")
+            "\n".join(_workload_lines(work, gold=not recipe.data.train_2)) + "\n\n" + _table(header, rows) +
+            "\n\nHost memory, checkpoint reads and resume state of the stages that run a model (reading is not in "
+            "the time above):\n\n" + _table(io_header, io_rows) +
+            "\n")
+
+
+def _io_cells(cost):
+    """The loading table's cells of a Cost: host memory, checkpoint bytes read and their time, resume state."""
+    return (human_bytes(cost.host), f"{human_bytes(cost.read)} ({human_seconds(cost.read_seconds)})",
+            human_bytes(cost.resume))
 
 
 def questions_workload(recipe):
@@ -451,7 +463,9 @@ def _workload_lines(work, gold=True):
             f"{response}, capped at max_new_tokens)",
             f"- Stage I keeps {KEPT_FRACTION:.0%} of train_2 per round; pairs for {PAIRED_FRACTION:.0%} of it",
             f"- training at {TRAIN_MFU:.1%} MFU, sampling at {SAMPLING_MFU:.1%} of peak (measured on an "
-            f"{MEASURED_ON}, BENCHMARKS.md): lower bounds for a multi-GPU 70B run"]
+            f"{MEASURED_ON}, BENCHMARKS.md): lower bounds for a multi-GPU 70B run",
+            f"- checkpoints read at {DISK_READ_BYTES_S / 1e9:g} GB/s, in the recipe's dtype; a sampling stage whose "
+            f"weights the stage before left in memory reads only its adapter"]
 
 
 def run_pipeline(recipe_path, runs_dir="runs", progress=True, log=print, plot=True):
