@@ -94,7 +94,7 @@ from w2s.runners import (
     run_weak_sft,
     task_prompt,
 )
-from w2s.tasks import load_records
+from w2s.tasks import load_records, olympicarena
 from w2s.train_config import PREFERENCE_ONLY
 
 KINDS = {run_data: "data", run_test_set: "data", run_weak_sft: "train", run_labels: "generate", run_filter: "filter",
@@ -349,8 +349,14 @@ def greedy_key(r, prompt):
            "seed": r.data.seed, "cache_len": r.sampling.cache_len, "prompt": prompt, "dtype": r.models.dtype}
     if prompt == "few_shot":
         key |= {"strong": ckpt_fingerprint(r.models.strong), "n_demos": r.stage1.n_demos,
-                "demo_seed": r.stage1.demo_seed, "demos": "weak responses that contain the answer marker"}
-    return key
+                "demo_seed": r.stage1.demo_seed,
+                "demos": "all weak responses shuffled with demo_seed, the first n_demos that contain the marker"}
+    return key | stored_key(r)
+
+
+def stored_key(r):
+    """How labels.jsonl keeps a completion (tasks.stored_response): GSM8K and MATH also lose '.' at both ends."""
+    return {} if r.data.task == olympicarena.NAME else {"stored": "strip, then '.' at both ends"}
 
 
 def samples_key(r, n=None):
@@ -358,7 +364,7 @@ def samples_key(r, n=None):
     s2 = r.stage2
     return {"task": r.data.task, "n": n or s2.n_samples, "temperature": s2.temperature, "top_p": s2.top_p,
             "max_new_tokens": r.sampling.sample_max_new_tokens, "seed": r.data.seed,
-            "cache_len": r.sampling.cache_len, "prompt": "zero_shot", "dtype": r.models.dtype}
+            "cache_len": r.sampling.cache_len, "prompt": "zero_shot", "dtype": r.models.dtype} | stored_key(r)
 
 
 def weak_sc_key(r):
