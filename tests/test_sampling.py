@@ -186,6 +186,7 @@ def test_chunked_prefill_samples_equal_a_prefill_of_their_own(family, ckpt, monk
     monkeypatch.setattr(ops, "CASCADE_MIN_PREFIX", 3)
     model, _ = load(ckpt, family)
     model.cfg.eos_token_id = list(range(3, VOCAB, 5))
+    model.cfg.generation_config = {}  # these ids alone stop (the saved generation_config.json would add 2)
     prompts = random_prompts([5, 2, 8, 3, 6, 1, 13, 4], seed=6, prefix=[1, 9, 10, 11])
     kw = dict(n=3, temperature=1.0, seed=2, max_new_tokens=12, sync_every=2, max_batch=4, progress=False)
     expected = generate(model, None, prompts, **kw)
@@ -205,6 +206,7 @@ def test_chunked_prefill_logits_equal_full_recompute(family, ckpt, monkeypatch):
     sibling with only the last prompt token run again)."""
     model, _ = load(ckpt, family)
     model.cfg.eos_token_id = list(range(3, VOCAB, 5))  # completions of different lengths: slots free one by one
+    model.cfg.generation_config = {}  # these ids alone stop (the saved generation_config.json would add 2)
     prompts = random_prompts([6, 2, 9, 4], seed=8, prefix=[1, 7, 8])
     monkeypatch.setattr(sampling, "Engine", functools.partial(Engine, keep_logits=True))  # generate's engine
     checked = {"first": 0, "later": 0}
