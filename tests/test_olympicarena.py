@@ -319,10 +319,72 @@ def test_parse_latex_refuses_what_sympy_1_12_refuses(latex):
         parse_latex(latex)
 
 
-@pytest.mark.parametrize("latex", ["\\frac{dy}{dx}", "\\int_0^1 x dx", "\\sum_{i=1}^{n} i", "\\lim_{x\\to 0} x"])
-def test_parse_latex_does_not_read_calculus(latex):
-    with pytest.raises(LatexError):  # sympy's parser builds derivatives, integrals, sums, limits; w2s does not
+# Calculus, read as sympy 1.12 reads it (trees read off sympy 1.12 with antlr4-python3-runtime 4.11): the longest
+# expression before a differential, an upper bound's number taking the digits after it (0 to 12 below), a product term
+# after \\sum and \\lim, d/dx applied to the factors after it, evaluation bars substituted (|_{0}^{1} reads |_{0}).
+CALCULUS = [
+    ("\\int x dx", "Integral(Symbol('x'),Tuple(Symbol('x')))"),
+    ("\\int_{0}^{1} x^2 \\, dx", "Integral(Pow(Symbol('x'),Integer(2)),Tuple(Symbol('x'),Integer(0),Integer(1)))"),
+    ("\\int_0^1 2x\\,dx", "Integral(Symbol('x'),Tuple(Symbol('x'),Integer(0),Integer(12)))"),
+    ("\\int\\limits_a^b \\frac{1}{x} dx",
+     "Integral(Pow(Symbol('x'),Integer(-1)),Tuple(Symbol('x'),Symbol('a'),Symbol('b')))"),
+    ("\\int^b_a x dx", "Integral(Symbol('x'),Tuple(Symbol('x'),Symbol('a'),Symbol('b')))"),
+    ("\\int \\frac{dx}{x}", "Integral(Pow(Symbol('x'),Integer(-1)),Tuple(Symbol('x')))"),
+    ("\\int x + 1", "Integral(Add(Symbol('x'),Integer(1)),Tuple(Symbol('x')))"),
+    ("\\int \\delta", "Integral(Integer(1),Tuple(Symbol('elta')))"),
+    ("\\int x dx dy", "Integral(Mul(Symbol('x'),Symbol('dx')),Tuple(Symbol('y')))"),
+    ("\\int \\frac{1}{x} y", "Mul(Integral(Pow(Symbol('x'),Integer(-1)),Tuple(Symbol('x'))),Symbol('y'))"),
+    ("\\int_0^1 x dx + 1", "Add(Integral(Symbol('x'),Tuple(Symbol('x'),Integer(0),Integer(1))),Integer(1))"),
+    ("\\sum_{k=0}^{\\infty} \\frac{1}{2^k}",
+     "Sum(Pow(Pow(Integer(2),Symbol('k')),Integer(-1)),Tuple(Symbol('k'),Integer(0),oo))"),
+    ("\\sum_{n=1}^{10} n + 1", "Add(Sum(Symbol('n'),Tuple(Symbol('n'),Integer(1),Integer(10))),Integer(1))"),
+    ("\\sum_{k=1}^10 2^k", "Sum(Pow(Integer(2),Symbol('k')),Tuple(Symbol('k'),Integer(1),Integer(10)))"),
+    ("\\sum^n_{i=1} i", "Sum(Symbol('i'),Tuple(Symbol('i'),Integer(1),Symbol('n')))"),
+    ("\\prod_{i=1}^{n} i", "Product(Symbol('i'),Tuple(Symbol('i'),Integer(1),Symbol('n')))"),
+    ("\\lim_{x \\to 0} \\frac{\\sin x}{x}",
+     "Limit(Mul(sin(Symbol('x')),Pow(Symbol('x'),Integer(-1))),Symbol('x'),Integer(0),Symbol('+-'))"),
+    ("\\lim_{x \\to 0^+} \\frac{1}{x}", "Limit(Pow(Symbol('x'),Integer(-1)),Symbol('x'),Integer(0),Symbol('+'))"),
+    ("\\lim_{x\\to\\infty} \\frac{1}{x}", "Limit(Pow(Symbol('x'),Integer(-1)),Symbol('x'),oo,Symbol('-'))"),
+    ("\\lim_{\\theta \\rightarrow 1^{-}} \\theta", "Limit(Symbol('theta'),Symbol('theta'),Integer(1),Symbol('-'))"),
+    ("\\frac{d}{dx} x^2", "Derivative(Pow(Symbol('x'),Integer(2)),Tuple(Symbol('x'),Integer(1)))"),
+    ("2 \\frac{d}{dx} x y", "Mul(Integer(2),Derivative(Mul(Symbol('x'),Symbol('y')),Tuple(Symbol('x'),Integer(1))))"),
+    ("\\frac{dy}{dx}", "Derivative(Symbol('y'),Tuple(Symbol('x'),Integer(1)))"),
+    ("\\frac{d x^2}{dx}", "Derivative(Pow(Symbol('x'),Integer(2)),Tuple(Symbol('x'),Integer(1)))"),
+    ("\\frac{\\partial f}{\\partial \\theta}", "Derivative(Symbol('f'),Tuple(Symbol('theta'),Integer(1)))"),
+    ("\\frac{d0}{dx}", "Mul(Mul(Symbol('d'),Integer(0)),Pow(Symbol('dx'),Integer(-1)))"),
+    ("x^2|_{x=3}", "Integer(9)"),
+    ("x^2|^{x=2}_{x=1}", "Add(Integer(4),Integer(-1))"),
+    ("x^2|_{x=1}^{x=2}", "Integer(1)"),
+    ("x^2|_{0}^{1}", "Pow(Symbol('x'),Integer(2))"),
+    ("|x|^{2}", "Pow(Abs(Symbol('x')),Integer(2))"),
+    ("|x|_{x=1}|", "Abs(Integer(1))"),
+    ("2^{\\infty}", "Pow(Integer(2),oo)"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("latex, tree", CALCULUS)
+def test_parse_latex_reads_calculus_as_sympy_1_12(latex, tree):
+    assert _tree(parse_latex(latex)) == tree
+
+
+@pytest.mark.parametrize("latex", [
+    "\\int", "\\int_0 x dx", "\\sum_{i=1} i", "\\sum_{2=1}^{3} 2", "\\lim_{x \\to x} x", "\\lim_{x_1 \\to 0} x",
+    "\\lim_{x \\to 0^*} x", "\\frac{d}{dx}", "\\frac{d}{dx} + x", "(\\frac{d}{dx}) x", "\\frac{d^2 y}{dx}", "|x|_{x=1}",
+])  # fmt: skip
+def test_parse_latex_refuses_the_calculus_sympy_1_12_refuses(latex):
+    with pytest.raises(LatexError):  # sympy raises LaTeXParsingError, ValueError or NotImplementedError there
         parse_latex(latex)
+
+
+def test_judge_evaluates_calculus_as_olympicarena():
+    """sympy.N evaluates an integral, sum or product, not a limit or a derivative (verdicts as OlympicArena's judge
+    gives them under sympy 1.12)."""
+    assert judge.verdict("\\int_0^{1} 2x\\,dx", "1") and judge.verdict("\\sum_{k=0}^{\\infty} \\frac{1}{2^k}", "2")
+    assert not judge.verdict("\\int_0^1 2x\\,dx", "1") and judge.verdict("\\int_0^1 2x\\,dx", "72")  # from 0 to 12
+    assert judge.verdict("\\prod_{i=1}^{5} i", "120") and judge.verdict("x^2|^{x=2}_{x=1}", "3")
+    assert not judge.verdict("\\lim_{x \\to 0} \\frac{\\sin x}{x}", "1")
+    assert not judge.verdict("\\frac{d}{dx} x^2", "2x")
+    assert not judge.verdict("x^2|_{0}^{1}", "1")  # only |_{0} is a bar, and 0 names no variable
 
 
 def test_same_for_a_question(tmp_path):
@@ -353,6 +415,8 @@ def test_judge_is_bounded_in_time_and_size(monkeypatch, caplog):
         parse_latex("10^{100000}")
     with pytest.raises(LatexError, match="longer than"):
         parse_latex("1+" * 600 + "1")
+    with pytest.raises(LatexError, match="exponent too large"):  # an evaluation bar would compute 999^998001
+        parse_latex("x^{999}|_{x=999^{999}}")
     assert not judge.verdict("10^{10^{10}}", "1") and not judge.verdict("9^{100000}", "1")
 
     def slow(pred, gold):

@@ -21,16 +21,29 @@ The grammar's own quirks are kept, since they decide verdicts:
     function call (f(x), and x(x+1) too); juxtaposed factors nest to the right; a lone x between two numbers is
     a multiplication sign ("3 x 10^8");
   * "d" followed by a letter is one symbol (dx), \\sin^{-1} is asin, \\lfloor/\\lceil are floor/ceiling.
-Not read (LatexError, which the judge counts as "cannot compare"): integrals, sums, products, limits, derivatives,
-bras and kets, and |_{...} evaluation bars. Bounded: inputs over MAX_CHARS characters, exponents over MAX_EXPONENT and
-factorials over MAX_FACTORIAL are refused (LatexError), since an exact sympy power of that size can hang past any
-time limit.
+Calculus builds sympy's Integral, Sum, Product, Limit and Derivative (which the judge's sympy.N may evaluate: an answer
+"\\int_0^{1} 2x\\,dx" equals 1), with the grammar's reading:
+  * \\int [_a^b] reads an expression then a differential, the longest such (\\int x dx dy integrates x*dx over y), else
+    a lone \\frac, else an expression, over the symbol named d<v> in it (set to 1: \\int \\frac{dx}{x}) or else over x;
+  * the second bound's number takes the digits after it while the rest still reads: \\int_0^1 2x\\,dx is from 0 to 12;
+  * \\sum_{i=a}^{b}, \\prod and \\lim_{x \\to a} (^+ or ^- for one side) take one product term: \\sum_{i=1}^{n} i + 1 is
+    Sum(i) + 1; \\frac{d}{dx} differentiates the factors after it, and \\frac{dy}{dx}, \\frac{\\partial f}{\\partial x}
+    are derivatives of the numerator after its d, read again from the text (so \\frac{d^2y}{dx} is an error);
+  * an evaluation bar x|^{x=b}_{x=a} is substituted and evaluated (x^2|_{x=3} is 9); a bar without "x=" puts the value
+    for one of its own symbols, so |_{0}^{1} changes nothing (and only |_{0} is the bar, ^{1} is left over).
+Not read (LatexError, which the judge counts as "cannot compare"): bras and kets. Known to differ, rarely: where sympy's
+parser looks further ahead to pick a reading (it reads \\sin(x)|_{x=0}^{1} as sin(0)^1, where this parser reads sin(x)
+at x=0 and leaves ^{1}; it fails on an unreadable subscript, as in 2 - x_{i=1}, where this parser stops at 2).
+Bounded: inputs over MAX_CHARS characters, finite exponents over MAX_EXPONENT (also where an evaluation bar would
+compute one) and factorials over MAX_FACTORIAL are refused (LatexError), since an exact sympy power of that size can
+hang past any time limit.
 
 Test: python -m pytest -q tests/test_olympicarena.py
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import sympy
@@ -45,7 +58,8 @@ class LatexError(ValueError):
 
 
 class _Unreadable(LatexError):
-    """A character no token reads, reached by the parser: an error however the parse could have gone."""
+    """An error however the parse could have gone: a character no token reads, reached by the parser, or a tree
+    sympy's parser refuses to build (it builds trees only once it has parsed, so no other reading is tried)."""
 
 
 # ---------------------------------------------------------------------------------------------------- the lexer
@@ -71,44 +85,46 @@ _GRAMMAR_COMMANDS = _FUNCTIONS | {
 }  # fmt: skip
 _PUNCTUATION = set("+-*/(){}[]|_^:!<>=,.")
 _CLOSERS = {"(": ")", "[": "]", "{": "}", "\\{": "\\}"}  # a group's opening token -> its closing one
+_APPROACH = {"to", "rightarrow", "Rightarrow", "longrightarrow", "Longrightarrow"}  # \lim_{x \to a}
 _COMMAND = re.compile(r"\\([A-Za-z]+)")
 _DIFFERENTIAL = re.compile(r"d\s*([A-Za-z]|\\[A-Za-z]+)")
 
 
 def _tokenize(text: str):
-    """The grammar's tokens, spacing dropped, one at a time: as in sympy's parser, a character no token reads is an
-    error only once the parser looks that far ("A, B % C" reads as A; "2 %" is an error)."""
+    """The grammar's tokens, spacing dropped, one at a time, each with where it starts: as in sympy's parser, a
+    character no token reads is an error only once the parser looks that far ("A, B % C" reads as A; "2 %" is an
+    error)."""
     i = 0
     while i < len(text):
-        ch = text[i]
+        start, ch = i, text[i]
         if ch.isspace():
             i += 1
         elif ch == "\\":
             token, i = _command_token(text, i)
             if token is not None:
-                yield token
+                yield token, start
         elif ch == "d" and (m := _DIFFERENTIAL.match(text, i)):
-            yield "diff", m.group(1).lstrip("\\")
+            yield ("diff", m.group(1).lstrip("\\")), start
             i = m.end()
         elif ch.isascii() and ch.isdigit():
-            yield "digit", ch
+            yield ("digit", ch), start
             i += 1
         elif ch.isascii() and ch.isalpha():
-            yield "letter", ch
+            yield ("letter", ch), start
             i += 1
         elif ch == "'":
             j = i
             while j < len(text) and text[j] == "'":
                 j += 1
-            yield "quotes", text[i:j]
+            yield ("quotes", text[i:j]), start
             i = j
         elif ch == "&" and text[i + 1 : i + 2] == "=":  # "&=" (aligned equations) is "="
             i += 1
         elif ch == "=" and text[i + 1 : i + 2] == "&":
-            yield "=", "="
+            yield ("=", "="), start
             i += 2
         elif ch in _PUNCTUATION:
-            yield ch, ch
+            yield (ch, ch), start
             i += 1
         else:
             raise _Unreadable(f"cannot read {text[i : i + 20]!r}")
@@ -125,6 +141,8 @@ def _command_token(text: str, i: int):
             raise _Unreadable(f"cannot read {text[i : i + 20]!r}")
         return None, i + 2
     name, end = m.group(1), m.end()
+    if name == "int" and text.startswith("\\limits", end):  # one token, as in the grammar
+        end += len("\\limits")
     if name in ("left", "right") and text[end : end + 1] == "|":  # \left| and \right| open a bra / ket
         return ("cmd", name + "|"), end + 1
     if name in _SKIPPED_COMMANDS:
@@ -140,7 +158,7 @@ def _mul(a, b):
 
 
 def _pow(base, exponent):
-    if exponent.is_Number and abs(exponent) > MAX_EXPONENT:
+    if exponent.is_Number and exponent.is_finite and abs(exponent) > MAX_EXPONENT:  # x^\\infty stays
         raise LatexError("exponent too large to evaluate")
     return sympy.Pow(base, exponent, evaluate=False)
 
@@ -149,15 +167,18 @@ class _Parser:
     """One method per rule of the grammar. A repeated part (another term, factor, superscript or "!") is taken only
     when it parses whole; otherwise the parser stops before it and what is left is ignored."""
 
-    def __init__(self, tokens):
-        self.source, self.tokens, self.i = tokens, [], 0  # tokens: those read so far from the source
-        self.memo = {}  # (rule, position) -> (value or LatexError, position after): each is parsed once
+    def __init__(self, text: str):
+        self.text, self.source, self.i = text, _tokenize(text), 0
+        self.tokens, self.starts = [], []  # the tokens read so far from the source, and where each starts
+        self.stop = MAX_CHARS  # the parser sees the end here (see within)
+        self.memo = {}  # (rule, position, stop) -> (value or LatexError, position after): each is parsed once
 
     def peek(self, ahead: int = 0) -> tuple[str, str]:
         j = self.i + ahead
-        while len(self.tokens) <= j and (token := next(self.source, None)) is not None:
-            self.tokens.append(token)
-        return self.tokens[j] if j < len(self.tokens) else ("end", "")
+        while len(self.tokens) <= j < self.stop and (token := next(self.source, None)) is not None:
+            self.tokens.append(token[0])
+            self.starts.append(token[1])
+        return self.tokens[j] if j < min(len(self.tokens), self.stop) else ("end", "")
 
     def kind(self, ahead: int = 0) -> str:
         return self.peek(ahead)[0]
@@ -183,7 +204,7 @@ class _Parser:
     def once(self, rule, *args):
         """rule(*args) at this position, parsed once: a failed alternative retried from the same place (the
         parser backtracks) reuses the outcome instead of parsing again, which could take exponential time."""
-        key = (rule.__name__, args, self.i)
+        key = (rule.__name__, args, self.i, self.stop)
         if key not in self.memo:
             try:
                 outcome = rule(*args)
@@ -257,15 +278,36 @@ class _Parser:
             factors.append(factor)
         return _juxtaposed(factors)
 
-    # postfix := exp "!"*
+    # postfix := exp ("!" | eval_at)*
     def postfix(self, functions=True):
         value = self.exp(functions)
-        while self.kind() == "!":
+        while True:
+            if self.kind() == "|" and (bar := self.attempt(self._bar)) is not None:
+                value = _evaluated(value, *bar)
+            elif self.kind() == "!":
+                self.take()
+                if value.is_Integer and not 0 <= value <= MAX_FACTORIAL:
+                    raise LatexError("factorial of a large integer")
+                value = sympy.factorial(value, evaluate=False)
+            else:
+                return value
+
+    # eval_at := "|" ("^" at | "_" at | "^" at "_" at), at := "{" (expr | expr "=" expr) "}"
+    def _bar(self):
+        """An evaluation bar -> (upper, lower) "at"s, None where absent; an "at" is (expr, expr after "=" or None)."""
+        self.take("|")
+        upper = self._at("^") if self.kind() == "^" else None
+        return upper, self._at("_") if self.kind() == "_" or upper is None else None
+
+    def _at(self, mark):
+        self.take(mark)
+        self.take("{")
+        left, right = self.expr(), None
+        if self.kind() == "=":
             self.take()
-            if value.is_Integer and not 0 <= value <= MAX_FACTORIAL:
-                raise LatexError("factorial of a large integer")
-            value = sympy.factorial(value, evaluate=False)
-        return value
+            right = self.expr()
+        self.take("}")
+        return left, right
 
     # exp := comp ("^" (atom | "{" expr "}") subexpr?)*
     def exp(self, functions=True):
@@ -275,11 +317,15 @@ class _Parser:
         return value
 
     def _superscript(self):
-        self.take("^")
-        exponent = self.braced() if self.kind() == "{" else self.atom()
+        exponent = self.script("^")
         if self.kind() == "_":  # a subscript after a superscript is read and dropped
-            self.subscript()
+            self.script("_")
         return exponent
+
+    # subexpr := "_" (atom | "{" expr "}"); supexpr the same after "^"
+    def script(self, mark, subscripted=True, digit_limit=None):
+        self.take(mark)
+        return self.braced() if self.kind() == "{" else self.atom(digit_limit, subscripted)
 
     def braced(self):
         self.take("{")
@@ -295,11 +341,14 @@ class _Parser:
             value = self.expr()
             self.take(_CLOSERS[kind])
             return value
-        if kind == "|":
-            self.take()
-            value = self.expr()
-            self.take("|")
-            return sympy.Abs(value, evaluate=False)
+        if kind == "|":  # its content, read greedily (|x|_{x=1}| is |1|), or when an evaluation bar inside took
+            self.take()  # the closing "|" (|x|^{2} is |x| squared), the longest content that a later "|" closes
+            bars = {j: self.kind(j + 1 - self.i) for j in self._ahead("|")}  # each "|" ahead -> the token after it
+            closings = [j for j in reversed(bars) if bars[j] != "_"] if {"^", "_"} & set(bars.values()) else []
+            for end in (None, *closings):
+                if (value := self.attempt(self._closed, end)) is not None:
+                    return sympy.Abs(value, evaluate=False)
+            raise LatexError("| not closed")
         if kind == "cmd" and text in ("lfloor", "lceil"):
             self.take()
             value = self.expr()
@@ -309,13 +358,21 @@ class _Parser:
             return called
         return self.atom()
 
+    def _closed(self, end):
+        value = self.expr() if end is None else self.within(end, self.expr)
+        self.take("|")
+        if self.kind() == "_":  # sympy's parser fails on |x|_2 and |x|_{x=1}
+            raise LatexError("| then _")
+        return value
+
     # atom := (letter | symbol) subexpr? quotes? | number | diff | mathit | frac | binom
-    def atom(self, digit_limit=None):
+    def atom(self, digit_limit=None, subscripted=True):
         kind, text = self.peek()
         if kind == "digit":
             return self.number(digit_limit)
         if kind in ("letter", "symbol"):
-            return sympy.Symbol(self.name()) if kind == "letter" or text != "infty" else self._infinity()
+            name = self.name(subscripted)
+            return sympy.oo if (kind, text) == ("symbol", "infty") else sympy.Symbol(name)
         if kind == "diff":
             self.take()
             return sympy.Symbol("d" + text)
@@ -334,25 +391,15 @@ class _Parser:
             return sympy.binomial(self.braced(), self.braced(), evaluate=False)
         raise LatexError(f"unexpected {text or 'end'!r}")
 
-    def _infinity(self):
-        self.take()
-        if self.kind() == "_":
-            self.subscript()
-        return sympy.oo
-
-    def name(self):
+    def name(self, subscripted=True):
         """A letter or command's symbol name: its subscript as "_{...}" and (letters only) its primes."""
         kind, name = self.take()
         quotes = self.take()[1] if self.kind() == "quotes" else ""
-        if self.kind() == "_":
-            name += "_{" + sympy.sstr(self.subscript()) + "}"
+        if subscripted and self.kind() == "_":
+            name += "_{" + sympy.sstr(self.script("_")) + "}"
         if not quotes and self.kind() == "quotes":
             quotes = self.take()[1]
         return name + quotes if kind == "letter" else name
-
-    def subscript(self):
-        self.take("_")
-        return self.braced() if self.kind() == "{" else self.atom()
 
     def number(self, digit_limit=None):
         """digit+ ("," digit digit digit)* ("." digit+)?; at most digit_limit digits before any "," or "."."""
@@ -371,34 +418,53 @@ class _Parser:
 
     def frac(self):
         self.take()
-        top_first = self.peek(1) if self.kind() == "{" else self.peek()
+        first, braced = self.i + 1, self.kind() == "{"  # the numerator's first token, when braced
         top = self._frac_argument()
-        if self._derivative_below(top_first):  # sympy's parser builds a derivative; w2s does not read them
-            raise LatexError("derivatives are not read")
+        if braced and (derivative := self._derivative(first)) is not None:
+            return derivative
         bottom = self._frac_argument()
         inverse = _pow(bottom, sympy.Integer(-1))
         return inverse if top == 1 else _mul(top, inverse)
 
-    def _derivative_below(self, top_first) -> bool:
-        """Whether this \\frac is d.../d<x> or \\partial.../\\partial x (its denominator comes next)."""
-        below = [self.peek(k) for k in range(4)]
+    def _derivative(self, first):
+        """sympy's reading of \\frac{...}{dx} and \\frac{...}{\\partial x} (the denominator, next): \\frac{d}{dx} is the
+        operator [x], which differentiates the factors after it (see _juxtaposed); d f or \\partial f on top is the
+        Derivative of f, which sympy reads again from the text after its d, so "\\frac{d^2 y}{dx}" is an error.
+        None when it is a fraction: another denominator, or a numerator without d (\\frac{d0}{dx}: 0 is falsy)."""
+        below, top = [self.peek(k) for k in range(4)], self.tokens[first : self.i - 1]
         kinds = [kind for kind, _ in below]
-        over_d = top_first == ("letter", "d") or top_first[0] == "diff"
         if kinds[:3] == ["{", "diff", "}"]:
-            return over_d
-        partial_below = kinds[:2] == ["{", "symbol"] and below[1][1] == "partial" and kinds[2:] in (
-            ["letter", "}"], ["symbol", "}"])
-        return partial_below and top_first == ("symbol", "partial")
+            head, mark, wrt, width = ("letter", "d"), "d", below[1][1], 3
+        elif below[1] == ("symbol", "partial") and kinds[::3] == ["{", "}"] and kinds[2] in ("letter", "symbol"):
+            head, mark, wrt, width = ("symbol", "partial"), "\\partial", below[2][1], 4
+        else:
+            return None
+        if top == [head]:
+            value = [sympy.Symbol(wrt)]
+        elif top[0] == head or mark == "d" and top[0][0] == "diff":
+            try:
+                value = parse_latex(self.text[self.starts[first] : self.starts[self.i - 1]][len(mark) :])
+            except LatexError as e:
+                raise _Unreadable(f"after the {mark} on top: {e}") from None
+            if not value:
+                return None
+            value = sympy.Derivative(value, sympy.Symbol(wrt))
+        else:
+            return None
+        self.i += width
+        return value
 
     def _frac_argument(self):
         return self.braced() if self.kind() == "{" else sympy.Number(self.take("digit")[1])
 
     # func := function (sub/superscript) ("(" expr ")" | mp_nofunc) | (letter | symbol) ... "(" args ")"
-    #       | \sqrt ("[" expr "]")? "{" expr "}" | \overline "{" expr "}"
+    #       | \sqrt ("[" expr "]")? "{" expr "}" | \overline "{" expr "}" | \int ... | \sum ... | \prod ... | \lim ...
     def func(self):
         kind, text = self.peek()
         if kind == "cmd" and text in _FUNCTIONS:
             return self.function()
+        if kind == "cmd" and text in ("int", "sum", "prod", "lim"):
+            return {"int": self.integral, "lim": self.limit}.get(text, self.big_operator)()
         if kind == "cmd" and text == "sqrt":
             self.take()
             index = None
@@ -422,6 +488,108 @@ class _Parser:
             self.take(")")
             return sympy.Function(name)(*args)
         raise LatexError("not a function")
+
+    # \int (subexpr supexpr | supexpr subexpr)? (expr? differential | frac | expr)
+    def integral(self):
+        self.take()
+        if self.kind() not in ("_", "^"):
+            return sympy.Integral(*self._integrand())
+        lower, upper, (body, variable) = self._bounded(False, self._integrand)
+        return sympy.Integral(body, (variable, lower, upper))
+
+    def _integrand(self):
+        """-> (integrand, variable), the grammar's alternatives in order: an expression (or none) then a differential,
+        the LONGEST such expression (\\int x dx dy integrates x dx over y); a fraction alone (\\int \\frac{1}{x} y is
+        y times an integral); an expression. Without a differential sympy integrates over the symbol named d<v> in
+        it, set to 1 there (\\int \\frac{dx}{x}: 1/x over x; \\int \\delta: 1 over "elta"), else over x."""
+        for end in reversed(self._ahead("diff")):
+            body = 1 if end == self.i else self.attempt(self.within, end, self.expr)
+            if body is not None:
+                self.i = end + 1
+                return body, sympy.Symbol(self.tokens[end][1])
+        body = self.frac() if self.peek() in (("cmd", "frac"), ("cmd", "dfrac"), ("cmd", "tfrac")) else self.expr()
+        variable, marked = sympy.Symbol("x"), None
+        for symbol in body.atoms(sympy.Symbol):  # with several, the last one met (sympy's set order) counts
+            if len(symbol.name) > 1 and symbol.name.startswith("d"):
+                variable, marked = sympy.Symbol(symbol.name[1:]), symbol
+        return (body if marked is None else _substituted(body, marked, 1)), variable
+
+    # (\sum | \prod) ("_" "{" expr "=" expr "}" supexpr | supexpr "_" "{" expr "=" expr "}") mp
+    def big_operator(self):
+        """\\sum and \\prod over a product term (mp): \\sum_{i=1}^{n} i + 1 is Sum(i) + 1."""
+        operator = sympy.Sum if self.take()[1] == "sum" else sympy.Product
+        (variable, start), end, term = self._bounded(True, self.mp)
+        return operator(term, (variable, start, end))
+
+    def _bounded(self, equation, body):
+        """_lower and ^upper in either order, then body() -> (lower, upper, body); lower is "{" expr "=" expr "}" for
+        an equation. Written first, ^upper's atom leaves a _ after it to the lower bound (\\sum^n_{i=1} i). As the
+        grammar's number takes digits only while the rest can be read, the second bound's number gives back digits,
+        from its last, until body() reads (\\sum_{k=1}^10 2^k is to 10 of 2^k; \\int_0^1 2x dx is to 12 of x)."""
+        start, limit = self.i, None
+        while True:
+            self.i, bound = start, {}
+            for mark in ("^", "_") if self.kind() == "^" else ("_", "^"):
+                second, later = self.i, bool(bound)
+                bound[mark] = self._at("_") if equation and mark == "_" else self.script(
+                    mark, mark == "_" or later, limit if later else None)
+            if equation and bound["_"][1] is None:
+                raise LatexError("expected _{i=a}")
+            digits = len(list(itertools.takewhile(lambda t: t[0] == "digit", self.tokens[second + 1 : self.i])))
+            try:
+                return bound["_"], bound["^"], body()
+            except _Unreadable:
+                raise
+            except LatexError:
+                if digits <= 1:
+                    raise
+                limit = digits - 1
+
+    # \lim "_" "{" (letter | symbol) \to expr ("^" ("+" | "-" | "{+}" | "{-}"))? "}" mp
+    def limit(self):
+        """sympy's Limit(term, x, a, side): side "+-" (both) unless a ^+ or ^- follows a."""
+        self.take()
+        self.take("_")
+        self.take("{")
+        kind, name = self.take()
+        if kind not in ("letter", "symbol") or self.take("cmd")[1] not in _APPROACH:
+            raise LatexError("expected x \\to a")
+        point, side = self.expr(), "+-"
+        if self.kind() == "^":
+            self.take()
+            braced = self.kind() == "{" and self.take()
+            side = self.take()[0]
+            if side not in ("+", "-"):
+                raise LatexError("expected ^+ or ^-")
+            if braced:
+                self.take("}")
+        self.take("}")
+        return sympy.Limit(self.mp(), sympy.Symbol(name), point, side)
+
+    def within(self, end, rule):
+        """rule() on the tokens before `end`, all of them: the parser sees the end there."""
+        outer, self.stop = self.stop, end
+        try:
+            value = self.once(rule)
+        finally:
+            self.stop = outer
+        if self.i != end:
+            raise LatexError("stops short")
+        return value
+
+    def _ahead(self, kind):
+        """Where the tokens of this kind lie ahead outside brackets, up to the end of the expression here (a comma
+        outside a number, a relation or a closing bracket)."""
+        found, depth, ahead = [], 0, 0
+        while (token := self.peek(ahead))[0] != "end":
+            depth += (token[0] in _CLOSERS) - (token[0] in _CLOSERS.values())
+            comma = token[0] == "," and {self.kind(ahead + k) for k in (-1, 1, 2, 3)} != {"digit"}
+            if depth < 0 or depth == 0 and (comma or token[0] in "=<>" or "\\" + token[1] in _RELATIONS):
+                break
+            if depth == 0 and token[0] == kind:
+                found.append(self.i + ahead)
+            ahead += 1
+        return found
 
     def function(self):
         """A named function: \\log_2 8 is log(8, 2) although "2 8" could be one number (28): a bare number as a
@@ -486,15 +654,48 @@ def _apply_function(name, arg, base, power):
 
 def _juxtaposed(factors):
     """Adjacent factors as one product, nested to the right: a b c is a * (b * c). A lone x between two factors
-    without symbols is a multiplication sign, not a factor: 3 x 10^8 is 3 * 10^8."""
+    without symbols is a multiplication sign, not a factor: 3 x 10^8 is 3 * 10^8. The operator [x] (\\frac{d}{dx})
+    differentiates the product of the factors after it: 2 \\frac{d}{dx} x y is 2 * Derivative(x * y, x)."""
+    if isinstance(factors[-1], list):
+        raise _Unreadable("nothing to differentiate")
     value = factors[-1]
     for i in range(len(factors) - 2, -1, -1):
         f = factors[i]
-        if 0 < i and str(f) == "x" and not factors[i - 1].atoms(sympy.Symbol) and not factors[i + 1].atoms(
-                sympy.Symbol):
-            continue
-        value = _mul(f, value)
+        if isinstance(f, list):
+            value = sympy.Derivative(value, *f)
+        elif not (0 < i and str(f) == "x" and all(
+                isinstance(g, sympy.Expr) and not g.atoms(sympy.Symbol) for g in (factors[i - 1], factors[i + 1]))):
+            value = _mul(f, value)
     return value
+
+
+def _evaluated(value, upper, lower):
+    """value|^{upper}_{lower} as sympy's parser reads it: value at each side given (at x=a: a put for x; at a lone a: a
+    put for one of a's own symbols, the first in set order, so |_{2} changes nothing), upper - lower when both are."""
+    at = []
+    for left, right in filter(None, (upper, lower)):
+        old = next(iter(left.atoms(sympy.Symbol)), None) if right is None else left
+        at.append(value if old is None else _substituted(value, old, left if right is None else right))
+    return sympy.Add(at[0], -1 * at[1], evaluate=False) if len(at) == 2 else at[0]
+
+
+def _substituted(expr, old, new):
+    """expr.subs(old, new), which evaluates the tree as sympy's parser does; refused where that would compute a
+    power past MAX_EXPONENT, which no time limit interrupts ((x^{999})^{999} at x=9 is 9^998001)."""
+    with sympy.evaluate(False):
+        unevaluated = expr.subs(old, new)
+    _check_powers(unevaluated)
+    return expr.subs(old, new)
+
+
+def _check_powers(expr, scale=1):
+    """Refuses a power, within powers (whose exponents multiply), that evaluates past MAX_EXPONENT."""
+    if isinstance(expr, sympy.Pow) and not expr.exp.free_symbols:
+        scale *= max(1.0, abs(complex(sympy.N(expr.exp))))
+        if scale > MAX_EXPONENT:
+            raise _Unreadable("exponent too large to evaluate")
+    for arg in expr.args:
+        _check_powers(arg, scale)
 
 
 def parse_latex(text: str):
@@ -504,6 +705,8 @@ def parse_latex(text: str):
     if len(text) > MAX_CHARS:
         raise LatexError(f"longer than {MAX_CHARS} characters")
     try:
-        return _Parser(_tokenize(text)).relation()
-    except (TypeError, RecursionError) as e:  # a chained relation (1 < x < 2), or nesting past Python's stack
-        raise LatexError(str(e)) from None
+        return _Parser(text).relation()
+    except LatexError:
+        raise
+    except Exception as e:  # a chained relation (1 < x < 2), nesting past Python's stack, or a tree sympy refuses
+        raise LatexError(f"{type(e).__name__}: {e}") from None
