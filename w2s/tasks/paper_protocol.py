@@ -1,8 +1,9 @@
-"""The authors' answer protocol (docs/PAPER.md, "Answer extraction and comparison"), rule for rule: the `paper` grader.
+"""The authors' answer protocol (docs/PAPER.md, "Answer extraction and comparison"), rule for rule: the `paper` grader;
+and their draw of the few-shot demonstrations (docs/PAPER.md, "The few-shot demonstration rule").
 
-Read off `src/inference.py`, `src/eval/evaluation.py` and `src/eval/math_normalization.py` of
-GAIR-NLP/weak-to-strong-reasoning; written here from those rules, not copied. Nothing in this file is lenient on
-purpose: its accuracies, kept fractions and pair counts are on the paper's scale.
+Read off `src/inference.py`, `src/eval/evaluation.py`, `src/eval/math_normalization.py` and
+`src/prompt/demonstrations.py` of GAIR-NLP/weak-to-strong-reasoning; written here from those rules, not copied.
+Nothing in this file is lenient on purpose: its accuracies, kept fractions and pair counts are on the paper's scale.
 
     paper_extract(response, marker)   the raw final answer of a model response ("" when there is none)
     minerva_normalize(answer)         the authors' Minerva-style normalizer, for prediction and gold alike
