@@ -21,16 +21,10 @@ The grammar's own quirks are kept, since they decide verdicts:
     function call (f(x), and x(x+1) too); juxtaposed factors nest to the right; a lone x between two numbers is
     a multiplication sign ("3 x 10^8");
   * "d" followed by a letter is one symbol (dx), \\sin^{-1} is asin, \\lfloor/\\lceil are floor/ceiling.
-Calculus builds sympy's Integral, Sum, Product, Limit and Derivative (which the judge's sympy.N may evaluate: an answer
-"\\int_0^{1} 2x\\,dx" equals 1), with the grammar's reading:
-  * \\int [_a^b] reads an expression then a differential, the longest such (\\int x dx dy integrates x*dx over y), else
-    a lone \\frac, else an expression, over the symbol named d<v> in it (set to 1: \\int \\frac{dx}{x}) or else over x;
-  * the second bound's number takes the digits after it while the rest still reads: \\int_0^1 2x\\,dx is from 0 to 12;
-  * \\sum_{i=a}^{b}, \\prod and \\lim_{x \\to a} (^+ or ^- for one side) take one product term: \\sum_{i=1}^{n} i + 1 is
-    Sum(i) + 1; \\frac{d}{dx} differentiates the factors after it, and \\frac{dy}{dx}, \\frac{\\partial f}{\\partial x}
-    are derivatives of the numerator after its d, read again from the text (so \\frac{d^2y}{dx} is an error);
-  * an evaluation bar x|^{x=b}_{x=a} is substituted and evaluated (x^2|_{x=3} is 9); a bar without "x=" puts the value
-    for one of its own symbols, so |_{0}^{1} changes nothing (and only |_{0} is the bar, ^{1} is left over).
+  * \\frac{d}{dx} differentiates the factors after it, and \\frac{dy}{dx}, \\frac{\\partial f}{\\partial x} are
+    derivatives of the numerator after its d, read again from the text (so \\frac{d^2y}{dx} is an error).
+Integrals, sums, products, limits and evaluation bars are read by the rules of w2s/tasks/olympic_calculus.py, mixed
+into the parser; the tokens, the errors and the size limits are w2s/tasks/olympic_latex_lexer.py's.
 Not read (LatexError, which the judge counts as "cannot compare"): bras and kets. Known to differ, rarely: where sympy's
 parser looks further ahead to pick a reading (it reads \\sin(x)|_{x=0}^{1} as sin(0)^1, where this parser reads sin(x)
 at x=0 and leaves ^{1}; it fails on an unreadable subscript, as in 2 - x_{i=1}, where this parser stops at 2).
@@ -43,112 +37,20 @@ Test: python -m pytest -q tests/test_olympicarena.py
 
 from __future__ import annotations
 
-import itertools
-import re
-
 import sympy
 
-MAX_CHARS = 1000
-MAX_EXPONENT = 1000
-MAX_FACTORIAL = 1000
-
-
-class LatexError(ValueError):
-    """The text is not an expression this parser reads (the judge treats it as "cannot compare")."""
-
-
-class _Unreadable(LatexError):
-    """An error however the parse could have gone: a character no token reads, reached by the parser, or a tree
-    sympy's parser refuses to build (it builds trees only once it has parsed, so no other reading is tried)."""
-
-
-# ---------------------------------------------------------------------------------------------------- the lexer
-# A token is (kind, text). Kinds: "digit", "letter", "diff" (d + a letter or command: one symbol), "cmd" (a command
-# the grammar names), "symbol" (any other command), "quotes", and the punctuation itself for the rest.
-_SKIPPED_COMMANDS = {
-    "thinspace", "medspace", "thickspace", "quad", "qquad", "negthinspace", "negmedspace", "negthickspace", "left",
-    "right", "vrule", "vcenter", "vbox", "vskip", "vspace", "hfil",
-}  # fmt: skip
-_SKIPPED_ESCAPES = set(",:;!*-./\"(=")  # \, \: \; \! spacing and the grammar's ignored \* \- \. \/ \" \( \=
-_FUNCTIONS = {
-    "exp", "log", "lg", "ln", "sin", "cos", "tan", "csc", "sec", "cot", "arcsin", "arccos", "arctan", "arccsc",
-    "arcsec", "arccot", "sinh", "cosh", "tanh", "arsinh", "arcosh", "artanh",
-}  # fmt: skip
-_RELATIONS = {"=": sympy.Eq, "<": sympy.StrictLessThan, ">": sympy.StrictGreaterThan, "\\neq": sympy.Ne}
-_RELATIONS.update(dict.fromkeys(("\\leq", "\\le", "\\leqq", "\\leqslant"), sympy.LessThan))
-_RELATIONS.update(dict.fromkeys(("\\geq", "\\ge", "\\geqq", "\\geqslant"), sympy.GreaterThan))
-_GRAMMAR_COMMANDS = _FUNCTIONS | {
-    "lim", "to", "rightarrow", "Rightarrow", "longrightarrow", "Longrightarrow", "int", "sum", "prod", "lfloor",
-    "rfloor", "lceil", "rceil", "sqrt", "overline", "times", "cdot", "div", "frac", "dfrac", "tfrac", "binom",
-    "dbinom", "tbinom", "mathit", "neq", "leq", "le", "leqq", "leqslant", "geq", "ge", "geqq", "geqslant", "langle",
-    "rangle",
-}  # fmt: skip
-_PUNCTUATION = set("+-*/(){}[]|_^:!<>=,.")
-_CLOSERS = {"(": ")", "[": "]", "{": "}", "\\{": "\\}"}  # a group's opening token -> its closing one
-_APPROACH = {"to", "rightarrow", "Rightarrow", "longrightarrow", "Longrightarrow"}  # \lim_{x \to a}
-_COMMAND = re.compile(r"\\([A-Za-z]+)")
-_DIFFERENTIAL = re.compile(r"d\s*([A-Za-z]|\\[A-Za-z]+)")
-
-
-def _tokenize(text: str):
-    """The grammar's tokens, spacing dropped, one at a time, each with where it starts: as in sympy's parser, a
-    character no token reads is an error only once the parser looks that far ("A, B % C" reads as A; "2 %" is an
-    error)."""
-    i = 0
-    while i < len(text):
-        start, ch = i, text[i]
-        if ch.isspace():
-            i += 1
-        elif ch == "\\":
-            token, i = _command_token(text, i)
-            if token is not None:
-                yield token, start
-        elif ch == "d" and (m := _DIFFERENTIAL.match(text, i)):
-            yield ("diff", m.group(1).lstrip("\\")), start
-            i = m.end()
-        elif ch.isascii() and ch.isdigit():
-            yield ("digit", ch), start
-            i += 1
-        elif ch.isascii() and ch.isalpha():
-            yield ("letter", ch), start
-            i += 1
-        elif ch == "'":
-            j = i
-            while j < len(text) and text[j] == "'":
-                j += 1
-            yield ("quotes", text[i:j]), start
-            i = j
-        elif ch == "&" and text[i + 1 : i + 2] == "=":  # "&=" (aligned equations) is "="
-            i += 1
-        elif ch == "=" and text[i + 1 : i + 2] == "&":
-            yield ("=", "="), start
-            i += 2
-        elif ch in _PUNCTUATION:
-            yield (ch, ch), start
-            i += 1
-        else:
-            raise _Unreadable(f"cannot read {text[i : i + 20]!r}")
-
-
-def _command_token(text: str, i: int):
-    """The command at text[i] == "\\": -> (its token, or None when it is spacing, and the index after it)."""
-    m = _COMMAND.match(text, i)
-    if m is None:
-        escaped = text[i + 1 : i + 2]
-        if escaped in ("{", "}"):
-            return ("\\" + escaped, "\\" + escaped), i + 2
-        if escaped not in _SKIPPED_ESCAPES or not escaped:
-            raise _Unreadable(f"cannot read {text[i : i + 20]!r}")
-        return None, i + 2
-    name, end = m.group(1), m.end()
-    if name == "int" and text.startswith("\\limits", end):  # one token, as in the grammar
-        end += len("\\limits")
-    if name in ("left", "right") and text[end : end + 1] == "|":  # \left| and \right| open a bra / ket
-        return ("cmd", name + "|"), end + 1
-    if name in _SKIPPED_COMMANDS:
-        return None, end
-    return ("cmd" if name in _GRAMMAR_COMMANDS else "symbol", name), end
-
+from w2s.tasks.olympic_calculus import CalculusRules, _evaluated
+from w2s.tasks.olympic_latex_lexer import (
+    _CLOSERS,
+    _FUNCTIONS,
+    _RELATIONS,
+    MAX_CHARS,
+    MAX_EXPONENT,
+    MAX_FACTORIAL,
+    LatexError,
+    _tokenize,
+    _Unreadable,
+)
 
 # ---------------------------------------------------------------------------------------------------- the parser
 
@@ -163,7 +65,7 @@ def _pow(base, exponent):
     return sympy.Pow(base, exponent, evaluate=False)
 
 
-class _Parser:
+class _Parser(CalculusRules):
     """One method per rule of the grammar. A repeated part (another term, factor, superscript or "!") is taken only
     when it parses whole; otherwise the parser stops before it and what is left is ignored."""
 
@@ -292,22 +194,6 @@ class _Parser:
             else:
                 return value
 
-    # eval_at := "|" ("^" at | "_" at | "^" at "_" at), at := "{" (expr | expr "=" expr) "}"
-    def _bar(self):
-        """An evaluation bar -> (upper, lower) "at"s, None where absent; an "at" is (expr, expr after "=" or None)."""
-        self.take("|")
-        upper = self._at("^") if self.kind() == "^" else None
-        return upper, self._at("_") if self.kind() == "_" or upper is None else None
-
-    def _at(self, mark):
-        self.take(mark)
-        self.take("{")
-        left, right = self.expr(), None
-        if self.kind() == "=":
-            self.take()
-            right = self.expr()
-        self.take("}")
-        return left, right
 
     # exp := comp ("^" (atom | "{" expr "}") subexpr?)*
     def exp(self, functions=True):
@@ -489,117 +375,28 @@ class _Parser:
             return sympy.Function(name)(*args)
         raise LatexError("not a function")
 
-    # \int (subexpr supexpr | supexpr subexpr)? (expr? differential | frac | expr)
-    def integral(self):
-        self.take()
-        if self.kind() not in ("_", "^"):
-            return sympy.Integral(*self._integrand())
-        lower, upper, (body, variable) = self._bounded(False, self._integrand)
-        return sympy.Integral(body, (variable, lower, upper))
-
-    def _integrand(self):
-        """-> (integrand, variable), the grammar's alternatives in order: an expression (or none) then a differential,
-        the LONGEST such expression (\\int x dx dy integrates x dx over y); a fraction alone (\\int \\frac{1}{x} y is
-        y times an integral); an expression. Without a differential sympy integrates over the symbol named d<v> in
-        it, set to 1 there (\\int \\frac{dx}{x}: 1/x over x; \\int \\delta: 1 over "elta"), else over x."""
-        for end in reversed(self._ahead("diff")):
-            body = 1 if end == self.i else self.attempt(self.within, end, self.expr)
-            if body is not None:
-                self.i = end + 1
-                return body, sympy.Symbol(self.tokens[end][1])
-        body = self.frac() if self.peek() in (("cmd", "frac"), ("cmd", "dfrac"), ("cmd", "tfrac")) else self.expr()
-        variable, marked = sympy.Symbol("x"), None
-        for symbol in body.atoms(sympy.Symbol):  # with several, the last one met (sympy's set order) counts
-            if len(symbol.name) > 1 and symbol.name.startswith("d"):
-                variable, marked = sympy.Symbol(symbol.name[1:]), symbol
-        return (body if marked is None else _substituted(body, marked, 1)), variable
-
-    # (\sum | \prod) ("_" "{" expr "=" expr "}" supexpr | supexpr "_" "{" expr "=" expr "}") mp
-    def big_operator(self):
-        """\\sum and \\prod over a product term (mp): \\sum_{i=1}^{n} i + 1 is Sum(i) + 1."""
-        operator = sympy.Sum if self.take()[1] == "sum" else sympy.Product
-        (variable, start), end, term = self._bounded(True, self.mp)
-        return operator(term, (variable, start, end))
-
-    def _bounded(self, equation, body):
-        """_lower and ^upper in either order, then body() -> (lower, upper, body); lower is "{" expr "=" expr "}" for
-        an equation. Written first, ^upper's atom leaves a _ after it to the lower bound (\\sum^n_{i=1} i). As the
-        grammar's number takes digits only while the rest can be read, the second bound's number gives back digits,
-        from its last, until body() reads (\\sum_{k=1}^10 2^k is to 10 of 2^k; \\int_0^1 2x dx is to 12 of x)."""
-        start, limit = self.i, None
-        while True:
-            self.i, bound = start, {}
-            for mark in ("^", "_") if self.kind() == "^" else ("_", "^"):
-                second, later = self.i, bool(bound)
-                bound[mark] = self._at("_") if equation and mark == "_" else self.script(
-                    mark, mark == "_" or later, limit if later else None)
-            if equation and bound["_"][1] is None:
-                raise LatexError("expected _{i=a}")
-            digits = len(list(itertools.takewhile(lambda t: t[0] == "digit", self.tokens[second + 1 : self.i])))
-            try:
-                return bound["_"], bound["^"], body()
-            except _Unreadable:
-                raise
-            except LatexError:
-                if digits <= 1:
-                    raise
-                limit = digits - 1
-
-    # \lim "_" "{" (letter | symbol) \to expr ("^" ("+" | "-" | "{+}" | "{-}"))? "}" mp
-    def limit(self):
-        """sympy's Limit(term, x, a, side): side "+-" (both) unless a ^+ or ^- follows a."""
-        self.take()
-        self.take("_")
-        self.take("{")
-        kind, name = self.take()
-        if kind not in ("letter", "symbol") or self.take("cmd")[1] not in _APPROACH:
-            raise LatexError("expected x \\to a")
-        point, side = self.expr(), "+-"
-        if self.kind() == "^":
-            self.take()
-            braced = self.kind() == "{" and self.take()
-            side = self.take()[0]
-            if side not in ("+", "-"):
-                raise LatexError("expected ^+ or ^-")
-            if braced:
-                self.take("}")
-        self.take("}")
-        return sympy.Limit(self.mp(), sympy.Symbol(name), point, side)
-
-    def within(self, end, rule):
-        """rule() on the tokens before `end`, all of them: the parser sees the end there."""
-        outer, self.stop = self.stop, end
-        try:
-            value = self.once(rule)
-        finally:
-            self.stop = outer
-        if self.i != end:
-            raise LatexError("stops short")
-        return value
-
-    def _ahead(self, kind):
-        """Where the tokens of this kind lie ahead outside brackets, up to the end of the expression here (a comma
-        outside a number, a relation or a closing bracket)."""
-        found, depth, ahead = [], 0, 0
-        while (token := self.peek(ahead))[0] != "end":
-            depth += (token[0] in _CLOSERS) - (token[0] in _CLOSERS.values())
-            comma = token[0] == "," and {self.kind(ahead + k) for k in (-1, 1, 2, 3)} != {"digit"}
-            if depth < 0 or depth == 0 and (comma or token[0] in "=<>" or "\\" + token[1] in _RELATIONS):
-                break
-            if depth == 0 and token[0] == kind:
-                found.append(self.i + ahead)
-            ahead += 1
-        return found
 
     def function(self):
         """A named function: \\log_2 8 is log(8, 2) although "2 8" could be one number (28): a bare number as a
         subscript or superscript gives back digits, from its last, until the argument after it parses."""
-        name, after_name, limit = self.take()[1], self.i, None
-        while True:
-            self.i = after_name
+        name = self.take()[1]
+
+        def scripts(limit):
             base, power, digits = self._scripts(limit)
+            return (base, power), digits
+
+        return self._shortening(scripts, lambda scripts: _apply_function(name, self._function_argument(), *scripts))
+
+    def _shortening(self, read, rest):
+        """read(limit) -> (parts, digits), then rest(parts). The grammar's number takes digits only while what
+        follows can be read: when rest() cannot read (an error that another reading could avoid), the bare number
+        read last, of `digits` digits, is read again one digit shorter (limit), from here, until rest() reads."""
+        start, limit = self.i, None
+        while True:
+            self.i = start
+            parts, digits = read(limit)
             try:
-                return _apply_function(name, self._function_argument(), base, power)
+                return rest(parts)
             except _Unreadable:
                 raise
             except LatexError:
@@ -667,35 +464,6 @@ def _juxtaposed(factors):
                 isinstance(g, sympy.Expr) and not g.atoms(sympy.Symbol) for g in (factors[i - 1], factors[i + 1]))):
             value = _mul(f, value)
     return value
-
-
-def _evaluated(value, upper, lower):
-    """value|^{upper}_{lower} as sympy's parser reads it: value at each side given (at x=a: a put for x; at a lone a: a
-    put for one of a's own symbols, the first in set order, so |_{2} changes nothing), upper - lower when both are."""
-    at = []
-    for left, right in filter(None, (upper, lower)):
-        old = next(iter(left.atoms(sympy.Symbol)), None) if right is None else left
-        at.append(value if old is None else _substituted(value, old, left if right is None else right))
-    return sympy.Add(at[0], -1 * at[1], evaluate=False) if len(at) == 2 else at[0]
-
-
-def _substituted(expr, old, new):
-    """expr.subs(old, new), which evaluates the tree as sympy's parser does; refused where that would compute a
-    power past MAX_EXPONENT, which no time limit interrupts ((x^{999})^{999} at x=9 is 9^998001)."""
-    with sympy.evaluate(False):
-        unevaluated = expr.subs(old, new)
-    _check_powers(unevaluated)
-    return expr.subs(old, new)
-
-
-def _check_powers(expr, scale=1):
-    """Refuses a power, within powers (whose exponents multiply), that evaluates past MAX_EXPONENT."""
-    if isinstance(expr, sympy.Pow) and not expr.exp.free_symbols:
-        scale *= max(1.0, abs(complex(sympy.N(expr.exp))))
-        if scale > MAX_EXPONENT:
-            raise _Unreadable("exponent too large to evaluate")
-    for arg in expr.args:
-        _check_powers(arg, scale)
 
 
 def parse_latex(text: str):
