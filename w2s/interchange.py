@@ -47,7 +47,6 @@ from pathlib import Path
 from w2s.files import write_atomic
 
 PROMPT_KEYS = ("instruction", "content")  # preferred name first; "content" is what the paper's SFT files use
-PAIR_LAYOUTS = ("authors", "alpaca", "sharegpt")
 PAIR_KEYS = ("id", "prompt", "chosen", "rejected")
 # Column names LLaMA-Factory reads itself (data/README.md). A pair's other keys (kind, confidence, weight, votes, ...)
 # are written as they are and read back, so a round trip keeps the analysis data and the training weight; one of these
@@ -67,6 +66,7 @@ DATASET_INFO = {
     "sharegpt": {"formatting": "sharegpt", "ranking": True,
                  "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"}},
 }
+PAIR_LAYOUTS = tuple(DATASET_INFO)  # "authors" (the default), "alpaca", "sharegpt"
 
 
 def _write_json(path: str | Path, obj) -> None:

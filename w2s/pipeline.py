@@ -94,7 +94,7 @@ from w2s.runners import (
     run_weak_sft,
     task_prompt,
 )
-from w2s.tasks import load_records, olympicarena
+from w2s.tasks import load_records, strips_periods
 from w2s.train_config import PREFERENCE_ONLY
 
 KINDS = {run_data: "data", run_test_set: "data", run_weak_sft: "train", run_labels: "generate", run_filter: "filter",
@@ -356,7 +356,7 @@ def greedy_key(r, prompt):
 
 def stored_key(r):
     """How labels.jsonl keeps a completion (tasks.stored_response): GSM8K and MATH also lose '.' at both ends."""
-    return {} if r.data.task == olympicarena.NAME else {"stored": "strip, then '.' at both ends"}
+    return {"stored": "strip, then '.' at both ends"} if strips_periods(r.data.task) else {}
 
 
 def samples_key(r, n=None):

@@ -31,6 +31,7 @@ from w2s.tasks.paper_protocol import draw_demos
 
 __all__ = [
     "TASKS", "STOP_STRINGS", "zero_shot_prompt", "few_shot_prompt", "training_text", "select_demos", "stored_response",
+    "strips_periods",
     "load_records", "split_train", "load_split", "save_split", "fetch_data",
     "extract_answer", "normalize_answer", "final_answer", "is_equiv", "grade", "answer_key",
     "GRADED_TASKS", "olympicarena", "olympic_judge",
@@ -59,7 +60,12 @@ def stored_response(text: str, task: str) -> str:
     and, for GSM8K and MATH, of "." at both ends, as the authors' src/inference.py stores every response (a trailing
     "#### 72." trains as "#### 72"). OlympicArena's script stores its text as generated; its responses end in a box."""
     text = text.strip()
-    return text if task == olympicarena.NAME else text.strip(".")
+    return text.strip(".") if strips_periods(task) else text
+
+
+def strips_periods(task: str) -> bool:
+    """Whether stored_response strips "." for this task (the generation stages' keys say so: w2s/pipeline.py)."""
+    return task != olympicarena.NAME
 
 
 def few_shot_prompt(demos: list[dict], question: str) -> str:
