@@ -242,3 +242,16 @@ def test_sampling_reads_only_what_the_stage_before_did_not_leave_in_memory(lora_
     assert _costs(lora_recipe, stages)[4].read == adapter
     total = estimate.total_cost(costs)
     assert (total.read, total.host, total.resume) == (4 * base + 2 * adapter, max(c.host for c in costs), 0)
+
+
+def test_a_dry_run_needs_only_the_models_config_json(recipe, tmp_path):
+    """The checkpoints of the recipe fixture are bare config.json files: planning a run comes before downloading
+    its weights (w2s/recipe.py's error for a missing checkpoint says so). Every stage is listed as to run."""
+    from w2s.pipeline import build_stages, dry_run
+
+    text = dry_run(tmp_path / "r.toml", runs_dir=tmp_path / "runs", world=8, device="H100 SXM")
+    assert sorted(p.name for p in (tmp_path / "strong").iterdir()) == ["config.json"]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| ")]
+    status = {row[0]: row[1] for row in cells if len(row) == 8}  # the first table: stage, status, why, ...
+    assert [status.get(s.name) for s in build_stages(recipe)] == ["will run"] * len(build_stages(recipe))
+    assert not (tmp_path / "runs").exists()  # a dry run writes nothing

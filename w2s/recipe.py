@@ -406,7 +406,8 @@ def _validate(r, path, check_files):
         bad("[data] split_file", f"file not found: {r.data.split_file}")
     for key, p in (("[models] weak", r.models.weak), ("[models] strong", r.models.strong)):
         if not p or not (Path(p) / "config.json").is_file():
-            bad(key, f"no checkpoint (config.json) at {p or '(empty)'}")
+            bad(key, f"no checkpoint (config.json) at {p or '(empty)'} (the model's Hugging Face directory; a "
+                     f"--dry-run needs only its config.json)")
 
 
 SEED_LINE = re.compile(r"^(\s*\w*seed\s*=\s*)\d+", re.MULTILINE)  # seed, demo_seed, pair_seed (any section)

@@ -24,7 +24,8 @@ class TrainConfig:
     epochs: int = 1
     max_steps: int | None = None  # overrides epochs when set
     batch_size: int = 32  # rows (SFT) or pairs (preference) per optimizer step, over all ranks and micro-batches
-    micro_batch_size: int = 4  # rows (pairs) per forward/backward on one rank; grad_accum is derived
+    micro_batch_size: int = 4  # rows (pairs) per forward/backward on one rank, at most; grad_accum is derived (a
+    # value above batch_size / world_size means no accumulation: a step still takes batch_size rows)
     max_seq_len: int = 2048
     weight_decay: float = 0.0  # AdamW decoupled decay, on matrices only (not norms or biases)
     adam_betas: tuple = (0.9, 0.95)
@@ -127,7 +128,8 @@ CONFIG_HELP = {
     "epochs": "passes over the data (ignored when --max-steps is given)",
     "max_steps": "optimizer steps to run; unset: epochs * ceil(rows / batch size)",
     "batch_size": "rows (pairs) per optimizer step, summed over all ranks and accumulation steps",
-    "micro_batch_size": "rows (pairs) per forward/backward on one rank; gradient accumulation makes up the rest",
+    "micro_batch_size": "rows (pairs) per forward/backward on one rank, at most; gradient accumulation makes up the "
+                        "rest (above batch_size / world size: none, a step still takes batch_size rows)",
     "max_seq_len": "longest sequence in tokens (prompt + response); longer rows are bad rows",
     "weight_decay": "AdamW decoupled weight decay, on matrices only",
     "adam_betas": "AdamW betas (two numbers)",
