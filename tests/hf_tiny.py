@@ -62,6 +62,19 @@ def save_llama_with_biases(path):
     model.save_pretrained(path)
 
 
+def store_output_matrix(path, copy=False):
+    """Write an lm_head.weight into the tied checkpoint in `path` (one model.safetensors, e.g. save_hf("gemma")): a
+    copy of the embeddings, or a different random matrix (a tied config that transformers then loads untied)."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(path / "model.safetensors")
+    assert "lm_head.weight" not in state
+    emb = state["model.embed_tokens.weight"]
+    other = torch.randn(emb.shape, generator=torch.Generator().manual_seed(5))
+    state["lm_head.weight"] = emb.clone() if copy else other
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+
+
 def right_padded_batch(lengths, seed=0, pad_id=0):
     """(tokens (B, T), attention_mask (B, T)) with random ids (never the pad id) right-padded to max(lengths)."""
     g = torch.Generator().manual_seed(seed)

@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 import torch
-from hf_tiny import FAMILIES, right_padded_batch, save_hf
+from hf_tiny import FAMILIES, right_padded_batch, save_hf, store_output_matrix
 
 import w2s
 from w2s.config import ModelConfig
@@ -201,6 +201,32 @@ def test_single_file_wins_over_a_stale_index_as_in_transformers(tmp_path):
     for shard in tmp_path.glob("model-*.safetensors"):
         shard.unlink()  # only the stale index is left beside the file
     assert_valid_close(ref, w2s_logits(w2s.load_model(tmp_path, dtype=torch.float32), tokens), mask)
+
+
+@pytest.mark.parametrize("copy", [True, False])
+def test_a_tied_config_with_a_stored_output_matrix_loads_as_transformers(copy, tmp_path):
+    """Gemma ties the output matrix to the embeddings and stores no lm_head.weight. A checkpoint that stores one anyway
+    keeps the tie when it is a copy of the embeddings; when it differs, transformers (5.x) unties the two and uses
+    the stored matrix (with a warning), and so does w2s: same logits, and inspect says so."""
+    from click.testing import CliRunner
+    from transformers import AutoModelForCausalLM
+
+    from w2s.cli import main
+
+    save_hf("gemma", tmp_path)
+    store_output_matrix(tmp_path, copy=copy)
+    tokens, mask = right_padded_batch(LENGTHS)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation="eager").eval()
+    assert (hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()) == copy
+    if copy:
+        model = w2s.load_model(tmp_path, dtype=torch.float32)
+    else:
+        with pytest.warns(UserWarning, match=r"config\.json ties the output matrix .* loading it untied"):
+            model = w2s.load_model(tmp_path, dtype=torch.float32)
+    assert model.cfg.tie_embeddings == copy and (model.lm_head is None) == copy
+    assert_valid_close(w2s_logits(model, tokens), hf_logits(hf, tokens, mask), mask)
+    out = CliRunner().invoke(main, ["inspect", str(tmp_path)])
+    assert out.exit_code == 0 and "but an lm_head.weight is stored too: untied on load if it differs" in out.output
 
 
 def test_index_pointing_at_a_shard_without_the_tensor(tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_tiny import FAMILIES, VOCAB, save_hf, save_llama_with_biases
+from hf_tiny import FAMILIES, VOCAB, save_hf, save_llama_with_biases, store_output_matrix
 
 import w2s
 from w2s.sampling import generate
@@ -94,16 +94,19 @@ def check_against_one_process(tmp_path, result, families, options, sampled):
 
 
 def test_tp2_and_dp2_equal_one_process(tmp_path):
-    """Every family (GQA split, Gemma's single kv head replicated, sliding windows, soft-caps, tied embeddings) and
-    a Llama with biases, LoRA adapters (a tp rank merges its slice of the adapter): tp=2 and dp=2 give exactly the
-    one-process greedy completions, samples and jsonl bytes; an in-memory split of an already loaded model
-    (apply_tensor_parallel) agrees too."""
+    """Every family (GQA split, Gemma's single kv head replicated, sliding windows, soft-caps, tied embeddings), a
+    Gemma whose checkpoint stores an output matrix of its own (loaded untied), a Llama with biases, LoRA adapters (a
+    tp rank merges its slice of the adapter): tp=2 and dp=2 give exactly the one-process greedy completions, samples
+    and jsonl bytes; an in-memory split of an already loaded model (apply_tensor_parallel) agrees too."""
     families = {}
     for family in FAMILIES:
         families[family] = str(tmp_path / family)
         save_hf(family, tmp_path / family)
     families["llama_bias"] = str(tmp_path / "llama_bias")
     save_llama_with_biases(tmp_path / "llama_bias")
+    families["gemma_untied"] = str(tmp_path / "gemma_untied")  # a tied config storing another output matrix
+    save_hf("gemma", tmp_path / "gemma_untied")
+    store_output_matrix(tmp_path / "gemma_untied")
     for family in ("llama2", "gemma"):  # LoRA adapter directories: each rank merges its slice of the adapter
         families[f"{family}_lora"] = str(save_lora_adapter(tmp_path / family, tmp_path / f"{family}_lora"))
     result = run_worker(tmp_path, families, OPTIONS, SAMPLED)

@@ -23,11 +23,13 @@ Training-state checkpoints (resume) live here too: save_training_state / load_tr
 """
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
 import shutil
 import struct
+import warnings
 from pathlib import Path
 
 import torch
@@ -134,6 +136,28 @@ def load_state_dict(path, expected: dict, dtype=None, device="cpu"):
     return state
 
 
+def checkpoint_config(path):
+    """The ModelConfig a checkpoint loads with: config.json's, except that a tied config whose checkpoint also stores
+    an lm_head.weight unlike its embedding table is untied, as transformers (5.x) loads it: the stored output
+    matrix is used, with a warning. Only that case reads tensors (those two); the usual tied checkpoint stores no
+    lm_head.weight, or a copy of the embeddings."""
+    cfg = ModelConfig.from_pretrained(path)
+    try:
+        if not cfg.tie_embeddings or "lm_head.weight" not in checkpoint_files(path):
+            return cfg
+    except FileNotFoundError:  # no weights: loading them says so (a structure-only load needs none)
+        return cfg
+    with torch.device("meta"):
+        shape = torch.empty(cfg.vocab_size, cfg.dim)
+    stored = load_state_dict(path, {"lm_head.weight": shape, "model.embed_tokens.weight": shape})
+    if torch.equal(stored["lm_head.weight"], stored["model.embed_tokens.weight"]):
+        return cfg
+    warnings.warn(f"{path}: config.json ties the output matrix to the embeddings, but the checkpoint stores a "
+                  f"different lm_head.weight: loading it untied, as transformers does (set tie_word_embeddings to "
+                  f"false in config.json to silence this)", stacklevel=2)
+    return dataclasses.replace(cfg, tie_embeddings=False)
+
+
 def hf_name(name):
     """Our parameter name -> the checkpoint's (Llama-style HF checkpoints prefix the body with 'model.')."""
     return name if name.startswith("lm_head.") else "model." + name
@@ -142,10 +166,10 @@ def hf_name(name):
 def load_model(path, dtype=torch.bfloat16, device="cpu"):
     """Load an HF checkpoint directory (config.json + safetensors) of a supported family as a w2s Transformer.
 
-    device="meta" reads only config.json: the model's structure without weights (FSDP ranks > 0, which get their
-    shards from rank 0 when training shards the model; see load_for_training). An adapter directory loads its base
-    with the adapter merged. `model.name_or_path` records the directory (as transformers does): a LoRA adapter
-    trained from the model points back at it.
+    device="meta" reads only config.json (and, in checkpoint_config's one exception, two tensors): the model's
+    structure without weights (FSDP ranks > 0, which get their shards from rank 0 when training shards the model;
+    see load_for_training). An adapter directory loads its base with the adapter merged. `model.name_or_path`
+    records the directory (as transformers does): a LoRA adapter trained from the model points back at it.
     """
     adapter = read_adapter(path)
     if adapter is not None:
@@ -160,7 +184,7 @@ def load_model(path, dtype=torch.bfloat16, device="cpu"):
 
 
 def _load_plain(path, dtype, device):
-    cfg = ModelConfig.from_pretrained(path)
+    cfg = checkpoint_config(path)
     with torch.device("meta"):
         model = Transformer(cfg)
     if torch.device(device).type == "meta":

@@ -96,7 +96,8 @@ def inspect(ckpt_dir):
                     ("adapter parameters", f"{n:,} ({_human(4 * n)} in fp32)"), ("base", adapter.base)])
         ckpt_dir = adapter_base_dir(ckpt_dir, adapter)
     cfg = ModelConfig.from_pretrained(ckpt_dir)
-    files = sorted(set(checkpoint_files(ckpt_dir).values()))
+    stored = checkpoint_files(ckpt_dir)
+    files = sorted(set(stored.values()))
     dtypes, stored_bytes, stored_params = Counter(), 0, 0
     for f in files:
         for info in read_safetensors_header(f)[0].values():
@@ -114,7 +115,8 @@ def inspect(ckpt_dir):
         ("dim / mlp hidden", f"{cfg.dim} / {cfg.hidden_dim}"),
         ("heads / kv heads / head dim", f"{cfg.n_heads} / {cfg.n_kv_heads} / {cfg.head_dim}"),
         ("vocab", cfg.vocab_size),
-        ("tied embeddings", cfg.tie_embeddings),
+        ("tied embeddings", cfg.tie_embeddings if not (cfg.tie_embeddings and "lm_head.weight" in stored) else
+         "True in config.json, but an lm_head.weight is stored too: untied on load if it differs"),
         ("sliding windows", ", ".join(windows)),
         ("rope", f"theta {cfg.rope_theta:g}" + (f", {cfg.rope_scaling.get('rope_type')} scaling"
                                                  if cfg.rope_scaling else "")),

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from w2s.checkpoint import check_tokenizer_fits, checkpoint_files, hf_name
+from w2s.checkpoint import check_tokenizer_fits, checkpoint_config, checkpoint_files, hf_name
 from w2s.config import ModelConfig
 from w2s.lora import adapter_base_dir, merge_adapter, read_adapter
 from w2s.model import Transformer
@@ -175,7 +175,7 @@ def load_model_tp(path, tp, dtype=torch.bfloat16, device="cpu"):
         merge_adapter(model, adapter_for_rank(adapter, model))
         model.name_or_path = str(Path(path).resolve())
         return model
-    cfg = ModelConfig.from_pretrained(path)
+    cfg = checkpoint_config(path)
     check_divisible(cfg, tp)
     group, rank = tp_group_for(tp)
     with torch.device("meta"):
