@@ -235,6 +235,27 @@ def test_chunked_prefill_bad_option(ckpt):
         generate(model, None, [[1, 2, 3]], prefill_chunk=-1, progress=False)
 
 
+def test_a_torchrun_process_that_has_not_joined_the_group_is_refused(ckpt, tmp_path, monkeypatch):
+    """Under torchrun (WORLD_SIZE > 1) without w2s.parallel.init_distributed(), every rank would sample every prompt
+    and write the same output file: sampling and the tensor-parallel loader say what to call instead."""
+    from w2s.tensor_parallel import load_model_tp
+
+    model, _ = load(ckpt, "llama2")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    joined = r"launched by torchrun with 2 processes, but this one has not joined the process group: call " \
+             r"w2s\.parallel\.init_distributed\(\) first"
+    with pytest.raises(RuntimeError, match="^sampling: " + joined):
+        generate(model, None, [[1, 2, 3]], max_new_tokens=2, progress=False)
+    with pytest.raises(RuntimeError, match="^sampling: " + joined):
+        sampling_jsonl.generate_to_jsonl(model, None, [{"id": "a", "prompt": [1, 2]}], tmp_path / "out.jsonl",
+                                         max_new_tokens=2, progress=False)
+    assert not (tmp_path / "out.jsonl").exists()
+    with pytest.raises(RuntimeError, match="^tensor parallel size 2: " + joined):
+        load_model_tp(ckpt("llama2")[0], tp=2)
+    monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun with one process: nothing to join
+    assert len(generate(model, None, [[1, 2, 3]], max_new_tokens=2, progress=False)) == 1
+
+
 # ------------------------------------------------------------------------------------------------ distributions
 
 

@@ -56,6 +56,15 @@ def init_distributed():
     return Dist(rank, world, device, sharded=True)
 
 
+def check_joined(what):
+    """Refuse `what` in a process that torchrun launched among several but that has not joined the process group:
+    every rank would do all the work alone, and write the same files."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"{what}: launched by torchrun with {world} processes, but this one has not joined the "
+                           f"process group: call w2s.parallel.init_distributed() first")
+
+
 def rank():
     """This process's rank: the process group's once joined, else torchrun's RANK, else 0 (a plain run).
     Rank 0 alone writes shared files (run artifacts, exported models, the report)."""

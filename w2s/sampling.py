@@ -24,7 +24,7 @@ import time
 import warnings
 
 from w2s.fused import fuse_projections
-from w2s.parallel import is_main
+from w2s.parallel import check_joined, is_main
 from w2s.sampling_engine import Engine, round_up
 from w2s.tokenizer import Tokenizer
 
@@ -39,6 +39,7 @@ def dp_layout(model):
     """(data-parallel rank, data-parallel size, is_writer) from the process group and the model's tensor parallel."""
     import torch.distributed as dist
 
+    check_joined("sampling")
     if not (dist.is_available() and dist.is_initialized()):
         return 0, 1, True
     tp = getattr(model, "tp_size", 1)

@@ -15,8 +15,9 @@ forward hook on o_proj / down_proj all-reduces their outputs. A row-split bias i
 elsewhere) so the all-reduce adds it once. When there are fewer kv heads than ranks (Gemma-2B has 1), each kv head
 is replicated on the tp/K ranks whose query heads use it.
 
+    init_distributed()   # under torchrun (w2s.parallel): join the process group first
     model = load_model_tp("ckpt_dir", tp=8, dtype=torch.bfloat16, device="cuda")   # reads only this rank's slices
-    outs = w2s.generate(model, tok, prompts)   # under torchrun; world = dp * tp, tp groups are consecutive ranks
+    outs = w2s.generate(model, tok, prompts)   # world = dp * tp; tp groups are consecutive ranks
 
     torchrun --nproc_per_node=8 scripts/sample.py CKPT --input q.jsonl --output out.jsonl --tp 8
 A LoRA adapter directory loads as its base, sliced as above, with each rank merging its slice of the adapter
@@ -36,6 +37,7 @@ from w2s.checkpoint import check_tokenizer_fits, checkpoint_config, checkpoint_f
 from w2s.config import ModelConfig
 from w2s.lora import adapter_base_dir, merge_adapter, read_adapter
 from w2s.model import Transformer
+from w2s.parallel import check_joined
 
 COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # output features split (dim 0 of weight and bias)
 ROW = ("o_proj", "down_proj")  # input features split (dim 1 of weight); outputs all-reduced
@@ -95,6 +97,7 @@ def tp_group_for(tp):
     """This rank's tensor-parallel group: consecutive ranks [d*tp, (d+1)*tp) (the layout sampling.dp_layout assumes).
 
     Every rank must call this (new_group is collective); returns (group, rank within the group)."""
+    check_joined(f"tensor parallel size {tp}")
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError(f"tensor parallel size {tp} needs torch.distributed (launch with torchrun)")
     world, rank = dist.get_world_size(), dist.get_rank()
