@@ -9,7 +9,7 @@ q/k/v projection); the cache must be contiguous in its last dim and of k's dtype
 One program handles one token (b, t) and a block of heads: it computes cos/sin once, rotates its q heads, and, when
 its block reaches into the K kv heads, rotates and stores k and copies v. Inference only (no autograd).
 
-    python -m pytest -q tests/test_rope_cache.py     # CPU, TRITON_INTERPRET=1, against the reference
+    python -m pytest -q tests/test_kernels.py -k rope_cache     # CPU, TRITON_INTERPRET=1, against the reference
 """
 
 import torch

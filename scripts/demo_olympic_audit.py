@@ -69,6 +69,10 @@ def main():
     p.add_argument("runs", nargs="*", default=[f"runs/demo-olympic-seed{s}" for s in (0, 1, 2)],
                    help="run directories of recipes/demo_olympic.toml (default: the three of make demo-olympic-seeds)")
     args = p.parse_args()
+    for run in args.runs:  # what the audit reads first: say which run is missing before regenerating the world
+        if not (Path(run) / "15_pairs" / "pairs.jsonl").is_file():
+            raise SystemExit(f"{run}: no finished run of recipes/demo_olympic.toml (15_pairs/pairs.jsonl is missing); "
+                             f"make demo-olympic-seeds runs the three the default expects")
     gold = world_train_2()
     results = {run: audit(run, gold) for run in args.runs}
     rows = list(next(iter(results.values())))

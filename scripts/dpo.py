@@ -8,7 +8,8 @@ Each jsonl line is {"prompt": str, "chosen": str, "rejected": str}, TRL's conver
 rejected as lists of messages, rendered with the model's chat template), or token ids (prompt_ids / chosen_ids /
 rejected_ids). DPO and IPO score the pairs once under the initial weights (the reference model) and cache that table
 in OUT/ref_logps.pt, so a rerun or resume does not recompute it; ORPO needs no reference. OUT receives the trained
-model in HF format (LoRA merged), train_config.json, metrics.jsonl (with the rewards and margins), OUT/tb with
+model in HF format (with --lora-rank: the adapter in PEFT's layout, and the merged model in OUT/merged only with
+--export-merged), train_config.json, metrics.jsonl (with the rewards and margins), OUT/tb with
 --report-to tensorboard and, with --ckpt-every, resumable checkpoints. The command line lives in w2s/train_cli.py.
 Test: python -m pytest -q tests/test_train.py tests/test_tracking.py -k script
 """

@@ -7,7 +7,8 @@
 Each jsonl line is a chat {"messages": [{"role", "content"}, ...]} (the model's chat template; loss on every
 assistant turn), TRL's {"prompt", "completion"} (text or lists of messages), w2s's {"prompt", "response"}, or token
 ids {"prompt_ids", "response_ids"} (w2s/data.py has the exact rules). OUT receives the trained model in HF format
-(LoRA merged), the tokenizer, train_config.json, metrics.jsonl, OUT/tb with --report-to tensorboard and, with
+(with --lora-rank: the adapter in PEFT's layout, and the merged model in OUT/merged only with --export-merged), the
+tokenizer, train_config.json, metrics.jsonl, OUT/tb with --report-to tensorboard and, with
 --ckpt-every, resumable checkpoints: rerunning the same command continues a killed run. The command line lives in
 w2s/train_cli.py.
 Test: python -m pytest -q tests/test_train.py tests/test_tracking.py -k script

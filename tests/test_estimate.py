@@ -255,3 +255,15 @@ def test_a_dry_run_needs_only_the_models_config_json(recipe, tmp_path):
     status = {row[0]: row[1] for row in cells if len(row) == 8}  # the first table: stage, status, why, ...
     assert [status.get(s.name) for s in build_stages(recipe)] == ["will run"] * len(build_stages(recipe))
     assert not (tmp_path / "runs").exists()  # a dry run writes nothing
+
+
+def test_a_split_file_decides_the_sizes_as_in_the_data_stage(recipe, tmp_path):
+    """[data] split_file overrides n_train_1 / n_train_2 in the run (runners.run_data): the estimate counts its ids."""
+    from w2s.tasks import load_records
+
+    ids = [r["id"] for r in load_records("gsm8k", tmp_path / "train.jsonl")]
+    (tmp_path / "split.json").write_text(json.dumps({"train_1": ids[:2], "train_2": ids[2:9]}))
+    split = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, split_file=str(tmp_path / "split.json"),
+                                                                 n_train_1=1, n_train_2=1))
+    work = estimate.workload(split)
+    assert (work.n_train_1, work.n_train_2, work.n_test) == (2, 7, 4)

@@ -421,10 +421,10 @@ def test_olympic_splits_are_seeded_disjoint_and_kept_out_of_the_second_reading()
     assert any("$\\boxed{" in doc for doc in docs) and any("has x " in doc for doc in docs)
 
 
-def test_audit_draws_the_shipped_train_2_again_with_answers_and_judges_by_them(tmp_path):
+def test_audit_draws_the_shipped_train_2_again_with_answers_and_judges_by_them(tmp_path, monkeypatch):
     """scripts/demo_olympic_audit.py: the world's draw is the shipped questions file exactly, its answers are the
     judge's gold (a response boxing the answer is right, one boxing another is wrong), and a file that is not the
-    draw is refused."""
+    draw is refused, and so is a run that does not exist (one line, not a traceback)."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import demo_olympic_audit as audit_script
 
@@ -439,3 +439,6 @@ def test_audit_draws_the_shipped_train_2_again_with_answers_and_judges_by_them(t
     other.write_text("".join(json.dumps(row) + "\n" for row in shipped[:-1]))
     with pytest.raises(SystemExit, match="not the world's train_2 draw"):
         audit_script.world_train_2(other)
+    monkeypatch.setattr(sys, "argv", ["demo_olympic_audit.py", str(tmp_path / "nowhere")])
+    with pytest.raises(SystemExit, match=r"nowhere: no finished run of recipes/demo_olympic\.toml"):
+        audit_script.main()

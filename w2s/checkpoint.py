@@ -19,7 +19,8 @@ pipeline checks its checkpoints before its first stage, not an hour into it.
 
 Training-state checkpoints (resume) live here too: save_training_state / load_training_state / latest_checkpoint.
 
-    python -m pytest tests/test_model.py tests/test_train.py -k resume tests/test_realrun.py tests/test_adapters.py
+    python -m pytest -q tests/test_model.py tests/test_realrun.py tests/test_adapters.py
+    python -m pytest -q tests/test_train.py -k resume     # the training-state checkpoints
 """
 
 import contextlib

@@ -19,7 +19,7 @@ are the trained fp32 values (not rounded to bf16), so merging them on load gives
 in memory right after training. Features PEFT has and w2s does not (DoRA, rsLoRA, per-layer ranks, bias training,
 modules_to_save) are refused with one line when reading a foreign adapter.
 
-    python -m pytest -q tests/test_train.py -k lora tests/test_adapters.py
+    python -m pytest -q tests/test_adapters.py && python -m pytest -q tests/test_train.py -k lora
 """
 
 import contextlib

@@ -47,7 +47,8 @@ data (--data: one JSON object per line):
   {"prompt_ids": [int], "chosen_ids": [int], "rejected_ids": [int]}   tokenized already"""
 
 OUTPUT_HELP = """
-output (--out): the trained model in HF format (LoRA merged) with its tokenizer, train_config.json (the resolved
+output (--out): the trained model in HF format with its tokenizer (with --lora-rank: the adapter in PEFT's
+layout, and the merged model in OUT/merged only with --export-merged), train_config.json (the resolved
 options), metrics.jsonl (one record per log step), checkpoints in OUT/ckpt while it runs (with --ckpt-every: rerun
 the same command to resume; the log says "resumed from step N"), OUT/tb with --report-to tensorboard.
 
