@@ -3,7 +3,8 @@
 The same prompts, stop strings and grading as the pipeline's evaluation stages (docs/PAPER.md): zero-shot
 "Question: ...\\nAnswer:", generation stops at EOS or a new "Question" / "Answer", and the responses are scored under
 every available grader (w2s/tasks/graders.py: paper, equivalence, math-verify), --grader naming the headline.
-Generations stream to --out (resumable: rerun the same command after a kill); the result is printed as one JSON line
+Generations stream to --out (resumable: rerun the same command after a kill; a rerun with another checkpoint or other
+options is refused, as by `w2s sample`: <out>.meta.json records them); the result is printed as one JSON line
 and written next to --out as <out>.result.json, and every question's prediction, gold answer and correctness under
 the headline grader, with the test file's ids, as <out>.per_question.jsonl.
 
@@ -66,6 +67,8 @@ def main(argv=None):
         sys.exit("error: --samples, --max-new-tokens and --max-batch must be >= 1")
     if args.limit < 0:
         sys.exit(f"error: --limit {args.limit}: expected >= 0 (0: every question)")
+    if args.samples > 1 and not 0 <= args.temperature < float("inf"):  # "not": NaN fails too
+        sys.exit(f"error: --temperature {args.temperature}: expected a finite number >= 0")
     if args.out is not None and Path(args.out).is_dir():
         sys.exit(f"error: --out {args.out}: is a directory, expected the path of a jsonl file")
     if args.out is not None and any(p.exists() and not p.is_dir() for p in Path(args.out).parents):
@@ -73,8 +76,9 @@ def main(argv=None):
     import torch
 
     import w2s
-    from w2s.parallel import is_main
-    from w2s.sampling_jsonl import generate_to_jsonl
+    from w2s.checkpoint import fingerprint
+    from w2s.parallel import barrier, is_main
+    from w2s.sampling_jsonl import check_run_meta, generate_to_jsonl, write_run_meta
     from w2s.stages.metrics import evaluation_result
     from w2s.tasks import STOP_STRINGS, get_grader, load_records, zero_shot_prompt
 
@@ -82,25 +86,39 @@ def main(argv=None):
     get_grader(args.task, args.grader)
     test = load_records(args.task, args.test_file)
     test = test[: args.limit] if args.limit else test
+    if not test:
+        sys.exit(f"error: {args.test_file}: no questions to evaluate")
     if not (Path(args.checkpoint) / "config.json").is_file():
         sys.exit(f"error: {args.checkpoint}: no checkpoint (config.json)")
+    try:
+        device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    except RuntimeError:
+        sys.exit(f"error: --device {args.device}: expected auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"error: --device {args.device}: CUDA is not available here (use --device cpu)")
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    suffix = "greedy" if args.samples == 1 else f"n{args.samples}_t{args.temperature:g}"
+    out = Path(args.out or Path(args.checkpoint) / f"eval_{Path(args.test_file).stem}_{suffix}.jsonl")
+    temperature = 0.0 if args.samples == 1 else args.temperature
+    # What the generations depend on: a rerun resumes only an output made by the same model and options (as `w2s
+    # sample`), checked before the model is loaded.
+    meta = {"checkpoint": str(Path(args.checkpoint).resolve()), "checkpoint_files": fingerprint(args.checkpoint),
+            "task": args.task, "n": args.samples, "temperature": temperature, "max_new_tokens": args.max_new_tokens,
+            "stop": list(STOP_STRINGS), "seed": args.seed, "dtype": dtype}
+    fresh = check_run_meta(out, meta)
     if "WORLD_SIZE" in os.environ:
         from w2s.parallel import init_distributed
 
         init_distributed()
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        sys.exit(f"error: --device {args.device}: CUDA is not available here (use --device cpu)")
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if torch.device(device).type == "cuda" else "float32")
     model = w2s.load_model(args.checkpoint, dtype=getattr(torch, dtype), device=device)
     tokenizer = w2s.load_tokenizer(args.checkpoint)
-    suffix = "greedy" if args.samples == 1 else f"n{args.samples}_t{args.temperature:g}"
-    out = Path(args.out or Path(args.checkpoint) / f"eval_{Path(args.test_file).stem}_{suffix}.jsonl")
+    barrier()  # every rank has checked the record before rank 0 writes it
+    if fresh and is_main():
+        write_run_meta(out, meta)
     prompts = [{"id": r["id"], "prompt": zero_shot_prompt(r["question"])} for r in test]
-    generate_to_jsonl(model, tokenizer, prompts, out, n=args.samples,
-                      temperature=0.0 if args.samples == 1 else args.temperature, max_new_tokens=args.max_new_tokens,
-                      stop=tuple(STOP_STRINGS), seed=args.seed, max_batch=args.max_batch,
-                      progress=not args.no_progress)
+    generate_to_jsonl(model, tokenizer, prompts, out, n=args.samples, temperature=temperature,
+                      max_new_tokens=args.max_new_tokens, stop=tuple(STOP_STRINGS), seed=args.seed,
+                      max_batch=args.max_batch, progress=not args.no_progress)
     if not is_main():
         return None
     results = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]

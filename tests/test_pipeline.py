@@ -789,6 +789,14 @@ def test_evaluate_script_matches_the_pipeline(full_run, tmp_path, capsys):
     assert sampled["pass@1"] == ref["pass@1"] and sampled[f"pass@{PASS_K}"] == ref[f"pass@{PASS_K}"]
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == sampled
     assert json.loads((tmp_path / "s.jsonl.result.json").read_text()) == sampled
+    # The same command resumes (nothing left to sample); another checkpoint or other options on the same output are
+    # refused before any model loads: their generations would have been scored as the new model's.
+    weak = str(run_dir / "01_weak_sft" / "model")
+    assert evaluate.main([weak, *common, "--out", str(tmp_path / "g.jsonl")]) == greedy
+    for other in ([str(run_dir / "13_r2_sft_hybrid" / "model"), *common],
+                  [weak, *common, "--max-new-tokens", "9"]):
+        with pytest.raises(ValueError, match=r"g\.jsonl: was sampled with other options \((checkpoint|max_new_tok)"):
+            evaluate.main([*other, "--out", str(tmp_path / "g.jsonl")])
 
 
 def test_evaluate_script_help_and_bad_input(tmp_path, monkeypatch, capsys):
@@ -800,12 +808,20 @@ def test_evaluate_script_help_and_bad_input(tmp_path, monkeypatch, capsys):
     assert info.value.code == 0 and "pass@k" in capsys.readouterr().out
     bad = tmp_path / "test.jsonl"
     bad.write_text('{"question": "q", "answer": "#### 1"}\n{"question": "q2"}\n')
+    (tmp_path / "good.jsonl").write_text('{"question": "q", "answer": "#### 1"}\n')
     monkeypatch.setattr(checkpoint, "load_model", lambda *a, **k: pytest.fail("model loaded before the data check"))
     with pytest.raises(ValueError, match=r"test\.jsonl:2: expected key 'answer'"):
         evaluate.main([str(tmp_path), str(bad)])
     (tmp_path / "a_file").write_text("")
     for args, message in ((["--limit", "-2"], "--limit -2: expected >= 0"),  # test[:-2] scored 2 of 4 silently
+                          (["--samples", "2", "--temperature", "nan"], "--temperature nan: expected a finite number"),
                           (["--out", str(tmp_path)], "is a directory, expected the path of a jsonl file"),
                           (["--out", str(tmp_path / "a_file" / "x.jsonl")], "a parent of it is a file")):
         with pytest.raises(SystemExit, match=message):  # at once: before the model loads and everything is sampled
             evaluate.main([str(tmp_path), str(bad), *args])
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises((SystemExit, ValueError), match=r"empty\.jsonl: (no questions|.*empty)"):
+        evaluate.main([str(tmp_path), str(tmp_path / "empty.jsonl")])
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(SystemExit, match=r"--device foo: expected auto, cpu, cuda or cuda:N"):
+        evaluate.main([str(tmp_path), str(bad).replace("test.jsonl", "good.jsonl"), "--device", "foo"])

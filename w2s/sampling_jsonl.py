@@ -88,18 +88,21 @@ def check_run_meta(out_path, meta):
     if not meta_path.is_file() or not started:  # a record of a run that wrote nothing (it failed or was killed
         if started:  # before its first prompt finished) binds nothing: a fresh run replaces it
             raise ValueError(f"{out_path}: exists without {meta_path.name}, so what it was sampled with is unknown; "
-                             f"use another --output, or delete {out_path.name} and its .part files to start over")
+                             f"use another output path, or delete {out_path.name} and its .part files to start over")
         return True
     try:
         old = json.loads(meta_path.read_text())
     except json.JSONDecodeError:
-        raise ValueError(f"{meta_path}: not valid JSON; delete it and {out_path.name}* to start over") from None
+        old = None
+    if not isinstance(old, dict):
+        raise ValueError(f"{meta_path}: not a JSON object of sampling options; delete it and {out_path.name}* to "
+                         f"start over")
     meta = json.loads(json.dumps(meta))  # as stored: tuples become lists
     diffs = [k for k in sorted(set(old) | set(meta)) if old.get(k) != meta.get(k)]
     if diffs:
         said = "; ".join(f"{k} {old.get(k)!r}, now {meta.get(k)!r}" for k in diffs)
-        raise ValueError(f"{out_path}: was sampled with other options ({said})"[:400] + f"; use another --output, or "
-                         f"delete {out_path.name}* to start over")
+        raise ValueError(f"{out_path}: was sampled with other options ({said})"[:400] + f"; use another output path, "
+                         f"or delete {out_path.name}* to start over")
     return False
 
 
