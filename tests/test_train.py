@@ -615,6 +615,13 @@ def test_sft_script_trains_exports_and_reports_bad_lines(text_ckpt, tmp_path):
     assert proc.returncode == 2 and "is a file; expected a directory" in proc.stderr
 
 
+def test_dpo_script_refuses_a_zero_beta_before_loading_the_model(tmp_path):
+    pairs = _write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}])
+    proc = _script("dpo.py", "--model", tmp_path / "no_model", "--data", pairs, "--out", tmp_path / "out",
+                   "--loss", "ipo", "--beta", 0)  # the model directory does not exist: the beta error comes first
+    assert (proc.returncode, proc.stderr.strip()) == (2, "error: beta=0.0: IPO needs a finite beta > 0")
+
+
 def test_jsonl_rows_and_impossible_configs_get_one_line_errors(tmp_path):
     good = _write_jsonl(tmp_path / "good.jsonl", [{"prompt": "p", "response": "r"}, "", {"prompt": "q"}])
     assert read_jsonl(good, tag_lines=True) == [{"prompt": "p", "response": "r", "_where": f"{good}:1"},
@@ -637,6 +644,17 @@ def test_jsonl_rows_and_impossible_configs_get_one_line_errors(tmp_path):
     with pytest.raises(ValueError, match=r"^TrainConfig\.min_lr=0\.001: expected a number <= lr \(1e-05\)$"):
         TrainConfig(lr=1e-5, min_lr=1e-3)
     assert train.lr_at(3, 4, TrainConfig(lr=1e-5, min_lr=1e-5)) == 1e-5  # a constant schedule stays allowed
+    # not finite: each of these trained to NaN weights (or stopped steps later with a misleading hint)
+    for name, value in (("lr", math.inf), ("min_lr", math.nan), ("weight_decay", math.nan), ("lora_alpha", math.nan),
+                        ("beta", math.inf), ("nll_weight", math.nan), ("clip", math.inf)):
+        with pytest.raises(ValueError, match=rf"^TrainConfig\.{name}=(nan|inf): expected a finite number$"):
+            TrainConfig(**{name: value})
+    from w2s.loss_steps import PreferenceStep
+
+    for kind in ("dpo", "ipo"):  # 0: a constant DPO loss (nothing trained), a division by zero in IPO
+        with pytest.raises(ValueError, match=rf"^beta=0\.0: {kind.upper()} needs a finite beta > 0$"):
+            PreferenceStep(kind, 0.0)
+    assert PreferenceStep("orpo", 0.0).beta == 0.0  # ORPO's lambda 0 is its NLL term alone
 
 
 def test_dpo_script_trains_and_explains_its_rules(text_ckpt, tmp_path):

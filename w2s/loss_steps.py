@@ -68,6 +68,7 @@ class PreferenceStep:
         if kind not in losses.PREFERENCE_LOSSES:
             *rest, last = losses.PREFERENCE_LOSSES
             raise ValueError(f"loss={kind!r}: expected {', '.join(map(repr, rest))} or {last!r}")
+        losses.check_beta(kind, beta)
         self.kind, self.beta, self.nll_weight, self.orpo_nll = kind, beta, nll_weight, orpo_nll
 
     @property

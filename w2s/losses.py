@@ -85,6 +85,16 @@ STAGE2_LOSSES = (*PREFERENCE_LOSSES, "grpo")
 GRPO_AGGREGATIONS = ("sequence", "token")
 
 
+BETA_LOSSES = ("dpo", "ipo")  # the losses that divide or scale by beta: 0 is no loss (DPO) or a division by 0 (IPO)
+
+
+def check_beta(kind, beta):
+    """DPO's beta scales the margin (0: a constant loss, no gradient) and IPO's target is 1 / (2 beta): both need
+    beta > 0. ORPO's lambda (also `beta`) may be 0 (the NLL term alone)."""
+    if kind in BETA_LOSSES and not 0 < beta < math.inf:
+        raise ValueError(f"beta={beta!r}: {kind.upper()} needs a finite beta > 0")
+
+
 def dpo_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
     """Sigmoid DPO over (P,) summed response log-probs. -> (losses, chosen_rewards, rejected_rewards), each (P,).
 

@@ -25,12 +25,13 @@ or a bad gold answer stops the run before its first stage with one line naming t
 """
 
 import dataclasses
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from w2s.losses import PREFERENCE_LOSSES, STAGE2_LOSSES
+from w2s.losses import BETA_LOSSES, PREFERENCE_LOSSES, STAGE2_LOSSES, check_beta
 from w2s.stages.preference_pairs import PAIR_WEIGHTING
 from w2s.tasks.graders import default_grader, is_available, task_graders
 from w2s.tracking import check_trackers
@@ -236,7 +237,11 @@ def load_recipe(path, check_files=True):
         train[name] = values
     if sections["data"].train_2 and "baselines" not in raw.get("eval", {}):
         sections["eval"].baselines = [b for b in BASELINES if b not in GOLD_BASELINES]  # none to compare against
-    recipe = Recipe(name=raw.get("name") or path.stem, path=str(path), **sections, **train)
+    name = raw.get("name") or path.stem
+    if not isinstance(name, str) or name in (".", "..") or "/" in name or "\\" in name:
+        raise ValueError(f"{path}: name: expected the run's directory name under the runs directory (no '/'), got "
+                         f"{name!r}")
+    recipe = Recipe(name=name, path=str(path), **sections, **train)
     _resolve_paths(recipe, path.parent)
     _validate(recipe, path, check_files)
     return recipe
@@ -360,6 +365,22 @@ def _validate(r, path, check_files):
         bad("[stage2]", "expected 0 <= min_confidence <= flip_confidence <= 1")
     if r.stage2.n_samples < 1 or r.stage2.max_pairs < 1:
         bad("[stage2]", "n_samples and max_pairs must be >= 1")
+    for key, t in (("[stage2] temperature", r.stage2.temperature), ("[eval] pass_k_temperature",
+                                                                   r.eval.pass_k_temperature)):
+        if not 0 <= t < math.inf:  # "not": NaN fails too
+            bad(key, f"expected a finite number >= 0, got {t}")
+    if not 0 < r.stage2.top_p <= 1:
+        bad("[stage2] top_p", f"expected 0 < top_p <= 1, got {r.stage2.top_p}")
+    longest = max(r.sampling.max_new_tokens, r.sampling.sample_max_new_tokens)
+    if r.sampling.cache_len < 0 or 0 < r.sampling.cache_len <= longest:
+        bad("[sampling] cache_len", f"{r.sampling.cache_len} cannot hold a prompt and {longest} new tokens "
+                                    f"(max_new_tokens, sample_max_new_tokens); 0 sizes the cache to fit")
+    if any(loss in r.stage2.losses for loss in BETA_LOSSES):
+        try:
+            check_beta(next(loss for loss in r.stage2.losses if loss in BETA_LOSSES),
+                       r.preference.get("beta", train_config_defaults()["beta"]))
+        except ValueError as e:
+            bad("[preference] beta", str(e))
     for loss in r.stage2.losses:
         if loss not in STAGE2_LOSSES:
             bad("[stage2] losses", f"unknown loss {loss!r}; expected one of {', '.join(STAGE2_LOSSES)}")

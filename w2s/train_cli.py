@@ -129,12 +129,15 @@ def run(train, args, **kwargs):
     import w2s
     from w2s.checkpoint import load_for_training, tokenizer_dir
     from w2s.files import read_jsonl
+    from w2s.losses import check_beta
     from w2s.parallel import rank
     from w2s.tracking import check_trackers
     from w2s.train_config import config_from_args
 
     try:
         cfg = config_from_args(args)
+        if "loss" in kwargs:  # DPO and IPO need beta > 0: say so before the model loads
+            check_beta(kwargs["loss"], cfg.beta)
         check_trackers(args.report_to)
         rows = read_jsonl(args.data, tag_lines=True)
         if not rows:

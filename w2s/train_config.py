@@ -66,6 +66,11 @@ class TrainConfig:
         for name in ("min_lr", "warmup_steps", "weight_decay", "ckpt_every", "beta", "nll_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}: expected a number >= 0")
+        finite = ["lr", "min_lr", "weight_decay", "beta", "nll_weight", "lora_alpha"]
+        for name in finite + ["clip"] * (self.clip is not None):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError(f"TrainConfig.{name}={value!r}: expected a finite number")
         if self.min_lr > self.lr:  # the cosine would climb from lr to min_lr: a swapped pair, not a schedule
             raise ValueError(f"TrainConfig.min_lr={self.min_lr!r}: expected a number <= lr ({self.lr!r})")
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -108,6 +113,9 @@ class GRPOConfig:
         for name in ("temperature", "clip_eps"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"GRPOConfig.{name}={getattr(self, name)!r}: expected a number > 0")
+        for name in ("temperature", "clip_eps", "kl_beta"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"GRPOConfig.{name}={getattr(self, name)!r}: expected a finite number")
         if self.kl_beta < 0:
             raise ValueError(f"GRPOConfig.kl_beta={self.kl_beta!r}: expected a number >= 0")
         for name, allowed in (("reward", GRPO_REWARDS), ("aggregation", GRPO_AGGREGATIONS)):
