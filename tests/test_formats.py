@@ -229,6 +229,36 @@ def test_bad_rows_name_the_expected_keys(tok, capsys):
     assert reasons["p.jsonl:3"].startswith("'chosen' must be a non-empty list")
 
 
+def test_token_id_rows_hold_whole_numbers_inside_the_vocabulary(tok, capsys):
+    """Ids that are not whole numbers >= 0 were cast (7.5 -> 7, true -> 1), dropped ("abc" as no prompt) or crashed
+    the collate (null); an id past the embedding table crashed the first step after the model was set up. Each is
+    now a bad row, named; the trainer passes the model's vocabulary."""
+    rows = [{"prompt_ids": [3, 4], "response_ids": [6, 299], "_where": "i.jsonl:1"},
+            {"prompt_ids": [3, 4], "response_ids": [6, 300], "_where": "i.jsonl:2"},
+            {"prompt_ids": [3, -1], "response_ids": [6], "_where": "i.jsonl:3"},
+            {"prompt_ids": "abc", "response_ids": [6], "_where": "i.jsonl:4"}]
+    rows += [{"response_ids": [6, bad], "_where": f"i.jsonl:{5 + k}"} for k, bad in enumerate([None, 7.5, True, "a"])]
+    _, kept, bad = data.encode_sft_rows(tok, rows, max_seq_len=256, vocab_size=300)
+    assert kept == [0]
+    reasons = dict(bad)
+    assert reasons["i.jsonl:2"] == "token id 300 is outside the model's vocabulary (ids 0 to 299)"
+    not_ids = "must be a list of token ids (whole numbers >= 0)"
+    assert reasons["i.jsonl:3"] == reasons["i.jsonl:4"] == f"'prompt_ids' {not_ids}"
+    assert all(reasons[f"i.jsonl:{k}"] == f"'response_ids' {not_ids}" for k in range(5, 9))
+    pairs = [{"prompt_ids": [3], "chosen_ids": [5], "rejected_ids": [6], "weight": w, "_where": f"w.jsonl:{k}"}
+             for k, w in enumerate([0.5, "heavy", float("nan"), -5, True])]
+    pairs.append({"prompt_ids": [3], "chosen_ids": [5], "rejected_ids": [6, 7.9], "_where": "w.jsonl:5"})
+    _, kept, bad = data.encode_pair_rows(tok, pairs, max_seq_len=256, vocab_size=300)
+    reasons = dict(bad)
+    assert kept == [0] and reasons["w.jsonl:1"] == "'weight' must be a finite number >= 0, got 'heavy'"
+    assert [reasons[f"w.jsonl:{k}"].split(", got ")[1] for k in (2, 3, 4)] == ["nan", "-5", "True"]
+    assert reasons["w.jsonl:5"] == "'rejected_ids' must be a list of token ids (whole numbers >= 0)"
+    capsys.readouterr()
+    cfg = TrainConfig(lr=1e-3, max_steps=1, batch_size=1, micro_batch_size=1, progress=False, bad_rows="error")
+    with pytest.raises(ValueError, match=r"^i\.jsonl:2: token id 300 is outside the model's vocabulary"):
+        train_sft(tiny_model(), tok, rows[:2], cfg)
+
+
 def test_template_refusals_are_bad_rows_and_no_template_is_one_error(tok, tmp_path):
     if "start_of_turn" in tok.apply_chat_template([USER]):  # gemma refuses a system turn
         _, kept, bad = data.encode_sft_rows(tok, [{"messages": [SYSTEM, USER, REPLY], "_where": "c:1"}], 256)

@@ -235,6 +235,20 @@ def test_chunked_prefill_bad_option(ckpt):
         generate(model, None, [[1, 2, 3]], prefill_chunk=-1, progress=False)
 
 
+def test_prompt_ids_outside_the_vocabulary_are_refused_before_sampling(ckpt, tmp_path):
+    """An id past the embedding table crashed the first forward with an IndexError; true / -1 passed as ids."""
+    model, _ = load(ckpt, "llama2")
+    with pytest.raises(ValueError, match=rf"^prompt 1: token id {VOCAB} is outside the model's vocabulary \(ids 0 "
+                                         rf"to {VOCAB - 1}\)$"):
+        generate(model, None, [[1, 2], [3, VOCAB]], max_new_tokens=2, progress=False)
+    with pytest.raises(ValueError, match=r'^record "a": expected a non-empty string or list of token ids \(whole'):
+        sampling_jsonl.generate_to_jsonl(model, None, [{"id": "a", "prompt": [1, True]}], tmp_path / "o.jsonl",
+                                         max_new_tokens=2, progress=False)
+    (tmp_path / "p.jsonl").write_text('{"id": 1, "prompt": [3, -1]}\n')
+    with pytest.raises(ValueError, match=r"p\.jsonl:1: expected key 'prompt' with a non-empty string or list of "):
+        sampling_jsonl.read_prompts_jsonl(tmp_path / "p.jsonl")
+
+
 def test_a_torchrun_process_that_has_not_joined_the_group_is_refused(ckpt, tmp_path, monkeypatch):
     """Under torchrun (WORLD_SIZE > 1) without w2s.parallel.init_distributed(), every rank would sample every prompt
     and write the same output file: sampling and the tensor-parallel loader say what to call instead."""

@@ -46,6 +46,7 @@ The schedule is a pure function of (seed, epoch): resuming needs only the step n
     python -m pytest -q tests/test_train.py tests/test_formats.py
 """
 
+import math
 import random
 import sys
 from dataclasses import dataclass
@@ -160,8 +161,15 @@ def _text(row, key):
 
 
 def _ids(row, key):
+    """The token ids under `key`; None when absent, null or empty; BadRow when not a list of whole numbers >= 0 (a
+    float, a bool or a string was truncated, cast or dropped silently)."""
     value = row.get(key)
-    return list(value) if isinstance(value, (list, tuple)) and len(value) > 0 else None
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                       for t in value):
+        raise BadRow(f"'{key}' must be a list of token ids (whole numbers >= 0)")
+    return list(value) or None
 
 
 class BadRows:
@@ -211,15 +219,16 @@ def sft_example(tokenizer, row):
     return encode_response(tokenizer, prompt, text, sep="" if key == "completion" else " ")
 
 
-def encode_sft_rows(tokenizer, rows, max_seq_len, bad_rows="skip", verbose=True):
+def encode_sft_rows(tokenizer, rows, max_seq_len, bad_rows="skip", verbose=True, vocab_size=None):
     """-> (examples, kept row indices, [(location, reason)] of skipped rows)."""
     return _encode_rows(rows, "sft", SFT_KEYS, lambda row: sft_example(tokenizer, row), lambda ex: [ex], max_seq_len,
-                        bad_rows, verbose)
+                        bad_rows, verbose, vocab_size)
 
 
-def _encode_rows(rows, kind, keys, encode, sequences, max_seq_len, bad_rows, verbose):
+def _encode_rows(rows, kind, keys, encode, sequences, max_seq_len, bad_rows, verbose, vocab_size=None):
     """Each row encoded (encode(row) -> an item whose sequences(item) are Examples), or reported as bad with its
-    location: not an object, not encodable, a sequence longer than max_seq_len, or one with no token to predict.
+    location: not an object, not encodable, a sequence longer than max_seq_len, a token id past vocab_size (the
+    model's embedding table), or one with no token to predict.
     -> (items, kept row indices, [(location, reason)] of skipped rows)."""
     bad = BadRows(bad_rows, kind)
     items, kept = [], []
@@ -229,6 +238,9 @@ def _encode_rows(rows, kind, keys, encode, sequences, max_seq_len, bad_rows, ver
                 raise BadRow(f"expected an object with the keys {keys}, got {type(row).__name__}")
             item = encode(row)
             _check_length(max((ex.tokens for ex in sequences(item)), key=len), max_seq_len)
+            largest = max(max(ex.tokens) for ex in sequences(item))
+            if vocab_size is not None and largest >= vocab_size:
+                raise BadRow(f"token id {largest} is outside the model's vocabulary (ids 0 to {vocab_size - 1})")
             if any(n_targets(ex) == 0 for ex in sequences(item)):
                 raise BadRow("no response token to predict (an empty prompt's first token has no context)")
         except BadRow as e:
@@ -262,6 +274,9 @@ def _conversational_pair(tokenizer, row):
 
 def pair_example(tokenizer, row):
     """The Pair of one preference row in any of the module docstring's formats, or BadRow."""
+    weight = row.get("weight", 1.0)  # w2s/train.py pair_weights
+    if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not 0 <= weight < math.inf:
+        raise BadRow(f"'weight' must be a finite number >= 0, got {weight!r}")
     if "prompt_ids" in row or "chosen_ids" in row:
         prompt = _ids(row, "prompt_ids") or []
         chosen, rejected = _ids(row, "chosen_ids"), _ids(row, "rejected_ids")
@@ -283,10 +298,10 @@ def pair_example(tokenizer, row):
     return Pair(encode_response(tokenizer, row["prompt"], chosen), encode_response(tokenizer, row["prompt"], rejected))
 
 
-def encode_pair_rows(tokenizer, rows, max_seq_len, bad_rows="skip", verbose=True):
+def encode_pair_rows(tokenizer, rows, max_seq_len, bad_rows="skip", verbose=True, vocab_size=None):
     """-> (pairs, kept row indices, [(location, reason)] of skipped rows)."""
     return _encode_rows(rows, "preference", PAIR_KEYS, lambda row: pair_example(tokenizer, row),
-                        lambda pair: [pair.chosen, pair.rejected], max_seq_len, bad_rows, verbose)
+                        lambda pair: [pair.chosen, pair.rejected], max_seq_len, bad_rows, verbose, vocab_size)
 
 
 # ---------------------------------------------------------------------------------------------- batching

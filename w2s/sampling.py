@@ -61,8 +61,9 @@ def _eos_ids(model, tokenizer):
     return ids
 
 
-def encode_prompts(tokenizer, prompts):
-    """Token-id lists of the prompts (strings need a tokenizer; id lists pass through)."""
+def encode_prompts(tokenizer, prompts, vocab_size=None, names=None):
+    """Token-id lists of the prompts (strings need a tokenizer; id lists pass through, each id a whole number in
+    [0, vocab_size): one outside would index past the embedding table). names[i] is how an error calls prompt i."""
     strings = [i for i, p in enumerate(prompts) if isinstance(p, str)]
     if strings and tokenizer is None:
         raise ValueError(f"prompt {strings[0]} is a string but no tokenizer was given (pass token-id lists instead)")
@@ -74,10 +75,19 @@ def encode_prompts(tokenizer, prompts):
     out = []
     for i, p in enumerate(prompts):
         ids = encoded[i] if i in encoded else p
-        if not isinstance(ids, (list, tuple)) or not ids or not all(isinstance(t, int) for t in ids):
-            raise ValueError(f"prompt {i}: expected a non-empty string or list of token ids, got {type(p).__name__}")
+        name = f"prompt {i}" if names is None else names[i]
+        if not isinstance(ids, (list, tuple)) or not ids or not all(is_token_id(t) for t in ids):
+            raise ValueError(f"{name}: expected a non-empty string or list of token ids (whole numbers >= 0), got "
+                             f"{type(p).__name__}")
+        if vocab_size is not None and max(ids) >= vocab_size:
+            raise ValueError(f"{name}: token id {max(ids)} is outside the model's vocabulary (ids 0 to "
+                             f"{vocab_size - 1})")
         out.append(list(ids))
     return out
+
+
+def is_token_id(t):
+    return isinstance(t, int) and not isinstance(t, bool) and t >= 0
 
 
 def _check_options(tokenizer, n=1, temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=MAX_NEW_TOKENS, stop=(),
@@ -136,7 +146,7 @@ def make_engine(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, top_
     engine's counters (decode_steps, tokens_generated) drive `engine.run()` themselves."""
     stop = _check_options(tokenizer, n, temperature, top_p, top_k, max_new_tokens, stop, prefill_chunk, sync_every,
                           max_batch)
-    ids = encode_prompts(tokenizer, prompts)
+    ids = encode_prompts(tokenizer, prompts, model.cfg.vocab_size)
     if not ids:
         return None
     cache_len = _cache_len_for(ids, max_new_tokens, cache_len)
@@ -183,7 +193,7 @@ def generate_shard(model, tokenizer, prompts, todo=None, names=None, progress=Tr
     same shapes. names[i] is how an error calls prompt i. The progress bar (rank 0) counts the prompts outside
     `todo` as done."""
     options["stop"] = _check_options(tokenizer, **options)
-    ids = encode_prompts(tokenizer, prompts)
+    ids = encode_prompts(tokenizer, prompts, model.cfg.vocab_size, names)
     keep = options.get("keep_state")
     keep = _use_cuda_graphs(model, options.get("cuda_graphs")) if keep is None else keep
     # a kept decode state serves the next call when its cache length is the same: quantize the default

@@ -21,7 +21,7 @@ from pathlib import Path
 from w2s import parallel
 from w2s.checkpoint import naming_path
 from w2s.files import read_jsonl, write_atomic
-from w2s.sampling import dp_layout, generate_shard
+from w2s.sampling import dp_layout, generate_shard, is_token_id
 
 
 def read_prompts_jsonl(path, prompt_key="prompt", id_key="id"):
@@ -35,7 +35,7 @@ def read_prompts_jsonl(path, prompt_key="prompt", id_key="id"):
     for record in read_jsonl(path, tag_lines=True):
         where = record.pop("_where")
         prompt = record.get(prompt_key)
-        is_ids = isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt)
+        is_ids = isinstance(prompt, list) and prompt and all(map(is_token_id, prompt))
         if not (isinstance(prompt, str) and prompt) and not is_ids:
             got = "missing" if prompt_key not in record else f"got {prompt!r}"[:80]
             raise ValueError(f"{where}: expected key {prompt_key!r} with a non-empty string or list of token ids "

@@ -131,7 +131,8 @@ def train_sft(model, tokenizer, rows, cfg: TrainConfig, out_dir=None, on_step=No
     """
     cfg = cfg if progress is None else replace(cfg, progress=progress)
     d = init_distributed()
-    examples, _, skipped = data.encode_sft_rows(tokenizer, rows, cfg.max_seq_len, cfg.bad_rows, verbose=d.is_main)
+    examples, _, skipped = data.encode_sft_rows(tokenizer, rows, cfg.max_seq_len, cfg.bad_rows, verbose=d.is_main,
+                                                vocab_size=model.cfg.vocab_size)
     if not examples:
         raise ValueError(f"train_sft: none of the {len(rows)} rows is usable (see the skipped-row report above)")
     pad_id = _pad_id(tokenizer, model)
@@ -159,7 +160,8 @@ def train_preference(model, tokenizer, pairs, cfg: TrainConfig, out_dir=None, lo
     cfg = cfg if progress is None else replace(cfg, progress=progress)
     d = init_distributed()
     step_fn = PreferenceStep(loss, cfg.beta, cfg.nll_weight, cfg.orpo_nll)
-    encoded, kept, skipped = data.encode_pair_rows(tokenizer, pairs, cfg.max_seq_len, cfg.bad_rows, verbose=d.is_main)
+    encoded, kept, skipped = data.encode_pair_rows(tokenizer, pairs, cfg.max_seq_len, cfg.bad_rows, verbose=d.is_main,
+                                                   vocab_size=model.cfg.vocab_size)
     weights = pair_weights(pairs, kept)
     if not encoded:
         raise ValueError(f"train_preference: none of the {len(pairs)} pairs is usable (see the report above)")
