@@ -35,3 +35,13 @@ def test_inspect_bad_dir_is_one_clear_error(tmp_path):
     out = CliRunner().invoke(main, ["inspect", str(tmp_path)])
     assert out.exit_code == 1
     assert out.output.startswith("Error: ") and "no config.json" in out.output and len(out.output.splitlines()) == 1
+
+
+@pytest.mark.parametrize("option", [["--temperature", "nan"], ["--temperature", "inf"], ["--top-p", "nan"]])
+def test_sample_refuses_an_impossible_distribution_before_reading_anything(tmp_path, option):
+    """The checkpoint and the prompts file do not even exist: the options are refused first, in one line (NaN
+    passed click's ranges and was refused only after the model had loaded and the run's meta.json was written)."""
+    out = CliRunner().invoke(main, ["sample", str(tmp_path), "--input", str(tmp_path / "p.jsonl"), "--output",
+                                    str(tmp_path / "o.jsonl"), *option])
+    assert out.exit_code == 1 and out.output.startswith("Error: temperature=") and len(out.output.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []

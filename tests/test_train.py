@@ -324,6 +324,10 @@ def test_resume_refuses_a_checkpoint_of_a_different_run(ckpt, tmp_path):
         train_sft(load(path), None, rows, cfg(max_steps=4, ckpt_every=2), out_dir=tmp_path, on_step=_kill_at(3, []))
     with pytest.raises(ValueError, match="different run"):
         train_sft(load(path), None, rows, cfg(max_steps=4, ckpt_every=2, lr=5e-4), out_dir=tmp_path)
+    state = next((tmp_path / "ckpt").glob("step*")) / "train_state.json"
+    state.write_text("{bad")  # a torn or hand-edited record: named, with the way out
+    with pytest.raises(ValueError, match=rf"^{state}: not a JSON object; delete {state.parent.name} to resume from"):
+        train_sft(load(path), None, rows, cfg(max_steps=4, ckpt_every=2), out_dir=tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------- preference losses
@@ -615,11 +619,18 @@ def test_sft_script_trains_exports_and_reports_bad_lines(text_ckpt, tmp_path):
     assert proc.returncode == 2 and "is a file; expected a directory" in proc.stderr
 
 
-def test_dpo_script_refuses_a_zero_beta_before_loading_the_model(tmp_path):
+def test_dpo_script_refuses_a_zero_beta_and_a_missing_model_or_tokenizer_before_loading(tmp_path):
     pairs = _write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}])
     proc = _script("dpo.py", "--model", tmp_path / "no_model", "--data", pairs, "--out", tmp_path / "out",
                    "--loss", "ipo", "--beta", 0)  # the model directory does not exist: the beta error comes first
     assert (proc.returncode, proc.stderr.strip()) == (2, "error: beta=0.0: IPO needs a finite beta > 0")
+    proc = _script("dpo.py", "--model", tmp_path / "no_model", "--data", pairs, "--out", tmp_path / "out")
+    assert (proc.returncode, proc.stderr.strip()) == (2, f"error: --model {tmp_path / 'no_model'}: no such directory "
+                                                         f"(expected a Hugging Face checkpoint)")
+    (tmp_path / "no_model").mkdir()
+    (tmp_path / "no_model" / "config.json").write_text("{}")  # no weights and no tokenizer: the tokenizer is first
+    proc = _script("dpo.py", "--model", tmp_path / "no_model", "--data", pairs, "--out", tmp_path / "out")
+    assert proc.returncode == 2 and "tokenizer" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_jsonl_rows_and_impossible_configs_get_one_line_errors(tmp_path):

@@ -483,4 +483,17 @@ def load_training_state(path, module, optimizer, d: Dist):
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and d.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], d.device)
-    return json.loads((Path(path) / "train_state.json").read_text())
+    return read_train_state(path)
+
+
+def read_train_state(path):
+    """The train_state.json of the training-state checkpoint in `path` (a dict), or one line naming the file."""
+    state_file = Path(path) / "train_state.json"
+    try:
+        state = json.loads(state_file.read_text())
+    except json.JSONDecodeError:
+        state = None
+    if not isinstance(state, dict):
+        raise ValueError(f"{state_file}: not a JSON object; delete {Path(path).name} to resume from the checkpoint "
+                         f"before it (or resume=False to start over)")
+    return state

@@ -291,9 +291,11 @@ def sample(ckpt_dir, input_path, output_path, prompt_key, id_key, n, temperature
 
     from w2s.checkpoint import fingerprint
     from w2s.parallel import barrier, init_distributed
+    from w2s.sampling import check_distribution
     from w2s.sampling_jsonl import check_run_meta, generate_to_jsonl, read_prompts_jsonl, write_run_meta
 
     try:
+        check_distribution(temperature, top_p, top_k)
         records = read_prompts_jsonl(input_path, prompt_key=prompt_key, id_key=id_key)
         d = init_distributed()
         torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,

@@ -43,7 +43,7 @@ from w2s import profile
 from w2s.config import ModelConfig
 from w2s.lora import TARGETS
 from w2s.losses import PREFERENCE_LOSSES
-from w2s.recipe import grpo_config, train_config
+from w2s.recipe import check_data_sizes, grpo_config, train_config
 from w2s.tasks import few_shot_prompt, load_records, load_split, zero_shot_prompt
 
 KEPT_FRACTION = 0.55  # GSM8K round 1 keeps 31-55 % of train_2: the upper end, so the estimate errs high
@@ -104,6 +104,7 @@ def workload(recipe):
     """Counts and mean lengths from the recipe's data files (and the strong checkpoint's tokenizer, if it has one)."""
     d = recipe.data
     train, test = load_records(d.task, d.train), load_records(d.task, d.test)
+    check_data_sizes(recipe, train, test)
     if d.split_file:  # the user's split decides the sizes, as in the data stage (w2s/runners.py run_data)
         n_1, n_2 = map(len, load_split(d.split_file, train))
     else:

@@ -75,7 +75,7 @@ from w2s.estimate import (
 )
 from w2s.files import sha256_file, stable_hash, write_json_atomic
 from w2s.parallel import barrier, init_distributed, is_main
-from w2s.recipe import grpo_config, load_recipe, train_config, validate_inputs
+from w2s.recipe import check_data_sizes, grpo_config, load_recipe, train_config, validate_inputs
 from w2s.report import _table, report
 from w2s.runners import (
     load_questions,
@@ -454,6 +454,7 @@ def questions_workload(recipe):
     measure a response by: one is assumed half of [sampling] sample_max_new_tokens long."""
     d, s1 = recipe.data, recipe.stage1
     train_2, test = load_questions(d.task, d.train_2), load_records(d.task, d.test)
+    check_data_sizes(recipe, train_2, test)
     count = _token_counter(recipe.models.strong)
     prompts = [count(task_prompt(d.task, r)) for r in train_2[:2000]]  # the mean settles long before
     prompt, response = sum(prompts) / len(prompts), recipe.sampling.sample_max_new_tokens / 2

@@ -266,6 +266,18 @@ def _check_lora_continues(r, bad):
                     f"same")
 
 
+def check_data_sizes(recipe, train, test):
+    """Refuse an empty train (or train_2) or test file, and an n_test past the test file (the run would take fewer
+    questions than the recipe says): one line naming the recipe key and the file."""
+    d = recipe.data
+    for key, path, records in (("train_2" if d.train_2 else "train", d.train_2 or d.train, train),
+                               ("test", d.test, test)):
+        if not records:
+            raise ValueError(f"{recipe.path}: [data] {key}: {path} holds no records")
+    if d.n_test > len(test):
+        raise ValueError(f"{recipe.path}: [data] n_test = {d.n_test} but {d.test} has {len(test)} records")
+
+
 def validate_inputs(recipe):
     """Read every input of a run as the run will (data records, the split file, both checkpoints' configs,
     tokenizers and safetensors headers): the first problem is one ValueError naming the recipe key and the file."""
@@ -274,7 +286,7 @@ def validate_inputs(recipe):
 
     d = recipe.data
     train = load_records(d.task, d.train_2 or d.train)  # the setting without gold: its questions file
-    load_records(d.task, d.test)
+    check_data_sizes(recipe, train, load_records(d.task, d.test))
     if d.split_file:
         load_split(d.split_file, train)
     elif not d.train_2 and (d.n_train_1 or d.n_train_2):  # the sizes 00_data takes (w2s/runners.py run_data)

@@ -20,6 +20,7 @@ prompts before the split, so bad input fails on every rank alike and all ranks s
     python scripts/bench_sampling.py                                         # tokens/s, vs transformers on CPU
 """
 
+import math
 import time
 import warnings
 
@@ -90,6 +91,14 @@ def is_token_id(t):
     return isinstance(t, int) and not isinstance(t, bool) and t >= 0
 
 
+def check_distribution(temperature, top_p, top_k):
+    """A clear ValueError for a sampling distribution that cannot be drawn from (checked by `w2s sample` before the
+    model loads, and by every generate call)."""
+    if not 0 <= temperature < math.inf or not 0 < top_p <= 1 or top_k < 0:  # "not": NaN fails too
+        raise ValueError(f"temperature={temperature} must be a finite number >= 0, top_p={top_p} in (0, 1], "
+                         f"top_k={top_k} >= 0")
+
+
 def _check_options(tokenizer, n=1, temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=MAX_NEW_TOKENS, stop=(),
                    prefill_chunk=0, sync_every=8, max_batch=256, **_):
     """Normalized stop strings; a clear ValueError for impossible options (the other options pass through)."""
@@ -105,8 +114,7 @@ def _check_options(tokenizer, n=1, temperature=0.0, top_p=1.0, top_k=0, max_new_
     if min(n, max_new_tokens, sync_every, max_batch) < 1:
         raise ValueError(f"n={n}, max_new_tokens={max_new_tokens}, sync_every={sync_every} and max_batch={max_batch} "
                          f"must all be >= 1")
-    if not temperature >= 0 or not 0 < top_p <= 1 or top_k < 0:  # "not >=": NaN fails too
-        raise ValueError(f"temperature={temperature} must be >= 0, top_p={top_p} in (0, 1], top_k={top_k} >= 0")
+    check_distribution(temperature, top_p, top_k)
     if prefill_chunk < 0:
         raise ValueError(f"prefill_chunk={prefill_chunk} must be >= 0 (prompt tokens per decode step; 0 is off)")
     return stop

@@ -57,7 +57,7 @@ from pathlib import Path
 import torch
 
 from w2s import data, profile, tracking
-from w2s.checkpoint import latest_checkpoint, load_training_state, save_training_state
+from w2s.checkpoint import latest_checkpoint, load_training_state, read_train_state, save_training_state
 from w2s.export import export_trained
 from w2s.files import stable_hash, write_atomic
 from w2s.lora import prepare_lora
@@ -332,7 +332,7 @@ class Trainer:
         if self.ckpt_root is not None and not self.cfg.resume and self.d.is_main and self.ckpt_root.exists():
             shutil.rmtree(self.ckpt_root)
         if self.ckpt_root is not None and self.cfg.resume and (latest := latest_checkpoint(self.ckpt_root)) is not None:
-            saved = json.loads((latest / "train_state.json").read_text())
+            saved = read_train_state(latest)
             if saved.get("run_key") != self.run_key:
                 raise ValueError(f"{latest}: checkpoint is from a different run (data, config or world size "
                                  f"changed); use a fresh --out directory or resume=False")

@@ -145,10 +145,12 @@ def run(train, args, **kwargs):
         out = Path(args.out)
         if out.exists() and not out.is_dir() or any(p.exists() and not p.is_dir() for p in out.parents):
             raise ValueError(f"--out {args.out}: it, or a directory above it, is a file; expected a directory")
+        if not Path(args.model).is_dir():
+            raise ValueError(f"--model {args.model}: no such directory (expected a Hugging Face checkpoint)")
+        tokenizer = w2s.load_tokenizer(tokenizer_dir(args.model))  # a missing one is known before the weights load
         dtype = resolve_dtype(args, log=print if rank() == 0 else lambda *a: None)
         # under torchrun only rank 0 reads the weights; the others get their FSDP shards from it
         model = load_for_training(args.model, dtype=dtype)
-        tokenizer = w2s.load_tokenizer(tokenizer_dir(args.model))
         train(model, tokenizer, rows, cfg, out_dir=args.out, report_to=args.report_to, log_dir=args.log_dir,
               run_name=args.run_name, **kwargs)
     except (ValueError, OSError) as e:  # bad input, a nan loss, a full disk or a permission error: one line
