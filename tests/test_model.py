@@ -178,6 +178,24 @@ def test_unknown_architecture(tmp_path):
         w2s.load_model(tmp_path)
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("num_hidden_layers", "2", r"num_hidden_layers='2': expected a whole number >= 1"),
+    ("num_key_value_heads", 0.5, r"num_key_value_heads=0\.5: expected a whole number >= 1"),
+    ("rms_norm_eps", float("nan"), r"rms_norm_eps=nan: expected a finite number > 0"),
+    ("rope_theta", -1.0, r"rope_theta=-1\.0: expected a finite number > 0"),
+])  # fmt: skip
+def test_config_values_of_the_wrong_type_are_one_clear_error(tmp_path, key, value, message):
+    """A string where a size goes was a TypeError in the parameter count; a NaN epsilon sampled token 0 forever."""
+    save_hf("llama2", tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, key: value}))
+    with pytest.raises(ValueError, match=rf"config\.json: {message}$"):
+        ModelConfig.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("[1]")
+    with pytest.raises(ValueError, match=r"config\.json: expected a JSON object of model options, got list$"):
+        ModelConfig.from_pretrained(tmp_path)
+
+
 def test_missing_shard(tmp_path):
     save_hf("llama2", tmp_path, max_shard_size="40KB")
     shard = sorted(tmp_path.glob("model-*.safetensors"))[1]

@@ -90,6 +90,8 @@ class ModelConfig:
     def from_hf(cls, hf: dict, source="config.json"):
         """Build from a parsed HF config dict; unknown architectures and missing keys get one clear error. An
         optional key that is absent takes transformers' default for the family (LlamaConfig, Gemma2Config, ...)."""
+        if not isinstance(hf, dict):
+            raise ValueError(f"{source}: expected a JSON object of model options, got {type(hf).__name__}")
         archs = hf.get("architectures") or []
         arch = archs[0] if archs else None
         if arch not in FAMILIES:
@@ -100,13 +102,19 @@ class ModelConfig:
         def need(key):
             if key not in hf or hf[key] is None:
                 raise ValueError(f"{source}: missing key {key!r} required for {arch}")
-            return hf[key]
+            return count(key, hf[key])
+
+        def count(key, value):  # a size: "2" or 2.0 would fail later as a TypeError deep in the model
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{source}: {key}={value!r}: expected a whole number >= 1")
+            return value
 
         dim, n_heads = need("hidden_size"), need("num_attention_heads")
         gemma, gemma2 = family in ("gemma", "gemma2"), family == "gemma2"
         # absent keys take transformers' family defaults: Gemma's configs fix head_dim 256 and their own kv heads
-        n_kv = hf.get("num_key_value_heads") or ({"gemma": 16, "gemma2": 4}.get(family) or n_heads)
-        head_dim = hf.get("head_dim") or (256 if gemma else dim // n_heads)
+        n_kv = count("num_key_value_heads",
+                     hf.get("num_key_value_heads") or ({"gemma": 16, "gemma2": 4}.get(family) or n_heads))
+        head_dim = count("head_dim", hf.get("head_dim") or (256 if gemma else dim // n_heads))
         if n_heads % n_kv:
             raise ValueError(f"{source}: num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}")
         # transformers >= 5 folds rope_theta/rope_scaling into rope_parameters; real checkpoints use the old keys.
@@ -126,6 +134,9 @@ class ModelConfig:
             # maps it there for Gemma alone (Gemma-2's "gelu" is the exact one, which w2s has no kernel for)
         if activation not in ("silu", "gelu_pytorch_tanh"):
             raise ValueError(f"{source}: activation {activation!r} is not supported (silu, gelu_pytorch_tanh)")
+        for key, value in (("rms_norm_eps", hf.get("rms_norm_eps", 1e-6)), ("rope_theta", rope_theta)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
+                raise ValueError(f"{source}: {key}={value!r}: expected a finite number > 0")
         return cls(
             family=family, vocab_size=need("vocab_size"), dim=dim, n_layers=n_layers, n_heads=n_heads,
             n_kv_heads=n_kv, head_dim=head_dim, hidden_dim=need("intermediate_size"),
