@@ -45,3 +45,13 @@ def test_sample_refuses_an_impossible_distribution_before_reading_anything(tmp_p
                                     str(tmp_path / "o.jsonl"), *option])
     assert out.exit_code == 1 and out.output.startswith("Error: temperature=") and len(out.output.splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sample_refuses_an_output_under_a_file_and_impossible_sizes_before_loading(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    out = CliRunner().invoke(main, ["sample", str(tmp_path), "--input", str(tmp_path / "p.jsonl"), "--output",
+                                    str(tmp_path / "a_file" / "o.jsonl")])
+    assert out.exit_code == 1 and "a directory above it is a file" in out.output  # it was an Errno 17 after loading
+    for option in (["--tp", "0"], ["--cache-len", "-5"]):
+        out = CliRunner().invoke(main, ["sample", str(tmp_path), "--input", "p", "--output", "o", *option])
+        assert out.exit_code == 2 and f"Invalid value for '{option[0]}'" in out.output

@@ -256,9 +256,9 @@ def _unescape(text):
               help="Sampling seed; a completion depends only on (seed, line index, sample index).")
 @click.option("--max-batch", default=256, show_default=True, type=click.IntRange(min=1),
               help="Sequences decoded together (cache slots).")
-@click.option("--cache-len", default=None, type=int,
+@click.option("--cache-len", default=None, type=click.IntRange(min=1),
               help="KV positions per sequence [default: longest prompt + max-new-tokens]; longer prompts are an error.")
-@click.option("--tp", default=1, show_default=True,
+@click.option("--tp", default=1, show_default=True, type=click.IntRange(min=1),
               help="Tensor-parallel size (under torchrun; ranks in groups of tp, the groups split the prompts).")
 @click.option("--dtype", default="auto", show_default=True,
               type=click.Choice(["auto", "bfloat16", "float16", "float32"]), help="auto: bfloat16 on CUDA, else fp32.")
@@ -296,6 +296,8 @@ def sample(ckpt_dir, input_path, output_path, prompt_key, id_key, n, temperature
 
     try:
         check_distribution(temperature, top_p, top_k)
+        if any(p.exists() and not p.is_dir() for p in output_path.parents):
+            raise ValueError(f"--output {output_path}: a directory above it is a file")
         records = read_prompts_jsonl(input_path, prompt_key=prompt_key, id_key=id_key)
         d = init_distributed()
         torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
