@@ -235,6 +235,15 @@ def test_sft_loss_goes_down_and_export_loads_in_transformers(ckpt, tmp_path, mon
     assert (base - model(ids)).abs().max() > 1e-2  # the export really holds the trained weights
 
 
+def test_a_row_past_the_trained_context_is_said(ckpt):
+    path, _ = ckpt
+    model = load(path)
+    rows = [{"prompt_ids": [3] * 5, "response_ids": [4] * (model.cfg.max_seq_len - 4)}]
+    with pytest.warns(UserWarning, match=rf"a training row holds {model.cfg.max_seq_len + 1} tokens but the model was "
+                                         rf"trained on {model.cfg.max_seq_len} positions"):
+        train_sft(model, None, rows, cfg(batch_size=1, micro_batch_size=1, max_steps=1, max_seq_len=100_000))
+
+
 def test_micro_batch_size_does_not_change_losses_or_weights(ckpt):
     path, _ = ckpt
     rows = id_rows(8, seed=4)  # 2 steps per epoch: the 3 steps cross an epoch boundary

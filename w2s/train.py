@@ -50,6 +50,7 @@ import hashlib
 import json
 import math
 import shutil
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -135,6 +136,7 @@ def train_sft(model, tokenizer, rows, cfg: TrainConfig, out_dir=None, on_step=No
                                                 vocab_size=model.cfg.vocab_size)
     if not examples:
         raise ValueError(f"train_sft: none of the {len(rows)} rows is usable (see the skipped-row report above)")
+    _warn_past_trained_context(model, (ex.tokens for ex in examples))
     pad_id = _pad_id(tokenizer, model)
 
     def make_batch(indices):
@@ -165,6 +167,7 @@ def train_preference(model, tokenizer, pairs, cfg: TrainConfig, out_dir=None, lo
     weights = pair_weights(pairs, kept)
     if not encoded:
         raise ValueError(f"train_preference: none of the {len(pairs)} pairs is usable (see the report above)")
+    _warn_past_trained_context(model, (ex.tokens for p in encoded for ex in (p.chosen, p.rejected)))
     pad_id = _pad_id(tokenizer, model)
     key = examples_hash(encoded)
     ref = {}
@@ -191,6 +194,15 @@ def train_preference(model, tokenizer, pairs, cfg: TrainConfig, out_dir=None, lo
     trained, stats = _run(model, tokenizer, task, cfg, out_dir, d, on_step, return_model, keep_ckpt, report, loss)
     stats.update(n_rows=len(pairs), n_skipped=len(skipped))
     return (trained, stats) if return_stats else trained
+
+
+def _warn_past_trained_context(model, sequences):
+    """Say so when a row is longer than the model's trained context (config.json max_position_embeddings): RoPE
+    runs past it, but the model never saw those positions (the sampler warns alike)."""
+    longest, trained = max(map(len, sequences)), model.cfg.max_seq_len
+    if trained and longest > trained:
+        warnings.warn(f"a training row holds {longest} tokens but the model was trained on {trained} positions "
+                      f"(config.json max_position_embeddings): positions past it are unreliable")
 
 
 def pair_weights(rows, kept):
