@@ -61,6 +61,17 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def generation_meta(args, dtype):
+    """What the generations in --out depend on: a rerun resumes only an output made by the same model and options
+    (<out>.meta.json, as `w2s sample`)."""
+    from w2s.checkpoint import fingerprint
+    from w2s.tasks import STOP_STRINGS
+
+    return {"checkpoint": str(Path(args.checkpoint).resolve()), "checkpoint_files": fingerprint(args.checkpoint),
+            "task": args.task, "n": args.samples, "temperature": 0.0 if args.samples == 1 else args.temperature,
+            "max_new_tokens": args.max_new_tokens, "stop": list(STOP_STRINGS), "seed": args.seed, "dtype": dtype}
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.samples < 1 or args.max_new_tokens < 1 or args.max_batch < 1:
@@ -76,7 +87,6 @@ def main(argv=None):
     import torch
 
     import w2s
-    from w2s.checkpoint import fingerprint
     from w2s.parallel import barrier, is_main
     from w2s.sampling_jsonl import check_run_meta, generate_to_jsonl, write_run_meta
     from w2s.stages.metrics import evaluation_result
@@ -100,12 +110,8 @@ def main(argv=None):
     suffix = "greedy" if args.samples == 1 else f"n{args.samples}_t{args.temperature:g}"
     out = Path(args.out or Path(args.checkpoint) / f"eval_{Path(args.test_file).stem}_{suffix}.jsonl")
     temperature = 0.0 if args.samples == 1 else args.temperature
-    # What the generations depend on: a rerun resumes only an output made by the same model and options (as `w2s
-    # sample`), checked before the model is loaded.
-    meta = {"checkpoint": str(Path(args.checkpoint).resolve()), "checkpoint_files": fingerprint(args.checkpoint),
-            "task": args.task, "n": args.samples, "temperature": temperature, "max_new_tokens": args.max_new_tokens,
-            "stop": list(STOP_STRINGS), "seed": args.seed, "dtype": dtype}
-    fresh = check_run_meta(out, meta)
+    meta = generation_meta(args, dtype)
+    fresh = check_run_meta(out, meta)  # before the model is loaded
     if "WORLD_SIZE" in os.environ:
         from w2s.parallel import init_distributed
 

@@ -201,6 +201,7 @@ def test_evaluate_writes_each_question_with_its_id_gold_and_correctness(tmp_path
     from w2s.checkpoint import save_model
     from w2s.config import ModelConfig
     from w2s.model import Transformer
+    from w2s.sampling_jsonl import write_run_meta
     from w2s.tasks.graders import PaperGrader
     from w2s.tokenizer import load_tokenizer
 
@@ -226,10 +227,12 @@ def test_evaluate_writes_each_question_with_its_id_gold_and_correctness(tmp_path
             {"text": t, "token_ids": [], "num_tokens": 1, "finish_reason": "eos"} for t in ts[:n]]}) + "\n"
             for k, (i, ts) in enumerate(zip(ids, texts))))
         args = [str(ckpt), str(test), "--device", "cpu", "--no-progress", "--out", str(tmp_path / name)]
+        args += ["--samples", "2"] if n == 2 else []
+        write_run_meta(tmp_path / name, evaluate.generation_meta(evaluate.parse_args(args), "float32"))  # its record
         read = []
         monkeypatch.setattr(PaperGrader, "answer", lambda self, text, real=PaperGrader.answer: read.append(text) or
                             real(self, text))
-        result = evaluate.main(args + (["--samples", "2"] if n == 2 else []))
+        result = evaluate.main(args)
         monkeypatch.undo()
         assert sorted(read) == sorted(t for ts in texts for t in ts[:n])
         lines = [json.loads(x) for x in (tmp_path / f"{name}.per_question.jsonl").read_text().splitlines()]

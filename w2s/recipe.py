@@ -355,6 +355,27 @@ def _validate_gold(r, bad):
             bad("[eval] baselines", f"{b!r} trains on train_2 gold, which a recipe with [data] train_2 does not have")
 
 
+def _validate_sampling(r, bad):
+    """The values the sampling and preference stages need (each failed stages into the run): finite temperatures,
+    top_p in (0, 1], a cache that holds the new tokens, DPO's / IPO's beta > 0."""
+    for key, t in (("[stage2] temperature", r.stage2.temperature), ("[eval] pass_k_temperature",
+                                                                   r.eval.pass_k_temperature)):
+        if not 0 <= t < math.inf:  # "not": NaN fails too
+            bad(key, f"expected a finite number >= 0, got {t}")
+    if not 0 < r.stage2.top_p <= 1:
+        bad("[stage2] top_p", f"expected 0 < top_p <= 1, got {r.stage2.top_p}")
+    longest = max(r.sampling.max_new_tokens, r.sampling.sample_max_new_tokens)
+    if r.sampling.cache_len < 0 or 0 < r.sampling.cache_len <= longest:
+        bad("[sampling] cache_len", f"{r.sampling.cache_len} cannot hold a prompt and {longest} new tokens "
+                                    f"(max_new_tokens, sample_max_new_tokens); 0 sizes the cache to fit")
+    if any(loss in r.stage2.losses for loss in BETA_LOSSES):
+        try:
+            check_beta(next(loss for loss in r.stage2.losses if loss in BETA_LOSSES),
+                       r.preference.get("beta", train_config_defaults()["beta"]))
+        except ValueError as e:
+            bad("[preference] beta", str(e))
+
+
 def _validate(r, path, check_files):
     def bad(key, msg):
         raise ValueError(f"{path}: {key}: {msg}")
@@ -377,22 +398,7 @@ def _validate(r, path, check_files):
         bad("[stage2]", "expected 0 <= min_confidence <= flip_confidence <= 1")
     if r.stage2.n_samples < 1 or r.stage2.max_pairs < 1:
         bad("[stage2]", "n_samples and max_pairs must be >= 1")
-    for key, t in (("[stage2] temperature", r.stage2.temperature), ("[eval] pass_k_temperature",
-                                                                   r.eval.pass_k_temperature)):
-        if not 0 <= t < math.inf:  # "not": NaN fails too
-            bad(key, f"expected a finite number >= 0, got {t}")
-    if not 0 < r.stage2.top_p <= 1:
-        bad("[stage2] top_p", f"expected 0 < top_p <= 1, got {r.stage2.top_p}")
-    longest = max(r.sampling.max_new_tokens, r.sampling.sample_max_new_tokens)
-    if r.sampling.cache_len < 0 or 0 < r.sampling.cache_len <= longest:
-        bad("[sampling] cache_len", f"{r.sampling.cache_len} cannot hold a prompt and {longest} new tokens "
-                                    f"(max_new_tokens, sample_max_new_tokens); 0 sizes the cache to fit")
-    if any(loss in r.stage2.losses for loss in BETA_LOSSES):
-        try:
-            check_beta(next(loss for loss in r.stage2.losses if loss in BETA_LOSSES),
-                       r.preference.get("beta", train_config_defaults()["beta"]))
-        except ValueError as e:
-            bad("[preference] beta", str(e))
+    _validate_sampling(r, bad)
     for loss in r.stage2.losses:
         if loss not in STAGE2_LOSSES:
             bad("[stage2] losses", f"unknown loss {loss!r}; expected one of {', '.join(STAGE2_LOSSES)}")
