@@ -720,6 +720,13 @@ def test_report_marks_the_last_rounds_hybrid_as_m_plus(tmp_path):
     broken.write_text('{"a":\n')
     with pytest.raises(ValueError, match=rf"^{broken}:2: not valid JSON \(Expecting value\)$"):
         report(broken.parent.parent, plot=False)
+    broken.write_text("[1]")  # valid JSON, not a stage's record: an AttributeError traceback before
+    with pytest.raises(ValueError, match=rf"^{broken}: expected a JSON object, got list$"):
+        report(broken.parent.parent, plot=False)
+    broken.write_text("{}")
+    (broken.parent.parent / "recipe.json").write_text("{bad")
+    with pytest.raises(ValueError, match=r"broken/recipe\.json:1: not valid JSON"):
+        report(broken.parent.parent, plot=False)
     assert row_labels(["weak_floor"]) == []  # a run still in Stage I: no hybrid evaluated yet, no label, no error
 
 

@@ -56,15 +56,21 @@ def load_metas(run_dir):
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: no such run directory")
-    metas = {}
-    for meta_file in sorted(run_dir.glob("*/meta.json")):
-        try:
-            metas[meta_file.parent.name] = json.loads(meta_file.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{meta_file}:{e.lineno}: not valid JSON ({e.msg})") from None
+    metas = {meta_file.parent.name: _json_object(meta_file) for meta_file in sorted(run_dir.glob("*/meta.json"))}
     if not metas:
         raise FileNotFoundError(f"{run_dir}: no finished stage (no */meta.json)")
     return metas
+
+
+def _json_object(path):
+    """A run file that holds a JSON object (a stage's meta.json, recipe.json), or one line naming it."""
+    try:
+        value = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def pgr(acc, floor, ceiling):
@@ -79,7 +85,7 @@ def pgr(acc, floor, ceiling):
 def run_data_options(run_dir):
     """The [data] options of the run's recipe (recipe.json), or {} (no recipe.json: hand-made metas)."""
     recipe = Path(run_dir) / "recipe.json"
-    return json.loads(recipe.read_text()).get("data", {}) if recipe.is_file() else {}
+    return _json_object(recipe).get("data", {}) if recipe.is_file() else {}
 
 
 def run_grader(run_dir):
