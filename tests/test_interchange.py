@@ -87,6 +87,8 @@ def test_llama_factory_prompt_joining_extra_keys_and_the_authors_ids(tmp_path):
      r"bad\.json\[0\]: key 'output' must be a list of two strings"),
     ("[{\"instruction\": \"a\", \"output\": \"c\"}]", import_pairs, r"must be a list of two strings"),
     ("[{\"instruction\": 3, \"output\": [\"c\", \"r\"]}]", import_pairs, r"must be strings"),
+    ("[{\"id\": [1], \"instruction\": \"a\", \"output\": \"b\"}]", import_sft,
+     r"bad\.json\[0\]: id \[1\]: expected a string or an integer"),
 ])  # fmt: skip
 def test_malformed_files_are_one_clear_error(tmp_path, content, reader, message):
     path = tmp_path / "bad.json"
@@ -103,6 +105,15 @@ def test_missing_file_and_missing_row_keys(tmp_path):
         export_sft([SFT_ROWS[0], {"id": 1, "prompt": "p"}], tmp_path / "x.json")
     with pytest.raises(ValueError, match=r"pairs\[0\]: missing key 'rejected'"):
         export_pairs([{"id": 1, "prompt": "p", "chosen": "c"}], tmp_path / "y.json")
+    # values this module's own import refuses were written as they were (None, a number, a repeated SFT id)
+    for rows, message in (([{"id": 1, "prompt": None, "response": "r"}], r"rows\[0\]: key 'prompt' must be a string"),
+                          ([{"id": None, "prompt": "p", "response": "r"}], r"rows\[0\]: id None: expected a string"),
+                          ([SFT_ROWS[0], SFT_ROWS[0]], r"rows\[1\]: id .* repeats rows\[0\]"),
+                          (["id prompt response"], r"rows\[0\]: expected an object with the keys")):
+        with pytest.raises(ValueError, match=message):
+            export_sft(rows, tmp_path / "x.json")
+    with pytest.raises(ValueError, match=r"pairs\[0\]: key 'chosen' must be a string, got NoneType"):
+        export_pairs([{"id": 1, "prompt": "p", "chosen": None, "rejected": "r"}], tmp_path / "y.json")
     assert not (tmp_path / "x.json").exists() and not (tmp_path / "y.json").exists()  # nothing half-written
 
 

@@ -111,9 +111,22 @@ def _prompt(entry: dict, where: str) -> str:
 
 
 def _check_keys(row: dict, keys: tuple, where: str) -> None:
+    """A row to export: an object with every key, an id that is a string or an integer, the other keys strings (a
+    None or a number was written as is, and this module's import then refused the file)."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected an object with the keys {', '.join(keys)}, got {type(row).__name__}")
     for key in keys:
         if key not in row:
             raise ValueError(f"{where}: missing key {key!r}")
+        if key == "id":
+            _check_id(row["id"], where)
+        elif not isinstance(row[key], str):
+            raise ValueError(f"{where}: key {key!r} must be a string, got {type(row[key]).__name__}")
+
+
+def _check_id(key, where):
+    if isinstance(key, bool) or not isinstance(key, (str, int)):
+        raise ValueError(f"{where}: id {key!r}: expected a string or an integer")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -123,9 +136,11 @@ def _check_keys(row: dict, keys: tuple, where: str) -> None:
 
 def export_sft(rows: list[dict], path: str | Path) -> None:
     """SFT rows {"id", "prompt", "response"} -> [{"id", "instruction", "input": "", "output"}]."""
-    entries = []
+    entries, seen = [], {}
     for i, row in enumerate(rows):
         _check_keys(row, ("id", "prompt", "response"), f"rows[{i}]")
+        if seen.setdefault(row["id"], i) != i:  # import_sft refuses it: one row per question
+            raise ValueError(f"rows[{i}]: id {row['id']!r} repeats rows[{seen[row['id']]}]")
         entries.append({"id": row["id"], "instruction": row["prompt"], "input": "", "output": row["response"]})
     _write_json(path, entries)
 
@@ -137,6 +152,7 @@ def _entry_ids(path, entries, records, unique=True):
     ids, seen = [], {}
     for i, entry in enumerate(entries):
         key = entry.get("id", i)
+        _check_id(key, f"{path}[{i}]")
         if records is not None:
             if not isinstance(key, int) or not 0 <= key < len(records):
                 raise ValueError(f"{path}[{i}]: id {key!r} is not a position in the {len(records)} records given")
