@@ -136,11 +136,9 @@ def _check_id(key, where):
 
 def export_sft(rows: list[dict], path: str | Path) -> None:
     """SFT rows {"id", "prompt", "response"} -> [{"id", "instruction", "input": "", "output"}]."""
-    entries, seen = [], {}
+    entries = []
     for i, row in enumerate(rows):
         _check_keys(row, ("id", "prompt", "response"), f"rows[{i}]")
-        if seen.setdefault(row["id"], i) != i:  # import_sft refuses it: one row per question
-            raise ValueError(f"rows[{i}]: id {row['id']!r} repeats rows[{seen[row['id']]}]")
         entries.append({"id": row["id"], "instruction": row["prompt"], "input": "", "output": row["response"]})
     _write_json(path, entries)
 
