@@ -57,7 +57,8 @@ def test_reads_the_papers_spelling(tmp_path):
 def test_llama_factory_prompt_joining_extra_keys_and_the_authors_ids(tmp_path):
     """An empty or null instruction / input adds no newline (LLaMA-Factory joins only the non-empty parts); every
     pair key beyond the four survives a round trip (the training weight too); the authors' ids are positions in
-    train_2; a repeated id is an error."""
+    train_2, and their hybrid SFT files hold two rows per question under its id (weak and ICL: 0, 0, 1, 1, 3, 3 at
+    the start of train_gsm8k_gemma_2b_iter1_hybrid.json), as w2s's own hybrid set does."""
     path = tmp_path / "a.json"
     path.write_text(json.dumps([{"instruction": "", "input": "Q", "output": "4"},
                                 {"instruction": "P", "input": None, "output": "5"}]))
@@ -68,9 +69,13 @@ def test_llama_factory_prompt_joining_extra_keys_and_the_authors_ids(tmp_path):
     records = [{"id": "gsm8k_0"}, {"id": "gsm8k_1"}, {"id": "gsm8k_5"}, {"id": "gsm8k_6"}]
     path.write_text(json.dumps([{"id": 3, "content": "Question: Albert?", "output": "r"}]))
     assert import_sft(path, records=records)[0]["id"] == "gsm8k_6"  # data/process.py numbers train_2's rows
-    path.write_text(json.dumps([{"id": 1, "content": "a", "output": "r"}, {"content": "b", "output": "s"}]))
-    with pytest.raises(ValueError, match=r"a\.json\[1\]: id 1 repeats entry 0"):
-        import_sft(path)
+    path.write_text(json.dumps([{"id": i, "content": f"Question: q{i}?", "output": f"{kind} #### {i}"}
+                                for i in (0, 3) for kind in ("weak", "icl")]))
+    hybrid = import_sft(path, records=records)  # it refused the released hybrid files ("id 0 repeats entry 0")
+    assert [(r["id"], r["response"]) for r in hybrid] == [("gsm8k_0", "weak #### 0"), ("gsm8k_0", "icl #### 0"),
+                                                          ("gsm8k_6", "weak #### 3"), ("gsm8k_6", "icl #### 3")]
+    export_sft(hybrid, tmp_path / "hybrid.json")
+    assert import_sft(tmp_path / "hybrid.json") == hybrid
 
 
 @pytest.mark.parametrize("content, reader, message", [
@@ -233,8 +238,8 @@ def test_export_refuses_an_unknown_layout_and_a_key_llama_factory_would_read(tmp
 
 def test_pairs_of_one_question_share_its_id(tmp_path):
     """Up to 3 pairs per question (MATH, OlympicArena) carry the question's id, in build_pairs and in the authors'
-    *_paired.json files alike (their ids repeat: 0, 0, 0, 13, ...): a pairs file may repeat an id; an SFT file may
-    not (test_llama_factory_prompt_joining_extra_keys_and_the_authors_ids)."""
+    *_paired.json files alike (their ids repeat: 0, 0, 0, 13, ...): a pairs file may repeat an id, as an SFT file
+    may (test_llama_factory_prompt_joining_extra_keys_and_the_authors_ids)."""
     three = [{**PAIRS[1], "chosen": f"x{k} #### 1"} for k in range(3)]
     for layout in PAIR_LAYOUTS:
         export_pairs(three, tmp_path / f"{layout}.json", layout=layout)

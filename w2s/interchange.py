@@ -32,8 +32,9 @@ system prompt ("system", or a leading "system" message), tools and media. Our si
     import_pairs(path)         -> the same pairs (every other key, "kind", "weight", ..., survives), any layout
     import_sft(path, records=train_2)   the authors' files: their ids are positions in train_2, mapped to its ids
 
-A file without ids gets its list index as id; a repeated id is an error in an SFT file, and in a pairs file
-the question's id shared by its pairs (up to 3 per question in MATH). Malformed files stop with one line naming
+A file without ids gets its list index as id. An id may repeat: the rows of one question share it, in an SFT
+file (a hybrid set holds a question's weak and ICL rows, as the authors' *_hybrid.json files do) and in a pairs
+file (up to 3 pairs per question in MATH). Malformed files stop with one line naming
 the file, the entry index and the missing or bad key.
 
 Test: python -m pytest -q tests/test_interchange.py
@@ -143,11 +144,11 @@ def export_sft(rows: list[dict], path: str | Path) -> None:
     _write_json(path, entries)
 
 
-def _entry_ids(path, entries, records, unique=True):
+def _entry_ids(path, entries, records):
     """Each entry's id: its "id" (its index when it has none). The authors' released files number their entries by
     position in the train_2 file they were made from (data/process.py): with those records given, in file order, an
-    integer id i is records[i]["id"]. A repeated id is an error when unique (SFT: one row per question)."""
-    ids, seen = [], {}
+    integer id i is records[i]["id"]. The rows of one question share its id (hybrid SFT sets, several pairs)."""
+    ids = []
     for i, entry in enumerate(entries):
         key = entry.get("id", i)
         _check_id(key, f"{path}[{i}]")
@@ -155,9 +156,6 @@ def _entry_ids(path, entries, records, unique=True):
             if not isinstance(key, int) or not 0 <= key < len(records):
                 raise ValueError(f"{path}[{i}]: id {key!r} is not a position in the {len(records)} records given")
             key = records[key]["id"]
-        if unique and key in seen:
-            raise ValueError(f"{path}[{i}]: id {key!r} repeats entry {seen[key]}")
-        seen[key] = i
         ids.append(key)
     return ids
 
@@ -302,7 +300,7 @@ def import_pairs(path: str | Path, records: list[dict] | None = None) -> list[di
     entries = _read_entries(path)
     # a pair's id is its question's: build_pairs (max_pairs > 1) and the authors' MATH / OlympicArena *_paired.json
     # files hold up to 3 pairs per question under one id
-    ids = _entry_ids(path, entries, records, unique=False)
+    ids = _entry_ids(path, entries, records)
     layout = _layout_of(entries[0], f"{path}[0]")[0] if entries else "authors"
     read = LAYOUTS[layout][2]
     for i, entry in enumerate(entries):
