@@ -10,7 +10,15 @@ import stat
 
 import pytest
 
-from w2s.files import read_jsonl, sha256_file, stable_hash, unique_temp_path, write_atomic, write_jsonl_atomic
+from w2s.files import (
+    read_json_object,
+    read_jsonl,
+    sha256_file,
+    stable_hash,
+    unique_temp_path,
+    write_atomic,
+    write_jsonl_atomic,
+)
 
 
 def test_read_jsonl_rows_blank_lines_and_tags(tmp_path):
@@ -34,6 +42,21 @@ def test_read_jsonl_broken_line_is_one_error_naming_file_and_line(tmp_path, cont
 def test_read_jsonl_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nope\.jsonl: no such file"):
         read_jsonl(tmp_path / "nope.jsonl")
+
+
+def test_a_record_is_a_json_object_or_none(tmp_path):
+    """Run records (a sampling run's meta.json, a checkpoint's train_state.json) read as objects; a torn or foreign
+    file is None, which the caller turns into one line naming it (a list was an AttributeError traceback)."""
+    from w2s.sampling_jsonl import check_run_meta
+
+    record = tmp_path / "r.json"
+    for text, expected in (('{"a": 1}', {"a": 1}), ("[1]", None), ("{bad", None), ("3", None)):
+        record.write_text(text)
+        assert read_json_object(record) == expected
+    (tmp_path / "o.jsonl").write_text("x\n")
+    (tmp_path / "o.jsonl.meta.json").write_text("[1]")
+    with pytest.raises(ValueError, match=r"o\.jsonl\.meta\.json: not a JSON object of sampling options; delete it"):
+        check_run_meta(tmp_path / "o.jsonl", {"n": 1})
 
 
 def test_write_atomic_text_bytes_and_chunks(tmp_path):

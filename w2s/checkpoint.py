@@ -37,7 +37,7 @@ import torch
 from safetensors.torch import save_file
 
 from w2s.config import ModelConfig
-from w2s.files import write_atomic
+from w2s.files import read_json_object, write_atomic
 from w2s.lora import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -489,11 +489,8 @@ def load_training_state(path, module, optimizer, d: Dist):
 def read_train_state(path):
     """The train_state.json of the training-state checkpoint in `path` (a dict), or one line naming the file."""
     state_file = Path(path) / "train_state.json"
-    try:
-        state = json.loads(state_file.read_text())
-    except json.JSONDecodeError:
-        state = None
-    if not isinstance(state, dict):
+    state = read_json_object(state_file)
+    if state is None:
         raise ValueError(f"{state_file}: not a JSON object; delete {Path(path).name} to resume from the checkpoint "
                          f"before it (or resume=False to start over)")
     return state

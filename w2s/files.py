@@ -63,6 +63,16 @@ def require(row, key, where):
     return value
 
 
+def read_json_object(path):
+    """The JSON object in the file at `path` (a record this project wrote), or None when the file is not valid JSON
+    or holds something else (a torn or hand-edited record: the caller says what to do about it)."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def write_atomic(path, data):
     """Write `data` to `path` through a unique temp file in the same directory, fsync, rename. data: str (utf-8),
     bytes, or an iterable of str chunks (streamed: a large jsonl never sits in memory as one string)."""

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from w2s import parallel
 from w2s.checkpoint import naming_path
-from w2s.files import read_jsonl, write_atomic
+from w2s.files import read_json_object, read_jsonl, write_atomic
 from w2s.sampling import dp_layout, generate_shard, is_token_id
 
 
@@ -90,11 +90,8 @@ def check_run_meta(out_path, meta):
             raise ValueError(f"{out_path}: exists without {meta_path.name}, so what it was sampled with is unknown; "
                              f"use another output path, or delete {out_path.name} and its .part files to start over")
         return True
-    try:
-        old = json.loads(meta_path.read_text())
-    except json.JSONDecodeError:
-        old = None
-    if not isinstance(old, dict):
+    old = read_json_object(meta_path)
+    if old is None:
         raise ValueError(f"{meta_path}: not a JSON object of sampling options; delete it and {out_path.name}* to "
                          f"start over")
     meta = json.loads(json.dumps(meta))  # as stored: tuples become lists
