@@ -78,8 +78,6 @@ def main(argv=None):
         sys.exit("error: --samples, --max-new-tokens and --max-batch must be >= 1")
     if args.limit < 0:
         sys.exit(f"error: --limit {args.limit}: expected >= 0 (0: every question)")
-    if args.samples > 1 and not 0 <= args.temperature < float("inf"):  # "not": NaN fails too
-        sys.exit(f"error: --temperature {args.temperature}: expected a finite number >= 0")
     if args.out is not None and Path(args.out).is_dir():
         sys.exit(f"error: --out {args.out}: is a directory, expected the path of a jsonl file")
     if args.out is not None and any(p.exists() and not p.is_dir() for p in Path(args.out).parents):
@@ -88,11 +86,14 @@ def main(argv=None):
 
     import w2s
     from w2s.parallel import barrier, is_main
+    from w2s.sampling import check_distribution
     from w2s.sampling_jsonl import check_run_meta, generate_to_jsonl, write_run_meta
     from w2s.stages.metrics import evaluation_result
     from w2s.tasks import STOP_STRINGS, get_grader, load_records, zero_shot_prompt
 
-    # Read the data (and fail on a bad line or an uninstalled grader) before the model is loaded.
+    # Read the data (and fail on a bad line, an uninstalled grader or a NaN temperature) before the model is loaded.
+    if args.samples > 1:
+        check_distribution(args.temperature, top_p=1.0, top_k=0)
     get_grader(args.task, args.grader)
     test = load_records(args.task, args.test_file)
     test = test[: args.limit] if args.limit else test
@@ -109,7 +110,6 @@ def main(argv=None):
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     suffix = "greedy" if args.samples == 1 else f"n{args.samples}_t{args.temperature:g}"
     out = Path(args.out or Path(args.checkpoint) / f"eval_{Path(args.test_file).stem}_{suffix}.jsonl")
-    temperature = 0.0 if args.samples == 1 else args.temperature
     meta = generation_meta(args, dtype)
     fresh = check_run_meta(out, meta)  # before the model is loaded
     if "WORLD_SIZE" in os.environ:
@@ -122,7 +122,7 @@ def main(argv=None):
     if fresh and is_main():
         write_run_meta(out, meta)
     prompts = [{"id": r["id"], "prompt": zero_shot_prompt(r["question"])} for r in test]
-    generate_to_jsonl(model, tokenizer, prompts, out, n=args.samples, temperature=temperature,
+    generate_to_jsonl(model, tokenizer, prompts, out, n=args.samples, temperature=meta["temperature"],
                       max_new_tokens=args.max_new_tokens, stop=tuple(STOP_STRINGS), seed=args.seed,
                       max_batch=args.max_batch, progress=not args.no_progress)
     if not is_main():

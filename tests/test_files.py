@@ -44,18 +44,24 @@ def test_read_jsonl_missing_file(tmp_path):
         read_jsonl(tmp_path / "nope.jsonl")
 
 
-def test_a_record_is_a_json_object_or_none(tmp_path):
-    """Run records (a sampling run's meta.json, a checkpoint's train_state.json) read as objects; a torn or foreign
-    file is None, which the caller turns into one line naming it (a list was an AttributeError traceback)."""
+def test_a_record_is_a_json_object_or_one_line_naming_it(tmp_path):
+    """Run records (a stage's meta.json, recipe.json, a sampling run's meta.json, a checkpoint's train_state.json)
+    read as objects; a torn or foreign file is one ValueError naming it, to which the caller adds what to do (a list
+    was an AttributeError traceback)."""
     from w2s.sampling_jsonl import check_run_meta
 
     record = tmp_path / "r.json"
-    for text, expected in (('{"a": 1}', {"a": 1}), ("[1]", None), ("{bad", None), ("3", None)):
+    record.write_text('{"a": 1}')
+    assert read_json_object(record) == {"a": 1}
+    for text, message in (("[1]", "expected a JSON object, got list"), ("3", "expected a JSON object, got int"),
+                          ('{\n"a":', r":2: not valid JSON \(Expecting value\)")):
         record.write_text(text)
-        assert read_json_object(record) == expected
+        with pytest.raises(ValueError, match=rf"^{record}:? ?{message}$"):
+            read_json_object(record)
     (tmp_path / "o.jsonl").write_text("x\n")
     (tmp_path / "o.jsonl.meta.json").write_text("[1]")
-    with pytest.raises(ValueError, match=r"o\.jsonl\.meta\.json: not a JSON object of sampling options; delete it"):
+    with pytest.raises(ValueError, match=r"o\.jsonl\.meta\.json: expected a JSON object, got list; delete it and "
+                                         r"o\.jsonl\* to start over$"):
         check_run_meta(tmp_path / "o.jsonl", {"n": 1})
 
 

@@ -96,9 +96,9 @@ def test_defaults_and_train_config(tmp_path):
     ("[stage2]\nlosses = [\"grpo\"]\n[strong_sft]\nlora_rank = 4\n[grpo]\nlora_rank = 8\n",
      r"\[grpo\] lora_rank: 8 differs from \[strong_sft\] lora_rank = 4; Stage II continues M_plus's LoRA adapter"),
     # non-finite and impossible sampling and training values: refused at load, not stages into the run
-    ("[stage2]\ntemperature = nan\n", r"\[stage2\] temperature: expected a finite number >= 0, got nan"),
-    ("[stage2]\ntop_p = 0.0\n", r"\[stage2\] top_p: expected 0 < top_p <= 1, got 0\.0"),
-    ("[eval]\npass_k_temperature = -1.0\n", r"\[eval\] pass_k_temperature: expected a finite number >= 0, got -1"),
+    ("[stage2]\ntemperature = nan\n", r"\[stage2\]: temperature=nan: expected a finite number >= 0"),
+    ("[stage2]\ntop_p = 0.0\n", r"\[stage2\]: top_p=0\.0: expected 0 < top_p <= 1"),
+    ("[eval]\npass_k_temperature = -1.0\n", r"\[eval\] pass_k_temperature: temperature=-1\.0: expected a finite"),
     ("[sampling]\ncache_len = 5\n", r"\[sampling\] cache_len: 5 cannot hold a prompt and 1024 new tokens"),
     ("[preference]\nbeta = 0.0\n", r"\[preference\] beta: beta=0\.0: DPO needs a finite beta > 0"),
     ("[weak_sft]\nlr = inf\n", r"\[weak_sft\]: TrainConfig\.lr=inf: expected a finite number"),

@@ -488,9 +488,8 @@ def load_training_state(path, module, optimizer, d: Dist):
 
 def read_train_state(path):
     """The train_state.json of the training-state checkpoint in `path` (a dict), or one line naming the file."""
-    state_file = Path(path) / "train_state.json"
-    state = read_json_object(state_file)
-    if state is None:
-        raise ValueError(f"{state_file}: not a JSON object; delete {Path(path).name} to resume from the checkpoint "
-                         f"before it (or resume=False to start over)")
-    return state
+    try:
+        return read_json_object(Path(path) / "train_state.json")
+    except ValueError as e:
+        raise ValueError(f"{e}; delete {Path(path).name} to resume from the checkpoint before it (or resume=False to "
+                         f"start over)") from None

@@ -160,14 +160,18 @@ def _text(row, key):
     return value if isinstance(value, str) and value.strip() else None
 
 
+def is_token_id(t):
+    """A whole number >= 0 (JSON's true is an int to Python, and 7.5 would be truncated by the collate)."""
+    return isinstance(t, int) and not isinstance(t, bool) and t >= 0
+
+
 def _ids(row, key):
     """The token ids under `key`; None when absent, null or empty; BadRow when not a list of whole numbers >= 0 (a
     float, a bool or a string was truncated, cast or dropped silently)."""
     value = row.get(key)
     if value is None:
         return None
-    if not isinstance(value, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
-                                                       for t in value):
+    if not isinstance(value, (list, tuple)) or not all(map(is_token_id, value)):
         raise BadRow(f"'{key}' must be a list of token ids (whole numbers >= 0)")
     return list(value) or None
 
@@ -238,8 +242,7 @@ def _encode_rows(rows, kind, keys, encode, sequences, max_seq_len, bad_rows, ver
                 raise BadRow(f"expected an object with the keys {keys}, got {type(row).__name__}")
             item = encode(row)
             _check_length(max((ex.tokens for ex in sequences(item)), key=len), max_seq_len)
-            largest = max(max(ex.tokens) for ex in sequences(item))
-            if vocab_size is not None and largest >= vocab_size:
+            if vocab_size is not None and (largest := max(max(ex.tokens) for ex in sequences(item))) >= vocab_size:
                 raise BadRow(f"token id {largest} is outside the model's vocabulary (ids 0 to {vocab_size - 1})")
             if any(n_targets(ex) == 0 for ex in sequences(item)):
                 raise BadRow("no response token to predict (an empty prompt's first token has no context)")

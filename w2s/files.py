@@ -64,13 +64,16 @@ def require(row, key, where):
 
 
 def read_json_object(path):
-    """The JSON object in the file at `path` (a record this project wrote), or None when the file is not valid JSON
-    or holds something else (a torn or hand-edited record: the caller says what to do about it)."""
+    """The JSON object in the file at `path` (a record this project wrote: a stage's meta.json, a run's recipe.json,
+    a checkpoint's train_state.json); a torn or hand-edited file is one ValueError naming it (callers add what to do
+    about it)."""
     try:
         value = json.loads(Path(path).read_text())
-    except json.JSONDecodeError:
-        return None
-    return value if isinstance(value, dict) else None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def write_atomic(path, data):

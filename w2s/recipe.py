@@ -25,13 +25,13 @@ or a bad gold answer stops the run before its first stage with one line naming t
 """
 
 import dataclasses
-import math
 import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from w2s.losses import BETA_LOSSES, PREFERENCE_LOSSES, STAGE2_LOSSES, check_beta
+from w2s.losses import PREFERENCE_LOSSES, STAGE2_LOSSES, check_beta
+from w2s.sampling import check_distribution
 from w2s.stages.preference_pairs import PAIR_WEIGHTING
 from w2s.tasks.graders import default_grader, is_available, task_graders
 from w2s.tracking import check_trackers
@@ -358,20 +358,19 @@ def _validate_gold(r, bad):
 def _validate_sampling(r, bad):
     """The values the sampling and preference stages need (each failed stages into the run): finite temperatures,
     top_p in (0, 1], a cache that holds the new tokens, DPO's / IPO's beta > 0."""
-    for key, t in (("[stage2] temperature", r.stage2.temperature), ("[eval] pass_k_temperature",
-                                                                   r.eval.pass_k_temperature)):
-        if not 0 <= t < math.inf:  # "not": NaN fails too
-            bad(key, f"expected a finite number >= 0, got {t}")
-    if not 0 < r.stage2.top_p <= 1:
-        bad("[stage2] top_p", f"expected 0 < top_p <= 1, got {r.stage2.top_p}")
+    for key, temperature, top_p in (("[stage2]", r.stage2.temperature, r.stage2.top_p),
+                                    ("[eval] pass_k_temperature", r.eval.pass_k_temperature, 1.0)):
+        try:
+            check_distribution(temperature, top_p, top_k=0)
+        except ValueError as e:
+            bad(key, str(e))
     longest = max(r.sampling.max_new_tokens, r.sampling.sample_max_new_tokens)
     if r.sampling.cache_len < 0 or 0 < r.sampling.cache_len <= longest:
         bad("[sampling] cache_len", f"{r.sampling.cache_len} cannot hold a prompt and {longest} new tokens "
                                     f"(max_new_tokens, sample_max_new_tokens); 0 sizes the cache to fit")
-    if any(loss in r.stage2.losses for loss in BETA_LOSSES):
+    for loss in r.stage2.losses:
         try:
-            check_beta(next(loss for loss in r.stage2.losses if loss in BETA_LOSSES),
-                       r.preference.get("beta", train_config_defaults()["beta"]))
+            check_beta(loss, r.preference.get("beta", train_config_defaults()["beta"]))
         except ValueError as e:
             bad("[preference] beta", str(e))
 

@@ -16,9 +16,9 @@ its selected data has no precision column.
     python -m pytest -q tests/test_pipeline.py -k report
 """
 
-import json
 from pathlib import Path
 
+from w2s.files import read_json_object
 from w2s.plot import plot_report, stage2_rounds
 
 # Display order and labels of the methods (the eval stages are named NN_eval_<method>).
@@ -56,21 +56,10 @@ def load_metas(run_dir):
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: no such run directory")
-    metas = {meta_file.parent.name: _json_object(meta_file) for meta_file in sorted(run_dir.glob("*/meta.json"))}
+    metas = {meta_file.parent.name: read_json_object(meta_file) for meta_file in sorted(run_dir.glob("*/meta.json"))}
     if not metas:
         raise FileNotFoundError(f"{run_dir}: no finished stage (no */meta.json)")
     return metas
-
-
-def _json_object(path):
-    """A run file that holds a JSON object (a stage's meta.json, recipe.json), or one line naming it."""
-    try:
-        value = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
-    return value
 
 
 def pgr(acc, floor, ceiling):
@@ -85,7 +74,7 @@ def pgr(acc, floor, ceiling):
 def run_data_options(run_dir):
     """The [data] options of the run's recipe (recipe.json), or {} (no recipe.json: hand-made metas)."""
     recipe = Path(run_dir) / "recipe.json"
-    return _json_object(recipe).get("data", {}) if recipe.is_file() else {}
+    return read_json_object(recipe).get("data", {}) if recipe.is_file() else {}
 
 
 def run_grader(run_dir):

@@ -24,6 +24,7 @@ import math
 import time
 import warnings
 
+from w2s.data import is_token_id
 from w2s.fused import fuse_projections
 from w2s.parallel import check_joined, is_main
 from w2s.sampling_engine import Engine, round_up
@@ -77,7 +78,7 @@ def encode_prompts(tokenizer, prompts, vocab_size=None, names=None):
     for i, p in enumerate(prompts):
         ids = encoded[i] if i in encoded else p
         name = f"prompt {i}" if names is None else names[i]
-        if not isinstance(ids, (list, tuple)) or not ids or not all(is_token_id(t) for t in ids):
+        if not isinstance(ids, (list, tuple)) or not ids or not all(map(is_token_id, ids)):
             raise ValueError(f"{name}: expected a non-empty string or list of token ids (whole numbers >= 0), got "
                              f"{type(p).__name__}")
         if vocab_size is not None and max(ids) >= vocab_size:
@@ -87,16 +88,16 @@ def encode_prompts(tokenizer, prompts, vocab_size=None, names=None):
     return out
 
 
-def is_token_id(t):
-    return isinstance(t, int) and not isinstance(t, bool) and t >= 0
-
 
 def check_distribution(temperature, top_p, top_k):
-    """A clear ValueError for a sampling distribution that cannot be drawn from (checked by `w2s sample` before the
-    model loads, and by every generate call)."""
-    if not 0 <= temperature < math.inf or not 0 < top_p <= 1 or top_k < 0:  # "not": NaN fails too
-        raise ValueError(f"temperature={temperature} must be a finite number >= 0, top_p={top_p} in (0, 1], "
-                         f"top_k={top_k} >= 0")
+    """A clear ValueError for a sampling distribution that cannot be drawn from (checked by every generate call, and
+    before any work by `w2s sample`, evaluate.py and the recipe's sampling stages)."""
+    if not 0 <= temperature < math.inf:  # "not": NaN fails too
+        raise ValueError(f"temperature={temperature}: expected a finite number >= 0")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p}: expected 0 < top_p <= 1")
+    if top_k < 0:
+        raise ValueError(f"top_k={top_k}: expected >= 0")
 
 
 def _check_options(tokenizer, n=1, temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=MAX_NEW_TOKENS, stop=(),

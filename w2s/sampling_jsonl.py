@@ -20,8 +20,9 @@ from pathlib import Path
 
 from w2s import parallel
 from w2s.checkpoint import naming_path
+from w2s.data import is_token_id
 from w2s.files import read_json_object, read_jsonl, write_atomic
-from w2s.sampling import dp_layout, generate_shard, is_token_id
+from w2s.sampling import dp_layout, generate_shard
 
 
 def read_prompts_jsonl(path, prompt_key="prompt", id_key="id"):
@@ -90,10 +91,10 @@ def check_run_meta(out_path, meta):
             raise ValueError(f"{out_path}: exists without {meta_path.name}, so what it was sampled with is unknown; "
                              f"use another output path, or delete {out_path.name} and its .part files to start over")
         return True
-    old = read_json_object(meta_path)
-    if old is None:
-        raise ValueError(f"{meta_path}: not a JSON object of sampling options; delete it and {out_path.name}* to "
-                         f"start over")
+    try:
+        old = read_json_object(meta_path)
+    except ValueError as e:
+        raise ValueError(f"{e}; delete it and {out_path.name}* to start over") from None
     meta = json.loads(json.dumps(meta))  # as stored: tuples become lists
     diffs = [k for k in sorted(set(old) | set(meta)) if old.get(k) != meta.get(k)]
     if diffs:
