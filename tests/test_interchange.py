@@ -94,6 +94,10 @@ def test_llama_factory_prompt_joining_extra_keys_and_the_authors_ids(tmp_path):
     ("[{\"instruction\": 3, \"output\": [\"c\", \"r\"]}]", import_pairs, r"must be strings"),
     ("[{\"id\": [1], \"instruction\": \"a\", \"output\": \"b\"}]", import_sft,
      r"bad\.json\[0\]: id \[1\]: expected a string or an integer"),
+    ("[{\"instruction\": \"a\", \"output\": [\"c\", \"r\"], \"weight\": \"0.5\"}]", import_pairs,
+     r"bad\.json\[0\]: 'weight' must be a finite number >= 0, got '0\.5'"),
+    ("[{\"instruction\": \"a\", \"output\": [\"c\", \"r\"], \"weight\": NaN}]", import_pairs,
+     r"bad\.json\[0\]: 'weight' must be a finite number >= 0, got nan"),
 ])  # fmt: skip
 def test_malformed_files_are_one_clear_error(tmp_path, content, reader, message):
     path = tmp_path / "bad.json"
@@ -118,7 +122,13 @@ def test_missing_file_and_missing_row_keys(tmp_path):
             export_sft(rows, tmp_path / "x.json")
     with pytest.raises(ValueError, match=r"pairs\[0\]: key 'chosen' must be a string, got NoneType"):
         export_pairs([{"id": 1, "prompt": "p", "chosen": None, "rejected": "r"}], tmp_path / "y.json")
+    with pytest.raises(ValueError, match=r"pairs\[0\]: 'weight' must be a finite number >= 0, got -1"):
+        export_pairs([{"id": 1, "prompt": "p", "chosen": "c", "rejected": "r", "weight": -1}], tmp_path / "y.json")
     assert not (tmp_path / "x.json").exists() and not (tmp_path / "y.json").exists()  # nothing half-written
+    (tmp_path / "a.json").write_text(json.dumps([{"id": 1, "instruction": "p", "output": "r"}]))
+    with pytest.raises(ValueError, match=r"^records\[1\] \(for .*a\.json\[0\]\): expected a train_2 row with an 'id', "
+                                         r"got str$"):
+        import_sft(tmp_path / "a.json", records=["gsm8k_0", "gsm8k_1"])
 
 
 # ---------------------------------------------------------------------------------------------------------------

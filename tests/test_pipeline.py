@@ -655,6 +655,14 @@ def test_report_from_hand_written_metas(tmp_path):
     assert "total 0.6 min on H100" in text
     with pytest.raises(FileNotFoundError, match="no such run directory"):
         report(tmp_path / "missing")
+    # a hand-edited number that is a string is named with its file before any table is computed
+    for key, value, where in (("wall_s", "6", "wall_s is '6'"), ("accuracy_by_grader", {"paper": True},
+                                                                   "accuracy_by_grader.paper is True")):
+        meta = json.loads((tmp_path / "28_eval_stage2_dpo" / "meta.json").read_text())
+        (tmp_path / "28_eval_stage2_dpo" / "meta.json").write_text(json.dumps({**meta, key: value}))
+        with pytest.raises(ValueError, match=rf"^{tmp_path}/28_eval_stage2_dpo/meta.json: {where}; expected a number$"):
+            report(tmp_path, plot=False)
+        (tmp_path / "28_eval_stage2_dpo" / "meta.json").write_text(json.dumps(meta))
 
 
 def test_report_shows_every_grader_their_disagreements_and_truncation(tmp_path):

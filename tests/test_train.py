@@ -616,6 +616,20 @@ def test_sft_script_trains_exports_and_reports_bad_lines(text_ckpt, tmp_path):
     hf = AutoModelForCausalLM.from_pretrained(out)
     assert hf.config.vocab_size == 300 and (out / "tokenizer.json").is_file()
 
+    # a finished run is not rerun over: the old record would describe weights that a failed rerun left behind
+    proc = _script("sft.py", "--data", data_file, *common)
+    assert (proc.returncode, proc.stderr.strip()) == (2, f"error: --out {out}: holds a trained model already "
+                                                         f"(model.safetensors); pass --overwrite to replace it, or "
+                                                         f"choose another --out")
+    proc = _script("sft.py", "--data", data_file, *common, "--out", text_ckpt, "--overwrite")
+    assert proc.returncode == 2 and "is the --model directory" in proc.stderr
+    before = (out / "model.safetensors").read_bytes()
+    proc = _script("sft.py", "--data", data_file, *common, "--max-steps", 1, "--lr", 1e-2, "--overwrite")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert json.loads((out / "train_config.json").read_text())["lr"] == 1e-2
+    assert (out / "model.safetensors").read_bytes() != before
+
     broken = _write_jsonl(tmp_path / "broken.jsonl", [good[0], '{"prompt": "x", "response": '])
     proc = _script("sft.py", "--data", broken, *common, "--micro-batch-size", 2)
     assert proc.returncode == 2  # the whole of stderr is one line naming file:line

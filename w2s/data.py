@@ -165,6 +165,11 @@ def is_token_id(t):
     return isinstance(t, int) and not isinstance(t, bool) and t >= 0
 
 
+def is_pair_weight(w):
+    """A pair's loss weight: a finite number >= 0 (NaN and true are not)."""
+    return isinstance(w, (int, float)) and not isinstance(w, bool) and 0 <= w < math.inf
+
+
 def _ids(row, key):
     """The token ids under `key`; None when absent, null or empty; BadRow when not a list of whole numbers >= 0 (a
     float, a bool or a string was truncated, cast or dropped silently)."""
@@ -278,7 +283,7 @@ def _conversational_pair(tokenizer, row):
 def pair_example(tokenizer, row):
     """The Pair of one preference row in any of the module docstring's formats, or BadRow."""
     weight = row.get("weight", 1.0)  # w2s/train.py pair_weights
-    if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not 0 <= weight < math.inf:
+    if not is_pair_weight(weight):
         raise BadRow(f"'weight' must be a finite number >= 0, got {weight!r}")
     if "prompt_ids" in row or "chosen_ids" in row:
         prompt = _ids(row, "prompt_ids") or []

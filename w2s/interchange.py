@@ -45,6 +45,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from w2s.data import is_pair_weight
 from w2s.files import write_atomic
 
 PROMPT_KEYS = ("instruction", "content")  # preferred name first; "content" is what the paper's SFT files use
@@ -135,6 +136,12 @@ def _check_id(key, where):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _check_weight(pair: dict, where: str) -> None:
+    """A pair's optional "weight" is its loss weight in training (w2s/data.py): said here, not steps later."""
+    if "weight" in pair and not is_pair_weight(pair["weight"]):
+        raise ValueError(f"{where}: 'weight' must be a finite number >= 0, got {pair['weight']!r}")
+
+
 def export_sft(rows: list[dict], path: str | Path) -> None:
     """SFT rows {"id", "prompt", "response"} -> [{"id", "instruction", "input": "", "output"}]."""
     entries = []
@@ -155,7 +162,11 @@ def _entry_ids(path, entries, records):
         if records is not None:
             if not isinstance(key, int) or not 0 <= key < len(records):
                 raise ValueError(f"{path}[{i}]: id {key!r} is not a position in the {len(records)} records given")
-            key = records[key]["id"]
+            record = records[key]
+            if not isinstance(record, dict) or "id" not in record:
+                raise ValueError(f"records[{key}] (for {path}[{i}]): expected a train_2 row with an 'id', got "
+                                 f"{type(record).__name__}")
+            key = record["id"]
         ids.append(key)
     return ids
 
@@ -288,6 +299,7 @@ def export_pairs(pairs: list[dict], path: str | Path, layout: str = "authors") -
         clash = next((k for k in extras if k in LLAMA_FACTORY_KEYS), None)
         if clash is not None:
             raise ValueError(f"pairs[{i}]: key {clash!r} is a LLaMA-Factory column name; it would be read as one")
+        _check_weight(pair, f"pairs[{i}]")
         entries.append({"id": pair["id"], **write(pair), **extras})
     _write_json(path, entries)
 
@@ -312,5 +324,6 @@ def import_pairs(path: str | Path, records: list[dict] | None = None) -> list[di
         prompt, chosen, rejected = read(entry, where)
         pair = {"id": ids[i], "prompt": prompt, "chosen": chosen, "rejected": rejected}
         pair.update({k: v for k, v in entry.items() if k not in LLAMA_FACTORY_KEYS})
+        _check_weight(pair, where)
         pairs.append(pair)
     return pairs

@@ -56,10 +56,34 @@ def load_metas(run_dir):
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: no such run directory")
-    metas = {meta_file.parent.name: read_json_object(meta_file) for meta_file in sorted(run_dir.glob("*/meta.json"))}
+    metas = {meta_file.parent.name: _check_numbers(meta_file, read_json_object(meta_file))
+             for meta_file in sorted(run_dir.glob("*/meta.json"))}
     if not metas:
         raise FileNotFoundError(f"{run_dir}: no finished stage (no */meta.json)")
     return metas
+
+
+# The meta.json fields the tables compute with: each a number or null, or an object of them (per grader, level,
+# kind of pair), so that a hand-edited "0.5" is named with its file instead of failing in a format string.
+NUMBER_FIELDS = {"accuracy", "accuracy_by_grader", "accuracy_by_level", "accuracy_by_level_by_grader", "pass_by_grader",
+                 "no_answer_by_grader", "grader_disagreements", "counts", "n_prompts", "n_completions", "n_truncated",
+                 "n_questions", "n_kept", "kept_fraction", "precision", "n_pairs", "pair_precision", "n_train_1",
+                 "wall_s", "tokens", "tok_s", "mfu", "peak_mem_gib"}
+
+
+def _check_numbers(meta_file, meta):
+    """meta, once every NUMBER_FIELDS value (and pass@k / maj@k) in it is a number or null; else a ValueError naming
+    the file, the key and the value."""
+    def first_bad(value, key):  # (key path, value) of the first leaf that is not a number or null, else None
+        if isinstance(value, dict):
+            return next((bad for k, v in value.items() if (bad := first_bad(v, f"{key}.{k}"))), None)
+        number = value is None or isinstance(value, (int, float)) and not isinstance(value, bool)
+        return None if number else (key, value)
+
+    for key, value in meta.items():
+        if (key in NUMBER_FIELDS or key.startswith(("pass@", "maj@"))) and (bad := first_bad(value, key)):
+            raise ValueError(f"{meta_file}: {bad[0]} is {bad[1]!r}; expected a number")
+    return meta
 
 
 def pgr(acc, floor, ceiling):

@@ -9,6 +9,7 @@ line on stderr, exit code 2.
 """
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -50,7 +51,9 @@ OUTPUT_HELP = """
 output (--out): the trained model in HF format with its tokenizer (with --lora-rank: the adapter in PEFT's
 layout, and the merged model in OUT/merged only with --export-merged), train_config.json (the resolved
 options), metrics.jsonl (one record per log step), checkpoints in OUT/ckpt while it runs (with --ckpt-every: rerun
-the same command to resume; the log says "resumed from step N"), OUT/tb with --report-to tensorboard.
+the same command to resume; the log says "resumed from step N"), OUT/tb with --report-to tensorboard. An OUT
+that holds a trained model already (a finished run) is refused unless --overwrite, which removes the old weights
+before training so that OUT never pairs a new train_config.json with an old model.
 
 """
 
@@ -88,6 +91,8 @@ def parser(description, epilog, skip=()):
                    help="send the metrics.jsonl records to tensorboard and/or wandb as well (optional extras: pip "
                         "install 'w2s[tensorboard]' / 'w2s[wandb]'; WANDB_MODE=offline for no network) "
                         "(default: none)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train into an --out that holds a trained model already, replacing it (default: refuse)")
     p.add_argument("--log-dir", default=None, help="the trackers' directory (default: OUT/tb)")
     p.add_argument("--run-name", default=None, help="the run's name in wandb (default: OUT's name)")
     return add_config_args(p, skip=skip)
@@ -122,6 +127,31 @@ def resolve_dtype(args, log=print):
     return dtype
 
 
+def finished_model_files(out, model_dir, overwrite):
+    """The files of a trained model already in `out` (a finished run's export); refused unless `overwrite`, and
+    `out` may never be the --model directory (the export would replace the weights it trains from)."""
+    from w2s.checkpoint import INDEX_FILE
+    from w2s.export import MERGED_DIR
+    from w2s.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+    if out.exists() and out.resolve() == model_dir.resolve():
+        raise ValueError(f"--out {out}: is the --model directory; the export would replace the model it trains from")
+    if not out.is_dir():
+        return []
+    names = [INDEX_FILE, ADAPTER_WEIGHTS, ADAPTER_CONFIG, "config.json", MERGED_DIR]
+    files = [out / n for n in names if (out / n).exists()] + sorted(out.glob("model*.safetensors"))
+    weights = [f for f in files if f.name.endswith(".safetensors")]
+    if weights and not overwrite:
+        raise ValueError(f"--out {out}: holds a trained model already ({weights[0].name}); pass --overwrite to "
+                         f"replace it, or choose another --out")
+    return files if weights else []
+
+
+def remove_model_files(files):
+    for f in files:
+        shutil.rmtree(f) if f.is_dir() else f.unlink(missing_ok=True)
+
+
 def run(train, args, **kwargs):
     """Load model, tokenizer and rows, train (exports to --out); bad input ends in one line on stderr, exit 2."""
     import torch.distributed as dist
@@ -147,10 +177,13 @@ def run(train, args, **kwargs):
             raise ValueError(f"--out {args.out}: it, or a directory above it, is a file; expected a directory")
         if not Path(args.model).is_dir():
             raise ValueError(f"--model {args.model}: no such directory (expected a Hugging Face checkpoint)")
+        old_model = finished_model_files(out, Path(args.model), args.overwrite)
         tokenizer = w2s.load_tokenizer(tokenizer_dir(args.model))  # a missing one is known before the weights load
         dtype = resolve_dtype(args, log=print if rank() == 0 else lambda *a: None)
         # under torchrun only rank 0 reads the weights; the others get their FSDP shards from it
         model = load_for_training(args.model, dtype=dtype)
+        if rank() == 0:  # --overwrite: from here on OUT holds no finished model until this run exports its own
+            remove_model_files(old_model)
         train(model, tokenizer, rows, cfg, out_dir=args.out, report_to=args.report_to, log_dir=args.log_dir,
               run_name=args.run_name, **kwargs)
     except (ValueError, OSError) as e:  # bad input, a nan loss, a full disk or a permission error: one line
