@@ -11,6 +11,7 @@ resume). The FSDP (2 processes) equivalence lives in tests/test_fsdp.py.
 
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -623,6 +624,12 @@ def test_sft_script_trains_exports_and_reports_bad_lines(text_ckpt, tmp_path):
                                                          f"choose another --out")
     proc = _script("sft.py", "--data", data_file, *common, "--out", text_ckpt, "--overwrite")
     assert proc.returncode == 2 and "is the --model directory" in proc.stderr
+    from w2s.train_cli import finished_model_files
+
+    (out / "ckpt" / "step00001").mkdir(parents=True)  # weights beside a training state: killed while exporting
+    (out / "ckpt" / "step00001" / "train_state.json").write_text("{}")
+    assert out / "model.safetensors" in finished_model_files(out, text_ckpt, overwrite=False)  # resumes, replaces
+    shutil.rmtree(out / "ckpt")
     before = (out / "model.safetensors").read_bytes()
     proc = _script("sft.py", "--data", data_file, *common, "--max-steps", 1, "--lr", 1e-2, "--overwrite")
     assert proc.returncode == 0, proc.stderr[-3000:]

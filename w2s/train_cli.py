@@ -129,8 +129,9 @@ def resolve_dtype(args, log=print):
 
 def finished_model_files(out, model_dir, overwrite):
     """The files of a trained model already in `out` (a finished run's export); refused unless `overwrite`, and
-    `out` may never be the --model directory (the export would replace the weights it trains from)."""
-    from w2s.checkpoint import INDEX_FILE
+    `out` may never be the --model directory (the export would replace the weights it trains from). Weights beside
+    a training state in out/ckpt are a run killed while it exported: it resumes, and its export replaces them."""
+    from w2s.checkpoint import INDEX_FILE, latest_checkpoint
     from w2s.export import MERGED_DIR
     from w2s.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
@@ -141,7 +142,7 @@ def finished_model_files(out, model_dir, overwrite):
     names = [INDEX_FILE, ADAPTER_WEIGHTS, ADAPTER_CONFIG, "config.json", MERGED_DIR]
     files = [out / n for n in names if (out / n).exists()] + sorted(out.glob("model*.safetensors"))
     weights = [f for f in files if f.name.endswith(".safetensors")]
-    if weights and not overwrite:
+    if weights and not overwrite and latest_checkpoint(out / "ckpt") is None:
         raise ValueError(f"--out {out}: holds a trained model already ({weights[0].name}); pass --overwrite to "
                          f"replace it, or choose another --out")
     return files if weights else []
