@@ -656,13 +656,21 @@ def test_report_from_hand_written_metas(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such run directory"):
         report(tmp_path / "missing")
     # a hand-edited number that is a string is named with its file before any table is computed
-    for key, value, where in (("wall_s", "6", "wall_s is '6'"), ("accuracy_by_grader", {"paper": True},
-                                                                   "accuracy_by_grader.paper is True")):
+    for key, value, where in (("wall_s", "6", "wall_s is '6'; expected a number"),
+                              ("accuracy_by_grader", {"paper": True},
+                               "accuracy_by_grader.paper is True; expected a number"),
+                              ("accuracy_by_grader", 0.6, "accuracy_by_grader is 0.6; expected an object"),
+                              ("counts", {"questions": "9"}, "counts.questions is '9'; expected a number")):
         meta = json.loads((tmp_path / "28_eval_stage2_dpo" / "meta.json").read_text())
         (tmp_path / "28_eval_stage2_dpo" / "meta.json").write_text(json.dumps({**meta, key: value}))
-        with pytest.raises(ValueError, match=rf"^{tmp_path}/28_eval_stage2_dpo/meta.json: {where}; expected a number$"):
+        with pytest.raises(ValueError, match=rf"^{tmp_path}/28_eval_stage2_dpo/meta.json: {where}$"):
             report(tmp_path, plot=False)
         (tmp_path / "28_eval_stage2_dpo" / "meta.json").write_text(json.dumps(meta))
+    # a pairs stage's counts also hold flags (the confidence weighting's weak_relabelled): they are not numbers
+    meta = json.loads((tmp_path / "15_pairs" / "meta.json").read_text())
+    meta["counts"]["weak_relabelled"] = True
+    (tmp_path / "15_pairs" / "meta.json").write_text(json.dumps(meta))
+    assert "20 weak chosen / 10 weak rejected" in report(tmp_path, plot=False)
 
 
 def test_report_shows_every_grader_their_disagreements_and_truncation(tmp_path):

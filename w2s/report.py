@@ -63,26 +63,38 @@ def load_metas(run_dir):
     return metas
 
 
-# The meta.json fields the tables compute with: each a number or null, or an object of them (per grader, level,
-# kind of pair), so that a hand-edited "0.5" is named with its file instead of failing in a format string.
-NUMBER_FIELDS = {"accuracy", "accuracy_by_grader", "accuracy_by_level", "accuracy_by_level_by_grader", "pass_by_grader",
-                 "no_answer_by_grader", "grader_disagreements", "counts", "n_prompts", "n_completions", "n_truncated",
-                 "n_questions", "n_kept", "kept_fraction", "precision", "n_pairs", "pair_precision", "n_train_1",
-                 "wall_s", "tokens", "tok_s", "mfu", "peak_mem_gib"}
+# The meta.json fields the tables compute with, checked as the report loads them so that a hand-edited "0.5" is
+# named with its file instead of failing in a format string: numbers (or null; n_truncated may be an object of
+# them per kind of label, and pass@k / maj@k keys are numbers too), objects of numbers (per grader or level), and
+# the keys of a pairs stage's "counts" that the tables read (it also holds flags).
+NUMBERS = ("accuracy", "n_prompts", "n_completions", "n_truncated", "n_questions", "n_kept", "kept_fraction",
+           "precision", "n_pairs", "pair_precision", "n_train_1", "wall_s", "tokens", "tok_s", "mfu", "peak_mem_gib")
+NUMBER_OBJECTS = ("accuracy_by_grader", "accuracy_by_level", "accuracy_by_level_by_grader", "pass_by_grader",
+                  "no_answer_by_grader", "grader_disagreements")
+COUNTS_READ = ("questions", "weak_chosen", "weak_rejected")
 
 
 def _check_numbers(meta_file, meta):
-    """meta, once every NUMBER_FIELDS value (and pass@k / maj@k) in it is a number or null; else a ValueError naming
-    the file, the key and the value."""
-    def first_bad(value, key):  # (key path, value) of the first leaf that is not a number or null, else None
+    """meta, once the fields above hold what the tables compute with; else a ValueError naming the file, the key
+    and the value."""
+    def check_number(key, value):  # a number or null, or an object whose every leaf is one
         if isinstance(value, dict):
-            return next((bad for k, v in value.items() if (bad := first_bad(v, f"{key}.{k}"))), None)
-        number = value is None or isinstance(value, (int, float)) and not isinstance(value, bool)
-        return None if number else (key, value)
+            for k, v in value.items():
+                check_number(f"{key}.{k}", v)
+        elif not (value is None or isinstance(value, (int, float)) and not isinstance(value, bool)):
+            raise ValueError(f"{meta_file}: {key} is {value!r}; expected a number")
 
-    for key, value in meta.items():
-        if (key in NUMBER_FIELDS or key.startswith(("pass@", "maj@"))) and (bad := first_bad(value, key)):
-            raise ValueError(f"{meta_file}: {bad[0]} is {bad[1]!r}; expected a number")
+    def check_object(key, value):
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"{meta_file}: {key} is {value!r}; expected an object")
+        check_number(key, value)
+
+    for key in (*NUMBERS, *(k for k in meta if k.startswith(("pass@", "maj@")))):
+        check_number(key, meta.get(key))
+    for key in NUMBER_OBJECTS:
+        check_object(key, meta.get(key))
+    counts = meta.get("counts")
+    check_object("counts", {k: counts[k] for k in COUNTS_READ if k in counts} if isinstance(counts, dict) else counts)
     return meta
 
 
