@@ -12,7 +12,8 @@ What it writes (everything seeded: a rerun on the same torch build and thread co
     demo/tokenizer/                     digit-level byte BPE trained on the corpora and the questions
     demo/weak/, demo/strong/            HF-format checkpoints (config.json, model.safetensors, tokenizer files)
     demo/PRETRAIN.json                  the model shapes, steps, final losses, wall time and probe numbers
-  with --olympic (from the shipped demo/weak, demo/tokenizer and the regenerated corpora; no pretraining):
+  with --olympic (from the shipped demo/weak, demo/strong, demo/tokenizer and the regenerated corpora; no pretraining
+  from scratch):
     demo/olympic/train_2.jsonl          OlympicArena-layout questions without any answer field (train_2)
     demo/olympic/val.jsonl              the same layout with answers: the test set
     demo/weak-instruct/                 demo/weak fine-tuned once on the "instruct" slice of the world (easier

@@ -4,7 +4,7 @@ Public API (documented in the README):
 
     model = w2s.load_model("path/to/hf_ckpt", dtype=torch.bfloat16, device="cuda")   # (B, T) ids -> (B, T, V)
     tok = w2s.load_tokenizer("path/to/hf_ckpt")                                      # .encode / .decode / ids
-    w2s.save_model(model, "out_dir", tokenizer=tok)                                   # HF format, sharded
+    w2s.save_model(model, "out_dir", tokenizer=tok)                                   # HF format (sharded past 5 GiB)
     outs = w2s.generate(model, tok, ["Question: 1+1?\\nAnswer:"], n=4, temperature=1.0)
 
 Imports are lazy so that `import w2s` (and `w2s --help`) stays fast.

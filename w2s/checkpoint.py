@@ -5,8 +5,9 @@ dtype/device buffer and assigns it (`load_state_dict(assign=True)`): there is ne
 so peak host memory stays near one checkpoint plus one tensor. The safetensors format is simple enough to read by
 hand: 8 bytes little-endian header length, a JSON header {name: {dtype, shape, data_offsets}}, then raw bytes.
 
-Saving writes config.json, generation_config.json, model-0000k-of-0000n.safetensors + model.safetensors.index.json,
-and the tokenizer files, which transformers' from_pretrained and vLLM load unchanged.
+Saving writes config.json, generation_config.json, model.safetensors (or, past max_shard_bytes, 5 GiB by default,
+model-0000k-of-0000n.safetensors + model.safetensors.index.json) and the tokenizer files, which transformers'
+from_pretrained and vLLM load unchanged.
 
 A directory holding a LoRA adapter (w2s/lora.py: adapter_config.json + adapter_model.safetensors, the PEFT layout)
 loads as its base checkpoint (base_model_name_or_path) with the adapter merged; load_for_training keeps the adapter

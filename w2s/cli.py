@@ -196,7 +196,8 @@ def report(run_dir, no_plot):
     \b
     Example:
       w2s report runs/demo
-    What it reads: RUN_DIR/<NN_stage>/meta.json of every finished stage (nothing else).
+    What it reads: RUN_DIR/<NN_stage>/meta.json of every finished stage, and RUN_DIR/recipe.json (the grader, and
+    whether the run has gold) when there is one.
     """
     from w2s.report import write_report
 

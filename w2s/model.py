@@ -10,7 +10,8 @@ The families differ in a handful of places, each an explicit field of ModelConfi
               norms around attn/MLP                     local/global alternating
 
 Module and parameter names mirror the Hugging Face checkpoints (minus the leading "model."), so loading and saving
-is a rename of one prefix, not a converter. Every hot op goes through w2s/ops.py (Triton on GPU, reference on CPU).
+is a rename of one prefix, not a converter. Every hot op goes through w2s/ops.py (Triton on GPU; on CPU torch SDPA,
+the chunked linear losses or the reference).
 There is no torch.distributed in here: FSDP2 and tensor parallelism are applied from outside (w2s/parallel.py).
 Inference may fuse q/k/v and gate/up into one matmul each without changing the layers (w2s/fused.py).
 

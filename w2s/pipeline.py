@@ -22,9 +22,9 @@ unchanged is skipped, a killed one resumes, a changed option reruns exactly what
                       reward (w2s/grpo.py); reads the weak labels, never train_2 gold
     18_full_weak_ft   baseline: SFT the strong base on all of D_weak
     19_ceiling        baseline: SFT the strong base on gold train_2
-    20-30_eval_*      greedy test accuracy of every trained model (EVAL_NUMBERS)
+    20-30_eval_*      greedy test accuracy of every trained model (EVAL_NUMBERS; 35_eval_stage2_ipo on request)
     31_eval_strong_icl  baseline: the strong base, 4-shot with the same weak demos, on test
-    32-36_passk_*     pass@k and maj@k of M_plus and M_pro from n samples at T=1 ([eval] pass_k_samples)
+    32-34_passk_*     pass@k and maj@k of M_plus and M_pro from n samples at T=1 ([eval] pass_k_samples; 36: IPO's)
 
 Beyond the paper (recipe options, off by default; docs/PAPER.md "Beyond the paper"). Each adds rows under fixed
 numbers, so a run directory's names never shift; GRPO's evaluations are 41 and 42:
@@ -102,7 +102,7 @@ KINDS = {run_data: "data", run_test_set: "data", run_weak_sft: "train", run_labe
          run_full_weak_ft: "train", run_ceiling: "train", run_eval: "eval", run_grpo: "train"}
 PREFERENCE_STAGES = {"dpo": "16_dpo", "orpo": "17_orpo", "ipo": "16_ipo"}  # one per losses.PREFERENCE_LOSSES
 STAGE2_STAGES = {**PREFERENCE_STAGES, "grpo": "16_grpo"}  # one per losses.STAGE2_LOSSES
-# Fixed numbers of the evaluations: 20-31 greedy test accuracy, 32-36 pass@k and the IPO extra, 40-41 GRPO's.
+# Fixed numbers of the evaluations: 20-31 greedy test accuracy, 32-34 pass@k, 35-36 IPO's, 41-42 GRPO's.
 EVAL_NUMBERS = {"weak_floor": 20, "full_weak_ft": 21, "stage1_r1_weak": 22, "stage1_r1_icl": 23,
                 "stage1_r1_hybrid": 24, "stage1_r2_weak": 25, "stage1_r2_icl": 26, "stage1_r2_hybrid": 27,
                 "stage2_dpo": 28, "stage2_orpo": 29, "ceiling": 30, "strong_icl": 31, "stage2_ipo": 35,

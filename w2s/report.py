@@ -1,4 +1,5 @@
-"""`w2s report runs/<name>`: the paper-style table of a pipeline run, from its stages' meta.json files alone.
+"""`w2s report runs/<name>`: the paper-style table of a pipeline run, from its stages' meta.json files
+(and the run's recipe.json for its grader and whether it has gold).
 
 Tables: methods (greedy test accuracy and PGR, as in the paper, under the recipe's grader; pass@k and MATH levels
 when run), the same accuracies under every grader side by side with the number of test questions on which two
