@@ -75,13 +75,13 @@ def generation_meta(args, dtype):
 def main(argv=None):
     args = parse_args(argv)
     if args.samples < 1 or args.max_new_tokens < 1 or args.max_batch < 1:
-        sys.exit("error: --samples, --max-new-tokens and --max-batch must be >= 1")
+        raise ValueError("--samples, --max-new-tokens and --max-batch must be >= 1")
     if args.limit < 0:
-        sys.exit(f"error: --limit {args.limit}: expected >= 0 (0: every question)")
+        raise ValueError(f"--limit {args.limit}: expected >= 0 (0: every question)")
     if args.out is not None and Path(args.out).is_dir():
-        sys.exit(f"error: --out {args.out}: is a directory, expected the path of a jsonl file")
+        raise ValueError(f"--out {args.out}: is a directory, expected the path of a jsonl file")
     if args.out is not None and any(p.exists() and not p.is_dir() for p in Path(args.out).parents):
-        sys.exit(f"error: --out {args.out}: a parent of it is a file, expected a directory")
+        raise ValueError(f"--out {args.out}: a parent of it is a file, expected a directory")
     import torch
 
     import w2s
@@ -98,15 +98,15 @@ def main(argv=None):
     test = load_records(args.task, args.test_file)
     test = test[: args.limit] if args.limit else test
     if not test:
-        sys.exit(f"error: {args.test_file}: no questions to evaluate")
+        raise ValueError(f"{args.test_file}: no questions to evaluate")
     if not (Path(args.checkpoint) / "config.json").is_file():
-        sys.exit(f"error: {args.checkpoint}: no checkpoint (config.json)")
+        raise ValueError(f"{args.checkpoint}: no checkpoint (config.json)")
     try:
         device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     except RuntimeError:
-        sys.exit(f"error: --device {args.device}: expected auto, cpu, cuda or cuda:N")
+        raise ValueError(f"--device {args.device}: expected auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit(f"error: --device {args.device}: CUDA is not available here (use --device cpu)")
+        raise ValueError(f"--device {args.device}: CUDA is not available here (use --device cpu)")
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     suffix = "greedy" if args.samples == 1 else f"n{args.samples}_t{args.temperature:g}"
     out = Path(args.out or Path(args.checkpoint) / f"eval_{Path(args.test_file).stem}_{suffix}.jsonl")
@@ -146,5 +146,8 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    except (ValueError, OSError) as e:  # bad input, a full disk: one line (once under torchrun), exit 2
+        from w2s.parallel import say_error
+
+        say_error(f"error: {e}")
+        sys.exit(2)

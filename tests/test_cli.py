@@ -37,6 +37,37 @@ def test_inspect_bad_dir_is_one_clear_error(tmp_path):
     assert out.output.startswith("Error: ") and "no config.json" in out.output and len(out.output.splitlines()) == 1
 
 
+def test_an_error_is_said_once_per_torchrun_launch_and_named_in_its_failure_summary(tmp_path, monkeypatch):
+    """Under torchrun every rank meets the same bad input: rank 0 prints the one line, and each rank writes it to
+    torchrun's error file (its failure summary said "To enable traceback see ..." instead)."""
+    import json
+
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    for rank in ("0", "1"):
+        error_file = tmp_path / f"error{rank}.json"
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+        out = CliRunner().invoke(main, ["inspect", str(tmp_path)])
+        assert out.exit_code == 1
+        line = f"Error: {tmp_path}/config.json: no config.json (expected a Hugging Face checkpoint directory)"
+        assert out.output == (line + "\n" if rank == "0" else "")
+        # torchrun reads the file this way for its summary
+        failure = ProcessFailure(local_rank=int(rank), pid=1, exitcode=1, error_file=str(error_file))
+        assert failure.message["extraInfo"]["py_callstack"] == line
+        assert json.loads(error_file.read_text())["message"]["message"] == line
+
+
+def test_a_dry_run_under_torchrun_prints_its_plan_once(monkeypatch):
+    from pathlib import Path
+
+    recipe = str(Path(__file__).resolve().parents[1] / "recipes" / "demo.toml")
+    plan = CliRunner().invoke(main, ["run", recipe, "--dry-run"])
+    assert plan.exit_code == 0 and "01_weak_sft" in plan.output
+    monkeypatch.setenv("RANK", "1")  # every rank plans; rank 0 prints (each rank printed all of it)
+    assert CliRunner().invoke(main, ["run", recipe, "--dry-run"]).output == ""
+
+
 @pytest.mark.parametrize("option", [["--temperature", "nan"], ["--temperature", "inf"], ["--top-p", "nan"]])
 def test_sample_refuses_an_impossible_distribution_before_reading_anything(tmp_path, option):
     """The checkpoint and the prompts file do not even exist: the options are refused first, in one line (NaN

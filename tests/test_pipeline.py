@@ -839,13 +839,13 @@ def test_evaluate_script_help_and_bad_input(tmp_path, monkeypatch, capsys):
     for args, message in ((["--limit", "-2"], "--limit -2: expected >= 0"),  # test[:-2] scored 2 of 4 silently
                           (["--out", str(tmp_path)], "is a directory, expected the path of a jsonl file"),
                           (["--out", str(tmp_path / "a_file" / "x.jsonl")], "a parent of it is a file")):
-        with pytest.raises(SystemExit, match=message):  # at once: before the model loads and everything is sampled
+        with pytest.raises(ValueError, match=message):  # at once: before the model loads and everything is sampled
             evaluate.main([str(tmp_path), str(bad), *args])
     with pytest.raises(ValueError, match=r"^temperature=nan: expected a finite number >= 0$"):  # before the load too
         evaluate.main([str(tmp_path), str(bad), "--samples", "2", "--temperature", "nan"])
     (tmp_path / "empty.jsonl").write_text("")
-    with pytest.raises((SystemExit, ValueError), match=r"empty\.jsonl: (no questions|.*empty)"):
+    with pytest.raises(ValueError, match=r"empty\.jsonl: (no questions|.*empty)"):
         evaluate.main([str(tmp_path), str(tmp_path / "empty.jsonl")])
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(SystemExit, match=r"--device foo: expected auto, cpu, cuda or cuda:N"):
+    with pytest.raises(ValueError, match=r"--device foo: expected auto, cpu, cuda or cuda:N"):
         evaluate.main([str(tmp_path), str(bad).replace("test.jsonl", "good.jsonl"), "--device", "foo"])

@@ -7,6 +7,7 @@ tensor and data parallel under torchrun (gloo), and jsonl resume.
 
 import functools
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -268,6 +269,21 @@ def test_a_torchrun_process_that_has_not_joined_the_group_is_refused(ckpt, tmp_p
         load_model_tp(ckpt("llama2")[0], tp=2)
     monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun with one process: nothing to join
     assert len(generate(model, None, [[1, 2, 3]], max_new_tokens=2, progress=False)) == 1
+
+
+def test_the_tensor_parallel_loader_names_a_truncated_shard_before_reading_it(ckpt, tmp_path):
+    """load_model_tp checks the headers against the file sizes first, as the one-process loader does: a truncated
+    copy was a raw SafetensorError traceback from every rank."""
+    import shutil
+
+    from w2s.tensor_parallel import load_model_tp
+
+    copy = tmp_path / "llama2"
+    shutil.copytree(ckpt("llama2")[0], copy)
+    shard = copy / "model.safetensors"
+    os.truncate(shard, shard.stat().st_size - 100)
+    with pytest.raises(ValueError, match=rf"^{shard}: tensor '.*' ends at byte \d+ but the file has \d+ bytes"):
+        load_model_tp(copy, tp=2)  # raised before the process group is needed
 
 
 # ------------------------------------------------------------------------------------------------ distributions

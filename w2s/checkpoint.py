@@ -492,5 +492,5 @@ def read_train_state(path):
     try:
         return read_json_object(Path(path) / "train_state.json")
     except ValueError as e:
-        raise ValueError(f"{e}; delete {Path(path).name} to resume from the checkpoint before it (or resume=False to "
-                         f"start over)") from None
+        raise ValueError(f"{e}; delete {Path(path).name} to resume from the checkpoint before it (or resume=False, "
+                         f"--no-resume, to start over)") from None

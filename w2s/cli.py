@@ -17,6 +17,15 @@ import click
 BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
+class OneLineError(click.ClickException):
+    """click's `Error: ...` line, said once per launch under torchrun, not once per rank (w2s.parallel.say_error)."""
+
+    def show(self, file=None):
+        from w2s.parallel import say_error
+
+        say_error(f"Error: {self.format_message()}")
+
+
 def _one_line(invoke, ctx):
     """Bad input (missing file, malformed config, unknown key, a truncated shard), a diverged training (nan loss), a
     full disk or a denied permission (OSError: it names the path), a run directory locked by another run become one
@@ -26,7 +35,7 @@ def _one_line(invoke, ctx):
     except Exception as e:
         engine = sys.modules.get("w2s.engine")  # loaded whenever its RunLocked (another run holds the lock) is raised
         if isinstance(e, (ValueError, OSError)) or (engine is not None and isinstance(e, engine.RunLocked)):
-            raise click.ClickException(str(e)) from None
+            raise OneLineError(str(e)) from None
         raise
 
 
@@ -174,11 +183,14 @@ def run(recipe, runs, no_progress, dry_run, world_size, gpu):
     [logging] report_to = ["tensorboard"] (-> runs/<name>/tb/<stage>) or ["wandb"]. The train and test files are
     jsonl in the task's format: GSM8K {"question", "answer": "... #### N"}; MATH {"problem", "solution", ...}.
     """
+    from w2s.parallel import is_main
     from w2s.pipeline import dry_run as plan_run
     from w2s.pipeline import run_pipeline
 
     if dry_run:
-        click.echo(plan_run(recipe, runs_dir=runs, world=world_size, device=gpu))
+        plan = plan_run(recipe, runs_dir=runs, world=world_size, device=gpu)
+        if is_main():  # under torchrun every rank plans (the same plan); one prints it
+            click.echo(plan)
         return
     _, _, text = run_pipeline(recipe, runs_dir=runs, progress=not no_progress)
     if text:  # under torchrun only rank 0 builds the report; the other ranks print nothing
@@ -321,7 +333,7 @@ def sample(ckpt_dir, input_path, output_path, prompt_key, id_key, n, temperature
                           max_batch=max_batch, cache_len=cache_len, shared_prefix=not no_shared_prefix,
                           cuda_graphs=False if no_cuda_graphs else None, prefill_chunk=prefill_chunk)
     except (ValueError, OSError) as e:
-        raise click.ClickException(str(e)) from None
+        raise OneLineError(str(e)) from None
     if d.is_main:
         click.echo(f"wrote {output_path}: {len(records)} prompts x {n} completions in "
                    f"{time.perf_counter() - start:.1f} s", err=True)

@@ -19,7 +19,10 @@ made inside the model.
     python -m pytest -q tests/test_fsdp.py   # 2 CPU processes over gloo == 1 process
 """
 
+import json
 import os
+import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -75,6 +78,21 @@ def rank():
 
 def is_main():
     return rank() == 0
+
+
+def say_error(line):
+    """Print `line`, the one line of an error that ends this process, once per launch: rank 0 says it (every rank
+    meets the same bad input, and what rank 0 alone does, reading or writing, only rank 0 can fail). Under torchrun
+    each failing rank also writes it to its error file, so that torchrun's failure summary names the error (of the
+    first rank that failed) instead of pointing to its docs."""
+    if rank() == 0:
+        print(line, file=sys.stderr)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")  # set by torchrun for each worker
+    if error_file:
+        with open(error_file, "w") as f:
+            # the layout of torchrun's own record_exception; its summary shows py_callstack, here the one line
+            json.dump({"message": {"message": line, "extraInfo": {"py_callstack": line,
+                                                                  "timestamp": str(int(time.time()))}}}, f)
 
 
 def all_reduce_sum(tensor, d: Dist):

@@ -347,7 +347,7 @@ class Trainer:
             saved = read_train_state(latest)
             if saved.get("run_key") != self.run_key:
                 raise ValueError(f"{latest}: checkpoint is from a different run (data, config or world size "
-                                 f"changed); use a fresh --out directory or resume=False")
+                                 f"changed); use a fresh --out directory or resume=False (--no-resume) to start over")
             start = load_training_state(latest, self.module, self.optimizer, self.d)["step"]
             # GRPO's sequences before the checkpoint were sampled, so only the checkpoint knows their tokens; a
             # checkpoint written without the count is recounted from the data

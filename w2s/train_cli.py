@@ -161,7 +161,7 @@ def run(train, args, **kwargs):
     from w2s.checkpoint import load_for_training, tokenizer_dir
     from w2s.files import read_jsonl
     from w2s.losses import check_beta
-    from w2s.parallel import rank
+    from w2s.parallel import rank, say_error
     from w2s.tracking import check_trackers
     from w2s.train_config import config_from_args
 
@@ -188,7 +188,7 @@ def run(train, args, **kwargs):
         train(model, tokenizer, rows, cfg, out_dir=args.out, report_to=args.report_to, log_dir=args.log_dir,
               run_name=args.run_name, **kwargs)
     except (ValueError, OSError) as e:  # bad input, a nan loss, a full disk or a permission error: one line
-        print(f"error: {e}", file=sys.stderr)
+        say_error(f"error: {e}")
         sys.exit(2)
     finally:
         if dist.is_initialized():  # under torchrun: leave the process group cleanly
