@@ -56,6 +56,8 @@ def test_an_error_is_said_once_per_torchrun_launch_and_named_in_its_failure_summ
         failure = ProcessFailure(local_rank=int(rank), pid=1, exitcode=1, error_file=str(error_file))
         assert failure.message["extraInfo"]["py_callstack"] == line
         assert json.loads(error_file.read_text())["message"]["message"] == line
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE")  # another launcher: no summary to carry it, so every rank says it
+    assert CliRunner().invoke(main, ["inspect", str(tmp_path)]).output == f"[rank 1] {line}\n"
 
 
 def test_a_dry_run_under_torchrun_prints_its_plan_once(monkeypatch):

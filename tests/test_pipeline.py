@@ -660,7 +660,10 @@ def test_report_from_hand_written_metas(tmp_path):
                               ("accuracy_by_grader", {"paper": True},
                                "accuracy_by_grader.paper is True; expected a number"),
                               ("accuracy_by_grader", 0.6, "accuracy_by_grader is 0.6; expected an object"),
-                              ("counts", {"questions": "9"}, "counts.questions is '9'; expected a number")):
+                              ("counts", {"questions": "9"}, "counts.questions is '9'; expected a number"),
+                              ("accuracy", None, "accuracy is None; expected a number"),
+                              ("wall_s", {"a": 1}, r"wall_s is \{'a': 1\}; expected a number"),
+                              ("accuracy_by_grader", None, "accuracy_by_grader is None; expected an object")):
         meta = json.loads((tmp_path / "28_eval_stage2_dpo" / "meta.json").read_text())
         (tmp_path / "28_eval_stage2_dpo" / "meta.json").write_text(json.dumps({**meta, key: value}))
         with pytest.raises(ValueError, match=rf"^{tmp_path}/28_eval_stage2_dpo/meta.json: {where}$"):
@@ -669,6 +672,8 @@ def test_report_from_hand_written_metas(tmp_path):
     # a pairs stage's counts also hold flags (the confidence weighting's weak_relabelled): they are not numbers
     meta = json.loads((tmp_path / "15_pairs" / "meta.json").read_text())
     meta["counts"]["weak_relabelled"] = True
+    (tmp_path / "15_pairs" / "meta.json").write_text(json.dumps(meta))
+    meta["wall_s"] = None  # a stage without a wall time counts as none in the totals
     (tmp_path / "15_pairs" / "meta.json").write_text(json.dumps(meta))
     assert "20 weak chosen / 10 weak rejected" in report(tmp_path, plot=False)
 

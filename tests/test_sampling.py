@@ -272,8 +272,8 @@ def test_a_torchrun_process_that_has_not_joined_the_group_is_refused(ckpt, tmp_p
 
 
 def test_the_tensor_parallel_loader_names_a_truncated_shard_before_reading_it(ckpt, tmp_path):
-    """load_model_tp checks the headers against the file sizes first, as the one-process loader does: a truncated
-    copy was a raw SafetensorError traceback from every rank."""
+    """load_model_tp checks the headers against the file sizes before reading a tensor (the one-process loader
+    finds a truncated tensor as it reads it): a truncated copy was a raw SafetensorError traceback from every rank."""
     import shutil
 
     from w2s.tensor_parallel import load_model_tp

@@ -623,12 +623,29 @@ def test_sft_script_trains_exports_and_reports_bad_lines(text_ckpt, tmp_path):
                                                          f"(model.safetensors); pass --overwrite to replace it, or "
                                                          f"choose another --out")
     proc = _script("sft.py", "--data", data_file, *common, "--out", text_ckpt, "--overwrite")
-    assert proc.returncode == 2 and "is the --model directory" in proc.stderr
+    assert proc.returncode == 2 and f"holds {text_ckpt}, which this run trains from" in proc.stderr
     from w2s.train_cli import finished_model_files
 
+    # an adapter trains from its base's weights: an OUT that is (or whose merged/ is) that base is refused too
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    for base in (out, out / "merged"):
+        (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2,
+                                                                 "base_model_name_or_path": str(base)}))
+        (out / "merged").mkdir(exist_ok=True)
+        with pytest.raises(ValueError, match=rf"^--out {out}: holds {base}, which this run trains from"):
+            finished_model_files(out, adapter, overwrite=True)
+    (out / "merged").rmdir()
+    from w2s.train_cli import remove_model_files
+
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "merged").symlink_to(tmp_path / "elsewhere")  # removed as a link, never followed
+    remove_model_files([tmp_path / "linked" / "merged"])
+    assert not (tmp_path / "linked" / "merged").is_symlink() and (tmp_path / "elsewhere").is_dir()
     (out / "ckpt" / "step00001").mkdir(parents=True)  # weights beside a training state: killed while exporting
     (out / "ckpt" / "step00001" / "train_state.json").write_text("{}")
-    assert out / "model.safetensors" in finished_model_files(out, text_ckpt, overwrite=False)  # resumes, replaces
+    assert finished_model_files(out, text_ckpt, overwrite=False) == []  # resumes; nothing removed before the export
     shutil.rmtree(out / "ckpt")
     before = (out / "model.safetensors").read_bytes()
     proc = _script("sft.py", "--data", data_file, *common, "--max-steps", 1, "--lr", 1e-2, "--overwrite")

@@ -164,8 +164,8 @@ def _entry_ids(path, entries, records):
                 raise ValueError(f"{path}[{i}]: id {key!r} is not a position in the {len(records)} records given")
             record = records[key]
             if not isinstance(record, dict) or "id" not in record:
-                raise ValueError(f"records[{key}] (for {path}[{i}]): expected a train_2 row with an 'id', got "
-                                 f"{type(record).__name__}")
+                got = "an object without one" if isinstance(record, dict) else type(record).__name__
+                raise ValueError(f"records[{key}] (for {path}[{i}]): expected a train_2 row with an 'id', got {got}")
             key = record["id"]
         ids.append(key)
     return ids

@@ -81,13 +81,15 @@ def is_main():
 
 
 def say_error(line):
-    """Print `line`, the one line of an error that ends this process, once per launch: rank 0 says it (every rank
-    meets the same bad input, and what rank 0 alone does, reading or writing, only rank 0 can fail). Under torchrun
-    each failing rank also writes it to its error file, so that torchrun's failure summary names the error (of the
-    first rank that failed) instead of pointing to its docs."""
-    if rank() == 0:
-        print(line, file=sys.stderr)
+    """Print `line`, the one line of an error that ends this process, once per torchrun launch: rank 0 says it, and
+    each failing rank writes it to its torchrun error file, so that torchrun's failure summary names the error of
+    the first rank that failed (it said "To enable traceback see ..."). Bad input and the files rank 0 alone reads
+    and writes fail on rank 0 too; an error only another rank meets (its own output part, a node-local file) reaches
+    the user through that summary. Without torchrun's error file (another launcher) every rank prints, prefixed
+    with its rank beyond rank 0."""
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")  # set by torchrun for each worker
+    if rank() == 0 or not error_file:
+        print(line if rank() == 0 else f"[rank {rank()}] {line}", file=sys.stderr)
     if error_file:
         with open(error_file, "w") as f:
             # the layout of torchrun's own record_exception; its summary shows py_callstack, here the one line

@@ -65,9 +65,10 @@ def load_metas(run_dir):
 
 
 # The meta.json fields the tables compute with, checked as the report loads them so that a hand-edited "0.5" is
-# named with its file instead of failing in a format string: numbers (or null; n_truncated may be an object of
-# them per kind of label, and pass@k / maj@k keys are numbers too), objects of numbers (per grader or level), and
-# the keys of a pairs stage's "counts" that the tables read (it also holds flags).
+# named with its file instead of failing in a format string: numbers (null where a stage has none, as mfu on a CPU;
+# never a method's accuracy; n_truncated may be an object of them per kind of label; pass@k / maj@k keys too),
+# objects of numbers (per grader or level), and the keys of a pairs stage's "counts" that the tables read (it also
+# holds flags).
 NUMBERS = ("accuracy", "n_prompts", "n_completions", "n_truncated", "n_questions", "n_kept", "kept_fraction",
            "precision", "n_pairs", "pair_precision", "n_train_1", "wall_s", "tokens", "tok_s", "mfu", "peak_mem_gib")
 NUMBER_OBJECTS = ("accuracy_by_grader", "accuracy_by_level", "accuracy_by_level_by_grader", "pass_by_grader",
@@ -78,24 +79,30 @@ COUNTS_READ = ("questions", "weak_chosen", "weak_rejected")
 def _check_numbers(meta_file, meta):
     """meta, once the fields above hold what the tables compute with; else a ValueError naming the file, the key
     and the value."""
-    def check_number(key, value):  # a number or null, or an object whose every leaf is one
+    def refuse(key, value, expected):
+        raise ValueError(f"{meta_file}: {key} is {value!r}; expected {expected}")
+
+    def check_number(key, value, null=True):  # a number (or null), or an object whose every leaf is one
         if isinstance(value, dict):
             for k, v in value.items():
-                check_number(f"{key}.{k}", v)
-        elif not (value is None or isinstance(value, (int, float)) and not isinstance(value, bool)):
-            raise ValueError(f"{meta_file}: {key} is {value!r}; expected a number")
-
-    def check_object(key, value):
-        if value is not None and not isinstance(value, dict):
-            raise ValueError(f"{meta_file}: {key} is {value!r}; expected an object")
-        check_number(key, value)
+                check_number(f"{key}.{k}", v, null)
+        elif not (value is None and null or isinstance(value, (int, float)) and not isinstance(value, bool)):
+            refuse(key, value, "a number")
 
     for key in (*NUMBERS, *(k for k in meta if k.startswith(("pass@", "maj@")))):
-        check_number(key, meta.get(key))
-    for key in NUMBER_OBJECTS:
-        check_object(key, meta.get(key))
-    counts = meta.get("counts")
-    check_object("counts", {k: counts[k] for k in COUNTS_READ if k in counts} if isinstance(counts, dict) else counts)
+        value = meta.get(key)
+        if isinstance(value, dict) and key != "n_truncated":
+            refuse(key, value, "a number")
+        if key in meta:
+            check_number(key, value, null=key != "accuracy")
+    counts = meta.get("counts", {})
+    for key, value in [(k, meta[k]) for k in NUMBER_OBJECTS if k in meta] + [("counts", counts)]:
+        if not isinstance(value, dict):
+            refuse(key, value, "an object")
+    for key in [k for k in NUMBER_OBJECTS if k in meta]:
+        check_number(key, meta[key], null=False)
+    for key in COUNTS_READ:
+        check_number(f"counts.{key}", counts.get(key))
     return meta
 
 
@@ -231,7 +238,7 @@ def _cost_by_kind(metas):
     kinds = {}
     for meta in metas.values():
         k = kinds.setdefault(names.get(meta.get("kind"), "other"), [0, 0.0, 0])
-        k[0], k[1], k[2] = k[0] + 1, k[1] + meta.get("wall_s", 0), k[2] + (meta.get("tokens") or 0)
+        k[0], k[1], k[2] = k[0] + 1, k[1] + (meta.get("wall_s") or 0), k[2] + (meta.get("tokens") or 0)
     total = sum(k[1] for k in kinds.values()) or 1.0
     order = ["sampling", "training", "evaluation", "data and filtering", "other"]
     return [(kind, kinds[kind][0], _fmt(kinds[kind][1], digits=1), _fmt(kinds[kind][1] / total, pct=True, digits=1),
@@ -270,7 +277,7 @@ def write_report(run_dir, plot=True):
               "; ".join(f"{g}: {_passes(p)}" for g, p in meta.get("pass_by_grader", {}).items()) or "-")
              for name, meta in metas.items() if "_passk_" in name]
     devices = sorted({m["device"] for m in metas.values() if m.get("device")})
-    total = sum(m.get("wall_s", 0) for m in metas.values())
+    total = sum(m.get("wall_s") or 0 for m in metas.values())
     out = [f"# w2s report: {run_dir.name}", "", *_method_section(acc, labels, grader, gold)]
     header, grader_rows = _grader_rows(metas, labels)
     if grader_rows:

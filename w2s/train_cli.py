@@ -53,7 +53,8 @@ layout, and the merged model in OUT/merged only with --export-merged), train_con
 options), metrics.jsonl (one record per log step), checkpoints in OUT/ckpt while it runs (with --ckpt-every: rerun
 the same command to resume; the log says "resumed from step N"), OUT/tb with --report-to tensorboard. An OUT
 that holds a trained model already (a finished run) is refused unless --overwrite, which removes the old weights
-before training so that OUT never pairs a new train_config.json with an old model.
+before training so that OUT never pairs a new train_config.json with an old model. A run killed in OUT resumes
+with or without --overwrite; to start it over with other options, pass --no-resume.
 
 """
 
@@ -128,29 +129,40 @@ def resolve_dtype(args, log=print):
 
 
 def finished_model_files(out, model_dir, overwrite):
-    """The files of a trained model already in `out` (a finished run's export); refused unless `overwrite`, and
-    `out` may never be the --model directory (the export would replace the weights it trains from). Weights beside
-    a training state in out/ckpt are a run killed while it exported: it resumes, and its export replaces them."""
+    """The files of a trained model already in `out` (a finished run's export): refused unless `overwrite`, then
+    returned for removal. Weights beside a training state in out/ckpt are a run killed while it exported: it
+    resumes (or, with --no-resume, starts over) and its export replaces them, so nothing is removed for it. `out`
+    may never hold the weights the run trains from: the --model directory, or an adapter's base (nor may
+    OUT/merged)."""
     from w2s.checkpoint import INDEX_FILE, latest_checkpoint
     from w2s.export import MERGED_DIR
-    from w2s.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+    from w2s.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_base_dir, read_adapter
 
-    if out.exists() and out.resolve() == model_dir.resolve():
-        raise ValueError(f"--out {out}: is the --model directory; the export would replace the model it trains from")
+    sources = [model_dir]
+    while (adapter := read_adapter(sources[-1], tensors=False)) is not None and len(sources) < 8:
+        sources.append(adapter_base_dir(sources[-1], adapter))  # an adapter trains from its base's weights
+    for source in sources:  # the export writes OUT's files and OUT/merged, and --overwrite removes them first
+        if out.exists() and (source.resolve() == out.resolve() or source.resolve().is_relative_to(
+                (out / MERGED_DIR).resolve())):
+            raise ValueError(f"--out {out}: holds {source}, which this run trains from; the export would replace "
+                             f"it (choose another --out)")
     if not out.is_dir():
         return []
     names = [INDEX_FILE, ADAPTER_WEIGHTS, ADAPTER_CONFIG, "config.json", MERGED_DIR]
-    files = [out / n for n in names if (out / n).exists()] + sorted(out.glob("model*.safetensors"))
-    weights = [f for f in files if f.name.endswith(".safetensors")]
-    if weights and not overwrite and latest_checkpoint(out / "ckpt") is None:
-        raise ValueError(f"--out {out}: holds a trained model already ({weights[0].name}); pass --overwrite to "
-                         f"replace it, or choose another --out")
-    return files if weights else []
+    files = [out / n for n in names if (out / n).exists() or (out / n).is_symlink()]
+    files += sorted(out.glob("model*.safetensors"))
+    weights = [f for f in [*files, *sorted((out / MERGED_DIR).glob("*.safetensors"))] if f.suffix == ".safetensors"]
+    if not weights or latest_checkpoint(out / "ckpt") is not None:
+        return []
+    if not overwrite:
+        raise ValueError(f"--out {out}: holds a trained model already ({weights[0].relative_to(out)}); pass "
+                         f"--overwrite to replace it, or choose another --out")
+    return files
 
 
 def remove_model_files(files):
-    for f in files:
-        shutil.rmtree(f) if f.is_dir() else f.unlink(missing_ok=True)
+    for f in files:  # a symlinked folder is unlinked, not followed (rmtree refuses it)
+        shutil.rmtree(f) if f.is_dir() and not f.is_symlink() else f.unlink(missing_ok=True)
 
 
 def run(train, args, **kwargs):
