@@ -60,6 +60,20 @@ def test_an_error_is_said_once_per_torchrun_launch_and_named_in_its_failure_summ
     assert CliRunner().invoke(main, ["inspect", str(tmp_path)]).output == f"[rank 1] {line}\n"
 
 
+def test_a_rank_whose_peer_left_is_told_apart_from_its_own_failure(monkeypatch):
+    """gloo's error on the ranks that wait in a collective when another rank has failed (rank 0's export I/O, say):
+    sft.py / dpo.py turn it into one line there (it was a traceback after the failed rank's one line)."""
+    from w2s import parallel
+
+    gone = RuntimeError("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:46251. This is "
+                        "typically caused by a remote worker crashing.")
+    monkeypatch.setattr(parallel.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(parallel.dist, "get_rank", lambda: 1)
+    assert parallel.lost_peer(gone) and not parallel.lost_peer(RuntimeError("CUDA out of memory"))
+    monkeypatch.setattr(parallel.dist, "get_rank", lambda: 0)  # rank 0's own failure is never hidden
+    assert not parallel.lost_peer(gone)
+
+
 def test_a_dry_run_under_torchrun_prints_its_plan_once(monkeypatch):
     from pathlib import Path
 

@@ -29,13 +29,18 @@ class OneLineError(click.ClickException):
 def _one_line(invoke, ctx):
     """Bad input (missing file, malformed config, unknown key, a truncated shard), a diverged training (nan loss), a
     full disk or a denied permission (OSError: it names the path), a run directory locked by another run become one
-    `Error: ...` line, not a traceback."""
+    `Error: ...` line, not a traceback; so does a rank's collective failing because another rank failed first."""
     try:
         return invoke(ctx)
     except Exception as e:
+        from w2s.parallel import lost_peer, rank
+
         engine = sys.modules.get("w2s.engine")  # loaded whenever its RunLocked (another run holds the lock) is raised
         if isinstance(e, (ValueError, OSError)) or (engine is not None and isinstance(e, engine.RunLocked)):
             raise OneLineError(str(e)) from None
+        if lost_peer(e):
+            raise OneLineError(f"rank {rank()} stopped: another rank left the process group (its error says why)") \
+                from None
         raise
 
 

@@ -97,6 +97,13 @@ def say_error(line):
                                                                   "timestamp": str(int(time.time()))}}}, f)
 
 
+def lost_peer(e):
+    """Whether `e` is this rank's collective failing because another rank has gone (gloo says its peer closed the
+    connection): that rank's own error is the one to read."""
+    return isinstance(e, RuntimeError) and rank() != 0 and dist.is_available() and dist.is_initialized() and \
+        ("Connection closed by peer" in str(e) or "Connection reset by peer" in str(e))
+
+
 def all_reduce_sum(tensor, d: Dist):
     """Sum a tensor over ranks (in place; returns it). A no-op in a single plain process."""
     if d.sharded and d.world_size > 1:

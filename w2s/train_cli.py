@@ -173,7 +173,7 @@ def run(train, args, **kwargs):
     from w2s.checkpoint import load_for_training, tokenizer_dir
     from w2s.files import read_jsonl
     from w2s.losses import check_beta
-    from w2s.parallel import rank, say_error
+    from w2s.parallel import lost_peer, rank, say_error
     from w2s.tracking import check_trackers
     from w2s.train_config import config_from_args
 
@@ -202,6 +202,11 @@ def run(train, args, **kwargs):
     except (ValueError, OSError) as e:  # bad input, a nan loss, a full disk or a permission error: one line
         say_error(f"error: {e}")
         sys.exit(2)
+    except RuntimeError as e:  # a rank left behind when another failed: one line, not a traceback from each
+        if not lost_peer(e):
+            raise
+        say_error(f"error: rank {rank()} stopped: another rank left the process group (its error says why)")
+        sys.exit(1)
     finally:
         if dist.is_initialized():  # under torchrun: leave the process group cleanly
             dist.destroy_process_group()
