@@ -12,6 +12,7 @@ meta device), so filling the shards from rank 0 is checked against the same one-
 use FSDP2's CPU offload (unpinned on CPU), "sft_lora" through a kill and resume as well, "dpo_lora" with the
 shards filled from rank 0; in one process cpu_offload does nothing, so they compare against plain training.
 "sft_lora_continue" trains further the adapter "sft_lora" wrote (rank 0 reads it, rank 1 gets it from rank 0).
+"sft_full" is also run into OUT/sft_full_moved and left dead after step 3, for the test to resume in one process.
 """
 
 import os
@@ -62,8 +63,9 @@ class Killed(Exception):
     pass
 
 
-def run(name, ckpt, out_dir):
-    """Train run `name` from the checkpoint into out_dir (dying and resuming if KILL_AT says so). -> model."""
+def run(name, ckpt, out_dir, kill=True, resume=True):
+    """Train run `name` from the checkpoint into out_dir (dying, if kill and KILL_AT says so, then resuming unless
+    not resume). -> model, or None when left dead."""
     loss, cfg = RUNS[name]
     ckpt = Path(out_dir).parent / CONTINUE[name] if name in CONTINUE else ckpt
 
@@ -75,7 +77,7 @@ def run(name, ckpt, out_dir):
             return train_sft(model, None, rows_for(loss), cfg, out_dir=out_dir, on_step=on_step)
         return train_preference(model, None, rows_for(loss), cfg, out_dir=out_dir, loss=loss, on_step=on_step)
 
-    if name in KILL_AT:
+    if kill and name in KILL_AT:
         def die(rec):
             if rec["step"] == KILL_AT[name]:
                 raise Killed
@@ -84,7 +86,8 @@ def run(name, ckpt, out_dir):
             once(die)
             raise RuntimeError(f"{name}: the run was meant to die at step {KILL_AT[name]}")
         except Killed:
-            pass
+            if not resume:
+                return None
     return once()
 
 
@@ -92,6 +95,7 @@ def main(ckpt, out_root):
     torch.set_num_threads(1)
     for name in RUNS:
         run(name, ckpt, Path(out_root) / name)
+    run("sft_full", ckpt, Path(out_root) / "sft_full_moved", resume=False)
     import torch.distributed as dist
 
     if dist.is_initialized():

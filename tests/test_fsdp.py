@@ -3,7 +3,8 @@
 One torchrun launch runs the runs of tests/dist_train_worker.py (SFT and DPO, full and LoRA, ORPO; a short last batch
 leaves one rank an empty micro-batch; SFT full and LoRA are killed and resumed from a sharded checkpoint; the LoRA
 runs keep their shards and optimizer state in host memory through FSDP2's CPU offload); the test then runs
-the same runs in this process without FSDP and compares metrics.jsonl and the exported safetensors.
+the same runs in this process without FSDP and compares metrics.jsonl and the exported safetensors, and resumes in
+this process a run killed on the 2 ranks.
 
     python -m pytest -q tests/test_fsdp.py
 """
@@ -69,6 +70,22 @@ def test_two_fsdp_processes_equal_one_process(runs, name):
         torch.testing.assert_close(w2[key], w1[key], atol=1e-5, rtol=0, msg=key)
         moved = max(moved, (w1[key] - initial[key]).abs().max().item())
     assert moved > 1e-3  # training really changed the weights, so equality is not trivial
+
+
+def test_a_run_killed_on_two_ranks_resumes_in_one_process(runs):
+    """The training state is saved sharded with the global step and the loss is normalized over every rank, so a
+    run killed on 2 ranks resumes on 1 (a node lost at 70B) onto the same trajectory as a 1-process run."""
+    two, one = runs
+    moved = two / "sft_full_moved"
+    assert [r["step"] for r in _metrics(moved)] == [1, 2, 3] and (moved / "ckpt" / "step00000002").is_dir()
+    worker.run("sft_full", runs[0].parent / "llama", moved, kill=False)
+    m2, m1 = _metrics(moved), _metrics(one / "sft_full")
+    assert [r["step"] for r in m2] == [1, 2, 3, 4]
+    for a, b in zip(m2, m1):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["tokens"] == b["tokens"], a["step"]
+    w2, w1 = load_file(moved / "model.safetensors"), load_file(one / "sft_full" / "model.safetensors")
+    for key in w1:
+        torch.testing.assert_close(w2[key], w1[key], atol=1e-5, rtol=0, msg=key)
 
 
 def _on_one_gloo_rank(body):

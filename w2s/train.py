@@ -276,7 +276,9 @@ class Trainer:
         self.steps_per_epoch = math.ceil(len(self.lengths) / cfg.batch_size)
         self.total = cfg.max_steps or cfg.epochs * self.steps_per_epoch * task.repeat
         self.accum = cfg.grad_accum(d.world_size)
-        self.run_key = stable_hash([task.data_key, _trajectory_config(cfg), d.world_size], length=64)
+        # not the world size: the loss is normalized over every rank and the state is saved with global shapes, so
+        # a run killed on N ranks resumes on M onto the same trajectory (LoRA dropout's streams are per rank)
+        self.run_key = stable_hash([task.data_key, _trajectory_config(cfg)], length=64)
         self.ckpt_root = self.out_dir / "ckpt" if self.out_dir is not None else None
         self.metrics_file = self.out_dir / "metrics.jsonl" if self.out_dir is not None else None
         self._epoch = (None, None)  # (epoch, its global batches)
@@ -346,8 +348,8 @@ class Trainer:
         if self.ckpt_root is not None and self.cfg.resume and (latest := latest_checkpoint(self.ckpt_root)) is not None:
             saved = read_train_state(latest)
             if saved.get("run_key") != self.run_key:
-                raise ValueError(f"{latest}: checkpoint is from a different run (data, config or world size "
-                                 f"changed); use a fresh --out directory or resume=False (--no-resume) to start over")
+                raise ValueError(f"{latest}: checkpoint is from a different run (data or config changed); use a "
+                                 f"fresh --out directory or resume=False (--no-resume) to start over")
             start = load_training_state(latest, self.module, self.optimizer, self.d)["step"]
             # GRPO's sequences before the checkpoint were sampled, so only the checkpoint knows their tokens; a
             # checkpoint written without the count is recounted from the data
