@@ -271,9 +271,10 @@ def test_a_torchrun_process_that_has_not_joined_the_group_is_refused(ckpt, tmp_p
     assert len(generate(model, None, [[1, 2, 3]], max_new_tokens=2, progress=False)) == 1
 
 
-def test_the_tensor_parallel_loader_names_a_truncated_shard_before_reading_it(ckpt, tmp_path):
-    """load_model_tp checks the headers against the file sizes before reading a tensor (the one-process loader
-    finds a truncated tensor as it reads it): a truncated copy was a raw SafetensorError traceback from every rank."""
+def test_the_loaders_name_a_truncated_shard_before_reading_it(ckpt, tmp_path, monkeypatch):
+    """Both loaders check the headers against the file sizes before reading a tensor: under tensor parallelism a
+    truncated copy was a raw SafetensorError traceback from every rank, and the one-process loader found it only
+    when it reached the tensor, after reading the ones before it."""
     import shutil
 
     from w2s.tensor_parallel import load_model_tp
@@ -284,6 +285,11 @@ def test_the_tensor_parallel_loader_names_a_truncated_shard_before_reading_it(ck
     os.truncate(shard, shard.stat().st_size - 100)
     with pytest.raises(ValueError, match=rf"^{shard}: tensor '.*' ends at byte \d+ but the file has \d+ bytes"):
         load_model_tp(copy, tp=2)  # raised before the process group is needed
+    import w2s.checkpoint
+
+    monkeypatch.setattr(w2s.checkpoint, "read_tensor", lambda *a, **k: pytest.fail("a tensor was read"))
+    with pytest.raises(ValueError, match=rf"^{shard}: tensor '.*' ends at byte \d+ but the file has \d+ bytes"):
+        w2s.load_model(copy)
 
 
 # ------------------------------------------------------------------------------------------------ distributions

@@ -192,6 +192,7 @@ def _load_plain(path, dtype, device):
     if torch.device(device).type == "meta":
         return model.to(dtype).eval()
     check_tokenizer_fits(path, cfg)  # before the weights: a mismatch is known from the small files alone
+    check_shard_sizes(path)  # so is a truncated shard, from the headers, instead of after reading the tensors before it
     expected = {hf_name(n): p for n, p in model.state_dict().items()}
     state = load_state_dict(path, expected, dtype=dtype, device=device)
     model.load_state_dict({n: state[hf_name(n)] for n in model.state_dict()}, assign=True)
@@ -310,6 +311,14 @@ def _byte_range_problems(file, header, data_start):
             problems.append(f"{file}: tensor {name!r} ends at byte {data_start + end} but the file has {size} bytes "
                             f"(truncated: copy the shard again)")
     return problems
+
+
+def check_shard_sizes(path):
+    """One ValueError line for the first shard whose header is unreadable or whose tensors lie past its end."""
+    for file in sorted(set(checkpoint_files(path).values())):
+        problems = _byte_range_problems(file, *read_safetensors_header(file))
+        if problems:
+            raise ValueError(problems[0])
 
 
 def validate_checkpoint(path, tokenizer=True):
