@@ -663,7 +663,8 @@ def test_report_from_hand_written_metas(tmp_path):
                               ("counts", {"questions": "9"}, "counts.questions is '9'; expected a number"),
                               ("accuracy", None, "accuracy is None; expected a number"),
                               ("wall_s", {"a": 1}, r"wall_s is \{'a': 1\}; expected a number"),
-                              ("accuracy_by_grader", None, "accuracy_by_grader is None; expected an object")):
+                              ("accuracy_by_grader", None, "accuracy_by_grader is None; expected an object"),
+                              ("device", ["H100"], r"device is \['H100'\]; expected a string")):
         meta = json.loads((tmp_path / "28_eval_stage2_dpo" / "meta.json").read_text())
         (tmp_path / "28_eval_stage2_dpo" / "meta.json").write_text(json.dumps({**meta, key: value}))
         with pytest.raises(ValueError, match=rf"^{tmp_path}/28_eval_stage2_dpo/meta.json: {where}$"):

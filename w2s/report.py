@@ -57,7 +57,7 @@ def load_metas(run_dir):
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: no such run directory")
-    metas = {meta_file.parent.name: _check_numbers(meta_file, read_json_object(meta_file))
+    metas = {meta_file.parent.name: _check_fields(meta_file, read_json_object(meta_file))
              for meta_file in sorted(run_dir.glob("*/meta.json"))}
     if not metas:
         raise FileNotFoundError(f"{run_dir}: no finished stage (no */meta.json)")
@@ -68,7 +68,7 @@ def load_metas(run_dir):
 # named with its file instead of failing in a format string: numbers (null where a stage has none, as mfu on a CPU;
 # never a method's accuracy; n_truncated may be an object of them per kind of label; pass@k / maj@k keys too),
 # objects of numbers (per grader or level), and the keys of a pairs stage's "counts" that the tables read (it also
-# holds flags).
+# holds flags); and the device, a name.
 NUMBERS = ("accuracy", "n_prompts", "n_completions", "n_truncated", "n_questions", "n_kept", "kept_fraction",
            "precision", "n_pairs", "pair_precision", "n_train_1", "wall_s", "tokens", "tok_s", "mfu", "peak_mem_gib")
 NUMBER_OBJECTS = ("accuracy_by_grader", "accuracy_by_level", "accuracy_by_level_by_grader", "pass_by_grader",
@@ -76,7 +76,7 @@ NUMBER_OBJECTS = ("accuracy_by_grader", "accuracy_by_level", "accuracy_by_level_
 COUNTS_READ = ("questions", "weak_chosen", "weak_rejected")
 
 
-def _check_numbers(meta_file, meta):
+def _check_fields(meta_file, meta):
     """meta, once the fields above hold what the tables compute with; else a ValueError naming the file, the key
     and the value."""
     def refuse(key, value, expected):
@@ -103,6 +103,8 @@ def _check_numbers(meta_file, meta):
         check_number(key, meta[key], null=False)
     for key in COUNTS_READ:
         check_number(f"counts.{key}", counts.get(key))
+    if not isinstance(meta.get("device") or "", str):  # the cost table's heading lists the devices
+        refuse("device", meta["device"], "a string")
     return meta
 
 
