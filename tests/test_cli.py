@@ -69,9 +69,10 @@ def test_a_rank_whose_peer_left_is_told_apart_from_its_own_failure(monkeypatch):
                         "typically caused by a remote worker crashing.")
     monkeypatch.setattr(parallel.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(parallel.dist, "get_rank", lambda: 1)
-    assert parallel.lost_peer(gone) and not parallel.lost_peer(RuntimeError("CUDA out of memory"))
+    assert parallel.lost_peer_line(gone) == "rank 1 stopped: another rank left the process group (its error says why)"
+    assert parallel.lost_peer_line(RuntimeError("CUDA out of memory")) is None
     monkeypatch.setattr(parallel.dist, "get_rank", lambda: 0)  # rank 0's own failure is never hidden
-    assert not parallel.lost_peer(gone)
+    assert parallel.lost_peer_line(gone) is None
 
 
 def test_a_dry_run_under_torchrun_prints_its_plan_once(monkeypatch):

@@ -273,14 +273,8 @@ def checkpoint_problems(path, tokenizer=True):
         files = checkpoint_files(path)
     except (FileNotFoundError, ValueError) as e:
         return problems + [str(e)]
-    headers = {}
-    for file in sorted(set(files.values())):
-        try:
-            headers[file], data_start = read_safetensors_header(file)
-        except ValueError as e:
-            problems.append(str(e))
-            continue
-        problems += _byte_range_problems(file, headers[file], data_start)
+    headers, shard_problems = _read_shard_headers(files)
+    problems += shard_problems
     with torch.device("meta"):
         expected = {hf_name(n): list(p.shape) for n, p in Transformer(cfg).state_dict().items()}
     for name, shape in expected.items():
@@ -313,12 +307,25 @@ def _byte_range_problems(file, header, data_start):
     return problems
 
 
+def _read_shard_headers(files):
+    """({shard: its header}, problems): each shard's header read, and what is wrong with a shard itself (an
+    unreadable header, a tensor whose bytes lie past the end of the file, ...)."""
+    headers, problems = {}, []
+    for file in sorted(set(files.values())):
+        try:
+            headers[file], data_start = read_safetensors_header(file)
+        except ValueError as e:
+            problems.append(str(e))
+            continue
+        problems += _byte_range_problems(file, headers[file], data_start)
+    return headers, problems
+
+
 def check_shard_sizes(path):
     """One ValueError line for the first shard whose header is unreadable or whose tensors lie past its end."""
-    for file in sorted(set(checkpoint_files(path).values())):
-        problems = _byte_range_problems(file, *read_safetensors_header(file))
-        if problems:
-            raise ValueError(problems[0])
+    problems = _read_shard_headers(checkpoint_files(path))[1]
+    if problems:
+        raise ValueError(problems[0])
 
 
 def validate_checkpoint(path, tokenizer=True):

@@ -33,14 +33,13 @@ def _one_line(invoke, ctx):
     try:
         return invoke(ctx)
     except Exception as e:
-        from w2s.parallel import lost_peer, rank
+        from w2s.parallel import lost_peer_line
 
         engine = sys.modules.get("w2s.engine")  # loaded whenever its RunLocked (another run holds the lock) is raised
         if isinstance(e, (ValueError, OSError)) or (engine is not None and isinstance(e, engine.RunLocked)):
             raise OneLineError(str(e)) from None
-        if lost_peer(e):
-            raise OneLineError(f"rank {rank()} stopped: another rank left the process group (its error says why)") \
-                from None
+        if line := lost_peer_line(e):
+            raise OneLineError(line) from None
         raise
 
 

@@ -165,9 +165,13 @@ def is_token_id(t):
     return isinstance(t, int) and not isinstance(t, bool) and t >= 0
 
 
-def is_pair_weight(w):
-    """A pair's loss weight: a finite number >= 0 (NaN and true are not)."""
-    return isinstance(w, (int, float)) and not isinstance(w, bool) and 0 <= w < math.inf
+def pair_weight_problem(row):
+    """Why a pair's optional "weight" (its loss weight, w2s/train.py pair_weights) is not one, or None: it must be a
+    finite number >= 0 (NaN and true are not)."""
+    w = row.get("weight", 1.0)
+    if isinstance(w, (int, float)) and not isinstance(w, bool) and 0 <= w < math.inf:
+        return None
+    return f"'weight' must be a finite number >= 0, got {w!r}"
 
 
 def _ids(row, key):
@@ -282,9 +286,8 @@ def _conversational_pair(tokenizer, row):
 
 def pair_example(tokenizer, row):
     """The Pair of one preference row in any of the module docstring's formats, or BadRow."""
-    weight = row.get("weight", 1.0)  # w2s/train.py pair_weights
-    if not is_pair_weight(weight):
-        raise BadRow(f"'weight' must be a finite number >= 0, got {weight!r}")
+    if problem := pair_weight_problem(row):
+        raise BadRow(problem)
     if "prompt_ids" in row or "chosen_ids" in row:
         prompt = _ids(row, "prompt_ids") or []
         chosen, rejected = _ids(row, "chosen_ids"), _ids(row, "rejected_ids")

@@ -45,7 +45,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from w2s.data import is_pair_weight
+from w2s.data import pair_weight_problem
 from w2s.files import write_atomic
 
 PROMPT_KEYS = ("instruction", "content")  # preferred name first; "content" is what the paper's SFT files use
@@ -138,8 +138,8 @@ def _check_id(key, where):
 
 def _check_weight(pair: dict, where: str) -> None:
     """A pair's optional "weight" is its loss weight in training (w2s/data.py): said here, not steps later."""
-    if "weight" in pair and not is_pair_weight(pair["weight"]):
-        raise ValueError(f"{where}: 'weight' must be a finite number >= 0, got {pair['weight']!r}")
+    if problem := pair_weight_problem(pair):
+        raise ValueError(f"{where}: {problem}")
 
 
 def export_sft(rows: list[dict], path: str | Path) -> None:

@@ -97,11 +97,12 @@ def say_error(line):
                                                                   "timestamp": str(int(time.time()))}}}, f)
 
 
-def lost_peer(e):
-    """Whether `e` is this rank's collective failing because another rank has gone (gloo says its peer closed the
-    connection): that rank's own error is the one to read."""
-    return isinstance(e, RuntimeError) and rank() != 0 and dist.is_available() and dist.is_initialized() and \
+def lost_peer_line(e):
+    """The one line to say when `e` is this rank's collective failing because another rank has gone (gloo says its
+    peer closed the connection; that rank's own error is the one to read), or None."""
+    lost = isinstance(e, RuntimeError) and rank() != 0 and dist.is_available() and dist.is_initialized() and \
         ("Connection closed by peer" in str(e) or "Connection reset by peer" in str(e))
+    return f"rank {rank()} stopped: another rank left the process group (its error says why)" if lost else None
 
 
 def all_reduce_sum(tensor, d: Dist):

@@ -140,7 +140,7 @@ def finished_model_files(out, model_dir, overwrite):
 
     sources = [model_dir]
     while (adapter := read_adapter(sources[-1], tensors=False)) is not None and len(sources) < 8:
-        sources.append(adapter_base_dir(sources[-1], adapter))  # an adapter trains from its base's weights
+        sources.append(adapter_base_dir(sources[-1], adapter))  # an adapter trains from its base's (8: no cycles)
     for source in sources:  # the export writes OUT's files and OUT/merged, and --overwrite removes them first
         if out.exists() and (source.resolve() == out.resolve() or source.resolve().is_relative_to(
                 (out / MERGED_DIR).resolve())):
@@ -173,7 +173,7 @@ def run(train, args, **kwargs):
     from w2s.checkpoint import load_for_training, tokenizer_dir
     from w2s.files import read_jsonl
     from w2s.losses import check_beta
-    from w2s.parallel import lost_peer, rank, say_error
+    from w2s.parallel import lost_peer_line, rank, say_error
     from w2s.tracking import check_trackers
     from w2s.train_config import config_from_args
 
@@ -203,9 +203,9 @@ def run(train, args, **kwargs):
         say_error(f"error: {e}")
         sys.exit(2)
     except RuntimeError as e:  # a rank left behind when another failed: one line, not a traceback from each
-        if not lost_peer(e):
+        if not (line := lost_peer_line(e)):
             raise
-        say_error(f"error: rank {rank()} stopped: another rank left the process group (its error says why)")
+        say_error(f"error: {line}")
         sys.exit(1)
     finally:
         if dist.is_initialized():  # under torchrun: leave the process group cleanly
