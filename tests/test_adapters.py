@@ -174,6 +174,26 @@ def test_export_merged_writes_a_plain_hf_copy(base, tmp_path):
                                    rtol=1e-5)
 
 
+def test_an_adapter_written_over_another_is_incomplete_until_it_ends(trained, tmp_path, monkeypatch):
+    """save_adapter writes adapter_config.json last so that its presence means complete: over an earlier adapter, a
+    save that dies writing the weights leaves none (the earlier config, of another rank, would describe them)."""
+    import safetensors.torch
+
+    from w2s.lora import save_adapter
+
+    adapter = read_adapter(trained[0])
+    save_adapter(tmp_path / "a", adapter)
+    assert (tmp_path / "a" / "adapter_config.json").is_file()
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_adapter(tmp_path / "a", adapter)
+    assert not (tmp_path / "a" / "adapter_config.json").exists()
+
+
 def test_tensor_parallel_ranks_merge_their_slices(base, trained):
     """adapter_for_rank: a rank's slice of the merged weight equals the merge of its slices of W, A and B."""
     from w2s.tensor_parallel import adapter_for_rank, shard_slice

@@ -62,6 +62,32 @@ def test_saved_model_loads_in_transformers(family, tmp_path):
     assert torch.equal(w2s_logits(again, tokens), w2s_logits(model, tokens))
 
 
+def test_a_save_over_an_earlier_export_is_incomplete_until_it_ends(tmp_path, monkeypatch):
+    """save_model's promise, a directory with a config.json is complete, holds when it writes over an earlier export:
+    a save that dies while writing its shards leaves no config.json (the earlier one described other weights)."""
+    import w2s.checkpoint as checkpoint
+
+    save_hf("llama2", tmp_path / "src")
+    model = w2s.load_model(tmp_path / "src", dtype=torch.float32)
+    w2s.save_model(model, tmp_path / "out", max_shard_bytes=30_000)
+    assert (tmp_path / "out" / "config.json").is_file()
+    written = []
+
+    def dies_on_the_second_shard(tensors, filename, metadata=None):
+        if written:
+            raise OSError("No space left on device")
+        written.append(filename)
+        real_save_file(tensors, filename, metadata=metadata)
+
+    real_save_file = checkpoint.save_file
+    monkeypatch.setattr(checkpoint, "save_file", dies_on_the_second_shard)
+    with pytest.raises(OSError, match="No space left"):
+        w2s.save_model(model, tmp_path / "out", max_shard_bytes=30_000)
+    assert written and not (tmp_path / "out" / "config.json").exists()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        w2s.load_model(tmp_path / "out")
+
+
 def test_save_keeps_generation_config_and_merges_live_lora(tmp_path):
     """save_model writes back the loaded generation_config.json (Llama-3-Instruct's list of stop ids, default
     sampling), and merges LoRA layers still in the model: transformers would load them as unexpected keys, ignored."""

@@ -387,8 +387,11 @@ def save_model(model, path, tokenizer=None, dtype=None, max_shard_bytes=5 * 2**3
             current, size = {}, 0
         current[name], size = tensors[name], size + nbytes
     shards.append(current)
-    stale = [*path.glob("model*.safetensors"), path / INDEX_FILE, path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS]
-    for old in stale:  # a stale shard from an earlier save would shadow the new ones; an adapter would win over them
+    # A stale shard from an earlier save would shadow the new ones and an adapter would win over them; an earlier
+    # config.json goes first, so that the directory reads as incomplete until this save writes its own.
+    stale = [path / "config.json", *path.glob("model*.safetensors"), path / INDEX_FILE, path / ADAPTER_CONFIG,
+             path / ADAPTER_WEIGHTS]
+    for old in stale:
         old.unlink(missing_ok=True)
     if len(shards) == 1:
         with naming_path(path / SINGLE_FILE):

@@ -203,8 +203,9 @@ def save_adapter(path, adapter: Adapter, tokenizer=None):
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    for stale in [*path.glob("model*.safetensors"), path / "model.safetensors.index.json", path / "config.json",
-                  path / "generation_config.json"]:
+    # An earlier adapter_config.json goes first: beside the new weights it would describe another adapter.
+    for stale in [path / ADAPTER_CONFIG, *path.glob("model*.safetensors"), path / "model.safetensors.index.json",
+                  path / "config.json", path / "generation_config.json"]:
         stale.unlink(missing_ok=True)
     tensors = {}
     for name, (a, b) in sorted(adapter.tensors.items()):
