@@ -3,8 +3,8 @@ workload, random weights.
 
     python scripts/bench_sampling.py                      # CPU: small Llama-shaped model, 32 prompts x 8 x 256 tokens
                                                           #      after 128-token prompts, and transformers' generate on
-                                                          #      the same weights (~5 min on 2 cores)
-    python scripts/bench_sampling.py --samples 4 --new-tokens 64 --prompt-len 32   # CPU: the quick earlier default
+                                                          #      the same weights (minutes on 2 cores)
+    python scripts/bench_sampling.py --samples 4 --new-tokens 64 --prompt-len 32   # CPU: a quick small run
     python scripts/bench_sampling.py --shared-prefix 384 --samples 1 --prompt-len 32 --new-tokens 64
                                                           # ICL-shaped: 4-shot demos common to all prompts
     python scripts/bench_sampling.py --device cuda        # GPU: Llama-3-8B-shaped bf16, 256 prompts x 8 x 256 tokens,
@@ -54,8 +54,8 @@ SHAPES = {
     "small": dict(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=64, hidden_dim=688, vocab_size=2048),
     "8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336, vocab_size=128256),
 }
-# CPU: the GPU workload's per-prompt shape (the target's 256 prompts x 8 samples x 256 new tokens) on 32 prompts, so
-# that both sides finish in minutes on 2 cores.
+# CPU: the GPU default's per-prompt shape (256 prompts x 8 samples x 256 new tokens; the batch target itself is
+# measured at --prompts 64) on 32 prompts, so that both sides finish in minutes on 2 cores.
 WORKLOADS = {"cpu": dict(prompts=32, samples=8, new_tokens=256, prompt_len=128),
              "cuda": dict(prompts=256, samples=8, new_tokens=256, prompt_len=128)}
 # --gsm8k: prompt lengths drawn uniformly from this range; EOS after a geometric number of tokens of this mean;

@@ -62,7 +62,7 @@ def test_an_error_is_said_once_per_torchrun_launch_and_named_in_its_failure_summ
 
 def test_a_rank_whose_peer_left_is_told_apart_from_its_own_failure(monkeypatch):
     """gloo's error on the ranks that wait in a collective when another rank has failed (rank 0's export I/O, say):
-    sft.py / dpo.py turn it into one line there (it was a traceback after the failed rank's one line)."""
+    sft.py / dpo.py turn it into one line there, not a traceback after the failed rank's own line."""
     from w2s import parallel
 
     gone = RuntimeError("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:46251. This is "
@@ -88,7 +88,7 @@ def test_a_dry_run_under_torchrun_prints_its_plan_once(monkeypatch):
 @pytest.mark.parametrize("option", [["--temperature", "nan"], ["--temperature", "inf"], ["--top-p", "nan"]])
 def test_sample_refuses_an_impossible_distribution_before_reading_anything(tmp_path, option):
     """The checkpoint and the prompts file do not even exist: the options are refused first, in one line (NaN
-    passed click's ranges and was refused only after the model had loaded and the run's meta.json was written)."""
+    passes click's ranges, so w2s checks it before loading the model or writing the run's meta.json)."""
     out = CliRunner().invoke(main, ["sample", str(tmp_path), "--input", str(tmp_path / "p.jsonl"), "--output",
                                     str(tmp_path / "o.jsonl"), *option])
     assert out.exit_code == 1 and out.output.startswith(f"Error: {option[0][2:].replace('-', '_')}=")
@@ -100,7 +100,7 @@ def test_sample_refuses_an_output_under_a_file_and_impossible_sizes_before_loadi
     (tmp_path / "a_file").write_text("")
     out = CliRunner().invoke(main, ["sample", str(tmp_path), "--input", str(tmp_path / "p.jsonl"), "--output",
                                     str(tmp_path / "a_file" / "o.jsonl")])
-    assert out.exit_code == 1 and "a directory above it is a file" in out.output  # it was an Errno 17 after loading
+    assert out.exit_code == 1 and "a directory above it is a file" in out.output  # before loading, not an OS error
     for option in (["--tp", "0"], ["--cache-len", "-5"]):
         out = CliRunner().invoke(main, ["sample", str(tmp_path), "--input", "p", "--output", "o", *option])
         assert out.exit_code == 2 and f"Invalid value for '{option[0]}'" in out.output

@@ -11,9 +11,9 @@ sides; the kernels differ from the reference only in summation order), and the l
 and learned).
 
 Every launch of a Triton kernel under the interpreter runs its programs one by one in Python, so the model and
-batch are as small as still meaningful (1 block, 16 tokens; ~1 s of CPU per training step).
+batch are as small as still meaningful (1 block, 16 tokens).
 
-    python -m pytest -q tests/test_convergence.py     # ~35 s of CPU (2 x 20 steps + imports)
+    python -m pytest -q tests/test_convergence.py     # 2 runs x 20 steps on CPU
 """
 
 import os

@@ -46,8 +46,8 @@ def test_read_jsonl_missing_file(tmp_path):
 
 def test_a_record_is_a_json_object_or_one_line_naming_it(tmp_path):
     """Run records (a stage's meta.json, recipe.json, a sampling run's meta.json, a checkpoint's train_state.json)
-    read as objects; a torn or foreign file is one ValueError naming it, to which the caller adds what to do (a list
-    was an AttributeError traceback)."""
+    read as objects; a torn or foreign file (a list, say) is one ValueError naming it, to which the caller adds what
+    to do."""
     from w2s.sampling_jsonl import check_run_meta
 
     record = tmp_path / "r.json"

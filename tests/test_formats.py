@@ -230,9 +230,9 @@ def test_bad_rows_name_the_expected_keys(tok, capsys):
 
 
 def test_token_id_rows_hold_whole_numbers_inside_the_vocabulary(tok, capsys):
-    """Ids that are not whole numbers >= 0 were cast (7.5 -> 7, true -> 1), dropped ("abc" as no prompt) or crashed
-    the collate (null); an id past the embedding table crashed the first step after the model was set up. Each is
-    now a bad row, named; the trainer passes the model's vocabulary."""
+    """An id that is not a whole number >= 0 (7.5, true, "abc", null) is never cast, dropped or left to the collate,
+    and an id past the embedding table never reaches the first step: each is a bad row, named; the trainer passes
+    the model's vocabulary."""
     rows = [{"prompt_ids": [3, 4], "response_ids": [6, 299], "_where": "i.jsonl:1"},
             {"prompt_ids": [3, 4], "response_ids": [6, 300], "_where": "i.jsonl:2"},
             {"prompt_ids": [3, -1], "response_ids": [6], "_where": "i.jsonl:3"},

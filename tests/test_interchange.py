@@ -114,7 +114,7 @@ def test_missing_file_and_missing_row_keys(tmp_path):
         export_sft([SFT_ROWS[0], {"id": 1, "prompt": "p"}], tmp_path / "x.json")
     with pytest.raises(ValueError, match=r"pairs\[0\]: missing key 'rejected'"):
         export_pairs([{"id": 1, "prompt": "p", "chosen": "c"}], tmp_path / "y.json")
-    # values this module's own import refuses were written as they were (None, a number)
+    # values this module's own import refuses (None, a number) are refused on export too
     for rows, message in (([{"id": 1, "prompt": None, "response": "r"}], r"rows\[0\]: key 'prompt' must be a string"),
                           ([{"id": None, "prompt": "p", "response": "r"}], r"rows\[0\]: id None: expected a string"),
                           (["id prompt response"], r"rows\[0\]: expected an object with the keys")):

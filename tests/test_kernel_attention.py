@@ -614,15 +614,16 @@ def test_grad_mode_with_few_tokens_uses_flash_path():
         assert ops.use_decode_kernel(q, k, v)
 
 
-def old_decode_rule(T, G, grad):
-    """Where kernels/attention.py sent a call to the decode kernel before the choice moved to w2s/ops.py."""
+def decode_kernel_domain(T, G, grad):
+    """The decode kernel's domain, written independently of w2s/ops.py: no gradient, and few query rows per KV head
+    (T query tokens, G query heads sharing each KV head)."""
     return not grad and T <= 16 and T * G <= 128
 
 
 @pytest.mark.parametrize("grad", ["requires_grad", "requires_grad-under-no_grad", "no-requires_grad"])
-def test_ops_picks_decode_or_flash_where_it_did_before(monkeypatch, grad):
-    """ops.attention on Triton, over a grid of query lengths and GQA groups: the decode kernel exactly where the old
-    rule sent it (few rows, no gradient), the flash kernel everywhere else. Kernels stubbed: only the choice runs."""
+def test_ops_picks_decode_for_few_rows_without_grad_and_flash_elsewhere(monkeypatch, grad):
+    """ops.attention on Triton, over a grid of query lengths and GQA groups: the decode kernel exactly in its domain
+    (few rows, no gradient), the flash kernel everywhere else. Kernels stubbed: only the choice runs."""
     monkeypatch.setattr(ops, "_backend", "triton")
     monkeypatch.setattr(flash, "attention", lambda *a, **k: "flash")
     monkeypatch.setattr(decode, "attention_decode", lambda *a, **k: "decode")
@@ -634,7 +635,7 @@ def test_ops_picks_decode_or_flash_where_it_did_before(monkeypatch, grad):
             positions = torch.arange(T, device=DEVICE).expand(2, T) + 20
             with torch.set_grad_enabled(grad != "requires_grad-under-no_grad"):
                 got = ops.attention(q, k, k, q_positions=positions)
-            expected = "decode" if old_decode_rule(T, H // K, grad == "requires_grad") else "flash"
+            expected = "decode" if decode_kernel_domain(T, H // K, grad == "requires_grad") else "flash"
             assert got == expected, (T, H, K, grad)
 
 
@@ -646,7 +647,7 @@ def test_ops_picks_decode_or_flash_where_it_did_before(monkeypatch, grad):
     (1, 64, {"q_positions": None}, "decode"),  # no positions: no cascade
     (17, 64, {}, "flash"),  # too many queries for the decode kernel
 ], ids=["cascade", "cascade-window-softcap", "short-prefix", "kv-lengths", "no-positions", "long-query"])
-def test_ops_picks_the_cascade_where_it_did_before(monkeypatch, T, prefix, options, expected):
+def test_ops_picks_the_cascade_for_a_long_shared_prefix_only(monkeypatch, T, prefix, options, expected):
     monkeypatch.setattr(ops, "_backend", "triton")
     monkeypatch.setattr(flash, "attention", lambda *a, **k: "flash")
     monkeypatch.setattr(decode, "attention_decode", lambda *a, **k: "decode")

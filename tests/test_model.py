@@ -211,7 +211,8 @@ def test_unknown_architecture(tmp_path):
     ("rope_theta", -1.0, r"rope_theta=-1\.0: expected a finite number > 0"),
 ])  # fmt: skip
 def test_config_values_of_the_wrong_type_are_one_clear_error(tmp_path, key, value, message):
-    """A string where a size goes was a TypeError in the parameter count; a NaN epsilon sampled token 0 forever."""
+    """A string where a size goes, or a NaN epsilon (which would sample token 0 forever), is one line naming the key
+    and what was expected."""
     save_hf("llama2", tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, key: value}))

@@ -17,7 +17,6 @@ from w2s.config import ModelConfig
 from w2s.profile import (
     GiB,
     StageProfiler,
-    Timer,
     flops_per_token,
     fmt_log_line,
     mfu,
@@ -107,12 +106,6 @@ def test_fmt_log_line():
     assert fmt_log_line(step=3, loss=0.5, tok_s=100.0, mfu=None) == "step 3 | loss 0.5000 | tok/s 100 | mfu -"
     assert fmt_log_line() == "mfu -"
     assert fmt_log_line(loss=torch.tensor(2.0), n_pairs=8, grad_norm=None) == "loss 2.0000 | n_pairs 8 | mfu -"
-
-
-def test_timer_measures_wall_time():
-    with Timer() as t:
-        time.sleep(0.05)
-    assert 0.05 <= t.seconds < 1.0
 
 
 def test_stage_profiler_counts_and_skips_warmup():

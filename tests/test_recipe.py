@@ -123,10 +123,10 @@ def test_split_sizes_past_the_train_file_are_refused_before_the_run(tmp_path):
     recipe = _load(tmp_path, BASE.replace("[data]", "[data]\nn_train_1 = 3\nn_train_2 = 3"))
     with pytest.raises(ValueError, match=r"r\.toml: \[data\] n_train_1 \+ n_train_2 = 3 \+ 3 but .*train\.jsonl has 4 "
                                          r"records$"):
-        validate_inputs(recipe)  # it was found only when 00_data ran, naming neither the recipe nor the file
+        validate_inputs(recipe)  # before any stage runs, naming the recipe and the file
     from w2s.estimate import workload
 
-    recipe = _load(tmp_path, BASE.replace("[data]", "[data]\nn_test = 5"))  # taken as 4, silently
+    recipe = _load(tmp_path, BASE.replace("[data]", "[data]\nn_test = 5"))  # refused, not taken as 4
     for check in (validate_inputs, workload):  # the run's check and the dry run's
         with pytest.raises(ValueError, match=r"r\.toml: \[data\] n_test = 5 but .*test\.jsonl has 4 records$"):
             check(recipe)

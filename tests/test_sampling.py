@@ -237,7 +237,7 @@ def test_chunked_prefill_bad_option(ckpt):
 
 
 def test_prompt_ids_outside_the_vocabulary_are_refused_before_sampling(ckpt, tmp_path):
-    """An id past the embedding table crashed the first forward with an IndexError; true / -1 passed as ids."""
+    """An id past the embedding table, true or -1 as an id: refused before the first forward, not an IndexError."""
     model, _ = load(ckpt, "llama2")
     with pytest.raises(ValueError, match=rf"^prompt 1: token id {VOCAB} is outside the model's vocabulary \(ids 0 "
                                          rf"to {VOCAB - 1}\)$"):
@@ -272,9 +272,9 @@ def test_a_torchrun_process_that_has_not_joined_the_group_is_refused(ckpt, tmp_p
 
 
 def test_the_loaders_name_a_truncated_shard_before_reading_it(ckpt, tmp_path, monkeypatch):
-    """Both loaders check the headers against the file sizes before reading a tensor: under tensor parallelism a
-    truncated copy was a raw SafetensorError traceback from every rank, and the one-process loader found it only
-    when it reached the tensor, after reading the ones before it."""
+    """Both loaders check the headers against the file sizes before reading a tensor: a truncated copy is one line
+    naming the shard, not a raw SafetensorError from every tensor-parallel rank, nor found only on reaching the
+    tensor after reading the ones before it."""
     import shutil
 
     from w2s.tensor_parallel import load_model_tp

@@ -131,7 +131,7 @@ def test_other_bad_inputs(tmp_path):
         load_records("olympiad", tmp_path / "a.jsonl")
     gsm8k_row = {"question": "q", "answer": "1 + 1 = 2\n#### 2"}
     with pytest.raises(ValueError, match=r"n\.jsonl:1: key 'id' must be a non-empty string or an integer, got None"):
-        load_records("gsm8k", _write(tmp_path / "n.jsonl", [json.dumps({**gsm8k_row, "id": None})]))  # was "None"
+        load_records("gsm8k", _write(tmp_path / "n.jsonl", [json.dumps({**gsm8k_row, "id": None})]))  # not "None"
     math_row = {"problem": "p", "solution": "s", "answer": "1"}
     with pytest.raises(ValueError, match=r"l\.jsonl:1: key 'level' should be 1 to 5 or 'Level N', got 9"):
         load_records("math", _write(tmp_path / "l.jsonl", [json.dumps({**math_row, "level": 9})]))

@@ -696,7 +696,7 @@ def test_jsonl_rows_and_impossible_configs_get_one_line_errors(tmp_path):
     with pytest.raises(ValueError, match=r"^TrainConfig\.bad_rows='drop': expected 'skip' or 'error'$"):
         TrainConfig(bad_rows="drop")
     with pytest.raises(ValueError, match=r"^TrainConfig\.epochs=1\.5: expected a whole number$"):
-        TrainConfig(epochs=1.5)  # it failed as a bare TypeError in range() after the model was set up
+        TrainConfig(epochs=1.5)  # at construction, not a TypeError in range() after the model is set up
     with pytest.raises(ValueError, match=r"^TrainConfig\.adam_betas=\(0\.9, 1\.0\): expected two numbers in \[0, 1\)$"):
         TrainConfig(adam_betas=(0.9, 1.0))
     with pytest.raises(ValueError, match=r"^TrainConfig\.min_lr=0\.001: expected a number <= lr \(1e-05\)$"):

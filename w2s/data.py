@@ -176,7 +176,7 @@ def pair_weight_problem(row):
 
 def _ids(row, key):
     """The token ids under `key`; None when absent, null or empty; BadRow when not a list of whole numbers >= 0 (a
-    float, a bool or a string was truncated, cast or dropped silently)."""
+    float, a bool or a string is never truncated, cast or dropped silently)."""
     value = row.get(key)
     if value is None:
         return None

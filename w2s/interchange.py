@@ -113,8 +113,8 @@ def _prompt(entry: dict, where: str) -> str:
 
 
 def _check_keys(row: dict, keys: tuple, where: str) -> None:
-    """A row to export: an object with every key, an id that is a string or an integer, the other keys strings (a
-    None or a number was written as is, and this module's import then refused the file)."""
+    """A row to export: an object with every key, an id that is a string or an integer, the other keys strings, so
+    that this module's import reads back every file its export writes."""
     if not isinstance(row, dict):
         raise ValueError(f"{where}: expected an object with the keys {', '.join(keys)}, got {type(row).__name__}")
     for key in keys:

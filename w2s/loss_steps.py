@@ -87,21 +87,24 @@ class PreferenceStep:
         n_tokens = (batch["targets"] != IGNORE_INDEX).sum(-1)  # (2P,)
         seq = logps.sum(-1)  # (2P,) summed response log-probs, chosen rows first
         chosen, rejected = seq[:P], seq[P:]
-        pairs, weights = norm[1], batch.get("weights")  # weights (P,) or None
+        _, pairs, chosen_tokens = norm  # global counts
+        weights = batch.get("weights")  # (P,) or None
         if self.kind == "orpo":
-            loss, rc, rr, extra = losses.orpo_loss(chosen, rejected, n_tokens[:P], n_tokens[P:], self.beta,
-                                                   n_pairs=pairs, n_chosen_tokens=norm[2], nll=self.orpo_nll,
-                                                   weights=weights)
+            loss, chosen_rewards, rejected_rewards, extra = losses.orpo_loss(
+                chosen, rejected, n_tokens[:P], n_tokens[P:], self.beta, n_pairs=pairs, n_chosen_tokens=chosen_tokens,
+                nll=self.orpo_nll, weights=weights)
         else:
             ref = batch["ref"]  # (2P,)
-            per_pair, rc, rr, nll = losses.reference_pair_losses(self.kind, chosen, rejected, ref[:P], ref[P:],
-                                                                 n_tokens[:P], self.beta, self.nll_weight)
+            per_pair, chosen_rewards, rejected_rewards, nll = losses.reference_pair_losses(
+                self.kind, chosen, rejected, ref[:P], ref[P:], n_tokens[:P], self.beta, self.nll_weight)
             loss = losses.weighted_pair_mean(per_pair, pairs, weights)
             extra = {"nll": losses.weighted_pair_mean(nll, pairs, weights)} if nll is not None else {}
         if self.kind == "orpo":  # logged as TRL logs them: per-token means for ORPO, sums for DPO / IPO
             chosen, rejected = chosen / n_tokens[:P], rejected / n_tokens[P:]
-        stats = {"loss": loss.detach(), "rewards/chosen": rc.sum() / pairs, "rewards/rejected": rr.sum() / pairs,
-                 "rewards/accuracies": (rc > rr).float().sum() / pairs, "rewards/margins": (rc - rr).sum() / pairs,
+        stats = {"loss": loss.detach(), "rewards/chosen": chosen_rewards.sum() / pairs,
+                 "rewards/rejected": rejected_rewards.sum() / pairs,
+                 "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum() / pairs,
+                 "rewards/margins": (chosen_rewards - rejected_rewards).sum() / pairs,
                  "logps/chosen": chosen.detach().sum() / pairs, "logps/rejected": rejected.detach().sum() / pairs,
                  **extra}
         return loss, stats

@@ -3,7 +3,7 @@
 The families differ in a handful of places, each an explicit field of ModelConfig and commented where it acts:
 
     family    norm                 embed       MLP      attention                     logits
-    llama     w * norm(x)          -           SwiGLU   GQA, rope (3.1: llama3 scale)  -
+    llama     w * norm(x)          -           SwiGLU   GQA, rope (3.1: llama3 scale)  - (3.2 1B/3B: tied)
     mistral   w * norm(x)          -           SwiGLU   GQA, sliding window            -
     gemma     (1+w) * norm(x) fp32 * sqrt(D)   GeGLU    MQA/GQA, head_dim 256          tied
     gemma2    (1+w) ... + sandwich * sqrt(D)   GeGLU    scale 1/sqrt(qpas), softcap,   tied, final softcap
@@ -176,7 +176,8 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_unit_offset)
-        # Gemma ties the output matrix to the embeddings: no lm_head parameter at all, so nothing can drift apart.
+        # Tied configs (Gemma, Llama-3.2 1B/3B) use the embeddings as the output matrix: no lm_head parameter at all,
+        # so nothing can drift apart.
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         # Rotary inverse frequencies: derived from the config, never stored in checkpoints (non-persistent).
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)

@@ -15,6 +15,9 @@ raises an error instead of quietly running the slow path.
 Only the choice lives here; every implementation is a module of kernels/. Attention has a second choice on each
 side: on Triton `use_decode_kernel` picks the decode kernel or the flash kernel (and CASCADE_MIN_PREFIX the
 cascade over a shared prefix), on CPU `kernels.sdpa_attention.supports` says where SDPA stands in for the reference.
+
+Test: python -m pytest -q tests/test_kernels.py tests/test_kernel_attention.py   (without CUDA the Triton
+side runs under TRITON_INTERPRET=1, which those test files set)
 """
 
 import importlib

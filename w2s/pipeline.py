@@ -152,7 +152,7 @@ def build_stages(recipe):
         stage("03_icl_labels", run_labels, ["00_data", "02_weak_labels"], few_shot, model="strong",
               prompt="few_shot"),
         stage("04_r1_filter", run_filter, ["00_data", "02_weak_labels", "03_icl_labels"] + weak_votes,
-              task_key(r) | weak_sc_key(r), weak="02_weak_labels", other="03_icl_labels",
+              task_key(r) | weak_self_consistency_key(r), weak="02_weak_labels", other="03_icl_labels",
               **({"weak_samples": "02_weak_samples"} if weak_sc else {})),
         sft_on_set("05_r1_sft_weak", "04_r1_filter", "weak"),
         sft_on_set("06_r1_sft_icl", "04_r1_filter", "icl"),
@@ -191,16 +191,16 @@ def model_reads(model):
     return [] if model in ("weak", "strong") else [model]
 
 
-def prompt_kind(r, model):
+def prompt_kind(recipe, model):
     """How a model is prompted zero-shot: the weak model used as is in its chat template when the recipe says so
     ([models] weak_chat_template), every other one with the task's plain-text prompt."""
-    return "chat" if model == "weak" and r.models.weak_chat_template else "zero_shot"
+    return "chat" if model == "weak" and recipe.models.weak_chat_template else "zero_shot"
 
 
-def pairs_stage(name, r, samples, when=True):
+def pairs_stage(name, recipe, samples, when=True):
     """A pairs row: the vote over `samples` against the weak labels (and, with the weak self-consistency filter on,
     its samples, and the stand-in labels of 08_r2_labels_weak under weak_relabel)."""
-    s1, extra = r.stage1, {}
+    s1, extra = recipe.stage1, {}
     reads = ["00_data", "02_weak_labels", samples]
     if s1.weak_self_consistency:
         reads.append("02_weak_samples")
@@ -208,7 +208,7 @@ def pairs_stage(name, r, samples, when=True):
         if s1.weak_relabel:
             reads.append("08_r2_labels_weak")
             extra["relabel"] = "08_r2_labels_weak"
-    return stage(name, run_pairs, reads, pairs_key(r), when, samples=samples, **extra)
+    return stage(name, run_pairs, reads, pairs_key(recipe), when, samples=samples, **extra)
 
 
 def round_model(loss, rnd):
@@ -216,15 +216,15 @@ def round_model(loss, rnd):
     return PREFERENCE_STAGES[loss] if rnd == 1 else f"{ROUND_NUMBERS['train']}_round{rnd}_{loss}"
 
 
-def stage2_round(r, loss, rnd):
+def stage2_round(recipe, loss, rnd):
     """[stage2] rounds: Stage II round rnd >= 2 of `loss` (Pang et al. 2024's iteration): the previous round's model
     samples train_2, votes, pairs against the weak labels by the paper's rules, and is trained on them; the trainer
     computes the reference log-probs from the weights it starts from, i.e. the previous round's model."""
     previous, n = round_model(loss, rnd - 1), ROUND_NUMBERS
     samples, pairs = f"{n['samples']}_round{rnd}_samples_{loss}", f"{n['pairs']}_round{rnd}_pairs_{loss}"
-    return [stage(samples, run_samples, ["00_data", previous], samples_key(r), model=previous),
-            pairs_stage(pairs, r, samples),
-            stage(round_model(loss, rnd), run_preference, [pairs, previous], preference_key(r, loss), pairs=pairs,
+    return [stage(samples, run_samples, ["00_data", previous], samples_key(recipe), model=previous),
+            pairs_stage(pairs, recipe, samples),
+            stage(round_model(loss, rnd), run_preference, [pairs, previous], preference_key(recipe, loss), pairs=pairs,
                   init=previous, loss=loss)]
 
 
@@ -245,21 +245,21 @@ def eval_number(method):
     return ROUND_NUMBERS["eval"] if "_round" in method else EVAL_NUMBERS[method]
 
 
-def evaluations(r, present, m_plus):
+def evaluations(recipe, present, m_plus):
     """Greedy test accuracy of every trained model present, strong ICL, then pass@k of M_plus and M_pro, in the
     order of their fixed numbers."""
     evals = [stage(f"{eval_number(method)}_eval_{method}", run_eval, ["00_test", *model_reads(model)],
-                   zero_shot_key(r, model) | {"method": method}, model=model, prompt=prompt_kind(r, model))
-             for method, model in eval_methods(r) if model in present]
+                   zero_shot_key(recipe, model) | {"method": method}, model=model, prompt=prompt_kind(recipe, model))
+             for method, model in eval_methods(recipe) if model in present]
     evals.append(stage(f"{EVAL_NUMBERS['strong_icl']}_eval_strong_icl", run_eval, ["00_test", "02_weak_labels"],
-                       greedy_key(r, "few_shot") | {"method": "strong_icl"}, "strong_icl" in r.eval.baselines,
+                       greedy_key(recipe, "few_shot") | {"method": "strong_icl"}, "strong_icl" in recipe.eval.baselines,
                        model="strong", prompt="few_shot"))
-    if k := r.eval.pass_k_samples:
+    if k := recipe.eval.pass_k_samples:
         for method, model in [("stage1_plus", m_plus)] + [(f"stage2_{x}", STAGE2_STAGES[x])
-                                                           for x in r.stage2.losses]:
+                                                           for x in recipe.stage2.losses]:
             evals.append(stage(f"{PASSK_NUMBERS[method]}_passk_{method}", run_eval, ["00_test", model],
-                               passk_key(r), model=model, prompt="zero_shot", n=k,
-                               temperature=r.eval.pass_k_temperature))
+                               passk_key(recipe), model=model, prompt="zero_shot", n=k,
+                               temperature=recipe.eval.pass_k_temperature))
     return sorted((row for row in evals if row is not None), key=lambda row: int(row.name.split("_")[0]))
 
 
@@ -292,8 +292,8 @@ def train_options(recipe, section):
     return {k: v for k, v in cfg.items() if k not in RUNTIME_ONLY + KEYED_PER_LOSS}
 
 
-def data_key(r):
-    d = r.data
+def data_key(recipe):
+    d = recipe.data
     if d.train_2:  # the setting without gold: the questions file, used whole
         return {"task": d.task, "train_2": sha256_file(d.train_2),
                 "record_ids": "the row's id field, else its position"}
@@ -302,8 +302,8 @@ def data_key(r):
             "record_ids": "the row's id field, else its position"}  # the GSM8K loader keeps ids of files that have them
 
 
-def test_key(r):
-    return {"task": r.data.task, "test": sha256_file(r.data.test), "n_test": r.data.n_test,
+def test_key(recipe):
+    return {"task": recipe.data.task, "test": sha256_file(recipe.data.test), "n_test": recipe.data.n_test,
             "record_ids": "the row's id field, else its position"}
 
 
@@ -312,17 +312,17 @@ def test_key(r):
 # answers do: the filters and the pairs, whose keys include it. An evaluation scores its responses under EVERY
 # available grader and the report picks the recipe's, so its key leaves the grader out: changing the grader never
 # resamples the test set.
-def task_key(r):
-    return {"task": r.data.task, "grader": r.data.grader}
+def task_key(recipe):
+    return {"task": recipe.data.task, "grader": recipe.data.grader}
 
 
-def sft_key(r, section, base):
-    return {"train": train_options(r, section), "base": ckpt_fingerprint(base), "dtype": r.models.dtype}
+def sft_key(recipe, section, base):
+    return {"train": train_options(recipe, section), "base": ckpt_fingerprint(base), "dtype": recipe.models.dtype}
 
 
-def strong_sft_key(r):
+def strong_sft_key(recipe):
     """key(set, init) of a strong SFT stage: which set it trains on, and from which model ("strong" = the base)."""
-    base = sft_key(r, "strong_sft", r.models.strong)
+    base = sft_key(recipe, "strong_sft", recipe.models.strong)
 
     def key(sft_set, init="strong"):
         return base | {"set": sft_set} | ({"init": "strong_base" if init == "strong" else init} if init else {})
@@ -330,78 +330,80 @@ def strong_sft_key(r):
     return key
 
 
-def zero_shot_key(r, model):
+def zero_shot_key(recipe, model):
     """Greedy zero-shot generation by `model` (weak_id: which weights and prompt when it is the weak checkpoint)."""
-    return greedy_key(r, "zero_shot") | weak_id(r, model)
+    return greedy_key(recipe, "zero_shot") | weak_id(recipe, model)
 
 
-def weak_id(r, model):
+def weak_id(recipe, model):
     """The recipe's weak checkpoint used as is has no stage of its own whose key would say which weights: its
     fingerprint joins the key, and its prompt kind (plain or chat) replaces "zero_shot". {} for any other model."""
     if model != "weak":
         return {}
-    return {"weak": ckpt_fingerprint(r.models.weak), "prompt": prompt_kind(r, model)}
+    return {"weak": ckpt_fingerprint(recipe.models.weak), "prompt": prompt_kind(recipe, model)}
 
 
-def greedy_key(r, prompt):
+def greedy_key(recipe, prompt):
     """Greedy generation on a task; few-shot prompts add the strong base and the demonstrations they are built of."""
-    key = {"task": r.data.task, "n": 1, "temperature": 0.0, "max_new_tokens": r.sampling.max_new_tokens,
-           "seed": r.data.seed, "cache_len": r.sampling.cache_len, "prompt": prompt, "dtype": r.models.dtype}
+    key = {"task": recipe.data.task, "n": 1, "temperature": 0.0, "max_new_tokens": recipe.sampling.max_new_tokens,
+           "seed": recipe.data.seed, "cache_len": recipe.sampling.cache_len, "prompt": prompt,
+           "dtype": recipe.models.dtype}
     if prompt == "few_shot":
-        key |= {"strong": ckpt_fingerprint(r.models.strong), "n_demos": r.stage1.n_demos,
-                "demo_seed": r.stage1.demo_seed,
+        key |= {"strong": ckpt_fingerprint(recipe.models.strong), "n_demos": recipe.stage1.n_demos,
+                "demo_seed": recipe.stage1.demo_seed,
                 "demos": "all weak responses shuffled with demo_seed, the first n_demos that contain the marker"}
-    return key | stored_key(r)
+    return key | stored_key(recipe)
 
 
-def stored_key(r):
+def stored_key(recipe):
     """How labels.jsonl keeps a completion (tasks.stored_response): GSM8K and MATH also lose '.' at both ends."""
-    return {"stored": "strip, then '.' at both ends"} if strips_periods(r.data.task) else {}
+    return {"stored": "strip, then '.' at both ends"} if strips_periods(recipe.data.task) else {}
 
 
-def samples_key(r, n=None):
+def samples_key(recipe, n=None):
     """n samples per train_2 question (default [stage2] n_samples) at Stage II's temperature and top_p."""
-    s2 = r.stage2
-    return {"task": r.data.task, "n": n or s2.n_samples, "temperature": s2.temperature, "top_p": s2.top_p,
-            "max_new_tokens": r.sampling.sample_max_new_tokens, "seed": r.data.seed,
-            "cache_len": r.sampling.cache_len, "prompt": "zero_shot", "dtype": r.models.dtype} | stored_key(r)
+    s2 = recipe.stage2
+    return {"task": recipe.data.task, "n": n or s2.n_samples, "temperature": s2.temperature, "top_p": s2.top_p,
+            "max_new_tokens": recipe.sampling.sample_max_new_tokens, "seed": recipe.data.seed,
+            "cache_len": recipe.sampling.cache_len, "prompt": "zero_shot",
+            "dtype": recipe.models.dtype} | stored_key(recipe)
 
 
-def weak_sc_key(r):
+def weak_self_consistency_key(recipe):
     """The weak self-consistency filter's options, only when it is on (off: the paper's keys, unchanged)."""
-    s1 = r.stage1
+    s1 = recipe.stage1
     if not s1.weak_self_consistency:
         return {}
     return {"weak_self_consistency": s1.weak_self_consistency, "weak_min_confidence": s1.weak_min_confidence}
 
 
-def pairs_key(r):
-    s2 = r.stage2
-    key = {"task": r.data.task, "grader": r.data.grader, "min_confidence": s2.min_confidence,
+def pairs_key(recipe):
+    s2 = recipe.stage2
+    key = {"task": recipe.data.task, "grader": recipe.data.grader, "min_confidence": s2.min_confidence,
            "flip_confidence": s2.flip_confidence, "max_pairs": s2.max_pairs, "pair_seed": s2.pair_seed}
     key |= {"pair_weighting": s2.pair_weighting} if s2.pair_weighting != "none" else {}
     key |= {"self_consistency_pairs": True} if s2.self_consistency_pairs else {}
-    return key | weak_sc_key(r) | ({"weak_relabel": True} if r.stage1.weak_relabel else {})
+    return key | weak_self_consistency_key(recipe) | ({"weak_relabel": True} if recipe.stage1.weak_relabel else {})
 
 
-def preference_key(r, loss):
+def preference_key(recipe, loss):
     """The preference section's options, the loss and the dtype; ORPO's key names its NLL convention, DPO's and
     IPO's the NLL weight when one is set."""
-    cfg = train_config(r, "preference", progress=False)
+    cfg = train_config(recipe, "preference", progress=False)
     extra = {"orpo_nll": cfg.orpo_nll} if loss == "orpo" else {"nll_weight": cfg.nll_weight} if cfg.nll_weight else {}
-    return {"train": train_options(r, "preference"), "loss": loss, "dtype": r.models.dtype} | extra
+    return {"train": train_options(recipe, "preference"), "loss": loss, "dtype": recipe.models.dtype} | extra
 
 
-def grpo_key(r):
+def grpo_key(recipe):
     """GRPO's options: its training section, its own options, and the grader (it reads the rewards)."""
-    return {"train": train_options(r, "grpo"), "grpo": asdict(grpo_config(r)), "task": r.data.task,
-            "grader": r.data.grader, "dtype": r.models.dtype, "prompt": "zero_shot"}
+    return {"train": train_options(recipe, "grpo"), "grpo": asdict(grpo_config(recipe)), "task": recipe.data.task,
+            "grader": recipe.data.grader, "dtype": recipe.models.dtype, "prompt": "zero_shot"}
 
 
-def passk_key(r):
-    return {"task": r.data.task, "n": r.eval.pass_k_samples, "temperature": r.eval.pass_k_temperature,
-            "seed": r.data.seed, "max_new_tokens": r.sampling.sample_max_new_tokens, "cache_len": r.sampling.cache_len,
-            "dtype": r.models.dtype}
+def passk_key(recipe):
+    return {"task": recipe.data.task, "n": recipe.eval.pass_k_samples, "temperature": recipe.eval.pass_k_temperature,
+            "seed": recipe.data.seed, "max_new_tokens": recipe.sampling.sample_max_new_tokens,
+            "cache_len": recipe.sampling.cache_len, "dtype": recipe.models.dtype}
 
 
 # ------------------------------------------------------------------------------------------------ running a recipe

@@ -207,25 +207,6 @@ def fmt_log_line(step=None, loss=None, lr=None, tok_s=None, mfu=None, mem=None, 
     return " | ".join(parts)
 
 
-# ---- timers --------------------------------------------------------------------------------------------------------
-class Timer:
-    """Wall time of a block, the device synchronized before each clock read: `with Timer() as t: ...; t.seconds`."""
-
-    def __init__(self, device=None):
-        self.device = resolve_device(device)
-        self.seconds = None
-
-    def __enter__(self):
-        _sync(self.device)
-        self._start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        _sync(self.device)
-        self.seconds = time.perf_counter() - self._start
-        return False
-
-
 def _env_flag(name):
     return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
 

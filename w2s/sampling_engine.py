@@ -113,7 +113,8 @@ class Engine:
     eos_ids: ids that end a sequence; stop: stop strings (need `decode`); keep_state: take the device state from,
     and leave it in, w2s/decode_state.py's per-model store; prefill_tokens: the token budget of one prefill forward
     (rows x longest); prefill_chunk: prompt tokens per mixed decode step (chunked prefill; 0: off); keep_logits:
-    keep every decode step's (slots, V) logits in fp32 for `logits` (tests, inspection; off: no copy per step);
+    copy each decode step's (slots, V) logits into one fp32 buffer, `logits` then holds the last step's (tests,
+    inspection; off: no copy per step);
     text_vocab: draw only ids below it (a model whose vocabulary is padded past its tokenizer's: ids without text).
     """
 

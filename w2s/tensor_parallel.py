@@ -139,7 +139,7 @@ def apply_tensor_parallel(model: Transformer, group, rank, tp):
         layer.self_attn.cfg = local_cfg  # head reshapes and KV cache (sampling.kv_config) read the local counts
         layer.self_attn.o_proj.register_forward_hook(_all_reduce_hook(group))
         layer.mlp.down_proj.register_forward_hook(_all_reduce_hook(group))
-    model.tp_size, model.tp_rank, model.tp_group = tp, rank, group
+    model.tp_size, model.tp_rank = tp, rank
     return model
 
 

@@ -8,7 +8,8 @@ these modules decide what goes into and comes out of them:
     2  strong ICL labels, 4 weak demos                          w2s.tasks.select_demos, few_shot_prompt -> D_icl
     3  final-answer consistency; weak / icl / hybrid SFT sets   consistency.consistent, consistency.sft_sets
     4  strong SFT on each set; round 2 relabels and filters     (models), then consistency again -> M_plus
-    5  n samples per question from M_plus                       (models), preference_pairs.group_samples
+    5  n samples per question from M_plus                       (models: each question's n samples in one row;
+                                                                preference_pairs.group_samples groups flat ones)
     6  majority vote and preference pairs (0.6 / 0.8 rules)     metrics.majority_vote, preference_pairs.build_pairs
     7  DPO or ORPO on the pairs                                 (models) -> M_pro
     *  evaluation: accuracy, pass@k, by level, PGR, precision   metrics

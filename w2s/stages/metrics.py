@@ -10,7 +10,7 @@ default; `equivalence`; `math-verify`). The functions here take the comparison a
 
     accuracy(records, gold)                     fraction of {"id", "answer"} records equal to gold[id]
     pass_at_k(n, c, k)                          unbiased pass@k from n samples of which c are correct
-    mean_pass_at_k(samples_by_id, gold, k)      pass@k averaged over questions
+    mean_pass_at_k(samples_by_id, gold, k)      pass@k averaged over questions (mean_pass_at_k_of_verdicts: graded)
     vote_counts(answers), majority_vote(answers)  answer classes and their votes; the most voted non-empty answer
     majority_of(classes)                        majority_vote from classes already counted
     majority_accuracy(samples_by_id, gold)      maj@k: the fraction of questions whose majority answer is correct
@@ -125,8 +125,12 @@ def mean_pass_at_k(samples_by_id: dict, gold, k: int, same_answer: SameAnswer = 
     """pass@k averaged over questions; samples_by_id = {id: [sample records {"answer", ...}]} (n per question)."""
     if not samples_by_id:
         raise ValueError("pass@k of no questions is undefined")
-    correct = sample_verdicts(samples_by_id, gold, same_answer, same_for)
-    return sum(pass_at_k(len(v), sum(v), k) for v in correct.values()) / len(correct)
+    return mean_pass_at_k_of_verdicts(sample_verdicts(samples_by_id, gold, same_answer, same_for), k)
+
+
+def mean_pass_at_k_of_verdicts(verdicts: dict, k: int) -> float:
+    """pass@k averaged over questions already graded: verdicts = {id: [whether each sample is correct]}."""
+    return sum(pass_at_k(len(v), sum(v), k) for v in verdicts.values()) / len(verdicts)
 
 
 def vote_counts(answers: list[str], same_answer: SameAnswer = exact_match) -> list[tuple[str, int]]:
@@ -256,8 +260,8 @@ def evaluation_result(rows: list[dict], test: list[dict], task: str, grader: str
         result["per_question"] = _question_lines(test, graded[grader], grader, sampled="samples" in rows[0])
     if rows and "samples" in rows[0]:
         n = min(len(v) for v in graded[grader]["verdicts"].values())
-        passes = {name: {f"pass@{k}": sum(pass_at_k(len(v), sum(v), k) for v in g["verdicts"].values()) / len(rows)
-                         for k in sorted({1, n})} | {f"maj@{n}": g["maj"]} for name, g in graded.items()}
+        passes = {name: {f"pass@{k}": mean_pass_at_k_of_verdicts(g["verdicts"], k) for k in sorted({1, n})}
+                  | {f"maj@{n}": g["maj"]} for name, g in graded.items()}
         return {**passes[grader], **result, "pass_by_grader": passes}
     acc = {name: sum(v) / len(v) for name, v in flat.items()}
     result |= {"accuracy": acc[grader], "n_correct": sum(flat[grader]), "accuracy_by_grader": acc,
