@@ -38,7 +38,8 @@ class HelpFormatter(argparse.RawTextHelpFormatter):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
                                 epilog=__doc__.split("\n\n", 2)[2].rsplit("\n\nTest:", 1)[0])
-    p.add_argument("checkpoint", help="HF-format checkpoint directory (config.json, safetensors, tokenizer)")
+    p.add_argument("checkpoint", help="HF-format checkpoint directory (config.json, safetensors, tokenizer), or a LoRA "
+                   "adapter directory in PEFT's layout (evaluated merged into its base)")
     p.add_argument("test_file", help="test jsonl in the task's format (GSM8K: question/answer; MATH: problem/...)")
     p.add_argument("--task", choices=("gsm8k", "math"), default="gsm8k",
                    help="the answer marker: GSM8K '#### N', MATH 'The answer is: ...'")
@@ -85,6 +86,7 @@ def main(argv=None):
     import torch
 
     import w2s
+    from w2s.checkpoint import tokenizer_dir, validate_checkpoint
     from w2s.parallel import barrier, is_main
     from w2s.sampling import check_distribution
     from w2s.sampling_jsonl import check_run_meta, generate_to_jsonl, write_run_meta
@@ -99,8 +101,7 @@ def main(argv=None):
     test = test[: args.limit] if args.limit else test
     if not test:
         raise ValueError(f"{args.test_file}: no questions to evaluate")
-    if not (Path(args.checkpoint) / "config.json").is_file():
-        raise ValueError(f"{args.checkpoint}: no checkpoint (config.json)")
+    validate_checkpoint(args.checkpoint)  # a model or a LoRA adapter (checked with its base), from headers alone
     try:
         device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     except RuntimeError:
@@ -117,7 +118,7 @@ def main(argv=None):
 
         init_distributed()
     model = w2s.load_model(args.checkpoint, dtype=getattr(torch, dtype), device=device)
-    tokenizer = w2s.load_tokenizer(args.checkpoint)
+    tokenizer = w2s.load_tokenizer(tokenizer_dir(args.checkpoint))  # an adapter without its own: its base's
     barrier()  # every rank has checked the record before rank 0 writes it
     if fresh and is_main():
         write_run_meta(out, meta)

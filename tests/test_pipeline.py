@@ -828,7 +828,31 @@ def test_evaluate_script_matches_the_pipeline(full_run, tmp_path, capsys):
             evaluate.main([*other, "--out", str(tmp_path / "g.jsonl")])
 
 
-def test_evaluate_script_help_and_bad_input(tmp_path, monkeypatch, capsys):
+def test_evaluate_script_scores_a_lora_adapter_as_its_merged_model(full_run, tmp_path):
+    """An adapter directory (what sft.py / dpo.py write with --lora-rank) evaluates as the merged copy of it, its
+    tokenizer read from its base when it has none of its own."""
+    import w2s
+    from w2s.train import TrainConfig, train_sft
+
+    evaluate = _evaluate_script()
+    base = full_run["run_dir"] / "01_weak_sft" / "model"
+    rows = [{"prompt": f"Question: {i} + 1?\nAnswer:", "response": f" {i + 1}"} for i in range(8)]
+    cfg = TrainConfig(lr=1e-2, batch_size=4, micro_batch_size=4, max_steps=2, lora_rank=4, lora_alpha=8.0,
+                      export_merged=True, progress=False)
+    train_sft(w2s.load_model(base, dtype=torch.float32), w2s.load_tokenizer(base), rows, cfg, out_dir=tmp_path / "a")
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+        (tmp_path / "a" / name).unlink(missing_ok=True)
+    assert (tmp_path / "a" / "adapter_config.json").is_file() and not (tmp_path / "a" / "config.json").exists()
+    common = [str(full_run["world"] / "test.jsonl"), "--dtype", "float32", "--device", "cpu", "--max-new-tokens", "8",
+              "--no-progress"]
+    adapter = evaluate.main([str(tmp_path / "a"), *common, "--out", str(tmp_path / "a.jsonl")])
+    merged = evaluate.main([str(tmp_path / "a" / "merged"), *common, "--out", str(tmp_path / "m.jsonl")])
+    assert adapter["accuracy"] == merged["accuracy"] and adapter["n_questions"] == merged["n_questions"] == 8
+    assert [g["completions"] for g in jsonl(tmp_path / "a.jsonl")] == [g["completions"] for g in
+                                                                       jsonl(tmp_path / "m.jsonl")]
+
+
+def test_evaluate_script_help_and_bad_input(full_run, tmp_path, monkeypatch, capsys):
     import w2s.checkpoint as checkpoint
 
     evaluate = _evaluate_script()
@@ -852,6 +876,8 @@ def test_evaluate_script_help_and_bad_input(tmp_path, monkeypatch, capsys):
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(ValueError, match=r"empty\.jsonl: (no questions|.*empty)"):
         evaluate.main([str(tmp_path), str(tmp_path / "empty.jsonl")])
-    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"config\.json: no config\.json"):  # before the model loads
+        evaluate.main([str(tmp_path), str(tmp_path / "good.jsonl")])
     with pytest.raises(ValueError, match=r"--device foo: expected auto, cpu, cuda or cuda:N"):
-        evaluate.main([str(tmp_path), str(bad).replace("test.jsonl", "good.jsonl"), "--device", "foo"])
+        evaluate.main([str(full_run["run_dir"] / "01_weak_sft" / "model"), str(tmp_path / "good.jsonl"), "--device",
+                       "foo"])
