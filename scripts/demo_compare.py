@@ -86,15 +86,18 @@ def variant_recipe(text, seed, variant):
 
 def reuse_finished(donor_dir, run_dir, recipe_path):
     """Hard-link into run_dir every finished stage of donor_dir whose key the recipe's table gives too (the engine
-    then skips it). -> the names of the stages linked or already there."""
+    then skips it; a stage already there from another run of it is replaced, so that the run ids its readers
+    recorded match). -> the names of the stages linked or already there."""
     keys, shared = {}, []
     for stage in build_stages(load_recipe(recipe_path)):
         key = keys[stage.name] = stage_key(stage, keys)
         donor, target = Path(donor_dir) / stage.name, Path(run_dir) / stage.name
-        if (read_meta(donor) or {}).get("key") != key:
+        donor_meta = read_meta(donor) or {}
+        if donor_meta.get("key") != key:
             continue
         shared.append(stage.name)
-        if (read_meta(target) or {}).get("key") != key:
+        target_meta = read_meta(target) or {}
+        if (target_meta.get("key"), target_meta.get("run")) != (key, donor_meta.get("run")):
             shutil.rmtree(target, ignore_errors=True)
             shutil.copytree(donor, target, copy_function=os.link)
     return shared

@@ -41,6 +41,49 @@ def test_stages_run_skip_and_rerun_downstream(tmp_path):
     assert json.loads((tmp_path / "b" / "meta.json").read_text())["upstream"] == "y"
 
 
+def _count_into(ctx, out, fail=False):
+    """A reader that, like sampling, resumes from what its directory already holds: one line per call."""
+    with open(out / "calls.txt", "a") as f:
+        f.write((ctx.dir("a") / "out.txt").read_text() + "\n")
+    if fail:
+        raise RuntimeError("killed")
+    return {"calls": (out / "calls.txt").read_text().splitlines()}
+
+
+def test_a_stage_run_again_by_hand_reruns_its_readers_from_scratch(tmp_path):
+    """Keys hash options, not outputs: a stage deleted and run again (after a code change: here what a writes)
+    keeps its key, and its readers must not be skipped as done on the old output, nor resume from what they made of
+    it. The dry run says so; a kill of the reader after the rerun resumes it; records without run ids count as
+    current."""
+    from w2s.engine import plan
+
+    def table(written="x", fail=False):  # what a writes is not in its key (options): as a change in the code
+        return [Stage("a", _write, [], {"text": "x"}, {"text": written}),
+                Stage("b", _count_into, ["a"], {}, {"fail": fail})]
+
+    quiet = Context(None, tmp_path, log=lambda *a: None)
+    assert run_stages(table(), quiet) == {"a": "ran", "b": "ran"}
+    assert [status for _, status, _ in plan(table(), tmp_path)] == ["done", "done"]
+    (tmp_path / "a" / "meta.json").unlink()  # deleted by hand, to run it again after a change in the code
+    assert [(status, reasons) for _, status, reasons in plan(table("y"), tmp_path)][1] == \
+        ("will rerun", ["input a runs again (or ran again since)"])
+    logs = []
+    with pytest.raises(RuntimeError, match="killed"):
+        run_stages(table("y", fail=True), Context(None, tmp_path, log=logs.append))  # a reruns; b is killed
+    assert "[2/2] b: running again: a ran again since it ran" in logs
+    assert (tmp_path / "b" / "calls.txt").read_text() == "y\n"  # b's old output was wiped, not appended to
+    assert [(status, reasons) for _, status, reasons in plan(table("y"), tmp_path)] == \
+        [("done", []), ("will run", ["killed before it finished: resumes"])]
+    assert run_stages(table("y"), Context(None, tmp_path, log=lambda *a: None)) == {"a": "skipped", "b": "ran"}
+    assert json.loads((tmp_path / "b" / "meta.json").read_text())["calls"] == ["y", "y"]  # resumed its own attempt
+    assert run_stages(table(), Context(None, tmp_path, log=lambda *a: None)) == {"a": "skipped", "b": "skipped"}
+    for name in ("a", "b"):  # a run recorded before run ids: nothing reruns
+        meta = json.loads((tmp_path / name / "meta.json").read_text())
+        (tmp_path / name / "meta.json").write_text(json.dumps({k: v for k, v in meta.items()
+                                                               if k not in ("run", "input_runs")}))
+    assert run_stages(table(), Context(None, tmp_path, log=lambda *a: None)) == {"a": "skipped", "b": "skipped"}
+
+
 def test_a_failing_stage_is_not_done(tmp_path):
     with pytest.raises(RuntimeError, match="killed"):
         run_stages(_table("z", fail=True), Context(None, tmp_path, log=lambda *a: None))

@@ -6,10 +6,14 @@ its result. `run_stages` gives every stage the same contract:
 
   * its key hashes its options and the keys of the stages it reads, so changing an input or an option reruns
     exactly the stages downstream of it;
-  * it is done iff its meta.json exists with the current key; meta.json (options, input keys, the runner's counts,
-    wall time) is written last and atomically, so a killed stage never looks finished;
+  * it is done iff its meta.json exists with the current key and none of its inputs ran again since it ran; meta.json
+    (options, input keys, the runner's counts, wall time) is written last and atomically, so a killed stage never
+    looks finished;
+  * every finished run of a stage gets a run id of its own, and the stages that read it record it: a stage deleted
+    by hand and run again (after a code change, say) reruns every stage downstream of it, whose inputs may differ
+    even though no key changed;
   * a killed stage restarts in the same directory (sampling resumes from its streamed jsonl, training from its last
-    checkpoint); a directory left by a different key is wiped first;
+    checkpoint); a directory left by a different key, or by the same key on inputs since run again, is wiped first;
   * what a runner lists in ctx.cleanup (a training stage's resume state) is deleted only after meta.json is written,
     so a kill between the end of the run and the record of it still finds the state to resume from; meta.json names
     those paths, and a kill between the record and the deletion leaves them to the next run, which deletes them.
@@ -31,6 +35,7 @@ import os
 import shutil
 import socket
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -57,6 +62,7 @@ class Context:
     recipe: object
     run_dir: Path
     keys: dict = field(default_factory=dict)
+    runs: dict = field(default_factory=dict)  # stage -> the run id of its finished output (None: recorded before ids)
     log: Callable = print
     progress: bool = True  # progress bars inside stages (sampling, training)
     resident: tuple | None = None  # (checkpoint dir, model, tokenizer) kept in memory between stages
@@ -114,6 +120,19 @@ def stage_key(stage, keys):
     return stable_hash({"stage": stage.name, "options": stage.options, "deps": {d: keys[d] for d in stage.reads}})
 
 
+def stale_inputs(meta, reads, runs):
+    """The inputs of a finished stage that ran again since it ran: the run id its meta.json recorded for them is not
+    theirs now. A stage recorded before run ids (no input_runs) counts as current."""
+    recorded = meta.get("input_runs")
+    return [] if recorded is None else [d for d in reads if recorded.get(d) != runs.get(d)]
+
+
+def dir_id(key, input_runs):
+    """What a stage directory's key.txt holds: the key, and the run ids of the inputs its partial outputs were made
+    from (the key alone when no input has one, as in runs recorded before run ids)."""
+    return key if not any(input_runs.values()) else f"{key} {stable_hash(input_runs)}"
+
+
 def read_meta(stage_dir):
     """A stage's meta.json, or None when it is absent or unreadable (not done)."""
     meta_file = Path(stage_dir) / "meta.json"
@@ -138,20 +157,26 @@ def run_stages(stages, ctx):
         out = ctx.dir(stage.name)
         meta = read_meta(out)
         tag = f"[{i + 1}/{len(stages)}] {stage.name}"
-        if meta is not None and meta.get("key") == key:
+        stale = stale_inputs(meta, stage.reads, ctx.runs) if meta is not None and meta.get("key") == key else None
+        if stale == []:
             status[stage.name] = "skipped"
+            ctx.runs[stage.name] = meta.get("run")
             ctx.log(f"{tag}: done (key {key}), skipped")
             _remove_leftovers(out, meta.get("cleanup", []))
             continue
-        _prepare_dir(out, key)
+        input_runs = {d: ctx.runs[d] for d in stage.reads}
+        _prepare_dir(out, dir_id(key, input_runs), wipe=bool(stale))
         ctx.stage, ctx.cleanup = stage.name, []
-        ctx.log(f"{tag}: running")
+        ctx.log(f"{tag}: running" + (f" again: {', '.join(stale)} ran again since it ran" if stale else ""))
         t0 = time.perf_counter()
         counts = stage.run(ctx, out, **stage.args) or {}
         barrier()  # every rank has finished the stage's writes before anyone records it done or reads it
         wall = time.perf_counter() - t0
+        run_id = broadcast_object(uuid.uuid4().hex if is_main() else None)  # the same on every rank
+        ctx.runs[stage.name] = run_id
         meta = {"stage": stage.name, "kind": stage.kind, "key": key, "options": stage.options,
-                "inputs": {d: ctx.keys[d] for d in stage.reads}, **counts, "wall_s": round(wall, 3)}
+                "inputs": {d: ctx.keys[d] for d in stage.reads}, "run": run_id, "input_runs": input_runs, **counts,
+                "wall_s": round(wall, 3)}
         if ctx.cleanup:  # relative to the stage directory, so that a moved run still finds them
             meta["cleanup"] = [os.path.relpath(path, out) for path in ctx.cleanup]
         if is_main():
@@ -177,19 +202,28 @@ def _remove_leftovers(out, cleanup):
 
 def plan(stages, run_dir):
     """What run_stages would do, running nothing: [(stage, "done" | "will run" | "will rerun", [reasons])], the
-    reasons naming each option whose value changed (old -> new) and each input whose key changed."""
-    keys, rows = {}, []
+    reasons naming each option whose value changed (old -> new), each input whose key changed, and each input that
+    runs again (or ran again since)."""
+    keys, runs, rows = {}, {}, []
     for stage in stages:
         key = keys[stage.name] = stage_key(stage, keys)
         out = Path(run_dir) / stage.name
         meta = read_meta(out)
+        runs[stage.name] = object()  # a new run id, unequal to any recorded, unless it is done
         if meta is not None and meta.get("key") == key:
-            rows.append((stage, "done", []))
+            stale = stale_inputs(meta, stage.reads, runs)
+            if not stale:
+                runs[stage.name] = meta.get("run")
+            again = [f"input {d} runs again (or ran again since)" for d in stale]
+            rows.append((stage, "will rerun", again) if stale else (stage, "done", []))
         elif meta is None:
+            inputs = {d: runs[d] for d in stage.reads}
             started = (out / "key.txt").is_file()
-            resumes = started and (out / "key.txt").read_text().strip() == key
+            resumes = (started and all(isinstance(r, (str, type(None))) for r in inputs.values())  # none runs again
+                       and (out / "key.txt").read_text().strip() == dir_id(key, inputs))
             rows.append((stage, "will run", ["killed before it finished: resumes" if resumes else
-                                             "started under other options: starts over" if started else "not run yet"]))
+                                             "started under other options or inputs: starts over" if started else
+                                             "not run yet"]))
         else:
             current = json.loads(json.dumps(stage.options, default=str))  # as meta.json holds it (tuples -> lists)
             reasons = [_change(path, old, new) for path, old, new in _diff(meta.get("options", {}), current)]
@@ -219,11 +253,12 @@ def _diff(old, new, prefix=""):
     return changed
 
 
-def _prepare_dir(out, key):
-    """Keep a killed run's partial outputs only if they were made under the same key; wipe anything else."""
+def _prepare_dir(out, key, wipe=False):
+    """Keep a killed run's partial outputs only if they were made under the same key (key.txt: dir_id); wipe anything
+    else, and a finished stage's outputs when it runs again (wipe)."""
     if is_main():
         key_file = out / "key.txt"
-        if out.exists() and (not key_file.is_file() or key_file.read_text().strip() != key):
+        if out.exists() and (wipe or not key_file.is_file() or key_file.read_text().strip() != key):
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "meta.json").unlink(missing_ok=True)
