@@ -26,7 +26,7 @@ import statistics
 import time
 from pathlib import Path
 
-from w2s.engine import read_meta, stage_key
+from w2s.engine import read_meta, table_keys
 from w2s.pipeline import build_stages, run_pipeline
 from w2s.recipe import NAME_LINE, load_recipe, seeded_recipe
 from w2s.report import load_metas, method_accuracies, pgr
@@ -88,9 +88,10 @@ def reuse_finished(donor_dir, run_dir, recipe_path):
     """Hard-link into run_dir every finished stage of donor_dir whose key the recipe's table gives too (the engine
     then skips it; a stage already there from another run of it is replaced, so that the run ids its readers
     recorded match). -> the names of the stages linked or already there."""
-    keys, shared = {}, []
-    for stage in build_stages(load_recipe(recipe_path)):
-        key = keys[stage.name] = stage_key(stage, keys)
+    stages, shared = build_stages(load_recipe(recipe_path)), []
+    keys = table_keys(stages)
+    for stage in stages:
+        key = keys[stage.name]
         donor, target = Path(donor_dir) / stage.name, Path(run_dir) / stage.name
         donor_meta = read_meta(donor) or {}
         if donor_meta.get("key") != key:

@@ -390,6 +390,39 @@ def test_report_table_and_plot(full_run):
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_report_shows_the_run_as_it_stands(full_run, tmp_path):
+    """stages.json holds the latest run's table; the report leaves out (and names) a finished stage that an earlier
+    recipe left (a loss dropped since) or whose input ran again since it ran, with whatever reads it; an input whose
+    directory is gone (deleted to free disk) leaves its readers in."""
+    from w2s.report import report
+
+    src, run = full_run["run_dir"], tmp_path / "run"
+    table = json.loads((src / "stages.json").read_text())
+    assert table == {name: meta(src, name)["key"] for name in ALL_STAGES}
+    for name in ALL_STAGES:
+        (run / name).mkdir(parents=True)
+        shutil.copy(src / name / "meta.json", run / name / "meta.json")
+    shutil.copy(src / "recipe.json", run / "recipe.json")
+
+    def report_of(stages, runs=None):
+        (run / "stages.json").write_text(json.dumps(stages))
+        return report(run, plot=False)
+
+    text = report_of(table)
+    assert "Left out" not in text and "Stage II: ORPO" in text
+    orpo = ["17_orpo", "29_eval_stage2_orpo", "34_passk_stage2_orpo"]
+    text = report_of({name: key for name, key in table.items() if name not in orpo})  # losses = ["dpo"] since
+    assert f"Left out: {', '.join(orpo)} (finished under an earlier recipe" in text
+    assert "Stage II: ORPO" not in text and "Stage II: DPO" in text
+    pairs = meta(run, "15_pairs")
+    (run / "15_pairs" / "meta.json").write_text(json.dumps(pairs | {"run": "f" * 32}))  # 15_pairs ran again
+    text = report_of(table)
+    assert ("Left out: 16_dpo, 17_orpo, 28_eval_stage2_dpo, 29_eval_stage2_orpo, 33_passk_stage2_dpo, "
+            "34_passk_stage2_orpo (") in text and "Stage II: DPO" not in text
+    shutil.rmtree(run / "15_pairs")
+    assert "Left out" not in report_of(table)
+
+
 def test_finished_run_is_skipped(full_run):
     from w2s.pipeline import run_pipeline
 

@@ -212,8 +212,10 @@ def report(run_dir, no_plot):
     \b
     Example:
       w2s report runs/demo
-    What it reads: RUN_DIR/<NN_stage>/meta.json of every finished stage, and RUN_DIR/recipe.json (the grader, and
-    whether the run has gold) when there is one.
+    What it reads: RUN_DIR/<NN_stage>/meta.json of every finished stage, RUN_DIR/recipe.json (the grader, and
+    whether the run has gold) and RUN_DIR/stages.json (the stages of the latest run's recipe, with their keys) when
+    there are; a finished stage that is not part of the run as it stands (an earlier recipe's, or one whose input
+    ran again since) is left out, and the report names it.
     """
     from w2s.report import write_report
 

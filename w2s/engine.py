@@ -120,6 +120,30 @@ def stage_key(stage, keys):
     return stable_hash({"stage": stage.name, "options": stage.options, "deps": {d: keys[d] for d in stage.reads}})
 
 
+STAGES_FILE = "stages.json"  # in a run directory: the {stage: key} of the table its latest run started with
+
+
+def table_keys(stages):
+    """{stage: key} of a whole table, in its order (a key hashes the keys of the stages it reads)."""
+    keys = {}
+    for stage in stages:
+        keys[stage.name] = stage_key(stage, keys)
+    return keys
+
+
+def current_metas(metas, keys=None):
+    """The finished stages (name -> meta.json) that belong to the run as it stands: when `keys` (the current table's
+    {stage: key}, a run's stages.json) is given, those the table has with its key; and of those, the ones none of
+    whose inputs ran again since or was itself left out (transitively). An input whose directory is gone (deleted to
+    free disk) leaves its readers in; so do records made before run ids."""
+    kept = {n: m for n, m in metas.items() if keys is None or keys.get(n) == m.get("key")}
+    while stale := [n for n, m in kept.items() if any(d in metas and (d not in kept or kept[d].get("run") != run)
+                                                      for d, run in m.get("input_runs", {}).items())]:
+        for name in stale:
+            del kept[name]
+    return kept
+
+
 def stale_inputs(meta, reads, runs):
     """The inputs of a finished stage that ran again since it ran: the run id its meta.json recorded for them is not
     theirs now. A stage recorded before run ids (no input_runs) counts as current."""

@@ -56,7 +56,7 @@ from pathlib import Path
 import torch
 
 from w2s import profile
-from w2s.engine import Context, Stage, plan, run_lock, run_stages
+from w2s.engine import STAGES_FILE, Context, Stage, plan, run_lock, run_stages, table_keys
 from w2s.estimate import (
     DISK_READ_BYTES_S,
     KEPT_FRACTION,
@@ -502,6 +502,7 @@ def run_pipeline(recipe_path, runs_dir="runs", progress=True, log=print, plot=Tr
     with run_lock(run_dir, log=ctx.log):
         if is_main():
             write_json_atomic(run_dir / "recipe.json", asdict(recipe))
+            write_json_atomic(run_dir / STAGES_FILE, table_keys(stages))  # what the report counts as this run
         status = run_stages(stages, ctx)
         text = report(run_dir, plot=plot) if is_main() else ""
     return run_dir, status, text

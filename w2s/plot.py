@@ -15,7 +15,11 @@ Needs matplotlib (the `plot` extra); without it plot_report says so and returns 
     python -m pytest -q tests/test_plot.py
 """
 
+import os
 import statistics
+from pathlib import Path
+
+from w2s.files import unique_temp_path
 
 # (group title, colour, [(method, bar label)]): the paper's grouping of its results tables
 GROUPS = [
@@ -187,8 +191,13 @@ def plot_report(path, accuracies, metas, title):
         print(f"(no plot: pip install matplotlib to get {path})")
         return None
     fig = figure(plt, accuracies, metas, title)
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
+    tmp = unique_temp_path(path)
+    try:  # through a temp file, so that a report being redrawn never leaves half a figure
+        fig.savefig(tmp, dpi=150, format=Path(path).suffix.lstrip(".") or "png")
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+        plt.close(fig)
     return path
 
 

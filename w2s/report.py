@@ -19,7 +19,8 @@ its selected data has no precision column.
 
 from pathlib import Path
 
-from w2s.files import read_json_object
+from w2s.engine import STAGES_FILE, current_metas
+from w2s.files import read_json_object, write_atomic
 from w2s.plot import plot_report, stage2_rounds
 
 # Display order and labels of the methods (the eval stages are named NN_eval_<method>).
@@ -54,6 +55,9 @@ def method_labels(acc):
 
 
 def load_metas(run_dir):
+    """{stage: meta.json} of the run's finished stages as it stands (engine.current_metas): not the leftovers of an
+    earlier recipe (a loss no longer in it, a stage trained under other options) nor a stage whose input ran again
+    since it ran. left_out(run_dir, metas) names the directories left out."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: no such run directory")
@@ -61,7 +65,13 @@ def load_metas(run_dir):
              for meta_file in sorted(run_dir.glob("*/meta.json"))}
     if not metas:
         raise FileNotFoundError(f"{run_dir}: no finished stage (no */meta.json)")
-    return metas
+    table = run_dir / STAGES_FILE
+    return current_metas(metas, read_json_object(table) if table.is_file() else None)
+
+
+def left_out(run_dir, metas):
+    """The finished stage directories of run_dir that load_metas left out."""
+    return sorted(f.parent.name for f in Path(run_dir).glob("*/meta.json") if f.parent.name not in metas)
 
 
 # The meta.json fields the tables compute with, checked as the report loads them so that a hand-edited "0.5" is
@@ -278,7 +288,11 @@ def write_report(run_dir, plot=True):
              for name, meta in metas.items() if "_passk_" in name]
     devices = sorted({m["device"] for m in metas.values() if m.get("device")})
     total = sum(m.get("wall_s") or 0 for m in metas.values())
-    out = [f"# w2s report: {run_dir.name}", "", *_method_section(acc, labels, grader, gold)]
+    out = [f"# w2s report: {run_dir.name}", ""]
+    if old := left_out(run_dir, metas):
+        out += [f"Left out: {', '.join(old)} (finished under an earlier recipe, or before an input of theirs ran "
+                f"again: not part of this run as it stands).", ""]
+    out += _method_section(acc, labels, grader, gold)
     header, grader_rows = _grader_rows(metas, labels)
     if grader_rows:
         legend = "; ".join(f"{g} = {GRADER_NOTES[g]}" for g in GRADER_NOTES if f"{g} %" in header)
@@ -305,7 +319,7 @@ def write_report(run_dir, plot=True):
             "", "## Cost by kind of work (sampling: labels, samples; evaluation: test accuracy)", "",
             _table(["kind", "stages", "wall s", "share %", "tokens"], _cost_by_kind(metas))]
     text = "\n".join(out) + "\n"
-    (run_dir / "report.md").write_text(text)
+    write_atomic(run_dir / "report.md", text)
     written = [run_dir / "report.md"]
     if plot and labels:
         written += [p for p in [plot_report(run_dir / "report.png", [acc], [metas], run_dir.name)] if p]
