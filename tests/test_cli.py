@@ -85,6 +85,18 @@ def test_a_dry_run_under_torchrun_prints_its_plan_once(monkeypatch):
     assert CliRunner().invoke(main, ["run", recipe, "--dry-run"]).output == ""
 
 
+def test_ctrl_c_says_what_is_kept_and_how_to_resume(monkeypatch):
+    import w2s.pipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(w2s.pipeline, "run_pipeline", interrupted)
+    out = CliRunner().invoke(main, ["run", "recipe.toml"])
+    assert out.exit_code == 130
+    assert out.output.strip() == "interrupted: the finished stages are kept; the same command resumes the run"
+
+
 @pytest.mark.parametrize("option", [["--temperature", "nan"], ["--temperature", "inf"], ["--top-p", "nan"]])
 def test_sample_refuses_an_impossible_distribution_before_reading_anything(tmp_path, option):
     """The checkpoint and the prompts file do not even exist: the options are refused first, in one line (NaN

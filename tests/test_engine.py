@@ -73,7 +73,7 @@ def test_a_stage_run_again_by_hand_reruns_its_readers_from_scratch(tmp_path):
     assert "[2/2] b: running again: a ran again since it ran" in logs
     assert (tmp_path / "b" / "calls.txt").read_text() == "y\n"  # b's old output was wiped, not appended to
     assert [(status, reasons) for _, status, reasons in plan(table("y"), tmp_path)] == \
-        [("done", []), ("will run", ["killed before it finished: resumes"])]
+        [("done", []), ("will run", ["killed before it finished: resumes from what it kept"])]
     assert run_stages(table("y"), Context(None, tmp_path, log=lambda *a: None)) == {"a": "skipped", "b": "ran"}
     assert json.loads((tmp_path / "b" / "meta.json").read_text())["calls"] == ["y", "y"]  # resumed its own attempt
     assert run_stages(table(), Context(None, tmp_path, log=lambda *a: None)) == {"a": "skipped", "b": "skipped"}
@@ -89,6 +89,32 @@ def test_a_failing_stage_is_not_done(tmp_path):
         run_stages(_table("z", fail=True), Context(None, tmp_path, log=lambda *a: None))
     assert (tmp_path / "a" / "out.txt").read_text() == "z"  # partial output kept for a resume under the same key
     assert not (tmp_path / "a" / "meta.json").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_resumed_stage_starts_without_the_temp_files_of_writes_a_kill_cut_short(tmp_path):
+    """A write killed between its temp file and the rename (write_atomic's, or safetensors' own) leaves a full-size
+    temp file that nothing reads; the resume deletes those and keeps the stage's real partial outputs."""
+    from w2s.files import unique_temp_path
+
+    with pytest.raises(RuntimeError, match="killed"):
+        run_stages(_table("z", fail=True), Context(None, tmp_path, log=lambda *a: None))
+    stage = tmp_path / "a"
+    (stage / "model").mkdir()
+    temps = [unique_temp_path(stage / "labels.jsonl"), stage / "model" / ".tmpE5c7Ou"]
+    kept = [stage / "notes.tmp", stage / "model" / ".tmp-step00000040" / "x", stage / "labels.jsonl.part0"]
+    for path in temps + kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("partial")
+    seen = []
+
+    def look(ctx, out, **args):
+        seen.extend(sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()))
+        return _write(ctx, out, **args)
+
+    table = _table("z")
+    table[0].run = look
+    run_stages(table, Context(None, tmp_path, log=lambda *a: None))
+    assert seen == sorted(["key.txt", "out.txt"] + [str(p.relative_to(stage)) for p in kept])
 
 
 def _train(ctx, out):

@@ -446,7 +446,8 @@ def test_killed_run_resumes_to_the_same_artifacts(full_run, tmp_path, monkeypatc
     from w2s.pipeline import run_pipeline
 
     recipe = write_recipe(full_run["world"], "tiny")
-    run = lambda: run_pipeline(recipe, runs_dir=tmp_path, progress=False, log=lambda *a: None, plot=False)  # noqa
+    logs = []
+    run = lambda: run_pipeline(recipe, runs_dir=tmp_path, progress=False, log=logs.append, plot=False)  # noqa
 
     # 1. Killed inside the sampling of 14_samples after 3 of 16 prompts.
     real_iter = sampling.iter_generate
@@ -471,7 +472,8 @@ def test_killed_run_resumes_to_the_same_artifacts(full_run, tmp_path, monkeypatc
         run()
     stage = tmp_path / "tiny" / "14_samples"
     assert not (stage / "meta.json").exists() and (meta(tmp_path / "tiny", "13_r2_sft_hybrid"))
-    assert len((stage / "generations.jsonl.part0").read_text().splitlines()) == 3
+    sampled_before = [json.loads(line)["id"] for line in (stage / "generations.jsonl.part0").read_text().splitlines()]
+    assert len(sampled_before) == 3
     monkeypatch.setattr(runners, "generate_to_jsonl", real_to_jsonl)
 
     # 2. Killed inside the training of 16_dpo, right after its first checkpoint.
@@ -506,6 +508,11 @@ def test_killed_run_resumes_to_the_same_artifacts(full_run, tmp_path, monkeypatc
     for name in ALL_STAGES:
         for key in ("accuracy", "pass@1", "n_kept", "n_pairs"):
             assert meta(run_dir, name).get(key) == meta(ref, name).get(key), (name, key)
+    # The resumed sampling stage said so, and counts (for its tokens/s) only the tokens it sampled itself.
+    assert "14_samples: 3 of 16 prompts sampled before the kill; sampling the rest" in logs
+    own = sum(c["num_tokens"] for line in jsonl(stage / "generations.jsonl") if line["id"] not in sampled_before
+              for c in line["completions"])
+    assert meta(run_dir, "14_samples")["tokens"] == own < meta(ref, "14_samples")["tokens"]
 
 
 def test_changing_one_option_reruns_exactly_its_dependents(full_run, tmp_path):

@@ -448,7 +448,8 @@ def save_training_state(ckpt_root, step, module, optimizer, d: Dist, meta):
     barrier(d)
     model_sd, optim_sd = get_state_dict(module, optimizer, options=_state_dict_options())
     try:
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        with _one_process_is_meant():
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     except Exception as e:  # DCP wraps each rank's failure; a disk-full or permission error should name the path
         cause = _first_os_error(e)
         if cause is None:
@@ -467,6 +468,14 @@ def save_training_state(ckpt_root, step, module, optimizer, d: Dist, meta):
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
     barrier(d)
+
+
+@contextlib.contextmanager
+def _one_process_is_meant():
+    """DCP warns at every save and load without a process group that it assumes one process: here that is meant."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def _first_os_error(e, depth=0):
@@ -494,7 +503,8 @@ def load_training_state(path, module, optimizer, d: Dist):
 
     model_sd, optim_sd = get_state_dict(module, optimizer, options=_state_dict_options())
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path))
+    with _one_process_is_meant():
+        dcp.load(state, checkpoint_id=str(path))
     set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=_state_dict_options())
     rng_file = Path(path) / f"rng_rank{d.rank}.pt"

@@ -196,7 +196,12 @@ def run(recipe, runs, no_progress, dry_run, world_size, gpu):
         if is_main():  # under torchrun every rank plans (the same plan); one prints it
             click.echo(plan)
         return
-    _, _, text = run_pipeline(recipe, runs_dir=runs, progress=not no_progress)
+    try:
+        _, _, text = run_pipeline(recipe, runs_dir=runs, progress=not no_progress)
+    except KeyboardInterrupt:  # Ctrl-C: say what is kept and how to go on, exit as a shell reports SIGINT
+        if is_main():
+            click.echo("\ninterrupted: the finished stages are kept; the same command resumes the run", err=True)
+        raise SystemExit(130) from None
     if text:  # under torchrun only rank 0 builds the report; the other ranks print nothing
         click.echo(text)
 

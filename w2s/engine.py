@@ -15,8 +15,10 @@ its result. `run_stages` gives every stage the same contract:
   * a killed stage restarts in the same directory (sampling resumes from its streamed jsonl, training from its last
     checkpoint); a directory left by a different key, or by the same key on inputs since run again, is wiped first;
   * what a runner lists in ctx.cleanup (a training stage's resume state) is deleted only after meta.json is written,
-    so a kill between the end of the run and the record of it still finds the state to resume from; meta.json names
-    those paths, and a kill between the record and the deletion leaves them to the next run, which deletes them.
+    so a kill between the end of the run and the record of it still finds its last checkpoint to resume from;
+    meta.json names those paths, and a kill between the record and the deletion leaves them to the next run, which
+    deletes them;
+  * a resumed stage first loses the temp files of writes a kill cut short before their rename.
 
 Under torchrun every rank runs every stage; rank 0 alone writes shared files, and a barrier closes every stage.
 
@@ -40,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from w2s.files import stable_hash, write_json_atomic
+from w2s.files import remove_temp_files, stable_hash, write_json_atomic
 from w2s.parallel import barrier, broadcast_object, is_main
 
 
@@ -245,7 +247,7 @@ def plan(stages, run_dir):
             started = (out / "key.txt").is_file()
             resumes = (started and all(isinstance(r, (str, type(None))) for r in inputs.values())  # none runs again
                        and (out / "key.txt").read_text().strip() == dir_id(key, inputs))
-            rows.append((stage, "will run", ["killed before it finished: resumes" if resumes else
+            rows.append((stage, "will run", ["killed before it finished: resumes from what it kept" if resumes else
                                              "started under other options or inputs: starts over" if started else
                                              "not run yet"]))
         else:
@@ -284,6 +286,8 @@ def _prepare_dir(out, key, wipe=False):
         key_file = out / "key.txt"
         if out.exists() and (wipe or not key_file.is_file() or key_file.read_text().strip() != key):
             shutil.rmtree(out)
+        elif out.exists():  # a resume: what a kill left half-written before its rename is no output
+            remove_temp_files(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "meta.json").unlink(missing_ok=True)
         key_file.write_text(key + "\n")

@@ -16,6 +16,7 @@ A reader of a file written here sees the old file or the whole new one. The temp
 import hashlib
 import json
 import os
+import re
 import uuid
 from pathlib import Path
 
@@ -98,6 +99,19 @@ def unique_temp_path(path):
     permissions, unlike mkstemp's owner-only ones, so a run directory stays readable by a group)."""
     path = Path(path)
     return path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+# The temp files of a write killed before its rename: unique_temp_path's, and the hidden ".tmpXXXXXX" that
+# safetensors' save_file writes beside its target.
+TEMP_NAME = re.compile(r".+\.\d+\.[0-9a-f]{8}\.tmp|\.tmp[A-Za-z0-9_]{6}")
+
+
+def remove_temp_files(directory):
+    """Delete what killed atomic writes left under `directory` (never read: a file is only used once renamed).
+    Only while no other process writes there (the pipeline's run lock)."""
+    for path in Path(directory).rglob("*"):
+        if TEMP_NAME.fullmatch(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
 
 
 def write_json_atomic(path, obj):

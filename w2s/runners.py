@@ -39,6 +39,7 @@ load_for_training): every model of a run is one adapter on the recipe's base.
 """
 
 import gc
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -52,7 +53,7 @@ from w2s.lora import adapter_applied, adapter_base_dir, read_adapter
 from w2s.parallel import is_main
 from w2s.profile import StageProfiler
 from w2s.recipe import grpo_config, train_config
-from w2s.sampling_jsonl import generate_to_jsonl
+from w2s.sampling_jsonl import already_sampled, generate_to_jsonl
 from w2s.stages.consistency import consistent, precision, self_consistent, sft_sets
 from w2s.stages.metrics import evaluation_result, pair_precision
 from w2s.stages.preference_pairs import build_pairs
@@ -279,6 +280,9 @@ def generate_stage(ctx, out, model_dir, records, prompt, n=1, temperature=0.0, t
     model, tok, adapter = load_for_inference(ctx, model_dir)
     make_prompt = prompt_fn(ctx, prompt, tok)
     prompts = [{"id": rec["id"], "prompt": make_prompt(rec)} for rec in records]
+    resumed = already_sampled(out / "generations.jsonl")  # a killed run's finished prompts: not this run's tokens
+    if resumed:
+        ctx.log(f"{out.name}: {len(resumed)} of {len(prompts)} prompts sampled before the kill; sampling the rest")
     with StageProfiler(model.cfg, mode="inference", name=out.name) as prof, adapter_applied(model, adapter):
         path = generate_to_jsonl(model, tok, prompts, out / "generations.jsonl", n=n, temperature=temperature,
                                  top_p=top_p, max_new_tokens=max_new_tokens or r.sampling.max_new_tokens,
@@ -286,7 +290,8 @@ def generate_stage(ctx, out, model_dir, records, prompt, n=1, temperature=0.0, t
                                  cache_len=r.sampling.cache_len or None, prefill_chunk=r.sampling.prefill_chunk,
                                  progress=ctx.progress)
         results = read_jsonl(path)
-        prof.add_tokens(sum(c["num_tokens"] for res in results for c in res["completions"]))
+        prof.add_tokens(sum(c["num_tokens"] for res in results if json.dumps(res["id"]) not in resumed
+                            for c in res["completions"]))
     rows = []
     for rec, res in zip(records, results, strict=True):
         if res["id"] != rec["id"]:

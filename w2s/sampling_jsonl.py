@@ -124,6 +124,14 @@ def _part_paths(out_path):
     return sorted(out_path.parent.glob(glob.escape(out_path.name) + ".part*"))
 
 
+def already_sampled(out_path):
+    """{json.dumps(id): finished line} of the records out_path and its part files hold (what a resume skips)."""
+    done = _complete_lines(out_path)[0]
+    for part in _part_paths(out_path):
+        done.update(_complete_lines(part)[0])
+    return done
+
+
 def generate_to_jsonl(model, tokenizer, records, out_path, prompt_key="prompt", id_key="id", progress=True,
                       **generate_kwargs):
     """Sample every record's prompt and write {"id", "prompt", "completions": [n dicts]} lines to out_path.
@@ -132,8 +140,10 @@ def generate_to_jsonl(model, tokenizer, records, out_path, prompt_key="prompt", 
     out_path and the part files, so an interrupted run resumes without redoing finished prompts (a line torn by the
     kill is dropped and redone). At the end the lines are merged in input order into out_path atomically (temp file,
     fsync, rename) and the parts removed, so the final file equals an uninterrupted run's (same seed: the RNG is
-    keyed by the record's input index). Returns out_path. Records need a unique `id_key` (default "id") and a
-    `prompt_key` (string or token ids). The other keyword arguments are those of `generate`.
+    keyed by the record's input index), up to float rounding: the rest is batched otherwise than it would have been,
+    which can flip a draw that lands within ~1e-7 of a boundary (w2s/sampling_engine.py). Returns out_path. Records
+    need a unique `id_key` (default "id") and a `prompt_key` (string or token ids). The other keyword arguments are
+    those of `generate`.
     """
     import torch.distributed as dist
 
@@ -151,10 +161,7 @@ def generate_to_jsonl(model, tokenizer, records, out_path, prompt_key="prompt", 
     writer = dp_layout(model)[2]
 
     def load_all():
-        done = _complete_lines(out_path)[0]
-        for part in _part_paths(out_path):
-            done.update(_complete_lines(part)[0])
-        return done
+        return already_sampled(out_path)
 
     done = load_all()
     _check_prompts(out_path, records, keys, done, prompt_key)
