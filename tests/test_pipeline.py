@@ -632,7 +632,7 @@ def test_unknown_recipe_key_is_one_clear_error(fake_world):
     text = RECIPE.format(name="bad", n_samples=N_SAMPLES, min_confidence=0.6, pass_k=PASS_K)
     with pytest.raises(ValueError, match=r"r\.toml: \[stage2\]: unknown key 'n_sample'"):
         _run(fake_world, text.replace("n_samples =", "n_sample ="))
-    with pytest.raises(ValueError, match=r"r\.toml: \[strong_sft\] unknown key 'learning_rate'"):
+    with pytest.raises(ValueError, match=r"r\.toml: \[strong_sft\]: unknown key 'learning_rate'"):
         _run(fake_world, text.replace("[strong_sft]\nlr =", "[strong_sft]\nlearning_rate ="))
 
 

@@ -296,5 +296,5 @@ def test_pipeline_script_prints_one_line_for_a_bad_recipe(world, tmp_path):
     assert proc.returncode == 1
     choices = ", ".join(f.name for f in dataclasses.fields(Stage2Options))  # the section's keys, as declared
     assert choices.startswith("n_samples, temperature, top_p, min_confidence, flip_confidence, max_pairs, losses")
-    assert proc.stderr.strip().splitlines() == [f"Error: {recipe}: [stage2]: unknown key 'n_sample'; expected one "
-                                                f"of {choices}"]
+    assert proc.stderr.strip().splitlines() == [f"Error: {recipe}: [stage2]: unknown key 'n_sample' (did you mean "
+                                                f"'n_samples'?); expected one of {choices}"]

@@ -74,10 +74,15 @@ def test_defaults_and_train_config(tmp_path):
 
 @pytest.mark.parametrize("extra, message", [
     ("bogus = 1\n", r"r\.toml: unknown key 'bogus'"),
-    ("[stage2]\nn_sample = 4\n", r"r\.toml: \[stage2\]: unknown key 'n_sample'; expected one of n_samples"),
+    ("[stage2]\nn_sample = 4\n", r"r\.toml: \[stage2\]: unknown key 'n_sample' \(did you mean 'n_samples'\?\); "
+                                 r"expected one of n_samples"),
+    ("[stage2]\nbeta = 0.5\n", r"\[stage2\]: unknown key 'beta' \(a key of \[weak_sft\], \[strong_sft\], "
+                               r"\[preference\], \[grpo\]\); expected one of n_samples"),
+    ("[preference]\nmin_confidence = 0.5\n", r"\[preference\]: unknown key 'min_confidence' \(a key of \[stage2\]\)"),
     ("[stage2]\nn_samples = \"ten\"\n", r"\[stage2\]\.n_samples: expected int, got 'ten'"),
     ("[stage2]\ntemperature = true\n", r"\[stage2\]\.temperature: expected float, got True"),
-    ("[stage2]\nmin_confidence = 0.9\n", r"\[stage2\]: expected 0 <= min_confidence <= flip_confidence <= 1"),
+    ("[stage2]\nmin_confidence = 0.9\n", r"\[stage2\]: expected 0 <= min_confidence <= flip_confidence <= 1, got "
+                                        r"min_confidence = 0\.9, flip_confidence = 0\.8$"),
     ("[stage2]\nlosses = [\"kto\"]\n", r"\[stage2\] losses: unknown loss 'kto'"),
     ("[stage1]\nrounds = 3\n", r"\[stage1\] rounds: expected 1 or 2, got 3"),
     ("[stage1]\nround2_init = \"warm\"\n", r"\[stage1\] round2_init: expected 'base' or 'continue'"),
@@ -85,8 +90,8 @@ def test_defaults_and_train_config(tmp_path):
     ("[sampling]\nmax_new_tokens = 0\n", r"\[sampling\] max_new_tokens: expected >= 1, got 0"),
     ("[sampling]\nprefill_chunk = -8\n", r"\[sampling\] prefill_chunk: expected >= 0 \(0: off\), got -8"),
     ("[models2]\n", r"unknown key 'models2'"),
-    ("[weak_sft]\nlearning_rate = 1e-5\n", r"\[weak_sft\] unknown key 'learning_rate'; expected TrainConfig fields"),
-    ("[weak_sft]\nprogress = false\n", r"\[weak_sft\] unknown key 'progress'"),
+    ("[weak_sft]\nlearning_rate = 1e-5\n", r"\[weak_sft\]: unknown key 'learning_rate'; expected one of activation_"),
+    ("[weak_sft]\nprogress = false\n", r"\[weak_sft\]: unknown key 'progress'"),
     ("[weak_sft]\nlr = \"fast\"\n", r"\[weak_sft\]\.lr: expected float, got 'fast'"),
     ("[weak_sft]\nepochs = 1.5\n", r"\[weak_sft\]\.epochs: expected int, got 1\.5"),
     ("[weak_sft]\nlora_rank = -8\n", r"\[weak_sft\]\.lora_rank: expected a value >= 0"),

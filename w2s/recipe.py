@@ -25,6 +25,7 @@ or a bad gold answer stops the run before its first stage with one line naming t
 """
 
 import dataclasses
+import difflib
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -149,13 +150,31 @@ BASELINES = ("full_weak_ft", "strong_icl", "ceiling")
 GOLD_BASELINES = ("ceiling",)  # SFT on train_2 gold: none in the setting without gold
 
 
+def _unknown_key(where, key, known):
+    """The one line for a key a table does not have: a close spelling of one it has, or the sections that do have
+    it (`beta` under [stage2] belongs in [preference]), then what the table takes."""
+    hint = ""
+    if close := difflib.get_close_matches(key, known, n=1):
+        hint = f" (did you mean {close[0]!r}?)"
+    elif homes := [f"[{name}]" for name, fields in _section_fields().items() if key in fields]:
+        hint = f" (a key of {', '.join(homes)})"
+    return ValueError(f"{where}: unknown key {key!r}{hint}; expected one of {', '.join(known)}")
+
+
+def _section_fields():
+    """{section: its keys} of every recipe table."""
+    train = set(train_config_defaults()) - {"progress"}
+    return {**{name: {f.name for f in dataclasses.fields(cls)} for name, cls in SECTIONS.items()},
+            **{name: train | (set(GRPO_FIELDS) if name == "grpo" else set()) for name in TRAIN_SECTIONS}}
+
+
 def _build(cls, values, where):
     if not isinstance(values, dict):
         raise ValueError(f"{where}: expected a table of options, got {values!r}")
     known = {f.name: f for f in dataclasses.fields(cls)}
     for key, value in values.items():
         if key not in known:
-            raise ValueError(f"{where}: unknown key {key!r}; expected one of {', '.join(known)}")
+            raise _unknown_key(where, key, list(known))
         default = getattr(cls(), key)
         if isinstance(default, bool) != isinstance(value, bool) or (
                 not isinstance(value, type(default)) and not (isinstance(default, float) and isinstance(value, int))):
@@ -216,7 +235,7 @@ def load_recipe(path, check_files=True):
     allowed = {"name", *SECTIONS, *TRAIN_SECTIONS}
     for key in raw:
         if key not in allowed:
-            raise ValueError(f"{path}: unknown key {key!r}; expected one of {', '.join(sorted(allowed))}")
+            raise _unknown_key(path, key, sorted(allowed))
     sections = {name: _build(cls, raw.get(name, {}), f"{path}: [{name}]") for name, cls in SECTIONS.items()}
     train_defaults = train_config_defaults()
     train = {}
@@ -230,9 +249,7 @@ def load_recipe(path, check_files=True):
                 _check_train_value(key, value, own[key], f"{path}: [{name}]")
                 continue
             if key not in train_defaults or key == "progress":
-                raise ValueError(f"{path}: [{name}] unknown key {key!r}; expected TrainConfig fields"
-                                 f"{' or GRPOConfig fields' if own else ''}: "
-                                 f"{', '.join(sorted((set(train_defaults) | set(own)) - {'progress'}))}")
+                raise _unknown_key(f"{path}: [{name}]", key, sorted((set(train_defaults) | set(own)) - {"progress"}))
             _check_train_value(key, value, train_defaults[key], f"{path}: [{name}]")
         train[name] = values
     if sections["data"].train_2 and "baselines" not in raw.get("eval", {}):
@@ -394,7 +411,8 @@ def _validate(r, path, check_files):
         bad("[stage1] round2_init", f"expected 'base' or 'continue', got {r.stage1.round2_init!r}")
     _validate_beyond(r, bad)
     if not 0 <= r.stage2.min_confidence <= r.stage2.flip_confidence <= 1:
-        bad("[stage2]", "expected 0 <= min_confidence <= flip_confidence <= 1")
+        bad("[stage2]", f"expected 0 <= min_confidence <= flip_confidence <= 1, got min_confidence = "
+                        f"{r.stage2.min_confidence}, flip_confidence = {r.stage2.flip_confidence}")
     if r.stage2.n_samples < 1 or r.stage2.max_pairs < 1:
         bad("[stage2]", "n_samples and max_pairs must be >= 1")
     _validate_sampling(r, bad)
