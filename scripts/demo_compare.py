@@ -5,9 +5,9 @@
 
 A variant is a set of recipe options on top of recipes/demo.toml (VARIANTS below; adding one is one line). For each
 seed N the first variant runs in full as runs/demo-seedN-<variant> (taking the finished stages of `make demo-seeds`'
-runs/demo-seedN when that run is there); every other variant of that seed gets its own run directory, into which
-each finished stage of the first one whose key it shares (the engine's key: options and inputs) is hard-linked
-before it runs, so the engine skips it. The Stage I stages, the baselines and the weak model
+runs/demo-seedN when that run is there); every other variant of that seed gets its own run directory, which takes
+each finished stage of the first one whose key it shares (the engine's key: options and inputs), hard-linked before
+it runs (`w2s run --reuse`), so the engine skips it. The Stage I stages, the baselines and the weak model
 run once per seed; a variant pays only for the stages its options change. The recipes are written beside the demo
 recipe as recipes/.demo-seedN-<variant>.toml (git-ignored), with every seed set to N as scripts/demo_seeds.py does.
 
@@ -19,15 +19,13 @@ Also written to runs/demo-compare.md.
 
 import argparse
 import json
-import os
 import re
-import shutil
 import statistics
 import time
 from pathlib import Path
 
-from w2s.engine import read_meta, table_keys
-from w2s.pipeline import build_stages, run_pipeline
+from w2s.engine import read_meta
+from w2s.pipeline import run_pipeline
 from w2s.recipe import NAME_LINE, load_recipe, seeded_recipe
 from w2s.report import load_metas, method_accuracies, pgr
 
@@ -84,24 +82,13 @@ def variant_recipe(text, seed, variant):
     return re.sub(r'^name\s*=\s*"([^"]+)"', rf'name = "\1-{variant}"', text, count=1, flags=re.MULTILINE)
 
 
-def reuse_finished(donor_dir, run_dir, recipe_path):
-    """Hard-link into run_dir every finished stage of donor_dir whose key the recipe's table gives too (the engine
-    then skips it; a stage already there from another run of it is replaced, so that the run ids its readers
-    recorded match). -> the names of the stages linked or already there."""
-    stages, shared = build_stages(load_recipe(recipe_path)), []
-    keys = table_keys(stages)
-    for stage in stages:
-        key = keys[stage.name]
-        donor, target = Path(donor_dir) / stage.name, Path(run_dir) / stage.name
-        donor_meta = read_meta(donor) or {}
-        if donor_meta.get("key") != key:
-            continue
-        shared.append(stage.name)
-        target_meta = read_meta(target) or {}
-        if (target_meta.get("key"), target_meta.get("run")) != (key, donor_meta.get("run")):
-            shutil.rmtree(target, ignore_errors=True)
-            shutil.copytree(donor, target, copy_function=os.link)
-    return shared
+def shared_runs(run_dir, donor):
+    """The stages of run_dir that are the donor's own runs of them (taken, not run again)."""
+    if donor is None:
+        return set()
+    runs = {f.parent.name: (read_meta(f.parent) or {}).get("run") for f in Path(donor).glob("*/meta.json")}
+    return {f.parent.name for f in Path(run_dir).glob("*/meta.json")
+            if runs.get(f.parent.name) is not None and (read_meta(f.parent) or {}).get("run") == runs[f.parent.name]}
 
 
 def summary(run_dir, method, shared):
@@ -164,15 +151,14 @@ def main():
             path = recipe.with_name(f".{recipe.stem}-seed{seed}-{variant}.toml")  # beside it: relative paths hold
             path.write_text(variant_recipe(text, seed, variant))
             run_dir = Path(args.runs) / load_recipe(path).name
-            shared = reuse_finished(donor, run_dir, path) if donor is not None else []
-            print(f"== seed {seed}, {variant}: {path} ({len(shared)} stages shared with {donor or 'none'}); "
+            print(f"== seed {seed}, {variant}: {path} (taking what it shares with {donor or 'none'}); "
                   f"{(time.perf_counter() - t0) / 60:.1f} min so far", flush=True)
             try:
-                run_pipeline(path, runs_dir=args.runs, progress=False, plot=False)
+                run_pipeline(path, runs_dir=args.runs, progress=False, plot=False, reuse=donor)
             except ValueError as e:  # e.g. a filter that keeps nothing: the variant has no result on this seed
                 print(f"== seed {seed}, {variant} stopped: {e}", flush=True)
                 failed[seed, variant] = str(e)
-            results[seed, variant] = summary(run_dir, VARIANTS[variant][2], set(shared))
+            results[seed, variant] = summary(run_dir, VARIANTS[variant][2], shared_runs(run_dir, donor))
             donor = run_dir if i == 0 else donor
     table = compare_table(results, args.seeds, args.variants)
     if failed:

@@ -423,6 +423,41 @@ def test_the_report_shows_the_run_as_it_stands(full_run, tmp_path):
     assert "Left out" not in report_of(table)
 
 
+def test_a_new_idea_takes_the_finished_stages_of_another_run(full_run, tmp_path, capsys):
+    """w2s run --reuse: a recipe that changes only Stage II, in a run directory of its own, takes (hard-links) every
+    finished stage of the paper's run it shares a key with and runs the rest; the donor is left as it was, and a
+    stage the new run finished itself stays its own."""
+    from click.testing import CliRunner
+
+    from w2s.cli import main
+
+    donor, idea = full_run["run_dir"], write_recipe(full_run["world"], "tiny-idea", min_confidence=0.8)
+    changed = ["15_pairs", "16_dpo", "17_orpo", "28_eval_stage2_dpo", "29_eval_stage2_orpo", "33_passk_stage2_dpo",
+               "34_passk_stage2_orpo"]
+    before = {name: (donor / name / "meta.json").read_text() for name in ALL_STAGES}
+    plan = CliRunner().invoke(main, ["run", str(idea), "--runs", str(tmp_path), "--reuse", str(donor), "--dry-run"])
+    rows = {}
+    for cells in (line.split("|") for line in plan.output.splitlines() if line.startswith("| ")):
+        if cells[1].strip() in ALL_STAGES:
+            rows.setdefault(cells[1].strip(), cells[2].strip())  # the first table: stage | status | ...
+    assert rows == {name: "will run" if name in changed else "taken" for name in ALL_STAGES}
+    (tmp_path / "tiny-idea").mkdir()
+    shutil.copytree(donor / "00_test", tmp_path / "tiny-idea" / "00_test")  # a copy: the same run, not a link
+    out = CliRunner().invoke(main, ["run", str(idea), "--runs", str(tmp_path), "--reuse", str(donor), "--no-progress"])
+    assert out.exit_code == 0, out.output
+    run_dir = tmp_path / "tiny-idea"
+    ran = {name for name in ALL_STAGES if meta(run_dir, name)["run"] != meta(donor, name)["run"]}
+    assert ran == set(changed)
+    assert (run_dir / "01_weak_sft" / "meta.json").stat().st_ino == (donor / "01_weak_sft" / "meta.json").stat().st_ino
+    assert (run_dir / "00_test" / "meta.json").stat().st_ino != (donor / "00_test" / "meta.json").stat().st_ino
+    assert {name: (donor / name / "meta.json").read_text() for name in ALL_STAGES} == before
+    assert meta(run_dir, "15_pairs")["n_pairs"] != meta(donor, "15_pairs")["n_pairs"]
+    with pytest.raises(ValueError, match=r"--reuse .*nowhere: not a run directory with finished stages"):
+        from w2s.pipeline import run_pipeline
+
+        run_pipeline(idea, runs_dir=tmp_path, reuse=tmp_path / "nowhere")
+
+
 def test_finished_run_is_skipped(full_run):
     from w2s.pipeline import run_pipeline
 

@@ -168,7 +168,11 @@ def _echo_rows(rows):
               help="--dry-run: processes of the run it plans for [default: this launch's, 1 under plain python].")
 @click.option("--gpu", "gpu", default=None,
               help="--dry-run: the GPU the time estimate is for, e.g. 'H100 SXM' [default: this machine's].")
-def run(recipe, runs, no_progress, dry_run, world_size, gpu):
+@click.option("--reuse", type=click.Path(path_type=Path), default=None,
+              help="Another run directory: take its finished stages that this recipe would run with the same key "
+                   "(hard links; copies across file systems) instead of running them. Stages this run has finished "
+                   "stay its own.")
+def run(recipe, runs, no_progress, dry_run, world_size, gpu, reuse):
     """Run every stage of RECIPE (a TOML file, see recipes/) that is not already done.
 
     Each stage writes runs/<name>/<NN_stage>/ with its data and a meta.json written last; a finished stage is
@@ -180,6 +184,7 @@ def run(recipe, runs, no_progress, dry_run, world_size, gpu):
       w2s run recipes/demo.toml                                      (= make demo)
       torchrun --nproc_per_node=8 scripts/pipeline.py recipes/gsm8k.toml
       w2s run recipes/gsm8k.toml --dry-run --world-size 8 --gpu "H100 SXM"
+      w2s run my_stage2_idea.toml --reuse runs/gsm8k-gemma2b-llama2-70b   (Stage I taken, not rerun)
     \b
     What it reads: the recipe's sections (w2s/recipe.py lists every key and default): [data] task, train, test,
     split sizes or split_file, seed, grader; [models] weak, strong (HF checkpoint dirs), dtype, device; [sampling];
@@ -192,12 +197,12 @@ def run(recipe, runs, no_progress, dry_run, world_size, gpu):
     from w2s.pipeline import run_pipeline
 
     if dry_run:
-        plan = plan_run(recipe, runs_dir=runs, world=world_size, device=gpu)
+        plan = plan_run(recipe, runs_dir=runs, world=world_size, device=gpu, reuse=reuse)
         if is_main():  # under torchrun every rank plans (the same plan); one prints it
             click.echo(plan)
         return
     try:
-        _, _, text = run_pipeline(recipe, runs_dir=runs, progress=not no_progress)
+        _, _, text = run_pipeline(recipe, runs_dir=runs, progress=not no_progress, reuse=reuse)
     except KeyboardInterrupt:  # Ctrl-C: say what is kept and how to go on, exit as a shell reports SIGINT
         if is_main():
             click.echo("\ninterrupted: the finished stages are kept; the same command resumes the run", err=True)

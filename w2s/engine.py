@@ -226,22 +226,55 @@ def _remove_leftovers(out, cleanup):
     barrier()
 
 
-def plan(stages, run_dir):
-    """What run_stages would do, running nothing: [(stage, "done" | "will run" | "will rerun", [reasons])], the
-    reasons naming each option whose value changed (old -> new), each input whose key changed, and each input that
-    runs again (or ran again since)."""
+def to_take(donor_dir, run_dir, name, key):
+    """Whether a run in run_dir takes stage `name` finished in donor_dir (`w2s run --reuse`) instead of running it:
+    donor_dir has it finished with the same key and run_dir has not (a stage run_dir finished stays)."""
+    if donor_dir is None or (read_meta(Path(donor_dir) / name) or {}).get("key") != key:
+        return False
+    return (read_meta(Path(run_dir) / name) or {}).get("key") != key
+
+
+def take_finished(stages, donor_dir, run_dir):
+    """Hard-link (copy, across file systems) into run_dir each stage to_take says it takes from donor_dir, meta.json
+    and run id included, so the engine skips it, and the stages that read it too when they are taken as well.
+    -> the names taken. Rank 0 links; call it on every rank."""
+    keys, taken = table_keys(stages), []
+    for stage in stages:
+        if to_take(donor_dir, run_dir, stage.name, keys[stage.name]):
+            taken.append(stage.name)
+            if is_main():
+                target = Path(run_dir) / stage.name
+                shutil.rmtree(target, ignore_errors=True)
+                shutil.copytree(Path(donor_dir) / stage.name, target, copy_function=_link_or_copy)
+    barrier()
+    return taken
+
+
+def _link_or_copy(src, dst):
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or one without hard links
+        shutil.copy2(src, dst)
+
+
+def plan(stages, run_dir, donor_dir=None):
+    """What run_stages would do, running nothing: [(stage, "done" | "taken" | "will run" | "will rerun", [reasons])],
+    the reasons naming each option whose value changed (old -> new), each input whose key changed, and each input
+    that runs again (or ran again since). donor_dir: the run `w2s run --reuse` takes finished stages from ("taken")."""
     keys, runs, rows = {}, {}, []
     for stage in stages:
         key = keys[stage.name] = stage_key(stage, keys)
         out = Path(run_dir) / stage.name
-        meta = read_meta(out)
+        taken = to_take(donor_dir, run_dir, stage.name, key)
+        meta = read_meta(Path(donor_dir) / stage.name if taken else out)
         runs[stage.name] = object()  # a new run id, unequal to any recorded, unless it is done
         if meta is not None and meta.get("key") == key:
             stale = stale_inputs(meta, stage.reads, runs)
             if not stale:
                 runs[stage.name] = meta.get("run")
             again = [f"input {d} runs again (or ran again since)" for d in stale]
-            rows.append((stage, "will rerun", again) if stale else (stage, "done", []))
+            rows.append((stage, "will rerun", again) if stale else
+                        (stage, "taken", [f"from {donor_dir}"]) if taken else (stage, "done", []))
         elif meta is None:
             inputs = {d: runs[d] for d in stage.reads}
             started = (out / "key.txt").is_file()

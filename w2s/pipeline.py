@@ -56,7 +56,7 @@ from pathlib import Path
 import torch
 
 from w2s import profile
-from w2s.engine import STAGES_FILE, Context, Stage, plan, run_lock, run_stages, table_keys
+from w2s.engine import STAGES_FILE, Context, Stage, plan, run_lock, run_stages, table_keys, take_finished
 from w2s.estimate import (
     DISK_READ_BYTES_S,
     KEPT_FRACTION,
@@ -409,18 +409,19 @@ def passk_key(recipe):
 # ------------------------------------------------------------------------------------------------ running a recipe
 
 
-def dry_run(recipe_path, runs_dir="runs", world=None, device=None):
+def dry_run(recipe_path, runs_dir="runs", world=None, device=None, reuse=None):
     """What `run_pipeline` would do, and its estimated cost (w2s/estimate.py), as markdown; reads no weights and
     writes nothing. world: processes of the run (default: this launch's); device: a GPU name for the time estimate
-    (default: this machine's CUDA device; none on a CPU-only machine)."""
+    (default: this machine's CUDA device; none on a CPU-only machine); reuse: as run_pipeline's."""
     recipe = load_recipe(recipe_path)
+    check_reuse(reuse)
     world = world or int(os.environ.get("WORLD_SIZE", 1))
     device = device or (profile.device_name() if torch.cuda.is_available() else "cpu")
     stages = build_stages(recipe)
     work, configs = workload(recipe) if not recipe.data.train_2 else questions_workload(recipe), model_configs(recipe)
-    planned = list(plan(stages, Path(runs_dir) / recipe.name))
-    costs = stage_costs([stage for stage, _, _ in planned], recipe, work, configs, world, device,
-                        runs=[status != "done" for _, status, _ in planned])
+    planned = list(plan(stages, Path(runs_dir) / recipe.name, reuse))
+    runs = [status not in ("done", "taken") for _, status, _ in planned]
+    costs = stage_costs([stage for stage, _, _ in planned], recipe, work, configs, world, device, runs=runs)
     rows, io_rows = [], []
     for (stage, status, reasons), cost in zip(planned, costs):
         why = "; ".join(reasons[:3]) + (f"; and {len(reasons) - 3} more" if len(reasons) > 3 else "")
@@ -428,7 +429,7 @@ def dry_run(recipe_path, runs_dir="runs", world=None, device=None):
                      human_bytes(cost.disk), human_bytes(cost.memory), human_seconds(cost.seconds)))
         if cost.generated or cost.trained:  # a stage that runs a model
             io_rows.append((stage.name, *_io_cells(cost)))
-    todo = total_cost(cost for (_, status, _), cost in zip(planned, costs) if status != "done")
+    todo = total_cost(cost for runs_it, cost in zip(runs, costs) if runs_it)
     rows.append(("to do", "", "", f"{todo.generated:,}", f"{todo.trained:,}", human_bytes(todo.disk),
                  human_bytes(todo.memory), human_seconds(todo.seconds)))
     io_rows.append(("to do", *_io_cells(todo)))
@@ -477,12 +478,20 @@ def _workload_lines(work, gold=True):
             f"weights the stage before left in memory reads only its adapter"]
 
 
-def run_pipeline(recipe_path, runs_dir="runs", progress=True, log=print, plot=True):
+def check_reuse(reuse):
+    if reuse is not None and not any(Path(reuse).glob("*/meta.json")):
+        raise ValueError(f"--reuse {reuse}: not a run directory with finished stages (no */meta.json)")
+
+
+def run_pipeline(recipe_path, runs_dir="runs", progress=True, log=print, plot=True, reuse=None):
     """Validate the recipe (before any model is loaded), run every stage not yet done, write the report.
 
+    reuse: another run directory whose finished stages this run takes, hard-linked, where it would run them with the
+    same key (engine.take_finished): a Stage II idea on the paper's Stage I without redoing it, in a run of its own.
     Returns (run dir, {stage: 'ran' | 'skipped'}, report text).
     """
     recipe = load_recipe(recipe_path)
+    check_reuse(reuse)
     world = int(os.environ.get("WORLD_SIZE", 1))
     for key in ("tp", "weak_tp"):  # say so now, not after the first training stage
         tp = getattr(recipe.sampling, key)
@@ -503,6 +512,8 @@ def run_pipeline(recipe_path, runs_dir="runs", progress=True, log=print, plot=Tr
         if is_main():
             write_json_atomic(run_dir / "recipe.json", asdict(recipe))
             write_json_atomic(run_dir / STAGES_FILE, table_keys(stages))  # what the report counts as this run
+        if taken := take_finished(stages, reuse, run_dir):
+            ctx.log(f"took {len(taken)} finished stage(s) from {reuse}: {', '.join(taken)}")
         status = run_stages(stages, ctx)
         text = report(run_dir, plot=plot) if is_main() else ""
     return run_dir, status, text
