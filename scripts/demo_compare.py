@@ -146,7 +146,7 @@ def main():
     text, results, failed, t0 = recipe.read_text(), {}, {}, time.perf_counter()
     for seed in args.seeds:
         donor = Path(args.runs) / f"{NAME_LINE.search(text).group(1)}-seed{seed}"  # make demo-seeds' run, if any
-        donor = donor if donor.is_dir() else None
+        donor = donor if any(donor.glob("*/meta.json")) else None  # a killed demo-seeds run may have finished none
         for i, variant in enumerate(args.variants):
             path = recipe.with_name(f".{recipe.stem}-seed{seed}-{variant}.toml")  # beside it: relative paths hold
             path.write_text(variant_recipe(text, seed, variant))

@@ -4,6 +4,7 @@
 """
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -82,6 +83,10 @@ def test_a_stage_run_again_by_hand_reruns_its_readers_from_scratch(tmp_path):
         (tmp_path / name / "meta.json").write_text(json.dumps({k: v for k, v in meta.items()
                                                                if k not in ("run", "input_runs")}))
     assert run_stages(table(), Context(None, tmp_path, log=lambda *a: None)) == {"a": "skipped", "b": "skipped"}
+    # In such a run, a reads again after a change: its new record has a run id, b's predates it, so b reruns.
+    (tmp_path / "a" / "meta.json").unlink()
+    assert run_stages(table("z"), Context(None, tmp_path, log=lambda *a: None)) == {"a": "ran", "b": "ran"}
+    assert json.loads((tmp_path / "b" / "meta.json").read_text())["calls"] == ["z"]
 
 
 def test_a_failing_stage_is_not_done(tmp_path):
@@ -115,6 +120,71 @@ def test_a_resumed_stage_starts_without_the_temp_files_of_writes_a_kill_cut_shor
     table[0].run = look
     run_stages(table, Context(None, tmp_path, log=lambda *a: None))
     assert seen == sorted(["key.txt", "out.txt"] + [str(p.relative_to(stage)) for p in kept])
+
+
+def _chain(text="x"):  # a -> b -> c, each writing what it read plus its own letter
+    def step(name, reads):
+        def run(ctx, out):
+            got = "".join((ctx.dir(d) / "out.txt").read_text() for d in reads)
+            (out / "out.txt").write_text(got + name)
+            (out / "big.bin").write_text("weights")
+            return {}
+        return Stage(name, run, reads, {"text": text} if name == "a" else {})
+
+    return [step("a", []), step("b", ["a"]), step("c", ["b"])]
+
+
+def test_reuse_takes_what_it_shares_from_the_inputs_it_will_have(tmp_path):
+    """w2s run --reuse's rule (engine.take_finished / plan): the new run takes the donor's finished stages whose key
+    it shares and whose inputs it will have; it keeps its own finished stages, so the donor's stages below one of them
+    are not taken (they would be wiped at once); it takes again a stage it took once when the donor has run it again;
+    a kill in the middle of a take leaves nothing that looks finished. The donor's files are never written."""
+    import w2s.engine as engine
+    from w2s.engine import plan, take_finished
+
+    quiet = lambda: Context(None, run, log=lambda *a: None)  # noqa: E731
+    donor, run = tmp_path / "donor", tmp_path / "run"
+    run_stages(_chain(), Context(None, donor, log=lambda *a: None))
+    donor_files = {p: p.read_text() for p in donor.rglob("*") if p.is_file()}
+    assert [status for _, status, _ in plan(_chain(), run, donor)] == ["taken", "taken", "taken"]
+    assert take_finished(_chain(), donor, run) == ["a", "b", "c"]
+    assert (run / "c" / "big.bin").stat().st_ino == (donor / "c" / "big.bin").stat().st_ino
+    assert run_stages(_chain(), quiet()) == {"a": "skipped", "b": "skipped", "c": "skipped"}
+    # The run's own a (another run of it): b and c of the donor were made from the donor's a, not this one.
+    shutil.rmtree(run)
+    run_stages(_chain()[:1], quiet())
+    assert [row[1] for row in plan(_chain(), run, donor)] == ["done", "will run", "will run"]
+    assert take_finished(_chain(), donor, run) == []
+    assert run_stages(_chain(), quiet()) == {"a": "skipped", "b": "ran", "c": "ran"}
+    # Taken once, then the donor ran b again (after a code change): the next take follows it.
+    shutil.rmtree(run)
+    take_finished(_chain(), donor, run)
+    (donor / "b" / "meta.json").unlink()
+    run_stages(_chain(), Context(None, donor, log=lambda *a: None))
+    assert take_finished(_chain(), donor, run) == ["b", "c"]
+    assert json.loads((run / "c" / "meta.json").read_text())["run"] == \
+        json.loads((donor / "c" / "meta.json").read_text())["run"]
+    # Killed after copying meta.json but before the rest: the stage is not there, and the next take finishes it.
+    shutil.rmtree(run)
+    real_link = engine._link_or_copy
+
+    def dies_after_meta(src, dst):
+        real_link(src, dst)
+        if dst.endswith("meta.json") and "/c/" not in dst:
+            raise KeyboardInterrupt
+
+    engine._link_or_copy = dies_after_meta
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            take_finished(_chain(), donor, run)
+    finally:
+        engine._link_or_copy = real_link
+    assert not any(run.glob("*/meta.json"))
+    assert take_finished(_chain(), donor, run) == ["a", "b", "c"] and not (run / ".taking").exists()
+    assert run_stages(_chain(), quiet()) == {"a": "skipped", "b": "skipped", "c": "skipped"}
+    assert {p: p.read_text() for p in (donor / "a").rglob("*") if p.is_file()} == \
+        {p: text for p, text in donor_files.items() if p.parent == donor / "a"}
+    assert not any(donor.rglob("taken_from.txt"))
 
 
 def _train(ctx, out):

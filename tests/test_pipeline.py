@@ -392,8 +392,8 @@ def test_report_table_and_plot(full_run):
 
 def test_the_report_shows_the_run_as_it_stands(full_run, tmp_path):
     """stages.json holds the latest run's table; the report leaves out (and names) a finished stage that an earlier
-    recipe left (a loss dropped since) or whose input ran again since it ran, with whatever reads it; an input whose
-    directory is gone (deleted to free disk) leaves its readers in."""
+    recipe left (a loss dropped since) or whose input ran again since it ran or is running again, with whatever reads
+    it; an input whose directory is gone (deleted to free disk) leaves its readers in."""
     from w2s.report import report
 
     src, run = full_run["run_dir"], tmp_path / "run"
@@ -417,8 +417,12 @@ def test_the_report_shows_the_run_as_it_stands(full_run, tmp_path):
     pairs = meta(run, "15_pairs")
     (run / "15_pairs" / "meta.json").write_text(json.dumps(pairs | {"run": "f" * 32}))  # 15_pairs ran again
     text = report_of(table)
-    assert ("Left out: 16_dpo, 17_orpo, 28_eval_stage2_dpo, 29_eval_stage2_orpo, 33_passk_stage2_dpo, "
-            "34_passk_stage2_orpo (") in text and "Stage II: DPO" not in text
+    readers = ("Left out: 16_dpo, 17_orpo, 28_eval_stage2_dpo, 29_eval_stage2_orpo, 33_passk_stage2_dpo, "
+               "34_passk_stage2_orpo (")
+    assert readers in text and "Stage II: DPO" not in text
+    (run / "15_pairs" / "meta.json").unlink()  # running again: started (key.txt), not finished
+    (run / "15_pairs" / "key.txt").write_text(pairs["key"] + "\n")
+    assert readers in report_of(table)
     shutil.rmtree(run / "15_pairs")
     assert "Left out" not in report_of(table)
 
@@ -905,8 +909,10 @@ def test_evaluate_script_matches_the_pipeline(full_run, tmp_path, capsys):
 
 def test_evaluate_script_scores_a_lora_adapter_as_its_merged_model(full_run, tmp_path):
     """An adapter directory (what sft.py / dpo.py write with --lora-rank) evaluates as the merged copy of it, its
-    tokenizer read from its base when it has none of its own."""
+    tokenizer read from its base when it has none of its own; an evaluation written into a checkpoint directory
+    (the default output) resumes there."""
     import w2s
+    from w2s.pipeline import ckpt_fingerprint
     from w2s.train import TrainConfig, train_sft
 
     evaluate = _evaluate_script()
@@ -921,10 +927,15 @@ def test_evaluate_script_scores_a_lora_adapter_as_its_merged_model(full_run, tmp
     common = [str(full_run["world"] / "test.jsonl"), "--dtype", "float32", "--device", "cpu", "--max-new-tokens", "8",
               "--no-progress"]
     adapter = evaluate.main([str(tmp_path / "a"), *common, "--out", str(tmp_path / "a.jsonl")])
-    merged = evaluate.main([str(tmp_path / "a" / "merged"), *common, "--out", str(tmp_path / "m.jsonl")])
+    merged_dir = tmp_path / "a" / "merged"
+    identity = ckpt_fingerprint(merged_dir)
+    merged = evaluate.main([str(merged_dir), *common])  # the default output: inside the checkpoint directory
     assert adapter["accuracy"] == merged["accuracy"] and adapter["n_questions"] == merged["n_questions"] == 8
-    assert [g["completions"] for g in jsonl(tmp_path / "a.jsonl")] == [g["completions"] for g in
-                                                                       jsonl(tmp_path / "m.jsonl")]
+    out = merged_dir / "eval_test_greedy.jsonl"
+    assert [g["completions"] for g in jsonl(tmp_path / "a.jsonl")] == [g["completions"] for g in jsonl(out)]
+    # Its records (OUT.meta.json, OUT.result.json) are not part of the checkpoint's identity: the same command
+    # resumes (it was refused as sampled from another checkpoint), and no stage key that reads the model changes.
+    assert ckpt_fingerprint(merged_dir) == identity and evaluate.main([str(merged_dir), *common]) == merged
 
 
 def test_evaluate_script_help_and_bad_input(full_run, tmp_path, monkeypatch, capsys):

@@ -230,12 +230,21 @@ def tokenizer_dir(path):
     return tokenizer_dir(adapter_base_dir(path, adapter)) if adapter is not None else path
 
 
-def fingerprint(path):
-    """Identity of a checkpoint directory without reading its weights: name, size and mtime of its weight, config and
-    tokenizer files, and for an adapter its base's fingerprint too (a copied or rewritten file changes it)."""
+def identity_files(path):
+    """[(name, size, mtime)] of a checkpoint directory's weight, config and tokenizer files: what identifies it
+    without reading 140 GB. Not the records of an evaluation or a sampling run written into it (OUT.jsonl.meta.json,
+    OUT.jsonl.result.json: scripts/evaluate.py's default output), which would change it under their own resume."""
     path = Path(path)
     files = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.json")) + sorted(path.glob("tokenizer.model"))
-    found = [[f.name, f.stat().st_size, int(f.stat().st_mtime)] for f in files]
+    return [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in files
+            if not f.name.endswith((".jsonl.meta.json", ".jsonl.result.json"))]
+
+
+def fingerprint(path):
+    """Identity of a checkpoint directory without reading its weights (identity_files), and for an adapter its base's
+    fingerprint too (a copied or rewritten file changes it)."""
+    path = Path(path)
+    found = [list(entry) for entry in identity_files(path)]
     adapter = read_adapter(path, tensors=False)
     return {"files": found, "base": fingerprint(adapter_base_dir(path, adapter)) if adapter is not None else None}
 

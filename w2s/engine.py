@@ -18,7 +18,9 @@ its result. `run_stages` gives every stage the same contract:
     so a kill between the end of the run and the record of it still finds its last checkpoint to resume from;
     meta.json names those paths, and a kill between the record and the deletion leaves them to the next run, which
     deletes them;
-  * a resumed stage first loses the temp files of writes a kill cut short before their rename.
+  * a resumed stage first loses the temp files of writes a kill cut short before their rename;
+  * `w2s run --reuse DONOR` (take_finished) hard-links in DONOR's finished stages that the run would make with the
+    same key from the same input runs, so the engine skips them; the run's own finished stages stay.
 
 Under torchrun every rank runs every stage; rank 0 alone writes shared files, and a barrier closes every stage.
 
@@ -42,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from w2s.files import remove_temp_files, stable_hash, write_json_atomic
+from w2s.files import remove_temp_files, stable_hash, write_atomic, write_json_atomic
 from w2s.parallel import barrier, broadcast_object, is_main
 
 
@@ -133,14 +135,20 @@ def table_keys(stages):
     return keys
 
 
-def current_metas(metas, keys=None):
+def current_metas(metas, keys=None, unfinished=()):
     """The finished stages (name -> meta.json) that belong to the run as it stands: when `keys` (the current table's
     {stage: key}, a run's stages.json) is given, those the table has with its key; and of those, the ones none of
-    whose inputs ran again since or was itself left out (transitively). An input whose directory is gone (deleted to
-    free disk) leaves its readers in; so do records made before run ids."""
+    whose inputs ran again since, is running again (a directory in `unfinished`: no meta.json) or was itself left
+    out, transitively. An input whose directory is gone (deleted to free disk) leaves its readers in."""
     kept = {n: m for n, m in metas.items() if keys is None or keys.get(n) == m.get("key")}
-    while stale := [n for n, m in kept.items() if any(d in metas and (d not in kept or kept[d].get("run") != run)
-                                                      for d, run in m.get("input_runs", {}).items())]:
+
+    def current(meta):
+        recorded = meta.get("input_runs")
+        inputs = recorded if recorded is not None else dict.fromkeys(meta.get("inputs", {}))  # before run ids: None
+        return not any(d in unfinished or (d in metas and (d not in kept or kept[d].get("run") != run))
+                       for d, run in inputs.items())
+
+    while stale := [n for n, m in kept.items() if not current(m)]:
         for name in stale:
             del kept[name]
     return kept
@@ -148,9 +156,10 @@ def current_metas(metas, keys=None):
 
 def stale_inputs(meta, reads, runs):
     """The inputs of a finished stage that ran again since it ran: the run id its meta.json recorded for them is not
-    theirs now. A stage recorded before run ids (no input_runs) counts as current."""
-    recorded = meta.get("input_runs")
-    return [] if recorded is None else [d for d in reads if recorded.get(d) != runs.get(d)]
+    theirs now. A stage recorded before run ids (no input_runs) read inputs without one: an input that has one now
+    ran after it."""
+    recorded = meta.get("input_runs") or {}
+    return [d for d in reads if recorded.get(d) != runs.get(d)]
 
 
 def dir_id(key, input_runs):
@@ -226,28 +235,56 @@ def _remove_leftovers(out, cleanup):
     barrier()
 
 
-def to_take(donor_dir, run_dir, name, key):
-    """Whether a run in run_dir takes stage `name` finished in donor_dir (`w2s run --reuse`) instead of running it:
-    donor_dir has it finished with the same key and run_dir has not (a stage run_dir finished stays)."""
-    if donor_dir is None or (read_meta(Path(donor_dir) / name) or {}).get("key") != key:
-        return False
-    return (read_meta(Path(run_dir) / name) or {}).get("key") != key
+TAKEN_FILE = "taken_from.txt"  # in a stage directory that `w2s run --reuse` took: where from
+TAKING_DIR = ".taking"  # in a run directory: stages being copied in, out of the report's */meta.json
+
+
+def judged_by(stage, key, run_dir, donor_dir, runs):
+    """(the meta.json a run in run_dir judges `stage` by, whether it takes the stage from donor_dir: `w2s run
+    --reuse`). It takes donor_dir's when that has the key and was made from the inputs this run will have (runs:
+    {stage: run id} so far), unless run_dir's own stands: the key, current inputs, and not an earlier take of a
+    stage donor_dir has since run again."""
+    own = read_meta(Path(run_dir) / stage.name)
+    donor = read_meta(Path(donor_dir) / stage.name) if donor_dir is not None else None
+    retake = (usable(donor, stage, key, runs) and (Path(run_dir) / stage.name / TAKEN_FILE).is_file()
+              and (own or {}).get("run") != donor.get("run"))
+    if usable(own, stage, key, runs) and not retake:
+        return own, False
+    return (donor, True) if usable(donor, stage, key, runs) else (own, False)
+
+
+def usable(meta, stage, key, runs):
+    """A finished record of `stage` that a run with these inputs (runs: {stage: run id}) skips: its key, its inputs."""
+    return meta is not None and meta.get("key") == key and not stale_inputs(meta, stage.reads, runs)
 
 
 def take_finished(stages, donor_dir, run_dir):
-    """Hard-link (copy, across file systems) into run_dir each stage to_take says it takes from donor_dir, meta.json
-    and run id included, so the engine skips it, and the stages that read it too when they are taken as well.
-    -> the names taken. Rank 0 links; call it on every rank."""
-    keys, taken = table_keys(stages), []
-    for stage in stages:
-        if to_take(donor_dir, run_dir, stage.name, keys[stage.name]):
-            taken.append(stage.name)
-            if is_main():
-                target = Path(run_dir) / stage.name
-                shutil.rmtree(target, ignore_errors=True)
-                shutil.copytree(Path(donor_dir) / stage.name, target, copy_function=_link_or_copy)
+    """Hard-link (copy, across file systems) into run_dir each stage it takes from donor_dir (judged_by), meta.json
+    and run id included, so the engine skips it. Each goes through a temp directory renamed into place: a kill leaves
+    no stage that looks finished without its files. -> the names taken. Rank 0 decides and links; call it on every
+    rank."""
+    taken = []
+    if donor_dir is not None and is_main():
+        shutil.rmtree(Path(run_dir) / TAKING_DIR, ignore_errors=True)  # what a kill left half-copied
+        keys, runs = table_keys(stages), {}
+        for stage in stages:
+            meta, take = judged_by(stage, keys[stage.name], run_dir, donor_dir, runs)
+            # object(): a stage that will run gets a run id no record holds yet
+            runs[stage.name] = meta.get("run") if usable(meta, stage, keys[stage.name], runs) else object()
+            if take:
+                taken.append(stage.name)
+                _take(Path(donor_dir) / stage.name, Path(run_dir) / stage.name)
+        shutil.rmtree(Path(run_dir) / TAKING_DIR, ignore_errors=True)
     barrier()
-    return taken
+    return broadcast_object(taken)
+
+
+def _take(donor, target):
+    tmp = target.parent / TAKING_DIR / target.name
+    shutil.copytree(donor, tmp, copy_function=_link_or_copy)
+    write_atomic(tmp / TAKEN_FILE, f"{donor.resolve()}\n")  # a new file, never written through a link into donor
+    shutil.rmtree(target, ignore_errors=True)
+    os.rename(tmp, target)
 
 
 def _link_or_copy(src, dst):
@@ -265,8 +302,7 @@ def plan(stages, run_dir, donor_dir=None):
     for stage in stages:
         key = keys[stage.name] = stage_key(stage, keys)
         out = Path(run_dir) / stage.name
-        taken = to_take(donor_dir, run_dir, stage.name, key)
-        meta = read_meta(Path(donor_dir) / stage.name if taken else out)
+        meta, taken = judged_by(stage, key, run_dir, donor_dir, runs)
         runs[stage.name] = object()  # a new run id, unequal to any recorded, unless it is done
         if meta is not None and meta.get("key") == key:
             stale = stale_inputs(meta, stage.reads, runs)

@@ -56,6 +56,7 @@ from pathlib import Path
 import torch
 
 from w2s import profile
+from w2s.checkpoint import identity_files
 from w2s.engine import STAGES_FILE, Context, Stage, plan, run_lock, run_stages, table_keys, take_finished
 from w2s.estimate import (
     DISK_READ_BYTES_S,
@@ -269,9 +270,7 @@ def evaluations(recipe, present, m_plus):
 def ckpt_fingerprint(path):
     """Identity of a checkpoint dir for stage keys: the names, sizes and mtimes of its weight, config and tokenizer
     files (cheap: no 140 GB hash); copying or rewriting a checkpoint reruns the stages that read it."""
-    path = Path(path)
-    files = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.json")) + sorted(path.glob("tokenizer.model"))
-    return stable_hash([(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in files])
+    return stable_hash(identity_files(path))
 
 
 # TrainConfig fields that change how a run goes, not what it produces: a run that finishes gives the same model

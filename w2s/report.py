@@ -57,7 +57,7 @@ def method_labels(acc):
 def load_metas(run_dir):
     """{stage: meta.json} of the run's finished stages as it stands (engine.current_metas): not the leftovers of an
     earlier recipe (a loss no longer in it, a stage trained under other options) nor a stage whose input ran again
-    since it ran. left_out(run_dir, metas) names the directories left out."""
+    since it ran or is running again. left_out(run_dir, metas) names the directories left out."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: no such run directory")
@@ -66,7 +66,8 @@ def load_metas(run_dir):
     if not metas:
         raise FileNotFoundError(f"{run_dir}: no finished stage (no */meta.json)")
     table = run_dir / STAGES_FILE
-    return current_metas(metas, read_json_object(table) if table.is_file() else None)
+    unfinished = {f.parent.name for f in run_dir.glob("*/key.txt")} - set(metas)  # started (again), not finished
+    return current_metas(metas, read_json_object(table) if table.is_file() else None, unfinished)
 
 
 def left_out(run_dir, metas):
@@ -291,7 +292,7 @@ def write_report(run_dir, plot=True):
     out = [f"# w2s report: {run_dir.name}", ""]
     if old := left_out(run_dir, metas):
         out += [f"Left out: {', '.join(old)} (finished under an earlier recipe, or before an input of theirs ran "
-                f"again: not part of this run as it stands).", ""]
+                f"or started again: not part of this run as it stands).", ""]
     out += _method_section(acc, labels, grader, gold)
     header, grader_rows = _grader_rows(metas, labels)
     if grader_rows:

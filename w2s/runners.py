@@ -282,7 +282,8 @@ def generate_stage(ctx, out, model_dir, records, prompt, n=1, temperature=0.0, t
     prompts = [{"id": rec["id"], "prompt": make_prompt(rec)} for rec in records]
     resumed = already_sampled(out / "generations.jsonl")  # a killed run's finished prompts: not this run's tokens
     if resumed:
-        ctx.log(f"{out.name}: {len(resumed)} of {len(prompts)} prompts sampled before the kill; sampling the rest")
+        rest = "sampling the rest" if len(resumed) < len(prompts) else "nothing left to sample"
+        ctx.log(f"{out.name}: {len(resumed)} of {len(prompts)} prompts sampled before the kill; {rest}")
     with StageProfiler(model.cfg, mode="inference", name=out.name) as prof, adapter_applied(model, adapter):
         path = generate_to_jsonl(model, tok, prompts, out / "generations.jsonl", n=n, temperature=temperature,
                                  top_p=top_p, max_new_tokens=max_new_tokens or r.sampling.max_new_tokens,
