@@ -456,10 +456,15 @@ def test_a_new_idea_takes_the_finished_stages_of_another_run(full_run, tmp_path,
     assert (run_dir / "00_test" / "meta.json").stat().st_ino != (donor / "00_test" / "meta.json").stat().st_ino
     assert {name: (donor / name / "meta.json").read_text() for name in ALL_STAGES} == before
     assert meta(run_dir, "15_pairs")["n_pairs"] != meta(donor, "15_pairs")["n_pairs"]
-    with pytest.raises(ValueError, match=r"--reuse .*nowhere: not a run directory with finished stages"):
-        from w2s.pipeline import run_pipeline
+    from w2s.engine import RunLocked, run_lock
+    from w2s.pipeline import run_pipeline
 
+    with pytest.raises(ValueError, match=r"--reuse .*nowhere: not a run directory with finished stages"):
         run_pipeline(idea, runs_dir=tmp_path, reuse=tmp_path / "nowhere")
+    with pytest.raises(ValueError, match=r"--reuse .*: that is this recipe's own run directory"):
+        run_pipeline(idea, runs_dir=tmp_path, reuse=run_dir)
+    with run_lock(donor), pytest.raises(RunLocked, match=r"another pipeline is running in this run directory"):
+        run_pipeline(idea, runs_dir=tmp_path, reuse=donor, log=lambda *a: None)  # not from a run that is running
 
 
 def test_finished_run_is_skipped(full_run):

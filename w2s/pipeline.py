@@ -49,6 +49,7 @@ rank 0 writes shared files.
     python -m pytest -q tests/test_pipeline.py tests/test_recipe.py
 """
 
+import contextlib
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -413,7 +414,7 @@ def dry_run(recipe_path, runs_dir="runs", world=None, device=None, reuse=None):
     writes nothing. world: processes of the run (default: this launch's); device: a GPU name for the time estimate
     (default: this machine's CUDA device; none on a CPU-only machine); reuse: as run_pipeline's."""
     recipe = load_recipe(recipe_path)
-    check_reuse(reuse)
+    check_reuse(reuse, Path(runs_dir) / recipe.name)
     world = world or int(os.environ.get("WORLD_SIZE", 1))
     device = device or (profile.device_name() if torch.cuda.is_available() else "cpu")
     stages = build_stages(recipe)
@@ -477,8 +478,13 @@ def _workload_lines(work, gold=True):
             f"weights the stage before left in memory reads only its adapter"]
 
 
-def check_reuse(reuse):
-    if reuse is not None and not any(Path(reuse).glob("*/meta.json")):
+def check_reuse(reuse, run_dir):
+    """--reuse names another run directory with finished stages."""
+    if reuse is None:
+        return
+    if Path(reuse).resolve() == Path(run_dir).resolve():
+        raise ValueError(f"--reuse {reuse}: that is this recipe's own run directory (give the recipe another name)")
+    if not any(Path(reuse).glob("*/meta.json")):
         raise ValueError(f"--reuse {reuse}: not a run directory with finished stages (no */meta.json)")
 
 
@@ -490,7 +496,7 @@ def run_pipeline(recipe_path, runs_dir="runs", progress=True, log=print, plot=Tr
     Returns (run dir, {stage: 'ran' | 'skipped'}, report text).
     """
     recipe = load_recipe(recipe_path)
-    check_reuse(reuse)
+    check_reuse(reuse, Path(runs_dir) / recipe.name)
     world = int(os.environ.get("WORLD_SIZE", 1))
     for key in ("tp", "weak_tp"):  # say so now, not after the first training stage
         tp = getattr(recipe.sampling, key)
@@ -511,7 +517,9 @@ def run_pipeline(recipe_path, runs_dir="runs", progress=True, log=print, plot=Tr
         if is_main():
             write_json_atomic(run_dir / "recipe.json", asdict(recipe))
             write_json_atomic(run_dir / STAGES_FILE, table_keys(stages))  # what the report counts as this run
-        if taken := take_finished(stages, reuse, run_dir):
+        with run_lock(reuse, log=ctx.log) if reuse is not None else contextlib.nullcontext():  # not while it runs
+            taken = take_finished(stages, reuse, run_dir)
+        if taken:
             ctx.log(f"took {len(taken)} finished stage(s) from {reuse}: {', '.join(taken)}")
         status = run_stages(stages, ctx)
         text = report(run_dir, plot=plot) if is_main() else ""
