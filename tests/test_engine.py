@@ -161,7 +161,22 @@ def test_reuse_takes_what_it_shares_from_the_inputs_it_will_have(tmp_path):
     take_finished(_chain(), donor, run)
     (donor / "b" / "meta.json").unlink()
     run_stages(_chain(), Context(None, donor, log=lambda *a: None))
-    assert take_finished(_chain(), donor, run) == ["b", "c"]
+    real_rmtree = shutil.rmtree
+
+    def killed_deleting_the_replaced_copy(path, *args, **kwargs):
+        if str(path).endswith(".old"):
+            raise KeyboardInterrupt
+        real_rmtree(path, *args, **kwargs)
+
+    engine.shutil.rmtree = killed_deleting_the_replaced_copy
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            take_finished(_chain(), donor, run)
+    finally:
+        engine.shutil.rmtree = real_rmtree
+    assert sorted(p.name for p in (run / "b").iterdir()) == ["big.bin", "key.txt", "meta.json", "out.txt",
+                                                              "taken_from.txt"]  # whole: the old copy was set aside
+    assert take_finished(_chain(), donor, run) == ["c"]
     assert json.loads((run / "c" / "meta.json").read_text())["run"] == \
         json.loads((donor / "c" / "meta.json").read_text())["run"]
     # Killed after copying meta.json but before the rest: the stage is not there, and the next take finishes it.
@@ -185,6 +200,53 @@ def test_reuse_takes_what_it_shares_from_the_inputs_it_will_have(tmp_path):
     assert {p: p.read_text() for p in (donor / "a").rglob("*") if p.is_file()} == \
         {p: text for p, text in donor_files.items() if p.parent == donor / "a"}
     assert not any(donor.rglob("taken_from.txt"))
+    # A taken stage run again (its meta.json deleted by hand) starts over: its files are the donor's, never resumed
+    # into; and a later take from the same donor leaves that run of it alone.
+    before = (donor / "c" / "out.txt").read_text()
+    (run / "c" / "meta.json").unlink()
+    assert [row[1:] for row in plan(_chain(), run)][2] == ("will run", ["started under other options or inputs: "
+                                                                         "starts over"])
+    assert run_stages(_chain("x"), quiet()) == {"a": "skipped", "b": "skipped", "c": "ran"}
+    assert (donor / "c" / "out.txt").read_text() == before and not (run / "c" / "taken_from.txt").exists()
+    assert take_finished(_chain(), donor, run) == []
+    # A second donor that ran b and c itself: the run's own c stays, though its b and a were taken from the first.
+    other = tmp_path / "other"
+    run_stages(_chain(), Context(None, other, log=lambda *a: None))
+    own_c = json.loads((run / "c" / "meta.json").read_text())["run"]
+    assert take_finished(_chain(), other, run) == []
+    assert json.loads((run / "c" / "meta.json").read_text())["run"] == own_c
+
+
+def test_a_take_leaves_the_donors_leftover_resume_state_behind(tmp_path, monkeypatch):
+    """A donor stage killed between its meta.json and the deletion of its resume state (large at 70B) still holds
+    it; a take copies the stage without it."""
+    import w2s.engine as engine
+    from w2s.engine import take_finished
+
+    with monkeypatch.context() as mp:
+        mp.setattr(engine.shutil, "rmtree", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt("killed")))
+        with pytest.raises(KeyboardInterrupt):
+            run_stages([Stage("train", _train, [], {})], Context(None, tmp_path / "donor", log=lambda *a: None))
+    assert (tmp_path / "donor" / "train" / "ckpt" / "step00000002").is_dir()
+    assert take_finished([Stage("train", _train, [], {})], tmp_path / "donor", tmp_path / "run") == ["train"]
+    assert (tmp_path / "run" / "train" / "model").is_dir() and not (tmp_path / "run" / "train" / "ckpt").exists()
+
+
+def test_takers_share_a_donor_that_no_pipeline_runs_in(tmp_path):
+    """--reuse reads a donor under a shared lock: takers do not exclude each other, a pipeline running in the donor
+    excludes them (and they it), and a donor without a lock file (never run here, or read-only) needs none."""
+    from w2s.engine import reading_lock
+
+    with reading_lock(tmp_path):  # no lock file: nothing is created
+        assert not (tmp_path / "lock").exists()
+    with run_lock(tmp_path, log=lambda *a: None):
+        with pytest.raises(RunLocked, match=r"a pipeline is running there \(pid \d+ on host"):
+            with reading_lock(tmp_path):
+                pass
+    with reading_lock(tmp_path), reading_lock(tmp_path):
+        with pytest.raises(RunLocked, match="another pipeline is running in this run directory"):
+            with run_lock(tmp_path, log=lambda *a: None):
+                pass
 
 
 def _train(ctx, out):

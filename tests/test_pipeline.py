@@ -463,7 +463,7 @@ def test_a_new_idea_takes_the_finished_stages_of_another_run(full_run, tmp_path,
         run_pipeline(idea, runs_dir=tmp_path, reuse=tmp_path / "nowhere")
     with pytest.raises(ValueError, match=r"--reuse .*: that is this recipe's own run directory"):
         run_pipeline(idea, runs_dir=tmp_path, reuse=run_dir)
-    with run_lock(donor), pytest.raises(RunLocked, match=r"another pipeline is running in this run directory"):
+    with run_lock(donor), pytest.raises(RunLocked, match=r"--reuse .*: a pipeline is running there \(pid "):
         run_pipeline(idea, runs_dir=tmp_path, reuse=donor, log=lambda *a: None)  # not from a run that is running
 
 

@@ -98,6 +98,31 @@ def run_lock(run_dir, log=print):
             handle.close()
 
 
+@contextlib.contextmanager
+def reading_lock(run_dir):
+    """Hold a shared lock on another run's <run_dir>/lock while taking its stages (`w2s run --reuse`): takers share
+    it, and the pipeline that runs there (which holds it exclusively) neither starts nor is met half-way. Opened
+    read-only, and no lock file means no run there: a donor on a read-only file system needs nothing written."""
+    handle, refusal = None, None
+    path = Path(run_dir) / "lock"
+    if is_main() and path.is_file():
+        handle = open(path)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            refusal = f"--reuse {run_dir}: a pipeline is running there ({handle.read().strip()}); wait for it to finish"
+            handle.close()
+            handle = None
+    refusal = broadcast_object(refusal)
+    if refusal:
+        raise RunLocked(refusal)
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.close()
+
+
 def _take_lock(path, log):
     """(open lock file, None) when this process now owns `path`, else (None, the one-line refusal)."""
     handle = open(path, "a+")
@@ -200,7 +225,8 @@ def run_stages(stages, ctx):
             _remove_leftovers(out, meta.get("cleanup", []))
             continue
         input_runs = {d: ctx.runs[d] for d in stage.reads}
-        _prepare_dir(out, dir_id(key, input_runs), wipe=bool(stale))
+        # a taken directory's files are the donor's (hard links): never resumed into, always wiped
+        _prepare_dir(out, dir_id(key, input_runs), wipe=bool(stale) or taken_from(out) is not None)
         ctx.stage, ctx.cleanup = stage.name, []
         ctx.log(f"{tag}: running" + (f" again: {', '.join(stale)} ran again since it ran" if stale else ""))
         t0 = time.perf_counter()
@@ -246,11 +272,21 @@ def judged_by(stage, key, run_dir, donor_dir, runs):
     stage donor_dir has since run again."""
     own = read_meta(Path(run_dir) / stage.name)
     donor = read_meta(Path(donor_dir) / stage.name) if donor_dir is not None else None
-    retake = (usable(donor, stage, key, runs) and (Path(run_dir) / stage.name / TAKEN_FILE).is_file()
+    retake = (usable(donor, stage, key, runs) and taken_from(Path(run_dir) / stage.name) == _source(donor_dir, stage)
               and (own or {}).get("run") != donor.get("run"))
     if usable(own, stage, key, runs) and not retake:
         return own, False
     return (donor, True) if usable(donor, stage, key, runs) else (own, False)
+
+
+def taken_from(stage_dir):
+    """Where a stage directory was taken from (its taken_from.txt), or None: its own run's."""
+    path = Path(stage_dir) / TAKEN_FILE
+    return path.read_text().strip() if path.is_file() else None
+
+
+def _source(donor_dir, stage):
+    return str((Path(donor_dir) / stage.name).resolve())
 
 
 def usable(meta, stage, key, runs):
@@ -264,8 +300,9 @@ def take_finished(stages, donor_dir, run_dir):
     no stage that looks finished without its files. -> the names taken. Rank 0 decides and links; call it on every
     rank."""
     taken = []
-    if donor_dir is not None and is_main():
+    if is_main():
         shutil.rmtree(Path(run_dir) / TAKING_DIR, ignore_errors=True)  # what a kill left half-copied
+    if donor_dir is not None and is_main():
         keys, runs = table_keys(stages), {}
         for stage in stages:
             meta, take = judged_by(stage, keys[stage.name], run_dir, donor_dir, runs)
@@ -273,18 +310,25 @@ def take_finished(stages, donor_dir, run_dir):
             runs[stage.name] = meta.get("run") if usable(meta, stage, keys[stage.name], runs) else object()
             if take:
                 taken.append(stage.name)
-                _take(Path(donor_dir) / stage.name, Path(run_dir) / stage.name)
+                _take(Path(donor_dir) / stage.name, Path(run_dir) / stage.name, meta.get("cleanup", []))
         shutil.rmtree(Path(run_dir) / TAKING_DIR, ignore_errors=True)
     barrier()
     return broadcast_object(taken)
 
 
-def _take(donor, target):
-    tmp = target.parent / TAKING_DIR / target.name
-    shutil.copytree(donor, tmp, copy_function=_link_or_copy)
-    write_atomic(tmp / TAKEN_FILE, f"{donor.resolve()}\n")  # a new file, never written through a link into donor
-    shutil.rmtree(target, ignore_errors=True)
+def _take(donor, target, cleanup):
+    """Copy donor's stage directory in as target (links), without the resume state its meta.json lists as cleanup;
+    the stage it replaces is renamed aside before it is deleted, so that no kill leaves a finished-looking half."""
+    tmp, old = target.parent / TAKING_DIR / target.name, target.parent / TAKING_DIR / f"{target.name}.old"
+    leftovers = {os.path.normpath(path) for path in cleanup}
+    shutil.copytree(donor, tmp, copy_function=_link_or_copy,
+                    ignore=lambda folder, names: [n for n in names
+                                                  if os.path.relpath(os.path.join(folder, n), donor) in leftovers])
+    write_atomic(tmp / TAKEN_FILE, f"{donor.resolve()}\n")  # a new file, not written through a link
+    if target.exists():
+        os.rename(target, old)
     os.rename(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _link_or_copy(src, dst):
@@ -315,7 +359,7 @@ def plan(stages, run_dir, donor_dir=None):
             inputs = {d: runs[d] for d in stage.reads}
             started = (out / "key.txt").is_file()
             resumes = (started and all(isinstance(r, (str, type(None))) for r in inputs.values())  # none runs again
-                       and (out / "key.txt").read_text().strip() == dir_id(key, inputs))
+                       and (out / "key.txt").read_text().strip() == dir_id(key, inputs) and taken_from(out) is None)
             rows.append((stage, "will run", ["killed before it finished: resumes from what it kept" if resumes else
                                              "started under other options or inputs: starts over" if started else
                                              "not run yet"]))

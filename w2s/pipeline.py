@@ -58,7 +58,17 @@ import torch
 
 from w2s import profile
 from w2s.checkpoint import identity_files
-from w2s.engine import STAGES_FILE, Context, Stage, plan, run_lock, run_stages, table_keys, take_finished
+from w2s.engine import (
+    STAGES_FILE,
+    Context,
+    Stage,
+    plan,
+    reading_lock,
+    run_lock,
+    run_stages,
+    table_keys,
+    take_finished,
+)
 from w2s.estimate import (
     DISK_READ_BYTES_S,
     KEPT_FRACTION,
@@ -517,7 +527,7 @@ def run_pipeline(recipe_path, runs_dir="runs", progress=True, log=print, plot=Tr
         if is_main():
             write_json_atomic(run_dir / "recipe.json", asdict(recipe))
             write_json_atomic(run_dir / STAGES_FILE, table_keys(stages))  # what the report counts as this run
-        with run_lock(reuse, log=ctx.log) if reuse is not None else contextlib.nullcontext():  # not while it runs
+        with reading_lock(reuse) if reuse is not None else contextlib.nullcontext():  # not while a run is there
             taken = take_finished(stages, reuse, run_dir)
         if taken:
             ctx.log(f"took {len(taken)} finished stage(s) from {reuse}: {', '.join(taken)}")
