@@ -232,6 +232,26 @@ def test_a_take_leaves_the_donors_leftover_resume_state_behind(tmp_path, monkeyp
     assert (tmp_path / "run" / "train" / "model").is_dir() and not (tmp_path / "run" / "train" / "ckpt").exists()
 
 
+def test_a_donor_resuming_a_stage_another_run_took_writes_only_its_own_files(tmp_path):
+    """The donor's side of the hard links: its stage run again by hand (meta.json deleted, same key) resumes in place,
+    appending to what it holds; the run that took the stage keeps the files it took."""
+    from w2s.engine import take_finished
+
+    table = lambda: [Stage("a", _count_into_own, [], {})]  # noqa: E731
+    run_stages(table(), Context(None, tmp_path / "donor", log=lambda *a: None))
+    take_finished(table(), tmp_path / "donor", tmp_path / "run")
+    (tmp_path / "donor" / "a" / "meta.json").unlink()
+    run_stages(table(), Context(None, tmp_path / "donor", log=lambda *a: None))
+    assert (tmp_path / "donor" / "a" / "calls.txt").read_text() == "call\ncall\n"  # resumed: appended
+    assert (tmp_path / "run" / "a" / "calls.txt").read_text() == "call\n"
+
+
+def _count_into_own(ctx, out):
+    with open(out / "calls.txt", "a") as f:
+        f.write("call\n")
+    return {}
+
+
 def test_takers_share_a_donor_that_no_pipeline_runs_in(tmp_path):
     """--reuse reads a donor under a shared lock: takers do not exclude each other, a pipeline running in the donor
     excludes them (and they it), and a donor without a lock file (never run here, or read-only) needs none."""

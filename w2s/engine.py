@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from w2s.files import remove_temp_files, stable_hash, write_atomic, write_json_atomic
+from w2s.files import remove_temp_files, stable_hash, unshare_links, write_atomic, write_json_atomic
 from w2s.parallel import barrier, broadcast_object, is_main
 
 
@@ -401,6 +401,7 @@ def _prepare_dir(out, key, wipe=False):
             shutil.rmtree(out)
         elif out.exists():  # a resume: what a kill left half-written before its rename is no output
             remove_temp_files(out)
+            unshare_links(out)  # a stage another run took (--reuse): what this run appends stays its own
         out.mkdir(parents=True, exist_ok=True)
         (out / "meta.json").unlink(missing_ok=True)
         key_file.write_text(key + "\n")

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import uuid
 from pathlib import Path
 
@@ -112,6 +113,16 @@ def remove_temp_files(directory):
     for path in Path(directory).rglob("*"):
         if TEMP_NAME.fullmatch(path.name) and path.is_file():
             path.unlink(missing_ok=True)
+
+
+def unshare_links(directory):
+    """Give every file under `directory` that is hard-linked elsewhere (`w2s run --reuse` links finished stages
+    between runs) a copy of its own, so that appending to it or rewriting it in place stays in this directory."""
+    for path in Path(directory).rglob("*"):
+        if path.is_file() and not path.is_symlink() and path.stat().st_nlink > 1:
+            tmp = unique_temp_path(path)
+            shutil.copy2(path, tmp)
+            os.replace(tmp, path)
 
 
 def write_json_atomic(path, obj):
