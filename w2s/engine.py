@@ -84,18 +84,9 @@ class RunLocked(RuntimeError):
 @contextlib.contextmanager
 def run_lock(run_dir, log=print):
     """Hold <run_dir>/lock for the duration of a run (rank 0 takes it; every rank learns whether it got it)."""
-    handle, refusal = None, None
-    if is_main():
-        handle, refusal = _take_lock(Path(run_dir) / "lock", log)
-    refusal = broadcast_object(refusal)
-    if refusal:
-        raise RunLocked(refusal)
-    try:
+    handle, refusal = _take_lock(Path(run_dir) / "lock", log) if is_main() else (None, None)
+    with _holding(handle, refusal, empty_first=True):  # a name left in the file: its owner was killed
         yield
-    finally:
-        if handle is not None:  # a clean exit empties the file: a name left in it means its owner was killed
-            handle.truncate(0)
-            handle.close()
 
 
 @contextlib.contextmanager
@@ -103,8 +94,7 @@ def reading_lock(run_dir):
     """Hold a shared lock on another run's <run_dir>/lock while taking its stages (`w2s run --reuse`): takers share
     it, and the pipeline that runs there (which holds it exclusively) neither starts nor is met half-way. Opened
     read-only, and no lock file means no run there: a donor on a read-only file system needs nothing written."""
-    handle, refusal = None, None
-    path = Path(run_dir) / "lock"
+    handle, refusal, path = None, None, Path(run_dir) / "lock"
     if is_main() and path.is_file():
         handle = open(path)
         try:
@@ -113,13 +103,22 @@ def reading_lock(run_dir):
             refusal = f"--reuse {run_dir}: a pipeline is running there ({handle.read().strip()}); wait for it to finish"
             handle.close()
             handle = None
-    refusal = broadcast_object(refusal)
-    if refusal:
+    with _holding(handle, refusal):
+        yield
+
+
+@contextlib.contextmanager
+def _holding(handle, refusal, empty_first=False):
+    """On every rank: raise rank 0's refusal, or run the block holding rank 0's lock file, closed (emptied first)
+    however the block ends."""
+    if refusal := broadcast_object(refusal):
         raise RunLocked(refusal)
     try:
         yield
     finally:
         if handle is not None:
+            if empty_first:
+                handle.truncate(0)
             handle.close()
 
 
