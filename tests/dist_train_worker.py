@@ -15,6 +15,7 @@ shards filled from rank 0; in one process cpu_offload does nothing, so they comp
 "sft_full" is also run into OUT/sft_full_moved and left dead after step 3, for the test to resume in one process.
 """
 
+import faulthandler
 import os
 import sys
 from pathlib import Path
@@ -24,6 +25,10 @@ import torch
 import w2s
 from w2s.checkpoint import load_for_training
 from w2s.train import TrainConfig, train_preference, train_sft
+
+# A native abort (gloo's "terminate called without an active exception", seen once in a while on a loaded machine)
+# then prints where every Python thread of the rank was, into the stderr the test's assertion message shows.
+faulthandler.enable(all_threads=True)
 
 STEPS = 4
 # lr 1e-3: Adam divides each gradient element by its running RMS, so an element whose gradient is ~0 turns the fp32
@@ -96,9 +101,15 @@ def main(ckpt, out_root):
     for name in RUNS:
         run(name, ckpt, Path(out_root) / name)
     run("sft_full", ckpt, Path(out_root) / "sft_full_moved", resume=False)
+    import gc
+
     import torch.distributed as dist
 
     if dist.is_initialized():
+        # The run above died by an exception: free what it held (FSDP modules, their gloo work) while the process
+        # group is still up, and leave together, so no rank tears down under the other.
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
 
 
