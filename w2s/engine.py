@@ -271,8 +271,8 @@ def judged_by(stage, key, run_dir, donor_dir, runs):
     stage donor_dir has since run again."""
     own = read_meta(Path(run_dir) / stage.name)
     donor = read_meta(Path(donor_dir) / stage.name) if donor_dir is not None else None
-    retake = (usable(donor, stage, key, runs) and taken_from(Path(run_dir) / stage.name) == _source(donor_dir, stage)
-              and (own or {}).get("run") != donor.get("run"))
+    retake = (usable(donor, stage, key, runs) and (own or {}).get("run") != donor.get("run")
+              and taken_from(Path(run_dir) / stage.name) == str((Path(donor_dir) / stage.name).resolve()))
     if usable(own, stage, key, runs) and not retake:
         return own, False
     return (donor, True) if usable(donor, stage, key, runs) else (own, False)
@@ -282,10 +282,6 @@ def taken_from(stage_dir):
     """Where a stage directory was taken from (its taken_from.txt), or None: its own run's."""
     path = Path(stage_dir) / TAKEN_FILE
     return path.read_text().strip() if path.is_file() else None
-
-
-def _source(donor_dir, stage):
-    return str((Path(donor_dir) / stage.name).resolve())
 
 
 def usable(meta, stage, key, runs):
@@ -298,19 +294,17 @@ def take_finished(stages, donor_dir, run_dir):
     and run id included, so the engine skips it. Each goes through a temp directory renamed into place: a kill leaves
     no stage that looks finished without its files. -> the names taken. Rank 0 decides and links; call it on every
     rank."""
-    taken = []
+    taken, keys, runs = [], table_keys(stages), {}
     if is_main():
         shutil.rmtree(Path(run_dir) / TAKING_DIR, ignore_errors=True)  # what a kill left half-copied
-    if donor_dir is not None and is_main():
-        keys, runs = table_keys(stages), {}
-        for stage in stages:
+        for stage in stages if donor_dir is not None else []:
             meta, take = judged_by(stage, keys[stage.name], run_dir, donor_dir, runs)
             # object(): a stage that will run gets a run id no record holds yet
             runs[stage.name] = meta.get("run") if usable(meta, stage, keys[stage.name], runs) else object()
             if take:
                 taken.append(stage.name)
                 _take(Path(donor_dir) / stage.name, Path(run_dir) / stage.name, meta.get("cleanup", []))
-        shutil.rmtree(Path(run_dir) / TAKING_DIR, ignore_errors=True)
+        shutil.rmtree(Path(run_dir) / TAKING_DIR, ignore_errors=True)  # emptied by the renames
     barrier()
     return broadcast_object(taken)
 
@@ -346,11 +340,8 @@ def plan(stages, run_dir, donor_dir=None):
         key = keys[stage.name] = stage_key(stage, keys)
         out = Path(run_dir) / stage.name
         meta, taken = judged_by(stage, key, run_dir, donor_dir, runs)
-        runs[stage.name] = object()  # a new run id, unequal to any recorded, unless it is done
         if meta is not None and meta.get("key") == key:
             stale = stale_inputs(meta, stage.reads, runs)
-            if not stale:
-                runs[stage.name] = meta.get("run")
             again = [f"input {d} runs again (or ran again since)" for d in stale]
             rows.append((stage, "will rerun", again) if stale else
                         (stage, "taken", [f"from {donor_dir}"]) if taken else (stage, "done", []))
@@ -367,6 +358,8 @@ def plan(stages, run_dir, donor_dir=None):
             reasons = [_change(path, old, new) for path, old, new in _diff(meta.get("options", {}), current)]
             reasons += [f"input {d} changed" for d in stage.reads if meta.get("inputs", {}).get(d) != keys[d]]
             rows.append((stage, "will rerun", reasons or ["its key changed"]))
+        # object(): a stage that will run gets a run id no record holds yet
+        runs[stage.name] = meta.get("run") if rows[-1][1] in ("done", "taken") else object()
     return rows
 
 

@@ -160,10 +160,7 @@ def generate_to_jsonl(model, tokenizer, records, out_path, prompt_key="prompt", 
     rank = parallel.rank()
     writer = dp_layout(model)[2]
 
-    def load_all():
-        return already_sampled(out_path)
-
-    done = load_all()
+    done = already_sampled(out_path)
     _check_prompts(out_path, records, keys, done, prompt_key)
     todo = [i for i, k in enumerate(keys) if k not in done]
     # every record is checked, encoded and sized on every rank before any file is touched (identical shapes in a
@@ -192,7 +189,7 @@ def generate_to_jsonl(model, tokenizer, records, out_path, prompt_key="prompt", 
     if distributed:
         dist.barrier()
     if rank == 0:
-        done = load_all()
+        done = already_sampled(out_path)
         missing = [r[id_key] for r, k in zip(records, keys) if k not in done]
         if missing:
             raise RuntimeError(f"{out_path}: {len(missing)} record(s) have no output after sampling, e.g. id "
