@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -94,6 +95,32 @@ def test_a_failing_stage_is_not_done(tmp_path):
         run_stages(_table("z", fail=True), Context(None, tmp_path, log=lambda *a: None))
     assert (tmp_path / "a" / "out.txt").read_text() == "z"  # partial output kept for a resume under the same key
     assert not (tmp_path / "a" / "meta.json").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_kill_while_a_changed_stage_is_deleted_leaves_no_finished_looking_half(tmp_path, monkeypatch):
+    """A stage run with other options is deleted first. A kill mid-delete (here: after its output went, before its
+    meta.json did) must not leave a stage that a run with the old options skips as done without its output."""
+    import w2s.engine
+
+    run_stages(_table("x"), Context(None, tmp_path, log=lambda *a: None))
+    real_rmtree = shutil.rmtree
+
+    def killed_mid_delete(path, *args, **kwargs):
+        if Path(path).exists():
+            (Path(path) / "out.txt").unlink()
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(w2s.engine.shutil, "rmtree", killed_mid_delete)
+    with pytest.raises(KeyboardInterrupt):
+        run_stages(_table("y"), Context(None, tmp_path, log=lambda *a: None))
+    monkeypatch.setattr(w2s.engine.shutil, "rmtree", real_rmtree)
+    assert not (tmp_path / "a").exists() and (tmp_path / ".aside" / "a.old" / "meta.json").exists()
+    assert run_stages(_table("x"), Context(None, tmp_path, log=lambda *a: None)) == {"a": "ran", "b": "ran"}
+    assert (tmp_path / "a" / "out.txt").read_text() == "x"
+    from w2s.engine import take_finished
+
+    take_finished(_table("x"), None, tmp_path)  # every pipeline run starts here: it clears what the kill left aside
+    assert not (tmp_path / ".aside").exists()
 
 
 def test_a_resumed_stage_starts_without_the_temp_files_of_writes_a_kill_cut_short(tmp_path):
@@ -195,7 +222,7 @@ def test_reuse_takes_what_it_shares_from_the_inputs_it_will_have(tmp_path):
     finally:
         engine._link_or_copy = real_link
     assert not any(run.glob("*/meta.json"))
-    assert take_finished(_chain(), donor, run) == ["a", "b", "c"] and not (run / ".taking").exists()
+    assert take_finished(_chain(), donor, run) == ["a", "b", "c"] and not (run / ".aside").exists()
     assert run_stages(_chain(), quiet()) == {"a": "skipped", "b": "skipped", "c": "skipped"}
     assert {p: p.read_text() for p in (donor / "a").rglob("*") if p.is_file()} == \
         {p: text for p, text in donor_files.items() if p.parent == donor / "a"}

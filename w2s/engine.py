@@ -261,7 +261,7 @@ def _remove_leftovers(out, cleanup):
 
 
 TAKEN_FILE = "taken_from.txt"  # in a stage directory that `w2s run --reuse` took: where from
-TAKING_DIR = ".taking"  # in a run directory: stages being copied in, out of the report's */meta.json
+ASIDE_DIR = ".aside"  # in a run directory: stages being copied in or deleted, out of the report's */meta.json
 
 
 def judged_by(stage, key, run_dir, donor_dir, runs):
@@ -296,7 +296,7 @@ def take_finished(stages, donor_dir, run_dir):
     rank."""
     taken, keys, runs = [], table_keys(stages), {}
     if is_main():
-        shutil.rmtree(Path(run_dir) / TAKING_DIR, ignore_errors=True)  # what a kill left half-copied
+        shutil.rmtree(Path(run_dir) / ASIDE_DIR, ignore_errors=True)  # what a kill left half-copied or half-deleted
         for stage in stages if donor_dir is not None else []:
             meta, take = judged_by(stage, keys[stage.name], run_dir, donor_dir, runs)
             # object(): a stage that will run gets a run id no record holds yet
@@ -304,24 +304,35 @@ def take_finished(stages, donor_dir, run_dir):
             if take:
                 taken.append(stage.name)
                 _take(Path(donor_dir) / stage.name, Path(run_dir) / stage.name, meta.get("cleanup", []))
-        shutil.rmtree(Path(run_dir) / TAKING_DIR, ignore_errors=True)  # emptied by the renames
+        shutil.rmtree(Path(run_dir) / ASIDE_DIR, ignore_errors=True)  # emptied by the renames
     barrier()
     return broadcast_object(taken)
 
 
 def _take(donor, target, cleanup):
-    """Copy donor's stage directory in as target (links), without the resume state its meta.json lists as cleanup;
-    the stage it replaces is renamed aside before it is deleted, so that no kill leaves a finished-looking half."""
-    tmp, old = target.parent / TAKING_DIR / target.name, target.parent / TAKING_DIR / f"{target.name}.old"
+    """Copy donor's stage directory in as target (links), without the resume state its meta.json lists as cleanup,
+    through a temp directory renamed into place; the stage it replaces is set aside before it is deleted."""
+    tmp = target.parent / ASIDE_DIR / target.name
     leftovers = {os.path.normpath(path) for path in cleanup}
     shutil.copytree(donor, tmp, copy_function=_link_or_copy,
                     ignore=lambda folder, names: [n for n in names
                                                   if os.path.relpath(os.path.join(folder, n), donor) in leftovers])
     write_atomic(tmp / TAKEN_FILE, f"{donor.resolve()}\n")  # a new file, not written through a link
-    if target.exists():
-        os.rename(target, old)
+    old = _set_aside(target) if target.exists() else None
     os.rename(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _set_aside(stage_dir):
+    """Rename a stage directory aside, to be deleted there: a kill mid-delete leaves no half of it that looks
+    finished (its meta.json beside some of its outputs). take_finished clears what such a kill left aside."""
+    aside = stage_dir.parent / ASIDE_DIR / f"{stage_dir.name}.old"
+    if aside.exists():
+        shutil.rmtree(aside)
+    aside.parent.mkdir(exist_ok=True)
+    os.rename(stage_dir, aside)
+    return aside
 
 
 def _link_or_copy(src, dst):
@@ -390,7 +401,7 @@ def _prepare_dir(out, key, wipe=False):
     if is_main():
         key_file = out / "key.txt"
         if out.exists() and (wipe or not key_file.is_file() or key_file.read_text().strip() != key):
-            shutil.rmtree(out)
+            shutil.rmtree(_set_aside(out))
         elif out.exists():  # a resume: what a kill left half-written before its rename is no output
             remove_temp_files(out)
             unshare_links(out)  # a stage another run took (--reuse): what this run appends stays its own
