@@ -42,13 +42,17 @@ VARIANTS = {
     # filter keeps no question and Stage I has nothing to train on, so the miniature uses 0.3.
     "weak_sc": ({"stage1": {"weak_self_consistency": 10, "weak_min_confidence": 0.3}},
                 "weak self-consistency filter (k 10, conf 0.3)", "stage2_dpo"),
+    # The paper's Stage II from the icl-ft model instead of the hybrid-ft one (the miniature's icl-ft models are the
+    # stronger: README, "What it does not show").
+    "from_icl": ({"stage2": {"start_from": "icl"}}, "Stage II (DPO) from the icl-ft model", "stage2_dpo"),
     # On-policy from M_plus: 12 steps of 16 questions x 4 samples (a world solution is <= ~45 tokens).
     "grpo": ({"stage2": {"losses": ["grpo"]}, "grpo": {"lr": 1e-4, "batch_size": 16, "micro_batch_size": 16,
                                                        "max_steps": 12, "group_size": 4, "max_new_tokens": 64}},
              "GRPO, vote reward (TTRL-style)", "stage2_grpo"),
 }
 # Rows shown for reference, read from the first variant's runs.
-REFERENCE = [("weak_floor", "weak floor"), ("stage1_r2_hybrid", "Stage I, M_plus"), ("ceiling", "strong ceiling")]
+REFERENCE = [("weak_floor", "weak floor"), ("stage1_r2_hybrid", "Stage I, M_plus"),
+             ("stage1_r2_icl", "Stage I, icl-ft"), ("ceiling", "strong ceiling")]
 
 
 def toml_value(value):

@@ -342,6 +342,7 @@ def _keys(tmp_path, extra=""):
 @pytest.mark.parametrize("extra, message", [
     ("[stage2]\nrounds = 0\n", r"\[stage2\] rounds: expected >= 1"),
     ("[stage2]\npair_weighting = \"votes\"\n", r"\[stage2\] pair_weighting: expected one of none, margin"),
+    ("[stage2]\nstart_from = \"base\"\n", r"\[stage2\] start_from: expected one of weak, icl, hybrid .*'base'"),
     ("[stage1]\nweak_self_consistency = 1\n", r"\[stage1\] weak_self_consistency: expected 0 \(off\) or k >= 2"),
     ("[stage1]\nweak_min_confidence = 1.5\n", r"\[stage1\] weak_min_confidence"),
     ("[stage1]\nweak_relabel = true\n", r"\[stage1\] weak_relabel: relabels the questions"),
@@ -358,7 +359,7 @@ def test_bad_options_are_one_clear_error(tmp_path, extra, message):
 def test_options_off_change_no_key_and_on_change_only_theirs(tmp_path):
     base, _ = _keys(tmp_path)
     off = ("[stage1]\nweak_self_consistency = 0\nweak_min_confidence = 0.6\nweak_relabel = false\n"
-           "[stage2]\nrounds = 1\npair_weighting = \"none\"\nself_consistency_pairs = false\n"
+           "[stage2]\nrounds = 1\npair_weighting = \"none\"\nself_consistency_pairs = false\nstart_from = \"hybrid\"\n"
            "[preference]\nnll_weight = 0.0\norpo_nll = \"sequence_mean\"\n")
     assert _keys(tmp_path, off)[0] == base
     stage2 = {"16_dpo", "17_orpo", "28_eval_stage2_dpo", "29_eval_stage2_orpo"}
@@ -377,6 +378,37 @@ def test_options_off_change_no_key_and_on_change_only_theirs(tmp_path):
     assert "02_weak_samples" in stages["04_r1_filter"].reads and "02_weak_samples" in stages["15_pairs"].reads
     assert not {n for n in base if keys[n] != base[n]} & {"00_data", "01_weak_sft", "02_weak_labels", "03_icl_labels",
                                                            "18_full_weak_ft", "19_ceiling", "31_eval_strong_icl"}
+
+
+def test_stage2_start_from_trains_another_stage1_model_and_reruns_only_stage2(tmp_path):
+    """[stage2] start_from = "icl": Stage II samples from, pairs with and trains the last Stage I round's icl-ft model
+    instead of the hybrid-ft one; under one Stage I round, round 1's. Stage I and the baselines keep their keys."""
+    base, _ = _keys(tmp_path)
+    keys, stages = _keys(tmp_path, "[stage2]\nstart_from = \"icl\"\n")
+    stage2 = {"14_samples", "15_pairs", "16_dpo", "17_orpo", "28_eval_stage2_dpo", "29_eval_stage2_orpo"}
+    assert {n for n in base if keys[n] != base[n]} == stage2
+    assert stages["14_samples"].reads == ["00_data", "12_r2_sft_icl"] and stages["14_samples"].args["model"] == \
+        "12_r2_sft_icl"
+    assert stages["16_dpo"].reads == ["15_pairs", "12_r2_sft_icl"] and stages["17_orpo"].args["init"] == "12_r2_sft_icl"
+    _, stages = _keys(tmp_path, "[stage1]\nrounds = 1\n[stage2]\nstart_from = \"weak\"\n")
+    assert stages["16_dpo"].args["init"] == "05_r1_sft_weak" and "11_r2_sft_weak" not in stages
+
+
+def test_the_report_marks_the_model_stage2_starts_from(tmp_path):
+    from w2s.report import method_labels
+
+    acc = {m: 0.5 for m in ("stage1_r1_hybrid", "stage1_r2_icl", "stage1_r2_hybrid", "stage2_dpo")}
+    assert [label for _, label in method_labels(acc) if "M_plus" in label] == ["Stage I r2: hybrid-ft (M_plus)"]
+    assert [label for _, label in method_labels(acc, "icl") if "M_plus" in label] == ["Stage I r2: icl-ft (M_plus)"]
+    del acc["stage1_r2_hybrid"]  # one Stage I round (MATH's recipe): round 1's model
+    assert [label for _, label in method_labels(acc) if "M_plus" in label] == ["Stage I r1: hybrid-ft (M_plus)"]
+    from w2s.report import report  # a run's report reads the option from the run's recipe.json
+
+    for name, accuracy in (("26_eval_stage1_r2_icl", 0.5), ("27_eval_stage1_r2_hybrid", 0.4)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "meta.json").write_text(json.dumps({"stage": name, "accuracy": accuracy}))
+    (tmp_path / "recipe.json").write_text(json.dumps({"stage2": {"start_from": "icl"}}))
+    assert "| Stage I r2: icl-ft (M_plus) | 50.00      |" in report(tmp_path, plot=False)
 
 
 def test_rounds_add_fixed_rows_that_start_from_the_previous_round(tmp_path):

@@ -15,6 +15,7 @@ unchanged is skipped, a killed one resumes, a changed option reruns exactly what
     08-09_r2_labels_* round-1 weak-ft / icl-ft models relabel train_2 zero-shot
     10_r2_filter      consistency again
     11-13_r2_sft_*    SFT again (from base or continued)                     -> r2 hybrid = M_plus
+                      ([stage2] start_from: the last round's icl-ft or weak-ft model instead)
     14_samples        M_plus: n samples per train_2 question at T=1 (14 and 15: when a pair loss is on)
     15_pairs          majority vote, confidence, preference pairs (weak response always one side)
     16_dpo, 17_orpo   preference optimization of M_plus (16_ipo on request)                   -> M_pro
@@ -106,6 +107,7 @@ from w2s.runners import (
     run_weak_sft,
     task_prompt,
 )
+from w2s.stages.consistency import SFT_SETS
 from w2s.tasks import load_records, strips_periods
 from w2s.train_config import PREFERENCE_ONLY
 
@@ -134,7 +136,7 @@ def build_stages(recipe):
     r, s1, losses, baselines = recipe, recipe.stage1, recipe.stage2.losses, recipe.eval.baselines
     two_rounds, weak_sc = s1.rounds == 2, s1.weak_self_consistency > 0
     weak_votes = ["02_weak_samples"] if weak_sc else []  # what the round-1 filter and the pairs also read
-    m_plus = "13_r2_sft_hybrid" if two_rounds else "07_r1_sft_hybrid"
+    m_plus = stage1_model(s1.rounds, r.stage2.start_from)  # the paper's: the last round's hybrid-ft
     zero_shot, few_shot, strong_sft = greedy_key(r, "zero_shot"), greedy_key(r, "few_shot"), strong_sft_key(r)
     pair_losses = [loss for loss in losses if loss in PREFERENCE_STAGES]  # GRPO alone needs no samples nor pairs
     # The setting without gold ([data] train_2, OlympicArena): no train_1, so the weak model is the recipe's
@@ -198,6 +200,11 @@ def build_stages(recipe):
     return table + evaluations(r, {row.name for row in table} | ({"weak"} if not gold else set()), m_plus)
 
 
+def stage1_model(rnd, sft_set):
+    """The stage of Stage I round rnd's model trained on sft_set ("weak", "icl", "hybrid"): 05-07 and 11-13."""
+    return f"{(5, 11)[rnd - 1] + SFT_SETS.index(sft_set):02d}_r{rnd}_sft_{sft_set}"
+
+
 def model_reads(model):
     """The stages a generation with `model` reads: its training stage; none for a recipe checkpoint."""
     return [] if model in ("weak", "strong") else [model]
@@ -244,8 +251,8 @@ def eval_methods(recipe):
     """(method name in the report, stage whose model it evaluates) for every greedy zero-shot evaluation; the weak
     model is the recipe's checkpoint itself ("weak") in the setting without gold."""
     methods = [("weak_floor", "weak" if recipe.data.train_2 else "01_weak_sft"), ("full_weak_ft", "18_full_weak_ft")]
-    for rnd, numbers in ((1, ("05", "06", "07")), (2, ("11", "12", "13")))[:recipe.stage1.rounds]:
-        methods += [(f"stage1_r{rnd}_{s}", f"{n}_r{rnd}_sft_{s}") for n, s in zip(numbers, ("weak", "icl", "hybrid"))]
+    methods += [(f"stage1_r{rnd}_{s}", stage1_model(rnd, s)) for rnd in range(1, recipe.stage1.rounds + 1)
+                for s in SFT_SETS]
     methods += [(f"stage2_{loss}", STAGE2_STAGES[loss]) for loss in recipe.stage2.losses]
     methods += [(f"stage2_{loss}_round{rnd}", round_model(loss, rnd)) for loss in recipe.stage2.losses
                 if loss in PREFERENCE_STAGES for rnd in range(2, recipe.stage2.rounds + 1)]

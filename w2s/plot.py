@@ -50,18 +50,23 @@ def spread(values):
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0, values
 
 
-def accuracy_rows(accuracies):
-    """[(group, colour, label, spread of accuracy %)] of the methods evaluated in any run, in display order; the last
-    round's hybrid-ft is M_plus, the model Stage II starts from."""
-    hybrids = [m for _, _, methods in GROUPS for m, _ in methods
-               if m.endswith("_hybrid") and any(m in acc for acc in accuracies)]
+def m_plus_method(methods, start_from="hybrid"):
+    """The method whose model is M_plus, the model Stage II starts from: the last Stage I round's model of the set
+    [stage2] start_from names (the paper's: hybrid-ft, round 2 on GSM8K, round 1 under MATH's one-round recipe)."""
+    return next((m for m in (f"stage1_r2_{start_from}", f"stage1_r1_{start_from}") if m in methods), None)
+
+
+def accuracy_rows(accuracies, start_from="hybrid"):
+    """[(group, colour, label, spread of accuracy %)] of the methods evaluated in any run, in display order, M_plus
+    marked (m_plus_method)."""
+    m_plus = m_plus_method({m for acc in accuracies for m in acc}, start_from)
     rounds = [(m, f"{loss.upper()} round {r}") for m, loss, r in stage2_rounds(m for acc in accuracies for m in acc)]
     rows = []
     for group, colour, methods in GROUPS[:-1] + [(*GROUPS[-1][:2], GROUPS[-1][2] + rounds)]:
         for method, label in methods:
             s = spread([100 * acc[method] if method in acc else None for acc in accuracies])
             if s is not None:
-                rows.append((group, colour, label + (" (M_plus)" if hybrids and method == hybrids[-1] else ""), s))
+                rows.append((group, colour, label + (" (M_plus)" if method == m_plus else ""), s))
     return rows
 
 
@@ -179,9 +184,9 @@ def _draw_selection(ax, bars):
     ax.set_xlabel("precision vs train_2 gold (%)\nof the labels; of the pairs' chosen answers", fontsize=9)
 
 
-def plot_report(path, accuracies, metas, title):
-    """Draw the figure for one run or several (one accuracy dict and one {stage: meta} dict per run) into path.
-    -> path, or None without matplotlib."""
+def plot_report(path, accuracies, metas, title, start_from="hybrid"):
+    """Draw the figure for one run or several (one accuracy dict and one {stage: meta} dict per run) into path;
+    start_from: their recipes' [stage2] start_from. -> path, or None without matplotlib."""
     try:
         import matplotlib
 
@@ -190,7 +195,7 @@ def plot_report(path, accuracies, metas, title):
     except ImportError:
         print(f"(no plot: pip install matplotlib to get {path})")
         return None
-    fig = figure(plt, accuracies, metas, title)
+    fig = figure(plt, accuracies, metas, title, start_from)
     tmp = unique_temp_path(path)
     try:  # through a temp file, so that a report being redrawn never leaves half a figure
         fig.savefig(tmp, dpi=150, format=Path(path).suffix.lstrip(".") or "png")
@@ -201,9 +206,9 @@ def plot_report(path, accuracies, metas, title):
     return path
 
 
-def figure(plt, accuracies, metas, title):
+def figure(plt, accuracies, metas, title, start_from="hybrid"):
     """The matplotlib Figure of plot_report (tests inspect where its texts landed)."""
-    rows = accuracy_rows(accuracies)
+    rows = accuracy_rows(accuracies, start_from)
     floor = spread([100 * a["weak_floor"] if "weak_floor" in a else None for a in accuracies])
     ceiling = spread([100 * a["ceiling"] if "ceiling" in a else None for a in accuracies])
     bars = selection_bars(metas)

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from w2s.losses import PREFERENCE_LOSSES, STAGE2_LOSSES, check_beta
 from w2s.sampling import check_distribution
+from w2s.stages.consistency import SFT_SETS
 from w2s.stages.preference_pairs import PAIR_WEIGHTING
 from w2s.tasks.graders import default_grader, is_available, task_graders
 from w2s.tracking import check_trackers
@@ -109,6 +110,8 @@ class Stage2Options:
     # changing it reruns nothing (merge a finished adapter with w2s.save_model(w2s.load_model(ADAPTER_DIR), OUT)).
     export_merged: list = field(default_factory=list)
     # Beyond the paper (off by default; docs/PAPER.md):
+    start_from: str = "hybrid"  # M_plus, the model Stage II trains: the last Stage I round's hybrid-ft (the paper's),
+    #                             or its "icl" or "weak" one
     rounds: int = 1  # > 1: Iterative RPO (Pang et al. 2024): Stage II again from each round's model, R rounds in all
     pair_weighting: str = "none"  # "margin": weight each pair's loss by its vote margin (ScPO, Prasad et al. 2025)
     self_consistency_pairs: bool = False  # most- vs least-voted pair for the questions the paper's rules skip (ScPO)
@@ -343,6 +346,9 @@ def _validate_beyond(r, bad):
     if s2.rounds > 1 and not set(s2.losses) & set(PREFERENCE_LOSSES):
         bad("[stage2] rounds", f"iterates the pair losses ({', '.join(PREFERENCE_LOSSES)}); losses = {s2.losses} has "
                                f"none (GRPO samples on-policy at every step already)")
+    if s2.start_from not in SFT_SETS:
+        bad("[stage2] start_from", f"expected one of {', '.join(SFT_SETS)} (the last Stage I round's model trained "
+                                   f"on that set), got {s2.start_from!r}")
     if s2.pair_weighting not in PAIR_WEIGHTING:
         bad("[stage2] pair_weighting", f"expected one of {', '.join(PAIR_WEIGHTING)}, got {s2.pair_weighting!r}")
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from w2s.engine import STAGES_FILE, current_metas
 from w2s.files import read_json_object, write_atomic
-from w2s.plot import plot_report, stage2_rounds
+from w2s.plot import m_plus_method, plot_report, stage2_rounds
 
 # Display order and labels of the methods (the eval stages are named NN_eval_<method>).
 METHODS = [
@@ -42,11 +42,10 @@ METHODS = [
 ]
 
 
-def method_labels(acc):
-    """[(method, label)] of the evaluated methods in display order. M_plus, the model Stage II starts from, is the
-    hybrid-ft model of the LAST Stage I round: round 2 on GSM8K, round 1 under MATH's one-round recipe."""
-    hybrids = [m for m, _ in METHODS if m.startswith("stage1_") and m.endswith("_hybrid") and m in acc]
-    m_plus = hybrids[-1] if hybrids else None
+def method_labels(acc, start_from="hybrid"):
+    """[(method, label)] of the evaluated methods in display order, M_plus (the model Stage II starts from: the last
+    Stage I round's model of [stage2] start_from, the paper's hybrid-ft) marked."""
+    m_plus = m_plus_method(acc, start_from)
     labels = [(m, label + (" (M_plus)" if m == m_plus else "")) for m, label in METHODS if m in acc]
     # Stage II rounds >= 2 after the paper's rows, before the ceiling
     at = next((i for i, (m, _) in enumerate(labels) if m == "ceiling"), len(labels))
@@ -126,21 +125,21 @@ def pgr(acc, floor, ceiling):
     return gap_recovered(acc, floor, ceiling)
 
 
-def run_data_options(run_dir):
-    """The [data] options of the run's recipe (recipe.json), or {} (no recipe.json: hand-made metas)."""
+def run_recipe_section(run_dir, section="data"):
+    """A section of the run's recipe (recipe.json), or {} (no recipe.json: hand-made metas)."""
     recipe = Path(run_dir) / "recipe.json"
-    return read_json_object(recipe).get("data", {}) if recipe.is_file() else {}
+    return read_json_object(recipe).get(section, {}) if recipe.is_file() else {}
 
 
 def run_grader(run_dir):
     """The grader the run's recipe names (recipe.json, [data] grader), or None (no recipe.json: hand-made metas)."""
-    return run_data_options(run_dir).get("grader")
+    return run_recipe_section(run_dir).get("grader")
 
 
 def without_gold(run_dir, metas):
     """Whether the run is the setting without gold: its recipe gives [data] train_2, or (hand-made metas) its data
     stage recorded no train_1."""
-    return bool(run_data_options(run_dir).get("train_2")) or metas.get("00_data", {}).get("n_train_1") == 0
+    return bool(run_recipe_section(run_dir).get("train_2")) or metas.get("00_data", {}).get("n_train_1") == 0
 
 
 GRADER_NOTES = {"paper": "the authors' protocol", "equivalence": "w2s's lenient grader",
@@ -283,7 +282,9 @@ def write_report(run_dir, plot=True):
     grader = run_grader(run_dir)
     acc = method_accuracies(metas, grader)
     gold = not without_gold(run_dir, metas)
-    labels = [(m, NO_GOLD_WEAK_LABEL if m == "weak_floor" and not gold else label) for m, label in method_labels(acc)]
+    start_from = run_recipe_section(run_dir, "stage2").get("start_from", "hybrid")
+    labels = [(m, NO_GOLD_WEAK_LABEL if m == "weak_floor" and not gold else label)
+              for m, label in method_labels(acc, start_from)]
     passk = [(name.split("_passk_", 1)[1], _passes(_under(meta, "pass_by_grader", grader) or meta),
               "; ".join(f"{g}: {_passes(p)}" for g, p in meta.get("pass_by_grader", {}).items()) or "-")
              for name, meta in metas.items() if "_passk_" in name]
@@ -323,6 +324,6 @@ def write_report(run_dir, plot=True):
     write_atomic(run_dir / "report.md", text)
     written = [run_dir / "report.md"]
     if plot and labels:
-        written += [p for p in [plot_report(run_dir / "report.png", [acc], [metas], run_dir.name)] if p]
+        written += [p for p in [plot_report(run_dir / "report.png", [acc], [metas], run_dir.name, start_from)] if p]
     return text, written
 

@@ -73,6 +73,9 @@ def sft_row(record: dict) -> dict:
     return row | ({"truncated": record["truncated"]} if "truncated" in record else {})
 
 
+SFT_SETS = ("weak", "icl", "hybrid")  # sft_sets' keys; a Stage I model is named by the set it trained on
+
+
 def sft_sets(weak_records: list[dict], icl_records: list[dict], kept: list) -> dict[str, list[dict]]:
     """The three Stage I training sets over the kept ids, in `kept` order.
 
