@@ -43,10 +43,10 @@ test-gpu: $(STAMP)
 
 # Compile every Triton kernel for an H100 (sm_90a) without a GPU: shared memory, registers, spills per variant.
 check-sm90: $(STAMP)
-	env -u TRITON_INTERPRET $(PY) -m kernels.compile_check
+	env -u TRITON_INTERPRET $(PY) -m w2s.kernels.compile_check
 
 lint: $(STAMP)
-	$(PY) -m ruff check w2s kernels scripts tests
+	$(PY) -m ruff check w2s scripts tests
 
 # The demo: every stage of the paper on the miniature world (w2s/world.py) with the tiny bases shipped in demo/, on
 # CPU. One thread: for models this small, a second thread costs more in synchronization than it gains.
@@ -81,7 +81,7 @@ math: $(STAMP)
 	$(call RUN_RECIPE,$(or $(RECIPE),recipes/math.toml))
 
 bench-kernels: $(STAMP)
-	$(PY) -m kernels.bench
+	$(PY) -m w2s.kernels.bench
 
 bench-sampling: $(STAMP)
 	$(PY) scripts/bench_sampling.py

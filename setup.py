@@ -5,7 +5,7 @@ setup(
     name="w2s",
     version="0.1.0",
     description="Weak-to-strong reasoning (Yang, Ma, Liu 2024) from scratch in PyTorch",
-    packages=["w2s", "w2s.tasks", "w2s.stages", "kernels"],
+    packages=["w2s", "w2s.tasks", "w2s.stages", "w2s.kernels"],
     python_requires=">=3.11",
     # torch is left unpinned on purpose: a GPU node keeps the CUDA build it already has
     # (`make install` installs the pinned CPU wheel only when no torch is importable).

@@ -105,10 +105,10 @@ run_step() {  # the checks by name; the default run is ordered: tests first, the
       --kv-heads 8 --hidden 5632 --vocab 128256 --batch 4 --seq 1024 --steps 1 ;;
     test_kernels) step "$1" 100 "$py" -m pytest $test_opts -m gpu tests/test_kernel_attention.py \
       tests/test_kernels.py ;;
-    bench_kernels) step "$1" 95 "$py" -m kernels.bench --no-compile --warmup 3 --repeats 10 ;;
+    bench_kernels) step "$1" 95 "$py" -m w2s.kernels.bench --no-compile --warmup 3 --repeats 10 ;;
     # attention fwd (pointer loads, TMA, TMA + persistent, warp-specialized) and bwd (the tables; dk/dv and dq
     # warp-specialized) at the target shape, SDPA's flash backend beside
-    bench_attention) step "$1" 60 "$py" -m kernels.bench --only attention --no-compile --warmup 3 --repeats 10 ;;
+    bench_attention) step "$1" 60 "$py" -m w2s.kernels.bench --only attention --no-compile --warmup 3 --repeats 10 ;;
     # only the warp-specialized kernels against the reference (bf16, D 64 / 128 / 256; the default run's test_gpu
     # has them too): a quick look at whether Triton's Hopper warp specialization computes them right
     warp_specialized) step "$1" 120 "$py" -m pytest $test_opts -m gpu -k warp tests/test_kernel_attention.py ;;
@@ -116,16 +116,16 @@ run_step() {  # the checks by name; the default run is ordered: tests first, the
     test_attention) step "$1" 300 "$py" -m pytest $test_opts tests/test_kernel_attention.py ;;
     batch1) step "$1" 100 "$py" scripts/bench_sampling.py --prompts 1 --samples 1 ;;  # 8B batch 1, MBU, steady state
     # every launch config, fwd and bwd at D 64/128/256: over 150 compiles, more than one call may finish (alone)
-    sweep) step "$1" 590 "$py" -m kernels.sweep ;;
+    sweep) step "$1" 590 "$py" -m w2s.kernels.sweep ;;
     # the forward's tiles at D 128 and 256, each with pointer loads and through TMA, two of them persistent too, and
     # three warp-specialized tiles (one also persistent) (40 compiles; alone)
-    sweep_forward) step "$1" 420 "$py" -m kernels.sweep --only forward128,forward256 ;;
+    sweep_forward) step "$1" 420 "$py" -m w2s.kernels.sweep --only forward128,forward256 ;;
     # the attention of the Llama-3.2-1B training shape (D 64, B8 T2048 H32 KH8), forward and backward: the tiles of
     # the two above at D 64, for the 1B MFU target (48 compiles; alone)
-    sweep_training64) step "$1" 500 "$py" -m kernels.sweep --only forward64,attention64 ;;
+    sweep_training64) step "$1" 500 "$py" -m w2s.kernels.sweep --only forward64,attention64 ;;
     # the backward's tiles at the benchmark's D 128: dk/dv and dq, pointer loads and (three tiles each) TMA,
     # three dk/dv tiles summing dq by atomic adds (both loads), two dk/dv and two dq tiles warp-specialized; alone
-    sweep_backward128) step "$1" 400 "$py" -m kernels.sweep --only attention128 ;;
+    sweep_backward128) step "$1" 400 "$py" -m w2s.kernels.sweep --only attention128 ;;
     # 8B, 64 prompts x 8 samples = 512 sequences x (128 -> 256), then batch-1 decode with its MBU and steady state
     bench_sampling) step "$1" 80 "$py" scripts/bench_sampling.py --prompts 64 --repeats 1 ;;
     gsm8k) step "$1" 60 "$py" scripts/bench_sampling.py --gsm8k --repeats 1 --no-batch1 ;;  # 256 x 8, EOS lengths

@@ -1,5 +1,6 @@
 """The shape of the house: no import cycle in the package (function-local imports count too), the pipeline's three
-modules in one direction, and no function in w2s/ longer than a reader can hold.
+modules in one direction, the kernels on their own, and no function in w2s/ (its kernels aside) longer than a reader
+can hold.
 
     python -m pytest -q tests/test_architecture.py
 """
@@ -8,7 +9,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("w2s", "kernels")
+PACKAGES = ("w2s",)
 MAX_FUNCTION_LINES = 80
 
 
@@ -86,9 +87,21 @@ def test_pipeline_table_runners_engine_in_one_direction():
     assert not {"w2s.pipeline", "w2s.runners"} & graph["w2s.engine"]
 
 
+def test_the_kernels_import_nothing_else_of_the_package():
+    """w2s/kernels/ stands alone (plain PyTorch and Triton): w2s/ops.py chooses between its modules, never the other
+    way round, so a kernel can be read, tested and benchmarked by itself."""
+    graph = _graph()
+    kernels = [m for m in graph if m.startswith("w2s.kernels")]
+    assert len(kernels) > 10
+    assert {m: sorted(d for d in graph[m] if not d.startswith("w2s.kernels")) for m in kernels} == \
+        {m: [] for m in kernels}
+    assert "w2s.kernels.reference" in graph["w2s.ops"]
+
+
 def test_no_long_functions_in_the_package():
+    """w2s/kernels/ aside: a Triton kernel is one program per tile, read whole beside the reference it computes."""
     long = []
-    for path in sorted((ROOT / "w2s").rglob("*.py")):
+    for path in sorted(p for p in (ROOT / "w2s").rglob("*.py") if "kernels" not in p.relative_to(ROOT).parts):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 lines = node.end_lineno - node.lineno + 1

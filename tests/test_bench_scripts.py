@@ -65,7 +65,7 @@ def test_bench_sampling_profile_lists_the_decode_ops():
 
 
 def test_sweep_without_cuda_says_it_needs_one():
-    out = run_script("-m", "kernels.sweep")
+    out = run_script("-m", "w2s.kernels.sweep")
     assert "needs a CUDA GPU" in out
 
 
@@ -141,13 +141,13 @@ def _module_from(path):
 def test_every_gpu_check_step_runs_a_command_line_its_script_accepts(tmp_path, monkeypatch):
     """A GPU session has minutes: a misspelt option or step of scripts/gpu_check.sh must fail here, not there.
     Each benchmark command's arguments go through its script's own parser; each pytest command collects tests."""
-    from kernels import bench, sweep
+    from w2s.kernels import bench, sweep
 
     steps, commands = _gpu_check_commands(tmp_path)
     assert {"test_gpu", "train_llama32_1b", "train_llama32_3b", "dpo_mfu", "bench_attention", "bench_sampling",
             "gsm8k", "sweep", "pipeline"} <= set(steps)
     scripts = {name: _module_from(ROOT / "scripts" / f"{name}.py") for name in ("bench_train", "bench_sampling")}
-    checked = {"bench_train": 0, "bench_sampling": 0, "kernels.bench": 0, "kernels.sweep": 0, "pytest": 0}
+    checked = {"bench_train": 0, "bench_sampling": 0, "w2s.kernels.bench": 0, "w2s.kernels.sweep": 0, "pytest": 0}
     for argv in commands:
         if argv[0].startswith("scripts/bench_"):
             name = Path(argv[0]).stem
@@ -158,12 +158,12 @@ def test_every_gpu_check_step_runs_a_command_line_its_script_accepts(tmp_path, m
             monkeypatch.setattr(sys, "argv", ["bench_sampling.py", *argv[2:]])
             scripts["bench_sampling"].parse_args()
             checked["bench_sampling"] += 1
-        elif argv[:2] == ["-m", "kernels.bench"]:
+        elif argv[:2] == ["-m", "w2s.kernels.bench"]:
             bench.parse_args(argv[2:])
-            checked["kernels.bench"] += 1
-        elif argv[:2] == ["-m", "kernels.sweep"]:
+            checked["w2s.kernels.bench"] += 1
+        elif argv[:2] == ["-m", "w2s.kernels.sweep"]:
             assert sweep.main(argv[2:]) == 0  # no GPU here: parses and checks the parts, then says so
-            checked["kernels.sweep"] += 1
+            checked["w2s.kernels.sweep"] += 1
         elif argv[:2] == ["-m", "pytest"]:
             # one process, quiet: -v dropped, and -n with the worker count after it
             selection = [a for i, a in enumerate(argv[2:]) if a not in ("-v", "-n") and argv[1 + i] != "-n"]

@@ -3,7 +3,7 @@
 Per-kernel tests (tests/test_kernels.py, tests/test_kernel_attention.py) check one forward and one backward at a
 time. This test checks that they compose: the same model, data and AdamW run twice, once with every hot op on the
 Triton kernels (W2S_KERNELS=triton; on CPU under TRITON_INTERPRET=1, set below before triton is imported) and once
-on kernels/reference.py. RMSNorm, RoPE, GQA flash attention, SwiGLU and the fused linear cross-entropy all sit in
+on w2s/kernels/reference.py. RMSNorm, RoPE, GQA flash attention, SwiGLU and the fused linear cross-entropy all sit in
 the loop, so an error in any gradient shows up as a drift of the loss curve that grows with every step.
 
 Checks: the first step's gradient of every parameter and the per-step losses agree to 1e-4 relative (fp32 on both
@@ -25,11 +25,11 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
 
-import kernels.attention  # noqa: E402
-import kernels.fused_linear  # noqa: E402
-import kernels.glu  # noqa: E402
-import kernels.rms_norm  # noqa: E402
-import kernels.rope  # noqa: E402
+import w2s.kernels.attention  # noqa: E402
+import w2s.kernels.fused_linear  # noqa: E402
+import w2s.kernels.glu  # noqa: E402
+import w2s.kernels.rms_norm  # noqa: E402
+import w2s.kernels.rope  # noqa: E402
 from w2s import ops  # noqa: E402
 from w2s.config import ModelConfig  # noqa: E402
 from w2s.model import Transformer  # noqa: E402
@@ -38,8 +38,9 @@ IGNORE_INDEX = -100
 STEPS = 20
 REL_TOL = 1e-4
 # Which Triton entry points the model reaches through w2s/ops.py: each must run in the Triton pass, none in the other.
-KERNEL_ENTRY_POINTS = [(kernels.attention, "attention"), (kernels.rms_norm, "rms_norm"), (kernels.rope, "rope"),
-                       (kernels.glu, "swiglu"), (kernels.fused_linear, "linear_cross_entropy")]
+KERNEL_ENTRY_POINTS = [(w2s.kernels.attention, "attention"), (w2s.kernels.rms_norm, "rms_norm"),
+                       (w2s.kernels.rope, "rope"), (w2s.kernels.glu, "swiglu"),
+                       (w2s.kernels.fused_linear, "linear_cross_entropy")]
 
 
 def tiny_llama_config():

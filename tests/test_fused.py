@@ -248,9 +248,9 @@ def test_sampler_on_the_triton_path_with_fused_projections(family, monkeypatch):
     """The CUDA decode path on CPU (W2S_KERNELS=triton, interpreter): fused q/k/v and gate/up, RoPE + cache write as
     one kernel (prefill into scattered rows, decode into every slot), the GLU reading the fused halves in place.
     Greedy tokens equal the reference backend's on the unfused model."""
-    from kernels import glu, rope_cache
     from w2s import ops
     from w2s.config import ModelConfig
+    from w2s.kernels import glu, rope_cache
     from w2s.model import Transformer
 
     shape = dict(vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=48)
@@ -291,9 +291,9 @@ def test_a_batch1_decode_step_launches_these_kernels(monkeypatch, temperature, d
     microseconds that hardly depend on its work, so one more here should be deliberate."""
     from launches import LaunchCounter
 
-    from kernels import decode_attention
     from w2s import ops
     from w2s.config import ModelConfig
+    from w2s.kernels import decode_attention
     from w2s.model import Transformer
     from w2s.sampling import make_engine
 

@@ -1,5 +1,5 @@
-"""Triton flash attention (kernels/attention.py) and decode attention (kernels/decode_attention.py) against the
-PyTorch spec (kernels/reference.py): forward and every gradient, GQA/MQA, ragged lengths, sliding window, soft-cap,
+"""Triton flash attention (w2s/kernels/attention.py) and decode attention (w2s/kernels/decode_attention.py) against the
+PyTorch spec (w2s/kernels/reference.py): forward and every gradient, GQA/MQA, ragged lengths, sliding window, soft-cap,
 explicit positions, the split-key decode path and cascade decoding over a shared prefix.
 
 Without CUDA the kernels run under TRITON_INTERPRET=1 on CPU (set below, before triton is imported); the shapes are
@@ -18,15 +18,15 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 from launches import LaunchCounter  # noqa: E402
 
-from kernels import attention as flash  # noqa: E402
-from kernels import attention_backward as flash_backward  # noqa: E402
-from kernels import (
+from w2s import ops  # noqa: E402
+from w2s.kernels import attention as flash  # noqa: E402
+from w2s.kernels import attention_backward as flash_backward  # noqa: E402
+from w2s.kernels import (
     attention_common,  # noqa: E402
     reference,  # noqa: E402
     sweep,  # noqa: E402
 )
-from kernels import decode_attention as decode  # noqa: E402
-from w2s import ops  # noqa: E402
+from w2s.kernels import decode_attention as decode  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP32_TOL = 1e-5  # max abs error relative to the tensor's largest entry; observed ~2e-7 in fp32
@@ -146,8 +146,8 @@ def test_explicit_positions_over_several_blocks_with_softcap_fp32():
 
 def test_full_attention_through_positions_matches_sdpa():
     # The contract is causal, but queries placed at the last key position see every key: non-causal attention (how
-    # kernels/bench.py measures the non-causal case). Checked against torch's own SDPA with is_causal=False, an
-    # implementation independent of kernels/reference.py, forward and all gradients.
+    # w2s/kernels/bench.py measures the non-causal case). Checked against torch's own SDPA with is_causal=False, an
+    # implementation independent of w2s/kernels/reference.py, forward and all gradients.
     B, T, S, H, K, D = 2, 20, 37, 4, 2, 32
     seed, q, k, v = random_qkv(B, T, S, H, K, D, torch.float32)
     grad_out = torch.randn(B, T, H, D, device=DEVICE)
@@ -177,7 +177,7 @@ def test_large_head_dims_fp32(D):
 ], ids=["d64-window-padding", "d128-window-softcap-padding", "d256-softcap"])
 def test_gpu_block_sizes_fp32(monkeypatch, D, options):
     # The GPU launch tables use other tiles than the interpreter's (e.g. 128-query forward blocks, 64 x 64 dk/dv
-    # and dq blocks at D = 128, chosen by kernels/sweep.py): run them here too, so the block-range arithmetic is
+    # and dq blocks at D = 128, chosen by w2s/kernels/sweep.py): run them here too, so the block-range arithmetic is
     # checked for the sizes the GPU actually uses.
     monkeypatch.setattr(attention_common, "_interpreting", lambda: False)
     assert attention_common._config(flash._GPU_FWD, flash._INTERPRET_FWD, D, "forward") == flash._GPU_FWD[D]
@@ -581,7 +581,7 @@ def test_ops_attention_with_kv_rows_on_cpu(monkeypatch, options):
     """ops.attention's kv_rows off the Triton path: one-token rows grouped by cache row (leading rows on their own
     cache rows, then runs of rows on one row, a row met twice in separate runs) and several-token rows gathered,
     each equal to the reference over the gathered rows; the leading rows keep the cascade hint."""
-    from kernels import sdpa_attention
+    from w2s.kernels import sdpa_attention
 
     monkeypatch.setattr(ops, "_backend", "auto")
     monkeypatch.setattr(ops, "CASCADE_MIN_PREFIX", 4)
@@ -709,7 +709,7 @@ def test_gpu_bf16_gqa_training_shape():
 @pytest.mark.parametrize("option", list(sweep.LAUNCH_OPTIONS))
 @pytest.mark.parametrize("D", [64, 128, 256])
 def test_gpu_bf16_launch_options(monkeypatch, D, option):
-    """Each launch option kernels/sweep.py times (TMA loads in all three kernels; the persistent forward; dq summed
+    """Each launch option w2s/kernels/sweep.py times (TMA loads in all three kernels; the persistent forward; dq summed
     by the dk/dv kernel's atomic adds, the dq kernel not run) on the table tiles, forward and every gradient, at
     every head dim, with GQA, a window and ragged lengths."""
     for table, fields in sweep.LAUNCH_OPTIONS[option]:

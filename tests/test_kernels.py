@@ -1,9 +1,9 @@
 """Triton kernels (rms_norm, rope, rope + KV-cache write, swiglu/geglu, fused linear losses, sampling) against
-kernels/reference.py.
+w2s/kernels/reference.py.
 
 On CPU the kernels run under TRITON_INTERPRET=1 (set here before triton is imported) in fp32 and fp16 at tiny odd
 shapes; tests marked `gpu` run the compiled kernels in bf16 at realistic shapes and are skipped without CUDA.
-Attention has its own tests beside kernels/attention.py.
+Attention has its own tests beside w2s/kernels/attention.py.
 
 Tolerances. fp32: the kernel and the reference do the same math with different reduction orders, so they agree to
 ~1e-5. Low precision: the reference itself is only as exact as its dtype, so the kernel must be *as accurate as
@@ -27,7 +27,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"
 
-from kernels import chunked_linear, fused_linear, glu, reference, rms_norm, rope, rope_cache, sample  # noqa: E402
+from w2s.kernels import chunked_linear, fused_linear, glu, reference, rms_norm, rope, rope_cache, sample  # noqa: E402
 
 FP32_TOL = dict(atol=1e-5, rtol=1e-5)
 requires_cuda = pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA")
@@ -246,7 +246,7 @@ def test_rope_cache_write_matches_reference(dtype, B, T, H, K, D, rows, fused_la
 
 
 def test_rope_cache_write_rotates_like_rope():
-    """Independent of the reference's index_put: the cached k equals kernels/rope.py's rotation of k read back at
+    """Independent of the reference's index_put: the cached k equals w2s/kernels/rope.py's rotation of k read back at
     (row, position), and positions 0 leave q unchanged."""
     B, T, H, K, D = 2, 3, 4, 2, 32
     q, k, v = torch.randn(B, T, H, D), torch.randn(B, T, K, D), torch.randn(B, T, K, D)
@@ -302,7 +302,8 @@ def test_geglu_hand_values():
 
 # ------------------------------------------------------------------------------------------------- fused linear
 
-# Both row steps of the chunk loop (kernels/chunked_linear.py): the Triton kernel (GPU) and the torch one (CPU path).
+# Both row steps of the chunk loop (w2s/kernels/chunked_linear.py): the Triton kernel (GPU) and the torch one (CPU
+# path).
 LINEAR_IMPLS = pytest.mark.parametrize("impl", [fused_linear, chunked_linear], ids=["triton", "torch"])
 
 
@@ -621,12 +622,12 @@ def test_gpu_linear_logprobs_bf16():
                ["logprobs", "dhidden", "dweight"])
 
 
-# ------------------------------------------------------------------------------------------- kernels/bench.py
+# ------------------------------------------------------------------------------------------- w2s/kernels/bench.py
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="checks the message printed when there is no GPU")
 def test_bench_without_cuda_says_it_needs_one(capsys):
-    from kernels import bench
+    from w2s.kernels import bench
 
     assert bench.main(["--no-smoke"]) == 0
     out = capsys.readouterr().out
@@ -634,7 +635,7 @@ def test_bench_without_cuda_says_it_needs_one(capsys):
 
 
 def test_bench_rejects_an_unknown_kernel_in_one_line(capsys):
-    from kernels import bench
+    from w2s.kernels import bench
 
     with pytest.raises(SystemExit):
         bench.parse_args(["--only", "attention,flash"])
@@ -647,7 +648,7 @@ def test_bench_times_flash_attention_when_installed(monkeypatch):
     import sys
     import types
 
-    from kernels import bench
+    from w2s.kernels import bench
 
     for name in ("flash_attn_interface", "flash_attn"):
         monkeypatch.setitem(sys.modules, name, None)  # None in sys.modules: the import raises ImportError
@@ -664,7 +665,7 @@ def test_bench_times_flash_attention_when_installed(monkeypatch):
 
 
 def compile_check_for_sm90(tmp_path, parts, *options):
-    """`python -m kernels.compile_check --only parts --dtype bf16 [options]` in a process of its own (it replaces
+    """`python -m w2s.kernels.compile_check --only parts --dtype bf16 [options]` in a process of its own (it replaces
     Triton's driver), compiling for real rather than from an earlier run's cache; its stdout, after asserting exit
     status 0."""
     import subprocess
@@ -677,7 +678,7 @@ def compile_check_for_sm90(tmp_path, parts, *options):
         pytest.skip("this Triton has no NVIDIA backend to compile with")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
-    command = [sys.executable, "-m", "kernels.compile_check", "--only", parts, "--dtype", "bf16", *options]
+    command = [sys.executable, "-m", "w2s.kernels.compile_check", "--only", parts, "--dtype", "bf16", *options]
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout

@@ -331,9 +331,10 @@ def test_peak_memory_while_loading_stays_near_checkpoint_size(tmp_path):
 
 @pytest.mark.parametrize("heads", [(4, 4), (4, 2), (4, 1)])
 def test_cpu_sdpa_fast_path_equals_the_reference_attention(heads, monkeypatch):
-    """ops.attention's CPU fast path (plain causal -> torch SDPA) computes kernels/reference.py, values and grads."""
-    from kernels import reference
+    """ops.attention's CPU fast path (plain causal -> torch SDPA) computes w2s/kernels/reference.py, values and
+    grads."""
     from w2s import ops
+    from w2s.kernels import reference
 
     H, K = heads
     g = torch.Generator().manual_seed(0)
@@ -352,8 +353,8 @@ def test_cpu_sdpa_fast_path_equals_the_reference_attention(heads, monkeypatch):
 @pytest.mark.parametrize("window", [None, 3])
 def test_cpu_sdpa_masked_path_equals_the_reference_attention(window, monkeypatch):
     """The no-grad path with positions over a cache (sampling), incl. kv_lengths, GQA and an empty row -> zeros."""
-    from kernels import reference
     from w2s import ops
+    from w2s.kernels import reference
 
     g = torch.Generator().manual_seed(1)
     q, k, v = torch.randn(3, 2, 4, 8, generator=g), torch.randn(3, 11, 2, 8, generator=g), torch.randn(3, 11, 2, 8)
@@ -381,10 +382,10 @@ def test_cpu_sdpa_masked_path_equals_the_reference_attention(window, monkeypatch
     (dict(backend="reference", positions=True, grad=False), "reference"),
 ])
 def test_cpu_attention_takes_sdpa_exactly_where_it_did(case, expected, monkeypatch):
-    """ops.attention on CPU: SDPA (kernels/sdpa_attention.py) under `auto` for plain causal calls and for calls
+    """ops.attention on CPU: SDPA (w2s/kernels/sdpa_attention.py) under `auto` for plain causal calls and for calls
     that want no gradient, none with a soft-cap; the reference everywhere else. Implementations stubbed."""
-    from kernels import reference, sdpa_attention
     from w2s import ops
+    from w2s.kernels import reference, sdpa_attention
 
     monkeypatch.setattr(ops, "_backend", case.get("backend", "auto"))
     monkeypatch.setattr(sdpa_attention, "attention", lambda *a, **k: "sdpa")
@@ -400,8 +401,8 @@ def test_cpu_attention_takes_sdpa_exactly_where_it_did(case, expected, monkeypat
 
 @pytest.mark.parametrize("P, cascade", [(63, False), (64, True)])
 def test_cpu_shared_prefix_reaches_sdpa_from_the_threshold_on(P, cascade, monkeypatch):
-    from kernels import sdpa_attention
     from w2s import ops
+    from w2s.kernels import sdpa_attention
 
     monkeypatch.setattr(ops, "_backend", "auto")
     seen = []
@@ -415,9 +416,9 @@ def test_cpu_shared_prefix_reaches_sdpa_from_the_threshold_on(P, cascade, monkey
 @pytest.mark.parametrize("heads, T", [((4, 2), 1), ((4, 4), 2), ((6, 1), 1)])
 def test_cpu_shared_prefix_hint_changes_no_value(heads, T, monkeypatch):
     """Keys [0, P) equal in every row: the cascade path (prefix attended once, merged by log-sum-exp) computes
-    kernels/reference.py's attention over the whole rows; queries inside the prefix fall back to the masked path."""
-    from kernels import reference, sdpa_attention
+    w2s/kernels/reference.py's attention over the whole rows; queries inside the prefix fall back to the masked path."""
     from w2s import ops
+    from w2s.kernels import reference, sdpa_attention
 
     H, K = heads
     B, S, P, D = 3, 13, 5, 8

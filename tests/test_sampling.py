@@ -18,8 +18,8 @@ import torch
 from hf_tiny import FAMILIES, VOCAB, save_hf
 
 import w2s
-from kernels.reference import stream_keys, stream_uniforms
 from w2s import sampling, sampling_jsonl
+from w2s.kernels.reference import stream_keys, stream_uniforms
 from w2s.sampling import generate
 from w2s.sampling_engine import Engine, sample_from_logits
 
@@ -90,8 +90,8 @@ def test_kv_cache_decode_logits_equal_full_recompute(family, ckpt, monkeypatch):
     the logits of every decode step equal a full forward over prompt + generated tokens. Sequences run past the
     sliding window (5) of mistral and gemma2; llama2 (no window, no soft-cap) decodes through the CPU cascade
     attention that reads the shared prefix from its own cache row."""
-    from kernels import sdpa_attention
     from w2s import ops
+    from w2s.kernels import sdpa_attention
 
     calls = []
     cascade = sdpa_attention.attention_after_shared_prefix

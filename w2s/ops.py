@@ -1,20 +1,20 @@
-"""The one switch between the Triton kernels (kernels/*.py) and their pure-PyTorch spec (kernels/reference.py).
+"""The one switch between the Triton kernels (w2s/kernels/*.py) and their pure-PyTorch spec (w2s/kernels/reference.py).
 
 Every hot op of the model and the losses goes through a function here. The backend is chosen per call:
 
     W2S_KERNELS=auto       (default) Triton for CUDA tensors, the reference for anything else (CPU), except two
                            CPU implementations with the reference's math and less memory traffic: attention
-                           through torch SDPA (kernels/sdpa_attention.py, with cascade decoding over a shared
-                           prefix) and the chunked fused linear losses (kernels/chunked_linear.py)
+                           through torch SDPA (w2s/kernels/sdpa_attention.py, with cascade decoding over a shared
+                           prefix) and the chunked fused linear losses (w2s/kernels/chunked_linear.py)
     W2S_KERNELS=triton     Triton always (on CPU only under TRITON_INTERPRET=1, which is how the tests run it)
     W2S_KERNELS=reference  the reference always (debugging, parity checks on GPU)
 
 `set_backend(name)` does the same from Python. There is no silent fallback: asking for Triton where it cannot run
 raises an error instead of quietly running the slow path.
 
-Only the choice lives here; every implementation is a module of kernels/. Attention has a second choice on each
+Only the choice lives here; every implementation is a module of w2s/kernels/. Attention has a second choice on each
 side: on Triton `use_decode_kernel` picks the decode kernel or the flash kernel (and CASCADE_MIN_PREFIX the
-cascade over a shared prefix), on CPU `kernels.sdpa_attention.supports` says where SDPA stands in for the reference.
+cascade over a shared prefix), on CPU `w2s.kernels.sdpa_attention.supports` says where SDPA stands in for the reference.
 
 Test: python -m pytest -q tests/test_kernels.py tests/test_kernel_attention.py   (without CUDA the Triton
 side runs under TRITON_INTERPRET=1, which those test files set)
@@ -25,7 +25,7 @@ import os
 
 import torch
 
-from kernels import chunked_linear, reference, sdpa_attention
+from w2s.kernels import chunked_linear, reference, sdpa_attention
 
 BACKENDS = ("auto", "triton", "reference")
 _backend = os.environ.get("W2S_KERNELS", "auto")
@@ -60,11 +60,11 @@ def wants_grad(*tensors):
 
 
 def _kernel(module_name):
-    """kernels/<module_name>.py, a Triton module, imported on first use (importing it imports triton)."""
+    """w2s/kernels/<module_name>.py, a Triton module, imported on first use (importing it imports triton)."""
     try:
-        return importlib.import_module(f"kernels.{module_name}")
+        return importlib.import_module(f"w2s.kernels.{module_name}")
     except ImportError as e:
-        raise RuntimeError(f"Triton kernel kernels/{module_name}.py is unavailable ({e}); "
+        raise RuntimeError(f"Triton kernel w2s/kernels/{module_name}.py is unavailable ({e}); "
                            "set W2S_KERNELS=reference to run the PyTorch reference instead") from e
 
 
@@ -75,22 +75,22 @@ def _triton(module_name, tensor):
 
 def attention(q, k, v, q_positions=None, kv_lengths=None, sliding_window=None, softcap=None, scale=None,
               shared_prefix=None, kv_rows=None):
-    """Causal GQA attention; see kernels.reference.attention for the exact contract. (B, T, H, D) -> (B, T, H, D).
+    """Causal GQA attention; see w2s.kernels.reference.attention for the exact contract. (B, T, H, D) -> (B, T, H, D).
 
-    Triton: the split-key decode kernel (kernels/decode_attention.py) where `use_decode_kernel` says so, else the
-    flash kernel (kernels/attention.py). CPU under `auto`: torch SDPA (kernels/sdpa_attention.py) where it applies
-    (no soft-cap; plain causal, or no gradient), else the reference.
+    Triton: the split-key decode kernel (w2s/kernels/decode_attention.py) where `use_decode_kernel` says so, else
+    the flash kernel (w2s/kernels/attention.py). CPU under `auto`: torch SDPA (w2s/kernels/sdpa_attention.py) where it
+    applies (no soft-cap; plain causal, or no gradient), else the reference.
 
     shared_prefix: optional (k_p, v_p), each (P, K, D), a promise that k[b, :P] == k_p and v[b, :P] == v_p for every
     row b (the sampler's prompts all start with the same few-shot demonstrations). It changes no value; from
     CASCADE_MIN_PREFIX shared tokens on, decode uses it to read those keys once per step instead of once per row
-    (cascade attention): kernels.decode_attention.attention_after_shared_prefix on Triton (any window or soft-cap),
-    kernels.sdpa_attention.attention_after_shared_prefix on CPU (no window or soft-cap).
+    (cascade attention): w2s.kernels.decode_attention.attention_after_shared_prefix on Triton (any window or soft-cap),
+    w2s.kernels.sdpa_attention.attention_after_shared_prefix on CPU (no window or soft-cap).
 
     kv_rows: optional (B,) integer tensor: batch row b attends k[kv_rows[b]], v[kv_rows[b]], so k and v hold cache
     rows rather than batch rows (the sampler's mixed decode steps, where the tokens of a prompt being prefilled are
     query rows of their own that read one cache row). The decode kernel reads through the index; on CPU one-token
-    rows are grouped by cache row (kernels.sdpa_attention.attention_by_cache_row); every other path gathers the rows
+    rows are grouped by cache row (w2s.kernels.sdpa_attention.attention_by_cache_row); every other path gathers the rows
     first.
     """
     if kv_rows is not None and not (_use_triton(q) and use_decode_kernel(q, k, v)):
@@ -170,7 +170,7 @@ def rope(x, positions, inv_freq):
 def rope_cache_write(q, k, v, positions, inv_freq, k_cache, v_cache, rows=None):
     """Rotate q and k (B, T, H|K, D) to their (B, T) positions and write k, v into the head-major cache buffers
     (slots, K, S, D) at [rows[b], :, positions[b, t]]; returns the rotated q. Triton: one kernel for all of it
-    (kernels/rope_cache.py); else the reference's two rotations and two index writes."""
+    (w2s/kernels/rope_cache.py); else the reference's two rotations and two index writes."""
     impl = _triton("rope_cache", q) or reference
     return impl.rope_cache_write(q, k, v, positions, inv_freq, k_cache, v_cache, rows)
 
@@ -195,14 +195,14 @@ def stream_keys(seed, prompt_idx, sample_idx):
 
 def stream_uniforms(keys, steps):
     """Uniforms in [0, 1) (B,) fp32 for (B,) RNG keys at (B,) step counters, the same bits on both sides: one kernel
-    on Triton (kernels/sample.py) where the reference's integer hash is some forty elementwise ops."""
+    on Triton (w2s/kernels/sample.py) where the reference's integer hash is some forty elementwise ops."""
     impl = _triton("sample", keys) or reference
     return impl.stream_uniforms(keys, steps)
 
 
 def sample_inverse_cdf(logits, uniforms, temperature=1.0):
     """Tokens (B,) from softmax(logits / temperature) (B, V), one uniform (B,) per row: one kernel on Triton
-    (kernels/sample.py), reading the logits in their dtype; else the reference's softmax, cumsum and search."""
+    (w2s/kernels/sample.py), reading the logits in their dtype; else the reference's softmax, cumsum and search."""
     impl = _triton("sample", logits) or reference
     return impl.sample_inverse_cdf(logits, uniforms, temperature)
 
@@ -220,7 +220,7 @@ def linear_logprobs(hidden, weight, targets, softcap=None, ignore_index=-100):
 
 
 def _linear_losses(hidden):
-    """Triton on CUDA; on CPU under `auto` the same chunk loop with a torch row step (kernels/chunked_linear.py:
+    """Triton on CUDA; on CPU under `auto` the same chunk loop with a torch row step (w2s/kernels/chunked_linear.py:
     no (N, V) logits, loss and gradients in one pass); the reference under W2S_KERNELS=reference."""
     impl = _triton("fused_linear", hidden)
     if impl is not None:

@@ -422,7 +422,7 @@ class StageProfiler:
 # ---- where a profiled run's time goes ---------------------------------------------------------------------------
 # Each profiled kernel (CUDA) or op (CPU) falls in the first group whose pattern its lowercased name matches; the rest
 # are "other elementwise, reductions" (torch's own adds, casts of single tensors, reductions). The Triton kernels of
-# kernels/*.py are named after their op (_attn_*, _rms_norm_*, _rope_*, _glu_*, _rows_nll_*, _sample_*); cuBLAS
+# w2s/kernels/*.py are named after their op (_attn_*, _rms_norm_*, _rope_*, _glu_*, _rows_nll_*, _sample_*); cuBLAS
 # names its GEMMs gemm / nvjet / xmma; FSDP2 packs parameters for the all-gather with chunk_cat and unpacks with
 # split_with_sizes_copy.
 KERNEL_GROUPS = (

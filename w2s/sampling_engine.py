@@ -7,7 +7,7 @@ How it works (one engine, `Engine`, driven by w2s.sampling.iter_generate):
     (the 4 few-shot demonstrations of the ICL stage). That prefix is prefilled once; each new sequence copies its
     keys/values and prefills only its own suffix. Decode attends a long prefix (64+ tokens) once per step for
     all rows, from the spare row, instead of once per row (cascade attention, chosen in w2s/ops.py: on CPU
-    kernels/sdpa_attention.py, on GPU kernels/decode_attention.py).
+    w2s/kernels/sdpa_attention.py, on GPU w2s/kernels/decode_attention.py).
   * A work item is (prompt, sample j). The n samples of a prompt share one prefill: the first is prefilled, the
     others copy its cache row. A sample admitted later, while a sibling is still running, copies the sibling's
     prompt rows (all but the last token) and re-runs only the last prompt token to get the next-token logits.
@@ -27,7 +27,7 @@ How it works (one engine, `Engine`, driven by w2s.sampling.iter_generate):
     (ops.rope_cache_write), and q/k/v and gate/up as one matmul each (fused_projections, default on CUDA:
     w2s/fused.py).
   * Randomness is counter-based (ops.stream_keys, ops.stream_uniforms; the hash is written out in
-    kernels/reference.py): the uniform for token t of sample j of prompt i is a hash of (seed, i, j, t), with
+    w2s/kernels/reference.py): the uniform for token t of sample j of prompt i is a hash of (seed, i, j, t), with
     i the prompt's index in the caller's list. A completion therefore does not depend on batch size, scheduling,
     chunking, shared-prefix use or data-parallel sharding: the same seed gives the same samples in every
     configuration (up to float rounding differences of batched matmuls, which can flip a draw that lands within

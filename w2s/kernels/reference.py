@@ -115,7 +115,7 @@ def geglu(gate, up):
 
 # Counter-based randomness: uniforms are a pure function of (seed, prompt, sample, step), made on device without a
 # host sync. The mixer is "lowbias32"; in int64 all arithmetic stays below 2**49, so it is exact on every backend
-# (no reliance on signed overflow). The Triton version (kernels/sample.py) computes the same bits in uint32.
+# (no reliance on signed overflow). The Triton version (sample.py) computes the same bits in uint32.
 _M32 = 0xFFFFFFFF
 
 

@@ -142,12 +142,12 @@ def _check(gate, up, name):
 
 
 def swiglu(gate, up):
-    """silu(gate) * up over (..., F) tensors; same contract as kernels.reference.swiglu."""
+    """silu(gate) * up over (..., F) tensors; same contract as w2s.kernels.reference.swiglu."""
     _check(gate, up, "swiglu")
     return GLUFunction.apply(gate, up, False)
 
 
 def geglu(gate, up):
-    """gelu_tanh(gate) * up over (..., F) tensors; same contract as kernels.reference.geglu."""
+    """gelu_tanh(gate) * up over (..., F) tensors; same contract as w2s.kernels.reference.geglu."""
     _check(gate, up, "geglu")
     return GLUFunction.apply(gate, up, True)

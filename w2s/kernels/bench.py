@@ -1,9 +1,9 @@
 """Kernel benchmarks: each Triton kernel against PyTorch eager, torch.compile and (attention) SDPA's flash backend
 and FlashAttention itself where the environment has it (FA3's flash_attn_interface, else FA2's flash_attn).
 
-    python -m kernels.bench                    # everything, bf16, the shapes of BENCHMARKS.md's targets (needs CUDA)
-    python -m kernels.bench --only attention --repeats 50
-    python -m kernels.bench --help
+    python -m w2s.kernels.bench                # everything, bf16, the shapes of BENCHMARKS.md's targets (needs CUDA)
+    python -m w2s.kernels.bench --only attention --repeats 50
+    python -m w2s.kernels.bench --help
 
 For every kernel, shape and implementation it prints the median device time of --repeats runs (after --warmup runs
 that are not counted; CUDA events around each run, the L2 cache flushed and the launches queued before each), the
@@ -19,15 +19,15 @@ targets 80 % of the device's copy bandwidth, which the script measures first) an
 Beside `triton` (the launch tables as they are), the attention forward prints `triton-tma` (the table tiles through
 TMA descriptors), `triton-persist` (the same, walked by one program per SM) and `triton-ws` (the table tiles with 4
 warps, warp-specialized by Triton: a producer warp group and two consumer warp groups), and the backward a
-`triton-ws` row (the dk/dv and dq kernels warp-specialized, as kernels/sweep.py's LAUNCH_OPTIONS has them): the
+`triton-ws` row (the dk/dv and dq kernels warp-specialized, as sweep.py's LAUNCH_OPTIONS has them): the
 attention kernels' Hopper options, off in the tables until these rows measure them faster.
 
-The attention kernel's contract is causal by position (kernels/reference.py); the non-causal rows place every
+The attention kernel's contract is causal by position (reference.py); the non-causal rows place every
 query at the last key position (q_positions = S - 1), which makes every key visible (tests/test_kernel_attention.py
 checks this against SDPA). In the backward that takes the explicit-positions path, which masks every tile.
 
 Without CUDA there is nothing to time: the script says so and, unless --no-smoke, runs a small correctness smoke
-check of every kernel under Triton's CPU interpreter (TRITON_INTERPRET=1) against kernels/reference.py, printing
+check of every kernel under Triton's CPU interpreter (TRITON_INTERPRET=1) against reference.py, printing
 the max error of each output and gradient (the numbers recorded in BENCHMARKS.md).
 """
 
@@ -44,8 +44,8 @@ if not torch.cuda.is_available():
 
 import torch.nn.functional as F  # noqa: E402
 
-from kernels import attention, attention_backward, fused_linear, glu, reference, rms_norm, rope, sample  # noqa: E402
-from kernels.attention_common import launch_changes  # noqa: E402
+from w2s.kernels import attention, attention_backward, fused_linear, glu, reference, rms_norm, rope, sample  # noqa: E402
+from w2s.kernels.attention_common import launch_changes  # noqa: E402
 
 KERNELS = ("attention", "rms_norm", "rope", "swiglu", "fused_ce", "sample")
 
@@ -159,7 +159,7 @@ def bench_attention(args, dtype):
                 return fn(*inputs)
         return run
 
-    def ours_with(causal, **options):  # the forward with Launch options (kernels/attention.py), table tiles
+    def ours_with(causal, **options):  # the forward with Launch options (attention.py), table tiles
         return with_launch_changes([(attention._GPU_FWD, options)], ours(causal))
 
     def eager(causal):
@@ -196,8 +196,8 @@ def bench_attention(args, dtype):
                 result = measure(lambda: fn(*inputs), args)
             target = (TARGET_ATTN_FWD_TFLOPS[causal], ">=") if impl.startswith("triton") else None
             print_row(f"attention fwd {label}", shape, impl, result, lambda ms: fwd_flops / ms / 1e9, "TF/s", target)
-        # the backward with both kernels warp-specialized (the table's forward before it): kernels/sweep.py's
-        # LAUNCH_OPTIONS["warp-specialized-backward"], written out because kernels.sweep imports this module
+        # the backward with both kernels warp-specialized (the table's forward before it): sweep.py's
+        # LAUNCH_OPTIONS["warp-specialized-backward"], written out because w2s.kernels.sweep imports this module
         ws_backward = [(attention_backward._GPU_BWD_DKDV, dict(block_n=64, warps=4, stages=2, tma=True,
                                                                warp_specialize=True)),
                        (attention_backward._GPU_BWD_DQ, dict(warps=4, stages=2, tma=True, warp_specialize=True))]
@@ -445,7 +445,7 @@ def smoke_check():
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        prog="python -m kernels.bench",
+        prog="python -m w2s.kernels.bench",
         description="Time the Triton kernels against PyTorch eager, torch.compile and SDPA (flash) on a CUDA GPU: "
                     "median ms, TFLOP/s or effective GB/s, peak extra memory, next to the BENCHMARKS.md targets. "
                     "Without CUDA: a CPU-interpreter correctness smoke check instead.")
@@ -479,12 +479,12 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if not torch.cuda.is_available():
-        print("kernels.bench: the Triton benchmark needs a CUDA GPU and none is visible; no timings measured. "
-              "Run `python -m kernels.bench` (or `make bench-kernels`) on a GPU node.")
+        print("w2s.kernels.bench: the Triton benchmark needs a CUDA GPU and none is visible; no timings measured. "
+              "Run `python -m w2s.kernels.bench` (or `make bench-kernels`) on a GPU node.")
         if args.no_smoke:
             return 0
         print("Running the CPU-interpreter correctness smoke check instead (TRITON_INTERPRET=1, vs "
-              "kernels/reference.py):\n")
+              "w2s/kernels/reference.py):\n")
         ok = smoke_check()
         print("\nsmoke check: " + ("all passed" if ok else "FAILED"))
         return 0 if ok else 1

@@ -6,7 +6,7 @@ a softmax, a cumulative sum, a search), each a read and most a write of B x V fp
 
 with one uniform u in [0, 1) per row and m the row's largest scaled logit. One program per row: the first pass
 finds m and the normalizer online, the second walks the row's cumulative sum block by block. A token of probability
-0 (logit -inf) is never drawn. Same rule as kernels.reference.sample_inverse_cdf; the sums run in another order, so
+0 (logit -inf) is never drawn. Same rule as w2s.kernels.reference.sample_inverse_cdf; the sums run in another order, so
 a draw that lands within rounding (~1e-7 relative) of the boundary between two tokens may pick the other one.
 
 The uniforms come from a counter-based hash of each sequence's RNG key and step (`stream_uniforms`): one launch

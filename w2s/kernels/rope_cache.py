@@ -1,7 +1,7 @@
 """RoPE fused with the KV-cache write, in Triton: one launch per layer and sampler step instead of four.
 
-Same contract as kernels.reference.rope_cache_write: q (B, T, H, D) and k (B, T, K, D) are rotated to their (B, T)
-positions (half-split convention, rounded at the same places as kernels/rope.py and the reference); the rotated k
+Same contract as w2s.kernels.reference.rope_cache_write: q (B, T, H, D) and k (B, T, K, D) are rotated to their (B, T)
+positions (half-split convention, rounded at the same places as rope.py and the reference); the rotated k
 and the unchanged v are stored into the head-major cache buffers (slots, K, S, D) at [rows[b], :, positions[b, t]],
 and the rotated q is returned. q, k and v may be strided views (the sampler passes the column blocks of one fused
 q/k/v projection); the cache must be contiguous in its last dim and of k's dtype.
@@ -93,7 +93,7 @@ def _check(q, k, v, positions, inv_freq, k_cache, v_cache, rows):
 
 def rope_cache_write(q, k, v, positions, inv_freq, k_cache, v_cache, rows=None):
     """Rotated q (B, T, H, D); rotated k and v written into k_cache / v_cache (slots, K, S, D) at [rows, :, positions].
-    Same contract as kernels.reference.rope_cache_write."""
+    Same contract as w2s.kernels.reference.rope_cache_write."""
     _check(q, k, v, positions, inv_freq, k_cache, v_cache, rows)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:

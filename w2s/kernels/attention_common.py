@@ -1,11 +1,11 @@
-"""What the attention kernels share (kernels/attention.py, kernels/attention_backward.py,
-kernels/decode_attention.py): the @triton.jit helpers that place query rows and key blocks (positions, lengths,
+"""What the attention kernels share (attention.py, attention_backward.py,
+decode_attention.py): the @triton.jit helpers that place query rows and key blocks (positions, lengths,
 which key blocks a query block sees, the mask, soft-capped base-2 scores, TMA descriptors of one kv head, query rows
 and per-row values read through pointers or descriptors), and the host side of every launch (launch-table lookup,
 grid limits, dtype precision, the TMA readiness check, the input checks).
 
-The contract they implement is kernels.reference.attention's (read it first); the key-segment reasoning is explained
-in kernels/attention.py.
+The contract they implement is w2s.kernels.reference.attention's (read it first); the key-segment reasoning is explained
+in attention.py.
 
     python -m pytest -q tests/test_kernel_attention.py     # CPU, TRITON_INTERPRET=1, vs the reference
 """
@@ -31,7 +31,7 @@ def _interpreting():
 @triton.jit
 def _tanh(x):
     # 1 - 2 / (e^{2x} + 1): exact limits at both ends (e^{2x} -> inf gives 1, -> 0 gives -1), no NaN. Cheaper inside
-    # the key loop than kernels/glu.py's (one exp2, no select); its error near 0 is absolute (~1e-7, not relative),
+    # the key loop than glu.py's (one exp2, no select); its error near 0 is absolute (~1e-7, not relative),
     # which a soft-capped logit (softcap x tanh) takes as ~1e-7 x softcap.
     return 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)  # 2 * log2(e)
 
@@ -158,7 +158,7 @@ def _log2_scores(qk, scale, softcap, HAS_SOFTCAP: tl.constexpr):
 
 class Launch(NamedTuple):
     """One entry of an attention launch table: the tiles (BLOCK_M query rows, BLOCK_N keys), num_warps, the key
-    loop's software-pipeline depth (num_stages), and the options kernels/sweep.py times: stream the loop's tiles
+    loop's software-pipeline depth (num_stages), and the options sweep.py times: stream the loop's tiles
     through TMA descriptors; (the forward only) run a fixed number of programs per SM that walk the tiles instead of
     one program per tile (0); hand the kernel's loop to Triton's Hopper warp specialization, which needs TMA, 4 warps
     and 2 stages or more (one producer and two consumer warp groups of 4 warps, 12 in all, come out of it); (the dk/dv
@@ -175,14 +175,14 @@ class Launch(NamedTuple):
     warp_specialize: bool = False
 
 
-_OPTION_TABLES = {"programs_per_sm": "kernels/attention.py's _GPU_FWD",
-                  "atomic_dq": "kernels/attention_backward.py's _GPU_BWD_DKDV"}  # the one kernel that reads each
+_OPTION_TABLES = {"programs_per_sm": "w2s/kernels/attention.py's _GPU_FWD",
+                  "atomic_dq": "w2s/kernels/attention_backward.py's _GPU_BWD_DKDV"}  # the one kernel that reads each
 
 
 @contextlib.contextmanager
 def launch_changes(changes, head_dim):
     """Within the block, the head_dim entry of each launch table in `changes` ([(table, {Launch field: value})], as
-    kernels/sweep.py's LAUNCH_OPTIONS) has those fields changed; the entries are put back after, even on an error."""
+    sweep.py's LAUNCH_OPTIONS) has those fields changed; the entries are put back after, even on an error."""
     saved = [(table, table[head_dim]) for table, _ in changes]
     try:
         for table, fields in changes:
@@ -228,7 +228,7 @@ def _grid(blocks, rows):
 
 def _sm_count(device):
     """Streaming multiprocessors of the GPU (3 in the interpreter: a handful of programs that each walk several
-    tiles); kernels/compile_check.py stands in an H100's 132."""
+    tiles); compile_check.py stands in an H100's 132."""
     if _interpreting():
         return 3
     return torch.cuda.get_device_properties(device).multi_processor_count

@@ -1,5 +1,5 @@
 """Attention on CPU through torch's fused scaled_dot_product_attention (SDPA): the reference's math
-(kernels/reference.py) without materializing fp32 (B, H, T, S) scores or repeated kv heads. No Triton: this is
+(reference.py) without materializing fp32 (B, H, T, S) scores or repeated kv heads. No Triton: this is
 what w2s/ops.py runs under W2S_KERNELS=auto for tensors that are not on CUDA.
 
 Three paths, none with a soft-cap (SDPA has none; Gemma-2 stays on the reference, see `supports`), and a grouping
@@ -19,7 +19,7 @@ of query rows by the cache row they read (`attention_by_cache_row`, the sampler'
 import torch
 import torch.nn.functional as F
 
-from kernels import reference
+from w2s.kernels import reference
 
 
 def supports(q, k, v, q_positions=None, kv_lengths=None, sliding_window=None, softcap=None):
@@ -38,7 +38,7 @@ def _needs_grad(q, k, v):
 
 
 def attention(q, k, v, q_positions=None, kv_lengths=None, sliding_window=None, scale=None, shared_prefix=None):
-    """Causal GQA attention as kernels.reference.attention, for the calls `supports` accepts. (B, T, H, D) ->
+    """Causal GQA attention as w2s.kernels.reference.attention, for the calls `supports` accepts. (B, T, H, D) ->
     (B, T, H, D).
 
     shared_prefix: optional (k_p, v_p), each (P, K, D), a promise that k[b, :P] == k_p and v[b, :P] == v_p for every

@@ -1,4 +1,4 @@
-"""Flash attention backward in Triton: dq, dk and dv of kernels/attention.py's forward, from its saved base-2
+"""Flash attention backward in Triton: dq, dk and dv of attention.py's forward, from its saved base-2
 log-sum-exp, for the same contract (causal GQA, explicit positions, ragged lengths, sliding window, soft-cap).
 
 Three kernels: delta = rowsum(dO * O) per query row; one program per key block for dk/dv, looping over the query
@@ -7,8 +7,8 @@ transposed); one program per query block for dq, over the forward's key segments
 atomic_dq, the dk/dv program also adds its key block's share of dq into an fp32 buffer with atomic adds and the dq
 kernel does not run (no recomputed scores; dq's sums then land in any order). Where a table entry says
 warp_specialize, that kernel's loop goes to Triton's Hopper warp specialization as the forward's does
-(kernels/attention.py's _fwd_tile says how). The launch tables here are the backward's, chosen by kernels/sweep.py;
-kernels/attention.py's autograd Function calls `_backward`.
+(attention.py's _fwd_tile says how). The launch tables here are the backward's, chosen by sweep.py;
+attention.py's autograd Function calls `_backward`.
 
     python -m pytest -q tests/test_kernel_attention.py     # CPU, TRITON_INTERPRET=1, vs the reference
 """
@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention_common import (
+from w2s.kernels.attention_common import (
     Launch,
     _config,
     _flags,
@@ -130,7 +130,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, POS, KV_LEN,
                           HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
                           ATOMIC_DQ: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
     """dk, dv of one key block of one (batch, kv head). WARP_SPECIALIZE (sm_90, 4 warps, TMA, T a multiple of 4, no
-    atomic dq): as the forward's (kernels/attention.py's _fwd_tile), Triton splits the query loop into a warp group
+    atomic dq): as the forward's (attention.py's _fwd_tile), Triton splits the query loop into a warp group
     that issues the TMA copies of the next q and dO tiles and of their LSE and delta rows, and two consumer warp groups
     that run the products; it does so only for one loop whose loads all go through TMA, so k, v, LSE, delta and the
     positions come through descriptors and the three query segments become one loop that masks every block."""
@@ -232,7 +232,7 @@ def _bwd_dq_key_loop(dq, q, do, lse, delta, pos, K_head, V_head, stride_ks, stri
                      HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
                      WARP_SPECIALIZE: tl.constexpr = False):
     """Accumulate dq (M, D) of one query block over key blocks [start, end) (the forward's segments). K_head /
-    V_head as in the forward's key loop; WARP_SPECIALIZE as in the forward's (kernels/attention.py's _fwd_tile)."""
+    V_head as in the forward's key loop; WARP_SPECIALIZE as in the forward's (attention.py's _fwd_tile)."""
     for start_n in tl.range(start, end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if TMA:  # the descriptors end at kv_len: rows past it arrive as zeros
@@ -322,9 +322,9 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, POS, KV_LEN,
 # launch tables and launcher
 # ----------------------------------------------------------------------------------------------------------------
 
-# Backward launch configs (kernels/attention_common.Launch; programs per SM is the forward's option, an error here;
+# Backward launch configs (w2s/kernels/attention_common.Launch; programs per SM is the forward's option, an error here;
 # atomic_dq the dk/dv kernel's; warp_specialize any kernel's):
-# D = 64 and 128 chosen by kernels/sweep.py on an H100 (BENCHMARKS.md); D = 256 not swept.
+# D = 64 and 128 chosen by sweep.py on an H100 (BENCHMARKS.md); D = 256 not swept.
 _GPU_BWD_DKDV = {64: Launch(32, 128, 4, 3), 128: Launch(64, 64, 4, 2), 256: Launch(32, 64, 8, 1)}
 _GPU_BWD_DQ = {64: Launch(64, 64, 4, 3), 128: Launch(64, 64, 4, 2), 256: Launch(64, 32, 8, 1)}
 _INTERPRET_BWD_DKDV, _INTERPRET_BWD_DQ = Launch(16, 32, 4, 1), Launch(32, 16, 4, 1)

@@ -1,8 +1,8 @@
 """Split-key decode attention in Triton: a few new query tokens against a long KV cache (the sampler's hot loop),
 and cascade decoding over a prefix every row shares.
 
-Same contract as kernels.reference.attention, forward only. Training-shaped attention (many queries, gradients) is
-kernels/attention.py, whose key loop this file reuses with the helpers of kernels/attention_common.py: a decode
+Same contract as w2s.kernels.reference.attention, forward only. Training-shaped attention (many queries, gradients) is
+attention.py, whose key loop this file reuses with the helpers of attention_common.py: a decode
 program is the flash forward's inner loop run over one slice ("split") of the keys, for all query heads of one GQA
 group at once.
 
@@ -21,7 +21,7 @@ are read as the caller's integers, the output is stored in its final dtype).
 
 w2s/ops.py decides which calls come here (`ops.use_decode_kernel`: few query rows, no gradient) and calls
 `attention_decode` or, over a long shared prefix, `attention_after_shared_prefix`; every other call goes to the flash
-kernel. The dependency runs one way: this file imports kernels/attention.py and attention_common.py, never the
+kernel. The dependency runs one way: this file imports attention.py and attention_common.py, never the
 reverse.
 
     python -m pytest -q tests/test_kernel_attention.py -k "decode or cascade"   # CPU, TRITON_INTERPRET=1
@@ -33,8 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention import _forward, _fwd_key_loop
-from kernels.attention_common import (
+from w2s.kernels.attention import _forward, _fwd_key_loop
+from w2s.kernels.attention_common import (
     _check_inputs,
     _flags,
     _grid,
@@ -216,7 +216,7 @@ def attention_decode(q, k, v, q_positions=None, kv_lengths=None, sliding_window=
                      kv_rows=None):
     """Forward-only attention for a few query tokens against a KV cache (the sampler's hot loop).
 
-    Same contract as kernels.attention.attention, forward only; at most 128 query rows (T x the GQA group) per kv
+    Same contract as w2s.kernels.attention.attention, forward only; at most 128 query rows (T x the GQA group) per kv
     head. For the best speed pass k/v sliced to the longest live cache row, since the key splits cover all S slots.
     kv_rows: optional (B,) integer cache rows: batch row b then attends k[kv_rows[b]], v[kv_rows[b]] (k and v hold
     the cache's rows, any number), read through the index rather than gathered.

@@ -2,12 +2,12 @@
 use, and report each variant's shared memory, registers and spilled bytes. It catches what the CPU interpreter cannot:
 tiles that overflow shared memory, tl.dot shapes or dtypes the hardware rejects, heavy register spills.
 
-    python -m kernels.compile_check                 # bf16 everything, fp32 forward and decode; minutes on 2 cores
-    python -m kernels.compile_check --only attention --dtype bf16
-    python -m kernels.compile_check --only sweep    # the launch configs kernels/sweep.py tries (bf16)
-    python -m kernels.compile_check --only options  # each launch option on the table tiles, as the GPU tests run it
-    python -m kernels.compile_check --only warp_specialized   # seconds: Triton still warp-specializes the attention
-    python -m kernels.compile_check --only warp_specialized --sass   # and each kernel's SASS instructions by opcode
+    python -m w2s.kernels.compile_check                 # bf16 everything, fp32 forward and decode; minutes on 2 cores
+    python -m w2s.kernels.compile_check --only attention --dtype bf16
+    python -m w2s.kernels.compile_check --only sweep    # the launch configs sweep.py tries (bf16)
+    python -m w2s.kernels.compile_check --only options  # each launch option on the table tiles, as the GPU tests run it
+    python -m w2s.kernels.compile_check --only warp_specialized   # seconds: Triton still warp-specializes the attention
+    python -m w2s.kernels.compile_check --only warp_specialized --sass   # and each kernel's SASS instructions by opcode
 
 How: Triton's active driver is replaced by a stand-in that reports an sm_90 target, and every `kernel[grid](...)`
 launch becomes a compile-only warm-up (JITFunction.run(..., warmup=True)). So the real launchers pick their real GPU
@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 if os.environ.get("TRITON_INTERPRET") == "1":
-    sys.exit("kernels.compile_check compiles for the GPU: unset TRITON_INTERPRET")
+    sys.exit("w2s.kernels.compile_check compiles for the GPU: unset TRITON_INTERPRET")
 
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns unless set; 1 is its (and 3.6's) default
 import torch  # noqa: E402
@@ -67,7 +67,7 @@ def _install_compile_only_launches():
             return True
 
     driver.set_active(H100Target())
-    from kernels import attention, decode_attention  # launchers that size their grids by the SM count: an H100's
+    from w2s.kernels import attention, decode_attention  # launchers that size their grids by the SM count: an H100's
 
     attention._sm_count = decode_attention._sm_count = lambda device: H100_SMS
 
@@ -139,7 +139,7 @@ def _sass_opcodes(cubin):
 def check_attention(dtypes):
     """Forward and backward (bf16) at every head dim and masking mode; decode at real model shapes (the cascade over a
     shared prefix launches these same two kernels)."""
-    from kernels import attention, attention_backward, decode_attention
+    from w2s.kernels import attention, attention_backward, decode_attention
 
     modes = [dict(), dict(q_positions=torch.arange(64, dtype=torch.int32)[None]),
              dict(kv_lengths=torch.tensor([40], dtype=torch.int32), sliding_window=32, softcap=50.0)]
@@ -167,7 +167,7 @@ def check_attention(dtypes):
 
 
 def check_fused_linear(dtypes):
-    from kernels import fused_linear
+    from w2s.kernels import fused_linear
 
     for V in (32000, 128256, 256000):
         for softcap in (None, 30.0):
@@ -178,7 +178,7 @@ def check_fused_linear(dtypes):
 
 
 def check_elementwise(dtypes):
-    from kernels import glu, rms_norm, rope, rope_cache, sample
+    from w2s.kernels import glu, rms_norm, rope, rope_cache, sample
 
     dtype = dtypes[0]
     for D in (2048, 2304, 4096, 8192):  # Gemma-2B, Gemma-2-2B, Llama-3-8B, Llama-2-70B hidden sizes
@@ -212,9 +212,9 @@ def check_elementwise(dtypes):
 
 
 def check_sweep(dtypes):
-    """Every attention launch config kernels/sweep.py tries (bf16, causal), forward and backward: a candidate the
+    """Every attention launch config sweep.py tries (bf16, causal), forward and backward: a candidate the
     GPU sweep would time must at least compile and fit."""
-    from kernels import attention, attention_backward, sweep
+    from w2s.kernels import attention, attention_backward, sweep
 
     for D in sorted(set(sweep.FWD_CANDIDATES) | set(sweep.DKDV_CANDIDATES)):
         q, k = torch.zeros(1, 64, 16, D, dtype=torch.bfloat16), torch.zeros(1, 64, 8, D, dtype=torch.bfloat16)
@@ -235,11 +235,11 @@ def check_sweep(dtypes):
 
 
 def check_launch_options(dtypes):
-    """Each launch option (kernels/sweep.py's LAUNCH_OPTIONS: TMA loads, the persistent forward, dq summed by atomic
+    """Each launch option (sweep.py's LAUNCH_OPTIONS: TMA loads, the persistent forward, dq summed by atomic
     adds) on the tables' own tiles at every head dim (bf16), causal and with the masks the GPU-marked
     test_gpu_bf16_launch_options uses (ragged kv_lengths and a window): what that test and the benchmarks compile."""
-    from kernels import attention, attention_backward, sweep
-    from kernels.attention_common import launch_changes
+    from w2s.kernels import attention, attention_backward, sweep
+    from w2s.kernels.attention_common import launch_changes
 
     modes = [(None, None), (torch.tensor([40], dtype=torch.int32), 32)]  # (kv_lengths, sliding_window)
     for D in (64, 128, 256):
@@ -257,12 +257,12 @@ def check_launch_options(dtypes):
 
 
 def check_warp_specialized(dtypes):
-    """The warp-specialized forward, dk/dv and dq kernels (the launch option, as kernels/sweep.py's LAUNCH_OPTIONS
+    """The warp-specialized forward, dk/dv and dq kernels (the launch option, as sweep.py's LAUNCH_OPTIONS
     sets it on the D = 128 table tiles), causal and with explicit positions (read through descriptors too): each must
     come out of Triton specialized, 12 warps (seconds; the `options` part compiles them at every head dim with the GPU
     tests' masks)."""
-    from kernels import attention, attention_backward, sweep
-    from kernels.attention_common import launch_changes
+    from w2s.kernels import attention, attention_backward, sweep
+    from w2s.kernels.attention_common import launch_changes
 
     D = 128
     changes = sweep.LAUNCH_OPTIONS["warp-specialized-forward"] + sweep.LAUNCH_OPTIONS["warp-specialized-backward"]
@@ -293,7 +293,7 @@ def main(argv=None):
     try:
         _install_compile_only_launches()
     except (ImportError, AttributeError) as e:
-        sys.exit(f"kernels.compile_check: this Triton ({triton.__version__}) lacks an internal it uses ({e})")
+        sys.exit(f"w2s.kernels.compile_check: this Triton ({triton.__version__}) lacks an internal it uses ({e})")
     dtypes = [torch.bfloat16] + ([torch.float32] if args.dtype == "both" else [])
     ptxas, release = _ptxas()
     print(f"# Triton {triton.__version__}, ptxas {release} ({ptxas}), target sm_90a (H100), "

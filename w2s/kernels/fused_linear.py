@@ -2,7 +2,7 @@
 
 At N = 4096 tokens and a 256k vocabulary the logits alone are 4 GB in fp32, and the unfused backward keeps several
 copies of them. The chunk loop, the autograd functions and the SFT / DPO gradient strategies are in
-kernels/chunked_linear.py (plain PyTorch, shared with the CPU path); this file is the GPU row step it calls per chunk:
+chunked_linear.py (plain PyTorch, shared with the CPU path); this file is the GPU row step it calls per chunk:
 cuBLAS computes the (rows, V) logits in the input dtype, then one Triton program per row runs the soft-cap, an
 online logsumexp and the target's logit, and optionally writes d loss / d logits back into the same buffer, which
 cuBLAS turns into gradients of the hidden states and of the lm_head weight. Peak extra memory is one chunk plus the
@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import chunked_linear
-from kernels.glu import _tanh  # the soft-cap's tanh: the GeGLU's, which cannot overflow
+from w2s.kernels import chunked_linear
+from w2s.kernels.glu import _tanh  # the soft-cap's tanh: the GeGLU's, which cannot overflow
 
 CHUNK_BYTES = 512 << 20  # one (rows, V) logits chunk in the input dtype: 1024 rows at V=256k in bf16
 MAX_BLOCK_V = 4096  # vocabulary columns per step of the row kernel
@@ -73,7 +73,7 @@ def _rows_nll_kernel(logits_ptr, logits_stride, targets_ptr, row_scale_ptr, nll_
 
 
 def rows_nll_triton(logits, targets, softcap, ignore_index, row_scale=None, write_grad=False):
-    """The row step of kernels/chunked_linear.py on GPU: one program per row of logits (rows, V) -> nll (rows,)."""
+    """The row step of chunked_linear.py on GPU: one program per row of logits (rows, V) -> nll (rows,)."""
     rows, V = logits.shape
     nll = torch.empty(rows, dtype=torch.float32, device=logits.device)
     block_v = min(MAX_BLOCK_V, triton.next_power_of_2(V))
@@ -86,12 +86,12 @@ def rows_nll_triton(logits, targets, softcap, ignore_index, row_scale=None, writ
 
 
 def linear_cross_entropy(hidden, weight, targets, softcap=None, ignore_index=-100):
-    """(loss_sum fp32, n_valid int64) of hidden (N, D) @ weight (V, D).T vs targets (N,); see kernels.reference."""
+    """(loss_sum fp32, n_valid int64) of hidden (N, D) @ weight (V, D).T vs targets (N,); see w2s.kernels.reference."""
     return chunked_linear.linear_cross_entropy(hidden, weight, targets, softcap, ignore_index,
                                                rows_nll=rows_nll_triton, chunk_bytes=CHUNK_BYTES)
 
 
 def linear_logprobs(hidden, weight, targets, softcap=None, ignore_index=-100):
-    """Per-token log p(target) (N,) fp32, 0 where target == ignore_index; see kernels.reference.linear_logprobs."""
+    """Per-token log p(target) (N,) fp32, 0 where target == ignore_index; see w2s.kernels.reference.linear_logprobs."""
     return chunked_linear.linear_logprobs(hidden, weight, targets, softcap, ignore_index,
                                           rows_nll=rows_nll_triton, chunk_bytes=CHUNK_BYTES)

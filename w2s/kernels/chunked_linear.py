@@ -1,6 +1,6 @@
 """The fused linear losses' chunk loop: lm_head + cross-entropy and lm_head + per-token log-probs over chunks of
 tokens, never materializing the (N, V) logits. Plain PyTorch, no Triton: it drives the Triton row kernel on GPU
-(kernels/fused_linear.py) and, with a row step written in torch ops, it is the CPU path that w2s/ops.py picks.
+(fused_linear.py) and, with a row step written in torch ops, it is the CPU path that w2s/ops.py picks.
 
 For each chunk of rows: logits = hidden_chunk @ weight.T (one matmul), a row step computes nll = logsumexp(z) -
 z[target] (z = the soft-capped logits) and, when a gradient is wanted, overwrites the logits buffer with
@@ -150,7 +150,7 @@ def _needs_grad(hidden, weight):
 
 def linear_cross_entropy(hidden, weight, targets, softcap=None, ignore_index=-100, rows_nll=rows_nll_torch,
                          chunk_bytes=None):
-    """(loss_sum fp32, n_valid int64) of hidden (N, D) @ weight (V, D).T vs targets (N,); see kernels.reference."""
+    """(loss_sum fp32, n_valid int64) of hidden (N, D) @ weight (V, D).T vs targets (N,); see w2s.kernels.reference."""
     _check(hidden, weight, targets, "linear_cross_entropy")
     targets, chunk_bytes = targets.contiguous(), chunk_bytes or CPU_CHUNK_BYTES
     if not _needs_grad(hidden, weight):  # evaluation: no gradient work at all
@@ -161,7 +161,7 @@ def linear_cross_entropy(hidden, weight, targets, softcap=None, ignore_index=-10
 
 def linear_logprobs(hidden, weight, targets, softcap=None, ignore_index=-100, rows_nll=rows_nll_torch,
                     chunk_bytes=None):
-    """Per-token log p(target) (N,) fp32, 0 where target == ignore_index; see kernels.reference.linear_logprobs."""
+    """Per-token log p(target) (N,) fp32, 0 where target == ignore_index; see w2s.kernels.reference.linear_logprobs."""
     _check(hidden, weight, targets, "linear_logprobs")
     targets, chunk_bytes = targets.contiguous(), chunk_bytes or CPU_CHUNK_BYTES
     if not _needs_grad(hidden, weight):

@@ -75,7 +75,7 @@ class RoPEFunction(torch.autograd.Function):
 
 
 def rope(x, positions, inv_freq):
-    """Rotary embedding of x (B, T, H, D) at positions (B, T); same contract as kernels.reference.rope."""
+    """Rotary embedding of x (B, T, H, D) at positions (B, T); same contract as w2s.kernels.reference.rope."""
     if x.dim() != 4 or x.shape[-1] % 2:
         raise ValueError(f"rope: expected x of shape (B, T, H, D) with even D, got {tuple(x.shape)}")
     if positions.shape != x.shape[:2]:

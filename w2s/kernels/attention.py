@@ -1,7 +1,7 @@
 """Flash attention in Triton, forward and backward: causal GQA with explicit positions, ragged lengths, sliding
 window and soft-cap.
 
-Same contract as kernels.reference.attention (read it first): q (B, T, H, D), k/v (B, S, K, D), a query at absolute
+Same contract as w2s.kernels.reference.attention (read it first): q (B, T, H, D), k/v (B, S, K, D), a query at absolute
 position p sees key s iff s <= p, s < kv_lengths[b] and p - s < sliding_window; Gemma-2 soft-caps the scores with
 softcap * tanh(scores / softcap). Rows that see no key return zeros.
 
@@ -10,10 +10,10 @@ Anatomy, top to bottom:
      and the kernel that runs one tile or walks many,
   2. its launch tables and launcher, the autograd Function and the functional `attention`.
 The helpers every attention kernel shares (positions, which key blocks a query block can see, the mask, soft-cap,
-TMA descriptors, the launch checks) are kernels/attention_common.py; the backward kernels (dk/dv per key block,
-dq per query block) and their launcher are kernels/attention_backward.py. The sampler's decode kernel (a few new
+TMA descriptors, the launch checks) are attention_common.py; the backward kernels (dk/dv per key block,
+dq per query block) and their launcher are attention_backward.py. The sampler's decode kernel (a few new
 tokens against a long KV cache, split over keys) and cascade decoding over a shared prefix are
-kernels/decode_attention.py, built on the shared helpers and the key loop here (it imports this module; this module
+decode_attention.py, built on the shared helpers and the key loop here (it imports this module; this module
 imports nothing of it). Which of the two runs a call is decided in w2s/ops.py.
 
 Why the key loop runs in three segments: for a block of queries, the key blocks in the middle are visible to every
@@ -40,8 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention_backward import _backward
-from kernels.attention_common import (
+from w2s.kernels.attention_backward import _backward
+from w2s.kernels.attention_common import (
     Launch,
     _check_inputs,
     _config,
@@ -198,14 +198,14 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, POS, KV_LEN,
 # ----------------------------------------------------------------------------------------------------------------
 
 
-# Fixed launch configs by head dim (kernels/attention_common.Launch: BLOCK_M, BLOCK_N, num_warps, num_stages, then
-# TMA and persistent programs per SM, both off until a GPU measures them faster; kernels/sweep.py tries them): large
+# Fixed launch configs by head dim (w2s/kernels/attention_common.Launch: BLOCK_M, BLOCK_N, num_warps, num_stages, then
+# TMA and persistent programs per SM, both off until a GPU measures them faster; sweep.py tries them): large
 # tiles for H100 tensor cores, smaller ones where the (M, D) and (N, D) tiles of D=256 would overflow shared memory.
 # Under TRITON_INTERPRET=1 small tiles keep CPU tests fast and still exercise several blocks, ragged edges and every
 # loop segment.
 _GPU_FWD = {64: Launch(128, 64, 4, 3), 128: Launch(128, 64, 8, 3), 256: Launch(64, 64, 8, 2)}
 # fp32 tiles take twice the bytes: the bf16 config at D=128 would all but fill the H100's shared memory
-# (kernels/compile_check.py), so fp32 (parity checks, tiny test models) halves the query tile and the pipeline depth.
+# (compile_check.py), so fp32 (parity checks, tiny test models) halves the query tile and the pipeline depth.
 _GPU_FWD_FP32 = {64: Launch(64, 64, 4, 2), 128: Launch(64, 64, 8, 2), 256: Launch(32, 64, 8, 1)}
 _INTERPRET_FWD = Launch(32, 16, 4, 1)
 
@@ -252,9 +252,9 @@ class _FlashAttention(torch.autograd.Function):
 def attention(q, k, v, q_positions=None, kv_lengths=None, sliding_window=None, softcap=None, scale=None):
     """Causal GQA attention with explicit positions, ragged lengths, sliding window and soft-cap, differentiable.
 
-    q (B, T, H, D), k/v (B, S, K, D) -> (B, T, H, D) in q.dtype. Exactly kernels.reference.attention, through the
+    q (B, T, H, D), k/v (B, S, K, D) -> (B, T, H, D) in q.dtype. Exactly w2s.kernels.reference.attention, through the
     flash kernels at any shape. w2s/ops.py sends the few-token no-grad calls of sampling to
-    kernels/decode_attention.py instead.
+    decode_attention.py instead.
     """
     _check_inputs(q, k, v, q_positions, kv_lengths, sliding_window, softcap)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)

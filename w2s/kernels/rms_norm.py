@@ -1,4 +1,4 @@
-"""RMSNorm in Triton: forward and backward, with both numerics of kernels/reference.py.
+"""RMSNorm in Triton: forward and backward, with both numerics of reference.py.
 
     unit_offset=False (Llama, Mistral): y = w * cast(x * rstd)        the normalized row is rounded to x.dtype first
     unit_offset=True  (Gemma, Gemma-2): y = cast(x * rstd * (1 + w))  all in fp32, one rounding at the end
@@ -89,7 +89,7 @@ def _launch_config(D):
 
 # Backward launch: programs per SM (each walks its rows one at a time, so more programs keep more rows in flight,
 # at the price of more (programs, D) partial weight-gradient rows to sum) and warps per program (None: by D, as
-# the forward). kernels/sweep.py times the alternatives on a GPU.
+# the forward). sweep.py times the alternatives on a GPU.
 BWD_PROGRAMS_PER_SM = 2
 BWD_NUM_WARPS = None
 
@@ -159,7 +159,7 @@ class RMSNormFunction(torch.autograd.Function):
 
 
 def rms_norm(x, weight, eps, unit_offset=False):
-    """RMSNorm over the last dim of x (..., D) with weight (D,); same contract as kernels.reference.rms_norm."""
+    """RMSNorm over the last dim of x (..., D) with weight (D,); same contract as w2s.kernels.reference.rms_norm."""
     _check_weight(x, weight)
     return RMSNormFunction.apply(x, weight, eps, unit_offset)
 

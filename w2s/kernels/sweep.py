@@ -1,15 +1,15 @@
 """Launch-config sweep on a GPU: which tile sizes, warps, pipeline depths, tile loads (through TMA or pointers),
 warp specialization, (forward) persistent programs and (backward) dq summed by the dk/dv kernel's atomic adds to put
-in the fixed tables of kernels/attention.py (_GPU_FWD), kernels/attention_backward.py (_GPU_BWD_DKDV,
-_GPU_BWD_DQ) and kernels/rms_norm.py (BWD_PROGRAMS_PER_SM, BWD_NUM_WARPS). Run it on new hardware, copy the fastest
+in the fixed tables of attention.py (_GPU_FWD), attention_backward.py (_GPU_BWD_DKDV,
+_GPU_BWD_DQ) and rms_norm.py (BWD_PROGRAMS_PER_SM, BWD_NUM_WARPS). Run it on new hardware, copy the fastest
 rows into the tables, and record the table it printed.
 
-    python -m kernels.sweep                      # needs CUDA; most of its time is Triton compiles
-    python -m kernels.sweep --only attention256,forward256
-    python -m kernels.sweep --only attention64,forward64     # the Llama-3.2-1B training shape's attention
-    python -m kernels.sweep --only rms_norm
+    python -m w2s.kernels.sweep                      # needs CUDA; most of its time is Triton compiles
+    python -m w2s.kernels.sweep --only attention256,forward256
+    python -m w2s.kernels.sweep --only attention64,forward64     # the Llama-3.2-1B training shape's attention
+    python -m w2s.kernels.sweep --only rms_norm
 
-For each backward candidate it times the whole backward (kernels/bench.py's median_ms: device time, L2 flushed) with the
+For each backward candidate it times the whole backward (bench.py's median_ms: device time, L2 flushed) with the
 other kernel at its table config (a dk/dv candidate with atomic dq runs alone), and checks the gradients against the
 table config's on the same inputs (max |diff| / max |ref|; tiles only change the summation order, so bf16 stays near
 1e-3); forward candidates the same with the output. A candidate that does not compile (shared memory, registers) prints
@@ -23,11 +23,11 @@ import sys
 
 import torch
 
-from kernels import attention, attention_backward, rms_norm
-from kernels.attention_common import Launch
+from w2s.kernels import attention, attention_backward, rms_norm
+from w2s.kernels.attention_common import Launch
 
 # (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages) per head dim; the first of each list is the current table
-# entry's tiles (kernels/attention.py), the rest what the sweep tries against it.
+# entry's tiles (attention.py), the rest what the sweep tries against it.
 _DKDV_TILES = {
     128: [(64, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2), (32, 128, 8, 3), (32, 128, 4, 3), (32, 64, 4, 3)],
     64: [(32, 128, 4, 3), (64, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3)],
@@ -112,7 +112,7 @@ LAUNCH_OPTIONS = {
     "atomic-dq": [(attention_backward._GPU_BWD_DKDV, dict(atomic_dq=True))],
     "atomic-dq-tma": [(attention_backward._GPU_BWD_DKDV, dict(tma=True, atomic_dq=True))],
 }
-# (B, T, H, KH) per head dim: kernels/bench.py's attention shape at D = 128, Llama-3.2-1B's training shape at 64,
+# (B, T, H, KH) per head dim: bench.py's attention shape at D = 128, Llama-3.2-1B's training shape at 64,
 # Gemma-2-9B's heads at 256.
 SHAPES = {128: (4, 4096, 16, 16), 64: (8, 2048, 32, 8), 256: (2, 4096, 16, 8)}
 PARTS = ("attention128", "attention64", "attention256", "forward128", "forward64", "forward256", "rms_norm")
@@ -123,9 +123,9 @@ CONFIG_HEADER = "(BLOCK_M, BLOCK_N, warps, stages, TMA, per SM, atomic dq, WS)"
 
 
 def _median_ms(fn, warmup, repeats):
-    # kernels.bench imported here, not at the top: on a machine without CUDA importing it turns on the interpreter,
-    # and kernels/compile_check.py imports this module for its candidate lists
-    from kernels import bench
+    # w2s.kernels.bench imported here, not at the top: on a machine without CUDA importing it turns on the interpreter,
+    # and compile_check.py imports this module for its candidate lists
+    from w2s.kernels import bench
 
     return bench.median_ms(fn, warmup, repeats)
 
@@ -143,7 +143,7 @@ def sweep_attention(head_dim, warmup, repeats):
     with torch.no_grad():
         out, lse = attention._forward(q, k, v, None, None, None, None, scale)
     backward = lambda: attention_backward._backward(do, q, k, v, out, lse, None, None, None, None, scale)  # noqa: E731
-    flops = 2.5 * 4 * B * H * T * T * head_dim / 2  # causal, FlashAttention's convention (kernels/bench.py)
+    flops = 2.5 * 4 * B * H * T * T * head_dim / 2  # causal, FlashAttention's convention (bench.py)
     print(f"\nattention bwd, causal, B{B} T{T} H{H} KH{KH} D{head_dim}, bf16")
     print(f"{'kernel':<6} {CONFIG_HEADER:<56} {'ms':>8} {'TF/s':>8} {'max rel diff':>13}")
     reference = backward()
@@ -171,7 +171,7 @@ def sweep_forward(head_dim, warmup, repeats):
     k, v = (torch.randn(B, T, KH, head_dim, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
     scale = 1.0 / math.sqrt(head_dim)
     forward = lambda: attention._forward(q, k, v, None, None, None, None, scale)[0]  # noqa: E731
-    flops = 4 * B * H * T * T * head_dim / 2  # causal (kernels/bench.py)
+    flops = 4 * B * H * T * T * head_dim / 2  # causal (bench.py)
     print(f"\nattention fwd, causal, B{B} T{T} H{H} KH{KH} D{head_dim}, bf16")
     print(f"{CONFIG_HEADER:<56} {'ms':>8} {'TF/s':>8} {'max rel diff':>13}")
     table = attention._GPU_FWD
@@ -226,7 +226,7 @@ def main(argv=None):
     if unknown:  # before the GPU check: a misspelt part fails here too, not only on the GPU machine
         p.error(f"--only: unknown part(s) {', '.join(unknown)}; expected some of {', '.join(PARTS)}")
     if not torch.cuda.is_available():
-        print("kernels.sweep times GPU launch configs and needs a CUDA GPU: nothing to do here")
+        print("w2s.kernels.sweep times GPU launch configs and needs a CUDA GPU: nothing to do here")
         return 0
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, median of {args.repeats}")
     for part in parts:
