@@ -51,7 +51,7 @@ VARIANTS = {
              "GRPO, vote reward (TTRL-style)", "stage2_grpo"),
 }
 # Rows shown for reference, read from the first variant's runs.
-REFERENCE = [("weak_floor", "weak floor"), ("stage1_r2_hybrid", "Stage I, M_plus"),
+REFERENCE = [("weak_floor", "weak floor"), ("stage1_r2_hybrid", "Stage I, hybrid-ft (the paper's M_plus)"),
              ("stage1_r2_icl", "Stage I, icl-ft"), ("ceiling", "strong ceiling")]
 
 

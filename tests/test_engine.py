@@ -114,13 +114,20 @@ def test_a_kill_while_a_changed_stage_is_deleted_leaves_no_finished_looking_half
     with pytest.raises(KeyboardInterrupt):
         run_stages(_table("y"), Context(None, tmp_path, log=lambda *a: None))
     monkeypatch.setattr(w2s.engine.shutil, "rmtree", real_rmtree)
-    assert not (tmp_path / "a").exists() and (tmp_path / ".aside" / "a.old" / "meta.json").exists()
+    assert [f.name for f in (tmp_path / "a").iterdir()] == ["key.txt"]  # started, not finished: b reads no done a
+    assert (tmp_path / ".aside" / "a.old" / "meta.json").exists()
+    from w2s.report import load_metas
+
+    assert load_metas(tmp_path) == {}  # b, whose input is being made again, is out of the report too
     assert run_stages(_table("x"), Context(None, tmp_path, log=lambda *a: None)) == {"a": "ran", "b": "ran"}
     assert (tmp_path / "a" / "out.txt").read_text() == "x"
     from w2s.engine import take_finished
 
-    take_finished(_table("x"), None, tmp_path)  # every pipeline run starts here: it clears what the kill left aside
-    assert not (tmp_path / ".aside").exists()
+    assert not (tmp_path / ".aside").exists()  # emptied by the delete that rerun made
+    (tmp_path / ".aside" / "a.old").mkdir(parents=True)
+    (tmp_path / ".taking" / "b.old").mkdir(parents=True)  # the aside directory's older name
+    take_finished(_table("x"), None, tmp_path)  # every pipeline run starts here: it clears what a kill left aside
+    assert not (tmp_path / ".aside").exists() and not (tmp_path / ".taking").exists()
 
 
 def test_a_resumed_stage_starts_without_the_temp_files_of_writes_a_kill_cut_short(tmp_path):
@@ -347,3 +354,17 @@ def test_a_second_run_on_a_locked_directory_refuses(tmp_path):
     with run_lock(tmp_path, log=logs.append):
         pass
     assert logs == []
+
+
+def test_the_dry_run_names_an_input_a_stage_now_reads_in_place_of_another(tmp_path):
+    """[stage2] start_from swaps the model Stage II reads: the plan says so, rather than that an input changed."""
+    from w2s.engine import plan
+
+    def table(reads):
+        return [Stage("a", _write, [], {"text": "x"}, {"text": "x"}),
+                Stage("c", _write, [], {"text": "y"}, {"text": "y"}),
+                Stage("b", lambda ctx, out: {}, [reads], {})]
+
+    run_stages(table("a"), Context(None, tmp_path, log=lambda *a: None))
+    assert [(status, reasons) for _, status, reasons in plan(table("c"), tmp_path)][2] == \
+        ("will rerun", ["now reads c", "no longer reads a"])

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from w2s.plot import accuracy_rows
 from w2s.report import load_metas, method_accuracies, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,7 +110,7 @@ def test_one_run_figure_groups_methods_with_floor_ceiling_and_pgr(tmp_path):
     assert fig.get_suptitle() == "Weak-to-strong: demo (500 test questions)"
 
 
-def test_seeds_figure_has_mean_spread_and_every_seed(tmp_path):
+def test_seeds_figure_has_mean_spread_and_every_seed(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     runs = [write_run(tmp_path / f"demo-seed{s}", shift) for s, shift in enumerate((0.0, 0.02, -0.03))]
     fig = figure_of(runs)
@@ -127,6 +128,13 @@ def test_seeds_figure_has_mean_spread_and_every_seed(tmp_path):
     assert written == [tmp_path / "demo-seeds" / "report.md", tmp_path / "demo-seeds" / "report.png"]
     assert "| strong ICL (4-shot weak demos) | 87.2 | 89.2 | 84.2 | 86.9 | 2.5 |" in table
     assert (tmp_path / "demo-seeds" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Seeds of a recipe whose Stage II starts from the icl-ft model: the figure marks that one M_plus.
+    drawn = {}
+    monkeypatch.setattr(demo_seeds, "plot_report", lambda *args: drawn.setdefault("args", args))
+    for run in runs:
+        (run / "recipe.json").write_text(json.dumps({"data": {}, "stage2": {"start_from": "icl"}}))
+    demo_seeds.write_seeds_report(dict(enumerate(runs)), tmp_path / "demo-seeds", "demo")
+    assert "icl-ft (M_plus)" in [row[2] for row in accuracy_rows(drawn["args"][1], *drawn["args"][4:])]
 
 
 def test_report_says_what_it_wrote_and_rolls_cost_up_by_kind(tmp_path):

@@ -327,6 +327,32 @@ def test_a_fresh_start_forgets_the_old_states_and_a_torn_metrics_line_is_dropped
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+def test_checkpoints_deleted_by_a_killed_run_are_never_resumed_from_half(tmp_path, monkeypatch):
+    """A fresh start and the end of an export delete the training checkpoints; a kill mid-delete must not leave one
+    that latest_checkpoint calls complete (a resume would load its missing shards; a finished export would look
+    unfinished)."""
+    import w2s.checkpoint
+    from w2s.checkpoint import latest_checkpoint, remove_checkpoints
+
+    for step in (2, 4):
+        (tmp_path / "ckpt" / f"step{step:08d}").mkdir(parents=True)
+        for name in ("__0_0.distcp", "rng_rank0.pt", "train_state.json"):
+            (tmp_path / "ckpt" / f"step{step:08d}" / name).write_text("{}")
+    assert latest_checkpoint(tmp_path / "ckpt").name == "step00000004"
+
+    def killed_after_one_shard(path, *args, **kwargs):
+        next(Path(path).rglob("*.distcp")).unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(w2s.checkpoint.shutil, "rmtree", killed_after_one_shard)
+    with pytest.raises(KeyboardInterrupt):
+        remove_checkpoints(tmp_path / "ckpt")
+    assert latest_checkpoint(tmp_path / "ckpt") is None
+    monkeypatch.undo()
+    remove_checkpoints(tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+
+
 def test_resume_refuses_a_checkpoint_of_a_different_run(ckpt, tmp_path):
     path, _ = ckpt
     rows = id_rows(8, seed=6)

@@ -500,6 +500,14 @@ def _first_os_error(e, depth=0):
     return None
 
 
+def remove_checkpoints(ckpt_root):
+    """Delete every training checkpoint under ckpt_root, each unmarked first (its train_state.json is what makes it
+    complete to latest_checkpoint): a kill midway leaves no half-deleted one that a resume would load."""
+    for state in Path(ckpt_root).glob("step*/train_state.json"):
+        state.unlink()
+    shutil.rmtree(ckpt_root, ignore_errors=True)
+
+
 def latest_checkpoint(ckpt_root):
     """The newest complete checkpoint directory (renamed into place, so complete by construction), or None."""
     found = sorted(p for p in Path(ckpt_root).glob("step*") if (p / "train_state.json").is_file())

@@ -296,7 +296,8 @@ def take_finished(stages, donor_dir, run_dir):
     rank."""
     taken, keys, runs = [], table_keys(stages), {}
     if is_main():
-        shutil.rmtree(Path(run_dir) / ASIDE_DIR, ignore_errors=True)  # what a kill left half-copied or half-deleted
+        for leftover in (ASIDE_DIR, ".taking"):  # what a kill left half-copied or half-deleted (.taking: older name)
+            shutil.rmtree(Path(run_dir) / leftover, ignore_errors=True)
         for stage in stages if donor_dir is not None else []:
             meta, take = judged_by(stage, keys[stage.name], run_dir, donor_dir, runs)
             # object(): a stage that will run gets a run id no record holds yet
@@ -321,7 +322,7 @@ def _take(donor, target, cleanup):
     old = _set_aside(target) if target.exists() else None
     os.rename(tmp, target)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        _delete_aside(old)
 
 
 def _set_aside(stage_dir):
@@ -333,6 +334,13 @@ def _set_aside(stage_dir):
     aside.parent.mkdir(exist_ok=True)
     os.rename(stage_dir, aside)
     return aside
+
+
+def _delete_aside(aside):
+    """Delete what _set_aside put aside, and the aside directory once it holds nothing else."""
+    shutil.rmtree(aside)
+    with contextlib.suppress(OSError):  # not empty: a take in progress, or another leftover
+        aside.parent.rmdir()
 
 
 def _link_or_copy(src, dst):
@@ -367,7 +375,10 @@ def plan(stages, run_dir, donor_dir=None):
         else:
             current = json.loads(json.dumps(stage.options, default=str))  # as meta.json holds it (tuples -> lists)
             reasons = [_change(path, old, new) for path, old, new in _diff(meta.get("options", {}), current)]
-            reasons += [f"input {d} changed" for d in stage.reads if meta.get("inputs", {}).get(d) != keys[d]]
+            before = meta.get("inputs", {})
+            reasons += [f"input {d} changed" if d in before else f"now reads {d}" for d in stage.reads
+                        if before.get(d) != keys[d]]
+            reasons += [f"no longer reads {d}" for d in before if d not in stage.reads]
             rows.append((stage, "will rerun", reasons or ["its key changed"]))
         # object(): a stage that will run gets a run id no record holds yet
         runs[stage.name] = meta.get("run") if rows[-1][1] in ("done", "taken") else object()
@@ -399,13 +410,15 @@ def _prepare_dir(out, key, wipe=False):
     """Keep a killed run's partial outputs only if they were made under the same key (key.txt: dir_id); wipe anything
     else, and a finished stage's outputs when it runs again (wipe)."""
     if is_main():
-        key_file = out / "key.txt"
+        key_file, old = out / "key.txt", None
         if out.exists() and (wipe or not key_file.is_file() or key_file.read_text().strip() != key):
-            shutil.rmtree(_set_aside(out))
+            old = _set_aside(out)
         elif out.exists():  # a resume: what a kill left half-written before its rename is no output
             remove_temp_files(out)
             unshare_links(out)  # a stage another run took (--reuse): what this run appends stays its own
         out.mkdir(parents=True, exist_ok=True)
         (out / "meta.json").unlink(missing_ok=True)
-        key_file.write_text(key + "\n")
+        key_file.write_text(key + "\n")  # before the old copy goes: a kill while it is deleted leaves a started stage
+        if old is not None:
+            _delete_aside(old)
     barrier()

@@ -49,7 +49,6 @@ fp32 (also on a single GPU, through a 1-rank group); a single CPU process runs p
 import hashlib
 import json
 import math
-import shutil
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
@@ -58,7 +57,13 @@ from pathlib import Path
 import torch
 
 from w2s import data, profile, tracking
-from w2s.checkpoint import latest_checkpoint, load_training_state, read_train_state, save_training_state
+from w2s.checkpoint import (
+    latest_checkpoint,
+    load_training_state,
+    read_train_state,
+    remove_checkpoints,
+    save_training_state,
+)
 from w2s.export import export_trained
 from w2s.files import stable_hash, write_atomic
 from w2s.lora import prepare_lora
@@ -344,7 +349,7 @@ class Trainer:
         rerun cannot resume from the abandoned run's newer ones."""
         start, self.tokens_before = 0, 0
         if self.ckpt_root is not None and not self.cfg.resume and self.d.is_main and self.ckpt_root.exists():
-            shutil.rmtree(self.ckpt_root)
+            remove_checkpoints(self.ckpt_root)
         if self.ckpt_root is not None and self.cfg.resume and (latest := latest_checkpoint(self.ckpt_root)) is not None:
             saved = read_train_state(latest)
             if saved.get("run_key") != self.run_key:
@@ -479,7 +484,7 @@ class Trainer:
                                  self.out_dir, tokenizer, return_model, export_merged=self.cfg.export_merged,
                                  lora_base=self.lora_base, lora_dropout=self.cfg.lora_dropout)
         if self.ckpt_root is not None and self.d.is_main and not keep_ckpt:
-            shutil.rmtree(self.ckpt_root, ignore_errors=True)
+            remove_checkpoints(self.ckpt_root)
         barrier(self.d)
         return trained
 
