@@ -21,7 +21,7 @@ from pathlib import Path
 from w2s.pipeline import run_pipeline
 from w2s.plot import plot_report
 from w2s.recipe import NAME_LINE, load_recipe, seeded_recipe
-from w2s.report import METHODS, NO_GOLD_WEAK_LABEL, load_metas, method_accuracies, run_grader, run_recipe_section
+from w2s.report import METHODS, NO_GOLD_WEAK_LABEL, load_metas, method_accuracies, run_grader, run_m_plus
 
 
 def seeds_table(accuracies, gold=True):
@@ -53,9 +53,8 @@ def write_seeds_report(run_dirs, out_dir, title, gold=True):
     (out_dir / "report.md").write_text(f"# w2s report: {title}\n\nGreedy test accuracy (%) per seed.\n\n{table}\n")
     seeds = sorted(metas)
     any_run = next(iter(run_dirs.values()))  # the seeds of one recipe: the same model is M_plus in each
-    start_from = run_recipe_section(any_run, "stage2").get("start_from", "hybrid")
     png = plot_report(out_dir / "report.png", [accuracies[s] for s in seeds], [metas[s] for s in seeds], title,
-                      start_from)
+                      run_m_plus(any_run))
     return table, [out_dir / "report.md"] + ([png] if png else [])
 
 

@@ -16,6 +16,7 @@
 import json
 import math
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -399,7 +400,8 @@ def test_the_report_marks_the_model_stage2_starts_from(tmp_path):
 
     acc = {m: 0.5 for m in ("stage1_r1_hybrid", "stage1_r2_icl", "stage1_r2_hybrid", "stage2_dpo")}
     assert [label for _, label in method_labels(acc) if "M_plus" in label] == ["Stage I r2: hybrid-ft (M_plus)"]
-    assert [label for _, label in method_labels(acc, "icl") if "M_plus" in label] == ["Stage I r2: icl-ft (M_plus)"]
+    assert [label for _, label in method_labels(acc, "stage1_r2_icl") if "M_plus" in label] == \
+        ["Stage I r2: icl-ft (M_plus)"]
     del acc["stage1_r2_hybrid"]  # one Stage I round (MATH's recipe): round 1's model
     assert [label for _, label in method_labels(acc) if "M_plus" in label] == ["Stage I r1: hybrid-ft (M_plus)"]
     from w2s.report import report  # a run's report reads the option from the run's recipe.json
@@ -409,6 +411,11 @@ def test_the_report_marks_the_model_stage2_starts_from(tmp_path):
         (tmp_path / name / "meta.json").write_text(json.dumps({"stage": name, "accuracy": accuracy}))
     (tmp_path / "recipe.json").write_text(json.dumps({"stage2": {"start_from": "icl"}}))
     assert "| Stage I r2: icl-ft (M_plus) | 50.00      |" in report(tmp_path, plot=False)
+    shutil.rmtree(tmp_path / "26_eval_stage1_r2_icl")  # round 2's model not evaluated yet: round 1's is not M_plus
+    (tmp_path / "23_eval_stage1_r1_icl").mkdir()
+    (tmp_path / "23_eval_stage1_r1_icl" / "meta.json").write_text(json.dumps({"stage": "x", "accuracy": 0.3}))
+    text = report(tmp_path, plot=False)
+    assert "| Stage I r1: icl-ft " in text and "M_plus" not in text
 
 
 def test_rounds_add_fixed_rows_that_start_from_the_previous_round(tmp_path):

@@ -50,16 +50,17 @@ def spread(values):
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0, values
 
 
-def m_plus_method(methods, start_from="hybrid"):
-    """The method whose model is M_plus, the model Stage II starts from: the last Stage I round's model of the set
-    [stage2] start_from names (the paper's: hybrid-ft, round 2 on GSM8K, round 1 under MATH's one-round recipe)."""
-    return next((m for m in (f"stage1_r2_{start_from}", f"stage1_r1_{start_from}") if m in methods), None)
+def m_plus_method(methods):
+    """M_plus's method when the recipe is not at hand (hand-made metas): the paper's, the hybrid-ft model of the last
+    Stage I round evaluated (round 2 on GSM8K, round 1 under MATH's one-round recipe). report.run_m_plus reads a
+    run's recipe instead."""
+    return next((m for m in ("stage1_r2_hybrid", "stage1_r1_hybrid") if m in methods), None)
 
 
-def accuracy_rows(accuracies, start_from="hybrid"):
+def accuracy_rows(accuracies, m_plus=None):
     """[(group, colour, label, spread of accuracy %)] of the methods evaluated in any run, in display order, M_plus
-    marked (m_plus_method)."""
-    m_plus = m_plus_method({m for acc in accuracies for m in acc}, start_from)
+    (the method m_plus, or m_plus_method's) marked."""
+    m_plus = m_plus or m_plus_method({m for acc in accuracies for m in acc})
     rounds = [(m, f"{loss.upper()} round {r}") for m, loss, r in stage2_rounds(m for acc in accuracies for m in acc)]
     rows = []
     for group, colour, methods in GROUPS[:-1] + [(*GROUPS[-1][:2], GROUPS[-1][2] + rounds)]:
@@ -184,9 +185,9 @@ def _draw_selection(ax, bars):
     ax.set_xlabel("precision vs train_2 gold (%)\nof the labels; of the pairs' chosen answers", fontsize=9)
 
 
-def plot_report(path, accuracies, metas, title, start_from="hybrid"):
+def plot_report(path, accuracies, metas, title, m_plus=None):
     """Draw the figure for one run or several (one accuracy dict and one {stage: meta} dict per run) into path;
-    start_from: their recipes' [stage2] start_from. -> path, or None without matplotlib."""
+    m_plus: the method their recipes make M_plus (report.run_m_plus). -> path, or None without matplotlib."""
     try:
         import matplotlib
 
@@ -195,7 +196,7 @@ def plot_report(path, accuracies, metas, title, start_from="hybrid"):
     except ImportError:
         print(f"(no plot: pip install matplotlib to get {path})")
         return None
-    fig = figure(plt, accuracies, metas, title, start_from)
+    fig = figure(plt, accuracies, metas, title, m_plus)
     tmp = unique_temp_path(path)
     try:  # through a temp file, so that a report being redrawn never leaves half a figure
         fig.savefig(tmp, dpi=150, format=Path(path).suffix.lstrip(".") or "png")
@@ -206,9 +207,9 @@ def plot_report(path, accuracies, metas, title, start_from="hybrid"):
     return path
 
 
-def figure(plt, accuracies, metas, title, start_from="hybrid"):
+def figure(plt, accuracies, metas, title, m_plus=None):
     """The matplotlib Figure of plot_report (tests inspect where its texts landed)."""
-    rows = accuracy_rows(accuracies, start_from)
+    rows = accuracy_rows(accuracies, m_plus)
     floor = spread([100 * a["weak_floor"] if "weak_floor" in a else None for a in accuracies])
     ceiling = spread([100 * a["ceiling"] if "ceiling" in a else None for a in accuracies])
     bars = selection_bars(metas)

@@ -42,10 +42,10 @@ METHODS = [
 ]
 
 
-def method_labels(acc, start_from="hybrid"):
-    """[(method, label)] of the evaluated methods in display order, M_plus (the model Stage II starts from: the last
-    Stage I round's model of [stage2] start_from, the paper's hybrid-ft) marked."""
-    m_plus = m_plus_method(acc, start_from)
+def method_labels(acc, m_plus=None):
+    """[(method, label)] of the evaluated methods in display order, M_plus (the model Stage II starts from: the method
+    m_plus, from run_m_plus; else plot.m_plus_method's) marked."""
+    m_plus = m_plus or m_plus_method(acc)
     labels = [(m, label + (" (M_plus)" if m == m_plus else "")) for m, label in METHODS if m in acc]
     # Stage II rounds >= 2 after the paper's rows, before the ceiling
     at = next((i for i, (m, _) in enumerate(labels) if m == "ceiling"), len(labels))
@@ -129,6 +129,15 @@ def run_recipe_section(run_dir, section="data"):
     """A section of the run's recipe (recipe.json), or {} (no recipe.json: hand-made metas)."""
     recipe = Path(run_dir) / "recipe.json"
     return read_json_object(recipe).get(section, {}) if recipe.is_file() else {}
+
+
+def run_m_plus(run_dir):
+    """The method whose model the run's recipe makes M_plus: its last Stage I round's model of [stage2] start_from
+    (the paper's: hybrid-ft); None without recipe.json (hand-made metas)."""
+    if not (Path(run_dir) / "recipe.json").is_file():
+        return None
+    rounds = run_recipe_section(run_dir, "stage1").get("rounds", 2)
+    return f"stage1_r{rounds}_{run_recipe_section(run_dir, 'stage2').get('start_from', 'hybrid')}"
 
 
 def run_grader(run_dir):
@@ -282,9 +291,9 @@ def write_report(run_dir, plot=True):
     grader = run_grader(run_dir)
     acc = method_accuracies(metas, grader)
     gold = not without_gold(run_dir, metas)
-    start_from = run_recipe_section(run_dir, "stage2").get("start_from", "hybrid")
+    m_plus = run_m_plus(run_dir)
     labels = [(m, NO_GOLD_WEAK_LABEL if m == "weak_floor" and not gold else label)
-              for m, label in method_labels(acc, start_from)]
+              for m, label in method_labels(acc, m_plus)]
     passk = [(name.split("_passk_", 1)[1], _passes(_under(meta, "pass_by_grader", grader) or meta),
               "; ".join(f"{g}: {_passes(p)}" for g, p in meta.get("pass_by_grader", {}).items()) or "-")
              for name, meta in metas.items() if "_passk_" in name]
@@ -324,6 +333,6 @@ def write_report(run_dir, plot=True):
     write_atomic(run_dir / "report.md", text)
     written = [run_dir / "report.md"]
     if plot and labels:
-        written += [p for p in [plot_report(run_dir / "report.png", [acc], [metas], run_dir.name, start_from)] if p]
+        written += [p for p in [plot_report(run_dir / "report.png", [acc], [metas], run_dir.name, m_plus)] if p]
     return text, written
 
