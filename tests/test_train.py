@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from hf_tiny import COMMON, hf_model  # noqa: E402
 
 import w2s  # noqa: E402
-from w2s import data, loss_steps, profile, reference, train  # noqa: E402
+from w2s import data, loss_steps, profile, reference_logps, train  # noqa: E402
 from w2s.files import read_jsonl  # noqa: E402
 from w2s.lora import TARGETS, LoRALinear, inject_lora, lora_scale, merge_lora_state_dict  # noqa: E402
 from w2s.train import TrainConfig, train_preference, train_sft  # noqa: E402
@@ -418,8 +418,9 @@ def test_reference_logps_are_cached_and_reused(ckpt, tmp_path, monkeypatch):
     path, _ = ckpt
     pairs = id_pairs(4, seed=8)
     calls = []
-    compute = reference.compute_reference_logps
-    monkeypatch.setattr(reference, "compute_reference_logps", lambda *a, **k: calls.append(1) or compute(*a, **k))
+    compute = reference_logps.compute_reference_logps
+    monkeypatch.setattr(reference_logps, "compute_reference_logps",
+                        lambda *a, **k: calls.append(1) or compute(*a, **k))
     c = cfg(max_steps=1)
     _, first = records(train_preference, load(path), None, pairs, c, out_dir=tmp_path, loss="dpo")
     assert len(calls) == 1 and (tmp_path / "ref_logps.pt").is_file()

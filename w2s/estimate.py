@@ -371,8 +371,8 @@ def host_memory(cfg, tc, dtype_bytes, world, adapter=0, tp_out=1, merged=False, 
     setup: checkpoint.load_for_training reads the whole model on rank 0 in the recipe's dtype (the other ranks
       build it on the meta device); an adapter arrives in fp32 (lora.read_adapter) and is copied into fp32 LoRA
       layers (lora.attach_adapter), both alive for a moment. train.Trainer._build_module fingerprints the weights
-      for the reference cache (reference.model_fingerprint: .double() and .square() of each tensor, two fp64 copies
-      of the largest), casts a fully fine-tuned model to fp32 (model.float(): 4 bytes a parameter; LoRA keeps the
+      for the reference cache (reference_logps.model_fingerprint: .double() and .square() of each tensor, two fp64
+      copies of the largest), casts a fully fine-tuned model to fp32 (model.float(): 4 bytes a parameter; LoRA keeps the
       base's dtype and adds fp32 adapters) and holds that state_dict until parallel.fill_from_rank0 has broadcast
       it, one tensor at a time through the GPU (torch's _broadcast_state_dict); fully_shard moves the weights block
       by block to the GPU, or with cpu_offload keeps this rank's shards in host memory.

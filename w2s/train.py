@@ -38,7 +38,7 @@ gradient norm (checked every step, before the update) or loss (log steps) stops 
 
 DPO/IPO need log ref(y|x) of the initial weights: one no-grad pass before training computes them for every pair,
 cached in out_dir/ref_logps.pt under a hash of the tokenized pairs and the model weights, so the reference model
-is never resident during training and a rerun or resume reuses them (w2s/reference.py).
+is never resident during training and a rerun or resume reuses them (w2s/reference_logps.py).
 
 Precision: master weights and optimizer state are fp32. On GPU, FSDP2 computes in bf16 and reduces gradients in
 fp32 (also on a single GPU, through a 1-rank group); a single CPU process runs plain fp32 without FSDP.
@@ -80,7 +80,7 @@ from w2s.parallel import (
     reshard_all,
     shard_model,
 )
-from w2s.reference import model_fingerprint, reference_logps
+from w2s.reference_logps import model_fingerprint, reference_logps
 from w2s.train_config import TrainConfig
 
 # ---------------------------------------------------------------------------------------------- schedule, flops
