@@ -91,7 +91,7 @@ def main(argv=None):
     from w2s.sampling import check_distribution
     from w2s.sampling_jsonl import check_run_meta, generate_to_jsonl, write_run_meta
     from w2s.stages.metrics import evaluation_result
-    from w2s.tasks import STOP_STRINGS, get_grader, load_records, zero_shot_prompt
+    from w2s.tasks import STOP_STRINGS, get_grader, load_records, stored_response, zero_shot_prompt
 
     # Read the data (and fail on a bad line, an uninstalled grader or a NaN temperature) before the model is loaded.
     if args.samples > 1:
@@ -129,10 +129,12 @@ def main(argv=None):
     if not is_main():
         return None
     results = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    # each response kept as the pipeline keeps it (its eval stages grade the same text)
     if args.samples == 1:
-        rows = [{"id": r["id"], "response": r["completions"][0]["text"]} for r in results]
+        rows = [{"id": r["id"], "response": stored_response(r["completions"][0]["text"], args.task)} for r in results]
     else:
-        rows = [{"id": r["id"], "samples": [{"response": c["text"]} for c in r["completions"]]} for r in results]
+        rows = [{"id": r["id"], "samples": [{"response": stored_response(c["text"], args.task)}
+                                            for c in r["completions"]]} for r in results]
     truncated = sum(c["finish_reason"] == "length" for r in results for c in r["completions"])
     result = {"checkpoint": str(args.checkpoint), "test_file": str(args.test_file), "n_questions": len(rows),
               "n_truncated": truncated,

@@ -95,6 +95,27 @@ def test_the_normalizer_is_the_authors_substring_list():
     assert paper_extract("  ..#### 3..  ", "####") == "3"  # dots stripped at both ends, after the whitespace
 
 
+@pytest.mark.parametrize("raw, task, expected", [
+    ("#### 72. .", "gsm8k", "72."),  # saved as "#### 72. ": the evaluation strips the space and reads "72."
+    ("#### 72.\n.", "gsm8k", "72."),
+    ("#### 72.", "gsm8k", "72"),  # saved as "#### 72"
+    ("The answer is: \\frac{1}{2}. .", "math", "\\frac{1}{2}."),
+])
+def test_a_response_is_cleaned_once_when_saved_and_read_as_saved(raw, task, expected):
+    # The authors' inference script saves response.strip().strip("."); their evaluation reads that saved text and
+    # strips whitespace only. Grading the raw completion and grading the kept one (labels.jsonl, evaluate.py) agree.
+    from w2s.runners import with_answers
+    from w2s.stages.metrics import evaluation_result
+    from w2s.tasks import stored_response
+
+    g, kept = paper(task), stored_response(raw, task)
+    assert g.answer(raw) == g.answer(kept, stored=True) == expected
+    assert with_answers([{"id": 1, "response": kept}], g)[0]["answer"] == expected
+    gold = expected.rstrip(".")  # a kept "." makes the answer wrong
+    result = evaluation_result([{"id": 1, "response": kept}], [{"id": 1, "answer": gold}], task, grader="paper")
+    assert result["accuracy"] == float(expected == gold)
+
+
 def test_graders_by_name_and_their_errors():
     assert available_graders("gsm8k")[:2] == ("paper", "equivalence")
     assert get_grader("math", "paper") is get_grader("math", "paper")

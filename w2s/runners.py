@@ -195,11 +195,12 @@ def train_2_comparisons(ctx):
 
 
 def with_answers(rows, grade):
-    """Label rows with the answer `grade` (a grader) reads from each response (samples too); the rows are copied."""
+    """Label rows with the answer `grade` (a grader) reads from each stored response (samples too); the rows are
+    copied."""
     if rows and "samples" in rows[0]:
-        return [row | {"samples": [s | {"answer": grade.answer(s["response"])} for s in row["samples"]]}
+        return [row | {"samples": [s | {"answer": grade.answer(s["response"], stored=True)} for s in row["samples"]]}
                 for row in rows]
-    return [row | {"answer": grade.answer(row["response"])} for row in rows]
+    return [row | {"answer": grade.answer(row["response"], stored=True)} for row in rows]
 
 
 def gold_precision(ctx, records):
@@ -566,7 +567,7 @@ def run_grpo(ctx, out, init):
     "vote_or_weak"; w2s/grpo.py) -> out/model. Reads questions and weak responses, never train_2 gold."""
     r, grade = ctx.recipe, grader(ctx)
     questions = [{"id": i, "prompt": prompt} for i, prompt in train_2_prompts(ctx).items()]
-    weak = {w["id"]: grade.answer(w["response"]) for w in labels(ctx, "02_weak_labels")}
+    weak = {w["id"]: grade.answer(w["response"], stored=True) for w in labels(ctx, "02_weak_labels")}
     last = {}  # the last logged record: the final reward and its spread
 
     def train(model, tok, cfg, **options):

@@ -234,7 +234,8 @@ def evaluation_result(rows: list[dict], test: list[dict], task: str, grader: str
                       per_question: bool = False) -> dict:
     """The result of one evaluation on the test records {"id", "answer", "level"?}, under every available grader.
 
-    rows: {"id", "response"} (one greedy response each) or {"id", "samples": [{"response"}, ...]} (n samples each).
+    rows: {"id", "response"} (one greedy response each) or {"id", "samples": [{"response"}, ...]} (n samples each),
+    each response as tasks.stored_response keeps a completion (the pipeline's labels.jsonl).
     Each grader reads the answers and gold itself. The result holds, per grader, "accuracy_by_grader" (greedy; MATH
     also "accuracy_by_level_by_grader") or "pass_by_grader" {"pass@1", "pass@n", "maj@n"} (samples; maj@n: the
     majority answer of a question's n samples, voted under that grader, is correct), "no_answer_by_grader"
@@ -282,12 +283,13 @@ def _graded(rows: list[dict], test: list[dict], grader) -> dict:
     gold = {record["id"]: grader.gold(record["answer"]) for record in test}
     same = per_question(grader, {record["id"]: record for record in test})
     if "samples" in rows[0]:
-        samples = {row["id"]: [{"answer": grader.answer(s["response"])} for s in row["samples"]] for row in rows}
+        samples = {row["id"]: [{"answer": grader.answer(s["response"], stored=True)} for s in row["samples"]]
+                   for row in rows}
         records = [s for ss in samples.values() for s in ss]
         correct = sample_verdicts(samples, gold, same_for=same)
         maj = majority_accuracy(samples, gold, same_for=same)
     else:
-        records, maj = [{"id": row["id"], "answer": grader.answer(row["response"])} for row in rows], None
+        records, maj = [{"id": row["id"], "answer": grader.answer(row["response"], stored=True)} for row in rows], None
         correct = {r["id"]: [v] for r, v in zip(records, verdicts(records, gold, same_for=same))}
     answers = ({qid: [s["answer"] for s in ss] for qid, ss in samples.items()} if "samples" in rows[0]
                else {r["id"]: [r["answer"]] for r in records})

@@ -13,7 +13,10 @@ named `olympicarena` here), whose comparison depends on the question's answer ty
 The interface, the same for every grader (and for the task judges that come later):
 
     grader.name
-    grader.answer(response) -> str     the normalized final answer of a model response, "" when it has none
+    grader.answer(response, stored=False) -> str
+                                       the normalized final answer of a model response, "" when it has none;
+                                       stored=True: the response as tasks.stored_response keeps it (labels.jsonl),
+                                       so the paper grader does not strip its "." a second time
     grader.gold(answer_text) -> str    the normalized gold answer of a dataset answer field, or of a full gold
                                        solution / SFT target (then the text after its last marker; gold texts are
                                        never cut at "Question", which some of them use as a word)
@@ -64,8 +67,8 @@ class PaperGrader:
     def __init__(self, task: str):
         self.task, self.marker = task, MARKERS[task]
 
-    def answer(self, response: str) -> str:
-        return minerva_normalize(paper_extract(response, self.marker))
+    def answer(self, response: str, stored: bool = False) -> str:
+        return minerva_normalize(paper_extract(response, self.marker, stored))
 
     def gold(self, answer_text: str) -> str:
         return minerva_normalize(gold_text(answer_text, self.task))
@@ -80,7 +83,7 @@ class EquivalenceGrader:
     def __init__(self, task: str):
         self.task = task
 
-    def answer(self, response: str) -> str:
+    def answer(self, response: str, stored: bool = False) -> str:  # its reading ignores "." at the ends either way
         return grading.final_answer(response, self.task)
 
     def gold(self, answer_text: str) -> str:
@@ -103,7 +106,7 @@ class MathVerifyGrader:
     def __init__(self, task: str):
         self.task = task
 
-    def answer(self, response: str) -> str:
+    def answer(self, response: str, stored: bool = False) -> str:  # its reading ignores "." at the ends either way
         text, marker = response.split("Question", 1)[0], MARKERS[self.task]
         if marker in text:
             line = text.rsplit(marker, 1)[1].strip().split("\n", 1)[0].strip().rstrip(".").strip()
@@ -155,7 +158,7 @@ class OlympicJudgeGrader:
 
         self.task, self.judge = task, olympic_judge
 
-    def answer(self, response: str) -> str:
+    def answer(self, response: str, stored: bool = False) -> str:  # OlympicArena's stored text keeps its "."
         return self.judge.answer(response)
 
     def gold(self, answer_text) -> str:

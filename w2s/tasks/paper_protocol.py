@@ -5,7 +5,7 @@ Read off `src/inference.py`, `src/eval/evaluation.py`, `src/eval/math_normalizat
 `src/prompt/demonstrations.py` of GAIR-NLP/weak-to-strong-reasoning; written here from those rules, not copied.
 Nothing in this file is lenient on purpose: its accuracies, kept fractions and pair counts are on the paper's scale.
 
-    paper_extract(response, marker)   the raw final answer of a model response ("" when there is none)
+    paper_extract(response, marker, stored=False)   the raw final answer of a model response ("" when none)
     minerva_normalize(answer)         the authors' Minerva-style normalizer, for prediction and gold alike
     draw_demos(records, eligible, k, seed)   the authors' draw of the few-shot demonstrations (all three tasks)
 
@@ -34,16 +34,18 @@ def _last_line_capture(marker: str, text: str) -> str:
     return m.group(1) if (m := re.search(re.escape(marker) + r" (.*)$", text)) else ""
 
 
-def paper_extract(response: str, marker: str) -> str:
+def paper_extract(response: str, marker: str, stored: bool = False) -> str:
     """The final answer of a model response under the authors' rules, before normalization ("" if none).
 
-    1. strip whitespace, then "." at both ends (once: the inference script's cleaning);
+    1. strip whitespace, then "." at both ends: the inference script's cleaning when it saves a response, done once.
+       A stored response (tasks.stored_response, which is that cleaning) is only stripped of whitespace, as the
+       evaluation script reads a saved one: "#### 72. ." is saved as "#### 72. " and reads "72.", not "72";
     2. keep what precedes the first "Question" (a new example the model started), stripped again;
     3. "{marker} (.*)$" on the last line; failing that, "The answer is (.*)$" on the last line with commas deleted
        and only its first number kept (a trailing "." dropped); failing that, "" (no last-number fall-back);
     4. an answer containing "</s>" loses its last four characters (EOS printed as text).
     """
-    text = response.strip().strip(".")
+    text = response.strip() if stored else response.strip().strip(".")
     if "Question" in text:
         text = text.split("Question", 1)[0]
     text = text.strip()
