@@ -408,6 +408,10 @@ def test_same_for_a_question(tmp_path):
     two = {"answer_type": "MPV", "type_sequence": ["NV", "NV"], "answer": ["1,000", "5"]}
     assert judge.grade("The final answer is $\\boxed{1000, 5}$", two)
     assert not judge.grade("The final answer is $\\boxed{1, 000, 5}$", two)
+    # A gold answer is normalized once and a prediction twice, as OlympicArena does: a doubled \text{} keeps one.
+    nested = {"answer_type": "SV", "type_sequence": [], "answer": ["\\text{\\text{a}}"]}
+    assert judge.gold(nested["answer"]) == "\\text{a}" and judge.answer("$\\boxed{\\text{\\text{a}}}$") == "a"
+    assert not judge.grade("The final answer is $\\boxed{a}$", nested)
 
 
 def test_judge_is_bounded_in_time_and_size(monkeypatch, caplog):

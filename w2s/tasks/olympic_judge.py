@@ -342,7 +342,7 @@ def _as_gold(b: str, record: dict):
     else:
         several = bool(record.get("type_sequence")) or record.get("answer_type") in ("SET", "MC", "MPV", "MA")
     if not several:
-        return normalize(b)
+        return b  # normalized once already, as OlympicArena normalizes a gold answer (a prediction: twice)
     if answers and b == gold(answers):  # the record's own gold: its parts as listed (a part may hold a comma),
         return tuple(answers)  # not normalized (the judges of several parts normalize them; the others do not)
     return tuple(normalize(part) for part in split_by_comma(b))
