@@ -42,6 +42,40 @@ def test_read_jsonl_broken_line_is_one_error_naming_file_and_line(tmp_path, cont
 def test_read_jsonl_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nope\.jsonl: no such file"):
         read_jsonl(tmp_path / "nope.jsonl")
+    with pytest.raises(ValueError, match=r": is a directory, expected a jsonl file"):
+        read_jsonl(tmp_path)
+
+
+def test_read_jsonl_names_the_line_of_a_byte_that_is_not_utf8_and_drops_a_byte_order_mark(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"a": "\xc3\xa9"}\n{"a": 2}\n{"a": "caf\xe9"}\n')  # latin-1 on line 3
+    with pytest.raises(ValueError, match=r"rows\.jsonl:3: not UTF-8 \(byte 0xe9 at byte 11 of the line\)"):
+        read_jsonl(path)
+    path.write_bytes(b'\xef\xbb\xbf{"a": "\xc3\xa9"}\r\n{"a": 2}\n')
+    assert read_jsonl(path) == [{"a": "\u00e9"}, {"a": 2}]
+
+
+def test_exported_weights_get_the_permissions_of_a_plainly_created_file(tmp_path):
+    # safetensors writes through an owner-only temp file; an exported model is for whoever may read its directory
+    import torch
+
+    from w2s.checkpoint import save_model
+    from w2s.config import ModelConfig
+    from w2s.lora import Adapter, save_adapter
+    from w2s.model import Transformer
+
+    (tmp_path / "plain").write_text("x")
+    usual = stat.S_IMODE(os.stat(tmp_path / "plain").st_mode)
+    model = Transformer(ModelConfig(family="llama", vocab_size=48, dim=32, n_layers=1, n_heads=2, n_kv_heads=1,
+                                    head_dim=16, hidden_dim=64, max_seq_len=64))
+    save_model(model, tmp_path / "one")
+    save_model(model, tmp_path / "sharded", max_shard_bytes=2048)
+    shards = sorted((tmp_path / "sharded").glob("model-*.safetensors"))
+    adapter = Adapter(rank=2, alpha=4, base=None, targets=("q_proj",),
+                      tensors={"layers.0.self_attn.q_proj": (torch.zeros(2, 32), torch.zeros(32, 2))})
+    save_adapter(tmp_path / "adapter", adapter)
+    files = [tmp_path / "one" / "model.safetensors", *shards, tmp_path / "adapter" / "adapter_model.safetensors"]
+    assert len(shards) > 1 and {stat.S_IMODE(os.stat(f).st_mode) for f in files} == {usual}
 
 
 def test_a_record_is_a_json_object_or_one_line_naming_it(tmp_path):

@@ -38,7 +38,7 @@ import torch
 from safetensors.torch import save_file
 
 from w2s.config import ModelConfig
-from w2s.files import read_json_object, write_atomic
+from w2s.files import read_json_object, with_usual_permissions, write_atomic
 from w2s.lora import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -405,12 +405,14 @@ def save_model(model, path, tokenizer=None, dtype=None, max_shard_bytes=5 * 2**3
     if len(shards) == 1:
         with naming_path(path / SINGLE_FILE):
             save_file(shards[0], str(path / SINGLE_FILE), metadata={"format": "pt"})
+        with_usual_permissions(path / SINGLE_FILE)
     else:
         weight_map = {}
         for i, shard in enumerate(shards):
             fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             with naming_path(path / fname):
                 save_file(shard, str(path / fname), metadata={"format": "pt"})
+            with_usual_permissions(path / fname)
             weight_map.update({name: fname for name in shard})
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}

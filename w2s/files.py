@@ -26,11 +26,18 @@ def read_jsonl(path, tag_lines=False):
     """Rows of a jsonl file, blank lines skipped. Every line must be a JSON object: anything else is a ValueError
     naming file:line (and column). tag_lines=True adds "_where": "file:line" to each row, for later row errors."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory, expected a jsonl file")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     rows = []
-    with path.open(encoding="utf-8-sig") as f:  # -sig: a byte-order mark (an editor's) is not part of line 1
-        for line_number, line in enumerate(f, 1):
+    with path.open("rb") as f:  # bytes, decoded line by line, so that a byte that is not UTF-8 is named by its line
+        for line_number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")  # -sig: an editor's byte-order mark
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{line_number}: not UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} "
+                                 f"of the line)") from None
             if not line.strip():
                 continue
             try:
@@ -100,6 +107,23 @@ def unique_temp_path(path):
     permissions, unlike mkstemp's owner-only ones, so a run directory stays readable by a group)."""
     path = Path(path)
     return path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def _process_umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# What a plainly created file gets (rw for everyone the umask allows), read once: the umask is process-wide.
+USUAL_FILE_MODE = 0o666 & ~_process_umask()
+
+
+def with_usual_permissions(path):
+    """Give a file written through a private temp file (safetensors' save_file makes it with mkstemp: owner-only)
+    the permissions a plainly created file gets, so an exported model is readable by whoever may read its
+    directory."""
+    os.chmod(path, USUAL_FILE_MODE)
 
 
 # The temp files of a write killed before its rename: unique_temp_path's, and the hidden ".tmpXXXXXX" that

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from w2s.files import unique_temp_path, write_atomic
+from w2s.files import unique_temp_path, with_usual_permissions, write_atomic
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_CONFIG = "adapter_config.json"
@@ -214,6 +214,7 @@ def save_adapter(path, adapter: Adapter, tokenizer=None):
     tmp = unique_temp_path(path / ADAPTER_WEIGHTS)
     try:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
+        with_usual_permissions(tmp)
         os.replace(tmp, path / ADAPTER_WEIGHTS)
     finally:
         tmp.unlink(missing_ok=True)
