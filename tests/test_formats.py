@@ -215,9 +215,18 @@ def test_bad_rows_name_the_expected_keys(tok, capsys):
                                     "response, or prompt_ids + response_ids; got ['answer', 'question']")
     assert reasons["d.jsonl:2"].startswith("no assistant message to learn from")
     assert reasons["d.jsonl:3"] == "'messages'[0] is not a {\"role\": str, \"content\": str} message"
-    assert reasons["d.jsonl:4"].startswith("empty or missing 'response'; expected the keys messages, prompt + comp")
-    assert reasons["d.jsonl:5"] == "empty or missing 'completion'"
+    assert reasons["d.jsonl:4"].startswith("missing 'response'; expected the keys messages, prompt + comp")
+    assert reasons["d.jsonl:5"] == "empty 'completion'"
     assert "skipped 5 of 6 rows" in capsys.readouterr().err
+    # A key of the wrong type is said to be one, not to be missing.
+    wrong = [{"prompt": "q", "completion": 5, "_where": "d.jsonl:6"},
+             {"prompt": "q", "response": None, "_where": "d.jsonl:7"}]
+    assert dict(data.encode_sft_rows(tok, wrong, max_seq_len=256, verbose=False)[2]) == {
+        "d.jsonl:6": "'completion' must be a string, got int", "d.jsonl:7": "'response' must be a string, got null"}
+    pairs = [{"prompt": "q", "chosen": "a", "rejected": 3, "_where": "d.jsonl:8"},
+             {"prompt": "q", "rejected": "b", "_where": "d.jsonl:9"}]
+    assert dict(data.encode_pair_rows(tok, pairs, max_seq_len=256, verbose=False)[2]) == {
+        "d.jsonl:8": "'rejected' must be a string, got int", "d.jsonl:9": "missing 'chosen'"}
 
     pairs = [{"prompt": [USER], "chosen": [REPLY], "rejected": [REPLY], "_where": "p.jsonl:1"},
              {"question": "q", "_where": "p.jsonl:2"},

@@ -522,10 +522,10 @@ def test_bad_rows_are_skipped_with_their_location_or_stop_the_run(capsys):
     assert kept == [0, 3] and len(examples) == 2
     assert [loc for loc, _ in bad] == ["sft.jsonl:2", "sft.jsonl:3"]
     err = capsys.readouterr().err
-    assert "skipped sft.jsonl:2: empty or missing 'response'" in err
+    assert "skipped sft.jsonl:2: empty 'response'" in err
     assert "skipped sft.jsonl:3: sequence of 20 tokens is longer than max_seq_len=16" in err
     assert "skipped 2 of 4 rows" in err
-    with pytest.raises(ValueError, match=r"^sft\.jsonl:2: empty or missing 'response'"):
+    with pytest.raises(ValueError, match=r"^sft\.jsonl:2: empty 'response'"):
         data.encode_sft_rows(None, rows, max_seq_len=16, bad_rows="error")
 
     pairs = [{"prompt_ids": [5], "chosen_ids": [7, 8], "rejected_ids": [7, 8], "_where": "pairs.jsonl:1"},
@@ -638,7 +638,7 @@ def test_sft_script_trains_exports_and_reports_bad_lines(text_ckpt, tmp_path):
               "--max-steps", 2, "--lr", 1e-3, "--no-progress"]
     proc = _script("sft.py", "--data", data_file, *common)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"skipped {data_file}:3: empty or missing 'response'" in proc.stderr
+    assert f"skipped {data_file}:3: missing 'response'; expected the keys" in proc.stderr
     assert "skipped 1 of 5 rows" in proc.stderr
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     hf = AutoModelForCausalLM.from_pretrained(out)
@@ -705,6 +705,36 @@ def test_dpo_script_refuses_a_zero_beta_and_a_missing_model_or_tokenizer_before_
     (tmp_path / "no_model" / "config.json").write_text("{}")  # no weights and no tokenizer: the tokenizer is first
     proc = _script("dpo.py", "--model", tmp_path / "no_model", "--data", pairs, "--out", tmp_path / "out")
     assert proc.returncode == 2 and "tokenizer" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_rows_are_read_before_the_weights_and_a_ctrl_c_is_one_line(text_ckpt, tmp_path, capsys):
+    import shutil
+
+    from w2s import train_cli
+
+    no_weights = tmp_path / "no_weights"  # config and tokenizer only: loading the weights would fail
+    shutil.copytree(text_ckpt, no_weights, ignore=shutil.ignore_patterns("*.safetensors"))
+    bad = _write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "rejected": "b"}, {"prompt": "q", "chosen": 3,
+                                                                                   "rejected": "b"}])
+    proc = _script("dpo.py", "--model", no_weights, "--data", bad, "--out", tmp_path / "out")
+    assert (proc.returncode, proc.stderr.strip()) == (
+        2, f"error: {bad}: none of the 2 rows is usable (the first: {bad}:1: missing 'chosen')")
+    proc = _script("dpo.py", "--model", no_weights, "--data", bad, "--out", tmp_path / "out", "--bad-rows", "error")
+    assert (proc.returncode, proc.stderr.strip()) == (
+        2, f"error: {bad}:1: missing 'chosen' (bad_rows='error'; use 'skip' to drop such rows)")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    good = _write_jsonl(tmp_path / "good.jsonl", [{"prompt": "p", "response": "r"}])
+    for extra, said in (([], "interrupted: nothing to resume from (--ckpt-every 0): the same command starts over"),
+                        (["--ckpt-every", "5"], f"interrupted: the training state saved every 5 steps is kept in "
+                                                f"{tmp_path / 'o'}/ckpt; the same command resumes from it")):
+        args = train_cli.parser("", "").parse_args(["--model", str(text_ckpt), "--data", str(good), "--out",
+                                                    str(tmp_path / "o"), *extra])
+        with pytest.raises(SystemExit) as exit_:
+            train_cli.run(interrupted, data.encode_sft_rows, args)
+        assert exit_.value.code == 130 and capsys.readouterr().err.strip() == said
 
 
 def test_jsonl_rows_and_impossible_configs_get_one_line_errors(tmp_path):

@@ -155,9 +155,17 @@ def encode_chat(tokenizer, messages, first_trained=0):
     return Example(tokens, spans[0][0] if spans else len(tokens), spans=spans)
 
 
-def _text(row, key):
+def _text(row, key, hint=""):
+    """row[key] as a non-blank string, else BadRow saying which: missing (then `hint`), not a string, or empty."""
     value = row.get(key)
-    return value if isinstance(value, str) and value.strip() else None
+    if isinstance(value, str) and value.strip():
+        return value
+    if key not in row:
+        raise BadRow(f"missing '{key}'{hint}")
+    if not isinstance(value, str):
+        got = "null" if value is None else type(value).__name__
+        raise BadRow(f"'{key}' must be a string, got {got}")
+    raise BadRow(f"empty '{key}'")
 
 
 def is_token_id(t):
@@ -226,9 +234,7 @@ def sft_example(tokenizer, row):
     if not isinstance(prompt, str):
         raise BadRow("'prompt' must be a string (or, with a list of messages as completion, a list of messages)")
     key = "completion" if "completion" in row else "response"
-    text = _text(row, key)
-    if text is None:
-        raise BadRow(f"empty or missing '{key}'" + ("" if key in row else f"; expected the keys {SFT_KEYS}"))
+    text = _text(row, key, hint=f"; expected the keys {SFT_KEYS}")
     return encode_response(tokenizer, prompt, text, sep="" if key == "completion" else " ")
 
 
@@ -302,8 +308,6 @@ def pair_example(tokenizer, row):
         raise BadRow(f"missing 'prompt' (expected a string or a list of messages); expected the keys {PAIR_KEYS}; "
                      f"got {sorted(k for k in row if k != '_where')}")
     chosen, rejected = _text(row, "chosen"), _text(row, "rejected")
-    if chosen is None or rejected is None:
-        raise BadRow("empty or missing 'chosen' / 'rejected'")
     if chosen.strip() == rejected.strip():
         raise BadRow("chosen == rejected (the pair carries no preference)")
     return Pair(encode_response(tokenizer, row["prompt"], chosen), encode_response(tokenizer, row["prompt"], rejected))

@@ -165,8 +165,36 @@ def remove_model_files(files):
         shutil.rmtree(f) if f.is_dir() and not f.is_symlink() else f.unlink(missing_ok=True)
 
 
-def run(train, args, **kwargs):
-    """Load model, tokenizer and rows, train (exports to --out); bad input ends in one line on stderr, exit 2."""
+def check_rows_before_loading(encode_rows, tokenizer, rows, cfg, args):
+    """The rows read as the trainer will read them, before the weights load (minutes for a 70B model): bad_rows
+    'error' stops at the first bad row, and a file without a usable row is refused. The trainer encodes them again
+    and reports every skipped row."""
+    from w2s.config import ModelConfig
+    from w2s.lora import adapter_base_dir, read_adapter
+
+    adapter = read_adapter(args.model, tensors=False)
+    config_dir = adapter_base_dir(args.model, adapter) if adapter is not None else args.model
+    vocab_size = ModelConfig.from_pretrained(config_dir).vocab_size
+    items, _, skipped = encode_rows(tokenizer, rows, cfg.max_seq_len, cfg.bad_rows, verbose=False,
+                                    vocab_size=vocab_size)
+    if not items:
+        where, reason = skipped[0]
+        raise ValueError(f"{args.data}: none of the {len(rows)} rows is usable (the first: {where}: {reason})")
+
+
+def interrupted_line(cfg, out):
+    """What a Ctrl-C leaves behind and how to go on."""
+    if cfg is None:
+        return "interrupted before training started"
+    if cfg.ckpt_every:
+        return (f"interrupted: the training state saved every {cfg.ckpt_every} steps is kept in {out}/ckpt; the same "
+                f"command resumes from it")
+    return "interrupted: nothing to resume from (--ckpt-every 0): the same command starts over"
+
+
+def run(train, encode_rows, args, **kwargs):
+    """Load model, tokenizer and rows, train (exports to --out); bad input ends in one line on stderr, exit 2, and a
+    Ctrl-C in one line, exit 130."""
     import torch.distributed as dist
 
     import w2s
@@ -177,6 +205,7 @@ def run(train, args, **kwargs):
     from w2s.tracking import check_trackers
     from w2s.train_config import config_from_args
 
+    cfg = None
     try:
         cfg = config_from_args(args)
         if "loss" in kwargs:  # DPO and IPO need beta > 0: say so before the model loads
@@ -192,6 +221,7 @@ def run(train, args, **kwargs):
             raise ValueError(f"--model {args.model}: no such directory (expected a Hugging Face checkpoint)")
         old_model = finished_model_files(out, Path(args.model), args.overwrite)
         tokenizer = w2s.load_tokenizer(tokenizer_dir(args.model))  # a missing one is known before the weights load
+        check_rows_before_loading(encode_rows, tokenizer, rows, cfg, args)
         dtype = resolve_dtype(args, log=print if rank() == 0 else lambda *a: None)
         # under torchrun only rank 0 reads the weights; the others get their FSDP shards from it
         model = load_for_training(args.model, dtype=dtype)
@@ -202,6 +232,9 @@ def run(train, args, **kwargs):
     except (ValueError, OSError) as e:  # bad input, a nan loss, a full disk or a permission error: one line
         say_error(f"error: {e}")
         sys.exit(2)
+    except KeyboardInterrupt:
+        say_error(interrupted_line(cfg, args.out))
+        sys.exit(130)
     except RuntimeError as e:  # a rank left behind when another failed: one line, not a traceback from each
         if not (line := lost_peer_line(e)):
             raise
@@ -213,19 +246,21 @@ def run(train, args, **kwargs):
 
 
 def sft_main(argv=None):
+    from w2s.data import encode_sft_rows
     from w2s.train import train_sft
     from w2s.train_config import PREFERENCE_ONLY
 
     # beta, the NLL term's weight and ORPO's NLL convention are the preference losses': SFT ignores them
     args = parser(SFT_HELP, SFT_BAD_ROWS, skip=PREFERENCE_ONLY).parse_args(argv)
-    run(train_sft, args)
+    run(train_sft, encode_sft_rows, args)
 
 
 def preference_main(argv=None):
+    from w2s.data import encode_pair_rows
     from w2s.losses import PREFERENCE_LOSSES
     from w2s.train import train_preference
 
     p = parser(PREFERENCE_HELP, PREFERENCE_BAD_ROWS)
     p.add_argument("--loss", choices=PREFERENCE_LOSSES, default="dpo", help="preference loss (default: dpo)")
     args = p.parse_args(argv)
-    run(train_preference, args, loss=args.loss)
+    run(train_preference, encode_pair_rows, args, loss=args.loss)
