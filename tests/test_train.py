@@ -307,6 +307,36 @@ def test_resume_gives_the_same_losses_and_weights(ckpt, tmp_path, kind):
     assert steps == [1, 2, 3, 4, 5, 6]  # the killed run's step 5 was dropped, not duplicated
 
 
+@pytest.mark.parametrize("failure", ["disk full", "ctrl-c"])
+def test_a_checkpoint_write_that_fails_is_a_disk_error_or_an_interrupt_not_dcps_wrapper(ckpt, tmp_path, monkeypatch,
+                                                                                      failure):
+    """torch.distributed.checkpoint wraps a writer's exception, a KeyboardInterrupt too, in a CheckpointException,
+    which is a BaseException: the run must still end as a full disk (one OSError naming the checkpoint) or as a
+    Ctrl-C, and the next run resumes from the last complete checkpoint."""
+    import errno
+
+    path, _ = ckpt
+    rows, c = id_rows(8, seed=3), cfg(max_steps=6, ckpt_every=2)
+    real_save = torch.save
+
+    def failing_save(obj, f, *args, **kwargs):  # DCP's file writer serializes each item with torch.save
+        if (tmp_path / "ckpt" / "step00000002").is_dir():  # the step-4 checkpoint fails
+            if failure == "ctrl-c":
+                raise KeyboardInterrupt
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(KeyboardInterrupt if failure == "ctrl-c" else OSError) as info:
+        train_sft(load(path), None, rows, c, out_dir=tmp_path)
+    if failure == "disk full":
+        assert info.value.errno == errno.ENOSPC and "writing the training checkpoint" in str(info.value)
+    monkeypatch.setattr(torch, "save", real_save)
+    log = []
+    train_sft(load(path), None, rows, c, out_dir=tmp_path, on_step=log.append)
+    assert [r["step"] for r in log] == [3, 4, 5, 6]  # from the complete step-2 checkpoint
+
+
 def test_a_fresh_start_forgets_the_old_states_and_a_torn_metrics_line_is_dropped(ckpt, tmp_path):
     """resume=False starts over: the abandoned run's newer checkpoint must not be resumed by a later rerun. A metrics
     line torn by a kill while it was appended does not stop the resume."""

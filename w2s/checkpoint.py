@@ -461,8 +461,10 @@ def save_training_state(ckpt_root, step, module, optimizer, d: Dist, meta):
     try:
         with _one_process_is_meant():
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    except Exception as e:  # DCP wraps each rank's failure; a disk-full or permission error should name the path
-        cause = _first_os_error(e)
+    except BaseException as e:  # DCP wraps each rank's failure, a Ctrl-C too, in a CheckpointException (BaseException)
+        if isinstance(e, KeyboardInterrupt) or _first_failure(e, KeyboardInterrupt) is not None:
+            raise KeyboardInterrupt from None  # what an interrupted run says and does (the half-written tmp is ignored)
+        cause = _first_failure(e, OSError)  # a disk-full or permission error: one line naming the path
         if cause is None:
             raise
         raise OSError(cause.errno, f"{cause.strerror or cause} (writing the training checkpoint {tmp})",
@@ -489,15 +491,16 @@ def _one_process_is_meant():
         yield
 
 
-def _first_os_error(e, depth=0):
-    """The OSError at the root of an exception (DCP's CheckpointException keeps each rank's failure in .failures)."""
-    if isinstance(e, OSError) or depth > 5:
-        return e if isinstance(e, OSError) else None
+def _first_failure(e, kind, depth=0):
+    """The exception of type `kind` at the root of an exception (DCP's CheckpointException keeps each rank's failure
+    in .failures), or None."""
+    if isinstance(e, kind) or depth > 5:
+        return e if isinstance(e, kind) else None
     inner = [*getattr(e, "failures", {}).values(), e.__cause__, e.__context__]
     for x in inner:
         if isinstance(x, tuple):  # (exception, traceback) pairs
             x = x[0]
-        if isinstance(x, BaseException) and (found := _first_os_error(x, depth + 1)) is not None:
+        if isinstance(x, BaseException) and (found := _first_failure(x, kind, depth + 1)) is not None:
             return found
     return None
 
