@@ -147,10 +147,14 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from w2s.parallel import say_error, sigterm_interrupts
+
+    sigterm_interrupts()
     try:
         main()
     except (ValueError, OSError) as e:  # bad input, a full disk: one line (once under torchrun), exit 2
-        from w2s.parallel import say_error
-
         say_error(f"error: {e}")
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the completions written so far are kept
+        say_error("interrupted: the completions written so far are kept; the same command resumes")
+        sys.exit(130)

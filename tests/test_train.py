@@ -767,6 +767,24 @@ def test_rows_are_read_before_the_weights_and_a_ctrl_c_is_one_line(text_ckpt, tm
         assert exit_.value.code == 130 and capsys.readouterr().err.strip() == said
 
 
+def test_a_sigterm_stops_a_run_as_a_ctrl_c_does():
+    # a scheduler's SIGTERM before it kills a job: the scripts' and `w2s run`'s Ctrl-C path says what is kept
+    import os
+    import signal
+    import time
+
+    from w2s.parallel import sigterm_interrupts
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        sigterm_interrupts()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler runs at the next bytecode boundary
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_jsonl_rows_and_impossible_configs_get_one_line_errors(tmp_path):
     good = _write_jsonl(tmp_path / "good.jsonl", [{"prompt": "p", "response": "r"}, "", {"prompt": "q"}])
     assert read_jsonl(good, tag_lines=True) == [{"prompt": "p", "response": "r", "_where": f"{good}:1"},

@@ -192,7 +192,7 @@ def run(recipe, runs, no_progress, dry_run, world_size, gpu, reuse):
     [logging] report_to = ["tensorboard"] (-> runs/<name>/tb/<stage>) or ["wandb"]. The train and test files are
     jsonl in the task's format: GSM8K {"question", "answer": "... #### N"}; MATH {"problem", "solution", ...}.
     """
-    from w2s.parallel import is_main
+    from w2s.parallel import is_main, sigterm_interrupts
     from w2s.pipeline import dry_run as plan_run
     from w2s.pipeline import run_pipeline
 
@@ -201,9 +201,10 @@ def run(recipe, runs, no_progress, dry_run, world_size, gpu, reuse):
         if is_main():  # under torchrun every rank plans (the same plan); one prints it
             click.echo(plan)
         return
+    sigterm_interrupts()
     try:
         _, _, text = run_pipeline(recipe, runs_dir=runs, progress=not no_progress, reuse=reuse)
-    except KeyboardInterrupt:  # Ctrl-C: say what is kept and how to go on, exit as a shell reports SIGINT
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: say what is kept and how to go on, exit as a shell reports SIGINT
         if is_main():
             click.echo("\ninterrupted: the finished stages are kept; the same command resumes the run", err=True)
         raise SystemExit(130) from None

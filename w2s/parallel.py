@@ -80,6 +80,20 @@ def is_main():
     return rank() == 0
 
 
+def sigterm_interrupts():
+    """Stop on a SIGTERM as on a Ctrl-C (KeyboardInterrupt), so that the caller's interrupt path says what is kept:
+    a scheduler sends SIGTERM before it kills a job (preemption, a time limit), and torchrun sends it to the other
+    ranks when one fails. Python's default is to die without a word."""
+    import signal
+    import threading
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
+        signal.signal(signal.SIGTERM, interrupt)
+
+
 def say_error(line):
     """Print `line`, the one line of an error that ends this process, once per torchrun launch: rank 0 says it, and
     each failing rank writes it to its torchrun error file, so that torchrun's failure summary names the error of

@@ -201,11 +201,12 @@ def run(train, encode_rows, args, **kwargs):
     from w2s.checkpoint import load_for_training, tokenizer_dir
     from w2s.files import read_jsonl
     from w2s.losses import check_beta
-    from w2s.parallel import lost_peer_line, rank, say_error
+    from w2s.parallel import lost_peer_line, rank, say_error, sigterm_interrupts
     from w2s.tracking import check_trackers
     from w2s.train_config import config_from_args
 
     cfg = None
+    sigterm_interrupts()
     try:
         cfg = config_from_args(args)
         if "loss" in kwargs:  # DPO and IPO need beta > 0: say so before the model loads
