@@ -125,11 +125,13 @@ def test_split_sizes_past_the_train_file_are_refused_before_the_run(tmp_path):
     rows = [json.dumps({"question": f"q{i}", "answer": f"#### {i}"}) for i in range(4)]
     for name in ("train.jsonl", "test.jsonl"):
         (tmp_path / name).write_text("\n".join(rows) + "\n")
-    recipe = _load(tmp_path, BASE.replace("[data]", "[data]\nn_train_1 = 3\nn_train_2 = 3"))
-    with pytest.raises(ValueError, match=r"r\.toml: \[data\] n_train_1 \+ n_train_2 = 3 \+ 3 but .*train\.jsonl has 4 "
-                                         r"records$"):
-        validate_inputs(recipe)  # before any stage runs, naming the recipe and the file
     from w2s.estimate import workload
+
+    recipe = _load(tmp_path, BASE.replace("[data]", "[data]\nn_train_1 = 3\nn_train_2 = 3"))
+    for check in (validate_inputs, workload):  # before any stage runs, naming the recipe and the file; the dry run too
+        with pytest.raises(ValueError, match=r"r\.toml: \[data\] n_train_1 \+ n_train_2 = 3 \+ 3 but .*train\.jsonl "
+                                             r"has 4 records$"):
+            check(recipe)
 
     recipe = _load(tmp_path, BASE.replace("[data]", "[data]\nn_test = 5"))  # refused, not taken as 4
     for check in (validate_inputs, workload):  # the run's check and the dry run's
@@ -140,6 +142,24 @@ def test_split_sizes_past_the_train_file_are_refused_before_the_run(tmp_path):
     for check in (validate_inputs, workload):  # the dry run said "max() arg is an empty sequence"
         with pytest.raises(ValueError, match=r"r\.toml: \[data\] test: .*test\.jsonl holds no records$"):
             check(recipe)
+
+
+def test_a_device_this_machine_lacks_is_refused_before_a_stage_runs(tmp_path, monkeypatch):
+    import torch
+
+    from w2s.recipe import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    recipe = _load(tmp_path, BASE + 'device = "cuda"\n')  # [models] is BASE's last section
+    with pytest.raises(ValueError, match=r"r\.toml: \[models\] device = 'cuda', but CUDA is not available here "
+                                         r"\(use \"cpu\" or \"auto\"\)$"):
+        check_device(recipe)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    check_device(_load(tmp_path, BASE + 'device = "cuda:1"\n'))
+    with pytest.raises(ValueError, match=r"device = 'cuda:2', but this machine has 2 CUDA device\(s\)$"):
+        check_device(_load(tmp_path, BASE + 'device = "cuda:2"\n'))
+    check_device(_load(tmp_path, BASE + 'device = "cpu"\n'))
 
 
 def test_grader_option(tmp_path, monkeypatch):
@@ -166,6 +186,10 @@ def test_bad_files_are_one_clear_error(tmp_path):
         _load(tmp_path, BASE.replace('train = "train.jsonl"', 'train = "missing.jsonl"'))
     with pytest.raises(ValueError, match=r"\[models\] weak: no checkpoint \(config\.json\) at .*nowhere"):
         _load(tmp_path, BASE.replace('weak = "weak"', 'weak = "nowhere"'))
+    with pytest.raises(ValueError, match=r"\[data\] train: missing: the path of a jsonl file \(`w2s data gsm8k`"):
+        _load(tmp_path, BASE.replace('train = "train.jsonl"\n', ""))
+    with pytest.raises(ValueError, match=r"\[models\] strong: missing: a checkpoint directory \(the model's"):
+        _load(tmp_path, BASE.replace('strong = "strong"\n', ""))
     with pytest.raises(ValueError, match=r"\[data\] task: expected one of gsm8k, math, got 'olympiad'"):
         _load(tmp_path, BASE.replace("[data]", "[data]\ntask = \"olympiad\""))
 

@@ -88,7 +88,7 @@ from w2s.estimate import (
 )
 from w2s.files import sha256_file, stable_hash, write_json_atomic
 from w2s.parallel import barrier, init_distributed, is_main
-from w2s.recipe import check_data_sizes, grpo_config, load_recipe, train_config, validate_inputs
+from w2s.recipe import check_data_sizes, check_device, grpo_config, load_recipe, train_config, validate_inputs
 from w2s.report import _table, report
 from w2s.runners import (
     load_questions,
@@ -522,6 +522,7 @@ def run_pipeline(recipe_path, runs_dir="runs", progress=True, log=print, plot=Tr
                              f"launch with torchrun --nproc_per_node a multiple of it (make ... NPROC=N), or set "
                              f"{key} = 1")
     validate_inputs(recipe)  # data records and checkpoints (headers, tokenizer), read as the stages will read them
+    check_device(recipe)
     if "WORLD_SIZE" in os.environ:  # torchrun: join the process group before the first collective (barrier)
         init_distributed()
     run_dir = Path(runs_dir) / recipe.name

@@ -287,8 +287,9 @@ def _check_lora_continues(r, bad):
 
 
 def check_data_sizes(recipe, train, test):
-    """Refuse an empty train (or train_2) or test file, and an n_test past the test file (the run would take fewer
-    questions than the recipe says): one line naming the recipe key and the file."""
+    """Refuse an empty train (or train_2) or test file, and an n_test or n_train_1 + n_train_2 past its file (the run
+    would take fewer questions than the recipe says): one line naming the recipe key and the file. The dry run's
+    estimate and the run's input check both call it."""
     d = recipe.data
     for key, path, records in (("train_2" if d.train_2 else "train", d.train_2 or d.train, train),
                                ("test", d.test, test)):
@@ -296,6 +297,28 @@ def check_data_sizes(recipe, train, test):
             raise ValueError(f"{recipe.path}: [data] {key}: {path} holds no records")
     if d.n_test > len(test):
         raise ValueError(f"{recipe.path}: [data] n_test = {d.n_test} but {d.test} has {len(test)} records")
+    if not d.train_2 and not d.split_file and (d.n_train_1 or d.n_train_2):  # the sizes 00_data takes (run_data)
+        n1, n2 = d.n_train_1 or len(train) // 2, d.n_train_2 or len(train) - len(train) // 2
+        if n1 + n2 > len(train):
+            raise ValueError(f"{recipe.path}: [data] n_train_1 + n_train_2 = {n1} + {n2} but {d.train} has "
+                             f"{len(train)} records")
+
+
+def check_device(recipe):
+    """Refuse a [models] device this machine lacks (cuda without CUDA, cuda:N past its GPUs) before a stage runs: the
+    first stage would train on the CPU and fail only when it moves its model to the device."""
+    import torch
+
+    device = recipe.models.device
+    if not device.startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        raise ValueError(f"{recipe.path}: [models] device = {device!r}, but CUDA is not available here (use \"cpu\" "
+                         f"or \"auto\")")
+    index = device.partition(":")[2] or "0"
+    if not index.isdigit() or int(index) >= torch.cuda.device_count():
+        raise ValueError(f"{recipe.path}: [models] device = {device!r}, but this machine has "
+                         f"{torch.cuda.device_count()} CUDA device(s)")
 
 
 def validate_inputs(recipe):
@@ -309,11 +332,6 @@ def validate_inputs(recipe):
     check_data_sizes(recipe, train, load_records(d.task, d.test))
     if d.split_file:
         load_split(d.split_file, train)
-    elif not d.train_2 and (d.n_train_1 or d.n_train_2):  # the sizes 00_data takes (w2s/runners.py run_data)
-        n1, n2 = d.n_train_1 or len(train) // 2, d.n_train_2 or len(train) - len(train) // 2
-        if n1 + n2 > len(train):
-            raise ValueError(f"{recipe.path}: [data] n_train_1 + n_train_2 = {n1} + {n2} but {d.train} has "
-                             f"{len(train)} records")
     for key in ("weak", "strong"):
         try:
             validate_checkpoint(getattr(recipe.models, key))
@@ -462,14 +480,14 @@ def _validate(r, path, check_files):
     train = ("[data] train_2", r.data.train_2) if r.data.train_2 else ("[data] train", r.data.train)
     for key, p in (train, ("[data] test", r.data.test)):
         if not p or not Path(p).is_file():
-            bad(key, f"file not found: {p or '(empty)'} (`w2s data {r.data.task}` downloads the task's files, or "
-                     f"says where to put them offline)")
+            bad(key, f"{f'file not found: {p}' if p else 'missing: the path of a jsonl file'} (`w2s data "
+                     f"{r.data.task}` downloads the task's files, or says where to put them offline)")
     if r.data.split_file and not Path(r.data.split_file).is_file():
         bad("[data] split_file", f"file not found: {r.data.split_file}")
     for key, p in (("[models] weak", r.models.weak), ("[models] strong", r.models.strong)):
         if not p or not (Path(p) / "config.json").is_file():
-            bad(key, f"no checkpoint (config.json) at {p or '(empty)'} (the model's Hugging Face directory; a "
-                     f"--dry-run needs only its config.json)")
+            bad(key, f"{f'no checkpoint (config.json) at {p}' if p else 'missing: a checkpoint directory'} (the "
+                     f"model's Hugging Face directory; a --dry-run needs only its config.json)")
 
 
 SEED_LINE = re.compile(r"^(\s*\w*seed\s*=\s*)\d+", re.MULTILINE)  # seed, demo_seed, pair_seed (any section)
