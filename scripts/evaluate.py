@@ -147,9 +147,10 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from w2s.parallel import say_error, sigterm_interrupts
+    from w2s.parallel import one_line_warnings, say_error, sigterm_interrupts
 
     sigterm_interrupts()
+    one_line_warnings()
     try:
         main()
     except (ValueError, OSError) as e:  # bad input, a full disk: one line (once under torchrun), exit 2

@@ -265,6 +265,32 @@ def test_sample_refuses_to_resume_onto_other_options(world, tmp_path):
     assert unknown.exit_code == 1 and "exists without out.jsonl.meta.json" in unknown.output
 
 
+def test_sample_names_a_bad_prompt_by_its_line_before_the_weights_load(world, tmp_path):
+    import shutil
+
+    from w2s.cli import main
+
+    no_weights = tmp_path / "no_weights"  # config and tokenizer only: loading the weights would fail
+    shutil.copytree(world / "strong", no_weights, ignore=shutil.ignore_patterns("*.safetensors"))
+    vocab = json.loads((no_weights / "config.json").read_text())["vocab_size"]
+    prompts = tmp_path / "q.jsonl"
+    lines = [json.dumps({"id": "a", "prompt": [1, 2]}), "", json.dumps({"id": "b", "prompt": [3, vocab]})]
+    prompts.write_text("\n".join(lines) + "\n")
+    common = ["--output", str(tmp_path / "out.jsonl"), "--no-progress"]
+    out = CliRunner().invoke(main, ["sample", str(no_weights), "--input", str(prompts), *common])
+    assert (out.exit_code, out.output) == (1, f"Error: {prompts}:3: token id {vocab} is outside the model's "
+                                              f"vocabulary (ids 0 to {vocab - 1})\n")
+    prompts.write_text(json.dumps({"id": "a", "prompt": list(range(1, 12))}) + "\n")
+    out = CliRunner().invoke(main, ["sample", str(no_weights), "--input", str(prompts), "--cache-len", "10", *common])
+    assert (out.exit_code, out.output) == (1, f"Error: {prompts}:1 has 11 tokens but the KV cache holds 10 positions "
+                                              f"(raise cache_len or shorten the prompt)\n")
+    prompts.write_text("\n")
+    out = CliRunner().invoke(main, ["sample", str(no_weights), "--input", str(prompts), *common])
+    assert (out.exit_code, out.output) == (1, f"Error: {prompts}: no prompts (an empty file)\n")
+    out = CliRunner().invoke(main, ["sample", str(no_weights), "--input", str(tmp_path), *common])
+    assert (out.exit_code, out.output) == (1, f"Error: {tmp_path}: is a directory, expected a jsonl file\n")
+
+
 def test_write_errors_name_their_path(tmp_path):
     """A write() or fsync() error carries no file name (a full disk): naming_path adds the file being written."""
     import errno

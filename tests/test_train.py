@@ -785,6 +785,17 @@ def test_a_sigterm_stops_a_run_as_a_ctrl_c_does():
         signal.signal(signal.SIGTERM, before)
 
 
+def test_the_command_line_tools_print_a_warning_as_one_line(monkeypatch):
+    import warnings
+
+    from w2s.parallel import one_line_warnings
+
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # put back after the test
+    one_line_warnings()
+    said = warnings.formatwarning("a row holds 683 tokens", UserWarning, "/w2s/train.py", 209, "warnings.warn(...)")
+    assert said == "warning: a row holds 683 tokens\n"
+
+
 def test_jsonl_rows_and_impossible_configs_get_one_line_errors(tmp_path):
     good = _write_jsonl(tmp_path / "good.jsonl", [{"prompt": "p", "response": "r"}, "", {"prompt": "q"}])
     assert read_jsonl(good, tag_lines=True) == [{"prompt": "p", "response": "r", "_where": f"{good}:1"},

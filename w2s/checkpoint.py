@@ -220,6 +220,12 @@ def load_for_training(path, dtype=torch.float32):
     return attach_adapter(model, adapter, load_tensors=device != "meta")
 
 
+def config_dir(path):
+    """Where the config.json of the model in `path` lives: `path`, or for a LoRA adapter its base's."""
+    adapter = read_adapter(path, tensors=False)
+    return adapter_base_dir(path, adapter) if adapter is not None else Path(path)
+
+
 def tokenizer_dir(path):
     """Where the tokenizer of the checkpoint in `path` lives: `path`, or for an adapter without tokenizer files of its
     own, its base's."""

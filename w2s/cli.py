@@ -29,7 +29,11 @@ class OneLineError(click.ClickException):
 def _one_line(invoke, ctx):
     """Bad input (missing file, malformed config, unknown key, a truncated shard), a diverged training (nan loss), a
     full disk or a denied permission (OSError: it names the path), a run directory locked by another run become one
-    `Error: ...` line, not a traceback; so does a rank's collective failing because another rank failed first."""
+    `Error: ...` line, not a traceback; so does a rank's collective failing because another rank failed first. A
+    warning is one `warning: ...` line."""
+    from w2s.parallel import one_line_warnings
+
+    one_line_warnings()
     try:
         return invoke(ctx)
     except Exception as e:
@@ -319,16 +323,17 @@ def sample(ckpt_dir, input_path, output_path, prompt_key, id_key, n, temperature
 
     import torch
 
-    from w2s.checkpoint import fingerprint
+    from w2s.checkpoint import config_dir, fingerprint
+    from w2s.config import ModelConfig
     from w2s.parallel import barrier, init_distributed
-    from w2s.sampling import check_distribution
+    from w2s.sampling import check_distribution, check_prompts
     from w2s.sampling_jsonl import check_run_meta, generate_to_jsonl, read_prompts_jsonl, write_run_meta
 
     try:
         check_distribution(temperature, top_p, top_k)
         if any(p.exists() and not p.is_dir() for p in output_path.parents):
             raise ValueError(f"--output {output_path}: a directory above it is a file")
-        records = read_prompts_jsonl(input_path, prompt_key=prompt_key, id_key=id_key)
+        records, lines = read_prompts_jsonl(input_path, prompt_key=prompt_key, id_key=id_key, with_lines=True)
         d = init_distributed()
         torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
                        "auto": torch.bfloat16 if d.device.type == "cuda" else torch.float32}[dtype]
@@ -339,7 +344,11 @@ def sample(ckpt_dir, input_path, output_path, prompt_key, id_key, n, temperature
                 "stop": stop, "seed": seed, "dtype": str(torch_dtype).removeprefix("torch."),
                 "prompt_key": prompt_key, "id_key": id_key}
         fresh = check_run_meta(output_path, meta)  # before loading 140 GB: a mismatch is refused at once
-        model, tokenizer = _load_for_sampling(ckpt_dir, records, prompt_key, tp, torch_dtype, d.device)
+        tokenizer = _sampling_tokenizer(ckpt_dir, records, prompt_key)
+        vocab_size = ModelConfig.from_pretrained(config_dir(ckpt_dir)).vocab_size
+        # a bad prompt is named by its line, before the weights load
+        check_prompts(tokenizer, [r[prompt_key] for r in records], lines, vocab_size, max_new_tokens, cache_len)
+        model = _load_for_sampling(ckpt_dir, tp, torch_dtype, d.device)
         barrier()  # every rank has checked the record before rank 0 writes it
         if fresh and d.is_main:
             write_run_meta(output_path, meta)
@@ -360,23 +369,27 @@ def sample(ckpt_dir, input_path, output_path, prompt_key, id_key, n, temperature
         dist.destroy_process_group()
 
 
-def _load_for_sampling(ckpt_dir, records, prompt_key, tp, dtype, device):
-    """(model, tokenizer or None) of a checkpoint or adapter directory, tensor-parallel when tp > 1."""
+def _sampling_tokenizer(ckpt_dir, records, prompt_key):
+    """The tokenizer of a checkpoint or adapter directory; None when it has none and every prompt is token ids."""
     from w2s.checkpoint import tokenizer_dir
     from w2s.tokenizer import load_tokenizer, tokenizer_file
 
-    tokenizer = None
     if tokenizer_file(tokenizer_dir(ckpt_dir)) is not None:
-        tokenizer = load_tokenizer(tokenizer_dir(ckpt_dir))
-    elif any(isinstance(r[prompt_key], str) for r in records):
+        return load_tokenizer(tokenizer_dir(ckpt_dir))
+    if any(isinstance(r[prompt_key], str) for r in records):
         raise ValueError(f"{ckpt_dir}: no tokenizer.json or tokenizer.model, so prompts must be token-id lists")
+    return None
+
+
+def _load_for_sampling(ckpt_dir, tp, dtype, device):
+    """The model of a checkpoint or adapter directory, tensor-parallel when tp > 1."""
     if tp > 1:
         from w2s.tensor_parallel import load_model_tp
 
-        return load_model_tp(ckpt_dir, tp, dtype=dtype, device=device), tokenizer
+        return load_model_tp(ckpt_dir, tp, dtype=dtype, device=device)
     from w2s.checkpoint import load_model
 
-    return load_model(ckpt_dir, dtype=dtype, device=device), tokenizer
+    return load_model(ckpt_dir, dtype=dtype, device=device)
 
 
 main.add_command(sample)

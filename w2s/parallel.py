@@ -80,6 +80,14 @@ def is_main():
     return rank() == 0
 
 
+def one_line_warnings():
+    """Print a warning as one `warning: ...` line, for the command-line tools: Python's default adds the category and
+    the source line that raised it, which tell a user nothing."""
+    import warnings
+
+    warnings.formatwarning = lambda message, category, filename, lineno, line=None: f"warning: {message}\n"
+
+
 def sigterm_interrupts():
     """Stop on a SIGTERM as on a Ctrl-C (KeyboardInterrupt), so that the caller's interrupt path says what is kept:
     a scheduler sends SIGTERM before it kills a job (preemption, a time limit), and torchrun sends it to the other

@@ -140,6 +140,13 @@ def _cache_len_for(ids, max_new_tokens, cache_len, names=None, quantum=1, traine
     return cache_len
 
 
+def check_prompts(tokenizer, prompts, names, vocab_size, max_new_tokens, cache_len=None):
+    """What the sampler would refuse in these prompts, refused before a model is loaded: a string without a
+    tokenizer, a token id past vocab_size, a prompt longer than an explicit cache_len. names[i] names prompt i
+    (file:line)."""
+    _cache_len_for(encode_prompts(tokenizer, prompts, vocab_size, names=names), max_new_tokens, cache_len, names=names)
+
+
 def _use_cuda_graphs(model, cuda_graphs):
     """cuda_graphs resolved: None means on for a CUDA model; True on another device is an error."""
     device = model.embed_tokens.weight.device

@@ -25,16 +25,18 @@ from w2s.files import read_json_object, read_jsonl, write_atomic
 from w2s.sampling import dp_layout, generate_shard
 
 
-def read_prompts_jsonl(path, prompt_key="prompt", id_key="id"):
+def read_prompts_jsonl(path, prompt_key="prompt", id_key="id", with_lines=False):
     """The records of a prompts file, one JSON object per line, each with a prompt (a string or a list of token ids)
     under `prompt_key` and a unique id under `id_key` (id_key "" or None: the record's 0-based index). Blank lines
-    are skipped; a bad line is a one-line ValueError naming path:line."""
+    are skipped; a bad line is a one-line ValueError naming path:line, and so is a file of no record. with_lines:
+    (records, ["path:line" of each record]), for the errors of later checks."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"{path}: no such prompts file (expected jsonl, one {{{prompt_key!r}: ...}} per line)")
-    records, seen = [], {}
+    records, seen, lines = [], {}, []
     for record in read_jsonl(path, tag_lines=True):
         where = record.pop("_where")
+        lines.append(where)
         prompt = record.get(prompt_key)
         is_ids = isinstance(prompt, list) and prompt and all(map(is_token_id, prompt))
         if not (isinstance(prompt, str) and prompt) and not is_ids:
@@ -52,7 +54,9 @@ def read_prompts_jsonl(path, prompt_key="prompt", id_key="id"):
             raise ValueError(f"{where}: id {key} repeats line {seen[key]} (ids must be unique)")
         seen[key] = where.rsplit(":", 1)[1]
         records.append(record)
-    return records
+    if not records:
+        raise ValueError(f"{path}: no prompts (an empty file)")
+    return (records, lines) if with_lines else records
 
 
 def _complete_lines(path):

@@ -169,12 +169,10 @@ def check_rows_before_loading(encode_rows, tokenizer, rows, cfg, args):
     """The rows read as the trainer will read them, before the weights load (minutes for a 70B model): bad_rows
     'error' stops at the first bad row, and a file without a usable row is refused. The trainer encodes them again
     and reports every skipped row."""
+    from w2s.checkpoint import config_dir
     from w2s.config import ModelConfig
-    from w2s.lora import adapter_base_dir, read_adapter
 
-    adapter = read_adapter(args.model, tensors=False)
-    config_dir = adapter_base_dir(args.model, adapter) if adapter is not None else args.model
-    vocab_size = ModelConfig.from_pretrained(config_dir).vocab_size
+    vocab_size = ModelConfig.from_pretrained(config_dir(args.model)).vocab_size
     items, _, skipped = encode_rows(tokenizer, rows, cfg.max_seq_len, cfg.bad_rows, verbose=False,
                                     vocab_size=vocab_size)
     if not items:
@@ -201,12 +199,13 @@ def run(train, encode_rows, args, **kwargs):
     from w2s.checkpoint import load_for_training, tokenizer_dir
     from w2s.files import read_jsonl
     from w2s.losses import check_beta
-    from w2s.parallel import lost_peer_line, rank, say_error, sigterm_interrupts
+    from w2s.parallel import lost_peer_line, one_line_warnings, rank, say_error, sigterm_interrupts
     from w2s.tracking import check_trackers
     from w2s.train_config import config_from_args
 
     cfg = None
     sigterm_interrupts()
+    one_line_warnings()
     try:
         cfg = config_from_args(args)
         if "loss" in kwargs:  # DPO and IPO need beta > 0: say so before the model loads
