@@ -209,3 +209,28 @@ def test_tensor_parallel_ranks_merge_their_slices(base, trained):
             full = merged_weight(w, a, b, adapter.scale).narrow(dim, start, length)
             torch.testing.assert_close(merged_weight(w.narrow(dim, start, length), *mine.tensors[name],
                                                      adapter.scale), full, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("layers, says", [(1, "tensors for 7 layers the base"),
+                                          (3, "no tensors for 7 of the base's layers its target_modules name")])
+def test_an_adapter_pointing_at_another_base_is_named_by_inspect_and_refused_from_headers(base, trained, tmp_path,
+                                                                                        layers, says):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from w2s.checkpoint import validate_checkpoint
+    from w2s.cli import main
+
+    other, adapter = tmp_path / "other_base", tmp_path / "adapter"
+    shutil.copytree(base, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "num_hidden_layers": layers}))
+    shutil.copytree(trained[0], adapter)
+    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**adapter_config, "base_model_name_or_path": str(other)}))
+    with pytest.raises(ValueError, match=f"adapter_model.safetensors: {says}"):
+        validate_checkpoint(adapter)
+    out = CliRunner().invoke(main, ["inspect", str(adapter)])
+    assert out.exit_code == 1 and says in out.output, out.output
+    validate_checkpoint(trained[0], tokenizer=False)  # its own base: fine (the tiny base has no tokenizer)

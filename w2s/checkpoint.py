@@ -44,6 +44,9 @@ from w2s.lora import (
     ADAPTER_WEIGHTS,
     adapter_base_dir,
     attach_adapter,
+    check_fits,
+    inject_lora,
+    lora_layers,
     lora_scale,
     merge_adapter,
     merge_lora_state_dict,
@@ -343,13 +346,41 @@ def check_shard_sizes(path):
         raise ValueError(problems[0])
 
 
+def adapter_problems(path, adapter):
+    """Every problem applying the adapter read from `path` to its base, one line each, from the adapter's tensors
+    and the base's config.json alone (a meta-device model): a tensor for a layer the base lacks or of another shape,
+    a layer of the base its target_modules name that it holds nothing for."""
+    base = adapter_base_dir(path, adapter)
+    cfg = ModelConfig.from_pretrained(base)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    inject_lora(model, adapter.rank, adapter.alpha, targets=adapter.targets)
+    layers, where = lora_layers(model), Path(path) / ADAPTER_WEIGHTS
+    problems = []
+    if extra := sorted(set(adapter.tensors) - set(layers)):
+        problems.append(f"{where}: tensors for {len(extra)} layers the base {base} ({cfg.n_layers} blocks) lacks, e.g. "
+                        f"{extra[0]}: another base model?")
+    if missing := sorted(set(layers) - set(adapter.tensors)):
+        problems.append(f"{where}: no tensors for {len(missing)} of the base's layers its target_modules name, e.g. "
+                        f"{missing[0]}: another base model?")
+    for name in sorted(set(layers) & set(adapter.tensors)):
+        try:
+            check_fits(name, layers[name], *adapter.tensors[name])
+        except ValueError as e:
+            problems.append(f"{where}: {e}")
+    return problems
+
+
 def validate_checkpoint(path, tokenizer=True):
     """Raise one ValueError line (the first problem, and how many more) when checkpoint_problems finds any.
-    An adapter directory is checked as its adapter (readable, complete) and its base."""
+    An adapter directory is checked as its adapter (readable, complete, shaped for its base) and its base."""
     adapter = read_adapter(path)
     if adapter is not None:
-        return validate_checkpoint(adapter_base_dir(path, adapter), tokenizer)
-    problems = checkpoint_problems(path, tokenizer)
+        problems = adapter_problems(path, adapter)
+        if not problems:
+            return validate_checkpoint(adapter_base_dir(path, adapter), tokenizer)
+    else:
+        problems = checkpoint_problems(path, tokenizer)
     if problems:
         more = f" (and {len(problems) - 1} more problem(s): w2s inspect {path})" if len(problems) > 1 else ""
         raise ValueError(problems[0] + more)

@@ -100,13 +100,14 @@ def inspect(ckpt_dir):
     Example:
       w2s inspect demo/strong
     """
-    from w2s.checkpoint import checkpoint_files, checkpoint_problems, read_safetensors_header
+    from w2s.checkpoint import adapter_problems, checkpoint_files, checkpoint_problems, read_safetensors_header
     from w2s.config import ModelConfig
     from w2s.lora import adapter_base_dir, read_adapter
     from w2s.tokenizer import tokenizer_file
 
-    adapter = read_adapter(ckpt_dir)
+    adapter, problems = read_adapter(ckpt_dir), []
     if adapter is not None:
+        problems = adapter_problems(ckpt_dir, adapter)
         n = sum(a.numel() + b.numel() for a, b in adapter.tensors.values())
         _echo_rows([("adapter", f"LoRA rank {adapter.rank}, alpha {adapter.alpha:g}, {len(adapter.tensors)} layers "
                                  f"({', '.join(adapter.targets)})"),
@@ -145,7 +146,7 @@ def inspect(ckpt_dir):
         ("full fine-tune, AdamW fp32 states", _human(16 * n) + " (bf16 weights+grads, fp32 master+m+v)"),
     ]
     has_tokenizer = tokenizer_file(ckpt_dir) is not None
-    problems = checkpoint_problems(ckpt_dir, tokenizer=has_tokenizer)
+    problems += checkpoint_problems(ckpt_dir, tokenizer=has_tokenizer)
     ok = "loads" + ("" if has_tokenizer else " (no tokenizer: token-id prompts only)")
     rows.append(("check", ok if not problems else f"{len(problems)} problem(s):"))
     _echo_rows(rows)

@@ -311,7 +311,7 @@ def adapter_base_dir(path, adapter: Adapter):
     return base
 
 
-def _check_fits(name, linear, a, b):
+def check_fits(name, linear, a, b):
     out_features, in_features = linear.weight.shape  # the weight's own shape: a tensor-parallel slice's too
     if a.shape[1] != in_features or b.shape[0] != out_features:
         raise ValueError(f"adapter tensor {name}: lora_A {list(a.shape)} / lora_B {list(b.shape)} do not fit the "
@@ -322,7 +322,7 @@ def _check_fits(name, linear, a, b):
 def _merge_layer(model, name, a, b, scale):
     """Swap one adapted layer's weight for its merged copy. -> (the layer, its original weight)."""
     linear = model.get_submodule(name)
-    _check_fits(name, linear, a, b)
+    check_fits(name, linear, a, b)
     original = linear.weight
     linear.weight = nn.Parameter(merged_weight(original, a, b, scale), requires_grad=False)
     return linear, original
@@ -364,7 +364,7 @@ def attach_adapter(model, adapter: Adapter, load_tensors=True):
         raise ValueError(f"adapter lacks {len(missing)} of the layers its target_modules name, e.g. {missing[0]}")
     for name, layer in layers.items():
         a, b = adapter.tensors[name]
-        _check_fits(name, layer, a, b)
+        check_fits(name, layer, a, b)
         layer.lora_A.copy_(a)
         layer.lora_B.copy_(b)
     return model

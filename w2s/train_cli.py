@@ -196,7 +196,7 @@ def run(train, encode_rows, args, **kwargs):
     import torch.distributed as dist
 
     import w2s
-    from w2s.checkpoint import load_for_training, tokenizer_dir
+    from w2s.checkpoint import load_for_training, tokenizer_dir, validate_checkpoint
     from w2s.files import read_jsonl
     from w2s.losses import check_beta
     from w2s.parallel import lost_peer_line, one_line_warnings, rank, say_error, sigterm_interrupts
@@ -222,6 +222,7 @@ def run(train, encode_rows, args, **kwargs):
         old_model = finished_model_files(out, Path(args.model), args.overwrite)
         tokenizer = w2s.load_tokenizer(tokenizer_dir(args.model))  # a missing one is known before the weights load
         check_rows_before_loading(encode_rows, tokenizer, rows, cfg, args)
+        validate_checkpoint(args.model, tokenizer=False)  # from the headers: an adapter for another base, a cut shard
         dtype = resolve_dtype(args, log=print if rank() == 0 else lambda *a: None)
         # under torchrun only rank 0 reads the weights; the others get their FSDP shards from it
         model = load_for_training(args.model, dtype=dtype)
