@@ -116,3 +116,11 @@ def test_sample_refuses_an_output_under_a_file_and_impossible_sizes_before_loadi
     for option in (["--tp", "0"], ["--cache-len", "-5"]):
         out = CliRunner().invoke(main, ["sample", str(tmp_path), "--input", "p", "--output", "o", *option])
         assert out.exit_code == 2 and f"Invalid value for '{option[0]}'" in out.output
+
+
+def test_data_refuses_a_destination_that_is_a_file(tmp_path):
+    (tmp_path / "sft.jsonl").write_text("{}\n")
+    for dest in (tmp_path / "sft.jsonl", tmp_path / "sft.jsonl" / "below"):
+        out = CliRunner().invoke(main, ["data", "gsm8k", "--offline", "--dest", str(dest)])
+        assert (out.exit_code, out.output) == (1, f"Error: --dest {dest}: it, or a directory above it, is a file; "
+                                                  f"expected a directory\n")

@@ -572,6 +572,13 @@ def test_no_usable_rows_is_one_clear_error(ckpt):
         train_sft(load(path), None, [{"prompt_ids": [5], "response_ids": [6] * 50}], cfg(max_seq_len=8))
 
 
+def test_a_warmup_longer_than_the_run_is_said(ckpt):
+    path, _ = ckpt
+    with pytest.warns(UserWarning, match=r"^warmup_steps=5 is more than the run's 2 steps: the learning rate ends at "
+                                         r"0\.4 x lr and never decays$"):
+        train_sft(load(path), None, id_rows(4), cfg(max_steps=2, warmup_steps=5))
+
+
 def test_lr_schedule_warmup_then_cosine():
     c = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=2)
     got = [train.lr_at(s, 6, c) for s in range(6)]
@@ -765,6 +772,16 @@ def test_rows_are_read_before_the_weights_and_a_ctrl_c_is_one_line(text_ckpt, tm
         with pytest.raises(SystemExit) as exit_:
             train_cli.run(interrupted, data.encode_sft_rows, args)
         assert exit_.value.code == 130 and capsys.readouterr().err.strip() == said
+    args.export_merged = True  # without --lora-rank: a note, and the run goes on
+    with pytest.raises(SystemExit):
+        train_cli.run(interrupted, data.encode_sft_rows, args)
+    assert capsys.readouterr().err.startswith("note: --export-merged does nothing without --lora-rank")
+    args.export_merged, args.out = False, "/proc/w2s-nowhere/o"  # /proc takes no new directory
+    with pytest.raises(SystemExit) as exit_:
+        train_cli.run(interrupted, data.encode_sft_rows, args)
+    assert exit_.value.code == 2
+    said = capsys.readouterr().err.strip()
+    assert said == "error: --out /proc/w2s-nowhere/o: cannot create it (No such file or directory)"
 
 
 def test_a_sigterm_stops_a_run_as_a_ctrl_c_does():

@@ -256,6 +256,8 @@ def data(tasks, dest, offline):
     """
     from w2s.tasks import fetch_data
 
+    if any(p.exists() and not p.is_dir() for p in (dest, *dest.parents)):
+        raise ValueError(f"--dest {dest}: it, or a directory above it, is a file; expected a directory")
     missing = fetch_data(dest, tasks=tasks or ("gsm8k", "math"), offline=offline, log=click.echo)
     if missing:
         raise SystemExit(1)

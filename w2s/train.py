@@ -280,6 +280,9 @@ class Trainer:
         self.lengths = [sum(n for n, _ in seqs) for seqs in task.row_seqs]  # what length grouping sorts by
         self.steps_per_epoch = math.ceil(len(self.lengths) / cfg.batch_size)
         self.total = cfg.max_steps or cfg.epochs * self.steps_per_epoch * task.repeat
+        if cfg.warmup_steps > self.total and d.is_main:
+            warnings.warn(f"warmup_steps={cfg.warmup_steps} is more than the run's {self.total} steps: the learning "
+                          f"rate ends at {self.total / cfg.warmup_steps:.2g} x lr and never decays", stacklevel=2)
         self.accum = cfg.grad_accum(d.world_size)
         # not the world size: the loss is normalized over every rank and the state is saved with global shapes, so
         # a run killed on N ranks resumes on M onto the same trajectory (LoRA dropout's streams are per rank)

@@ -9,6 +9,7 @@ line on stderr, exit code 2.
 """
 
 import argparse
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -208,6 +209,9 @@ def run(train, encode_rows, args, **kwargs):
     one_line_warnings()
     try:
         cfg = config_from_args(args)
+        if cfg.export_merged and cfg.lora_rank is None:
+            print("note: --export-merged does nothing without --lora-rank: a full fine-tune exports the whole model "
+                  "to --out", file=sys.stderr)
         if "loss" in kwargs:  # DPO and IPO need beta > 0: say so before the model loads
             check_beta(kwargs["loss"], cfg.beta)
         check_trackers(args.report_to)
@@ -220,6 +224,12 @@ def run(train, encode_rows, args, **kwargs):
         if not Path(args.model).is_dir():
             raise ValueError(f"--model {args.model}: no such directory (expected a Hugging Face checkpoint)")
         old_model = finished_model_files(out, Path(args.model), args.overwrite)
+        try:  # a read-only or missing mount is known now, not at the first checkpoint after the weights load
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"--out {args.out}: cannot create it ({e.strerror})") from None
+        if not os.access(out, os.W_OK):
+            raise ValueError(f"--out {args.out}: not writable")
         tokenizer = w2s.load_tokenizer(tokenizer_dir(args.model))  # a missing one is known before the weights load
         check_rows_before_loading(encode_rows, tokenizer, rows, cfg, args)
         validate_checkpoint(args.model, tokenizer=False)  # from the headers: an adapter for another base, a cut shard
