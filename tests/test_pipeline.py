@@ -552,11 +552,14 @@ def test_killed_run_resumes_to_the_same_artifacts(full_run, tmp_path, monkeypatc
     for name in ALL_STAGES:
         for key in ("accuracy", "pass@1", "n_kept", "n_pairs"):
             assert meta(run_dir, name).get(key) == meta(ref, name).get(key), (name, key)
-    # The resumed sampling stage said so, and counts (for its tokens/s) only the tokens it sampled itself.
+    # The resumed sampling stage said so; it records the stage's tokens, as a training stage does, and its own
+    # share (what its tokens/s counts) as run_tokens.
     assert "14_samples: 3 of 16 prompts sampled before the kill; sampling the rest" in logs
     own = sum(c["num_tokens"] for line in jsonl(stage / "generations.jsonl") if line["id"] not in sampled_before
               for c in line["completions"])
-    assert meta(run_dir, "14_samples")["tokens"] == own < meta(ref, "14_samples")["tokens"]
+    resumed, straight = meta(run_dir, "14_samples"), meta(ref, "14_samples")
+    assert resumed["run_tokens"] == own < resumed["tokens"] == straight["tokens"] == straight["run_tokens"]
+    assert (resumed["resumed_prompts"], straight["resumed_prompts"]) == (3, 0)
 
 
 def test_changing_one_option_reruns_exactly_its_dependents(full_run, tmp_path):

@@ -304,9 +304,12 @@ def generate_stage(ctx, out, model_dir, records, prompt, n=1, temperature=0.0, t
                     {"id": rec["id"], "question": rec["question"], "samples": samples})
     if is_main():
         write_jsonl_atomic(out / "labels.jsonl", rows)
-    reasons = _finish_reasons(results)
+    reasons, cost = _finish_reasons(results), _cost(prof.cost())
+    # as a training stage records it: tokens of the whole stage, run_tokens this call's (a resumed one's share)
+    tokens = sum(c["num_tokens"] for res in results for c in res["completions"])
     counts = {"n_prompts": len(rows), "n_completions": len(rows) * n, "n_truncated": reasons.get("length", 0),
-              "finish_reasons": reasons, "tp": getattr(model, "tp_size", 1), **_cost(prof.cost())}
+              "finish_reasons": reasons, "tp": getattr(model, "tp_size", 1), **cost, "tokens": tokens,
+              "run_tokens": cost["tokens"], "resumed_prompts": len(resumed)}
     return rows, counts
 
 
