@@ -210,6 +210,7 @@ def test_evaluate_writes_each_question_with_its_id_gold_and_correctness(tmp_path
     from w2s.config import ModelConfig
     from w2s.model import Transformer
     from w2s.sampling_jsonl import write_run_meta
+    from w2s.tasks import stored_response
     from w2s.tasks.graders import PaperGrader
     from w2s.tokenizer import load_tokenizer
 
@@ -238,11 +239,11 @@ def test_evaluate_writes_each_question_with_its_id_gold_and_correctness(tmp_path
         args += ["--samples", "2"] if n == 2 else []
         write_run_meta(tmp_path / name, evaluate.generation_meta(evaluate.parse_args(args), "float32"))  # its record
         read = []
-        monkeypatch.setattr(PaperGrader, "answer", lambda self, text, real=PaperGrader.answer: read.append(text) or
-                            real(self, text))
+        monkeypatch.setattr(PaperGrader, "answer", lambda self, text, stored=False, real=PaperGrader.answer:
+                            read.append((text, stored)) or real(self, text, stored))
         result = evaluate.main(args)
         monkeypatch.undo()
-        assert sorted(read) == sorted(t for ts in texts for t in ts[:n])
+        assert sorted(read) == sorted((stored_response(t, "gsm8k"), True) for ts in texts for t in ts[:n])  # as kept
         lines = [json.loads(x) for x in (tmp_path / f"{name}.per_question.jsonl").read_text().splitlines()]
         assert [(x["id"], x["index"], x["gold"]) for x in lines] == list(zip(ids, range(3), golds))
         assert [x["gold_normalized"] for x in lines] == ["7", "12", "1000"] and lines[0]["grader"] == "paper"
