@@ -147,15 +147,14 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from w2s.parallel import one_line_warnings, say_error, sigterm_interrupts
+    from w2s.parallel import command_line_process, say_error
 
-    sigterm_interrupts()
-    one_line_warnings()
     try:
-        main()
+        with command_line_process():
+            main()
     except (ValueError, OSError) as e:  # bad input, a full disk: one line (once under torchrun), exit 2
         say_error(f"error: {e}")
         sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the completions written so far are kept
-        say_error("interrupted: the completions written so far are kept; the same command resumes")
+        say_error("stopped (Ctrl-C or SIGTERM): the completions written so far are kept; the same command resumes")
         sys.exit(130)

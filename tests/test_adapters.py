@@ -234,3 +234,8 @@ def test_an_adapter_pointing_at_another_base_is_named_by_inspect_and_refused_fro
     out = CliRunner().invoke(main, ["inspect", str(adapter)])
     assert out.exit_code == 1 and says in out.output, out.output
     validate_checkpoint(trained[0], tokenizer=False)  # its own base: fine (the tiny base has no tokenizer)
+    on_adapter = tmp_path / "on_adapter"  # an adapter trained from an adapter: its base's config is two steps down
+    shutil.copytree(trained[0], on_adapter)
+    (on_adapter / "adapter_config.json").write_text(json.dumps({**adapter_config,
+                                                                "base_model_name_or_path": str(trained[0])}))
+    validate_checkpoint(on_adapter, tokenizer=False)

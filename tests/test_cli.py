@@ -94,7 +94,8 @@ def test_ctrl_c_says_what_is_kept_and_how_to_resume(monkeypatch):
     monkeypatch.setattr(w2s.pipeline, "run_pipeline", interrupted)
     out = CliRunner().invoke(main, ["run", "recipe.toml"])
     assert out.exit_code == 130
-    assert out.output.strip() == "interrupted: the finished stages are kept; the same command resumes the run"
+    assert out.output.strip() == ("stopped (Ctrl-C or SIGTERM): the finished stages are kept; the same command "
+                                  "resumes the run")
 
 
 @pytest.mark.parametrize("option", [["--temperature", "nan"], ["--temperature", "inf"], ["--top-p", "nan"]])

@@ -53,6 +53,9 @@ def test_read_jsonl_names_the_line_of_a_byte_that_is_not_utf8_and_drops_a_byte_o
         read_jsonl(path)
     path.write_bytes(b'\xef\xbb\xbf{"a": "\xc3\xa9"}\r\n{"a": 2}\n')
     assert read_jsonl(path) == [{"a": "\u00e9"}, {"a": 2}]
+    path.write_bytes(b'\xef\xbb\xbf{"a": "caf\xe9"}\n')  # counted after the byte-order mark
+    with pytest.raises(ValueError, match=r"rows\.jsonl:1: not UTF-8 \(byte 0xe9 at byte 11 of the line\)"):
+        read_jsonl(path)
 
 
 def test_exported_weights_get_the_permissions_of_a_plainly_created_file(tmp_path):

@@ -763,15 +763,25 @@ def test_rows_are_read_before_the_weights_and_a_ctrl_c_is_one_line(text_ckpt, tm
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    good = _write_jsonl(tmp_path / "good.jsonl", [{"prompt": "p", "response": "r"}])
-    for extra, said in (([], "interrupted: nothing to resume from (--ckpt-every 0): the same command starts over"),
-                        (["--ckpt-every", "5"], f"interrupted: the training state saved every 5 steps is kept in "
-                                                f"{tmp_path / 'o'}/ckpt; the same command resumes from it")):
-        args = train_cli.parser("", "").parse_args(["--model", str(text_ckpt), "--data", str(good), "--out",
-                                                    str(tmp_path / "o"), *extra])
+    good, out, stop = _write_jsonl(tmp_path / "good.jsonl", [{"prompt": "p", "response": "r"}]), tmp_path / "o", \
+        "stopped (Ctrl-C or SIGTERM): "
+    last = out / "ckpt" / "step00000004"
+    for extra, checkpoint, said in (
+            ([], False, "nothing to resume from (--ckpt-every 0); the same command starts over"),
+            (["--ckpt-every", "2"], False, "nothing to resume from (no checkpoint written yet); the same command "
+                                           "starts over"),
+            (["--ckpt-every", "2"], True, f"the training state after step 4 is kept in {last}; the same command "
+                                          f"resumes from it"),
+            (["--ckpt-every", "2", "--no-resume"], True, f"the training state after step 4 is kept in {last}; the "
+                                                         f"same command without --no-resume resumes from it")):
+        if checkpoint:  # what the trainer leaves complete: a step directory with its train_state.json
+            last.mkdir(parents=True, exist_ok=True)
+            (last / "train_state.json").write_text('{"step": 4}')
+        args = train_cli.parser("", "").parse_args(["--model", str(text_ckpt), "--data", str(good), "--out", str(out),
+                                                    *extra])
         with pytest.raises(SystemExit) as exit_:
             train_cli.run(interrupted, data.encode_sft_rows, args)
-        assert exit_.value.code == 130 and capsys.readouterr().err.strip() == said
+        assert exit_.value.code == 130 and capsys.readouterr().err.strip() == stop + said
     args.export_merged = True  # without --lora-rank: a note, and the run goes on
     with pytest.raises(SystemExit):
         train_cli.run(interrupted, data.encode_sft_rows, args)
@@ -784,33 +794,25 @@ def test_rows_are_read_before_the_weights_and_a_ctrl_c_is_one_line(text_ckpt, tm
     assert said == "error: --out /proc/w2s-nowhere/o: cannot create it (No such file or directory)"
 
 
-def test_a_sigterm_stops_a_run_as_a_ctrl_c_does():
+def test_a_command_stops_on_sigterm_as_on_ctrl_c_and_prints_a_warning_as_one_line():
     # a scheduler's SIGTERM before it kills a job: the scripts' and `w2s run`'s Ctrl-C path says what is kept
     import os
     import signal
     import time
+    import warnings
 
-    from w2s.parallel import sigterm_interrupts
+    from w2s.parallel import command_line_process
 
-    before = signal.getsignal(signal.SIGTERM)
-    try:
-        sigterm_interrupts()
+    before_handler, before_format = signal.getsignal(signal.SIGTERM), warnings.formatwarning
+    with command_line_process():
+        said = warnings.formatwarning("a row holds 683 tokens", UserWarning, "/w2s/train.py", 209, "warnings.warn()")
+        assert said == "warning: a row holds 683 tokens\n"
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)  # the handler runs at the next bytecode boundary
-    finally:
-        signal.signal(signal.SIGTERM, before)
-
-
-def test_the_command_line_tools_print_a_warning_as_one_line(monkeypatch):
-    import warnings
-
-    from w2s.parallel import one_line_warnings
-
-    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # put back after the test
-    one_line_warnings()
-    said = warnings.formatwarning("a row holds 683 tokens", UserWarning, "/w2s/train.py", 209, "warnings.warn(...)")
-    assert said == "warning: a row holds 683 tokens\n"
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # a second SIGTERM would kill at once
+    # put back after the command (the tests run commands in this process)
+    assert (signal.getsignal(signal.SIGTERM), warnings.formatwarning) == (before_handler, before_format)
 
 
 def test_jsonl_rows_and_impossible_configs_get_one_line_errors(tmp_path):

@@ -30,12 +30,12 @@ def _one_line(invoke, ctx):
     """Bad input (missing file, malformed config, unknown key, a truncated shard), a diverged training (nan loss), a
     full disk or a denied permission (OSError: it names the path), a run directory locked by another run become one
     `Error: ...` line, not a traceback; so does a rank's collective failing because another rank failed first. A
-    warning is one `warning: ...` line."""
-    from w2s.parallel import one_line_warnings
+    warning is one `warning: ...` line, and SIGTERM stops a command as Ctrl-C does (parallel.command_line_process)."""
+    from w2s.parallel import command_line_process
 
-    one_line_warnings()
     try:
-        return invoke(ctx)
+        with command_line_process():
+            return invoke(ctx)
     except Exception as e:
         from w2s.parallel import lost_peer_line
 
@@ -197,7 +197,7 @@ def run(recipe, runs, no_progress, dry_run, world_size, gpu, reuse):
     [logging] report_to = ["tensorboard"] (-> runs/<name>/tb/<stage>) or ["wandb"]. The train and test files are
     jsonl in the task's format: GSM8K {"question", "answer": "... #### N"}; MATH {"problem", "solution", ...}.
     """
-    from w2s.parallel import is_main, sigterm_interrupts
+    from w2s.parallel import is_main
     from w2s.pipeline import dry_run as plan_run
     from w2s.pipeline import run_pipeline
 
@@ -206,12 +206,12 @@ def run(recipe, runs, no_progress, dry_run, world_size, gpu, reuse):
         if is_main():  # under torchrun every rank plans (the same plan); one prints it
             click.echo(plan)
         return
-    sigterm_interrupts()
     try:
         _, _, text = run_pipeline(recipe, runs_dir=runs, progress=not no_progress, reuse=reuse)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: say what is kept and how to go on, exit as a shell reports SIGINT
         if is_main():
-            click.echo("\ninterrupted: the finished stages are kept; the same command resumes the run", err=True)
+            click.echo("\nstopped (Ctrl-C or SIGTERM): the finished stages are kept; the same command resumes the run",
+                       err=True)
         raise SystemExit(130) from None
     if text:  # under torchrun only rank 0 builds the report; the other ranks print nothing
         click.echo(text)

@@ -13,6 +13,7 @@ A reader of a file written here sees the old file or the whole new one. The temp
     python -m pytest -q tests/test_files.py
 """
 
+import codecs
 import hashlib
 import json
 import os
@@ -33,8 +34,10 @@ def read_jsonl(path, tag_lines=False):
     rows = []
     with path.open("rb") as f:  # bytes, decoded line by line, so that a byte that is not UTF-8 is named by its line
         for line_number, raw in enumerate(f, 1):
+            if line_number == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)  # an editor's byte-order mark is not part of line 1
             try:
-                line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")  # -sig: an editor's byte-order mark
+                line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise ValueError(f"{path}:{line_number}: not UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} "
                                  f"of the line)") from None
@@ -122,8 +125,11 @@ USUAL_FILE_MODE = 0o666 & ~_process_umask()
 def with_usual_permissions(path):
     """Give a file written through a private temp file (safetensors' save_file makes it with mkstemp: owner-only)
     the permissions a plainly created file gets, so an exported model is readable by whoever may read its
-    directory."""
-    os.chmod(path, USUAL_FILE_MODE)
+    directory. A file system that keeps its own permissions (some network and FUSE mounts) is left to them."""
+    try:
+        os.chmod(path, USUAL_FILE_MODE)
+    except OSError:
+        pass
 
 
 # The temp files of a write killed before its rename: unique_temp_path's, and the hidden ".tmpXXXXXX" that

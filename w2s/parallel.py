@@ -19,6 +19,7 @@ made inside the model.
     python -m pytest -q tests/test_fsdp.py   # 2 CPU processes over gloo == 1 process
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -80,26 +81,33 @@ def is_main():
     return rank() == 0
 
 
-def one_line_warnings():
-    """Print a warning as one `warning: ...` line, for the command-line tools: Python's default adds the category and
-    the source line that raised it, which tell a user nothing."""
-    import warnings
+@contextlib.contextmanager
+def command_line_process():
+    """What the command-line tools set for the span of one command, put back after it (tests run them in-process).
 
-    warnings.formatwarning = lambda message, category, filename, lineno, line=None: f"warning: {message}\n"
-
-
-def sigterm_interrupts():
-    """Stop on a SIGTERM as on a Ctrl-C (KeyboardInterrupt), so that the caller's interrupt path says what is kept:
+    A SIGTERM stops the command as a Ctrl-C does (KeyboardInterrupt), so that its interrupt path says what is kept:
     a scheduler sends SIGTERM before it kills a job (preemption, a time limit), and torchrun sends it to the other
-    ranks when one fails. Python's default is to die without a word."""
+    ranks when one fails; Python's default is to die without a word. A second SIGTERM kills at once, as before.
+    A warning prints as one `warning: ...` line: Python's default adds the category and the source line that
+    raised it, which tell a user nothing."""
     import signal
     import threading
+    import warnings
 
     def interrupt(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         raise KeyboardInterrupt
 
-    if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
-        signal.signal(signal.SIGTERM, interrupt)
+    previous_format = warnings.formatwarning
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
+    in_main = threading.current_thread() is threading.main_thread()  # signal handlers can only be set there
+    previous_handler = signal.signal(signal.SIGTERM, interrupt) if in_main else None
+    try:
+        yield
+    finally:
+        warnings.formatwarning = previous_format
+        if in_main and previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
 
 
 def say_error(line):

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from w2s.parallel import command_line_process
+
 SFT_HELP = """Supervised fine-tuning of a Hugging Face checkpoint: the loss covers the response (assistant) tokens only.
 
 example:
@@ -182,15 +184,19 @@ def check_rows_before_loading(encode_rows, tokenizer, rows, cfg, args):
 
 
 def interrupted_line(cfg, out):
-    """What a Ctrl-C leaves behind and how to go on."""
-    if cfg is None:
-        return "interrupted before training started"
-    if cfg.ckpt_every:
-        return (f"interrupted: the training state saved every {cfg.ckpt_every} steps is kept in {out}/ckpt; the same "
-                f"command resumes from it")
-    return "interrupted: nothing to resume from (--ckpt-every 0): the same command starts over"
+    """What a Ctrl-C or SIGTERM leaves behind (the last complete checkpoint in OUT/ckpt, if any) and how to go on."""
+    from w2s.checkpoint import latest_checkpoint
+
+    last = latest_checkpoint(Path(out) / "ckpt") if cfg is not None and cfg.ckpt_every else None
+    if last is None:
+        why = "--ckpt-every 0" if cfg is not None and not cfg.ckpt_every else "no checkpoint written yet"
+        return f"stopped (Ctrl-C or SIGTERM): nothing to resume from ({why}); the same command starts over"
+    again = "the same command" if cfg.resume else "the same command without --no-resume"
+    return (f"stopped (Ctrl-C or SIGTERM): the training state after step {int(last.name.removeprefix('step'))} is "
+            f"kept in {last}; {again} resumes from it")
 
 
+@command_line_process()
 def run(train, encode_rows, args, **kwargs):
     """Load model, tokenizer and rows, train (exports to --out); bad input ends in one line on stderr, exit 2, and a
     Ctrl-C in one line, exit 130."""
@@ -200,13 +206,11 @@ def run(train, encode_rows, args, **kwargs):
     from w2s.checkpoint import load_for_training, tokenizer_dir, validate_checkpoint
     from w2s.files import read_jsonl
     from w2s.losses import check_beta
-    from w2s.parallel import lost_peer_line, one_line_warnings, rank, say_error, sigterm_interrupts
+    from w2s.parallel import lost_peer_line, rank, say_error
     from w2s.tracking import check_trackers
     from w2s.train_config import config_from_args
 
     cfg = None
-    sigterm_interrupts()
-    one_line_warnings()
     try:
         cfg = config_from_args(args)
         if cfg.export_merged and cfg.lora_rank is None:
