@@ -742,6 +742,9 @@ def test_report_from_hand_written_metas(tmp_path):
     assert "total 0.6 min on H100" in text
     with pytest.raises(FileNotFoundError, match="no such run directory"):
         report(tmp_path / "missing")
+    (tmp_path / "a.jsonl").write_text("{}\n")
+    with pytest.raises(ValueError, match=r"a\.jsonl: is a file, expected a run directory \(runs/<recipe name>\)$"):
+        report(tmp_path / "a.jsonl")
     # a hand-edited number that is a string is named with its file before any table is computed
     for key, value, where in (("wall_s", "6", "wall_s is '6'; expected a number"),
                               ("accuracy_by_grader", {"paper": True},

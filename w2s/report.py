@@ -58,6 +58,8 @@ def load_metas(run_dir):
     earlier recipe (a loss no longer in it, a stage trained under other options) nor a stage whose input ran again
     since it ran or is running again. left_out(run_dir, metas) names the directories left out."""
     run_dir = Path(run_dir)
+    if run_dir.is_file():
+        raise ValueError(f"{run_dir}: is a file, expected a run directory (runs/<recipe name>)")
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: no such run directory")
     metas = {meta_file.parent.name: _check_fields(meta_file, read_json_object(meta_file))
