@@ -147,14 +147,17 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from w2s.parallel import command_line_process, say_error
+    from w2s.parallel import command_line_process, say_error, stop_requested
 
-    try:
-        with command_line_process():
+    with command_line_process():
+        try:
             main()
-    except (ValueError, OSError) as e:  # bad input, a full disk: one line (once under torchrun), exit 2
-        say_error(f"error: {e}")
-        sys.exit(2)
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the completions written so far are kept
-        say_error("stopped (Ctrl-C or SIGTERM): the completions written so far are kept; the same command resumes")
-        sys.exit(130)
+        except (ValueError, OSError) as e:  # bad input, a full disk: one line (once under torchrun), exit 2
+            say_error(f"error: {e}")
+            sys.exit(2)
+        except (KeyboardInterrupt, RuntimeError) as e:  # Ctrl-C or SIGTERM (or a collective it broke): what is kept
+            if isinstance(e, RuntimeError) and not stop_requested():
+                raise
+            say_error("stopped (Ctrl-C or SIGTERM): the completions written so far are kept; the same command "
+                      "resumes")
+            sys.exit(130)

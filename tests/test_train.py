@@ -307,13 +307,18 @@ def test_resume_gives_the_same_losses_and_weights(ckpt, tmp_path, kind):
     assert steps == [1, 2, 3, 4, 5, 6]  # the killed run's step 5 was dropped, not duplicated
 
 
-@pytest.mark.parametrize("failure", ["disk full", "ctrl-c"])
+@pytest.mark.parametrize("failure", ["disk full", "ctrl-c", "sigterm, then a lost peer"])
 def test_a_checkpoint_write_that_fails_is_a_disk_error_or_an_interrupt_not_dcps_wrapper(ckpt, tmp_path, monkeypatch,
                                                                                       failure):
     """torch.distributed.checkpoint wraps a writer's exception, a KeyboardInterrupt too, in a CheckpointException,
     which is a BaseException: the run must still end as a full disk (one OSError naming the checkpoint) or as a
     Ctrl-C, and the next run resumes from the last complete checkpoint."""
     import errno
+    import os
+    import signal
+    import time
+
+    from w2s.parallel import command_line_process
 
     path, _ = ckpt
     rows, c = id_rows(8, seed=3), cfg(max_steps=6, ckpt_every=2)
@@ -323,11 +328,18 @@ def test_a_checkpoint_write_that_fails_is_a_disk_error_or_an_interrupt_not_dcps_
         if (tmp_path / "ckpt" / "step00000002").is_dir():  # the step-4 checkpoint fails
             if failure == "ctrl-c":
                 raise KeyboardInterrupt
-            raise OSError(errno.ENOSPC, "No space left on device")
+            if failure == "disk full":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            try:  # under torchrun: DCP swallows this rank's interrupt, then its next collective finds the peer gone
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+            except KeyboardInterrupt:
+                pass
+            raise RuntimeError("Connection reset by peer")
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", failing_save)
-    with pytest.raises(KeyboardInterrupt if failure == "ctrl-c" else OSError) as info:
+    with command_line_process(), pytest.raises(OSError if failure == "disk full" else KeyboardInterrupt) as info:
         train_sft(load(path), None, rows, c, out_dir=tmp_path)
     if failure == "disk full":
         assert info.value.errno == errno.ENOSPC and "writing the training checkpoint" in str(info.value)
@@ -801,9 +813,10 @@ def test_a_command_stops_on_sigterm_as_on_ctrl_c_and_prints_a_warning_as_one_lin
     import time
     import warnings
 
-    from w2s.parallel import command_line_process
+    from w2s.parallel import command_line_process, stop_requested
 
     before_handler, before_format = signal.getsignal(signal.SIGTERM), warnings.formatwarning
+    before_ctrl_c = signal.getsignal(signal.SIGINT)
     with command_line_process():
         said = warnings.formatwarning("a row holds 683 tokens", UserWarning, "/w2s/train.py", 209, "warnings.warn()")
         assert said == "warning: a row holds 683 tokens\n"
@@ -811,8 +824,10 @@ def test_a_command_stops_on_sigterm_as_on_ctrl_c_and_prints_a_warning_as_one_lin
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)  # the handler runs at the next bytecode boundary
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # a second SIGTERM would kill at once
+        assert stop_requested()  # an error that follows (a collective whose peer left) is part of the stop
     # put back after the command (the tests run commands in this process)
     assert (signal.getsignal(signal.SIGTERM), warnings.formatwarning) == (before_handler, before_format)
+    assert signal.getsignal(signal.SIGINT) == before_ctrl_c and not stop_requested()
 
 
 def test_jsonl_rows_and_impossible_configs_get_one_line_errors(tmp_path):

@@ -53,7 +53,7 @@ from w2s.lora import (
     read_adapter,
 )
 from w2s.model import Transformer
-from w2s.parallel import Dist, barrier, rank
+from w2s.parallel import Dist, barrier, rank, stop_requested
 from w2s.tokenizer import load_tokenizer, tokenizer_file
 
 SAFETENSORS_DTYPES = {
@@ -500,8 +500,10 @@ def save_training_state(ckpt_root, step, module, optimizer, d: Dist, meta):
         with _one_process_is_meant():
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     except BaseException as e:  # DCP wraps each rank's failure, a Ctrl-C too, in a CheckpointException (BaseException)
-        if isinstance(e, KeyboardInterrupt) or _first_failure(e, KeyboardInterrupt) is not None:
-            raise KeyboardInterrupt from None  # what an interrupted run says and does (the half-written tmp is ignored)
+        if isinstance(e, KeyboardInterrupt) or _first_failure(e, KeyboardInterrupt) is not None or stop_requested():
+            # what an interrupted run says and does (the half-written tmp is ignored); a stopped rank's save may
+            # also fail at a collective its peer has left, after DCP swallowed the interrupt
+            raise KeyboardInterrupt from None
         cause = _first_failure(e, OSError)  # a disk-full or permission error: one line naming the path
         if cause is None:
             raise

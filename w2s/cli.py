@@ -197,7 +197,7 @@ def run(recipe, runs, no_progress, dry_run, world_size, gpu, reuse):
     [logging] report_to = ["tensorboard"] (-> runs/<name>/tb/<stage>) or ["wandb"]. The train and test files are
     jsonl in the task's format: GSM8K {"question", "answer": "... #### N"}; MATH {"problem", "solution", ...}.
     """
-    from w2s.parallel import is_main
+    from w2s.parallel import is_main, stop_requested
     from w2s.pipeline import dry_run as plan_run
     from w2s.pipeline import run_pipeline
 
@@ -208,7 +208,9 @@ def run(recipe, runs, no_progress, dry_run, world_size, gpu, reuse):
         return
     try:
         _, _, text = run_pipeline(recipe, runs_dir=runs, progress=not no_progress, reuse=reuse)
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: say what is kept and how to go on, exit as a shell reports SIGINT
+    except (KeyboardInterrupt, RuntimeError) as e:  # Ctrl-C or SIGTERM: say what is kept, exit as a shell reports it
+        if isinstance(e, RuntimeError) and not stop_requested():  # not a collective the stop broke: an error
+            raise
         if is_main():
             click.echo("\nstopped (Ctrl-C or SIGTERM): the finished stages are kept; the same command resumes the run",
                        err=True)

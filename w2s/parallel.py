@@ -81,33 +81,49 @@ def is_main():
     return rank() == 0
 
 
+_STOPPING = []  # non-empty once command_line_process's handler saw a Ctrl-C or SIGTERM
+
+
+def stop_requested():
+    """Whether this command was told to stop (Ctrl-C or SIGTERM under command_line_process). An error that follows
+    the interrupt is part of the stop: a checkpoint save that swallowed it, a collective whose peer already left."""
+    return bool(_STOPPING)
+
+
 @contextlib.contextmanager
 def command_line_process():
     """What the command-line tools set for the span of one command, put back after it (tests run them in-process).
 
     A SIGTERM stops the command as a Ctrl-C does (KeyboardInterrupt), so that its interrupt path says what is kept:
     a scheduler sends SIGTERM before it kills a job (preemption, a time limit), and torchrun sends it to the other
-    ranks when one fails; Python's default is to die without a word. A second SIGTERM kills at once, as before.
+    ranks when one fails; Python's default is to die without a word. Either signal also marks the command as
+    stopping (stop_requested), and a second one gets the signal's previous handling (SIGTERM kills at once).
     A warning prints as one `warning: ...` line: Python's default adds the category and the source line that
     raised it, which tell a user nothing."""
     import signal
     import threading
     import warnings
 
+    previous = {}
+
     def interrupt(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _STOPPING.append(signum)
+        signal.signal(signum, signal.SIG_DFL if previous[signum] is None else previous[signum])
         raise KeyboardInterrupt
 
     previous_format = warnings.formatwarning
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
     in_main = threading.current_thread() is threading.main_thread()  # signal handlers can only be set there
-    previous_handler = signal.signal(signal.SIGTERM, interrupt) if in_main else None
+    for signum in (signal.SIGINT, signal.SIGTERM) if in_main else ():
+        previous[signum] = signal.signal(signum, interrupt)
     try:
         yield
     finally:
         warnings.formatwarning = previous_format
-        if in_main and previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
+        _STOPPING.clear()
+        for signum, handler in previous.items():
+            if handler is not None:  # None: a handler not set from Python, which Python cannot put back
+                signal.signal(signum, handler)
 
 
 def say_error(line):

@@ -206,7 +206,7 @@ def run(train, encode_rows, args, **kwargs):
     from w2s.checkpoint import load_for_training, tokenizer_dir, validate_checkpoint
     from w2s.files import read_jsonl
     from w2s.losses import check_beta
-    from w2s.parallel import lost_peer_line, rank, say_error
+    from w2s.parallel import lost_peer_line, rank, say_error, stop_requested
     from w2s.tracking import check_trackers
     from w2s.train_config import config_from_args
 
@@ -251,6 +251,9 @@ def run(train, encode_rows, args, **kwargs):
         say_error(interrupted_line(cfg, args.out))
         sys.exit(130)
     except RuntimeError as e:  # a rank left behind when another failed: one line, not a traceback from each
+        if stop_requested():  # a collective that failed because the stop reached a peer first
+            say_error(interrupted_line(cfg, args.out))
+            sys.exit(130)
         if not (line := lost_peer_line(e)):
             raise
         say_error(f"error: {line}")
