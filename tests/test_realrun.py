@@ -291,6 +291,22 @@ def test_sample_names_a_bad_prompt_by_its_line_before_the_weights_load(world, tm
     assert (out.exit_code, out.output) == (1, f"Error: {tmp_path}: is a directory, expected a jsonl file\n")
 
 
+def test_sample_stopped_says_what_it_keeps(world, tmp_path, monkeypatch):
+    from w2s import sampling_jsonl
+    from w2s.cli import main
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sampling_jsonl, "generate_to_jsonl", stopped)
+    prompts = tmp_path / "q.jsonl"
+    prompts.write_text(json.dumps({"id": 0, "prompt": "Question: 1 + 1?\nAnswer:"}) + "\n")
+    out = CliRunner().invoke(main, ["sample", str(world / "strong"), "--input", str(prompts), "--output",
+                                    str(tmp_path / "out.jsonl"), "--no-progress"])
+    assert (out.exit_code, out.output.strip()) == (130, "stopped (Ctrl-C or SIGTERM): the prompts finished so far "
+                                                        "are kept; the same command resumes")
+
+
 def test_write_errors_name_their_path(tmp_path):
     """A write() or fsync() error carries no file name (a full disk): naming_path adds the file being written."""
     import errno

@@ -330,7 +330,7 @@ def sample(ckpt_dir, input_path, output_path, prompt_key, id_key, n, temperature
 
     from w2s.checkpoint import config_dir, fingerprint
     from w2s.config import ModelConfig
-    from w2s.parallel import barrier, init_distributed
+    from w2s.parallel import barrier, init_distributed, is_main, stop_requested
     from w2s.sampling import check_distribution, check_prompts
     from w2s.sampling_jsonl import check_run_meta, generate_to_jsonl, read_prompts_jsonl, write_run_meta
 
@@ -365,6 +365,13 @@ def sample(ckpt_dir, input_path, output_path, prompt_key, id_key, n, temperature
                           cuda_graphs=False if no_cuda_graphs else None, prefill_chunk=prefill_chunk)
     except (ValueError, OSError) as e:
         raise OneLineError(str(e)) from None
+    except (KeyboardInterrupt, RuntimeError) as e:  # Ctrl-C or SIGTERM (or a collective it broke): what is kept
+        if isinstance(e, RuntimeError) and not stop_requested():
+            raise
+        if is_main():
+            click.echo("\nstopped (Ctrl-C or SIGTERM): the prompts finished so far are kept; the same command "
+                       "resumes", err=True)
+        raise SystemExit(130) from None
     if d.is_main:
         click.echo(f"wrote {output_path}: {len(records)} prompts x {n} completions in "
                    f"{time.perf_counter() - start:.1f} s", err=True)
