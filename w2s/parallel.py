@@ -14,7 +14,8 @@ must SUM over ranks, not average: `set_gradient_divide_factor(1.0)` when there i
 
 Activation checkpointing (`enable_activation_checkpointing`) wraps each block's forward the same way: the model code
 knows nothing about it. Tensor parallelism for sampling lives in w2s/tensor_parallel.py. No torch.distributed call is
-made inside the model.
+made inside the model. The process-level helpers of the command-line tools live here too: say_error (one error line
+per torchrun launch) and command_line_process (Ctrl-C and SIGTERM as one stop, one-line warnings).
 
     python -m pytest -q tests/test_fsdp.py   # 2 CPU processes over gloo == 1 process
 """
