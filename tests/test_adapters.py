@@ -239,3 +239,7 @@ def test_an_adapter_pointing_at_another_base_is_named_by_inspect_and_refused_fro
     (on_adapter / "adapter_config.json").write_text(json.dumps({**adapter_config,
                                                                 "base_model_name_or_path": str(trained[0])}))
     validate_checkpoint(on_adapter, tokenizer=False)
+    (on_adapter / "adapter_config.json").write_text(json.dumps({**adapter_config, "base_model_name_or_path": "."}))
+    with pytest.raises(ValueError, match=r"adapter_config\.json: base_model_name_or_path '\.' is the adapter's own "
+                                         r"directory; point it at the base checkpoint$"):
+        validate_checkpoint(on_adapter)

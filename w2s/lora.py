@@ -308,6 +308,9 @@ def adapter_base_dir(path, adapter: Adapter):
     if not base.is_dir():
         raise FileNotFoundError(f"{Path(path) / ADAPTER_CONFIG}: base_model_name_or_path {adapter.base!r} is not a "
                                 f"directory here; point it at the base checkpoint (a local HF directory)")
+    if base.resolve() == Path(path).resolve():  # every reader follows the pointer: it would never end
+        raise ValueError(f"{Path(path) / ADAPTER_CONFIG}: base_model_name_or_path {adapter.base!r} is the adapter's "
+                         f"own directory; point it at the base checkpoint")
     return base
 
 
