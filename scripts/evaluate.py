@@ -147,7 +147,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from w2s.parallel import command_line_process, say_error, stop_requested
+    from w2s.parallel import command_line_process, exit_if_stopped, say_error
 
     with command_line_process():
         try:
@@ -155,9 +155,6 @@ if __name__ == "__main__":
         except (ValueError, OSError) as e:  # bad input, a full disk: one line (once under torchrun), exit 2
             say_error(f"error: {e}")
             sys.exit(2)
-        except (KeyboardInterrupt, RuntimeError) as e:  # Ctrl-C or SIGTERM (or a collective it broke): what is kept
-            if isinstance(e, RuntimeError) and not stop_requested():
-                raise
-            say_error("stopped (Ctrl-C or SIGTERM): the completions written so far are kept; the same command "
-                      "resumes")
-            sys.exit(130)
+        except (KeyboardInterrupt, RuntimeError) as e:
+            exit_if_stopped(e, "the completions written so far are kept; the same command resumes")
+            raise

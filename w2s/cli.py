@@ -197,7 +197,7 @@ def run(recipe, runs, no_progress, dry_run, world_size, gpu, reuse):
     [logging] report_to = ["tensorboard"] (-> runs/<name>/tb/<stage>) or ["wandb"]. The train and test files are
     jsonl in the task's format: GSM8K {"question", "answer": "... #### N"}; MATH {"problem", "solution", ...}.
     """
-    from w2s.parallel import is_main, stop_requested
+    from w2s.parallel import exit_if_stopped, is_main
     from w2s.pipeline import dry_run as plan_run
     from w2s.pipeline import run_pipeline
 
@@ -208,13 +208,9 @@ def run(recipe, runs, no_progress, dry_run, world_size, gpu, reuse):
         return
     try:
         _, _, text = run_pipeline(recipe, runs_dir=runs, progress=not no_progress, reuse=reuse)
-    except (KeyboardInterrupt, RuntimeError) as e:  # Ctrl-C or SIGTERM: say what is kept, exit as a shell reports it
-        if isinstance(e, RuntimeError) and not stop_requested():  # not a collective the stop broke: an error
-            raise
-        if is_main():
-            click.echo("\nstopped (Ctrl-C or SIGTERM): the finished stages are kept; the same command resumes the run",
-                       err=True)
-        raise SystemExit(130) from None
+    except (KeyboardInterrupt, RuntimeError) as e:
+        exit_if_stopped(e, "the finished stages are kept; the same command resumes the run")
+        raise
     if text:  # under torchrun only rank 0 builds the report; the other ranks print nothing
         click.echo(text)
 
@@ -330,7 +326,7 @@ def sample(ckpt_dir, input_path, output_path, prompt_key, id_key, n, temperature
 
     from w2s.checkpoint import config_dir, fingerprint
     from w2s.config import ModelConfig
-    from w2s.parallel import barrier, init_distributed, is_main, stop_requested
+    from w2s.parallel import barrier, exit_if_stopped, init_distributed
     from w2s.sampling import check_distribution, check_prompts
     from w2s.sampling_jsonl import check_run_meta, generate_to_jsonl, read_prompts_jsonl, write_run_meta
 
@@ -365,13 +361,9 @@ def sample(ckpt_dir, input_path, output_path, prompt_key, id_key, n, temperature
                           cuda_graphs=False if no_cuda_graphs else None, prefill_chunk=prefill_chunk)
     except (ValueError, OSError) as e:
         raise OneLineError(str(e)) from None
-    except (KeyboardInterrupt, RuntimeError) as e:  # Ctrl-C or SIGTERM (or a collective it broke): what is kept
-        if isinstance(e, RuntimeError) and not stop_requested():
-            raise
-        if is_main():
-            click.echo("\nstopped (Ctrl-C or SIGTERM): the prompts finished so far are kept; the same command "
-                       "resumes", err=True)
-        raise SystemExit(130) from None
+    except (KeyboardInterrupt, RuntimeError) as e:
+        exit_if_stopped(e, "the prompts finished so far are kept; the same command resumes")
+        raise
     if d.is_main:
         click.echo(f"wrote {output_path}: {len(records)} prompts x {n} completions in "
                    f"{time.perf_counter() - start:.1f} s", err=True)

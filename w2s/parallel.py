@@ -127,6 +127,17 @@ def command_line_process():
                 signal.signal(signum, handler)
 
 
+def exit_if_stopped(e, kept):
+    """End the command as stopped when `e` is its Ctrl-C or SIGTERM, or an error that followed one (a collective the
+    stop broke): one line saying what is `kept`, exit 130 as a shell reports an interrupt. Return otherwise."""
+    if not (isinstance(e, KeyboardInterrupt) or stop_requested()):
+        return
+    if rank() == 0:
+        print(file=sys.stderr)  # past the line a progress bar was drawing
+    say_error(f"stopped (Ctrl-C or SIGTERM): {kept}")
+    raise SystemExit(130) from None
+
+
 def say_error(line):
     """Print `line`, the one line of an error that ends this process, once per torchrun launch: rank 0 says it, and
     each failing rank writes it to its torchrun error file, so that torchrun's failure summary names the error of

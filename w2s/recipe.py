@@ -297,11 +297,17 @@ def check_data_sizes(recipe, train, test):
             raise ValueError(f"{recipe.path}: [data] {key}: {path} holds no records")
     if d.n_test > len(test):
         raise ValueError(f"{recipe.path}: [data] n_test = {d.n_test} but {d.test} has {len(test)} records")
-    if not d.train_2 and not d.split_file and (d.n_train_1 or d.n_train_2):  # the sizes 00_data takes (run_data)
-        n1, n2 = d.n_train_1 or len(train) // 2, d.n_train_2 or len(train) - len(train) // 2
+    if not d.train_2 and not d.split_file:
+        n1, n2 = split_sizes(d, len(train))
         if n1 + n2 > len(train):
             raise ValueError(f"{recipe.path}: [data] n_train_1 + n_train_2 = {n1} + {n2} but {d.train} has "
                              f"{len(train)} records")
+
+
+def split_sizes(data, n_records):
+    """(n_train_1, n_train_2) the data stage takes from a train file of n_records records without a split_file:
+    [data] n_train_1 and n_train_2, each half of the file when 0 (train_2 gets the odd one)."""
+    return data.n_train_1 or n_records // 2, data.n_train_2 or n_records - n_records // 2
 
 
 def check_device(recipe):

@@ -52,7 +52,7 @@ from w2s.interchange import export_pairs, export_sft
 from w2s.lora import adapter_applied, adapter_base_dir, read_adapter
 from w2s.parallel import is_main
 from w2s.profile import StageProfiler
-from w2s.recipe import grpo_config, train_config
+from w2s.recipe import grpo_config, split_sizes, train_config
 from w2s.sampling_jsonl import already_sampled, generate_to_jsonl
 from w2s.stages.consistency import consistent, precision, self_consistent, sft_sets
 from w2s.stages.metrics import evaluation_result, pair_precision
@@ -382,9 +382,7 @@ def run_data(ctx, out):
     if d.split_file:
         train_1, train_2 = load_split(d.split_file, train)
     else:
-        sizes = (d.n_train_1 or len(train) // 2, d.n_train_2 or len(train) - len(train) // 2) \
-            if d.n_train_1 or d.n_train_2 else None
-        train_1, train_2 = split_train(train, seed=d.seed, sizes=sizes)
+        train_1, train_2 = split_train(train, seed=d.seed, sizes=split_sizes(d, len(train)))
     if len(train_1) == 0 or len(train_2) == 0:
         raise ValueError(f"{ctx.recipe.path}: [data] gives {len(train_1)} train_1 and {len(train_2)} train_2 "
                          f"records; both must be non-empty")

@@ -183,17 +183,17 @@ def check_rows_before_loading(encode_rows, tokenizer, rows, cfg, args):
         raise ValueError(f"{args.data}: none of the {len(rows)} rows is usable (the first: {where}: {reason})")
 
 
-def interrupted_line(cfg, out):
+def kept_after_stop(cfg, out):
     """What a Ctrl-C or SIGTERM leaves behind (the last complete checkpoint in OUT/ckpt, if any) and how to go on."""
     from w2s.checkpoint import latest_checkpoint
 
     last = latest_checkpoint(Path(out) / "ckpt") if cfg is not None and cfg.ckpt_every else None
     if last is None:
         why = "--ckpt-every 0" if cfg is not None and not cfg.ckpt_every else "no checkpoint written yet"
-        return f"stopped (Ctrl-C or SIGTERM): nothing to resume from ({why}); the same command starts over"
+        return f"nothing to resume from ({why}); the same command starts over"
     again = "the same command" if cfg.resume else "the same command without --no-resume"
-    return (f"stopped (Ctrl-C or SIGTERM): the training state after step {int(last.name.removeprefix('step'))} is "
-            f"kept in {last}; {again} resumes from it")
+    step = int(last.name.removeprefix("step"))
+    return f"the training state after step {step} is kept in {last}; {again} resumes from it"
 
 
 @command_line_process()
@@ -206,7 +206,7 @@ def run(train, encode_rows, args, **kwargs):
     from w2s.checkpoint import load_for_training, tokenizer_dir, validate_checkpoint
     from w2s.files import read_jsonl
     from w2s.losses import check_beta
-    from w2s.parallel import lost_peer_line, rank, say_error, stop_requested
+    from w2s.parallel import exit_if_stopped, lost_peer_line, rank, say_error
     from w2s.tracking import check_trackers
     from w2s.train_config import config_from_args
 
@@ -247,13 +247,9 @@ def run(train, encode_rows, args, **kwargs):
     except (ValueError, OSError) as e:  # bad input, a nan loss, a full disk or a permission error: one line
         say_error(f"error: {e}")
         sys.exit(2)
-    except KeyboardInterrupt:
-        say_error(interrupted_line(cfg, args.out))
-        sys.exit(130)
-    except RuntimeError as e:  # a rank left behind when another failed: one line, not a traceback from each
-        if stop_requested():  # a collective that failed because the stop reached a peer first
-            say_error(interrupted_line(cfg, args.out))
-            sys.exit(130)
+    except (KeyboardInterrupt, RuntimeError) as e:
+        exit_if_stopped(e, kept_after_stop(cfg, args.out))
+        # a rank left behind when another failed: one line, not a traceback from each
         if not (line := lost_peer_line(e)):
             raise
         say_error(f"error: {line}")
