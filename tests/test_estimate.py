@@ -267,3 +267,10 @@ def test_a_split_file_decides_the_sizes_as_in_the_data_stage(recipe, tmp_path):
                                                                  n_train_1=1, n_train_2=1))
     work = estimate.workload(split)
     assert (work.n_train_1, work.n_train_2, work.n_test) == (2, 7, 4)
+
+
+def test_one_size_given_leaves_the_other_half_the_file_as_in_the_data_stage(recipe):
+    """n_train_1 = 3 alone: the data stage takes 3 and half of the 10 records (split_train's default), not 10 - 3."""
+    one = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, n_train_1=3))
+    work = estimate.workload(one)
+    assert (work.n_train_1, work.n_train_2) == (3, 5)

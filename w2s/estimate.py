@@ -43,7 +43,7 @@ from w2s import profile
 from w2s.config import ModelConfig
 from w2s.lora import TARGETS
 from w2s.losses import PREFERENCE_LOSSES
-from w2s.recipe import check_data_sizes, grpo_config, train_config
+from w2s.recipe import check_data_sizes, grpo_config, split_sizes, train_config
 from w2s.tasks import few_shot_prompt, load_records, load_split, zero_shot_prompt
 
 KEPT_FRACTION = 0.55  # GSM8K round 1 keeps 31-55 % of train_2: the upper end, so the estimate errs high
@@ -108,8 +108,7 @@ def workload(recipe):
     if d.split_file:  # the user's split decides the sizes, as in the data stage (w2s/runners.py run_data)
         n_1, n_2 = map(len, load_split(d.split_file, train))
     else:
-        n_1 = d.n_train_1 or len(train) // 2
-        n_2 = d.n_train_2 or len(train) - n_1
+        n_1, n_2 = split_sizes(d, len(train))
     count = _token_counter(recipe.models.strong)
     sample = train[:2000]  # the means settle long before; tokenizing 12k solutions takes a while
     prompts = [count(zero_shot_prompt(r["question"])) for r in sample]
