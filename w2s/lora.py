@@ -311,6 +311,14 @@ def adapter_base_dir(path, adapter: Adapter):
     if base.resolve() == Path(path).resolve():  # every reader follows the pointer: it would never end
         raise ValueError(f"{Path(path) / ADAPTER_CONFIG}: base_model_name_or_path {adapter.base!r} is the adapter's "
                          f"own directory; point it at the base checkpoint")
+    chain = [Path(path).resolve(), base.resolve()]  # nor may a longer chain of adapters come back (A -> B -> A)
+    while (next_adapter := read_adapter_config(chain[-1])) is not None and next_adapter.get("base_model_name_or_path"):
+        pointer = Path(next_adapter["base_model_name_or_path"])
+        chain.append((chain[-1] / pointer if not pointer.is_absolute() else pointer).resolve())
+        if chain[-1] in chain[:-1]:
+            raise ValueError(f"{Path(path) / ADAPTER_CONFIG}: base_model_name_or_path {adapter.base!r} leads to a "
+                             f"chain of adapters that comes back to {chain[-1]} ({' -> '.join(map(str, chain))}); "
+                             f"point it at a base checkpoint")
     return base
 
 

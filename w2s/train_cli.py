@@ -142,8 +142,8 @@ def finished_model_files(out, model_dir, overwrite):
     from w2s.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_base_dir, read_adapter
 
     sources = [model_dir]
-    while (adapter := read_adapter(sources[-1], tensors=False)) is not None and len(sources) < 8:
-        sources.append(adapter_base_dir(sources[-1], adapter))  # an adapter trains from its base's (8: no cycles)
+    while (adapter := read_adapter(sources[-1], tensors=False)) is not None:
+        sources.append(adapter_base_dir(sources[-1], adapter))  # an adapter trains from its base's (a cycle raises)
     for source in sources:  # the export writes OUT's files and OUT/merged, and --overwrite removes them first
         if out.exists() and (source.resolve() == out.resolve() or source.resolve().is_relative_to(
                 (out / MERGED_DIR).resolve())):
