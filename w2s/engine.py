@@ -66,7 +66,7 @@ class Context:
     recipe: object
     run_dir: Path
     keys: dict = field(default_factory=dict)
-    runs: dict = field(default_factory=dict)  # stage -> the run id of its finished output (None: recorded before ids)
+    runs: dict = field(default_factory=dict)  # stage -> its finished output's run id (None: meta.json has none)
     log: Callable = print
     progress: bool = True  # progress bars inside stages (sampling, training)
     resident: tuple | None = None  # (checkpoint dir, model, tokenizer) kept in memory between stages
@@ -168,7 +168,8 @@ def current_metas(metas, keys=None, unfinished=()):
 
     def current(meta):
         recorded = meta.get("input_runs")
-        inputs = recorded if recorded is not None else dict.fromkeys(meta.get("inputs", {}))  # before run ids: None
+        # a meta.json without input_runs read inputs that had no run id: None
+        inputs = recorded if recorded is not None else dict.fromkeys(meta.get("inputs", {}))
         return not any(d in unfinished or (d in metas and (d not in kept or kept[d].get("run") != run))
                        for d, run in inputs.items())
 
@@ -180,15 +181,15 @@ def current_metas(metas, keys=None, unfinished=()):
 
 def stale_inputs(meta, reads, runs):
     """The inputs of a finished stage that ran again since it ran: the run id its meta.json recorded for them is not
-    theirs now. A stage recorded before run ids (no input_runs) read inputs without one: an input that has one now
-    ran after it."""
+    theirs now. A meta.json without input_runs read inputs that had no run id: an input that has one now ran
+    after it."""
     recorded = meta.get("input_runs") or {}
     return [d for d in reads if recorded.get(d) != runs.get(d)]
 
 
 def dir_id(key, input_runs):
     """What a stage directory's key.txt holds: the key, and the run ids of the inputs its partial outputs were made
-    from (the key alone when no input has one, as in runs recorded before run ids)."""
+    from (the key alone when no input has a run id)."""
     return key if not any(input_runs.values()) else f"{key} {stable_hash(input_runs)}"
 
 
@@ -296,7 +297,8 @@ def take_finished(stages, donor_dir, run_dir):
     rank."""
     taken, keys, runs = [], table_keys(stages), {}
     if is_main():
-        for leftover in (ASIDE_DIR, ".taking"):  # what a kill left half-copied or half-deleted (.taking: older name)
+        # what a kill left half-copied or half-deleted (.taking: the same leftover under its other name)
+        for leftover in (ASIDE_DIR, ".taking"):
             shutil.rmtree(Path(run_dir) / leftover, ignore_errors=True)
         for stage in stages if donor_dir is not None else []:
             meta, take = judged_by(stage, keys[stage.name], run_dir, donor_dir, runs)

@@ -24,6 +24,8 @@ class TrainModule(nn.Module):
 
     def forward(self, tokens, targets, per_token):
         """tokens, targets (B, T) -> per-token target log-probs (B*T,) if per_token else the summed token NLL.
+        targets come shifted from data.collate: targets[b, t] = tokens[b, t + 1] on response tokens, IGNORE_INDEX
+        elsewhere, so hidden[b, t] predicts targets[b, t].
 
         The log-probs come back flat: the caller reshapes them, because FSDP2 hooks this module's outputs for
         backward and warns about (and cannot protect) outputs that are views.

@@ -8,6 +8,7 @@ The families differ in a handful of places, each an explicit field of ModelConfi
     gemma     (1+w) * norm(x) fp32 * sqrt(D)   GeGLU    MQA/GQA, head_dim 256          tied
     gemma2    (1+w) ... + sandwich * sqrt(D)   GeGLU    scale 1/sqrt(qpas), softcap,   tied, final softcap
               norms around attn/MLP                     local/global alternating
+    (qpas: config.json's query_pre_attn_scalar)
 
 Module and parameter names mirror the Hugging Face checkpoints (minus the leading "model."), so loading and saving
 is a rename of one prefix, not a converter. Every hot op goes through w2s/ops.py (Triton on GPU; on CPU torch SDPA,
@@ -60,9 +61,9 @@ class KVCache:
     model speaks.
     `rows` maps the batch being run onto cache rows (None: batch row i is cache row i, all slots); several batch
     rows may map to one cache row (the sampler's mixed steps run each prompt token as a batch row of its own).
-    `limit` bounds the positions attended over (the sampler lowers it to the longest live sequence so decode reads
-    less). Entries at positions beyond a sequence's current position may hold stale values: attention is causal by
-    position, so they are never read before being overwritten.
+    `limit` bounds the positions attended over (the sampler sets it to the positions the next sync_every steps can
+    reach, so decode reads less). Entries at positions beyond a sequence's current position may hold stale values:
+    attention is causal by position, so they are never read before being overwritten.
     `shared = (row, P)`, set by the sampler, declares that positions [0, P) of every row hold the same keys and
     values as that row (a prompt prefix common to all); attention then gets them as a hint (the cascade).
     """
@@ -80,8 +81,8 @@ class KVCache:
 
     def read(self, layer, batch):
         """This layer's keys and values as views, no copy, and the cache row of each of the `batch` rows being run:
-        ((batch, limit, K, D) twice, None) when batch row i is cache row i, else ((rows, limit, K, D) twice, `rows`
-        (batch,)), for attention's kv_rows."""
+        ((batch, limit, K, D) twice, None) when batch row i is cache row i, else ((cache rows, limit, K, D) twice:
+        every row of the cache, and `rows` (batch,): the cache row of each batch row), for attention's kv_rows."""
         keys, values = self.k[layer, :, :, : self.limit], self.v[layer, :, :, : self.limit]
         if self.rows is None:
             keys, values = keys[:batch], values[:batch]
@@ -117,7 +118,8 @@ class Attention(nn.Module):
             q_positions, shared, kv_rows = None, None, None  # keys are this batch's tokens: causal by index
         else:
             q = cache.write(self.layer_idx, q, k, v, positions, inv_freq)  # rotates q and k, caches k and v
-            k, v, kv_rows = cache.read(self.layer_idx, B)  # (rows, S, K, D), key index == position; (B,) | None
+            # (B or cache rows, S, K, D), key index == position; kv_rows (B,) or None
+            k, v, kv_rows = cache.read(self.layer_idx, B)
             q_positions, shared = positions, cache.shared_prefix(self.layer_idx)
         out = ops.attention(q, k, v, q_positions=q_positions, sliding_window=self.window,
                             softcap=cfg.attn_logit_softcap, scale=cfg.attn_scale, shared_prefix=shared,

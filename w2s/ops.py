@@ -110,8 +110,8 @@ def attention(q, k, v, q_positions=None, kv_lengths=None, sliding_window=None, s
 
 
 # Below this many shared tokens the cascade's second kernel call and merge cost more than reading the prefix from
-# every row (measured on CPU, BENCHMARKS.md); zero-shot prompts share only a few template tokens. CUDA uses the same
-# value, not yet tuned there.
+# every row (the CPU crossover is in BENCHMARKS.md; CUDA uses the same value); zero-shot prompts share only a few
+# template tokens.
 CASCADE_MIN_PREFIX = 64
 
 

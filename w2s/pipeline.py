@@ -297,8 +297,8 @@ def ckpt_fingerprint(path):
 RUNTIME_ONLY = ("progress", "log_every", "activation_checkpointing", "cpu_offload", "ckpt_every", "resume", "bad_rows",
                 "export_merged")
 # The preference-only TrainConfig fields that preference_key adds to the stages they act on (the NLL weight to DPO /
-# IPO when set, ORPO's NLL convention to ORPO), so SFT keys never see them. beta stays in every stage's key, as it
-# always has: dropping it would change the keys of finished runs and rerun them.
+# IPO when set, ORPO's NLL convention to ORPO), so SFT keys never see them. beta stays in every stage's key, SFT's
+# included: removing it would change the keys of finished runs and rerun them.
 KEYED_PER_LOSS = tuple(f for f in PREFERENCE_ONLY if f != "beta")
 
 

@@ -20,12 +20,11 @@ How it works (one engine, `Engine`, driven by w2s.sampling.iter_generate):
     to C per step. Such a mixed step runs S + C query rows of one token each (every slot's next token, then the
     prompt tokens, each writing and reading its own cache row: attention's kv_rows), and a slot whose last prompt
     token is in it samples its token 0 there. The first admission, with no decode to join, is a prefill forward.
-  * On CUDA the decode step is captured once per attention length as a CUDA graph and replayed (cuda_graphs,
-    default on for CUDA, never used on CPU); nothing in the step may sync with the host. The KV cache, the slots'
-    state and the graphs are kept for the next call on the same model (keep_state; w2s/decode_state.py says when a
-    kept state is reused and when it is dropped). The cache write and RoPE run as one kernel per layer
-    (ops.rope_cache_write), and q/k/v and gate/up as one matmul each (fused_projections, default on CUDA:
-    w2s/fused.py).
+  * On CUDA the decode step is captured once per attention limit and step kind (plain or mixed) as a CUDA graph and
+    replayed (cuda_graphs, default on for CUDA, never used on CPU); nothing in the step may sync with the host. The KV
+    cache, the slots' state and the graphs are kept for the next call on the same model (keep_state; w2s/decode_state.py
+    says when a kept state is reused and when it is dropped). The cache write and RoPE run as one kernel per layer
+    (ops.rope_cache_write), and q/k/v and gate/up as one matmul each (fused_projections, default on CUDA: w2s/fused.py).
   * Randomness is counter-based (ops.stream_keys, ops.stream_uniforms; the hash is written out in
     w2s/kernels/reference.py): the uniform for token t of sample j of prompt i is a hash of (seed, i, j, t), with
     i the prompt's index in the caller's list. A completion therefore does not depend on batch size, scheduling,
@@ -62,6 +61,7 @@ def sample_from_logits(logits, uniforms, temperature=1.0, top_k=0, top_p=1.0):
         return logits.argmax(dim=-1)
     order = None  # (B, V) vocabulary ids of the columns, when they were reordered
     if 0 < top_k < logits.shape[-1] or top_p < 1.0:
+        # temper once, first: top-k and top-p cut the tempered distribution (as transformers' warpers do)
         logits, temperature = logits.float() / temperature, 1.0
         if 0 < top_k < logits.shape[-1]:
             kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
@@ -305,7 +305,8 @@ class Engine:
         """The prompt tokens of the next decode steps: each step carries up to prefill_chunk tokens of the slots being
         prefilled, oldest first. A slot whose last prompt token is in a step samples its token 0 from that entry
         (pick) in that step and generates from the next one (activate). Unused entries write into the spare row's
-        last position, which nothing reads. -> (steps, 3C + 2S) long on device, DecodeState.step_inputs' layout."""
+        last position, which nothing reads. -> (steps, 3C + 2S) long on device (DecodeState.step_inputs' layout), one
+        row per step: [prompt tokens (C) | their positions (C) | their cache rows (C) | pick (S) | activate (S)]."""
         C, S = self.prefill_chunk, self.slots
         plan = []
         while self.prefilling and len(plan) < self.sync_every:

@@ -20,8 +20,9 @@ same function). A run is a Trainer, in three parts as in torchtitan's train.py:
      2. count the valid target tokens (and pairs) of ALL micro-batches on all ranks: one all-reduce of 3 numbers;
      3. for each micro-batch: hidden = model(tokens, return_hidden=True); the fused linear loss/log-prob op turns
         hidden states + the output matrix into per-token quantities without building (N, V) logits on GPU; the loss
-        step returns sum / GLOBAL count, and backward accumulates. FSDP2 SUMS gradients over ranks, so the result
-        equals one big batch on one device, whatever the micro-batch size or world size;
+        step returns sum / GLOBAL count, and backward accumulates. FSDP2 SUMS gradients over ranks (w2s/parallel.py
+        sets a divide factor of 1 where FSDP2 would average), so the result equals one big batch on one device,
+        whatever the micro-batch size or world size;
      4. clip the global gradient norm, AdamW step at the warmup + cosine learning rate;
      then w2s/profile.py's meter counts the step's tokens and exact FLOPs (step_flops); every cfg.log_every steps
      the loop writes the one log line (loss, lr, grad norm, tokens/s, MFU, peak memory) and a metrics.jsonl record,
@@ -103,7 +104,7 @@ def examples_hash(examples):
     h = hashlib.sha256()
     for ex in examples:
         for e in (ex.chosen, ex.rejected) if isinstance(ex, data.Pair) else (ex,):
-            # chat rows' spans only when present, so the hash of a prompt/response row stays what it was
+            # spans only for chat rows: a prompt/response row hashes as [n_prompt, tokens], whatever the chat format
             h.update(json.dumps([e.n_prompt, e.tokens] + ([e.spans] if e.spans is not None else [])).encode())
     return h.hexdigest()
 
@@ -256,7 +257,7 @@ class Task:
     # a sampling task rewrites the entries of the rows it samples, in make_batches, before the step is metered)
     make_batch: Callable | None  # row indices -> {"tokens", "targets", ...} CPU tensors
     count_fn: Callable  # batch -> its share of norm: [valid tokens, pairs, chosen tokens]
-    loss_step: Callable  # (module, batch on device, norm) -> (loss, {metric: tensor}); see "loss steps"
+    loss_step: Callable  # (module, batch on device, norm) -> (loss, {metric: tensor}); w2s/loss_steps.py
     data_key: str  # identifies the data (and loss) in the checkpoints' run key
     prepare: Callable | None = None  # (module, weights fingerprint) after sharding: the reference pass
     fingerprint: bool = False  # prepare reads the weights' fingerprint (an fp64 pass over them on rank 0)
@@ -439,8 +440,8 @@ class Trainer:
         """Stop with one line (NonFiniteError) naming the run, the step and the value when `value` is nan or inf.
 
         The gradient norm is checked every step, before the optimizer update, so a non-finite step never reaches the
-        weights or a checkpoint: reading it (clip_grad_norm) is one host sync per step, which costs nothing
-        measurable, since the loss head already waits for every micro-batch's forward (TrainModule). The loss is
+        weights or a checkpoint: reading it (clip_grad_norm) is one host sync per step, which adds little,
+        since the loss head already waits for every micro-batch's forward (TrainModule). The loss is
         checked on log steps, where it is reduced over ranks and read anyway (as torchtitan does)."""
         if not math.isfinite(value):
             kept = latest_checkpoint(self.ckpt_root) if self.ckpt_root is not None else None
@@ -468,8 +469,8 @@ class Trainer:
         return rec
 
     def run_stats(self, meter, rec):
-        """The run's cost and outcome, what a pipeline stage records: steps and tokens of the WHOLE run (every
-        training token, all ranks; a resumed run adds the steps before its checkpoint, counted from the data),
+        """The run's cost and outcome, what a pipeline stage records: steps and tokens of the WHOLE run (every training
+        token, all ranks; a resumed run adds the tokens before its checkpoint, as the checkpoint recorded them),
         resumed_from_step (0: not resumed), final_loss (the last logged loss); and this call's own share: run_steps,
         run_tokens, and the meter's tok_s, mfu (None without a known peak: CPU), peak_mem_gib, device and wall_s."""
         cost = meter.cost()

@@ -1,7 +1,9 @@
 """The executable specification of every kernel, in plain PyTorch.
 
 Each function here defines *what* a kernel computes; the Triton files beside it define *how fast*. The model runs
-on these on CPU (and whenever `W2S_KERNELS=reference`), and the kernel tests compare forward outputs and every
+on these whenever `W2S_KERNELS=reference`, and on CPU for every op but two, which compute the same values with less
+memory traffic: attention (torch's SDPA where it applies, w2s/kernels/sdpa_attention.py) and the output layer's
+losses and log-probs (w2s/kernels/chunked_linear.py). The kernel tests compare forward outputs and every
 gradient of the Triton versions against them. Autograd through these functions is the reference backward.
 
 Shapes follow the model: B batch, T (query) length, S key length, H query heads, K key/value heads, D head dim,
@@ -182,6 +184,6 @@ def linear_logprobs(hidden, weight, targets, softcap=None, ignore_index=-100):
     """Per-token log p(target) (N,) fp32, 0 where target == ignore_index (DPO/ORPO sum these per sequence)."""
     logits = linear_logits(hidden, weight, softcap)
     valid = targets != ignore_index
-    safe = targets.clamp(min=0)
+    safe = targets.clamp(min=0)  # gather cannot index ignore_index (-100); those entries are zeroed below
     logp = torch.log_softmax(logits, dim=-1).gather(-1, safe[:, None]).squeeze(-1)
     return torch.where(valid, logp, torch.zeros_like(logp))

@@ -249,12 +249,12 @@ def evaluation_result(rows: list[dict], test: list[dict], task: str, grader: str
     """
     grader = grader or default_grader(task)
     names = tuple(dict.fromkeys((grader, *available_graders(task))))  # the headline grader first
-    bounded = dict(BOUNDED)
+    gave_up_before = dict(BOUNDED)  # BOUNDED counts since the process started: this call's are the difference
     graded = {name: _graded(rows, test, get_grader(task, name)) for name in names}
     flat = {name: [v for vs in g["verdicts"].values() for v in vs] for name, g in graded.items()}
     result = {"grader": grader,
               "no_answer_by_grader": {name: g["no_answer"] for name, g in graded.items()},
-              "equivalence_gave_up": {bound: BOUNDED[bound] - n for bound, n in bounded.items()},
+              "equivalence_gave_up": {bound: BOUNDED[bound] - n for bound, n in gave_up_before.items()},
               "grader_disagreements": {f"{a}/{b}": sum(x != y for x, y in zip(flat[a], flat[b]))
                                        for a, b in combinations(names, 2)}}
     if per_question:

@@ -10,7 +10,7 @@ named `olympicarena` here), whose comparison depends on the question's answer ty
     math-verify   Hugging Face's Math-Verify (`pip install math-verify`, the `math-verify` extra): its own extraction,
                   normalization and verification; "available" only when the package is installed
 
-The interface, the same for every grader (and for the task judges that come later):
+The interface, the same for every grader and task judge:
 
     grader.name
     grader.answer(response, stored=False) -> str
