@@ -247,7 +247,8 @@ def test_sampling_reads_only_what_the_stage_before_did_not_leave_in_memory(lora_
 def test_a_dry_run_needs_only_the_models_config_json(recipe, tmp_path):
     """The checkpoints of the recipe fixture are bare config.json files: planning a run comes before downloading
     its weights (w2s/recipe.py's error for a missing checkpoint says so). Every stage is listed as to run."""
-    from w2s.pipeline import build_stages, dry_run
+    from w2s.estimate import dry_run
+    from w2s.pipeline import build_stages
 
     text = dry_run(tmp_path / "r.toml", runs_dir=tmp_path / "runs", world=8, device="H100 SXM")
     assert sorted(p.name for p in (tmp_path / "strong").iterdir()) == ["config.json"]

@@ -346,7 +346,7 @@ def test_shipped_demo_olympic_recipe_validates_with_its_files():
 
 
 def test_dry_run_without_gold(olympic_world, tmp_path):
-    from w2s.pipeline import dry_run
+    from w2s.estimate import dry_run
 
     text = dry_run(write_recipe(olympic_world, "dry"), runs_dir=tmp_path, world=8, device="H100 SXM")
     assert "train_1 / train_2 / test: 0 / 12 / 6 questions" in text and "no gold to measure" in text

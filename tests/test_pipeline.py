@@ -586,7 +586,8 @@ def _dry_run_rows(text):
 
 
 def test_dry_run_says_what_a_rerun_will_do_and_why(full_run, tmp_path):
-    from w2s.pipeline import dry_run, run_pipeline
+    from w2s.estimate import dry_run
+    from w2s.pipeline import run_pipeline
 
     fresh = _dry_run_rows(dry_run(write_recipe(full_run["world"], "tiny"), runs_dir=tmp_path))
     assert fresh == {name: ("will run", "not run yet") for name in ALL_STAGES}
@@ -606,19 +607,19 @@ def test_dry_run_says_what_a_rerun_will_do_and_why(full_run, tmp_path):
 
 
 def test_dry_run_warns_when_it_plans_for_fewer_processes_than_the_tensor_parallelism(full_run, tmp_path, monkeypatch):
-    import w2s.pipeline as pipeline
+    import w2s.estimate as estimate
 
-    real = pipeline.load_recipe
+    real = estimate.load_recipe
 
     def with_tp_2(path):
         recipe = real(path)
         recipe.sampling.tp = 2
         return recipe
 
-    monkeypatch.setattr(pipeline, "load_recipe", with_tp_2)
+    monkeypatch.setattr(estimate, "load_recipe", with_tp_2)
     recipe = write_recipe(full_run["world"], "tiny")
-    assert "tp = 2) needs a multiple of 2 processes; this plans for 1" in pipeline.dry_run(recipe, runs_dir=tmp_path)
-    assert "needs a multiple" not in pipeline.dry_run(recipe, runs_dir=tmp_path, world=2)
+    assert "tp = 2) needs a multiple of 2 processes; this plans for 1" in estimate.dry_run(recipe, runs_dir=tmp_path)
+    assert "needs a multiple" not in estimate.dry_run(recipe, runs_dir=tmp_path, world=2)
 
 
 # ---------------------------------------------------------------------------------------------------- bad input

@@ -197,8 +197,8 @@ def run(recipe, runs, no_progress, dry_run, world_size, gpu, reuse):
     [logging] report_to = ["tensorboard"] (-> runs/<name>/tb/<stage>) or ["wandb"]. The train and test files are
     jsonl in the task's format: GSM8K {"question", "answer": "... #### N"}; MATH {"problem", "solution", ...}.
     """
+    from w2s.estimate import dry_run as plan_run
     from w2s.parallel import exit_if_stopped, is_main
-    from w2s.pipeline import dry_run as plan_run
     from w2s.pipeline import run_pipeline
 
     if dry_run:

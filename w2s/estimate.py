@@ -2,7 +2,7 @@
 device and time, and rank 0's peak host memory, the checkpoints read and the resume state written while it runs,
 from the recipe, the data files and the models' config.json (no weights are read).
 
-`w2s run RECIPE --dry-run` prints it beside each stage's status (w2s/pipeline.py `dry_run`). It is an estimate, and
+`w2s run RECIPE --dry-run` prints it beside each stage's status (`dry_run` below). It is an estimate, and
 says how it is made:
 
   * sizes: train_1 / train_2 / test from the data files; mean prompt and response tokens from the strong
@@ -37,13 +37,21 @@ says how it is made:
     python -m pytest -q tests/test_estimate.py
 """
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
+
+import torch
 
 from w2s import profile
 from w2s.config import ModelConfig
+from w2s.engine import plan
 from w2s.lora import TARGETS
 from w2s.losses import PREFERENCE_LOSSES
-from w2s.recipe import check_data_sizes, grpo_config, split_sizes, train_config
+from w2s.pipeline import build_stages, check_reuse
+from w2s.recipe import check_data_sizes, grpo_config, load_recipe, split_sizes, train_config
+from w2s.report import _table
+from w2s.runners import load_questions, task_prompt
 from w2s.tasks import few_shot_prompt, load_records, load_split, zero_shot_prompt
 
 KEPT_FRACTION = 0.55  # GSM8K round 1 keeps 31-55 % of train_2: the upper end, so the estimate errs high
@@ -460,3 +468,75 @@ def human_seconds(s):
     if s is None:
         return "-"
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
+
+
+# ------------------------------------------------------------------------------------------------ the dry run
+
+
+def dry_run(recipe_path, runs_dir="runs", world=None, device=None, reuse=None):
+    """What `run_pipeline` would do (w2s/pipeline.py), and its estimated cost, as markdown; reads no weights and
+    writes nothing. world: processes of the run (default: this launch's); device: a GPU name for the time estimate
+    (default: this machine's CUDA device; none on a CPU-only machine); reuse: as run_pipeline's."""
+    recipe = load_recipe(recipe_path)
+    check_reuse(reuse, Path(runs_dir) / recipe.name)
+    world = world or int(os.environ.get("WORLD_SIZE", 1))
+    device = device or (profile.device_name() if torch.cuda.is_available() else "cpu")
+    stages = build_stages(recipe)
+    work, configs = workload(recipe) if not recipe.data.train_2 else questions_workload(recipe), model_configs(recipe)
+    planned = list(plan(stages, Path(runs_dir) / recipe.name, reuse))
+    runs = [status not in ("done", "taken") for _, status, _ in planned]
+    costs = stage_costs([stage for stage, _, _ in planned], recipe, work, configs, world, device, runs=runs)
+    rows, io_rows = [], []
+    for (stage, status, reasons), cost in zip(planned, costs):
+        why = "; ".join(reasons[:3]) + (f"; and {len(reasons) - 3} more" if len(reasons) > 3 else "")
+        rows.append((stage.name, status, why or "-", f"{cost.generated:,}", f"{cost.trained:,}",
+                     human_bytes(cost.disk), human_bytes(cost.memory), human_seconds(cost.seconds)))
+        if cost.generated or cost.trained:  # a stage that runs a model
+            io_rows.append((stage.name, *_io_cells(cost)))
+    todo = total_cost(cost for runs_it, cost in zip(runs, costs) if runs_it)
+    rows.append(("to do", "", "", f"{todo.generated:,}", f"{todo.trained:,}", human_bytes(todo.disk),
+                 human_bytes(todo.memory), human_seconds(todo.seconds)))
+    io_rows.append(("to do", *_io_cells(todo)))
+    header = ["stage", "status", "why", "tokens generated", "tokens trained", "disk written", "peak memory / device",
+              "time"]
+    io_header = ["stage", "host memory, rank 0", "checkpoints read", "resume state on disk"]
+    tp = max(recipe.sampling.tp, recipe.sampling.weak_tp)
+    warning = (f"**The recipe's tensor parallelism (tp = {tp}) needs a multiple of {tp} processes; this plans for "
+               f"{world}**: pass --world-size {tp} (make ... NPROC={tp}).\n\n" if world % tp else "")
+    return (f"# Dry run: {recipe.name} on {world} x {device}\n\n{warning}The estimate starts from:\n\n" +
+            "\n".join(_workload_lines(work, gold=not recipe.data.train_2)) + "\n\n" + _table(header, rows) +
+            "\n\nHost memory, checkpoint reads and resume state of the stages that run a model (reading is not in "
+            "the time above):\n\n" + _table(io_header, io_rows) +
+            "\n")
+
+
+def _io_cells(cost):
+    """The loading table's cells of a Cost: host memory, checkpoint bytes read and their time, resume state."""
+    return (human_bytes(cost.host), f"{human_bytes(cost.read)} ({human_seconds(cost.read_seconds)})",
+            human_bytes(cost.resume))
+
+
+def questions_workload(recipe):
+    """The estimate's Workload in the setting without gold, from the train_2 and test files. No gold solution to
+    measure a response by: one is assumed half of [sampling] sample_max_new_tokens long."""
+    d, s1 = recipe.data, recipe.stage1
+    train_2, test = load_questions(d.task, d.train_2), load_records(d.task, d.test)
+    check_data_sizes(recipe, train_2, test)
+    count = _token_counter(recipe.models.strong)
+    prompts = [count(task_prompt(d.task, r)) for r in train_2[:2000]]  # the mean settles long before
+    prompt, response = sum(prompts) / len(prompts), recipe.sampling.sample_max_new_tokens / 2
+    return Workload(0, len(train_2), min(d.n_test or len(test), len(test)), prompt,
+                    (s1.n_demos + 1) * prompt + s1.n_demos * response, response)
+
+
+def _workload_lines(work, gold=True):
+    response = (f"gold solution {work.response_tokens:.0f} (a response is assumed as long" if gold else
+                f"response {work.response_tokens:.0f} (no gold to measure: half of sample_max_new_tokens")
+    return [f"- train_1 / train_2 / test: {work.n_train_1:,} / {work.n_train_2:,} / {work.n_test:,} questions",
+            f"- mean tokens: zero-shot prompt {work.prompt_tokens:.0f}, 4-shot prompt {work.few_shot_tokens:.0f}, "
+            f"{response}, capped at max_new_tokens)",
+            f"- Stage I keeps {KEPT_FRACTION:.0%} of train_2 per round; pairs for {PAIRED_FRACTION:.0%} of it",
+            f"- training at {TRAIN_MFU:.1%} MFU, sampling at {SAMPLING_MFU:.1%} of peak (measured on an "
+            f"{MEASURED_ON}, BENCHMARKS.md): lower bounds for a multi-GPU 70B run",
+            f"- checkpoints read at {DISK_READ_BYTES_S / 1e9:g} GB/s, in the recipe's dtype; a sampling stage whose "
+            f"weights the stage before left in memory reads only its adapter"]

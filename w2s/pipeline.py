@@ -55,43 +55,22 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
-from w2s import profile
 from w2s.checkpoint import identity_files
 from w2s.engine import (
     STAGES_FILE,
     Context,
     Stage,
-    plan,
     reading_lock,
     run_lock,
     run_stages,
     table_keys,
     take_finished,
 )
-from w2s.estimate import (
-    DISK_READ_BYTES_S,
-    KEPT_FRACTION,
-    MEASURED_ON,
-    PAIRED_FRACTION,
-    SAMPLING_MFU,
-    TRAIN_MFU,
-    Workload,
-    _token_counter,
-    human_bytes,
-    human_seconds,
-    model_configs,
-    stage_costs,
-    total_cost,
-    workload,
-)
 from w2s.files import sha256_file, stable_hash, write_json_atomic
 from w2s.parallel import barrier, init_distributed, is_main
-from w2s.recipe import check_data_sizes, check_device, grpo_config, load_recipe, train_config, validate_inputs
-from w2s.report import _table, report
+from w2s.recipe import check_device, grpo_config, load_recipe, train_config, validate_inputs
+from w2s.report import report
 from w2s.runners import (
-    load_questions,
     run_ceiling,
     run_data,
     run_eval,
@@ -105,10 +84,9 @@ from w2s.runners import (
     run_stage1_sft,
     run_test_set,
     run_weak_sft,
-    task_prompt,
 )
 from w2s.stages.consistency import SFT_SETS
-from w2s.tasks import load_records, strips_periods
+from w2s.tasks import strips_periods
 from w2s.train_config import PREFERENCE_ONLY
 
 KINDS = {run_data: "data", run_test_set: "data", run_weak_sft: "train", run_labels: "generate", run_filter: "filter",
@@ -424,75 +402,6 @@ def passk_key(recipe):
 
 
 # ------------------------------------------------------------------------------------------------ running a recipe
-
-
-def dry_run(recipe_path, runs_dir="runs", world=None, device=None, reuse=None):
-    """What `run_pipeline` would do, and its estimated cost (w2s/estimate.py), as markdown; reads no weights and
-    writes nothing. world: processes of the run (default: this launch's); device: a GPU name for the time estimate
-    (default: this machine's CUDA device; none on a CPU-only machine); reuse: as run_pipeline's."""
-    recipe = load_recipe(recipe_path)
-    check_reuse(reuse, Path(runs_dir) / recipe.name)
-    world = world or int(os.environ.get("WORLD_SIZE", 1))
-    device = device or (profile.device_name() if torch.cuda.is_available() else "cpu")
-    stages = build_stages(recipe)
-    work, configs = workload(recipe) if not recipe.data.train_2 else questions_workload(recipe), model_configs(recipe)
-    planned = list(plan(stages, Path(runs_dir) / recipe.name, reuse))
-    runs = [status not in ("done", "taken") for _, status, _ in planned]
-    costs = stage_costs([stage for stage, _, _ in planned], recipe, work, configs, world, device, runs=runs)
-    rows, io_rows = [], []
-    for (stage, status, reasons), cost in zip(planned, costs):
-        why = "; ".join(reasons[:3]) + (f"; and {len(reasons) - 3} more" if len(reasons) > 3 else "")
-        rows.append((stage.name, status, why or "-", f"{cost.generated:,}", f"{cost.trained:,}",
-                     human_bytes(cost.disk), human_bytes(cost.memory), human_seconds(cost.seconds)))
-        if cost.generated or cost.trained:  # a stage that runs a model
-            io_rows.append((stage.name, *_io_cells(cost)))
-    todo = total_cost(cost for runs_it, cost in zip(runs, costs) if runs_it)
-    rows.append(("to do", "", "", f"{todo.generated:,}", f"{todo.trained:,}", human_bytes(todo.disk),
-                 human_bytes(todo.memory), human_seconds(todo.seconds)))
-    io_rows.append(("to do", *_io_cells(todo)))
-    header = ["stage", "status", "why", "tokens generated", "tokens trained", "disk written", "peak memory / device",
-              "time"]
-    io_header = ["stage", "host memory, rank 0", "checkpoints read", "resume state on disk"]
-    tp = max(recipe.sampling.tp, recipe.sampling.weak_tp)
-    warning = (f"**The recipe's tensor parallelism (tp = {tp}) needs a multiple of {tp} processes; this plans for "
-               f"{world}**: pass --world-size {tp} (make ... NPROC={tp}).\n\n" if world % tp else "")
-    return (f"# Dry run: {recipe.name} on {world} x {device}\n\n{warning}The estimate starts from:\n\n" +
-            "\n".join(_workload_lines(work, gold=not recipe.data.train_2)) + "\n\n" + _table(header, rows) +
-            "\n\nHost memory, checkpoint reads and resume state of the stages that run a model (reading is not in "
-            "the time above):\n\n" + _table(io_header, io_rows) +
-            "\n")
-
-
-def _io_cells(cost):
-    """The loading table's cells of a Cost: host memory, checkpoint bytes read and their time, resume state."""
-    return (human_bytes(cost.host), f"{human_bytes(cost.read)} ({human_seconds(cost.read_seconds)})",
-            human_bytes(cost.resume))
-
-
-def questions_workload(recipe):
-    """The estimate's Workload in the setting without gold, from the train_2 and test files. No gold solution to
-    measure a response by: one is assumed half of [sampling] sample_max_new_tokens long."""
-    d, s1 = recipe.data, recipe.stage1
-    train_2, test = load_questions(d.task, d.train_2), load_records(d.task, d.test)
-    check_data_sizes(recipe, train_2, test)
-    count = _token_counter(recipe.models.strong)
-    prompts = [count(task_prompt(d.task, r)) for r in train_2[:2000]]  # the mean settles long before
-    prompt, response = sum(prompts) / len(prompts), recipe.sampling.sample_max_new_tokens / 2
-    return Workload(0, len(train_2), min(d.n_test or len(test), len(test)), prompt,
-                    (s1.n_demos + 1) * prompt + s1.n_demos * response, response)
-
-
-def _workload_lines(work, gold=True):
-    response = (f"gold solution {work.response_tokens:.0f} (a response is assumed as long" if gold else
-                f"response {work.response_tokens:.0f} (no gold to measure: half of sample_max_new_tokens")
-    return [f"- train_1 / train_2 / test: {work.n_train_1:,} / {work.n_train_2:,} / {work.n_test:,} questions",
-            f"- mean tokens: zero-shot prompt {work.prompt_tokens:.0f}, 4-shot prompt {work.few_shot_tokens:.0f}, "
-            f"{response}, capped at max_new_tokens)",
-            f"- Stage I keeps {KEPT_FRACTION:.0%} of train_2 per round; pairs for {PAIRED_FRACTION:.0%} of it",
-            f"- training at {TRAIN_MFU:.1%} MFU, sampling at {SAMPLING_MFU:.1%} of peak (measured on an "
-            f"{MEASURED_ON}, BENCHMARKS.md): lower bounds for a multi-GPU 70B run",
-            f"- checkpoints read at {DISK_READ_BYTES_S / 1e9:g} GB/s, in the recipe's dtype; a sampling stage whose "
-            f"weights the stage before left in memory reads only its adapter"]
 
 
 def check_reuse(reuse, run_dir):
