@@ -38,8 +38,8 @@ VARIANTS = {
                   "Iterative RPO: 2 rounds of DPO + NLL (alpha 1)", "stage2_dpo_round2"),
     "margin": ({"stage2": {"pair_weighting": "margin", "self_consistency_pairs": True}},
                "ScPO: vote-margin weights + most/least-voted pairs", "stage2_dpo"),
-    # The demo's weak model (about 14 % accurate) never reaches a 0.6 majority over 10 samples at T = 1: at 0.6 the
-    # filter keeps no question and Stage I has nothing to train on, so the miniature uses 0.3.
+    # The demo's weak model (its accuracy: docs/DEMO_WORLD.md) never reaches a 0.6 majority over 10 samples at T = 1:
+    # at 0.6 the filter keeps no question and Stage I has nothing to train on, so the miniature uses 0.3.
     "weak_sc": ({"stage1": {"weak_self_consistency": 10, "weak_min_confidence": 0.3}},
                 "weak self-consistency filter (k 10, conf 0.3)", "stage2_dpo"),
     # The paper's Stage II from the icl-ft model instead of the hybrid-ft one (the miniature's icl-ft models are the

@@ -9,7 +9,7 @@
 What it writes (everything seeded: a rerun on the same torch build and thread count reproduces the files):
     demo/data/train.jsonl, test.jsonl   GSM8K-format records of the world (the pipeline splits train into
                                         train_1 / train_2 itself); no question of these is in any pretraining doc
-    demo/tokenizer/                     digit-level byte BPE trained on the corpora and the questions
+    demo/tokenizer/                     byte-level BPE (0..60 one token each) trained on the corpora and questions
     demo/weak/, demo/strong/            HF-format checkpoints (config.json, model.safetensors, tokenizer files)
     demo/PRETRAIN.json                  the model shapes, steps, final losses, wall time and probe numbers
   with --olympic (from the shipped demo/weak, demo/strong, demo/tokenizer and the regenerated corpora; no pretraining
@@ -59,9 +59,9 @@ SCHEDULE = {
     "strong": dict(n_docs=48_000, lr=2e-3, batch_size=8),
     "weak": dict(n_docs=10_000, lr=2e-3, batch_size=8),
 }
-# The seed of the shipped demo/: seeds 0, 1 and 2 were pretrained with this schedule and probed (--probe 200), and
-# the one whose strong base did best 4-shot with the weak model's demos was kept; the pipeline was not run to choose
-# (docs/DEMO_WORLD.md, "Choosing the pretraining seed"). At this scale that ability varies a lot between seeds.
+# The seed of the shipped demo/: the one of seeds 0-2 whose strong base did best 4-shot with the weak model's demos
+# in a probe (--probe 200), not in the pipeline; at this scale that varies a lot between seeds (docs/DEMO_WORLD.md,
+# "Choosing the pretraining seed").
 SHIPPED_SEED = 1
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "demo.toml"
 SPLIT_SIZES = dict(n_train_1=1000, n_train_2=1000, n_test=500)  # the pipeline takes its subsets of these
@@ -176,8 +176,8 @@ def probe(out_dir, n, seed, recipe_path=RECIPE, log=print):
 
 OLYMPIC_SIZES = {"instruct": 450, "train_2": 450, "val": 300}  # a third of each answer type per split
 # The instruct slice: problems of the task's own range (the miniature has one kind of problem), questions disjoint
-# from train_2 and val, trained long enough to learn the boxed last line, which the weak base never read. (An easier
-# slice, 1-3 steps of small numbers, left it writing broken chains on the task's problems: docs/DEMO_WORLD.md.)
+# from train_2 and val, trained long enough to learn the boxed last line, which the weak base never read. (Why not an
+# easier slice: docs/DEMO_WORLD.md.)
 INSTRUCT_DIFFICULTY = world.Difficulty()
 INSTRUCT_TRAINING = dict(lr=2e-3, epochs=20, batch_size=32, micro_batch_size=32, max_seq_len=512)
 # The strong base's second reading (world.olympic_corpus): one pass, the pretraining's batch, a lower peak lr.

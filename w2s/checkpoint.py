@@ -213,7 +213,7 @@ def load_for_training(path, dtype=torch.float32):
     filled it.
 
     An adapter directory gives its base with the adapter as live LoRA layers (rank 0 loads A and B): a LoRA run
-    continues that adapter, a full fine-tune merges it first (w2s/train.py).
+    continues that adapter, a full fine-tune merges it first (w2s/lora.py prepare_lora).
     """
     device = "cpu" if rank() == 0 else "meta"
     adapter = read_adapter(path)

@@ -143,7 +143,7 @@ def inspect(ckpt_dir):
         ("shards", len(files)),
         ("memory (as stored)", _human(stored_bytes)),
         ("memory in bf16 / fp32", f"{_human(2 * n)} / {_human(4 * n)}"),
-        ("full fine-tune, AdamW fp32 states", _human(16 * n) + " (bf16 weights+grads, fp32 master+m+v)"),
+        ("full fine-tune, AdamW fp32 states", _human(16 * n) + " (fp32 master, grads, AdamW m, v)"),
     ]
     has_tokenizer = tokenizer_file(ckpt_dir) is not None
     problems += checkpoint_problems(ckpt_dir, tokenizer=has_tokenizer)

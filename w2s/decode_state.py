@@ -35,7 +35,8 @@ _KEPT = weakref.WeakKeyDictionary()  # model -> (shapes, weight addresses, Decod
 
 class DecodeState:
     """Device buffers of a sampler run over `slots` sequences of up to `cache_len` positions, and the decode step's
-    graphs (one per attention limit) once captured. The engine reads and writes the tensors in place."""
+    graphs (one per attention limit and step kind, plain or mixed) once captured. The engine reads and writes the
+    tensors in place."""
 
     def __init__(self, cfg, slots, cache_len, dtype, device, prefill_chunk=0):
         # One spare cache row (index `slots`) holds the shared prefix; decode touches only rows [0, slots), but for

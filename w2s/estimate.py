@@ -389,7 +389,7 @@ def host_memory(cfg, tc, dtype_bytes, world, adapter=0, tp_out=1, merged=False, 
       model is sampled at tp 1 (the runner keeps it resident); a merge computes each adapted matrix in fp32
       (lora.merged_weight: 12 bytes an element of bf16 weights), in place, except at tp 1, where
       merge_lora_state_dict keeps the base and writes the merged matrices beside it. save_model writes the shards
-      from the tensors' own memory with the safetensors installed here (0.8); a release whose save_file goes
+      from the tensors' own memory (safetensors' save_file through _flatten_as_ptr); a release whose save_file goes
       through _flatten copies each shard (up to 5 GiB) first, which is not counted.
     """
     n, lora = cfg.n_params(), tc.lora_rank is not None

@@ -1,4 +1,4 @@
-"""Files: jsonl in, atomic writes out, content hashes. The one owner of each, for every module of the package.
+"""Files: jsonl in, atomic writes out, content hashes: the helpers the stages, the trainer and the sampler share.
 
     rows = read_jsonl("data/train.jsonl")                    # [dict]; a broken line is one error naming file:line
     rows = read_jsonl(path, tag_lines=True)                  # each row also gets "_where": "path:line"

@@ -139,11 +139,11 @@ def exit_if_stopped(e, kept):
 
 
 def say_error(line):
-    """Print `line`, the one line of an error that ends this process, once per torchrun launch: rank 0 says it, and
-    each failing rank writes it to its torchrun error file, so that torchrun's failure summary names the error of
-    the first rank that failed (it said "To enable traceback see ..."). Bad input and the files rank 0 alone reads
-    and writes fail on rank 0 too; an error only another rank meets (its own output part, a node-local file) reaches
-    the user through that summary. Without torchrun's error file (another launcher) every rank prints, prefixed
+    """Print `line`, the one line of an error that ends this process, once per torchrun launch: rank 0 says it, and each
+    failing rank writes it to its torchrun error file, so that torchrun's failure summary names the error of the first
+    rank that failed (without the file it says only "To enable traceback see ..."). Bad input and the files rank 0 alone
+    reads and writes fail on rank 0 too; an error only another rank meets (its own output part, a node-local file)
+    reaches the user through that summary. Without torchrun's error file (another launcher) every rank prints, prefixed
     with its rank beyond rank 0."""
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")  # set by torchrun for each worker
     if rank() == 0 or not error_file:

@@ -21,7 +21,7 @@ missing files, impossible values) before any model is loaded, and every error na
 checkpoints' configs, tokenizers and safetensors headers: w2s.checkpoint.validate_checkpoint), so a truncated shard
 or a bad gold answer stops the run before its first stage with one line naming the file.
 
-    python -c "from w2s.recipe import load_recipe; print(load_recipe('recipes/gsm8k.toml'))"
+    python -c "from w2s.recipe import load_recipe; print(load_recipe('recipes/demo.toml'))"
 """
 
 import dataclasses

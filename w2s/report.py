@@ -109,7 +109,7 @@ def _check_fields(meta_file, meta):
     for key, value in [(k, meta[k]) for k in NUMBER_OBJECTS if k in meta] + [("counts", counts)]:
         if not isinstance(value, dict):
             refuse(key, value, "an object")
-        if key == "counts":  # only the counts the tables read; null is none, as before
+        if key == "counts":  # only the counts the tables read; a null count means none
             check_number(key, {k: value[k] for k in COUNTS_READ if k in value})
         else:
             check_number(key, value, null=False)

@@ -6,8 +6,9 @@ Every rank of a tensor-parallel group holds a slice of each block and all ranks 
                o_proj       row-split (its input columns are those heads); partial outputs are summed (all-reduce)
     MLP        gate/up_proj column-split: rank r keeps hidden units [r*F/tp, (r+1)*F/tp)
                down_proj    row-split; all-reduce
-    embeddings, norms and lm_head stay REPLICATED (simple, and small next to the blocks: 0.5 GB of a 70B model), so
-               every rank computes the same full logits and samples the same token with no extra communication.
+    embeddings, norms and lm_head stay REPLICATED (simple, and small next to the blocks: ~1 GB of Llama-2-70B's 138 GB
+               in bf16), so every rank computes the same full logits and samples the same token with no extra
+               communication.
 
 Nothing in w2s/model.py changes: the projections' weights are replaced by their slices, each attention layer gets
 its own config copy with n_heads/tp and n_kv_heads/tp heads (what the KV cache and the head reshapes read), and a
@@ -69,7 +70,7 @@ def shard_slice(name, cfg: ModelConfig, rank, tp):
     hd = cfg.head_dim
     if proj in ROW:
         if kind == "bias":
-            return None  # full bias, zeroed on ranks != 0 by the caller (see row_bias_scale)
+            return None  # full bias, zeroed on ranks != 0 by the callers (_is_row_bias)
         width = cfg.n_heads * hd if proj == "o_proj" else cfg.hidden_dim
         return 1, rank * width // tp, width // tp
     if proj == "q_proj":
@@ -136,7 +137,7 @@ def apply_tensor_parallel(model: Transformer, group, rank, tp):
     _, kv_count = kv_heads_of_rank(cfg, rank, tp)
     local_cfg = cfg.replace(n_heads=cfg.n_heads // tp, n_kv_heads=kv_count, hidden_dim=cfg.hidden_dim // tp)
     for layer in model.layers:
-        layer.self_attn.cfg = local_cfg  # head reshapes and KV cache (sampling.kv_config) read the local counts
+        layer.self_attn.cfg = local_cfg  # head reshapes and KV cache (sampling_engine.kv_config) read the local counts
         layer.self_attn.o_proj.register_forward_hook(_all_reduce_hook(group))
         layer.mlp.down_proj.register_forward_hook(_all_reduce_hook(group))
     model.tp_size, model.tp_rank = tp, rank

@@ -29,7 +29,8 @@ lstrip_blocks, `raise_exception`, `strftime_now`, a `tojson` that does not escap
 special tokens (bos_token, eos_token, ...) as variables. The result is text; encode it with bos=False when the
 template writes the BOS token itself (both templates of tests/test_tokenizer.py do).
 
-`train_bpe` trains a small byte-level BPE (special tokens <s>, </s>, <pad>) for demos and tests.
+`train_bpe` trains a small byte-level BPE (special tokens <s>, </s>, <pad>) for tests (the demo's tokenizer is
+w2s/world.py train_world_tokenizer).
 """
 
 import json

@@ -309,7 +309,7 @@ OLYMPIC_SPLITS = ("instruct", "train_2", "val")
 
 def make_olympic_splits(seed: int, sizes: dict[str, int], difficulty: dict[str, Difficulty] | None = None,
                         exclude: set[str] | None = None) -> dict[str, list[dict]]:
-    """{"instruct", "train_2", "val"} -> OlympicArena-layout rows, each split a third of each answer type (in a
+    """{"instruct", "train_2", "val"} -> OlympicArena-layout rows, each split's rows a third of each answer type (in a
     seeded order). No question text is shared between splits or with `exclude` (the GSM8K demo data and the
     pretraining documents). difficulty: per split (default Difficulty()); "instruct" is the slice that makes the
     weak model an instruct model, docs/DEMO_WORLD.md."""
@@ -368,7 +368,7 @@ CORPUS_SPECS = {
     "strong": CorpusSpec(difficulty=Difficulty(min_steps=1, max_steps=3), answer_key_fraction=0.3, qa_share=0.25,
                          qa_worked_share=0.3, drill_fraction=0.25, fact_error_rate=0.0, fixed_format=False,
                          max_per_doc=4),
-    # Weak: short chains of small numbers in one fixed layout, and a fifth of all arithmetic facts consistently
+    # Weak: short chains of small numbers in one fixed layout, and a quarter of all arithmetic facts consistently
     # wrong (misconceptions, not noise: greedy decoding reproduces them, so its labels carry systematic errors).
     "weak": CorpusSpec(difficulty=Difficulty(min_steps=1, max_steps=2, max_start=12, max_addend=6, max_value=30),
                        answer_key_fraction=0.0, qa_share=0.0, qa_worked_share=0.0, drill_fraction=0.3,

@@ -12,7 +12,8 @@ plus "level" and "subject" for MATH. Prompts use no chat template (docs/PAPER.md
     stored_response(text, task)    a completion as it is kept: whitespace and, for GSM8K / MATH, "." stripped
 
 Graders (how answers are read and compared: `paper`, `equivalence`, `math-verify`) are w2s/tasks/graders.py;
-`extract_answer`, `normalize_answer`, `is_equiv`, `grade` and `final_answer` below are the `equivalence` grader's.
+`extract_answer`, `normalize_answer`, `is_equiv`, `grade` and `final_answer` (from w2s/tasks/grading.py) are the
+`equivalence` grader's.
 
 OlympicArena (no gold for training; its own prompt, stop strings and judge) lives in w2s/tasks/olympicarena.py and
 w2s/tasks/olympic_judge.py; TASKS lists it with the two above.
