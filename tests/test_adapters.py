@@ -211,6 +211,52 @@ def test_tensor_parallel_ranks_merge_their_slices(base, trained):
                                                      adapter.scale), full, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("change, says", [
+    ("[1]", "adapter_config.json: expected a JSON object, got list"),
+    ({"peft_type": "IA3"}, "adapter_config.json: expected a PEFT LoRA adapter (peft_type 'LORA' and an integer "
+                           "r >= 1), got peft_type 'IA3', r 4"),
+    ({"r": True}, "adapter_config.json: expected a PEFT LoRA adapter"),
+    ({"use_dora": True}, "adapter_config.json: use_dora = True is not supported (expected False: plain LoRA"),
+    ({"lora_alpha": "eight"}, "adapter_config.json: lora_alpha = 'eight': expected a number"),
+    ({"base_model_name_or_path": ""}, "adapter_config.json: base_model_name_or_path is empty"),
+    ({"base_model_name_or_path": "nowhere"}, "adapter_config.json: base_model_name_or_path 'nowhere' is not a "
+                                             "directory here"),
+    ("no weights", "adapter_model.safetensors: missing (an adapter directory needs adapter_model.safetensors"),
+    ("a foreign tensor", "adapter_model.safetensors: unexpected tensor 'base_model.model.model.layers.0.mlp.fc."
+                         "lora_A.weight'"),
+    ("another rank", "adapter_model.safetensors: layers.0.self_attn.q_proj needs lora_A (r, in) and lora_B (out, r) "
+                     "with r = 4, got [3, 64] and"),
+])
+def test_an_adapter_w2s_cannot_apply_is_one_line_naming_its_file(trained, tmp_path, change, says):
+    """Every way an adapter directory can be unreadable ends the load in one error naming the file and what was
+    expected, before any tensor is applied."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(trained[0], adapter)
+    config, weights = adapter / "adapter_config.json", adapter / "adapter_model.safetensors"
+    if isinstance(change, dict):
+        config.write_text(json.dumps({**json.loads(config.read_text()), **change}))
+    elif change == "[1]":
+        config.write_text(change)
+    elif change == "no weights":
+        weights.unlink()
+    else:
+        tensors = load_file(weights)
+        key = f"{PEFT_PREFIX}layers.0.self_attn.q_proj.lora_A.weight"
+        if change == "a foreign tensor":
+            tensors[f"{PEFT_PREFIX}layers.0.mlp.fc.lora_A.weight"] = tensors[key].clone()
+        else:
+            tensors[key] = tensors[key][:3].contiguous()
+        save_file(tensors, weights)
+    with pytest.raises((ValueError, FileNotFoundError)) as error:
+        w2s.load_model(adapter, dtype=torch.float32)
+    assert str(error.value).startswith(str(adapter / says.split(":")[0]) + ":"), error.value
+    assert says in str(error.value) and "\n" not in str(error.value), error.value
+
+
 @pytest.mark.parametrize("layers, says", [(1, "tensors for 7 layers the base"),
                                           (3, "no tensors for 7 of the base's layers its target_modules name")])
 def test_an_adapter_pointing_at_another_base_is_named_by_inspect_and_refused_from_headers(base, trained, tmp_path,

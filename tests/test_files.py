@@ -11,7 +11,7 @@ import stat
 import pytest
 
 from w2s.files import (
-    read_json_object,
+    read_json,
     read_jsonl,
     sha256_file,
     stable_hash,
@@ -89,12 +89,20 @@ def test_a_record_is_a_json_object_or_one_line_naming_it(tmp_path):
 
     record = tmp_path / "r.json"
     record.write_text('{"a": 1}')
-    assert read_json_object(record) == {"a": 1}
+    assert read_json(record) == {"a": 1}
     for text, message in (("[1]", "expected a JSON object, got list"), ("3", "expected a JSON object, got int"),
                           ('{\n"a":', r":2: not valid JSON \(Expecting value\)")):
         record.write_text(text)
         with pytest.raises(ValueError, match=rf"^{record}:? ?{message}$"):
-            read_json_object(record)
+            read_json(record)
+    record.write_bytes(b'{"a": "caf\xe9"}')  # Latin-1, not UTF-8: a file from elsewhere
+    with pytest.raises(ValueError, match=rf"^{record}: not UTF-8 text \(byte 0xe9 at offset 10\)$"):
+        read_json(record)
+    record.write_bytes(b'\xef\xbb\xbf[1]')  # a byte-order mark, as some Windows editors write: read past
+    assert read_json(record, expected=list) == [1]
+    record.write_text('{"a": 1}')
+    with pytest.raises(ValueError, match=rf"^{record}: expected a JSON list, got dict$"):
+        read_json(record, expected=list)
     (tmp_path / "o.jsonl").write_text("x\n")
     (tmp_path / "o.jsonl.meta.json").write_text("[1]")
     with pytest.raises(ValueError, match=r"o\.jsonl\.meta\.json: expected a JSON object, got list; delete it and "

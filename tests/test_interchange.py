@@ -79,8 +79,8 @@ def test_llama_factory_prompt_joining_extra_keys_and_the_authors_ids(tmp_path):
 
 
 @pytest.mark.parametrize("content, reader, message", [
-    ("[{\"instruction\": \"a\", ", import_sft, r"bad\.json: invalid json at line 1"),
-    ("{\"instruction\": \"a\"}", import_sft, r"bad\.json: expected a json list of entries, got dict"),
+    ("[{\"instruction\": \"a\", ", import_sft, r"bad\.json:1: not valid JSON"),
+    ("{\"instruction\": \"a\"}", import_sft, r"bad\.json: expected a JSON list, got dict"),
     ("[\"just a string\"]", import_sft, r"bad\.json\[0\]: expected an object, got str"),
     ("[{\"instruction\": \"a\", \"output\": \"b\"}, {\"output\": \"c\"}]", import_sft,
      r"bad\.json\[1\]: missing key 'instruction' \(or 'content'\)"),

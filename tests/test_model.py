@@ -219,7 +219,10 @@ def test_config_values_of_the_wrong_type_are_one_clear_error(tmp_path, key, valu
     with pytest.raises(ValueError, match=rf"config\.json: {message}$"):
         ModelConfig.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text("[1]")
-    with pytest.raises(ValueError, match=r"config\.json: expected a JSON object of model options, got list$"):
+    with pytest.raises(ValueError, match=r"config\.json: expected a JSON object, got list$"):
+        ModelConfig.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_bytes(b'{"model_type": "llama\xff"}')  # a byte that is not UTF-8
+    with pytest.raises(ValueError, match=r"config\.json: not UTF-8 text \(byte 0xff at offset 21\)$"):
         ModelConfig.from_pretrained(tmp_path)
 
 
@@ -229,6 +232,11 @@ def test_missing_shard(tmp_path):
     shard.unlink()
     with pytest.raises(FileNotFoundError, match=shard.name + ".*is missing"):
         w2s.load_model(tmp_path)
+    index = tmp_path / "model.safetensors.index.json"
+    for text in ('{"metadata": {}}', '{"weight_map": {"a": 3}}', "[1]"):  # not the layout save_pretrained writes
+        index.write_text(text)
+        with pytest.raises(ValueError, match=rf"^{index}: (not a safetensors index|expected a JSON object)"):
+            w2s.load_model(tmp_path)
 
 
 def test_single_file_wins_over_a_stale_index_as_in_transformers(tmp_path):

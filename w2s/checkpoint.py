@@ -38,7 +38,7 @@ import torch
 from safetensors.torch import save_file
 
 from w2s.config import ModelConfig
-from w2s.files import read_json_object, with_usual_permissions, write_atomic
+from w2s.files import read_json, with_usual_permissions, write_atomic
 from w2s.lora import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -88,10 +88,9 @@ def checkpoint_files(path):
     if single.is_file():
         return {name: single for name in read_safetensors_header(single)[0]}
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise ValueError(f"{index}: not a safetensors index (expected JSON with a 'weight_map')") from None
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(s, str) for s in weight_map.values()):
+            raise ValueError(f"{index}: not a safetensors index (expected a 'weight_map' of tensor name -> shard file)")
         shards = {name: path / shard for name, shard in weight_map.items()}
         for shard in sorted(set(shards.values())):
             if not shard.is_file():
@@ -581,7 +580,7 @@ def load_training_state(path, module, optimizer, d: Dist):
 def read_train_state(path):
     """The train_state.json of the training-state checkpoint in `path` (a dict), or one line naming the file."""
     try:
-        return read_json_object(Path(path) / "train_state.json")
+        return read_json(Path(path) / "train_state.json")
     except ValueError as e:
         raise ValueError(f"{e}; delete {Path(path).name} to resume from the checkpoint before it (or resume=False, "
                          f"--no-resume, to start over)") from None

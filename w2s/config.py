@@ -13,10 +13,11 @@ reads `cfg.norm_unit_offset` rather than `if family == "gemma"`. Supported `arch
 """
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from w2s.files import read_json
 
 FAMILIES = {
     "LlamaForCausalLM": "llama",
@@ -159,17 +160,10 @@ class ModelConfig:
         cfg_file = path / "config.json" if path.is_dir() else path
         if not cfg_file.is_file():
             raise FileNotFoundError(f"{cfg_file}: no config.json (expected a Hugging Face checkpoint directory)")
-        try:
-            hf = json.loads(cfg_file.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
-        cfg = cls.from_hf(hf, source=str(cfg_file))
+        cfg = cls.from_hf(read_json(cfg_file), source=str(cfg_file))
         gen_file = cfg_file.parent / "generation_config.json"
         if gen_file.is_file():
-            try:
-                cfg.generation_config = json.loads(gen_file.read_text())
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{gen_file}: not valid JSON ({e})") from None
+            cfg.generation_config = read_json(gen_file)
         return cfg
 
     def to_hf(self):

@@ -5,6 +5,7 @@
     require(row, "question", row["_where"])                  # a non-empty string, or one error naming file:line
     write_atomic(path, text_or_bytes)                        # temp file, fsync, rename: never half a file
     write_json_atomic(path, obj); write_jsonl_atomic(path, rows)
+    read_json(path)                                          # a JSON object (or list), or one error naming the file
     sha256_file(path); stable_hash(obj)                      # content hash of a file; short hash of JSON data
 
 A reader of a file written here sees the old file or the whole new one. The temp file has a name of its own
@@ -75,16 +76,20 @@ def require(row, key, where):
     return value
 
 
-def read_json_object(path):
-    """The JSON object in the file at `path` (a record this project wrote: a stage's meta.json, a run's recipe.json,
-    a checkpoint's train_state.json); a torn or hand-edited file is one ValueError naming it (callers add what to do
-    about it)."""
+def read_json(path, expected=dict):
+    """The JSON value in the file at `path`, of type `expected` (dict: an object, list: a list): a record this
+    project wrote (a stage's meta.json, a checkpoint's train_state.json) or one it reads (config.json,
+    adapter_config.json, tokenizer files). A torn, hand-edited or foreign file is one ValueError naming it: a byte
+    that is not UTF-8, broken JSON (with its line) or another type (callers add what to do about it)."""
     try:
-        value = json.loads(Path(path).read_text())
+        value = json.loads(Path(path).read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    if not isinstance(value, expected):
+        want = {dict: "a JSON object", list: "a JSON list"}[expected]
+        raise ValueError(f"{path}: expected {want}, got {type(value).__name__}")
     return value
 
 

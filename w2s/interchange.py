@@ -46,7 +46,7 @@ import json
 from pathlib import Path
 
 from w2s.data import pair_weight_problem
-from w2s.files import write_atomic
+from w2s.files import read_json, write_atomic
 
 PROMPT_KEYS = ("instruction", "content")  # preferred name first; "content" is what the paper's SFT files use
 PAIR_KEYS = ("id", "prompt", "chosen", "rejected")
@@ -82,12 +82,7 @@ def _read_entries(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (expected a LLaMA-Factory json list)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid json at line {e.lineno} column {e.colno}: {e.msg}") from None
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a json list of entries, got {type(data).__name__}")
+    data = read_json(path, expected=list)
     for i, entry in enumerate(data):
         if not isinstance(entry, dict):
             raise ValueError(f"{path}[{i}]: expected an object, got {type(entry).__name__}")

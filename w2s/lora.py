@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from w2s.files import unique_temp_path, with_usual_permissions, write_atomic
+from w2s.files import read_json, unique_temp_path, with_usual_permissions, write_atomic
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_CONFIG = "adapter_config.json"
@@ -237,13 +237,15 @@ def read_adapter_config(path):
     cfg_file = Path(path) / ADAPTER_CONFIG
     if not cfg_file.is_file():
         return None
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
-    if cfg.get("peft_type") != "LORA" or not isinstance(cfg.get("r"), int) or cfg["r"] < 1:
+    cfg = read_json(cfg_file)
+    rank = cfg.get("r")
+    if cfg.get("peft_type") != "LORA" or not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise ValueError(f"{cfg_file}: expected a PEFT LoRA adapter (peft_type 'LORA' and an integer r >= 1), got "
-                         f"peft_type {cfg.get('peft_type')!r}, r {cfg.get('r')!r}")
+                         f"peft_type {cfg.get('peft_type')!r}, r {rank!r}")
+    for key in ("lora_alpha", "lora_dropout"):
+        value = cfg.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"{cfg_file}: {key} = {value!r}: expected a number")
     unsupported = {"use_dora": False, "use_rslora": False, "fan_in_fan_out": False, "bias": "none",
                    "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None}
     for key, plain in unsupported.items():

@@ -20,7 +20,7 @@ its selected data has no precision column.
 from pathlib import Path
 
 from w2s.engine import STAGES_FILE, current_metas
-from w2s.files import read_json_object, write_atomic
+from w2s.files import read_json, write_atomic
 from w2s.plot import m_plus_method, plot_report, stage2_rounds
 
 # Display order and labels of the methods (the eval stages are named NN_eval_<method>).
@@ -62,13 +62,13 @@ def load_metas(run_dir):
         raise ValueError(f"{run_dir}: is a file, expected a run directory (runs/<recipe name>)")
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: no such run directory")
-    metas = {meta_file.parent.name: _check_fields(meta_file, read_json_object(meta_file))
+    metas = {meta_file.parent.name: _check_fields(meta_file, read_json(meta_file))
              for meta_file in sorted(run_dir.glob("*/meta.json"))}
     if not metas:
         raise FileNotFoundError(f"{run_dir}: no finished stage (no */meta.json)")
     table = run_dir / STAGES_FILE
     unfinished = {f.parent.name for f in run_dir.glob("*/key.txt")} - set(metas)  # started (again), not finished
-    return current_metas(metas, read_json_object(table) if table.is_file() else None, unfinished)
+    return current_metas(metas, read_json(table) if table.is_file() else None, unfinished)
 
 
 def left_out(run_dir, metas):
@@ -130,7 +130,7 @@ def pgr(acc, floor, ceiling):
 def run_recipe_section(run_dir, section="data"):
     """A section of the run's recipe (recipe.json), or {} (no recipe.json: hand-made metas)."""
     recipe = Path(run_dir) / "recipe.json"
-    return read_json_object(recipe).get(section, {}) if recipe.is_file() else {}
+    return read_json(recipe).get(section, {}) if recipe.is_file() else {}
 
 
 def run_m_plus(run_dir):

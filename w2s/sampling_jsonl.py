@@ -21,7 +21,7 @@ from pathlib import Path
 from w2s import parallel
 from w2s.checkpoint import naming_path
 from w2s.data import is_token_id
-from w2s.files import read_json_object, read_jsonl, write_atomic
+from w2s.files import read_json, read_jsonl, write_atomic
 from w2s.sampling import dp_layout, generate_shard
 
 
@@ -96,7 +96,7 @@ def check_run_meta(out_path, meta):
                              f"use another output path, or delete {out_path.name} and its .part files to start over")
         return True
     try:
-        old = read_json_object(meta_path)
+        old = read_json(meta_path)
     except ValueError as e:
         raise ValueError(f"{e}; delete it and {out_path.name}* to start over") from None
     meta = json.loads(json.dumps(meta))  # as stored: tuples become lists

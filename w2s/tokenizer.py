@@ -40,6 +40,8 @@ from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 
+from w2s.files import read_json
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
@@ -51,18 +53,6 @@ _EOS_NAMES = ("</s>", "<|end_of_text|>", "<eos>", "<|endoftext|>")
 _PAD_NAMES = ("<pad>", "<|pad|>", "<|finetune_right_pad_id|>")
 # End-of-turn tokens of chat models: sampling should stop on them too, not only on the primary EOS.
 _END_OF_TURN_NAMES = ("<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|im_end|>")
-
-
-def _read_json(path):
-    """A JSON file as a dict, or a one-line ValueError naming the file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
-    return value
 
 
 def _token_text(value):
@@ -471,11 +461,11 @@ def load_tokenizer(path):
     else:
         raise ValueError(f"{file}: unknown tokenizer file type; expected tokenizer.json or tokenizer.model")
 
-    config = _read_json(directory / CONFIG_FILE) if (directory / CONFIG_FILE).is_file() else {}
+    config = read_json(directory / CONFIG_FILE) if (directory / CONFIG_FILE).is_file() else {}
     # As transformers reads them: special_tokens_map.json's tokens over tokenizer_config.json's, and a
     # chat_template.jinja (where newer transformers saves the template) over the config's chat_template.
     if (directory / SPECIAL_TOKENS_MAP_FILE).is_file():
-        tokens = _read_json(directory / SPECIAL_TOKENS_MAP_FILE)
+        tokens = read_json(directory / SPECIAL_TOKENS_MAP_FILE)
         for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
             text = _token_text(tokens.get(key))
             if text and backend.token_to_id(text) is None:
@@ -485,5 +475,5 @@ def load_tokenizer(path):
     if (directory / CHAT_TEMPLATE_FILE).is_file():
         config["chat_template"] = (directory / CHAT_TEMPLATE_FILE).read_text()
     gen_path = directory / GENERATION_CONFIG_FILE
-    generation_config = _read_json(gen_path) if gen_path.is_file() else {}
+    generation_config = read_json(gen_path) if gen_path.is_file() else {}
     return Tokenizer(backend, config=config, source=file, generation_config=generation_config)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from w2s.files import write_atomic
+from w2s.files import read_json, write_atomic
 from w2s.tasks import gsm8k, math, olympicarena
 
 
@@ -81,10 +81,7 @@ def load_split(path: str | Path, records: list[dict]) -> tuple[list, list]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: split file not found (expected JSON {{'train_1': [ids], 'train_2': [ids]}})")
-    try:
-        split = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    split = read_json(path)
     by_id = {record["id"]: record for record in records}
     halves = []
     for key in ("train_1", "train_2"):
