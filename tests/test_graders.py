@@ -285,3 +285,28 @@ def test_olympicarena_has_its_judge_under_the_same_interface():
     assert not same_for("one")("", judge.gold(["3"]))
     with pytest.raises(ValueError, match="unknown grader 'paper' for olympicarena: expected one of olympicarena"):
         get_grader("olympicarena", "paper")
+
+
+def test_the_paper_protocol_rules_a_mutation_audit_found_no_test_for():
+    """Each line one rule of docs/PAPER.md's answer extraction (steps 2-6), checked against the rule's text."""
+    from w2s.tasks.graders import MathVerifyGrader, PaperGrader
+
+    gsm8k, math_ = PaperGrader("gsm8k"), PaperGrader("math")
+    assert math_.gold("so The answer is: 3\nthus The answer is: 5") == "5"  # gold: after its LAST marker
+    assert gsm8k.gold("a\n#### 72\n") == "72"
+    assert gsm8k.answer("#### 5\nQuestion: q\nAnswer: #### 7\nQuestion: r") == "5"  # cut at the FIRST "Question"
+    assert gsm8k.answer("#### 5\n\nQuestion: next") == "5"  # and whitespace stripped again after the cut
+    assert gsm8k.answer("The answer is 5. So we are done") == "5"  # the fallback drops a trailing "."
+    assert paper_extract("#### 7</s></s>", "####") == "7</s>"  # an EOS loses its last four characters, once
+    for raw, normalized in (("5 dollars", "5"), ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"), ("(1,2)", "(1,2)"),
+                            ("12.5\\%", "12.5%"), ("so $5$ total", "5"), ("\\text{x}+\\text{y}", "x+y")):
+        assert minerva_normalize(raw) == normalized, raw
+    if is_available("math-verify"):
+        assert MathVerifyGrader("math").answer("The answer is: 3\nThe answer is: 5") == "5"
+
+
+def test_math_verify_is_offered_only_where_it_is_installed(monkeypatch):
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: None)
+    assert available_graders("math") == ("paper", "equivalence")

@@ -127,3 +127,32 @@ def test_orpo_loss_by_hand_with_global_normalizers():
                               nll="token_mean")[0]
              for i in range(2)]
     assert sum(p.item() for p in parts) == pytest.approx(expected, rel=1e-12)
+
+
+def test_orpo_log_odds_statistic_is_a_share_of_the_steps_pairs():
+    """The logged mean log odds ratio, like the loss, divides by the STEP's pair count (here 4, of which this
+    micro-batch holds 2), so micro-batches sum to the step's mean. By hand: each pair's chosen mean log-prob is -1,
+    its rejected -2."""
+    logit = lambda p: math.log(p / (1 - p))  # noqa: E731
+    _, _, _, stats = losses.orpo_loss(torch.tensor([-2.0, -3.0]), torch.tensor([-4.0, -6.0]), torch.tensor([2.0, 3.0]),
+                                      torch.tensor([2.0, 3.0]), 0.1, n_pairs=4, n_chosen_tokens=5)
+    assert float(stats["log_odds"]) == pytest.approx(2 * (logit(math.exp(-1)) - logit(math.exp(-2))) / 4, rel=1e-5)
+
+
+def test_pair_counts_and_reward_accuracy_of_a_preference_micro_batch():
+    from w2s import loss_steps
+    from w2s.data import IGNORE_INDEX
+
+    targets = torch.full((2, 6), IGNORE_INDEX)  # row 0 the chosen response (3 tokens), row 1 the rejected (5)
+    targets[0, 3:], targets[1, 1:] = 1, 1
+    assert loss_steps.pair_counts({"n_pairs": 1, "targets": targets}) == [8, 1, 3]  # [tokens, pairs, chosen tokens]
+
+    class PolicyAtReference(torch.nn.Module):  # every response token at log-prob -1
+        def forward(self, tokens, targets, per_token):
+            return (targets != IGNORE_INDEX).float().flatten() * -1.0
+
+    equal = torch.full((2, 4), IGNORE_INDEX)  # 3 response tokens a side: policy and reference both at -3
+    equal[:, 1:] = 1
+    batch = {"tokens": equal, "targets": equal, "n_pairs": 1, "ref": torch.tensor([-3.0, -3.0])}
+    _, metrics = loss_steps.PreferenceStep("dpo", 0.1)(PolicyAtReference(), batch, [6, 1, 3])
+    assert float(metrics["rewards/accuracies"]) == 0.0  # equal rewards are no win (TRL: chosen > rejected, strict)

@@ -478,3 +478,69 @@ def test_other_side_never_shares_the_weak_answer_under_a_non_transitive_matcher(
     pairs, counts = pairs_for(labelled("q", "x"), sampled("q", ["w"] * 8 + ["v"] * 2), same_answer=flip,
                               max_pairs_per_question=10)
     assert counts["weak_rejected"] == 8 and {p["chosen_answer"] for p in pairs} == {"w"}
+
+
+# ------------------------------------------------- rules a mutation audit found no test for (each fails if changed)
+
+
+def _weak(answer, truncated=False):
+    return {"id": "q", "question": "Q?", "response": "weak text", "answer": answer, "truncated": truncated}
+
+
+def _samples(answers, truncated=False):
+    return [{"response": f"r{i} {a}", "answer": a, "truncated": truncated} for i, a in enumerate(answers)]
+
+
+def test_sft_rows_keep_the_truncated_flag_and_self_consistency_uses_the_questions_own_matcher():
+    from w2s.stages.consistency import self_consistent
+
+    assert sft_sets([_weak("5", True)], [{**_weak("5"), "response": "icl"}], ["q"])["weak"][0]["truncated"] is True
+    halves = lambda qid: lambda a, b: {a, b} <= {"0.5", "1/2"}  # noqa: E731 (per-question matcher: 0.5 == 1/2)
+    assert self_consistent({"q": [{"answer": "0.5"}, {"answer": "1/2"}]}, 1.0, same_for=halves) == {"q": 1.0}
+
+
+def test_pair_sides_follow_docs_paper_md_under_a_matcher_that_is_not_transitive():
+    # w ~ a and s ~ a but s !~ w: the rejected side must not be a+ (PAPER.md), so s (which matches a+) is no rejected
+    loose = lambda a, b: a == b or {a, b} in ({"w", "a"}, {"s", "a"})  # noqa: E731
+    pairs, counts = build_pairs([_weak("w")], {"q": _samples(["a"] * 7 + ["s"] * 3)}, seed=0, same_answer=loose)
+    assert pairs == [] and counts["skipped_no_differing_sample"] == 1
+
+
+def test_self_consistency_pairs_break_ties_to_the_first_class_and_weigh_only_under_margin():
+    pairs, _ = build_pairs([_weak("b")], {"q": _samples(["a"] * 7 + ["b", "c", "d"])}, seed=0,
+                           self_consistency_pairs=True)
+    assert [(p["chosen_answer"], p["rejected_answer"]) for p in pairs] == [("a", "b")]  # b, c, d tie: b came first
+    assert not any("weight" in p for p in pairs)  # pair_weighting "none": the trainer must not weigh them
+
+
+def test_a_pair_records_each_sides_own_truncation():
+    pairs, _ = build_pairs([_weak("a")], {"q": _samples(["a"] * 6 + ["b"] * 4, truncated=True)}, seed=0)
+    assert [(p["chosen_truncated"], p["rejected_truncated"]) for p in pairs] == [(False, True)]
+
+
+def test_an_empty_answer_never_agrees_and_maj_at_k_votes():
+    from w2s.stages.metrics import answers_agree, majority_accuracy
+
+    anything = lambda a, b: True  # noqa: E731 (a matcher that agrees with everything still never matches "")
+    assert answers_agree("5", "", anything) is False and majority_vote(["5", ""], anything) == ("5", 0.5)
+    assert majority_accuracy({"q": [{"answer": "1"}, {"answer": "2"}, {"answer": "2"}]}, {"q": "2"}) == 1.0
+    assert pgr(0.5, 0.6, 0.4) == pytest.approx(0.5)  # (0.5 - 0.6) / (0.4 - 0.6): a negative gap is still a ratio
+
+
+def test_evaluation_grades_the_kept_text_with_the_headline_grader_over_uneven_samples():
+    from w2s.stages.metrics import evaluation_result
+
+    gold = [{"id": "a", "answer": "72"}]
+    # a kept response was stripped of "." once already (PAPER.md): "#### 72. " reads "72." and is wrong
+    assert evaluation_result([{"id": "a", "response": "#### 72. "}], gold, "gsm8k")["accuracy_by_grader"]["paper"] == 0
+    sampled = evaluation_result([{"id": "a", "samples": [{"response": "#### 72. "}, {"response": "#### 72"}]}], gold,
+                                "gsm8k")
+    assert (sampled["pass@1"], sampled["maj@2"]) == (0.5, 0.0)  # one right of two; the tie goes to the first
+    paper = evaluation_result([{"id": "a", "response": "#### 4.20"}], [{"id": "a", "answer": "4.2"}], "gsm8k",
+                              grader="paper", per_question=True)
+    assert paper["accuracy"] == 0.0 and paper["accuracy_by_grader"]["equivalence"] == 1.0  # paper keeps the 0
+    assert paper["per_question"][0]["correct"] is False
+    uneven = evaluation_result([{"id": "a", "samples": [{"response": "#### 1"}] * 3},
+                                {"id": "b", "samples": [{"response": "#### 2"}] * 2}],
+                               [{"id": "a", "answer": "1"}, {"id": "b", "answer": "2"}], "gsm8k")
+    assert sorted(k for k in uneven if k.startswith(("pass@", "maj@"))) == ["maj@2", "pass@1", "pass@2"]
