@@ -943,3 +943,23 @@ def test_meta_model_loads_nothing_and_a_plain_process_refuses_to_train_it(ckpt, 
     monkeypatch.delenv("RANK")
     with pytest.raises(ValueError, match="meta device"):
         train_sft(model, None, id_rows(4), cfg(max_steps=1))
+
+
+def test_the_reference_pass_runs_without_dropout_and_leaves_the_training_mode_as_it_was():
+    """A LoRA run with lora_dropout > 0 trains in training mode; its reference log-probs must be the deterministic
+    (eval-mode) forward, or DPO's reference would be noise."""
+    from w2s.data import IGNORE_INDEX, Example, Pair
+    from w2s.parallel import Dist
+
+    class DropoutScorer(torch.nn.Module):  # a response token's log-prob, through dropout as a LoRA layer's would be
+        def __init__(self):
+            super().__init__()
+            self.drop = torch.nn.Dropout(0.5)
+
+        def forward(self, tokens, targets, per_token):
+            return torch.where(targets != IGNORE_INDEX, -self.drop(torch.ones(targets.shape)), 0.0).flatten()
+
+    pairs = [Pair(Example([1, 2, 3, 4], 2), Example([1, 2, 5, 6, 7], 2)) for _ in range(3)]
+    module = DropoutScorer().train()
+    table = reference_logps.compute_reference_logps(module, pairs, 0, 2, Dist(0, 1, torch.device("cpu"), False))
+    assert torch.equal(table, torch.tensor([[-2.0, -3.0]] * 3)) and module.training
