@@ -7,6 +7,7 @@ tensor-parallel ranks merge their slices of the adapter. On a tiny random Llama,
 """
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -286,15 +287,18 @@ def test_an_adapter_pointing_at_another_base_is_named_by_inspect_and_refused_fro
                                                                 "base_model_name_or_path": str(trained[0])}))
     validate_checkpoint(on_adapter, tokenizer=False)
     (on_adapter / "adapter_config.json").write_text(json.dumps({**adapter_config, "base_model_name_or_path": "."}))
-    with pytest.raises(ValueError, match=r"adapter_config\.json: base_model_name_or_path '\.' is the adapter's own "
-                                         r"directory; point it at the base checkpoint$"):
+    itself = f"{on_adapter.resolve()} -> {on_adapter.resolve()}"
+    with pytest.raises(ValueError, match=rf"adapter_config\.json: base_model_name_or_path '\.' leads back to "
+                                         rf"{on_adapter.resolve()} \({itself}\); point it at the base checkpoint$"):
         validate_checkpoint(on_adapter)
     twin = tmp_path / "twin"  # two adapters pointing at each other: every reader would follow them forever
     shutil.copytree(trained[0], twin)
     for one, other in [(on_adapter, twin), (twin, on_adapter)]:
         (one / "adapter_config.json").write_text(json.dumps({**adapter_config, "base_model_name_or_path": str(other)}))
-    cycle = f"leads to a chain of adapters that comes back to {on_adapter.resolve()}"
-    with pytest.raises(ValueError, match=f"on_adapter/adapter_config.json: base_model_name_or_path .* {cycle}"):
+    a, b = on_adapter.resolve(), twin.resolve()
+    cycle = f"leads back to {a} ({a} -> {b} -> {a}); point it at the base checkpoint"
+    with pytest.raises(ValueError, match=rf"on_adapter/adapter_config\.json: base_model_name_or_path .* "
+                                         rf"{re.escape(cycle)}$"):
         validate_checkpoint(on_adapter)
     out = CliRunner().invoke(main, ["inspect", str(on_adapter)])
     assert out.exit_code == 1 and cycle in out.output, out.output

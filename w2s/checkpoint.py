@@ -222,11 +222,11 @@ def load_for_training(path, dtype=torch.float32):
     return attach_adapter(model, adapter, load_tensors=device != "meta")
 
 
-def config_dir(path):
-    """Where the config.json of the model in `path` lives: `path`, or for a LoRA adapter its base's (an adapter's
-    base may be an adapter too: the chain is followed, as load_model follows it)."""
+def model_config(path):
+    """The config.json of the model in `path`, read without the weights: `path`'s, or for a LoRA adapter its base's
+    (an adapter's base may be an adapter too: the chain is followed, as load_model follows it)."""
     adapter = read_adapter(path, tensors=False)
-    return config_dir(adapter_base_dir(path, adapter)) if adapter is not None else Path(path)
+    return model_config(adapter_base_dir(path, adapter)) if adapter is not None else ModelConfig.from_pretrained(path)
 
 
 def tokenizer_dir(path):
@@ -351,7 +351,7 @@ def adapter_problems(path, adapter):
     and the base's config.json alone (a meta-device model): a tensor for a layer the base lacks or of another shape,
     a layer of the base its target_modules name that it holds nothing for."""
     base = adapter_base_dir(path, adapter)
-    cfg = ModelConfig.from_pretrained(config_dir(base))
+    cfg = model_config(base)
     with torch.device("meta"):
         model = Transformer(cfg)
     inject_lora(model, adapter.rank, adapter.alpha, targets=adapter.targets)

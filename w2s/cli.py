@@ -324,8 +324,7 @@ def sample(ckpt_dir, input_path, output_path, prompt_key, id_key, n, temperature
 
     import torch
 
-    from w2s.checkpoint import config_dir, fingerprint
-    from w2s.config import ModelConfig
+    from w2s.checkpoint import fingerprint, model_config
     from w2s.parallel import barrier, exit_if_stopped, init_distributed
     from w2s.sampling import check_distribution, check_prompts
     from w2s.sampling_jsonl import check_run_meta, generate_to_jsonl, read_prompts_jsonl, write_run_meta
@@ -346,7 +345,7 @@ def sample(ckpt_dir, input_path, output_path, prompt_key, id_key, n, temperature
                 "prompt_key": prompt_key, "id_key": id_key}
         fresh = check_run_meta(output_path, meta)  # before loading 140 GB: a mismatch is refused at once
         tokenizer = _sampling_tokenizer(ckpt_dir, records, prompt_key)
-        vocab_size = ModelConfig.from_pretrained(config_dir(ckpt_dir)).vocab_size
+        vocab_size = model_config(ckpt_dir).vocab_size
         # a bad prompt is named by its line, before the weights load
         check_prompts(tokenizer, [r[prompt_key] for r in records], lines, vocab_size, max_new_tokens, cache_len)
         model = _load_for_sampling(ckpt_dir, tp, torch_dtype, d.device)

@@ -306,22 +306,20 @@ def adapter_base_dir(path, adapter: Adapter):
     if not adapter.base:
         raise ValueError(f"{Path(path) / ADAPTER_CONFIG}: base_model_name_or_path is empty; set it to the directory "
                          f"of the base checkpoint the adapter was trained on")
-    base = Path(path) / adapter.base if not Path(adapter.base).is_absolute() else Path(adapter.base)
+    base = Path(path) / adapter.base  # an absolute pointer replaces the adapter's path
     if not base.is_dir():
         raise FileNotFoundError(f"{Path(path) / ADAPTER_CONFIG}: base_model_name_or_path {adapter.base!r} is not a "
                                 f"directory here; point it at the base checkpoint (a local HF directory)")
-    if base.resolve() == Path(path).resolve():  # every reader follows the pointer: it would never end
-        raise ValueError(f"{Path(path) / ADAPTER_CONFIG}: base_model_name_or_path {adapter.base!r} is the adapter's "
-                         f"own directory; point it at the base checkpoint")
-    chain = [Path(path).resolve(), base.resolve()]  # nor may a longer chain of adapters come back (A -> B -> A)
-    while (next_adapter := read_adapter_config(chain[-1])) is not None and next_adapter.get("base_model_name_or_path"):
-        pointer = Path(next_adapter["base_model_name_or_path"])
-        chain.append((chain[-1] / pointer if not pointer.is_absolute() else pointer).resolve())
-        if chain[-1] in chain[:-1]:
-            raise ValueError(f"{Path(path) / ADAPTER_CONFIG}: base_model_name_or_path {adapter.base!r} leads to a "
-                             f"chain of adapters that comes back to {chain[-1]} ({' -> '.join(map(str, chain))}); "
-                             f"point it at a base checkpoint")
-    return base
+    # Every reader follows the pointers down to a checkpoint: one that comes back (to the adapter itself, or
+    # A -> B -> A) would never end.
+    chain = [Path(path).resolve(), base.resolve()]
+    while chain[-1] not in chain[:-1]:
+        next_adapter = read_adapter_config(chain[-1])
+        if next_adapter is None or not next_adapter.get("base_model_name_or_path"):
+            return base
+        chain.append((chain[-1] / next_adapter["base_model_name_or_path"]).resolve())
+    raise ValueError(f"{Path(path) / ADAPTER_CONFIG}: base_model_name_or_path {adapter.base!r} leads back to "
+                     f"{chain[-1]} ({' -> '.join(map(str, chain))}); point it at the base checkpoint")
 
 
 def check_fits(name, linear, a, b):

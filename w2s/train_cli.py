@@ -172,10 +172,9 @@ def check_rows_before_loading(encode_rows, tokenizer, rows, cfg, args):
     """The rows read as the trainer will read them, before the weights load (minutes for a 70B model): bad_rows
     'error' stops at the first bad row, and a file without a usable row is refused. The trainer encodes them again
     and reports every skipped row."""
-    from w2s.checkpoint import config_dir
-    from w2s.config import ModelConfig
+    from w2s.checkpoint import model_config
 
-    vocab_size = ModelConfig.from_pretrained(config_dir(args.model)).vocab_size
+    vocab_size = model_config(args.model).vocab_size
     items, _, skipped = encode_rows(tokenizer, rows, cfg.max_seq_len, cfg.bad_rows, verbose=False,
                                     vocab_size=vocab_size)
     if not items:
