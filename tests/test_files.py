@@ -96,7 +96,7 @@ def test_a_record_is_a_json_object_or_one_line_naming_it(tmp_path):
         with pytest.raises(ValueError, match=rf"^{record}:? ?{message}$"):
             read_json(record)
     record.write_bytes(b'{"a": "caf\xe9"}')  # Latin-1, not UTF-8: a file from elsewhere
-    with pytest.raises(ValueError, match=rf"^{record}: not UTF-8 text \(byte 0xe9 at offset 10\)$"):
+    with pytest.raises(ValueError, match=rf"^{record}: not UTF-8 \(byte 0xe9 at byte 11\)$"):
         read_json(record)
     record.write_bytes(b'\xef\xbb\xbf[1]')  # a byte-order mark, as some Windows editors write: read past
     assert read_json(record, expected=list) == [1]

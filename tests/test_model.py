@@ -222,7 +222,7 @@ def test_config_values_of_the_wrong_type_are_one_clear_error(tmp_path, key, valu
     with pytest.raises(ValueError, match=r"config\.json: expected a JSON object, got list$"):
         ModelConfig.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_bytes(b'{"model_type": "llama\xff"}')  # a byte that is not UTF-8
-    with pytest.raises(ValueError, match=r"config\.json: not UTF-8 text \(byte 0xff at offset 21\)$"):
+    with pytest.raises(ValueError, match=r"config\.json: not UTF-8 \(byte 0xff at byte 22\)$"):
         ModelConfig.from_pretrained(tmp_path)
 
 

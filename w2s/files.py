@@ -84,7 +84,8 @@ def read_json(path, expected=dict):
     try:
         value = json.loads(Path(path).read_bytes().decode("utf-8-sig"))
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+        # as read_jsonl says it: 1-based, counted after a byte-order mark
+        raise ValueError(f"{path}: not UTF-8 (byte 0x{e.object[e.start]:02x} at byte {e.start + 1})") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
     if not isinstance(value, expected):
