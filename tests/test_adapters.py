@@ -286,6 +286,8 @@ def test_an_adapter_pointing_at_another_base_is_named_by_inspect_and_refused_fro
     (on_adapter / "adapter_config.json").write_text(json.dumps({**adapter_config,
                                                                 "base_model_name_or_path": str(trained[0])}))
     validate_checkpoint(on_adapter, tokenizer=False)
+    out = CliRunner().invoke(main, ["inspect", str(on_adapter)])  # both adapters, then the base two steps down
+    assert out.exit_code == 0 and out.output.count("LoRA rank") == 2 and "\nfamily " in out.output, out.output
     (on_adapter / "adapter_config.json").write_text(json.dumps({**adapter_config, "base_model_name_or_path": "."}))
     itself = f"{on_adapter.resolve()} -> {on_adapter.resolve()}"
     with pytest.raises(ValueError, match=rf"adapter_config\.json: base_model_name_or_path '\.' leads back to "

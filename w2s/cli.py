@@ -94,7 +94,7 @@ def inspect(ckpt_dir):
 
     Reads config.json and the safetensors headers only (model.safetensors or the shards of
     model.safetensors.index.json), so it is instant even for a 70B checkpoint. A LoRA adapter directory (PEFT layout)
-    prints the adapter, then its base checkpoint.
+    prints the adapter, then its base checkpoint (each adapter of a chain, an adapter trained from an adapter, first).
 
     \b
     Example:
@@ -105,9 +105,9 @@ def inspect(ckpt_dir):
     from w2s.lora import adapter_base_dir, read_adapter
     from w2s.tokenizer import tokenizer_file
 
-    adapter, problems = read_adapter(ckpt_dir), []
-    if adapter is not None:
-        problems = adapter_problems(ckpt_dir, adapter)
+    problems = []
+    while (adapter := read_adapter(ckpt_dir)) is not None:  # ends: adapter_base_dir refuses a chain that comes back
+        problems += adapter_problems(ckpt_dir, adapter)
         n = sum(a.numel() + b.numel() for a, b in adapter.tensors.values())
         _echo_rows([("adapter", f"LoRA rank {adapter.rank}, alpha {adapter.alpha:g}, {len(adapter.tensors)} layers "
                                  f"({', '.join(adapter.targets)})"),
