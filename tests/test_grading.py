@@ -332,3 +332,46 @@ def test_latex_parser():
 def test_unknown_task_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown task 'mmlu'"):
         extract_answer("#### 3", "mmlu")
+
+
+def test_fallback_and_sign_rules_read_the_final_statement():
+    # Of two "The answer is" statements the later one is the final answer (the authors' fallback reads the last line).
+    assert extract_answer("The answer is 3.\nNo, wait. The answer is 5.", "math") == "5"
+    # A "-" right after a closing parenthesis is a subtraction, not the sign of the last number.
+    assert extract_answer("so (2+3)-1", "gsm8k") == "1"
+
+
+def test_last_boxed_reads_the_last_box():
+    # An intermediate result may be boxed first; the final answer is the last box.
+    assert last_boxed("first \\boxed{1}, finally \\boxed{2}") == "2"
+    assert last_boxed("\\boxed{1} and \\fbox{3}") == "3"
+
+
+def test_normalize_zero_and_choice_letters():
+    assert normalize_answer("-0.0") == "0" and is_equiv("-0.00", "0", "gsm8k")  # negative zero is zero
+    # every choice letter A-G compares case-insensitively, not only the first few
+    assert [normalize_answer(c) for c in "abcdefg"] == list("ABCDEFG")
+    assert is_equiv("(e)", "E", "math")
+
+
+def test_one_letter_text_unit_only_after_a_value():
+    # "5\text{ m}" drops its unit, but a whole answer "\text{m}" is the letter itself, never emptied.
+    assert normalize_answer("5\\text{ m}") == "5"
+    assert normalize_answer("\\text{m}") == "m" and is_equiv("\\text{m}", "m", "math")
+
+
+def test_tuples_in_brackets_compare_elementwise_and_empty_parts_never_match():
+    assert is_equiv("[0.5, 2]", "[\\frac{1}{2}, 2]", "math")
+    assert is_equiv("(0.5, 2]", "(\\frac{1}{2}, 2]", "math")
+    # an empty element is no answer, so it matches nothing, not even another empty element
+    assert not is_equiv("(1,)", "(1.0,)", "math")
+
+
+def test_three_letter_words_are_text_not_products():
+    assert not is_equiv("\\text{Tom}", "\\text{moT}", "math")  # T*o*m == m*o*T as products
+
+
+def test_gsm8k_vote_keys_are_normalized_strings():
+    # Equal keys imply is_equiv, and GSM8K compares strings: 0.5 and 1/2 are different answers there.
+    assert not is_equiv("0.5", "1/2", "gsm8k")
+    assert answer_key("0.5", "gsm8k") == "0.5" and answer_key("1/2", "gsm8k") == "1/2"

@@ -259,3 +259,20 @@ def test_pairs_of_one_question_share_its_id(tmp_path):
                                 {**PUBLISHED["authors"][0], "id": 0}]))
     records = [{"id": "math_4"}, {"id": "math_9"}]
     assert [p["id"] for p in import_pairs(path, records=records)] == ["math_9", "math_9", "math_4"]
+
+
+def test_prompt_key_preference_empty_chat_keys_and_ids(tmp_path):
+    """The prompt is "instruction" when "content" is there too (the preferred name first); an empty history or
+    system prompt carries nothing, so it is read; an id is a string or an integer, never a boolean, and a position
+    in the records given is never negative."""
+    path = tmp_path / "sft.json"
+    path.write_text(json.dumps([{"instruction": "a", "content": "b", "output": "r", "history": [], "system": ""}]))
+    assert import_sft(path) == [{"id": 0, "prompt": "a", "response": "r"}]
+    path.write_text(json.dumps([{"id": True, "instruction": "a", "output": "r"}]))
+    with pytest.raises(ValueError, match=r"sft\.json\[0\]: id True: expected a string or an integer"):
+        import_sft(path)
+    with pytest.raises(ValueError, match=r"rows\[0\]: id True: expected a string or an integer"):
+        export_sft([{**SFT_ROWS[0], "id": True}], tmp_path / "out.json")
+    path.write_text(json.dumps([{"id": -1, "instruction": "a", "output": "r"}]))
+    with pytest.raises(ValueError, match=r"id -1 is not a position in the 2 records given"):
+        import_sft(path, records=[{"id": "q0"}, {"id": "q1"}])

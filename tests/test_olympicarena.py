@@ -434,3 +434,82 @@ def test_judge_is_bounded_in_time_and_size(monkeypatch, caplog):
         assert not judge.verdict("slow-answer", "other")
     assert time.monotonic() - start < 3
     assert "over 0 s, counted as not equal" in caplog.text
+
+
+# More verdicts of OlympicArena's auto_judge, as its code/judge.py gives them under sympy 1.12 (antlr4 4.11).
+MORE_SINGLE = [
+    ("A, C,", ("A", "C"), True),  # a trailing comma adds no empty part
+    ("310400000", "3.0\\times 10^{8}", True),  # rewritten with two decimals, 3.10, the mantissa is within 0.101
+    ("(1,2)\\cup(1,2)", "(1,2)\\cup(3,4)", False),  # each gold interval matches one predicted interval only
+    ("v = \\sqrt{2gh} = 5", "\\sqrt{2gh}", True),  # an expression is read between the first and the second "="
+    ("3y=3x", "2y=2x", False),  # equations agree up to an integer multiple, not a rational one (3/2)
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("pred, gold, expected", MORE_SINGLE)
+def test_judge_table_more(pred, gold, expected):
+    assert judge.verdict(judge.normalize(pred), gold) is expected
+
+
+def test_each_judge_alone_as_olympicarena_writes_it():
+    """Verdicts the nine-judge sweep can hide (another judge accepts), checked judge by judge against judge.py."""
+    assert judge.split_by_comma("[1, 2], 3") == ["[1, 2]", "3"]  # brackets protect a comma, as parentheses do
+    assert not judge.judge_single_choice("BC", "B")  # a letter counts alone or before ":"
+    assert judge.judge_multi_choice("C, A", ["A", "C"])  # letters in any order
+    assert not judge.judge_expression("x-x", "0")  # one side symbolic, the other not: never equal
+    assert judge.normalize("x \\simeq 2") == "x = 2"  # \simeq is replaced before \sim
+    assert judge.first_boxed("\\boxed{}") is None and judge.first_boxed("\\boxed{5") is None
+    # several answers: each predicted part is used once; a TF part needs a True/False gold (judge.py asserts it)
+    assert not judge.verdict("2, 3", ("2", "2"), ("NV", "NV"))
+    assert not judge.verdict("5", ("5",), ("TF",))
+
+
+def test_a_one_entry_gold_list_is_judged_as_its_string():
+    """docs/PAPER.md: the gold is answer[0] when the list has one entry, so the interval judge can read it."""
+    record = {"answer_type": "IN", "type_sequence": [], "answer": ["(1,3]"]}
+    assert judge.grade("The final answer is $\\boxed{(1, 3]}$", record)
+
+
+# Trees of sympy 1.12's parse_latex (antlr4-python3-runtime 4.11) for grammar rules TREES does not reach.
+MORE_TREES = [
+    ("5-3", "Add(Integer(5),Integer(-3))"),  # a subtracted atom is negated itself, not wrapped in Mul(-1, .)
+    ("1:2", "Mul(Integer(1),Pow(Integer(2),Integer(-1)))"),  # ":" divides
+    ("x^{2}_{1}+1", "Add(Pow(Symbol('x'),Integer(2)),Integer(1))"),  # the dropped subscript does not end the sum
+    ("1,23", "Integer(1)"),  # a comma joins digits only before a group of three
+    ("x 3", "Mul(Symbol('x'),Integer(3))"),  # a leading x is a factor, not a multiplication sign
+    ("\\artanh x", "atanh(Symbol('x'))"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("latex, tree", MORE_TREES)
+def test_parse_latex_builds_more_trees_of_sympy_1_12(latex, tree):
+    assert _tree(parse_latex(latex)) == tree
+
+
+def test_parse_latex_refuses_an_absolute_value_with_a_subscript():
+    with pytest.raises(LatexError):  # sympy 1.12: LaTeXParsingError
+        parse_latex("|x|_2")
+
+
+def test_parse_latex_keeps_a_negative_factorial():
+    # sympy 1.12 builds factorial(-1) unevaluated; only factorials over MAX_FACTORIAL are refused
+    assert _tree(parse_latex("(-1)!")) == "factorial(Integer(-1))"
+    assert judge.verdict("x=(-1)!", "(-1)!")  # equal trees after "=", as OlympicArena's judge finds them
+
+
+def test_fetch_continues_after_the_rows_a_short_page_served(tmp_path, monkeypatch):
+    """A page may hold fewer rows than asked for: the next page starts after the rows received, so none is skipped."""
+    served = [_row(i, subject="Math") for i in range(5)]
+
+    def serve(url, timeout):
+        query = dict(urllib.parse.parse_qsl(urllib.parse.urlparse(url).query))
+        offset, ours = int(query["offset"]), (query["config"], query["split"]) == ("Math", "val")
+        rows = served[offset:][:1] if ours else []  # one row per page, whatever the length asked
+        total = len(served) if ours else 0
+        page = [{"row_idx": offset, "row": r, "truncated_cells": []} for r in rows]
+        return io.BytesIO(json.dumps({"rows": page, "num_rows_total": total, "partial": False}).encode())
+
+    monkeypatch.setattr(data_module.urllib.request, "urlopen", serve)
+    fetch_data(tmp_path, tasks=("olympicarena",), log=lambda line: None)
+    val = [json.loads(line) for line in (tmp_path / "olympicarena" / "val.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in val] == [f"Math_{i}" for i in range(5)]

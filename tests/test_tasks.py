@@ -386,3 +386,25 @@ def test_the_authors_split_runs_as_released(tmp_path):
     merged = load_records("gsm8k", train)
     assert [r["question"] for r in merged] == ["Ann\u2028has 2?", "Bo?", "Cy?"]
     assert [r["id"] for r in merged] == [r["id"] for f in ("a", "b") for r in load_records("gsm8k", raw / f"{f}.jsonl")]
+
+
+def test_split_refuses_repeated_ids_and_negative_sizes(tmp_path):
+    # every id of a split file must exist, once; a size below zero fits no split
+    path = tmp_path / "split.json"
+    path.write_text(json.dumps({"train_1": ["r0", "r0"], "train_2": ["r1"]}))
+    with pytest.raises(ValueError, match="'train_1' lists some ids more than once"):
+        load_split(path, _fake_records(4))
+    with pytest.raises(ValueError, match="do not fit in 4 records"):
+        split_train(_fake_records(4), sizes=(-1, 3))
+
+
+def test_import_split_copies_rows_verbatim(tmp_path):
+    # The merged train file keeps each released row byte for byte (spacing, key order, escapes).
+    from w2s.tasks.data import import_split
+
+    rows = ['{"id":"gsm8k_1","question":"caf\\u00e9?","answer":"1 + 1 = 2\\n#### 2"}',
+            '{"answer": "#### 3", "id": "aug_2", "question": "q?"}']  # fmt: skip
+    (tmp_path / "a.jsonl").write_text(rows[0] + "\n")
+    (tmp_path / "b.jsonl").write_text(rows[1] + "\n")
+    train, _ = import_split("gsm8k", tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "out")
+    assert train.read_text().splitlines() == rows

@@ -188,7 +188,7 @@ class _Parser(CalculusRules):
                 value = _evaluated(value, *bar)
             elif self.kind() == "!":
                 self.take()
-                if value.is_Integer and not 0 <= value <= MAX_FACTORIAL:
+                if value.is_Integer and value > MAX_FACTORIAL:  # (-1)! stays, unevaluated, as in sympy 1.12
                     raise LatexError("factorial of a large integer")
                 value = sympy.factorial(value, evaluate=False)
             else:
