@@ -304,3 +304,62 @@ def test_an_adapter_pointing_at_another_base_is_named_by_inspect_and_refused_fro
         validate_checkpoint(on_adapter)
     out = CliRunner().invoke(main, ["inspect", str(on_adapter)])
     assert out.exit_code == 1 and cycle in out.output, out.output
+
+
+def test_a_fractional_alpha_the_adapters_own_targets_and_its_dropout_are_saved_as_peft_reads_them(trained, tmp_path):
+    """save_adapter writes lora_alpha 12.5 (not truncated: the scale is alpha / r), target_modules of the layers it
+    holds tensors for, and lora_dropout; PEFT's LoraConfig and read_adapter read them back."""
+    from peft import LoraConfig
+
+    from w2s.lora import Adapter, save_adapter
+
+    full = read_adapter(trained[0])
+    kept = {n: t for n, t in full.tensors.items() if n.endswith(("q_proj", "v_proj"))}
+    save_adapter(tmp_path, Adapter(rank=4, alpha=12.5, base=full.base, tensors=kept, dropout=0.1,
+                                   targets=("q_proj", "v_proj")))
+    peft_config = LoraConfig.from_pretrained(str(tmp_path))
+    assert (peft_config.r, peft_config.lora_alpha, peft_config.lora_dropout) == (4, 12.5, 0.1)
+    assert set(peft_config.target_modules) == {"q_proj", "v_proj"}
+    back = read_adapter(tmp_path)
+    assert (back.alpha, back.scale, back.dropout, back.targets) == (12.5, 12.5 / 4, 0.1, ("q_proj", "v_proj"))
+
+
+def test_peft_defaults_and_a_peft_state_dicts_tensor_names_read_as_peft_reads_them(base, tmp_path):
+    """An adapter_config.json without lora_alpha has PEFT's default (LoraConfig().lora_alpha); tensors saved from a
+    PeftModel's state_dict carry the adapter's name (`.lora_A.default.weight`) and are the same tensors."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    peft_model = get_peft_model(hf, LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "up_proj"],
+                                               init_lora_weights=False)).eval()
+    peft_model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        expected = peft_model(IDS).logits
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(base)}))
+    named = {k: v.contiguous() for k, v in peft_model.state_dict().items() if ".lora_" in k}
+    assert all(".default.weight" in k for k in named)
+    save_file(named, tmp_path / "adapter_model.safetensors")
+    torch.testing.assert_close(logits(w2s.load_model(tmp_path, dtype=torch.float32)), expected, atol=2e-5, rtol=1e-5)
+    del config["lora_alpha"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    assert read_adapter(tmp_path, tensors=False).alpha == LoraConfig().lora_alpha
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"use_rslora": True}, "use_rslora = True is not supported"),  # scale alpha / sqrt(r): other weights
+    ({"r": 0}, "expected a PEFT LoRA adapter (peft_type 'LORA' and an integer r >= 1), got peft_type 'LORA', r 0"),
+])
+def test_rslora_and_a_zero_rank_are_refused_in_one_line(trained, tmp_path, change, says):
+    import shutil
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(trained[0], adapter)
+    config = adapter / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), **change}))
+    with pytest.raises(ValueError) as error:
+        w2s.load_model(adapter, dtype=torch.float32)
+    assert str(error.value).startswith(f"{config}: ") and says in str(error.value), error.value
+    assert "\n" not in str(error.value)

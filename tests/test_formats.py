@@ -277,3 +277,25 @@ def test_template_refusals_are_bad_rows_and_no_template_is_one_error(tok, tmp_pa
     with pytest.raises(ValueError, match="no chat_template") as err:
         data.encode_sft_rows(base, [{"messages": [USER, REPLY]}], max_seq_len=256)
     assert len(str(err.value).splitlines()) == 1
+
+
+def test_a_token_merged_across_the_prompt_boundary_belongs_to_the_response(tok):
+    """"How many no" + "w?": the byte-level BPE encodes the prompt alone as ... ' ', 'n', 'o' but the whole text as
+    ... ' ', 'now', '?': 'now' starts in the prompt, and the module docstring's rule gives it to the response."""
+    [ex] = encode(tok, [{"prompt": "How many no", "completion": "w?"}])
+    eos = tok.decode([tok.eos_id], skip_special=False)
+    assert "now" in [tok.decode([t]) for t in ex.tokens]  # the merge this row is about
+    assert target_text(tok, ex) == ["now?" + eos]
+
+
+def test_a_chat_rows_prompt_is_what_precedes_its_first_assistant_reply(tok):
+    """Example.n_prompt: the first n_prompt tokens carry no loss, so with two assistant turns it is where the first
+    reply starts, the end of the rendered generation prompt of the first user turn."""
+    [ex] = encode(tok, [{"messages": [USER, REPLY, FOLLOW_UP, REPLY_2]}])
+    assert ex.n_prompt == len(rendered_ids(tok, [USER], add_generation_prompt=True)) == ex.loss_spans()[0][0]
+
+
+def test_an_empty_prompt_message_list_is_a_bad_row(tok):
+    _, kept, bad = data.encode_sft_rows(tok, [{"prompt": [], "completion": [REPLY], "_where": "c:1"}], 256,
+                                        verbose=False)
+    assert kept == [] and bad == [("c:1", "'prompt' must be a non-empty list of {\"role\", \"content\"} messages")]

@@ -413,3 +413,13 @@ def test_runner_trains_m_plus_and_never_reads_train_2_gold(tmp_path, monkeypatch
     assert counts["n_questions"] == 3 and counts["steps"] == 2 and counts["grader"] == "paper"
     assert set(counts["final"]) >= {"reward", "reward_std", "kl"}
     assert len(_metrics(run / "16_grpo" / "model")) == 2
+
+
+def test_an_epoch_of_several_updates_per_rollout_batch_takes_each_batch_that_many_steps():
+    """8 questions, batch 4, updates_per_batch 2, one epoch (no max_steps): 2 rollout batches x 2 updates = 4 steps,
+    sampling at steps 1 and 3, all in epoch 0."""
+    cfg = TrainConfig(lr=3e-2, batch_size=4, micro_batch_size=2, max_steps=None, epochs=1, seed=2, progress=False)
+    _, recs = _run(cfg, GRPOConfig(group_size=2, max_new_tokens=2, updates_per_batch=2))
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    assert [r["epoch"] for r in recs] == [0, 0, 0, 0]
+    assert [r["rollout/s"] > 0 for r in recs] == [True, False, True, False]

@@ -963,3 +963,324 @@ def test_the_reference_pass_runs_without_dropout_and_leaves_the_training_mode_as
     module = DropoutScorer().train()
     table = reference_logps.compute_reference_logps(module, pairs, 0, 2, Dist(0, 1, torch.device("cpu"), False))
     assert torch.equal(table, torch.tensor([[-2.0, -3.0]] * 3)) and module.training
+
+
+# ---------------------------------------------------------------------------------------------- batching rules
+
+
+def test_epoch_batches_are_length_grouped_reshuffled_per_epoch_with_the_short_batch_last():
+    """w2s/data.py: rows shuffled per epoch, a window sorted longest first and cut into batches, the batch order
+    shuffled again, the one short batch last. 42 rows of distinct lengths, batch 4, one window: 10 full + 1 of 2."""
+    lengths = [(7 * i) % 43 + 1 for i in range(42)]  # a permutation of 1..42 scattered over the indices
+    rank = sorted(range(42), key=lambda i: -lengths[i])  # rank[k]: the k-th longest row
+    batches = data.epoch_batches(lengths, 4, seed=1, epoch=0)
+    assert sorted(i for b in batches for i in b) == list(range(42))
+    assert [len(b) for b in batches] == [4] * 10 + [2]
+    assert set(batches[-1]) == set(rank[40:])  # the window's two shortest rows close it
+    for b in batches[:-1]:  # each full batch: 4 rows adjacent in length order
+        assert sorted(rank.index(i) for i in b) in [list(range(4 * k, 4 * k + 4)) for k in range(10)]
+    longest = [max(lengths[i] for i in b) for b in batches[:-1]]
+    assert longest != sorted(longest, reverse=True)  # long and short batches interleave
+    assert data.epoch_batches(lengths, 4, seed=1, epoch=0) == batches  # a pure function of (seed, epoch)
+    assert data.epoch_batches(lengths, 4, seed=1, epoch=1) != batches  # a new order every epoch
+
+
+def test_split_slots_cuts_contiguous_slots_whose_sizes_differ_by_at_most_one():
+    assert data.split_slots([0, 1, 2, 3], 2) == [[0, 1], [2, 3]]
+    assert data.split_slots([0, 1, 2, 3, 4], 2) == [[0, 1, 2], [3, 4]]
+    assert data.split_slots([0, 1, 2], 4) == [[0], [1], [2], []]  # a rank past the rows gets an empty slot
+
+
+def test_an_empty_micro_batch_is_one_all_ignored_dummy_row():
+    """A rank with no rows in a short last batch still runs forward/backward; its dummy row carries no target."""
+    tokens, targets = data.collate([], pad_id=5)  # (1, 1)
+    assert tokens.tolist() == [[5]] and targets.tolist() == [[data.IGNORE_INDEX]]
+
+
+def test_rows_at_the_limits_of_length_and_targets(capsys):
+    """A sequence of exactly max_seq_len tokens is kept (only a longer one is bad), for every sequence of a pair;
+    a sequence whose only response token is its first token has nothing to predict (no context), on either side
+    of a pair; a pair weight of 0 is a weight (>= 0)."""
+    sft = [{"prompt_ids": [5, 6], "response_ids": [7, 8, 9, 10]},  # 6 tokens == max_seq_len: kept
+           {"prompt_ids": [5, 6], "response_ids": [7, 8, 9, 10, 11]},  # 7 tokens
+           {"prompt_ids": [], "response_ids": [7]},  # the first token is never a target
+           {"prompt_ids": [], "response_ids": [7, 8]}]  # one target: 8
+    examples, kept, bad = data.encode_sft_rows(None, sft, max_seq_len=6)
+    assert kept == [0, 3] and [data.n_targets(ex) for ex in examples] == [4, 1]
+    assert [reason.split(" (")[0] for _, reason in bad] == ["sequence of 7 tokens is longer than max_seq_len=6",
+                                                             "no response token to predict"]
+    pairs = [{"prompt_ids": [5], "chosen_ids": [7] * 6, "rejected_ids": [8]},  # only chosen is too long
+             {"prompt_ids": [5], "chosen_ids": [7] * 5, "rejected_ids": [8]},  # 6 and 2 tokens: kept
+             {"prompt_ids": [], "chosen_ids": [7], "rejected_ids": [8, 9]},  # chosen has no target
+             {"prompt_ids": [5], "chosen_ids": [7], "rejected_ids": [8], "weight": 0}]
+    _, kept, bad = data.encode_pair_rows(None, pairs, max_seq_len=6)
+    assert kept == [1, 3] and [loc for loc, _ in bad] == ["row 0", "row 2"]
+    capsys.readouterr()
+
+
+def test_examples_hash_covers_the_loss_mask():
+    """The run key (resume) must change when the same tokens carry loss elsewhere, e.g. a new prompt split."""
+    a, b = data.Example([1, 2, 3, 4], n_prompt=2), data.Example([1, 2, 3, 4], n_prompt=3)
+    assert train.examples_hash([a]) != train.examples_hash([b])
+    chat = data.Example([1, 2, 3, 4], n_prompt=1, spans=((1, 2),))
+    assert train.examples_hash([chat]) != train.examples_hash([data.Example([1, 2, 3, 4], 1, spans=((1, 4),))])
+
+
+def test_a_pair_without_a_weight_weighs_one_beside_weighted_ones():
+    rows = [{"prompt": "q", "chosen": "a", "rejected": "b", "weight": 2.5},
+            {"prompt": "q", "chosen": "c", "rejected": "d"},
+            {"prompt": "q", "chosen": "e", "rejected": "f", "weight": 0.5}]
+    assert train.pair_weights(rows, [0, 1, 2]).tolist() == [2.5, 1.0, 0.5]
+    assert train.pair_weights(rows, [1, 2]).tolist() == [1.0, 0.5]
+
+
+# ---------------------------------------------------------------------------------------------- the step loop
+
+
+def test_an_epoch_is_ceil_rows_over_batch_size_steps_and_the_last_step_is_logged(ckpt):
+    """5 rows, batch 2, 2 epochs: ceil(5 / 2) = 3 steps an epoch (the short batch is a step), 6 in all; with
+    log_every=4 the records are step 4 and the last step."""
+    path, _ = ckpt
+    c = cfg(batch_size=2, micro_batch_size=2, max_steps=None, epochs=2, log_every=4)
+    _, recs = records(train_sft, load(path), None, id_rows(5), c)
+    assert [r["step"] for r in recs] == [4, 6]
+    assert [r["epoch"] for r in recs] == [1, 1]
+
+
+def test_batches_group_rows_by_token_length(ckpt):
+    """Grouping sorts by sequence length, not by the number of loss tokens. Rows (prompt + response tokens):
+    9 + 1, 3 + 5, 1 + 2, 1 + 1; batch 2 -> {10, 8} and {3, 2} tokens, i.e. 9 + 7 = 16 and 2 + 1 = 3 model inputs
+    per step (grouping by loss tokens 1, 5, 2, 1 would pair them otherwise)."""
+    path, _ = ckpt
+    rows = [{"prompt_ids": [3] * p, "response_ids": [4] * r} for p, r in [(9, 1), (3, 5), (1, 2), (1, 1)]]
+    _, recs = records(train_sft, load(path), None, rows, cfg(batch_size=2, micro_batch_size=2, max_steps=None))
+    assert sorted(r["tokens"] for r in recs) == [3, 16]
+
+
+def test_the_gradient_norm_is_clipped_before_the_adamw_step(ckpt):
+    """One step with clip=1e-5 equals transformers' masked-loss gradient, torch's clip_grad_norm_ and torch's AdamW
+    (betas 0.9/0.95, eps 1e-8, no decay). The clip is tiny so that Adam's eps makes the step differ from an
+    unclipped one (Adam's first step is otherwise invariant to the gradient's scale)."""
+    from transformers import AutoModelForCausalLM
+
+    path, _ = ckpt
+    rows = id_rows(4, seed=2)
+    c = cfg(batch_size=4, micro_batch_size=4, max_steps=1, lr=1e-2, clip=1e-5)
+    trained = train_sft(load(path), None, rows, c)
+
+    def reference(clip):
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        total, count = 0.0, 0
+        for r in rows:  # unpadded, labels -100 on the prompt
+            ids = torch.tensor([r["prompt_ids"] + r["response_ids"]])
+            labels = ids.clone()
+            labels[0, : len(r["prompt_ids"])] = -100
+            total = total + F.cross_entropy(hf(ids).logits[0, :-1], labels[0, 1:], ignore_index=-100,
+                                            reduction="sum")
+            count += len(r["response_ids"])
+        (total / count).backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(hf.parameters(), clip)
+        torch.optim.AdamW(hf.parameters(), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0).step()
+        return dict(hf.named_parameters())
+
+    clipped, unclipped = reference(1e-5), reference(None)
+    far = 0.0
+    for name, p in trained.named_parameters():
+        hf_name = w2s.checkpoint.hf_name(name)
+        torch.testing.assert_close(p.detach(), clipped[hf_name].detach(), atol=2e-4, rtol=0, msg=name)
+        far = max(far, (p.detach() - unclipped[hf_name].detach()).abs().max().item())
+    assert far > 1e-3  # the clip changed the step
+
+
+def test_adamw_gets_the_configured_betas_and_decays_matrices_only(ckpt, monkeypatch):
+    path, _ = ckpt
+    seen = []
+    real = torch.optim.AdamW
+
+    def spy(groups, **kwargs):
+        seen.append((groups, kwargs))
+        return real(groups, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", spy)
+    train_sft(load(path), None, id_rows(4), cfg(max_steps=1, weight_decay=0.1, adam_betas=(0.8, 0.9)))
+    [(groups, kwargs)] = seen
+    assert tuple(kwargs["betas"]) == (0.8, 0.9)
+    decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    params = list(load(path).parameters())
+    assert len(decay) == len(params) and sorted(decay.values()) == sorted(0.1 if p.ndim >= 2 else 0.0 for p in params)
+    for g in groups:  # norm weights (1-D) never decay
+        assert all((p.ndim >= 2) == (g["weight_decay"] == 0.1) for p in g["params"])
+
+
+def test_a_non_finite_gradient_stops_the_run_before_the_update(ckpt):
+    """The gradient norm is checked before optimizer.step: no weight moves (the passed model is trained in place
+    on one CPU process, so its tensors show what the step did)."""
+    path, _ = ckpt
+    model = load(path)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.layers[0].mlp.down_proj.weight.register_hook(lambda g: torch.full_like(g, math.nan))
+    with pytest.raises(train.NonFiniteError, match="step 1: gradient norm is nan"):
+        train_sft(model, None, id_rows(4), cfg(max_steps=1, lr=1e-2))
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_a_row_exactly_as_long_as_the_trained_context_is_not_said(ckpt, recwarn):
+    path, _ = ckpt
+    model = load(path)
+    rows = [{"prompt_ids": [3] * 5, "response_ids": [4] * (model.cfg.max_seq_len - 5)}]
+    train_sft(model, None, rows, cfg(batch_size=1, micro_batch_size=1, max_steps=1, max_seq_len=100_000))
+    assert not [w for w in recwarn if "a training row holds" in str(w.message)]  # only a longer row is said
+
+
+# ---------------------------------------------------------------------------------------------- resume, stats
+
+
+def test_a_resumed_run_counts_every_token_of_the_whole_run(ckpt, tmp_path):
+    """stats["tokens"]: the model-input tokens of the WHOLE run (each sequence less its last token), a resumed run
+    included, also from a checkpoint that did not record its count. 8 rows, batch 4, 4 steps: every row twice."""
+    path, _ = ckpt
+    rows = id_rows(8, seed=8)
+    by_hand = 2 * sum(len(r["prompt_ids"]) + len(r["response_ids"]) - 1 for r in rows)
+    c = cfg(max_steps=4, ckpt_every=2)
+    for recorded in (True, False):
+        out = tmp_path / str(recorded)
+        with pytest.raises(Killed):
+            train_sft(load(path), None, rows, c, out_dir=out, on_step=_kill_at(3, []))
+        if not recorded:
+            state = out / "ckpt" / "step00000002" / "train_state.json"
+            state.write_text(json.dumps({k: v for k, v in json.loads(state.read_text()).items() if k != "tokens"}))
+        _, stats = train_sft(load(path), None, rows, c, out_dir=out, return_stats=True)
+        assert (stats["resumed_from_step"], stats["steps"], stats["tokens"]) == (2, 4, by_hand), recorded
+
+
+def test_a_fresh_start_killed_before_its_first_checkpoint_leaves_nothing_to_resume(ckpt, tmp_path):
+    path, _ = ckpt
+    rows = id_rows(8, seed=7)
+    with pytest.raises(Killed):
+        train_sft(load(path), None, rows, cfg(max_steps=6, ckpt_every=2), out_dir=tmp_path, on_step=_kill_at(5, []))
+    with pytest.raises(Killed):  # resume=False, killed at step 1: before it writes a checkpoint of its own
+        train_sft(load(path), None, rows, cfg(max_steps=6, ckpt_every=2, resume=False), out_dir=tmp_path,
+                  on_step=_kill_at(1, []))
+    log = []
+    train_sft(load(path), None, rows, cfg(max_steps=6, ckpt_every=2), out_dir=tmp_path, on_step=log.append)
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_refuses_a_checkpoint_written_under_another_seed(ckpt, tmp_path):
+    """The seed sets the data order (and LoRA's init): a different seed is a different trajectory."""
+    path, _ = ckpt
+    rows = id_rows(8, seed=6)
+    with pytest.raises(Killed):
+        train_sft(load(path), None, rows, cfg(max_steps=4, ckpt_every=2), out_dir=tmp_path, on_step=_kill_at(3, []))
+    with pytest.raises(ValueError, match="different run"):
+        train_sft(load(path), None, rows, cfg(max_steps=4, ckpt_every=2, seed=4), out_dir=tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def test_grad_accum_is_the_ceiling_so_no_micro_batch_exceeds_micro_batch_size():
+    assert TrainConfig(batch_size=6, micro_batch_size=4).grad_accum(1) == 2  # 3 + 3, not one of 6
+    assert TrainConfig(batch_size=6, micro_batch_size=2).grad_accum(2) == 2  # 2 ranks x 2 slots of <= 2
+    assert TrainConfig(batch_size=4, micro_batch_size=9).grad_accum(1) == 1
+
+
+def test_more_impossible_configs_are_refused_naming_the_field():
+    for kwargs, says in [({"clip": 0.0}, r"clip=0\.0: expected a number > 0"),
+                         ({"lora_dropout": 1.0}, r"lora_dropout=1\.0: expected 0 <= p < 1"),
+                         ({"warmup_steps": 1.5}, r"warmup_steps=1\.5: expected a whole number")]:
+        with pytest.raises(ValueError, match=rf"^TrainConfig\.{says}"):
+            TrainConfig(**kwargs)
+
+
+def test_command_line_options_give_the_same_config_as_python():
+    """--clip none disables clipping; list options arrive as the tuples a TrainConfig holds."""
+    import argparse
+
+    from w2s.train_config import add_config_args, config_from_args
+
+    parser = add_config_args(argparse.ArgumentParser())
+    args = parser.parse_args(["--clip", "none", "--adam-betas", "0.8", "0.9", "--lora-targets", "q_proj", "v_proj"])
+    assert config_from_args(args) == TrainConfig(clip=None, adam_betas=(0.8, 0.9), lora_targets=("q_proj", "v_proj"))
+
+
+# ---------------------------------------------------------------------------------------------- LoRA layers
+
+
+class _Proj(torch.nn.Module):
+    """One target layer with a bias (as Qwen2's q/k/v projections): q_proj (8 <- 16)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q_proj = torch.nn.Linear(16, 8, bias=True)
+
+
+def test_lora_a_starts_as_nn_linears_default_init_and_b_at_zero(ckpt):
+    """A ~ kaiming_uniform_(a=sqrt(5)), nn.Linear's default (the paper's code); B = 0, so an injected model computes
+    exactly what the base did."""
+    layer = LoRALinear(torch.nn.Linear(16, 8), rank=4, alpha=8.0, dropout=0.0,
+                       generator=torch.Generator().manual_seed(0))
+    expected = torch.empty(4, 16)  # (r, in)
+    torch.nn.init.kaiming_uniform_(expected, a=math.sqrt(5), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(layer.lora_A.detach(), expected, atol=1e-7, rtol=0)
+    path, _ = ckpt
+    model, ids = load(path), torch.tensor([[1, 5, 9, 33, 70]])
+    with torch.no_grad():
+        before = model(ids)
+        inject_lora(model, rank=4, alpha=8.0)
+        assert torch.equal(model(ids), before)
+
+
+def test_unwrapping_lora_keeps_the_bias_merges_only_when_asked_and_unfreezes_everything():
+    """unwrap_lora(merge=True): a plain Linear computing W x + b + (alpha / r) B A x; merge=False: the untouched base
+    layer; either way every parameter is trainable again (full fine-tuning of an adapter's model)."""
+    from w2s.lora import unwrap_lora
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 16, generator=g)
+    results = {}
+    for merge in (True, False):
+        torch.manual_seed(1)
+        model = _Proj()
+        w, b = model.q_proj.weight.detach().clone(), model.q_proj.bias.detach().clone()
+        inject_lora(model, rank=2, alpha=4.0, seed=1)
+        with torch.no_grad():
+            model.q_proj.lora_B.normal_(0, 0.5, generator=torch.Generator().manual_seed(2))
+        by_hand = x @ w.T + b + 2.0 * (x @ model.q_proj.lora_A.detach().T @ model.q_proj.lora_B.detach().T)
+        unwrap_lora(model, merge=merge)
+        assert type(model.q_proj) is torch.nn.Linear and all(p.requires_grad for p in model.parameters())
+        with torch.no_grad():
+            results[merge] = (model.q_proj(x), by_hand, x @ w.T + b)
+    torch.testing.assert_close(results[True][0], results[True][1], atol=1e-5, rtol=1e-5)
+    assert torch.equal(results[False][0], results[False][2])
+
+
+def test_an_arrived_adapter_continues_only_with_its_rank_alpha_and_targets_under_this_runs_dropout():
+    """prepare_lora on a model with LoRA layers: rank 2 alpha 4 (scale 2) cannot continue as rank 4 alpha 8 (the same
+    scale, another shape); the same shape continues, with this run's lora_dropout on the branch."""
+    from w2s.lora import prepare_lora
+
+    model = _Proj()
+    inject_lora(model, rank=2, alpha=4.0, dropout=0.0)
+    with pytest.raises(ValueError, match=r"adapter \(rank 2, alpha 4, .*cannot continue as lora_rank 4"):
+        prepare_lora(model, 4, 8.0, 0.0, ("q_proj",), seed=0)
+    prepare_lora(model, 2, 4.0, 0.5, ("q_proj",), seed=0)
+    with torch.no_grad():
+        model.q_proj.lora_B.fill_(1.0)
+    x = torch.randn(4, 16)
+    model.eval()
+    deterministic = model.q_proj(x)
+    model.train()
+    assert not torch.allclose(model.q_proj(x), deterministic)  # dropout 0.5 acts in training mode
+
+
+def test_an_adapter_whose_b_does_not_fit_the_layer_is_refused():
+    """B (1, r) on an (8, 16) layer would broadcast silently into every output row: a clear error instead."""
+    from w2s.lora import Adapter, merge_adapter
+
+    model = _Proj()
+    adapter = Adapter(rank=2, alpha=4.0, base=None, tensors={"q_proj": (torch.randn(2, 16), torch.randn(1, 2))})
+    with pytest.raises(ValueError, match=r"adapter tensor q_proj: .* do not fit the model's layer \(8 x 16\)"):
+        merge_adapter(model, adapter)
