@@ -64,7 +64,7 @@ def extract_answer(text: str, task: str) -> str:
 
     The equivalence grader's rules (lenient, not the paper's), in order: cut at the first "Question"; text after the
     LAST "####" (gsm8k) or "The answer is:" (math), up to the end of that line (of the next non-empty line when the
-    marker ends its line); else "The answer is (.*)"; else the last number in the text. A trailing "." (end of
+    marker ends its line); else the last "The answer is (.*)"; else the last number in the text. A trailing "." (end of
     sentence) is stripped.
     """
     check_task(task)
