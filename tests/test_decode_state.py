@@ -155,3 +155,94 @@ def test_gpu_graphs_are_captured_once_and_replay_in_place_weight_changes(ckpt, m
     assert changed == generate(model, None, ps, cuda_graphs=False, keep_state=False, **opts)
     model.layers[0].mlp.down_proj.weight = torch.nn.Parameter(model.layers[0].mlp.down_proj.weight.detach().clone())
     assert generate(model, None, ps, **opts) == changed and len(captures) > n_first
+
+
+def test_kept_default_cache_rounds_up_but_not_past_the_trained_context(ckpt):
+    """With a kept state the default cache length (longest prompt + max_new_tokens) rounds up to CACHE_LEN_QUANTUM,
+    but not past the model's trained context; a run that needs more than that context still gets all it needs."""
+    model = load(ckpt)
+    model.cfg.max_seq_len = 100  # < CACHE_LEN_QUANTUM
+    ps = prompts([2])  # 5 tokens
+    generate(model, None, ps, keep_state=True, max_new_tokens=9, progress=False)
+    assert decode_state.kept_state(model).cache.max_len == 100  # 5 + 9 = 14, rounded up to 256, capped at 100
+    with pytest.warns(UserWarning, match="holds 125 positions but the model was trained on 100"):
+        generate(model, None, ps, keep_state=True, max_new_tokens=120, progress=False)
+    assert decode_state.kept_state(model).cache.max_len == 125
+
+
+def test_graph_signature_tells_apart_what_a_step_bakes_in():
+    """Sampling options, EOS ids and the shared-prefix length are Python values a captured step bakes in: changing
+    any one of them gives another signature (the graphs are captured anew)."""
+    sampling = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+    signature = decode_state.graph_signature(sampling, [2], 3)
+    assert decode_state.graph_signature({**sampling, "top_p": 0.9}, [2], 3) != signature
+    assert decode_state.graph_signature(sampling, [2, 5], 3) != signature
+    assert decode_state.graph_signature(sampling, [2], 4) != signature
+
+
+def test_a_kept_state_does_not_carry_the_last_runs_shared_prefix(ckpt, monkeypatch):
+    """A run whose prompts share a prefix long enough for cascade attention declares it on the kept cache; the next
+    run, with prompts that share nothing, must not read that prefix: it gives a fresh state's completions."""
+    from w2s import ops
+
+    monkeypatch.setattr(ops, "CASCADE_MIN_PREFIX", 3)  # the 3-token prefix of `prompts` takes the cascade path
+    model = load(ckpt)
+    generate(model, None, prompts([4, 7]), keep_state=True, **SAMPLED)
+    unrelated = [[5, 6, 7, 8], [9, 10, 11]]
+    assert generate(model, None, unrelated, keep_state=True, **SAMPLED) == generate(model, None, unrelated, **SAMPLED)
+
+
+def test_an_engine_dropped_without_running_frees_its_state(ckpt):
+    """A state counts as in use only while its engine lives: an engine that is built and dropped unrun (a caller
+    that only wanted make_engine's checks) leaves the kept state free for the next call."""
+    from w2s.sampling import make_engine
+
+    model = load(ckpt)
+    opts = {k: v for k, v in SAMPLED.items() if k != "progress"}
+    engine = make_engine(model, None, prompts([4, 7]), keep_state=True, **opts)
+    state = decode_state.kept_state(model)
+    assert state.in_use()
+    del engine
+    gc.collect()
+    assert not state.in_use()
+
+
+def test_release_without_a_model_frees_every_kept_state(ckpt):
+    models = [load(ckpt), load(ckpt)]
+    for model in models:
+        generate(model, None, prompts([3]), keep_state=True, **SAMPLED)
+    assert all(decode_state.kept_state(m) is not None for m in models)
+    decode_state.release()
+    assert all(decode_state.kept_state(m) is None for m in models)
+
+
+def test_a_second_engine_never_takes_the_state_of_one_still_decoding(ckpt):
+    """Engine a yields a finished prompt while a sequence of its other prompt is still decoding; engine b, same
+    shapes and model, runs in between. b must get a state of its own: both give what fresh states give."""
+    from w2s.sampling_engine import Engine
+
+    model = load(ckpt)
+    kw = dict(temperature=1.0, top_k=0, top_p=0.9, max_new_tokens=9, seed=4, eos_ids=list(range(3, VOCAB, 5)),
+              slots=4, cache_len=30, sync_every=2)  # a fifth of the ids end a sequence: lengths differ
+    a, b = prompts([4, 7], seed=2), prompts([3, 5], seed=3)
+    fresh_a, fresh_b = dict(Engine(model, a, 2, **kw).run()), dict(Engine(model, b, 2, **kw).run())
+    engine_a = Engine(model, a, 2, keep_state=True, **kw)
+    run_a = engine_a.run()
+    got_a = dict([next(run_a)])
+    assert not engine_a.done.all()  # a sequence is still decoding
+    assert dict(Engine(model, b, 2, keep_state=True, **kw).run()) == fresh_b
+    got_a.update(run_a)
+    assert got_a == fresh_a
+
+
+def test_a_kept_state_stops_at_the_eos_ids_of_the_current_run(ckpt):
+    """The EOS ids live on device in the kept state; a run with other EOS ids (another signature) must stop at its
+    own, as a fresh state does, not at the previous run's."""
+    model = load(ckpt)
+    ps = prompts([4, 7])
+    generate(model, None, ps, keep_state=True, **SAMPLED)
+    model.cfg.eos_token_id = list(range(3, VOCAB, 5))  # a fifth of the ids end a sequence
+    model.cfg.generation_config = {}  # these ids alone stop (the saved generation_config.json would add 2)
+    kept = generate(model, None, ps, keep_state=True, **SAMPLED)
+    assert kept == generate(model, None, ps, **SAMPLED)
+    assert any(c["finish_reason"] == "eos" for cs in kept for c in cs)

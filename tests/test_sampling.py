@@ -310,11 +310,14 @@ def expected_probs(logits, temperature, top_k, top_p):
 
 
 DISTINCT, TIED = [2.0, 1.5, 1.0, 0.5, 0.0, -1.0], [2.0, 1.0, 1.0, 1.0, 0.0, -1.0]
+SHUFFLED = [0.0, 2.0, -1.0, 1.0, 1.5, 0.5]  # DISTINCT out of order: top-p's sort must map back to vocabulary ids
 
 
 @pytest.mark.parametrize("logits,temperature,top_k,top_p", [
     (DISTINCT, 1.0, 0, 1.0), (DISTINCT, 0.7, 0, 1.0), (DISTINCT, 1.3, 3, 1.0), (DISTINCT, 1.0, 0, 0.8),
-    (DISTINCT, 2.0, 4, 0.9), (DISTINCT, 1.0, 3, 0.7), (TIED, 1.0, 2, 1.0), (TIED, 1.0, 2, 0.9)])
+    (DISTINCT, 2.0, 4, 0.9), (DISTINCT, 1.0, 3, 0.7), (TIED, 1.0, 2, 1.0), (TIED, 1.0, 2, 0.9),
+    # top-p cuts the tempered distribution: at T=0.5 two tokens reach 0.8, untempered it would take three
+    (DISTINCT, 0.5, 0, 0.8), (SHUFFLED, 1.0, 0, 0.8), (SHUFFLED, 1.3, 4, 0.9)])
 def test_sampling_frequencies_match_target(logits, temperature, top_k, top_p):
     draws = 20000
     keys = stream_keys(123, torch.arange(draws), torch.zeros(draws, dtype=torch.long))
@@ -684,3 +687,159 @@ def test_a_vocabulary_padded_past_the_tokenizer_never_draws_the_padding():
                         progress=False)
         ids = [i for cs in outs for c in cs for i in c["token_ids"]]
         assert ids and max(ids) < tok.vocab_size
+
+
+def test_top_p_stops_at_the_token_whose_mass_reaches_it_exactly():
+    """Four equally likely tokens (probabilities exactly 1/4): two of them reach top_p=0.5, so two are kept and the
+    others never drawn (transformers' TopPLogitsWarper drops the tokens whose ascending cumulative mass is
+    <= 1 - top_p); a top_p just above 0.5 needs a third token, 0.75 three."""
+    u = torch.arange(1000) / 1000  # (1000,) uniforms spread over [0, 1)
+    logits = torch.zeros(1000, 4)  # (1000, 4)
+    for top_p, kept in ((0.5, 2), (0.5000001, 3), (0.75, 3), (1.0, 4)):
+        drawn = sample_from_logits(logits, u, temperature=1.0, top_p=top_p)
+        assert len(drawn.unique()) == kept, top_p
+
+
+def test_a_stop_string_at_the_very_start_and_the_earliest_of_two(ckpt):
+    """A stop string completed by the first generated tokens ends the completion with empty text; when the token that
+    ends it completes two stop strings, the text is cut before the one that starts first (whatever the order of
+    `stop`)."""
+    model, _ = load(ckpt, "llama2")
+    never = CharTokenizer(stop_ids=())
+    free = generate(model, never, ["abc"], max_new_tokens=16, progress=False)[0][0]
+    ids, text = free["token_ids"], free["text"]
+    assert never.decode(ids[:2]) == text[:2]  # the first two tokens are characters
+
+    for n_chars in (1, 2):  # token_ids end at the first token whose text completes the stop string
+        out = generate(model, never, ["abc"], max_new_tokens=16, stop=[text[:n_chars]], progress=False)[0][0]
+        assert (out["finish_reason"], out["text"], out["token_ids"]) == ("stop", "", ids[:n_chars])
+
+    # token i is the first to show its character: it completes both text[i - 1 : i + 1] and text[i]
+    i = next(i for i in range(2, len(text)) if text[i] not in text[:i])
+    out = generate(model, never, ["abc"], max_new_tokens=16, stop=[text[i], text[i - 1 : i + 1]], progress=False)
+    assert out[0][0]["finish_reason"] == "stop" and out[0][0]["text"] == text[: i - 1]
+
+
+def test_a_prompt_that_is_a_prefix_of_another_matches_transformers(ckpt):
+    """The shared prefix is at most the shortest prompt less its last token, which must still run to give that
+    prompt's next-token logits: greedy completions of prompts that are prefixes of each other equal transformers'."""
+    model, hf = load(ckpt, "llama2")
+    prompts = [[1, 40, 41, 42], [1, 40, 41, 42, 43], [1, 40, 41, 42, 43, 44, 45]]
+    outs = generate(model, None, prompts, max_new_tokens=6, progress=False)
+    for prompt, (out,) in zip(prompts, outs):
+        ref = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                          max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=2)
+        assert out["token_ids"] == ref[0, len(prompt):].tolist()
+
+
+def test_the_last_id_below_text_vocab_can_be_drawn(ckpt):
+    """text_vocab=t keeps ids 0..t-1, t-1 included: with t one past the largest id a greedy run emits, the
+    restricted run emits the same tokens (each step's argmax is still allowed)."""
+    model, _ = load(ckpt, "llama2")
+    prompt = [1, 5, 9, 13]
+    kw = dict(temperature=0.0, top_k=0, top_p=1.0, max_new_tokens=6, seed=0, eos_ids=[], slots=1, cache_len=16)
+    (_, (free,)), = Engine(model, [prompt], 1, **kw).run()
+    top = max(free["token_ids"])
+    assert top < VOCAB - 1  # a real restriction
+    (_, (kept,)), = Engine(model, [prompt], 1, text_vocab=top + 1, **kw).run()
+    assert kept["token_ids"] == free["token_ids"]
+
+
+def test_a_stop_string_across_two_host_looks_is_found_at_the_next_look(ckpt, monkeypatch):
+    """sync_every=1: each host look sees one new token; a 2-character stop string whose first token was seen at the
+    previous look is still found at the look after its second token (the look re-reads a few earlier tokens), so
+    decoding ends there instead of running to max_new_tokens."""
+    model, _ = load(ckpt, "llama2")
+    never = CharTokenizer(stop_ids=())
+    ids = generate(model, never, ["hello world"], max_new_tokens=16, progress=False)[0][0]["token_ids"]
+    # tokens k-1, k are characters and their text first appears when token k is generated
+    k = next(k for k in range(4, 16) if len(never.decode(ids[k - 1 : k + 1])) == 2
+             and never.decode(ids[k - 1 : k + 1]) not in never.decode(ids[:k]))
+    stop = never.decode(ids[k - 1 : k + 1])
+    steps = []
+    real_step = Engine.step
+    monkeypatch.setattr(Engine, "step", lambda self, limit, mixed=False: steps.append(limit) or real_step(self, limit))
+    out = generate(model, never, ["hello world"], max_new_tokens=100, stop=[stop], sync_every=1, progress=False)[0][0]
+    assert out["finish_reason"] == "stop" and out["token_ids"] == ids[: k + 1]
+    assert len(steps) == k  # token 0 comes from the prefill, tokens 1..k from one decode step each
+
+
+def test_options_and_prompts_at_the_edge_of_what_is_refused(ckpt):
+    """Each limit on both sides: an empty prompt, top_k < 0, n < 1 and top_p > 1 are refused by name; a prompt
+    filling the whole cache is refused, one position short of it leaves room for exactly one token."""
+    model, _ = load(ckpt, "llama2")
+    with pytest.raises(ValueError, match=r"^prompt 1: expected a non-empty string or list of token ids"):
+        generate(model, None, [[1, 2], []], max_new_tokens=2, progress=False)
+    with pytest.raises(ValueError, match=r"^top_k=-1: expected >= 0$"):
+        generate(model, None, [[1, 5]], temperature=1.0, top_k=-1, progress=False)
+    with pytest.raises(ValueError, match=r"^n=0, max_new_tokens=2, .* must all be >= 1$"):
+        generate(model, None, [[1, 5]], n=0, max_new_tokens=2, progress=False)
+    with pytest.raises(ValueError, match=r"^top_p=1.2: expected 0 < top_p <= 1$"):
+        generate(model, None, [[1, 5]], temperature=1.0, top_p=1.2, progress=False)
+    with pytest.raises(ValueError, match=r"^prompt 0 has 4 tokens but the KV cache holds 4 positions"):
+        generate(model, None, [[1, 5, 6, 7]], max_new_tokens=3, cache_len=4, progress=False)
+    free = generate(model, None, [[1, 5, 6, 7]], max_new_tokens=3, progress=False)[0][0]["token_ids"]
+    (out,), = generate(model, None, [[1, 5, 6, 7]], max_new_tokens=3, cache_len=5, progress=False)
+    assert out["token_ids"] == free[:1] and out["finish_reason"] == ("eos" if free[0] == 2 else "length")
+
+
+def test_stop_as_one_string_and_empty_stop_strings(ckpt):
+    """stop="xy" is the single stop string "xy" (not the stop strings "x" and "y"); an empty stop string, which
+    every text contains, is ignored instead of ending every completion at its first token."""
+    model, _ = load(ckpt, "llama2")
+    never = CharTokenizer(stop_ids=())
+    free = generate(model, never, ["abc"], max_new_tokens=16, progress=False)[0][0]
+    text = free["text"]
+    assert generate(model, never, ["abc"], max_new_tokens=16, stop=[""], progress=False)[0][0] == free
+    stop = next(text[i : i + 2] for i in range(2, len(text) - 1) if text[i + 1] not in text[: i + 1])
+    out = generate(model, never, ["abc"], max_new_tokens=16, stop=stop, progress=False)[0][0]
+    assert out["finish_reason"] == "stop" and out["text"] == text[: text.index(stop)]
+    assert stop in never.decode(out["token_ids"]) and stop not in never.decode(out["token_ids"][:-1])
+
+
+def test_jsonl_empty_prompts_other_prompts_and_repeated_ids_are_refused(ckpt, tmp_path):
+    """An empty string or an empty id list is no prompt; a finished line whose prompt is not the input's under the
+    same id (another input file) and repeated ids are refused instead of mixing or overwriting samples."""
+    prompts = tmp_path / "prompts.jsonl"
+    for empty in ('""', "[]"):
+        prompts.write_text('{"id": 1, "prompt": "ab"}\n{"id": 2, "prompt": ' + empty + "}\n")
+        with pytest.raises(ValueError, match=r"prompts.jsonl:2: expected key 'prompt' with a non-empty string"):
+            sampling_jsonl.read_prompts_jsonl(prompts)
+
+    model, _ = load(ckpt, "llama2")
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(ValueError, match=r"^records: 'id' values are not unique$"):
+        sampling_jsonl.generate_to_jsonl(model, None, [{"id": "a", "prompt": [1, 5]}, {"id": "a", "prompt": [1, 6]}],
+                                         out, max_new_tokens=2, progress=False)
+    (tmp_path / "out.jsonl.part0").write_text('{"id": "a", "prompt": [1, 7], "completions": []}\n')
+    with pytest.raises(ValueError, match=r'id "a" was sampled from another prompt than the input\'s'):
+        sampling_jsonl.generate_to_jsonl(model, None, [{"id": "a", "prompt": [1, 5]}], out, max_new_tokens=2,
+                                         progress=False)
+
+
+def test_jsonl_run_meta_binds_only_a_run_that_wrote_something(tmp_path):
+    """The options record binds a resume only once a completion exists: with no output or only an empty part file (a
+    run killed before its first prompt finished) other options start afresh; one finished line binds them. Options
+    are compared as stored in JSON, so a tuple matches the list it was written as."""
+    out = tmp_path / "out.jsonl"
+    sampling_jsonl.write_run_meta(out, {"n": 1, "stop": ("\n",)})
+    assert sampling_jsonl.check_run_meta(out, {"n": 2, "stop": ["\n"]}) is True
+    part = tmp_path / "out.jsonl.part0"
+    part.write_text("")
+    assert sampling_jsonl.check_run_meta(out, {"n": 2, "stop": ["\n"]}) is True
+    part.write_text('{"id": "a", "completions": []}\n')
+    assert sampling_jsonl.check_run_meta(out, {"n": 1, "stop": ("\n",)}) is False
+    with pytest.raises(ValueError, match=r"out.jsonl: was sampled with other options \(n 1, now 2\)"):
+        sampling_jsonl.check_run_meta(out, {"n": 2, "stop": ("\n",)})
+
+
+def test_jsonl_final_file_is_in_input_order_not_the_order_lines_were_written(ckpt, tmp_path):
+    """A resumed run appends the prompts it samples after the lines a killed run left: the final file still lists
+    the records in input order."""
+    model, _ = load(ckpt, "llama2")
+    records = [{"id": "a", "prompt": [1, 5]}, {"id": "b", "prompt": [1, 6]}]
+    out = tmp_path / "out.jsonl"
+    (tmp_path / "out.jsonl.part0").write_text('{"id": "b", "prompt": [1, 6], "completions": []}\n')
+    sampling_jsonl.generate_to_jsonl(model, None, records, out, max_new_tokens=2, progress=False)
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in lines] == ["a", "b"] and lines[1]["completions"] == []

@@ -142,8 +142,8 @@ def _cache_len_for(ids, max_new_tokens, cache_len, names=None, quantum=1, traine
 
 def check_prompts(tokenizer, prompts, names, vocab_size, max_new_tokens, cache_len=None):
     """What the sampler would refuse in these prompts, refused before a model is loaded: a string without a
-    tokenizer, a token id past vocab_size, a prompt longer than an explicit cache_len. names[i] names prompt i
-    (file:line)."""
+    tokenizer, a token id past vocab_size, a prompt as long as an explicit cache_len or longer (no position left for
+    a new token). names[i] names prompt i (file:line)."""
     _cache_len_for(encode_prompts(tokenizer, prompts, vocab_size, names=names), max_new_tokens, cache_len, names=names)
 
 
