@@ -1169,7 +1169,6 @@ def test_a_fresh_start_killed_before_its_first_checkpoint_leaves_nothing_to_resu
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
 
 
-
 # ---------------------------------------------------------------------------------------------- config
 
 
