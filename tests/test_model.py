@@ -114,21 +114,31 @@ def test_save_keeps_generation_config_and_merges_live_lora(tmp_path):
 
 
 @pytest.mark.parametrize("cls_name, family", [("LlamaConfig", "llama2"), ("MistralConfig", "mistral"),
-                                              ("Gemma2Config", "gemma2")])
+                                              ("GemmaConfig", "gemma"), ("Gemma2Config", "gemma2")])
 def test_absent_optional_config_keys_take_transformers_defaults(cls_name, family, tmp_path):
-    """A config.json without rms_norm_eps, sliding_window or Gemma-2's scalar and soft-caps reads them as
-    transformers' config classes default them, not as w2s's own constructor does."""
+    """A config.json without rms_norm_eps, sliding_window, the activation, the context length, tied embeddings, the
+    special token ids, Llama's or Mistral's kv heads, or Gemma-2's scalar and soft-caps reads them as transformers'
+    config classes default them, not as w2s's own constructor does."""
     import transformers
 
     save_hf(family, tmp_path)
     hf = json.loads((tmp_path / "config.json").read_text())
     for key in ("rms_norm_eps", "sliding_window", "query_pre_attn_scalar", "attn_logit_softcapping",
-                "final_logit_softcapping"):
+                "final_logit_softcapping", "hidden_act", "hidden_activation", "max_position_embeddings",
+                "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id"):
         hf.pop(key, None)
+    if family in ("llama2", "mistral"):  # Gemma's kv heads: the test below
+        hf.pop("num_key_value_heads")
+        hf["num_attention_heads"] = 16  # a multiple of Mistral's default 8 kv heads; head_dim stays explicit
     cfg = ModelConfig.from_hf(hf)
     ref = getattr(transformers, cls_name)(**{k: v for k, v in hf.items() if k not in ("architectures", "model_type")})
     assert cfg.norm_eps == ref.rms_norm_eps
     assert cfg.sliding_window == getattr(ref, "sliding_window", None)
+    assert cfg.activation == (ref.hidden_activation if family == "gemma2" else ref.hidden_act)
+    assert (cfg.max_seq_len, cfg.tie_embeddings, cfg.n_kv_heads) == \
+        (ref.max_position_embeddings, ref.tie_word_embeddings, ref.num_key_value_heads)
+    assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (ref.bos_token_id, ref.eos_token_id,
+                                                                      ref.pad_token_id)
     if family == "gemma2":
         assert (cfg.query_pre_attn_scalar, cfg.attn_logit_softcap, cfg.final_logit_softcap) == \
             (ref.query_pre_attn_scalar, ref.attn_logit_softcapping, ref.final_logit_softcapping)
