@@ -47,6 +47,10 @@ def test_flops_per_token_by_hand():
     windowed = flops_per_token(n_params=n, n_layers=2, n_heads=4, head_dim=4, seq_len=T, windows=[4, None],
                                training=False)
     assert windowed == 2 * n + 4 * 4 * 4 * (4 + T)
+    # The same windows read from a config: Gemma-2's alternating layers, and Mistral's window on every layer.
+    alternating = tiny_cfg(sliding_window=4, layer_types=["sliding_attention", "full_attention"])
+    assert flops_per_token(alternating, seq_len=T, training=False) == windowed
+    assert flops_per_token(tiny_cfg(sliding_window=4), seq_len=T, training=False) == 2 * n + 4 * 4 * 4 * (4 + 4)
 
 
 def test_flops_per_token_matches_torch_flop_counter(monkeypatch):
@@ -81,6 +85,7 @@ def test_peak_flops_table_and_mfu(monkeypatch):
     monkeypatch.delenv("W2S_PEAK_FLOPS", raising=False)
     assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12  # how an H100 SXM names itself
     assert peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops("NVIDIA H100 NVL") == 835e12  # not the SXM's 989: the NVL variant is matched first
     assert peak_flops("NVIDIA H200") == 989e12
     assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
     assert peak_flops("NVIDIA L40S") == 362e12
@@ -105,6 +110,7 @@ def test_fmt_log_line():
     assert line == "step 12/500 | loss 1.2346 | lr 2.00e-05 | dt 0.1234 | tok/s 12,346 | mfu 41.2% | mem 12.3GiB"
     assert fmt_log_line(step=3, loss=0.5, tok_s=100.0, mfu=None) == "step 3 | loss 0.5000 | tok/s 100 | mfu -"
     assert fmt_log_line() == "mfu -"
+    assert fmt_log_line(mfu=float("nan")) == "mfu -"  # an MFU that could not be computed, never "mfu nan%"
     assert fmt_log_line(loss=torch.tensor(2.0), n_pairs=8, grad_norm=None) == "loss 2.0000 | n_pairs 8 | mfu -"
 
 
@@ -128,6 +134,17 @@ def test_stage_profiler_counts_and_skips_warmup():
     assert len(prof._windows) == 2
     json.dumps(summary)  # meta.json-ready
     assert fmt_log_line(step=5, **prof.window_metrics()).startswith("step 5 | tok/s ")
+
+
+def test_reset_host_peak_rss_restarts_the_high_water_mark():
+    """Linux: after a 256 MiB buffer is freed, a reset brings the peak back down to what the process holds now."""
+    if not profile.reset_host_peak_rss():
+        pytest.skip("no /proc/self/clear_refs (not Linux)")
+    buffer = torch.ones(64 * 2**20)  # 256 MiB of fp32, every page touched
+    with_buffer = profile.host_peak_rss_bytes()
+    del buffer
+    assert profile.reset_host_peak_rss()
+    assert profile.host_peak_rss_bytes() < with_buffer - 128 * 2**20
 
 
 class FakeClock:
@@ -176,12 +193,30 @@ def test_stage_profiler_with_given_flops_windows_and_cost(monkeypatch):
     summary = prof.summary()
     assert summary["steps"] == 5 and summary["flops_per_token"] == 1.9e6 / 170
     assert summary["tok_s_median"] == 10.0  # the median of windows of 75, 10 and 5 tok/s
+    assert summary["step_s_median"] == 1.0  # windows of 2 s / 2 steps, 1 s / 1 step, 2 s / 2 steps: per step
+
+    with StageProfiler(device="cpu", warmup_steps=0) as uncounted:  # no cfg and no FLOPs given: no MFU, not 0
+        clock.now = 10.5
+        uncounted.step(tokens=4)
+    assert uncounted.cost()["mfu"] is None and uncounted.last_window()["mfu"] is None
 
     monkeypatch.delenv("W2S_PEAK_FLOPS")
     with StageProfiler(device="cpu", warmup_steps=0) as cpu:
         clock.now = 11.0
         cpu.step(tokens=4, flops=8.0)
     assert cpu.cost()["mfu"] is None and cpu.window_metrics()["mfu"] is None  # no peak known for a CPU
+
+
+def test_the_step_ending_warm_up_closes_a_window_without_a_sync_request(monkeypatch):
+    """A loop that logs (syncs) only every k steps still keeps warm-up out of every window."""
+    clock = FakeClock()
+    monkeypatch.setattr(profile.time, "perf_counter", clock)
+    with StageProfiler(device="cpu", warmup_steps=2) as prof:
+        for now, sync in ((10.0, False), (20.0, False), (21.0, False), (22.0, True)):  # two slow warm-up steps
+            clock.now = now
+            prof.step(tokens=10, sync=sync)
+    assert prof.last_window()["seconds"] == 2.0 and prof.last_window()["tokens"] == 20
+    assert prof.summary()["tok_s_median"] == 10.0
 
 
 def test_stage_profiler_add_tokens_and_bad_mode():
@@ -287,11 +322,13 @@ def test_profile_summary_of_a_real_cpu_profile_is_per_step_and_adds_up():
     a, b = torch.randn(64, 64), torch.randn(64, 64)
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(4):
-            torch.nn.functional.silu(a @ b) * b
+            with torch.profiler.record_function("a user region"):
+                torch.nn.functional.silu(a @ b) * b
     text = profile.profile_summary(prof, torch.device("cpu"), per=4, per_name="step", wall_s=1.0)
     lines = text.splitlines()
     assert lines[0].startswith("CPU time per step:") and "of 250.00 ms wall" in lines[0]
     rows, key = profile.counted_events(prof, torch.device("cpu"))
+    assert "a user region" not in {e.key for e in rows}  # its time is its ops' time: never counted twice
     busy_ms = sum(getattr(e, key) for e in rows) / 1e3 / 4
     assert f"{busy_ms:.2f} ms busy" in lines[0]
     table = lines[2:lines.index("")]
