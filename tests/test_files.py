@@ -10,13 +10,19 @@ import stat
 
 import pytest
 
+from w2s import files
 from w2s.files import (
     read_json,
     read_jsonl,
+    remove_temp_files,
+    require,
+    row_id,
     sha256_file,
     stable_hash,
     unique_temp_path,
+    unshare_links,
     write_atomic,
+    write_json_atomic,
     write_jsonl_atomic,
 )
 
@@ -125,6 +131,23 @@ def test_write_atomic_text_bytes_and_chunks(tmp_path):
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
 
 
+def test_write_atomic_syncs_the_data_before_the_rename(tmp_path, monkeypatch):
+    """A crash right after the rename must not leave an empty file under the final name: the temp file's data
+    reaches the disk (fsync) before os.replace publishes it."""
+    calls = []
+    monkeypatch.setattr(files.os, "fsync", lambda fd: calls.append("fsync"))
+    real_replace = os.replace
+    monkeypatch.setattr(files.os, "replace", lambda a, b: (calls.append("replace"), real_replace(a, b)))
+    write_atomic(tmp_path / "meta.json", "{}")
+    assert calls == ["fsync", "replace"]
+
+
+def test_json_records_are_written_indented_for_people(tmp_path):
+    record = {"key": "abc", "counts": {"kept": 3}}
+    write_json_atomic(tmp_path / "meta.json", record)
+    assert (tmp_path / "meta.json").read_text() == json.dumps(record, indent=2)
+
+
 def test_write_atomic_failure_keeps_the_old_file_and_no_temp(tmp_path):
     path = tmp_path / "out.txt"
     path.write_text("old")
@@ -137,6 +160,47 @@ def test_write_atomic_failure_keeps_the_old_file_and_no_temp(tmp_path):
         write_atomic(path, chunks())
     assert path.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+
+
+def test_remove_temp_files_takes_only_whole_temp_names(tmp_path):
+    """What killed writes leave (ours and safetensors' hidden .tmpXXXXXX) goes, in subdirectories too; a file whose
+    name merely contains such a part is somebody's data and stays."""
+    (tmp_path / "sub").mkdir()
+    left = [tmp_path / "meta.json.123.0123abcd.tmp", tmp_path / "sub" / ".tmpa1B2_c"]
+    kept = [tmp_path / "meta.json", tmp_path / "notes.tmpa1B2_c.txt", tmp_path / "x.json.123.0123abcd.tmp.bak"]
+    for path in left + kept:
+        path.write_text("x")
+    remove_temp_files(tmp_path)
+    assert [p.exists() for p in left] == [False, False] and all(p.exists() for p in kept)
+
+
+def test_unshare_links_copies_hard_links_and_leaves_symlinks(tmp_path):
+    """A file hard-linked from another run gets a copy of its own (same bytes); a symlink stays a symlink."""
+    other, mine = tmp_path / "other", tmp_path / "mine"
+    other.mkdir(), mine.mkdir()
+    (other / "rows.jsonl").write_text("a\n")
+    os.link(other / "rows.jsonl", mine / "rows.jsonl")
+    (mine / "link.jsonl").symlink_to(other / "rows.jsonl")
+    unshare_links(mine)
+    assert (mine / "rows.jsonl").read_text() == "a\n" and (mine / "rows.jsonl").stat().st_nlink == 1
+    assert (mine / "link.jsonl").is_symlink() and (other / "rows.jsonl").stat().st_nlink == 1
+
+
+def test_row_ids_and_required_keys_name_the_place(tmp_path):
+    where = "train.jsonl:4"
+    assert row_id({"id": 7}, "id", "d", where) == "7" and row_id({"id": "q7"}, "id", "d", where) == "q7"
+    assert row_id({}, "id", "d", where) == "d"
+    for bad in (True, "", None, 1.5):  # a bool is an int to Python, but never an id
+        with pytest.raises(ValueError, match=r"^train\.jsonl:4: key 'id' must be a non-empty string or an integer"):
+            row_id({"id": bad}, "id", "d", where)
+    assert require({"question": "2+2?"}, "question", where) == "2+2?"
+    missing = r"^train\.jsonl:4: expected key 'question' with a non-empty string \(missing\)$"
+    with pytest.raises(ValueError, match=missing):
+        require({}, "question", where)
+    with pytest.raises(ValueError, match=r"\(got '  '\)$"):
+        require({"question": "  "}, "question", where)
+    with pytest.raises(ValueError, match=r"\(got 5\)$"):
+        require({"question": 5}, "question", where)
 
 
 def test_temp_names_are_unique_per_writer(tmp_path):
