@@ -146,6 +146,66 @@ def test_wandb_offline_gets_every_record(tmp_path, monkeypatch):
     assert run_file.stat().st_size > 0
 
 
+class FakeWandbRun:  # what w2s calls of a wandb run, as wandb's API documents it: log(dict, step=), finish()
+    def __init__(self, **init):
+        self.init, self.logged, self.finished = init, [], False
+
+    def log(self, values, step=None):
+        self.logged.append((step, values))
+
+    def finish(self):
+        self.finished = True
+
+
+def test_wandb_gets_its_project_name_directory_and_steps(tmp_path, monkeypatch):
+    """Without the package installed: a stand-in `wandb` module records wandb.init's arguments and run.log's calls.
+    The project comes from WANDB_PROJECT, the run's name defaults to OUT's, the files go under the log dir, and
+    every record is logged at its own step."""
+    import types
+
+    import w2s.tracking as tracking
+
+    runs = []
+    fake = types.SimpleNamespace(init=lambda **kw: runs.append(FakeWandbRun(**kw)) or runs[-1])
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setattr(tracking, "check_trackers", lambda report_to, where="report_to": None)
+    monkeypatch.setenv("WANDB_PROJECT", "my-project")
+    out = tmp_path / "16_dpo"
+    with tracking.Report(("wandb",)).start(cfg(max_steps=2), out, True, 0, {"steps": 2}) as trackers:
+        trackers({"step": 1, "loss": 0.5, "mfu": None})
+        trackers({"step": 2, "loss": 0.25, "mfu": None})
+    [run] = runs
+    assert (run.init["project"], run.init["name"], run.init["dir"]) == ("my-project", "16_dpo", str(out / "tb"))
+    assert run.init["config"]["max_steps"] == 2 and run.init["config"]["report_to"] == ["wandb"]
+    assert run.logged == [(1, {"train/loss": 0.5}), (2, {"train/loss": 0.25})] and run.finished
+
+
+def test_only_the_main_rank_reports_and_trackers_need_a_directory(tmp_path):
+    from w2s.tracking import Report, scalars
+
+    report = Report(("tensorboard",))
+    trackers = report.start(cfg(max_steps=2), tmp_path / "out", False, 0, {"steps": 2})
+    assert trackers.trackers == [] and not (tmp_path / "out").exists()  # no train_config.json, no events
+    with pytest.raises(ValueError, match="report_to needs a directory for the trackers"):
+        report.check(None)
+    Report(("tensorboard",), log_dir=str(tmp_path / "tb")).check(None)  # a log dir alone is enough
+    # numbers only: a flag, a string and an unknown MFU stay out, and the step is the step, not a value
+    assert scalars({"step": 3, "loss": 1.5, "tokens": 7, "resumed": True, "note": "x", "mfu": None}) == \
+        {"train/loss": 1.5, "train/tokens": 7.0}
+
+
+def test_tensorboard_holds_the_resolved_config_as_text(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train_sft(tiny_model(), None, id_rows(2), cfg(max_steps=1), out_dir=tmp_path, report_to=["tensorboard"])
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    [text] = acc.Tensors("train_config/text_summary")
+    shown = text.tensor_proto.string_val[0].decode()
+    assert json.loads(shown.strip("`\n")) == json.loads((tmp_path / "train_config.json").read_text())
+
+
 # ---------------------------------------------------------------------------------------------- scripts, pipeline
 
 
