@@ -3,11 +3,13 @@
     python -m pytest -q tests/test_cli.py
 """
 
+import re
+
 import pytest
 from click.testing import CliRunner
 from hf_tiny import FAMILIES, save_hf
 
-from w2s.cli import main
+from w2s.cli import _human, main
 from w2s.config import ModelConfig
 
 
@@ -29,6 +31,12 @@ def test_inspect_prints_shapes_and_memory(tmp_path):
     n = sum(p.numel() for p in hf.parameters())
     assert "gemma2" in out.output and f"{n:,}" in out.output
     assert "F32 (100%)" in out.output and "5, None" in out.output
+    # stored bytes: every tensor's data, i.e. each file less its 8-byte length and its JSON header
+    data = 0
+    for f in tmp_path.glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            data += f.stat().st_size - 8 - int.from_bytes(fh.read(8), "little")
+    assert re.search(rf"\nmemory \(as stored\) +{re.escape(_human(data))}\n", out.output)
 
 
 def test_inspect_bad_dir_is_one_clear_error(tmp_path):

@@ -14,8 +14,6 @@ from pathlib import Path
 
 import click
 
-BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-
 
 class OneLineError(click.ClickException):
     """click's `Error: ...` line, said once per launch under torchrun, not once per rank (w2s.parallel.say_error)."""
@@ -123,7 +121,8 @@ def inspect(ckpt_dir):
             for s in info["shape"]:
                 numel *= s
             dtypes[info["dtype"]] += numel
-            stored_bytes += numel * BYTES.get(info["dtype"], 4)
+            begin, end = info["data_offsets"]
+            stored_bytes += end - begin  # the header's own extent: exact for any dtype, FP8 included
             stored_params += numel
     n = cfg.n_params()
     windows = sorted({str(cfg.layer_window(i)) for i in range(cfg.n_layers)})
