@@ -288,6 +288,11 @@ def test_an_adapter_pointing_at_another_base_is_named_by_inspect_and_refused_fro
     validate_checkpoint(on_adapter, tokenizer=False)
     out = CliRunner().invoke(main, ["inspect", str(on_adapter)])  # both adapters, then the base two steps down
     assert out.exit_code == 0 and out.output.count("LoRA rank") == 2 and "\nfamily " in out.output, out.output
+    from safetensors import safe_open
+
+    with safe_open(str(on_adapter / "adapter_model.safetensors"), "pt") as f:  # every A and every B
+        n_lora = sum(f.get_slice(k).get_shape()[0] * f.get_slice(k).get_shape()[1] for k in f.keys())
+    assert f"adapter parameters  {n_lora:,} " in out.output
     (on_adapter / "adapter_config.json").write_text(json.dumps({**adapter_config, "base_model_name_or_path": "."}))
     itself = f"{on_adapter.resolve()} -> {on_adapter.resolve()}"
     with pytest.raises(ValueError, match=rf"adapter_config\.json: base_model_name_or_path '\.' leads back to "

@@ -7,9 +7,9 @@ import re
 
 import pytest
 from click.testing import CliRunner
-from hf_tiny import FAMILIES, save_hf
+from hf_tiny import FAMILIES, save_hf, store_output_matrix
 
-from w2s.cli import _human, main
+from w2s.cli import _human, _unescape, main
 from w2s.config import ModelConfig
 
 
@@ -37,6 +37,34 @@ def test_inspect_prints_shapes_and_memory(tmp_path):
         with open(f, "rb") as fh:
             data += f.stat().st_size - 8 - int.from_bytes(fh.read(8), "little")
     assert re.search(rf"\nmemory \(as stored\) +{re.escape(_human(data))}\n", out.output)
+
+
+def test_inspect_memory_follows_the_parameter_count_and_names_a_stored_output_matrix(tmp_path):
+    """bf16 is 2 bytes a parameter, fp32 4, and a full fine-tune with AdamW 16 (fp32 master, gradient, m and v).
+    A tied config whose checkpoint stores an lm_head.weight anyway is said to be untied on load if it differs."""
+    hf = save_hf("gemma", tmp_path)
+    n = sum(p.numel() for p in hf.parameters())
+    out = CliRunner().invoke(main, ["inspect", str(tmp_path)]).output
+    assert re.search(rf"\nmemory in bf16 / fp32 +{re.escape(_human(2 * n))} / {re.escape(_human(4 * n))}\n", out)
+    assert re.search(rf"\nfull fine-tune, AdamW fp32 states +{re.escape(_human(16 * n))} ", out)
+    assert re.search(r"\ntied embeddings +True\n", out)
+    store_output_matrix(tmp_path)
+    out = CliRunner().invoke(main, ["inspect", str(tmp_path)]).output
+    assert "tied embeddings" in out and "an lm_head.weight is stored too: untied on load if it differs" in out
+
+
+def test_sizes_are_said_in_binary_units():
+    assert (_human(1023), _human(1024), _human(3 * 2**29), _human(2**50)) == \
+        ("1023 B", "1.0 KiB", "1.5 GiB", "1024.0 TiB")
+
+
+def test_stop_strings_from_the_shell_read_backslash_n_and_t():
+    assert _unescape("\\nQuestion\\t") == "\nQuestion\t" and _unescape("plain") == "plain"
+
+
+def test_data_offline_exits_1_while_a_file_is_missing(tmp_path):
+    out = CliRunner().invoke(main, ["data", "gsm8k", "--offline", "--dest", str(tmp_path)])
+    assert out.exit_code == 1 and "gsm8k" in out.output
 
 
 def test_inspect_bad_dir_is_one_clear_error(tmp_path):
