@@ -67,6 +67,26 @@ def test_data_offline_exits_1_while_a_file_is_missing(tmp_path):
     assert out.exit_code == 1 and "gsm8k" in out.output
 
 
+def test_sample_without_a_tokenizer_takes_token_ids_in_fp32_on_cpu(tmp_path):
+    """A checkpoint with no tokenizer samples token-id prompts; one text prompt among them is refused before the
+    weights load. --dtype auto is fp32 off CUDA (bf16 is for GPUs), and the run's record says so."""
+    import json
+
+    save_hf("llama2", tmp_path / "ckpt")
+    prompts = tmp_path / "q.jsonl"
+    prompts.write_text(json.dumps({"id": "a", "prompt": [1, 2, 3]}) + "\n" + json.dumps({"id": "b", "prompt": [4]}))
+    args = ["sample", str(tmp_path / "ckpt"), "--input", str(prompts), "--output", str(tmp_path / "out.jsonl"),
+            "--max-new-tokens", "2", "--no-progress"]
+    out = CliRunner().invoke(main, args)
+    assert out.exit_code == 0, out.output
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["completions"][0]["num_tokens"]) for r in rows] == [("a", 2), ("b", 2)]
+    assert json.loads((tmp_path / "out.jsonl.meta.json").read_text())["dtype"] == "float32"
+    prompts.write_text(json.dumps({"id": "a", "prompt": [1, 2, 3]}) + "\n" + json.dumps({"id": "b", "prompt": "4"}))
+    out = CliRunner().invoke(main, [*args[:5], str(tmp_path / "other.jsonl"), *args[6:]])
+    assert out.exit_code == 1 and "no tokenizer.json or tokenizer.model, so prompts must be token-id" in out.output
+
+
 def test_inspect_bad_dir_is_one_clear_error(tmp_path):
     out = CliRunner().invoke(main, ["inspect", str(tmp_path)])
     assert out.exit_code == 1
