@@ -368,3 +368,135 @@ def test_rslora_and_a_zero_rank_are_refused_in_one_line(trained, tmp_path, chang
         w2s.load_model(adapter, dtype=torch.float32)
     assert str(error.value).startswith(f"{config}: ") and says in str(error.value), error.value
     assert "\n" not in str(error.value)
+
+
+def test_an_adapter_without_tokenizer_files_reads_its_bases_tokenizer_and_identity(base, trained, tmp_path):
+    """An adapter directory is named by where it is (absolute), tokenized with its base's tokenizer when it has none
+    of its own, and identified with its base too: a changed base changes the adapter's fingerprint."""
+    import shutil
+
+    from w2s.checkpoint import fingerprint, tokenizer_dir
+
+    out, _ = trained
+    assert not (out / "tokenizer.json").exists() and not (base / "tokenizer.json").exists()
+    assert tokenizer_dir(out) == base
+    with_tokenizer = tmp_path / "with_tokenizer"
+    shutil.copytree(out, with_tokenizer)
+    (with_tokenizer / "tokenizer.json").write_text("{}")
+    assert tokenizer_dir(with_tokenizer) == with_tokenizer
+    assert fingerprint(out)["base"] == fingerprint(base) and fingerprint(base)["base"] is None
+
+
+def test_an_adapter_is_loaded_with_its_absolute_directory_as_name_or_path(trained, monkeypatch):
+    out, _ = trained
+    monkeypatch.chdir(out.parent)
+    assert w2s.load_model(out.name, dtype=torch.float32).name_or_path == str(out.resolve())
+
+
+def test_validating_an_adapter_validates_its_base_too(base, trained, tmp_path):
+    """The adapter fits its base, but the base's shard is truncated: loading would fail, so validation does."""
+    import os
+    import shutil
+
+    from w2s.checkpoint import validate_checkpoint
+
+    broken, adapter = tmp_path / "base", tmp_path / "adapter"
+    shutil.copytree(base, broken)
+    shard = broken / "model.safetensors"
+    os.truncate(shard, shard.stat().st_size - 100)
+    shutil.copytree(trained[0], adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(broken)}))
+    with pytest.raises(ValueError, match=rf"^{shard}: tensor .* \(truncated"):
+        validate_checkpoint(adapter, tokenizer=False)
+
+
+def test_a_full_model_saved_over_an_adapter_loads_as_itself(base, trained, tmp_path):
+    """save_model into an adapter's directory removes the adapter: left beside the weights, it would win on load."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(trained[0], out)
+    model = w2s.load_model(base, dtype=torch.float32)
+    w2s.save_model(model, out)
+    assert read_adapter(out) is None and not (out / "adapter_model.safetensors").exists()
+    assert torch.equal(logits(w2s.load_model(out, dtype=torch.float32)), logits(model))
+
+
+def _small_tokenizer(path):
+    """A word-level tokenizer whose ids fit the tiny base's 128 embeddings (the export copies it beside the weights)."""
+    from tokenizers import Tokenizer, models
+
+    path.mkdir(parents=True)
+    Tokenizer(models.WordLevel({f"t{i}": i for i in range(16)}, unk_token="t0")).save(str(path / "tokenizer.json"))
+    return w2s.load_tokenizer(path)
+
+
+def _stored_dtypes(path):
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return {f.get_slice(k).get_dtype() for k in f.keys()}
+
+
+def test_a_full_run_that_returns_no_model_still_exports_it_in_the_input_dtype(base, tmp_path):
+    """return_model=False frees the gathered weights after the export, not before it: out_dir gets the model in the
+    dtype it was loaded in (bf16 here, trained in fp32 master weights) with the tokenizer."""
+    import transformers
+
+    out = tmp_path / "model"
+    model = w2s.load_model(base, dtype=torch.bfloat16)
+    assert train_sft(model, _small_tokenizer(tmp_path / "tok"), rows(), cfg(lora_rank=None, max_steps=1),
+                     out_dir=out, return_model=False) is None
+    assert transformers.AutoConfig.from_pretrained(out).dtype == torch.bfloat16
+    assert _stored_dtypes(out / "model.safetensors") == {"BF16"}
+    assert (out / "tokenizer.json").is_file()
+
+
+def test_a_lora_run_that_returns_no_model_saves_every_adapter_tensor_in_fp32(base, tmp_path):
+    """return_model=False: the adapter (A and B of every layer, the fp32 values trained, not rounded to the bf16 the
+    base was loaded in), its dropout and the tokenizer are written; nothing is returned."""
+    out = tmp_path / "model"
+    model = w2s.load_model(base, dtype=torch.bfloat16)
+    assert train_sft(model, _small_tokenizer(tmp_path / "tok"), rows(), cfg(max_steps=1, lora_dropout=0.25),
+                     out_dir=out, return_model=False) is None
+    assert _stored_dtypes(out / "adapter_model.safetensors") == {"F32"}
+    adapter = read_adapter(out)
+    assert len(adapter.tensors) == len(TARGETS) * 2 and adapter.dropout == 0.25  # hf_tiny's llama2: 2 blocks
+    a, b = adapter.tensors[f"layers.0.self_attn.{TARGETS[0]}"]
+    assert not torch.equal(a, a.bfloat16().float()) and not torch.equal(b, b.bfloat16().float())
+    assert (out / "tokenizer.json").is_file()
+
+
+def test_a_merged_export_without_a_returned_model_writes_the_merged_copy(base, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "model"
+    assert train_sft(w2s.load_model(base, dtype=torch.float32), _small_tokenizer(tmp_path / "tok"), rows(),
+                     cfg(export_merged=True, max_steps=1), out_dir=out, return_model=False) is None
+    assert (out / "merged" / "tokenizer.json").is_file()
+    hf = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(IDS).logits, logits(w2s.load_model(out, dtype=torch.float32)), atol=1e-5,
+                                   rtol=1e-5)
+
+
+def test_return_model_base_gives_the_untouched_base_weights(base, tmp_path):
+    """return_model="base" (the pipeline keeps the base resident and applies the saved adapter itself): the returned
+    weights are exactly those loaded (bf16 here), not merged with the adapter, also when a merged copy is written."""
+    loaded = w2s.load_model(base, dtype=torch.bfloat16)
+    before = {k: v.clone() for k, v in loaded.state_dict().items()}
+    returned = train_sft(loaded, None, rows(), cfg(max_steps=1, export_merged=True), out_dir=tmp_path / "model",
+                         return_model="base")
+    assert (tmp_path / "model" / "merged" / "config.json").is_file()
+    state = returned.state_dict()
+    assert state.keys() == before.keys() and {v.dtype for v in state.values()} == {torch.bfloat16}
+    assert all(torch.equal(state[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("lora_rank", [4, None])
+def test_a_run_without_out_dir_returns_the_trained_model(base, lora_rank):
+    """Nothing to write (export_merged names no directory without out_dir): the merged model comes back."""
+    options = cfg(lora_rank=lora_rank, max_steps=1, export_merged=lora_rank is not None)
+    model = train_sft(w2s.load_model(base, dtype=torch.float32), None, rows(), options)
+    assert isinstance(model, w2s.Transformer) and not any(".lora_" in k for k in model.state_dict())

@@ -455,3 +455,190 @@ def test_cpu_shared_prefix_hint_changes_no_value(heads, T, monkeypatch):
         ref = reference.attention(q, k, v, q_positions=positions, scale=0.4)
         torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
     assert calls == [1]  # the first positions are all >= P; the second has a query inside the prefix
+
+
+# ---------------------------------------------------------------- checkpoint layout details (mutation audit)
+
+
+def test_a_lone_shard_under_another_name_loads_and_two_without_an_index_are_refused(tmp_path):
+    """A directory with one .safetensors file under another name (a one-shard save) loads it; several without an
+    index cannot be told apart from a partial copy: refused naming them, never loaded from the first."""
+    save_hf("llama2", tmp_path / "ref")
+    (tmp_path / "ref" / "model.safetensors").rename(tmp_path / "ref" / "model-00001-of-00001.safetensors")
+    model = w2s.load_model(tmp_path / "ref", dtype=torch.float32)
+    hf = save_hf("llama2", tmp_path / "same")  # the same seed: the weights the renamed file holds
+    tokens, mask = right_padded_batch(LENGTHS)
+    assert_valid_close(w2s_logits(model, tokens), hf_logits(hf, tokens, mask), mask)
+
+    save_hf("llama2", tmp_path / "sharded", max_shard_size="40KB")
+    (tmp_path / "sharded" / "model.safetensors.index.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no model\.safetensors or model\.safetensors\.index\.json \(found "
+                                                r"\['model-00001-of-"):
+        w2s.load_model(tmp_path / "sharded")
+
+
+def test_a_tensor_missing_from_the_checkpoint_is_one_error_naming_it(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    save_hf("llama2", tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"checkpoint lacks 1 tensor\(s\) the config implies, e\.g\. "
+                                         r"'model\.layers\.1\.mlp\.up_proj\.weight'"):
+        w2s.load_model(tmp_path)
+
+
+def test_name_or_path_is_the_absolute_directory_even_from_a_relative_path(tmp_path, monkeypatch):
+    """An adapter trained from the model points back at name_or_path: a relative one would break from another cwd."""
+    save_hf("llama2", tmp_path / "ckpt")
+    monkeypatch.chdir(tmp_path)
+    assert w2s.load_model("ckpt", dtype=torch.float32).name_or_path == str(tmp_path.resolve() / "ckpt")
+
+
+def test_a_structure_only_load_has_the_requested_dtype(tmp_path):
+    """device="meta" (FSDP ranks > 0) builds the model in the dtype rank 0 loads, so the shards they receive fit."""
+    save_hf("llama2", tmp_path)
+    model = w2s.load_model(tmp_path, dtype=torch.bfloat16, device="meta")
+    assert {(p.device.type, p.dtype) for p in model.parameters()} == {("meta", torch.bfloat16)}
+
+
+def test_a_tokenizer_exactly_as_large_as_the_embedding_loads(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    save_hf("llama2", tmp_path)
+    vocab = {f"t{i}": i for i in range(128)}  # every id has an embedding row (hf_tiny's vocab is 128)
+    Tokenizer(models.WordLevel(vocab, unk_token="t0")).save(str(tmp_path / "tokenizer.json"))
+    w2s.load_model(tmp_path, dtype=torch.float32)
+
+
+def test_a_truncated_shard_is_named_from_its_header_before_any_tensor_is_read(tmp_path, monkeypatch):
+    import os
+
+    import w2s.checkpoint as checkpoint
+
+    save_hf("llama2", tmp_path)
+    shard = tmp_path / "model.safetensors"
+    os.truncate(shard, shard.stat().st_size - 100)
+    monkeypatch.setattr(checkpoint, "read_tensor", lambda *a: pytest.fail("a tensor was read"))
+    with pytest.raises(ValueError, match=rf"^{shard}: tensor .* but the file has {shard.stat().st_size} bytes "
+                                         rf"\(truncated"):
+        w2s.load_model(tmp_path)
+
+
+def test_a_tensors_byte_count_unlike_its_dtype_and_shape_is_a_problem(tmp_path):
+    """A header whose dtype says F16 over the bytes of an F32 tensor (twice the bytes its shape needs) is named."""
+    from w2s.checkpoint import checkpoint_problems
+
+    save_hf("llama2", tmp_path)
+    shard = tmp_path / "model.safetensors"
+    raw = shard.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    name = "model.norm.weight"
+    assert header[name]["dtype"] == "F32"
+    header[name]["dtype"] = "F16"
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(n)  # the same length: the data stays in place
+    assert len(text) == n
+    shard.write_bytes(raw[:8] + text + raw[8 + n:])
+    assert checkpoint_problems(tmp_path, tokenizer=False) == [
+        f"{shard}: tensor '{name}' spans 256 bytes, expected 128 for shape [64] in F16"]  # 64 x 4 bytes vs 64 x 2
+
+
+def test_identity_files_ignore_evaluation_records_but_not_the_tokenizer_model(tmp_path):
+    """A checkpoint's identity changes with its weights, config and tokenizer files, not with the records an
+    evaluation wrote beside them (scripts/evaluate.py's default output)."""
+    from w2s.checkpoint import identity_files
+
+    save_hf("llama2", tmp_path)
+    before = identity_files(tmp_path)
+    assert {name for name, _, _ in before} == {"config.json", "generation_config.json", "model.safetensors"}
+    (tmp_path / "eval.jsonl.meta.json").write_text("{}")
+    (tmp_path / "eval.jsonl.result.json").write_text("{}")
+    assert identity_files(tmp_path) == before
+    (tmp_path / "tokenizer.model").write_bytes(b"pieces")
+    assert [name for name, _, _ in identity_files(tmp_path)] == [name for name, _, _ in before] + ["tokenizer.model"]
+
+
+def _hub_split(directory, max_shard_bytes):
+    """huggingface_hub's sharding (what save_pretrained writes) of the tensors w2s saved in `directory`, in name
+    order: {file: sorted tensor names}, total_size."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import load_file
+
+    state = {}
+    for f in directory.glob("*.safetensors"):
+        state.update({k: v.clone() for k, v in load_file(f).items()})
+    split = split_torch_state_dict_into_shards(dict(sorted(state.items())), max_shard_size=max_shard_bytes)
+    return {f: sorted(names) for f, names in split.filename_to_tensors.items()}, split.metadata["total_size"]
+
+
+def test_shards_and_index_are_the_layout_save_pretrained_writes(tmp_path):
+    """Shard boundaries (a shard holds tensors up to exactly max_shard_bytes), file names model-0000k-of-0000n and the
+    index's total_size as huggingface_hub computes them; each file carries the {"format": "pt"} metadata
+    transformers writes."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    save_hf("llama2", tmp_path / "src")
+    model = w2s.load_model(tmp_path / "src", dtype=torch.float32)
+    sizes = [t.numel() * t.element_size() for _, t in sorted(load_file(tmp_path / "src" / "model.safetensors").items())]
+    limit = sum(sizes[:3])  # the first three tensors fill a shard exactly
+    w2s.save_model(model, tmp_path / "out", max_shard_bytes=limit)
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    files, total = _hub_split(tmp_path / "out", limit)
+    assert len(files) > 2
+    assert {f: sorted(n for n, s in index["weight_map"].items() if s == f) for f in files} == files
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.safetensors")) == sorted(files)
+    assert index["metadata"]["total_size"] == total
+    w2s.save_model(model, tmp_path / "one")
+    with safe_open(tmp_path / "src" / "model.safetensors", "pt") as written_by_transformers:
+        expected = written_by_transformers.metadata()
+    for f in [*(tmp_path / "out").glob("*.safetensors"), tmp_path / "one" / "model.safetensors"]:
+        with safe_open(f, "pt") as opened:
+            assert opened.metadata() == expected
+
+
+def test_a_save_over_a_sharded_export_leaves_none_of_its_shards(tmp_path):
+    """Shards of an earlier, larger save are not in the new index: left there, they would be read as part of the
+    directory (its identity, a copy, a lone-shard load)."""
+    save_hf("llama2", tmp_path / "src")
+    model = w2s.load_model(tmp_path / "src", dtype=torch.float32)
+    w2s.save_model(model, tmp_path / "out", max_shard_bytes=30_000)
+    w2s.save_model(model, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.safetensors")) == ["model.safetensors"]
+    assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
+
+
+def test_save_model_dtype_is_the_dtype_written_and_the_one_transformers_reads(tmp_path):
+    import transformers
+    from safetensors import safe_open
+
+    save_hf("llama2", tmp_path / "src")
+    model = w2s.load_model(tmp_path / "src", dtype=torch.float32)
+    w2s.save_model(model, tmp_path / "out", dtype=torch.bfloat16)
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "out").dtype == torch.bfloat16
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+
+
+def test_validate_names_the_first_shape_problem_and_counts_the_rest(tmp_path):
+    """intermediate_size 80 in config.json against 96 stored: gate, up and down of both blocks (6 tensors) differ."""
+    from w2s.checkpoint import validate_checkpoint
+
+    save_hf("llama2", tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 80}))
+    with pytest.raises(ValueError, match=r"model\.safetensors: tensor 'model\.layers\.0\.mlp\.\w+_proj\.weight' has "
+                                         rf"shape \[\d+, \d+\], expected \[\d+, \d+\] from config\.json \(and 5 more "
+                                         rf"problem\(s\): w2s inspect {re.escape(str(tmp_path))}\)$"):
+        validate_checkpoint(tmp_path, tokenizer=False)
+
+
+def test_a_structure_only_load_of_a_tied_checkpoint_needs_no_weights(tmp_path):
+    """device="meta" reads config.json alone: a tied (Gemma) directory without its safetensors still gives the
+    structure, tied as config.json says."""
+    save_hf("gemma", tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    model = w2s.load_model(tmp_path, dtype=torch.float32, device="meta")
+    assert model.cfg.tie_embeddings and model.lm_head is None

@@ -340,3 +340,217 @@ def test_instruct_model_stops_on_its_end_of_turn_token(tmp_path):
     assert _eos_ids(None, load_tokenizer(directory)) == {end, eot}
     (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": eot}))
     assert _eos_ids(None, load_tokenizer(directory)) == {end, eot}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Conventions pinned by the mutation audit: each expected value comes from the backend library or transformers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_unk_text_and_id_read_and_decode_as_transformers_does(mistral_dirs):
+    """"<unk>" in the text is the unk id, as the added special token of the converted tokenizer.json makes it; decoding
+    drops it with the other special tokens; a run of text decoded first keeps no leading space."""
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(mistral_dirs[1]))
+    text = "a<unk>b"
+    expected = hf(text, add_special_tokens=False)["input_ids"]
+    assert 0 in expected
+    for tok in map(load_tokenizer, mistral_dirs):
+        ids = tok.encode(text, bos=False)
+        assert ids == expected, tok.backend
+        assert tok.decode(ids) == hf.decode(ids, skip_special_tokens=True), tok.backend
+        hello = tok.encode("Hello", bos=False, eos=True)
+        assert tok.decode(hello, skip_special=False) == hf.decode(hello, skip_special_tokens=False), tok.backend
+
+
+def test_a_tokenizer_model_under_its_versioned_name_loads(mistral_dirs):
+    """mistral-common ships tokenizer.model.v1: read as a SentencePiece model like tokenizer.model."""
+    import sentencepiece
+
+    path = _mistral_model_path()
+    tok = load_tokenizer(path)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    assert tok.backend == "sentencepiece" and (tok.bos_id, tok.eos_id) == (sp.bos_id(), sp.eos_id())
+    assert tok.encode("Hello") == [sp.bos_id()] + sp.encode("Hello")
+
+
+def test_sentencepiece_special_ids_at_zero_are_the_models_own(tmp_path):
+    """A SentencePiece model whose pad is id 0 under an unusual name ([PAD]): id 0 is a real id, not "none"."""
+    import io
+
+    import sentencepiece
+
+    proto = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(["a train leaves at 3 pm when does it arrive"] * 50), model_writer=proto,
+        vocab_size=24, pad_id=0, pad_piece="[PAD]", unk_id=1, bos_id=2, eos_id=3, minloglevel=2)  # fmt: skip
+    (tmp_path / "tokenizer.model").write_bytes(proto.getvalue())
+    sp = sentencepiece.SentencePieceProcessor(model_proto=proto.getvalue())
+    tok = load_tokenizer(tmp_path)
+    assert (tok.pad_id, tok.bos_id, tok.eos_id) == (sp.pad_id(), sp.bos_id(), sp.eos_id()) == (0, 2, 3)
+
+
+def _word_level_dir(tmp_path, post_processor=None, config=None, generation_config=None):
+    """A word-level tokenizer.json (no BOS/EOS/pad names w2s would find by itself) with optional files beside it."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, "<first>": 1, "<second>": 2, "a": 3, "b": 4, "c": 5}
+    tk = HFTokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.add_special_tokens(["<first>", "<second>"])
+    if post_processor is not None:
+        tk.post_processor = post_processor
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    tk.save(str(tmp_path / "tokenizer.json"))
+    if config is not None:
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    if generation_config is not None:
+        (tmp_path / "generation_config.json").write_text(json.dumps(generation_config))
+    return tmp_path, tk
+
+
+def test_bos_of_a_sequence_post_processor_is_the_token_it_puts_first(tmp_path):
+    """Llama-3's tokenizer.json nests its TemplateProcessing in a Sequence (after ByteLevel): BOS is the token the
+    whole post-processor puts first, as the tokenizers library itself encodes."""
+    from tokenizers import processors
+
+    first = processors.TemplateProcessing(single="<first> $A", special_tokens=[("<first>", 1)])
+    second = processors.TemplateProcessing(single="<second> $A", special_tokens=[("<second>", 2)])
+    for name, processor in [("llama3", processors.Sequence([processors.ByteLevel(), first])),
+                            ("two", processors.Sequence([first, second]))]:
+        directory, tk = _word_level_dir(tmp_path / name, processor)
+        tok = load_tokenizer(directory)
+        assert tok.encode("a b c") == tk.encode("a b c").ids == [1, 3, 4, 5], name
+
+
+def test_add_bos_token_without_a_bos_token_and_eos_without_an_eos_token_are_refused(tmp_path):
+    directory, _ = _word_level_dir(tmp_path / "bos", config={"add_bos_token": True})
+    with pytest.raises(ValueError, match=r"tokenizer_config\.json: add_bos_token is true but no bos_token"):
+        load_tokenizer(directory)
+    tok = load_tokenizer(_word_level_dir(tmp_path / "eos")[0])
+    assert (tok.bos_id, tok.eos_id, tok.add_bos) == (None, None, False)
+    with pytest.raises(ValueError, match=r"eos=True\): this tokenizer has no eos_token"):
+        tok.encode("a", eos=True)
+
+
+def test_a_single_generation_config_eos_id_is_a_stop_id(tmp_path):
+    """generation_config.json's eos_token_id may be one int (transformers' GenerationConfig reads either form)."""
+    import transformers
+
+    directory, _ = _word_level_dir(tmp_path, config={"eos_token": "<second>"}, generation_config={"eos_token_id": 5})
+    assert transformers.GenerationConfig.from_pretrained(directory).eos_token_id == 5
+    assert load_tokenizer(directory).stop_ids == {2, 5}
+
+
+def test_negative_ids_are_refused_by_decode(trained):
+    with pytest.raises(ValueError, match=r"token id -1 is outside the vocabulary \[0, 600\)"):
+        trained.decode([5, -1])
+
+
+def test_a_list_of_named_chat_templates_renders_the_default_one(tmp_path):
+    """tokenizer_config.json may hold [{"name", "template"}, ...]: transformers renders the one named "default"."""
+    from transformers import PreTrainedTokenizerFast
+
+    templates = [{"name": "tool_use", "template": "tools: {{ messages[0]['content'] }}"},
+                 {"name": "default", "template": "default: {{ messages[0]['content'] }}"}]
+    directory = _chat_dir(tmp_path, "llama3", templates)
+    expected = PreTrainedTokenizerFast.from_pretrained(str(directory)).apply_chat_template([USER], tokenize=False)
+    assert expected.startswith("default: ")
+    assert load_tokenizer(directory).apply_chat_template([USER]) == expected
+
+
+def test_a_chat_template_gets_the_bos_token_the_post_processor_adds(tmp_path):
+    """No tokenizer_config.json bos_token: the template's bos_token is the token tokenizer.json's post-processor puts
+    first (the BOS w2s prepends), not an empty string."""
+    from tokenizers import processors
+
+    template = "{{ bos_token }}{{ messages[0]['content'] }}"
+    processor = processors.TemplateProcessing(single="<first> $A", special_tokens=[("<first>", 1)])
+    directory, _ = _word_level_dir(tmp_path, processor, config={"chat_template": template})
+    assert load_tokenizer(directory).apply_chat_template([{"role": "user", "content": "a b"}]) == "<first>a b"
+
+
+def test_add_bos_token_false_over_a_bos_post_processor_is_saved_for_transformers(tmp_path):
+    """tokenizer_config.json turns BOS off although tokenizer.json's post-processor adds it: save() writes a
+    post-processor without it, so that AutoTokenizer (which follows tokenizer.json) encodes as w2s does."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    processor = processors.TemplateProcessing(single="<first> $A", special_tokens=[("<first>", 1)])
+    directory, tk = _word_level_dir(tmp_path / "src", processor, config={"add_bos_token": False,
+                                                                          "bos_token": "<first>"})
+    plain = tk.encode("a b c", add_special_tokens=False).ids
+    tok = load_tokenizer(directory)
+    assert tok.encode("a b c") == plain
+    hf = AutoTokenizer.from_pretrained(str(tok.save(tmp_path / "out")))
+    assert hf("a b c")["input_ids"] == plain
+
+
+def test_vocab_size_counts_added_tokens_as_transformers_does(trained, tmp_path):
+    """An added special token (<|eot_id|>, past the trained vocabulary) is an id the embedding must cover."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from transformers import AutoTokenizer
+
+    directory = trained.save(tmp_path / "t")
+    tk = HFTokenizer.from_file(str(directory / "tokenizer.json"))
+    tk.add_special_tokens(["<|eot_id|>"])
+    tk.save(str(directory / "tokenizer.json"))
+    tok = load_tokenizer(directory)
+    assert tok.vocab_size == len(AutoTokenizer.from_pretrained(str(directory))) == 601
+    assert tok.decode([600], skip_special=False) == "<|eot_id|>"
+
+
+def test_well_known_token_names_stand_in_for_a_missing_tokenizer_config(tmp_path):
+    """A tokenizer.json alone (Llama-3's and Gemma's spellings, no tokenizer_config.json): EOS, pad and the
+    end-of-turn stop token are found by name, and the chat template gets that EOS."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    names = ["<|end_of_text|>", "<|finetune_right_pad_id|>", "<end_of_turn>"]
+    tk = HFTokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.add_special_tokens(names)
+    tk.save(str(tmp_path / "tokenizer.json"))
+    tok = load_tokenizer(tmp_path)
+    eos, pad, end_of_turn = map(tk.token_to_id, names)
+    assert (tok.eos_id, tok.pad_id, tok.stop_ids) == (eos, pad, {eos, end_of_turn})
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages[0]['content'] }}"
+                                                                                 "{{ eos_token }}"}))
+    assert load_tokenizer(tmp_path).apply_chat_template([{"role": "user", "content": "a"}]) == "a<|end_of_text|>"
+
+
+def test_special_tokens_maps_unk_token_wins_in_the_chat_template_as_in_transformers(tmp_path):
+    from transformers import AutoTokenizer
+
+    template = "{{ unk_token }}|{{ messages[0]['content'] }}"
+    directory, _ = _word_level_dir(tmp_path, config={"chat_template": template, "unk_token": "[UNK]"})
+    (directory / "special_tokens_map.json").write_text(json.dumps({"unk_token": "<second>"}))
+    messages = [{"role": "user", "content": "a"}]
+    expected = AutoTokenizer.from_pretrained(str(directory)).apply_chat_template(messages, tokenize=False)
+    assert load_tokenizer(directory).apply_chat_template(messages) == expected == "<second>|a"
+
+
+def test_save_copies_the_tokenizer_file_byte_for_byte_and_keeps_a_generation_config_there(tmp_path):
+    """A tokenizer.json that needs no new post-processor is copied as it was written (here compact JSON), and a
+    checkpoint directory's own generation_config.json is not replaced by the one the tokenizer was loaded with."""
+    from tokenizers import processors
+
+    processor = processors.TemplateProcessing(single="<first> $A", special_tokens=[("<first>", 1)])
+    directory, _ = _word_level_dir(tmp_path / "src", processor, config={"bos_token": "<first>"},
+                                   generation_config={"eos_token_id": 2})
+    compact = json.dumps(json.loads((directory / "tokenizer.json").read_text()), separators=(",", ":"))
+    (directory / "tokenizer.json").write_text(compact)
+    out = tmp_path / "out"
+    out.mkdir()
+    own = {"eos_token_id": 5, "temperature": 0.6}
+    (out / "generation_config.json").write_text(json.dumps(own))
+    load_tokenizer(directory).save(out)
+    assert (out / "tokenizer.json").read_text() == compact
+    assert json.loads((out / "generation_config.json").read_text()) == own
+
+
+def test_train_bpe_needs_room_for_every_byte_and_special_token():
+    with pytest.raises(ValueError, match=r"vocab_size 258 < 259 \(256 bytes \+ 3 special tokens\)"):
+        train_bpe(["abc"], vocab_size=258)
