@@ -346,6 +346,10 @@ def _keys(tmp_path, extra=""):
     ("[stage2]\nstart_from = \"base\"\n", r"\[stage2\] start_from: expected one of weak, icl, hybrid .*'base'"),
     ("[stage1]\nweak_self_consistency = 1\n", r"\[stage1\] weak_self_consistency: expected 0 \(off\) or k >= 2"),
     ("[stage1]\nweak_min_confidence = 1.5\n", r"\[stage1\] weak_min_confidence"),
+    ("[stage1]\nweak_min_confidence = -0.1\n", r"\[stage1\] weak_min_confidence: expected 0 <= value <= 1"),
+    ("[stage1]\nweak_self_consistency = -2\n", r"\[stage1\] weak_self_consistency: expected 0 \(off\) or k >= 2"),
+    # Iterative RPO iterates the pair losses: GRPO alone has nothing to iterate
+    ("[stage2]\nrounds = 2\nlosses = [\"grpo\"]\n", r"\[stage2\] rounds: iterates the pair losses"),
     ("[stage1]\nweak_relabel = true\n", r"\[stage1\] weak_relabel: relabels the questions"),
     ("[preference]\norpo_nll = \"mean\"\n", r"TrainConfig.orpo_nll='mean'"),
     ("[preference]\nnll_weight = -1.0\n", r"\[preference\]\.nll_weight: expected a value >= 0"),
@@ -372,13 +376,37 @@ def test_options_off_change_no_key_and_on_change_only_theirs(tmp_path):
 
     assert changed("[preference]\norpo_nll = \"token_mean\"\n") == {"17_orpo", "29_eval_stage2_orpo"}
     assert changed("[preference]\nnll_weight = 1.0\n") == {"16_dpo", "28_eval_stage2_dpo"}
+    # docs/PAPER.md: an option beyond the paper enters a key only when it is on (the paper's keys stay as they were)
+    _, stages = _keys(tmp_path)
+    assert not {"nll_weight", "pair_weighting", "self_consistency_pairs", "weak_self_consistency", "weak_relabel"} & (
+        set(stages["16_dpo"].options) | set(stages["15_pairs"].options) | set(stages["04_r1_filter"].options))
+    assert _keys(tmp_path, "[preference]\nnll_weight = 1.0\n")[1]["16_dpo"].options["nll_weight"] == 1.0
     assert changed("[stage2]\npair_weighting = \"margin\"\n") == {"15_pairs"} | stage2
     assert changed("[stage2]\nself_consistency_pairs = true\n") == {"15_pairs"} | stage2
     keys, stages = _keys(tmp_path, "[stage1]\nweak_self_consistency = 5\n")
     assert stages["02_weak_samples"].options["n"] == 5 and stages["02_weak_samples"].reads[-1] == "01_weak_sft"
     assert "02_weak_samples" in stages["04_r1_filter"].reads and "02_weak_samples" in stages["15_pairs"].reads
+    # ... and both are handed the samples to filter by (reading them is not enough)
+    assert stages["04_r1_filter"].args["weak_samples"] == stages["15_pairs"].args["weak_samples"] == "02_weak_samples"
     assert not {n for n in base if keys[n] != base[n]} & {"00_data", "01_weak_sft", "02_weak_labels", "03_icl_labels",
                                                            "18_full_weak_ft", "19_ceiling", "31_eval_strong_icl"}
+    # The weak model's bar drops questions from the round-1 filter's weak set and from the pairs: all of Stage I from
+    # the filter on, and Stage II; not the weak model's samples, labels, the ICL labels, nor the baselines.
+    bar, _ = _keys(tmp_path, "[stage1]\nweak_self_consistency = 5\nweak_min_confidence = 0.8\n")
+    assert {n for n in keys if bar[n] != keys[n]} == set(keys) - {
+        "00_data", "00_test", "01_weak_sft", "02_weak_labels", "02_weak_samples", "03_icl_labels", "18_full_weak_ft",
+        "19_ceiling", "20_eval_weak_floor", "21_eval_full_weak_ft", "30_eval_ceiling", "31_eval_strong_icl"}
+
+
+def test_weak_relabel_under_one_stage1_round_runs_the_round_1_weak_ft_labels_for_the_pairs(tmp_path):
+    """docs/PAPER.md: weak_relabel takes the round-1 weak-ft model's labels (08_r2_labels_weak), "run also under one
+    Stage I round"; the pairs read them. Round 2's other rows stay off."""
+    _, stages = _keys(tmp_path, "[stage1]\nrounds = 1\nweak_self_consistency = 3\nweak_relabel = true\n")
+    assert stages["08_r2_labels_weak"].reads == ["00_data", "05_r1_sft_weak"]
+    assert not {"09_r2_labels_icl", "10_r2_filter", "11_r2_sft_weak"} & set(stages)
+    assert stages["15_pairs"].reads == ["00_data", "02_weak_labels", "14_samples", "02_weak_samples",
+                                        "08_r2_labels_weak"]
+    assert stages["15_pairs"].args["relabel"] == "08_r2_labels_weak"
 
 
 def test_stage2_start_from_trains_another_stage1_model_and_reruns_only_stage2(tmp_path):

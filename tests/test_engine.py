@@ -368,3 +368,111 @@ def test_the_dry_run_names_an_input_a_stage_now_reads_in_place_of_another(tmp_pa
     run_stages(table("a"), Context(None, tmp_path, log=lambda *a: None))
     assert [(status, reasons) for _, status, reasons in plan(table("c"), tmp_path)][2] == \
         ("will rerun", ["now reads c", "no longer reads a"])
+
+
+def test_a_reader_killed_before_its_input_ran_again_starts_over_on_the_new_input(tmp_path):
+    """b was killed part-way (no meta.json), then its input a is run again by hand (same key, new run): b's partial
+    output was made from the old a, so b starts over instead of resuming from it (key.txt names the input runs)."""
+    from w2s.engine import plan
+
+    def table(written="x", fail=False):
+        return [Stage("a", _write, [], {"text": "x"}, {"text": written}),
+                Stage("b", _count_into, ["a"], {}, {"fail": fail})]
+
+    with pytest.raises(RuntimeError, match="killed"):
+        run_stages(table(fail=True), Context(None, tmp_path, log=lambda *a: None))
+    assert (tmp_path / "b" / "calls.txt").read_text() == "x\n"
+    (tmp_path / "a" / "meta.json").unlink()  # a runs again (after a change in the code: it now writes "y")
+    assert [(status, reasons) for _, status, reasons in plan(table("y"), tmp_path)][1] == \
+        ("will run", ["started under other options or inputs: starts over"])
+    assert run_stages(table("y"), Context(None, tmp_path, log=lambda *a: None)) == {"a": "ran", "b": "ran"}
+    assert json.loads((tmp_path / "b" / "meta.json").read_text())["calls"] == ["y"]  # not ["x", "y"]
+
+
+def test_an_unreadable_meta_json_is_a_stage_not_done(tmp_path):
+    """read_meta: a meta.json that is not JSON (cut short, edited by hand) means not done: the stage runs again."""
+    run_stages(_table(), Context(None, tmp_path, log=lambda *a: None))
+    (tmp_path / "a" / "meta.json").write_text('{"stage": "a", "key": ')
+    with pytest.raises(RuntimeError, match="killed"):  # the rerun is killed: the stage is left without a meta.json
+        run_stages(_table(fail=True), Context(None, tmp_path, log=lambda *a: None))
+    assert not (tmp_path / "a" / "meta.json").exists()  # not the unreadable one either (the report reads them all)
+    assert run_stages(_table(), Context(None, tmp_path, log=lambda *a: None)) == {"a": "ran", "b": "ran"}
+    assert json.loads((tmp_path / "a" / "meta.json").read_text())["stage"] == "a"
+
+
+def test_only_the_stage_that_listed_a_cleanup_path_records_it(tmp_path):
+    """ctx.cleanup is the running stage's own list: a stage after a training stage names no cleanup in its meta.json
+    (else a skip of it would delete paths of another stage)."""
+    table = [Stage("train", _train, [], {}), Stage("after", lambda ctx, out: {}, ["train"], {})]
+    run_stages(table, Context(None, tmp_path, log=lambda *a: None))
+    assert json.loads((tmp_path / "train" / "meta.json").read_text())["cleanup"] == ["ckpt"]  # relative: movable
+    assert "cleanup" not in json.loads((tmp_path / "after" / "meta.json").read_text())
+
+
+def test_current_metas_keeps_what_belongs_to_the_run_as_it_stands():
+    """engine.current_metas (what the report shows), by its docstring: a stage whose key is not the table's is left
+    out, and so is every stage downstream of it, transitively; so is a reader whose recorded input run is not the
+    input's run now; an input whose directory is gone leaves its readers in; no table: every key counts."""
+    from w2s.engine import current_metas
+
+    metas = {"a": {"key": "ka", "run": "ra"},
+             "b": {"key": "kb", "run": "rb", "input_runs": {"a": "ra"}},
+             "c": {"key": "kc", "run": "rc", "input_runs": {"b": "rb"}},
+             "d": {"key": "kd", "run": "rd", "input_runs": {"gone": "rg"}}}  # gone: deleted to free disk
+    keys = {"a": "ka", "b": "kb", "c": "kc", "d": "kd"}
+    assert set(current_metas(metas, keys)) == set(current_metas(metas)) == {"a", "b", "c", "d"}
+    assert set(current_metas(metas, {**keys, "a": "other"})) == {"d"}  # a's key changed: b and c were made from it
+    running = {n: m for n, m in metas.items() if n != "a"}  # a is running again: its key.txt, no meta.json
+    assert set(current_metas(running, keys, unfinished={"a"})) == {"d"}
+    ran_again = {**metas, "a": {"key": "ka", "run": "ra2"}}  # a run again by hand, same key
+    assert set(current_metas(ran_again, keys)) == {"a", "d"}
+    # b recorded before run ids (inputs, no input_runs): made from an a without one; an a that has one ran after it
+    old_b = {"key": "kb", "inputs": {"a": "ka"}}
+    assert set(current_metas({**metas, "b": old_b}, keys)) == {"a", "d"}
+    no_run_ids = {**metas, "a": {"key": "ka"}, "b": old_b}  # a without a run id either: b stands (c read another b)
+    assert set(current_metas(no_run_ids, keys)) == {"a", "b", "d"}
+
+
+def test_a_stage_directory_without_key_txt_is_wiped_not_resumed(tmp_path):
+    """_prepare_dir keeps partial outputs only when key.txt says they were made under this key: a directory without
+    one (made by hand, or by something else) is cleared before the stage runs in it."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "stray.txt").write_text("not this stage's")
+    assert run_stages(_table(), Context(None, tmp_path, log=lambda *a: None)) == {"a": "ran", "b": "ran"}
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["key.txt", "meta.json", "out.txt"]
+
+
+def test_the_dry_run_names_each_changed_option_and_input(tmp_path):
+    """plan's reasons, by its docstring: each option whose value changed (old -> new, nested options by their dotted
+    path; an option new in the key or gone from it), each input whose key changed; a killed stage resumes only under
+    its own key."""
+    from w2s.engine import plan
+
+    def table(options, text="x"):
+        return [Stage("a", _write, [], options, {"text": text}), Stage("b", _read, ["a"], {})]
+
+    first = {"train": {"lr": 1, "epochs": 1}, "old": True}
+    run_stages(table(first), Context(None, tmp_path, log=lambda *a: None))
+    rows = plan(table({"train": {"lr": 2, "epochs": 1}, "new": 5}), tmp_path)
+    assert [(status, reasons) for _, status, reasons in rows] == [
+        ("will rerun", ["new is new in the key (5)", "old left the key", "train.lr: 1 -> 2"]),
+        ("will rerun", ["input a changed"])]
+    with pytest.raises(RuntimeError, match="killed"):  # killed under other options: their partial output is not ours
+        run_stages([Stage("a", _write, [], {"v": 1}, {"text": "z", "fail": True})],
+                   Context(None, tmp_path / "k", log=lambda *a: None))
+    assert [row[1:] for row in plan([Stage("a", _write, [], {"v": 2}, {"text": "z"})], tmp_path / "k")] == \
+        [("will run", ["started under other options or inputs: starts over"])]
+
+
+def test_the_dry_run_reruns_everything_below_a_stage_that_reruns_for_a_rerun_input(tmp_path):
+    """a deleted by hand runs again; b reruns because a does; c, whose key is unchanged too, reruns because b does,
+    as run_stages would (transitively, not only the direct readers)."""
+    from w2s.engine import plan
+
+    run_stages(_chain(), Context(None, tmp_path, log=lambda *a: None))
+    (tmp_path / "a" / "meta.json").unlink()
+    assert [row[1:] for row in plan(_chain(), tmp_path)] == [
+        ("will run", ["killed before it finished: resumes from what it kept"]),
+        ("will rerun", ["input a runs again (or ran again since)"]),
+        ("will rerun", ["input b runs again (or ran again since)"])]
+    assert run_stages(_chain(), Context(None, tmp_path, log=lambda *a: None)) == {"a": "ran", "b": "ran", "c": "ran"}

@@ -298,6 +298,7 @@ def test_plan_without_gold_with_the_options_beyond_the_paper(tmp_path):
 @pytest.mark.parametrize("edit, message", [
     (("train_2 = ", 'train = "train.jsonl"\ntrain_2 = '), r"\[data\] train_2: give either train .* or train_2"),
     (("train_2 = ", "n_train_1 = 5\ntrain_2 = "), r"\[data\] train_2: is used whole, without a split"),
+    (("train_2 = ", "n_train_2 = 5\ntrain_2 = "), r"\[data\] train_2: is used whole, without a split"),
     (("[models]", '[eval]\nbaselines = ["ceiling"]\n[models]'), r"\[eval\] baselines: 'ceiling' trains on"),
     (("[models]", "[weak_sft]\nlr = 1e-5\n[models]"), r"\[weak_sft\]: no weak SFT without train_1"),
     (('train_2 = "train_2.jsonl"', 'train = "train.jsonl"'), r"\[data\] train_2: the olympicarena task has no gold"),
@@ -321,6 +322,35 @@ def test_recipe_without_gold_errors_are_one_line(tmp_path, edit, message):
     with pytest.raises(ValueError, match=message) as info:
         load_recipe(path)
     assert "\n" not in str(info.value) and "r.toml" in str(info.value)
+
+
+def test_the_inputs_check_reads_the_questions_file_and_names_it_train_2(tmp_path):
+    """validate_inputs reads [data] train_2 (there is no train file) and names that key: an empty questions file
+    stops the run before its first stage."""
+    from w2s.recipe import load_recipe, validate_inputs
+
+    path = _recipe_world(tmp_path) / "r.toml"
+    path.write_text(BASE)
+    write_jsonl(tmp_path / "val.jsonl", world.make_olympic_splits(0, {"val": 2})["val"])
+    (tmp_path / "train_2.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"r\.toml: \[data\] train_2: .*train_2\.jsonl holds no records$"):
+        validate_inputs(load_recipe(path))
+
+
+def test_the_weak_prompt_kind_is_in_the_keys_of_what_the_weak_model_generates(tmp_path):
+    """[models] weak_chat_template changes the weak model's prompts, hence its labels (and samples, and its test
+    accuracy) and every stage after them; only the data stages keep their keys."""
+    from w2s.engine import table_keys
+    from w2s.pipeline import build_stages
+    from w2s.recipe import load_recipe
+
+    def keys(models=""):
+        path = _recipe_world(tmp_path) / "r.toml"
+        path.write_text(BASE.replace("[models]", "[stage1]\nweak_self_consistency = 4\n[models]" + models))
+        return table_keys(build_stages(load_recipe(path)))
+
+    plain, chat = keys(), keys("\nweak_chat_template = true")
+    assert {n for n in plain if chat[n] != plain[n]} == set(plain) - {"00_data", "00_test"}
 
 
 def test_shipped_olympicarena_recipe_follows_the_paper():

@@ -110,9 +110,42 @@ def test_defaults_and_train_config(tmp_path):
     ("[strong_sft]\nweight_decay = nan\n", r"\[strong_sft\]: TrainConfig\.weight_decay=nan: expected a finite"),
     ('name = "../escape"\n', r"r\.toml: name: expected the run's directory name .* got '\.\./escape'"),
     ("name = 5\n", r"r\.toml: name: expected the run's directory name .* got 5"),
+    # a section given as a value, not a table
+    ("stage2 = 5\n", r"r\.toml: \[stage2\]: expected a table of options, got 5$"),
+    ("weak_sft = 5\n", r"r\.toml: \[weak_sft\]: expected a table of TrainConfig options, got 5$"),
+    # a name that is no directory of its own under the runs directory (the parent, or a Windows-style path)
+    ('name = ".."\n', r"r\.toml: name: expected the run's directory name .* got '\.\.'$"),
+    ('name = "a\\\\b"\n', r"r\.toml: name: expected the run's directory name .* got 'a\\\\b'$"),
+    # every bound the module docstring and the options' comments state, each named by its key
+    ("[stage1]\nrounds = 0\n", r"\[stage1\] rounds: expected 1 or 2, got 0"),
+    ("[stage1]\nn_demos = 0\n", r"\[stage1\] n_demos: expected >= 1, got 0"),
+    ("[stage2]\nmin_confidence = -0.1\n", r"\[stage2\]: expected 0 <= min_confidence <= flip_confidence <= 1"),
+    ("[stage2]\nflip_confidence = 1.5\n", r"\[stage2\]: expected 0 <= min_confidence <= flip_confidence <= 1"),
+    ("[stage2]\nn_samples = 0\n", r"\[stage2\]: n_samples and max_pairs must be >= 1"),
+    ("[stage2]\nmax_pairs = 0\n", r"\[stage2\]: n_samples and max_pairs must be >= 1"),
+    ("[stage2]\nexport_merged = [\"ipo\"]\n", r"\[stage2\] export_merged: 'ipo' is not one of the run's losses"),
+    ("[sampling]\ntp = 0\n", r"\[sampling\] tp: expected >= 1, got 0"),
+    ("[sampling]\nweak_tp = 0\n", r"\[sampling\] weak_tp: expected >= 1, got 0"),
+    ("[eval]\npass_k_samples = -1\n", r"\[eval\] pass_k_samples: expected >= 0"),
+    ('device = "gpu"\n', r"\[models\] device: expected auto, cpu, cuda or cuda:N, got 'gpu'"),  # into [models]
+    ('dtype = "fp16"\n', r"\[models\] dtype: expected bfloat16, float16 or float32, got 'fp16'"),
+    # torch.device refuses these (Invalid device string): refused here, not when the first stage moves its model
+    ('device = "cuda:"\n', r"\[models\] device: expected auto, cpu, cuda or cuda:N, got 'cuda:'"),
+    ('device = "cuda:01"\n', r"\[models\] device: expected auto, cpu, cuda or cuda:N, got 'cuda:01'"),
+    ('device = "cuda:x"\n', r"\[models\] device: expected auto, cpu, cuda or cuda:N, got 'cuda:x'"),
+    # a cache exactly as long as the new tokens leaves no room for the prompt; a negative one holds nothing
+    ("[sampling]\ncache_len = 1024\n", r"\[sampling\] cache_len: 1024 cannot hold a prompt and 1024 new tokens"),
+    ("[sampling]\ncache_len = -1\n", r"\[sampling\] cache_len: -1 cannot hold a prompt"),
+    # beta is checked for every loss, not the first: ORPO's lambda may be 0, IPO's beta may not (losses.check_beta)
+    ("[stage2]\nlosses = [\"orpo\", \"ipo\"]\n[preference]\nbeta = 0.0\n",
+     r"\[preference\] beta: beta=0\.0: IPO needs"),
+    # Stage II continues M_plus's adapter: alpha scales it, so it must match too, not only the rank
+    ("[strong_sft]\nlora_rank = 4\nlora_alpha = 8.0\n[preference]\nlora_rank = 4\nlora_alpha = 16.0\n",
+     r"\[preference\] lora_alpha: 16\.0 differs from \[strong_sft\] lora_alpha = 8\.0"),
 ])  # fmt: skip
 def test_bad_recipes_are_one_clear_error(tmp_path, extra, message):
-    text = BASE + extra if not extra.startswith(("bogus", "[models2]", "name")) else extra + BASE
+    text = BASE + extra if not extra.startswith(("bogus", "[models2]", "name", "stage2 =", "weak_sft =")) else \
+        extra + BASE
     with pytest.raises(ValueError, match=message) as info:
         _load(tmp_path, text)
     assert "\n" not in str(info.value) and "r.toml" in str(info.value)
@@ -144,6 +177,44 @@ def test_split_sizes_past_the_train_file_are_refused_before_the_run(tmp_path):
             check(recipe)
 
 
+def test_inputs_that_fit_exactly_pass_and_then_both_checkpoints_and_the_split_file_are_read(tmp_path):
+    """validate_inputs reads what the run will read, in order: n_test equal to the test file's records fits (only
+    more than the file is refused), a split file naming ids the train file lacks is refused before the run, and the
+    weak checkpoint is checked as well as the strong one (here both are a bare config.json: weak is named first)."""
+    from w2s.recipe import validate_inputs
+
+    _world(tmp_path)
+    rows = [json.dumps({"question": f"q{i}", "answer": f"#### {i}"}) for i in range(4)]
+    for name in ("train.jsonl", "test.jsonl"):
+        (tmp_path / name).write_text("\n".join(rows) + "\n")
+    recipe = _load(tmp_path, BASE.replace("[data]", "[data]\nn_test = 4\nn_train_1 = 2\nn_train_2 = 2"))
+    with pytest.raises(ValueError, match=r"r\.toml: \[models\] weak: ") as info:  # the data passed
+        validate_inputs(recipe)
+    assert "\n" not in str(info.value)
+    (tmp_path / "split.json").write_text(json.dumps({"train_1": ["nope"], "train_2": []}))
+    recipe = _load(tmp_path, BASE.replace("[data]", '[data]\nsplit_file = "split.json"'))  # relative to the recipe
+    assert recipe.data.split_file == str((tmp_path / "split.json").resolve())
+    with pytest.raises(ValueError, match=r"split\.json: 1 unknown ids in 'train_1'"):
+        validate_inputs(recipe)
+
+
+def test_an_integer_is_taken_where_a_number_with_a_point_is_expected(tmp_path):
+    """TOML tells 1 from 1.0; a recipe that writes `temperature = 1` means the float (not a bool, though)."""
+    r = _load(tmp_path, BASE + "[stage2]\ntemperature = 1\nmin_confidence = 0\n[eval]\npass_k_temperature = 1\n")
+    assert (r.stage2.temperature, r.stage2.min_confidence, r.eval.pass_k_temperature) == (1, 0, 1)
+
+
+def test_split_sizes_default_to_the_data_stage_halves():
+    """Without n_train_1 / n_train_2 the sizes are the data stage's (split_train): train_2 gets the odd record."""
+    from w2s.recipe import DataOptions, split_sizes
+    from w2s.tasks.data import split_train
+
+    for n in (4, 5):
+        first, second = split_train(list(range(n)))
+        assert split_sizes(DataOptions(), n) == (len(first), len(second)) == (n // 2, n - n // 2)
+    assert split_sizes(DataOptions(n_train_1=1), 5) == (1, 3)
+
+
 def test_a_device_this_machine_lacks_is_refused_before_a_stage_runs(tmp_path, monkeypatch):
     import torch
 
@@ -160,6 +231,8 @@ def test_a_device_this_machine_lacks_is_refused_before_a_stage_runs(tmp_path, mo
     with pytest.raises(ValueError, match=r"device = 'cuda:2', but this machine has 2 CUDA device\(s\)$"):
         check_device(_load(tmp_path, BASE + 'device = "cuda:2"\n'))
     check_device(_load(tmp_path, BASE + 'device = "cpu"\n'))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    check_device(_load(tmp_path, BASE + 'device = "cuda"\n'))  # plain "cuda" is device 0: one GPU is enough
 
 
 def test_grader_option(tmp_path, monkeypatch):
@@ -192,6 +265,12 @@ def test_bad_files_are_one_clear_error(tmp_path):
         _load(tmp_path, BASE.replace('strong = "strong"\n', ""))
     with pytest.raises(ValueError, match=r"\[data\] task: expected one of gsm8k, math, got 'olympiad'"):
         _load(tmp_path, BASE.replace("[data]", "[data]\ntask = \"olympiad\""))
+    with pytest.raises(ValueError, match=r"\[data\] test: file not found: .*missing\.jsonl"):
+        _load(tmp_path, BASE.replace('test = "test.jsonl"', 'test = "missing.jsonl"'))
+    with pytest.raises(ValueError, match=r"\[data\] split_file: file not found: .*nosplit\.json"):
+        _load(tmp_path, BASE.replace("[data]", '[data]\nsplit_file = "nosplit.json"'))
+    with pytest.raises(ValueError, match=r"\[data\]: n_train_1, n_train_2 and n_test must be >= 0"):
+        _load(tmp_path, BASE.replace("[data]", "[data]\nn_train_2 = -1"))
 
 
 # ---------------------------------------------------------------------------------------------------- the plan
@@ -238,6 +317,20 @@ def test_plan_variants(tmp_path):
     cont = _stages(tmp_path, "[stage1]\nround2_init = \"continue\"\n")
     assert cont["11_r2_sft_weak"].reads == ["10_r2_filter", "05_r1_sft_weak"]
     assert cont["13_r2_sft_hybrid"].reads == ["10_r2_filter", "07_r1_sft_hybrid"]
+    # each round-2 model continues round 1's model of its own set (docs/PAPER.md Stage I step 4)
+    assert cont["12_r2_sft_icl"].reads == ["10_r2_filter", "06_r1_sft_icl"]
+    assert [cont[f"{n}_r2_sft_{s}"].args["init"] for n, s in ((11, "weak"), (12, "icl"), (13, "hybrid"))] == \
+        ["05_r1_sft_weak", "06_r1_sft_icl", "07_r1_sft_hybrid"]
+
+
+def test_each_filter_compares_the_weak_side_with_the_other_side(tmp_path):
+    """docs/PAPER.md Stage I: the weak set is built of the weak responses (round 1: D_weak; round 2: M_weak-ft's
+    labels) and the icl set of the ICL side's (D_icl; M_icl-ft's labels): the filters' weak and other arguments."""
+    stages = _stages(tmp_path)
+    assert (stages["04_r1_filter"].args["weak"], stages["04_r1_filter"].args["other"]) == \
+        ("02_weak_labels", "03_icl_labels")
+    assert (stages["10_r2_filter"].args["weak"], stages["10_r2_filter"].args["other"]) == \
+        ("08_r2_labels_weak", "09_r2_labels_icl")
 
 
 def test_options_enter_the_keys(tmp_path):
@@ -300,7 +393,7 @@ STAGE_2 = {"14_samples", "15_pairs", "16_dpo", "17_orpo"}
 
 
 @pytest.mark.parametrize("option", ["activation_checkpointing = true", "cpu_offload = true", "ckpt_every = 5",
-                                    "resume = false", 'bad_rows = "error"', "log_every = 7"])
+                                    "resume = false", 'bad_rows = "error"', "log_every = 7", "export_merged = true"])
 def test_runtime_only_options_rerun_nothing(tmp_path, option):
     """Turning on activation checkpointing after an out-of-memory error (or any option that changes how a run goes,
     not what it gives) costs nothing: no key changes."""
@@ -326,6 +419,68 @@ def test_option_by_option_which_stages_rerun(tmp_path):
     # The test set is an input of the evaluations only: a new test file or size retrains nothing.
     assert _changed(tmp_path, "[data]\nn_test = 3\n") == {"00_test"} | EVALS
     assert _changed(tmp_path, "", edit=lambda p: (p / "test.jsonl").write_text('{"new": 1}\n')) == {"00_test"} | EVALS
+
+
+def test_what_reruns_follows_the_data_flow_of_the_paper(tmp_path):
+    """Each option reruns the stage it acts on and everything that reads it, derived here from the stage table of
+    docs/PAPER.md (not from the keys): the split changes every stage but the test set; a checkpoint changes what
+    starts from it; a generation length changes the generations that use it; Stage II's options change Stage II."""
+    everything_but_test = {"00_data", "01_weak_sft", "02_weak_labels", "03_icl_labels", "18_full_weak_ft",
+                           "19_ceiling"} | ROUND_1 | ROUND_2 | STAGE_2 | EVALS
+    for split in ("[data]\nseed = 1\n", "[data]\nn_train_1 = 1\n", "[data]\nn_train_2 = 1\n"):
+        assert _changed(tmp_path, split) == everything_but_test, split
+    (tmp_path / "split.json").write_text("{}")
+    assert _changed(tmp_path, '[data]\nsplit_file = "split.json"\n') == everything_but_test
+    # The strong base: the ICL labels and strong ICL (few-shot), every strong SFT and all after them; not the weak
+    # model nor its labels. The weak base: the weak model and everything after it; not the ceiling (gold train_2).
+    rewrite = lambda name: lambda p: (p / name / "config.json").write_text('{"rewritten": true}')  # noqa: E731
+    weak_side = {"01_weak_sft", "02_weak_labels", "20_eval_weak_floor"}
+    assert _changed(tmp_path, "", edit=rewrite("strong")) == everything_but_test - {"00_data"} - weak_side
+    assert _changed(tmp_path, "", edit=rewrite("weak")) == everything_but_test - {"00_data", "19_ceiling",
+                                                                                  "30_eval_ceiling"}
+    # Greedy generations (labels, evaluations) and the Stage II samples have lengths of their own; the cache length
+    # is every generation's.
+    greedy = everything_but_test - {"00_data", "01_weak_sft", "19_ceiling"}  # every generation and what follows
+    assert _changed(tmp_path, "[sampling]\nmax_new_tokens = 300\n") == greedy
+    assert _changed(tmp_path, "[sampling]\ncache_len = 4096\n") == greedy
+    stage2 = STAGE_2 | {"28_eval_stage2_dpo", "29_eval_stage2_orpo"}
+    assert _changed(tmp_path, "[sampling]\nsample_max_new_tokens = 512\n") == stage2
+    assert _changed(tmp_path, "[stage1]\nn_demos = 3\n") == {"03_icl_labels"} | ROUND_1 | ROUND_2 | STAGE_2 | (
+        EVALS - {"20_eval_weak_floor", "21_eval_full_weak_ft", "30_eval_ceiling"})
+    for option in ("top_p = 0.9", "temperature = 0.7", "n_samples = 5"):  # M_plus's samples
+        assert _changed(tmp_path, f"[stage2]\n{option}\n") == stage2, option
+    for option in ("max_pairs = 2", "flip_confidence = 0.9", "pair_seed = 1"):  # the pairs
+        assert _changed(tmp_path, f"[stage2]\n{option}\n") == stage2 - {"14_samples"}, option
+
+
+def test_pass_at_k_options_rerun_only_pass_at_k_and_it_samples_m_plus_and_m_pro(tmp_path):
+    """[eval] pass_k_samples and pass_k_temperature change the pass@k rows only; they sample M_plus (the model
+    Stage II starts from: [stage2] start_from) and each M_pro at pass_k_temperature (docs/PAPER.md: T = 1.0)."""
+    from w2s.engine import table_keys
+    from w2s.pipeline import build_stages
+
+    def keys(options):
+        return table_keys(build_stages(_load(tmp_path, BASE + "[eval]\n" + options)))
+
+    base = keys("pass_k_samples = 10\n")
+    passk = {"32_passk_stage1_plus", "33_passk_stage2_dpo", "34_passk_stage2_orpo"}
+    for options in ("pass_k_samples = 10\npass_k_temperature = 0.5\n", "pass_k_samples = 5\n"):
+        changed = keys(options)
+        assert {n for n in base if changed[n] != base[n]} == passk, options
+    stages = _stages(tmp_path, "[eval]\npass_k_samples = 10\npass_k_temperature = 0.5\n")
+    assert [stages[n].args["temperature"] for n in sorted(passk)] == [0.5, 0.5, 0.5]
+    assert stages["32_passk_stage1_plus"].args["model"] == "13_r2_sft_hybrid"
+    icl = _stages(tmp_path, "[stage2]\nstart_from = \"icl\"\n[eval]\npass_k_samples = 10\n")
+    assert icl["32_passk_stage1_plus"].reads == ["00_test", "12_r2_sft_icl"]
+    assert icl["33_passk_stage2_dpo"].reads == ["00_test", "16_dpo"]
+
+
+def test_the_evaluations_come_in_the_order_of_their_fixed_numbers(tmp_path):
+    """build_stages: Stage 0 to II and the baselines in run order, then the evaluations by their numbers: with IPO
+    on, its evaluation (35) and pass@k (36) come after the paper's 20-34, not next to DPO's and ORPO's."""
+    names = list(_stages(tmp_path, "[stage2]\nlosses = [\"dpo\", \"orpo\", \"ipo\"]\n[eval]\npass_k_samples = 10\n"))
+    numbers = [int(n.split("_")[0]) for n in names[names.index("20_eval_weak_floor"):]]
+    assert numbers == list(range(20, 37))
 
 
 def test_every_preference_loss_has_its_stage():

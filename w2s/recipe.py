@@ -476,7 +476,7 @@ def _validate(r, path, check_files):
         bad("[eval] pass_k_samples", f"expected >= 0 (0: no pass@k), got {r.eval.pass_k_samples}")
     if min(r.data.n_train_1, r.data.n_train_2, r.data.n_test) < 0:
         bad("[data]", "n_train_1, n_train_2 and n_test must be >= 0 (0: the default size)")
-    if r.models.device not in ("auto", "cpu", "cuda") and not r.models.device.startswith("cuda:"):
+    if r.models.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:(0|[1-9][0-9]*)", r.models.device):
         bad("[models] device", f"expected auto, cpu, cuda or cuda:N, got {r.models.device!r}")
     if r.models.dtype not in ("bfloat16", "float16", "float32"):
         bad("[models] dtype", f"expected bfloat16, float16 or float32, got {r.models.dtype!r}")
