@@ -275,3 +275,202 @@ def test_one_size_given_leaves_the_other_half_the_file_as_in_the_data_stage(reci
     one = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, n_train_1=3))
     work = estimate.workload(one)
     assert (work.n_train_1, work.n_train_2) == (3, 5)
+
+
+def test_total_adds_tokens_disk_reads_and_time_and_peaks_memory():
+    """Stages run one after another: what they write and read and how long they take add up; per-device memory,
+    host memory and the resume state (deleted after each stage) are the largest of any stage."""
+    a = estimate.Cost(generated=1, trained=2, disk=3, memory=40, seconds=5.0, host=60, resume=7, read=8)
+    b = estimate.Cost(generated=10, trained=20, disk=30, memory=4, seconds=50.0, host=6, resume=70, read=80)
+    total = estimate.total_cost([a, b])
+    assert (total.generated, total.trained, total.disk, total.read, total.seconds) == (11, 22, 33, 88, 55.0)
+    assert (total.memory, total.host, total.resume) == (40, 60, 70)
+    assert estimate.total_cost([a, estimate.Cost()]).seconds is None  # a stage of unknown time: the total is unknown
+
+
+def test_largest_tensor_splits_only_the_block_projections_over_tensor_parallel_ranks():
+    # A wide MLP (8 x 200 = 1,600 elements) outgrows the 100 x 8 = 800 embedding: whole at tp 1, half at tp 2,
+    # where the embedding (copied whole on every rank) is as large again
+    wide = dataclasses.replace(TINY, hidden_dim=200)
+    assert [estimate.largest_tensor(wide, tp) for tp in (1, 2, 4)] == [1600, 800, 800]
+
+
+def test_sampling_kv_cache_holds_the_prompt_and_the_token_limit_of_the_sequences_decoded_at_once(recipe):
+    """The KV cache is allocated for prompt + max_new_tokens positions whatever the response's length, for
+    min(max_batch, sequences) sequences; a few-shot prompt is the 4-shot prompt's length."""
+    short = estimate.Workload(5, 2, 4, prompt_tokens=13, few_shot_tokens=100, response_tokens=10)
+    configs = {"weak": TINY, "strong": TINY}
+    labels = Stage("02_weak_labels", run_labels, [], {}, {"model": "01_weak_sft", "prompt": "zero_shot"})
+    # 2 prompts < max_batch 3: 2 sequences of 13 + 15 positions; k and v, 2 layers x 1 kv head x 4 dims x 4 bytes
+    assert estimate.stage_cost(labels, recipe, short, configs).memory == 4 * TINY_PARAMS + 2 * 2 * 1 * 4 * 4 * 2 * 28
+    icl = Stage("03_icl_labels", run_labels, [], {}, {"model": "strong", "prompt": "few_shot"})
+    assert estimate.stage_cost(icl, recipe, short, configs).memory == 4 * TINY_PARAMS + 2 * 2 * 1 * 4 * 4 * 2 * 115
+
+
+def test_sampling_writes_generations_as_text_and_ids_labels_as_text_and_the_prompts(recipe):
+    """5 greedy labels of 15 tokens: each token as text twice (generations and labels, BYTES_PER_TOKEN 4) and as a
+    token id (7), plus the 5 prompts of 13 tokens as text."""
+    labels = Stage("02_weak_labels", run_labels, [], {}, {"model": "01_weak_sft", "prompt": "zero_shot"})
+    work = estimate.Workload(5, 5, 4, prompt_tokens=13, few_shot_tokens=100, response_tokens=20)
+    cost = estimate.stage_cost(labels, recipe, work, {"weak": TINY, "strong": TINY})
+    assert cost.disk == 75 * (4 + 4 + 7) + 5 * 13 * 4
+
+
+def test_sampling_an_adapter_holds_a_merged_copy_of_the_adapted_matrices(lora_recipe):
+    """A LoRA model is sampled from its bf16 base plus a bf16 merged copy of the matrices its adapter changes (every
+    linear layer of a block here: 1,152 elements, not the norms), and the KV cache of 3 sequences of 13 + 15."""
+    stage = Stage("08_r2_labels_weak", run_labels, [], {}, {"model": "05_r1_sft_weak", "prompt": "zero_shot"})
+    cost = estimate.stage_cost(stage, lora_recipe, TINY_WORK, {"weak": TINY, "strong": TINY})
+    assert cost.memory == 2 * TINY_PARAMS + 2 * TINY_ADAPTED + 2 * 2 * 1 * 4 * 2 * 3 * 28
+
+
+def test_a_preference_pair_trains_two_sequences(recipe):
+    """[preference] defaults (batch 32, one epoch): 0.5 x 10 questions x max_pairs 1 = 5 pairs in one step, each a
+    chosen and a rejected sequence of 13 + 20 tokens."""
+    from w2s.runners import run_preference
+
+    dpo = Stage("16_dpo", run_preference, [], {}, {"pairs": "15_pairs", "init": "07_r1_sft_hybrid", "loss": "dpo"})
+    assert _costs(recipe, [dpo])[0].trained == 5 * 2 * 33
+
+
+def test_lora_exports_its_fp32_adapter_and_the_merged_model_only_on_request(lora_recipe):
+    """A LoRA stage writes its rank-2 adapter in fp32 (4 bytes a parameter); with export_merged also the whole
+    model in the recipe's dtype (bf16)."""
+    sft = Stage("05_r1_sft_weak", run_stage1_sft, [], {}, {"filter": "04_r1_filter", "sft_set": "weak",
+                                                           "init": "strong"})
+    assert _costs(lora_recipe, [sft])[0].disk == 4 * TINY_LORA_2
+    lora_recipe.strong_sft["export_merged"] = True
+    assert _costs(lora_recipe, [sft])[0].disk == 4 * TINY_LORA_2 + 2 * TINY_PARAMS
+
+
+def test_continuing_an_adapter_holds_it_twice_while_it_is_attached(lora_recipe):
+    """ORPO (no reference pass) continuing M_plus's adapter: rank 0 holds the bf16 base, the fp32 adapter read from
+    disk (lora.read_adapter) and its copy in the LoRA layers (lora.attach_adapter) at once."""
+    from w2s.runners import run_preference
+
+    lora_recipe.sampling.tp = 2
+    orpo = Stage("17_orpo", run_preference, [], {}, {"pairs": "15_pairs", "init": "07_r1_sft_hybrid", "loss": "orpo"})
+    assert _costs(lora_recipe, [orpo])[0].host == 2 * TINY_PARAMS + 2 * 4 * TINY_LORA_2
+
+
+def test_cpu_offload_keeps_the_state_off_the_device_and_its_shards_on_the_host_through_the_export(recipe):
+    from w2s.train_config import TrainConfig
+
+    on, off = (estimate._training_memory(TINY, TrainConfig(cpu_offload=c), recipe, 33, 2) for c in (True, False))
+    assert off - on == 16 * TINY_PARAMS / 2  # fp32 weights, gradients, two moments: this rank's half
+    # A merged rank-2 export at tp 1 (base 2 x 2,792 + adapter 4 x 512 + 12 x 128 merge temporaries + the bf16
+    # merged matrices beside the base) while this rank's half of the bf16 base and fp32 adapter stays offloaded
+    lora = TrainConfig(lora_rank=2, cpu_offload=True)
+    base, adapter = 2 * TINY_PARAMS, 4 * TINY_LORA_2
+    assert estimate.host_memory(TINY, lora, 2, world=2, merged=True, tp_out=1) == \
+        adapter + base + 12 * 128 + 2 * TINY_ADAPTED + (base + adapter) / 2
+
+
+def test_a_lora_weak_model_is_sampled_on_the_resident_weak_base(lora_recipe, tmp_path):
+    """Weak SFT with LoRA at weak_tp 1 leaves the weak base resident: its labels read only the adapter."""
+    from w2s.runners import run_weak_sft
+
+    (tmp_path / "r.toml").write_text((tmp_path / "r.toml").read_text() + "[weak_sft]\nlora_rank = 2\n")
+    recipe = load_recipe(tmp_path / "r.toml")
+    recipe.models.dtype = "bfloat16"
+    stages = [Stage("01_weak_sft", run_weak_sft, [], {}, {}),
+              Stage("02_weak_labels", run_labels, [], {}, {"model": "01_weak_sft", "prompt": "zero_shot"})]
+    assert [c.read for c in _costs(recipe, stages)] == [2 * TINY_PARAMS, 4 * TINY_LORA_2]
+
+
+def test_human_units_are_decimal_bytes_and_seconds_minutes_hours():
+    # 4 bytes x the 68,976,648,192 parameters of Llama-2-70B: 275.9 GB (10^9 bytes, as disks are sold), not GiB
+    assert estimate.human_bytes(4 * 68_976_648_192) == "275.9 GB"
+    assert [estimate.human_bytes(n) for n in (999, 1000, 2_500_000)] == ["999 B", "1.0 KB", "2.5 MB"]
+    assert [estimate.human_seconds(s) for s in (None, 119, 120, 7199, 7200)] == ["-", "119 s", "2 min", "120 min",
+                                                                                    "2.0 h"]
+
+
+@pytest.fixture
+def grpo_recipe(recipe, tmp_path):
+    """The fixture's recipe (fp32, full fine-tuning) with a [grpo] section: groups of 4 responses of at most 16
+    tokens, 2 questions a step, 1 a micro-batch."""
+    (tmp_path / "r.toml").write_text((tmp_path / "r.toml").read_text() + "[grpo]\ngroup_size = 4\nmax_new_tokens = 16\n"
+                                     "batch_size = 2\nmicro_batch_size = 1\n")
+    return load_recipe(tmp_path / "r.toml")
+
+
+def _grpo_cost(recipe):
+    from w2s.runners import run_grpo
+
+    grpo = Stage("16_grpo", run_grpo, [], {}, {"init": "13_r2_sft_hybrid"})
+    return estimate.stage_cost(grpo, recipe, TINY_WORK, {"weak": TINY, "strong": TINY}, device="H100 SXM")
+
+
+def test_grpo_cost_samples_groups_and_trains_on_them(grpo_recipe):
+    """10 train_2 questions, 2 a step: 5 steps, each sampling 4 responses (20 tokens, capped at 16) to 2 questions,
+    then training on those 8 sequences of 13 + 16 tokens."""
+    cost = _grpo_cost(grpo_recipe)
+    assert (cost.generated, cost.trained) == (5 * 2 * 4 * 16, 5 * 2 * 4 * 29)
+    # fp32 state (16 B a parameter), the gathered root and two blocks in bf16, the activations of a micro-batch of
+    # one question's 4 sequences of 29 tokens (208 B a token a block, 2 blocks), the output matrix's bf16 gradient,
+    # and the whole-model copy the rollouts sample from, in the model's dtype (fp32 here; w2s/grpo.py live_weights)
+    n, embeddings, per_block = TINY_PARAMS, 2 * 100 * 8, (TINY_PARAMS - 2 * 100 * 8) / 2
+    assert estimate.activation_bytes(TINY) == 2 * (4 * 8 + 2 * 2 * 4 + 2 * 1 * 4 + 3 * 16) == 208
+    expected = 16 * n + 2 * (embeddings + 2 * per_block) + 208 * 4 * 29 * 2 + 2 * 100 * 8 + 4 * n
+    assert cost.memory == int(expected)
+    # a KL reference under full fine-tuning is one more frozen whole model (w2s/grpo.py: 4 bytes a parameter in fp32)
+    grpo_recipe.grpo["kl_beta"] = 0.04
+    assert _grpo_cost(grpo_recipe).memory == int(expected + 4 * n)
+    # sampling at SAMPLING_MFU (forward FLOPs at the mean context 13 + 16 / 2), training at TRAIN_MFU (a step's FLOPs:
+    # 6N + attention per token, the 13 prompt tokens skip the output layer's 6 V D)
+    sampled = 40 * 16 * profile.flops_per_token(TINY, seq_len=21, training=False)
+    trained = 40 * (29 * profile.flops_per_token(TINY, seq_len=29) - 13 * 6 * 100 * 8)
+    assert cost.seconds == pytest.approx(sampled / (estimate.SAMPLING_MFU * 989e12) +
+                                         trained / (estimate.TRAIN_MFU * 989e12))
+
+
+def test_grpo_cost_trains_each_rollout_batch_updates_per_batch_times(grpo_recipe):
+    """updates_per_batch = 2 (w2s/train.py: an epoch is batches x updates_per_batch optimizer steps; a batch is
+    sampled at the first of its steps): one epoch of 5 batches is 10 steps on 8 sequences each, 5 rollouts; with
+    max_steps = 3, steps 1 and 3 sample."""
+    grpo_recipe.grpo.update(updates_per_batch=2, ckpt_every=5)
+    cost = _grpo_cost(grpo_recipe)
+    assert (cost.generated, cost.trained) == (5 * 8 * 16, 10 * 8 * 29)
+    assert cost.resume == 12 * TINY_PARAMS  # 10 steps, saved after step 5 only (never at the last)
+    sampled = 5 * 8 * 16 * profile.flops_per_token(TINY, seq_len=21, training=False)
+    trained = 10 * 8 * (29 * profile.flops_per_token(TINY, seq_len=29) - 13 * 6 * 100 * 8)
+    assert cost.seconds == pytest.approx(sampled / (estimate.SAMPLING_MFU * 989e12) +
+                                         trained / (estimate.TRAIN_MFU * 989e12))
+    grpo_recipe.grpo["max_steps"] = 3
+    assert (_grpo_cost(grpo_recipe).generated, _grpo_cost(grpo_recipe).trained) == (2 * 8 * 16, 3 * 8 * 29)
+
+
+def test_dry_run_warns_when_the_processes_are_no_multiple_of_the_tensor_parallelism(recipe, tmp_path):
+    from w2s.estimate import dry_run
+
+    text = (tmp_path / "r.toml").read_text().replace("[sampling]\n", "[sampling]\ntp = 2\n")
+    (tmp_path / "r.toml").write_text(text)
+    for world, warned in ((2, False), (3, True), (4, False)):  # 3 processes: a group of 2 and one left over
+        assert ("needs a multiple of 2 processes" in dry_run(tmp_path / "r.toml", runs_dir=tmp_path / "runs",
+                                                            world=world, device="cpu")) == warned
+
+
+def test_dry_run_to_do_row_counts_only_the_stages_that_will_run(recipe, tmp_path, monkeypatch):
+    """Every stage done but 02_weak_labels: the to-do row is its cost alone, 5 train_2 questions x 15 tokens."""
+    real_plan = estimate.plan
+
+    def plan(stages, run_dir, reuse):
+        return [(s, "will run" if s.name == "02_weak_labels" else "done", []) for s, _, _ in
+                real_plan(stages, run_dir, reuse)]
+
+    monkeypatch.setattr(estimate, "plan", plan)
+    text = estimate.dry_run(tmp_path / "r.toml", runs_dir=tmp_path / "runs", world=1, device="cpu")
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| ")]
+    assert [row[3] for row in rows if row[0] == "to do" and len(row) == 8] == [f"{5 * 15:,}"]
+
+
+def test_questions_workload_assumes_half_the_sample_limit_for_a_response(recipe, tmp_path):
+    """Without gold: a response is sample_max_new_tokens / 2 = 200 tokens, and a 4-shot prompt is 4 demonstrations
+    (prompt and response) and the question's prompt."""
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps({"question": "q" * 36}) + "\n" for _ in range(6)))
+    recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, train_2=str(tmp_path / "q.jsonl")))
+    work = estimate.questions_workload(recipe)
+    # "Question: " + 36 + "\nAnswer:" = 54 characters: 13 tokens at 4 characters a token
+    assert (work.n_train_1, work.n_train_2, work.n_test, work.prompt_tokens) == (0, 6, 4, 13)
+    assert (work.response_tokens, work.few_shot_tokens) == (200, 5 * 13 + 4 * 200)

@@ -423,3 +423,126 @@ def test_an_epoch_of_several_updates_per_rollout_batch_takes_each_batch_that_man
     assert [r["step"] for r in recs] == [1, 2, 3, 4]
     assert [r["epoch"] for r in recs] == [0, 0, 0, 0]
     assert [r["rollout/s"] > 0 for r in recs] == [True, False, True, False]
+
+
+# ---------------------------------------------------------------------------------------------- one micro-batch
+
+
+class NumberGrader:
+    """A grader whose answers are the responses themselves, compared as numbers: "3" and "3.0" are one answer."""
+
+    name = "number"
+
+    def answer(self, text):
+        return text
+
+    def same(self, a, b, record=None):
+        return a != "" and b != "" and float(a) == float(b)
+
+
+def _completion(text, n_tokens, finish="stop"):
+    return {"text": text, "token_ids": [3] * n_tokens, "num_tokens": n_tokens, "finish_reason": finish}
+
+
+def _task(gcfg, weak=None):
+    from w2s.grpo import GRPOTask
+
+    return GRPOTask(toy.ToyTokenizer(), toy.QUESTIONS[:2], TrainConfig(progress=False), gcfg, NumberGrader(),
+                    weak if weak is not None else {"q0": "3.0", "q1": "8"}, None, (), 8, None, None, 0)
+
+
+# q0: "3" and "3.0" are the majority (2 of 4, after a "5") and the weak answer; one response stopped at the token
+# limit. q1: a unanimous group (4 of 4), not the weak answer. Prompts "Q0:" / "Q1:" are 3 tokens.
+COMPLETIONS = {0: [_completion("5", 1), _completion("3", 1), _completion("3.0", 3, "length"), _completion("", 1)],
+               1: [_completion("7", 1)] * 4}
+
+
+@pytest.mark.parametrize("scale", [True, False])
+def test_a_micro_batch_carries_group_normalized_advantages_and_the_vote_metrics(scale):
+    """Advantages as TRL's scale_rewards="group": (r - group mean) / (Bessel std + 1e-4), or r - mean (Dr. GRPO,
+    scale_rewards False); a unanimous group gets 0. Rewards compare answers with the grader (3 == 3.0). The sums
+    the metrics divide: rewards, response tokens, truncated responses; per group the reward std (Bessel), whether it
+    is 0, count(a+) / G and whether a+ is the weak answer. Only the response tokens are targets."""
+    from w2s.data import IGNORE_INDEX
+
+    batch = _task(GRPOConfig(group_size=4, scale_rewards=scale)).collate([0, 1], COMPLETIONS)
+    std = math.sqrt(4 * 0.5 ** 2 / 3)  # rewards 0, 1, 1, 0 about their mean 0.5
+    a = 0.5 / (std + 1e-4) if scale else 0.5
+    assert batch["advantages"].tolist() == pytest.approx([-a, a, a, -a, 0, 0, 0, 0])
+    assert batch["n_seqs"] == 8
+    assert batch["seq_stats"].tolist() == pytest.approx([2 + 4, 6 + 4, 1])  # reward, completion tokens, truncated
+    assert batch["group_stats"].tolist() == pytest.approx([std + 0, 0 + 1, 0.5 + 1.0, 1 + 0])
+    for q, group in ((0, [std, 0, 0.5, 1]), (1, [0, 1, 1.0, 0])):
+        assert _task(GRPOConfig(group_size=4)).collate([q], COMPLETIONS)["group_stats"].tolist() == pytest.approx(group)
+    assert int((batch["targets"] != IGNORE_INDEX).sum()) == 6 + 4  # the response tokens, not the prompts'
+    with pytest.raises(ValueError, match="needs the weak answer of every question"):
+        _task(GRPOConfig(group_size=4, reward="vote_or_weak"), weak={"q0": "3"})
+
+
+def test_the_loss_step_passes_the_clip_and_the_aggregation_and_means_the_metrics_per_group():
+    """A fake policy whose log-ratio to pi_old is 0.3 on every token (ratio e^0.3): with clip_eps 0.2 the positive
+    advantages are clipped at 1.2 and the negative ones are not (DeepSeekMath eq. 3); "sequence" averages each
+    response's tokens, then the 8 responses; "token" averages the step's 10 response tokens."""
+    std = math.sqrt(4 * 0.5 ** 2 / 3)
+    a = 0.5 / (std + 1e-4)
+
+    def loss(clip_eps, aggregation):
+        task = _task(GRPOConfig(group_size=4, clip_eps=clip_eps, aggregation=aggregation))
+        batch = task.collate([0, 1], COMPLETIONS)
+        logps = torch.full(batch["targets"].shape, -1.0)
+        batch["old_logps"] = logps - 0.3
+        out, stats = task.loss_step(lambda tokens, targets, per_token: logps.flatten(), batch, task.counts(batch))
+        return out.item(), stats
+
+    # per-token losses of q0's responses (1, 1, 3, 1 tokens): +r a, -1.2 a, -1.2 a, +r a with r = e^0.3; q1's are 0
+    r = math.exp(0.3)
+    value, stats = loss(0.2, "sequence")
+    assert value == pytest.approx((r * a - 1.2 * a - 1.2 * a + r * a) / 8)
+    assert loss(0.2, "token")[0] == pytest.approx((r * a - 1.2 * a - 3 * 1.2 * a + r * a) / 10)
+    assert loss(0.5, "sequence")[0] == pytest.approx(0.0, abs=1e-6)  # r inside [0.5, 1.5]: nothing clipped
+    # metrics: per response (6 rewards of 8) and per group (2 groups of 4)
+    assert stats["reward"].item() == pytest.approx(6 / 8)
+    assert [stats[k].item() for k in ("reward_std", "frac_reward_zero_std", "vote_confidence", "vote_agrees_weak")] \
+        == pytest.approx([std / 2, 1 / 2, 1.5 / 2, 1 / 2])
+
+
+def test_each_rollout_samples_afresh_at_the_recipe_temperature_from_the_eval_mode_policy(monkeypatch):
+    """updates_per_batch 2, 4 steps: two rollouts, each with its own seed (a question is not given the same draws
+    again), at GRPOConfig.temperature, with the policy in eval mode (no LoRA dropout while sampling); no frozen
+    reference of a fully fine-tuned model without a KL term; the rollout metrics are the sampled tokens over the
+    sampling's seconds (a clock that advances 2 s a reading); the stats count the questions."""
+    import w2s.grpo as grpo
+
+    calls, real_generate = [], grpo.iter_generate
+
+    def spy(model, *args, **kwargs):
+        calls.append((kwargs["seed"], kwargs["temperature"], model.training))
+        return real_generate(model, *args, **kwargs)
+
+    ticks = iter(range(0, 1000, 2))
+    monkeypatch.setattr(grpo, "iter_generate", spy)
+    monkeypatch.setattr(grpo, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: next(ticks))}))
+    monkeypatch.setattr(grpo, "frozen_copy", lambda *a: pytest.fail("a reference copy without a KL term"))
+    cfg = TrainConfig(lr=1e-2, batch_size=8, micro_batch_size=4, max_steps=4, seed=2, progress=False)
+    (_, stats), recs = _run(cfg, GRPOConfig(group_size=2, max_new_tokens=3, temperature=0.7, updates_per_batch=2),
+                            return_stats=True)
+    assert len(calls) == 2 and calls[0][0] != calls[1][0]
+    assert [c[1:] for c in calls] == [(0.7, False)] * 2
+    assert stats["n_rows"] == 8
+    first = recs[0]
+    assert first["rollout/s"] == 2.0 and first["rollout/tok_s"] == pytest.approx(first["completion_len"] * 8 * 2 / 2)
+
+
+def test_scoring_leaves_the_module_in_training_mode_and_the_resume_key_follows_the_grpo_options():
+    """token_logps (pi_old's and the reference's no-grad passes) puts the module back in training mode, so that the
+    update's forward keeps its LoRA dropout; a changed GRPO option is another task: its checkpoint is not resumed."""
+    from w2s.grpo import token_logps
+    from w2s.loss_steps import TrainModule
+
+    module = TrainModule(toy.toy_model()).train()
+    batch = _task(GRPOConfig(group_size=4)).collate([0, 1], COMPLETIONS)
+    token_logps(module, batch, "cpu")
+    assert module.training
+    keys = {_task(GRPOConfig(group_size=4, **option)).task().data_key for option in
+            ({}, {"kl_beta": 0.1}, {"clip_eps": 0.1}, {"reward": "vote_or_weak"})}
+    assert len(keys) == 4

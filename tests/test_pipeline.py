@@ -665,7 +665,7 @@ def test_malformed_jsonl_line_is_one_clear_error(fake_world):
     (fake_world / "train.jsonl").write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=r"train\.jsonl:3: not valid JSON"):
         _run(fake_world)
-    assert not (fake_world / "runs" / "bad" / "00_data" / "meta.json").exists()
+    assert not (fake_world / "runs").exists()  # validate_inputs read it before the run started, not stage 00_data
 
 
 def test_missing_field_is_one_clear_error(fake_world):
@@ -698,6 +698,64 @@ def test_missing_checkpoint_is_one_clear_error(fake_world):
     with pytest.raises(ValueError, match=r"\[models\] strong: no checkpoint \(config\.json\) at .*strong"):
         _run(fake_world)
     assert not (fake_world / "runs").exists()  # nothing was started
+
+
+def test_a_device_this_machine_lacks_stops_the_run_before_its_directory(fake_world, monkeypatch):
+    """run_pipeline calls check_device after reading the inputs: [models] device = "cuda" on a machine without CUDA is
+    one line before anything is started (else the first stage would fail only when it moves its model)."""
+    import torch
+
+    import w2s.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "validate_inputs", lambda recipe: None)  # the bare checkpoints pass as they are
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    text = RECIPE.format(name="bad", n_samples=N_SAMPLES, min_confidence=0.6, pass_k=PASS_K)
+    with pytest.raises(ValueError, match=r"r\.toml: \[models\] device = 'cuda', but CUDA is not available here"):
+        _run(fake_world, text.replace('device = "cpu"', 'device = "cuda"'))
+    assert not (fake_world / "runs").exists()  # nothing was started
+
+
+def test_the_run_directory_records_the_recipe_and_the_table_it_started_with(fake_world, monkeypatch):
+    """run_pipeline writes recipe.json and stages.json ({stage: key} of its table, in run order) before its first
+    stage: the report counts the stages of that table as the run (a stage a later recipe dropped is not)."""
+    import w2s.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "validate_inputs", lambda recipe: None)  # the bare checkpoints pass as they are
+    seen = {}
+    monkeypatch.setattr(pipeline, "run_stages", lambda stages, ctx: seen.update(names=[s.name for s in stages]) or {})
+    monkeypatch.setattr(pipeline, "report", lambda run_dir, plot: "")
+    run_dir, status, _ = _run(fake_world)
+    keys = json.loads((run_dir / "stages.json").read_text())
+    assert list(keys) == seen["names"] and all(isinstance(k, str) and k for k in keys.values())
+    assert json.loads((run_dir / "recipe.json").read_text())["name"] == "bad" and status == {}
+
+
+def test_a_run_refuses_to_reuse_its_own_run_directory(fake_world):
+    """w2s run --reuse runs/<this recipe's name>: taking its own stages would wipe them; refused before anything."""
+    from w2s.pipeline import run_pipeline
+
+    (fake_world / "r.toml").write_text(RECIPE.format(name="bad", n_samples=N_SAMPLES, min_confidence=0.6,
+                                                     pass_k=PASS_K))
+    with pytest.raises(ValueError, match=r"--reuse .*bad: that is this recipe's own run directory"):
+        run_pipeline(fake_world / "r.toml", runs_dir=fake_world / "runs", progress=False, log=lambda *a: None,
+                     plot=False, reuse=fake_world / "runs" / "bad")
+
+
+def test_reuse_refuses_its_own_run_directory_and_one_without_finished_stages(tmp_path):
+    """--reuse DONOR: the donor must be another run directory (taking its own stages would wipe them) that holds
+    finished stages (*/meta.json)."""
+    from w2s.pipeline import check_reuse
+
+    run_dir = tmp_path / "runs" / "tiny"
+    (run_dir / "00_data").mkdir(parents=True)
+    (run_dir / "00_data" / "meta.json").write_text("{}")
+    check_reuse(None, run_dir)  # no --reuse: nothing to check
+    with pytest.raises(ValueError, match=r"--reuse .*tiny: that is this recipe's own run directory"):
+        check_reuse(tmp_path / "runs" / ".." / "runs" / "tiny", run_dir)
+    (tmp_path / "other" / "00_data").mkdir(parents=True)  # started, never finished
+    with pytest.raises(ValueError, match=r"--reuse .*other: not a run directory with finished stages"):
+        check_reuse(tmp_path / "other", run_dir)
+    check_reuse(run_dir, tmp_path / "runs" / "new")
 
 
 def test_cli_prints_one_error_line(fake_world):
@@ -843,6 +901,91 @@ def test_report_marks_the_last_rounds_hybrid_as_m_plus(tmp_path):
     assert row_labels(["weak_floor"]) == []  # a run still in Stage I: no hybrid evaluated yet, no label, no error
 
 
+def _write_metas(run, metas, recipe=None):
+    """Hand-written meta.json files {stage: meta} (and recipe.json) of a run directory."""
+    for name, meta in metas.items():
+        (run / name).mkdir(parents=True)
+        (run / name / "meta.json").write_text(json.dumps({"stage": name, "wall_s": 1.0, **meta}))
+    if recipe is not None:
+        (run / "recipe.json").write_text(json.dumps(recipe))
+
+
+def _first_rows(text):
+    """first cell -> the other cells of its FIRST row, for every table row of a report."""
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith("| "):
+            rows.setdefault(line.split("|")[1].strip(), [c.strip() for c in line.split("|")[2:-1]])
+    return rows
+
+
+@pytest.mark.parametrize("how", ["recipe", "data stage"])
+def test_report_without_gold_compares_each_method_with_the_weak_model_as_is(tmp_path, how):
+    """The setting without gold (docs/PAPER.md), told by the recipe's [data] train_2 or, for hand-made metas, by a
+    data stage with no train_1: no PGR but the difference in points to the weak model (signed), the weak row named
+    as the model used as is, and no precision column for the selected data (no gold to measure it by)."""
+    from w2s.report import report
+
+    metas = {"20_eval_weak_floor": {"accuracy": 0.3}, "27_eval_stage1_r2_hybrid": {"accuracy": 0.25},
+             "28_eval_stage2_dpo": {"accuracy": 0.45},
+             "04_r1_filter": {"n_questions": 12, "n_kept": 6, "kept_fraction": 0.5}}
+    if how == "recipe":
+        _write_metas(tmp_path, metas, {"data": {"train_2": "questions.jsonl"}})
+    else:
+        _write_metas(tmp_path, {"00_data": {"n_train_1": 0, "n_train_2": 12}, **metas})
+    text = report(tmp_path, plot=False)
+    rows = _first_rows(text)
+    assert rows["method"] == ["accuracy %", "vs weak"] and "No PGR" in text
+    assert rows["weak model (as is)"] == ["30.00", "+0.00"]
+    assert rows["Stage I r2: hybrid-ft (M_plus)"] == ["25.00", "-5.00"]  # 25 - 30 points
+    assert rows["Stage II: DPO (M_pro)"] == ["45.00", "+15.00"]
+    assert rows["stage"] == ["questions", "kept / pairs", "kept %", "pairs"]  # the selected data: no precision
+    assert rows["04_r1_filter"] == ["12", "6", "50.0", "-"]
+
+
+def test_report_reads_each_row_from_its_own_stage(tmp_path):
+    """A Stage II round's pairs are selected data too; the grader table reads a method from its NN_eval_ stage (not
+    the training stage 19_ceiling whose name it shares); MATH levels follow the recipe's grader; a stage with no
+    truncated response still gets its row; numbers of a thousand or more are grouped."""
+    from w2s.report import report
+
+    _write_metas(tmp_path, {
+        "19_ceiling": {"kind": "train", "wall_s": 1234.5},
+        "20_eval_weak_floor": {"accuracy": 0.2, "accuracy_by_grader": {"paper": 0.2}, "n_completions": 10,
+                               "n_truncated": 0, "accuracy_by_level": {"1": 0.9},
+                               "accuracy_by_level_by_grader": {"paper": {"1": 0.5}}},
+        "30_eval_ceiling": {"accuracy": 0.8, "accuracy_by_grader": {"paper": 0.8}},
+        "38_round2_pairs_dpo": {"n_pairs": 7, "pair_precision": 0.5, "counts": {"questions": 9, "weak_chosen": 4,
+                                                                                 "weak_rejected": 3}},
+    }, {"data": {"grader": "paper"}})
+    text = report(tmp_path, plot=False)
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith("| "):
+            rows.setdefault(line.split("|")[1].strip(), []).append([c.strip() for c in line.split("|")[2:-1]])
+    assert rows["38_round2_pairs_dpo"][0] == ["9", "7", "-", "50.0", "4 weak chosen / 3 weak rejected"]
+    assert rows["strong ceiling (gold train_2)"][1] == ["80.00", "-", "-"]  # the grader table: 30_eval_ceiling's
+    assert rows["weak_floor"] == [["L1 50"]]  # the paper grader's level accuracy, not the stage's own
+    assert rows["20_eval_weak_floor"][0] == ["10", "0", "0.0"]  # 0 of 10 responses truncated
+    assert rows["19_ceiling"][-1] == ["1,234.5", "-", "-", "-", "-"]  # the cost table
+
+
+def test_report_m_plus_defaults_and_accuracies_under_the_recipe_grader(tmp_path):
+    """A recipe without [stage2] start_from makes the last round's hybrid-ft model M_plus (the paper's); a stage
+    scored under the recipe's grader counts even without its own "accuracy"; a run with no evaluated method yet
+    gets no figure."""
+    from w2s.report import method_accuracies, report, write_report
+
+    _write_metas(tmp_path / "a", {"26_eval_stage1_r2_icl": {"accuracy": 0.5},
+                                  "27_eval_stage1_r2_hybrid": {"accuracy": 0.4}}, {"stage1": {"rounds": 2}})
+    rows = _first_rows(report(tmp_path / "a", plot=False))
+    assert "Stage I r2: hybrid-ft (M_plus)" in rows and "Stage I r2: icl-ft" in rows
+    assert method_accuracies({"28_eval_stage2_dpo": {"accuracy_by_grader": {"paper": 0.6}}}, "paper") == {
+        "stage2_dpo": 0.6}
+    _write_metas(tmp_path / "b", {"00_data": {"n_train_1": 8, "n_train_2": 8}})
+    assert write_report(tmp_path / "b", plot=True)[1] == [tmp_path / "b" / "report.md"]
+
+
 # ---------------------------------------------------------------------------------------------------- torchrun
 
 
@@ -979,3 +1122,264 @@ def test_evaluate_script_help_and_bad_input(full_run, tmp_path, monkeypatch, cap
     with pytest.raises(ValueError, match=r"--device foo: expected auto, cpu, cuda or cuda:N"):
         evaluate.main([str(full_run["run_dir"] / "01_weak_sft" / "model"), str(tmp_path / "good.jsonl"), "--device",
                        "foo"])
+
+
+# ---------------------------------------------------------------------------------------------------- runners alone
+
+
+def _runner_ctx(tmp_path):
+    """A Context over a run directory of the 8-record world (checkpoints are bare config.json files: no runner here
+    loads a model), [data] n_test = 2 and n_train_1 = 3 (train_2: half the file, 4)."""
+    from w2s.engine import Context
+    from w2s.recipe import load_recipe
+    from w2s.world import make_splits
+
+    splits = make_splits(seed=0, n_train_1=4, n_train_2=4, n_test=3)
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in splits["train_1"] + splits["train_2"]))
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in splits["test"]))
+    for name in ("weak", "strong"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+    text = RECIPE.format(name="r", n_samples=N_SAMPLES, min_confidence=0.6, pass_k=PASS_K)
+    (tmp_path / "r.toml").write_text(text.replace("seed = 0\n", "seed = 0\nn_test = 2\nn_train_1 = 3\n", 1))
+    return Context(load_recipe(tmp_path / "r.toml"), tmp_path / "run", progress=False, log=lambda *a: None)
+
+
+def _stage_dir(ctx, name):
+    (ctx.dir(name)).mkdir(parents=True, exist_ok=True)
+    return ctx.dir(name)
+
+
+def test_data_stage_keeps_train_2_gold_apart_and_the_test_stage_takes_the_first_n_test(tmp_path):
+    from w2s.runners import GOLD_FILE, run_data, run_test_set
+    from w2s.tasks import load_records
+
+    ctx = _runner_ctx(tmp_path)
+    train = {r["id"]: r for r in load_records("gsm8k", tmp_path / "train.jsonl")}
+    assert run_data(ctx, _stage_dir(ctx, "00_data")) == {"n_train_1": 3, "n_train_2": 4}
+    train_2 = jsonl(ctx.dir("00_data") / "train_2.jsonl")
+    assert [sorted(r) for r in train_2] == [["id", "question"]] * 4  # questions only
+    assert jsonl(ctx.dir("00_data") / GOLD_FILE) == [
+        {"id": r["id"], "answer": train[r["id"]]["answer"], "solution": train[r["id"]]["solution"]} for r in train_2]
+    assert [r["solution"] for r in jsonl(ctx.dir("00_data") / "train_1.jsonl")] == [
+        train[r["id"]]["solution"] for r in jsonl(ctx.dir("00_data") / "train_1.jsonl")]  # train_1 keeps its gold
+    assert run_test_set(ctx, _stage_dir(ctx, "00_test")) == {"n_test": 2}
+    assert jsonl(ctx.dir("00_test") / "test.jsonl") == load_records("gsm8k", tmp_path / "test.jsonl")[:2]
+
+
+def test_filter_counts_and_precision_by_hand(tmp_path):
+    """Weak and ICL labels of 4 train_2 questions: q0 both right, q1 both the same wrong answer, q2 both right with
+    the weak response truncated, q3 no weak answer. Kept: q0-q2 (3 of 4); precision of the kept weak answers 2 / 3,
+    of every weak answer 2 / 4; sets of 3, 3 and 6 rows (hybrid: both responses)."""
+    from w2s.runners import GOLD_FILE, run_data, run_filter
+
+    ctx = _runner_ctx(tmp_path)
+    run_data(ctx, _stage_dir(ctx, "00_data"))
+    questions = jsonl(ctx.dir("00_data") / "train_2.jsonl")
+    gold = [PAPER.gold(g["answer"]) for g in jsonl(ctx.dir("00_data") / GOLD_FILE)]
+    assert "99999" not in gold
+    weak = [f"#### {gold[0]}", "#### 99999", f"#### {gold[2]}", "I do not know"]
+    icl = [f"#### {gold[0]}", "#### 99999", f"#### {gold[2]}", f"#### {gold[3]}"]
+    for stage, responses, truncated in (("02_weak_labels", weak, [False, False, True, False]),
+                                        ("03_icl_labels", icl, [False] * 4)):
+        (_stage_dir(ctx, stage) / "labels.jsonl").write_text("".join(
+            json.dumps(q | {"response": r, "truncated": t}) + "\n" for q, r, t in zip(questions, responses, truncated)))
+    counts = run_filter(ctx, _stage_dir(ctx, "04_r1_filter"), "02_weak_labels", "03_icl_labels")
+    assert (counts["n_questions"], counts["n_kept"], counts["kept_fraction"]) == (4, 3, 0.75)
+    assert counts["precision"] == pytest.approx(2 / 3) and counts["precision_weak_all"] == 0.5
+    assert counts["n_with_answer"] == {"weak": 3, "other": 4}
+    assert counts["n_truncated"] == {"weak": 1, "other": 0, "kept": 1}
+    assert counts["n_rows"] == {"weak": 3, "icl": 3, "hybrid": 6}
+    assert [r["response"] for r in jsonl(ctx.dir("04_r1_filter") / "icl.jsonl")] == icl[:3]
+    # the weak self-consistency filter (weak_min_confidence 0.6): q0 and q2 get 3 of 5 weak samples, q1 2 of 5
+    votes = {0: [gold[0]] * 3 + ["1", "2"], 1: ["99999"] * 2 + ["1", "2", "4"], 2: [gold[2]] * 3 + ["1", "2"],
+             3: ["1"] * 5}
+    (_stage_dir(ctx, "02_weak_samples") / "labels.jsonl").write_text("".join(json.dumps(q | {"samples": [
+        {"response": f"#### {a}", "truncated": False} for a in votes[i]]}) + "\n" for i, q in enumerate(questions)))
+    counts = run_filter(ctx, _stage_dir(ctx, "10_filter"), "02_weak_labels", "03_icl_labels", "02_weak_samples")
+    assert (counts["n_consistent_before_weak_filter"], counts["n_kept"], counts["n_weak_confident"]) == (3, 2, 3)
+
+
+def test_training_stages_train_on_the_rows_the_paper_gives_them(tmp_path, monkeypatch):
+    """weak SFT: train_1's gold solutions; full weak fine-tuning: every weak label; the ceiling: train_2's gold
+    solutions (its one gold reader besides the analysis); preference: the pairs with their weights, the model merged
+    for the losses in [stage2] export_merged. Every prompt is the zero-shot prompt of the question."""
+    import w2s.runners as runners
+
+    ctx = _runner_ctx(tmp_path)
+    runners.run_data(ctx, _stage_dir(ctx, "00_data"))
+    trained = {}
+
+    def train_stage(ctx, out, base_dir, rows, section, loss=None, export_merged=False):
+        trained[out.name] = (Path(base_dir).name, rows, section, export_merged)
+        return {}
+
+    monkeypatch.setattr(runners, "train_stage", train_stage)
+    train_1, train_2 = (jsonl(ctx.dir("00_data") / f"{s}.jsonl") for s in ("train_1", "train_2"))
+    gold = {g["id"]: g for g in jsonl(ctx.dir("00_data") / runners.GOLD_FILE)}
+    (_stage_dir(ctx, "02_weak_labels") / "labels.jsonl").write_text("".join(
+        json.dumps(q | {"response": f"#### {i}"}) + "\n" for i, q in enumerate(train_2)))
+    pairs = [{"id": train_2[0]["id"], "prompt": "p", "chosen": "#### 1", "rejected": "#### 2", "weight": 0.5},
+             {"id": train_2[1]["id"], "prompt": "p", "chosen": "#### 3", "rejected": "#### 4"}]
+    (_stage_dir(ctx, "15_pairs") / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    ctx.recipe.stage2.export_merged = ["dpo"]
+    for name, run, args in (("01_weak_sft", runners.run_weak_sft, {}),
+                            ("18_full_weak_ft", runners.run_full_weak_ft, {}), ("19_ceiling", runners.run_ceiling, {}),
+                            ("16_dpo", runners.run_preference, dict(pairs="15_pairs", init="strong", loss="dpo")),
+                            ("17_orpo", runners.run_preference, dict(pairs="15_pairs", init="strong", loss="orpo"))):
+        run(ctx, _stage_dir(ctx, name), **args)
+    assert trained["01_weak_sft"] == ("weak", [{"id": r["id"], "prompt": zero_shot_prompt(r["question"]),
+                                                "response": r["solution"]} for r in train_1], "weak_sft", False)
+    assert trained["18_full_weak_ft"] == ("strong", [{"id": q["id"], "prompt": zero_shot_prompt(q["question"]),
+                                                      "response": f"#### {i}"} for i, q in enumerate(train_2)],
+                                          "strong_sft", False)
+    assert trained["19_ceiling"] == ("strong", [{"id": q["id"], "prompt": zero_shot_prompt(q["question"]),
+                                                 "response": gold[q["id"]]["solution"]} for q in train_2],
+                                     "strong_sft", False)
+    rows = [{k: p[k] for k in ("id", "prompt", "chosen", "rejected", "weight") if k in p} for p in pairs]
+    assert trained["16_dpo"] == ("strong", rows, "preference", True)
+    assert trained["17_orpo"] == ("strong", rows, "preference", False)
+
+
+def test_sampling_stages_ask_for_their_token_limits_temperatures_and_tensor_parallelism(tmp_path, monkeypatch):
+    """Greedy evaluation at [sampling] max_new_tokens, pass@k and Stage II's samples at sample_max_new_tokens and
+    Stage II's temperature, n_samples by default; the weak model (as is, or 01's) at weak_tp, the others at tp; only a
+    run with [data] train_2 has no train_2 gold; a chat-template prompt carries BOS once."""
+    import w2s.runners as runners
+
+    ctx = _runner_ctx(tmp_path)
+    runners.run_data(ctx, _stage_dir(ctx, "00_data"))
+    runners.run_test_set(ctx, _stage_dir(ctx, "00_test"))
+    asked = []
+
+    def generate_stage(ctx, out, model_dir, records, prompt, n=1, temperature=0.0, top_p=1.0, max_new_tokens=None,
+                       seed=0):
+        asked.append((out.name, n, temperature, max_new_tokens))
+        rows = [{"id": r["id"], "question": r["question"], "response": "#### 1", "truncated": False} for r in records]
+        return (rows if n == 1 else [r | {"samples": [{"response": "#### 1", "truncated": False}] * n}
+                                     for r in rows]), {}
+
+    monkeypatch.setattr(runners, "generate_stage", generate_stage)
+    r = ctx.recipe
+    r.sampling.max_new_tokens, r.sampling.sample_max_new_tokens, r.stage2.temperature = 7, 9, 0.8
+    runners.run_eval(ctx, _stage_dir(ctx, "20_eval_weak_floor"), "01_weak_sft", "zero_shot")
+    runners.run_eval(ctx, _stage_dir(ctx, "32_passk"), "13_r2_sft_hybrid", "zero_shot", n=3, temperature=1.0)
+    runners.run_samples(ctx, _stage_dir(ctx, "14_samples"), "13_r2_sft_hybrid")
+    runners.run_samples(ctx, _stage_dir(ctx, "02_weak_samples"), "01_weak_sft", n=2)
+    assert asked == [("20_eval_weak_floor", 1, 0.0, 7), ("32_passk", 3, 1.0, 9), ("14_samples", N_SAMPLES, 0.8, 9),
+                     ("02_weak_samples", 2, 0.8, 9)]
+    r.sampling.tp, r.sampling.weak_tp = 2, 1
+    assert [runners.sampling_tp(ctx, runners.checkpoint(ctx, m)) for m in ("weak", "01_weak_sft", "strong",
+                                                                          "13_r2_sft_hybrid")] == [1, 1, 2, 2]
+    assert runners.has_train_2_gold(ctx)
+    r.data.train_2 = "questions.jsonl"
+    assert not runners.has_train_2_gold(ctx)
+
+    class Tok:  # a template that writes BOS (id 0) itself, and one that does not
+        add_bos, bos_id = True, 0
+
+        def __init__(self, writes_bos):
+            self.writes_bos = writes_bos
+
+        def apply_chat_template(self, messages):
+            return messages[0]["content"]
+
+        def encode(self, text, bos=True):
+            return ([0] if self.writes_bos else []) + [5, 6]
+
+    assert [runners.chat_prompt(Tok(w), "Question: 1 + 1?\nAnswer:") for w in (True, False)] == [[0, 5, 6]] * 2
+
+
+def test_a_questions_file_with_a_repeated_id_is_refused(tmp_path):
+    from w2s.runners import load_questions
+
+    (tmp_path / "q.jsonl").write_text('{"id": "a", "question": "Q1?"}\n{"id": "a", "question": "Q2?"}\n')
+    with pytest.raises(ValueError, match="duplicate ids"):
+        load_questions("gsm8k", tmp_path / "q.jsonl")
+
+
+def test_pairs_stage_counts_precision_by_kind_truncation_and_the_weak_filter_by_hand(tmp_path):
+    """5 samples per question, docs/PAPER.md Stage II step 3 (min_confidence 0.6, flip 0.8): q0 weak = a+ (4 of 5)
+    -> weak chosen over the other sample (truncated); q1 and q2 weak != a+ at 5 of 5 -> an a+ sample chosen over the
+    weak response (q2's a+ is wrong, its weak response truncated); q3 a+ at 1 of 5 -> none. Precision against gold:
+    all 2 / 3, weak-chosen 1 / 1, weak-rejected 1 / 2. With the weak self-consistency filter q1's weak label (2 of 5)
+    is absent: no pair. With margin weights: (4 - 1) / 5, 5 / 5, 5 / 5."""
+    import w2s.runners as runners
+
+    ctx = _runner_ctx(tmp_path)
+    runners.run_data(ctx, _stage_dir(ctx, "00_data"))
+    questions = jsonl(ctx.dir("00_data") / "train_2.jsonl")
+    gold = [PAPER.gold(g["answer"]) for g in jsonl(ctx.dir("00_data") / runners.GOLD_FILE)]
+    assert not {"99999", "99998"} & set(gold)
+    weak = [(gold[0], False), ("99999", False), ("99999", True), ("1", False)]
+    samples = [[(gold[0], False)] * 4 + [("99999", True)], [(gold[1], False)] * 5, [("99998", False)] * 5,
+               [(str(a), a == 5) for a in (1, 2, 3, 4, 5)]]
+
+    def write(stage, rows):
+        (_stage_dir(ctx, stage) / "labels.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    write("02_weak_labels", [q | {"response": f"#### {a}", "truncated": t} for q, (a, t) in zip(questions, weak)])
+    write("14_samples", [q | {"samples": [{"response": f"#### {a}", "truncated": t} for a, t in s]}
+                         for q, s in zip(questions, samples)])
+    meta = runners.run_pairs(ctx, _stage_dir(ctx, "15_pairs"), "14_samples")
+    assert (meta["n_pairs"], meta["counts"]["weak_chosen"], meta["counts"]["weak_rejected"]) == (3, 1, 2)
+    assert meta["pair_precision"] == pytest.approx(2 / 3)
+    assert (meta["pair_precision_weak_chosen"], meta["pair_precision_weak_rejected"]) == (1.0, 0.5)
+    assert meta["n_truncated"] == {"weak": 1, "samples": 2, "pairs": 2}
+    write("02_weak_samples", [q | {"samples": [{"response": f"#### {a}", "truncated": False} for a in votes]}
+                              for q, votes in zip(questions, [[gold[0]] * 5, [1, 1, 2, 3, 4], [7] * 5, [1] * 5])])
+    meta = runners.run_pairs(ctx, _stage_dir(ctx, "15_pairs_filtered"), "14_samples", weak_samples="02_weak_samples")
+    assert (meta["n_pairs"], meta["counts"]["n_weak_dropped"]) == (2, 1)
+    ctx.recipe.stage2.pair_weighting = "margin"
+    meta = runners.run_pairs(ctx, _stage_dir(ctx, "15_pairs_margin"), "14_samples")
+    assert meta["counts"]["mean_margin"] == pytest.approx((3 / 5 + 1 + 1) / 3)
+
+
+def test_generation_stage_counts_every_completion_and_flags_the_truncated(tmp_path, monkeypatch):
+    """A sampler (faked) that gives 2 test questions 3 completions each, one stopped at the token limit: the stage
+    writes 2 rows of 3 samples, and meta.json counts 6 completions, 1 truncated, and their 9 tokens (the report's
+    truncated % divides by the completions)."""
+    import contextlib
+
+    import w2s.runners as runners
+
+    ctx = _runner_ctx(tmp_path)
+    runners.run_data(ctx, _stage_dir(ctx, "00_data"))
+    runners.run_test_set(ctx, _stage_dir(ctx, "00_test"))
+    test = jsonl(ctx.dir("00_test") / "test.jsonl")
+
+    def to_jsonl(model, tok, prompts, path, n, **kwargs):
+        completions = [{"text": " #### 1", "num_tokens": 1, "finish_reason": "stop"},
+                       {"text": " #### 2", "num_tokens": 2, "finish_reason": "stop"}]
+        rows = [{"id": p["id"], "completions": completions + [{"text": " #### 3", "num_tokens": i + 1,
+                                                               "finish_reason": "length" if i else "stop"}]}
+                for i, p in enumerate(prompts)]
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        return path
+
+    class Profiler:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def add_tokens(self, n):
+            pass
+
+        def cost(self):
+            return {"tokens": 0}
+
+    model = type("Model", (), {"cfg": None})()
+    monkeypatch.setattr(runners, "load_for_inference", lambda ctx, model_dir: (model, None, None))
+    monkeypatch.setattr(runners, "generate_to_jsonl", to_jsonl)
+    monkeypatch.setattr(runners, "StageProfiler", Profiler)
+    monkeypatch.setattr(runners, "adapter_applied", lambda model, adapter: contextlib.nullcontext(model))
+    rows, counts = runners.generate_stage(ctx, _stage_dir(ctx, "32_passk"), tmp_path / "strong", test, "zero_shot",
+                                          n=3, temperature=1.0)
+    assert [[s["truncated"] for s in row["samples"]] for row in rows] == [[False] * 3, [False, False, True]]
+    assert [row["samples"][0]["response"] for row in rows] == ["#### 1"] * 2  # stored without the leading space
+    assert (counts["n_prompts"], counts["n_completions"], counts["n_truncated"], counts["tokens"]) == (2, 6, 1, 9)

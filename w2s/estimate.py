@@ -274,8 +274,10 @@ def _generation_cost(stage, recipe, work, cfg, world, device, resident):
     blocks = cfg.n_params(embeddings=False)  # split over tp ranks; the embedding and output matrices are copied whole
     replicated = (cfg.n_params() - blocks) * dtype_bytes
     split = blocks * dtype_bytes
-    if _lora_rank(recipe, model) is not None:  # a merged copy of the adapted matrices, for the stage
-        split += (blocks - cfg.n_layers * cfg.dim * (4 if cfg.sandwich_norms else 2)) * dtype_bytes
+    tc = _trained_config(recipe, model)
+    if tc is not None and tc.lora_rank is not None:  # a merged copy of the adapted matrices, for the stage
+        split += cfg.n_layers * sum(i * o for t, (i, o) in projection_shapes(cfg).items() if t in tc.lora_targets) * \
+            dtype_bytes
     memory = replicated + (split + kv) / tp
     # Host memory: runners.load_for_inference reads the fp32 adapter whole on every rank (lora.read_adapter; the
     # tensor-parallel slices of tensor_parallel.adapter_for_rank are views of it) and keeps it for the stage; a load
@@ -320,24 +322,36 @@ def _training_cost(stage, recipe, work, cfg, world, device):
 
 
 def _grpo_cost(stage, recipe, work, cfg, world, device):
-    """GRPO: each step samples group_size responses to batch_size train_2 questions, then trains on all of them."""
+    """GRPO: each rollout samples group_size responses to batch_size train_2 questions, then takes updates_per_batch
+    optimizer steps on all of them (w2s/train.py: max_steps, or epochs x batches x updates_per_batch, steps)."""
     tc, gc = train_config(recipe, "grpo", progress=False), grpo_config(recipe)
-    steps = tc.max_steps or tc.epochs * max(1, -(-work.n_train_2 // tc.batch_size))
+    steps = tc.max_steps or tc.epochs * max(1, -(-work.n_train_2 // tc.batch_size)) * gc.updates_per_batch
+    rollouts = -(-steps // gc.updates_per_batch)  # a rollout batch is sampled at the first of its steps
     length = min(work.response_tokens, gc.max_new_tokens)
-    sequences = steps * min(tc.batch_size, work.n_train_2) * gc.group_size
-    sampled = sequences * length * profile.flops_per_token(cfg, seq_len=int(work.prompt_tokens + length / 2),
-                                                            training=False)
+    per_batch = min(tc.batch_size, work.n_train_2) * gc.group_size  # sequences of a rollout batch
+    sampled = rollouts * per_batch * length * profile.flops_per_token(
+        cfg, seq_len=int(work.prompt_tokens + length / 2), training=False)
     lora = tc.lora_rank is not None
-    trained = sequences * profile.step_flops(cfg, [(int(work.prompt_tokens + length), int(length))], lora)
+    trained = steps * per_batch * profile.step_flops(cfg, [(int(work.prompt_tokens + length), int(length))], lora)
     peak = _peak(device)
     seconds = peak and sampled / (SAMPLING_MFU * peak * world) + trained / (TRAIN_MFU * peak * world)
-    return Cost(generated=int(sequences * length), trained=int(sequences * (work.prompt_tokens + length)),
+    return Cost(generated=int(rollouts * per_batch * length),
+                trained=int(steps * per_batch * (work.prompt_tokens + length)),
                 disk=_export_bytes(cfg, tc, recipe, tc.export_merged),
                 memory=int(_training_memory(cfg, tc, recipe, work.prompt_tokens + length, world, gc.group_size) +
-                           cfg.n_params() * 2),  # + the gathered bf16 copy the rollouts sample from
+                           _grpo_copies(cfg, tc, gc, recipe)),
                 seconds=seconds or None,
-                **_training_io(stage, recipe, cfg, tc, world, tc.max_steps or steps * gc.updates_per_batch,
-                               tc.export_merged, False))
+                **_training_io(stage, recipe, cfg, tc, world, steps, tc.export_merged, False))
+
+
+def _grpo_copies(cfg, tc, gc, recipe):
+    """Whole models GRPO holds on each device beside the sharded training state (w2s/grpo.py): the gathered copy the
+    rollouts sample from, in the model's dtype, and with kl_beta > 0 under full fine-tuning the frozen reference
+    (a LoRA reference is a copy of the fp32 adapter)."""
+    model = cfg.n_params() * DTYPE_BYTES[recipe.models.dtype]
+    if gc.kl_beta == 0:
+        return model
+    return 2 * model if tc.lora_rank is None else model + 4 * trainable_parameters(cfg, tc)
 
 
 def _export_bytes(cfg, tc, recipe, merged):
