@@ -807,6 +807,62 @@ def test_rows_are_read_before_the_weights_and_a_ctrl_c_is_one_line(text_ckpt, tm
     assert said == "error: --out /proc/w2s-nowhere/o: cannot create it (No such file or directory)"
 
 
+def test_the_checkpoint_dtype_is_most_of_its_floating_weights_and_an_adapters_is_its_bases(tmp_path):
+    """--dtype auto loads and exports in the dtype most floating-point tensors are stored in (integer buffers do not
+    vote); an adapter directory, whose own tensors are fp32, has its base's."""
+    from safetensors.torch import save_file
+
+    from w2s.train_cli import checkpoint_dtype
+
+    base = tmp_path / "base"
+    base.mkdir()
+    save_file({"a": torch.zeros(2, dtype=torch.bfloat16), "b": torch.zeros(2, dtype=torch.bfloat16),
+               "c": torch.zeros(2), "i": torch.zeros(2, dtype=torch.int64), "j": torch.zeros(2, dtype=torch.int64),
+               "k": torch.zeros(2, dtype=torch.int64)}, base / "model.safetensors")
+    assert checkpoint_dtype(base) == torch.bfloat16
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+                                                             "base_model_name_or_path": str(base)}))
+    save_file({"x.lora_A.weight": torch.zeros(2, 2)}, adapter / "adapter_model.safetensors")
+    assert checkpoint_dtype(adapter) == torch.bfloat16
+
+
+def test_overwrite_removes_every_file_of_a_finished_export(tmp_path):
+    """A finished run's export in the layout save_model and save_pretrained write (sharded weights and their index,
+    config.json, an adapter, merged/): --overwrite removes all of it, so nothing of the old model is left beside
+    the new one; a merged/ copy alone is a finished model too."""
+    from w2s.train_cli import finished_model_files
+
+    out, model = tmp_path / "out", tmp_path / "model"
+    (out / "merged").mkdir(parents=True)
+    model.mkdir()
+    names = ["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+             "model.safetensors.index.json", "adapter_config.json", "adapter_model.safetensors"]
+    for name in names:
+        (out / name).write_text("x")
+    (out / "tokenizer.json").write_text("x")  # the tokenizer is rewritten by the export, not removed first
+    assert sorted(p.name for p in finished_model_files(out, model, overwrite=True)) == sorted([*names, "merged"])
+    for name in names:
+        (out / name).unlink()
+    (out / "merged" / "model.safetensors").write_text("x")
+    with pytest.raises(ValueError, match=r"holds a trained model already \(merged/model\.safetensors\)"):
+        finished_model_files(out, model, overwrite=False)
+
+
+def test_an_out_below_a_file_is_refused_before_loading(tmp_path, capsys):
+    from w2s import train_cli
+
+    (tmp_path / "a_file").write_text("")
+    good = _write_jsonl(tmp_path / "good.jsonl", [{"prompt": "p", "response": "r"}])
+    args = train_cli.parser("", "").parse_args(["--model", str(tmp_path), "--data", str(good), "--out",
+                                                str(tmp_path / "a_file" / "out")])
+    with pytest.raises(SystemExit) as exit_:
+        train_cli.run(None, data.encode_sft_rows, args)
+    assert exit_.value.code == 2
+    assert "a directory above it, is a file; expected a directory" in capsys.readouterr().err
+
+
 def test_a_command_stops_on_sigterm_as_on_ctrl_c_and_prints_a_warning_as_one_line():
     # a scheduler's SIGTERM before it kills a job: the scripts' and `w2s run`'s Ctrl-C path says what is kept
     import os
