@@ -786,7 +786,8 @@ def test_rows_are_read_before_the_weights_and_a_ctrl_c_is_one_line(text_ckpt, tm
             (["--ckpt-every", "2"], True, f"the training state after step 4 is kept in {last}; the same command "
                                           f"resumes from it"),
             (["--ckpt-every", "2", "--no-resume"], True, f"the training state after step 4 is kept in {last}; the "
-                                                         f"same command without --no-resume resumes from it")):
+                                                         f"same command without --no-resume resumes from it"),
+            ([], True, f"the training state after step 4 is kept in {last}; the same command resumes from it")):
         if checkpoint:  # what the trainer leaves complete: a step directory with its train_state.json
             last.mkdir(parents=True, exist_ok=True)
             (last / "train_state.json").write_text('{"step": 4}')

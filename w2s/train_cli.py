@@ -186,7 +186,8 @@ def kept_after_stop(cfg, out):
     """What a Ctrl-C or SIGTERM leaves behind (the last complete checkpoint in OUT/ckpt, if any) and how to go on."""
     from w2s.checkpoint import latest_checkpoint
 
-    last = latest_checkpoint(Path(out) / "ckpt") if cfg is not None and cfg.ckpt_every else None
+    # an earlier run's checkpoint counts under --ckpt-every 0 too: the trainer resumes from whatever OUT/ckpt holds
+    last = latest_checkpoint(Path(out) / "ckpt") if cfg is not None else None
     if last is None:
         why = "--ckpt-every 0" if cfg is not None and not cfg.ckpt_every else "no checkpoint written yet"
         return f"nothing to resume from ({why}); the same command starts over"
