@@ -625,20 +625,26 @@ def test_dry_run_warns_when_it_plans_for_fewer_processes_than_the_tensor_paralle
 # ---------------------------------------------------------------------------------------------------- bad input
 
 
+def _write_bare_world(tmp_path, n_test):
+    """train.jsonl (8 records of the world), test.jsonl (n_test) and weak/ and strong/ holding only a config.json."""
+    from w2s.world import make_splits
+
+    splits = make_splits(seed=0, n_train_1=4, n_train_2=4, n_test=n_test)
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in splits["train_1"] + splits["train_2"]))
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in splits["test"]))
+    for name in ("weak", "strong"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+
+
 @pytest.fixture
 def fake_world(tmp_path, monkeypatch):
     """Data files and checkpoint dirs that hold only a config.json: enough for validation, and any attempt to load a
     model fails the test, which proves every error below comes before a model is loaded."""
     import w2s.checkpoint as checkpoint
     import w2s.runners as runners
-    from w2s.world import make_splits
 
-    splits = make_splits(seed=0, n_train_1=4, n_train_2=4, n_test=2)
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in splits["train_1"] + splits["train_2"]))
-    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in splits["test"]))
-    for name in ("weak", "strong"):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "config.json").write_text("{}")
+    _write_bare_world(tmp_path, n_test=2)
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded before the bad input was reported")
@@ -1132,14 +1138,8 @@ def _runner_ctx(tmp_path):
     loads a model), [data] n_test = 2 and n_train_1 = 3 (train_2: half the file, 4)."""
     from w2s.engine import Context
     from w2s.recipe import load_recipe
-    from w2s.world import make_splits
 
-    splits = make_splits(seed=0, n_train_1=4, n_train_2=4, n_test=3)
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in splits["train_1"] + splits["train_2"]))
-    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in splits["test"]))
-    for name in ("weak", "strong"):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "config.json").write_text("{}")
+    _write_bare_world(tmp_path, n_test=3)
     text = RECIPE.format(name="r", n_samples=N_SAMPLES, min_confidence=0.6, pass_k=PASS_K)
     (tmp_path / "r.toml").write_text(text.replace("seed = 0\n", "seed = 0\nn_test = 2\nn_train_1 = 3\n", 1))
     return Context(load_recipe(tmp_path / "r.toml"), tmp_path / "run", progress=False, log=lambda *a: None)
