@@ -27,11 +27,15 @@ FAMILIES = {
 }
 
 # What transformers' config classes (LlamaConfig, ...) give a key config.json leaves out, where families differ.
+# Llama's kv heads default to one per query head (no entry).
 FAMILY_DEFAULTS = {
-    "llama": {"max_position_embeddings": 2048, "bos_token_id": 1, "eos_token_id": 2},
-    "mistral": {"max_position_embeddings": 4096 * 32, "bos_token_id": 1, "eos_token_id": 2},
-    "gemma": {"max_position_embeddings": 8192, "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0},
-    "gemma2": {"max_position_embeddings": 8192, "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0},
+    "llama": {"max_position_embeddings": 2048, "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu"},
+    "mistral": {"max_position_embeddings": 4096 * 32, "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
+                "num_key_value_heads": 8},
+    "gemma": {"max_position_embeddings": 8192, "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0,
+              "hidden_act": "gelu_pytorch_tanh", "num_key_value_heads": 16},
+    "gemma2": {"max_position_embeddings": 8192, "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0,
+               "hidden_act": "gelu_pytorch_tanh", "num_key_value_heads": 4},
 }
 
 
@@ -120,10 +124,9 @@ class ModelConfig:
 
         dim, n_heads = need("hidden_size"), need("num_attention_heads")
         gemma, gemma2 = family in ("gemma", "gemma2"), family == "gemma2"
-        # absent keys take transformers' family defaults: Gemma's configs fix head_dim 256 and their own kv heads,
-        # Mistral's 8 kv heads (Llama's: one per query head)
+        defaults = FAMILY_DEFAULTS[family]  # absent keys take transformers' family defaults (Gemma: head_dim 256)
         n_kv = count("num_key_value_heads",
-                     hf.get("num_key_value_heads") or ({"gemma": 16, "gemma2": 4, "mistral": 8}.get(family) or n_heads))
+                     hf.get("num_key_value_heads") or defaults.get("num_key_value_heads", n_heads))
         head_dim = count("head_dim", hf.get("head_dim") or (256 if gemma else dim // n_heads))
         if n_heads % n_kv:
             raise ValueError(f"{source}: num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}")
@@ -138,7 +141,7 @@ class ModelConfig:
         layer_types = list(hf.get("layer_types") or [])
         if gemma2 and not layer_types:  # older Gemma-2 configs: even layers local, odd layers global
             layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)]
-        activation = hf.get("hidden_activation") or hf.get("hidden_act") or ("gelu_pytorch_tanh" if gemma else "silu")
+        activation = hf.get("hidden_activation") or hf.get("hidden_act") or defaults["hidden_act"]
         if family == "gemma" and activation == "gelu":
             activation = "gelu_pytorch_tanh"  # Gemma (1) says "gelu" but was trained with the tanh form; transformers
             # maps it there for Gemma alone (Gemma-2's "gelu" is the exact one, which w2s has no kernel for)
@@ -152,7 +155,7 @@ class ModelConfig:
             n_kv_heads=n_kv, head_dim=head_dim, hidden_dim=need("intermediate_size"),
             norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(rope_theta),
             rope_scaling=scaling if scaling_type == "llama3" else None,
-            max_seq_len=hf.get("max_position_embeddings", FAMILY_DEFAULTS[family]["max_position_embeddings"]),
+            max_seq_len=hf.get("max_position_embeddings", defaults["max_position_embeddings"]),
             tie_embeddings=hf.get("tie_word_embeddings", gemma), attention_bias=hf.get("attention_bias", False),
             mlp_bias=hf.get("mlp_bias", False), activation=activation, norm_unit_offset=gemma, embed_scale=gemma,
             sandwich_norms=gemma2, query_pre_attn_scalar=hf.get("query_pre_attn_scalar", 256) if gemma2 else None,
@@ -160,7 +163,7 @@ class ModelConfig:
             final_logit_softcap=hf.get("final_logit_softcapping", 30.0) if gemma2 else None,
             sliding_window=hf.get("sliding_window", 4096) if family in ("mistral", "gemma2") else None,
             layer_types=layer_types, hf_config=hf,
-            **{key: hf.get(key, FAMILY_DEFAULTS[family].get(key)) for key in ("bos_token_id", "eos_token_id",
+            **{key: hf.get(key, defaults.get(key)) for key in ("bos_token_id", "eos_token_id",
                                                                               "pad_token_id")},
         )
 
