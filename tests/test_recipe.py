@@ -84,6 +84,10 @@ def test_defaults_and_train_config(tmp_path):
     ("[stage2]\nmin_confidence = 0.9\n", r"\[stage2\]: expected 0 <= min_confidence <= flip_confidence <= 1, got "
                                         r"min_confidence = 0\.9, flip_confidence = 0\.8$"),
     ("[stage2]\nlosses = [\"kto\"]\n", r"\[stage2\] losses: unknown loss 'kto'"),
+    ("[stage2]\nlosses = [\"dpo\", \"orpo\", \"dpo\"]\n",
+     r"\[stage2\] losses: lists \['dpo'\] more than once: \['dpo', 'orpo', 'dpo'\]$"),
+    ("[stage2]\nexport_merged = [\"orpo\", \"orpo\"]\n", r"\[stage2\] export_merged: lists \['orpo'\] more than once"),
+    ("[eval]\nbaselines = [\"ceiling\", \"ceiling\"]\n", r"\[eval\] baselines: lists \['ceiling'\] more than once"),
     ("[stage1]\nrounds = 3\n", r"\[stage1\] rounds: expected 1 or 2, got 3"),
     ("[stage1]\nround2_init = \"warm\"\n", r"\[stage1\] round2_init: expected 'base' or 'continue'"),
     ("[eval]\nbaselines = [\"oracle\"]\n", r"\[eval\] baselines: unknown baseline 'oracle'"),

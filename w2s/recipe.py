@@ -446,6 +446,10 @@ def _validate(r, path, check_files):
     if r.stage2.n_samples < 1 or r.stage2.max_pairs < 1:
         bad("[stage2]", "n_samples and max_pairs must be >= 1")
     _validate_sampling(r, bad)
+    for key, values in (("[stage2] losses", r.stage2.losses), ("[stage2] export_merged", r.stage2.export_merged),
+                        ("[eval] baselines", r.eval.baselines)):  # a repeat would run (or list) the same stage twice
+        if len(set(values)) < len(values):
+            bad(key, f"lists {sorted({v for v in values if values.count(v) > 1})} more than once: {values}")
     for loss in r.stage2.losses:
         if loss not in STAGE2_LOSSES:
             bad("[stage2] losses", f"unknown loss {loss!r}; expected one of {', '.join(STAGE2_LOSSES)}")
