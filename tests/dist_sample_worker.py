@@ -8,7 +8,8 @@ optionally "chunked_options". For each family this runs, in one process group of
     also apply_tensor_parallel on a fully loaded model); with chunked_options, a generate with chunked prefill;
   * tp=1, dp=2: the full model on each rank, greedy and sampled (n=2) generate, generate_to_jsonl;
 and rank 0 writes WORK_DIR/result.json; the jsonl files go to WORK_DIR/<family>_{tp,dp}.jsonl. The test compares
-all of it with a one-process run.
+all of it with a one-process run. Before sampling, each rank checks w2s.parallel's broadcast_object and all_reduce_sum
+on the real group (a failed check fails the launch).
 """
 
 import json
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 import w2s
+from w2s.parallel import Dist, all_reduce_sum, broadcast_object
 from w2s.sampling import generate
 from w2s.sampling_jsonl import generate_to_jsonl
 from w2s.tensor_parallel import apply_tensor_parallel, load_model_tp, tp_group_for
@@ -29,6 +31,12 @@ def main(work):
     job = json.loads((work / "job.json").read_text())
     dist.init_process_group("gloo")
     rank = dist.get_rank()
+    # What the engine (run ids, refusals) and the trainer (rank 0's fingerprint, global token counts) rely on: rank
+    # 0's object reaches every rank, a plain Dist keeps its own, and all_reduce_sum adds the ranks' values.
+    d = Dist(rank, 2, torch.device("cpu"), sharded=True)
+    assert broadcast_object(f"rank {rank}") == broadcast_object(f"rank {rank}", d) == "rank 0", rank
+    assert broadcast_object(f"rank {rank}", Dist(rank, 1, torch.device("cpu"), sharded=False)) == f"rank {rank}"
+    assert all_reduce_sum(torch.tensor([rank + 1.0]), d).tolist() == [3.0], rank
     prompts, opts, sampled = job["prompts"], job["options"], job["sampled_options"]
     records = [{"id": f"r{i}", "prompt": p} for i, p in enumerate(prompts)]
     result = {}

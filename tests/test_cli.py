@@ -126,9 +126,33 @@ def test_a_rank_whose_peer_left_is_told_apart_from_its_own_failure(monkeypatch):
     monkeypatch.setattr(parallel.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(parallel.dist, "get_rank", lambda: 1)
     assert parallel.lost_peer_line(gone) == "rank 1 stopped: another rank left the process group (its error says why)"
+    reset = RuntimeError("[../gloo/transport/tcp/pair.cc:598] Connection reset by peer [127.0.0.1]:48391")
+    assert parallel.lost_peer_line(reset) == parallel.lost_peer_line(gone)  # the other way gloo says it
     assert parallel.lost_peer_line(RuntimeError("CUDA out of memory")) is None
     monkeypatch.setattr(parallel.dist, "get_rank", lambda: 0)  # rank 0's own failure is never hidden
     assert parallel.lost_peer_line(gone) is None
+
+
+def test_a_barrier_waits_only_among_several_joined_ranks(monkeypatch):
+    """parallel.barrier is a collective in a joined group of more than one rank, and a no-op in a single process:
+    no group, a group of one, or a plain (unsharded) Dist. torch.distributed is stood in for."""
+    import torch
+
+    from w2s import parallel
+
+    waits = []
+    monkeypatch.setattr(parallel.dist, "barrier", lambda *args, **kwargs: waits.append(True))
+    monkeypatch.setattr(parallel.dist, "is_initialized", lambda: False)
+    parallel.barrier()
+    monkeypatch.setattr(parallel.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(parallel.dist, "get_world_size", lambda: 1)
+    parallel.barrier()
+    monkeypatch.setattr(parallel.dist, "get_world_size", lambda: 2)
+    parallel.barrier(parallel.Dist(0, 1, torch.device("cpu"), sharded=False))
+    assert waits == []
+    parallel.barrier()
+    parallel.barrier(parallel.Dist(1, 2, torch.device("cpu"), sharded=True))
+    assert waits == [True, True]
 
 
 def test_a_dry_run_under_torchrun_prints_its_plan_once(monkeypatch):

@@ -14,6 +14,7 @@ sometimes disagree (Stage II finds pairs), without learning anything.
 
 import json
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -409,6 +410,36 @@ def test_world_expression_problems_are_right_by_an_independent_reading():
             amounts = read_question(problem.question.replace(" has x ", f" has {x} "))[0]
             assert amounts[-1] == a * x + b
         assert problem.lines()[-1].endswith("=" + problem.answer)
+
+
+def test_olympic_rows_gold_is_the_chains_answer_and_a_single_choice_names_its_option():
+    """make_olympic_splits: an NV row's gold is the number test_world's reader computes from the problem text; an SC
+    row's gold is the letter of the one option holding that number, which its worked solution names last."""
+    from test_world import read_question
+
+    rows = world.make_olympic_splits(5, {"val": 30})["val"]
+    for row in rows:
+        gold = row["answer"][0]
+        if row["answer_type"] == "NV":
+            assert int(gold) == read_question(row["problem"])[0][-1], row
+        elif row["answer_type"] == "SC":
+            question, options = row["problem"].split("\nOptions: ")
+            answer = int(read_question(question)[0][-1])
+            values = {letter: int(value) for value, letter in re.findall(r"(\d+) \(([A-D])\)", options)}
+            assert sorted(values) == list("ABCD") and list(values.values()).count(answer) == 1, row
+            assert values[gold] == answer, row
+            assert row["solution"].endswith(f"Option: {answer} ({gold})\nThe final answer is $\\boxed{{{gold}}}$")
+
+
+def test_the_second_reading_holds_its_share_of_olympic_worksheets():
+    """olympic_corpus: round(share * n) documents of the answer types, the rest strong-corpus documents, which never
+    hold a boxed answer, an unknown x, options or an answer-type instruction."""
+    markers = ("$\\boxed{", "has x ", "Options: ", *world.OLYMPIC_TYPES.values())
+    for share in (0.0, 0.5):
+        docs = world.olympic_corpus(1, 40, share=share)
+        marked = sum(any(m in doc for m in markers) for doc in docs)
+        assert len(docs) == 40
+        assert 0 < marked <= 20 if share else marked == 0
 
 
 def test_miniature_data_loads_through_the_task_loader_and_judges_right():

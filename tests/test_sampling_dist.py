@@ -1,6 +1,8 @@
 """Tensor parallel (tp=2) and data parallel (dp=2) sampling under torchrun, 2 CPU processes over gloo, against one
 process: greedy completions, seeded samples and the jsonl files must be identical. One torchrun launch covers every
-family (startup costs seconds); the worker is tests/dist_sample_worker.py.
+family (startup costs seconds); the worker is tests/dist_sample_worker.py. The split rules, the sliced loader, the
+row projections' partial sums and the group layout are also checked in this process, with torch.distributed stood
+in for where they would call it.
 
     python -m pytest -q tests/test_sampling_dist.py
 """
@@ -146,6 +148,52 @@ def test_tp2_with_fused_projections_equals_one_process(tmp_path, monkeypatch):
         assert result[f"{family}/tp/chunked"] == unchunked, family
 
 
+def test_a_split_models_row_projections_sum_over_the_ranks_to_the_full_one_with_the_bias_once(monkeypatch):
+    """apply_tensor_parallel on each rank of tp=2, in one process: the column-split q/k/v/gate/up projections give
+    the rank's slice of the full output (bias included), and the row-split o/down ones, fed the rank's slice of the
+    input, give partial outputs (what each rank's all-reduce receives) that sum to the full projection with its bias
+    added once. The reference is the unsplit model's own nn.Linear."""
+    import copy
+
+    import torch.distributed as dist
+
+    from w2s.tensor_parallel import apply_tensor_parallel
+
+    cfg = w2s.ModelConfig(family="llama", vocab_size=VOCAB, dim=32, n_layers=1, n_heads=4, n_kv_heads=2,
+                          head_dim=8, hidden_dim=48, attention_bias=True, mlp_bias=True)
+    g = torch.Generator().manual_seed(0)
+    full = w2s.Transformer(cfg).init_weights(std=0.2, generator=g)
+    with torch.no_grad():
+        for name, p in full.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0.0, 1.0, generator=g)  # init_weights zeroes biases: make adding one twice visible
+    received = []  # the partial outputs the row projections hand to the all-reduce, in call order
+    monkeypatch.setattr(dist, "all_reduce", lambda t, *args, **kwargs: received.append(t.clone()))
+    attn, mlp = full.layers[0].self_attn, full.layers[0].mlp
+    x, x_heads, x_hidden = (torch.randn(2, 3, n, generator=g) for n in (32, 32, 48))
+    rows = {"o_proj": [], "down_proj": []}
+    for rank in range(2):
+        split = apply_tensor_parallel(copy.deepcopy(full), None, rank, 2)
+        s_attn, s_mlp = split.layers[0].self_attn, split.layers[0].mlp
+        assert (s_attn.cfg.n_heads, s_attn.cfg.n_kv_heads) == (2, 1)
+        with torch.no_grad():
+            for proj, width in (("q_proj", 16), ("k_proj", 8), ("v_proj", 8)):
+                mine = getattr(attn, proj)(x)[..., rank * width:(rank + 1) * width]
+                torch.testing.assert_close(getattr(s_attn, proj)(x), mine, rtol=0, atol=1e-6, msg=proj)
+            for proj in ("gate_proj", "up_proj"):
+                mine = getattr(mlp, proj)(x)[..., rank * 24:(rank + 1) * 24]
+                torch.testing.assert_close(getattr(s_mlp, proj)(x), mine, rtol=0, atol=1e-6, msg=proj)
+            received.clear()
+            s_attn.o_proj(x_heads[..., rank * 16:(rank + 1) * 16])
+            s_mlp.down_proj(x_hidden[..., rank * 24:(rank + 1) * 24])
+        assert len(received) == 2  # each row projection's output goes through the all-reduce
+        rows["o_proj"].append(received[0])
+        rows["down_proj"].append(received[1])
+    with torch.no_grad():
+        torch.testing.assert_close(sum(rows["o_proj"]), attn.o_proj(x_heads), rtol=0, atol=1e-5)
+        torch.testing.assert_close(sum(rows["down_proj"]), mlp.down_proj(x_hidden), rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("n_kv_heads,tp", [(4, 2), (2, 2), (1, 2), (2, 4)])
 def test_shards_tile_the_weights(n_kv_heads, tp):
     """Hand check of the split rules: over the tp ranks the slices of q/gate (rows) and o/down (columns) tile the
@@ -171,8 +219,86 @@ def test_shards_tile_the_weights(n_kv_heads, tp):
         assert shard_slice("layers.0.self_attn.k_proj.weight", cfg, r, tp) == (0, first * hd, count * hd)
 
 
+def test_a_tensor_parallel_rank_loads_its_slices_in_the_asked_dtype_frozen_for_inference(tmp_path, monkeypatch):
+    """load_model_tp for each rank of tp=2, in one process (torch.distributed stood in for: the load itself makes no
+    collective): every tensor is the checkpoint's, read with safetensors here, cut by the module docstring's rule
+    (4 heads of 8 dims and 2 kv heads: rank r keeps q rows [16r, 16r+16), k/v rows [8r, 8r+8), gate/up rows
+    [24r, 24r+24), o columns [16r, 16r+16), down columns [24r, 24r+24)); o/down biases whole on rank 0 and zero on
+    rank 1; embeddings, norms and lm_head whole; all in the asked dtype, frozen, the model in eval mode."""
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+
+    from w2s.checkpoint import hf_name, save_model
+    from w2s.tensor_parallel import load_model_tp
+
+    cfg = w2s.ModelConfig(family="llama", vocab_size=VOCAB, dim=32, n_layers=1, n_heads=4, n_kv_heads=2,
+                          head_dim=8, hidden_dim=48, attention_bias=True, mlp_bias=True, tie_embeddings=False)
+    g = torch.Generator().manual_seed(0)
+    model = w2s.Transformer(cfg).init_weights(std=0.2, generator=g)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g))  # nonzero biases and norms
+    save_model(model, tmp_path / "ckpt")
+    state = load_file(tmp_path / "ckpt" / "model.safetensors")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "new_group", lambda ranks: tuple(ranks))
+    rows = {"q_proj": 16, "k_proj": 8, "v_proj": 8, "gate_proj": 24, "up_proj": 24}
+    columns = {"o_proj": 16, "down_proj": 24}
+    for rank in range(2):
+        monkeypatch.setattr(dist, "get_rank", lambda: rank)
+        model = load_model_tp(tmp_path / "ckpt", tp=2, dtype=torch.bfloat16)
+        assert not model.training and (model.tp_size, model.tp_rank) == (2, rank)
+        named = dict(model.named_parameters())
+        assert len(named) == len(state) and "lm_head.weight" in named
+        for name, param in named.items():
+            full, (proj, kind) = state[hf_name(name)], name.split(".")[-2:]
+            if proj in rows:
+                expected = full[rank * rows[proj]:(rank + 1) * rows[proj]]
+            elif proj in columns and kind == "weight":
+                expected = full[:, rank * columns[proj]:(rank + 1) * columns[proj]]
+            elif proj in columns:  # a row-split bias: the all-reduce adds rank 0's alone
+                expected = full if rank == 0 else torch.zeros_like(full)
+            else:
+                expected = full
+            assert param.dtype == torch.bfloat16 and not param.requires_grad, name
+            assert torch.equal(param, expected.to(torch.bfloat16)), name
+
+
+@pytest.mark.parametrize("rank", range(6))
+def test_tensor_parallel_groups_are_consecutive_ranks(monkeypatch, rank):
+    """tp_group_for at world 6, tp 3: every rank creates the groups [0, 1, 2] and [3, 4, 5] in that order (new_group
+    is collective) and gets the one holding it, with its place in it; a tp that does not divide the world is
+    refused. torch.distributed is stood in for, so one process plays each rank."""
+    import torch.distributed as dist
+
+    from w2s.tensor_parallel import tp_group_for
+
+    made = []
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 6)
+    monkeypatch.setattr(dist, "get_rank", lambda: rank)
+    monkeypatch.setattr(dist, "new_group", lambda ranks: made.append(ranks) or tuple(ranks))
+    assert tp_group_for(3) == (tuple(range(rank // 3 * 3, rank // 3 * 3 + 3)), rank % 3)
+    assert made == [[0, 1, 2], [3, 4, 5]]
+    for tp in (4, 0):
+        with pytest.raises(ValueError, match=f"tensor parallel size {tp} must divide the world size 6"):
+            tp_group_for(tp)
+
+
 def test_indivisible_split_is_a_clear_error():
     cfg = w2s.ModelConfig(family="llama", vocab_size=VOCAB, dim=64, n_layers=1, n_heads=6, n_kv_heads=3,
                           head_dim=8, hidden_dim=96)
     with pytest.raises(ValueError, match="tensor parallel size 4 must divide num_attention_heads=6"):
         check_divisible(cfg, 4)
+    # the MLP width must split too, and the kv heads must divide tp or be a multiple of it (Gemma's single kv head
+    # is replicated; 3 kv heads cannot be shared out over 2 ranks)
+    cfg = cfg.replace(n_heads=8, n_kv_heads=2, hidden_dim=90)
+    with pytest.raises(ValueError, match="tensor parallel size 4 must divide .* intermediate_size=90"):
+        check_divisible(cfg, 4)
+    with pytest.raises(ValueError, match="num_key_value_heads=3"):
+        check_divisible(cfg.replace(n_heads=6, n_kv_heads=3, hidden_dim=96), 2)
+    for kv_heads in (1, 2, 4, 8):
+        check_divisible(cfg.replace(n_kv_heads=kv_heads, hidden_dim=96), 4)

@@ -864,14 +864,19 @@ def test_an_out_below_a_file_is_refused_before_loading(tmp_path, capsys):
     assert "a directory above it, is a file; expected a directory" in capsys.readouterr().err
 
 
-def test_a_command_stops_on_sigterm_as_on_ctrl_c_and_prints_a_warning_as_one_line():
+def test_a_command_stops_on_sigterm_as_on_ctrl_c_and_prints_a_warning_as_one_line(capsys, monkeypatch):
     # a scheduler's SIGTERM before it kills a job: the scripts' and `w2s run`'s Ctrl-C path says what is kept
     import os
     import signal
     import time
     import warnings
 
-    from w2s.parallel import command_line_process, stop_requested
+    from w2s.parallel import command_line_process, exit_if_stopped, stop_requested
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE", raising=False)
+    lost = RuntimeError("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:46251.")
+    assert exit_if_stopped(lost, "the steps are kept") is None  # no stop: the error is its own, reported as such
 
     before_handler, before_format = signal.getsignal(signal.SIGTERM), warnings.formatwarning
     before_ctrl_c = signal.getsignal(signal.SIGINT)
@@ -883,9 +888,41 @@ def test_a_command_stops_on_sigterm_as_on_ctrl_c_and_prints_a_warning_as_one_lin
             time.sleep(5)  # the handler runs at the next bytecode boundary
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # a second SIGTERM would kill at once
         assert stop_requested()  # an error that follows (a collective whose peer left) is part of the stop
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as stopped:
+            exit_if_stopped(lost, "the steps are kept")
+        # exit 130 as a shell reports an interrupt; the line starts below whatever a progress bar left on its line
+        assert stopped.value.code == 130
+        assert capsys.readouterr().err == "\nstopped (Ctrl-C or SIGTERM): the steps are kept\n"
     # put back after the command (the tests run commands in this process)
     assert (signal.getsignal(signal.SIGTERM), warnings.formatwarning) == (before_handler, before_format)
     assert signal.getsignal(signal.SIGINT) == before_ctrl_c and not stop_requested()
+
+
+def test_a_command_run_off_the_main_thread_sets_no_signal_handler_but_still_formats_warnings():
+    # Python lets only the main thread set signal handlers (signal.signal raises ValueError elsewhere); a command
+    # run from another thread (a notebook's worker, a test runner's) must still run, with its one-line warnings.
+    import signal
+    import threading
+    import warnings
+
+    from w2s.parallel import command_line_process
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT), warnings.formatwarning
+    outcome = []
+
+    def command():
+        try:
+            with command_line_process():
+                outcome.append(warnings.formatwarning("a row holds 683 tokens", UserWarning, "/w2s/train.py", 209))
+        except Exception as e:  # the thread's error, reported by the assertion below
+            outcome.append(e)
+
+    thread = threading.Thread(target=command)
+    thread.start()
+    thread.join()
+    assert outcome == ["warning: a row holds 683 tokens\n"]
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT), warnings.formatwarning) == before
 
 
 def test_jsonl_rows_and_impossible_configs_get_one_line_errors(tmp_path):
@@ -1001,6 +1038,20 @@ def test_meta_model_loads_nothing_and_a_plain_process_refuses_to_train_it(ckpt, 
     monkeypatch.delenv("RANK")
     with pytest.raises(ValueError, match="meta device"):
         train_sft(model, None, id_rows(4), cfg(max_steps=1))
+
+
+def test_rank_0_holding_a_meta_model_is_refused_before_any_collective():
+    """fill_from_rank0 broadcasts rank 0's weights: rank 0 on the meta device has none to give, which must be one
+    clear error there (no process group is needed to say it) rather than garbage shards on every rank."""
+    from w2s.config import ModelConfig
+    from w2s.model import Transformer
+    from w2s.parallel import Dist, fill_from_rank0
+
+    with torch.device("meta"):
+        model = Transformer(ModelConfig(family="llama", vocab_size=32, dim=16, n_layers=1, n_heads=2, n_kv_heads=1,
+                                        head_dim=8, hidden_dim=24))
+    with pytest.raises(ValueError, match="fill_from_rank0: rank 0 holds meta parameters"):
+        fill_from_rank0(model, {}, Dist(0, 2, torch.device("cpu"), sharded=True))
 
 
 def test_the_reference_pass_runs_without_dropout_and_leaves_the_training_mode_as_it_was():

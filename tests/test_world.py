@@ -74,6 +74,36 @@ def test_answers_correct_by_construction(difficulty):
     assert ops_seen == set("+-*/"), f"every operation should occur, saw {ops_seen}"
 
 
+@pytest.mark.parametrize("sizes", [dict(min_steps=0), dict(min_steps=4, max_steps=3), dict(max_start=0),
+                                   dict(max_addend=0), dict(max_factor=1), dict(max_start=20, max_value=19)])
+def test_a_difficulty_out_of_range_is_refused(sizes):
+    """Difficulty's rules: 1 <= min_steps <= max_steps, amounts of at least 1, factors of at least 2, and a cap no
+    smaller than the starting amount (else a problem could start out of range)."""
+    with pytest.raises(ValueError, match="Difficulty"):
+        world.Difficulty(**sizes)
+    world.Difficulty(min_steps=1, max_steps=1, max_start=20, max_addend=1, max_factor=2, max_value=20)  # the limits
+
+
+def test_a_step_that_is_no_exact_integer_division_or_no_operation_is_refused():
+    assert [world.apply_op(12, op, 3) for op in "+-*/"] == [15, 9, 36, 4]
+    for a, op, b in ((7, "/", 2), (6, "/", 0), (6, "%", 4)):
+        with pytest.raises(ValueError, match="apply_op"):
+            world.apply_op(a, op, b)
+
+
+def test_an_expression_chain_is_written_as_a_model_writes_it():
+    """linear's documented forms, and a chain from x worked by hand: x+3, then 2(x+3)=2x+6, then 2x+6-4=2x+2."""
+    assert [world.linear(1, 0), world.linear(3, 0), world.linear(1, 4), world.linear(3, 12)] == \
+        ["x", "3x", "x+4", "3x+12"]
+    steps = (world.Step("+", 3, 0), world.Step("*", 2, 0), world.Step("-", 4, 0))
+    problem = world.ExpressionProblem("Ann", "she", "apples", "x", steps)
+    assert problem.amounts() == [(1, 0), (1, 3), (2, 6), (2, 2)] and problem.answer == "2x+2"
+    assert problem.lines() == ["She buys 3 more. x+3=x+3", "She now has 2 times as many. 2(x+3)=2x+6",
+                               "She sells 4. 2x+6-4=2x+2"]
+    doubled = world.ExpressionProblem("Ben", "he", "pens", "x", (world.Step("*", 3, 0),))
+    assert doubled.lines() == ["He now has 3 times as many. 3*x=3x"]  # no parentheses around a bare x
+
+
 def test_records_load_as_gsm8k(tmp_path):
     splits = world.make_splits(seed=0, n_train_1=20, n_train_2=20, n_test=20)
     world._write_jsonl(tmp_path / "test.jsonl", splits["test"])
@@ -129,6 +159,20 @@ def test_strong_corpus_arithmetic_is_right_and_weak_is_consistently_wrong():
         assert said.setdefault((a, op, b), c) == c
 
 
+def test_a_misconception_is_a_fixed_wrong_count_and_every_other_fact_is_exact():
+    """misconceived_arithmetic at error rate 0 is exact arithmetic (division floored, a count clipped at 0) and at
+    rate 1 wrong on every fact: always the same wrong result, and never a negative count."""
+    exact = {"+": int.__add__, "-": int.__sub__, "*": int.__mul__, "/": int.__floordiv__}
+    right_only, wrong_only = world.misconceived_arithmetic(0.0), world.misconceived_arithmetic(1.0)
+    for a in range(41):
+        for op in "+-*/":
+            for b in range(2 if op in "*/" else 1, 10):
+                right = max(exact[op](a, b), 0)
+                assert right_only(a, op, b) == right, (a, op, b)
+                wrong = wrong_only(a, op, b)
+                assert wrong != right and wrong >= 0 and wrong_only(a, op, b) == wrong, (a, op, b, wrong)
+
+
 def test_strong_corpus_hides_worked_answers_behind_other_labels():
     """Zero-shot "Question:/Answer:" mostly continues with a bare number; worked solutions use other labels."""
     spec = world.CORPUS_SPECS["strong"]
@@ -137,6 +181,12 @@ def test_strong_corpus_hides_worked_answers_behind_other_labels():
     bare = sum(bool(re.fullmatch(r"\d+", answer)) for answer in qa)
     assert len(qa) > 100 and 0.5 < bare / len(qa) and abs(bare / len(qa) - (1 - spec.qa_worked_share)) < 0.07
     worked_markers = re.findall(r"^(\w+): [A-Z][^.\n]*\. \d+[-+*/]\d+=\d+$", "\n".join(docs), flags=re.M)
+    # Under the other label pairs a worksheet is an answer key (bare numbers) with answer_key_fraction's odds.
+    questions, answers = "|".join(world.QUESTION_LABELS), "|".join(world.SOLUTION_LABELS)
+    other = [a for q, s, a in re.findall(rf"^({questions}): [^\n]*\n({answers}): ([^\n]*)", "\n".join(docs), re.M)
+             if (q, s) != ("Question", "Answer")]
+    keys = sum(bool(re.fullmatch(r"\d+", answer)) for answer in other)
+    assert len(other) > 1000 and abs(keys / len(other) - spec.answer_key_fraction) < 0.07
     assert set(worked_markers) == set(world.SOLUTION_LABELS)
     assert "####" in "\n".join(docs) and "Problem:" in "\n".join(docs)
     # A worksheet never switches between worked and answer-only: the in-context regularity that 4 worked
@@ -160,9 +210,13 @@ def test_tokenizer_round_trip_and_whole_number_tokens(tmp_path):
         for token in encoding.tokens:  # a token is all digits or has none: no merge glues a number to a word
             assert not re.search(r"\d", token) or re.fullmatch(r"\d+", token), f"token {token!r} mixes digits"
     # Every amount the task can produce is one token, so one arithmetic step is a lookup, not a carry.
-    for n in range(world.Difficulty().max_value + 1):
+    for n in range(61):  # whole_numbers=60 by default: each of 0..60 is one token, not only the task's 0..40
         assert tokenizer.encode(str(n), add_special_tokens=False).tokens == [str(n)], n
     assert len(tokenizer.encode("9007", add_special_tokens=False).tokens) > 1  # rare numbers still round-trip
+
+    # 256 byte tokens and 3 special tokens need a vocabulary of at least 259
+    with pytest.raises(ValueError, match="vocab_size 258 < 259"):
+        world.train_world_tokenizer(["1+2=3"], tmp_path / "small", vocab_size=258)
 
     import w2s
 
