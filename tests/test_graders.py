@@ -310,3 +310,67 @@ def test_math_verify_is_offered_only_where_it_is_installed(monkeypatch):
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: None)
     assert available_graders("math") == ("paper", "equivalence")
+
+
+@pytest.mark.parametrize("raw, normalized", [
+    ("an 8", "8"),  # "an " deleted before spaces go
+    ("$5.$", "5"),  # ".$" -> "$"
+    ("5\\ 000", "5000"),  # a TeX space "\ " deleted
+    ("5\\mbox{ cm}", "5"),  # \mbox read as \text, whose unit and then empty \text{} go
+    ("x,\\text{ and }y", "x,y"),  # ",\text{and}" -> ","
+    ("x\\text{ and }y", "x,y"),  # "\text{and}" -> ","
+    ("90^\\circ", "90"),
+    ("1{,}000", "1000"),
+    ("5\\text{s}", "5"),
+    ("5\\;", "5"),
+    ("$1$ or $2$", "1"),  # the FIRST $...$ pair
+    ("\\textbf{5}", "5"),
+    ("0.\\overline{3}", "0.3"),
+    ("F", "f"),  # every choice letter A-G is lower-cased
+    ("G", "g"),
+])  # fmt: skip
+def test_minerva_normalize_applies_each_of_the_authors_rules(raw, normalized):
+    # Expected values: the authors' normalize_final_answer (src/eval/math_normalization.py) applied by hand, its
+    # substitution list, removal list and unwrapping regexes in order (docs/PAPER.md, step 6).
+    assert minerva_normalize(raw) == normalized
+
+
+def test_time_bound_cleans_up_and_cannot_be_swallowed():
+    import signal
+
+    from w2s.tasks.time_bound import TimeBoundReached, time_bound
+
+    before = signal.getsignal(signal.SIGALRM)
+    try:
+        with time_bound(60):
+            pass
+        assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)  # no alarm left to fire after the body
+        assert signal.getsignal(signal.SIGALRM) is before  # the caller's handler is back
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, before)
+    with pytest.raises(TimeBoundReached):
+        with time_bound(0.05):
+            try:
+                time.sleep(10)
+            except Exception:  # sympy's broad handlers must not stop the bound
+                pass
+
+
+@pytest.mark.parametrize("name", GRADER_NAMES)
+def test_gold_and_answer_normalize_alike(name):
+    # graders.py's interface: gold() and answer() both return the NORMALIZED final answer, so a gold field and a
+    # response that states the same text give the same string (vote keys and stored answers compare them as such).
+    if not is_available(name):
+        pytest.skip(f"{name} not installed")
+    for task, response, gold in (("gsm8k", "so #### 1,000", "1,000"), ("math", "The answer is: \\$1,000", "\\$1,000")):
+        g = get_grader(task, name)
+        assert g.answer(response) == g.gold(gold) != ""
+
+
+@needs_math_verify
+def test_math_verify_reads_the_marked_answer_without_its_final_period():
+    # A sentence-final "." is no part of the answer (the authors strip it from every saved response): the marked
+    # answer "\frac{1}{2}." reads as the gold "\frac{1}{2}" reads.
+    g = get_grader("math", "math-verify")
+    assert g.answer("so The answer is: \\frac{1}{2}.") == g.gold("\\frac{1}{2}") == "\\frac{1}{2}"

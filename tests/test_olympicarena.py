@@ -513,3 +513,91 @@ def test_fetch_continues_after_the_rows_a_short_page_served(tmp_path, monkeypatc
     fetch_data(tmp_path, tasks=("olympicarena",), log=lambda line: None)
     val = [json.loads(line) for line in (tmp_path / "olympicarena" / "val.jsonl").read_text().splitlines()]
     assert [r["id"] for r in val] == [f"Math_{i}" for i in range(5)]
+
+
+def test_filter_compares_the_whole_answer_type_as_the_authors_do(tmp_path):
+    # src/inference_olympic.py drops a row when answer_type == "CODE" or == "OT", the whole string: a multi-part type
+    # that merely contains OT is kept; each part of a comma-separated type must still be a known one.
+    rows = [_row(1, answer_type="NV,OT", answer=("1", "x")), _row(2, answer_type="NV,EX", answer=("1", "x")),
+            _row(3, answer_type="OT")]
+    records = load_records("olympicarena", _write(tmp_path / "val.jsonl", rows))
+    assert [(r["id"], r["answer_type"]) for r in records] == [("Physics_1", "NV,OT"), ("Physics_2", "NV,EX")]
+
+
+def test_answers_are_required_in_val_only(tmp_path):
+    # Only the val split (the test set) must carry answers; a questions file under any other name may hide them.
+    rows = [_row(1, answer=None)]
+    assert load_records("olympicarena", _write(tmp_path / "train_2.jsonl", rows))[0]["answer"] is None
+    with pytest.raises(ValueError, match=r"val\.jsonl:1: key 'answer' has an empty entry"):
+        load_records("olympicarena", _write(tmp_path / "val.jsonl", [_row(1, answer=("1", " "))]))
+
+
+def test_load_questions_never_reads_the_gold_fields(tmp_path):
+    from w2s.tasks.olympicarena import load_questions
+
+    # A malformed answer would be an error if it were read: dropped first, it is not; the records have no answer key.
+    rows = [{**_row(1), "answer": 5, "solution": "the worked solution"}, _row(2, subject="Math", answer=("2",))]
+    records = load_questions(_write(tmp_path / "test.jsonl", rows))
+    assert [r["id"] for r in records] == ["Physics_1", "Math_2"]
+    assert all("answer" not in r and "solution" not in r for r in records)
+
+
+def test_select_demos_is_the_authors_draw_over_boxed_untruncated_responses():
+    import random
+
+    from w2s.tasks.olympicarena import select_demos
+
+    # docs/PAPER.md: shuffle every weak response with the seed, keep the first k that contain "\boxed{" and did not
+    # stop at the token limit; each demonstration is shown with its own question's prompt.
+    weak = [{"id": f"q{i}", "response": f"so $\\boxed{{{i}}}$" if i % 3 else f"it is {i}", "truncated": i % 4 == 1}
+            for i in range(40)]
+    prompts = {r["id"]: f"P{r['id']}\n\nAnswer:" for r in weak}
+    order = list(weak)
+    random.seed(7)
+    random.shuffle(order)
+    chosen = [r for r in order if "\\boxed{" in r["response"] and not r["truncated"]][:4]
+    expected = [{"prompt": prompts[r["id"]], "response": r["response"]} for r in chosen]
+    assert select_demos(weak, prompts, k=4, seed=7) == expected
+    with pytest.raises(ValueError, match="need 30 weak responses containing"):
+        select_demos(weak, prompts, k=30, seed=7)
+
+
+def test_only_the_dataset_problem_header_is_renamed():
+    # src/inference_olympic.py replaces the exact "\n\nproblem:\n"; the word "problem:" elsewhere stays.
+    prompt = "Solve the problem:\nbelow.\n\nproblem:\nWhat is 2+2?"
+    assert make_prompt(prompt) == "Solve the problem:\nbelow.\n\nQuestion: What is 2+2?\n\nAnswer:"
+
+
+def test_a_lone_d_is_no_differential_in_an_integral():
+    # sympy 1.12's handle_integral takes a symbol as the differential only when its name is longer than one
+    # character and starts with "d"; otherwise it integrates over x.
+    assert _tree(parse_latex("\\int d")) == "Integral(Symbol('d'),Tuple(Symbol('x')))"
+
+
+def test_parse_latex_follows_more_rules_of_sympy_1_12():
+    x, y = sympy.Symbol("x"), sympy.Symbol("y")
+    # handle_integral: a differential alone integrates 1.
+    assert parse_latex("\\int dx") == sympy.Integral(1, x)
+    # do_subs: a bar at a lone expression puts it for that expression's own symbol (x becomes the tree of x+1).
+    assert _tree(parse_latex("x|_{x+1}")) == _tree(parse_latex("x+1"))
+    # LaTeX.g4's WS rule skips \quad like a space (digits then join); its EQUAL token includes "=&".
+    assert parse_latex("1\\quad 2") == 12
+    assert _tree(parse_latex("y =& 2")) == _tree(parse_latex("y = 2")) == _tree(sympy.Eq(y, 2))
+    assert _tree(parse_latex("x \\neq 2")) == _tree(sympy.Ne(x, 2))  # NEQ is a relation
+    # DIFFERENTIAL allows spaces between d and its variable; \{ ... \} is a group like ( ... ).
+    assert _tree(parse_latex("\\int x d x")) == _tree(parse_latex("\\int x dx"))
+    theta = sympy.Symbol("theta")  # get_differential_var drops the command's backslash: d\theta is over theta
+    assert _tree(parse_latex("\\int \\theta d\\theta")) == _tree(sympy.Integral(theta, theta))
+    assert _tree(parse_latex("2\\{x+1\\}")) == _tree(parse_latex("2(x+1)"))
+
+
+@pytest.mark.parametrize("latex", [
+    "\\left| x \\right|",  # L_BAR / R_BAR: tokens of a ket or bra, never an absolute value
+    "\\sum_{i}^{3} i",  # the lower bound of \sum must be an equation i=a
+    "(x^{40})^{30}|_{x=2}",  # 2^1200: an exponent past MAX_EXPONENT, refused before it is computed
+    "2000!",  # past MAX_FACTORIAL
+    "2\u0663",  # DIGIT is [0-9]: an Arabic-Indic three is no digit
+])  # fmt: skip
+def test_parse_latex_refuses_more_of_what_cannot_be_read(latex):
+    with pytest.raises(LatexError):
+        parse_latex(latex)

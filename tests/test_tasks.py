@@ -408,3 +408,39 @@ def test_import_split_copies_rows_verbatim(tmp_path):
     (tmp_path / "b.jsonl").write_text(rows[1] + "\n")
     train, _ = import_split("gsm8k", tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "out")
     assert train.read_text().splitlines() == rows
+
+
+def test_gsm8k_rows_edge_cases(tmp_path):
+    # docs/PAPER.md: every calculator annotation <<...>> is deleted, two on one line included; the gold answer is the
+    # number after the LAST "####", which may be negative, comma-grouped or a decimal; anything else is refused.
+    rows = [{"question": "q", "answer": "a <<1+1=2>>2 and <<2+2=4>>4 more\n#### 4"},
+            {"question": "q", "answer": "so #### 1 was wrong\n#### -1,250.5"}]
+    records = load_records("gsm8k", _write(tmp_path / "g.jsonl", [json.dumps(r) for r in rows]))
+    assert records[0]["solution"] == "a 2 and 4 more\n#### 4"
+    assert records[1]["answer"] == "-1,250.5"
+    with pytest.raises(ValueError, match=r"b\.jsonl:1: key 'answer' should end with '#### N', N a number; got 'five'"):
+        load_records("gsm8k", _write(tmp_path / "b.jsonl", [json.dumps({"question": "q", "answer": "#### five"})]))
+    with pytest.raises(ValueError, match=r"e\.jsonl:1: key 'answer' has an empty final answer after '####'"):
+        load_records("gsm8k", _write(tmp_path / "e.jsonl", [json.dumps({"question": "q", "answer": "2\n#### "})]))
+
+
+@pytest.mark.parametrize("level, expected", [(1, 1), (5, 5), ("Level 2", 2), ("Level ?", None), (0, ValueError),
+                                             (6, ValueError), ("Level 6", ValueError), (True, ValueError)])
+def test_math_levels_are_one_to_five_or_unknown(tmp_path, level, expected):
+    # MATH's levels are 1-5; the original dataset writes a few as "Level ?" (no level); a JSON true is no level.
+    row = {"problem": "p", "solution": "s \\boxed{1}", "level": level, "type": "Algebra", "idx": 7}
+    path = _write(tmp_path / "test.jsonl", [json.dumps(row)])
+    if expected is ValueError:
+        with pytest.raises(ValueError, match=r"test\.jsonl:1: key 'level' should be 1 to 5 or 'Level N'"):
+            load_records("math", path)
+    else:
+        record = load_records("math", path)[0]
+        # The original MATH's "idx" names the record, whatever its line.
+        assert (record["level"], record["id"], record["answer"]) == (expected, "math-test-00007", "1")
+
+
+def test_paper_is_the_default_grader_of_gsm8k_and_math():
+    from w2s.tasks import get_grader
+
+    # docs/PAPER.md "Graders": `paper` is the default for GSM8K and MATH.
+    assert get_grader("gsm8k").name == "paper" and get_grader("math").name == "paper"
