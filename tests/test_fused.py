@@ -214,7 +214,8 @@ def test_fused_model_exports_and_unfuses(ckpts, tmp_path):
 
 def test_fsdp2_training_of_a_fused_model_equals_unfused(ckpts, tmp_path):
     """FSDP2 (one gloo rank) shards the parameters of a model fused earlier: its forward and backward run on the
-    separate layers and give the unfused model's loss and gradients; under no_grad too (the fused view is stale)."""
+    separate layers and give the unfused model's loss and gradients; under no_grad too (the fused view is stale).
+    Fusing the sharded model again leaves it as it is."""
     script = textwrap.dedent(f"""
         import torch, torch.distributed as dist
         import w2s
@@ -225,6 +226,7 @@ def test_fsdp2_training_of_a_fused_model_equals_unfused(ckpts, tmp_path):
         model, ref = (w2s.load_model({str(ckpts['llama2'])!r}, dtype=torch.float32) for _ in range(2))
         fuse_projections(model)
         shard_model(model, model.layers, Dist(0, 1, torch.device("cpu"), True), bf16=False)
+        assert fuse_projections(model) == 0  # DTensor shards are never concatenated into a fused view
         tokens, _ = right_padded_batch([6, 3])
         losses = [m(tokens).logsumexp(-1).sum() for m in (model, ref)]
         for loss in losses:
@@ -318,3 +320,128 @@ def test_a_batch1_decode_step_launches_these_kernels(monkeypatch, temperature, d
     bookkeeping = ["bitwise_not", *draw, "where", "scatter_", "add_", "where", "add_",  # token, counters
                    "eq", "any", "ge", "bitwise_or", "logical_or_"]  # done: EOS or budget
     assert steps[1] == ["embedding"] + layer * cfg.n_layers + logits + bookkeeping
+
+
+def separate(layer, x):
+    """The projection by hand: x W^T (+ b)."""
+    return x @ layer.weight.T + (0 if layer.bias is None else layer.bias)
+
+
+def test_bias_updates_in_place_or_out_of_place_reach_the_projections(ckpts):
+    """An in-place bias update (optimizer step) is one of the fused bias; a bias given new storage (a .data
+    assignment) makes the fused view stale, and the next fuse_projections fuses that module again. Either way the
+    projections are x W^T + b with the bias as it now is; unfusing gives each bias its own storage."""
+    from w2s.fused import QKV
+
+    model = load(ckpts["llama_bias"])
+    fuse_projections(model)
+    attn = model.layers[0].self_attn
+    x = torch.randn(2, 3, model.cfg.dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        attn.q_proj.bias.add_(1.0)
+        assert is_fused(attn)
+        for out, name in zip(project(attn, x, QKV), QKV):
+            torch.testing.assert_close(out, separate(getattr(attn, name), x), **TIGHT)
+        attn.k_proj.bias.data = attn.k_proj.bias.data + 2.0
+        assert not is_fused(attn)
+        assert fuse_projections(model) == 1 and is_fused(attn)  # fused again over the new bias
+        for out, name in zip(project(attn, x, QKV), QKV):
+            torch.testing.assert_close(out, separate(getattr(attn, name), x), **TIGHT)
+    unfuse_projections(model)
+    bias = model.layers[1].self_attn.v_proj.bias
+    assert bias.untyped_storage().nbytes() == bias.numel() * bias.element_size()
+
+
+def test_trainable_biases_of_frozen_weights_get_their_gradients_while_fused(ckpts):
+    """Only the biases train (weights frozen): the fused matmul would hand them no gradient, so the separate layers
+    serve, and each bias gets the upstream gradient summed over the tokens."""
+    from w2s.fused import QKV
+
+    model = load(ckpts["llama_bias"])
+    fuse_projections(model)
+    attn = model.layers[0].self_attn
+    for name in QKV:
+        getattr(attn, name).weight.requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, model.cfg.dim, generator=g)
+    outs = project(attn, x, QKV)
+    upstream = [torch.randn(out.shape, generator=g) for out in outs]
+    sum((out * u).sum() for out, u in zip(outs, upstream)).backward()
+    for name, u in zip(QKV, upstream):
+        torch.testing.assert_close(getattr(attn, name).bias.grad, u.sum((0, 1)), **TIGHT, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["forward", "forward_pre"])
+def test_a_hook_on_one_fused_layer_is_called_and_changes_its_projection(kind, ckpts):
+    """A forward hook or pre-hook on k_proj (tensor parallel's, a probe's) must run: the fused matmul would skip it."""
+    from w2s.fused import QKV
+
+    model = load(ckpts["llama2"])
+    fuse_projections(model)
+    attn = model.layers[0].self_attn
+    if kind == "forward":
+        attn.k_proj.register_forward_hook(lambda module, args, out: 2 * out)
+    else:
+        attn.k_proj.register_forward_pre_hook(lambda module, args: (3 * args[0],))
+    x = torch.randn(2, 3, model.cfg.dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        q, k, v = project(attn, x, QKV)
+    assert not is_fused(attn)
+    expected_k = 2 * separate(attn.k_proj, x) if kind == "forward" else separate(attn.k_proj, 3 * x)
+    torch.testing.assert_close(k, expected_k, **TIGHT)
+    torch.testing.assert_close(q, separate(attn.q_proj, x), **TIGHT)
+
+
+def test_layers_of_mixed_dtypes_or_with_only_some_biases_stay_separate(ckpts):
+    """q/k/v are fused only with one dtype and biases on all or none: one k_proj in fp64 keeps its dtype, a bias on
+    k_proj alone is still added (to k only)."""
+    from w2s.fused import QKV
+
+    model = load(ckpts["llama2"])
+    mixed, partial = model.layers[0].self_attn, model.layers[1].self_attn
+    mixed.k_proj.double()
+    bias = torch.randn(partial.k_proj.out_features, generator=torch.Generator().manual_seed(1))
+    partial.k_proj.bias = torch.nn.Parameter(bias)
+    assert fuse_projections(model) == 2  # the two MLPs only
+    assert not is_fused(mixed) and not is_fused(partial)
+    assert (mixed.q_proj.weight.dtype, mixed.k_proj.weight.dtype) == (torch.float32, torch.float64)
+    x = torch.randn(2, 3, model.cfg.dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for out, name in zip(project(partial, x, QKV), QKV):
+            torch.testing.assert_close(out, separate(getattr(partial, name), x), **TIGHT)
+
+
+def test_fusing_a_model_with_lora_layers_leaves_them_separate(ckpts):
+    """LoRA layers (no nn.Linear) are never fused: the fused matmul over their base weights would drop the adapters
+    (frozen base weights want no gradient, so it would serve even while the adapters train)."""
+    from w2s.lora import inject_lora
+
+    model = load(ckpts["llama2"])
+    inject_lora(model, rank=2, alpha=4, seed=0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    tokens, _ = right_padded_batch([6, 3])
+    expected = logits(model, tokens)
+    assert fuse_projections(model) == 0
+    torch.testing.assert_close(logits(model, tokens), expected, atol=0, rtol=0)
+
+
+def test_down_projection_over_a_residual_of_another_dtype_adds_out_of_place(ckpts):
+    """A fp64 residual stream with the fp32 MLP fused: not the in-place addmm_ (one dtype only) but the add, promoted
+    to fp64, of the SwiGLU MLP computed by hand; the stream is left as it was."""
+    import torch.nn.functional as F
+
+    model = load(ckpts["llama2"])
+    fuse_projections(model)
+    mlp = model.layers[0].mlp
+    g = torch.Generator().manual_seed(0)
+    h, residual = torch.randn(2, 3, model.cfg.dim, generator=g), torch.randn(2, 3, model.cfg.dim, generator=g).double()
+    stream = residual.clone()
+    with torch.no_grad():
+        out = mlp(h, residual=stream)
+        hidden = F.silu(h @ mlp.gate_proj.weight.T) * (h @ mlp.up_proj.weight.T)
+        expected = residual + hidden @ mlp.down_proj.weight.T
+    assert out.dtype == torch.float64 and torch.equal(stream, residual)
+    torch.testing.assert_close(out, expected, **TIGHT)

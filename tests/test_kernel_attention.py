@@ -828,3 +828,18 @@ def test_sampler_chunked_prefill_through_the_triton_decode_kernel(monkeypatch):
     monkeypatch.setattr(ops, "_backend", "triton")
     assert generate(model, None, prompts, prefill_chunk=3, **kw) == expected
     assert any(rows_seen) and not all(rows_seen)  # mixed steps read through kv_rows, plain steps do not
+
+
+def test_ops_gathers_the_cache_rows_for_the_flash_kernel(monkeypatch):
+    """kv_rows on Triton where the decode kernel does not serve (17 query tokens): the flash kernel, which has no
+    kv_rows, gets each batch row's cache row k[kv_rows], v[kv_rows]. Kernel stubbed: only the routing runs."""
+    monkeypatch.setattr(ops, "_backend", "triton")
+    seen = {}
+    monkeypatch.setattr(flash, "attention", lambda q, k, v, **kw: seen.update(k=k, v=v, **kw) or "flash")
+    q = torch.zeros(2, 17, 4, 16, device=DEVICE)
+    k, v = torch.randn(3, 40, 2, 16, device=DEVICE), torch.randn(3, 40, 2, 16, device=DEVICE)
+    kv_rows = torch.tensor([2, 0], device=DEVICE)
+    positions = torch.arange(17, device=DEVICE).expand(2, 17) + 20
+    with torch.no_grad():
+        assert ops.attention(q, k, v, q_positions=positions, kv_rows=kv_rows) == "flash"
+    assert torch.equal(seen["k"], torch.stack([k[2], k[0]])) and torch.equal(seen["v"], torch.stack([v[2], v[0]]))

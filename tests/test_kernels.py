@@ -709,3 +709,118 @@ def test_attention_kernels_are_warp_specialized_when_compiled_for_an_h100(tmp_pa
     assert [int(re.split(r"\s+", row)[4]) for row, _ in rows] == [12] * 6, rows  # shared, regs, spills, warps
     opcodes = [dict(re.findall(r"(\w+)=(\d+)", sass.replace("SASS", ""))) for _, sass in rows]
     assert all(int(ops["HGMMA"]) > 0 and int(ops["HMMA"]) == 0 for ops in opcodes), rows
+
+
+# ------------------------------------------------------------------------------------- the ops switch's errors
+
+
+def test_an_unknown_backend_is_refused_by_name_from_python_and_from_the_environment(monkeypatch):
+    import runpy
+
+    from w2s import ops
+
+    monkeypatch.setattr(ops, "_backend", "auto")
+    with pytest.raises(ValueError, match=r"^kernel backend 'cuda': expected one of auto, triton, reference$"):
+        ops.set_backend("cuda")
+    assert ops.get_backend() == "auto"
+    ops.set_backend("reference")
+    assert ops.get_backend() == "reference"
+    monkeypatch.setenv("W2S_KERNELS", "fast")  # read once, when the module is imported: run its code afresh
+    with pytest.raises(ValueError, match=r"^W2S_KERNELS='fast': expected one of auto, triton, reference$"):
+        runpy.run_path(ops.__file__)
+
+
+def test_triton_on_a_cpu_tensor_needs_the_interpreter(monkeypatch):
+    """No silent fallback: W2S_KERNELS=triton with a CPU tensor and no TRITON_INTERPRET=1 is an error."""
+    from w2s import ops
+
+    monkeypatch.setattr(ops, "_backend", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x = torch.randn(2, 8, device="cpu")
+    with pytest.raises(RuntimeError, match=r"W2S_KERNELS=triton on a CPU tensor needs TRITON_INTERPRET=1"):
+        ops.rms_norm(x, torch.ones(8, device="cpu"), 1e-6)
+
+
+def test_the_reference_backend_never_loads_a_triton_kernel(monkeypatch):
+    """W2S_KERNELS=reference runs the PyTorch reference even where Triton could run (here: the interpreter is on)."""
+    from w2s import ops
+
+    def no_kernel(name):
+        raise AssertionError(f"Triton kernel {name} loaded under the reference backend")
+
+    monkeypatch.setattr(ops, "_backend", "reference")
+    monkeypatch.setattr(ops, "_kernel", no_kernel)
+    x, w = torch.randn(3, 8), torch.randn(8)
+    expected = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+    torch.testing.assert_close(ops.rms_norm(x, w, 1e-6), expected, **FP32_TOL)
+    torch.testing.assert_close(ops.swiglu(x, w.expand(3, 8)), torch.nn.functional.silu(x) * w, **FP32_TOL)
+
+
+def test_a_missing_triton_kernel_is_one_error_that_names_it_and_the_way_out(monkeypatch):
+    import importlib
+
+    from w2s import ops
+
+    def missing(name):
+        raise ImportError("No module named 'triton'")
+
+    monkeypatch.setattr(importlib, "import_module", missing)
+    with pytest.raises(RuntimeError, match=r"^Triton kernel w2s/kernels/rope\.py is unavailable \(No module named "
+                                           r"'triton'\); set W2S_KERNELS=reference to run the PyTorch reference"):
+        ops._kernel("rope")
+
+
+def test_wants_grad_needs_the_grad_mode_and_any_one_tensor_that_requires_grad():
+    from w2s import ops
+
+    a, b = torch.zeros(2, requires_grad=True), torch.zeros(2)
+    assert ops.wants_grad(b, a) and ops.wants_grad(a, b) and not ops.wants_grad(b, b)
+    with torch.no_grad():
+        assert not ops.wants_grad(a, b)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the CPU path of ops.attention's kv_rows")
+def test_ops_attention_with_kv_rows_and_no_positions_on_cpu(monkeypatch):
+    """kv_rows without q_positions (T == S == 1: each query sees its cache row's one key): the output is that key's
+    value, per query head that of its kv head."""
+    from w2s import ops
+
+    monkeypatch.setattr(ops, "_backend", "auto")
+    H, K, D = 4, 2, 8
+    q, k, v = torch.randn(3, 1, H, D), torch.randn(2, 1, K, D), torch.randn(2, 1, K, D)
+    kv_rows = torch.tensor([1, 0, 1])
+    with torch.no_grad():
+        out = ops.attention(q, k, v, kv_rows=kv_rows)
+    expected = v[kv_rows].repeat_interleave(H // K, dim=2)  # (3, 1, H, D): query head h reads kv head h // (H / K)
+    torch.testing.assert_close(out, expected, **FP32_TOL)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the CPU path of ops.attention's kv_rows")
+def test_ops_attention_with_kv_rows_respects_kv_lengths_on_cpu(monkeypatch):
+    """One-token queries over cache rows with kv_lengths shorter than their positions allow: each query attends the
+    keys s <= its position and s < its row's length only (softmax written out by hand)."""
+    from w2s import ops
+
+    monkeypatch.setattr(ops, "_backend", "auto")
+    H, K, S, D = 4, 2, 10, 8
+    q, k, v = torch.randn(3, 1, H, D), torch.randn(2, S, K, D), torch.randn(2, S, K, D)
+    kv_rows, positions, kv_lengths = torch.tensor([0, 1, 1]), torch.tensor([[9], [9], [4]]), torch.tensor([3, 6, 8])
+    with torch.no_grad():
+        out = ops.attention(q, k, v, q_positions=positions, kv_lengths=kv_lengths, kv_rows=kv_rows)
+    keys = k[kv_rows].repeat_interleave(H // K, dim=2)  # (3, S, H, D)
+    values = v[kv_rows].repeat_interleave(H // K, dim=2)
+    scores = torch.einsum("bhd,bshd->bhs", q[:, 0], keys) / math.sqrt(D)
+    s = torch.arange(S)
+    visible = (s[None, :] <= positions) & (s[None, :] < kv_lengths[:, None])  # (3, S)
+    weights = scores.masked_fill(~visible[:, None, :], float("-inf")).softmax(-1)
+    torch.testing.assert_close(out[:, 0], torch.einsum("bhs,bshd->bhd", weights, values), **FP32_TOL)
+
+
+def test_ops_sampling_defaults_to_temperature_one():
+    """Without a temperature the draw is from softmax(logits) itself: probabilities 0.1, 0.2, 0.3, 0.4 give the
+    CDF 0.1, 0.3, 0.6, 1.0, so these uniforms pick tokens 0, 1, 2, 3, 3 (temperature 0.5 would pick 2 for 0.25)."""
+    from w2s import ops
+
+    logits = torch.tensor([0.1, 0.2, 0.3, 0.4]).log().expand(5, 4).contiguous()
+    uniforms = torch.tensor([0.05, 0.25, 0.35, 0.95, 0.65])
+    assert ops.sample_inverse_cdf(logits, uniforms).tolist() == [0, 1, 2, 3, 3]

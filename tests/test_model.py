@@ -46,6 +46,19 @@ def test_load_hf_checkpoint_matches_transformers(family, sharded, tmp_path):
     assert_valid_close(w2s_logits(model, tokens), hf_logits(hf, tokens, mask), mask)
 
 
+def test_llama_with_attention_and_mlp_biases_matches_transformers(tmp_path):
+    """attention_bias / mlp_bias (Qwen-style): every projection, o_proj and down_proj included, carries its bias."""
+    import transformers
+    from hf_tiny import save_llama_with_biases
+
+    save_llama_with_biases(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32,
+                                                           attn_implementation="eager").eval()
+    model = w2s.load_model(tmp_path, dtype=torch.float32)
+    tokens, mask = right_padded_batch(LENGTHS)
+    assert_valid_close(w2s_logits(model, tokens), hf_logits(hf, tokens, mask), mask)
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_saved_model_loads_in_transformers(family, tmp_path):
     import transformers
@@ -642,3 +655,118 @@ def test_a_structure_only_load_of_a_tied_checkpoint_needs_no_weights(tmp_path):
     (tmp_path / "model.safetensors").unlink()
     model = w2s.load_model(tmp_path, dtype=torch.float32, device="meta")
     assert model.cfg.tie_embeddings and model.lm_head is None
+
+
+# ---------------------------------------------------------------- fresh weights, embedding scale, KV cache
+
+
+def tiny_hf(cls_name, seed=0, **extra):
+    """A transformers CausalLM (freshly initialized by transformers) of hf_tiny's shape with `extra` config keys, and
+    the w2s ModelConfig read from its config."""
+    import transformers
+    from hf_tiny import COMMON
+
+    hf_cfg = getattr(transformers, cls_name)(**{**COMMON, **extra})
+    hf_cfg.architectures = [cls_name.replace("Config", "ForCausalLM")]
+    torch.manual_seed(seed)
+    hf = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32).eval()
+    return hf, ModelConfig.from_hf(hf_cfg.to_dict())
+
+
+@pytest.mark.parametrize("cls_name, extra", [("LlamaConfig", dict(attention_bias=True, mlp_bias=True)),
+                                             ("GemmaConfig", dict(head_dim=32))])
+def test_init_weights_draws_what_transformers_initializes(cls_name, extra):
+    """init_weights with its default std is transformers' own init of the same architecture: linear and embedding
+    weights normal(0, initializer_range = 0.02), biases zero, norm weights the identity (ones; zeros for Gemma's
+    (1 + w)). Spreads compared to those of the transformers model's own draw."""
+    from w2s.model import Transformer
+
+    hf, cfg = tiny_hf(cls_name, **extra)
+    model = Transformer(cfg).init_weights(generator=torch.Generator().manual_seed(0))
+    hf_params = dict(hf.named_parameters())
+    for name, p in model.named_parameters():
+        ref = hf_params["lm_head.weight" if name == "lm_head.weight" else "model." + name]
+        assert p.shape == ref.shape, name
+        if ref.std() == 0:  # a constant init: norms and biases
+            assert torch.equal(p, ref), name
+        else:
+            assert abs(p.mean()) < 0.1 * ref.std(), name
+            assert p.std().item() == pytest.approx(ref.std().item(), rel=0.1), name
+    assert hf.config.initializer_range == 0.02
+
+
+def test_init_weights_of_a_model_built_on_meta_recomputes_the_rotary_frequencies():
+    """The meta-device build (to_empty leaves buffers uninitialized) gets transformers' rotary frequencies back."""
+    from w2s.model import Transformer
+
+    hf, cfg = tiny_hf("LlamaConfig", rope_theta=500000.0)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to_empty(device="cpu").init_weights(generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(model.inv_freq, hf.model.rotary_emb.inv_freq, atol=0, rtol=1e-6)
+
+
+def test_gemma_embedding_scale_is_rounded_to_the_activation_dtype_as_in_transformers(tmp_path):
+    """bf16 Gemma multiplies the embeddings by sqrt(hidden) rounded to bf16 (sqrt(48) = 6.928... -> 6.9375), as
+    transformers' scaled embedding does: the first block sees exactly transformers' input embeddings."""
+    hf, _ = tiny_hf("GemmaConfig", hidden_size=48, head_dim=16)
+    hf.save_pretrained(tmp_path)
+    model = w2s.load_model(tmp_path, dtype=torch.bfloat16)
+    seen = []
+    model.layers[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    tokens, _ = right_padded_batch([9, 4])
+    with torch.no_grad():
+        model(tokens)
+        expected = hf.to(torch.bfloat16).model.embed_tokens(tokens)
+    assert torch.bfloat16 == seen[0].dtype == expected.dtype and torch.equal(seen[0], expected)
+
+
+def test_decoding_through_a_kv_cache_gives_transformers_logits(tmp_path):
+    """KVCache used directly (no sampler): a prompt written into two of three cache rows, then one token per step up
+    to the cache's last position; every step's logits are transformers' over the whole sequence so far."""
+    from w2s.model import KVCache
+
+    hf = save_hf("llama2", tmp_path)
+    model = w2s.load_model(tmp_path, dtype=torch.float32)
+    tokens, mask = right_padded_batch([8, 8])
+    cache = KVCache(model.cfg, slots=3, max_len=8)
+    with torch.no_grad():
+        ours = [model(tokens[:, :5], cache=cache)]
+        for t in range(5, 8):
+            ours.append(model(tokens[:, t : t + 1], positions=torch.full((2, 1), t), cache=cache))
+    assert_valid_close(torch.cat(ours, dim=1), hf_logits(hf, tokens, mask), mask)
+
+
+def test_kv_cache_hands_out_the_keys_written_to_a_row_and_its_shared_prefix():
+    """Keys and values written to cache row 2 only (rotation by angle 0: zero frequencies) come back from `read`
+    through `rows`, and `shared_prefix` of (row 2, P) is their first P positions, not another row's."""
+    from w2s.model import KVCache
+
+    cfg = ModelConfig(family="llama", vocab_size=16, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=4,
+                      hidden_dim=8)
+    cache = KVCache(cfg, slots=3, max_len=6)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(1, 4, 4, 4, generator=g), torch.randn(1, 4, 2, 4, generator=g), torch.randn(1, 4, 2, 4)
+    cache.rows = torch.tensor([2])
+    assert torch.equal(cache.write(1, q, k, v, torch.arange(4)[None], torch.zeros(2)), q)
+    keys, values, rows = cache.read(1, 1)
+    assert keys.shape == values.shape == (3, 6, 2, 4) and torch.equal(rows, cache.rows)
+    assert torch.equal(keys[2, :4], k[0]) and torch.equal(values[2, :4], v[0])
+    assert not keys[:2].any() and not cache.k[0].any()  # other rows, other layer: untouched
+    cache.rows, cache.shared = None, (2, 3)
+    prefix_k, prefix_v = cache.shared_prefix(1)
+    assert torch.equal(prefix_k, k[0, :3]) and torch.equal(prefix_v, v[0, :3])
+
+
+def test_reset_buffers_puts_the_rotary_frequencies_on_the_weights_device_by_default():
+    """Without a device argument the buffers follow the weights (a model on CUDA keeps its frequencies on CUDA; here
+    the meta device stands in for it)."""
+    from w2s.model import Transformer
+
+    cfg = ModelConfig(family="llama", vocab_size=16, dim=16, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=4,
+                      hidden_dim=8)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.inv_freq = torch.zeros(2)  # somewhere else
+    model.reset_buffers()
+    assert model.inv_freq.device.type == "meta" and model.inv_freq.shape == (2,)
