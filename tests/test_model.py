@@ -59,6 +59,40 @@ def test_llama_with_attention_and_mlp_biases_matches_transformers(tmp_path):
     assert_valid_close(w2s_logits(model, tokens), hf_logits(hf, tokens, mask), mask)
 
 
+def test_stored_weights_the_config_does_not_imply_are_refused_as_transformers_reports_them(tmp_path):
+    """A checkpoint with biases under a config that lost attention_bias / mlp_bias: transformers loads it without the
+    biases (its loading info lists them as unexpected) and so would every logit be wrong. Loading refuses it, and the
+    header-only check names the same count. The rotary buffers older checkpoints store are no weights: they load."""
+    import transformers
+    from hf_tiny import save_llama_with_biases
+    from safetensors.torch import load_file, save_file
+
+    from w2s.checkpoint import checkpoint_problems
+
+    save_llama_with_biases(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "attention_bias": False, "mlp_bias": False}))
+    _, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    dropped = sorted(info["unexpected_keys"])
+    assert len(dropped) == 14  # q, k, v, o and gate, up, down biases of the two blocks
+    line = (f"{tmp_path}: checkpoint holds 14 tensor(s) config.json does not imply, e.g. {dropped[0]!r} (a key "
+            f"missing from config.json, such as attention_bias or mlp_bias, or another architecture?)")
+    assert checkpoint_problems(tmp_path, tokenizer=False) == [line]
+    with pytest.raises(ValueError) as refused:
+        w2s.load_model(tmp_path, dtype=torch.float32)
+    assert str(refused.value) == line
+
+    state = {n: t for n, t in load_file(tmp_path / "model.safetensors").items() if n not in dropped}
+    state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    assert checkpoint_problems(tmp_path, tokenizer=False) == []
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32,
+                                                           attn_implementation="eager").eval()
+    tokens, mask = right_padded_batch(LENGTHS)
+    assert_valid_close(w2s_logits(w2s.load_model(tmp_path, dtype=torch.float32), tokens),
+                       hf_logits(hf, tokens, mask), mask)
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_saved_model_loads_in_transformers(family, tmp_path):
     import transformers

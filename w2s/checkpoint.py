@@ -15,8 +15,8 @@ as live LoRA layers instead, so training can continue it.
 
 `checkpoint_problems` / `validate_checkpoint` find, from config.json, the tokenizer and the safetensors headers alone,
 every problem loading would hit (unsupported architecture, no or too large a tokenizer, a shard the index lists
-but that is missing, a tensor whose bytes run past the end of its file, a missing tensor or a wrong shape): a
-pipeline checks its checkpoints before its first stage, not an hour into it.
+but that is missing, a tensor whose bytes run past the end of its file, a missing tensor or a wrong shape, a stored
+weight the config does not imply): a pipeline checks its checkpoints before its first stage, not an hour into it.
 
 Training-state checkpoints (resume) live here too: save_training_state / load_training_state / latest_checkpoint.
 
@@ -187,6 +187,19 @@ def load_model(path, dtype=torch.bfloat16, device="cpu"):
     return model
 
 
+def unimplied_tensors_problem(path, stored_names, expected_names, cfg):
+    """One line naming the stored tensors config.json does not call for (None when there are none): loading would
+    drop them without a word, as a bias under a config without attention_bias, or another architecture's weights.
+    Not weights to lose: the rotary frequencies older transformers saved as buffers, and a tied checkpoint's copy of
+    its embeddings as lm_head.weight (checkpoint_config unties the model when the copy differs)."""
+    extra = sorted(n for n in stored_names if n not in expected_names and not n.endswith("rotary_emb.inv_freq")
+                   and not (n == "lm_head.weight" and cfg.tie_embeddings))
+    if extra:
+        return (f"{path}: checkpoint holds {len(extra)} tensor(s) config.json does not imply, e.g. {extra[0]!r} "
+                f"(a key missing from config.json, such as attention_bias or mlp_bias, or another architecture?)")
+    return None
+
+
 def _load_plain(path, dtype, device):
     cfg = checkpoint_config(path)
     with torch.device("meta"):
@@ -196,6 +209,8 @@ def _load_plain(path, dtype, device):
     check_tokenizer_fits(path, cfg)  # before the weights: a mismatch is known from the small files alone
     check_shard_sizes(path)  # so is a truncated shard, from the headers, instead of after reading the tensors before it
     expected = {hf_name(n): p for n, p in model.state_dict().items()}
+    if problem := unimplied_tensors_problem(path, checkpoint_files(path), expected, cfg):
+        raise ValueError(problem)
     state = load_state_dict(path, expected, dtype=dtype, device=device)
     model.load_state_dict({n: state[hf_name(n)] for n in model.state_dict()}, assign=True)
     model.reset_buffers(torch.device(device))
@@ -302,6 +317,8 @@ def checkpoint_problems(path, tokenizer=True):
         elif name in header and list(header[name]["shape"]) != shape:
             problems.append(f"{files[name]}: tensor {name!r} has shape {header[name]['shape']}, expected {shape} "
                             f"from config.json")
+    if problem := unimplied_tensors_problem(path, files, expected, cfg):
+        problems.append(problem)
     return problems
 
 
