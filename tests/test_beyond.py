@@ -128,6 +128,58 @@ def test_preference_step_logs_what_trl_logs():
                                                           rel=1e-12)
 
 
+
+def test_dpo_step_metrics_summed_over_micro_batches_are_trls_means_over_the_step():
+    """TRL's DPO metrics with rewards beta * (policy - reference): rewards/chosen, /rejected, /margins, /accuracies
+    and logps/* are means over the step's pairs; two micro-batches of 2 pairs each, normalised by the step's 4 pairs,
+    sum to them."""
+    from w2s.loss_steps import PreferenceStep
+
+    beta, ref_c, ref_r = 0.1, [-2.5, -1.0, -7.0, -1.5], [-3.0, -1.5, -4.0, -2.0]
+    module, batch = _preference_batch()
+    logps = module(None, None, True).view(8, -1)
+    batch["ref"] = torch.tensor(ref_c + ref_r, dtype=torch.float64)
+    norm = torch.tensor([float(sum(N_CHOSEN + N_REJECTED)), 4.0, float(sum(N_CHOSEN))])
+    summed = {}
+    for pairs in ([0, 1], [2, 3]):
+        rows = pairs + [4 + i for i in pairs]
+        part = {"tokens": batch["tokens"][rows], "targets": batch["targets"][rows], "n_pairs": 2,
+                "ref": batch["ref"][rows]}
+        _, metrics = PreferenceStep("dpo", beta)(lambda t, y, per_token, rows=rows: logps[rows].flatten(), part, norm)
+        for k, v in metrics.items():
+            summed[k] = summed.get(k, 0.0) + v.item()
+    chosen_rewards = [beta * (c - r) for c, r in zip(CHOSEN, ref_c)]
+    rejected_rewards = [beta * (c - r) for c, r in zip(REJECTED, ref_r)]
+    expected = {"rewards/chosen": sum(chosen_rewards) / 4, "rewards/rejected": sum(rejected_rewards) / 4,
+                "rewards/margins": sum(a - b for a, b in zip(chosen_rewards, rejected_rewards)) / 4,
+                "rewards/accuracies": sum(a > b for a, b in zip(chosen_rewards, rejected_rewards)) / 4,
+                "logps/chosen": sum(CHOSEN) / 4, "logps/rejected": sum(REJECTED) / 4}
+    assert expected["rewards/accuracies"] == 0.75  # the pairs disagree: a wrong normaliser shows
+    for k, v in expected.items():
+        assert summed[k] == pytest.approx(v, rel=1e-12), k
+
+
+@pytest.mark.parametrize("kind, nll_weight", [("dpo", 0.0), ("dpo", 1.0), ("ipo", 0.5), ("orpo", 0.0)])
+def test_an_empty_preference_slot_adds_zero_with_a_gradient_and_logs_every_metric_of_a_full_one(kind, nll_weight):
+    """A rank whose slot of a short last batch is empty still runs backward (FSDP's gathers are collective) and logs
+    the same metrics as the ranks with pairs, all zero, since the loop sums every metric over the ranks."""
+    from w2s.data import IGNORE_INDEX
+    from w2s.loss_steps import PreferenceStep
+
+    scale = torch.nn.Parameter(torch.tensor(2.0, dtype=torch.float64))
+    module, batch = _preference_batch()
+    full_logps = module(None, None, True)
+    norm = torch.tensor([float(sum(N_CHOSEN + N_REJECTED)), 4.0, float(sum(N_CHOSEN))])
+    step = PreferenceStep(kind, 0.1, nll_weight=nll_weight)
+    _, full = step(lambda t, y, per_token: scale * full_logps, batch, norm)
+    dummy = torch.full((1, 3), IGNORE_INDEX)  # data.collate_pairs of no pairs: one all-ignored row
+    empty = {"tokens": torch.zeros_like(dummy), "targets": dummy, "n_pairs": 0, "ref": torch.zeros(0)}
+    loss, metrics = step(lambda t, y, per_token: scale * torch.zeros(3, dtype=torch.float64), empty, norm)
+    assert metrics.keys() == full.keys() and all(v.item() == 0.0 for v in metrics.values())
+    loss.backward()
+    assert loss.item() == 0.0 and scale.grad.item() == 0.0
+
+
 def test_orpo_token_mean_is_the_other_convention():
     """The two conventions differ exactly when chosen lengths differ: sequence mean weighs every pair alike."""
     args = (_t(CHOSEN), _t(REJECTED), torch.tensor(N_CHOSEN), torch.tensor(N_REJECTED), 0.0)

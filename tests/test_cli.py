@@ -24,6 +24,17 @@ def test_parameter_count_matches_transformers(family, tmp_path):
     assert ModelConfig.from_pretrained(tmp_path).n_params() == sum(p.numel() for p in hf.parameters())
 
 
+
+def test_parameter_count_with_attention_and_mlp_biases_matches_transformers(tmp_path):
+    """Qwen-style q/k/v/o and MLP biases add their vectors to the count (inspect, MFU and the memory estimate)."""
+    from hf_tiny import save_llama_with_biases
+    from transformers import AutoModelForCausalLM
+
+    save_llama_with_biases(tmp_path)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert ModelConfig.from_pretrained(tmp_path).n_params() == sum(p.numel() for p in hf.parameters())
+
+
 def test_inspect_prints_shapes_and_memory(tmp_path):
     hf = save_hf("gemma2", tmp_path)
     out = CliRunner().invoke(main, ["inspect", str(tmp_path)])

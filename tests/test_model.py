@@ -172,7 +172,7 @@ def test_absent_optional_config_keys_take_transformers_defaults(cls_name, family
     hf = json.loads((tmp_path / "config.json").read_text())
     for key in ("rms_norm_eps", "sliding_window", "query_pre_attn_scalar", "attn_logit_softcapping",
                 "final_logit_softcapping", "hidden_act", "hidden_activation", "max_position_embeddings",
-                "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id"):
+                "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "rope_parameters", "rope_theta"):
         hf.pop(key, None)
     if family in ("llama2", "mistral"):  # Gemma's kv heads: the test below
         hf.pop("num_key_value_heads")
@@ -180,6 +180,7 @@ def test_absent_optional_config_keys_take_transformers_defaults(cls_name, family
     cfg = ModelConfig.from_hf(hf)
     ref = getattr(transformers, cls_name)(**{k: v for k, v in hf.items() if k not in ("architectures", "model_type")})
     assert cfg.norm_eps == ref.rms_norm_eps
+    assert cfg.rope_theta == ref.rope_parameters["rope_theta"] and cfg.rope_scaling is None
     assert cfg.sliding_window == getattr(ref, "sliding_window", None)
     assert cfg.activation == (ref.hidden_activation if family == "gemma2" else ref.hidden_act)
     assert (cfg.max_seq_len, cfg.tie_embeddings, cfg.n_kv_heads) == \
@@ -215,6 +216,110 @@ def test_gelu_is_the_tanh_form_for_gemma_only(tmp_path):
     hf2 = json.loads((save_hf("gemma2", tmp_path / "g2") and tmp_path / "g2" / "config.json").read_text())
     with pytest.raises(ValueError, match=r"activation 'gelu' is not supported"):
         ModelConfig.from_hf({**hf2, "hidden_activation": "gelu"})
+
+
+
+# Llama-3.1's published config.json: the pre-transformers-5 keys rope_theta / rope_scaling, not rope_parameters
+LLAMA31_CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "vocab_size": 128, "hidden_size": 256, "intermediate_size": 96,
+    "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 131072,
+    "rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+}
+
+
+def _transformers_config(hf):
+    import transformers
+
+    return getattr(transformers, hf["architectures"][0].replace("ForCausalLM", "Config"))(
+        **{k: v for k, v in hf.items() if k not in ("architectures", "model_type")})
+
+
+@pytest.mark.parametrize("type_key", ["rope_type", "type"])
+def test_llama31_rope_keys_of_published_checkpoints_give_transformers_frequencies(type_key):
+    """A Llama-3.1 config.json as Meta publishes it (rope_theta and rope_scaling at the top level; older exports name
+    the scaling "type") gives transformers' llama3 inverse frequencies: head_dim 128 and an original context of 8,192
+    put frequencies in all three bands (kept, interpolated, divided by the factor)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from w2s.config import rope_inv_freq
+
+    scaling = dict(LLAMA31_CONFIG["rope_scaling"])
+    scaling[type_key] = scaling.pop("rope_type")
+    hf = {**LLAMA31_CONFIG, "rope_scaling": scaling}
+    cfg = ModelConfig.from_hf(hf)
+    ref = _transformers_config(hf)
+    expected, _ = ROPE_INIT_FUNCTIONS["llama3"](ref, "cpu")
+    assert cfg.rope_theta == ref.rope_parameters["rope_theta"] == 500000.0
+    unscaled = 1.0 / 500000.0 ** (torch.arange(0, 128, 2, dtype=torch.float32) / 128)
+    ratio = unscaled / expected
+    assert ratio.min() == pytest.approx(1.0) and ratio.max() == pytest.approx(8.0)  # all three bands are present
+    assert ((ratio > 1.01) & (ratio < 7.99)).any()
+    torch.testing.assert_close(rope_inv_freq(cfg), expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("scaling", [{"rope_type": "linear", "factor": 2.0}, {"type": "dynamic", "factor": 2.0},
+                                     {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096}])
+def test_rope_scalings_without_a_w2s_implementation_are_refused(scaling):
+    """Linear, dynamic-NTK and YaRN scaling change the frequencies (or the attention scale) in ways w2s does not
+    compute: a model read as unscaled would give wrong logits past the original context, so it is refused."""
+    with pytest.raises(ValueError, match=rf"rope scaling type '{scaling.get('rope_type', scaling.get('type'))}' "
+                                         r"is not supported"):
+        ModelConfig.from_hf({**LLAMA31_CONFIG, "rope_scaling": scaling})
+
+
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "MistralForCausalLM"])
+def test_an_absent_head_dim_is_hidden_over_query_heads_as_in_transformers(arch):
+    """Without head_dim, Llama and Mistral split the hidden size over the query heads (not the kv heads)."""
+    hf = {**LLAMA31_CONFIG, "architectures": [arch], "hidden_size": 96, "num_attention_heads": 6,
+          "num_key_value_heads": 2}
+    hf.pop("rope_scaling")
+    assert ModelConfig.from_hf(hf).head_dim == _transformers_config(hf).head_dim == 16
+
+
+def test_a_gemma2_config_without_layer_types_alternates_as_transformers_does(tmp_path):
+    """Gemma-2 configs written before transformers listed layer_types: transformers makes the even layers sliding and
+    the odd ones global, and w2s's per-layer windows must follow."""
+    save_hf("gemma2", tmp_path)
+    hf = json.loads((tmp_path / "config.json").read_text())
+    hf.pop("layer_types")
+    hf["num_hidden_layers"] = 5
+    cfg, ref = ModelConfig.from_hf(hf), _transformers_config(hf)
+    assert [cfg.layer_window(i) for i in range(5)] == \
+        [ref.sliding_window if t == "sliding_attention" else None for t in ref.layer_types] == [5, None, 5, None, 5]
+
+
+def test_gemma2_soft_caps_set_to_null_are_off_and_hidden_activation_wins(tmp_path):
+    """An explicit null soft-cap (exports for attention kernels without capping) turns capping off, as in
+    transformers, rather than taking the default; hidden_activation is the one Gemma-2's MLP uses over hidden_act."""
+    save_hf("gemma2", tmp_path)
+    hf = json.loads((tmp_path / "config.json").read_text())
+    hf.update(attn_logit_softcapping=None, final_logit_softcapping=None, hidden_act="silu")
+    cfg, ref = ModelConfig.from_hf(hf), _transformers_config(hf)
+    assert (cfg.attn_logit_softcap, cfg.final_logit_softcap) == \
+        (ref.attn_logit_softcapping, ref.final_logit_softcapping) == (None, None)
+    assert cfg.activation == ref.hidden_activation == "gelu_pytorch_tanh"
+
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_config_json_rebuilt_without_the_original_reads_in_transformers_as_the_original(family, tmp_path):
+    """A ModelConfig that carries no original config.json (built by hand) writes one from its fields: transformers
+    must read the same model from it (kv heads, windows per layer, soft-caps, rope scaling, ties, activation)."""
+    import transformers
+
+    save_hf(family, tmp_path)
+    original = transformers.AutoConfig.from_pretrained(tmp_path)
+    rebuilt = _transformers_config(ModelConfig.from_pretrained(tmp_path).replace(hf_config={}).to_hf())
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "head_dim", "intermediate_size", "rms_norm_eps", "rope_parameters", "max_position_embeddings",
+                "tie_word_embeddings", "sliding_window", "layer_types",
+                "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "bos_token_id",
+                "eos_token_id", "pad_token_id"):
+        assert getattr(rebuilt, key, None) == getattr(original, key, None), key
+    # the activation each family's MLP applies: Gemma's hidden_activation (Gemma-2's config has no hidden_act)
+    assert (getattr(rebuilt, "hidden_activation", None) or rebuilt.hidden_act) == \
+        (getattr(original, "hidden_activation", None) or original.hidden_act)
 
 
 def test_family_deltas_are_read_from_config(tmp_path):
@@ -266,6 +371,13 @@ def test_unknown_architecture(tmp_path):
     ("num_key_value_heads", 0.5, r"num_key_value_heads=0\.5: expected a whole number >= 1"),
     ("rms_norm_eps", float("nan"), r"rms_norm_eps=nan: expected a finite number > 0"),
     ("rope_theta", -1.0, r"rope_theta=-1\.0: expected a finite number > 0"),
+    ("rope_theta", float("inf"), r"rope_theta=inf: expected a finite number > 0"),
+    ("rms_norm_eps", 0, r"rms_norm_eps=0: expected a finite number > 0"),
+    ("num_attention_heads", 0, r"num_attention_heads=0: expected a whole number >= 1"),
+    ("num_key_value_heads", 0, r"num_key_value_heads=0: expected a whole number >= 1"),
+    ("head_dim", 0, r"head_dim=0: expected a whole number >= 1"),
+    ("vocab_size", True, r"vocab_size=True: expected a whole number >= 1"),
+    ("num_hidden_layers", None, r"missing key 'num_hidden_layers' required for LlamaForCausalLM"),
 ])  # fmt: skip
 def test_config_values_of_the_wrong_type_are_one_clear_error(tmp_path, key, value, message):
     """A string where a size goes, or a NaN epsilon (which would sample token 0 forever), is one line naming the key

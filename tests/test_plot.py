@@ -7,6 +7,7 @@ scripts/demo_seeds.py's table and figure over seeds; scripts/evaluate.py's per-q
 """
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -174,6 +175,120 @@ def test_stage2_rounds_are_in_the_table_and_the_figure_in_the_same_order(tmp_pat
                                                "ORPO round 2"]
 
 
+
+def test_a_method_at_zero_accuracy_keeps_its_bar_and_a_round_of_several_seeds_is_one_row():
+    """0 % is a result, not a missing one; a Stage II round evaluated in every seed is one row of their spread."""
+    rows = accuracy_rows([{"stage1_r1_weak": 0.0, "stage2_dpo_round2": 0.5},
+                          {"stage1_r1_weak": 0.0, "stage2_dpo_round2": 0.7}])
+    assert [(group, label) for group, _, label, _ in rows] == [("Stage I, round 1", "weak-ft"),
+                                                               ("Stage II", "DPO round 2")]
+    assert rows[0][3] == (0.0, 0.0, [0.0, 0.0])
+    mean, sd, values = rows[1][3]
+    assert (mean, sd) == (pytest.approx(60.0), pytest.approx(200 ** 0.5)) and values == pytest.approx([50.0, 70.0])
+
+
+def _contrast(a, b):
+    """WCAG 2 contrast ratio of two opaque sRGB colours."""
+    def luminance(rgb):
+        lin = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgb]
+        return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+
+    hi, lo = sorted((luminance(a), luminance(b)), reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
+
+
+def test_group_headers_take_their_groups_colour_and_labels_inside_bars_are_the_legible_of_black_and_white(tmp_path):
+    """A selection group's header is bold in the colour of its kept bar (not the grey of the bar before selection);
+    a label drawn on a bar is black or white, whichever contrasts more with the bar as seen over the white figure
+    (the Stage II pairs' bars are translucent)."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.colors import to_hex, to_rgba
+
+    fig = figure_of([write_run(tmp_path / "demo")])
+    fig.canvas.draw()
+    right = fig.axes[1]
+    ticks = {t.get_text(): t for t in right.get_yticklabels()}
+    # bars top to bottom: all weak labels, kept, all weak-ft labels, kept, all pairs, weak chosen, weak rejected
+    assert len(right.patches) == 7
+    for header, kept in (("Round 1 filter", 1), ("Round 2 filter", 3), ("Stage II pairs (chosen)", 4)):
+        assert to_hex(ticks[header].get_color()) == to_hex(right.patches[kept].get_facecolor(), keep_alpha=False)
+        assert ticks[header].get_fontweight() == "bold"
+    inside = {t.get_text(): t for ax in fig.axes for t in ax.texts if t.get_gid() == "inside"}
+    for label, bar in (("57.1 %  ·  n=14", right.patches[5]), ("85.3 %  ·  n=34/400", right.patches[1])):
+        r, g, b, a = bar.get_facecolor()
+        seen = [a * c + 1 - a for c in (r, g, b)]  # alpha-composited over the white background
+        legible = max(("black", "white"), key=lambda name: _contrast(seen, to_rgba(name)[:3]))
+        assert to_hex(inside[label].get_color()) == to_hex(legible), label
+
+
+def test_seed_dots_and_whiskers_stay_clear_of_the_bar_labels_and_bands_span_one_sd(tmp_path):
+    """Over seeds a label inside a bar ends left of the bar's leftmost dot and whisker, one past a short bar starts
+    right of them; with two seeds already the floor and ceiling lines get a band of mean +- one sample sd. Bars read
+    top to bottom in display order and the frame ends past 100 %. Seeds: kept 34 and 38 of 400 questions in round 1,
+    the second seed's filter seeing 380; round 2 keeps 60 of 400 in both."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.collections import LineCollection, PathCollection
+
+    runs = [write_run(tmp_path / f"demo-seed{s}", shift) for s, shift in enumerate((0.0, 0.04))]
+    meta = json.loads((runs[1] / "04_r1_filter" / "meta.json").read_text())
+    (runs[1] / "04_r1_filter" / "meta.json").write_text(json.dumps({**meta, "n_questions": 380}))
+    fig = figure_of(runs)
+    fig.canvas.draw()
+    # set sizes over seeds: a spread where there is one, "of how many" only where every seed selected from as many
+    assert [t.get_text() for t in fig.axes[1].texts][:4] == ["10.2 ± 2.8 %  ·  n=390±14", "85.3 ± 0.0 %  ·  n=36±3",
+                                                             "16.2 ± 0.0 %  ·  n=400", "96.3 ± 2.8 %  ·  n=60/400"]
+    for ax in fig.axes:
+        assert ax.yaxis_inverted() and ax.get_xlim()[1] > 100
+        dots = [(x, y) for c in ax.collections if isinstance(c, PathCollection) for x, y in c.get_offsets()]
+        ends = [(x, y) for c in ax.collections if isinstance(c, LineCollection) for seg in c.get_segments()
+                for x, y in seg]  # the whiskers' ends
+        for t in ax.texts:
+            x, y = t.get_position()
+            seeds, whisker = ([mx for mx, my in marks if abs(my - y) < 1e-9] for marks in (dots, ends))
+            assert len(seeds) == 2, t.get_text()
+            mean, sd = statistics.mean(seeds), statistics.stdev(seeds)
+            assert sorted(whisker) == pytest.approx([mean - sd, mean + sd]), t.get_text()
+            assert x < min(seeds + whisker) if t.get_ha() == "right" else x > max(seeds + whisker), t.get_text()
+    left = fig.axes[0]
+    dots = sorted(float(x) for c in left.collections if isinstance(c, PathCollection) for x, _ in c.get_offsets())
+    seeds = [100 * a for m, a in ACCURACY.items() if m not in ("weak_floor", "ceiling") for a in (a, a + 0.04)]
+    assert dots == pytest.approx(sorted(seeds))  # a dot at each seed's own accuracy
+    spans = [(p.get_x(), p.get_x() + p.get_width()) for p in left.patches if p.get_alpha() == 0.15]
+    floor_sd = 8 ** 0.5  # 13.2 and 17.2: sample sd 4 / sqrt(2)
+    assert spans == [(pytest.approx(15.2 - floor_sd), pytest.approx(15.2 + floor_sd)),
+                     (pytest.approx(100.0), pytest.approx(100.0))]
+
+
+def test_pgr_axis_puts_0_on_the_floor_and_1_on_the_ceiling_and_none_when_they_coincide(tmp_path):
+    pytest.importorskip("matplotlib")
+    fig = figure_of([write_run(tmp_path / "demo")])
+    fig.canvas.draw()
+    left = fig.axes[0]
+    [pgr_axis] = left.child_axes
+    on_pgr = pgr_axis.transData.transform([(0.0, 0.0), (1.0, 0.0), (0.5, 0.0)])[:, 0]
+    on_accuracy = left.transData.transform([(13.2, 0.0), (100.0, 0.0), (56.6, 0.0)])[:, 0]
+    assert on_pgr.tolist() == pytest.approx(on_accuracy.tolist())
+
+    import matplotlib.pyplot as plt
+
+    from w2s.plot import figure
+
+    same = figure(plt, [{"weak_floor": 0.5, "ceiling": 0.5, "stage1_r1_weak": 0.6}], [{}], "flat")
+    assert not same.axes[0].child_axes and [t.get_text() for t in same.axes[0].texts] == ["60.0"]
+    assert "PGR" not in same.axes[0].get_title()
+
+
+def test_the_figure_is_written_in_the_format_its_name_asks_for(tmp_path):
+    pytest.importorskip("matplotlib")
+    from w2s.plot import plot_report
+
+    metas = load_metas(write_run(tmp_path / "demo"))
+    path = tmp_path / "report.svg"
+    assert plot_report(path, [method_accuracies(metas)], [metas], "demo") == path
+    assert path.read_bytes().startswith(b"<?xml") and b"<svg" in path.read_bytes()[:1000]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo", "report.svg"]  # no temp file left beside it
+
+
 def _has_matplotlib():
     import importlib.util
 
@@ -191,6 +306,8 @@ def test_a_run_still_in_progress_gets_a_figure_of_what_is_there(tmp_path):
     check_layout(fig)
     assert len(fig.axes) == 1 and not fig.axes[0].child_axes
     assert [t.get_text() for t in fig.axes[0].texts] == ["30.0"]
+    # without a ceiling the weak model floors nothing: it is named as what it is
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["weak model (20.0 %)"]
     text, written = write_report(run)
     assert written[-1] == run / "report.png" and "| sampling" not in text and "| evaluation | 2" in text
 

@@ -136,6 +136,22 @@ def test_sft_loss_with_tied_embeddings_and_softcap(tmp_path, family):
     assert recs[0]["loss"] == pytest.approx(nll.mean().item(), rel=1e-5)
 
 
+
+def test_per_token_log_probs_come_from_the_soft_capped_logits(tmp_path):
+    """DPO / IPO / ORPO read per-token log-probs: on Gemma-2 they are those of the final soft-capped logits, as
+    transformers computes them (the SFT test above covers the summed loss only)."""
+    hf = hf_model("gemma2")
+    hf.save_pretrained(tmp_path)
+    examples = [data.Example([5, 9, 17, 33, 40, 41], n_prompt=2), data.Example([7, 8, 9], n_prompt=1)]
+    tokens, targets = data.collate(examples, pad_id=0)
+    with torch.no_grad():
+        got = loss_steps.TrainModule(load(tmp_path))(tokens, targets, per_token=True).view_as(targets)
+        for row, ex in enumerate(examples):
+            expected = response_logps(hf_logits(hf), ex.tokens[:ex.n_prompt], ex.tokens[ex.n_prompt:])
+            torch.testing.assert_close(got[row][targets[row] != data.IGNORE_INDEX].double(), expected, rtol=1e-5,
+                                       atol=1e-5)
+
+
 def test_sft_gradient_equals_transformers_masked_gradient(ckpt):
     """Prompt targets carry no gradient: our loss + backward == transformers with labels -100 on the prompt."""
     path, hf = ckpt
@@ -1072,6 +1088,56 @@ def test_the_reference_pass_runs_without_dropout_and_leaves_the_training_mode_as
     module = DropoutScorer().train()
     table = reference_logps.compute_reference_logps(module, pairs, 0, 2, Dist(0, 1, torch.device("cpu"), False))
     assert torch.equal(table, torch.tensor([[-2.0, -3.0]] * 3)) and module.training
+    reference_logps.compute_reference_logps(module.eval(), pairs, 0, 2, Dist(0, 1, torch.device("cpu"), False))
+    assert not module.training  # a module in eval mode (a full fine-tune's reference) stays there
+
+
+def test_reference_pass_ranks_take_micro_batches_in_turn_and_their_tables_add_up_to_every_pair():
+    """Each rank scores every world_size-th micro-batch (the same number of forwards on every rank, an empty one if
+    need be) and fills only those rows: the all-reduce's sum of the ranks' tables is the whole table."""
+    from w2s.data import IGNORE_INDEX, Example, Pair
+    from w2s.parallel import Dist
+
+    class TokenCounter(torch.nn.Module):  # every response token at log-prob -1: a sequence scores -(its targets)
+        def __init__(self):
+            super().__init__()
+            self.forwards = 0
+
+        def forward(self, tokens, targets, per_token):
+            self.forwards += 1
+            return -(targets != IGNORE_INDEX).float().flatten()
+
+    # (response tokens of the chosen, of the rejected): 5 pairs, 3 micro-batches of at most 2
+    lengths = [(1, 4), (3, 2), (5, 1), (2, 2), (4, 3)]
+    pairs = [Pair(Example([1, 2] + [3] * c, 2), Example([1, 2] + [4] * r, 2)) for c, r in lengths]
+    tables, forwards = [], []
+    for rank in (0, 1):
+        module = TokenCounter()
+        tables.append(reference_logps.compute_reference_logps(module, pairs, 0, 2,
+                                                              Dist(rank, 2, torch.device("cpu"), False)))
+        forwards.append(module.forwards)
+    assert forwards == [2, 2]
+    assert torch.equal(tables[0] + tables[1], -torch.tensor(lengths, dtype=torch.float32))
+    assert not ((tables[0] != 0).any(1) & (tables[1] != 0).any(1)).any()  # each pair scored by one rank
+
+
+def test_the_weights_fingerprint_sees_changes_that_keep_a_tensors_sum_and_swaps_of_same_shaped_tensors(ckpt):
+    """The reference cache's key must change with the weights: mass moved between two entries (the same sum, exactly:
+    0.5 + 0.5 and 0.75 + 0.25), a tiny update of one weight, and two same-shaped matrices swapped (same values, other
+    layers)."""
+    path, _ = ckpt
+    original, base, moved, nudged, swapped = load(path), load(path), load(path), load(path), load(path)
+    assert reference_logps.model_fingerprint(original) == reference_logps.model_fingerprint(base)
+    with torch.no_grad():
+        base.norm.weight[:2] = torch.tensor([0.5, 0.5])
+        moved.norm.weight[:2] = torch.tensor([0.75, 0.25])
+        nudged.layers[0].mlp.up_proj.weight[0, 0] *= 1 + 1e-6
+        q0, q1 = swapped.layers[0].self_attn.q_proj.weight, swapped.layers[1].self_attn.q_proj.weight
+        tmp = q0.clone()
+        q0.copy_(q1)
+        q1.copy_(tmp)
+    keys = [reference_logps.model_fingerprint(m) for m in (original, base, moved, nudged, swapped)]
+    assert len(set(keys)) == 5
 
 
 # ---------------------------------------------------------------------------------------------- batching rules

@@ -125,9 +125,10 @@ class ModelConfig:
         dim, n_heads = need("hidden_size"), need("num_attention_heads")
         gemma, gemma2 = family in ("gemma", "gemma2"), family == "gemma2"
         defaults = FAMILY_DEFAULTS[family]  # absent keys take transformers' family defaults (Gemma: head_dim 256)
-        n_kv = count("num_key_value_heads",
-                     hf.get("num_key_value_heads") or defaults.get("num_key_value_heads", n_heads))
-        head_dim = count("head_dim", hf.get("head_dim") or (256 if gemma else dim // n_heads))
+        # absent or null takes the default; a 0 is refused like any other size < 1 (not replaced by the default)
+        n_kv, head_dim = hf.get("num_key_value_heads"), hf.get("head_dim")
+        n_kv = count("num_key_value_heads", defaults.get("num_key_value_heads", n_heads) if n_kv is None else n_kv)
+        head_dim = count("head_dim", (256 if gemma else dim // n_heads) if head_dim is None else head_dim)
         if n_heads % n_kv:
             raise ValueError(f"{source}: num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}")
         # transformers >= 5 folds rope_theta/rope_scaling into rope_parameters; real checkpoints use the old keys.
