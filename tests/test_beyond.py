@@ -159,6 +159,29 @@ def test_dpo_step_metrics_summed_over_micro_batches_are_trls_means_over_the_step
         assert summed[k] == pytest.approx(v, rel=1e-12), k
 
 
+def test_orpo_step_with_the_token_mean_nll_sums_over_micro_batches_to_trls_orpo_loss():
+    """orpo_nll="token_mean" is TRL's ORPOTrainer: loss = NLL of the chosen tokens averaged over ALL the step's chosen
+    tokens + beta * mean over pairs of -log sigmoid(log odds ratio), log odds(m) = m - log(1 - e^m) of each response's
+    mean token log-prob. Split into two micro-batches of 2 pairs (3 + 2 and 8 + 1 chosen tokens), each divides its NLL
+    by the step's 14 chosen tokens (norm[2]), not its own, so the parts sum to the step's loss."""
+    from w2s.loss_steps import PreferenceStep
+
+    beta = 0.1
+    module, batch = _preference_batch()
+    logps = module(None, None, True).view(8, -1)
+    norm = torch.tensor([float(sum(N_CHOSEN + N_REJECTED)), 4.0, float(sum(N_CHOSEN))])
+    step, total = PreferenceStep("orpo", beta, orpo_nll="token_mean"), 0.0
+    for pairs in ([0, 1], [2, 3]):
+        rows = pairs + [4 + i for i in pairs]
+        part = {"tokens": batch["tokens"][rows], "targets": batch["targets"][rows], "n_pairs": 2}
+        loss, _ = step(lambda t, y, per_token, rows=rows: logps[rows].flatten(), part, norm)
+        total += loss.item()
+    log_odds = lambda m: m - math.log1p(-math.exp(m))  # noqa: E731
+    ratios = [log_odds(c / nc) - log_odds(r / nr) for c, r, nc, nr in zip(CHOSEN, REJECTED, N_CHOSEN, N_REJECTED)]
+    expected = -sum(CHOSEN) / sum(N_CHOSEN) + beta * sum(_softplus_neg(x) for x in ratios) / 4
+    assert total == pytest.approx(expected, rel=1e-12)
+
+
 @pytest.mark.parametrize("kind, nll_weight", [("dpo", 0.0), ("dpo", 1.0), ("ipo", 0.5), ("orpo", 0.0)])
 def test_an_empty_preference_slot_adds_zero_with_a_gradient_and_logs_every_metric_of_a_full_one(kind, nll_weight):
     """A rank whose slot of a short last batch is empty still runs backward (FSDP's gathers are collective) and logs

@@ -4,6 +4,7 @@
 """
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -160,6 +161,22 @@ def test_save_keeps_generation_config_and_merges_live_lora(tmp_path):
     assert_valid_close(hf_logits(hf, tokens, mask), w2s_logits(model, tokens), mask)
 
 
+def test_save_writes_back_the_loaded_config_json_with_the_keys_w2s_does_not_read(tmp_path):
+    """save_model writes the original config.json back rather than one rebuilt from w2s's fields, so keys w2s never
+    reads (attention_dropout, which transformers trains with; initializer_range; pretraining_tp) reach transformers
+    unchanged: it reads the same configuration from the export as from the source."""
+    import transformers
+
+    save_hf("llama2", tmp_path / "src")
+    hf = json.loads((tmp_path / "src" / "config.json").read_text())
+    (tmp_path / "src" / "config.json").write_text(json.dumps({**hf, "attention_dropout": 0.25,
+                                                              "initializer_range": 0.05}))
+    w2s.save_model(w2s.load_model(tmp_path / "src", dtype=torch.float32), tmp_path / "out")
+    original, saved = (transformers.AutoConfig.from_pretrained(tmp_path / d).to_dict() for d in ("src", "out"))
+    original.pop("_name_or_path"), saved.pop("_name_or_path")  # the directory each was read from
+    assert saved["attention_dropout"] == 0.25 and saved == original
+
+
 @pytest.mark.parametrize("cls_name, family", [("LlamaConfig", "llama2"), ("MistralConfig", "mistral"),
                                               ("GemmaConfig", "gemma"), ("Gemma2Config", "gemma2")])
 def test_absent_optional_config_keys_take_transformers_defaults(cls_name, family, tmp_path):
@@ -256,6 +273,23 @@ def test_llama31_rope_keys_of_published_checkpoints_give_transformers_frequencie
     assert ratio.min() == pytest.approx(1.0) and ratio.max() == pytest.approx(8.0)  # all three bands are present
     assert ((ratio > 1.01) & (ratio < 7.99)).any()
     torch.testing.assert_close(rope_inv_freq(cfg), expected, rtol=1e-6, atol=0)
+
+
+def test_a_llama31_frequency_exactly_at_the_low_band_edge_is_interpolated_as_in_transformers():
+    """transformers' llama3 scaling counts a wavelength equal to original_ctx / low_freq_factor as medium (both band
+    edges inclusive), where the interpolation weight is 0: that frequency is divided by the factor, not kept. Here
+    inv_freq 1 (the first of head_dim 4) has its wavelength fp32(2 pi) exactly on the low edge."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from w2s.config import rope_inv_freq
+
+    edge = float(torch.tensor(2 * math.pi, dtype=torch.float32))  # as the scaling compares it, in fp32
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 8192 / edge, "high_freq_factor": 4000.0,
+               "original_max_position_embeddings": 8192}
+    hf = {**LLAMA31_CONFIG, "head_dim": 4, "rope_theta": 10000.0, "rope_scaling": scaling}
+    expected, _ = ROPE_INIT_FUNCTIONS["llama3"](_transformers_config(hf), "cpu")
+    assert expected[0].item() == pytest.approx(1 / 8)  # the edge frequency is scaled, not left at 1
+    torch.testing.assert_close(rope_inv_freq(ModelConfig.from_hf(hf)), expected, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("scaling", [{"rope_type": "linear", "factor": 2.0}, {"type": "dynamic", "factor": 2.0},
@@ -393,6 +427,15 @@ def test_config_values_of_the_wrong_type_are_one_clear_error(tmp_path, key, valu
     (tmp_path / "config.json").write_bytes(b'{"model_type": "llama\xff"}')  # a byte that is not UTF-8
     with pytest.raises(ValueError, match=r"config\.json: not UTF-8 \(byte 0xff at byte 22\)$"):
         ModelConfig.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("value", [["LlamaForCausalLM"], "config.json", None])
+def test_a_parsed_config_that_is_not_an_object_is_one_clear_error_from_from_hf(value):
+    """ModelConfig.from_hf is public (a config dict from anywhere, not only read_json's checked file): a list, string
+    or null is a ValueError naming the source and the type, not an AttributeError from inside the parser."""
+    with pytest.raises(ValueError, match=rf"^hub: expected a JSON object of model options, got "
+                                         rf"{type(value).__name__}$"):
+        ModelConfig.from_hf(value, source="hub")
 
 
 def test_missing_shard(tmp_path):

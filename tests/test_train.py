@@ -1121,6 +1121,29 @@ def test_reference_pass_ranks_take_micro_batches_in_turn_and_their_tables_add_up
     assert not ((tables[0] != 0).any(1) & (tables[1] != 0).any(1)).any()  # each pair scored by one rank
 
 
+def test_a_cached_reference_table_of_another_size_is_recomputed_even_under_the_same_key(tmp_path):
+    """ref_logps.pt is reused only when its key matches AND it holds a row per pair: a table of another size (a torn or
+    hand-copied file) is recomputed and written over, never handed to the trainer, whose pair indices it does not
+    fit. By hand: every response token at log-prob -1, so a response scores minus its token count."""
+    from types import SimpleNamespace
+
+    from w2s.data import IGNORE_INDEX, Example, Pair
+    from w2s.parallel import Dist
+
+    class TokenCounter(torch.nn.Module):
+        def forward(self, tokens, targets, per_token):
+            return -(targets != IGNORE_INDEX).float().flatten()
+
+    lengths = [(1, 4), (3, 2), (5, 1)]  # (chosen, rejected) response tokens
+    pairs = [Pair(Example([1, 2] + [3] * c, 2), Example([1, 2] + [4] * r, 2)) for c, r in lengths]
+    torch.save({"key": "k", "logps": torch.zeros(2, 2)}, tmp_path / "ref_logps.pt")
+    table = reference_logps.reference_logps(TokenCounter(), pairs, 0, SimpleNamespace(micro_batch_size=2),
+                                            Dist(0, 1, torch.device("cpu"), False), tmp_path, "k")
+    expected = -torch.tensor(lengths, dtype=torch.float32)
+    assert torch.equal(table, expected)
+    assert torch.equal(torch.load(tmp_path / "ref_logps.pt", weights_only=True)["logps"], expected)
+
+
 def test_the_weights_fingerprint_sees_changes_that_keep_a_tensors_sum_and_swaps_of_same_shaped_tensors(ckpt):
     """The reference cache's key must change with the weights: mass moved between two entries (the same sum, exactly:
     0.5 + 0.5 and 0.75 + 0.25), a tiny update of one weight, and two same-shaped matrices swapped (same values, other
