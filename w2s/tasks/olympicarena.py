@@ -41,7 +41,6 @@ SPLITS = ("test", "val")  # test: train_2, answers hidden; val: the test set, wi
 # The model starting a new "Question" / "Answer" block has finished; EOS and <|eot_id|> are stop ids of the
 # tokenizer (w2s.tokenizer stop_ids), not strings.
 STOP_STRINGS = ["Question", "Answer"]
-MAX_NEW_TOKENS = 2048
 # What a demonstration must contain: the box the judge reads the answer from (the prompt asks for a last line "The
 # final answer is $\\boxed{ANSWER}$"), as "####" / "The answer is:" for GSM8K / MATH (docs/PAPER.md).
 ANSWER_MARKER = "\\boxed{"
