@@ -352,6 +352,25 @@ def test_bias_updates_in_place_or_out_of_place_reach_the_projections(ckpts):
     assert bias.untyped_storage().nbytes() == bias.numel() * bias.element_size()
 
 
+def test_a_bias_added_or_removed_after_fusing_reaches_the_projections(ckpts):
+    """A bias set on a layer fused without one, or a fused bias set to None: the fused rows no longer match the layers,
+    so the separate layers serve: x W^T + b with the bias as it now is (no AttributeError on the removed one)."""
+    from w2s.fused import QKV
+
+    for ckpt, name in (("llama2", "q_proj"), ("llama_bias", "v_proj")):
+        model = load(ckpts[ckpt])
+        x = torch.randn(2, 3, model.cfg.dim, generator=torch.Generator().manual_seed(0))
+        fuse_projections(model)
+        attn = model.layers[0].self_attn
+        layer = getattr(attn, name)
+        added = torch.randn(layer.out_features, generator=torch.Generator().manual_seed(1))
+        layer.bias = None if layer.bias is not None else torch.nn.Parameter(added)
+        assert not is_fused(attn)
+        with torch.no_grad():
+            for out, n in zip(project(attn, x, QKV), QKV):
+                torch.testing.assert_close(out, separate(getattr(attn, n), x), **TIGHT)
+
+
 def test_trainable_biases_of_frozen_weights_get_their_gradients_while_fused(ckpts):
     """Only the biases train (weights frozen): the fused matmul would hand them no gradient, so the separate layers
     serve, and each bias gets the upstream gradient summed over the tokens."""

@@ -61,7 +61,8 @@ class _Fused:
         for name, layer, (w_ptr, b_ptr) in zip(self.names, self.layers, self.addresses):
             if getattr(module, name) is not layer or _hooked(layer):
                 return False
-            if layer.weight.data_ptr() != w_ptr or (b_ptr is not None and layer.bias.data_ptr() != b_ptr):
+            bias_ptr = None if layer.bias is None else layer.bias.data_ptr()  # a bias set or removed since: stale
+            if layer.weight.data_ptr() != w_ptr or bias_ptr != b_ptr:
                 return False
         return True
 
