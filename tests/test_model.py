@@ -335,6 +335,21 @@ def test_gemma2_soft_caps_set_to_null_are_off_and_hidden_activation_wins(tmp_pat
     assert cfg.activation == ref.hidden_activation == "gelu_pytorch_tanh"
 
 
+@pytest.mark.parametrize("layer_types", [["sliding_attention"], ["sliding_attention", "full_attention"] * 2,
+                                         ["sliding_attention", "bogus"], ["sliding_attention", "chunked_attention"]])
+def test_gemma2_layer_types_of_another_length_or_kind_are_one_clear_error(layer_types, tmp_path):
+    """transformers' config refuses a layer_types list whose length is not num_hidden_layers, or an unknown kind;
+    chunked_attention it accepts, but Gemma-2's attention has no such mask. w2s reads only the two kinds a Gemma-2
+    runs: anything else would index past the list, or run a layer as global attention, instead of one error."""
+    save_hf("gemma2", tmp_path)
+    hf = {**json.loads((tmp_path / "config.json").read_text()), "num_hidden_layers": 2, "layer_types": layer_types}
+    if "chunked_attention" not in layer_types:
+        with pytest.raises(Exception, match="layer_types"):  # a ValueError wrapped in huggingface_hub's own error
+            _transformers_config(hf)
+    with pytest.raises(ValueError, match=r"layer_types=.*: expected num_hidden_layers=2 entries, each "
+                                         r"'sliding_attention' or 'full_attention'$"):
+        ModelConfig.from_hf(hf)
+
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_a_config_json_rebuilt_without_the_original_reads_in_transformers_as_the_original(family, tmp_path):

@@ -142,6 +142,10 @@ class ModelConfig:
         layer_types = list(hf.get("layer_types") or [])
         if gemma2 and not layer_types:  # older Gemma-2 configs: even layers local, odd layers global
             layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)]
+        if layer_types and (len(layer_types) != n_layers or not set(layer_types) <= {"sliding_attention",
+                                                                                     "full_attention"}):
+            raise ValueError(f"{source}: layer_types={layer_types!r}: expected num_hidden_layers={n_layers} entries, "
+                             f"each 'sliding_attention' or 'full_attention'")
         activation = hf.get("hidden_activation") or hf.get("hidden_act") or defaults["hidden_act"]
         if family == "gemma" and activation == "gelu":
             activation = "gelu_pytorch_tanh"  # Gemma (1) says "gelu" but was trained with the tanh form; transformers
