@@ -272,6 +272,62 @@ def test_rope_cache_write_rejects_mixed_dtypes_and_shapes():
         rope_cache.rope_cache_write(q, k, k, positions, inv_freq, torch.zeros(2, 3, 8, 16), torch.zeros(2, 3, 8, 16))
 
 
+def _rope_by_hand(x, positions, inv_freq):
+    """Half-split RoPE written out in float64: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) at angle pos * f."""
+    angle = positions.double()[:, :, None, None] * inv_freq.double()  # (B, T, 1, D/2)
+    x1, x2 = x.double().chunk(2, dim=-1)
+    return torch.cat([x1 * angle.cos() - x2 * angle.sin(), x2 * angle.cos() + x1 * angle.sin()], dim=-1)
+
+
+def test_rope_cache_write_reads_each_tensor_with_its_own_strides():
+    """q with a non-unit stride along D, k a strided view, v contiguous, and a v cache that is a view of a longer
+    buffer: every tensor must be read and written with its own strides (k's strides are not v's, the k cache's are
+    not the v cache's). Expected values: RoPE and the cache writes done by hand."""
+    B, T, H, K, D, slots, S = 2, 3, 4, 2, 16, 3, 6
+    q = torch.randn(B, T, D, H).transpose(-1, -2)  # (B, T, H, D), stride H along D
+    k = torch.randn(B, T, K, 2 * D)[..., :D]  # head stride 2D
+    v = torch.randn(B, T, K, D)  # head stride D
+    positions = torch.tensor([[0, 4, 2], [5, 1, 3]])
+    rows = torch.tensor([2, 0])
+    inv_freq = _inv_freq(D)
+    k_cache = torch.randn(slots, K, S, D)
+    v_cache = torch.randn(slots, K, S + 3, D)[:, :, :S]  # row and head strides unlike the k cache's
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    out = rope_cache.rope_cache_write(q, k, v, positions, inv_freq, k_cache, v_cache, rows)
+    torch.testing.assert_close(out, _rope_by_hand(q, positions, inv_freq).float(), **FP32_TOL)
+    k_rot = _rope_by_hand(k, positions, inv_freq).float()
+    k_expected, v_expected = k_before.clone(), v_before.clone()
+    for b in range(B):
+        for t in range(T):
+            k_expected[rows[b], :, positions[b, t]] = k_rot[b, t]
+            v_expected[rows[b], :, positions[b, t]] = v[b, t]
+    torch.testing.assert_close(k_cache, k_expected, **FP32_TOL)
+    assert torch.equal(v_cache, v_expected)
+
+
+def test_rope_cache_write_rejects_each_malformed_argument():
+    """Each check of the wrapper on its own, with everything else well formed (so the kernel would run and write
+    somewhere wrong instead of failing)."""
+    q, k = torch.randn(1, 2, 4, 16), torch.randn(1, 2, 2, 16)
+    positions, inv_freq = torch.zeros(1, 2, dtype=torch.long), _inv_freq(16)
+
+    def call(q=q, k=k, inv_freq=inv_freq, k_cache=None, v_cache=None, rows=None):
+        k_cache = torch.zeros(2, k.shape[2], 8, 16) if k_cache is None else k_cache
+        v_cache = torch.zeros(2, k.shape[2], 8, 16) if v_cache is None else v_cache
+        rope_cache.rope_cache_write(q, k, k, positions, inv_freq, k_cache, v_cache, rows)
+
+    with pytest.raises(ValueError, match="K \\| H"):  # 4 query heads cannot share 3 kv heads evenly
+        call(k=torch.randn(1, 2, 3, 16))
+    with pytest.raises(ValueError, match="inv_freq"):
+        call(inv_freq=_inv_freq(18))
+    with pytest.raises(ValueError, match="caches"):  # a v cache of another length than the k cache
+        call(v_cache=torch.zeros(2, 2, 9, 16))
+    with pytest.raises(ValueError, match="rows"):
+        call(rows=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="contiguous in their last dim"):
+        call(k_cache=torch.zeros(2, 2, 16, 8).transpose(-1, -2))
+
+
 # ---------------------------------------------------------------------------------------------------------- glu
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -406,6 +462,80 @@ def test_fused_linear_rejects_bad_shapes(impl):
         impl.linear_cross_entropy(torch.randn(2, 3, 8), torch.randn(5, 8), torch.zeros(6, dtype=torch.long))
     with pytest.raises(ValueError, match="targets"):
         impl.linear_logprobs(torch.randn(6, 8), torch.randn(5, 8), torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="dtype"):  # named, not a matmul error deep in the chunk loop
+        impl.linear_cross_entropy(torch.randn(6, 8), torch.randn(5, 8).half(), torch.zeros(6, dtype=torch.long))
+
+
+@LINEAR_IMPLS
+def test_fused_linear_target_zero_and_a_real_id_as_ignore_index_match_cross_entropy(impl):
+    """Token id 0 is a real target (not the ignored rows' placeholder column), and with ignore_index = 7 the count
+    of valid tokens is the targets != 7, also without gradients. Reference: F.cross_entropy on the full logits."""
+    hidden, weight = torch.randn(6, 8), torch.randn(5, 8)
+    targets = torch.tensor([0, 7, 0, 3, 0, 4])
+    weight = torch.cat([weight, torch.randn(3, 8)])  # V = 8: id 7 exists
+    expected = torch.nn.functional.cross_entropy(hidden @ weight.t(), targets, ignore_index=7, reduction="sum")
+    with torch.no_grad():
+        loss, n_valid = impl.linear_cross_entropy(hidden, weight, targets, ignore_index=7)
+    torch.testing.assert_close(loss, expected, **FP32_TOL)
+    assert n_valid.item() == 5
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss, n_valid = impl.linear_cross_entropy(h, w, targets, ignore_index=7)
+    loss.backward()
+    h_ref, w_ref = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    torch.nn.functional.cross_entropy(h_ref @ w_ref.t(), targets, ignore_index=7, reduction="sum").backward()
+    assert n_valid.item() == 5
+    torch.testing.assert_close(loss.detach(), expected, **FP32_TOL)
+    torch.testing.assert_close(h.grad, h_ref.grad, **FP32_TOL)
+    torch.testing.assert_close(w.grad, w_ref.grad, **FP32_TOL)
+
+
+@LINEAR_IMPLS
+def test_fused_linear_logprobs_of_ignored_tokens_are_plus_zero_and_a_second_backward_is_refused(impl):
+    """Ignored tokens' log-probs are +0.0 under autograd too, like the reference's (a -0.0 would flip the sign of
+    anything divided by them); and a second backward through one cross-entropy loss, whose saved gradients were
+    already scaled in place, is an error rather than a silently wrong gradient."""
+    hidden, weight = torch.randn(4, 8, requires_grad=True), torch.randn(5, 8)
+    logp = impl.linear_logprobs(hidden, weight, torch.tensor([1, -100, 3, -100]))
+    assert logp.requires_grad and (logp[[1, 3]] == 0).all() and not torch.signbit(logp[[1, 3]]).any()
+    loss, _ = impl.linear_cross_entropy(hidden, weight, torch.tensor([1, 2, 3, 4]))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
+
+
+@LINEAR_IMPLS
+def test_fused_linear_logprobs_backward_with_a_frozen_weight_gives_the_hidden_gradient(impl):
+    """DPO with a frozen lm_head: the backward's recompute must produce d hidden (input 0), not d weight (input 1).
+    Reference: autograd through log_softmax(h @ w.T) gathered at the targets."""
+    hidden, weight, targets = torch.randn(5, 8), torch.randn(6, 8), torch.tensor([0, 5, -100, 2, 3])
+    upstream = torch.randn(5)
+    h = hidden.clone().requires_grad_()
+    impl.linear_logprobs(h, weight, targets).backward(upstream)
+    h_ref = hidden.clone().requires_grad_()
+    logp = torch.log_softmax(h_ref @ weight.t(), dim=-1).gather(1, targets.clamp(min=0)[:, None]).squeeze(1)
+    (torch.where(targets != -100, logp, 0.0) * upstream).sum().backward()
+    assert h.grad is not None
+    torch.testing.assert_close(h.grad, h_ref.grad, **FP32_TOL)
+
+
+@pytest.mark.parametrize("rows_nll", [fused_linear.rows_nll_triton, chunked_linear.rows_nll_torch],
+                         ids=["triton", "torch"])
+def test_row_step_reads_and_writes_logits_rows_a_row_stride_apart(rows_nll):
+    """The row step on a view of a wider buffer (row stride V + 3): the nll is cross_entropy's, the gradient
+    row_scale * (softmax - onehot) lands in the view and the padding columns are untouched."""
+    V = 11
+    buffer = torch.randn(4, V + 3) * 3
+    logits = buffer[:, :V]
+    raw, padding = logits.clone(), buffer[:, V:].clone()
+    targets, row_scale = torch.tensor([0, 10, -100, 5]), torch.tensor([0.5, -2.0, 3.0, 1.0])
+    nll = rows_nll(logits, targets, None, -100, row_scale, True)
+    expected = torch.nn.functional.cross_entropy(raw, targets, reduction="none")
+    torch.testing.assert_close(nll, expected, **FP32_TOL)
+    onehot = torch.nn.functional.one_hot(targets.clamp(min=0), V).float()
+    grad = (torch.softmax(raw, dim=-1) - onehot) * row_scale[:, None]
+    grad[2] = 0.0  # the ignored row
+    torch.testing.assert_close(logits, grad, **FP32_TOL)
+    assert torch.equal(buffer[:, V:], padding)
 
 
 def inverse_cdf_interval(logits, uniforms, temperature):
@@ -430,6 +560,25 @@ def test_sampling_kernel_draws_the_inverse_cdf_token(dtype, V, temperature):
     slack = 1e-5 * at[:, -1]
     assert (before[rows, tokens] <= target[:, 0] + slack).all() and (target[:, 0] < at[rows, tokens] + slack).all()
     assert torch.equal(tokens, reference.sample_inverse_cdf(logits, uniforms, temperature))
+
+
+def test_sampling_kernel_over_many_blocks_of_a_transposed_row_whose_first_blocks_are_masked(monkeypatch):
+    """16-column blocks make tiny rows take the multi-block paths: the running cumulative sum carried over four
+    and more blocks, a row whose first blocks are all -inf (the online max is still -inf there, which must not turn
+    the normalizer into NaN), and logits with a non-unit stride along V (a transposed buffer, copied first). Each
+    draw must sit in its float64 inverse-CDF interval."""
+    monkeypatch.setattr(sample, "BLOCK_V", 16)
+    B, V = 12, 70  # five blocks, the last one masked
+    logits = (torch.randn(V, B) * 3).t()
+    logits[0, :40] = float("-inf")
+    uniforms = torch.rand(B)
+    uniforms[1:4] = torch.tensor([0.9, 0.97, 0.999])  # targets deep in the later blocks
+    tokens = sample.sample_inverse_cdf(logits, uniforms, 0.8)
+    before, at, target = inverse_cdf_interval(logits, uniforms, 0.8)
+    rows = torch.arange(B)
+    slack = 1e-5 * at[:, -1]
+    assert (before[rows, tokens] <= target[:, 0] + slack).all() and (target[:, 0] < at[rows, tokens] + slack).all()
+    assert tokens[0] >= 40
 
 
 def test_sampling_kernel_never_draws_a_token_of_probability_zero():
