@@ -389,8 +389,8 @@ def test_checkpoints_deleted_by_a_killed_run_are_never_resumed_from_half(tmp_pat
     """A fresh start and the end of an export delete the training checkpoints; a kill mid-delete must not leave one
     that latest_checkpoint calls complete (a resume would load its missing shards; a finished export would look
     unfinished)."""
-    import w2s.checkpoint
-    from w2s.checkpoint import latest_checkpoint, remove_checkpoints
+    import w2s.train_state
+    from w2s.train_state import latest_checkpoint, remove_checkpoints
 
     for step in (2, 4):
         (tmp_path / "ckpt" / f"step{step:08d}").mkdir(parents=True)
@@ -402,7 +402,7 @@ def test_checkpoints_deleted_by_a_killed_run_are_never_resumed_from_half(tmp_pat
         next(Path(path).rglob("*.distcp")).unlink()
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(w2s.checkpoint.shutil, "rmtree", killed_after_one_shard)
+    monkeypatch.setattr(w2s.train_state.shutil, "rmtree", killed_after_one_shard)
     with pytest.raises(KeyboardInterrupt):
         remove_checkpoints(tmp_path / "ckpt")
     assert latest_checkpoint(tmp_path / "ckpt") is None

@@ -376,7 +376,7 @@ def trainable_parameters(cfg, tc):
 
 
 def resume_bytes(cfg, tc, steps):
-    """Peak bytes in OUT/ckpt: checkpoint.save_training_state writes the trainable parameters (fp32 master weights)
+    """Peak bytes in OUT/ckpt: train_state.save_training_state writes the trainable parameters (fp32 master weights)
     and the AdamW state (two fp32 moments each; frozen parameters are left out) every ckpt_every steps but the last
     (train.Trainer.train), into a temporary directory renamed into place before the older one is deleted: two
     checkpoints at once from the second on."""

@@ -58,13 +58,6 @@ from pathlib import Path
 import torch
 
 from w2s import data, profile, tracking
-from w2s.checkpoint import (
-    latest_checkpoint,
-    load_training_state,
-    read_train_state,
-    remove_checkpoints,
-    save_training_state,
-)
 from w2s.export import export_trained
 from w2s.files import stable_hash, write_atomic
 from w2s.lora import prepare_lora
@@ -83,6 +76,13 @@ from w2s.parallel import (
 )
 from w2s.reference_logps import model_fingerprint, reference_logps
 from w2s.train_config import TrainConfig
+from w2s.train_state import (
+    latest_checkpoint,
+    load_training_state,
+    read_train_state,
+    remove_checkpoints,
+    save_training_state,
+)
 
 # ---------------------------------------------------------------------------------------------- schedule, flops
 

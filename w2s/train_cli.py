@@ -137,9 +137,10 @@ def finished_model_files(out, model_dir, overwrite):
     resumes (or, with --no-resume, starts over) and its export replaces them, so nothing is removed for it. `out`
     may never hold the weights the run trains from: the --model directory, or an adapter's base (nor may
     OUT/merged)."""
-    from w2s.checkpoint import INDEX_FILE, latest_checkpoint
+    from w2s.checkpoint import INDEX_FILE
     from w2s.export import MERGED_DIR
     from w2s.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_base_dir, read_adapter
+    from w2s.train_state import latest_checkpoint
 
     sources = [model_dir]
     while (adapter := read_adapter(sources[-1], tensors=False)) is not None:
@@ -184,7 +185,7 @@ def check_rows_before_loading(encode_rows, tokenizer, rows, cfg, args):
 
 def kept_after_stop(cfg, out):
     """What a Ctrl-C or SIGTERM leaves behind (the last complete checkpoint in OUT/ckpt, if any) and how to go on."""
-    from w2s.checkpoint import latest_checkpoint
+    from w2s.train_state import latest_checkpoint
 
     # an earlier run's checkpoint counts under --ckpt-every 0 too: the trainer resumes from whatever OUT/ckpt holds
     last = latest_checkpoint(Path(out) / "ckpt") if cfg is not None else None
