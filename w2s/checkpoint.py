@@ -114,12 +114,15 @@ def read_tensor(file, info, data_start, dtype, device):
     return t.to(device)
 
 
-def load_state_dict(path, expected: dict, dtype=None, device="cpu"):
-    """Read every tensor `expected` names (HF name -> meta tensor with the expected shape) from a checkpoint dir."""
+def load_state_dict(path, expected: dict, dtype=None, device="cpu", cfg=None):
+    """Read every tensor `expected` names (HF name -> meta tensor with the expected shape) from a checkpoint dir;
+    given the model's `cfg`, `expected` is the whole model and a stored weight outside it is refused too."""
     files = checkpoint_files(path)
     missing = [n for n in expected if n not in files]
     if missing:
         raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensor(s) the config implies, e.g. {missing[0]!r}")
+    if cfg is not None and (problem := unimplied_tensors_problem(path, files, expected, cfg)):
+        raise ValueError(problem)
     headers = {f: read_safetensors_header(f) for f in set(files.values())}
     state = {}
     for name, meta in expected.items():
@@ -204,9 +207,7 @@ def _load_plain(path, dtype, device):
     check_tokenizer_fits(path, cfg)  # before the weights: a mismatch is known from the small files alone
     check_shard_sizes(path)  # so is a truncated shard, from the headers, instead of after reading the tensors before it
     expected = {hf_name(n): p for n, p in model.state_dict().items()}
-    if problem := unimplied_tensors_problem(path, checkpoint_files(path), expected, cfg):
-        raise ValueError(problem)
-    state = load_state_dict(path, expected, dtype=dtype, device=device)
+    state = load_state_dict(path, expected, dtype=dtype, device=device, cfg=cfg)
     model.load_state_dict({n: state[hf_name(n)] for n in model.state_dict()}, assign=True)
     model.reset_buffers(torch.device(device))
     return model.eval()

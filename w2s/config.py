@@ -168,8 +168,7 @@ class ModelConfig:
             final_logit_softcap=hf.get("final_logit_softcapping", 30.0) if gemma2 else None,
             sliding_window=hf.get("sliding_window", 4096) if family in ("mistral", "gemma2") else None,
             layer_types=layer_types, hf_config=hf,
-            **{key: hf.get(key, defaults.get(key)) for key in ("bos_token_id", "eos_token_id",
-                                                                              "pad_token_id")},
+            **{key: hf.get(key, defaults.get(key)) for key in ("bos_token_id", "eos_token_id", "pad_token_id")},
         )
 
     @classmethod
