@@ -109,6 +109,9 @@ run_step() {  # the checks by name; the default run is ordered: tests first, the
     # attention fwd (pointer loads, TMA, TMA + persistent, warp-specialized) and bwd (the tables; dk/dv and dq
     # warp-specialized) at the target shape, SDPA's flash backend beside
     bench_attention) step "$1" 60 "$py" -m w2s.kernels.bench --only attention --no-compile --warmup 3 --repeats 10 ;;
+    # RMSNorm, RoPE, SwiGLU and the fused linear cross-entropy against the copy bandwidth the bench measures first
+    bench_memory) step "$1" 40 "$py" -m w2s.kernels.bench --only rms_norm,rope,swiglu,fused_ce --no-compile \
+      --warmup 3 --repeats 10 ;;
     # only the warp-specialized kernels against the reference (bf16, D 64 / 128 / 256; the default run's test_gpu
     # has them too): a quick look at whether Triton's Hopper warp specialization computes them right
     warp_specialized) step "$1" 120 "$py" -m pytest $test_opts -m gpu -k warp tests/test_kernel_attention.py ;;
