@@ -162,7 +162,7 @@ def steady_decode_step_ms(model, prompt, new_tokens, device, replays=100):
     engine = make_engine(model, None, prompt, max_new_tokens=new_tokens, cuda_graphs=True)
     for _ in engine.run():  # one full generation: captures the graphs (or finds them kept from earlier calls)
         pass
-    limit = max(engine.graphs)  # the longest attention span the run reached
+    limit = max(limit for limit, mixed in engine.graphs if not mixed)  # the longest attention span the run reached
     engine.step(limit)
     sync(device)
     start = time.perf_counter()

@@ -120,6 +120,8 @@ run_step() {  # the checks by name; the default run is ordered: tests first, the
     batch1) step "$1" 100 "$py" scripts/bench_sampling.py --prompts 1 --samples 1 ;;  # 8B batch 1, MBU, steady state
     # every launch config, fwd and bwd at D 64/128/256: over 150 compiles, more than one call may finish (alone)
     sweep) step "$1" 590 "$py" -m w2s.kernels.sweep ;;
+    # RMSNorm's backward: programs per SM x warps per program at (16384, 4096), bf16
+    sweep_rms_norm) step "$1" 40 "$py" -m w2s.kernels.sweep --only rms_norm ;;
     # the forward's tiles at D 128 and 256, each with pointer loads and through TMA, two of them persistent too, and
     # three warp-specialized tiles (one also persistent) (40 compiles; alone)
     sweep_forward) step "$1" 420 "$py" -m w2s.kernels.sweep --only forward128,forward256 ;;
