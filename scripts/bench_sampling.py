@@ -172,15 +172,16 @@ def steady_decode_step_ms(model, prompt, new_tokens, device, replays=100):
     return (time.perf_counter() - start) * 1e3 / replays
 
 
-def profile_batch1(model, prompt, device, new_tokens=64):
-    """Eager (no CUDA graph) greedy decode of one sequence under torch.profiler: the time and launches per generated
-    token by group of kernels and the top kernels (w2s.profile.profile_summary), then the ops by input shape. The
-    device time per token is what a graph replay of the step cannot go below."""
+def profile_decode(model, prompts, device, what, new_tokens=64, **options):
+    """Eager (no CUDA graph) decode of `prompts` (generate's options) under torch.profiler: the time and launches
+    per decode step by group of kernels and the top kernels (w2s.profile.profile_summary), then the ops by input
+    shape. The device time per step is what a graph replay of the step cannot go below; the prefill is included."""
     from torch.profiler import ProfilerActivity, profile
 
     from w2s.profile import profile_summary
 
-    run = lambda: generate(model, None, prompt, max_new_tokens=new_tokens, progress=False, cuda_graphs=False)  # noqa
+    options = {**options, "max_new_tokens": new_tokens, "cuda_graphs": False}
+    run = lambda: generate(model, None, prompts, progress=False, **options)  # noqa: E731
     run()  # warm-up: Triton compiles, allocator
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities, record_shapes=True) as prof:
@@ -188,8 +189,8 @@ def profile_batch1(model, prompt, device, new_tokens=64):
         run()
         sync(device)
         wall_s = time.perf_counter() - start
-    print(f"\nprofile: eager batch-1 greedy decode, {new_tokens} new tokens (prefill included)")
-    print(profile_summary(prof, device, per=new_tokens, per_name="token", wall_s=wall_s))
+    print(f"\nprofile: eager {what}, {new_tokens} new tokens (prefill included)")
+    print(profile_summary(prof, device, per=new_tokens, per_name="step", wall_s=wall_s))
     key = "device_time_total" if device.type == "cuda" else "cpu_time_total"
     by_shape = prof.key_averages(group_by_input_shape=True)  # the same ops per input shape (which matmul is slow)
     print(by_shape.table(sort_by=key, row_limit=12, max_name_column_width=30, max_shapes_column_width=60))
@@ -223,8 +224,8 @@ def parse_args():
     parser.add_argument("--batch1", action=argparse.BooleanOptionalAction, default=None,
                         help="also time batch-1 greedy decode [default: on CUDA only]")
     parser.add_argument("--profile", action="store_true",
-                        help="also profile eager batch-1 decode (torch.profiler): the kernels a decode step spends\n"
-                             "its device time in, and that time per step")
+                        help="also profile eager decode (torch.profiler), the batch workload's and batch-1's: the\n"
+                             "kernels a decode step spends its device time in, and that time per step")
     return parser.parse_args()
 
 
@@ -396,8 +397,10 @@ def main():
               f"{'met' if n_tokens / t_ours >= target else 'NOT met'}")
     if args.batch1 or (args.batch1 is None and kind == "cuda"):
         report_batch1(model, ids[0], work["new_tokens"], bandwidth, device, args.repeats, options["cuda_graphs"])
-    if args.profile:
-        profile_batch1(model, ids[:1], device)
+    if args.profile:  # the batch workload's decode step (32 steps of it), then batch-1 greedy decode's
+        batch = {k: v for k, v in options.items() if k not in ("max_new_tokens", "cuda_graphs")}
+        profile_decode(model, ids, device, f"batch decode ({len(ids)} x {work['samples']})", new_tokens=32, **batch)
+        profile_decode(model, ids[:1], device, "batch-1 greedy decode")
 
 
 if __name__ == "__main__":

@@ -59,9 +59,11 @@ def test_bench_train_without_transformers_times_w2s_alone():
 
 
 def test_bench_sampling_profile_lists_the_decode_ops():
-    out = run_script("scripts/bench_sampling.py", "--prompts", "1", "--samples", "1", "--new-tokens", "4",
+    out = run_script("scripts/bench_sampling.py", "--prompts", "2", "--samples", "2", "--new-tokens", "4",
                      "--prompt-len", "4", "--repeats", "1", "--threads", "1", "--no-hf", "--profile")
-    assert "profile: eager batch-1 greedy decode" in out and "aten::mm" in out
+    batch, batch1 = out.split("profile: eager batch decode (2 x 2)")[1].split("profile: eager batch-1 greedy decode")
+    assert "CPU time per step" in batch and "aten::mm" in batch
+    assert "CPU time per step" in batch1 and "aten::mm" in batch1
 
 
 def test_sweep_without_cuda_says_it_needs_one():

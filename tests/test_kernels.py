@@ -116,6 +116,18 @@ def test_rms_norm_of_no_rows():
     assert y.shape == (0, 16) and x.grad.shape == (0, 16) and (w.grad == 0).all()
 
 
+def test_rms_norm_backward_copies_fewer_rows_ahead_where_shared_memory_runs_out(monkeypatch):
+    """(stages - 1) rows of x and dy sit in shared memory: bf16 x and dy at D 4096 are 16 KiB a row, fp32 at 16384
+    128 KiB, so at most one such row fits under the 192 KiB the launcher allows, whatever stages the table asks."""
+    monkeypatch.setattr(rms_norm, "BWD_ROW_STAGES", 3)
+    bf16, fp32 = torch.empty(1, dtype=torch.bfloat16), torch.empty(1)
+    assert rms_norm._row_stages(4096, bf16, bf16) == 3
+    assert rms_norm._row_stages(16384, fp32, fp32) == 2
+    assert rms_norm._row_stages(16384, fp32, bf16) == 3  # 96 KiB a row: two fit
+    monkeypatch.setattr(rms_norm, "BWD_ROW_STAGES", 1)
+    assert rms_norm._row_stages(1024, bf16, bf16) == 1
+
+
 def test_rms_norm_rejects_mismatched_weight():
     with pytest.raises(ValueError, match="weight shape"):
         rms_norm.rms_norm(torch.randn(2, 8), torch.ones(7), 1e-6)

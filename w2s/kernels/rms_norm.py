@@ -42,7 +42,8 @@ def _rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, r_ptr, sum_ptr, D, eps, 
 
 @triton.jit
 def _rms_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, M, D, dy_stride, x_stride,
-                         dx_stride, rows_per_program, UNIT_OFFSET: tl.constexpr, BLOCK_D: tl.constexpr):
+                         dx_stride, rows_per_program, UNIT_OFFSET: tl.constexpr, BLOCK_D: tl.constexpr,
+                         ROW_STAGES: tl.constexpr):
     # y = n * s with n = x * rstd and s = w (or 1 + w). Then dn = dy * s and
     # dx = rstd * (dn - n * mean(dn * n)),   dw = sum_rows dy * n   (n rounded as in the forward for Llama).
     pid = tl.program_id(0)
@@ -59,7 +60,7 @@ def _rms_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr,
     dy_ptr += first * dy_stride
     dx_ptr += first * dx_stride
     rstd_ptr += first
-    for _ in range(row_start, row_end):
+    for _ in tl.range(row_start, row_end, num_stages=ROW_STAGES):
         x = tl.load(x_ptr + cols, mask=mask, other=0.0)
         xf = x.to(tl.float32)
         dy = tl.load(dy_ptr + cols, mask=mask, other=0.0).to(tl.float32)
@@ -88,10 +89,20 @@ def _launch_config(D):
 
 
 # Backward launch: programs per SM (each walks its rows one at a time, so more programs keep more rows in flight,
-# at the price of more (programs, D) partial weight-gradient rows to sum) and warps per program (None: by D, as
-# the forward). sweep.py times the alternatives on a GPU.
+# at the price of more (programs, D) partial weight-gradient rows to sum), warps per program (None: by D, as the
+# forward) and row stages (Triton's pipeliner copies the next stages - 1 rows' x and dy into shared memory while
+# this row computes, so a program's loads do not wait on its own arithmetic; 1: no copies ahead). sweep.py times
+# the alternatives on a GPU.
 BWD_PROGRAMS_PER_SM = 2
 BWD_NUM_WARPS = None
+BWD_ROW_STAGES = 2
+_ROW_STAGE_SHARED_BYTES = 192 * 1024  # the rows copied ahead stay under a Hopper block's 227 KB of shared memory
+
+
+def _row_stages(block, x, dy):
+    """BWD_ROW_STAGES, fewer where (stages - 1) rows of x and dy would not fit in shared memory."""
+    row_bytes = block * (x.element_size() + dy.element_size())
+    return max(1, min(BWD_ROW_STAGES, 1 + _ROW_STAGE_SHARED_BYTES // row_bytes))
 
 
 def _num_programs(device, M):
@@ -131,7 +142,8 @@ def rms_norm_backward(dy2d, x2d, weight, rstd, unit_offset):
     num_warps = BWD_NUM_WARPS or num_warps
     _rms_norm_bwd_kernel[(programs,)](dy2d, x2d, weight, rstd, dx, dw_partial, M, D, dy2d.stride(0),
                                       x2d.stride(0), dx.stride(0), rows_per_program,
-                                      UNIT_OFFSET=unit_offset, BLOCK_D=block, num_warps=num_warps)
+                                      UNIT_OFFSET=unit_offset, BLOCK_D=block, ROW_STAGES=_row_stages(block, x2d, dy2d),
+                                      num_warps=num_warps)
     return dx, dw_partial.sum(0).to(weight.dtype)
 
 

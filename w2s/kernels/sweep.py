@@ -197,22 +197,25 @@ def sweep_rms_norm(warmup, repeats, M=16384, D=4096):
     dy = torch.randn_like(x)
     _, rstd = rms_norm.rms_norm_forward(x, w, 1e-5, False)
     backward = lambda: rms_norm.rms_norm_backward(dy, x, w, rstd, False)  # noqa: E731
-    table = (rms_norm.BWD_PROGRAMS_PER_SM, rms_norm.BWD_NUM_WARPS)
+    table = (rms_norm.BWD_PROGRAMS_PER_SM, rms_norm.BWD_NUM_WARPS, rms_norm.BWD_ROW_STAGES)
+    rms_norm.BWD_ROW_STAGES = 1  # the reference: each row's loads issued when its turn comes
     reference = backward()
     print(f"\nrms_norm bwd ({M}, {D}), bf16 (GB/s: read dy, x; write dx)")
-    print(f"{'programs/SM':>12} {'warps':>6} {'ms':>8} {'GB/s':>8} {'max rel diff':>13}")
+    print(f"{'programs/SM':>12} {'warps':>6} {'stages':>7} {'ms':>8} {'GB/s':>8} {'max rel diff':>13}")
     try:
-        for per_sm in (2, 4, 8, 16):
-            for warps in (None, 8, 4):
-                rms_norm.BWD_PROGRAMS_PER_SM, rms_norm.BWD_NUM_WARPS = per_sm, warps
-                grads = backward()
-                err = max(rel_err(g, r) for g, r in zip(grads, reference))
-                ms = _median_ms(backward, warmup, repeats)
-                label = str(warps or rms_norm._launch_config(D)[1])
-                print(f"{per_sm:>12} {label:>6} {ms:>8.3f} {3 * M * D * 2 / ms / 1e6:>8.0f} {err:>13.1e}"
-                      + ("   (table)" if (per_sm, warps) == table else ""))
+        for per_sm in (1, 2, 4):
+            for warps in (None, 8):
+                for stages in (1, 2, 3):
+                    rms_norm.BWD_PROGRAMS_PER_SM, rms_norm.BWD_NUM_WARPS, rms_norm.BWD_ROW_STAGES = \
+                        per_sm, warps, stages
+                    grads = backward()
+                    err = max(rel_err(g, r) for g, r in zip(grads, reference))
+                    ms = _median_ms(backward, warmup, repeats)
+                    label = str(warps or rms_norm._launch_config(D)[1])
+                    print(f"{per_sm:>12} {label:>6} {stages:>7} {ms:>8.3f} {3 * M * D * 2 / ms / 1e6:>8.0f} "
+                          f"{err:>13.1e}" + ("   (table)" if (per_sm, warps, stages) == table else ""))
     finally:
-        rms_norm.BWD_PROGRAMS_PER_SM, rms_norm.BWD_NUM_WARPS = table
+        rms_norm.BWD_PROGRAMS_PER_SM, rms_norm.BWD_NUM_WARPS, rms_norm.BWD_ROW_STAGES = table
 
 
 def main(argv=None):
