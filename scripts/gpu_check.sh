@@ -106,30 +106,26 @@ run_step() {  # the checks by name; the default run is ordered: tests first, the
     test_kernels) step "$1" 100 "$py" -m pytest $test_opts -m gpu tests/test_kernel_attention.py \
       tests/test_kernels.py ;;
     bench_kernels) step "$1" 95 "$py" -m w2s.kernels.bench --no-compile --warmup 3 --repeats 10 ;;
-    # attention fwd (pointer loads, TMA, TMA + persistent, warp-specialized) and bwd (the tables; dk/dv and dq
-    # warp-specialized) at the target shape, SDPA's flash backend beside
+    # attention fwd (pointer loads, TMA, TMA + persistent) and bwd at the target shape, SDPA's flash backend beside
     bench_attention) step "$1" 60 "$py" -m w2s.kernels.bench --only attention --no-compile --warmup 3 --repeats 10 ;;
     # RMSNorm, RoPE, SwiGLU and the fused linear cross-entropy against the copy bandwidth the bench measures first
     bench_memory) step "$1" 40 "$py" -m w2s.kernels.bench --only rms_norm,rope,swiglu,fused_ce --no-compile \
       --warmup 3 --repeats 10 ;;
-    # only the warp-specialized kernels against the reference (bf16, D 64 / 128 / 256; the default run's test_gpu
-    # has them too): a quick look at whether Triton's Hopper warp specialization computes them right
-    warp_specialized) step "$1" 120 "$py" -m pytest $test_opts -m gpu -k warp tests/test_kernel_attention.py ;;
     # the whole attention file on CUDA (fp32 + bf16 at the GPU tables): Triton compiles took over 120 s on an H100
     test_attention) step "$1" 300 "$py" -m pytest $test_opts tests/test_kernel_attention.py ;;
     batch1) step "$1" 100 "$py" scripts/bench_sampling.py --prompts 1 --samples 1 ;;  # 8B batch 1, MBU, steady state
-    # every launch config, fwd and bwd at D 64/128/256: over 150 compiles, more than one call may finish (alone)
+    # every launch config, fwd and bwd at D 64/128/256: over 130 compiles, more than one call may finish (alone)
     sweep) step "$1" 590 "$py" -m w2s.kernels.sweep ;;
     # RMSNorm's backward: programs per SM x warps per program at (16384, 4096), bf16
     sweep_rms_norm) step "$1" 40 "$py" -m w2s.kernels.sweep --only rms_norm ;;
-    # the forward's tiles at D 128 and 256, each with pointer loads and through TMA, two of them persistent too, and
-    # three warp-specialized tiles (one also persistent) (40 compiles; alone)
+    # the forward's tiles at D 128 and 256, each with pointer loads and through TMA, two of them persistent too
+    # (32 compiles; alone)
     sweep_forward) step "$1" 420 "$py" -m w2s.kernels.sweep --only forward128,forward256 ;;
     # the attention of the Llama-3.2-1B training shape (D 64, B8 T2048 H32 KH8), forward and backward: the tiles of
-    # the two above at D 64, for the 1B MFU target (48 compiles; alone)
+    # the two above at D 64, for the 1B MFU target (40 compiles; alone)
     sweep_training64) step "$1" 500 "$py" -m w2s.kernels.sweep --only forward64,attention64 ;;
-    # the backward's tiles at the benchmark's D 128: dk/dv and dq, pointer loads and (three tiles each) TMA,
-    # three dk/dv tiles summing dq by atomic adds (both loads), two dk/dv and two dq tiles warp-specialized; alone
+    # the backward's tiles at the benchmark's D 128: dk/dv and dq, pointer loads and (three tiles each) TMA, and
+    # three dk/dv tiles summing dq by atomic adds (both loads); alone
     sweep_backward128) step "$1" 400 "$py" -m w2s.kernels.sweep --only attention128 ;;
     # 8B, 64 prompts x 8 samples = 512 sequences x (128 -> 256), then batch-1 decode with its MBU and steady state
     bench_sampling) step "$1" 80 "$py" scripts/bench_sampling.py --prompts 64 --repeats 1 ;;

@@ -267,73 +267,6 @@ def test_persistent_forward_walks_every_tile_once(monkeypatch, tma, B, T, S, H, 
     check_grads_with_nan_past_kv_lengths(B, T, S, H, K, D, options)
 
 
-def record_warp_specialize_flags(monkeypatch):
-    """{kernel name: [the WARP_SPECIALIZE flag of each launch]} for the forward, dk/dv and dq kernels, which still
-    run."""
-    flags = {}
-
-    def recording(module, name):
-        kernel = getattr(module, name)
-
-        class Recording:  # `kernel[grid](...)` is how a launch starts
-            def __getitem__(self, grid):
-                def launch(*args, **kwargs):
-                    flags.setdefault(name, []).append(kwargs["WARP_SPECIALIZE"])
-                    return kernel[grid](*args, **kwargs)
-                return launch
-
-        monkeypatch.setattr(module, name, Recording())
-
-    recording(flash, "_attn_fwd_kernel")
-    recording(flash_backward, "_attn_bwd_dkdv_kernel")
-    recording(flash_backward, "_attn_bwd_dq_kernel")
-    return flags
-
-
-def warp_specialize(monkeypatch, programs_per_sm=0):
-    # 2 stages: what warp specialization needs on a GPU (the interpreter ignores stages; the launch check does not)
-    monkeypatch.setattr(flash, "_INTERPRET_FWD", flash._INTERPRET_FWD._replace(
-        stages=2, tma=True, programs_per_sm=programs_per_sm, warp_specialize=True))
-    for name in ("_INTERPRET_BWD_DKDV", "_INTERPRET_BWD_DQ"):
-        monkeypatch.setattr(flash_backward, name,
-                            getattr(flash_backward, name)._replace(stages=2, tma=True, warp_specialize=True))
-    return record_warp_specialize_flags(monkeypatch)
-
-
-@pytest.mark.parametrize("programs_per_sm", [0, 1], ids=["tile-per-program", "persistent"])
-@pytest.mark.parametrize("B, T, S, H, K, D, options", [
-    (2, 36, 36, 4, 2, 32, {}),
-    (3, 72, 72, 4, 2, 16, {"kv_lengths": (72, 41, 0)}),
-    (2, 36, 36, 4, 1, 32, {"sliding_window": 5, "softcap": 5.0, "kv_lengths": (36, 20)}),
-    (2, 40, 50, 4, 2, 16, {"q_positions": ((10, 50), (0, 40)), "kv_lengths": (50, 40), "sliding_window": 6}),
-    (2, 4, 40, 2, 2, 16, {"q_positions": ((36, 40), (36, 40))}),
-], ids=["gqa", "padding-empty-row", "mqa-window-softcap-padding", "positions-ragged-window", "every-key-visible"])
-def test_warp_specialized_attention_kernels(monkeypatch, programs_per_sm, B, T, S, H, K, D, options):
-    """The warp-specialized forward, dk/dv and dq kernels (every input through descriptors: q, dO, the positions, the
-    LSE and delta rows, dk/dv's key block; each kernel's three segments as one loop that masks every block) give the
-    reference's output and gradients: the middle segment's blocks, unmasked elsewhere, are masked here and must keep
-    every key, the edge blocks must still drop what a row cannot see, and the query rows past T (LSE and delta read
-    as 0, not +inf) must add nothing. NaN keys and values past kv_len, as in the TMA tests. The interpreter runs the
-    loops as written (the warp groups are the compiler's); `make check-sm90` checks that Triton specializes them."""
-    launches = warp_specialize(monkeypatch, programs_per_sm)
-    check_grads_with_nan_past_kv_lengths(B, T, S, H, K, D, options)
-    assert launches == {"_attn_fwd_kernel": [True], "_attn_bwd_dkdv_kernel": [True], "_attn_bwd_dq_kernel": [True]}
-
-
-@pytest.mark.parametrize("T, options, expected", [
-    (7, {"q_positions": ((13, 20), (5, 12)), "kv_lengths": (20, 12), "sliding_window": 6}, [False, False, False]),
-    (9, {"kv_lengths": (20, 12), "sliding_window": 6}, [True, False, False]),
-], ids=["positions-rows-of-28-bytes", "lse-rows-of-36-bytes"])
-def test_warp_specialization_falls_back_where_an_input_is_not_tma_addressable(monkeypatch, T, options, expected):
-    """Rows of 7 int32 positions, or the backward's LSE and delta rows of 9 fp32 (no multiple of 16 bytes), cannot
-    be read through a descriptor: those kernels run their three-segment loops on the same tiles instead, and the
-    output and gradients still match the reference."""
-    launches = warp_specialize(monkeypatch)
-    check_grads_with_nan_past_kv_lengths(2, T, 20, 4, 2, 16, options)
-    assert [launches[name][0] for name in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")] \
-        == expected
-
-
 @pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
 @pytest.mark.parametrize("B, T, S, H, K, D, options", [
     (2, 33, 33, 4, 2, 32, {}),
@@ -360,13 +293,7 @@ def test_backward_with_dq_summed_by_atomic_adds(monkeypatch, tma, B, T, S, H, K,
     (flash_backward, "_INTERPRET_BWD_DKDV", {"programs_per_sm": 1}, "dk/dv launch config .* sets programs_per_sm"),
     (flash_backward, "_INTERPRET_BWD_DQ", {"atomic_dq": True}, "dq launch config .* sets atomic_dq"),
     (flash, "_INTERPRET_FWD", {"atomic_dq": True}, "forward launch config .* sets atomic_dq"),
-    (flash, "_INTERPRET_FWD", {"stages": 2, "warp_specialize": True}, "sets warp_specialize without tma=True, warps=4"),
-    (flash, "_INTERPRET_FWD", {"stages": 2, "tma": True, "warps": 8, "warp_specialize": True}, "without tma=True, war"),
-    (flash, "_INTERPRET_FWD", {"tma": True, "warp_specialize": True}, "without tma=True, warps=4 and stages >= 2"),
-    (flash_backward, "_INTERPRET_BWD_DKDV", {"stages": 2, "tma": True, "atomic_dq": True, "warp_specialize": True},
-     "sets warp_specialize .* or with atomic_dq"),
-], ids=["persistent-dkdv", "atomic-dq-in-dq", "atomic-dq-in-forward", "warp-specialized-without-tma",
-        "warp-specialized-with-8-warps", "warp-specialized-with-1-stage", "warp-specialized-with-atomic-dq"])
+], ids=["persistent-dkdv", "atomic-dq-in-dq", "atomic-dq-in-forward"])
 def test_a_launch_option_the_kernel_does_not_read_is_refused(monkeypatch, module, name, option, message):
     """A table entry edited by hand with an option its kernel ignores fails at launch, naming the kernel and the
     option, instead of running as if it were not set."""

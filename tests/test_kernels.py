@@ -854,24 +854,6 @@ def test_norm_rope_glu_and_loss_kernels_compile_for_an_h100_without_a_gpu(tmp_pa
     assert stdout.count("_rms_norm_bwd_kernel") == 8 and stdout.count("_rows_nll_kernel") == 12
 
 
-def test_attention_kernels_are_warp_specialized_when_compiled_for_an_h100(tmp_path):
-    """The warp_specialize launch option hands the loops of the forward, dk/dv and dq kernels to Triton's Hopper warp
-    specialization, which gives up without a word on a loop it cannot split (a pointer load, a second loop, a branch
-    in the loop body): compiled for sm_90a, each must come out with 12 warps (a producer and two consumer warp groups
-    of the 4 asked for), causal and with explicit positions; and its products must be Hopper's warp-group ones
-    (HGMMA in the SASS, not the older warp-level HMMA). The interpreter cannot see this."""
-    import re
-
-    lines = compile_check_for_sm90(tmp_path, "warp_specialized", "--sass").splitlines()
-    rows = [(line, lines[i + 1]) for i, line in enumerate(lines) if "WARP_SPECIALIZE=True" in line]
-    kernels = ["_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel", "_attn_fwd_kernel"]
-    assert sorted(row.split()[0] for row, _ in rows) == sorted(kernels * 2), rows
-    assert all("num_warps=4" in row for row, _ in rows), rows
-    assert [int(re.split(r"\s+", row)[4]) for row, _ in rows] == [12] * 6, rows  # shared, regs, spills, warps
-    opcodes = [dict(re.findall(r"(\w+)=(\d+)", sass.replace("SASS", ""))) for _, sass in rows]
-    assert all(int(ops["HGMMA"]) > 0 and int(ops["HMMA"]) == 0 for ops in opcodes), rows
-
-
 # ------------------------------------------------------------------------------------- the ops switch's errors
 
 

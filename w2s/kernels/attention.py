@@ -27,9 +27,7 @@ The tiles a loop streams (keys and values in the forward and dq loops, queries a
 loop) are loaded through pointers, or, where the launch table's TMA entry says so, through tensor descriptors that
 Hopper's copy engine (TMA) reads from: same tiles, same zeros past the end, no address arithmetic in the threads.
 The forward runs one program per (query block, batch x head) tile, or, where the table's programs_per_sm says so, a
-few programs per SM that each walk many tiles (persistent): the same per-tile body, `_fwd_tile`, either way. Where
-the table's warp_specialize says so, Triton splits the key loop among a producer warp group and two consumer warp
-groups (Hopper; `_fwd_tile` says what that asks of the loop).
+few programs per SM that each walk many tiles (persistent): the same per-tile body, `_fwd_tile`, either way.
 
     python -m pytest -q tests/test_kernel_attention.py     # CPU, TRITON_INTERPRET=1, vs the reference
 """
@@ -56,11 +54,9 @@ from w2s.kernels.attention_common import (
     _pos_strides,
     _precision,
     _query_positions,
-    _query_rows,
     _sm_count,
     _tma_ready,
     _visible,
-    _warp_specializable,
 )
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -71,12 +67,10 @@ from w2s.kernels.attention_common import (
 @triton.jit
 def _fwd_key_loop(acc, m_i, l_i, q, pos, K_head, V_head, stride_ks, stride_vs, offs_d, start, end, kv_len,
                   scale, softcap, window, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                  HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr = False,
-                  WARP_SPECIALIZE: tl.constexpr = False):
+                  HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr = False):
     """Online softmax over key blocks [start, end): acc (M, D) unnormalized output, m_i row max, l_i row sum.
-    K_head / V_head: one kv head's (S, D) rows, as pointers, or as tensor descriptors when TMA. WARP_SPECIALIZE hands
-    the loop to Triton's Hopper warp specialization (see _fwd_tile)."""
-    for start_n in tl.range(start, end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+    K_head / V_head: one kv head's (S, D) rows, as pointers, or as tensor descriptors when TMA."""
+    for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if TMA:  # the descriptors end at kv_len: the copy engine fills rows past it with zeros, no mask needed
             kt = tl.trans(K_head.load([start_n, 0]))  # (D, N)
@@ -110,28 +104,20 @@ def _fwd_tile(pid_m, pid_bh, Q, K, V, O, LSE, POS, KV_LEN,
               T, S, H, GROUP, scale, softcap, window,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_POS: tl.constexpr,
               HAS_KV_LEN: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-              PRECISION: tl.constexpr, TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
-    """One tile: query block pid_m of (batch x head) row pid_bh -> its BLOCK_M rows of O and LSE.
-
-    WARP_SPECIALIZE (sm_90, 4 warps, every input TMA-addressable): Triton splits the key loop among warp groups, one
-    that only issues the TMA copies of the next K and V tiles and two that each take half of the query rows through
-    the products and the softmax, so that copies, matrix products and exponentials overlap (FlashAttention-3's
-    producer / consumer layout). Triton does so only for a kernel whose one loop reads everything through TMA: q and
-    the positions come through descriptors too, and the three key segments become one loop that masks every block
-    (the mask is all true in the middle segment; a branch around it stops the specialization)."""
+              PRECISION: tl.constexpr, TMA: tl.constexpr):
+    """One tile: query block pid_m of (batch x head) row pid_bh -> its BLOCK_M rows of O and LSE."""
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
     kv_h = h // GROUP
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < T
-    pos = _query_positions(POS, b, offs_m, row_ok, stride_pb, stride_pt, HAS_POS, T, pid_m * BLOCK_M, BLOCK_M,
-                           WARP_SPECIALIZE)
+    pos = _query_positions(POS, b, offs_m, row_ok, stride_pb, stride_pt, HAS_POS)
     kv_len = _kv_length(KV_LEN, b, S, HAS_KV_LEN)
     lo, full_lo, full_hi, hi = _key_segments(pos, row_ok, kv_len, window, BLOCK_N, HAS_WINDOW)
 
-    q = _query_rows(Q + b * stride_qb + h * stride_qh, stride_qt, T, pid_m * BLOCK_M, offs_m, offs_d, row_ok,
-                    BLOCK_M, HEAD_DIM, WARP_SPECIALIZE)  # (M, D)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)  # (M, D)
     K_head = K + b * stride_kb + kv_h * stride_kh
     V_head = V + b * stride_vb + kv_h * stride_vh
     if TMA:
@@ -139,20 +125,15 @@ def _fwd_tile(pid_m, pid_bh, Q, K, V, O, LSE, POS, KV_LEN,
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if WARP_SPECIALIZE:
-        acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, pos, K_head, V_head, stride_ks, stride_vs, offs_d, lo, hi,
-                                      kv_len, scale, softcap, window, BLOCK_N, True, HAS_WINDOW, HAS_SOFTCAP,
-                                      PRECISION, TMA, True)
-    else:
-        acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, pos, K_head, V_head, stride_ks, stride_vs, offs_d, lo,
-                                      full_lo, kv_len, scale, softcap, window, BLOCK_N, True, HAS_WINDOW, HAS_SOFTCAP,
-                                      PRECISION, TMA)
-        acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, pos, K_head, V_head, stride_ks, stride_vs, offs_d, full_lo,
-                                      full_hi, kv_len, scale, softcap, window, BLOCK_N, False, HAS_WINDOW,
-                                      HAS_SOFTCAP, PRECISION, TMA)
-        acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, pos, K_head, V_head, stride_ks, stride_vs, offs_d, full_hi,
-                                      hi, kv_len, scale, softcap, window, BLOCK_N, True, HAS_WINDOW, HAS_SOFTCAP,
-                                      PRECISION, TMA)
+    acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, pos, K_head, V_head, stride_ks, stride_vs, offs_d, lo, full_lo,
+                                  kv_len, scale, softcap, window, BLOCK_N, True, HAS_WINDOW, HAS_SOFTCAP, PRECISION,
+                                  TMA)
+    acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, pos, K_head, V_head, stride_ks, stride_vs, offs_d, full_lo,
+                                  full_hi, kv_len, scale, softcap, window, BLOCK_N, False, HAS_WINDOW, HAS_SOFTCAP,
+                                  PRECISION, TMA)
+    acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, pos, K_head, V_head, stride_ks, stride_vs, offs_d, full_hi, hi,
+                                  kv_len, scale, softcap, window, BLOCK_N, True, HAS_WINDOW, HAS_SOFTCAP, PRECISION,
+                                  TMA)
 
     empty = l_i == 0.0  # no visible key: output 0, and lse = +inf makes every backward probability exp2(-inf) = 0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -169,8 +150,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, POS, KV_LEN,
                      T, S, H, GROUP, BATCH_HEADS, scale, softcap, window,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_POS: tl.constexpr,
                      HAS_KV_LEN: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                     PRECISION: tl.constexpr, TMA: tl.constexpr, PERSISTENT: tl.constexpr,
-                     WARP_SPECIALIZE: tl.constexpr):
+                     PRECISION: tl.constexpr, TMA: tl.constexpr, PERSISTENT: tl.constexpr):
     if PERSISTENT:
         # Grid (programs,): a few programs per SM walk every tile in the order the one-program-per-tile grid
         # launches them: (batch, head) after (batch, head), each one's heaviest causal query blocks first. The
@@ -182,15 +162,14 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, POS, KV_LEN,
                       stride_qb, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
                       stride_vh, stride_ob, stride_ot, stride_oh, stride_pb, stride_pt, T, S, H, GROUP, scale,
                       softcap, window, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_POS, HAS_KV_LEN, HAS_WINDOW, HAS_SOFTCAP,
-                      PRECISION, TMA, WARP_SPECIALIZE)
+                      PRECISION, TMA)
     else:
         # Grid (query blocks, batch x heads), one program per tile. Causal rows at the end of the sequence have the
         # most keys: launch them first for a better tail.
         _fwd_tile(tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1), Q, K, V, O, LSE, POS, KV_LEN,
                   stride_qb, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                   stride_ob, stride_ot, stride_oh, stride_pb, stride_pt, T, S, H, GROUP, scale, softcap, window,
-                  HEAD_DIM, BLOCK_M, BLOCK_N, HAS_POS, HAS_KV_LEN, HAS_WINDOW, HAS_SOFTCAP, PRECISION, TMA,
-                  WARP_SPECIALIZE)
+                  HEAD_DIM, BLOCK_M, BLOCK_N, HAS_POS, HAS_KV_LEN, HAS_WINDOW, HAS_SOFTCAP, PRECISION, TMA)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -217,9 +196,8 @@ def _forward(q, k, v, q_positions, kv_lengths, sliding_window, softcap, scale):
     out = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     launch = _config(_GPU_FWD_FP32 if q.dtype == torch.float32 else _GPU_FWD, _INTERPRET_FWD, D, "forward",
-                     ("tma", "programs_per_sm", "warp_specialize"))
+                     ("tma", "programs_per_sm"))
     tma = launch.tma and _tma_ready(k, v)
-    warp_specialize = _warp_specializable(launch, (q, k, v), q_positions)
     blocks = triton.cdiv(T, launch.block_m)
     if launch.programs_per_sm:
         grid = (min(blocks * B * H, launch.programs_per_sm * _sm_count(q.device)), 1)
@@ -229,7 +207,7 @@ def _forward(q, k, v, q_positions, kv_lengths, sliding_window, softcap, scale):
         q, k, v, out, lse, q_positions, kv_lengths, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         *out.stride()[:3], *_pos_strides(q_positions), T, S, H, H // KH, B * H, scale, softcap or 1.0,
         sliding_window or 0, HEAD_DIM=D, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, PRECISION=_precision(q.dtype),
-        TMA=tma, PERSISTENT=launch.programs_per_sm > 0, WARP_SPECIALIZE=warp_specialize,
+        TMA=tma, PERSISTENT=launch.programs_per_sm > 0,
         **_flags(q_positions, kv_lengths, sliding_window, softcap), num_warps=launch.warps, num_stages=launch.stages)
     return out, lse
 

@@ -5,10 +5,8 @@ Three kernels: delta = rowsum(dO * O) per query row; one program per key block f
 heads of its GQA group so no atomics are needed (the query blocks it visits follow the forward's key segments,
 transposed); one program per query block for dq, over the forward's key segments. Where the dk/dv table entry says
 atomic_dq, the dk/dv program also adds its key block's share of dq into an fp32 buffer with atomic adds and the dq
-kernel does not run (no recomputed scores; dq's sums then land in any order). Where a table entry says
-warp_specialize, that kernel's loop goes to Triton's Hopper warp specialization as the forward's does
-(attention.py's _fwd_tile says how). The launch tables here are the backward's, chosen by sweep.py;
-attention.py's autograd Function calls `_backward`.
+kernel does not run (no recomputed scores; dq's sums then land in any order). The launch tables here are the
+backward's, chosen by sweep.py; attention.py's autograd Function calls `_backward`.
 
     python -m pytest -q tests/test_kernel_attention.py     # CPU, TRITON_INTERPRET=1, vs the reference
 """
@@ -31,13 +29,9 @@ from w2s.kernels.attention_common import (
     _pos_strides,
     _precision,
     _query_positions,
-    _query_rows,
-    _row_descriptor,
-    _row_values,
     _rows_descriptor,
     _tma_ready,
     _visible,
-    _warp_specializable,
 )
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -68,15 +62,12 @@ def _bwd_dkdv_query_loop(dk, dv, k, v, offs_n, Q_head, DO_head, LSE_head, DELTA_
                          stride_pb, stride_pt, stride_qt, stride_dot, stride_dqt, offs_d, start, end, T, kv_len,
                          scale, softcap, window, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
                          HAS_POS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                         PRECISION: tl.constexpr, TMA: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-                         WARP_SPECIALIZE: tl.constexpr = False):
+                         PRECISION: tl.constexpr, TMA: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     """Accumulate dk, dv (N, D) of one key block over query blocks [start, end), all in transposed (N, M) tiles.
     Q_head / DO_head: one query head's (T, D) rows, as pointers, or as tensor descriptors when TMA. ATOMIC_DQ: also
     add this key block's share of dq, scale * dS K (M, D), into the head's fp32 rows DQ_ACC_head with atomic adds
-    (FlashAttention-2's backward: the dq kernel and its three recomputed products are not needed).
-    WARP_SPECIALIZE: the loop goes to Triton's Hopper warp specialization (see _attn_bwd_dkdv_kernel), and LSE_head,
-    DELTA_head and POS are descriptors of the head's (T,) rows."""
-    for start_m in tl.range(start, end, BLOCK_M, warp_specialize=WARP_SPECIALIZE):
+    (FlashAttention-2's backward: the dq kernel and its three recomputed products are not needed)."""
+    for start_m in range(start, end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < T
         if TMA:  # rows past T arrive as zeros, as the masked loads below give them
@@ -85,12 +76,8 @@ def _bwd_dkdv_query_loop(dk, dv, k, v, offs_n, Q_head, DO_head, LSE_head, DELTA_
         else:
             q = tl.load(Q_head + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
             do = tl.load(DO_head + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        if WARP_SPECIALIZE:  # rows past T arrive as 0, not +inf: the mask (position -1) zeroes their probabilities
-            lse = LSE_head.load([start_m])
-            delta = DELTA_head.load([start_m])
-        else:
-            lse = tl.load(LSE_head + offs_m, mask=row_ok, other=float("inf"))
-            delta = tl.load(DELTA_head + offs_m, mask=row_ok, other=0.0)
+        lse = tl.load(LSE_head + offs_m, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA_head + offs_m, mask=row_ok, other=0.0)
         qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (N, M)
         s_t, to_log2 = _log2_scores(qk_t, scale, softcap, HAS_SOFTCAP)
         if HAS_SOFTCAP:
@@ -100,10 +87,7 @@ def _bwd_dkdv_query_loop(dk, dv, k, v, offs_n, Q_head, DO_head, LSE_head, DELTA_
             cap_grad_t = 1.0 - th * th
         p_t = tl.exp2(s_t * to_log2 - lse[None, :])  # probabilities, (N, M)
         if MASKED:  # after the exp2, so that its multiply and subtraction stay one fused multiply-add
-            if WARP_SPECIALIZE and HAS_POS:
-                pos = tl.where(row_ok, POS.load([start_m]), -1)
-            else:
-                pos = _query_positions(POS, b, offs_m, row_ok, stride_pb, stride_pt, HAS_POS)
+            pos = _query_positions(POS, b, offs_m, row_ok, stride_pb, stride_pt, HAS_POS)
             p_t = tl.where(_visible(pos[None, :], offs_n[:, None], kv_len, window, HAS_WINDOW), p_t, 0.0)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -128,12 +112,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, POS, KV_LEN,
                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           HAS_POS: tl.constexpr, HAS_KV_LEN: tl.constexpr, HAS_WINDOW: tl.constexpr,
                           HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
-                          ATOMIC_DQ: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
-    """dk, dv of one key block of one (batch, kv head). WARP_SPECIALIZE (sm_90, 4 warps, TMA, T a multiple of 4, no
-    atomic dq): as the forward's (attention.py's _fwd_tile), Triton splits the query loop into a warp group
-    that issues the TMA copies of the next q and dO tiles and of their LSE and delta rows, and two consumer warp groups
-    that run the products; it does so only for one loop whose loads all go through TMA, so k, v, LSE, delta and the
-    positions come through descriptors and the three query segments become one loop that masks every block."""
+                          ATOMIC_DQ: tl.constexpr):
+    """dk, dv of one key block of one (batch, kv head)."""
     pid_n = tl.program_id(0)
     pid_bk = tl.program_id(1)
     b = (pid_bk // KH).to(tl.int64)
@@ -147,18 +127,10 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, POS, KV_LEN,
         key_read = offs_n < kv_len
     else:
         key_read = key_ok
-    if WARP_SPECIALIZE:  # descriptors that end at S: keys past it arrive as zeros, as the masked loads give them
-        k_desc, v_desc = _kv_descriptors(K + b * stride_kb + kv_h * stride_kh, V + b * stride_vb + kv_h * stride_vh,
-                                         stride_ks, stride_vs, S, HEAD_DIM, BLOCK_N)
-        k = k_desc.load([start_n, 0])  # (N, D)
-        v = v_desc.load([start_n, 0])
-        if HAS_POS:
-            POS = _row_descriptor(POS + b * stride_pb, T, BLOCK_M)
-    else:
-        k = tl.load(K + b * stride_kb + kv_h * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :],
-                    mask=key_read[:, None], other=0.0)  # (N, D)
-        v = tl.load(V + b * stride_vb + kv_h * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :],
-                    mask=key_read[:, None], other=0.0)
+    k = tl.load(K + b * stride_kb + kv_h * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :],
+                mask=key_read[:, None], other=0.0)  # (N, D)
+    v = tl.load(V + b * stride_vb + kv_h * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :],
+                mask=key_read[:, None], other=0.0)
 
     # Which query blocks see this key block. With explicit positions nothing is known: visit all, masked.
     # Otherwise query t sits at position t: masked diagonal blocks, then blocks that see every key here,
@@ -194,32 +166,22 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, POS, KV_LEN,
             DO_head = _rows_descriptor(DO_head, stride_dot, T, BLOCK_M, HEAD_DIM)
         LSE_head = LSE + (b * H + h) * T
         DELTA_head = DELTA + (b * H + h) * T
-        if WARP_SPECIALIZE:
-            LSE_head = _row_descriptor(LSE_head, T, BLOCK_M)
-            DELTA_head = _row_descriptor(DELTA_head, T, BLOCK_M)
         DQ_ACC_head = DQ_ACC + b * stride_dqb + h * stride_dqh
-        if WARP_SPECIALIZE:
-            dk, dv = _bwd_dkdv_query_loop(dk, dv, k, v, offs_n, Q_head, DO_head, LSE_head, DELTA_head,
-                                          DQ_ACC_head, POS, b, stride_pb, stride_pt, stride_qt, stride_dot,
-                                          stride_dqt, offs_d, lo, hi, T, kv_len, scale, softcap, window,
-                                          BLOCK_M, True, HAS_POS, HAS_WINDOW, HAS_SOFTCAP, PRECISION, TMA,
-                                          ATOMIC_DQ, True)
-        else:
-            dk, dv = _bwd_dkdv_query_loop(dk, dv, k, v, offs_n, Q_head, DO_head, LSE_head, DELTA_head,
-                                          DQ_ACC_head, POS, b, stride_pb, stride_pt, stride_qt, stride_dot,
-                                          stride_dqt, offs_d, lo, full_lo, T, kv_len, scale, softcap, window,
-                                          BLOCK_M, True, HAS_POS, HAS_WINDOW, HAS_SOFTCAP, PRECISION, TMA,
-                                          ATOMIC_DQ)
-            dk, dv = _bwd_dkdv_query_loop(dk, dv, k, v, offs_n, Q_head, DO_head, LSE_head, DELTA_head,
-                                          DQ_ACC_head, POS, b, stride_pb, stride_pt, stride_qt, stride_dot,
-                                          stride_dqt, offs_d, full_lo, full_hi, T, kv_len, scale, softcap, window,
-                                          BLOCK_M, False, HAS_POS, HAS_WINDOW, HAS_SOFTCAP, PRECISION, TMA,
-                                          ATOMIC_DQ)
-            dk, dv = _bwd_dkdv_query_loop(dk, dv, k, v, offs_n, Q_head, DO_head, LSE_head, DELTA_head,
-                                          DQ_ACC_head, POS, b, stride_pb, stride_pt, stride_qt, stride_dot,
-                                          stride_dqt, offs_d, full_hi, hi, T, kv_len, scale, softcap, window,
-                                          BLOCK_M, True, HAS_POS, HAS_WINDOW, HAS_SOFTCAP, PRECISION, TMA,
-                                          ATOMIC_DQ)
+        dk, dv = _bwd_dkdv_query_loop(dk, dv, k, v, offs_n, Q_head, DO_head, LSE_head, DELTA_head,
+                                      DQ_ACC_head, POS, b, stride_pb, stride_pt, stride_qt, stride_dot,
+                                      stride_dqt, offs_d, lo, full_lo, T, kv_len, scale, softcap, window,
+                                      BLOCK_M, True, HAS_POS, HAS_WINDOW, HAS_SOFTCAP, PRECISION, TMA,
+                                      ATOMIC_DQ)
+        dk, dv = _bwd_dkdv_query_loop(dk, dv, k, v, offs_n, Q_head, DO_head, LSE_head, DELTA_head,
+                                      DQ_ACC_head, POS, b, stride_pb, stride_pt, stride_qt, stride_dot,
+                                      stride_dqt, offs_d, full_lo, full_hi, T, kv_len, scale, softcap, window,
+                                      BLOCK_M, False, HAS_POS, HAS_WINDOW, HAS_SOFTCAP, PRECISION, TMA,
+                                      ATOMIC_DQ)
+        dk, dv = _bwd_dkdv_query_loop(dk, dv, k, v, offs_n, Q_head, DO_head, LSE_head, DELTA_head,
+                                      DQ_ACC_head, POS, b, stride_pb, stride_pt, stride_qt, stride_dot,
+                                      stride_dqt, offs_d, full_hi, hi, T, kv_len, scale, softcap, window,
+                                      BLOCK_M, True, HAS_POS, HAS_WINDOW, HAS_SOFTCAP, PRECISION, TMA,
+                                      ATOMIC_DQ)
     tl.store(DK + b * stride_dkb + kv_h * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=key_ok[:, None])
     tl.store(DV + b * stride_dvb + kv_h * stride_dvh + offs_n[:, None] * stride_dvs + offs_d[None, :],
@@ -229,11 +191,10 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, POS, KV_LEN,
 @triton.jit
 def _bwd_dq_key_loop(dq, q, do, lse, delta, pos, K_head, V_head, stride_ks, stride_vs, offs_d, start, end, kv_len,
                      scale, softcap, window, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                     HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
-                     WARP_SPECIALIZE: tl.constexpr = False):
+                     HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
     """Accumulate dq (M, D) of one query block over key blocks [start, end) (the forward's segments). K_head /
-    V_head as in the forward's key loop; WARP_SPECIALIZE as in the forward's (attention.py's _fwd_tile)."""
-    for start_n in tl.range(start, end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+    V_head as in the forward's key loop."""
+    for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if TMA:  # the descriptors end at kv_len: rows past it arrive as zeros
             k = K_head.load([start_n, 0])  # (N, D)
@@ -269,10 +230,8 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, POS, KV_LEN,
                         T, S, H, GROUP, scale, softcap, window,
                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_POS: tl.constexpr,
                         HAS_KV_LEN: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                        PRECISION: tl.constexpr, TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
-    """dq of one query block of one (batch, head). WARP_SPECIALIZE (sm_90, 4 warps, TMA, T a multiple of 4): as the
-    forward's, one key loop that masks every block, every input through descriptors (q, dO, the LSE and delta rows,
-    the positions)."""
+                        PRECISION: tl.constexpr, TMA: tl.constexpr):
+    """dq of one query block of one (batch, head)."""
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -281,39 +240,27 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, POS, KV_LEN,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < T
-    start_m = pid_m * BLOCK_M
-    pos = _query_positions(POS, b, offs_m, row_ok, stride_pb, stride_pt, HAS_POS, T, start_m, BLOCK_M,
-                           WARP_SPECIALIZE)
+    pos = _query_positions(POS, b, offs_m, row_ok, stride_pb, stride_pt, HAS_POS)
     kv_len = _kv_length(KV_LEN, b, S, HAS_KV_LEN)
     lo, full_lo, full_hi, hi = _key_segments(pos, row_ok, kv_len, window, BLOCK_N, HAS_WINDOW)
 
-    q = _query_rows(Q + b * stride_qb + h * stride_qh, stride_qt, T, start_m, offs_m, offs_d, row_ok, BLOCK_M,
-                    HEAD_DIM, WARP_SPECIALIZE)
-    do = _query_rows(DO + b * stride_dob + h * stride_doh, stride_dot, T, start_m, offs_m, offs_d, row_ok, BLOCK_M,
-                     HEAD_DIM, WARP_SPECIALIZE)
-    # through descriptors rows past T read 0, not +inf: their positions (-1) mask all their scores
-    lse = _row_values(LSE + pid_bh.to(tl.int64) * T, T, start_m, offs_m, row_ok, float("inf"), BLOCK_M,
-                      WARP_SPECIALIZE)
-    delta = _row_values(DELTA + pid_bh.to(tl.int64) * T, T, start_m, offs_m, row_ok, 0.0, BLOCK_M, WARP_SPECIALIZE)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0)
+    lse = tl.load(LSE + pid_bh.to(tl.int64) * T + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + pid_bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
     K_head = K + b * stride_kb + kv_h * stride_kh
     V_head = V + b * stride_vb + kv_h * stride_vh
     if TMA:
         K_head, V_head = _kv_descriptors(K_head, V_head, stride_ks, stride_vs, kv_len, HEAD_DIM, BLOCK_N)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    if WARP_SPECIALIZE:
-        dq = _bwd_dq_key_loop(dq, q, do, lse, delta, pos, K_head, V_head, stride_ks, stride_vs, offs_d, lo, hi,
-                              kv_len, scale, softcap, window, BLOCK_N, True, HAS_WINDOW, HAS_SOFTCAP, PRECISION, TMA,
-                              True)
-    else:
-        dq = _bwd_dq_key_loop(dq, q, do, lse, delta, pos, K_head, V_head, stride_ks, stride_vs, offs_d, lo,
-                              full_lo, kv_len, scale, softcap, window, BLOCK_N, True, HAS_WINDOW, HAS_SOFTCAP,
-                              PRECISION, TMA)
-        dq = _bwd_dq_key_loop(dq, q, do, lse, delta, pos, K_head, V_head, stride_ks, stride_vs, offs_d, full_lo,
-                              full_hi, kv_len, scale, softcap, window, BLOCK_N, False, HAS_WINDOW, HAS_SOFTCAP,
-                              PRECISION, TMA)
-        dq = _bwd_dq_key_loop(dq, q, do, lse, delta, pos, K_head, V_head, stride_ks, stride_vs, offs_d, full_hi,
-                              hi, kv_len, scale, softcap, window, BLOCK_N, True, HAS_WINDOW, HAS_SOFTCAP,
-                              PRECISION, TMA)
+    dq = _bwd_dq_key_loop(dq, q, do, lse, delta, pos, K_head, V_head, stride_ks, stride_vs, offs_d, lo, full_lo,
+                          kv_len, scale, softcap, window, BLOCK_N, True, HAS_WINDOW, HAS_SOFTCAP, PRECISION, TMA)
+    dq = _bwd_dq_key_loop(dq, q, do, lse, delta, pos, K_head, V_head, stride_ks, stride_vs, offs_d, full_lo, full_hi,
+                          kv_len, scale, softcap, window, BLOCK_N, False, HAS_WINDOW, HAS_SOFTCAP, PRECISION, TMA)
+    dq = _bwd_dq_key_loop(dq, q, do, lse, delta, pos, K_head, V_head, stride_ks, stride_vs, offs_d, full_hi, hi,
+                          kv_len, scale, softcap, window, BLOCK_N, True, HAS_WINDOW, HAS_SOFTCAP, PRECISION, TMA)
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
@@ -323,7 +270,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, POS, KV_LEN,
 # ----------------------------------------------------------------------------------------------------------------
 
 # Backward launch configs (w2s/kernels/attention_common.Launch; programs per SM is the forward's option, an error here;
-# atomic_dq the dk/dv kernel's; warp_specialize any kernel's):
+# atomic_dq the dk/dv kernel's):
 # D = 64 and 128 chosen by sweep.py on an H100 (BENCHMARKS.md); D = 256 not swept.
 _GPU_BWD_DKDV = {64: Launch(32, 128, 4, 3), 128: Launch(64, 64, 4, 2), 256: Launch(32, 64, 8, 1)}
 _GPU_BWD_DQ = {64: Launch(64, 64, 4, 3), 128: Launch(64, 64, 4, 2), 256: Launch(64, 32, 8, 1)}
@@ -340,9 +287,8 @@ def _backward(do, q, k, v, out, lse, q_positions, kv_lengths, sliding_window, so
     block_delta = 16 if _interpreting() else 64
     _attn_bwd_delta_kernel[_grid(triton.cdiv(T, block_delta), B * H)](
         out, do, delta, *out.stride()[:3], *do.stride()[:3], T, H, HEAD_DIM=D, BLOCK_M=block_delta)
-    dkdv = _config(_GPU_BWD_DKDV, _INTERPRET_BWD_DKDV, D, "dk/dv", ("tma", "atomic_dq", "warp_specialize"))
+    dkdv = _config(_GPU_BWD_DKDV, _INTERPRET_BWD_DKDV, D, "dk/dv", ("tma", "atomic_dq"))
     tma = dkdv.tma and _tma_ready(q, do)
-    warp_specialize = _warp_specializable(dkdv, (q, k, v, do), q_positions, T)
     # atomic_dq: fp32 sums the dk/dv kernel adds into (rows no key reaches stay 0); else what the dq kernel writes
     dq = (torch.zeros((B, T, H, D), dtype=torch.float32, device=q.device) if dkdv.atomic_dq
           else torch.empty_like(q, memory_format=torch.contiguous_format))
@@ -357,16 +303,15 @@ def _backward(do, q, k, v, out, lse, q_positions, kv_lengths, sliding_window, so
         *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], *dq.stride()[:3],
         *_pos_strides(q_positions), T, S, H, KH, H // KH, scale, cap, window, BLOCK_M=dkdv.block_m,
         BLOCK_N=dkdv.block_n, num_warps=dkdv.warps, num_stages=dkdv.stages, TMA=tma, ATOMIC_DQ=dkdv.atomic_dq,
-        WARP_SPECIALIZE=warp_specialize, **common)
+        **common)
     if dkdv.atomic_dq:
         return dq.to(q.dtype), dk, dv
 
-    dq_launch = _config(_GPU_BWD_DQ, _INTERPRET_BWD_DQ, D, "dq", ("tma", "warp_specialize"))
+    dq_launch = _config(_GPU_BWD_DQ, _INTERPRET_BWD_DQ, D, "dq")
     tma = dq_launch.tma and _tma_ready(k, v)
-    warp_specialize = _warp_specializable(dq_launch, (q, k, v, do), q_positions, T)
     _attn_bwd_dq_kernel[_grid(triton.cdiv(T, dq_launch.block_m), B * H)](
         q, k, v, do, lse, delta, dq, q_positions, kv_lengths, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         *do.stride()[:3], *dq.stride()[:3], *_pos_strides(q_positions), T, S, H, H // KH, scale, cap, window,
         BLOCK_M=dq_launch.block_m, BLOCK_N=dq_launch.block_n, num_warps=dq_launch.warps,
-        num_stages=dq_launch.stages, TMA=tma, WARP_SPECIALIZE=warp_specialize, **common)
+        num_stages=dq_launch.stages, TMA=tma, **common)
     return dq, dk, dv

@@ -1,8 +1,8 @@
 """What the attention kernels share (attention.py, attention_backward.py,
 decode_attention.py): the @triton.jit helpers that place query rows and key blocks (positions, lengths,
-which key blocks a query block sees, the mask, soft-capped base-2 scores, TMA descriptors of one kv head, query rows
-and per-row values read through pointers or descriptors), and the host side of every launch (launch-table lookup,
-grid limits, dtype precision, the TMA readiness check, the input checks).
+which key blocks a query block sees, the mask, soft-capped base-2 scores, TMA descriptors of one kv head and of a
+head's query rows), and the host side of every launch (launch-table lookup, grid limits, dtype precision, the TMA
+readiness check, the input checks).
 
 The contract they implement is w2s.kernels.reference.attention's (read it first); the key-segment reasoning is explained
 in attention.py.
@@ -37,16 +37,10 @@ def _tanh(x):
 
 
 @triton.jit
-def _query_positions(POS, b, rows_t, row_ok, stride_pb, stride_pt, HAS_POS: tl.constexpr, T=0, start=0,
-                     BLOCK_M: tl.constexpr = 1, TMA: tl.constexpr = False):
-    """Absolute position of each query row; -1 for rows past T (they then see nothing). TMA: the rows (start +
-    arange(BLOCK_M)) come through a descriptor of batch row b's T positions (unit stride), as warp specialization
-    needs."""
+def _query_positions(POS, b, rows_t, row_ok, stride_pb, stride_pt, HAS_POS: tl.constexpr):
+    """Absolute position of each query row; -1 for rows past T (they then see nothing)."""
     if HAS_POS:
-        if TMA:
-            pos = _row_values(POS + b * stride_pb, T, start, rows_t, row_ok, -1, BLOCK_M, True)
-        else:
-            pos = tl.load(POS + b * stride_pb + rows_t * stride_pt, mask=row_ok, other=-1).to(tl.int32)
+        pos = tl.load(POS + b * stride_pb + rows_t * stride_pt, mask=row_ok, other=-1).to(tl.int32)
     else:
         pos = rows_t.to(tl.int32)
     return tl.where(row_ok, pos, -1)
@@ -58,32 +52,6 @@ def _rows_descriptor(X_head, stride_t, T, BLOCK_M: tl.constexpr, HEAD_DIM: tl.co
     copy engine fills the rows past T with zeros."""
     return tl.make_tensor_descriptor(X_head, shape=[T, HEAD_DIM], strides=[stride_t, 1],
                                      block_shape=[BLOCK_M, HEAD_DIM])
-
-
-@triton.jit
-def _row_descriptor(X_row, T, BLOCK_M: tl.constexpr):
-    """A TMA descriptor of a (T,) row of 4-byte values (the LSE, delta or positions of one head or batch row; its
-    base 16-byte aligned), read BLOCK_M at a time; 0 past T, rows the callers' masks drop."""
-    return tl.make_tensor_descriptor(X_row, shape=[T], strides=[1], block_shape=[BLOCK_M])
-
-
-@triton.jit
-def _query_rows(X_head, stride_t, T, start, rows_t, offs_d, row_ok, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-                TMA: tl.constexpr):
-    """One head's (BLOCK_M, D) rows rows_t = start + arange(BLOCK_M) of a (T, D) operand (q, dO), zeros past T:
-    through masked pointer loads, or (TMA) a descriptor that ends at T."""
-    if TMA:
-        return _rows_descriptor(X_head, stride_t, T, BLOCK_M, HEAD_DIM).load([start, 0])
-    return tl.load(X_head + rows_t[:, None] * stride_t + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-
-
-@triton.jit
-def _row_values(X_row, T, start, rows_t, row_ok, other, BLOCK_M: tl.constexpr, TMA: tl.constexpr):
-    """The BLOCK_M values rows_t = start + arange(BLOCK_M) of a (T,) row of 4-byte values: through masked pointer
-    loads (`other` past T), or (TMA) a descriptor (0 past T)."""
-    if TMA:
-        return _row_descriptor(X_row, T, BLOCK_M).load([start])
-    return tl.load(X_row + rows_t, mask=row_ok, other=other)
 
 
 @triton.jit
@@ -160,11 +128,9 @@ class Launch(NamedTuple):
     """One entry of an attention launch table: the tiles (BLOCK_M query rows, BLOCK_N keys), num_warps, the key
     loop's software-pipeline depth (num_stages), and the options sweep.py times: stream the loop's tiles
     through TMA descriptors; (the forward only) run a fixed number of programs per SM that walk the tiles instead of
-    one program per tile (0); hand the kernel's loop to Triton's Hopper warp specialization, which needs TMA, 4 warps
-    and 2 stages or more (one producer and two consumer warp groups of 4 warps, 12 in all, come out of it); (the dk/dv
-    kernel only) also sum dq there with fp32 atomic adds, so that the dq kernel does not run (dq then is not
-    bit-reproducible from run to run: the adds land in any order; not with warp specialization). An option set where
-    the kernel does not read it, or without what it needs, is refused at launch (`_config`)."""
+    one program per tile (0); (the dk/dv kernel only) also sum dq there with fp32 atomic adds, so that the dq kernel
+    does not run (dq then is not bit-reproducible from run to run: the adds land in any order). An option set where
+    the kernel does not read it is refused at launch (`_config`)."""
     block_m: int
     block_n: int
     warps: int
@@ -172,7 +138,6 @@ class Launch(NamedTuple):
     tma: bool = False
     programs_per_sm: int = 0
     atomic_dq: bool = False
-    warp_specialize: bool = False
 
 
 _OPTION_TABLES = {"programs_per_sm": "w2s/kernels/attention.py's _GPU_FWD",
@@ -195,22 +160,13 @@ def launch_changes(changes, head_dim):
 
 def _config(table, interpret_config, head_dim, kernel, options=("tma",)):
     """The Launch for this head dim (the interpreter's own under TRITON_INTERPRET=1). An option the kernel does not
-    read (a persistent backward, a forward with atomic dq: a table edited by hand), or warp specialization without
-    TMA, with other than 4 warps or with 1 stage (Triton would quietly not specialize) or with atomic dq, is an error,
-    not a silent no-op."""
+    read (a persistent backward, a forward with atomic dq: a table edited by hand) is an error, not a silent no-op."""
     launch = interpret_config if _interpreting() else table[max(64, head_dim)]
     unread = [name for name in _OPTION_TABLES if name not in options and getattr(launch, name)]
     if unread:
         raise ValueError(f"attention: the {kernel} launch config {launch} (head dim {head_dim}) sets "
                          f"{' and '.join(unread)}, which the {kernel} kernel does not read (it belongs in "
                          f"{' and '.join(_OPTION_TABLES[name] for name in unread)})")
-    if launch.warp_specialize and not (launch.tma and launch.warps == 4 and launch.stages >= 2
-                                       and not launch.atomic_dq):
-        raise ValueError(f"attention: the {kernel} launch config {launch} (head dim {head_dim}) sets warp_specialize "
-                         "without tma=True, warps=4 and stages >= 2, or with atomic_dq: Triton's Hopper warp "
-                         "specialization needs the first three (a producer warp group issues TMA copies, at least "
-                         "two tiles ahead, for two consumer warp groups of 4 warps) and fails to compile a loop with "
-                         "atomic adds")
     return launch
 
 
@@ -265,15 +221,6 @@ def _tma_ready(*tensors):
     if not _interpreting():
         _keep_or_set_descriptor_allocator()
     return True
-
-
-def _warp_specializable(launch, tensors, q_positions, row_length=None):
-    """Whether a launch that asks for warp specialization can have it. Its one loop reads every input through TMA, so
-    each must be TMA-addressable: the (B, T or S, heads, D) operands, the (B, T) positions, and (row_length = T, the
-    backward) the (T,) fp32 rows of LSE and delta, 16-byte rows only where T is a multiple of 4. Where one is not,
-    the kernel runs its three-segment loop on the same tiles."""
-    return bool(launch.warp_specialize and launch.tma and _tma_ready(*tensors)
-                and (q_positions is None or _tma_ready(q_positions)) and (row_length is None or row_length % 4 == 0))
 
 
 def _keep_or_set_descriptor_allocator():

@@ -17,10 +17,8 @@ Each Triton row carries its BENCHMARKS.md target (the "current" column: compute 
 targets 80 % of the device's copy bandwidth, which the script measures first) and whether it was met.
 
 Beside `triton` (the launch tables as they are), the attention forward prints `triton-tma` (the table tiles through
-TMA descriptors), `triton-persist` (the same, walked by one program per SM) and `triton-ws` (the table tiles with 4
-warps, warp-specialized by Triton: a producer warp group and two consumer warp groups), and the backward a
-`triton-ws` row (the dk/dv and dq kernels warp-specialized, as sweep.py's LAUNCH_OPTIONS has them): the
-attention kernels' Hopper options, off in the tables until these rows measure them faster.
+TMA descriptors) and `triton-persist` (the same, walked by one program per SM): the attention forward's Hopper
+options, off in the tables until these rows measure them faster.
 
 The attention kernel's contract is causal by position (reference.py); the non-causal rows place every
 query at the last key position (q_positions = S - 1), which makes every key visible (tests/test_kernel_attention.py
@@ -44,7 +42,7 @@ if not torch.cuda.is_available():
 
 import torch.nn.functional as F  # noqa: E402
 
-from w2s.kernels import attention, attention_backward, fused_linear, glu, reference, rms_norm, rope, sample  # noqa: E402
+from w2s.kernels import attention, fused_linear, glu, reference, rms_norm, rope, sample  # noqa: E402
 from w2s.kernels.attention_common import launch_changes  # noqa: E402
 
 KERNELS = ("attention", "rms_norm", "rope", "swiglu", "fused_ce", "sample")
@@ -186,29 +184,20 @@ def bench_attention(args, dtype):
         if not args.no_compile:
             impls.append(("torch.compile", torch.compile(eager(causal)), (q, k, v)))
         label = "causal" if causal else "non-causal"
-        # the forward's Hopper options, forward only: tiles through TMA, those walked by one program per SM, and the
-        # key loop warp-specialized
+        # the forward's Hopper options, forward only: tiles through TMA, and those walked by one program per SM
         variants = [("triton-tma", ours_with(causal, tma=True), (q, k, v)),
-                    ("triton-persist", ours_with(causal, tma=True, programs_per_sm=1), (q, k, v)),
-                    ("triton-ws", ours_with(causal, warps=4, tma=True, warp_specialize=True), (q, k, v))]
+                    ("triton-persist", ours_with(causal, tma=True, programs_per_sm=1), (q, k, v))]
         for impl, fn, inputs in impls[:1] + variants + impls[1:]:
             with torch.no_grad():
                 result = measure(lambda: fn(*inputs), args)
             target = (TARGET_ATTN_FWD_TFLOPS[causal], ">=") if impl.startswith("triton") else None
             print_row(f"attention fwd {label}", shape, impl, result, lambda ms: fwd_flops / ms / 1e9, "TF/s", target)
-        # the backward with both kernels warp-specialized (the table's forward before it): sweep.py's
-        # LAUNCH_OPTIONS["warp-specialized-backward"], written out because w2s.kernels.sweep imports this module
-        ws_backward = [(attention_backward._GPU_BWD_DKDV, dict(block_n=64, warps=4, stages=2, tma=True,
-                                                               warp_specialize=True)),
-                       (attention_backward._GPU_BWD_DQ, dict(warps=4, stages=2, tma=True, warp_specialize=True))]
-        backward_variants = [("triton-ws", ours(causal), (q, k, v), ws_backward)]
-        for impl, fn, inputs, *changes in impls[:1] + backward_variants + impls[1:]:
+        for impl, fn, inputs in impls:
             leaves = [x.detach().requires_grad_(True) for x in inputs]
             try:
                 out = fn(*leaves)
                 grad_out = torch.randn_like(out)
-                grad = lambda: torch.autograd.grad(out, leaves, grad_out, retain_graph=True)  # noqa: E731
-                result = measure(with_launch_changes(changes[0], grad) if changes else grad, args)
+                result = measure(lambda: torch.autograd.grad(out, leaves, grad_out, retain_graph=True), args)
             except Exception as e:
                 result = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}")
             target = (TARGET_ATTN_BWD_TFLOPS[causal], ">=") if impl.startswith("triton") else None

@@ -6,8 +6,7 @@ tiles that overflow shared memory, tl.dot shapes or dtypes the hardware rejects,
     python -m w2s.kernels.compile_check --only attention --dtype bf16
     python -m w2s.kernels.compile_check --only sweep    # the launch configs sweep.py tries (bf16)
     python -m w2s.kernels.compile_check --only options  # each launch option on the table tiles, as the GPU tests run it
-    python -m w2s.kernels.compile_check --only warp_specialized   # seconds: Triton still warp-specializes the attention
-    python -m w2s.kernels.compile_check --only warp_specialized --sass   # and each kernel's SASS instructions by opcode
+    python -m w2s.kernels.compile_check --only attention --dtype bf16 --sass   # and each kernel's SASS instructions
 
 How: Triton's active driver is replaced by a stand-in that reports an sm_90 target, and every `kernel[grid](...)`
 launch becomes a compile-only warm-up (JITFunction.run(..., warmup=True)). So the real launchers pick their real GPU
@@ -81,12 +80,8 @@ def _install_compile_only_launches():
                              None))
                 return None
             regs, spills = _ptxas_usage(kernel.asm["ptx"])
-            # Triton gives up on warp specialization without a word (the loop then runs unspecialized): a finding
-            error = None
-            if kwargs.get("WARP_SPECIALIZE") and "ttg.warp_specialize" not in kernel.asm["ttgir"]:
-                error = "Triton did not warp-specialize the kernel's loop"
             ROWS.append((self.fn.__name__, shown, kernel.metadata.shared, regs, spills, kernel.metadata.num_warps,
-                         error, _sass_opcodes(kernel.asm["cubin"]) if COUNT_SASS else None))
+                         None, _sass_opcodes(kernel.asm["cubin"]) if COUNT_SASS else None))
             return kernel
 
         return launch
@@ -256,25 +251,8 @@ def check_launch_options(dtypes):
                         attention_backward._backward(q, q, k, k, q, torch.zeros(1, 16, 64), *args)
 
 
-def check_warp_specialized(dtypes):
-    """The warp-specialized forward, dk/dv and dq kernels (the launch option, as sweep.py's LAUNCH_OPTIONS
-    sets it on the D = 128 table tiles), causal and with explicit positions (read through descriptors too): each must
-    come out of Triton specialized, 12 warps (seconds; the `options` part compiles them at every head dim with the GPU
-    tests' masks)."""
-    from w2s.kernels import attention, attention_backward, sweep
-    from w2s.kernels.attention_common import launch_changes
-
-    D = 128
-    changes = sweep.LAUNCH_OPTIONS["warp-specialized-forward"] + sweep.LAUNCH_OPTIONS["warp-specialized-backward"]
-    q, k = torch.zeros(1, 64, 16, D, dtype=torch.bfloat16), torch.zeros(1, 64, 8, D, dtype=torch.bfloat16)
-    with launch_changes(changes, D):
-        for positions in (None, torch.arange(64, dtype=torch.int32)[None]):
-            attention._forward(q, k, k, positions, None, None, None, 0.1)
-            attention_backward._backward(q, q, k, k, q, torch.zeros(1, 16, 64), positions, None, None, None, 0.1)
-
-
 CHECKS = dict(attention=check_attention, fused_linear=check_fused_linear, elementwise=check_elementwise,
-              sweep=check_sweep, options=check_launch_options, warp_specialized=check_warp_specialized)
+              sweep=check_sweep, options=check_launch_options)
 
 
 def main(argv=None):

@@ -1,8 +1,8 @@
 """Launch-config sweep on a GPU: which tile sizes, warps, pipeline depths, tile loads (through TMA or pointers),
-warp specialization, (forward) persistent programs and (backward) dq summed by the dk/dv kernel's atomic adds to put
-in the fixed tables of attention.py (_GPU_FWD), attention_backward.py (_GPU_BWD_DKDV,
-_GPU_BWD_DQ) and rms_norm.py (BWD_PROGRAMS_PER_SM, BWD_NUM_WARPS). Run it on new hardware, copy the fastest
-rows into the tables, and record the table it printed.
+(forward) persistent programs and (backward) dq summed by the dk/dv kernel's atomic adds to put in the fixed tables
+of attention.py (_GPU_FWD), attention_backward.py (_GPU_BWD_DKDV, _GPU_BWD_DQ) and rms_norm.py
+(BWD_PROGRAMS_PER_SM, BWD_NUM_WARPS). Run it on new hardware, copy the fastest rows into the tables, and record the
+table it printed.
 
     python -m w2s.kernels.sweep                      # needs CUDA; most of its time is Triton compiles
     python -m w2s.kernels.sweep --only attention256,forward256
@@ -60,28 +60,6 @@ def _persistent(tiles, n):
             for D, ts in tiles.items()}
 
 
-# Forward tiles for Triton's Hopper warp specialization: 4 warps, the query tile split between two consumer warp
-# groups (BLOCK_M / 2 rows each) fed by a producer warp group's TMA copies; a BLOCK_N 128 pipeline of 3 overflows
-# shared memory at D = 128.
-_FWD_WARP_SPECIALIZED_TILES = {64: [(128, 64, 4, 3), (128, 128, 4, 2), (128, 128, 4, 3)],
-                               128: [(128, 64, 4, 2), (128, 128, 4, 2), (128, 64, 4, 3)],
-                               256: [(64, 64, 4, 2), (128, 64, 4, 2), (64, 32, 4, 3)]}
-
-
-# dk/dv tiles for it: BLOCK_N 64 (Triton's data partitioning fails to compile 128, and does not split 32); dq tiles.
-_DKDV_WARP_SPECIALIZED_TILES = {64: [(64, 64, 4, 2), (32, 64, 4, 3)], 128: [(64, 64, 4, 2), (32, 64, 4, 2)],
-                                256: [(32, 64, 4, 2)]}
-_DQ_WARP_SPECIALIZED_TILES = {64: [(64, 64, 4, 2), (128, 64, 4, 2)], 128: [(64, 64, 4, 2), (128, 64, 4, 2)],
-                              256: [(64, 32, 4, 2), (128, 32, 4, 2)]}
-
-
-def _warp_specialized(tiles, n_persistent=0):
-    """Every tile warp-specialized (through TMA, as it must be), then the first n_persistent also persistent."""
-    return {D: [Launch(*t, tma=True, warp_specialize=True) for t in ts]
-            + [Launch(*t, tma=True, programs_per_sm=1, warp_specialize=True) for t in ts[:n_persistent]]
-            for D, ts in tiles.items()}
-
-
 def _atomic_dq(tiles, n):
     """The first n dk/dv tiles summing dq themselves by atomic adds (no dq kernel), with pointer loads and through
     TMA."""
@@ -89,14 +67,11 @@ def _atomic_dq(tiles, n):
             for D, ts in tiles.items()}
 
 
-# Every forward tile both ways (the forward is one kernel, quick to compile), the first two persistent, and the
-# warp-specialized tiles (the first also persistent); the backward's table tiles and the next two through TMA, the
-# same three dk/dv tiles summing dq by atomic adds, and the warp-specialized dk/dv and dq tiles.
-FWD_CANDIDATES = {D: ts + _persistent(_FWD_TILES, 2)[D] + _warp_specialized(_FWD_WARP_SPECIALIZED_TILES, 1)[D]
-                  for D, ts in _with_tma(_FWD_TILES, 6).items()}
-DKDV_CANDIDATES = {D: ts + _atomic_dq(_DKDV_TILES, 3)[D] + _warp_specialized(_DKDV_WARP_SPECIALIZED_TILES)[D]
-                   for D, ts in _with_tma(_DKDV_TILES, 3).items()}
-DQ_CANDIDATES = {D: ts + _warp_specialized(_DQ_WARP_SPECIALIZED_TILES)[D] for D, ts in _with_tma(_DQ_TILES, 3).items()}
+# Every forward tile both ways (the forward is one kernel, quick to compile) and the first two persistent; the
+# backward's table tiles and the next two through TMA, and the same three dk/dv tiles summing dq by atomic adds.
+FWD_CANDIDATES = {D: ts + _persistent(_FWD_TILES, 2)[D] for D, ts in _with_tma(_FWD_TILES, 6).items()}
+DKDV_CANDIDATES = {D: ts + _atomic_dq(_DKDV_TILES, 3)[D] for D, ts in _with_tma(_DKDV_TILES, 3).items()}
+DQ_CANDIDATES = _with_tma(_DQ_TILES, 3)
 # Each launch option alone on the tables' own tiles: {name: [(table, fields it changes), ...]}. The GPU-marked
 # tests/test_kernel_attention.py::test_gpu_bf16_launch_options runs each at every head dim against the reference, and
 # `make check-sm90` compiles what that test launches.
@@ -105,10 +80,6 @@ LAUNCH_OPTIONS = {
             (attention_backward._GPU_BWD_DQ, dict(tma=True))],
     "persistent-forward": [(attention._GPU_FWD, dict(programs_per_sm=1))],
     "persistent-forward-tma": [(attention._GPU_FWD, dict(tma=True, programs_per_sm=1))],
-    "warp-specialized-forward": [(attention._GPU_FWD, dict(warps=4, tma=True, warp_specialize=True))],
-    "warp-specialized-backward": [
-        (attention_backward._GPU_BWD_DKDV, dict(block_n=64, warps=4, stages=2, tma=True, warp_specialize=True)),
-        (attention_backward._GPU_BWD_DQ, dict(warps=4, stages=2, tma=True, warp_specialize=True))],
     "atomic-dq": [(attention_backward._GPU_BWD_DKDV, dict(atomic_dq=True))],
     "atomic-dq-tma": [(attention_backward._GPU_BWD_DKDV, dict(tma=True, atomic_dq=True))],
 }
@@ -117,9 +88,8 @@ LAUNCH_OPTIONS = {
 SHAPES = {128: (4, 4096, 16, 16), 64: (8, 2048, 32, 8), 256: (2, 4096, 16, 8)}
 PARTS = ("attention128", "attention64", "attention256", "forward128", "forward64", "forward256", "rms_norm")
 DEVICE = "cuda"
-# a Launch's fields; per SM 0: a program per tile; atomic dq: the dk/dv kernel sums dq and the dq kernel does not run;
-# WS: the kernel's loop warp-specialized
-CONFIG_HEADER = "(BLOCK_M, BLOCK_N, warps, stages, TMA, per SM, atomic dq, WS)"
+# a Launch's fields; per SM 0: a program per tile; atomic dq: the dk/dv kernel sums dq and the dq kernel does not run
+CONFIG_HEADER = "(BLOCK_M, BLOCK_N, warps, stages, TMA, per SM, atomic dq)"
 
 
 def _median_ms(fn, warmup, repeats):
