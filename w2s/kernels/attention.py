@@ -178,11 +178,11 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, POS, KV_LEN,
 
 
 # Fixed launch configs by head dim (w2s/kernels/attention_common.Launch: BLOCK_M, BLOCK_N, num_warps, num_stages, then
-# TMA and persistent programs per SM, both off until a GPU measures them faster; sweep.py tries them): large
-# tiles for H100 tensor cores, smaller ones where the (M, D) and (N, D) tiles of D=256 would overflow shared memory.
-# Under TRITON_INTERPRET=1 small tiles keep CPU tests fast and still exercise several blocks, ragged edges and every
-# loop segment.
-_GPU_FWD = {64: Launch(128, 64, 4, 3), 128: Launch(128, 64, 8, 3), 256: Launch(64, 64, 8, 2)}
+# TMA and persistent programs per SM, each on only where a GPU measured it faster; sweep.py tries them): large
+# tiles for Hopper tensor cores, smaller ones where the (M, D) and (N, D) tiles of D=256 would overflow shared memory.
+# At D=128 the keys and values arrive through TMA (BENCHMARKS.md). Under TRITON_INTERPRET=1 small tiles keep CPU
+# tests fast and still exercise several blocks, ragged edges and every loop segment.
+_GPU_FWD = {64: Launch(128, 64, 4, 3), 128: Launch(128, 64, 8, 3, tma=True), 256: Launch(64, 64, 8, 2)}
 # fp32 tiles take twice the bytes: the bf16 config at D=128 would all but fill the H100's shared memory
 # (compile_check.py), so fp32 (parity checks, tiny test models) halves the query tile and the pipeline depth.
 _GPU_FWD_FP32 = {64: Launch(64, 64, 4, 2), 128: Launch(64, 64, 8, 2), 256: Launch(32, 64, 8, 1)}

@@ -16,9 +16,10 @@ and the sampler's draw (`sample`: one token per row of a 512 x 128256 logits mat
 Each Triton row carries its BENCHMARKS.md target (the "current" column: compute targets as on an H100, bandwidth
 targets 80 % of the device's copy bandwidth, which the script measures first) and whether it was met.
 
-Beside `triton` (the launch tables as they are), the attention forward prints `triton-tma` (the table tiles through
-TMA descriptors) and `triton-persist` (the same, walked by one program per SM): the attention forward's Hopper
-options, off in the tables until these rows measure them faster.
+Beside `triton` (the launch tables as they are), the attention forward prints `triton-pointers` (the table tiles
+with plain pointer loads), `triton-tma` (the table tiles through TMA descriptors) and `triton-persist` (the same,
+walked by one program per SM): the attention forward's Hopper options, on in a table only where these rows
+measured them faster.
 
 The attention kernel's contract is causal by position (reference.py); the non-causal rows place every
 query at the last key position (q_positions = S - 1), which makes every key visible (tests/test_kernel_attention.py
@@ -185,7 +186,8 @@ def bench_attention(args, dtype):
             impls.append(("torch.compile", torch.compile(eager(causal)), (q, k, v)))
         label = "causal" if causal else "non-causal"
         # the forward's Hopper options, forward only: tiles through TMA, and those walked by one program per SM
-        variants = [("triton-tma", ours_with(causal, tma=True), (q, k, v)),
+        variants = [("triton-pointers", ours_with(causal, tma=False), (q, k, v)),
+                    ("triton-tma", ours_with(causal, tma=True), (q, k, v)),
                     ("triton-persist", ours_with(causal, tma=True, programs_per_sm=1), (q, k, v))]
         for impl, fn, inputs in impls[:1] + variants + impls[1:]:
             with torch.no_grad():
