@@ -95,7 +95,7 @@ def _launch_config(D):
 # the alternatives on a GPU.
 BWD_PROGRAMS_PER_SM = 2
 BWD_NUM_WARPS = None
-BWD_ROW_STAGES = 2
+BWD_ROW_STAGES = 3
 _ROW_STAGE_SHARED_BYTES = 192 * 1024  # the rows copied ahead stay under a Hopper block's 227 KB of shared memory
 
 
