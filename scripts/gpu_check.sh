@@ -14,6 +14,7 @@
 #                                                  # BENCHMARKS.md (each with the device, date and commit)
 #     OUT=gpu_out bash scripts/gpu_check.sh sweep profile_sampling    # named steps only (see run_step below)
 #     OUT=gpu_out bash scripts/gpu_check.sh gsm8k gsm8k_chunked       # chunked prefill against a prefill forward
+#     OUT=gpu_out bash scripts/gpu_check.sh profile_attention   # Nsight Compute on the 3 attention kernels
 #     OUT=gpu_out bash scripts/gpu_check.sh pipeline    # the demo recipe end to end on CUDA, bf16 (<= 7 min, own call)
 #
 # The pipeline step runs recipes/demo.toml as a derived recipe ($out/demo_cuda.toml: dtype bfloat16, device cuda,
@@ -108,6 +109,16 @@ run_step() {  # the checks by name; the default run is ordered: tests first, the
     bench_kernels) step "$1" 95 "$py" -m w2s.kernels.bench --no-compile --warmup 3 --repeats 10 ;;
     # attention fwd (pointer loads, TMA, TMA + persistent) and bwd at the target shape, SDPA's flash backend beside
     bench_attention) step "$1" 60 "$py" -m w2s.kernels.bench --only attention --no-compile --warmup 3 --repeats 10 ;;
+    # Nsight Compute on one launch of each attention kernel at the bench's shape (B4 T4096 H16 D128, causal, the
+    # tables' configs): throughput against the chip's peaks, occupancy and where the warps stall, for what keeps the
+    # attention targets out of reach (ncu reads the counters on the Firecracker machines; clocks left alone)
+    profile_attention)
+      ncu="${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)}"
+      for kernel in _attn_fwd_kernel _attn_bwd_dkdv_kernel _attn_bwd_dq_kernel; do
+        step "ncu$kernel" 120 "${ncu:-ncu}" --clock-control none -k "regex:^$kernel\$" --launch-count 1 \
+          --section SpeedOfLight --section Occupancy --section WarpStateStats --section ComputeWorkloadAnalysis \
+          "$py" -m w2s.kernels.bench --only attention --no-compile --no-eager --warmup 1 --repeats 1
+      done ;;
     # RMSNorm, RoPE, SwiGLU and the fused linear cross-entropy against the copy bandwidth the bench measures first
     bench_memory) step "$1" 40 "$py" -m w2s.kernels.bench --only rms_norm,rope,swiglu,fused_ce --no-compile \
       --warmup 3 --repeats 10 ;;

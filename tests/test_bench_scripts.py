@@ -125,8 +125,11 @@ def _gpu_check_commands(tmp_path):
     recorder = tmp_path / "python"
     recorder.write_text(f"#!/bin/sh\nprintf '%s\\037' \"$@\" >> '{record}'\nprintf '\\036' >> '{record}'\n")
     recorder.chmod(0o755)
+    ncu = tmp_path / "ncu"  # a stand-in profiler: drops its own options and runs the command it profiles
+    ncu.write_text(f"#!/bin/sh\nwhile [ \"$1\" != '{recorder}' ]; do shift; done\nexec \"$@\"\n")
+    ncu.chmod(0o755)
     env = {**os.environ, "PYTHON": str(recorder), "OUT": str(tmp_path / "out"), "RUNS": str(tmp_path / "runs"),
-           "PTXAS": "triton"}
+           "PTXAS": "triton", "NCU": str(ncu)}
     subprocess.run(["bash", "scripts/gpu_check.sh", *steps], cwd=ROOT, env=env, capture_output=True, text=True,
                    timeout=120, check=True)
     commands = [line.split("\037")[:-1] for line in record.read_text().split("\036")[:-1]]  # args may hold newlines
@@ -147,7 +150,7 @@ def test_every_gpu_check_step_runs_a_command_line_its_script_accepts(tmp_path, m
 
     steps, commands = _gpu_check_commands(tmp_path)
     assert {"test_gpu", "train_llama32_1b", "train_llama32_3b", "dpo_mfu", "bench_attention", "bench_sampling",
-            "gsm8k", "sweep", "pipeline"} <= set(steps)
+            "gsm8k", "sweep", "pipeline", "profile_attention"} <= set(steps)
     scripts = {name: _module_from(ROOT / "scripts" / f"{name}.py") for name in ("bench_train", "bench_sampling")}
     checked = {"bench_train": 0, "bench_sampling": 0, "w2s.kernels.bench": 0, "w2s.kernels.sweep": 0, "pytest": 0}
     for argv in commands:
