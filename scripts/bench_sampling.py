@@ -16,6 +16,8 @@ workload, random weights.
                                                           #      inside the decode steps (chunked prefill)
     python scripts/bench_sampling.py --prompts 64 --top-p 0.95    # nucleus sampling: the whole vocabulary sorted
                                                           #      every decode step (the paper samples at top_p 1)
+    python scripts/bench_sampling.py --prompts 64 --share-prompt-reads   # a prompt's keys read from one of its 8
+                                                          #      samples' rows for all of them (meeting in L2)
     make bench-sampling
 
 Without --gsm8k there is no EOS: every sequence runs the full budget, so the work is exactly prompts x samples x new
@@ -220,6 +222,9 @@ def parse_args():
     parser.add_argument("--prefill-chunk", type=int, default=0,
                         help="chunked prefill: prompt tokens per decode step for the prompts entering freed slots\n"
                              "(w2s/sampling.py; 0, the default, prefills them in a forward of their own)")
+    parser.add_argument("--share-prompt-reads", action="store_true",
+                        help="decode reads each prompt's keys from one of its samples' cache rows for all of them\n"
+                             "(generate's share_prompt_reads)")
     parser.add_argument("--threads", type=int, help="torch CPU threads [default: torch's choice]")
     parser.add_argument("--batch1", action=argparse.BooleanOptionalAction, default=None,
                         help="also time batch-1 greedy decode [default: on CUDA only]")
@@ -372,7 +377,7 @@ def main():
     work["top_p"] = args.top_p
     options = dict(n=work["samples"], temperature=1.0, top_p=args.top_p, max_new_tokens=work["new_tokens"],
                    max_batch=args.max_batch, cuda_graphs=False if args.no_cuda_graphs else None,
-                   prefill_chunk=args.prefill_chunk)
+                   prefill_chunk=args.prefill_chunk, share_prompt_reads=args.share_prompt_reads)
 
     name = torch.cuda.get_device_name(device) if kind == "cuda" else "cpu"
     print(f"device {name} ({torch.get_num_threads()} threads), dtype {dtype}, torch {torch.__version__}, commit "
@@ -384,7 +389,8 @@ def main():
               if args.gsm8k else f"x {work['new_tokens']}")
     print(f"workload: {work['prompts']} prompts x {work['samples']} samples {ending} new tokens, {lengths}"
           + (f" after a shared prefix of {args.shared_prefix}" if args.shared_prefix else "") +
-          f", temperature 1.0, top_p {args.top_p}, max_batch {args.max_batch}, prefill_chunk {args.prefill_chunk}")
+          f", temperature 1.0, top_p {args.top_p}, max_batch {args.max_batch}, prefill_chunk {args.prefill_chunk}"
+          + (", prompt keys read from one sample's row" if args.share_prompt_reads else ""))
     bandwidth = copy_bandwidth(device)
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (device-to-device, read + write); weights read per decode step "
           f"{weight_bytes(model) / 1e9:.2f} GB, KV {kv_bytes_per_position(model) / 1e3:.1f} kB per position")

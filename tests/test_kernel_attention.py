@@ -502,6 +502,38 @@ def test_decode_reads_cache_rows_through_kv_rows(cascade, options):
         decode.attention_decode(q, k, v, q_positions=positions, kv_rows=kv_rows[:5])
 
 
+@pytest.mark.parametrize("cascade, options", [
+    (False, {}),
+    (False, {"sliding_window": 20, "softcap": 2.0}),
+    (True, {}),
+    (True, {"sliding_window": 40}),
+], ids=["decode", "decode-window-softcap", "cascade", "cascade-window"])
+def test_decode_reads_a_prompts_keys_from_the_row_named_for_it(cascade, options):
+    """row_prefix (a prompt's samples): rows 1 and 3 hold NaN where their first 64 keys should be and name row 0,
+    which holds those keys (64: a whole number of key blocks at every block size), so any read of their own first
+    64 keys would show; row 2 names itself. Each output equals the reference over the true keys, with and without
+    kv_rows and as a cascade over 16 keys every row shares."""
+    R, S, P, H, K, D = 4, 100, 64, 4, 2, 32
+    seed, _, k, v, prefix_k, prefix_v, _ = shared_prefix_case(R, 1, S, 16, H, K, D, torch.float32, [0] * R)
+    k[[1, 3], :P], v[[1, 3], :P] = k[0, :P], v[0, :P]
+    true_k, true_v = k.clone(), v.clone()
+    k[[1, 3], :P], v[[1, 3], :P] = float("nan"), float("nan")
+    row_prefix = (torch.tensor([0, 0, 2, 0, 4], device=DEVICE), torch.tensor([P, P, 0, P, 0], device=DEVICE))
+    q = torch.randn(R, 1, H, D, device=DEVICE)
+    positions = torch.tensor([[99], [70], [80], [63]], device=DEVICE)
+    for kv_rows in (None, torch.tensor([0, 1, 2, 3], device=DEVICE)):
+        with torch.no_grad():
+            if cascade:
+                out = decode.attention_after_shared_prefix(q, k, v, prefix_k, prefix_v, positions, kv_rows=kv_rows,
+                                                           row_prefix=row_prefix, **options)
+            else:
+                out = decode.attention_decode(q, k, v, q_positions=positions, kv_rows=kv_rows, row_prefix=row_prefix,
+                                              **options)
+        check_fp32([out], [reference.attention(q, true_k, true_v, q_positions=positions, **options)], seed)
+    with pytest.raises(ValueError, match=r"row_prefix needs \(rows, lengths\), 1-d with at least 4 entries"):
+        decode.attention_decode(q, k, v, q_positions=positions, row_prefix=(row_prefix[0][:3], row_prefix[1]))
+
+
 @pytest.mark.skipif(DEVICE == "cuda", reason="the CPU paths of ops.attention")
 @pytest.mark.parametrize("options", [{}, {"sliding_window": 6}, {"softcap": 2.0}], ids=["sdpa", "window", "softcap"])
 def test_ops_attention_with_kv_rows_on_cpu(monkeypatch, options):
@@ -755,6 +787,38 @@ def test_sampler_chunked_prefill_through_the_triton_decode_kernel(monkeypatch):
     monkeypatch.setattr(ops, "_backend", "triton")
     assert generate(model, None, prompts, prefill_chunk=3, **kw) == expected
     assert any(rows_seen) and not all(rows_seen)  # mixed steps read through kv_rows, plain steps do not
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="CPU: the interpreter's block of 16 keys")
+@pytest.mark.parametrize("shared_prefix", [False, True], ids=["decode", "cascade"])
+def test_sampler_reads_a_prompts_keys_from_one_sample_through_the_triton_decode_kernel(monkeypatch, shared_prefix):
+    """share_prompt_reads on the Triton path: 4 prompts of 20-40 tokens x 3 samples through 5 slots, EOS ending
+    some early so that slots are refilled; the decode steps give the decode kernel the table of named rows, some
+    rows name a sibling over at least one whole 16-key block, and the samples equal those of the run without it
+    (the keys read from a sibling are bitwise the row's own), plain and inside the cascade over a 16-token shared
+    prefix."""
+    from w2s.config import ModelConfig
+    from w2s.model import Transformer
+    from w2s.sampling import generate
+
+    cfg = ModelConfig(family="llama", vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                      hidden_dim=48, eos_token_id=[5, 9, 17, 30])
+    model = Transformer(cfg).init_weights(std=0.2, generator=torch.Generator().manual_seed(0)).eval()
+    g = torch.Generator().manual_seed(2)
+    prefix = torch.randint(3, 61, (16,), generator=g).tolist()
+    prompts = [prefix + torch.randint(3, 61, (n,), generator=g).tolist() for n in (4, 24, 10, 18)]
+    tables = []
+    real = decode._decode
+    monkeypatch.setattr(decode, "_decode", lambda *a, **k: tables.append(k.get("row_prefix")) or real(*a, **k))
+    monkeypatch.setattr(ops, "CASCADE_MIN_PREFIX", 16 if shared_prefix else 10**9)
+    monkeypatch.setattr(ops, "_backend", "triton")
+    kw = dict(n=3, temperature=1.0, seed=5, max_new_tokens=8, max_batch=5, sync_every=2, progress=False)
+    shared = generate(model, None, prompts, share_prompt_reads=True, **kw)
+    named = [(rows != torch.arange(len(rows))) & (lens >= 16) for rows, lens in (t for t in tables if t is not None)]
+    assert any(bool(n.any()) for n in named)  # (prefill forwards that reach the decode kernel get no table)
+    tables.clear()
+    assert shared == generate(model, None, prompts, **kw)
+    assert tables and all(t is None for t in tables)
 
 
 def test_ops_gathers_the_cache_rows_for_the_flash_kernel(monkeypatch):

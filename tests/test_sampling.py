@@ -437,6 +437,33 @@ def test_continuous_batching_refills_freed_slots_at_every_host_look(ckpt, monkey
     assert outs == generate(model, tok, prompts, max_batch=1, **kw)
 
 
+@pytest.mark.parametrize("prefill_chunk", [0, 3])
+def test_share_prompt_reads_names_only_rows_that_hold_the_same_prompt(ckpt, monkeypatch, prefill_chunk):
+    """share_prompt_reads: before every decode step, each cache row's named row holds the same keys and values over
+    the positions named (EOS ends a third of the draws, so 18 sequences of 6 prompts cycle through 4 slots and named
+    rows get refilled), some rows name a sibling, and the samples equal a run without it. With chunked prefill too."""
+    model, _ = load(ckpt, "llama2")
+    tok = CharTokenizer(stop_ids=range(3, VOCAB, 3))
+    prompts = random_prompts([9, 4, 12, 6, 10, 7], seed=3, prefix=[5, 6, 7])
+    kw = dict(n=3, temperature=1.0, seed=4, max_new_tokens=10, sync_every=2, max_batch=4, prefill_chunk=prefill_chunk,
+              progress=False)
+    named, real_step = [], Engine.step
+
+    def step(self, limit, mixed=False):
+        rows, lens = self.cache.row_prefix
+        for r, (src, n) in enumerate(zip(rows.tolist(), lens.tolist())):
+            for buf in (self.cache.k, self.cache.v):  # (layers, rows, K, positions, D)
+                assert torch.equal(buf[:, src, :, :n], buf[:, r, :, :n]), (r, src, n)
+            named.append(src != r and n > 0)
+        return real_step(self, limit, mixed)
+
+    monkeypatch.setattr(Engine, "step", step)
+    shared = generate(model, tok, prompts, share_prompt_reads=True, **kw)
+    assert sum(named) >= 5
+    monkeypatch.setattr(Engine, "step", real_step)
+    assert shared == generate(model, tok, prompts, **kw)
+
+
 def test_bad_input_errors(ckpt):
     model, _ = load(ckpt, "llama2")
     with pytest.raises(ValueError, match="prompt 1 has 9 tokens but the KV cache holds 8 positions"):

@@ -58,6 +58,10 @@ class DecodeState:
         self.done = torch.ones(slots, dtype=torch.bool, device=device)  # empty slots count as done
         # generated ids; at most cache_len - 1 per sequence, so the last column is a trash can for finished slots
         self.out = torch.zeros(slots, cache_len + 1, **long)
+        # For each cache row, a row holding the same prompt keys and how many positions they span (KVCache's
+        # row_prefix, with the engine's share_prompt_reads): itself and 0 until the engine names another.
+        self.prompt_rows = torch.arange(slots + 1, dtype=torch.int32, device=device)
+        self.prompt_lens = torch.zeros(slots + 1, dtype=torch.int32, device=device)
         self.eos = None  # (E,) ids that end a sequence
         self.logits = None  # (slots, V) fp32 logits of the last decode step
         self.graphs, self.graph_pool, self.signature = {}, None, None  # graphs: {(limit, mixed): CUDA graph}
@@ -71,6 +75,9 @@ class DecodeState:
                          (self.done, True), (self.out, 0)):
             t.fill_(value)
         self.cache.rows, self.cache.limit, self.cache.shared = None, self.cache.max_len, None
+        self.cache.row_prefix = None
+        self.prompt_rows.copy_(torch.arange(len(self.prompt_rows)))
+        self.prompt_lens.zero_()
         if signature != self.signature:
             self.graphs, self.graph_pool, self.signature = {}, None, signature
             self.eos = torch.tensor(eos_ids, dtype=torch.long, device=self.tokens.device)
@@ -116,12 +123,12 @@ class DecodeState:
         self.graphs[(limit, mixed)] = graph
 
 
-def graph_signature(sampling, eos_ids, prefix_len, keep_logits=False):
+def graph_signature(sampling, eos_ids, prefix_len, keep_logits=False, share_prompt_reads=False):
     """What a captured step bakes in besides buffer addresses: sampling options, EOS ids, the shared-prefix length,
-    whether it copies its logits out, and the kernel choice (the backend, and the prefix length from which decode
-    runs the cascade)."""
+    whether it copies its logits out, and the kernel choice (the backend, the prefix length from which decode runs
+    the cascade, and whether it reads a prompt's keys from the row named for them)."""
     return (tuple(sorted(sampling.items())), tuple(eos_ids), prefix_len, keep_logits, ops.get_backend(),
-            ops.CASCADE_MIN_PREFIX)
+            ops.CASCADE_MIN_PREFIX, share_prompt_reads)
 
 
 def weight_addresses(model):

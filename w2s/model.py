@@ -66,13 +66,16 @@ class KVCache:
     attention is causal by position, so they are never read before being overwritten.
     `shared = (row, P)`, set by the sampler, declares that positions [0, P) of every row hold the same keys and
     values as that row (a prompt prefix common to all); attention then gets them as a hint (the cascade).
+    `row_prefix = (rows, lengths)`, (cache rows,) integer tensors the sampler keeps up to date in place, declares
+    that positions [0, lengths[r]) of row r hold the same keys and values as row rows[r] (two samples of one
+    prompt); decode attention gets it as a hint as well (ops.attention).
     """
 
     def __init__(self, cfg: ModelConfig, slots, max_len, dtype=torch.float32, device="cpu"):
         shape = (cfg.n_layers, slots, cfg.n_kv_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.max_len, self.rows, self.limit, self.shared = max_len, None, max_len, None
+        self.max_len, self.rows, self.limit, self.shared, self.row_prefix = max_len, None, max_len, None, None
 
     def write(self, layer, q, k, v, positions, inv_freq):
         """Rotate q (B, T, H, D) and k (B, T, K, D) to their (B, T) positions and write k and v into this layer's
@@ -115,15 +118,15 @@ class Attention(nn.Module):
         k, v = k.unflatten(-1, (cfg.n_kv_heads, cfg.head_dim)), v.unflatten(-1, (cfg.n_kv_heads, cfg.head_dim))
         if cache is None:
             q, k = ops.rope(q, positions, inv_freq), ops.rope(k, positions, inv_freq)
-            q_positions, shared, kv_rows = None, None, None  # keys are this batch's tokens: causal by index
+            q_positions, shared, kv_rows, row_prefix = None, None, None, None  # this batch's keys: causal by index
         else:
             q = cache.write(self.layer_idx, q, k, v, positions, inv_freq)  # rotates q and k, caches k and v
             # (B or cache rows, S, K, D), key index == position; kv_rows (B,) or None
             k, v, kv_rows = cache.read(self.layer_idx, B)
-            q_positions, shared = positions, cache.shared_prefix(self.layer_idx)
+            q_positions, shared, row_prefix = positions, cache.shared_prefix(self.layer_idx), cache.row_prefix
         out = ops.attention(q, k, v, q_positions=q_positions, sliding_window=self.window,
                             softcap=cfg.attn_logit_softcap, scale=cfg.attn_scale, shared_prefix=shared,
-                            kv_rows=kv_rows)  # (B, T, H, D)
+                            kv_rows=kv_rows, row_prefix=row_prefix)  # (B, T, H, D)
         return self.o_proj(out.reshape(B, T, -1))
 
 

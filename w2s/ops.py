@@ -74,7 +74,7 @@ def _triton(module_name, tensor):
 
 
 def attention(q, k, v, q_positions=None, kv_lengths=None, sliding_window=None, softcap=None, scale=None,
-              shared_prefix=None, kv_rows=None):
+              shared_prefix=None, kv_rows=None, row_prefix=None):
     """Causal GQA attention; see w2s.kernels.reference.attention for the exact contract. (B, T, H, D) -> (B, T, H, D).
 
     Triton: the split-key decode kernel (w2s/kernels/decode_attention.py) where `use_decode_kernel` says so, else
@@ -92,6 +92,11 @@ def attention(q, k, v, q_positions=None, kv_lengths=None, sliding_window=None, s
     query rows of their own that read one cache row). The decode kernel reads through the index; on CPU one-token
     rows are grouped by cache row (w2s.kernels.sdpa_attention.attention_by_cache_row); every other path gathers the rows
     first.
+
+    row_prefix: optional (rows, lengths), integer tensors with an entry per row of k (the cache's rows), a promise
+    that row r's keys and values [0, lengths[r]) equal row rows[r]'s (the sampler's samples of one prompt, each
+    holding a copy of its keys). It changes no value; the Triton decode kernel reads those keys from rows[r], so that
+    the rows naming one row read it together and meet in L2. Every other path ignores it.
     """
     if kv_rows is not None and not (_use_triton(q) and use_decode_kernel(q, k, v)):
         if q.device.type == "cpu" and q.shape[1] == 1 and q_positions is not None and kv_lengths is None:
@@ -100,7 +105,7 @@ def attention(q, k, v, q_positions=None, kv_lengths=None, sliding_window=None, s
         k, v, kv_rows = k[kv_rows], v[kv_rows], None  # (B, S, K, D): batch rows from here on
     if _use_triton(q):
         return _triton_attention(q, k, v, q_positions, kv_lengths, sliding_window, softcap, scale,
-                                 _cascade_prefix(shared_prefix), kv_rows)
+                                 _cascade_prefix(shared_prefix), kv_rows, row_prefix)
     if _backend == "auto" and sdpa_attention.supports(q, k, v, q_positions, kv_lengths, sliding_window, softcap):
         return sdpa_attention.attention(q, k, v, q_positions=q_positions, kv_lengths=kv_lengths,
                                         sliding_window=sliding_window, scale=scale,
@@ -130,9 +135,11 @@ def use_decode_kernel(q, k, v):
     return not wants_grad(q, k, v) and T <= 16 and T * (H // KH) <= 128
 
 
-def _triton_attention(q, k, v, q_positions, kv_lengths, sliding_window, softcap, scale, cascade_prefix, kv_rows):
+def _triton_attention(q, k, v, q_positions, kv_lengths, sliding_window, softcap, scale, cascade_prefix, kv_rows,
+                      row_prefix=None):
     """The Triton path of `attention`: the flash kernel, the decode kernel, or the decode kernel's cascade over
-    cascade_prefix (which needs explicit positions and no ragged kv_lengths). kv_rows only reach the decode kernel."""
+    cascade_prefix (which needs explicit positions and no ragged kv_lengths). kv_rows and row_prefix only reach the
+    decode kernel."""
     if not use_decode_kernel(q, k, v):
         return _kernel("attention").attention(q, k, v, q_positions=q_positions, kv_lengths=kv_lengths,
                                               sliding_window=sliding_window, softcap=softcap, scale=scale)
@@ -140,9 +147,10 @@ def _triton_attention(q, k, v, q_positions, kv_lengths, sliding_window, softcap,
     if cascade_prefix is not None and q_positions is not None and kv_lengths is None:
         return decode.attention_after_shared_prefix(q, k, v, *cascade_prefix, q_positions,
                                                     sliding_window=sliding_window, softcap=softcap, scale=scale,
-                                                    kv_rows=kv_rows)
+                                                    kv_rows=kv_rows, row_prefix=row_prefix)
     return decode.attention_decode(q, k, v, q_positions=q_positions, kv_lengths=kv_lengths,
-                                   sliding_window=sliding_window, softcap=softcap, scale=scale, kv_rows=kv_rows)
+                                   sliding_window=sliding_window, softcap=softcap, scale=scale, kv_rows=kv_rows,
+                                   row_prefix=row_prefix)
 
 
 def rms_norm(x, weight, eps, unit_offset=False):

@@ -157,7 +157,8 @@ def _use_cuda_graphs(model, cuda_graphs):
 
 def make_engine(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=MAX_NEW_TOKENS,
                 stop=(), seed=0, max_batch=256, cache_len=None, shared_prefix=True, sync_every=8, cuda_graphs=None,
-                keep_state=None, fused_projections=None, prefill_chunk=0, prompt_indices=None):
+                keep_state=None, fused_projections=None, prefill_chunk=0, prompt_indices=None,
+                share_prompt_reads=False):
     """The Engine that `iter_generate` runs (None without prompts); arguments as `generate`. Callers that want the
     engine's counters (decode_steps, tokens_generated) drive `engine.run()` themselves."""
     stop = _check_options(tokenizer, n, temperature, top_p, top_k, max_new_tokens, stop, prefill_chunk, sync_every,
@@ -182,7 +183,7 @@ def make_engine(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, top_
         eos_ids=_eos_ids(model, tokenizer), stop=stop, decode=tokenizer.decode if tokenizer is not None else None,
         slots=max(1, min(max_batch, len(ids) * n)), cache_len=cache_len, global_index=prompt_indices,
         shared_prefix=shared_prefix, sync_every=sync_every, cuda_graphs=cuda_graphs, prefill_chunk=prefill_chunk,
-        keep_state=cuda_graphs if keep_state is None else keep_state,
+        keep_state=cuda_graphs if keep_state is None else keep_state, share_prompt_reads=share_prompt_reads,
         text_vocab=text_vocab if text_vocab is not None and text_vocab < model.cfg.vocab_size else None)
 
 
@@ -240,7 +241,7 @@ def _run_shard(model, tokenizer, ids, mine, dp_size, n_done, progress, options):
 
 def generate(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=MAX_NEW_TOKENS,
              stop=(), seed=0, max_batch=256, cache_len=None, shared_prefix=True, sync_every=8, cuda_graphs=None,
-             keep_state=None, fused_projections=None, prefill_chunk=0, progress=True):
+             keep_state=None, fused_projections=None, prefill_chunk=0, share_prompt_reads=False, progress=True):
     """Complete every prompt n times; returns, per prompt in input order, a list of n completion dicts.
 
     prompts: strings (tokenizer required) or lists of token ids (tokenizer may be None; then `text` is None and
@@ -253,7 +254,9 @@ def generate(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, top_k=0
     the model or by w2s.decode_state.release(model).
     fused_projections: run q/k/v and gate/up as one matmul each (default on CUDA; w2s/fused.py). prefill_chunk:
     while decode runs, the prompts entering freed slots join the decode steps, up to this many prompt tokens per
-    step, instead of a prefill forward of their own (chunked prefill; 0, the default, is off). Under an
+    step, instead of a prefill forward of their own (chunked prefill; 0, the default, is off).
+    share_prompt_reads: decode reads a prompt's keys from one of its samples' cache rows for all of them, so that
+    on the GPU those reads meet in L2 (same samples; off by default until measured, BENCHMARKS.md). Under an
     initialised process group each data-parallel rank runs a shard and every rank returns the full, input-ordered
     result, identical to a one-process run with the same seed.
     """
@@ -263,7 +266,7 @@ def generate(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, top_k=0
         model, tokenizer, prompts, progress=progress, n=n, temperature=temperature, top_p=top_p, top_k=top_k,
         max_new_tokens=max_new_tokens, stop=stop, seed=seed, max_batch=max_batch, cache_len=cache_len,
         shared_prefix=shared_prefix, sync_every=sync_every, cuda_graphs=cuda_graphs, keep_state=keep_state,
-        fused_projections=fused_projections, prefill_chunk=prefill_chunk))
+        fused_projections=fused_projections, prefill_chunk=prefill_chunk, share_prompt_reads=share_prompt_reads))
     if dp_layout(model)[1] > 1:
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, results)

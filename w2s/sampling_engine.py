@@ -114,14 +114,16 @@ class Engine:
     and leave it in, w2s/decode_state.py's per-model store; prefill_tokens: the token budget of one prefill forward
     (rows x longest); prefill_chunk: prompt tokens per mixed decode step (chunked prefill; 0: off); keep_logits:
     copy each decode step's (slots, V) logits into one fp32 buffer, `logits` then holds the last step's (tests,
-    inspection; off: no copy per step);
+    inspection; off: no copy per step); share_prompt_reads: decode reads the keys of a prompt's positions from one
+    row of its samples for all of them (each still holds its copy), so that on the GPU those reads meet in L2
+    (`_name_prompt_rows`);
     text_vocab: draw only ids below it (a model whose vocabulary is padded past its tokenizer's: ids without text).
     """
 
     def __init__(self, model, prompts, n, *, temperature, top_k, top_p, max_new_tokens, seed, eos_ids, stop=(),
                  decode=None, slots, cache_len, global_index=None, shared_prefix=True, sync_every=8,
                  cuda_graphs=False, prefill_tokens=8192, prefill_chunk=0, keep_state=False,
-                 keep_logits=False, text_vocab=None):
+                 keep_logits=False, text_vocab=None, share_prompt_reads=False):
         self.model, self.prompts, self.n = model, prompts, n
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
         self.text_vocab = text_vocab
@@ -129,7 +131,7 @@ class Engine:
         self.eos_set = set(eos_ids)
         self.slots, self.cache_len, self.sync_every = slots, cache_len, sync_every
         self.prefill_tokens, self.prefill_chunk, self.cuda_graphs = prefill_tokens, prefill_chunk, cuda_graphs
-        self.keep_logits = keep_logits
+        self.keep_logits, self.share_prompt_reads = keep_logits, share_prompt_reads
         self.global_index = list(range(len(prompts))) if global_index is None else list(global_index)
         weight = model.embed_tokens.weight
         dev = self.device = weight.device
@@ -142,8 +144,10 @@ class Engine:
         self.state = st = decode_state.acquire(model, shapes, build) if keep_state else build()
         eos = sorted(self.eos_set) or [-1]
         signature = decode_state.graph_signature({**self.sampling, "text_vocab": text_vocab}, eos, self.prefix_len,
-                                                 keep_logits)
+                                                 keep_logits, share_prompt_reads)
         st.start(self, signature, eos)
+        if share_prompt_reads:
+            st.cache.row_prefix = (st.prompt_rows, st.prompt_lens)
         self.cache, self.tokens, self.positions, self.n_gen = st.cache, st.tokens, st.positions, st.n_gen
         self.budget, self.keys, self.done, self.out, self.eos = st.budget, st.keys, st.done, st.out, st.eos
         self.trash = self.out.shape[1] - 1  # the column finished slots write into
@@ -205,12 +209,16 @@ class Engine:
             last = torch.tensor([len(ids) - 1 for _, ids, _ in chunk])
             self.cache.rows = torch.tensor([s for s, _, _ in chunk], device=self.device)
             self.cache.limit = max(start + len(ids) for _, ids, start in chunk)
-            shared, self.cache.shared = self.cache.shared, None  # many queries per row: no cascade (flash prefill)
+            # Many queries per row: no cascade (flash prefill); the rows being filled may still be named for an
+            # earlier prompt's keys (_name_prompt_rows runs after), so no prompt-row reads either.
+            shared, self.cache.shared = self.cache.shared, None
+            row_prefix, self.cache.row_prefix = self.cache.row_prefix, None
             try:
                 hidden = self.model(tokens.to(self.device), positions.to(self.device), cache=self.cache,
                                     return_hidden=True)  # (R, T, D)
             finally:
                 self.cache.rows, self.cache.limit, self.cache.shared = None, self.cache_len, shared
+                self.cache.row_prefix = row_prefix
             out.append(logits_from_hidden(self.model, hidden[torch.arange(len(chunk)), last.to(self.device)]))
             i = j
         return torch.cat(out)
@@ -253,6 +261,23 @@ class Engine:
         self.n_gen[slot_t] = 1
         self.out[slot_t, 0] = first
         self.done[slot_t] = _is_eos(first, self.eos) | (budget <= 1)
+        self._name_prompt_rows()
+
+    def _name_prompt_rows(self):
+        """With share_prompt_reads, point every slot at work at the lowest slot at work on the same prompt, for the
+        prompt's positions but the last; empty slots at themselves, for none. Those positions are bitwise the same
+        in every row of a prompt at work: one prefill (a sample waits while a sibling's prompt is prefilled in the
+        decode steps), copied to the others; the last is not (a sample admitted beside a running sibling runs it
+        again). Called after each admission, before any decode step reads the rows it filled: a slot named for
+        others keeps its prompt until it is admitted anew, and then it is named here no more."""
+        if not self.share_prompt_reads:
+            return
+        rows, lens, first = list(range(self.slots + 1)), [0] * (self.slots + 1), {}
+        for s, work in enumerate(self.work):
+            if work is not None:
+                rows[s], lens[s] = first.setdefault(work[0], s), len(self.prompts[work[0]]) - 1
+        self.state.prompt_rows.copy_(torch.tensor(rows, dtype=torch.int32))
+        self.state.prompt_lens.copy_(torch.tensor(lens, dtype=torch.int32))
 
     def _start_slots(self, free, items):
         """Slot state of work items [(prompt, sample)] entering slots `free`: position after the prompt, RNG key,
@@ -300,6 +325,7 @@ class Engine:
             slot_t, _, _ = self._start_slots(free[: len(started)], started)
             self.n_gen[slot_t] = 0  # the first token sampled (at the step that runs the last prompt token) is token 0
             self.done[slot_t] = True  # not generating yet: the decode entries of these slots change no state
+        self._name_prompt_rows()
 
     def _plan_mixed_steps(self):
         """The prompt tokens of the next decode steps: each step carries up to prefill_chunk tokens of the slots being

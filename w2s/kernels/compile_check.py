@@ -155,10 +155,14 @@ def check_attention(dtypes):
                     positions = torch.zeros(4, T, dtype=torch.int32)
                     for kv_rows in (None, torch.arange(4)) if T == 1 else (None,):
                         decode_attention._decode(q, k, k, positions, None, window, cap, 0.1, kv_rows)
-                    if T == 1:  # the sampler's int64 positions; the cascade's merge with the prefix's result
+                    if T == 1:  # the sampler's int64 positions; the cascade's merge with the prefix's result;
+                        # a prompt's keys read from the row named for them (share_prompt_reads, int32 tables)
                         decode_attention._decode(q, k, k, positions.long(), None, window, cap, 0.1)
                         decode_attention.attention_after_shared_prefix(q, k, k, k[0, :64], k[0, :64], positions,
                                                                        window, cap, 0.1)
+                        table = (torch.zeros(5, dtype=torch.int32), torch.zeros(5, dtype=torch.int32))
+                        decode_attention._decode(q, k, k, positions.long(), None, window, cap, 0.1,
+                                                 row_prefix=table)
 
 
 def check_fused_linear(dtypes):

@@ -55,19 +55,21 @@ from w2s.kernels.attention_common import (
 
 
 @triton.jit
-def _attn_decode_kernel(Q, K, V, O_PART, LSE_PART, POS, KV_LEN, KV_ROWS,
+def _attn_decode_kernel(Q, K, V, O_PART, LSE_PART, POS, KV_LEN, KV_ROWS, PREFIX_ROWS, PREFIX_LENS,
                         stride_qb, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh,
                         stride_vb, stride_vs, stride_vh, stride_pb, stride_pt,
-                        T, S, H, KH, GROUP, keys_per_split, scale, softcap, window,
+                        T, S, H, KH, GROUP, keys_per_split, prefix_offset, scale, softcap, window,
                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_POS: tl.constexpr,
                         HAS_KV_LEN: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                        HAS_KV_ROWS: tl.constexpr, PRECISION: tl.constexpr):
+                        HAS_KV_ROWS: tl.constexpr, HAS_ROW_PREFIX: tl.constexpr, PRECISION: tl.constexpr):
     """One program = one (batch row, kv head, key split). Its rows are every (token t, query head of the group)
     pair, so each key/value tile is read once for the whole GQA group. Writes a normalized partial output and its
     base-2 log-sum-exp per split, which `_merge_splits_kernel` combines; with a single split O_PART is the
     (B, T, H, D) output itself, in its dtype (the store rounds). POS and KV_LEN may be int32 or int64. With KV_ROWS,
     batch row b reads the keys/values of cache row KV_ROWS[b] (several batch rows may read one cache row) instead of
-    row b."""
+    row b. With HAS_ROW_PREFIX, cache row r's keys [0, PREFIX_LENS[r] - prefix_offset) equal those of cache row
+    PREFIX_ROWS[r] (another sample of the same prompt), and the whole key blocks among them are read there: the
+    samples of a prompt then read one row, whose blocks the others find in L2."""
     split = tl.program_id(0)
     pid_bk = tl.program_id(1)
     b = (pid_bk // KH).to(tl.int64)
@@ -93,6 +95,15 @@ def _attn_decode_kernel(Q, K, V, O_PART, LSE_PART, POS, KV_LEN, KV_ROWS,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     # Memory-bound: the per-element mask costs nothing here, so one masked loop covers the split.
+    if HAS_ROW_PREFIX:  # the whole blocks of the prompt, from the row named for it (block-aligned: lo stays so)
+        src = tl.load(PREFIX_ROWS + b_kv).to(tl.int64)
+        shared_end = tl.maximum(tl.load(PREFIX_LENS + b_kv).to(tl.int32) - prefix_offset, 0) // BLOCK_N * BLOCK_N
+        mid = tl.maximum(tl.minimum(hi, shared_end), lo)
+        acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, pos, K + src * stride_kb + kv_h * stride_kh,
+                                      V + src * stride_vb + kv_h * stride_vh, stride_ks, stride_vs, offs_d, lo, mid,
+                                      kv_len, scale, softcap, window, BLOCK_N, True, HAS_WINDOW, HAS_SOFTCAP,
+                                      PRECISION)
+        lo = mid
     acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, pos, K + b_kv * stride_kb + kv_h * stride_kh,
                                   V + b_kv * stride_vb + kv_h * stride_vh, stride_ks, stride_vs, offs_d, lo, hi, kv_len,
                                   scale, softcap, window, BLOCK_N, True, HAS_WINDOW, HAS_SOFTCAP, PRECISION)
@@ -170,11 +181,13 @@ def _integer_rows(x, device):
     return x.to(device=device, dtype=torch.int32)
 
 
-def _decode(q, k, v, q_positions, kv_lengths, sliding_window, softcap, scale, kv_rows=None, prefix=None):
+def _decode(q, k, v, q_positions, kv_lengths, sliding_window, softcap, scale, kv_rows=None, prefix=None,
+            row_prefix=None, prefix_offset=0):
     """Launch the split-key decode kernel, then the merge kernel unless one split wrote the output itself ->
     (B, T, H, D) in q's dtype. q_positions / kv_lengths integer tensors (or None), scale a float; kv_rows (B,) or
     None: the cache row of k/v each batch row reads. prefix: (out (B*T, H, D), lse (H, B*T)) of the cascade's flash
-    forward over the shared prefix, merged as one more split."""
+    forward over the shared prefix, merged as one more split. row_prefix: (rows, lengths), integer tensors over k's
+    rows (attention_decode), counted in positions of k's key 0 = prefix_offset."""
     B, T, H, D = q.shape
     S, KH = k.shape[1], k.shape[2]
     group = H // KH
@@ -190,10 +203,12 @@ def _decode(q, k, v, q_positions, kv_lengths, sliding_window, softcap, scale, kv
     lse_part = torch.empty((B, splits, T, H), dtype=torch.float32, device=q.device)
     merge = splits > 1 or prefix is not None
     o_part = torch.empty((B, splits, T, H, D), dtype=torch.float32, device=q.device) if merge else out
+    prefix_rows, prefix_lens = row_prefix if row_prefix is not None else (None, None)
     _attn_decode_kernel[_grid(splits, B * KH)](
-        q, k, v, o_part, lse_part, q_positions, kv_lengths, kv_rows, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        *_pos_strides(q_positions), T, S, H, KH, group, keys_per_split, scale, softcap or 1.0, sliding_window or 0,
-        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, HAS_KV_ROWS=kv_rows is not None, PRECISION=_precision(q.dtype),
+        q, k, v, o_part, lse_part, q_positions, kv_lengths, kv_rows, prefix_rows, prefix_lens, *q.stride()[:3],
+        *k.stride()[:3], *v.stride()[:3], *_pos_strides(q_positions), T, S, H, KH, group, keys_per_split,
+        prefix_offset, scale, softcap or 1.0, sliding_window or 0, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,
+        HAS_KV_ROWS=kv_rows is not None, HAS_ROW_PREFIX=row_prefix is not None, PRECISION=_precision(q.dtype),
         **_flags(q_positions, kv_lengths, sliding_window, softcap), num_warps=4, num_stages=2)
     if merge:
         _merge_splits(o_part, lse_part, out, prefix)
@@ -213,30 +228,33 @@ def _merge_splits(o_part, lse_part, out, prefix=None):
 
 
 def attention_decode(q, k, v, q_positions=None, kv_lengths=None, sliding_window=None, softcap=None, scale=None,
-                     kv_rows=None):
+                     kv_rows=None, row_prefix=None):
     """Forward-only attention for a few query tokens against a KV cache (the sampler's hot loop).
 
     Same contract as w2s.kernels.attention.attention, forward only; at most 128 query rows (T x the GQA group) per kv
     head. For the best speed pass k/v sliced to the longest live cache row, since the key splits cover all S slots.
     kv_rows: optional (B,) integer cache rows: batch row b then attends k[kv_rows[b]], v[kv_rows[b]] (k and v hold
     the cache's rows, any number), read through the index rather than gathered.
+    row_prefix: optional (rows, lengths), integer tensors with an entry for each row of k: a promise that
+    k[r, :lengths[r]] == k[rows[r], :lengths[r]] (and v alike), as for the samples of one prompt; it changes no value,
+    and the kernel reads those keys from row rows[r].
     """
     _check_inputs(q, k, v, q_positions, kv_lengths, sliding_window, softcap, kv_rows)
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     return _decode(q, k, v, _integer_rows(q_positions, q.device), _integer_rows(kv_lengths, q.device),
-                   sliding_window, softcap, scale, kv_rows)
+                   sliding_window, softcap, scale, kv_rows, row_prefix=_row_prefix(row_prefix, k))
 
 
 def attention_after_shared_prefix(q, k, v, prefix_k, prefix_v, q_positions, sliding_window=None, softcap=None,
-                                  scale=None, kv_rows=None):
+                                  scale=None, kv_rows=None, row_prefix=None):
     """Decode attention when keys [0, P) of every row are the same, prefix_k / prefix_v (P, K, D): cascade attention.
 
     Same result as attention_decode(q, k, v, q_positions, ...). The row's own keys [P, S) go through the decode
     kernel (positions shifted by P, so windows and causality are unchanged); the prefix goes through the flash
     forward kernel once, with all B*T queries as one long row against the P shared keys, so those keys are read
     once per step instead of once per row. The prefix result joins the decode kernel's key splits as one more
-    split in the merge kernel. No host sync: CUDA-graph safe. kv_rows as in attention_decode.
+    split in the merge kernel. No host sync: CUDA-graph safe. kv_rows and row_prefix as in attention_decode.
     """
     _check_inputs(q, k, v, q_positions, None, sliding_window, softcap, kv_rows)
     B, T, H, D = q.shape
@@ -248,4 +266,17 @@ def attention_after_shared_prefix(q, k, v, prefix_k, prefix_v, q_positions, slid
                             _last_dim_contiguous(prefix_v)[None], positions.reshape(1, B * T), None, sliding_window,
                             softcap, scale)  # (1, B*T, H, D), (1, H, B*T)
     return _decode(q, k[:, P:], v[:, P:], positions - P, None, sliding_window, softcap, scale, kv_rows,
-                   prefix=(out_p[0], lse_p[0]))
+                   prefix=(out_p[0], lse_p[0]), row_prefix=_row_prefix(row_prefix, k), prefix_offset=P)
+
+
+def _row_prefix(row_prefix, k):
+    """row_prefix checked against k's rows: (rows, lengths), 1-d on k's device with an entry for every row of k
+    (more may follow: the sampler's tables cover every cache row); None stays None."""
+    if row_prefix is None:
+        return None
+    rows, lengths = row_prefix
+    if any(t.dim() != 1 or t.shape[0] < k.shape[0] or t.device != k.device for t in (rows, lengths)):
+        raise ValueError(f"attention decode: row_prefix needs (rows, lengths), 1-d with at least {k.shape[0]} entries "
+                         f"(one per row of k) on {k.device}, got {tuple(rows.shape)} on {rows.device} and "
+                         f"{tuple(lengths.shape)} on {lengths.device}")
+    return rows, lengths
