@@ -69,7 +69,7 @@ def _attn_decode_kernel(Q, K, V, O_PART, LSE_PART, POS, KV_LEN, KV_ROWS, PREFIX_
     batch row b reads the keys/values of cache row KV_ROWS[b] (several batch rows may read one cache row) instead of
     row b. With HAS_ROW_PREFIX, cache row r's keys [0, PREFIX_LENS[r] - prefix_offset) equal those of cache row
     PREFIX_ROWS[r] (another sample of the same prompt), and the whole key blocks among them are read there: the
-    samples of a prompt then read one row, whose blocks the others find in L2."""
+    samples of a prompt then read one row, whose blocks the others may find in L2."""
     split = tl.program_id(0)
     pid_bk = tl.program_id(1)
     b = (pid_bk // KH).to(tl.int64)
