@@ -109,16 +109,35 @@ run_step() {  # the checks by name; the default run is ordered: tests first, the
     bench_kernels) step "$1" 95 "$py" -m w2s.kernels.bench --no-compile --warmup 3 --repeats 10 ;;
     # attention fwd (pointer loads, TMA, TMA + persistent) and bwd at the target shape, SDPA's flash backend beside
     bench_attention) step "$1" 60 "$py" -m w2s.kernels.bench --only attention --no-compile --warmup 3 --repeats 10 ;;
-    # Nsight Compute on one launch of each attention kernel at the bench's shape (B4 T4096 H16 D128, causal, the
-    # tables' configs): throughput against the chip's peaks, occupancy and where the warps stall, for what keeps the
-    # attention targets out of reach (ncu reads the counters on the Firecracker machines; clocks left alone)
+    # Nsight Compute on the attention kernels at the bench's shape (B4 T4096 H16 D128, the tables' configs): one
+    # causal and one non-causal forward + backward, compiled and warmed up outside the profiled range (ncu
+    # --profile-from-start off; the range is torch.cuda.profiler's). Throughput against the chip's peaks, launch
+    # resources, occupancy and where the warps stall: what keeps the attention targets out of reach (ncu reads the
+    # counters on the Firecracker machines; clocks left alone)
     profile_attention)
       ncu="${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)}"
-      for kernel in _attn_fwd_kernel _attn_bwd_dkdv_kernel _attn_bwd_dq_kernel; do
-        step "ncu$kernel" 120 "${ncu:-ncu}" --clock-control none -k "regex:^$kernel\$" --launch-count 1 \
-          --section SpeedOfLight --section Occupancy --section WarpStateStats --section ComputeWorkloadAnalysis \
-          "$py" -m w2s.kernels.bench --only attention --no-compile --no-eager --warmup 1 --repeats 1
-      done ;;
+      step "$1" 150 "${ncu:-ncu}" --clock-control none --profile-from-start off \
+        -k "regex:^_attn_(fwd|bwd_dkdv|bwd_dq)_kernel\$" --section SpeedOfLight --section LaunchStats \
+        --section Occupancy --section WarpStateStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+        "$py" - <<'PY'
+import torch
+from w2s.kernels.attention import attention
+
+B, T, H, D = 4, 4096, 16, 128
+q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+last = torch.full((B, T), T - 1, device="cuda", dtype=torch.int32)  # non-causal: every query sees every key
+for profiled in (False, True):  # the first pass compiles, the second is the one ncu measures
+    if profiled:
+        torch.cuda.synchronize()
+        torch.cuda.profiler.start()
+    for positions in (None, last):
+        out = attention(q, k, v, q_positions=positions)
+        torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    torch.cuda.synchronize()
+torch.cuda.profiler.stop()
+print("profiled: causal fwd, dk/dv, dq; non-causal fwd, dk/dv, dq")
+PY
+      ;;
     # RMSNorm, RoPE, SwiGLU and the fused linear cross-entropy against the copy bandwidth the bench measures first
     bench_memory) step "$1" 40 "$py" -m w2s.kernels.bench --only rms_norm,rope,swiglu,fused_ce --no-compile \
       --warmup 3 --repeats 10 ;;
