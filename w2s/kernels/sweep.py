@@ -8,6 +8,7 @@ table it printed.
     python -m w2s.kernels.sweep --only attention256,forward256
     python -m w2s.kernels.sweep --only attention64,forward64     # the Llama-3.2-1B training shape's attention
     python -m w2s.kernels.sweep --only rms_norm
+    python -m w2s.kernels.sweep --only dkdv128       # dk/dv at D = 128: the table's tile with 8 warps
 
 For each backward candidate it times the whole backward (bench.py's median_ms: device time, L2 flushed) with the
 other kernel at its table config (a dk/dv candidate with atomic dq runs alone), and checks the gradients against the
@@ -29,9 +30,13 @@ from w2s.kernels.attention_common import Launch
 # (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages) per head dim; the first of each list is the current table
 # entry's tiles (attention.py), the rest what the sweep tries against it.
 _DKDV_TILES = {
-    128: [(64, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2), (32, 128, 8, 3), (32, 128, 4, 3), (32, 64, 4, 3)],
+    128: [(64, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2), (32, 128, 8, 3), (32, 128, 4, 3), (32, 64, 4, 3),
+          (64, 64, 8, 2), (64, 64, 8, 3), (128, 64, 8, 2)],
     64: [(32, 128, 4, 3), (64, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3)],
 }
+# dk/dv at D = 128: the table's (64, 64) tile and the last three above, with 8 warps. The table's 4 warps hold two
+# (64, 128) fp32 accumulators in 255 registers a thread and spill (Nsight Compute, BENCHMARKS.md); 8 warps halve that.
+_DKDV_8_WARPS_128 = _DKDV_TILES[128][:1] + _DKDV_TILES[128][-3:]
 _DQ_TILES = {
     128: [(64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2), (128, 32, 8, 3), (128, 32, 4, 3), (64, 32, 4, 3)],
     64: [(64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 4, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 32, 4, 3)],
@@ -86,7 +91,8 @@ LAUNCH_OPTIONS = {
 # (B, T, H, KH) per head dim: bench.py's attention shape at D = 128, Llama-3.2-1B's training shape at 64,
 # Gemma-2-9B's heads at 256.
 SHAPES = {128: (4, 4096, 16, 16), 64: (8, 2048, 32, 8), 256: (2, 4096, 16, 8)}
-PARTS = ("attention128", "attention64", "attention256", "forward128", "forward64", "forward256", "rms_norm")
+PARTS = ("attention128", "attention64", "attention256", "forward128", "forward64", "forward256", "dkdv128",
+         "rms_norm")
 DEVICE = "cuda"
 # a Launch's fields; per SM 0: a program per tile; atomic dq: the dk/dv kernel sums dq and the dq kernel does not run
 CONFIG_HEADER = "(BLOCK_M, BLOCK_N, warps, stages, TMA, per SM, atomic dq)"
@@ -104,7 +110,8 @@ def rel_err(out, ref):
     return ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
 
 
-def sweep_attention(head_dim, warmup, repeats):
+def sweep_attention(head_dim, warmup, repeats, parts=None):
+    """parts: {"dkdv" | "dq": candidate Launches} to time, by default every candidate of both kernels."""
     B, T, H, KH = SHAPES[head_dim]
     q = torch.randn(B, T, H, head_dim, device=DEVICE, dtype=torch.bfloat16)
     k, v = (torch.randn(B, T, KH, head_dim, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
@@ -117,10 +124,12 @@ def sweep_attention(head_dim, warmup, repeats):
     print(f"\nattention bwd, causal, B{B} T{T} H{H} KH{KH} D{head_dim}, bf16")
     print(f"{'kernel':<6} {CONFIG_HEADER:<56} {'ms':>8} {'TF/s':>8} {'max rel diff':>13}")
     reference = backward()
-    for name, table, candidates in (("dkdv", attention_backward._GPU_BWD_DKDV, DKDV_CANDIDATES),
-                                    ("dq", attention_backward._GPU_BWD_DQ, DQ_CANDIDATES)):
+    parts = parts or {"dkdv": DKDV_CANDIDATES[head_dim], "dq": DQ_CANDIDATES[head_dim]}
+    tables = {"dkdv": attention_backward._GPU_BWD_DKDV, "dq": attention_backward._GPU_BWD_DQ}
+    for name, candidates in parts.items():
+        table = tables[name]
         current = table[head_dim]
-        for config in candidates[head_dim]:
+        for config in candidates:
             table[head_dim] = config
             try:
                 grads = backward()
@@ -175,7 +184,7 @@ def sweep_rms_norm(warmup, repeats, M=16384, D=4096):
     try:
         for per_sm in (1, 2, 4):
             for warps in (None, 8):
-                for stages in (1, 2, 3):
+                for stages in (1, 2, 3, 4):
                     rms_norm.BWD_PROGRAMS_PER_SM, rms_norm.BWD_NUM_WARPS, rms_norm.BWD_ROW_STAGES = \
                         per_sm, warps, stages
                     grads = backward()
@@ -186,6 +195,11 @@ def sweep_rms_norm(warmup, repeats, M=16384, D=4096):
                           f"{err:>13.1e}" + ("   (table)" if (per_sm, warps, stages) == table else ""))
     finally:
         rms_norm.BWD_PROGRAMS_PER_SM, rms_norm.BWD_NUM_WARPS, rms_norm.BWD_ROW_STAGES = table
+    # what the backward spends after its kernel: the table's (programs, D) fp32 partial weight gradients summed and
+    # cast to the weight's dtype by PyTorch
+    partials = torch.randn(rms_norm._num_programs(x.device, M), D, device=DEVICE)
+    ms = _median_ms(lambda: partials.sum(0).to(w.dtype), warmup, repeats)
+    print(f"weight-gradient reduction of the {partials.shape[0]} partial rows alone: {ms * 1000:.1f} us")
 
 
 def main(argv=None):
@@ -203,7 +217,9 @@ def main(argv=None):
         return 0
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, median of {args.repeats}")
     for part in parts:
-        if part.startswith("attention"):
+        if part == "dkdv128":
+            sweep_attention(128, args.warmup, args.repeats, {"dkdv": [Launch(*t) for t in _DKDV_8_WARPS_128]})
+        elif part.startswith("attention"):
             sweep_attention(int(part.removeprefix("attention")), args.warmup, args.repeats)
         elif part.startswith("forward"):
             sweep_forward(int(part.removeprefix("forward")), args.warmup, args.repeats)
