@@ -157,6 +157,8 @@ PY
     # the backward's tiles at the benchmark's D 128: dk/dv and dq, pointer loads and (three tiles each) TMA, and
     # three dk/dv tiles summing dq by atomic adds (both loads); alone
     sweep_backward128) step "$1" 400 "$py" -m w2s.kernels.sweep --only attention128 ;;
+    # dk/dv at D 128: the table's tile with 4 warps (which spills) against 8 (4 compiles)
+    dkdv128) step "$1" 90 "$py" -m w2s.kernels.sweep --only dkdv128 ;;
     # 8B, 64 prompts x 8 samples = 512 sequences x (128 -> 256), then batch-1 decode with its MBU and steady state
     bench_sampling) step "$1" 80 "$py" scripts/bench_sampling.py --prompts 64 --repeats 1 ;;
     gsm8k) step "$1" 60 "$py" scripts/bench_sampling.py --gsm8k --repeats 1 --no-batch1 ;;  # 256 x 8, EOS lengths

@@ -116,6 +116,16 @@ def test_rms_norm_of_no_rows():
     assert y.shape == (0, 16) and x.grad.shape == (0, 16) and (w.grad == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rms_norm_weight_gradient_partials_sum_in_one_launch(dtype):
+    # the backward's column sum of its (programs, D) fp32 partials: more rows than one tile (64) and a ragged last
+    # column band, written in the weight's dtype; against torch's fp32 sum rounded once
+    partials = torch.randn(150, 41)
+    got = rms_norm._sum_partials(partials, dtype)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, partials.sum(0).to(dtype), atol=1e-5, rtol=1e-5 if dtype == torch.float32 else 1e-3)
+
+
 def test_rms_norm_backward_copies_fewer_rows_ahead_where_shared_memory_runs_out(monkeypatch):
     """(stages - 1) rows of x and dy sit in shared memory: bf16 x and dy at D 4096 are 16 KiB a row, fp32 at 16384
     128 KiB, so at most one such row fits under the 192 KiB the launcher allows, whatever stages the table asks."""

@@ -5,8 +5,8 @@
 
 One program normalizes one row (the whole row fits in registers: D <= 16k). The forward keeps rstd (M,) fp32 for
 the backward, which recomputes the normalized row instead of storing it. The weight gradient is a sum over rows:
-each backward program walks a strided set of rows, accumulates its partial dw in fp32, and torch sums the
-(programs, D) partials — no atomics, deterministic. `add_rms_norm` (forward only) first adds a residual row, the
+each backward program walks a strided set of rows, accumulates its partial dw in fp32, and a second kernel sums
+the (programs, D) partials — no atomics, deterministic. `add_rms_norm` (forward only) first adds a residual row, the
 residual stream's add before a block's second norm, and writes that sum too: one launch instead of two.
 
     python -m pytest -q tests/test_kernels.py -k rms_norm    # CPU, TRITON_INTERPRET=1, against the reference
@@ -80,6 +80,30 @@ def _rms_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr,
     tl.store(dw_partial_ptr + pid * D + cols, dw_acc, mask=mask)
 
 
+@triton.jit
+def _sum_partials_kernel(partial_ptr, out_ptr, P, D, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    # out[cols] = sum over the P rows of partial (P, D) fp32, written in out's dtype. A column-sum has only D outputs,
+    # so each program takes a narrow band of columns (many programs, one per SM or so) and walks all the rows in
+    # (BLOCK_P, BLOCK_D) tiles: every row's band is one contiguous segment.
+    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    rows = tl.arange(0, BLOCK_P)
+    acc = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+    for start in tl.range(0, P, BLOCK_P, num_stages=3):
+        mask = ((start + rows) < P)[:, None] & (cols < D)[None, :]
+        acc += tl.load(partial_ptr + (start + rows)[:, None] * D + cols[None, :], mask=mask, other=0.0)
+    tl.store(out_ptr + cols, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=cols < D)
+
+
+def _sum_partials(dw_partial, dtype):
+    """(P, D) fp32 partial weight gradients -> their column sums (D,) in dtype, one launch (torch's sum(0) over a few
+    hundred rows, then a cast, are two launches and the sum spreads its few thousand columns over few programs)."""
+    P, D = dw_partial.shape
+    out = torch.empty(D, dtype=dtype, device=dw_partial.device)
+    block_d = 32 if dw_partial.is_cuda else 16
+    _sum_partials_kernel[(triton.cdiv(D, block_d),)](dw_partial, out, P, D, BLOCK_P=64, BLOCK_D=block_d)
+    return out
+
+
 def _launch_config(D):
     block = triton.next_power_of_2(D)
     if block > 16384:
@@ -144,7 +168,7 @@ def rms_norm_backward(dy2d, x2d, weight, rstd, unit_offset):
                                       x2d.stride(0), dx.stride(0), rows_per_program,
                                       UNIT_OFFSET=unit_offset, BLOCK_D=block, ROW_STAGES=_row_stages(block, x2d, dy2d),
                                       num_warps=num_warps)
-    return dx, dw_partial.sum(0).to(weight.dtype)
+    return dx, _sum_partials(dw_partial, weight.dtype)
 
 
 def _rows(t):

@@ -195,11 +195,13 @@ def sweep_rms_norm(warmup, repeats, M=16384, D=4096):
                           f"{err:>13.1e}" + ("   (table)" if (per_sm, warps, stages) == table else ""))
     finally:
         rms_norm.BWD_PROGRAMS_PER_SM, rms_norm.BWD_NUM_WARPS, rms_norm.BWD_ROW_STAGES = table
-    # what the backward spends after its kernel: the table's (programs, D) fp32 partial weight gradients summed and
-    # cast to the weight's dtype by PyTorch
+    # what the backward spends after its kernel: the table's (programs, D) fp32 partial weight gradients summed into
+    # the weight's dtype, by the backward's kernel and by PyTorch (a sum and a cast)
     partials = torch.randn(rms_norm._num_programs(x.device, M), D, device=DEVICE)
-    ms = _median_ms(lambda: partials.sum(0).to(w.dtype), warmup, repeats)
-    print(f"weight-gradient reduction of the {partials.shape[0]} partial rows alone: {ms * 1000:.1f} us")
+    for name, reduce in (("kernel", lambda: rms_norm._sum_partials(partials, w.dtype)),
+                         ("torch sum(0) + cast", lambda: partials.sum(0).to(w.dtype))):
+        ms = _median_ms(reduce, warmup, repeats)
+        print(f"weight-gradient reduction of the {partials.shape[0]} partial rows alone, {name}: {ms * 1000:.1f} us")
 
 
 def main(argv=None):
