@@ -16,9 +16,8 @@ workload, random weights.
                                                           #      inside the decode steps (chunked prefill)
     python scripts/bench_sampling.py --prompts 64 --top-p 0.95    # nucleus sampling: the whole vocabulary sorted
                                                           #      every decode step (the paper samples at top_p 1)
-    python scripts/bench_sampling.py --prompts 64 --no-share-prompt-reads   # each sample reads its own copy of
-                                                          #      its prompt's keys (the default on CUDA reads one
-                                                          #      sample's row for all 8, meeting in L2)
+    python scripts/bench_sampling.py --prompts 64 --share-prompt-reads   # a prompt's keys read from one of its 8
+                                                          #      samples' rows for all of them (meeting in L2)
     make bench-sampling
 
 Without --gsm8k there is no EOS: every sequence runs the full budget, so the work is exactly prompts x samples x new
@@ -223,9 +222,9 @@ def parse_args():
     parser.add_argument("--prefill-chunk", type=int, default=0,
                         help="chunked prefill: prompt tokens per decode step for the prompts entering freed slots\n"
                              "(w2s/sampling.py; 0, the default, prefills them in a forward of their own)")
-    parser.add_argument("--share-prompt-reads", action=argparse.BooleanOptionalAction, default=None,
+    parser.add_argument("--share-prompt-reads", action="store_true",
                         help="decode reads each prompt's keys from one of its samples' cache rows for all of them\n"
-                             "(generate's share_prompt_reads) [default: on CUDA with --samples > 1]")
+                             "(generate's share_prompt_reads)")
     parser.add_argument("--threads", type=int, help="torch CPU threads [default: torch's choice]")
     parser.add_argument("--batch1", action=argparse.BooleanOptionalAction, default=None,
                         help="also time batch-1 greedy decode [default: on CUDA only]")
@@ -233,13 +232,6 @@ def parse_args():
                         help="also profile eager decode (torch.profiler), the batch workload's and batch-1's: the\n"
                              "kernels a decode step spends its device time in, and that time per step")
     return parser.parse_args()
-
-
-def shared_reads_note(args, kind, work):
-    """Where decode reads a prompt's keys: generate's share_prompt_reads as this run resolves it."""
-    shared = args.share_prompt_reads
-    shared = kind == "cuda" and work["samples"] > 1 if shared is None else shared
-    return "one sample's row for all its samples" if shared else "each sample's own row"
 
 
 def make_prompts(args, work, vocab):
@@ -398,7 +390,7 @@ def main():
     print(f"workload: {work['prompts']} prompts x {work['samples']} samples {ending} new tokens, {lengths}"
           + (f" after a shared prefix of {args.shared_prefix}" if args.shared_prefix else "") +
           f", temperature 1.0, top_p {args.top_p}, max_batch {args.max_batch}, prefill_chunk {args.prefill_chunk}"
-          + f", prompt keys read from {shared_reads_note(args, kind, work)}")
+          + (", prompt keys read from one sample's row" if args.share_prompt_reads else ""))
     bandwidth = copy_bandwidth(device)
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (device-to-device, read + write); weights read per decode step "
           f"{weight_bytes(model) / 1e9:.2f} GB, KV {kv_bytes_per_position(model) / 1e3:.1f} kB per position")

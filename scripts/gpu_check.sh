@@ -167,13 +167,12 @@ PY
     # the same with nucleus sampling (top_p 0.95: every decode step sorts 512 rows of 128k logits); against
     # bench_sampling's tok/s it is what the sort costs (the paper samples at top_p 1, without it)
     top_p) step "$1" 80 "$py" scripts/bench_sampling.py --prompts 64 --repeats 1 --no-batch1 --top-p 0.95 ;;
-    # the batch workload with each sample reading its own copy of its prompt's keys (share_prompt_reads off; on
-    # CUDA the default reads one sample's row for all 8, meeting in L2): against bench_sampling's tok/s; then the
-    # GSM8K-like one against gsm8k's
-    own_prompt_reads)
-      step "$1" 80 "$py" scripts/bench_sampling.py --prompts 64 --repeats 1 --no-batch1 --no-share-prompt-reads
-      step own_prompt_reads_gsm8k 60 "$py" scripts/bench_sampling.py --gsm8k --repeats 1 --no-batch1 \
-        --no-share-prompt-reads ;;
+    # the batch workload with each prompt's keys read from one of its samples' rows (meeting in L2): against
+    # bench_sampling's tok/s; then the GSM8K-like one (slots refilled, siblings named anew) against gsm8k's
+    share_prompt_reads)
+      step "$1" 80 "$py" scripts/bench_sampling.py --prompts 64 --repeats 1 --no-batch1 --share-prompt-reads
+      step share_prompt_reads_gsm8k 60 "$py" scripts/bench_sampling.py --gsm8k --repeats 1 --no-batch1 \
+        --share-prompt-reads ;;
     profile_sampling) step "$1" 150 "$py" scripts/bench_sampling.py --prompts 64 --repeats 1 --profile ;;
     cascade)  # ICL-shaped decode with the cascade over a 1024-token shared prefix, then with it turned off
       args="--shared-prefix 1024 --samples 1 --prompts 256 --new-tokens 64 --repeats 1 --no-batch1"

@@ -158,7 +158,7 @@ def _use_cuda_graphs(model, cuda_graphs):
 def make_engine(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=MAX_NEW_TOKENS,
                 stop=(), seed=0, max_batch=256, cache_len=None, shared_prefix=True, sync_every=8, cuda_graphs=None,
                 keep_state=None, fused_projections=None, prefill_chunk=0, prompt_indices=None,
-                share_prompt_reads=None):
+                share_prompt_reads=False):
     """The Engine that `iter_generate` runs (None without prompts); arguments as `generate`. Callers that want the
     engine's counters (decode_steps, tokens_generated) drive `engine.run()` themselves."""
     stop = _check_options(tokenizer, n, temperature, top_p, top_k, max_new_tokens, stop, prefill_chunk, sync_every,
@@ -175,8 +175,6 @@ def make_engine(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, top_
     on_cuda = model.embed_tokens.weight.device.type == "cuda"
     if on_cuda if fused_projections is None else fused_projections:
         fuse_projections(model)  # before the state is acquired: fusing moves the weights it addresses
-    if share_prompt_reads is None:  # only the Triton decode kernel reads through the named rows
-        share_prompt_reads = on_cuda and n > 1
     # A vocabulary padded past the tokenizer's (a multiple of 64 or 128, say) has rows with no text: never draw them,
     # as serving engines do. Only w2s's own tokenizer counts its added tokens in vocab_size (transformers' does not).
     text_vocab = tokenizer.vocab_size if isinstance(tokenizer, Tokenizer) else None
@@ -243,7 +241,7 @@ def _run_shard(model, tokenizer, ids, mine, dp_size, n_done, progress, options):
 
 def generate(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=MAX_NEW_TOKENS,
              stop=(), seed=0, max_batch=256, cache_len=None, shared_prefix=True, sync_every=8, cuda_graphs=None,
-             keep_state=None, fused_projections=None, prefill_chunk=0, share_prompt_reads=None, progress=True):
+             keep_state=None, fused_projections=None, prefill_chunk=0, share_prompt_reads=False, progress=True):
     """Complete every prompt n times; returns, per prompt in input order, a list of n completion dicts.
 
     prompts: strings (tokenizer required) or lists of token ids (tokenizer may be None; then `text` is None and
@@ -258,8 +256,8 @@ def generate(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, top_k=0
     while decode runs, the prompts entering freed slots join the decode steps, up to this many prompt tokens per
     step, instead of a prefill forward of their own (chunked prefill; 0, the default, is off).
     share_prompt_reads: decode reads a prompt's keys from one of its samples' cache rows for all of them, so that
-    on the GPU those reads meet in L2 (the same samples, fewer bytes from memory; default: on for a CUDA model with
-    n > 1, BENCHMARKS.md). Under an
+    on the GPU those reads meet in L2 (the same samples; off by default: on an H200 it changed no decode step's
+    time, BENCHMARKS.md). Under an
     initialised process group each data-parallel rank runs a shard and every rank returns the full, input-ordered
     result, identical to a one-process run with the same seed.
     """
