@@ -14,6 +14,7 @@
 #                                                  # BENCHMARKS.md (each with the device, date and commit)
 #     OUT=gpu_out bash scripts/gpu_check.sh sweep profile_sampling    # named steps only (see run_step below)
 #     OUT=gpu_out bash scripts/gpu_check.sh gsm8k gsm8k_chunked       # chunked prefill against a prefill forward
+#     OUT=gpu_out bash scripts/gpu_check.sh matvec batch1 batch1_cublas    # batch-1 matvec kernel; decode on and off
 #     OUT=gpu_out bash scripts/gpu_check.sh profile_attention   # Nsight Compute on the 3 attention kernels
 #     OUT=gpu_out bash scripts/gpu_check.sh pipeline    # the demo recipe end to end on CUDA, bf16 (<= 7 min, own call)
 #
@@ -144,6 +145,17 @@ PY
     # the whole attention file on CUDA (fp32 + bf16 at the GPU tables): Triton compiles took over 120 s on an H100
     test_attention) step "$1" 300 "$py" -m pytest $test_opts tests/test_kernel_attention.py ;;
     batch1) step "$1" 100 "$py" scripts/bench_sampling.py --prompts 1 --samples 1 ;;  # 8B batch 1, MBU, steady state
+    # the same with every projection on torch's matmuls (cuBLAS) instead of the one-row matrix-vector kernel: batch 1
+    # with the matvec off, to compare with batch1 in the same call
+    batch1_cublas) step "$1" 100 "$py" -c "import runpy, sys; import w2s.ops as o; o.TRITON_MATVEC = False; \
+sys.argv = ['bench_sampling.py'] + sys.argv[1:]; runpy.run_path('scripts/bench_sampling.py', run_name='__main__')" \
+      --prompts 1 --samples 1 ;;
+    # the one-row matrix-vector kernel (batch-1 decode's projections): its bf16 GPU tests at the Llama-3-8B shapes,
+    # Triton against F.linear in GB/s of weight read, then its launch configs per shape (23 compiles): 150 s of limits
+    matvec)
+      step matvec_test 50 "$py" -m pytest $test_opts -m gpu tests/test_kernel_matvec.py
+      step matvec_bench 40 "$py" -m w2s.kernels.bench --only matvec --warmup 3 --repeats 20
+      step matvec_sweep 60 "$py" -m w2s.kernels.sweep --only matvec ;;
     # every launch config, fwd and bwd at D 64/128/256: over 130 compiles, more than one call may finish (alone)
     sweep) step "$1" 590 "$py" -m w2s.kernels.sweep ;;
     # RMSNorm's backward: programs per SM x warps per program at (16384, 4096), bf16

@@ -282,15 +282,21 @@ def test_sampler_on_the_triton_path_with_fused_projections(family, monkeypatch):
     assert calls["rope_cache"] >= 5 * cfg.n_layers and calls["glu_rows"] >= 5 * cfg.n_layers
 
 
-@pytest.mark.parametrize("temperature, draw", [(0.0, ["argmax"]),
-                                               (1.0, ["triton:_uniforms_kernel", "triton:_sample_kernel"])])
-def test_a_batch1_decode_step_launches_these_kernels(monkeypatch, temperature, draw):
+@pytest.mark.parametrize("temperature, draw, triton_matvec", [
+    (0.0, ["argmax"], True), (1.0, ["triton:_uniforms_kernel", "triton:_sample_kernel"], True),
+    (0.0, ["argmax"], False)])
+def test_a_batch1_decode_step_launches_these_kernels(monkeypatch, temperature, draw, triton_matvec):
     """The CUDA path's batch-1 decode step, launch by launch (fp16, Triton under the interpreter, fused projections,
     one key split): per layer the norm, the q/k/v matmul, RoPE + cache write, attention, the o matmul, the residual
     add with the MLP's norm, the gate/up matmul, the GLU, the down matmul with the residual add in it; then the
     final norm, the logits, the draw (greedy: an argmax and no uniforms; sampling: the step's uniforms in one
     kernel, the draw in another) and the step's bookkeeping on device. At batch 1 each launch costs a few
-    microseconds that hardly depend on its work, so one more here should be deliberate."""
+    microseconds that hardly depend on its work, so one more here should be deliberate.
+
+    Every matmul of the step has one activation row, so each is one launch of the matrix-vector kernel: the same
+    count as the torch matmuls it replaces, mm and (the down projection into the residual) addmm_, which run with
+    ops.TRITON_MATVEC off. On CUDA those torch matmuls may also launch cuBLAS's split-K reduction kernels, which this
+    counter does not see (the matvec never splits K)."""
     from launches import LaunchCounter
 
     from w2s import ops
@@ -303,6 +309,7 @@ def test_a_batch1_decode_step_launches_these_kernels(monkeypatch, temperature, d
                       hidden_dim=48)
     model = Transformer(cfg).init_weights(std=0.2, generator=torch.Generator().manual_seed(0)).eval().half()
     monkeypatch.setattr(ops, "_backend", "triton")
+    monkeypatch.setattr(ops, "TRITON_MATVEC", triton_matvec)
     monkeypatch.setattr(decode_attention, "_num_splits", lambda batch_heads, S, block_n, device: 1)
     engine = make_engine(model, None, [[5, 6, 7]], max_new_tokens=3, fused_projections=True, temperature=temperature)
     steps, real_step = [], engine._step_eager
@@ -314,9 +321,10 @@ def test_a_batch1_decode_step_launches_these_kernels(monkeypatch, temperature, d
 
     engine._step_eager = counted_step
     list(engine.run())
-    layer = ["triton:_rms_norm_fwd_kernel", "mm", "triton:_rope_cache_kernel", "triton:_attn_decode_kernel", "mm",
-             "triton:_rms_norm_fwd_kernel", "mm", "triton:_glu_fwd_kernel", "addmm_"]
-    logits = ["triton:_rms_norm_fwd_kernel", "mm"]
+    matmul, add_matmul = ("triton:_matvec_kernel",) * 2 if triton_matvec else ("mm", "addmm_")
+    layer = ["triton:_rms_norm_fwd_kernel", matmul, "triton:_rope_cache_kernel", "triton:_attn_decode_kernel", matmul,
+             "triton:_rms_norm_fwd_kernel", matmul, "triton:_glu_fwd_kernel", add_matmul]
+    logits = ["triton:_rms_norm_fwd_kernel", matmul]
     bookkeeping = ["bitwise_not", *draw, "where", "scatter_", "add_", "where", "add_",  # token, counters
                    "eq", "any", "ge", "bitwise_or", "logical_or_"]  # done: EOS or budget
     assert steps[1] == ["embedding"] + layer * cfg.n_layers + logits + bookkeeping
@@ -409,6 +417,35 @@ def test_a_hook_on_one_fused_layer_is_called_and_changes_its_projection(kind, ck
     expected_k = 2 * separate(attn.k_proj, x) if kind == "forward" else separate(attn.k_proj, 3 * x)
     torch.testing.assert_close(k, expected_k, **TIGHT)
     torch.testing.assert_close(q, separate(attn.q_proj, x), **TIGHT)
+
+
+def test_o_projection_runs_outside_its_layer_only_when_plain_unhooked_and_without_gradients(ckpts, monkeypatch):
+    """fused.linear, the attention's o projection: ops.linear on the layer's weight and bias (the matrix-vector kernel
+    for one row on Triton: batch-1 decode) while the layer is a plain, unhooked nn.Linear and nothing wants a
+    gradient; else the layer itself: a forward hook (tensor parallelism's all-reduce) must see the projection, LoRA's
+    layer adds its update, and a training step's autograd runs through the module as before."""
+    from w2s import ops
+    from w2s.fused import linear
+    from w2s.lora import inject_lora
+
+    calls = []
+    real = ops.linear
+    monkeypatch.setattr(ops, "linear", lambda *a: calls.append(a[1].shape) or real(*a))
+    model = load(ckpts["llama_bias"])  # o_proj with a bias
+    attn = model.layers[0].self_attn
+    x = torch.randn(1, 1, attn.o_proj.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(linear(attn, "o_proj", x), attn.o_proj(x)) and len(calls) == 1
+        handle = attn.o_proj.register_forward_hook(lambda module, args, out: 2 * out)
+        assert torch.equal(linear(attn, "o_proj", x), 2 * separate(attn.o_proj, x)) and len(calls) == 1
+        handle.remove()
+    out = linear(attn, "o_proj", x)  # gradients wanted: the layer
+    assert out.grad_fn is not None and len(calls) == 1
+    inject_lora(model, rank=2, alpha=4, seed=0)
+    with torch.no_grad():
+        attn.o_proj.lora_B.fill_(0.5)
+        assert torch.equal(linear(attn, "o_proj", x), attn.o_proj(x)) and len(calls) == 1
+        assert not torch.equal(attn.o_proj(x), separate(attn.o_proj, x))  # the update is in
 
 
 def test_layers_of_mixed_dtypes_or_with_only_some_biases_stay_separate(ckpts):

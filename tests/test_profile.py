@@ -276,6 +276,7 @@ CUDA_KERNEL_NAMES = {
     "_rope_cache_kernel": "norm, rope, glu",
     "_rows_nll_kernel": "fused cross-entropy rows",
     "_sample_kernel": "sampling draw",
+    "_matvec_kernel": "matmul",
     "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::"
     "TensorListMetadata<4>, at::native::(anonymous namespace)::FusedAdamMathFunctor<float, 4, (at::native::ADAM_MODE)1,"
     " false>, double*, double, double, double, double, double, double, bool*, float*>": "optimizer, clipping",

@@ -22,6 +22,9 @@ matmul only while the fused view is still the layers' storage and no weight grad
 per layer, exactly as before fusion. Anything that replaces a layer or its weight (LoRA injection, FSDP2's
 sharding, tensor parallel slicing, model.to(dtype)) moves a weight off the fused storage, which the check sees (the
 fused view is then dropped; the sampler fuses again on its next call); so does a forward hook on a separate layer.
+`linear(module, name, x)` serves a single plain layer (the attention's o projection) the same way, without fusing.
+Each of these matmuls goes through ops.linear / ops.add_linear_: torch's, but for one row without gradients on
+Triton (a batch-1 decode step), where a matrix-vector kernel reads the weight at memory bandwidth.
 
 Numerics: one matmul over concatenated weights computes the same dot products as the separate ones, but a BLAS may
 block a wider matrix differently, so outputs can differ in the last bits (fp32: ~1e-7 relative); the down
@@ -33,7 +36,6 @@ sampler fuses on CUDA only by default: CPU runs stay bit-identical to the unfuse
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from w2s import ops
 
@@ -143,22 +145,36 @@ def project(module, x, names):
         if not fused.is_current(module):
             del module.__dict__["_fused"]  # a stale copy: free it
         elif not (torch.is_grad_enabled() and fused.wants_grad()):
-            return F.linear(x, fused.weight, fused.bias).split(fused.sizes, dim=-1)
+            return ops.linear(x, fused.weight, fused.bias).split(fused.sizes, dim=-1)
     return tuple(getattr(module, name)(x) for name in names)
+
+
+def _runs_outside(layer, *inputs):
+    """Whether layer's projection of `inputs` may run without calling the layer: a plain, unhooked nn.Linear (tensor
+    parallelism's all-reduce hook on it must see its output alone, and LoRA's layer is no nn.Linear) of which nothing
+    wants a gradient (autograd through the module, as training has always run it)."""
+    params = [p for p in (layer.weight, layer.bias) if p is not None]
+    return type(layer) is nn.Linear and not _hooked(layer) and not ops.wants_grad(*inputs, *params)
+
+
+def linear(module, name, x):
+    """module.<name>(x), (..., out): where the layer's projection may run outside it (_runs_outside), ops.linear on
+    its weight and bias (the same matmul as the layer's but for one row on Triton: the matrix-vector kernel); else the
+    layer."""
+    layer = getattr(module, name)
+    return ops.linear(x, layer.weight, layer.bias) if _runs_outside(layer, x) else layer(x)
 
 
 def add_projection(residual, module, name, x):
     """residual + module.<name>(x), (..., out). While module's projections are fused for inference (the sampler's
     switch for matmuls that may differ from the separate ones in the last bits) and nothing wants a gradient, one
-    matmul that accumulates into the residual stream in place (addmm_: the GEMM reads the stream as its C and writes
-    the sum over it; an out-of-place addmm would copy the stream first, one more kernel on CUDA). So the caller must
-    own `residual` and not read it again: the block's stream just summed by its norm. The layer must be a plain,
-    unhooked nn.Linear without bias: tensor parallelism's all-reduce hook on it must see the projection alone, and
-    LoRA's layer is no nn.Linear. Otherwise the layer and an add, leaving `residual` as it was."""
+    matmul that accumulates into the residual stream in place (ops.add_linear_: an addmm_, whose GEMM reads the stream
+    as its C and writes the sum over it, or for one row on Triton the matrix-vector kernel adding into it; an
+    out-of-place addmm would copy the stream first, one more kernel on CUDA). So the caller must own `residual` and
+    not read it again: the block's stream just summed by its norm. The layer must run outside its module
+    (_runs_outside) and have no bias. Otherwise the layer and an add, leaving `residual` as it was."""
     layer = getattr(module, name)
-    if (is_fused(module) and type(layer) is nn.Linear and layer.bias is None and not _hooked(layer)
-            and not ops.wants_grad(residual, x, layer.weight)
+    if (is_fused(module) and _runs_outside(layer, residual, x) and layer.bias is None
             and residual.dtype == x.dtype == layer.weight.dtype and residual.is_contiguous()):
-        residual.view(-1, residual.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]), layer.weight.t())
-        return residual
+        return ops.add_linear_(residual, x, layer.weight)
     return residual + layer(x)

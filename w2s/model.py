@@ -28,11 +28,10 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from w2s import ops
 from w2s.config import ModelConfig, rope_inv_freq
-from w2s.fused import GATE_UP, QKV, add_projection, project
+from w2s.fused import GATE_UP, QKV, add_projection, linear, project
 
 
 class RMSNorm(nn.Module):
@@ -127,7 +126,8 @@ class Attention(nn.Module):
         out = ops.attention(q, k, v, q_positions=q_positions, sliding_window=self.window,
                             softcap=cfg.attn_logit_softcap, scale=cfg.attn_scale, shared_prefix=shared,
                             kv_rows=kv_rows, row_prefix=row_prefix)  # (B, T, H, D)
-        return self.o_proj(out.reshape(B, T, -1))
+        # the layer, or its matmul outside it where that may run (one row on Triton: the matrix-vector kernel)
+        return linear(self, "o_proj", out.reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -206,7 +206,7 @@ class Transformer(nn.Module):
         h = self.norm(h)
         if return_hidden:
             return h
-        logits = F.linear(h, self.lm_head_weight())  # (B, T, V)
+        logits = ops.linear(h, self.lm_head_weight())  # (B, T, V); one row without gradients: the matvec on Triton
         if self.cfg.final_logit_softcap is not None:  # Gemma-2
             cap = self.cfg.final_logit_softcap
             logits = cap * torch.tanh(logits / cap)

@@ -15,6 +15,8 @@ raises an error instead of quietly running the slow path.
 Only the choice lives here; every implementation is a module of w2s/kernels/. Attention has a second choice on each
 side: on Triton `use_decode_kernel` picks the decode kernel or the flash kernel (and CASCADE_MIN_PREFIX the
 cascade over a shared prefix), on CPU `w2s.kernels.sdpa_attention.supports` says where SDPA stands in for the reference.
+The projections (`linear`, `add_linear_`) are torch's matmuls but for one row without gradients on Triton (a batch-1
+decode step), where the matrix-vector kernel w2s/kernels/matvec.py serves them while TRITON_MATVEC is on.
 
 Test: python -m pytest -q tests/test_kernels.py tests/test_kernel_attention.py   (without CUDA the Triton
 side runs under TRITON_INTERPRET=1, which those test files set)
@@ -24,6 +26,7 @@ import importlib
 import os
 
 import torch
+import torch.nn.functional as F
 
 from w2s.kernels import chunked_linear, reference, sdpa_attention
 
@@ -151,6 +154,42 @@ def _triton_attention(q, k, v, q_positions, kv_lengths, sliding_window, softcap,
     return decode.attention_decode(q, k, v, q_positions=q_positions, kv_lengths=kv_lengths,
                                    sliding_window=sliding_window, softcap=softcap, scale=scale, kv_rows=kv_rows,
                                    row_prefix=row_prefix)
+
+
+# Off: every projection runs torch's matmul (cuBLAS on CUDA), so a benchmark can time the batch-1 decode step without
+# the matrix-vector kernel.
+TRITON_MATVEC = True
+
+
+def _matvec(x, weight, *others):
+    """The Triton matrix-vector module when a projection of x by weight (with others: the bias, the residual) takes
+    it: Triton for x, TRITON_MATVEC on, one row (x.numel() == K), no gradient wanted, one dtype, and a plain
+    (not sharded) 2-D contiguous weight of K columns; else None (torch's matmul)."""
+    if not (TRITON_MATVEC and _use_triton(x)) or x.shape[-1] == 0 or x.numel() != x.shape[-1]:
+        return None
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1] or not weight.is_contiguous():
+        return None
+    if type(weight.data) is not torch.Tensor or wants_grad(x, weight, *others):  # a DTensor shard: FSDP2 / TP
+        return None
+    return _kernel("matvec") if all(t.dtype == x.dtype for t in (weight, *others)) else None
+
+
+def linear(x, weight, bias=None):
+    """F.linear(x, weight, bias): x (..., K), weight (N, K), bias (N,) or None -> (..., N). One row without
+    gradients on Triton: the matrix-vector kernel (w2s/kernels/matvec.py)."""
+    impl = _matvec(x, weight, *([] if bias is None else [bias]))
+    return F.linear(x, weight, bias) if impl is None else impl.matvec(x, weight, bias)
+
+
+def add_linear_(residual, x, weight):
+    """residual += x @ weight.T in place and return residual: residual (..., N) contiguous, x (..., K), weight
+    (N, K). One row without gradients on Triton: the matrix-vector kernel adding into the row; else one addmm_ (the
+    GEMM reads residual as its C and writes the sum over it)."""
+    impl = _matvec(x, weight, residual)
+    if impl is not None:
+        return impl.matvec(x, weight, accumulate_into=residual)
+    residual.view(-1, residual.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]), weight.t())
+    return residual
 
 
 def rms_norm(x, weight, eps, unit_offset=False):

@@ -422,15 +422,15 @@ class StageProfiler:
 # ---- where a profiled run's time goes ---------------------------------------------------------------------------
 # Each profiled kernel (CUDA) or op (CPU) falls in the first group whose pattern its lowercased name matches; the rest
 # are "other elementwise, reductions" (torch's own adds, casts of single tensors, reductions). The Triton kernels of
-# w2s/kernels/*.py are named after their op (_attn_*, _rms_norm_*, _rope_*, _glu_*, _rows_nll_*, _sample_*); cuBLAS
-# names its GEMMs gemm / nvjet / xmma; FSDP2 packs parameters for the all-gather with chunk_cat and unpacks with
+# w2s/kernels/*.py are named after their op (_attn_*, _rms_norm_*, _rope_*, _glu_*, _rows_nll_*, _sample_*, _matvec_*);
+# cuBLAS names its GEMMs gemm / nvjet / xmma; FSDP2 packs parameters for the all-gather with chunk_cat and unpacks with
 # split_with_sizes_copy.
 KERNEL_GROUPS = (
     ("attention", r"_attn_|_merge_splits|flash|fmha|scaled_dot_product"),
     ("fused cross-entropy rows", r"_rows_nll"),
     ("norm, rope, glu", r"_rms_norm|_rope|_glu|rms_norm|\bsilu|\bgelu"),
     ("sampling draw", r"_sample_kernel|_uniforms"),
-    ("matmul", r"gemm|nvjet|xmma|cutlass|cublas|aten::(mm|addmm|bmm|baddbmm|matmul)$"),
+    ("matmul", r"_matvec|gemm|nvjet|xmma|cutlass|cublas|aten::(mm|addmm|bmm|baddbmm|matmul)$"),
     ("optimizer, clipping", r"adam|multi_tensor_apply|_foreach_"),
     ("communication", r"nccl|all_gather|reduce_scatter|all_reduce|allreduce|broadcast"),
     ("copies, casts", r"memcpy|memset|copy|chunk_cat|split_with_sizes|aten::(cat|_to_copy|clone)$"),

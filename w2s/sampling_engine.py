@@ -40,7 +40,6 @@ stop string (the stop string itself is not included). "length" means max_new_tok
 """
 
 import torch
-import torch.nn.functional as F
 
 from w2s import decode_state, ops
 from w2s.decode_state import DecodeState
@@ -77,7 +76,7 @@ def sample_from_logits(logits, uniforms, temperature=1.0, top_k=0, top_p=1.0):
 
 def logits_from_hidden(model, hidden):
     """(N, D) final-normed hidden -> (N, V) fp32 logits, as the model's own forward computes them."""
-    logits = F.linear(hidden, model.lm_head_weight()).float()
+    logits = ops.linear(hidden, model.lm_head_weight()).float()
     cap = model.cfg.final_logit_softcap
     return cap * torch.tanh(logits / cap) if cap is not None else logits
 

@@ -13,8 +13,12 @@ FlashAttention's convention) and effective GB/s for RMSNorm / RoPE / SwiGLU (the
 read inputs, write outputs, the same count for every implementation). The fused linear cross-entropy is compared
 with the unfused path (logits materialized, then F.cross_entropy) by time and peak memory of forward + backward,
 and the sampler's draw (`sample`: one token per row of a 512 x 128256 logits matrix) with the reference's torch chain.
+The matrix-vector kernel (`matvec`: one activation row times each Llama-3-8B projection's weight, the batch-1 decode
+step's matmuls) is compared with F.linear (cuBLAS) in GB/s of weight read, timed over calls on distinct weights back
+to back (MATVEC_CHAIN) as in a decode step.
 Each Triton row carries its BENCHMARKS.md target (the "current" column: compute targets as on an H100, bandwidth
-targets 80 % of the device's copy bandwidth, which the script measures first) and whether it was met.
+targets 80 % of the device's copy bandwidth, which the script measures first; 95 % for the matrix-vector product,
+which only streams its weight) and whether it was met.
 
 Beside `triton` (the launch tables as they are), the attention forward prints `triton-pointers` (the table tiles
 with plain pointer loads), `triton-tma` (the table tiles through TMA descriptors) and `triton-persist` (the same,
@@ -43,16 +47,18 @@ if not torch.cuda.is_available():
 
 import torch.nn.functional as F  # noqa: E402
 
-from w2s.kernels import attention, fused_linear, glu, reference, rms_norm, rope, sample  # noqa: E402
+from w2s.kernels import attention, fused_linear, glu, matvec, reference, rms_norm, rope, sample  # noqa: E402
 from w2s.kernels.attention_common import launch_changes  # noqa: E402
 
-KERNELS = ("attention", "rms_norm", "rope", "swiglu", "fused_ce", "sample")
+KERNELS = ("attention", "rms_norm", "rope", "swiglu", "fused_ce", "sample", "matvec")
 
 # The current targets of BENCHMARKS.md ("Targets"), bf16: compute as on an H100 80GB SXM (an H200 has the same);
 # the memory-bound kernels' target is a share of the copy bandwidth measured on the device at hand.
 TARGET_ATTN_FWD_TFLOPS = {False: 600.0, True: 550.0}  # keyed by causal
 TARGET_ATTN_BWD_TFLOPS = {False: 480.0, True: 440.0}
 TARGET_ELEMENTWISE_SHARE_OF_COPY = 0.80
+# A one-row projection only streams its weight in, the access pattern of a copy: nearly the copy's rate.
+TARGET_MATVEC_SHARE_OF_COPY = 0.95
 TARGET_CE_MEMORY_RATIO = 1 / 8
 TARGET_CE_TIME_RATIO = 1.0
 
@@ -305,6 +311,34 @@ def bench_sample(args, dtype):
         print_row("sample", f"({B}, {V})", impl, result, lambda ms: B * V * elem / ms / 1e6, "GB/s")
 
 
+# Llama-3-8B's one-row projections (N, K): a batch-1 decode step's matmuls
+MATVEC_SHAPES = {"q/k/v fused": (6144, 4096), "o": (4096, 4096), "gate/up fused": (28672, 4096),
+                 "down": (4096, 14336), "lm_head": (128256, 4096)}
+# Each timed run calls the product on this many distinct weights back to back, as a decode step's layers follow each
+# other, and the time per call is the run's over this count: a lone launch of a few microseconds would also carry the
+# whole cost of starting up after the L2 flush (writing its dirty lines back), which no decode step pays.
+MATVEC_CHAIN = 8
+
+
+def bench_matvec(args, dtype):
+    """One activation row times each 8B weight: the Triton matrix-vector kernel against F.linear (cuBLAS), each over
+    MATVEC_CHAIN weights in a row. GB/s: the weight's bytes over the time per call (what a one-row product must
+    read), against the copy bandwidth."""
+    elem = torch.finfo(dtype).bits // 8
+    target = (round(TARGET_MATVEC_SHARE_OF_COPY * args.copy_gbps), ">=")
+    for name, (N, K) in MATVEC_SHAPES.items():
+        x = torch.randn(1, K, device=DEVICE, dtype=dtype)
+        weights = [(torch.randn(N, K, device=DEVICE) / math.sqrt(K)).to(dtype) for _ in range(MATVEC_CHAIN)]
+        for impl, fn in (("triton", matvec.matvec), ("F.linear", F.linear)):
+            with torch.no_grad():
+                result = measure(lambda: [fn(x, w) for w in weights], args)
+            if "ms" in result:
+                result["ms"] /= MATVEC_CHAIN
+            print_row(f"matvec {name}", f"(1, {K}) @ ({N}, {K})^T", impl, result, lambda ms: N * K * elem / ms / 1e6,
+                      "GB/s", target if impl == "triton" else None)
+        torch.cuda.empty_cache()
+
+
 def bench_fused_ce(args, dtype):
     N, D, V = args.ce_tokens, args.ce_dim, args.vocab
     shape = f"N{N} D{D} V{V}"
@@ -344,9 +378,12 @@ def bench_fused_ce(args, dtype):
 
 
 def _outputs_and_grads(fn, inputs, dtype):
-    """fn's output and the gradient of every floating input, for a fixed random upstream gradient."""
+    """fn's output and the gradient of every floating input, for a fixed random upstream gradient; a forward-only fn
+    (its output needs no gradient): the output alone."""
     leaves = [x.to(dtype).detach().requires_grad_(True) if x.is_floating_point() else x for x in inputs]
     out = fn(*leaves)
+    if not out.requires_grad:
+        return [out.detach()]
     gen = torch.Generator().manual_seed(1)
     out.backward(torch.randn(out.shape, generator=gen).to(out.dtype))
     return [out.detach()] + [x.grad for x in leaves if x.is_floating_point()]
@@ -396,6 +433,12 @@ def smoke_cases():
         ("linear_logprobs N37 D48 V131", lambda h, w: fused_linear.linear_logprobs(h, w, targets),
          lambda h, w: reference.linear_logprobs(h, w, targets),
          [randn(37, 48), randn(131, 48) * (8 / math.sqrt(48))], ["logprobs", "dhidden", "dweight"]),
+        # forward only: the batch-1 projections, against torch's matmuls (detached: no gradients to compare)
+        ("matvec (1, 53) @ (37, 53)^T + bias", matvec.matvec, lambda x, w, b: F.linear(x, w, b).detach(),
+         [randn(1, 53), randn(37, 53), randn(37)], ["y"]),
+        ("matvec (1, 64) @ (40, 64)^T into a residual",  # into a copy: the inputs are shared between runs
+         lambda x, w, r: matvec.matvec(x, w, accumulate_into=r.detach().clone()),
+         lambda x, w, r: torch.addmm(r, x, w.t()).detach(), [randn(1, 64), randn(40, 64), randn(1, 40)], ["y"]),
     ]
 
 
@@ -488,7 +531,7 @@ def main(argv=None):
           f"target is {100 * TARGET_ELEMENTWISE_SHARE_OF_COPY:.0f} % of it")
     print(HEADER)
     benches = dict(attention=bench_attention, rms_norm=bench_rms_norm, rope=bench_rope, swiglu=bench_swiglu,
-                   fused_ce=bench_fused_ce, sample=bench_sample)
+                   fused_ce=bench_fused_ce, sample=bench_sample, matvec=bench_matvec)
     for name in args.only:
         torch.manual_seed(0)
         benches[name](args, dtype)

@@ -5,6 +5,7 @@ tiles that overflow shared memory, tl.dot shapes or dtypes the hardware rejects,
     python -m w2s.kernels.compile_check                 # bf16 everything, fp32 forward and decode; minutes on 2 cores
     python -m w2s.kernels.compile_check --only attention --dtype bf16
     python -m w2s.kernels.compile_check --only sweep    # the launch configs sweep.py tries (bf16)
+    python -m w2s.kernels.compile_check --only matvec   # the batch-1 projections at the Llama-3-8B shapes
     python -m w2s.kernels.compile_check --only options  # each launch option on the table tiles, as the GPU tests run it
     python -m w2s.kernels.compile_check --only attention --dtype bf16 --sass   # and each kernel's SASS instructions
 
@@ -210,10 +211,30 @@ def check_elementwise(dtypes):
         sample.stream_uniforms(torch.zeros(512, dtype=torch.long), steps)
 
 
+def check_matvec(dtypes):
+    """The batch-1 decode step's matrix-vector products at the GPU table's launches (bf16; fp32 too with --dtype
+    both, the tiny test models' dtype), plain, with a bias and adding into the residual row: Llama-3-8B's down
+    projection (every 8B shape compiles to the same code: each K a multiple of the chunk width) and Gemma-2-2B's
+    K = 2304, no multiple of 512: the masked K loop."""
+    from w2s.kernels import matvec
+
+    for dtype in dtypes:
+        for N, K in ((4096, 14336), (2048, 2304)):
+            x, w = torch.zeros(1, K, dtype=dtype), torch.zeros(N, K, dtype=dtype)
+            matvec.matvec(x, w)
+            matvec.matvec(x, w, torch.zeros(N, dtype=dtype))
+            matvec.matvec(x, w, accumulate_into=torch.zeros(1, N, dtype=dtype))
+
+
 def check_sweep(dtypes):
-    """Every attention launch config sweep.py tries (bf16, causal), forward and backward: a candidate the
-    GPU sweep would time must at least compile and fit."""
-    from w2s.kernels import attention, attention_backward, sweep
+    """Every attention launch config sweep.py tries (bf16, causal), forward and backward, and every matrix-vector
+    one (bf16): a candidate the GPU sweep would time must at least compile and
+    fit."""
+    from w2s.kernels import attention, attention_backward, matvec, sweep
+
+    for launch in sweep.MATVEC_CANDIDATES:  # K = 4096 compiles what every 8B shape runs: each K a multiple of BLOCK_K
+        matvec.matvec(torch.zeros(1, 4096, dtype=torch.bfloat16), torch.zeros(64, 4096, dtype=torch.bfloat16),
+                      launch=launch)
 
     for D in sorted(set(sweep.FWD_CANDIDATES) | set(sweep.DKDV_CANDIDATES)):
         q, k = torch.zeros(1, 64, 16, D, dtype=torch.bfloat16), torch.zeros(1, 64, 8, D, dtype=torch.bfloat16)
@@ -256,7 +277,7 @@ def check_launch_options(dtypes):
 
 
 CHECKS = dict(attention=check_attention, fused_linear=check_fused_linear, elementwise=check_elementwise,
-              sweep=check_sweep, options=check_launch_options)
+              matvec=check_matvec, sweep=check_sweep, options=check_launch_options)
 
 
 def main(argv=None):

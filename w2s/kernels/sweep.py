@@ -1,14 +1,15 @@
 """Launch-config sweep on a GPU: which tile sizes, warps, pipeline depths, tile loads (through TMA or pointers),
 (forward) persistent programs and (backward) dq summed by the dk/dv kernel's atomic adds to put in the fixed tables
-of attention.py (_GPU_FWD), attention_backward.py (_GPU_BWD_DKDV, _GPU_BWD_DQ) and rms_norm.py
-(BWD_PROGRAMS_PER_SM, BWD_NUM_WARPS). Run it on new hardware, copy the fastest rows into the tables, and record the
-table it printed.
+of attention.py (_GPU_FWD), attention_backward.py (_GPU_BWD_DKDV, _GPU_BWD_DQ), rms_norm.py
+(BWD_PROGRAMS_PER_SM, BWD_NUM_WARPS) and matvec.py (GPU_LAUNCH). Run it on new hardware, copy the fastest rows into
+the tables, and record the table it printed.
 
     python -m w2s.kernels.sweep                      # needs CUDA; most of its time is Triton compiles
     python -m w2s.kernels.sweep --only attention256,forward256
     python -m w2s.kernels.sweep --only attention64,forward64     # the Llama-3.2-1B training shape's attention
     python -m w2s.kernels.sweep --only rms_norm
     python -m w2s.kernels.sweep --only dkdv128       # dk/dv at D = 128: the table's tile with 8 warps
+    python -m w2s.kernels.sweep --only matvec        # the batch-1 projections at the Llama-3-8B shapes, best per shape
 
 For each backward candidate it times the whole backward (bench.py's median_ms: device time, L2 flushed) with the
 other kernel at its table config (a dk/dv candidate with atomic dq runs alone), and checks the gradients against the
@@ -24,7 +25,7 @@ import sys
 
 import torch
 
-from w2s.kernels import attention, attention_backward, rms_norm
+from w2s.kernels import attention, attention_backward, matvec, rms_norm
 from w2s.kernels.attention_common import Launch
 
 # (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages) per head dim; the first of each list is the current table
@@ -91,8 +92,17 @@ LAUNCH_OPTIONS = {
 # (B, T, H, KH) per head dim: bench.py's attention shape at D = 128, Llama-3.2-1B's training shape at 64,
 # Gemma-2-9B's heads at 256.
 SHAPES = {128: (4, 4096, 16, 16), 64: (8, 2048, 32, 8), 256: (2, 4096, 16, 8)}
+# The matrix-vector product (BLOCK_N, BLOCK_K, warps, stages): rows per program by chunk width, each with the K loop
+# unpipelined (1: a chunk's loads issued when its turn comes, into registers) and pipelined (3: two chunks ahead
+# through shared memory); then 8 warps on the wider tiles, and a deeper pipeline.
+MATVEC_CANDIDATES = [matvec.Launch(n, k, 4, stages) for n in (4, 8, 16) for k in (256, 512, 1024) for stages in (1, 3)]
+MATVEC_CANDIDATES += [matvec.Launch(8, 1024, 8, 3), matvec.Launch(16, 1024, 8, 3), matvec.Launch(16, 512, 8, 3),
+                      matvec.Launch(8, 512, 4, 4), matvec.Launch(8, 1024, 4, 4)]
+# Llama-3-8B's one-row projections (N, K): fused q/k/v, o, fused gate/up, down, lm_head
+MATVEC_SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
+                 "lm_head": (128256, 4096)}
 PARTS = ("attention128", "attention64", "attention256", "forward128", "forward64", "forward256", "dkdv128",
-         "rms_norm")
+         "rms_norm", "matvec")
 DEVICE = "cuda"
 # a Launch's fields; per SM 0: a program per tile; atomic dq: the dk/dv kernel sums dq and the dq kernel does not run
 CONFIG_HEADER = "(BLOCK_M, BLOCK_N, warps, stages, TMA, per SM, atomic dq)"
@@ -204,6 +214,40 @@ def sweep_rms_norm(warmup, repeats, M=16384, D=4096):
         print(f"weight-gradient reduction of the {partials.shape[0]} partial rows alone, {name}: {ms * 1000:.1f} us")
 
 
+def sweep_matvec(warmup, repeats):
+    """Every MATVEC_CANDIDATES launch at every MATVEC_SHAPES shape (bf16, one row), against F.linear's output; then
+    the fastest per shape. Timed as bench.py's matvec rows are: calls on bench.MATVEC_CHAIN distinct weights back to
+    back, the time per call. GB/s: the weight's bytes over that time (all a one-row product must read)."""
+    import torch.nn.functional as F
+
+    from w2s.kernels.bench import MATVEC_CHAIN
+
+    best = {}
+    for name, (N, K) in MATVEC_SHAPES.items():
+        x = torch.randn(1, K, device=DEVICE, dtype=torch.bfloat16)
+        weights = [(torch.randn(N, K, device=DEVICE) / math.sqrt(K)).to(torch.bfloat16) for _ in range(MATVEC_CHAIN)]
+        reference, table = F.linear(x, weights[0]), matvec.launch_for(weights[0])
+        cublas_ms = _median_ms(lambda: [F.linear(x, w) for w in weights], warmup, repeats) / MATVEC_CHAIN
+        print(f"\nmatvec {name} (1, {K}) @ ({N}, {K})^T, bf16; F.linear {cublas_ms:.4f} ms, "
+              f"{N * K * 2 / cublas_ms / 1e6:.0f} GB/s")
+        print(f"{'(BLOCK_N, BLOCK_K, warps, stages)':<36} {'ms':>8} {'GB/s':>8} {'max rel diff':>13}")
+        for launch in MATVEC_CANDIDATES:
+            try:
+                err = rel_err(matvec.matvec(x, weights[0], launch=launch), reference)
+                ms = _median_ms(lambda: [matvec.matvec(x, w, launch=launch) for w in weights], warmup,
+                                repeats) / MATVEC_CHAIN
+                print(f"{str(tuple(launch)):<36} {ms:>8.4f} {N * K * 2 / ms / 1e6:>8.0f} {err:>13.1e}"
+                      + ("   (table)" if launch == table else ""))
+                best[name] = min(best.get(name, (ms, launch)), (ms, launch))
+            except Exception as e:  # noqa: BLE001 (report and go on: out of resources is expected for some)
+                print(f"{str(tuple(launch)):<36} n/a: {type(e).__name__}: {str(e).splitlines()[0][:70]}")
+        torch.cuda.empty_cache()
+    print("\nmatvec, fastest per shape (BLOCK_N, BLOCK_K, warps, stages):")
+    for name, (ms, launch) in best.items():
+        N, K = MATVEC_SHAPES[name]
+        print(f"{name:<8} ({N}, {K}): {tuple(launch)} {ms:.4f} ms, {N * K * 2 / ms / 1e6:.0f} GB/s")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
@@ -225,6 +269,8 @@ def main(argv=None):
             sweep_attention(int(part.removeprefix("attention")), args.warmup, args.repeats)
         elif part.startswith("forward"):
             sweep_forward(int(part.removeprefix("forward")), args.warmup, args.repeats)
+        elif part == "matvec":
+            sweep_matvec(args.warmup, args.repeats)
         else:
             sweep_rms_norm(args.warmup, args.repeats)
     return 0
