@@ -139,6 +139,31 @@ torch.cuda.profiler.stop()
 print("profiled: causal fwd, dk/dv, dq; non-causal fwd, dk/dv, dq")
 PY
       ;;
+    # Nsight Compute on the decode kernel at the batch-sampling shape (sweep.py's DECODE_SHAPE: 512 rows x 1 query,
+    # cache 384, H32 KH8 D128, the table's launch): each row reading its own keys, then a prompt's first 127 read from
+    # its first sample's row (share_prompt_reads): whether the step's attention waits on memory, latency or the L2
+    profile_decode)
+      ncu="${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)}"
+      step "$1" 90 "${ncu:-ncu}" --clock-control none --profile-from-start off -k "regex:^_attn_decode_kernel\$" \
+        --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
+        --section MemoryWorkloadAnalysis "$py" - <<'PY'
+import torch
+from w2s.kernels import decode_attention, sweep
+
+q, k, v, positions, row_prefix, _ = sweep.decode_inputs(128)
+for profiled in (False, True):  # the first pass compiles, the second is the one ncu measures
+    if profiled:
+        torch.cuda.synchronize()
+        torch.cuda.profiler.start()
+    decode_attention.attention_decode(q, k, v, q_positions=positions)
+    decode_attention.attention_decode(q, k, v, q_positions=positions, row_prefix=row_prefix)
+    torch.cuda.synchronize()
+torch.cuda.profiler.stop()
+print("profiled: the decode kernel with each row's own keys, then with the prompt's read from one row")
+PY
+      ;;
+    # the decode kernel's launches (keys per tile, warps, stages) at the same shape, both ways (20 compiles)
+    decode128) step "$1" 120 "$py" -m w2s.kernels.sweep --only decode128 ;;
     # RMSNorm, RoPE, SwiGLU and the fused linear cross-entropy against the copy bandwidth the bench measures first
     bench_memory) step "$1" 40 "$py" -m w2s.kernels.bench --only rms_norm,rope,swiglu,fused_ce --no-compile \
       --warmup 3 --repeats 10 ;;

@@ -227,10 +227,12 @@ def check_matvec(dtypes):
 
 
 def check_sweep(dtypes):
-    """Every attention launch config sweep.py tries (bf16, causal), forward and backward, and every matrix-vector
-    one (bf16): a candidate the GPU sweep would time must at least compile and
-    fit."""
+    """Every attention launch config sweep.py tries (bf16, causal), forward and backward, every decode one
+    (check_decode_sweep) and every matrix-vector one (bf16): a candidate the GPU sweep would time must at least
+    compile and fit."""
     from w2s.kernels import attention, attention_backward, matvec, sweep
+
+    check_decode_sweep()
 
     for launch in sweep.MATVEC_CANDIDATES:  # K = 4096 compiles what every 8B shape runs: each K a multiple of BLOCK_K
         matvec.matvec(torch.zeros(1, 4096, dtype=torch.bfloat16), torch.zeros(64, 4096, dtype=torch.bfloat16),
@@ -252,6 +254,23 @@ def check_sweep(dtypes):
                     launch()
             finally:
                 table[D] = current
+
+
+def check_decode_sweep():
+    """Every decode launch sweep.py tries (bf16, Llama-3-8B's heads at D 128), with each row's own keys and with
+    row_prefix: what its GPU run compiles."""
+    from w2s.kernels import decode_attention, sweep
+
+    q, k = torch.zeros(4, 1, 32, 128, dtype=torch.bfloat16), torch.zeros(4, 256, 8, 128, dtype=torch.bfloat16)
+    positions, table = torch.zeros(4, 1, dtype=torch.int32), torch.zeros(4, dtype=torch.int32)
+    current = decode_attention.GPU_DECODE[128]
+    try:
+        for config in sweep.DECODE_CANDIDATES[128][1:]:  # the first is the table's, which the attention check compiles
+            decode_attention.GPU_DECODE[128] = decode_attention.DecodeLaunch(*config)
+            for row_prefix in (None, (table, table)):
+                decode_attention.attention_decode(q, k, k, q_positions=positions, row_prefix=row_prefix)
+    finally:
+        decode_attention.GPU_DECODE[128] = current
 
 
 def check_launch_options(dtypes):

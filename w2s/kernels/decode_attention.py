@@ -28,6 +28,7 @@ reverse.
 """
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -166,6 +167,20 @@ def _merge_splits_kernel(O_PART, LSE_PART, OUT, PREFIX_O, PREFIX_LSE, rows, TH, 
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class DecodeLaunch(NamedTuple):
+    """Keys per tile, warps per program, key-loop pipeline depth (tiles of keys and values in flight)."""
+
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# The decode kernel's GPU launch by head dim (D <= 128; 256): a (BLOCK_N, D) tile of keys and one of values per loop
+# step, so D = 256 halves the keys a tile holds. `python -m w2s.kernels.sweep --only decode128` times the alternatives
+# at the batch-sampling shape; the interpreter takes 16 keys a tile.
+GPU_DECODE = {128: DecodeLaunch(64, 4, 2), 256: DecodeLaunch(32, 4, 2)}
+
+
 def _num_splits(batch_heads, S, block_n, device):
     """Enough key splits to give every SM ~2 programs, but at least 4 key blocks per split."""
     if _interpreting():
@@ -195,7 +210,8 @@ def _decode(q, k, v, q_positions, kv_lengths, sliding_window, softcap, scale, kv
         raise ValueError(f"attention decode: {T} queries x {group} heads per kv head = {T * group} rows, at most 128; "
                          "use attention(), which sends longer queries to the flash kernel")
     block_m = max(16, triton.next_power_of_2(T * group))
-    block_n = 16 if _interpreting() else (64 if D <= 128 else 32)
+    launch = GPU_DECODE[128 if D <= 128 else 256]
+    block_n = 16 if _interpreting() else launch.block_n
     splits = _num_splits(B * KH, S, block_n, q.device)
     keys_per_split = triton.cdiv(triton.cdiv(S, splits), block_n) * block_n
     splits = triton.cdiv(S, keys_per_split) if S > 0 else 1
@@ -209,7 +225,8 @@ def _decode(q, k, v, q_positions, kv_lengths, sliding_window, softcap, scale, kv
         *k.stride()[:3], *v.stride()[:3], *_pos_strides(q_positions), T, S, H, KH, group, keys_per_split,
         prefix_offset, scale, softcap or 1.0, sliding_window or 0, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,
         HAS_KV_ROWS=kv_rows is not None, HAS_ROW_PREFIX=row_prefix is not None, PRECISION=_precision(q.dtype),
-        **_flags(q_positions, kv_lengths, sliding_window, softcap), num_warps=4, num_stages=2)
+        **_flags(q_positions, kv_lengths, sliding_window, softcap), num_warps=launch.num_warps,
+        num_stages=launch.num_stages)
     if merge:
         _merge_splits(o_part, lse_part, out, prefix)
     return out

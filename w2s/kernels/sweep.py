@@ -9,6 +9,7 @@ the tables, and record the table it printed.
     python -m w2s.kernels.sweep --only attention64,forward64     # the Llama-3.2-1B training shape's attention
     python -m w2s.kernels.sweep --only rms_norm
     python -m w2s.kernels.sweep --only dkdv128       # dk/dv at D = 128: the table's tile with 8 warps
+    python -m w2s.kernels.sweep --only decode128     # the decode kernel at the batch-sampling shape
     python -m w2s.kernels.sweep --only matvec        # the batch-1 projections at the Llama-3-8B shapes, best per shape
 
 For each backward candidate it times the whole backward (bench.py's median_ms: device time, L2 flushed) with the
@@ -25,7 +26,7 @@ import sys
 
 import torch
 
-from w2s.kernels import attention, attention_backward, matvec, rms_norm
+from w2s.kernels import attention, attention_backward, decode_attention, matvec, rms_norm
 from w2s.kernels.attention_common import Launch
 
 # (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages) per head dim; the first of each list is the current table
@@ -53,6 +54,15 @@ _FWD_TILES = {
     128: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 128, 4, 3), (128, 32, 8, 4), (128, 64, 8, 4)],
     256: [(64, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 1), (32, 64, 4, 3)],
 }
+
+
+# The decode kernel at D = 128: (keys per tile, warps, pipeline stages); the first is the table's (decode_attention.py's
+# GPU_DECODE). Wider tiles and deeper pipelines keep more of the cache's bytes in flight per program.
+DECODE_CANDIDATES = {128: [(64, 4, 2), (32, 4, 2), (32, 4, 3), (64, 4, 3), (64, 4, 4), (64, 8, 2), (64, 8, 3),
+                           (128, 4, 2), (128, 8, 2), (128, 8, 3)]}
+# bench_sampling.py's batch workload as one layer's decode call: 64 prompts x 8 samples = 512 rows, Llama-3-8B's 32
+# query / 8 kv heads, a 384-position cache (128-token prompts + 256 new), one query a row at positions 128-383
+DECODE_SHAPE = dict(rows=512, samples=8, prompt=128, cache=384, heads=32, kv_heads=8)
 
 
 def _with_tma(tiles, n_tma):
@@ -102,7 +112,7 @@ MATVEC_CANDIDATES += [matvec.Launch(8, 1024, 8, 3), matvec.Launch(16, 1024, 8, 3
 MATVEC_SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
                  "lm_head": (128256, 4096)}
 PARTS = ("attention128", "attention64", "attention256", "forward128", "forward64", "forward256", "dkdv128",
-         "rms_norm", "matvec")
+         "decode128", "rms_norm", "matvec")
 DEVICE = "cuda"
 # a Launch's fields; per SM 0: a program per tile; atomic dq: the dk/dv kernel sums dq and the dq kernel does not run
 CONFIG_HEADER = "(BLOCK_M, BLOCK_N, warps, stages, TMA, per SM, atomic dq)"
@@ -175,6 +185,53 @@ def sweep_forward(head_dim, warmup, repeats):
                   + ("   (table)" if config == current else ""))
         except Exception as e:  # noqa: BLE001 (report and go on: out of resources is expected for some)
             print(f"{str(tuple(config)):<56} n/a: {type(e).__name__}: {str(e).splitlines()[0][:70]}")
+        finally:
+            table[head_dim] = current
+        torch.cuda.empty_cache()
+
+
+def decode_inputs(head_dim):
+    """One layer's decode call at DECODE_SHAPE, bf16 on the GPU: (q, k, v, q_positions, row_prefix, bytes of keys and
+    values the rows attend, their own copies counted). The first P - 1 positions of a prompt's rows are equal, as
+    row_prefix promises (it names each row's prompt's first sample)."""
+    shape = DECODE_SHAPE
+    B, S, P, n = shape["rows"], shape["cache"], shape["prompt"], shape["samples"]
+    q = torch.randn(B, 1, shape["heads"], head_dim, device=DEVICE, dtype=torch.bfloat16)
+    k, v = (torch.randn(B, S, shape["kv_heads"], head_dim, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
+    positions = torch.randint(P, S, (B, 1), device=DEVICE, dtype=torch.int32)
+    first = torch.arange(B, device=DEVICE) // n * n
+    k[:, : P - 1], v[:, : P - 1] = k[first, : P - 1], v[first, : P - 1]
+    row_prefix = (first.int(), torch.full((B,), P - 1, device=DEVICE, dtype=torch.int32))
+    kv_bytes = (positions.long() + 1).sum().item() * shape["kv_heads"] * head_dim * 2 * 2
+    return q, k, v, positions, row_prefix, kv_bytes
+
+
+def sweep_decode(head_dim, warmup, repeats):
+    """The decode kernel's launches at DECODE_SHAPE, each with every row reading its own keys and with a prompt's first
+    positions read from its first sample's row (row_prefix, generate's share_prompt_reads). GB/s: the keys and
+    values the rows attend (their own copies counted), over the time."""
+    shape = DECODE_SHAPE
+    B, S, P, n = shape["rows"], shape["cache"], shape["prompt"], shape["samples"]
+    q, k, v, positions, row_prefix, kv_bytes = decode_inputs(head_dim)
+    runs = {"own rows": lambda: decode_attention.attention_decode(q, k, v, q_positions=positions),
+            "prompt shared": lambda: decode_attention.attention_decode(q, k, v, q_positions=positions,
+                                                                       row_prefix=row_prefix)}
+    reference = runs["own rows"]()
+    print(f"\ndecode attention, {B} rows ({B // n} prompts x {n}) x 1 query, cache {S}, positions {P}-{S - 1}, "
+          f"H{shape['heads']} KH{shape['kv_heads']} D{head_dim}, bf16")
+    print(f"{'(BLOCK_N, warps, stages)':<26} {'keys read':<14} {'ms':>8} {'GB/s':>8} {'max rel diff':>13}")
+    table = decode_attention.GPU_DECODE
+    current = table[head_dim]
+    for config in DECODE_CANDIDATES[head_dim]:
+        table[head_dim] = decode_attention.DecodeLaunch(*config)
+        try:
+            for name, run in runs.items():
+                err = rel_err(run(), reference)
+                ms = _median_ms(run, warmup, repeats)
+                print(f"{str(config):<26} {name:<14} {ms:>8.3f} {kv_bytes / ms / 1e6:>8.0f} {err:>13.1e}"
+                      + ("   (table)" if table[head_dim] == current else ""))
+        except Exception as e:  # noqa: BLE001 (report and go on: out of resources is expected for some)
+            print(f"{str(config):<26} n/a: {type(e).__name__}: {str(e).splitlines()[0][:70]}")
         finally:
             table[head_dim] = current
         torch.cuda.empty_cache()
@@ -263,7 +320,9 @@ def main(argv=None):
         return 0
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, median of {args.repeats}")
     for part in parts:
-        if part == "dkdv128":
+        if part == "decode128":
+            sweep_decode(128, args.warmup, args.repeats)
+        elif part == "dkdv128":
             sweep_attention(128, args.warmup, args.repeats, {"dkdv": [Launch(*t) for t in _DKDV_8_WARPS_128]})
         elif part.startswith("attention"):
             sweep_attention(int(part.removeprefix("attention")), args.warmup, args.repeats)
