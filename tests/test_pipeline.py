@@ -1012,9 +1012,11 @@ def test_torchrun_two_processes_match_one(full_run, tmp_path, tp):
     script = Path(__file__).resolve().parents[1] / "scripts" / "pipeline.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={29517 + tp}",
            str(script), str(recipe), "--runs", str(tmp_path), "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # PYTHONFAULTHANDLER: should a rank abort natively (gloo's "terminate called without an active exception", seen
+    # on a loaded CI machine), every thread's Python stack lands in the stderr the assertion shows
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stderr[-8000:]
     run_dir, ref = tmp_path / f"tiny_torchrun_tp{tp}", full_run["run_dir"]
     shared = ["00_data", "01_weak_sft", "02_weak_labels", "03_icl_labels", "04_r1_filter", "05_r1_sft_weak",
               "06_r1_sft_icl", "07_r1_sft_hybrid", "20_eval_weak_floor", "22_eval_stage1_r1_weak",
