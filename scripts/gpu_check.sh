@@ -16,6 +16,8 @@
 #     OUT=gpu_out bash scripts/gpu_check.sh gsm8k gsm8k_chunked       # chunked prefill against a prefill forward
 #     OUT=gpu_out bash scripts/gpu_check.sh matvec batch1 batch1_cublas    # batch-1 matvec kernel; decode on and off
 #     OUT=gpu_out bash scripts/gpu_check.sh profile_attention   # Nsight Compute on the 3 attention kernels
+#     OUT=gpu_out bash scripts/gpu_check.sh profile_decode decode128   # the batch step's decode attention: Nsight
+#                                                  # Compute, then its launch sweep (~3 minutes; next to measure)
 #     OUT=gpu_out bash scripts/gpu_check.sh pipeline    # the demo recipe end to end on CUDA, bf16 (<= 7 min, own call)
 #
 # The pipeline step runs recipes/demo.toml as a derived recipe ($out/demo_cuda.toml: dtype bfloat16, device cuda,
