@@ -260,17 +260,14 @@ def check_decode_sweep():
     """Every decode launch sweep.py tries (bf16, Llama-3-8B's heads at D 128), with each row's own keys and with
     row_prefix: what its GPU run compiles."""
     from w2s.kernels import decode_attention, sweep
+    from w2s.kernels.attention_common import launch_changes
 
     q, k = torch.zeros(4, 1, 32, 128, dtype=torch.bfloat16), torch.zeros(4, 256, 8, 128, dtype=torch.bfloat16)
     positions, table = torch.zeros(4, 1, dtype=torch.int32), torch.zeros(4, dtype=torch.int32)
-    current = decode_attention.GPU_DECODE[128]
-    try:
-        for config in sweep.DECODE_CANDIDATES[128][1:]:  # the first is the table's, which the attention check compiles
-            decode_attention.GPU_DECODE[128] = decode_attention.DecodeLaunch(*config)
+    for config in sweep.DECODE_CANDIDATES[128][1:]:  # the first is the table's, which the attention check compiles
+        with launch_changes([(decode_attention.GPU_DECODE, decode_attention.DecodeLaunch(*config)._asdict())], 128):
             for row_prefix in (None, (table, table)):
                 decode_attention.attention_decode(q, k, k, q_positions=positions, row_prefix=row_prefix)
-    finally:
-        decode_attention.GPU_DECODE[128] = current
 
 
 def check_launch_options(dtypes):

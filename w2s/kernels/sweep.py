@@ -27,7 +27,7 @@ import sys
 import torch
 
 from w2s.kernels import attention, attention_backward, decode_attention, matvec, rms_norm
-from w2s.kernels.attention_common import Launch
+from w2s.kernels.attention_common import Launch, launch_changes
 
 # (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages) per head dim; the first of each list is the current table
 # entry's tiles (attention.py), the rest what the sweep tries against it.
@@ -130,6 +130,28 @@ def rel_err(out, ref):
     return ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
 
 
+def _outputs(result):
+    return result if isinstance(result, (tuple, list)) else (result,)
+
+
+def _time_launches(table, key, candidates, runs, reference, rate, warmup, repeats, label="", width=56):
+    """Each candidate launch put in table[key] (the table's own put back after): every run ({name: fn() -> an output
+    or a tuple of them}) checked against `reference` (max relative difference over its outputs) and timed, one line
+    each with ms and rate(ms). A candidate that does not compile or run prints its error and the sweep goes on."""
+    current = table[key]
+    for config in candidates:
+        try:
+            with launch_changes([(table, config._asdict())], key):
+                for name, run in runs.items():
+                    err = max(rel_err(o, r) for o, r in zip(_outputs(run()), _outputs(reference)))
+                    ms = _median_ms(run, warmup, repeats)
+                    print(f"{label}{str(tuple(config)):<{width}} {f'{name:<14} ' if name else ''}{ms:>8.3f} "
+                          f"{rate(ms):>8.1f} {err:>13.1e}" + ("   (table)" if config == current else ""))
+        except Exception as e:  # noqa: BLE001 (report and go on: out of resources is expected for some)
+            print(f"{label}{str(tuple(config)):<{width}} n/a: {type(e).__name__}: {str(e).splitlines()[0][:70]}")
+        torch.cuda.empty_cache()
+
+
 def sweep_attention(head_dim, warmup, repeats, parts=None):
     """parts: {"dkdv" | "dq": candidate Launches} to time, by default every candidate of both kernels."""
     B, T, H, KH = SHAPES[head_dim]
@@ -147,21 +169,8 @@ def sweep_attention(head_dim, warmup, repeats, parts=None):
     parts = parts or {"dkdv": DKDV_CANDIDATES[head_dim], "dq": DQ_CANDIDATES[head_dim]}
     tables = {"dkdv": attention_backward._GPU_BWD_DKDV, "dq": attention_backward._GPU_BWD_DQ}
     for name, candidates in parts.items():
-        table = tables[name]
-        current = table[head_dim]
-        for config in candidates:
-            table[head_dim] = config
-            try:
-                grads = backward()
-                err = max(rel_err(g, r) for g, r in zip(grads, reference))
-                ms = _median_ms(backward, warmup, repeats)
-                print(f"{name:<6} {str(tuple(config)):<56} {ms:>8.3f} {flops / ms / 1e9:>8.1f} {err:>13.1e}"
-                      + ("   (table)" if config == current else ""))
-            except Exception as e:  # noqa: BLE001 (report and go on: out of resources is expected for some)
-                print(f"{name:<6} {str(tuple(config)):<56} n/a: {type(e).__name__}: {str(e).splitlines()[0][:70]}")
-            finally:
-                table[head_dim] = current
-            torch.cuda.empty_cache()
+        _time_launches(tables[name], head_dim, candidates, {"": backward}, reference, lambda ms: flops / ms / 1e9,
+                       warmup, repeats, label=f"{name:<6} ")
 
 
 def sweep_forward(head_dim, warmup, repeats):
@@ -173,21 +182,8 @@ def sweep_forward(head_dim, warmup, repeats):
     flops = 4 * B * H * T * T * head_dim / 2  # causal (bench.py)
     print(f"\nattention fwd, causal, B{B} T{T} H{H} KH{KH} D{head_dim}, bf16")
     print(f"{CONFIG_HEADER:<56} {'ms':>8} {'TF/s':>8} {'max rel diff':>13}")
-    table = attention._GPU_FWD
-    current = table[head_dim]
-    reference = forward()
-    for config in FWD_CANDIDATES[head_dim]:
-        table[head_dim] = config
-        try:
-            err = rel_err(forward(), reference)
-            ms = _median_ms(forward, warmup, repeats)
-            print(f"{str(tuple(config)):<56} {ms:>8.3f} {flops / ms / 1e9:>8.1f} {err:>13.1e}"
-                  + ("   (table)" if config == current else ""))
-        except Exception as e:  # noqa: BLE001 (report and go on: out of resources is expected for some)
-            print(f"{str(tuple(config)):<56} n/a: {type(e).__name__}: {str(e).splitlines()[0][:70]}")
-        finally:
-            table[head_dim] = current
-        torch.cuda.empty_cache()
+    _time_launches(attention._GPU_FWD, head_dim, FWD_CANDIDATES[head_dim], {"": forward}, forward(),
+                   lambda ms: flops / ms / 1e9, warmup, repeats)
 
 
 def decode_inputs(head_dim):
@@ -216,25 +212,13 @@ def sweep_decode(head_dim, warmup, repeats):
     runs = {"own rows": lambda: decode_attention.attention_decode(q, k, v, q_positions=positions),
             "prompt shared": lambda: decode_attention.attention_decode(q, k, v, q_positions=positions,
                                                                        row_prefix=row_prefix)}
-    reference = runs["own rows"]()
     print(f"\ndecode attention, {B} rows ({B // n} prompts x {n}) x 1 query, cache {S}, positions {P}-{S - 1}, "
           f"H{shape['heads']} KH{shape['kv_heads']} D{head_dim}, bf16")
     print(f"{'(BLOCK_N, warps, stages)':<26} {'keys read':<14} {'ms':>8} {'GB/s':>8} {'max rel diff':>13}")
-    table = decode_attention.GPU_DECODE
-    current = table[head_dim]
-    for config in DECODE_CANDIDATES[head_dim]:
-        table[head_dim] = decode_attention.DecodeLaunch(*config)
-        try:
-            for name, run in runs.items():
-                err = rel_err(run(), reference)
-                ms = _median_ms(run, warmup, repeats)
-                print(f"{str(config):<26} {name:<14} {ms:>8.3f} {kv_bytes / ms / 1e6:>8.0f} {err:>13.1e}"
-                      + ("   (table)" if table[head_dim] == current else ""))
-        except Exception as e:  # noqa: BLE001 (report and go on: out of resources is expected for some)
-            print(f"{str(config):<26} n/a: {type(e).__name__}: {str(e).splitlines()[0][:70]}")
-        finally:
-            table[head_dim] = current
-        torch.cuda.empty_cache()
+    candidates = [decode_attention.DecodeLaunch(*config) for config in DECODE_CANDIDATES[head_dim]]
+    # both ways against each row's own keys at the table's launch: reading a prompt's keys elsewhere changes no value
+    _time_launches(decode_attention.GPU_DECODE, head_dim, candidates, runs, runs["own rows"](),
+                   lambda ms: kv_bytes / ms / 1e6, warmup, repeats, width=26)
 
 
 def sweep_rms_norm(warmup, repeats, M=16384, D=4096):
