@@ -76,7 +76,7 @@ class DecodeState:
             t.fill_(value)
         self.cache.rows, self.cache.limit, self.cache.shared = None, self.cache.max_len, None
         self.cache.row_prefix = None
-        self.prompt_rows.copy_(torch.arange(len(self.prompt_rows)))
+        self.prompt_rows.copy_(torch.arange(len(self.prompt_rows), device=self.prompt_rows.device))
         self.prompt_lens.zero_()
         if signature != self.signature:
             self.graphs, self.graph_pool, self.signature = {}, None, signature
