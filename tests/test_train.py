@@ -941,6 +941,33 @@ def test_a_command_run_off_the_main_thread_sets_no_signal_handler_but_still_form
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT), warnings.formatwarning) == before
 
 
+def test_a_command_leaves_the_process_group_it_joined_and_only_that_one():
+    # A torchrun process that exits still in its gloo group can abort at interpreter shutdown ("terminate called
+    # without an active exception", pytorch/pytorch#190489): every command leaves the group it joined, on success and
+    # on error alike, while a group joined before the command (a test's, a notebook's) is its owner's to leave.
+    import torch.distributed as dist
+
+    from w2s.parallel import command_line_process
+
+    def join():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+    with command_line_process():
+        join()
+    assert not dist.is_initialized()
+    with pytest.raises(ValueError, match="bad row"), command_line_process():
+        join()
+        raise ValueError("bad row")
+    assert not dist.is_initialized()
+    join()
+    try:
+        with command_line_process():
+            pass
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
+
+
 def test_jsonl_rows_and_impossible_configs_get_one_line_errors(tmp_path):
     good = _write_jsonl(tmp_path / "good.jsonl", [{"prompt": "p", "response": "r"}, "", {"prompt": "q"}])
     assert read_jsonl(good, tag_lines=True) == [{"prompt": "p", "response": "r", "_where": f"{good}:1"},

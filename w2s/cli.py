@@ -365,10 +365,6 @@ def sample(ckpt_dir, input_path, output_path, prompt_key, id_key, n, temperature
     if d.is_main:
         click.echo(f"wrote {output_path}: {len(records)} prompts x {n} completions in "
                    f"{time.perf_counter() - start:.1f} s", err=True)
-    if d.sharded:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
 
 
 def _sampling_tokenizer(ckpt_dir, records, prompt_key):

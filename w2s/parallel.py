@@ -100,7 +100,10 @@ def command_line_process():
     ranks when one fails; Python's default is to die without a word. Either signal also marks the command as
     stopping (stop_requested), and a second one gets the signal's previous handling (SIGTERM kills at once).
     A warning prints as one `warning: ...` line: Python's default adds the category and the source line that
-    raised it, which tell a user nothing."""
+    raised it, which tell a user nothing.
+    A process group the command joined (torchrun) is left on the way out, whatever the outcome: a process that exits
+    still in a gloo group can abort natively at interpreter shutdown ("terminate called without an active exception")
+    while gloo's threads still hold tensors, and NCCL warns of the same."""
     import signal
     import threading
     import warnings
@@ -117,9 +120,12 @@ def command_line_process():
     in_main = threading.current_thread() is threading.main_thread()  # signal handlers can only be set there
     for signum in (signal.SIGINT, signal.SIGTERM) if in_main else ():
         previous[signum] = signal.signal(signum, interrupt)
+    joined_before = dist.is_available() and dist.is_initialized()  # a test's own group is the test's to leave
     try:
         yield
     finally:
+        if not joined_before and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
         warnings.formatwarning = previous_format
         _STOPPING.clear()
         for signum, handler in previous.items():

@@ -201,8 +201,6 @@ def kept_after_stop(cfg, out):
 def run(train, encode_rows, args, **kwargs):
     """Load model, tokenizer and rows, train (exports to --out); bad input ends in one line on stderr, exit 2, and a
     Ctrl-C in one line, exit 130."""
-    import torch.distributed as dist
-
     import w2s
     from w2s.checkpoint import load_for_training, tokenizer_dir, validate_checkpoint
     from w2s.files import read_jsonl
@@ -255,9 +253,6 @@ def run(train, encode_rows, args, **kwargs):
             raise
         say_error(f"error: {line}")
         sys.exit(1)
-    finally:
-        if dist.is_initialized():  # under torchrun: leave the process group cleanly
-            dist.destroy_process_group()
 
 
 def sft_main(argv=None):
