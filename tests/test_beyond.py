@@ -109,7 +109,7 @@ def _preference_batch(weights=None):
     batch = {"tokens": torch.zeros_like(targets), "targets": targets, "n_pairs": 4, "ref": torch.zeros(8)}
     if weights is not None:
         batch["weights"] = torch.tensor(weights, dtype=torch.float64)
-    return (lambda tokens, targets, per_token: logps.flatten()), batch
+    return (lambda tokens, targets, per_token, **_: logps.flatten()), batch
 
 
 def test_preference_step_logs_what_trl_logs():
@@ -145,7 +145,8 @@ def test_dpo_step_metrics_summed_over_micro_batches_are_trls_means_over_the_step
         rows = pairs + [4 + i for i in pairs]
         part = {"tokens": batch["tokens"][rows], "targets": batch["targets"][rows], "n_pairs": 2,
                 "ref": batch["ref"][rows]}
-        _, metrics = PreferenceStep("dpo", beta)(lambda t, y, per_token, rows=rows: logps[rows].flatten(), part, norm)
+        module = lambda t, y, per_token, rows=rows, **_: logps[rows].flatten()  # noqa: E731
+        _, metrics = PreferenceStep("dpo", beta)(module, part, norm)
         for k, v in metrics.items():
             summed[k] = summed.get(k, 0.0) + v.item()
     chosen_rewards = [beta * (c - r) for c, r in zip(CHOSEN, ref_c)]
@@ -174,7 +175,7 @@ def test_orpo_step_with_the_token_mean_nll_sums_over_micro_batches_to_trls_orpo_
     for pairs in ([0, 1], [2, 3]):
         rows = pairs + [4 + i for i in pairs]
         part = {"tokens": batch["tokens"][rows], "targets": batch["targets"][rows], "n_pairs": 2}
-        loss, _ = step(lambda t, y, per_token, rows=rows: logps[rows].flatten(), part, norm)
+        loss, _ = step(lambda t, y, per_token, rows=rows, **_: logps[rows].flatten(), part, norm)
         total += loss.item()
     log_odds = lambda m: m - math.log1p(-math.exp(m))  # noqa: E731
     ratios = [log_odds(c / nc) - log_odds(r / nr) for c, r, nc, nr in zip(CHOSEN, REJECTED, N_CHOSEN, N_REJECTED)]
@@ -194,10 +195,10 @@ def test_an_empty_preference_slot_adds_zero_with_a_gradient_and_logs_every_metri
     full_logps = module(None, None, True)
     norm = torch.tensor([float(sum(N_CHOSEN + N_REJECTED)), 4.0, float(sum(N_CHOSEN))])
     step = PreferenceStep(kind, 0.1, nll_weight=nll_weight)
-    _, full = step(lambda t, y, per_token: scale * full_logps, batch, norm)
+    _, full = step(lambda t, y, per_token, **_: scale * full_logps, batch, norm)
     dummy = torch.full((1, 3), IGNORE_INDEX)  # data.collate_pairs of no pairs: one all-ignored row
     empty = {"tokens": torch.zeros_like(dummy), "targets": dummy, "n_pairs": 0, "ref": torch.zeros(0)}
-    loss, metrics = step(lambda t, y, per_token: scale * torch.zeros(3, dtype=torch.float64), empty, norm)
+    loss, metrics = step(lambda t, y, per_token, **_: scale * torch.zeros(3, dtype=torch.float64), empty, norm)
     assert metrics.keys() == full.keys() and all(v.item() == 0.0 for v in metrics.values())
     loss.backward()
     assert loss.item() == 0.0 and scale.grad.item() == 0.0

@@ -491,7 +491,7 @@ def test_the_loss_step_passes_the_clip_and_the_aggregation_and_means_the_metrics
         batch = task.collate([0, 1], COMPLETIONS)
         logps = torch.full(batch["targets"].shape, -1.0)
         batch["old_logps"] = logps - 0.3
-        out, stats = task.loss_step(lambda tokens, targets, per_token: logps.flatten(), batch, task.counts(batch))
+        out, stats = task.loss_step(lambda tokens, targets, per_token, **_: logps.flatten(), batch, task.counts(batch))
         return out.item(), stats
 
     # per-token losses of q0's responses (1, 1, 3, 1 tokens): +r a, -1.2 a, -1.2 a, +r a with r = e^0.3; q1's are 0

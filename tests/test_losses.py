@@ -148,7 +148,7 @@ def test_pair_counts_and_reward_accuracy_of_a_preference_micro_batch():
     assert loss_steps.pair_counts({"n_pairs": 1, "targets": targets}) == [8, 1, 3]  # [tokens, pairs, chosen tokens]
 
     class PolicyAtReference(torch.nn.Module):  # every response token at log-prob -1
-        def forward(self, tokens, targets, per_token):
+        def forward(self, tokens, targets, per_token, target_rows=None):
             return (targets != IGNORE_INDEX).float().flatten() * -1.0
 
     equal = torch.full((2, 4), IGNORE_INDEX)  # 3 response tokens a side: policy and reference both at -3

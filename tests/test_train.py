@@ -219,6 +219,34 @@ def test_output_layer_runs_on_target_positions_only(ckpt, monkeypatch):
         assert fused_error <= 2 * full_error + 1e-7, (name, fused_error, full_error)
 
 
+@pytest.mark.parametrize("loss", ["sft", "dpo"])
+def test_the_loop_finds_target_rows_on_the_host(ckpt, tmp_path, monkeypatch, loss):
+    """Every forward of a training run (DPO's reference pass included) gets its target rows from the host, found
+    before the batch moved (on CUDA, finding them on the device waits for the forward), and they are the rows that
+    hold a target."""
+    path, _ = ckpt
+    calls = []
+    forward = loss_steps.TrainModule.forward
+
+    def spy(self, tokens, targets, per_token, target_rows=None):
+        calls.append((target_rows, targets.clone()))
+        return forward(self, tokens, targets, per_token, target_rows)
+
+    monkeypatch.setattr(loss_steps.TrainModule, "forward", spy)
+    c = cfg(max_steps=2)
+    if loss == "sft":
+        train_sft(load(path), None, id_rows(8, seed=5), c, out_dir=tmp_path)
+    else:
+        train_preference(load(path), None, id_pairs(8, seed=5), c, out_dir=tmp_path, loss="dpo")
+    # 2 steps x 2 micro-batches; DPO first runs its reference pass: 8 pairs in micro-batches of 2
+    assert len(calls) == (2 * 2 if loss == "sft" else 2 * 2 + 4)
+    for rows, targets in calls:
+        assert rows is not None
+        flat = targets.flatten()
+        expected = [i for i in range(flat.numel()) if flat[i] != data.IGNORE_INDEX]
+        assert rows.tolist() == expected and 0 < len(expected) < flat.numel()
+
+
 def test_sft_loss_goes_down_and_export_loads_in_transformers(ckpt, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
@@ -1108,7 +1136,7 @@ def test_the_reference_pass_runs_without_dropout_and_leaves_the_training_mode_as
             super().__init__()
             self.drop = torch.nn.Dropout(0.5)
 
-        def forward(self, tokens, targets, per_token):
+        def forward(self, tokens, targets, per_token, target_rows=None):
             return torch.where(targets != IGNORE_INDEX, -self.drop(torch.ones(targets.shape)), 0.0).flatten()
 
     pairs = [Pair(Example([1, 2, 3, 4], 2), Example([1, 2, 5, 6, 7], 2)) for _ in range(3)]
@@ -1130,7 +1158,7 @@ def test_reference_pass_ranks_take_micro_batches_in_turn_and_their_tables_add_up
             super().__init__()
             self.forwards = 0
 
-        def forward(self, tokens, targets, per_token):
+        def forward(self, tokens, targets, per_token, target_rows=None):
             self.forwards += 1
             return -(targets != IGNORE_INDEX).float().flatten()
 
@@ -1158,7 +1186,7 @@ def test_a_cached_reference_table_of_another_size_is_recomputed_even_under_the_s
     from w2s.parallel import Dist
 
     class TokenCounter(torch.nn.Module):
-        def forward(self, tokens, targets, per_token):
+        def forward(self, tokens, targets, per_token, target_rows=None):
             return -(targets != IGNORE_INDEX).float().flatten()
 
     lengths = [(1, 4), (3, 2), (5, 1)]  # (chosen, rejected) response tokens

@@ -283,7 +283,7 @@ class GRPOTask:
     def loss_step(self, module, batch, norm):
         """grpo_loss of one micro-batch, normalized by the step's global token / response counts (norm[0], norm[1])."""
         targets = batch["targets"]
-        logps = module(batch["tokens"], targets, per_token=True).view_as(targets)  # (S, T)
+        logps = module(batch["tokens"], targets, per_token=True, target_rows=batch.get("target_rows")).view_as(targets)
         old = batch.get("old_logps")
         loss, stats = losses.grpo_loss(
             logps, logps.detach() if old is None else old, batch["advantages"], targets != IGNORE_INDEX,

@@ -9,6 +9,7 @@ a batch's share of norm. The formulas themselves are w2s/losses.py's; GRPO's ste
     python -m pytest -q tests/test_train.py -k "sft_loss or gradient or output_layer or preference_losses"
 """
 
+import torch
 import torch.nn as nn
 
 from w2s import losses, ops
@@ -22,10 +23,11 @@ class TrainModule(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, tokens, targets, per_token):
+    def forward(self, tokens, targets, per_token, target_rows=None):
         """tokens, targets (B, T) -> per-token target log-probs (B*T,) if per_token else the summed token NLL.
         targets come shifted from data.collate: targets[b, t] = tokens[b, t + 1] on response tokens, IGNORE_INDEX
-        elsewhere, so hidden[b, t] predicts targets[b, t].
+        elsewhere, so hidden[b, t] predicts targets[b, t]. target_rows: those of targets, when the caller has them;
+        else they are found here, which on CUDA waits for the forward (one host sync per micro-batch).
 
         The log-probs come back flat: the caller reshapes them, because FSDP2 hooks this module's outputs for
         backward and warns about (and cannot protect) outputs that are views.
@@ -35,8 +37,8 @@ class TrainModule(nn.Module):
         t = targets.flatten()  # (N,)
         # Only positions with a target reach the output layer: prompt and padding positions would cost the (N, V)
         # matmuls forward and backward to produce zeros (a large share of a big-vocabulary model's FLOPs, and of a
-        # row's tokens when its prompt is long). On CUDA nonzero() waits for the forward: one sync per micro-batch.
-        rows = (t != IGNORE_INDEX).nonzero().squeeze(1)  # (n,)
+        # row's tokens when its prompt is long).
+        rows = find_target_rows(targets) if target_rows is None else target_rows  # (n,)
         h = hidden.flatten(0, 1).index_select(0, rows)  # (n, D)
         if per_token:
             logps = ops.linear_logprobs(h, weight, t[rows], softcap=cap, ignore_index=IGNORE_INDEX)  # (n,)
@@ -45,13 +47,37 @@ class TrainModule(nn.Module):
         return loss_sum
 
 
+def find_target_rows(targets):
+    """The flat indices (n,) of targets' (B, T) positions that have a target. The training loop finds them on the
+    host, in the collated batch, and sends them with it: on CUDA, nonzero() must wait for every queued kernel to know
+    n, and a wait per micro-batch leaves the GPU idle while the host queues the rest of the step."""
+    return (targets.flatten() != IGNORE_INDEX).nonzero().squeeze(1)
+
+
+def batch_on_device(batch, device):
+    """A collated micro-batch {name: tensor or value} on `device`, with its "target_rows" (find_target_rows) found
+    first, while its targets are still on the host. For CUDA the tensors are copied from pinned memory: a copy from
+    pageable memory makes the host wait, and the host should be queuing the step's kernels ahead of the GPU."""
+    if "target_rows" not in batch:
+        batch = {**batch, "target_rows": find_target_rows(batch["targets"])}
+    return {k: to_device(v, device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def to_device(tensor, device):
+    """tensor on device without making the host wait: a host tensor bound for CUDA goes through pinned memory (the
+    copy queues on the stream and the caching host allocator keeps the buffer until it has run)."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
 def sft_counts(batch):
     return [int((batch["targets"] != IGNORE_INDEX).sum()), 0, 0]
 
 
 def sft_step(module, batch, norm):
     """Token-mean NLL of the response tokens: the fused cross-entropy's sum over the global target-token count."""
-    loss = module(batch["tokens"], batch["targets"], per_token=False) / norm[0]
+    loss = module(batch["tokens"], batch["targets"], per_token=False, target_rows=batch.get("target_rows")) / norm[0]
     return loss, {"loss": loss.detach()}
 
 
@@ -78,7 +104,8 @@ class PreferenceStep:
         return self.kind != "orpo"
 
     def __call__(self, module, batch, norm):
-        logps = module(batch["tokens"], batch["targets"], per_token=True).view_as(batch["targets"])  # (2P, T)
+        logps = module(batch["tokens"], batch["targets"], per_token=True, target_rows=batch.get("target_rows"))
+        logps = logps.view_as(batch["targets"])  # (2P, T)
         P = batch["n_pairs"]
         names = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                  "logps/chosen", "logps/rejected"] + (["nll", "or_loss", "log_odds"] if self.kind == "orpo" else

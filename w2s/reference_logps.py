@@ -16,6 +16,7 @@ import torch
 
 from w2s import data
 from w2s.files import write_atomic
+from w2s.loss_steps import batch_on_device
 from w2s.parallel import Dist, all_reduce_sum, barrier
 
 
@@ -44,7 +45,8 @@ def compute_reference_logps(module, pairs, pad_id, micro_batch_size, d: Dist):
     for start in range(0, len(chunks), d.world_size):
         mine = chunks[start + d.rank] if start + d.rank < len(chunks) else []
         tokens, targets = data.collate_pairs([pairs[i] for i in mine], pad_id)
-        logps = module(tokens.to(d.device), targets.to(d.device), per_token=True)  # (2P * T,), 0 where ignored
+        batch = batch_on_device({"tokens": tokens, "targets": targets}, d.device)
+        logps = module(batch["tokens"], batch["targets"], per_token=True, target_rows=batch["target_rows"])  # (2P * T,)
         logps = logps.view_as(targets).sum(-1).float()  # (2P,)
         if mine:
             P = len(mine)

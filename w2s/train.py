@@ -61,7 +61,15 @@ from w2s import data, profile, tracking
 from w2s.export import export_trained
 from w2s.files import stable_hash, write_atomic
 from w2s.lora import prepare_lora
-from w2s.loss_steps import PreferenceStep, TrainModule, pair_counts, sft_counts, sft_step
+from w2s.loss_steps import (
+    PreferenceStep,
+    TrainModule,
+    batch_on_device,
+    pair_counts,
+    sft_counts,
+    sft_step,
+    to_device,
+)
 from w2s.parallel import (
     Dist,
     all_reduce_sum,
@@ -107,10 +115,6 @@ def examples_hash(examples):
             # spans only for chat rows: a prompt/response row hashes as [n_prompt, tokens], whatever the chat format
             h.update(json.dumps([e.n_prompt, e.tokens] + ([e.spans] if e.spans is not None else [])).encode())
     return h.hexdigest()
-
-
-def _to(batch, device):
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 # ---------------------------------------------------------------------------------------------- public API
@@ -386,13 +390,13 @@ class Trainer:
         mine = slots[d.rank * accum:(d.rank + 1) * accum]
         micro = task.make_batches(step, mine) if task.make_batches else [task.make_batch(rows) for rows in mine]
         counts = torch.tensor([sum(c) for c in zip(*(task.count_fn(b) for b in micro))], dtype=torch.float32)
-        norm = all_reduce_sum(counts.to(d.device), d).clamp(min=1.0)  # global [tokens, pairs, chosen tokens]
+        norm = all_reduce_sum(to_device(counts, d.device), d).clamp(min=1.0)  # global [tokens, pairs, chosen tokens]
         lr = lr_at(step, self.total, self.cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         stats = {}
         for batch in micro:
-            loss, s = task.loss_step(self.module, _to(batch, d.device), norm)
+            loss, s = task.loss_step(self.module, batch_on_device(batch, d.device), norm)
             loss.backward()
             for k, v in s.items():
                 stats[k] = stats.get(k, 0.0) + v.float()
@@ -440,9 +444,9 @@ class Trainer:
         """Stop with one line (NonFiniteError) naming the run, the step and the value when `value` is nan or inf.
 
         The gradient norm is checked every step, before the optimizer update, so a non-finite step never reaches the
-        weights or a checkpoint: reading it (clip_grad_norm) is one host sync per step, which adds little,
-        since the loss head already waits for every micro-batch's forward (TrainModule). The loss is
-        checked on log steps, where it is reduced over ranks and read anyway (as torchtitan does)."""
+        weights or a checkpoint: reading it (clip_grad_norm) is the step's one host sync (the micro-batches come
+        with their target rows and through pinned memory, so nothing before it waits: loss_steps.batch_on_device).
+        The loss is checked on log steps, where it is reduced over ranks and read anyway (as torchtitan does)."""
         if not math.isfinite(value):
             kept = latest_checkpoint(self.ckpt_root) if self.ckpt_root is not None else None
             raise NonFiniteError(f"{self.out_dir or 'train'}: step {step + 1}: {what} is {value}; training stopped "
