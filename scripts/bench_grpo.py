@@ -95,4 +95,8 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from w2s.parallel import command_line_process
+
+    with command_line_process():  # leaves the 1-rank process group training joins on CUDA
+        status = main()
+    sys.exit(status)

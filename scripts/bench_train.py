@@ -369,4 +369,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from w2s.parallel import command_line_process
+
+    with command_line_process():  # leaves the 1-rank process group training joins on CUDA
+        main()
