@@ -18,13 +18,16 @@ workload, random weights.
                                                           #      every decode step (the paper samples at top_p 1)
     python scripts/bench_sampling.py --prompts 64 --share-prompt-reads   # a prompt's keys read from one of its 8
                                                           #      samples' rows for all of them (meeting in L2)
+    python scripts/bench_sampling.py --gsm8k --no-compact # the drain with every slot kept where it is (each step
+                                                          #      runs up to the highest busy slot)
     make bench-sampling
 
 Without --gsm8k there is no EOS: every sequence runs the full budget, so the work is exactly prompts x samples x new
 tokens. With --gsm8k the model's EOS ids are a random set of V / 150 vocabulary ids: a random model at temperature 1
 draws nearly uniformly, so completions end after a geometric number of tokens with mean ~150 (a shape like GSM8K
 chain-of-thought answers, not their text); the script prints the mean length and the slot occupancy (generated
-tokens / (decode steps x slots): how full continuous batching keeps the batch).
+tokens / (decode steps x slots): how full continuous batching keeps the batch), and the same over the rows the steps
+ran (a draining batch moves its samples down and runs fewer rows: generate's compact).
 
 MBU: the bytes a decode step must read (every weight once, the input embedding table excepted unless it is also the
 output matrix, plus the keys and values each live sequence attends over, counted per sequence) / the time / the
@@ -164,7 +167,7 @@ def steady_decode_step_ms(model, prompt, new_tokens, device, replays=100):
     engine = make_engine(model, None, prompt, max_new_tokens=new_tokens, cuda_graphs=True)
     for _ in engine.run():  # one full generation: captures the graphs (or finds them kept from earlier calls)
         pass
-    limit = max(limit for limit, mixed in engine.graphs if not mixed)  # the longest attention span the run reached
+    limit = max(limit for limit, _, mixed in engine.graphs if not mixed)  # the longest attention span the run reached
     engine.step(limit)
     sync(device)
     start = time.perf_counter()
@@ -225,6 +228,8 @@ def parse_args():
     parser.add_argument("--share-prompt-reads", action="store_true",
                         help="decode reads each prompt's keys from one of its samples' cache rows for all of them\n"
                              "(generate's share_prompt_reads)")
+    parser.add_argument("--no-compact", action="store_true",
+                        help="keep a draining batch's samples in their slots (generate's compact=False)")
     parser.add_argument("--threads", type=int, help="torch CPU threads [default: torch's choice]")
     parser.add_argument("--batch1", action=argparse.BooleanOptionalAction, default=None,
                         help="also time batch-1 greedy decode [default: on CUDA only]")
@@ -310,7 +315,8 @@ def run_w2s(model, prompts, options):
     if cuda:
         torch.cuda.synchronize()
         spans = [start.elapsed_time(end) / 1e3 for start, end in spans]
-    return engine.tokens_generated, engine.decode_steps, engine.mixed_steps, engine.slots, kv, sum(spans)
+    return engine.tokens_generated, engine.decode_steps, engine.mixed_steps, engine.slots, engine.decode_rows, kv, \
+        sum(spans)
 
 
 def report_batch(model, prompts, work, options, bandwidth, device, repeats, hf_run):
@@ -320,13 +326,14 @@ def report_batch(model, prompts, work, options, bandwidth, device, repeats, hf_r
     ours = lambda: stats.update(w2s=run_w2s(model, prompts, options))  # noqa: E731
     theirs = (lambda: stats.update(hf=hf_run())) if hf_run else None  # noqa: E731
     t_ours, *t_theirs = timed([ours] + ([theirs] if theirs else []), device, repeats)
-    tokens, steps, mixed, slots, kv, admit_s = stats["w2s"]
+    tokens, steps, mixed, slots, rows, kv, admit_s = stats["w2s"]
     n_seq = len(prompts) * work["samples"]
     mbu = (steps * weight_bytes(model) + kv) / t_ours / bandwidth
     print(f"w2s generate          {tokens / t_ours:10.0f} output tok/s   {t_ours * 1e3 / steps:8.2f} ms/step   "
           f"({t_ours:.2f} s, median of {repeats}; MBU {100 * mbu:.1f}%)")
     print(f"  {tokens} tokens in {n_seq} sequences (mean {tokens / n_seq:.1f}), {steps} decode steps of {slots} "
-          f"slots ({mixed} mixed): occupancy {100 * (tokens - n_seq) / (steps * slots):.1f}%; admission (prefill "
+          f"slots ({mixed} mixed): occupancy {100 * (tokens - n_seq) / (steps * slots):.1f}% of the slots, "
+          f"{100 * (tokens - n_seq) / rows:.1f}% of the rows run ({rows / steps:.0f} a step); admission (prefill "
           f"forwards) {100 * admit_s / t_ours:.1f}% of the last run")
     if hf_run:
         t_hf = t_theirs[0]
@@ -377,7 +384,8 @@ def main():
     work["top_p"] = args.top_p
     options = dict(n=work["samples"], temperature=1.0, top_p=args.top_p, max_new_tokens=work["new_tokens"],
                    max_batch=args.max_batch, cuda_graphs=False if args.no_cuda_graphs else None,
-                   prefill_chunk=args.prefill_chunk, share_prompt_reads=args.share_prompt_reads)
+                   prefill_chunk=args.prefill_chunk, share_prompt_reads=args.share_prompt_reads,
+                   compact=not args.no_compact)
 
     name = torch.cuda.get_device_name(device) if kind == "cuda" else "cpu"
     print(f"device {name} ({torch.get_num_threads()} threads), dtype {dtype}, torch {torch.__version__}, commit "
@@ -390,7 +398,8 @@ def main():
     print(f"workload: {work['prompts']} prompts x {work['samples']} samples {ending} new tokens, {lengths}"
           + (f" after a shared prefix of {args.shared_prefix}" if args.shared_prefix else "") +
           f", temperature 1.0, top_p {args.top_p}, max_batch {args.max_batch}, prefill_chunk {args.prefill_chunk}"
-          + (", prompt keys read from one sample's row" if args.share_prompt_reads else ""))
+          + (", prompt keys read from one sample's row" if args.share_prompt_reads else "")
+          + (", no compaction" if args.no_compact else ""))
     bandwidth = copy_bandwidth(device)
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (device-to-device, read + write); weights read per decode step "
           f"{weight_bytes(model) / 1e9:.2f} GB, KV {kv_bytes_per_position(model) / 1e3:.1f} kB per position")

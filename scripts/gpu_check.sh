@@ -14,6 +14,7 @@
 #                                                  # BENCHMARKS.md (each with the device, date and commit)
 #     OUT=gpu_out bash scripts/gpu_check.sh sweep profile_sampling    # named steps only (see run_step below)
 #     OUT=gpu_out bash scripts/gpu_check.sh gsm8k gsm8k_chunked       # chunked prefill against a prefill forward
+#     OUT=gpu_out bash scripts/gpu_check.sh gsm8k gsm8k_no_compact    # a draining batch compacted, and not
 #     OUT=gpu_out bash scripts/gpu_check.sh matvec batch1 batch1_cublas    # batch-1 matvec kernel; decode on and off
 #     OUT=gpu_out bash scripts/gpu_check.sh profile_attention   # Nsight Compute on the 3 attention kernels
 #     OUT=gpu_out bash scripts/gpu_check.sh profile_decode decode128   # the batch step's decode attention: Nsight
@@ -203,6 +204,8 @@ sys.argv = ['bench_sampling.py'] + sys.argv[1:]; runpy.run_path('scripts/bench_s
     gsm8k) step "$1" 60 "$py" scripts/bench_sampling.py --gsm8k --repeats 1 --no-batch1 ;;  # 256 x 8, EOS lengths
     # the same with chunked prefill (refilled slots' prompts inside the decode steps); compare with gsm8k's admission %
     gsm8k_chunked) step "$1" 60 "$py" scripts/bench_sampling.py --gsm8k --repeats 1 --no-batch1 --prefill-chunk 256 ;;
+    # the same with a draining batch's samples left in their slots (compaction off): against gsm8k's tok/s and rows
+    gsm8k_no_compact) step "$1" 60 "$py" scripts/bench_sampling.py --gsm8k --repeats 1 --no-batch1 --no-compact ;;
     # the same with nucleus sampling (top_p 0.95: every decode step sorts 512 rows of 128k logits); against
     # bench_sampling's tok/s it is what the sort costs (the paper samples at top_p 1, without it)
     top_p) step "$1" 80 "$py" scripts/bench_sampling.py --prompts 64 --repeats 1 --no-batch1 --top-p 0.95 ;;

@@ -314,9 +314,9 @@ def test_a_batch1_decode_step_launches_these_kernels(monkeypatch, temperature, d
     engine = make_engine(model, None, [[5, 6, 7]], max_new_tokens=3, fused_projections=True, temperature=temperature)
     steps, real_step = [], engine._step_eager
 
-    def counted_step(mixed=False):
+    def counted_step(rows, mixed=False):
         with LaunchCounter(monkeypatch) as counter:
-            real_step(mixed)
+            real_step(rows, mixed)
         steps.append(counter.launches)
 
     engine._step_eager = counted_step

@@ -213,9 +213,9 @@ def test_chunked_prefill_logits_equal_full_recompute(family, ckpt, monkeypatch):
     checked = {"first": 0, "later": 0}
     real = Engine._step_eager
 
-    def step_and_check(self, mixed=False):
+    def step_and_check(self, rows, mixed=False):
         before = self.n_gen.clone()
-        real(self, mixed)
+        real(self, rows, mixed)
         for s in torch.nonzero(self.n_gen > before).flatten().tolist():
             p, _ = self.work[s]
             seq = self.prompts[p] + self.out[s, : before[s]].tolist()
@@ -462,6 +462,56 @@ def test_share_prompt_reads_names_only_rows_that_hold_the_same_prompt(ckpt, monk
     assert sum(named) >= 5
     monkeypatch.setattr(Engine, "step", real_step)
     assert shared == generate(model, tok, prompts, **kw)
+
+
+@pytest.mark.parametrize("share_prompt_reads", [False, True])
+def test_a_draining_batch_moves_its_samples_down_and_runs_fewer_rows(ckpt, monkeypatch, share_prompt_reads):
+    """Once no work waits, the samples still running move into the lowest free slots (cache rows and state), and a
+    step runs only the rows [0, R) that hold them: the samples are those of a run that never moves them, every slot
+    at work is always inside the rows a step runs, and the drain runs fewer rows than the slots."""
+    model, _ = load(ckpt, "llama2")
+    tok = CharTokenizer(stop_ids=range(3, VOCAB, 4))  # EOS ends a quarter of the draws: lengths spread
+    prompts = random_prompts([9, 4, 12, 6, 10, 7, 5], seed=5, prefix=[5, 6, 7])
+    kw = dict(n=3, temperature=1.0, seed=6, max_new_tokens=16, sync_every=2, max_batch=8,
+              share_prompt_reads=share_prompt_reads, progress=False)
+    runs, moved, real_step, real_compact = [], [], Engine.step, Engine._compact
+
+    def step(self, limit, mixed=False):
+        at_work = [s for s, w in enumerate(self.work) if w is not None]
+        runs.append((self.compact, self.slots if mixed else self.rows, max(at_work) + 1))
+        return real_step(self, limit, mixed)
+
+    def compact(self):
+        before = list(self.work)
+        real_compact(self)
+        moved.extend(d for d, (old, new) in enumerate(zip(before, self.work)) if new is not None and old != new)
+
+    monkeypatch.setattr(Engine, "step", step)
+    monkeypatch.setattr(Engine, "_compact", compact)
+    compacted = generate(model, tok, prompts, **kw)
+    kept_in_place = generate(model, tok, prompts, compact=False, **kw)
+    assert compacted == kept_in_place
+    assert all(rows >= top for _, rows, top in runs)  # no slot at work is left out of a step
+    assert moved and all(d < 8 for d in moved)
+    rows_run = {on: sum(rows for c, rows, _ in runs if c == on) for on in (True, False)}
+    steps = {on: sum(c == on for c, _, _ in runs) for on in (True, False)}
+    assert steps[True] == steps[False]  # the same steps, over fewer rows
+    assert rows_run[True] < rows_run[False] <= 8 * steps[False]
+
+
+def test_rows_a_step_runs_are_a_power_of_two_with_cuda_graphs(ckpt):
+    """With CUDA graphs a step runs the power of two of rows (at most the slots) that covers the highest slot at
+    work, so that a run captures few shapes; eagerly, exactly up to that slot. Compaction aims at the same rows."""
+    from w2s.sampling import make_engine
+
+    model, _ = load(ckpt, "llama2")
+    engine = make_engine(model, None, [[5, 6, 7]] * 12, max_new_tokens=4, max_batch=12)
+    for work, eager, graphed in (([0], 1, 1), ([0, 2], 3, 4), ([4], 5, 8), ([0, 8], 9, 12), ([11], 12, 12)):
+        engine.work = [(0, 0) if s in work else None for s in range(12)]
+        engine.cuda_graphs = False
+        assert engine._rows_to_run() == eager
+        engine.cuda_graphs = True
+        assert engine._rows_to_run() == graphed
 
 
 def test_bad_input_errors(ckpt):

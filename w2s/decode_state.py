@@ -3,7 +3,8 @@ step's captured CUDA graphs.
 
 A CUDA graph replays the decode step's kernels on the exact buffers it was captured with: the KV cache, the state
 tensors below, the logits buffer and the model's weights. Capturing costs an eager warm-up step and a capture per
-attention limit and step kind (plain, or mixed with prompt tokens), and allocating the cache costs time as well, so
+attention limit, rows run and step kind (plain, or mixed with prompt tokens), and allocating the cache costs time as
+well, so
 the sampler (w2s/sampling_engine.py, on CUDA by default) keeps one state per model between calls:
 
     state = acquire(model, shapes, build)   # the kept state when it fits, else build() (which replaces it)
@@ -35,8 +36,8 @@ _KEPT = weakref.WeakKeyDictionary()  # model -> (shapes, weight addresses, Decod
 
 class DecodeState:
     """Device buffers of a sampler run over `slots` sequences of up to `cache_len` positions, and the decode step's
-    graphs (one per attention limit and step kind, plain or mixed) once captured. The engine reads and writes the
-    tensors in place."""
+    graphs (one per attention limit, rows run and step kind, plain or mixed) once captured. The engine reads and
+    writes the tensors in place."""
 
     def __init__(self, cfg, slots, cache_len, dtype, device, prefill_chunk=0):
         # One spare cache row (index `slots`) holds the shared prefix; decode touches only rows [0, slots), but for
@@ -64,7 +65,7 @@ class DecodeState:
         self.prompt_lens = torch.zeros(slots + 1, dtype=torch.int32, device=device)
         self.eos = None  # (E,) ids that end a sequence
         self.logits = None  # (slots, V) fp32 logits of the last decode step
-        self.graphs, self.graph_pool, self.signature = {}, None, None  # graphs: {(limit, mixed): CUDA graph}
+        self.graphs, self.graph_pool, self.signature = {}, None, None  # {(limit, rows, mixed): CUDA graph}
         self.owner = None  # weakref to the engine driving this state
 
     def start(self, owner, signature, eos_ids):
@@ -89,20 +90,22 @@ class DecodeState:
         return self.owner is not None and self.owner() is not None
 
     def keep_logits(self, logits):
-        """Store the step's logits (slots, V), in fp32, in the one buffer Engine.logits reads (keep_logits)."""
+        """Store the step's logits (R, V) of slots [0, R), in fp32, in the one (slots, V) buffer Engine.logits reads
+        (keep_logits); the rows of the slots the step did not run keep what they held."""
         if self.logits is None:
-            self.logits = logits.float()
-        else:
-            self.logits.copy_(logits)
+            self.logits = torch.zeros(len(self.tokens), logits.shape[-1], dtype=torch.float32, device=logits.device)
+        self.logits[: len(logits)].copy_(logits)
 
     @torch.no_grad()
-    def step(self, limit, eager_step, cuda_graphs, mixed=False):
-        """One decode step over cache positions [0, limit): eager_step() itself, or the replay of its CUDA graph
-        for this limit and kind (plain or mixed; captured on first use, after one eager warm-up step)."""
+    def step(self, limit, eager_step, cuda_graphs, mixed=False, rows=None):
+        """One decode step over cache positions [0, limit) and the slots [0, rows): eager_step() itself, or the
+        replay of its CUDA graph for this limit, rows and kind (plain or mixed; captured on first use, after one
+        eager warm-up step)."""
         self.cache.limit = limit
         if not cuda_graphs:
             return eager_step()
-        graph = self.graphs.get((limit, mixed))
+        key = (limit, len(self.tokens) if rows is None else rows, mixed)
+        graph = self.graphs.get(key)
         if graph is not None:
             return graph.replay()
         # First step at this limit: run it eagerly on a side stream (warm-up, a real step), then capture.
@@ -120,7 +123,7 @@ class DecodeState:
         except Exception as e:
             raise RuntimeError(f"capturing the decode step as a CUDA graph failed ({e}); pass cuda_graphs=False "
                                "(scripts/sample.py --no-cuda-graphs) to run it eagerly") from e
-        self.graphs[(limit, mixed)] = graph
+        self.graphs[key] = graph
 
 
 def graph_signature(sampling, eos_ids, prefix_len, keep_logits=False, share_prompt_reads=False):

@@ -158,7 +158,7 @@ def _use_cuda_graphs(model, cuda_graphs):
 def make_engine(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=MAX_NEW_TOKENS,
                 stop=(), seed=0, max_batch=256, cache_len=None, shared_prefix=True, sync_every=8, cuda_graphs=None,
                 keep_state=None, fused_projections=None, prefill_chunk=0, prompt_indices=None,
-                share_prompt_reads=False):
+                share_prompt_reads=False, compact=True):
     """The Engine that `iter_generate` runs (None without prompts); arguments as `generate`. Callers that want the
     engine's counters (decode_steps, tokens_generated) drive `engine.run()` themselves."""
     stop = _check_options(tokenizer, n, temperature, top_p, top_k, max_new_tokens, stop, prefill_chunk, sync_every,
@@ -184,6 +184,7 @@ def make_engine(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, top_
         slots=max(1, min(max_batch, len(ids) * n)), cache_len=cache_len, global_index=prompt_indices,
         shared_prefix=shared_prefix, sync_every=sync_every, cuda_graphs=cuda_graphs, prefill_chunk=prefill_chunk,
         keep_state=cuda_graphs if keep_state is None else keep_state, share_prompt_reads=share_prompt_reads,
+        compact=compact,
         text_vocab=text_vocab if text_vocab is not None and text_vocab < model.cfg.vocab_size else None)
 
 
@@ -241,7 +242,8 @@ def _run_shard(model, tokenizer, ids, mine, dp_size, n_done, progress, options):
 
 def generate(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=MAX_NEW_TOKENS,
              stop=(), seed=0, max_batch=256, cache_len=None, shared_prefix=True, sync_every=8, cuda_graphs=None,
-             keep_state=None, fused_projections=None, prefill_chunk=0, share_prompt_reads=False, progress=True):
+             keep_state=None, fused_projections=None, prefill_chunk=0, share_prompt_reads=False, compact=True,
+             progress=True):
     """Complete every prompt n times; returns, per prompt in input order, a list of n completion dicts.
 
     prompts: strings (tokenizer required) or lists of token ids (tokenizer may be None; then `text` is None and
@@ -257,9 +259,10 @@ def generate(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, top_k=0
     step, instead of a prefill forward of their own (chunked prefill; 0, the default, is off).
     share_prompt_reads: decode reads a prompt's keys from one of its samples' cache rows for all of them, so that
     on the GPU those reads meet in L2 (the same samples; off by default: on an H200 it changed no decode step's
-    time, BENCHMARKS.md). Under an
-    initialised process group each data-parallel rank runs a shard and every rank returns the full, input-ordered
-    result, identical to a one-process run with the same seed.
+    time, BENCHMARKS.md). compact: once no prompt waits, move the running samples into the lowest slots so that each
+    step runs fewer rows as the batch drains (the same samples; on by default).
+    Under an initialised process group each data-parallel rank runs a shard and every rank returns the full,
+    input-ordered result, identical to a one-process run with the same seed.
     """
     import torch.distributed as dist
 
@@ -267,7 +270,8 @@ def generate(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, top_k=0
         model, tokenizer, prompts, progress=progress, n=n, temperature=temperature, top_p=top_p, top_k=top_k,
         max_new_tokens=max_new_tokens, stop=stop, seed=seed, max_batch=max_batch, cache_len=cache_len,
         shared_prefix=shared_prefix, sync_every=sync_every, cuda_graphs=cuda_graphs, keep_state=keep_state,
-        fused_projections=fused_projections, prefill_chunk=prefill_chunk, share_prompt_reads=share_prompt_reads))
+        fused_projections=fused_projections, prefill_chunk=prefill_chunk, share_prompt_reads=share_prompt_reads,
+        compact=compact))
     if dp_layout(model)[1] > 1:
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, results)

@@ -11,16 +11,19 @@ How it works (one engine, `Engine`, driven by w2s.sampling.iter_generate):
   * A work item is (prompt, sample j). The n samples of a prompt share one prefill: the first is prefilled, the
     others copy its cache row. A sample admitted later, while a sibling is still running, copies the sibling's
     prompt rows (all but the last token) and re-runs only the last prompt token to get the next-token logits.
-  * Decode runs every slot every step (fixed shapes, so the step can be a CUDA graph) and keeps all state on device:
-    the sampled token, position, count, a done flag (EOS or budget reached) and an output buffer. The host looks
-    only every `sync_every` steps: it checks stop strings on the decoded text, harvests finished slots and refills
-    them with waiting work (continuous batching). A finished slot idles at most sync_every - 1 steps.
+  * Decode runs the slots [0, R) every step (fixed shapes, so the step can be a CUDA graph) and keeps all state on
+    device: the sampled token, position, count, a done flag (EOS or budget reached) and an output buffer. The host
+    looks only every `sync_every` steps: it checks stop strings on the decoded text, harvests finished slots and
+    refills them with waiting work (continuous batching). A finished slot idles at most sync_every - 1 steps.
+  * Once no work is waiting, the batch drains: the slots still running are moved down into the lowest free slots
+    (their cache rows and state copied; compact, on by default), so that R, the power of two that covers the highest
+    running slot (on CPU the exact count), shrinks with them and a step stops computing rows that hold nothing.
   * Chunked prefill (prefill_chunk=C, off by default): while decode runs, a refilled slot's prompt is not prefilled
     in a forward of its own that every other slot waits for; its tokens ride in the next decode steps instead, up
     to C per step. Such a mixed step runs S + C query rows of one token each (every slot's next token, then the
     prompt tokens, each writing and reading its own cache row: attention's kv_rows), and a slot whose last prompt
     token is in it samples its token 0 there. The first admission, with no decode to join, is a prefill forward.
-  * On CUDA the decode step is captured once per attention limit and step kind (plain or mixed) as a CUDA graph and
+  * On CUDA the decode step is captured once per attention limit, rows R and kind (plain or mixed) as a CUDA graph and
     replayed (cuda_graphs, default on for CUDA, never used on CPU); nothing in the step may sync with the host. The KV
     cache, the slots' state and the graphs are kept for the next call on the same model (keep_state; w2s/decode_state.py
     says when a kept state is reused and when it is dropped). The cache write and RoPE run as one kernel per layer
@@ -115,14 +118,15 @@ class Engine:
     copy each decode step's (slots, V) logits into one fp32 buffer, `logits` then holds the last step's (tests,
     inspection; off: no copy per step); share_prompt_reads: decode reads the keys of a prompt's positions from one
     row of its samples for all of them (each still holds its copy), so that on the GPU those reads meet in L2
-    (`_name_prompt_rows`);
+    (`_name_prompt_rows`); compact: move the running slots down as the batch drains, so a step runs fewer rows
+    (`_compact`);
     text_vocab: draw only ids below it (a model whose vocabulary is padded past its tokenizer's: ids without text).
     """
 
     def __init__(self, model, prompts, n, *, temperature, top_k, top_p, max_new_tokens, seed, eos_ids, stop=(),
                  decode=None, slots, cache_len, global_index=None, shared_prefix=True, sync_every=8,
                  cuda_graphs=False, prefill_tokens=8192, prefill_chunk=0, keep_state=False,
-                 keep_logits=False, text_vocab=None, share_prompt_reads=False):
+                 keep_logits=False, text_vocab=None, share_prompt_reads=False, compact=True):
         self.model, self.prompts, self.n = model, prompts, n
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
         self.text_vocab = text_vocab
@@ -130,7 +134,7 @@ class Engine:
         self.eos_set = set(eos_ids)
         self.slots, self.cache_len, self.sync_every = slots, cache_len, sync_every
         self.prefill_tokens, self.prefill_chunk, self.cuda_graphs = prefill_tokens, prefill_chunk, cuda_graphs
-        self.keep_logits, self.share_prompt_reads = keep_logits, share_prompt_reads
+        self.keep_logits, self.share_prompt_reads, self.compact = keep_logits, share_prompt_reads, compact
         self.global_index = list(range(len(prompts))) if global_index is None else list(global_index)
         weight = model.embed_tokens.weight
         dev = self.device = weight.device
@@ -157,12 +161,14 @@ class Engine:
         self.checked_tokens = [0] * slots  # generated tokens already searched for stop strings
         self.stop_window = max((len(x.encode()) for x in self.stop), default=0) + 2  # tokens of overlap
         self.tokens_generated = 0
-        self.decode_steps = 0  # steps run (every slot, live or not): slot occupancy = live slot-steps / (steps x slots)
+        self.decode_steps = 0  # steps run
         self.mixed_steps = 0  # of which carried prompt tokens (chunked prefill)
+        self.rows = slots  # R: a plain step runs slots [0, R), which hold every slot at work (_rows_to_run)
+        self.decode_rows = 0  # rows the steps ran (live or not): occupancy = live slot-steps / decode_rows
 
     logits = property(lambda self: self.state.logits if self.keep_logits else None,
                       doc="(slots, V) fp32 logits of the last decode step with keep_logits, else None")
-    graphs = property(lambda self: self.state.graphs, doc="{(attention limit, mixed): captured CUDA graph}")
+    graphs = property(lambda self: self.state.graphs, doc="{(attention limit, rows, mixed): captured CUDA graph}")
 
     # ---- prefix sharing ---------------------------------------------------------------------------------------
     def _shared_prefix_len(self):
@@ -362,27 +368,30 @@ class Engine:
             logits = logits[:, : self.text_vocab]
         return sample_from_logits(logits, uniforms, **self.sampling)
 
-    def _step_eager(self, mixed=False):
-        """One decode step for every slot, all on device, updating the state tensors in place. A mixed step also
-        runs the prompt tokens of state.step_inputs (chunked prefill) and starts the slots whose prompts end."""
+    def _step_eager(self, rows, mixed=False):
+        """One decode step for slots [0, rows), all on device, updating the state tensors in place (through views of
+        their first rows). A mixed step runs every slot, and also the prompt tokens of state.step_inputs (chunked
+        prefill), and starts the slots whose prompts end."""
+        tokens, positions, n_gen, budget, keys, done, out = (
+            t[:rows] for t in (self.tokens, self.positions, self.n_gen, self.budget, self.keys, self.done, self.out))
         if mixed:
             logits, act = self._mixed_logits()
-            live = ~self.done | act
-        else:
-            logits = self.model(self.tokens[:, None], self.positions[:, None], cache=self.cache)[:, -1]  # (S, V)
-            live = ~self.done
-        nxt = self._draw(logits, self.keys, self.n_gen)  # (S,)
-        col = torch.where(live, self.n_gen, self.trash)  # finished rows write into the trash column
-        self.out.scatter_(1, col[:, None], nxt[:, None])
-        self.n_gen.add_(live)  # +1 for every running row (a bool adds as 0 / 1)
-        torch.where(live, nxt, self.tokens, out=self.tokens)
+            live = ~done | act
+        else:  # batch row i is cache row i: the cache's rows [0, rows)
+            logits = self.model(tokens[:, None], positions[:, None], cache=self.cache)[:, -1]  # (R, V)
+            live = ~done
+        nxt = self._draw(logits, keys, n_gen)  # (R,)
+        col = torch.where(live, n_gen, self.trash)  # finished rows write into the trash column
+        out.scatter_(1, col[:, None], nxt[:, None])
+        n_gen.add_(live)  # +1 for every running row (a bool adds as 0 / 1)
+        torch.where(live, nxt, tokens, out=tokens)
         if mixed:  # a slot starting now keeps its position (its token 0 goes there next step) and is not done yet
-            self.positions.add_(live & ~act)
-            self.done.logical_and_(~act)
+            positions.add_(live & ~act)
+            done.logical_and_(~act)
         else:
-            self.positions.add_(live)
+            positions.add_(live)
         # a row that is not live is done already, so every row may take the test
-        self.done.logical_or_(_is_eos(nxt, self.eos) | (self.n_gen >= self.budget))
+        done.logical_or_(_is_eos(nxt, self.eos) | (n_gen >= budget))
         if self.keep_logits:
             self.state.keep_logits(logits)
 
@@ -401,11 +410,46 @@ class Engine:
         return logits_from_hidden(self.model, hidden[st.pick]), st.activate.bool()
 
     def step(self, limit, mixed=False):
-        """One decode step attending over cache positions [0, limit); replays a CUDA graph per limit and kind if
-        enabled. mixed: state.step_inputs holds this step's prompt tokens."""
+        """One decode step attending over cache positions [0, limit), over slots [0, self.rows) (a mixed step: all);
+        replays a CUDA graph per limit, rows and kind if enabled. mixed: state.step_inputs holds this step's prompt
+        tokens."""
+        rows = self.slots if mixed else self.rows
         self.decode_steps += 1
         self.mixed_steps += mixed
-        return self.state.step(limit, lambda: self._step_eager(mixed), self.cuda_graphs, mixed)
+        self.decode_rows += rows
+        return self.state.step(limit, lambda: self._step_eager(rows, mixed), self.cuda_graphs, mixed, rows)
+
+    def _rows_to_run(self):
+        """R: the rows a plain step runs, enough to hold every slot at work (_rows_covering the highest one)."""
+        return self._rows_covering(max((s + 1 for s, w in enumerate(self.work) if w is not None), default=1))
+
+    def _rows_covering(self, n):
+        """The rows a step runs to cover slots [0, n): with CUDA graphs the power of two at or above n (at most the
+        slots), so that a run captures few shapes; without, n."""
+        return min(self.slots, 1 << (n - 1).bit_length()) if self.cuda_graphs else n
+
+    def _compact(self):
+        """With no work waiting, move the slots at work beyond the rows their count needs (_rows_covering) into the
+        lowest free slots: their cache rows (the positions written so far) and state move with them, and the slots
+        they leave are empty (done). Samples do not change: a draw depends on (prompt, sample, step), not the slot."""
+        at_work = [s for s, w in enumerate(self.work) if w is not None]
+        need = self._rows_covering(len(at_work))
+        movers = [s for s in at_work if s >= need]
+        if not movers:
+            return
+        free = [s for s in range(need) if self.work[s] is None][: len(movers)]
+        src, dst = torch.tensor(movers, device=self.device), torch.tensor(free, device=self.device)
+        written = max(self.positions[src].tolist())  # positions [0, written) hold keys (the next token's is unwritten)
+        for buf in (self.cache.k, self.cache.v):  # (layers, rows, K, max_len, D)
+            for layer in buf:  # a layer at a time: the gather's temporary copy is one layer's rows, not all
+                layer[dst, :, :written] = layer[src, :, :written]
+        for t in (self.tokens, self.positions, self.n_gen, self.budget, self.keys, self.done, self.out):
+            t[dst] = t[src]
+        self.done[src] = True
+        for s, d in zip(movers, free):
+            self.work[d], self.work[s] = self.work[s], None
+            self.checked_tokens[d] = self.checked_tokens[s]
+        self._name_prompt_rows()
 
     # ---- the loop ---------------------------------------------------------------------------------------------
     def _finish(self, s, ids, done):
@@ -478,6 +522,9 @@ class Engine:
                 self.admit(items, free[:take])
             if all(w is None for w in self.work):
                 return
+            if self.compact and not queue and not self.prefilling:
+                self._compact()  # the batch drains: run fewer rows
+            self.rows = self._rows_to_run()
             positions = self.positions.tolist()
             live_max = max(positions[s] for s in range(self.slots) if self.work[s] is not None)
             # Attend over the positions the next sync_every steps can reach. With CUDA graphs, rounded up to 64 so
