@@ -501,7 +501,8 @@ def test_a_draining_batch_moves_its_samples_down_and_runs_fewer_rows(ckpt, monke
 
 def test_rows_a_step_runs_are_a_power_of_two_with_cuda_graphs(ckpt):
     """With CUDA graphs a step runs the power of two of rows (at most the slots) that covers the highest slot at
-    work, so that a run captures few shapes; eagerly, exactly up to that slot. Compaction aims at the same rows."""
+    work, so that a run captures few shapes; eagerly on CPU, exactly up to that slot. Compaction aims at the same
+    rows."""
     from w2s.sampling import make_engine
 
     model, _ = load(ckpt, "llama2")

@@ -424,9 +424,9 @@ class Engine:
         return self._rows_covering(max((s + 1 for s, w in enumerate(self.work) if w is not None), default=1))
 
     def _rows_covering(self, n):
-        """The rows a step runs to cover slots [0, n): with CUDA graphs the power of two at or above n (at most the
-        slots), so that a run captures few shapes; without, n."""
-        return min(self.slots, 1 << (n - 1).bit_length()) if self.cuda_graphs else n
+        """The rows a step runs to cover slots [0, n): on CUDA the power of two at or above n (at most the slots), so
+        that a run captures few graphs (and an eager run computes the shapes a graphed one does); on CPU, n."""
+        return min(self.slots, 1 << (n - 1).bit_length()) if self.cuda_graphs or self.device.type == "cuda" else n
 
     def _compact(self):
         """With no work waiting, move the slots at work beyond the rows their count needs (_rows_covering) into the
