@@ -167,7 +167,8 @@ class Engine:
         self.decode_rows = 0  # rows the steps ran (live or not): occupancy = live slot-steps / decode_rows
 
     logits = property(lambda self: self.state.logits if self.keep_logits else None,
-                      doc="(slots, V) fp32 logits of the last decode step with keep_logits, else None")
+                      doc="(slots, V) fp32 logits of the last decode step with keep_logits (of the rows it ran; the "
+                      "others keep older ones), else None")
     graphs = property(lambda self: self.state.graphs, doc="{(attention limit, rows, mixed): captured CUDA graph}")
 
     # ---- prefix sharing ---------------------------------------------------------------------------------------
