@@ -4,8 +4,7 @@ step's captured CUDA graphs.
 A CUDA graph replays the decode step's kernels on the exact buffers it was captured with: the KV cache, the state
 tensors below, the logits buffer and the model's weights. Capturing costs an eager warm-up step and a capture per
 attention limit, rows run and step kind (plain, or mixed with prompt tokens), and allocating the cache costs time as
-well, so
-the sampler (w2s/sampling_engine.py, on CUDA by default) keeps one state per model between calls:
+well, so the sampler (w2s/sampling_engine.py, on CUDA by default) keeps one state per model between calls:
 
     state = acquire(model, shapes, build)   # the kept state when it fits, else build() (which replaces it)
     release(model)                           # free it now (the KV cache can take gigabytes)
