@@ -11,37 +11,16 @@ compiled kernel at the Llama-3-8B shapes in bf16 the same way.
     python -m pytest -q -m gpu tests/test_kernel_matvec.py     # GPU
 """
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"
+# The kernel tests' device (Triton's interpreter on CPU, switched on there before triton is imported), tolerances,
+# per-test seed and default device (an autouse fixture), and accuracy rule for low precision
+from test_kernels import DEVICE, FP32_TOL, _seed_and_device, assert_as_accurate  # noqa: F401
 
-from w2s import ops  # noqa: E402
-from w2s.kernels import matvec  # noqa: E402
-
-FP32_TOL = dict(atol=1e-5, rtol=1e-5)
-
-
-@pytest.fixture(autouse=True)
-def _seed_and_device():
-    torch.manual_seed(0)
-    torch.set_default_device(DEVICE)
-    yield
-    torch.set_default_device(None)
-
-
-def assert_as_accurate(out, torch_out, exact):
-    """out's max error against `exact` (float64) is at most twice torch's own in the same dtype, plus one ulp of the
-    largest value."""
-    ulp = torch.finfo(out.dtype).eps
-    err = (out.double() - exact).abs().max().item()
-    allowed = 2 * (torch_out.double() - exact).abs().max().item() + ulp * exact.abs().max().item()
-    assert err <= allowed, f"max error {err:.3e} > allowed {allowed:.3e}"
+from w2s import ops
+from w2s.kernels import matvec
 
 
 def check(out, torch_out, exact):
