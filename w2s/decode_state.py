@@ -96,14 +96,14 @@ class DecodeState:
         self.logits[: len(logits)].copy_(logits)
 
     @torch.no_grad()
-    def step(self, limit, eager_step, cuda_graphs, mixed=False, rows=None):
+    def step(self, limit, eager_step, cuda_graphs, mixed, rows):
         """One decode step over cache positions [0, limit) and the slots [0, rows): eager_step() itself, or the
         replay of its CUDA graph for this limit, rows and kind (plain or mixed; captured on first use, after one
         eager warm-up step)."""
         self.cache.limit = limit
         if not cuda_graphs:
             return eager_step()
-        key = (limit, len(self.tokens) if rows is None else rows, mixed)
+        key = (limit, rows, mixed)
         graph = self.graphs.get(key)
         if graph is not None:
             return graph.replay()
