@@ -515,6 +515,28 @@ def test_rows_a_step_runs_are_a_power_of_two_with_cuda_graphs(ckpt):
         assert engine._rows_to_run() == graphed
 
 
+
+def test_the_host_looks_as_soon_as_every_running_budget_is_spent(ckpt):
+    """No decode step runs after the last token a running slot may draw: when every slot at work has fewer tokens
+    left in its budget (max_new_tokens, or the cache's end) than sync_every, the steps before the next look stop
+    there. Token 0 comes from the prefill, so a budget of b tokens takes b - 1 steps (8 looks of sync_every = 8 used
+    to run 8 steps each, 16 for a budget of 10 and 8 for a budget of 1). The samples are those of sync_every = 1."""
+    from w2s.sampling import make_engine
+
+    model, _ = load(ckpt, "llama2")
+    model.cfg.eos_token_id, model.cfg.generation_config = None, {}  # no EOS id: every completion spends its budget
+    prompts = random_prompts([5, 2, 8], seed=5, prefix=[1])  # 6, 3 and 9 tokens
+    kw = dict(n=2, temperature=1.0, seed=3, max_batch=6)
+    for max_new, cache_len, steps in ((1, None, 0), (10, None, 9), (50, 9 + 4, 13 - 3 - 1)):
+        options = dict(kw, max_new_tokens=max_new, cache_len=cache_len)
+        engine = make_engine(model, None, prompts, sync_every=8, **options)
+        got = dict(engine.run())
+        shortest_prompts_budget = max_new if cache_len is None else min(max_new, cache_len - 3)
+        assert [c["num_tokens"] for c in got[1]] == [shortest_prompts_budget] * 2
+        assert engine.decode_steps == steps
+        assert [got[i] for i in range(len(prompts))] == generate(model, None, prompts, sync_every=1, progress=False,
+                                                                  **options)
+
 def test_bad_input_errors(ckpt):
     model, _ = load(ckpt, "llama2")
     with pytest.raises(ValueError, match="prompt 1 has 9 tokens but the KV cache holds 8 positions"):

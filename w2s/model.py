@@ -60,9 +60,9 @@ class KVCache:
     model speaks.
     `rows` maps the batch being run onto cache rows (None: batch row i is cache row i, all slots); several batch
     rows may map to one cache row (the sampler's mixed steps run each prompt token as a batch row of its own).
-    `limit` bounds the positions attended over (the sampler sets it to the positions the next sync_every steps can
-    reach, so decode reads less). Entries at positions beyond a sequence's current position may hold stale values:
-    attention is causal by position, so they are never read before being overwritten.
+    `limit` bounds the positions attended over (the sampler sets it to the positions the steps before its next host
+    look can reach, so decode reads less). Entries at positions beyond a sequence's current position may hold stale
+    values: attention is causal by position, so they are never read before being overwritten.
     `shared = (row, P)`, set by the sampler, declares that positions [0, P) of every row hold the same keys and
     values as that row (a prompt prefix common to all); attention then gets them as a hint (the cascade).
     `row_prefix = (rows, lengths)`, (cache rows,) integer tensors the sampler keeps up to date in place, declares

@@ -14,7 +14,8 @@ How it works (one engine, `Engine`, driven by w2s.sampling.iter_generate):
   * Decode runs the slots [0, R) every step (fixed shapes, so the step can be a CUDA graph) and keeps all state on
     device: the sampled token, position, count, a done flag (EOS or budget reached) and an output buffer. The host
     looks only every `sync_every` steps: it checks stop strings on the decoded text, harvests finished slots and
-    refills them with waiting work (continuous batching). A finished slot idles at most sync_every - 1 steps.
+    refills them with waiting work (continuous batching). A finished slot idles at most sync_every - 1 steps, and
+    the host looks sooner when every running slot's token budget ends sooner (no step past the last token).
   * Once no work is waiting, the batch drains: the slots still running are moved down into the lowest free slots
     (their cache rows and state copied; compact, on by default), so that R, the power of two that covers the highest
     running slot (on CPU the exact count), shrinks with them and a step stops computing rows that hold nothing.
@@ -420,6 +421,15 @@ class Engine:
         self.decode_rows += rows
         return self.state.step(limit, lambda: self._step_eager(rows, mixed), self.cuda_graphs, mixed, rows)
 
+    def _steps_before_look(self, tokens_left):
+        """Decode steps to run before the next host look: sync_every, or fewer when every slot at work has fewer
+        tokens left in its budget (tokens_left: one count a slot; a step after the last of them would compute rows
+        nothing reads, and the look that frees the slots would come later). Not while prompts are prefilled inside
+        the steps: their slots start during them, with their whole budget ahead."""
+        if self.prefilling:
+            return self.sync_every
+        return max(0, min(self.sync_every, max(tokens_left)))
+
     def _rows_to_run(self):
         """R: the rows a plain step runs, enough to hold every slot at work (_rows_covering the highest one)."""
         return self._rows_covering(max((s + 1 for s, w in enumerate(self.work) if w is not None), default=1))
@@ -526,14 +536,16 @@ class Engine:
             if self.compact and not queue and not self.prefilling:
                 self._compact()  # the batch drains: run fewer rows
             self.rows = self._rows_to_run()
-            positions = self.positions.tolist()
-            live_max = max(positions[s] for s in range(self.slots) if self.work[s] is not None)
-            # Attend over the positions the next sync_every steps can reach. With CUDA graphs, rounded up to 64 so
-            # that few distinct shapes are captured; without, exact (on CPU, decode attention reads every key up to
-            # the limit, so a rounded-up limit reads keys for nothing).
-            limit = min(self.cache_len, round_up(live_max + self.sync_every, 64 if self.cuda_graphs else 1))
+            positions, n_gen, budget = torch.stack([self.positions, self.n_gen, self.budget]).tolist()
+            at_work = [s for s in range(self.slots) if self.work[s] is not None]
+            steps = self._steps_before_look([budget[s] - n_gen[s] for s in at_work])
+            # Attend over the positions those steps can reach. With CUDA graphs, rounded up to 64 so that few
+            # distinct shapes are captured; without, exact (on CPU, decode attention reads every key up to the
+            # limit, so a rounded-up limit reads keys for nothing).
+            live_max = max(positions[s] for s in at_work)
+            limit = min(self.cache_len, round_up(live_max + steps, 64 if self.cuda_graphs else 1))
             plan = self._plan_mixed_steps() if self.prefilling else ()
-            for k in range(self.sync_every):
+            for k in range(steps):
                 if k < len(plan):
                     self.state.step_inputs.copy_(plan[k])
                 self.step(limit, mixed=k < len(plan))
