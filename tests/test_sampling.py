@@ -154,6 +154,45 @@ def test_greedy_batching_equals_one_prompt_at_a_time(ckpt):
     assert batched == single
 
 
+
+def test_a_sample_admitted_beside_a_running_sibling_runs_no_forward(ckpt, monkeypatch):
+    """A prompt with samples still waiting keeps its last-position logits from its prefill: a sample admitted later,
+    while a sibling runs, copies the sibling's rows and draws token 0 from them, with no forward (it used to re-run
+    the prompt's last token, padded to the longest prompt of the prefill it joined). Here prompt B's first sample
+    starts beside prompt A's three; when A's end (a budget of 5 tokens against B's 11), B's other two start beside it.
+    Only the first admission runs a prefill, and the samples are those of one admission of all six."""
+    model, _ = load(ckpt, "llama2")
+    model.cfg.eos_token_id, model.cfg.generation_config = None, {}  # no EOS id: the budgets decide when slots free
+    a, b = random_prompts([9, 3], seed=6)
+    prefills = []
+    forward_rows = Engine._forward_rows
+    monkeypatch.setattr(Engine, "_forward_rows",
+                        lambda self, rows: prefills.append([len(ids) for _, ids, _ in rows]) or forward_rows(self, rows))
+    kw = dict(n=3, temperature=1.0, seed=2, max_new_tokens=20, cache_len=14, shared_prefix=False, sync_every=1,
+              progress=False)
+    four_slots = generate(model, None, [a, b], max_batch=4, **kw)
+    assert prefills == [[9, 3]]
+    assert [c["num_tokens"] for cs in four_slots for c in cs] == [5] * 3 + [11] * 3
+    assert four_slots == generate(model, None, [a, b], max_batch=6, **kw)
+
+
+def test_prefill_rows_run_longest_first_so_a_forward_pads_little(ckpt, monkeypatch):
+    """Prefill rows are sorted by length before they are cut into forwards under the prefill token budget (rows x
+    longest): rows of 2, 9, 3 and 8 tokens under a budget of 18 run as (9, 8) and (3, 2), 24 token rows, not (2, 9)
+    and (3, 8), 34. The logits come back in the callers' order: the completions are those of one prompt at a time."""
+    from w2s.sampling import make_engine
+
+    model, _ = load(ckpt, "llama2")
+    prompts = random_prompts([2, 9, 3, 8], seed=8)
+    shapes = []
+    model.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+    engine = make_engine(model, None, prompts, max_new_tokens=6, max_batch=4, shared_prefix=False)
+    engine.prefill_tokens = 18
+    got = dict(engine.run())
+    assert [shape for shape in shapes if shape[1] > 1] == [(2, 9), (2, 3)]
+    for i, prompt in enumerate(prompts):
+        assert got[i] == generate(model, None, [prompt], max_new_tokens=6, progress=False)[0]
+
 # ------------------------------------------------------------------------------------------------ chunked prefill
 
 

@@ -10,7 +10,9 @@ How it works (one engine, `Engine`, driven by w2s.sampling.iter_generate):
     w2s/kernels/sdpa_attention.py, on GPU w2s/kernels/decode_attention.py).
   * A work item is (prompt, sample j). The n samples of a prompt share one prefill: the first is prefilled, the
     others copy its cache row. A sample admitted later, while a sibling is still running, copies the sibling's
-    prompt rows (all but the last token) and re-runs only the last prompt token to get the next-token logits.
+    prompt rows and draws its token 0 from the last-position logits the prompt's prefill kept for it (kept only
+    while samples of the prompt wait): no forward. Prefill rows run longest first, so that a forward pads its
+    rows to similar lengths.
   * Decode runs the slots [0, R) every step (fixed shapes, so the step can be a CUDA graph) and keeps all state on
     device: the sampled token, position, count, a done flag (EOS or budget reached) and an output buffer. The host
     looks only every `sync_every` steps: it checks stop strings on the decoded text, harvests finished slots and
@@ -160,6 +162,8 @@ class Engine:
         self.work = [None] * slots  # (prompt, sample) each slot runs, or None
         self.prefilling = {}  # slot -> (prompt tokens not yet run, position of the first): chunked prefill's queue
         self.checked_tokens = [0] * slots  # generated tokens already searched for stop strings
+        self.unstarted = [n] * len(prompts)  # samples of each prompt not yet given a slot
+        self.prompt_logits = {}  # prompt -> (V,) fp32 logits at its last position, while samples of it wait
         self.stop_window = max((len(x.encode()) for x in self.stop), default=0) + 2  # tokens of overlap
         self.tokens_generated = 0
         self.decode_steps = 0  # steps run
@@ -197,15 +201,15 @@ class Engine:
     @torch.no_grad()
     def _forward_rows(self, rows):
         """Prefill rows [(slot, token list, start position)] into the cache; return last-token logits (R, V)."""
+        order = sorted(range(len(rows)), key=lambda r: -len(rows[r][1]))  # longest first: a forward pads its rows
+        rows = [rows[r] for r in order]  # to its first one's length, so similar lengths run together
         out = []
         i = 0
         while i < len(rows):  # chunk so that (rows x longest) stays under the prefill token budget
-            j, longest = i, 0
-            while j < len(rows) and (j == i or max(longest, len(rows[j][1])) * (j - i + 1) <= self.prefill_tokens):
-                longest = max(longest, len(rows[j][1]))
+            j, T = i + 1, len(rows[i][1])
+            while j < len(rows) and T * (j - i + 1) <= self.prefill_tokens:
                 j += 1
             chunk = rows[i:j]
-            T = longest
             tokens = torch.zeros(len(chunk), T, dtype=torch.long)
             positions = torch.zeros(len(chunk), T, dtype=torch.long)
             for r, (_, ids, start) in enumerate(chunk):
@@ -228,7 +232,9 @@ class Engine:
                 self.cache.row_prefix = row_prefix
             out.append(logits_from_hidden(self.model, hidden[torch.arange(len(chunk)), last.to(self.device)]))
             i = j
-        return torch.cat(out)
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[order] = torch.arange(len(order))
+        return torch.cat(out)[inverse.to(self.device)]  # in the callers' row order
 
     def prefill_shared_prefix(self):
         if self.prefix_len:
@@ -241,29 +247,41 @@ class Engine:
         """Start work items [(prompt, sample)] in the free slots (same length lists): prefill, sample token 0."""
         live = {self.work[s][0]: s for s in range(self.slots) if self.work[s] is not None}  # prompt -> a live slot
         rows, row_of, copies = [], {}, []  # copies: (source row index, slots) filled after the forward
-        slot_row = []  # for each admitted slot, the index of the prefill row whose logits it samples from
+        kept = []  # prompts whose kept logits some admitted slots sample from
+        source = []  # for each admitted slot: ("row", prefill row) or ("kept", index into kept) of its logits
         for s, (p, j) in zip(free, items):
             ids = self.prompts[p]
+            self.unstarted[p] -= 1
             if p in row_of:  # a sibling prefilled in this same batch: copy its rows after the forward
                 copies.append((row_of[p], s))
-                slot_row.append(row_of[p])
-            elif p in live:  # a sibling is still running: its rows [0, L-1) are this prompt; re-run the last token
-                self._copy_rows(live[p], [s], len(ids) - 1)
-                slot_row.append(len(rows))
-                rows.append((s, ids[-1:], len(ids) - 1))
+                source.append(("row", row_of[p]))
+            elif p in live:
+                # A sibling is still running: its rows [0, L) are this prompt, and the prompt's logits were kept at
+                # its prefill, which ran here (while decode runs, chunked prefill admits through admit_into_batch).
+                self._copy_rows(live[p], [s], len(ids))
+                source.append(("kept", len(kept)))
+                kept.append(p)
             else:  # prefill from the shared prefix on
                 self._copy_rows(self.slots, [s], self.prefix_len)
                 row_of[p] = len(rows)
-                slot_row.append(len(rows))
+                source.append(("row", len(rows)))
                 rows.append((s, ids[self.prefix_len :], self.prefix_len))
             self.work[s] = (p, j)
             self.checked_tokens[s] = 0
-        logits = self._forward_rows(rows)  # (R, V)
+        logits = [self._forward_rows(rows)] if rows else []  # (R, V)
         for r, s in copies:
             src_slot, _, _ = rows[r]
             self._copy_rows(src_slot, [s], len(self.prompts[self.work[s][0]]))
+        for p, r in row_of.items():  # samples of p still wait: keep its logits for them
+            if self.unstarted[p]:
+                self.prompt_logits[p] = logits[0][r].clone()
+        logits = torch.cat(logits + [self.prompt_logits[p][None] for p in kept])  # (R + kept, V)
+        for p in {p for p, _ in items}:
+            if not self.unstarted[p]:
+                self.prompt_logits.pop(p, None)
+        index = [r if kind == "row" else len(rows) + r for kind, r in source]
         slot_t, keys, budget = self._start_slots(free, items)
-        first = self._draw(logits[torch.tensor(slot_row, device=self.device)], keys, torch.zeros_like(keys))
+        first = self._draw(logits[torch.tensor(index, device=self.device)], keys, torch.zeros_like(keys))
         self.tokens[slot_t] = first
         self.n_gen[slot_t] = 1
         self.out[slot_t, 0] = first
@@ -274,9 +292,10 @@ class Engine:
         """With share_prompt_reads, point every slot at work at the lowest slot at work on the same prompt, for the
         prompt's positions but the last; empty slots at themselves, for none. Those positions are bitwise the same
         in every row of a prompt at work: one prefill (a sample waits while a sibling's prompt is prefilled in the
-        decode steps), copied to the others; the last is not (a sample admitted beside a running sibling runs it
-        again). Called after each admission, before any decode step reads the rows it filled: a slot named for
-        others keeps its prompt until it is admitted anew, and then it is named here no more."""
+        decode steps), copied to the others; the last may not be (with chunked prefill, a sample admitted beside a
+        running sibling runs it again). Called after each admission, before any decode step reads the rows it
+        filled: a slot named for others keeps its prompt until it is admitted anew, and then it is named here no
+        more."""
         if not self.share_prompt_reads:
             return
         rows, lens, first = list(range(self.slots + 1)), [0] * (self.slots + 1), {}
@@ -317,6 +336,9 @@ class Engine:
                 waiting.append((p, j))
                 continue
             s, ids = free[len(started)], self.prompts[p]
+            self.unstarted[p] -= 1
+            if not self.unstarted[p]:
+                self.prompt_logits.pop(p, None)
             if p in generating:
                 self._copy_rows(generating[p], [s], len(ids) - 1)
                 self.prefilling[s] = (ids[-1:], len(ids) - 1)
