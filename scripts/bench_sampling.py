@@ -285,8 +285,8 @@ def hf_runner(model, prompts, work, eos):
 
 
 def run_w2s(model, prompts, options):
-    """One w2s run of the workload -> (output tokens, decode steps, mixed steps, slots, KV bytes read, seconds of
-    admission).
+    """One w2s run of the workload -> (output tokens, decode steps, mixed steps, slots, rows run, KV bytes read,
+    seconds of admission, (prefill forwards, their token rows, the prompt tokens in them)).
 
     Admission (the prefill forward of the sequences that enter free slots, between decode steps) is timed on the
     device (CUDA events, no extra sync) or the host clock on CPU: the share of the run that chunked prefill
@@ -315,8 +315,9 @@ def run_w2s(model, prompts, options):
     if cuda:
         torch.cuda.synchronize()
         spans = [start.elapsed_time(end) / 1e3 for start, end in spans]
+    prefill = (engine.prefill_forwards, engine.prefill_token_rows, engine.prefill_real_tokens)
     return engine.tokens_generated, engine.decode_steps, engine.mixed_steps, engine.slots, engine.decode_rows, kv, \
-        sum(spans)
+        sum(spans), prefill
 
 
 def report_batch(model, prompts, work, options, bandwidth, device, repeats, hf_run):
@@ -326,7 +327,7 @@ def report_batch(model, prompts, work, options, bandwidth, device, repeats, hf_r
     ours = lambda: stats.update(w2s=run_w2s(model, prompts, options))  # noqa: E731
     theirs = (lambda: stats.update(hf=hf_run())) if hf_run else None  # noqa: E731
     t_ours, *t_theirs = timed([ours] + ([theirs] if theirs else []), device, repeats)
-    tokens, steps, mixed, slots, rows, kv, admit_s = stats["w2s"]
+    tokens, steps, mixed, slots, rows, kv, admit_s, (forwards, token_rows, real_tokens) = stats["w2s"]
     n_seq = len(prompts) * work["samples"]
     mbu = (steps * weight_bytes(model) + kv) / t_ours / bandwidth
     print(f"w2s generate          {tokens / t_ours:10.0f} output tok/s   {t_ours * 1e3 / steps:8.2f} ms/step   "
@@ -335,6 +336,8 @@ def report_batch(model, prompts, work, options, bandwidth, device, repeats, hf_r
           f"slots ({mixed} mixed): occupancy {100 * (tokens - n_seq) / (steps * slots):.1f}% of the slots, "
           f"{100 * (tokens - n_seq) / rows:.1f}% of the rows run ({rows / steps:.0f} a step); admission (prefill "
           f"forwards) {100 * admit_s / t_ours:.1f}% of the last run")
+    print(f"  prefill: {forwards} forwards of {token_rows} token rows for {real_tokens} prompt tokens "
+          f"({100 * (1 - real_tokens / max(token_rows, 1)):.1f}% padding)")
     if hf_run:
         t_hf = t_theirs[0]
         print(f"transformers generate {stats['hf'] / t_hf:10.0f} output tok/s   ({t_hf:.2f} s, median of {repeats}, "

@@ -50,6 +50,8 @@ def test_bench_sampling_runs_with_a_shared_prefix_and_top_p():
     out = run_script("scripts/bench_sampling.py", "--prompts", "2", "--samples", "2", "--new-tokens", "4",
                      "--prompt-len", "4", "--shared-prefix", "8", "--repeats", "1", "--threads", "1", "--top-p", "0.5")
     assert "after a shared prefix of 8" in out and "top_p 0.5" in out and "speed-up over transformers:" in out
+    # the prefix in a forward of its own (1 x 8), the two prompts' 4-token suffixes in one (2 x 4); samples copy rows
+    assert "prefill: 2 forwards of 16 token rows for 16 prompt tokens (0.0% padding)" in out
 
 
 def test_bench_train_without_transformers_times_w2s_alone():

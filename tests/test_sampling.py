@@ -166,8 +166,12 @@ def test_a_sample_admitted_beside_a_running_sibling_runs_no_forward(ckpt, monkey
     a, b = random_prompts([9, 3], seed=6)
     prefills = []
     forward_rows = Engine._forward_rows
-    monkeypatch.setattr(Engine, "_forward_rows",
-                        lambda self, rows: prefills.append([len(ids) for _, ids, _ in rows]) or forward_rows(self, rows))
+
+    def counting_forward_rows(self, rows):
+        prefills.append([len(ids) for _, ids, _ in rows])
+        return forward_rows(self, rows)
+
+    monkeypatch.setattr(Engine, "_forward_rows", counting_forward_rows)
     kw = dict(n=3, temperature=1.0, seed=2, max_new_tokens=20, cache_len=14, shared_prefix=False, sync_every=1,
               progress=False)
     four_slots = generate(model, None, [a, b], max_batch=4, **kw)

@@ -170,6 +170,8 @@ class Engine:
         self.mixed_steps = 0  # of which carried prompt tokens (chunked prefill)
         self.rows = slots  # R: a plain step runs slots [0, R), which hold every slot at work (_rows_to_run)
         self.decode_rows = 0  # rows the steps ran (live or not): occupancy = live slot-steps / decode_rows
+        self.prefill_forwards = 0  # prefill forwards run (admissions, the shared prefix)
+        self.prefill_token_rows = self.prefill_real_tokens = 0  # their rows x length, and the prompt tokens in them
 
     logits = property(lambda self: self.state.logits if self.keep_logits else None,
                       doc="(slots, V) fp32 logits of the last decode step with keep_logits (of the rows it ran; the "
@@ -210,6 +212,9 @@ class Engine:
             while j < len(rows) and T * (j - i + 1) <= self.prefill_tokens:
                 j += 1
             chunk = rows[i:j]
+            self.prefill_forwards += 1
+            self.prefill_token_rows += len(chunk) * T
+            self.prefill_real_tokens += sum(len(ids) for _, ids, _ in chunk)
             tokens = torch.zeros(len(chunk), T, dtype=torch.long)
             positions = torch.zeros(len(chunk), T, dtype=torch.long)
             for r, (_, ids, start) in enumerate(chunk):
