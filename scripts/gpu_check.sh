@@ -23,7 +23,8 @@
 #     OUT=gpu_out bash scripts/gpu_check.sh test_gpu dpo_mfu gsm8k gsm8k_no_compact profile_decode decode128
 #                                                  # what the next session measures first (<= 8.7 min): the tests
 #                                                  # after the sampler's compaction, DPO's idle share with no sync per
-#                                                  # micro-batch, the drain compacted and not, the batch decode kernel
+#                                                  # micro-batch, the drain compacted and not (and the admission's
+#                                                  # share without padded sibling rows), the batch decode kernel
 #
 # The pipeline step runs recipes/demo.toml as a derived recipe ($out/demo_cuda.toml: dtype bfloat16, device cuda,
 # absolute paths) through scripts/pipeline.py: Triton kernels, CUDA-graph decoding and FSDP2 training on a 1-GPU
