@@ -251,14 +251,14 @@ class Engine:
     def admit(self, items, free):
         """Start work items [(prompt, sample)] in the free slots (same length lists): prefill, sample token 0."""
         live = {self.work[s][0]: s for s in range(self.slots) if self.work[s] is not None}  # prompt -> a live slot
-        rows, row_of, copies = [], {}, []  # copies: (source row index, slots) filled after the forward
+        rows, row_of, copies = [], {}, {}  # copies: prefill row index -> the slots that copy it after the forward
         kept = []  # prompts whose kept logits some admitted slots sample from
         source = []  # for each admitted slot: ("row", prefill row) or ("kept", index into kept) of its logits
         for s, (p, j) in zip(free, items):
             ids = self.prompts[p]
             self.unstarted[p] -= 1
             if p in row_of:  # a sibling prefilled in this same batch: copy its rows after the forward
-                copies.append((row_of[p], s))
+                copies.setdefault(row_of[p], []).append(s)
                 source.append(("row", row_of[p]))
             elif p in live:
                 # A sibling is still running: its rows [0, L) are this prompt, and the prompt's logits were kept at
@@ -274,9 +274,9 @@ class Engine:
             self.work[s] = (p, j)
             self.checked_tokens[s] = 0
         logits = [self._forward_rows(rows)] if rows else []  # (R, V)
-        for r, s in copies:
+        for r, slots in copies.items():  # one copy a prompt, into all its siblings' rows
             src_slot, _, _ = rows[r]
-            self._copy_rows(src_slot, [s], len(self.prompts[self.work[s][0]]))
+            self._copy_rows(src_slot, slots, len(self.prompts[self.work[src_slot][0]]))
         for p, r in row_of.items():  # samples of p still wait: keep its logits for them
             if self.unstarted[p]:
                 self.prompt_logits[p] = logits[0][r].clone()
