@@ -273,14 +273,14 @@ class Engine:
                 rows.append((s, ids[self.prefix_len :], self.prefix_len))
             self.work[s] = (p, j)
             self.checked_tokens[s] = 0
-        logits = [self._forward_rows(rows)] if rows else []  # (R, V)
+        parts = [self._forward_rows(rows)] if rows else []  # the prefill's (R, V) logits; the kept rows follow
         for r, slots in copies.items():  # one copy a prompt, into all its siblings' rows
             src_slot, _, _ = rows[r]
             self._copy_rows(src_slot, slots, len(self.prompts[self.work[src_slot][0]]))
         for p, r in row_of.items():  # samples of p still wait: keep its logits for them
             if self.unstarted[p]:
-                self.prompt_logits[p] = logits[0][r].clone()
-        logits = torch.cat(logits + [self.prompt_logits[p][None] for p in kept])  # (R + kept, V)
+                self.prompt_logits[p] = parts[0][r].clone()
+        logits = torch.cat(parts + [self.prompt_logits[p][None] for p in kept])  # (R + kept, V)
         for p in {p for p, _ in items}:
             if not self.unstarted[p]:
                 self.prompt_logits.pop(p, None)
