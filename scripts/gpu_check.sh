@@ -148,8 +148,8 @@ print("profiled: causal fwd, dk/dv, dq; non-causal fwd, dk/dv, dq")
 PY
       ;;
     # Nsight Compute on the decode kernel at the batch-sampling shape (sweep.py's DECODE_SHAPE: 512 rows x 1 query,
-    # cache 384, H32 KH8 D128, the table's launch): each row reading its own keys, then a prompt's first 127 read from
-    # its first sample's row (share_prompt_reads): whether the step's attention waits on memory, latency or the L2
+    # cache 384, H32 KH8 D128, the table's launch): each row reading its own keys, then a prompt's 128 positions read
+    # from its first sample's row (share_prompt_reads): whether the step's attention waits on memory, latency or the L2
     profile_decode)
       ncu="${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)}"
       step "$1" 90 "${ncu:-ncu}" --clock-control none --profile-from-start off -k "regex:^_attn_decode_kernel\$" \

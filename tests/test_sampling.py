@@ -484,7 +484,8 @@ def test_continuous_batching_refills_freed_slots_at_every_host_look(ckpt, monkey
 def test_share_prompt_reads_names_only_rows_that_hold_the_same_prompt(ckpt, monkeypatch, prefill_chunk):
     """share_prompt_reads: before every decode step, each cache row's named row holds the same keys and values over
     the positions named (EOS ends a third of the draws, so 18 sequences of 6 prompts cycle through 4 slots and named
-    rows get refilled), some rows name a sibling, and the samples equal a run without it. With chunked prefill too."""
+    rows get refilled), some rows name a sibling, and the samples equal a run without it. The positions named are
+    the whole prompt; with chunked prefill, which runs a late sibling's last prompt token again, all but the last."""
     model, _ = load(ckpt, "llama2")
     tok = CharTokenizer(stop_ids=range(3, VOCAB, 3))
     prompts = random_prompts([9, 4, 12, 6, 10, 7], seed=3, prefix=[5, 6, 7])
@@ -497,6 +498,8 @@ def test_share_prompt_reads_names_only_rows_that_hold_the_same_prompt(ckpt, monk
         for r, (src, n) in enumerate(zip(rows.tolist(), lens.tolist())):
             for buf in (self.cache.k, self.cache.v):  # (layers, rows, K, positions, D)
                 assert torch.equal(buf[:, src, :, :n], buf[:, r, :, :n]), (r, src, n)
+            if r < self.slots and self.work[r] is not None:
+                assert n == len(self.prompts[self.work[r][0]]) - (1 if prefill_chunk else 0), (r, n)
             named.append(src != r and n > 0)
         return real_step(self, limit, mixed)
 

@@ -295,18 +295,19 @@ class Engine:
 
     def _name_prompt_rows(self):
         """With share_prompt_reads, point every slot at work at the lowest slot at work on the same prompt, for the
-        prompt's positions but the last; empty slots at themselves, for none. Those positions are bitwise the same
-        in every row of a prompt at work: one prefill (a sample waits while a sibling's prompt is prefilled in the
-        decode steps), copied to the others; the last may not be (with chunked prefill, a sample admitted beside a
-        running sibling runs it again). Called after each admission, before any decode step reads the rows it
-        filled: a slot named for others keeps its prompt until it is admitted anew, and then it is named here no
-        more."""
+        prompt's positions; empty slots at themselves, for none. Those positions are bitwise the same in every row of
+        a prompt at work: one prefill (a sample waits while a sibling's prompt is prefilled in the decode steps),
+        copied to the others. With chunked prefill the last one is left out: a sample admitted beside a running
+        sibling runs it again, in a mixed step of another shape. Called after each admission, before any decode
+        step reads the rows it filled: a slot named for others keeps its prompt until it is admitted anew, and then
+        it is named here no more."""
         if not self.share_prompt_reads:
             return
+        rerun = 1 if self.prefill_chunk else 0  # the prompt positions at the end that a row may hold of its own
         rows, lens, first = list(range(self.slots + 1)), [0] * (self.slots + 1), {}
         for s, work in enumerate(self.work):
             if work is not None:
-                rows[s], lens[s] = first.setdefault(work[0], s), len(self.prompts[work[0]]) - 1
+                rows[s], lens[s] = first.setdefault(work[0], s), len(self.prompts[work[0]]) - rerun
         self.state.prompt_rows.copy_(torch.tensor(rows, dtype=torch.int32))
         self.state.prompt_lens.copy_(torch.tensor(lens, dtype=torch.int32))
 

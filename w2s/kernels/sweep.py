@@ -188,16 +188,16 @@ def sweep_forward(head_dim, warmup, repeats):
 
 def decode_inputs(head_dim):
     """One layer's decode call at DECODE_SHAPE, bf16 on the GPU: (q, k, v, q_positions, row_prefix, bytes of keys and
-    values the rows attend, their own copies counted). The first P - 1 positions of a prompt's rows are equal, as
-    row_prefix promises (it names each row's prompt's first sample)."""
+    values the rows attend, their own copies counted). The P prompt positions of a prompt's rows are equal, as
+    row_prefix promises (it names each row's prompt's first sample, as the sampler does without chunked prefill)."""
     shape = DECODE_SHAPE
     B, S, P, n = shape["rows"], shape["cache"], shape["prompt"], shape["samples"]
     q = torch.randn(B, 1, shape["heads"], head_dim, device=DEVICE, dtype=torch.bfloat16)
     k, v = (torch.randn(B, S, shape["kv_heads"], head_dim, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
     positions = torch.randint(P, S, (B, 1), device=DEVICE, dtype=torch.int32)
     first = torch.arange(B, device=DEVICE) // n * n
-    k[:, : P - 1], v[:, : P - 1] = k[first, : P - 1], v[first, : P - 1]
-    row_prefix = (first.int(), torch.full((B,), P - 1, device=DEVICE, dtype=torch.int32))
+    k[:, :P], v[:, :P] = k[first, :P], v[first, :P]
+    row_prefix = (first.int(), torch.full((B,), P, device=DEVICE, dtype=torch.int32))
     kv_bytes = (positions.long() + 1).sum().item() * shape["kv_heads"] * head_dim * 2 * 2
     return q, k, v, positions, row_prefix, kv_bytes
 
