@@ -20,11 +20,14 @@
 #     OUT=gpu_out bash scripts/gpu_check.sh profile_decode decode128   # the batch step's decode attention: Nsight
 #                                                  # Compute, then its launch sweep (~3 minutes; next to measure)
 #     OUT=gpu_out bash scripts/gpu_check.sh pipeline    # the demo recipe end to end on CUDA, bf16 (<= 7 min, own call)
-#     OUT=gpu_out bash scripts/gpu_check.sh test_gpu dpo_mfu gsm8k gsm8k_no_compact profile_decode decode128
-#                                                  # what the next session measures first (<= 8.7 min): the tests
-#                                                  # after the sampler's compaction, DPO's idle share with no sync per
-#                                                  # micro-batch, the drain compacted and not (and the admission's
-#                                                  # share without padded sibling rows), the batch decode kernel
+#     OUT=gpu_out bash scripts/gpu_check.sh test_gpu bench_sampling share_prompt_reads gsm8k gsm8k_no_compact \
+#         profile_decode                           # what the next session measures first (limits 9.2 min; these
+#                                                  # steps took 5-6 min before): the tests after the sampler's
+#                                                  # changes, the batch workload with a prompt's keys read from one
+#                                                  # row and not (now the whole prompt), the admission's share without
+#                                                  # padded sibling rows, the drain compacted and not, the decode
+#                                                  # kernel under Nsight Compute; then, in a second call,
+#     OUT=gpu_out bash scripts/gpu_check.sh decode128 dpo_mfu   # its launch sweep, DPO's idle share (<= 3.2 min)
 #
 # The pipeline step runs recipes/demo.toml as a derived recipe ($out/demo_cuda.toml: dtype bfloat16, device cuda,
 # absolute paths) through scripts/pipeline.py: Triton kernels, CUDA-graph decoding and FSDP2 training on a 1-GPU
