@@ -27,7 +27,8 @@
 #                                                  # row and not (now the whole prompt), the admission's share without
 #                                                  # padded sibling rows, the drain compacted and not, the decode
 #                                                  # kernel under Nsight Compute; then, in a second call,
-#     OUT=gpu_out bash scripts/gpu_check.sh decode128 dpo_mfu   # its launch sweep, DPO's idle share (<= 3.2 min)
+#     OUT=gpu_out bash scripts/gpu_check.sh decode128 dpo_mfu tiles256   # its launch sweep, DPO's idle share, the
+#                                                  # D = 256 attention tiles (limits 6.5 min)
 #
 # The pipeline step runs recipes/demo.toml as a derived recipe ($out/demo_cuda.toml: dtype bfloat16, device cuda,
 # absolute paths) through scripts/pipeline.py: Triton kernels, CUDA-graph decoding and FSDP2 training on a 1-GPU
@@ -205,6 +206,9 @@ sys.argv = ['bench_sampling.py'] + sys.argv[1:]; runpy.run_path('scripts/bench_s
     # the backward's tiles at the benchmark's D 128: dk/dv and dq, pointer loads and (three tiles each) TMA, and
     # three dk/dv tiles summing dq by atomic adds (both loads); alone
     sweep_backward128) step "$1" 400 "$py" -m w2s.kernels.sweep --only attention128 ;;
+    # D 256's forward, dk/dv and dq tiles with pointer loads at the sweep's Gemma-2-9B shape, against the tables'
+    # unswept ones (18 compiles)
+    tiles256) step "$1" 200 "$py" -m w2s.kernels.sweep --only tiles256 ;;
     # dk/dv at D 128: the table's tile with 4 warps (which spills) against 8 (4 compiles)
     dkdv128) step "$1" 90 "$py" -m w2s.kernels.sweep --only dkdv128 ;;
     # 8B, 64 prompts x 8 samples = 512 sequences x (128 -> 256), then batch-1 decode with its MBU and steady state

@@ -6,6 +6,7 @@ the tables, and record the table it printed.
 
     python -m w2s.kernels.sweep                      # needs CUDA; most of its time is Triton compiles
     python -m w2s.kernels.sweep --only attention256,forward256
+    python -m w2s.kernels.sweep --only tiles256      # D = 256's tiles alone (pointer loads), forward and backward
     python -m w2s.kernels.sweep --only attention64,forward64     # the Llama-3.2-1B training shape's attention
     python -m w2s.kernels.sweep --only rms_norm
     python -m w2s.kernels.sweep --only dkdv128       # dk/dv at D = 128: the table's tile with 8 warps
@@ -112,7 +113,7 @@ MATVEC_CANDIDATES += [matvec.Launch(8, 1024, 8, 3), matvec.Launch(16, 1024, 8, 3
 MATVEC_SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
                  "lm_head": (128256, 4096)}
 PARTS = ("attention128", "attention64", "attention256", "forward128", "forward64", "forward256", "dkdv128",
-         "decode128", "rms_norm", "matvec")
+         "tiles256", "decode128", "rms_norm", "matvec")
 DEVICE = "cuda"
 # a Launch's fields; per SM 0: a program per tile; atomic dq: the dk/dv kernel sums dq and the dq kernel does not run
 CONFIG_HEADER = "(BLOCK_M, BLOCK_N, warps, stages, TMA, per SM, atomic dq)"
@@ -173,7 +174,8 @@ def sweep_attention(head_dim, warmup, repeats, parts=None):
                        warmup, repeats, label=f"{name:<6} ")
 
 
-def sweep_forward(head_dim, warmup, repeats):
+def sweep_forward(head_dim, warmup, repeats, candidates=None):
+    """candidates: the forward Launches to time, by default every candidate at head_dim."""
     B, T, H, KH = SHAPES[head_dim]
     q = torch.randn(B, T, H, head_dim, device=DEVICE, dtype=torch.bfloat16)
     k, v = (torch.randn(B, T, KH, head_dim, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
@@ -182,7 +184,7 @@ def sweep_forward(head_dim, warmup, repeats):
     flops = 4 * B * H * T * T * head_dim / 2  # causal (bench.py)
     print(f"\nattention fwd, causal, B{B} T{T} H{H} KH{KH} D{head_dim}, bf16")
     print(f"{CONFIG_HEADER:<56} {'ms':>8} {'TF/s':>8} {'max rel diff':>13}")
-    _time_launches(attention._GPU_FWD, head_dim, FWD_CANDIDATES[head_dim], {"": forward}, forward(),
+    _time_launches(attention._GPU_FWD, head_dim, candidates or FWD_CANDIDATES[head_dim], {"": forward}, forward(),
                    lambda ms: flops / ms / 1e9, warmup, repeats)
 
 
@@ -308,6 +310,11 @@ def main(argv=None):
             sweep_decode(128, args.warmup, args.repeats)
         elif part == "dkdv128":
             sweep_attention(128, args.warmup, args.repeats, {"dkdv": [Launch(*t) for t in _DKDV_8_WARPS_128]})
+        elif part == "tiles256":  # the tiles alone, with pointer loads: 18 compiles where both 256 parts take 40
+            sweep_forward(256, args.warmup, args.repeats, [Launch(*t) for t in _FWD_TILES[256]])
+            sweep_attention(256, args.warmup, args.repeats,
+                            {name: [Launch(*t) for t in tiles[256]] for name, tiles in (("dkdv", _DKDV_TILES),
+                                                                                        ("dq", _DQ_TILES))})
         elif part.startswith("attention"):
             sweep_attention(int(part.removeprefix("attention")), args.warmup, args.repeats)
         elif part.startswith("forward"):
