@@ -153,10 +153,13 @@ PY
       ;;
     # Nsight Compute on the decode kernel at the batch-sampling shape (sweep.py's DECODE_SHAPE: 512 rows x 1 query,
     # cache 384, H32 KH8 D128, the table's launch): each row reading its own keys, then a prompt's 128 positions read
-    # from its first sample's row (share_prompt_reads): whether the step's attention waits on memory, latency or the L2
+    # from its first sample's row (share_prompt_reads): whether the step's attention waits on memory, latency or the
+    # L2; then the per-prompt cascade (sweep.prompt_cascade: a prompt's keys once for its 8 samples, 2 decode
+    # launches and the merge)
     profile_decode)
       ncu="${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)}"
-      step "$1" 90 "${ncu:-ncu}" --clock-control none --profile-from-start off -k "regex:^_attn_decode_kernel\$" \
+      step "$1" 90 "${ncu:-ncu}" --clock-control none --profile-from-start off \
+        -k "regex:^_(attn_decode|merge_splits)_kernel\$" \
         --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
         --section MemoryWorkloadAnalysis "$py" - <<'PY'
 import torch
@@ -169,12 +172,15 @@ for profiled in (False, True):  # the first pass compiles, the second is the one
         torch.cuda.profiler.start()
     decode_attention.attention_decode(q, k, v, q_positions=positions)
     decode_attention.attention_decode(q, k, v, q_positions=positions, row_prefix=row_prefix)
+    n, P = sweep.DECODE_SHAPE["samples"], sweep.DECODE_SHAPE["prompt"]
+    sweep.prompt_cascade(q, k, v, positions, row_prefix[0][::n], P, n)
     torch.cuda.synchronize()
 torch.cuda.profiler.stop()
-print("profiled: the decode kernel with each row's own keys, then with the prompt's read from one row")
+print("profiled: the decode kernel with each row's own keys, then with the prompt's read from one row, then the "
+      "per-prompt cascade (decode over the prompts, decode over the rows' own keys, merge)")
 PY
       ;;
-    # the decode kernel's launches (keys per tile, warps, stages) at the same shape, both ways (20 compiles)
+    # the decode kernel's launches (keys per tile, warps, stages) at the same shape, the three ways (30 compiles)
     decode128) step "$1" 120 "$py" -m w2s.kernels.sweep --only decode128 ;;
     # RMSNorm, RoPE, SwiGLU and the fused linear cross-entropy against the copy bandwidth the bench measures first
     bench_memory) step "$1" 40 "$py" -m w2s.kernels.bench --only rms_norm,rope,swiglu,fused_ce --no-compile \

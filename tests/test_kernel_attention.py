@@ -534,6 +534,30 @@ def test_decode_reads_a_prompts_keys_from_the_row_named_for_it(cascade, options)
         decode.attention_decode(q, k, v, q_positions=positions, row_prefix=(row_prefix[0][:3], row_prefix[1]))
 
 
+def test_the_sweeps_prompt_cascade_reads_each_prompt_once_and_matches_reference():
+    """sweep.prompt_cascade (what a per-prompt cascade would cost, timed on the GPU): 2 prompts x 3 samples whose
+    first 21 keys (no whole number of 16-key blocks) are held only by each prompt's source row, rows 1 and 4; the
+    others hold NaN there, so any read of them would show. Queries at positions 21-39 see their prompt and their
+    own keys; the output equals the reference over the true keys, and the merge's log-sum-exp path is exercised
+    (two passes)."""
+    B, n, S, P, H, K, D = 6, 3, 40, 21, 4, 2, 16
+    seed, q, k, v = random_qkv(B, 1, S, H, K, D, torch.float32)
+    source = torch.tensor([1, 4], device=DEVICE)
+    for g, src in enumerate(source.tolist()):
+        rows = list(range(g * n, (g + 1) * n))
+        k[rows, :P], v[rows, :P] = k[src, :P], v[src, :P]
+    true_k, true_v = k.clone(), v.clone()
+    others = [r for r in range(B) if r not in source.tolist()]
+    k[others, :P], v[others, :P] = float("nan"), float("nan")
+    positions = torch.tensor([[21], [39], [30], [25], [22], [38]], device=DEVICE, dtype=torch.int32)
+    with torch.no_grad():
+        out = sweep.prompt_cascade(q, k, v, positions, source.int(), P, n)
+    check_fp32([out], [reference.attention(q, true_k, true_v, q_positions=positions)], seed)
+    with pytest.raises(ValueError, match="with_lse gives the log-sum-exp of one split"):
+        decode._decode(q, true_k, true_v, positions, None, None, None, 0.25, prefix=(out[:, 0], out[0, 0].t()),
+                       with_lse=True)
+
+
 @pytest.mark.skipif(DEVICE == "cuda", reason="the CPU paths of ops.attention")
 @pytest.mark.parametrize("options", [{}, {"sliding_window": 6}, {"softcap": 2.0}], ids=["sdpa", "window", "softcap"])
 def test_ops_attention_with_kv_rows_on_cpu(monkeypatch, options):

@@ -257,17 +257,19 @@ def check_sweep(dtypes):
 
 
 def check_decode_sweep():
-    """Every decode launch sweep.py tries (bf16, Llama-3-8B's heads at D 128), with each row's own keys and with
-    row_prefix: what its GPU run compiles."""
+    """Every decode launch sweep.py tries (bf16, Llama-3-8B's heads at D 128), with each row's own keys, with
+    row_prefix and as the per-prompt cascade (8 samples a prompt): what its GPU run compiles."""
     from w2s.kernels import decode_attention, sweep
     from w2s.kernels.attention_common import launch_changes
 
-    q, k = torch.zeros(4, 1, 32, 128, dtype=torch.bfloat16), torch.zeros(4, 256, 8, 128, dtype=torch.bfloat16)
-    positions, table = torch.zeros(4, 1, dtype=torch.int32), torch.zeros(4, dtype=torch.int32)
-    for config in sweep.DECODE_CANDIDATES[128][1:]:  # the first is the table's, which the attention check compiles
+    q, k = torch.zeros(16, 1, 32, 128, dtype=torch.bfloat16), torch.zeros(16, 256, 8, 128, dtype=torch.bfloat16)
+    positions, table = torch.full((16, 1), 200, dtype=torch.int32), torch.zeros(16, dtype=torch.int32)
+    for i, config in enumerate(sweep.DECODE_CANDIDATES[128]):
         with launch_changes([(decode_attention.GPU_DECODE, decode_attention.DecodeLaunch(*config)._asdict())], 128):
-            for row_prefix in (None, (table, table)):
-                decode_attention.attention_decode(q, k, k, q_positions=positions, row_prefix=row_prefix)
+            if i:  # the table's plain launches are the attention check's
+                for row_prefix in (None, (table, table)):
+                    decode_attention.attention_decode(q, k, k, q_positions=positions, row_prefix=row_prefix)
+            sweep.prompt_cascade(q, k, k, positions, table[:2], 128, 8)
 
 
 def check_launch_options(dtypes):

@@ -197,12 +197,16 @@ def _integer_rows(x, device):
 
 
 def _decode(q, k, v, q_positions, kv_lengths, sliding_window, softcap, scale, kv_rows=None, prefix=None,
-            row_prefix=None, prefix_offset=0):
+            row_prefix=None, prefix_offset=0, with_lse=False):
     """Launch the split-key decode kernel, then the merge kernel unless one split wrote the output itself ->
     (B, T, H, D) in q's dtype. q_positions / kv_lengths integer tensors (or None), scale a float; kv_rows (B,) or
     None: the cache row of k/v each batch row reads. prefix: (out (B*T, H, D), lse (H, B*T)) of the cascade's flash
     forward over the shared prefix, merged as one more split. row_prefix: (rows, lengths), integer tensors over k's
-    rows (attention_decode), counted in positions of k's key 0 = prefix_offset."""
+    rows (attention_decode), counted in positions of k's key 0 = prefix_offset. with_lse (no prefix): one split,
+    and -> (output, its base-2 log-sum-exp (B, 1, T, H) fp32, -inf for a query that sees no key), the form a
+    later call takes as its prefix."""
+    if with_lse and prefix is not None:
+        raise ValueError("attention decode: with_lse gives the log-sum-exp of one split, so no prefix to merge")
     B, T, H, D = q.shape
     S, KH = k.shape[1], k.shape[2]
     group = H // KH
@@ -212,7 +216,7 @@ def _decode(q, k, v, q_positions, kv_lengths, sliding_window, softcap, scale, kv
     block_m = max(16, triton.next_power_of_2(T * group))
     launch = GPU_DECODE[128 if D <= 128 else 256]
     block_n = 16 if _interpreting() else launch.block_n
-    splits = _num_splits(B * KH, S, block_n, q.device)
+    splits = 1 if with_lse else _num_splits(B * KH, S, block_n, q.device)
     keys_per_split = triton.cdiv(triton.cdiv(S, splits), block_n) * block_n
     splits = triton.cdiv(S, keys_per_split) if S > 0 else 1
     out = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)
@@ -229,7 +233,7 @@ def _decode(q, k, v, q_positions, kv_lengths, sliding_window, softcap, scale, kv
         num_stages=launch.num_stages)
     if merge:
         _merge_splits(o_part, lse_part, out, prefix)
-    return out
+    return (out, lse_part) if with_lse else out
 
 
 def _merge_splits(o_part, lse_part, out, prefix=None):
