@@ -28,7 +28,7 @@
 #                                                  # padded sibling rows, the drain compacted and not, the decode
 #                                                  # kernel under Nsight Compute; then, in a second call,
 #     OUT=gpu_out bash scripts/gpu_check.sh decode128 dpo_mfu tiles256   # its launch sweep, DPO's idle share, the
-#                                                  # D = 256 attention tiles (limits 6.5 min)
+#                                                  # D = 256 attention tiles (limits 7 min)
 #
 # The pipeline step runs recipes/demo.toml as a derived recipe ($out/demo_cuda.toml: dtype bfloat16, device cuda,
 # absolute paths) through scripts/pipeline.py: Triton kernels, CUDA-graph decoding and FSDP2 training on a 1-GPU
@@ -181,7 +181,7 @@ print("profiled: the decode kernel with each row's own keys, then with the promp
 PY
       ;;
     # the decode kernel's launches (keys per tile, warps, stages) at the same shape, the three ways (30 compiles)
-    decode128) step "$1" 120 "$py" -m w2s.kernels.sweep --only decode128 ;;
+    decode128) step "$1" 150 "$py" -m w2s.kernels.sweep --only decode128 ;;
     # RMSNorm, RoPE, SwiGLU and the fused linear cross-entropy against the copy bandwidth the bench measures first
     bench_memory) step "$1" 40 "$py" -m w2s.kernels.bench --only rms_norm,rope,swiglu,fused_ce --no-compile \
       --warmup 3 --repeats 10 ;;
