@@ -534,12 +534,38 @@ def test_decode_reads_a_prompts_keys_from_the_row_named_for_it(cascade, options)
         decode.attention_decode(q, k, v, q_positions=positions, row_prefix=(row_prefix[0][:3], row_prefix[1]))
 
 
+def test_per_row_tables_may_be_strided_views():
+    """kv_lengths, kv_rows and row_prefix's tables are read by row index in the kernels: a strided view (every other
+    entry of a longer tensor) gives the same output as its contiguous copy, in the decode kernel (plain, with
+    kv_rows and a named prompt row, and as a cascade) and in the flash kernel."""
+    B, S, H, K, D = 3, 40, 4, 2, 16
+    seed, q, k, v = random_qkv(B, 1, S, H, K, D, torch.float32)
+    positions = torch.tensor([[39], [20], [33]], device=DEVICE)
+    lengths = torch.tensor([25, 99, 9, 99, 31, 99], device=DEVICE, dtype=torch.int32)[::2]
+    rows = torch.tensor([2, 9, 0, 9, 1, 9], device=DEVICE)[::2]
+    k[1, :16], v[1, :16] = k[2, :16], v[2, :16]  # row 1 holds row 2's first 16 keys, as a sibling would
+    named = (torch.tensor([0, 7, 2, 7, 2, 7, 3, 7], device=DEVICE)[::2],
+             torch.tensor([0, 7, 16, 7, 0, 7, 0, 7], device=DEVICE)[::2])
+    assert not (lengths.is_contiguous() or rows.is_contiguous() or named[0].is_contiguous())
+    dense = lambda t: t.contiguous()  # noqa: E731
+    with torch.no_grad():
+        for run in (
+            lambda lens, r, n: decode.attention_decode(q, k, v, q_positions=positions, kv_lengths=lens),
+            lambda lens, r, n: decode.attention_decode(q, k, v, q_positions=positions, kv_rows=r, row_prefix=n),
+            lambda lens, r, n: decode.attention_after_shared_prefix(q, k, v, k[0, :8], v[0, :8], positions,
+                                                                    kv_rows=r, row_prefix=n),
+            lambda lens, r, n: flash.attention(q.expand(B, 17, H, D), k, v, kv_lengths=lens),
+        ):
+            expected = run(dense(lengths), dense(rows), tuple(map(dense, named)))
+            assert torch.equal(run(lengths, rows, named), expected), seed
+
+
 def test_the_sweeps_prompt_cascade_reads_each_prompt_once_and_matches_reference():
     """sweep.prompt_cascade (what a per-prompt cascade would cost, timed on the GPU): 2 prompts x 3 samples whose
     first 21 keys (no whole number of 16-key blocks) are held only by each prompt's source row, rows 1 and 4; the
     others hold NaN there, so any read of them would show. Queries at positions 21-39 see their prompt and their
     own keys; the output equals the reference over the true keys, and the merge's log-sum-exp path is exercised
-    (two passes)."""
+    (two passes). The source rows come as a strided view, as the sweep slices them from its row table."""
     B, n, S, P, H, K, D = 6, 3, 40, 21, 4, 2, 16
     seed, q, k, v = random_qkv(B, 1, S, H, K, D, torch.float32)
     source = torch.tensor([1, 4], device=DEVICE)
@@ -551,7 +577,7 @@ def test_the_sweeps_prompt_cascade_reads_each_prompt_once_and_matches_reference(
     k[others, :P], v[others, :P] = float("nan"), float("nan")
     positions = torch.tensor([[21], [39], [30], [25], [22], [38]], device=DEVICE, dtype=torch.int32)
     with torch.no_grad():
-        out = sweep.prompt_cascade(q, k, v, positions, source.int(), P, n)
+        out = sweep.prompt_cascade(q, k, v, positions, torch.stack([source, source]).t().flatten().int()[::2], P, n)
     check_fp32([out], [reference.attention(q, true_k, true_v, q_positions=positions)], seed)
     with pytest.raises(ValueError, match="with_lse gives the log-sum-exp of one split"):
         decode._decode(q, true_k, true_v, positions, None, None, None, 0.25, prefix=(out[:, 0], out[0, 0].t()),

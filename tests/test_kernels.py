@@ -294,6 +294,31 @@ def test_rope_cache_write_rejects_mixed_dtypes_and_shapes():
         rope_cache.rope_cache_write(q, k, k, positions, inv_freq, torch.zeros(2, 3, 8, 16), torch.zeros(2, 3, 8, 16))
 
 
+def test_one_dimensional_arguments_may_be_strided_views():
+    """The (D,) norm weight, RoPE's (D/2,) frequencies and the sampler's (B,) uniforms are read by index in their
+    kernels: every other entry of a longer tensor gives the results of its contiguous copy (the norm's weight
+    gradient too)."""
+    every_other = lambda t: torch.stack([t, torch.full_like(t, 7.0)], dim=1)[:, 0]  # noqa: E731  same values, stride 2
+    x = torch.randn(5, 3, 24, device=DEVICE)
+    weight = torch.rand(24, device=DEVICE) + 0.5
+    results = []
+    for w in (every_other(weight), weight.clone()):
+        assert w.is_contiguous() == (len(results) == 1)
+        w.requires_grad_(True)
+        y = rms_norm.rms_norm(x, w, 1e-6)
+        (dw,) = torch.autograd.grad(y, w, torch.ones_like(y))
+        with torch.no_grad():
+            results.append((y, dw, *rms_norm.add_rms_norm(x, x, w, 1e-6)))
+    for strided, dense in zip(*results):
+        assert torch.equal(strided, dense)
+    q, positions = torch.randn(2, 3, 4, 16, device=DEVICE), torch.tensor([[0, 5, 9], [1, 2, 3]], device=DEVICE)
+    inv_freq = _inv_freq(16).to(DEVICE)
+    assert torch.equal(rope.rope(q, positions, every_other(inv_freq)), rope.rope(q, positions, inv_freq))
+    logits, uniforms = torch.randn(6, 50, device=DEVICE), torch.rand(6, device=DEVICE)
+    assert torch.equal(sample.sample_inverse_cdf(logits, every_other(uniforms)),
+                       sample.sample_inverse_cdf(logits, uniforms))
+
+
 def _rope_by_hand(x, positions, inv_freq):
     """Half-split RoPE written out in float64: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) at angle pos * f."""
     angle = positions.double()[:, :, None, None] * inv_freq.double()  # (B, T, 1, D/2)
@@ -304,14 +329,15 @@ def _rope_by_hand(x, positions, inv_freq):
 def test_rope_cache_write_reads_each_tensor_with_its_own_strides():
     """q with a non-unit stride along D, k a strided view, v contiguous, and a v cache that is a view of a longer
     buffer: every tensor must be read and written with its own strides (k's strides are not v's, the k cache's are
-    not the v cache's). Expected values: RoPE and the cache writes done by hand."""
+    not the v cache's). The row table and the frequencies are strided views too. Expected values: RoPE and the
+    cache writes done by hand."""
     B, T, H, K, D, slots, S = 2, 3, 4, 2, 16, 3, 6
     q = torch.randn(B, T, D, H).transpose(-1, -2)  # (B, T, H, D), stride H along D
     k = torch.randn(B, T, K, 2 * D)[..., :D]  # head stride 2D
     v = torch.randn(B, T, K, D)  # head stride D
     positions = torch.tensor([[0, 4, 2], [5, 1, 3]])
-    rows = torch.tensor([2, 0])
-    inv_freq = _inv_freq(D)
+    rows = torch.tensor([2, 1, 0, 1])[::2]  # (2, 0), every other entry
+    inv_freq = torch.stack([_inv_freq(D), torch.zeros(D // 2)], dim=1)[:, 0]  # stride 2
     k_cache = torch.randn(slots, K, S, D)
     v_cache = torch.randn(slots, K, S + 3, D)[:, :, :S]  # row and head strides unlike the k cache's
     k_before, v_before = k_cache.clone(), v_cache.clone()

@@ -200,7 +200,9 @@ def _last_dim_contiguous(x):
 
 
 def _optional_int32(x, device):
-    return None if x is None else x.to(device=device, dtype=torch.int32)
+    """Positions or lengths as int32 on device, contiguous: the kernels read (B,) lengths by row index (positions
+    by their strides, but a copy of those costs nothing beside attention); None stays None."""
+    return None if x is None else x.to(device=device, dtype=torch.int32).contiguous()
 
 
 def _pos_strides(q_positions):

@@ -189,11 +189,13 @@ def _num_splits(batch_heads, S, block_n, device):
 
 
 def _integer_rows(x, device):
-    """Positions or lengths as the kernels read them: int32 and int64 as they are (the kernels convert as they load:
-    no cast launch per call), anything else as int32; None stays None."""
-    if x is None or (x.dtype in (torch.int32, torch.int64) and x.device == device):
+    """Positions, lengths or cache rows as the kernels read them: contiguous int32 and int64 as they are (the kernels
+    convert as they load: no cast launch per call), anything else as contiguous int32 (the kernels read a (B,)
+    table by row index); None stays None."""
+    if x is None or (x.dtype in (torch.int32, torch.int64) and x.device == device and x.is_contiguous()):
         return x
-    return x.to(device=device, dtype=torch.int32)
+    dtype = x.dtype if x.dtype in (torch.int32, torch.int64) else torch.int32
+    return x.to(device=device, dtype=dtype).contiguous()
 
 
 def _decode(q, k, v, q_positions, kv_lengths, sliding_window, softcap, scale, kv_rows=None, prefix=None,
@@ -264,7 +266,8 @@ def attention_decode(q, k, v, q_positions=None, kv_lengths=None, sliding_window=
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     return _decode(q, k, v, _integer_rows(q_positions, q.device), _integer_rows(kv_lengths, q.device),
-                   sliding_window, softcap, scale, kv_rows, row_prefix=_row_prefix(row_prefix, k))
+                   sliding_window, softcap, scale, _integer_rows(kv_rows, q.device),
+                   row_prefix=_row_prefix(row_prefix, k))
 
 
 def attention_after_shared_prefix(q, k, v, prefix_k, prefix_v, q_positions, sliding_window=None, softcap=None,
@@ -286,8 +289,9 @@ def attention_after_shared_prefix(q, k, v, prefix_k, prefix_v, q_positions, slid
     out_p, lse_p = _forward(q.reshape(1, B * T, H, D), _last_dim_contiguous(prefix_k)[None],
                             _last_dim_contiguous(prefix_v)[None], positions.reshape(1, B * T), None, sliding_window,
                             softcap, scale)  # (1, B*T, H, D), (1, H, B*T)
-    return _decode(q, k[:, P:], v[:, P:], positions - P, None, sliding_window, softcap, scale, kv_rows,
-                   prefix=(out_p[0], lse_p[0]), row_prefix=_row_prefix(row_prefix, k), prefix_offset=P)
+    return _decode(q, k[:, P:], v[:, P:], positions - P, None, sliding_window, softcap, scale,
+                   _integer_rows(kv_rows, q.device), prefix=(out_p[0], lse_p[0]), row_prefix=_row_prefix(row_prefix, k),
+                   prefix_offset=P)
 
 
 def _row_prefix(row_prefix, k):
@@ -300,4 +304,4 @@ def _row_prefix(row_prefix, k):
         raise ValueError(f"attention decode: row_prefix needs (rows, lengths), 1-d with at least {k.shape[0]} entries "
                          f"(one per row of k) on {k.device}, got {tuple(rows.shape)} on {rows.device} and "
                          f"{tuple(lengths.shape)} on {lengths.device}")
-    return rows, lengths
+    return rows.contiguous(), lengths.contiguous()  # read by row index; the sampler's own tables are contiguous

@@ -197,7 +197,7 @@ class RMSNormFunction(torch.autograd.Function):
 def rms_norm(x, weight, eps, unit_offset=False):
     """RMSNorm over the last dim of x (..., D) with weight (D,); same contract as w2s.kernels.reference.rms_norm."""
     _check_weight(x, weight)
-    return RMSNormFunction.apply(x, weight, eps, unit_offset)
+    return RMSNormFunction.apply(x, weight.contiguous(), eps, unit_offset)  # the kernels read weight by index
 
 
 def add_rms_norm(x, residual, weight, eps, unit_offset=False):
@@ -207,7 +207,7 @@ def add_rms_norm(x, residual, weight, eps, unit_offset=False):
     if residual.shape != x.shape or residual.dtype != x.dtype:
         raise ValueError(f"add_rms_norm: residual {tuple(residual.shape)} {residual.dtype} does not match x "
                          f"{tuple(x.shape)} {x.dtype}")
-    y, _, summed = rms_norm_forward(_rows(x), weight, eps, unit_offset, _rows(residual))
+    y, _, summed = rms_norm_forward(_rows(x), weight.contiguous(), eps, unit_offset, _rows(residual))
     return y.view(x.shape), summed.view(x.shape)
 
 

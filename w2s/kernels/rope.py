@@ -49,6 +49,7 @@ def rope_apply(x, positions, inv_freq, inverse=False):
     """Rotate x (B, T, H, D) by positions (B, T); inverse=True rotates by -angle (the backward)."""
     if x.stride(-1) != 1:
         x = x.contiguous()
+    inv_freq = inv_freq.contiguous()  # read by index
     B, T, H, D = x.shape
     half = D // 2
     y = torch.empty((B, T, H, D), dtype=x.dtype, device=x.device)

@@ -96,6 +96,7 @@ def rope_cache_write(q, k, v, positions, inv_freq, k_cache, v_cache, rows=None):
     Same contract as w2s.kernels.reference.rope_cache_write."""
     _check(q, k, v, positions, inv_freq, k_cache, v_cache, rows)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    inv_freq, rows = (None if x is None else x.contiguous() for x in (inv_freq, rows))  # read by index
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("rope_cache_write: the caches must be contiguous in their last dim (written in place)")
     B, T, H, D = q.shape

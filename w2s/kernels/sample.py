@@ -65,8 +65,8 @@ def sample_inverse_cdf(logits, uniforms, temperature=1.0):
     tokens = torch.empty(B, dtype=torch.int64, device=logits.device)
     block = min(BLOCK_V, triton.next_power_of_2(V))
     if B:
-        _sample_kernel[(B,)](logits, uniforms, tokens, V, logits.stride(0), math.log2(math.e) / temperature,
-                             BLOCK_V=block, num_warps=min(8, max(1, block // 256)))
+        _sample_kernel[(B,)](logits, uniforms.contiguous(), tokens, V, logits.stride(0),  # uniforms read by index
+                             math.log2(math.e) / temperature, BLOCK_V=block, num_warps=min(8, max(1, block // 256)))
     return tokens
 
 

@@ -221,7 +221,7 @@ def prompt_cascade(q, k, v, q_positions, prompt_rows, prompt_len, samples, scale
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     lengths = torch.full((G,), prompt_len, device=q.device, dtype=torch.int32)
     out, lse = decode_attention._decode(q.reshape(G, samples, H, D), k, v, q_positions.reshape(G, samples), lengths,
-                                        None, None, scale, kv_rows=prompt_rows, with_lse=True)
+                                        None, None, scale, kv_rows=prompt_rows.contiguous(), with_lse=True)
     prefix = (out.reshape(B, H, D), lse.reshape(B, H).t())  # (B*T, H, D), (H, B*T) as the merge reads a prefix
     return decode_attention._decode(q, k[:, prompt_len:], v[:, prompt_len:], q_positions - prompt_len, None, None,
                                     None, scale, prefix=prefix)
