@@ -154,26 +154,27 @@ PY
     # Nsight Compute on the decode kernel at the batch-sampling shape (sweep.py's DECODE_SHAPE: 512 rows x 1 query,
     # cache 384, H32 KH8 D128, the table's launch): each row reading its own keys, then a prompt's 128 positions read
     # from its first sample's row (share_prompt_reads): whether the step's attention waits on memory, latency or the
-    # L2; then the per-prompt cascade (sweep.prompt_cascade: a prompt's keys once for its 8 samples, 2 decode
-    # launches and the merge)
+    # L2; then the per-prompt cascade (attention_after_prompt_groups: a prompt's keys once for its 8 samples, then
+    # each row's own, and the merge)
     profile_decode)
       ncu="${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)}"
       step "$1" 90 "${ncu:-ncu}" --clock-control none --profile-from-start off \
-        -k "regex:^_(attn_decode|merge_splits)_kernel\$" \
+        -k "regex:^_(attn_decode|attn_prompt_group|merge_splits)_kernel\$" \
         --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
         --section MemoryWorkloadAnalysis "$py" - <<'PY'
 import torch
 from w2s.kernels import decode_attention, sweep
 
 q, k, v, positions, row_prefix, _ = sweep.decode_inputs(128)
+shape = sweep.DECODE_SHAPE
+groups = sweep.prompt_groups(shape["rows"], shape["samples"], shape["prompt"])
 for profiled in (False, True):  # the first pass compiles, the second is the one ncu measures
     if profiled:
         torch.cuda.synchronize()
         torch.cuda.profiler.start()
     decode_attention.attention_decode(q, k, v, q_positions=positions)
     decode_attention.attention_decode(q, k, v, q_positions=positions, row_prefix=row_prefix)
-    n, P = sweep.DECODE_SHAPE["samples"], sweep.DECODE_SHAPE["prompt"]
-    sweep.prompt_cascade(q, k, v, positions, row_prefix[0][::n], P, n)
+    decode_attention.attention_after_prompt_groups(q, k, v, positions, groups)
     torch.cuda.synchronize()
 torch.cuda.profiler.stop()
 print("profiled: the decode kernel with each row's own keys, then with the prompt's read from one row, then the "

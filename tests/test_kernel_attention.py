@@ -560,28 +560,62 @@ def test_per_row_tables_may_be_strided_views():
             assert torch.equal(run(lengths, rows, named), expected), seed
 
 
-def test_the_sweeps_prompt_cascade_reads_each_prompt_once_and_matches_reference():
-    """sweep.prompt_cascade (what a per-prompt cascade would cost, timed on the GPU): 2 prompts x 3 samples whose
-    first 21 keys (no whole number of 16-key blocks) are held only by each prompt's source row, rows 1 and 4; the
-    others hold NaN there, so any read of them would show. Queries at positions 21-39 see their prompt and their
-    own keys; the output equals the reference over the true keys, and the merge's log-sum-exp path is exercised
-    (two passes). The source rows come as a strided view, as the sweep slices them from its row table."""
+def prompt_group_case(options_window=None):
+    """7 cache rows as the sampler's tables describe them: prompt A (19 keys) in rows 1, 3 and 6 (led by 1), prompt B
+    (33 keys) in rows 0 and 4 (led by 0), prompt C (5 keys) in row 5 alone, row 2 idle (its own group, no keys).
+    Every row but a leader holds NaN where its prompt's keys are, so a read of them would show; the true keys are
+    returned apart. -> (seed, q, k, v, true_k, true_v, positions, (members, lengths, starts, M))"""
+    B, S, H, K, D = 7, 48, 4, 2, 16
+    seed, q, k, v = random_qkv(B, 1, S, H, K, D, torch.float32)
+    groups = {1: ([1, 3, 6], 19), 0: ([0, 4], 33), 5: ([5], 5), 2: ([2], 0)}  # leader: (members, prompt keys)
+    M = 4
+    members = torch.full((B + 1, M + 2), -1, dtype=torch.int32)  # wider than M and a row more, as the sampler's
+    lengths, starts = torch.zeros(B + 1, dtype=torch.int32), torch.zeros(B + 1, dtype=torch.int32)
+    for leader, (rows, n) in groups.items():
+        members[leader, : len(rows)] = torch.tensor(rows, dtype=torch.int32)
+        lengths[leader] = n
+        for r in rows:
+            starts[r] = n
+            k[r, :n], v[r, :n] = k[leader, :n], v[leader, :n]
+    true_k, true_v = k.clone(), v.clone()
+    for leader, (rows, n) in groups.items():
+        for r in rows[1:]:
+            k[r, :n], v[r, :n] = float("nan"), float("nan")
+    positions = torch.tensor([[40], [25], [3], [19], [47], [5], [30]], device=DEVICE)
+    tables = tuple(t.to(DEVICE) for t in (members, lengths, starts)) + (M,)
+    return seed, q, k, v, true_k, true_v, positions, tables
+
+
+@pytest.mark.parametrize("options", [{}, {"sliding_window": 10}, {"softcap": 2.0}],
+                         ids=["plain", "window", "softcap"])
+def test_the_prompt_cascade_reads_each_prompt_once_from_its_leader(options):
+    """attention_after_prompt_groups: groups of 3, 2 and 1 rows and an idle row, prompts of 19, 33 and 5 keys (no
+    whole number of 16-key blocks), queries before the prompt's end for the idle row; each output equals the
+    reference over the true keys (so no member read its own prompt keys, which are NaN), with a window and a
+    soft-cap too; bad tables are a clear error."""
+    seed, q, k, v, true_k, true_v, positions, tables = prompt_group_case()
+    with torch.no_grad():
+        out = decode.attention_after_prompt_groups(q, k, v, positions, tables, **options)
+    check_fp32([out], [reference.attention(q, true_k, true_v, q_positions=positions, **options)], seed)
+    members, lengths, starts, M = tables
+    with pytest.raises(ValueError, match=r"M x GQA group <= 128"):
+        decode.attention_after_prompt_groups(q, k, v, positions, (members, lengths, starts, 65))
+    with pytest.raises(ValueError, match="explicit positions"):
+        decode.attention_after_prompt_groups(q, k, v, None, tables)
+
+
+def test_the_sweeps_prompt_groups_describe_runs_of_samples_led_by_their_first_row():
+    """sweep.prompt_groups (the decode sweep's cascade at its batch shape): 2 prompts x 3 samples of 21 shared keys,
+    whose copies but the first hold NaN; the cascade over those tables equals the reference over the true keys."""
     B, n, S, P, H, K, D = 6, 3, 40, 21, 4, 2, 16
     seed, q, k, v = random_qkv(B, 1, S, H, K, D, torch.float32)
-    source = torch.tensor([1, 4], device=DEVICE)
-    for g, src in enumerate(source.tolist()):
-        rows = list(range(g * n, (g + 1) * n))
-        k[rows, :P], v[rows, :P] = k[src, :P], v[src, :P]
+    k[:, :P], v[:, :P] = k[[0, 0, 0, 3, 3, 3], :P], v[[0, 0, 0, 3, 3, 3], :P]
     true_k, true_v = k.clone(), v.clone()
-    others = [r for r in range(B) if r not in source.tolist()]
-    k[others, :P], v[others, :P] = float("nan"), float("nan")
+    k[[1, 2, 4, 5], :P], v[[1, 2, 4, 5], :P] = float("nan"), float("nan")
     positions = torch.tensor([[21], [39], [30], [25], [22], [38]], device=DEVICE, dtype=torch.int32)
     with torch.no_grad():
-        out = sweep.prompt_cascade(q, k, v, positions, torch.stack([source, source]).t().flatten().int()[::2], P, n)
+        out = decode.attention_after_prompt_groups(q, k, v, positions, sweep.prompt_groups(B, n, P, DEVICE))
     check_fp32([out], [reference.attention(q, true_k, true_v, q_positions=positions)], seed)
-    with pytest.raises(ValueError, match="with_lse gives the log-sum-exp of one split"):
-        decode._decode(q, true_k, true_v, positions, None, None, None, 0.25, prefix=(out[:, 0], out[0, 0].t()),
-                       with_lse=True)
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the CPU paths of ops.attention")

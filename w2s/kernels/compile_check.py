@@ -269,7 +269,7 @@ def check_decode_sweep():
             if i:  # the table's plain launches are the attention check's
                 for row_prefix in (None, (table, table)):
                     decode_attention.attention_decode(q, k, k, q_positions=positions, row_prefix=row_prefix)
-            sweep.prompt_cascade(q, k, k, positions, table[:2], 128, 8)
+            decode_attention.attention_after_prompt_groups(q, k, k, positions, sweep.prompt_groups(16, 8, 128, "cpu"))
 
 
 def check_launch_options(dtypes):

@@ -9,11 +9,13 @@ group at once.
 Anatomy, top to bottom:
   1. the decode kernel: one program per (batch row, kv head, key split), its rows every (token, query head of the
      group) pair, so each key/value tile is read once for the whole group; it writes a partial output and its
-     base-2 log-sum-exp per split (with one split, the output itself),
+     base-2 log-sum-exp per split (with one split, the output itself); and the per-prompt cascade's first pass: one
+     program per (prompt group, kv head) over the prompt's keys, for the group's rows together,
   2. the merge kernel: the splits (and the cascade's prefix result) combined by their log-sum-exps
      (flash-decoding), one launch per call,
-  3. launchers: how many splits fill the GPU, `attention_decode`, and `attention_after_shared_prefix`, which runs
-     the shared prefix once for all rows through the flash forward kernel and merges it as one more split.
+  3. launchers: how many splits fill the GPU, `attention_decode`, `attention_after_shared_prefix`, which runs
+     the shared prefix once for all rows through the flash forward kernel and merges it as one more split, and
+     `attention_after_prompt_groups`, which reads each prompt's keys once for all its samples' rows.
 
 A decode step runs this once per layer, and at batch 1 each launch is a few microseconds of mostly fixed cost, so
 the launchers keep the count down: one launch when one split covers the keys, two otherwise, and no casts (positions
@@ -62,7 +64,8 @@ def _attn_decode_kernel(Q, K, V, O_PART, LSE_PART, POS, KV_LEN, KV_ROWS, PREFIX_
                         T, S, H, KH, GROUP, keys_per_split, prefix_offset, scale, softcap, window,
                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_POS: tl.constexpr,
                         HAS_KV_LEN: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                        HAS_KV_ROWS: tl.constexpr, HAS_ROW_PREFIX: tl.constexpr, PRECISION: tl.constexpr):
+                        HAS_KV_ROWS: tl.constexpr, HAS_ROW_PREFIX: tl.constexpr, SKIP_ROW_PREFIX: tl.constexpr,
+                        PRECISION: tl.constexpr):
     """One program = one (batch row, kv head, key split). Its rows are every (token t, query head of the group)
     pair, so each key/value tile is read once for the whole GQA group. Writes a normalized partial output and its
     base-2 log-sum-exp per split, which `_merge_splits_kernel` combines; with a single split O_PART is the
@@ -70,7 +73,8 @@ def _attn_decode_kernel(Q, K, V, O_PART, LSE_PART, POS, KV_LEN, KV_ROWS, PREFIX_
     batch row b reads the keys/values of cache row KV_ROWS[b] (several batch rows may read one cache row) instead of
     row b. With HAS_ROW_PREFIX, cache row r's keys [0, PREFIX_LENS[r] - prefix_offset) equal those of cache row
     PREFIX_ROWS[r] (another sample of the same prompt), and the whole key blocks among them are read there: the
-    samples of a prompt then read one row, whose blocks the others may find in L2."""
+    samples of a prompt then read one row, whose blocks the others may find in L2. With SKIP_ROW_PREFIX too (one
+    split), those keys are not read at all: the per-prompt cascade attended them in _attn_prompt_group_kernel."""
     split = tl.program_id(0)
     pid_bk = tl.program_id(1)
     b = (pid_bk // KH).to(tl.int64)
@@ -96,7 +100,10 @@ def _attn_decode_kernel(Q, K, V, O_PART, LSE_PART, POS, KV_LEN, KV_ROWS, PREFIX_
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     # Memory-bound: the per-element mask costs nothing here, so one masked loop covers the split.
-    if HAS_ROW_PREFIX:  # the whole blocks of the prompt, from the row named for it (block-aligned: lo stays so)
+    if SKIP_ROW_PREFIX:  # one split: its loop may start mid-block, at the row's first key after its prompt
+        lo = tl.maximum(lo, tl.load(PREFIX_LENS + b_kv).to(tl.int32) - prefix_offset)
+        hi = tl.maximum(hi, lo)
+    elif HAS_ROW_PREFIX:  # the whole blocks of the prompt, from the row named for it (block-aligned: lo stays so)
         src = tl.load(PREFIX_ROWS + b_kv).to(tl.int64)
         shared_end = tl.maximum(tl.load(PREFIX_LENS + b_kv).to(tl.int32) - prefix_offset, 0) // BLOCK_N * BLOCK_N
         mid = tl.maximum(tl.minimum(hi, shared_end), lo)
@@ -117,6 +124,46 @@ def _attn_decode_kernel(Q, K, V, O_PART, LSE_PART, POS, KV_LEN, KV_ROWS, PREFIX_
     tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], out.to(O_PART.dtype.element_ty),
              mask=row_ok[:, None])
     tl.store(LSE_PART + part, lse, mask=row_ok)
+
+
+@triton.jit
+def _attn_prompt_group_kernel(Q, K, V, PREFIX_O, PREFIX_LSE, POS, MEMBERS, GROUP_LENS,
+                              stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                              stride_pb, stride_mg, stride_por, stride_poh, stride_plh,
+                              KH, GROUP, M, scale, softcap, window,
+                              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                              HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
+    """The per-prompt cascade's first pass. One program = one (cache row g, kv head): its rows are every (member t of
+    g's group, query head of the GQA group) pair, the members being the rows MEMBERS[g, :M] (-1: none) that hold
+    g's first GROUP_LENS[g] keys, and it attends those keys once, from row g, for all of them. Writes each member
+    row's normalized output over them (PREFIX_O (rows, H, D)) and its base-2 log-sum-exp (PREFIX_LSE (H, rows),
+    -inf when it saw no key), which the decode kernel's pass over the rows' own keys takes as its prefix split.
+    One token a row, batch row = cache row (a plain decode step)."""
+    pid = tl.program_id(1)
+    g = (pid // KH).to(tl.int64)
+    kv_h = pid % KH
+    rows = tl.arange(0, BLOCK_M)
+    member = tl.load(MEMBERS + g * stride_mg + rows // GROUP, mask=rows < M * GROUP, other=-1).to(tl.int64)
+    row_ok = member >= 0
+    h = kv_h * GROUP + rows % GROUP
+    offs_d = tl.arange(0, HEAD_DIM)
+    pos = tl.where(row_ok, tl.load(POS + member * stride_pb, mask=row_ok, other=-1).to(tl.int32), -1)
+    n_keys = tl.load(GROUP_LENS + g).to(tl.int32)
+    lo, _, _, hi = _key_segments(pos, row_ok, n_keys, window, BLOCK_N, HAS_WINDOW)
+    q = tl.load(Q + member[:, None] * stride_qb + h[:, None] * stride_qh + offs_d[None, :], mask=row_ok[:, None],
+                other=0.0)  # (M, D)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, pos, K + g * stride_kb + kv_h * stride_kh,
+                                  V + g * stride_vb + kv_h * stride_vh, stride_ks, stride_vs, offs_d, lo, hi, n_keys,
+                                  scale, softcap, window, BLOCK_N, True, HAS_WINDOW, HAS_SOFTCAP, PRECISION)
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    tl.store(PREFIX_O + member[:, None] * stride_por + h[:, None] * stride_poh + offs_d[None, :],
+             out.to(PREFIX_O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(PREFIX_LSE + h * stride_plh + member, lse, mask=row_ok)
 
 
 @triton.jit
@@ -199,16 +246,13 @@ def _integer_rows(x, device):
 
 
 def _decode(q, k, v, q_positions, kv_lengths, sliding_window, softcap, scale, kv_rows=None, prefix=None,
-            row_prefix=None, prefix_offset=0, with_lse=False):
+            row_prefix=None, prefix_offset=0, skip_row_prefix=False):
     """Launch the split-key decode kernel, then the merge kernel unless one split wrote the output itself ->
     (B, T, H, D) in q's dtype. q_positions / kv_lengths integer tensors (or None), scale a float; kv_rows (B,) or
     None: the cache row of k/v each batch row reads. prefix: (out (B*T, H, D), lse (H, B*T)) of the cascade's flash
     forward over the shared prefix, merged as one more split. row_prefix: (rows, lengths), integer tensors over k's
-    rows (attention_decode), counted in positions of k's key 0 = prefix_offset. with_lse (no prefix): one split,
-    and -> (output, its base-2 log-sum-exp (B, 1, T, H) fp32, -inf for a query that sees no key), the form a
-    later call takes as its prefix."""
-    if with_lse and prefix is not None:
-        raise ValueError("attention decode: with_lse gives the log-sum-exp of one split, so no prefix to merge")
+    rows (attention_decode), counted in positions of k's key 0 = prefix_offset. skip_row_prefix (with row_prefix;
+    one split): a row reads none of the keys its lengths entry covers (the per-prompt cascade's second pass)."""
     B, T, H, D = q.shape
     S, KH = k.shape[1], k.shape[2]
     group = H // KH
@@ -218,7 +262,7 @@ def _decode(q, k, v, q_positions, kv_lengths, sliding_window, softcap, scale, kv
     block_m = max(16, triton.next_power_of_2(T * group))
     launch = GPU_DECODE[128 if D <= 128 else 256]
     block_n = 16 if _interpreting() else launch.block_n
-    splits = 1 if with_lse else _num_splits(B * KH, S, block_n, q.device)
+    splits = 1 if skip_row_prefix else _num_splits(B * KH, S, block_n, q.device)
     keys_per_split = triton.cdiv(triton.cdiv(S, splits), block_n) * block_n
     splits = triton.cdiv(S, keys_per_split) if S > 0 else 1
     out = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)
@@ -230,12 +274,13 @@ def _decode(q, k, v, q_positions, kv_lengths, sliding_window, softcap, scale, kv
         q, k, v, o_part, lse_part, q_positions, kv_lengths, kv_rows, prefix_rows, prefix_lens, *q.stride()[:3],
         *k.stride()[:3], *v.stride()[:3], *_pos_strides(q_positions), T, S, H, KH, group, keys_per_split,
         prefix_offset, scale, softcap or 1.0, sliding_window or 0, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_KV_ROWS=kv_rows is not None, HAS_ROW_PREFIX=row_prefix is not None, PRECISION=_precision(q.dtype),
+        HAS_KV_ROWS=kv_rows is not None, HAS_ROW_PREFIX=row_prefix is not None, SKIP_ROW_PREFIX=skip_row_prefix,
+        PRECISION=_precision(q.dtype),
         **_flags(q_positions, kv_lengths, sliding_window, softcap), num_warps=launch.num_warps,
         num_stages=launch.num_stages)
     if merge:
         _merge_splits(o_part, lse_part, out, prefix)
-    return (out, lse_part) if with_lse else out
+    return out
 
 
 def _merge_splits(o_part, lse_part, out, prefix=None):
@@ -292,6 +337,48 @@ def attention_after_shared_prefix(q, k, v, prefix_k, prefix_v, q_positions, slid
     return _decode(q, k[:, P:], v[:, P:], positions - P, None, sliding_window, softcap, scale,
                    _integer_rows(kv_rows, q.device), prefix=(out_p[0], lse_p[0]), row_prefix=_row_prefix(row_prefix, k),
                    prefix_offset=P)
+
+
+def attention_after_prompt_groups(q, k, v, q_positions, prompt_groups, sliding_window=None, softcap=None,
+                                  scale=None):
+    """Decode attention where the rows of one prompt's samples share their prompt's keys: the per-prompt cascade.
+
+    Same result as attention_decode(q, k, v, q_positions, ...) when the promise below holds. q (B, 1, H, D), one
+    token a row, batch row b = cache row b of k / v (B, S, K, D). prompt_groups = (members, lengths, starts, M),
+    (rows >= B, C >= M), (rows,), (rows,) integer tables over the cache rows and M a Python int: the rows of
+    members[g, :M] that are not -1 hold row g's keys [0, lengths[g]) (lengths[g] = 0 for a row that leads no
+    group), every row b < B is the member of exactly one group, and starts[b] is the length of that group's keys.
+    The first kernel attends each group's keys once for all its members (one tile of M x the GQA group rows a kv
+    head, the log-sum-exp kept); the decode kernel attends each row's keys from starts[b] on, merged with the
+    first as the cascade's prefix split. No host sync: CUDA-graph safe (the sampler rewrites the tables in place).
+    """
+    _check_inputs(q, k, v, q_positions, None, sliding_window, softcap)
+    members, lengths, starts, M = prompt_groups
+    B, T, H, D = q.shape
+    KH = k.shape[2]
+    group = H // KH
+    if (T != 1 or q_positions is None or M * group > 128 or members.shape[0] < B or members.shape[1] < M
+            or k.shape[0] != B):
+        raise ValueError(f"attention decode: prompt groups need one token a row at explicit positions, k's rows = "
+                         f"q's, and tables over at least {B} rows with M x GQA group <= 128; got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, members {tuple(members.shape)}, M {M}")
+    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    positions = _integer_rows(q_positions, q.device)
+    members, lengths, starts = (_integer_rows(t, q.device) for t in (members, lengths, starts))
+    prefix_o = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
+    prefix_lse = torch.empty((H, B), dtype=torch.float32, device=q.device)
+    launch = GPU_DECODE[128 if D <= 128 else 256]
+    _attn_prompt_group_kernel[_grid(1, B * KH)](
+        q, k, v, prefix_o, prefix_lse, positions, members, lengths, q.stride(0), q.stride(2), k.stride(0),
+        k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), positions.stride(0), members.stride(0),
+        prefix_o.stride(0), prefix_o.stride(1), prefix_lse.stride(0), KH, group, M, scale, softcap or 1.0,
+        sliding_window or 0, HEAD_DIM=D, BLOCK_M=max(16, triton.next_power_of_2(M * group)),
+        BLOCK_N=16 if _interpreting() else launch.block_n, HAS_WINDOW=sliding_window is not None,
+        HAS_SOFTCAP=softcap is not None, PRECISION=_precision(q.dtype), num_warps=launch.num_warps,
+        num_stages=launch.num_stages)
+    return _decode(q, k, v, positions, None, sliding_window, softcap, scale, prefix=(prefix_o, prefix_lse),
+                   row_prefix=(starts, starts), skip_row_prefix=True)
 
 
 def _row_prefix(row_prefix, k):

@@ -205,40 +205,30 @@ def decode_inputs(head_dim):
     return q, k, v, positions, row_prefix, kv_bytes
 
 
-def prompt_cascade(q, k, v, q_positions, prompt_rows, prompt_len, samples, scale=None):
-    """Decode attention as a per-prompt cascade would compute it, for the sweep to time (the sampler does not run
-    it): every run of `samples` consecutive rows shares its first prompt_len keys with cache row prompt_rows[g]
-    (G,) for group g, and each group's prompt keys are read once for all its rows. Same result as
-    attention_decode(q, k, v, q_positions=q_positions) when those keys are equal (and every query sits at
-    prompt_len or later).
-
-    Two decode-kernel launches and the merge: (1) the G groups as batch rows of `samples` query tokens each, one
-    (samples x GQA group) tile a kv head against its source row's prompt keys (kv_rows, kv_lengths), keeping the
-    log-sum-exp; (2) every row against its own keys from prompt_len on, merged with (1) as the prefix split.
-    q (B, 1, H, D) with B = G * samples, k / v (B, S, K, D), q_positions (B, 1) integers."""
-    B, _, H, D = q.shape
-    G = B // samples
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    lengths = torch.full((G,), prompt_len, device=q.device, dtype=torch.int32)
-    out, lse = decode_attention._decode(q.reshape(G, samples, H, D), k, v, q_positions.reshape(G, samples), lengths,
-                                        None, None, scale, kv_rows=prompt_rows.contiguous(), with_lse=True)
-    prefix = (out.reshape(B, H, D), lse.reshape(B, H).t())  # (B*T, H, D), (H, B*T) as the merge reads a prefix
-    return decode_attention._decode(q, k[:, prompt_len:], v[:, prompt_len:], q_positions - prompt_len, None, None,
-                                    None, scale, prefix=prefix)
+def prompt_groups(rows, samples, prompt_len, device=DEVICE):
+    """The per-prompt cascade's tables (decode_attention.attention_after_prompt_groups) for runs of `samples`
+    consecutive rows that share their first prompt_len keys, each run led by its first row."""
+    leaders = torch.arange(0, rows, samples, device=device)
+    members = torch.full((rows, samples), -1, dtype=torch.int32, device=device)
+    members[leaders] = (leaders[:, None] + torch.arange(samples, device=device)).int()
+    lengths = torch.zeros(rows, dtype=torch.int32, device=device)
+    lengths[leaders] = prompt_len
+    return members, lengths, torch.full((rows,), prompt_len, dtype=torch.int32, device=device), samples
 
 
 def sweep_decode(head_dim, warmup, repeats):
     """The decode kernel's launches at DECODE_SHAPE, each three ways: every row reading its own keys, a prompt's
     positions read from its first sample's row (row_prefix, generate's share_prompt_reads), and the per-prompt
-    cascade (prompt_cascade). GB/s: the keys and values the rows attend (their own copies counted), over the time."""
+    cascade (attention_after_prompt_groups: each prompt's keys read once for its samples, then the rows' own).
+    GB/s: the keys and values the rows attend (their own copies counted), over the time."""
     shape = DECODE_SHAPE
     B, S, P, n = shape["rows"], shape["cache"], shape["prompt"], shape["samples"]
     q, k, v, positions, row_prefix, kv_bytes = decode_inputs(head_dim)
-    sources = row_prefix[0][::n].contiguous()  # each prompt's first row, made once (not in the timed call)
+    groups = prompt_groups(B, n, P)
     runs = {"own rows": lambda: decode_attention.attention_decode(q, k, v, q_positions=positions),
             "prompt shared": lambda: decode_attention.attention_decode(q, k, v, q_positions=positions,
                                                                        row_prefix=row_prefix),
-            "prompt cascade": lambda: prompt_cascade(q, k, v, positions, sources, P, n)}
+            "prompt cascade": lambda: decode_attention.attention_after_prompt_groups(q, k, v, positions, groups)}
     print(f"\ndecode attention, {B} rows ({B // n} prompts x {n}) x 1 query, cache {S}, positions {P}-{S - 1}, "
           f"H{shape['heads']} KH{shape['kv_heads']} D{head_dim}, bf16")
     print(f"{'(BLOCK_N, warps, stages)':<26} {'keys read':<14} {'ms':>8} {'GB/s':>8} {'max rel diff':>13}")
