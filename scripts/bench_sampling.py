@@ -18,6 +18,8 @@ workload, random weights.
                                                           #      every decode step (the paper samples at top_p 1)
     python scripts/bench_sampling.py --prompts 64 --share-prompt-reads   # a prompt's keys read from one of its 8
                                                           #      samples' rows for all of them (meeting in L2)
+    python scripts/bench_sampling.py --prompts 64 --prompt-cascade   # each prompt's keys read once for its 8
+                                                          #      samples, merged with their own (Triton path)
     python scripts/bench_sampling.py --gsm8k --no-compact # the drain with every slot kept where it is (each step
                                                           #      runs up to the highest busy slot)
     make bench-sampling
@@ -228,6 +230,9 @@ def parse_args():
     parser.add_argument("--share-prompt-reads", action="store_true",
                         help="decode reads each prompt's keys from one of its samples' cache rows for all of them\n"
                              "(generate's share_prompt_reads)")
+    parser.add_argument("--prompt-cascade", action="store_true",
+                        help="decode reads each prompt's keys once for all its samples, then each sample's own\n"
+                             "(generate's prompt_cascade: the per-prompt cascade, on the Triton path)")
     parser.add_argument("--no-compact", action="store_true",
                         help="keep a draining batch's samples in their slots (generate's compact=False)")
     parser.add_argument("--threads", type=int, help="torch CPU threads [default: torch's choice]")
@@ -388,7 +393,7 @@ def main():
     options = dict(n=work["samples"], temperature=1.0, top_p=args.top_p, max_new_tokens=work["new_tokens"],
                    max_batch=args.max_batch, cuda_graphs=False if args.no_cuda_graphs else None,
                    prefill_chunk=args.prefill_chunk, share_prompt_reads=args.share_prompt_reads,
-                   compact=not args.no_compact)
+                   compact=not args.no_compact, prompt_cascade=args.prompt_cascade)
 
     name = torch.cuda.get_device_name(device) if kind == "cuda" else "cpu"
     print(f"device {name} ({torch.get_num_threads()} threads), dtype {dtype}, torch {torch.__version__}, commit "
@@ -402,6 +407,7 @@ def main():
           + (f" after a shared prefix of {args.shared_prefix}" if args.shared_prefix else "") +
           f", temperature 1.0, top_p {args.top_p}, max_batch {args.max_batch}, prefill_chunk {args.prefill_chunk}"
           + (", prompt keys read from one sample's row" if args.share_prompt_reads else "")
+          + (", per-prompt cascade" if args.prompt_cascade else "")
           + (", no compaction" if args.no_compact else ""))
     bandwidth = copy_bandwidth(device)
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (device-to-device, read + write); weights read per decode step "

@@ -20,15 +20,17 @@
 #     OUT=gpu_out bash scripts/gpu_check.sh profile_decode decode128   # the batch step's decode attention: Nsight
 #                                                  # Compute, then its launch sweep (~3 minutes; next to measure)
 #     OUT=gpu_out bash scripts/gpu_check.sh pipeline    # the demo recipe end to end on CUDA, bf16 (<= 7 min, own call)
-#     OUT=gpu_out bash scripts/gpu_check.sh test_gpu bench_sampling share_prompt_reads gsm8k gsm8k_no_compact \
-#         profile_decode                           # what the next session measures first (limits 9.2 min; these
+#     OUT=gpu_out bash scripts/gpu_check.sh test_gpu bench_sampling share_prompt_reads prompt_cascade gsm8k \
+#         profile_decode                           # what the next session measures first (limits 9.8 min; such
 #                                                  # steps took 5-6 min before): the tests after the sampler's
-#                                                  # changes, the batch workload with a prompt's keys read from one
-#                                                  # row and not (now the whole prompt), the admission's share without
-#                                                  # padded sibling rows, the drain compacted and not, the decode
-#                                                  # kernel under Nsight Compute; then, in a second call,
-#     OUT=gpu_out bash scripts/gpu_check.sh decode128 dpo_mfu tiles256   # its launch sweep, DPO's idle share, the
-#                                                  # D = 256 attention tiles (limits 7 min)
+#                                                  # changes, the batch and GSM8K-like workloads with a prompt's keys
+#                                                  # read from one row (now the whole prompt), read once through the
+#                                                  # per-prompt cascade, and neither, the admission's share without
+#                                                  # padded sibling rows, the decode kernels under Nsight Compute;
+#                                                  # then, in a second call,
+#     OUT=gpu_out bash scripts/gpu_check.sh decode128 gsm8k_no_compact dpo_mfu tiles256   # the decode launch
+#                                                  # sweep (three ways), the drain compacted and not, DPO's idle
+#                                                  # share, the D = 256 attention tiles (limits 8 min)
 #
 # The pipeline step runs recipes/demo.toml as a derived recipe ($out/demo_cuda.toml: dtype bfloat16, device cuda,
 # absolute paths) through scripts/pipeline.py: Triton kernels, CUDA-graph decoding and FSDP2 training on a 1-GPU
@@ -158,7 +160,7 @@ PY
     # each row's own, and the merge)
     profile_decode)
       ncu="${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)}"
-      step "$1" 90 "${ncu:-ncu}" --clock-control none --profile-from-start off \
+      step "$1" 70 "${ncu:-ncu}" --clock-control none --profile-from-start off \
         -k "regex:^_(attn_decode|attn_prompt_group|merge_splits)_kernel\$" \
         --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
         --section MemoryWorkloadAnalysis "$py" - <<'PY'
@@ -234,6 +236,12 @@ sys.argv = ['bench_sampling.py'] + sys.argv[1:]; runpy.run_path('scripts/bench_s
       step "$1" 80 "$py" scripts/bench_sampling.py --prompts 64 --repeats 1 --no-batch1 --share-prompt-reads
       step share_prompt_reads_gsm8k 60 "$py" scripts/bench_sampling.py --gsm8k --repeats 1 --no-batch1 \
         --share-prompt-reads ;;
+    # the same two workloads with the per-prompt cascade (each prompt's keys read once for its samples, then their
+    # own keys, merged): against bench_sampling's and gsm8k's tok/s
+    prompt_cascade)
+      step "$1" 60 "$py" scripts/bench_sampling.py --prompts 64 --repeats 1 --no-batch1 --prompt-cascade
+      step prompt_cascade_gsm8k 60 "$py" scripts/bench_sampling.py --gsm8k --repeats 1 --no-batch1 \
+        --prompt-cascade ;;
     profile_sampling) step "$1" 150 "$py" scripts/bench_sampling.py --prompts 64 --repeats 1 --profile ;;
     cascade)  # ICL-shaped decode with the cascade over a 1024-token shared prefix, then with it turned off
       args="--shared-prefix 1024 --samples 1 --prompts 256 --new-tokens 64 --repeats 1 --no-batch1"

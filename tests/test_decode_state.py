@@ -178,6 +178,7 @@ def test_graph_signature_tells_apart_what_a_step_bakes_in():
     assert decode_state.graph_signature({**sampling, "top_p": 0.9}, [2], 3) != signature
     assert decode_state.graph_signature(sampling, [2, 5], 3) != signature
     assert decode_state.graph_signature(sampling, [2], 4) != signature
+    assert decode_state.graph_signature(sampling, [2], 3, prompt_cascade=8) != signature  # the cascade's group width
 
 
 def test_a_kept_state_does_not_carry_the_last_runs_shared_prefix(ckpt, monkeypatch):

@@ -577,6 +577,7 @@ def prompt_group_case(options_window=None):
         for r in rows:
             starts[r] = n
             k[r, :n], v[r, :n] = k[leader, :n], v[leader, :n]
+    members[1, 3] = B  # a member past the rows this call runs (a slot a smaller step leaves out): not written
     true_k, true_v = k.clone(), v.clone()
     for leader, (rows, n) in groups.items():
         for r in rows[1:]:
@@ -592,7 +593,7 @@ def test_the_prompt_cascade_reads_each_prompt_once_from_its_leader(options):
     """attention_after_prompt_groups: groups of 3, 2 and 1 rows and an idle row, prompts of 19, 33 and 5 keys (no
     whole number of 16-key blocks), queries before the prompt's end for the idle row; each output equals the
     reference over the true keys (so no member read its own prompt keys, which are NaN), with a window and a
-    soft-cap too; bad tables are a clear error."""
+    soft-cap too, and a member past the rows run is left alone; bad tables are a clear error."""
     seed, q, k, v, true_k, true_v, positions, tables = prompt_group_case()
     with torch.no_grad():
         out = decode.attention_after_prompt_groups(q, k, v, positions, tables, **options)
@@ -806,6 +807,21 @@ def test_gpu_bf16_cascade_decode_long_shared_prefix():
     check_output(out, q, k, v, seed, q_positions=positions)
 
 
+@gpu
+@pytest.mark.gpu
+def test_gpu_bf16_prompt_cascade_at_the_batch_sampling_heads():
+    """The per-prompt cascade at Llama-3-8B's heads (32 / 8, D 128): 16 prompts x 8 samples of 128 shared keys,
+    rows at positions 128-383, against the reference."""
+    B, n, S, P, H, K, D = 128, 8, 384, 128, 32, 8, 128
+    seed, q, k, v = random_qkv(B, 1, S, H, K, D, torch.bfloat16)
+    first = torch.arange(B, device=DEVICE) // n * n
+    k[:, :P], v[:, :P] = k[first, :P], v[first, :P]
+    positions = torch.randint(P, S, (B, 1), device=DEVICE)
+    with torch.no_grad():
+        out = decode.attention_after_prompt_groups(q, k, v, positions, sweep.prompt_groups(B, n, P, DEVICE))
+    check_output(out, q, k, v, seed, q_positions=positions)
+
+
 # --- the switch and the sampler on the Triton path -------------------------------------------------------------
 
 
@@ -903,6 +919,36 @@ def test_sampler_reads_a_prompts_keys_from_one_sample_through_the_triton_decode_
     tables.clear()
     assert shared == generate(model, None, prompts, **kw)
     assert tables and all(t is None for t in tables)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="CPU: the interpreter's block of 16 keys")
+@pytest.mark.parametrize("shared_prefix", [False, True], ids=["decode", "over-a-shared-prefix"])
+def test_sampler_reads_a_prompts_keys_once_through_the_prompt_cascade(monkeypatch, shared_prefix):
+    """prompt_cascade on the Triton path: 4 prompts of 20-40 tokens x 3 samples through 5 slots, EOS ending some
+    early so that slots are refilled; every plain decode step goes through attention_after_prompt_groups, and the
+    samples equal those of the run without it, also when the prompts share a 16-token prefix (which the groups then
+    read with the rest of each prompt, in place of the shared-prefix cascade)."""
+    from w2s.config import ModelConfig
+    from w2s.model import Transformer
+    from w2s.sampling import generate
+
+    cfg = ModelConfig(family="llama", vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                      hidden_dim=48, eos_token_id=[5, 9, 17, 30])
+    model = Transformer(cfg).init_weights(std=0.2, generator=torch.Generator().manual_seed(0)).eval()
+    g = torch.Generator().manual_seed(2)
+    prefix = torch.randint(3, 61, (16,), generator=g).tolist()
+    prompts = [prefix + torch.randint(3, 61, (n,), generator=g).tolist() for n in (4, 24, 10, 18)]
+    calls = []
+    real = decode.attention_after_prompt_groups
+    monkeypatch.setattr(decode, "attention_after_prompt_groups", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(ops, "CASCADE_MIN_PREFIX", 16 if shared_prefix else 10**9)
+    monkeypatch.setattr(ops, "_backend", "triton")
+    kw = dict(n=3, temperature=1.0, seed=5, max_new_tokens=8, max_batch=5, sync_every=2, progress=False)
+    cascaded = generate(model, None, prompts, prompt_cascade=True, **kw)
+    assert len(calls) >= 2 * 4  # 2 layers a step, several steps
+    calls.clear()
+    assert cascaded == generate(model, None, prompts, **kw)
+    assert not calls
 
 
 def test_ops_gathers_the_cache_rows_for_the_flash_kernel(monkeypatch):

@@ -510,6 +510,68 @@ def test_share_prompt_reads_names_only_rows_that_hold_the_same_prompt(ckpt, monk
     assert shared == generate(model, tok, prompts, **kw)
 
 
+@pytest.mark.parametrize("width, compact", [(None, True), (2, False)], ids=["one-run-a-prompt", "runs-of-2"])
+def test_prompt_cascade_groups_every_row_once_with_rows_that_hold_its_prompt(ckpt, monkeypatch, width, compact):
+    """prompt_cascade: before every decode step each slot the step runs is the member of exactly one group; a
+    group's rows are slots at work on one prompt (at most the group width of them, led by the lowest) and hold its
+    leader's keys and values over the prompt, whose length the group and each member's start give; an empty slot is
+    a group of its own with no positions. 18 sequences of 6 prompts x 3 cycle through 5 slots (EOS ends a third of
+    the draws) and the batch drains, compacted; with runs of 2 a prompt's 3 samples split into two groups, and every
+    step runs all 5 slots (as a CUDA step may run empty ones), empty or not. The samples equal a run without it (on
+    CPU the tables change no value)."""
+    model, _ = load(ckpt, "llama2")
+    tok = CharTokenizer(stop_ids=range(3, VOCAB, 3))
+    prompts = random_prompts([9, 4, 12, 6, 10, 7], seed=3, prefix=[5, 6, 7])
+    kw = dict(n=3, temperature=1.0, seed=4, max_new_tokens=10, sync_every=2, max_batch=5, compact=compact,
+              progress=False)
+    seen, real_step, real_group = [], Engine.step, Engine._group_prompt_rows
+
+    def group(self, rows, lens):
+        if width:
+            self.group_width = width
+            self.cache.prompt_groups = (*self.cache.prompt_groups[:3], width)
+        real_group(self, rows, lens)
+
+    def step(self, limit, mixed=False):
+        members, lengths, starts, M = self.cache.prompt_groups
+        assert M == self.group_width == (width or 4)
+        membership = {}
+        for g in range(self.rows):
+            rows = [r for r in members[g, :M].tolist() if r >= 0]
+            assert members[g, M:].eq(-1).all() and (not rows or rows[0] == g and rows == sorted(rows)), (g, rows)
+            for r in rows:
+                assert r not in membership, r
+                membership[r] = g
+            if self.work[g] is None:  # an empty slot: a group of its own, of no positions
+                assert rows == [g] and lengths[g] == 0 and starts[g] == 0, (g, rows)
+                seen.append(0)
+                continue
+            if lengths[g] == 0:  # a slot at work that leads no group: another group's member
+                assert not rows, (g, rows)
+                continue
+            prompts_of = {self.work[r][0] for r in rows}
+            assert len(prompts_of) == 1 and lengths[g] == len(self.prompts[prompts_of.pop()]), (g, rows)
+            for r in rows:
+                assert starts[r] == lengths[g]
+                for buf in (self.cache.k, self.cache.v):  # (layers, rows, K, positions, D)
+                    assert torch.equal(buf[:, r, :, : lengths[g]], buf[:, g, :, : lengths[g]]), (g, r)
+            seen.append(len(rows))
+        assert sorted(membership) == list(range(self.rows))
+        return real_step(self, limit, mixed)
+
+    monkeypatch.setattr(Engine, "_group_prompt_rows", group)
+    monkeypatch.setattr(Engine, "step", step)
+    if not compact:
+        monkeypatch.setattr(Engine, "_rows_covering", lambda self, n: self.slots)
+    cascaded = generate(model, tok, prompts, prompt_cascade=True, **kw)
+    assert max(seen) == (width or 3) and 1 in seen and (0 in seen or compact)  # groups of 3 (or 2), 1; empty slots
+    monkeypatch.undo()
+    assert cascaded == generate(model, tok, prompts, **kw)
+    for bad in (dict(prefill_chunk=2), dict(share_prompt_reads=True)):
+        with pytest.raises(ValueError, match="prompt_cascade=True runs without prefill_chunk"):
+            generate(model, tok, prompts, prompt_cascade=True, **{**kw, **bad})
+
+
 @pytest.mark.parametrize("share_prompt_reads", [False, True])
 def test_a_draining_batch_moves_its_samples_down_and_runs_fewer_rows(ckpt, monkeypatch, share_prompt_reads):
     """Once no work waits, the samples still running move into the lowest free slots (cache rows and state), and a
@@ -786,7 +848,8 @@ def test_cpu_never_captures_cuda_graphs(ckpt, monkeypatch):
 @pytest.mark.parametrize("family", ["llama2", "gemma", "gemma2"])
 def test_cuda_graph_decode_equals_eager(family, ckpt):
     """Replaying the captured decode step gives the same greedy and seeded samples as running it eagerly (fp32,
-    Triton kernels), across several attention limits (sequences grow past 64 positions)."""
+    Triton kernels), across several attention limits (sequences grow past 64 positions); so do the captured steps
+    of chunked prefill and of the per-prompt cascade (its tables rewritten in place between replays)."""
     model = w2s.load_model(ckpt(family)[0], dtype=torch.float32, device="cuda")
     prompts = random_prompts([5, 30, 2], seed=5, prefix=[1, 7])
     for kw in (dict(temperature=0.0), dict(n=2, temperature=1.0, top_p=0.9, seed=3)):
@@ -794,7 +857,9 @@ def test_cuda_graph_decode_equals_eager(family, ckpt):
         graphs = generate(model, None, prompts, max_new_tokens=80, max_batch=4, cuda_graphs=True, progress=False, **kw)
         chunked = generate(model, None, prompts, max_new_tokens=80, max_batch=4, cuda_graphs=True, prefill_chunk=16,
                            progress=False, **kw)  # mixed steps captured as graphs of their own
-        assert graphs == eager == chunked
+        cascaded = generate(model, None, prompts, max_new_tokens=80, max_batch=4, cuda_graphs=True,
+                            prompt_cascade=True, progress=False, **kw)
+        assert graphs == eager == chunked == cascaded
 
 
 def test_stop_string_ends_decoding_early(ckpt, monkeypatch):

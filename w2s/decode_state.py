@@ -62,6 +62,12 @@ class DecodeState:
         # row_prefix, with the engine's share_prompt_reads): itself and 0 until the engine names another.
         self.prompt_rows = torch.arange(slots + 1, dtype=torch.int32, device=device)
         self.prompt_lens = torch.zeros(slots + 1, dtype=torch.int32, device=device)
+        # The per-prompt cascade's groups (KVCache's prompt_groups, with the engine's prompt_cascade): for each cache
+        # row that leads a group, its member rows (-1: none) and the prompt positions they share; up to 128 query
+        # rows of a kv head in one tile, so at most 128 / (query heads per kv head) members.
+        self.group_members = torch.full((slots + 1, max(1, 128 // (cfg.n_heads // cfg.n_kv_heads))), -1,
+                                        dtype=torch.int32, device=device)
+        self.group_lens = torch.zeros(slots + 1, dtype=torch.int32, device=device)
         self.eos = None  # (E,) ids that end a sequence
         self.logits = None  # (slots, V) fp32 logits of the last decode step
         self.graphs, self.graph_pool, self.signature = {}, None, None  # {(limit, rows, mixed): CUDA graph}
@@ -75,9 +81,11 @@ class DecodeState:
                          (self.done, True), (self.out, 0)):
             t.fill_(value)
         self.cache.rows, self.cache.limit, self.cache.shared = None, self.cache.max_len, None
-        self.cache.row_prefix = None
+        self.cache.row_prefix = self.cache.prompt_groups = None
         self.prompt_rows.copy_(torch.arange(len(self.prompt_rows), device=self.prompt_rows.device))
         self.prompt_lens.zero_()
+        self.group_members.fill_(-1)
+        self.group_lens.zero_()
         if signature != self.signature:
             self.graphs, self.graph_pool, self.signature = {}, None, signature
             self.eos = torch.tensor(eos_ids, dtype=torch.long, device=self.tokens.device)
@@ -125,12 +133,13 @@ class DecodeState:
         self.graphs[key] = graph
 
 
-def graph_signature(sampling, eos_ids, prefix_len, keep_logits=False, share_prompt_reads=False):
+def graph_signature(sampling, eos_ids, prefix_len, keep_logits=False, share_prompt_reads=False, prompt_cascade=0):
     """What a captured step bakes in besides buffer addresses: sampling options, EOS ids, the shared-prefix length,
     whether it copies its logits out, and the kernel choice (the backend, the prefix length from which decode runs
-    the cascade, and whether it reads a prompt's keys from the row named for them)."""
+    the cascade, whether it reads a prompt's keys from the row named for them, and the per-prompt cascade's group
+    width, 0 without it)."""
     return (tuple(sorted(sampling.items())), tuple(eos_ids), prefix_len, keep_logits, ops.get_backend(),
-            ops.CASCADE_MIN_PREFIX, share_prompt_reads)
+            ops.CASCADE_MIN_PREFIX, share_prompt_reads, prompt_cascade)
 
 
 def weight_addresses(model):

@@ -68,6 +68,9 @@ class KVCache:
     `row_prefix = (rows, lengths)`, (cache rows,) integer tensors the sampler keeps up to date in place, declares
     that positions [0, lengths[r]) of row r hold the same keys and values as row rows[r] (two samples of one
     prompt); decode attention gets it as a hint as well (ops.attention).
+    `prompt_groups = (members, lengths, starts, M)`, tables the sampler keeps up to date in place as well, declares
+    which rows hold one prompt's keys (w2s.kernels.decode_attention.attention_after_prompt_groups): a plain decode
+    step on Triton then reads each prompt's keys once for all its rows (the per-prompt cascade).
     """
 
     def __init__(self, cfg: ModelConfig, slots, max_len, dtype=torch.float32, device="cpu"):
@@ -75,6 +78,7 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len, self.rows, self.limit, self.shared, self.row_prefix = max_len, None, max_len, None, None
+        self.prompt_groups = None
 
     def write(self, layer, q, k, v, positions, inv_freq):
         """Rotate q (B, T, H, D) and k (B, T, K, D) to their (B, T) positions and write k and v into this layer's
@@ -117,15 +121,16 @@ class Attention(nn.Module):
         k, v = k.unflatten(-1, (cfg.n_kv_heads, cfg.head_dim)), v.unflatten(-1, (cfg.n_kv_heads, cfg.head_dim))
         if cache is None:
             q, k = ops.rope(q, positions, inv_freq), ops.rope(k, positions, inv_freq)
-            q_positions, shared, kv_rows, row_prefix = None, None, None, None  # this batch's keys: causal by index
+            q_positions, shared, kv_rows, row_prefix, groups = None, None, None, None, None  # causal by index
         else:
             q = cache.write(self.layer_idx, q, k, v, positions, inv_freq)  # rotates q and k, caches k and v
             # (B or cache rows, S, K, D), key index == position; kv_rows (B,) or None
             k, v, kv_rows = cache.read(self.layer_idx, B)
             q_positions, shared, row_prefix = positions, cache.shared_prefix(self.layer_idx), cache.row_prefix
+            groups = cache.prompt_groups
         out = ops.attention(q, k, v, q_positions=q_positions, sliding_window=self.window,
                             softcap=cfg.attn_logit_softcap, scale=cfg.attn_scale, shared_prefix=shared,
-                            kv_rows=kv_rows, row_prefix=row_prefix)  # (B, T, H, D)
+                            kv_rows=kv_rows, row_prefix=row_prefix, prompt_groups=groups)  # (B, T, H, D)
         # the layer, or its matmul outside it where that may run (one row on Triton: the matrix-vector kernel)
         return linear(self, "o_proj", out.reshape(B, T, -1))
 

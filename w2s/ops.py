@@ -77,7 +77,7 @@ def _triton(module_name, tensor):
 
 
 def attention(q, k, v, q_positions=None, kv_lengths=None, sliding_window=None, softcap=None, scale=None,
-              shared_prefix=None, kv_rows=None, row_prefix=None):
+              shared_prefix=None, kv_rows=None, row_prefix=None, prompt_groups=None):
     """Causal GQA attention; see w2s.kernels.reference.attention for the exact contract. (B, T, H, D) -> (B, T, H, D).
 
     Triton: the split-key decode kernel (w2s/kernels/decode_attention.py) where `use_decode_kernel` says so, else
@@ -100,6 +100,11 @@ def attention(q, k, v, q_positions=None, kv_lengths=None, sliding_window=None, s
     that row r's keys and values [0, lengths[r]) equal row rows[r]'s (the sampler's samples of one prompt, each
     holding a copy of its keys). It changes no value; the Triton decode kernel reads those keys from rows[r], so that
     the rows naming one row read it together and meet in L2. Every other path ignores it.
+
+    prompt_groups: optional (members, lengths, starts, M) over the cache's rows, a promise that the rows of each
+    group hold its leading row's first keys (w2s.kernels.decode_attention.attention_after_prompt_groups). It changes
+    no value; a Triton decode call of one token a row (no kv_rows) then reads each group's keys once for all its
+    rows (the per-prompt cascade), in place of shared_prefix's and row_prefix's ways. Every other path ignores it.
     """
     if kv_rows is not None and not (_use_triton(q) and use_decode_kernel(q, k, v)):
         if q.device.type == "cpu" and q.shape[1] == 1 and q_positions is not None and kv_lengths is None:
@@ -108,7 +113,7 @@ def attention(q, k, v, q_positions=None, kv_lengths=None, sliding_window=None, s
         k, v, kv_rows = k[kv_rows], v[kv_rows], None  # (B, S, K, D): batch rows from here on
     if _use_triton(q):
         return _triton_attention(q, k, v, q_positions, kv_lengths, sliding_window, softcap, scale,
-                                 _cascade_prefix(shared_prefix), kv_rows, row_prefix)
+                                 _cascade_prefix(shared_prefix), kv_rows, row_prefix, prompt_groups)
     if _backend == "auto" and sdpa_attention.supports(q, k, v, q_positions, kv_lengths, sliding_window, softcap):
         return sdpa_attention.attention(q, k, v, q_positions=q_positions, kv_lengths=kv_lengths,
                                         sliding_window=sliding_window, scale=scale,
@@ -139,14 +144,18 @@ def use_decode_kernel(q, k, v):
 
 
 def _triton_attention(q, k, v, q_positions, kv_lengths, sliding_window, softcap, scale, cascade_prefix, kv_rows,
-                      row_prefix=None):
+                      row_prefix=None, prompt_groups=None):
     """The Triton path of `attention`: the flash kernel, the decode kernel, or the decode kernel's cascade over
-    cascade_prefix (which needs explicit positions and no ragged kv_lengths). kv_rows and row_prefix only reach the
-    decode kernel."""
+    cascade_prefix or prompt_groups (which need explicit positions and no ragged kv_lengths; prompt_groups one token
+    a row and no kv_rows). kv_rows and row_prefix only reach the decode kernel."""
     if not use_decode_kernel(q, k, v):
         return _kernel("attention").attention(q, k, v, q_positions=q_positions, kv_lengths=kv_lengths,
                                               sliding_window=sliding_window, softcap=softcap, scale=scale)
     decode = _kernel("decode_attention")
+    if (prompt_groups is not None and q.shape[1] == 1 and kv_rows is None and q_positions is not None
+            and kv_lengths is None):
+        return decode.attention_after_prompt_groups(q, k, v, q_positions, prompt_groups,
+                                                    sliding_window=sliding_window, softcap=softcap, scale=scale)
     if cascade_prefix is not None and q_positions is not None and kv_lengths is None:
         return decode.attention_after_shared_prefix(q, k, v, *cascade_prefix, q_positions,
                                                     sliding_window=sliding_window, softcap=softcap, scale=scale,

@@ -101,7 +101,7 @@ def check_distribution(temperature, top_p, top_k):
 
 
 def _check_options(tokenizer, n=1, temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=MAX_NEW_TOKENS, stop=(),
-                   prefill_chunk=0, sync_every=8, max_batch=256, **_):
+                   prefill_chunk=0, sync_every=8, max_batch=256, share_prompt_reads=False, prompt_cascade=False, **_):
     """Normalized stop strings; a clear ValueError for impossible options (the other options pass through)."""
     if isinstance(stop, str):
         stop = (stop,)
@@ -118,6 +118,9 @@ def _check_options(tokenizer, n=1, temperature=0.0, top_p=1.0, top_k=0, max_new_
     check_distribution(temperature, top_p, top_k)
     if prefill_chunk < 0:
         raise ValueError(f"prefill_chunk={prefill_chunk} must be >= 0 (prompt tokens per decode step; 0 is off)")
+    if prompt_cascade and (prefill_chunk or share_prompt_reads):
+        raise ValueError(f"prompt_cascade=True runs without prefill_chunk (got {prefill_chunk}) and share_prompt_reads "
+                         f"(got {share_prompt_reads}): each is another way to read a prompt's keys")
     return stop
 
 
@@ -158,11 +161,11 @@ def _use_cuda_graphs(model, cuda_graphs):
 def make_engine(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=MAX_NEW_TOKENS,
                 stop=(), seed=0, max_batch=256, cache_len=None, shared_prefix=True, sync_every=8, cuda_graphs=None,
                 keep_state=None, fused_projections=None, prefill_chunk=0, prompt_indices=None,
-                share_prompt_reads=False, compact=True):
+                share_prompt_reads=False, compact=True, prompt_cascade=False):
     """The Engine that `iter_generate` runs (None without prompts); arguments as `generate`. Callers that want the
     engine's counters (decode_steps, tokens_generated) drive `engine.run()` themselves."""
     stop = _check_options(tokenizer, n, temperature, top_p, top_k, max_new_tokens, stop, prefill_chunk, sync_every,
-                          max_batch)
+                          max_batch, share_prompt_reads, prompt_cascade)
     ids = encode_prompts(tokenizer, prompts, model.cfg.vocab_size)
     if not ids:
         return None
@@ -184,7 +187,7 @@ def make_engine(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, top_
         slots=max(1, min(max_batch, len(ids) * n)), cache_len=cache_len, global_index=prompt_indices,
         shared_prefix=shared_prefix, sync_every=sync_every, cuda_graphs=cuda_graphs, prefill_chunk=prefill_chunk,
         keep_state=cuda_graphs if keep_state is None else keep_state, share_prompt_reads=share_prompt_reads,
-        compact=compact,
+        compact=compact, prompt_cascade=prompt_cascade,
         text_vocab=text_vocab if text_vocab is not None and text_vocab < model.cfg.vocab_size else None)
 
 
@@ -243,7 +246,7 @@ def _run_shard(model, tokenizer, ids, mine, dp_size, n_done, progress, options):
 def generate(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=MAX_NEW_TOKENS,
              stop=(), seed=0, max_batch=256, cache_len=None, shared_prefix=True, sync_every=8, cuda_graphs=None,
              keep_state=None, fused_projections=None, prefill_chunk=0, share_prompt_reads=False, compact=True,
-             progress=True):
+             prompt_cascade=False, progress=True):
     """Complete every prompt n times; returns, per prompt in input order, a list of n completion dicts.
 
     prompts: strings (tokenizer required) or lists of token ids (tokenizer may be None; then `text` is None and
@@ -260,7 +263,10 @@ def generate(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, top_k=0
     share_prompt_reads: decode reads a prompt's keys from one of its samples' cache rows for all of them, so that
     on the GPU those reads meet in L2 (the same samples; off by default: on an H200 it changed no decode step's
     time, BENCHMARKS.md). compact: once no prompt waits, move the running samples into the lowest slots so that each
-    step runs fewer rows as the batch drains (the same samples; on by default).
+    step runs fewer rows as the batch drains (the same samples; on by default). prompt_cascade: a decode step on
+    Triton reads each prompt's keys once for all its samples at work and each sample's own keys after them, merged
+    (the per-prompt cascade; the same samples up to float rounding; off by default, not yet timed on a GPU; not with
+    prefill_chunk or share_prompt_reads).
     Under an initialised process group each data-parallel rank runs a shard and every rank returns the full,
     input-ordered result, identical to a one-process run with the same seed.
     """
@@ -271,7 +277,7 @@ def generate(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, top_k=0
         max_new_tokens=max_new_tokens, stop=stop, seed=seed, max_batch=max_batch, cache_len=cache_len,
         shared_prefix=shared_prefix, sync_every=sync_every, cuda_graphs=cuda_graphs, keep_state=keep_state,
         fused_projections=fused_projections, prefill_chunk=prefill_chunk, share_prompt_reads=share_prompt_reads,
-        compact=compact))
+        compact=compact, prompt_cascade=prompt_cascade))
     if dp_layout(model)[1] > 1:
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, results)

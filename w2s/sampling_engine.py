@@ -21,6 +21,10 @@ How it works (one engine, `Engine`, driven by w2s.sampling.iter_generate):
   * Once no work is waiting, the batch drains: the slots still running are moved down into the lowest free slots
     (their cache rows and state copied; compact, on by default), so that R, the power of two that covers the highest
     running slot (on CPU the exact count), shrinks with them and a step stops computing rows that hold nothing.
+  * The per-prompt cascade (prompt_cascade, off by default): the n samples of a prompt hold equal copies of its
+    keys, and a decode step on Triton reads them once for all of them (one tile of the samples' queries a kv head,
+    w2s/kernels/decode_attention.py's attention_after_prompt_groups), then each sample's own keys, merged. The host
+    keeps the groups (the slots at work on each prompt) in tables it rewrites at every look.
   * Chunked prefill (prefill_chunk=C, off by default): while decode runs, a refilled slot's prompt is not prefilled
     in a forward of its own that every other slot waits for; its tokens ride in the next decode steps instead, up
     to C per step. Such a mixed step runs S + C query rows of one token each (every slot's next token, then the
@@ -122,14 +126,15 @@ class Engine:
     inspection; off: no copy per step); share_prompt_reads: decode reads the keys of a prompt's positions from one
     row of its samples for all of them (each still holds its copy), so that on the GPU those reads meet in L2
     (`_name_prompt_rows`); compact: move the running slots down as the batch drains, so a step runs fewer rows
-    (`_compact`);
+    (`_compact`); prompt_cascade: a plain decode step on Triton reads each prompt's keys once for all its samples
+    at work and each sample's own keys after them, merged (the per-prompt cascade, `_group_prompt_rows`);
     text_vocab: draw only ids below it (a model whose vocabulary is padded past its tokenizer's: ids without text).
     """
 
     def __init__(self, model, prompts, n, *, temperature, top_k, top_p, max_new_tokens, seed, eos_ids, stop=(),
                  decode=None, slots, cache_len, global_index=None, shared_prefix=True, sync_every=8,
                  cuda_graphs=False, prefill_tokens=8192, prefill_chunk=0, keep_state=False,
-                 keep_logits=False, text_vocab=None, share_prompt_reads=False, compact=True):
+                 keep_logits=False, text_vocab=None, share_prompt_reads=False, compact=True, prompt_cascade=False):
         self.model, self.prompts, self.n = model, prompts, n
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
         self.text_vocab = text_vocab
@@ -137,7 +142,11 @@ class Engine:
         self.eos_set = set(eos_ids)
         self.slots, self.cache_len, self.sync_every = slots, cache_len, sync_every
         self.prefill_tokens, self.prefill_chunk, self.cuda_graphs = prefill_tokens, prefill_chunk, cuda_graphs
+        if prompt_cascade and (prefill_chunk or share_prompt_reads):
+            raise ValueError("prompt_cascade reads each prompt's keys once per step for all its samples; it runs "
+                             "without prefill_chunk and share_prompt_reads (another way to read them)")
         self.keep_logits, self.share_prompt_reads, self.compact = keep_logits, share_prompt_reads, compact
+        self.prompt_cascade = prompt_cascade
         self.global_index = list(range(len(prompts))) if global_index is None else list(global_index)
         weight = model.embed_tokens.weight
         dev = self.device = weight.device
@@ -149,11 +158,15 @@ class Engine:
         shapes = (cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, slots, cache_len, prefill_chunk, weight.dtype, dev)
         self.state = st = decode_state.acquire(model, shapes, build) if keep_state else build()
         eos = sorted(self.eos_set) or [-1]
+        # the per-prompt cascade's group width: a prompt's samples at work, in runs of at most this many rows
+        self.group_width = min(1 << (n - 1).bit_length(), st.group_members.shape[1]) if prompt_cascade else 0
         signature = decode_state.graph_signature({**self.sampling, "text_vocab": text_vocab}, eos, self.prefix_len,
-                                                 keep_logits, share_prompt_reads)
+                                                 keep_logits, share_prompt_reads, self.group_width)
         st.start(self, signature, eos)
         if share_prompt_reads:
             st.cache.row_prefix = (st.prompt_rows, st.prompt_lens)
+        if prompt_cascade:
+            st.cache.prompt_groups = (st.group_members, st.group_lens, st.prompt_lens, self.group_width)
         self.cache, self.tokens, self.positions, self.n_gen = st.cache, st.tokens, st.positions, st.n_gen
         self.budget, self.keys, self.done, self.out, self.eos = st.budget, st.keys, st.done, st.out, st.eos
         self.trash = self.out.shape[1] - 1  # the column finished slots write into
@@ -226,15 +239,16 @@ class Engine:
             self.cache.rows = torch.tensor([s for s, _, _ in chunk], device=self.device)
             self.cache.limit = max(start + len(ids) for _, ids, start in chunk)
             # Many queries per row: no cascade (flash prefill); the rows being filled may still be named for an
-            # earlier prompt's keys (_name_prompt_rows runs after), so no prompt-row reads either.
+            # earlier prompt's keys (_name_prompt_rows runs after), so no prompt-row reads or groups either.
             shared, self.cache.shared = self.cache.shared, None
             row_prefix, self.cache.row_prefix = self.cache.row_prefix, None
+            groups, self.cache.prompt_groups = self.cache.prompt_groups, None
             try:
                 hidden = self.model(tokens.to(self.device), positions.to(self.device), cache=self.cache,
                                     return_hidden=True)  # (R, T, D)
             finally:
                 self.cache.rows, self.cache.limit, self.cache.shared = None, self.cache_len, shared
-                self.cache.row_prefix = row_prefix
+                self.cache.row_prefix, self.cache.prompt_groups = row_prefix, groups
             out.append(logits_from_hidden(self.model, hidden[torch.arange(len(chunk)), last.to(self.device)]))
             i = j
         inverse = torch.empty(len(order), dtype=torch.long)
@@ -301,7 +315,7 @@ class Engine:
         sibling runs it again, in a mixed step of another shape. Called after each admission, before any decode
         step reads the rows it filled: a slot named for others keeps its prompt until it is admitted anew, and then
         it is named here no more."""
-        if not self.share_prompt_reads:
+        if not (self.share_prompt_reads or self.prompt_cascade):
             return
         rerun = 1 if self.prefill_chunk else 0  # the prompt positions at the end that a row may hold of its own
         rows, lens, first = list(range(self.slots + 1)), [0] * (self.slots + 1), {}
@@ -310,6 +324,29 @@ class Engine:
                 rows[s], lens[s] = first.setdefault(work[0], s), len(self.prompts[work[0]]) - rerun
         self.state.prompt_rows.copy_(torch.tensor(rows, dtype=torch.int32))
         self.state.prompt_lens.copy_(torch.tensor(lens, dtype=torch.int32))
+        if self.prompt_cascade:
+            self._group_prompt_rows(rows, lens)
+
+    def _group_prompt_rows(self, rows, lens):
+        """The per-prompt cascade's groups from the named rows: the slots at work on one prompt, in runs of at most
+        group_width led by each run's lowest slot (its group: those slots and the prompt's positions); an empty
+        slot is a group of its own with no positions, so that every row a step runs belongs to one group."""
+        members = torch.full(self.state.group_members.shape, -1, dtype=torch.int32)
+        group_lens = torch.zeros(len(rows), dtype=torch.int32)
+        runs, open_run = {}, {}  # leader -> its members; a prompt's first slot -> the leader of its latest run
+        for s in range(self.slots + 1):
+            if lens[s] == 0:  # an empty slot (or the spare row): alone, attending none of its keys here
+                runs[s] = [s]
+                continue
+            leader = open_run.get(rows[s])
+            if leader is None or len(runs[leader]) == self.group_width:
+                leader = open_run[rows[s]] = s
+                runs[s], group_lens[s] = [], lens[s]
+            runs[leader].append(s)
+        for leader, run in runs.items():
+            members[leader, : len(run)] = torch.tensor(run, dtype=torch.int32)
+        self.state.group_members.copy_(members)
+        self.state.group_lens.copy_(group_lens)
 
     def _start_slots(self, free, items):
         """Slot state of work items [(prompt, sample)] entering slots `free`: position after the prompt, RNG key,
@@ -563,6 +600,8 @@ class Engine:
                 return
             if self.compact and not queue and not self.prefilling:
                 self._compact()  # the batch drains: run fewer rows
+            if self.prompt_cascade:  # the groups as the slots stand now, finished ones gone (every look)
+                self._name_prompt_rows()
             self.rows = self._rows_to_run()
             positions, n_gen, budget = torch.stack([self.positions, self.n_gen, self.budget]).tolist()
             at_work = [s for s in range(self.slots) if self.work[s] is not None]

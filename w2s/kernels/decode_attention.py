@@ -130,7 +130,7 @@ def _attn_decode_kernel(Q, K, V, O_PART, LSE_PART, POS, KV_LEN, KV_ROWS, PREFIX_
 def _attn_prompt_group_kernel(Q, K, V, PREFIX_O, PREFIX_LSE, POS, MEMBERS, GROUP_LENS,
                               stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                               stride_pb, stride_mg, stride_por, stride_poh, stride_plh,
-                              KH, GROUP, M, scale, softcap, window,
+                              B, KH, GROUP, M, scale, softcap, window,
                               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                               HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
     """The per-prompt cascade's first pass. One program = one (cache row g, kv head): its rows are every (member t of
@@ -144,7 +144,7 @@ def _attn_prompt_group_kernel(Q, K, V, PREFIX_O, PREFIX_LSE, POS, MEMBERS, GROUP
     kv_h = pid % KH
     rows = tl.arange(0, BLOCK_M)
     member = tl.load(MEMBERS + g * stride_mg + rows // GROUP, mask=rows < M * GROUP, other=-1).to(tl.int64)
-    row_ok = member >= 0
+    row_ok = (member >= 0) & (member < B)  # a member past the rows run is no row of this call
     h = kv_h * GROUP + rows % GROUP
     offs_d = tl.arange(0, HEAD_DIM)
     pos = tl.where(row_ok, tl.load(POS + member * stride_pb, mask=row_ok, other=-1).to(tl.int32), -1)
@@ -372,7 +372,7 @@ def attention_after_prompt_groups(q, k, v, q_positions, prompt_groups, sliding_w
     _attn_prompt_group_kernel[_grid(1, B * KH)](
         q, k, v, prefix_o, prefix_lse, positions, members, lengths, q.stride(0), q.stride(2), k.stride(0),
         k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), positions.stride(0), members.stride(0),
-        prefix_o.stride(0), prefix_o.stride(1), prefix_lse.stride(0), KH, group, M, scale, softcap or 1.0,
+        prefix_o.stride(0), prefix_o.stride(1), prefix_lse.stride(0), B, KH, group, M, scale, softcap or 1.0,
         sliding_window or 0, HEAD_DIM=D, BLOCK_M=max(16, triton.next_power_of_2(M * group)),
         BLOCK_N=16 if _interpreting() else launch.block_n, HAS_WINDOW=sliding_window is not None,
         HAS_SOFTCAP=softcap is not None, PRECISION=_precision(q.dtype), num_warps=launch.num_warps,
