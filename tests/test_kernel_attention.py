@@ -889,6 +889,20 @@ def test_sampler_chunked_prefill_through_the_triton_decode_kernel(monkeypatch):
     assert any(rows_seen) and not all(rows_seen)  # mixed steps read through kv_rows, plain steps do not
 
 
+def samples_of_prompts_case():
+    """A tiny random Llama (4 query / 2 kv heads, 4 EOS ids) and 4 prompts of 20-40 tokens that share their first
+    16: the sampler's workload for the ways of reading a prompt's keys once."""
+    from w2s.config import ModelConfig
+    from w2s.model import Transformer
+
+    cfg = ModelConfig(family="llama", vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                      hidden_dim=48, eos_token_id=[5, 9, 17, 30])
+    model = Transformer(cfg).init_weights(std=0.2, generator=torch.Generator().manual_seed(0)).eval()
+    g = torch.Generator().manual_seed(2)
+    prefix = torch.randint(3, 61, (16,), generator=g).tolist()
+    return model, [prefix + torch.randint(3, 61, (n,), generator=g).tolist() for n in (4, 24, 10, 18)]
+
+
 @pytest.mark.skipif(DEVICE == "cuda", reason="CPU: the interpreter's block of 16 keys")
 @pytest.mark.parametrize("shared_prefix", [False, True], ids=["decode", "cascade"])
 def test_sampler_reads_a_prompts_keys_from_one_sample_through_the_triton_decode_kernel(monkeypatch, shared_prefix):
@@ -897,16 +911,9 @@ def test_sampler_reads_a_prompts_keys_from_one_sample_through_the_triton_decode_
     rows name a sibling over at least one whole 16-key block, and the samples equal those of the run without it
     (the keys read from a sibling are bitwise the row's own), plain and inside the cascade over a 16-token shared
     prefix."""
-    from w2s.config import ModelConfig
-    from w2s.model import Transformer
     from w2s.sampling import generate
 
-    cfg = ModelConfig(family="llama", vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
-                      hidden_dim=48, eos_token_id=[5, 9, 17, 30])
-    model = Transformer(cfg).init_weights(std=0.2, generator=torch.Generator().manual_seed(0)).eval()
-    g = torch.Generator().manual_seed(2)
-    prefix = torch.randint(3, 61, (16,), generator=g).tolist()
-    prompts = [prefix + torch.randint(3, 61, (n,), generator=g).tolist() for n in (4, 24, 10, 18)]
+    model, prompts = samples_of_prompts_case()
     tables = []
     real = decode._decode
     monkeypatch.setattr(decode, "_decode", lambda *a, **k: tables.append(k.get("row_prefix")) or real(*a, **k))
@@ -928,16 +935,9 @@ def test_sampler_reads_a_prompts_keys_once_through_the_prompt_cascade(monkeypatc
     early so that slots are refilled; every plain decode step goes through attention_after_prompt_groups, and the
     samples equal those of the run without it, also when the prompts share a 16-token prefix (which the groups then
     read with the rest of each prompt, in place of the shared-prefix cascade)."""
-    from w2s.config import ModelConfig
-    from w2s.model import Transformer
     from w2s.sampling import generate
 
-    cfg = ModelConfig(family="llama", vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
-                      hidden_dim=48, eos_token_id=[5, 9, 17, 30])
-    model = Transformer(cfg).init_weights(std=0.2, generator=torch.Generator().manual_seed(0)).eval()
-    g = torch.Generator().manual_seed(2)
-    prefix = torch.randint(3, 61, (16,), generator=g).tolist()
-    prompts = [prefix + torch.randint(3, 61, (n,), generator=g).tolist() for n in (4, 24, 10, 18)]
+    model, prompts = samples_of_prompts_case()
     calls = []
     real = decode.attention_after_prompt_groups
     monkeypatch.setattr(decode, "attention_after_prompt_groups", lambda *a, **k: calls.append(1) or real(*a, **k))
