@@ -24,7 +24,7 @@ How it works (one engine, `Engine`, driven by w2s.sampling.iter_generate):
   * The per-prompt cascade (prompt_cascade, off by default): the n samples of a prompt hold equal copies of its
     keys, and a decode step on Triton reads them once for all of them (one tile of the samples' queries a kv head,
     w2s/kernels/decode_attention.py's attention_after_prompt_groups), then each sample's own keys, merged. The host
-    keeps the groups (the slots at work on each prompt) in tables it rewrites at every look.
+    keeps the groups (the slots at work on each prompt) in tables it rewrites at each look that finds them changed.
   * Chunked prefill (prefill_chunk=C, off by default): while decode runs, a refilled slot's prompt is not prefilled
     in a forward of its own that every other slot waits for; its tokens ride in the next decode steps instead, up
     to C per step. Such a mixed step runs S + C query rows of one token each (every slot's next token, then the
@@ -177,6 +177,7 @@ class Engine:
         self.checked_tokens = [0] * slots  # generated tokens already searched for stop strings
         self.unstarted = [n] * len(prompts)  # samples of each prompt not yet given a slot
         self.prompt_logits = {}  # prompt -> (V,) fp32 logits at its last position, while samples of it wait
+        self._named_for = None  # the prompt of each slot when _name_prompt_rows last wrote the tables
         self.stop_window = max((len(x.encode()) for x in self.stop), default=0) + 2  # tokens of overlap
         self.tokens_generated = 0
         self.decode_steps = 0  # steps run
@@ -317,6 +318,10 @@ class Engine:
         it is named here no more."""
         if not (self.share_prompt_reads or self.prompt_cascade):
             return
+        prompts_at_work = [None if w is None else w[0] for w in self.work]
+        if prompts_at_work == self._named_for:  # the slots hold what they held at the last naming
+            return
+        self._named_for = prompts_at_work
         rerun = 1 if self.prefill_chunk else 0  # the prompt positions at the end that a row may hold of its own
         rows, lens, first = list(range(self.slots + 1)), [0] * (self.slots + 1), {}
         for s, work in enumerate(self.work):
@@ -600,7 +605,7 @@ class Engine:
                 return
             if self.compact and not queue and not self.prefilling:
                 self._compact()  # the batch drains: run fewer rows
-            if self.prompt_cascade:  # the groups as the slots stand now, finished ones gone (every look)
+            if self.prompt_cascade:  # the groups as the slots stand now, finished ones gone
                 self._name_prompt_rows()
             self.rows = self._rows_to_run()
             positions, n_gen, budget = torch.stack([self.positions, self.n_gen, self.budget]).tolist()
