@@ -651,7 +651,7 @@ def test_sampler_draws_through_the_kernel_on_the_triton_path(monkeypatch):
     """sample_from_logits sends plain, top-k and top-p draws to ops.sample_inverse_cdf: the same tokens on the
     Triton path (the kernel) as on the reference path, each of them inside the kept set."""
     from w2s import ops
-    from w2s.sampling_engine import sample_from_logits
+    from w2s.sampling_draw import sample_from_logits
 
     logits, uniforms = torch.randn(32, 200) * 2, torch.rand(32)
     for options in (dict(temperature=0.8), dict(temperature=1.0, top_k=20), dict(temperature=1.2, top_p=0.7)):

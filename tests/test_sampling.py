@@ -19,9 +19,11 @@ from hf_tiny import FAMILIES, VOCAB, save_hf
 
 import w2s
 from w2s import sampling, sampling_jsonl
+from w2s.decode_state import DecodeState
 from w2s.kernels.reference import stream_keys, stream_uniforms
 from w2s.sampling import generate
-from w2s.sampling_engine import Engine, sample_from_logits
+from w2s.sampling_draw import sample_from_logits
+from w2s.sampling_engine import Engine
 
 CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;:!?+-*/=()[]{}<>#@$%&_'\"\n"
 
@@ -524,17 +526,17 @@ def test_prompt_cascade_groups_every_row_once_with_rows_that_hold_its_prompt(ckp
     prompts = random_prompts([9, 4, 12, 6, 10, 7], seed=3, prefix=[5, 6, 7])
     kw = dict(n=3, temperature=1.0, seed=4, max_new_tokens=10, sync_every=2, max_batch=5, compact=compact,
               progress=False)
-    seen, real_step, real_group = [], Engine.step, Engine._group_prompt_rows
+    seen, real_step, real_write = [], Engine.step, DecodeState.write_prompt_tables
 
-    def group(self, rows, lens):
+    def write(self, slot_prompts, group_width=0):  # runs of `width` where the engine asks for its own
         if width:
-            self.group_width = width
+            group_width = width
             self.cache.prompt_groups = (*self.cache.prompt_groups[:3], width)
-        real_group(self, rows, lens)
+        real_write(self, slot_prompts, group_width)
 
     def step(self, limit, mixed=False):
         members, lengths, starts, M = self.cache.prompt_groups
-        assert M == self.group_width == (width or 4)
+        assert M == (width or 4)
         membership = {}
         for g in range(self.rows):
             rows = [r for r in members[g, :M].tolist() if r >= 0]
@@ -559,7 +561,7 @@ def test_prompt_cascade_groups_every_row_once_with_rows_that_hold_its_prompt(ckp
         assert sorted(membership) == list(range(self.rows))
         return real_step(self, limit, mixed)
 
-    monkeypatch.setattr(Engine, "_group_prompt_rows", group)
+    monkeypatch.setattr(DecodeState, "write_prompt_tables", write)
     monkeypatch.setattr(Engine, "step", step)
     if not compact:
         monkeypatch.setattr(Engine, "_rows_covering", lambda self, n: self.slots)

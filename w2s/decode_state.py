@@ -68,6 +68,7 @@ class DecodeState:
         self.group_members = torch.full((slots + 1, max(1, 128 // (cfg.n_heads // cfg.n_kv_heads))), -1,
                                         dtype=torch.int32, device=device)
         self.group_lens = torch.zeros(slots + 1, dtype=torch.int32, device=device)
+        self.tables_for = None  # the slots' prompts these tables were last written for (write_prompt_tables)
         self.eos = None  # (E,) ids that end a sequence
         self.logits = None  # (slots, V) fp32 logits of the last decode step
         self.graphs, self.graph_pool, self.signature = {}, None, None  # {(limit, rows, mixed): CUDA graph}
@@ -86,6 +87,7 @@ class DecodeState:
         self.prompt_lens.zero_()
         self.group_members.fill_(-1)
         self.group_lens.zero_()
+        self.tables_for = None
         if signature != self.signature:
             self.graphs, self.graph_pool, self.signature = {}, None, signature
             self.eos = torch.tensor(eos_ids, dtype=torch.long, device=self.tokens.device)
@@ -102,6 +104,44 @@ class DecodeState:
         if self.logits is None:
             self.logits = torch.zeros(len(self.tokens), logits.shape[-1], dtype=torch.float32, device=logits.device)
         self.logits[: len(logits)].copy_(logits)
+
+    def write_prompt_tables(self, slot_prompts, group_width=0):
+        """Which cache rows hold one prompt's keys, as decode attention takes it (in place: captured graphs read these
+        tensors). slot_prompts: for each slot, (prompt, positions [0, n) its rows hold alike with every other slot
+        of that prompt), or None when empty. Then
+          * prompt_rows / prompt_lens (KVCache.row_prefix): a slot at work names the lowest slot at work on its
+            prompt, for its n positions; an empty slot (and the spare row) names itself, for none;
+          * with group_width, group_members / group_lens (KVCache.prompt_groups): the slots at work on one prompt
+            in runs of at most group_width, each led by its lowest slot, which holds the run's members and n; an
+            empty slot is a group of its own with no positions, so that every row a step runs is in one group.
+        Nothing is written when the slots hold the prompts they held at the last call."""
+        if slot_prompts == self.tables_for:
+            return
+        self.tables_for = slot_prompts
+        rows, lens, first = list(range(len(self.prompt_rows))), [0] * len(self.prompt_lens), {}
+        for s, held in enumerate(slot_prompts):
+            if held is not None:
+                rows[s], lens[s] = first.setdefault(held[0], s), held[1]
+        self.prompt_rows.copy_(torch.tensor(rows, dtype=torch.int32))
+        self.prompt_lens.copy_(torch.tensor(lens, dtype=torch.int32))
+        if not group_width:
+            return
+        members = torch.full(self.group_members.shape, -1, dtype=torch.int32)
+        group_lens = torch.zeros(len(rows), dtype=torch.int32)
+        runs, open_run = {}, {}  # leader -> its members; a prompt's first slot -> the leader of its latest run
+        for s in range(len(rows)):
+            if lens[s] == 0:  # an empty slot (or the spare row): alone, attending none of its keys here
+                runs[s] = [s]
+                continue
+            leader = open_run.get(rows[s])
+            if leader is None or len(runs[leader]) == group_width:
+                leader = open_run[rows[s]] = s
+                runs[s], group_lens[s] = [], lens[s]
+            runs[leader].append(s)
+        for leader, run in runs.items():
+            members[leader, : len(run)] = torch.tensor(run, dtype=torch.int32)
+        self.group_members.copy_(members)
+        self.group_lens.copy_(group_lens)
 
     @torch.no_grad()
     def step(self, limit, eager_step, cuda_graphs, mixed, rows):

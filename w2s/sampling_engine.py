@@ -1,6 +1,6 @@
-"""The sampler's engine: slots, a static KV cache and the decode loop for one generation run, and how a token is
-drawn (counter-based randomness, inverse-CDF sampling). w2s/sampling.py turns a caller's prompts and options into an
-`Engine` and runs it; read this file for what happens in between.
+"""The sampler's engine: slots, a static KV cache and the decode loop for one generation run. w2s/sampling.py turns a
+caller's prompts and options into an `Engine` and runs it; read this file for what happens in between, and
+w2s/sampling_draw.py for how a token is drawn from a step's logits.
 
 How it works (one engine, `Engine`, driven by w2s.sampling.iter_generate):
   * The cache has `slots` rows (the decode batch) plus one spare row that holds a prefix shared by every prompt
@@ -53,42 +53,9 @@ import torch
 
 from w2s import decode_state, ops
 from w2s.decode_state import DecodeState
+from w2s.sampling_draw import logits_from_hidden, sample_from_logits
 
-# ------------------------------------------------------------------------------------------------ sampling
-
-
-def sample_from_logits(logits, uniforms, temperature=1.0, top_k=0, top_p=1.0):
-    """Next tokens (B,) from logits (B, V): greedy at temperature 0 (uniforms unused, may be None), else temperature
-    -> top-k -> top-p (nucleus).
-
-    Sampling is by inverse CDF with one uniform per row (B,): the token whose cumulative probability interval
-    contains u * total (ops.sample_inverse_cdf: one kernel on GPU). Top-k keeps the logits not below the k-th
-    largest (ties with it stay, as in transformers and vLLM); top-p keeps the smallest set of most probable tokens
-    whose probability reaches top_p (the token that crosses the threshold is kept). Everything stays on device.
-    """
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    order = None  # (B, V) vocabulary ids of the columns, when they were reordered
-    if 0 < top_k < logits.shape[-1] or top_p < 1.0:
-        # temper once, first: top-k and top-p cut the tempered distribution (as transformers' warpers do)
-        logits, temperature = logits.float() / temperature, 1.0
-        if 0 < top_k < logits.shape[-1]:
-            kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if top_p < 1.0:
-            logits, order = logits.sort(dim=-1, descending=True)
-            probs = torch.softmax(logits, dim=-1)
-            mass_before = probs.cumsum(dim=-1) - probs  # probability of the strictly more likely tokens
-            logits = logits.masked_fill(mass_before >= top_p, float("-inf"))
-    col = ops.sample_inverse_cdf(logits, uniforms, temperature)  # (B,)
-    return col if order is None else order.gather(-1, col[:, None]).squeeze(-1)
-
-
-def logits_from_hidden(model, hidden):
-    """(N, D) final-normed hidden -> (N, V) fp32 logits, as the model's own forward computes them."""
-    logits = ops.linear(hidden, model.lm_head_weight()).float()
-    cap = model.cfg.final_logit_softcap
-    return cap * torch.tanh(logits / cap) if cap is not None else logits
+# ------------------------------------------------------------------------------------------------ helpers
 
 
 def kv_config(model):
@@ -127,7 +94,8 @@ class Engine:
     row of its samples for all of them (each still holds its copy), so that on the GPU those reads meet in L2
     (`_name_prompt_rows`); compact: move the running slots down as the batch drains, so a step runs fewer rows
     (`_compact`); prompt_cascade: a plain decode step on Triton reads each prompt's keys once for all its samples
-    at work and each sample's own keys after them, merged (the per-prompt cascade, `_group_prompt_rows`);
+    at work and each sample's own keys after them, merged (the per-prompt cascade; its groups:
+    DecodeState.write_prompt_tables);
     text_vocab: draw only ids below it (a model whose vocabulary is padded past its tokenizer's: ids without text).
     """
 
@@ -177,7 +145,6 @@ class Engine:
         self.checked_tokens = [0] * slots  # generated tokens already searched for stop strings
         self.unstarted = [n] * len(prompts)  # samples of each prompt not yet given a slot
         self.prompt_logits = {}  # prompt -> (V,) fp32 logits at its last position, while samples of it wait
-        self._named_for = None  # the prompt of each slot when _name_prompt_rows last wrote the tables
         self.stop_window = max((len(x.encode()) for x in self.stop), default=0) + 2  # tokens of overlap
         self.tokens_generated = 0
         self.decode_steps = 0  # steps run
@@ -309,49 +276,18 @@ class Engine:
         self._name_prompt_rows()
 
     def _name_prompt_rows(self):
-        """With share_prompt_reads, point every slot at work at the lowest slot at work on the same prompt, for the
-        prompt's positions; empty slots at themselves, for none. Those positions are bitwise the same in every row of
-        a prompt at work: one prefill (a sample waits while a sibling's prompt is prefilled in the decode steps),
-        copied to the others. With chunked prefill the last one is left out: a sample admitted beside a running
-        sibling runs it again, in a mixed step of another shape. Called after each admission, before any decode
-        step reads the rows it filled: a slot named for others keeps its prompt until it is admitted anew, and then
-        it is named here no more."""
+        """With share_prompt_reads or prompt_cascade, tell the state which prompt each slot at work holds and over
+        how many positions its rows equal its siblings' (DecodeState.write_prompt_tables). Those positions are
+        bitwise the same in every row of a prompt at work: one prefill (a sample waits while a sibling's prompt is
+        prefilled in the decode steps), copied to the others. With chunked prefill the last one is left out: a sample
+        admitted beside a running sibling runs it again, in a mixed step of another shape. Called after each
+        admission and compaction (and, for the cascade, at each look), before any decode step reads the rows they
+        filled."""
         if not (self.share_prompt_reads or self.prompt_cascade):
             return
-        prompts_at_work = [None if w is None else w[0] for w in self.work]
-        if prompts_at_work == self._named_for:  # the slots hold what they held at the last naming
-            return
-        self._named_for = prompts_at_work
         rerun = 1 if self.prefill_chunk else 0  # the prompt positions at the end that a row may hold of its own
-        rows, lens, first = list(range(self.slots + 1)), [0] * (self.slots + 1), {}
-        for s, work in enumerate(self.work):
-            if work is not None:
-                rows[s], lens[s] = first.setdefault(work[0], s), len(self.prompts[work[0]]) - rerun
-        self.state.prompt_rows.copy_(torch.tensor(rows, dtype=torch.int32))
-        self.state.prompt_lens.copy_(torch.tensor(lens, dtype=torch.int32))
-        if self.prompt_cascade:
-            self._group_prompt_rows(rows, lens)
-
-    def _group_prompt_rows(self, rows, lens):
-        """The per-prompt cascade's groups from the named rows: the slots at work on one prompt, in runs of at most
-        group_width led by each run's lowest slot (its group: those slots and the prompt's positions); an empty
-        slot is a group of its own with no positions, so that every row a step runs belongs to one group."""
-        members = torch.full(self.state.group_members.shape, -1, dtype=torch.int32)
-        group_lens = torch.zeros(len(rows), dtype=torch.int32)
-        runs, open_run = {}, {}  # leader -> its members; a prompt's first slot -> the leader of its latest run
-        for s in range(self.slots + 1):
-            if lens[s] == 0:  # an empty slot (or the spare row): alone, attending none of its keys here
-                runs[s] = [s]
-                continue
-            leader = open_run.get(rows[s])
-            if leader is None or len(runs[leader]) == self.group_width:
-                leader = open_run[rows[s]] = s
-                runs[s], group_lens[s] = [], lens[s]
-            runs[leader].append(s)
-        for leader, run in runs.items():
-            members[leader, : len(run)] = torch.tensor(run, dtype=torch.int32)
-        self.state.group_members.copy_(members)
-        self.state.group_lens.copy_(group_lens)
+        self.state.write_prompt_tables([None if w is None else (w[0], len(self.prompts[w[0]]) - rerun)
+                                        for w in self.work], self.group_width)
 
     def _start_slots(self, free, items):
         """Slot state of work items [(prompt, sample)] entering slots `free`: position after the prompt, RNG key,
