@@ -27,7 +27,7 @@ import warnings
 from w2s.data import is_token_id
 from w2s.fused import fuse_projections
 from w2s.parallel import check_joined, is_main
-from w2s.sampling_engine import Engine, round_up
+from w2s.sampling_engine import Engine, check_prompt_reads, round_up
 from w2s.tokenizer import Tokenizer
 
 MAX_NEW_TOKENS = 256  # the default completion budget of every entry point
@@ -118,9 +118,7 @@ def _check_options(tokenizer, n=1, temperature=0.0, top_p=1.0, top_k=0, max_new_
     check_distribution(temperature, top_p, top_k)
     if prefill_chunk < 0:
         raise ValueError(f"prefill_chunk={prefill_chunk} must be >= 0 (prompt tokens per decode step; 0 is off)")
-    if prompt_cascade and (prefill_chunk or share_prompt_reads):
-        raise ValueError(f"prompt_cascade=True runs without prefill_chunk (got {prefill_chunk}) and share_prompt_reads "
-                         f"(got {share_prompt_reads}): each is another way to read a prompt's keys")
+    check_prompt_reads(prefill_chunk, share_prompt_reads, prompt_cascade)
     return stop
 
 

@@ -58,6 +58,13 @@ from w2s.sampling_draw import logits_from_hidden, sample_from_logits
 # ------------------------------------------------------------------------------------------------ helpers
 
 
+def check_prompt_reads(prefill_chunk, share_prompt_reads, prompt_cascade):
+    """A clear error for the per-prompt cascade beside another way of reading a prompt's keys."""
+    if prompt_cascade and (prefill_chunk or share_prompt_reads):
+        raise ValueError(f"prompt_cascade=True runs without prefill_chunk (got {prefill_chunk}) and share_prompt_reads "
+                         f"(got {share_prompt_reads}): each is another way to read a prompt's keys")
+
+
 def kv_config(model):
     """The config the attention layers actually run with (tensor parallelism gives each rank a share of heads)."""
     return model.layers[0].self_attn.cfg
@@ -110,9 +117,7 @@ class Engine:
         self.eos_set = set(eos_ids)
         self.slots, self.cache_len, self.sync_every = slots, cache_len, sync_every
         self.prefill_tokens, self.prefill_chunk, self.cuda_graphs = prefill_tokens, prefill_chunk, cuda_graphs
-        if prompt_cascade and (prefill_chunk or share_prompt_reads):
-            raise ValueError("prompt_cascade reads each prompt's keys once per step for all its samples; it runs "
-                             "without prefill_chunk and share_prompt_reads (another way to read them)")
+        check_prompt_reads(prefill_chunk, share_prompt_reads, prompt_cascade)
         self.keep_logits, self.share_prompt_reads, self.compact = keep_logits, share_prompt_reads, compact
         self.prompt_cascade = prompt_cascade
         self.global_index = list(range(len(prompts))) if global_index is None else list(global_index)
