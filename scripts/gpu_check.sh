@@ -30,7 +30,9 @@
 #                                                  # then, in a second call,
 #     OUT=gpu_out bash scripts/gpu_check.sh decode128 gsm8k_no_compact dpo_mfu tiles256   # the decode launch
 #                                                  # sweep (three ways), the drain compacted and not, DPO's idle
-#                                                  # share, the D = 256 attention tiles (limits 8 min)
+#                                                  # share, the D = 256 attention tiles (limits 8 min); and with
+#                                                  # device time left, prompt_cascade_chunked (2 min: the cascade
+#                                                  # beside chunked prefill, each against gsm8k_chunked)
 #
 # The pipeline step runs recipes/demo.toml as a derived recipe ($out/demo_cuda.toml: dtype bfloat16, device cuda,
 # absolute paths) through scripts/pipeline.py: Triton kernels, CUDA-graph decoding and FSDP2 training on a 1-GPU
@@ -241,6 +243,12 @@ sys.argv = ['bench_sampling.py'] + sys.argv[1:]; runpy.run_path('scripts/bench_s
     prompt_cascade)
       step "$1" 60 "$py" scripts/bench_sampling.py --prompts 64 --repeats 1 --no-batch1 --prompt-cascade
       step prompt_cascade_gsm8k 60 "$py" scripts/bench_sampling.py --gsm8k --repeats 1 --no-batch1 \
+        --prompt-cascade ;;
+    # the GSM8K-like workload with chunked prefill, without the cascade and with it (its plain steps read each prompt
+    # once; the mixed steps each row's own keys)
+    prompt_cascade_chunked)
+      step gsm8k_chunked 60 "$py" scripts/bench_sampling.py --gsm8k --repeats 1 --no-batch1 --prefill-chunk 256
+      step "$1" 60 "$py" scripts/bench_sampling.py --gsm8k --repeats 1 --no-batch1 --prefill-chunk 256 \
         --prompt-cascade ;;
     profile_sampling) step "$1" 150 "$py" scripts/bench_sampling.py --prompts 64 --repeats 1 --profile ;;
     cascade)  # ICL-shaped decode with the cascade over a 1024-token shared prefix, then with it turned off

@@ -929,12 +929,15 @@ def test_sampler_reads_a_prompts_keys_from_one_sample_through_the_triton_decode_
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="CPU: the interpreter's block of 16 keys")
-@pytest.mark.parametrize("shared_prefix", [False, True], ids=["decode", "over-a-shared-prefix"])
-def test_sampler_reads_a_prompts_keys_once_through_the_prompt_cascade(monkeypatch, shared_prefix):
+@pytest.mark.parametrize("shared_prefix, chunk", [(False, 0), (True, 0), (False, 6)],
+                         ids=["decode", "over-a-shared-prefix", "chunked-prefill"])
+def test_sampler_reads_a_prompts_keys_once_through_the_prompt_cascade(monkeypatch, shared_prefix, chunk):
     """prompt_cascade on the Triton path: 4 prompts of 20-40 tokens x 3 samples through 5 slots, EOS ending some
     early so that slots are refilled; every plain decode step goes through attention_after_prompt_groups, and the
     samples equal those of the run without it, also when the prompts share a 16-token prefix (which the groups then
-    read with the rest of each prompt, in place of the shared-prefix cascade)."""
+    read with the rest of each prompt, in place of the shared-prefix cascade) and with chunked prefill (refilled
+    slots' prompts run 6 tokens a step inside mixed steps, which read each row's keys through kv_rows; a late sample
+    runs its prompt's last token again, so its group covers the prompt less that position)."""
     from w2s.sampling import generate
 
     model, prompts = samples_of_prompts_case()
@@ -943,7 +946,8 @@ def test_sampler_reads_a_prompts_keys_once_through_the_prompt_cascade(monkeypatc
     monkeypatch.setattr(decode, "attention_after_prompt_groups", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setattr(ops, "CASCADE_MIN_PREFIX", 16 if shared_prefix else 10**9)
     monkeypatch.setattr(ops, "_backend", "triton")
-    kw = dict(n=3, temperature=1.0, seed=5, max_new_tokens=8, max_batch=5, sync_every=2, progress=False)
+    kw = dict(n=3, temperature=1.0, seed=5, max_new_tokens=8, max_batch=5, sync_every=2, prefill_chunk=chunk,
+              progress=False)
     cascaded = generate(model, None, prompts, prompt_cascade=True, **kw)
     assert len(calls) >= 2 * 4  # 2 layers a step, several steps
     calls.clear()

@@ -512,21 +512,24 @@ def test_share_prompt_reads_names_only_rows_that_hold_the_same_prompt(ckpt, monk
     assert shared == generate(model, tok, prompts, **kw)
 
 
-@pytest.mark.parametrize("width, compact", [(None, True), (2, False)], ids=["one-run-a-prompt", "runs-of-2"])
-def test_prompt_cascade_groups_every_row_once_with_rows_that_hold_its_prompt(ckpt, monkeypatch, width, compact):
-    """prompt_cascade: before every decode step each slot the step runs is the member of exactly one group; a
+@pytest.mark.parametrize("width, compact, chunk", [(None, True, 0), (2, False, 0), (None, True, 3)],
+                         ids=["one-run-a-prompt", "runs-of-2", "chunked-prefill"])
+def test_prompt_cascade_groups_every_row_once_with_rows_that_hold_its_prompt(ckpt, monkeypatch, width, compact, chunk):
+    """prompt_cascade: before every plain decode step each slot the step runs is the member of exactly one group; a
     group's rows are slots at work on one prompt (at most the group width of them, led by the lowest) and hold its
     leader's keys and values over the prompt, whose length the group and each member's start give; an empty slot is
     a group of its own with no positions. 18 sequences of 6 prompts x 3 cycle through 5 slots (EOS ends a third of
     the draws) and the batch drains, compacted; with runs of 2 a prompt's 3 samples split into two groups, and every
-    step runs all 5 slots (as a CUDA step may run empty ones), empty or not. The samples equal a run without it (on
+    step runs all 5 slots (as a CUDA step may run empty ones), empty or not. With chunked prefill the prompts of
+    refilled slots run in mixed steps (which read every row's own keys) and a group covers the prompt less its last
+    position, which a sample admitted beside a running sibling runs again. The samples equal a run without it (on
     CPU the tables change no value)."""
     model, _ = load(ckpt, "llama2")
     tok = CharTokenizer(stop_ids=range(3, VOCAB, 3))
     prompts = random_prompts([9, 4, 12, 6, 10, 7], seed=3, prefix=[5, 6, 7])
     kw = dict(n=3, temperature=1.0, seed=4, max_new_tokens=10, sync_every=2, max_batch=5, compact=compact,
-              progress=False)
-    seen, real_step, real_write = [], Engine.step, DecodeState.write_prompt_tables
+              prefill_chunk=chunk, progress=False)
+    seen, mixed_steps, real_step, real_write = [], [], Engine.step, DecodeState.write_prompt_tables
 
     def write(self, slot_prompts, group_width=0):  # runs of `width` where the engine asks for its own
         if width:
@@ -537,6 +540,9 @@ def test_prompt_cascade_groups_every_row_once_with_rows_that_hold_its_prompt(ckp
     def step(self, limit, mixed=False):
         members, lengths, starts, M = self.cache.prompt_groups
         assert M == (width or 4)
+        if mixed:  # a mixed step reads no group (its rows go through kv_rows), and its prompts are still being run
+            mixed_steps.append(1)
+            return real_step(self, limit, mixed)
         membership = {}
         for g in range(self.rows):
             rows = [r for r in members[g, :M].tolist() if r >= 0]
@@ -552,7 +558,8 @@ def test_prompt_cascade_groups_every_row_once_with_rows_that_hold_its_prompt(ckp
                 assert not rows, (g, rows)
                 continue
             prompts_of = {self.work[r][0] for r in rows}
-            assert len(prompts_of) == 1 and lengths[g] == len(self.prompts[prompts_of.pop()]), (g, rows)
+            prompt_len = len(self.prompts[prompts_of.pop()]) if len(prompts_of) == 1 else None
+            assert prompt_len is not None and lengths[g] == prompt_len - (1 if chunk else 0), (g, rows)
             for r in rows:
                 assert starts[r] == lengths[g]
                 for buf in (self.cache.k, self.cache.v):  # (layers, rows, K, positions, D)
@@ -567,11 +574,11 @@ def test_prompt_cascade_groups_every_row_once_with_rows_that_hold_its_prompt(ckp
         monkeypatch.setattr(Engine, "_rows_covering", lambda self, n: self.slots)
     cascaded = generate(model, tok, prompts, prompt_cascade=True, **kw)
     assert max(seen) == (width or 3) and 1 in seen and (0 in seen or compact)  # groups of 3 (or 2), 1; empty slots
+    assert (len(mixed_steps) >= 3) == (chunk > 0)
     monkeypatch.undo()
     assert cascaded == generate(model, tok, prompts, **kw)
-    for bad in (dict(prefill_chunk=2), dict(share_prompt_reads=True)):
-        with pytest.raises(ValueError, match="prompt_cascade=True runs without prefill_chunk"):
-            generate(model, tok, prompts, prompt_cascade=True, **{**kw, **bad})
+    with pytest.raises(ValueError, match="prompt_cascade=True runs without share_prompt_reads=True"):
+        generate(model, tok, prompts, prompt_cascade=True, share_prompt_reads=True, **kw)
 
 
 @pytest.mark.parametrize("share_prompt_reads", [False, True])
@@ -851,7 +858,8 @@ def test_cpu_never_captures_cuda_graphs(ckpt, monkeypatch):
 def test_cuda_graph_decode_equals_eager(family, ckpt):
     """Replaying the captured decode step gives the same greedy and seeded samples as running it eagerly (fp32,
     Triton kernels), across several attention limits (sequences grow past 64 positions); so do the captured steps
-    of chunked prefill and of the per-prompt cascade (its tables rewritten in place between replays)."""
+    of chunked prefill and of the per-prompt cascade (its tables rewritten in place between replays), apart and
+    together."""
     model = w2s.load_model(ckpt(family)[0], dtype=torch.float32, device="cuda")
     prompts = random_prompts([5, 30, 2], seed=5, prefix=[1, 7])
     for kw in (dict(temperature=0.0), dict(n=2, temperature=1.0, top_p=0.9, seed=3)):
@@ -861,7 +869,9 @@ def test_cuda_graph_decode_equals_eager(family, ckpt):
                            progress=False, **kw)  # mixed steps captured as graphs of their own
         cascaded = generate(model, None, prompts, max_new_tokens=80, max_batch=4, cuda_graphs=True,
                             prompt_cascade=True, progress=False, **kw)
-        assert graphs == eager == chunked == cascaded
+        both = generate(model, None, prompts, max_new_tokens=80, max_batch=4, cuda_graphs=True, prefill_chunk=16,
+                        prompt_cascade=True, progress=False, **kw)
+        assert graphs == eager == chunked == cascaded == both
 
 
 def test_stop_string_ends_decoding_early(ckpt, monkeypatch):

@@ -118,7 +118,7 @@ def _check_options(tokenizer, n=1, temperature=0.0, top_p=1.0, top_k=0, max_new_
     check_distribution(temperature, top_p, top_k)
     if prefill_chunk < 0:
         raise ValueError(f"prefill_chunk={prefill_chunk} must be >= 0 (prompt tokens per decode step; 0 is off)")
-    check_prompt_reads(prefill_chunk, share_prompt_reads, prompt_cascade)
+    check_prompt_reads(share_prompt_reads, prompt_cascade)
     return stop
 
 
@@ -264,7 +264,7 @@ def generate(model, tokenizer, prompts, n=1, temperature=0.0, top_p=1.0, top_k=0
     step runs fewer rows as the batch drains (the same samples; on by default). prompt_cascade: a decode step on
     Triton reads each prompt's keys once for all its samples at work and each sample's own keys after them, merged
     (the per-prompt cascade; the same samples up to float rounding; off by default, not yet timed on a GPU; not with
-    prefill_chunk or share_prompt_reads).
+    share_prompt_reads; with prefill_chunk, the mixed steps read each sample's keys as before).
     Under an initialised process group each data-parallel rank runs a shard and every rank returns the full,
     input-ordered result, identical to a one-process run with the same seed.
     """

@@ -25,6 +25,8 @@ How it works (one engine, `Engine`, driven by w2s.sampling.iter_generate):
     keys, and a decode step on Triton reads them once for all of them (one tile of the samples' queries a kv head,
     w2s/kernels/decode_attention.py's attention_after_prompt_groups), then each sample's own keys, merged. The host
     keeps the groups (the slots at work on each prompt) in tables it rewrites at each look that finds them changed.
+    With chunked prefill the mixed steps read every row's keys themselves (kv_rows): no plain step runs while a
+    prompt is still being prefilled, so a group's rows always hold its prompt when a plain step reads them.
   * Chunked prefill (prefill_chunk=C, off by default): while decode runs, a refilled slot's prompt is not prefilled
     in a forward of its own that every other slot waits for; its tokens ride in the next decode steps instead, up
     to C per step. Such a mixed step runs S + C query rows of one token each (every slot's next token, then the
@@ -58,11 +60,11 @@ from w2s.sampling_draw import logits_from_hidden, sample_from_logits
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def check_prompt_reads(prefill_chunk, share_prompt_reads, prompt_cascade):
-    """A clear error for the per-prompt cascade beside another way of reading a prompt's keys."""
-    if prompt_cascade and (prefill_chunk or share_prompt_reads):
-        raise ValueError(f"prompt_cascade=True runs without prefill_chunk (got {prefill_chunk}) and share_prompt_reads "
-                         f"(got {share_prompt_reads}): each is another way to read a prompt's keys")
+def check_prompt_reads(share_prompt_reads, prompt_cascade):
+    """A clear error for the per-prompt cascade beside the other way of reading a prompt's keys once."""
+    if prompt_cascade and share_prompt_reads:
+        raise ValueError("prompt_cascade=True runs without share_prompt_reads=True: each is a way to read a prompt's "
+                         "keys once for its samples; choose one")
 
 
 def kv_config(model):
@@ -117,7 +119,7 @@ class Engine:
         self.eos_set = set(eos_ids)
         self.slots, self.cache_len, self.sync_every = slots, cache_len, sync_every
         self.prefill_tokens, self.prefill_chunk, self.cuda_graphs = prefill_tokens, prefill_chunk, cuda_graphs
-        check_prompt_reads(prefill_chunk, share_prompt_reads, prompt_cascade)
+        check_prompt_reads(share_prompt_reads, prompt_cascade)
         self.keep_logits, self.share_prompt_reads, self.compact = keep_logits, share_prompt_reads, compact
         self.prompt_cascade = prompt_cascade
         self.global_index = list(range(len(prompts))) if global_index is None else list(global_index)
