@@ -28,11 +28,14 @@
 #                                                  # per-prompt cascade, and neither, the admission's share without
 #                                                  # padded sibling rows, the decode kernels under Nsight Compute;
 #                                                  # then, in a second call,
-#     OUT=gpu_out bash scripts/gpu_check.sh decode128 gsm8k_no_compact dpo_mfu tiles256   # the decode launch
-#                                                  # sweep (three ways), the drain compacted and not, DPO's idle
-#                                                  # share, the D = 256 attention tiles (limits 8 min); and with
-#                                                  # device time left, prompt_cascade_chunked (2 min: the cascade
-#                                                  # beside chunked prefill, each against gsm8k_chunked)
+#     OUT=gpu_out bash scripts/gpu_check.sh bench_attention dpo_mfu decode128 gsm8k_no_compact tiles256
+#                                                  # the attention forward with each key block's P V product
+#                                                  # deferred beside the softmax (triton-deferred against triton),
+#                                                  # DPO's idle share, the decode launch sweep (three ways), the
+#                                                  # drain compacted and not, the D = 256 attention tiles (limits
+#                                                  # 9 min, most telling first); and with device time left,
+#                                                  # prompt_cascade_chunked (2 min: the cascade beside chunked
+#                                                  # prefill, each against gsm8k_chunked) or sweep --only forward128
 #
 # The pipeline step runs recipes/demo.toml as a derived recipe ($out/demo_cuda.toml: dtype bfloat16, device cuda,
 # absolute paths) through scripts/pipeline.py: Triton kernels, CUDA-graph decoding and FSDP2 training on a 1-GPU
@@ -124,7 +127,8 @@ run_step() {  # the checks by name; the default run is ordered: tests first, the
     test_kernels) step "$1" 100 "$py" -m pytest $test_opts -m gpu tests/test_kernel_attention.py \
       tests/test_kernels.py ;;
     bench_kernels) step "$1" 95 "$py" -m w2s.kernels.bench --no-compile --warmup 3 --repeats 10 ;;
-    # attention fwd (pointer loads, TMA, TMA + persistent) and bwd at the target shape, SDPA's flash backend beside
+    # attention fwd (pointer loads, TMA, TMA + persistent, the P V product deferred) and bwd at the target shape,
+    # SDPA's flash backend beside
     bench_attention) step "$1" 60 "$py" -m w2s.kernels.bench --only attention --no-compile --warmup 3 --repeats 10 ;;
     # Nsight Compute on the attention kernels at the bench's shape (B4 T4096 H16 D128, the tables' configs): one
     # causal and one non-causal forward + backward, compiled and warmed up outside the profiled range (ncu

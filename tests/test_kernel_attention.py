@@ -269,6 +269,26 @@ def test_persistent_forward_walks_every_tile_once(monkeypatch, tma, B, T, S, H, 
 
 @pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
 @pytest.mark.parametrize("B, T, S, H, K, D, options", [
+    (3, 70, 70, 4, 2, 16, {"kv_lengths": (70, 41, 0)}),
+    (2, 70, 70, 4, 1, 16, {"sliding_window": 40, "softcap": 5.0}),
+    (2, 10, 70, 4, 2, 32, {"q_positions": ((60, 70), (30, 40)), "kv_lengths": (70, 50)}),
+], ids=["causal-padding-empty-row", "window-softcap", "positions-one-and-three-blocks"])
+def test_forward_with_the_pv_product_deferred(monkeypatch, tma, B, T, S, H, K, D, options):
+    """deferred_pv: over the key blocks every row of a query block sees, each block's P V product is added one block
+    late (after the next block's q.k product), with the accumulator rescaled by that block's factor just before. Output
+    and, through the LSE it saves, every gradient against the reference; the middle segments hold 0 to 4 blocks of
+    the interpreter's 16 keys (one block: no turn of the loop, the first block's softmax and the last P V alone), start
+    past 0 under the window, and the keys and values past kv_len are NaN. The deferred loop must have run."""
+    monkeypatch.setattr(flash, "_INTERPRET_FWD", flash._INTERPRET_FWD._replace(tma=tma, deferred_pv=True))
+    calls = []
+    real = flash._fwd_key_loop_deferred
+    monkeypatch.setattr(flash, "_fwd_key_loop_deferred", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    check_grads_with_nan_past_kv_lengths(B, T, S, H, K, D, options)
+    assert calls
+
+
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+@pytest.mark.parametrize("B, T, S, H, K, D, options", [
     (2, 33, 33, 4, 2, 32, {}),
     (3, 70, 70, 4, 2, 16, {"kv_lengths": (70, 41, 0)}),
     (2, 33, 33, 4, 1, 32, {"sliding_window": 5, "softcap": 5.0, "kv_lengths": (33, 20)}),
@@ -753,9 +773,9 @@ def test_gpu_bf16_gqa_training_shape():
 @pytest.mark.parametrize("option", list(sweep.LAUNCH_OPTIONS))
 @pytest.mark.parametrize("D", [64, 128, 256])
 def test_gpu_bf16_launch_options(monkeypatch, D, option):
-    """Each launch option w2s/kernels/sweep.py times (TMA loads in all three kernels; the persistent forward; dq summed
-    by the dk/dv kernel's atomic adds, the dq kernel not run) on the table tiles, forward and every gradient, at
-    every head dim, with GQA, a window and ragged lengths."""
+    """Each launch option w2s/kernels/sweep.py times (TMA loads in all three kernels; the persistent forward; the
+    forward's P V products deferred; dq summed by the dk/dv kernel's atomic adds, the dq kernel not run) on the table
+    tiles, forward and every gradient, at every head dim, with GQA, a window and ragged lengths."""
     for table, fields in sweep.LAUNCH_OPTIONS[option]:
         monkeypatch.setitem(table, D, table[D]._replace(**fields))
     compare(2, 1000, 1000, 16, 4, D, dtype=torch.bfloat16, sliding_window=300, kv_lengths=lengths(1000, 613))

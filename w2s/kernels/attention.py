@@ -27,7 +27,9 @@ The tiles a loop streams (keys and values in the forward and dq loops, queries a
 loop) are loaded through pointers, or, where the launch table's TMA entry says so, through tensor descriptors that
 Hopper's copy engine (TMA) reads from: same tiles, same zeros past the end, no address arithmetic in the threads.
 The forward runs one program per (query block, batch x head) tile, or, where the table's programs_per_sm says so, a
-few programs per SM that each walk many tiles (persistent): the same per-tile body, `_fwd_tile`, either way.
+few programs per SM that each walk many tiles (persistent): the same per-tile body, `_fwd_tile`, either way. Where
+the table's deferred_pv says so, the key blocks every row of a tile sees run through `_fwd_key_loop_deferred`, which
+adds each block's P V product one block late so that the block's softmax runs while the tensor cores work.
 
     python -m pytest -q tests/test_kernel_attention.py     # CPU, TRITON_INTERPRET=1, vs the reference
 """
@@ -65,35 +67,88 @@ from w2s.kernels.attention_common import (
 
 
 @triton.jit
+def _key_tile(K_head, stride_ks, offs_d, start_n, kv_len, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+              TMA: tl.constexpr):
+    """Keys [start_n, start_n + BLOCK_N) of one kv head, transposed: (D, N); zeros past kv_len where MASKED (TMA
+    descriptors end at kv_len, and the copy engine fills the rows past it with zeros)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    if TMA:
+        kt = tl.trans(K_head.load([start_n, 0]))
+    elif MASKED:
+        kt = tl.load(K_head + offs_n[None, :] * stride_ks + offs_d[:, None], mask=offs_n[None, :] < kv_len, other=0.0)
+    else:
+        kt = tl.load(K_head + offs_n[None, :] * stride_ks + offs_d[:, None])
+    return kt
+
+
+@triton.jit
+def _value_tile(V_head, stride_vs, offs_d, start_n, kv_len, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                TMA: tl.constexpr):
+    """Values [start_n, start_n + BLOCK_N) of one kv head: (N, D), zeros past kv_len as _key_tile's."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    if TMA:
+        v = V_head.load([start_n, 0])
+    elif MASKED:
+        v = tl.load(V_head + offs_n[:, None] * stride_vs + offs_d[None, :], mask=offs_n[:, None] < kv_len, other=0.0)
+    else:
+        v = tl.load(V_head + offs_n[:, None] * stride_vs + offs_d[None, :])
+    return v
+
+
+@triton.jit
+def _softmax_block(m_i, l_i, s, to_log2):
+    """One key block's scores s (M, N) into the running row max m_i and sum l_i -> (m, l, p (M, N), alpha (M,)):
+    the block's probabilities and the factor that rescales what was summed before it."""
+    m_new = tl.maximum(m_i, tl.max(s, 1) * to_log2)  # to_log2 > 0: the row max of s, in base-2 units
+    # A row that has seen no visible key yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s * to_log2 - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    return m_new, l_i * alpha + tl.sum(p, 1), p, alpha
+
+
+@triton.jit
 def _fwd_key_loop(acc, m_i, l_i, q, pos, K_head, V_head, stride_ks, stride_vs, offs_d, start, end, kv_len,
                   scale, softcap, window, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr,
                   HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr = False):
     """Online softmax over key blocks [start, end): acc (M, D) unnormalized output, m_i row max, l_i row sum.
     K_head / V_head: one kv head's (S, D) rows, as pointers, or as tensor descriptors when TMA."""
     for start_n in range(start, end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        if TMA:  # the descriptors end at kv_len: the copy engine fills rows past it with zeros, no mask needed
-            kt = tl.trans(K_head.load([start_n, 0]))  # (D, N)
-            v = V_head.load([start_n, 0])  # (N, D)
-        elif MASKED:
-            kt = tl.load(K_head + offs_n[None, :] * stride_ks + offs_d[:, None], mask=offs_n[None, :] < kv_len,
-                         other=0.0)  # (D, N)
-            v = tl.load(V_head + offs_n[:, None] * stride_vs + offs_d[None, :], mask=offs_n[:, None] < kv_len,
-                        other=0.0)  # (N, D)
-        else:
-            kt = tl.load(K_head + offs_n[None, :] * stride_ks + offs_d[:, None])
-            v = tl.load(V_head + offs_n[:, None] * stride_vs + offs_d[None, :])
+        kt = _key_tile(K_head, stride_ks, offs_d, start_n, kv_len, BLOCK_N, MASKED, TMA)
+        v = _value_tile(V_head, stride_vs, offs_d, start_n, kv_len, BLOCK_N, MASKED, TMA)
         s, to_log2 = _log2_scores(tl.dot(q, kt, input_precision=PRECISION), scale, softcap, HAS_SOFTCAP)
         if MASKED:
+            offs_n = start_n + tl.arange(0, BLOCK_N)
             s = tl.where(_visible(pos[:, None], offs_n[None, :], kv_len, window, HAS_WINDOW), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1) * to_log2)  # to_log2 > 0: the row max of s, in base-2 units
-        # A row that has seen no visible key yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s * to_log2 - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i, l_i, p, alpha = _softmax_block(m_i, l_i, s, to_log2)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _fwd_key_loop_deferred(acc, m_i, l_i, q, K_head, V_head, stride_ks, stride_vs, offs_d, start, end, kv_len,
+                           scale, softcap, BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                           PRECISION: tl.constexpr, TMA: tl.constexpr):
+    """_fwd_key_loop over whole blocks that every row sees, [start, end), with each block's P V product issued one
+    block late: a block's softmax then runs while the tensor cores sum the previous block's values. Hopper's
+    warp-group products run asynchronously, but Triton waits for one at once where anything but another product
+    reads its result, so a q.k product issued ahead of a softmax would still be waited for before it; the P V
+    product's result is next read by the following block's P V product (after the next q.k product's wait), so
+    nothing waits for it while the softmax runs. acc is rescaled by a block's alpha just before that block's P V
+    product is added."""
+    if start < end:
+        s, to_log2 = _log2_scores(tl.dot(q, _key_tile(K_head, stride_ks, offs_d, start, kv_len, BLOCK_N, False, TMA),
+                                         input_precision=PRECISION), scale, softcap, HAS_SOFTCAP)
+        m_i, l_i, p, alpha = _softmax_block(m_i, l_i, s, to_log2)
+        for start_n in range(start + BLOCK_N, end, BLOCK_N):
+            qk = tl.dot(q, _key_tile(K_head, stride_ks, offs_d, start_n, kv_len, BLOCK_N, False, TMA),
+                        input_precision=PRECISION)  # (M, N)
+            v = _value_tile(V_head, stride_vs, offs_d, start_n - BLOCK_N, kv_len, BLOCK_N, False, TMA)
+            acc = tl.dot(p.to(v.dtype), v, acc=acc * alpha[:, None], input_precision=PRECISION)
+            s, to_log2 = _log2_scores(qk, scale, softcap, HAS_SOFTCAP)
+            m_i, l_i, p, alpha = _softmax_block(m_i, l_i, s, to_log2)
+        v = _value_tile(V_head, stride_vs, offs_d, end - BLOCK_N, kv_len, BLOCK_N, False, TMA)
+        acc = tl.dot(p.to(v.dtype), v, acc=acc * alpha[:, None], input_precision=PRECISION)
     return acc, m_i, l_i
 
 
@@ -104,7 +159,7 @@ def _fwd_tile(pid_m, pid_bh, Q, K, V, O, LSE, POS, KV_LEN,
               T, S, H, GROUP, scale, softcap, window,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_POS: tl.constexpr,
               HAS_KV_LEN: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-              PRECISION: tl.constexpr, TMA: tl.constexpr):
+              PRECISION: tl.constexpr, TMA: tl.constexpr, DEFERRED_PV: tl.constexpr):
     """One tile: query block pid_m of (batch x head) row pid_bh -> its BLOCK_M rows of O and LSE."""
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
@@ -128,9 +183,14 @@ def _fwd_tile(pid_m, pid_bh, Q, K, V, O, LSE, POS, KV_LEN,
     acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, pos, K_head, V_head, stride_ks, stride_vs, offs_d, lo, full_lo,
                                   kv_len, scale, softcap, window, BLOCK_N, True, HAS_WINDOW, HAS_SOFTCAP, PRECISION,
                                   TMA)
-    acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, pos, K_head, V_head, stride_ks, stride_vs, offs_d, full_lo,
-                                  full_hi, kv_len, scale, softcap, window, BLOCK_N, False, HAS_WINDOW, HAS_SOFTCAP,
-                                  PRECISION, TMA)
+    if DEFERRED_PV:  # the key blocks every row sees: no mask in the loop, the one that runs longest
+        acc, m_i, l_i = _fwd_key_loop_deferred(acc, m_i, l_i, q, K_head, V_head, stride_ks, stride_vs, offs_d,
+                                               full_lo, full_hi, kv_len, scale, softcap, BLOCK_N, HAS_SOFTCAP,
+                                               PRECISION, TMA)
+    else:
+        acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, pos, K_head, V_head, stride_ks, stride_vs, offs_d, full_lo,
+                                      full_hi, kv_len, scale, softcap, window, BLOCK_N, False, HAS_WINDOW,
+                                      HAS_SOFTCAP, PRECISION, TMA)
     acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, pos, K_head, V_head, stride_ks, stride_vs, offs_d, full_hi, hi,
                                   kv_len, scale, softcap, window, BLOCK_N, True, HAS_WINDOW, HAS_SOFTCAP, PRECISION,
                                   TMA)
@@ -150,7 +210,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, POS, KV_LEN,
                      T, S, H, GROUP, BATCH_HEADS, scale, softcap, window,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_POS: tl.constexpr,
                      HAS_KV_LEN: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                     PRECISION: tl.constexpr, TMA: tl.constexpr, PERSISTENT: tl.constexpr):
+                     PRECISION: tl.constexpr, TMA: tl.constexpr, PERSISTENT: tl.constexpr, DEFERRED_PV: tl.constexpr):
     if PERSISTENT:
         # Grid (programs,): a few programs per SM walk every tile in the order the one-program-per-tile grid
         # launches them: (batch, head) after (batch, head), each one's heaviest causal query blocks first. The
@@ -162,14 +222,14 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, POS, KV_LEN,
                       stride_qb, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
                       stride_vh, stride_ob, stride_ot, stride_oh, stride_pb, stride_pt, T, S, H, GROUP, scale,
                       softcap, window, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_POS, HAS_KV_LEN, HAS_WINDOW, HAS_SOFTCAP,
-                      PRECISION, TMA)
+                      PRECISION, TMA, DEFERRED_PV)
     else:
         # Grid (query blocks, batch x heads), one program per tile. Causal rows at the end of the sequence have the
         # most keys: launch them first for a better tail.
         _fwd_tile(tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1), Q, K, V, O, LSE, POS, KV_LEN,
                   stride_qb, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                   stride_ob, stride_ot, stride_oh, stride_pb, stride_pt, T, S, H, GROUP, scale, softcap, window,
-                  HEAD_DIM, BLOCK_M, BLOCK_N, HAS_POS, HAS_KV_LEN, HAS_WINDOW, HAS_SOFTCAP, PRECISION, TMA)
+                  HEAD_DIM, BLOCK_M, BLOCK_N, HAS_POS, HAS_KV_LEN, HAS_WINDOW, HAS_SOFTCAP, PRECISION, TMA, DEFERRED_PV)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -196,7 +256,7 @@ def _forward(q, k, v, q_positions, kv_lengths, sliding_window, softcap, scale):
     out = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     launch = _config(_GPU_FWD_FP32 if q.dtype == torch.float32 else _GPU_FWD, _INTERPRET_FWD, D, "forward",
-                     ("tma", "programs_per_sm"))
+                     ("tma", "programs_per_sm", "deferred_pv"))
     tma = launch.tma and _tma_ready(k, v)
     blocks = triton.cdiv(T, launch.block_m)
     if launch.programs_per_sm:
@@ -207,7 +267,7 @@ def _forward(q, k, v, q_positions, kv_lengths, sliding_window, softcap, scale):
         q, k, v, out, lse, q_positions, kv_lengths, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         *out.stride()[:3], *_pos_strides(q_positions), T, S, H, H // KH, B * H, scale, softcap or 1.0,
         sliding_window or 0, HEAD_DIM=D, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, PRECISION=_precision(q.dtype),
-        TMA=tma, PERSISTENT=launch.programs_per_sm > 0,
+        TMA=tma, PERSISTENT=launch.programs_per_sm > 0, DEFERRED_PV=launch.deferred_pv,
         **_flags(q_positions, kv_lengths, sliding_window, softcap), num_warps=launch.warps, num_stages=launch.stages)
     return out, lse
 

@@ -128,9 +128,11 @@ class Launch(NamedTuple):
     """One entry of an attention launch table: the tiles (BLOCK_M query rows, BLOCK_N keys), num_warps, the key
     loop's software-pipeline depth (num_stages), and the options sweep.py times: stream the loop's tiles
     through TMA descriptors; (the forward only) run a fixed number of programs per SM that walk the tiles instead of
-    one program per tile (0); (the dk/dv kernel only) also sum dq there with fp32 atomic adds, so that the dq kernel
-    does not run (dq then is not bit-reproducible from run to run: the adds land in any order). An option set where
-    the kernel does not read it is refused at launch (`_config`)."""
+    one program per tile (0); (the forward only) issue each key block's P V product one block late, so that the
+    block's softmax runs while the tensor cores add the previous block's (attention.py's _fwd_key_loop_deferred);
+    (the dk/dv kernel only) also sum dq there with fp32 atomic adds, so that the dq kernel does not run (dq then is
+    not bit-reproducible from run to run: the adds land in any order). An option set where the kernel does not read
+    it is refused at launch (`_config`)."""
     block_m: int
     block_n: int
     warps: int
@@ -138,9 +140,11 @@ class Launch(NamedTuple):
     tma: bool = False
     programs_per_sm: int = 0
     atomic_dq: bool = False
+    deferred_pv: bool = False
 
 
 _OPTION_TABLES = {"programs_per_sm": "w2s/kernels/attention.py's _GPU_FWD",
+                  "deferred_pv": "w2s/kernels/attention.py's _GPU_FWD",
                   "atomic_dq": "w2s/kernels/attention_backward.py's _GPU_BWD_DKDV"}  # the one kernel that reads each
 
 

@@ -189,10 +189,12 @@ def bench_attention(args, dtype):
         if not args.no_compile:
             impls.append(("torch.compile", torch.compile(eager(causal)), (q, k, v)))
         label = "causal" if causal else "non-causal"
-        # the forward's Hopper options, forward only: tiles through TMA, and those walked by one program per SM
+        # the forward's Hopper options, forward only: tiles through TMA, those walked by one program per SM, and each
+        # key block's P V product issued one block late (the softmax beside the tensor cores' work)
         variants = [("triton-pointers", ours_with(causal, tma=False), (q, k, v)),
                     ("triton-tma", ours_with(causal, tma=True), (q, k, v)),
-                    ("triton-persist", ours_with(causal, tma=True, programs_per_sm=1), (q, k, v))]
+                    ("triton-persist", ours_with(causal, tma=True, programs_per_sm=1), (q, k, v)),
+                    ("triton-deferred", ours_with(causal, deferred_pv=True), (q, k, v))]
         for impl, fn, inputs in impls[:1] + variants + impls[1:]:
             with torch.no_grad():
                 result = measure(lambda: fn(*inputs), args)

@@ -78,6 +78,13 @@ def _persistent(tiles, n):
             for D, ts in tiles.items()}
 
 
+def _deferred_pv(tiles, n):
+    """The first n forward tiles with each key block's P V product issued one block late, with pointer loads and
+    through TMA."""
+    return {D: [Launch(*t, tma=tma, deferred_pv=True) for t in ts[:n] for tma in (False, True)]
+            for D, ts in tiles.items()}
+
+
 def _atomic_dq(tiles, n):
     """The first n dk/dv tiles summing dq themselves by atomic adds (no dq kernel), with pointer loads and through
     TMA."""
@@ -85,9 +92,11 @@ def _atomic_dq(tiles, n):
             for D, ts in tiles.items()}
 
 
-# Every forward tile both ways (the forward is one kernel, quick to compile) and the first two persistent; the
-# backward's table tiles and the next two through TMA, and the same three dk/dv tiles summing dq by atomic adds.
-FWD_CANDIDATES = {D: ts + _persistent(_FWD_TILES, 2)[D] for D, ts in _with_tma(_FWD_TILES, 6).items()}
+# Every forward tile both ways (the forward is one kernel, quick to compile), the first two persistent and the first
+# three with the P V product deferred; the backward's table tiles and the next two through TMA, and the same three
+# dk/dv tiles summing dq by atomic adds.
+FWD_CANDIDATES = {D: ts + _persistent(_FWD_TILES, 2)[D] + _deferred_pv(_FWD_TILES, 3)[D]
+                  for D, ts in _with_tma(_FWD_TILES, 6).items()}
 DKDV_CANDIDATES = {D: ts + _atomic_dq(_DKDV_TILES, 3)[D] for D, ts in _with_tma(_DKDV_TILES, 3).items()}
 DQ_CANDIDATES = _with_tma(_DQ_TILES, 3)
 # Each launch option alone on the tables' own tiles: {name: [(table, fields it changes), ...]}. The GPU-marked
@@ -98,6 +107,7 @@ LAUNCH_OPTIONS = {
             (attention_backward._GPU_BWD_DQ, dict(tma=True))],
     "persistent-forward": [(attention._GPU_FWD, dict(programs_per_sm=1))],
     "persistent-forward-tma": [(attention._GPU_FWD, dict(tma=True, programs_per_sm=1))],
+    "deferred-pv": [(attention._GPU_FWD, dict(deferred_pv=True))],
     "atomic-dq": [(attention_backward._GPU_BWD_DKDV, dict(atomic_dq=True))],
     "atomic-dq-tma": [(attention_backward._GPU_BWD_DKDV, dict(tma=True, atomic_dq=True))],
 }
@@ -116,8 +126,9 @@ MATVEC_SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096
 PARTS = ("attention128", "attention64", "attention256", "forward128", "forward64", "forward256", "dkdv128",
          "tiles256", "decode128", "rms_norm", "matvec")
 DEVICE = "cuda"
-# a Launch's fields; per SM 0: a program per tile; atomic dq: the dk/dv kernel sums dq and the dq kernel does not run
-CONFIG_HEADER = "(BLOCK_M, BLOCK_N, warps, stages, TMA, per SM, atomic dq)"
+# a Launch's fields; per SM 0: a program per tile; atomic dq: the dk/dv kernel sums dq and the dq kernel does not run;
+# deferred P V: the forward adds each key block's values one block late
+CONFIG_HEADER = "(BLOCK_M, BLOCK_N, warps, stages, TMA, per SM, atomic dq, deferred P V)"
 
 
 def _median_ms(fn, warmup, repeats):
@@ -136,7 +147,7 @@ def _outputs(result):
     return result if isinstance(result, (tuple, list)) else (result,)
 
 
-def _time_launches(table, key, candidates, runs, reference, rate, warmup, repeats, label="", width=56):
+def _time_launches(table, key, candidates, runs, reference, rate, warmup, repeats, label="", width=64):
     """Each candidate launch put in table[key] (the table's own put back after): every run ({name: fn() -> an output
     or a tuple of them}) checked against `reference` (max relative difference over its outputs) and timed, one line
     each with ms and rate(ms). A candidate that does not compile or run prints its error and the sweep goes on."""
@@ -166,7 +177,7 @@ def sweep_attention(head_dim, warmup, repeats, parts=None):
     backward = lambda: attention_backward._backward(do, q, k, v, out, lse, None, None, None, None, scale)  # noqa: E731
     flops = 2.5 * 4 * B * H * T * T * head_dim / 2  # causal, FlashAttention's convention (bench.py)
     print(f"\nattention bwd, causal, B{B} T{T} H{H} KH{KH} D{head_dim}, bf16")
-    print(f"{'kernel':<6} {CONFIG_HEADER:<56} {'ms':>8} {'TF/s':>8} {'max rel diff':>13}")
+    print(f"{'kernel':<6} {CONFIG_HEADER:<64} {'ms':>8} {'TF/s':>8} {'max rel diff':>13}")
     reference = backward()
     parts = parts or {"dkdv": DKDV_CANDIDATES[head_dim], "dq": DQ_CANDIDATES[head_dim]}
     tables = {"dkdv": attention_backward._GPU_BWD_DKDV, "dq": attention_backward._GPU_BWD_DQ}
@@ -184,7 +195,7 @@ def sweep_forward(head_dim, warmup, repeats, candidates=None):
     forward = lambda: attention._forward(q, k, v, None, None, None, None, scale)[0]  # noqa: E731
     flops = 4 * B * H * T * T * head_dim / 2  # causal (bench.py)
     print(f"\nattention fwd, causal, B{B} T{T} H{H} KH{KH} D{head_dim}, bf16")
-    print(f"{CONFIG_HEADER:<56} {'ms':>8} {'TF/s':>8} {'max rel diff':>13}")
+    print(f"{CONFIG_HEADER:<64} {'ms':>8} {'TF/s':>8} {'max rel diff':>13}")
     _time_launches(attention._GPU_FWD, head_dim, candidates or FWD_CANDIDATES[head_dim], {"": forward}, forward(),
                    lambda ms: flops / ms / 1e9, warmup, repeats)
 
