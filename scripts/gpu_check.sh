@@ -28,14 +28,15 @@
 #                                                  # per-prompt cascade, and neither, the admission's share without
 #                                                  # padded sibling rows, the decode kernels under Nsight Compute;
 #                                                  # then, in a second call,
-#     OUT=gpu_out bash scripts/gpu_check.sh bench_attention dpo_mfu decode128 gsm8k_no_compact tiles256
+#     OUT=gpu_out bash scripts/gpu_check.sh bench_attention deferred128 dpo_mfu decode128 gsm8k_no_compact
 #                                                  # the attention forward with each key block's P V product
-#                                                  # deferred beside the softmax (triton-deferred against triton),
-#                                                  # DPO's idle share, the decode launch sweep (three ways), the
-#                                                  # drain compacted and not, the D = 256 attention tiles (limits
-#                                                  # 9 min, most telling first); and with device time left,
+#                                                  # deferred beside the softmax (triton-deferred against triton,
+#                                                  # then at three tiles), DPO's idle share, the decode launch
+#                                                  # sweep (three ways), the drain compacted and not (limits
+#                                                  # 7.5 min, most telling first); and with device time left,
+#                                                  # tiles256 (3.3 min: D = 256's tiles, never swept) and
 #                                                  # prompt_cascade_chunked (2 min: the cascade beside chunked
-#                                                  # prefill, each against gsm8k_chunked) or sweep --only forward128
+#                                                  # prefill, each against gsm8k_chunked)
 #
 # The pipeline step runs recipes/demo.toml as a derived recipe ($out/demo_cuda.toml: dtype bfloat16, device cuda,
 # absolute paths) through scripts/pipeline.py: Triton kernels, CUDA-graph decoding and FSDP2 training on a 1-GPU
@@ -221,6 +222,9 @@ sys.argv = ['bench_sampling.py'] + sys.argv[1:]; runpy.run_path('scripts/bench_s
     # the backward's tiles at the benchmark's D 128: dk/dv and dq, pointer loads and (three tiles each) TMA, and
     # three dk/dv tiles summing dq by atomic adds (both loads); alone
     sweep_backward128) step "$1" 400 "$py" -m w2s.kernels.sweep --only attention128 ;;
+    # the attention forward at D = 128, causal and not: the table's launch against the deferred P V product at three
+    # tiles, pointer loads and TMA (7 compiles)
+    deferred128) step "$1" 90 "$py" -m w2s.kernels.sweep --only deferred128 ;;
     # D 256's forward, dk/dv and dq tiles with pointer loads at the sweep's Gemma-2-9B shape, against the tables'
     # unswept ones (18 compiles)
     tiles256) step "$1" 200 "$py" -m w2s.kernels.sweep --only tiles256 ;;

@@ -1,5 +1,6 @@
 """Launch-config sweep on a GPU: which tile sizes, warps, pipeline depths, tile loads (through TMA or pointers),
-(forward) persistent programs and (backward) dq summed by the dk/dv kernel's atomic adds to put in the fixed tables
+(forward) persistent programs or the P V product deferred and (backward) dq summed by the dk/dv kernel's atomic adds
+to put in the fixed tables
 of attention.py (_GPU_FWD), attention_backward.py (_GPU_BWD_DKDV, _GPU_BWD_DQ), rms_norm.py
 (BWD_PROGRAMS_PER_SM, BWD_NUM_WARPS) and matvec.py (GPU_LAUNCH). Run it on new hardware, copy the fastest rows into
 the tables, and record the table it printed.
@@ -10,6 +11,8 @@ the tables, and record the table it printed.
     python -m w2s.kernels.sweep --only attention64,forward64     # the Llama-3.2-1B training shape's attention
     python -m w2s.kernels.sweep --only rms_norm
     python -m w2s.kernels.sweep --only dkdv128       # dk/dv at D = 128: the table's tile with 8 warps
+    python -m w2s.kernels.sweep --only deferred128   # the forward at D = 128, the table's launch against the
+                                                     # deferred P V product at three tiles, causal and not
     python -m w2s.kernels.sweep --only decode128     # the decode kernel at the batch-sampling shape, and a
                                                      # per-prompt cascade beside it
     python -m w2s.kernels.sweep --only matvec        # the batch-1 projections at the Llama-3-8B shapes, best per shape
@@ -124,7 +127,7 @@ MATVEC_CANDIDATES += [matvec.Launch(8, 1024, 8, 3), matvec.Launch(16, 1024, 8, 3
 MATVEC_SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
                  "lm_head": (128256, 4096)}
 PARTS = ("attention128", "attention64", "attention256", "forward128", "forward64", "forward256", "dkdv128",
-         "tiles256", "decode128", "rms_norm", "matvec")
+         "deferred128", "tiles256", "decode128", "rms_norm", "matvec")
 DEVICE = "cuda"
 # a Launch's fields; per SM 0: a program per tile; atomic dq: the dk/dv kernel sums dq and the dq kernel does not run;
 # deferred P V: the forward adds each key block's values one block late
@@ -186,15 +189,17 @@ def sweep_attention(head_dim, warmup, repeats, parts=None):
                        warmup, repeats, label=f"{name:<6} ")
 
 
-def sweep_forward(head_dim, warmup, repeats, candidates=None):
-    """candidates: the forward Launches to time, by default every candidate at head_dim."""
+def sweep_forward(head_dim, warmup, repeats, candidates=None, causal=True):
+    """candidates: the forward Launches to time, by default every candidate at head_dim. Not causal: every query at
+    the last position, so that it sees every key (bench.py's non-causal)."""
     B, T, H, KH = SHAPES[head_dim]
     q = torch.randn(B, T, H, head_dim, device=DEVICE, dtype=torch.bfloat16)
     k, v = (torch.randn(B, T, KH, head_dim, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
+    positions = None if causal else torch.full((B, T), T - 1, device=DEVICE, dtype=torch.int32)
     scale = 1.0 / math.sqrt(head_dim)
-    forward = lambda: attention._forward(q, k, v, None, None, None, None, scale)[0]  # noqa: E731
-    flops = 4 * B * H * T * T * head_dim / 2  # causal (bench.py)
-    print(f"\nattention fwd, causal, B{B} T{T} H{H} KH{KH} D{head_dim}, bf16")
+    forward = lambda: attention._forward(q, k, v, positions, None, None, None, scale)[0]  # noqa: E731
+    flops = 4 * B * H * T * T * head_dim / (2 if causal else 1)  # bench.py's count
+    print(f"\nattention fwd, {'causal' if causal else 'non-causal'}, B{B} T{T} H{H} KH{KH} D{head_dim}, bf16")
     print(f"{CONFIG_HEADER:<64} {'ms':>8} {'TF/s':>8} {'max rel diff':>13}")
     _time_launches(attention._GPU_FWD, head_dim, candidates or FWD_CANDIDATES[head_dim], {"": forward}, forward(),
                    lambda ms: flops / ms / 1e9, warmup, repeats)
@@ -336,6 +341,10 @@ def main(argv=None):
             sweep_decode(128, args.warmup, args.repeats)
         elif part == "dkdv128":
             sweep_attention(128, args.warmup, args.repeats, {"dkdv": [Launch(*t) for t in _DKDV_8_WARPS_128]})
+        elif part == "deferred128":  # the table's launch first: the reference the others are checked against
+            candidates = [attention._GPU_FWD[128]] + _deferred_pv(_FWD_TILES, 3)[128]
+            for causal in (True, False):
+                sweep_forward(128, args.warmup, args.repeats, candidates, causal)
         elif part == "tiles256":  # the tiles alone, with pointer loads: 18 compiles where both 256 parts take 40
             sweep_forward(256, args.warmup, args.repeats, [Launch(*t) for t in _FWD_TILES[256]])
             sweep_attention(256, args.warmup, args.repeats,
