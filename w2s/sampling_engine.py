@@ -280,16 +280,15 @@ class Engine:
         self.n_gen[slot_t] = 1
         self.out[slot_t, 0] = first
         self.done[slot_t] = _is_eos(first, self.eos) | (budget <= 1)
-        self._name_prompt_rows()
 
     def _name_prompt_rows(self):
         """With share_prompt_reads or prompt_cascade, tell the state which prompt each slot at work holds and over
         how many positions its rows equal its siblings' (DecodeState.write_prompt_tables). Those positions are
         bitwise the same in every row of a prompt at work: one prefill (a sample waits while a sibling's prompt is
         prefilled in the decode steps), copied to the others. With chunked prefill the last one is left out: a sample
-        admitted beside a running sibling runs it again, in a mixed step of another shape. Called after each
-        admission and compaction (and, for the cascade, at each look), before any decode step reads the rows they
-        filled."""
+        admitted beside a running sibling runs it again, in a mixed step of another shape. Called at each look, after
+        its admissions and compaction and before its decode steps read the rows they filled (the tables are written
+        only when the slots' prompts changed)."""
         if not (self.share_prompt_reads or self.prompt_cascade):
             return
         rerun = 1 if self.prefill_chunk else 0  # the prompt positions at the end that a row may hold of its own
@@ -345,7 +344,6 @@ class Engine:
             slot_t, _, _ = self._start_slots(free[: len(started)], started)
             self.n_gen[slot_t] = 0  # the first token sampled (at the step that runs the last prompt token) is token 0
             self.done[slot_t] = True  # not generating yet: the decode entries of these slots change no state
-        self._name_prompt_rows()
 
     def _plan_mixed_steps(self):
         """The prompt tokens of the next decode steps: each step carries up to prefill_chunk tokens of the slots being
@@ -473,7 +471,6 @@ class Engine:
         for s, d in zip(movers, free):
             self.work[d], self.work[s] = self.work[s], None
             self.checked_tokens[d] = self.checked_tokens[s]
-        self._name_prompt_rows()
 
     # ---- the loop ---------------------------------------------------------------------------------------------
     def _finish(self, s, ids, done):
@@ -548,8 +545,7 @@ class Engine:
                 return
             if self.compact and not queue and not self.prefilling:
                 self._compact()  # the batch drains: run fewer rows
-            if self.prompt_cascade:  # the groups as the slots stand now, finished ones gone
-                self._name_prompt_rows()
+            self._name_prompt_rows()  # the tables as the slots stand now: admitted, moved, finished ones gone
             self.rows = self._rows_to_run()
             positions, n_gen, budget = torch.stack([self.positions, self.n_gen, self.budget]).tolist()
             at_work = [s for s in range(self.slots) if self.work[s] is not None]

@@ -1,9 +1,8 @@
 """Launch-config sweep on a GPU: which tile sizes, warps, pipeline depths, tile loads (through TMA or pointers),
 (forward) persistent programs or the P V product deferred and (backward) dq summed by the dk/dv kernel's atomic adds
-to put in the fixed tables
-of attention.py (_GPU_FWD), attention_backward.py (_GPU_BWD_DKDV, _GPU_BWD_DQ), rms_norm.py
-(BWD_PROGRAMS_PER_SM, BWD_NUM_WARPS) and matvec.py (GPU_LAUNCH). Run it on new hardware, copy the fastest rows into
-the tables, and record the table it printed.
+to put in the fixed tables of attention.py (_GPU_FWD), attention_backward.py (_GPU_BWD_DKDV, _GPU_BWD_DQ),
+rms_norm.py (BWD_PROGRAMS_PER_SM, BWD_NUM_WARPS) and matvec.py (GPU_LAUNCH). Run it on new hardware, copy the fastest
+rows into the tables, and record the table it printed.
 
     python -m w2s.kernels.sweep                      # needs CUDA; most of its time is Triton compiles
     python -m w2s.kernels.sweep --only attention256,forward256
