@@ -28,15 +28,18 @@
 #                                                  # per-prompt cascade, and neither, the admission's share without
 #                                                  # padded sibling rows, the decode kernels under Nsight Compute;
 #                                                  # then, in a second call,
-#     OUT=gpu_out bash scripts/gpu_check.sh bench_attention deferred128 dpo_mfu decode128 gsm8k_no_compact
+#     OUT=gpu_out bash scripts/gpu_check.sh bench_attention deferred128 sweep_backward128 dpo_mfu decode128
 #                                                  # the attention forward with each key block's P V product
 #                                                  # deferred beside the softmax (triton-deferred against triton,
-#                                                  # then at three tiles), DPO's idle share, the decode launch
-#                                                  # sweep (three ways), the drain compacted and not (limits
-#                                                  # 7.5 min, most telling first); and with device time left,
-#                                                  # tiles256 (3.3 min: D = 256's tiles, never swept) and
-#                                                  # prompt_cascade_chunked (2 min: the cascade beside chunked
-#                                                  # prefill, each against gsm8k_chunked)
+#                                                  # then at three tiles), the backward's tiles through TMA and
+#                                                  # with dq summed by atomic adds (never timed), DPO's idle share,
+#                                                  # the decode launch sweep (three ways; limits 9.7 min, most
+#                                                  # telling first, the sweeps' compiles 8 at a time); and with
+#                                                  # device time left, gsm8k_no_compact (the drain compacted or
+#                                                  # not, against the first call's gsm8k), tiles256 (3.3 min:
+#                                                  # D = 256's tiles, never swept) and prompt_cascade_chunked
+#                                                  # (2 min: the cascade beside chunked prefill, each against
+#                                                  # gsm8k_chunked)
 #
 # The pipeline step runs recipes/demo.toml as a derived recipe ($out/demo_cuda.toml: dtype bfloat16, device cuda,
 # absolute paths) through scripts/pipeline.py: Triton kernels, CUDA-graph decoding and FSDP2 training on a 1-GPU
@@ -209,6 +212,7 @@ sys.argv = ['bench_sampling.py'] + sys.argv[1:]; runpy.run_path('scripts/bench_s
       step matvec_test 50 "$py" -m pytest $test_opts -m gpu tests/test_kernel_matvec.py
       step matvec_bench 40 "$py" -m w2s.kernels.bench --only matvec --warmup 3 --repeats 20
       step matvec_sweep 60 "$py" -m w2s.kernels.sweep --only matvec ;;
+    # Each sweep compiles a part's candidates in up to 8 processes before timing them (w2s/kernels/sweep.py).
     # every launch config, fwd and bwd at D 64/128/256: over 130 compiles, more than one call may finish (alone)
     sweep) step "$1" 590 "$py" -m w2s.kernels.sweep ;;
     # RMSNorm's backward: programs per SM x warps per program at (16384, 4096), bf16
@@ -220,8 +224,8 @@ sys.argv = ['bench_sampling.py'] + sys.argv[1:]; runpy.run_path('scripts/bench_s
     # the two above at D 64, for the 1B MFU target (40 compiles; alone)
     sweep_training64) step "$1" 500 "$py" -m w2s.kernels.sweep --only forward64,attention64 ;;
     # the backward's tiles at the benchmark's D 128: dk/dv and dq, pointer loads and (three tiles each) TMA, and
-    # three dk/dv tiles summing dq by atomic adds (both loads); alone
-    sweep_backward128) step "$1" 400 "$py" -m w2s.kernels.sweep --only attention128 ;;
+    # three dk/dv tiles summing dq by atomic adds (both loads): 27 candidates, 3 or 4 compiles a worker
+    sweep_backward128) step "$1" 200 "$py" -m w2s.kernels.sweep --only attention128 ;;
     # the attention forward at D = 128, causal and not: the table's launch against the deferred P V product at three
     # tiles, pointer loads and TMA (7 compiles)
     deferred128) step "$1" 90 "$py" -m w2s.kernels.sweep --only deferred128 ;;

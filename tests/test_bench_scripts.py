@@ -73,6 +73,116 @@ def test_sweep_without_cuda_says_it_needs_one():
     assert "needs a CUDA GPU" in out
 
 
+def test_sweep_compile_workers_share_out_every_candidate_once_and_time_none(monkeypatch, capsys):
+    """Compile workers (--compile-shard I/N) between them run each candidate of a part once, over the part's several
+    _time_launches calls, each with the candidate in the table, and time nothing; the timing pass takes them all."""
+    import torch
+
+    from w2s.kernels import sweep
+    from w2s.kernels.attention_common import Launch
+
+    table = {128: Launch(64, 64, 4, 2)}
+    first = [Launch(64, 64, 4, 2), Launch(128, 64, 8, 3), Launch(32, 64, 4, 3), Launch(64, 32, 4, 2)]
+    second = [Launch(128, 32, 8, 2), Launch(16, 64, 4, 1), Launch(64, 64, 8, 3)]
+    ran = []
+
+    def run(name):
+        def fn():
+            ran.append((name, table[128]))
+            if table[128] == Launch(32, 64, 4, 3):
+                raise RuntimeError("out of resource: shared memory")  # a worker goes on to its next candidate
+            return torch.ones(2)
+        return fn
+
+    def part():
+        for candidates in (first, second):
+            sweep._time_launches(table, 128, candidates, {"a": run("a"), "b": run("b")}, torch.ones(2),
+                                 lambda ms: 1 / ms, 0, 1)
+
+    def no_timing(fn, warmup, repeats):
+        raise AssertionError("a compile worker timed a candidate")
+
+    monkeypatch.setattr(sweep, "_median_ms", no_timing)
+    shares = []
+    for index in range(3):
+        monkeypatch.setattr(sweep, "_SHARD", (index, 3))
+        monkeypatch.setattr(sweep, "_candidates_met", 0)
+        ran.clear()
+        part()
+        shares.append([config for name, config in ran if name == "a"])
+        assert [config for name, config in ran if name == "b"] == [c for c in shares[-1] if c != Launch(32, 64, 4, 3)]
+        assert table[128] == Launch(64, 64, 4, 2)  # the table's own launch back after each candidate
+    assert sorted(sum(shares, [])) == sorted(first + second)  # every candidate once, in one worker
+    assert all(len(share) in (2, 3) for share in shares)
+    assert capsys.readouterr().out == ""  # the timing pass prints the candidates' lines and errors
+
+    monkeypatch.setattr(sweep, "_SHARD", None)
+    monkeypatch.setattr(sweep, "_median_ms", lambda fn, warmup, repeats: 2.0)
+    ran.clear()
+    part()
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 * len(first + second) - 1  # a line per run; the failing candidate's one error line
+    assert sum("n/a: RuntimeError: out of resource" in line for line in lines) == 1
+    assert sum(line.endswith("(table)") for line in lines) == 2
+
+
+def test_sweep_compiles_each_part_in_workers_before_timing_it(tmp_path, monkeypatch, capsys):
+    """With --compile-workers N the sweep starts N real worker processes for a part (each `python -m
+    w2s.kernels.sweep --only PART --compile-shard I/N`), waits for all of them, and only then times the part; a failing
+    worker is reported with its last line. rms_norm and matvec are compiled as they are timed, and so is everything
+    with --compile-workers 1."""
+    import torch
+
+    from w2s.kernels import sweep
+
+    events = []
+    real_popen = subprocess.Popen
+
+    class Recorded(real_popen):
+        def __init__(self, command, **kwargs):
+            events.append(("start", command[command.index("--only") + 1], command[-1]))
+            super().__init__(command, **kwargs)
+
+        def wait(self, timeout=None):
+            rc = super().wait(timeout)
+            events.append(("done", self.args[-1]))
+            return rc
+
+    # a python that fails as worker 1 of 3 and runs every other worker for real (which, with no GPU here, parses its
+    # arguments, says so and exits 0)
+    shim = tmp_path / "python"
+    shim.write_text(f'#!/bin/sh\ncase "$*" in *1/3*) echo "CUDA error: out of memory"; exit 3;; esac\n'
+                    f'exec {sys.executable} "$@"\n')
+    shim.chmod(0o755)
+    monkeypatch.setattr(sweep.sys, "executable", str(shim))
+    monkeypatch.setattr(sweep.subprocess, "Popen", Recorded)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "stand-in")
+    monkeypatch.setattr(sweep, "_run_part", lambda part, warmup, repeats: events.append(("time", part)))
+    monkeypatch.setattr(sweep, "_SHARD", None)
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+
+    assert sweep.main(["--only", "deferred128,rms_norm,decode128", "--compile-workers", "3"]) == 0
+    shards = ["0/3", "1/3", "2/3"]
+    assert events[:3] == [("start", "deferred128", s) for s in shards]
+    assert sorted(events[3:6]) == [("done", s) for s in shards] and events[6] == ("time", "deferred128")
+    assert events[7] == ("time", "rms_norm")
+    assert events[8:11] == [("start", "decode128", s) for s in shards] and events[14] == ("time", "decode128")
+    out = capsys.readouterr().out
+    assert out.count("candidates compiled by 3 processes") == 2
+    assert out.count("worker 1 exited with 3: CUDA error: out of memory") == 2
+
+    events.clear()
+    assert sweep.main(["--only", "deferred128", "--compile-workers", "1"]) == 0
+    assert events == [("time", "deferred128")]
+    events.clear()
+    capsys.readouterr()
+    assert sweep.main(["--only", "deferred128", "--compile-shard", "2/3"]) == 0  # a worker starts none itself
+    assert events == [("time", "deferred128")] and sweep._SHARD == (2, 3)
+    assert "device:" not in capsys.readouterr().out
+
+
 def _stand_in_ptxas(bin_dir, release):
     """bin_dir/ptxas: a program that answers --version as a real ptxas of that release does (None: none there)."""
     bin_dir.mkdir(parents=True, exist_ok=True)
