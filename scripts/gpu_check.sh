@@ -85,10 +85,10 @@ ptxas_used=$(triton_ptxas)
   echo "ptxas ${ptxas_used:-unknown}, release $(ptxas_release "$ptxas_used")"
 } > "$summary"
 
-# The GPU-marked tests spend most of their time in Triton compiles, one CPU core each: 4 pytest-xdist workers compile
-# 4 at a time (the machine has 16 cores; the tests share the GPU). Without pytest-xdist they run in one process. -v
-# names each test as it ends, so a step stopped at its limit still says which passed.
-test_opts="-v $("$py" -c "import xdist" 2>/dev/null && echo "-n 4")"
+# The GPU-marked tests spend most of their time in Triton compiles, one CPU core each: 8 pytest-xdist workers compile
+# 8 at a time (the machine has 16 cores; the tests share the GPU, the largest holding a few GB). Without pytest-xdist
+# they run in one process. -v names each test as it ends, so a step stopped at its limit still says which passed.
+test_opts="-v $("$py" -c "import xdist" 2>/dev/null && echo "-n 8")"
 
 demo_cuda_recipe() {  # demo_cuda_recipe PATH: recipes/demo.toml in bf16 on CUDA, its relative paths made absolute
   "$py" - "$1" <<'PY'
