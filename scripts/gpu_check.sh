@@ -132,7 +132,7 @@ run_step() {  # the checks by name; the default run is ordered: tests first, the
       tests/test_kernels.py ;;
     bench_kernels) step "$1" 95 "$py" -m w2s.kernels.bench --no-compile --warmup 3 --repeats 10 ;;
     # attention fwd (pointer loads, TMA, TMA + persistent, the P V product deferred) and bwd at the target shape,
-    # SDPA's flash backend beside
+    # SDPA's flash backend beside (the Triton launches compiled by 8 processes first)
     bench_attention) step "$1" 60 "$py" -m w2s.kernels.bench --only attention --no-compile --warmup 3 --repeats 10 ;;
     # Nsight Compute on the attention kernels at the bench's shape (B4 T4096 H16 D128, the tables' configs): one
     # causal and one non-causal forward + backward, compiled and warmed up outside the profiled range (ncu

@@ -78,7 +78,7 @@ def test_sweep_compile_workers_share_out_every_candidate_once_and_time_none(monk
     _time_launches calls, each with the candidate in the table, and time nothing; the timing pass takes them all."""
     import torch
 
-    from w2s.kernels import sweep
+    from w2s.kernels import compile_workers, sweep
     from w2s.kernels.attention_common import Launch
 
     table = {128: Launch(64, 64, 4, 2)}
@@ -105,8 +105,8 @@ def test_sweep_compile_workers_share_out_every_candidate_once_and_time_none(monk
     monkeypatch.setattr(sweep, "_median_ms", no_timing)
     shares = []
     for index in range(3):
-        monkeypatch.setattr(sweep, "_SHARD", (index, 3))
-        monkeypatch.setattr(sweep, "_candidates_met", 0)
+        monkeypatch.setattr(compile_workers, "SHARD", (index, 3))
+        monkeypatch.setattr(compile_workers, "_points_met", 0)
         ran.clear()
         part()
         shares.append([config for name, config in ran if name == "a"])
@@ -116,7 +116,7 @@ def test_sweep_compile_workers_share_out_every_candidate_once_and_time_none(monk
     assert all(len(share) in (2, 3) for share in shares)
     assert capsys.readouterr().out == ""  # the timing pass prints the candidates' lines and errors
 
-    monkeypatch.setattr(sweep, "_SHARD", None)
+    monkeypatch.setattr(compile_workers, "SHARD", None)
     monkeypatch.setattr(sweep, "_median_ms", lambda fn, warmup, repeats: 2.0)
     ran.clear()
     part()
@@ -133,7 +133,7 @@ def test_sweep_compiles_each_part_in_workers_before_timing_it(tmp_path, monkeypa
     with --compile-workers 1."""
     import torch
 
-    from w2s.kernels import sweep
+    from w2s.kernels import compile_workers, sweep
 
     events = []
     real_popen = subprocess.Popen
@@ -154,12 +154,12 @@ def test_sweep_compiles_each_part_in_workers_before_timing_it(tmp_path, monkeypa
     shim.write_text(f'#!/bin/sh\ncase "$*" in *1/3*) echo "CUDA error: out of memory"; exit 3;; esac\n'
                     f'exec {sys.executable} "$@"\n')
     shim.chmod(0o755)
-    monkeypatch.setattr(sweep.sys, "executable", str(shim))
-    monkeypatch.setattr(sweep.subprocess, "Popen", Recorded)
+    monkeypatch.setattr(compile_workers.sys, "executable", str(shim))
+    monkeypatch.setattr(compile_workers.subprocess, "Popen", Recorded)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "stand-in")
     monkeypatch.setattr(sweep, "_run_part", lambda part, warmup, repeats: events.append(("time", part)))
-    monkeypatch.setattr(sweep, "_SHARD", None)
+    monkeypatch.setattr(compile_workers, "SHARD", None)
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
 
@@ -170,7 +170,7 @@ def test_sweep_compiles_each_part_in_workers_before_timing_it(tmp_path, monkeypa
     assert events[7] == ("time", "rms_norm")
     assert events[8:11] == [("start", "decode128", s) for s in shards] and events[14] == ("time", "decode128")
     out = capsys.readouterr().out
-    assert out.count("candidates compiled by 3 processes") == 2
+    assert out.count("its candidates: compiled by 3 processes") == 2
     assert out.count("worker 1 exited with 3: CUDA error: out of memory") == 2
 
     events.clear()
@@ -179,8 +179,73 @@ def test_sweep_compiles_each_part_in_workers_before_timing_it(tmp_path, monkeypa
     events.clear()
     capsys.readouterr()
     assert sweep.main(["--only", "deferred128", "--compile-shard", "2/3"]) == 0  # a worker starts none itself
-    assert events == [("time", "deferred128")] and sweep._SHARD == (2, 3)
+    assert events == [("time", "deferred128")] and compile_workers.SHARD == (2, 3)
     assert "device:" not in capsys.readouterr().out
+
+
+def test_bench_compile_workers_run_each_triton_attention_row_once_and_start_before_anything_is_timed(monkeypatch):
+    """bench.py's compile workers share out the attention rows' Triton launches (each forward variant as it is timed,
+    without autograd, and the table's forward + backward, for causal and non-causal), run nothing else and time
+    nothing; the timing run starts them, with its own arguments and --only attention, before it times anything."""
+    import torch
+
+    from w2s.kernels import attention, bench, compile_workers
+
+    calls, untouchable = [], []
+
+    def recorded_attention(q, k, v, q_positions=None):
+        calls.append((tuple(attention._GPU_FWD[16]), q_positions is None, torch.is_grad_enabled() and q.requires_grad))
+        return (q + k + v) * 1.0
+
+    def no_timing(*args, **kwargs):
+        untouchable.append(args)
+        raise AssertionError("a compile worker timed or ran a baseline")
+
+    monkeypatch.setattr(attention, "attention", recorded_attention)
+    monkeypatch.setattr(attention, "_GPU_FWD", {16: attention.Launch(32, 16, 4, 1)})
+    for name in ("median_ms", "copy_gbps"):
+        monkeypatch.setattr(bench, name, no_timing)
+    monkeypatch.setattr(bench.reference, "attention", no_timing)
+    monkeypatch.setattr(bench.F, "scaled_dot_product_attention", no_timing)
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(compile_workers, "SHARD", None)
+    tiny = ["--seq-len", "8", "--attn-batch", "1", "--attn-heads", "2", "--head-dim", "16"]
+    shares = []
+    for index in range(3):
+        calls.clear()
+        assert bench.main(tiny + ["--only", "attention,rms_norm", "--compile-shard", f"{index}/3"]) == 0
+        shares.append(list(calls))
+    every = sorted(sum(shares, []))
+    table = (32, 16, 4, 1, False, 0, False, False)
+    variants = [table, table[:4] + (False,) + table[5:], table[:4] + (True,) + table[5:],
+                table[:4] + (True, 1) + table[6:], table[:7] + (True,)]  # triton, -pointers, -tma, -persist, -deferred
+    expected = [(launch, causal, False) for launch in variants for causal in (True, False)]
+    expected += [(table, causal, True) for causal in (True, False)]  # the backward row's forward, with autograd
+    assert every == sorted(expected) and not untouchable
+    assert [len(share) for share in shares] == [4, 4, 4]
+
+    started = []
+    monkeypatch.setattr(compile_workers, "compile_in_workers",
+                        lambda module, argv, workers, what: started.append((module, argv, workers)))
+
+    def stop(*args):
+        started.append("timing begins")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", stop)
+    try:
+        bench.main(tiny + ["--only", "rms_norm,attention", "--compile-workers", "5"])
+    except KeyboardInterrupt:
+        pass
+    argv = tiny + ["--only", "rms_norm,attention", "--compile-workers", "5"]
+    assert started == [("w2s.kernels.bench", argv + ["--only", "attention"], 5), "timing begins"]
+    started.clear()
+    try:
+        bench.main(tiny + ["--only", "rms_norm", "--compile-workers", "5"])  # nothing worth sharing out
+    except KeyboardInterrupt:
+        pass
+    assert started == ["timing begins"]
 
 
 def _stand_in_ptxas(bin_dir, release):

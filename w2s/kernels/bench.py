@@ -21,9 +21,11 @@ targets 80 % of the device's copy bandwidth, which the script measures first) an
 matrix-vector rows carry none: their target is the batch-1 decode step's, in scripts/bench_sampling.py.
 
 Beside `triton` (the launch tables as they are), the attention forward prints `triton-pointers` (the table tiles
-with plain pointer loads), `triton-tma` (the table tiles through TMA descriptors) and `triton-persist` (the same,
-walked by one program per SM): the attention forward's Hopper options, on in a table only where these rows
-measured them faster.
+with plain pointer loads), `triton-tma` (the table tiles through TMA descriptors), `triton-persist` (the same,
+walked by one program per SM) and `triton-deferred` (each key block's P V product issued one block late): the
+attention forward's Hopper options, on in a table only where these rows measured them faster. Their compiles run
+first in --compile-workers processes at once (compile_workers.py), so that the timed run loads them from Triton's
+cache.
 
 The attention kernel's contract is causal by position (reference.py); the non-causal rows place every
 query at the last key position (q_positions = S - 1), which makes every key visible (tests/test_kernel_attention.py
@@ -47,7 +49,17 @@ if not torch.cuda.is_available():
 
 import torch.nn.functional as F  # noqa: E402
 
-from w2s.kernels import attention, fused_linear, glu, matvec, reference, rms_norm, rope, sample  # noqa: E402
+from w2s.kernels import (  # noqa: E402
+    attention,
+    compile_workers,
+    fused_linear,
+    glu,
+    matvec,
+    reference,
+    rms_norm,
+    rope,
+    sample,
+)
 from w2s.kernels.attention_common import launch_changes  # noqa: E402
 
 KERNELS = ("attention", "rms_norm", "rope", "swiglu", "fused_ce", "sample", "matvec")
@@ -195,6 +207,9 @@ def bench_attention(args, dtype):
                     ("triton-tma", ours_with(causal, tma=True), (q, k, v)),
                     ("triton-persist", ours_with(causal, tma=True, programs_per_sm=1), (q, k, v)),
                     ("triton-deferred", ours_with(causal, deferred_pv=True), (q, k, v))]
+        if compile_workers.SHARD is not None:  # a compile worker: its share of the Triton rows, each run once
+            _compile_attention_share(impls[:1] + variants)
+            continue
         for impl, fn, inputs in impls[:1] + variants + impls[1:]:
             with torch.no_grad():
                 result = measure(lambda: fn(*inputs), args)
@@ -213,6 +228,27 @@ def bench_attention(args, dtype):
                       target)
             out = None
             torch.cuda.empty_cache()
+
+
+def _compile_attention_share(rows):
+    """A compile worker's share of bench_attention's Triton rows [(impl, fn, inputs)]: each forward run once as it is
+    timed (no autograd), then the first row's forward and backward as its backward row runs them."""
+    def forward(fn, inputs):
+        with torch.no_grad():
+            fn(*inputs)
+
+    def forward_and_backward(fn, inputs):
+        leaves = [x.detach().requires_grad_(True) for x in inputs]
+        out = fn(*leaves)
+        torch.autograd.grad(out, leaves, torch.randn_like(out))
+
+    points = [(forward, fn, inputs) for _, fn, inputs in rows] + [(forward_and_backward, rows[0][1], rows[0][2])]
+    for run, fn, inputs in points:
+        if compile_workers.in_this_shard():
+            try:
+                run(fn, inputs)
+            except Exception:  # noqa: BLE001, S110 (the timed run meets the same error and prints it)
+                pass
 
 
 def flash_attention_impl():
@@ -501,6 +537,7 @@ def parse_args(argv=None):
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     p.add_argument("--no-eager", action="store_true", help="skip eager attention (it materializes (B, H, T, T))")
     p.add_argument("--no-smoke", action="store_true", help="without CUDA: skip the interpreter smoke check")
+    compile_workers.add_arguments(p)
     args = p.parse_args(argv)
     args.only = [k.strip() for k in args.only.split(",") if k.strip()]
     unknown = [k for k in args.only if k not in KERNELS]
@@ -522,6 +559,15 @@ def main(argv=None):
         print("\nsmoke check: " + ("all passed" if ok else "FAILED"))
         return 0 if ok else 1
     dtype = DTYPES[args.dtype]
+    compile_workers.start(args)
+    if compile_workers.SHARD is not None:  # a compile worker: only the attention rows have kernels worth sharing out
+        torch.manual_seed(0)
+        bench_attention(args, dtype)
+        return 0
+    if args.compile_workers > 1 and "attention" in args.only:  # before anything is timed: the GPU to itself after
+        argv = sys.argv[1:] if argv is None else list(argv)
+        compile_workers.compile_in_workers("w2s.kernels.bench", argv + ["--only", "attention"], args.compile_workers,
+                                           "attention's Triton launches")
     props = torch.cuda.get_device_properties(0)
     print(f"device: {props.name}, torch {torch.__version__}, dtype {args.dtype}, warmup {args.warmup}, "
           f"median of {args.repeats}")

@@ -16,10 +16,9 @@ rows into the tables, and record the table it printed.
                                                      # per-prompt cascade beside it
     python -m w2s.kernels.sweep --only matvec        # the batch-1 projections at the Llama-3-8B shapes, best per shape
 
-Before each part is timed, its candidates are compiled by several processes at once (--compile-workers, default
-up to 8): Triton compiles a kernel on one CPU core, and compiles are most of a sweep's time. Each worker runs its
-share of the candidates once, Triton keeps what it compiled in its on-disk cache, and the timing pass, with the GPU
-to itself, loads them from there.
+Before each part is timed, its candidates are compiled by several processes at once (--compile-workers, default up
+to 8; compile_workers.py): each runs its share of the candidates once, and the timing pass loads them from Triton's
+cache.
 
 For each backward candidate it times the whole backward (bench.py's median_ms: device time, L2 flushed) with the
 other kernel at its table config (a dk/dv candidate with atomic dq runs alone), and checks the gradients against the
@@ -31,15 +30,11 @@ shared-memory limit (`make check-sm90`, whose `sweep` part compiles them all wit
 
 import argparse
 import math
-import os
-import subprocess
 import sys
-import tempfile
-import time
 
 import torch
 
-from w2s.kernels import attention, attention_backward, decode_attention, matvec, rms_norm
+from w2s.kernels import attention, attention_backward, compile_workers, decode_attention, matvec, rms_norm
 from w2s.kernels.attention_common import Launch, launch_changes
 
 # (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages) per head dim; the first of each list is the current table
@@ -158,23 +153,10 @@ def _outputs(result):
     return result if isinstance(result, (tuple, list)) else (result,)
 
 
-# In a compile worker (--compile-shard I/N): (I, N). It takes candidates I, I + N, I + 2N, ... of the sequence of
-# candidates the part meets (the same sequence in every worker), runs each once and times nothing.
-_SHARD = None
-_candidates_met = 0
-
-
-def _in_this_shard():
-    """Whether this process takes the next candidate: the timing pass takes every one."""
-    global _candidates_met
-    _candidates_met += 1
-    return _SHARD is None or (_candidates_met - 1) % _SHARD[1] == _SHARD[0]
-
-
 def _compile_share(table, key, candidates, runs):
     """A compile worker's candidates, each put in table[key] and run once (which compiles it into Triton's cache)."""
     for config in candidates:
-        if _in_this_shard():
+        if compile_workers.in_this_shard():
             try:
                 with launch_changes([(table, config._asdict())], key):
                     for run in runs.values():
@@ -188,7 +170,7 @@ def _time_launches(table, key, candidates, runs, reference, rate, warmup, repeat
     or a tuple of them}) checked against `reference` (max relative difference over its outputs) and timed, one line
     each with ms and rate(ms). A candidate that does not compile or run prints its error and the sweep goes on. In a
     compile worker: only its share of the candidates, run once each."""
-    if _SHARD is not None:
+    if compile_workers.SHARD is not None:
         return _compile_share(table, key, candidates, runs)
     current = table[key]
     for config in candidates:
@@ -362,28 +344,6 @@ def sweep_matvec(warmup, repeats):
 _SHARED_OUT_PARTS = tuple(part for part in PARTS if part not in ("rms_norm", "matvec"))
 
 
-def _compile_in_workers(part, workers):
-    """Compile `part`'s candidates in `workers` processes at once and wait for them all, so that the timing pass after
-    finds every kernel in Triton's cache and the GPU quiet. A worker that fails costs only time: the timing pass
-    compiles what it left."""
-    start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as logs:
-        running = []
-        for i in range(workers):
-            log = open(os.path.join(logs, f"worker{i}.txt"), "w+")  # noqa: SIM115 (closed below, after the wait)
-            command = [sys.executable, "-m", "w2s.kernels.sweep", "--only", part, "--compile-shard", f"{i}/{workers}"]
-            running.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log))
-        failures = []
-        for i, (process, log) in enumerate(running):
-            if process.wait() != 0:
-                log.seek(0)
-                last = ([line.strip() for line in log if line.strip()] or ["no output"])[-1]
-                failures.append(f"worker {i} exited with {process.returncode}: {last[:120]}")
-            log.close()
-    print(f"\n{part}: candidates compiled by {workers} processes in {time.perf_counter() - start:.1f} s"
-          + "".join(f"\n  {failure}" for failure in failures))
-
-
 def _run_part(part, warmup, repeats):
     if part == "decode128":
         sweep_decode(128, warmup, repeats)
@@ -407,23 +367,12 @@ def _run_part(part, warmup, repeats):
         sweep_rms_norm(warmup, repeats)
 
 
-def _shard(text):
-    index, _, count = text.partition("/")
-    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
-        raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N, got {text!r}")
-    return int(index), int(count)
-
-
 def main(argv=None):
-    global _SHARD
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--compile-workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="processes that compile a part's candidates before it is timed (default: up to 8, one a "
-                        "CPU core); 1: each compiles when it is first timed")
-    p.add_argument("--compile-shard", type=_shard, help=argparse.SUPPRESS)  # I/N: run as compile worker I of N
+    compile_workers.add_arguments(p)
     args = p.parse_args(argv)
     parts = args.only.split(",")
     unknown = [part for part in parts if part not in PARTS]
@@ -432,12 +381,13 @@ def main(argv=None):
     if not torch.cuda.is_available():
         print("w2s.kernels.sweep times GPU launch configs and needs a CUDA GPU: nothing to do here")
         return 0
-    _SHARD = args.compile_shard
-    if _SHARD is None:
+    compile_workers.start(args)
+    if compile_workers.SHARD is None:
         print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, median of {args.repeats}")
     for part in parts:
-        if _SHARD is None and args.compile_workers > 1 and part in _SHARED_OUT_PARTS:
-            _compile_in_workers(part, args.compile_workers)
+        if compile_workers.SHARD is None and args.compile_workers > 1 and part in _SHARED_OUT_PARTS:
+            compile_workers.compile_in_workers("w2s.kernels.sweep", ["--only", part], args.compile_workers,
+                                               f"{part}: its candidates")
         _run_part(part, args.warmup, args.repeats)
     return 0
 
