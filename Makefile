@@ -41,7 +41,8 @@ test: $(STAMP)
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q -m gpu tests
 
-# Compile every Triton kernel for an H100 (sm_90a) without a GPU: shared memory, registers, spills per variant.
+# Compile every Triton kernel for an H100 (sm_90a) without a GPU: shared memory, registers, spills per variant
+# (one compile process a core, up to 8).
 check-sm90: $(STAMP)
 	env -u TRITON_INTERPRET $(PY) -m w2s.kernels.compile_check
 

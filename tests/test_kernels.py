@@ -885,9 +885,15 @@ def test_norm_rope_glu_and_loss_kernels_compile_for_an_h100_without_a_gpu(tmp_pa
     """The kernels compiled for sm_90a (what the interpreter never does: real shared memory, register allocation),
     at the launch configs the GPU picks for real hidden sizes and vocabularies: every variant compiles and fits an
     H100 block's shared memory. The attention kernels take longer to compile: `make check-sm90` covers them."""
-    stdout = compile_check_for_sm90(tmp_path, "elementwise,fused_linear")
+    stdout = compile_check_for_sm90(tmp_path / "workers", "elementwise,fused_linear", "--compile-workers", "3")
     assert "every variant compiled within the H100's shared memory" in stdout
+    assert "compile check: compiled by 3 processes" in stdout
     assert stdout.count("_rms_norm_bwd_kernel") == 8 and stdout.count("_rows_nll_kernel") == 12
+    # three compile workers sharing the launches out hand back the table one process prints, row for row
+    alone = compile_check_for_sm90(tmp_path / "alone", "elementwise,fused_linear", "--compile-workers", "1")
+    assert "compiled by" not in alone
+    assert [line for line in stdout.splitlines() if line.startswith("_")] == \
+        [line for line in alone.splitlines() if line.startswith("_")]
 
 
 # ------------------------------------------------------------------------------------- the ops switch's errors

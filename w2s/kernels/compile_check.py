@@ -15,11 +15,14 @@ configs while operating on small CPU tensors (only the arguments' dtypes, divisi
 compiler). Registers and spills come from `ptxas -v` on the generated PTX (ptxas ships with Triton's NVIDIA backend).
 This leans on Triton internals (checked with Triton 3.9); a Triton that moved them fails here with a clear message.
 Exit status 1 when a variant fails to compile or needs more shared memory than an H100 thread block may use.
+With --compile-workers N (default: up to 8, one a CPU core) N processes share the launches out (compile_workers.py)
+and hand their rows back; the table is the same as one process prints.
 """
 
 import argparse
 import functools
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -33,9 +36,12 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns unles
 import torch  # noqa: E402
 import triton  # noqa: E402
 
+from w2s.kernels import compile_workers  # noqa: E402
+
 H100_SMS = 132
 H100_SHARED_PER_BLOCK = 232448  # bytes of shared memory one thread block may opt in to on sm_90 (227 KB)
-ROWS = []  # (kernel, constexprs, shared bytes, registers, spilled bytes, warps, error, SASS opcode counts or None)
+# (launch index, kernel, constexprs, shared bytes, registers, spilled bytes, warps, error, SASS opcode counts or None)
+ROWS = []
 _PTXAS_USAGE = {}  # PTX text -> (registers, spilled bytes): variants that compile to the same PTX run ptxas once
 # --sass: the machine instructions that carry a softmax's per-score work (fp32 add, multiply, fused multiply-add,
 # select, min/max, integer compare, the exp2 unit) and the tensor-core products (HGMMA: Hopper's warp-group ones;
@@ -73,16 +79,19 @@ def _install_compile_only_launches():
 
     def compile_only(self, grid):
         def launch(*args, **kwargs):
+            index, mine = compile_workers.next_point()
+            if not mine:  # another compile worker's launch
+                return None
             shown = {k: v for k, v in kwargs.items() if k.isupper() or k.startswith("num_")}
             try:
                 kernel = self.run(*args, grid=grid, warmup=True, **kwargs)
             except Exception as e:  # a compile error is the finding, not a crash of this script
-                ROWS.append((self.fn.__name__, shown, None, None, None, None, str(e).strip().splitlines()[-1][:200],
-                             None))
+                ROWS.append((index, self.fn.__name__, shown, None, None, None, None,
+                             str(e).strip().splitlines()[-1][:200], None))
                 return None
             regs, spills = _ptxas_usage(kernel.asm["ptx"])
-            ROWS.append((self.fn.__name__, shown, kernel.metadata.shared, regs, spills, kernel.metadata.num_warps,
-                         None, _sass_opcodes(kernel.asm["cubin"]) if COUNT_SASS else None))
+            ROWS.append((index, self.fn.__name__, shown, kernel.metadata.shared, regs, spills,
+                         kernel.metadata.num_warps, None, _sass_opcodes(kernel.asm["cubin"]) if COUNT_SASS else None))
             return kernel
 
         return launch
@@ -298,32 +307,36 @@ CHECKS = dict(attention=check_attention, fused_linear=check_fused_linear, elemen
               matvec=check_matvec, sweep=check_sweep, options=check_launch_options)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--only", default=",".join(CHECKS), help=f"comma-separated subset of {', '.join(CHECKS)}")
-    p.add_argument("--dtype", choices=["bf16", "both"], default="both",
-                   help="both: bf16, plus fp32 attention forward and decode (tiny test models run those on GPU)")
-    p.add_argument("--sass", action="store_true",
-                   help=f"also count each kernel's SASS instructions, all and by opcode ({', '.join(SASS_OPS)})")
-    args = p.parse_args(argv)
-    global COUNT_SASS
-    COUNT_SASS = args.sass
-    unknown = set(args.only.split(",")) - set(CHECKS)
-    if unknown:
-        p.error(f"--only: unknown {', '.join(sorted(unknown))}; expected some of {', '.join(CHECKS)}")
-    try:
-        _install_compile_only_launches()
-    except (ImportError, AttributeError) as e:
-        sys.exit(f"w2s.kernels.compile_check: this Triton ({triton.__version__}) lacks an internal it uses ({e})")
-    dtypes = [torch.bfloat16] + ([torch.float32] if args.dtype == "both" else [])
-    ptxas, release = _ptxas()
-    print(f"# Triton {triton.__version__}, ptxas {release} ({ptxas}), target sm_90a (H100), "
-          f"shared memory limit {H100_SHARED_PER_BLOCK} B/block")
-    print(f"{'kernel':<24}{'shared B':>10}{'regs':>6}{'spill B':>9}{'warps':>6}  constexprs / launch config")
-    failed = False
-    for name in args.only.split(","):
+def _run_checks(names, dtypes):
+    """{check: its rows}, each check's launches compiled in this process (a compile worker: its share of them)."""
+    rows = {}
+    for name in names:
         CHECKS[name](dtypes)
-        for kernel, config, shared, regs, spills, warps, error, opcodes in ROWS:
+        rows[name] = list(ROWS)
+        ROWS.clear()
+    return rows
+
+
+def _rows_from_workers(argv, workers):
+    """{check: its rows} gathered from `workers` compile workers, each writing its rows to a file; None when one
+    failed (the caller then compiles everything itself, mostly from Triton's cache)."""
+    with tempfile.TemporaryDirectory() as rows_dir:
+        compile_workers.compile_in_workers("w2s.kernels.compile_check", argv + ["--rows-dir", rows_dir], workers,
+                                           "compile check")
+        shares = []
+        for i in range(workers):
+            path = Path(rows_dir) / f"worker{i}.pkl"
+            if not path.exists():
+                return None
+            shares.append(pickle.loads(path.read_bytes()))
+    return {name: sorted(sum((share[name] for share in shares), [])) for name in shares[0]}
+
+
+def _print_rows(rows):
+    """Print every check's rows in launch order; True when one failed to compile or overflows shared memory."""
+    failed = False
+    for name, check_rows in rows.items():
+        for _, kernel, config, shared, regs, spills, warps, error, opcodes in check_rows:
             over = shared is not None and shared > H100_SHARED_PER_BLOCK
             failed |= error is not None or over
             flags = " ".join(f"{k}={v}" for k, v in config.items() if v not in (False, None))
@@ -332,7 +345,47 @@ def main(argv=None):
                   f"{warps or '-':>6}  {flags}{status}")
             if opcodes:
                 print(f"{'':<24}SASS {' '.join(f'{op}={n}' for op, n in opcodes.items())}")
-        ROWS.clear()
+    return failed
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--only", default=",".join(CHECKS), help=f"comma-separated subset of {', '.join(CHECKS)}")
+    p.add_argument("--dtype", choices=["bf16", "both"], default="both",
+                   help="both: bf16, plus fp32 attention forward and decode (tiny test models run those on GPU)")
+    p.add_argument("--sass", action="store_true",
+                   help=f"also count each kernel's SASS instructions, all and by opcode ({', '.join(SASS_OPS)})")
+    compile_workers.add_arguments(p)
+    p.add_argument("--rows-dir", help=argparse.SUPPRESS)  # a compile worker writes its rows there
+    args = p.parse_args(argv)
+    global COUNT_SASS
+    COUNT_SASS = args.sass
+    names = args.only.split(",")
+    unknown = set(names) - set(CHECKS)
+    if unknown:
+        p.error(f"--only: unknown {', '.join(sorted(unknown))}; expected some of {', '.join(CHECKS)}")
+    try:
+        _install_compile_only_launches()
+    except (ImportError, AttributeError) as e:
+        sys.exit(f"w2s.kernels.compile_check: this Triton ({triton.__version__}) lacks an internal it uses ({e})")
+    dtypes = [torch.bfloat16] + ([torch.float32] if args.dtype == "both" else [])
+    compile_workers.start(args)
+    if compile_workers.SHARD is not None:  # a compile worker: its share of the rows to a file, nothing printed
+        rows = _run_checks(names, dtypes)
+        (Path(args.rows_dir) / f"worker{compile_workers.SHARD[0]}.pkl").write_bytes(pickle.dumps(rows))
+        return 0
+    ptxas, release = _ptxas()
+    print(f"# Triton {triton.__version__}, ptxas {release} ({ptxas}), target sm_90a (H100), "
+          f"shared memory limit {H100_SHARED_PER_BLOCK} B/block", flush=True)
+    rows = _rows_from_workers(argv, args.compile_workers) if args.compile_workers > 1 else None
+    print(f"{'kernel':<24}{'shared B':>10}{'regs':>6}{'spill B':>9}{'warps':>6}  constexprs / launch config")
+    if rows is not None:
+        failed = _print_rows(rows)
+    else:  # in this process, each check's rows printed as it ends
+        failed = False
+        for name in names:
+            failed |= _print_rows(_run_checks([name], dtypes))
     print("compile check: " + ("FAILED" if failed else "every variant compiled within the H100's shared memory"))
     return 1 if failed else 0
 

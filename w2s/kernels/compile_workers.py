@@ -1,5 +1,6 @@
-"""Triton compiles in parallel for the GPU benchmarks (sweep.py, bench.py). Triton compiles a kernel on one CPU core,
-and a sweep or a benchmark of many launch variants spends most of its time there, with the GPU idle.
+"""Triton compiles in parallel for the GPU benchmarks (sweep.py, bench.py) and the sm_90a compile check
+(compile_check.py). Triton compiles a kernel on one CPU core, and a sweep or a benchmark of many launch variants spends
+most of its time there, with the GPU idle.
 
 A run given --compile-workers N > 1 first starts N copies of itself, each with --compile-shard I/N. Copy I takes the
 compile points I, I + N, I + 2N, ... of the run (counted in the order the run meets them: the same in every copy), runs
@@ -8,6 +9,7 @@ run itself times everything, alone on the GPU, and loads the kernels from that c
 the run compiles what it left.
 
     python -m w2s.kernels.sweep --only deferred128 --compile-workers 8
+    python -m w2s.kernels.compile_check --compile-workers 2     # workers hand their rows back; nothing is timed
     python -m pytest -q tests/test_bench_scripts.py -k compile
 """
 
@@ -22,11 +24,16 @@ SHARD = None  # (I, N) in compile worker I of N; None in the run that times
 _points_met = 0
 
 
-def in_this_shard():
-    """Whether this process takes the next compile point: the run that times takes every one."""
+def next_point():
+    """(index of the next compile point, whether this process takes it): the run that times takes every one."""
     global _points_met
     _points_met += 1
-    return SHARD is None or (_points_met - 1) % SHARD[1] == SHARD[0]
+    index = _points_met - 1
+    return index, SHARD is None or index % SHARD[1] == SHARD[0]
+
+
+def in_this_shard():
+    return next_point()[1]
 
 
 def _shard(text):
