@@ -335,7 +335,7 @@ def _rows_from_workers(argv, workers):
 def _print_rows(rows):
     """Print every check's rows in launch order; True when one failed to compile or overflows shared memory."""
     failed = False
-    for name, check_rows in rows.items():
+    for check_rows in rows.values():
         for _, kernel, config, shared, regs, spills, warps, error, opcodes in check_rows:
             over = shared is not None and shared > H100_SHARED_PER_BLOCK
             failed |= error is not None or over
