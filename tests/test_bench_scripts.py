@@ -120,10 +120,37 @@ def test_sweep_compile_workers_share_out_every_candidate_once_and_time_none(monk
     monkeypatch.setattr(sweep, "_median_ms", lambda fn, warmup, repeats: 2.0)
     ran.clear()
     part()
-    lines = capsys.readouterr().out.splitlines()
+    lines = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("fastest")]
     assert len(lines) == 2 * len(first + second) - 1  # a line per run; the failing candidate's one error line
     assert sum("n/a: RuntimeError: out of resource" in line for line in lines) == 1
     assert sum(line.endswith("(table)") for line in lines) == 2
+
+
+def test_sweep_names_the_fastest_candidate_that_agrees_with_the_reference(monkeypatch, capsys):
+    """After its lines, each run's fastest candidate among those whose outputs agree with the reference (max relative
+    difference under sweep.AGREES), and how much faster than the table's launch it is."""
+    import torch
+
+    from w2s.kernels import compile_workers, sweep
+    from w2s.kernels.attention_common import Launch
+
+    table = {64: Launch(64, 64, 4, 2)}
+    ms = {Launch(64, 64, 4, 2): 2.0, Launch(128, 64, 8, 3): 1.6, Launch(32, 64, 4, 3): 1.0, Launch(64, 32, 4, 2): 1.8}
+    wrong = Launch(32, 64, 4, 3)  # the fastest, but its output is off: it must not be named
+
+    def run():
+        return torch.ones(4) * (1.5 if table[64] == wrong else 1.0)
+
+    monkeypatch.setattr(compile_workers, "SHARD", None)
+    monkeypatch.setattr(sweep, "_median_ms", lambda fn, warmup, repeats: ms[table[64]])
+    sweep._time_launches(table, 64, list(ms), {"": run}, torch.ones(4), lambda t: 1 / t, 0, 1)
+    assert capsys.readouterr().out.splitlines()[-1] == \
+        "fastest: (128, 64, 8, 3, False, 0, False, False) 1.600 ms, 25.0 % faster than the table's 2.000 ms"
+    ms[Launch(64, 64, 4, 2)] = 1.5
+    sweep._time_launches(table, 64, list(ms), {"own": run, "shared": run}, torch.ones(4), lambda t: 1 / t, 0, 1)
+    assert capsys.readouterr().out.splitlines()[-2:] == [
+        "fastest own: (64, 64, 4, 2, False, 0, False, False) 1.500 ms (the table's)",
+        "fastest shared: (64, 64, 4, 2, False, 0, False, False) 1.500 ms (the table's)"]
 
 
 def test_sweep_compiles_each_part_in_workers_before_timing_it(tmp_path, monkeypatch, capsys):

@@ -23,9 +23,10 @@ cache.
 For each backward candidate it times the whole backward (bench.py's median_ms: device time, L2 flushed) with the
 other kernel at its table config (a dk/dv candidate with atomic dq runs alone), and checks the gradients against the
 table config's on the same inputs (max |diff| / max |ref|; tiles only change the summation order, so bf16 stays near
-1e-3); forward candidates the same with the output. A candidate that does not compile (shared memory, registers) prints
-its error and the sweep goes on. No tables are changed by running it. Every candidate compiles for sm_90a within the
-shared-memory limit (`make check-sm90`, whose `sweep` part compiles them all without a GPU).
+1e-3); forward candidates the same with the output. After each list it names the fastest candidate whose outputs
+agree (under AGREES) and how much faster than the table's it is. A candidate that does not compile (shared memory,
+registers) prints its error and the sweep goes on. No tables are changed by running it. Every candidate compiles for
+sm_90a within the shared-memory limit (`make check-sm90`, whose `sweep` part compiles them all without a GPU).
 """
 
 import argparse
@@ -165,14 +166,20 @@ def _compile_share(table, key, candidates, runs):
                 pass
 
 
+# A candidate can be the fastest only if its outputs agree with the reference's this closely (max relative
+# difference): other tiles change the summation order, which moves bf16 results by about 1e-3.
+AGREES = 1e-2
+
+
 def _time_launches(table, key, candidates, runs, reference, rate, warmup, repeats, label="", width=64):
     """Each candidate launch put in table[key] (the table's own put back after): every run ({name: fn() -> an output
     or a tuple of them}) checked against `reference` (max relative difference over its outputs) and timed, one line
-    each with ms and rate(ms). A candidate that does not compile or run prints its error and the sweep goes on. In a
-    compile worker: only its share of the candidates, run once each."""
+    each with ms and rate(ms); then, per run, the fastest candidate that agrees with the reference, against the
+    table's. A candidate that does not compile or run prints its error and the sweep goes on. In a compile worker:
+    only its share of the candidates, run once each."""
     if compile_workers.SHARD is not None:
         return _compile_share(table, key, candidates, runs)
-    current = table[key]
+    current, agreeing = table[key], {name: [] for name in runs}  # run -> [(ms, candidate)]
     for config in candidates:
         try:
             with launch_changes([(table, config._asdict())], key):
@@ -181,9 +188,19 @@ def _time_launches(table, key, candidates, runs, reference, rate, warmup, repeat
                     ms = _median_ms(run, warmup, repeats)
                     print(f"{label}{str(tuple(config)):<{width}} {f'{name:<14} ' if name else ''}{ms:>8.3f} "
                           f"{rate(ms):>8.1f} {err:>13.1e}" + ("   (table)" if config == current else ""))
+                    if err < AGREES:
+                        agreeing[name].append((ms, config))
         except Exception as e:  # noqa: BLE001 (report and go on: out of resources is expected for some)
             print(f"{label}{str(tuple(config)):<{width}} n/a: {type(e).__name__}: {str(e).splitlines()[0][:70]}")
         torch.cuda.empty_cache()
+    for name, timed in agreeing.items():
+        if timed:
+            ms, config = min(timed, key=lambda pair: pair[0])
+            table_ms = [m for m, c in timed if c == current]
+            versus = (" (the table's)" if config == current else
+                      f", {100 * (table_ms[0] / ms - 1):.1f} % faster than the table's {table_ms[0]:.3f} ms"
+                      if table_ms else "")
+            print(f"{label}fastest{' ' + name if name else ''}: {tuple(config)} {ms:.3f} ms{versus}")
 
 
 def sweep_attention(head_dim, warmup, repeats, parts=None):
