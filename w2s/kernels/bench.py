@@ -37,6 +37,7 @@ the max error of each output and gradient (the numbers recorded in BENCHMARKS.md
 """
 
 import argparse
+import functools
 import math
 import os
 import statistics
@@ -242,13 +243,8 @@ def _compile_attention_share(rows):
         out = fn(*leaves)
         torch.autograd.grad(out, leaves, torch.randn_like(out))
 
-    points = [(forward, fn, inputs) for _, fn, inputs in rows] + [(forward_and_backward, rows[0][1], rows[0][2])]
-    for run, fn, inputs in points:
-        if compile_workers.in_this_shard():
-            try:
-                run(fn, inputs)
-            except Exception:  # noqa: BLE001, S110 (the timed run meets the same error and prints it)
-                pass
+    compile_workers.run_share([functools.partial(forward, fn, inputs) for _, fn, inputs in rows]
+                              + [functools.partial(forward_and_backward, rows[0][1], rows[0][2])])
 
 
 def flash_attention_impl():

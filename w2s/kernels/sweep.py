@@ -30,6 +30,7 @@ sm_90a within the shared-memory limit (`make check-sm90`, whose `sweep` part com
 """
 
 import argparse
+import functools
 import math
 import sys
 
@@ -156,14 +157,11 @@ def _outputs(result):
 
 def _compile_share(table, key, candidates, runs):
     """A compile worker's candidates, each put in table[key] and run once (which compiles it into Triton's cache)."""
-    for config in candidates:
-        if compile_workers.in_this_shard():
-            try:
-                with launch_changes([(table, config._asdict())], key):
-                    for run in runs.values():
-                        run()
-            except Exception:  # noqa: BLE001, S110 (the timing pass meets the same error and prints it)
-                pass
+    def run_candidate(config):
+        with launch_changes([(table, config._asdict())], key):
+            for run in runs.values():
+                run()
+    compile_workers.run_share([functools.partial(run_candidate, config) for config in candidates])
 
 
 # A candidate can be the fastest only if its outputs agree with the reference's this closely (max relative
